@@ -1,0 +1,447 @@
+//! Mesh configuration: YAML in Kubernetes resource form, validated once.
+//!
+//! ```yaml
+//! apiVersion: lumen.dev/v1alpha1
+//! kind: Mesh
+//! metadata:
+//!   name: bookinfo
+//! spec:
+//!   services:
+//!     - name: reviews
+//!       namespace: default        # optional, default "default"
+//!       port: 9080                # optional; the port callers put in the authority
+//!       endpoints:
+//!         - address: 127.0.0.1:15106   # the endpoint's inbound sidecar
+//!           workload: reviews-v1       # optional, default "<name>-<version>" or "<name>"
+//!           version: v1                # optional, default "unknown"
+//! ```
+//!
+//! A file may hold several documents; their services are merged. Every error
+//! names the file, the field (as a path such as `spec.services[1].name`) and
+//! the reason.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use serde::Deserialize;
+
+/// The `apiVersion` every Lumen resource carries.
+pub const API_VERSION: &str = "lumen.dev/v1alpha1";
+/// Namespace of services that do not name one, as in Kubernetes.
+pub const DEFAULT_NAMESPACE: &str = "default";
+
+/// A configuration problem: which file, which field, and why.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct ConfigError {
+    pub file: String,
+    /// Dotted path of the offending field; empty for whole-file problems.
+    pub field: String,
+    pub reason: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.field.is_empty() {
+            write!(f, "{}: {}", self.file, self.reason)
+        } else {
+            write!(f, "{}: {}: {}", self.file, self.field, self.reason)
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct Resource {
+    api_version: String,
+    kind: String,
+    metadata: Metadata,
+    #[serde(default)]
+    spec: serde_yaml_ng::Value,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Metadata {
+    name: String,
+    #[serde(default)]
+    #[allow(dead_code)]
+    namespace: Option<String>,
+    #[serde(default)]
+    #[allow(dead_code)]
+    labels: Option<HashMap<String, String>>,
+    #[serde(default)]
+    #[allow(dead_code)]
+    annotations: Option<HashMap<String, String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MeshSpec {
+    #[serde(default)]
+    services: Vec<ServiceSpec>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ServiceSpec {
+    name: String,
+    #[serde(default)]
+    namespace: Option<String>,
+    #[serde(default)]
+    port: Option<u16>,
+    #[serde(default)]
+    endpoints: Vec<EndpointSpec>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EndpointSpec {
+    address: String,
+    #[serde(default)]
+    workload: Option<String>,
+    #[serde(default)]
+    version: Option<String>,
+}
+
+/// One endpoint of a service: where its inbound sidecar listens, and who it is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Endpoint {
+    pub address: SocketAddr,
+    /// `address` as text, shared so records can carry it without formatting.
+    pub address_str: Arc<str>,
+    pub workload: Arc<str>,
+    pub version: Arc<str>,
+}
+
+/// A named service and the endpoints that serve it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Service {
+    pub name: Arc<str>,
+    pub namespace: Arc<str>,
+    pub port: Option<u16>,
+    pub endpoints: Vec<Endpoint>,
+}
+
+/// The validated mesh: every service, indexed by name and namespace.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MeshConfig {
+    pub services: Vec<Service>,
+    index: HashMap<(Arc<str>, Arc<str>), usize>,
+}
+
+impl MeshConfig {
+    /// Builds a mesh from already-validated services, e.g. in code that
+    /// generates its own topology. Duplicate services are an error.
+    pub fn from_services(file: &str, services: Vec<Service>) -> Result<Self, ConfigError> {
+        let mut index = HashMap::new();
+        for (i, s) in services.iter().enumerate() {
+            if index
+                .insert((s.name.clone(), s.namespace.clone()), i)
+                .is_some()
+            {
+                return Err(ConfigError {
+                    file: file.to_string(),
+                    field: format!("services[{i}].name"),
+                    reason: format!(
+                        "service `{}` in namespace `{}` is defined twice",
+                        s.name, s.namespace
+                    ),
+                });
+            }
+        }
+        Ok(MeshConfig { services, index })
+    }
+
+    /// Parses and validates a mesh file's text. `file` names it in errors.
+    pub fn from_yaml(file: &str, text: &str) -> Result<Self, ConfigError> {
+        let err = |field: String, reason: String| ConfigError {
+            file: file.to_string(),
+            field,
+            reason,
+        };
+        let mut services = Vec::new();
+        let mut seen: HashMap<(String, String), String> = HashMap::new();
+        let mut docs = 0usize;
+        for (d, doc) in serde_yaml_ng::Deserializer::from_str(text).enumerate() {
+            // Field paths name the document only when the file has several.
+            let prefix = if d == 0 {
+                String::new()
+            } else {
+                format!("document {}: ", d + 1)
+            };
+            let value: serde_yaml_ng::Value = serde_yaml_ng::Value::deserialize(doc)
+                .map_err(|e| err(String::new(), format!("{prefix}invalid YAML: {e}")))?;
+            if value.is_null() {
+                continue; // an empty document, e.g. a trailing `---`
+            }
+            docs += 1;
+            let res: Resource = serde_path_to_error::deserialize(value)
+                .map_err(|e| err(format!("{prefix}{}", e.path()), e.inner().to_string()))?;
+            if res.api_version != API_VERSION {
+                return Err(err(
+                    format!("{prefix}apiVersion"),
+                    format!("`{}` is not supported, expected `{API_VERSION}`", res.api_version),
+                ));
+            }
+            if res.kind != "Mesh" {
+                return Err(err(
+                    format!("{prefix}kind"),
+                    format!("unknown kind `{}`, expected `Mesh`", res.kind),
+                ));
+            }
+            if res.metadata.name.trim().is_empty() {
+                return Err(err(format!("{prefix}metadata.name"), "must not be empty".into()));
+            }
+            let spec: MeshSpec = serde_path_to_error::deserialize(res.spec).map_err(|e| {
+                err(format!("{prefix}spec.{}", e.path()), e.inner().to_string())
+            })?;
+            for (i, s) in spec.services.into_iter().enumerate() {
+                let at = format!("{prefix}spec.services[{i}]");
+                let service = validate_service(s, &at).map_err(|(f, r)| err(f, r))?;
+                let key = (service.name.to_string(), service.namespace.to_string());
+                if let Some(first) = seen.insert(key, at.clone()) {
+                    return Err(err(
+                        format!("{at}.name"),
+                        format!(
+                            "service `{}` in namespace `{}` is already defined at {first}",
+                            service.name, service.namespace
+                        ),
+                    ));
+                }
+                services.push(service);
+            }
+        }
+        if docs == 0 {
+            return Err(err(String::new(), "no Mesh resource in file".into()));
+        }
+        Self::from_services(file, services)
+    }
+
+    /// Finds the service an HTTP authority names, the way Kubernetes DNS
+    /// resolves it: `reviews`, `reviews:9080`, `reviews.default`,
+    /// `reviews.default.svc.cluster.local:9080`. A bare name is looked up in
+    /// the caller's namespace. A port, when given and the service declares
+    /// one, must match.
+    pub fn resolve(&self, authority: &str, caller_namespace: &str) -> Option<&Service> {
+        let (host, port) = split_authority(authority)?;
+        let mut labels = host.split('.');
+        let name = labels.next()?;
+        let namespace = match labels.next() {
+            None => caller_namespace,
+            Some(ns) => {
+                let rest: Vec<&str> = labels.collect();
+                if !(rest.is_empty() || rest == ["svc"] || rest == ["svc", "cluster", "local"]) {
+                    return None;
+                }
+                ns
+            }
+        };
+        let &i = self.index.get(&(Arc::from(name), Arc::from(namespace)))?;
+        let service = &self.services[i];
+        match (port, service.port) {
+            (Some(asked), Some(declared)) if asked != declared => None,
+            _ => Some(service),
+        }
+    }
+}
+
+/// Splits `host[:port]` (IPv6 hosts in brackets). `None` when malformed.
+fn split_authority(authority: &str) -> Option<(&str, Option<u16>)> {
+    if authority.is_empty() {
+        return None;
+    }
+    if let Some(rest) = authority.strip_prefix('[') {
+        let (host, after) = rest.split_once(']')?;
+        return match after.strip_prefix(':') {
+            Some(p) => Some((host, Some(p.parse().ok()?))),
+            None if after.is_empty() => Some((host, None)),
+            None => None,
+        };
+    }
+    match authority.rsplit_once(':') {
+        Some((host, p)) => Some((host, Some(p.parse().ok()?))),
+        None => Some((authority, None)),
+    }
+}
+
+/// A DNS-1123 label, as Kubernetes requires of service and namespace names.
+fn check_dns_label(value: &str) -> Result<(), String> {
+    let ok = !value.is_empty()
+        && value.len() <= 63
+        && value
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !value.starts_with('-')
+        && !value.ends_with('-');
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "`{value}` is not a valid name: use 1-63 lower-case letters, digits or '-', \
+             starting and ending with a letter or digit"
+        ))
+    }
+}
+
+fn validate_service(s: ServiceSpec, at: &str) -> Result<Service, (String, String)> {
+    check_dns_label(&s.name).map_err(|r| (format!("{at}.name"), r))?;
+    let namespace = s.namespace.unwrap_or_else(|| DEFAULT_NAMESPACE.to_string());
+    check_dns_label(&namespace).map_err(|r| (format!("{at}.namespace"), r))?;
+    if s.port == Some(0) {
+        return Err((format!("{at}.port"), "must be between 1 and 65535".into()));
+    }
+    let mut endpoints: Vec<Endpoint> = Vec::with_capacity(s.endpoints.len());
+    for (j, e) in s.endpoints.into_iter().enumerate() {
+        let field = format!("{at}.endpoints[{j}]");
+        let address: SocketAddr = e.address.trim().parse().map_err(|_| {
+            (
+                format!("{field}.address"),
+                format!("`{}` is not an IP:port socket address", e.address),
+            )
+        })?;
+        if address.port() == 0 {
+            return Err((format!("{field}.address"), "port must not be 0".into()));
+        }
+        if let Some(dup) = endpoints.iter().position(|x| x.address == address) {
+            return Err((
+                format!("{field}.address"),
+                format!("`{address}` is already listed as endpoints[{dup}]"),
+            ));
+        }
+        let version = e.version.unwrap_or_else(|| "unknown".to_string());
+        let workload = match e.workload {
+            Some(w) if w.trim().is_empty() => {
+                return Err((format!("{field}.workload"), "must not be empty".into()));
+            }
+            Some(w) => w,
+            None if version == "unknown" => s.name.clone(),
+            None => format!("{}-{version}", s.name),
+        };
+        endpoints.push(Endpoint {
+            address,
+            address_str: address.to_string().into(),
+            workload: workload.into(),
+            version: version.into(),
+        });
+    }
+    Ok(Service {
+        name: s.name.into(),
+        namespace: namespace.into(),
+        port: s.port,
+        endpoints,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+apiVersion: lumen.dev/v1alpha1
+kind: Mesh
+metadata:
+  name: bookinfo
+spec:
+  services:
+    - name: reviews
+      port: 9080
+      endpoints:
+        - address: 127.0.0.1:15106
+          version: v1
+        - address: 127.0.0.1:15107
+          version: v2
+          workload: reviews-second
+    - name: ratings
+      namespace: prod
+"#;
+
+    #[test]
+    fn parses_services_with_defaults() {
+        let mesh = MeshConfig::from_yaml("mesh.yaml", GOOD).unwrap();
+        assert_eq!(mesh.services.len(), 2);
+        let reviews = &mesh.services[0];
+        assert_eq!(&*reviews.namespace, "default");
+        assert_eq!(&*reviews.endpoints[0].workload, "reviews-v1");
+        assert_eq!(&*reviews.endpoints[1].workload, "reviews-second");
+        assert_eq!(&*reviews.endpoints[1].address_str, "127.0.0.1:15107");
+        assert!(mesh.services[1].endpoints.is_empty());
+    }
+
+    #[test]
+    fn resolves_authorities_like_kubernetes_dns() {
+        let mesh = MeshConfig::from_yaml("mesh.yaml", GOOD).unwrap();
+        for a in [
+            "reviews",
+            "reviews:9080",
+            "reviews.default",
+            "reviews.default.svc",
+            "reviews.default.svc.cluster.local:9080",
+        ] {
+            assert_eq!(
+                mesh.resolve(a, "default").map(|s| &*s.name),
+                Some("reviews"),
+                "{a}"
+            );
+        }
+        assert!(mesh.resolve("reviews:1234", "default").is_none());
+        assert!(mesh.resolve("reviews", "prod").is_none());
+        assert!(mesh.resolve("ratings", "prod").is_some());
+        assert!(mesh.resolve("ratings.prod.example.com", "default").is_none());
+        assert!(mesh.resolve("", "default").is_none());
+        assert!(mesh.resolve("reviews:abc", "default").is_none());
+    }
+
+    fn error_of(yaml: &str) -> ConfigError {
+        MeshConfig::from_yaml("mesh.yaml", yaml).unwrap_err()
+    }
+
+    #[test]
+    fn errors_name_file_field_and_reason() {
+        let e = error_of(&GOOD.replace("127.0.0.1:15107", "not-an-address"));
+        assert_eq!(e.file, "mesh.yaml");
+        assert_eq!(e.field, "spec.services[0].endpoints[1].address");
+        assert!(e.reason.contains("not-an-address"), "{e}");
+
+        let e = error_of(&GOOD.replace("name: ratings", "name: Ratings_1"));
+        assert_eq!(e.field, "spec.services[1].name");
+
+        let e = error_of(&GOOD.replace("port: 9080", "port: 99999"));
+        assert_eq!(e.field, "spec.services[0].port");
+
+        let e = error_of(&GOOD.replace("port: 9080", "prot: 9080"));
+        assert_eq!(e.field, "spec.services[0].prot");
+        assert!(e.reason.contains("prot"), "{e}");
+
+        let e = error_of(&GOOD.replace("kind: Mesh", "kind: Gateway"));
+        assert_eq!(e.field, "kind");
+
+        let e = error_of(&GOOD.replace("v1alpha1", "v9"));
+        assert_eq!(e.field, "apiVersion");
+
+        let e = error_of(&GOOD.replace("name: ratings\n      namespace: prod", "name: reviews"));
+        assert!(e.reason.contains("already defined"), "{e}");
+
+        let e = error_of("");
+        assert!(e.reason.contains("no Mesh"), "{e}");
+
+        let e = error_of("apiVersion: [");
+        assert!(e.reason.contains("invalid YAML"), "{e}");
+        assert_eq!(
+            e.to_string(),
+            format!("mesh.yaml: {}", e.reason),
+            "whole-file errors have no field"
+        );
+    }
+
+    #[test]
+    fn several_documents_are_merged() {
+        let two = format!("{GOOD}\n---\n{}", GOOD.replace("reviews", "details").replace("ratings", "other"));
+        let mesh = MeshConfig::from_yaml("mesh.yaml", &two).unwrap();
+        assert_eq!(mesh.services.len(), 4);
+        let dup = format!("{GOOD}\n---\n{GOOD}");
+        let e = error_of(&dup);
+        assert!(e.field.starts_with("document 2: spec.services[0]"), "{e}");
+    }
+}

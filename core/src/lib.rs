@@ -1,0 +1,19 @@
+//! Lumen's shared vocabulary, with no I/O.
+//!
+//! - [`record`]: the [`RequestRecord`] a proxy fills for every request it sees.
+//! - [`schema`]: the Arrow schemas of the store's tables (`requests`, `spans`),
+//!   the OTLP attribute names a request record travels under, and a batch
+//!   builder that turns records into Arrow columns.
+//! - [`config`]: the mesh configuration (YAML in Kubernetes resource form),
+//!   parsed and validated once, with errors naming file, field and reason.
+//!
+//! Proxies produce records, the collector turns their OTLP spans back into
+//! rows of the same schema, and the query service reads those rows; all three
+//! agree on names through this crate.
+
+pub mod config;
+pub mod record;
+pub mod schema;
+
+pub use config::{ConfigError, Endpoint, MeshConfig, Service};
+pub use record::{Protocol, Reporter, RequestRecord, ResponseFlags, Workload};

@@ -1,0 +1,367 @@
+//! Arrow schemas of the store's tables and the OTLP names request records
+//! travel under between proxy and collector.
+
+use std::sync::{Arc, LazyLock};
+use std::time::UNIX_EPOCH;
+
+use arrow::array::{
+    ArrayBuilder, ArrayRef, BooleanBuilder, Int32Builder, Int64Builder, StringBuilder, StringDictionaryBuilder,
+    TimestampMicrosecondBuilder,
+};
+use arrow::datatypes::{DataType, Field, Int32Type, Schema, SchemaRef, TimeUnit};
+use arrow::error::ArrowError;
+use arrow::record_batch::RecordBatch;
+
+use crate::record::RequestRecord;
+
+/// Table of one row per request per reporting proxy.
+pub const REQUESTS: &str = "requests";
+/// Table of spans sent by applications' own OpenTelemetry SDKs.
+pub const SPANS: &str = "spans";
+/// Every table the store keeps, in a stable order.
+pub const TABLES: [&str; 2] = [REQUESTS, SPANS];
+
+/// Instrumentation scope of the spans Lumen proxies export; the collector
+/// routes spans of this scope into `requests`, everything else into `spans`.
+pub const PROXY_SCOPE: &str = "lumen-proxy";
+
+/// Name of the timestamp column every table is partitioned and pruned by.
+pub const TIME_COLUMN: &str = "time";
+
+/// OTLP span attribute keys of the request record's fields. Fields with an
+/// OpenTelemetry semantic convention use it, so Jaeger and other OTLP
+/// consumers show them as they expect; the rest are `lumen.*`.
+pub mod attr {
+    pub const REPORTER: &str = "lumen.reporter";
+    pub const SOURCE_SERVICE: &str = "lumen.source.service";
+    pub const SOURCE_WORKLOAD: &str = "lumen.source.workload";
+    pub const SOURCE_NAMESPACE: &str = "lumen.source.namespace";
+    pub const SOURCE_VERSION: &str = "lumen.source.version";
+    pub const DESTINATION_SERVICE: &str = "lumen.destination.service";
+    pub const DESTINATION_WORKLOAD: &str = "lumen.destination.workload";
+    pub const DESTINATION_NAMESPACE: &str = "lumen.destination.namespace";
+    pub const DESTINATION_VERSION: &str = "lumen.destination.version";
+    pub const PROTOCOL: &str = "lumen.protocol";
+    pub const METHOD: &str = "http.request.method";
+    pub const AUTHORITY: &str = "lumen.authority";
+    pub const PATH: &str = "url.path";
+    pub const ROUTE: &str = "lumen.route";
+    pub const STATUS: &str = "http.response.status_code";
+    pub const GRPC_STATUS: &str = "rpc.grpc.status_code";
+    pub const REQUEST_BYTES: &str = "lumen.request_bytes";
+    pub const RESPONSE_BYTES: &str = "lumen.response_bytes";
+    pub const RETRIES: &str = "lumen.retries";
+    pub const UPSTREAM_ADDRESS: &str = "lumen.upstream_address";
+    pub const RESPONSE_FLAGS: &str = "lumen.response_flags";
+    pub const MTLS: &str = "lumen.mtls";
+}
+
+fn dict() -> DataType {
+    DataType::Dictionary(Box::new(DataType::Int32), Box::new(DataType::Utf8))
+}
+
+fn timestamp() -> DataType {
+    DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into()))
+}
+
+static REQUESTS_SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
+    Arc::new(Schema::new(vec![
+        Field::new("time", timestamp(), false),
+        Field::new("duration_us", DataType::Int64, false),
+        Field::new("reporter", dict(), false),
+        Field::new("source_service", dict(), false),
+        Field::new("source_workload", dict(), false),
+        Field::new("source_namespace", dict(), false),
+        Field::new("source_version", dict(), false),
+        Field::new("destination_service", dict(), false),
+        Field::new("destination_workload", dict(), false),
+        Field::new("destination_version", dict(), false),
+        Field::new("destination_namespace", dict(), false),
+        Field::new("protocol", dict(), false),
+        Field::new("method", dict(), false),
+        Field::new("authority", dict(), false),
+        Field::new("path", dict(), false),
+        Field::new("route", dict(), false),
+        Field::new("status", DataType::Int32, false),
+        Field::new("grpc_status", DataType::Int32, true),
+        Field::new("request_bytes", DataType::Int64, false),
+        Field::new("response_bytes", DataType::Int64, false),
+        Field::new("retries", DataType::Int32, false),
+        Field::new("upstream_address", dict(), true),
+        Field::new("response_flags", dict(), false),
+        Field::new("mtls", DataType::Boolean, false),
+        Field::new("trace_id", DataType::Utf8, false),
+        Field::new("span_id", DataType::Utf8, false),
+        Field::new("parent_span_id", DataType::Utf8, true),
+    ]))
+});
+
+static SPANS_SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
+    Arc::new(Schema::new(vec![
+        Field::new("time", timestamp(), false),
+        Field::new("duration_us", DataType::Int64, false),
+        Field::new("trace_id", DataType::Utf8, false),
+        Field::new("span_id", DataType::Utf8, false),
+        Field::new("parent_span_id", DataType::Utf8, true),
+        Field::new("service_name", dict(), false),
+        Field::new("name", dict(), false),
+        Field::new("kind", dict(), false),
+        Field::new("status_code", dict(), false),
+        Field::new("status_message", DataType::Utf8, true),
+        Field::new("scope_name", dict(), true),
+        Field::new("attributes", DataType::Utf8, false),
+        Field::new("resource_attributes", DataType::Utf8, false),
+        Field::new("events", DataType::Int32, false),
+        Field::new("links", DataType::Int32, false),
+    ]))
+});
+
+/// Schema of the `requests` table.
+pub fn requests_schema() -> SchemaRef {
+    REQUESTS_SCHEMA.clone()
+}
+
+/// Schema of the `spans` table.
+pub fn spans_schema() -> SchemaRef {
+    SPANS_SCHEMA.clone()
+}
+
+/// Schema of a table by name, for the tables in [`TABLES`].
+pub fn table_schema(table: &str) -> Option<SchemaRef> {
+    match table {
+        REQUESTS => Some(requests_schema()),
+        SPANS => Some(spans_schema()),
+        _ => None,
+    }
+}
+
+/// Lower-case hex of trace and span ids, as W3C `traceparent` and Jaeger show them.
+pub fn hex_id(bytes: &[u8]) -> String {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut out = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        out.push(HEX[(b >> 4) as usize] as char);
+        out.push(HEX[(b & 0xf) as usize] as char);
+    }
+    out
+}
+
+type DictBuilder = StringDictionaryBuilder<Int32Type>;
+
+/// Column builders for the `requests` table: push records, take a batch.
+pub struct RequestBatchBuilder {
+    time: TimestampMicrosecondBuilder,
+    duration_us: Int64Builder,
+    reporter: DictBuilder,
+    source_service: DictBuilder,
+    source_workload: DictBuilder,
+    source_namespace: DictBuilder,
+    source_version: DictBuilder,
+    destination_service: DictBuilder,
+    destination_workload: DictBuilder,
+    destination_version: DictBuilder,
+    destination_namespace: DictBuilder,
+    protocol: DictBuilder,
+    method: DictBuilder,
+    authority: DictBuilder,
+    path: DictBuilder,
+    route: DictBuilder,
+    status: Int32Builder,
+    grpc_status: Int32Builder,
+    request_bytes: Int64Builder,
+    response_bytes: Int64Builder,
+    retries: Int32Builder,
+    upstream_address: DictBuilder,
+    response_flags: DictBuilder,
+    mtls: BooleanBuilder,
+    trace_id: StringBuilder,
+    span_id: StringBuilder,
+    parent_span_id: StringBuilder,
+}
+
+impl Default for RequestBatchBuilder {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl RequestBatchBuilder {
+    pub fn new() -> Self {
+        RequestBatchBuilder {
+            time: TimestampMicrosecondBuilder::new().with_timezone("UTC"),
+            duration_us: Int64Builder::new(),
+            reporter: DictBuilder::new(),
+            source_service: DictBuilder::new(),
+            source_workload: DictBuilder::new(),
+            source_namespace: DictBuilder::new(),
+            source_version: DictBuilder::new(),
+            destination_service: DictBuilder::new(),
+            destination_workload: DictBuilder::new(),
+            destination_version: DictBuilder::new(),
+            destination_namespace: DictBuilder::new(),
+            protocol: DictBuilder::new(),
+            method: DictBuilder::new(),
+            authority: DictBuilder::new(),
+            path: DictBuilder::new(),
+            route: DictBuilder::new(),
+            status: Int32Builder::new(),
+            grpc_status: Int32Builder::new(),
+            request_bytes: Int64Builder::new(),
+            response_bytes: Int64Builder::new(),
+            retries: Int32Builder::new(),
+            upstream_address: DictBuilder::new(),
+            response_flags: DictBuilder::new(),
+            mtls: BooleanBuilder::new(),
+            trace_id: StringBuilder::new(),
+            span_id: StringBuilder::new(),
+            parent_span_id: StringBuilder::new(),
+        }
+    }
+
+    /// Rows pushed since the last [`finish`](Self::finish).
+    pub fn len(&self) -> usize {
+        self.duration_us.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn push(&mut self, r: &RequestRecord) {
+        let micros = r
+            .start_time
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_micros() as i64)
+            .unwrap_or(0);
+        self.time.append_value(micros);
+        self.duration_us.append_value(r.duration.as_micros() as i64);
+        self.reporter.append_value(r.reporter.as_str());
+        self.source_service.append_value(&r.source.service);
+        self.source_workload.append_value(&r.source.workload);
+        self.source_namespace.append_value(&r.source.namespace);
+        self.source_version.append_value(&r.source.version);
+        self.destination_service.append_value(&r.destination.service);
+        self.destination_workload
+            .append_value(&r.destination.workload);
+        self.destination_version.append_value(&r.destination.version);
+        self.destination_namespace
+            .append_value(&r.destination.namespace);
+        self.protocol.append_value(r.protocol.as_str());
+        self.method.append_value(&r.method);
+        self.authority.append_value(&r.authority);
+        self.path.append_value(&r.path);
+        self.route.append_value(&r.route);
+        self.status.append_value(i32::from(r.status));
+        self.grpc_status.append_option(r.grpc_status);
+        self.request_bytes.append_value(r.request_bytes as i64);
+        self.response_bytes.append_value(r.response_bytes as i64);
+        self.retries.append_value(r.retries as i32);
+        self.upstream_address
+            .append_option(r.upstream_address.as_deref());
+        self.response_flags
+            .append_value(r.response_flags.to_string());
+        self.mtls.append_value(r.mtls);
+        self.trace_id.append_value(hex_id(&r.trace_id));
+        self.span_id.append_value(hex_id(&r.span_id));
+        self.parent_span_id
+            .append_option(r.parent_span_id.map(|p| hex_id(&p)));
+    }
+
+    /// Takes the rows pushed so far as one batch and starts over.
+    pub fn finish(&mut self) -> Result<RecordBatch, ArrowError> {
+        let columns: Vec<ArrayRef> = vec![
+            Arc::new(self.time.finish()),
+            Arc::new(self.duration_us.finish()),
+            Arc::new(self.reporter.finish()),
+            Arc::new(self.source_service.finish()),
+            Arc::new(self.source_workload.finish()),
+            Arc::new(self.source_namespace.finish()),
+            Arc::new(self.source_version.finish()),
+            Arc::new(self.destination_service.finish()),
+            Arc::new(self.destination_workload.finish()),
+            Arc::new(self.destination_version.finish()),
+            Arc::new(self.destination_namespace.finish()),
+            Arc::new(self.protocol.finish()),
+            Arc::new(self.method.finish()),
+            Arc::new(self.authority.finish()),
+            Arc::new(self.path.finish()),
+            Arc::new(self.route.finish()),
+            Arc::new(self.status.finish()),
+            Arc::new(self.grpc_status.finish()),
+            Arc::new(self.request_bytes.finish()),
+            Arc::new(self.response_bytes.finish()),
+            Arc::new(self.retries.finish()),
+            Arc::new(self.upstream_address.finish()),
+            Arc::new(self.response_flags.finish()),
+            Arc::new(self.mtls.finish()),
+            Arc::new(self.trace_id.finish()),
+            Arc::new(self.span_id.finish()),
+            Arc::new(self.parent_span_id.finish()),
+        ];
+        RecordBatch::try_new(requests_schema(), columns)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::record::{Protocol, Reporter, ResponseFlags, Workload};
+    use arrow::array::{Array, AsArray};
+    use arrow::datatypes::Int64Type;
+    use std::time::{Duration, SystemTime};
+
+    fn record(path: &str) -> RequestRecord {
+        RequestRecord {
+            start_time: SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000),
+            duration: Duration::from_micros(1500),
+            reporter: Reporter::Destination,
+            source: Workload::unknown(),
+            destination: Workload {
+                service: "reviews".into(),
+                workload: "reviews-v2".into(),
+                namespace: "default".into(),
+                version: "v2".into(),
+            },
+            protocol: Protocol::Http1,
+            method: "GET".into(),
+            authority: "reviews:9080".into(),
+            path: path.into(),
+            route: "default".into(),
+            status: 200,
+            grpc_status: None,
+            request_bytes: 0,
+            response_bytes: 42,
+            retries: 0,
+            upstream_address: None,
+            response_flags: ResponseFlags::empty(),
+            mtls: false,
+            trace_id: [1; 16],
+            span_id: [2; 8],
+            parent_span_id: None,
+        }
+    }
+
+    #[test]
+    fn builder_fills_every_column_of_the_schema() {
+        let mut b = RequestBatchBuilder::new();
+        b.push(&record("/a"));
+        b.push(&record("/b"));
+        let batch = b.finish().unwrap();
+        assert_eq!(batch.num_rows(), 2);
+        assert_eq!(batch.schema(), requests_schema());
+        let d = batch.column_by_name("duration_us").unwrap();
+        assert_eq!(d.as_primitive::<Int64Type>().value(1), 1500);
+        assert_eq!(
+            batch.column_by_name("trace_id").unwrap().as_string::<i32>().value(0),
+            "01010101010101010101010101010101"
+        );
+        assert!(batch.column_by_name("parent_span_id").unwrap().is_null(0));
+        // The builder starts over after finish.
+        assert!(b.is_empty());
+    }
+
+    #[test]
+    fn hex_ids_are_lower_case() {
+        assert_eq!(hex_id(&[0x0a, 0xff, 0x10]), "0aff10");
+    }
+}
