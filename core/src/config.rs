@@ -128,17 +128,21 @@ pub struct Service {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct MeshConfig {
     pub services: Vec<Service>,
-    index: HashMap<(Arc<str>, Arc<str>), usize>,
+    /// namespace → name → position in `services`; nested so lookups borrow
+    /// `&str` and allocate nothing on the request path.
+    index: HashMap<Arc<str>, HashMap<Arc<str>, usize>>,
 }
 
 impl MeshConfig {
     /// Builds a mesh from already-validated services, e.g. in code that
     /// generates its own topology. Duplicate services are an error.
     pub fn from_services(file: &str, services: Vec<Service>) -> Result<Self, ConfigError> {
-        let mut index = HashMap::new();
+        let mut index: HashMap<Arc<str>, HashMap<Arc<str>, usize>> = HashMap::new();
         for (i, s) in services.iter().enumerate() {
             if index
-                .insert((s.name.clone(), s.namespace.clone()), i)
+                .entry(s.namespace.clone())
+                .or_default()
+                .insert(s.name.clone(), i)
                 .is_some()
             {
                 return Err(ConfigError {
@@ -225,6 +229,13 @@ impl MeshConfig {
     /// the caller's namespace. A port, when given and the service declares
     /// one, must match.
     pub fn resolve(&self, authority: &str, caller_namespace: &str) -> Option<&Service> {
+        self.resolve_index(authority, caller_namespace)
+            .map(|i| &self.services[i])
+    }
+
+    /// Like [`resolve`](Self::resolve), but gives the service's position in
+    /// [`services`](Self::services), for per-service state kept beside the config.
+    pub fn resolve_index(&self, authority: &str, caller_namespace: &str) -> Option<usize> {
         let (host, port) = split_authority(authority)?;
         let mut labels = host.split('.');
         let name = labels.next()?;
@@ -238,11 +249,10 @@ impl MeshConfig {
                 ns
             }
         };
-        let &i = self.index.get(&(Arc::from(name), Arc::from(namespace)))?;
-        let service = &self.services[i];
-        match (port, service.port) {
+        let &i = self.index.get(namespace)?.get(name)?;
+        match (port, self.services[i].port) {
             (Some(asked), Some(declared)) if asked != declared => None,
-            _ => Some(service),
+            _ => Some(i),
         }
     }
 }

@@ -1,1 +1,247 @@
-//! lumen-proxy
+//! The Lumen sidecar proxy: the mesh's data plane.
+//!
+//! A sidecar sits beside one workload with two listeners. The **outbound**
+//! listener takes the app's calls to other services, routes them by
+//! authority over the current mesh snapshot and balances them over the
+//! service's endpoints (their inbound sidecars). The **inbound** listener
+//! takes calls from other sidecars and hands them to the local app. Both
+//! speak HTTP/1.1 and HTTP/2 (h2c), stream bodies, pool upstream connections
+//! and propagate W3C trace context.
+//!
+//! Every request becomes one [`lumen_core::RequestRecord`] (see
+//! [`request`] for the phases and [`telemetry`] for where records go):
+//! counted in `/stats/prometheus` on the admin port and exported as OTLP
+//! spans to the collector through a bounded queue that never blocks a
+//! request.
+
+pub mod admin;
+pub mod balance;
+pub mod body;
+pub mod forward;
+pub mod listener;
+pub mod request;
+pub mod route;
+pub mod telemetry;
+pub mod trace;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use lumen_core::{MeshConfig, Workload};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::request::{Shared, Side};
+use crate::route::RoutingTable;
+use crate::telemetry::{Metrics, Telemetry, TelemetryConfig};
+
+/// Errors starting or running a proxy.
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error("cannot listen on {addr} ({what}): {source}")]
+    Bind {
+        what: &'static str,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("invalid proxy configuration: {0}")]
+    Config(String),
+    #[error("telemetry exporter: {0}")]
+    Telemetry(String),
+}
+
+/// Everything one sidecar needs to know about itself.
+#[derive(Debug, Clone)]
+pub struct ProxyConfig {
+    /// The workload this sidecar stands beside.
+    pub identity: Workload,
+    /// Where the app sends its outbound calls (default port 15001).
+    pub outbound: Option<SocketAddr>,
+    /// Where other sidecars send calls for this workload (default port 15006).
+    pub inbound: Option<SocketAddr>,
+    /// The local app inbound calls are handed to.
+    pub app: Option<SocketAddr>,
+    /// Admin endpoint (default port 15000).
+    pub admin: Option<SocketAddr>,
+    pub telemetry: TelemetryConfig,
+    pub connect_timeout: Duration,
+    /// Longest wait for an upstream's response headers (Envoy's default route timeout).
+    pub upstream_timeout: Duration,
+    /// How long open connections may finish their requests on shutdown.
+    pub drain_timeout: Duration,
+}
+
+impl ProxyConfig {
+    pub fn new(identity: Workload) -> Self {
+        ProxyConfig {
+            identity,
+            outbound: None,
+            inbound: None,
+            app: None,
+            admin: None,
+            telemetry: TelemetryConfig::default(),
+            connect_timeout: Duration::from_secs(5),
+            upstream_timeout: Duration::from_secs(15),
+            drain_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// A proxy whose listeners are bound; [`run`](Proxy::run) serves them.
+pub struct Proxy {
+    config: ProxyConfig,
+    mesh: watch::Receiver<Arc<MeshConfig>>,
+    outbound: Option<TcpListener>,
+    inbound: Option<TcpListener>,
+    admin: Option<TcpListener>,
+}
+
+async fn bind(what: &'static str, addr: Option<SocketAddr>) -> Result<Option<TcpListener>, ProxyError> {
+    match addr {
+        None => Ok(None),
+        Some(addr) => TcpListener::bind(addr)
+            .await
+            .map(Some)
+            .map_err(|source| ProxyError::Bind { what, addr, source }),
+    }
+}
+
+impl Proxy {
+    /// Binds the configured listeners (port 0 picks a free port; see the
+    /// `*_addr` methods). `mesh` delivers config snapshots; each new one
+    /// replaces the routing table atomically.
+    pub async fn bind(
+        config: ProxyConfig,
+        mesh: watch::Receiver<Arc<MeshConfig>>,
+    ) -> Result<Proxy, ProxyError> {
+        if config.inbound.is_some() && config.app.is_none() {
+            return Err(ProxyError::Config(
+                "an inbound listener needs the local app's address".into(),
+            ));
+        }
+        if config.outbound.is_none() && config.inbound.is_none() {
+            return Err(ProxyError::Config(
+                "neither an outbound nor an inbound listener is configured".into(),
+            ));
+        }
+        Ok(Proxy {
+            outbound: bind("outbound", config.outbound).await?,
+            inbound: bind("inbound", config.inbound).await?,
+            admin: bind("admin", config.admin).await?,
+            config,
+            mesh,
+        })
+    }
+
+    pub fn outbound_addr(&self) -> Option<SocketAddr> {
+        self.outbound.as_ref().and_then(|l| l.local_addr().ok())
+    }
+
+    pub fn inbound_addr(&self) -> Option<SocketAddr> {
+        self.inbound.as_ref().and_then(|l| l.local_addr().ok())
+    }
+
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin.as_ref().and_then(|l| l.local_addr().ok())
+    }
+
+    /// Serves until `shutdown` resolves, then drains connections and
+    /// exports the records still queued.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), ProxyError> {
+        let Proxy {
+            config,
+            mut mesh,
+            outbound,
+            inbound,
+            admin,
+        } = self;
+        let (stop_tx, stop_rx) = watch::channel(false);
+        // The exporter stops only after the listeners have drained, so
+        // requests finishing during the drain are still exported.
+        let (export_stop_tx, export_stop_rx) = watch::channel(false);
+        let metrics = Arc::new(Metrics::new());
+        let (telemetry, exporter) = Telemetry::start(
+            &config.telemetry,
+            &config.identity,
+            metrics,
+            export_stop_rx,
+        )?;
+        let identity_header = request::source_header_value(&config.identity).ok_or_else(|| {
+            ProxyError::Config("workload identity contains characters not allowed in a header".into())
+        })?;
+        let shared = Arc::new(Shared {
+            identity: config.identity.clone(),
+            identity_header,
+            routes: ArcSwap::from_pointee(RoutingTable::new(mesh.borrow_and_update().clone())),
+            upstreams: forward::Upstreams::new(config.connect_timeout, config.upstream_timeout),
+            telemetry: Arc::new(telemetry),
+            app: config.app.map(|a| (a, Arc::from(a.to_string()))),
+            default_route: Arc::from(route::DEFAULT_ROUTE),
+        });
+
+        let mut tasks = tokio::task::JoinSet::new();
+        {
+            let shared = shared.clone();
+            let mut stop = stop_rx.clone();
+            tasks.spawn(async move {
+                loop {
+                    tokio::select! {
+                        changed = mesh.changed() => {
+                            if changed.is_err() { break; }
+                            let snapshot = mesh.borrow_and_update().clone();
+                            tracing::info!(services = snapshot.services.len(), "mesh config updated");
+                            shared.routes.store(Arc::new(RoutingTable::new(snapshot)));
+                        }
+                        _ = stop.wait_for(|s| *s) => break,
+                    }
+                }
+            });
+        }
+        for (listener, side) in [(outbound, Side::Outbound), (inbound, Side::Inbound)] {
+            if let Some(l) = listener {
+                tasks.spawn(listener::serve(
+                    l,
+                    shared.clone(),
+                    side,
+                    stop_rx.clone(),
+                    config.drain_timeout,
+                ));
+            }
+        }
+        let admin_state = Arc::new(admin::AdminState {
+            shared: shared.clone(),
+            ready: AtomicBool::new(true),
+        });
+        if let Some(l) = admin {
+            let mut stop = stop_rx.clone();
+            let router = admin::router(admin_state.clone());
+            tasks.spawn(async move {
+                let served = axum::serve(l, router)
+                    .with_graceful_shutdown(async move {
+                        let _ = stop.wait_for(|s| *s).await;
+                    })
+                    .await;
+                if let Err(e) = served {
+                    tracing::warn!(error = %e, "admin server failed");
+                }
+            });
+        }
+
+        shutdown.await;
+        tracing::info!(workload = %config.identity.workload, "proxy shutting down");
+        admin_state.ready.store(false, Ordering::Relaxed);
+        let _ = stop_tx.send(true);
+        while tasks.join_next().await.is_some() {}
+        // Listeners are drained; the exporter flushes what is queued.
+        drop(shared);
+        let _ = export_stop_tx.send(true);
+        if let Some(exporter) = exporter {
+            let _ = exporter.await;
+        }
+        Ok(())
+    }
+}

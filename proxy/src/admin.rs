@@ -1,0 +1,77 @@
+//! Admin endpoint: `/ready`, `/stats/prometheus`, `/config_dump`, as on
+//! Envoy's admin port, so the same probes and scrapers work.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use serde_json::json;
+
+use crate::request::Shared;
+
+pub struct AdminState {
+    pub shared: Arc<Shared>,
+    pub ready: AtomicBool,
+}
+
+pub fn router(state: Arc<AdminState>) -> Router {
+    Router::new()
+        .route("/ready", get(ready))
+        .route("/stats/prometheus", get(stats))
+        .route("/config_dump", get(config_dump))
+        .with_state(state)
+}
+
+async fn ready(State(s): State<Arc<AdminState>>) -> impl IntoResponse {
+    if s.ready.load(Ordering::Relaxed) {
+        (StatusCode::OK, "LIVE\n")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "DRAINING\n")
+    }
+}
+
+async fn stats(State(s): State<Arc<AdminState>>) -> impl IntoResponse {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        s.shared.telemetry.metrics().encode(),
+    )
+}
+
+async fn config_dump(State(s): State<Arc<AdminState>>) -> impl IntoResponse {
+    let routes = s.shared.routes.load();
+    let services: Vec<_> = routes
+        .mesh()
+        .services
+        .iter()
+        .map(|svc| {
+            json!({
+                "name": &*svc.name,
+                "namespace": &*svc.namespace,
+                "port": svc.port,
+                "endpoints": svc.endpoints.iter().map(|e| json!({
+                    "address": &*e.address_str,
+                    "workload": &*e.workload,
+                    "version": &*e.version,
+                })).collect::<Vec<_>>(),
+            })
+        })
+        .collect();
+    let id = &s.shared.identity;
+    axum::Json(json!({
+        "identity": {
+            "service": &*id.service,
+            "workload": &*id.workload,
+            "namespace": &*id.namespace,
+            "version": &*id.version,
+        },
+        "app": s.shared.app.as_ref().map(|(_, a)| &**a),
+        "services": services,
+    }))
+}

@@ -1,0 +1,129 @@
+//! Prometheus counters and histograms of the proxy, served on `/stats/prometheus`.
+
+use std::sync::Arc;
+
+use lumen_core::RequestRecord;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RequestLabels {
+    reporter: &'static str,
+    source_service: Arc<str>,
+    destination_service: Arc<str>,
+    response_code: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DropLabels {
+    reason: &'static str,
+}
+
+/// Istio's buckets for `istio_request_duration_milliseconds`, so dashboards
+/// built for Istio read the same quantiles.
+const DURATION_BUCKETS_MS: [f64; 14] = [
+    0.5, 1.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0,
+    30000.0,
+];
+
+fn duration_histogram() -> Histogram {
+    Histogram::new(DURATION_BUCKETS_MS)
+}
+
+/// The proxy's metrics and the registry they are exposed through.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    requests: Family<RequestLabels, Counter>,
+    duration: Family<RequestLabels, Histogram, fn() -> Histogram>,
+    records_dropped: Family<DropLabels, Counter>,
+    records_exported: Counter,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("lumen");
+        let requests = Family::<RequestLabels, Counter>::default();
+        let duration =
+            Family::<RequestLabels, Histogram, fn() -> Histogram>::new_with_constructor(
+                duration_histogram,
+            );
+        let records_dropped = Family::<DropLabels, Counter>::default();
+        let records_exported = Counter::default();
+        registry.register(
+            "requests",
+            "Requests completed by this proxy",
+            requests.clone(),
+        );
+        registry.register(
+            "request_duration_milliseconds",
+            "Time from the first request byte to the last response byte",
+            duration.clone(),
+        );
+        registry.register(
+            "telemetry_records_dropped",
+            "Request records not exported: queue full, or export to the collector failed",
+            records_dropped.clone(),
+        );
+        registry.register(
+            "telemetry_records_exported",
+            "Request records accepted by the collector",
+            records_exported.clone(),
+        );
+        // Register the drop reasons up front so a scrape shows them at zero.
+        for reason in [DROP_QUEUE_FULL, DROP_EXPORT_FAILED] {
+            let _ = records_dropped.get_or_create(&DropLabels { reason });
+        }
+        Metrics {
+            registry,
+            requests,
+            duration,
+            records_dropped,
+            records_exported,
+        }
+    }
+
+    /// Counts a finished request.
+    pub fn observe(&self, r: &RequestRecord) {
+        let labels = RequestLabels {
+            reporter: r.reporter.as_str(),
+            source_service: r.source.service.clone(),
+            destination_service: r.destination.service.clone(),
+            response_code: r.status,
+        };
+        self.requests.get_or_create(&labels).inc();
+        self.duration
+            .get_or_create(&labels)
+            .observe(r.duration.as_secs_f64() * 1000.0);
+    }
+
+    pub fn dropped(&self, reason: &'static str, n: u64) {
+        self.records_dropped
+            .get_or_create(&DropLabels { reason })
+            .inc_by(n);
+    }
+
+    pub fn exported(&self, n: u64) {
+        self.records_exported.inc_by(n);
+    }
+
+    /// Prometheus text exposition of every metric.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+pub const DROP_QUEUE_FULL: &str = "queue_full";
+pub const DROP_EXPORT_FAILED: &str = "export_failed";
