@@ -1,1 +1,259 @@
-//! lumen-collector
+//! The Lumen collector: where request records and spans are kept.
+//!
+//! Data flows through one module per stage:
+//!
+//! 1. [`ingest`] — OTLP over gRPC (4317) and HTTP (4318) in; payloads are
+//!    decoded, validated and turned into Arrow batches (Lumen proxy spans →
+//!    `requests`, other spans → `spans`).
+//! 2. [`wal`] — batches are appended to the write-ahead log and fsynced
+//!    (group commit) before the client is acknowledged.
+//! 3. [`buffer`] — acknowledged rows sit in the hot buffer, queryable at once.
+//! 4. [`persist`] — on size/time thresholds and on shutdown, hot rows become
+//!    zstd Parquet files partitioned by table and hour; the WAL is then
+//!    checkpointed and truncated.
+//!
+//! [`store::Store`] is the catalog of both hot rows and files; the query
+//! service reads consistent snapshots of it.
+
+pub mod buffer;
+pub mod ingest;
+pub mod persist;
+pub mod store;
+pub mod wal;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+pub use persist::FlushPolicy;
+pub use store::{FileMeta, Store, TableSnapshot, TableStats};
+
+/// Default cap on one OTLP payload, as the OpenTelemetry Collector's gRPC default.
+pub const DEFAULT_MAX_REQUEST_BYTES: usize = 4 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CollectorError {
+    #[error("cannot listen on {addr} ({what}): {source}")]
+    Bind {
+        what: &'static str,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("data directory {path}: {message}")]
+    DataDir { path: PathBuf, message: String },
+    #[error(transparent)]
+    Wal(#[from] wal::WalError),
+    #[error(transparent)]
+    Persist(#[from] persist::PersistError),
+    #[error("OTLP/gRPC server: {0}")]
+    Grpc(String),
+}
+
+#[derive(Debug, Clone)]
+pub struct CollectorConfig {
+    pub data_dir: PathBuf,
+    /// OTLP/gRPC listener (default port 4317).
+    pub otlp_grpc: Option<SocketAddr>,
+    /// OTLP/HTTP listener (default port 4318).
+    pub otlp_http: Option<SocketAddr>,
+    pub max_request_bytes: usize,
+    pub flush: FlushPolicy,
+}
+
+impl CollectorConfig {
+    pub fn new(data_dir: impl Into<PathBuf>) -> Self {
+        CollectorConfig {
+            data_dir: data_dir.into(),
+            otlp_grpc: Some(SocketAddr::from(([127, 0, 0, 1], 4317))),
+            otlp_http: Some(SocketAddr::from(([127, 0, 0, 1], 4318))),
+            max_request_bytes: DEFAULT_MAX_REQUEST_BYTES,
+            flush: FlushPolicy::default(),
+        }
+    }
+}
+
+/// An opened collector: WAL replayed, files loaded, listeners bound.
+pub struct Collector {
+    config: CollectorConfig,
+    store: Arc<Store>,
+    ingest: ingest::Ingest,
+    persister: persist::Persister,
+    wal_thread: std::thread::JoinHandle<()>,
+    grpc: Option<TcpListener>,
+    http: Option<TcpListener>,
+    replayed: wal::Replayed,
+}
+
+async fn bind(what: &'static str, addr: Option<SocketAddr>) -> Result<Option<TcpListener>, CollectorError> {
+    match addr {
+        None => Ok(None),
+        Some(addr) => TcpListener::bind(addr)
+            .await
+            .map(Some)
+            .map_err(|source| CollectorError::Bind { what, addr, source }),
+    }
+}
+
+/// `<data>/wal` and `<data>/tables`.
+pub fn wal_dir(data_dir: &Path) -> PathBuf {
+    data_dir.join("wal")
+}
+
+pub fn tables_dir(data_dir: &Path) -> PathBuf {
+    data_dir.join("tables")
+}
+
+impl Collector {
+    /// Opens the store in `config.data_dir` — loading Parquet files and
+    /// replaying the WAL — and binds the OTLP listeners.
+    pub async fn open(config: CollectorConfig) -> Result<Collector, CollectorError> {
+        let data = config.data_dir.clone();
+        std::fs::create_dir_all(&data).map_err(|e| CollectorError::DataDir {
+            path: data.clone(),
+            message: e.to_string(),
+        })?;
+        let grpc = bind("OTLP/gRPC", config.otlp_grpc).await?;
+        let http = bind("OTLP/HTTP", config.otlp_http).await?;
+        let store = Arc::new(Store::new());
+        let (wal, wal_thread, replayed, files) = {
+            let store = store.clone();
+            let dir = data.clone();
+            tokio::task::spawn_blocking(move || {
+                let data = dir;
+                let wal_dir = wal_dir(&data);
+                std::fs::create_dir_all(&wal_dir).map_err(|e| CollectorError::DataDir {
+                    path: wal_dir.clone(),
+                    message: e.to_string(),
+                })?;
+                let checkpoint = wal::read_checkpoint(&wal_dir)?;
+                let files = persist::load_files(&tables_dir(&data), checkpoint)?;
+                let (wal, thread, replayed) = wal::open(&wal_dir, store)?;
+                Ok::<_, CollectorError>((wal, thread, replayed, files))
+            })
+            .await
+            .map_err(|e| CollectorError::DataDir {
+                path: data.clone(),
+                message: e.to_string(),
+            })??
+        };
+        let file_count = files.len();
+        store.add_files(files);
+        if replayed.rows > 0 || file_count > 0 {
+            tracing::info!(
+                files = file_count,
+                wal_segments = replayed.segments,
+                wal_rows = replayed.rows,
+                "opened store in {}",
+                data.display()
+            );
+        }
+        let ingest = ingest::Ingest::new(wal.clone(), config.max_request_bytes);
+        let persister = persist::Persister {
+            tables_dir: tables_dir(&data),
+            wal_dir: wal_dir(&data),
+            wal,
+            store: store.clone(),
+        };
+        Ok(Collector {
+            config,
+            store,
+            ingest,
+            persister,
+            wal_thread,
+            grpc,
+            http,
+            replayed,
+        })
+    }
+
+    /// The catalog the query service reads.
+    pub fn store(&self) -> Arc<Store> {
+        self.store.clone()
+    }
+
+    /// Rows recovered from the WAL when the collector opened.
+    pub fn replayed_rows(&self) -> usize {
+        self.replayed.rows
+    }
+
+    pub fn otlp_grpc_addr(&self) -> Option<SocketAddr> {
+        self.grpc.as_ref().and_then(|l| l.local_addr().ok())
+    }
+
+    pub fn otlp_http_addr(&self) -> Option<SocketAddr> {
+        self.http.as_ref().and_then(|l| l.local_addr().ok())
+    }
+
+    /// A handle to flush on demand (tests, admin actions).
+    pub fn persister(&self) -> persist::Persister {
+        self.persister.clone()
+    }
+
+    /// Serves OTLP until `shutdown` resolves; then stops accepting, flushes
+    /// the hot buffer to Parquet and closes the WAL.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), CollectorError> {
+        let Collector {
+            config,
+            store: _,
+            ingest,
+            persister,
+            wal_thread,
+            grpc,
+            http,
+            replayed: _,
+        } = self;
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let mut servers = tokio::task::JoinSet::new();
+        if let Some(listener) = grpc {
+            let mut stop = stop_rx.clone();
+            let svc = ingest::grpc::TraceServiceGrpc::new(ingest.clone());
+            servers.spawn(async move {
+                tonic::transport::Server::builder()
+                    .add_service(svc)
+                    .serve_with_incoming_shutdown(
+                        tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+                        async move {
+                            let _ = stop.wait_for(|s| *s).await;
+                        },
+                    )
+                    .await
+                    .map_err(|e| CollectorError::Grpc(e.to_string()))
+            });
+        }
+        if let Some(listener) = http {
+            let mut stop = stop_rx.clone();
+            let router = ingest::http::router(ingest.clone());
+            servers.spawn(async move {
+                axum::serve(listener, router)
+                    .with_graceful_shutdown(async move {
+                        let _ = stop.wait_for(|s| *s).await;
+                    })
+                    .await
+                    .map_err(|e| CollectorError::Grpc(e.to_string()))
+            });
+        }
+        let (flush_stop_tx, flush_stop_rx) = watch::channel(false);
+        let flusher = tokio::spawn(persister.clone().run(config.flush.clone(), flush_stop_rx));
+
+        shutdown.await;
+        tracing::info!("collector shutting down: finishing requests, flushing to Parquet");
+        let _ = stop_tx.send(true);
+        let mut result = Ok(());
+        while let Some(r) = servers.join_next().await {
+            if let Ok(Err(e)) = r {
+                result = Err(e);
+            }
+        }
+        // No more acknowledgements can happen; flush everything that was.
+        let _ = flush_stop_tx.send(true);
+        let _ = flusher.await;
+        drop(ingest);
+        drop(persister);
+        let _ = tokio::task::spawn_blocking(move || wal_thread.join()).await;
+        result
+    }
+}

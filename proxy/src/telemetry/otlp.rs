@@ -10,7 +10,7 @@ use lumen_core::schema::{PROXY_SCOPE, attr};
 use lumen_core::{Reporter, RequestRecord, Workload};
 use opentelemetry::trace::{SpanContext, SpanId, SpanKind, Status, TraceFlags, TraceId, TraceState};
 use opentelemetry::{InstrumentationScope, KeyValue, Value};
-use opentelemetry_otlp::{WithExportConfig, WithTonicConfig};
+use opentelemetry_otlp::WithExportConfig;
 use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::trace::{SpanData, SpanEvents, SpanExporter as _, SpanLinks};
 use tokio::sync::{mpsc, watch};
@@ -41,7 +41,6 @@ impl Exporter {
             .with_tonic()
             .with_endpoint(config.collector_endpoint.clone())
             .with_timeout(config.export_timeout)
-            .with_compression(opentelemetry_otlp::Compression::Gzip)
             .build()
             .map_err(|e| crate::ProxyError::Telemetry(e.to_string()))?;
         inner.set_resource(

@@ -1,0 +1,515 @@
+//! OTLP spans → table rows. Spans of Lumen proxies (instrumentation scope
+//! [`PROXY_SCOPE`]) become `requests` rows; every other span becomes a
+//! `spans` row. Invalid input is rejected whole, with the path of the
+//! offending field, before anything is written.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use arrow::array::{
+    ArrayRef, Int32Builder, Int64Builder, StringBuilder, StringDictionaryBuilder,
+    TimestampMicrosecondBuilder,
+};
+use arrow::datatypes::Int32Type;
+use arrow::record_batch::RecordBatch;
+use lumen_core::schema::{PROXY_SCOPE, RequestBatchBuilder, attr, hex_id, spans_schema};
+use lumen_core::{Protocol, Reporter, RequestRecord, ResponseFlags, Workload};
+use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+use opentelemetry_proto::tonic::common::v1::{AnyValue, KeyValue, any_value};
+use opentelemetry_proto::tonic::trace::v1::Span;
+use serde_json::{Map, Value as Json};
+
+use crate::store::table_index;
+
+/// A payload that is well-formed protobuf but not acceptable OTLP.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {reason}")]
+pub struct InvalidSpan {
+    pub field: String,
+    pub reason: String,
+}
+
+/// Rows ready for the WAL: (table index, batch).
+pub type TableBatches = Vec<(usize, RecordBatch)>;
+
+/// Converts one export request into at most one batch per table.
+pub fn convert_traces(req: &ExportTraceServiceRequest) -> Result<TableBatches, InvalidSpan> {
+    let mut requests = RequestBatchBuilder::new();
+    let mut spans = SpanBatchBuilder::default();
+    for (r, rs) in req.resource_spans.iter().enumerate() {
+        let resource_attrs: &[KeyValue] = rs.resource.as_ref().map_or(&[], |r| &r.attributes);
+        let service_name = resource_attrs
+            .iter()
+            .find(|kv| kv.key == "service.name")
+            .and_then(|kv| as_str(&kv.value))
+            .unwrap_or("unknown_service");
+        let resource_json = attributes_json(resource_attrs);
+        for (s, ss) in rs.scope_spans.iter().enumerate() {
+            let scope_name = ss.scope.as_ref().map(|s| s.name.as_str());
+            let from_proxy = scope_name == Some(PROXY_SCOPE);
+            for (i, span) in ss.spans.iter().enumerate() {
+                let at = format!("resource_spans[{r}].scope_spans[{s}].spans[{i}]");
+                let ids = check_ids(span, &at)?;
+                if from_proxy {
+                    requests.push(&request_record(span, ids, &at)?);
+                } else {
+                    spans.push(span, ids, service_name, scope_name, &resource_json);
+                }
+            }
+        }
+    }
+    let mut out = Vec::new();
+    let encode_err = |e: arrow::error::ArrowError| InvalidSpan {
+        field: "request".into(),
+        reason: format!("cannot build rows: {e}"),
+    };
+    if !requests.is_empty() {
+        let t = table_index(lumen_core::schema::REQUESTS).expect("requests table");
+        out.push((t, requests.finish().map_err(encode_err)?));
+    }
+    if !spans.is_empty() {
+        let t = table_index(lumen_core::schema::SPANS).expect("spans table");
+        out.push((t, spans.finish().map_err(encode_err)?));
+    }
+    Ok(out)
+}
+
+type Ids = ([u8; 16], [u8; 8], Option<[u8; 8]>);
+
+fn check_ids(span: &Span, at: &str) -> Result<Ids, InvalidSpan> {
+    let bad = |f: &str, reason: String| InvalidSpan {
+        field: format!("{at}.{f}"),
+        reason,
+    };
+    let trace_id: [u8; 16] = span
+        .trace_id
+        .as_slice()
+        .try_into()
+        .map_err(|_| bad("trace_id", format!("must be 16 bytes, got {}", span.trace_id.len())))?;
+    if trace_id == [0; 16] {
+        return Err(bad("trace_id", "must not be all zeros".into()));
+    }
+    let span_id: [u8; 8] = span
+        .span_id
+        .as_slice()
+        .try_into()
+        .map_err(|_| bad("span_id", format!("must be 8 bytes, got {}", span.span_id.len())))?;
+    if span_id == [0; 8] {
+        return Err(bad("span_id", "must not be all zeros".into()));
+    }
+    let parent = match span.parent_span_id.len() {
+        0 => None,
+        8 => {
+            let p: [u8; 8] = span.parent_span_id.as_slice().try_into().expect("8 bytes");
+            (p != [0; 8]).then_some(p)
+        }
+        n => return Err(bad("parent_span_id", format!("must be empty or 8 bytes, got {n}"))),
+    };
+    if span.end_time_unix_nano != 0 && span.end_time_unix_nano < span.start_time_unix_nano {
+        return Err(bad(
+            "end_time_unix_nano",
+            format!(
+                "ends ({}) before it starts ({})",
+                span.end_time_unix_nano, span.start_time_unix_nano
+            ),
+        ));
+    }
+    Ok((trace_id, span_id, parent))
+}
+
+fn as_str(v: &Option<AnyValue>) -> Option<&str> {
+    match v.as_ref()?.value.as_ref()? {
+        any_value::Value::StringValue(s) => Some(s),
+        _ => None,
+    }
+}
+
+fn as_int(v: &Option<AnyValue>) -> Option<i64> {
+    match v.as_ref()?.value.as_ref()? {
+        any_value::Value::IntValue(i) => Some(*i),
+        any_value::Value::StringValue(s) => s.parse().ok(),
+        _ => None,
+    }
+}
+
+fn as_bool(v: &Option<AnyValue>) -> Option<bool> {
+    match v.as_ref()?.value.as_ref()? {
+        any_value::Value::BoolValue(b) => Some(*b),
+        _ => None,
+    }
+}
+
+/// Rebuilds the proxy's record from its span's attributes.
+fn request_record(span: &Span, (trace_id, span_id, parent): Ids, at: &str) -> Result<RequestRecord, InvalidSpan> {
+    let bad = |key: &str, reason: &str| InvalidSpan {
+        field: format!("{at}.attributes[{key}]"),
+        reason: reason.to_string(),
+    };
+    let unknown: Arc<str> = Arc::from("unknown");
+    let mut source = Workload::unknown();
+    let mut destination = Workload::unknown();
+    let mut reporter = None;
+    let mut protocol = Protocol::Http1;
+    let mut status = None;
+    let mut rec_method = String::new();
+    let mut authority = String::new();
+    let mut path = String::new();
+    let mut route: Arc<str> = unknown.clone();
+    let mut grpc_status = None;
+    let (mut request_bytes, mut response_bytes, mut retries) = (0u64, 0u64, 0u32);
+    let mut upstream_address = None;
+    let mut response_flags = ResponseFlags::empty();
+    let mut mtls = false;
+    let text = |v: &Option<AnyValue>| as_str(v).map(Arc::<str>::from);
+    let count = |key: &str, v: &Option<AnyValue>| -> Result<u64, InvalidSpan> {
+        as_int(v)
+            .and_then(|i| u64::try_from(i).ok())
+            .ok_or_else(|| bad(key, "must be a non-negative integer"))
+    };
+    for kv in &span.attributes {
+        let v = &kv.value;
+        match kv.key.as_str() {
+            attr::REPORTER => {
+                reporter = Some(
+                    as_str(v)
+                        .and_then(Reporter::parse)
+                        .ok_or_else(|| bad(attr::REPORTER, "must be `source` or `destination`"))?,
+                )
+            }
+            attr::SOURCE_SERVICE => source.service = text(v).unwrap_or(unknown.clone()),
+            attr::SOURCE_WORKLOAD => source.workload = text(v).unwrap_or(unknown.clone()),
+            attr::SOURCE_NAMESPACE => source.namespace = text(v).unwrap_or(unknown.clone()),
+            attr::SOURCE_VERSION => source.version = text(v).unwrap_or(unknown.clone()),
+            attr::DESTINATION_SERVICE => destination.service = text(v).unwrap_or(unknown.clone()),
+            attr::DESTINATION_WORKLOAD => destination.workload = text(v).unwrap_or(unknown.clone()),
+            attr::DESTINATION_NAMESPACE => {
+                destination.namespace = text(v).unwrap_or(unknown.clone())
+            }
+            attr::DESTINATION_VERSION => destination.version = text(v).unwrap_or(unknown.clone()),
+            attr::PROTOCOL => {
+                protocol = match as_str(v) {
+                    Some("http/1.1") => Protocol::Http1,
+                    Some("http/2") => Protocol::Http2,
+                    Some("grpc") => Protocol::Grpc,
+                    _ => return Err(bad(attr::PROTOCOL, "must be `http/1.1`, `http/2` or `grpc`")),
+                }
+            }
+            attr::METHOD => rec_method = as_str(v).unwrap_or_default().to_string(),
+            attr::AUTHORITY => authority = as_str(v).unwrap_or_default().to_string(),
+            attr::PATH => path = as_str(v).unwrap_or_default().to_string(),
+            attr::ROUTE => route = text(v).unwrap_or(unknown.clone()),
+            attr::STATUS => {
+                status = Some(
+                    as_int(v)
+                        .and_then(|s| u16::try_from(s).ok())
+                        .ok_or_else(|| bad(attr::STATUS, "must be an HTTP status code"))?,
+                )
+            }
+            attr::GRPC_STATUS => {
+                grpc_status = Some(
+                    as_int(v)
+                        .and_then(|s| i32::try_from(s).ok())
+                        .ok_or_else(|| bad(attr::GRPC_STATUS, "must be an integer"))?,
+                )
+            }
+            attr::REQUEST_BYTES => request_bytes = count(attr::REQUEST_BYTES, v)?,
+            attr::RESPONSE_BYTES => response_bytes = count(attr::RESPONSE_BYTES, v)?,
+            attr::RETRIES => {
+                retries = u32::try_from(count(attr::RETRIES, v)?)
+                    .map_err(|_| bad(attr::RETRIES, "is out of range"))?
+            }
+            attr::UPSTREAM_ADDRESS => upstream_address = text(v),
+            attr::RESPONSE_FLAGS => {
+                response_flags = as_str(v)
+                    .and_then(ResponseFlags::parse)
+                    .ok_or_else(|| bad(attr::RESPONSE_FLAGS, "is not a list of known flags"))?
+            }
+            attr::MTLS => mtls = as_bool(v).unwrap_or(false),
+            _ => {}
+        }
+    }
+    let reporter = reporter.ok_or_else(|| bad(attr::REPORTER, "is required on proxy spans"))?;
+    let status = status.ok_or_else(|| bad(attr::STATUS, "is required on proxy spans"))?;
+    let start = UNIX_EPOCH + Duration::from_nanos(span.start_time_unix_nano);
+    let duration = Duration::from_nanos(
+        span.end_time_unix_nano
+            .saturating_sub(span.start_time_unix_nano),
+    );
+    Ok(RequestRecord {
+        start_time: start,
+        duration,
+        reporter,
+        source,
+        destination,
+        protocol,
+        method: rec_method,
+        authority,
+        path,
+        route,
+        status,
+        grpc_status,
+        request_bytes,
+        response_bytes,
+        retries,
+        upstream_address,
+        response_flags,
+        mtls,
+        trace_id,
+        span_id,
+        parent_span_id: parent,
+    })
+}
+
+fn any_to_json(v: &AnyValue) -> Json {
+    match &v.value {
+        Some(any_value::Value::StringValue(s)) => Json::String(s.clone()),
+        Some(any_value::Value::BoolValue(b)) => Json::Bool(*b),
+        Some(any_value::Value::IntValue(i)) => Json::from(*i),
+        Some(any_value::Value::DoubleValue(d)) => {
+            serde_json::Number::from_f64(*d).map_or(Json::Null, Json::Number)
+        }
+        Some(any_value::Value::ArrayValue(a)) => Json::Array(a.values.iter().map(any_to_json).collect()),
+        Some(any_value::Value::KvlistValue(kv)) => Json::Object(attributes_map(&kv.values)),
+        Some(any_value::Value::BytesValue(b)) => Json::String(hex_id(b)),
+        _ => Json::Null,
+    }
+}
+
+fn attributes_map(attrs: &[KeyValue]) -> Map<String, Json> {
+    attrs
+        .iter()
+        .map(|kv| (kv.key.clone(), kv.value.as_ref().map_or(Json::Null, any_to_json)))
+        .collect()
+}
+
+/// Attributes as a JSON object, queryable with string functions and by any
+/// Parquet reader.
+fn attributes_json(attrs: &[KeyValue]) -> String {
+    Json::Object(attributes_map(attrs)).to_string()
+}
+
+fn kind_name(kind: i32) -> &'static str {
+    match kind {
+        1 => "internal",
+        2 => "server",
+        3 => "client",
+        4 => "producer",
+        5 => "consumer",
+        _ => "unspecified",
+    }
+}
+
+fn status_name(code: i32) -> &'static str {
+    match code {
+        1 => "ok",
+        2 => "error",
+        _ => "unset",
+    }
+}
+
+type DictBuilder = StringDictionaryBuilder<Int32Type>;
+
+/// Column builders for the `spans` table.
+struct SpanBatchBuilder {
+    time: TimestampMicrosecondBuilder,
+    duration_us: Int64Builder,
+    trace_id: StringBuilder,
+    span_id: StringBuilder,
+    parent_span_id: StringBuilder,
+    service_name: DictBuilder,
+    name: DictBuilder,
+    kind: DictBuilder,
+    status_code: DictBuilder,
+    status_message: StringBuilder,
+    scope_name: DictBuilder,
+    attributes: StringBuilder,
+    resource_attributes: StringBuilder,
+    events: Int32Builder,
+    links: Int32Builder,
+    rows: usize,
+}
+
+impl Default for SpanBatchBuilder {
+    fn default() -> Self {
+        SpanBatchBuilder {
+            time: TimestampMicrosecondBuilder::new().with_timezone("UTC"),
+            duration_us: Int64Builder::new(),
+            trace_id: StringBuilder::new(),
+            span_id: StringBuilder::new(),
+            parent_span_id: StringBuilder::new(),
+            service_name: DictBuilder::new(),
+            name: DictBuilder::new(),
+            kind: DictBuilder::new(),
+            status_code: DictBuilder::new(),
+            status_message: StringBuilder::new(),
+            scope_name: DictBuilder::new(),
+            attributes: StringBuilder::new(),
+            resource_attributes: StringBuilder::new(),
+            events: Int32Builder::new(),
+            links: Int32Builder::new(),
+            rows: 0,
+        }
+    }
+}
+
+impl SpanBatchBuilder {
+    fn is_empty(&self) -> bool {
+        self.rows == 0
+    }
+
+    fn push(
+        &mut self,
+        span: &Span,
+        (trace_id, span_id, parent): Ids,
+        service_name: &str,
+        scope_name: Option<&str>,
+        resource_json: &str,
+    ) {
+        let start = SystemTime::UNIX_EPOCH + Duration::from_nanos(span.start_time_unix_nano);
+        let micros = start.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_micros() as i64);
+        self.time.append_value(micros);
+        self.duration_us.append_value(
+            (span.end_time_unix_nano.saturating_sub(span.start_time_unix_nano) / 1000) as i64,
+        );
+        self.trace_id.append_value(hex_id(&trace_id));
+        self.span_id.append_value(hex_id(&span_id));
+        self.parent_span_id.append_option(parent.map(|p| hex_id(&p)));
+        self.service_name.append_value(service_name);
+        self.name.append_value(&span.name);
+        self.kind.append_value(kind_name(span.kind));
+        let status = span.status.as_ref();
+        self.status_code
+            .append_value(status_name(status.map_or(0, |s| s.code)));
+        self.status_message
+            .append_option(status.map(|s| s.message.as_str()).filter(|m| !m.is_empty()));
+        self.scope_name.append_option(scope_name);
+        self.attributes.append_value(attributes_json(&span.attributes));
+        self.resource_attributes.append_value(resource_json);
+        self.events.append_value(span.events.len() as i32);
+        self.links.append_value(span.links.len() as i32);
+        self.rows += 1;
+    }
+
+    fn finish(&mut self) -> Result<RecordBatch, arrow::error::ArrowError> {
+        let columns: Vec<ArrayRef> = vec![
+            Arc::new(self.time.finish()),
+            Arc::new(self.duration_us.finish()),
+            Arc::new(self.trace_id.finish()),
+            Arc::new(self.span_id.finish()),
+            Arc::new(self.parent_span_id.finish()),
+            Arc::new(self.service_name.finish()),
+            Arc::new(self.name.finish()),
+            Arc::new(self.kind.finish()),
+            Arc::new(self.status_code.finish()),
+            Arc::new(self.status_message.finish()),
+            Arc::new(self.scope_name.finish()),
+            Arc::new(self.attributes.finish()),
+            Arc::new(self.resource_attributes.finish()),
+            Arc::new(self.events.finish()),
+            Arc::new(self.links.finish()),
+        ];
+        self.rows = 0;
+        RecordBatch::try_new(spans_schema(), columns)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use arrow::array::{Array, AsArray};
+    use opentelemetry_proto::tonic::common::v1::InstrumentationScope;
+    use opentelemetry_proto::tonic::resource::v1::Resource;
+    use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans};
+
+    fn kv(key: &str, v: any_value::Value) -> KeyValue {
+        KeyValue {
+            key: key.into(),
+            value: Some(AnyValue { value: Some(v) }),
+            ..Default::default()
+        }
+    }
+
+    fn s(v: &str) -> any_value::Value {
+        any_value::Value::StringValue(v.into())
+    }
+
+    fn span(attrs: Vec<KeyValue>) -> Span {
+        Span {
+            trace_id: vec![7; 16],
+            span_id: vec![8; 8],
+            name: "GET /".into(),
+            kind: 2,
+            start_time_unix_nano: 1_700_000_000_000_000_000,
+            end_time_unix_nano: 1_700_000_000_002_500_000,
+            attributes: attrs,
+            ..Default::default()
+        }
+    }
+
+    fn request(scope: &str, spans: Vec<Span>) -> ExportTraceServiceRequest {
+        ExportTraceServiceRequest {
+            resource_spans: vec![ResourceSpans {
+                resource: Some(Resource {
+                    attributes: vec![kv("service.name", s("checkout"))],
+                    ..Default::default()
+                }),
+                scope_spans: vec![ScopeSpans {
+                    scope: Some(InstrumentationScope {
+                        name: scope.into(),
+                        ..Default::default()
+                    }),
+                    spans,
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }],
+        }
+    }
+
+    #[test]
+    fn proxy_spans_become_request_rows() {
+        let attrs = vec![
+            kv(attr::REPORTER, s("destination")),
+            kv(attr::DESTINATION_SERVICE, s("reviews")),
+            kv(attr::PATH, s("/reviews/1")),
+            kv(attr::STATUS, any_value::Value::IntValue(503)),
+            kv(attr::RESPONSE_FLAGS, s("UF")),
+        ];
+        let out = convert_traces(&request(PROXY_SCOPE, vec![span(attrs)])).unwrap();
+        assert_eq!(out.len(), 1);
+        let (table, batch) = &out[0];
+        assert_eq!(lumen_core::schema::TABLES[*table], "requests");
+        assert_eq!(batch.num_rows(), 1);
+        let dur = batch.column_by_name("duration_us").unwrap();
+        assert_eq!(dur.as_primitive::<arrow::datatypes::Int64Type>().value(0), 2500);
+        let status = batch.column_by_name("status").unwrap();
+        assert_eq!(status.as_primitive::<arrow::datatypes::Int32Type>().value(0), 503);
+    }
+
+    #[test]
+    fn other_spans_become_span_rows_with_json_attributes() {
+        let attrs = vec![kv("http.route", s("/cart")), kv("retry", any_value::Value::IntValue(2))];
+        let out = convert_traces(&request("my-app", vec![span(attrs)])).unwrap();
+        let (table, batch) = &out[0];
+        assert_eq!(lumen_core::schema::TABLES[*table], "spans");
+        let attrs = batch.column_by_name("attributes").unwrap().as_string::<i32>().value(0).to_string();
+        assert_eq!(attrs, r#"{"http.route":"/cart","retry":2}"#);
+        assert!(batch.column_by_name("parent_span_id").unwrap().is_null(0));
+    }
+
+    #[test]
+    fn invalid_spans_are_rejected_with_the_field_path() {
+        let mut bad = span(vec![]);
+        bad.trace_id = vec![1, 2, 3];
+        let e = convert_traces(&request("x", vec![span(vec![]), bad])).unwrap_err();
+        assert_eq!(e.field, "resource_spans[0].scope_spans[0].spans[1].trace_id");
+
+        let e = convert_traces(&request(PROXY_SCOPE, vec![span(vec![kv(attr::REPORTER, s("nobody"))])]))
+            .unwrap_err();
+        assert!(e.field.ends_with("attributes[lumen.reporter]"), "{e}");
+
+        let e = convert_traces(&request(PROXY_SCOPE, vec![span(vec![kv(attr::REPORTER, s("source"))])]))
+            .unwrap_err();
+        assert!(e.to_string().contains("http.response.status_code"), "{e}");
+    }
+}

@@ -1,0 +1,143 @@
+//! OTLP/HTTP receiver: `POST /v1/traces` with `application/x-protobuf` or
+//! `application/json`, optionally gzip-encoded.
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use http_body_util::{BodyExt, Limited};
+use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceResponse;
+use prost::Message;
+
+use super::{Ingest, IngestError};
+
+/// `google.rpc.Status`, the error body OTLP/HTTP specifies.
+#[derive(Clone, PartialEq, prost::Message)]
+struct RpcStatus {
+    #[prost(int32, tag = "1")]
+    code: i32,
+    #[prost(string, tag = "2")]
+    message: String,
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Encoding {
+    Protobuf,
+    Json,
+}
+
+pub fn router(ingest: Ingest) -> Router {
+    Router::new()
+        .route("/v1/traces", post(traces))
+        .route("/ready", get(|| async { "ready\n" }))
+        .with_state(ingest)
+}
+
+fn error(encoding: Option<Encoding>, status: StatusCode, message: String) -> Response {
+    // gRPC codes: 3 INVALID_ARGUMENT, 14 UNAVAILABLE.
+    let code = if status.is_server_error() { 14 } else { 3 };
+    match encoding {
+        Some(Encoding::Protobuf) => (
+            status,
+            [(header::CONTENT_TYPE, "application/x-protobuf")],
+            RpcStatus { code, message }.encode_to_vec(),
+        )
+            .into_response(),
+        Some(Encoding::Json) => (
+            status,
+            [(header::CONTENT_TYPE, "application/json")],
+            serde_json::json!({ "code": code, "message": message }).to_string(),
+        )
+            .into_response(),
+        None => (status, [(header::CONTENT_TYPE, "text/plain; charset=utf-8")], format!("{message}\n"))
+            .into_response(),
+    }
+}
+
+fn ingest_error(encoding: Encoding, e: IngestError) -> Response {
+    match e {
+        IngestError::Invalid(m) => error(Some(encoding), StatusCode::BAD_REQUEST, m),
+        IngestError::Unavailable(m) => error(Some(encoding), StatusCode::SERVICE_UNAVAILABLE, m),
+    }
+}
+
+async fn traces(State(ingest): State<Ingest>, headers: HeaderMap, body: Body) -> Response {
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let mime = content_type.split(';').next().unwrap_or("").trim();
+    let encoding = match mime {
+        "application/x-protobuf" | "application/protobuf" => Encoding::Protobuf,
+        "application/json" => Encoding::Json,
+        _ => {
+            return error(
+                None,
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                format!(
+                    "unsupported Content-Type `{content_type}`: send application/x-protobuf or application/json"
+                ),
+            );
+        }
+    };
+    let gzip = match headers.get(header::CONTENT_ENCODING).map(|v| v.as_bytes()) {
+        None | Some(b"identity") => false,
+        Some(b"gzip") => true,
+        Some(other) => {
+            return error(
+                Some(encoding),
+                StatusCode::BAD_REQUEST,
+                format!(
+                    "unsupported Content-Encoding `{}`: send gzip or identity",
+                    String::from_utf8_lossy(other)
+                ),
+            );
+        }
+    };
+    let limit = ingest.max_request_bytes();
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    if let Some(n) = declared.filter(|n| *n > limit) {
+        return ingest_error(encoding, ingest.too_large(Some(n)));
+    }
+    let bytes = match Limited::new(body, limit).collect().await {
+        Ok(c) => c.to_bytes(),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+            return ingest_error(encoding, ingest.too_large(None));
+        }
+        Err(e) => {
+            return error(Some(encoding), StatusCode::BAD_REQUEST, format!("reading request body: {e}"));
+        }
+    };
+    let bytes = if gzip {
+        match ingest.gunzip(&bytes) {
+            Ok(b) => b.into(),
+            Err(e) => return ingest_error(encoding, e),
+        }
+    } else {
+        bytes
+    };
+    let decoded = match encoding {
+        Encoding::Protobuf => ingest.decode_protobuf(&bytes),
+        Encoding::Json => ingest.decode_json(&bytes),
+    };
+    let request = match decoded {
+        Ok(r) => r,
+        Err(e) => return ingest_error(encoding, e),
+    };
+    if let Err(e) = ingest.traces(request).await {
+        return ingest_error(encoding, e);
+    }
+    match encoding {
+        Encoding::Protobuf => (
+            [(header::CONTENT_TYPE, "application/x-protobuf")],
+            ExportTraceServiceResponse::default().encode_to_vec(),
+        )
+            .into_response(),
+        Encoding::Json => ([(header::CONTENT_TYPE, "application/json")], "{}").into_response(),
+    }
+}

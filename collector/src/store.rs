@@ -1,0 +1,155 @@
+//! The store's catalog: per table, the hot buffer and the Parquet files.
+//!
+//! A flush moves rows from the buffer to files in one step under the lock,
+//! so a query snapshot sees each row exactly once: either hot or in a file.
+
+use std::path::PathBuf;
+use std::sync::{Arc, RwLock};
+
+use arrow::datatypes::SchemaRef;
+use arrow::record_batch::RecordBatch;
+use lumen_core::schema::{TABLES, table_schema};
+
+use crate::buffer::{Chunk, TableBuffer};
+
+/// A Parquet file the collector wrote, and what it holds.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FileMeta {
+    pub path: PathBuf,
+    pub rows: u64,
+    pub bytes: u64,
+    /// Time range of its rows, microseconds since the epoch (UTC).
+    pub min_time: i64,
+    pub max_time: i64,
+    /// Last WAL segment whose rows it holds.
+    pub segment: u64,
+}
+
+/// A consistent view of one table for one query.
+#[derive(Debug, Clone)]
+pub struct TableSnapshot {
+    pub schema: SchemaRef,
+    pub hot: Vec<Chunk>,
+    pub files: Vec<Arc<FileMeta>>,
+}
+
+/// Row and file counts of one table, for status and progress reports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TableStats {
+    pub table: &'static str,
+    pub hot_rows: usize,
+    pub hot_bytes: usize,
+    pub files: usize,
+    pub file_rows: u64,
+    pub file_bytes: u64,
+}
+
+#[derive(Debug)]
+struct TableState {
+    buffer: TableBuffer,
+    files: Vec<Arc<FileMeta>>,
+}
+
+/// Catalog of every table; cheap to share (`Arc<Store>`).
+#[derive(Debug)]
+pub struct Store {
+    tables: RwLock<Vec<TableState>>,
+}
+
+impl Default for Store {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Position of a table in [`TABLES`].
+pub fn table_index(table: &str) -> Option<usize> {
+    TABLES.iter().position(|t| *t == table)
+}
+
+impl Store {
+    pub fn new() -> Self {
+        let tables = TABLES
+            .iter()
+            .map(|t| TableState {
+                buffer: TableBuffer::new(table_schema(t).expect("every table has a schema")),
+                files: Vec::new(),
+            })
+            .collect();
+        Store {
+            tables: RwLock::new(tables),
+        }
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Vec<TableState>> {
+        // A panic while holding the lock leaves plain data behind; keep serving.
+        self.tables.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, Vec<TableState>> {
+        self.tables.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Names of the tables, in a stable order.
+    pub fn table_names(&self) -> &'static [&'static str] {
+        &TABLES
+    }
+
+    pub fn snapshot(&self, table: &str) -> Option<TableSnapshot> {
+        let i = table_index(table)?;
+        let tables = self.read();
+        let t = &tables[i];
+        Some(TableSnapshot {
+            schema: table_schema(table)?,
+            hot: t.buffer.chunks().cloned().collect(),
+            files: t.files.clone(),
+        })
+    }
+
+    pub fn stats(&self) -> Vec<TableStats> {
+        let tables = self.read();
+        TABLES
+            .iter()
+            .zip(tables.iter())
+            .map(|(name, t)| TableStats {
+                table: name,
+                hot_rows: t.buffer.rows(),
+                hot_bytes: t.buffer.bytes(),
+                files: t.files.len(),
+                file_rows: t.files.iter().map(|f| f.rows).sum(),
+                file_bytes: t.files.iter().map(|f| f.bytes).sum(),
+            })
+            .collect()
+    }
+
+    pub(crate) fn insert(&self, segment: u64, table: usize, batch: RecordBatch) {
+        self.write()[table].buffer.insert(segment, batch);
+    }
+
+    pub(crate) fn add_files(&self, files: Vec<(usize, FileMeta)>) {
+        let mut tables = self.write();
+        for (t, f) in files {
+            tables[t].files.push(Arc::new(f));
+        }
+    }
+
+    /// Hot batches of segments up to `segment`, per table, for a flush.
+    pub(crate) fn batches_through(&self, segment: u64) -> Vec<Vec<RecordBatch>> {
+        self.read()
+            .iter()
+            .map(|t| t.buffer.batches_through(segment))
+            .collect()
+    }
+
+    /// Publishes flushed files and drops the rows they hold from the buffer,
+    /// atomically for queries.
+    pub(crate) fn commit_flush(&self, segment: u64, files: Vec<(usize, FileMeta)>) {
+        let mut tables = self.write();
+        for (t, f) in files {
+            tables[t].files.push(Arc::new(f));
+        }
+        for t in tables.iter_mut() {
+            t.buffer.remove_through(segment);
+        }
+    }
+}

@@ -1,0 +1,465 @@
+//! The write-ahead log: the one place durability is decided.
+//!
+//! Ingest hands the WAL Arrow batches; a dedicated writer thread appends
+//! every batch that arrived meanwhile, fsyncs once (group commit), puts the
+//! rows in the hot buffer and only then acknowledges. So an acknowledged row
+//! is on disk and already queryable.
+//!
+//! The log is a series of segment files `<seq>.wal`. A flush seals the
+//! current segment ([`WalHandle::rotate`]), writes its rows to Parquet,
+//! records the segment in `checkpoint` and deletes the sealed segments. On
+//! start, segments after the checkpoint are replayed into the buffer.
+//!
+//! Segment layout: the magic `LUMNWAL1`, then entries of
+//! `[u32 LE payload length][u32 LE crc32 of payload][payload]`, where the
+//! payload is `[u8 table index][Arrow IPC stream of one batch]`. A torn entry
+//! at the end (a crash mid-write, never acknowledged) ends replay of that
+//! segment.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Cursor, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use arrow::ipc::reader::StreamReader;
+use arrow::ipc::writer::StreamWriter;
+use arrow::record_batch::RecordBatch;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::store::Store;
+
+const MAGIC: &[u8; 8] = b"LUMNWAL1";
+const CHECKPOINT: &str = "checkpoint";
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum WalError {
+    #[error("WAL I/O error on {path}: {message}")]
+    Io { path: PathBuf, message: String },
+    #[error("cannot encode batch for the WAL: {0}")]
+    Encode(String),
+    #[error("the WAL has failed earlier and accepts no more writes: {0}")]
+    Failed(String),
+    #[error("the WAL is shut down")]
+    Closed,
+}
+
+fn io_err(path: &Path) -> impl FnOnce(io::Error) -> WalError + '_ {
+    move |e| WalError::Io {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    }
+}
+
+struct Append {
+    encoded: Vec<u8>,
+    entries: Vec<(usize, RecordBatch)>,
+    ack: oneshot::Sender<Result<(), WalError>>,
+}
+
+enum Command {
+    Append(Append),
+    Rotate(oneshot::Sender<Result<u64, WalError>>),
+}
+
+/// Sends writes to the WAL writer thread; cheap to clone.
+#[derive(Clone, Debug)]
+pub struct WalHandle {
+    tx: mpsc::Sender<Command>,
+}
+
+impl std::fmt::Debug for Command {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Command::Append(a) => write!(f, "Append({} entries)", a.entries.len()),
+            Command::Rotate(_) => f.write_str("Rotate"),
+        }
+    }
+}
+
+impl WalHandle {
+    /// Logs the batches (table index, batch) durably and puts them in the
+    /// hot buffer; returns once both are done.
+    pub async fn append(&self, entries: Vec<(usize, RecordBatch)>) -> Result<(), WalError> {
+        if entries.is_empty() {
+            return Ok(());
+        }
+        // Encode here, on the caller's task, so the writer thread only writes.
+        let mut encoded = Vec::new();
+        for (table, batch) in &entries {
+            encode_entry(&mut encoded, *table, batch)?;
+        }
+        let (ack, done) = oneshot::channel();
+        self.tx
+            .send(Command::Append(Append {
+                encoded,
+                entries,
+                ack,
+            }))
+            .await
+            .map_err(|_| WalError::Closed)?;
+        done.await.map_err(|_| WalError::Closed)?
+    }
+
+    /// Seals the current segment and starts a new one; returns the sealed
+    /// segment's number. Every batch of it is in the buffer when this returns.
+    pub async fn rotate(&self) -> Result<u64, WalError> {
+        let (ack, done) = oneshot::channel();
+        self.tx
+            .send(Command::Rotate(ack))
+            .await
+            .map_err(|_| WalError::Closed)?;
+        done.await.map_err(|_| WalError::Closed)?
+    }
+}
+
+fn encode_entry(out: &mut Vec<u8>, table: usize, batch: &RecordBatch) -> Result<(), WalError> {
+    let mut payload = vec![table as u8];
+    {
+        let mut w = StreamWriter::try_new(&mut payload, &batch.schema())
+            .map_err(|e| WalError::Encode(e.to_string()))?;
+        w.write(batch).map_err(|e| WalError::Encode(e.to_string()))?;
+        w.finish().map_err(|e| WalError::Encode(e.to_string()))?;
+    }
+    out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+    out.extend_from_slice(&crc32fast::hash(&payload).to_le_bytes());
+    out.extend_from_slice(&payload);
+    Ok(())
+}
+
+fn segment_path(dir: &Path, seq: u64) -> PathBuf {
+    dir.join(format!("{seq:020}.wal"))
+}
+
+/// Segment numbers present in `dir`, ascending.
+fn segments(dir: &Path) -> Result<Vec<u64>, WalError> {
+    let mut out = Vec::new();
+    for entry in fs::read_dir(dir).map_err(io_err(dir))? {
+        let entry = entry.map_err(io_err(dir))?;
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if let Some(seq) = name.strip_suffix(".wal").and_then(|s| s.parse().ok()) {
+            out.push(seq);
+        }
+    }
+    out.sort_unstable();
+    Ok(out)
+}
+
+/// Makes a directory entry (a new or renamed file) durable.
+pub(crate) fn sync_dir(dir: &Path) -> Result<(), WalError> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io_err(dir))
+}
+
+/// Last segment whose rows are safely in Parquet (0: none yet).
+pub fn read_checkpoint(dir: &Path) -> Result<u64, WalError> {
+    let path = dir.join(CHECKPOINT);
+    match fs::read_to_string(&path) {
+        Ok(s) => s.trim().parse().map_err(|_| WalError::Io {
+            path,
+            message: format!("checkpoint holds `{}`, not a segment number", s.trim()),
+        }),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(0),
+        Err(e) => Err(io_err(&path)(e)),
+    }
+}
+
+/// Records that segments up to `seq` are in Parquet, then deletes them.
+pub(crate) fn checkpoint(dir: &Path, seq: u64) -> Result<(), WalError> {
+    let tmp = dir.join("checkpoint.tmp");
+    let path = dir.join(CHECKPOINT);
+    let mut f = File::create(&tmp).map_err(io_err(&tmp))?;
+    f.write_all(seq.to_string().as_bytes()).map_err(io_err(&tmp))?;
+    f.sync_all().map_err(io_err(&tmp))?;
+    fs::rename(&tmp, &path).map_err(io_err(&path))?;
+    sync_dir(dir)?;
+    remove_through(dir, seq)
+}
+
+fn remove_through(dir: &Path, seq: u64) -> Result<(), WalError> {
+    for s in segments(dir)? {
+        if s <= seq {
+            let p = segment_path(dir, s);
+            fs::remove_file(&p).map_err(io_err(&p))?;
+        }
+    }
+    Ok(())
+}
+
+/// Reads one segment's batches; stops at a torn or corrupt entry.
+fn read_segment(path: &Path) -> Result<Vec<(usize, RecordBatch)>, WalError> {
+    let data = fs::read(path).map_err(io_err(path))?;
+    if data.len() < MAGIC.len() || &data[..MAGIC.len()] != MAGIC {
+        if data.is_empty() {
+            return Ok(Vec::new()); // created, then crashed before the magic was written
+        }
+        return Err(WalError::Io {
+            path: path.to_path_buf(),
+            message: "not a Lumen WAL segment (bad magic)".into(),
+        });
+    }
+    let mut out = Vec::new();
+    let mut pos = MAGIC.len();
+    while pos < data.len() {
+        let torn = |what: &str| {
+            tracing::warn!(
+                segment = %path.display(),
+                offset = pos,
+                "WAL entry {what}; ignoring the rest of the segment (a write never acknowledged)"
+            );
+        };
+        if data.len() - pos < 8 {
+            torn("header is truncated");
+            break;
+        }
+        let len = u32::from_le_bytes(data[pos..pos + 4].try_into().expect("4 bytes")) as usize;
+        let crc = u32::from_le_bytes(data[pos + 4..pos + 8].try_into().expect("4 bytes"));
+        let start = pos + 8;
+        if data.len() - start < len || len == 0 {
+            torn("is truncated");
+            break;
+        }
+        let payload = &data[start..start + len];
+        if crc32fast::hash(payload) != crc {
+            torn("fails its checksum");
+            break;
+        }
+        let table = payload[0] as usize;
+        let reader = StreamReader::try_new(Cursor::new(&payload[1..]), None).map_err(|e| {
+            WalError::Io {
+                path: path.to_path_buf(),
+                message: format!("entry at offset {pos}: {e}"),
+            }
+        })?;
+        for batch in reader {
+            let batch = batch.map_err(|e| WalError::Io {
+                path: path.to_path_buf(),
+                message: format!("entry at offset {pos}: {e}"),
+            })?;
+            out.push((table, batch));
+        }
+        pos = start + len;
+    }
+    Ok(out)
+}
+
+fn create_segment(dir: &Path, seq: u64) -> Result<File, WalError> {
+    let path = segment_path(dir, seq);
+    let mut f = OpenOptions::new()
+        .create_new(true)
+        .write(true)
+        .open(&path)
+        .map_err(io_err(&path))?;
+    f.write_all(MAGIC).map_err(io_err(&path))?;
+    f.sync_all().map_err(io_err(&path))?;
+    sync_dir(dir)?;
+    Ok(f)
+}
+
+/// What [`open`] found on disk.
+#[derive(Debug, Clone, Default)]
+pub struct Replayed {
+    pub segments: usize,
+    pub rows: usize,
+}
+
+/// Opens the WAL in `dir`: replays unflushed segments into `store`, then
+/// starts the writer thread on a fresh segment.
+pub fn open(
+    dir: &Path,
+    store: Arc<Store>,
+) -> Result<(WalHandle, std::thread::JoinHandle<()>, Replayed), WalError> {
+    fs::create_dir_all(dir).map_err(io_err(dir))?;
+    let done = read_checkpoint(dir)?;
+    remove_through(dir, done)?;
+    let mut replayed = Replayed::default();
+    let mut last = done;
+    for seq in segments(dir)? {
+        for (table, batch) in read_segment(&segment_path(dir, seq))? {
+            if table >= lumen_core::schema::TABLES.len() {
+                return Err(WalError::Io {
+                    path: segment_path(dir, seq),
+                    message: format!("entry names unknown table #{table}"),
+                });
+            }
+            replayed.rows += batch.num_rows();
+            store.insert(seq, table, batch);
+        }
+        replayed.segments += 1;
+        last = last.max(seq);
+    }
+    let seq = last + 1;
+    let file = create_segment(dir, seq)?;
+    let (tx, rx) = mpsc::channel(1024);
+    let writer = Writer {
+        dir: dir.to_path_buf(),
+        seq,
+        file,
+        store,
+        failed: None,
+    };
+    let thread = std::thread::Builder::new()
+        .name("lumen-wal".into())
+        .spawn(move || writer.run(rx))
+        .map_err(io_err(dir))?;
+    Ok((WalHandle { tx }, thread, replayed))
+}
+
+struct Writer {
+    dir: PathBuf,
+    seq: u64,
+    file: File,
+    store: Arc<Store>,
+    /// Set after a failed write or fsync: what is on disk is then unknown,
+    /// so no later write may be acknowledged.
+    failed: Option<String>,
+}
+
+impl Writer {
+    fn run(mut self, mut rx: mpsc::Receiver<Command>) {
+        let mut cmds = Vec::with_capacity(256);
+        let mut group: Vec<Append> = Vec::new();
+        while let Some(first) = rx.blocking_recv() {
+            cmds.push(first);
+            while cmds.len() < 1024 {
+                match rx.try_recv() {
+                    Ok(c) => cmds.push(c),
+                    Err(_) => break,
+                }
+            }
+            for cmd in cmds.drain(..) {
+                match cmd {
+                    Command::Append(a) => group.push(a),
+                    Command::Rotate(ack) => {
+                        self.commit(&mut group);
+                        let _ = ack.send(self.rotate());
+                    }
+                }
+            }
+            self.commit(&mut group);
+        }
+        let _ = self.file.sync_all();
+    }
+
+    /// Writes the group, fsyncs once, fills the buffer, acknowledges.
+    fn commit(&mut self, group: &mut Vec<Append>) {
+        if group.is_empty() {
+            return;
+        }
+        let path = segment_path(&self.dir, self.seq);
+        let written = match &self.failed {
+            Some(f) => Err(WalError::Failed(f.clone())),
+            None => {
+                let mut result = Ok(());
+                for a in group.iter() {
+                    if let Err(e) = self.file.write_all(&a.encoded) {
+                        result = Err(io_err(&path)(e));
+                        break;
+                    }
+                }
+                result.and_then(|()| self.file.sync_data().map_err(io_err(&path)))
+            }
+        };
+        if let Err(e) = &written
+            && self.failed.is_none()
+        {
+            tracing::error!(error = %e, "WAL write failed; refusing further writes");
+            self.failed = Some(e.to_string());
+        }
+        for a in group.drain(..) {
+            if written.is_ok() {
+                for (table, batch) in a.entries {
+                    self.store.insert(self.seq, table, batch);
+                }
+            }
+            let _ = a.ack.send(written.clone());
+        }
+    }
+
+    fn rotate(&mut self) -> Result<u64, WalError> {
+        if let Some(f) = &self.failed {
+            return Err(WalError::Failed(f.clone()));
+        }
+        let sealed = self.seq;
+        let file = create_segment(&self.dir, sealed + 1)?;
+        self.file = file;
+        self.seq = sealed + 1;
+        Ok(sealed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use lumen_core::schema::{REQUESTS, RequestBatchBuilder};
+    use lumen_core::{Protocol, Reporter, RequestRecord, ResponseFlags, Workload};
+    use std::time::{Duration, SystemTime};
+
+    fn batch(n: usize) -> RecordBatch {
+        let mut b = RequestBatchBuilder::new();
+        for i in 0..n {
+            b.push(&RequestRecord {
+                start_time: SystemTime::now(),
+                duration: Duration::from_millis(1),
+                reporter: Reporter::Source,
+                source: Workload::unknown(),
+                destination: Workload::unknown(),
+                protocol: Protocol::Http1,
+                method: "GET".into(),
+                authority: "a".into(),
+                path: format!("/{i}"),
+                route: "default".into(),
+                status: 200,
+                grpc_status: None,
+                request_bytes: 0,
+                response_bytes: 0,
+                retries: 0,
+                upstream_address: None,
+                response_flags: ResponseFlags::empty(),
+                mtls: false,
+                trace_id: [1; 16],
+                span_id: [1; 8],
+                parent_span_id: None,
+            });
+        }
+        b.finish().unwrap()
+    }
+
+    fn hot_rows(store: &Store) -> usize {
+        store.snapshot(REQUESTS).unwrap().hot.iter().map(|c| c.batch.num_rows()).sum()
+    }
+
+    #[tokio::test]
+    async fn acknowledged_batches_are_replayed_and_torn_tails_ignored() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::new());
+        let (wal, thread, replayed) = open(dir.path(), store.clone()).unwrap();
+        assert_eq!(replayed.rows, 0);
+        wal.append(vec![(0, batch(3))]).await.unwrap();
+        wal.append(vec![(0, batch(4))]).await.unwrap();
+        assert_eq!(hot_rows(&store), 7, "acknowledged rows are queryable at once");
+        drop(wal);
+        thread.join().unwrap();
+
+        // A crash mid-write leaves a torn entry at the end of the segment.
+        let seg = segments(dir.path()).unwrap()[0];
+        let mut f = OpenOptions::new().append(true).open(segment_path(dir.path(), seg)).unwrap();
+        f.write_all(&[200, 0, 0, 0, 1, 2, 3, 4, 9, 9]).unwrap();
+
+        let store = Arc::new(Store::new());
+        let (wal, thread, replayed) = open(dir.path(), store.clone()).unwrap();
+        assert_eq!(replayed.rows, 7);
+        assert_eq!(hot_rows(&store), 7);
+
+        // A checkpoint past a rotated segment removes it from replay.
+        wal.append(vec![(0, batch(2))]).await.unwrap();
+        let sealed = wal.rotate().await.unwrap();
+        checkpoint(dir.path(), sealed).unwrap();
+        drop(wal);
+        thread.join().unwrap();
+        let store = Arc::new(Store::new());
+        let (_wal, _thread, replayed) = open(dir.path(), store).unwrap();
+        assert_eq!(replayed.rows, 0);
+    }
+}
