@@ -1,0 +1,256 @@
+//! A store table as a DataFusion table: the hot buffer (in memory) united
+//! with the table's Parquet files, both pruned by the query's time range.
+
+use std::sync::Arc;
+
+use arrow::datatypes::SchemaRef;
+use arrow::record_batch::RecordBatch;
+use async_trait::async_trait;
+use datafusion::catalog::{Session, TableProvider};
+use datafusion::common::ScalarValue;
+use datafusion::datasource::file_format::parquet::ParquetFormat;
+use datafusion::datasource::listing::{ListingOptions, ListingTable, ListingTableConfig, ListingTableUrl};
+use datafusion::datasource::memory::MemorySourceConfig;
+use datafusion::error::Result;
+use datafusion::logical_expr::{BinaryExpr, Expr, Operator, TableProviderFilterPushDown, TableType};
+use datafusion::physical_plan::ExecutionPlan;
+use datafusion::physical_plan::empty::EmptyExec;
+use datafusion::physical_plan::union::UnionExec;
+use lumen_collector::Store;
+use lumen_core::schema::TIME_COLUMN;
+
+/// One table of the store (`requests`, `spans`, …).
+#[derive(Debug)]
+pub struct StoreTable {
+    store: Arc<Store>,
+    name: &'static str,
+    schema: SchemaRef,
+}
+
+impl StoreTable {
+    pub fn new(store: Arc<Store>, name: &'static str, schema: SchemaRef) -> Self {
+        StoreTable { store, name, schema }
+    }
+}
+
+/// Inclusive time range (microseconds) a query can touch; `None` is open.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TimeRange {
+    pub min: Option<i64>,
+    pub max: Option<i64>,
+}
+
+impl TimeRange {
+    fn overlaps(&self, lo: i64, hi: i64) -> bool {
+        self.min.is_none_or(|m| hi >= m) && self.max.is_none_or(|m| lo <= m)
+    }
+
+    fn raise_min(&mut self, v: i64) {
+        self.min = Some(self.min.map_or(v, |m| m.max(v)));
+    }
+
+    fn lower_max(&mut self, v: i64) {
+        self.max = Some(self.max.map_or(v, |m| m.min(v)));
+    }
+
+    /// Narrows the range by every conjunct that bounds the time column.
+    /// Bounds are kept inclusive: pruning may keep too much, never too little.
+    pub fn from_filters(filters: &[Expr]) -> Self {
+        let mut range = TimeRange::default();
+        for f in filters {
+            range.apply(f);
+        }
+        range
+    }
+
+    fn apply(&mut self, e: &Expr) {
+        match e {
+            Expr::BinaryExpr(BinaryExpr { left, op, right }) => {
+                if *op == Operator::And {
+                    self.apply(left);
+                    self.apply(right);
+                    return;
+                }
+                let (op, micros) = if is_time_column(left) {
+                    match literal_micros(right) {
+                        Some(v) => (*op, v),
+                        None => return,
+                    }
+                } else if is_time_column(right) {
+                    match (literal_micros(left), op.swap()) {
+                        (Some(v), Some(op)) => (op, v),
+                        _ => return,
+                    }
+                } else {
+                    return;
+                };
+                match op {
+                    Operator::Gt | Operator::GtEq => self.raise_min(micros),
+                    Operator::Lt | Operator::LtEq => self.lower_max(micros),
+                    Operator::Eq => {
+                        self.raise_min(micros);
+                        self.lower_max(micros);
+                    }
+                    _ => {}
+                }
+            }
+            Expr::Between(b) if !b.negated && is_time_column(&b.expr) => {
+                if let Some(lo) = literal_micros(&b.low) {
+                    self.raise_min(lo);
+                }
+                if let Some(hi) = literal_micros(&b.high) {
+                    self.lower_max(hi);
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+fn is_time_column(e: &Expr) -> bool {
+    match e {
+        Expr::Column(c) => c.name == TIME_COLUMN,
+        Expr::Cast(c) => is_time_column(&c.expr),
+        Expr::TryCast(c) => is_time_column(&c.expr),
+        _ => false,
+    }
+}
+
+/// A timestamp literal in microseconds, rounded outward-safe: sub-microsecond
+/// parts are floored, which only widens a lower bound's reach by < 1µs.
+fn literal_micros(e: &Expr) -> Option<i64> {
+    let Expr::Literal(v, _) = e else {
+        return match e {
+            Expr::Cast(c) => literal_micros(&c.expr),
+            _ => None,
+        };
+    };
+    match v {
+        ScalarValue::TimestampSecond(Some(s), _) => s.checked_mul(1_000_000),
+        ScalarValue::TimestampMillisecond(Some(ms), _) => ms.checked_mul(1_000),
+        ScalarValue::TimestampMicrosecond(Some(us), _) => Some(*us),
+        ScalarValue::TimestampNanosecond(Some(ns), _) => Some(ns.div_euclid(1_000)),
+        _ => None,
+    }
+}
+
+#[async_trait]
+impl TableProvider for StoreTable {
+    fn schema(&self) -> SchemaRef {
+        self.schema.clone()
+    }
+
+    fn table_type(&self) -> TableType {
+        TableType::Base
+    }
+
+    fn supports_filters_pushdown(
+        &self,
+        filters: &[&Expr],
+    ) -> Result<Vec<TableProviderFilterPushDown>> {
+        // Filters are used for pruning only; DataFusion still applies them.
+        Ok(vec![TableProviderFilterPushDown::Inexact; filters.len()])
+    }
+
+    async fn scan(
+        &self,
+        state: &dyn Session,
+        projection: Option<&Vec<usize>>,
+        filters: &[Expr],
+        limit: Option<usize>,
+    ) -> Result<Arc<dyn ExecutionPlan>> {
+        let Some(snapshot) = self.store.snapshot(self.name) else {
+            return Ok(Arc::new(EmptyExec::new(project(&self.schema, projection)?)));
+        };
+        let range = TimeRange::from_filters(filters);
+        let mut inputs: Vec<Arc<dyn ExecutionPlan>> = Vec::new();
+
+        let hot: Vec<RecordBatch> = snapshot
+            .hot
+            .iter()
+            .filter(|c| range.overlaps(c.min_time, c.max_time))
+            .map(|c| c.batch.clone())
+            .collect();
+        if !hot.is_empty() {
+            // Spread chunks over partitions so scans of the buffer run in parallel.
+            let n = state.config().target_partitions().clamp(1, hot.len());
+            let mut partitions: Vec<Vec<RecordBatch>> = vec![Vec::new(); n];
+            for (i, b) in hot.into_iter().enumerate() {
+                partitions[i % n].push(b);
+            }
+            inputs.push(MemorySourceConfig::try_new_exec(
+                &partitions,
+                self.schema.clone(),
+                projection.cloned(),
+            )?);
+        }
+
+        let urls = snapshot
+            .files
+            .iter()
+            .filter(|f| range.overlaps(f.min_time, f.max_time))
+            .map(|f| ListingTableUrl::parse(f.path.to_string_lossy()))
+            .collect::<Result<Vec<_>>>()?;
+        if !urls.is_empty() {
+            let options = ListingOptions::new(Arc::new(ParquetFormat::default()))
+                .with_file_extension(".parquet");
+            let config = ListingTableConfig::new_with_multi_paths(urls)
+                .with_listing_options(options)
+                .with_schema(self.schema.clone());
+            let files = ListingTable::try_new(config)?;
+            inputs.push(files.scan(state, projection, filters, limit).await?);
+        }
+
+        if inputs.is_empty() {
+            return Ok(Arc::new(EmptyExec::new(project(&self.schema, projection)?)));
+        }
+        UnionExec::try_new(inputs)
+    }
+}
+
+fn project(schema: &SchemaRef, projection: Option<&Vec<usize>>) -> Result<SchemaRef> {
+    Ok(match projection {
+        Some(p) => Arc::new(schema.project(p)?),
+        None => schema.clone(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use datafusion::logical_expr::{col, lit};
+
+    fn ts(us: i64) -> Expr {
+        lit(ScalarValue::TimestampMicrosecond(Some(us), Some("UTC".into())))
+    }
+
+    #[test]
+    fn time_bounds_come_from_comparisons_between_and_conjunctions() {
+        let r = TimeRange::from_filters(&[col("time").gt_eq(ts(100)), col("time").lt(ts(200))]);
+        assert_eq!(r, TimeRange { min: Some(100), max: Some(200) });
+
+        let r = TimeRange::from_filters(&[ts(150).lt(col("time")).and(col("status").eq(lit(500)))]);
+        assert_eq!(r, TimeRange { min: Some(150), max: None });
+
+        let r = TimeRange::from_filters(&[col("time").between(ts(10), ts(20))]);
+        assert_eq!(r, TimeRange { min: Some(10), max: Some(20) });
+
+        let ns = lit(ScalarValue::TimestampNanosecond(Some(5_000_999), None));
+        let r = TimeRange::from_filters(&[col("time").gt(ns)]);
+        assert_eq!(r.min, Some(5_000));
+
+        // Disjunctions and other columns do not narrow the range.
+        let r = TimeRange::from_filters(&[col("time").gt(ts(1)).or(col("time").lt(ts(0)))]);
+        assert_eq!(r, TimeRange::default());
+    }
+
+    #[test]
+    fn overlap_is_inclusive() {
+        let r = TimeRange { min: Some(100), max: Some(200) };
+        assert!(r.overlaps(50, 100));
+        assert!(r.overlaps(200, 300));
+        assert!(!r.overlaps(201, 300));
+        assert!(!r.overlaps(0, 99));
+        assert!(TimeRange::default().overlaps(i64::MIN, i64::MAX));
+    }
+}
