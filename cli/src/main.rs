@@ -1,1 +1,571 @@
-fn main() {}
+//! `lumen`: one binary for the whole mesh. Parses flags, wires the
+//! component crates together, waits for Ctrl-C or SIGTERM.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use lumen_collector::{Collector, CollectorConfig, FlushPolicy};
+use lumen_core::Workload;
+use lumen_core::config::DEFAULT_NAMESPACE;
+use lumen_proxy::{Proxy, ProxyConfig};
+use lumen_query::{QueryEngine, QueryLimits, QueryServer};
+use tokio::sync::watch;
+
+#[derive(Parser)]
+#[command(
+    name = "lumen",
+    version,
+    about = "Lumen: an observability-first service mesh",
+    long_about = "Lumen: an observability-first service mesh.\n\n\
+        Sidecar proxies route every request between services and record it; the collector \
+        keeps every record as Arrow/Parquet; the query service answers SQL over them.\n\n\
+        Start with `lumen demo`."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the control plane, collector and query service in one process.
+    Up(UpArgs),
+    /// Run one sidecar proxy beside an application.
+    Proxy(ProxyArgs),
+    /// Run the whole mesh with a Bookinfo sample and steady traffic.
+    Demo(DemoArgs),
+    /// Run a SQL query against the query service.
+    Sql(SqlArgs),
+    /// Validate mesh configuration files.
+    Check(CheckArgs),
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("`{s}` is not a duration like 30s, 500ms or 5m: {e}"))
+}
+
+#[derive(Args, Clone)]
+struct StoreArgs {
+    /// OTLP/gRPC listen address of the collector.
+    #[arg(long, default_value = "127.0.0.1:4317")]
+    otlp_grpc: SocketAddr,
+    /// OTLP/HTTP listen address of the collector.
+    #[arg(long, default_value = "127.0.0.1:4318")]
+    otlp_http: SocketAddr,
+    /// Query HTTP listen address (SQL API at /api/v1/sql).
+    #[arg(long, default_value = "127.0.0.1:9900")]
+    query_addr: SocketAddr,
+    /// Largest OTLP payload accepted, in bytes.
+    #[arg(long, default_value_t = lumen_collector::DEFAULT_MAX_REQUEST_BYTES)]
+    max_request_bytes: usize,
+    /// Time limit of one query.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    query_timeout: Duration,
+    /// Memory limit of one query, in MiB.
+    #[arg(long, default_value_t = 1024)]
+    query_memory_mib: usize,
+    /// Rows kept in memory before a flush to Parquet.
+    #[arg(long, default_value_t = 1_000_000)]
+    flush_rows: usize,
+}
+
+impl StoreArgs {
+    fn collector_config(&self, data_dir: PathBuf, flush_interval: Duration) -> CollectorConfig {
+        let mut c = CollectorConfig::new(data_dir);
+        c.otlp_grpc = Some(self.otlp_grpc);
+        c.otlp_http = Some(self.otlp_http);
+        c.max_request_bytes = self.max_request_bytes;
+        c.flush = FlushPolicy {
+            interval: flush_interval,
+            max_rows: self.flush_rows,
+            ..FlushPolicy::default()
+        };
+        c
+    }
+
+    fn limits(&self) -> QueryLimits {
+        QueryLimits {
+            timeout: self.query_timeout,
+            memory_bytes: self.query_memory_mib << 20,
+        }
+    }
+}
+
+#[derive(Args)]
+struct UpArgs {
+    /// Mesh configuration (YAML, kind: Mesh).
+    #[arg(short = 'f', long = "file")]
+    file: PathBuf,
+    /// Where the WAL and Parquet files live.
+    #[arg(long, default_value = "lumen-data")]
+    data_dir: PathBuf,
+    /// Flush hot rows to Parquet at least this often.
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    flush_interval: Duration,
+    #[command(flatten)]
+    store: StoreArgs,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum OnOff {
+    On,
+    Off,
+}
+
+#[derive(Args)]
+struct ProxyArgs {
+    /// Service this sidecar's workload belongs to.
+    #[arg(long)]
+    service: String,
+    /// Namespace of the service.
+    #[arg(long, default_value = DEFAULT_NAMESPACE)]
+    namespace: String,
+    /// Version of the workload (e.g. v1).
+    #[arg(long, default_value = "unknown")]
+    version: String,
+    /// Workload name [default: <service>-<version>, or <service>].
+    #[arg(long)]
+    workload: Option<String>,
+    /// Mesh configuration that outbound requests are routed by; reloaded on change.
+    #[arg(short = 'f', long = "file")]
+    file: Option<PathBuf>,
+    /// Outbound listener: the app sends its calls here.
+    #[arg(long, default_value = "127.0.0.1:15001")]
+    outbound: SocketAddr,
+    /// Do not listen for outbound calls.
+    #[arg(long)]
+    no_outbound: bool,
+    /// Inbound listener: other sidecars send calls for this workload here.
+    #[arg(long, default_value = "127.0.0.1:15006")]
+    inbound: SocketAddr,
+    /// Do not listen for inbound calls.
+    #[arg(long)]
+    no_inbound: bool,
+    /// The local application inbound calls are handed to.
+    #[arg(long)]
+    app: Option<SocketAddr>,
+    /// Admin endpoint: /ready, /stats/prometheus, /config_dump.
+    #[arg(long, default_value = "127.0.0.1:15000")]
+    admin: SocketAddr,
+    /// OTLP/gRPC endpoint request records are exported to.
+    #[arg(long, default_value = "http://127.0.0.1:4317")]
+    collector: String,
+    /// Export a record of every request to the collector.
+    #[arg(long, value_enum, default_value = "on")]
+    telemetry: OnOff,
+    /// Records waiting for export before new ones are dropped (and counted).
+    #[arg(long, default_value_t = 8192)]
+    telemetry_queue: usize,
+    /// Longest wait for an upstream's response headers.
+    #[arg(long, default_value = "15s", value_parser = parse_duration)]
+    upstream_timeout: Duration,
+    /// Tokio worker threads [default: one per core].
+    #[arg(long)]
+    workers: Option<usize>,
+}
+
+#[derive(Args)]
+struct DemoArgs {
+    /// Stop after this many seconds [default: run until Ctrl-C].
+    #[arg(long)]
+    duration: Option<u64>,
+    /// Where the WAL and Parquet files live.
+    #[arg(long, default_value = "lumen-demo-data")]
+    data_dir: PathBuf,
+    /// Requests per second into productpage.
+    #[arg(long, default_value_t = 50.0)]
+    rps: f64,
+    /// Flush hot rows to Parquet at least this often.
+    #[arg(long, default_value = "15s", value_parser = parse_duration)]
+    flush_interval: Duration,
+    #[command(flatten)]
+    store: StoreArgs,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum OutputFormat {
+    Table,
+    Csv,
+    Json,
+}
+
+#[derive(Args)]
+struct SqlArgs {
+    /// The SQL to run; `-` reads it from standard input.
+    query: String,
+    /// Query service base URL.
+    #[arg(long, default_value = "http://127.0.0.1:9900")]
+    url: String,
+    /// Output format.
+    #[arg(long, value_enum, default_value = "table")]
+    format: OutputFormat,
+}
+
+#[derive(Args)]
+struct CheckArgs {
+    /// Mesh configuration files to validate.
+    #[arg(short = 'f', long = "file", required = true)]
+    files: Vec<PathBuf>,
+}
+
+fn init_logging(default: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(_) => {
+                let _ = ctrl_c.await;
+                return;
+            }
+        };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let workers = match &cli.command {
+        Command::Proxy(p) => p.workers,
+        _ => None,
+    };
+    let mut rt = tokio::runtime::Builder::new_multi_thread();
+    rt.enable_all();
+    if let Some(w) = workers {
+        rt.worker_threads(w.max(1));
+    }
+    let rt = match rt.build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = rt.block_on(async {
+        match cli.command {
+            Command::Up(a) => up(a).await,
+            Command::Proxy(a) => proxy(a).await,
+            Command::Demo(a) => demo(a).await,
+            Command::Sql(a) => sql(a).await,
+            Command::Check(a) => check(a),
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn until(mut rx: watch::Receiver<bool>) -> impl Future<Output = ()> + Send + 'static {
+    async move {
+        let _ = rx.wait_for(|s| *s).await;
+    }
+}
+
+async fn up(a: UpArgs) -> Result<()> {
+    init_logging("info");
+    let discovery = lumen_control::FileDiscovery::open(&a.file)?;
+    let mesh = discovery.current();
+    tracing::info!(
+        file = %a.file.display(),
+        services = mesh.services.len(),
+        "mesh config loaded"
+    );
+    let collector = Collector::open(a.store.collector_config(a.data_dir.clone(), a.flush_interval))
+        .await
+        .context("starting the collector")?;
+    if collector.replayed_rows() > 0 {
+        tracing::info!(rows = collector.replayed_rows(), "recovered acknowledged rows from the WAL");
+    }
+    let engine = QueryEngine::new(collector.store(), a.store.limits());
+    let query = QueryServer::bind(a.store.query_addr, engine).await?;
+    let (stop, stop_rx) = watch::channel(false);
+    tracing::info!(
+        otlp_grpc = %fmt_addr(collector.otlp_grpc_addr()),
+        otlp_http = %fmt_addr(collector.otlp_http_addr()),
+        query = %fmt_addr(query.local_addr()),
+        data_dir = %a.data_dir.display(),
+        "lumen is up"
+    );
+    let discovery_task = tokio::spawn(discovery.watch(Duration::from_secs(2), stop_rx.clone()));
+    let collector_task = tokio::spawn(collector.run(until(stop_rx.clone())));
+    let query_task = tokio::spawn(query.run(until(stop_rx)));
+    shutdown_signal().await;
+    tracing::info!("shutting down");
+    let _ = stop.send(true);
+    let _ = discovery_task.await;
+    let collected = collector_task.await.context("collector task")?;
+    let queried = query_task.await.context("query task")?;
+    collected?;
+    queried?;
+    tracing::info!("stopped cleanly");
+    Ok(())
+}
+
+fn fmt_addr(a: Option<SocketAddr>) -> String {
+    a.map_or_else(|| "-".to_string(), |a| a.to_string())
+}
+
+async fn proxy(a: ProxyArgs) -> Result<()> {
+    init_logging("info");
+    let workload = a.workload.clone().unwrap_or_else(|| {
+        if a.version == "unknown" {
+            a.service.clone()
+        } else {
+            format!("{}-{}", a.service, a.version)
+        }
+    });
+    let identity = Workload {
+        service: a.service.as_str().into(),
+        workload: workload.into(),
+        namespace: a.namespace.as_str().into(),
+        version: a.version.as_str().into(),
+    };
+    let mut config = ProxyConfig::new(identity);
+    config.outbound = (!a.no_outbound).then_some(a.outbound);
+    config.inbound = (!a.no_inbound).then_some(a.inbound);
+    config.app = a.app;
+    config.admin = Some(a.admin);
+    config.upstream_timeout = a.upstream_timeout;
+    config.telemetry.export = matches!(a.telemetry, OnOff::On);
+    config.telemetry.collector_endpoint = a.collector.clone();
+    config.telemetry.queue_capacity = a.telemetry_queue;
+    if config.inbound.is_some() && config.app.is_none() {
+        bail!("--app is required for the inbound listener (or pass --no-inbound)");
+    }
+    let (stop, stop_rx) = watch::channel(false);
+    let (mesh_rx, discovery_task) = match &a.file {
+        Some(file) => {
+            let discovery = lumen_control::FileDiscovery::open(file)?;
+            let rx = discovery.subscribe();
+            let task = tokio::spawn(discovery.watch(Duration::from_secs(2), stop_rx.clone()));
+            (rx, Some(task))
+        }
+        None if config.outbound.is_some() => {
+            bail!("-f <mesh.yaml> is required to route outbound calls (or pass --no-outbound)")
+        }
+        None => (watch::channel(Arc::default()).1, None),
+    };
+    let proxy = Proxy::bind(config, mesh_rx).await?;
+    tracing::info!(
+        outbound = %fmt_addr(proxy.outbound_addr()),
+        inbound = %fmt_addr(proxy.inbound_addr()),
+        admin = %fmt_addr(proxy.admin_addr()),
+        telemetry = if matches!(a.telemetry, OnOff::On) { a.collector.as_str() } else { "off" },
+        "sidecar ready"
+    );
+    let task = tokio::spawn(proxy.run(until(stop_rx)));
+    shutdown_signal().await;
+    let _ = stop.send(true);
+    if let Some(t) = discovery_task {
+        let _ = t.await;
+    }
+    task.await.context("proxy task")??;
+    tracing::info!("sidecar stopped cleanly");
+    Ok(())
+}
+
+const EXAMPLES: [(&str, &str); 3] = [
+    (
+        "Requests per service, as the destination saw them",
+        "SELECT destination_service, count(*) AS requests, avg(duration_us) AS avg_us \
+         FROM requests WHERE reporter = 'destination' GROUP BY 1 ORDER BY 2 DESC",
+    ),
+    (
+        "Error rate and p99 latency per source → destination",
+        "SELECT source_service, destination_service, \
+         avg(CASE WHEN status >= 500 THEN 1.0 ELSE 0.0 END) AS error_rate, \
+         approx_percentile_cont(0.99) WITHIN GROUP (ORDER BY duration_us) AS p99_us \
+         FROM requests WHERE reporter = 'source' GROUP BY 1, 2 ORDER BY 1, 2",
+    ),
+    (
+        "The slowest traces of the last minute",
+        "SELECT trace_id, max(duration_us) AS us, count(*) AS hops FROM requests \
+         WHERE time > now() - INTERVAL '1 minute' GROUP BY trace_id ORDER BY us DESC LIMIT 5",
+    ),
+];
+
+async fn demo(a: DemoArgs) -> Result<()> {
+    init_logging("warn");
+    let data_dir = std::path::absolute(&a.data_dir).unwrap_or(a.data_dir.clone());
+    let config = lumen_demo::DemoConfig {
+        data_dir: data_dir.clone(),
+        rps: a.rps,
+        otlp_grpc: a.store.otlp_grpc,
+        otlp_http: a.store.otlp_http,
+        query: a.store.query_addr,
+        flush: FlushPolicy {
+            interval: a.flush_interval,
+            max_rows: a.store.flush_rows,
+            ..FlushPolicy::default()
+        },
+    };
+    let running = lumen_demo::start(config)
+        .await
+        .context("starting the demo (are other Lumen processes using the ports? see --help)")?;
+    let base = running.query_url.trim_end_matches("/api/v1/sql").to_string();
+    println!("Lumen demo is running: Bookinfo (productpage → details, reviews v1/v2/v3 → ratings),");
+    println!("one sidecar per app, {} requests/s into productpage.", a.rps);
+    println!();
+    println!("  SQL API:    POST {}", running.query_url);
+    println!("  OTLP:       grpc://{}  http://{}/v1/traces", running.otlp_grpc, running.otlp_http);
+    println!("  Data:       {} (WAL + Parquet, partitioned by table/date/hour)", data_dir.display());
+    if let Some((name, admin)) = running.sidecars.first() {
+        println!("  Sidecar:    http://{admin}/stats/prometheus ({name}; {} sidecars)", running.sidecars.len());
+    }
+    println!();
+    println!("Try:");
+    for (title, q) in EXAMPLES {
+        println!("  # {title}");
+        println!("  lumen sql --url {base} \"{q}\"");
+        println!();
+    }
+    println!("  curl -s {} -d \"SELECT count(*) FROM requests\"", running.query_url);
+    println!();
+    match a.duration {
+        Some(s) => println!("Running for {s}s (Ctrl-C stops early)."),
+        None => println!("Press Ctrl-C to stop."),
+    }
+    let deadline = async {
+        match a.duration {
+            Some(s) => tokio::time::sleep(Duration::from_secs(s)).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(deadline);
+    let signal = shutdown_signal();
+    tokio::pin!(signal);
+    let mut progress = tokio::time::interval(Duration::from_secs(10));
+    progress.tick().await;
+    loop {
+        tokio::select! {
+            _ = &mut deadline => break,
+            _ = &mut signal => break,
+            _ = progress.tick() => {
+                let sent = running.load.sent.load(std::sync::atomic::Ordering::Relaxed);
+                let tables: Vec<String> = running
+                    .tables()
+                    .iter()
+                    .map(|t| format!("{} {} rows ({} Parquet files)", t.table, t.hot_rows as u64 + t.file_rows, t.files))
+                    .collect();
+                println!("[demo] {sent} requests sent; stored: {}", tables.join(", "));
+            }
+        }
+    }
+    println!("Stopping: draining sidecars, flushing to Parquet…");
+    let report = running.stop().await?;
+    println!(
+        "Stopped cleanly. {} requests sent ({} ok, {} failed).",
+        report.sent, report.ok, report.failed
+    );
+    for t in report.tables {
+        println!(
+            "  {}: {} rows in {} Parquet files ({} bytes), {} rows still in the WAL",
+            t.table, t.file_rows, t.files, t.file_bytes, t.hot_rows
+        );
+    }
+    println!("Data kept in {}", data_dir.display());
+    Ok(())
+}
+
+async fn sql(a: SqlArgs) -> Result<()> {
+    init_logging("warn");
+    let query = if a.query == "-" {
+        let mut s = String::new();
+        std::io::Read::read_to_string(&mut std::io::stdin(), &mut s).context("reading SQL from stdin")?;
+        s
+    } else {
+        a.query.clone()
+    };
+    let accept = match a.format {
+        OutputFormat::Table => "application/vnd.apache.arrow.stream",
+        OutputFormat::Csv => "text/csv",
+        OutputFormat::Json => "application/json",
+    };
+    let url = format!("{}/api/v1/sql", a.url.trim_end_matches('/'));
+    let resp = reqwest::Client::new()
+        .post(&url)
+        .header("accept", accept)
+        .body(query)
+        .send()
+        .await
+        .with_context(|| format!("cannot reach the query service at {url}"))?;
+    let status = resp.status();
+    let body = resp.bytes().await.context("reading the response")?;
+    if !status.is_success() {
+        let message = serde_json::from_slice::<serde_json::Value>(&body)
+            .ok()
+            .and_then(|v| v.get("error")?.as_str().map(str::to_string))
+            .unwrap_or_else(|| String::from_utf8_lossy(&body).into_owned());
+        bail!("query failed ({status}): {message}");
+    }
+    match a.format {
+        OutputFormat::Table => {
+            let reader = arrow::ipc::reader::StreamReader::try_new(std::io::Cursor::new(body), None)
+                .context("decoding the Arrow result")?;
+            let batches = reader.collect::<Result<Vec<_>, _>>().context("decoding the Arrow result")?;
+            let rows: usize = batches.iter().map(|b| b.num_rows()).sum();
+            println!("{}", arrow::util::pretty::pretty_format_batches(&batches)?);
+            println!("({rows} row{})", if rows == 1 { "" } else { "s" });
+        }
+        OutputFormat::Csv | OutputFormat::Json => {
+            use std::io::Write;
+            let mut out = std::io::stdout().lock();
+            out.write_all(&body)?;
+            if !body.ends_with(b"\n") {
+                out.write_all(b"\n")?;
+            }
+        }
+    }
+    Ok(())
+}
+
+fn check(a: CheckArgs) -> Result<()> {
+    let mut failed = 0;
+    for file in &a.files {
+        match lumen_control::load_file(file) {
+            Ok(mesh) => {
+                let endpoints: usize = mesh.services.iter().map(|s| s.endpoints.len()).sum();
+                println!(
+                    "{}: OK ({} services, {} endpoints)",
+                    file.display(),
+                    mesh.services.len(),
+                    endpoints
+                );
+            }
+            Err(e) => {
+                eprintln!("{e}");
+                failed += 1;
+            }
+        }
+    }
+    if failed > 0 {
+        bail!("{failed} of {} file(s) invalid", a.files.len());
+    }
+    Ok(())
+}

@@ -1,1 +1,257 @@
-//! lumen-demo
+//! `lumen demo`: the whole mesh on one machine, with traffic.
+//!
+//! Starts the collector and query service, the Bookinfo sample
+//! ([`bookinfo`]) with one sidecar per app instance, and a load generator
+//! ([`load`]) with its own sidecar sending steady traffic to `productpage`.
+//! Everything listens on 127.0.0.1; sidecar ports are picked at run time and
+//! written into the mesh configuration the sidecars route by.
+
+pub mod bookinfo;
+pub mod load;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use lumen_collector::{Collector, CollectorConfig, FlushPolicy, Store};
+use lumen_core::config::DEFAULT_NAMESPACE;
+use lumen_core::{Endpoint, MeshConfig, Service, Workload};
+use lumen_proxy::{Proxy, ProxyConfig};
+use lumen_query::{QueryEngine, QueryLimits, QueryServer};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::bookinfo::App;
+use crate::load::LoadStats;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DemoError {
+    #[error(transparent)]
+    Collector(#[from] lumen_collector::CollectorError),
+    #[error(transparent)]
+    Query(#[from] lumen_query::ServeError),
+    #[error(transparent)]
+    Proxy(#[from] lumen_proxy::ProxyError),
+    #[error("cannot listen on 127.0.0.1 for a demo app: {0}")]
+    Bind(std::io::Error),
+    #[error("demo mesh: {0}")]
+    Config(#[from] lumen_core::ConfigError),
+}
+
+#[derive(Debug, Clone)]
+pub struct DemoConfig {
+    pub data_dir: PathBuf,
+    /// Requests per second into `productpage`.
+    pub rps: f64,
+    pub otlp_grpc: SocketAddr,
+    pub otlp_http: SocketAddr,
+    pub query: SocketAddr,
+    pub flush: FlushPolicy,
+}
+
+/// A running demo; [`stop`](RunningDemo::stop) shuts it down in order.
+pub struct RunningDemo {
+    pub query_url: String,
+    pub otlp_grpc: SocketAddr,
+    pub otlp_http: SocketAddr,
+    pub data_dir: PathBuf,
+    /// `(workload, admin address)` of every sidecar.
+    pub sidecars: Vec<(String, SocketAddr)>,
+    pub load: Arc<LoadStats>,
+    store: Arc<Store>,
+    stop_load: watch::Sender<bool>,
+    load_task: JoinHandle<()>,
+    stop_proxies: watch::Sender<bool>,
+    proxy_tasks: Vec<JoinHandle<Result<(), lumen_proxy::ProxyError>>>,
+    stop_apps: watch::Sender<bool>,
+    app_tasks: Vec<JoinHandle<()>>,
+    stop_collector: watch::Sender<bool>,
+    collector_task: JoinHandle<Result<(), lumen_collector::CollectorError>>,
+    stop_query: watch::Sender<bool>,
+    query_task: JoinHandle<Result<(), lumen_query::ServeError>>,
+}
+
+/// What the demo did, for the closing summary.
+#[derive(Debug, Clone)]
+pub struct DemoReport {
+    pub sent: u64,
+    pub ok: u64,
+    pub failed: u64,
+    pub tables: Vec<lumen_collector::TableStats>,
+}
+
+fn until(mut rx: watch::Receiver<bool>) -> impl std::future::Future<Output = ()> + Send + 'static {
+    async move {
+        let _ = rx.wait_for(|s| *s).await;
+    }
+}
+
+async fn local_listener() -> Result<TcpListener, DemoError> {
+    TcpListener::bind(("127.0.0.1", 0)).await.map_err(DemoError::Bind)
+}
+
+fn workload(service: &str, version: &str) -> Workload {
+    Workload {
+        service: service.into(),
+        workload: format!("{service}-{version}").into(),
+        namespace: DEFAULT_NAMESPACE.into(),
+        version: version.into(),
+    }
+}
+
+/// Starts everything; returns once traffic is flowing.
+pub async fn start(config: DemoConfig) -> Result<RunningDemo, DemoError> {
+    // Storage and query first, so the first request is recorded.
+    let mut collector_config = CollectorConfig::new(&config.data_dir);
+    collector_config.otlp_grpc = Some(config.otlp_grpc);
+    collector_config.otlp_http = Some(config.otlp_http);
+    collector_config.flush = config.flush.clone();
+    let collector = Collector::open(collector_config).await?;
+    let store = collector.store();
+    let otlp_grpc = collector.otlp_grpc_addr().unwrap_or(config.otlp_grpc);
+    let otlp_http = collector.otlp_http_addr().unwrap_or(config.otlp_http);
+    let query = QueryServer::bind(config.query, QueryEngine::new(store.clone(), QueryLimits::default())).await?;
+    let query_addr = query.local_addr().unwrap_or(config.query);
+    let (stop_collector, rx) = watch::channel(false);
+    let collector_task = tokio::spawn(collector.run(until(rx)));
+    let (stop_query, rx) = watch::channel(false);
+    let query_task = tokio::spawn(query.run(until(rx)));
+
+    // One sidecar per app instance, bound before the mesh config exists:
+    // the config lists their inbound addresses.
+    let (mesh_tx, mesh_rx) = watch::channel(Arc::new(MeshConfig::default()));
+    let collector_endpoint = format!("http://{otlp_grpc}");
+    let mut instances = Vec::new();
+    for app in App::all() {
+        let listener = local_listener().await?;
+        let app_addr = listener.local_addr().map_err(DemoError::Bind)?;
+        let identity = workload(app.service(), &app.version());
+        let mut pc = ProxyConfig::new(identity);
+        pc.inbound = Some(SocketAddr::from(([127, 0, 0, 1], 0)));
+        pc.outbound = Some(SocketAddr::from(([127, 0, 0, 1], 0)));
+        pc.admin = Some(SocketAddr::from(([127, 0, 0, 1], 0)));
+        pc.app = Some(app_addr);
+        pc.telemetry.collector_endpoint = collector_endpoint.clone();
+        let proxy = Proxy::bind(pc, mesh_rx.clone()).await?;
+        instances.push((app, listener, proxy));
+    }
+    let mut loadgen_config = ProxyConfig::new(workload("loadgen", "v1"));
+    loadgen_config.outbound = Some(SocketAddr::from(([127, 0, 0, 1], 0)));
+    loadgen_config.admin = Some(SocketAddr::from(([127, 0, 0, 1], 0)));
+    loadgen_config.telemetry.collector_endpoint = collector_endpoint;
+    let loadgen_proxy = Proxy::bind(loadgen_config, mesh_rx.clone()).await?;
+    let loadgen_outbound = loadgen_proxy
+        .outbound_addr()
+        .expect("loadgen sidecar has an outbound listener");
+
+    let mut services: Vec<Service> = Vec::new();
+    for (app, _, proxy) in &instances {
+        let address = proxy.inbound_addr().expect("sidecar has an inbound listener");
+        let endpoint = Endpoint {
+            address,
+            address_str: address.to_string().into(),
+            workload: format!("{}-{}", app.service(), app.version()).into(),
+            version: app.version().into(),
+        };
+        match services.iter_mut().find(|s| &*s.name == app.service()) {
+            Some(s) => s.endpoints.push(endpoint),
+            None => services.push(Service {
+                name: app.service().into(),
+                namespace: DEFAULT_NAMESPACE.into(),
+                port: Some(bookinfo::PORT),
+                endpoints: vec![endpoint],
+            }),
+        }
+    }
+    mesh_tx.send_replace(Arc::new(MeshConfig::from_services("demo mesh", services)?));
+
+    let (stop_apps, apps_rx) = watch::channel(false);
+    let (stop_proxies, proxies_rx) = watch::channel(false);
+    let mut sidecars = Vec::new();
+    let mut app_tasks = Vec::new();
+    let mut proxy_tasks = Vec::new();
+    for (app, listener, proxy) in instances {
+        let outbound = proxy.outbound_addr().expect("sidecar has an outbound listener");
+        if let Some(admin) = proxy.admin_addr() {
+            sidecars.push((format!("{}-{}", app.service(), app.version()), admin));
+        }
+        app_tasks.push(tokio::spawn(bookinfo::serve(app, listener, outbound, apps_rx.clone())));
+        proxy_tasks.push(tokio::spawn(proxy.run(until(proxies_rx.clone()))));
+    }
+    if let Some(admin) = loadgen_proxy.admin_addr() {
+        sidecars.push(("loadgen-v1".to_string(), admin));
+    }
+    proxy_tasks.push(tokio::spawn(loadgen_proxy.run(until(proxies_rx))));
+    // The sidecars keep the mesh sender's receivers; the sender can go.
+    drop(mesh_tx);
+
+    let load = Arc::new(LoadStats::default());
+    let (stop_load, load_rx) = watch::channel(false);
+    let load_task = tokio::spawn(load::run(
+        loadgen_outbound,
+        format!("productpage:{}", bookinfo::PORT),
+        "/productpage?id=".to_string(),
+        config.rps,
+        load.clone(),
+        load_rx,
+    ));
+
+    Ok(RunningDemo {
+        query_url: format!("http://{query_addr}/api/v1/sql"),
+        otlp_grpc,
+        otlp_http,
+        data_dir: config.data_dir,
+        sidecars,
+        load,
+        store,
+        stop_load,
+        load_task,
+        stop_proxies,
+        proxy_tasks,
+        stop_apps,
+        app_tasks,
+        stop_collector,
+        collector_task,
+        stop_query,
+        query_task,
+    })
+}
+
+impl RunningDemo {
+    /// Rows stored per table so far.
+    pub fn tables(&self) -> Vec<lumen_collector::TableStats> {
+        self.store.stats()
+    }
+
+    /// Stops traffic, then sidecars (which export what they hold), then the
+    /// apps, then the collector (which flushes to Parquet), then queries.
+    pub async fn stop(self) -> Result<DemoReport, DemoError> {
+        let _ = self.stop_load.send(true);
+        let _ = self.load_task.await;
+        let _ = self.stop_proxies.send(true);
+        for t in self.proxy_tasks {
+            if let Ok(Err(e)) = t.await {
+                tracing::warn!(error = %e, "sidecar stopped with an error");
+            }
+        }
+        let _ = self.stop_apps.send(true);
+        for t in self.app_tasks {
+            let _ = t.await;
+        }
+        let _ = self.stop_collector.send(true);
+        let collector = self.collector_task.await;
+        let _ = self.stop_query.send(true);
+        let _ = self.query_task.await;
+        if let Ok(Err(e)) = collector {
+            return Err(e.into());
+        }
+        Ok(DemoReport {
+            sent: self.load.sent.load(Ordering::Relaxed),
+            ok: self.load.ok.load(Ordering::Relaxed),
+            failed: self.load.failed.load(Ordering::Relaxed),
+            tables: self.store.stats(),
+        })
+    }
+}
