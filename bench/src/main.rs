@@ -1,1 +1,214 @@
-fn main() {}
+//! `lumen-bench`: side-by-side benchmarks of Lumen against the peers its
+//! users would otherwise run. See bench/README.md.
+
+mod http;
+mod load;
+mod peers;
+mod procstat;
+mod report;
+mod scenario;
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand};
+
+use scenario::{Scenario, Settings};
+
+#[derive(Parser)]
+#[command(
+    name = "lumen-bench",
+    about = "Benchmarks Lumen against its peers on loopback",
+    long_about = "Benchmarks Lumen against its peers on loopback.\n\n\
+        Needs nginx, envoy, wrk and oha on PATH (bench/install-peers.sh installs them) \
+        and the lumen release binary (built with `cargo build --release -p lumen` if missing)."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Two-sidecar HTTP/1.1 data path: nginx direct, Lumen with telemetry on
+    /// and off, and Envoy; max throughput (wrk), latency at a fixed rate (oha),
+    /// proxy CPU per request and memory.
+    #[command(
+        long_about = "Two-sidecar HTTP/1.1 data path, one scenario at a time:\n\
+        \n  a  load → nginx\
+        \n  b  load → Lumen client sidecar → Lumen server sidecar → nginx, telemetry on (with `lumen up` as collector)\
+        \n  c  as b, --telemetry off on both sidecars\
+        \n  d  load → Envoy client → Envoy server → nginx (--concurrency 1, no access log)\
+        \n\nEach scenario: warm-up, then wrk for max throughput, then oha at a fixed rate for \
+        p50/p99 latency while the proxies' CPU time is read from /proc. Prints a Markdown table \
+        and writes it to bench/results/latest.md. Defaults take about 2 minutes."
+    )]
+    Proxy(ProxyArgs),
+}
+
+#[derive(Args)]
+struct ProxyArgs {
+    /// Seconds of each measurement (the wrk run and the oha run).
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
+    duration: u64,
+    /// Seconds of wrk load before measuring, to open connections and warm caches.
+    #[arg(long, default_value_t = 2)]
+    warmup: u64,
+    /// Requests per second of the fixed-rate latency run.
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..))]
+    rate: u32,
+    /// Concurrent connections of both load generators [default: 32 for wrk, 16 for oha].
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    connections: Option<u32>,
+    /// Scenarios to run, comma-separated.
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "a,b,c,d")]
+    scenario: Vec<Scenario>,
+    /// The lumen binary [default: <workspace>/target/release/lumen].
+    #[arg(long)]
+    lumen: Option<PathBuf>,
+    /// Where the Markdown report is written.
+    #[arg(long, default_value_os_t = peers::workspace_root().join("bench/results/latest.md"))]
+    out: PathBuf,
+    /// Keep the temporary directory (configs, process logs, collector data).
+    #[arg(long)]
+    keep_temp: bool,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Proxy(a) => proxy(a),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn proxy(mut a: ProxyArgs) -> Result<()> {
+    peers::check_installed()?;
+    let lumen = peers::lumen_binary(a.lumen.as_deref())?;
+    a.scenario.sort();
+    a.scenario.dedup();
+
+    let tmp = TempDir::create(a.keep_temp)?;
+    let set = Settings {
+        lumen: lumen.clone(),
+        tmp: tmp.path.clone(),
+        duration: a.duration,
+        warmup: a.warmup,
+        rate: a.rate,
+        wrk_connections: a.connections.unwrap_or(32),
+        oha_connections: a.connections.unwrap_or(16),
+        clk_tck: procstat::clock_ticks_per_sec(),
+    };
+    let ctx = report::Context {
+        command: std::env::args().collect::<Vec<_>>().join(" "),
+        date: chrono::Utc::now().format("%Y-%m-%d %H:%M UTC").to_string(),
+        machine: machine(),
+        versions: peers::versions(&lumen),
+        duration: set.duration,
+        warmup: set.warmup,
+        rate: set.rate,
+        wrk_connections: set.wrk_connections,
+        oha_connections: set.oha_connections,
+    };
+
+    let mut rows = Vec::new();
+    for &s in &a.scenario {
+        eprintln!("{}", s.label());
+        let m = scenario::run(s, &set).with_context(|| format!("scenario {}", s.label()))?;
+        if !m.oha.clean() {
+            eprintln!(
+                "  warning: not every fixed-rate request succeeded: {:.2}% success, \
+                 statuses {:?}, errors {:?}",
+                m.oha.success_rate * 100.0,
+                m.oha.bad_statuses,
+                m.oha.errors
+            );
+        }
+        if m.wrk.socket_errors + m.wrk.non_2xx_3xx > 0 {
+            eprintln!(
+                "  warning: wrk saw {} socket errors and {} non-2xx/3xx responses",
+                m.wrk.socket_errors, m.wrk.non_2xx_3xx
+            );
+        }
+        rows.push(m);
+    }
+
+    let text = report::render(&ctx, &rows);
+    println!("\n{text}");
+    if let Some(dir) = a.out.parent() {
+        fs::create_dir_all(dir)?;
+    }
+    fs::write(&a.out, &text).with_context(|| format!("writing {}", a.out.display()))?;
+    eprintln!("wrote {}", a.out.display());
+    if a.keep_temp {
+        eprintln!("kept {}", tmp.path.display());
+    }
+    Ok(())
+}
+
+fn machine() -> String {
+    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let model = fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("model name"))
+                .map(|l| l.trim_start_matches([' ', '\t', ':']).to_string())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let kernel = fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    format!("{cpus} CPUs ({model}), Linux {}", kernel.trim())
+}
+
+/// `$TMPDIR/lumen-bench-<pid>`, removed when dropped unless kept.
+struct TempDir {
+    path: PathBuf,
+    keep: bool,
+}
+
+impl TempDir {
+    fn create(keep: bool) -> Result<TempDir> {
+        let base = std::env::temp_dir();
+        remove_stale(&base);
+        let path = base.join(format!("lumen-bench-{}", std::process::id()));
+        fs::create_dir_all(&path).with_context(|| format!("creating {}", path.display()))?;
+        Ok(TempDir { path, keep })
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        if !self.keep {
+            let _ = fs::remove_dir_all(&self.path);
+        }
+    }
+}
+
+/// Removes the temp dirs of earlier runs whose process is gone (interrupted
+/// with Ctrl-C, which skips our cleanup), so aborted runs do not pile up.
+fn remove_stale(base: &Path) {
+    let Ok(entries) = fs::read_dir(base) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix("lumen-bench-"))
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if !Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = fs::remove_dir_all(e.path());
+        }
+    }
+}

@@ -46,7 +46,8 @@ enum Command {
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
-    humantime::parse_duration(s).map_err(|e| format!("`{s}` is not a duration like 30s, 500ms or 5m: {e}"))
+    humantime::parse_duration(s)
+        .map_err(|e| format!("`{s}` is not a duration like 30s, 500ms or 5m: {e}"))
 }
 
 #[derive(Args, Clone)]
@@ -227,13 +228,14 @@ async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(s) => s,
-            Err(_) => {
-                let _ = ctrl_c.await;
-                return;
-            }
-        };
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
         tokio::select! {
             _ = ctrl_c => {}
             _ = term.recv() => {}
@@ -296,11 +298,17 @@ async fn up(a: UpArgs) -> Result<()> {
         services = mesh.services.len(),
         "mesh config loaded"
     );
-    let collector = Collector::open(a.store.collector_config(a.data_dir.clone(), a.flush_interval))
-        .await
-        .context("starting the collector")?;
+    let collector = Collector::open(
+        a.store
+            .collector_config(a.data_dir.clone(), a.flush_interval),
+    )
+    .await
+    .context("starting the collector")?;
     if collector.replayed_rows() > 0 {
-        tracing::info!(rows = collector.replayed_rows(), "recovered acknowledged rows from the WAL");
+        tracing::info!(
+            rows = collector.replayed_rows(),
+            "recovered acknowledged rows from the WAL"
+        );
     }
     let engine = QueryEngine::new(collector.store(), a.store.limits());
     let query = QueryServer::bind(a.store.query_addr, engine).await?;
@@ -428,15 +436,32 @@ async fn demo(a: DemoArgs) -> Result<()> {
     let running = lumen_demo::start(config)
         .await
         .context("starting the demo (are other Lumen processes using the ports? see --help)")?;
-    let base = running.query_url.trim_end_matches("/api/v1/sql").to_string();
-    println!("Lumen demo is running: Bookinfo (productpage → details, reviews v1/v2/v3 → ratings),");
-    println!("one sidecar per app, {} requests/s into productpage.", a.rps);
+    let base = running
+        .query_url
+        .trim_end_matches("/api/v1/sql")
+        .to_string();
+    println!(
+        "Lumen demo is running: Bookinfo (productpage → details, reviews v1/v2/v3 → ratings),"
+    );
+    println!(
+        "one sidecar per app, {} requests/s into productpage.",
+        a.rps
+    );
     println!();
     println!("  SQL API:    POST {}", running.query_url);
-    println!("  OTLP:       grpc://{}  http://{}/v1/traces", running.otlp_grpc, running.otlp_http);
-    println!("  Data:       {} (WAL + Parquet, partitioned by table/date/hour)", data_dir.display());
+    println!(
+        "  OTLP:       grpc://{}  http://{}/v1/traces",
+        running.otlp_grpc, running.otlp_http
+    );
+    println!(
+        "  Data:       {} (WAL + Parquet, partitioned by table/date/hour)",
+        data_dir.display()
+    );
     if let Some((name, admin)) = running.sidecars.first() {
-        println!("  Sidecar:    http://{admin}/stats/prometheus ({name}; {} sidecars)", running.sidecars.len());
+        println!(
+            "  Sidecar:    http://{admin}/stats/prometheus ({name}; {} sidecars)",
+            running.sidecars.len()
+        );
     }
     println!();
     println!("Try:");
@@ -445,7 +470,10 @@ async fn demo(a: DemoArgs) -> Result<()> {
         println!("  lumen sql --url {base} \"{q}\"");
         println!();
     }
-    println!("  curl -s {} -d \"SELECT count(*) FROM requests\"", running.query_url);
+    println!(
+        "  curl -s {} -d \"SELECT count(*) FROM requests\"",
+        running.query_url
+    );
     println!();
     match a.duration {
         Some(s) => println!("Running for {s}s (Ctrl-C stops early)."),
@@ -497,7 +525,8 @@ async fn sql(a: SqlArgs) -> Result<()> {
     init_logging("warn");
     let query = if a.query == "-" {
         let mut s = String::new();
-        std::io::Read::read_to_string(&mut std::io::stdin(), &mut s).context("reading SQL from stdin")?;
+        std::io::Read::read_to_string(&mut std::io::stdin(), &mut s)
+            .context("reading SQL from stdin")?;
         s
     } else {
         a.query.clone()
@@ -526,9 +555,12 @@ async fn sql(a: SqlArgs) -> Result<()> {
     }
     match a.format {
         OutputFormat::Table => {
-            let reader = arrow::ipc::reader::StreamReader::try_new(std::io::Cursor::new(body), None)
+            let reader =
+                arrow::ipc::reader::StreamReader::try_new(std::io::Cursor::new(body), None)
+                    .context("decoding the Arrow result")?;
+            let batches = reader
+                .collect::<Result<Vec<_>, _>>()
                 .context("decoding the Arrow result")?;
-            let batches = reader.collect::<Result<Vec<_>, _>>().context("decoding the Arrow result")?;
             let rows: usize = batches.iter().map(|b| b.num_rows()).sum();
             println!("{}", arrow::util::pretty::pretty_format_batches(&batches)?);
             println!("({rows} row{})", if rows == 1 { "" } else { "s" });

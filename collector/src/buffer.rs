@@ -156,7 +156,11 @@ mod tests {
 
     fn schema() -> SchemaRef {
         Arc::new(Schema::new(vec![
-            Field::new("time", DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into())), false),
+            Field::new(
+                "time",
+                DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into())),
+                false,
+            ),
             Field::new("v", DataType::Int64, false),
         ]))
     }
@@ -183,7 +187,10 @@ mod tests {
         let total: usize = b.chunks().map(|c| c.batch.num_rows()).sum();
         assert_eq!(total, 102);
         assert!(b.chunks().count() < 10, "small batches were merged");
-        assert!(b.chunks().all(|c| c.segment == 1 || c.batch.num_rows() == 2));
+        assert!(
+            b.chunks()
+                .all(|c| c.segment == 1 || c.batch.num_rows() == 2)
+        );
         let seg2 = b.chunks().find(|c| c.segment == 2).unwrap();
         assert_eq!((seg2.min_time, seg2.max_time), (400, 500));
 

@@ -88,7 +88,10 @@ pub struct Collector {
     replayed: wal::Replayed,
 }
 
-async fn bind(what: &'static str, addr: Option<SocketAddr>) -> Result<Option<TcpListener>, CollectorError> {
+async fn bind(
+    what: &'static str,
+    addr: Option<SocketAddr>,
+) -> Result<Option<TcpListener>, CollectorError> {
     match addr {
         None => Ok(None),
         Some(addr) => TcpListener::bind(addr)
@@ -215,7 +218,8 @@ impl Collector {
                 tonic::transport::Server::builder()
                     .add_service(svc)
                     .serve_with_incoming_shutdown(
-                        tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+                        tonic::transport::server::TcpIncoming::from(listener)
+                            .with_nodelay(Some(true)),
                         async move {
                             let _ = stop.wait_for(|s| *s).await;
                         },

@@ -222,7 +222,9 @@ fn write_file(
     let tmp = path.with_extension("parquet.tmp");
     let (min_time, max_time) = time_range(batch).unwrap_or((0, 0));
     let props = WriterProperties::builder()
-        .set_compression(Compression::ZSTD(ZstdLevel::try_new(3).expect("valid zstd level")))
+        .set_compression(Compression::ZSTD(
+            ZstdLevel::try_new(3).expect("valid zstd level"),
+        ))
         .set_dictionary_enabled(true)
         .set_statistics_enabled(EnabledStatistics::Page)
         .set_key_value_metadata(Some(vec![
@@ -255,7 +257,10 @@ fn write_file(
 /// Finds the Parquet files of every table. Files of segments past the WAL
 /// checkpoint, and leftover `.tmp` files, are from a flush that never
 /// completed; they are deleted because the WAL still holds their rows.
-pub fn load_files(tables_dir: &Path, checkpoint: u64) -> Result<Vec<(usize, FileMeta)>, PersistError> {
+pub fn load_files(
+    tables_dir: &Path,
+    checkpoint: u64,
+) -> Result<Vec<(usize, FileMeta)>, PersistError> {
     let mut out = Vec::new();
     for (t, name) in TABLES.iter().enumerate() {
         let dir = tables_dir.join(name);
@@ -264,7 +269,10 @@ pub fn load_files(tables_dir: &Path, checkpoint: u64) -> Result<Vec<(usize, File
         walk(&dir, &mut paths)?;
         paths.sort();
         for path in paths {
-            let file_name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            let file_name = path
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
             if file_name.ends_with(".parquet.tmp") {
                 fs::remove_file(&path).map_err(|e| write_err(&path)(e.to_string()))?;
                 continue;

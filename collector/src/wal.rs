@@ -117,7 +117,8 @@ fn encode_entry(out: &mut Vec<u8>, table: usize, batch: &RecordBatch) -> Result<
     {
         let mut w = StreamWriter::try_new(&mut payload, &batch.schema())
             .map_err(|e| WalError::Encode(e.to_string()))?;
-        w.write(batch).map_err(|e| WalError::Encode(e.to_string()))?;
+        w.write(batch)
+            .map_err(|e| WalError::Encode(e.to_string()))?;
         w.finish().map_err(|e| WalError::Encode(e.to_string()))?;
     }
     out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
@@ -170,7 +171,8 @@ pub(crate) fn checkpoint(dir: &Path, seq: u64) -> Result<(), WalError> {
     let tmp = dir.join("checkpoint.tmp");
     let path = dir.join(CHECKPOINT);
     let mut f = File::create(&tmp).map_err(io_err(&tmp))?;
-    f.write_all(seq.to_string().as_bytes()).map_err(io_err(&tmp))?;
+    f.write_all(seq.to_string().as_bytes())
+        .map_err(io_err(&tmp))?;
     f.sync_all().map_err(io_err(&tmp))?;
     fs::rename(&tmp, &path).map_err(io_err(&path))?;
     sync_dir(dir)?;
@@ -226,12 +228,11 @@ fn read_segment(path: &Path) -> Result<Vec<(usize, RecordBatch)>, WalError> {
             break;
         }
         let table = payload[0] as usize;
-        let reader = StreamReader::try_new(Cursor::new(&payload[1..]), None).map_err(|e| {
-            WalError::Io {
+        let reader =
+            StreamReader::try_new(Cursor::new(&payload[1..]), None).map_err(|e| WalError::Io {
                 path: path.to_path_buf(),
                 message: format!("entry at offset {pos}: {e}"),
-            }
-        })?;
+            })?;
         for batch in reader {
             let batch = batch.map_err(|e| WalError::Io {
                 path: path.to_path_buf(),
@@ -427,7 +428,13 @@ mod tests {
     }
 
     fn hot_rows(store: &Store) -> usize {
-        store.snapshot(REQUESTS).unwrap().hot.iter().map(|c| c.batch.num_rows()).sum()
+        store
+            .snapshot(REQUESTS)
+            .unwrap()
+            .hot
+            .iter()
+            .map(|c| c.batch.num_rows())
+            .sum()
     }
 
     #[tokio::test]
@@ -438,13 +445,20 @@ mod tests {
         assert_eq!(replayed.rows, 0);
         wal.append(vec![(0, batch(3))]).await.unwrap();
         wal.append(vec![(0, batch(4))]).await.unwrap();
-        assert_eq!(hot_rows(&store), 7, "acknowledged rows are queryable at once");
+        assert_eq!(
+            hot_rows(&store),
+            7,
+            "acknowledged rows are queryable at once"
+        );
         drop(wal);
         thread.join().unwrap();
 
         // A crash mid-write leaves a torn entry at the end of the segment.
         let seg = segments(dir.path()).unwrap()[0];
-        let mut f = OpenOptions::new().append(true).open(segment_path(dir.path(), seg)).unwrap();
+        let mut f = OpenOptions::new()
+            .append(true)
+            .open(segment_path(dir.path(), seg))
+            .unwrap();
         f.write_all(&[200, 0, 0, 0, 1, 2, 3, 4, 9, 9]).unwrap();
 
         let store = Arc::new(Store::new());

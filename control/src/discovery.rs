@@ -115,7 +115,10 @@ mod tests {
         assert!(!rx.has_changed().unwrap());
 
         std::fs::write(&path, format!("{MESH}    - name: b\n")).unwrap();
-        tokio::time::timeout(Duration::from_secs(10), rx.changed()).await.unwrap().unwrap();
+        tokio::time::timeout(Duration::from_secs(10), rx.changed())
+            .await
+            .unwrap()
+            .unwrap();
         assert_eq!(rx.borrow().services.len(), 2);
 
         stop_tx.send(true).unwrap();

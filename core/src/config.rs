@@ -186,7 +186,10 @@ impl MeshConfig {
             if res.api_version != API_VERSION {
                 return Err(err(
                     format!("{prefix}apiVersion"),
-                    format!("`{}` is not supported, expected `{API_VERSION}`", res.api_version),
+                    format!(
+                        "`{}` is not supported, expected `{API_VERSION}`",
+                        res.api_version
+                    ),
                 ));
             }
             if res.kind != "Mesh" {
@@ -196,11 +199,13 @@ impl MeshConfig {
                 ));
             }
             if res.metadata.name.trim().is_empty() {
-                return Err(err(format!("{prefix}metadata.name"), "must not be empty".into()));
+                return Err(err(
+                    format!("{prefix}metadata.name"),
+                    "must not be empty".into(),
+                ));
             }
-            let spec: MeshSpec = serde_path_to_error::deserialize(res.spec).map_err(|e| {
-                err(format!("{prefix}spec.{}", e.path()), e.inner().to_string())
-            })?;
+            let spec: MeshSpec = serde_path_to_error::deserialize(res.spec)
+                .map_err(|e| err(format!("{prefix}spec.{}", e.path()), e.inner().to_string()))?;
             for (i, s) in spec.services.into_iter().enumerate() {
                 let at = format!("{prefix}spec.services[{i}]");
                 let service = validate_service(s, &at).map_err(|(f, r)| err(f, r))?;
@@ -398,7 +403,10 @@ spec:
         assert!(mesh.resolve("reviews:1234", "default").is_none());
         assert!(mesh.resolve("reviews", "prod").is_none());
         assert!(mesh.resolve("ratings", "prod").is_some());
-        assert!(mesh.resolve("ratings.prod.example.com", "default").is_none());
+        assert!(
+            mesh.resolve("ratings.prod.example.com", "default")
+                .is_none()
+        );
         assert!(mesh.resolve("", "default").is_none());
         assert!(mesh.resolve("reviews:abc", "default").is_none());
     }
@@ -447,7 +455,11 @@ spec:
 
     #[test]
     fn several_documents_are_merged() {
-        let two = format!("{GOOD}\n---\n{}", GOOD.replace("reviews", "details").replace("ratings", "other"));
+        let two = format!(
+            "{GOOD}\n---\n{}",
+            GOOD.replace("reviews", "details")
+                .replace("ratings", "other")
+        );
         let mesh = MeshConfig::from_yaml("mesh.yaml", &two).unwrap();
         assert_eq!(mesh.services.len(), 4);
         let dup = format!("{GOOD}\n---\n{GOOD}");

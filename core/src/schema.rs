@@ -5,8 +5,8 @@ use std::sync::{Arc, LazyLock};
 use std::time::UNIX_EPOCH;
 
 use arrow::array::{
-    ArrayBuilder, ArrayRef, BooleanBuilder, Int32Builder, Int64Builder, StringBuilder, StringDictionaryBuilder,
-    TimestampMicrosecondBuilder,
+    ArrayBuilder, ArrayRef, BooleanBuilder, Int32Builder, Int64Builder, StringBuilder,
+    StringDictionaryBuilder, TimestampMicrosecondBuilder,
 };
 use arrow::datatypes::{DataType, Field, Int32Type, Schema, SchemaRef, TimeUnit};
 use arrow::error::ArrowError;
@@ -240,10 +240,12 @@ impl RequestBatchBuilder {
         self.source_workload.append_value(&r.source.workload);
         self.source_namespace.append_value(&r.source.namespace);
         self.source_version.append_value(&r.source.version);
-        self.destination_service.append_value(&r.destination.service);
+        self.destination_service
+            .append_value(&r.destination.service);
         self.destination_workload
             .append_value(&r.destination.workload);
-        self.destination_version.append_value(&r.destination.version);
+        self.destination_version
+            .append_value(&r.destination.version);
         self.destination_namespace
             .append_value(&r.destination.namespace);
         self.protocol.append_value(r.protocol.as_str());
@@ -352,7 +354,11 @@ mod tests {
         let d = batch.column_by_name("duration_us").unwrap();
         assert_eq!(d.as_primitive::<Int64Type>().value(1), 1500);
         assert_eq!(
-            batch.column_by_name("trace_id").unwrap().as_string::<i32>().value(0),
+            batch
+                .column_by_name("trace_id")
+                .unwrap()
+                .as_string::<i32>()
+                .value(0),
             "01010101010101010101010101010101"
         );
         assert!(batch.column_by_name("parent_span_id").unwrap().is_null(0));

@@ -77,7 +77,12 @@ struct AppState {
 
 /// Serves one app on `listener` until `shutdown` turns true. Its calls to
 /// other services go to `outbound`, its sidecar's outbound listener.
-pub async fn serve(app: App, listener: TcpListener, outbound: SocketAddr, mut shutdown: watch::Receiver<bool>) {
+pub async fn serve(
+    app: App,
+    listener: TcpListener,
+    outbound: SocketAddr,
+    mut shutdown: watch::Receiver<bool>,
+) {
     let mut connector = HttpConnector::new();
     connector.set_nodelay(true);
     let client = Client::builder(TokioExecutor::new())
@@ -102,7 +107,11 @@ pub async fn serve(app: App, listener: TcpListener, outbound: SocketAddr, mut sh
         let _ = stream.set_nodelay(true);
         let state = state.clone();
         let svc = service_fn(move |req| handle(state.clone(), req));
-        let conn = graceful.watch(builder.serve_connection(TokioIo::new(stream), svc).into_owned());
+        let conn = graceful.watch(
+            builder
+                .serve_connection(TokioIo::new(stream), svc)
+                .into_owned(),
+        );
         tokio::spawn(async move {
             let _ = conn.await;
         });
@@ -110,11 +119,17 @@ pub async fn serve(app: App, listener: TcpListener, outbound: SocketAddr, mut sh
     let _ = tokio::time::timeout(Duration::from_secs(3), graceful.shutdown()).await;
 }
 
-fn reply(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
+fn reply(
+    status: StatusCode,
+    content_type: &'static str,
+    body: impl Into<Bytes>,
+) -> Response<Full<Bytes>> {
     let mut r = Response::new(Full::new(body.into()));
     *r.status_mut() = status;
-    r.headers_mut()
-        .insert(header::CONTENT_TYPE, header::HeaderValue::from_static(content_type));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static(content_type),
+    );
     r
 }
 
@@ -122,7 +137,10 @@ fn json(status: StatusCode, v: serde_json::Value) -> Response<Full<Bytes>> {
     reply(status, "application/json", v.to_string())
 }
 
-async fn handle(state: Arc<AppState>, req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
+async fn handle(
+    state: Arc<AppState>,
+    req: Request<Incoming>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
     let path = req.uri().path().to_string();
     let trace = req.headers().get("traceparent").cloned();
     if path == "/health" {
@@ -146,7 +164,9 @@ async fn handle(state: Arc<AppState>, req: Request<Incoming>) -> Result<Response
             let (status, page) = match (details, reviews) {
                 (Ok(d), Ok(r)) => (
                     StatusCode::OK,
-                    format!("<html><body><h1>The Comedy of Errors</h1><pre>{d}</pre><pre>{r}</pre></body></html>\n"),
+                    format!(
+                        "<html><body><h1>The Comedy of Errors</h1><pre>{d}</pre><pre>{r}</pre></body></html>\n"
+                    ),
                 ),
                 (d, r) => (
                     StatusCode::OK,
@@ -179,7 +199,8 @@ async fn handle(state: Arc<AppState>, req: Request<Incoming>) -> Result<Response
                 let color = if v == 2 { "black" } else { "red" };
                 match call(&state, "ratings", &format!("/ratings/{id}"), trace.as_ref()).await {
                     Ok(r) => {
-                        reviews["ratings"] = serde_json::from_str(&r).unwrap_or(serde_json::Value::Null);
+                        reviews["ratings"] =
+                            serde_json::from_str(&r).unwrap_or(serde_json::Value::Null);
                         reviews["color"] = color.into();
                     }
                     Err(e) => reviews["ratings"] = serde_json::json!({ "error": e }),
@@ -189,12 +210,21 @@ async fn handle(state: Arc<AppState>, req: Request<Incoming>) -> Result<Response
         }
         (App::Ratings, p) if p.starts_with("/ratings/") => {
             if rand::rng().random_bool(RATINGS_FAILURE_RATE) {
-                json(StatusCode::SERVICE_UNAVAILABLE, serde_json::json!({"error": "ratings service is overloaded"}))
+                json(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    serde_json::json!({"error": "ratings service is overloaded"}),
+                )
             } else {
-                json(StatusCode::OK, serde_json::json!({"id": id, "ratings": {"Reviewer1": 5, "Reviewer2": 4}}))
+                json(
+                    StatusCode::OK,
+                    serde_json::json!({"id": id, "ratings": {"Reviewer1": 5, "Reviewer2": 4}}),
+                )
             }
         }
-        _ => json(StatusCode::NOT_FOUND, serde_json::json!({"error": format!("no such page: {path}")})),
+        _ => json(
+            StatusCode::NOT_FOUND,
+            serde_json::json!({"error": format!("no such page: {path}")}),
+        ),
     };
     Ok(resp)
 }

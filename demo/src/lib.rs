@@ -89,7 +89,9 @@ fn until(mut rx: watch::Receiver<bool>) -> impl std::future::Future<Output = ()>
 }
 
 async fn local_listener() -> Result<TcpListener, DemoError> {
-    TcpListener::bind(("127.0.0.1", 0)).await.map_err(DemoError::Bind)
+    TcpListener::bind(("127.0.0.1", 0))
+        .await
+        .map_err(DemoError::Bind)
 }
 
 fn workload(service: &str, version: &str) -> Workload {
@@ -112,7 +114,11 @@ pub async fn start(config: DemoConfig) -> Result<RunningDemo, DemoError> {
     let store = collector.store();
     let otlp_grpc = collector.otlp_grpc_addr().unwrap_or(config.otlp_grpc);
     let otlp_http = collector.otlp_http_addr().unwrap_or(config.otlp_http);
-    let query = QueryServer::bind(config.query, QueryEngine::new(store.clone(), QueryLimits::default())).await?;
+    let query = QueryServer::bind(
+        config.query,
+        QueryEngine::new(store.clone(), QueryLimits::default()),
+    )
+    .await?;
     let query_addr = query.local_addr().unwrap_or(config.query);
     let (stop_collector, rx) = watch::channel(false);
     let collector_task = tokio::spawn(collector.run(until(rx)));
@@ -148,7 +154,9 @@ pub async fn start(config: DemoConfig) -> Result<RunningDemo, DemoError> {
 
     let mut services: Vec<Service> = Vec::new();
     for (app, _, proxy) in &instances {
-        let address = proxy.inbound_addr().expect("sidecar has an inbound listener");
+        let address = proxy
+            .inbound_addr()
+            .expect("sidecar has an inbound listener");
         let endpoint = Endpoint {
             address,
             address_str: address.to_string().into(),
@@ -173,11 +181,18 @@ pub async fn start(config: DemoConfig) -> Result<RunningDemo, DemoError> {
     let mut app_tasks = Vec::new();
     let mut proxy_tasks = Vec::new();
     for (app, listener, proxy) in instances {
-        let outbound = proxy.outbound_addr().expect("sidecar has an outbound listener");
+        let outbound = proxy
+            .outbound_addr()
+            .expect("sidecar has an outbound listener");
         if let Some(admin) = proxy.admin_addr() {
             sidecars.push((format!("{}-{}", app.service(), app.version()), admin));
         }
-        app_tasks.push(tokio::spawn(bookinfo::serve(app, listener, outbound, apps_rx.clone())));
+        app_tasks.push(tokio::spawn(bookinfo::serve(
+            app,
+            listener,
+            outbound,
+            apps_rx.clone(),
+        )));
         proxy_tasks.push(tokio::spawn(proxy.run(until(proxies_rx.clone()))));
     }
     if let Some(admin) = loadgen_proxy.admin_addr() {

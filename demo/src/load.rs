@@ -62,7 +62,8 @@ pub async fn run(
         let stats = stats.clone();
         stats.sent.fetch_add(1, Ordering::Relaxed);
         tokio::spawn(async move {
-            let ok = match tokio::time::timeout(Duration::from_secs(10), client.request(req)).await {
+            let ok = match tokio::time::timeout(Duration::from_secs(10), client.request(req)).await
+            {
                 Ok(Ok(resp)) => {
                     let success = resp.status().is_success();
                     success && resp.into_body().collect().await.is_ok()

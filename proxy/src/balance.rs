@@ -39,7 +39,9 @@ mod tests {
     fn rotates_evenly_and_handles_no_endpoints() {
         let rr = RoundRobin::default();
         let eps = [endpoint(1), endpoint(2), endpoint(3)];
-        let picks: Vec<u16> = (0..6).map(|_| rr.pick(&eps).unwrap().address.port()).collect();
+        let picks: Vec<u16> = (0..6)
+            .map(|_| rr.pick(&eps).unwrap().address.port())
+            .collect();
         assert_eq!(picks, [1, 2, 3, 1, 2, 3]);
         assert!(rr.pick(&[]).is_none());
     }

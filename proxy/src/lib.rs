@@ -100,7 +100,10 @@ pub struct Proxy {
     admin: Option<TcpListener>,
 }
 
-async fn bind(what: &'static str, addr: Option<SocketAddr>) -> Result<Option<TcpListener>, ProxyError> {
+async fn bind(
+    what: &'static str,
+    addr: Option<SocketAddr>,
+) -> Result<Option<TcpListener>, ProxyError> {
     match addr {
         None => Ok(None),
         Some(addr) => TcpListener::bind(addr)
@@ -164,14 +167,12 @@ impl Proxy {
         // requests finishing during the drain are still exported.
         let (export_stop_tx, export_stop_rx) = watch::channel(false);
         let metrics = Arc::new(Metrics::new());
-        let (telemetry, exporter) = Telemetry::start(
-            &config.telemetry,
-            &config.identity,
-            metrics,
-            export_stop_rx,
-        )?;
+        let (telemetry, exporter) =
+            Telemetry::start(&config.telemetry, &config.identity, metrics, export_stop_rx)?;
         let identity_header = request::source_header_value(&config.identity).ok_or_else(|| {
-            ProxyError::Config("workload identity contains characters not allowed in a header".into())
+            ProxyError::Config(
+                "workload identity contains characters not allowed in a header".into(),
+            )
         })?;
         let shared = Arc::new(Shared {
             identity: config.identity.clone(),

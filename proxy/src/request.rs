@@ -149,7 +149,11 @@ fn detect_protocol<B>(req: &Request<B>) -> Protocol {
         .headers()
         .get(header::CONTENT_TYPE)
         .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
-    if grpc { Protocol::Grpc } else { Protocol::Http2 }
+    if grpc {
+        Protocol::Grpc
+    } else {
+        Protocol::Http2
+    }
 }
 
 /// The request's authority: the URI's (HTTP/2, absolute-form HTTP/1.1) or `Host`.
@@ -237,10 +241,11 @@ fn route_outbound(shared: &Shared, authority: &str) -> Result<Target, RouteFailu
             ))
         }
         Err(NoRoute::NoEndpoints) => {
-            let (service, namespace) = match table.mesh().resolve(authority, &shared.identity.namespace) {
-                Some(s) => (s.name.clone(), s.namespace.clone()),
-                None => (authority.into(), shared.identity.namespace.clone()),
-            };
+            let (service, namespace) =
+                match table.mesh().resolve(authority, &shared.identity.namespace) {
+                    Some(s) => (s.name.clone(), s.namespace.clone()),
+                    None => (authority.into(), shared.identity.namespace.clone()),
+                };
             let message = format!("no healthy upstream: service `{service}` has no endpoints");
             let mut destination = Workload::unknown();
             destination.service = service;
@@ -308,15 +313,18 @@ fn local_reply(
 ) -> Response<ResponseBody> {
     record.status = status.as_u16();
     record.response_flags.insert(flags);
-    let flags_value = HeaderValue::from_str(&flags.to_string())
-        .unwrap_or_else(|_| HeaderValue::from_static("-"));
+    let flags_value =
+        HeaderValue::from_str(&flags.to_string()).unwrap_or_else(|_| HeaderValue::from_static("-"));
     let mut resp = Response::new(ResponseBody::local(
         format!("lumen: {message}\n"),
         Some(pending(record)),
     ));
     *resp.status_mut() = status;
     let h = resp.headers_mut();
-    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
     h.insert(FLAGS_HEADER, flags_value);
     resp
 }
@@ -345,7 +353,10 @@ mod tests {
     fn detects_protocol_from_version_and_content_type() {
         let h1 = Request::builder().body(()).unwrap();
         assert_eq!(detect_protocol(&h1), Protocol::Http1);
-        let h2 = Request::builder().version(Version::HTTP_2).body(()).unwrap();
+        let h2 = Request::builder()
+            .version(Version::HTTP_2)
+            .body(())
+            .unwrap();
         assert_eq!(detect_protocol(&h2), Protocol::Http2);
         let grpc = Request::builder()
             .version(Version::HTTP_2)
@@ -363,7 +374,11 @@ mod tests {
             .body(())
             .unwrap();
         assert_eq!(authority_of(&abs), "reviews:9080");
-        let origin = Request::builder().uri("/x").header("host", "details").body(()).unwrap();
+        let origin = Request::builder()
+            .uri("/x")
+            .header("host", "details")
+            .body(())
+            .unwrap();
         assert_eq!(authority_of(&origin), "details");
     }
 }

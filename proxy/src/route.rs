@@ -35,7 +35,11 @@ pub struct Routed<'a> {
 
 impl RoutingTable {
     pub fn new(mesh: Arc<MeshConfig>) -> Self {
-        let balancers = mesh.services.iter().map(|_| RoundRobin::default()).collect();
+        let balancers = mesh
+            .services
+            .iter()
+            .map(|_| RoundRobin::default())
+            .collect();
         RoutingTable { mesh, balancers }
     }
 

@@ -119,7 +119,10 @@ mod tests {
             lumen_core::schema::hex_id(&t.trace_id),
             "4bf92f3577b34da6a3ce929d0e0e4736"
         );
-        assert_eq!(t.parent_span_id, Some([0x00, 0xf0, 0x67, 0xaa, 0x0b, 0xa9, 0x02, 0xb7]));
+        assert_eq!(
+            t.parent_span_id,
+            Some([0x00, 0xf0, 0x67, 0xaa, 0x0b, 0xa9, 0x02, 0xb7])
+        );
         assert_ne!(t.span_id, [0; 8]);
         let next = t.header_value();
         let s = next.to_str().unwrap();

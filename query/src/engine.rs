@@ -87,8 +87,11 @@ impl QueryEngine {
         let ctx = SessionContext::new_with_config_rt(config, runtime);
         for name in self.store.table_names() {
             let schema = table_schema(name).expect("every store table has a schema");
-            ctx.register_table(*name, Arc::new(StoreTable::new(self.store.clone(), name, schema)))
-                .map_err(|e| QueryError::Sql(e.to_string()))?;
+            ctx.register_table(
+                *name,
+                Arc::new(StoreTable::new(self.store.clone(), name, schema)),
+            )
+            .map_err(|e| QueryError::Sql(e.to_string()))?;
         }
         Ok(ctx)
     }
@@ -115,7 +118,11 @@ impl QueryEngine {
 
 fn classify(e: DataFusionError) -> QueryError {
     let msg = e.strip_backtrace();
-    let read_only = ["DDL not supported", "DML not supported", "Statement not supported"];
+    let read_only = [
+        "DDL not supported",
+        "DML not supported",
+        "Statement not supported",
+    ];
     if read_only.iter().any(|m| msg.contains(m)) {
         QueryError::ReadOnly(msg)
     } else {

@@ -61,8 +61,12 @@ impl Format {
             }
             Format::Csv => {
                 if result.num_rows() == 0 {
-                    let names: Vec<&str> =
-                        result.schema.fields().iter().map(|f| f.name().as_str()).collect();
+                    let names: Vec<&str> = result
+                        .schema
+                        .fields()
+                        .iter()
+                        .map(|f| f.name().as_str())
+                        .collect();
                     out.extend_from_slice(names.join(",").as_bytes());
                     out.push(b'\n');
                 } else {

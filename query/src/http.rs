@@ -53,11 +53,18 @@ async fn sql(State(engine): State<QueryEngine>, headers: HeaderMap, body: String
     let rows = result.num_rows();
     match format.encode(&result) {
         Ok(bytes) => {
-            tracing::debug!(rows, ms = started.elapsed().as_millis() as u64, "query done");
+            tracing::debug!(
+                rows,
+                ms = started.elapsed().as_millis() as u64,
+                "query done"
+            );
             (
                 [
                     (header::CONTENT_TYPE, format.content_type().to_string()),
-                    (header::HeaderName::from_static("x-lumen-rows"), rows.to_string()),
+                    (
+                        header::HeaderName::from_static("x-lumen-rows"),
+                        rows.to_string(),
+                    ),
                 ],
                 bytes,
             )

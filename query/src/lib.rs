@@ -48,7 +48,10 @@ impl QueryServer {
     }
 
     /// Serves until `shutdown` resolves, letting running queries finish.
-    pub async fn run(self, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), ServeError> {
+    pub async fn run(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), ServeError> {
         axum::serve(self.listener, http::router(self.engine))
             .with_graceful_shutdown(shutdown)
             .await

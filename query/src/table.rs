@@ -9,10 +9,14 @@ use async_trait::async_trait;
 use datafusion::catalog::{Session, TableProvider};
 use datafusion::common::ScalarValue;
 use datafusion::datasource::file_format::parquet::ParquetFormat;
-use datafusion::datasource::listing::{ListingOptions, ListingTable, ListingTableConfig, ListingTableUrl};
+use datafusion::datasource::listing::{
+    ListingOptions, ListingTable, ListingTableConfig, ListingTableUrl,
+};
 use datafusion::datasource::memory::MemorySourceConfig;
 use datafusion::error::Result;
-use datafusion::logical_expr::{BinaryExpr, Expr, Operator, TableProviderFilterPushDown, TableType};
+use datafusion::logical_expr::{
+    BinaryExpr, Expr, Operator, TableProviderFilterPushDown, TableType,
+};
 use datafusion::physical_plan::ExecutionPlan;
 use datafusion::physical_plan::empty::EmptyExec;
 use datafusion::physical_plan::union::UnionExec;
@@ -29,7 +33,11 @@ pub struct StoreTable {
 
 impl StoreTable {
     pub fn new(store: Arc<Store>, name: &'static str, schema: SchemaRef) -> Self {
-        StoreTable { store, name, schema }
+        StoreTable {
+            store,
+            name,
+            schema,
+        }
     }
 }
 
@@ -221,19 +229,40 @@ mod tests {
     use datafusion::logical_expr::{col, lit};
 
     fn ts(us: i64) -> Expr {
-        lit(ScalarValue::TimestampMicrosecond(Some(us), Some("UTC".into())))
+        lit(ScalarValue::TimestampMicrosecond(
+            Some(us),
+            Some("UTC".into()),
+        ))
     }
 
     #[test]
     fn time_bounds_come_from_comparisons_between_and_conjunctions() {
         let r = TimeRange::from_filters(&[col("time").gt_eq(ts(100)), col("time").lt(ts(200))]);
-        assert_eq!(r, TimeRange { min: Some(100), max: Some(200) });
+        assert_eq!(
+            r,
+            TimeRange {
+                min: Some(100),
+                max: Some(200)
+            }
+        );
 
         let r = TimeRange::from_filters(&[ts(150).lt(col("time")).and(col("status").eq(lit(500)))]);
-        assert_eq!(r, TimeRange { min: Some(150), max: None });
+        assert_eq!(
+            r,
+            TimeRange {
+                min: Some(150),
+                max: None
+            }
+        );
 
         let r = TimeRange::from_filters(&[col("time").between(ts(10), ts(20))]);
-        assert_eq!(r, TimeRange { min: Some(10), max: Some(20) });
+        assert_eq!(
+            r,
+            TimeRange {
+                min: Some(10),
+                max: Some(20)
+            }
+        );
 
         let ns = lit(ScalarValue::TimestampNanosecond(Some(5_000_999), None));
         let r = TimeRange::from_filters(&[col("time").gt(ns)]);
@@ -246,7 +275,10 @@ mod tests {
 
     #[test]
     fn overlap_is_inclusive() {
-        let r = TimeRange { min: Some(100), max: Some(200) };
+        let r = TimeRange {
+            min: Some(100),
+            max: Some(200),
+        };
         assert!(r.overlaps(50, 100));
         assert!(r.overlaps(200, 300));
         assert!(!r.overlaps(201, 300));

@@ -1,1 +1,392 @@
-//! lumen-tests
+//! Harness for Lumen's end-to-end tests: start the real `lumen` binary on
+//! 127.0.0.1 with ports picked at run time, wait until it is ready, talk to
+//! it as users and peers do, and stop it (SIGTERM, or SIGKILL to simulate a
+//! crash). Test upstream apps run in-process.
+
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+
+pub mod upstream;
+
+/// The `lumen` binary built beside this test (`target/<profile>/lumen`).
+pub fn lumen_bin() -> PathBuf {
+    if let Ok(p) = std::env::var("LUMEN_BIN") {
+        return PathBuf::from(p);
+    }
+    // Test binaries live in target/<profile>/deps/.
+    let exe = std::env::current_exe().expect("test binary path");
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("test binary is in target/<profile>/deps");
+    let bin = profile_dir.join("lumen");
+    assert!(
+        bin.exists(),
+        "{} not found: build it first with `cargo build --workspace --all-targets`",
+        bin.display()
+    );
+    bin
+}
+
+/// A free port on 127.0.0.1 (the OS picks; it stays free for a moment).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("bind 127.0.0.1:0")
+}
+
+pub fn local(port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], port))
+}
+
+/// A running `lumen` process; killed when dropped.
+pub struct LumenProcess {
+    child: Option<Child>,
+    name: String,
+    log: PathBuf,
+}
+
+impl LumenProcess {
+    /// Starts `lumen <args>`, logging to `<log_dir>/<name>.log`.
+    pub fn spawn(name: &str, log_dir: &Path, args: &[String]) -> Result<Self> {
+        let log = log_dir.join(format!("{name}.log"));
+        let out = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .with_context(|| format!("creating {}", log.display()))?;
+        let child = Command::new(lumen_bin())
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(out.try_clone()?)
+            .stderr(out)
+            .spawn()
+            .with_context(|| format!("starting lumen {}", args.join(" ")))?;
+        Ok(LumenProcess {
+            child: Some(child),
+            name: name.to_string(),
+            log,
+        })
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, |c| c.id())
+    }
+
+    /// The process's output so far, for failure messages.
+    pub fn logs(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Polls `url` until it answers 200; fails early if the process exits.
+    pub async fn wait_ready(&mut self, url: &str) -> Result<()> {
+        let client = reqwest::Client::new();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(child) = self.child.as_mut()
+                && let Some(status) = child.try_wait()?
+            {
+                bail!(
+                    "{} exited with {status} before ready:\n{}",
+                    self.name,
+                    self.logs()
+                );
+            }
+            if let Ok(r) = client.get(url).send().await
+                && r.status().is_success()
+            {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "{} not ready at {url} after 60s:\n{}",
+                    self.name,
+                    self.logs()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// SIGTERM, then waits for a clean exit; returns the exit status code.
+    pub fn terminate(&mut self) -> Result<i32> {
+        let Some(mut child) = self.child.take() else {
+            bail!("{} already stopped", self.name);
+        };
+        let pid = child.id().to_string();
+        Command::new("kill").args(["-TERM", &pid]).status()?;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(status) = child.try_wait()? {
+                return Ok(status.code().unwrap_or(-1));
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                bail!(
+                    "{} did not stop within 60s of SIGTERM:\n{}",
+                    self.name,
+                    self.logs()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// SIGKILL: the process gets no chance to flush anything.
+    pub fn kill9(&mut self) -> Result<()> {
+        if let Some(mut child) = self.child.take() {
+            child.kill()?;
+            child.wait()?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for LumenProcess {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Ports of a `lumen up` instance.
+#[derive(Debug, Clone, Copy)]
+pub struct UpPorts {
+    pub otlp_grpc: u16,
+    pub otlp_http: u16,
+    pub query: u16,
+}
+
+impl UpPorts {
+    pub fn pick() -> Self {
+        UpPorts {
+            otlp_grpc: free_port(),
+            otlp_http: free_port(),
+            query: free_port(),
+        }
+    }
+
+    pub fn sql_url(&self) -> String {
+        format!("http://127.0.0.1:{}/api/v1/sql", self.query)
+    }
+
+    pub fn grpc_endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.otlp_grpc)
+    }
+}
+
+/// Starts `lumen up` (collector + query) and waits until it is ready.
+pub async fn start_up(
+    log_dir: &Path,
+    mesh: &Path,
+    data_dir: &Path,
+    ports: UpPorts,
+    extra: &[&str],
+) -> Result<LumenProcess> {
+    let mut args: Vec<String> = vec![
+        "up".into(),
+        "-f".into(),
+        mesh.display().to_string(),
+        "--data-dir".into(),
+        data_dir.display().to_string(),
+        "--otlp-grpc".into(),
+        local(ports.otlp_grpc).to_string(),
+        "--otlp-http".into(),
+        local(ports.otlp_http).to_string(),
+        "--query-addr".into(),
+        local(ports.query).to_string(),
+    ];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let mut p = LumenProcess::spawn("lumen-up", log_dir, &args)?;
+    p.wait_ready(&format!("http://127.0.0.1:{}/ready", ports.query))
+        .await?;
+    Ok(p)
+}
+
+/// Runs SQL through the HTTP API; returns JSON rows, or the error body.
+pub async fn sql(url: &str, query: &str) -> Result<Vec<serde_json::Value>> {
+    let resp = reqwest::Client::new()
+        .post(url)
+        .body(query.to_string())
+        .send()
+        .await?;
+    let status = resp.status();
+    let body = resp.text().await?;
+    if !status.is_success() {
+        bail!("SQL `{query}` failed with {status}: {body}");
+    }
+    Ok(serde_json::from_str(&body)?)
+}
+
+/// The single integer a `SELECT count(*) AS n …` query returns.
+pub async fn sql_count(url: &str, query: &str) -> Result<i64> {
+    let rows = sql(url, query).await?;
+    rows.first()
+        .and_then(|r| r.get("n"))
+        .and_then(|v| v.as_i64())
+        .with_context(|| format!("no `n` in {rows:?}"))
+}
+
+/// Polls a count query until it reaches `want` (or 60 s pass); returns the
+/// last value, so the caller asserts equality and sees overshoot too.
+pub async fn wait_for_count(url: &str, query: &str, want: i64) -> Result<i64> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let n = sql_count(url, query).await?;
+        if n >= want || Instant::now() > deadline {
+            return Ok(n);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Writes a mesh file of services → endpoint addresses.
+pub fn write_mesh(path: &Path, services: &[(&str, u16, &[(SocketAddr, &str)])]) -> Result<()> {
+    let mut y = String::from(
+        "apiVersion: lumen.dev/v1alpha1\nkind: Mesh\nmetadata:\n  name: e2e\nspec:\n  services:\n",
+    );
+    for (name, port, endpoints) in services {
+        y.push_str(&format!(
+            "    - name: {name}\n      port: {port}\n      endpoints:\n"
+        ));
+        for (addr, version) in *endpoints {
+            y.push_str(&format!(
+                "        - address: {addr}\n          version: {version}\n"
+            ));
+        }
+    }
+    std::fs::write(path, y)?;
+    Ok(())
+}
+
+/// Ports of one sidecar.
+#[derive(Debug, Clone, Copy)]
+pub struct SidecarPorts {
+    pub outbound: u16,
+    pub inbound: u16,
+    pub admin: u16,
+}
+
+impl SidecarPorts {
+    pub fn pick() -> Self {
+        SidecarPorts {
+            outbound: free_port(),
+            inbound: free_port(),
+            admin: free_port(),
+        }
+    }
+}
+
+/// Starts `lumen proxy` for one workload and waits for its admin `/ready`.
+pub async fn start_sidecar(
+    log_dir: &Path,
+    service: &str,
+    version: &str,
+    mesh: &Path,
+    ports: SidecarPorts,
+    app: Option<SocketAddr>,
+    collector: &str,
+) -> Result<LumenProcess> {
+    let mut args: Vec<String> = vec![
+        "proxy".into(),
+        "--service".into(),
+        service.into(),
+        "--version".into(),
+        version.into(),
+        "-f".into(),
+        mesh.display().to_string(),
+        "--outbound".into(),
+        local(ports.outbound).to_string(),
+        "--admin".into(),
+        local(ports.admin).to_string(),
+        "--collector".into(),
+        collector.into(),
+        "--workers".into(),
+        "1".into(),
+    ];
+    match app {
+        Some(a) => args.extend([
+            "--inbound".into(),
+            local(ports.inbound).to_string(),
+            "--app".into(),
+            a.to_string(),
+        ]),
+        None => args.push("--no-inbound".into()),
+    }
+    let mut p = LumenProcess::spawn(&format!("sidecar-{service}-{version}"), log_dir, &args)?;
+    p.wait_ready(&format!("http://127.0.0.1:{}/ready", ports.admin))
+        .await?;
+    Ok(p)
+}
+
+/// The Python interpreter used for peer clients (OpenTelemetry SDK, DuckDB).
+pub fn python() -> String {
+    std::env::var("LUMEN_TEST_PYTHON").unwrap_or_else(|_| "python3".into())
+}
+
+/// Runs a Python script; fails with its output if it fails. Peers are
+/// installed by the README's test command, so a missing module is a failure.
+pub fn run_python(script: &str, args: &[&str]) -> Result<String> {
+    let out = Command::new(python())
+        .arg("-c")
+        .arg(script)
+        .args(args)
+        .output()
+        .with_context(|| format!("running {}", python()))?;
+    if !out.status.success() {
+        bail!(
+            "python failed ({}):\n{}\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// A connector that dials one address whatever the URI says, as an app does
+/// when it sends every call to its sidecar while naming the service in the
+/// authority (what `grpc.WithAuthority` does).
+#[derive(Clone, Debug)]
+pub struct DialSidecar(pub SocketAddr);
+
+impl tower::Service<http::Uri> for DialSidecar {
+    type Response = hyper_util::rt::TokioIo<tokio::net::TcpStream>;
+    type Error = std::io::Error;
+    type Future = std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<Self::Response, Self::Error>> + Send>,
+    >;
+
+    fn poll_ready(
+        &mut self,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _uri: http::Uri) -> Self::Future {
+        let addr = self.0;
+        Box::pin(async move {
+            let s = tokio::net::TcpStream::connect(addr).await?;
+            s.set_nodelay(true)?;
+            Ok(hyper_util::rt::TokioIo::new(s))
+        })
+    }
+}
+
+/// An HTTP/2 (h2c, prior knowledge) client whose connections all go to `sidecar`.
+pub fn h2_client_via(
+    sidecar: SocketAddr,
+) -> hyper_util::client::legacy::Client<DialSidecar, http_body_util::Full<bytes::Bytes>> {
+    hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .http2_only(true)
+        .build(DialSidecar(sidecar))
+}

@@ -81,19 +81,21 @@ fn check_ids(span: &Span, at: &str) -> Result<Ids, InvalidSpan> {
         field: format!("{at}.{f}"),
         reason,
     };
-    let trace_id: [u8; 16] = span
-        .trace_id
-        .as_slice()
-        .try_into()
-        .map_err(|_| bad("trace_id", format!("must be 16 bytes, got {}", span.trace_id.len())))?;
+    let trace_id: [u8; 16] = span.trace_id.as_slice().try_into().map_err(|_| {
+        bad(
+            "trace_id",
+            format!("must be 16 bytes, got {}", span.trace_id.len()),
+        )
+    })?;
     if trace_id == [0; 16] {
         return Err(bad("trace_id", "must not be all zeros".into()));
     }
-    let span_id: [u8; 8] = span
-        .span_id
-        .as_slice()
-        .try_into()
-        .map_err(|_| bad("span_id", format!("must be 8 bytes, got {}", span.span_id.len())))?;
+    let span_id: [u8; 8] = span.span_id.as_slice().try_into().map_err(|_| {
+        bad(
+            "span_id",
+            format!("must be 8 bytes, got {}", span.span_id.len()),
+        )
+    })?;
     if span_id == [0; 8] {
         return Err(bad("span_id", "must not be all zeros".into()));
     }
@@ -103,7 +105,12 @@ fn check_ids(span: &Span, at: &str) -> Result<Ids, InvalidSpan> {
             let p: [u8; 8] = span.parent_span_id.as_slice().try_into().expect("8 bytes");
             (p != [0; 8]).then_some(p)
         }
-        n => return Err(bad("parent_span_id", format!("must be empty or 8 bytes, got {n}"))),
+        n => {
+            return Err(bad(
+                "parent_span_id",
+                format!("must be empty or 8 bytes, got {n}"),
+            ));
+        }
     };
     if span.end_time_unix_nano != 0 && span.end_time_unix_nano < span.start_time_unix_nano {
         return Err(bad(
@@ -140,7 +147,11 @@ fn as_bool(v: &Option<AnyValue>) -> Option<bool> {
 }
 
 /// Rebuilds the proxy's record from its span's attributes.
-fn request_record(span: &Span, (trace_id, span_id, parent): Ids, at: &str) -> Result<RequestRecord, InvalidSpan> {
+fn request_record(
+    span: &Span,
+    (trace_id, span_id, parent): Ids,
+    at: &str,
+) -> Result<RequestRecord, InvalidSpan> {
     let bad = |key: &str, reason: &str| InvalidSpan {
         field: format!("{at}.attributes[{key}]"),
         reason: reason.to_string(),
@@ -191,7 +202,12 @@ fn request_record(span: &Span, (trace_id, span_id, parent): Ids, at: &str) -> Re
                     Some("http/1.1") => Protocol::Http1,
                     Some("http/2") => Protocol::Http2,
                     Some("grpc") => Protocol::Grpc,
-                    _ => return Err(bad(attr::PROTOCOL, "must be `http/1.1`, `http/2` or `grpc`")),
+                    _ => {
+                        return Err(bad(
+                            attr::PROTOCOL,
+                            "must be `http/1.1`, `http/2` or `grpc`",
+                        ));
+                    }
                 }
             }
             attr::METHOD => rec_method = as_str(v).unwrap_or_default().to_string(),
@@ -268,7 +284,9 @@ fn any_to_json(v: &AnyValue) -> Json {
         Some(any_value::Value::DoubleValue(d)) => {
             serde_json::Number::from_f64(*d).map_or(Json::Null, Json::Number)
         }
-        Some(any_value::Value::ArrayValue(a)) => Json::Array(a.values.iter().map(any_to_json).collect()),
+        Some(any_value::Value::ArrayValue(a)) => {
+            Json::Array(a.values.iter().map(any_to_json).collect())
+        }
         Some(any_value::Value::KvlistValue(kv)) => Json::Object(attributes_map(&kv.values)),
         Some(any_value::Value::BytesValue(b)) => Json::String(hex_id(b)),
         _ => Json::Null,
@@ -278,7 +296,12 @@ fn any_to_json(v: &AnyValue) -> Json {
 fn attributes_map(attrs: &[KeyValue]) -> Map<String, Json> {
     attrs
         .iter()
-        .map(|kv| (kv.key.clone(), kv.value.as_ref().map_or(Json::Null, any_to_json)))
+        .map(|kv| {
+            (
+                kv.key.clone(),
+                kv.value.as_ref().map_or(Json::Null, any_to_json),
+            )
+        })
         .collect()
 }
 
@@ -366,14 +389,20 @@ impl SpanBatchBuilder {
         resource_json: &str,
     ) {
         let start = SystemTime::UNIX_EPOCH + Duration::from_nanos(span.start_time_unix_nano);
-        let micros = start.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_micros() as i64);
+        let micros = start
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_micros() as i64);
         self.time.append_value(micros);
         self.duration_us.append_value(
-            (span.end_time_unix_nano.saturating_sub(span.start_time_unix_nano) / 1000) as i64,
+            (span
+                .end_time_unix_nano
+                .saturating_sub(span.start_time_unix_nano)
+                / 1000) as i64,
         );
         self.trace_id.append_value(hex_id(&trace_id));
         self.span_id.append_value(hex_id(&span_id));
-        self.parent_span_id.append_option(parent.map(|p| hex_id(&p)));
+        self.parent_span_id
+            .append_option(parent.map(|p| hex_id(&p)));
         self.service_name.append_value(service_name);
         self.name.append_value(&span.name);
         self.kind.append_value(kind_name(span.kind));
@@ -383,7 +412,8 @@ impl SpanBatchBuilder {
         self.status_message
             .append_option(status.map(|s| s.message.as_str()).filter(|m| !m.is_empty()));
         self.scope_name.append_option(scope_name);
-        self.attributes.append_value(attributes_json(&span.attributes));
+        self.attributes
+            .append_value(attributes_json(&span.attributes));
         self.resource_attributes.append_value(resource_json);
         self.events.append_value(span.events.len() as i32);
         self.links.append_value(span.links.len() as i32);
@@ -481,18 +511,34 @@ mod tests {
         assert_eq!(lumen_core::schema::TABLES[*table], "requests");
         assert_eq!(batch.num_rows(), 1);
         let dur = batch.column_by_name("duration_us").unwrap();
-        assert_eq!(dur.as_primitive::<arrow::datatypes::Int64Type>().value(0), 2500);
+        assert_eq!(
+            dur.as_primitive::<arrow::datatypes::Int64Type>().value(0),
+            2500
+        );
         let status = batch.column_by_name("status").unwrap();
-        assert_eq!(status.as_primitive::<arrow::datatypes::Int32Type>().value(0), 503);
+        assert_eq!(
+            status
+                .as_primitive::<arrow::datatypes::Int32Type>()
+                .value(0),
+            503
+        );
     }
 
     #[test]
     fn other_spans_become_span_rows_with_json_attributes() {
-        let attrs = vec![kv("http.route", s("/cart")), kv("retry", any_value::Value::IntValue(2))];
+        let attrs = vec![
+            kv("http.route", s("/cart")),
+            kv("retry", any_value::Value::IntValue(2)),
+        ];
         let out = convert_traces(&request("my-app", vec![span(attrs)])).unwrap();
         let (table, batch) = &out[0];
         assert_eq!(lumen_core::schema::TABLES[*table], "spans");
-        let attrs = batch.column_by_name("attributes").unwrap().as_string::<i32>().value(0).to_string();
+        let attrs = batch
+            .column_by_name("attributes")
+            .unwrap()
+            .as_string::<i32>()
+            .value(0)
+            .to_string();
         assert_eq!(attrs, r#"{"http.route":"/cart","retry":2}"#);
         assert!(batch.column_by_name("parent_span_id").unwrap().is_null(0));
     }
@@ -502,14 +548,23 @@ mod tests {
         let mut bad = span(vec![]);
         bad.trace_id = vec![1, 2, 3];
         let e = convert_traces(&request("x", vec![span(vec![]), bad])).unwrap_err();
-        assert_eq!(e.field, "resource_spans[0].scope_spans[0].spans[1].trace_id");
+        assert_eq!(
+            e.field,
+            "resource_spans[0].scope_spans[0].spans[1].trace_id"
+        );
 
-        let e = convert_traces(&request(PROXY_SCOPE, vec![span(vec![kv(attr::REPORTER, s("nobody"))])]))
-            .unwrap_err();
+        let e = convert_traces(&request(
+            PROXY_SCOPE,
+            vec![span(vec![kv(attr::REPORTER, s("nobody"))])],
+        ))
+        .unwrap_err();
         assert!(e.field.ends_with("attributes[lumen.reporter]"), "{e}");
 
-        let e = convert_traces(&request(PROXY_SCOPE, vec![span(vec![kv(attr::REPORTER, s("source"))])]))
-            .unwrap_err();
+        let e = convert_traces(&request(
+            PROXY_SCOPE,
+            vec![span(vec![kv(attr::REPORTER, s("source"))])],
+        ))
+        .unwrap_err();
         assert!(e.to_string().contains("http.response.status_code"), "{e}");
     }
 }

@@ -13,8 +13,8 @@ use std::task::{Context, Poll};
 
 use bytes::{Buf, Bytes, BytesMut};
 use http::{HeaderMap, HeaderValue};
-use http_body_util::{BodyExt, StreamBody};
 use http_body::Frame;
+use http_body_util::{BodyExt, StreamBody};
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceResponse;
 use prost::Message;
 use tonic::Status;
@@ -65,7 +65,10 @@ fn status_of(e: IngestError) -> Status {
 
 async fn export(ingest: Ingest, req: http::Request<Body>) -> Result<http::Response<Body>, Status> {
     if req.uri().path() != EXPORT_PATH {
-        return Err(Status::unimplemented(format!("unknown method {}", req.uri().path())));
+        return Err(Status::unimplemented(format!(
+            "unknown method {}",
+            req.uri().path()
+        )));
     }
     let gzip = match req.headers().get("grpc-encoding").map(|v| v.as_bytes()) {
         None | Some(b"identity") => false,
@@ -109,7 +112,9 @@ async fn read_unary(mut body: Body, ingest: &Ingest) -> Result<(bool, Bytes), St
             && buf.len() >= 5 + len
         {
             if buf.len() > 5 + len {
-                return Err(Status::invalid_argument("more than one message in a unary call"));
+                return Err(Status::invalid_argument(
+                    "more than one message in a unary call",
+                ));
             }
             let compressed = buf[0] == 1;
             buf.advance(5);
@@ -140,12 +145,20 @@ fn unary_response(msg: &impl Message) -> http::Response<Body> {
     framed.extend_from_slice(&encoded);
     let mut trailers = HeaderMap::new();
     trailers.insert("grpc-status", HeaderValue::from_static("0"));
-    let frames: Vec<Result<Frame<Bytes>, Infallible>> =
-        vec![Ok(Frame::data(framed.freeze())), Ok(Frame::trailers(trailers))];
+    let frames: Vec<Result<Frame<Bytes>, Infallible>> = vec![
+        Ok(Frame::data(framed.freeze())),
+        Ok(Frame::trailers(trailers)),
+    ];
     let body = Body::new(StreamBody::new(futures_util::stream::iter(frames)));
     let mut resp = http::Response::new(body);
     let h = resp.headers_mut();
-    h.insert(http::header::CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
-    h.insert("grpc-accept-encoding", HeaderValue::from_static("gzip,identity"));
+    h.insert(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_static("application/grpc"),
+    );
+    h.insert(
+        "grpc-accept-encoding",
+        HeaderValue::from_static("gzip,identity"),
+    );
     resp
 }

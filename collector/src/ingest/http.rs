@@ -7,7 +7,8 @@ use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use http_body_util::{BodyExt, Limited};
+use bytes::{Bytes, BytesMut};
+use http_body_util::BodyExt;
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceResponse;
 use prost::Message;
 
@@ -51,7 +52,11 @@ fn error(encoding: Option<Encoding>, status: StatusCode, message: String) -> Res
             serde_json::json!({ "code": code, "message": message }).to_string(),
         )
             .into_response(),
-        None => (status, [(header::CONTENT_TYPE, "text/plain; charset=utf-8")], format!("{message}\n"))
+        None => (
+            status,
+            [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+            format!("{message}\n"),
+        )
             .into_response(),
     }
 }
@@ -101,16 +106,19 @@ async fn traces(State(ingest): State<Ingest>, headers: HeaderMap, body: Body) ->
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<usize>().ok());
-    if let Some(n) = declared.filter(|n| *n > limit) {
+    if let Some(n) = declared.filter(|n| *n > discard_cap(limit)) {
+        // Far too large to be worth reading just to answer politely.
         return ingest_error(encoding, ingest.too_large(Some(n)));
     }
-    let bytes = match Limited::new(body, limit).collect().await {
-        Ok(c) => c.to_bytes(),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
-            return ingest_error(encoding, ingest.too_large(None));
-        }
-        Err(e) => {
-            return error(Some(encoding), StatusCode::BAD_REQUEST, format!("reading request body: {e}"));
+    let bytes = match read_limited(body, limit).await {
+        Ok(b) => b,
+        Err(BodyError::TooLarge) => return ingest_error(encoding, ingest.too_large(None)),
+        Err(BodyError::Read(e)) => {
+            return error(
+                Some(encoding),
+                StatusCode::BAD_REQUEST,
+                format!("reading request body: {e}"),
+            );
         }
     };
     let bytes = if gzip {
@@ -140,4 +148,41 @@ async fn traces(State(ingest): State<Ingest>, headers: HeaderMap, body: Body) ->
             .into_response(),
         Encoding::Json => ([(header::CONTENT_TYPE, "application/json")], "{}").into_response(),
     }
+}
+
+fn discard_cap(limit: usize) -> usize {
+    limit.saturating_mul(4).max(1 << 20)
+}
+
+enum BodyError {
+    TooLarge,
+    Read(axum::Error),
+}
+
+/// Reads at most `limit` bytes. Past the limit the rest is read and thrown
+/// away (up to a bound) so the client, still sending, gets the 400 instead of
+/// a reset connection; a body far past the limit is cut off.
+async fn read_limited(mut body: Body, limit: usize) -> Result<Bytes, BodyError> {
+    let discard_cap = discard_cap(limit);
+    let mut buf = BytesMut::new();
+    let mut seen = 0usize;
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(BodyError::Read)?;
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        seen += data.len();
+        if seen > limit {
+            if seen > discard_cap {
+                return Err(BodyError::TooLarge);
+            }
+            buf.clear();
+            continue;
+        }
+        buf.extend_from_slice(&data);
+    }
+    if seen > limit {
+        return Err(BodyError::TooLarge);
+    }
+    Ok(buf.freeze())
 }

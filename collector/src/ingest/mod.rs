@@ -108,7 +108,9 @@ impl Ingest {
         flate2::read::GzDecoder::new(bytes)
             .take(limit + 1)
             .read_to_end(&mut out)
-            .map_err(|e| self.rejected(IngestError::Invalid(format!("invalid gzip payload: {e}"))))?;
+            .map_err(|e| {
+                self.rejected(IngestError::Invalid(format!("invalid gzip payload: {e}")))
+            })?;
         if out.len() as u64 > limit {
             return Err(self.too_large(None));
         }
@@ -116,7 +118,10 @@ impl Ingest {
     }
 
     pub fn too_large(&self, declared: Option<usize>) -> IngestError {
-        let size = declared.map_or_else(|| "more than the limit".to_string(), |n| format!("{n} bytes"));
+        let size = declared.map_or_else(
+            || "more than the limit".to_string(),
+            |n| format!("{n} bytes"),
+        );
         self.rejected(IngestError::Invalid(format!(
             "payload of {size} exceeds the limit of {} bytes",
             self.max_request_bytes

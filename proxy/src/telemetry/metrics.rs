@@ -25,8 +25,7 @@ struct DropLabels {
 /// Istio's buckets for `istio_request_duration_milliseconds`, so dashboards
 /// built for Istio read the same quantiles.
 const DURATION_BUCKETS_MS: [f64; 14] = [
-    0.5, 1.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0,
-    30000.0,
+    0.5, 1.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0, 30000.0,
 ];
 
 fn duration_histogram() -> Histogram {
@@ -53,10 +52,9 @@ impl Metrics {
     pub fn new() -> Self {
         let mut registry = Registry::with_prefix("lumen");
         let requests = Family::<RequestLabels, Counter>::default();
-        let duration =
-            Family::<RequestLabels, Histogram, fn() -> Histogram>::new_with_constructor(
-                duration_histogram,
-            );
+        let duration = Family::<RequestLabels, Histogram, fn() -> Histogram>::new_with_constructor(
+            duration_histogram,
+        );
         let records_dropped = Family::<DropLabels, Counter>::default();
         let records_exported = Counter::default();
         registry.register(

@@ -8,7 +8,9 @@ use std::time::{Duration, Instant};
 
 use lumen_core::schema::{PROXY_SCOPE, attr};
 use lumen_core::{Reporter, RequestRecord, Workload};
-use opentelemetry::trace::{SpanContext, SpanId, SpanKind, Status, TraceFlags, TraceId, TraceState};
+use opentelemetry::trace::{
+    SpanContext, SpanId, SpanKind, Status, TraceFlags, TraceId, TraceState,
+};
 use opentelemetry::{InstrumentationScope, KeyValue, Value};
 use opentelemetry_otlp::WithExportConfig;
 use opentelemetry_sdk::Resource;

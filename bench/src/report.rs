@@ -1,0 +1,171 @@
+//! The Markdown report: one table row per scenario, the Lumen/Envoy and
+//! telemetry-on/off ratios, and the details a reader needs to trust them.
+
+use std::fmt::Write;
+
+use crate::scenario::{Measured, Scenario};
+
+pub struct Context {
+    pub command: String,
+    pub date: String,
+    pub machine: String,
+    pub versions: Vec<(String, String)>,
+    pub duration: u64,
+    pub warmup: u64,
+    pub rate: u32,
+    pub wrk_connections: u32,
+    pub oha_connections: u32,
+}
+
+pub fn render(ctx: &Context, rows: &[Measured]) -> String {
+    let mut out = String::new();
+    let w = &mut out;
+    let _ = writeln!(w, "# Lumen proxy benchmark\n");
+    let _ = writeln!(w, "- command: `{}`", ctx.command);
+    let _ = writeln!(w, "- date: {}", ctx.date);
+    let _ = writeln!(w, "- machine: {}", ctx.machine);
+    let versions: Vec<String> = ctx
+        .versions
+        .iter()
+        .map(|(k, v)| format!("{k}: {v}"))
+        .collect();
+    let _ = writeln!(w, "- versions: {}", versions.join("; "));
+    let _ = writeln!(
+        w,
+        "- load: wrk -t1 -c{} for {} s (after {} s warm-up) for throughput; \
+         oha -q {} -c{} --latency-correction for {} s for latency and CPU\n",
+        ctx.wrk_connections, ctx.duration, ctx.warmup, ctx.rate, ctx.oha_connections, ctx.duration
+    );
+
+    let _ = writeln!(
+        w,
+        "| scenario | throughput rps | p50 ms | p99 ms @{}rps | CPU s/1000 req/hop | RSS MiB |",
+        ctx.rate
+    );
+    let _ = writeln!(w, "|---|---:|---:|---:|---:|---:|");
+    for m in rows {
+        let _ = writeln!(
+            w,
+            "| {} | {:.0} | {:.2} | {:.2} | {} | {} |",
+            m.scenario.label(),
+            m.wrk.rps,
+            m.oha.p50_ms,
+            m.oha.p99_ms,
+            opt(m.cpu_s_per_1000.map(|c| c / 2.0), 4),
+            opt(m.rss_mib, 1),
+        );
+    }
+    let _ = writeln!(w);
+
+    let get = |s: Scenario| rows.iter().find(|m| m.scenario == s);
+    if let (Some(b), Some(d)) = (get(Scenario::B), get(Scenario::D)) {
+        let _ = writeln!(
+            w,
+            "- Lumen (telemetry on) / Envoy: throughput {}, p99 {}, CPU per request {}",
+            ratio(b.wrk.rps, d.wrk.rps),
+            ratio(b.oha.p99_ms, d.oha.p99_ms),
+            match (b.cpu_s_per_1000, d.cpu_s_per_1000) {
+                (Some(x), Some(y)) => ratio(x, y),
+                _ => "-".into(),
+            }
+        );
+    }
+    if let (Some(b), Some(c)) = (get(Scenario::B), get(Scenario::C)) {
+        let _ = writeln!(
+            w,
+            "- telemetry cost, (b) vs (c): throughput {}, CPU per request {}",
+            percent(b.wrk.rps, c.wrk.rps),
+            match (b.cpu_s_per_1000, c.cpu_s_per_1000) {
+                (Some(x), Some(y)) => percent(x, y),
+                _ => "-".into(),
+            }
+        );
+    }
+
+    let _ = writeln!(w, "\n## Details\n");
+    for m in rows {
+        let _ = writeln!(w, "- {}:", m.scenario.label());
+        let _ = writeln!(
+            w,
+            "  - wrk: {} requests, {} socket errors, {} non-2xx/3xx",
+            m.wrk.requests, m.wrk.socket_errors, m.wrk.non_2xx_3xx
+        );
+        let _ = writeln!(
+            w,
+            "  - oha: {} responses ({} 2xx), success rate {:.2}%{}{}",
+            m.oha.responses,
+            m.oha.ok,
+            m.oha.success_rate * 100.0,
+            counts(", statuses", &m.oha.bad_statuses),
+            counts(", errors", &m.oha.errors),
+        );
+        if let Some(c) = m.cpu_s_per_1000 {
+            let _ = writeln!(
+                w,
+                "  - CPU of both proxies: {c:.4} s per 1000 requests during the oha run"
+            );
+        }
+        if let Some(t) = &m.telemetry {
+            let expected = 2 * t.requests_sent;
+            let _ = writeln!(
+                w,
+                "  - telemetry: collector holds {} request records for {} requests sent \
+                 (expected {} = 2 per request, {:.1}%); sidecars counted {} requests, \
+                 exported {} records, dropped {}",
+                t.records_in_collector,
+                t.requests_sent,
+                expected,
+                t.records_in_collector as f64 * 100.0 / expected.max(1) as f64,
+                t.proxy_requests,
+                t.exported,
+                t.dropped
+            );
+        }
+    }
+    let _ = writeln!(
+        w,
+        "\nCPU is utime+stime of the proxy processes (all threads) from /proc, \
+         per hop = both proxies / 2. RSS is the larger VmRSS of the two proxies after the runs. \
+         Load generator, proxies and nginx share the machine's cores."
+    );
+    out
+}
+
+fn opt(v: Option<f64>, decimals: usize) -> String {
+    v.map_or_else(|| "-".into(), |v| format!("{v:.decimals$}"))
+}
+
+fn ratio(x: f64, y: f64) -> String {
+    if y == 0.0 {
+        return "-".into();
+    }
+    format!("{:.2}×", x / y)
+}
+
+fn percent(x: f64, base: f64) -> String {
+    if base == 0.0 {
+        return "-".into();
+    }
+    format!("{:+.1}%", (x - base) / base * 100.0)
+}
+
+fn counts(label: &str, m: &std::collections::BTreeMap<String, u64>) -> String {
+    if m.is_empty() {
+        return String::new();
+    }
+    let parts: Vec<String> = m.iter().map(|(k, n)| format!("{k}: {n}")).collect();
+    format!("{label} {{{}}}", parts.join(", "))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ratios_and_percents() {
+        assert_eq!(ratio(3.0, 2.0), "1.50×");
+        assert_eq!(ratio(1.0, 0.0), "-");
+        assert_eq!(percent(90.0, 100.0), "-10.0%");
+        assert_eq!(percent(125.0, 100.0), "+25.0%");
+    }
+}

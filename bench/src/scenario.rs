@@ -1,0 +1,402 @@
+//! One scenario = one topology on loopback, the same load against it, and
+//! the cost of its proxies measured from /proc while the load runs.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::thread::sleep;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use clap::ValueEnum;
+use serde_json::Value;
+
+use crate::http;
+use crate::load::{self, OhaResult, Target, WrkResult};
+use crate::peers::{self, CollectorPorts, Listener, Proc, SidecarOpts, local};
+use crate::procstat;
+
+/// Host the meshes route on; the name and port of the service in mesh.yaml.
+const SERVICE_HOST: &str = "upstream:8080";
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, ValueEnum)]
+pub enum Scenario {
+    /// load → nginx
+    A,
+    /// load → Lumen client → Lumen server → nginx, telemetry on
+    B,
+    /// as b, telemetry off
+    C,
+    /// load → Envoy client → Envoy server → nginx
+    D,
+}
+
+impl Scenario {
+    pub fn label(self) -> &'static str {
+        match self {
+            Scenario::A => "(a) nginx direct",
+            Scenario::B => "(b) Lumen, telemetry on",
+            Scenario::C => "(c) Lumen, telemetry off",
+            Scenario::D => "(d) Envoy",
+        }
+    }
+}
+
+pub struct Settings {
+    pub lumen: PathBuf,
+    pub tmp: PathBuf,
+    pub duration: u64,
+    pub warmup: u64,
+    pub rate: u32,
+    pub wrk_connections: u32,
+    pub oha_connections: u32,
+    pub clk_tck: u64,
+}
+
+pub struct Measured {
+    pub scenario: Scenario,
+    pub wrk: WrkResult,
+    pub oha: OhaResult,
+    /// CPU seconds of both proxies together per 1000 requests of the
+    /// fixed-rate run; None without proxies.
+    pub cpu_s_per_1000: Option<f64>,
+    /// Largest VmRSS of the proxies after the runs.
+    pub rss_mib: Option<f64>,
+    pub telemetry: Option<TelemetryCheck>,
+}
+
+/// Did the collector really receive a record per request per sidecar?
+pub struct TelemetryCheck {
+    pub requests_sent: u64,
+    pub records_in_collector: u64,
+    /// Sums over both sidecars of their own counters.
+    pub proxy_requests: u64,
+    pub exported: u64,
+    pub dropped: u64,
+}
+
+/// The processes of a running topology, stopped in reverse start order
+/// (load-facing proxies first, nginx last) when dropped.
+struct Topology {
+    procs: Vec<Proc>,
+    /// Indexes into `procs` of the proxies whose cost is measured.
+    proxies: Vec<usize>,
+    target: Target,
+    /// Lumen only: the query API and the sidecars' admin ports.
+    query: Option<u16>,
+    admins: Vec<u16>,
+}
+
+impl Drop for Topology {
+    fn drop(&mut self) {
+        while let Some(mut p) = self.procs.pop() {
+            p.stop();
+        }
+    }
+}
+
+impl Topology {
+    fn proxy_pids(&self) -> Vec<u32> {
+        self.proxies.iter().map(|&i| self.procs[i].pid()).collect()
+    }
+
+    fn check_alive(&mut self) -> Result<()> {
+        self.procs.iter_mut().try_for_each(Proc::check_alive)
+    }
+
+    fn logs(&self) -> String {
+        self.procs
+            .iter()
+            .map(Proc::log_tail)
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+}
+
+pub fn run(s: Scenario, set: &Settings) -> Result<Measured> {
+    let dir = set.tmp.join(format!("{s:?}").to_lowercase());
+    fs::create_dir_all(&dir)?;
+    let mut topo = start(s, set, &dir)?;
+    probe(&mut topo)?;
+
+    eprintln!("  warm-up: wrk {} s", set.warmup);
+    let warm = load::run_wrk(&topo.target, set.wrk_connections, set.warmup)?;
+    eprintln!(
+        "  throughput: wrk -c{} {} s",
+        set.wrk_connections, set.duration
+    );
+    let wrk = load::run_wrk(&topo.target, set.wrk_connections, set.duration)?;
+    topo.check_alive()?;
+
+    eprintln!(
+        "  latency: oha -q {} -c{} {} s",
+        set.rate, set.oha_connections, set.duration
+    );
+    let pids = topo.proxy_pids();
+    let cpu_before = total_ticks(&pids)?;
+    let oha = load::run_oha(&topo.target, set.rate, set.oha_connections, set.duration)?;
+    let cpu_after = total_ticks(&pids)?;
+    topo.check_alive()?;
+
+    let cpu_s_per_1000 = (!pids.is_empty() && oha.responses > 0).then(|| {
+        let secs = (cpu_after - cpu_before) as f64 / set.clk_tck as f64;
+        secs / (oha.responses as f64 / 1000.0)
+    });
+    let rss_mib = if pids.is_empty() {
+        None
+    } else {
+        let mut max = 0;
+        for &pid in &pids {
+            max = max.max(procstat::rss_kib(pid)?);
+        }
+        Some(max as f64 / 1024.0)
+    };
+    let telemetry = match s {
+        // The probe request counts too.
+        Scenario::B => Some(check_telemetry(
+            &topo,
+            1 + warm.requests + wrk.requests + oha.responses,
+        )?),
+        _ => None,
+    };
+    Ok(Measured {
+        scenario: s,
+        wrk,
+        oha,
+        cpu_s_per_1000,
+        rss_mib,
+        telemetry,
+    })
+}
+
+fn total_ticks(pids: &[u32]) -> Result<u64> {
+    pids.iter().map(|&p| procstat::cpu_ticks(p)).sum()
+}
+
+fn start(s: Scenario, set: &Settings, dir: &Path) -> Result<Topology> {
+    let ports = peers::free_ports(8)?;
+    let [
+        nginx,
+        front,
+        back,
+        admin1,
+        admin2,
+        otlp_grpc,
+        otlp_http,
+        query,
+    ] = ports[..]
+    else {
+        unreachable!("asked for 8 ports")
+    };
+    let mut topo = Topology {
+        procs: vec![peers::start_nginx(dir, nginx)?],
+        proxies: vec![],
+        target: Target {
+            url: format!("http://{}/", local(front)),
+            host: Some(SERVICE_HOST.into()),
+        },
+        query: None,
+        admins: vec![],
+    };
+    match s {
+        Scenario::A => {
+            topo.target = Target {
+                url: format!("http://{}/", local(nginx)),
+                host: None,
+            };
+        }
+        Scenario::B | Scenario::C => {
+            let mesh = peers::write_mesh(dir, local(back))?;
+            // The collector runs in (c) too, idle, so that (b) − (c) is the
+            // cost of telemetry alone and not of one extra process.
+            let cports = CollectorPorts {
+                otlp_grpc,
+                otlp_http,
+                query,
+            };
+            topo.procs
+                .push(peers::start_collector(&set.lumen, dir, &mesh, &cports)?);
+            topo.query = Some(query);
+            let sidecar = |service, listener, admin| SidecarOpts {
+                lumen: &set.lumen,
+                dir,
+                mesh: &mesh,
+                service,
+                listener,
+                admin,
+                collector_otlp_grpc: otlp_grpc,
+                telemetry: s == Scenario::B,
+            };
+            let app = Listener::Inbound {
+                port: back,
+                app: nginx,
+            };
+            topo.procs
+                .push(peers::start_lumen_proxy(sidecar("upstream", app, admin2))?);
+            let client = Listener::Outbound(front);
+            topo.procs
+                .push(peers::start_lumen_proxy(sidecar("client", client, admin1))?);
+            topo.proxies = vec![2, 3];
+            topo.admins = vec![admin1, admin2];
+        }
+        Scenario::D => {
+            let server = peers::envoy_config(back, admin2, nginx, &["*"]);
+            topo.procs
+                .push(peers::start_envoy("envoy-server", dir, &server, admin2)?);
+            // The client routes only the service's name, as Lumen's outbound
+            // listener does.
+            let client = peers::envoy_config(front, admin1, back, &[SERVICE_HOST, "upstream"]);
+            topo.procs
+                .push(peers::start_envoy("envoy-client", dir, &client, admin1)?);
+            topo.proxies = vec![1, 2];
+        }
+    }
+    Ok(topo)
+}
+
+/// One request through the whole path before any load, so a broken topology
+/// fails with the processes' logs instead of as a wall of wrk errors.
+fn probe(topo: &mut Topology) -> Result<()> {
+    let url = topo.target.url.clone();
+    let addr = url
+        .trim_start_matches("http://")
+        .trim_end_matches('/')
+        .parse()
+        .context("target address")?;
+    let host = topo.target.host.clone();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        topo.check_alive()?;
+        let last = match http::get(addr, "/", host.as_deref()) {
+            Ok(r) if r.status == 200 && r.body.contains("hello from nginx") => return Ok(()),
+            Ok(r) => format!("{} {:?}", r.status, http::truncate(&r.body, 300)),
+            Err(e) => format!("{e:#}"),
+        };
+        if Instant::now() > deadline {
+            bail!(
+                "GET {url} (Host: {}) never answered nginx's 200; last answer: {last}\n{}",
+                host.as_deref().unwrap_or("-"),
+                topo.logs()
+            );
+        }
+        sleep(Duration::from_millis(200));
+    }
+}
+
+fn check_telemetry(topo: &Topology, requests_sent: u64) -> Result<TelemetryCheck> {
+    let query = topo.query.context("no collector in this topology")?;
+    eprintln!("  telemetry: waiting for the collector's record count to settle");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let mut last = (u64::MAX, Instant::now());
+    loop {
+        let n = count_records(query)?;
+        let (proxy_requests, exported, dropped) = proxy_counters(&topo.admins)?;
+        // Settled: every record the sidecars produced is either in the
+        // collector or counted as dropped, or the count stopped moving.
+        let accounted = n + dropped >= proxy_requests;
+        if n != last.0 {
+            last = (n, Instant::now());
+        }
+        let still = last.1.elapsed() > Duration::from_secs(3);
+        if accounted || still || Instant::now() > deadline {
+            return Ok(TelemetryCheck {
+                requests_sent,
+                records_in_collector: n,
+                proxy_requests,
+                exported,
+                dropped,
+            });
+        }
+        sleep(Duration::from_millis(500));
+    }
+}
+
+fn count_records(query: u16) -> Result<u64> {
+    let r = http::post(
+        local(query),
+        "/api/v1/sql",
+        "SELECT count(*) AS n FROM requests",
+    )?;
+    if r.status != 200 {
+        bail!("SQL API answered {}: {}", r.status, r.body);
+    }
+    parse_count(&r.body).with_context(|| format!("SQL API answer {:?}", r.body))
+}
+
+/// `n` of the first row of the SQL API's JSON answer (an array of row objects).
+pub fn parse_count(json: &str) -> Result<u64> {
+    let v: Value = serde_json::from_str(json)?;
+    let n = v.pointer("/0/n").context("no rows[0].n")?;
+    // Arrow's JSON writer may quote 64-bit integers.
+    n.as_u64()
+        .or_else(|| n.as_str().and_then(|s| s.parse().ok()))
+        .with_context(|| format!("n is not a count: {n}"))
+}
+
+/// (requests, records exported, records dropped) summed over the sidecars.
+fn proxy_counters(admins: &[u16]) -> Result<(u64, u64, u64)> {
+    let mut sums = (0.0, 0.0, 0.0);
+    for &port in admins {
+        let r = http::get(local(port), "/stats/prometheus", None)?;
+        if r.status != 200 {
+            bail!("admin :{port}/stats/prometheus answered {}", r.status);
+        }
+        sums.0 += prom_sum(&r.body, "lumen_requests_total");
+        sums.1 += prom_sum(&r.body, "lumen_telemetry_records_exported_total");
+        sums.2 += prom_sum(&r.body, "lumen_telemetry_records_dropped_total");
+    }
+    Ok((sums.0 as u64, sums.1 as u64, sums.2 as u64))
+}
+
+/// Sum of every series of one metric in Prometheus text exposition.
+pub fn prom_sum(text: &str, metric: &str) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let rest = l.strip_prefix(metric)?;
+            // Exactly this metric: followed by labels or the value.
+            if !(rest.starts_with('{') || rest.starts_with(' ')) {
+                return None;
+            }
+            let value = match rest.rfind('}') {
+                Some(i) => &rest[i + 1..],
+                None => rest,
+            };
+            value.split_whitespace().next()?.parse::<f64>().ok()
+        })
+        .sum()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn count_from_sql_json() {
+        assert_eq!(parse_count(r#"[{"n":20042}]"#).unwrap(), 20042);
+        assert_eq!(parse_count(r#"[{"n":"7"}]"#).unwrap(), 7);
+        assert!(parse_count("[]").is_err());
+    }
+
+    #[test]
+    fn prometheus_sums_series_of_one_metric() {
+        let text = "# HELP lumen_requests Requests completed by this proxy.\n\
+            # TYPE lumen_requests counter\n\
+            lumen_requests_total{reporter=\"source\",source_service=\"client\",destination_service=\"upstream\",response_code=\"200\"} 1500\n\
+            lumen_requests_total{reporter=\"source\",source_service=\"client\",destination_service=\"upstream\",response_code=\"503\"} 2\n\
+            lumen_requests_total_other 99\n\
+            lumen_telemetry_records_dropped_total{reason=\"queue_full\"} 10\n\
+            lumen_telemetry_records_dropped_total{reason=\"export_failed\"} 0\n\
+            lumen_telemetry_records_exported_total 1492\n\
+            # EOF\n";
+        assert_eq!(prom_sum(text, "lumen_requests_total"), 1502.0);
+        assert_eq!(
+            prom_sum(text, "lumen_telemetry_records_dropped_total"),
+            10.0
+        );
+        assert_eq!(
+            prom_sum(text, "lumen_telemetry_records_exported_total"),
+            1492.0
+        );
+        assert_eq!(prom_sum(text, "missing_total"), 0.0);
+    }
+}

@@ -1,0 +1,85 @@
+//! A test application behind a sidecar. It answers what the request asks
+//! for, so a test knows exactly what the proxy should have recorded:
+//!
+//! - `/status/<code>/…` answers with that status (any other path: 200);
+//! - `?delay_ms=N` waits N ms before answering;
+//! - `?size=N` answers with an N-byte body;
+//! - the JSON body otherwise echoes the request's `traceparent`,
+//!   `x-lumen-source` and `host` headers and the app's name.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use tokio::net::TcpListener;
+
+fn query_param<'a>(query: &'a str, key: &str) -> Option<&'a str> {
+    query
+        .split('&')
+        .find_map(|kv| kv.strip_prefix(key)?.strip_prefix('='))
+}
+
+async fn handle(
+    name: &'static str,
+    req: Request<Incoming>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
+    let query = req.uri().query().unwrap_or("").to_string();
+    let path = req.uri().path().to_string();
+    let header = |h: &str| {
+        req.headers()
+            .get(h)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
+    };
+    let echo = serde_json::json!({
+        "app": name,
+        "path": path,
+        "traceparent": header("traceparent"),
+        "x-lumen-source": header("x-lumen-source"),
+        "host": header("host"),
+    });
+    // Drain the request body so its bytes are counted upstream.
+    let _ = req.into_body().collect().await;
+    if let Some(ms) = query_param(&query, "delay_ms").and_then(|v| v.parse().ok()) {
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+    }
+    let status = path
+        .strip_prefix("/status/")
+        .and_then(|rest| rest.split('/').next())
+        .and_then(|c| c.parse::<u16>().ok())
+        .and_then(|c| StatusCode::from_u16(c).ok())
+        .unwrap_or(StatusCode::OK);
+    let body = match query_param(&query, "size").and_then(|v| v.parse::<usize>().ok()) {
+        Some(n) => Bytes::from(vec![b'x'; n]),
+        None => Bytes::from(echo.to_string()),
+    };
+    let mut resp = Response::new(Full::new(body));
+    *resp.status_mut() = status;
+    Ok(resp)
+}
+
+/// Starts the app on a free port; it serves until the test's runtime ends.
+pub async fn start_app(name: &'static str) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind app");
+    let addr = listener.local_addr().expect("app address");
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            tokio::spawn(async move {
+                let _ = auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), service_fn(move |r| handle(name, r)))
+                    .await;
+            });
+        }
+    });
+    addr
+}

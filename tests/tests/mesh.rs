@@ -1,0 +1,247 @@
+//! Requests through real sidecars end up as rows, exactly once per side.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use anyhow::Result;
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use lumen_tests::upstream::start_app;
+use lumen_tests::{
+    SidecarPorts, UpPorts, h2_client_via, local, sql, start_sidecar, start_up, wait_for_count,
+    write_mesh,
+};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_request_through_the_mesh_is_recorded_once_per_side() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let logs = dir.path();
+    let up_ports = UpPorts::pick();
+    let backend_app = start_app("backend").await;
+    let other_app = start_app("other").await;
+    let (fe, be, ot) = (
+        SidecarPorts::pick(),
+        SidecarPorts::pick(),
+        SidecarPorts::pick(),
+    );
+    let mesh = dir.path().join("mesh.yaml");
+    write_mesh(
+        &mesh,
+        &[
+            ("frontend", 8080, &[(local(fe.inbound), "v1")]),
+            ("backend", 8080, &[(local(be.inbound), "v2")]),
+            ("other", 8080, &[(local(ot.inbound), "v1")]),
+        ],
+    )?;
+    let _up = start_up(logs, &mesh, &dir.path().join("data"), up_ports, &[]).await?;
+    let collector = up_ports.grpc_endpoint();
+    let _frontend = start_sidecar(logs, "frontend", "v1", &mesh, fe, None, &collector).await?;
+    let _backend = start_sidecar(
+        logs,
+        "backend",
+        "v2",
+        &mesh,
+        be,
+        Some(backend_app),
+        &collector,
+    )
+    .await?;
+    let _other = start_sidecar(logs, "other", "v1", &mesh, ot, Some(other_app), &collector).await?;
+
+    let client = reqwest::Client::new();
+    let outbound = format!("http://127.0.0.1:{}", fe.outbound);
+    let n = rand::random_range(20..=60usize);
+    let m = rand::random_range(3..=10usize);
+    // path → (status, delay ms, trace id the app saw)
+    let mut sent: HashMap<String, (u16, u64, String)> = HashMap::new();
+    for i in 0..n {
+        let status = [200u16, 200, 201, 404, 503][i % 5];
+        let delay = if i % 7 == 0 { 25 } else { 0 };
+        let path = format!("/status/{status}/item-{i}");
+        let resp = client
+            .get(format!("{outbound}{path}?delay_ms={delay}"))
+            .header("host", "backend:8080")
+            .send()
+            .await?;
+        assert_eq!(resp.status().as_u16(), status, "{path}");
+        let echo: serde_json::Value = resp.json().await?;
+        assert_eq!(echo["app"], "backend");
+        assert_eq!(
+            echo["host"], "backend:8080",
+            "the app sees the authority the caller used"
+        );
+        assert!(
+            echo["x-lumen-source"].is_null(),
+            "the inbound sidecar strips the peer-identity header"
+        );
+        let traceparent = echo["traceparent"]
+            .as_str()
+            .expect("traceparent propagated");
+        let trace_id = traceparent.split('-').nth(1).expect("trace id").to_string();
+        sent.insert(path, (status, delay, trace_id));
+    }
+    for i in 0..m {
+        let resp = client
+            .post(format!("{outbound}/other/{i}"))
+            .header("host", "other")
+            .body("x".repeat(100))
+            .send()
+            .await?;
+        assert_eq!(resp.status(), 200);
+    }
+    // An unknown service gets a clear 404 with Envoy's NR flag.
+    let resp = client
+        .get(format!("{outbound}/nope"))
+        .header("host", "nosuch:8080")
+        .send()
+        .await?;
+    assert_eq!(resp.status(), 404);
+    assert_eq!(resp.headers()["x-lumen-response-flags"], "NR");
+    assert!(resp.text().await?.contains("nosuch:8080"));
+
+    let url = up_ports.sql_url();
+    let dest = "SELECT count(*) AS n FROM requests WHERE reporter = 'destination' AND destination_service = 'backend'";
+    let src = "SELECT count(*) AS n FROM requests WHERE reporter = 'source' AND destination_service = 'backend'";
+    assert_eq!(wait_for_count(&url, dest, n as i64).await?, n as i64);
+    assert_eq!(wait_for_count(&url, src, n as i64).await?, n as i64);
+    let other_q = "SELECT count(*) AS n FROM requests WHERE reporter = 'destination' AND destination_service = 'other' AND request_bytes = 100";
+    assert_eq!(wait_for_count(&url, other_q, m as i64).await?, m as i64);
+    let nr = "SELECT count(*) AS n FROM requests WHERE response_flags = 'NR' AND destination_service = 'nosuch' AND status = 404";
+    assert_eq!(wait_for_count(&url, nr, 1).await?, 1);
+    // Nothing arrives twice: the counts stay put.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(wait_for_count(&url, dest, n as i64).await?, n as i64);
+
+    let rows = sql(
+        &url,
+        "SELECT path, status, duration_us, method, source_service, source_workload, \
+         destination_workload, destination_version, destination_namespace, protocol, \
+         authority, trace_id, upstream_address, response_flags, mtls \
+         FROM requests WHERE reporter = 'destination' AND destination_service = 'backend'",
+    )
+    .await?;
+    assert_eq!(rows.len(), n);
+    for r in &rows {
+        let path = r["path"].as_str().unwrap();
+        let (status, delay, trace_id) = &sent[path];
+        assert_eq!(r["status"], *status, "{r}");
+        assert!(
+            r["duration_us"].as_i64().unwrap() >= (*delay as i64) * 1000,
+            "{r}"
+        );
+        assert_eq!(r["method"], "GET");
+        assert_eq!(r["source_service"], "frontend");
+        assert_eq!(r["source_workload"], "frontend-v1");
+        assert_eq!(r["destination_workload"], "backend-v2");
+        assert_eq!(r["destination_version"], "v2");
+        assert_eq!(r["destination_namespace"], "default");
+        assert_eq!(r["protocol"], "http/1.1");
+        assert_eq!(r["authority"], "backend:8080");
+        assert_eq!(
+            r["trace_id"],
+            trace_id.as_str(),
+            "the app saw this request's trace"
+        );
+        assert_eq!(r["upstream_address"], backend_app.to_string());
+        assert_eq!(r["response_flags"], "-");
+        assert_eq!(r["mtls"], false);
+    }
+    // Each destination record's parent is the source record of the same request.
+    let linked = "SELECT count(*) AS n FROM requests d JOIN requests s \
+         ON d.parent_span_id = s.span_id AND d.trace_id = s.trace_id \
+         WHERE d.reporter = 'destination' AND s.reporter = 'source' AND d.destination_service = 'backend'";
+    assert_eq!(wait_for_count(&url, linked, n as i64).await?, n as i64);
+
+    // The sidecar's Prometheus stats count the same requests.
+    let stats = reqwest::get(format!("http://127.0.0.1:{}/stats/prometheus", fe.admin))
+        .await?
+        .text()
+        .await?;
+    let counted: f64 = stats
+        .lines()
+        .filter(|l| {
+            l.starts_with("lumen_requests_total{") && l.contains("destination_service=\"backend\"")
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert_eq!(counted as usize, n, "{stats}");
+    assert!(
+        stats.contains("lumen_request_duration_milliseconds_bucket"),
+        "{stats}"
+    );
+    assert!(
+        stats.contains("lumen_telemetry_records_dropped_total{reason=\"queue_full\"} 0"),
+        "{stats}"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_requests_stream_through_and_round_robin_over_endpoints() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let logs = dir.path();
+    let up_ports = UpPorts::pick();
+    let (app1, app2) = (start_app("backend").await, start_app("backend").await);
+    let (fe, b1, b2) = (
+        SidecarPorts::pick(),
+        SidecarPorts::pick(),
+        SidecarPorts::pick(),
+    );
+    let mesh = dir.path().join("mesh.yaml");
+    write_mesh(
+        &mesh,
+        &[(
+            "backend",
+            80,
+            &[(local(b1.inbound), "v1"), (local(b2.inbound), "v2")],
+        )],
+    )?;
+    let _up = start_up(logs, &mesh, &dir.path().join("data"), up_ports, &[]).await?;
+    let collector = up_ports.grpc_endpoint();
+    let _fe = start_sidecar(logs, "frontend", "v1", &mesh, fe, None, &collector).await?;
+    let _b1 = start_sidecar(logs, "backend", "v1", &mesh, b1, Some(app1), &collector).await?;
+    let _b2 = start_sidecar(logs, "backend", "v2", &mesh, b2, Some(app2), &collector).await?;
+
+    // HTTP/2 with prior knowledge (h2c) on both hops, the service named in
+    // :authority; a large response body streams through.
+    let client = h2_client_via(local(fe.outbound));
+    let n = 2 * rand::random_range(5..=15usize);
+    for _ in 0..n {
+        let req =
+            http::Request::get("http://backend/big?size=1000000").body(Full::new(Bytes::new()))?;
+        let resp = client.request(req).await?;
+        assert_eq!(resp.version(), http::Version::HTTP_2);
+        assert_eq!(resp.status(), 200);
+        assert_eq!(
+            resp.into_body().collect().await?.to_bytes().len(),
+            1_000_000
+        );
+    }
+    let url = up_ports.sql_url();
+    let q = "SELECT count(*) AS n FROM requests WHERE reporter = 'destination' AND protocol = 'http/2' AND response_bytes = 1000000";
+    assert_eq!(wait_for_count(&url, q, n as i64).await?, n as i64);
+    let src =
+        "SELECT count(*) AS n FROM requests WHERE reporter = 'source' AND protocol = 'http/2'";
+    assert_eq!(wait_for_count(&url, src, n as i64).await?, n as i64);
+    let per_version = sql(
+        &url,
+        "SELECT destination_version AS v, count(*) AS n FROM requests \
+         WHERE reporter = 'source' GROUP BY 1 ORDER BY 1",
+    )
+    .await?;
+    let counts: Vec<(String, i64)> = per_version
+        .iter()
+        .map(|r| {
+            (
+                r["v"].as_str().unwrap().to_string(),
+                r["n"].as_i64().unwrap(),
+            )
+        })
+        .collect();
+    let half = (n / 2) as i64;
+    assert_eq!(
+        counts,
+        vec![("v1".to_string(), half), ("v2".to_string(), half)]
+    );
+    Ok(())
+}

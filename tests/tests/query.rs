@@ -1,0 +1,112 @@
+//! The SQL API as a user sees it: formats, errors, and that it is read-only.
+
+use anyhow::Result;
+use lumen_tests::{UpPorts, lumen_bin, start_up, write_mesh};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sql_api_answers_json_csv_arrow_and_refuses_writes() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let mesh = dir.path().join("mesh.yaml");
+    write_mesh(&mesh, &[("reviews", 9080, &[])])?;
+    let ports = UpPorts::pick();
+    let _up = start_up(dir.path(), &mesh, &dir.path().join("data"), ports, &[]).await?;
+    let url = ports.sql_url();
+    let http = reqwest::Client::new();
+    let post = |sql: &str, accept: &str| {
+        http.post(&url)
+            .header("accept", accept)
+            .body(sql.to_string())
+            .send()
+    };
+
+    let r = post(
+        "SELECT count(*) AS n, 'x' AS s FROM requests",
+        "application/json",
+    )
+    .await?;
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.text().await?, r#"[{"n":0,"s":"x"}]"#);
+
+    let r = post(
+        "SELECT 1 AS a, 'b' AS b UNION ALL SELECT 2, 'c' ORDER BY a",
+        "text/csv",
+    )
+    .await?;
+    assert_eq!(r.status(), 200);
+    assert!(
+        r.headers()["content-type"]
+            .to_str()?
+            .starts_with("text/csv")
+    );
+    assert_eq!(r.text().await?, "a,b\n1,b\n2,c\n");
+
+    let r = post("SELECT path FROM requests", "text/csv").await?;
+    assert_eq!(
+        r.text().await?,
+        "path\n",
+        "an empty result still names its columns"
+    );
+
+    let r = post("SELECT 42 AS answer", "application/vnd.apache.arrow.stream").await?;
+    assert_eq!(
+        r.headers()["content-type"],
+        "application/vnd.apache.arrow.stream"
+    );
+    let bytes = r.bytes().await?;
+    assert!(
+        bytes.len() > 8 && bytes[..4] == [0xff, 0xff, 0xff, 0xff],
+        "Arrow IPC stream"
+    );
+
+    let r = post("SELECT nosuch FROM requests", "application/json").await?;
+    assert_eq!(r.status(), 400);
+    let body: serde_json::Value = r.json().await?;
+    assert!(body["error"].as_str().unwrap().contains("nosuch"), "{body}");
+
+    let copied = dir.path().join("copied.csv");
+    let external = dir.path().join("ext.csv");
+    std::fs::write(&external, "a\n1\n")?;
+    for write in [
+        "DROP TABLE requests".to_string(),
+        "INSERT INTO requests SELECT * FROM requests".to_string(),
+        format!("COPY (SELECT 1) TO '{}'", copied.display()),
+        format!("COPY requests TO '{}' STORED AS CSV", copied.display()),
+        format!(
+            "CREATE EXTERNAL TABLE ext STORED AS CSV LOCATION '{}'",
+            external.display()
+        ),
+        "CREATE TABLE t AS SELECT 1".to_string(),
+        "CREATE VIEW v AS SELECT 1".to_string(),
+        "SET datafusion.execution.batch_size = 1".to_string(),
+    ] {
+        let r = post(&write, "application/json").await?;
+        assert_eq!(r.status(), 400, "{write}");
+        let body: serde_json::Value = r.json().await?;
+        assert!(
+            body["error"].as_str().unwrap().contains("read-only"),
+            "{write}: {body}"
+        );
+    }
+    assert!(!copied.exists(), "COPY wrote a file");
+    let r = post("SELECT count(*) AS n FROM requests", "application/json").await?;
+    assert_eq!(r.text().await?, r#"[{"n":0}]"#, "the table is still there");
+
+    // The CLI client prints a table, or the server's error with a failing exit code.
+    let out = std::process::Command::new(lumen_bin())
+        .args(["sql", "--url", &format!("http://127.0.0.1:{}", ports.query)])
+        .arg("SELECT 'hello' AS greeting")
+        .output()?;
+    assert!(out.status.success());
+    let table = String::from_utf8(out.stdout)?;
+    assert!(
+        table.contains("| greeting |") && table.contains("| hello    |"),
+        "{table}"
+    );
+    let out = std::process::Command::new(lumen_bin())
+        .args(["sql", "--url", &format!("http://127.0.0.1:{}", ports.query)])
+        .arg("DROP TABLE requests")
+        .output()?;
+    assert!(!out.status.success());
+    assert!(String::from_utf8(out.stderr)?.contains("read-only"));
+    Ok(())
+}
