@@ -283,10 +283,9 @@ fn main() -> ExitCode {
     }
 }
 
-fn until(mut rx: watch::Receiver<bool>) -> impl Future<Output = ()> + Send + 'static {
-    async move {
-        let _ = rx.wait_for(|s| *s).await;
-    }
+/// Resolves once the flag turns true (or its sender is gone).
+async fn until(mut rx: watch::Receiver<bool>) {
+    let _ = rx.wait_for(|s| *s).await;
 }
 
 async fn up(a: UpArgs) -> Result<()> {

@@ -99,7 +99,7 @@ impl TableBuffer {
         self.pending_rows = 0;
         match self.pending.len() {
             0 => {}
-            1 => self.chunks.extend(self.pending.drain(..)),
+            1 => self.chunks.append(&mut self.pending),
             _ => {
                 let segment = self.pending[0].segment;
                 let batches: Vec<RecordBatch> =
@@ -110,7 +110,7 @@ impl TableBuffer {
                         self.chunks.push(Chunk::new(segment, merged));
                     }
                     // Cannot happen with batches of one schema; keep them unmerged.
-                    Err(_) => self.chunks.extend(self.pending.drain(..)),
+                    Err(_) => self.chunks.append(&mut self.pending),
                 }
             }
         }

@@ -82,10 +82,9 @@ pub struct DemoReport {
     pub tables: Vec<lumen_collector::TableStats>,
 }
 
-fn until(mut rx: watch::Receiver<bool>) -> impl std::future::Future<Output = ()> + Send + 'static {
-    async move {
-        let _ = rx.wait_for(|s| *s).await;
-    }
+/// Resolves once the flag turns true (or its sender is gone).
+async fn until(mut rx: watch::Receiver<bool>) {
+    let _ = rx.wait_for(|s| *s).await;
 }
 
 async fn local_listener() -> Result<TcpListener, DemoError> {

@@ -248,8 +248,11 @@ pub async fn wait_for_count(url: &str, query: &str, want: i64) -> Result<i64> {
     }
 }
 
+/// A service of a test mesh: name, port, and endpoints as (address, version).
+pub type TestService<'a> = (&'a str, u16, &'a [(SocketAddr, &'a str)]);
+
 /// Writes a mesh file of services → endpoint addresses.
-pub fn write_mesh(path: &Path, services: &[(&str, u16, &[(SocketAddr, &str)])]) -> Result<()> {
+pub fn write_mesh(path: &Path, services: &[TestService<'_>]) -> Result<()> {
     let mut y = String::from(
         "apiVersion: lumen.dev/v1alpha1\nkind: Mesh\nmetadata:\n  name: e2e\nspec:\n  services:\n",
     );

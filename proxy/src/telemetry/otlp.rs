@@ -109,30 +109,30 @@ impl Exporter {
 
     async fn export(&mut self, records: Vec<RequestRecord>, retry: bool) {
         let n = records.len() as u64;
-        let attempts = if retry { RETRY_BACKOFF.len() + 1 } else { 1 };
-        for attempt in 0..attempts {
+        let mut backoffs = if retry { &RETRY_BACKOFF[..] } else { &[] }.iter();
+        loop {
             // Spans are rebuilt per attempt rather than cloned up front: the
             // first attempt almost always succeeds.
             let spans: Vec<SpanData> = records.iter().map(|r| self.to_span(r)).collect();
-            match self.inner.export(spans).await {
-                Ok(()) => {
-                    self.metrics.exported(n);
-                    return;
-                }
-                Err(e) if attempt + 1 == attempts => {
-                    self.metrics.dropped(DROP_EXPORT_FAILED, n);
-                    // One warning per interval: a down collector must not flood logs.
-                    let now = Instant::now();
-                    if self
-                        .last_warning
-                        .is_none_or(|t| now.duration_since(t) > Duration::from_secs(10))
-                    {
-                        self.last_warning = Some(now);
-                        tracing::warn!(records = n, error = %e, "telemetry export failed; records dropped");
-                    }
-                }
-                Err(_) => tokio::time::sleep(RETRY_BACKOFF[attempt]).await,
+            let Err(e) = self.inner.export(spans).await else {
+                self.metrics.exported(n);
+                return;
+            };
+            if let Some(pause) = backoffs.next() {
+                tokio::time::sleep(*pause).await;
+                continue;
             }
+            self.metrics.dropped(DROP_EXPORT_FAILED, n);
+            // One warning per interval: a down collector must not flood logs.
+            let now = Instant::now();
+            if self
+                .last_warning
+                .is_none_or(|t| now.duration_since(t) > Duration::from_secs(10))
+            {
+                self.last_warning = Some(now);
+                tracing::warn!(records = n, error = %e, "telemetry export failed; records dropped");
+            }
+            return;
         }
     }
 
