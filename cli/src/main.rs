@@ -70,6 +70,9 @@ struct StoreArgs {
     /// Memory limit of one query, in MiB.
     #[arg(long, default_value_t = 1024)]
     query_memory_mib: usize,
+    /// Most rows one query result may hold.
+    #[arg(long, default_value_t = 1_000_000)]
+    query_max_rows: usize,
     /// Rows kept in memory before a flush to Parquet.
     #[arg(long, default_value_t = 1_000_000)]
     flush_rows: usize,
@@ -93,6 +96,7 @@ impl StoreArgs {
         QueryLimits {
             timeout: self.query_timeout,
             memory_bytes: self.query_memory_mib << 20,
+            max_result_rows: self.query_max_rows,
         }
     }
 }
@@ -439,6 +443,7 @@ async fn demo(a: DemoArgs) -> Result<()> {
         .query_url
         .trim_end_matches("/api/v1/sql")
         .to_string();
+    let me = invocation();
     println!(
         "Lumen demo is running: Bookinfo (productpage → details, reviews v1/v2/v3 → ratings),"
     );
@@ -466,7 +471,7 @@ async fn demo(a: DemoArgs) -> Result<()> {
     println!("Try:");
     for (title, q) in EXAMPLES {
         println!("  # {title}");
-        println!("  lumen sql --url {base} \"{q}\"");
+        println!("  {me} sql --url {base} \"{q}\"");
         println!();
     }
     println!(
@@ -518,6 +523,26 @@ async fn demo(a: DemoArgs) -> Result<()> {
     }
     println!("Data kept in {}", data_dir.display());
     Ok(())
+}
+
+/// How to run this binary again from the current directory: `lumen` when it
+/// is the one on PATH, else its path (e.g. `./target/release/lumen` under cargo).
+fn invocation() -> String {
+    let Ok(exe) = std::env::current_exe() else {
+        return "lumen".into();
+    };
+    let on_path = std::env::var_os("PATH")
+        .is_some_and(|paths| std::env::split_paths(&paths).any(|d| d.join("lumen") == exe));
+    if on_path {
+        return "lumen".into();
+    }
+    match std::env::current_dir()
+        .ok()
+        .and_then(|cwd| exe.strip_prefix(cwd).ok().map(PathBuf::from))
+    {
+        Some(rel) => format!("./{}", rel.display()),
+        None => exe.display().to_string(),
+    }
 }
 
 async fn sql(a: SqlArgs) -> Result<()> {

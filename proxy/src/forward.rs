@@ -1,7 +1,6 @@
 //! Forwarding: pooled keep-alive connections to upstreams, one pool per
 //! protocol, and the header hygiene a proxy owes both sides.
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -54,10 +53,10 @@ impl Upstreams {
         }
     }
 
-    /// Sends the request to `address`, keeping its path and query.
+    /// Sends the request to `address` (`ip:port`), keeping its path and query.
     pub async fn send(
         &self,
-        address: SocketAddr,
+        address: &str,
         mut req: Request<RequestBody>,
     ) -> Result<Response<Incoming>, ForwardError> {
         let h2 = req.version() == Version::HTTP_2;
@@ -68,7 +67,7 @@ impl Upstreams {
             .unwrap_or("/");
         let uri = Uri::builder()
             .scheme("http")
-            .authority(address.to_string())
+            .authority(address)
             .path_and_query(path)
             .build()
             .map_err(|e| ForwardError {

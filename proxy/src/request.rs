@@ -52,7 +52,6 @@ pub struct Shared {
 
 /// Where forwarding goes, and whom the record names as destination.
 struct Target {
-    address: SocketAddr,
     address_str: Arc<str>,
     destination: Workload,
 }
@@ -125,7 +124,11 @@ pub async fn handle(
     let (mut parts, body) = req.into_parts();
     prepare_upstream_headers(&shared, side, &trace, &record.authority, &mut parts);
     let upstream_req = Request::from_parts(parts, RequestBody::new(body, request_bytes.clone()));
-    match shared.upstreams.send(target.address, upstream_req).await {
+    match shared
+        .upstreams
+        .send(&target.address_str, upstream_req)
+        .await
+    {
         Ok(resp) => {
             let (mut parts, body) = resp.into_parts();
             strip_hop_by_hop(&mut parts.headers);
@@ -213,7 +216,6 @@ fn route_outbound(shared: &Shared, authority: &str) -> Result<Target, RouteFailu
     let table = shared.routes.load();
     match table.route(authority, &shared.identity.namespace) {
         Ok(routed) => Ok(Target {
-            address: routed.endpoint.address,
             address_str: routed.endpoint.address_str.clone(),
             destination: Workload {
                 service: routed.service.name.clone(),
@@ -262,8 +264,7 @@ fn route_outbound(shared: &Shared, authority: &str) -> Result<Target, RouteFailu
 
 fn route_inbound(shared: &Shared) -> Result<Target, RouteFailure> {
     match &shared.app {
-        Some((address, address_str)) => Ok(Target {
-            address: *address,
+        Some((_, address_str)) => Ok(Target {
             address_str: address_str.clone(),
             destination: shared.identity.clone(),
         }),

@@ -10,6 +10,7 @@ use datafusion::error::DataFusionError;
 use datafusion::execution::context::SQLOptions;
 use datafusion::execution::runtime_env::RuntimeEnvBuilder;
 use datafusion::prelude::{SessionConfig, SessionContext};
+use futures_util::StreamExt;
 use lumen_collector::Store;
 use lumen_core::schema::table_schema;
 
@@ -22,6 +23,9 @@ pub struct QueryLimits {
     pub timeout: Duration,
     /// Memory the query's operators may hold (sorts, joins, aggregates).
     pub memory_bytes: usize,
+    /// Most rows one result may hold; results are materialized before they
+    /// are sent, so this bounds the memory a `SELECT *` can take.
+    pub max_result_rows: usize,
 }
 
 impl Default for QueryLimits {
@@ -29,6 +33,7 @@ impl Default for QueryLimits {
         QueryLimits {
             timeout: Duration::from_secs(30),
             memory_bytes: 1 << 30,
+            max_result_rows: 1_000_000,
         }
     }
 }
@@ -43,6 +48,8 @@ pub enum QueryError {
     Sql(String),
     #[error("query exceeded the time limit of {0:?}")]
     Timeout(Duration),
+    #[error("the result has more than {0} rows: add a LIMIT, a filter or an aggregate")]
+    TooManyRows(usize),
 }
 
 /// A finished query: its schema (also when no rows came back) and rows.
@@ -107,7 +114,16 @@ impl QueryEngine {
                 .with_allow_statements(false);
             let df = ctx.sql_with_options(sql, options).await.map_err(classify)?;
             let schema = Arc::new(df.schema().as_arrow().clone());
-            let batches = df.collect().await.map_err(classify)?;
+            let mut stream = df.execute_stream().await.map_err(classify)?;
+            let (mut batches, mut rows) = (Vec::new(), 0usize);
+            while let Some(batch) = stream.next().await {
+                let batch = batch.map_err(classify)?;
+                rows += batch.num_rows();
+                if rows > self.limits.max_result_rows {
+                    return Err(QueryError::TooManyRows(self.limits.max_result_rows));
+                }
+                batches.push(batch);
+            }
             Ok(QueryResult { schema, batches })
         };
         tokio::time::timeout(self.limits.timeout, run)

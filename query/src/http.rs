@@ -43,9 +43,10 @@ async fn sql(State(engine): State<QueryEngine>, headers: HeaderMap, body: String
         Err(e) => {
             tracing::debug!(error = %e, "query failed");
             let status = match e {
-                QueryError::ReadOnly(_) | QueryError::Sql(_) | QueryError::Timeout(_) => {
-                    StatusCode::BAD_REQUEST
-                }
+                QueryError::ReadOnly(_)
+                | QueryError::Sql(_)
+                | QueryError::Timeout(_)
+                | QueryError::TooManyRows(_) => StatusCode::BAD_REQUEST,
             };
             return error(status, e.to_string());
         }

@@ -9,7 +9,14 @@ async fn sql_api_answers_json_csv_arrow_and_refuses_writes() -> Result<()> {
     let mesh = dir.path().join("mesh.yaml");
     write_mesh(&mesh, &[("reviews", 9080, &[])])?;
     let ports = UpPorts::pick();
-    let _up = start_up(dir.path(), &mesh, &dir.path().join("data"), ports, &[]).await?;
+    let _up = start_up(
+        dir.path(),
+        &mesh,
+        &dir.path().join("data"),
+        ports,
+        &["--query-max-rows", "5"],
+    )
+    .await?;
     let url = ports.sql_url();
     let http = reqwest::Client::new();
     let post = |sql: &str, accept: &str| {
@@ -62,6 +69,15 @@ async fn sql_api_answers_json_csv_arrow_and_refuses_writes() -> Result<()> {
     assert_eq!(r.status(), 400);
     let body: serde_json::Value = r.json().await?;
     assert!(body["error"].as_str().unwrap().contains("nosuch"), "{body}");
+
+    // Results are bounded: past --query-max-rows the query fails, clearly.
+    let r = post(
+        "SELECT * FROM (VALUES (1), (2), (3), (4), (5), (6)) AS t(x)",
+        "text/csv",
+    )
+    .await?;
+    assert_eq!(r.status(), 400);
+    assert!(r.text().await?.contains("more than 5 rows"));
 
     let copied = dir.path().join("copied.csv");
     let external = dir.path().join("ext.csv");
