@@ -245,3 +245,110 @@ async fn http2_requests_stream_through_and_round_robin_over_endpoints() -> Resul
     );
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn telemetry_trouble_never_fails_requests_and_config_reloads_live() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let logs = dir.path();
+    let app = start_app("backend").await;
+    let (fe, be) = (SidecarPorts::pick(), SidecarPorts::pick());
+    let mesh = dir.path().join("mesh.yaml");
+    // The mesh starts without `backend`.
+    write_mesh(&mesh, &[("frontend", 80, &[(local(fe.inbound), "v1")])])?;
+    // No collector listens here: every export fails.
+    let dead = format!("http://127.0.0.1:{}", lumen_tests::free_port());
+    let args = |service: &str, p: SidecarPorts, app: Option<std::net::SocketAddr>| {
+        let mut a: Vec<String> = vec![
+            "proxy".into(),
+            "--service".into(),
+            service.into(),
+            "-f".into(),
+            mesh.display().to_string(),
+            "--outbound".into(),
+            local(p.outbound).to_string(),
+            "--admin".into(),
+            local(p.admin).to_string(),
+            "--collector".into(),
+            dead.clone(),
+            "--telemetry-queue".into(),
+            "4".into(),
+        ];
+        match app {
+            Some(app) => a.extend([
+                "--inbound".into(),
+                local(p.inbound).to_string(),
+                "--app".into(),
+                app.to_string(),
+            ]),
+            None => a.push("--no-inbound".into()),
+        }
+        a
+    };
+    let mut frontend =
+        lumen_tests::LumenProcess::spawn("frontend", logs, &args("frontend", fe, None))?;
+    frontend
+        .wait_ready(&format!("http://127.0.0.1:{}/ready", fe.admin))
+        .await?;
+    let mut backend =
+        lumen_tests::LumenProcess::spawn("backend", logs, &args("backend", be, Some(app)))?;
+    backend
+        .wait_ready(&format!("http://127.0.0.1:{}/ready", be.admin))
+        .await?;
+
+    let client = reqwest::Client::new();
+    let get = || {
+        client
+            .get(format!("http://127.0.0.1:{}/x", fe.outbound))
+            .header("host", "backend")
+            .send()
+    };
+    assert_eq!(get().await?.status(), 404, "backend is not in the mesh yet");
+
+    write_mesh(
+        &mesh,
+        &[
+            ("frontend", 80, &[(local(fe.inbound), "v1")]),
+            ("backend", 80, &[(local(be.inbound), "v1")]),
+        ],
+    )?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while get().await?.status() != 200 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "config change not applied:\n{}",
+            frontend.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    let n = 60;
+    for _ in 0..n {
+        assert_eq!(
+            get().await?.status(),
+            200,
+            "a dead collector must not fail requests"
+        );
+    }
+    let stats = reqwest::get(format!("http://127.0.0.1:{}/stats/prometheus", fe.admin))
+        .await?
+        .text()
+        .await?;
+    let metric = |name: &str| -> f64 {
+        stats
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+            .unwrap_or(-1.0)
+    };
+    let queue_full = metric("lumen_telemetry_records_dropped_total{reason=\"queue_full\"}");
+    assert!(queue_full > 0.0, "a full queue drops and counts:\n{stats}");
+    assert_eq!(
+        metric("lumen_telemetry_records_exported_total"),
+        0.0,
+        "{stats}"
+    );
+    // Shutdown stays prompt and clean even with records it cannot export.
+    assert_eq!(frontend.terminate()?, 0, "{}", frontend.logs());
+    assert_eq!(backend.terminate()?, 0, "{}", backend.logs());
+    Ok(())
+}
