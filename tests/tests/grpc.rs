@@ -1,0 +1,90 @@
+//! gRPC (HTTP/2 with trailers) through two sidecars: the status in the
+//! trailers — or in the headers of a trailers-only error — is recorded.
+
+use anyhow::Result;
+use lumen_tests::{
+    DialSidecar, SidecarPorts, UpPorts, local, start_sidecar, start_up, wait_for_count, write_mesh,
+};
+use opentelemetry_proto::tonic::collector::trace::v1::trace_service_client::TraceServiceClient;
+use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
+    TraceService, TraceServiceServer,
+};
+use opentelemetry_proto::tonic::collector::trace::v1::{
+    ExportTraceServiceRequest, ExportTraceServiceResponse,
+};
+use opentelemetry_proto::tonic::trace::v1::ResourceSpans;
+use tonic::{Request, Response, Status};
+
+/// A gRPC app: empty exports fail with UNAVAILABLE, others succeed.
+struct App;
+
+#[tonic::async_trait]
+impl TraceService for App {
+    async fn export(
+        &self,
+        req: Request<ExportTraceServiceRequest>,
+    ) -> Result<Response<ExportTraceServiceResponse>, Status> {
+        if req.get_ref().resource_spans.is_empty() {
+            return Err(Status::unavailable("nothing to export"));
+        }
+        Ok(Response::new(ExportTraceServiceResponse::default()))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_calls_are_recorded_with_their_grpc_status() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let logs = dir.path();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let app_addr = listener.local_addr()?;
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(TraceServiceServer::new(App))
+            .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
+    );
+    let (fe, be) = (SidecarPorts::pick(), SidecarPorts::pick());
+    let mesh = dir.path().join("mesh.yaml");
+    write_mesh(&mesh, &[("tracer", 4317, &[(local(be.inbound), "v1")])])?;
+    let up_ports = UpPorts::pick();
+    let _up = start_up(logs, &mesh, &dir.path().join("data"), up_ports, &[]).await?;
+    let collector = up_ports.grpc_endpoint();
+    let _fe = start_sidecar(logs, "client", "v1", &mesh, fe, None, &collector).await?;
+    let _be = start_sidecar(logs, "tracer", "v1", &mesh, be, Some(app_addr), &collector).await?;
+
+    // The channel names the service in :authority and dials the sidecar.
+    let channel = tonic::transport::Endpoint::from_static("http://tracer:4317")
+        .connect_with_connector(DialSidecar(local(fe.outbound)))
+        .await?;
+    let mut client = TraceServiceClient::new(channel);
+    let (ok, failed) = (rand::random_range(2..=10i64), rand::random_range(1..=5i64));
+    for _ in 0..ok {
+        let req = ExportTraceServiceRequest {
+            resource_spans: vec![ResourceSpans::default()],
+        };
+        client.export(req).await?;
+    }
+    for _ in 0..failed {
+        let err = client
+            .export(ExportTraceServiceRequest::default())
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), tonic::Code::Unavailable);
+        assert_eq!(err.message(), "nothing to export");
+    }
+
+    let url = up_ports.sql_url();
+    let base = "SELECT count(*) AS n FROM requests WHERE protocol = 'grpc' AND status = 200 \
+         AND destination_service = 'tracer' \
+         AND path = '/opentelemetry.proto.collector.trace.v1.TraceService/Export'";
+    for reporter in ["source", "destination"] {
+        let q = format!("{base} AND reporter = '{reporter}' AND grpc_status = 0");
+        assert_eq!(wait_for_count(&url, &q, ok).await?, ok, "{reporter}");
+        let q = format!("{base} AND reporter = '{reporter}' AND grpc_status = 14");
+        assert_eq!(
+            wait_for_count(&url, &q, failed).await?,
+            failed,
+            "{reporter}"
+        );
+    }
+    Ok(())
+}
