@@ -160,6 +160,7 @@ impl Collector {
             wal_dir: wal_dir(&data),
             wal,
             store: store.clone(),
+            running: Arc::default(),
         };
         Ok(Collector {
             config,

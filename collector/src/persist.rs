@@ -81,11 +81,15 @@ pub struct Persister {
     pub(crate) wal_dir: PathBuf,
     pub(crate) wal: WalHandle,
     pub(crate) store: Arc<Store>,
+    /// One flush at a time: two interleaved flushes would write the same
+    /// rows twice and could move the checkpoint backwards.
+    pub(crate) running: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl Persister {
     /// Flushes every row acknowledged so far.
     pub async fn flush(&self) -> Result<FlushReport, PersistError> {
+        let _one_at_a_time = self.running.lock().await;
         let segment = self.wal.rotate().await?;
         let per_table = self.store.batches_through(segment);
         let tables_dir = self.tables_dir.clone();
@@ -95,8 +99,13 @@ impl Persister {
                 if batches.is_empty() {
                     continue;
                 }
-                for f in write_table(&tables_dir, t, &batches, segment)? {
-                    files.push((t, f));
+                if let Err(e) = write_table(&tables_dir, t, &batches, segment, &mut files) {
+                    // The rows stay hot and in the WAL; files of this attempt
+                    // must not survive to be loaded beside a later flush's.
+                    for (_, f) in &files {
+                        let _ = fs::remove_file(&f.path);
+                    }
+                    return Err(e);
                 }
             }
             Ok::<_, PersistError>(files)
@@ -124,6 +133,9 @@ impl Persister {
     /// Flushes by `policy` until `shutdown`, then once more for what is left.
     pub async fn run(self, policy: FlushPolicy, mut shutdown: watch::Receiver<bool>) {
         let mut last_flush = Instant::now();
+        // After a failure, wait before trying again (doubling, up to a minute)
+        // rather than rotating a new WAL segment every tick.
+        let mut retry_at: Option<(Instant, Duration)> = None;
         let mut tick = tokio::time::interval(Duration::from_millis(500));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -144,7 +156,17 @@ impl Persister {
                 }
                 continue;
             }
-            self.flush_logged(rows).await;
+            if retry_at.is_some_and(|(at, _)| Instant::now() < at) {
+                continue;
+            }
+            if self.flush_logged(rows).await {
+                retry_at = None;
+            } else {
+                let pause = retry_at.map_or(Duration::from_secs(1), |(_, p)| {
+                    (p * 2).min(Duration::from_secs(60))
+                });
+                retry_at = Some((Instant::now() + pause, pause));
+            }
             last_flush = Instant::now();
         }
         let rows: usize = self.store.stats().iter().map(|s| s.hot_rows).sum();
@@ -153,18 +175,24 @@ impl Persister {
         }
     }
 
-    async fn flush_logged(&self, rows: usize) {
+    async fn flush_logged(&self, rows: usize) -> bool {
         let started = Instant::now();
         match self.flush().await {
-            Ok(r) => tracing::info!(
-                rows,
-                files = r.files.len(),
-                segment = r.segment,
-                ms = started.elapsed().as_millis() as u64,
-                "flushed hot buffer to Parquet"
-            ),
-            // Rows stay hot and in the WAL; the next tick tries again.
-            Err(e) => tracing::error!(error = %e, "flush to Parquet failed"),
+            Ok(r) => {
+                tracing::info!(
+                    rows,
+                    files = r.files.len(),
+                    segment = r.segment,
+                    ms = started.elapsed().as_millis() as u64,
+                    "flushed hot buffer to Parquet"
+                );
+                true
+            }
+            Err(e) => {
+                // Rows stay hot and in the WAL; a later attempt retries.
+                tracing::error!(error = %e, "flush to Parquet failed");
+                false
+            }
         }
     }
 }
@@ -182,7 +210,8 @@ fn write_table(
     table: usize,
     batches: &[RecordBatch],
     segment: u64,
-) -> Result<Vec<FileMeta>, PersistError> {
+    out: &mut Vec<(usize, FileMeta)>,
+) -> Result<(), PersistError> {
     let name = TABLES[table];
     let schema = table_schema(name).expect("every table has a schema");
     let dir = tables_dir.join(name);
@@ -195,15 +224,14 @@ fn write_table(
             .or_default()
             .push((*t, i as u32));
     }
-    let mut out = Vec::new();
     for (hour, mut rows) in hours {
         // Sorted by time, so row-group statistics prune well.
         rows.sort_unstable();
         let indices = UInt32Array::from_iter_values(rows.iter().map(|(_, i)| *i));
         let part = take_record_batch(&all, &indices).map_err(|e| write_err(&dir)(e.to_string()))?;
-        out.push(write_file(&dir, hour, segment, &part)?);
+        out.push((table, write_file(&dir, hour, segment, &part)?));
     }
-    Ok(out)
+    Ok(())
 }
 
 fn write_file(
@@ -243,7 +271,12 @@ fn write_file(
     let bytes = file.metadata().map(|m| m.len()).unwrap_or(0);
     drop(file);
     fs::rename(&tmp, &path).map_err(|e| write_err(&path)(e.to_string()))?;
+    // The file's entry, and the entries of `date=`/`hour=` directories that
+    // may be new, must be durable before the WAL behind them is deleted.
     wal::sync_dir(&dir)?;
+    for parent in dir.ancestors().skip(1).take(2) {
+        wal::sync_dir(parent)?;
+    }
     Ok(FileMeta {
         path,
         rows: batch.num_rows() as u64,

@@ -252,9 +252,17 @@ fn create_segment(dir: &Path, seq: u64) -> Result<File, WalError> {
         .write(true)
         .open(&path)
         .map_err(io_err(&path))?;
-    f.write_all(MAGIC).map_err(io_err(&path))?;
-    f.sync_all().map_err(io_err(&path))?;
-    sync_dir(dir)?;
+    let ready = f
+        .write_all(MAGIC)
+        .and_then(|()| f.sync_all())
+        .map_err(io_err(&path))
+        .and_then(|()| sync_dir(dir));
+    if let Err(e) = ready {
+        // Nothing was acknowledged into it; leaving it would block every
+        // later rotation ("exists") and startup (bad magic).
+        let _ = fs::remove_file(&path);
+        return Err(e);
+    }
     Ok(f)
 }
 

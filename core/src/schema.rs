@@ -110,7 +110,7 @@ static SPANS_SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
         Field::new("status_message", DataType::Utf8, true),
         Field::new("scope_name", dict(), true),
         Field::new("attributes", DataType::Utf8, false),
-        Field::new("resource_attributes", DataType::Utf8, false),
+        Field::new("resource_attributes", dict(), false),
         Field::new("events", DataType::Int32, false),
         Field::new("links", DataType::Int32, false),
     ]))

@@ -4,6 +4,7 @@
 use std::sync::Arc;
 
 use arrow::datatypes::SchemaRef;
+use arrow::datatypes::{DataType, TimeUnit};
 use arrow::record_batch::RecordBatch;
 use async_trait::async_trait;
 use datafusion::catalog::{Session, TableProvider};
@@ -115,11 +116,20 @@ impl TimeRange {
     }
 }
 
+/// Casts that keep every microsecond distinct; a cast to seconds (say)
+/// would make `<=` match rows up to a second past the literal.
+fn lossless_time_cast(to: &DataType) -> bool {
+    matches!(
+        to,
+        DataType::Timestamp(TimeUnit::Microsecond | TimeUnit::Nanosecond, _)
+    )
+}
+
 fn is_time_column(e: &Expr) -> bool {
     match e {
         Expr::Column(c) => c.name == TIME_COLUMN,
-        Expr::Cast(c) => is_time_column(&c.expr),
-        Expr::TryCast(c) => is_time_column(&c.expr),
+        Expr::Cast(c) => lossless_time_cast(c.field.data_type()) && is_time_column(&c.expr),
+        Expr::TryCast(c) => lossless_time_cast(c.field.data_type()) && is_time_column(&c.expr),
         _ => false,
     }
 }
@@ -129,7 +139,7 @@ fn is_time_column(e: &Expr) -> bool {
 fn literal_micros(e: &Expr) -> Option<i64> {
     let Expr::Literal(v, _) = e else {
         return match e {
-            Expr::Cast(c) => literal_micros(&c.expr),
+            Expr::Cast(c) if lossless_time_cast(c.field.data_type()) => literal_micros(&c.expr),
             _ => None,
         };
     };
@@ -267,6 +277,16 @@ mod tests {
         let ns = lit(ScalarValue::TimestampNanosecond(Some(5_000_999), None));
         let r = TimeRange::from_filters(&[col("time").gt(ns)]);
         assert_eq!(r.min, Some(5_000));
+
+        // A cast to whole seconds is lossy: it must not narrow the range.
+        let secs = Expr::Cast(datafusion::logical_expr::Cast::new(
+            Box::new(col("time")),
+            DataType::Timestamp(TimeUnit::Second, None),
+        ));
+        assert_eq!(
+            TimeRange::from_filters(&[secs.lt_eq(ts(10))]),
+            TimeRange::default()
+        );
 
         // Disjunctions and other columns do not narrow the range.
         let r = TimeRange::from_filters(&[col("time").gt(ts(1)).or(col("time").lt(ts(0)))]);

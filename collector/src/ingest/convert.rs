@@ -7,8 +7,8 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use arrow::array::{
-    ArrayRef, Int32Builder, Int64Builder, StringBuilder, StringDictionaryBuilder,
-    TimestampMicrosecondBuilder,
+    ArrayBuilder, ArrayRef, DictionaryArray, Int32Builder, Int64Builder, StringBuilder,
+    StringDictionaryBuilder, TimestampMicrosecondBuilder,
 };
 use arrow::datatypes::Int32Type;
 use arrow::record_batch::RecordBatch;
@@ -32,8 +32,46 @@ pub struct InvalidSpan {
 /// Rows ready for the WAL: (table index, batch).
 pub type TableBatches = Vec<(usize, RecordBatch)>;
 
+/// Span start times the collector accepts, in nanoseconds since the epoch.
+/// Rows are partitioned by hour, so unbounded client timestamps would let one
+/// request create any number of partitions and files.
+#[derive(Debug, Clone, Copy)]
+pub struct TimeWindow {
+    pub min_nanos: u64,
+    pub max_nanos: u64,
+}
+
+impl TimeWindow {
+    /// How far back spans may start (a late retry, a backfill).
+    pub const MAX_AGE: Duration = Duration::from_secs(30 * 24 * 3600);
+    /// How far ahead of this clock spans may start (clock skew).
+    pub const MAX_SKEW: Duration = Duration::from_secs(3600);
+
+    /// The window around now.
+    pub fn around_now() -> Self {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64);
+        TimeWindow {
+            min_nanos: now.saturating_sub(Self::MAX_AGE.as_nanos() as u64),
+            max_nanos: now.saturating_add(Self::MAX_SKEW.as_nanos() as u64),
+        }
+    }
+
+    /// Accepts everything, for tests with fixed timestamps.
+    pub fn unbounded() -> Self {
+        TimeWindow {
+            min_nanos: 0,
+            max_nanos: u64::MAX,
+        }
+    }
+}
+
 /// Converts one export request into at most one batch per table.
-pub fn convert_traces(req: &ExportTraceServiceRequest) -> Result<TableBatches, InvalidSpan> {
+pub fn convert_traces(
+    req: &ExportTraceServiceRequest,
+    window: TimeWindow,
+) -> Result<TableBatches, InvalidSpan> {
     let mut requests = RequestBatchBuilder::new();
     let mut spans = SpanBatchBuilder::default();
     for (r, rs) in req.resource_spans.iter().enumerate() {
@@ -43,17 +81,21 @@ pub fn convert_traces(req: &ExportTraceServiceRequest) -> Result<TableBatches, I
             .find(|kv| kv.key == "service.name")
             .and_then(|kv| as_str(&kv.value))
             .unwrap_or("unknown_service");
-        let resource_json = attributes_json(resource_attrs);
+        // Only resources with spans for the `spans` table need their JSON.
+        let mut resource_key: Option<i32> = None;
         for (s, ss) in rs.scope_spans.iter().enumerate() {
             let scope_name = ss.scope.as_ref().map(|s| s.name.as_str());
             let from_proxy = scope_name == Some(PROXY_SCOPE);
             for (i, span) in ss.spans.iter().enumerate() {
                 let at = format!("resource_spans[{r}].scope_spans[{s}].spans[{i}]");
-                let ids = check_ids(span, &at)?;
+                let ids = check_ids(span, &at, window)?;
                 if from_proxy {
                     requests.push(&request_record(span, ids, &at)?);
                 } else {
-                    spans.push(span, ids, service_name, scope_name, &resource_json);
+                    let key = *resource_key.get_or_insert_with(|| {
+                        spans.add_resource(&attributes_json(resource_attrs))
+                    });
+                    spans.push(span, ids, service_name, scope_name, key);
                 }
             }
         }
@@ -76,7 +118,7 @@ pub fn convert_traces(req: &ExportTraceServiceRequest) -> Result<TableBatches, I
 
 type Ids = ([u8; 16], [u8; 8], Option<[u8; 8]>);
 
-fn check_ids(span: &Span, at: &str) -> Result<Ids, InvalidSpan> {
+fn check_ids(span: &Span, at: &str, window: TimeWindow) -> Result<Ids, InvalidSpan> {
     let bad = |f: &str, reason: String| InvalidSpan {
         field: format!("{at}.{f}"),
         reason,
@@ -112,6 +154,21 @@ fn check_ids(span: &Span, at: &str) -> Result<Ids, InvalidSpan> {
             ));
         }
     };
+    let start = span.start_time_unix_nano;
+    if start < window.min_nanos || start > window.max_nanos {
+        let at_time = chrono::DateTime::<chrono::Utc>::from_timestamp_nanos(
+            start.min(i64::MAX as u64) as i64,
+        );
+        return Err(bad(
+            "start_time_unix_nano",
+            format!(
+                "{} is outside the accepted window ({} days back to {} hour ahead of the collector's clock)",
+                at_time.to_rfc3339(),
+                TimeWindow::MAX_AGE.as_secs() / 86400,
+                TimeWindow::MAX_SKEW.as_secs() / 3600
+            ),
+        ));
+    }
     if span.end_time_unix_nano != 0 && span.end_time_unix_nano < span.start_time_unix_nano {
         return Err(bad(
             "end_time_unix_nano",
@@ -346,7 +403,11 @@ struct SpanBatchBuilder {
     status_message: StringBuilder,
     scope_name: DictBuilder,
     attributes: StringBuilder,
-    resource_attributes: StringBuilder,
+    /// Keys into `resource_values`: a resource's JSON is stored once per
+    /// batch however many spans share it (a large resource repeated per row
+    /// would multiply a small payload into gigabytes).
+    resource_keys: Int32Builder,
+    resource_values: StringBuilder,
     events: Int32Builder,
     links: Int32Builder,
     rows: usize,
@@ -367,7 +428,8 @@ impl Default for SpanBatchBuilder {
             status_message: StringBuilder::new(),
             scope_name: DictBuilder::new(),
             attributes: StringBuilder::new(),
-            resource_attributes: StringBuilder::new(),
+            resource_keys: Int32Builder::new(),
+            resource_values: StringBuilder::new(),
             events: Int32Builder::new(),
             links: Int32Builder::new(),
             rows: 0,
@@ -380,13 +442,19 @@ impl SpanBatchBuilder {
         self.rows == 0
     }
 
+    /// Adds a resource's attribute JSON; spans refer to it by the returned key.
+    fn add_resource(&mut self, json: &str) -> i32 {
+        self.resource_values.append_value(json);
+        (self.resource_values.len() - 1) as i32
+    }
+
     fn push(
         &mut self,
         span: &Span,
         (trace_id, span_id, parent): Ids,
         service_name: &str,
         scope_name: Option<&str>,
-        resource_json: &str,
+        resource: i32,
     ) {
         let start = SystemTime::UNIX_EPOCH + Duration::from_nanos(span.start_time_unix_nano);
         let micros = start
@@ -414,7 +482,7 @@ impl SpanBatchBuilder {
         self.scope_name.append_option(scope_name);
         self.attributes
             .append_value(attributes_json(&span.attributes));
-        self.resource_attributes.append_value(resource_json);
+        self.resource_keys.append_value(resource);
         self.events.append_value(span.events.len() as i32);
         self.links.append_value(span.links.len() as i32);
         self.rows += 1;
@@ -434,7 +502,10 @@ impl SpanBatchBuilder {
             Arc::new(self.status_message.finish()),
             Arc::new(self.scope_name.finish()),
             Arc::new(self.attributes.finish()),
-            Arc::new(self.resource_attributes.finish()),
+            Arc::new(DictionaryArray::<Int32Type>::try_new(
+                self.resource_keys.finish(),
+                Arc::new(self.resource_values.finish()),
+            )?),
             Arc::new(self.events.finish()),
             Arc::new(self.links.finish()),
         ];
@@ -505,7 +576,11 @@ mod tests {
             kv(attr::STATUS, any_value::Value::IntValue(503)),
             kv(attr::RESPONSE_FLAGS, s("UF")),
         ];
-        let out = convert_traces(&request(PROXY_SCOPE, vec![span(attrs)])).unwrap();
+        let out = convert_traces(
+            &request(PROXY_SCOPE, vec![span(attrs)]),
+            TimeWindow::unbounded(),
+        )
+        .unwrap();
         assert_eq!(out.len(), 1);
         let (table, batch) = &out[0];
         assert_eq!(lumen_core::schema::TABLES[*table], "requests");
@@ -530,7 +605,11 @@ mod tests {
             kv("http.route", s("/cart")),
             kv("retry", any_value::Value::IntValue(2)),
         ];
-        let out = convert_traces(&request("my-app", vec![span(attrs)])).unwrap();
+        let out = convert_traces(
+            &request("my-app", vec![span(attrs)]),
+            TimeWindow::unbounded(),
+        )
+        .unwrap();
         let (table, batch) = &out[0];
         assert_eq!(lumen_core::schema::TABLES[*table], "spans");
         let attrs = batch
@@ -547,24 +626,43 @@ mod tests {
     fn invalid_spans_are_rejected_with_the_field_path() {
         let mut bad = span(vec![]);
         bad.trace_id = vec![1, 2, 3];
-        let e = convert_traces(&request("x", vec![span(vec![]), bad])).unwrap_err();
+        let e = convert_traces(
+            &request("x", vec![span(vec![]), bad]),
+            TimeWindow::unbounded(),
+        )
+        .unwrap_err();
         assert_eq!(
             e.field,
             "resource_spans[0].scope_spans[0].spans[1].trace_id"
         );
 
-        let e = convert_traces(&request(
-            PROXY_SCOPE,
-            vec![span(vec![kv(attr::REPORTER, s("nobody"))])],
-        ))
+        let e = convert_traces(
+            &request(
+                PROXY_SCOPE,
+                vec![span(vec![kv(attr::REPORTER, s("nobody"))])],
+            ),
+            TimeWindow::unbounded(),
+        )
         .unwrap_err();
         assert!(e.field.ends_with("attributes[lumen.reporter]"), "{e}");
 
-        let e = convert_traces(&request(
-            PROXY_SCOPE,
-            vec![span(vec![kv(attr::REPORTER, s("source"))])],
-        ))
+        let e = convert_traces(
+            &request(
+                PROXY_SCOPE,
+                vec![span(vec![kv(attr::REPORTER, s("source"))])],
+            ),
+            TimeWindow::unbounded(),
+        )
         .unwrap_err();
         assert!(e.to_string().contains("http.response.status_code"), "{e}");
+
+        // 2023 is long before "now" (2026+): outside the accepted window.
+        let e = convert_traces(&request("x", vec![span(vec![])]), TimeWindow::around_now())
+            .unwrap_err();
+        assert_eq!(
+            e.field,
+            "resource_spans[0].scope_spans[0].spans[0].start_time_unix_nano"
+        );
+        assert!(e.reason.contains("2023-11-14T22:13:20"), "{e}");
     }
 }

@@ -21,7 +21,7 @@ use tonic::Status;
 use tonic::body::Body;
 use tonic::server::NamedService;
 
-use super::{Ingest, IngestError};
+use super::{Encoding, Ingest, IngestError};
 
 const EXPORT_PATH: &str = "/opentelemetry.proto.collector.trace.v1.TraceService/Export";
 
@@ -90,8 +90,10 @@ async fn export(ingest: Ingest, req: http::Request<Body>) -> Result<http::Respon
             ));
         }
     };
-    let request = ingest.decode_protobuf(&message).map_err(status_of)?;
-    ingest.traces(request).await.map_err(status_of)?;
+    ingest
+        .traces(&message, Encoding::Protobuf)
+        .await
+        .map_err(status_of)?;
     Ok(unary_response(&ExportTraceServiceResponse::default()))
 }
 

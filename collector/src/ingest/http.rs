@@ -12,7 +12,7 @@ use http_body_util::BodyExt;
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceResponse;
 use prost::Message;
 
-use super::{Ingest, IngestError};
+use super::{Encoding, Ingest, IngestError};
 
 /// `google.rpc.Status`, the error body OTLP/HTTP specifies.
 #[derive(Clone, PartialEq, prost::Message)]
@@ -21,12 +21,6 @@ struct RpcStatus {
     code: i32,
     #[prost(string, tag = "2")]
     message: String,
-}
-
-#[derive(Clone, Copy, PartialEq)]
-enum Encoding {
-    Protobuf,
-    Json,
 }
 
 pub fn router(ingest: Ingest) -> Router {
@@ -129,15 +123,7 @@ async fn traces(State(ingest): State<Ingest>, headers: HeaderMap, body: Body) ->
     } else {
         bytes
     };
-    let decoded = match encoding {
-        Encoding::Protobuf => ingest.decode_protobuf(&bytes),
-        Encoding::Json => ingest.decode_json(&bytes),
-    };
-    let request = match decoded {
-        Ok(r) => r,
-        Err(e) => return ingest_error(encoding, e),
-    };
-    if let Err(e) = ingest.traces(request).await {
+    if let Err(e) = ingest.traces(&bytes, encoding).await {
         return ingest_error(encoding, e);
     }
     match encoding {

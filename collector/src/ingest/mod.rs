@@ -33,20 +33,35 @@ pub struct IngestStats {
     pub rejected_payloads: AtomicU64,
 }
 
+/// How an OTLP payload is encoded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Encoding {
+    Protobuf,
+    Json,
+}
+
 /// The ingest front door shared by the gRPC and HTTP receivers.
 #[derive(Debug, Clone)]
 pub struct Ingest {
     wal: WalHandle,
     max_request_bytes: usize,
     stats: Arc<IngestStats>,
+    /// Payloads being decoded and converted at once. A decoded request can
+    /// take many times its encoded size (an empty span is 2 bytes on the
+    /// wire, hundreds in memory), so this bounds the memory ingest can take.
+    decoding: Arc<tokio::sync::Semaphore>,
 }
 
 impl Ingest {
     pub fn new(wal: WalHandle, max_request_bytes: usize) -> Self {
+        let permits = std::thread::available_parallelism()
+            .map_or(2, |n| n.get())
+            .max(2);
         Ingest {
             wal,
             max_request_bytes,
             stats: Arc::default(),
+            decoding: Arc::new(tokio::sync::Semaphore::new(permits)),
         }
     }
 
@@ -59,11 +74,25 @@ impl Ingest {
         &self.stats
     }
 
-    /// Stores the spans of one export request; returns how many were stored.
-    pub async fn traces(&self, req: ExportTraceServiceRequest) -> Result<usize, IngestError> {
-        let batches = match convert::convert_traces(&req) {
-            Ok(b) => b,
-            Err(e) => return Err(self.rejected(IngestError::Invalid(format!("invalid span: {e}")))),
+    /// Decodes, validates and stores one encoded export request; returns
+    /// how many spans were stored.
+    pub async fn traces(&self, payload: &[u8], encoding: Encoding) -> Result<usize, IngestError> {
+        let batches = {
+            let _permit = self
+                .decoding
+                .acquire()
+                .await
+                .map_err(|_| IngestError::Unavailable("collector is shutting down".into()))?;
+            let req = match encoding {
+                Encoding::Protobuf => self.decode_protobuf(payload)?,
+                Encoding::Json => self.decode_json(payload)?,
+            };
+            match convert::convert_traces(&req, convert::TimeWindow::around_now()) {
+                Ok(b) => b,
+                Err(e) => {
+                    return Err(self.rejected(IngestError::Invalid(format!("invalid span: {e}"))));
+                }
+            }
         };
         let rows: usize = batches.iter().map(|(_, b)| b.num_rows()).sum();
         self.wal
@@ -83,7 +112,7 @@ impl Ingest {
     }
 
     /// Decodes a protobuf `ExportTraceServiceRequest`.
-    pub fn decode_protobuf(&self, bytes: &[u8]) -> Result<ExportTraceServiceRequest, IngestError> {
+    fn decode_protobuf(&self, bytes: &[u8]) -> Result<ExportTraceServiceRequest, IngestError> {
         ExportTraceServiceRequest::decode(bytes).map_err(|e| {
             self.rejected(IngestError::Invalid(format!(
                 "malformed ExportTraceServiceRequest ({} bytes of protobuf): {e}",
@@ -93,7 +122,7 @@ impl Ingest {
     }
 
     /// Decodes OTLP/JSON.
-    pub fn decode_json(&self, bytes: &[u8]) -> Result<ExportTraceServiceRequest, IngestError> {
+    fn decode_json(&self, bytes: &[u8]) -> Result<ExportTraceServiceRequest, IngestError> {
         serde_json::from_slice(bytes).map_err(|e| {
             self.rejected(IngestError::Invalid(format!(
                 "malformed OTLP/JSON ExportTraceServiceRequest: {e}"
