@@ -1,10 +1,11 @@
 //! Streaming body wrappers: bytes pass through frame by frame (never
-//! buffered whole) while being counted, and the response body writes the
-//! request's record when it ends — or when the client goes away first.
+//! buffered whole) while being counted, and the request's record is written
+//! exactly once — when the response body ends, or when the client goes away
+//! first, even before any response existed.
 
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::Instant;
 
@@ -13,18 +14,57 @@ use http_body::{Body, Frame, SizeHint};
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 use lumen_core::{RequestRecord, ResponseFlags};
+use tokio::sync::Notify;
 
 use crate::telemetry::Telemetry;
+
+/// What the request body did on its way upstream.
+#[derive(Debug, Default)]
+pub struct RequestBodyState {
+    bytes: AtomicU64,
+    ended: AtomicBool,
+    aborted: AtomicBool,
+    ended_signal: Notify,
+}
+
+impl RequestBodyState {
+    pub fn bytes(&self) -> u64 {
+        self.bytes.load(Ordering::Relaxed)
+    }
+
+    /// The client broke off while sending the body.
+    pub fn aborted(&self) -> bool {
+        self.aborted.load(Ordering::Relaxed)
+    }
+
+    fn end(&self) {
+        if !self.ended.swap(true, Ordering::AcqRel) {
+            // `notify_one` keeps a permit, so a waiter arriving later still wakes.
+            self.ended_signal.notify_one();
+        }
+    }
+
+    /// Resolves once the whole body has been sent upstream.
+    pub async fn wait_ended(&self) {
+        if !self.ended.load(Ordering::Acquire) {
+            self.ended_signal.notified().await;
+        }
+    }
+}
 
 /// The downstream request body on its way upstream, counting bytes.
 pub struct RequestBody {
     inner: Incoming,
-    bytes: Arc<AtomicU64>,
+    state: Arc<RequestBodyState>,
 }
 
 impl RequestBody {
-    pub fn new(inner: Incoming, bytes: Arc<AtomicU64>) -> Self {
-        RequestBody { inner, bytes }
+    pub fn new(inner: Incoming, state: Arc<RequestBodyState>) -> Self {
+        // An empty body (most GETs) may never be polled: it has ended already.
+        if inner.is_end_stream() {
+            state.end();
+        }
+        RequestBody { inner, state }
     }
 }
 
@@ -37,10 +77,24 @@ impl Body for RequestBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         let polled = Pin::new(&mut self.inner).poll_frame(cx);
-        if let Poll::Ready(Some(Ok(frame))) = &polled
-            && let Some(data) = frame.data_ref()
-        {
-            self.bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    self.state
+                        .bytes
+                        .fetch_add(data.len() as u64, Ordering::Relaxed);
+                }
+                // With a known length the last frame may not be followed by a poll.
+                if self.inner.is_end_stream() {
+                    self.state.end();
+                }
+            }
+            Poll::Ready(None) => self.state.end(),
+            Poll::Ready(Some(Err(_))) => {
+                self.state.aborted.store(true, Ordering::Relaxed);
+                self.state.end();
+            }
+            Poll::Pending => {}
         }
         polled
     }
@@ -54,27 +108,60 @@ impl Body for RequestBody {
     }
 }
 
-/// A request's record, completed when the response ends.
+/// A request's record from accept on. It is written when [`finish`]ed, or
+/// on drop — a handler dropped before its response existed means the client
+/// went away (`DC`, status 0, as Envoy logs it).
+///
+/// [`finish`]: PendingRecord::finish
 pub struct PendingRecord {
-    pub record: RequestRecord,
-    pub started: Instant,
-    pub request_bytes: Arc<AtomicU64>,
-    pub telemetry: Arc<Telemetry>,
+    record: Option<RequestRecord>,
+    started: Instant,
+    request_body: Arc<RequestBodyState>,
+    telemetry: Arc<Telemetry>,
 }
 
 impl PendingRecord {
-    fn finish(mut self, response_bytes: u64) {
-        self.record.duration = self.started.elapsed();
-        self.record.request_bytes = self.request_bytes.load(Ordering::Relaxed);
-        self.record.response_bytes = response_bytes;
-        self.telemetry.record(self.record);
+    pub fn new(
+        record: RequestRecord,
+        started: Instant,
+        request_body: Arc<RequestBodyState>,
+        telemetry: Arc<Telemetry>,
+    ) -> Self {
+        PendingRecord {
+            record: Some(record),
+            started,
+            request_body,
+            telemetry,
+        }
+    }
+
+    /// The record being filled; `None` only after it was written.
+    pub fn record_mut(&mut self) -> Option<&mut RequestRecord> {
+        self.record.as_mut()
+    }
+
+    /// Writes the record (once; later calls do nothing).
+    pub fn finish(&mut self, response_bytes: u64, flags: ResponseFlags) {
+        if let Some(mut r) = self.record.take() {
+            r.duration = self.started.elapsed();
+            r.request_bytes = self.request_body.bytes();
+            r.response_bytes = response_bytes;
+            r.response_flags.insert(flags);
+            self.telemetry.record(r);
+        }
+    }
+}
+
+impl Drop for PendingRecord {
+    fn drop(&mut self) {
+        self.finish(0, ResponseFlags::DOWNSTREAM_CONNECTION_TERMINATION);
     }
 }
 
 /// The body the proxy answers with: the upstream's, streamed, or a local reply.
 pub struct ResponseBody {
     inner: Either<Incoming, Full<Bytes>>,
-    pending: Option<PendingRecord>,
+    pending: PendingRecord,
     bytes: u64,
 }
 
@@ -82,23 +169,16 @@ impl ResponseBody {
     pub fn upstream(inner: Incoming, pending: PendingRecord) -> Self {
         ResponseBody {
             inner: Either::Left(inner),
-            pending: Some(pending),
-            bytes: 0,
-        }
-    }
-
-    pub fn local(text: impl Into<Bytes>, pending: Option<PendingRecord>) -> Self {
-        ResponseBody {
-            inner: Either::Right(Full::new(text.into())),
             pending,
             bytes: 0,
         }
     }
 
-    fn finish(&mut self, flags: ResponseFlags) {
-        if let Some(mut p) = self.pending.take() {
-            p.record.response_flags.insert(flags);
-            p.finish(self.bytes);
+    pub fn local(text: impl Into<Bytes>, pending: PendingRecord) -> Self {
+        ResponseBody {
+            inner: Either::Right(Full::new(text.into())),
+            pending,
+            bytes: 0,
         }
     }
 }
@@ -120,17 +200,21 @@ impl Body for ResponseBody {
                 if let Some(data) = frame.data_ref() {
                     self.bytes += data.len() as u64;
                 } else if let Some(trailers) = frame.trailers_ref()
-                    && let Some(p) = self.pending.as_mut()
+                    && let Some(s) = grpc_status(trailers)
+                    && let Some(r) = self.pending.record_mut()
                 {
                     // gRPC puts its status in the trailers of a normal response.
-                    if let Some(s) = grpc_status(trailers) {
-                        p.record.grpc_status = Some(s);
-                    }
+                    r.grpc_status = Some(s);
                 }
             }
-            Poll::Ready(None) => self.finish(ResponseFlags::empty()),
+            Poll::Ready(None) => {
+                let bytes = self.bytes;
+                self.pending.finish(bytes, ResponseFlags::empty());
+            }
             Poll::Ready(Some(Err(_))) => {
-                self.finish(ResponseFlags::UPSTREAM_CONNECTION_TERMINATION)
+                let bytes = self.bytes;
+                self.pending
+                    .finish(bytes, ResponseFlags::UPSTREAM_CONNECTION_TERMINATION);
             }
             Poll::Pending => {}
         }
@@ -149,13 +233,19 @@ impl Body for ResponseBody {
 impl Drop for ResponseBody {
     fn drop(&mut self) {
         // Bodies known to be empty (HEAD, 204, Content-Length: 0) may never be
-        // polled; anything else dropped early means the client left.
-        let flags = if self.inner.is_end_stream() {
-            ResponseFlags::empty()
-        } else {
-            ResponseFlags::DOWNSTREAM_CONNECTION_TERMINATION
-        };
-        self.finish(flags);
+        // polled, nor may a local reply to HEAD; anything else dropped early
+        // means the client left.
+        let head = self
+            .pending
+            .record_mut()
+            .is_some_and(|r| r.method == "HEAD");
+        let flags =
+            if self.inner.is_end_stream() || (head && matches!(self.inner, Either::Right(_))) {
+                ResponseFlags::empty()
+            } else {
+                ResponseFlags::DOWNSTREAM_CONNECTION_TERMINATION
+            };
+        self.pending.finish(self.bytes, flags);
     }
 }
 

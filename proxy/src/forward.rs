@@ -1,17 +1,30 @@
-//! Forwarding: pooled keep-alive connections to upstreams, one pool per
-//! protocol, and the header hygiene a proxy owes both sides.
+//! Forwarding: pooled keep-alive connections to each upstream endpoint, and
+//! the header hygiene a proxy owes both sides.
+//!
+//! Each endpoint has its own pools (HTTP/1.1 and HTTP/2) whose connector
+//! always dials that endpoint. Requests keep the authority the caller used
+//! (`Host` for HTTP/1.1, `:authority` for HTTP/2), so the upstream sidecar
+//! and the app see `reviews:9080`, not an IP address, while balancing still
+//! picks the connection by endpoint.
 
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, Uri, Version};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use lumen_core::ResponseFlags;
+use tokio::net::TcpStream;
 
-use crate::body::RequestBody;
+use crate::body::{RequestBody, RequestBodyState};
 
 /// Why forwarding failed, with the flag and status the client will see.
 #[derive(Debug)]
@@ -21,42 +34,116 @@ pub struct ForwardError {
     pub message: String,
 }
 
-/// Upstream connection pools. HTTP/2 downstream requests (gRPC among them)
-/// go upstream as HTTP/2 with prior knowledge (h2c), HTTP/1.x as HTTP/1.1,
-/// so the application sees the protocol its client chose.
+/// A connector that dials one endpoint whatever the request's authority.
 #[derive(Clone, Debug)]
+pub struct Dial {
+    address: SocketAddr,
+    timeout: Duration,
+}
+
+impl tower::Service<Uri> for Dial {
+    type Response = TokioIo<TcpStream>;
+    type Error = std::io::Error;
+    type Future = Pin<Box<dyn Future<Output = std::io::Result<Self::Response>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _uri: Uri) -> Self::Future {
+        let Dial { address, timeout } = self.clone();
+        Box::pin(async move {
+            let stream = tokio::time::timeout(timeout, TcpStream::connect(address))
+                .await
+                .map_err(|_| {
+                    std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        format!("connect timed out after {timeout:?}"),
+                    )
+                })??;
+            stream.set_nodelay(true)?;
+            Ok(TokioIo::new(stream))
+        })
+    }
+}
+
+type Pool = Client<Dial, RequestBody>;
+
+/// The HTTP/1.1 and HTTP/2 pools of one endpoint.
+#[derive(Debug)]
+struct EndpointPools {
+    http1: Pool,
+    http2: Pool,
+}
+
+/// Upstream connection pools, one set per endpoint. HTTP/2 downstream
+/// requests (gRPC among them) go upstream as HTTP/2 with prior knowledge
+/// (h2c), HTTP/1.x as HTTP/1.1, so the app sees the protocol its client chose.
+#[derive(Debug)]
 pub struct Upstreams {
-    http1: Client<HttpConnector, RequestBody>,
-    http2: Client<HttpConnector, RequestBody>,
+    /// Copy-on-write: looked up per request without a lock, written only
+    /// when a new endpoint is first used or the mesh changes.
+    pools: ArcSwap<HashMap<SocketAddr, Arc<EndpointPools>>>,
+    connect_timeout: Duration,
     timeout: Duration,
 }
 
 impl Upstreams {
     pub fn new(connect_timeout: Duration, timeout: Duration) -> Self {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(connect_timeout));
-        connector.enforce_http(true);
+        Upstreams {
+            pools: ArcSwap::from_pointee(HashMap::new()),
+            connect_timeout,
+            timeout,
+        }
+    }
+
+    fn pools(&self, address: SocketAddr) -> Arc<EndpointPools> {
+        if let Some(p) = self.pools.load().get(&address) {
+            return p.clone();
+        }
+        let dial = Dial {
+            address,
+            timeout: self.connect_timeout,
+        };
         let mut builder = Client::builder(TokioExecutor::new());
         builder
             .timer(TokioTimer::new())
             .pool_timer(TokioTimer::new())
             .pool_idle_timeout(Duration::from_secs(90))
             .pool_max_idle_per_host(256);
-        let http1 = builder.build(connector.clone());
+        let http1 = builder.build(dial.clone());
         builder.http2_only(true);
-        let http2 = builder.build(connector);
-        Upstreams {
-            http1,
-            http2,
-            timeout,
-        }
+        let http2 = builder.build(dial);
+        let fresh = Arc::new(EndpointPools { http1, http2 });
+        let mut chosen = fresh.clone();
+        self.pools.rcu(|map| {
+            let mut map = HashMap::clone(map);
+            // Another request may have added the endpoint meanwhile; keep its pools.
+            chosen = map.entry(address).or_insert_with(|| fresh.clone()).clone();
+            map
+        });
+        chosen
     }
 
-    /// Sends the request to `address` (`ip:port`), keeping its path and query.
+    /// Drops the pools of endpoints no longer in use (after a config change).
+    pub fn retain(&self, keep: impl Fn(&SocketAddr) -> bool) {
+        self.pools.rcu(|map| {
+            map.iter()
+                .filter(|(a, _)| keep(a))
+                .map(|(a, p)| (*a, p.clone()))
+                .collect::<HashMap<_, _>>()
+        });
+    }
+
+    /// Sends the request to the endpoint at `address`, keeping its
+    /// authority, path and query. The response-header timeout starts once
+    /// the request body has been sent, as Envoy's route timeout does, so
+    /// long uploads are not cut off.
     pub async fn send(
         &self,
-        address: &str,
+        address: SocketAddr,
+        authority: &str,
+        body_state: &RequestBodyState,
         mut req: Request<RequestBody>,
     ) -> Result<Response<Incoming>, ForwardError> {
         let h2 = req.version() == Version::HTTP_2;
@@ -65,9 +152,17 @@ impl Upstreams {
             .path_and_query()
             .map(|p| p.as_str())
             .unwrap_or("/");
+        // Without an authority (HTTP/1.0, no Host) name the endpoint itself.
+        let endpoint;
+        let authority = if authority.is_empty() {
+            endpoint = address.to_string();
+            &endpoint
+        } else {
+            authority
+        };
         let uri = Uri::builder()
             .scheme("http")
-            .authority(address)
+            .authority(authority)
             .path_and_query(path)
             .build()
             .map_err(|e| ForwardError {
@@ -76,36 +171,54 @@ impl Upstreams {
                 message: format!("invalid request target: {e}"),
             })?;
         *req.uri_mut() = uri;
-        let client = if h2 {
-            &self.http2
+        let pools = self.pools(address);
+        let pool = if h2 {
+            &pools.http2
         } else {
             *req.version_mut() = Version::HTTP_11;
-            &self.http1
+            &pools.http1
         };
-        match tokio::time::timeout(self.timeout, client.request(req)).await {
-            Ok(Ok(resp)) => Ok(resp),
-            Ok(Err(e)) if e.is_connect() => Err(ForwardError {
-                flags: ResponseFlags::UPSTREAM_CONNECTION_FAILURE,
-                status: http::StatusCode::SERVICE_UNAVAILABLE,
-                message: format!("upstream connect error to {address}: {}", source_chain(&e)),
-            }),
-            Ok(Err(e)) => Err(ForwardError {
-                flags: ResponseFlags::UPSTREAM_CONNECTION_TERMINATION,
-                status: http::StatusCode::SERVICE_UNAVAILABLE,
-                message: format!(
-                    "upstream {address} reset or closed before response headers: {}",
-                    source_chain(&e)
-                ),
-            }),
-            Err(_) => Err(ForwardError {
-                flags: ResponseFlags::UPSTREAM_REQUEST_TIMEOUT,
-                status: http::StatusCode::GATEWAY_TIMEOUT,
-                message: format!(
-                    "upstream {address} sent no response headers within {:?}",
-                    self.timeout
-                ),
-            }),
-        }
+        let deadline = async {
+            body_state.wait_ended().await;
+            tokio::time::sleep(self.timeout).await;
+        };
+        let result = tokio::select! {
+            r = pool.request(req) => r,
+            () = deadline => {
+                return Err(ForwardError {
+                    flags: ResponseFlags::UPSTREAM_REQUEST_TIMEOUT,
+                    status: http::StatusCode::GATEWAY_TIMEOUT,
+                    message: format!(
+                        "upstream {address} sent no response headers within {:?}",
+                        self.timeout
+                    ),
+                });
+            }
+        };
+        result.map_err(|e| {
+            if body_state.aborted() {
+                ForwardError {
+                    flags: ResponseFlags::DOWNSTREAM_CONNECTION_TERMINATION,
+                    status: http::StatusCode::BAD_REQUEST,
+                    message: "the client broke off while sending the request body".into(),
+                }
+            } else if e.is_connect() {
+                ForwardError {
+                    flags: ResponseFlags::UPSTREAM_CONNECTION_FAILURE,
+                    status: http::StatusCode::SERVICE_UNAVAILABLE,
+                    message: format!("upstream connect error to {address}: {}", source_chain(&e)),
+                }
+            } else {
+                ForwardError {
+                    flags: ResponseFlags::UPSTREAM_CONNECTION_TERMINATION,
+                    status: http::StatusCode::SERVICE_UNAVAILABLE,
+                    message: format!(
+                        "upstream {address} reset or closed before response headers: {}",
+                        source_chain(&e)
+                    ),
+                }
+            }
+        })
     }
 }
 
@@ -139,7 +252,6 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
         header::UPGRADE,
         header::PROXY_AUTHENTICATE,
         header::PROXY_AUTHORIZATION,
-        header::TRAILER,
     ] {
         headers.remove(name);
     }
@@ -174,6 +286,7 @@ mod tests {
             HeaderValue::from_static("chunked"),
         );
         h.insert(header::TE, HeaderValue::from_static("gzip, trailers"));
+        h.insert(header::TRAILER, HeaderValue::from_static("x-checksum"));
         h.insert("x-kept", HeaderValue::from_static("yes"));
         strip_hop_by_hop(&mut h);
         assert!(h.get("x-private").is_none());
@@ -182,5 +295,15 @@ mod tests {
         assert!(h.get(header::TRANSFER_ENCODING).is_none());
         assert_eq!(h.get(header::TE).unwrap(), "trailers");
         assert_eq!(h.get("x-kept").unwrap(), "yes");
+        // `Trailer` is end-to-end: HTTP/1.1 sends only the trailers it declares.
+        assert_eq!(h.get(header::TRAILER).unwrap(), "x-checksum");
+    }
+
+    #[test]
+    fn te_without_trailers_is_dropped() {
+        let mut h = HeaderMap::new();
+        h.insert(header::TE, HeaderValue::from_static("gzip"));
+        strip_hop_by_hop(&mut h);
+        assert!(h.get(header::TE).is_none());
     }
 }

@@ -195,6 +195,14 @@ impl Proxy {
                             if changed.is_err() { break; }
                             let snapshot = mesh.borrow_and_update().clone();
                             tracing::info!(services = snapshot.services.len(), "mesh config updated");
+                            let app = shared.app.as_ref().map(|(a, _)| *a);
+                            shared.upstreams.retain(|addr| {
+                                Some(*addr) == app
+                                    || snapshot
+                                        .services
+                                        .iter()
+                                        .any(|s| s.endpoints.iter().any(|e| e.address == *addr))
+                            });
                             shared.routes.store(Arc::new(RoutingTable::new(snapshot)));
                         }
                         _ = stop.wait_for(|s| *s) => break,

@@ -13,6 +13,10 @@ use tokio::sync::watch;
 
 use crate::request::{Shared, Side, handle};
 
+/// How long a connection may wait for request headers (HTTP/1.1) or go
+/// without answering a ping (HTTP/2) before it is closed.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// Serves one listener until `shutdown` turns true, then lets open
 /// connections finish their requests for up to `drain`.
 pub async fn serve(
@@ -23,8 +27,16 @@ pub async fn serve(
     drain: Duration,
 ) {
     let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder.http1().timer(TokioTimer::new()).keep_alive(true);
-    builder.http2().timer(TokioTimer::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .keep_alive(true)
+        .header_read_timeout(IDLE_TIMEOUT);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .keep_alive_interval(Some(IDLE_TIMEOUT))
+        .keep_alive_timeout(Duration::from_secs(20));
     let graceful = GracefulShutdown::new();
     loop {
         let accepted = tokio::select! {

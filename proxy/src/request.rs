@@ -8,7 +8,6 @@
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::AtomicU64;
 use std::time::{Duration, Instant, SystemTime};
 
 use arc_swap::ArcSwap;
@@ -17,7 +16,7 @@ use http::{Request, Response, StatusCode, Version};
 use hyper::body::Incoming;
 use lumen_core::{Protocol, Reporter, RequestRecord, ResponseFlags, Workload};
 
-use crate::body::{PendingRecord, RequestBody, ResponseBody, grpc_status};
+use crate::body::{PendingRecord, RequestBody, RequestBodyState, ResponseBody, grpc_status};
 use crate::forward::{Upstreams, strip_hop_by_hop};
 use crate::route::{NoRoute, RoutingTable};
 use crate::telemetry::Telemetry;
@@ -52,6 +51,7 @@ pub struct Shared {
 
 /// Where forwarding goes, and whom the record names as destination.
 struct Target {
+    address: SocketAddr,
     address_str: Arc<str>,
     destination: Workload,
 }
@@ -69,7 +69,7 @@ pub async fn handle(
     let authority = authority_of(&req).to_owned();
     let source = peer_identity(&shared, side, &req);
 
-    let mut record = RequestRecord {
+    let record = RequestRecord {
         start_time,
         duration: Duration::ZERO,
         reporter: match side {
@@ -95,13 +95,16 @@ pub async fn handle(
         span_id: trace.span_id,
         parent_span_id: trace.parent_span_id,
     };
-    let request_bytes = Arc::new(AtomicU64::new(0));
-    let pending = |record| PendingRecord {
+    let body_state = Arc::new(RequestBodyState::default());
+    // From here on the record is written exactly once, even if the client
+    // goes away before a response exists (the guard's drop writes it).
+    let mut pending = PendingRecord::new(
         record,
         started,
-        request_bytes: request_bytes.clone(),
-        telemetry: shared.telemetry.clone(),
-    };
+        body_state.clone(),
+        shared.telemetry.clone(),
+    );
+    let record = pending.record_mut().expect("a new record is unwritten");
 
     // route + balance
     let target = match side {
@@ -114,32 +117,37 @@ pub async fn handle(
             if let Some(d) = destination {
                 record.destination = d;
             }
-            return Ok(local_reply(status, flags, message, record, pending));
+            return Ok(local_reply(status, flags, message, pending));
         }
     };
     record.destination = target.destination;
     record.upstream_address = Some(target.address_str.clone());
+    let authority = record.authority.clone();
 
     // forward
     let (mut parts, body) = req.into_parts();
-    prepare_upstream_headers(&shared, side, &trace, &record.authority, &mut parts);
-    let upstream_req = Request::from_parts(parts, RequestBody::new(body, request_bytes.clone()));
-    match shared
+    prepare_upstream_headers(&shared, side, &trace, &mut parts.headers);
+    let upstream_req = Request::from_parts(parts, RequestBody::new(body, body_state.clone()));
+    let sent = shared
         .upstreams
-        .send(&target.address_str, upstream_req)
-        .await
-    {
+        .send(target.address, &authority, &body_state, upstream_req)
+        .await;
+    match sent {
         Ok(resp) => {
             let (mut parts, body) = resp.into_parts();
             strip_hop_by_hop(&mut parts.headers);
-            record.status = parts.status.as_u16();
-            // A trailers-only gRPC response carries its status in the headers.
-            record.grpc_status = grpc_status(&parts.headers);
+            if let Some(record) = pending.record_mut() {
+                record.status = parts.status.as_u16();
+                // A trailers-only gRPC response carries its status in the headers.
+                record.grpc_status = grpc_status(&parts.headers);
+            }
             // record (when the body ends)
-            let body = ResponseBody::upstream(body, pending(record));
-            Ok(Response::from_parts(parts, body))
+            Ok(Response::from_parts(
+                parts,
+                ResponseBody::upstream(body, pending),
+            ))
         }
-        Err(e) => Ok(local_reply(e.status, e.flags, e.message, record, pending)),
+        Err(e) => Ok(local_reply(e.status, e.flags, e.message, pending)),
     }
 }
 
@@ -216,6 +224,7 @@ fn route_outbound(shared: &Shared, authority: &str) -> Result<Target, RouteFailu
     let table = shared.routes.load();
     match table.route(authority, &shared.identity.namespace) {
         Ok(routed) => Ok(Target {
+            address: routed.endpoint.address,
             address_str: routed.endpoint.address_str.clone(),
             destination: Workload {
                 service: routed.service.name.clone(),
@@ -264,7 +273,8 @@ fn route_outbound(shared: &Shared, authority: &str) -> Result<Target, RouteFailu
 
 fn route_inbound(shared: &Shared) -> Result<Target, RouteFailure> {
     match &shared.app {
-        Some((_, address_str)) => Ok(Target {
+        Some((address, address_str)) => Ok(Target {
+            address: *address,
             address_str: address_str.clone(),
             destination: shared.identity.clone(),
         }),
@@ -281,10 +291,8 @@ fn prepare_upstream_headers(
     shared: &Shared,
     side: Side,
     trace: &TraceContext,
-    authority: &str,
-    parts: &mut http::request::Parts,
+    headers: &mut http::HeaderMap,
 ) {
-    let headers = &mut parts.headers;
     strip_hop_by_hop(headers);
     headers.insert(TRACEPARENT, trace.header_value());
     match side {
@@ -295,31 +303,21 @@ fn prepare_upstream_headers(
             headers.remove(SOURCE_HEADER);
         }
     }
-    // An HTTP/1.1 upstream needs `Host`; keep the authority the caller used,
-    // not the endpoint address, so virtual hosting in the app still works.
-    if parts.version != Version::HTTP_2
-        && !headers.contains_key(header::HOST)
-        && let Ok(v) = HeaderValue::from_str(authority)
-    {
-        headers.insert(header::HOST, v);
-    }
 }
 
 fn local_reply(
     status: StatusCode,
     flags: ResponseFlags,
     message: String,
-    mut record: RequestRecord,
-    pending: impl FnOnce(RequestRecord) -> PendingRecord,
+    mut pending: PendingRecord,
 ) -> Response<ResponseBody> {
-    record.status = status.as_u16();
-    record.response_flags.insert(flags);
+    if let Some(record) = pending.record_mut() {
+        record.status = status.as_u16();
+        record.response_flags.insert(flags);
+    }
     let flags_value =
         HeaderValue::from_str(&flags.to_string()).unwrap_or_else(|_| HeaderValue::from_static("-"));
-    let mut resp = Response::new(ResponseBody::local(
-        format!("lumen: {message}\n"),
-        Some(pending(record)),
-    ));
+    let mut resp = Response::new(ResponseBody::local(format!("lumen: {message}\n"), pending));
     *resp.status_mut() = status;
     let h = resp.headers_mut();
     h.insert(

@@ -5,7 +5,8 @@
 //! - `?delay_ms=N` waits N ms before answering;
 //! - `?size=N` answers with an N-byte body;
 //! - the JSON body otherwise echoes the request's `traceparent`,
-//!   `x-lumen-source` and `host` headers and the app's name.
+//!   `x-lumen-source` and `host` headers, the authority (`:authority` or
+//!   `Host`) and the app's name.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -44,6 +45,7 @@ async fn handle(
         "traceparent": header("traceparent"),
         "x-lumen-source": header("x-lumen-source"),
         "host": header("host"),
+        "authority": req.uri().authority().map(|a| a.to_string()).or_else(|| header("host")),
     });
     // Drain the request body so its bytes are counted upstream.
     let _ = req.into_body().collect().await;

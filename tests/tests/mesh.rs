@@ -89,6 +89,18 @@ async fn every_request_through_the_mesh_is_recorded_once_per_side() -> Result<()
             .await?;
         assert_eq!(resp.status(), 200);
     }
+    // A client that gives up before the response headers still leaves a
+    // record on both sides: status 0, flag DC, as Envoy logs it.
+    let impatient = reqwest::Client::builder()
+        .timeout(Duration::from_millis(300))
+        .build()?;
+    let gave_up = impatient
+        .get(format!("{outbound}/slow?delay_ms=3000"))
+        .header("host", "other")
+        .send()
+        .await;
+    assert!(gave_up.is_err(), "the app answers after 3 s");
+
     // An unknown service gets a clear 404 with Envoy's NR flag.
     let resp = client
         .get(format!("{outbound}/nope"))
@@ -108,6 +120,9 @@ async fn every_request_through_the_mesh_is_recorded_once_per_side() -> Result<()
     assert_eq!(wait_for_count(&url, other_q, m as i64).await?, m as i64);
     let nr = "SELECT count(*) AS n FROM requests WHERE response_flags = 'NR' AND destination_service = 'nosuch' AND status = 404";
     assert_eq!(wait_for_count(&url, nr, 1).await?, 1);
+    let dc = "SELECT count(*) AS n FROM requests WHERE path = '/slow' AND status = 0 \
+              AND response_flags = 'DC' AND destination_service = 'other'";
+    assert_eq!(wait_for_count(&url, dc, 2).await?, 2);
     // Nothing arrives twice: the counts stay put.
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(wait_for_count(&url, dest, n as i64).await?, n as i64);
