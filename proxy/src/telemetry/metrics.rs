@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use lumen_core::RequestRecord;
+use lumen_core::{RequestRecord, ResponseFlags};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -40,6 +40,7 @@ pub struct Metrics {
     duration: Family<RequestLabels, Histogram, fn() -> Histogram>,
     records_dropped: Family<DropLabels, Counter>,
     records_exported: Counter,
+    unknown: Arc<str>,
 }
 
 impl Default for Metrics {
@@ -87,15 +88,23 @@ impl Metrics {
             duration,
             records_dropped,
             records_exported,
+            unknown: Arc::from("unknown"),
         }
     }
 
     /// Counts a finished request.
     pub fn observe(&self, r: &RequestRecord) {
+        // A request for no known service names whatever host the caller
+        // made up; as a label that would grow the series without bound.
+        let destination_service = if r.response_flags.contains(ResponseFlags::NO_ROUTE) {
+            self.unknown.clone()
+        } else {
+            r.destination.service.clone()
+        };
         let labels = RequestLabels {
             reporter: r.reporter.as_str(),
             source_service: r.source.service.clone(),
-            destination_service: r.destination.service.clone(),
+            destination_service,
             response_code: r.status,
         };
         self.requests.get_or_create(&labels).inc();
