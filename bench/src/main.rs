@@ -91,14 +91,27 @@ fn main() -> ExitCode {
 }
 
 fn proxy(mut a: ProxyArgs) -> Result<()> {
-    peers::check_installed()?;
-    let lumen = peers::lumen_binary(a.lumen.as_deref())?;
     a.scenario.sort();
     a.scenario.dedup();
+    let mut needed = vec!["nginx", "wrk", "oha"];
+    if a.scenario.contains(&Scenario::D) {
+        needed.push("envoy");
+    }
+    peers::check_installed(&needed)?;
+    // Building lumen takes minutes; an nginx- or Envoy-only run should not.
+    let lumen = if a
+        .scenario
+        .iter()
+        .any(|s| matches!(s, Scenario::B | Scenario::C))
+    {
+        Some(peers::lumen_binary(a.lumen.as_deref())?)
+    } else {
+        None
+    };
 
     let tmp = TempDir::create(a.keep_temp)?;
     let set = Settings {
-        lumen: lumen.clone(),
+        lumen: lumen.clone().unwrap_or_default(),
         tmp: tmp.path.clone(),
         duration: a.duration,
         warmup: a.warmup,
@@ -111,7 +124,7 @@ fn proxy(mut a: ProxyArgs) -> Result<()> {
         command: std::env::args().collect::<Vec<_>>().join(" "),
         date: chrono::Utc::now().format("%Y-%m-%d %H:%M UTC").to_string(),
         machine: machine(),
-        versions: peers::versions(&lumen),
+        versions: peers::versions(lumen.as_deref()),
         duration: set.duration,
         warmup: set.warmup,
         rate: set.rate,
@@ -137,6 +150,13 @@ fn proxy(mut a: ProxyArgs) -> Result<()> {
                 "  warning: wrk saw {} socket errors and {} non-2xx/3xx responses",
                 m.wrk.socket_errors, m.wrk.non_2xx_3xx
             );
+        }
+        if let Some(t) = m
+            .telemetry
+            .as_ref()
+            .filter(|t| t.missing() != 0 || t.dropped > 0)
+        {
+            eprintln!("  warning: telemetry: {}", t.summary());
         }
         rows.push(m);
     }
@@ -180,6 +200,9 @@ impl TempDir {
         remove_stale(&base);
         let path = base.join(format!("lumen-bench-{}", std::process::id()));
         fs::create_dir_all(&path).with_context(|| format!("creating {}", path.display()))?;
+        if keep {
+            fs::write(path.join(KEEP_MARKER), "kept by --keep-temp\n")?;
+        }
         Ok(TempDir { path, keep })
     }
 }
@@ -191,6 +214,9 @@ impl Drop for TempDir {
         }
     }
 }
+
+/// Marks a temp dir the user asked to keep, so later runs leave it alone.
+const KEEP_MARKER: &str = "KEEP";
 
 /// Removes the temp dirs of earlier runs whose process is gone (interrupted
 /// with Ctrl-C, which skips our cleanup), so aborted runs do not pile up.
@@ -207,7 +233,7 @@ fn remove_stale(base: &Path) {
         else {
             continue;
         };
-        if !Path::new(&format!("/proc/{pid}")).exists() {
+        if !Path::new(&format!("/proc/{pid}")).exists() && !e.path().join(KEEP_MARKER).exists() {
             let _ = fs::remove_dir_all(e.path());
         }
     }

@@ -25,12 +25,12 @@ pub const PEERS: [(&str, &str); 4] = [
     ("oha", "cargo install oha --locked"),
 ];
 
-/// Fails with every missing tool and its install command, so one run tells
-/// the user everything they need rather than one tool at a time.
-pub fn check_installed() -> Result<()> {
+/// Fails with every missing tool among `needed` and its install command, so
+/// one run tells the user everything they need rather than one tool at a time.
+pub fn check_installed(needed: &[&str]) -> Result<()> {
     let missing: Vec<_> = PEERS
         .iter()
-        .filter(|(name, _)| which(name).is_none())
+        .filter(|(name, _)| needed.contains(name) && which(name).is_none())
         .collect();
     if missing.is_empty() {
         return Ok(());
@@ -505,7 +505,7 @@ pub fn start_envoy(name: &str, dir: &Path, config_text: &str, admin: u16) -> Res
 }
 
 /// One-line versions of the tools, recorded beside the results.
-pub fn versions(lumen: &Path) -> Vec<(String, String)> {
+pub fn versions(lumen: Option<&Path>) -> Vec<(String, String)> {
     let first_line = |prog: &Path, args: &[&str]| -> String {
         Command::new(prog)
             .args(args)
@@ -523,7 +523,10 @@ pub fn versions(lumen: &Path) -> Vec<(String, String)> {
     };
     let tool = |name: &str| which(name).unwrap_or_else(|| PathBuf::from(name));
     vec![
-        ("lumen".into(), first_line(lumen, &["--version"])),
+        (
+            "lumen".into(),
+            lumen.map_or_else(|| "not used".into(), |l| first_line(l, &["--version"])),
+        ),
         ("envoy".into(), first_line(&tool("envoy"), &["--version"])),
         ("nginx".into(), first_line(&tool("nginx"), &["-v"])),
         ("wrk".into(), first_line(&tool("wrk"), &["-v"])),

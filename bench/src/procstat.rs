@@ -73,20 +73,21 @@ pub fn clock_ticks_per_sec() -> u64 {
 mod tests {
     use super::*;
 
-    // Captured from a running `lumen proxy` (fields 14 and 15 are 1234 and 567).
-    const STAT: &str = "4242 (lumen) S 4200 4242 4200 34816 4242 4194560 2741 0 0 0 \
-        1234 567 0 0 20 0 4 0 1795412 1104453632 4270 18446744073709551615 1 1 0 0 0 0 0 \
-        4096 17987 0 0 0 17 1 0 0 0 0 0 0 0 0 0 0 0 0 0\n";
+    // Captured from a running `lumen proxy` (utime 16, stime 7 ticks).
+    const STAT: &str = "29427 (lumen-debug) S 1 29423 17235 0 -1 4194304 2263 0 1 0 16 7 0 0 \
+        20 0 3 0 348290 310304768 10478 18446744073709551615 94096859041344 94096978665840 \
+        140733794178992 0 0 0 0 4096 17474 0 0 0 17 0 0 0 0 0 0 94096985946880 94096986010648 \
+        94097153818624 140733794183779 140733794183915 140733794183915 140733794185194 0\n";
 
     #[test]
     fn stat_sums_utime_and_stime() {
-        assert_eq!(parse_cpu_ticks(STAT).unwrap(), 1234 + 567);
+        assert_eq!(parse_cpu_ticks(STAT).unwrap(), 16 + 7);
     }
 
     #[test]
     fn stat_survives_spaces_and_parens_in_the_command_name() {
-        let odd = STAT.replace("(lumen)", "(tokio (worker) 1)");
-        assert_eq!(parse_cpu_ticks(&odd).unwrap(), 1801);
+        let odd = STAT.replace("(lumen-debug)", "(tokio (worker) 1)");
+        assert_eq!(parse_cpu_ticks(&odd).unwrap(), 23);
     }
 
     #[test]

@@ -55,33 +55,33 @@ pub fn render(ctx: &Context, rows: &[Measured]) -> String {
             opt(m.rss_mib, 1),
         );
     }
-    let _ = writeln!(w);
-
     let get = |s: Scenario| rows.iter().find(|m| m.scenario == s);
+    let cpu = |x: &Measured, y: &Measured, f: fn(f64, f64) -> String| match (
+        x.cpu_s_per_1000,
+        y.cpu_s_per_1000,
+    ) {
+        (Some(x), Some(y)) => f(x, y),
+        _ => "-".into(),
+    };
+    let mut comparisons = Vec::new();
     if let (Some(b), Some(d)) = (get(Scenario::B), get(Scenario::D)) {
-        let _ = writeln!(
-            w,
+        comparisons.push(format!(
             "- Lumen (telemetry on) / Envoy: throughput {}, p99 {}, CPU per request {}",
             ratio(b.wrk.rps, d.wrk.rps),
             ratio(b.oha.p99_ms, d.oha.p99_ms),
-            match (b.cpu_s_per_1000, d.cpu_s_per_1000) {
-                (Some(x), Some(y)) => ratio(x, y),
-                _ => "-".into(),
-            }
-        );
+            cpu(b, d, ratio),
+        ));
     }
     if let (Some(b), Some(c)) = (get(Scenario::B), get(Scenario::C)) {
-        let _ = writeln!(
-            w,
+        comparisons.push(format!(
             "- telemetry cost, (b) vs (c): throughput {}, CPU per request {}",
             percent(b.wrk.rps, c.wrk.rps),
-            match (b.cpu_s_per_1000, c.cpu_s_per_1000) {
-                (Some(x), Some(y)) => percent(x, y),
-                _ => "-".into(),
-            }
-        );
+            cpu(b, c, percent),
+        ));
     }
-
+    if !comparisons.is_empty() {
+        let _ = writeln!(w, "\n{}", comparisons.join("\n"));
+    }
     let _ = writeln!(w, "\n## Details\n");
     for m in rows {
         let _ = writeln!(w, "- {}:", m.scenario.label());
@@ -106,20 +106,7 @@ pub fn render(ctx: &Context, rows: &[Measured]) -> String {
             );
         }
         if let Some(t) = &m.telemetry {
-            let expected = 2 * t.requests_sent;
-            let _ = writeln!(
-                w,
-                "  - telemetry: collector holds {} request records for {} requests sent \
-                 (expected {} = 2 per request, {:.1}%); sidecars counted {} requests, \
-                 exported {} records, dropped {}",
-                t.records_in_collector,
-                t.requests_sent,
-                expected,
-                t.records_in_collector as f64 * 100.0 / expected.max(1) as f64,
-                t.proxy_requests,
-                t.exported,
-                t.dropped
-            );
+            let _ = writeln!(w, "  - telemetry: {}", t.summary());
         }
     }
     let _ = writeln!(
@@ -160,6 +147,69 @@ fn counts(label: &str, m: &std::collections::BTreeMap<String, u64>) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::load::{OhaResult, WrkResult};
+
+    fn row(scenario: Scenario, rps: f64, p99_ms: f64, cpu: Option<f64>) -> Measured {
+        Measured {
+            scenario,
+            wrk: WrkResult {
+                requests: 1000,
+                rps,
+                socket_errors: 0,
+                non_2xx_3xx: 0,
+            },
+            oha: OhaResult {
+                p50_ms: 0.5,
+                p99_ms,
+                responses: 100,
+                ok: 100,
+                success_rate: 1.0,
+                bad_statuses: Default::default(),
+                errors: Default::default(),
+            },
+            cpu_s_per_1000: cpu,
+            rss_mib: cpu.map(|_| 12.0),
+            telemetry: None,
+        }
+    }
+
+    #[test]
+    fn table_and_comparisons() {
+        let ctx = Context {
+            command: "lumen-bench proxy".into(),
+            date: "today".into(),
+            machine: "test".into(),
+            versions: vec![],
+            duration: 10,
+            warmup: 2,
+            rate: 1000,
+            wrk_connections: 32,
+            oha_connections: 16,
+        };
+        let rows = [
+            row(Scenario::A, 20000.0, 1.0, None),
+            row(Scenario::B, 9000.0, 3.0, Some(0.2)),
+            row(Scenario::C, 10000.0, 2.0, Some(0.1)),
+            row(Scenario::D, 6000.0, 4.0, Some(0.4)),
+        ];
+        let text = render(&ctx, &rows);
+        assert!(
+            text.contains("| (a) nginx direct | 20000 | 0.50 | 1.00 | - | - |"),
+            "{text}"
+        );
+        assert!(
+            text.contains("| (b) Lumen, telemetry on | 9000 | 0.50 | 3.00 | 0.1000 | 12.0 |"),
+            "{text}"
+        );
+        assert!(
+            text.contains("Envoy: throughput 1.50×, p99 0.75×, CPU per request 0.50×"),
+            "{text}"
+        );
+        assert!(
+            text.contains("(b) vs (c): throughput -10.0%, CPU per request +100.0%"),
+            "{text}"
+        );
+    }
 
     #[test]
     fn ratios_and_percents() {

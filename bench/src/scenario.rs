@@ -168,6 +168,34 @@ pub fn run(s: Scenario, set: &Settings) -> Result<Measured> {
     })
 }
 
+impl TelemetryCheck {
+    /// Records the sidecars made that are neither in the collector nor
+    /// counted as dropped: telemetry that was silently lost.
+    pub fn missing(&self) -> i64 {
+        self.proxy_requests as i64 - self.dropped as i64 - self.records_in_collector as i64
+    }
+
+    pub fn summary(&self) -> String {
+        let expected = 2 * self.requests_sent;
+        let verdict = match self.missing() {
+            0 => "all accounted for".to_string(),
+            n if n > 0 => format!("MISMATCH: {n} records lost without being counted"),
+            n => format!("MISMATCH: {} more records than the sidecars made", -n),
+        };
+        format!(
+            "collector holds {} request records for {} requests sent ({:.1}% of the 2 per \
+             request expected; wrk does not count requests in flight when it stops, so slightly \
+             over 100% is normal); the sidecars made {} records, exported {}, dropped {}: {verdict}",
+            self.records_in_collector,
+            self.requests_sent,
+            self.records_in_collector as f64 * 100.0 / expected.max(1) as f64,
+            self.proxy_requests,
+            self.exported,
+            self.dropped,
+        )
+    }
+}
+
 fn total_ticks(pids: &[u32]) -> Result<u64> {
     pids.iter().map(|&p| procstat::cpu_ticks(p)).sum()
 }

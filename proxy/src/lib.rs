@@ -249,7 +249,7 @@ impl Proxy {
         drop(shared);
         let _ = export_stop_tx.send(true);
         if let Some(exporter) = exporter {
-            let _ = exporter.await;
+            let _ = tokio::task::spawn_blocking(move || exporter.join()).await;
         }
         Ok(())
     }

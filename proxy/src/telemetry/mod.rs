@@ -11,7 +11,6 @@ use std::time::Duration;
 
 use lumen_core::{RequestRecord, Workload};
 use tokio::sync::{mpsc, watch};
-use tokio::task::JoinHandle;
 
 pub use metrics::Metrics;
 
@@ -39,7 +38,7 @@ impl Default for TelemetryConfig {
             collector_endpoint: "http://127.0.0.1:4317".to_string(),
             queue_capacity: 8192,
             batch_size: 512,
-            flush_interval: Duration::from_millis(100),
+            flush_interval: Duration::from_millis(50),
             export_timeout: Duration::from_secs(5),
         }
     }
@@ -55,12 +54,16 @@ pub struct Telemetry {
 impl Telemetry {
     /// Starts the exporter (when export is on). The exporter drains the queue
     /// and stops once `shutdown` turns true.
+    ///
+    /// It runs on a thread of its own: building and encoding a batch of spans
+    /// takes a while, and on the request workers it would hold up requests
+    /// queued behind it (with one worker, every request).
     pub fn start(
         config: &TelemetryConfig,
         identity: &Workload,
         metrics: Arc<Metrics>,
         shutdown: watch::Receiver<bool>,
-    ) -> Result<(Telemetry, Option<JoinHandle<()>>), crate::ProxyError> {
+    ) -> Result<(Telemetry, Option<std::thread::JoinHandle<()>>), crate::ProxyError> {
         if !config.export {
             return Ok((
                 Telemetry {
@@ -71,8 +74,19 @@ impl Telemetry {
             ));
         }
         let (tx, rx) = mpsc::channel(config.queue_capacity.max(1));
-        let exporter = otlp::Exporter::new(config, identity, metrics.clone())?;
-        let task = tokio::spawn(exporter.run(rx, shutdown));
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| crate::ProxyError::Telemetry(format!("exporter runtime: {e}")))?;
+        // The OTLP client binds to the runtime it is built in.
+        let exporter = {
+            let _in_runtime = runtime.enter();
+            otlp::Exporter::new(config, identity, metrics.clone())?
+        };
+        let task = std::thread::Builder::new()
+            .name("lumen-telemetry".into())
+            .spawn(move || runtime.block_on(exporter.run(rx, shutdown)))
+            .map_err(|e| crate::ProxyError::Telemetry(format!("exporter thread: {e}")))?;
         Ok((
             Telemetry {
                 queue: Some(tx),

@@ -68,41 +68,45 @@ impl Exporter {
     }
 
     /// Drains the queue in batches until shutdown, then exports what is left.
+    ///
+    /// The queue is polled on a timer rather than awaited: waiting on it
+    /// would have every record the proxy queues wake this thread (a context
+    /// switch per request); polling wakes it once per interval.
     pub(super) async fn run(
         mut self,
         mut rx: mpsc::Receiver<RequestRecord>,
         mut shutdown: watch::Receiver<bool>,
     ) {
-        let mut batch = Vec::with_capacity(self.batch_size);
+        let mut tick = tokio::time::interval(self.flush_interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let stopping = tokio::select! {
-                n = rx.recv_many(&mut batch, self.batch_size) => n == 0,
+                _ = tick.tick() => false,
                 _ = shutdown.wait_for(|s| *s) => true,
             };
             if stopping {
                 rx.close();
-                while let Some(r) = rx.recv().await {
-                    batch.push(r);
-                    if batch.len() == self.batch_size {
-                        self.export(std::mem::take(&mut batch), false).await;
+            }
+            // Everything queued now, in batches; a full batch may have more behind it.
+            loop {
+                let mut batch = Vec::with_capacity(self.batch_size);
+                while batch.len() < self.batch_size {
+                    match rx.try_recv() {
+                        Ok(r) => batch.push(r),
+                        Err(_) => break,
                     }
                 }
+                let full = batch.len() == self.batch_size;
                 if !batch.is_empty() {
-                    self.export(batch, false).await;
+                    self.export(batch, !stopping).await;
                 }
+                if !full {
+                    break;
+                }
+            }
+            if stopping {
                 break;
             }
-            // Linger briefly so one export carries many records.
-            let deadline = tokio::time::Instant::now() + self.flush_interval;
-            while batch.len() < self.batch_size {
-                let want = self.batch_size - batch.len();
-                match tokio::time::timeout_at(deadline, rx.recv_many(&mut batch, want)).await {
-                    Ok(0) | Err(_) => break,
-                    Ok(_) => {}
-                }
-            }
-            let full = std::mem::replace(&mut batch, Vec::with_capacity(self.batch_size));
-            self.export(full, true).await;
         }
         let _ = self.inner.shutdown();
     }
