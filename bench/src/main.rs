@@ -158,6 +158,17 @@ fn proxy(mut a: ProxyArgs) -> Result<()> {
         {
             eprintln!("  warning: telemetry: {}", t.summary());
         }
+        if m.noisy() {
+            let [w, o] = m.background;
+            eprintln!(
+                "  warning: other processes used {:.0}% / {:.0}% of the machine during wrk / oha \
+                 (steal {:.0}% / {:.0}%); numbers are suspect, rerun on a quiet machine",
+                w.other * 100.0,
+                o.other * 100.0,
+                w.steal * 100.0,
+                o.steal * 100.0
+            );
+        }
         rows.push(m);
     }
 

@@ -7,15 +7,24 @@ use std::process::Command;
 
 use anyhow::{Context, Result, bail};
 
-/// utime + stime in clock ticks, from the text of `/proc/<pid>/stat`.
-pub fn parse_cpu_ticks(stat: &str) -> Result<u64> {
+/// The fields of `/proc/<pid>/stat` the benchmark uses, in clock ticks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProcStat {
+    pub ppid: u32,
+    /// utime + stime: this process, all its threads.
+    pub ticks: u64,
+    /// cutime + cstime: its children that have exited and been waited for.
+    pub reaped_children_ticks: u64,
+}
+
+pub fn parse_stat(stat: &str) -> Result<ProcStat> {
     // The command name (field 2) is in parentheses and may itself contain
     // spaces or parentheses, so fields are counted from the last ')'.
     let close = stat
         .rfind(')')
         .context("no ')' after the command name in /proc/<pid>/stat")?;
     let rest: Vec<&str> = stat[close + 1..].split_whitespace().collect();
-    // rest[0] is field 3 (state); utime is field 14, stime field 15.
+    // rest[0] is field 3 (state).
     let field = |n: usize| -> Result<u64> {
         let s = rest
             .get(n - 3)
@@ -23,7 +32,16 @@ pub fn parse_cpu_ticks(stat: &str) -> Result<u64> {
         s.parse()
             .with_context(|| format!("field {n} of /proc/<pid>/stat is not a number: {s:?}"))
     };
-    Ok(field(14)? + field(15)?)
+    Ok(ProcStat {
+        ppid: field(4)? as u32,
+        ticks: field(14)? + field(15)?,
+        reaped_children_ticks: field(16)? + field(17)?,
+    })
+}
+
+/// utime + stime in clock ticks, from the text of `/proc/<pid>/stat`.
+pub fn parse_cpu_ticks(stat: &str) -> Result<u64> {
+    Ok(parse_stat(stat)?.ticks)
 }
 
 /// VmRSS in KiB, from the text of `/proc/<pid>/status`.
@@ -57,6 +75,123 @@ pub fn rss_kib(pid: u32) -> Result<u64> {
     parse_vmrss_kib(&text).with_context(|| format!("parsing {path}"))
 }
 
+/// Machine-wide CPU time from the `cpu` line of `/proc/stat`, in ticks
+/// summed over all CPUs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct SystemCpu {
+    pub busy: u64,
+    pub steal: u64,
+    pub total: u64,
+}
+
+pub fn parse_system_cpu(stat: &str) -> Result<SystemCpu> {
+    let line = stat
+        .lines()
+        .find(|l| l.starts_with("cpu "))
+        .context("no aggregate cpu line in /proc/stat")?;
+    let v: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .map(str::parse)
+        .collect::<Result<_, _>>()
+        .context("non-numeric cpu line in /proc/stat")?;
+    if v.len() < 8 {
+        bail!("short cpu line in /proc/stat: {line:?}");
+    }
+    // user nice system idle iowait irq softirq steal [guest guest_nice];
+    // guest time is already included in user and nice.
+    let [user, nice, system, idle, iowait, irq, softirq, steal] = v[..8] else {
+        unreachable!()
+    };
+    Ok(SystemCpu {
+        busy: user + nice + system + irq + softirq,
+        steal,
+        total: user + nice + system + idle + iowait + irq + softirq + steal,
+    })
+}
+
+/// CPU used by this process and everything it started: its own threads, its
+/// children that are alive (proxies, nginx workers, the collector) and those
+/// it has reaped (finished load generators).
+fn own_tree_ticks() -> Result<u64> {
+    let me = std::process::id();
+    let mut stats = Vec::new();
+    for e in std::fs::read_dir("/proc")?.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
+            continue;
+        };
+        // Processes come and go while we scan; a vanished one is not ours to count.
+        if let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            && let Ok(st) = parse_stat(&text)
+        {
+            stats.push((pid, st));
+        }
+    }
+    let parent: std::collections::HashMap<u32, u32> =
+        stats.iter().map(|(pid, st)| (*pid, st.ppid)).collect();
+    let descends_from_me = |mut pid: u32| {
+        for _ in 0..64 {
+            match parent.get(&pid) {
+                Some(&pp) if pp == me => return true,
+                Some(&pp) if pp > 1 => pid = pp,
+                _ => return false,
+            }
+        }
+        false
+    };
+    let mut sum = 0;
+    for (pid, st) in &stats {
+        if *pid == me {
+            sum += st.ticks + st.reaped_children_ticks;
+        } else if descends_from_me(*pid) {
+            sum += st.ticks;
+        }
+    }
+    Ok(sum)
+}
+
+/// A measurement window over which CPU used by processes outside this
+/// benchmark is measured: on a shared machine a concurrent build silently
+/// moves every number, so it is reported instead.
+pub struct Window {
+    system: SystemCpu,
+    own: u64,
+}
+
+/// Share of the machine's CPU (0..1) over a window.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Background {
+    /// Used by processes that are not part of the benchmark.
+    pub other: f64,
+    /// Taken by the hypervisor from this virtual machine.
+    pub steal: f64,
+}
+
+impl Window {
+    pub fn start() -> Result<Window> {
+        Ok(Window {
+            system: system_cpu()?,
+            own: own_tree_ticks()?,
+        })
+    }
+
+    pub fn finish(self) -> Result<Background> {
+        let now = system_cpu()?;
+        let own = own_tree_ticks()?.saturating_sub(self.own);
+        let total = now.total.saturating_sub(self.system.total).max(1) as f64;
+        let busy = now.busy.saturating_sub(self.system.busy);
+        Ok(Background {
+            other: busy.saturating_sub(own) as f64 / total,
+            steal: now.steal.saturating_sub(self.system.steal) as f64 / total,
+        })
+    }
+}
+
+fn system_cpu() -> Result<SystemCpu> {
+    let text = std::fs::read_to_string("/proc/stat").context("reading /proc/stat")?;
+    parse_system_cpu(&text)
+}
+
 /// The kernel's USER_HZ; 100 on nearly every Linux, but asked rather than assumed.
 pub fn clock_ticks_per_sec() -> u64 {
     Command::new("getconf")
@@ -88,6 +223,30 @@ mod tests {
     fn stat_survives_spaces_and_parens_in_the_command_name() {
         let odd = STAT.replace("(lumen-debug)", "(tokio (worker) 1)");
         assert_eq!(parse_cpu_ticks(&odd).unwrap(), 23);
+    }
+
+    #[test]
+    fn stat_parent_and_reaped_children() {
+        let st = parse_stat(STAT).unwrap();
+        assert_eq!(st.ppid, 1);
+        assert_eq!(st.reaped_children_ticks, 0);
+        // A shell that has waited for children which used 30 + 12 ticks.
+        let sh = "100 (bash) S 99 100 100 0 -1 4194304 1 0 0 0 5 3 30 12 20 0 1 0 1 1 1 0";
+        let st = parse_stat(sh).unwrap();
+        assert_eq!((st.ppid, st.ticks, st.reaped_children_ticks), (99, 8, 42));
+    }
+
+    #[test]
+    fn system_cpu_line() {
+        // The aggregate line is from the benchmark machine; per-CPU lines
+        // must not be mistaken for it.
+        let stat = "cpu  655797 0 72485 458447 9117 0 11029 7003 0 0\n\
+            cpu0 327000 0 36000 229000 4500 0 5500 3500 0 0\nintr 1 2 3\n";
+        let c = parse_system_cpu(stat).unwrap();
+        assert_eq!(c.busy, 655797 + 72485 + 11029);
+        assert_eq!(c.steal, 7003);
+        assert_eq!(c.total, 655797 + 72485 + 458447 + 9117 + 11029 + 7003);
+        assert!(parse_system_cpu("intr 1 2 3\n").is_err());
     }
 
     #[test]

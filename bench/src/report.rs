@@ -105,6 +105,21 @@ pub fn render(ctx: &Context, rows: &[Measured]) -> String {
                 "  - CPU of both proxies: {c:.4} s per 1000 requests during the oha run"
             );
         }
+        let [wb, ob] = m.background;
+        let _ = writeln!(
+            w,
+            "  - CPU used outside the benchmark: {:.0}% of the machine during wrk, {:.0}% during \
+             oha; hypervisor steal {:.0}% / {:.0}%{}",
+            wb.other * 100.0,
+            ob.other * 100.0,
+            wb.steal * 100.0,
+            ob.steal * 100.0,
+            if m.noisy() {
+                " — NOISY: another workload ran, these numbers are suspect"
+            } else {
+                ""
+            }
+        );
         if let Some(t) = &m.telemetry {
             let _ = writeln!(w, "  - telemetry: {}", t.summary());
         }
@@ -170,6 +185,7 @@ mod tests {
             cpu_s_per_1000: cpu,
             rss_mib: cpu.map(|_| 12.0),
             telemetry: None,
+            background: Default::default(),
         }
     }
 

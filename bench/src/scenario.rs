@@ -13,7 +13,7 @@ use serde_json::Value;
 use crate::http;
 use crate::load::{self, OhaResult, Target, WrkResult};
 use crate::peers::{self, CollectorPorts, Listener, Proc, SidecarOpts, local};
-use crate::procstat;
+use crate::procstat::{self, Background};
 
 /// Host the meshes route on; the name and port of the service in mesh.yaml.
 const SERVICE_HOST: &str = "upstream:8080";
@@ -62,6 +62,20 @@ pub struct Measured {
     /// Largest VmRSS of the proxies after the runs.
     pub rss_mib: Option<f64>,
     pub telemetry: Option<TelemetryCheck>,
+    /// CPU used outside the benchmark during the wrk and the oha run.
+    pub background: [Background; 2],
+}
+
+impl Measured {
+    /// More than this share of the machine used by others during a
+    /// measurement makes its numbers suspect.
+    pub const NOISY: f64 = 0.10;
+
+    pub fn noisy(&self) -> bool {
+        self.background
+            .iter()
+            .any(|b| b.other > Self::NOISY || b.steal > Self::NOISY)
+    }
 }
 
 /// Did the collector really receive a record per request per sidecar?
@@ -124,7 +138,9 @@ pub fn run(s: Scenario, set: &Settings) -> Result<Measured> {
         "  throughput: wrk -c{} {} s",
         set.wrk_connections, set.duration
     );
+    let window = procstat::Window::start()?;
     let wrk = load::run_wrk(&topo.target, set.wrk_connections, set.duration)?;
+    let wrk_background = window.finish()?;
     topo.check_alive()?;
 
     eprintln!(
@@ -132,9 +148,11 @@ pub fn run(s: Scenario, set: &Settings) -> Result<Measured> {
         set.rate, set.oha_connections, set.duration
     );
     let pids = topo.proxy_pids();
+    let window = procstat::Window::start()?;
     let cpu_before = total_ticks(&pids)?;
     let oha = load::run_oha(&topo.target, set.rate, set.oha_connections, set.duration)?;
     let cpu_after = total_ticks(&pids)?;
+    let oha_background = window.finish()?;
     topo.check_alive()?;
 
     let cpu_s_per_1000 = (!pids.is_empty() && oha.responses > 0).then(|| {
@@ -165,6 +183,7 @@ pub fn run(s: Scenario, set: &Settings) -> Result<Measured> {
         cpu_s_per_1000,
         rss_mib,
         telemetry,
+        background: [wrk_background, oha_background],
     })
 }
 

@@ -136,6 +136,11 @@ impl PendingRecord {
     }
 
     /// The record being filled; `None` only after it was written.
+    pub fn record(&self) -> Option<&RequestRecord> {
+        self.record.as_ref()
+    }
+
+    /// The record being filled; `None` only after it was written.
     pub fn record_mut(&mut self) -> Option<&mut RequestRecord> {
         self.record.as_mut()
     }

@@ -122,15 +122,15 @@ pub async fn handle(
     };
     record.destination = target.destination;
     record.upstream_address = Some(target.address_str.clone());
-    let authority = record.authority.clone();
 
     // forward
     let (mut parts, body) = req.into_parts();
     prepare_upstream_headers(&shared, side, &trace, &mut parts.headers);
     let upstream_req = Request::from_parts(parts, RequestBody::new(body, body_state.clone()));
+    let authority = pending.record().map_or("", |r| r.authority.as_str());
     let sent = shared
         .upstreams
-        .send(target.address, &authority, &body_state, upstream_req)
+        .send(target.address, authority, &body_state, upstream_req)
         .await;
     match sent {
         Ok(resp) => {

@@ -119,8 +119,10 @@ impl LumenProcess {
         let Some(mut child) = self.child.take() else {
             bail!("{} already stopped", self.name);
         };
-        let pid = child.id().to_string();
-        Command::new("kill").args(["-TERM", &pid]).status()?;
+        // The shell's builtin `kill`: no procps needed on a bare machine.
+        Command::new("sh")
+            .args(["-c", &format!("kill -TERM {}", child.id())])
+            .status()?;
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             if let Some(status) = child.try_wait()? {
@@ -288,6 +290,58 @@ impl SidecarPorts {
     }
 }
 
+/// One `lumen proxy` to start: who it stands beside and where it listens.
+pub struct Sidecar<'a> {
+    pub service: &'a str,
+    pub version: &'a str,
+    pub mesh: &'a Path,
+    pub ports: SidecarPorts,
+    /// The local app; `None` runs the sidecar without an inbound listener.
+    pub app: Option<SocketAddr>,
+    /// OTLP/gRPC endpoint for its records.
+    pub collector: &'a str,
+    /// More flags for `lumen proxy`.
+    pub extra: &'a [&'a str],
+}
+
+impl Sidecar<'_> {
+    /// Starts it and waits for its admin `/ready`.
+    pub async fn start(&self, log_dir: &Path) -> Result<LumenProcess> {
+        let mut args: Vec<String> = vec![
+            "proxy".into(),
+            "--service".into(),
+            self.service.into(),
+            "--version".into(),
+            self.version.into(),
+            "-f".into(),
+            self.mesh.display().to_string(),
+            "--outbound".into(),
+            local(self.ports.outbound).to_string(),
+            "--admin".into(),
+            local(self.ports.admin).to_string(),
+            "--collector".into(),
+            self.collector.into(),
+            "--workers".into(),
+            "1".into(),
+        ];
+        match self.app {
+            Some(a) => args.extend([
+                "--inbound".into(),
+                local(self.ports.inbound).to_string(),
+                "--app".into(),
+                a.to_string(),
+            ]),
+            None => args.push("--no-inbound".into()),
+        }
+        args.extend(self.extra.iter().map(|s| s.to_string()));
+        let name = format!("sidecar-{}-{}", self.service, self.version);
+        let mut p = LumenProcess::spawn(&name, log_dir, &args)?;
+        p.wait_ready(&format!("http://127.0.0.1:{}/ready", self.ports.admin))
+            .await?;
+        Ok(p)
+    }
+}
+
 /// Starts `lumen proxy` for one workload and waits for its admin `/ready`.
 pub async fn start_sidecar(
     log_dir: &Path,
@@ -298,36 +352,17 @@ pub async fn start_sidecar(
     app: Option<SocketAddr>,
     collector: &str,
 ) -> Result<LumenProcess> {
-    let mut args: Vec<String> = vec![
-        "proxy".into(),
-        "--service".into(),
-        service.into(),
-        "--version".into(),
-        version.into(),
-        "-f".into(),
-        mesh.display().to_string(),
-        "--outbound".into(),
-        local(ports.outbound).to_string(),
-        "--admin".into(),
-        local(ports.admin).to_string(),
-        "--collector".into(),
-        collector.into(),
-        "--workers".into(),
-        "1".into(),
-    ];
-    match app {
-        Some(a) => args.extend([
-            "--inbound".into(),
-            local(ports.inbound).to_string(),
-            "--app".into(),
-            a.to_string(),
-        ]),
-        None => args.push("--no-inbound".into()),
+    Sidecar {
+        service,
+        version,
+        mesh,
+        ports,
+        app,
+        collector,
+        extra: &[],
     }
-    let mut p = LumenProcess::spawn(&format!("sidecar-{service}-{version}"), log_dir, &args)?;
-    p.wait_ready(&format!("http://127.0.0.1:{}/ready", ports.admin))
-        .await?;
-    Ok(p)
+    .start(log_dir)
+    .await
 }
 
 /// The Python interpreter used for peer clients (OpenTelemetry SDK, DuckDB).

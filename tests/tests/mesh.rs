@@ -8,8 +8,8 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use lumen_tests::upstream::start_app;
 use lumen_tests::{
-    SidecarPorts, UpPorts, h2_client_via, local, sql, start_sidecar, start_up, wait_for_count,
-    write_mesh,
+    Sidecar, SidecarPorts, UpPorts, h2_client_via, local, sql, start_sidecar, start_up,
+    wait_for_count, write_mesh,
 };
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -272,43 +272,17 @@ async fn telemetry_trouble_never_fails_requests_and_config_reloads_live() -> Res
     write_mesh(&mesh, &[("frontend", 80, &[(local(fe.inbound), "v1")])])?;
     // No collector listens here: every export fails.
     let dead = format!("http://127.0.0.1:{}", lumen_tests::free_port());
-    let args = |service: &str, p: SidecarPorts, app: Option<std::net::SocketAddr>| {
-        let mut a: Vec<String> = vec![
-            "proxy".into(),
-            "--service".into(),
-            service.into(),
-            "-f".into(),
-            mesh.display().to_string(),
-            "--outbound".into(),
-            local(p.outbound).to_string(),
-            "--admin".into(),
-            local(p.admin).to_string(),
-            "--collector".into(),
-            dead.clone(),
-            "--telemetry-queue".into(),
-            "4".into(),
-        ];
-        match app {
-            Some(app) => a.extend([
-                "--inbound".into(),
-                local(p.inbound).to_string(),
-                "--app".into(),
-                app.to_string(),
-            ]),
-            None => a.push("--no-inbound".into()),
-        }
-        a
+    let sidecar = |service, ports, app| Sidecar {
+        service,
+        version: "v1",
+        mesh: &mesh,
+        ports,
+        app,
+        collector: &dead,
+        extra: &["--telemetry-queue", "4"],
     };
-    let mut frontend =
-        lumen_tests::LumenProcess::spawn("frontend", logs, &args("frontend", fe, None))?;
-    frontend
-        .wait_ready(&format!("http://127.0.0.1:{}/ready", fe.admin))
-        .await?;
-    let mut backend =
-        lumen_tests::LumenProcess::spawn("backend", logs, &args("backend", be, Some(app)))?;
-    backend
-        .wait_ready(&format!("http://127.0.0.1:{}/ready", be.admin))
-        .await?;
+    let mut frontend = sidecar("frontend", fe, None).start(logs).await?;
+    let mut backend = sidecar("backend", be, Some(app)).start(logs).await?;
 
     let client = reqwest::Client::new();
     let get = || {
