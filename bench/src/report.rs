@@ -105,6 +105,12 @@ pub fn render(ctx: &Context, rows: &[Measured]) -> String {
                 "  - CPU of both proxies: {c:.4} s per 1000 requests during the oha run"
             );
         }
+        if let Some(c) = m.collector_cores {
+            let _ = writeln!(
+                w,
+                "  - collector (`lumen up`) used {c:.2} cores during the wrk run"
+            );
+        }
         let [wb, ob] = m.background;
         let _ = writeln!(
             w,
@@ -186,6 +192,7 @@ mod tests {
             rss_mib: cpu.map(|_| 12.0),
             telemetry: None,
             background: Default::default(),
+            collector_cores: None,
         }
     }
 

@@ -64,6 +64,9 @@ pub struct Measured {
     pub telemetry: Option<TelemetryCheck>,
     /// CPU used outside the benchmark during the wrk and the oha run.
     pub background: [Background; 2],
+    /// Cores `lumen up` kept busy during the wrk run: on a small machine the
+    /// collector takes CPU the proxies would otherwise have.
+    pub collector_cores: Option<f64>,
 }
 
 impl Measured {
@@ -97,6 +100,8 @@ struct Topology {
     target: Target,
     /// Lumen only: the query API and the sidecars' admin ports.
     query: Option<u16>,
+    /// Index into `procs` of `lumen up`, whose CPU competes with the proxies.
+    collector: Option<usize>,
     admins: Vec<u16>,
 }
 
@@ -138,9 +143,18 @@ pub fn run(s: Scenario, set: &Settings) -> Result<Measured> {
         "  throughput: wrk -c{} {} s",
         set.wrk_connections, set.duration
     );
+    let collector_pid = topo.collector.map(|i| topo.procs[i].pid());
+    let collector_before = total_ticks(collector_pid.as_slice())?;
     let window = procstat::Window::start()?;
     let wrk = load::run_wrk(&topo.target, set.wrk_connections, set.duration)?;
     let wrk_background = window.finish()?;
+    let collector_cores = match collector_pid {
+        Some(pid) => {
+            let ticks = procstat::cpu_ticks(pid)? - collector_before;
+            Some(ticks as f64 / set.clk_tck as f64 / set.duration as f64)
+        }
+        None => None,
+    };
     topo.check_alive()?;
 
     eprintln!(
@@ -184,6 +198,7 @@ pub fn run(s: Scenario, set: &Settings) -> Result<Measured> {
         rss_mib,
         telemetry,
         background: [wrk_background, oha_background],
+        collector_cores,
     })
 }
 
@@ -237,6 +252,7 @@ fn start(s: Scenario, set: &Settings, dir: &Path) -> Result<Topology> {
     let mut topo = Topology {
         procs: vec![peers::start_nginx(dir, nginx)?],
         proxies: vec![],
+        collector: None,
         target: Target {
             url: format!("http://{}/", local(front)),
             host: Some(SERVICE_HOST.into()),
@@ -263,6 +279,7 @@ fn start(s: Scenario, set: &Settings, dir: &Path) -> Result<Topology> {
             topo.procs
                 .push(peers::start_collector(&set.lumen, dir, &mesh, &cports)?);
             topo.query = Some(query);
+            topo.collector = Some(topo.procs.len() - 1);
             let sidecar = |service, listener, admin| SidecarOpts {
                 lumen: &set.lumen,
                 dir,
