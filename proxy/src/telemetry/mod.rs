@@ -25,7 +25,7 @@ pub struct TelemetryConfig {
     pub queue_capacity: usize,
     /// Most records per export call.
     pub batch_size: usize,
-    /// Longest a record waits for its batch to fill.
+    /// How often the exporter drains the queue: the longest a record waits to leave.
     pub flush_interval: Duration,
     /// Longest one export call may take.
     pub export_timeout: Duration,
