@@ -174,9 +174,10 @@ struct ProxyArgs {
     /// Longest wait for an upstream's response headers.
     #[arg(long, default_value = "15s", value_parser = parse_duration)]
     upstream_timeout: Duration,
-    /// Tokio worker threads [default: one per core].
-    #[arg(long)]
-    workers: Option<usize>,
+    /// Worker threads [default: one per core]. With 1, the proxy runs on a
+    /// single thread, as Envoy does with --concurrency 1.
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
+    workers: Option<u16>,
 }
 
 #[derive(Args)]
@@ -264,10 +265,15 @@ fn main() -> ExitCode {
         Command::Proxy(p) => p.workers,
         _ => None,
     };
-    let mut rt = tokio::runtime::Builder::new_multi_thread();
+    // One worker runs on the calling thread: no cross-thread wake-ups, which
+    // at sidecar request rates cost more CPU than the proxying itself.
+    let mut rt = match workers {
+        Some(1) => tokio::runtime::Builder::new_current_thread(),
+        _ => tokio::runtime::Builder::new_multi_thread(),
+    };
     rt.enable_all();
-    if let Some(w) = workers {
-        rt.worker_threads(w.max(1));
+    if let Some(w) = workers.filter(|w| *w > 1) {
+        rt.worker_threads(usize::from(w));
     }
     let rt = match rt.build() {
         Ok(rt) => rt,
