@@ -81,6 +81,10 @@ struct StoreArgs {
     /// Rows kept in memory before a flush to Parquet.
     #[arg(long, default_value_t = 1_000_000)]
     flush_rows: usize,
+    /// Memory of rows not yet in Parquet (MiB) past which OTLP payloads are
+    /// refused as unavailable, so failing flushes cannot exhaust memory.
+    #[arg(long, default_value_t = lumen_collector::DEFAULT_MAX_HOT_BYTES >> 20)]
+    max_hot_mib: usize,
 }
 
 impl StoreArgs {
@@ -89,6 +93,7 @@ impl StoreArgs {
         c.otlp_grpc = Some(self.otlp_grpc);
         c.otlp_http = Some(self.otlp_http);
         c.max_request_bytes = self.max_request_bytes;
+        c.max_hot_bytes = self.max_hot_mib.saturating_mul(1 << 20);
         c.flush = FlushPolicy {
             interval: flush_interval,
             max_rows: self.flush_rows,

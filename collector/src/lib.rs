@@ -16,6 +16,7 @@
 //! service reads consistent snapshots of it.
 
 pub mod buffer;
+pub mod health;
 pub mod ingest;
 pub mod persist;
 pub mod store;
@@ -34,6 +35,10 @@ pub use store::{FileMeta, Store, TableSnapshot, TableStats};
 
 /// Default cap on one OTLP payload, as the OpenTelemetry Collector's gRPC default.
 pub const DEFAULT_MAX_REQUEST_BYTES: usize = 4 << 20;
+/// Default cap on hot rows' memory: four flushes' worth.
+pub const DEFAULT_MAX_HOT_BYTES: usize = 1 << 30;
+/// Default cap on payloads in progress: with 4 MiB payloads, 256 MiB raw.
+pub const DEFAULT_MAX_INFLIGHT_PAYLOADS: usize = 64;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CollectorError {
@@ -61,6 +66,12 @@ pub struct CollectorConfig {
     /// OTLP/HTTP listener (default port 4318).
     pub otlp_http: Option<SocketAddr>,
     pub max_request_bytes: usize,
+    /// Past this much memory of hot rows (flushes failing or behind),
+    /// payloads are refused as unavailable until flushes catch up.
+    pub max_hot_bytes: usize,
+    /// OTLP payloads read, decoded or waiting for the WAL at once; more wait
+    /// briefly, then are refused as unavailable.
+    pub max_inflight_payloads: usize,
     pub flush: FlushPolicy,
 }
 
@@ -71,6 +82,8 @@ impl CollectorConfig {
             otlp_grpc: Some(SocketAddr::from(([127, 0, 0, 1], 4317))),
             otlp_http: Some(SocketAddr::from(([127, 0, 0, 1], 4318))),
             max_request_bytes: DEFAULT_MAX_REQUEST_BYTES,
+            max_hot_bytes: DEFAULT_MAX_HOT_BYTES,
+            max_inflight_payloads: DEFAULT_MAX_INFLIGHT_PAYLOADS,
             flush: FlushPolicy::default(),
         }
     }
@@ -154,7 +167,15 @@ impl Collector {
                 data.display()
             );
         }
-        let ingest = ingest::Ingest::new(wal.clone(), config.max_request_bytes);
+        let ingest = ingest::Ingest::new(
+            wal.clone(),
+            store.clone(),
+            ingest::Limits {
+                max_request_bytes: config.max_request_bytes,
+                max_hot_bytes: config.max_hot_bytes,
+                max_inflight_payloads: config.max_inflight_payloads,
+            },
+        );
         let persister = persist::Persister {
             tables_dir: tables_dir(&data),
             wal_dir: wal_dir(&data),

@@ -186,11 +186,13 @@ impl Persister {
                     ms = started.elapsed().as_millis() as u64,
                     "flushed hot buffer to Parquet"
                 );
+                self.store.health().set_flush(None);
                 true
             }
             Err(e) => {
                 // Rows stay hot and in the WAL; a later attempt retries.
                 tracing::error!(error = %e, "flush to Parquet failed");
+                self.store.health().set_flush(Some(e.to_string()));
                 false
             }
         }

@@ -11,6 +11,7 @@ use arrow::record_batch::RecordBatch;
 use lumen_core::schema::{TABLES, table_schema};
 
 use crate::buffer::{Chunk, TableBuffer};
+use crate::health::Health;
 
 /// A Parquet file the collector wrote, and what it holds.
 #[derive(Debug, Clone, PartialEq)]
@@ -54,6 +55,8 @@ struct TableState {
 #[derive(Debug)]
 pub struct Store {
     tables: RwLock<Vec<TableState>>,
+    /// Trouble of the writers (WAL, flush) that readers of the store report.
+    health: Health,
 }
 
 impl Default for Store {
@@ -78,7 +81,17 @@ impl Store {
             .collect();
         Store {
             tables: RwLock::new(tables),
+            health: Health::default(),
         }
+    }
+
+    pub fn health(&self) -> &Health {
+        &self.health
+    }
+
+    /// Memory held by hot rows of all tables.
+    pub fn hot_bytes(&self) -> usize {
+        self.read().iter().map(|t| t.buffer.bytes()).sum()
     }
 
     fn read(&self) -> std::sync::RwLockReadGuard<'_, Vec<TableState>> {

@@ -20,6 +20,7 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{self, Cursor, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use arrow::ipc::reader::StreamReader;
 use arrow::ipc::writer::StreamWriter;
@@ -59,6 +60,9 @@ struct Append {
 enum Command {
     Append(Append),
     Rotate(oneshot::Sender<Result<u64, WalError>>),
+    /// Makes the next write fail, as a full or failing disk would.
+    #[cfg(test)]
+    Break(oneshot::Sender<()>),
 }
 
 /// Sends writes to the WAL writer thread; cheap to clone.
@@ -72,6 +76,8 @@ impl std::fmt::Debug for Command {
         match self {
             Command::Append(a) => write!(f, "Append({} entries)", a.entries.len()),
             Command::Rotate(_) => f.write_str("Rotate"),
+            #[cfg(test)]
+            Command::Break(_) => f.write_str("Break"),
         }
     }
 }
@@ -109,6 +115,15 @@ impl WalHandle {
             .await
             .map_err(|_| WalError::Closed)?;
         done.await.map_err(|_| WalError::Closed)?
+    }
+}
+
+#[cfg(test)]
+impl WalHandle {
+    async fn break_writes(&self) {
+        let (ack, done) = oneshot::channel();
+        self.tx.send(Command::Break(ack)).await.unwrap();
+        done.await.unwrap();
     }
 }
 
@@ -320,10 +335,14 @@ struct Writer {
     seq: u64,
     file: File,
     store: Arc<Store>,
-    /// Set after a failed write or fsync: what is on disk is then unknown,
-    /// so no later write may be acknowledged.
-    failed: Option<String>,
+    /// Set after a failed write or fsync: what is on disk of the current
+    /// segment is then unknown, so nothing more is written to it; after a
+    /// pause the writer tries a fresh segment (see [`Writer::recover`]).
+    failed: Option<(String, Instant)>,
 }
+
+/// Pause after a WAL failure before a new segment is tried.
+const RECOVERY_PAUSE: Duration = Duration::from_secs(1);
 
 impl Writer {
     fn run(mut self, mut rx: mpsc::Receiver<Command>) {
@@ -344,6 +363,15 @@ impl Writer {
                         self.commit(&mut group);
                         let _ = ack.send(self.rotate());
                     }
+                    #[cfg(test)]
+                    Command::Break(ack) => {
+                        self.commit(&mut group);
+                        // Writing to a read-only handle fails with EBADF.
+                        if let Ok(f) = File::open(segment_path(&self.dir, self.seq)) {
+                            self.file = f;
+                        }
+                        let _ = ack.send(());
+                    }
                 }
             }
             self.commit(&mut group);
@@ -356,9 +384,10 @@ impl Writer {
         if group.is_empty() {
             return;
         }
+        self.recover();
         let path = segment_path(&self.dir, self.seq);
         let written = match &self.failed {
-            Some(f) => Err(WalError::Failed(f.clone())),
+            Some((f, _)) => Err(WalError::Failed(f.clone())),
             None => {
                 let mut result = Ok(());
                 for a in group.iter() {
@@ -373,8 +402,9 @@ impl Writer {
         if let Err(e) = &written
             && self.failed.is_none()
         {
-            tracing::error!(error = %e, "WAL write failed; refusing further writes");
-            self.failed = Some(e.to_string());
+            tracing::error!(error = %e, "WAL write failed; refusing writes until a new segment can be started");
+            self.failed = Some((e.to_string(), Instant::now()));
+            self.store.health().set_wal(Some(e.to_string()));
         }
         for a in group.drain(..) {
             if written.is_ok() {
@@ -386,8 +416,36 @@ impl Writer {
         }
     }
 
+    /// After a failure, once the pause is over, moves on to a new segment:
+    /// the failed one keeps what was acknowledged before the failure (its
+    /// torn end is skipped on replay, like a crash's), and writes resume.
+    /// Rows of the failed group were never acknowledged; clients retry them.
+    fn recover(&mut self) {
+        let Some((_, at)) = &self.failed else {
+            return;
+        };
+        if at.elapsed() < RECOVERY_PAUSE {
+            return;
+        }
+        match create_segment(&self.dir, self.seq + 1) {
+            Ok(file) => {
+                self.file = file;
+                self.seq += 1;
+                self.failed = None;
+                self.store.health().set_wal(None);
+                tracing::info!(segment = self.seq, "WAL writable again, in a new segment");
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "WAL still failing");
+                self.failed = Some((e.to_string(), Instant::now()));
+                self.store.health().set_wal(Some(e.to_string()));
+            }
+        }
+    }
+
     fn rotate(&mut self) -> Result<u64, WalError> {
-        if let Some(f) = &self.failed {
+        self.recover();
+        if let Some((f, _)) = &self.failed {
             return Err(WalError::Failed(f.clone()));
         }
         let sealed = self.seq;
@@ -483,5 +541,36 @@ mod tests {
         let store = Arc::new(Store::new());
         let (_wal, _thread, replayed) = open(dir.path(), store).unwrap();
         assert_eq!(replayed.rows, 0);
+    }
+
+    #[tokio::test]
+    async fn after_a_failed_write_the_wal_recovers_in_a_new_segment() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::new());
+        let (wal, thread, _) = open(dir.path(), store.clone()).unwrap();
+        wal.append(vec![(0, batch(2))]).await.unwrap();
+        wal.break_writes().await;
+        let failed = wal.append(vec![(0, batch(5))]).await.unwrap_err();
+        assert!(matches!(failed, WalError::Io { .. }), "{failed:?}");
+        assert!(store.health().wal_problem().is_some());
+        // Within the pause, writes are refused without touching the disk.
+        assert!(matches!(
+            wal.append(vec![(0, batch(5))]).await,
+            Err(WalError::Failed(_))
+        ));
+        tokio::time::sleep(RECOVERY_PAUSE + Duration::from_millis(100)).await;
+        wal.append(vec![(0, batch(3))]).await.unwrap();
+        assert!(store.health().wal_problem().is_none());
+        assert_eq!(hot_rows(&store), 5, "only acknowledged rows are hot");
+        drop(wal);
+        thread.join().unwrap();
+
+        let store = Arc::new(Store::new());
+        let (_wal, _thread, replayed) = open(dir.path(), store.clone()).unwrap();
+        assert_eq!(
+            replayed.rows, 5,
+            "both segments replay their acknowledged rows"
+        );
+        assert_eq!(replayed.segments, 2);
     }
 }

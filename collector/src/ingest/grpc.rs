@@ -80,6 +80,7 @@ async fn export(ingest: Ingest, req: http::Request<Body>) -> Result<http::Respon
             )));
         }
     };
+    let admitted = ingest.admit().await.map_err(status_of)?;
     let (compressed, message) = read_unary(req.into_body(), &ingest).await?;
     let message = match (compressed, gzip) {
         (false, _) => message,
@@ -91,7 +92,7 @@ async fn export(ingest: Ingest, req: http::Request<Body>) -> Result<http::Respon
         }
     };
     ingest
-        .traces(&message, Encoding::Protobuf)
+        .traces(&admitted, &message, Encoding::Protobuf)
         .await
         .map_err(status_of)?;
     Ok(unary_response(&ExportTraceServiceResponse::default()))

@@ -4,7 +4,7 @@
 use axum::Router;
 use axum::body::Body;
 use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use bytes::{Bytes, BytesMut};
@@ -26,8 +26,27 @@ struct RpcStatus {
 pub fn router(ingest: Ingest) -> Router {
     Router::new()
         .route("/v1/traces", post(traces))
-        .route("/ready", get(|| async { "ready\n" }))
+        .route("/ready", get(ready))
         .with_state(ingest)
+}
+
+/// 200 while payloads are taken (naming any trouble that may soon stop
+/// that), 503 with the reasons while they are refused.
+async fn ready(State(ingest): State<Ingest>) -> Response {
+    let report = ingest.health();
+    let mut body = String::new();
+    for r in &report.refusing {
+        body.push_str(&format!("not ready: {r}\n"));
+    }
+    for d in &report.degraded {
+        body.push_str(&format!("degraded: {d}\n"));
+    }
+    if report.refusing.is_empty() {
+        body.insert_str(0, "ready\n");
+        (StatusCode::OK, body).into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, body).into_response()
+    }
 }
 
 fn error(encoding: Option<Encoding>, status: StatusCode, message: String) -> Response {
@@ -58,7 +77,13 @@ fn error(encoding: Option<Encoding>, status: StatusCode, message: String) -> Res
 fn ingest_error(encoding: Encoding, e: IngestError) -> Response {
     match e {
         IngestError::Invalid(m) => error(Some(encoding), StatusCode::BAD_REQUEST, m),
-        IngestError::Unavailable(m) => error(Some(encoding), StatusCode::SERVICE_UNAVAILABLE, m),
+        IngestError::Unavailable(m) => {
+            let mut resp = error(Some(encoding), StatusCode::SERVICE_UNAVAILABLE, m);
+            // OTLP/HTTP clients honour Retry-After on 503.
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            resp
+        }
     }
 }
 
@@ -95,6 +120,10 @@ async fn traces(State(ingest): State<Ingest>, headers: HeaderMap, body: Body) ->
             );
         }
     };
+    let admitted = match ingest.admit().await {
+        Ok(a) => a,
+        Err(e) => return ingest_error(encoding, e),
+    };
     let limit = ingest.max_request_bytes();
     let declared = headers
         .get(header::CONTENT_LENGTH)
@@ -123,7 +152,7 @@ async fn traces(State(ingest): State<Ingest>, headers: HeaderMap, body: Body) ->
     } else {
         bytes
     };
-    if let Err(e) = ingest.traces(&bytes, encoding).await {
+    if let Err(e) = ingest.traces(&admitted, &bytes, encoding).await {
         return ingest_error(encoding, e);
     }
     match encoding {

@@ -9,10 +9,14 @@ pub mod http;
 use std::io::Read;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use prost::Message;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
+use crate::health;
+use crate::store::Store;
 use crate::wal::WalHandle;
 
 /// Why a payload was not accepted.
@@ -40,34 +44,108 @@ pub enum Encoding {
     Json,
 }
 
+/// Bounds on what ingest takes on at once.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub max_request_bytes: usize,
+    pub max_hot_bytes: usize,
+    pub max_inflight_payloads: usize,
+}
+
+/// How long a payload waits for a free slot before it is refused.
+const ADMISSION_WAIT: Duration = Duration::from_secs(2);
+
 /// The ingest front door shared by the gRPC and HTTP receivers.
 #[derive(Debug, Clone)]
 pub struct Ingest {
     wal: WalHandle,
-    max_request_bytes: usize,
+    store: Arc<Store>,
+    limits: Limits,
     stats: Arc<IngestStats>,
+    /// Payloads between admission and acknowledgement. Raw bytes, decoded
+    /// requests and Arrow batches all live within this window, so it bounds
+    /// ingest's memory however many clients send at once.
+    inflight: Arc<Semaphore>,
     /// Payloads being decoded and converted at once. A decoded request can
     /// take many times its encoded size (an empty span is 2 bytes on the
     /// wire, hundreds in memory), so this bounds the memory ingest can take.
-    decoding: Arc<tokio::sync::Semaphore>,
+    decoding: Arc<Semaphore>,
+}
+
+/// A payload's place in ingest, held from before its body is read until it
+/// is acknowledged.
+#[derive(Debug)]
+pub struct Admission {
+    _permit: OwnedSemaphorePermit,
 }
 
 impl Ingest {
-    pub fn new(wal: WalHandle, max_request_bytes: usize) -> Self {
+    pub fn new(wal: WalHandle, store: Arc<Store>, limits: Limits) -> Self {
         let permits = std::thread::available_parallelism()
             .map_or(2, |n| n.get())
             .max(2);
         Ingest {
             wal,
-            max_request_bytes,
+            store,
+            limits,
             stats: Arc::default(),
-            decoding: Arc::new(tokio::sync::Semaphore::new(permits)),
+            inflight: Arc::new(Semaphore::new(limits.max_inflight_payloads.max(1))),
+            decoding: Arc::new(Semaphore::new(permits)),
         }
+    }
+
+    /// Takes a place for one payload, refusing it (as retryable) while the
+    /// collector cannot store data or is too far behind to take more.
+    pub async fn admit(&self) -> Result<Admission, IngestError> {
+        // A failing WAL is not checked here: the next append is what tries
+        // a fresh segment, and it answers unavailable itself while failing.
+        if let Some(refusal) = self.over_hot_cap() {
+            return Err(IngestError::Unavailable(refusal));
+        }
+        match tokio::time::timeout(ADMISSION_WAIT, self.inflight.clone().acquire_owned()).await {
+            Ok(Ok(permit)) => Ok(Admission { _permit: permit }),
+            Ok(Err(_)) => Err(IngestError::Unavailable(
+                "collector is shutting down".into(),
+            )),
+            Err(_) => Err(IngestError::Unavailable(format!(
+                "collector is busy: {} payloads in progress; retry later",
+                self.limits.max_inflight_payloads
+            ))),
+        }
+    }
+
+    fn over_hot_cap(&self) -> Option<String> {
+        let hot = self.store.hot_bytes();
+        (hot > self.limits.max_hot_bytes).then(|| {
+            format!(
+                "{} MiB of rows wait to be flushed to Parquet, over the limit of {} MiB; retry later",
+                hot >> 20,
+                self.limits.max_hot_bytes >> 20
+            )
+        })
+    }
+
+    /// What stops ingest now, or may soon.
+    pub fn health(&self) -> health::Report {
+        let mut report = health::Report::default();
+        let h = self.store.health();
+        if let Some(e) = h.wal_problem() {
+            report
+                .refusing
+                .push(format!("the WAL cannot be written: {e}"));
+        }
+        report.refusing.extend(self.over_hot_cap());
+        if let Some(e) = h.flush_problem() {
+            report.degraded.push(format!(
+                "flushing to Parquet fails (rows stay in the WAL): {e}"
+            ));
+        }
+        report
     }
 
     /// Largest payload accepted, compressed or not.
     pub fn max_request_bytes(&self) -> usize {
-        self.max_request_bytes
+        self.limits.max_request_bytes
     }
 
     pub fn stats(&self) -> &IngestStats {
@@ -75,8 +153,13 @@ impl Ingest {
     }
 
     /// Decodes, validates and stores one encoded export request; returns
-    /// how many spans were stored.
-    pub async fn traces(&self, payload: &[u8], encoding: Encoding) -> Result<usize, IngestError> {
+    /// how many spans were stored. The admission shows there is room for it.
+    pub async fn traces(
+        &self,
+        _admitted: &Admission,
+        payload: &[u8],
+        encoding: Encoding,
+    ) -> Result<usize, IngestError> {
         let batches = {
             let _permit = self
                 .decoding
@@ -133,7 +216,7 @@ impl Ingest {
     /// Inflates a gzip payload, refusing to grow it past the size limit.
     pub fn gunzip(&self, bytes: &[u8]) -> Result<Vec<u8>, IngestError> {
         let mut out = Vec::new();
-        let limit = self.max_request_bytes as u64;
+        let limit = self.limits.max_request_bytes as u64;
         flate2::read::GzDecoder::new(bytes)
             .take(limit + 1)
             .read_to_end(&mut out)
@@ -153,7 +236,109 @@ impl Ingest {
         );
         self.rejected(IngestError::Invalid(format!(
             "payload of {size} exceeds the limit of {} bytes",
-            self.max_request_bytes
+            self.limits.max_request_bytes
         )))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans, Span};
+    use std::time::{SystemTime, UNIX_EPOCH};
+
+    fn payload() -> Vec<u8> {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_nanos() as u64;
+        ExportTraceServiceRequest {
+            resource_spans: vec![ResourceSpans {
+                scope_spans: vec![ScopeSpans {
+                    spans: vec![Span {
+                        trace_id: vec![7; 16],
+                        span_id: vec![8; 8],
+                        name: "work".into(),
+                        start_time_unix_nano: now,
+                        end_time_unix_nano: now + 1_000,
+                        ..Default::default()
+                    }],
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }],
+        }
+        .encode_to_vec()
+    }
+
+    fn ingest(dir: &std::path::Path, limits: Limits) -> (Ingest, Arc<Store>) {
+        let store = Arc::new(Store::new());
+        let (wal, _thread, _) = crate::wal::open(dir, store.clone()).unwrap();
+        (Ingest::new(wal, store.clone(), limits), store)
+    }
+
+    const LIMITS: Limits = Limits {
+        max_request_bytes: 1 << 20,
+        max_hot_bytes: 1 << 30,
+        max_inflight_payloads: 4,
+    };
+
+    #[tokio::test]
+    async fn past_the_hot_cap_payloads_are_refused_as_retryable_until_rows_are_flushed() {
+        let dir = tempfile::tempdir().unwrap();
+        let (ingest, store) = ingest(
+            dir.path(),
+            Limits {
+                max_hot_bytes: 1,
+                ..LIMITS
+            },
+        );
+        let admitted = ingest.admit().await.unwrap();
+        assert_eq!(
+            ingest
+                .traces(&admitted, &payload(), Encoding::Protobuf)
+                .await
+                .unwrap(),
+            1
+        );
+        drop(admitted);
+        let refused = ingest.admit().await.unwrap_err();
+        assert!(
+            matches!(&refused, IngestError::Unavailable(m) if m.contains("flushed to Parquet")),
+            "{refused:?}"
+        );
+        assert_eq!(ingest.health().refusing.len(), 1);
+        // Once the rows are in Parquet the collector takes data again.
+        let tables = dir.path().join("tables");
+        let persister = crate::persist::Persister {
+            tables_dir: tables,
+            wal_dir: dir.path().to_path_buf(),
+            wal: ingest.wal.clone(),
+            store: store.clone(),
+            running: Arc::default(),
+        };
+        persister.flush().await.unwrap();
+        assert!(ingest.health().refusing.is_empty());
+        ingest.admit().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn payloads_beyond_the_inflight_limit_wait_then_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let (ingest, _store) = ingest(
+            dir.path(),
+            Limits {
+                max_inflight_payloads: 1,
+                ..LIMITS
+            },
+        );
+        let first = ingest.admit().await.unwrap();
+        let refused = ingest.admit().await.unwrap_err();
+        assert!(
+            matches!(&refused, IngestError::Unavailable(m) if m.contains("busy")),
+            "{refused:?}"
+        );
+        drop(first);
+        ingest.admit().await.unwrap();
     }
 }
