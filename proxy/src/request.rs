@@ -66,7 +66,7 @@ pub async fn handle(
     let started = Instant::now();
     let protocol = detect_protocol(&req);
     let trace = TraceContext::continue_from(req.headers().get(TRACEPARENT));
-    let authority = authority_of(&req).to_owned();
+    let authority = recorded(authority_of(&req));
     let source = peer_identity(&shared, side, &req);
 
     let record = RequestRecord {
@@ -81,7 +81,7 @@ pub async fn handle(
         protocol,
         method: req.method().as_str().to_owned(),
         authority,
-        path: req.uri().path().to_owned(),
+        path: recorded(req.uri().path()),
         route: shared.default_route.clone(),
         status: 0,
         grpc_status: None,
@@ -149,6 +149,15 @@ pub async fn handle(
         }
         Err(e) => Ok(local_reply(e.status, e.flags, e.message, pending)),
     }
+}
+
+/// Longest path or authority a record keeps, in bytes. Beyond this a
+/// value is cut (at a character boundary): the row keeps its place in the
+/// table and the export batch keeps a bounded size.
+pub const MAX_RECORDED_LEN: usize = 4096;
+
+fn recorded(s: &str) -> String {
+    s[..s.floor_char_boundary(MAX_RECORDED_LEN)].to_owned()
 }
 
 /// HTTP/1.x, HTTP/2, or gRPC (HTTP/2 with a gRPC content type).
@@ -363,6 +372,15 @@ mod tests {
             .body(())
             .unwrap();
         assert_eq!(detect_protocol(&grpc), Protocol::Grpc);
+    }
+
+    #[test]
+    fn recorded_values_are_cut_at_a_character_boundary() {
+        assert_eq!(recorded("/reviews/1"), "/reviews/1");
+        let long = format!("/{}", "é".repeat(MAX_RECORDED_LEN));
+        let kept = recorded(&long);
+        assert!(kept.len() <= MAX_RECORDED_LEN && kept.len() > MAX_RECORDED_LEN - 2);
+        assert!(long.starts_with(&kept));
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! Prometheus counters and histograms of the proxy, served on `/stats/prometheus`.
 
-use std::sync::Arc;
+use std::collections::HashSet;
+use std::sync::{Arc, RwLock};
 
 use lumen_core::{RequestRecord, ResponseFlags};
 use prometheus_client::encoding::EncodeLabelSet;
@@ -41,7 +42,16 @@ pub struct Metrics {
     records_dropped: Family<DropLabels, Counter>,
     records_exported: Counter,
     unknown: Arc<str>,
+    other: Arc<str>,
+    /// Source services seen as labels so far (see [`MAX_SOURCE_LABELS`]).
+    sources: RwLock<HashSet<Arc<str>>>,
 }
+
+/// Distinct `source_service` label values kept; later newcomers are counted
+/// as `other`. The inbound side takes the caller's word for its name (until
+/// mTLS proves it), and a caller making names up must not grow the series
+/// without bound.
+pub const MAX_SOURCE_LABELS: usize = 256;
 
 impl Default for Metrics {
     fn default() -> Self {
@@ -89,6 +99,8 @@ impl Metrics {
             records_dropped,
             records_exported,
             unknown: Arc::from("unknown"),
+            other: Arc::from("other"),
+            sources: RwLock::default(),
         }
     }
 
@@ -103,7 +115,7 @@ impl Metrics {
         };
         let labels = RequestLabels {
             reporter: r.reporter.as_str(),
-            source_service: r.source.service.clone(),
+            source_service: self.source_label(&r.source.service),
             destination_service,
             response_code: r.status,
         };
@@ -111,6 +123,24 @@ impl Metrics {
         self.duration
             .get_or_create(&labels)
             .observe(r.duration.as_secs_f64() * 1000.0);
+    }
+
+    fn source_label(&self, service: &Arc<str>) -> Arc<str> {
+        let known = self
+            .sources
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(service);
+        if known {
+            return service.clone();
+        }
+        let mut sources = self.sources.write().unwrap_or_else(|e| e.into_inner());
+        if sources.len() < MAX_SOURCE_LABELS {
+            sources.insert(service.clone());
+            service.clone()
+        } else {
+            self.other.clone()
+        }
     }
 
     pub fn dropped(&self, reason: &'static str, n: u64) {
@@ -134,3 +164,64 @@ impl Metrics {
 
 pub const DROP_QUEUE_FULL: &str = "queue_full";
 pub const DROP_EXPORT_FAILED: &str = "export_failed";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use lumen_core::{Protocol, Reporter, Workload};
+    use std::time::{Duration, SystemTime};
+
+    fn record(source: &str) -> RequestRecord {
+        RequestRecord {
+            start_time: SystemTime::now(),
+            duration: Duration::from_millis(3),
+            reporter: Reporter::Destination,
+            source: Workload {
+                service: source.into(),
+                ..Workload::unknown()
+            },
+            destination: Workload::unknown(),
+            protocol: Protocol::Http1,
+            method: "GET".into(),
+            authority: "reviews".into(),
+            path: "/".into(),
+            route: "default".into(),
+            status: 200,
+            grpc_status: None,
+            request_bytes: 0,
+            response_bytes: 0,
+            retries: 0,
+            upstream_address: None,
+            response_flags: ResponseFlags::empty(),
+            mtls: false,
+            trace_id: [1; 16],
+            span_id: [1; 8],
+            parent_span_id: None,
+        }
+    }
+
+    #[test]
+    fn made_up_source_names_cannot_grow_series_without_bound() {
+        let m = Metrics::new();
+        for i in 0..MAX_SOURCE_LABELS + 50 {
+            m.observe(&record(&format!("caller-{i}")));
+        }
+        m.observe(&record("caller-0"));
+        let text = m.encode();
+        let series: Vec<&str> = text
+            .lines()
+            .filter(|l| l.starts_with("lumen_requests_total{"))
+            .collect();
+        assert_eq!(series.len(), MAX_SOURCE_LABELS + 1);
+        let other = series
+            .iter()
+            .find(|l| l.contains("source_service=\"other\""))
+            .expect("newcomers past the cap are counted as other");
+        assert!(other.ends_with(" 50"), "{other}");
+        let first = series
+            .iter()
+            .find(|l| l.contains("source_service=\"caller-0\""))
+            .expect("early sources keep their names");
+        assert!(first.ends_with(" 2"), "{first}");
+    }
+}

@@ -24,12 +24,24 @@ use super::metrics::{DROP_EXPORT_FAILED, Metrics};
 /// shorter than their sum, and the queue keeps filling meanwhile.
 const RETRY_BACKOFF: [Duration; 2] = [Duration::from_millis(200), Duration::from_secs(1)];
 
+/// Most encoded bytes per export call, well under the collector's (and the
+/// OpenTelemetry Collector's) 4 MiB default: one batch of long URLs must not
+/// be refused whole, losing every record in it.
+const MAX_BATCH_BYTES: usize = 1 << 20;
+
+/// A record's size as an OTLP span, give or take: the strings that can be
+/// long, plus attribute keys, workload names and fixed fields (~600 bytes).
+fn approx_encoded_len(r: &RequestRecord) -> usize {
+    600 + 2 * r.method.len() + r.authority.len() + r.path.len()
+}
+
 pub(super) struct Exporter {
     inner: opentelemetry_otlp::SpanExporter,
     scope: InstrumentationScope,
     metrics: Arc<Metrics>,
     batch_size: usize,
     flush_interval: Duration,
+    export_timeout: Duration,
     last_warning: Option<Instant>,
 }
 
@@ -63,6 +75,7 @@ impl Exporter {
             metrics,
             batch_size: config.batch_size.max(1),
             flush_interval: config.flush_interval,
+            export_timeout: config.export_timeout,
             last_warning: None,
         })
     }
@@ -84,21 +97,47 @@ impl Exporter {
                 _ = tick.tick() => false,
                 _ = shutdown.wait_for(|s| *s) => true,
             };
+            // The final drain shares one deadline: a collector that takes
+            // packets without answering must not hold shutdown for a timeout
+            // per batch.
+            let deadline = stopping.then(|| tokio::time::Instant::now() + self.export_timeout);
             if stopping {
                 rx.close();
             }
             // Everything queued now, in batches; a full batch may have more behind it.
             loop {
                 let mut batch = Vec::with_capacity(self.batch_size);
-                while batch.len() < self.batch_size {
+                let mut bytes = 0;
+                while batch.len() < self.batch_size && bytes < MAX_BATCH_BYTES {
                     match rx.try_recv() {
-                        Ok(r) => batch.push(r),
+                        Ok(r) => {
+                            bytes += approx_encoded_len(&r);
+                            batch.push(r);
+                        }
                         Err(_) => break,
                     }
                 }
-                let full = batch.len() == self.batch_size;
+                let full = batch.len() == self.batch_size || bytes >= MAX_BATCH_BYTES;
                 if !batch.is_empty() {
-                    self.export(batch, !stopping).await;
+                    let n = batch.len() as u64;
+                    match deadline {
+                        None => self.export(batch, true).await,
+                        Some(d) => {
+                            if tokio::time::timeout_at(d, self.export(batch, false))
+                                .await
+                                .is_err()
+                            {
+                                self.metrics.dropped(DROP_EXPORT_FAILED, n);
+                                let rest = drain_count(&mut rx);
+                                self.metrics.dropped(DROP_EXPORT_FAILED, rest);
+                                tracing::warn!(
+                                    records = n + rest,
+                                    "telemetry export did not finish before shutdown; records dropped"
+                                );
+                                break;
+                            }
+                        }
+                    }
                 }
                 if !full {
                     break;
@@ -200,6 +239,15 @@ impl Exporter {
             instrumentation_scope: self.scope.clone(),
         }
     }
+}
+
+/// Empties a closed queue, returning how many records it held.
+fn drain_count(rx: &mut mpsc::Receiver<RequestRecord>) -> u64 {
+    let mut n = 0;
+    while rx.try_recv().is_ok() {
+        n += 1;
+    }
+    n
 }
 
 impl std::fmt::Debug for Exporter {
