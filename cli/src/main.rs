@@ -78,6 +78,12 @@ struct StoreArgs {
     /// Most rows one query result may hold.
     #[arg(long, default_value_t = 1_000_000)]
     query_max_rows: usize,
+    /// Most memory one query result may hold, in MiB.
+    #[arg(long, default_value_t = 256)]
+    query_max_result_mib: usize,
+    /// Queries run at once; more wait their turn (within --query-timeout).
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..))]
+    query_concurrency: u16,
     /// Rows kept in memory before a flush to Parquet.
     #[arg(long, default_value_t = 1_000_000)]
     flush_rows: usize,
@@ -107,6 +113,8 @@ impl StoreArgs {
             timeout: self.query_timeout,
             memory_bytes: self.query_memory_mib << 20,
             max_result_rows: self.query_max_rows,
+            max_result_bytes: self.query_max_result_mib.saturating_mul(1 << 20),
+            max_concurrent: usize::from(self.query_concurrency),
         }
     }
 }

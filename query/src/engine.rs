@@ -4,6 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use arrow::array::Array;
 use arrow::datatypes::SchemaRef;
 use arrow::record_batch::RecordBatch;
 use datafusion::error::DataFusionError;
@@ -13,6 +14,7 @@ use datafusion::prelude::{SessionConfig, SessionContext};
 use futures_util::StreamExt;
 use lumen_collector::Store;
 use lumen_core::schema::table_schema;
+use tokio::sync::Semaphore;
 
 use crate::table::StoreTable;
 
@@ -24,8 +26,13 @@ pub struct QueryLimits {
     /// Memory the query's operators may hold (sorts, joins, aggregates).
     pub memory_bytes: usize,
     /// Most rows one result may hold; results are materialized before they
-    /// are sent, so this bounds the memory a `SELECT *` can take.
+    /// are sent, so this and `max_result_bytes` bound what a `SELECT *` takes.
     pub max_result_rows: usize,
+    /// Most memory one result may hold (Arrow, before encoding).
+    pub max_result_bytes: usize,
+    /// Queries run at once; more wait for a turn within their time limit.
+    /// With the per-query limits this bounds the memory of all queries.
+    pub max_concurrent: usize,
 }
 
 impl Default for QueryLimits {
@@ -34,6 +41,8 @@ impl Default for QueryLimits {
             timeout: Duration::from_secs(30),
             memory_bytes: 1 << 30,
             max_result_rows: 1_000_000,
+            max_result_bytes: 256 << 20,
+            max_concurrent: 4,
         }
     }
 }
@@ -50,6 +59,11 @@ pub enum QueryError {
     Timeout(Duration),
     #[error("the result has more than {0} rows: add a LIMIT, a filter or an aggregate")]
     TooManyRows(usize),
+    #[error(
+        "the result takes more than {} MiB: select fewer columns, add a LIMIT, a filter or an aggregate",
+        .0 >> 20
+    )]
+    TooLarge(usize),
 }
 
 /// A finished query: its schema (also when no rows came back) and rows.
@@ -70,11 +84,17 @@ impl QueryResult {
 pub struct QueryEngine {
     store: Arc<Store>,
     limits: QueryLimits,
+    running: Arc<Semaphore>,
 }
 
 impl QueryEngine {
     pub fn new(store: Arc<Store>, limits: QueryLimits) -> Self {
-        QueryEngine { store, limits }
+        let running = Arc::new(Semaphore::new(limits.max_concurrent.max(1)));
+        QueryEngine {
+            store,
+            limits,
+            running,
+        }
     }
 
     pub fn limits(&self) -> &QueryLimits {
@@ -105,6 +125,12 @@ impl QueryEngine {
 
     pub async fn execute(&self, sql: &str) -> Result<QueryResult, QueryError> {
         let run = async {
+            // Waiting for a turn counts against the time limit.
+            let _turn = self
+                .running
+                .acquire()
+                .await
+                .map_err(|_| QueryError::Sql("the query service is shutting down".into()))?;
             let ctx = self.context()?;
             // DDL (CREATE [EXTERNAL] TABLE, DROP), DML (INSERT, COPY … TO) and
             // statements (SET, transactions) are refused at planning time.
@@ -115,12 +141,16 @@ impl QueryEngine {
             let df = ctx.sql_with_options(sql, options).await.map_err(classify)?;
             let schema = Arc::new(df.schema().as_arrow().clone());
             let mut stream = df.execute_stream().await.map_err(classify)?;
-            let (mut batches, mut rows) = (Vec::new(), 0usize);
+            let (mut batches, mut rows, mut bytes) = (Vec::new(), 0usize, 0usize);
             while let Some(batch) = stream.next().await {
                 let batch = batch.map_err(classify)?;
                 rows += batch.num_rows();
                 if rows > self.limits.max_result_rows {
                     return Err(QueryError::TooManyRows(self.limits.max_result_rows));
+                }
+                bytes += slice_bytes(&batch);
+                if bytes > self.limits.max_result_bytes {
+                    return Err(QueryError::TooLarge(self.limits.max_result_bytes));
                 }
                 batches.push(batch);
             }
@@ -130,6 +160,21 @@ impl QueryEngine {
             .await
             .map_err(|_| QueryError::Timeout(self.limits.timeout))?
     }
+}
+
+/// Memory of the rows a batch holds. Batches scanned from the hot buffer
+/// are often slices of larger ones; counting whole buffers would refuse a
+/// `LIMIT 10` for the chunk around it.
+fn slice_bytes(batch: &RecordBatch) -> usize {
+    batch
+        .columns()
+        .iter()
+        .map(|c| {
+            c.to_data()
+                .get_slice_memory_size()
+                .unwrap_or_else(|_| c.get_array_memory_size())
+        })
+        .sum()
 }
 
 fn classify(e: DataFusionError) -> QueryError {
@@ -143,5 +188,34 @@ fn classify(e: DataFusionError) -> QueryError {
         QueryError::ReadOnly(msg)
     } else {
         QueryError::Sql(msg)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn engine(limits: QueryLimits) -> QueryEngine {
+        QueryEngine::new(Arc::new(Store::new()), limits)
+    }
+
+    #[tokio::test]
+    async fn results_past_the_byte_limit_are_refused_with_advice() {
+        let e = engine(QueryLimits {
+            max_result_bytes: 1 << 20,
+            ..QueryLimits::default()
+        });
+        // 8 bytes × 1M rows: 8 MiB.
+        let err = e
+            .execute("SELECT value FROM generate_series(1, 1000000)")
+            .await
+            .unwrap_err();
+        assert!(matches!(err, QueryError::TooLarge(_)), "{err:?}");
+        assert!(err.to_string().contains("more than 1 MiB"), "{err}");
+        let ok = e
+            .execute("SELECT sum(value) AS s FROM generate_series(1, 1000000)")
+            .await
+            .unwrap();
+        assert_eq!(ok.num_rows(), 1);
     }
 }

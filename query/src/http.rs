@@ -46,13 +46,23 @@ async fn sql(State(engine): State<QueryEngine>, headers: HeaderMap, body: String
                 QueryError::ReadOnly(_)
                 | QueryError::Sql(_)
                 | QueryError::Timeout(_)
-                | QueryError::TooManyRows(_) => StatusCode::BAD_REQUEST,
+                | QueryError::TooManyRows(_)
+                | QueryError::TooLarge(_) => StatusCode::BAD_REQUEST,
             };
             return error(status, e.to_string());
         }
     };
     let rows = result.num_rows();
-    match format.encode(&result) {
+    // Encoding a large result takes a while; off the async workers it does
+    // not hold up OTLP ingest sharing the runtime.
+    let encoded = tokio::task::spawn_blocking(move || format.encode(&result))
+        .await
+        .unwrap_or_else(|e| {
+            Err(arrow::error::ArrowError::ComputeError(format!(
+                "encoder panicked: {e}"
+            )))
+        });
+    match encoded {
         Ok(bytes) => {
             tracing::debug!(
                 rows,
