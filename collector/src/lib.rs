@@ -19,6 +19,8 @@ pub mod buffer;
 pub mod health;
 pub mod ingest;
 pub mod persist;
+#[cfg(test)]
+mod persist_tests;
 pub mod store;
 pub mod wal;
 

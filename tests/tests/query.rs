@@ -1,7 +1,7 @@
 //! The SQL API as a user sees it: formats, errors, and that it is read-only.
 
 use anyhow::Result;
-use lumen_tests::{UpPorts, lumen_bin, start_up, write_mesh};
+use lumen_tests::{UpPorts, lumen_bin, sql, start_up, write_mesh};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sql_api_answers_json_csv_arrow_and_refuses_writes() -> Result<()> {
@@ -124,5 +124,76 @@ async fn sql_api_answers_json_csv_arrow_and_refuses_writes() -> Result<()> {
         .output()?;
     assert!(!out.status.success());
     assert!(String::from_utf8(out.stderr)?.contains("read-only"));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queries_past_the_time_or_memory_limit_fail_and_the_server_keeps_serving() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let mesh = dir.path().join("mesh.yaml");
+    write_mesh(&mesh, &[("reviews", 9080, &[])])?;
+    let ports = UpPorts::pick();
+    // 2 s is far more than any query below needs at its small scale, even in
+    // a debug build on a busy machine, and far less than the big one needs.
+    let _up = start_up(
+        dir.path(),
+        &mesh,
+        &dir.path().join("data"),
+        ports,
+        &["--query-timeout", "2s", "--query-memory-mib", "1"],
+    )
+    .await?;
+    let url = ports.sql_url();
+    let http = reqwest::Client::new();
+    let error_of = |query: &'static str| {
+        let request = http.post(&url).body(query).send();
+        async move {
+            let r = request.await?;
+            let status = r.status();
+            let body: serde_json::Value = r.json().await?;
+            let message = body["error"].as_str().unwrap_or_default().to_string();
+            anyhow::Ok((status, message, body))
+        }
+    };
+
+    // Summing ten trillion generated rows takes hours, in little memory.
+    let (status, message, body) =
+        error_of("SELECT sum(value % 7) AS s FROM generate_series(1, 10000000000000)").await?;
+    assert_eq!(status, 400, "{body}");
+    assert!(message.contains("time limit of 2s"), "{body}");
+
+    // A million-element array and a hash table of 300,000 rows each need
+    // more than 1 MiB, and neither can spill to disk.
+    for query in [
+        "SELECT cardinality(array_agg(value)) AS n FROM generate_series(1, 1000000)",
+        "SELECT count(*) AS n FROM generate_series(1, 300000) a \
+         JOIN generate_series(1, 300000) b ON a.value = b.value",
+    ] {
+        let (status, message, body) = error_of(query).await?;
+        assert_eq!(status, 400, "{query}: {body}");
+        assert!(message.contains("Resources exhausted"), "{query}: {body}");
+    }
+
+    // The server still answers, and the same queries at a small scale
+    // succeed: the limits, not the SQL, stopped them.
+    let rows = sql(
+        &url,
+        "SELECT sum(value % 7) AS s FROM generate_series(1, 1000)",
+    )
+    .await?;
+    assert_eq!(rows, [serde_json::json!({"s": 3003})]);
+    let rows = sql(
+        &url,
+        "SELECT cardinality(array_agg(value)) AS n FROM generate_series(1, 1000)",
+    )
+    .await?;
+    assert_eq!(rows, [serde_json::json!({"n": 1000})]);
+    let rows = sql(
+        &url,
+        "SELECT count(*) AS n FROM generate_series(1, 1000) a \
+         JOIN generate_series(1, 1000) b ON a.value = b.value",
+    )
+    .await?;
+    assert_eq!(rows, [serde_json::json!({"n": 1000})]);
     Ok(())
 }

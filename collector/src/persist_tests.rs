@@ -1,0 +1,429 @@
+//! Tests of [`crate::persist`]: what a flush leaves on disk, what opening a
+//! data directory keeps of it, and what a failed flush leaves behind.
+
+use std::collections::BTreeSet;
+use std::fs::{self, File};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use arrow::array::{
+    ArrayRef, AsArray, BooleanArray, Int32Array, Int64Array, StringArray, TimestampMicrosecondArray,
+};
+use arrow::compute::cast;
+use arrow::datatypes::{DataType, TimestampMicrosecondType};
+use arrow::record_batch::RecordBatch;
+use lumen_core::schema::{REQUESTS, SPANS, table_schema};
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use parquet::basic::Compression;
+
+use crate::persist::{Persister, load_files};
+use crate::store::{Store, TableStats, table_index};
+use crate::wal;
+use crate::{Collector, CollectorConfig, FileMeta};
+
+/// 2026-01-02T03:00:00Z, in microseconds.
+const H03: i64 = 1_767_322_800_000_000;
+const MINUTE: i64 = 60_000_000;
+
+/// A batch of `table` with one row per time; every string column holds
+/// `<column>-<time>`, so rows can be told apart after a round trip.
+fn batch(table: &str, times: &[i64]) -> RecordBatch {
+    let schema = table_schema(table).expect("a Lumen table");
+    let n = times.len();
+    let strings =
+        |name: &str| StringArray::from_iter_values(times.iter().map(|t| format!("{name}-{t}")));
+    let columns: Vec<ArrayRef> = schema
+        .fields()
+        .iter()
+        .map(|f| -> ArrayRef {
+            match f.data_type() {
+                DataType::Timestamp(_, tz) => Arc::new(
+                    TimestampMicrosecondArray::from(times.to_vec()).with_timezone_opt(tz.clone()),
+                ),
+                DataType::Int64 => Arc::new(Int64Array::from_iter_values(0..n as i64)),
+                DataType::Int32 => Arc::new(Int32Array::from_iter_values(0..n as i32)),
+                DataType::Boolean => Arc::new(BooleanArray::from(vec![false; n])),
+                DataType::Utf8 => Arc::new(strings(f.name())),
+                dict @ DataType::Dictionary(..) => {
+                    cast(&strings(f.name()), dict).expect("strings cast to a dictionary")
+                }
+                other => panic!("no test values for a {other} column"),
+            }
+        })
+        .collect();
+    RecordBatch::try_new(schema, columns).expect("a valid batch")
+}
+
+fn entry(table: &str, times: &[i64]) -> (usize, RecordBatch) {
+    (
+        table_index(table).expect("a Lumen table"),
+        batch(table, times),
+    )
+}
+
+/// A store with its WAL opened in `<data>/wal`, and a persister writing to
+/// `<data>/tables` — the layout the README documents.
+fn open(data: &Path) -> (Persister, Arc<Store>, JoinHandle<()>, wal::Replayed) {
+    let store = Arc::new(Store::new());
+    let wal_dir = data.join("wal");
+    let (wal, thread, replayed) = wal::open(&wal_dir, store.clone()).expect("WAL opens");
+    let persister = Persister {
+        tables_dir: data.join("tables"),
+        wal_dir,
+        wal,
+        store: store.clone(),
+        running: Arc::default(),
+    };
+    (persister, store, thread, replayed)
+}
+
+/// Drops the last WAL handle and waits for the writer thread, as a stop does.
+fn close(persister: Persister, thread: JoinHandle<()>) {
+    drop(persister);
+    thread.join().expect("WAL thread exits cleanly");
+}
+
+fn stats(store: &Store, table: &str) -> TableStats {
+    store
+        .stats()
+        .into_iter()
+        .find(|s| s.table == table)
+        .expect("stats of every table")
+}
+
+/// Every regular file under `dir`, sorted.
+fn files_under(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    if let Ok(entries) = fs::read_dir(dir) {
+        for e in entries {
+            let path = e.expect("readable directory entry").path();
+            if path.is_dir() {
+                out.extend(files_under(&path));
+            } else {
+                out.push(path);
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+fn read_parquet(path: &Path) -> Vec<RecordBatch> {
+    let file = File::open(path).expect("file opens");
+    ParquetRecordBatchReaderBuilder::try_new(file)
+        .expect("a Parquet file")
+        .build()
+        .expect("a reader")
+        .collect::<Result<_, _>>()
+        .expect("every batch decodes")
+}
+
+fn times_of(batches: &[RecordBatch]) -> Vec<i64> {
+    batches
+        .iter()
+        .flat_map(|b| {
+            b.column_by_name("time")
+                .expect("a time column")
+                .as_primitive::<TimestampMicrosecondType>()
+                .values()
+                .to_vec()
+        })
+        .collect()
+}
+
+fn span_ids_of(batches: &[RecordBatch]) -> BTreeSet<String> {
+    batches
+        .iter()
+        .flat_map(|b| {
+            b.column_by_name("span_id")
+                .expect("a span_id column")
+                .as_string::<i32>()
+                .iter()
+                .map(|s| s.expect("span_id is never null").to_string())
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+fn expected_span_ids(times: &[i64]) -> BTreeSet<String> {
+    times.iter().map(|t| format!("span_id-{t}")).collect()
+}
+
+#[tokio::test]
+async fn flush_writes_one_sorted_zstd_parquet_file_per_table_and_hour_with_every_row() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path();
+    let (persister, store, thread, _) = open(data);
+
+    // Two appends (two WAL entries) for requests across hours 03 and 04, out
+    // of time order; one for spans in hour 03.
+    let req_03 = [H03 + 50 * MINUTE, H03 + 5 * MINUTE, H03 + 30 * MINUTE];
+    let req_04 = [H03 + 75 * MINUTE, H03 + 61 * MINUTE];
+    let req_03_late = [H03 + 20 * MINUTE];
+    let spans_03 = [
+        H03 + MINUTE,
+        H03 + 2 * MINUTE,
+        H03 + 3 * MINUTE,
+        H03 + 4 * MINUTE,
+    ];
+    let mut first: Vec<i64> = req_03.to_vec();
+    first.extend(req_04);
+    persister
+        .wal
+        .append(vec![entry(REQUESTS, &first), entry(SPANS, &spans_03)])
+        .await
+        .unwrap();
+    persister
+        .wal
+        .append(vec![entry(REQUESTS, &req_03_late)])
+        .await
+        .unwrap();
+
+    let report = persister.flush().await.unwrap();
+
+    let tables = data.join("tables");
+    let seg = format!("part-{:020}-", report.segment);
+    let mut by_dir: Vec<(String, &FileMeta)> = report
+        .files
+        .iter()
+        .map(|f| {
+            let rel = f.path.strip_prefix(&tables).expect("under <data>/tables");
+            let dir = rel.parent().unwrap().display().to_string();
+            let name = rel.file_name().unwrap().to_string_lossy();
+            assert!(
+                name.starts_with(&seg) && name.ends_with(".parquet"),
+                "{name}: named after the flushed WAL segment {}",
+                report.segment
+            );
+            assert_eq!(f.segment, report.segment);
+            (dir, f)
+        })
+        .collect();
+    by_dir.sort_by(|a, b| a.0.cmp(&b.0));
+    let dirs: Vec<&str> = by_dir.iter().map(|(d, _)| d.as_str()).collect();
+    assert_eq!(
+        dirs,
+        [
+            "requests/date=2026-01-02/hour=03",
+            "requests/date=2026-01-02/hour=04",
+            "spans/date=2026-01-02/hour=03",
+        ]
+    );
+
+    let mut req_03_all: Vec<i64> = req_03.iter().chain(&req_03_late).copied().collect();
+    req_03_all.sort();
+    let mut req_04_sorted = req_04.to_vec();
+    req_04_sorted.sort();
+    let want: [(&str, &[i64]); 3] = [
+        (REQUESTS, &req_03_all),
+        (REQUESTS, &req_04_sorted),
+        (SPANS, &spans_03),
+    ];
+    for ((_, meta), (table, times)) in by_dir.iter().zip(want) {
+        let batches = read_parquet(&meta.path);
+        let schema = table_schema(table).unwrap();
+        for b in &batches {
+            assert_eq!(
+                b.schema(),
+                schema,
+                "{}: the table's schema",
+                meta.path.display()
+            );
+        }
+        assert_eq!(
+            times_of(&batches),
+            times,
+            "{}: every row of the hour, sorted by time",
+            meta.path.display()
+        );
+        assert_eq!(span_ids_of(&batches), expected_span_ids(times));
+        assert_eq!(meta.rows, times.len() as u64);
+        assert_eq!(meta.min_time, times[0]);
+        assert_eq!(meta.max_time, *times.last().unwrap());
+        assert_eq!(meta.bytes, fs::metadata(&meta.path).unwrap().len());
+        let reader =
+            ParquetRecordBatchReaderBuilder::try_new(File::open(&meta.path).unwrap()).unwrap();
+        let row_group = reader.metadata().row_group(0);
+        for column in row_group.columns() {
+            assert!(
+                matches!(column.compression(), Compression::ZSTD(_)),
+                "{}: {:?}",
+                column.column_path(),
+                column.compression()
+            );
+        }
+    }
+
+    // The rows moved from the hot buffer to the files, and the WAL was
+    // checkpointed behind them.
+    let requests = stats(&store, REQUESTS);
+    assert_eq!(
+        (requests.hot_rows, requests.files, requests.file_rows),
+        (0, 2, 6)
+    );
+    let spans = stats(&store, SPANS);
+    assert_eq!((spans.hot_rows, spans.files, spans.file_rows), (0, 1, 4));
+    assert_eq!(
+        wal::read_checkpoint(&data.join("wal")).unwrap(),
+        report.segment
+    );
+    let leftovers: Vec<PathBuf> = files_under(&tables)
+        .into_iter()
+        .filter(|p| !p.to_string_lossy().ends_with(".parquet"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+
+    // What a restart finds on disk is what the flush reported.
+    let mut loaded: Vec<FileMeta> = load_files(&tables, report.segment)
+        .unwrap()
+        .into_iter()
+        .map(|(_, f)| f)
+        .collect();
+    loaded.sort_by(|a, b| a.path.cmp(&b.path));
+    let mut reported = report.files.clone();
+    reported.sort_by(|a, b| a.path.cmp(&b.path));
+    assert_eq!(loaded, reported);
+    close(persister, thread);
+}
+
+#[tokio::test]
+async fn open_deletes_files_of_an_unfinished_flush_and_stray_tmp_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path();
+    let (persister, _store, thread, _) = open(data);
+    let flushed = [H03 + MINUTE, H03 + 2 * MINUTE, H03 + 3 * MINUTE];
+    persister
+        .wal
+        .append(vec![entry(REQUESTS, &flushed)])
+        .await
+        .unwrap();
+    let report = persister.flush().await.unwrap();
+    assert_eq!(report.files.len(), 1);
+    let kept = report.files[0].path.clone();
+
+    // Rows acknowledged after the flush: in the WAL only.
+    let unflushed = [H03 + 10 * MINUTE, H03 + 11 * MINUTE];
+    persister
+        .wal
+        .append(vec![entry(REQUESTS, &unflushed)])
+        .await
+        .unwrap();
+    close(persister, thread);
+
+    // A crash during the next flush: a renamed file of a segment past the
+    // checkpoint (its rows are still in the WAL), and a `.tmp` one.
+    let hour_dir = kept.parent().unwrap();
+    let next = report.segment + 1;
+    let unfinished = hour_dir.join(format!("part-{next:020}-0badf00d.parquet"));
+    fs::copy(&kept, &unfinished).unwrap();
+    let spans_dir = data.join("tables/spans/date=2026-01-02/hour=03");
+    fs::create_dir_all(&spans_dir).unwrap();
+    let tmp = spans_dir.join(format!("part-{next:020}-12345678.parquet.tmp"));
+    fs::write(&tmp, b"half a Parquet file").unwrap();
+    // Not a Parquet file: neither loaded nor deleted.
+    let notes = data.join("tables/requests/notes.txt");
+    fs::write(&notes, b"kept").unwrap();
+
+    let mut config = CollectorConfig::new(data);
+    config.otlp_grpc = None;
+    config.otlp_http = None;
+    let collector = Collector::open(config).await.unwrap();
+
+    assert!(
+        !unfinished.exists(),
+        "file of the unfinished flush is deleted"
+    );
+    assert!(!tmp.exists(), "stray .tmp file is deleted");
+    assert!(kept.exists(), "file at the checkpoint is kept");
+    assert!(notes.exists(), "a file that is not Parquet is left alone");
+    // Each row once: flushed rows from the file, the rest replayed from the WAL.
+    let requests = stats(&collector.store(), REQUESTS);
+    assert_eq!(
+        (requests.files, requests.file_rows, requests.hot_rows),
+        (1, flushed.len() as u64, unflushed.len())
+    );
+    assert_eq!(collector.replayed_rows(), unflushed.len());
+    let spans = stats(&collector.store(), SPANS);
+    assert_eq!((spans.files, spans.hot_rows), (0, 0));
+}
+
+#[tokio::test]
+async fn a_failed_flush_leaves_no_files_and_keeps_the_rows_hot_and_in_the_wal() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path();
+    let (persister, store, thread, _) = open(data);
+    let req = [H03 + MINUTE, H03 + 65 * MINUTE, H03 + 2 * MINUTE];
+    let spans = [H03 + 3 * MINUTE, H03 + 4 * MINUTE];
+    persister
+        .wal
+        .append(vec![entry(REQUESTS, &req), entry(SPANS, &spans)])
+        .await
+        .unwrap();
+    let tables = data.join("tables");
+    let wal_dir = data.join("wal");
+
+    let assert_nothing_flushed = |store: &Store, what: &str| {
+        let parquet: Vec<PathBuf> = files_under(&tables)
+            .into_iter()
+            .filter(|p| p.to_string_lossy().contains(".parquet"))
+            .collect();
+        assert!(parquet.is_empty(), "{what}: {parquet:?}");
+        let (r, s) = (stats(store, REQUESTS), stats(store, SPANS));
+        assert_eq!(
+            (r.hot_rows, r.files, s.hot_rows, s.files),
+            (req.len(), 0, spans.len(), 0),
+            "{what}: the rows stay hot (queryable) and no file is published"
+        );
+        assert_eq!(
+            wal::read_checkpoint(&wal_dir).unwrap(),
+            0,
+            "{what}: the WAL is not checkpointed"
+        );
+    };
+
+    // `<data>/tables` is a regular file: nothing can be written.
+    fs::write(&tables, b"not a directory").unwrap();
+    let err = persister.flush().await.unwrap_err();
+    assert!(err.to_string().contains("tables"), "{err}");
+    assert_nothing_flushed(&store, "tables is a file");
+
+    // Only `spans` cannot be written: the `requests` files written before it
+    // fails must not survive beside the rows still in the WAL.
+    fs::remove_file(&tables).unwrap();
+    fs::create_dir_all(tables.join(REQUESTS)).unwrap();
+    fs::write(tables.join(SPANS), b"not a directory").unwrap();
+    let err = persister.flush().await.unwrap_err();
+    assert!(err.to_string().contains(SPANS), "{err}");
+    assert_nothing_flushed(&store, "tables/spans is a file");
+
+    // A crash now loses nothing: every row is replayed from the WAL.
+    close(persister, thread);
+    let (persister, store, thread, replayed) = open(data);
+    assert_eq!(replayed.rows, req.len() + spans.len());
+    assert_nothing_flushed(&store, "after a restart");
+
+    // Once the directory is writable, a flush stores each row exactly once.
+    fs::remove_file(tables.join(SPANS)).unwrap();
+    let report = persister.flush().await.unwrap();
+    let mut req_times = Vec::new();
+    let mut span_times = Vec::new();
+    for f in &report.files {
+        let t = times_of(&read_parquet(&f.path));
+        if f.path.starts_with(tables.join(REQUESTS)) {
+            req_times.extend(t);
+        } else {
+            span_times.extend(t);
+        }
+    }
+    req_times.sort();
+    let mut want_req = req.to_vec();
+    want_req.sort();
+    assert_eq!(req_times, want_req);
+    assert_eq!(span_times, spans);
+    let on_disk: Vec<PathBuf> = files_under(&tables);
+    assert_eq!(on_disk.len(), report.files.len(), "{on_disk:?}");
+    assert_eq!(stats(&store, REQUESTS).hot_rows, 0);
+    assert_eq!(stats(&store, SPANS).hot_rows, 0);
+    close(persister, thread);
+}

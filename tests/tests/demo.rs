@@ -1,0 +1,313 @@
+//! `lumen demo` as a newcomer runs it: it prints where to query and example
+//! queries, those queries answer with rows while it runs, it stops by itself
+//! after `--duration`, and what it recorded is left in Parquet files.
+
+use std::collections::BTreeSet;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use lumen_tests::{lumen_bin, run_python, sql, wait_for_count};
+use tokio::sync::mpsc;
+
+/// Long enough for the checks below to run against the live demo.
+const DURATION_SECS: u64 = 8;
+
+/// The demo process, its stdout line by line, and its stderr in a file.
+struct Demo {
+    child: Option<Child>,
+    lines: mpsc::UnboundedReceiver<String>,
+    stdout: Vec<String>,
+    stderr: PathBuf,
+}
+
+impl Demo {
+    fn start(dir: &Path, data: &Path) -> Result<Demo> {
+        let stderr = dir.join("demo.stderr");
+        let mut child = Command::new(lumen_bin())
+            .args(["demo", "--duration", &DURATION_SECS.to_string()])
+            .arg("--data-dir")
+            .arg(data)
+            // Port 0 everywhere: the demo must print where it really listens.
+            .args(["--otlp-grpc", "127.0.0.1:0", "--otlp-http", "127.0.0.1:0"])
+            .args(["--query-addr", "127.0.0.1:0"])
+            .current_dir(dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&stderr)?)
+            .spawn()
+            .context("starting lumen demo")?;
+        let out = child.stdout.take().context("demo stdout")?;
+        let (tx, lines) = mpsc::unbounded_channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Ok(Demo {
+            child: Some(child),
+            lines,
+            stdout: Vec::new(),
+            stderr,
+        })
+    }
+
+    /// The next line of stdout; `None` once the demo closed it.
+    async fn next_line(&mut self) -> Result<Option<String>> {
+        let wait = Duration::from_secs(DURATION_SECS + 60);
+        let Ok(line) = tokio::time::timeout(wait, self.lines.recv()).await else {
+            bail!("no output from the demo for {wait:?}:\n{}", self.output());
+        };
+        if let Some(l) = &line {
+            self.stdout.push(l.clone());
+        }
+        Ok(line)
+    }
+
+    /// Everything it printed so far, for failure messages.
+    fn output(&self) -> String {
+        format!(
+            "--- stdout:\n{}\n--- stderr:\n{}",
+            self.stdout.join("\n"),
+            std::fs::read_to_string(&self.stderr).unwrap_or_default()
+        )
+    }
+
+    /// Waits for the process to exit by itself; returns its exit code.
+    fn wait_exit(&mut self) -> Result<i32> {
+        let child = self.child.as_mut().context("already waited")?;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(status) = child.try_wait()? {
+                self.child = None;
+                return Ok(status.code().unwrap_or(-1));
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "the demo did not exit after --duration {DURATION_SECS}:\n{}",
+                    self.output()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Demo {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// The SQL between the double quotes of a printed command.
+fn quoted(line: &str) -> Result<&str> {
+    let (start, end) = (line.find('"'), line.rfind('"'));
+    match (start, end) {
+        (Some(s), Some(e)) if e > s => Ok(&line[s + 1..e]),
+        _ => bail!("no quoted SQL in `{line}`"),
+    }
+}
+
+/// Runs a printed command line as a user pasting it into a shell (in the
+/// directory they ran the demo from) would.
+fn run_in_shell(cwd: &Path, line: &str) -> Result<String> {
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(line)
+        .current_dir(cwd)
+        .output()?;
+    if !out.status.success() {
+        bail!(
+            "`{line}` failed ({}):\n{}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8(out.stdout)?)
+}
+
+/// `N` of the `(N rows)` line `lumen sql` ends its table with.
+fn table_rows(table: &str) -> Option<u64> {
+    let last = table.lines().last()?.trim();
+    let n = last.strip_prefix('(')?.split(' ').next()?;
+    n.parse().ok()
+}
+
+fn strings(rows: &[serde_json::Value], column: &str) -> BTreeSet<String> {
+    rows.iter()
+        .filter_map(|r| r.get(column)?.as_str().map(str::to_string))
+        .collect()
+}
+
+fn files_under(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
+    for entry in std::fs::read_dir(dir)? {
+        let path = entry?.path();
+        if path.is_dir() {
+            files_under(&path, out)?;
+        } else {
+            out.push(path);
+        }
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn demo_prints_queries_that_answer_and_stops_cleanly_leaving_parquet() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let data = dir.path().join("demo-data");
+    let mut demo = Demo::start(dir.path(), &data)?;
+
+    // What it prints before running: the SQL API and commands to try.
+    let (mut sql_url, mut examples, mut curl) = (None, Vec::new(), None);
+    loop {
+        let Some(line) = demo.next_line().await? else {
+            bail!("the demo stopped before it was running:\n{}", demo.output());
+        };
+        let line = line.trim();
+        if let Some(url) = line.strip_prefix("SQL API:") {
+            sql_url = url.trim().strip_prefix("POST ").map(str::to_string);
+        } else if line.contains(" sql --url ") {
+            examples.push(line.to_string());
+        } else if line.starts_with("curl ") {
+            curl = Some(line.to_string());
+        } else if line.starts_with("Running for") {
+            break;
+        }
+    }
+    let out = demo.output();
+    let sql_url = sql_url.with_context(|| format!("no `SQL API: POST <url>` line:\n{out}"))?;
+    let base = sql_url
+        .strip_suffix("/api/v1/sql")
+        .with_context(|| format!("SQL API URL {sql_url}"))?;
+    assert_eq!(examples.len(), 3, "three example queries:\n{out}");
+    for e in &examples {
+        assert!(e.contains(&format!(" sql --url {base} \"")), "{e}");
+    }
+    let curl = curl.with_context(|| format!("no curl example:\n{out}"))?;
+    assert!(curl.contains(&sql_url), "{curl}");
+
+    // Traffic reaches all of Bookinfo, as both sides of each hop report it.
+    let services: BTreeSet<String> = ["details", "productpage", "ratings", "reviews"]
+        .map(String::from)
+        .into();
+    for reporter in ["source", "destination"] {
+        let q = format!(
+            "SELECT count(DISTINCT destination_service) AS n FROM requests WHERE reporter = '{reporter}'"
+        );
+        let n = wait_for_count(&sql_url, &q, 4)
+            .await
+            .with_context(|| demo.output())?;
+        assert_eq!(n, 4, "{reporter}: {}", demo.output());
+    }
+
+    // Each printed command, pasted into a shell, prints a table with rows.
+    for line in &examples {
+        let table = run_in_shell(dir.path(), line).with_context(|| demo.output())?;
+        let rows = table_rows(&table).with_context(|| format!("no `(N rows)` in:\n{table}"))?;
+        assert!(rows > 0, "`{line}` returned no rows:\n{table}");
+    }
+    // And what they answer, as JSON.
+    let per_service = sql(&sql_url, quoted(&examples[0])?).await?;
+    assert_eq!(strings(&per_service, "destination_service"), services);
+    assert!(
+        per_service
+            .iter()
+            .all(|r| r["requests"].as_i64().is_some_and(|n| n > 0)),
+        "{per_service:?}"
+    );
+    let per_hop = sql(&sql_url, quoted(&examples[1])?).await?;
+    let hops: BTreeSet<(String, String)> = per_hop
+        .iter()
+        .filter_map(|r| {
+            Some((
+                r["source_service"].as_str()?.to_string(),
+                r["destination_service"].as_str()?.to_string(),
+            ))
+        })
+        .collect();
+    for hop in [
+        ("loadgen", "productpage"),
+        ("productpage", "details"),
+        ("productpage", "reviews"),
+        ("reviews", "ratings"),
+    ] {
+        assert!(
+            hops.contains(&(hop.0.to_string(), hop.1.to_string())),
+            "{hop:?} in {per_hop:?}"
+        );
+    }
+    assert!(
+        per_hop.iter().all(|r| r["error_rate"]
+            .as_f64()
+            .is_some_and(|e| (0.0..=1.0).contains(&e))),
+        "{per_hop:?}"
+    );
+    let slowest = sql(&sql_url, quoted(&examples[2])?).await?;
+    assert!((1..=5).contains(&slowest.len()), "{slowest:?}");
+    // The curl example's SQL, sent the same way.
+    let counted = sql(&sql_url, quoted(&curl)?).await?;
+    let live_rows = counted
+        .first()
+        .and_then(|r| r.as_object()?.values().next()?.as_i64())
+        .with_context(|| format!("a count in {counted:?}"))?;
+    assert!(live_rows > 0, "{counted:?}");
+
+    // It stops by itself, cleanly, and says what it kept.
+    while demo.next_line().await?.is_some() {}
+    let code = demo.wait_exit()?;
+    let out = demo.output();
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("Stopped cleanly."), "{out}");
+    let summary = demo
+        .stdout
+        .iter()
+        .find_map(|l| l.trim().strip_prefix("requests: "))
+        .with_context(|| format!("no `requests:` summary line:\n{out}"))?;
+    // "<rows> rows in <files> Parquet files (<bytes> bytes), <hot> rows still in the WAL"
+    let words: Vec<&str> = summary.split_whitespace().collect();
+    // The number `back` words before the first `word`.
+    let number = |word: &str, back: usize| -> Result<u64> {
+        words
+            .iter()
+            .position(|w| *w == word)
+            .and_then(|i| i.checked_sub(back))
+            .and_then(|i| words[i].parse().ok())
+            .with_context(|| format!("no number {back} before `{word}` in `{summary}`"))
+    };
+    let rows = i64::try_from(number("rows", 1)?)?;
+    let files = usize::try_from(number("Parquet", 1)?)?;
+    let hot = number("still", 2)?;
+    assert_eq!(hot, 0, "everything flushed on stop: {summary}");
+    assert!(
+        rows >= live_rows,
+        "{summary}: fewer rows than the {live_rows} queried while running"
+    );
+
+    // The files are there, complete, and DuckDB reads every row of them.
+    let table_dir = data.join("tables").join("requests");
+    let mut on_disk = Vec::new();
+    files_under(&table_dir, &mut on_disk)?;
+    let parquet: Vec<&PathBuf> = on_disk
+        .iter()
+        .filter(|p| p.extension().is_some_and(|e| e == "parquet"))
+        .collect();
+    assert!(!parquet.is_empty(), "no Parquet files: {on_disk:?}");
+    assert_eq!(parquet.len(), files, "{summary}: {on_disk:?}");
+    assert_eq!(parquet.len(), on_disk.len(), "only Parquet: {on_disk:?}");
+    let glob = format!("{}/date=*/hour=*/*.parquet", table_dir.display());
+    let duck = run_python(
+        "import sys, duckdb\nprint(duckdb.connect().execute(f\"SELECT count(*) FROM read_parquet('{sys.argv[1]}')\").fetchone()[0])",
+        &[&glob],
+    )?;
+    assert_eq!(duck.trim().parse::<i64>()?, rows, "{summary}");
+    Ok(())
+}
