@@ -248,8 +248,19 @@ fn init_logging(default: &str) {
         .init();
 }
 
-/// Resolves on Ctrl-C or SIGTERM.
+/// Resolves on the first Ctrl-C or SIGTERM. A second one ends the process
+/// at once, for when a graceful shutdown takes longer than its operator
+/// will wait (acknowledged data is in the WAL either way).
 async fn shutdown_signal() {
+    signal().await;
+    tokio::spawn(async {
+        signal().await;
+        eprintln!("second signal: exiting without finishing the shutdown");
+        std::process::exit(130);
+    });
+}
+
+async fn signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
@@ -451,16 +462,10 @@ async fn demo(a: DemoArgs) -> Result<()> {
     init_logging("warn");
     let data_dir = std::path::absolute(&a.data_dir).unwrap_or(a.data_dir.clone());
     let config = lumen_demo::DemoConfig {
-        data_dir: data_dir.clone(),
+        collector: a.store.collector_config(data_dir.clone(), a.flush_interval),
         rps: a.rps,
-        otlp_grpc: a.store.otlp_grpc,
-        otlp_http: a.store.otlp_http,
         query: a.store.query_addr,
-        flush: FlushPolicy {
-            interval: a.flush_interval,
-            max_rows: a.store.flush_rows,
-            ..FlushPolicy::default()
-        },
+        query_limits: a.store.limits(),
     };
     let running = lumen_demo::start(config)
         .await

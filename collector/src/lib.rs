@@ -37,6 +37,8 @@ pub use store::{FileMeta, Store, TableSnapshot, TableStats};
 
 /// Default cap on one OTLP payload, as the OpenTelemetry Collector's gRPC default.
 pub const DEFAULT_MAX_REQUEST_BYTES: usize = 4 << 20;
+/// How long shutdown waits for OTLP clients to finish and disconnect.
+pub const DRAIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 /// Default cap on hot rows' memory: four flushes' worth.
 pub const DEFAULT_MAX_HOT_BYTES: usize = 1 << 30;
 /// Default cap on payloads in progress: with 4 MiB payloads, 256 MiB raw.
@@ -271,14 +273,27 @@ impl Collector {
         tracing::info!("collector shutting down: finishing requests, flushing to Parquet");
         let _ = stop_tx.send(true);
         let mut result = Ok(());
-        while let Some(r) = servers.join_next().await {
-            if let Ok(Err(e)) = r {
-                result = Err(e);
+        let drained = tokio::time::timeout(DRAIN_TIMEOUT, async {
+            while let Some(r) = servers.join_next().await {
+                if let Ok(Err(e)) = r {
+                    result = Err(e);
+                }
             }
+        })
+        .await;
+        if drained.is_err() {
+            // A client that ignores GOAWAY (or is stopped) would hold the
+            // shutdown forever.
+            tracing::warn!("OTLP connections still open after {DRAIN_TIMEOUT:?}; closing them");
+            servers.abort_all();
         }
-        // No more acknowledgements can happen; flush everything that was.
+        // Payloads still in progress may finish; new ones are refused.
+        ingest.close();
         let _ = flush_stop_tx.send(true);
         let _ = flusher.await;
+        // Whatever was acknowledged after the flush's rotation is in the WAL
+        // and is replayed on the next start.
+        persister.wal.close().await;
         drop(ingest);
         drop(persister);
         let _ = tokio::task::spawn_blocking(move || wal_thread.join()).await;

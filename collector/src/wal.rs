@@ -60,6 +60,9 @@ struct Append {
 enum Command {
     Append(Append),
     Rotate(oneshot::Sender<Result<u64, WalError>>),
+    /// Commits what came before, then ends the writer: later appends fail
+    /// as closed, whoever still holds a handle.
+    Close,
     /// Makes the next write fail, as a full or failing disk would.
     #[cfg(test)]
     Break(oneshot::Sender<()>),
@@ -76,6 +79,7 @@ impl std::fmt::Debug for Command {
         match self {
             Command::Append(a) => write!(f, "Append({} entries)", a.entries.len()),
             Command::Rotate(_) => f.write_str("Rotate"),
+            Command::Close => f.write_str("Close"),
             #[cfg(test)]
             Command::Break(_) => f.write_str("Break"),
         }
@@ -104,6 +108,11 @@ impl WalHandle {
             .await
             .map_err(|_| WalError::Closed)?;
         done.await.map_err(|_| WalError::Closed)?
+    }
+
+    /// Ends the writer thread once everything sent before is committed.
+    pub async fn close(&self) {
+        let _ = self.tx.send(Command::Close).await;
     }
 
     /// Seals the current segment and starts a new one; returns the sealed
@@ -348,7 +357,7 @@ impl Writer {
     fn run(mut self, mut rx: mpsc::Receiver<Command>) {
         let mut cmds = Vec::with_capacity(256);
         let mut group: Vec<Append> = Vec::new();
-        while let Some(first) = rx.blocking_recv() {
+        'run: while let Some(first) = rx.blocking_recv() {
             cmds.push(first);
             while cmds.len() < 1024 {
                 match rx.try_recv() {
@@ -359,6 +368,10 @@ impl Writer {
             for cmd in cmds.drain(..) {
                 match cmd {
                     Command::Append(a) => group.push(a),
+                    Command::Close => {
+                        self.commit(&mut group);
+                        break 'run;
+                    }
                     Command::Rotate(ack) => {
                         self.commit(&mut group);
                         let _ = ack.send(self.rotate());

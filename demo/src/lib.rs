@@ -14,7 +14,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use lumen_collector::{Collector, CollectorConfig, FlushPolicy, Store};
+use lumen_collector::{Collector, CollectorConfig, Store};
 use lumen_core::config::DEFAULT_NAMESPACE;
 use lumen_core::{Endpoint, MeshConfig, Service, Workload};
 use lumen_proxy::{Proxy, ProxyConfig};
@@ -38,17 +38,18 @@ pub enum DemoError {
     Bind(std::io::Error),
     #[error("demo mesh: {0}")]
     Config(#[from] lumen_core::ConfigError),
+    #[error("demo setup: {0}")]
+    Setup(String),
 }
 
 #[derive(Debug, Clone)]
 pub struct DemoConfig {
-    pub data_dir: PathBuf,
+    /// Where the collector keeps data, and its listeners and limits.
+    pub collector: CollectorConfig,
     /// Requests per second into `productpage`.
     pub rps: f64,
-    pub otlp_grpc: SocketAddr,
-    pub otlp_http: SocketAddr,
     pub query: SocketAddr,
-    pub flush: FlushPolicy,
+    pub query_limits: QueryLimits,
 }
 
 /// A running demo; [`stop`](RunningDemo::stop) shuts it down in order.
@@ -105,17 +106,19 @@ fn workload(service: &str, version: &str) -> Workload {
 /// Starts everything; returns once traffic is flowing.
 pub async fn start(config: DemoConfig) -> Result<RunningDemo, DemoError> {
     // Storage and query first, so the first request is recorded.
-    let mut collector_config = CollectorConfig::new(&config.data_dir);
-    collector_config.otlp_grpc = Some(config.otlp_grpc);
-    collector_config.otlp_http = Some(config.otlp_http);
-    collector_config.flush = config.flush.clone();
-    let collector = Collector::open(collector_config).await?;
+    let data_dir = config.collector.data_dir.clone();
+    let collector = Collector::open(config.collector).await?;
     let store = collector.store();
-    let otlp_grpc = collector.otlp_grpc_addr().unwrap_or(config.otlp_grpc);
-    let otlp_http = collector.otlp_http_addr().unwrap_or(config.otlp_http);
+    let (Some(otlp_grpc), Some(otlp_http)) =
+        (collector.otlp_grpc_addr(), collector.otlp_http_addr())
+    else {
+        return Err(DemoError::Setup(
+            "the demo needs both OTLP listeners (gRPC for the sidecars, HTTP for apps)".into(),
+        ));
+    };
     let query = QueryServer::bind(
         config.query,
-        QueryEngine::new(store.clone(), QueryLimits::default()),
+        QueryEngine::new(store.clone(), config.query_limits),
     )
     .await?;
     let query_addr = query.local_addr().unwrap_or(config.query);
@@ -216,7 +219,7 @@ pub async fn start(config: DemoConfig) -> Result<RunningDemo, DemoError> {
         query_url: format!("http://{query_addr}/api/v1/sql"),
         otlp_grpc,
         otlp_http,
-        data_dir: config.data_dir,
+        data_dir,
         sidecars,
         load,
         store,

@@ -18,6 +18,9 @@ use tokio::net::TcpListener;
 
 pub use engine::{QueryEngine, QueryError, QueryLimits, QueryResult};
 
+/// How long shutdown waits for running queries and open connections.
+pub const DRAIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
     #[error("cannot listen on {addr} (query HTTP): {source}")]
@@ -52,9 +55,25 @@ impl QueryServer {
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), ServeError> {
-        axum::serve(self.listener, http::router(self.engine))
-            .with_graceful_shutdown(shutdown)
-            .await
-            .map_err(ServeError::Serve)
+        let (stopping_tx, mut stopping) = tokio::sync::watch::channel(false);
+        let serve = axum::serve(self.listener, http::router(self.engine)).with_graceful_shutdown(
+            async move {
+                shutdown.await;
+                let _ = stopping_tx.send(true);
+            },
+        );
+        // Running queries get DRAIN_TIMEOUT to finish; a client that keeps
+        // an idle HTTP/2 connection open must not hold shutdown forever.
+        let deadline = async move {
+            let _ = stopping.wait_for(|s| *s).await;
+            tokio::time::sleep(DRAIN_TIMEOUT).await;
+        };
+        tokio::select! {
+            r = serve => r.map_err(ServeError::Serve),
+            () = deadline => {
+                tracing::warn!("query connections still open after {DRAIN_TIMEOUT:?}; closing them");
+                Ok(())
+            }
+        }
     }
 }

@@ -32,12 +32,30 @@ pub fn lumen_bin() -> PathBuf {
     bin
 }
 
-/// A free port on 127.0.0.1 (the OS picks; it stays free for a moment).
+/// A port on 127.0.0.1 that is free now, for a process started next.
+///
+/// Ports come from below the kernel's ephemeral range (32768–60999 by
+/// default): a port the OS hands out for `:0` is also the kind it uses as
+/// the source port of outgoing connections, and one of those may take it
+/// before the process under test binds it. Each port is handed out once
+/// per test binary, so tests running side by side never share one.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("bind 127.0.0.1:0")
+    use std::collections::HashSet;
+    use std::sync::Mutex;
+    static GIVEN: Mutex<Option<HashSet<u16>>> = Mutex::new(None);
+    let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
+    let given = given.get_or_insert_with(HashSet::new);
+    for _ in 0..10_000 {
+        let port = rand::random_range(20_000..32_000u16);
+        if given.contains(&port) {
+            continue;
+        }
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            given.insert(port);
+            return port;
+        }
+    }
+    panic!("no free port on 127.0.0.1 between 20000 and 32000");
 }
 
 pub fn local(port: u16) -> SocketAddr {

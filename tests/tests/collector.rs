@@ -323,3 +323,35 @@ async fn spans_from_the_opentelemetry_python_sdk_land_in_spans() -> Result<()> {
     );
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_stops_cleanly_even_when_clients_hold_connections_open() -> Result<()> {
+    use std::io::Write;
+    let dir = tempfile::tempdir()?;
+    let data = dir.path().join("data");
+    let mesh = mesh(dir.path())?;
+    let ports = UpPorts::pick();
+    let mut up = start_up(dir.path(), &mesh, &data, ports, &[]).await?;
+    let n = rand::random_range(1..=30usize);
+    let mut client = TraceServiceClient::connect(ports.grpc_endpoint()).await?;
+    client.export(export("held", n, 0)).await?;
+
+    // An HTTP/2 client that never answers GOAWAY nor hangs up, as a stopped
+    // or wedged exporter would; and an idle keep-alive connection to the
+    // SQL API.
+    let mut grpc = std::net::TcpStream::connect(("127.0.0.1", ports.otlp_grpc))?;
+    grpc.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00")?;
+    let mut query = std::net::TcpStream::connect(("127.0.0.1", ports.query))?;
+    query.write_all(b"GET /ready HTTP/1.1\r\nHost: lumen\r\n\r\n")?;
+
+    assert_eq!(up.terminate()?, 0, "{}", up.logs());
+    assert!(
+        up.logs().contains("still open"),
+        "the held connection is named in the log:\n{}",
+        up.logs()
+    );
+    let glob = format!("{}/tables/spans/date=*/hour=*/*.parquet", data.display());
+    assert_eq!(duckdb_count(&glob)?, n as i64, "flushed on the way out");
+    drop((grpc, query));
+    Ok(())
+}

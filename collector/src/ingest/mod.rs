@@ -125,6 +125,11 @@ impl Ingest {
         })
     }
 
+    /// Refuses every payload not yet admitted, as the collector stops.
+    pub fn close(&self) {
+        self.inflight.close();
+    }
+
     /// What stops ingest now, or may soon.
     pub fn health(&self) -> health::Report {
         let mut report = health::Report::default();
