@@ -85,7 +85,10 @@ impl Telemetry {
         };
         let task = std::thread::Builder::new()
             .name("lumen-telemetry".into())
-            .spawn(move || runtime.block_on(exporter.run(rx, shutdown)))
+            .spawn(move || {
+                yield_to_requests();
+                runtime.block_on(exporter.run(rx, shutdown))
+            })
             .map_err(|e| crate::ProxyError::Telemetry(format!("exporter thread: {e}")))?;
         Ok((
             Telemetry {
@@ -108,5 +111,22 @@ impl Telemetry {
 
     pub fn metrics(&self) -> &Arc<Metrics> {
         &self.metrics
+    }
+}
+
+/// Lowers the calling thread's scheduling priority (nice 10), so that when
+/// the machine is busy the request path runs first and export catches up
+/// after: an export burst must not delay requests. If export then falls too
+/// far behind, the bounded queue drops records and counts them.
+fn yield_to_requests() {
+    #[cfg(target_os = "linux")]
+    {
+        // SAFETY: gettid and setpriority take no pointers; on Linux
+        // PRIO_PROCESS with a thread id sets that thread's nice value only.
+        // Failing leaves the thread at the default priority, which is fine.
+        unsafe {
+            let tid = libc::gettid();
+            libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, 10);
+        }
     }
 }
