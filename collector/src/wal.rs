@@ -472,35 +472,17 @@ impl Writer {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use lumen_core::RequestRecord;
     use lumen_core::schema::{REQUESTS, RequestBatchBuilder};
-    use lumen_core::{Protocol, Reporter, RequestRecord, ResponseFlags, Workload};
-    use std::time::{Duration, SystemTime};
+    use std::time::SystemTime;
 
     fn batch(n: usize) -> RecordBatch {
         let mut b = RequestBatchBuilder::new();
         for i in 0..n {
             b.push(&RequestRecord {
                 start_time: SystemTime::now(),
-                duration: Duration::from_millis(1),
-                reporter: Reporter::Source,
-                source: Workload::unknown(),
-                destination: Workload::unknown(),
-                protocol: Protocol::Http1,
-                method: "GET".into(),
-                authority: "a".into(),
                 path: format!("/{i}"),
-                route: "default".into(),
-                status: 200,
-                grpc_status: None,
-                request_bytes: 0,
-                response_bytes: 0,
-                retries: 0,
-                upstream_address: None,
-                response_flags: ResponseFlags::empty(),
-                mtls: false,
-                trace_id: [1; 16],
-                span_id: [1; 8],
-                parent_span_id: None,
+                ..RequestRecord::example()
             });
         }
         b.finish().unwrap()

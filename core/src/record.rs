@@ -150,7 +150,7 @@ impl fmt::Display for ResponseFlags {
 }
 
 /// Everything a proxy knows about one request once its response has ended.
-/// Column names and meanings are documented in `docs/requests-table.md`.
+/// Column names and meanings are documented in `docs/tables.md`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RequestRecord {
     pub start_time: SystemTime,
@@ -177,6 +177,37 @@ pub struct RequestRecord {
     pub span_id: [u8; 8],
     /// The caller's span id, when the request carried one.
     pub parent_span_id: Option<[u8; 8]>,
+}
+
+impl RequestRecord {
+    /// A plain `GET /` answered 200 in 1.5 ms, between unknown workloads,
+    /// reported by the destination: a base for tests to change what they
+    /// are about (`RequestRecord { path: …, ..RequestRecord::example() }`).
+    pub fn example() -> Self {
+        RequestRecord {
+            start_time: SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000),
+            duration: Duration::from_micros(1500),
+            reporter: Reporter::Destination,
+            source: Workload::unknown(),
+            destination: Workload::unknown(),
+            protocol: Protocol::Http1,
+            method: "GET".into(),
+            authority: "reviews:9080".into(),
+            path: "/".into(),
+            route: "default".into(),
+            status: 200,
+            grpc_status: None,
+            request_bytes: 0,
+            response_bytes: 0,
+            retries: 0,
+            upstream_address: None,
+            response_flags: ResponseFlags::empty(),
+            mtls: false,
+            trace_id: [1; 16],
+            span_id: [2; 8],
+            parent_span_id: None,
+        }
+    }
 }
 
 #[cfg(test)]

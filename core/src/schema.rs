@@ -307,39 +307,21 @@ impl RequestBatchBuilder {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::record::{Protocol, Reporter, ResponseFlags, Workload};
+    use crate::record::Workload;
     use arrow::array::{Array, AsArray};
     use arrow::datatypes::Int64Type;
-    use std::time::{Duration, SystemTime};
 
     fn record(path: &str) -> RequestRecord {
         RequestRecord {
-            start_time: SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000),
-            duration: Duration::from_micros(1500),
-            reporter: Reporter::Destination,
-            source: Workload::unknown(),
             destination: Workload {
                 service: "reviews".into(),
                 workload: "reviews-v2".into(),
                 namespace: "default".into(),
                 version: "v2".into(),
             },
-            protocol: Protocol::Http1,
-            method: "GET".into(),
-            authority: "reviews:9080".into(),
             path: path.into(),
-            route: "default".into(),
-            status: 200,
-            grpc_status: None,
-            request_bytes: 0,
             response_bytes: 42,
-            retries: 0,
-            upstream_address: None,
-            response_flags: ResponseFlags::empty(),
-            mtls: false,
-            trace_id: [1; 16],
-            span_id: [2; 8],
-            parent_span_id: None,
+            ..RequestRecord::example()
         }
     }
 

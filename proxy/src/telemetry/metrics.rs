@@ -168,35 +168,15 @@ pub const DROP_EXPORT_FAILED: &str = "export_failed";
 #[cfg(test)]
 mod tests {
     use super::*;
-    use lumen_core::{Protocol, Reporter, Workload};
-    use std::time::{Duration, SystemTime};
+    use lumen_core::Workload;
 
     fn record(source: &str) -> RequestRecord {
         RequestRecord {
-            start_time: SystemTime::now(),
-            duration: Duration::from_millis(3),
-            reporter: Reporter::Destination,
             source: Workload {
                 service: source.into(),
                 ..Workload::unknown()
             },
-            destination: Workload::unknown(),
-            protocol: Protocol::Http1,
-            method: "GET".into(),
-            authority: "reviews".into(),
-            path: "/".into(),
-            route: "default".into(),
-            status: 200,
-            grpc_status: None,
-            request_bytes: 0,
-            response_bytes: 0,
-            retries: 0,
-            upstream_address: None,
-            response_flags: ResponseFlags::empty(),
-            mtls: false,
-            trace_id: [1; 16],
-            span_id: [1; 8],
-            parent_span_id: None,
+            ..RequestRecord::example()
         }
     }
 
