@@ -1,22 +1,21 @@
 //! The SQL API as a user sees it: formats, errors, and that it is read-only.
 
 use anyhow::Result;
-use lumen_tests::{UpPorts, lumen_bin, sql, start_up, write_mesh};
+use lumen_tests::{LumenProcess, UpPorts, lumen_bin, sql, start_up, write_mesh};
+
+/// `lumen up` over a one-service mesh in `dir`, with extra flags.
+async fn up(dir: &std::path::Path, extra: &[&str]) -> Result<(LumenProcess, UpPorts)> {
+    let mesh = dir.join("mesh.yaml");
+    write_mesh(&mesh, &[("reviews", 9080, &[])])?;
+    let ports = UpPorts::pick();
+    let process = start_up(dir, &mesh, &dir.join("data"), ports, extra).await?;
+    Ok((process, ports))
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sql_api_answers_json_csv_arrow_and_refuses_writes() -> Result<()> {
     let dir = tempfile::tempdir()?;
-    let mesh = dir.path().join("mesh.yaml");
-    write_mesh(&mesh, &[("reviews", 9080, &[])])?;
-    let ports = UpPorts::pick();
-    let _up = start_up(
-        dir.path(),
-        &mesh,
-        &dir.path().join("data"),
-        ports,
-        &["--query-max-rows", "5"],
-    )
-    .await?;
+    let (_up, ports) = up(dir.path(), &["--query-max-rows", "5"]).await?;
     let url = ports.sql_url();
     let http = reqwest::Client::new();
     let post = |sql: &str, accept: &str| {
@@ -130,16 +129,10 @@ async fn sql_api_answers_json_csv_arrow_and_refuses_writes() -> Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn queries_past_the_time_or_memory_limit_fail_and_the_server_keeps_serving() -> Result<()> {
     let dir = tempfile::tempdir()?;
-    let mesh = dir.path().join("mesh.yaml");
-    write_mesh(&mesh, &[("reviews", 9080, &[])])?;
-    let ports = UpPorts::pick();
     // 2 s is far more than any query below needs at its small scale, even in
     // a debug build on a busy machine, and far less than the big one needs.
-    let _up = start_up(
+    let (_up, ports) = up(
         dir.path(),
-        &mesh,
-        &dir.path().join("data"),
-        ports,
         &["--query-timeout", "2s", "--query-memory-mib", "1"],
     )
     .await?;
