@@ -13,7 +13,7 @@ use lumen_collector::{Collector, CollectorConfig, FlushPolicy};
 use lumen_core::Workload;
 use lumen_core::config::DEFAULT_NAMESPACE;
 use lumen_proxy::{Proxy, ProxyConfig};
-use lumen_query::{QueryEngine, QueryLimits, QueryServer};
+use lumen_query::{QueryConfig, QueryEngine, QueryServer, QuerySettings};
 use tokio::sync::watch;
 
 /// Every request allocates a handful of small objects on one thread and
@@ -69,21 +69,41 @@ struct StoreArgs {
     /// Largest OTLP payload accepted, in bytes.
     #[arg(long, default_value_t = lumen_collector::DEFAULT_MAX_REQUEST_BYTES)]
     max_request_bytes: usize,
-    /// Time limit of one query.
-    #[arg(long, default_value = "30s", value_parser = parse_duration)]
-    query_timeout: Duration,
-    /// Memory limit of one query, in MiB.
-    #[arg(long, default_value_t = 1024)]
-    query_memory_mib: usize,
-    /// Most rows one query result may hold.
-    #[arg(long, default_value_t = 1_000_000)]
-    query_max_rows: usize,
-    /// Most memory one query result may hold, in MiB.
-    #[arg(long, default_value_t = 256)]
-    query_max_result_mib: usize,
-    /// Queries run at once; more wait their turn (within --query-timeout).
-    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..))]
-    query_concurrency: u16,
+    /// Query service settings: a YAML file with a `kind: QueryService`
+    /// resource (see README); the --query-* flags override it.
+    #[arg(long = "query-config", value_name = "FILE")]
+    query_config: Option<PathBuf>,
+    /// Threads that execute queries, apart from those serving ingest
+    /// [default: half the cores, at least 1].
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
+    query_threads: Option<u16>,
+    /// Time limit of one query, from its turn to its last row [default: 30s].
+    #[arg(long, value_parser = parse_duration)]
+    query_timeout: Option<Duration>,
+    /// Memory one query's operators and result may hold, in MiB [default: 512].
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    query_memory_mib: Option<u32>,
+    /// Memory all running queries may hold together, in MiB [default: 1024].
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    query_memory_budget_mib: Option<u32>,
+    /// Most rows one query result may hold [default: 1000000].
+    #[arg(long)]
+    query_max_rows: Option<usize>,
+    /// Most memory one query result may hold, in MiB [default: 256].
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    query_max_result_mib: Option<u32>,
+    /// Queries executing at once [default: 4].
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
+    query_concurrency: Option<u16>,
+    /// Queries waiting for a turn; more are answered 429 with Retry-After [default: 16].
+    #[arg(long)]
+    query_queue: Option<u16>,
+    /// Longest wait for a turn; then 503 with Retry-After [default: 10s].
+    #[arg(long, value_parser = parse_duration)]
+    query_queue_timeout: Option<Duration>,
+    /// Log queries that take at least this long [default: 5s].
+    #[arg(long, value_parser = parse_duration)]
+    query_slow: Option<Duration>,
     /// Rows kept in memory before a flush to Parquet.
     #[arg(long, default_value_t = 1_000_000)]
     flush_rows: usize,
@@ -108,14 +128,30 @@ impl StoreArgs {
         c
     }
 
-    fn limits(&self) -> QueryLimits {
-        QueryLimits {
+    /// Query settings: defaults, then the --query-config file, then flags.
+    fn query_config(&self) -> Result<QueryConfig> {
+        let file = match &self.query_config {
+            Some(path) => QuerySettings::load(path)?,
+            None => QuerySettings::default(),
+        };
+        let mib = |v: Option<u32>| v.map(|m| m as usize);
+        let flags = QuerySettings {
+            threads: self.query_threads.map(usize::from),
             timeout: self.query_timeout,
-            memory_bytes: self.query_memory_mib << 20,
-            max_result_rows: self.query_max_rows,
-            max_result_bytes: self.query_max_result_mib.saturating_mul(1 << 20),
-            max_concurrent: usize::from(self.query_concurrency),
+            memory_mib: mib(self.query_memory_mib),
+            memory_budget_mib: mib(self.query_memory_budget_mib),
+            concurrency: self.query_concurrency.map(usize::from),
+            queue: self.query_queue.map(usize::from),
+            queue_timeout: self.query_queue_timeout,
+            max_rows: self.query_max_rows,
+            max_result_mib: mib(self.query_max_result_mib),
+            slow_query: self.query_slow,
+        };
+        let settings = flags.or(file);
+        if let Err((field, reason)) = settings.validate() {
+            bail!("query settings: {field}: {reason}");
         }
+        Ok(settings.config())
     }
 }
 
@@ -331,6 +367,7 @@ async fn until(mut rx: watch::Receiver<bool>) {
 
 async fn up(a: UpArgs) -> Result<()> {
     init_logging("info");
+    let query_config = a.store.query_config()?;
     let discovery = lumen_control::FileDiscovery::open(&a.file)?;
     let mesh = discovery.current();
     tracing::info!(
@@ -350,7 +387,8 @@ async fn up(a: UpArgs) -> Result<()> {
             "recovered acknowledged rows from the WAL"
         );
     }
-    let engine = QueryEngine::new(collector.store(), a.store.limits());
+    let engine =
+        QueryEngine::new(collector.store(), query_config).context("starting the query executor")?;
     let query = QueryServer::bind(a.store.query_addr, engine).await?;
     let (stop, stop_rx) = watch::channel(false);
     tracing::info!(
@@ -465,7 +503,7 @@ async fn demo(a: DemoArgs) -> Result<()> {
         collector: a.store.collector_config(data_dir.clone(), a.flush_interval),
         rps: a.rps,
         query: a.store.query_addr,
-        query_limits: a.store.limits(),
+        query_config: a.store.query_config()?,
     };
     let running = lumen_demo::start(config)
         .await

@@ -167,45 +167,16 @@ impl MeshConfig {
         };
         let mut services = Vec::new();
         let mut seen: HashMap<(String, String), String> = HashMap::new();
-        let mut docs = 0usize;
-        for (d, doc) in serde_yaml_ng::Deserializer::from_str(text).enumerate() {
-            // Field paths name the document only when the file has several.
-            let prefix = if d == 0 {
-                String::new()
-            } else {
-                format!("document {}: ", d + 1)
-            };
-            let value: serde_yaml_ng::Value = serde_yaml_ng::Value::deserialize(doc)
-                .map_err(|e| err(String::new(), format!("{prefix}invalid YAML: {e}")))?;
-            if value.is_null() {
-                continue; // an empty document, e.g. a trailing `---`
-            }
-            docs += 1;
-            let res: Resource = serde_path_to_error::deserialize(value)
-                .map_err(|e| err(format!("{prefix}{}", e.path()), e.inner().to_string()))?;
-            if res.api_version != API_VERSION {
-                return Err(err(
-                    format!("{prefix}apiVersion"),
-                    format!(
-                        "`{}` is not supported, expected `{API_VERSION}`",
-                        res.api_version
-                    ),
-                ));
-            }
-            if res.kind != "Mesh" {
+        let docs = documents(file, text)?;
+        for doc in &docs {
+            let prefix = &doc.prefix;
+            if doc.kind != "Mesh" {
                 return Err(err(
                     format!("{prefix}kind"),
-                    format!("unknown kind `{}`, expected `Mesh`", res.kind),
+                    format!("unknown kind `{}`, expected `Mesh`", doc.kind),
                 ));
             }
-            if res.metadata.name.trim().is_empty() {
-                return Err(err(
-                    format!("{prefix}metadata.name"),
-                    "must not be empty".into(),
-                ));
-            }
-            let spec: MeshSpec = serde_path_to_error::deserialize(res.spec)
-                .map_err(|e| err(format!("{prefix}spec.{}", e.path()), e.inner().to_string()))?;
+            let spec: MeshSpec = doc.spec(file)?;
             for (i, s) in spec.services.into_iter().enumerate() {
                 let at = format!("{prefix}spec.services[{i}]");
                 let service = validate_service(s, &at).map_err(|(f, r)| err(f, r))?;
@@ -222,7 +193,7 @@ impl MeshConfig {
                 services.push(service);
             }
         }
-        if docs == 0 {
+        if docs.is_empty() {
             return Err(err(String::new(), "no Mesh resource in file".into()));
         }
         Self::from_services(file, services)
@@ -260,6 +231,81 @@ impl MeshConfig {
             _ => Some(i),
         }
     }
+}
+
+/// One resource of a YAML file: its envelope checked, its spec not yet typed.
+#[derive(Debug, Clone)]
+pub struct Document {
+    /// `document N: ` when the file holds several, so field paths say which.
+    pub prefix: String,
+    pub kind: String,
+    pub name: String,
+    spec: serde_yaml_ng::Value,
+}
+
+impl Document {
+    /// The spec as `T`; errors name the field under `spec.`.
+    pub fn spec<T: serde::de::DeserializeOwned>(&self, file: &str) -> Result<T, ConfigError> {
+        // `spec:` left empty means "all defaults", as an empty mapping would.
+        let spec = match &self.spec {
+            serde_yaml_ng::Value::Null => serde_yaml_ng::Value::Mapping(Default::default()),
+            v => v.clone(),
+        };
+        serde_path_to_error::deserialize(spec).map_err(|e| ConfigError {
+            file: file.to_string(),
+            field: format!("{}spec.{}", self.prefix, e.path()),
+            reason: e.inner().to_string(),
+        })
+    }
+}
+
+/// Splits a file into its resources (`---`-separated documents, empty ones
+/// skipped), checking each one's `apiVersion` and `metadata`. Callers match
+/// on `kind` and type the spec with [`Document::spec`].
+pub fn documents(file: &str, text: &str) -> Result<Vec<Document>, ConfigError> {
+    let err = |field: String, reason: String| ConfigError {
+        file: file.to_string(),
+        field,
+        reason,
+    };
+    let mut out = Vec::new();
+    for (d, doc) in serde_yaml_ng::Deserializer::from_str(text).enumerate() {
+        // Field paths name the document only when the file has several.
+        let prefix = if d == 0 {
+            String::new()
+        } else {
+            format!("document {}: ", d + 1)
+        };
+        let value: serde_yaml_ng::Value = serde_yaml_ng::Value::deserialize(doc)
+            .map_err(|e| err(String::new(), format!("{prefix}invalid YAML: {e}")))?;
+        if value.is_null() {
+            continue; // an empty document, e.g. a trailing `---`
+        }
+        let res: Resource = serde_path_to_error::deserialize(value)
+            .map_err(|e| err(format!("{prefix}{}", e.path()), e.inner().to_string()))?;
+        if res.api_version != API_VERSION {
+            return Err(err(
+                format!("{prefix}apiVersion"),
+                format!(
+                    "`{}` is not supported, expected `{API_VERSION}`",
+                    res.api_version
+                ),
+            ));
+        }
+        if res.metadata.name.trim().is_empty() {
+            return Err(err(
+                format!("{prefix}metadata.name"),
+                "must not be empty".into(),
+            ));
+        }
+        out.push(Document {
+            prefix,
+            kind: res.kind,
+            name: res.metadata.name,
+            spec: res.spec,
+        });
+    }
+    Ok(out)
 }
 
 /// Splits `host[:port]` (IPv6 hosts in brackets). `None` when malformed.

@@ -5,7 +5,9 @@
 //!   the OTLP attribute names a request record travels under, and a batch
 //!   builder that turns records into Arrow columns.
 //! - [`config`]: the mesh configuration (YAML in Kubernetes resource form),
-//!   parsed and validated once, with errors naming file, field and reason.
+//!   parsed and validated once, with errors naming file, field and reason;
+//!   [`config::documents`] splits any Lumen YAML file into typed resources.
+//! - [`thread`]: the one scheduling hint background threads share.
 //!
 //! Proxies produce records, the collector turns their OTLP spans back into
 //! rows of the same schema, and the query service reads those rows; all three
@@ -14,6 +16,7 @@
 pub mod config;
 pub mod record;
 pub mod schema;
+pub mod thread;
 
 pub use config::{ConfigError, Endpoint, MeshConfig, Service};
 pub use record::{Protocol, Reporter, RequestRecord, ResponseFlags, Workload};

@@ -18,7 +18,7 @@ use lumen_collector::{Collector, CollectorConfig, Store};
 use lumen_core::config::DEFAULT_NAMESPACE;
 use lumen_core::{Endpoint, MeshConfig, Service, Workload};
 use lumen_proxy::{Proxy, ProxyConfig};
-use lumen_query::{QueryEngine, QueryLimits, QueryServer};
+use lumen_query::{QueryConfig, QueryEngine, QueryServer};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -49,7 +49,7 @@ pub struct DemoConfig {
     /// Requests per second into `productpage`.
     pub rps: f64,
     pub query: SocketAddr,
-    pub query_limits: QueryLimits,
+    pub query_config: QueryConfig,
 }
 
 /// A running demo; [`stop`](RunningDemo::stop) shuts it down in order.
@@ -116,11 +116,9 @@ pub async fn start(config: DemoConfig) -> Result<RunningDemo, DemoError> {
             "the demo needs both OTLP listeners (gRPC for the sidecars, HTTP for apps)".into(),
         ));
     };
-    let query = QueryServer::bind(
-        config.query,
-        QueryEngine::new(store.clone(), config.query_limits),
-    )
-    .await?;
+    let engine = QueryEngine::new(store.clone(), config.query_config)
+        .map_err(|e| DemoError::Setup(format!("cannot start the query executor: {e}")))?;
+    let query = QueryServer::bind(config.query, engine).await?;
     let query_addr = query.local_addr().unwrap_or(config.query);
     let (stop_collector, rx) = watch::channel(false);
     let collector_task = tokio::spawn(collector.run(until(rx)));
@@ -242,9 +240,11 @@ impl RunningDemo {
         self.store.stats()
     }
 
-    /// Stops traffic, then sidecars (which export what they hold), then the
-    /// apps, then the collector (which flushes to Parquet), then queries.
+    /// Stops queries (reads: nothing is lost, and a runaway must not slow
+    /// the rest), traffic, then sidecars (which export what they hold), then
+    /// the apps, then the collector (which flushes to Parquet).
     pub async fn stop(self) -> Result<DemoReport, DemoError> {
+        let _ = self.stop_query.send(true);
         let _ = self.stop_load.send(true);
         let _ = self.load_task.await;
         let _ = self.stop_proxies.send(true);
@@ -259,7 +259,6 @@ impl RunningDemo {
         }
         let _ = self.stop_collector.send(true);
         let collector = self.collector_task.await;
-        let _ = self.stop_query.send(true);
         let _ = self.query_task.await;
         if let Ok(Err(e)) = collector {
             return Err(e.into());

@@ -1,5 +1,14 @@
 //! One DataFusion context over the store, shared by every front end, with
-//! the read-only guard and per-query limits applied in one place.
+//! the read-only guard, admission, limits and cancellation in one place.
+//!
+//! A query's life: it is listed ([`Running::register`]), waits for a turn
+//! ([`Running::admit`]), then plans and executes on the [`QueryExecutor`]
+//! while its front end awaits the answer on the I/O runtime. The time
+//! limit is kept on the I/O runtime, so it fires however busy the query
+//! threads are; a timeout, a cancel, a client that goes away or shutdown
+//! set the query's [`Stop`] flag, which every plan node checks, and abort
+//! its task, so its work ends and its memory is released, not only its
+//! answer.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -9,40 +18,77 @@ use arrow::datatypes::SchemaRef;
 use arrow::record_batch::RecordBatch;
 use datafusion::error::DataFusionError;
 use datafusion::execution::context::SQLOptions;
+use datafusion::execution::memory_pool::{MemoryConsumer, MemoryPool, MemoryReservation};
 use datafusion::execution::runtime_env::RuntimeEnvBuilder;
+use datafusion::physical_plan::execute_stream;
 use datafusion::prelude::{SessionConfig, SessionContext};
 use futures_util::StreamExt;
 use lumen_collector::Store;
 use lumen_core::schema::table_schema;
-use tokio::sync::Semaphore;
 
+use crate::executor::QueryExecutor;
+use crate::guard::{Stop, StopReason, guard};
+use crate::memory::{Exhausted, MemoryBudget, QueryPool};
+use crate::metrics::Outcome;
+use crate::running::{Admission, Entry, QueryInfo, Registered, Running};
 use crate::table::StoreTable;
 
-/// Bounds on one query's resources.
+/// How queries are run and bounded. The defaults fit a 2-core laptop.
 #[derive(Debug, Clone)]
-pub struct QueryLimits {
-    /// Wall-clock limit from parse to last row.
+pub struct QueryConfig {
+    /// Threads of the query executor.
+    pub threads: usize,
+    /// Wall-clock limit of one query, from its turn to its last row.
     pub timeout: Duration,
-    /// Memory the query's operators may hold (sorts, joins, aggregates).
+    /// Memory one query's operators and result may hold.
     pub memory_bytes: usize,
+    /// Memory all running queries may hold together.
+    pub memory_budget_bytes: usize,
     /// Most rows one result may hold; results are materialized before they
     /// are sent, so this and `max_result_bytes` bound what a `SELECT *` takes.
     pub max_result_rows: usize,
     /// Most memory one result may hold (Arrow, before encoding).
     pub max_result_bytes: usize,
-    /// Queries run at once; more wait for a turn within their time limit.
-    /// With the per-query limits this bounds the memory of all queries.
+    /// Queries executing at once.
     pub max_concurrent: usize,
+    /// Queries waiting for a turn; more are refused at once ("busy, retry").
+    pub max_queued: usize,
+    /// Longest wait for a turn; then the query is refused ("busy, retry").
+    pub queue_timeout: Duration,
+    /// Queries taking at least this long are logged.
+    pub slow_query: Duration,
 }
 
-impl Default for QueryLimits {
+impl Default for QueryConfig {
     fn default() -> Self {
-        QueryLimits {
+        QueryConfig {
+            threads: crate::executor::default_threads(),
             timeout: Duration::from_secs(30),
-            memory_bytes: 1 << 30,
+            memory_bytes: 512 << 20,
+            memory_budget_bytes: 1 << 30,
             max_result_rows: 1_000_000,
             max_result_bytes: 256 << 20,
             max_concurrent: 4,
+            max_queued: 16,
+            queue_timeout: Duration::from_secs(10),
+            slow_query: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Why a query got no turn.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Busy {
+    QueueFull { running: usize, queued: usize },
+    QueueTimeout(Duration),
+}
+
+impl Busy {
+    /// What `Retry-After` says: the queue drains as queries finish.
+    pub fn retry_after(&self) -> Duration {
+        match self {
+            Busy::QueueFull { .. } => Duration::from_secs(1),
+            Busy::QueueTimeout(_) => Duration::from_secs(5),
         }
     }
 }
@@ -57,6 +103,8 @@ pub enum QueryError {
     Sql(String),
     #[error("query exceeded the time limit of {0:?}")]
     Timeout(Duration),
+    #[error("{0}")]
+    MemoryLimit(String),
     #[error("the result has more than {0} rows: add a LIMIT, a filter or an aggregate")]
     TooManyRows(usize),
     #[error(
@@ -64,13 +112,50 @@ pub enum QueryError {
         .0 >> 20
     )]
     TooLarge(usize),
+    #[error("query stopped: {0}")]
+    Stopped(StopReason),
+    #[error("{}", busy_message(.0))]
+    Busy(Busy),
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+fn busy_message(b: &Busy) -> String {
+    match b {
+        Busy::QueueFull { running, queued } => format!(
+            "the query service is busy ({running} queries running, {queued} waiting): retry shortly"
+        ),
+        Busy::QueueTimeout(d) => format!(
+            "the query service is busy: no turn within {d:?} (every query slot is taken): retry shortly"
+        ),
+    }
+}
+
+impl QueryError {
+    fn outcome(&self) -> Outcome {
+        match self {
+            QueryError::ReadOnly(_) => Outcome::ReadOnly,
+            QueryError::Sql(_) | QueryError::Internal(_) => Outcome::Error,
+            QueryError::Timeout(_) => Outcome::Timeout,
+            QueryError::MemoryLimit(_) => Outcome::MemoryLimit,
+            QueryError::TooManyRows(_) | QueryError::TooLarge(_) => Outcome::ResultTooLarge,
+            QueryError::Stopped(StopReason::Timeout) => Outcome::Timeout,
+            QueryError::Stopped(StopReason::Cancelled) => Outcome::Cancelled,
+            QueryError::Stopped(StopReason::ClientGone) => Outcome::ClientGone,
+            QueryError::Stopped(StopReason::Shutdown) => Outcome::Shutdown,
+            QueryError::Busy(_) => Outcome::Busy,
+        }
+    }
 }
 
 /// A finished query: its schema (also when no rows came back) and rows.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct QueryResult {
     pub schema: SchemaRef,
     pub batches: Vec<RecordBatch>,
+    /// The result's memory, counted against the query budget until the
+    /// result is dropped (after it is sent).
+    _memory: Option<MemoryReservation>,
 }
 
 impl QueryResult {
@@ -83,82 +168,287 @@ impl QueryResult {
 #[derive(Debug, Clone)]
 pub struct QueryEngine {
     store: Arc<Store>,
-    limits: QueryLimits,
-    running: Arc<Semaphore>,
+    config: Arc<QueryConfig>,
+    executor: Arc<QueryExecutor>,
+    running: Arc<Running>,
 }
 
 impl QueryEngine {
-    pub fn new(store: Arc<Store>, limits: QueryLimits) -> Self {
-        let running = Arc::new(Semaphore::new(limits.max_concurrent.max(1)));
-        QueryEngine {
+    /// Starts the query executor's threads.
+    pub fn new(store: Arc<Store>, config: QueryConfig) -> std::io::Result<Self> {
+        let executor = Arc::new(QueryExecutor::new(config.threads)?);
+        let budget = Arc::new(MemoryBudget::new(config.memory_budget_bytes));
+        let running = Arc::new(Running::new(
+            Admission {
+                max_running: config.max_concurrent.max(1),
+                max_queued: config.max_queued,
+                queue_timeout: config.queue_timeout,
+            },
+            budget,
+            config.slow_query,
+        ));
+        Ok(QueryEngine {
             store,
-            limits,
+            config: Arc::new(config),
+            executor,
             running,
+        })
+    }
+
+    pub fn config(&self) -> &QueryConfig {
+        &self.config
+    }
+
+    /// Queries in flight, oldest first.
+    pub fn queries(&self) -> Vec<QueryInfo> {
+        self.running.list()
+    }
+
+    /// Stops a query by id; false when none such is in flight.
+    pub fn cancel(&self, id: u64) -> bool {
+        self.running.cancel(id)
+    }
+
+    /// Stops every query and refuses new ones: queries are reads, so
+    /// nothing is lost, and shutdown need not wait for them.
+    pub fn shutdown(&self) {
+        self.running.shutdown();
+    }
+
+    /// Queries whose work has not ended yet.
+    pub fn in_flight(&self) -> usize {
+        self.running.in_flight()
+    }
+
+    /// Prometheus text exposition of the query service's metrics.
+    pub fn metrics(&self) -> String {
+        self.running.encode_metrics()
+    }
+
+    /// Runs `sql`; `origin` says who asked, for the running-query list and logs.
+    ///
+    /// Dropping the returned future (the client went away) stops the query.
+    pub async fn execute(&self, sql: &str, origin: &str) -> Result<QueryResult, QueryError> {
+        let registered = match self.running.register(sql, origin) {
+            Ok(r) => r,
+            Err(e) => {
+                self.running.metrics.finished(e.outcome(), 0.0);
+                return Err(e);
+            }
+        };
+        let mut finish = Finish {
+            running: &self.running,
+            entry: registered.entry.clone(),
+            abort: None,
+            done: false,
+        };
+        let result = self.run(registered, &mut finish).await;
+        finish.done(&result);
+        result
+    }
+
+    async fn run(
+        &self,
+        registered: Registered,
+        finish: &mut Finish<'_>,
+    ) -> Result<QueryResult, QueryError> {
+        let entry = registered.entry.clone();
+        let turn = self.running.admit(registered).await?;
+        entry.set_state(crate::running::QueryState::Running);
+        let pool = Arc::new(QueryPool::new(
+            self.config.memory_bytes,
+            self.running.budget.clone(),
+        ));
+        entry.set_pool(pool.clone());
+        let job = Job {
+            store: self.store.clone(),
+            config: self.config.clone(),
+            sql: entry.sql.clone(),
+            stop: entry.stop.clone(),
+            pool,
+        };
+        let mut task = self.executor.spawn(async move {
+            // The turn (and the query's place in the list) is given back
+            // when this future ends or is dropped: when the work has ended.
+            let _turn = turn;
+            job.run().await
+        });
+        finish.abort = Some(task.abort_handle());
+        let result = tokio::select! {
+            joined = &mut task => match joined {
+                Ok(r) => r,
+                Err(e) if e.is_panic() => Err(QueryError::Internal("the query panicked".into())),
+                Err(_) => Err(QueryError::Stopped(entry.stop.reason().unwrap_or(StopReason::ClientGone))),
+            },
+            () = tokio::time::sleep(self.config.timeout) => {
+                entry.stop.stop(StopReason::Timeout);
+                Err(QueryError::Timeout(self.config.timeout))
+            }
+            reason = entry.stop.stopped() => Err(QueryError::Stopped(reason)),
+        };
+        match result {
+            Ok(r) => Ok(r),
+            Err(e) => {
+                // Whatever failed, the work stops: the flag ends it at the
+                // next plan node, the abort at the next yield.
+                task.abort();
+                Err(match entry.stop.reason() {
+                    Some(StopReason::Timeout) => QueryError::Timeout(self.config.timeout),
+                    Some(reason) => QueryError::Stopped(reason),
+                    None => e,
+                })
+            }
         }
     }
+}
 
-    pub fn limits(&self) -> &QueryLimits {
-        &self.limits
+/// Counts a query's outcome exactly once, also when its front end drops
+/// the future because the client went away — and then stops the query.
+struct Finish<'a> {
+    running: &'a Running,
+    entry: Arc<Entry>,
+    abort: Option<tokio::task::AbortHandle>,
+    done: bool,
+}
+
+impl Finish<'_> {
+    fn done(&mut self, result: &Result<QueryResult, QueryError>) {
+        self.done = true;
+        match result {
+            Ok(r) => self
+                .running
+                .finished(&self.entry, Outcome::Ok, Some(r.num_rows()), None),
+            Err(e) => {
+                let message = e.to_string();
+                self.running
+                    .finished(&self.entry, e.outcome(), None, Some(&message));
+            }
+        }
     }
+}
 
+impl Drop for Finish<'_> {
+    fn drop(&mut self) {
+        if self.done {
+            return;
+        }
+        self.entry.stop.stop(StopReason::ClientGone);
+        if let Some(a) = &self.abort {
+            a.abort();
+        }
+        self.running
+            .finished(&self.entry, Outcome::ClientGone, None, None);
+    }
+}
+
+/// What the executor needs to plan and run one query.
+struct Job {
+    store: Arc<Store>,
+    config: Arc<QueryConfig>,
+    sql: String,
+    stop: Arc<Stop>,
+    pool: Arc<QueryPool>,
+}
+
+impl Job {
     /// A context per query: the memory pool is the query's own, and table
     /// providers take their snapshot when the query scans.
     fn context(&self) -> Result<SessionContext, QueryError> {
+        let pool: Arc<dyn MemoryPool> = self.pool.clone();
         let runtime = RuntimeEnvBuilder::new()
-            .with_memory_limit(self.limits.memory_bytes, 1.0)
+            .with_memory_pool(pool)
             .build_arc()
-            .map_err(|e| QueryError::Sql(e.to_string()))?;
+            .map_err(|e| QueryError::Internal(e.to_string()))?;
         let config = SessionConfig::new()
             .with_information_schema(true)
-            .with_default_catalog_and_schema("lumen", "public");
+            .with_default_catalog_and_schema("lumen", "public")
+            .with_target_partitions(self.config.threads);
         let ctx = SessionContext::new_with_config_rt(config, runtime);
         for name in self.store.table_names() {
-            let schema = table_schema(name).expect("every store table has a schema");
+            let Some(schema) = table_schema(name) else {
+                return Err(QueryError::Internal(format!(
+                    "table `{name}` has no schema"
+                )));
+            };
             ctx.register_table(
                 *name,
                 Arc::new(StoreTable::new(self.store.clone(), name, schema)),
             )
-            .map_err(|e| QueryError::Sql(e.to_string()))?;
+            .map_err(|e| QueryError::Internal(e.to_string()))?;
         }
         Ok(ctx)
     }
 
-    pub async fn execute(&self, sql: &str) -> Result<QueryResult, QueryError> {
-        let run = async {
-            // Waiting for a turn counts against the time limit.
-            let _turn = self
-                .running
-                .acquire()
-                .await
-                .map_err(|_| QueryError::Sql("the query service is shutting down".into()))?;
-            let ctx = self.context()?;
-            // DDL (CREATE [EXTERNAL] TABLE, DROP), DML (INSERT, COPY … TO) and
-            // statements (SET, transactions) are refused at planning time.
-            let options = SQLOptions::new()
-                .with_allow_ddl(false)
-                .with_allow_dml(false)
-                .with_allow_statements(false);
-            let df = ctx.sql_with_options(sql, options).await.map_err(classify)?;
-            let schema = Arc::new(df.schema().as_arrow().clone());
-            let mut stream = df.execute_stream().await.map_err(classify)?;
-            let (mut batches, mut rows, mut bytes) = (Vec::new(), 0usize, 0usize);
-            while let Some(batch) = stream.next().await {
-                let batch = batch.map_err(classify)?;
-                rows += batch.num_rows();
-                if rows > self.limits.max_result_rows {
-                    return Err(QueryError::TooManyRows(self.limits.max_result_rows));
-                }
-                bytes += slice_bytes(&batch);
-                if bytes > self.limits.max_result_bytes {
-                    return Err(QueryError::TooLarge(self.limits.max_result_bytes));
-                }
-                batches.push(batch);
-            }
-            Ok(QueryResult { schema, batches })
-        };
-        tokio::time::timeout(self.limits.timeout, run)
+    async fn run(self) -> Result<QueryResult, QueryError> {
+        let ctx = self.context()?;
+        // DDL (CREATE [EXTERNAL] TABLE, DROP), DML (INSERT, COPY … TO) and
+        // statements (SET, transactions) are refused at planning time.
+        let options = SQLOptions::new()
+            .with_allow_ddl(false)
+            .with_allow_dml(false)
+            .with_allow_statements(false);
+        let classify = |e: DataFusionError| self.classify(e);
+        let df = ctx
+            .sql_with_options(&self.sql, options)
             .await
-            .map_err(|_| QueryError::Timeout(self.limits.timeout))?
+            .map_err(classify)?;
+        let schema = Arc::new(df.schema().as_arrow().clone());
+        let plan = df.create_physical_plan().await.map_err(classify)?;
+        let plan = guard(plan, &self.stop).map_err(classify)?;
+        let mut stream = execute_stream(plan, ctx.task_ctx()).map_err(classify)?;
+
+        let pool: Arc<dyn MemoryPool> = self.pool.clone();
+        let memory = MemoryConsumer::new("query result").register(&pool);
+        let (mut batches, mut rows, mut bytes) = (Vec::new(), 0usize, 0usize);
+        while let Some(batch) = stream.next().await {
+            let batch = batch.map_err(classify)?;
+            rows += batch.num_rows();
+            if rows > self.config.max_result_rows {
+                return Err(QueryError::TooManyRows(self.config.max_result_rows));
+            }
+            let size = slice_bytes(&batch);
+            bytes += size;
+            if bytes > self.config.max_result_bytes {
+                return Err(QueryError::TooLarge(self.config.max_result_bytes));
+            }
+            memory.try_grow(size).map_err(classify)?;
+            batches.push(batch);
+        }
+        Ok(QueryResult {
+            schema,
+            batches,
+            _memory: Some(memory),
+        })
+    }
+
+    fn classify(&self, e: DataFusionError) -> QueryError {
+        if matches!(e.find_root(), DataFusionError::ResourcesExhausted(_)) {
+            let detail = e.find_root().message();
+            let config = &self.config;
+            return QueryError::MemoryLimit(match self.pool.exhausted() {
+                Some(Exhausted::Budget) => format!(
+                    "queries running together exceeded the query memory budget of {} MiB; \
+                     retry when fewer queries run ({detail})",
+                    config.memory_budget_bytes >> 20
+                ),
+                _ => format!(
+                    "query exceeded its memory limit of {} MiB: filter earlier, aggregate \
+                     more, or raise the limit ({detail})",
+                    config.memory_bytes >> 20
+                ),
+            });
+        }
+        let msg = e.strip_backtrace();
+        let read_only = [
+            "DDL not supported",
+            "DML not supported",
+            "Statement not supported",
+        ];
+        if read_only.iter().any(|m| msg.contains(m)) {
+            QueryError::ReadOnly(msg)
+        } else {
+            QueryError::Sql(msg)
+        }
     }
 }
 
@@ -177,45 +467,5 @@ fn slice_bytes(batch: &RecordBatch) -> usize {
         .sum()
 }
 
-fn classify(e: DataFusionError) -> QueryError {
-    let msg = e.strip_backtrace();
-    let read_only = [
-        "DDL not supported",
-        "DML not supported",
-        "Statement not supported",
-    ];
-    if read_only.iter().any(|m| msg.contains(m)) {
-        QueryError::ReadOnly(msg)
-    } else {
-        QueryError::Sql(msg)
-    }
-}
-
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn engine(limits: QueryLimits) -> QueryEngine {
-        QueryEngine::new(Arc::new(Store::new()), limits)
-    }
-
-    #[tokio::test]
-    async fn results_past_the_byte_limit_are_refused_with_advice() {
-        let e = engine(QueryLimits {
-            max_result_bytes: 1 << 20,
-            ..QueryLimits::default()
-        });
-        // 8 bytes × 1M rows: 8 MiB.
-        let err = e
-            .execute("SELECT value FROM generate_series(1, 1000000)")
-            .await
-            .unwrap_err();
-        assert!(matches!(err, QueryError::TooLarge(_)), "{err:?}");
-        assert!(err.to_string().contains("more than 1 MiB"), "{err}");
-        let ok = e
-            .execute("SELECT sum(value) AS s FROM generate_series(1, 1000000)")
-            .await
-            .unwrap();
-        assert_eq!(ok.num_rows(), 1);
-    }
-}
+mod tests;

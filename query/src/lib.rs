@@ -2,13 +2,25 @@
 //!
 //! [`engine::QueryEngine`] is one DataFusion context over the store's
 //! tables ([`table::StoreTable`]: hot buffer ∪ Parquet files, pruned by
-//! time), with the read-only guard and per-query limits. Front ends are thin
-//! translations onto it; the first is [`http`] (`POST /api/v1/sql` on port
-//! 9900, answering JSON, CSV or Arrow IPC).
+//! time), with the read-only guard, admission and limits. Every front end
+//! goes through it: a query is listed and admitted ([`running`]), then
+//! planned and executed on the [`executor::QueryExecutor`] — threads of its
+//! own, apart from the I/O runtime that serves ingest and health checks —
+//! with a memory pool per query drawn from one budget ([`memory`]) and a
+//! stop check in every plan node ([`guard`]), so a timeout, a cancel, a
+//! client that leaves or shutdown end its work. The first front end is
+//! [`http`] on port 9900: `POST /api/v1/sql` (JSON, CSV or Arrow IPC),
+//! `GET /api/v1/queries`, `DELETE /api/v1/queries/{id}`, `/metrics`.
 
 pub mod engine;
+pub mod executor;
 pub mod format;
+pub mod guard;
 pub mod http;
+pub mod memory;
+pub mod metrics;
+pub mod running;
+pub mod settings;
 pub mod table;
 
 use std::future::Future;
@@ -16,10 +28,12 @@ use std::net::SocketAddr;
 
 use tokio::net::TcpListener;
 
-pub use engine::{QueryEngine, QueryError, QueryLimits, QueryResult};
+pub use engine::{QueryConfig, QueryEngine, QueryError, QueryResult};
+pub use settings::QuerySettings;
 
-/// How long shutdown waits for running queries and open connections.
-pub const DRAIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// How long shutdown waits for answers in progress and open connections.
+/// Running queries are stopped at once, so answers go out quickly.
+pub const DRAIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
@@ -50,20 +64,22 @@ impl QueryServer {
         self.listener.local_addr().ok()
     }
 
-    /// Serves until `shutdown` resolves, letting running queries finish.
+    /// Serves until `shutdown` resolves; then stops every running query
+    /// (they are reads: nothing is lost) and closes connections.
     pub async fn run(
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), ServeError> {
         let (stopping_tx, mut stopping) = tokio::sync::watch::channel(false);
-        let serve = axum::serve(self.listener, http::router(self.engine)).with_graceful_shutdown(
-            async move {
-                shutdown.await;
-                let _ = stopping_tx.send(true);
-            },
-        );
-        // Running queries get DRAIN_TIMEOUT to finish; a client that keeps
-        // an idle HTTP/2 connection open must not hold shutdown forever.
+        let engine = self.engine.clone();
+        let app = http::router(self.engine).into_make_service_with_connect_info::<SocketAddr>();
+        let serve = axum::serve(self.listener, app).with_graceful_shutdown(async move {
+            shutdown.await;
+            engine.shutdown();
+            let _ = stopping_tx.send(true);
+        });
+        // A client that keeps an idle HTTP/2 connection open must not hold
+        // shutdown forever.
         let deadline = async move {
             let _ = stopping.wait_for(|s| *s).await;
             tokio::time::sleep(DRAIN_TIMEOUT).await;

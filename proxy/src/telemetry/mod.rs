@@ -86,7 +86,10 @@ impl Telemetry {
         let task = std::thread::Builder::new()
             .name("lumen-telemetry".into())
             .spawn(move || {
-                yield_to_requests();
+                // An export burst must not delay requests: when the machine
+                // is busy, export catches up after them (and if it falls too
+                // far behind, the bounded queue drops records and counts them).
+                lumen_core::thread::lower_priority();
                 runtime.block_on(exporter.run(rx, shutdown))
             })
             .map_err(|e| crate::ProxyError::Telemetry(format!("exporter thread: {e}")))?;
@@ -111,22 +114,5 @@ impl Telemetry {
 
     pub fn metrics(&self) -> &Arc<Metrics> {
         &self.metrics
-    }
-}
-
-/// Lowers the calling thread's scheduling priority (nice 10), so that when
-/// the machine is busy the request path runs first and export catches up
-/// after: an export burst must not delay requests. If export then falls too
-/// far behind, the bounded queue drops records and counts them.
-fn yield_to_requests() {
-    #[cfg(target_os = "linux")]
-    {
-        // SAFETY: gettid and setpriority take no pointers; on Linux
-        // PRIO_PROCESS with a thread id sets that thread's nice value only.
-        // Failing leaves the thread at the default priority, which is fine.
-        unsafe {
-            let tid = libc::gettid();
-            libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, 10);
-        }
     }
 }
