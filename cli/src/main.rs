@@ -73,10 +73,13 @@ struct StoreArgs {
     /// resource (see README); the --query-* flags override it.
     #[arg(long = "query-config", value_name = "FILE")]
     query_config: Option<PathBuf>,
-    /// Threads that execute queries, apart from those serving ingest
-    /// [default: half the cores, at least 1].
+    /// Threads that execute queries, apart from those serving ingest; they
+    /// run at a lower priority [default: --query-concurrency].
     #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
     query_threads: Option<u16>,
+    /// Cores one query may keep busy [default: half the cores, at least 1].
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
+    query_parallelism: Option<u16>,
     /// Time limit of one query, from its turn to its last row [default: 30s].
     #[arg(long, value_parser = parse_duration)]
     query_timeout: Option<Duration>,
@@ -101,6 +104,13 @@ struct StoreArgs {
     /// Longest wait for a turn; then 503 with Retry-After [default: 10s].
     #[arg(long, value_parser = parse_duration)]
     query_queue_timeout: Option<Duration>,
+    /// Disk one query may spill sorts and aggregations to, in MiB; 0 turns
+    /// spilling off [default: 2048].
+    #[arg(long)]
+    query_spill_mib: Option<u64>,
+    /// Where queries spill [default: <data-dir>/query-spill].
+    #[arg(long, value_name = "DIR")]
+    query_spill_dir: Option<PathBuf>,
     /// Log queries that take at least this long [default: 5s].
     #[arg(long, value_parser = parse_duration)]
     query_slow: Option<Duration>,
@@ -129,7 +139,7 @@ impl StoreArgs {
     }
 
     /// Query settings: defaults, then the --query-config file, then flags.
-    fn query_config(&self) -> Result<QueryConfig> {
+    fn query_config(&self, data_dir: &std::path::Path) -> Result<QueryConfig> {
         let file = match &self.query_config {
             Some(path) => QuerySettings::load(path)?,
             None => QuerySettings::default(),
@@ -137,6 +147,7 @@ impl StoreArgs {
         let mib = |v: Option<u32>| v.map(|m| m as usize);
         let flags = QuerySettings {
             threads: self.query_threads.map(usize::from),
+            parallelism: self.query_parallelism.map(usize::from),
             timeout: self.query_timeout,
             memory_mib: mib(self.query_memory_mib),
             memory_budget_mib: mib(self.query_memory_budget_mib),
@@ -146,8 +157,14 @@ impl StoreArgs {
             max_rows: self.query_max_rows,
             max_result_mib: mib(self.query_max_result_mib),
             slow_query: self.query_slow,
+            spill_mib: self.query_spill_mib,
+            spill_dir: self.query_spill_dir.clone(),
         };
-        let settings = flags.or(file);
+        let defaults = QuerySettings {
+            spill_dir: Some(data_dir.join("query-spill")),
+            ..QuerySettings::default()
+        };
+        let settings = flags.or(file).or(defaults);
         if let Err((field, reason)) = settings.validate() {
             bail!("query settings: {field}: {reason}");
         }
@@ -367,7 +384,7 @@ async fn until(mut rx: watch::Receiver<bool>) {
 
 async fn up(a: UpArgs) -> Result<()> {
     init_logging("info");
-    let query_config = a.store.query_config()?;
+    let query_config = a.store.query_config(&a.data_dir)?;
     let discovery = lumen_control::FileDiscovery::open(&a.file)?;
     let mesh = discovery.current();
     tracing::info!(
@@ -503,7 +520,7 @@ async fn demo(a: DemoArgs) -> Result<()> {
         collector: a.store.collector_config(data_dir.clone(), a.flush_interval),
         rps: a.rps,
         query: a.store.query_addr,
-        query_config: a.store.query_config()?,
+        query_config: a.store.query_config(&data_dir)?,
     };
     let running = lumen_demo::start(config)
         .await

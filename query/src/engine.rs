@@ -10,6 +10,7 @@
 //! its task, so its work ends and its memory is released, not only its
 //! answer.
 
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -18,6 +19,7 @@ use arrow::datatypes::SchemaRef;
 use arrow::record_batch::RecordBatch;
 use datafusion::error::DataFusionError;
 use datafusion::execution::context::SQLOptions;
+use datafusion::execution::disk_manager::{DiskManagerBuilder, DiskManagerMode};
 use datafusion::execution::memory_pool::{MemoryConsumer, MemoryPool, MemoryReservation};
 use datafusion::execution::runtime_env::RuntimeEnvBuilder;
 use datafusion::physical_plan::execute_stream;
@@ -36,8 +38,13 @@ use crate::table::StoreTable;
 /// How queries are run and bounded. The defaults fit a 2-core laptop.
 #[derive(Debug, Clone)]
 pub struct QueryConfig {
-    /// Threads of the query executor.
+    /// Threads of the query executor. One per concurrent query keeps the
+    /// others answering while one is stuck in a long computation; they run
+    /// at a lower priority, so ingest and health checks still come first.
     pub threads: usize,
+    /// Partitions one query is split into (DataFusion's `target_partitions`):
+    /// how many cores a single query may keep busy.
+    pub parallelism: usize,
     /// Wall-clock limit of one query, from its turn to its last row.
     pub timeout: Duration,
     /// Memory one query's operators and result may hold.
@@ -57,12 +64,19 @@ pub struct QueryConfig {
     pub queue_timeout: Duration,
     /// Queries taking at least this long are logged.
     pub slow_query: Duration,
+    /// Where sorts and aggregations spill past their memory limit; `None`
+    /// for the system's temporary directory.
+    pub spill_dir: Option<PathBuf>,
+    /// Disk one query may spill to; 0 turns spilling off, so operators past
+    /// their memory limit fail instead.
+    pub spill_bytes: u64,
 }
 
 impl Default for QueryConfig {
     fn default() -> Self {
         QueryConfig {
-            threads: crate::executor::default_threads(),
+            threads: 4,
+            parallelism: crate::executor::default_parallelism(),
             timeout: Duration::from_secs(30),
             memory_bytes: 512 << 20,
             memory_budget_bytes: 1 << 30,
@@ -72,6 +86,8 @@ impl Default for QueryConfig {
             max_queued: 16,
             queue_timeout: Duration::from_secs(10),
             slow_query: Duration::from_secs(5),
+            spill_dir: None,
+            spill_bytes: 2 << 30,
         }
     }
 }
@@ -176,6 +192,13 @@ pub struct QueryEngine {
 impl QueryEngine {
     /// Starts the query executor's threads.
     pub fn new(store: Arc<Store>, config: QueryConfig) -> std::io::Result<Self> {
+        if let Some(dir) = &config.spill_dir {
+            // Spill files outlive nothing: whatever a crash left is garbage.
+            if dir.exists() {
+                std::fs::remove_dir_all(dir)?;
+            }
+            std::fs::create_dir_all(dir)?;
+        }
         let executor = Arc::new(QueryExecutor::new(config.threads)?);
         let budget = Arc::new(MemoryBudget::new(config.memory_budget_bytes));
         let running = Arc::new(Running::new(
@@ -355,14 +378,24 @@ impl Job {
     /// providers take their snapshot when the query scans.
     fn context(&self) -> Result<SessionContext, QueryError> {
         let pool: Arc<dyn MemoryPool> = self.pool.clone();
+        let spill = match (&self.config.spill_dir, self.config.spill_bytes) {
+            (_, 0) => DiskManagerMode::Disabled,
+            (Some(dir), _) => DiskManagerMode::Directories(vec![dir.clone()]),
+            (None, _) => DiskManagerMode::OsTmpDirectory,
+        };
         let runtime = RuntimeEnvBuilder::new()
             .with_memory_pool(pool)
+            .with_disk_manager_builder(
+                DiskManagerBuilder::default()
+                    .with_mode(spill)
+                    .with_max_temp_directory_size(self.config.spill_bytes),
+            )
             .build_arc()
             .map_err(|e| QueryError::Internal(e.to_string()))?;
         let config = SessionConfig::new()
             .with_information_schema(true)
             .with_default_catalog_and_schema("lumen", "public")
-            .with_target_partitions(self.config.threads);
+            .with_target_partitions(self.config.parallelism.max(1));
         let ctx = SessionContext::new_with_config_rt(config, runtime);
         for name in self.store.table_names() {
             let Some(schema) = table_schema(name) else {
@@ -422,9 +455,18 @@ impl Job {
     }
 
     fn classify(&self, e: DataFusionError) -> QueryError {
+        let config = &self.config;
+        let msg = e.strip_backtrace();
+        // The spill writer reports this through an I/O error, as text.
+        if msg.contains("spilling process has exceeded") {
+            return QueryError::MemoryLimit(format!(
+                "query spilled more than its limit of {} MiB to disk: filter earlier, \
+                 aggregate more, or raise the limit",
+                config.spill_bytes >> 20
+            ));
+        }
         if matches!(e.find_root(), DataFusionError::ResourcesExhausted(_)) {
             let detail = e.find_root().message();
-            let config = &self.config;
             return QueryError::MemoryLimit(match self.pool.exhausted() {
                 Some(Exhausted::Budget) => format!(
                     "queries running together exceeded the query memory budget of {} MiB; \
@@ -438,7 +480,6 @@ impl Job {
                 ),
             });
         }
-        let msg = e.strip_backtrace();
         let read_only = [
             "DDL not supported",
             "DML not supported",

@@ -66,8 +66,9 @@ impl Drop for QueryExecutor {
     }
 }
 
-/// Half the machine's cores, at least one: the rest stay free for ingest.
-pub fn default_threads() -> usize {
+/// Half the machine's cores, at least one: a single query leaves the rest
+/// to ingest and to other queries.
+pub fn default_parallelism() -> usize {
     std::thread::available_parallelism()
         .map(|n| n.get() / 2)
         .unwrap_or(1)

@@ -6,7 +6,8 @@
 //! metadata:
 //!   name: default
 //! spec:
-//!   threads: 1              # query executor threads
+//!   threads: 4              # query executor threads [default: concurrency]
+//!   parallelism: 1          # cores one query may use [default: half the cores]
 //!   timeout: 30s            # per query, from its turn to its last row
 //!   memoryMiB: 512          # per query: operators and result
 //!   memoryBudgetMiB: 1024   # all running queries together
@@ -16,11 +17,13 @@
 //!   maxRows: 1000000        # rows in one result
 //!   maxResultMiB: 256       # memory of one result
 //!   slowQuery: 5s           # log queries at least this slow
+//!   spillMiB: 2048          # disk one query may spill to; 0: no spilling
+//!   spillDir: /var/tmp/x    # [default: <data-dir>/query-spill]
 //! ```
 //!
 //! Every field is optional; command-line flags override the file.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use lumen_core::ConfigError;
@@ -37,6 +40,7 @@ pub const KIND: &str = "QueryService";
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct QuerySettings {
     pub threads: Option<usize>,
+    pub parallelism: Option<usize>,
     #[serde(default, deserialize_with = "duration")]
     pub timeout: Option<Duration>,
     #[serde(rename = "memoryMiB")]
@@ -52,6 +56,9 @@ pub struct QuerySettings {
     pub max_result_mib: Option<usize>,
     #[serde(default, deserialize_with = "duration")]
     pub slow_query: Option<Duration>,
+    #[serde(rename = "spillMiB")]
+    pub spill_mib: Option<u64>,
+    pub spill_dir: Option<PathBuf>,
 }
 
 fn duration<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
@@ -119,6 +126,7 @@ impl QuerySettings {
     pub fn validate(&self) -> Result<(), (String, String)> {
         let positive = [
             ("threads", self.threads),
+            ("parallelism", self.parallelism),
             ("memoryMiB", self.memory_mib),
             ("memoryBudgetMiB", self.memory_budget_mib),
             ("concurrency", self.concurrency),
@@ -153,6 +161,7 @@ impl QuerySettings {
     pub fn or(self, base: QuerySettings) -> QuerySettings {
         QuerySettings {
             threads: self.threads.or(base.threads),
+            parallelism: self.parallelism.or(base.parallelism),
             timeout: self.timeout.or(base.timeout),
             memory_mib: self.memory_mib.or(base.memory_mib),
             memory_budget_mib: self.memory_budget_mib.or(base.memory_budget_mib),
@@ -162,6 +171,8 @@ impl QuerySettings {
             max_rows: self.max_rows.or(base.max_rows),
             max_result_mib: self.max_result_mib.or(base.max_result_mib),
             slow_query: self.slow_query.or(base.slow_query),
+            spill_mib: self.spill_mib.or(base.spill_mib),
+            spill_dir: self.spill_dir.or(base.spill_dir),
         }
     }
 
@@ -171,8 +182,10 @@ impl QuerySettings {
         let mib =
             |v: Option<usize>, default: usize| v.map_or(default, |m| m.saturating_mul(1 << 20));
         let memory_bytes = mib(self.memory_mib, d.memory_bytes);
+        let max_concurrent = self.concurrency.unwrap_or(d.max_concurrent);
         QueryConfig {
-            threads: self.threads.unwrap_or(d.threads),
+            threads: self.threads.unwrap_or(max_concurrent),
+            parallelism: self.parallelism.unwrap_or(d.parallelism),
             timeout: self.timeout.unwrap_or(d.timeout),
             memory_bytes,
             // A per-query limit above the default budget raises the budget
@@ -183,10 +196,14 @@ impl QuerySettings {
             ),
             max_result_rows: self.max_rows.unwrap_or(d.max_result_rows),
             max_result_bytes: mib(self.max_result_mib, d.max_result_bytes),
-            max_concurrent: self.concurrency.unwrap_or(d.max_concurrent),
+            max_concurrent,
             max_queued: self.queue.unwrap_or(d.max_queued),
             queue_timeout: self.queue_timeout.unwrap_or(d.queue_timeout),
             slow_query: self.slow_query.unwrap_or(d.slow_query),
+            spill_dir: self.spill_dir.clone().or(d.spill_dir),
+            spill_bytes: self
+                .spill_mib
+                .map_or(d.spill_bytes, |m| m.saturating_mul(1 << 20)),
         }
     }
 }

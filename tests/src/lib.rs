@@ -10,6 +10,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
+pub mod otlp;
+pub mod procfs;
 pub mod upstream;
 
 /// The `lumen` binary built beside this test (`target/<profile>/lumen`).
@@ -134,27 +136,34 @@ impl LumenProcess {
 
     /// SIGTERM, then waits for a clean exit; returns the exit status code.
     pub fn terminate(&mut self) -> Result<i32> {
+        Ok(self.stop_with("TERM", Duration::from_secs(60))?.0)
+    }
+
+    /// Sends `signal` (e.g. `INT`) and waits up to `within` for the process
+    /// to exit; returns its exit code and how long it took.
+    pub fn stop_with(&mut self, signal: &str, within: Duration) -> Result<(i32, Duration)> {
         let Some(mut child) = self.child.take() else {
             bail!("{} already stopped", self.name);
         };
+        let sent = Instant::now();
         // The shell's builtin `kill`: no procps needed on a bare machine.
         Command::new("sh")
-            .args(["-c", &format!("kill -TERM {}", child.id())])
+            .args(["-c", &format!("kill -{signal} {}", child.id())])
             .status()?;
-        let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             if let Some(status) = child.try_wait()? {
-                return Ok(status.code().unwrap_or(-1));
+                return Ok((status.code().unwrap_or(-1), sent.elapsed()));
             }
-            if Instant::now() > deadline {
+            if sent.elapsed() > within {
                 let _ = child.kill();
+                let _ = child.wait();
                 bail!(
-                    "{} did not stop within 60s of SIGTERM:\n{}",
+                    "{} did not stop within {within:?} of SIG{signal}:\n{}",
                     self.name,
                     self.logs()
                 );
             }
-            std::thread::sleep(Duration::from_millis(50));
+            std::thread::sleep(Duration::from_millis(20));
         }
     }
 

@@ -3,89 +3,12 @@
 //! the OpenTelemetry SDK's spans land in `spans`, DuckDB reads its files.
 
 use std::path::Path;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::Result;
+use lumen_tests::otlp::export;
 use lumen_tests::{UpPorts, run_python, sql_count, start_up, write_mesh};
-use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_client::TraceServiceClient;
-use opentelemetry_proto::tonic::common::v1::{AnyValue, InstrumentationScope, KeyValue, any_value};
-use opentelemetry_proto::tonic::resource::v1::Resource;
-use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans, Span};
 use prost::Message;
-
-fn kv(key: &str, v: any_value::Value) -> KeyValue {
-    KeyValue {
-        key: key.into(),
-        value: Some(AnyValue { value: Some(v) }),
-        ..Default::default()
-    }
-}
-
-fn s(v: &str) -> any_value::Value {
-    any_value::Value::StringValue(v.into())
-}
-
-fn span(name: &str, attrs: Vec<KeyValue>) -> Span {
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_nanos() as u64;
-    Span {
-        trace_id: rand::random::<[u8; 16]>().to_vec(),
-        span_id: rand::random::<[u8; 8]>().to_vec(),
-        name: name.into(),
-        kind: 2,
-        start_time_unix_nano: now,
-        end_time_unix_nano: now + 1_500_000,
-        attributes: attrs,
-        ..Default::default()
-    }
-}
-
-/// `app_spans` spans of an app's SDK plus `proxy_spans` spans as a Lumen proxy sends them.
-fn export(service: &str, app_spans: usize, proxy_spans: usize) -> ExportTraceServiceRequest {
-    let scope = |name: &str, spans: Vec<Span>| ScopeSpans {
-        scope: Some(InstrumentationScope {
-            name: name.into(),
-            ..Default::default()
-        }),
-        spans,
-        ..Default::default()
-    };
-    let app: Vec<Span> = (0..app_spans)
-        .map(|i| {
-            span(
-                &format!("op-{i}"),
-                vec![kv("i", any_value::Value::IntValue(i as i64))],
-            )
-        })
-        .collect();
-    let proxy: Vec<Span> = (0..proxy_spans)
-        .map(|_| {
-            span(
-                "GET reviews",
-                vec![
-                    kv("lumen.reporter", s("destination")),
-                    kv("lumen.destination.service", s("reviews")),
-                    kv("http.request.method", s("GET")),
-                    kv("url.path", s("/reviews/1")),
-                    kv("http.response.status_code", any_value::Value::IntValue(200)),
-                ],
-            )
-        })
-        .collect();
-    ExportTraceServiceRequest {
-        resource_spans: vec![ResourceSpans {
-            resource: Some(Resource {
-                attributes: vec![kv("service.name", s(service))],
-                ..Default::default()
-            }),
-            scope_spans: vec![scope("test-app", app), scope("lumen-proxy", proxy)],
-            ..Default::default()
-        }],
-    }
-}
 
 fn mesh(dir: &Path) -> Result<std::path::PathBuf> {
     let path = dir.join("mesh.yaml");

@@ -75,7 +75,7 @@ async fn sql_api_answers_json_csv_arrow_and_refuses_writes() -> Result<()> {
         "text/csv",
     )
     .await?;
-    assert_eq!(r.status(), 400);
+    assert_eq!(r.status(), 422);
     assert!(r.text().await?.contains("more than 5 rows"));
 
     let copied = dir.path().join("copied.csv");
@@ -152,7 +152,8 @@ async fn queries_past_the_time_or_memory_limit_fail_and_the_server_keeps_serving
     // Summing ten trillion generated rows takes hours, in little memory.
     let (status, message, body) =
         error_of("SELECT sum(value % 7) AS s FROM generate_series(1, 10000000000000)").await?;
-    assert_eq!(status, 400, "{body}");
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["errorType"], "timeout", "{body}");
     assert!(message.contains("time limit of 2s"), "{body}");
 
     // A million-element array and a hash table of 300,000 rows each need
@@ -163,8 +164,8 @@ async fn queries_past_the_time_or_memory_limit_fail_and_the_server_keeps_serving
          JOIN generate_series(1, 300000) b ON a.value = b.value",
     ] {
         let (status, message, body) = error_of(query).await?;
-        assert_eq!(status, 400, "{query}: {body}");
-        assert!(message.contains("Resources exhausted"), "{query}: {body}");
+        assert_eq!(status, 422, "{query}: {body}");
+        assert!(message.contains("memory limit of 1 MiB"), "{query}: {body}");
     }
 
     // The server still answers, and the same queries at a small scale

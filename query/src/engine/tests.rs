@@ -13,7 +13,7 @@ fn engine(config: QueryConfig) -> QueryEngine {
 
 fn config() -> QueryConfig {
     QueryConfig {
-        threads: 2,
+        parallelism: 2,
         ..QueryConfig::default()
     }
 }
