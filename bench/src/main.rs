@@ -2,6 +2,7 @@
 //! users would otherwise run. See bench/README.md.
 
 mod http;
+mod ingest;
 mod load;
 mod peers;
 mod procstat;
@@ -46,6 +47,41 @@ enum Command {
         and writes it to bench/results/latest.md. Defaults take about 2 minutes."
     )]
     Proxy(ProxyArgs),
+    /// Collector ingest rate alone and with a runaway query beside it, in
+    /// one run; reports the ratio.
+    #[command(
+        long_about = "Collector ingest rate alone and beside a runaway query, in one run.\n\n\
+        One `lumen up` (release build); OTLP/gRPC senders export request spans as fast as \
+        they are acknowledged, first alone, then while a three-way self cross join runs \
+        on the query service. Prints a Markdown table with the ratio and writes it to \
+        bench/results/ingest.md. Defaults take about 30 seconds."
+    )]
+    Ingest(IngestArgs),
+}
+
+#[derive(Args)]
+struct IngestArgs {
+    /// Seconds of each phase.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
+    duration: u64,
+    /// Concurrent OTLP senders.
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..))]
+    senders: u32,
+    /// Request spans per export.
+    #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u32).range(1..))]
+    batch: u32,
+    /// Rows stored before the run, which the runaway joins three ways.
+    #[arg(long, default_value_t = 1500)]
+    seed_rows: usize,
+    /// The lumen binary [default: <workspace>/target/release/lumen].
+    #[arg(long)]
+    lumen: Option<PathBuf>,
+    /// Where the Markdown report is written.
+    #[arg(long, default_value_os_t = peers::workspace_root().join("bench/results/ingest.md"))]
+    out: PathBuf,
+    /// Keep the temporary directory (process logs, collector data).
+    #[arg(long)]
+    keep_temp: bool,
 }
 
 #[derive(Args)]
@@ -80,6 +116,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Proxy(a) => proxy(a),
+        Command::Ingest(a) => ingest_bench(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -173,6 +210,30 @@ fn proxy(mut a: ProxyArgs) -> Result<()> {
     }
 
     let text = report::render(&ctx, &rows);
+    println!("\n{text}");
+    if let Some(dir) = a.out.parent() {
+        fs::create_dir_all(dir)?;
+    }
+    fs::write(&a.out, &text).with_context(|| format!("writing {}", a.out.display()))?;
+    eprintln!("wrote {}", a.out.display());
+    if a.keep_temp {
+        eprintln!("kept {}", tmp.path.display());
+    }
+    Ok(())
+}
+
+fn ingest_bench(a: IngestArgs) -> Result<()> {
+    let lumen = peers::lumen_binary(a.lumen.as_deref())?;
+    let tmp = TempDir::create(a.keep_temp)?;
+    let set = ingest::Settings {
+        duration: std::time::Duration::from_secs(a.duration),
+        senders: a.senders as usize,
+        batch: a.batch as usize,
+        seed_rows: a.seed_rows,
+    };
+    let phases = ingest::run(&lumen, &tmp.path, &set)?;
+    let command = std::env::args().collect::<Vec<_>>().join(" ");
+    let text = ingest::render(&command, &machine(), &set, &phases);
     println!("\n{text}");
     if let Some(dir) = a.out.parent() {
         fs::create_dir_all(dir)?;

@@ -339,6 +339,7 @@ pub fn start_collector(
     dir: &Path,
     mesh: &Path,
     ports: &CollectorPorts,
+    extra: &[&str],
 ) -> Result<Proc> {
     let mut cmd = Command::new(lumen);
     cmd.arg("up")
@@ -351,7 +352,8 @@ pub fn start_collector(
         .arg("--otlp-http")
         .arg(local(ports.otlp_http).to_string())
         .arg("--query-addr")
-        .arg(local(ports.query).to_string());
+        .arg(local(ports.query).to_string())
+        .args(extra);
     let mut p = Proc::spawn("lumen up", cmd, dir.join("lumen-up.log"))?;
     p.wait_http_ok(local(ports.query), "/ready")?;
     Ok(p)

@@ -277,7 +277,7 @@ fn start(s: Scenario, set: &Settings, dir: &Path) -> Result<Topology> {
                 query,
             };
             topo.procs
-                .push(peers::start_collector(&set.lumen, dir, &mesh, &cports)?);
+                .push(peers::start_collector(&set.lumen, dir, &mesh, &cports, &[])?);
             topo.query = Some(query);
             topo.collector = Some(topo.procs.len() - 1);
             let sidecar = |service, listener, admin| SidecarOpts {
