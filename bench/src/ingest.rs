@@ -27,6 +27,8 @@ pub struct Settings {
     pub senders: usize,
     pub batch: usize,
     pub seed_rows: usize,
+    /// More flags for `lumen up`.
+    pub up_args: Vec<String>,
 }
 
 /// One phase's numbers.
@@ -53,22 +55,18 @@ pub fn run(lumen: &Path, dir: &Path, set: &Settings) -> Result<Vec<Phase>> {
     let mesh = peers::write_mesh(dir, local(9))?;
     // No flush during the run (it would land in one phase only), and a
     // runaway that outlasts it.
-    let mut up = peers::start_collector(
-        lumen,
-        dir,
-        &mesh,
-        &ports,
-        &[
-            "--flush-interval",
-            "1h",
-            "--flush-rows",
-            "100000000",
-            "--max-hot-mib",
-            "8192",
-            "--query-timeout",
-            "1h",
-        ],
-    )?;
+    let mut args = vec![
+        "--flush-interval",
+        "1h",
+        "--flush-rows",
+        "100000000",
+        "--max-hot-mib",
+        "8192",
+        "--query-timeout",
+        "1h",
+    ];
+    args.extend(set.up_args.iter().map(String::as_str));
+    let mut up = peers::start_collector(lumen, dir, &mesh, &ports, &args)?;
     let clk_tck = procstat::clock_ticks_per_sec();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -83,10 +81,17 @@ pub fn run(lumen: &Path, dir: &Path, set: &Settings) -> Result<Vec<Phase>> {
         let before = procstat::cpu_ticks(up.pid())?;
         let mut p = load(&endpoint, set).await?;
         p.label = "ingest alone";
-        p.lumen_cores = cores(procstat::cpu_ticks(up.pid())? - before, clk_tck, set.duration);
+        p.lumen_cores = cores(
+            procstat::cpu_ticks(up.pid())? - before,
+            clk_tck,
+            set.duration,
+        );
         phases.push(p);
 
-        eprintln!("  ingest beside a runaway query ({} s)", set.duration.as_secs());
+        eprintln!(
+            "  ingest beside a runaway query ({} s)",
+            set.duration.as_secs()
+        );
         let query = format!("http://{}", local(ports.query));
         let http = reqwest::Client::new();
         let runaway = tokio::spawn({
@@ -97,7 +102,11 @@ pub fn run(lumen: &Path, dir: &Path, set: &Settings) -> Result<Vec<Phase>> {
         let before = procstat::cpu_ticks(up.pid())?;
         let mut p = load(&endpoint, set).await?;
         p.label = "ingest beside a runaway query";
-        p.lumen_cores = cores(procstat::cpu_ticks(up.pid())? - before, clk_tck, set.duration);
+        p.lumen_cores = cores(
+            procstat::cpu_ticks(up.pid())? - before,
+            clk_tck,
+            set.duration,
+        );
         p.runaway_running = Some(running_ids(&http, &query).await?.contains(&id));
         http.delete(format!("{query}/api/v1/queries/{id}"))
             .send()
@@ -224,17 +233,27 @@ pub fn render(command: &str, machine: &str, set: &Settings, phases: &[Phase]) ->
     let w = &mut out;
     let _ = writeln!(w, "# Lumen collector ingest beside a runaway query\n");
     let _ = writeln!(w, "- command: `{command}`");
-    let _ = writeln!(w, "- date: {}", chrono::Utc::now().format("%Y-%m-%d %H:%M UTC"));
+    let _ = writeln!(
+        w,
+        "- date: {}",
+        chrono::Utc::now().format("%Y-%m-%d %H:%M UTC")
+    );
     let _ = writeln!(w, "- machine: {machine}");
     let _ = writeln!(
         w,
         "- load: {} OTLP/gRPC senders, {} request spans per export, each sending when the last \
-         is acknowledged, {} s per phase; {} seed rows; runaway: `{RUNAWAY}`\n",
+         is acknowledged, {} s per phase; {} seed rows; runaway: `{RUNAWAY}`",
         set.senders,
         set.batch,
         set.duration.as_secs(),
         set.seed_rows
     );
+    let up_args = if set.up_args.is_empty() {
+        "defaults".to_string()
+    } else {
+        format!("`{}`", set.up_args.join(" "))
+    };
+    let _ = writeln!(w, "- lumen up query settings: {up_args}\n");
     let _ = writeln!(
         w,
         "| phase | spans acked/s | exports | p50 ms | p99 ms | failed | lumen cores |"

@@ -70,6 +70,9 @@ struct IngestArgs {
     /// Request spans per export.
     #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u32).range(1..))]
     batch: u32,
+    /// More flags for `lumen up` (repeat for each), e.g. `--up-arg=--query-threads=1`.
+    #[arg(long = "up-arg", value_name = "FLAG", allow_hyphen_values = true)]
+    up_args: Vec<String>,
     /// Rows stored before the run, which the runaway joins three ways.
     #[arg(long, default_value_t = 1500)]
     seed_rows: usize,
@@ -230,6 +233,7 @@ fn ingest_bench(a: IngestArgs) -> Result<()> {
         senders: a.senders as usize,
         batch: a.batch as usize,
         seed_rows: a.seed_rows,
+        up_args: a.up_args.clone(),
     };
     let phases = ingest::run(&lumen, &tmp.path, &set)?;
     let command = std::env::args().collect::<Vec<_>>().join(" ");

@@ -276,8 +276,13 @@ fn start(s: Scenario, set: &Settings, dir: &Path) -> Result<Topology> {
                 otlp_http,
                 query,
             };
-            topo.procs
-                .push(peers::start_collector(&set.lumen, dir, &mesh, &cports, &[])?);
+            topo.procs.push(peers::start_collector(
+                &set.lumen,
+                dir,
+                &mesh,
+                &cports,
+                &[],
+            )?);
             topo.query = Some(query);
             topo.collector = Some(topo.procs.len() - 1);
             let sidecar = |service, listener, admin| SidecarOpts {

@@ -285,7 +285,7 @@ struct SqlArgs {
 
 #[derive(Args)]
 struct CheckArgs {
-    /// Mesh configuration files to validate.
+    /// Configuration files to validate (kind: Mesh or kind: QueryService).
     #[arg(short = 'f', long = "file", required = true)]
     files: Vec<PathBuf>,
 }
@@ -540,6 +540,9 @@ async fn demo(a: DemoArgs) -> Result<()> {
     println!();
     println!("  SQL API:    POST {}", running.query_url);
     println!(
+        "  Queries:    GET {base}/api/v1/queries (running now; DELETE …/<id> cancels), {base}/metrics"
+    );
+    println!(
         "  OTLP:       grpc://{}  http://{}/v1/traces",
         running.otlp_grpc, running.otlp_http
     );
@@ -690,6 +693,16 @@ async fn sql(a: SqlArgs) -> Result<()> {
 fn check(a: CheckArgs) -> Result<()> {
     let mut failed = 0;
     for file in &a.files {
+        if is_query_settings(file) {
+            match QuerySettings::load(file) {
+                Ok(_) => println!("{}: OK (QueryService settings)", file.display()),
+                Err(e) => {
+                    eprintln!("{e}");
+                    failed += 1;
+                }
+            }
+            continue;
+        }
         match lumen_control::load_file(file) {
             Ok(mesh) => {
                 let endpoints: usize = mesh.services.iter().map(|s| s.endpoints.len()).sum();
@@ -710,4 +723,15 @@ fn check(a: CheckArgs) -> Result<()> {
         bail!("{failed} of {} file(s) invalid", a.files.len());
     }
     Ok(())
+}
+
+/// Whether a file holds a `QueryService` resource rather than a mesh: its
+/// first `kind:` line says. Anything else is checked as a mesh file, whose
+/// errors then name the problem.
+fn is_query_settings(file: &std::path::Path) -> bool {
+    std::fs::read_to_string(file).is_ok_and(|text| {
+        text.lines()
+            .find_map(|l| l.strip_prefix("kind:"))
+            .is_some_and(|k| k.trim() == lumen_query::settings::KIND)
+    })
 }

@@ -31,7 +31,7 @@ impl QueryExecutor {
             .max_blocking_threads(threads * 4)
             .thread_name("lumen-query")
             .on_thread_start(lumen_core::thread::lower_priority)
-            .enable_time()
+            .enable_all()
             .build()?;
         let handle = runtime.handle().clone();
         Ok(QueryExecutor {

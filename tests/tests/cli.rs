@@ -50,3 +50,48 @@ fn every_command_has_help() -> Result<()> {
     }
     Ok(())
 }
+
+#[test]
+fn query_settings_files_are_checked_and_a_bad_one_stops_lumen_up_with_file_field_and_reason()
+-> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let good = dir.path().join("query.yaml");
+    let text = "apiVersion: lumen.dev/v1alpha1\nkind: QueryService\nmetadata:\n  name: q\nspec:\n  timeout: 5s\n  concurrency: 2\n";
+    std::fs::write(&good, text)?;
+    let out = Command::new(lumen_bin())
+        .args(["check", "-f"])
+        .arg(&good)
+        .output()?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8(out.stdout)?.contains("OK (QueryService settings)"));
+
+    let bad = dir.path().join("bad-query.yaml");
+    std::fs::write(&bad, text.replace("5s", "soon"))?;
+    let mesh = dir.path().join("mesh.yaml");
+    lumen_tests::write_mesh(&mesh, &[("reviews", 9080, &[])])?;
+    let want = format!("{}: spec.timeout: `soon` is not a duration", bad.display());
+    let out = Command::new(lumen_bin())
+        .args(["check", "-f"])
+        .arg(&bad)
+        .output()?;
+    assert!(!out.status.success());
+    assert!(String::from_utf8(out.stderr)?.contains(&want));
+    // lumen up refuses to start on it, before binding anything.
+    let out = Command::new(lumen_bin())
+        .arg("up")
+        .arg("-f")
+        .arg(&mesh)
+        .arg("--data-dir")
+        .arg(dir.path().join("data"))
+        .arg("--query-config")
+        .arg(&bad)
+        .output()?;
+    assert!(!out.status.success());
+    let err = String::from_utf8(out.stderr)?;
+    assert!(err.contains(&want), "{err}");
+    Ok(())
+}
