@@ -114,6 +114,10 @@ struct StoreArgs {
     /// Log queries that take at least this long [default: 5s].
     #[arg(long, value_parser = parse_duration)]
     query_slow: Option<Duration>,
+    /// Percent of the query threads' time queries keep while ingest has
+    /// payloads in progress; 100 never steps aside [default: 25].
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=100))]
+    query_ingest_share: Option<u32>,
     /// Rows kept in memory before a flush to Parquet.
     #[arg(long, default_value_t = 1_000_000)]
     flush_rows: usize,
@@ -159,6 +163,7 @@ impl StoreArgs {
             slow_query: self.query_slow,
             spill_mib: self.query_spill_mib,
             spill_dir: self.query_spill_dir.clone(),
+            ingest_share: self.query_ingest_share,
         };
         let defaults = QuerySettings {
             spill_dir: Some(data_dir.join("query-spill")),
@@ -404,6 +409,10 @@ async fn up(a: UpArgs) -> Result<()> {
             "recovered acknowledged rows from the WAL"
         );
     }
+    let query_config = QueryConfig {
+        ingest: collector.ingest_pressure(),
+        ..query_config
+    };
     let engine =
         QueryEngine::new(collector.store(), query_config).context("starting the query executor")?;
     let query = QueryServer::bind(a.store.query_addr, engine).await?;

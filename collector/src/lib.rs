@@ -199,6 +199,12 @@ impl Collector {
         })
     }
 
+    /// Active while ingest has payloads in progress; background work on
+    /// the same cores (queries) steps aside while it is.
+    pub fn ingest_pressure(&self) -> lumen_core::load::Pressure {
+        self.ingest.pressure().clone()
+    }
+
     /// The catalog the query service reads.
     pub fn store(&self) -> Arc<Store> {
         self.store.clone()

@@ -8,12 +8,15 @@
 //!   parsed and validated once, with errors naming file, field and reason;
 //!   [`config::documents`] splits any Lumen YAML file into typed resources.
 //! - [`thread`]: the one scheduling hint background threads share.
+//! - [`load`]: the signal latency-sensitive work gives background work to
+//!   step aside while it runs.
 //!
 //! Proxies produce records, the collector turns their OTLP spans back into
 //! rows of the same schema, and the query service reads those rows; all three
 //! agree on names through this crate.
 
 pub mod config;
+pub mod load;
 pub mod record;
 pub mod schema;
 pub mod thread;

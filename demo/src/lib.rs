@@ -116,7 +116,11 @@ pub async fn start(config: DemoConfig) -> Result<RunningDemo, DemoError> {
             "the demo needs both OTLP listeners (gRPC for the sidecars, HTTP for apps)".into(),
         ));
     };
-    let engine = QueryEngine::new(store.clone(), config.query_config)
+    let query_config = QueryConfig {
+        ingest: collector.ingest_pressure(),
+        ..config.query_config
+    };
+    let engine = QueryEngine::new(store.clone(), query_config)
         .map_err(|e| DemoError::Setup(format!("cannot start the query executor: {e}")))?;
     let query = QueryServer::bind(config.query, engine).await?;
     let query_addr = query.local_addr().unwrap_or(config.query);

@@ -6,9 +6,9 @@
 //! while its front end awaits the answer on the I/O runtime. The time
 //! limit is kept on the I/O runtime, so it fires however busy the query
 //! threads are; a timeout, a cancel, a client that goes away or shutdown
-//! set the query's [`Stop`] flag, which every plan node checks, and abort
-//! its task, so its work ends and its memory is released, not only its
-//! answer.
+//! set the query's [`Stop`](crate::guard::Stop) flag, which every plan node
+//! checks, and abort its task, so its work ends and its memory is released,
+//! not only its answer.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -26,14 +26,16 @@ use datafusion::physical_plan::execute_stream;
 use datafusion::prelude::{SessionConfig, SessionContext};
 use futures_util::StreamExt;
 use lumen_collector::Store;
+use lumen_core::load::Pressure;
 use lumen_core::schema::table_schema;
 
 use crate::executor::QueryExecutor;
-use crate::guard::{Stop, StopReason, guard};
+use crate::guard::{Leash, StopReason, guard};
 use crate::memory::{Exhausted, MemoryBudget, QueryPool};
 use crate::metrics::Outcome;
 use crate::running::{Admission, Entry, QueryInfo, Registered, Running};
 use crate::table::StoreTable;
+use crate::throttle::Throttle;
 
 /// How queries are run and bounded. The defaults fit a 2-core laptop.
 #[derive(Debug, Clone)]
@@ -70,6 +72,13 @@ pub struct QueryConfig {
     /// Disk one query may spill to; 0 turns spilling off, so operators past
     /// their memory limit fail instead.
     pub spill_bytes: u64,
+    /// Active while ingest has payloads in progress (the collector's
+    /// [`Pressure`]); query threads then keep only `ingest_share` percent
+    /// of their time.
+    pub ingest: Pressure,
+    /// Percent of each query thread's time queries keep while ingest is
+    /// busy; 100 never steps aside.
+    pub ingest_share: u32,
 }
 
 impl Default for QueryConfig {
@@ -88,6 +97,8 @@ impl Default for QueryConfig {
             slow_query: Duration::from_secs(5),
             spill_dir: None,
             spill_bytes: 2 << 30,
+            ingest: Pressure::new(),
+            ingest_share: 25,
         }
     }
 }
@@ -187,6 +198,7 @@ pub struct QueryEngine {
     config: Arc<QueryConfig>,
     executor: Arc<QueryExecutor>,
     running: Arc<Running>,
+    throttle: Option<Throttle>,
 }
 
 impl QueryEngine {
@@ -210,11 +222,17 @@ impl QueryEngine {
             budget,
             config.slow_query,
         ));
+        let throttle = Throttle::new(
+            config.ingest.clone(),
+            config.ingest_share,
+            running.metrics.ingest_pause.clone(),
+        );
         Ok(QueryEngine {
             store,
             config: Arc::new(config),
             executor,
             running,
+            throttle,
         })
     }
 
@@ -287,7 +305,10 @@ impl QueryEngine {
             store: self.store.clone(),
             config: self.config.clone(),
             sql: entry.sql.clone(),
-            stop: entry.stop.clone(),
+            leash: Leash {
+                stop: entry.stop.clone(),
+                throttle: self.throttle.clone(),
+            },
             pool,
         };
         let mut task = self.executor.spawn(async move {
@@ -369,7 +390,7 @@ struct Job {
     store: Arc<Store>,
     config: Arc<QueryConfig>,
     sql: String,
-    stop: Arc<Stop>,
+    leash: Leash,
     pool: Arc<QueryPool>,
 }
 
@@ -427,7 +448,7 @@ impl Job {
             .map_err(classify)?;
         let schema = Arc::new(df.schema().as_arrow().clone());
         let plan = df.create_physical_plan().await.map_err(classify)?;
-        let plan = guard(plan, &self.stop).map_err(classify)?;
+        let plan = guard(plan, &self.leash).map_err(classify)?;
         let mut stream = execute_stream(plan, ctx.task_ctx()).map_err(classify)?;
 
         let pool: Arc<dyn MemoryPool> = self.pool.clone();

@@ -4,13 +4,16 @@
 //! runtime that serves OTLP ingest, the WAL, the HTTP front ends and health
 //! checks, one heavy query would starve all of them (and the timers meant
 //! to stop it). Queries therefore run on this separate runtime, whose
-//! threads also run at a lower priority, so that on a small machine ingest
-//! and health checks get the CPU first. Front ends only await results.
+//! threads also run at a lower priority and pause while ingest is busy (see
+//! [`crate::throttle`]), so that on a small machine ingest and health checks
+//! get the CPU first. Front ends only await results.
 
 use std::future::Future;
 
 use tokio::runtime::{Handle, Runtime};
 use tokio::task::JoinHandle;
+
+use crate::throttle::Throttle;
 
 /// A dedicated multi-threaded tokio runtime for query execution.
 #[derive(Debug)]
@@ -31,6 +34,8 @@ impl QueryExecutor {
             .max_blocking_threads(threads * 4)
             .thread_name("lumen-query")
             .on_thread_start(lumen_core::thread::lower_priority)
+            .on_thread_park(Throttle::parked)
+            .on_thread_unpark(Throttle::unparked)
             .enable_all()
             .build()?;
         let handle = runtime.handle().clone();

@@ -9,8 +9,11 @@
 //! DataFusion's own cooperative yielding only covers sources and exchanges;
 //! an operator that keeps producing from memory (cross and nested-loop
 //! joins, sort and window output) would otherwise run to the end unchecked.
+//! The same poll is where a query thread pauses while ingest is busy (see
+//! [`crate::throttle`]).
 
 use std::fmt;
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, Ordering};
@@ -29,6 +32,9 @@ use datafusion::physical_plan::execution_plan::{
 use datafusion::physical_plan::{DisplayAs, DisplayFormatType, ExecutionPlan, PlanProperties};
 use futures_util::{Stream, StreamExt};
 use tokio::sync::Notify;
+use tokio::time::Sleep;
+
+use crate::throttle::Throttle;
 
 /// Why a query was stopped before it finished.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -117,43 +123,50 @@ impl Stop {
     }
 }
 
-/// Wraps every node of `plan` in a [`GuardExec`] checking `stop`.
+/// What every plan node of one query checks on each poll.
+#[derive(Debug, Clone)]
+pub struct Leash {
+    pub stop: Arc<Stop>,
+    pub throttle: Option<Throttle>,
+}
+
+/// Wraps every node of `plan` in a [`GuardExec`] holding `leash`.
 ///
 /// `EXPLAIN ANALYZE` keeps its plan unwrapped so that its output shows the
 /// query's own operators; only its root is guarded, and DataFusion's own
 /// yield points still let the executor abort it.
-pub fn guard(plan: Arc<dyn ExecutionPlan>, stop: &Arc<Stop>) -> Result<Arc<dyn ExecutionPlan>> {
+pub fn guard(plan: Arc<dyn ExecutionPlan>, leash: &Leash) -> Result<Arc<dyn ExecutionPlan>> {
     if plan.is::<AnalyzeExec>() {
-        return Ok(Arc::new(GuardExec::new(plan, stop.clone())));
+        return Ok(Arc::new(GuardExec::new(plan, leash.clone())));
     }
     let children = plan
         .children()
         .into_iter()
-        .map(|c| guard(c.clone(), stop))
+        .map(|c| guard(c.clone(), leash))
         .collect::<Result<Vec<_>>>()?;
     let plan = if children.is_empty() {
         plan
     } else {
         replace_children_if_necessary(plan, children)?
     };
-    Ok(Arc::new(GuardExec::new(plan, stop.clone())))
+    Ok(Arc::new(GuardExec::new(plan, leash.clone())))
 }
 
-/// A pass-through node: same output, same properties, with a stop check
-/// and a cooperative yield point on every poll.
+/// A pass-through node: same output, same properties, with a stop check,
+/// a cooperative yield point and the ingest throttle on every poll.
 #[derive(Debug)]
 pub struct GuardExec {
     input: Arc<dyn ExecutionPlan>,
-    stop: Arc<Stop>,
+    leash: Leash,
     properties: Arc<PlanProperties>,
 }
 
 impl GuardExec {
-    pub fn new(input: Arc<dyn ExecutionPlan>, stop: Arc<Stop>) -> Self {
+    pub fn new(input: Arc<dyn ExecutionPlan>, leash: Leash) -> Self {
         let properties = input.properties().clone();
         GuardExec {
             input,
-            stop,
+            leash,
             properties,
         }
     }
@@ -207,7 +220,7 @@ impl ExecutionPlan for GuardExec {
         }
         Ok(Arc::new(GuardExec::new(
             children.swap_remove(0),
-            self.stop.clone(),
+            self.leash.clone(),
         )))
     }
 
@@ -227,28 +240,47 @@ impl ExecutionPlan for GuardExec {
         partition: usize,
         context: Arc<TaskContext>,
     ) -> Result<SendableRecordBatchStream> {
-        if let Some(e) = self.stop.error() {
+        if let Some(e) = self.leash.stop.error() {
             return Err(e);
         }
         Ok(Box::pin(GuardStream {
             inner: self.input.execute(partition, context)?,
-            stop: self.stop.clone(),
+            leash: self.leash.clone(),
+            pause: None,
         }))
     }
 }
 
 struct GuardStream {
     inner: SendableRecordBatchStream,
-    stop: Arc<Stop>,
+    leash: Leash,
+    pause: Option<Pin<Box<Sleep>>>,
+}
+
+impl GuardStream {
+    /// Ready once this query thread may run on.
+    fn poll_turn(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        loop {
+            if let Some(pause) = &mut self.pause {
+                ready!(pause.as_mut().poll(cx));
+                self.pause = None;
+            }
+            match self.leash.throttle.as_ref().and_then(Throttle::pause) {
+                Some(d) => self.pause = Some(Box::pin(tokio::time::sleep(d))),
+                None => return Poll::Ready(()),
+            }
+        }
+    }
 }
 
 impl Stream for GuardStream {
     type Item = Result<RecordBatch>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        if let Some(e) = self.stop.error() {
+        if let Some(e) = self.leash.stop.error() {
             return Poll::Ready(Some(Err(e)));
         }
+        ready!(self.poll_turn(cx));
         let coop = ready!(tokio::task::coop::poll_proceed(cx));
         let polled = self.inner.poll_next_unpin(cx);
         if polled.is_ready() {

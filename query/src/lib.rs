@@ -8,7 +8,9 @@
 //! own, apart from the I/O runtime that serves ingest and health checks —
 //! with a memory pool per query drawn from one budget ([`memory`]) and a
 //! stop check in every plan node ([`guard`]), so a timeout, a cancel, a
-//! client that leaves or shutdown end its work. The first front end is
+//! client that leaves or shutdown end its work; while ingest is busy, the
+//! same check paces query threads so they leave ingest its cores
+//! ([`throttle`]). The first front end is
 //! [`http`] on port 9900: `POST /api/v1/sql` (JSON, CSV or Arrow IPC),
 //! `GET /api/v1/queries`, `DELETE /api/v1/queries/{id}`, `/metrics`.
 
@@ -22,6 +24,7 @@ pub mod metrics;
 pub mod running;
 pub mod settings;
 pub mod table;
+pub mod throttle;
 
 use std::future::Future;
 use std::net::SocketAddr;

@@ -6,6 +6,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
+use std::sync::atomic::AtomicU64;
 
 /// How a query ended, as counted in `lumen_queries_total{outcome}`.
 #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
@@ -65,6 +66,7 @@ pub struct QueryMetrics {
     pub(crate) queued: Gauge,
     pub(crate) memory: Gauge,
     pub(crate) memory_budget: Gauge,
+    pub(crate) ingest_pause: Counter<f64, AtomicU64>,
 }
 
 impl QueryMetrics {
@@ -101,6 +103,12 @@ impl QueryMetrics {
             "Memory all running queries may hold together",
             Gauge::clone(&memory_budget),
         );
+        let ingest_pause = Counter::<f64, AtomicU64>::default();
+        registry.register(
+            "query_ingest_pause_seconds",
+            "Time query threads paused to leave the CPU to busy ingest",
+            ingest_pause.clone(),
+        );
         QueryMetrics {
             registry,
             finished,
@@ -109,6 +117,7 @@ impl QueryMetrics {
             queued,
             memory,
             memory_budget,
+            ingest_pause,
         }
     }
 

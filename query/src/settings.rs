@@ -19,6 +19,8 @@
 //!   slowQuery: 5s           # log queries at least this slow
 //!   spillMiB: 2048          # disk one query may spill to; 0: no spilling
 //!   spillDir: /var/tmp/x    # [default: <data-dir>/query-spill]
+//!   ingestShare: 25         # % of query threads' time kept while ingest
+//!                           # is busy; 100: never step aside
 //! ```
 //!
 //! Every field is optional; command-line flags override the file.
@@ -59,6 +61,7 @@ pub struct QuerySettings {
     #[serde(rename = "spillMiB")]
     pub spill_mib: Option<u64>,
     pub spill_dir: Option<PathBuf>,
+    pub ingest_share: Option<u32>,
 }
 
 fn duration<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
@@ -145,6 +148,14 @@ impl QuerySettings {
                 return Err((field.into(), "must be longer than 0s".into()));
             }
         }
+        if let Some(share) = self.ingest_share
+            && !(1..=100).contains(&share)
+        {
+            return Err((
+                "ingestShare".into(),
+                format!("{share} is not a percentage from 1 to 100"),
+            ));
+        }
         if let (Some(q), Some(b)) = (self.memory_mib, self.memory_budget_mib)
             && q > b
         {
@@ -173,6 +184,7 @@ impl QuerySettings {
             slow_query: self.slow_query.or(base.slow_query),
             spill_mib: self.spill_mib.or(base.spill_mib),
             spill_dir: self.spill_dir.or(base.spill_dir),
+            ingest_share: self.ingest_share.or(base.ingest_share),
         }
     }
 
@@ -204,6 +216,8 @@ impl QuerySettings {
             spill_bytes: self
                 .spill_mib
                 .map_or(d.spill_bytes, |m| m.saturating_mul(1 << 20)),
+            ingest: d.ingest,
+            ingest_share: self.ingest_share.unwrap_or(d.ingest_share),
         }
     }
 }

@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use lumen_core::load::{Pressure, PressureGuard};
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use prost::Message;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -70,6 +71,9 @@ pub struct Ingest {
     /// take many times its encoded size (an empty span is 2 bytes on the
     /// wire, hundreds in memory), so this bounds the memory ingest can take.
     decoding: Arc<Semaphore>,
+    /// Marked while any payload is admitted, so that query threads step
+    /// aside while ingest has work.
+    pressure: Pressure,
 }
 
 /// A payload's place in ingest, held from before its body is read until it
@@ -77,6 +81,7 @@ pub struct Ingest {
 #[derive(Debug)]
 pub struct Admission {
     _permit: OwnedSemaphorePermit,
+    _busy: PressureGuard,
 }
 
 impl Ingest {
@@ -91,7 +96,14 @@ impl Ingest {
             stats: Arc::default(),
             inflight: Arc::new(Semaphore::new(limits.max_inflight_payloads.max(1))),
             decoding: Arc::new(Semaphore::new(permits)),
+            pressure: Pressure::new(),
         }
+    }
+
+    /// Active while ingest has payloads between admission and
+    /// acknowledgement.
+    pub fn pressure(&self) -> &Pressure {
+        &self.pressure
     }
 
     /// Takes a place for one payload, refusing it (as retryable) while the
@@ -103,7 +115,10 @@ impl Ingest {
             return Err(IngestError::Unavailable(refusal));
         }
         match tokio::time::timeout(ADMISSION_WAIT, self.inflight.clone().acquire_owned()).await {
-            Ok(Ok(permit)) => Ok(Admission { _permit: permit }),
+            Ok(Ok(permit)) => Ok(Admission {
+                _permit: permit,
+                _busy: self.pressure.enter(),
+            }),
             Ok(Err(_)) => Err(IngestError::Unavailable(
                 "collector is shutting down".into(),
             )),

@@ -323,3 +323,40 @@ async fn guarded_plans_answer_as_before() {
         "EXPLAIN ANALYZE shows the query's own plan: {text}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn while_ingest_is_busy_queries_pause_yet_finish_and_still_stop() {
+    let ingest = Pressure::new();
+    let e = engine(QueryConfig {
+        ingest: ingest.clone(),
+        ingest_share: 20,
+        timeout: Duration::from_secs(1),
+        ..config()
+    });
+    let _busy = ingest.enter();
+    let r = e
+        .execute(
+            "SELECT count(*) AS n FROM generate_series(1, 3000) a, generate_series(1, 3000) b",
+            "test",
+        )
+        .await
+        .unwrap();
+    let n = r.batches[0]
+        .column(0)
+        .as_any()
+        .downcast_ref::<arrow::array::Int64Array>()
+        .unwrap()
+        .value(0);
+    assert_eq!(n, 9_000_000);
+    let paused = e
+        .metrics()
+        .lines()
+        .find_map(|l| l.strip_prefix("lumen_query_ingest_pause_seconds_total "))
+        .map(|v| v.parse::<f64>().unwrap())
+        .expect("pause metric exported");
+    assert!(paused > 0.0, "query threads never paused for ingest");
+
+    let err = e.execute(RUNAWAYS[0].1, "test").await.unwrap_err();
+    assert!(matches!(err, QueryError::Timeout(_)), "{err:?}");
+    eventually("work ended", || e.in_flight() == 0).await;
+}
