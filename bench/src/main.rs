@@ -8,6 +8,7 @@ mod peers;
 mod procstat;
 mod report;
 mod scenario;
+mod storage;
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -57,6 +58,34 @@ enum Command {
         bench/results/ingest.md. Defaults take about 30 seconds."
     )]
     Ingest(IngestArgs),
+    /// Bytes on disk per `requests` row on the demo's traffic, per column.
+    #[command(
+        long_about = "Bytes on disk per `requests` row on the demo's traffic.\n\n\
+        Runs `lumen demo` (release build) for a while with one flush at the end, then reads \
+        the Parquet files' metadata: bytes per row in all, per column with its encodings, and \
+        the floor set by the ids' entropy. Writes bench/results/storage.md. Defaults take \
+        about a minute."
+    )]
+    Storage(StorageArgs),
+}
+
+#[derive(Args)]
+struct StorageArgs {
+    /// Seconds of demo traffic.
+    #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
+    duration: u64,
+    /// Requests per second into the demo's productpage.
+    #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u32).range(1..))]
+    rps: u32,
+    /// The lumen binary [default: <workspace>/target/release/lumen].
+    #[arg(long)]
+    lumen: Option<PathBuf>,
+    /// Where the Markdown report is written.
+    #[arg(long, default_value_os_t = peers::workspace_root().join("bench/results/storage.md"))]
+    out: PathBuf,
+    /// Keep the temporary directory (demo log and data).
+    #[arg(long)]
+    keep_temp: bool,
 }
 
 #[derive(Args)]
@@ -120,6 +149,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Proxy(a) => proxy(a),
         Command::Ingest(a) => ingest_bench(a),
+        Command::Storage(a) => storage_bench(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -213,12 +243,7 @@ fn proxy(mut a: ProxyArgs) -> Result<()> {
     }
 
     let text = report::render(&ctx, &rows);
-    println!("\n{text}");
-    if let Some(dir) = a.out.parent() {
-        fs::create_dir_all(dir)?;
-    }
-    fs::write(&a.out, &text).with_context(|| format!("writing {}", a.out.display()))?;
-    eprintln!("wrote {}", a.out.display());
+    write_report(&a.out, &text)?;
     if a.keep_temp {
         eprintln!("kept {}", tmp.path.display());
     }
@@ -238,15 +263,38 @@ fn ingest_bench(a: IngestArgs) -> Result<()> {
     let phases = ingest::run(&lumen, &tmp.path, &set)?;
     let command = std::env::args().collect::<Vec<_>>().join(" ");
     let text = ingest::render(&command, &machine(), &set, &phases);
-    println!("\n{text}");
-    if let Some(dir) = a.out.parent() {
-        fs::create_dir_all(dir)?;
-    }
-    fs::write(&a.out, &text).with_context(|| format!("writing {}", a.out.display()))?;
-    eprintln!("wrote {}", a.out.display());
+    write_report(&a.out, &text)?;
     if a.keep_temp {
         eprintln!("kept {}", tmp.path.display());
     }
+    Ok(())
+}
+
+fn storage_bench(a: StorageArgs) -> Result<()> {
+    let lumen = peers::lumen_binary(a.lumen.as_deref())?;
+    let tmp = TempDir::create(a.keep_temp)?;
+    let set = storage::Settings {
+        duration: std::time::Duration::from_secs(a.duration),
+        rps: a.rps,
+    };
+    let measured = storage::run(&lumen, &tmp.path, &set)?;
+    let command = std::env::args().collect::<Vec<_>>().join(" ");
+    let text = storage::render(&command, &machine(), &set, &measured);
+    write_report(&a.out, &text)?;
+    if a.keep_temp {
+        eprintln!("kept {}", tmp.path.display());
+    }
+    Ok(())
+}
+
+/// Prints a report and writes it to `out`.
+fn write_report(out: &Path, text: &str) -> Result<()> {
+    println!("\n{text}");
+    if let Some(dir) = out.parent() {
+        fs::create_dir_all(dir)?;
+    }
+    fs::write(out, text).with_context(|| format!("writing {}", out.display()))?;
+    eprintln!("wrote {}", out.display());
     Ok(())
 }
 

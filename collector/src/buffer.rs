@@ -106,6 +106,10 @@ impl TableBuffer {
                     self.pending.iter().map(|c| c.batch.clone()).collect();
                 match concat_batches(&self.schema, &batches) {
                     Ok(merged) => {
+                        // Small batches carry spare capacity and a dictionary
+                        // each; the merged copy is what stays in memory.
+                        let before: usize = batches.iter().map(|b| b.get_array_memory_size()).sum();
+                        self.bytes = self.bytes - before + merged.get_array_memory_size();
                         self.pending.clear();
                         self.chunks.push(Chunk::new(segment, merged));
                     }
@@ -187,6 +191,9 @@ mod tests {
         let total: usize = b.chunks().map(|c| c.batch.num_rows()).sum();
         assert_eq!(total, 102);
         assert!(b.chunks().count() < 10, "small batches were merged");
+        // Memory is what the merged chunks hold, not what came in.
+        let held: usize = b.chunks().map(|c| c.batch.get_array_memory_size()).sum();
+        assert_eq!(b.bytes(), held);
         assert!(
             b.chunks()
                 .all(|c| c.segment == 1 || c.batch.num_rows() == 2)

@@ -16,6 +16,7 @@
 //! service reads consistent snapshots of it.
 
 pub mod buffer;
+pub mod format;
 pub mod health;
 pub mod ingest;
 pub mod persist;
@@ -54,6 +55,8 @@ pub enum CollectorError {
     },
     #[error("data directory {path}: {message}")]
     DataDir { path: PathBuf, message: String },
+    #[error(transparent)]
+    Format(#[from] format::FormatError),
     #[error(transparent)]
     Wal(#[from] wal::WalError),
     #[error(transparent)]
@@ -144,6 +147,7 @@ impl Collector {
             let dir = data.clone();
             tokio::task::spawn_blocking(move || {
                 let data = dir;
+                format::check(&data)?;
                 let wal_dir = wal_dir(&data);
                 std::fs::create_dir_all(&wal_dir).map_err(|e| CollectorError::DataDir {
                     path: wal_dir.clone(),

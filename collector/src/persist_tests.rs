@@ -8,14 +8,16 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use arrow::array::{
-    ArrayRef, AsArray, BooleanArray, Int32Array, Int64Array, StringArray, TimestampMicrosecondArray,
+    ArrayRef, AsArray, BooleanArray, FixedSizeBinaryArray, Int32Array, Int64Array, StringArray,
+    TimestampMicrosecondArray,
 };
 use arrow::compute::cast;
 use arrow::datatypes::{DataType, TimestampMicrosecondType};
 use arrow::record_batch::RecordBatch;
 use lumen_core::schema::{REQUESTS, SPANS, table_schema};
-use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
-use parquet::basic::Compression;
+use parquet::arrow::arrow_reader::{ArrowReaderOptions, ParquetRecordBatchReaderBuilder};
+use parquet::basic::{Compression, Encoding};
+use parquet::file::metadata::PageIndexPolicy;
 
 use crate::persist::{Persister, load_files};
 use crate::store::{Store, TableStats, table_index};
@@ -27,7 +29,8 @@ const H03: i64 = 1_767_322_800_000_000;
 const MINUTE: i64 = 60_000_000;
 
 /// A batch of `table` with one row per time; every string column holds
-/// `<column>-<time>`, so rows can be told apart after a round trip.
+/// `<column>-<time>` and ids hold the time's bytes, so rows can be told
+/// apart after a round trip.
 fn batch(table: &str, times: &[i64]) -> RecordBatch {
     let schema = table_schema(table).expect("a Lumen table");
     let n = times.len();
@@ -45,6 +48,14 @@ fn batch(table: &str, times: &[i64]) -> RecordBatch {
                 DataType::Int32 => Arc::new(Int32Array::from_iter_values(0..n as i32)),
                 DataType::Boolean => Arc::new(BooleanArray::from(vec![false; n])),
                 DataType::Utf8 => Arc::new(strings(f.name())),
+                DataType::FixedSizeBinary(w) => Arc::new(
+                    FixedSizeBinaryArray::try_from_iter(times.iter().map(|t| {
+                        let mut id = span_id(*t).repeat(2);
+                        id.truncate(*w as usize);
+                        id
+                    }))
+                    .expect("ids of one width"),
+                ),
                 dict @ DataType::Dictionary(..) => {
                     cast(&strings(f.name()), dict).expect("strings cast to a dictionary")
                 }
@@ -66,6 +77,7 @@ fn entry(table: &str, times: &[i64]) -> (usize, RecordBatch) {
 /// `<data>/tables` — the layout the README documents.
 fn open(data: &Path) -> (Persister, Arc<Store>, JoinHandle<()>, wal::Replayed) {
     let store = Arc::new(Store::new());
+    crate::format::check(data).expect("a data directory of this format");
     let wal_dir = data.join("wal");
     let (wal, thread, replayed) = wal::open(&wal_dir, store.clone()).expect("WAL opens");
     let persister = Persister {
@@ -132,22 +144,27 @@ fn times_of(batches: &[RecordBatch]) -> Vec<i64> {
         .collect()
 }
 
-fn span_ids_of(batches: &[RecordBatch]) -> BTreeSet<String> {
+fn span_ids_of(batches: &[RecordBatch]) -> BTreeSet<Vec<u8>> {
     batches
         .iter()
         .flat_map(|b| {
             b.column_by_name("span_id")
                 .expect("a span_id column")
-                .as_string::<i32>()
+                .as_fixed_size_binary()
                 .iter()
-                .map(|s| s.expect("span_id is never null").to_string())
+                .map(|s| s.expect("span_id is never null").to_vec())
                 .collect::<Vec<_>>()
         })
         .collect()
 }
 
-fn expected_span_ids(times: &[i64]) -> BTreeSet<String> {
-    times.iter().map(|t| format!("span_id-{t}")).collect()
+/// The span id [`batch`] gives the row of time `t`.
+fn span_id(t: i64) -> Vec<u8> {
+    t.to_be_bytes().to_vec()
+}
+
+fn expected_span_ids(times: &[i64]) -> BTreeSet<Vec<u8>> {
+    times.iter().map(|t| span_id(*t)).collect()
 }
 
 #[tokio::test]
@@ -242,8 +259,11 @@ async fn flush_writes_one_sorted_zstd_parquet_file_per_table_and_hour_with_every
         assert_eq!(meta.min_time, times[0]);
         assert_eq!(meta.max_time, *times.last().unwrap());
         assert_eq!(meta.bytes, fs::metadata(&meta.path).unwrap().len());
-        let reader =
-            ParquetRecordBatchReaderBuilder::try_new(File::open(&meta.path).unwrap()).unwrap();
+        let reader = ParquetRecordBatchReaderBuilder::try_new_with_options(
+            File::open(&meta.path).unwrap(),
+            ArrowReaderOptions::new().with_page_index_policy(PageIndexPolicy::Required),
+        )
+        .unwrap();
         let row_group = reader.metadata().row_group(0);
         for column in row_group.columns() {
             assert!(
@@ -252,7 +272,25 @@ async fn flush_writes_one_sorted_zstd_parquet_file_per_table_and_hour_with_every
                 column.column_path(),
                 column.compression()
             );
+            let encodings: Vec<Encoding> = column.encodings().collect();
+            let expected = match column.column_path().string().as_str() {
+                "time" => Encoding::DELTA_BINARY_PACKED,
+                "duration_us" => Encoding::BYTE_STREAM_SPLIT,
+                "trace_id" | "span_id" | "parent_span_id" => Encoding::PLAIN,
+                // Parquet has no dictionaries for booleans.
+                "mtls" => continue,
+                _ => Encoding::RLE_DICTIONARY,
+            };
+            assert!(
+                encodings.contains(&expected),
+                "{}: {encodings:?}",
+                column.column_path()
+            );
         }
+        // Page statistics and the page index are kept, for pruning.
+        let metadata = reader.metadata();
+        assert!(metadata.column_index().is_some(), "no column index");
+        assert!(metadata.offset_index().is_some(), "no offset index");
     }
 
     // The rows moved from the hot buffer to the files, and the WAL was

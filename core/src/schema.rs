@@ -5,7 +5,7 @@ use std::sync::{Arc, LazyLock};
 use std::time::UNIX_EPOCH;
 
 use arrow::array::{
-    ArrayBuilder, ArrayRef, BooleanBuilder, Int32Builder, Int64Builder, StringBuilder,
+    ArrayBuilder, ArrayRef, BooleanBuilder, FixedSizeBinaryBuilder, Int32Builder, Int64Builder,
     StringDictionaryBuilder, TimestampMicrosecondBuilder,
 };
 use arrow::datatypes::{DataType, Field, Int32Type, Schema, SchemaRef, TimeUnit};
@@ -60,6 +60,11 @@ fn dict() -> DataType {
     DataType::Dictionary(Box::new(DataType::Int32), Box::new(DataType::Utf8))
 }
 
+/// Trace ids: 16 bytes, as W3C trace context and OTLP carry them.
+pub const TRACE_ID: DataType = DataType::FixedSizeBinary(16);
+/// Span ids: 8 bytes.
+pub const SPAN_ID: DataType = DataType::FixedSizeBinary(8);
+
 fn timestamp() -> DataType {
     DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into()))
 }
@@ -90,9 +95,9 @@ static REQUESTS_SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
         Field::new("upstream_address", dict(), true),
         Field::new("response_flags", dict(), false),
         Field::new("mtls", DataType::Boolean, false),
-        Field::new("trace_id", DataType::Utf8, false),
-        Field::new("span_id", DataType::Utf8, false),
-        Field::new("parent_span_id", DataType::Utf8, true),
+        Field::new("trace_id", TRACE_ID, false),
+        Field::new("span_id", SPAN_ID, false),
+        Field::new("parent_span_id", SPAN_ID, true),
     ]))
 });
 
@@ -100,9 +105,9 @@ static SPANS_SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
     Arc::new(Schema::new(vec![
         Field::new("time", timestamp(), false),
         Field::new("duration_us", DataType::Int64, false),
-        Field::new("trace_id", DataType::Utf8, false),
-        Field::new("span_id", DataType::Utf8, false),
-        Field::new("parent_span_id", DataType::Utf8, true),
+        Field::new("trace_id", TRACE_ID, false),
+        Field::new("span_id", SPAN_ID, false),
+        Field::new("parent_span_id", SPAN_ID, true),
         Field::new("service_name", dict(), false),
         Field::new("name", dict(), false),
         Field::new("kind", dict(), false),
@@ -148,6 +153,17 @@ pub fn hex_id(bytes: &[u8]) -> String {
 
 type DictBuilder = StringDictionaryBuilder<Int32Type>;
 
+/// Appends a trace or span id (or a null) to its column.
+pub fn append_id<const N: usize>(column: &mut FixedSizeBinaryBuilder, id: Option<&[u8; N]>) {
+    match id {
+        // The builders are made with the ids' widths, so this cannot fail.
+        Some(id) => column
+            .append_value(id)
+            .expect("id width matches its column"),
+        None => column.append_null(),
+    }
+}
+
 /// Column builders for the `requests` table: push records, take a batch.
 pub struct RequestBatchBuilder {
     time: TimestampMicrosecondBuilder,
@@ -174,9 +190,9 @@ pub struct RequestBatchBuilder {
     upstream_address: DictBuilder,
     response_flags: DictBuilder,
     mtls: BooleanBuilder,
-    trace_id: StringBuilder,
-    span_id: StringBuilder,
-    parent_span_id: StringBuilder,
+    trace_id: FixedSizeBinaryBuilder,
+    span_id: FixedSizeBinaryBuilder,
+    parent_span_id: FixedSizeBinaryBuilder,
 }
 
 impl Default for RequestBatchBuilder {
@@ -212,9 +228,9 @@ impl RequestBatchBuilder {
             upstream_address: DictBuilder::new(),
             response_flags: DictBuilder::new(),
             mtls: BooleanBuilder::new(),
-            trace_id: StringBuilder::new(),
-            span_id: StringBuilder::new(),
-            parent_span_id: StringBuilder::new(),
+            trace_id: FixedSizeBinaryBuilder::new(16),
+            span_id: FixedSizeBinaryBuilder::new(8),
+            parent_span_id: FixedSizeBinaryBuilder::new(8),
         }
     }
 
@@ -263,10 +279,9 @@ impl RequestBatchBuilder {
         self.response_flags
             .append_value(r.response_flags.to_string());
         self.mtls.append_value(r.mtls);
-        self.trace_id.append_value(hex_id(&r.trace_id));
-        self.span_id.append_value(hex_id(&r.span_id));
-        self.parent_span_id
-            .append_option(r.parent_span_id.map(|p| hex_id(&p)));
+        append_id(&mut self.trace_id, Some(&r.trace_id));
+        append_id(&mut self.span_id, Some(&r.span_id));
+        append_id(&mut self.parent_span_id, r.parent_span_id.as_ref());
     }
 
     /// Takes the rows pushed so far as one batch and starts over.
@@ -339,9 +354,9 @@ mod tests {
             batch
                 .column_by_name("trace_id")
                 .unwrap()
-                .as_string::<i32>()
+                .as_fixed_size_binary()
                 .value(0),
-            "01010101010101010101010101010101"
+            [1; 16]
         );
         assert!(batch.column_by_name("parent_span_id").unwrap().is_null(0));
         // The builder starts over after finish.

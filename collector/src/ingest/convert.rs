@@ -7,12 +7,12 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use arrow::array::{
-    ArrayBuilder, ArrayRef, DictionaryArray, Int32Builder, Int64Builder, StringBuilder,
-    StringDictionaryBuilder, TimestampMicrosecondBuilder,
+    ArrayBuilder, ArrayRef, DictionaryArray, FixedSizeBinaryBuilder, Int32Builder, Int64Builder,
+    StringBuilder, StringDictionaryBuilder, TimestampMicrosecondBuilder,
 };
 use arrow::datatypes::Int32Type;
 use arrow::record_batch::RecordBatch;
-use lumen_core::schema::{PROXY_SCOPE, RequestBatchBuilder, attr, hex_id, spans_schema};
+use lumen_core::schema::{PROXY_SCOPE, RequestBatchBuilder, append_id, attr, hex_id, spans_schema};
 use lumen_core::{Protocol, Reporter, RequestRecord, ResponseFlags, Workload};
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use opentelemetry_proto::tonic::common::v1::{AnyValue, KeyValue, any_value};
@@ -393,9 +393,9 @@ type DictBuilder = StringDictionaryBuilder<Int32Type>;
 struct SpanBatchBuilder {
     time: TimestampMicrosecondBuilder,
     duration_us: Int64Builder,
-    trace_id: StringBuilder,
-    span_id: StringBuilder,
-    parent_span_id: StringBuilder,
+    trace_id: FixedSizeBinaryBuilder,
+    span_id: FixedSizeBinaryBuilder,
+    parent_span_id: FixedSizeBinaryBuilder,
     service_name: DictBuilder,
     name: DictBuilder,
     kind: DictBuilder,
@@ -418,9 +418,9 @@ impl Default for SpanBatchBuilder {
         SpanBatchBuilder {
             time: TimestampMicrosecondBuilder::new().with_timezone("UTC"),
             duration_us: Int64Builder::new(),
-            trace_id: StringBuilder::new(),
-            span_id: StringBuilder::new(),
-            parent_span_id: StringBuilder::new(),
+            trace_id: FixedSizeBinaryBuilder::new(16),
+            span_id: FixedSizeBinaryBuilder::new(8),
+            parent_span_id: FixedSizeBinaryBuilder::new(8),
             service_name: DictBuilder::new(),
             name: DictBuilder::new(),
             kind: DictBuilder::new(),
@@ -467,10 +467,9 @@ impl SpanBatchBuilder {
                 .saturating_sub(span.start_time_unix_nano)
                 / 1000) as i64,
         );
-        self.trace_id.append_value(hex_id(&trace_id));
-        self.span_id.append_value(hex_id(&span_id));
-        self.parent_span_id
-            .append_option(parent.map(|p| hex_id(&p)));
+        append_id(&mut self.trace_id, Some(&trace_id));
+        append_id(&mut self.span_id, Some(&span_id));
+        append_id(&mut self.parent_span_id, parent.as_ref());
         self.service_name.append_value(service_name);
         self.name.append_value(&span.name);
         self.kind.append_value(kind_name(span.kind));
