@@ -16,6 +16,7 @@
 //! service reads consistent snapshots of it.
 
 pub mod buffer;
+pub mod dedup;
 pub mod format;
 pub mod health;
 pub mod ingest;

@@ -11,10 +11,17 @@
 //! start, segments after the checkpoint are replayed into the buffer.
 //!
 //! Segment layout: the magic `LUMNWAL1`, then entries of
-//! `[u32 LE payload length][u32 LE crc32 of payload][payload]`, where the
-//! payload is `[u8 table index][Arrow IPC stream of one batch]`. A torn entry
-//! at the end (a crash mid-write, never acknowledged) ends replay of that
-//! segment.
+//! `[u32 LE payload length][u32 LE crc32 of payload][payload]`. A payload is
+//! one of
+//! - `[u8 table index][Arrow IPC stream of one batch]`;
+//! - `[u8 0x80 | table index][24-byte batch id][Arrow IPC stream]`, rows of a
+//!   batch its producer numbered (see [`crate::dedup`]);
+//! - `[u8 0xFF][dedup snapshot]`, first in every segment: which numbered
+//!   batches are stored, so that a retried batch is not stored twice even
+//!   after the segments that held it are flushed and deleted.
+//!
+//! A torn entry at the end (a crash mid-write, never acknowledged) ends
+//! replay of that segment.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Cursor, Write};
@@ -27,9 +34,14 @@ use arrow::ipc::writer::StreamWriter;
 use arrow::record_batch::RecordBatch;
 use tokio::sync::{mpsc, oneshot};
 
+use crate::dedup::{BatchId, Dedup};
 use crate::store::Store;
 
 const MAGIC: &[u8; 8] = b"LUMNWAL1";
+/// Payload kind bit: a batch id follows the table index.
+const NUMBERED: u8 = 0x80;
+/// Payload kind: a dedup snapshot.
+const SNAPSHOT: u8 = 0xFF;
 const CHECKPOINT: &str = "checkpoint";
 
 #[derive(Debug, Clone, thiserror::Error)]
@@ -54,7 +66,17 @@ fn io_err(path: &Path) -> impl FnOnce(io::Error) -> WalError + '_ {
 struct Append {
     encoded: Vec<u8>,
     entries: Vec<(usize, RecordBatch)>,
-    ack: oneshot::Sender<Result<(), WalError>>,
+    origin: Option<BatchId>,
+    ack: oneshot::Sender<Result<Stored, WalError>>,
+}
+
+/// What became of an append.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stored {
+    /// Written and fsynced.
+    Written,
+    /// A batch of this id was stored before; nothing was written.
+    Duplicate,
 }
 
 enum Command {
@@ -90,19 +112,31 @@ impl WalHandle {
     /// Logs the batches (table index, batch) durably and puts them in the
     /// hot buffer; returns once both are done.
     pub async fn append(&self, entries: Vec<(usize, RecordBatch)>) -> Result<(), WalError> {
+        self.append_once(None, entries).await.map(|_| ())
+    }
+
+    /// As [`append`](Self::append), for a batch its producer numbered: a
+    /// batch whose id was stored before is acknowledged without being
+    /// written again.
+    pub async fn append_once(
+        &self,
+        origin: Option<BatchId>,
+        entries: Vec<(usize, RecordBatch)>,
+    ) -> Result<Stored, WalError> {
         if entries.is_empty() {
-            return Ok(());
+            return Ok(Stored::Written);
         }
         // Encode here, on the caller's task, so the writer thread only writes.
         let mut encoded = Vec::new();
         for (table, batch) in &entries {
-            encode_entry(&mut encoded, *table, batch)?;
+            encode_entry(&mut encoded, *table, origin.as_ref(), batch)?;
         }
         let (ack, done) = oneshot::channel();
         self.tx
             .send(Command::Append(Append {
                 encoded,
                 entries,
+                origin,
                 ack,
             }))
             .await
@@ -136,8 +170,20 @@ impl WalHandle {
     }
 }
 
-fn encode_entry(out: &mut Vec<u8>, table: usize, batch: &RecordBatch) -> Result<(), WalError> {
-    let mut payload = vec![table as u8];
+fn encode_entry(
+    out: &mut Vec<u8>,
+    table: usize,
+    origin: Option<&BatchId>,
+    batch: &RecordBatch,
+) -> Result<(), WalError> {
+    let mut payload = match origin {
+        None => vec![table as u8],
+        Some(id) => {
+            let mut p = vec![NUMBERED | table as u8];
+            id.encode(&mut p);
+            p
+        }
+    };
     {
         let mut w = StreamWriter::try_new(&mut payload, &batch.schema())
             .map_err(|e| WalError::Encode(e.to_string()))?;
@@ -145,10 +191,24 @@ fn encode_entry(out: &mut Vec<u8>, table: usize, batch: &RecordBatch) -> Result<
             .map_err(|e| WalError::Encode(e.to_string()))?;
         w.finish().map_err(|e| WalError::Encode(e.to_string()))?;
     }
-    out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
-    out.extend_from_slice(&crc32fast::hash(&payload).to_le_bytes());
-    out.extend_from_slice(&payload);
+    frame(out, &payload);
     Ok(())
+}
+
+fn frame(out: &mut Vec<u8>, payload: &[u8]) {
+    out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+    out.extend_from_slice(&crc32fast::hash(payload).to_le_bytes());
+    out.extend_from_slice(payload);
+}
+
+/// One entry read back from a segment.
+enum Entry {
+    Rows {
+        table: usize,
+        origin: Option<BatchId>,
+        batch: RecordBatch,
+    },
+    Snapshot(Dedup),
 }
 
 fn segment_path(dir: &Path, seq: u64) -> PathBuf {
@@ -213,8 +273,8 @@ fn remove_through(dir: &Path, seq: u64) -> Result<(), WalError> {
     Ok(())
 }
 
-/// Reads one segment's batches; stops at a torn or corrupt entry.
-fn read_segment(path: &Path) -> Result<Vec<(usize, RecordBatch)>, WalError> {
+/// Reads one segment's entries; stops at a torn or corrupt entry.
+fn read_segment(path: &Path) -> Result<Vec<Entry>, WalError> {
     let data = fs::read(path).map_err(io_err(path))?;
     if data.len() < MAGIC.len() || &data[..MAGIC.len()] != MAGIC {
         if data.is_empty() {
@@ -251,33 +311,55 @@ fn read_segment(path: &Path) -> Result<Vec<(usize, RecordBatch)>, WalError> {
             torn("fails its checksum");
             break;
         }
-        let table = payload[0] as usize;
+        let bad = |message: String| WalError::Io {
+            path: path.to_path_buf(),
+            message: format!("entry at offset {pos}: {message}"),
+        };
+        let kind = payload[0];
+        if kind == SNAPSHOT {
+            let dedup = Dedup::decode(&payload[1..])
+                .ok_or_else(|| bad("malformed dedup snapshot".into()))?;
+            out.push(Entry::Snapshot(dedup));
+            pos = start + len;
+            continue;
+        }
+        let table = (kind & !NUMBERED) as usize;
+        let (origin, ipc) = if kind & NUMBERED != 0 {
+            let id =
+                BatchId::decode(&payload[1..]).ok_or_else(|| bad("truncated batch id".into()))?;
+            (Some(id), &payload[1 + BatchId::ENCODED_LEN..])
+        } else {
+            (None, &payload[1..])
+        };
         let reader =
-            StreamReader::try_new(Cursor::new(&payload[1..]), None).map_err(|e| WalError::Io {
-                path: path.to_path_buf(),
-                message: format!("entry at offset {pos}: {e}"),
-            })?;
+            StreamReader::try_new(Cursor::new(ipc), None).map_err(|e| bad(e.to_string()))?;
         for batch in reader {
-            let batch = batch.map_err(|e| WalError::Io {
-                path: path.to_path_buf(),
-                message: format!("entry at offset {pos}: {e}"),
-            })?;
-            out.push((table, batch));
+            let batch = batch.map_err(|e| bad(e.to_string()))?;
+            out.push(Entry::Rows {
+                table,
+                origin,
+                batch,
+            });
         }
         pos = start + len;
     }
     Ok(out)
 }
 
-fn create_segment(dir: &Path, seq: u64) -> Result<File, WalError> {
+/// Starts segment `seq` with the magic and a snapshot of `dedup`.
+fn create_segment(dir: &Path, seq: u64, dedup: &Dedup) -> Result<File, WalError> {
     let path = segment_path(dir, seq);
     let mut f = OpenOptions::new()
         .create_new(true)
         .write(true)
         .open(&path)
         .map_err(io_err(&path))?;
+    let mut head = MAGIC.to_vec();
+    let mut snapshot = vec![SNAPSHOT];
+    dedup.encode(&mut snapshot);
+    frame(&mut head, &snapshot);
     let ready = f
-        .write_all(MAGIC)
+        .write_all(&head)
         .and_then(|()| f.sync_all())
         .map_err(io_err(&path))
         .and_then(|()| sync_dir(dir));
@@ -295,6 +377,10 @@ fn create_segment(dir: &Path, seq: u64) -> Result<File, WalError> {
 pub struct Replayed {
     pub segments: usize,
     pub rows: usize,
+    /// Producers whose stored batches are remembered (for exactly-once).
+    pub producers: usize,
+    /// Rows of batches found stored twice (skipped).
+    pub duplicates: usize,
 }
 
 /// Opens the WAL in `dir`: replays unflushed segments into `store`, then
@@ -307,14 +393,43 @@ pub fn open(
     let done = read_checkpoint(dir)?;
     remove_through(dir, done)?;
     let mut replayed = Replayed::default();
+    let mut dedup = Dedup::default();
     let mut last = done;
     for seq in segments(dir)? {
-        for (table, batch) in read_segment(&segment_path(dir, seq))? {
+        // The entries of one append are consecutive and share its id; an id
+        // met again later is a retry that a failed write let through twice.
+        let mut current: Option<(BatchId, bool)> = None;
+        for entry in read_segment(&segment_path(dir, seq))? {
+            let (table, origin, batch) = match entry {
+                Entry::Snapshot(d) => {
+                    dedup.merge(d);
+                    continue;
+                }
+                Entry::Rows {
+                    table,
+                    origin,
+                    batch,
+                } => (table, origin, batch),
+            };
             if table >= lumen_core::schema::TABLES.len() {
                 return Err(WalError::Io {
                     path: segment_path(dir, seq),
                     message: format!("entry names unknown table #{table}"),
                 });
+            }
+            if let Some(id) = origin {
+                let skip = match current {
+                    Some((c, skip)) if c == id => skip,
+                    _ => dedup.contains(&id),
+                };
+                current = Some((id, skip));
+                if skip {
+                    replayed.duplicates += batch.num_rows();
+                    continue;
+                }
+                dedup.insert(&id);
+            } else {
+                current = None;
             }
             replayed.rows += batch.num_rows();
             store.insert(seq, table, batch);
@@ -322,8 +437,10 @@ pub fn open(
         replayed.segments += 1;
         last = last.max(seq);
     }
+    dedup.prune();
+    replayed.producers = dedup.len();
     let seq = last + 1;
-    let file = create_segment(dir, seq)?;
+    let file = create_segment(dir, seq, &dedup)?;
     let (tx, rx) = mpsc::channel(1024);
     let writer = Writer {
         dir: dir.to_path_buf(),
@@ -331,6 +448,7 @@ pub fn open(
         file,
         store,
         failed: None,
+        dedup,
     };
     let thread = std::thread::Builder::new()
         .name("lumen-wal".into())
@@ -348,6 +466,8 @@ struct Writer {
     /// segment is then unknown, so nothing more is written to it; after a
     /// pause the writer tries a fresh segment (see [`Writer::recover`]).
     failed: Option<(String, Instant)>,
+    /// Numbered batches stored so far.
+    dedup: Dedup,
 }
 
 /// Pause after a WAL failure before a new segment is tried.
@@ -399,11 +519,27 @@ impl Writer {
         }
         self.recover();
         let path = segment_path(&self.dir, self.seq);
+        // A batch stored before, or earlier in this group, is not written.
+        let mut fresh: Vec<BatchId> = Vec::new();
+        let stored: Vec<Stored> = group
+            .iter()
+            .map(|a| match &a.origin {
+                Some(id) if self.dedup.contains(id) || fresh.contains(id) => Stored::Duplicate,
+                Some(id) => {
+                    fresh.push(*id);
+                    Stored::Written
+                }
+                None => Stored::Written,
+            })
+            .collect();
         let written = match &self.failed {
             Some((f, _)) => Err(WalError::Failed(f.clone())),
             None => {
                 let mut result = Ok(());
-                for a in group.iter() {
+                for (a, s) in group.iter().zip(&stored) {
+                    if *s == Stored::Duplicate {
+                        continue;
+                    }
                     if let Err(e) = self.file.write_all(&a.encoded) {
                         result = Err(io_err(&path)(e));
                         break;
@@ -412,6 +548,11 @@ impl Writer {
                 result.and_then(|()| self.file.sync_data().map_err(io_err(&path)))
             }
         };
+        if written.is_ok() {
+            for id in &fresh {
+                self.dedup.insert(id);
+            }
+        }
         if let Err(e) = &written
             && self.failed.is_none()
         {
@@ -419,13 +560,13 @@ impl Writer {
             self.failed = Some((e.to_string(), Instant::now()));
             self.store.health().set_wal(Some(e.to_string()));
         }
-        for a in group.drain(..) {
-            if written.is_ok() {
+        for (a, s) in group.drain(..).zip(stored) {
+            if written.is_ok() && s == Stored::Written {
                 for (table, batch) in a.entries {
                     self.store.insert(self.seq, table, batch);
                 }
             }
-            let _ = a.ack.send(written.clone());
+            let _ = a.ack.send(written.clone().map(|()| s));
         }
     }
 
@@ -440,7 +581,7 @@ impl Writer {
         if at.elapsed() < RECOVERY_PAUSE {
             return;
         }
-        match create_segment(&self.dir, self.seq + 1) {
+        match create_segment(&self.dir, self.seq + 1, &self.dedup) {
             Ok(file) => {
                 self.file = file;
                 self.seq += 1;
@@ -462,7 +603,8 @@ impl Writer {
             return Err(WalError::Failed(f.clone()));
         }
         let sealed = self.seq;
-        let file = create_segment(&self.dir, sealed + 1)?;
+        self.dedup.prune();
+        let file = create_segment(&self.dir, sealed + 1, &self.dedup)?;
         self.file = file;
         self.seq = sealed + 1;
         Ok(sealed)
@@ -567,5 +709,83 @@ mod tests {
             "both segments replay their acknowledged rows"
         );
         assert_eq!(replayed.segments, 2);
+    }
+
+    fn id(seq: u64) -> BatchId {
+        BatchId {
+            producer: [7; 16],
+            seq,
+        }
+    }
+
+    fn reopen(dir: &Path) -> (WalHandle, std::thread::JoinHandle<()>, Replayed, Arc<Store>) {
+        let store = Arc::new(Store::new());
+        let (wal, thread, replayed) = open(dir, store.clone()).unwrap();
+        (wal, thread, replayed, store)
+    }
+
+    #[tokio::test]
+    async fn a_retried_batch_is_stored_once_across_restarts_and_checkpoints() {
+        let dir = tempfile::tempdir().unwrap();
+        let (wal, thread, _, store) = reopen(dir.path());
+        let first = wal.append_once(Some(id(1)), vec![(0, batch(3))]).await;
+        assert_eq!(first.unwrap(), Stored::Written);
+        let retry = wal.append_once(Some(id(1)), vec![(0, batch(3))]).await;
+        assert_eq!(retry.unwrap(), Stored::Duplicate);
+        // Two attempts at once (an ack lost while the retry was sent): one is stored.
+        let (a, b) = tokio::join!(
+            wal.append_once(Some(id(2)), vec![(0, batch(2))]),
+            wal.append_once(Some(id(2)), vec![(0, batch(2))]),
+        );
+        let mut outcomes = [a.unwrap(), b.unwrap()];
+        outcomes.sort_by_key(|s| *s == Stored::Duplicate);
+        assert_eq!(outcomes, [Stored::Written, Stored::Duplicate]);
+        assert_eq!(hot_rows(&store), 5);
+        drop(wal);
+        thread.join().unwrap();
+
+        let (wal, thread, replayed, store) = reopen(dir.path());
+        assert_eq!((replayed.rows, replayed.producers), (5, 1));
+        let after_restart = wal.append_once(Some(id(1)), vec![(0, batch(3))]).await;
+        assert_eq!(after_restart.unwrap(), Stored::Duplicate);
+        assert_eq!(hot_rows(&store), 5);
+        // Flushed and checkpointed: the segments holding the batches are gone,
+        // and their ids live on in the snapshot the next segment opens with.
+        let sealed = wal.rotate().await.unwrap();
+        checkpoint(dir.path(), sealed).unwrap();
+        drop(wal);
+        thread.join().unwrap();
+
+        let (wal, _thread, replayed, store) = reopen(dir.path());
+        assert_eq!(replayed.rows, 0);
+        assert_eq!(replayed.producers, 1);
+        let late = wal.append_once(Some(id(2)), vec![(0, batch(2))]).await;
+        assert_eq!(late.unwrap(), Stored::Duplicate);
+        let next = wal.append_once(Some(id(3)), vec![(0, batch(1))]).await;
+        assert_eq!(next.unwrap(), Stored::Written);
+        assert_eq!(hot_rows(&store), 1);
+    }
+
+    #[test]
+    fn replay_skips_a_batch_written_twice() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = segment_path(dir.path(), 1);
+        drop(create_segment(dir.path(), 1, &Dedup::default()).unwrap());
+        let mut data = Vec::new();
+        // One append of two tables' entries, another batch, then the first again.
+        encode_entry(&mut data, 0, Some(&id(1)), &batch(2)).unwrap();
+        encode_entry(&mut data, 0, Some(&id(1)), &batch(1)).unwrap();
+        encode_entry(&mut data, 0, Some(&id(2)), &batch(4)).unwrap();
+        encode_entry(&mut data, 0, Some(&id(1)), &batch(2)).unwrap();
+        encode_entry(&mut data, 0, Some(&id(1)), &batch(1)).unwrap();
+        OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .unwrap()
+            .write_all(&data)
+            .unwrap();
+        let (_wal, _thread, replayed, store) = reopen(dir.path());
+        assert_eq!((replayed.rows, replayed.duplicates), (7, 3));
+        assert_eq!(hot_rows(&store), 7);
     }
 }
