@@ -251,9 +251,11 @@ impl Collector {
         if let Some(listener) = grpc {
             let mut stop = stop_rx.clone();
             let svc = ingest::grpc::TraceServiceGrpc::new(ingest.clone());
+            let flight = ingest::flight::service(ingest.clone());
             servers.spawn(async move {
                 tonic::transport::Server::builder()
                     .add_service(svc)
+                    .add_service(flight)
                     .serve_with_incoming_shutdown(
                         tonic::transport::server::TcpIncoming::from(listener)
                             .with_nodelay(Some(true)),

@@ -1,0 +1,123 @@
+//! Arrow Flight ingest as a producer sees it: numbered batches are stored
+//! once however often they are sent, also across `kill -9`; batches that
+//! cannot be stored are refused with the column at fault, and the collector
+//! keeps serving.
+
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use anyhow::Result;
+use arrow::array::{ArrayRef, Int32Array, RecordBatch};
+use arrow_flight::encode::FlightDataEncoderBuilder;
+use arrow_flight::error::FlightError;
+use arrow_flight::{FlightClient, FlightDescriptor, PutResult};
+use bytes::Bytes;
+use futures_util::TryStreamExt;
+use lumen_core::RequestRecord;
+use lumen_core::schema::RequestBatchBuilder;
+use lumen_tests::{UpPorts, sql_count, start_up, write_mesh};
+
+fn records(n: usize, tag: &str) -> RecordBatch {
+    let mut b = RequestBatchBuilder::new();
+    for i in 0..n {
+        b.push(&RequestRecord {
+            start_time: SystemTime::now(),
+            path: format!("/{tag}/{i}"),
+            span_id: rand::random(),
+            ..RequestRecord::example()
+        });
+    }
+    b.finish().expect("a batch")
+}
+
+fn id(producer: [u8; 16], seq: u64) -> Bytes {
+    let mut v = producer.to_vec();
+    v.extend_from_slice(&seq.to_le_bytes());
+    Bytes::from(v)
+}
+
+async fn put(
+    client: &mut FlightClient,
+    table: &str,
+    batch_id: Bytes,
+    batch: RecordBatch,
+) -> Result<Vec<PutResult>, FlightError> {
+    let stream = FlightDataEncoderBuilder::new()
+        .with_flight_descriptor(Some(FlightDescriptor::new_path(vec![table.to_string()])))
+        .with_metadata(batch_id)
+        .build(futures_util::stream::iter([Ok(batch)]));
+    client.do_put(stream).await?.try_collect().await
+}
+
+async fn client(ports: &UpPorts) -> Result<FlightClient> {
+    let channel = tonic::transport::Endpoint::from_shared(ports.grpc_endpoint())?
+        .connect()
+        .await?;
+    Ok(FlightClient::new(channel))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn numbered_batches_are_stored_once_across_retries_and_kill_9() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let data = dir.path().join("data");
+    let mesh = dir.path().join("mesh.yaml");
+    write_mesh(&mesh, &[("reviews", 9080, &[])])?;
+    let ports = UpPorts::pick();
+    let mut up = start_up(dir.path(), &mesh, &data, ports, &[]).await?;
+    let mut flight = client(&ports).await?;
+    let producer: [u8; 16] = rand::random();
+    let count = "SELECT count(*) AS n FROM requests";
+
+    let acks = put(&mut flight, "requests", id(producer, 1), records(50, "a")).await?;
+    assert_eq!(acks.len(), 1);
+    assert_eq!(
+        acks[0].app_metadata,
+        id(producer, 1),
+        "the ack names the batch"
+    );
+    assert_eq!(sql_count(&ports.sql_url(), count).await?, 50);
+    // The ack was lost, so the producer sends the same batch again.
+    put(&mut flight, "requests", id(producer, 1), records(50, "a")).await?;
+    put(&mut flight, "requests", id(producer, 2), records(7, "b")).await?;
+    assert_eq!(sql_count(&ports.sql_url(), count).await?, 57);
+
+    up.kill9()?;
+    let ports = UpPorts::pick();
+    let mut up = start_up(dir.path(), &mesh, &data, ports, &[]).await?;
+    let mut flight = client(&ports).await?;
+    assert_eq!(sql_count(&ports.sql_url(), count).await?, 57);
+    // A retry that arrives after the restart is still recognised.
+    put(&mut flight, "requests", id(producer, 2), records(7, "b")).await?;
+    assert_eq!(sql_count(&ports.sql_url(), count).await?, 57);
+    let paths_b = "SELECT count(*) AS n FROM requests WHERE path LIKE '/b/%'";
+    assert_eq!(sql_count(&ports.sql_url(), paths_b).await?, 7);
+
+    // Batches that cannot be stored say why, and nothing of them is kept.
+    let wrong = RecordBatch::try_from_iter([(
+        "status",
+        Arc::new(Int32Array::from(vec![200])) as ArrayRef,
+    )])?;
+    let err = put(&mut flight, "requests", id(producer, 3), wrong)
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("missing column `time`"), "{err}");
+    let err = put(&mut flight, "nonsense", id(producer, 4), records(1, "c"))
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("unknown table `nonsense`"),
+        "{err}"
+    );
+    let err = put(
+        &mut flight,
+        "requests",
+        Bytes::from_static(b"short"),
+        records(1, "c"),
+    )
+    .await
+    .unwrap_err();
+    assert!(err.to_string().contains("24-byte batch id"), "{err}");
+    assert_eq!(sql_count(&ports.sql_url(), count).await?, 57);
+    up.terminate()?;
+    Ok(())
+}
