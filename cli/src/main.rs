@@ -12,6 +12,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use lumen_collector::{Collector, CollectorConfig, FlushPolicy};
 use lumen_core::Workload;
 use lumen_core::config::DEFAULT_NAMESPACE;
+use lumen_proxy::telemetry::ExportProtocol;
 use lumen_proxy::{Proxy, ProxyConfig};
 use lumen_query::{QueryConfig, QueryEngine, QueryServer, QuerySettings};
 use tokio::sync::watch;
@@ -198,6 +199,16 @@ enum OnOff {
     Off,
 }
 
+/// How a sidecar's records leave it.
+#[derive(Clone, Copy, ValueEnum)]
+enum TelemetryProtocol {
+    /// Arrow record batches over Arrow Flight, to Lumen's collector
+    /// (columnar end to end, stored exactly once).
+    Arrow,
+    /// OTLP/gRPC spans, to any OpenTelemetry collector or Jaeger.
+    Otlp,
+}
+
 #[derive(Args)]
 struct ProxyArgs {
     /// Service this sidecar's workload belongs to.
@@ -233,14 +244,19 @@ struct ProxyArgs {
     /// Admin endpoint: /ready, /stats/prometheus, /config_dump.
     #[arg(long, default_value = "127.0.0.1:15000")]
     admin: SocketAddr,
-    /// OTLP/gRPC endpoint request records are exported to.
+    /// gRPC endpoint request records are exported to (Lumen's collector
+    /// takes Arrow Flight and OTLP there).
     #[arg(long, default_value = "http://127.0.0.1:4317")]
     collector: String,
+    /// Wire protocol of the export.
+    #[arg(long, value_enum, default_value = "arrow")]
+    telemetry_protocol: TelemetryProtocol,
     /// Export a record of every request to the collector.
     #[arg(long, value_enum, default_value = "on")]
     telemetry: OnOff,
-    /// Records waiting for export before new ones are dropped (and counted).
-    #[arg(long, default_value_t = 8192)]
+    /// Records not yet acknowledged by the collector before new ones are
+    /// dropped (and counted).
+    #[arg(long, default_value_t = 65536)]
     telemetry_queue: usize,
     /// Longest wait for an upstream's response headers.
     #[arg(long, default_value = "15s", value_parser = parse_duration)]
@@ -467,6 +483,13 @@ async fn proxy(a: ProxyArgs) -> Result<()> {
     config.telemetry.export = matches!(a.telemetry, OnOff::On);
     config.telemetry.collector_endpoint = a.collector.clone();
     config.telemetry.queue_capacity = a.telemetry_queue;
+    if let Some(w) = a.workers {
+        config.telemetry.recording_threads = usize::from(w);
+    }
+    config.telemetry.protocol = match a.telemetry_protocol {
+        TelemetryProtocol::Arrow => ExportProtocol::Arrow,
+        TelemetryProtocol::Otlp => ExportProtocol::Otlp,
+    };
     if config.inbound.is_some() && config.app.is_none() {
         bail!("--app is required for the inbound listener (or pass --no-inbound)");
     }

@@ -203,34 +203,42 @@ impl Default for RequestBatchBuilder {
 
 impl RequestBatchBuilder {
     pub fn new() -> Self {
+        Self::with_capacity(1024)
+    }
+
+    /// Builders sized for `rows` rows, so that filling them does not
+    /// reallocate and a small batch does not hold a large one's memory.
+    pub fn with_capacity(rows: usize) -> Self {
+        // Names repeat: a few distinct values of a few bytes each.
+        let dict = || DictBuilder::with_capacity(rows, 16, 256);
         RequestBatchBuilder {
-            time: TimestampMicrosecondBuilder::new().with_timezone("UTC"),
-            duration_us: Int64Builder::new(),
-            reporter: DictBuilder::new(),
-            source_service: DictBuilder::new(),
-            source_workload: DictBuilder::new(),
-            source_namespace: DictBuilder::new(),
-            source_version: DictBuilder::new(),
-            destination_service: DictBuilder::new(),
-            destination_workload: DictBuilder::new(),
-            destination_version: DictBuilder::new(),
-            destination_namespace: DictBuilder::new(),
-            protocol: DictBuilder::new(),
-            method: DictBuilder::new(),
-            authority: DictBuilder::new(),
-            path: DictBuilder::new(),
-            route: DictBuilder::new(),
-            status: Int32Builder::new(),
-            grpc_status: Int32Builder::new(),
-            request_bytes: Int64Builder::new(),
-            response_bytes: Int64Builder::new(),
-            retries: Int32Builder::new(),
-            upstream_address: DictBuilder::new(),
-            response_flags: DictBuilder::new(),
-            mtls: BooleanBuilder::new(),
-            trace_id: FixedSizeBinaryBuilder::new(16),
-            span_id: FixedSizeBinaryBuilder::new(8),
-            parent_span_id: FixedSizeBinaryBuilder::new(8),
+            time: TimestampMicrosecondBuilder::with_capacity(rows).with_timezone("UTC"),
+            duration_us: Int64Builder::with_capacity(rows),
+            reporter: dict(),
+            source_service: dict(),
+            source_workload: dict(),
+            source_namespace: dict(),
+            source_version: dict(),
+            destination_service: dict(),
+            destination_workload: dict(),
+            destination_version: dict(),
+            destination_namespace: dict(),
+            protocol: dict(),
+            method: dict(),
+            authority: dict(),
+            path: DictBuilder::with_capacity(rows, rows.min(256), 16 * rows.min(256)),
+            route: dict(),
+            status: Int32Builder::with_capacity(rows),
+            grpc_status: Int32Builder::with_capacity(rows),
+            request_bytes: Int64Builder::with_capacity(rows),
+            response_bytes: Int64Builder::with_capacity(rows),
+            retries: Int32Builder::with_capacity(rows),
+            upstream_address: dict(),
+            response_flags: dict(),
+            mtls: BooleanBuilder::with_capacity(rows),
+            trace_id: FixedSizeBinaryBuilder::with_capacity(rows, 16),
+            span_id: FixedSizeBinaryBuilder::with_capacity(rows, 8),
+            parent_span_id: FixedSizeBinaryBuilder::with_capacity(rows, 8),
         }
     }
 

@@ -80,7 +80,7 @@ impl Metrics {
         );
         registry.register(
             "telemetry_records_dropped",
-            "Request records not exported: queue full, or export to the collector failed",
+            "Request records not exported, by reason: queue_full (exporter or collector behind), export_failed (collector unreachable), rejected (refused as invalid)",
             records_dropped.clone(),
         );
         registry.register(
@@ -89,7 +89,7 @@ impl Metrics {
             records_exported.clone(),
         );
         // Register the drop reasons up front so a scrape shows them at zero.
-        for reason in [DROP_QUEUE_FULL, DROP_EXPORT_FAILED] {
+        for reason in [DROP_QUEUE_FULL, DROP_EXPORT_FAILED, DROP_REJECTED] {
             let _ = records_dropped.get_or_create(&DropLabels { reason });
         }
         Metrics {
@@ -162,8 +162,12 @@ impl Metrics {
     }
 }
 
+/// The builders or the send queue were full (exporter or collector behind).
 pub const DROP_QUEUE_FULL: &str = "queue_full";
+/// The collector could not be reached, or not in time, for too long.
 pub const DROP_EXPORT_FAILED: &str = "export_failed";
+/// The collector refused the batch as invalid (retrying cannot help).
+pub const DROP_REJECTED: &str = "rejected";
 
 #[cfg(test)]
 mod tests {

@@ -1,45 +1,90 @@
 //! Per-request telemetry: every finished request becomes one
-//! [`RequestRecord`], counted in Prometheus metrics and pushed to a bounded
-//! queue that an exporter task drains in batches. When the queue is full the
-//! record is dropped and counted; the request path never waits.
+//! [`RequestRecord`], counted in Prometheus metrics and appended to Arrow
+//! column builders ([`batcher`]). An exporter thread turns the builders'
+//! contents into record batches and sends them ([`export`]) — as Arrow
+//! Flight to Lumen's collector, or as OTLP spans to any OpenTelemetry
+//! collector ([`sink`]). Every bound drops and counts instead of waiting:
+//! the request path never waits for telemetry.
 
+pub mod batcher;
+pub mod export;
 pub mod metrics;
-mod otlp;
+pub mod sink;
 
+use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use lumen_core::{RequestRecord, Workload};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 
 pub use metrics::Metrics;
+
+use self::batcher::Batcher;
+use self::export::Exporter;
+use self::sink::Sink;
+
+/// The wire protocol records leave in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExportProtocol {
+    /// Arrow record batches over Arrow Flight `DoPut`, to Lumen's collector:
+    /// columnar end to end, and stored exactly once.
+    Arrow,
+    /// OTLP/gRPC spans, for any OpenTelemetry collector or Jaeger.
+    Otlp,
+}
+
+impl FromStr for ExportProtocol {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "arrow" => Ok(ExportProtocol::Arrow),
+            "otlp" => Ok(ExportProtocol::Otlp),
+            other => Err(format!("unknown export protocol `{other}`: arrow or otlp")),
+        }
+    }
+}
 
 /// How records leave the proxy.
 #[derive(Debug, Clone)]
 pub struct TelemetryConfig {
     /// Export records at all; metrics are kept either way.
     pub export: bool,
-    /// OTLP/gRPC endpoint of the collector, e.g. `http://127.0.0.1:4317`.
+    pub protocol: ExportProtocol,
+    /// gRPC endpoint of the collector, e.g. `http://127.0.0.1:4317`.
     pub collector_endpoint: String,
-    /// Records waiting for export; beyond this they are dropped and counted.
+    /// Records recorded and not yet acknowledged by the collector; beyond
+    /// this (collector down or slow, exporter stalled) new ones are dropped
+    /// and counted.
     pub queue_capacity: usize,
-    /// Most records per export call.
+    /// Encoded batches waiting to be sent, in bytes; beyond this (the
+    /// collector down or slow) new batches are dropped and counted.
+    pub queue_bytes: usize,
+    /// Records per batch: a batch leaves when it is this full, or at the
+    /// next flush.
     pub batch_size: usize,
-    /// How often the exporter drains the queue: the longest a record waits to leave.
+    /// How often records are taken from the builders: the longest a record
+    /// waits to leave.
     pub flush_interval: Duration,
     /// Longest one export call may take.
     pub export_timeout: Duration,
+    /// Threads that record (the proxy's workers); builders are kept per thread.
+    pub recording_threads: usize,
 }
 
 impl Default for TelemetryConfig {
     fn default() -> Self {
         TelemetryConfig {
             export: true,
+            protocol: ExportProtocol::Arrow,
             collector_endpoint: "http://127.0.0.1:4317".to_string(),
-            queue_capacity: 8192,
-            batch_size: 512,
+            queue_capacity: 65536,
+            queue_bytes: 16 << 20,
+            batch_size: 1024,
             flush_interval: Duration::from_millis(50),
             export_timeout: Duration::from_secs(5),
+            recording_threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
         }
     }
 }
@@ -47,17 +92,17 @@ impl Default for TelemetryConfig {
 /// The request path's handle: record a finished request.
 #[derive(Debug, Clone)]
 pub struct Telemetry {
-    queue: Option<mpsc::Sender<RequestRecord>>,
+    batcher: Option<Arc<Batcher>>,
     metrics: Arc<Metrics>,
 }
 
 impl Telemetry {
-    /// Starts the exporter (when export is on). The exporter drains the queue
-    /// and stops once `shutdown` turns true.
+    /// Starts the exporter (when export is on). It takes records until
+    /// `shutdown` turns true, then sends what is left.
     ///
-    /// It runs on a thread of its own: building and encoding a batch of spans
-    /// takes a while, and on the request workers it would hold up requests
-    /// queued behind it (with one worker, every request).
+    /// It runs on a thread of its own, at a lower priority: building and
+    /// encoding batches takes a while, and on the request workers it would
+    /// hold up requests queued behind it (with one worker, every request).
     pub fn start(
         config: &TelemetryConfig,
         identity: &Workload,
@@ -67,35 +112,55 @@ impl Telemetry {
         if !config.export {
             return Ok((
                 Telemetry {
-                    queue: None,
+                    batcher: None,
                     metrics,
                 },
                 None,
             ));
         }
-        let (tx, rx) = mpsc::channel(config.queue_capacity.max(1));
+        let batcher = Arc::new(Batcher::new(
+            config.recording_threads,
+            config.queue_capacity,
+            config.batch_size,
+        ));
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .map_err(|e| crate::ProxyError::Telemetry(format!("exporter runtime: {e}")))?;
-        // The OTLP client binds to the runtime it is built in.
-        let exporter = {
+        // gRPC channels bind to the runtime they are made in.
+        let sink = {
             let _in_runtime = runtime.enter();
-            otlp::Exporter::new(config, identity, metrics.clone())?
+            match config.protocol {
+                ExportProtocol::Arrow => {
+                    Sink::flight(&config.collector_endpoint, config.export_timeout)
+                }
+                ExportProtocol::Otlp => {
+                    Sink::otlp(&config.collector_endpoint, config.export_timeout, identity)
+                }
+            }
+            .map_err(crate::ProxyError::Telemetry)?
+        };
+        let exporter = Exporter {
+            batcher: batcher.clone(),
+            sink,
+            metrics: metrics.clone(),
+            flush_interval: config.flush_interval,
+            export_timeout: config.export_timeout,
+            queue_bytes: config.queue_bytes,
         };
         let task = std::thread::Builder::new()
             .name("lumen-telemetry".into())
             .spawn(move || {
                 // An export burst must not delay requests: when the machine
                 // is busy, export catches up after them (and if it falls too
-                // far behind, the bounded queue drops records and counts them).
+                // far behind, the bounded queues drop records and count them).
                 lumen_core::thread::lower_priority();
-                runtime.block_on(exporter.run(rx, shutdown))
+                runtime.block_on(exporter.run(shutdown))
             })
             .map_err(|e| crate::ProxyError::Telemetry(format!("exporter thread: {e}")))?;
         Ok((
             Telemetry {
-                queue: Some(tx),
+                batcher: Some(batcher),
                 metrics,
             },
             Some(task),
@@ -105,8 +170,8 @@ impl Telemetry {
     /// Called once per request when its response has ended (or failed).
     pub fn record(&self, record: RequestRecord) {
         self.metrics.observe(&record);
-        if let Some(queue) = &self.queue
-            && queue.try_send(record).is_err()
+        if let Some(batcher) = &self.batcher
+            && batcher.record(&record).is_err()
         {
             self.metrics.dropped(metrics::DROP_QUEUE_FULL, 1);
         }
