@@ -23,6 +23,7 @@ pub mod ingest;
 pub mod persist;
 #[cfg(test)]
 mod persist_tests;
+pub mod rollup;
 pub mod store;
 pub mod wal;
 

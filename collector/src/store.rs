@@ -4,14 +4,15 @@
 //! so a query snapshot sees each row exactly once: either hot or in a file.
 
 use std::path::PathBuf;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 
 use arrow::datatypes::SchemaRef;
 use arrow::record_batch::RecordBatch;
-use lumen_core::schema::{TABLES, table_schema};
+use lumen_core::schema::{REQUESTS, ROLLUPS, TABLES, table_schema};
 
 use crate::buffer::{Chunk, TableBuffer};
 use crate::health::Health;
+use crate::rollup::Rollups;
 
 /// A Parquet file the collector wrote, and what it holds.
 #[derive(Debug, Clone, PartialEq)]
@@ -55,6 +56,9 @@ struct TableState {
 #[derive(Debug)]
 pub struct Store {
     tables: RwLock<Vec<TableState>>,
+    /// Hot rows of `rollups`: aggregates of the hot `requests` rows, kept
+    /// as they are committed. Locked after `tables`, never before.
+    rollups: Mutex<Rollups>,
     /// Trouble of the writers (WAL, flush) that readers of the store report.
     health: Health,
 }
@@ -81,6 +85,7 @@ impl Store {
             .collect();
         Store {
             tables: RwLock::new(tables),
+            rollups: Mutex::default(),
             health: Health::default(),
         }
     }
@@ -103,6 +108,21 @@ impl Store {
         self.tables.write().unwrap_or_else(|e| e.into_inner())
     }
 
+    fn rollups(&self) -> std::sync::MutexGuard<'_, Rollups> {
+        self.rollups.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Hot `rollups` rows (segments up to `segment`), as one chunk.
+    fn rollup_chunks(&self, segment: u64) -> Vec<RecordBatch> {
+        match self.rollups().batch_through(segment) {
+            Ok(b) => b.into_iter().collect(),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot build rollup rows");
+                Vec::new()
+            }
+        }
+    }
+
     /// Names of the tables, in a stable order.
     pub fn table_names(&self) -> &'static [&'static str] {
         &TABLES
@@ -112,9 +132,17 @@ impl Store {
         let i = table_index(table)?;
         let tables = self.read();
         let t = &tables[i];
+        let hot = if table == ROLLUPS {
+            self.rollup_chunks(u64::MAX)
+                .into_iter()
+                .map(|b| Chunk::new(0, b))
+                .collect()
+        } else {
+            t.buffer.chunks().cloned().collect()
+        };
         Some(TableSnapshot {
             schema: table_schema(table)?,
-            hot: t.buffer.chunks().cloned().collect(),
+            hot,
             files: t.files.clone(),
         })
     }
@@ -126,7 +154,11 @@ impl Store {
             .zip(tables.iter())
             .map(|(name, t)| TableStats {
                 table: name,
-                hot_rows: t.buffer.rows(),
+                hot_rows: if *name == ROLLUPS {
+                    self.rollups().len()
+                } else {
+                    t.buffer.rows()
+                },
                 hot_bytes: t.buffer.bytes(),
                 files: t.files.len(),
                 file_rows: t.files.iter().map(|f| f.rows).sum(),
@@ -136,7 +168,13 @@ impl Store {
     }
 
     pub(crate) fn insert(&self, segment: u64, table: usize, batch: RecordBatch) {
-        self.write()[table].buffer.insert(segment, batch);
+        let mut tables = self.write();
+        if TABLES[table] == REQUESTS
+            && let Err(e) = self.rollups().add(segment, &batch)
+        {
+            tracing::error!(error = %e, "cannot roll up a requests batch");
+        }
+        tables[table].buffer.insert(segment, batch);
     }
 
     pub(crate) fn add_files(&self, files: Vec<(usize, FileMeta)>) {
@@ -148,9 +186,17 @@ impl Store {
 
     /// Hot batches of segments up to `segment`, per table, for a flush.
     pub(crate) fn batches_through(&self, segment: u64) -> Vec<Vec<RecordBatch>> {
-        self.read()
+        let tables = self.read();
+        TABLES
             .iter()
-            .map(|t| t.buffer.batches_through(segment))
+            .zip(tables.iter())
+            .map(|(name, t)| {
+                if *name == ROLLUPS {
+                    self.rollup_chunks(segment)
+                } else {
+                    t.buffer.batches_through(segment)
+                }
+            })
             .collect()
     }
 
@@ -164,5 +210,6 @@ impl Store {
         for t in tables.iter_mut() {
             t.buffer.remove_through(segment);
         }
+        self.rollups().remove_through(segment);
     }
 }

@@ -8,6 +8,8 @@
 //!   parsed and validated once, with errors naming file, field and reason;
 //!   [`config::documents`] splits any Lumen YAML file into typed resources.
 //! - [`thread`]: the one scheduling hint background threads share.
+//! - [`sketch`]: the mergeable latency sketch (DDSketch, 1 % relative
+//!   accuracy) rollups keep per key and window.
 //! - [`load`]: the signal latency-sensitive work gives background work to
 //!   step aside while it runs.
 //!
@@ -19,6 +21,7 @@ pub mod config;
 pub mod load;
 pub mod record;
 pub mod schema;
+pub mod sketch;
 pub mod thread;
 
 pub use config::{ConfigError, Endpoint, MeshConfig, Service};

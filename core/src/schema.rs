@@ -18,8 +18,21 @@ use crate::record::RequestRecord;
 pub const REQUESTS: &str = "requests";
 /// Table of spans sent by applications' own OpenTelemetry SDKs.
 pub const SPANS: &str = "spans";
+/// Table of request aggregates per window, kept at ingest from `requests`.
+pub const ROLLUPS: &str = "rollups";
 /// Every table the store keeps, in a stable order.
-pub const TABLES: [&str; 2] = [REQUESTS, SPANS];
+pub const TABLES: [&str; 3] = [REQUESTS, SPANS, ROLLUPS];
+
+/// Rollup window lengths, in seconds: the short one is kept from rows, the
+/// long one merged from short ones.
+pub const ROLLUP_WINDOWS: [i64; 2] = [10, 60];
+
+/// Istio's buckets for `istio_request_duration_milliseconds`, so that
+/// dashboards and `histogram_quantile` built for Istio read the same
+/// quantiles from the proxies' metrics and from rollups. `+Inf` follows.
+pub const DURATION_BUCKETS_MS: [f64; 14] = [
+    0.5, 1.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0, 30000.0,
+];
 
 /// Instrumentation scope of the spans Lumen proxies export; the collector
 /// routes spans of this scope into `requests`, everything else into `spans`.
@@ -121,6 +134,56 @@ static SPANS_SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
     ]))
 });
 
+static ROLLUPS_SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
+    let mut fields = vec![
+        Field::new("time", timestamp(), false),
+        Field::new("window_seconds", DataType::Int32, false),
+    ];
+    for name in ROLLUP_KEY_NAMES {
+        fields.push(Field::new(name, dict(), false));
+    }
+    fields.extend([
+        Field::new("status", DataType::Int32, false),
+        Field::new("grpc_status", DataType::Int32, true),
+        Field::new("mtls", DataType::Boolean, false),
+        Field::new("requests", DataType::Int64, false),
+        Field::new("errors", DataType::Int64, false),
+        Field::new("request_bytes", DataType::Int64, false),
+        Field::new("response_bytes", DataType::Int64, false),
+        Field::new("duration_sum_us", DataType::Int64, false),
+        Field::new("duration_max_us", DataType::Int64, false),
+        Field::new("duration_sketch", DataType::Binary, false),
+        Field::new(
+            "duration_bucket",
+            DataType::List(Arc::new(Field::new_list_field(DataType::Int64, false))),
+            false,
+        ),
+    ]);
+    Arc::new(Schema::new(fields))
+});
+
+/// The string columns a rollup is keyed by (with `status`, `grpc_status`
+/// and `mtls`), named as in `requests`.
+pub const ROLLUP_KEY_NAMES: [&str; 12] = [
+    "reporter",
+    "source_service",
+    "source_workload",
+    "source_namespace",
+    "source_version",
+    "destination_service",
+    "destination_workload",
+    "destination_namespace",
+    "destination_version",
+    "route",
+    "protocol",
+    "response_flags",
+];
+
+/// Schema of the `rollups` table.
+pub fn rollups_schema() -> SchemaRef {
+    ROLLUPS_SCHEMA.clone()
+}
+
 /// Schema of the `requests` table.
 pub fn requests_schema() -> SchemaRef {
     REQUESTS_SCHEMA.clone()
@@ -136,6 +199,7 @@ pub fn table_schema(table: &str) -> Option<SchemaRef> {
     match table {
         REQUESTS => Some(requests_schema()),
         SPANS => Some(spans_schema()),
+        ROLLUPS => Some(rollups_schema()),
         _ => None,
     }
 }

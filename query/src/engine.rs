@@ -418,6 +418,7 @@ impl Job {
             .with_default_catalog_and_schema("lumen", "public")
             .with_target_partitions(self.config.parallelism.max(1));
         let ctx = SessionContext::new_with_config_rt(config, runtime);
+        crate::functions::register(&ctx);
         for name in self.store.table_names() {
             let Some(schema) = table_schema(name) else {
                 return Err(QueryError::Internal(format!(

@@ -17,6 +17,7 @@
 pub mod engine;
 pub mod executor;
 pub mod format;
+pub mod functions;
 pub mod guard;
 pub mod http;
 pub mod memory;

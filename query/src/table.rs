@@ -7,6 +7,7 @@ use arrow::datatypes::SchemaRef;
 use arrow::datatypes::{DataType, TimeUnit};
 use arrow::record_batch::RecordBatch;
 use async_trait::async_trait;
+use chrono::Utc;
 use datafusion::catalog::{Session, TableProvider};
 use datafusion::common::ScalarValue;
 use datafusion::datasource::file_format::parquet::ParquetFormat;
@@ -18,11 +19,20 @@ use datafusion::error::Result;
 use datafusion::logical_expr::{
     BinaryExpr, Expr, Operator, TableProviderFilterPushDown, TableType,
 };
+use datafusion::physical_expr::PhysicalExpr;
+use datafusion::physical_expr::expressions::{BinaryExpr as PhysBinary, Column, lit};
 use datafusion::physical_plan::ExecutionPlan;
 use datafusion::physical_plan::empty::EmptyExec;
+use datafusion::physical_plan::filter::FilterExec;
+use datafusion::physical_plan::projection::{ProjectionExec, ProjectionExpr};
 use datafusion::physical_plan::union::UnionExec;
 use lumen_collector::Store;
-use lumen_core::schema::TIME_COLUMN;
+use lumen_core::schema::{ROLLUP_WINDOWS, ROLLUPS, TIME_COLUMN};
+
+/// How long after a rollup window ends it stays hidden, while records of
+/// its last moments are still on their way from the proxies (which send
+/// every 50 ms, and retry for longer only when the collector is down).
+pub const ROLLUP_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// One table of the store (`requests`, `spans`, …).
 #[derive(Debug)]
@@ -171,6 +181,87 @@ impl TableProvider for StoreTable {
     }
 
     async fn scan(
+        &self,
+        state: &dyn Session,
+        projection: Option<&Vec<usize>>,
+        filters: &[Expr],
+        limit: Option<usize>,
+    ) -> Result<Arc<dyn ExecutionPlan>> {
+        if self.name == ROLLUPS {
+            return self.scan_closed_windows(state, projection, filters).await;
+        }
+        self.scan_all(state, projection, filters, limit).await
+    }
+}
+
+impl StoreTable {
+    /// `rollups` rows of windows that have closed: a window still open (or
+    /// within [`ROLLUP_GRACE`] of its end, while late records arrive) would
+    /// show partial counts. Rows of every window length are filtered by
+    /// their own length.
+    async fn scan_closed_windows(
+        &self,
+        state: &dyn Session,
+        projection: Option<&Vec<usize>>,
+        filters: &[Expr],
+    ) -> Result<Arc<dyn ExecutionPlan>> {
+        let time_at = self.schema.index_of(TIME_COLUMN)?;
+        let window_at = self.schema.index_of("window_seconds")?;
+        let mut needed: Vec<usize> = projection
+            .cloned()
+            .unwrap_or_else(|| (0..self.schema.fields().len()).collect());
+        let wanted = needed.len();
+        for i in [time_at, window_at] {
+            if !needed.contains(&i) {
+                needed.push(i);
+            }
+        }
+        let input = self.scan_all(state, Some(&needed), filters, None).await?;
+        let schema = input.schema();
+        let position = |i: usize| needed.iter().position(|n| *n == i).expect("added above");
+        let time = Arc::new(Column::new(TIME_COLUMN, position(time_at)));
+        let window = Arc::new(Column::new("window_seconds", position(window_at)));
+        let watermark = Utc::now().timestamp_micros() - ROLLUP_GRACE.as_micros() as i64;
+        let mut closed: Option<Arc<dyn PhysicalExpr>> = None;
+        for w in ROLLUP_WINDOWS {
+            let this_length: Arc<dyn PhysicalExpr> = Arc::new(PhysBinary::new(
+                window.clone(),
+                Operator::Eq,
+                lit(ScalarValue::Int32(Some(w as i32))),
+            ));
+            let ended: Arc<dyn PhysicalExpr> = Arc::new(PhysBinary::new(
+                time.clone(),
+                Operator::LtEq,
+                lit(ScalarValue::TimestampMicrosecond(
+                    Some(watermark - w * 1_000_000),
+                    Some("UTC".into()),
+                )),
+            ));
+            let both: Arc<dyn PhysicalExpr> =
+                Arc::new(PhysBinary::new(this_length, Operator::And, ended));
+            closed = Some(match closed {
+                None => both,
+                Some(c) => Arc::new(PhysBinary::new(c, Operator::Or, both)),
+            });
+        }
+        let closed = closed.expect("at least one window length");
+        let filtered: Arc<dyn ExecutionPlan> = Arc::new(FilterExec::try_new(closed, input)?);
+        if needed.len() == wanted {
+            return Ok(filtered);
+        }
+        let exprs: Vec<ProjectionExpr> = (0..wanted)
+            .map(|i| {
+                let name = schema.field(i).name().clone();
+                ProjectionExpr::new(
+                    Arc::new(Column::new(&name, i)) as Arc<dyn PhysicalExpr>,
+                    name,
+                )
+            })
+            .collect();
+        Ok(Arc::new(ProjectionExec::try_new(exprs, filtered)?))
+    }
+
+    async fn scan_all(
         &self,
         state: &dyn Session,
         projection: Option<&Vec<usize>>,

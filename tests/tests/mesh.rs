@@ -331,10 +331,9 @@ async fn telemetry_trouble_never_fails_requests_and_config_reloads_live() -> Res
     };
     let queue_full = metric("lumen_telemetry_records_dropped_total{reason=\"queue_full\"}");
     assert!(queue_full > 0.0, "a full queue drops and counts:\n{stats}");
-    assert_eq!(
-        metric("lumen_telemetry_records_exported_total"),
-        0.0,
-        "{stats}"
+    assert!(
+        !stats.contains("lumen_telemetry_records_exported_total{"),
+        "nothing reached a dead collector:\n{stats}"
     );
     // Shutdown stays prompt and clean even with records it cannot export.
     assert_eq!(frontend.terminate()?, 0, "{}", frontend.logs());

@@ -189,7 +189,7 @@ async fn send_all(
             };
             match result {
                 Ok(()) => {
-                    metrics.exported(batch.rows);
+                    metrics.exported(sink.protocol(), batch.rows);
                     backoff = BACKOFF_START;
                     break;
                 }

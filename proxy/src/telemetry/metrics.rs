@@ -3,6 +3,7 @@
 use std::collections::HashSet;
 use std::sync::{Arc, RwLock};
 
+use lumen_core::schema::DURATION_BUCKETS_MS;
 use lumen_core::{RequestRecord, ResponseFlags};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -19,15 +20,14 @@ struct RequestLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ProtocolLabels {
+    protocol: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct DropLabels {
     reason: &'static str,
 }
-
-/// Istio's buckets for `istio_request_duration_milliseconds`, so dashboards
-/// built for Istio read the same quantiles.
-const DURATION_BUCKETS_MS: [f64; 14] = [
-    0.5, 1.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0, 30000.0,
-];
 
 fn duration_histogram() -> Histogram {
     Histogram::new(DURATION_BUCKETS_MS)
@@ -40,7 +40,7 @@ pub struct Metrics {
     requests: Family<RequestLabels, Counter>,
     duration: Family<RequestLabels, Histogram, fn() -> Histogram>,
     records_dropped: Family<DropLabels, Counter>,
-    records_exported: Counter,
+    records_exported: Family<ProtocolLabels, Counter>,
     unknown: Arc<str>,
     other: Arc<str>,
     /// Source services seen as labels so far (see [`MAX_SOURCE_LABELS`]).
@@ -67,7 +67,7 @@ impl Metrics {
             duration_histogram,
         );
         let records_dropped = Family::<DropLabels, Counter>::default();
-        let records_exported = Counter::default();
+        let records_exported = Family::<ProtocolLabels, Counter>::default();
         registry.register(
             "requests",
             "Requests completed by this proxy",
@@ -149,8 +149,11 @@ impl Metrics {
             .inc_by(n);
     }
 
-    pub fn exported(&self, n: u64) {
-        self.records_exported.inc_by(n);
+    /// Records the collector acknowledged, by wire protocol (`arrow`, `otlp`).
+    pub fn exported(&self, protocol: &'static str, n: u64) {
+        self.records_exported
+            .get_or_create(&ProtocolLabels { protocol })
+            .inc_by(n);
     }
 
     /// Prometheus text exposition of every metric.

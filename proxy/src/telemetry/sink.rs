@@ -86,6 +86,14 @@ impl Sink {
         }))
     }
 
+    /// The protocol's name, as metrics label it.
+    pub fn protocol(&self) -> &'static str {
+        match self {
+            Sink::Flight(_) => "arrow",
+            Sink::Otlp(_) => "otlp",
+        }
+    }
+
     /// Encodes a batch for the wire, once.
     pub async fn encode(&self, id: &Bytes, batch: RecordBatch) -> Result<Payload, String> {
         match self {
