@@ -251,6 +251,10 @@ struct ProxyArgs {
     /// Wire protocol of the export.
     #[arg(long, value_enum, default_value = "arrow")]
     telemetry_protocol: TelemetryProtocol,
+    /// How often records leave for the collector: the longest a record
+    /// waits before it is sent (a full batch leaves at once).
+    #[arg(long, default_value = "200ms", value_parser = parse_duration)]
+    telemetry_flush: Duration,
     /// Export a record of every request to the collector.
     #[arg(long, value_enum, default_value = "on")]
     telemetry: OnOff,
@@ -483,6 +487,7 @@ async fn proxy(a: ProxyArgs) -> Result<()> {
     config.telemetry.export = matches!(a.telemetry, OnOff::On);
     config.telemetry.collector_endpoint = a.collector.clone();
     config.telemetry.queue_capacity = a.telemetry_queue;
+    config.telemetry.flush_interval = a.telemetry_flush;
     if let Some(w) = a.workers {
         config.telemetry.recording_threads = usize::from(w);
     }

@@ -205,7 +205,7 @@ impl Collector {
         })
     }
 
-    /// Active while ingest has payloads in progress; background work on
+    /// Active while ingest decodes or stores payloads; background work on
     /// the same cores (queries) steps aside while it is.
     pub fn ingest_pressure(&self) -> lumen_core::load::Pressure {
         self.ingest.pressure().clone()

@@ -1,8 +1,8 @@
 //! A signal from latency-sensitive work to background work that shares its
 //! cores: while [`Pressure`] is active, background threads should step aside.
 //!
-//! The collector marks each ingest payload from admission to
-//! acknowledgement; the query executor reads the mark and, while it is set,
+//! The collector marks each ingest payload while it is decoded and stored
+//! (until acknowledgement); the query executor reads the mark and, while it is set,
 //! runs its threads in short slices with pauses between them. Lowering a
 //! thread's priority alone is not enough on a small machine: a busy thread
 //! at the lowest priority still fills every gap the higher-priority work

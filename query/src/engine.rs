@@ -103,6 +103,9 @@ impl Default for QueryConfig {
     }
 }
 
+/// What DataFusion names the directories it spills into.
+const SPILL_PREFIX: &str = "datafusion-";
+
 /// Why a query got no turn.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Busy {
@@ -205,11 +208,20 @@ impl QueryEngine {
     /// Starts the query executor's threads.
     pub fn new(store: Arc<Store>, config: QueryConfig) -> std::io::Result<Self> {
         if let Some(dir) = &config.spill_dir {
-            // Spill files outlive nothing: whatever a crash left is garbage.
-            if dir.exists() {
-                std::fs::remove_dir_all(dir)?;
-            }
             std::fs::create_dir_all(dir)?;
+            // Spill files outlive nothing: what a crash left is garbage. Only
+            // the directories DataFusion makes are removed; the directory
+            // itself may be shared (`/var/tmp`), and nothing else in it is ours.
+            for entry in std::fs::read_dir(dir)? {
+                let entry = entry?;
+                let ours = entry
+                    .file_name()
+                    .to_string_lossy()
+                    .starts_with(SPILL_PREFIX);
+                if ours && entry.file_type()?.is_dir() {
+                    std::fs::remove_dir_all(entry.path())?;
+                }
+            }
         }
         let executor = Arc::new(QueryExecutor::new(config.threads)?);
         let budget = Arc::new(MemoryBudget::new(config.memory_budget_bytes));
@@ -308,6 +320,7 @@ impl QueryEngine {
             leash: Leash {
                 stop: entry.stop.clone(),
                 throttle: self.throttle.clone(),
+                work: turn.work_token(),
             },
             pool,
         };
@@ -376,12 +389,17 @@ impl Drop for Finish<'_> {
         if self.done {
             return;
         }
+        // The first reason stays: a query cut off by shutdown's drain
+        // timeout was stopped by shutdown, not by its client.
         self.entry.stop.stop(StopReason::ClientGone);
+        let outcome = match self.entry.stop.reason() {
+            Some(StopReason::Shutdown) => Outcome::Shutdown,
+            _ => Outcome::ClientGone,
+        };
         if let Some(a) = &self.abort {
             a.abort();
         }
-        self.running
-            .finished(&self.entry, Outcome::ClientGone, None, None);
+        self.running.finished(&self.entry, outcome, None, None);
     }
 }
 

@@ -25,7 +25,6 @@ use datafusion::common::tree_node::TreeNodeRecursion;
 use datafusion::common::{DataFusionError, Result};
 use datafusion::execution::{RecordBatchStream, SendableRecordBatchStream, TaskContext};
 use datafusion::physical_expr::PhysicalExpr;
-use datafusion::physical_plan::analyze::AnalyzeExec;
 use datafusion::physical_plan::execution_plan::{
     ChildrenPropertiesMode, ReplaceChildrenOptions, replace_children_if_necessary,
 };
@@ -128,17 +127,16 @@ impl Stop {
 pub struct Leash {
     pub stop: Arc<Stop>,
     pub throttle: Option<Throttle>,
+    /// Held by every node while it is alive (see [`crate::running::Turn`]).
+    pub work: Arc<()>,
 }
 
 /// Wraps every node of `plan` in a [`GuardExec`] holding `leash`.
 ///
-/// `EXPLAIN ANALYZE` keeps its plan unwrapped so that its output shows the
-/// query's own operators; only its root is guarded, and DataFusion's own
-/// yield points still let the executor abort it.
+/// `EXPLAIN ANALYZE` too: it runs the query it measures in tasks of its
+/// own, which an abort of the query's task does not reach, so only the
+/// guards' stop checks end that work. Its output shows the guards.
 pub fn guard(plan: Arc<dyn ExecutionPlan>, leash: &Leash) -> Result<Arc<dyn ExecutionPlan>> {
-    if plan.is::<AnalyzeExec>() {
-        return Ok(Arc::new(GuardExec::new(plan, leash.clone())));
-    }
     let children = plan
         .children()
         .into_iter()

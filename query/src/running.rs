@@ -162,10 +162,58 @@ impl Drop for Registered {
 
 /// A query's turn: held until its work has ended, so a query that is slow
 /// to stop still counts against the concurrency limit.
+///
+/// Work can outlive the query's task: `EXPLAIN ANALYZE` runs the query it
+/// measures in tasks of its own, which aborting the query's task does not
+/// reach. Every plan node of the query holds a clone of the turn's `work`
+/// token, so when the turn is dropped while nodes are still alive, a
+/// watcher keeps the turn (and the query's place in the list) until the
+/// last of them is gone.
 #[derive(Debug)]
 pub struct Turn {
-    _permit: OwnedSemaphorePermit,
-    _registered: Registered,
+    permit: Option<OwnedSemaphorePermit>,
+    registered: Option<Registered>,
+    work: Arc<()>,
+}
+
+/// How often a watcher looks whether a stopped query's work has ended.
+const WORK_POLL: Duration = Duration::from_millis(20);
+
+impl Turn {
+    fn new(permit: OwnedSemaphorePermit, registered: Registered) -> Self {
+        Turn {
+            permit: Some(permit),
+            registered: Some(registered),
+            work: Arc::new(()),
+        }
+    }
+
+    /// A token every plan node of the query holds while it is alive.
+    pub fn work_token(&self) -> Arc<()> {
+        self.work.clone()
+    }
+}
+
+impl Drop for Turn {
+    fn drop(&mut self) {
+        if Arc::strong_count(&self.work) == 1 {
+            return;
+        }
+        let (Ok(runtime), permit, registered) = (
+            tokio::runtime::Handle::try_current(),
+            self.permit.take(),
+            self.registered.take(),
+        ) else {
+            return;
+        };
+        let work = self.work.clone();
+        runtime.spawn(async move {
+            while Arc::strong_count(&work) > 1 {
+                tokio::time::sleep(WORK_POLL).await;
+            }
+            drop((permit, registered));
+        });
+    }
 }
 
 impl Running {
@@ -229,10 +277,7 @@ impl Running {
             return Err(QueryError::Stopped(r));
         }
         if let Ok(permit) = self.turns.clone().try_acquire_owned() {
-            return Ok(Turn {
-                _permit: permit,
-                _registered: registered,
-            });
+            return Ok(Turn::new(permit, registered));
         }
         let queued = QueuedGuard::enter(&self.queued);
         if queued.position >= self.admission.max_queued {
@@ -243,7 +288,7 @@ impl Running {
         }
         tokio::select! {
             permit = self.turns.clone().acquire_owned() => match permit {
-                Ok(permit) => Ok(Turn { _permit: permit, _registered: registered }),
+                Ok(permit) => Ok(Turn::new(permit, registered)),
                 Err(_) => Err(QueryError::Stopped(StopReason::Shutdown)),
             },
             () = tokio::time::sleep(self.admission.queue_timeout) => {

@@ -31,7 +31,7 @@ use lumen_core::schema::{ROLLUP_WINDOWS, ROLLUPS, TIME_COLUMN};
 
 /// How long after a rollup window ends it stays hidden, while records of
 /// its last moments are still on their way from the proxies (which send
-/// every 50 ms, and retry for longer only when the collector is down).
+/// every 200 ms, and retry for longer only when the collector is down).
 pub const ROLLUP_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// One table of the store (`requests`, `spans`, …).

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use lumen_core::load::{Pressure, PressureGuard};
+use lumen_core::load::Pressure;
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use prost::Message;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -80,8 +80,9 @@ pub struct Ingest {
     /// take many times its encoded size (an empty span is 2 bytes on the
     /// wire, hundreds in memory), so this bounds the memory ingest can take.
     decoding: Arc<Semaphore>,
-    /// Marked while any payload is admitted, so that query threads step
-    /// aside while ingest has work.
+    /// Marked while a payload is decoded and stored (not while its body is
+    /// still arriving, which a slow client could stretch at will), so
+    /// that query threads step aside while ingest has work.
     pressure: Pressure,
 }
 
@@ -90,7 +91,6 @@ pub struct Ingest {
 #[derive(Debug)]
 pub struct Admission {
     _permit: OwnedSemaphorePermit,
-    _busy: PressureGuard,
 }
 
 impl Ingest {
@@ -109,8 +109,7 @@ impl Ingest {
         }
     }
 
-    /// Active while ingest has payloads between admission and
-    /// acknowledgement.
+    /// Active while ingest decodes or stores a payload.
     pub fn pressure(&self) -> &Pressure {
         &self.pressure
     }
@@ -124,10 +123,7 @@ impl Ingest {
             return Err(IngestError::Unavailable(refusal));
         }
         match tokio::time::timeout(ADMISSION_WAIT, self.inflight.clone().acquire_owned()).await {
-            Ok(Ok(permit)) => Ok(Admission {
-                _permit: permit,
-                _busy: self.pressure.enter(),
-            }),
+            Ok(Ok(permit)) => Ok(Admission { _permit: permit }),
             Ok(Err(_)) => Err(IngestError::Unavailable(
                 "collector is shutting down".into(),
             )),
@@ -189,6 +185,7 @@ impl Ingest {
         payload: &[u8],
         encoding: Encoding,
     ) -> Result<usize, IngestError> {
+        let _busy = self.pressure.enter();
         let batches = {
             let _permit = self
                 .decoding
@@ -229,6 +226,7 @@ impl Ingest {
         origin: Option<BatchId>,
         batches: Vec<RecordBatch>,
     ) -> Result<(usize, Stored), IngestError> {
+        let _busy = self.pressure.enter();
         let (Some(index), Some(schema)) = (table_index(table), table_schema(table)) else {
             return Err(self.rejected(IngestError::Invalid(format!(
                 "unknown table `{table}`; Lumen takes Arrow batches for {}",

@@ -112,16 +112,14 @@ impl Batcher {
     pub fn take(&self) -> Vec<Result<RecordBatch, ArrowError>> {
         let mut out = Vec::new();
         for shard in self.shards.iter() {
+            let lock = || shard.lock().unwrap_or_else(|e| e.into_inner());
+            if lock().builder.is_empty() {
+                continue;
+            }
             // The fresh builder is made outside the lock, so the request
             // path waits only for a swap.
             let fresh = RequestBatchBuilder::with_capacity(self.batch_size);
-            let mut taken = {
-                let mut s = shard.lock().unwrap_or_else(|e| e.into_inner());
-                if s.builder.is_empty() {
-                    continue;
-                }
-                std::mem::replace(&mut s.builder, fresh)
-            };
+            let mut taken = std::mem::replace(&mut lock().builder, fresh);
             out.push(taken.finish());
         }
         out

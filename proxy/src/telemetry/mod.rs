@@ -82,7 +82,7 @@ impl Default for TelemetryConfig {
             queue_capacity: 65536,
             queue_bytes: 16 << 20,
             batch_size: 1024,
-            flush_interval: Duration::from_millis(50),
+            flush_interval: Duration::from_millis(200),
             export_timeout: Duration::from_secs(5),
             recording_threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
         }
