@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use lumen_core::load::Pressure;
+use lumen_core::load::{Pressure, PressureGuard};
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use prost::Message;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -80,9 +80,8 @@ pub struct Ingest {
     /// take many times its encoded size (an empty span is 2 bytes on the
     /// wire, hundreds in memory), so this bounds the memory ingest can take.
     decoding: Arc<Semaphore>,
-    /// Marked while a payload is decoded and stored (not while its body is
-    /// still arriving, which a slow client could stretch at will), so
-    /// that query threads step aside while ingest has work.
+    /// Marked while a payload is decoded and stored, and briefly while it
+    /// arrives, so that query threads step aside while ingest has work.
     pressure: Pressure,
 }
 
@@ -91,6 +90,36 @@ pub struct Ingest {
 #[derive(Debug)]
 pub struct Admission {
     _permit: OwnedSemaphorePermit,
+    /// Ingest counts as busy while the payload's body arrives, but for
+    /// [`RECEIVING_BUSY`] at most: a client that stalls mid-body must not
+    /// hold query threads back.
+    _receiving: ReceivingBusy,
+}
+
+/// Longest time a payload's arrival marks ingest as busy.
+const RECEIVING_BUSY: Duration = Duration::from_millis(100);
+
+/// The busy mark of a payload that is arriving: released when the
+/// admission ends or after [`RECEIVING_BUSY`], whichever comes first.
+#[derive(Debug)]
+struct ReceivingBusy(Arc<std::sync::Mutex<Option<PressureGuard>>>);
+
+impl ReceivingBusy {
+    fn enter(pressure: &Pressure) -> Self {
+        let mark = Arc::new(std::sync::Mutex::new(Some(pressure.enter())));
+        let timer = mark.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(RECEIVING_BUSY).await;
+            timer.lock().unwrap_or_else(|e| e.into_inner()).take();
+        });
+        ReceivingBusy(mark)
+    }
+}
+
+impl Drop for ReceivingBusy {
+    fn drop(&mut self) {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).take();
+    }
 }
 
 impl Ingest {
@@ -123,7 +152,10 @@ impl Ingest {
             return Err(IngestError::Unavailable(refusal));
         }
         match tokio::time::timeout(ADMISSION_WAIT, self.inflight.clone().acquire_owned()).await {
-            Ok(Ok(permit)) => Ok(Admission { _permit: permit }),
+            Ok(Ok(permit)) => Ok(Admission {
+                _permit: permit,
+                _receiving: ReceivingBusy::enter(&self.pressure),
+            }),
             Ok(Err(_)) => Err(IngestError::Unavailable(
                 "collector is shutting down".into(),
             )),
@@ -415,5 +447,25 @@ mod tests {
         );
         drop(first);
         ingest.admit().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn ingest_is_busy_while_storing_and_briefly_while_a_body_arrives() {
+        let dir = tempfile::tempdir().unwrap();
+        let (ingest, _store) = ingest(dir.path(), LIMITS);
+        assert!(!ingest.pressure().is_active());
+        let admitted = ingest.admit().await.unwrap();
+        assert!(ingest.pressure().is_active(), "a payload is arriving");
+        // A client stalling mid-body stops counting as busy.
+        tokio::time::sleep(RECEIVING_BUSY * 3).await;
+        assert!(!ingest.pressure().is_active());
+        drop(admitted);
+        let admitted = ingest.admit().await.unwrap();
+        ingest
+            .traces(&admitted, &payload(), Encoding::Protobuf)
+            .await
+            .unwrap();
+        drop(admitted);
+        assert!(!ingest.pressure().is_active(), "nothing left in progress");
     }
 }
