@@ -4,6 +4,7 @@
 mod http;
 mod ingest;
 mod load;
+mod paths;
 mod peers;
 mod procstat;
 mod report;
@@ -67,6 +68,37 @@ enum Command {
         about a minute."
     )]
     Storage(StorageArgs),
+    /// Collector ingest of the same records by Arrow Flight and by OTLP,
+    /// beside the rate of decoding those OTLP payloads alone.
+    #[command(long_about = "Collector ingest by path, in one run.\n\n\
+        One `lumen up` (release build). Request records, encoded once by the proxy's own \
+        Arrow and OTLP exporters, are sent as fast as they are acknowledged: first as Arrow \
+        Flight DoPut batches, then as OTLP/gRPC exports; then the same OTLP payloads are only \
+        decoded (protobuf), on every core, as the ceiling of any OTLP receiver. Writes \
+        bench/results/collector.md. Defaults take about 40 seconds.")]
+    Collector(CollectorArgs),
+}
+
+#[derive(Args)]
+struct CollectorArgs {
+    /// Seconds of each phase.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
+    duration: u64,
+    /// Concurrent senders.
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..))]
+    senders: u32,
+    /// Request records per call.
+    #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..))]
+    batch: u32,
+    /// The lumen binary [default: <workspace>/target/release/lumen].
+    #[arg(long)]
+    lumen: Option<PathBuf>,
+    /// Where the Markdown report is written.
+    #[arg(long, default_value_os_t = peers::workspace_root().join("bench/results/collector.md"))]
+    out: PathBuf,
+    /// Keep the temporary directory (collector log and data).
+    #[arg(long)]
+    keep_temp: bool,
 }
 
 #[derive(Args)]
@@ -150,6 +182,7 @@ fn main() -> ExitCode {
         Command::Proxy(a) => proxy(a),
         Command::Ingest(a) => ingest_bench(a),
         Command::Storage(a) => storage_bench(a),
+        Command::Collector(a) => collector_bench(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -264,6 +297,23 @@ fn ingest_bench(a: IngestArgs) -> Result<()> {
     let command = std::env::args().collect::<Vec<_>>().join(" ");
     let text = ingest::render(&command, &machine(), &set, &phases);
     write_report(&a.out, &text)?;
+    if a.keep_temp {
+        eprintln!("kept {}", tmp.path.display());
+    }
+    Ok(())
+}
+
+fn collector_bench(a: CollectorArgs) -> Result<()> {
+    let lumen = peers::lumen_binary(a.lumen.as_deref())?;
+    let tmp = TempDir::create(a.keep_temp)?;
+    let set = paths::Settings {
+        duration: std::time::Duration::from_secs(a.duration),
+        senders: a.senders as usize,
+        batch: a.batch as usize,
+    };
+    let phases = paths::run(&lumen, &tmp.path, &set)?;
+    let command = std::env::args().collect::<Vec<_>>().join(" ");
+    write_report(&a.out, &paths::render(&command, &machine(), &set, &phases))?;
     if a.keep_temp {
         eprintln!("kept {}", tmp.path.display());
     }
