@@ -228,6 +228,35 @@ pub fn append_id<const N: usize>(column: &mut FixedSizeBinaryBuilder, id: Option
     }
 }
 
+/// One `requests` row as borrowed values (see [`RequestBatchBuilder::push_row`]).
+#[derive(Debug, Clone)]
+pub struct RequestRow<'a> {
+    pub time_us: i64,
+    pub duration_us: i64,
+    pub reporter: &'a str,
+    /// Service, workload, namespace, version.
+    pub source: [&'a str; 4],
+    /// Service, workload, namespace, version.
+    pub destination: [&'a str; 4],
+    pub protocol: &'a str,
+    pub method: &'a str,
+    pub authority: &'a str,
+    pub path: &'a str,
+    pub route: &'a str,
+    pub status: i32,
+    pub grpc_status: Option<i32>,
+    pub request_bytes: i64,
+    pub response_bytes: i64,
+    pub retries: i32,
+    pub upstream_address: Option<&'a str>,
+    /// Envoy's form, `-` for none.
+    pub response_flags: &'a str,
+    pub mtls: bool,
+    pub trace_id: &'a [u8; 16],
+    pub span_id: &'a [u8; 8],
+    pub parent_span_id: Option<&'a [u8; 8]>,
+}
+
 /// Column builders for the `requests` table: push records, take a batch.
 pub struct RequestBatchBuilder {
     time: TimestampMicrosecondBuilder,
@@ -321,39 +350,81 @@ impl RequestBatchBuilder {
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_micros() as i64)
             .unwrap_or(0);
-        self.time.append_value(micros);
-        self.duration_us.append_value(r.duration.as_micros() as i64);
-        self.reporter.append_value(r.reporter.as_str());
-        self.source_service.append_value(&r.source.service);
-        self.source_workload.append_value(&r.source.workload);
-        self.source_namespace.append_value(&r.source.namespace);
-        self.source_version.append_value(&r.source.version);
-        self.destination_service
-            .append_value(&r.destination.service);
-        self.destination_workload
-            .append_value(&r.destination.workload);
-        self.destination_version
-            .append_value(&r.destination.version);
-        self.destination_namespace
-            .append_value(&r.destination.namespace);
-        self.protocol.append_value(r.protocol.as_str());
-        self.method.append_value(&r.method);
-        self.authority.append_value(&r.authority);
-        self.path.append_value(&r.path);
-        self.route.append_value(&r.route);
-        self.status.append_value(i32::from(r.status));
+        let flags = r.response_flags;
+        let flags_text;
+        self.push_row(&RequestRow {
+            time_us: micros,
+            duration_us: r.duration.as_micros() as i64,
+            reporter: r.reporter.as_str(),
+            source: [
+                &r.source.service,
+                &r.source.workload,
+                &r.source.namespace,
+                &r.source.version,
+            ],
+            destination: [
+                &r.destination.service,
+                &r.destination.workload,
+                &r.destination.namespace,
+                &r.destination.version,
+            ],
+            protocol: r.protocol.as_str(),
+            method: &r.method,
+            authority: &r.authority,
+            path: &r.path,
+            route: &r.route,
+            status: i32::from(r.status),
+            grpc_status: r.grpc_status,
+            request_bytes: r.request_bytes as i64,
+            response_bytes: r.response_bytes as i64,
+            retries: r.retries as i32,
+            upstream_address: r.upstream_address.as_deref(),
+            // Nearly every request has no flags: no string to make.
+            response_flags: if flags.is_empty() {
+                "-"
+            } else {
+                flags_text = flags.to_string();
+                &flags_text
+            },
+            mtls: r.mtls,
+            trace_id: &r.trace_id,
+            span_id: &r.span_id,
+            parent_span_id: r.parent_span_id.as_ref(),
+        });
+    }
+
+    /// Appends one row given as borrowed values, so that a row read from
+    /// elsewhere (an OTLP span's attributes) needs no record of its own.
+    pub fn push_row(&mut self, r: &RequestRow<'_>) {
+        self.time.append_value(r.time_us);
+        self.duration_us.append_value(r.duration_us);
+        self.reporter.append_value(r.reporter);
+        let [service, workload, namespace, version] = r.source;
+        self.source_service.append_value(service);
+        self.source_workload.append_value(workload);
+        self.source_namespace.append_value(namespace);
+        self.source_version.append_value(version);
+        let [service, workload, namespace, version] = r.destination;
+        self.destination_service.append_value(service);
+        self.destination_workload.append_value(workload);
+        self.destination_version.append_value(version);
+        self.destination_namespace.append_value(namespace);
+        self.protocol.append_value(r.protocol);
+        self.method.append_value(r.method);
+        self.authority.append_value(r.authority);
+        self.path.append_value(r.path);
+        self.route.append_value(r.route);
+        self.status.append_value(r.status);
         self.grpc_status.append_option(r.grpc_status);
-        self.request_bytes.append_value(r.request_bytes as i64);
-        self.response_bytes.append_value(r.response_bytes as i64);
-        self.retries.append_value(r.retries as i32);
-        self.upstream_address
-            .append_option(r.upstream_address.as_deref());
-        self.response_flags
-            .append_value(r.response_flags.to_string());
+        self.request_bytes.append_value(r.request_bytes);
+        self.response_bytes.append_value(r.response_bytes);
+        self.retries.append_value(r.retries);
+        self.upstream_address.append_option(r.upstream_address);
+        self.response_flags.append_value(r.response_flags);
         self.mtls.append_value(r.mtls);
-        append_id(&mut self.trace_id, Some(&r.trace_id));
-        append_id(&mut self.span_id, Some(&r.span_id));
-        append_id(&mut self.parent_span_id, r.parent_span_id.as_ref());
+        append_id(&mut self.trace_id, Some(r.trace_id));
+        append_id(&mut self.span_id, Some(r.span_id));
+        append_id(&mut self.parent_span_id, r.parent_span_id);
     }
 
     /// Takes the rows pushed so far as one batch and starts over.

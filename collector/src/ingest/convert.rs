@@ -12,8 +12,10 @@ use arrow::array::{
 };
 use arrow::datatypes::Int32Type;
 use arrow::record_batch::RecordBatch;
-use lumen_core::schema::{PROXY_SCOPE, RequestBatchBuilder, append_id, attr, hex_id, spans_schema};
-use lumen_core::{Protocol, Reporter, RequestRecord, ResponseFlags, Workload};
+use lumen_core::schema::{
+    PROXY_SCOPE, RequestBatchBuilder, RequestRow, append_id, attr, hex_id, spans_schema,
+};
+use lumen_core::{Protocol, Reporter, ResponseFlags};
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use opentelemetry_proto::tonic::common::v1::{AnyValue, KeyValue, any_value};
 use opentelemetry_proto::tonic::trace::v1::Span;
@@ -90,7 +92,7 @@ pub fn convert_traces(
                 let at = format!("resource_spans[{r}].scope_spans[{s}].spans[{i}]");
                 let ids = check_ids(span, &at, window)?;
                 if from_proxy {
-                    requests.push(&request_record(span, ids, &at)?);
+                    push_request(&mut requests, span, ids, &at)?;
                 } else {
                     let key = *resource_key.get_or_insert_with(|| {
                         spans.add_resource(&attributes_json(resource_attrs))
@@ -203,74 +205,63 @@ fn as_bool(v: &Option<AnyValue>) -> Option<bool> {
     }
 }
 
-/// Rebuilds the proxy's record from its span's attributes.
-fn request_record(
+/// Appends the proxy's record carried by `span` straight to the columns,
+/// reading its attributes in place (no record or strings of its own).
+fn push_request(
+    requests: &mut RequestBatchBuilder,
     span: &Span,
     (trace_id, span_id, parent): Ids,
     at: &str,
-) -> Result<RequestRecord, InvalidSpan> {
+) -> Result<(), InvalidSpan> {
     let bad = |key: &str, reason: &str| InvalidSpan {
         field: format!("{at}.attributes[{key}]"),
         reason: reason.to_string(),
     };
-    let unknown: Arc<str> = Arc::from("unknown");
-    let mut source = Workload::unknown();
-    let mut destination = Workload::unknown();
+    const UNKNOWN: &str = "unknown";
+    let mut source = [UNKNOWN; 4];
+    let mut destination = [UNKNOWN; 4];
     let mut reporter = None;
-    let mut protocol = Protocol::Http1;
+    let mut protocol = Protocol::Http1.as_str();
     let mut status = None;
-    let mut rec_method = String::new();
-    let mut authority = String::new();
-    let mut path = String::new();
-    let mut route: Arc<str> = unknown.clone();
+    let (mut method, mut authority, mut path, mut route) = ("", "", "", UNKNOWN);
     let mut grpc_status = None;
-    let (mut request_bytes, mut response_bytes, mut retries) = (0u64, 0u64, 0u32);
+    let (mut request_bytes, mut response_bytes, mut retries) = (0i64, 0i64, 0i32);
     let mut upstream_address = None;
-    let mut response_flags = ResponseFlags::empty();
+    let mut flags_text = None;
     let mut mtls = false;
-    let text = |v: &Option<AnyValue>| as_str(v).map(Arc::<str>::from);
-    let count = |key: &str, v: &Option<AnyValue>| -> Result<u64, InvalidSpan> {
+    let count = |key: &str, v: &Option<AnyValue>| -> Result<i64, InvalidSpan> {
         as_int(v)
-            .and_then(|i| u64::try_from(i).ok())
+            .filter(|i| *i >= 0)
             .ok_or_else(|| bad(key, "must be a non-negative integer"))
     };
     for kv in &span.attributes {
         let v = &kv.value;
+        let text = || as_str(v).unwrap_or(UNKNOWN);
         match kv.key.as_str() {
             attr::REPORTER => {
                 reporter = Some(
                     as_str(v)
-                        .and_then(Reporter::parse)
+                        .filter(|r| Reporter::parse(r).is_some())
                         .ok_or_else(|| bad(attr::REPORTER, "must be `source` or `destination`"))?,
                 )
             }
-            attr::SOURCE_SERVICE => source.service = text(v).unwrap_or(unknown.clone()),
-            attr::SOURCE_WORKLOAD => source.workload = text(v).unwrap_or(unknown.clone()),
-            attr::SOURCE_NAMESPACE => source.namespace = text(v).unwrap_or(unknown.clone()),
-            attr::SOURCE_VERSION => source.version = text(v).unwrap_or(unknown.clone()),
-            attr::DESTINATION_SERVICE => destination.service = text(v).unwrap_or(unknown.clone()),
-            attr::DESTINATION_WORKLOAD => destination.workload = text(v).unwrap_or(unknown.clone()),
-            attr::DESTINATION_NAMESPACE => {
-                destination.namespace = text(v).unwrap_or(unknown.clone())
-            }
-            attr::DESTINATION_VERSION => destination.version = text(v).unwrap_or(unknown.clone()),
+            attr::SOURCE_SERVICE => source[0] = text(),
+            attr::SOURCE_WORKLOAD => source[1] = text(),
+            attr::SOURCE_NAMESPACE => source[2] = text(),
+            attr::SOURCE_VERSION => source[3] = text(),
+            attr::DESTINATION_SERVICE => destination[0] = text(),
+            attr::DESTINATION_WORKLOAD => destination[1] = text(),
+            attr::DESTINATION_NAMESPACE => destination[2] = text(),
+            attr::DESTINATION_VERSION => destination[3] = text(),
             attr::PROTOCOL => {
-                protocol = match as_str(v) {
-                    Some("http/1.1") => Protocol::Http1,
-                    Some("http/2") => Protocol::Http2,
-                    Some("grpc") => Protocol::Grpc,
-                    _ => {
-                        return Err(bad(
-                            attr::PROTOCOL,
-                            "must be `http/1.1`, `http/2` or `grpc`",
-                        ));
-                    }
-                }
+                protocol = as_str(v)
+                    .filter(|p| matches!(*p, "http/1.1" | "http/2" | "grpc"))
+                    .ok_or_else(|| bad(attr::PROTOCOL, "must be `http/1.1`, `http/2` or `grpc`"))?
             }
-            attr::METHOD => rec_method = as_str(v).unwrap_or_default().to_string(),
-            attr::AUTHORITY => authority = as_str(v).unwrap_or_default().to_string(),
-            attr::PATH => path = as_str(v).unwrap_or_default().to_string(),
-            attr::ROUTE => route = text(v).unwrap_or(unknown.clone()),
+            attr::METHOD => method = as_str(v).unwrap_or_default(),
+            attr::AUTHORITY => authority = as_str(v).unwrap_or_default(),
+            attr::PATH => path = as_str(v).unwrap_or_default(),
+            attr::ROUTE => route = text(),
             attr::STATUS => {
                 status = Some(
                     as_int(v)
@@ -288,14 +279,16 @@ fn request_record(
             attr::REQUEST_BYTES => request_bytes = count(attr::REQUEST_BYTES, v)?,
             attr::RESPONSE_BYTES => response_bytes = count(attr::RESPONSE_BYTES, v)?,
             attr::RETRIES => {
-                retries = u32::try_from(count(attr::RETRIES, v)?)
+                retries = i32::try_from(count(attr::RETRIES, v)?)
                     .map_err(|_| bad(attr::RETRIES, "is out of range"))?
             }
-            attr::UPSTREAM_ADDRESS => upstream_address = text(v),
+            attr::UPSTREAM_ADDRESS => upstream_address = as_str(v),
             attr::RESPONSE_FLAGS => {
-                response_flags = as_str(v)
+                let flags = as_str(v)
                     .and_then(ResponseFlags::parse)
-                    .ok_or_else(|| bad(attr::RESPONSE_FLAGS, "is not a list of known flags"))?
+                    .ok_or_else(|| bad(attr::RESPONSE_FLAGS, "is not a list of known flags"))?;
+                // Stored in Envoy's order, whatever order they came in.
+                flags_text = (!flags.is_empty()).then(|| flags.to_string());
             }
             attr::MTLS => mtls = as_bool(v).unwrap_or(false),
             _ => {}
@@ -303,34 +296,34 @@ fn request_record(
     }
     let reporter = reporter.ok_or_else(|| bad(attr::REPORTER, "is required on proxy spans"))?;
     let status = status.ok_or_else(|| bad(attr::STATUS, "is required on proxy spans"))?;
-    let start = UNIX_EPOCH + Duration::from_nanos(span.start_time_unix_nano);
-    let duration = Duration::from_nanos(
-        span.end_time_unix_nano
-            .saturating_sub(span.start_time_unix_nano),
-    );
-    Ok(RequestRecord {
-        start_time: start,
-        duration,
+    let micros = |nanos: u64| (nanos / 1000) as i64;
+    requests.push_row(&RequestRow {
+        time_us: micros(span.start_time_unix_nano),
+        duration_us: micros(
+            span.end_time_unix_nano
+                .saturating_sub(span.start_time_unix_nano),
+        ),
         reporter,
         source,
         destination,
         protocol,
-        method: rec_method,
+        method,
         authority,
         path,
         route,
-        status,
+        status: i32::from(status),
         grpc_status,
         request_bytes,
         response_bytes,
         retries,
         upstream_address,
-        response_flags,
+        response_flags: flags_text.as_deref().unwrap_or("-"),
         mtls,
-        trace_id,
-        span_id,
-        parent_span_id: parent,
-    })
+        trace_id: &trace_id,
+        span_id: &span_id,
+        parent_span_id: parent.as_ref(),
+    });
+    Ok(())
 }
 
 fn any_to_json(v: &AnyValue) -> Json {
