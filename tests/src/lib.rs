@@ -12,6 +12,7 @@ use anyhow::{Context, Result, bail};
 
 pub mod otlp;
 pub mod procfs;
+pub mod relay;
 pub mod upstream;
 
 /// The `lumen` binary built beside this test (`target/<profile>/lumen`).

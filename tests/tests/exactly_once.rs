@@ -138,3 +138,79 @@ async fn every_request_is_stored_once_per_side_across_collector_crashes() -> Res
     up.terminate()?;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_whose_acknowledgement_was_lost_is_retried_and_stored_once() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let logs = dir.path();
+    let ports = UpPorts::pick();
+    let app = start_app("backend").await;
+    let (caller, backend) = (SidecarPorts::pick(), SidecarPorts::pick());
+    let mesh = dir.path().join("mesh.yaml");
+    write_mesh(
+        &mesh,
+        &[("backend", 8080, &[(local(backend.inbound), "v1")])],
+    )?;
+    let up = start_up(logs, &mesh, &dir.path().join("data"), ports, &[]).await?;
+    // The caller's exports go through a relay that loses the first answer.
+    let relay =
+        lumen_tests::relay::Relay::start(local(ports.otlp_grpc), Duration::from_secs(1)).await?;
+    relay.lose_answers();
+    let through_relay = format!("http://{}", relay.addr);
+    let _caller = Sidecar {
+        service: "caller",
+        version: "v1",
+        mesh: &mesh,
+        ports: caller,
+        app: None,
+        collector: &through_relay,
+        extra: &[],
+    }
+    .start(logs)
+    .await?;
+    let direct = ports.grpc_endpoint();
+    let _backend = Sidecar {
+        service: "backend",
+        version: "v1",
+        mesh: &mesh,
+        ports: backend,
+        app: Some(app),
+        collector: &direct,
+        extra: &[],
+    }
+    .start(logs)
+    .await?;
+
+    let n = rand::random_range(3..=20usize);
+    let client = reqwest::Client::new();
+    for i in 0..n {
+        let resp = client
+            .get(format!("http://127.0.0.1:{}/lost-ack/{i}", caller.outbound))
+            .header("host", "backend:8080")
+            .send()
+            .await?;
+        assert_eq!(resp.status(), 200);
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let s = stats(caller.admin).await?;
+        if counter(&s, "lumen_telemetry_records_exported_total") == n as f64 {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("caller records never acknowledged:\n{s}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(relay.cut(), 1, "the first export's answer was lost");
+    let q =
+        "SELECT count(*) AS n FROM requests WHERE reporter = 'source' AND path LIKE '/lost-ack/%'";
+    assert_eq!(sql_count(&ports.sql_url(), q).await?, n as i64);
+    assert!(
+        up.logs()
+            .contains("acknowledged again without storing it twice"),
+        "the retry reached the collector as a batch it had stored:\n{}",
+        up.logs()
+    );
+    Ok(())
+}

@@ -291,6 +291,15 @@ impl Ingest {
                 .fetch_add(rows as u64, Ordering::Relaxed);
         } else {
             self.stats.duplicate_batches.fetch_add(1, Ordering::Relaxed);
+            if let Some(id) = origin {
+                // Rare (a lost acknowledgement), and worth knowing about.
+                tracing::info!(
+                    producer = %lumen_core::schema::hex_id(&id.producer),
+                    seq = id.seq,
+                    rows,
+                    "batch was stored before; acknowledged again without storing it twice"
+                );
+            }
         }
         Ok((rows, stored))
     }
