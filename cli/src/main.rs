@@ -22,6 +22,20 @@ use tokio::sync::watch;
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// `mi_option_purge_delay` in mimalloc.h (the same in mimalloc v2 and v3).
+const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
+
+/// The collector's hot rows grow until a flush and are then freed at once.
+/// mimalloc hands freed memory back to the OS within about 100 ms, so each
+/// flush cycle page-faults the whole buffer back in — a quarter of the
+/// collector's CPU at 700k rows/s. Keeping freed memory for 10 s instead
+/// costs nothing the hot-row limit does not already bound.
+fn keep_freed_memory() {
+    // SAFETY: sets a plain integer option; mimalloc reads it when it next
+    // considers returning memory, and any value is valid.
+    unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, 10_000) };
+}
+
 #[derive(Parser)]
 #[command(
     name = "lumen",
@@ -362,6 +376,7 @@ async fn signal() {
 }
 
 fn main() -> ExitCode {
+    keep_freed_memory();
     let cli = Cli::parse();
     let workers = match &cli.command {
         Command::Proxy(p) => p.workers,
