@@ -109,7 +109,7 @@ impl Batcher {
     /// Takes every shard's records as batches of at most `batch_size` rows
     /// (a shard's rows become one batch; a stalled exporter catching up
     /// gets a few larger ones).
-    pub fn take(&self) -> Vec<Result<RecordBatch, ArrowError>> {
+    pub fn take(&self) -> Vec<(u64, Result<RecordBatch, ArrowError>)> {
         let mut out = Vec::new();
         for shard in self.shards.iter() {
             let lock = || shard.lock().unwrap_or_else(|e| e.into_inner());
@@ -120,7 +120,7 @@ impl Batcher {
             // path waits only for a swap.
             let fresh = RequestBatchBuilder::with_capacity(self.batch_size);
             let mut taken = std::mem::replace(&mut lock().builder, fresh);
-            out.push(taken.finish());
+            out.push((taken.len() as u64, taken.finish()));
         }
         out
     }
@@ -148,13 +148,13 @@ mod tests {
         assert_eq!(b.record(&RequestRecord::example()), Err(Full));
         let batches = b.take();
         assert_eq!(batches.len(), 1);
-        assert_eq!(batches[0].as_ref().unwrap().num_rows(), 4);
+        assert_eq!(batches[0].1.as_ref().unwrap().num_rows(), 4);
         assert!(b.take().is_empty(), "taken records are gone");
         // Taken is not gone: until acknowledged, they count against the bound.
         assert_eq!(b.record(&RequestRecord::example()), Err(Full));
         b.release(4);
         b.record(&RequestRecord::example()).unwrap();
-        assert_eq!(b.take()[0].as_ref().unwrap().num_rows(), 1);
+        assert_eq!(b.take()[0].1.as_ref().unwrap().num_rows(), 1);
         assert_eq!(b.pending(), 1);
     }
 
@@ -174,10 +174,13 @@ mod tests {
         for h in handles {
             h.join().unwrap();
         }
-        let rows: usize = b
-            .take()
+        let taken = b.take();
+        let rows: usize = taken
             .iter()
-            .map(|r| r.as_ref().unwrap().num_rows())
+            .map(|(n, r)| {
+                assert_eq!(*n as usize, r.as_ref().unwrap().num_rows());
+                *n as usize
+            })
             .sum();
         assert_eq!(rows, 20);
     }

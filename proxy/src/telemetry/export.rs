@@ -76,6 +76,8 @@ pub struct Exporter {
     pub flush_interval: Duration,
     pub export_timeout: Duration,
     pub queue_bytes: usize,
+    /// Most records per batch sent.
+    pub batch_size: usize,
 }
 
 impl Exporter {
@@ -103,40 +105,28 @@ impl Exporter {
                 () = self.batcher.full.notified() => false,
                 _ = shutdown.wait_for(|s| *s) => true,
             };
-            for batch in self.batcher.take() {
+            for (rows, batch) in self.batcher.take() {
                 let batch = match batch {
                     Ok(b) => b,
                     Err(e) => {
                         tracing::error!(error = %e, "cannot build a telemetry batch");
-                        continue;
-                    }
-                };
-                let rows = batch.num_rows() as u64;
-                seq += 1;
-                let id = batch_id(&instance, seq);
-                let payload = match self.sink.encode(&id, batch).await {
-                    Ok(p) => p,
-                    Err(e) => {
-                        tracing::error!(error = %e, "cannot encode a telemetry batch");
                         self.metrics.dropped(DROP_REJECTED, rows);
                         self.batcher.release(rows);
                         continue;
                     }
                 };
-                let size = payload.len().clamp(1, self.queue_bytes.max(1));
-                let Ok(permit) = budget.clone().try_acquire_many_owned(size as u32) else {
-                    self.metrics.dropped(DROP_QUEUE_FULL, rows);
-                    self.batcher.release(rows);
-                    continue;
-                };
-                queued_rows.fetch_add(rows, Ordering::Relaxed);
-                let _ = tx.send(Queued {
-                    id,
-                    rows,
-                    payload,
-                    made: Instant::now(),
-                    _bytes: permit,
-                });
+                // A builder that filled while the exporter was held up goes
+                // out in batches of the usual size, which the collector's
+                // size limit always admits.
+                let size = self.batch_size.max(1);
+                let mut offset = 0;
+                while offset < batch.num_rows() {
+                    let part = batch.slice(offset, size.min(batch.num_rows() - offset));
+                    offset += part.num_rows();
+                    seq += 1;
+                    self.enqueue(&tx, &budget, &queued_rows, batch_id(&instance, seq), part)
+                        .await;
+                }
             }
             if stopping {
                 break;
@@ -159,6 +149,44 @@ impl Exporter {
                 "telemetry export did not finish before shutdown; records dropped"
             );
         }
+    }
+}
+
+impl Exporter {
+    /// Encodes a numbered batch and queues it, or drops and counts it when
+    /// the queue's bytes are spent.
+    async fn enqueue(
+        &self,
+        tx: &mpsc::UnboundedSender<Queued>,
+        budget: &Arc<Semaphore>,
+        queued_rows: &AtomicU64,
+        id: Bytes,
+        batch: arrow::record_batch::RecordBatch,
+    ) {
+        let rows = batch.num_rows() as u64;
+        let payload = match self.sink.encode(&id, batch).await {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot encode a telemetry batch");
+                self.metrics.dropped(DROP_REJECTED, rows);
+                self.batcher.release(rows);
+                return;
+            }
+        };
+        let size = payload.len().clamp(1, self.queue_bytes.max(1));
+        let Ok(permit) = budget.clone().try_acquire_many_owned(size as u32) else {
+            self.metrics.dropped(DROP_QUEUE_FULL, rows);
+            self.batcher.release(rows);
+            return;
+        };
+        queued_rows.fetch_add(rows, Ordering::Relaxed);
+        let _ = tx.send(Queued {
+            id,
+            rows,
+            payload,
+            made: Instant::now(),
+            _bytes: permit,
+        });
     }
 }
 

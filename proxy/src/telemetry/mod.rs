@@ -147,6 +147,7 @@ impl Telemetry {
             flush_interval: config.flush_interval,
             export_timeout: config.export_timeout,
             queue_bytes: config.queue_bytes,
+            batch_size: config.batch_size,
         };
         let task = std::thread::Builder::new()
             .name("lumen-telemetry".into())

@@ -439,3 +439,41 @@ impl Decoder for PassThrough {
         Ok(Some(()))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use arrow_flight::decode::FlightRecordBatchStream;
+    use lumen_core::RequestRecord;
+    use lumen_core::schema::RequestBatchBuilder;
+
+    #[tokio::test]
+    async fn a_slice_of_a_batch_goes_on_the_wire_as_just_its_rows() {
+        let mut b = RequestBatchBuilder::new();
+        for i in 0..10 {
+            b.push(&RequestRecord {
+                path: format!("/{i}"),
+                ..RequestRecord::example()
+            });
+        }
+        let batch = b.finish().unwrap();
+        let part = batch.slice(3, 4);
+        let sink = Sink::flight("http://127.0.0.1:9", Duration::from_secs(1)).unwrap();
+        let Payload::Flight(frames) = sink
+            .encode(&Bytes::from_static(b"id"), part.clone())
+            .await
+            .unwrap()
+        else {
+            panic!("Flight sink made another payload");
+        };
+        assert_eq!(frames[0].app_metadata, Bytes::from_static(b"id"));
+        let decoded: Vec<RecordBatch> = FlightRecordBatchStream::new_from_flight_data(
+            futures_util::stream::iter(frames.into_iter().map(Ok)),
+        )
+        .try_collect()
+        .await
+        .unwrap();
+        assert_eq!(decoded.len(), 1);
+        assert_eq!(decoded[0], part);
+    }
+}
