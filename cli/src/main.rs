@@ -545,7 +545,7 @@ async fn proxy(a: ProxyArgs) -> Result<()> {
     Ok(())
 }
 
-const EXAMPLES: [(&str, &str); 3] = [
+const EXAMPLES: [(&str, &str); 4] = [
     (
         "Requests per service, as the destination saw them",
         "SELECT destination_service, count(*) AS requests, avg(duration_us) AS avg_us \
@@ -562,6 +562,12 @@ const EXAMPLES: [(&str, &str); 3] = [
         "The slowest traces of the last minute",
         "SELECT trace_id, max(duration_us) AS us, count(*) AS hops FROM requests \
          WHERE time > now() - INTERVAL '1 minute' GROUP BY trace_id ORDER BY us DESC LIMIT 5",
+    ),
+    (
+        "Requests, errors and p99 per destination from the 10 s rollups (no row scan)",
+        "SELECT destination_service, sum(requests) AS requests, sum(errors) AS errors, \
+         round(sketch_quantile(sketch_merge(duration_sketch), 0.99)) AS p99_us FROM rollups \
+         WHERE window_seconds = 10 AND reporter = 'destination' GROUP BY 1 ORDER BY 2 DESC",
     ),
 ];
 

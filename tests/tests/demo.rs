@@ -13,7 +13,8 @@ use lumen_tests::{lumen_bin, run_python, sql, wait_for_count};
 use tokio::sync::mpsc;
 
 /// Long enough for the checks below to run against the live demo.
-const DURATION_SECS: u64 = 8;
+/// Long enough for a 10 s rollup window to close (and its 2 s grace).
+const DURATION_SECS: u64 = 25;
 
 /// The demo process, its stdout line by line, and its stderr in a file.
 struct Demo {
@@ -188,7 +189,7 @@ async fn demo_prints_queries_that_answer_and_stops_cleanly_leaving_parquet() -> 
     let base = sql_url
         .strip_suffix("/api/v1/sql")
         .with_context(|| format!("SQL API URL {sql_url}"))?;
-    assert_eq!(examples.len(), 3, "three example queries:\n{out}");
+    assert_eq!(examples.len(), 4, "four example queries:\n{out}");
     for e in &examples {
         assert!(e.contains(&format!(" sql --url {base} \"")), "{e}");
     }
@@ -209,11 +210,22 @@ async fn demo_prints_queries_that_answer_and_stops_cleanly_leaving_parquet() -> 
         assert_eq!(n, 4, "{reporter}: {}", demo.output());
     }
 
-    // Each printed command, pasted into a shell, prints a table with rows.
+    // Each printed command, pasted into a shell, prints a table with rows
+    // (the rollups one once a window has closed).
     for line in &examples {
-        let table = run_in_shell(dir.path(), line).with_context(|| demo.output())?;
-        let rows = table_rows(&table).with_context(|| format!("no `(N rows)` in:\n{table}"))?;
-        assert!(rows > 0, "`{line}` returned no rows:\n{table}");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let table = run_in_shell(dir.path(), line).with_context(|| demo.output())?;
+            let rows = table_rows(&table).with_context(|| format!("no `(N rows)` in:\n{table}"))?;
+            if rows > 0 {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "`{line}` returned no rows:\n{table}"
+            );
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
     }
     // And what they answer, as JSON.
     let per_service = sql(&sql_url, quoted(&examples[0])?).await?;
@@ -253,6 +265,18 @@ async fn demo_prints_queries_that_answer_and_stops_cleanly_leaving_parquet() -> 
     );
     let slowest = sql(&sql_url, quoted(&examples[2])?).await?;
     assert!((1..=5).contains(&slowest.len()), "{slowest:?}");
+    let rolled = sql(&sql_url, quoted(&examples[3])?).await?;
+    assert!(
+        rolled
+            .iter()
+            .all(|r| r["p99_us"].as_f64().is_some_and(|p| p > 0.0)
+                && r["requests"].as_i64().is_some_and(|n| n > 0)),
+        "{rolled:?}"
+    );
+    assert!(
+        strings(&rolled, "destination_service").is_subset(&services),
+        "{rolled:?}"
+    );
     // The curl example's SQL, sent the same way.
     let counted = sql(&sql_url, quoted(&curl)?).await?;
     let live_rows = counted
