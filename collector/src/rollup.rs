@@ -220,9 +220,8 @@ impl Rollups {
     /// Forgets segments up to `segment`, once their rollups are in Parquet.
     pub fn remove_through(&mut self, segment: u64) {
         self.segments = self.segments.split_off(&(segment + 1));
-        if self.segments.is_empty() {
-            self.names.clear();
-        }
+        // Names no remaining key uses (a workload gone since) are let go.
+        self.names.retain(|n| Arc::strong_count(n) > 1);
     }
 }
 

@@ -117,7 +117,8 @@ impl WalHandle {
 
     /// As [`append`](Self::append), for a batch its producer numbered: a
     /// batch whose id was stored before is acknowledged without being
-    /// written again.
+    /// written again. A numbered append must be one entry (one batch), so
+    /// that a crash keeps all of it or none.
     pub async fn append_once(
         &self,
         origin: Option<BatchId>,

@@ -5,16 +5,18 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::Duration;
 
 use anyhow::Result;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Notify;
 
 /// A running relay; dropping it stops accepting.
 pub struct Relay {
     pub addr: SocketAddr,
     lose: Arc<AtomicBool>,
+    /// Cuts the connections whose answers are being lost.
+    cut_now: Arc<Notify>,
     /// Connections cut after their answers were lost.
     cut: Arc<AtomicU64>,
     task: tokio::task::JoinHandle<()>,
@@ -22,31 +24,32 @@ pub struct Relay {
 
 impl Relay {
     /// Relays to `upstream`. While `lose_answers` is set, a new connection's
-    /// server-to-client bytes are dropped, and the connection is cut
-    /// `after` its first client bytes (time enough for the server to have
-    /// answered); cutting it also clears the setting, so the client's retry
+    /// server-to-client bytes are dropped until [`cut`](Self::cut_losing)
+    /// closes it; cutting also clears the setting, so the client's retry
     /// gets through.
-    pub async fn start(upstream: SocketAddr, after: Duration) -> Result<Relay> {
+    pub async fn start(upstream: SocketAddr) -> Result<Relay> {
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
         let lose = Arc::new(AtomicBool::new(false));
         let cut = Arc::new(AtomicU64::new(0));
+        let cut_now = Arc::new(Notify::new());
         let task = tokio::spawn({
-            let (lose, cut) = (lose.clone(), cut.clone());
+            let (lose, cut, cut_now) = (lose.clone(), cut.clone(), cut_now.clone());
             async move {
                 while let Ok((client, _)) = listener.accept().await {
                     let Ok(server) = TcpStream::connect(upstream).await else {
                         continue;
                     };
                     let losing = lose.load(Ordering::SeqCst);
-                    let (lose, cut) = (lose.clone(), cut.clone());
-                    tokio::spawn(relay(client, server, losing, after, lose, cut));
+                    let (lose, cut, cut_now) = (lose.clone(), cut.clone(), cut_now.clone());
+                    tokio::spawn(relay(client, server, losing, cut_now, lose, cut));
                 }
             }
         });
         Ok(Relay {
             addr,
             lose,
+            cut_now,
             cut,
             task,
         })
@@ -54,6 +57,11 @@ impl Relay {
 
     pub fn lose_answers(&self) {
         self.lose.store(true, Ordering::SeqCst);
+    }
+
+    /// Closes the connections whose answers were lost.
+    pub fn cut_losing(&self) {
+        self.cut_now.notify_waiters();
     }
 
     /// Connections cut so far.
@@ -72,7 +80,7 @@ async fn relay(
     client: TcpStream,
     server: TcpStream,
     losing: bool,
-    after: Duration,
+    cut_now: Arc<Notify>,
     lose: Arc<AtomicBool>,
     cut: Arc<AtomicU64>,
 ) {
@@ -82,25 +90,12 @@ async fn relay(
     let (mut server_rx, mut server_tx) = server.into_split();
     let up = async {
         let mut buf = vec![0u8; 64 * 1024];
-        let mut first = true;
-        let mut deadline = None;
         loop {
-            let read = match deadline {
-                Some(d) => match tokio::time::timeout_at(d, client_rx.read(&mut buf)).await {
-                    Ok(r) => r,
-                    Err(_) => return true,
-                },
-                None => client_rx.read(&mut buf).await,
-            };
-            match read {
-                Ok(0) | Err(_) => return false,
+            match client_rx.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
                 Ok(n) => {
-                    if losing && first {
-                        deadline = Some(tokio::time::Instant::now() + after);
-                        first = false;
-                    }
                     if server_tx.write_all(&buf[..n]).await.is_err() {
-                        return false;
+                        return;
                     }
                 }
             }
@@ -119,11 +114,19 @@ async fn relay(
             }
         }
     };
-    let timed_out = tokio::select! {
-        t = up => t,
-        () = down => false,
+    let cutting = async {
+        if losing {
+            cut_now.notified().await;
+        } else {
+            std::future::pending::<()>().await;
+        }
     };
-    if timed_out {
+    let was_cut = tokio::select! {
+        () = up => false,
+        () = down => false,
+        () = cutting => true,
+    };
+    if was_cut {
         lose.store(false, Ordering::SeqCst);
         cut.fetch_add(1, Ordering::SeqCst);
     }

@@ -153,8 +153,7 @@ async fn a_batch_whose_acknowledgement_was_lost_is_retried_and_stored_once() -> 
     )?;
     let up = start_up(logs, &mesh, &dir.path().join("data"), ports, &[]).await?;
     // The caller's exports go through a relay that loses the first answer.
-    let relay =
-        lumen_tests::relay::Relay::start(local(ports.otlp_grpc), Duration::from_secs(1)).await?;
+    let relay = lumen_tests::relay::Relay::start(local(ports.otlp_grpc)).await?;
     relay.lose_answers();
     let through_relay = format!("http://{}", relay.addr);
     let _caller = Sidecar {
@@ -191,6 +190,21 @@ async fn a_batch_whose_acknowledgement_was_lost_is_retried_and_stored_once() -> 
             .await?;
         assert_eq!(resp.status(), 200);
     }
+    // The collector stored the batch (its rows are queryable), but the
+    // answer never reached the sidecar; now the connection breaks.
+    let stored =
+        "SELECT count(*) AS n FROM requests WHERE reporter = 'source' AND path LIKE '/lost-ack/%'";
+    assert_eq!(
+        lumen_tests::wait_for_count(&ports.sql_url(), stored, n as i64).await?,
+        n as i64
+    );
+    let s = stats(caller.admin).await?;
+    assert_eq!(
+        counter(&s, "lumen_telemetry_records_exported_total"),
+        0.0,
+        "{s}"
+    );
+    relay.cut_losing();
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let s = stats(caller.admin).await?;

@@ -19,7 +19,7 @@ use prost::Message;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use arrow::record_batch::RecordBatch;
-use lumen_core::schema::{TABLES, table_schema};
+use lumen_core::schema::{ROLLUPS, TABLES, table_schema};
 
 use crate::dedup::BatchId;
 use crate::health;
@@ -259,6 +259,11 @@ impl Ingest {
         batches: Vec<RecordBatch>,
     ) -> Result<(usize, Stored), IngestError> {
         let _busy = self.pressure.enter();
+        if table == ROLLUPS {
+            return Err(self.rejected(IngestError::Invalid(
+                "`rollups` is kept by the collector from `requests`; it takes no rows".into(),
+            )));
+        }
         let (Some(index), Some(schema)) = (table_index(table), table_schema(table)) else {
             return Err(self.rejected(IngestError::Invalid(format!(
                 "unknown table `{table}`; Lumen takes Arrow batches for {}",
@@ -279,7 +284,16 @@ impl Ingest {
                 entries.push((index, conformed));
             }
         }
+        // One WAL entry per numbered batch: an entry is whole or torn, so a
+        // crash can never keep part of a batch whose id replay then trusts.
         let rows: usize = entries.iter().map(|(_, b)| b.num_rows()).sum();
+        if entries.len() > 1 {
+            let parts: Vec<RecordBatch> = entries.drain(..).map(|(_, b)| b).collect();
+            let whole = arrow::compute::concat_batches(&schema, &parts).map_err(|e| {
+                self.rejected(IngestError::Invalid(format!("batches for `{table}`: {e}")))
+            })?;
+            entries.push((index, whole));
+        }
         let stored = self
             .wal
             .append_once(origin, entries)
