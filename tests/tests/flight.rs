@@ -108,6 +108,10 @@ async fn numbered_batches_are_stored_once_across_retries_and_kill_9() -> Result<
         err.to_string().contains("unknown table `nonsense`"),
         "{err}"
     );
+    let err = put(&mut flight, "rollups", id(producer, 5), records(1, "c"))
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("takes no rows"), "{err}");
     let err = put(
         &mut flight,
         "requests",

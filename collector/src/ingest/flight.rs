@@ -1,7 +1,8 @@
 //! Arrow Flight receiver: Lumen proxies `DoPut` their request records as
 //! Arrow record batches, on the same gRPC port as OTLP (4317).
 //!
-//! One `DoPut` call carries one numbered batch: the first message's flight
+//! One `DoPut` call carries one numbered batch (its record batches are
+//! stored together, as one WAL entry): the first message's flight
 //! descriptor names the table (path `["requests"]`) and its `app_metadata`
 //! holds the 24-byte batch id (16 bytes of producer instance, then the
 //! sequence, little-endian). The answer — one `PutResult` echoing the id —
