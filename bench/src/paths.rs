@@ -154,10 +154,37 @@ pub fn run(lumen: &Path, dir: &Path, set: &Settings) -> Result<Vec<Phase>> {
     Ok(phases)
 }
 
-type Counters = (Arc<AtomicU64>, Arc<AtomicU64>, Arc<AtomicU64>);
+/// What the senders of one phase did, counted across their tasks.
+#[derive(Clone, Default)]
+struct Tally {
+    records: Arc<AtomicU64>,
+    calls: Arc<AtomicU64>,
+    failed: Arc<AtomicU64>,
+}
 
-fn counters() -> Counters {
-    Default::default()
+impl Tally {
+    fn acknowledged(&self, records: u64) {
+        self.records.fetch_add(records, Ordering::Relaxed);
+        self.calls.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts a failed call and pauses before the next.
+    async fn failed(&self) {
+        self.failed.fetch_add(1, Ordering::Relaxed);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
+    /// Waits for the senders, then gives (records, calls, failed).
+    async fn total(self, senders: Vec<tokio::task::JoinHandle<()>>) -> Result<(u64, u64, u64)> {
+        for s in senders {
+            s.await?;
+        }
+        Ok((
+            self.records.load(Ordering::Relaxed),
+            self.calls.load(Ordering::Relaxed),
+            self.failed.load(Ordering::Relaxed),
+        ))
+    }
 }
 
 async fn send_arrow(
@@ -165,7 +192,7 @@ async fn send_arrow(
     set: &Settings,
     payloads: &[Vec<FlightData>],
 ) -> Result<(u64, u64, u64)> {
-    let (records, calls, failed) = counters();
+    let tally = Tally::default();
     let deadline = Instant::now() + set.duration;
     let mut tasks = Vec::new();
     for _ in 0..set.senders {
@@ -175,13 +202,7 @@ async fn send_arrow(
             .await
             .context("connecting to the collector")?;
         let mut client = FlightServiceClient::new(channel);
-        let payloads = payloads.to_vec();
-        let (records, calls, failed, rows) = (
-            records.clone(),
-            calls.clone(),
-            failed.clone(),
-            set.batch as u64,
-        );
+        let (payloads, tally, rows) = (payloads.to_vec(), tally.clone(), set.batch as u64);
         tasks.push(tokio::spawn(async move {
             let producer: [u8; 16] = rand::random();
             let mut seq = 0u64;
@@ -199,26 +220,13 @@ async fn send_arrow(
                     acks.message().await
                 };
                 match put.await {
-                    Ok(Some(_)) => {
-                        records.fetch_add(rows, Ordering::Relaxed);
-                        calls.fetch_add(1, Ordering::Relaxed);
-                    }
-                    _ => {
-                        failed.fetch_add(1, Ordering::Relaxed);
-                        tokio::time::sleep(Duration::from_millis(10)).await;
-                    }
+                    Ok(Some(_)) => tally.acknowledged(rows),
+                    _ => tally.failed().await,
                 }
             }
         }));
     }
-    for t in tasks {
-        t.await?;
-    }
-    Ok((
-        records.load(Ordering::Relaxed),
-        calls.load(Ordering::Relaxed),
-        failed.load(Ordering::Relaxed),
-    ))
+    tally.total(tasks).await
 }
 
 async fn send_otlp(endpoint: &str, set: &Settings, payloads: &[Bytes]) -> Result<(u64, u64, u64)> {
@@ -226,45 +234,26 @@ async fn send_otlp(endpoint: &str, set: &Settings, payloads: &[Bytes]) -> Result
         .iter()
         .map(|b| ExportTraceServiceRequest::decode(b.as_ref()))
         .collect::<Result<_, _>>()?;
-    let (records, calls, failed) = counters();
+    let tally = Tally::default();
     let deadline = Instant::now() + set.duration;
     let mut tasks = Vec::new();
     for _ in 0..set.senders {
         let mut client = TraceServiceClient::connect(endpoint.to_string())
             .await
             .context("connecting to the collector")?;
-        let requests = requests.clone();
-        let (records, calls, failed, rows) = (
-            records.clone(),
-            calls.clone(),
-            failed.clone(),
-            set.batch as u64,
-        );
+        let (requests, tally, rows) = (requests.clone(), tally.clone(), set.batch as u64);
         tasks.push(tokio::spawn(async move {
             let mut k = 0;
             while Instant::now() < deadline {
                 k += 1;
                 match client.export(requests[k % requests.len()].clone()).await {
-                    Ok(_) => {
-                        records.fetch_add(rows, Ordering::Relaxed);
-                        calls.fetch_add(1, Ordering::Relaxed);
-                    }
-                    Err(_) => {
-                        failed.fetch_add(1, Ordering::Relaxed);
-                        tokio::time::sleep(Duration::from_millis(10)).await;
-                    }
+                    Ok(_) => tally.acknowledged(rows),
+                    Err(_) => tally.failed().await,
                 }
             }
         }));
     }
-    for t in tasks {
-        t.await?;
-    }
-    Ok((
-        records.load(Ordering::Relaxed),
-        calls.load(Ordering::Relaxed),
-        failed.load(Ordering::Relaxed),
-    ))
+    tally.total(tasks).await
 }
 
 /// Protobuf decoding of the same OTLP payloads, on every core, and nothing

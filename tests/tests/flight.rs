@@ -8,13 +8,13 @@ use std::time::SystemTime;
 
 use anyhow::Result;
 use arrow::array::{ArrayRef, Int32Array, RecordBatch};
-use arrow_flight::encode::FlightDataEncoderBuilder;
+use arrow_flight::encode::DictionaryHandling;
 use arrow_flight::error::FlightError;
-use arrow_flight::{FlightClient, FlightDescriptor, PutResult};
+use arrow_flight::{FlightClient, PutResult};
 use bytes::Bytes;
-use futures_util::TryStreamExt;
 use lumen_core::RequestRecord;
 use lumen_core::schema::RequestBatchBuilder;
+use lumen_tests::flight::{self, batch_id as id, client};
 use lumen_tests::{UpPorts, sql_count, start_up, write_mesh};
 
 fn records(n: usize, tag: &str) -> RecordBatch {
@@ -30,30 +30,15 @@ fn records(n: usize, tag: &str) -> RecordBatch {
     b.finish().expect("a batch")
 }
 
-fn id(producer: [u8; 16], seq: u64) -> Bytes {
-    let mut v = producer.to_vec();
-    v.extend_from_slice(&seq.to_le_bytes());
-    Bytes::from(v)
-}
-
+/// Plain strings for names, as a producer without dictionaries sends
+/// them: the collector casts them to its dictionary columns.
 async fn put(
     client: &mut FlightClient,
     table: &str,
-    batch_id: Bytes,
+    id: Bytes,
     batch: RecordBatch,
 ) -> Result<Vec<PutResult>, FlightError> {
-    let stream = FlightDataEncoderBuilder::new()
-        .with_flight_descriptor(Some(FlightDescriptor::new_path(vec![table.to_string()])))
-        .with_metadata(batch_id)
-        .build(futures_util::stream::iter([Ok(batch)]));
-    client.do_put(stream).await?.try_collect().await
-}
-
-async fn client(ports: &UpPorts) -> Result<FlightClient> {
-    let channel = tonic::transport::Endpoint::from_shared(ports.grpc_endpoint())?
-        .connect()
-        .await?;
-    Ok(FlightClient::new(channel))
+    flight::put(client, table, id, batch, DictionaryHandling::Hydrate).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -6,14 +6,12 @@ use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime};
 
 use anyhow::Result;
-use arrow::array::RecordBatch;
-use arrow_flight::encode::{DictionaryHandling, FlightDataEncoderBuilder};
-use arrow_flight::{FlightClient, FlightDescriptor};
-use bytes::Bytes;
-use futures_util::TryStreamExt;
+use arrow_flight::FlightClient;
+use arrow_flight::encode::DictionaryHandling;
 use lumen_core::schema::RequestBatchBuilder;
 use lumen_core::sketch::RELATIVE_ACCURACY;
 use lumen_core::{Reporter, RequestRecord, Workload};
+use lumen_tests::flight::{self, batch_id, client};
 use lumen_tests::{UpPorts, sql, start_up, write_mesh};
 
 fn workload(service: &str) -> Workload {
@@ -63,24 +61,16 @@ async fn put(client: &mut FlightClient, seq: u64, records: &[RequestRecord]) -> 
     for r in records {
         b.push(r);
     }
-    let mut id = [3u8; 16].to_vec();
-    id.extend_from_slice(&seq.to_le_bytes());
-    let stream = FlightDataEncoderBuilder::new()
-        .with_flight_descriptor(Some(FlightDescriptor::new_path(vec!["requests".into()])))
-        .with_metadata(Bytes::from(id))
-        .with_dictionary_handling(DictionaryHandling::Resend)
-        .build(futures_util::stream::iter([Ok::<RecordBatch, _>(
-            b.finish()?,
-        )]));
-    let _: Vec<_> = client.do_put(stream).await?.try_collect().await?;
+    let id = batch_id([3; 16], seq);
+    flight::put(
+        client,
+        "requests",
+        id,
+        b.finish()?,
+        DictionaryHandling::Resend,
+    )
+    .await?;
     Ok(())
-}
-
-async fn client(ports: &UpPorts) -> Result<FlightClient> {
-    let channel = tonic::transport::Endpoint::from_shared(ports.grpc_endpoint())?
-        .connect()
-        .await?;
-    Ok(FlightClient::new(channel))
 }
 
 /// (window, reporter, service, status) → (requests, errors, bytes), from `rollups`.
