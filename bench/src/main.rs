@@ -46,7 +46,7 @@ enum Command {
         \n  d  load → Envoy client → Envoy server → nginx (--concurrency 1, no access log)\
         \n\nEach scenario: warm-up, then wrk for max throughput, then oha at a fixed rate for \
         p50/p99 latency while the proxies' CPU time is read from /proc. Prints a Markdown table \
-        and writes it to bench/results/latest.md. Defaults take about 2 minutes."
+        and writes it to bench/results/latest.md. Defaults take about 6 minutes."
     )]
     Proxy(ProxyArgs),
     /// Collector ingest rate alone and with a runaway query beside it, in
@@ -162,6 +162,11 @@ struct ProxyArgs {
     /// Concurrent connections of both load generators [default: 32 for wrk, 16 for oha].
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
     connections: Option<u32>,
+    /// Times each scenario is measured; the report shows medians. Rounds
+    /// interleave the scenarios so that a slow minute of a shared machine
+    /// does not land on one of them only.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
+    rounds: u32,
     /// Scenarios to run, comma-separated.
     #[arg(long, value_enum, value_delimiter = ',', default_value = "a,b,c,d")]
     scenario: Vec<Scenario>,
@@ -233,12 +238,14 @@ fn proxy(mut a: ProxyArgs) -> Result<()> {
         rate: set.rate,
         wrk_connections: set.wrk_connections,
         oha_connections: set.oha_connections,
+        rounds: a.rounds,
     };
 
-    let mut rows = Vec::new();
-    for &s in &a.scenario {
-        eprintln!("{}", s.label());
-        let m = scenario::run(s, &set).with_context(|| format!("scenario {}", s.label()))?;
+    let mut runs: Vec<Vec<_>> = a.scenario.iter().map(|_| Vec::new()).collect();
+    for (round, i) in (1..=a.rounds).flat_map(|r| (0..a.scenario.len()).map(move |i| (r, i))) {
+        let s = a.scenario[i];
+        eprintln!("{} (round {round} of {})", s.label(), a.rounds);
+        let m = scenario::run(s, round, &set).with_context(|| format!("scenario {}", s.label()))?;
         if !m.oha.clean() {
             eprintln!(
                 "  warning: not every fixed-rate request succeeded: {:.2}% success, \
@@ -272,10 +279,10 @@ fn proxy(mut a: ProxyArgs) -> Result<()> {
                 o.steal * 100.0
             );
         }
-        rows.push(m);
+        runs[i].push(m);
     }
 
-    let text = report::render(&ctx, &rows);
+    let text = report::render(&ctx, &runs);
     write_report(&a.out, &text)?;
     if a.keep_temp {
         eprintln!("kept {}", tmp.path.display());

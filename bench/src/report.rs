@@ -15,9 +15,55 @@ pub struct Context {
     pub rate: u32,
     pub wrk_connections: u32,
     pub oha_connections: u32,
+    pub rounds: u32,
 }
 
-pub fn render(ctx: &Context, rows: &[Measured]) -> String {
+/// One scenario's rounds reduced to medians: a single run on a shared
+/// 2-core machine swings by ±10 %, more than the differences measured.
+pub struct Summary {
+    pub scenario: Scenario,
+    pub rps: f64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub cpu_s_per_1000: Option<f64>,
+    pub saturated_cpu_s_per_1000: Option<f64>,
+    pub rss_mib: Option<f64>,
+}
+
+impl Summary {
+    /// `rounds` holds the runs of one scenario, at least one.
+    pub fn of(rounds: &[Measured]) -> Summary {
+        let opt_median = |f: fn(&Measured) -> Option<f64>| {
+            let xs: Vec<f64> = rounds.iter().filter_map(f).collect();
+            (!xs.is_empty()).then(|| median(&xs))
+        };
+        let all = |f: fn(&Measured) -> f64| median(&rounds.iter().map(f).collect::<Vec<_>>());
+        Summary {
+            scenario: rounds[0].scenario,
+            rps: all(|m| m.wrk.rps),
+            p50_ms: all(|m| m.oha.p50_ms),
+            p99_ms: all(|m| m.oha.p99_ms),
+            cpu_s_per_1000: opt_median(|m| m.cpu_s_per_1000),
+            saturated_cpu_s_per_1000: opt_median(|m| m.saturated_cpu_s_per_1000),
+            rss_mib: rounds.iter().filter_map(|m| m.rss_mib).reduce(f64::max),
+        }
+    }
+}
+
+/// The middle value (mean of the two middle ones for an even count).
+pub fn median(xs: &[f64]) -> f64 {
+    let mut v = xs.to_vec();
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    match n {
+        0 => f64::NAN,
+        _ if n % 2 == 1 => v[n / 2],
+        _ => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
+/// `runs` holds, per scenario, its rounds in the order they ran.
+pub fn render(ctx: &Context, runs: &[Vec<Measured>]) -> String {
     let mut out = String::new();
     let w = &mut out;
     let _ = writeln!(w, "# Lumen proxy benchmark\n");
@@ -33,33 +79,40 @@ pub fn render(ctx: &Context, rows: &[Measured]) -> String {
     let _ = writeln!(
         w,
         "- load: wrk -t1 -c{} for {} s (after {} s warm-up) for throughput; \
-         oha -q {} -c{} --latency-correction for {} s for latency and CPU\n",
+         oha -q {} -c{} --latency-correction for {} s for latency and CPU",
         ctx.wrk_connections, ctx.duration, ctx.warmup, ctx.rate, ctx.oha_connections, ctx.duration
     );
+    let _ = writeln!(
+        w,
+        "- rounds: {} (scenarios interleaved, a b c d a b c d …); each figure is the median of its rounds\n",
+        ctx.rounds
+    );
 
+    let rows: Vec<Summary> = runs
+        .iter()
+        .filter(|r| !r.is_empty())
+        .map(|r| Summary::of(r))
+        .collect();
     let _ = writeln!(
         w,
         "| scenario | throughput rps | p50 ms | p99 ms @{}rps | CPU s/1000 req/hop | RSS MiB |",
         ctx.rate
     );
     let _ = writeln!(w, "|---|---:|---:|---:|---:|---:|");
-    for m in rows {
+    for m in &rows {
         let _ = writeln!(
             w,
             "| {} | {:.0} | {:.2} | {:.2} | {} | {} |",
             m.scenario.label(),
-            m.wrk.rps,
-            m.oha.p50_ms,
-            m.oha.p99_ms,
+            m.rps,
+            m.p50_ms,
+            m.p99_ms,
             opt(m.cpu_s_per_1000.map(|c| c / 2.0), 4),
             opt(m.rss_mib, 1),
         );
     }
     let get = |s: Scenario| rows.iter().find(|m| m.scenario == s);
-    let cpu = |x: &Measured, y: &Measured, f: fn(f64, f64) -> String| match (
-        x.cpu_s_per_1000,
-        y.cpu_s_per_1000,
-    ) {
+    let both = |x: Option<f64>, y: Option<f64>, f: fn(f64, f64) -> String| match (x, y) {
         (Some(x), Some(y)) => f(x, y),
         _ => "-".into(),
     };
@@ -67,67 +120,32 @@ pub fn render(ctx: &Context, rows: &[Measured]) -> String {
     if let (Some(b), Some(d)) = (get(Scenario::B), get(Scenario::D)) {
         comparisons.push(format!(
             "- Lumen (telemetry on) / Envoy: throughput {}, p99 {}, CPU per request {}",
-            ratio(b.wrk.rps, d.wrk.rps),
-            ratio(b.oha.p99_ms, d.oha.p99_ms),
-            cpu(b, d, ratio),
+            ratio(b.rps, d.rps),
+            ratio(b.p99_ms, d.p99_ms),
+            both(b.cpu_s_per_1000, d.cpu_s_per_1000, ratio),
         ));
     }
     if let (Some(b), Some(c)) = (get(Scenario::B), get(Scenario::C)) {
         comparisons.push(format!(
-            "- telemetry cost, (b) vs (c): throughput {}, CPU per request {}",
-            percent(b.wrk.rps, c.wrk.rps),
-            cpu(b, c, percent),
+            "- telemetry cost, (b) vs (c): throughput {}, CPU per request {} at {} rps, {} saturated",
+            percent(b.rps, c.rps),
+            both(b.cpu_s_per_1000, c.cpu_s_per_1000, percent),
+            ctx.rate,
+            both(
+                b.saturated_cpu_s_per_1000,
+                c.saturated_cpu_s_per_1000,
+                percent
+            ),
         ));
     }
     if !comparisons.is_empty() {
         let _ = writeln!(w, "\n{}", comparisons.join("\n"));
     }
     let _ = writeln!(w, "\n## Details\n");
-    for m in rows {
-        let _ = writeln!(w, "- {}:", m.scenario.label());
-        let _ = writeln!(
-            w,
-            "  - wrk: {} requests, {} socket errors, {} non-2xx/3xx",
-            m.wrk.requests, m.wrk.socket_errors, m.wrk.non_2xx_3xx
-        );
-        let _ = writeln!(
-            w,
-            "  - oha: {} responses ({} 2xx), success rate {:.2}%{}{}",
-            m.oha.responses,
-            m.oha.ok,
-            m.oha.success_rate * 100.0,
-            counts(", statuses", &m.oha.bad_statuses),
-            counts(", errors", &m.oha.errors),
-        );
-        if let Some(c) = m.cpu_s_per_1000 {
-            let _ = writeln!(
-                w,
-                "  - CPU of both proxies: {c:.4} s per 1000 requests during the oha run"
-            );
-        }
-        if let Some(c) = m.collector_cores {
-            let _ = writeln!(
-                w,
-                "  - collector (`lumen up`) used {c:.2} cores during the wrk run"
-            );
-        }
-        let [wb, ob] = m.background;
-        let _ = writeln!(
-            w,
-            "  - CPU used outside the benchmark: {:.0}% of the machine during wrk, {:.0}% during \
-             oha; hypervisor steal {:.0}% / {:.0}%{}",
-            wb.other * 100.0,
-            ob.other * 100.0,
-            wb.steal * 100.0,
-            ob.steal * 100.0,
-            if m.noisy() {
-                " — NOISY: another workload ran, these numbers are suspect"
-            } else {
-                ""
-            }
-        );
-        if let Some(t) = &m.telemetry {
-            let _ = writeln!(w, "  - telemetry: {}", t.summary());
+    for rounds in runs.iter().filter(|r| !r.is_empty()) {
+        let _ = writeln!(w, "- {}:", rounds[0].scenario.label());
+        for (i, m) in rounds.iter().enumerate() {
+            details(w, i + 1, m);
         }
     }
     let _ = writeln!(
@@ -137,6 +155,59 @@ pub fn render(ctx: &Context, rows: &[Measured]) -> String {
          Load generator, proxies and nginx share the machine's cores."
     );
     out
+}
+
+fn details(w: &mut String, round: usize, m: &Measured) {
+    let _ = writeln!(
+        w,
+        "  - round {round}: {:.0} rps, p50 {:.2} ms, p99 {:.2} ms",
+        m.wrk.rps, m.oha.p50_ms, m.oha.p99_ms
+    );
+    let _ = writeln!(
+        w,
+        "    - wrk: {} requests, {} socket errors, {} non-2xx/3xx",
+        m.wrk.requests, m.wrk.socket_errors, m.wrk.non_2xx_3xx
+    );
+    let _ = writeln!(
+        w,
+        "    - oha: {} responses ({} 2xx), success rate {:.2}%{}{}",
+        m.oha.responses,
+        m.oha.ok,
+        m.oha.success_rate * 100.0,
+        counts(", statuses", &m.oha.bad_statuses),
+        counts(", errors", &m.oha.errors),
+    );
+    if let (Some(c), Some(s)) = (m.cpu_s_per_1000, m.saturated_cpu_s_per_1000) {
+        let _ = writeln!(
+            w,
+            "    - CPU of both proxies per 1000 requests: {c:.4} s during the oha run, \
+             {s:.4} s during the wrk run (saturated)"
+        );
+    }
+    if let Some(c) = m.collector_cores {
+        let _ = writeln!(
+            w,
+            "    - collector (`lumen up`) used {c:.2} cores during the wrk run"
+        );
+    }
+    let [wb, ob] = m.background;
+    let _ = writeln!(
+        w,
+        "    - CPU used outside the benchmark: {:.0}% of the machine during wrk, {:.0}% during \
+         oha; hypervisor steal {:.0}% / {:.0}%{}",
+        wb.other * 100.0,
+        ob.other * 100.0,
+        wb.steal * 100.0,
+        ob.steal * 100.0,
+        if m.noisy() {
+            " — NOISY: another workload ran, these numbers are suspect"
+        } else {
+            ""
+        }
+    );
+    if let Some(t) = &m.telemetry {
+        let _ = writeln!(w, "    - telemetry: {}", t.summary());
+    }
 }
 
 fn opt(v: Option<f64>, decimals: usize) -> String {
@@ -189,6 +260,7 @@ mod tests {
                 errors: Default::default(),
             },
             cpu_s_per_1000: cpu,
+            saturated_cpu_s_per_1000: cpu,
             rss_mib: cpu.map(|_| 12.0),
             telemetry: None,
             background: Default::default(),
@@ -208,12 +280,18 @@ mod tests {
             rate: 1000,
             wrk_connections: 32,
             oha_connections: 16,
+            rounds: 3,
         };
         let rows = [
-            row(Scenario::A, 20000.0, 1.0, None),
-            row(Scenario::B, 9000.0, 3.0, Some(0.2)),
-            row(Scenario::C, 10000.0, 2.0, Some(0.1)),
-            row(Scenario::D, 6000.0, 4.0, Some(0.4)),
+            vec![row(Scenario::A, 20000.0, 1.0, None)],
+            // The median of each figure, not one round's.
+            vec![
+                row(Scenario::B, 9000.0, 3.0, Some(0.2)),
+                row(Scenario::B, 1000.0, 9.0, Some(0.1)),
+                row(Scenario::B, 9500.0, 1.0, Some(0.3)),
+            ],
+            vec![row(Scenario::C, 10000.0, 2.0, Some(0.1))],
+            vec![row(Scenario::D, 6000.0, 4.0, Some(0.4))],
         ];
         let text = render(&ctx, &rows);
         assert!(
@@ -229,9 +307,15 @@ mod tests {
             "{text}"
         );
         assert!(
-            text.contains("(b) vs (c): throughput -10.0%, CPU per request +100.0%"),
+            text.contains("(b) vs (c): throughput -10.0%, CPU per request +100.0% at 1000 rps"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn medians() {
+        assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(&[4.0, 1.0, 2.0, 3.0]), 2.5);
     }
 
     #[test]

@@ -59,6 +59,8 @@ pub struct Measured {
     /// CPU seconds of both proxies together per 1000 requests of the
     /// fixed-rate run; None without proxies.
     pub cpu_s_per_1000: Option<f64>,
+    /// The same during the wrk run, where the proxies are saturated.
+    pub saturated_cpu_s_per_1000: Option<f64>,
     /// Largest VmRSS of the proxies after the runs.
     pub rss_mib: Option<f64>,
     pub telemetry: Option<TelemetryCheck>,
@@ -131,8 +133,10 @@ impl Topology {
     }
 }
 
-pub fn run(s: Scenario, set: &Settings) -> Result<Measured> {
-    let dir = set.tmp.join(format!("{s:?}").to_lowercase());
+pub fn run(s: Scenario, round: u32, set: &Settings) -> Result<Measured> {
+    // A fresh directory per round: the collector's data must hold this
+    // round's records only.
+    let dir = set.tmp.join(format!("{s:?}-{round}").to_lowercase());
     fs::create_dir_all(&dir)?;
     let mut topo = start(s, set, &dir)?;
     probe(&mut topo)?;
@@ -145,9 +149,16 @@ pub fn run(s: Scenario, set: &Settings) -> Result<Measured> {
     );
     let collector_pid = topo.collector.map(|i| topo.procs[i].pid());
     let collector_before = total_ticks(collector_pid.as_slice())?;
+    let pids = topo.proxy_pids();
     let window = procstat::Window::start()?;
+    let saturated_before = total_ticks(&pids)?;
     let wrk = load::run_wrk(&topo.target, set.wrk_connections, set.duration)?;
+    let saturated_after = total_ticks(&pids)?;
     let wrk_background = window.finish()?;
+    let saturated_cpu_s_per_1000 = (!pids.is_empty() && wrk.requests > 0).then(|| {
+        let secs = (saturated_after - saturated_before) as f64 / set.clk_tck as f64;
+        secs / (wrk.requests as f64 / 1000.0)
+    });
     let collector_cores = match collector_pid {
         Some(pid) => {
             let ticks = procstat::cpu_ticks(pid)? - collector_before;
@@ -161,7 +172,6 @@ pub fn run(s: Scenario, set: &Settings) -> Result<Measured> {
         "  latency: oha -q {} -c{} {} s",
         set.rate, set.oha_connections, set.duration
     );
-    let pids = topo.proxy_pids();
     let window = procstat::Window::start()?;
     let cpu_before = total_ticks(&pids)?;
     let oha = load::run_oha(&topo.target, set.rate, set.oha_connections, set.duration)?;
@@ -195,6 +205,7 @@ pub fn run(s: Scenario, set: &Settings) -> Result<Measured> {
         wrk,
         oha,
         cpu_s_per_1000,
+        saturated_cpu_s_per_1000,
         rss_mib,
         telemetry,
         background: [wrk_background, oha_background],

@@ -36,6 +36,20 @@ fn keep_freed_memory() {
     unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, 10_000) };
 }
 
+/// mimalloc asks for transparent huge pages on its arenas, and the kernel
+/// zeroes a whole 2 MiB page on the first touch of each: with memory
+/// turning over at ingest rates that zeroing was a quarter of the
+/// collector's WAL thread and held Arrow ingest near 0.9M records/s (1.15M
+/// without). Small pages also keep a sidecar's RSS a quarter smaller.
+fn no_huge_pages() {
+    #[cfg(target_os = "linux")]
+    // SAFETY: PR_SET_THP_DISABLE takes integer arguments only and affects
+    // this process's later page faults; failure leaves THP as it was.
+    unsafe {
+        libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0);
+    }
+}
+
 #[derive(Parser)]
 #[command(
     name = "lumen",
@@ -376,6 +390,7 @@ async fn signal() {
 }
 
 fn main() -> ExitCode {
+    no_huge_pages();
     keep_freed_memory();
     let cli = Cli::parse();
     let workers = match &cli.command {
