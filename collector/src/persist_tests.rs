@@ -270,8 +270,11 @@ async fn flush_writes_one_sorted_zstd_parquet_file_per_table_and_hour_with_every
         .unwrap();
         let row_group = reader.metadata().row_group(0);
         for column in row_group.columns() {
-            assert!(
+            // A span id is random bytes: compressing it only costs time.
+            let compressed = column.column_path().string() != "span_id";
+            assert_eq!(
                 matches!(column.compression(), Compression::ZSTD(_)),
+                compressed,
                 "{}: {:?}",
                 column.column_path(),
                 column.compression()
