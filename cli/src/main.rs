@@ -38,7 +38,7 @@ fn keep_freed_memory() {
 
 /// mimalloc asks for transparent huge pages on its arenas, and the kernel
 /// zeroes a whole 2 MiB page on the first touch of each: with memory
-/// turning over at ingest rates that zeroing was a quarter of the
+/// turning over at ingest rates that zeroing was half of the
 /// collector's WAL thread and held Arrow ingest near 0.9M records/s (1.15M
 /// without). Small pages also keep a sidecar's RSS a quarter smaller.
 fn no_huge_pages() {
