@@ -229,16 +229,13 @@ async fn wait_running(http: &reqwest::Client, query: &str) -> Result<String> {
 }
 
 pub fn render(command: &str, machine: &str, set: &Settings, phases: &[Phase]) -> String {
-    let mut out = String::new();
-    let w = &mut out;
-    let _ = writeln!(w, "# Lumen collector ingest beside a runaway query\n");
-    let _ = writeln!(w, "- command: `{command}`");
-    let _ = writeln!(
-        w,
-        "- date: {}",
-        chrono::Utc::now().format("%Y-%m-%d %H:%M UTC")
+    let mut out = crate::report::header(
+        "Lumen collector ingest beside a runaway query",
+        command,
+        &crate::report::now(),
+        machine,
     );
-    let _ = writeln!(w, "- machine: {machine}");
+    let w = &mut out;
     let _ = writeln!(
         w,
         "- load: {} OTLP/gRPC senders, {} request spans per export, each sending when the last \

@@ -230,7 +230,7 @@ fn proxy(mut a: ProxyArgs) -> Result<()> {
     };
     let ctx = report::Context {
         command: std::env::args().collect::<Vec<_>>().join(" "),
-        date: chrono::Utc::now().format("%Y-%m-%d %H:%M UTC").to_string(),
+        date: report::now(),
         machine: machine(),
         versions: peers::versions(lumen.as_deref()),
         duration: set.duration,

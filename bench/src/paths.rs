@@ -294,16 +294,13 @@ fn decode_only(payloads: &[Bytes], set: &Settings) -> Result<Phase> {
 }
 
 pub fn render(command: &str, machine: &str, set: &Settings, phases: &[Phase]) -> String {
-    let mut out = String::new();
-    let w = &mut out;
-    let _ = writeln!(w, "# Lumen collector ingest by path\n");
-    let _ = writeln!(w, "- command: `{command}`");
-    let _ = writeln!(
-        w,
-        "- date: {}",
-        chrono::Utc::now().format("%Y-%m-%d %H:%M UTC")
+    let mut out = crate::report::header(
+        "Lumen collector ingest by path",
+        command,
+        &crate::report::now(),
+        machine,
     );
-    let _ = writeln!(w, "- machine: {machine}");
+    let w = &mut out;
     let _ = writeln!(
         w,
         "- load: {} senders, {} request records per call (encoded by the proxy's own Arrow \

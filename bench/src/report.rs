@@ -62,14 +62,25 @@ pub fn median(xs: &[f64]) -> f64 {
     }
 }
 
+/// The opening every bench report shares: title, command, date, machine.
+pub fn header(title: &str, command: &str, date: &str, machine: &str) -> String {
+    format!("# {title}\n\n- command: `{command}`\n- date: {date}\n- machine: {machine}\n")
+}
+
+/// The date a report is written, as its header shows it.
+pub fn now() -> String {
+    chrono::Utc::now().format("%Y-%m-%d %H:%M UTC").to_string()
+}
+
 /// `runs` holds, per scenario, its rounds in the order they ran.
 pub fn render(ctx: &Context, runs: &[Vec<Measured>]) -> String {
-    let mut out = String::new();
+    let mut out = header(
+        "Lumen proxy benchmark",
+        &ctx.command,
+        &ctx.date,
+        &ctx.machine,
+    );
     let w = &mut out;
-    let _ = writeln!(w, "# Lumen proxy benchmark\n");
-    let _ = writeln!(w, "- command: `{}`", ctx.command);
-    let _ = writeln!(w, "- date: {}", ctx.date);
-    let _ = writeln!(w, "- machine: {}", ctx.machine);
     let versions: Vec<String> = ctx
         .versions
         .iter()

@@ -137,14 +137,12 @@ pub fn measure(dir: &Path) -> Result<Measured> {
 pub fn render(command: &str, machine: &str, set: &Settings, m: &Measured) -> String {
     let per_row = |b: u64| b as f64 / m.rows.max(1) as f64;
     let floor = (8 * m.rows + 16 * m.traces) as f64 / m.rows.max(1) as f64;
-    let mut s = String::new();
-    s.push_str("# Bytes on disk per `requests` row\n\n");
-    s.push_str(&format!("- command: `{command}`\n"));
-    s.push_str(&format!(
-        "- date: {}\n",
-        chrono::Utc::now().format("%Y-%m-%d %H:%M UTC")
-    ));
-    s.push_str(&format!("- machine: {machine}\n"));
+    let mut s = crate::report::header(
+        "Bytes on disk per `requests` row",
+        command,
+        &crate::report::now(),
+        machine,
+    );
     s.push_str(&format!(
         "- traffic: `lumen demo` for {} s at {} rps, one flush at the end\n",
         set.duration.as_secs(),
