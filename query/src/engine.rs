@@ -278,6 +278,16 @@ impl QueryEngine {
         self.running.encode_metrics()
     }
 
+    /// Runs a front end's own computation (PromQL evaluation, result
+    /// shaping) on the query threads, apart from the I/O runtime.
+    pub fn spawn<F>(&self, fut: F) -> tokio::task::JoinHandle<F::Output>
+    where
+        F: std::future::Future + Send + 'static,
+        F::Output: Send + 'static,
+    {
+        self.executor.spawn(fut)
+    }
+
     /// Runs `sql`; `origin` says who asked, for the running-query list and logs.
     ///
     /// Dropping the returned future (the client went away) stops the query.

@@ -29,10 +29,11 @@ pub fn router(engine: QueryEngine) -> Router {
         .route("/api/v1/queries/{id}", delete(cancel))
         .route("/metrics", get(metrics))
         .route("/ready", get(|| async { "ready\n" }))
+        .merge(crate::prom_api::router())
         .with_state(engine)
 }
 
-fn error(status: StatusCode, kind: &str, message: String) -> Response {
+pub(crate) fn error(status: StatusCode, kind: &str, message: String) -> Response {
     (
         status,
         [(header::CONTENT_TYPE, "application/json")],
@@ -43,7 +44,7 @@ fn error(status: StatusCode, kind: &str, message: String) -> Response {
 
 /// The answer to a failed query: status, Prometheus error type, and
 /// `Retry-After` where retrying later is the remedy.
-fn query_error(e: QueryError) -> Response {
+pub(crate) fn query_error(e: QueryError) -> Response {
     let (status, kind, retry) = match &e {
         QueryError::ReadOnly(_) => (StatusCode::BAD_REQUEST, "read_only", None),
         QueryError::Sql(_) => (StatusCode::BAD_REQUEST, "bad_data", None),

@@ -22,6 +22,8 @@ pub mod guard;
 pub mod http;
 pub mod memory;
 pub mod metrics;
+pub mod prom_api;
+pub mod promql;
 pub mod running;
 pub mod settings;
 pub mod table;

@@ -1,0 +1,869 @@
+//! PromQL's functions and aggregation operators, with Prometheus's
+//! definitions (extrapolation of `rate`, interpolation of `quantile` and
+//! `histogram_quantile`, which results keep the metric name).
+
+use std::collections::HashMap;
+
+use chrono::{Datelike, Timelike};
+use promql_parser::label::MatchOp;
+use promql_parser::parser::{Call, Expr, LabelModifier};
+
+use super::PromError;
+use super::eval::{Evaluator, RangeArg, window};
+use super::value::{self, Labels, METRIC_NAME, Series, Steps, Value};
+
+pub async fn call(ev: &Evaluator<'_>, call: &Call, steps: Steps) -> Result<Value, PromError> {
+    let name = call.func.name;
+    let args = &call.args.args;
+    let n = steps.len();
+    let arg = |i: usize| -> Result<&Expr, PromError> {
+        args.get(i)
+            .map(|a| a.as_ref())
+            .ok_or_else(|| PromError::BadData(format!("{name}() is missing argument {}", i + 1)))
+    };
+    if let Some(f) = range_function(name) {
+        // Functions whose first argument is a parameter, then the range.
+        let (param, range_expr) = match name {
+            "quantile_over_time" => (Some(scalar(ev, arg(0)?, steps, name).await?), arg(1)?),
+            "predict_linear" => (Some(scalar(ev, arg(1)?, steps, name).await?), arg(0)?),
+            _ => (None, arg(0)?),
+        };
+        let range = ev.range_arg(range_expr, steps).await?;
+        if name == "absent_over_time" {
+            let any = |i: usize| {
+                range.series.iter().any(|s| {
+                    let (a, b) = range.windows[i];
+                    !window(&s.samples, a, b).is_empty()
+                })
+            };
+            return Ok(absent_result(range_expr, (0..n).map(|i| !any(i)).collect()));
+        }
+        return Ok(Value::Vector(apply_range(
+            name,
+            f,
+            &range,
+            param.as_deref(),
+            steps,
+        )));
+    }
+    match name {
+        "time" => Ok(Value::Scalar(
+            steps.times().map(|t| t as f64 / 1000.0).collect(),
+        )),
+        "pi" => Ok(Value::Scalar(vec![std::f64::consts::PI; n])),
+        "vector" => {
+            let s = scalar(ev, arg(0)?, steps, name).await?;
+            Ok(Value::Vector(vec![Series {
+                labels: Vec::new(),
+                values: s.into_iter().map(Some).collect(),
+            }]))
+        }
+        "scalar" => {
+            let v = vector(ev, arg(0)?, steps, name).await?;
+            Ok(Value::Scalar(
+                (0..n)
+                    .map(|i| {
+                        let mut present = v.iter().filter_map(|s| s.values[i]);
+                        match (present.next(), present.next()) {
+                            (Some(x), None) => x,
+                            _ => f64::NAN,
+                        }
+                    })
+                    .collect(),
+            ))
+        }
+        "absent" => {
+            let v = vector(ev, arg(0)?, steps, name).await?;
+            let absent = (0..n)
+                .map(|i| v.iter().all(|s| s.values[i].is_none()))
+                .collect();
+            Ok(absent_result(arg(0)?, absent))
+        }
+        "histogram_quantile" => {
+            let q = scalar(ev, arg(0)?, steps, name).await?;
+            let v = vector(ev, arg(1)?, steps, name).await?;
+            Ok(Value::Vector(histogram_quantile(&q, v, n)))
+        }
+        "label_replace" => {
+            let v = vector(ev, arg(0)?, steps, name).await?;
+            let dst = string(arg(1)?, name)?;
+            let replacement = string(arg(2)?, name)?;
+            let src = string(arg(3)?, name)?;
+            let regex = string(arg(4)?, name)?;
+            let re = regex::Regex::new(&format!("^(?:{regex})$")).map_err(|e| {
+                PromError::BadData(format!(
+                    "invalid regular expression in label_replace(): {e}"
+                ))
+            })?;
+            if !valid_label_name(dst) {
+                return Err(PromError::BadData(format!(
+                    "invalid destination label name in label_replace(): {dst}"
+                )));
+            }
+            let out = v
+                .into_iter()
+                .map(|mut s| {
+                    let source = value::get(&s.labels, src).unwrap_or("").to_string();
+                    if let Some(caps) = re.captures(&source) {
+                        let mut to = String::new();
+                        caps.expand(replacement, &mut to);
+                        value::set(&mut s.labels, dst, &to);
+                    }
+                    s
+                })
+                .collect();
+            Ok(Value::Vector(merge_same_labels(out)?))
+        }
+        "label_join" => {
+            let v = vector(ev, arg(0)?, steps, name).await?;
+            let dst = string(arg(1)?, name)?;
+            let sep = string(arg(2)?, name)?;
+            let srcs = args[3..]
+                .iter()
+                .map(|a| string(a, name))
+                .collect::<Result<Vec<_>, _>>()?;
+            let out = v
+                .into_iter()
+                .map(|mut s| {
+                    let joined: Vec<&str> = srcs
+                        .iter()
+                        .map(|l| value::get(&s.labels, l).unwrap_or(""))
+                        .collect();
+                    let joined = joined.join(sep);
+                    value::set(&mut s.labels, dst, &joined);
+                    s
+                })
+                .collect();
+            Ok(Value::Vector(merge_same_labels(out)?))
+        }
+        "sort" | "sort_desc" => {
+            let mut v = vector(ev, arg(0)?, steps, name).await?;
+            let key = |s: &Series| s.values.first().copied().flatten().unwrap_or(f64::NAN);
+            v.sort_by(|a, b| {
+                let (x, y) = (key(a), key(b));
+                let o = x
+                    .partial_cmp(&y)
+                    .unwrap_or_else(|| y.is_nan().cmp(&x.is_nan()));
+                if name == "sort" { o } else { o.reverse() }
+            });
+            if name == "sort_desc" {
+                // NaN still last.
+                v.sort_by_key(|s| key(s).is_nan());
+            }
+            Ok(Value::Vector(v))
+        }
+        "clamp" | "clamp_min" | "clamp_max" | "round" => {
+            let v = vector(ev, arg(0)?, steps, name).await?;
+            let p1 = match args.get(1) {
+                Some(a) => scalar(ev, a, steps, name).await?,
+                None => vec![1.0; n],
+            };
+            let p2 = match args.get(2) {
+                Some(a) => scalar(ev, a, steps, name).await?,
+                None => vec![f64::NAN; n],
+            };
+            Ok(Value::Vector(map_values(v, |i, x| match name {
+                "clamp" if p1[i] > p2[i] => None,
+                "clamp" => Some(x.max(p1[i]).min(p2[i])),
+                "clamp_min" => Some(x.max(p1[i])),
+                "clamp_max" => Some(x.min(p1[i])),
+                _ => {
+                    // round(v, to_nearest): Prometheus rounds half up.
+                    let inv = 1.0 / p1[i];
+                    Some((x * inv + 0.5).floor() / inv)
+                }
+            })))
+        }
+        "day_of_month" | "day_of_week" | "day_of_year" | "days_in_month" | "hour" | "minute"
+        | "month" | "year" => {
+            let v = match args.first() {
+                Some(a) => vector(ev, a, steps, name).await?,
+                None => vec![Series {
+                    labels: Vec::new(),
+                    values: steps.times().map(|t| Some(t as f64 / 1000.0)).collect(),
+                }],
+            };
+            Ok(Value::Vector(map_values(v, |_, x| date_part(name, x))))
+        }
+        _ => {
+            let Some(f) = math_function(name) else {
+                return Err(PromError::BadData(format!(
+                    "function {name}() is not supported by Lumen yet"
+                )));
+            };
+            let v = vector(ev, arg(0)?, steps, name).await?;
+            Ok(Value::Vector(map_values(v, |_, x| Some(f(x)))))
+        }
+    }
+}
+
+fn valid_label_name(name: &str) -> bool {
+    let mut chars = name.chars();
+    matches!(chars.next(), Some(c) if c == '_' || c.is_ascii_alphabetic())
+        && chars.all(|c| c == '_' || c.is_ascii_alphanumeric())
+}
+
+async fn scalar(
+    ev: &Evaluator<'_>,
+    e: &Expr,
+    steps: Steps,
+    f: &str,
+) -> Result<Vec<f64>, PromError> {
+    match ev.eval(e, steps).await? {
+        Value::Scalar(v) => Ok(v),
+        other => Err(PromError::BadData(format!(
+            "{f}() expects a scalar argument, got a {}",
+            other.kind()
+        ))),
+    }
+}
+
+async fn vector(
+    ev: &Evaluator<'_>,
+    e: &Expr,
+    steps: Steps,
+    f: &str,
+) -> Result<Vec<Series>, PromError> {
+    match ev.eval(e, steps).await? {
+        Value::Vector(v) => Ok(v),
+        other => Err(PromError::BadData(format!(
+            "{f}() expects an instant vector argument, got a {}",
+            other.kind()
+        ))),
+    }
+}
+
+fn string<'e>(e: &'e Expr, f: &str) -> Result<&'e str, PromError> {
+    match e {
+        Expr::StringLiteral(s) => Ok(&s.val),
+        Expr::Paren(p) => string(&p.expr, f),
+        _ => Err(PromError::BadData(format!(
+            "{f}() expects a string argument"
+        ))),
+    }
+}
+
+/// Applies `f` to every value; drops the metric name, as Prometheus's
+/// functions do.
+fn map_values(series: Vec<Series>, f: impl Fn(usize, f64) -> Option<f64>) -> Vec<Series> {
+    series
+        .into_iter()
+        .filter_map(|mut s| {
+            value::remove(&mut s.labels, METRIC_NAME);
+            for (i, v) in s.values.iter_mut().enumerate() {
+                *v = v.and_then(|x| f(i, x));
+            }
+            s.values.iter().any(Option::is_some).then_some(s)
+        })
+        .collect()
+}
+
+/// Series whose labels became equal are one series; two values at one
+/// step are an error, as in Prometheus.
+fn merge_same_labels(series: Vec<Series>) -> Result<Vec<Series>, PromError> {
+    let mut out: Vec<Series> = Vec::with_capacity(series.len());
+    let mut index: HashMap<Labels, usize> = HashMap::new();
+    for s in series {
+        match index.get(&s.labels) {
+            Some(&i) => {
+                for (a, b) in out[i].values.iter_mut().zip(&s.values) {
+                    if b.is_some() {
+                        if a.is_some() {
+                            return Err(PromError::Execution(
+                                "vector cannot contain metrics with the same labelset".into(),
+                            ));
+                        }
+                        *a = *b;
+                    }
+                }
+            }
+            None => {
+                index.insert(s.labels.clone(), out.len());
+                out.push(s);
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// What `absent()` returns: 1 where nothing was present, labelled with the
+/// selector's equality matchers.
+fn absent_result(arg: &Expr, absent: Vec<bool>) -> Value {
+    let mut labels: Labels = Vec::new();
+    let selector = match arg {
+        Expr::VectorSelector(vs) => Some(vs),
+        Expr::MatrixSelector(ms) => Some(&ms.vs),
+        _ => None,
+    };
+    if let Some(vs) = selector {
+        for m in &vs.matchers.matchers {
+            if matches!(m.op, MatchOp::Equal) && m.name != METRIC_NAME {
+                value::set(&mut labels, &m.name, &m.value);
+            }
+        }
+    }
+    if !absent.iter().any(|a| *a) {
+        return Value::Vector(Vec::new());
+    }
+    Value::Vector(vec![Series {
+        labels,
+        values: absent.into_iter().map(|a| a.then_some(1.0)).collect(),
+    }])
+}
+
+type RangeFn = fn(&[(i64, f64)], i64, i64, f64) -> Option<f64>;
+
+fn range_function(name: &str) -> Option<RangeFn> {
+    Some(match name {
+        "rate" => |s, a, b, _| extrapolated(s, a, b, true, true),
+        "increase" => |s, a, b, _| extrapolated(s, a, b, true, false),
+        "delta" => |s, a, b, _| extrapolated(s, a, b, false, false),
+        "irate" => |s, _, _, _| instant_delta(s, true),
+        "idelta" => |s, _, _, _| instant_delta(s, false),
+        "avg_over_time" => |s, _, _, _| (!s.is_empty()).then(|| sum(s) / s.len() as f64),
+        "sum_over_time" => |s, _, _, _| (!s.is_empty()).then(|| sum(s)),
+        "count_over_time" => |s, _, _, _| (!s.is_empty()).then_some(s.len() as f64),
+        "min_over_time" => |s, _, _, _| s.iter().map(|p| p.1).reduce(nan_min),
+        "max_over_time" => |s, _, _, _| s.iter().map(|p| p.1).reduce(nan_max),
+        "last_over_time" => |s, _, _, _| s.last().map(|p| p.1),
+        "present_over_time" => |s, _, _, _| (!s.is_empty()).then_some(1.0),
+        "stddev_over_time" => |s, _, _, _| variance(s).map(f64::sqrt),
+        "stdvar_over_time" => |s, _, _, _| variance(s),
+        "changes" => |s, _, _, _| {
+            (!s.is_empty()).then(|| s.windows(2).filter(|w| w[0].1 != w[1].1).count() as f64)
+        },
+        "resets" => |s, _, _, _| {
+            (!s.is_empty()).then(|| s.windows(2).filter(|w| w[1].1 < w[0].1).count() as f64)
+        },
+        "deriv" => |s, _, b, _| regression(s, b).map(|(slope, _)| slope),
+        "predict_linear" => |s, _, b, t| regression(s, b).map(|(slope, icpt)| icpt + slope * t),
+        "quantile_over_time" => {
+            |s, _, _, q| (!s.is_empty()).then(|| quantile(q, s.iter().map(|p| p.1).collect()))
+        }
+        "absent_over_time" => |_, _, _, _| None,
+        _ => return None,
+    })
+}
+
+fn apply_range(
+    name: &str,
+    f: RangeFn,
+    range: &RangeArg,
+    param: Option<&[f64]>,
+    steps: Steps,
+) -> Vec<Series> {
+    let keep_name = name == "last_over_time";
+    range
+        .series
+        .iter()
+        .filter_map(|s| {
+            let values: Vec<Option<f64>> = range
+                .windows
+                .iter()
+                .enumerate()
+                .map(|(i, &(a, b))| {
+                    let p = param.map_or(0.0, |p| p[i]);
+                    f(window(&s.samples, a, b), a, b, p)
+                })
+                .collect();
+            if values.iter().all(Option::is_none) {
+                return None;
+            }
+            let mut labels = s.labels.clone();
+            if !keep_name {
+                value::remove(&mut labels, METRIC_NAME);
+            }
+            debug_assert_eq!(values.len(), steps.len());
+            Some(Series { labels, values })
+        })
+        .collect()
+}
+
+fn sum(s: &[(i64, f64)]) -> f64 {
+    s.iter().map(|p| p.1).sum()
+}
+
+fn nan_min(a: f64, b: f64) -> f64 {
+    if a.is_nan() || b < a { b } else { a }
+}
+
+fn nan_max(a: f64, b: f64) -> f64 {
+    if a.is_nan() || b > a { b } else { a }
+}
+
+fn variance(s: &[(i64, f64)]) -> Option<f64> {
+    if s.is_empty() {
+        return None;
+    }
+    let mean = sum(s) / s.len() as f64;
+    Some(s.iter().map(|p| (p.1 - mean).powi(2)).sum::<f64>() / s.len() as f64)
+}
+
+/// Least-squares slope (per second) and the value at `at`.
+fn regression(s: &[(i64, f64)], at: i64) -> Option<(f64, f64)> {
+    if s.len() < 2 {
+        return None;
+    }
+    let n = s.len() as f64;
+    let (mut sx, mut sy, mut sxy, mut sxx) = (0.0, 0.0, 0.0, 0.0);
+    for &(t, v) in s {
+        let x = (t - at) as f64 / 1000.0;
+        sx += x;
+        sy += v;
+        sxy += x * v;
+        sxx += x * x;
+    }
+    let cov = sxy - sx * sy / n;
+    let var = sxx - sx * sx / n;
+    let slope = cov / var;
+    Some((slope, sy / n - slope * sx / n))
+}
+
+/// `rate`, `increase` and `delta` as Prometheus computes them: the change
+/// over the samples in the window, corrected for counter resets, and
+/// extrapolated to the window's edges (to half a sample interval at most
+/// where the series does not reach an edge, and never below zero for a
+/// counter).
+fn extrapolated(s: &[(i64, f64)], start: i64, end: i64, counter: bool, rate: bool) -> Option<f64> {
+    if s.len() < 2 {
+        return None;
+    }
+    let (first, last) = (s[0], s[s.len() - 1]);
+    let mut result = last.1 - first.1;
+    if counter {
+        for w in s.windows(2) {
+            if w[1].1 < w[0].1 {
+                result += w[0].1;
+            }
+        }
+    }
+    let sampled = (last.0 - first.0) as f64 / 1000.0;
+    let average = sampled / (s.len() - 1) as f64;
+    let threshold = average * 1.1;
+    let mut to_start = (first.0 - start) as f64 / 1000.0;
+    let mut to_end = (end - last.0) as f64 / 1000.0;
+    if to_start >= threshold {
+        to_start = average / 2.0;
+    }
+    if counter && result > 0.0 && first.1 >= 0.0 {
+        let to_zero = sampled * (first.1 / result);
+        if to_zero < to_start {
+            to_start = to_zero;
+        }
+    }
+    if to_end >= threshold {
+        to_end = average / 2.0;
+    }
+    let factor = (sampled + to_start + to_end) / sampled;
+    result *= factor;
+    if rate {
+        result /= (end - start) as f64 / 1000.0;
+    }
+    Some(result)
+}
+
+fn instant_delta(s: &[(i64, f64)], rate: bool) -> Option<f64> {
+    if s.len() < 2 {
+        return None;
+    }
+    let (prev, last) = (s[s.len() - 2], s[s.len() - 1]);
+    if !rate {
+        return Some(last.1 - prev.1);
+    }
+    let dt = (last.0 - prev.0) as f64 / 1000.0;
+    if dt == 0.0 {
+        return None;
+    }
+    let change = if last.1 < prev.1 {
+        last.1
+    } else {
+        last.1 - prev.1
+    };
+    Some(change / dt)
+}
+
+/// Prometheus's `quantile`: linear interpolation between closest ranks.
+fn quantile(q: f64, mut values: Vec<f64>) -> f64 {
+    if values.is_empty() || q.is_nan() {
+        return f64::NAN;
+    }
+    if q < 0.0 {
+        return f64::NEG_INFINITY;
+    }
+    if q > 1.0 {
+        return f64::INFINITY;
+    }
+    values.sort_by(f64::total_cmp);
+    let rank = q * (values.len() - 1) as f64;
+    let lower = rank.floor() as usize;
+    let upper = (lower + 1).min(values.len() - 1);
+    let weight = rank - rank.floor();
+    values[lower] * (1.0 - weight) + values[upper] * weight
+}
+
+/// `histogram_quantile`: per group of `_bucket` series (all labels but
+/// `le`), linear interpolation within the bucket the rank falls in.
+fn histogram_quantile(q: &[f64], series: Vec<Series>, n: usize) -> Vec<Series> {
+    let mut groups: HashMap<Labels, Vec<(f64, &Series)>> = HashMap::new();
+    let mut order: Vec<Labels> = Vec::new();
+    for s in &series {
+        let Some(le) = value::get(&s.labels, "le").and_then(parse_le) else {
+            continue;
+        };
+        let mut key = s.labels.clone();
+        value::remove(&mut key, "le");
+        value::remove(&mut key, METRIC_NAME);
+        groups
+            .entry(key.clone())
+            .or_insert_with(|| {
+                order.push(key);
+                Vec::new()
+            })
+            .push((le, s));
+    }
+    order
+        .into_iter()
+        .filter_map(|labels| {
+            let buckets = groups.remove(&labels)?;
+            let values: Vec<Option<f64>> = (0..n)
+                .map(|i| {
+                    let mut b: Vec<(f64, f64)> = buckets
+                        .iter()
+                        .filter_map(|(le, s)| s.values[i].map(|v| (*le, v)))
+                        .collect();
+                    (!b.is_empty()).then(|| bucket_quantile(q[i], &mut b))
+                })
+                .collect();
+            values
+                .iter()
+                .any(Option::is_some)
+                .then_some(Series { labels, values })
+        })
+        .collect()
+}
+
+fn parse_le(s: &str) -> Option<f64> {
+    match s {
+        "+Inf" | "Inf" | "+inf" | "inf" => Some(f64::INFINITY),
+        _ => s.parse().ok(),
+    }
+}
+
+fn bucket_quantile(q: f64, buckets: &mut Vec<(f64, f64)>) -> f64 {
+    if q.is_nan() {
+        return f64::NAN;
+    }
+    if q < 0.0 {
+        return f64::NEG_INFINITY;
+    }
+    if q > 1.0 {
+        return f64::INFINITY;
+    }
+    buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
+    // Equal bounds (from differently formatted `le`s) add up.
+    buckets.dedup_by(|b, a| {
+        if a.0 == b.0 {
+            a.1 += b.1;
+            true
+        } else {
+            false
+        }
+    });
+    if buckets.last().is_none_or(|b| b.0 != f64::INFINITY) || buckets.len() < 2 {
+        return f64::NAN;
+    }
+    // Counts must not fall with the bound (they can, read mid-scrape).
+    for i in 1..buckets.len() {
+        if buckets[i].1 < buckets[i - 1].1 {
+            buckets[i].1 = buckets[i - 1].1;
+        }
+    }
+    let observations = buckets[buckets.len() - 1].1;
+    if observations == 0.0 {
+        return f64::NAN;
+    }
+    let mut rank = q * observations;
+    let b = buckets.partition_point(|x| x.1 < rank);
+    if b >= buckets.len() - 1 {
+        return buckets[buckets.len() - 2].0;
+    }
+    if b == 0 && buckets[0].0 <= 0.0 {
+        return buckets[0].0;
+    }
+    let (mut start, end, mut count) = (0.0, buckets[b].0, buckets[b].1);
+    if b > 0 {
+        start = buckets[b - 1].0;
+        count -= buckets[b - 1].1;
+        rank -= buckets[b - 1].1;
+    }
+    start + (end - start) * (rank / count)
+}
+
+fn math_function(name: &str) -> Option<fn(f64) -> f64> {
+    Some(match name {
+        "abs" => f64::abs,
+        "ceil" => f64::ceil,
+        "floor" => f64::floor,
+        "exp" => f64::exp,
+        "ln" => f64::ln,
+        "log2" => f64::log2,
+        "log10" => f64::log10,
+        "sqrt" => f64::sqrt,
+        "sgn" => |x: f64| {
+            if x == 0.0 || x.is_nan() {
+                x
+            } else {
+                x.signum()
+            }
+        },
+        "sin" => f64::sin,
+        "cos" => f64::cos,
+        "tan" => f64::tan,
+        "asin" => f64::asin,
+        "acos" => f64::acos,
+        "atan" => f64::atan,
+        "sinh" => f64::sinh,
+        "cosh" => f64::cosh,
+        "tanh" => f64::tanh,
+        "asinh" => f64::asinh,
+        "acosh" => f64::acosh,
+        "atanh" => f64::atanh,
+        "deg" => f64::to_degrees,
+        "rad" => f64::to_radians,
+        _ => return None,
+    })
+}
+
+fn date_part(name: &str, seconds: f64) -> Option<f64> {
+    let t = chrono::DateTime::from_timestamp(seconds.floor() as i64, 0)?;
+    Some(match name {
+        "day_of_month" => t.day() as f64,
+        "day_of_week" => t.weekday().num_days_from_sunday() as f64,
+        "day_of_year" => t.ordinal() as f64,
+        "days_in_month" => {
+            let (y, m) = (t.year(), t.month());
+            let next = if m == 12 {
+                chrono::NaiveDate::from_ymd_opt(y + 1, 1, 1)
+            } else {
+                chrono::NaiveDate::from_ymd_opt(y, m + 1, 1)
+            }?;
+            next.pred_opt()?.day() as f64
+        }
+        "hour" => t.hour() as f64,
+        "minute" => t.minute() as f64,
+        "month" => t.month() as f64,
+        _ => t.year() as f64,
+    })
+}
+
+/// `sum`, `avg`, `topk`, … `by` / `without` labels, per step.
+pub fn aggregate(
+    op: &str,
+    param: Option<Value>,
+    series: Vec<Series>,
+    modifier: Option<&LabelModifier>,
+    steps: Steps,
+) -> Result<Value, PromError> {
+    let n = steps.len();
+    let group_of = |labels: &Labels| -> Labels {
+        match modifier {
+            Some(LabelModifier::Include(by)) => labels
+                .iter()
+                .filter(|(l, _)| by.labels.iter().any(|b| b == l))
+                .cloned()
+                .collect(),
+            Some(LabelModifier::Exclude(without)) => labels
+                .iter()
+                .filter(|(l, _)| l != METRIC_NAME && !without.labels.iter().any(|w| w == l))
+                .cloned()
+                .collect(),
+            None => Vec::new(),
+        }
+    };
+    let scalar_param = |what: &str| -> Result<Vec<f64>, PromError> {
+        match &param {
+            Some(Value::Scalar(v)) => Ok(v.clone()),
+            _ => Err(PromError::BadData(format!(
+                "{op}() needs a scalar {what} as its first argument"
+            ))),
+        }
+    };
+    let mut groups: Vec<(Labels, Vec<usize>)> = Vec::new();
+    let mut index: HashMap<Labels, usize> = HashMap::new();
+    for (i, s) in series.iter().enumerate() {
+        let g = group_of(&s.labels);
+        let at = *index.entry(g.clone()).or_insert_with(|| {
+            groups.push((g, Vec::new()));
+            groups.len() - 1
+        });
+        groups[at].1.push(i);
+    }
+
+    match op {
+        "topk" | "bottomk" => {
+            let k = scalar_param("k")?;
+            let mut keep = vec![vec![false; n]; series.len()];
+            for (_, members) in &groups {
+                for i in 0..n {
+                    let kk = k[i];
+                    if kk.is_nan() || kk < 1.0 {
+                        continue;
+                    }
+                    let mut present: Vec<(usize, f64)> = members
+                        .iter()
+                        .filter_map(|&m| series[m].values[i].map(|v| (m, v)))
+                        .collect();
+                    present.sort_by(|a, b| {
+                        // NaN sorts as the smallest for topk and the largest for bottomk.
+                        let o = match (a.1.is_nan(), b.1.is_nan()) {
+                            (true, true) => std::cmp::Ordering::Equal,
+                            (true, false) => std::cmp::Ordering::Less,
+                            (false, true) => std::cmp::Ordering::Greater,
+                            _ => a.1.total_cmp(&b.1),
+                        };
+                        if op == "topk" { o.reverse() } else { o }
+                    });
+                    for (m, _) in present.into_iter().take(kk as usize) {
+                        keep[m][i] = true;
+                    }
+                }
+            }
+            let out = series
+                .into_iter()
+                .zip(keep)
+                .filter_map(|(mut s, keep)| {
+                    for (v, k) in s.values.iter_mut().zip(keep) {
+                        if !k {
+                            *v = None;
+                        }
+                    }
+                    s.values.iter().any(Option::is_some).then_some(s)
+                })
+                .collect();
+            Ok(Value::Vector(out))
+        }
+        "count_values" => {
+            let label = match &param {
+                Some(Value::String(s)) => s.clone(),
+                _ => {
+                    return Err(PromError::BadData(
+                        "count_values() needs a label name string as its first argument".into(),
+                    ));
+                }
+            };
+            let mut out: Vec<Series> = Vec::new();
+            let mut index: HashMap<Labels, usize> = HashMap::new();
+            for (g, members) in &groups {
+                for i in 0..n {
+                    for &m in members {
+                        let Some(v) = series[m].values[i] else {
+                            continue;
+                        };
+                        let mut labels = g.clone();
+                        value::set(&mut labels, &label, &value::format_number(v));
+                        let at = *index.entry(labels.clone()).or_insert_with(|| {
+                            out.push(Series {
+                                labels,
+                                values: vec![None; n],
+                            });
+                            out.len() - 1
+                        });
+                        let c = &mut out[at].values[i];
+                        *c = Some(c.unwrap_or(0.0) + 1.0);
+                    }
+                }
+            }
+            Ok(Value::Vector(out))
+        }
+        _ => {
+            let q = if op == "quantile" {
+                Some(scalar_param("quantile")?)
+            } else {
+                None
+            };
+            let mut out = Vec::with_capacity(groups.len());
+            for (labels, members) in groups {
+                let values: Vec<Option<f64>> = (0..n)
+                    .map(|i| {
+                        let vals: Vec<f64> = members
+                            .iter()
+                            .filter_map(|&m| series[m].values[i])
+                            .collect();
+                        if vals.is_empty() {
+                            return Ok(None);
+                        }
+                        let c = vals.len() as f64;
+                        let mean = vals.iter().sum::<f64>() / c;
+                        Ok(Some(match op {
+                            "sum" => vals.iter().sum(),
+                            "avg" => mean,
+                            "min" => vals.iter().copied().reduce(nan_min).unwrap_or(f64::NAN),
+                            "max" => vals.iter().copied().reduce(nan_max).unwrap_or(f64::NAN),
+                            "count" => c,
+                            "group" => 1.0,
+                            "stddev" | "stdvar" => {
+                                let var = vals.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / c;
+                                if op == "stddev" { var.sqrt() } else { var }
+                            }
+                            "quantile" => quantile(q.as_ref().map_or(f64::NAN, |q| q[i]), vals),
+                            other => {
+                                return Err(PromError::BadData(format!(
+                                    "aggregation {other}() is not supported by Lumen yet"
+                                )));
+                            }
+                        }))
+                    })
+                    .collect::<Result<_, PromError>>()?;
+                if values.iter().any(Option::is_some) {
+                    out.push(Series { labels, values });
+                }
+            }
+            Ok(Value::Vector(out))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rate_extrapolates_as_prometheus_does() {
+        // A counter sampled every 10 s over a 60 s window that it covers
+        // from t=10 to t=60: 5 intervals, extended by one interval at the
+        // start (less than 1.1 intervals away) and none at the end.
+        let s: Vec<(i64, f64)> = (1..=6).map(|i| (i * 10_000, i as f64 * 10.0)).collect();
+        let inc = extrapolated(&s, 0, 60_000, true, false).unwrap();
+        assert!((inc - 60.0).abs() < 1e-9, "{inc}");
+        let rate = extrapolated(&s, 0, 60_000, true, true).unwrap();
+        assert!((rate - 1.0).abs() < 1e-9, "{rate}");
+    }
+
+    #[test]
+    fn counter_resets_are_added_back() {
+        let s = vec![(10_000, 5.0), (20_000, 8.0), (30_000, 2.0)];
+        // 3 up, then a reset to 0 and 2 more: 5 over the 20 s sampled,
+        // extended by the 10 s to each edge of the 40 s window.
+        let inc = extrapolated(&s, 0, 40_000, true, false).unwrap();
+        assert!((inc - 10.0).abs() < 1e-9, "{inc}");
+    }
+
+    #[test]
+    fn histogram_quantile_interpolates_in_the_bucket() {
+        let mut b = vec![(1.0, 10.0), (5.0, 30.0), (f64::INFINITY, 40.0)];
+        // rank 20 of 40 falls in (1, 5]: 10 of its 20 observations in.
+        assert_eq!(bucket_quantile(0.5, &mut b), 3.0);
+        // Beyond the last finite bucket: its upper bound.
+        let mut b = vec![(1.0, 10.0), (5.0, 30.0), (f64::INFINITY, 40.0)];
+        assert_eq!(bucket_quantile(0.99, &mut b), 5.0);
+        let mut none = vec![(1.0, 0.0), (f64::INFINITY, 0.0)];
+        assert!(bucket_quantile(0.5, &mut none).is_nan());
+    }
+
+    #[test]
+    fn quantile_interpolates_between_ranks() {
+        assert_eq!(quantile(0.5, vec![1.0, 2.0, 3.0, 4.0]), 2.5);
+        assert_eq!(quantile(0.0, vec![3.0, 1.0]), 1.0);
+        assert_eq!(quantile(2.0, vec![3.0, 1.0]), f64::INFINITY);
+    }
+}

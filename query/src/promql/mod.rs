@@ -1,0 +1,99 @@
+//! PromQL over the store, with Istio's standard metric names.
+//!
+//! An expression is parsed by `promql-parser` and evaluated step by step
+//! ([`eval`]), as Prometheus's engine does; selectors read their samples
+//! from [`istio::IstioSource`], which turns the `rollups` table into
+//! Istio's series (`istio_requests_total`, …) with SQL run through the
+//! query engine — so every PromQL query is admitted, limited and
+//! cancellable like any other query. Evaluation itself runs on the query
+//! executor, not on the I/O runtime.
+
+pub mod eval;
+pub mod functions;
+pub mod istio;
+pub mod value;
+
+use std::time::Duration;
+
+use crate::engine::{QueryEngine, QueryError};
+use eval::Evaluator;
+use value::{Steps, Value};
+
+#[derive(Debug, thiserror::Error)]
+pub enum PromError {
+    /// The request or expression is wrong (Prometheus's `bad_data`).
+    #[error("{0}")]
+    BadData(String),
+    /// The expression is valid but cannot be computed on this data
+    /// (Prometheus's `execution`).
+    #[error("{0}")]
+    Execution(String),
+    #[error(transparent)]
+    Query(#[from] QueryError),
+}
+
+/// Most steps a range query may have, as in Prometheus.
+pub const MAX_STEPS: usize = 11_000;
+
+/// One PromQL query: the expression and its steps.
+#[derive(Debug, Clone)]
+pub struct PromQuery {
+    pub expr: String,
+    pub steps: Steps,
+    pub lookback: Duration,
+    /// For the running-query list and logs.
+    pub origin: String,
+}
+
+/// Parses and evaluates `query` over the store.
+pub async fn evaluate(engine: &QueryEngine, query: PromQuery) -> Result<Value, PromError> {
+    let expr = promql_parser::parser::parse(&query.expr)
+        .map_err(|e| PromError::BadData(format!("invalid parameter \"query\": {e}")))?;
+    if query.steps.len() > MAX_STEPS {
+        return Err(PromError::BadData(
+            "exceeded maximum resolution of 11,000 points per timeseries. Try decreasing the query resolution (?step=XX)".into(),
+        ));
+    }
+    let timeout = engine.config().timeout;
+    let source = istio::IstioSource::new(engine.clone(), query.origin.clone());
+    let work = async move {
+        let evaluator = Evaluator {
+            source: &source,
+            query: query.steps,
+            lookback: eval::millis(&query.lookback).max(1),
+        };
+        evaluator.eval(&expr, query.steps).await
+    };
+    // Evaluation is CPU work: on the query threads, with the query time limit.
+    let task = AbortOnDrop(engine.spawn(work));
+    match tokio::time::timeout(timeout, task).await {
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => Err(PromError::Execution(format!(
+            "query evaluation failed: {e}"
+        ))),
+        Err(_) => Err(PromError::Query(QueryError::Timeout(timeout))),
+    }
+}
+
+/// Stops the evaluation when its caller goes away (timeout, client gone).
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+impl<T> std::future::Future for AbortOnDrop<T> {
+    type Output = Result<T, tokio::task::JoinError>;
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        std::pin::Pin::new(&mut self.0).poll(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests;
