@@ -12,5 +12,13 @@ if ! "$python" -c 'import opentelemetry.sdk, opentelemetry.exporter.otlp.proto.g
     opentelemetry-sdk opentelemetry-exporter-otlp-proto-grpc opentelemetry-exporter-otlp-proto-http duckdb
 fi
 
+apt_pkgs=()
+command -v promtool >/dev/null 2>&1 || apt_pkgs+=(prometheus)
+if ((${#apt_pkgs[@]})); then
+  echo "installing test peers: ${apt_pkgs[*]} (Debian packages)" >&2
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${apt_pkgs[@]}" >/dev/null
+fi
+
 cargo build --workspace --all-targets
 cargo test --workspace --all-targets "$@"

@@ -394,6 +394,20 @@ pub async fn start_sidecar(
     .await
 }
 
+/// A peer tool on PATH (promtool, prometheus, psql…). The README's test
+/// command installs them, so a missing tool fails the test, with the fix.
+pub fn peer_tool(name: &str, install: &str) -> PathBuf {
+    let found = std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|p| p.join(name))
+            .find(|p| p.is_file())
+    });
+    match found {
+        Some(p) => p,
+        None => panic!("{name} is not installed: {install} (./scripts/test.sh does it)"),
+    }
+}
+
 /// The Python interpreter used for peer clients (OpenTelemetry SDK, DuckDB).
 pub fn python() -> String {
     std::env::var("LUMEN_TEST_PYTHON").unwrap_or_else(|_| "python3".into())

@@ -235,7 +235,7 @@ fn bucket_bounds() -> Vec<String> {
 const BUCKETS: usize = DURATION_BUCKETS_MS.len() + 1;
 
 /// A key's aggregates: requests, request bytes, response bytes, duration
-/// sum (µs), then the per-bucket counts.
+/// sum (µs), then the cumulative bucket counts (as `rollups` stores them).
 type Aggs = [f64; 4 + BUCKETS];
 
 /// One key of `rollups` as read back: its Istio labels.
@@ -714,10 +714,7 @@ fn expand(
                     if !matches(&selector.matchers, &l) {
                         continue;
                     }
-                    let samples = samples
-                        .iter()
-                        .map(|(t, a)| (*t, a[4..=4 + b].iter().sum::<f64>()))
-                        .collect();
+                    let samples = samples.iter().map(|(t, a)| (*t, a[4 + b])).collect();
                     out.push(RawSeries { labels: l, samples });
                 }
             } else if matches(&selector.matchers, &named) {

@@ -1,0 +1,504 @@
+//! PromQL with Istio's names, as Prometheus's own client and Grafana see
+//! it: `promtool query instant|range` against Lumen's query port returns,
+//! for each expression, the values the equivalent SQL over the raw
+//! `requests` rows gives on the same data; the metadata endpoints answer
+//! what Grafana's query builder asks.
+
+use std::collections::BTreeMap;
+use std::process::Command;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, Result, bail};
+use arrow_flight::FlightClient;
+use arrow_flight::encode::DictionaryHandling;
+use lumen_core::schema::RequestBatchBuilder;
+use lumen_core::{Reporter, RequestRecord, Workload};
+use lumen_tests::flight::{self, batch_id, client};
+use lumen_tests::{UpPorts, peer_tool, sql, start_up, wait_for_count, write_mesh};
+use serde_json::Value;
+
+const INSTALL: &str = "apt-get install -y --no-install-recommends prometheus";
+
+fn workload(service: &str) -> Workload {
+    Workload {
+        service: service.into(),
+        workload: format!("{service}-v1").into(),
+        namespace: "default".into(),
+        version: "v1".into(),
+    }
+}
+
+/// Bookinfo-like calls spread over the 8 minutes before `t` (seconds).
+fn traffic(n: usize, t: u64) -> Vec<RequestRecord> {
+    let end = UNIX_EPOCH + Duration::from_secs(t);
+    (0..n)
+        .map(|_| {
+            let (source, destination) = match rand::random_range(0..10) {
+                0..5 => ("productpage", "reviews"),
+                5..8 => ("productpage", "details"),
+                _ => ("reviews", "ratings"),
+            };
+            let status = [200u16, 200, 200, 404, 503][rand::random_range(0..5)];
+            RequestRecord {
+                start_time: end - Duration::from_micros(rand::random_range(1..480_000_000)),
+                duration: Duration::from_micros(10f64.powf(rand::random_range(1.0..5.0)) as u64),
+                reporter: if rand::random_bool(0.5) {
+                    Reporter::Source
+                } else {
+                    Reporter::Destination
+                },
+                source: workload(source),
+                destination: workload(destination),
+                status,
+                request_bytes: rand::random_range(0..2000),
+                response_bytes: rand::random_range(0..5000),
+                span_id: rand::random(),
+                ..RequestRecord::example()
+            }
+        })
+        .collect()
+}
+
+async fn put(client: &mut FlightClient, seq: u64, records: &[RequestRecord]) -> Result<()> {
+    let mut b = RequestBatchBuilder::new();
+    for r in records {
+        b.push(r);
+    }
+    flight::put(
+        client,
+        "requests",
+        batch_id([7; 16], seq),
+        b.finish()?,
+        DictionaryHandling::Resend,
+    )
+    .await?;
+    Ok(())
+}
+
+/// Istio's duration buckets as (le label, bound in µs).
+const BUCKETS: &str = "(VALUES ('0.5', 500), ('1', 1000), ('5', 5000), ('10', 10000), ('25', 25000), \
+     ('50', 50000), ('100', 100000), ('250', 250000), ('500', 500000), ('1000', 1000000), \
+     ('2500', 2500000), ('5000', 5000000), ('10000', 10000000), ('30000', 30000000), \
+     ('+Inf', 9223372036854775807)) AS b(k, us)";
+
+/// Prometheus's `histogram_quantile` over Istio's buckets, in SQL on raw rows.
+fn quantile_sql(q: f64, filter: &str) -> String {
+    format!(
+        "WITH b AS (SELECT b.us, sum(CASE WHEN r.duration_us <= b.us THEN 1 ELSE 0 END) AS c \
+           FROM requests r CROSS JOIN {BUCKETS} WHERE b.k <> '+Inf' AND {filter} GROUP BY b.us), \
+         w AS (SELECT us / 1000.0 AS le, c, lag(us / 1000.0, 1, 0.0) OVER (ORDER BY us) AS lo, \
+           lag(c, 1, 0) OVER (ORDER BY us) AS clo FROM b), \
+         t AS (SELECT {q} * count(*) AS rank FROM requests r WHERE {filter}) \
+         SELECT '' AS k, lo + (le - lo) * ((rank - clo) / CAST(c - clo AS DOUBLE)) AS v \
+         FROM w, t WHERE c >= rank ORDER BY le LIMIT 1"
+    )
+}
+
+/// PromQL, the labels that key its answer (joined by a space), and the
+/// SQL giving `k` (the same key) and `v` for every element.
+fn cases(t: u64) -> Vec<(String, Vec<&'static str>, String)> {
+    let ts = |secs: u64| format!("to_timestamp_seconds({secs})");
+    let last_window = format!("r.time >= {}", ts(t - 10));
+    let c = |p: &str, k: &[&'static str], s: &str| (p.to_string(), k.to_vec(), s.to_string());
+    vec![
+        c("sum(istio_requests_total)", &[], "SELECT '' AS k, count(*) AS v FROM requests"),
+        c(
+            "sum by (destination_service_name) (istio_requests_total)",
+            &["destination_service_name"],
+            "SELECT destination_service AS k, count(*) AS v FROM requests GROUP BY 1",
+        ),
+        c(
+            "sum by (response_code) (istio_requests_total{reporter=\"destination\"})",
+            &["response_code"],
+            "SELECT CAST(status AS VARCHAR) AS k, count(*) AS v FROM requests WHERE reporter = 'destination' GROUP BY 1",
+        ),
+        c(
+            "sum(istio_requests_total{response_code=~\"5.*\"})",
+            &[],
+            "SELECT '' AS k, count(*) AS v FROM requests WHERE status >= 500",
+        ),
+        c(
+            "count(sum by (destination_service_name, response_code) (istio_requests_total))",
+            &[],
+            "SELECT '' AS k, count(*) AS v FROM (SELECT DISTINCT destination_service, status FROM requests)",
+        ),
+        c(
+            "sum(increase(istio_requests_total[10m]))",
+            &[],
+            "SELECT '' AS k, count(*) AS v FROM requests",
+        ),
+        c(
+            "sum by (source_workload, destination_workload) (increase(istio_requests_total{reporter=\"source\"}[10m]))",
+            &["source_workload", "destination_workload"],
+            "SELECT source_workload || ' ' || destination_workload AS k, count(*) AS v FROM requests \
+             WHERE reporter = 'source' GROUP BY 1",
+        ),
+        c(
+            "sum(rate(istio_requests_total[10m]))",
+            &[],
+            "SELECT '' AS k, count(*) / 600.0 AS v FROM requests",
+        ),
+        c(
+            "sum(istio_request_duration_milliseconds_sum)",
+            &[],
+            "SELECT '' AS k, sum(duration_us) / 1000.0 AS v FROM requests",
+        ),
+        c(
+            "sum(istio_request_duration_milliseconds_count{destination_service_name=\"reviews\"})",
+            &[],
+            "SELECT '' AS k, count(*) AS v FROM requests WHERE destination_service = 'reviews'",
+        ),
+        (
+            "sum by (le) (istio_request_duration_milliseconds_bucket{destination_service_name=\"reviews\"})".into(),
+            vec!["le"],
+            format!(
+                "SELECT b.k, sum(CASE WHEN r.duration_us <= b.us THEN 1 ELSE 0 END) AS v \
+                 FROM requests r CROSS JOIN {BUCKETS} WHERE r.destination_service = 'reviews' GROUP BY b.k"
+            ),
+        ),
+        (
+            "histogram_quantile(0.9, sum by (le) (rate(istio_request_duration_milliseconds_bucket[10m])))".into(),
+            vec![],
+            quantile_sql(0.9, "true"),
+        ),
+        c(
+            "sum(istio_request_bytes_sum)",
+            &[],
+            "SELECT '' AS k, sum(request_bytes) AS v FROM requests",
+        ),
+        c(
+            "sum(istio_response_bytes_sum{reporter=\"destination\"})",
+            &[],
+            "SELECT '' AS k, sum(response_bytes) AS v FROM requests WHERE reporter = 'destination'",
+        ),
+        c(
+            "topk(1, sum by (destination_service_name) (istio_requests_total))",
+            &["destination_service_name"],
+            "SELECT destination_service AS k, count(*) AS v FROM requests GROUP BY 1 ORDER BY v DESC LIMIT 1",
+        ),
+        c(
+            "sum(istio_requests_total{response_code=\"200\"}) / sum(istio_requests_total)",
+            &[],
+            "SELECT '' AS k, CAST(sum(CASE WHEN status = 200 THEN 1 ELSE 0 END) AS DOUBLE) / count(*) AS v FROM requests",
+        ),
+        c(
+            "sum by (destination_service_name) (istio_requests_total{response_code=~\"5..\"}) / on (destination_service_name) sum by (destination_service_name) (istio_requests_total)",
+            &["destination_service_name"],
+            "SELECT destination_service AS k, CAST(sum(CASE WHEN status >= 500 THEN 1 ELSE 0 END) AS DOUBLE) / count(*) AS v \
+             FROM requests GROUP BY 1 HAVING sum(CASE WHEN status >= 500 THEN 1 ELSE 0 END) > 0",
+        ),
+        c(
+            "count(count by (destination_service) (istio_requests_total))",
+            &[],
+            "SELECT '' AS k, count(DISTINCT destination_service) AS v FROM requests",
+        ),
+        (
+            "sum(istio_requests_total offset 5m)".into(),
+            vec![],
+            format!("SELECT '' AS k, count(*) AS v FROM requests WHERE time < {}", ts(t - 300)),
+        ),
+        (
+            format!("sum(istio_requests_total @ {})", t - 200),
+            vec![],
+            format!("SELECT '' AS k, count(*) AS v FROM requests WHERE time < {}", ts(t - 200)),
+        ),
+        c("sum(istio_requests_total) > bool 0", &[], "SELECT '' AS k, 1 AS v"),
+        c(
+            "sum by (destination_service_name) (istio_request_duration_milliseconds_sum) / sum by (destination_service_name) (istio_request_duration_milliseconds_count)",
+            &["destination_service_name"],
+            "SELECT destination_service AS k, avg(duration_us) / 1000.0 AS v FROM requests GROUP BY 1",
+        ),
+        // Istio's service dashboard: request volume, success rate, P50.
+        (
+            "round(sum(irate(istio_requests_total{reporter=\"source\"}[5m])), 0.001)".into(),
+            vec![],
+            format!("SELECT '' AS k, count(*) / 10.0 AS v FROM requests r WHERE reporter = 'source' AND {last_window}"),
+        ),
+        (
+            "sum(irate(istio_requests_total{reporter=\"source\",response_code!~\"5.*\"}[5m])) / sum(irate(istio_requests_total{reporter=\"source\"}[5m]))".into(),
+            vec![],
+            format!(
+                "SELECT '' AS k, CAST(sum(CASE WHEN status < 500 THEN 1 ELSE 0 END) AS DOUBLE) / count(*) AS v \
+                 FROM requests r WHERE reporter = 'source' AND {last_window}"
+            ),
+        ),
+        (
+            "histogram_quantile(0.50, sum(irate(istio_request_duration_milliseconds_bucket{reporter=\"source\"}[1m])) by (le))".into(),
+            vec![],
+            quantile_sql(0.5, &format!("r.reporter = 'source' AND {last_window}")),
+        ),
+        c(
+            r#"sum by (svc) (label_replace(istio_requests_total, "svc", "$1", "destination_service", "([^.]*)\\..*"))"#,
+            &["svc"],
+            "SELECT destination_service AS k, count(*) AS v FROM requests GROUP BY 1",
+        ),
+        c(
+            "absent(istio_requests_total{destination_service_name=\"nope\"})",
+            &["destination_service_name"],
+            "SELECT 'nope' AS k, 1 AS v",
+        ),
+    ]
+}
+
+fn key(metric: &Value, labels: &[&str]) -> String {
+    labels
+        .iter()
+        .map(|l| metric[*l].as_str().unwrap_or(""))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn number(v: &Value) -> f64 {
+    match v {
+        Value::String(s) => s.parse().unwrap_or(f64::NAN),
+        Value::Number(n) => n.as_f64().unwrap_or(f64::NAN),
+        _ => f64::NAN,
+    }
+}
+
+fn same(a: f64, b: f64) -> bool {
+    (a - b).abs() <= 1e-9 * a.abs().max(b.abs()).max(1.0)
+}
+
+fn promtool(args: &[&str]) -> Result<Value> {
+    let out = Command::new(peer_tool("promtool", INSTALL))
+        .args(args)
+        .output()
+        .context("running promtool")?;
+    if !out.status.success() {
+        bail!(
+            "promtool {args:?} failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    serde_json::from_slice(&out.stdout)
+        .with_context(|| format!("promtool printed {}", String::from_utf8_lossy(&out.stdout)))
+}
+
+async fn expected(url: &str, query: &str) -> Result<BTreeMap<String, f64>> {
+    Ok(sql(url, query)
+        .await?
+        .iter()
+        .map(|r| (r["k"].as_str().unwrap_or("").to_string(), number(&r["v"])))
+        .collect())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn promtool_answers_equal_sql_over_the_raw_rows() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let mesh = dir.path().join("mesh.yaml");
+    write_mesh(&mesh, &[("reviews", 9080, &[])])?;
+    let ports = UpPorts::pick();
+    let mut up = start_up(dir.path(), &mesh, &dir.path().join("data"), ports, &[]).await?;
+    let url = ports.sql_url();
+    let server = format!("http://127.0.0.1:{}", ports.query);
+
+    // Every window before `t` has closed: it is a 10 s boundary in the past.
+    let now = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs();
+    let t = now / 10 * 10;
+    let records = traffic(3000, t);
+    let mut flight = client(&ports).await?;
+    for (seq, chunk) in records.chunks(500).enumerate() {
+        put(&mut flight, seq as u64, chunk).await?;
+    }
+    let stored = wait_for_count(&url, "SELECT count(*) AS n FROM requests", 3000).await?;
+    assert_eq!(stored, 3000);
+
+    let mut failures = Vec::new();
+    let time = t.to_string();
+    let cases = cases(t);
+    assert!(cases.len() >= 20);
+    for (expr, labels, query) in &cases {
+        let got = promtool(&[
+            "query", "instant", "-o", "json", "--time", &time, &server, expr,
+        ])?;
+        let got: BTreeMap<String, f64> = got
+            .as_array()
+            .with_context(|| format!("{expr}: not a vector: {got}"))?
+            .iter()
+            .map(|s| (key(&s["metric"], labels), number(&s["value"][1])))
+            .collect();
+        let want = expected(&url, query).await?;
+        let equal = got.len() == want.len()
+            && got
+                .iter()
+                .all(|(k, v)| want.get(k).is_some_and(|w| same(*v, *w)));
+        if !equal {
+            failures.push(format!("{expr}\n  promtool: {got:?}\n  SQL:      {want:?}"));
+        }
+    }
+
+    // A range query: one value per step, each the SQL count up to that step.
+    let got = promtool(&[
+        "query",
+        "range",
+        "-o",
+        "json",
+        "--start",
+        &(t - 120).to_string(),
+        "--end",
+        &time,
+        "--step",
+        "30s",
+        &server,
+        "sum(increase(istio_requests_total[10m]))",
+    ])?;
+    let values = got[0]["values"].as_array().context("a matrix")?;
+    assert_eq!(values.len(), 5, "{got}");
+    for v in values {
+        let at = number(&v[0]) as u64;
+        let want = expected(
+            &url,
+            &format!(
+                "SELECT '' AS k, count(*) AS v FROM requests WHERE time < to_timestamp_seconds({at})"
+            ),
+        )
+        .await?[""];
+        if !same(number(&v[1]), want) {
+            failures.push(format!("range step {at}: promtool {} SQL {want}", v[1]));
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} of {} expressions differ:\n{}",
+        failures.len(),
+        cases.len() + 1,
+        failures.join("\n")
+    );
+
+    grafana_requests(&server, t).await?;
+    up.terminate()?;
+    Ok(())
+}
+
+/// What Grafana's Prometheus data source sends: build info, the query
+/// builder's metric / label / value lookups, a step-aligned range query as
+/// a form POST, and an error shaped as Prometheus's.
+async fn grafana_requests(server: &str, t: u64) -> Result<()> {
+    let http = reqwest::Client::new();
+    let get = |path: String| {
+        let http = http.clone();
+        async move {
+            let r = http.get(format!("{server}{path}")).send().await?;
+            let status = r.status();
+            let body: Value = r.json().await?;
+            anyhow::Ok((status, body))
+        }
+    };
+    let span = format!("start={}&end={}", t - 3600, t);
+
+    let (_, info) = get("/api/v1/status/buildinfo".into()).await?;
+    assert_eq!(info["status"], "success");
+    assert!(info["data"]["version"].as_str().is_some(), "{info}");
+
+    let (_, names) = get(format!("/api/v1/label/__name__/values?{span}")).await?;
+    let names: Vec<&str> = names["data"]
+        .as_array()
+        .context("names")?
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    for n in [
+        "istio_requests_total",
+        "istio_request_duration_milliseconds_bucket",
+        "istio_request_bytes_sum",
+    ] {
+        assert!(names.contains(&n), "{n} missing from {names:?}");
+    }
+
+    let (_, labels) = get(format!("/api/v1/labels?{span}")).await?;
+    let labels: Vec<&str> = labels["data"]
+        .as_array()
+        .context("labels")?
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    for l in [
+        "destination_service",
+        "source_workload",
+        "response_code",
+        "reporter",
+        "le",
+        "__name__",
+    ] {
+        assert!(labels.contains(&l), "{l} missing from {labels:?}");
+    }
+
+    let (_, values) = get(format!(
+        "/api/v1/label/destination_service_name/values?{span}&match[]=istio_requests_total{{reporter=\"source\"}}"
+    ))
+    .await?;
+    assert_eq!(
+        values["data"],
+        serde_json::json!(["details", "ratings", "reviews"])
+    );
+
+    let (_, series) = get(format!(
+        "/api/v1/series?{span}&match[]=istio_requests_total{{destination_service_name=\"ratings\",reporter=\"destination\"}}"
+    ))
+    .await?;
+    let series = series["data"].as_array().context("series")?;
+    assert!(!series.is_empty());
+    for s in series {
+        assert_eq!(
+            s["destination_service"], "ratings.default.svc.cluster.local",
+            "{s}"
+        );
+        assert_eq!(s["source_workload"], "reviews-v1", "{s}");
+    }
+
+    let (_, meta) = get("/api/v1/metadata".into()).await?;
+    assert_eq!(meta["data"]["istio_requests_total"][0]["type"], "counter");
+    assert_eq!(
+        meta["data"]["istio_request_duration_milliseconds"][0]["type"],
+        "histogram"
+    );
+
+    // Grafana aligns start and end to the step and posts a form.
+    let step = 60;
+    let r = http
+        .post(format!("{server}/api/v1/query_range"))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(form(&[
+            ("query", "sum by (destination_service_name) (rate(istio_requests_total{reporter=\"destination\"}[5m]))"),
+            ("start", &((t - 1800) / step * step).to_string()),
+            ("end", &(t / step * step).to_string()),
+            ("step", &step.to_string()),
+        ]))
+        .send()
+        .await?;
+    assert!(r.status().is_success());
+    let body: Value = r.json().await?;
+    assert_eq!(body["data"]["resultType"], "matrix");
+    assert_eq!(
+        body["data"]["result"].as_array().map(Vec::len),
+        Some(3),
+        "{body}"
+    );
+
+    let r = http
+        .post(format!("{server}/api/v1/query"))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(form(&[
+            ("query", "sum(rate(istio_requests_total[5m]"),
+            ("time", &t.to_string()),
+        ]))
+        .send()
+        .await?;
+    assert_eq!(r.status(), reqwest::StatusCode::BAD_REQUEST);
+    let body: Value = r.json().await?;
+    assert_eq!(body["status"], "error");
+    assert_eq!(body["errorType"], "bad_data");
+    assert!(
+        body["error"].as_str().is_some_and(|e| !e.is_empty()),
+        "{body}"
+    );
+    Ok(())
+}
+
+fn form(pairs: &[(&str, &str)]) -> String {
+    form_urlencoded::Serializer::new(String::new())
+        .extend_pairs(pairs)
+        .finish()
+}
