@@ -2,7 +2,8 @@
 //!
 //! - `POST /api/v1/sql`: SQL in the body, the answer in the format `Accept` asks for.
 //! - `GET /api/v1/queries`: queries in flight; `DELETE /api/v1/queries/{id}` cancels one.
-//! - `GET /metrics`: the query service's metrics; `GET /ready`.
+//! - `GET /metrics`: Istio's metrics and the query service's own; `GET /ready`.
+//! - Prometheus's HTTP API ([`crate::prom_api`]).
 //!
 //! Errors are JSON in Prometheus's shape (`status`, `errorType`, `error`)
 //! with Prometheus's status codes: 400 bad SQL, 422 a limit stopped it,
@@ -19,6 +20,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
 
 use crate::engine::{QueryEngine, QueryError};
+use crate::exposition::Exposition;
 use crate::format::Format;
 use crate::guard::StopReason;
 
@@ -171,13 +173,17 @@ async fn cancel(State(engine): State<QueryEngine>, Path(id): Path<String>) -> Re
     }
 }
 
-async fn metrics(State(engine): State<QueryEngine>) -> Response {
-    (
-        [(
-            header::CONTENT_TYPE,
-            "text/plain; version=0.0.4; charset=utf-8",
-        )],
-        engine.metrics(),
-    )
-        .into_response()
+/// Istio's metrics from rollups and the query service's own; when the
+/// store cannot be read, the service's own metrics still go out, with a
+/// log line, so a scraper sees the service is up.
+async fn metrics(State(engine): State<QueryEngine>, headers: HeaderMap) -> Response {
+    let format = Exposition::from_accept(headers.get(header::ACCEPT).and_then(|v| v.to_str().ok()));
+    match crate::exposition::render(&engine, format).await {
+        Ok(body) => ([(header::CONTENT_TYPE, format.content_type())], body).into_response(),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read rollups for /metrics; serving the query service's own metrics only");
+            let own = crate::exposition::own_only(&engine, format);
+            ([(header::CONTENT_TYPE, format.content_type())], own).into_response()
+        }
+    }
 }

@@ -16,6 +16,7 @@
 
 pub mod engine;
 pub mod executor;
+pub mod exposition;
 pub mod format;
 pub mod functions;
 pub mod guard;

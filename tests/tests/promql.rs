@@ -502,3 +502,132 @@ fn form(pairs: &[(&str, &str)]) -> String {
         .extend_pairs(pairs)
         .finish()
 }
+
+/// `/metrics` passes `promtool check metrics`, and a real Prometheus
+/// scraping it sees as many requests as Lumen recorded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prometheus_scrapes_istio_metrics_from_lumen() -> Result<()> {
+    let prometheus = peer_tool("prometheus", INSTALL);
+    let dir = tempfile::tempdir()?;
+    let mesh = dir.path().join("mesh.yaml");
+    write_mesh(&mesh, &[("reviews", 9080, &[])])?;
+    let ports = UpPorts::pick();
+    let mut up = start_up(dir.path(), &mesh, &dir.path().join("data"), ports, &[]).await?;
+    let url = ports.sql_url();
+    let now = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs();
+    let records = traffic(1200, now);
+    let mut flight = client(&ports).await?;
+    for (seq, chunk) in records.chunks(400).enumerate() {
+        put(&mut flight, seq as u64, chunk).await?;
+    }
+    assert_eq!(
+        wait_for_count(&url, "SELECT count(*) AS n FROM requests", 1200).await?,
+        1200
+    );
+
+    let metrics_url = format!("http://127.0.0.1:{}/metrics", ports.query);
+    let text = reqwest::get(&metrics_url).await?.text().await?;
+    assert!(
+        text.contains("# TYPE istio_requests_total counter"),
+        "{text}"
+    );
+    let check = {
+        use std::io::Write;
+        let mut child = Command::new(peer_tool("promtool", INSTALL))
+            .args(["check", "metrics"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()?;
+        child
+            .stdin
+            .take()
+            .context("stdin")?
+            .write_all(text.as_bytes())?;
+        child.wait_with_output()?
+    };
+    // The one lint promtool raises is Istio's own metric name, which
+    // dashboards depend on: it measures in milliseconds, not seconds.
+    // Anything else — a parse error or another lint — fails.
+    let report = format!(
+        "{}{}",
+        String::from_utf8_lossy(&check.stdout),
+        String::from_utf8_lossy(&check.stderr)
+    );
+    let istio_unit =
+        "istio_request_duration_milliseconds use base unit \"seconds\" instead of \"milliseconds\"";
+    let other: Vec<&str> = report
+        .lines()
+        .filter(|l| !l.trim().is_empty() && l.trim() != istio_unit)
+        .collect();
+    assert!(
+        other.is_empty() && matches!(check.status.code(), Some(0) | Some(3)),
+        "promtool check metrics ({}): {report}",
+        check.status
+    );
+    let open = reqwest::Client::new()
+        .get(&metrics_url)
+        .header("accept", "application/openmetrics-text;version=1.0.0")
+        .send()
+        .await?;
+    assert!(
+        open.headers()["content-type"]
+            .to_str()?
+            .starts_with("application/openmetrics-text")
+    );
+    let open = open.text().await?;
+    assert!(open.contains("# TYPE istio_requests counter") && open.ends_with("# EOF\n"));
+
+    // A real Prometheus, scraping every second.
+    let prom_port = lumen_tests::free_port();
+    let config = dir.path().join("prometheus.yml");
+    std::fs::write(
+        &config,
+        format!(
+            "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: lumen\n    static_configs:\n      - targets: ['127.0.0.1:{}']\n",
+            ports.query
+        ),
+    )?;
+    let mut server = Command::new(prometheus)
+        .arg(format!("--config.file={}", config.display()))
+        .arg(format!(
+            "--storage.tsdb.path={}",
+            dir.path().join("tsdb").display()
+        ))
+        .arg(format!("--web.listen-address=127.0.0.1:{prom_port}"))
+        .stdout(std::fs::File::create(dir.path().join("prometheus.log"))?)
+        .stderr(std::fs::File::create(dir.path().join("prometheus.err"))?)
+        .spawn()?;
+    let prom = format!("http://127.0.0.1:{prom_port}");
+    let recorded = lumen_tests::sql_count(&url, "SELECT count(*) AS n FROM requests").await? as f64;
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let seen = loop {
+        let got = promtool(&[
+            "query",
+            "instant",
+            "-o",
+            "json",
+            &prom,
+            "sum(istio_requests_total)",
+        ])
+        .ok();
+        let value = got
+            .as_ref()
+            .and_then(|g| g.get(0))
+            .map(|s| number(&s["value"][1]));
+        if value == Some(recorded) || std::time::Instant::now() > deadline {
+            break value;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    let _ = server.kill();
+    let _ = server.wait();
+    assert_eq!(
+        seen,
+        Some(recorded),
+        "Prometheus's sum(istio_requests_total) vs Lumen's count; prometheus log:\n{}",
+        std::fs::read_to_string(dir.path().join("prometheus.err")).unwrap_or_default()
+    );
+    up.terminate()?;
+    Ok(())
+}

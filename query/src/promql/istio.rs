@@ -64,15 +64,17 @@ const DURATION: (&str, &str, &str) = (
     "histogram",
     "Duration of requests, in milliseconds, as the reporting sidecar saw them.",
 );
+// Istio makes these histograms; rollups keep no size buckets, so Lumen
+// offers their sum and count, which is what a summary without quantiles is.
 const REQUEST_SIZE: (&str, &str, &str) = (
     "istio_request_bytes",
-    "histogram",
-    "Sizes of request bodies, in bytes (sum and count only).",
+    "summary",
+    "Sizes of request bodies, in bytes.",
 );
 const RESPONSE_SIZE: (&str, &str, &str) = (
     "istio_response_bytes",
-    "histogram",
-    "Sizes of response bodies, in bytes (sum and count only).",
+    "summary",
+    "Sizes of response bodies, in bytes.",
 );
 
 /// Every series name Lumen answers, with Istio's meaning.
@@ -394,6 +396,93 @@ impl IstioSource {
     }
 }
 
+impl IstioSource {
+    /// Every series' value now: what `/metrics` exposes. Minute windows
+    /// hold everything stored, the open minute included, so a scraper
+    /// sees counters that only grow.
+    pub async fn totals(&self) -> Result<Vec<Exposed>, PromError> {
+        let mut out: BTreeMap<(Family, Labels), Aggs> = BTreeMap::new();
+        let mut values = "sum(requests) AS r, sum(request_bytes) AS qb, sum(response_bytes) AS pb, sum(duration_sum_us) AS d".to_string();
+        for b in 0..BUCKETS {
+            values.push_str(&format!(", sum(duration_bucket[{}]) AS b{b}", b + 1));
+        }
+        let sql = format!(
+            "SELECT {keys}, {values} FROM rollups WHERE window_seconds = 60 GROUP BY {keys}",
+            keys = key_list()
+        );
+        for batch in self.sql(&sql).await? {
+            for (row, k) in read_keys(&batch)?.into_iter().enumerate() {
+                let family = if k.keys[protocol_index()] == "tcp" {
+                    Family::Tcp
+                } else {
+                    Family::Http
+                };
+                let labels = istio_labels(&k.keys, k.status, k.grpc, k.mtls, family);
+                add(
+                    out.entry((family, labels)).or_insert([0.0; 4 + BUCKETS]),
+                    &read_aggs(&batch, row, true)?,
+                );
+            }
+        }
+        let bounds = bucket_bounds();
+        let mut exposed = Vec::new();
+        // Family by family, and within one, a label set's samples together
+        // (buckets, sum, count), as OpenMetrics wants them.
+        let mut families: Vec<&str> = METRICS.iter().map(|m| m.meta.0).collect();
+        families.dedup();
+        for family_name in families {
+            let members: Vec<&'static Metric> =
+                METRICS.iter().filter(|m| m.meta.0 == family_name).collect();
+            for ((family, labels), a) in &out {
+                for m in members.iter().filter(|m| m.family == *family) {
+                    if m.field == Field::DurationBuckets {
+                        for (b, le) in bounds.iter().enumerate() {
+                            let mut l = labels.clone();
+                            value::set(&mut l, "le", le);
+                            exposed.push(Exposed {
+                                metric: m,
+                                labels: l,
+                                value: a[4 + b],
+                            });
+                        }
+                    } else {
+                        exposed.push(Exposed {
+                            metric: m,
+                            labels: labels.clone(),
+                            value: field_value(m.field, a),
+                        });
+                    }
+                }
+            }
+        }
+        Ok(exposed)
+    }
+}
+
+/// One sample of `/metrics`.
+pub struct Exposed {
+    pub metric: &'static Metric,
+    pub labels: Labels,
+    pub value: f64,
+}
+
+fn protocol_index() -> usize {
+    ROLLUP_KEY_NAMES
+        .iter()
+        .position(|n| *n == "protocol")
+        .unwrap_or(0)
+}
+
+fn field_value(field: Field, a: &Aggs) -> f64 {
+    match field {
+        Field::Requests => a[0],
+        Field::RequestBytes => a[1],
+        Field::ResponseBytes => a[2],
+        Field::DurationMs => a[3] / 1000.0,
+        Field::DurationBuckets => a[4 + BUCKETS - 1],
+    }
+}
+
 fn key_list() -> String {
     let mut cols: Vec<&str> = ROLLUP_KEY_NAMES.to_vec();
     cols.extend(["status", "grpc_status", "mtls"]);
@@ -698,15 +787,6 @@ fn expand(
         for m in metrics {
             let mut named = labels.clone();
             value::set(&mut named, METRIC_NAME, m.name);
-            let pick = |a: &Aggs| -> f64 {
-                match m.field {
-                    Field::Requests => a[0],
-                    Field::RequestBytes => a[1],
-                    Field::ResponseBytes => a[2],
-                    Field::DurationMs => a[3] / 1000.0,
-                    Field::DurationBuckets => 0.0,
-                }
-            };
             if m.field == Field::DurationBuckets {
                 for (b, le) in bounds.iter().enumerate() {
                     let mut l = named.clone();
@@ -719,7 +799,10 @@ fn expand(
                 }
             } else if matches(&selector.matchers, &named) {
                 out.push(RawSeries {
-                    samples: samples.iter().map(|(t, a)| (*t, pick(a))).collect(),
+                    samples: samples
+                        .iter()
+                        .map(|(t, a)| (*t, field_value(m.field, a)))
+                        .collect(),
                     labels: named,
                 });
             }
