@@ -6,14 +6,16 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 python=${LUMEN_TEST_PYTHON:-python3}
-if ! "$python" -c 'import opentelemetry.sdk, opentelemetry.exporter.otlp.proto.grpc, opentelemetry.exporter.otlp.proto.http, duckdb' 2>/dev/null; then
-  echo "installing test peers: OpenTelemetry Python SDK + OTLP exporters, DuckDB" >&2
+if ! "$python" -c 'import opentelemetry.sdk, opentelemetry.exporter.otlp.proto.grpc, opentelemetry.exporter.otlp.proto.http, duckdb, psycopg' 2>/dev/null; then
+  echo "installing test peers: OpenTelemetry Python SDK + OTLP exporters, DuckDB, psycopg" >&2
   "$python" -m pip install --quiet --disable-pip-version-check \
-    opentelemetry-sdk opentelemetry-exporter-otlp-proto-grpc opentelemetry-exporter-otlp-proto-http duckdb
+    opentelemetry-sdk opentelemetry-exporter-otlp-proto-grpc opentelemetry-exporter-otlp-proto-http duckdb \
+    'psycopg[binary]'
 fi
 
 apt_pkgs=()
 command -v promtool >/dev/null 2>&1 || apt_pkgs+=(prometheus)
+command -v psql >/dev/null 2>&1 || apt_pkgs+=(postgresql-client)
 if ((${#apt_pkgs[@]})); then
   echo "installing test peers: ${apt_pkgs[*]} (Debian packages)" >&2
   apt-get update -qq

@@ -14,6 +14,7 @@ use lumen_core::Workload;
 use lumen_core::config::DEFAULT_NAMESPACE;
 use lumen_proxy::telemetry::ExportProtocol;
 use lumen_proxy::{Proxy, ProxyConfig};
+use lumen_query::pg::PgServer;
 use lumen_query::{QueryConfig, QueryEngine, QueryServer, QuerySettings};
 use tokio::sync::watch;
 
@@ -92,9 +93,17 @@ struct StoreArgs {
     /// OTLP/HTTP listen address of the collector.
     #[arg(long, default_value = "127.0.0.1:4318")]
     otlp_http: SocketAddr,
-    /// Query HTTP listen address (SQL API at /api/v1/sql).
+    /// Query HTTP listen address (SQL API at /api/v1/sql, Prometheus API,
+    /// /metrics).
     #[arg(long, default_value = "127.0.0.1:9900")]
     query_addr: SocketAddr,
+    /// Postgres wire listen address, for psql, Grafana and Postgres drivers.
+    #[arg(long, default_value = "127.0.0.1:5433")]
+    pg_addr: SocketAddr,
+    /// Password Postgres clients must give (cleartext; any user name).
+    /// Required when --pg-addr is not a loopback address.
+    #[arg(long, env = "LUMEN_PG_PASSWORD", hide_env_values = true)]
+    pg_password: Option<String>,
     /// Largest OTLP payload accepted, in bytes.
     #[arg(long, default_value_t = lumen_collector::DEFAULT_MAX_REQUEST_BYTES)]
     max_request_bytes: usize,
@@ -465,17 +474,20 @@ async fn up(a: UpArgs) -> Result<()> {
     };
     let engine =
         QueryEngine::new(collector.store(), query_config).context("starting the query executor")?;
+    let pg = PgServer::bind(a.store.pg_addr, engine.clone(), a.store.pg_password.clone()).await?;
     let query = QueryServer::bind(a.store.query_addr, engine).await?;
     let (stop, stop_rx) = watch::channel(false);
     tracing::info!(
         otlp_grpc = %fmt_addr(collector.otlp_grpc_addr()),
         otlp_http = %fmt_addr(collector.otlp_http_addr()),
         query = %fmt_addr(query.local_addr()),
+        postgres = %fmt_addr(pg.local_addr()),
         data_dir = %a.data_dir.display(),
         "lumen is up"
     );
     let discovery_task = tokio::spawn(discovery.watch(Duration::from_secs(2), stop_rx.clone()));
     let collector_task = tokio::spawn(collector.run(until(stop_rx.clone())));
+    let pg_task = tokio::spawn(pg.run(until(stop_rx.clone())));
     let query_task = tokio::spawn(query.run(until(stop_rx)));
     shutdown_signal().await;
     tracing::info!("shutting down");
@@ -483,8 +495,10 @@ async fn up(a: UpArgs) -> Result<()> {
     let _ = discovery_task.await;
     let collected = collector_task.await.context("collector task")?;
     let queried = query_task.await.context("query task")?;
+    let served = pg_task.await.context("postgres task")?;
     collected?;
     queried?;
+    served.context("postgres wire")?;
     tracing::info!("stopped cleanly");
     Ok(())
 }
@@ -593,6 +607,7 @@ async fn demo(a: DemoArgs) -> Result<()> {
         collector: a.store.collector_config(data_dir.clone(), a.flush_interval),
         rps: a.rps,
         query: a.store.query_addr,
+        pg: a.store.pg_addr,
         query_config: a.store.query_config(&data_dir)?,
     };
     let running = lumen_demo::start(config)
@@ -612,6 +627,14 @@ async fn demo(a: DemoArgs) -> Result<()> {
     );
     println!();
     println!("  SQL API:    POST {}", running.query_url);
+    println!(
+        "  PromQL:     {base}/api/v1/query (Prometheus API, Istio's metric names; Grafana: a Prometheus data source at {base})"
+    );
+    println!(
+        "  Postgres:   psql -h {} -p {} -U lumen lumen",
+        running.pg_addr.ip(),
+        running.pg_addr.port()
+    );
     println!(
         "  Queries:    GET {base}/api/v1/queries (running now; DELETE …/<id> cancels), {base}/metrics"
     );

@@ -18,6 +18,7 @@ use lumen_collector::{Collector, CollectorConfig, Store};
 use lumen_core::config::DEFAULT_NAMESPACE;
 use lumen_core::{Endpoint, MeshConfig, Service, Workload};
 use lumen_proxy::{Proxy, ProxyConfig};
+use lumen_query::pg::PgServer;
 use lumen_query::{QueryConfig, QueryEngine, QueryServer};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -32,6 +33,8 @@ pub enum DemoError {
     Collector(#[from] lumen_collector::CollectorError),
     #[error(transparent)]
     Query(#[from] lumen_query::ServeError),
+    #[error(transparent)]
+    Postgres(#[from] lumen_query::pg::PgError),
     #[error(transparent)]
     Proxy(#[from] lumen_proxy::ProxyError),
     #[error("cannot listen on 127.0.0.1 for a demo app: {0}")]
@@ -49,12 +52,15 @@ pub struct DemoConfig {
     /// Requests per second into `productpage`.
     pub rps: f64,
     pub query: SocketAddr,
+    /// Postgres wire (loopback: the demo asks for no password).
+    pub pg: SocketAddr,
     pub query_config: QueryConfig,
 }
 
 /// A running demo; [`stop`](RunningDemo::stop) shuts it down in order.
 pub struct RunningDemo {
     pub query_url: String,
+    pub pg_addr: SocketAddr,
     pub otlp_grpc: SocketAddr,
     pub otlp_http: SocketAddr,
     pub data_dir: PathBuf,
@@ -72,6 +78,7 @@ pub struct RunningDemo {
     collector_task: JoinHandle<Result<(), lumen_collector::CollectorError>>,
     stop_query: watch::Sender<bool>,
     query_task: JoinHandle<Result<(), lumen_query::ServeError>>,
+    pg_task: JoinHandle<std::io::Result<()>>,
 }
 
 /// What the demo did, for the closing summary.
@@ -122,11 +129,14 @@ pub async fn start(config: DemoConfig) -> Result<RunningDemo, DemoError> {
     };
     let engine = QueryEngine::new(store.clone(), query_config)
         .map_err(|e| DemoError::Setup(format!("cannot start the query executor: {e}")))?;
+    let pg = PgServer::bind(config.pg, engine.clone(), None).await?;
+    let pg_addr = pg.local_addr().unwrap_or(config.pg);
     let query = QueryServer::bind(config.query, engine).await?;
     let query_addr = query.local_addr().unwrap_or(config.query);
     let (stop_collector, rx) = watch::channel(false);
     let collector_task = tokio::spawn(collector.run(until(rx)));
     let (stop_query, rx) = watch::channel(false);
+    let pg_task = tokio::spawn(pg.run(until(rx.clone())));
     let query_task = tokio::spawn(query.run(until(rx)));
 
     // One sidecar per app instance, bound before the mesh config exists:
@@ -219,6 +229,7 @@ pub async fn start(config: DemoConfig) -> Result<RunningDemo, DemoError> {
 
     Ok(RunningDemo {
         query_url: format!("http://{query_addr}/api/v1/sql"),
+        pg_addr,
         otlp_grpc,
         otlp_http,
         data_dir,
@@ -235,6 +246,7 @@ pub async fn start(config: DemoConfig) -> Result<RunningDemo, DemoError> {
         collector_task,
         stop_query,
         query_task,
+        pg_task,
     })
 }
 
@@ -264,6 +276,7 @@ impl RunningDemo {
         let _ = self.stop_collector.send(true);
         let collector = self.collector_task.await;
         let _ = self.query_task.await;
+        let _ = self.pg_task.await;
         if let Ok(Err(e)) = collector {
             return Err(e.into());
         }

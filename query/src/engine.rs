@@ -15,8 +15,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arrow::array::Array;
-use arrow::datatypes::SchemaRef;
+use arrow::datatypes::{DataType, SchemaRef};
 use arrow::record_batch::RecordBatch;
+use datafusion::catalog::SchemaProvider;
+use datafusion::common::ParamValues;
 use datafusion::error::DataFusionError;
 use datafusion::execution::context::SQLOptions;
 use datafusion::execution::disk_manager::{DiskManagerBuilder, DiskManagerMode};
@@ -178,6 +180,34 @@ impl QueryError {
     }
 }
 
+/// A statement as a front end hands it over.
+#[derive(Debug, Clone, Default)]
+pub struct Request {
+    pub sql: String,
+    /// A Postgres client's statement: `pg_catalog` and its functions are
+    /// there, as `psql` and Grafana's catalog queries expect.
+    pub postgres: bool,
+    /// Values of `$1`, `$2`, … (prepared statements).
+    pub params: Option<ParamValues>,
+}
+
+impl Request {
+    pub fn sql(sql: impl Into<String>) -> Self {
+        Request {
+            sql: sql.into(),
+            ..Request::default()
+        }
+    }
+}
+
+/// What a statement returns and takes, known without running it.
+#[derive(Debug, Clone)]
+pub struct Described {
+    pub schema: SchemaRef,
+    /// Types of `$1`, `$2`, … where planning could infer them.
+    pub params: Vec<Option<DataType>>,
+}
+
 /// A finished query: its schema (also when no rows came back) and rows.
 #[derive(Debug)]
 pub struct QueryResult {
@@ -202,6 +232,9 @@ pub struct QueryEngine {
     executor: Arc<QueryExecutor>,
     running: Arc<Running>,
     throttle: Option<Throttle>,
+    /// `pg_catalog`, made once: its OIDs must stay the same from one query
+    /// to the next (`\d` looks a table up, then asks for its columns by OID).
+    pg_catalog: Arc<std::sync::OnceLock<Arc<dyn SchemaProvider>>>,
 }
 
 impl QueryEngine {
@@ -245,7 +278,36 @@ impl QueryEngine {
             executor,
             running,
             throttle,
+            pg_catalog: Arc::default(),
         })
+    }
+
+    /// The shared `pg_catalog` schema, made on first use.
+    fn pg_catalog(&self) -> Result<Arc<dyn SchemaProvider>, QueryError> {
+        if let Some(p) = self.pg_catalog.get() {
+            return Ok(p.clone());
+        }
+        let ctx = SessionContext::new_with_config(
+            SessionConfig::new().with_default_catalog_and_schema(CATALOG, "public"),
+        );
+        register_tables(&ctx, &self.store)?;
+        datafusion_pg_catalog::setup_pg_catalog(
+            &ctx,
+            CATALOG,
+            datafusion_pg_catalog::pg_catalog::context::EmptyContextProvider,
+        )
+        .map_err(|e| QueryError::Internal(format!("cannot set up pg_catalog: {e}")))?;
+        let schema = ctx
+            .catalog(CATALOG)
+            .and_then(|c| c.schema("pg_catalog"))
+            .ok_or_else(|| QueryError::Internal("pg_catalog was not registered".into()))?;
+        // Two first uses at once: one wins, both use the winner's OIDs.
+        let _ = self.pg_catalog.set(schema);
+        Ok(self
+            .pg_catalog
+            .get()
+            .cloned()
+            .unwrap_or_else(|| unreachable!()))
     }
 
     pub fn config(&self) -> &QueryConfig {
@@ -292,7 +354,63 @@ impl QueryEngine {
     ///
     /// Dropping the returned future (the client went away) stops the query.
     pub async fn execute(&self, sql: &str, origin: &str) -> Result<QueryResult, QueryError> {
-        let registered = match self.running.register(sql, origin) {
+        self.execute_request(Request::sql(sql), origin).await
+    }
+
+    /// Plans `sql` without running it: its result schema and parameter
+    /// types, for a prepared statement's description.
+    pub async fn describe(&self, sql: &str, postgres: bool) -> Result<Described, QueryError> {
+        let store = self.store.clone();
+        let config = self.config.clone();
+        let pool = Arc::new(QueryPool::new(
+            self.config.memory_bytes,
+            self.running.budget.clone(),
+        ));
+        let sql = sql.to_string();
+        let pg = if postgres {
+            Some(self.pg_catalog()?)
+        } else {
+            None
+        };
+        let task = self.executor.spawn(async move {
+            let ctx = context(&store, &config, pool.clone(), pg)?;
+            let classify = |e| classify(e, &config, &pool);
+            let df = ctx
+                .sql_with_options(&sql, read_only())
+                .await
+                .map_err(classify)?;
+            let types = df.logical_plan().get_parameter_types().map_err(classify)?;
+            let mut params: Vec<(usize, Option<DataType>)> = types
+                .into_iter()
+                .filter_map(|(k, t)| Some((k.trim_start_matches('$').parse().ok()?, t)))
+                .collect();
+            params.sort_by_key(|(i, _)| *i);
+            let count = params.last().map_or(0, |(i, _)| *i);
+            let mut ordered = vec![None; count];
+            for (i, t) in params {
+                if i >= 1 {
+                    ordered[i - 1] = t;
+                }
+            }
+            Ok(Described {
+                schema: Arc::new(df.schema().as_arrow().clone()),
+                params: ordered,
+            })
+        });
+        match tokio::time::timeout(self.config.timeout, task).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(_)) => Err(QueryError::Internal("planning panicked".into())),
+            Err(_) => Err(QueryError::Timeout(self.config.timeout)),
+        }
+    }
+
+    /// Runs a front end's request; `origin` says who asked.
+    pub async fn execute_request(
+        &self,
+        request: Request,
+        origin: &str,
+    ) -> Result<QueryResult, QueryError> {
+        let registered = match self.running.register(&request.sql, origin) {
             Ok(r) => r,
             Err(e) => {
                 self.running.metrics.finished(e.outcome(), 0.0);
@@ -305,7 +423,7 @@ impl QueryEngine {
             abort: None,
             done: false,
         };
-        let result = self.run(registered, &mut finish).await;
+        let result = self.run(registered, request, &mut finish).await;
         finish.done(&result);
         result
     }
@@ -313,6 +431,7 @@ impl QueryEngine {
     async fn run(
         &self,
         registered: Registered,
+        request: Request,
         finish: &mut Finish<'_>,
     ) -> Result<QueryResult, QueryError> {
         let entry = registered.entry.clone();
@@ -326,7 +445,12 @@ impl QueryEngine {
         let job = Job {
             store: self.store.clone(),
             config: self.config.clone(),
-            sql: entry.sql.clone(),
+            pg: if request.postgres {
+                Some(self.pg_catalog()?)
+            } else {
+                None
+            },
+            request,
             leash: Leash {
                 stop: entry.stop.clone(),
                 throttle: self.throttle.clone(),
@@ -417,64 +541,102 @@ impl Drop for Finish<'_> {
 struct Job {
     store: Arc<Store>,
     config: Arc<QueryConfig>,
-    sql: String,
+    request: Request,
+    pg: Option<Arc<dyn SchemaProvider>>,
     leash: Leash,
     pool: Arc<QueryPool>,
 }
 
-impl Job {
-    /// A context per query: the memory pool is the query's own, and table
-    /// providers take their snapshot when the query scans.
-    fn context(&self) -> Result<SessionContext, QueryError> {
-        let pool: Arc<dyn MemoryPool> = self.pool.clone();
-        let spill = match (&self.config.spill_dir, self.config.spill_bytes) {
-            (_, 0) => DiskManagerMode::Disabled,
-            (Some(dir), _) => DiskManagerMode::Directories(vec![dir.clone()]),
-            (None, _) => DiskManagerMode::OsTmpDirectory,
-        };
-        let runtime = RuntimeEnvBuilder::new()
-            .with_memory_pool(pool)
-            .with_disk_manager_builder(
-                DiskManagerBuilder::default()
-                    .with_mode(spill)
-                    .with_max_temp_directory_size(self.config.spill_bytes),
-            )
-            .build_arc()
-            .map_err(|e| QueryError::Internal(e.to_string()))?;
-        let config = SessionConfig::new()
-            .with_information_schema(true)
-            .with_default_catalog_and_schema("lumen", "public")
-            .with_target_partitions(self.config.parallelism.max(1));
-        let ctx = SessionContext::new_with_config_rt(config, runtime);
-        crate::functions::register(&ctx);
-        for name in self.store.table_names() {
-            let Some(schema) = table_schema(name) else {
-                return Err(QueryError::Internal(format!(
-                    "table `{name}` has no schema"
-                )));
-            };
-            ctx.register_table(
-                *name,
-                Arc::new(StoreTable::new(self.store.clone(), name, schema)),
-            )
-            .map_err(|e| QueryError::Internal(e.to_string()))?;
-        }
-        Ok(ctx)
-    }
+/// DDL (CREATE [EXTERNAL] TABLE, DROP), DML (INSERT, COPY … TO) and
+/// statements (SET, transactions) are refused at planning time.
+fn read_only() -> SQLOptions {
+    SQLOptions::new()
+        .with_allow_ddl(false)
+        .with_allow_dml(false)
+        .with_allow_statements(false)
+}
 
+/// A context per query: the memory pool is the query's own, and table
+/// providers take their snapshot when the query scans.
+fn context(
+    store: &Arc<Store>,
+    config: &QueryConfig,
+    pool: Arc<QueryPool>,
+    pg_catalog: Option<Arc<dyn SchemaProvider>>,
+) -> Result<SessionContext, QueryError> {
+    let pool: Arc<dyn MemoryPool> = pool;
+    let spill = match (&config.spill_dir, config.spill_bytes) {
+        (_, 0) => DiskManagerMode::Disabled,
+        (Some(dir), _) => DiskManagerMode::Directories(vec![dir.clone()]),
+        (None, _) => DiskManagerMode::OsTmpDirectory,
+    };
+    let runtime = RuntimeEnvBuilder::new()
+        .with_memory_pool(pool)
+        .with_disk_manager_builder(
+            DiskManagerBuilder::default()
+                .with_mode(spill)
+                .with_max_temp_directory_size(config.spill_bytes),
+        )
+        .build_arc()
+        .map_err(|e| QueryError::Internal(e.to_string()))?;
+    let session = SessionConfig::new()
+        .with_information_schema(true)
+        .with_default_catalog_and_schema(CATALOG, "public")
+        .with_target_partitions(config.parallelism.max(1));
+    let ctx = SessionContext::new_with_config_rt(session, runtime);
+    crate::functions::register(&ctx);
+    register_tables(&ctx, store)?;
+    if let Some(shared) = pg_catalog {
+        // Its functions and type names per context; its tables shared.
+        datafusion_pg_catalog::setup_pg_catalog(
+            &ctx,
+            CATALOG,
+            datafusion_pg_catalog::pg_catalog::context::EmptyContextProvider,
+        )
+        .map_err(|e| QueryError::Internal(format!("cannot set up pg_catalog: {e}")))?;
+        ctx.catalog(CATALOG)
+            .ok_or_else(|| QueryError::Internal(format!("no catalog {CATALOG}")))?
+            .register_schema("pg_catalog", shared)
+            .map_err(|e| QueryError::Internal(e.to_string()))?;
+    }
+    Ok(ctx)
+}
+
+fn register_tables(ctx: &SessionContext, store: &Arc<Store>) -> Result<(), QueryError> {
+    for name in store.table_names() {
+        let Some(schema) = table_schema(name) else {
+            return Err(QueryError::Internal(format!(
+                "table `{name}` has no schema"
+            )));
+        };
+        ctx.register_table(
+            *name,
+            Arc::new(StoreTable::new(store.clone(), name, schema)),
+        )
+        .map_err(|e| QueryError::Internal(e.to_string()))?;
+    }
+    Ok(())
+}
+
+/// The catalog (Postgres: database) Lumen's tables are in.
+pub const CATALOG: &str = "lumen";
+
+impl Job {
     async fn run(self) -> Result<QueryResult, QueryError> {
-        let ctx = self.context()?;
-        // DDL (CREATE [EXTERNAL] TABLE, DROP), DML (INSERT, COPY … TO) and
-        // statements (SET, transactions) are refused at planning time.
-        let options = SQLOptions::new()
-            .with_allow_ddl(false)
-            .with_allow_dml(false)
-            .with_allow_statements(false);
+        let ctx = context(
+            &self.store,
+            &self.config,
+            self.pool.clone(),
+            self.pg.clone(),
+        )?;
         let classify = |e: DataFusionError| self.classify(e);
-        let df = ctx
-            .sql_with_options(&self.sql, options)
+        let mut df = ctx
+            .sql_with_options(&self.request.sql, read_only())
             .await
             .map_err(classify)?;
+        if let Some(params) = self.request.params.clone() {
+            df = df.with_param_values(params).map_err(classify)?;
+        }
         let schema = Arc::new(df.schema().as_arrow().clone());
         let plan = df.create_physical_plan().await.map_err(classify)?;
         let plan = guard(plan, &self.leash).map_err(classify)?;
@@ -505,41 +667,44 @@ impl Job {
     }
 
     fn classify(&self, e: DataFusionError) -> QueryError {
-        let config = &self.config;
-        let msg = e.strip_backtrace();
-        // The spill writer reports this through an I/O error, as text.
-        if msg.contains("spilling process has exceeded") {
-            return QueryError::MemoryLimit(format!(
-                "query spilled more than its limit of {} MiB to disk: filter earlier, \
-                 aggregate more, or raise the limit",
-                config.spill_bytes >> 20
-            ));
-        }
-        if matches!(e.find_root(), DataFusionError::ResourcesExhausted(_)) {
-            let detail = e.find_root().message();
-            return QueryError::MemoryLimit(match self.pool.exhausted() {
-                Some(Exhausted::Budget) => format!(
-                    "queries running together exceeded the query memory budget of {} MiB; \
-                     retry when fewer queries run ({detail})",
-                    config.memory_budget_bytes >> 20
-                ),
-                _ => format!(
-                    "query exceeded its memory limit of {} MiB: filter earlier, aggregate \
-                     more, or raise the limit ({detail})",
-                    config.memory_bytes >> 20
-                ),
-            });
-        }
-        let read_only = [
-            "DDL not supported",
-            "DML not supported",
-            "Statement not supported",
-        ];
-        if read_only.iter().any(|m| msg.contains(m)) {
-            QueryError::ReadOnly(msg)
-        } else {
-            QueryError::Sql(msg)
-        }
+        classify(e, &self.config, &self.pool)
+    }
+}
+
+fn classify(e: DataFusionError, config: &QueryConfig, pool: &QueryPool) -> QueryError {
+    let msg = e.strip_backtrace();
+    // The spill writer reports this through an I/O error, as text.
+    if msg.contains("spilling process has exceeded") {
+        return QueryError::MemoryLimit(format!(
+            "query spilled more than its limit of {} MiB to disk: filter earlier, \
+             aggregate more, or raise the limit",
+            config.spill_bytes >> 20
+        ));
+    }
+    if matches!(e.find_root(), DataFusionError::ResourcesExhausted(_)) {
+        let detail = e.find_root().message();
+        return QueryError::MemoryLimit(match pool.exhausted() {
+            Some(Exhausted::Budget) => format!(
+                "queries running together exceeded the query memory budget of {} MiB; \
+                 retry when fewer queries run ({detail})",
+                config.memory_budget_bytes >> 20
+            ),
+            _ => format!(
+                "query exceeded its memory limit of {} MiB: filter earlier, aggregate \
+                 more, or raise the limit ({detail})",
+                config.memory_bytes >> 20
+            ),
+        });
+    }
+    let read_only = [
+        "DDL not supported",
+        "DML not supported",
+        "Statement not supported",
+    ];
+    if read_only.iter().any(|m| msg.contains(m)) {
+        QueryError::ReadOnly(msg)
+    } else {
+        QueryError::Sql(msg)
     }
 }
 

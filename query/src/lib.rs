@@ -23,6 +23,7 @@ pub mod guard;
 pub mod http;
 pub mod memory;
 pub mod metrics;
+pub mod pg;
 pub mod prom_api;
 pub mod promql;
 pub mod running;
