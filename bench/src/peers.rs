@@ -353,6 +353,14 @@ pub fn start_collector(
         .arg(local(ports.otlp_http).to_string())
         .arg("--query-addr")
         .arg(local(ports.query).to_string())
+        // The bench reads SQL over HTTP only; port 0 keeps a running demo's
+        // Postgres and Flight SQL ports out of its way.
+        .args([
+            "--pg-addr",
+            "127.0.0.1:0",
+            "--flight-sql-addr",
+            "127.0.0.1:0",
+        ])
         .args(extra);
     let mut p = Proc::spawn("lumen up", cmd, dir.join("lumen-up.log"))?;
     p.wait_http_ok(local(ports.query), "/ready")?;

@@ -51,6 +51,7 @@ pub fn run(lumen: &Path, dir: &Path, set: &Settings) -> Result<Measured> {
         .arg(&data)
         .args(["--otlp-grpc", "127.0.0.1:0", "--otlp-http", "127.0.0.1:0"])
         .args(["--query-addr", "127.0.0.1:0", "--pg-addr", "127.0.0.1:0"])
+        .args(["--flight-sql-addr", "127.0.0.1:0"])
         .stdout(log.try_clone()?)
         .stderr(log)
         .stdin(Stdio::null())

@@ -14,6 +14,7 @@ use lumen_core::Workload;
 use lumen_core::config::DEFAULT_NAMESPACE;
 use lumen_proxy::telemetry::ExportProtocol;
 use lumen_proxy::{Proxy, ProxyConfig};
+use lumen_query::flight_sql::FlightSqlServer;
 use lumen_query::pg::PgServer;
 use lumen_query::{QueryConfig, QueryEngine, QueryServer, QuerySettings};
 use tokio::sync::watch;
@@ -100,6 +101,9 @@ struct StoreArgs {
     /// Postgres wire listen address, for psql, Grafana and Postgres drivers.
     #[arg(long, default_value = "127.0.0.1:5433")]
     pg_addr: SocketAddr,
+    /// Arrow Flight SQL listen address, for ADBC / JDBC Flight SQL drivers.
+    #[arg(long, default_value = "127.0.0.1:8815")]
+    flight_sql_addr: SocketAddr,
     /// Password Postgres clients must give (cleartext; any user name).
     /// Required when --pg-addr is not a loopback address.
     #[arg(long, env = "LUMEN_PG_PASSWORD", hide_env_values = true)]
@@ -475,6 +479,7 @@ async fn up(a: UpArgs) -> Result<()> {
     let engine =
         QueryEngine::new(collector.store(), query_config).context("starting the query executor")?;
     let pg = PgServer::bind(a.store.pg_addr, engine.clone(), a.store.pg_password.clone()).await?;
+    let flight_sql = FlightSqlServer::bind(a.store.flight_sql_addr, engine.clone()).await?;
     let query = QueryServer::bind(a.store.query_addr, engine).await?;
     let (stop, stop_rx) = watch::channel(false);
     tracing::info!(
@@ -482,12 +487,14 @@ async fn up(a: UpArgs) -> Result<()> {
         otlp_http = %fmt_addr(collector.otlp_http_addr()),
         query = %fmt_addr(query.local_addr()),
         postgres = %fmt_addr(pg.local_addr()),
+        flight_sql = %fmt_addr(flight_sql.local_addr()),
         data_dir = %a.data_dir.display(),
         "lumen is up"
     );
     let discovery_task = tokio::spawn(discovery.watch(Duration::from_secs(2), stop_rx.clone()));
     let collector_task = tokio::spawn(collector.run(until(stop_rx.clone())));
     let pg_task = tokio::spawn(pg.run(until(stop_rx.clone())));
+    let flight_sql_task = tokio::spawn(flight_sql.run(until(stop_rx.clone())));
     let query_task = tokio::spawn(query.run(until(stop_rx)));
     shutdown_signal().await;
     tracing::info!("shutting down");
@@ -496,9 +503,11 @@ async fn up(a: UpArgs) -> Result<()> {
     let collected = collector_task.await.context("collector task")?;
     let queried = query_task.await.context("query task")?;
     let served = pg_task.await.context("postgres task")?;
+    let flown = flight_sql_task.await.context("flight sql task")?;
     collected?;
     queried?;
     served.context("postgres wire")?;
+    flown?;
     tracing::info!("stopped cleanly");
     Ok(())
 }
@@ -608,6 +617,7 @@ async fn demo(a: DemoArgs) -> Result<()> {
         rps: a.rps,
         query: a.store.query_addr,
         pg: a.store.pg_addr,
+        flight_sql: a.store.flight_sql_addr,
         query_config: a.store.query_config(&data_dir)?,
     };
     let running = lumen_demo::start(config)
@@ -634,6 +644,10 @@ async fn demo(a: DemoArgs) -> Result<()> {
         "  Postgres:   psql -h {} -p {} -U lumen lumen",
         running.pg_addr.ip(),
         running.pg_addr.port()
+    );
+    println!(
+        "  Flight SQL: grpc://{} (ADBC / JDBC Flight SQL drivers)",
+        running.flight_sql_addr
     );
     println!(
         "  Queries:    GET {base}/api/v1/queries (running now; DELETE …/<id> cancels), {base}/metrics"

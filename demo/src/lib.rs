@@ -18,6 +18,7 @@ use lumen_collector::{Collector, CollectorConfig, Store};
 use lumen_core::config::DEFAULT_NAMESPACE;
 use lumen_core::{Endpoint, MeshConfig, Service, Workload};
 use lumen_proxy::{Proxy, ProxyConfig};
+use lumen_query::flight_sql::FlightSqlServer;
 use lumen_query::pg::PgServer;
 use lumen_query::{QueryConfig, QueryEngine, QueryServer};
 use tokio::net::TcpListener;
@@ -35,6 +36,8 @@ pub enum DemoError {
     Query(#[from] lumen_query::ServeError),
     #[error(transparent)]
     Postgres(#[from] lumen_query::pg::PgError),
+    #[error(transparent)]
+    FlightSql(#[from] lumen_query::flight_sql::FlightSqlError),
     #[error(transparent)]
     Proxy(#[from] lumen_proxy::ProxyError),
     #[error("cannot listen on 127.0.0.1 for a demo app: {0}")]
@@ -54,6 +57,7 @@ pub struct DemoConfig {
     pub query: SocketAddr,
     /// Postgres wire (loopback: the demo asks for no password).
     pub pg: SocketAddr,
+    pub flight_sql: SocketAddr,
     pub query_config: QueryConfig,
 }
 
@@ -61,6 +65,7 @@ pub struct DemoConfig {
 pub struct RunningDemo {
     pub query_url: String,
     pub pg_addr: SocketAddr,
+    pub flight_sql_addr: SocketAddr,
     pub otlp_grpc: SocketAddr,
     pub otlp_http: SocketAddr,
     pub data_dir: PathBuf,
@@ -79,6 +84,7 @@ pub struct RunningDemo {
     stop_query: watch::Sender<bool>,
     query_task: JoinHandle<Result<(), lumen_query::ServeError>>,
     pg_task: JoinHandle<std::io::Result<()>>,
+    flight_sql_task: JoinHandle<Result<(), lumen_query::flight_sql::FlightSqlError>>,
 }
 
 /// What the demo did, for the closing summary.
@@ -131,12 +137,15 @@ pub async fn start(config: DemoConfig) -> Result<RunningDemo, DemoError> {
         .map_err(|e| DemoError::Setup(format!("cannot start the query executor: {e}")))?;
     let pg = PgServer::bind(config.pg, engine.clone(), None).await?;
     let pg_addr = pg.local_addr().unwrap_or(config.pg);
+    let flight_sql = FlightSqlServer::bind(config.flight_sql, engine.clone()).await?;
+    let flight_sql_addr = flight_sql.local_addr().unwrap_or(config.flight_sql);
     let query = QueryServer::bind(config.query, engine).await?;
     let query_addr = query.local_addr().unwrap_or(config.query);
     let (stop_collector, rx) = watch::channel(false);
     let collector_task = tokio::spawn(collector.run(until(rx)));
     let (stop_query, rx) = watch::channel(false);
     let pg_task = tokio::spawn(pg.run(until(rx.clone())));
+    let flight_sql_task = tokio::spawn(flight_sql.run(until(rx.clone())));
     let query_task = tokio::spawn(query.run(until(rx)));
 
     // One sidecar per app instance, bound before the mesh config exists:
@@ -230,6 +239,7 @@ pub async fn start(config: DemoConfig) -> Result<RunningDemo, DemoError> {
     Ok(RunningDemo {
         query_url: format!("http://{query_addr}/api/v1/sql"),
         pg_addr,
+        flight_sql_addr,
         otlp_grpc,
         otlp_http,
         data_dir,
@@ -247,6 +257,7 @@ pub async fn start(config: DemoConfig) -> Result<RunningDemo, DemoError> {
         stop_query,
         query_task,
         pg_task,
+        flight_sql_task,
     })
 }
 
@@ -277,6 +288,7 @@ impl RunningDemo {
         let collector = self.collector_task.await;
         let _ = self.query_task.await;
         let _ = self.pg_task.await;
+        let _ = self.flight_sql_task.await;
         if let Ok(Err(e)) = collector {
             return Err(e.into());
         }

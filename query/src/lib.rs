@@ -17,6 +17,7 @@
 pub mod engine;
 pub mod executor;
 pub mod exposition;
+pub mod flight_sql;
 pub mod format;
 pub mod functions;
 pub mod guard;

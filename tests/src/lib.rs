@@ -194,6 +194,8 @@ pub struct UpPorts {
     pub otlp_grpc: u16,
     pub otlp_http: u16,
     pub query: u16,
+    pub pg: u16,
+    pub flight_sql: u16,
 }
 
 impl UpPorts {
@@ -202,6 +204,8 @@ impl UpPorts {
             otlp_grpc: free_port(),
             otlp_http: free_port(),
             query: free_port(),
+            pg: free_port(),
+            flight_sql: free_port(),
         }
     }
 
@@ -234,6 +238,10 @@ pub async fn start_up(
         local(ports.otlp_http).to_string(),
         "--query-addr".into(),
         local(ports.query).to_string(),
+        "--pg-addr".into(),
+        local(ports.pg).to_string(),
+        "--flight-sql-addr".into(),
+        local(ports.flight_sql).to_string(),
     ];
     args.extend(extra.iter().map(|s| s.to_string()));
     let mut p = LumenProcess::spawn("lumen-up", log_dir, &args)?;

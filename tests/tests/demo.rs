@@ -34,6 +34,7 @@ impl Demo {
             // Port 0 everywhere: the demo must print where it really listens.
             .args(["--otlp-grpc", "127.0.0.1:0", "--otlp-http", "127.0.0.1:0"])
             .args(["--query-addr", "127.0.0.1:0", "--pg-addr", "127.0.0.1:0"])
+            .args(["--flight-sql-addr", "127.0.0.1:0"])
             .current_dir(dir)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())

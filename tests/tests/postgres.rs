@@ -88,16 +88,8 @@ async fn psql_and_a_python_driver_read_lumen_over_the_postgres_protocol() -> Res
     let mesh = dir.path().join("mesh.yaml");
     write_mesh(&mesh, &[("reviews", 9080, &[])])?;
     let ports = UpPorts::pick();
-    let pg = free_port();
-    let pg_addr = format!("127.0.0.1:{pg}");
-    let mut up = start_up(
-        dir.path(),
-        &mesh,
-        &dir.path().join("data"),
-        ports,
-        &["--pg-addr", &pg_addr],
-    )
-    .await?;
+    let pg = ports.pg;
+    let mut up = start_up(dir.path(), &mesh, &dir.path().join("data"), ports, &[]).await?;
     let url = ports.sql_url();
     let mut flight = client(&ports).await?;
     let mut b = RequestBatchBuilder::new();
@@ -230,6 +222,7 @@ async fn a_password_is_asked_for_when_set_and_required_beyond_loopback() -> Resu
         .args(["--otlp-http", &format!("127.0.0.1:{}", free_port())])
         .args(["--query-addr", &format!("127.0.0.1:{}", free_port())])
         .args(["--pg-addr", &format!("0.0.0.0:{}", free_port())])
+        .args(["--flight-sql-addr", &format!("127.0.0.1:{}", free_port())])
         .env_remove("LUMEN_PG_PASSWORD")
         .output()?;
     assert!(!refused.status.success());
@@ -237,14 +230,13 @@ async fn a_password_is_asked_for_when_set_and_required_beyond_loopback() -> Resu
     assert!(message.contains("--pg-password"), "{message}");
 
     let ports = UpPorts::pick();
-    let pg = free_port();
-    let pg_addr = format!("127.0.0.1:{pg}");
+    let pg = ports.pg;
     let mut up = start_up(
         dir.path(),
         &mesh,
         &dir.path().join("data"),
         ports,
-        &["--pg-addr", &pg_addr, "--pg-password", "s3cret"],
+        &["--pg-password", "s3cret"],
     )
     .await?;
     let wrong = psql(pg, Some("guess"), "SELECT 1;\n")?;
