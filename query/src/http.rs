@@ -3,7 +3,7 @@
 //! - `POST /api/v1/sql`: SQL in the body, the answer in the format `Accept` asks for.
 //! - `GET /api/v1/queries`: queries in flight; `DELETE /api/v1/queries/{id}` cancels one.
 //! - `GET /metrics`: Istio's metrics and the query service's own; `GET /ready`.
-//! - Prometheus's HTTP API ([`crate::prom_api`]).
+//! - Prometheus's HTTP API ([`crate::prom_api`]) and Jaeger's ([`crate::jaeger`]).
 //!
 //! Errors are JSON in Prometheus's shape (`status`, `errorType`, `error`)
 //! with Prometheus's status codes: 400 bad SQL, 422 a limit stopped it,
@@ -32,6 +32,7 @@ pub fn router(engine: QueryEngine) -> Router {
         .route("/metrics", get(metrics))
         .route("/ready", get(|| async { "ready\n" }))
         .merge(crate::prom_api::router())
+        .merge(crate::jaeger::router())
         .with_state(engine)
 }
 

@@ -22,6 +22,7 @@ pub mod format;
 pub mod functions;
 pub mod guard;
 pub mod http;
+pub mod jaeger;
 pub mod memory;
 pub mod metrics;
 pub mod pg;

@@ -258,6 +258,7 @@ async fn demo_prints_queries_that_answer_and_stops_cleanly_leaving_parquet() -> 
             "{hop:?} in {per_hop:?}"
         );
     }
+    jaeger_api(base, &sql_url).await?;
     assert!(
         per_hop.iter().all(|r| r["error_rate"]
             .as_f64()
@@ -334,5 +335,121 @@ async fn demo_prints_queries_that_answer_and_stops_cleanly_leaving_parquet() -> 
         &[&glob],
     )?;
     assert_eq!(duck.trim().parse::<i64>()?, rows, "{summary}");
+    Ok(())
+}
+
+/// The Jaeger API over the demo's traffic: the call graph, and a trace
+/// through `ratings` whose spans link to their parents as the rows do.
+async fn jaeger_api(base: &str, sql_url: &str) -> Result<()> {
+    let get = |path: String| async move {
+        let r = reqwest::get(format!("{base}{path}")).await?;
+        anyhow::ensure!(r.status().is_success(), "{path}: {}", r.status());
+        anyhow::Ok(r.json::<serde_json::Value>().await?)
+    };
+    let deps = get("/api/dependencies".into()).await?;
+    let edges: BTreeSet<(String, String)> = deps["data"]
+        .as_array()
+        .context("dependencies")?
+        .iter()
+        .filter(|d| d["callCount"].as_i64().is_some_and(|n| n > 0))
+        .filter_map(|d| {
+            Some((
+                d["parent"].as_str()?.to_string(),
+                d["child"].as_str()?.to_string(),
+            ))
+        })
+        .collect();
+    for (parent, child) in [
+        ("loadgen", "productpage"),
+        ("productpage", "details"),
+        ("productpage", "reviews"),
+        ("reviews", "ratings"),
+    ] {
+        assert!(
+            edges.contains(&(parent.to_string(), child.to_string())),
+            "{parent} -> {child} missing from {deps}"
+        );
+    }
+    let services = get("/api/services".into()).await?;
+    for s in ["details", "loadgen", "productpage", "ratings", "reviews"] {
+        assert!(
+            services["data"]
+                .as_array()
+                .is_some_and(|a| a.contains(&s.into())),
+            "{s} missing from {services}"
+        );
+    }
+    let ops = get("/api/services/reviews/operations".into()).await?;
+    assert!(
+        ops["data"].as_array().is_some_and(|a| !a.is_empty()),
+        "{ops}"
+    );
+
+    let rows = sql(
+        sql_url,
+        "SELECT encode(trace_id, 'hex') AS t FROM requests \
+         WHERE destination_service = 'ratings' AND reporter = 'destination' LIMIT 1",
+    )
+    .await?;
+    let id = rows[0]["t"]
+        .as_str()
+        .context("a trace through ratings")?
+        .to_string();
+    let want: BTreeSet<(String, Option<String>)> = sql(
+        sql_url,
+        &format!(
+            "SELECT encode(span_id, 'hex') AS s, encode(parent_span_id, 'hex') AS p FROM requests \
+             WHERE trace_id = X'{id}' UNION ALL SELECT encode(span_id, 'hex') AS s, \
+             encode(parent_span_id, 'hex') AS p FROM spans WHERE trace_id = X'{id}'"
+        ),
+    )
+    .await?
+    .iter()
+    .filter_map(|r| {
+        Some((
+            r["s"].as_str()?.to_string(),
+            r["p"].as_str().map(String::from),
+        ))
+    })
+    .collect();
+    let trace = get(format!("/api/traces/{id}")).await?;
+    let trace = &trace["data"][0];
+    assert_eq!(trace["traceID"], id.as_str());
+    let spans = trace["spans"].as_array().context("spans")?;
+    let got: BTreeSet<(String, Option<String>)> = spans
+        .iter()
+        .filter_map(|s| {
+            Some((
+                s["spanID"].as_str()?.to_string(),
+                s["references"][0]["spanID"].as_str().map(String::from),
+            ))
+        })
+        .collect();
+    assert_eq!(got, want, "spans and their parents, Jaeger vs SQL: {trace}");
+    assert!(
+        want.len() >= 6,
+        "a trace through ratings crosses three hops: {want:?}"
+    );
+    for s in spans {
+        let process = s["processID"].as_str().context("processID")?;
+        assert!(
+            trace["processes"][process]["serviceName"].is_string(),
+            "{trace}"
+        );
+    }
+    let found = get("/api/traces?service=ratings&limit=3&lookback=1h".into()).await?;
+    let found = found["data"].as_array().context("traces")?;
+    assert!(!found.is_empty() && found.len() <= 3, "{found:?}");
+    for t in found {
+        let processes = &t["processes"];
+        assert!(
+            t["spans"]
+                .as_array()
+                .is_some_and(|spans| spans.iter().any(|s| {
+                    processes[s["processID"].as_str().unwrap_or("")]["serviceName"] == "ratings"
+                })),
+            "a found trace has a span of ratings: {t}"
+        );
+    }
     Ok(())
 }
