@@ -142,6 +142,19 @@ fn sample(t: i64, v: f64) -> Json {
     json!([format_time(t), format_number(v)])
 }
 
+/// Lumen's own parameter `lumen_source`: `rollups` (the default) or
+/// `raw` (the same series computed from `requests` rows).
+fn raw_source(p: &Params) -> Result<bool, PromError> {
+    match p.get("lumen_source") {
+        None | Some("rollups") => Ok(false),
+        Some("raw") => Ok(true),
+        Some(other) => Err(bad_param(
+            "lumen_source",
+            &format!("{other:?} is neither \"rollups\" nor \"raw\""),
+        )),
+    }
+}
+
 fn lookback(p: &Params) -> Result<Duration, PromError> {
     Ok(p.duration("lookback_delta")?
         .filter(|d| !d.is_zero())
@@ -168,6 +181,7 @@ async fn query(
                 steps: Steps::instant(t),
                 lookback: lookback(&p)?,
                 origin: format!("promql {peer}"),
+                raw: raw_source(&p)?,
             },
         )
         .await?;
@@ -243,6 +257,7 @@ async fn query_range(
                 steps,
                 lookback: lookback(&p)?,
                 origin: format!("promql {peer}"),
+                raw: raw_source(&p)?,
             },
         )
         .await?;

@@ -320,12 +320,37 @@ async fn promtool_answers_equal_sql_over_the_raw_rows() -> Result<()> {
             .map(|s| (key(&s["metric"], labels), number(&s["value"][1])))
             .collect();
         let want = expected(&url, query).await?;
-        let equal = got.len() == want.len()
-            && got
-                .iter()
-                .all(|(k, v)| want.get(k).is_some_and(|w| same(*v, *w)));
-        if !equal {
+        let equal = |got: &BTreeMap<String, f64>| {
+            got.len() == want.len()
+                && got
+                    .iter()
+                    .all(|(k, v)| want.get(k).is_some_and(|w| same(*v, *w)))
+        };
+        if !equal(&got) {
             failures.push(format!("{expr}\n  promtool: {got:?}\n  SQL:      {want:?}"));
+        }
+        // The same series computed from raw rows instead of rollups.
+        let raw: Value = reqwest::Client::new()
+            .get(format!(
+                "{server}/api/v1/query?{}",
+                form(&[
+                    ("query", expr.as_str()),
+                    ("time", &time),
+                    ("lumen_source", "raw")
+                ])
+            ))
+            .send()
+            .await?
+            .json()
+            .await?;
+        let raw: BTreeMap<String, f64> = raw["data"]["result"]
+            .as_array()
+            .with_context(|| format!("{expr} (raw): {raw}"))?
+            .iter()
+            .map(|s| (key(&s["metric"], labels), number(&s["value"][1])))
+            .collect();
+        if !equal(&raw) {
+            failures.push(format!("{expr}\n  raw rows: {raw:?}\n  SQL:      {want:?}"));
         }
     }
 

@@ -312,6 +312,38 @@ pub struct IstioSource {
     origin: String,
     /// End of the last closed 10 s window: later samples would be partial.
     now_ms: i64,
+    /// Read raw `requests` rows instead of rollups: the same series, the
+    /// way to check rollups and to measure what they save.
+    raw: bool,
+}
+
+/// The aggregate columns `r, qb, pb, d` and `b0…` (cumulative duration
+/// buckets) over `rollups`, or the same computed from `requests` rows.
+fn value_list(raw: bool, buckets: bool) -> String {
+    let mut values = if raw {
+        "count(*) AS r, sum(request_bytes) AS qb, sum(response_bytes) AS pb, sum(duration_us) AS d"
+            .to_string()
+    } else {
+        "sum(requests) AS r, sum(request_bytes) AS qb, sum(response_bytes) AS pb, sum(duration_sum_us) AS d"
+            .to_string()
+    };
+    if buckets {
+        for b in 0..BUCKETS {
+            if !raw {
+                values.push_str(&format!(", sum(duration_bucket[{}]) AS b{b}", b + 1));
+            } else if let Some(bound) = DURATION_BUCKETS_MS.get(b) {
+                // The rollups' rule: a duration counts in the first bucket
+                // whose bound (ms) it does not exceed.
+                let us = (bound * 1000.0) as i64;
+                values.push_str(&format!(
+                    ", CAST(sum(CASE WHEN duration_us <= {us} THEN 1 ELSE 0 END) AS BIGINT) AS b{b}"
+                ));
+            } else {
+                values.push_str(&format!(", count(*) AS b{b}"));
+            }
+        }
+    }
+    values
 }
 
 impl IstioSource {
@@ -321,7 +353,14 @@ impl IstioSource {
             engine,
             origin,
             now_ms,
+            raw: false,
         }
+    }
+
+    /// Series from raw `requests` rows rather than rollups.
+    pub fn raw(mut self, raw: bool) -> Self {
+        self.raw = raw;
+        self
     }
 
     async fn sql(&self, sql: &str) -> Result<Vec<RecordBatch>, PromError> {
@@ -402,13 +441,15 @@ impl IstioSource {
     /// sees counters that only grow.
     pub async fn totals(&self) -> Result<Vec<Exposed>, PromError> {
         let mut out: BTreeMap<(Family, Labels), Aggs> = BTreeMap::new();
-        let mut values = "sum(requests) AS r, sum(request_bytes) AS qb, sum(response_bytes) AS pb, sum(duration_sum_us) AS d".to_string();
-        for b in 0..BUCKETS {
-            values.push_str(&format!(", sum(duration_bucket[{}]) AS b{b}", b + 1));
-        }
+        let values = value_list(false, true);
+        // Windows are shown once they end: closed minutes, then the ten
+        // seconds windows of the minute in progress.
+        let minute = self.now_ms.div_euclid(60_000) * 60_000;
         let sql = format!(
-            "SELECT {keys}, {values} FROM rollups WHERE window_seconds = 60 GROUP BY {keys}",
-            keys = key_list()
+            "SELECT {keys}, {values} FROM rollups WHERE (window_seconds = 60 AND time < {m}) \
+             OR (window_seconds = 10 AND time >= {m}) GROUP BY {keys}",
+            keys = key_list(),
+            m = ts(minute),
         );
         for batch in self.sql(&sql).await? {
             for (row, k) in read_keys(&batch)?.into_iter().enumerate() {
@@ -670,29 +711,44 @@ impl IstioSource {
             return Ok(Vec::new());
         }
         let minute = first.div_euclid(60_000) * 60_000;
-        let mut values = "sum(requests) AS r, sum(request_bytes) AS qb, sum(response_bytes) AS pb, sum(duration_sum_us) AS d".to_string();
-        if buckets {
-            for b in 0..BUCKETS {
-                values.push_str(&format!(", sum(duration_bucket[{}]) AS b{b}", b + 1));
-            }
-        }
+        let values = value_list(self.raw, buckets);
         let filter = format!("{}{}", family_filter(family), pushdown(selector));
         let keys = key_list();
-        // Everything before the range, from minute windows where whole
-        // minutes allow.
-        let base_sql = format!(
-            "SELECT {keys}, {values} FROM rollups WHERE ((window_seconds = 60 AND time < {m}) \
-             OR (window_seconds = 10 AND time >= {m} AND time < {f})) AND {filter} GROUP BY {keys}",
-            m = ts(minute),
-            f = ts(first),
-        );
-        let range_sql = format!(
-            "SELECT {keys}, time, {values} FROM rollups WHERE window_seconds = {ws} AND time >= {f} \
-             AND time <= {l} AND {filter} GROUP BY {keys}, time",
-            ws = w / 1000,
-            f = ts(first),
-            l = ts(end - w),
-        );
+        let (base_sql, range_sql) = if self.raw {
+            (
+                format!(
+                    "SELECT {keys}, {values} FROM requests WHERE time < {f} AND {filter} GROUP BY {keys}",
+                    f = ts(first),
+                ),
+                format!(
+                    "SELECT {keys}, date_bin(INTERVAL '{ws} seconds', time, TIMESTAMP '1970-01-01T00:00:00Z') AS time, \
+                     {values} FROM requests WHERE time >= {f} AND time < {e} AND {filter} GROUP BY {keys}, {bin}",
+                    ws = w / 1000,
+                    // The window's position: after the key columns.
+                    bin = ROLLUP_KEY_NAMES.len() + 4,
+                    f = ts(first),
+                    e = ts(end),
+                ),
+            )
+        } else {
+            (
+                // Everything before the range, from minute windows where
+                // whole minutes allow.
+                format!(
+                    "SELECT {keys}, {values} FROM rollups WHERE ((window_seconds = 60 AND time < {m}) \
+                     OR (window_seconds = 10 AND time >= {m} AND time < {f})) AND {filter} GROUP BY {keys}",
+                    m = ts(minute),
+                    f = ts(first),
+                ),
+                format!(
+                    "SELECT {keys}, time, {values} FROM rollups WHERE window_seconds = {ws} AND time >= {f} \
+                     AND time <= {l} AND {filter} GROUP BY {keys}, time",
+                    ws = w / 1000,
+                    f = ts(first),
+                    l = ts(end - w),
+                ),
+            )
+        };
         let (base, range) =
             futures_util::future::try_join(self.sql(&base_sql), self.sql(&range_sql)).await?;
 
@@ -708,10 +764,16 @@ impl IstioSource {
         }
         let mut windows: HashMap<Labels, BTreeMap<i64, Aggs>> = HashMap::new();
         for batch in &range {
-            let times = column(batch, "time")?
+            // Window starts, in µs whatever unit the scan gave them.
+            let times = cast(
+                column(batch, "time")?,
+                &DataType::Timestamp(arrow::datatypes::TimeUnit::Microsecond, Some("UTC".into())),
+            )
+            .map_err(|e| PromError::Execution(format!("reading window starts: {e}")))?;
+            let times = times
                 .as_primitive_opt::<TimestampMicrosecondType>()
                 .ok_or_else(|| {
-                    PromError::Execution("rollups time has an unexpected type".into())
+                    PromError::Execution("window starts have an unexpected type".into())
                 })?;
             for (row, k) in read_keys(batch)?.into_iter().enumerate() {
                 let labels = istio_labels(&k.keys, k.status, k.grpc, k.mtls, family);

@@ -43,6 +43,8 @@ pub struct PromQuery {
     pub lookback: Duration,
     /// For the running-query list and logs.
     pub origin: String,
+    /// Read raw `requests` rows instead of rollups.
+    pub raw: bool,
 }
 
 /// Parses and evaluates `query` over the store.
@@ -55,7 +57,7 @@ pub async fn evaluate(engine: &QueryEngine, query: PromQuery) -> Result<Value, P
         ));
     }
     let timeout = engine.config().timeout;
-    let source = istio::IstioSource::new(engine.clone(), query.origin.clone());
+    let source = istio::IstioSource::new(engine.clone(), query.origin.clone()).raw(query.raw);
     let work = async move {
         let evaluator = Evaluator {
             source: &source,
