@@ -1,6 +1,7 @@
 //! `lumen-bench`: side-by-side benchmarks of Lumen against the peers its
 //! users would otherwise run. See bench/README.md.
 
+mod dashboard;
 mod http;
 mod ingest;
 mod load;
@@ -77,6 +78,36 @@ enum Command {
         decoded (protobuf), on every core, as the ceiling of any OTLP receiver. Writes \
         bench/results/collector.md. Defaults take about 40 seconds.")]
     Collector(CollectorArgs),
+    /// Dashboard queries over ≥ 20 M rows of Lumen's Parquet files: Lumen
+    /// vs DuckDB vs chDB, and PromQL over rollups vs over raw rows.
+    #[command(
+        long_about = "Dashboard queries, in one run.\n\n        Generates request rows over the last hour, sends them to `lumen up` (release build) \
+        over Arrow Flight, waits until all are in Parquet, restarts `lumen up` on the files, \
+        then times nine dashboard queries through Lumen's HTTP SQL API and in DuckDB and chDB \
+        (Python packages `duckdb`, `chdb`) reading the same files, and four PromQL panels \
+        over an hour from rollups and from raw rows. Writes bench/results/dashboard.md. \
+        Defaults take about 15 minutes and 4 GB of disk."
+    )]
+    Dashboard(DashboardArgs),
+}
+
+#[derive(Args)]
+struct DashboardArgs {
+    /// Request rows to generate.
+    #[arg(long, default_value_t = 20_000_000, value_parser = clap::value_parser!(u64).range(1..))]
+    rows: u64,
+    /// Timed runs of each query (after one warm-up); the report shows medians.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
+    runs: u32,
+    /// The lumen binary [default: <workspace>/target/release/lumen].
+    #[arg(long)]
+    lumen: Option<PathBuf>,
+    /// Where the Markdown report is written.
+    #[arg(long, default_value_os_t = peers::workspace_root().join("bench/results/dashboard.md"))]
+    out: PathBuf,
+    /// Keep the temporary directory (collector data and logs).
+    #[arg(long)]
+    keep_temp: bool,
 }
 
 #[derive(Args)]
@@ -188,6 +219,7 @@ fn main() -> ExitCode {
         Command::Ingest(a) => ingest_bench(a),
         Command::Storage(a) => storage_bench(a),
         Command::Collector(a) => collector_bench(a),
+        Command::Dashboard(a) => dashboard_bench(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -321,6 +353,25 @@ fn collector_bench(a: CollectorArgs) -> Result<()> {
     let phases = paths::run(&lumen, &tmp.path, &set)?;
     let command = std::env::args().collect::<Vec<_>>().join(" ");
     write_report(&a.out, &paths::render(&command, &machine(), &set, &phases))?;
+    if a.keep_temp {
+        eprintln!("kept {}", tmp.path.display());
+    }
+    Ok(())
+}
+
+fn dashboard_bench(a: DashboardArgs) -> Result<()> {
+    let lumen = peers::lumen_binary(a.lumen.as_deref())?;
+    let tmp = TempDir::create(a.keep_temp)?;
+    let set = dashboard::Settings {
+        rows: a.rows,
+        runs: a.runs as usize,
+    };
+    let measured = dashboard::run(&lumen, &tmp.path, &set)?;
+    let command = std::env::args().collect::<Vec<_>>().join(" ");
+    write_report(
+        &a.out,
+        &dashboard::render(&command, &machine(), &set, &measured),
+    )?;
     if a.keep_temp {
         eprintln!("kept {}", tmp.path.display());
     }

@@ -208,8 +208,18 @@ impl Proc {
     }
 
     /// Polls `ready` until it holds, failing fast if the process dies.
-    pub fn wait_until(&mut self, what: &str, mut ready: impl FnMut() -> bool) -> Result<()> {
-        let deadline = Instant::now() + Duration::from_secs(20);
+    pub fn wait_until(&mut self, what: &str, ready: impl FnMut() -> bool) -> Result<()> {
+        self.wait_within(what, Duration::from_secs(20), ready)
+    }
+
+    /// As [`wait_until`](Self::wait_until), for up to `limit`.
+    pub fn wait_within(
+        &mut self,
+        what: &str,
+        limit: Duration,
+        mut ready: impl FnMut() -> bool,
+    ) -> Result<()> {
+        let deadline = Instant::now() + limit;
         loop {
             self.check_alive()?;
             if ready() {
@@ -217,7 +227,7 @@ impl Proc {
             }
             if Instant::now() > deadline {
                 bail!(
-                    "{} did not become ready ({what}) within 20 s\n{}",
+                    "{} did not become ready ({what}) within {limit:?}\n{}",
                     self.name,
                     self.log_tail()
                 );

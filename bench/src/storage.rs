@@ -66,7 +66,7 @@ pub fn run(lumen: &Path, dir: &Path, set: &Settings) -> Result<Measured> {
     measure(&data.join("tables/requests"))
 }
 
-fn parquet_files(dir: &Path) -> Result<Vec<PathBuf>> {
+pub fn parquet_files(dir: &Path) -> Result<Vec<PathBuf>> {
     let mut out = Vec::new();
     let mut stack = vec![dir.to_path_buf()];
     while let Some(d) = stack.pop() {
