@@ -94,7 +94,7 @@ fn batch(end: SystemTime, seed: u64) -> Result<arrow::record_batch::RecordBatch>
         b.push(&RequestRecord {
             start_time: end - Duration::from_micros(rand::random_range(1..3_600_000_000)),
             duration: Duration::from_micros(10f64.powf(exp) as u64),
-            reporter: if k % 2 == 0 {
+            reporter: if k.is_multiple_of(2) {
                 Reporter::Source
             } else {
                 Reporter::Destination
