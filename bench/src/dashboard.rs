@@ -75,9 +75,13 @@ fn workload(i: usize, version: usize) -> Workload {
     }
 }
 
-/// A batch of records spread over the hour before `end`.
-fn batch(end: SystemTime, seed: u64) -> Result<arrow::record_batch::RecordBatch> {
+/// Batch `seed` of `batches`, covering the hour before `end` in time
+/// order as live traffic arrives (so a flush holds a stretch of time, and
+/// rollups a window once).
+fn batch(end: SystemTime, seed: u64, batches: u64) -> Result<arrow::record_batch::RecordBatch> {
     let mut b = RequestBatchBuilder::with_capacity(BATCH);
+    let slot = 3_600_000_000 / batches.max(1);
+    let from = end - Duration::from_secs(3600) + Duration::from_micros(seed * slot);
     for i in 0..BATCH {
         let k = seed.wrapping_mul(BATCH as u64).wrapping_add(i as u64);
         let dst = (k % SERVICES as u64) as usize;
@@ -92,7 +96,7 @@ fn batch(end: SystemTime, seed: u64) -> Result<arrow::record_batch::RecordBatch>
         // Log-uniform latency: 50 µs to 5 s, a tail per service.
         let exp = rand::random_range(1.7..(4.5 + dst as f64 / 10.0));
         b.push(&RequestRecord {
-            start_time: end - Duration::from_micros(rand::random_range(1..3_600_000_000)),
+            start_time: from + Duration::from_micros(rand::random_range(0..slot.max(1))),
             duration: Duration::from_micros(10f64.powf(exp) as u64),
             reporter: if k.is_multiple_of(2) {
                 Reporter::Source
@@ -131,7 +135,7 @@ async fn load(endpoint: &str, rows: u64, end: SystemTime) -> Result<()> {
             let producer: [u8; 16] = rand::random();
             let mut seq = sender;
             while seq < batches {
-                let data = batch(end, seq)?;
+                let data = batch(end, seq, batches)?;
                 let mut id = producer.to_vec();
                 id.extend_from_slice(&seq.to_le_bytes());
                 let id = Bytes::from(id);
@@ -419,7 +423,15 @@ pub fn run(lumen: &Path, dir: &Path, set: &Settings) -> Result<Measured> {
             String::from_utf8_lossy(&out.stderr)
         );
     }
-    let peers_out: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    // chDB may print before the script's one JSON line: take the last.
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let last = stdout
+        .lines()
+        .rev()
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or("{}");
+    let peers_out: serde_json::Value = serde_json::from_str(last)
+        .with_context(|| format!("reading the DuckDB / chDB results: {stdout}"))?;
     let mut sql = Vec::new();
     for (q, (lumen_s, n)) in qs.iter().zip(lumen_times) {
         let p = &peers_out[q.name];
@@ -510,7 +522,7 @@ pub fn render(command: &str, machine: &str, set: &Settings, m: &Measured) -> Str
     );
     let _ = writeln!(
         s,
-        "- data: {} generated `requests` rows (20 services with two callers each, 3 versions, 50 routes each, over one hour) in {} of Lumen's Parquet files, loaded over Arrow Flight in {:.0} s",
+        "- data: {} generated `requests` rows (20 services with two callers each, 3 versions, 50 routes each, over one hour, sent in time order as live traffic) in {} of Lumen's Parquet files, loaded over Arrow Flight in {:.0} s",
         m.rows, m.files, m.load_s
     );
     let _ = writeln!(

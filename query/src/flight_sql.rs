@@ -122,6 +122,19 @@ fn numbered_placeholders(sql: &str) -> String {
             (Some(q), c) if c == q => quote = None,
             (Some(_), _) => {}
             (None, '\'' | '"') => quote = Some(c),
+            (None, '/') if chars.peek() == Some(&'*') => {
+                // A block comment runs to its `*/`.
+                out.push(c);
+                let mut last = ' ';
+                for c in chars.by_ref() {
+                    out.push(c);
+                    if last == '*' && c == '/' {
+                        break;
+                    }
+                    last = c;
+                }
+                continue;
+            }
             (None, '-') if chars.peek() == Some(&'-') => {
                 // A line comment runs to the end of the line.
                 out.push(c);
@@ -568,6 +581,10 @@ mod tests {
         assert_eq!(
             numbered_placeholders("SELECT * FROM t WHERE a = ? AND b = '?' AND c = ? -- ?\n"),
             "SELECT * FROM t WHERE a = $1 AND b = '?' AND c = $2 -- ?\n"
+        );
+        assert_eq!(
+            numbered_placeholders("SELECT /* ? */ x FROM t WHERE y = ?"),
+            "SELECT /* ? */ x FROM t WHERE y = $1"
         );
     }
 }

@@ -105,7 +105,8 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
         if !secs.is_finite() || secs < 0.0 {
             return Err(format!("cannot parse {s:?} to a valid duration"));
         }
-        return Ok(Duration::from_secs_f64(secs));
+        return Duration::try_from_secs_f64(secs)
+            .map_err(|_| format!("cannot parse {s:?} to a valid duration"));
     }
     promql_parser::util::parse_duration(s)
         .map_err(|_| format!("cannot parse {s:?} to a valid duration"))
@@ -302,13 +303,13 @@ fn selectors(p: &Params) -> Result<Vec<VectorSelector>, PromError> {
         )]);
     }
     raw.into_iter()
-        .map(|m| match promql_parser::parser::parse(m) {
+        .map(|m| match crate::promql::parse(m) {
             Ok(Expr::VectorSelector(vs)) => Ok(vs),
             Ok(_) => Err(bad_param(
                 "match[]",
                 &format!("{m:?} is not a series selector"),
             )),
-            Err(e) => Err(bad_param("match[]", &e)),
+            Err(e) => Err(bad_param("match[]", &e.to_string())),
         })
         .collect()
 }

@@ -25,12 +25,15 @@ use super::value::{self, Labels, METRIC_NAME, RawSeries, Series, Steps, Value};
 #[async_trait::async_trait]
 pub trait Source: Send + Sync {
     /// The series `selector`'s name and matchers select, with their samples
-    /// in `(from, to]` (milliseconds).
+    /// in `(from, to]` (milliseconds). `range` is the window a range
+    /// function reads (`None` for an instant selector): samples must be
+    /// dense enough for it.
     async fn select(
         &self,
         selector: &VectorSelector,
         from: i64,
         to: i64,
+        range: Option<i64>,
     ) -> Result<Vec<RawSeries>, PromError>;
 }
 
@@ -158,7 +161,7 @@ impl Evaluator<'_> {
             .collect();
         let lo = times.iter().copied().min().unwrap_or(steps.start);
         let hi = times.iter().copied().max().unwrap_or(steps.end);
-        let raw = self.source.select(vs, lo - self.lookback, hi).await?;
+        let raw = self.source.select(vs, lo - self.lookback, hi, None).await?;
         Ok(raw
             .into_iter()
             .filter_map(|s| {
@@ -195,7 +198,10 @@ impl Evaluator<'_> {
                         .collect();
                     let lo = ends.iter().copied().min().unwrap_or(steps.start);
                     let hi = ends.iter().copied().max().unwrap_or(steps.end);
-                    let series = self.source.select(&ms.vs, lo - range, hi).await?;
+                    let series = self
+                        .source
+                        .select(&ms.vs, lo - range, hi, Some(range))
+                        .await?;
                     Ok(RangeArg {
                         series,
                         windows: ends.into_iter().map(|e| (e - range, e)).collect(),

@@ -139,17 +139,17 @@ pub async fn call(ev: &Evaluator<'_>, call: &Call, steps: Steps) -> Result<Value
         "sort" | "sort_desc" => {
             let mut v = vector(ev, arg(0)?, steps, name).await?;
             let key = |s: &Series| s.values.first().copied().flatten().unwrap_or(f64::NAN);
+            // NaN last either way, as Prometheus sorts.
             v.sort_by(|a, b| {
                 let (x, y) = (key(a), key(b));
-                let o = x
-                    .partial_cmp(&y)
-                    .unwrap_or_else(|| y.is_nan().cmp(&x.is_nan()));
-                if name == "sort" { o } else { o.reverse() }
+                match (x.is_nan(), y.is_nan()) {
+                    (true, true) => std::cmp::Ordering::Equal,
+                    (true, false) => std::cmp::Ordering::Greater,
+                    (false, true) => std::cmp::Ordering::Less,
+                    _ if name == "sort" => x.total_cmp(&y),
+                    _ => y.total_cmp(&x),
+                }
             });
-            if name == "sort_desc" {
-                // NaN still last.
-                v.sort_by_key(|s| key(s).is_nan());
-            }
             Ok(Value::Vector(v))
         }
         "clamp" | "clamp_min" | "clamp_max" | "round" => {
@@ -163,9 +163,14 @@ pub async fn call(ev: &Evaluator<'_>, call: &Call, steps: Steps) -> Result<Value
                 None => vec![f64::NAN; n],
             };
             Ok(Value::Vector(map_values(v, |i, x| match name {
+                // NaN passes through, as Go's math.Max / math.Min keep it.
+                _ if x.is_nan() => Some(f64::NAN),
                 "clamp" if p1[i] > p2[i] => None,
+                "clamp" if p1[i].is_nan() || p2[i].is_nan() => Some(f64::NAN),
                 "clamp" => Some(x.max(p1[i]).min(p2[i])),
+                "clamp_min" if p1[i].is_nan() => Some(f64::NAN),
                 "clamp_min" => Some(x.max(p1[i])),
+                "clamp_max" if p1[i].is_nan() => Some(f64::NAN),
                 "clamp_max" => Some(x.min(p1[i])),
                 _ => {
                     // round(v, to_nearest): Prometheus rounds half up.
@@ -713,15 +718,13 @@ pub fn aggregate(
                         .iter()
                         .filter_map(|&m| series[m].values[i].map(|v| (m, v)))
                         .collect();
-                    present.sort_by(|a, b| {
-                        // NaN sorts as the smallest for topk and the largest for bottomk.
-                        let o = match (a.1.is_nan(), b.1.is_nan()) {
-                            (true, true) => std::cmp::Ordering::Equal,
-                            (true, false) => std::cmp::Ordering::Less,
-                            (false, true) => std::cmp::Ordering::Greater,
-                            _ => a.1.total_cmp(&b.1),
-                        };
-                        if op == "topk" { o.reverse() } else { o }
+                    // NaN is never preferred: last for topk and for bottomk.
+                    present.sort_by(|a, b| match (a.1.is_nan(), b.1.is_nan()) {
+                        (true, true) => std::cmp::Ordering::Equal,
+                        (true, false) => std::cmp::Ordering::Greater,
+                        (false, true) => std::cmp::Ordering::Less,
+                        _ if op == "topk" => b.1.total_cmp(&a.1),
+                        _ => a.1.total_cmp(&b.1),
                     });
                     for (m, _) in present.into_iter().take(kk as usize) {
                         keep[m][i] = true;

@@ -561,6 +561,10 @@ fn pushdown(selector: &VectorSelector) -> String {
         if !matches!(m.op, MatchOp::Equal) {
             continue;
         }
+        if m.value.is_empty() {
+            // An empty value also matches series without the label.
+            continue;
+        }
         if m.name == "response_code" {
             match m.value.parse::<i32>() {
                 Ok(code) => out.push_str(&format!(" AND status = {code}")),
@@ -577,11 +581,7 @@ fn pushdown(selector: &VectorSelector) -> String {
             continue;
         }
         if let Some(col) = column_of(&m.name) {
-            if m.value.is_empty() {
-                out.push_str(&format!(" AND {col} = ''"));
-            } else {
-                out.push_str(&format!(" AND {col} = {}", quote(&m.value)));
-            }
+            out.push_str(&format!(" AND {col} = {}", quote(&m.value)));
         }
     }
     out
@@ -668,6 +668,7 @@ impl Source for IstioSource {
         selector: &VectorSelector,
         from: i64,
         to: i64,
+        range: Option<i64>,
     ) -> Result<Vec<RawSeries>, PromError> {
         let names = selected_names(selector, &metric_names());
         let mut families: BTreeMap<Family, Vec<&'static Metric>> = BTreeMap::new();
@@ -679,7 +680,9 @@ impl Source for IstioSource {
         let mut out = Vec::new();
         for (family, metrics) in families {
             let buckets = metrics.iter().any(|m| m.field == Field::DurationBuckets);
-            let per_key = self.fetch(selector, family, buckets, from, to).await?;
+            let per_key = self
+                .fetch(selector, family, buckets, from, to, range)
+                .await?;
             expand(per_key, &metrics, selector, &mut out);
         }
         Ok(out)
@@ -697,10 +700,12 @@ impl IstioSource {
         buckets: bool,
         from: i64,
         to: i64,
+        range: Option<i64>,
     ) -> Result<Cumulative, PromError> {
         // Ten-second windows unless the range is long: then minutes keep
-        // the samples (and the scan) small.
-        let w: i64 = if to - from > 6 * 3_600_000 {
+        // the samples (and the scan) small — if a range function still
+        // gets four samples per window.
+        let w: i64 = if to - from > 6 * 3_600_000 && range.is_none_or(|r| r >= 240_000) {
             60_000
         } else {
             10_000
@@ -797,7 +802,24 @@ impl IstioSource {
         for (labels, ws) in windows {
             series.entry(labels).or_default().1 = ws;
         }
-        let total = series.len().saturating_mul(points);
+        // Each metric read expands a key's samples into its own series
+        // (the duration histogram into fifteen).
+        let expansion = if buckets { BUCKETS + 2 } else { 3 };
+        let total = series
+            .len()
+            .saturating_mul(points)
+            .saturating_mul(expansion);
+        let bytes = series
+            .len()
+            .saturating_mul(points)
+            .saturating_mul(std::mem::size_of::<(i64, Aggs)>());
+        if bytes > self.engine.config().memory_bytes {
+            return Err(PromError::Execution(format!(
+                "{selector} over this range needs {} MiB of samples, more than the query memory limit of {} MiB; narrow the selector or the range",
+                bytes >> 20,
+                self.engine.config().memory_bytes >> 20
+            )));
+        }
         if total > super::eval::MAX_SAMPLES {
             return Err(PromError::Execution(format!(
                 "query processing would load too many samples into memory ({total} for {}); narrow the selector or the range",

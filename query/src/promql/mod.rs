@@ -47,9 +47,21 @@ pub struct PromQuery {
     pub raw: bool,
 }
 
+/// Parses PromQL. The parser panics on some out-of-range numbers (`x[1e30]`);
+/// that is a bad expression, not a crash.
+pub fn parse(expr: &str) -> Result<promql_parser::parser::Expr, PromError> {
+    match std::panic::catch_unwind(|| promql_parser::parser::parse(expr)) {
+        Ok(Ok(e)) => Ok(e),
+        Ok(Err(e)) => Err(PromError::BadData(e)),
+        Err(_) => Err(PromError::BadData(format!(
+            "cannot parse {expr:?}: a number in it is out of range"
+        ))),
+    }
+}
+
 /// Parses and evaluates `query` over the store.
 pub async fn evaluate(engine: &QueryEngine, query: PromQuery) -> Result<Value, PromError> {
-    let expr = promql_parser::parser::parse(&query.expr)
+    let expr = parse(&query.expr)
         .map_err(|e| PromError::BadData(format!("invalid parameter \"query\": {e}")))?;
     if query.steps.len() > MAX_STEPS {
         return Err(PromError::BadData(

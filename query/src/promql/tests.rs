@@ -15,6 +15,7 @@ impl Source for Fixed {
         selector: &VectorSelector,
         from: i64,
         to: i64,
+        _range: Option<i64>,
     ) -> Result<Vec<RawSeries>, PromError> {
         let names: Vec<String> = self
             .0
