@@ -290,3 +290,29 @@ async fn bad_expressions_are_refused_with_the_reason() {
     let err = eval_at("1 > 2", 300).await.unwrap_err().to_string();
     assert!(err.to_lowercase().contains("bool"), "{err}");
 }
+
+#[tokio::test]
+async fn nan_is_never_preferred_and_passes_through_clamp() {
+    // x * 0 / 0 is a NaN-valued series.
+    let nan = vector("req_total{svc=\"b\"} * 0 / 0", 300).await;
+    assert!(nan[0].1.is_nan());
+    let bottom = vector(
+        "bottomk(1, (req_total{svc=\"b\"} * 0 / 0) or req_total{svc=\"a\",code=\"500\"})",
+        300,
+    )
+    .await;
+    assert_eq!(bottom.len(), 1);
+    assert_eq!(
+        bottom[0].1, 30.0,
+        "the smallest number, not NaN: {bottom:?}"
+    );
+    let clamped = vector("clamp_min(req_total{svc=\"b\"} * 0 / 0, 0)", 300).await;
+    assert!(clamped[0].1.is_nan(), "{clamped:?}");
+}
+
+#[test]
+fn out_of_range_numbers_are_bad_expressions_not_panics() {
+    let err = super::parse("req_total[1e30]").unwrap_err();
+    assert!(matches!(err, PromError::BadData(_)), "{err}");
+    assert!(super::parse("sum(rate(req_total[5m]))").is_ok());
+}
