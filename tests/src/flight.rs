@@ -8,6 +8,8 @@ use arrow_flight::error::FlightError;
 use arrow_flight::{FlightClient, FlightDescriptor, PutResult};
 use bytes::Bytes;
 use futures_util::TryStreamExt;
+use lumen_core::RequestRecord;
+use lumen_core::schema::RequestBatchBuilder;
 
 use crate::UpPorts;
 
@@ -43,4 +45,27 @@ pub async fn put(
         .with_dictionary_handling(dictionaries)
         .build(futures_util::stream::iter([Ok(batch)]));
     client.do_put(stream).await?.try_collect().await
+}
+
+/// Sends `records` into `requests` as one batch numbered `seq` of
+/// `producer`, as a sidecar does (dictionaries as they are).
+pub async fn put_records(
+    client: &mut FlightClient,
+    producer: [u8; 16],
+    seq: u64,
+    records: &[RequestRecord],
+) -> Result<()> {
+    let mut b = RequestBatchBuilder::new();
+    for r in records {
+        b.push(r);
+    }
+    put(
+        client,
+        "requests",
+        batch_id(producer, seq),
+        b.finish()?,
+        DictionaryHandling::Resend,
+    )
+    .await?;
+    Ok(())
 }

@@ -6,10 +6,8 @@
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::Result;
-use arrow_flight::encode::DictionaryHandling;
-use lumen_core::schema::RequestBatchBuilder;
 use lumen_core::{RequestRecord, Workload};
-use lumen_tests::flight::{self, batch_id, client};
+use lumen_tests::flight::{self, client};
 use lumen_tests::{UpPorts, run_python, sql, start_up, wait_for_count, write_mesh};
 use serde_json::Value;
 
@@ -51,32 +49,26 @@ async fn adbc_reads_the_same_rows_as_http_sql() -> Result<()> {
     let url = ports.sql_url();
 
     let now = SystemTime::now().duration_since(UNIX_EPOCH)?;
-    let mut b = RequestBatchBuilder::new();
-    for i in 0..500u64 {
-        let service = ["reviews", "ratings", "details"][(i % 3) as usize];
-        b.push(&RequestRecord {
-            start_time: UNIX_EPOCH + now - Duration::from_millis(i * 100),
-            destination: Workload {
-                service: service.into(),
-                workload: format!("{service}-v1").into(),
-                namespace: "default".into(),
-                version: "v1".into(),
-            },
-            status: [200, 200, 404, 503][(i % 4) as usize],
-            response_bytes: i * 7,
-            span_id: rand::random(),
-            ..RequestRecord::example()
-        });
-    }
+    let records: Vec<RequestRecord> = (0..500u64)
+        .map(|i| {
+            let service = ["reviews", "ratings", "details"][(i % 3) as usize];
+            RequestRecord {
+                start_time: UNIX_EPOCH + now - Duration::from_millis(i * 100),
+                destination: Workload {
+                    service: service.into(),
+                    workload: format!("{service}-v1").into(),
+                    namespace: "default".into(),
+                    version: "v1".into(),
+                },
+                status: [200, 200, 404, 503][(i % 4) as usize],
+                response_bytes: i * 7,
+                span_id: rand::random(),
+                ..RequestRecord::example()
+            }
+        })
+        .collect();
     let mut flight_client = client(&ports).await?;
-    flight::put(
-        &mut flight_client,
-        "requests",
-        batch_id([9; 16], 0),
-        b.finish()?,
-        DictionaryHandling::Resend,
-    )
-    .await?;
+    flight::put_records(&mut flight_client, [9; 16], 0, &records).await?;
     assert_eq!(
         wait_for_count(&url, "SELECT count(*) AS n FROM requests", 500).await?,
         500

@@ -7,10 +7,8 @@ use std::process::{Command, Output};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result};
-use arrow_flight::encode::DictionaryHandling;
-use lumen_core::schema::RequestBatchBuilder;
 use lumen_core::{RequestRecord, Workload};
-use lumen_tests::flight::{self, batch_id, client};
+use lumen_tests::flight::{self, client};
 use lumen_tests::{
     UpPorts, free_port, peer_tool, run_python, sql, start_up, wait_for_count, write_mesh,
 };
@@ -92,18 +90,7 @@ async fn psql_and_a_python_driver_read_lumen_over_the_postgres_protocol() -> Res
     let mut up = start_up(dir.path(), &mesh, &dir.path().join("data"), ports, &[]).await?;
     let url = ports.sql_url();
     let mut flight = client(&ports).await?;
-    let mut b = RequestBatchBuilder::new();
-    for r in records(300) {
-        b.push(&r);
-    }
-    flight::put(
-        &mut flight,
-        "requests",
-        batch_id([5; 16], 0),
-        b.finish()?,
-        DictionaryHandling::Resend,
-    )
-    .await?;
+    flight::put_records(&mut flight, [5; 16], 0, &records(300)).await?;
     assert_eq!(
         wait_for_count(&url, "SELECT count(*) AS n FROM requests", 300).await?,
         300

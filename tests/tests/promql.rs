@@ -10,10 +10,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, bail};
 use arrow_flight::FlightClient;
-use arrow_flight::encode::DictionaryHandling;
-use lumen_core::schema::RequestBatchBuilder;
 use lumen_core::{Reporter, RequestRecord, Workload};
-use lumen_tests::flight::{self, batch_id, client};
+use lumen_tests::flight::{self, client};
 use lumen_tests::{UpPorts, peer_tool, sql, start_up, wait_for_count, write_mesh};
 use serde_json::Value;
 
@@ -60,19 +58,7 @@ fn traffic(n: usize, t: u64) -> Vec<RequestRecord> {
 }
 
 async fn put(client: &mut FlightClient, seq: u64, records: &[RequestRecord]) -> Result<()> {
-    let mut b = RequestBatchBuilder::new();
-    for r in records {
-        b.push(r);
-    }
-    flight::put(
-        client,
-        "requests",
-        batch_id([7; 16], seq),
-        b.finish()?,
-        DictionaryHandling::Resend,
-    )
-    .await?;
-    Ok(())
+    flight::put_records(client, [7; 16], seq, records).await
 }
 
 /// Istio's duration buckets as (le label, bound in µs).

@@ -7,11 +7,9 @@ use std::time::{Duration, SystemTime};
 
 use anyhow::Result;
 use arrow_flight::FlightClient;
-use arrow_flight::encode::DictionaryHandling;
-use lumen_core::schema::RequestBatchBuilder;
 use lumen_core::sketch::RELATIVE_ACCURACY;
 use lumen_core::{Reporter, RequestRecord, Workload};
-use lumen_tests::flight::{self, batch_id, client};
+use lumen_tests::flight::{self, client};
 use lumen_tests::{UpPorts, sql, start_up, write_mesh};
 
 fn workload(service: &str) -> Workload {
@@ -57,20 +55,7 @@ fn traffic(n: usize) -> Vec<RequestRecord> {
 }
 
 async fn put(client: &mut FlightClient, seq: u64, records: &[RequestRecord]) -> Result<()> {
-    let mut b = RequestBatchBuilder::new();
-    for r in records {
-        b.push(r);
-    }
-    let id = batch_id([3; 16], seq);
-    flight::put(
-        client,
-        "requests",
-        id,
-        b.finish()?,
-        DictionaryHandling::Resend,
-    )
-    .await?;
-    Ok(())
+    flight::put_records(client, [3; 16], seq, records).await
 }
 
 /// (window, reporter, service, status) → (requests, errors, bytes), from `rollups`.
