@@ -584,6 +584,7 @@ fn context(
         .with_default_catalog_and_schema(CATALOG, "public")
         .with_target_partitions(config.parallelism.max(1));
     let ctx = SessionContext::new_with_config_rt(session, runtime);
+    ctx.add_optimizer_rule(Arc::new(crate::dict_group::DictionaryGroupKeys));
     crate::functions::register(&ctx);
     register_tables(&ctx, store)?;
     if let Some(shared) = pg_catalog {

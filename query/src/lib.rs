@@ -14,6 +14,7 @@
 //! [`http`] on port 9900: `POST /api/v1/sql` (JSON, CSV or Arrow IPC),
 //! `GET /api/v1/queries`, `DELETE /api/v1/queries/{id}`, `/metrics`.
 
+pub mod dict_group;
 pub mod engine;
 pub mod executor;
 pub mod exposition;

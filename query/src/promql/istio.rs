@@ -19,7 +19,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use arrow::array::{Array, AsArray};
+use arrow::array::{Array, ArrayRef, AsArray, BooleanArray, Int32Array, Int64Array};
 use arrow::compute::cast;
 use arrow::datatypes::{DataType, Int32Type, Int64Type, TimestampMicrosecondType};
 use arrow::record_batch::RecordBatch;
@@ -241,19 +241,14 @@ const BUCKETS: usize = DURATION_BUCKETS_MS.len() + 1;
 type Aggs = [f64; 4 + BUCKETS];
 
 /// One key of `rollups` as read back: its Istio labels.
-fn istio_labels(
-    keys: &[String; 12],
-    status: Option<i32>,
-    grpc: Option<i32>,
-    mtls: bool,
-    family: Family,
-) -> Labels {
+fn istio_labels(key: &KeyRef<'_>, family: Family) -> Labels {
+    let (status, grpc, mtls) = (key.status, key.grpc, key.mtls);
     let k = |name: &str| {
         let i = ROLLUP_KEY_NAMES
             .iter()
             .position(|n| *n == name)
             .unwrap_or(0);
-        keys[i].clone()
+        key.keys[i].to_string()
     };
     let reporter = k("reporter");
     let (service, namespace) = (k("destination_service"), k("destination_namespace"));
@@ -375,20 +370,19 @@ impl IstioSource {
         for family in [Family::Http, Family::Tcp] {
             let sql = format!(
                 "SELECT DISTINCT {keys} FROM rollups WHERE window_seconds = 10 AND time >= {a} AND time <= {b} AND {fam}",
-                keys = key_list(),
+                keys = key_select(false),
                 a = ts(from.div_euclid(10_000) * 10_000),
                 b = ts(to),
                 fam = family_filter(family),
             );
-            let mut seen = std::collections::HashSet::new();
+            let mut index = LabelIndex::new(Some(family));
             for batch in self.sql(&sql).await? {
-                for row in read_keys(&batch)? {
-                    let labels = istio_labels(&row.keys, row.status, row.grpc, row.mtls, family);
-                    if seen.insert(labels.clone()) {
-                        out.push((family, labels));
-                    }
+                let keys = KeyColumns::new(&batch)?;
+                for row in 0..batch.num_rows() {
+                    index.index(&keys.key(row));
                 }
             }
+            out.extend(index.sets);
         }
         Ok(out)
     }
@@ -440,31 +434,32 @@ impl IstioSource {
     /// hold everything stored, the open minute included, so a scraper
     /// sees counters that only grow.
     pub async fn totals(&self) -> Result<Vec<Exposed>, PromError> {
-        let mut out: BTreeMap<(Family, Labels), Aggs> = BTreeMap::new();
         let values = value_list(false, true);
         // Windows are shown once they end: closed minutes, then the ten
         // seconds windows of the minute in progress.
         let minute = self.now_ms.div_euclid(60_000) * 60_000;
         let sql = format!(
             "SELECT {keys}, {values} FROM rollups WHERE (window_seconds = 60 AND time < {m}) \
-             OR (window_seconds = 10 AND time >= {m}) GROUP BY {keys}",
-            keys = key_list(),
+             OR (window_seconds = 10 AND time >= {m}) GROUP BY {groups}",
+            keys = key_select(false),
+            groups = key_positions(),
             m = ts(minute),
         );
+        let mut index = LabelIndex::new(None);
+        let mut totals: Vec<Aggs> = Vec::new();
         for batch in self.sql(&sql).await? {
-            for (row, k) in read_keys(&batch)?.into_iter().enumerate() {
-                let family = if k.keys[protocol_index()] == "tcp" {
-                    Family::Tcp
-                } else {
-                    Family::Http
-                };
-                let labels = istio_labels(&k.keys, k.status, k.grpc, k.mtls, family);
-                add(
-                    out.entry((family, labels)).or_insert([0.0; 4 + BUCKETS]),
-                    &read_aggs(&batch, row, true)?,
-                );
+            let keys = KeyColumns::new(&batch)?;
+            let aggs = AggColumns::new(&batch, true)?;
+            for row in 0..batch.num_rows() {
+                let i = index.index(&keys.key(row));
+                if i == totals.len() {
+                    totals.push([0.0; 4 + BUCKETS]);
+                }
+                add(&mut totals[i], &aggs.read(row));
             }
         }
+        let mut out: Vec<(&(Family, Labels), &Aggs)> = index.sets.iter().zip(&totals).collect();
+        out.sort_unstable_by(|a, b| a.0.cmp(b.0));
         let bounds = bucket_bounds();
         let mut exposed = Vec::new();
         // Family by family, and within one, a label set's samples together
@@ -474,7 +469,7 @@ impl IstioSource {
         for family_name in families {
             let members: Vec<&'static Metric> =
                 METRICS.iter().filter(|m| m.meta.0 == family_name).collect();
-            for ((family, labels), a) in &out {
+            for &((family, labels), a) in &out {
                 for m in members.iter().filter(|m| m.family == *family) {
                     if m.field == Field::DurationBuckets {
                         for (b, le) in bounds.iter().enumerate() {
@@ -524,10 +519,32 @@ fn field_value(field: Field, a: &Aggs) -> f64 {
     }
 }
 
-fn key_list() -> String {
-    let mut cols: Vec<&str> = ROLLUP_KEY_NAMES.to_vec();
-    cols.extend(["status", "grpc_status", "mtls"]);
+/// The key columns as the SQL answers them. Over rollups, strings rather
+/// than dictionaries: grouping then runs DataFusion's vectorised string
+/// path, and emitting the groups re-encodes nothing. Over millions of raw
+/// rows the cast costs more than it saves, so those stay dictionaries.
+fn key_select(raw: bool) -> String {
+    let mut cols: Vec<String> = ROLLUP_KEY_NAMES
+        .iter()
+        .map(|n| {
+            if raw {
+                n.to_string()
+            } else {
+                format!("arrow_cast({n}, 'Utf8') AS {n}")
+            }
+        })
+        .collect();
+    cols.extend(["status", "grpc_status", "mtls"].map(String::from));
     cols.join(", ")
+}
+
+/// `GROUP BY` positions of [`key_select`]'s columns.
+fn key_positions() -> String {
+    let n = ROLLUP_KEY_NAMES.len() + 3;
+    (1..=n)
+        .map(|i| i.to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 fn family_filter(family: Family) -> &'static str {
@@ -587,11 +604,151 @@ fn pushdown(selector: &VectorSelector) -> String {
     out
 }
 
-struct KeyRow {
-    keys: [String; 12],
+/// One rollup key, borrowed from an answer batch.
+struct KeyRef<'a> {
+    keys: [&'a str; 12],
     status: Option<i32>,
     grpc: Option<i32>,
     mtls: bool,
+}
+
+/// An answer batch's key columns, read in place.
+struct KeyColumns {
+    strings: Vec<ArrayRef>,
+    status: Int32Array,
+    grpc: Int32Array,
+    mtls: BooleanArray,
+}
+
+impl KeyColumns {
+    fn new(batch: &RecordBatch) -> Result<Self, PromError> {
+        let strings = ROLLUP_KEY_NAMES
+            .iter()
+            .map(|n| {
+                cast(column(batch, n)?, &DataType::Utf8)
+                    .map_err(|e| PromError::Execution(format!("reading rollups: {e}")))
+            })
+            .collect::<Result<_, _>>()?;
+        let status = column(batch, "status")?.as_primitive_opt::<Int32Type>();
+        let grpc = column(batch, "grpc_status")?.as_primitive_opt::<Int32Type>();
+        let mtls = column(batch, "mtls")?.as_boolean_opt();
+        let (Some(status), Some(grpc), Some(mtls)) = (status, grpc, mtls) else {
+            return Err(PromError::Execution(
+                "rollups answer has unexpected types".into(),
+            ));
+        };
+        Ok(KeyColumns {
+            strings,
+            status: status.clone(),
+            grpc: grpc.clone(),
+            mtls: mtls.clone(),
+        })
+    }
+
+    fn key(&self, row: usize) -> KeyRef<'_> {
+        KeyRef {
+            keys: std::array::from_fn(|i| {
+                let s = self.strings[i].as_string::<i32>();
+                if s.is_null(row) { "" } else { s.value(row) }
+            }),
+            status: self.status.is_valid(row).then(|| self.status.value(row)),
+            grpc: self.grpc.is_valid(row).then(|| self.grpc.value(row)),
+            mtls: self.mtls.is_valid(row) && self.mtls.value(row),
+        }
+    }
+}
+
+/// Gives each distinct Istio label set an index, computing the labels
+/// once per rollup key rather than once per row: many keys (routes, for
+/// one) share a label set, and many rows one key.
+struct LabelIndex {
+    /// `None`: each key's family comes from its protocol.
+    family: Option<Family>,
+    by_key: HashMap<String, usize, foldhash::fast::RandomState>,
+    by_labels: HashMap<(Family, Labels), usize, foldhash::fast::RandomState>,
+    sets: Vec<(Family, Labels)>,
+    scratch: String,
+}
+
+impl LabelIndex {
+    fn new(family: Option<Family>) -> Self {
+        LabelIndex {
+            family,
+            by_key: HashMap::default(),
+            by_labels: HashMap::default(),
+            sets: Vec::new(),
+            scratch: String::new(),
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.sets.len()
+    }
+
+    fn index(&mut self, key: &KeyRef<'_>) -> usize {
+        use std::fmt::Write as _;
+        let s = &mut self.scratch;
+        s.clear();
+        for k in key.keys {
+            // A separator no label value holds keeps keys apart.
+            s.push_str(k);
+            s.push('\u{1f}');
+        }
+        let _ = write!(s, "{:?}\u{1f}{:?}\u{1f}{}", key.status, key.grpc, key.mtls);
+        if let Some(&i) = self.by_key.get(s.as_str()) {
+            return i;
+        }
+        let family = self
+            .family
+            .unwrap_or(if key.keys[protocol_index()] == "tcp" {
+                Family::Tcp
+            } else {
+                Family::Http
+            });
+        let set = (family, istio_labels(key, family));
+        let next = self.sets.len();
+        let i = *self.by_labels.entry(set.clone()).or_insert(next);
+        if i == next {
+            self.sets.push(set);
+        }
+        self.by_key.insert(s.clone(), i);
+        i
+    }
+}
+
+/// An answer batch's aggregate columns `r, qb, pb, d` (and `b0…`).
+struct AggColumns<'b> {
+    columns: Vec<&'b Int64Array>,
+}
+
+impl<'b> AggColumns<'b> {
+    fn new(batch: &'b RecordBatch, buckets: bool) -> Result<Self, PromError> {
+        let mut names: Vec<String> = ["r", "qb", "pb", "d"].map(String::from).to_vec();
+        if buckets {
+            names.extend((0..BUCKETS).map(|b| format!("b{b}")));
+        }
+        let columns = names
+            .iter()
+            .map(|n| {
+                column(batch, n)?
+                    .as_primitive_opt::<Int64Type>()
+                    .ok_or_else(|| {
+                        PromError::Execution(format!("rollups column {n} is not BIGINT"))
+                    })
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(AggColumns { columns })
+    }
+
+    fn read(&self, row: usize) -> Aggs {
+        let mut a: Aggs = [0.0; 4 + BUCKETS];
+        for (v, c) in a.iter_mut().zip(&self.columns) {
+            if c.is_valid(row) {
+                *v = c.value(row) as f64;
+            }
+        }
+        a
+    }
 }
 
 fn column<'b>(batch: &'b RecordBatch, name: &str) -> Result<&'b dyn Array, PromError> {
@@ -599,60 +756,6 @@ fn column<'b>(batch: &'b RecordBatch, name: &str) -> Result<&'b dyn Array, PromE
         .column_by_name(name)
         .map(|c| c.as_ref())
         .ok_or_else(|| PromError::Execution(format!("rollups answer lacks column {name}")))
-}
-
-fn read_keys(batch: &RecordBatch) -> Result<Vec<KeyRow>, PromError> {
-    let strings: Vec<_> = ROLLUP_KEY_NAMES
-        .iter()
-        .map(|n| {
-            cast(column(batch, n)?, &DataType::Utf8)
-                .map_err(|e| PromError::Execution(format!("reading rollups: {e}")))
-        })
-        .collect::<Result<_, _>>()?;
-    let status = column(batch, "status")?.as_primitive_opt::<Int32Type>();
-    let grpc = column(batch, "grpc_status")?.as_primitive_opt::<Int32Type>();
-    let mtls = column(batch, "mtls")?.as_boolean_opt();
-    let (Some(status), Some(grpc), Some(mtls)) = (status, grpc, mtls) else {
-        return Err(PromError::Execution(
-            "rollups answer has unexpected types".into(),
-        ));
-    };
-    Ok((0..batch.num_rows())
-        .map(|r| KeyRow {
-            keys: std::array::from_fn(|i| {
-                let s = strings[i].as_string::<i32>();
-                if s.is_null(r) {
-                    String::new()
-                } else {
-                    s.value(r).to_string()
-                }
-            }),
-            status: status.is_valid(r).then(|| status.value(r)),
-            grpc: grpc.is_valid(r).then(|| grpc.value(r)),
-            mtls: mtls.is_valid(r) && mtls.value(r),
-        })
-        .collect())
-}
-
-fn read_aggs(batch: &RecordBatch, row: usize, buckets: bool) -> Result<Aggs, PromError> {
-    let mut a: Aggs = [0.0; 4 + BUCKETS];
-    let names = ["r", "qb", "pb", "d"];
-    for (i, n) in names.iter().enumerate() {
-        a[i] = int(column(batch, n)?, row);
-    }
-    if buckets {
-        for b in 0..BUCKETS {
-            a[4 + b] = int(column(batch, &format!("b{b}"))?, row);
-        }
-    }
-    Ok(a)
-}
-
-fn int(col: &dyn Array, row: usize) -> f64 {
-    match col.as_primitive_opt::<Int64Type>() {
-        Some(c) if c.is_valid(row) => c.value(row) as f64,
-        _ => 0.0,
-    }
 }
 
 fn add(into: &mut Aggs, from: &Aggs) {
@@ -718,16 +821,17 @@ impl IstioSource {
         let minute = first.div_euclid(60_000) * 60_000;
         let values = value_list(self.raw, buckets);
         let filter = format!("{}{}", family_filter(family), pushdown(selector));
-        let keys = key_list();
+        let keys = key_select(self.raw);
+        let groups = key_positions();
         let (base_sql, range_sql) = if self.raw {
             (
                 format!(
-                    "SELECT {keys}, {values} FROM requests WHERE time < {f} AND {filter} GROUP BY {keys}",
+                    "SELECT {keys}, {values} FROM requests WHERE time < {f} AND {filter} GROUP BY {groups}",
                     f = ts(first),
                 ),
                 format!(
                     "SELECT {keys}, date_bin(INTERVAL '{ws} seconds', time, TIMESTAMP '1970-01-01T00:00:00Z') AS time, \
-                     {values} FROM requests WHERE time >= {f} AND time < {e} AND {filter} GROUP BY {keys}, {bin}",
+                     {values} FROM requests WHERE time >= {f} AND time < {e} AND {filter} GROUP BY {groups}, {bin}",
                     ws = w / 1000,
                     // The window's position: after the key columns.
                     bin = ROLLUP_KEY_NAMES.len() + 4,
@@ -741,13 +845,13 @@ impl IstioSource {
                 // whole minutes allow.
                 format!(
                     "SELECT {keys}, {values} FROM rollups WHERE ((window_seconds = 60 AND time < {m}) \
-                     OR (window_seconds = 10 AND time >= {m} AND time < {f})) AND {filter} GROUP BY {keys}",
+                     OR (window_seconds = 10 AND time >= {m} AND time < {f})) AND {filter} GROUP BY {groups}",
                     m = ts(minute),
                     f = ts(first),
                 ),
                 format!(
                     "SELECT {keys}, time, {values} FROM rollups WHERE window_seconds = {ws} AND time >= {f} \
-                     AND time <= {l} AND {filter} GROUP BY {keys}, time",
+                     AND time <= {l} AND {filter} GROUP BY {groups}, time",
                     ws = w / 1000,
                     f = ts(first),
                     l = ts(end - w),
@@ -757,17 +861,29 @@ impl IstioSource {
         let (base, range) =
             futures_util::future::try_join(self.sql(&base_sql), self.sql(&range_sql)).await?;
 
-        let mut bases: HashMap<Labels, Aggs> = HashMap::new();
+        let zero: Aggs = [0.0; 4 + BUCKETS];
+        let mut index = LabelIndex::new(Some(family));
+        let mut bases: Vec<Option<Aggs>> = Vec::new();
         for batch in &base {
-            for (row, k) in read_keys(batch)?.into_iter().enumerate() {
-                let labels = istio_labels(&k.keys, k.status, k.grpc, k.mtls, family);
-                add(
-                    bases.entry(labels).or_insert([0.0; 4 + BUCKETS]),
-                    &read_aggs(batch, row, buckets)?,
-                );
+            let keys = KeyColumns::new(batch)?;
+            let aggs = AggColumns::new(batch, buckets)?;
+            for row in 0..batch.num_rows() {
+                let i = index.index(&keys.key(row));
+                if i >= bases.len() {
+                    bases.resize(i + 1, None);
+                }
+                add(bases[i].get_or_insert(zero), &aggs.read(row));
             }
         }
-        let mut windows: HashMap<Labels, BTreeMap<i64, Aggs>> = HashMap::new();
+
+        // Each series' windows, dense once it has one; bounded by the
+        // query's memory limit as they are allocated.
+        let points = ((end - first) / w) as usize;
+        let dense_bytes = points.saturating_mul(std::mem::size_of::<Aggs>());
+        let limit = self.engine.config().memory_bytes;
+        let mut used = 0usize;
+        let mut windows: Vec<Vec<Aggs>> = Vec::new();
+        let mut born: Vec<usize> = Vec::new();
         for batch in &range {
             // Window starts, in µs whatever unit the scan gave them.
             let times = cast(
@@ -780,79 +896,75 @@ impl IstioSource {
                 .ok_or_else(|| {
                     PromError::Execution("window starts have an unexpected type".into())
                 })?;
-            for (row, k) in read_keys(batch)?.into_iter().enumerate() {
-                let labels = istio_labels(&k.keys, k.status, k.grpc, k.mtls, family);
+            let keys = KeyColumns::new(batch)?;
+            let aggs = AggColumns::new(batch, buckets)?;
+            for row in 0..batch.num_rows() {
                 let start = times.value(row) / 1000;
-                add(
-                    windows
-                        .entry(labels)
-                        .or_default()
-                        .entry(start)
-                        .or_insert([0.0; 4 + BUCKETS]),
-                    &read_aggs(batch, row, buckets)?,
-                );
+                let Ok(k) = usize::try_from((start - first).div_euclid(w)) else {
+                    continue;
+                };
+                if k >= points {
+                    continue;
+                }
+                let i = index.index(&keys.key(row));
+                if i >= windows.len() {
+                    windows.resize_with(i + 1, Vec::new);
+                    born.resize(i + 1, usize::MAX);
+                }
+                if windows[i].is_empty() {
+                    used = used.saturating_add(dense_bytes);
+                    if used > limit {
+                        return Err(PromError::Execution(format!(
+                            "{selector} over this range needs more than the query memory limit of {} MiB of samples; narrow the selector or the range",
+                            limit >> 20
+                        )));
+                    }
+                    windows[i] = vec![zero; points];
+                }
+                add(&mut windows[i][k], &aggs.read(row));
+                born[i] = born[i].min(k);
             }
         }
 
-        let points = ((end - first) / w) as usize;
-        let mut series: BTreeMap<Labels, (Option<Aggs>, BTreeMap<i64, Aggs>)> = BTreeMap::new();
-        for (labels, b) in bases {
-            series.entry(labels).or_default().0 = Some(b);
-        }
-        for (labels, ws) in windows {
-            series.entry(labels).or_default().1 = ws;
-        }
         // Each metric read expands a key's samples into its own series
         // (the duration histogram into fifteen).
         let expansion = if buckets { BUCKETS + 2 } else { 3 };
-        let total = series
-            .len()
-            .saturating_mul(points)
-            .saturating_mul(expansion);
-        let bytes = series
-            .len()
-            .saturating_mul(points)
-            .saturating_mul(std::mem::size_of::<(i64, Aggs)>());
-        if bytes > self.engine.config().memory_bytes {
-            return Err(PromError::Execution(format!(
-                "{selector} over this range needs {} MiB of samples, more than the query memory limit of {} MiB; narrow the selector or the range",
-                bytes >> 20,
-                self.engine.config().memory_bytes >> 20
-            )));
-        }
+        let total = index.len().saturating_mul(points).saturating_mul(expansion);
         if total > super::eval::MAX_SAMPLES {
             return Err(PromError::Execution(format!(
                 "query processing would load too many samples into memory ({total} for {}); narrow the selector or the range",
                 selector
             )));
         }
-        let mut out = Vec::with_capacity(series.len());
-        for (labels, (base, ws)) in series {
+        let mut order: Vec<usize> = (0..index.len()).collect();
+        order.sort_unstable_by(|a, b| index.sets[*a].1.cmp(&index.sets[*b].1));
+        let mut out = Vec::with_capacity(order.len());
+        for i in order {
+            let ws = windows.get(i).filter(|w| !w.is_empty());
+            let born = born.get(i).copied().unwrap_or(usize::MAX);
             let mut samples = Vec::new();
-            let mut cumulative = base;
-            for k in 1..=points as i64 {
-                let t = first + k * w;
+            let mut cumulative = bases.get(i).copied().flatten();
+            for k in 0..points {
+                let t = first + (k as i64 + 1) * w;
                 let window_start = t - w;
                 if cumulative.is_none() {
-                    match ws.keys().next() {
-                        // A series born in this window: 0 at its start.
-                        Some(&s) if s == window_start => {
-                            if window_start > from {
-                                samples.push((window_start, [0.0; 4 + BUCKETS]));
-                            }
-                            cumulative = Some([0.0; 4 + BUCKETS]);
-                        }
-                        _ => continue,
+                    if k != born {
+                        continue;
                     }
+                    // A series born in this window: 0 at its start.
+                    if window_start > from {
+                        samples.push((window_start, zero));
+                    }
+                    cumulative = Some(zero);
                 }
-                let c = cumulative.get_or_insert([0.0; 4 + BUCKETS]);
-                if let Some(delta) = ws.get(&window_start) {
-                    add(c, delta);
+                let c = cumulative.get_or_insert(zero);
+                if let Some(ws) = ws {
+                    add(c, &ws[k]);
                 }
                 samples.push((t, *c));
             }
             if !samples.is_empty() {
-                out.push((labels, samples));
+                out.push((std::mem::take(&mut index.sets[i].1), samples));
             }
         }
         Ok(out)
