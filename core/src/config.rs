@@ -10,6 +10,15 @@
 //!     - name: reviews
 //!       namespace: default        # optional, default "default"
 //!       port: 9080                # optional; the port callers put in the authority
+//!       protocol: http            # optional: http (HTTP/1.1), http2, grpc, tcp;
+//!                                 # default: whatever the caller spoke
+//!       retries:                  # optional; these are the defaults (Istio's)
+//!         attempts: 2             # retries after the first try; 0 turns them off
+//!         perTryTimeout: 2s       # optional; default: the request's whole timeout
+//!         retryOn: connect-failure,refused-stream,unavailable,cancelled,retriable-status-codes
+//!         retriableStatusCodes: [503]
+//!         backoff: { baseInterval: 25ms, maxInterval: 250ms }
+//!         budget: { percent: 20, minConcurrency: 3 }
 //!       endpoints:
 //!         - address: 127.0.0.1:15106   # the endpoint's inbound sidecar
 //!           workload: reviews-v1       # optional, default "<name>-<version>" or "<name>"
@@ -24,6 +33,7 @@ use std::collections::HashMap;
 use std::fmt;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use serde::Deserialize;
 
@@ -92,7 +102,229 @@ struct ServiceSpec {
     #[serde(default)]
     port: Option<u16>,
     #[serde(default)]
+    protocol: UpstreamProtocol,
+    #[serde(default)]
+    retries: Option<RetrySpec>,
+    #[serde(default)]
     endpoints: Vec<EndpointSpec>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RetrySpec {
+    #[serde(default)]
+    attempts: Option<u32>,
+    #[serde(default)]
+    per_try_timeout: Option<String>,
+    #[serde(default)]
+    retry_on: Option<String>,
+    #[serde(default)]
+    retriable_status_codes: Option<Vec<u16>>,
+    #[serde(default)]
+    backoff: Option<BackoffSpec>,
+    #[serde(default)]
+    budget: Option<BudgetSpec>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct BackoffSpec {
+    #[serde(default)]
+    base_interval: Option<String>,
+    #[serde(default)]
+    max_interval: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct BudgetSpec {
+    #[serde(default)]
+    percent: Option<u32>,
+    #[serde(default)]
+    min_concurrency: Option<u32>,
+}
+
+/// How a sidecar speaks to a service's endpoints, whatever its caller spoke.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UpstreamProtocol {
+    /// The caller's own protocol (HTTP/1.1 stays HTTP/1.1, HTTP/2 stays HTTP/2).
+    #[default]
+    Auto,
+    /// HTTP/1.1.
+    Http,
+    /// HTTP/2 with prior knowledge (h2c).
+    Http2,
+    /// gRPC: HTTP/2, with gRPC's status in telemetry.
+    Grpc,
+    /// Opaque TCP: bytes through, no HTTP.
+    Tcp,
+}
+
+/// Which failures a request is retried on, by Envoy's `retry_on` names.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub struct RetryOn {
+    /// `5xx`: any 5xx response, connect failures and resets.
+    pub server_error: bool,
+    /// `gateway-error`: 502, 503, 504.
+    pub gateway_error: bool,
+    /// `reset`: the upstream reset or closed before answering.
+    pub reset: bool,
+    /// `connect-failure`.
+    pub connect_failure: bool,
+    /// `refused-stream`: HTTP/2 REFUSED_STREAM (the stream was never processed).
+    pub refused_stream: bool,
+    /// `retriable-status-codes`: the statuses of `retriableStatusCodes`.
+    pub retriable_status_codes: bool,
+    /// gRPC statuses in a trailers-only response: `cancelled`,
+    /// `deadline-exceeded`, `internal`, `resource-exhausted`, `unavailable`.
+    pub grpc_cancelled: bool,
+    pub grpc_deadline_exceeded: bool,
+    pub grpc_internal: bool,
+    pub grpc_resource_exhausted: bool,
+    pub grpc_unavailable: bool,
+}
+
+impl RetryOn {
+    /// Parses a comma-separated list of Envoy's names.
+    pub fn parse(list: &str) -> Result<Self, String> {
+        let mut on = RetryOn::default();
+        for name in list.split(',').map(str::trim).filter(|n| !n.is_empty()) {
+            let flag = match name {
+                "5xx" => &mut on.server_error,
+                "gateway-error" => &mut on.gateway_error,
+                "reset" => &mut on.reset,
+                "connect-failure" => &mut on.connect_failure,
+                "refused-stream" => &mut on.refused_stream,
+                "retriable-status-codes" => &mut on.retriable_status_codes,
+                "cancelled" => &mut on.grpc_cancelled,
+                "deadline-exceeded" => &mut on.grpc_deadline_exceeded,
+                "internal" => &mut on.grpc_internal,
+                "resource-exhausted" => &mut on.grpc_resource_exhausted,
+                "unavailable" => &mut on.grpc_unavailable,
+                other => {
+                    return Err(format!(
+                        "unknown retry condition `{other}`; known: 5xx, gateway-error, reset, \
+                         connect-failure, refused-stream, retriable-status-codes, cancelled, \
+                         deadline-exceeded, internal, resource-exhausted, unavailable"
+                    ));
+                }
+            };
+            *flag = true;
+        }
+        Ok(on)
+    }
+}
+
+/// When and how a failed request is tried again (Istio's `retries`).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct RetryPolicy {
+    /// Retries after the first try.
+    pub attempts: u32,
+    /// Longest wait for one try's response headers; `None`: only the
+    /// request's whole timeout applies.
+    pub per_try_timeout: Option<Duration>,
+    pub retry_on: RetryOn,
+    pub retriable_status_codes: Vec<u16>,
+    /// Exponential backoff with full jitter between `backoff_base` and
+    /// `backoff_max`, as Envoy's.
+    pub backoff_base: Duration,
+    pub backoff_max: Duration,
+    /// Retries in flight may be at most this share (%) of requests in
+    /// flight to the service…
+    pub budget_percent: u32,
+    /// …but at least this many, so a quiet service can still retry.
+    pub budget_min_concurrency: u32,
+}
+
+impl Default for RetryPolicy {
+    /// Istio's default: 2 retries on connect failure, refused stream, gRPC
+    /// unavailable / cancelled and HTTP 503.
+    fn default() -> Self {
+        RetryPolicy {
+            attempts: 2,
+            per_try_timeout: None,
+            retry_on: RetryOn {
+                connect_failure: true,
+                refused_stream: true,
+                grpc_unavailable: true,
+                grpc_cancelled: true,
+                retriable_status_codes: true,
+                ..RetryOn::default()
+            },
+            retriable_status_codes: vec![503],
+            backoff_base: Duration::from_millis(25),
+            backoff_max: Duration::from_millis(250),
+            budget_percent: 20,
+            budget_min_concurrency: 3,
+        }
+    }
+}
+
+fn duration(text: &str) -> Result<Duration, String> {
+    humantime::parse_duration(text.trim())
+        .map_err(|e| format!("`{text}` is not a duration such as `250ms` or `2s`: {e}"))
+}
+
+fn validate_retries(r: RetrySpec, at: &str) -> Result<RetryPolicy, (String, String)> {
+    let mut p = RetryPolicy::default();
+    if let Some(a) = r.attempts {
+        if a > 10 {
+            return Err((
+                format!("{at}.attempts"),
+                format!("{a} is more than 10 retries"),
+            ));
+        }
+        p.attempts = a;
+    }
+    if let Some(t) = r.per_try_timeout {
+        let t = duration(&t).map_err(|e| (format!("{at}.perTryTimeout"), e))?;
+        if t.is_zero() {
+            return Err((format!("{at}.perTryTimeout"), "must be more than 0".into()));
+        }
+        p.per_try_timeout = Some(t);
+    }
+    if let Some(on) = r.retry_on {
+        p.retry_on = RetryOn::parse(&on).map_err(|e| (format!("{at}.retryOn"), e))?;
+    }
+    if let Some(codes) = r.retriable_status_codes {
+        if let Some(bad) = codes.iter().find(|c| !(100..=599).contains(*c)) {
+            return Err((
+                format!("{at}.retriableStatusCodes"),
+                format!("{bad} is not an HTTP status"),
+            ));
+        }
+        p.retriable_status_codes = codes;
+    }
+    if let Some(b) = r.backoff {
+        if let Some(t) = b.base_interval {
+            p.backoff_base = duration(&t).map_err(|e| (format!("{at}.backoff.baseInterval"), e))?;
+        }
+        if let Some(t) = b.max_interval {
+            p.backoff_max = duration(&t).map_err(|e| (format!("{at}.backoff.maxInterval"), e))?;
+        }
+        if p.backoff_max < p.backoff_base {
+            return Err((
+                format!("{at}.backoff.maxInterval"),
+                "must not be less than baseInterval".into(),
+            ));
+        }
+    }
+    if let Some(b) = r.budget {
+        if let Some(pc) = b.percent {
+            if pc > 100 {
+                return Err((
+                    format!("{at}.budget.percent"),
+                    format!("{pc} is more than 100"),
+                ));
+            }
+            p.budget_percent = pc;
+        }
+        if let Some(m) = b.min_concurrency {
+            p.budget_min_concurrency = m;
+        }
+    }
+    Ok(p)
 }
 
 #[derive(Deserialize)]
@@ -121,7 +353,23 @@ pub struct Service {
     pub name: Arc<str>,
     pub namespace: Arc<str>,
     pub port: Option<u16>,
+    pub protocol: UpstreamProtocol,
+    pub retries: Arc<RetryPolicy>,
     pub endpoints: Vec<Endpoint>,
+}
+
+impl Service {
+    /// A service with the default protocol and retry policy.
+    pub fn new(name: &str, namespace: &str, port: Option<u16>, endpoints: Vec<Endpoint>) -> Self {
+        Service {
+            name: name.into(),
+            namespace: namespace.into(),
+            port,
+            protocol: UpstreamProtocol::default(),
+            retries: Arc::new(RetryPolicy::default()),
+            endpoints,
+        }
+    }
 }
 
 /// The validated mesh: every service, indexed by name and namespace.
@@ -197,6 +445,12 @@ impl MeshConfig {
             return Err(err(String::new(), "no Mesh resource in file".into()));
         }
         Self::from_services(file, services)
+    }
+
+    /// The service `name` in `namespace`.
+    pub fn find(&self, name: &str, namespace: &str) -> Option<&Service> {
+        let &i = self.index.get(namespace)?.get(name)?;
+        Some(&self.services[i])
     }
 
     /// Finds the service an HTTP authority names, the way Kubernetes DNS
@@ -387,10 +641,16 @@ fn validate_service(s: ServiceSpec, at: &str) -> Result<Service, (String, String
             version: version.into(),
         });
     }
+    let retries = match s.retries {
+        Some(r) => validate_retries(r, &format!("{at}.retries"))?,
+        None => RetryPolicy::default(),
+    };
     Ok(Service {
         name: s.name.into(),
         namespace: namespace.into(),
         port: s.port,
+        protocol: s.protocol,
+        retries: Arc::new(retries),
         endpoints,
     })
 }

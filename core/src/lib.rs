@@ -24,5 +24,7 @@ pub mod schema;
 pub mod sketch;
 pub mod thread;
 
-pub use config::{ConfigError, Endpoint, MeshConfig, Service};
+pub use config::{
+    ConfigError, Endpoint, MeshConfig, RetryOn, RetryPolicy, Service, UpstreamProtocol,
+};
 pub use record::{Protocol, Reporter, RequestRecord, ResponseFlags, Workload};

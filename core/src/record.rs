@@ -89,14 +89,17 @@ impl ResponseFlags {
     pub const DOWNSTREAM_CONNECTION_TERMINATION: ResponseFlags = ResponseFlags(1 << 4);
     /// The upstream did not answer in time.
     pub const UPSTREAM_REQUEST_TIMEOUT: ResponseFlags = ResponseFlags(1 << 5);
+    /// Every allowed retry was used and the last try failed too.
+    pub const UPSTREAM_RETRY_LIMIT_EXCEEDED: ResponseFlags = ResponseFlags(1 << 6);
 
-    const CODES: [(ResponseFlags, &'static str); 6] = [
+    const CODES: [(ResponseFlags, &'static str); 7] = [
         (Self::NO_ROUTE, "NR"),
         (Self::NO_HEALTHY_UPSTREAM, "UH"),
         (Self::UPSTREAM_CONNECTION_FAILURE, "UF"),
         (Self::UPSTREAM_CONNECTION_TERMINATION, "UC"),
         (Self::DOWNSTREAM_CONNECTION_TERMINATION, "DC"),
         (Self::UPSTREAM_REQUEST_TIMEOUT, "UT"),
+        (Self::UPSTREAM_RETRY_LIMIT_EXCEEDED, "URX"),
     ];
 
     pub const fn empty() -> Self {

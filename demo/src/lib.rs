@@ -188,12 +188,12 @@ pub async fn start(config: DemoConfig) -> Result<RunningDemo, DemoError> {
         };
         match services.iter_mut().find(|s| &*s.name == app.service()) {
             Some(s) => s.endpoints.push(endpoint),
-            None => services.push(Service {
-                name: app.service().into(),
-                namespace: DEFAULT_NAMESPACE.into(),
-                port: Some(bookinfo::PORT),
-                endpoints: vec![endpoint],
-            }),
+            None => services.push(Service::new(
+                app.service(),
+                DEFAULT_NAMESPACE,
+                Some(bookinfo::PORT),
+                vec![endpoint],
+            )),
         }
     }
     mesh_tx.send_replace(Arc::new(MeshConfig::from_services("demo mesh", services)?));

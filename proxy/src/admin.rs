@@ -71,7 +71,7 @@ async fn config_dump(State(s): State<Arc<AdminState>>) -> impl IntoResponse {
             "namespace": &*id.namespace,
             "version": &*id.version,
         },
-        "app": s.shared.app.as_ref().map(|(_, a)| &**a),
+        "app": s.shared.app.as_ref().map(|a| &*a.address_str),
         "services": services,
     }))
 }

@@ -25,13 +25,17 @@ use lumen_core::ResponseFlags;
 use tokio::net::TcpStream;
 
 use crate::body::{RequestBody, RequestBodyState};
+use crate::replay::ReplayBody;
+use crate::retry::Outcome;
 
-/// Why forwarding failed, with the flag and status the client will see.
+/// Why a try failed: the flag and status the client will see, and what
+/// the retry policy makes of it.
 #[derive(Debug)]
 pub struct ForwardError {
     pub flags: ResponseFlags,
     pub status: http::StatusCode,
     pub message: String,
+    pub outcome: Outcome,
 }
 
 /// A connector that dials one endpoint whatever the request's authority.
@@ -67,7 +71,8 @@ impl tower::Service<Uri> for Dial {
     }
 }
 
-type Pool = Client<Dial, RequestBody>;
+pub type UpstreamBody = ReplayBody<RequestBody>;
+type Pool = Client<Dial, UpstreamBody>;
 
 /// The HTTP/1.1 and HTTP/2 pools of one endpoint.
 #[derive(Debug)]
@@ -76,24 +81,21 @@ struct EndpointPools {
     http2: Pool,
 }
 
-/// Upstream connection pools, one set per endpoint. HTTP/2 downstream
-/// requests (gRPC among them) go upstream as HTTP/2 with prior knowledge
-/// (h2c), HTTP/1.x as HTTP/1.1, so the app sees the protocol its client chose.
+/// Upstream connection pools, one set per endpoint: HTTP/1.1, and HTTP/2
+/// with prior knowledge (h2c), as the destination's protocol asks.
 #[derive(Debug)]
 pub struct Upstreams {
     /// Copy-on-write: looked up per request without a lock, written only
     /// when a new endpoint is first used or the mesh changes.
     pools: ArcSwap<HashMap<SocketAddr, Arc<EndpointPools>>>,
     connect_timeout: Duration,
-    timeout: Duration,
 }
 
 impl Upstreams {
-    pub fn new(connect_timeout: Duration, timeout: Duration) -> Self {
+    pub fn new(connect_timeout: Duration) -> Self {
         Upstreams {
             pools: ArcSwap::from_pointee(HashMap::new()),
             connect_timeout,
-            timeout,
         }
     }
 
@@ -135,18 +137,18 @@ impl Upstreams {
         });
     }
 
-    /// Sends the request to the endpoint at `address`, keeping its
-    /// authority, path and query. The response-header timeout starts once
-    /// the request body has been sent, as Envoy's route timeout does, so
-    /// long uploads are not cut off.
+    /// One try: sends the request to the endpoint at `address` as
+    /// `version` (HTTP/1.1 or HTTP/2), keeping its authority, path and
+    /// query, and waits for response headers up to `per_try`.
     pub async fn send(
         &self,
         address: SocketAddr,
+        version: Version,
         authority: &str,
         body_state: &RequestBodyState,
-        mut req: Request<RequestBody>,
+        mut req: Request<UpstreamBody>,
+        per_try: Option<Duration>,
     ) -> Result<Response<Incoming>, ForwardError> {
-        let h2 = req.version() == Version::HTTP_2;
         let path = req
             .uri()
             .path_and_query()
@@ -169,31 +171,34 @@ impl Upstreams {
                 flags: ResponseFlags::empty(),
                 status: http::StatusCode::BAD_REQUEST,
                 message: format!("invalid request target: {e}"),
+                outcome: Outcome::Final,
             })?;
         *req.uri_mut() = uri;
         let pools = self.pools(address);
-        let pool = if h2 {
+        let pool = if version == Version::HTTP_2 {
+            // HTTP/2 carries the authority as `:authority`.
+            req.headers_mut().remove(header::HOST);
             &pools.http2
         } else {
-            *req.version_mut() = Version::HTTP_11;
             &pools.http1
         };
-        let deadline = async {
-            body_state.wait_ended().await;
-            tokio::time::sleep(self.timeout).await;
-        };
-        let result = tokio::select! {
-            r = pool.request(req) => r,
-            () = deadline => {
-                return Err(ForwardError {
-                    flags: ResponseFlags::UPSTREAM_REQUEST_TIMEOUT,
-                    status: http::StatusCode::GATEWAY_TIMEOUT,
-                    message: format!(
-                        "upstream {address} sent no response headers within {:?}",
-                        self.timeout
-                    ),
-                });
-            }
+        *req.version_mut() = version;
+        let sent = pool.request(req);
+        let result = match per_try {
+            None => sent.await,
+            Some(limit) => match tokio::time::timeout(limit, sent).await {
+                Ok(r) => r,
+                Err(_) => {
+                    return Err(ForwardError {
+                        flags: ResponseFlags::UPSTREAM_REQUEST_TIMEOUT,
+                        status: http::StatusCode::GATEWAY_TIMEOUT,
+                        message: format!(
+                            "upstream {address} sent no response headers within the per-try timeout of {limit:?}"
+                        ),
+                        outcome: Outcome::TimedOut,
+                    });
+                }
+            },
         };
         result.map_err(|e| {
             if body_state.aborted() {
@@ -201,12 +206,14 @@ impl Upstreams {
                     flags: ResponseFlags::DOWNSTREAM_CONNECTION_TERMINATION,
                     status: http::StatusCode::BAD_REQUEST,
                     message: "the client broke off while sending the request body".into(),
+                    outcome: Outcome::Final,
                 }
             } else if e.is_connect() {
                 ForwardError {
                     flags: ResponseFlags::UPSTREAM_CONNECTION_FAILURE,
                     status: http::StatusCode::SERVICE_UNAVAILABLE,
                     message: format!("upstream connect error to {address}: {}", source_chain(&e)),
+                    outcome: Outcome::ConnectFailed,
                 }
             } else {
                 ForwardError {
@@ -216,10 +223,30 @@ impl Upstreams {
                         "upstream {address} reset or closed before response headers: {}",
                         source_chain(&e)
                     ),
+                    outcome: if refused_stream(&e) {
+                        Outcome::Refused
+                    } else {
+                        Outcome::Reset
+                    },
                 }
             }
         })
     }
+}
+
+/// Whether an HTTP/2 upstream refused the stream (REFUSED_STREAM): it
+/// promises the request was not processed, so any request may be retried.
+fn refused_stream(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur = Some(e);
+    while let Some(err) = cur {
+        if let Some(h2) = err.downcast_ref::<h2::Error>()
+            && h2.reason() == Some(h2::Reason::REFUSED_STREAM)
+        {
+            return true;
+        }
+        cur = err.source();
+    }
+    false
 }
 
 fn source_chain(e: &dyn std::error::Error) -> String {

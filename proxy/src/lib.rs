@@ -15,11 +15,14 @@
 //! request.
 
 pub mod admin;
+pub mod attempt;
 pub mod balance;
 pub mod body;
 pub mod forward;
 pub mod listener;
+pub mod replay;
 pub mod request;
+pub mod retry;
 pub mod route;
 pub mod telemetry;
 pub mod trace;
@@ -73,6 +76,9 @@ pub struct ProxyConfig {
     pub upstream_timeout: Duration,
     /// How long open connections may finish their requests on shutdown.
     pub drain_timeout: Duration,
+    /// Request bodies up to this size are kept so a failed try can be
+    /// retried; larger ones are streamed once.
+    pub replay_limit: usize,
 }
 
 impl ProxyConfig {
@@ -87,6 +93,7 @@ impl ProxyConfig {
             connect_timeout: Duration::from_secs(5),
             upstream_timeout: Duration::from_secs(15),
             drain_timeout: Duration::from_secs(5),
+            replay_limit: 64 * 1024,
         }
     }
 }
@@ -178,10 +185,21 @@ impl Proxy {
             identity: config.identity.clone(),
             identity_header,
             routes: ArcSwap::from_pointee(RoutingTable::new(mesh.borrow_and_update().clone())),
-            upstreams: forward::Upstreams::new(config.connect_timeout, config.upstream_timeout),
+            upstreams: forward::Upstreams::new(config.connect_timeout),
             telemetry: Arc::new(telemetry),
-            app: config.app.map(|a| (a, Arc::from(a.to_string()))),
+            app: config.app.map(|address| attempt::App {
+                address,
+                address_str: Arc::from(address.to_string()),
+                identity: config.identity.clone(),
+                retries: lumen_core::RetryPolicy {
+                    attempts: 0,
+                    ..Default::default()
+                },
+                budget: Default::default(),
+            }),
             default_route: Arc::from(route::DEFAULT_ROUTE),
+            timeout: config.upstream_timeout,
+            replay_limit: config.replay_limit,
         });
 
         let mut tasks = tokio::task::JoinSet::new();
@@ -195,7 +213,7 @@ impl Proxy {
                             if changed.is_err() { break; }
                             let snapshot = mesh.borrow_and_update().clone();
                             tracing::info!(services = snapshot.services.len(), "mesh config updated");
-                            let app = shared.app.as_ref().map(|(a, _)| *a);
+                            let app = shared.app.as_ref().map(|a| a.address);
                             shared.upstreams.retain(|addr| {
                                 Some(*addr) == app
                                     || snapshot

@@ -11,7 +11,7 @@ use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use crate::request::{Shared, Side, handle};
+use crate::request::{Connection, Shared, Side, handle};
 
 /// How long a connection may wait for request headers (HTTP/1.1) or go
 /// without answering a ping (HTTP/2) before it is closed.
@@ -43,8 +43,8 @@ pub async fn serve(
             a = listener.accept() => a,
             _ = shutdown.wait_for(|s| *s) => break,
         };
-        let stream = match accepted {
-            Ok((stream, _peer)) => stream,
+        let (stream, peer) = match accepted {
+            Ok(a) => a,
             Err(e) => {
                 // Usually EMFILE; back off instead of spinning.
                 tracing::warn!(error = %e, ?side, "accept failed");
@@ -53,8 +53,13 @@ pub async fn serve(
             }
         };
         let _ = stream.set_nodelay(true);
+        let conn = Arc::new(Connection {
+            side,
+            peer,
+            local: stream.local_addr().unwrap_or(peer),
+        });
         let shared = shared.clone();
-        let svc = service_fn(move |req| handle(shared.clone(), side, req));
+        let svc = service_fn(move |req| handle(shared.clone(), conn.clone(), req));
         let conn = builder
             .serve_connection(TokioIo::new(stream), svc)
             .into_owned();

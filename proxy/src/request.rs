@@ -1,9 +1,14 @@
-//! The request path, one named phase at a time:
+//! The request path, one named phase at a time, in the order [`handle`]
+//! runs them:
 //!
-//! accept → detect protocol → peer identity → (authorize, rate-limit: later)
-//! → route → balance → forward → record.
-//!
-//! Each phase is a function below; [`handle`] reads as the list of them.
+//! 1. **accept** — the record starts; from here it is written exactly once;
+//! 2. **identify peer** — who is calling;
+//! 3. **authorize** and 4. **rate-limit** — the policy engine's places;
+//!    until it lands they allow everything and say so;
+//! 5. **route** — which service (outbound) or the local app (inbound);
+//! 6. **forward** — the tries, each picking an endpoint ([`crate::attempt`]);
+//! 7. **respond** — the upstream's answer, or one of our own;
+//! 8. **record** — when the response body ends ([`crate::body`]).
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -16,7 +21,8 @@ use http::{Request, Response, StatusCode, Version};
 use hyper::body::Incoming;
 use lumen_core::{Protocol, Reporter, RequestRecord, ResponseFlags, Workload};
 
-use crate::body::{PendingRecord, RequestBody, RequestBodyState, ResponseBody, grpc_status};
+use crate::attempt::{App, Destination, Forward, upstream_version};
+use crate::body::{PendingRecord, RequestBodyState, ResponseBody, grpc_status};
 use crate::forward::{Upstreams, strip_hop_by_hop};
 use crate::route::{NoRoute, RoutingTable};
 use crate::telemetry::Telemetry;
@@ -38,6 +44,16 @@ pub enum Side {
     Inbound,
 }
 
+/// What every request on one downstream connection shares.
+#[derive(Debug, Clone)]
+pub struct Connection {
+    pub side: Side,
+    /// The downstream peer.
+    pub peer: SocketAddr,
+    /// The address the connection was accepted on.
+    pub local: SocketAddr,
+}
+
 /// What every request handler shares: identity, routes, pools, telemetry.
 pub struct Shared {
     pub identity: Workload,
@@ -45,42 +61,116 @@ pub struct Shared {
     pub routes: ArcSwap<RoutingTable>,
     pub upstreams: Upstreams,
     pub telemetry: Arc<Telemetry>,
-    pub app: Option<(SocketAddr, Arc<str>)>,
+    pub app: Option<App>,
     pub default_route: Arc<str>,
+    /// Longest wait for response headers once the request body is sent.
+    pub timeout: Duration,
+    /// Request bodies up to this size are kept so they can be retried.
+    pub replay_limit: usize,
 }
 
-/// Where forwarding goes, and whom the record names as destination.
-struct Target {
-    address: SocketAddr,
-    address_str: Arc<str>,
-    destination: Workload,
+/// A phase's verdict on whether the request goes on.
+#[derive(Debug)]
+pub enum Decision {
+    Allow,
+    Deny {
+        status: StatusCode,
+        flags: ResponseFlags,
+        message: String,
+    },
+}
+
+/// A reply the proxy makes itself instead of forwarding.
+struct Refusal {
+    status: StatusCode,
+    flags: ResponseFlags,
+    message: String,
+    /// Whom the record names as destination, when routing got that far.
+    destination: Option<Workload>,
 }
 
 pub async fn handle(
     shared: Arc<Shared>,
-    side: Side,
+    conn: Arc<Connection>,
     req: Request<Incoming>,
 ) -> Result<Response<ResponseBody>, Infallible> {
-    // accept
-    let start_time = SystemTime::now();
-    let started = Instant::now();
-    let protocol = detect_protocol(&req);
     let trace = TraceContext::continue_from(req.headers().get(TRACEPARENT));
-    let authority = recorded(authority_of(&req));
-    let source = peer_identity(&shared, side, &req);
+    let body_state = Arc::new(RequestBodyState::default());
+    let mut pending = accept(&shared, &conn, &req, &trace, &body_state);
 
+    let source = identify_peer(&shared, conn.side, &req);
+    if let Some(r) = pending.record_mut() {
+        r.source = source;
+    }
+    for decision in [authorize(&conn, &req), rate_limit(&conn, &req)] {
+        if let Decision::Deny {
+            status,
+            flags,
+            message,
+        } = decision
+        {
+            return Ok(local_reply(status, flags, message, pending));
+        }
+    }
+
+    let authority = pending.record().map_or("", |r| r.authority.as_str());
+    let destination = match route(&shared, conn.side, authority) {
+        Ok(d) => d,
+        Err(refusal) => {
+            if let (Some(r), Some(d)) = (pending.record_mut(), refusal.destination) {
+                r.destination = d;
+            }
+            return Ok(local_reply(
+                refusal.status,
+                refusal.flags,
+                refusal.message,
+                pending,
+            ));
+        }
+    };
+    if let (Some(r), Destination::Service(routed)) = (pending.record_mut(), &destination) {
+        let s = routed.service();
+        r.destination.service = s.name.clone();
+        r.destination.namespace = s.namespace.clone();
+    }
+
+    let (mut parts, body) = req.into_parts();
+    prepare_upstream_headers(&shared, conn.side, &trace, &mut parts.headers);
+    let forward = Forward {
+        upstreams: &shared.upstreams,
+        destination: &destination,
+        version: upstream_version(protocol_of(&shared, &destination), parts.version),
+        timeout: shared.timeout,
+        replay_limit: shared.replay_limit,
+    };
+    let sent = forward.run(parts, body, body_state, &mut pending).await;
+
+    Ok(match sent {
+        Ok(resp) => respond(resp, pending),
+        Err(e) => local_reply(e.status, e.flags, e.message, pending),
+    })
+}
+
+/// Accept: the request's record, with what is known before routing.
+fn accept(
+    shared: &Arc<Shared>,
+    conn: &Connection,
+    req: &Request<Incoming>,
+    trace: &TraceContext,
+    body_state: &Arc<RequestBodyState>,
+) -> PendingRecord {
     let record = RequestRecord {
-        start_time,
+        start_time: SystemTime::now(),
         duration: Duration::ZERO,
-        reporter: match side {
+        reporter: match conn.side {
             Side::Outbound => Reporter::Source,
             Side::Inbound => Reporter::Destination,
         },
-        source,
+        source: Workload::unknown(),
         destination: shared.identity.clone(),
-        protocol,
+        protocol: detect_protocol(req),
         method: req.method().as_str().to_owned(),
-        authority,
+        authority: recorded(authority_of(req)),
         path: recorded(req.uri().path()),
         route: shared.default_route.clone(),
         status: 0,
@@ -95,60 +185,70 @@ pub async fn handle(
         span_id: trace.span_id,
         parent_span_id: trace.parent_span_id,
     };
-    let body_state = Arc::new(RequestBodyState::default());
     // From here on the record is written exactly once, even if the client
     // goes away before a response exists (the guard's drop writes it).
-    let mut pending = PendingRecord::new(
+    PendingRecord::new(
         record,
-        started,
+        Instant::now(),
         body_state.clone(),
         shared.telemetry.clone(),
-    );
-    let record = pending.record_mut().expect("a new record is unwritten");
+    )
+}
 
-    // route + balance
-    let target = match side {
-        Side::Outbound => route_outbound(&shared, &record.authority),
-        Side::Inbound => route_inbound(&shared),
-    };
-    let target = match target {
-        Ok(t) => t,
-        Err((status, flags, message, destination)) => {
-            if let Some(d) = destination {
-                record.destination = d;
-            }
-            return Ok(local_reply(status, flags, message, pending));
-        }
-    };
-    record.destination = target.destination;
-    record.upstream_address = Some(target.address_str.clone());
+/// Authorize: who may call what. The policy engine decides here once it
+/// exists; until then every request is allowed.
+fn authorize<B>(_conn: &Connection, _req: &Request<B>) -> Decision {
+    Decision::Allow
+}
 
-    // forward
-    let (mut parts, body) = req.into_parts();
-    prepare_upstream_headers(&shared, side, &trace, &mut parts.headers);
-    let upstream_req = Request::from_parts(parts, RequestBody::new(body, body_state.clone()));
-    let authority = pending.record().map_or("", |r| r.authority.as_str());
-    let sent = shared
-        .upstreams
-        .send(target.address, authority, &body_state, upstream_req)
-        .await;
-    match sent {
-        Ok(resp) => {
-            let (mut parts, body) = resp.into_parts();
-            strip_hop_by_hop(&mut parts.headers);
-            if let Some(record) = pending.record_mut() {
-                record.status = parts.status.as_u16();
-                // A trailers-only gRPC response carries its status in the headers.
-                record.grpc_status = grpc_status(&parts.headers);
-            }
-            // record (when the body ends)
-            Ok(Response::from_parts(
-                parts,
-                ResponseBody::upstream(body, pending),
-            ))
-        }
-        Err(e) => Ok(local_reply(e.status, e.flags, e.message, pending)),
+/// Rate-limit: the policy engine's limits apply here once it exists;
+/// until then no request is limited.
+fn rate_limit<B>(_conn: &Connection, _req: &Request<B>) -> Decision {
+    Decision::Allow
+}
+
+/// Route: the service the authority names (outbound), or the local app.
+fn route<'a>(shared: &'a Shared, side: Side, authority: &str) -> Result<Destination<'a>, Refusal> {
+    match side {
+        Side::Outbound => route_outbound(shared, authority).map(Destination::Service),
+        Side::Inbound => match &shared.app {
+            Some(app) => Ok(Destination::App(app)),
+            None => Err(Refusal {
+                status: StatusCode::SERVICE_UNAVAILABLE,
+                flags: ResponseFlags::NO_HEALTHY_UPSTREAM,
+                message: "no local application configured for inbound traffic".to_string(),
+                destination: None,
+            }),
+        },
     }
+}
+
+/// The protocol the destination declares: a service's own, or for the
+/// local app, the one its service declares in the mesh.
+fn protocol_of(shared: &Shared, destination: &Destination<'_>) -> lumen_core::UpstreamProtocol {
+    match destination {
+        Destination::Service(r) => r.service().protocol,
+        Destination::App(_) => shared
+            .routes
+            .load()
+            .mesh()
+            .find(&shared.identity.service, &shared.identity.namespace)
+            .map(|s| s.protocol)
+            .unwrap_or_default(),
+    }
+}
+
+/// Respond: the upstream's answer, streamed; the record is written when
+/// its body ends.
+fn respond(resp: Response<Incoming>, mut pending: PendingRecord) -> Response<ResponseBody> {
+    let (mut parts, body) = resp.into_parts();
+    strip_hop_by_hop(&mut parts.headers);
+    if let Some(record) = pending.record_mut() {
+        record.status = parts.status.as_u16();
+        // A trailers-only gRPC response carries its status in the headers.
+        record.grpc_status = grpc_status(&parts.headers);
+    }
+    Response::from_parts(parts, ResponseBody::upstream(body, pending))
 }
 
 /// Longest path or authority a record keeps, in bytes. Beyond this a
@@ -189,7 +289,7 @@ fn authority_of<B>(req: &Request<B>) -> &str {
 
 /// Who is calling: this workload on the outbound side; on the inbound side,
 /// what the caller's sidecar declared, or `unknown`.
-fn peer_identity<B>(shared: &Shared, side: Side, req: &Request<B>) -> Workload {
+fn identify_peer<B>(shared: &Shared, side: Side, req: &Request<B>) -> Workload {
     match side {
         Side::Outbound => shared.identity.clone(),
         Side::Inbound => req
@@ -227,21 +327,10 @@ pub fn source_header_value(w: &Workload) -> Option<HeaderValue> {
     .ok()
 }
 
-type RouteFailure = (StatusCode, ResponseFlags, String, Option<Workload>);
-
-fn route_outbound(shared: &Shared, authority: &str) -> Result<Target, RouteFailure> {
-    let table = shared.routes.load();
+fn route_outbound(shared: &Shared, authority: &str) -> Result<crate::route::Routed, Refusal> {
+    let table = shared.routes.load_full();
     match table.route(authority, &shared.identity.namespace) {
-        Ok(routed) => Ok(Target {
-            address: routed.endpoint.address,
-            address_str: routed.endpoint.address_str.clone(),
-            destination: Workload {
-                service: routed.service.name.clone(),
-                workload: routed.endpoint.workload.clone(),
-                namespace: routed.service.namespace.clone(),
-                version: routed.endpoint.version.clone(),
-            },
-        }),
+        Ok(routed) => Ok(routed),
         Err(NoRoute::UnknownService) => {
             let host = authority.split(':').next().unwrap_or(authority);
             let mut destination = Workload::unknown();
@@ -253,12 +342,12 @@ fn route_outbound(shared: &Shared, authority: &str) -> Result<Target, RouteFailu
             } else {
                 format!("no route to `{authority}`: no such service in the mesh")
             };
-            Err((
-                StatusCode::NOT_FOUND,
-                ResponseFlags::NO_ROUTE,
+            Err(Refusal {
+                status: StatusCode::NOT_FOUND,
+                flags: ResponseFlags::NO_ROUTE,
                 message,
-                Some(destination),
-            ))
+                destination: Some(destination),
+            })
         }
         Err(NoRoute::NoEndpoints) => {
             let (service, namespace) =
@@ -270,29 +359,13 @@ fn route_outbound(shared: &Shared, authority: &str) -> Result<Target, RouteFailu
             let mut destination = Workload::unknown();
             destination.service = service;
             destination.namespace = namespace;
-            Err((
-                StatusCode::SERVICE_UNAVAILABLE,
-                ResponseFlags::NO_HEALTHY_UPSTREAM,
+            Err(Refusal {
+                status: StatusCode::SERVICE_UNAVAILABLE,
+                flags: ResponseFlags::NO_HEALTHY_UPSTREAM,
                 message,
-                Some(destination),
-            ))
+                destination: Some(destination),
+            })
         }
-    }
-}
-
-fn route_inbound(shared: &Shared) -> Result<Target, RouteFailure> {
-    match &shared.app {
-        Some((address, address_str)) => Ok(Target {
-            address: *address,
-            address_str: address_str.clone(),
-            destination: shared.identity.clone(),
-        }),
-        None => Err((
-            StatusCode::SERVICE_UNAVAILABLE,
-            ResponseFlags::NO_HEALTHY_UPSTREAM,
-            "no local application configured for inbound traffic".to_string(),
-            None,
-        )),
     }
 }
 

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use lumen_core::{Endpoint, MeshConfig, Service};
 
 use crate::balance::RoundRobin;
+use crate::retry::Budget;
 
 /// The route every request of a service takes until routes are configurable.
 pub const DEFAULT_ROUTE: &str = "default";
@@ -16,6 +17,7 @@ pub const DEFAULT_ROUTE: &str = "default";
 pub struct RoutingTable {
     mesh: Arc<MeshConfig>,
     balancers: Vec<RoundRobin>,
+    budgets: Vec<Budget>,
 }
 
 /// Why an outbound request has nowhere to go.
@@ -27,10 +29,38 @@ pub enum NoRoute {
     NoEndpoints,
 }
 
-/// Where the route phase sends a request.
-pub struct Routed<'a> {
-    pub service: &'a Service,
-    pub endpoint: &'a Endpoint,
+/// The service a request is for, in the table it was routed by (kept for
+/// the request's life, so a config change mid-request changes nothing).
+#[derive(Clone)]
+pub struct Routed {
+    table: Arc<RoutingTable>,
+    index: usize,
+}
+
+impl Routed {
+    pub fn service(&self) -> &Service {
+        &self.table.mesh.services[self.index]
+    }
+
+    pub fn budget(&self) -> &Budget {
+        &self.table.budgets[self.index]
+    }
+
+    /// The next endpoint by the balancer, avoiding those already tried
+    /// while others remain (as Istio's `previous_hosts` retry predicate).
+    pub fn pick(&self, tried: &[std::net::SocketAddr]) -> Option<&Endpoint> {
+        let endpoints = &self.service().endpoints;
+        let balancer = &self.table.balancers[self.index];
+        let mut first = None;
+        for _ in 0..endpoints.len() {
+            let e = balancer.pick(endpoints)?;
+            if !tried.contains(&e.address) {
+                return Some(e);
+            }
+            first.get_or_insert(e);
+        }
+        first
+    }
 }
 
 impl RoutingTable {
@@ -40,23 +70,34 @@ impl RoutingTable {
             .iter()
             .map(|_| RoundRobin::default())
             .collect();
-        RoutingTable { mesh, balancers }
+        let budgets = mesh.services.iter().map(|_| Budget::default()).collect();
+        RoutingTable {
+            mesh,
+            balancers,
+            budgets,
+        }
     }
 
     pub fn mesh(&self) -> &Arc<MeshConfig> {
         &self.mesh
     }
 
-    /// Resolves the authority (route) and picks an endpoint (balance).
-    pub fn route(&self, authority: &str, caller_namespace: &str) -> Result<Routed<'_>, NoRoute> {
-        let i = self
+    /// The service `authority` names, if it has somewhere to send to.
+    pub fn route(
+        self: &Arc<Self>,
+        authority: &str,
+        caller_namespace: &str,
+    ) -> Result<Routed, NoRoute> {
+        let index = self
             .mesh
             .resolve_index(authority, caller_namespace)
             .ok_or(NoRoute::UnknownService)?;
-        let service = &self.mesh.services[i];
-        let endpoint = self.balancers[i]
-            .pick(&service.endpoints)
-            .ok_or(NoRoute::NoEndpoints)?;
-        Ok(Routed { service, endpoint })
+        if self.mesh.services[index].endpoints.is_empty() {
+            return Err(NoRoute::NoEndpoints);
+        }
+        Ok(Routed {
+            table: self.clone(),
+            index,
+        })
     }
 }

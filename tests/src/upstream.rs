@@ -3,13 +3,17 @@
 //!
 //! - `/status/<code>/…` answers with that status (any other path: 200);
 //! - `?delay_ms=N` waits N ms before answering;
+//! - `/flaky/<key>/<n>/…` answers 503 to the first `n` requests for `key`,
+//!   then 200 (a failure a retry gets past);
 //! - `?size=N` answers with an N-byte body;
 //! - the JSON body otherwise echoes the request's `traceparent`,
 //!   `x-lumen-source` and `host` headers, the authority (`:authority` or
-//!   `Host`) and the app's name.
+//!   `Host`), the request body's length and the app's name.
 
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::sync::{LazyLock, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -27,6 +31,24 @@ fn query_param<'a>(query: &'a str, key: &str) -> Option<&'a str> {
         .find_map(|kv| kv.strip_prefix(key)?.strip_prefix('='))
 }
 
+/// Requests seen per `/flaky/<key>`.
+static FLAKY: LazyLock<Mutex<HashMap<String, u32>>> = LazyLock::new(Default::default);
+
+/// 503 while `/flaky/<key>/<n>` has been asked at most `n` times.
+fn flaky(path: &str) -> Option<StatusCode> {
+    let mut parts = path.strip_prefix("/flaky/")?.split('/');
+    let key = parts.next()?.to_string();
+    let n: u32 = parts.next()?.parse().ok()?;
+    let mut seen = FLAKY.lock().unwrap_or_else(|p| p.into_inner());
+    let count = seen.entry(key).or_insert(0);
+    *count += 1;
+    Some(if *count <= n {
+        StatusCode::SERVICE_UNAVAILABLE
+    } else {
+        StatusCode::OK
+    })
+}
+
 async fn handle(
     name: &'static str,
     req: Request<Incoming>,
@@ -39,7 +61,7 @@ async fn handle(
             .and_then(|v| v.to_str().ok())
             .map(str::to_string)
     };
-    let echo = serde_json::json!({
+    let mut echo = serde_json::json!({
         "app": name,
         "path": path,
         "traceparent": header("traceparent"),
@@ -48,7 +70,8 @@ async fn handle(
         "authority": req.uri().authority().map(|a| a.to_string()).or_else(|| header("host")),
     });
     // Drain the request body so its bytes are counted upstream.
-    let _ = req.into_body().collect().await;
+    let body = req.into_body().collect().await.map(|b| b.to_bytes());
+    echo["body_bytes"] = body.map_or(serde_json::Value::Null, |b| b.len().into());
     if let Some(ms) = query_param(&query, "delay_ms").and_then(|v| v.parse().ok()) {
         tokio::time::sleep(Duration::from_millis(ms)).await;
     }
@@ -57,6 +80,7 @@ async fn handle(
         .and_then(|rest| rest.split('/').next())
         .and_then(|c| c.parse::<u16>().ok())
         .and_then(|c| StatusCode::from_u16(c).ok())
+        .or_else(|| flaky(&path))
         .unwrap_or(StatusCode::OK);
     let body = match query_param(&query, "size").and_then(|v| v.parse::<usize>().ok()) {
         Some(n) => Bytes::from(vec![b'x'; n]),

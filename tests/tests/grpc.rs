@@ -76,15 +76,21 @@ async fn grpc_calls_are_recorded_with_their_grpc_status() -> Result<()> {
     let base = "SELECT count(*) AS n FROM requests WHERE protocol = 'grpc' AND status = 200 \
          AND destination_service = 'tracer' \
          AND path = '/opentelemetry.proto.collector.trace.v1.TraceService/Export'";
-    for reporter in ["source", "destination"] {
+    // UNAVAILABLE is retried twice (Istio's default), the request message
+    // sent again each time: three tries the app answered, one request.
+    for (reporter, tries) in [("source", 1), ("destination", 3)] {
         let q = format!("{base} AND reporter = '{reporter}' AND grpc_status = 0");
         assert_eq!(wait_for_count(&url, &q, ok).await?, ok, "{reporter}");
         let q = format!("{base} AND reporter = '{reporter}' AND grpc_status = 14");
         assert_eq!(
-            wait_for_count(&url, &q, failed).await?,
-            failed,
+            wait_for_count(&url, &q, tries * failed).await?,
+            tries * failed,
             "{reporter}"
         );
     }
+    let q = format!(
+        "{base} AND reporter = 'source' AND grpc_status = 14 AND retries = 2 AND response_flags = 'URX'"
+    );
+    assert_eq!(wait_for_count(&url, &q, failed).await?, failed);
     Ok(())
 }

@@ -112,9 +112,13 @@ async fn every_request_through_the_mesh_is_recorded_once_per_side() -> Result<()
     assert!(resp.text().await?.contains("nosuch:8080"));
 
     let url = up_ports.sql_url();
+    // Istio's default policy retries a 503 twice: three tries, each a
+    // destination row; one source row per request.
+    let unavailable = sent.values().filter(|(s, _, _)| *s == 503).count();
+    let tries = (n + 2 * unavailable) as i64;
     let dest = "SELECT count(*) AS n FROM requests WHERE reporter = 'destination' AND destination_service = 'backend'";
     let src = "SELECT count(*) AS n FROM requests WHERE reporter = 'source' AND destination_service = 'backend'";
-    assert_eq!(wait_for_count(&url, dest, n as i64).await?, n as i64);
+    assert_eq!(wait_for_count(&url, dest, tries).await?, tries);
     assert_eq!(wait_for_count(&url, src, n as i64).await?, n as i64);
     let other_q = "SELECT count(*) AS n FROM requests WHERE reporter = 'destination' AND destination_service = 'other' AND request_bytes = 100";
     assert_eq!(wait_for_count(&url, other_q, m as i64).await?, m as i64);
@@ -125,7 +129,25 @@ async fn every_request_through_the_mesh_is_recorded_once_per_side() -> Result<()
     assert_eq!(wait_for_count(&url, dc, 2).await?, 2);
     // Nothing arrives twice: the counts stay put.
     tokio::time::sleep(Duration::from_secs(1)).await;
-    assert_eq!(wait_for_count(&url, dest, n as i64).await?, n as i64);
+    assert_eq!(wait_for_count(&url, dest, tries).await?, tries);
+    let retried = sql(
+        &url,
+        "SELECT status, retries, response_flags FROM requests \
+         WHERE reporter = 'source' AND destination_service = 'backend'",
+    )
+    .await?;
+    for r in &retried {
+        let (retries, flags) = if r["status"] == 503 {
+            (2, "URX")
+        } else {
+            (0, "-")
+        };
+        assert_eq!(
+            (r["retries"].as_i64(), r["response_flags"].as_str()),
+            (Some(retries), Some(flags)),
+            "{r}"
+        );
+    }
 
     let rows = sql(
         &url,
@@ -135,7 +157,7 @@ async fn every_request_through_the_mesh_is_recorded_once_per_side() -> Result<()
          FROM requests WHERE reporter = 'destination' AND destination_service = 'backend'",
     )
     .await?;
-    assert_eq!(rows.len(), n);
+    assert_eq!(rows.len() as i64, tries);
     for r in &rows {
         let path = r["path"].as_str().unwrap();
         let (status, delay, trace_id) = &sent[path];
@@ -165,7 +187,7 @@ async fn every_request_through_the_mesh_is_recorded_once_per_side() -> Result<()
     let linked = "SELECT count(*) AS n FROM requests d JOIN requests s \
          ON d.parent_span_id = s.span_id AND d.trace_id = s.trace_id \
          WHERE d.reporter = 'destination' AND s.reporter = 'source' AND d.destination_service = 'backend'";
-    assert_eq!(wait_for_count(&url, linked, n as i64).await?, n as i64);
+    assert_eq!(wait_for_count(&url, linked, tries).await?, tries);
 
     // The sidecar's Prometheus stats count the same requests.
     let stats = reqwest::get(format!("http://127.0.0.1:{}/stats/prometheus", fe.admin))

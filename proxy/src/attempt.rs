@@ -1,0 +1,233 @@
+//! The forward phase: a loop of tries. Each try picks an endpoint (one
+//! not tried yet, while there are others), sends the request with its own
+//! per-try timeout, and is judged by the retry policy; a retry waits a
+//! jittered backoff and must fit the service's retry budget. The request
+//! body is streamed on the first try and replayed on retries (see
+//! [`crate::replay`]). The whole exchange stays under the request timeout.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{Request, Response, Version};
+use hyper::body::Incoming;
+use lumen_core::{ResponseFlags, RetryPolicy, UpstreamProtocol, Workload};
+
+use crate::body::{PendingRecord, RequestBody, RequestBodyState, grpc_status};
+use crate::forward::{ForwardError, Upstreams};
+use crate::replay::Replay;
+use crate::retry::{self, Budget, Outcome};
+use crate::route::Routed;
+
+/// Where a request's tries go.
+pub enum Destination<'a> {
+    /// A mesh service's endpoints (outbound).
+    Service(Routed),
+    /// The local app (inbound).
+    App(&'a App),
+}
+
+/// The local app behind an inbound sidecar.
+pub struct App {
+    pub address: SocketAddr,
+    pub address_str: Arc<str>,
+    pub identity: Workload,
+    /// Inbound requests are not retried: the caller's sidecar does that.
+    pub retries: RetryPolicy,
+    pub budget: Budget,
+}
+
+/// One picked endpoint.
+struct Endpoint {
+    address: SocketAddr,
+    address_str: Arc<str>,
+    workload: Arc<str>,
+    version: Arc<str>,
+}
+
+impl Destination<'_> {
+    fn policy(&self) -> &RetryPolicy {
+        match self {
+            Destination::Service(r) => &r.service().retries,
+            Destination::App(a) => &a.retries,
+        }
+    }
+
+    fn budget(&self) -> &Budget {
+        match self {
+            Destination::Service(r) => r.budget(),
+            Destination::App(a) => &a.budget,
+        }
+    }
+
+    fn pick(&self, tried: &[SocketAddr]) -> Option<Endpoint> {
+        match self {
+            Destination::Service(r) => r.pick(tried).map(|e| Endpoint {
+                address: e.address,
+                address_str: e.address_str.clone(),
+                workload: e.workload.clone(),
+                version: e.version.clone(),
+            }),
+            Destination::App(a) => Some(Endpoint {
+                address: a.address,
+                address_str: a.address_str.clone(),
+                workload: a.identity.workload.clone(),
+                version: a.identity.version.clone(),
+            }),
+        }
+    }
+}
+
+/// The HTTP version a try speaks upstream: the destination's declared
+/// protocol, or the caller's when it declares none.
+pub fn upstream_version(protocol: UpstreamProtocol, downstream: Version) -> Version {
+    match protocol {
+        UpstreamProtocol::Http => Version::HTTP_11,
+        UpstreamProtocol::Http2 | UpstreamProtocol::Grpc => Version::HTTP_2,
+        UpstreamProtocol::Auto | UpstreamProtocol::Tcp if downstream == Version::HTTP_2 => {
+            Version::HTTP_2
+        }
+        UpstreamProtocol::Auto | UpstreamProtocol::Tcp => Version::HTTP_11,
+    }
+}
+
+/// How the forward phase is to run.
+pub struct Forward<'a> {
+    pub upstreams: &'a Upstreams,
+    pub destination: &'a Destination<'a>,
+    pub version: Version,
+    /// Longest wait for response headers once the request body is sent,
+    /// over all tries.
+    pub timeout: Duration,
+    /// Request bodies up to this size are kept for retries.
+    pub replay_limit: usize,
+}
+
+impl Forward<'_> {
+    /// Sends the request until a try succeeds or the policy stops,
+    /// filling the record's `retries`, endpoint and flags.
+    pub async fn run(
+        &self,
+        parts: http::request::Parts,
+        body: Incoming,
+        body_state: Arc<RequestBodyState>,
+        pending: &mut PendingRecord,
+    ) -> Result<Response<Incoming>, ForwardError> {
+        let deadline = {
+            let body_state = body_state.clone();
+            let timeout = self.timeout;
+            async move {
+                body_state.wait_ended().await;
+                tokio::time::sleep(timeout).await;
+            }
+        };
+        tokio::select! {
+            r = self.tries(parts, body, &body_state, pending) => r,
+            () = deadline => {
+                let mut e = ForwardError {
+                    flags: ResponseFlags::UPSTREAM_REQUEST_TIMEOUT,
+                    status: http::StatusCode::GATEWAY_TIMEOUT,
+                    message: format!("upstream sent no response headers within {:?}", self.timeout),
+                    outcome: Outcome::TimedOut,
+                };
+                if let Some(r) = pending.record()
+                    && let Some(a) = &r.upstream_address
+                {
+                    e.message = format!("upstream {a} sent no response headers within {:?}", self.timeout);
+                }
+                Err(e)
+            }
+        }
+    }
+
+    async fn tries(
+        &self,
+        parts: http::request::Parts,
+        body: Incoming,
+        body_state: &Arc<RequestBodyState>,
+        pending: &mut PendingRecord,
+    ) -> Result<Response<Incoming>, ForwardError> {
+        let policy = self.destination.policy();
+        let budget = self.destination.budget();
+        let _in_flight = budget.request();
+        let keep = if policy.attempts == 0 {
+            0
+        } else {
+            self.replay_limit
+        };
+        let replay = Replay::new(RequestBody::new(body, body_state.clone()), keep);
+        let authority = pending
+            .record()
+            .map(|r| r.authority.clone())
+            .unwrap_or_default();
+        let mut tried: Vec<SocketAddr> = Vec::new();
+        let mut retry = 0u32;
+        // The retry in flight holds its place in the budget until the
+        // next decision.
+        let mut _retrying = None;
+        loop {
+            let Some(endpoint) = self.destination.pick(&tried) else {
+                return Err(ForwardError {
+                    flags: ResponseFlags::NO_HEALTHY_UPSTREAM,
+                    status: http::StatusCode::SERVICE_UNAVAILABLE,
+                    message: "no healthy upstream".into(),
+                    outcome: Outcome::Final,
+                });
+            };
+            if let Some(r) = pending.record_mut() {
+                r.destination.workload = endpoint.workload.clone();
+                r.destination.version = endpoint.version.clone();
+                r.upstream_address = Some(endpoint.address_str.clone());
+                r.retries = retry;
+            }
+            tried.push(endpoint.address);
+
+            let mut req = Request::new(replay.try_body());
+            *req.method_mut() = parts.method.clone();
+            *req.uri_mut() = parts.uri.clone();
+            *req.headers_mut() = parts.headers.clone();
+            let result = self
+                .upstreams
+                .send(
+                    endpoint.address,
+                    self.version,
+                    &authority,
+                    body_state,
+                    req,
+                    policy.per_try_timeout,
+                )
+                .await;
+            let outcome = match &result {
+                Ok(resp) => Outcome::Response {
+                    status: resp.status(),
+                    // Only a trailers-only answer has its status already.
+                    grpc: grpc_status(resp.headers()),
+                },
+                Err(e) => e.outcome,
+            };
+            if !retry::wants_retry(policy, outcome) {
+                return result;
+            }
+            if retry >= policy.attempts {
+                if policy.attempts > 0
+                    && let Some(r) = pending.record_mut()
+                {
+                    r.response_flags
+                        .insert(ResponseFlags::UPSTREAM_RETRY_LIMIT_EXCEEDED);
+                }
+                return result;
+            }
+            if !replay.replayable() {
+                return result;
+            }
+            _retrying = budget.retry(policy);
+            if _retrying.is_none() {
+                tracing::debug!(retry, "retry budget spent; answering the failed try");
+                return result;
+            }
+            drop(result);
+            retry += 1;
+            tokio::time::sleep(retry::backoff(policy, retry)).await;
+        }
+    }
+}
