@@ -10,6 +10,8 @@
 //!     - name: reviews
 //!       namespace: default        # optional, default "default"
 //!       port: 9080                # optional; the port callers put in the authority
+//!       clusterIP: 10.96.0.12     # optional; the address apps dial when their
+//!                                 # traffic is captured transparently
 //!       protocol: http            # optional: http (HTTP/1.1), http2, grpc, tcp;
 //!                                 # default: whatever the caller spoke
 //!       retries:                  # optional; these are the defaults (Istio's)
@@ -101,6 +103,8 @@ struct ServiceSpec {
     namespace: Option<String>,
     #[serde(default)]
     port: Option<u16>,
+    #[serde(default, rename = "clusterIP")]
+    cluster_ip: Option<String>,
     #[serde(default)]
     protocol: UpstreamProtocol,
     #[serde(default)]
@@ -353,6 +357,9 @@ pub struct Service {
     pub name: Arc<str>,
     pub namespace: Arc<str>,
     pub port: Option<u16>,
+    /// The virtual address apps dial (Kubernetes' ClusterIP), for traffic
+    /// captured transparently, where no authority names the service.
+    pub cluster_ip: Option<std::net::IpAddr>,
     pub protocol: UpstreamProtocol,
     pub retries: Arc<RetryPolicy>,
     pub endpoints: Vec<Endpoint>,
@@ -365,6 +372,7 @@ impl Service {
             name: name.into(),
             namespace: namespace.into(),
             port,
+            cluster_ip: None,
             protocol: UpstreamProtocol::default(),
             retries: Arc::new(RetryPolicy::default()),
             endpoints,
@@ -451,6 +459,14 @@ impl MeshConfig {
     pub fn find(&self, name: &str, namespace: &str) -> Option<&Service> {
         let &i = self.index.get(namespace)?.get(name)?;
         Some(&self.services[i])
+    }
+
+    /// The service whose cluster IP (and port, when it declares one) a
+    /// transparently captured connection was dialled to.
+    pub fn by_address(&self, dst: SocketAddr) -> Option<&Service> {
+        self.services
+            .iter()
+            .find(|s| s.cluster_ip == Some(dst.ip()) && s.port.is_none_or(|p| p == dst.port()))
     }
 
     /// Finds the service an HTTP authority names, the way Kubernetes DNS
@@ -641,6 +657,15 @@ fn validate_service(s: ServiceSpec, at: &str) -> Result<Service, (String, String
             version: version.into(),
         });
     }
+    let cluster_ip = match s.cluster_ip {
+        None => None,
+        Some(ip) => Some(ip.trim().parse().map_err(|_| {
+            (
+                format!("{at}.clusterIP"),
+                format!("`{ip}` is not an IP address"),
+            )
+        })?),
+    };
     let retries = match s.retries {
         Some(r) => validate_retries(r, &format!("{at}.retries"))?,
         None => RetryPolicy::default(),
@@ -649,6 +674,7 @@ fn validate_service(s: ServiceSpec, at: &str) -> Result<Service, (String, String
         name: s.name.into(),
         namespace: namespace.into(),
         port: s.port,
+        cluster_ip,
         protocol: s.protocol,
         retries: Arc::new(retries),
         endpoints,

@@ -36,15 +36,32 @@ pub enum Protocol {
     Http1,
     Http2,
     Grpc,
+    /// An HTTP/1.1 connection upgraded to WebSocket (or another protocol).
+    WebSocket,
+    /// Opaque bytes: a row per connection.
+    Tcp,
 }
 
 impl Protocol {
     pub fn as_str(self) -> &'static str {
         match self {
             Protocol::Http1 => "http/1.1",
-            Protocol::Http2 => "http/2",
+            Protocol::Http2 => "h2",
             Protocol::Grpc => "grpc",
+            Protocol::WebSocket => "websocket",
+            Protocol::Tcp => "tcp",
         }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "http/1.1" => Protocol::Http1,
+            "h2" => Protocol::Http2,
+            "grpc" => Protocol::Grpc,
+            "websocket" => Protocol::WebSocket,
+            "tcp" => Protocol::Tcp,
+            _ => return None,
+        })
     }
 }
 

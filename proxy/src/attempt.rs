@@ -38,11 +38,11 @@ pub struct App {
 }
 
 /// One picked endpoint.
-struct Endpoint {
-    address: SocketAddr,
-    address_str: Arc<str>,
-    workload: Arc<str>,
-    version: Arc<str>,
+pub struct Endpoint {
+    pub address: SocketAddr,
+    pub address_str: Arc<str>,
+    pub workload: Arc<str>,
+    pub version: Arc<str>,
 }
 
 impl Destination<'_> {
@@ -60,7 +60,8 @@ impl Destination<'_> {
         }
     }
 
-    fn pick(&self, tried: &[SocketAddr]) -> Option<Endpoint> {
+    /// The next endpoint, avoiding those `tried` while others remain.
+    pub fn pick(&self, tried: &[SocketAddr]) -> Option<Endpoint> {
         match self {
             Destination::Service(r) => r.pick(tried).map(|e| Endpoint {
                 address: e.address,

@@ -155,6 +155,20 @@ impl PendingRecord {
             self.telemetry.record(r);
         }
     }
+
+    /// Writes a tunnel's record: the bytes it carried each way on top of
+    /// the request that opened it.
+    pub fn finish_tunnel(&mut self, spliced: crate::tcp::Spliced) {
+        if let Some(r) = self.record.as_mut() {
+            r.request_bytes = self.request_body.bytes() + spliced.sent;
+        }
+        if let Some(mut r) = self.record.take() {
+            r.duration = self.started.elapsed();
+            r.response_bytes = spliced.received;
+            r.response_flags.insert(spliced.flags);
+            self.telemetry.record(r);
+        }
+    }
 }
 
 impl Drop for PendingRecord {
@@ -163,10 +177,12 @@ impl Drop for PendingRecord {
     }
 }
 
-/// The body the proxy answers with: the upstream's, streamed, or a local reply.
+/// The body the proxy answers with: the upstream's, streamed, or a local
+/// reply. It writes the request's record when it ends — except for a
+/// tunnel's answer, whose record the tunnel writes when it closes.
 pub struct ResponseBody {
     inner: Either<Incoming, Full<Bytes>>,
-    pending: PendingRecord,
+    pending: Option<PendingRecord>,
     bytes: u64,
 }
 
@@ -174,7 +190,7 @@ impl ResponseBody {
     pub fn upstream(inner: Incoming, pending: PendingRecord) -> Self {
         ResponseBody {
             inner: Either::Left(inner),
-            pending,
+            pending: Some(pending),
             bytes: 0,
         }
     }
@@ -182,7 +198,16 @@ impl ResponseBody {
     pub fn local(text: impl Into<Bytes>, pending: PendingRecord) -> Self {
         ResponseBody {
             inner: Either::Right(Full::new(text.into())),
-            pending,
+            pending: Some(pending),
+            bytes: 0,
+        }
+    }
+
+    /// The empty body of a tunnel's `101` or `200`.
+    pub fn tunnel() -> Self {
+        ResponseBody {
+            inner: Either::Right(Full::new(Bytes::new())),
+            pending: None,
             bytes: 0,
         }
     }
@@ -206,7 +231,7 @@ impl Body for ResponseBody {
                     self.bytes += data.len() as u64;
                 } else if let Some(trailers) = frame.trailers_ref()
                     && let Some(s) = grpc_status(trailers)
-                    && let Some(r) = self.pending.record_mut()
+                    && let Some(r) = self.pending.as_mut().and_then(|p| p.record_mut())
                 {
                     // gRPC puts its status in the trailers of a normal response.
                     r.grpc_status = Some(s);
@@ -214,12 +239,15 @@ impl Body for ResponseBody {
             }
             Poll::Ready(None) => {
                 let bytes = self.bytes;
-                self.pending.finish(bytes, ResponseFlags::empty());
+                if let Some(p) = &mut self.pending {
+                    p.finish(bytes, ResponseFlags::empty());
+                }
             }
             Poll::Ready(Some(Err(_))) => {
                 let bytes = self.bytes;
-                self.pending
-                    .finish(bytes, ResponseFlags::UPSTREAM_CONNECTION_TERMINATION);
+                if let Some(p) = &mut self.pending {
+                    p.finish(bytes, ResponseFlags::UPSTREAM_CONNECTION_TERMINATION);
+                }
             }
             Poll::Pending => {}
         }
@@ -240,17 +268,20 @@ impl Drop for ResponseBody {
         // Bodies known to be empty (HEAD, 204, Content-Length: 0) may never be
         // polled, nor may a local reply to HEAD; anything else dropped early
         // means the client left.
-        let head = self
-            .pending
-            .record_mut()
-            .is_some_and(|r| r.method == "HEAD");
+        let Some(pending) = &mut self.pending else {
+            return;
+        };
+        let head = pending.record_mut().is_some_and(|r| r.method == "HEAD");
         let flags =
             if self.inner.is_end_stream() || (head && matches!(self.inner, Either::Right(_))) {
                 ResponseFlags::empty()
             } else {
                 ResponseFlags::DOWNSTREAM_CONNECTION_TERMINATION
             };
-        self.pending.finish(self.bytes, flags);
+        let bytes = self.bytes;
+        if let Some(p) = &mut self.pending {
+            p.finish(bytes, flags);
+        }
     }
 }
 

@@ -99,6 +99,10 @@ impl Upstreams {
         }
     }
 
+    pub fn connect_timeout(&self) -> Duration {
+        self.connect_timeout
+    }
+
     fn pools(&self, address: SocketAddr) -> Arc<EndpointPools> {
         if let Some(p) = self.pools.load().get(&address) {
             return p.clone();

@@ -18,14 +18,17 @@ pub mod admin;
 pub mod attempt;
 pub mod balance;
 pub mod body;
+pub mod detect;
 pub mod forward;
 pub mod listener;
 pub mod replay;
 pub mod request;
 pub mod retry;
 pub mod route;
+pub mod tcp;
 pub mod telemetry;
 pub mod trace;
+pub mod tunnel;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -200,6 +203,8 @@ impl Proxy {
             default_route: Arc::from(route::DEFAULT_ROUTE),
             timeout: config.upstream_timeout,
             replay_limit: config.replay_limit,
+            stop: stop_rx.clone(),
+            drain: config.drain_timeout,
         });
 
         let mut tasks = tokio::task::JoinSet::new();

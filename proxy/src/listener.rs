@@ -1,5 +1,7 @@
-//! Accepting connections: HTTP/1.1 and HTTP/2 (h2c, detected by preface) on
-//! one port, keep-alive, and a graceful drain on shutdown.
+//! Accepting connections: each one's context (peer, original destination),
+//! what it speaks (detected from its first bytes, or declared), then HTTP
+//! (HTTP/1.1 and HTTP/2 on one port, keep-alive) or opaque TCP; a graceful
+//! drain on shutdown.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -8,14 +10,20 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
-use tokio::net::TcpListener;
+use lumen_core::UpstreamProtocol;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
+use crate::detect::{self, Detected};
 use crate::request::{Connection, Shared, Side, handle};
 
 /// How long a connection may wait for request headers (HTTP/1.1) or go
 /// without answering a ping (HTTP/2) before it is closed.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// How long a new connection may stay silent before its protocol is taken
+/// to be opaque TCP (a server-first protocol). Ports declared `tcp` skip it.
+const DETECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Serves one listener until `shutdown` turns true, then lets open
 /// connections finish their requests for up to `drain`.
@@ -37,7 +45,9 @@ pub async fn serve(
         .timer(TokioTimer::new())
         .keep_alive_interval(Some(IDLE_TIMEOUT))
         .keep_alive_timeout(Duration::from_secs(20));
+    let builder = Arc::new(builder);
     let graceful = GracefulShutdown::new();
+    let mut tcp = tokio::task::JoinSet::new();
     loop {
         let accepted = tokio::select! {
             a = listener.accept() => a,
@@ -57,27 +67,71 @@ pub async fn serve(
             side,
             peer,
             local: stream.local_addr().unwrap_or(peer),
+            original_dst: detect::original_dst(&stream),
         });
         let shared = shared.clone();
-        let svc = service_fn(move |req| handle(shared.clone(), conn.clone(), req));
-        let conn = builder
-            .serve_connection(TokioIo::new(stream), svc)
-            .into_owned();
-        let conn = graceful.watch(conn);
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(error = %e, ?side, "connection ended with error");
+        let builder = builder.clone();
+        let watcher = graceful.watcher();
+        let stop = shutdown.clone();
+        tcp.spawn(async move {
+            let speaks = match declared(&shared, &conn) {
+                Some(UpstreamProtocol::Tcp) => Detected::Tcp,
+                _ => detect::detect(&stream, DETECT_TIMEOUT).await,
+            };
+            match speaks {
+                Detected::Http1 | Detected::Http2 => {
+                    serve_http(stream, shared, conn, &builder, watcher).await
+                }
+                Detected::Tls | Detected::Tcp => {
+                    crate::tcp::proxy(shared, conn, stream, stop, drain).await;
+                }
             }
         });
+        // Reap finished connections so the set stays as small as what is open.
+        while tcp.try_join_next().is_some() {}
     }
     drop(listener);
-    if tokio::time::timeout(drain, graceful.shutdown())
-        .await
-        .is_err()
-    {
+    let drained = async {
+        graceful.shutdown().await;
+        while tcp.join_next().await.is_some() {}
+    };
+    if tokio::time::timeout(drain, drained).await.is_err() {
         tracing::warn!(
             ?side,
             "connections still open after {drain:?}; closing them"
         );
+    }
+}
+
+/// The protocol the connection's destination declares, if any: the local
+/// app's service (inbound), or the service a captured connection dialled.
+fn declared(shared: &Shared, conn: &Connection) -> Option<UpstreamProtocol> {
+    let table = shared.routes.load();
+    let mesh = table.mesh();
+    match conn.side {
+        Side::Inbound => mesh
+            .find(&shared.identity.service, &shared.identity.namespace)
+            .map(|s| s.protocol),
+        Side::Outbound => conn
+            .original_dst
+            .and_then(|dst| mesh.by_address(dst))
+            .map(|s| s.protocol),
+    }
+}
+
+async fn serve_http(
+    stream: TcpStream,
+    shared: Arc<Shared>,
+    conn: Arc<Connection>,
+    builder: &auto::Builder<TokioExecutor>,
+    watcher: hyper_util::server::graceful::Watcher,
+) {
+    let side = conn.side;
+    let svc = service_fn(move |req| handle(shared.clone(), conn.clone(), req));
+    let served = builder
+        .serve_connection_with_upgrades(TokioIo::new(stream), svc)
+        .into_owned();
+    if let Err(e) = watcher.watch(served).await {
+        tracing::debug!(error = %e, ?side, "connection ended with error");
     }
 }

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use arc_swap::ArcSwap;
 use http::header::{self, HeaderValue};
-use http::{Request, Response, StatusCode, Version};
+use http::{Method, Request, Response, StatusCode, Version};
 use hyper::body::Incoming;
 use lumen_core::{Protocol, Reporter, RequestRecord, ResponseFlags, Workload};
 
@@ -27,6 +27,7 @@ use crate::forward::{Upstreams, strip_hop_by_hop};
 use crate::route::{NoRoute, RoutingTable};
 use crate::telemetry::Telemetry;
 use crate::trace::{TRACEPARENT, TraceContext};
+use crate::tunnel;
 
 /// Carries the caller's identity from its outbound sidecar to the callee's
 /// inbound sidecar, as `namespace/service/workload/version`, the way Istio's
@@ -52,6 +53,9 @@ pub struct Connection {
     pub peer: SocketAddr,
     /// The address the connection was accepted on.
     pub local: SocketAddr,
+    /// Where the app was really going, when iptables redirected it here
+    /// (transparent capture).
+    pub original_dst: Option<SocketAddr>,
 }
 
 /// What every request handler shares: identity, routes, pools, telemetry.
@@ -67,6 +71,9 @@ pub struct Shared {
     pub timeout: Duration,
     /// Request bodies up to this size are kept so they can be retried.
     pub replay_limit: usize,
+    /// Turns true when the proxy shuts down; tunnels then get `drain` to end.
+    pub stop: tokio::sync::watch::Receiver<bool>,
+    pub drain: Duration,
 }
 
 /// A phase's verdict on whether the request goes on.
@@ -92,7 +99,7 @@ struct Refusal {
 pub async fn handle(
     shared: Arc<Shared>,
     conn: Arc<Connection>,
-    req: Request<Incoming>,
+    mut req: Request<Incoming>,
 ) -> Result<Response<ResponseBody>, Infallible> {
     let trace = TraceContext::continue_from(req.headers().get(TRACEPARENT));
     let body_state = Arc::new(RequestBodyState::default());
@@ -134,20 +141,36 @@ pub async fn handle(
         r.destination.namespace = s.namespace.clone();
     }
 
+    if req.method() == Method::CONNECT {
+        return Ok(tunnel::connect(&shared, &destination, req, pending).await);
+    }
+    // An HTTP/1.1 upgrade (WebSocket…): forwarded as HTTP/1.1, then both
+    // connections become one tunnel.
+    let upgrade = tunnel::upgrade_of(&req);
+    let downstream_upgrade = upgrade.is_some().then(|| hyper::upgrade::on(&mut req));
+
     let (mut parts, body) = req.into_parts();
     prepare_upstream_headers(&shared, conn.side, &trace, &mut parts.headers);
+    let mut version = upstream_version(protocol_of(&shared, &destination), parts.version);
+    if let Some(u) = &upgrade {
+        tunnel::keep_upgrade_headers(&mut parts.headers, u);
+        version = Version::HTTP_11;
+    }
     let forward = Forward {
         upstreams: &shared.upstreams,
         destination: &destination,
-        version: upstream_version(protocol_of(&shared, &destination), parts.version),
+        version,
         timeout: shared.timeout,
         replay_limit: shared.replay_limit,
     };
     let sent = forward.run(parts, body, body_state, &mut pending).await;
 
-    Ok(match sent {
-        Ok(resp) => respond(resp, pending),
-        Err(e) => local_reply(e.status, e.flags, e.message, pending),
+    Ok(match (sent, upgrade, downstream_upgrade) {
+        (Ok(resp), Some(u), Some(down)) if resp.status() == StatusCode::SWITCHING_PROTOCOLS => {
+            tunnel::upgraded(&shared, resp, u, down, pending)
+        }
+        (Ok(resp), _, _) => respond(resp, pending),
+        (Err(e), _, _) => local_reply(e.status, e.flags, e.message, pending),
     })
 }
 
@@ -240,7 +263,10 @@ fn protocol_of(shared: &Shared, destination: &Destination<'_>) -> lumen_core::Up
 
 /// Respond: the upstream's answer, streamed; the record is written when
 /// its body ends.
-fn respond(resp: Response<Incoming>, mut pending: PendingRecord) -> Response<ResponseBody> {
+pub(crate) fn respond(
+    resp: Response<Incoming>,
+    mut pending: PendingRecord,
+) -> Response<ResponseBody> {
     let (mut parts, body) = resp.into_parts();
     strip_hop_by_hop(&mut parts.headers);
     if let Some(record) = pending.record_mut() {
@@ -387,7 +413,7 @@ fn prepare_upstream_headers(
     }
 }
 
-fn local_reply(
+pub(crate) fn local_reply(
     status: StatusCode,
     flags: ResponseFlags,
     message: String,

@@ -255,10 +255,9 @@ async fn http2_requests_stream_through_and_round_robin_over_endpoints() -> Resul
         );
     }
     let url = up_ports.sql_url();
-    let q = "SELECT count(*) AS n FROM requests WHERE reporter = 'destination' AND protocol = 'http/2' AND response_bytes = 1000000";
+    let q = "SELECT count(*) AS n FROM requests WHERE reporter = 'destination' AND protocol = 'h2' AND response_bytes = 1000000";
     assert_eq!(wait_for_count(&url, q, n as i64).await?, n as i64);
-    let src =
-        "SELECT count(*) AS n FROM requests WHERE reporter = 'source' AND protocol = 'http/2'";
+    let src = "SELECT count(*) AS n FROM requests WHERE reporter = 'source' AND protocol = 'h2'";
     assert_eq!(wait_for_count(&url, src, n as i64).await?, n as i64);
     let per_version = sql(
         &url,

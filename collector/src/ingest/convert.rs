@@ -255,8 +255,13 @@ fn push_request(
             attr::DESTINATION_VERSION => destination[3] = text(),
             attr::PROTOCOL => {
                 protocol = as_str(v)
-                    .filter(|p| matches!(*p, "http/1.1" | "http/2" | "grpc"))
-                    .ok_or_else(|| bad(attr::PROTOCOL, "must be `http/1.1`, `http/2` or `grpc`"))?
+                    .filter(|p| Protocol::parse(p).is_some())
+                    .ok_or_else(|| {
+                        bad(
+                            attr::PROTOCOL,
+                            "must be `http/1.1`, `h2`, `grpc`, `websocket` or `tcp`",
+                        )
+                    })?
             }
             attr::METHOD => method = as_str(v).unwrap_or_default(),
             attr::AUTHORITY => authority = as_str(v).unwrap_or_default(),

@@ -1,0 +1,242 @@
+//! Opaque TCP: a connection's bytes passed through both ways, and one row
+//! per connection (bytes each way, how long it lasted, how it ended).
+//! Tunnels made from HTTP — `CONNECT`, WebSocket and other upgrades — use
+//! the same [`splice`].
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use lumen_core::{Protocol, Reporter, RequestRecord, ResponseFlags, Workload};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+
+use crate::request::{Connection, Shared, Side};
+use crate::trace::TraceContext;
+
+/// Bytes each way through a tunnel, and how it ended.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Spliced {
+    /// Downstream → upstream.
+    pub sent: u64,
+    /// Upstream → downstream.
+    pub received: u64,
+    pub flags: ResponseFlags,
+}
+
+/// Copies `from` into `to` until end of stream, then closes `to`'s
+/// writing side so the other end sees the end too.
+async fn pipe<R, W>(mut from: R, mut to: W, count: &mut u64) -> std::io::Result<()>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        let n = from.read(&mut buf).await?;
+        if n == 0 {
+            let _ = to.shutdown().await;
+            return Ok(());
+        }
+        to.write_all(&buf[..n]).await?;
+        *count += n as u64;
+    }
+}
+
+/// Passes bytes both ways between `downstream` and `upstream` until both
+/// directions end, either side fails, or `stop` turns true and `drain`
+/// passes.
+pub async fn splice<D, U>(
+    downstream: D,
+    upstream: U,
+    mut stop: watch::Receiver<bool>,
+    drain: Duration,
+) -> Spliced
+where
+    D: AsyncRead + AsyncWrite + Unpin,
+    U: AsyncRead + AsyncWrite + Unpin,
+{
+    let (d_read, d_write) = tokio::io::split(downstream);
+    let (u_read, u_write) = tokio::io::split(upstream);
+    let mut out = Spliced::default();
+    let (mut sent, mut received) = (0u64, 0u64);
+    let both = async {
+        tokio::join!(
+            pipe(d_read, u_write, &mut sent),
+            pipe(u_read, d_write, &mut received)
+        )
+    };
+    let stopping = async {
+        let _ = stop.wait_for(|s| *s).await;
+        tokio::time::sleep(drain).await;
+    };
+    tokio::select! {
+        (up, down) = both => {
+            // Which side failed, as well as a byte stream can tell.
+            if up.is_err() {
+                out.flags.insert(ResponseFlags::DOWNSTREAM_CONNECTION_TERMINATION);
+            }
+            if down.is_err() {
+                out.flags.insert(ResponseFlags::UPSTREAM_CONNECTION_TERMINATION);
+            }
+        }
+        () = stopping => {}
+    }
+    out.sent = sent;
+    out.received = received;
+    out
+}
+
+/// Where an opaque connection goes, and whom its row names.
+struct Target {
+    addresses: Vec<(SocketAddr, Arc<str>, Workload)>,
+    authority: String,
+}
+
+fn target(shared: &Shared, conn: &Connection) -> Result<Target, (ResponseFlags, String)> {
+    match conn.side {
+        Side::Inbound => match &shared.app {
+            Some(app) => Ok(Target {
+                addresses: vec![(app.address, app.address_str.clone(), app.identity.clone())],
+                authority: app.address_str.to_string(),
+            }),
+            None => Err((
+                ResponseFlags::NO_HEALTHY_UPSTREAM,
+                "no local application for inbound traffic".into(),
+            )),
+        },
+        Side::Outbound => {
+            let Some(dst) = conn.original_dst else {
+                // Explicit mode names destinations in HTTP; bytes name none.
+                return Err((
+                    ResponseFlags::NO_ROUTE,
+                    "an opaque TCP connection reached the outbound listener directly; \
+                     only transparently captured TCP has a destination"
+                        .into(),
+                ));
+            };
+            let table = shared.routes.load();
+            match table.mesh().by_address(dst) {
+                Some(s) if s.endpoints.is_empty() => Err((
+                    ResponseFlags::NO_HEALTHY_UPSTREAM,
+                    format!("service `{}` has no endpoints", s.name),
+                )),
+                Some(s) => {
+                    // Round robin would do; a rotating start spreads connections.
+                    let start = rand::random_range(0..s.endpoints.len());
+                    let addresses = (0..s.endpoints.len())
+                        .map(|i| &s.endpoints[(start + i) % s.endpoints.len()])
+                        .map(|e| {
+                            (
+                                e.address,
+                                e.address_str.clone(),
+                                Workload {
+                                    service: s.name.clone(),
+                                    workload: e.workload.clone(),
+                                    namespace: s.namespace.clone(),
+                                    version: e.version.clone(),
+                                },
+                            )
+                        })
+                        .collect();
+                    Ok(Target {
+                        addresses,
+                        authority: format!("{}:{}", s.name, dst.port()),
+                    })
+                }
+                // Not a mesh service: through to where it was going, as
+                // Istio's passthrough does.
+                None => {
+                    let mut w = Workload::unknown();
+                    w.service = dst.ip().to_string().into();
+                    Ok(Target {
+                        addresses: vec![(dst, dst.to_string().into(), w)],
+                        authority: dst.to_string(),
+                    })
+                }
+            }
+        }
+    }
+}
+
+/// Serves one opaque TCP connection and writes its row.
+pub async fn proxy(
+    shared: Arc<Shared>,
+    conn: Arc<Connection>,
+    downstream: TcpStream,
+    stop: watch::Receiver<bool>,
+    drain: Duration,
+) {
+    let start_time = SystemTime::now();
+    let started = Instant::now();
+    let trace = TraceContext::continue_from(None);
+    let mut record = RequestRecord {
+        start_time,
+        duration: Duration::ZERO,
+        reporter: match conn.side {
+            Side::Outbound => Reporter::Source,
+            Side::Inbound => Reporter::Destination,
+        },
+        source: match conn.side {
+            Side::Outbound => shared.identity.clone(),
+            // Until mTLS, bytes carry no name for their sender.
+            Side::Inbound => Workload::unknown(),
+        },
+        destination: Workload::unknown(),
+        protocol: Protocol::Tcp,
+        method: String::new(),
+        authority: String::new(),
+        path: String::new(),
+        route: shared.default_route.clone(),
+        status: 0,
+        grpc_status: None,
+        request_bytes: 0,
+        response_bytes: 0,
+        retries: 0,
+        upstream_address: None,
+        response_flags: ResponseFlags::empty(),
+        mtls: false,
+        trace_id: trace.trace_id,
+        span_id: trace.span_id,
+        parent_span_id: None,
+    };
+    match target(&shared, &conn) {
+        Err((flags, message)) => {
+            tracing::debug!(peer = %conn.peer, %message, "tcp connection refused");
+            record.response_flags.insert(flags);
+        }
+        Ok(t) => {
+            record.authority = t.authority;
+            let mut upstream = None;
+            for (i, (address, address_str, workload)) in t.addresses.into_iter().enumerate() {
+                record.destination = workload;
+                record.upstream_address = Some(address_str);
+                record.retries = i as u32;
+                let connect = TcpStream::connect(address);
+                match tokio::time::timeout(shared.upstreams.connect_timeout(), connect).await {
+                    Ok(Ok(s)) => {
+                        let _ = s.set_nodelay(true);
+                        upstream = Some(s);
+                        break;
+                    }
+                    Ok(Err(e)) => tracing::debug!(%address, error = %e, "tcp connect failed"),
+                    Err(_) => tracing::debug!(%address, "tcp connect timed out"),
+                }
+            }
+            match upstream {
+                None => record
+                    .response_flags
+                    .insert(ResponseFlags::UPSTREAM_CONNECTION_FAILURE),
+                Some(up) => {
+                    let spliced = splice(downstream, up, stop, drain).await;
+                    record.request_bytes = spliced.sent;
+                    record.response_bytes = spliced.received;
+                    record.response_flags.insert(spliced.flags);
+                }
+            }
+        }
+    }
+    record.duration = started.elapsed();
+    shared.telemetry.record(record);
+}
