@@ -16,6 +16,9 @@ fi
 apt_pkgs=()
 command -v promtool >/dev/null 2>&1 || apt_pkgs+=(prometheus)
 command -v psql >/dev/null 2>&1 || apt_pkgs+=(postgresql-client)
+# Transparent capture is tested in a network namespace of its own.
+command -v ip >/dev/null 2>&1 || apt_pkgs+=(iproute2)
+command -v iptables >/dev/null 2>&1 || apt_pkgs+=(iptables)
 if ((${#apt_pkgs[@]})); then
   echo "installing test peers: ${apt_pkgs[*]} (Debian packages)" >&2
   apt-get update -qq

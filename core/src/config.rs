@@ -464,9 +464,15 @@ impl MeshConfig {
     /// The service whose cluster IP (and port, when it declares one) a
     /// transparently captured connection was dialled to.
     pub fn by_address(&self, dst: SocketAddr) -> Option<&Service> {
+        self.index_by_address(dst).map(|i| &self.services[i])
+    }
+
+    /// Like [`by_address`](Self::by_address), but gives the position in
+    /// [`services`](Self::services).
+    pub fn index_by_address(&self, dst: SocketAddr) -> Option<usize> {
         self.services
             .iter()
-            .find(|s| s.cluster_ip == Some(dst.ip()) && s.port.is_none_or(|p| p == dst.port()))
+            .position(|s| s.cluster_ip == Some(dst.ip()) && s.port.is_none_or(|p| p == dst.port()))
     }
 
     /// Finds the service an HTTP authority names, the way Kubernetes DNS

@@ -121,7 +121,7 @@ pub async fn handle(
     }
 
     let authority = pending.record().map_or("", |r| r.authority.as_str());
-    let destination = match route(&shared, conn.side, authority) {
+    let destination = match route(&shared, &conn, authority) {
         Ok(d) => d,
         Err(refusal) => {
             if let (Some(r), Some(d)) = (pending.record_mut(), refusal.destination) {
@@ -231,9 +231,15 @@ fn rate_limit<B>(_conn: &Connection, _req: &Request<B>) -> Decision {
 }
 
 /// Route: the service the authority names (outbound), or the local app.
-fn route<'a>(shared: &'a Shared, side: Side, authority: &str) -> Result<Destination<'a>, Refusal> {
-    match side {
-        Side::Outbound => route_outbound(shared, authority).map(Destination::Service),
+fn route<'a>(
+    shared: &'a Shared,
+    conn: &Connection,
+    authority: &str,
+) -> Result<Destination<'a>, Refusal> {
+    match conn.side {
+        Side::Outbound => {
+            route_outbound(shared, authority, conn.original_dst).map(Destination::Service)
+        }
         Side::Inbound => match &shared.app {
             Some(app) => Ok(Destination::App(app)),
             None => Err(Refusal {
@@ -353,9 +359,19 @@ pub fn source_header_value(w: &Workload) -> Option<HeaderValue> {
     .ok()
 }
 
-fn route_outbound(shared: &Shared, authority: &str) -> Result<crate::route::Routed, Refusal> {
+fn route_outbound(
+    shared: &Shared,
+    authority: &str,
+    original_dst: Option<SocketAddr>,
+) -> Result<crate::route::Routed, Refusal> {
     let table = shared.routes.load_full();
-    match table.route(authority, &shared.identity.namespace) {
+    let mut routed = table.route(authority, &shared.identity.namespace);
+    // Captured traffic often names an address, not a service
+    // (`Host: 10.96.0.12`): the address it dialled says which service.
+    if let (Err(NoRoute::UnknownService), Some(dst)) = (&routed, original_dst) {
+        routed = table.route_address(dst);
+    }
+    match routed {
         Ok(routed) => Ok(routed),
         Err(NoRoute::UnknownService) => {
             let host = authority.split(':').next().unwrap_or(authority);

@@ -82,6 +82,22 @@ impl RoutingTable {
         &self.mesh
     }
 
+    /// The service a transparently captured connection dialled (by its
+    /// cluster IP), if it has somewhere to send to.
+    pub fn route_address(self: &Arc<Self>, dst: std::net::SocketAddr) -> Result<Routed, NoRoute> {
+        let index = self
+            .mesh
+            .index_by_address(dst)
+            .ok_or(NoRoute::UnknownService)?;
+        if self.mesh.services[index].endpoints.is_empty() {
+            return Err(NoRoute::NoEndpoints);
+        }
+        Ok(Routed {
+            table: self.clone(),
+            index,
+        })
+    }
+
     /// The service `authority` names, if it has somewhere to send to.
     pub fn route(
         self: &Arc<Self>,

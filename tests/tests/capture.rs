@@ -1,0 +1,204 @@
+//! Transparent outbound capture: inside a network namespace of its own,
+//! iptables redirects the app's connections to service addresses
+//! (cluster IPs) to the sidecar's outbound listener, which finds where
+//! each was going from `SO_ORIGINAL_DST` — HTTP and opaque TCP alike.
+//!
+//! Needs root, `ip` (iproute2) and `iptables`, as CI has.
+
+use std::os::fd::AsRawFd;
+use std::process::Command;
+
+use anyhow::{Context, Result, bail};
+use lumen_tests::upstream::start_app;
+use lumen_tests::{
+    Sidecar, SidecarPorts, UpPorts, local, peer_tool, sql, start_up, wait_for_count,
+};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// A network namespace, deleted on drop.
+struct Netns(String);
+
+fn run(cmd: &mut Command) -> Result<()> {
+    let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
+    if !out.status.success() {
+        bail!("{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(())
+}
+
+impl Netns {
+    fn create() -> Result<Self> {
+        let ip = peer_tool("ip", "apt-get install iproute2");
+        let name = format!("lumen-capture-{}", std::process::id());
+        run(Command::new(&ip).args(["netns", "add", &name]))?;
+        let ns = Netns(name);
+        ns.exec(&["ip", "link", "set", "lo", "up"])?;
+        // Service addresses live on no real network: make them local so
+        // the kernel routes them, and iptables gets to rewrite them.
+        ns.exec(&["ip", "addr", "add", "10.96.0.1/16", "dev", "lo"])?;
+        Ok(ns)
+    }
+
+    fn exec(&self, args: &[&str]) -> Result<()> {
+        run(Command::new("ip")
+            .args(["netns", "exec", &self.0])
+            .args(args))
+    }
+
+    /// Runs `f` on a thread inside the namespace; threads and processes it
+    /// starts are inside too.
+    fn within<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> Result<T> {
+        let file = std::fs::File::open(format!("/var/run/netns/{}", self.0))?;
+        std::thread::spawn(move || {
+            // SAFETY: a valid namespace fd, for this thread only.
+            let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+            if rc != 0 {
+                return Err(anyhow::anyhow!(
+                    "setns: {}",
+                    std::io::Error::last_os_error()
+                ));
+            }
+            Ok(f())
+        })
+        .join()
+        .map_err(|_| anyhow::anyhow!("the namespace thread panicked"))?
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+    }
+}
+
+#[test]
+fn captured_http_and_tcp_reach_their_services_through_the_sidecar() -> Result<()> {
+    peer_tool("iptables", "apt-get install iptables");
+    let ns = Netns::create()?;
+    let ports = ns.within(|| {
+        (
+            UpPorts::pick(),
+            SidecarPorts::pick(),
+            SidecarPorts::pick(),
+            SidecarPorts::pick(),
+        )
+    })?;
+    let (up_ports, caller, backend, echo) = ports;
+    ns.exec(&[
+        "iptables",
+        "-t",
+        "nat",
+        "-A",
+        "OUTPUT",
+        "-p",
+        "tcp",
+        "-d",
+        "10.96.0.0/16",
+        "-j",
+        "REDIRECT",
+        "--to-ports",
+        &caller.outbound.to_string(),
+    ])?;
+    ns.within(move || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
+            .block_on(scenario(up_ports, caller, backend, echo))
+    })?
+}
+
+async fn scenario(
+    up_ports: UpPorts,
+    caller: SidecarPorts,
+    backend: SidecarPorts,
+    echo: SidecarPorts,
+) -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let logs = dir.path();
+    let app = start_app("backend").await;
+    let echo_app = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let echo_addr = echo_app.local_addr()?;
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = echo_app.accept().await {
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    });
+    let mesh = dir.path().join("mesh.yaml");
+    std::fs::write(
+        &mesh,
+        format!(
+            "apiVersion: lumen.dev/v1alpha1
+kind: Mesh
+metadata:
+  name: capture
+spec:
+  services:
+    - name: backend
+      clusterIP: 10.96.0.10
+      port: 80
+      endpoints: [{{address: {}}}]
+    - name: echo
+      clusterIP: 10.96.0.20
+      port: 9000
+      protocol: tcp
+      endpoints: [{{address: {}}}]
+",
+            local(backend.inbound),
+            local(echo.inbound)
+        ),
+    )?;
+    let _up = start_up(logs, &mesh, &dir.path().join("data"), up_ports, &[]).await?;
+    let collector = up_ports.grpc_endpoint();
+    let sidecar = |service, ports, app| Sidecar {
+        service,
+        version: "v1",
+        mesh: &mesh,
+        ports,
+        app,
+        collector: &collector,
+        extra: &[],
+    };
+    let _caller = sidecar("caller", caller, None).start(logs).await?;
+    let _backend = sidecar("backend", backend, Some(app)).start(logs).await?;
+    let _echo = sidecar("echo", echo, Some(echo_addr)).start(logs).await?;
+
+    // The app dials the service's address as if no proxy existed.
+    let client = reqwest::Client::builder().no_proxy().build()?;
+    let resp = client
+        .get("http://10.96.0.10/status/201/captured")
+        .send()
+        .await?;
+    assert_eq!(resp.status(), 201);
+    let echoed: serde_json::Value = resp.json().await?;
+    assert_eq!(echoed["app"], "backend");
+    assert!(
+        echoed["traceparent"].is_string(),
+        "it went through the sidecars: {echoed}"
+    );
+
+    let mut s = tokio::net::TcpStream::connect("10.96.0.20:9000").await?;
+    let payload = b"opaque bytes, captured";
+    s.write_all(payload).await?;
+    let mut back = vec![0u8; payload.len()];
+    s.read_exact(&mut back).await?;
+    assert_eq!(&back, payload);
+    drop(s);
+
+    let url = up_ports.sql_url();
+    let http = "SELECT count(*) AS n FROM requests WHERE reporter = 'source' \
+         AND destination_service = 'backend' AND status = 201 AND path = '/status/201/captured'";
+    assert_eq!(wait_for_count(&url, http, 1).await?, 1);
+    let n = payload.len();
+    let tcp = format!(
+        "SELECT count(*) AS n FROM requests WHERE reporter = 'source' AND protocol = 'tcp' \
+         AND destination_service = 'echo' AND authority = 'echo:9000' \
+         AND request_bytes = {n} AND response_bytes = {n}"
+    );
+    let got = wait_for_count(&url, &tcp, 1).await?;
+    let rows = sql(&url, "SELECT reporter, protocol, destination_service, authority, request_bytes, response_bytes, response_flags FROM requests").await?;
+    assert_eq!(got, 1, "{rows:?}");
+    Ok(())
+}
