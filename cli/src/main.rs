@@ -306,6 +306,28 @@ struct ProxyArgs {
     /// Longest wait for an upstream's response headers.
     #[arg(long, default_value = "15s", value_parser = parse_duration)]
     upstream_timeout: Duration,
+    /// Longest wait for a client's request headers (slowloris guard).
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    request_headers_timeout: Duration,
+    /// A request or response body that sends nothing for this long is cut
+    /// (response flag SI).
+    #[arg(long, default_value = "5m", value_parser = parse_duration)]
+    stream_idle_timeout: Duration,
+    /// Open downstream connections per listener; more are closed at once.
+    #[arg(long, default_value_t = 16384)]
+    max_connections: usize,
+    /// Largest request body accepted, in bytes (413 beyond) [default: no limit].
+    #[arg(long)]
+    max_request_bytes: Option<u64>,
+    /// Largest request headers accepted, in bytes (431 beyond).
+    #[arg(long, default_value_t = 60 * 1024)]
+    max_header_bytes: usize,
+    /// Most header fields in one request (431 beyond).
+    #[arg(long, default_value_t = 100)]
+    max_headers: usize,
+    /// Most HTTP/2 streams open at once on one downstream connection.
+    #[arg(long, default_value_t = 100)]
+    max_concurrent_streams: u32,
     /// Worker threads [default: one per core]. With 1, the proxy runs on a
     /// single thread, as Envoy does with --concurrency 1.
     #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
@@ -537,6 +559,13 @@ async fn proxy(a: ProxyArgs) -> Result<()> {
     config.app = a.app;
     config.admin = Some(a.admin);
     config.upstream_timeout = a.upstream_timeout;
+    config.limits.request_headers_timeout = a.request_headers_timeout;
+    config.limits.stream_idle_timeout = a.stream_idle_timeout;
+    config.limits.max_connections = a.max_connections.max(1);
+    config.limits.max_request_bytes = a.max_request_bytes;
+    config.limits.max_header_bytes = a.max_header_bytes;
+    config.limits.max_headers = a.max_headers;
+    config.limits.max_concurrent_streams = a.max_concurrent_streams.max(1);
     config.telemetry.export = matches!(a.telemetry, OnOff::On);
     config.telemetry.collector_endpoint = a.collector.clone();
     config.telemetry.queue_capacity = a.telemetry_queue;

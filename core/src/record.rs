@@ -108,8 +108,10 @@ impl ResponseFlags {
     pub const UPSTREAM_REQUEST_TIMEOUT: ResponseFlags = ResponseFlags(1 << 5);
     /// Every allowed retry was used and the last try failed too.
     pub const UPSTREAM_RETRY_LIMIT_EXCEEDED: ResponseFlags = ResponseFlags(1 << 6);
+    /// A body (request or response) sent nothing for the stream idle timeout.
+    pub const STREAM_IDLE_TIMEOUT: ResponseFlags = ResponseFlags(1 << 7);
 
-    const CODES: [(ResponseFlags, &'static str); 7] = [
+    const CODES: [(ResponseFlags, &'static str); 8] = [
         (Self::NO_ROUTE, "NR"),
         (Self::NO_HEALTHY_UPSTREAM, "UH"),
         (Self::UPSTREAM_CONNECTION_FAILURE, "UF"),
@@ -117,6 +119,7 @@ impl ResponseFlags {
         (Self::DOWNSTREAM_CONNECTION_TERMINATION, "DC"),
         (Self::UPSTREAM_REQUEST_TIMEOUT, "UT"),
         (Self::UPSTREAM_RETRY_LIMIT_EXCEEDED, "URX"),
+        (Self::STREAM_IDLE_TIMEOUT, "SI"),
     ];
 
     pub const fn empty() -> Self {

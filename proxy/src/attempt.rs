@@ -102,6 +102,8 @@ pub struct Forward<'a> {
     pub timeout: Duration,
     /// Request bodies up to this size are kept for retries.
     pub replay_limit: usize,
+    pub limits: &'a crate::limits::Limits,
+    pub metrics: &'a crate::telemetry::Metrics,
 }
 
 impl Forward<'_> {
@@ -156,7 +158,13 @@ impl Forward<'_> {
         } else {
             self.replay_limit
         };
-        let replay = Replay::new(RequestBody::new(body, body_state.clone()), keep);
+        let source = RequestBody::new(
+            body,
+            body_state.clone(),
+            self.limits.max_request_bytes,
+            self.limits.stream_idle_timeout,
+        );
+        let replay = Replay::new(source, keep);
         let authority = pending
             .record()
             .map(|r| r.authority.clone())
@@ -222,6 +230,7 @@ impl Forward<'_> {
                 return result;
             }
             _retrying = budget.retry(policy);
+            self.metrics.retry(_retrying.is_some());
             if _retrying.is_none() {
                 tracing::debug!(retry, "retry budget spent; answering the failed try");
                 return result;

@@ -3,11 +3,12 @@
 //! exactly once — when the response body ends, or when the client goes away
 //! first, even before any response existed.
 
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use std::task::{Context, Poll};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
@@ -15,15 +16,64 @@ use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 use lumen_core::{RequestRecord, ResponseFlags};
 use tokio::sync::Notify;
+use tokio::time::Sleep;
 
+use crate::replay::BoxError;
 use crate::telemetry::Telemetry;
+
+/// A body that sends nothing for `limit` is cut. The timer is armed only
+/// while the body waits, and re-armed (not reallocated) as frames pass.
+struct IdleTimer {
+    limit: Duration,
+    sleep: Option<Pin<Box<Sleep>>>,
+    waiting: bool,
+}
+
+impl IdleTimer {
+    fn new(limit: Duration) -> Self {
+        IdleTimer {
+            limit,
+            sleep: None,
+            waiting: false,
+        }
+    }
+
+    /// The body had nothing: true once it has had nothing for too long.
+    fn pending(&mut self, cx: &mut Context<'_>) -> bool {
+        let deadline = tokio::time::Instant::now() + self.limit;
+        let sleep = self
+            .sleep
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+        if !self.waiting {
+            sleep.as_mut().reset(deadline);
+            self.waiting = true;
+        }
+        sleep.as_mut().poll(cx).is_ready()
+    }
+
+    fn progressed(&mut self) {
+        self.waiting = false;
+    }
+}
+
+/// Why a request body stopped short.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BodyFailure {
+    /// The client broke off.
+    Aborted,
+    /// More than the configured maximum.
+    TooLarge,
+    /// Nothing arrived for the stream idle timeout.
+    Idle,
+}
 
 /// What the request body did on its way upstream.
 #[derive(Debug, Default)]
 pub struct RequestBodyState {
     bytes: AtomicU64,
     ended: AtomicBool,
-    aborted: AtomicBool,
+    /// 0: fine; else a [`BodyFailure`] + 1.
+    failure: AtomicU8,
     ended_signal: Notify,
 }
 
@@ -32,9 +82,26 @@ impl RequestBodyState {
         self.bytes.load(Ordering::Relaxed)
     }
 
-    /// The client broke off while sending the body.
-    pub fn aborted(&self) -> bool {
-        self.aborted.load(Ordering::Relaxed)
+    /// Why the body stopped short, if it did.
+    pub fn failure(&self) -> Option<BodyFailure> {
+        match self.failure.load(Ordering::Relaxed) {
+            1 => Some(BodyFailure::Aborted),
+            2 => Some(BodyFailure::TooLarge),
+            3 => Some(BodyFailure::Idle),
+            _ => None,
+        }
+    }
+
+    fn fail(&self, why: BodyFailure) {
+        let code = match why {
+            BodyFailure::Aborted => 1,
+            BodyFailure::TooLarge => 2,
+            BodyFailure::Idle => 3,
+        };
+        let _ = self
+            .failure
+            .compare_exchange(0, code, Ordering::Relaxed, Ordering::Relaxed);
+        self.end();
     }
 
     fn end(&self) {
@@ -52,51 +119,80 @@ impl RequestBodyState {
     }
 }
 
-/// The downstream request body on its way upstream, counting bytes.
+/// The downstream request body on its way upstream, counting bytes and
+/// holding it to the size limit and the idle timeout.
 pub struct RequestBody {
     inner: Incoming,
     state: Arc<RequestBodyState>,
+    limit: Option<u64>,
+    idle: IdleTimer,
 }
 
 impl RequestBody {
-    pub fn new(inner: Incoming, state: Arc<RequestBodyState>) -> Self {
+    pub fn new(
+        inner: Incoming,
+        state: Arc<RequestBodyState>,
+        limit: Option<u64>,
+        idle: Duration,
+    ) -> Self {
         // An empty body (most GETs) may never be polled: it has ended already.
         if inner.is_end_stream() {
             state.end();
         }
-        RequestBody { inner, state }
+        RequestBody {
+            inner,
+            state,
+            limit,
+            idle: IdleTimer::new(idle),
+        }
     }
 }
 
 impl Body for RequestBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        let polled = Pin::new(&mut self.inner).poll_frame(cx);
-        match &polled {
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        match Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
+                this.idle.progressed();
                 if let Some(data) = frame.data_ref() {
-                    self.state
+                    let total = this
+                        .state
                         .bytes
-                        .fetch_add(data.len() as u64, Ordering::Relaxed);
+                        .fetch_add(data.len() as u64, Ordering::Relaxed)
+                        + data.len() as u64;
+                    if this.limit.is_some_and(|l| total > l) {
+                        this.state.fail(BodyFailure::TooLarge);
+                        return Poll::Ready(Some(Err("request body over the size limit".into())));
+                    }
                 }
                 // With a known length the last frame may not be followed by a poll.
-                if self.inner.is_end_stream() {
-                    self.state.end();
+                if this.inner.is_end_stream() {
+                    this.state.end();
                 }
+                Poll::Ready(Some(Ok(frame)))
             }
-            Poll::Ready(None) => self.state.end(),
-            Poll::Ready(Some(Err(_))) => {
-                self.state.aborted.store(true, Ordering::Relaxed);
-                self.state.end();
+            Poll::Ready(None) => {
+                this.state.end();
+                Poll::Ready(None)
             }
-            Poll::Pending => {}
+            Poll::Ready(Some(Err(e))) => {
+                this.state.fail(BodyFailure::Aborted);
+                Poll::Ready(Some(Err(e.into())))
+            }
+            Poll::Pending => {
+                if this.idle.pending(cx) {
+                    this.state.fail(BodyFailure::Idle);
+                    return Poll::Ready(Some(Err("request body idle too long".into())));
+                }
+                Poll::Pending
+            }
         }
-        polled
     }
 
     fn is_end_stream(&self) -> bool {
@@ -184,14 +280,18 @@ pub struct ResponseBody {
     inner: Either<Incoming, Full<Bytes>>,
     pending: Option<PendingRecord>,
     bytes: u64,
+    /// For an upstream's body: cut when it stalls.
+    idle: Option<IdleTimer>,
 }
 
 impl ResponseBody {
-    pub fn upstream(inner: Incoming, pending: PendingRecord) -> Self {
+    /// The upstream's body, cut (flag `SI`) if it sends nothing for `idle`.
+    pub fn upstream(inner: Incoming, pending: PendingRecord, idle: Duration) -> Self {
         ResponseBody {
             inner: Either::Left(inner),
             pending: Some(pending),
             bytes: 0,
+            idle: Some(IdleTimer::new(idle)),
         }
     }
 
@@ -200,6 +300,7 @@ impl ResponseBody {
             inner: Either::Right(Full::new(text.into())),
             pending: Some(pending),
             bytes: 0,
+            idle: None,
         }
     }
 
@@ -209,22 +310,41 @@ impl ResponseBody {
             inner: Either::Right(Full::new(Bytes::new())),
             pending: None,
             bytes: 0,
+            idle: None,
         }
     }
 }
 
 impl Body for ResponseBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        let polled = match &mut self.inner {
-            Either::Left(b) => Pin::new(b).poll_frame(cx),
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let polled: Poll<Option<Result<Frame<Bytes>, BoxError>>> = match &mut self.inner {
+            Either::Left(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
             Either::Right(b) => Pin::new(b).poll_frame(cx).map_err(|never| match never {}),
         };
+        if polled.is_pending() {
+            if let Some(idle) = &mut self.idle
+                && idle.pending(cx)
+            {
+                let bytes = self.bytes;
+                if let Some(p) = &mut self.pending {
+                    p.telemetry
+                        .metrics()
+                        .refused(crate::limits::Refused::ResponseBodyIdle);
+                    p.finish(bytes, ResponseFlags::STREAM_IDLE_TIMEOUT);
+                }
+                return Poll::Ready(Some(Err("upstream response body idle too long".into())));
+            }
+            return Poll::Pending;
+        }
+        if let Some(idle) = &mut self.idle {
+            idle.progressed();
+        }
         match &polled {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(data) = frame.data_ref() {

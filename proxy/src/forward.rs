@@ -24,7 +24,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use lumen_core::ResponseFlags;
 use tokio::net::TcpStream;
 
-use crate::body::{RequestBody, RequestBodyState};
+use crate::body::{BodyFailure, RequestBody, RequestBodyState};
 use crate::replay::ReplayBody;
 use crate::retry::Outcome;
 
@@ -72,6 +72,9 @@ impl tower::Service<Uri> for Dial {
 }
 
 pub type UpstreamBody = ReplayBody<RequestBody>;
+
+/// How long a pooled upstream connection may sit idle.
+pub const UPSTREAM_IDLE: Duration = Duration::from_secs(4);
 type Pool = Client<Dial, UpstreamBody>;
 
 /// The HTTP/1.1 and HTTP/2 pools of one endpoint.
@@ -115,8 +118,16 @@ impl Upstreams {
         builder
             .timer(TokioTimer::new())
             .pool_timer(TokioTimer::new())
-            .pool_idle_timeout(Duration::from_secs(90))
-            .pool_max_idle_per_host(256);
+            // Shorter than apps' own keep-alive (Node's is 5 s), so the
+            // proxy closes an idle connection before the app does and a
+            // request never races the app's close.
+            .pool_idle_timeout(UPSTREAM_IDLE)
+            .pool_max_idle_per_host(256)
+            // A dead HTTP/2 connection (an upstream that stopped reading,
+            // a silently dropped peer) is found by pings, not by a hang.
+            .http2_keep_alive_interval(Some(Duration::from_secs(10)))
+            .http2_keep_alive_timeout(Duration::from_secs(5))
+            .http2_keep_alive_while_idle(true);
         let http1 = builder.build(dial.clone());
         builder.http2_only(true);
         let http2 = builder.build(dial);
@@ -205,11 +216,28 @@ impl Upstreams {
             },
         };
         result.map_err(|e| {
-            if body_state.aborted() {
+            if let Some(why) = body_state.failure() {
+                let (flags, status, message) = match why {
+                    BodyFailure::Aborted => (
+                        ResponseFlags::DOWNSTREAM_CONNECTION_TERMINATION,
+                        http::StatusCode::BAD_REQUEST,
+                        "the client broke off while sending the request body",
+                    ),
+                    BodyFailure::TooLarge => (
+                        ResponseFlags::empty(),
+                        http::StatusCode::PAYLOAD_TOO_LARGE,
+                        "the request body is larger than this proxy accepts",
+                    ),
+                    BodyFailure::Idle => (
+                        ResponseFlags::STREAM_IDLE_TIMEOUT,
+                        http::StatusCode::REQUEST_TIMEOUT,
+                        "the request body stalled: nothing arrived for the stream idle timeout",
+                    ),
+                };
                 ForwardError {
-                    flags: ResponseFlags::DOWNSTREAM_CONNECTION_TERMINATION,
-                    status: http::StatusCode::BAD_REQUEST,
-                    message: "the client broke off while sending the request body".into(),
+                    flags,
+                    status,
+                    message: message.into(),
                     outcome: Outcome::Final,
                 }
             } else if e.is_connect() {

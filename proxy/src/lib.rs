@@ -20,6 +20,7 @@ pub mod balance;
 pub mod body;
 pub mod detect;
 pub mod forward;
+pub mod limits;
 pub mod listener;
 pub mod replay;
 pub mod request;
@@ -82,6 +83,7 @@ pub struct ProxyConfig {
     /// Request bodies up to this size are kept so a failed try can be
     /// retried; larger ones are streamed once.
     pub replay_limit: usize,
+    pub limits: limits::Limits,
 }
 
 impl ProxyConfig {
@@ -97,6 +99,7 @@ impl ProxyConfig {
             upstream_timeout: Duration::from_secs(15),
             drain_timeout: Duration::from_secs(5),
             replay_limit: 64 * 1024,
+            limits: limits::Limits::default(),
         }
     }
 }
@@ -205,6 +208,7 @@ impl Proxy {
             replay_limit: config.replay_limit,
             stop: stop_rx.clone(),
             drain: config.drain_timeout,
+            limits: config.limits.clone(),
         });
 
         let mut tasks = tokio::task::JoinSet::new();

@@ -15,11 +15,11 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
 use crate::detect::{self, Detected};
+use crate::limits::Refused;
 use crate::request::{Connection, Shared, Side, handle};
 
-/// How long a connection may wait for request headers (HTTP/1.1) or go
-/// without answering a ping (HTTP/2) before it is closed.
-const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long an HTTP/2 connection may go without answering a ping.
+const PING_INTERVAL: Duration = Duration::from_secs(60);
 
 /// How long a new connection may stay silent before its protocol is taken
 /// to be opaque TCP (a server-first protocol). Ports declared `tcp` skip it.
@@ -34,18 +34,26 @@ pub async fn serve(
     mut shutdown: watch::Receiver<bool>,
     drain: Duration,
 ) {
+    let limits = &shared.limits;
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
         .timer(TokioTimer::new())
         .keep_alive(true)
-        .header_read_timeout(IDLE_TIMEOUT);
+        .header_read_timeout(limits.request_headers_timeout)
+        .max_headers(limits.max_headers)
+        // hyper's floor for its read buffer is 8 KiB.
+        .max_buf_size(limits.max_header_bytes.max(8192));
     builder
         .http2()
         .timer(TokioTimer::new())
-        .keep_alive_interval(Some(IDLE_TIMEOUT))
-        .keep_alive_timeout(Duration::from_secs(20));
+        .keep_alive_interval(Some(PING_INTERVAL))
+        .keep_alive_timeout(Duration::from_secs(20))
+        .max_concurrent_streams(limits.max_concurrent_streams)
+        .max_pending_accept_reset_streams(limits.max_pending_resets)
+        .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX));
     let builder = Arc::new(builder);
+    let open = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
     let graceful = GracefulShutdown::new();
     let mut tcp = tokio::task::JoinSet::new();
     loop {
@@ -62,6 +70,12 @@ pub async fn serve(
                 continue;
             }
         };
+        let Ok(permit) = open.clone().try_acquire_owned() else {
+            // Over the limit: closed at once, before it costs anything more.
+            shared.telemetry.metrics().refused(Refused::ConnectionLimit);
+            drop(stream);
+            continue;
+        };
         let _ = stream.set_nodelay(true);
         let conn = Arc::new(Connection {
             side,
@@ -74,6 +88,7 @@ pub async fn serve(
         let watcher = graceful.watcher();
         let stop = shutdown.clone();
         tcp.spawn(async move {
+            let _permit = permit;
             let speaks = match declared(&shared, &conn) {
                 Some(UpstreamProtocol::Tcp) => Detected::Tcp,
                 _ => detect::detect(&stream, DETECT_TIMEOUT).await,
@@ -127,11 +142,38 @@ async fn serve_http(
     watcher: hyper_util::server::graceful::Watcher,
 ) {
     let side = conn.side;
+    let metrics = shared.telemetry.metrics().clone();
     let svc = service_fn(move |req| handle(shared.clone(), conn.clone(), req));
     let served = builder
         .serve_connection_with_upgrades(TokioIo::new(stream), svc)
         .into_owned();
     if let Err(e) = watcher.watch(served).await {
+        if let Some(why) = refusal(e.as_ref()) {
+            metrics.refused(why);
+        }
         tracing::debug!(error = %e, ?side, "connection ended with error");
     }
+}
+
+/// Which limit, if any, ended a connection with this error.
+fn refusal(e: &(dyn std::error::Error + 'static)) -> Option<Refused> {
+    let mut cur = Some(e);
+    while let Some(err) = cur {
+        if let Some(h) = err.downcast_ref::<hyper::Error>() {
+            if h.is_timeout() {
+                return Some(Refused::HeadersTimeout);
+            }
+            if h.is_parse_too_large() {
+                return Some(Refused::HeadersTooLarge);
+            }
+        }
+        if let Some(h2) = err.downcast_ref::<h2::Error>()
+            && h2.is_go_away()
+            && h2.reason() == Some(h2::Reason::ENHANCE_YOUR_CALM)
+        {
+            return Some(Refused::Http2Abuse);
+        }
+        cur = err.source();
+    }
+    None
 }

@@ -22,8 +22,9 @@ use hyper::body::Incoming;
 use lumen_core::{Protocol, Reporter, RequestRecord, ResponseFlags, Workload};
 
 use crate::attempt::{App, Destination, Forward, upstream_version};
-use crate::body::{PendingRecord, RequestBodyState, ResponseBody, grpc_status};
+use crate::body::{BodyFailure, PendingRecord, RequestBodyState, ResponseBody, grpc_status};
 use crate::forward::{Upstreams, strip_hop_by_hop};
+use crate::limits::Refused;
 use crate::route::{NoRoute, RoutingTable};
 use crate::telemetry::Telemetry;
 use crate::trace::{TRACEPARENT, TraceContext};
@@ -74,6 +75,7 @@ pub struct Shared {
     /// Turns true when the proxy shuts down; tunnels then get `drain` to end.
     pub stop: tokio::sync::watch::Receiver<bool>,
     pub drain: Duration,
+    pub limits: crate::limits::Limits,
 }
 
 /// A phase's verdict on whether the request goes on.
@@ -109,7 +111,11 @@ pub async fn handle(
     if let Some(r) = pending.record_mut() {
         r.source = source;
     }
-    for decision in [authorize(&conn, &req), rate_limit(&conn, &req)] {
+    for decision in [
+        admit(&shared, &req),
+        authorize(&conn, &req),
+        rate_limit(&conn, &req),
+    ] {
         if let Decision::Deny {
             status,
             flags,
@@ -162,14 +168,23 @@ pub async fn handle(
         version,
         timeout: shared.timeout,
         replay_limit: shared.replay_limit,
+        limits: &shared.limits,
+        metrics: shared.telemetry.metrics(),
     };
-    let sent = forward.run(parts, body, body_state, &mut pending).await;
+    let sent = forward
+        .run(parts, body, body_state.clone(), &mut pending)
+        .await;
+    match body_state.failure() {
+        Some(BodyFailure::TooLarge) => shared.telemetry.metrics().refused(Refused::BodyTooLarge),
+        Some(BodyFailure::Idle) => shared.telemetry.metrics().refused(Refused::RequestBodyIdle),
+        _ => {}
+    }
 
     Ok(match (sent, upgrade, downstream_upgrade) {
         (Ok(resp), Some(u), Some(down)) if resp.status() == StatusCode::SWITCHING_PROTOCOLS => {
             tunnel::upgraded(&shared, resp, u, down, pending)
         }
-        (Ok(resp), _, _) => respond(resp, pending),
+        (Ok(resp), _, _) => respond(resp, pending, shared.limits.stream_idle_timeout),
         (Err(e), _, _) => local_reply(e.status, e.flags, e.message, pending),
     })
 }
@@ -216,6 +231,57 @@ fn accept(
         body_state.clone(),
         shared.telemetry.clone(),
     )
+}
+
+/// Within the listener's limits: method, target and declared body size.
+/// (Header count and size are enforced by the HTTP codec: `431`.)
+fn admit<B>(shared: &Shared, req: &Request<B>) -> Decision {
+    let limits = &shared.limits;
+    let deny = |why: Refused, status: StatusCode, message: String| {
+        shared.telemetry.metrics().refused(why);
+        Decision::Deny {
+            status,
+            flags: ResponseFlags::empty(),
+            message,
+        }
+    };
+    let method = req.method().as_str().len();
+    if method > limits.max_method_bytes {
+        return deny(
+            Refused::MethodTooLong,
+            StatusCode::BAD_REQUEST,
+            format!(
+                "the method is {method} bytes, more than {}",
+                limits.max_method_bytes
+            ),
+        );
+    }
+    let target = req.uri().path_and_query().map_or(0, |p| p.as_str().len());
+    if target > limits.max_uri_bytes {
+        return deny(
+            Refused::UriTooLong,
+            StatusCode::URI_TOO_LONG,
+            format!(
+                "the request target is {target} bytes, more than {}",
+                limits.max_uri_bytes
+            ),
+        );
+    }
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if let (Some(max), Some(len)) = (limits.max_request_bytes, declared)
+        && len > max
+    {
+        return deny(
+            Refused::BodyTooLarge,
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("the request body is {len} bytes, more than {max}"),
+        );
+    }
+    Decision::Allow
 }
 
 /// Authorize: who may call what. The policy engine decides here once it
@@ -272,6 +338,7 @@ fn protocol_of(shared: &Shared, destination: &Destination<'_>) -> lumen_core::Up
 pub(crate) fn respond(
     resp: Response<Incoming>,
     mut pending: PendingRecord,
+    idle: Duration,
 ) -> Response<ResponseBody> {
     let (mut parts, body) = resp.into_parts();
     strip_hop_by_hop(&mut parts.headers);
@@ -280,7 +347,7 @@ pub(crate) fn respond(
         // A trailers-only gRPC response carries its status in the headers.
         record.grpc_status = grpc_status(&parts.headers);
     }
-    Response::from_parts(parts, ResponseBody::upstream(body, pending))
+    Response::from_parts(parts, ResponseBody::upstream(body, pending, idle))
 }
 
 /// Longest path or authority a record keeps, in bytes. Beyond this a

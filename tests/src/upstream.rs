@@ -6,6 +6,7 @@
 //! - `/flaky/<key>/<n>/…` answers 503 to the first `n` requests for `key`,
 //!   then 200 (a failure a retry gets past);
 //! - `?size=N` answers with an N-byte body;
+//! - `?stall_after=N` sends N body bytes, then nothing, never ending;
 //! - the JSON body otherwise echoes the request's `traceparent`,
 //!   `x-lumen-source` and `host` headers, the authority (`:authority` or
 //!   `Host`), the request body's length and the app's name.
@@ -17,6 +18,7 @@ use std::sync::{LazyLock, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures_util::StreamExt;
 use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
@@ -49,10 +51,12 @@ fn flaky(path: &str) -> Option<StatusCode> {
     })
 }
 
+type AppBody = http_body_util::combinators::BoxBody<Bytes, Infallible>;
+
 async fn handle(
     name: &'static str,
     req: Request<Incoming>,
-) -> Result<Response<Full<Bytes>>, Infallible> {
+) -> Result<Response<AppBody>, Infallible> {
     let query = req.uri().query().unwrap_or("").to_string();
     let path = req.uri().path().to_string();
     let header = |h: &str| {
@@ -82,11 +86,18 @@ async fn handle(
         .and_then(|c| StatusCode::from_u16(c).ok())
         .or_else(|| flaky(&path))
         .unwrap_or(StatusCode::OK);
+    if let Some(n) = query_param(&query, "stall_after").and_then(|v| v.parse::<usize>().ok()) {
+        let first = futures_util::stream::once(async move {
+            Ok::<_, Infallible>(http_body::Frame::data(Bytes::from(vec![b'x'; n])))
+        });
+        let body = http_body_util::StreamBody::new(first.chain(futures_util::stream::pending()));
+        return Ok(Response::new(BodyExt::boxed(body)));
+    }
     let body = match query_param(&query, "size").and_then(|v| v.parse::<usize>().ok()) {
         Some(n) => Bytes::from(vec![b'x'; n]),
         None => Bytes::from(echo.to_string()),
     };
-    let mut resp = Response::new(Full::new(body));
+    let mut resp = Response::new(Full::new(body).boxed());
     *resp.status_mut() = status;
     Ok(resp)
 }

@@ -29,6 +29,11 @@ struct DropLabels {
     reason: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabels {
+    reason: &'static str,
+}
+
 fn duration_histogram() -> Histogram {
     Histogram::new(DURATION_BUCKETS_MS)
 }
@@ -41,6 +46,9 @@ pub struct Metrics {
     duration: Family<RequestLabels, Histogram, fn() -> Histogram>,
     records_dropped: Family<DropLabels, Counter>,
     records_exported: Family<ProtocolLabels, Counter>,
+    refused: Family<ReasonLabels, Counter>,
+    retries: Counter,
+    retries_refused: Counter,
     unknown: Arc<str>,
     other: Arc<str>,
     /// Source services seen as labels so far (see [`MAX_SOURCE_LABELS`]).
@@ -88,6 +96,25 @@ impl Metrics {
             "Request records accepted by the collector",
             records_exported.clone(),
         );
+        let refused = Family::<ReasonLabels, Counter>::default();
+        registry.register(
+            "downstream_refused",
+            "Downstream connections and requests refused by a limit or timeout, by reason",
+            refused.clone(),
+        );
+        for why in crate::limits::Refused::ALL {
+            let _ = refused.get_or_create(&ReasonLabels {
+                reason: why.as_str(),
+            });
+        }
+        let retries = Counter::default();
+        registry.register("upstream_retries", "Retries sent upstream", retries.clone());
+        let retries_refused = Counter::default();
+        registry.register(
+            "upstream_retries_budget_exhausted",
+            "Retries not sent because the retry budget was spent",
+            retries_refused.clone(),
+        );
         // Register the drop reasons up front so a scrape shows them at zero.
         for reason in [DROP_QUEUE_FULL, DROP_EXPORT_FAILED, DROP_REJECTED] {
             let _ = records_dropped.get_or_create(&DropLabels { reason });
@@ -98,6 +125,9 @@ impl Metrics {
             duration,
             records_dropped,
             records_exported,
+            refused,
+            retries,
+            retries_refused,
             unknown: Arc::from("unknown"),
             other: Arc::from("other"),
             sources: RwLock::default(),
@@ -140,6 +170,24 @@ impl Metrics {
             service.clone()
         } else {
             self.other.clone()
+        }
+    }
+
+    /// A connection or request refused by a limit.
+    pub fn refused(&self, why: crate::limits::Refused) {
+        self.refused
+            .get_or_create(&ReasonLabels {
+                reason: why.as_str(),
+            })
+            .inc();
+    }
+
+    /// A retry sent, or (`sent = false`) one the budget did not allow.
+    pub fn retry(&self, sent: bool) {
+        if sent {
+            self.retries.inc();
+        } else {
+            self.retries_refused.inc();
         }
     }
 
