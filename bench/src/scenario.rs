@@ -420,7 +420,7 @@ fn proxy_counters(admins: &[u16]) -> Result<(u64, u64, u64)> {
         if r.status != 200 {
             bail!("admin :{port}/stats/prometheus answered {}", r.status);
         }
-        sums.0 += prom_sum(&r.body, "lumen_requests_total");
+        sums.0 += prom_sum(&r.body, "istio_requests_total");
         sums.1 += prom_sum(&r.body, "lumen_telemetry_records_exported_total");
         sums.2 += prom_sum(&r.body, "lumen_telemetry_records_dropped_total");
     }
@@ -461,14 +461,14 @@ mod tests {
     fn prometheus_sums_series_of_one_metric() {
         let text = "# HELP lumen_requests Requests completed by this proxy.\n\
             # TYPE lumen_requests counter\n\
-            lumen_requests_total{reporter=\"source\",source_service=\"client\",destination_service=\"upstream\",response_code=\"200\"} 1500\n\
-            lumen_requests_total{reporter=\"source\",source_service=\"client\",destination_service=\"upstream\",response_code=\"503\"} 2\n\
-            lumen_requests_total_other 99\n\
+            istio_requests_total{reporter=\"source\",source_app=\"client\",destination_service_name=\"upstream\",response_code=\"200\"} 1500\n\
+            istio_requests_total{reporter=\"source\",source_app=\"client\",destination_service_name=\"upstream\",response_code=\"503\"} 2\n\
+            istio_requests_total_other 99\n\
             lumen_telemetry_records_dropped_total{reason=\"queue_full\"} 10\n\
             lumen_telemetry_records_dropped_total{reason=\"export_failed\"} 0\n\
             lumen_telemetry_records_exported_total 1492\n\
             # EOF\n";
-        assert_eq!(prom_sum(text, "lumen_requests_total"), 1502.0);
+        assert_eq!(prom_sum(text, "istio_requests_total"), 1502.0);
         assert_eq!(
             prom_sum(text, "lumen_telemetry_records_dropped_total"),
             10.0

@@ -8,6 +8,7 @@
 //!   parsed and validated once, with errors naming file, field and reason;
 //!   [`config::documents`] splits any Lumen YAML file into typed resources.
 //! - [`thread`]: the one scheduling hint background threads share.
+//! - [`istio`]: Istio's standard metric labels, from a record or a rollup key.
 //! - [`sketch`]: the mergeable latency sketch (DDSketch, 1 % relative
 //!   accuracy) rollups keep per key and window.
 //! - [`load`]: the signal latency-sensitive work gives background work to
@@ -18,6 +19,7 @@
 //! agree on names through this crate.
 
 pub mod config;
+pub mod istio;
 pub mod load;
 pub mod record;
 pub mod schema;

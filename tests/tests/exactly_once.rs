@@ -88,7 +88,7 @@ async fn every_request_is_stored_once_per_side_across_collector_crashes() -> Res
     for admin in [caller.admin, backend.admin] {
         loop {
             let s = stats(admin).await?;
-            let made = counter(&s, "lumen_requests_total");
+            let made = counter(&s, "istio_requests_total");
             let exported = counter(&s, "lumen_telemetry_records_exported_total");
             let dropped = counter(&s, "lumen_telemetry_records_dropped_total");
             assert_eq!(dropped, 0.0, "no record was given up:\n{s}");

@@ -197,13 +197,16 @@ async fn every_request_through_the_mesh_is_recorded_once_per_side() -> Result<()
     let counted: f64 = stats
         .lines()
         .filter(|l| {
-            l.starts_with("lumen_requests_total{") && l.contains("destination_service=\"backend\"")
+            l.starts_with("istio_requests_total{")
+                && l.contains("destination_service_name=\"backend\"")
+                && l.contains("reporter=\"source\"")
+                && l.contains("source_workload=\"frontend-v1\"")
         })
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum();
     assert_eq!(counted as usize, n, "{stats}");
     assert!(
-        stats.contains("lumen_request_duration_milliseconds_bucket"),
+        stats.contains("istio_request_duration_milliseconds_bucket{"),
         "{stats}"
     );
     assert!(

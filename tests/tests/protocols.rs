@@ -225,6 +225,41 @@ spec:
     assert_eq!(resp.status(), 200);
     assert_eq!(resp.text().await?, "HTTP/2.0");
 
+    // Istio's TCP metrics on the caller's sidecar count the tunnel.
+    let stats = reqwest::get(format!(
+        "http://127.0.0.1:{}/stats/prometheus",
+        caller.admin
+    ))
+    .await?
+    .text()
+    .await?;
+    let tcp_counter = |name: &str| {
+        stats
+            .lines()
+            .filter(|l| {
+                l.starts_with(&format!("{name}{{"))
+                    && l.contains("destination_service_name=\"echo\"")
+                    && l.contains("request_protocol=\"tcp\"")
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum::<f64>()
+    };
+    assert_eq!(
+        tcp_counter("istio_tcp_received_bytes_total"),
+        payload.len() as f64,
+        "{stats}"
+    );
+    assert_eq!(
+        tcp_counter("istio_tcp_sent_bytes_total"),
+        payload.len() as f64,
+        "{stats}"
+    );
+    assert_eq!(
+        tcp_counter("istio_tcp_connections_closed_total"),
+        1.0,
+        "{stats}"
+    );
+
     let url = up_ports.sql_url();
     let n = payload.len() as i64;
     let connect = format!(

@@ -1,23 +1,22 @@
-//! Prometheus counters and histograms of the proxy, served on `/stats/prometheus`.
+//! Prometheus metrics of the proxy, served on `/stats/prometheus`: Istio's
+//! standard request and TCP metrics under Istio's names and labels (so
+//! Istio's dashboards read a Lumen sidecar unchanged), and the proxy's own
+//! (`lumen_*`: telemetry export, refusals, retries).
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, RwLock};
 
+use lumen_core::istio::IstioKey;
 use lumen_core::schema::DURATION_BUCKETS_MS;
-use lumen_core::{RequestRecord, ResponseFlags};
+use lumen_core::{Protocol, Reporter, RequestRecord, ResponseFlags, Workload};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct RequestLabels {
-    reporter: &'static str,
-    source_service: Arc<str>,
-    destination_service: Arc<str>,
-    response_code: u16,
-}
+/// Istio's labels, by name.
+type IstioLabels = Vec<(&'static str, String)>;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ProtocolLabels {
@@ -38,24 +37,69 @@ fn duration_histogram() -> Histogram {
     Histogram::new(DURATION_BUCKETS_MS)
 }
 
+/// Istio's size buckets: 1 B to 1 GB, ×10 each.
+fn size_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(1.0, 10.0, 10))
+}
+
+type HistogramFamily = Family<IstioLabels, Histogram, fn() -> Histogram>;
+
+/// What identifies one series: the record's fields Istio's labels come
+/// from, as shared strings, so finding a series allocates nothing.
+#[derive(Clone, Debug, Hash, PartialEq, Eq)]
+struct SeriesKey {
+    reporter: Reporter,
+    source: Workload,
+    destination: Workload,
+    protocol: Protocol,
+    flags: ResponseFlags,
+    status: u16,
+    grpc: Option<i32>,
+    mtls: bool,
+}
+
+/// One series' metrics, found once per key.
+#[derive(Clone, Debug)]
+enum Series {
+    Http {
+        requests: Counter,
+        duration: Histogram,
+        request_bytes: Histogram,
+        response_bytes: Histogram,
+    },
+    Tcp {
+        sent: Counter,
+        received: Counter,
+        opened: Counter,
+        closed: Counter,
+    },
+}
+
 /// The proxy's metrics and the registry they are exposed through.
 #[derive(Debug)]
 pub struct Metrics {
     registry: Registry,
-    requests: Family<RequestLabels, Counter>,
-    duration: Family<RequestLabels, Histogram, fn() -> Histogram>,
+    requests: Family<IstioLabels, Counter>,
+    duration: HistogramFamily,
+    request_bytes: HistogramFamily,
+    response_bytes: HistogramFamily,
+    tcp_sent: Family<IstioLabels, Counter>,
+    tcp_received: Family<IstioLabels, Counter>,
+    tcp_opened: Family<IstioLabels, Counter>,
+    tcp_closed: Family<IstioLabels, Counter>,
+    series: RwLock<HashMap<SeriesKey, Series>>,
     records_dropped: Family<DropLabels, Counter>,
     records_exported: Family<ProtocolLabels, Counter>,
     refused: Family<ReasonLabels, Counter>,
     retries: Counter,
     retries_refused: Counter,
     unknown: Arc<str>,
-    other: Arc<str>,
+    other: Workload,
     /// Source services seen as labels so far (see [`MAX_SOURCE_LABELS`]).
     sources: RwLock<HashSet<Arc<str>>>,
 }
 
-/// Distinct `source_service` label values kept; later newcomers are counted
+/// Distinct source services kept as labels; later newcomers are counted
 /// as `other`. The inbound side takes the caller's word for its name (until
 /// mTLS proves it), and a caller making names up must not grow the series
 /// without bound.
@@ -69,36 +113,67 @@ impl Default for Metrics {
 
 impl Metrics {
     pub fn new() -> Self {
-        let mut registry = Registry::with_prefix("lumen");
-        let requests = Family::<RequestLabels, Counter>::default();
-        let duration = Family::<RequestLabels, Histogram, fn() -> Histogram>::new_with_constructor(
-            duration_histogram,
+        let mut registry = Registry::default();
+        let requests = Family::<IstioLabels, Counter>::default();
+        let duration = HistogramFamily::new_with_constructor(duration_histogram);
+        let request_bytes = HistogramFamily::new_with_constructor(size_histogram);
+        let response_bytes = HistogramFamily::new_with_constructor(size_histogram);
+        let (tcp_sent, tcp_received, tcp_opened, tcp_closed) = Default::default();
+        registry.register(
+            "istio_requests",
+            "Requests handled, by source, destination and response",
+            requests.clone(),
+        );
+        registry.register(
+            "istio_request_duration_milliseconds",
+            "Time from the first request byte to the last response byte, in milliseconds",
+            duration.clone(),
+        );
+        registry.register(
+            "istio_request_bytes",
+            "Request body sizes, in bytes",
+            request_bytes.clone(),
+        );
+        registry.register(
+            "istio_response_bytes",
+            "Response body sizes, in bytes",
+            response_bytes.clone(),
+        );
+        registry.register(
+            "istio_tcp_sent_bytes",
+            "Bytes sent to the downstream on TCP connections (and tunnels)",
+            Family::clone(&tcp_sent),
+        );
+        registry.register(
+            "istio_tcp_received_bytes",
+            "Bytes received from the downstream on TCP connections (and tunnels)",
+            Family::clone(&tcp_received),
+        );
+        registry.register(
+            "istio_tcp_connections_opened",
+            "TCP connections opened (counted when they close and their row is written)",
+            Family::clone(&tcp_opened),
+        );
+        registry.register(
+            "istio_tcp_connections_closed",
+            "TCP connections closed",
+            Family::clone(&tcp_closed),
         );
         let records_dropped = Family::<DropLabels, Counter>::default();
         let records_exported = Family::<ProtocolLabels, Counter>::default();
         registry.register(
-            "requests",
-            "Requests completed by this proxy",
-            requests.clone(),
-        );
-        registry.register(
-            "request_duration_milliseconds",
-            "Time from the first request byte to the last response byte",
-            duration.clone(),
-        );
-        registry.register(
-            "telemetry_records_dropped",
+            "lumen_telemetry_records_dropped",
             "Request records not exported, by reason: queue_full (exporter or collector behind), export_failed (collector unreachable), rejected (refused as invalid)",
             records_dropped.clone(),
         );
         registry.register(
-            "telemetry_records_exported",
+            "lumen_telemetry_records_exported",
             "Request records accepted by the collector",
             records_exported.clone(),
         );
         let refused = Family::<ReasonLabels, Counter>::default();
         registry.register(
-            "downstream_refused",
+            "lumen_downstream_refused",
             "Downstream connections and requests refused by a limit or timeout, by reason",
             refused.clone(),
         );
@@ -108,10 +183,14 @@ impl Metrics {
             });
         }
         let retries = Counter::default();
-        registry.register("upstream_retries", "Retries sent upstream", retries.clone());
+        registry.register(
+            "lumen_upstream_retries",
+            "Retries sent upstream",
+            retries.clone(),
+        );
         let retries_refused = Counter::default();
         registry.register(
-            "upstream_retries_budget_exhausted",
+            "lumen_upstream_retries_budget_exhausted",
             "Retries not sent because the retry budget was spent",
             retries_refused.clone(),
         );
@@ -119,57 +198,152 @@ impl Metrics {
         for reason in [DROP_QUEUE_FULL, DROP_EXPORT_FAILED, DROP_REJECTED] {
             let _ = records_dropped.get_or_create(&DropLabels { reason });
         }
+        let other: Arc<str> = Arc::from("other");
         Metrics {
             registry,
             requests,
             duration,
+            request_bytes,
+            response_bytes,
+            tcp_sent,
+            tcp_received,
+            tcp_opened,
+            tcp_closed,
+            series: RwLock::default(),
             records_dropped,
             records_exported,
             refused,
             retries,
             retries_refused,
             unknown: Arc::from("unknown"),
-            other: Arc::from("other"),
+            other: Workload {
+                service: other.clone(),
+                workload: other.clone(),
+                namespace: other.clone(),
+                version: other,
+            },
             sources: RwLock::default(),
         }
     }
 
-    /// Counts a finished request.
+    /// Counts a finished request (or a TCP connection, or a tunnel).
     pub fn observe(&self, r: &RequestRecord) {
+        let mut destination = r.destination.clone();
         // A request for no known service names whatever host the caller
         // made up; as a label that would grow the series without bound.
-        let destination_service = if r.response_flags.contains(ResponseFlags::NO_ROUTE) {
-            self.unknown.clone()
-        } else {
-            r.destination.service.clone()
+        if r.response_flags.contains(ResponseFlags::NO_ROUTE) {
+            destination.service = self.unknown.clone();
+        }
+        let key = SeriesKey {
+            reporter: r.reporter,
+            source: if self.source_known(&r.source.service) {
+                r.source.clone()
+            } else {
+                self.other.clone()
+            },
+            destination,
+            protocol: r.protocol,
+            flags: r.response_flags,
+            status: r.status,
+            grpc: r.grpc_status,
+            mtls: r.mtls,
         };
-        let labels = RequestLabels {
-            reporter: r.reporter.as_str(),
-            source_service: self.source_label(&r.source.service),
-            destination_service,
-            response_code: r.status,
+        let found = self
+            .series
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&key)
+            .cloned();
+        let series = match found {
+            Some(s) => s,
+            None => {
+                let s = self.series_for(&key);
+                self.series
+                    .write()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(key, s.clone());
+                s
+            }
         };
-        self.requests.get_or_create(&labels).inc();
-        self.duration
-            .get_or_create(&labels)
-            .observe(r.duration.as_secs_f64() * 1000.0);
+        match series {
+            Series::Http {
+                requests,
+                duration,
+                request_bytes,
+                response_bytes,
+            } => {
+                requests.inc();
+                duration.observe(r.duration.as_secs_f64() * 1000.0);
+                request_bytes.observe(r.request_bytes as f64);
+                response_bytes.observe(r.response_bytes as f64);
+            }
+            Series::Tcp {
+                sent,
+                received,
+                opened,
+                closed,
+            } => {
+                sent.inc_by(r.response_bytes);
+                received.inc_by(r.request_bytes);
+                opened.inc();
+                closed.inc();
+            }
+        }
     }
 
-    fn source_label(&self, service: &Arc<str>) -> Arc<str> {
+    /// The metrics of a series not seen before, labelled as Istio does.
+    fn series_for(&self, k: &SeriesKey) -> Series {
+        let flags = k.flags.to_string();
+        let labels = IstioKey {
+            reporter: k.reporter.as_str(),
+            source_service: &k.source.service,
+            source_workload: &k.source.workload,
+            source_namespace: &k.source.namespace,
+            source_version: &k.source.version,
+            destination_service: &k.destination.service,
+            destination_workload: &k.destination.workload,
+            destination_namespace: &k.destination.namespace,
+            destination_version: &k.destination.version,
+            protocol: k.protocol.as_str(),
+            response_flags: &flags,
+            status: Some(i32::from(k.status)),
+            grpc_status: k.grpc,
+            mtls: k.mtls,
+        }
+        .labels();
+        if k.protocol == Protocol::Tcp {
+            Series::Tcp {
+                sent: self.tcp_sent.get_or_create(&labels).clone(),
+                received: self.tcp_received.get_or_create(&labels).clone(),
+                opened: self.tcp_opened.get_or_create(&labels).clone(),
+                closed: self.tcp_closed.get_or_create(&labels).clone(),
+            }
+        } else {
+            Series::Http {
+                requests: self.requests.get_or_create(&labels).clone(),
+                duration: self.duration.get_or_create(&labels).clone(),
+                request_bytes: self.request_bytes.get_or_create(&labels).clone(),
+                response_bytes: self.response_bytes.get_or_create(&labels).clone(),
+            }
+        }
+    }
+
+    /// Whether `service` may be a label: seen before, or still room.
+    fn source_known(&self, service: &Arc<str>) -> bool {
         let known = self
             .sources
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .contains(service);
         if known {
-            return service.clone();
+            return true;
         }
         let mut sources = self.sources.write().unwrap_or_else(|e| e.into_inner());
         if sources.len() < MAX_SOURCE_LABELS {
             sources.insert(service.clone());
-            service.clone()
+            true
         } else {
-            self.other.clone()
+            false
         }
     }
 
@@ -245,17 +419,17 @@ mod tests {
         let text = m.encode();
         let series: Vec<&str> = text
             .lines()
-            .filter(|l| l.starts_with("lumen_requests_total{"))
+            .filter(|l| l.starts_with("istio_requests_total{"))
             .collect();
         assert_eq!(series.len(), MAX_SOURCE_LABELS + 1);
         let other = series
             .iter()
-            .find(|l| l.contains("source_service=\"other\""))
+            .find(|l| l.contains("source_app=\"other\""))
             .expect("newcomers past the cap are counted as other");
         assert!(other.ends_with(" 50"), "{other}");
         let first = series
             .iter()
-            .find(|l| l.contains("source_service=\"caller-0\""))
+            .find(|l| l.contains("source_app=\"caller-0\""))
             .expect("early sources keep their names");
         assert!(first.ends_with(" 2"), "{first}");
     }

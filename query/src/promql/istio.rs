@@ -242,61 +242,40 @@ type Aggs = [f64; 4 + BUCKETS];
 
 /// One key of `rollups` as read back: its Istio labels.
 fn istio_labels(key: &KeyRef<'_>, family: Family) -> Labels {
-    let (status, grpc, mtls) = (key.status, key.grpc, key.mtls);
     let k = |name: &str| {
         let i = ROLLUP_KEY_NAMES
             .iter()
             .position(|n| *n == name)
             .unwrap_or(0);
-        key.keys[i].to_string()
+        key.keys[i]
     };
-    let reporter = k("reporter");
-    let (service, namespace) = (k("destination_service"), k("destination_namespace"));
-    let fqdn = if namespace.is_empty() {
-        service.clone()
-    } else {
-        format!("{service}.{namespace}.svc.cluster.local")
+    let protocol = match family {
+        Family::Tcp => "tcp",
+        Family::Http => k("protocol"),
     };
-    let policy = if reporter == "source" {
-        "unknown"
-    } else if mtls {
-        "mutual_tls"
-    } else {
-        "none"
+    let istio = lumen_core::istio::IstioKey {
+        reporter: k("reporter"),
+        source_service: k("source_service"),
+        source_workload: k("source_workload"),
+        source_namespace: k("source_namespace"),
+        source_version: k("source_version"),
+        destination_service: k("destination_service"),
+        destination_workload: k("destination_workload"),
+        destination_namespace: k("destination_namespace"),
+        destination_version: k("destination_version"),
+        protocol,
+        response_flags: k("response_flags"),
+        status: key.status,
+        grpc_status: key.grpc,
+        mtls: key.mtls,
     };
-    let protocol = match (family, k("protocol").as_str()) {
-        (Family::Tcp, _) => "tcp",
-        (_, "grpc") => "grpc",
-        _ => "http",
-    };
-    let mut labels = vec![
-        ("connection_security_policy".to_string(), policy.to_string()),
-        ("destination_app".into(), service.clone()),
-        // Peer identities arrive with mTLS; until then Istio says "unknown".
-        ("destination_principal".into(), "unknown".into()),
-        ("destination_service".into(), fqdn),
-        ("destination_service_name".into(), service),
-        ("destination_service_namespace".into(), namespace.clone()),
-        ("destination_version".into(), k("destination_version")),
-        ("destination_workload".into(), k("destination_workload")),
-        ("destination_workload_namespace".into(), namespace),
-        ("reporter".into(), reporter),
-        ("request_protocol".into(), protocol.into()),
-        ("response_flags".into(), k("response_flags")),
-        ("source_app".into(), k("source_service")),
-        ("source_principal".into(), "unknown".into()),
-        ("source_version".into(), k("source_version")),
-        ("source_workload".into(), k("source_workload")),
-        ("source_workload_namespace".into(), k("source_namespace")),
-    ];
+    let mut labels: Labels = istio
+        .labels()
+        .into_iter()
+        .map(|(n, v)| (n.to_string(), v))
+        .collect();
     if family == Family::Http {
-        labels.push(("route".into(), k("route")));
-        if let Some(s) = status {
-            labels.push(("response_code".into(), s.to_string()));
-        }
-        if let Some(g) = grpc {
-            labels.push(("grpc_response_status".into(), g.to_string()));
-        }
+        labels.push(("route".into(), k("route").to_string()));
     }
     value::normalize(labels)
 }
