@@ -104,6 +104,8 @@ pub struct Forward<'a> {
     pub replay_limit: usize,
     pub limits: &'a crate::limits::Limits,
     pub metrics: &'a crate::telemetry::Metrics,
+    /// A gRPC caller's deadline (`grpc-timeout`), from the request's start.
+    pub deadline: Option<Duration>,
 }
 
 impl Forward<'_> {
@@ -124,8 +126,23 @@ impl Forward<'_> {
                 tokio::time::sleep(timeout).await;
             }
         };
+        let caller_deadline = async {
+            match self.deadline {
+                Some(d) => tokio::time::sleep(d).await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             r = self.tries(parts, body, &body_state, pending) => r,
+            () = caller_deadline => Err(ForwardError {
+                flags: ResponseFlags::UPSTREAM_REQUEST_TIMEOUT,
+                status: http::StatusCode::GATEWAY_TIMEOUT,
+                message: format!(
+                    "no response headers within the caller's deadline of {:?}",
+                    self.deadline.unwrap_or_default()
+                ),
+                outcome: Outcome::TimedOut,
+            }),
             () = deadline => {
                 let mut e = ForwardError {
                     flags: ResponseFlags::UPSTREAM_REQUEST_TIMEOUT,

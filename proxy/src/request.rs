@@ -155,6 +155,11 @@ pub async fn handle(
     let upgrade = tunnel::upgrade_of(&req);
     let downstream_upgrade = upgrade.is_some().then(|| hyper::upgrade::on(&mut req));
 
+    let deadline = pending
+        .record()
+        .is_some_and(|r| r.protocol == Protocol::Grpc)
+        .then(|| grpc_timeout(&req))
+        .flatten();
     let (mut parts, body) = req.into_parts();
     prepare_upstream_headers(&shared, conn.side, &trace, &mut parts.headers);
     let mut version = upstream_version(protocol_of(&shared, &destination), parts.version);
@@ -170,6 +175,7 @@ pub async fn handle(
         replay_limit: shared.replay_limit,
         limits: &shared.limits,
         metrics: shared.telemetry.metrics(),
+        deadline,
     };
     let sent = forward
         .run(parts, body, body_state.clone(), &mut pending)
@@ -496,27 +502,104 @@ fn prepare_upstream_headers(
     }
 }
 
+/// A reply the proxy makes itself. A gRPC caller gets it the gRPC way —
+/// HTTP 200, trailers-only, the status as `grpc-status` — as Envoy does, so
+/// its client library reports a status rather than a protocol error.
 pub(crate) fn local_reply(
     status: StatusCode,
     flags: ResponseFlags,
     message: String,
     mut pending: PendingRecord,
 ) -> Response<ResponseBody> {
+    let grpc = pending
+        .record()
+        .is_some_and(|r| r.protocol == Protocol::Grpc)
+        .then(|| grpc_code(status, flags));
     if let Some(record) = pending.record_mut() {
         record.status = status.as_u16();
         record.response_flags.insert(flags);
+        if grpc.is_some() {
+            record.status = StatusCode::OK.as_u16();
+            record.grpc_status = grpc;
+        }
     }
     let flags_value =
         HeaderValue::from_str(&flags.to_string()).unwrap_or_else(|_| HeaderValue::from_static("-"));
-    let mut resp = Response::new(ResponseBody::local(format!("lumen: {message}\n"), pending));
-    *resp.status_mut() = status;
+    let text = format!("lumen: {message}");
+    let body = if grpc.is_some() {
+        String::new()
+    } else {
+        format!("{text}\n")
+    };
+    let mut resp = Response::new(ResponseBody::local(body, pending));
     let h = resp.headers_mut();
-    h.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
     h.insert(FLAGS_HEADER, flags_value);
+    match grpc {
+        Some(code) => {
+            h.insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/grpc"),
+            );
+            h.insert("grpc-status", HeaderValue::from(code));
+            // grpc-message is percent-encoded (gRPC over HTTP/2, "Responses").
+            let encoded: String = text
+                .bytes()
+                .map(|b| match b {
+                    b' '..=b'~' if b != b'%' => (b as char).to_string(),
+                    _ => format!("%{b:02X}"),
+                })
+                .collect();
+            if let Ok(v) = HeaderValue::from_str(&encoded) {
+                h.insert("grpc-message", v);
+            }
+        }
+        None => {
+            *resp.status_mut() = status;
+            resp.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/plain; charset=utf-8"),
+            );
+        }
+    }
     resp
+}
+
+/// The gRPC status for a reply the proxy makes (Envoy's mapping, with a
+/// timeout as DEADLINE_EXCEEDED).
+fn grpc_code(status: StatusCode, flags: ResponseFlags) -> i32 {
+    if flags.contains(ResponseFlags::UPSTREAM_REQUEST_TIMEOUT) {
+        return 4;
+    }
+    match status.as_u16() {
+        400 => 13,
+        401 => 16,
+        403 => 7,
+        404 => 12,
+        408 => 4,
+        413 | 429 => 8,
+        502..=504 => 14,
+        _ => 2,
+    }
+}
+
+/// The deadline a gRPC caller set (`grpc-timeout`: up to 8 digits and a
+/// unit, H M S m u n).
+fn grpc_timeout<B>(req: &Request<B>) -> Option<Duration> {
+    let v = req.headers().get("grpc-timeout")?.to_str().ok()?;
+    if v.len() < 2 || v.len() > 9 {
+        return None;
+    }
+    let (digits, unit) = v.split_at(v.len() - 1);
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n.checked_mul(3600)?),
+        "M" => Duration::from_secs(n.checked_mul(60)?),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
 }
 
 #[cfg(test)]
@@ -554,6 +637,26 @@ mod tests {
             .body(())
             .unwrap();
         assert_eq!(detect_protocol(&grpc), Protocol::Grpc);
+    }
+
+    #[test]
+    fn grpc_timeouts_parse_as_grpc_defines_them() {
+        let req = |v: &str| {
+            Request::builder()
+                .header("grpc-timeout", v)
+                .body(())
+                .unwrap()
+        };
+        assert_eq!(grpc_timeout(&req("250m")), Some(Duration::from_millis(250)));
+        assert_eq!(grpc_timeout(&req("3S")), Some(Duration::from_secs(3)));
+        assert_eq!(grpc_timeout(&req("1H")), Some(Duration::from_secs(3600)));
+        assert_eq!(
+            grpc_timeout(&req("99999999n")),
+            Some(Duration::from_nanos(99_999_999))
+        );
+        for bad in ["", "m", "10", "10x", "123456789S", "-1S"] {
+            assert_eq!(grpc_timeout(&req(bad)), None, "{bad}");
+        }
     }
 
     #[test]

@@ -3,7 +3,8 @@
 
 use anyhow::Result;
 use lumen_tests::{
-    DialSidecar, SidecarPorts, UpPorts, local, start_sidecar, start_up, wait_for_count, write_mesh,
+    DialSidecar, SidecarPorts, UpPorts, h2_client_via, local, start_sidecar, start_up,
+    wait_for_count, write_mesh,
 };
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_client::TraceServiceClient;
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
@@ -24,8 +25,11 @@ impl TraceService for App {
         &self,
         req: Request<ExportTraceServiceRequest>,
     ) -> Result<Response<ExportTraceServiceResponse>, Status> {
-        if req.get_ref().resource_spans.is_empty() {
-            return Err(Status::unavailable("nothing to export"));
+        match req.get_ref().resource_spans.len() {
+            0 => return Err(Status::unavailable("nothing to export")),
+            // Slower than the deadline the test sets.
+            2 => tokio::time::sleep(std::time::Duration::from_secs(3)).await,
+            _ => {}
         }
         Ok(Response::new(ExportTraceServiceResponse::default()))
     }
@@ -72,7 +76,43 @@ async fn grpc_calls_are_recorded_with_their_grpc_status() -> Result<()> {
         assert_eq!(err.message(), "nothing to export");
     }
 
+    // The caller's deadline (`grpc-timeout`) is the proxy's too: past it,
+    // DEADLINE_EXCEEDED, the gRPC way, while the app is still busy.
+    // (A raw HTTP/2 client: tonic would enforce the deadline itself.)
+    let message = prost::Message::encode_to_vec(&ExportTraceServiceRequest {
+        resource_spans: vec![ResourceSpans::default(), ResourceSpans::default()],
+    });
+    let mut framed = vec![0u8];
+    framed.extend_from_slice(&(message.len() as u32).to_be_bytes());
+    framed.extend_from_slice(&message);
+    let slow = http::Request::post(
+        "http://tracer:4317/opentelemetry.proto.collector.trace.v1.TraceService/Export",
+    )
+    .header("content-type", "application/grpc")
+    .header("te", "trailers")
+    .header("grpc-timeout", "300m")
+    .body(http_body_util::Full::new(bytes::Bytes::from(framed)))?;
+    let resp = h2_client_via(local(fe.outbound)).request(slow).await?;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["grpc-status"], "4", "{:?}", resp.headers());
+    // No such service: UNIMPLEMENTED, not an HTTP 404 the client cannot read.
+    let channel = tonic::transport::Endpoint::from_static("http://nosuch:4317")
+        .connect_with_connector(DialSidecar(local(fe.outbound)))
+        .await?;
+    let err = TraceServiceClient::new(channel)
+        .export(ExportTraceServiceRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unimplemented, "{err}");
+    assert!(err.message().contains("nosuch"), "{err}");
+
     let url = up_ports.sql_url();
+    let deadline = "SELECT count(*) AS n FROM requests WHERE reporter = 'source' AND protocol = 'grpc' \
+         AND status = 200 AND grpc_status = 4 AND response_flags = 'UT'";
+    assert_eq!(wait_for_count(&url, deadline, 1).await?, 1);
+    let unknown = "SELECT count(*) AS n FROM requests WHERE reporter = 'source' AND protocol = 'grpc' \
+         AND grpc_status = 12 AND response_flags = 'NR' AND destination_service = 'nosuch'";
+    assert_eq!(wait_for_count(&url, unknown, 1).await?, 1);
     let base = "SELECT count(*) AS n FROM requests WHERE protocol = 'grpc' AND status = 200 \
          AND destination_service = 'tracer' \
          AND path = '/opentelemetry.proto.collector.trace.v1.TraceService/Export'";
