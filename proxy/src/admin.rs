@@ -55,6 +55,12 @@ async fn config_dump(State(s): State<Arc<AdminState>>) -> impl IntoResponse {
                 "name": &*svc.name,
                 "namespace": &*svc.namespace,
                 "port": svc.port,
+                "clusterIP": svc.cluster_ip.map(|ip| ip.to_string()),
+                "protocol": format!("{:?}", svc.protocol).to_lowercase(),
+                "retries": {
+                    "attempts": svc.retries.attempts,
+                    "perTryTimeout": svc.retries.per_try_timeout.map(|t| format!("{t:?}")),
+                },
                 "endpoints": svc.endpoints.iter().map(|e| json!({
                     "address": &*e.address_str,
                     "workload": &*e.workload,
@@ -73,5 +79,7 @@ async fn config_dump(State(s): State<Arc<AdminState>>) -> impl IntoResponse {
         },
         "app": s.shared.app.as_ref().map(|a| &*a.address_str),
         "services": services,
+        // Pools are per resolved endpoint, never per Host the caller wrote.
+        "upstream_pools": s.shared.upstreams.endpoints(),
     }))
 }

@@ -102,6 +102,13 @@ impl Upstreams {
         }
     }
 
+    /// The endpoints with connection pools, as `ip:port`.
+    pub fn endpoints(&self) -> Vec<String> {
+        let mut v: Vec<String> = self.pools.load().keys().map(|a| a.to_string()).collect();
+        v.sort();
+        v
+    }
+
     pub fn connect_timeout(&self) -> Duration {
         self.connect_timeout
     }

@@ -358,9 +358,11 @@ impl Sidecar<'_> {
             local(self.ports.admin).to_string(),
             "--collector".into(),
             self.collector.into(),
-            "--workers".into(),
-            "1".into(),
         ];
+        // One worker, as the benchmarks run Envoy, unless the test asks.
+        if !self.extra.contains(&"--workers") {
+            args.extend(["--workers".into(), "1".into()]);
+        }
         match self.app {
             Some(a) => args.extend([
                 "--inbound".into(),

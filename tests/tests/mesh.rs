@@ -364,3 +364,105 @@ async fn telemetry_trouble_never_fails_requests_and_config_reloads_live() -> Res
     assert_eq!(backend.terminate()?, 0, "{}", backend.logs());
     Ok(())
 }
+
+/// Two worker threads, many clients at once, the service named every way
+/// Kubernetes DNS allows (and made-up names too): every request answered and
+/// recorded once per side, and one connection pool per endpoint, not per
+/// name a caller wrote.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_multi_threaded_sidecar_serves_concurrent_clients_with_one_pool_per_endpoint()
+-> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let logs = dir.path();
+    let up_ports = UpPorts::pick();
+    let app = start_app("backend").await;
+    let (fe, be) = (SidecarPorts::pick(), SidecarPorts::pick());
+    let mesh = dir.path().join("mesh.yaml");
+    write_mesh(&mesh, &[("backend", 8080, &[(local(be.inbound), "v1")])])?;
+    let _up = start_up(logs, &mesh, &dir.path().join("data"), up_ports, &[]).await?;
+    let collector = up_ports.grpc_endpoint();
+    let sidecar = |service, ports, app| Sidecar {
+        service,
+        version: "v1",
+        mesh: &mesh,
+        ports,
+        app,
+        collector: &collector,
+        extra: &["--workers", "2"],
+    };
+    let _fe = sidecar("frontend", fe, None).start(logs).await?;
+    let _be = sidecar("backend", be, Some(app)).start(logs).await?;
+
+    let hosts = [
+        "backend",
+        "backend:8080",
+        "backend.default",
+        "backend.default.svc",
+        "backend.default.svc.cluster.local",
+        "backend.default.svc.cluster.local:8080",
+    ];
+    let client = reqwest::Client::new();
+    let outbound = format!("http://127.0.0.1:{}", fe.outbound);
+    let n = 240;
+    let calls = (0..n).map(|i| {
+        let client = client.clone();
+        let outbound = outbound.clone();
+        async move {
+            // Every fifth call names a service that does not exist.
+            let host = if i % 5 == 4 {
+                format!("made-up-{}", rand::random::<u32>())
+            } else {
+                hosts[i % hosts.len()].to_string()
+            };
+            let r = client
+                .get(format!("{outbound}/concurrent/{i}"))
+                .header("host", host)
+                .send()
+                .await?;
+            anyhow::Ok(r.status().as_u16())
+        }
+    });
+    let statuses = futures_util::future::join_all(calls).await;
+    let mut ok = 0;
+    for (i, s) in statuses.into_iter().enumerate() {
+        let s = s?;
+        if i % 5 == 4 {
+            assert_eq!(s, 404, "call {i}");
+        } else {
+            assert_eq!(s, 200, "call {i}");
+            ok += 1;
+        }
+    }
+
+    let dump: serde_json::Value =
+        reqwest::get(format!("http://127.0.0.1:{}/config_dump", fe.admin))
+            .await?
+            .json()
+            .await?;
+    assert_eq!(
+        dump["upstream_pools"],
+        serde_json::json!([local(be.inbound).to_string()]),
+        "{dump}"
+    );
+    let url = up_ports.sql_url();
+    for reporter in ["source", "destination"] {
+        let q = format!(
+            "SELECT count(*) AS n FROM requests WHERE reporter = '{reporter}' \
+             AND destination_service = 'backend' AND status = 200 AND path LIKE '/concurrent/%'"
+        );
+        assert_eq!(wait_for_count(&url, &q, ok).await?, ok, "{reporter}");
+    }
+    let distinct = sql(
+        &url,
+        "SELECT count(DISTINCT path) AS n FROM requests WHERE reporter = 'source' AND status = 200 AND path LIKE '/concurrent/%'",
+    )
+    .await?;
+    assert_eq!(distinct[0]["n"], ok, "each request once");
+    let unknown = "SELECT count(*) AS n FROM requests WHERE reporter = 'source' AND status = 404 \
+         AND response_flags = 'NR' AND path LIKE '/concurrent/%'";
+    assert_eq!(
+        wait_for_count(&url, unknown, (n - ok as usize) as i64).await?,
+        (n - ok as usize) as i64
+    );
+    Ok(())
+}
