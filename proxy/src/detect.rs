@@ -17,6 +17,8 @@ pub enum Detected {
     /// A TLS ClientHello: passed through as bytes (until mTLS terminates it).
     Tls,
     Tcp,
+    /// Closed before sending a byte (a port probe): nothing to serve or record.
+    Closed,
 }
 
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
@@ -54,7 +56,7 @@ pub fn classify(bytes: &[u8]) -> Option<Detected> {
 }
 
 /// Peeks at `stream` until [`classify`] decides, the peer closes, or
-/// `timeout` passes (then: TCP).
+/// `timeout` passes (then: TCP, a server-first protocol).
 pub async fn detect(stream: &TcpStream, timeout: Duration) -> Detected {
     let deadline = tokio::time::Instant::now() + timeout;
     let mut buf = [0u8; 32];
@@ -63,11 +65,16 @@ pub async fn detect(stream: &TcpStream, timeout: Duration) -> Detected {
         let peeked = tokio::time::timeout_at(deadline, stream.peek(&mut buf)).await;
         let n = match peeked {
             Ok(Ok(n)) => n,
-            // Closed, failed, or silent past the deadline: bytes it is.
+            Ok(Err(_)) if seen == 0 => return Detected::Closed,
+            // Failed mid-way, or silent past the deadline: bytes it is.
             _ => return Detected::Tcp,
         };
         if n == 0 {
-            return Detected::Tcp;
+            return if seen == 0 {
+                Detected::Closed
+            } else {
+                Detected::Tcp
+            };
         }
         if let Some(d) = classify(&buf[..n]) {
             return d;

@@ -100,6 +100,7 @@ pub async fn serve(
                 Detected::Tls | Detected::Tcp => {
                     crate::tcp::proxy(shared, conn, stream, stop, drain).await;
                 }
+                Detected::Closed => {}
             }
         });
         // Reap finished connections so the set stays as small as what is open.
