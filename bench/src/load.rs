@@ -14,6 +14,29 @@ pub struct Target {
     pub url: String,
     /// `Host` header; the meshes route on it, nginx direct needs none.
     pub host: Option<String>,
+    /// POST this file as every request's body, instead of GET.
+    pub body: Option<std::path::PathBuf>,
+}
+
+/// The wrk script that POSTs `body` (wrk's own way to send a body).
+fn wrk_script(body: &std::path::Path) -> Result<std::path::PathBuf> {
+    let script = body.with_extension("lua");
+    let lua_path = body
+        .display()
+        .to_string()
+        .replace('\\', "\\\\")
+        .replace('"', "\\\"");
+    std::fs::write(
+        &script,
+        format!(
+            "local f = assert(io.open(\"{lua_path}\", \"rb\"))\n\
+             wrk.method = \"POST\"\n\
+             wrk.body = f:read(\"*a\")\n\
+             f:close()\n\
+             wrk.headers[\"Content-Type\"] = \"application/octet-stream\"\n"
+        ),
+    )?;
+    Ok(script)
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -29,6 +52,9 @@ pub fn run_wrk(target: &Target, connections: u32, secs: u64) -> Result<WrkResult
     cmd.args(["-t1", &format!("-c{connections}"), &format!("-d{secs}s")]);
     if let Some(h) = &target.host {
         cmd.args(["-H", &format!("Host: {h}")]);
+    }
+    if let Some(body) = &target.body {
+        cmd.arg("-s").arg(wrk_script(body)?);
     }
     cmd.arg(&target.url);
     let out = cmd.output().context("running wrk")?;
@@ -115,6 +141,10 @@ pub fn run_oha(target: &Target, rate: u32, connections: u32, secs: u64) -> Resul
     ]);
     if let Some(h) = &target.host {
         cmd.args(["-H", &format!("Host: {h}")]);
+    }
+    if let Some(body) = &target.body {
+        cmd.args(["-m", "POST", "-T", "application/octet-stream", "-D"])
+            .arg(body);
     }
     cmd.arg(&target.url);
     let out = cmd.output().context("running oha")?;

@@ -210,6 +210,10 @@ struct ProxyArgs {
     /// Keep the temporary directory (configs, process logs, collector data).
     #[arg(long)]
     keep_temp: bool,
+    /// POST a body of this many bytes with every request (e.g. 65536)
+    /// instead of a GET.
+    #[arg(long)]
+    body_bytes: Option<usize>,
 }
 
 fn main() -> ExitCode {
@@ -259,6 +263,14 @@ fn proxy(mut a: ProxyArgs) -> Result<()> {
         wrk_connections: a.connections.unwrap_or(32),
         oha_connections: a.connections.unwrap_or(16),
         clk_tck: procstat::clock_ticks_per_sec(),
+        body: match a.body_bytes {
+            Some(n) => {
+                let path = tmp.path.join(format!("body-{n}.bin"));
+                fs::write(&path, vec![b'x'; n])?;
+                Some(path)
+            }
+            None => None,
+        },
     };
     let ctx = report::Context {
         command: std::env::args().collect::<Vec<_>>().join(" "),
@@ -271,6 +283,7 @@ fn proxy(mut a: ProxyArgs) -> Result<()> {
         wrk_connections: set.wrk_connections,
         oha_connections: set.oha_connections,
         rounds: a.rounds,
+        body_bytes: a.body_bytes,
     };
 
     let mut runs: Vec<Vec<_>> = a.scenario.iter().map(|_| Vec::new()).collect();

@@ -16,6 +16,8 @@ pub struct Context {
     pub wrk_connections: u32,
     pub oha_connections: u32,
     pub rounds: u32,
+    /// Requests POSTed a body this large (GET without).
+    pub body_bytes: Option<usize>,
 }
 
 /// One scenario's rounds reduced to medians: a single run on a shared
@@ -93,6 +95,12 @@ pub fn render(ctx: &Context, runs: &[Vec<Measured>]) -> String {
          oha -q {} -c{} --latency-correction for {} s for latency and CPU",
         ctx.wrk_connections, ctx.duration, ctx.warmup, ctx.rate, ctx.oha_connections, ctx.duration
     );
+    if let Some(n) = ctx.body_bytes {
+        let _ = writeln!(
+            w,
+            "- requests: POST with a {n}-byte body (wrk by script, oha -D), answered by nginx"
+        );
+    }
     let _ = writeln!(
         w,
         "- rounds: {} (scenarios interleaved, a b c d a b c d …); each figure is the median of its rounds\n",
@@ -291,6 +299,7 @@ mod tests {
             rate: 1000,
             wrk_connections: 32,
             oha_connections: 16,
+            body_bytes: None,
             rounds: 3,
         };
         let rows = [

@@ -50,6 +50,8 @@ pub struct Settings {
     pub wrk_connections: u32,
     pub oha_connections: u32,
     pub clk_tck: u64,
+    /// Requests POST this file as their body (GET without).
+    pub body: Option<PathBuf>,
 }
 
 pub struct Measured {
@@ -267,6 +269,7 @@ fn start(s: Scenario, set: &Settings, dir: &Path) -> Result<Topology> {
         target: Target {
             url: format!("http://{}/", local(front)),
             host: Some(SERVICE_HOST.into()),
+            body: set.body.clone(),
         },
         query: None,
         admins: vec![],
@@ -276,6 +279,7 @@ fn start(s: Scenario, set: &Settings, dir: &Path) -> Result<Topology> {
             topo.target = Target {
                 url: format!("http://{}/", local(nginx)),
                 host: None,
+                body: set.body.clone(),
             };
         }
         Scenario::B | Scenario::C => {

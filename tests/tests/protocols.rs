@@ -279,7 +279,11 @@ spec:
          AND destination_service = 'raw' AND request_bytes = 9 AND response_bytes = 9";
     assert_eq!(wait_for_count(&url, detected, 1).await?, 1);
     let raw_rows = "SELECT count(*) AS n FROM requests WHERE destination_service = 'raw'";
-    assert_eq!(wait_for_count(&url, raw_rows, 1).await?, 1, "no row for the probe");
+    assert_eq!(
+        wait_for_count(&url, raw_rows, 1).await?,
+        1,
+        "no row for the probe"
+    );
     let websocket = "SELECT count(*) AS n FROM requests WHERE protocol = 'websocket' AND status = 101 \
          AND destination_service = 'ws' AND path = '/chat' AND request_bytes > 0 AND response_bytes > 0";
     let got = wait_for_count(&url, websocket, 2).await?;
