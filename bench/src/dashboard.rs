@@ -330,7 +330,7 @@ pub fn run(lumen: &Path, dir: &Path, set: &Settings) -> Result<Measured> {
         otlp_http: ports[1],
         query: ports[2],
     };
-    let mesh = peers::write_mesh(dir, local(9))?;
+    let mesh = peers::write_mesh(dir, local(9), false)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

@@ -52,7 +52,7 @@ pub fn run(lumen: &Path, dir: &Path, set: &Settings) -> Result<Vec<Phase>> {
         otlp_http: ports[1],
         query: ports[2],
     };
-    let mesh = peers::write_mesh(dir, local(9))?;
+    let mesh = peers::write_mesh(dir, local(9), false)?;
     // No flush during the run (it would land in one phase only), and a
     // runaway that outlasts it.
     let mut args = vec![

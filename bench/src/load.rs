@@ -16,6 +16,43 @@ pub struct Target {
     pub host: Option<String>,
     /// POST this file as every request's body, instead of GET.
     pub body: Option<std::path::PathBuf>,
+    /// gRPC over HTTP/2 (oha only; `body` is the framed request): the
+    /// request goes to `http://<host><path>`, connected to `url`'s address.
+    pub grpc: Option<&'static str>,
+}
+
+impl Target {
+    /// oha's URL and options for this target.
+    fn oha_args(&self, cmd: &mut Command) {
+        match (self.grpc, &self.host) {
+            (Some(path), Some(host)) => {
+                let addr = self.url.trim_start_matches("http://").trim_end_matches('/');
+                cmd.args(["--http2", "--connect-to", &format!("{host}:{addr}")]);
+                cmd.arg(format!("http://{host}{path}"));
+            }
+            (Some(path), None) => {
+                cmd.arg("--http2");
+                cmd.arg(format!("{}{}", self.url.trim_end_matches('/'), path));
+            }
+            (None, host) => {
+                if let Some(h) = host {
+                    cmd.args(["-H", &format!("Host: {h}")]);
+                }
+                cmd.arg(&self.url);
+            }
+        }
+        if let Some(body) = &self.body {
+            let content_type = if self.grpc.is_some() {
+                "application/grpc"
+            } else {
+                "application/octet-stream"
+            };
+            cmd.args(["-m", "POST", "-T", content_type, "-D"]).arg(body);
+            if self.grpc.is_some() {
+                cmd.args(["-H", "te: trailers"]);
+            }
+        }
+    }
 }
 
 /// The wrk script that POSTs `body` (wrk's own way to send a body).
@@ -48,6 +85,10 @@ pub struct WrkResult {
 }
 
 pub fn run_wrk(target: &Target, connections: u32, secs: u64) -> Result<WrkResult> {
+    if target.grpc.is_some() {
+        // wrk speaks HTTP/1.1 only: closed-loop oha over HTTP/2 instead.
+        return run_oha_closed(target, connections, secs);
+    }
     let mut cmd = Command::new("wrk");
     cmd.args(["-t1", &format!("-c{connections}"), &format!("-d{secs}s")]);
     if let Some(h) = &target.host {
@@ -139,14 +180,7 @@ pub fn run_oha(target: &Target, rate: u32, connections: u32, secs: u64) -> Resul
         "--output-format",
         "json",
     ]);
-    if let Some(h) = &target.host {
-        cmd.args(["-H", &format!("Host: {h}")]);
-    }
-    if let Some(body) = &target.body {
-        cmd.args(["-m", "POST", "-T", "application/octet-stream", "-D"])
-            .arg(body);
-    }
-    cmd.arg(&target.url);
+    target.oha_args(&mut cmd);
     let out = cmd.output().context("running oha")?;
     let stdout = String::from_utf8_lossy(&out.stdout);
     if !out.status.success() {
@@ -162,6 +196,64 @@ pub fn run_oha(target: &Target, rate: u32, connections: u32, secs: u64) -> Resul
             "parsing oha JSON output:\n{}",
             crate::http::truncate(&stdout, 2000)
         )
+    })
+}
+
+/// One request with oha; its status, or what went wrong.
+pub fn oha_once(target: &Target) -> Result<u16> {
+    let mut cmd = Command::new("oha");
+    cmd.args(["--no-tui", "-n", "1", "--output-format", "json"]);
+    target.oha_args(&mut cmd);
+    let out = cmd.output().context("running oha")?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let r = parse_oha(&stdout).with_context(|| format!("oha: {stdout}"))?;
+    if let Some(e) = r.errors.keys().next() {
+        bail!("{e}");
+    }
+    if r.ok == 1 {
+        return Ok(200);
+    }
+    let status = r.bad_statuses.keys().next().cloned().unwrap_or_default();
+    status
+        .parse()
+        .with_context(|| format!("oha status {status:?}"))
+}
+
+/// oha as a closed loop (no rate): as many requests as the path carries,
+/// reported as wrk's numbers are.
+fn run_oha_closed(target: &Target, connections: u32, secs: u64) -> Result<WrkResult> {
+    let mut cmd = Command::new("oha");
+    cmd.args([
+        "--no-tui",
+        "-z",
+        &format!("{secs}s"),
+        "-c",
+        &connections.to_string(),
+        "--wait-ongoing-requests-after-deadline",
+        "--output-format",
+        "json",
+    ]);
+    target.oha_args(&mut cmd);
+    let out = cmd.output().context("running oha")?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() {
+        bail!(
+            "oha exited with {}: {}{}",
+            out.status,
+            stdout,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let v: Value = serde_json::from_str(&stdout).context("oha output is not JSON")?;
+    let r = parse_oha(&stdout)?;
+    Ok(WrkResult {
+        requests: r.responses,
+        rps: v
+            .pointer("/summary/requestsPerSec")
+            .and_then(Value::as_f64)
+            .context("no summary.requestsPerSec")?,
+        socket_errors: r.errors.values().sum(),
+        non_2xx_3xx: r.bad_statuses.values().sum(),
     })
 }
 

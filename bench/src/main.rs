@@ -2,6 +2,7 @@
 //! users would otherwise run. See bench/README.md.
 
 mod dashboard;
+mod grpc;
 mod http;
 mod ingest;
 mod load;
@@ -50,6 +51,9 @@ enum Command {
         and writes it to bench/results/latest.md. Defaults take about 6 minutes."
     )]
     Proxy(ProxyArgs),
+    /// The gRPC app the proxy benchmark's `--grpc` case runs behind the proxies.
+    #[command(hide = true)]
+    GrpcUpstream(GrpcUpstreamArgs),
     /// Collector ingest rate alone and with a runaway query beside it, in
     /// one run; reports the ratio.
     #[command(
@@ -212,8 +216,18 @@ struct ProxyArgs {
     keep_temp: bool,
     /// POST a body of this many bytes with every request (e.g. 65536)
     /// instead of a GET.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "grpc")]
     body_bytes: Option<usize>,
+    /// gRPC unary calls over HTTP/2 to a gRPC app instead of HTTP/1.1 GETs
+    /// to nginx; oha measures throughput too (wrk has no HTTP/2).
+    #[arg(long)]
+    grpc: bool,
+}
+
+#[derive(Args)]
+struct GrpcUpstreamArgs {
+    #[arg(long)]
+    port: u16,
 }
 
 fn main() -> ExitCode {
@@ -224,6 +238,7 @@ fn main() -> ExitCode {
         Command::Storage(a) => storage_bench(a),
         Command::Collector(a) => collector_bench(a),
         Command::Dashboard(a) => dashboard_bench(a),
+        Command::GrpcUpstream(a) => grpc::serve(a.port),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -263,14 +278,20 @@ fn proxy(mut a: ProxyArgs) -> Result<()> {
         wrk_connections: a.connections.unwrap_or(32),
         oha_connections: a.connections.unwrap_or(16),
         clk_tck: procstat::clock_ticks_per_sec(),
-        body: match a.body_bytes {
-            Some(n) => {
+        body: match (a.body_bytes, a.grpc) {
+            (_, true) => {
+                let path = tmp.path.join("grpc-request.bin");
+                fs::write(&path, grpc::request_body())?;
+                Some(path)
+            }
+            (Some(n), false) => {
                 let path = tmp.path.join(format!("body-{n}.bin"));
                 fs::write(&path, vec![b'x'; n])?;
                 Some(path)
             }
-            None => None,
+            (None, false) => None,
         },
+        grpc: a.grpc,
     };
     let ctx = report::Context {
         command: std::env::args().collect::<Vec<_>>().join(" "),
@@ -284,6 +305,7 @@ fn proxy(mut a: ProxyArgs) -> Result<()> {
         oha_connections: set.oha_connections,
         rounds: a.rounds,
         body_bytes: a.body_bytes,
+        grpc: a.grpc,
     };
 
     let mut runs: Vec<Vec<_>> = a.scenario.iter().map(|_| Vec::new()).collect();

@@ -109,7 +109,7 @@ pub fn run(lumen: &Path, dir: &Path, set: &Settings) -> Result<Vec<Phase>> {
         otlp_http: ports[1],
         query: ports[2],
     };
-    let mesh = peers::write_mesh(dir, local(9))?;
+    let mesh = peers::write_mesh(dir, local(9), false)?;
     let args = [
         "--flush-interval",
         "1h",

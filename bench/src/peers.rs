@@ -285,6 +285,15 @@ impl Drop for Proc {
     }
 }
 
+/// The gRPC app of the gRPC case: this program's `grpc-upstream`.
+pub fn start_grpc_upstream(dir: &Path, port: u16) -> Result<Proc> {
+    let mut cmd = Command::new(std::env::current_exe()?);
+    cmd.args(["grpc-upstream", "--port", &port.to_string()]);
+    let mut p = Proc::spawn("grpc-upstream", cmd, dir.join("grpc-upstream.log"))?;
+    p.wait_listening(local(port))?;
+    Ok(p)
+}
+
 pub fn start_nginx(dir: &Path, port: u16) -> Result<Proc> {
     let d = dir.display();
     // `user root;` because workers would otherwise switch to `nobody` when we
@@ -327,10 +336,12 @@ fn running_as_root() -> bool {
 }
 
 /// The service the client sidecar calls: `upstream:8080`, served by `endpoint`.
-pub fn write_mesh(dir: &Path, endpoint: SocketAddr) -> Result<PathBuf> {
+/// The bench's mesh: one service, `upstream:8080`; `grpc` declares it.
+pub fn write_mesh(dir: &Path, endpoint: SocketAddr, grpc: bool) -> Result<PathBuf> {
+    let protocol = if grpc { "      protocol: grpc\n" } else { "" };
     let yaml = format!(
         "apiVersion: lumen.dev/v1alpha1\nkind: Mesh\nmetadata: {{name: bench}}\nspec:\n  \
-         services:\n    - name: upstream\n      port: 8080\n      endpoints:\n        \
+         services:\n    - name: upstream\n      port: 8080\n{protocol}      endpoints:\n        \
          - address: {endpoint}\n          version: v1\n"
     );
     let path = dir.join("mesh.yaml");
@@ -429,7 +440,19 @@ pub fn start_lumen_proxy(o: SidecarOpts) -> Result<Proc> {
 /// A minimal Envoy bootstrap: one HTTP listener whose router sends every
 /// request matching `domains` to one STATIC endpoint. No access log, so the
 /// comparison with Lumen's telemetry-off run is like for like.
-pub fn envoy_config(listen: u16, admin: u16, upstream: u16, domains: &[&str]) -> String {
+/// An Envoy bootstrap proxying `listen` to `upstream`; `h2` speaks HTTP/2
+/// upstream (gRPC), as Envoy needs told.
+pub fn envoy_config(listen: u16, admin: u16, upstream: u16, domains: &[&str], h2: bool) -> String {
+    let h2 = if h2 {
+        r#"    typed_extension_protocol_options:
+      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
+        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
+        explicit_http_config:
+          http2_protocol_options: {}
+"#
+    } else {
+        ""
+    };
     let domains = domains
         .iter()
         .map(|d| format!("\"{d}\""))
@@ -467,7 +490,7 @@ static_resources:
   - name: upstream
     type: STATIC
     connect_timeout: 1s
-    load_assignment:
+{h2}    load_assignment:
       cluster_name: upstream
       endpoints:
       - lb_endpoints:
@@ -568,10 +591,13 @@ mod tests {
 
     #[test]
     fn envoy_config_names_the_ports() {
-        let c = envoy_config(1001, 1002, 1003, &["upstream:8080", "upstream"]);
+        let c = envoy_config(1001, 1002, 1003, &["upstream:8080", "upstream"], false);
         assert!(c.contains("port_value: 1001 }"));
         assert!(c.contains("port_value: 1002 }"));
         assert!(c.contains("port_value: 1003 }"));
         assert!(c.contains(r#"domains: ["upstream:8080", "upstream"]"#));
+        assert!(!c.contains("http2_protocol_options"));
+        let h2 = envoy_config(1001, 1002, 1003, &["*"], true);
+        assert!(h2.contains("http2_protocol_options: {}"), "{h2}");
     }
 }

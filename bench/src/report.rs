@@ -18,6 +18,8 @@ pub struct Context {
     pub rounds: u32,
     /// Requests POSTed a body this large (GET without).
     pub body_bytes: Option<usize>,
+    /// gRPC unary calls over HTTP/2 to a gRPC app.
+    pub grpc: bool,
 }
 
 /// One scenario's rounds reduced to medians: a single run on a shared
@@ -95,6 +97,14 @@ pub fn render(ctx: &Context, runs: &[Vec<Measured>]) -> String {
          oha -q {} -c{} --latency-correction for {} s for latency and CPU",
         ctx.wrk_connections, ctx.duration, ctx.warmup, ctx.rate, ctx.oha_connections, ctx.duration
     );
+    if ctx.grpc {
+        let _ = writeln!(
+            w,
+            "- requests: gRPC unary calls (OTLP trace Export, ~400 bytes) over HTTP/2 (h2c) to a tonic app; \
+             throughput by closed-loop `oha --http2 -c{}` instead of wrk; (a) is oha → the gRPC app",
+            ctx.wrk_connections
+        );
+    }
     if let Some(n) = ctx.body_bytes {
         let _ = writeln!(
             w,
@@ -300,6 +310,7 @@ mod tests {
             wrk_connections: 32,
             oha_connections: 16,
             body_bytes: None,
+            grpc: false,
             rounds: 3,
         };
         let rows = [

@@ -52,6 +52,9 @@ pub struct Settings {
     pub clk_tck: u64,
     /// Requests POST this file as their body (GET without).
     pub body: Option<PathBuf>,
+    /// gRPC unary calls over HTTP/2 to a gRPC app instead of HTTP/1.1 to
+    /// nginx (`body` is then the framed request).
+    pub grpc: bool,
 }
 
 pub struct Measured {
@@ -262,14 +265,21 @@ fn start(s: Scenario, set: &Settings, dir: &Path) -> Result<Topology> {
     else {
         unreachable!("asked for 8 ports")
     };
+    let grpc = set.grpc.then_some(crate::grpc::PATH);
+    let upstream = if set.grpc {
+        peers::start_grpc_upstream(dir, nginx)?
+    } else {
+        peers::start_nginx(dir, nginx)?
+    };
     let mut topo = Topology {
-        procs: vec![peers::start_nginx(dir, nginx)?],
+        procs: vec![upstream],
         proxies: vec![],
         collector: None,
         target: Target {
             url: format!("http://{}/", local(front)),
             host: Some(SERVICE_HOST.into()),
             body: set.body.clone(),
+            grpc,
         },
         query: None,
         admins: vec![],
@@ -280,10 +290,11 @@ fn start(s: Scenario, set: &Settings, dir: &Path) -> Result<Topology> {
                 url: format!("http://{}/", local(nginx)),
                 host: None,
                 body: set.body.clone(),
+                grpc,
             };
         }
         Scenario::B | Scenario::C => {
-            let mesh = peers::write_mesh(dir, local(back))?;
+            let mesh = peers::write_mesh(dir, local(back), set.grpc)?;
             // The collector runs in (c) too, idle, so that (b) − (c) is the
             // cost of telemetry alone and not of one extra process.
             let cports = CollectorPorts {
@@ -323,12 +334,13 @@ fn start(s: Scenario, set: &Settings, dir: &Path) -> Result<Topology> {
             topo.admins = vec![admin1, admin2];
         }
         Scenario::D => {
-            let server = peers::envoy_config(back, admin2, nginx, &["*"]);
+            let server = peers::envoy_config(back, admin2, nginx, &["*"], set.grpc);
             topo.procs
                 .push(peers::start_envoy("envoy-server", dir, &server, admin2)?);
             // The client routes only the service's name, as Lumen's outbound
             // listener does.
-            let client = peers::envoy_config(front, admin1, back, &[SERVICE_HOST, "upstream"]);
+            let client =
+                peers::envoy_config(front, admin1, back, &[SERVICE_HOST, "upstream"], set.grpc);
             topo.procs
                 .push(peers::start_envoy("envoy-client", dir, &client, admin1)?);
             topo.proxies = vec![1, 2];
@@ -340,6 +352,25 @@ fn start(s: Scenario, set: &Settings, dir: &Path) -> Result<Topology> {
 /// One request through the whole path before any load, so a broken topology
 /// fails with the processes' logs instead of as a wall of wrk errors.
 fn probe(topo: &mut Topology) -> Result<()> {
+    if topo.target.grpc.is_some() {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            topo.check_alive()?;
+            let last = match load::oha_once(&topo.target) {
+                Ok(200) => return Ok(()),
+                Ok(s) => format!("status {s}"),
+                Err(e) => format!("{e:#}"),
+            };
+            if Instant::now() > deadline {
+                bail!(
+                    "the gRPC call through {} never succeeded; last: {last}\n{}",
+                    topo.target.url,
+                    topo.logs()
+                );
+            }
+            sleep(Duration::from_millis(200));
+        }
+    }
     let url = topo.target.url.clone();
     let addr = url
         .trim_start_matches("http://")
