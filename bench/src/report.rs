@@ -183,6 +183,18 @@ pub fn render(ctx: &Context, runs: &[Vec<Measured>]) -> String {
          per hop = both proxies / 2. RSS is the larger VmRSS of the two proxies after the runs. \
          Load generator, proxies and nginx share the machine's cores."
     );
+    if ctx.grpc {
+        // The gRPC case swaps nginx for a gRPC app and wrk for closed-loop
+        // oha; the shared wording says so.
+        for (from, to) in [
+            ("(a) nginx direct", "(a) gRPC app direct"),
+            ("- wrk:", "- oha, closed loop:"),
+            ("during the wrk run", "during the closed-loop run"),
+            ("proxies and nginx", "proxies and the gRPC app"),
+        ] {
+            out = out.replace(from, to);
+        }
+    }
     out
 }
 
