@@ -100,8 +100,10 @@ pub struct Forward<'a> {
     /// Longest wait for response headers once the request body is sent,
     /// over all tries.
     pub timeout: Duration,
-    /// Request bodies up to this size are kept for retries.
+    /// Request bodies up to this size are kept for retries…
     pub replay_limit: usize,
+    /// …out of this many bytes for all requests together.
+    pub replay_budget: &'a Arc<crate::replay::Budget>,
     pub limits: &'a crate::limits::Limits,
     pub metrics: &'a crate::telemetry::Metrics,
     /// A gRPC caller's deadline (`grpc-timeout`), from the request's start.
@@ -181,7 +183,7 @@ impl Forward<'_> {
             self.limits.max_request_bytes,
             self.limits.stream_idle_timeout,
         );
-        let replay = Replay::new(source, keep);
+        let replay = Replay::new(source, keep, self.replay_budget.clone());
         let authority = pending
             .record()
             .map(|r| r.authority.clone())

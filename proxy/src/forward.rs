@@ -66,6 +66,7 @@ impl tower::Service<Uri> for Dial {
                     )
                 })??;
             stream.set_nodelay(true)?;
+            keepalive(&stream);
             Ok(TokioIo::new(stream))
         })
     }
@@ -76,6 +77,19 @@ pub type UpstreamBody = ReplayBody<RequestBody>;
 /// How long a pooled upstream connection may sit idle.
 pub const UPSTREAM_IDLE: Duration = Duration::from_secs(4);
 type Pool = Client<Dial, UpstreamBody>;
+
+/// TCP keepalive on an upstream connection, so a peer that vanished without
+/// a FIN (a crashed node, a dropped NAT entry) is found even on
+/// connections nothing is sent on — HTTP/1.1 pools and opaque tunnels.
+pub fn keepalive(stream: &TcpStream) {
+    let ka = socket2::TcpKeepalive::new()
+        .with_time(Duration::from_secs(30))
+        .with_interval(Duration::from_secs(10))
+        .with_retries(3);
+    if let Err(e) = socket2::SockRef::from(stream).set_tcp_keepalive(&ka) {
+        tracing::debug!(error = %e, "cannot set TCP keepalive");
+    }
+}
 
 /// The HTTP/1.1 and HTTP/2 pools of one endpoint.
 #[derive(Debug)]

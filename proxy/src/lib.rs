@@ -83,6 +83,8 @@ pub struct ProxyConfig {
     /// Request bodies up to this size are kept so a failed try can be
     /// retried; larger ones are streamed once.
     pub replay_limit: usize,
+    /// Bytes all requests in flight together may keep for retries.
+    pub replay_budget: usize,
     pub limits: limits::Limits,
 }
 
@@ -99,6 +101,7 @@ impl ProxyConfig {
             upstream_timeout: Duration::from_secs(15),
             drain_timeout: Duration::from_secs(5),
             replay_limit: 64 * 1024,
+            replay_budget: 64 << 20,
             limits: limits::Limits::default(),
         }
     }
@@ -206,6 +209,7 @@ impl Proxy {
             default_route: Arc::from(route::DEFAULT_ROUTE),
             timeout: config.upstream_timeout,
             replay_limit: config.replay_limit,
+            replay_budget: replay::Budget::new(config.replay_budget),
             stop: stop_rx.clone(),
             drain: config.drain_timeout,
             limits: config.limits.clone(),

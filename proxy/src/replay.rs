@@ -8,8 +8,13 @@
 //!
 //! One try reads at a time. A superseded try still held by a connection
 //! task gets an error, never a frame meant for the next try.
+//!
+//! Kept bytes also come out of one [`Budget`] for the whole proxy, so many
+//! large uploads at once cannot make the retry buffers grow without bound:
+//! once it is spent, bodies are streamed once, like bodies over the cap.
 
 use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
@@ -18,6 +23,34 @@ use http::HeaderMap;
 use http_body::{Body, Frame, SizeHint};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Bytes all requests together may keep for retries.
+#[derive(Debug)]
+pub struct Budget {
+    available: AtomicUsize,
+}
+
+impl Budget {
+    pub fn new(bytes: usize) -> Arc<Self> {
+        Arc::new(Budget {
+            available: AtomicUsize::new(bytes),
+        })
+    }
+
+    fn take(&self, n: usize) -> bool {
+        self.available
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |a| a.checked_sub(n))
+            .is_ok()
+    }
+
+    fn give(&self, n: usize) {
+        self.available.fetch_add(n, Ordering::AcqRel);
+    }
+
+    pub fn available(&self) -> usize {
+        self.available.load(Ordering::Acquire)
+    }
+}
 
 /// The body shared by a request's tries.
 pub struct Replay<B> {
@@ -31,7 +64,9 @@ struct State<B> {
     buffered: usize,
     trailers: Option<HeaderMap>,
     cap: usize,
-    /// More than `cap` bytes were read: no retry can send this body.
+    budget: Arc<Budget>,
+    /// More than `cap` bytes were read (or the budget was spent): no retry
+    /// can send this body.
     overflowed: bool,
     /// The downstream body ended.
     ended: bool,
@@ -42,8 +77,9 @@ struct State<B> {
 }
 
 impl<B: Body> Replay<B> {
-    /// Keeps up to `cap` bytes for retries; 0 keeps nothing (no retries).
-    pub fn new(source: B, cap: usize) -> Self {
+    /// Keeps up to `cap` bytes for retries, out of `budget`; 0 keeps
+    /// nothing (no retries).
+    pub fn new(source: B, cap: usize, budget: Arc<Budget>) -> Self {
         Replay {
             state: Arc::new(Mutex::new(State {
                 ended: source.is_end_stream(),
@@ -52,6 +88,7 @@ impl<B: Body> Replay<B> {
                 buffered: 0,
                 trailers: None,
                 cap,
+                budget,
                 overflowed: false,
                 failed: false,
                 current: 0,
@@ -75,6 +112,12 @@ impl<B: Body> Replay<B> {
     pub fn replayable(&self) -> bool {
         let s = lock(&self.state);
         !s.overflowed && !s.failed
+    }
+}
+
+impl<B> Drop for State<B> {
+    fn drop(&mut self) {
+        self.budget.give(self.buffered);
     }
 }
 
@@ -139,14 +182,15 @@ where
                 }
                 if let Some(data) = frame.data_ref() {
                     if !s.overflowed {
-                        if s.buffered + data.len() <= s.cap {
+                        if s.buffered + data.len() <= s.cap && s.budget.take(data.len()) {
                             s.buffered += data.len();
                             s.frames.push(data.clone());
                             this.next = s.frames.len();
                         } else {
                             s.overflowed = true;
                             s.frames = Vec::new();
-                            s.buffered = 0;
+                            let kept = std::mem::take(&mut s.buffered);
+                            s.budget.give(kept);
                             this.next = 0;
                         }
                     }
@@ -215,7 +259,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_retry_sends_the_same_bytes_and_trailers() {
-        let replay = Replay::new(source(&["ab", "cd"], true), 1024);
+        let replay = Replay::new(source(&["ab", "cd"], true), 1024, Budget::new(1 << 20));
         let first = all(replay.try_body()).await;
         assert!(replay.replayable());
         let second = all(replay.try_body()).await;
@@ -226,7 +270,11 @@ mod tests {
 
     #[tokio::test]
     async fn a_retry_mid_body_resends_what_was_read_then_reads_on() {
-        let replay = Replay::new(source(&["ab", "cd", "ef"], false), 1024);
+        let replay = Replay::new(
+            source(&["ab", "cd", "ef"], false),
+            1024,
+            Budget::new(1 << 20),
+        );
         let mut first = replay.try_body();
         let frame = first.frame().await.unwrap().unwrap();
         assert_eq!(frame.into_data().unwrap(), "ab");
@@ -238,14 +286,31 @@ mod tests {
 
     #[tokio::test]
     async fn a_body_over_the_cap_is_streamed_once_and_not_replayable() {
-        let replay = Replay::new(source(&["abc", "def"], false), 4);
+        let replay = Replay::new(source(&["abc", "def"], false), 4, Budget::new(1 << 20));
         assert_eq!(all(replay.try_body()).await.0, "abcdef");
         assert!(!replay.replayable());
     }
 
     #[tokio::test]
+    async fn bodies_share_one_budget_and_give_it_back() {
+        let budget = Budget::new(6);
+        let first = Replay::new(source(&["abcd"], false), 1024, budget.clone());
+        assert_eq!(all(first.try_body()).await.0, "abcd");
+        assert!(first.replayable());
+        assert_eq!(budget.available(), 2);
+        // The budget has 2 bytes left: this body is streamed, not kept.
+        let second = Replay::new(source(&["xyz"], false), 1024, budget.clone());
+        assert_eq!(all(second.try_body()).await.0, "xyz");
+        assert!(!second.replayable());
+        assert_eq!(budget.available(), 2);
+        drop(first);
+        drop(second);
+        assert_eq!(budget.available(), 6);
+    }
+
+    #[tokio::test]
     async fn an_empty_body_ends_at_once_for_every_try() {
-        let replay = Replay::new(http_body_util::Empty::<Bytes>::new(), 0);
+        let replay = Replay::new(http_body_util::Empty::<Bytes>::new(), 0, Budget::new(0));
         assert!(replay.try_body().is_end_stream());
         assert!(replay.try_body().is_end_stream());
         assert!(replay.replayable());

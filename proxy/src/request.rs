@@ -70,8 +70,10 @@ pub struct Shared {
     pub default_route: Arc<str>,
     /// Longest wait for response headers once the request body is sent.
     pub timeout: Duration,
-    /// Request bodies up to this size are kept so they can be retried.
+    /// Request bodies up to this size are kept so they can be retried…
     pub replay_limit: usize,
+    /// …out of this many bytes for every request in flight together.
+    pub replay_budget: Arc<crate::replay::Budget>,
     /// Turns true when the proxy shuts down; tunnels then get `drain` to end.
     pub stop: tokio::sync::watch::Receiver<bool>,
     pub drain: Duration,
@@ -173,6 +175,7 @@ pub async fn handle(
         version,
         timeout: shared.timeout,
         replay_limit: shared.replay_limit,
+        replay_budget: &shared.replay_budget,
         limits: &shared.limits,
         metrics: shared.telemetry.metrics(),
         deadline,

@@ -217,6 +217,7 @@ pub async fn proxy(
                 match tokio::time::timeout(shared.upstreams.connect_timeout(), connect).await {
                     Ok(Ok(s)) => {
                         let _ = s.set_nodelay(true);
+                        crate::forward::keepalive(&s);
                         upstream = Some(s);
                         break;
                     }

@@ -104,6 +104,7 @@ pub async fn connect(
         match tokio::time::timeout(shared.upstreams.connect_timeout(), connect).await {
             Ok(Ok(s)) => {
                 let _ = s.set_nodelay(true);
+                crate::forward::keepalive(&s);
                 upstream = Some(s);
                 break;
             }
