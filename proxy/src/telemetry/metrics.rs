@@ -87,7 +87,8 @@ pub struct Metrics {
     tcp_received: Family<IstioLabels, Counter>,
     tcp_opened: Family<IstioLabels, Counter>,
     tcp_closed: Family<IstioLabels, Counter>,
-    series: RwLock<HashMap<SeriesKey, Series>>,
+    /// Found once per key; foldhash because this is per request.
+    series: RwLock<HashMap<SeriesKey, Series, foldhash::fast::RandomState>>,
     records_dropped: Family<DropLabels, Counter>,
     records_exported: Family<ProtocolLabels, Counter>,
     refused: Family<ReasonLabels, Counter>,
@@ -96,7 +97,7 @@ pub struct Metrics {
     unknown: Arc<str>,
     other: Workload,
     /// Source services seen as labels so far (see [`MAX_SOURCE_LABELS`]).
-    sources: RwLock<HashSet<Arc<str>>>,
+    sources: RwLock<HashSet<Arc<str>, foldhash::fast::RandomState>>,
 }
 
 /// Distinct source services kept as labels; later newcomers are counted
