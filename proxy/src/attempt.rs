@@ -134,8 +134,38 @@ impl Forward<'_> {
                 None => std::future::pending().await,
             }
         };
+        // Nothing passes for the stream idle timeout while the body is still
+        // going up (the client stalled, or the upstream stopped reading):
+        // the exchange is cut, whoever is stuck.
+        let stalled = {
+            let body_state = body_state.clone();
+            let idle = self.limits.stream_idle_timeout;
+            async move {
+                let mut seen = body_state.bytes();
+                loop {
+                    tokio::select! {
+                        () = body_state.wait_ended() => return std::future::pending::<()>().await,
+                        () = tokio::time::sleep(idle) => {}
+                    }
+                    let now = body_state.bytes();
+                    if now == seen {
+                        return;
+                    }
+                    seen = now;
+                }
+            }
+        };
         tokio::select! {
             r = self.tries(parts, body, &body_state, pending) => r,
+            () = stalled => Err(ForwardError {
+                flags: ResponseFlags::STREAM_IDLE_TIMEOUT,
+                status: http::StatusCode::REQUEST_TIMEOUT,
+                message: format!(
+                    "the request body made no progress for {:?}",
+                    self.limits.stream_idle_timeout
+                ),
+                outcome: Outcome::Final,
+            }),
             () = caller_deadline => Err(ForwardError {
                 flags: ResponseFlags::UPSTREAM_REQUEST_TIMEOUT,
                 status: http::StatusCode::GATEWAY_TIMEOUT,
@@ -184,6 +214,21 @@ impl Forward<'_> {
             self.limits.stream_idle_timeout,
         );
         let replay = Replay::new(source, keep, self.replay_budget.clone());
+        let result = self.loop_tries(&replay, parts, body_state, pending).await;
+        // The answer is final: keep nothing more for tries that will not come.
+        replay.commit();
+        result
+    }
+
+    async fn loop_tries(
+        &self,
+        replay: &Replay<RequestBody>,
+        parts: http::request::Parts,
+        body_state: &Arc<RequestBodyState>,
+        pending: &mut PendingRecord,
+    ) -> Result<Response<Incoming>, ForwardError> {
+        let policy = self.destination.policy();
+        let budget = self.destination.budget();
         let authority = pending
             .record()
             .map(|r| r.authority.clone())
@@ -248,6 +293,8 @@ impl Forward<'_> {
             if !replay.replayable() {
                 return result;
             }
+            // The previous retry's place goes back before this one is taken.
+            _retrying = None;
             _retrying = budget.retry(policy);
             self.metrics.retry(_retrying.is_some());
             if _retrying.is_none() {

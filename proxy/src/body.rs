@@ -40,15 +40,18 @@ impl IdleTimer {
 
     /// The body had nothing: true once it has had nothing for too long.
     fn pending(&mut self, cx: &mut Context<'_>) -> bool {
-        let deadline = tokio::time::Instant::now() + self.limit;
-        let sleep = self
-            .sleep
-            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
         if !self.waiting {
-            sleep.as_mut().reset(deadline);
+            let deadline = tokio::time::Instant::now() + self.limit;
+            match &mut self.sleep {
+                Some(sleep) => sleep.as_mut().reset(deadline),
+                None => self.sleep = Some(Box::pin(tokio::time::sleep_until(deadline))),
+            }
             self.waiting = true;
         }
-        sleep.as_mut().poll(cx).is_ready()
+        match &mut self.sleep {
+            Some(sleep) => sleep.as_mut().poll(cx).is_ready(),
+            None => false,
+        }
     }
 
     fn progressed(&mut self) {
@@ -106,16 +109,24 @@ impl RequestBodyState {
 
     fn end(&self) {
         if !self.ended.swap(true, Ordering::AcqRel) {
-            // `notify_one` keeps a permit, so a waiter arriving later still wakes.
-            self.ended_signal.notify_one();
+            self.ended_signal.notify_waiters();
         }
     }
 
-    /// Resolves once the whole body has been sent upstream.
+    pub fn ended(&self) -> bool {
+        self.ended.load(Ordering::Acquire)
+    }
+
+    /// Resolves once the whole body has been sent upstream. Any number of
+    /// waiters: each registers before it looks, so none misses the end.
     pub async fn wait_ended(&self) {
-        if !self.ended.load(Ordering::Acquire) {
-            self.ended_signal.notified().await;
+        let notified = self.ended_signal.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        if self.ended() {
+            return;
         }
+        notified.await;
     }
 }
 

@@ -61,6 +61,9 @@ pub async fn detect(stream: &TcpStream, timeout: Duration) -> Detected {
     let deadline = tokio::time::Instant::now() + timeout;
     let mut buf = [0u8; 32];
     let mut seen = 0;
+    // A client that sent a prefix and stopped is looked at less and less
+    // often, so thousands of them cost little.
+    let mut pause = Duration::from_millis(1);
     loop {
         let peeked = tokio::time::timeout_at(deadline, stream.peek(&mut buf)).await;
         let n = match peeked {
@@ -82,12 +85,13 @@ pub async fn detect(stream: &TcpStream, timeout: Duration) -> Detected {
         if n == seen {
             // Nothing new yet: peek returns at once while data waits, so
             // give the next segment a moment.
-            if tokio::time::timeout_at(deadline, tokio::time::sleep(Duration::from_millis(1)))
+            if tokio::time::timeout_at(deadline, tokio::time::sleep(pause))
                 .await
                 .is_err()
             {
                 return Detected::Tcp;
             }
+            pause = (pause * 2).min(Duration::from_millis(100));
         }
         seen = n;
     }

@@ -222,9 +222,17 @@ impl Upstreams {
         let sent = pool.request(req);
         let result = match per_try {
             None => sent.await,
-            Some(limit) => match tokio::time::timeout(limit, sent).await {
+            // As Envoy's: the try's clock starts once the body is sent, so a
+            // slow upload is not blamed on the upstream.
+            Some(limit) => match tokio::select! {
+                r = sent => Ok(r),
+                () = async {
+                    body_state.wait_ended().await;
+                    tokio::time::sleep(limit).await;
+                } => Err(()),
+            } {
                 Ok(r) => r,
-                Err(_) => {
+                Err(()) => {
                     return Err(ForwardError {
                         flags: ResponseFlags::UPSTREAM_REQUEST_TIMEOUT,
                         status: http::StatusCode::GATEWAY_TIMEOUT,

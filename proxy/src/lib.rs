@@ -212,6 +212,7 @@ impl Proxy {
             replay_budget: replay::Budget::new(config.replay_budget),
             stop: stop_rx.clone(),
             drain: config.drain_timeout,
+            tunnels: Default::default(),
             limits: config.limits.clone(),
         });
 
@@ -276,6 +277,12 @@ impl Proxy {
         admin_state.ready.store(false, Ordering::Relaxed);
         let _ = stop_tx.send(true);
         while tasks.join_next().await.is_some() {}
+        // Tunnels end within the drain too (then write their records).
+        let _ = tokio::time::timeout(
+            config.drain_timeout + Duration::from_secs(1),
+            shared.tunnels.none(),
+        )
+        .await;
         // Listeners are drained; the exporter flushes what is queued.
         drop(shared);
         let _ = export_stop_tx.send(true);

@@ -24,6 +24,10 @@ use http_body::{Body, Frame, SizeHint};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
+/// What keeping one frame costs besides its bytes (the `Bytes` handle,
+/// its place in the list, the buffer it may pin).
+const FRAME_OVERHEAD: usize = 64;
+
 /// Bytes all requests together may keep for retries.
 #[derive(Debug)]
 pub struct Budget {
@@ -108,6 +112,12 @@ impl<B: Body> Replay<B> {
         }
     }
 
+    /// No more tries will come: stop keeping frames (those kept stay until
+    /// the current try has sent them, and are freed with the body).
+    pub fn commit(&self) {
+        lock(&self.state).overflowed = true;
+    }
+
     /// Whether another try could send the whole body again.
     pub fn replayable(&self) -> bool {
         let s = lock(&self.state);
@@ -182,8 +192,11 @@ where
                 }
                 if let Some(data) = frame.data_ref() {
                     if !s.overflowed {
-                        if s.buffered + data.len() <= s.cap && s.budget.take(data.len()) {
-                            s.buffered += data.len();
+                        // Each kept frame costs its bytes and its bookkeeping,
+                        // so a body in tiny frames cannot hide its memory.
+                        let cost = data.len() + FRAME_OVERHEAD;
+                        if s.buffered + cost <= s.cap && s.budget.take(cost) {
+                            s.buffered += cost;
                             s.frames.push(data.clone());
                             this.next = s.frames.len();
                         } else {
@@ -195,7 +208,9 @@ where
                         }
                     }
                 } else if let Some(t) = frame.trailers_ref() {
+                    // Trailers are last: hyper may never poll again.
                     s.trailers = Some(t.clone());
+                    s.ended = true;
                     this.trailers_sent = true;
                 }
                 Poll::Ready(Some(Ok(frame)))
@@ -293,7 +308,8 @@ mod tests {
 
     #[tokio::test]
     async fn bodies_share_one_budget_and_give_it_back() {
-        let budget = Budget::new(6);
+        // Each kept frame costs its bytes and FRAME_OVERHEAD.
+        let budget = Budget::new(4 + FRAME_OVERHEAD + 2);
         let first = Replay::new(source(&["abcd"], false), 1024, budget.clone());
         assert_eq!(all(first.try_body()).await.0, "abcd");
         assert!(first.replayable());
@@ -305,7 +321,37 @@ mod tests {
         assert_eq!(budget.available(), 2);
         drop(first);
         drop(second);
-        assert_eq!(budget.available(), 6);
+        assert_eq!(budget.available(), 4 + FRAME_OVERHEAD + 2);
+    }
+
+    #[tokio::test]
+    async fn trailers_end_the_body_for_a_retry_even_if_never_polled_past() {
+        let replay = Replay::new(source(&["ab"], true), 1024, Budget::new(1 << 20));
+        let mut first = replay.try_body();
+        assert!(first.frame().await.unwrap().unwrap().is_data());
+        assert!(first.frame().await.unwrap().unwrap().is_trailers());
+        // The first try stops here, as hyper does after trailers.
+        let second = all(replay.try_body()).await;
+        assert_eq!(second.0, "ab");
+        assert!(second.1.is_some(), "the retry sends the trailers too");
+    }
+
+    #[tokio::test]
+    async fn a_committed_body_keeps_no_more() {
+        let budget = Budget::new(1 << 20);
+        let replay = Replay::new(source(&["ab", "cd"], false), 1024, budget.clone());
+        let mut body = replay.try_body();
+        assert_eq!(
+            body.frame().await.unwrap().unwrap().into_data().unwrap(),
+            "ab"
+        );
+        replay.commit();
+        assert_eq!(
+            body.frame().await.unwrap().unwrap().into_data().unwrap(),
+            "cd"
+        );
+        assert!(!replay.replayable());
+        assert_eq!(budget.available(), (1 << 20) - 2 - FRAME_OVERHEAD);
     }
 
     #[tokio::test]

@@ -77,6 +77,8 @@ pub struct Shared {
     /// Turns true when the proxy shuts down; tunnels then get `drain` to end.
     pub stop: tokio::sync::watch::Receiver<bool>,
     pub drain: Duration,
+    /// CONNECT and upgrade tunnels still open.
+    pub tunnels: Arc<tunnel::Open>,
     pub limits: crate::limits::Limits,
 }
 
@@ -468,11 +470,14 @@ fn route_outbound(
             })
         }
         Err(NoRoute::NoEndpoints) => {
-            let (service, namespace) =
-                match table.mesh().resolve(authority, &shared.identity.namespace) {
-                    Some(s) => (s.name.clone(), s.namespace.clone()),
-                    None => (authority.into(), shared.identity.namespace.clone()),
-                };
+            let found = table
+                .mesh()
+                .resolve(authority, &shared.identity.namespace)
+                .or_else(|| original_dst.and_then(|d| table.mesh().by_address(d)));
+            let (service, namespace) = match found {
+                Some(s) => (s.name.clone(), s.namespace.clone()),
+                None => (authority.into(), shared.identity.namespace.clone()),
+            };
             let message = format!("no healthy upstream: service `{service}` has no endpoints");
             let mut destination = Workload::unknown();
             destination.service = service;

@@ -12,6 +12,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 
+use crate::body::{PendingRecord, RequestBodyState};
 use crate::request::{Connection, Shared, Side};
 use crate::trace::TraceContext;
 
@@ -61,27 +62,38 @@ where
     let (u_read, u_write) = tokio::io::split(upstream);
     let mut out = Spliced::default();
     let (mut sent, mut received) = (0u64, 0u64);
-    let both = async {
-        tokio::join!(
-            pipe(d_read, u_write, &mut sent),
-            pipe(u_read, d_write, &mut received)
-        )
-    };
-    let stopping = async {
-        let _ = stop.wait_for(|s| *s).await;
-        tokio::time::sleep(drain).await;
-    };
-    tokio::select! {
-        (up, down) = both => {
-            // Which side failed, as well as a byte stream can tell.
-            if up.is_err() {
-                out.flags.insert(ResponseFlags::DOWNSTREAM_CONNECTION_TERMINATION);
-            }
-            if down.is_err() {
-                out.flags.insert(ResponseFlags::UPSTREAM_CONNECTION_TERMINATION);
+    {
+        let up = pipe(d_read, u_write, &mut sent);
+        let down = pipe(u_read, d_write, &mut received);
+        tokio::pin!(up, down);
+        let (mut up_done, mut down_done) = (false, false);
+        let stopping = async {
+            let _ = stop.wait_for(|s| *s).await;
+            tokio::time::sleep(drain).await;
+        };
+        tokio::pin!(stopping);
+        // A direction that ends cleanly half-closes and the other goes on;
+        // one that fails ends the tunnel, so neither side waits on a peer
+        // that is gone.
+        while !(up_done && down_done) {
+            tokio::select! {
+                r = &mut up, if !up_done => {
+                    up_done = true;
+                    if r.is_err() {
+                        out.flags.insert(ResponseFlags::DOWNSTREAM_CONNECTION_TERMINATION);
+                        break;
+                    }
+                }
+                r = &mut down, if !down_done => {
+                    down_done = true;
+                    if r.is_err() {
+                        out.flags.insert(ResponseFlags::UPSTREAM_CONNECTION_TERMINATION);
+                        break;
+                    }
+                }
+                () = &mut stopping => break,
             }
         }
-        () = stopping => {}
     }
     out.sent = sent;
     out.received = received;
@@ -148,8 +160,10 @@ fn target(shared: &Shared, conn: &Connection) -> Result<Target, (ResponseFlags, 
                 // Not a mesh service: through to where it was going, as
                 // Istio's passthrough does.
                 None => {
+                    // Istio's name for traffic to no mesh service; the
+                    // address is in `authority` and `upstream_address`.
                     let mut w = Workload::unknown();
-                    w.service = dst.ip().to_string().into();
+                    w.service = "PassthroughCluster".into();
                     Ok(Target {
                         addresses: vec![(dst, dst.to_string().into(), w)],
                         authority: dst.to_string(),
@@ -171,7 +185,7 @@ pub async fn proxy(
     let start_time = SystemTime::now();
     let started = Instant::now();
     let trace = TraceContext::continue_from(None);
-    let mut record = RequestRecord {
+    let record = RequestRecord {
         start_time,
         duration: Duration::ZERO,
         reporter: match conn.side {
@@ -201,43 +215,50 @@ pub async fn proxy(
         span_id: trace.span_id,
         parent_span_id: None,
     };
-    match target(&shared, &conn) {
+    let target = target(&shared, &conn);
+    // Written exactly once, even if the task is dropped at shutdown (then
+    // with `DC`).
+    let mut pending = PendingRecord::new(
+        record,
+        started,
+        Arc::new(RequestBodyState::default()),
+        shared.telemetry.clone(),
+    );
+    let t = match target {
         Err((flags, message)) => {
             tracing::debug!(peer = %conn.peer, %message, "tcp connection refused");
-            record.response_flags.insert(flags);
+            pending.finish(0, flags);
+            return;
         }
-        Ok(t) => {
-            record.authority = t.authority;
-            let mut upstream = None;
-            for (i, (address, address_str, workload)) in t.addresses.into_iter().enumerate() {
-                record.destination = workload;
-                record.upstream_address = Some(address_str);
-                record.retries = i as u32;
-                let connect = TcpStream::connect(address);
-                match tokio::time::timeout(shared.upstreams.connect_timeout(), connect).await {
-                    Ok(Ok(s)) => {
-                        let _ = s.set_nodelay(true);
-                        crate::forward::keepalive(&s);
-                        upstream = Some(s);
-                        break;
-                    }
-                    Ok(Err(e)) => tracing::debug!(%address, error = %e, "tcp connect failed"),
-                    Err(_) => tracing::debug!(%address, "tcp connect timed out"),
-                }
+        Ok(t) => t,
+    };
+    if let Some(r) = pending.record_mut() {
+        r.authority = t.authority;
+    }
+    let mut upstream = None;
+    for (i, (address, address_str, workload)) in t.addresses.into_iter().enumerate() {
+        if let Some(r) = pending.record_mut() {
+            r.destination = workload;
+            r.upstream_address = Some(address_str);
+            r.retries = i as u32;
+        }
+        let connect = TcpStream::connect(address);
+        match tokio::time::timeout(shared.upstreams.connect_timeout(), connect).await {
+            Ok(Ok(s)) => {
+                let _ = s.set_nodelay(true);
+                crate::forward::keepalive(&s);
+                upstream = Some(s);
+                break;
             }
-            match upstream {
-                None => record
-                    .response_flags
-                    .insert(ResponseFlags::UPSTREAM_CONNECTION_FAILURE),
-                Some(up) => {
-                    let spliced = splice(downstream, up, stop, drain).await;
-                    record.request_bytes = spliced.sent;
-                    record.response_bytes = spliced.received;
-                    record.response_flags.insert(spliced.flags);
-                }
-            }
+            Ok(Err(e)) => tracing::debug!(%address, error = %e, "tcp connect failed"),
+            Err(_) => tracing::debug!(%address, "tcp connect timed out"),
         }
     }
-    record.duration = started.elapsed();
-    shared.telemetry.record(record);
+    match upstream {
+        None => pending.finish(0, ResponseFlags::UPSTREAM_CONNECTION_FAILURE),
+        Some(up) => {
+            let spliced = splice(downstream, up, stop, drain).await;
+            pending.finish_tunnel(spliced);
+        }
+    }
 }

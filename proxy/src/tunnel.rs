@@ -18,6 +18,50 @@ use crate::forward::strip_hop_by_hop;
 use crate::request::{Shared, local_reply};
 use crate::tcp::splice;
 
+/// Tunnels still open, so shutdown can wait for their records before the
+/// exporter stops.
+#[derive(Debug, Default)]
+pub struct Open {
+    count: std::sync::atomic::AtomicUsize,
+    closed: tokio::sync::Notify,
+}
+
+/// One open tunnel; dropping it closes its count.
+pub struct Held(std::sync::Arc<Open>);
+
+impl Open {
+    pub fn hold(self: &std::sync::Arc<Self>) -> Held {
+        self.count.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        Held(self.clone())
+    }
+
+    /// Resolves when no tunnel is open.
+    pub async fn none(&self) {
+        loop {
+            let closed = self.closed.notified();
+            tokio::pin!(closed);
+            closed.as_mut().enable();
+            if self.count.load(std::sync::atomic::Ordering::Acquire) == 0 {
+                return;
+            }
+            closed.await;
+        }
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        if self
+            .0
+            .count
+            .fetch_sub(1, std::sync::atomic::Ordering::AcqRel)
+            == 1
+        {
+            self.0.closed.notify_waiters();
+        }
+    }
+}
+
 /// The protocol an HTTP/1.1 request asks to upgrade to, if it does.
 pub fn upgrade_of<B>(req: &Request<B>) -> Option<HeaderValue> {
     if req.version() != http::Version::HTTP_11 {
@@ -57,7 +101,9 @@ pub fn upgraded(
         }
     }
     let (stop, drain) = (shared.stop.clone(), shared.drain);
+    let held = shared.tunnels.hold();
     tokio::spawn(async move {
+        let _held = held;
         match tokio::try_join!(downstream, upstream) {
             Ok((down, up)) => {
                 let spliced = splice(TokioIo::new(down), TokioIo::new(up), stop, drain).await;
@@ -126,7 +172,9 @@ pub async fn connect(
         r.status = StatusCode::OK.as_u16();
     }
     let (stop, drain) = (shared.stop.clone(), shared.drain);
+    let held = shared.tunnels.hold();
     tokio::spawn(async move {
+        let _held = held;
         match hyper::upgrade::on(req).await {
             Ok(down) => {
                 let spliced = splice(TokioIo::new(down), upstream, stop, drain).await;

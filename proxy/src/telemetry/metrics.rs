@@ -96,11 +96,11 @@ pub struct Metrics {
     retries_refused: Counter,
     unknown: Arc<str>,
     other: Workload,
-    /// Source services seen as labels so far (see [`MAX_SOURCE_LABELS`]).
-    sources: RwLock<HashSet<Arc<str>, foldhash::fast::RandomState>>,
+    /// Source identities seen as labels so far (see [`MAX_SOURCE_LABELS`]).
+    sources: RwLock<HashSet<Workload, foldhash::fast::RandomState>>,
 }
 
-/// Distinct source services kept as labels; later newcomers are counted
+/// Distinct source identities kept as labels; later newcomers are counted
 /// as `other`. The inbound side takes the caller's word for its name (until
 /// mTLS proves it), and a caller making names up must not grow the series
 /// without bound.
@@ -237,7 +237,7 @@ impl Metrics {
         }
         let key = SeriesKey {
             reporter: r.reporter,
-            source: if self.source_known(&r.source.service) {
+            source: if self.source_known(&r.source) {
                 r.source.clone()
             } else {
                 self.other.clone()
@@ -246,7 +246,11 @@ impl Metrics {
             protocol: r.protocol,
             flags: r.response_flags,
             status: r.status,
-            grpc: r.grpc_status,
+            // gRPC defines 0–16; anything else an upstream sends is UNKNOWN
+            // here, so it cannot mint series.
+            grpc: r
+                .grpc_status
+                .map(|g| if (0..=16).contains(&g) { g } else { 2 }),
             mtls: r.mtls,
         };
         let found = self
@@ -329,19 +333,20 @@ impl Metrics {
         }
     }
 
-    /// Whether `service` may be a label: seen before, or still room.
-    fn source_known(&self, service: &Arc<str>) -> bool {
+    /// Whether `source` (the whole identity: every part of it comes from
+    /// the caller's word) may be a label: seen before, or still room.
+    fn source_known(&self, source: &Workload) -> bool {
         let known = self
             .sources
             .read()
             .unwrap_or_else(|e| e.into_inner())
-            .contains(service);
+            .contains(source);
         if known {
             return true;
         }
         let mut sources = self.sources.write().unwrap_or_else(|e| e.into_inner());
         if sources.len() < MAX_SOURCE_LABELS {
-            sources.insert(service.clone());
+            sources.insert(source.clone());
             true
         } else {
             false
