@@ -141,6 +141,10 @@ impl Forward<'_> {
             let body_state = body_state.clone();
             let idle = self.limits.stream_idle_timeout;
             async move {
+                // Most requests (GETs) have no body: no timer for them.
+                if body_state.ended() {
+                    return std::future::pending::<()>().await;
+                }
                 let mut seen = body_state.bytes();
                 loop {
                     tokio::select! {
@@ -149,6 +153,7 @@ impl Forward<'_> {
                     }
                     let now = body_state.bytes();
                     if now == seen {
+                        body_state.stalled();
                         return;
                     }
                     seen = now;

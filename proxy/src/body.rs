@@ -95,6 +95,12 @@ impl RequestBodyState {
         }
     }
 
+    /// The body stopped moving (seen from outside it, e.g. the upstream no
+    /// longer reads it).
+    pub fn stalled(&self) {
+        self.fail(BodyFailure::Idle);
+    }
+
     fn fail(&self, why: BodyFailure) {
         let code = match why {
             BodyFailure::Aborted => 1,
