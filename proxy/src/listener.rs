@@ -82,13 +82,13 @@ pub async fn serve(
             peer,
             local: stream.local_addr().unwrap_or(peer),
             original_dst: detect::original_dst(&stream),
+            permit: std::sync::Mutex::new(Some(permit)),
         });
         let shared = shared.clone();
         let builder = builder.clone();
         let watcher = graceful.watcher();
         let stop = shutdown.clone();
         tcp.spawn(async move {
-            let _permit = permit;
             let speaks = match declared(&shared, &conn) {
                 Some(UpstreamProtocol::Tcp) => Detected::Tcp,
                 _ => detect::detect(&stream, DETECT_TIMEOUT).await,

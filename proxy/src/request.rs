@@ -47,7 +47,7 @@ pub enum Side {
 }
 
 /// What every request on one downstream connection shares.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Connection {
     pub side: Side,
     /// The downstream peer.
@@ -57,6 +57,16 @@ pub struct Connection {
     /// Where the app was really going, when iptables redirected it here
     /// (transparent capture).
     pub original_dst: Option<SocketAddr>,
+    /// The connection's place under the listener's connection limit; a
+    /// tunnel opened on it takes it along, so tunnels count too.
+    pub permit: std::sync::Mutex<Option<tokio::sync::OwnedSemaphorePermit>>,
+}
+
+impl Connection {
+    /// Takes the connection's place under the limit (for a tunnel).
+    pub fn take_permit(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        self.permit.lock().unwrap_or_else(|p| p.into_inner()).take()
+    }
 }
 
 /// What every request handler shares: identity, routes, pools, telemetry.
@@ -152,7 +162,7 @@ pub async fn handle(
     }
 
     if req.method() == Method::CONNECT {
-        return Ok(tunnel::connect(&shared, &destination, req, pending).await);
+        return Ok(tunnel::connect(&shared, &conn, &destination, req, pending).await);
     }
     // An HTTP/1.1 upgrade (WebSocket…): forwarded as HTTP/1.1, then both
     // connections become one tunnel.
@@ -193,7 +203,7 @@ pub async fn handle(
 
     Ok(match (sent, upgrade, downstream_upgrade) {
         (Ok(resp), Some(u), Some(down)) if resp.status() == StatusCode::SWITCHING_PROTOCOLS => {
-            tunnel::upgraded(&shared, resp, u, down, pending)
+            tunnel::upgraded(&shared, &conn, resp, u, down, pending)
         }
         (Ok(resp), _, _) => respond(resp, pending, shared.limits.stream_idle_timeout),
         (Err(e), _, _) => local_reply(e.status, e.flags, e.message, pending),

@@ -15,7 +15,7 @@ use tokio::net::TcpStream;
 use crate::attempt::Destination;
 use crate::body::{PendingRecord, ResponseBody};
 use crate::forward::strip_hop_by_hop;
-use crate::request::{Shared, local_reply};
+use crate::request::{Connection, Shared, local_reply};
 use crate::tcp::splice;
 
 /// Tunnels still open, so shutdown can wait for their records before the
@@ -88,6 +88,7 @@ pub fn keep_upgrade_headers(headers: &mut HeaderMap, upgrade: &HeaderValue) {
 /// two upgraded connections once both are handed over.
 pub fn upgraded(
     shared: &Shared,
+    conn: &Connection,
     mut resp: Response<Incoming>,
     upgrade: HeaderValue,
     downstream: OnUpgrade,
@@ -101,7 +102,7 @@ pub fn upgraded(
         }
     }
     let (stop, drain) = (shared.stop.clone(), shared.drain);
-    let held = shared.tunnels.hold();
+    let held = (shared.tunnels.hold(), conn.take_permit());
     tokio::spawn(async move {
         let _held = held;
         match tokio::try_join!(downstream, upstream) {
@@ -125,6 +126,7 @@ pub fn upgraded(
 /// local app, inbound), answers `200`, then splices.
 pub async fn connect(
     shared: &Shared,
+    conn: &Connection,
     destination: &Destination<'_>,
     req: Request<Incoming>,
     mut pending: PendingRecord,
@@ -172,7 +174,7 @@ pub async fn connect(
         r.status = StatusCode::OK.as_u16();
     }
     let (stop, drain) = (shared.stop.clone(), shared.drain);
-    let held = shared.tunnels.hold();
+    let held = (shared.tunnels.hold(), conn.take_permit());
     tokio::spawn(async move {
         let _held = held;
         match hyper::upgrade::on(req).await {

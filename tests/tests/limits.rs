@@ -168,6 +168,27 @@ async fn limits_and_timeouts_answer_count_and_leave_the_sidecar_serving() -> Res
     until_closed(&mut extra, Duration::from_secs(5)).await?;
     drop(held);
     tokio::time::sleep(Duration::from_millis(200)).await;
+    // Tunnels count too, after their connection has become a tunnel.
+    let mut tunnels = Vec::new();
+    for _ in 0..16 {
+        let mut s = TcpStream::connect(local(front.outbound)).await?;
+        s.write_all(b"CONNECT backend:8080 HTTP/1.1\r\nHost: backend:8080\r\n\r\n")
+            .await?;
+        let mut head = [0u8; 12];
+        s.read_exact(&mut head).await?;
+        assert_eq!(&head, b"HTTP/1.1 200");
+        tunnels.push(s);
+    }
+    // A request on a 17th connection gets no answer: closed at accept.
+    let mut extra = TcpStream::connect(local(front.outbound)).await?;
+    let _ = extra
+        .write_all(b"GET /status/200/over HTTP/1.1\r\nHost: backend\r\n\r\n")
+        .await;
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), extra.read_to_end(&mut answer)).await;
+    assert!(answer.is_empty(), "{}", String::from_utf8_lossy(&answer));
+    drop(tunnels);
+    tokio::time::sleep(Duration::from_millis(300)).await;
 
     // HTTP/2: the advertised stream limit, and rapid resets end in GOAWAY.
     let tcp = TcpStream::connect(local(front.outbound)).await?;
@@ -203,7 +224,6 @@ async fn limits_and_timeouts_answer_count_and_leave_the_sidecar_serving() -> Res
         "uri_too_long",
         "method_too_long",
         "body_too_large",
-        "request_body_idle",
         "request_headers_timeout",
         "connection_limit",
         "http2_abuse",
@@ -211,18 +231,24 @@ async fn limits_and_timeouts_answer_count_and_leave_the_sidecar_serving() -> Res
         assert!(refused(front.admin, reason).await? >= 1, "{reason}");
     }
     assert!(refused(front.admin, "body_too_large").await? >= 2);
-    // A sidecar timed out the stalled app body: the inbound one, or the
-    // outbound one first (both wait the same second).
-    let idle = refused(back.admin, "response_body_idle").await?
-        + refused(front.admin, "response_body_idle").await?;
-    assert!(idle >= 1);
+    // A sidecar timed out each stall — the stalled upload and the stalled
+    // app body: the inbound one, or the outbound one first (both wait the
+    // same second).
+    for reason in ["request_body_idle", "response_body_idle"] {
+        let idle = refused(back.admin, reason).await? + refused(front.admin, reason).await?;
+        assert!(idle >= 1, "{reason}");
+    }
 
     let url = up_ports.sql_url();
     let rows = "SELECT count(*) AS n FROM requests WHERE reporter = 'source' AND \
-         ((path = '/stalled-upload' AND status = 408 AND response_flags = 'SI') \
+         ((path = '/stalled-upload' AND status = 408) \
           OR (status = 413 AND path IN ('/declared', '/streamed')) \
           OR (status = 414) OR (path = '/method' AND status = 400))";
     assert_eq!(wait_for_count(&url, rows, 5).await?, 5);
+    // Whichever sidecar cut the stalled upload flagged its row SI.
+    let stalled = "SELECT count(*) AS n FROM requests WHERE path = '/stalled-upload' \
+         AND status = 408 AND response_flags = 'SI'";
+    assert!(wait_for_count(&url, stalled, 1).await? >= 1);
     let cut = "SELECT count(*) AS n FROM requests WHERE path = '/stalled-download' \
          AND status = 200 AND response_flags LIKE '%SI%' AND response_bytes = 1000";
     let both = "SELECT count(*) AS n FROM requests WHERE path = '/stalled-download'";
