@@ -164,25 +164,13 @@ impl OhaResult {
     }
 }
 
-pub fn run_oha(target: &Target, rate: u32, connections: u32, secs: u64) -> Result<OhaResult> {
+/// Runs `oha` with `args` against `target`; its JSON report.
+fn oha(target: &Target, args: &[&str]) -> Result<String> {
     let mut cmd = Command::new("oha");
-    cmd.args([
-        "--no-tui",
-        "-q",
-        &rate.to_string(),
-        "-z",
-        &format!("{secs}s"),
-        "-c",
-        &connections.to_string(),
-        "--latency-correction",
-        // Otherwise requests in flight at the deadline count as errors.
-        "--wait-ongoing-requests-after-deadline",
-        "--output-format",
-        "json",
-    ]);
+    cmd.args(["--no-tui", "--output-format", "json"]).args(args);
     target.oha_args(&mut cmd);
     let out = cmd.output().context("running oha")?;
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     if !out.status.success() {
         bail!(
             "oha exited with {}: {}{}",
@@ -191,6 +179,24 @@ pub fn run_oha(target: &Target, rate: u32, connections: u32, secs: u64) -> Resul
             String::from_utf8_lossy(&out.stderr)
         );
     }
+    Ok(stdout)
+}
+
+pub fn run_oha(target: &Target, rate: u32, connections: u32, secs: u64) -> Result<OhaResult> {
+    let stdout = oha(
+        target,
+        &[
+            "-q",
+            &rate.to_string(),
+            "-z",
+            &format!("{secs}s"),
+            "-c",
+            &connections.to_string(),
+            "--latency-correction",
+            // Otherwise requests in flight at the deadline count as errors.
+            "--wait-ongoing-requests-after-deadline",
+        ],
+    )?;
     parse_oha(&stdout).with_context(|| {
         format!(
             "parsing oha JSON output:\n{}",
@@ -201,11 +207,7 @@ pub fn run_oha(target: &Target, rate: u32, connections: u32, secs: u64) -> Resul
 
 /// One request with oha; its status, or what went wrong.
 pub fn oha_once(target: &Target) -> Result<u16> {
-    let mut cmd = Command::new("oha");
-    cmd.args(["--no-tui", "-n", "1", "--output-format", "json"]);
-    target.oha_args(&mut cmd);
-    let out = cmd.output().context("running oha")?;
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stdout = oha(target, &["-n", "1"])?;
     let r = parse_oha(&stdout).with_context(|| format!("oha: {stdout}"))?;
     if let Some(e) = r.errors.keys().next() {
         bail!("{e}");
@@ -222,28 +224,16 @@ pub fn oha_once(target: &Target) -> Result<u16> {
 /// oha as a closed loop (no rate): as many requests as the path carries,
 /// reported as wrk's numbers are.
 fn run_oha_closed(target: &Target, connections: u32, secs: u64) -> Result<WrkResult> {
-    let mut cmd = Command::new("oha");
-    cmd.args([
-        "--no-tui",
-        "-z",
-        &format!("{secs}s"),
-        "-c",
-        &connections.to_string(),
-        "--wait-ongoing-requests-after-deadline",
-        "--output-format",
-        "json",
-    ]);
-    target.oha_args(&mut cmd);
-    let out = cmd.output().context("running oha")?;
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    if !out.status.success() {
-        bail!(
-            "oha exited with {}: {}{}",
-            out.status,
-            stdout,
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
+    let stdout = oha(
+        target,
+        &[
+            "-z",
+            &format!("{secs}s"),
+            "-c",
+            &connections.to_string(),
+            "--wait-ongoing-requests-after-deadline",
+        ],
+    )?;
     let v: Value = serde_json::from_str(&stdout).context("oha output is not JSON")?;
     let r = parse_oha(&stdout)?;
     Ok(WrkResult {

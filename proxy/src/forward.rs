@@ -56,19 +56,7 @@ impl tower::Service<Uri> for Dial {
 
     fn call(&mut self, _uri: Uri) -> Self::Future {
         let Dial { address, timeout } = self.clone();
-        Box::pin(async move {
-            let stream = tokio::time::timeout(timeout, TcpStream::connect(address))
-                .await
-                .map_err(|_| {
-                    std::io::Error::new(
-                        std::io::ErrorKind::TimedOut,
-                        format!("connect timed out after {timeout:?}"),
-                    )
-                })??;
-            stream.set_nodelay(true)?;
-            keepalive(&stream);
-            Ok(TokioIo::new(stream))
-        })
+        Box::pin(async move { dial(address, timeout).await.map(TokioIo::new) })
     }
 }
 
@@ -78,10 +66,26 @@ pub type UpstreamBody = ReplayBody<RequestBody>;
 pub const UPSTREAM_IDLE: Duration = Duration::from_secs(4);
 type Pool = Client<Dial, UpstreamBody>;
 
+/// Connects to an upstream endpoint within `timeout`, set up as every
+/// upstream connection is: no Nagle delay, TCP keepalive.
+pub async fn dial(address: SocketAddr, timeout: Duration) -> std::io::Result<TcpStream> {
+    let stream = tokio::time::timeout(timeout, TcpStream::connect(address))
+        .await
+        .map_err(|_| {
+            std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("connect timed out after {timeout:?}"),
+            )
+        })??;
+    stream.set_nodelay(true)?;
+    keepalive(&stream);
+    Ok(stream)
+}
+
 /// TCP keepalive on an upstream connection, so a peer that vanished without
 /// a FIN (a crashed node, a dropped NAT entry) is found even on
 /// connections nothing is sent on — HTTP/1.1 pools and opaque tunnels.
-pub fn keepalive(stream: &TcpStream) {
+fn keepalive(stream: &TcpStream) {
     let ka = socket2::TcpKeepalive::new()
         .with_time(Duration::from_secs(30))
         .with_interval(Duration::from_secs(10))
@@ -123,8 +127,9 @@ impl Upstreams {
         v
     }
 
-    pub fn connect_timeout(&self) -> Duration {
-        self.connect_timeout
+    /// A plain TCP connection to `address`, for tunnels and opaque TCP.
+    pub async fn connect(&self, address: SocketAddr) -> std::io::Result<TcpStream> {
+        dial(address, self.connect_timeout).await
     }
 
     fn pools(&self, address: SocketAddr) -> Arc<EndpointPools> {

@@ -218,19 +218,49 @@ fn accept(
     trace: &TraceContext,
     body_state: &Arc<RequestBodyState>,
 ) -> PendingRecord {
+    let mut pending = begin_record(
+        shared,
+        conn.side,
+        detect_protocol(req),
+        Workload::unknown(),
+        shared.identity.clone(),
+        trace,
+        body_state.clone(),
+    );
+    if let Some(r) = pending.record_mut() {
+        r.method = req.method().as_str().to_owned();
+        r.authority = recorded(authority_of(req));
+        r.path = recorded(req.uri().path());
+    }
+    pending
+}
+
+/// A record from the first moment of a request or connection, with what
+/// every kind of traffic knows then. From here on it is written exactly
+/// once, even if the client goes away before a response exists (the
+/// guard's drop writes it).
+pub(crate) fn begin_record(
+    shared: &Shared,
+    side: Side,
+    protocol: Protocol,
+    source: Workload,
+    destination: Workload,
+    trace: &TraceContext,
+    body_state: Arc<RequestBodyState>,
+) -> PendingRecord {
     let record = RequestRecord {
         start_time: SystemTime::now(),
         duration: Duration::ZERO,
-        reporter: match conn.side {
+        reporter: match side {
             Side::Outbound => Reporter::Source,
             Side::Inbound => Reporter::Destination,
         },
-        source: Workload::unknown(),
-        destination: shared.identity.clone(),
-        protocol: detect_protocol(req),
-        method: req.method().as_str().to_owned(),
-        authority: recorded(authority_of(req)),
-        path: recorded(req.uri().path()),
+        source,
+        destination,
+        protocol,
+        method: String::new(),
+        authority: String::new(),
+        path: String::new(),
         route: shared.default_route.clone(),
         status: 0,
         grpc_status: None,
@@ -244,14 +274,7 @@ fn accept(
         span_id: trace.span_id,
         parent_span_id: trace.parent_span_id,
     };
-    // From here on the record is written exactly once, even if the client
-    // goes away before a response exists (the guard's drop writes it).
-    PendingRecord::new(
-        record,
-        Instant::now(),
-        body_state.clone(),
-        shared.telemetry.clone(),
-    )
+    PendingRecord::new(record, Instant::now(), body_state, shared.telemetry.clone())
 }
 
 /// Within the listener's limits: method, target and declared body size.

@@ -85,17 +85,7 @@ impl RoutingTable {
     /// The service a transparently captured connection dialled (by its
     /// cluster IP), if it has somewhere to send to.
     pub fn route_address(self: &Arc<Self>, dst: std::net::SocketAddr) -> Result<Routed, NoRoute> {
-        let index = self
-            .mesh
-            .index_by_address(dst)
-            .ok_or(NoRoute::UnknownService)?;
-        if self.mesh.services[index].endpoints.is_empty() {
-            return Err(NoRoute::NoEndpoints);
-        }
-        Ok(Routed {
-            table: self.clone(),
-            index,
-        })
+        self.routed(self.mesh.index_by_address(dst))
     }
 
     /// The service `authority` names, if it has somewhere to send to.
@@ -104,10 +94,11 @@ impl RoutingTable {
         authority: &str,
         caller_namespace: &str,
     ) -> Result<Routed, NoRoute> {
-        let index = self
-            .mesh
-            .resolve_index(authority, caller_namespace)
-            .ok_or(NoRoute::UnknownService)?;
+        self.routed(self.mesh.resolve_index(authority, caller_namespace))
+    }
+
+    fn routed(self: &Arc<Self>, index: Option<usize>) -> Result<Routed, NoRoute> {
+        let index = index.ok_or(NoRoute::UnknownService)?;
         if self.mesh.services[index].endpoints.is_empty() {
             return Err(NoRoute::NoEndpoints);
         }

@@ -5,15 +5,15 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::Duration;
 
-use lumen_core::{Protocol, Reporter, RequestRecord, ResponseFlags, Workload};
+use lumen_core::{Protocol, ResponseFlags, Workload};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 
-use crate::body::{PendingRecord, RequestBodyState};
-use crate::request::{Connection, Shared, Side};
+use crate::body::RequestBodyState;
+use crate::request::{Connection, Shared, Side, begin_record};
 use crate::trace::TraceContext;
 
 /// Bytes each way through a tunnel, and how it ended.
@@ -182,48 +182,24 @@ pub async fn proxy(
     stop: watch::Receiver<bool>,
     drain: Duration,
 ) {
-    let start_time = SystemTime::now();
-    let started = Instant::now();
     let trace = TraceContext::continue_from(None);
-    let record = RequestRecord {
-        start_time,
-        duration: Duration::ZERO,
-        reporter: match conn.side {
-            Side::Outbound => Reporter::Source,
-            Side::Inbound => Reporter::Destination,
-        },
-        source: match conn.side {
-            Side::Outbound => shared.identity.clone(),
-            // Until mTLS, bytes carry no name for their sender.
-            Side::Inbound => Workload::unknown(),
-        },
-        destination: Workload::unknown(),
-        protocol: Protocol::Tcp,
-        method: String::new(),
-        authority: String::new(),
-        path: String::new(),
-        route: shared.default_route.clone(),
-        status: 0,
-        grpc_status: None,
-        request_bytes: 0,
-        response_bytes: 0,
-        retries: 0,
-        upstream_address: None,
-        response_flags: ResponseFlags::empty(),
-        mtls: false,
-        trace_id: trace.trace_id,
-        span_id: trace.span_id,
-        parent_span_id: None,
+    let source = match conn.side {
+        Side::Outbound => shared.identity.clone(),
+        // Until mTLS, bytes carry no name for their sender.
+        Side::Inbound => Workload::unknown(),
     };
-    let target = target(&shared, &conn);
     // Written exactly once, even if the task is dropped at shutdown (then
     // with `DC`).
-    let mut pending = PendingRecord::new(
-        record,
-        started,
+    let mut pending = begin_record(
+        &shared,
+        conn.side,
+        Protocol::Tcp,
+        source,
+        Workload::unknown(),
+        &trace,
         Arc::new(RequestBodyState::default()),
-        shared.telemetry.clone(),
     );
+    let target = target(&shared, &conn);
     let t = match target {
         Err((flags, message)) => {
             tracing::debug!(peer = %conn.peer, %message, "tcp connection refused");
@@ -242,16 +218,12 @@ pub async fn proxy(
             r.upstream_address = Some(address_str);
             r.retries = i as u32;
         }
-        let connect = TcpStream::connect(address);
-        match tokio::time::timeout(shared.upstreams.connect_timeout(), connect).await {
-            Ok(Ok(s)) => {
-                let _ = s.set_nodelay(true);
-                crate::forward::keepalive(&s);
+        match shared.upstreams.connect(address).await {
+            Ok(s) => {
                 upstream = Some(s);
                 break;
             }
-            Ok(Err(e)) => tracing::debug!(%address, error = %e, "tcp connect failed"),
-            Err(_) => tracing::debug!(%address, "tcp connect timed out"),
+            Err(e) => tracing::debug!(%address, error = %e, "tcp connect failed"),
         }
     }
     match upstream {

@@ -10,7 +10,6 @@ use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 use lumen_core::{Protocol, ResponseFlags};
-use tokio::net::TcpStream;
 
 use crate::attempt::Destination;
 use crate::body::{PendingRecord, ResponseBody};
@@ -148,18 +147,14 @@ pub async fn connect(
             r.upstream_address = Some(endpoint.address_str.clone());
             r.retries = tried.len() as u32 - 1;
         }
-        let connect = TcpStream::connect(endpoint.address);
-        match tokio::time::timeout(shared.upstreams.connect_timeout(), connect).await {
-            Ok(Ok(s)) => {
-                let _ = s.set_nodelay(true);
-                crate::forward::keepalive(&s);
+        match shared.upstreams.connect(endpoint.address).await {
+            Ok(s) => {
                 upstream = Some(s);
                 break;
             }
-            Ok(Err(e)) => {
+            Err(e) => {
                 tracing::debug!(address = %endpoint.address, error = %e, "CONNECT: connect failed")
             }
-            Err(_) => tracing::debug!(address = %endpoint.address, "CONNECT: connect timed out"),
         }
     }
     let Some(upstream) = upstream else {

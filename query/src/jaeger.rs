@@ -71,6 +71,25 @@ async fn rows(engine: &QueryEngine, sql: &str, peer: SocketAddr) -> Result<Vec<V
         .map_err(|e| QueryError::Internal(format!("cannot read rows: {e}")))
 }
 
+/// A numeric parameter: `default` when absent; when present it must parse
+/// (and be positive, if asked), else the 400 saying it "must be {must}".
+fn number<T>(
+    p: &HashMap<String, String>,
+    name: &str,
+    must: &str,
+    positive: bool,
+    default: T,
+) -> Result<T, String>
+where
+    T: std::str::FromStr + PartialOrd + Default,
+{
+    match p.get(name).map(|v| v.parse::<T>()) {
+        None => Ok(default),
+        Some(Ok(v)) if !positive || v > T::default() => Ok(v),
+        Some(_) => Err(format!("parameter '{name}' must be {must}")),
+    }
+}
+
 fn params(q: Option<String>) -> HashMap<String, String> {
     form_urlencoded::parse(q.unwrap_or_default().as_bytes())
         .into_owned()
@@ -278,35 +297,18 @@ async fn search(
         .get("lookback")
         .and_then(|l| parse_duration_us(l))
         .unwrap_or(3_600_000_000);
-    let end = match p.get("end").map(|e| e.parse::<i64>()) {
-        Some(Ok(e)) => e,
-        Some(Err(_)) => {
-            return fail(
-                StatusCode::BAD_REQUEST,
-                "parameter 'end' must be microseconds since the epoch".into(),
-            );
-        }
-        None => now_us,
+    let since_epoch = "microseconds since the epoch";
+    let end = match number(&p, "end", since_epoch, false, now_us) {
+        Ok(v) => v,
+        Err(m) => return fail(StatusCode::BAD_REQUEST, m),
     };
-    let start = match p.get("start").map(|s| s.parse::<i64>()) {
-        Some(Ok(s)) => s,
-        Some(Err(_)) => {
-            return fail(
-                StatusCode::BAD_REQUEST,
-                "parameter 'start' must be microseconds since the epoch".into(),
-            );
-        }
-        None => end - lookback,
+    let start = match number(&p, "start", since_epoch, false, end - lookback) {
+        Ok(v) => v,
+        Err(m) => return fail(StatusCode::BAD_REQUEST, m),
     };
-    let limit = match p.get("limit").map(|l| l.parse::<usize>()) {
-        Some(Ok(l)) if l > 0 => l.min(1500),
-        Some(_) => {
-            return fail(
-                StatusCode::BAD_REQUEST,
-                "parameter 'limit' must be a positive number".into(),
-            );
-        }
-        None => 20,
+    let limit = match number(&p, "limit", "a positive number", true, 20usize) {
+        Ok(v) => v.min(1500),
+        Err(m) => return fail(StatusCode::BAD_REQUEST, m),
     };
     let mut duration = Vec::new();
     for (name, op) in [("minDuration", ">="), ("maxDuration", "<=")] {
@@ -642,25 +644,19 @@ async fn dependencies(
 ) -> Response {
     let p = params(q);
     let now = chrono::Utc::now().timestamp_millis();
-    let end = match p.get("endTs").map(|v| v.parse::<i64>()) {
-        Some(Ok(v)) => v,
-        Some(Err(_)) => {
-            return fail(
-                StatusCode::BAD_REQUEST,
-                "parameter 'endTs' must be milliseconds since the epoch".into(),
-            );
-        }
-        None => now,
+    let end = match number(&p, "endTs", "milliseconds since the epoch", false, now) {
+        Ok(v) => v,
+        Err(m) => return fail(StatusCode::BAD_REQUEST, m),
     };
-    let lookback = match p.get("lookback").map(|v| v.parse::<i64>()) {
-        Some(Ok(v)) if v > 0 => v,
-        Some(_) => {
-            return fail(
-                StatusCode::BAD_REQUEST,
-                "parameter 'lookback' must be a positive number of milliseconds".into(),
-            );
-        }
-        None => 86_400_000,
+    let lookback = match number(
+        &p,
+        "lookback",
+        "a positive number of milliseconds",
+        true,
+        86_400_000i64,
+    ) {
+        Ok(v) => v,
+        Err(m) => return fail(StatusCode::BAD_REQUEST, m),
     };
     let sql = format!(
         "SELECT CAST(source_service AS VARCHAR) AS parent, CAST(destination_service AS VARCHAR) AS child, \

@@ -11,7 +11,7 @@ use std::process::Command;
 use anyhow::{Context, Result, bail};
 use lumen_tests::upstream::start_app;
 use lumen_tests::{
-    Sidecar, SidecarPorts, UpPorts, local, peer_tool, sql, start_up, wait_for_count,
+    SidecarPorts, UpPorts, local, peer_tool, sql, start_sidecar, start_up, wait_for_count,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -152,18 +152,10 @@ spec:
     )?;
     let _up = start_up(logs, &mesh, &dir.path().join("data"), up_ports, &[]).await?;
     let collector = up_ports.grpc_endpoint();
-    let sidecar = |service, ports, app| Sidecar {
-        service,
-        version: "v1",
-        mesh: &mesh,
-        ports,
-        app,
-        collector: &collector,
-        extra: &[],
-    };
-    let _caller = sidecar("caller", caller, None).start(logs).await?;
-    let _backend = sidecar("backend", backend, Some(app)).start(logs).await?;
-    let _echo = sidecar("echo", echo, Some(echo_addr)).start(logs).await?;
+    let _caller = start_sidecar(logs, "caller", "v1", &mesh, caller, None, &collector).await?;
+    let _backend =
+        start_sidecar(logs, "backend", "v1", &mesh, backend, Some(app), &collector).await?;
+    let _echo = start_sidecar(logs, "echo", "v1", &mesh, echo, Some(echo_addr), &collector).await?;
 
     // The app dials the service's address as if no proxy existed.
     let client = reqwest::Client::builder().no_proxy().build()?;

@@ -11,7 +11,7 @@ use http_body_util::{BodyExt, Full};
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use lumen_tests::{
-    Sidecar, SidecarPorts, UpPorts, h2_client_via, local, sql, start_up, wait_for_count,
+    SidecarPorts, UpPorts, h2_client_via, local, sql, start_sidecar, start_up, wait_for_count,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -151,22 +151,13 @@ spec:
     )?;
     let _up = start_up(logs, &mesh, &dir.path().join("data"), up_ports, &[]).await?;
     let collector = up_ports.grpc_endpoint();
-    let sidecar = |service, ports, app| Sidecar {
-        service,
-        version: "v1",
-        mesh: &mesh,
-        ports,
-        app,
-        collector: &collector,
-        extra: &[],
-    };
     let _sidecars = [
-        sidecar("caller", caller, None).start(logs).await?,
-        sidecar("echo", echo_sc, Some(echo)).start(logs).await?,
-        sidecar("raw", raw_sc, Some(raw)).start(logs).await?,
-        sidecar("ws", ws_sc, Some(ws)).start(logs).await?,
-        sidecar("oldapp", h1_sc, Some(h1)).start(logs).await?,
-        sidecar("newapp", h2_sc, Some(h2)).start(logs).await?,
+        start_sidecar(logs, "caller", "v1", &mesh, caller, None, &collector).await?,
+        start_sidecar(logs, "echo", "v1", &mesh, echo_sc, Some(echo), &collector).await?,
+        start_sidecar(logs, "raw", "v1", &mesh, raw_sc, Some(raw), &collector).await?,
+        start_sidecar(logs, "ws", "v1", &mesh, ws_sc, Some(ws), &collector).await?,
+        start_sidecar(logs, "oldapp", "v1", &mesh, h1_sc, Some(h1), &collector).await?,
+        start_sidecar(logs, "newapp", "v1", &mesh, h2_sc, Some(h2), &collector).await?,
     ];
 
     // CONNECT through the caller's sidecar to a service declared `tcp`.

@@ -6,7 +6,7 @@ use std::time::Duration;
 use anyhow::Result;
 use lumen_tests::upstream::start_app;
 use lumen_tests::{
-    Sidecar, SidecarPorts, UpPorts, free_port, local, sql, start_up, wait_for_count,
+    SidecarPorts, UpPorts, free_port, local, sql, start_sidecar, start_up, wait_for_count,
 };
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -50,17 +50,9 @@ spec:
     )?;
     let _up = start_up(logs, &mesh, &dir.path().join("data"), up_ports, &[]).await?;
     let collector = up_ports.grpc_endpoint();
-    let sidecar = |service, ports, app| Sidecar {
-        service,
-        version: "v1",
-        mesh: &mesh,
-        ports,
-        app,
-        collector: &collector,
-        extra: &[],
-    };
-    let _caller = sidecar("caller", caller, None).start(logs).await?;
-    let _backend = sidecar("backend", backend, Some(app)).start(logs).await?;
+    let _caller = start_sidecar(logs, "caller", "v1", &mesh, caller, None, &collector).await?;
+    let _backend =
+        start_sidecar(logs, "backend", "v1", &mesh, backend, Some(app), &collector).await?;
 
     let client = reqwest::Client::new();
     let outbound = format!("http://127.0.0.1:{}", caller.outbound);
@@ -238,17 +230,9 @@ async fn the_retry_budget_stops_a_retry_storm() -> Result<()> {
     )?;
     let _up = start_up(logs, &mesh, &dir.path().join("data"), up_ports, &[]).await?;
     let collector = up_ports.grpc_endpoint();
-    let sidecar = |service, ports, app| Sidecar {
-        service,
-        version: "v1",
-        mesh: &mesh,
-        ports,
-        app,
-        collector: &collector,
-        extra: &[],
-    };
-    let _caller = sidecar("caller", caller, None).start(logs).await?;
-    let _backend = sidecar("backend", backend, Some(app)).start(logs).await?;
+    let _caller = start_sidecar(logs, "caller", "v1", &mesh, caller, None, &collector).await?;
+    let _backend =
+        start_sidecar(logs, "backend", "v1", &mesh, backend, Some(app), &collector).await?;
 
     let client = reqwest::Client::builder()
         .pool_max_idle_per_host(64)
