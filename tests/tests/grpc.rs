@@ -134,3 +134,134 @@ async fn grpc_calls_are_recorded_with_their_grpc_status() -> Result<()> {
     assert_eq!(wait_for_count(&url, &q, failed).await?, failed);
     Ok(())
 }
+
+/// Streams both ways through two sidecars, message by message: a server
+/// stream (health `Watch`) sees each status change as it happens, a bidi
+/// stream (reflection) gets each answer before it sends the next question,
+/// and each exchange is one recorded row with its final gRPC status.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_streams_flow_message_by_message_and_are_recorded() -> Result<()> {
+    use futures_util::StreamExt;
+    use tonic_health::ServingStatus;
+    use tonic_health::pb::health_check_response::ServingStatus as Wire;
+    use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+    use tonic_reflection::pb::v1::{ServerReflectionRequest, ServerReflectionResponse};
+
+    let dir = tempfile::tempdir()?;
+    let logs = dir.path();
+    let (reporter, health) = tonic_health::server::health_reporter();
+    reporter
+        .set_service_status("ratings", ServingStatus::Serving)
+        .await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let app_addr = listener.local_addr()?;
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(health)
+            .add_service(reflection)
+            .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
+    );
+    let (fe, be) = (SidecarPorts::pick(), SidecarPorts::pick());
+    let mesh = dir.path().join("mesh.yaml");
+    write_mesh(&mesh, &[("grpcapp", 50051, &[(local(be.inbound), "v1")])])?;
+    let up_ports = UpPorts::pick();
+    let _up = start_up(logs, &mesh, &dir.path().join("data"), up_ports, &[]).await?;
+    let collector = up_ports.grpc_endpoint();
+    let _fe = start_sidecar(logs, "client", "v1", &mesh, fe, None, &collector).await?;
+    let _be = start_sidecar(logs, "grpcapp", "v1", &mesh, be, Some(app_addr), &collector).await?;
+    let channel = tonic::transport::Endpoint::from_static("http://grpcapp:50051")
+        .connect_with_connector(DialSidecar(local(fe.outbound)))
+        .await?;
+    let next_within = std::time::Duration::from_secs(10);
+
+    // Server streaming: each change arrives while the stream stays open.
+    let mut health_client = HealthClient::new(channel.clone());
+    let watch = HealthCheckRequest {
+        service: "ratings".into(),
+    };
+    let mut statuses = health_client.watch(watch).await?.into_inner();
+    let first = tokio::time::timeout(next_within, statuses.message()).await??;
+    assert_eq!(first.map(|r| r.status()), Some(Wire::Serving));
+    reporter
+        .set_service_status("ratings", ServingStatus::NotServing)
+        .await;
+    let second = tokio::time::timeout(next_within, statuses.message()).await??;
+    assert_eq!(second.map(|r| r.status()), Some(Wire::NotServing));
+    drop(statuses);
+
+    // A unary error status through the same channel.
+    let err = health_client
+        .check(HealthCheckRequest {
+            service: "nosuch".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::NotFound, "{err}");
+
+    // Bidirectional: a question, its answer, then the next question.
+    let (questions, rx) = tokio::sync::mpsc::channel::<ServerReflectionRequest>(1);
+    let outgoing =
+        futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|q| (q, rx)) });
+    let mut reflection_client = ServerReflectionClient::new(channel);
+    questions
+        .send(ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(MessageRequest::ListServices(String::new())),
+        })
+        .await?;
+    let mut answers = reflection_client
+        .server_reflection_info(outgoing)
+        .await?
+        .into_inner();
+    let listed = tokio::time::timeout(next_within, answers.message())
+        .await??
+        .and_then(|a: ServerReflectionResponse| a.message_response);
+    let Some(MessageResponse::ListServicesResponse(listed)) = listed else {
+        anyhow::bail!("expected a service list, got {listed:?}");
+    };
+    let names: Vec<_> = listed.service.iter().map(|s| s.name.as_str()).collect();
+    assert!(names.contains(&"grpc.health.v1.Health"), "{names:?}");
+    questions
+        .send(ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(MessageRequest::FileContainingSymbol(
+                "grpc.health.v1.Health".into(),
+            )),
+        })
+        .await?;
+    let file = tokio::time::timeout(next_within, answers.message())
+        .await??
+        .and_then(|a| a.message_response);
+    assert!(
+        matches!(file, Some(MessageResponse::FileDescriptorResponse(ref f)) if !f.file_descriptor_proto.is_empty()),
+        "{file:?}"
+    );
+    // Closing our side ends the exchange with OK.
+    drop(questions);
+    assert!(
+        tokio::time::timeout(next_within, answers.next())
+            .await?
+            .is_none()
+    );
+
+    let url = up_ports.sql_url();
+    let bidi = "SELECT count(*) AS n FROM requests WHERE protocol = 'grpc' AND grpc_status = 0 \
+         AND path = '/grpc.reflection.v1.ServerReflection/ServerReflectionInfo' \
+         AND request_bytes > 0 AND response_bytes > 0";
+    assert_eq!(wait_for_count(&url, bidi, 2).await?, 2, "one row per side");
+    let not_found = "SELECT count(*) AS n FROM requests WHERE protocol = 'grpc' AND grpc_status = 5 \
+         AND path = '/grpc.health.v1.Health/Check'";
+    assert_eq!(wait_for_count(&url, not_found, 2).await?, 2);
+    // The watch the client gave up on is recorded too, once per side, as
+    // the downstream's doing.
+    let watched = "SELECT count(*) AS n FROM requests WHERE protocol = 'grpc' \
+         AND path = '/grpc.health.v1.Health/Watch' AND response_bytes > 0";
+    assert_eq!(wait_for_count(&url, watched, 2).await?, 2);
+    Ok(())
+}
