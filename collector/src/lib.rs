@@ -1,10 +1,13 @@
-//! The Lumen collector: where request records and spans are kept.
+//! The Lumen collector: where request records, spans, metrics and logs are
+//! kept.
 //!
 //! Data flows through one module per stage:
 //!
-//! 1. [`ingest`] — OTLP over gRPC (4317) and HTTP (4318) in; payloads are
-//!    decoded, validated and turned into Arrow batches (Lumen proxy spans →
-//!    `requests`, other spans → `spans`).
+//! 1. [`ingest`] — OTLP over gRPC (4317) and HTTP (4318) in, every signal;
+//!    payloads are decoded, validated and turned into Arrow batches (Lumen
+//!    proxy spans → `requests`, other spans → `spans`, metric data points →
+//!    `metrics`, log records → `logs`; Arrow Flight from proxies →
+//!    `requests`).
 //! 2. [`wal`] — batches are appended to the write-ahead log and fsynced
 //!    (group commit) before the client is acknowledged.
 //! 3. [`buffer`] — acknowledged rows sit in the hot buffer, queryable at once.
@@ -251,11 +254,15 @@ impl Collector {
         let mut servers = tokio::task::JoinSet::new();
         if let Some(listener) = grpc {
             let mut stop = stop_rx.clone();
-            let svc = ingest::grpc::TraceServiceGrpc::new(ingest.clone());
+            let traces = ingest::grpc::TraceServiceGrpc::new(ingest.clone());
+            let metrics = ingest::grpc::MetricsServiceGrpc::new(ingest.clone());
+            let logs = ingest::grpc::LogsServiceGrpc::new(ingest.clone());
             let flight = ingest::flight::service(ingest.clone());
             servers.spawn(async move {
                 tonic::transport::Server::builder()
-                    .add_service(svc)
+                    .add_service(traces)
+                    .add_service(metrics)
+                    .add_service(logs)
                     .add_service(flight)
                     .serve_with_incoming_shutdown(
                         tonic::transport::server::TcpIncoming::from(listener)

@@ -20,8 +20,29 @@ pub const REQUESTS: &str = "requests";
 pub const SPANS: &str = "spans";
 /// Table of request aggregates per window, kept at ingest from `requests`.
 pub const ROLLUPS: &str = "rollups";
-/// Every table the store keeps, in a stable order.
-pub const TABLES: [&str; 3] = [REQUESTS, SPANS, ROLLUPS];
+/// Table of applications' OTLP metric data points, one row per point.
+pub const METRICS: &str = "metrics";
+/// Table of applications' OTLP log records.
+pub const LOGS: &str = "logs";
+/// Every table the store keeps, in a stable order (the WAL names tables by
+/// position: new tables go at the end).
+pub const TABLES: [&str; 5] = [REQUESTS, SPANS, ROLLUPS, METRICS, LOGS];
+
+/// Resource attributes of the OpenTelemetry semantic conventions that
+/// `metrics` and `logs` keep as columns of their own (column, attribute);
+/// the rest stay in `resource_attributes`.
+pub const RESOURCE_COLUMNS: [(&str, &str); 10] = [
+    ("service_name", "service.name"),
+    ("service_namespace", "service.namespace"),
+    ("service_version", "service.version"),
+    ("service_instance_id", "service.instance.id"),
+    ("deployment_environment", "deployment.environment.name"),
+    ("host_name", "host.name"),
+    ("k8s_namespace_name", "k8s.namespace.name"),
+    ("k8s_pod_name", "k8s.pod.name"),
+    ("k8s_deployment_name", "k8s.deployment.name"),
+    ("k8s_node_name", "k8s.node.name"),
+];
 
 /// Rollup window lengths, in seconds: the short one is kept from rows, the
 /// long one merged from short ones.
@@ -134,6 +155,102 @@ static SPANS_SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
     ]))
 });
 
+/// Attributes as a map of names to values (non-string values as JSON), so
+/// SQL can say `attributes['http.route']`.
+pub fn attributes_type() -> DataType {
+    DataType::Map(
+        Arc::new(Field::new(
+            "entries",
+            DataType::Struct(
+                vec![
+                    Field::new("keys", DataType::Utf8, false),
+                    Field::new("values", DataType::Utf8, true),
+                ]
+                .into(),
+            ),
+            false,
+        )),
+        false,
+    )
+}
+
+fn list_of(item: DataType) -> DataType {
+    DataType::List(Arc::new(Field::new_list_field(item, false)))
+}
+
+/// The resource's columns: the typed semantic-convention ones, then its
+/// other attributes as a JSON object (dictionary-encoded: stored once per
+/// resource, however many rows share it).
+fn resource_fields() -> Vec<Field> {
+    RESOURCE_COLUMNS
+        .iter()
+        .map(|(column, _)| Field::new(*column, dict(), *column != "service_name"))
+        .collect()
+}
+
+static METRICS_SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
+    let mut fields = vec![
+        Field::new("time", timestamp(), false),
+        Field::new("start_time", timestamp(), true),
+    ];
+    fields.extend(resource_fields());
+    fields.extend([
+        Field::new("scope_name", dict(), true),
+        Field::new("scope_version", dict(), true),
+        Field::new("name", dict(), false),
+        Field::new("description", dict(), true),
+        Field::new("unit", dict(), true),
+        // gauge, sum, histogram, exponential_histogram, summary
+        Field::new("type", dict(), false),
+        // cumulative, delta (sums and histograms)
+        Field::new("aggregation_temporality", dict(), true),
+        Field::new("is_monotonic", DataType::Boolean, true),
+        // Gauges and sums; null for a point flagged no_recorded_value.
+        Field::new("value", DataType::Float64, true),
+        Field::new("count", DataType::Int64, true),
+        Field::new("sum", DataType::Float64, true),
+        Field::new("min", DataType::Float64, true),
+        Field::new("max", DataType::Float64, true),
+        Field::new("explicit_bounds", list_of(DataType::Float64), true),
+        Field::new("bucket_counts", list_of(DataType::Int64), true),
+        Field::new("scale", DataType::Int32, true),
+        Field::new("zero_count", DataType::Int64, true),
+        Field::new("positive_offset", DataType::Int32, true),
+        Field::new("positive_bucket_counts", list_of(DataType::Int64), true),
+        Field::new("negative_offset", DataType::Int32, true),
+        Field::new("negative_bucket_counts", list_of(DataType::Int64), true),
+        Field::new("quantiles", list_of(DataType::Float64), true),
+        Field::new("quantile_values", list_of(DataType::Float64), true),
+        Field::new("flags", DataType::Int32, false),
+        Field::new("attributes", attributes_type(), false),
+        Field::new("resource_attributes", dict(), false),
+    ]);
+    Arc::new(Schema::new(fields))
+});
+
+static LOGS_SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
+    let mut fields = vec![
+        Field::new("time", timestamp(), false),
+        Field::new("observed_time", timestamp(), true),
+    ];
+    fields.extend(resource_fields());
+    fields.extend([
+        Field::new("scope_name", dict(), true),
+        Field::new("scope_version", dict(), true),
+        Field::new("severity_number", DataType::Int32, false),
+        Field::new("severity_text", dict(), true),
+        // A string body as is; any other body as JSON.
+        Field::new("body", DataType::Utf8, true),
+        Field::new("event_name", dict(), true),
+        Field::new("trace_id", TRACE_ID, true),
+        Field::new("span_id", SPAN_ID, true),
+        Field::new("flags", DataType::Int32, false),
+        Field::new("attributes", attributes_type(), false),
+        Field::new("resource_attributes", dict(), false),
+    ]);
+    Arc::new(Schema::new(fields))
+});
+
 static ROLLUPS_SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
     let mut fields = vec![
         Field::new("time", timestamp(), false),
@@ -194,12 +311,24 @@ pub fn spans_schema() -> SchemaRef {
     SPANS_SCHEMA.clone()
 }
 
+/// Schema of the `metrics` table.
+pub fn metrics_schema() -> SchemaRef {
+    METRICS_SCHEMA.clone()
+}
+
+/// Schema of the `logs` table.
+pub fn logs_schema() -> SchemaRef {
+    LOGS_SCHEMA.clone()
+}
+
 /// Schema of a table by name, for the tables in [`TABLES`].
 pub fn table_schema(table: &str) -> Option<SchemaRef> {
     match table {
         REQUESTS => Some(requests_schema()),
         SPANS => Some(spans_schema()),
         ROLLUPS => Some(rollups_schema()),
+        METRICS => Some(metrics_schema()),
+        LOGS => Some(logs_schema()),
         _ => None,
     }
 }

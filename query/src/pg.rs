@@ -499,14 +499,18 @@ impl Session {
                     .map_err(query_error)?;
                 let options = Arc::new(FormatOptions::from_client_metadata(client.metadata()));
                 let fields = Arc::new(arrow_schema_to_pg_fields(
-                    &result.schema,
+                    &maps_as_text_schema(&result.schema),
                     format,
                     Some(options),
                 )?);
-                let rows: Vec<PgWireResult<_>> = result
+                let batches = result
                     .batches
                     .iter()
-                    .flat_map(|b| encode_recordbatch(fields.clone(), b.clone()))
+                    .map(maps_as_text)
+                    .collect::<PgWireResult<Vec<_>>>()?;
+                let rows: Vec<PgWireResult<_>> = batches
+                    .into_iter()
+                    .flat_map(|b| encode_recordbatch(fields.clone(), b))
                     .collect();
                 Ok(Response::Query(QueryResponse::new(
                     fields,
@@ -638,11 +642,87 @@ impl QueryParser for Parser {
     ) -> PgWireResult<Vec<FieldInfo>> {
         let format = column_format.unwrap_or(&Format::UnifiedText);
         match &stmt.kind {
-            Kind::Query(d) => arrow_schema_to_pg_fields(&d.schema, format, None),
+            Kind::Query(d) => {
+                arrow_schema_to_pg_fields(&maps_as_text_schema(&d.schema), format, None)
+            }
             Kind::Show(name) => Ok(vec![show_field(name, format)]),
             _ => Ok(Vec::new()),
         }
     }
+}
+
+/// Postgres has no map type (and arrow-pg no encoding for one): map
+/// columns (`attributes`) go to Postgres clients as JSON object text, as
+/// `jsonb` would print.
+fn maps_as_text_schema(schema: &arrow::datatypes::Schema) -> arrow::datatypes::Schema {
+    let fields: Vec<arrow::datatypes::Field> = schema
+        .fields()
+        .iter()
+        .map(|f| match f.data_type() {
+            DataType::Map(..) => f.as_ref().clone().with_data_type(DataType::Utf8),
+            _ => f.as_ref().clone(),
+        })
+        .collect();
+    arrow::datatypes::Schema::new_with_metadata(fields, schema.metadata().clone())
+}
+
+fn maps_as_text(
+    batch: &arrow::record_batch::RecordBatch,
+) -> PgWireResult<arrow::record_batch::RecordBatch> {
+    use arrow::array::{Array, ArrayRef, AsArray, StringBuilder};
+    if !batch
+        .schema()
+        .fields()
+        .iter()
+        .any(|f| matches!(f.data_type(), DataType::Map(..)))
+    {
+        return Ok(batch.clone());
+    }
+    let internal = |e: arrow::error::ArrowError| {
+        PgWireError::UserError(Box::new(ErrorInfo::new(
+            "ERROR".into(),
+            "XX000".into(),
+            format!("cannot show a map column as text: {e}"),
+        )))
+    };
+    let columns = batch
+        .columns()
+        .iter()
+        .map(|c| -> PgWireResult<ArrayRef> {
+            let Some(map) = c.as_map_opt() else {
+                return Ok(c.clone());
+            };
+            let keys = arrow::compute::cast(map.keys(), &DataType::Utf8).map_err(internal)?;
+            let values = arrow::compute::cast(map.values(), &DataType::Utf8).map_err(internal)?;
+            let (keys, values) = (keys.as_string::<i32>(), values.as_string::<i32>());
+            let offsets = map.value_offsets();
+            let mut out = StringBuilder::new();
+            for row in 0..map.len() {
+                if map.is_null(row) {
+                    out.append_null();
+                    continue;
+                }
+                let entries: serde_json::Map<String, serde_json::Value> = (offsets[row] as usize
+                    ..offsets[row + 1] as usize)
+                    .map(|i| {
+                        let v = if values.is_null(i) {
+                            serde_json::Value::Null
+                        } else {
+                            serde_json::Value::String(values.value(i).to_owned())
+                        };
+                        (keys.value(i).to_owned(), v)
+                    })
+                    .collect();
+                out.append_value(serde_json::Value::Object(entries).to_string());
+            }
+            Ok(Arc::new(out.finish()))
+        })
+        .collect::<PgWireResult<Vec<_>>>()?;
+    arrow::record_batch::RecordBatch::try_new(
+        Arc::new(maps_as_text_schema(&batch.schema())),
+        columns,
+    )
+    .map_err(internal)
 }
 
 #[async_trait]

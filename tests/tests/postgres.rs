@@ -116,7 +116,7 @@ async fn psql_and_a_python_driver_read_lumen_over_the_postgres_protocol() -> Res
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "psql failed: {stdout}\n{stderr}");
     // \dt and \d
-    for table in ["requests", "rollups", "spans"] {
+    for table in ["logs", "metrics", "requests", "rollups", "spans"] {
         assert!(
             stdout.contains(&format!("public|{table}|table|")),
             "{table} missing from \\dt:\n{stdout}"

@@ -183,7 +183,7 @@ fn check_ids(span: &Span, at: &str, window: TimeWindow) -> Result<Ids, InvalidSp
     Ok((trace_id, span_id, parent))
 }
 
-fn as_str(v: &Option<AnyValue>) -> Option<&str> {
+pub(crate) fn as_str(v: &Option<AnyValue>) -> Option<&str> {
     match v.as_ref()?.value.as_ref()? {
         any_value::Value::StringValue(s) => Some(s),
         _ => None,
@@ -331,7 +331,7 @@ fn push_request(
     Ok(())
 }
 
-fn any_to_json(v: &AnyValue) -> Json {
+pub(crate) fn any_to_json(v: &AnyValue) -> Json {
     match &v.value {
         Some(any_value::Value::StringValue(s)) => Json::String(s.clone()),
         Some(any_value::Value::BoolValue(b)) => Json::Bool(*b),
@@ -362,7 +362,7 @@ fn attributes_map(attrs: &[KeyValue]) -> Map<String, Json> {
 
 /// Attributes as a JSON object, queryable with string functions and by any
 /// Parquet reader.
-fn attributes_json(attrs: &[KeyValue]) -> String {
+pub(crate) fn attributes_json(attrs: &[KeyValue]) -> String {
     Json::Object(attributes_map(attrs)).to_string()
 }
 

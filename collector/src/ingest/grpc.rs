@@ -1,4 +1,4 @@
-//! OTLP/gRPC receiver: `opentelemetry.proto.collector.trace.v1.TraceService/Export`.
+//! OTLP/gRPC receiver: `Export` of the trace, metrics and logs services.
 //!
 //! The unary call is read by hand rather than through tonic's generated
 //! server so that the size limit is checked against the message's length
@@ -15,33 +15,43 @@ use bytes::{Buf, Bytes, BytesMut};
 use http::{HeaderMap, HeaderValue};
 use http_body::Frame;
 use http_body_util::{BodyExt, StreamBody};
-use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceResponse;
-use prost::Message;
 use tonic::Status;
 use tonic::body::Body;
 use tonic::server::NamedService;
 
-use super::{Encoding, Ingest, IngestError};
+use super::{Compression, Encoding, Ingest, IngestError, Signal};
 
-const EXPORT_PATH: &str = "/opentelemetry.proto.collector.trace.v1.TraceService/Export";
-
-/// The trace service, ready to add to a `tonic` server.
+/// One OTLP service (`SIGNAL` indexes [`Signal::ALL`]), ready to add to a
+/// `tonic` server, which routes by the service's name.
 #[derive(Debug, Clone)]
-pub struct TraceServiceGrpc {
+pub struct OtlpGrpc<const SIGNAL: usize> {
     ingest: Ingest,
 }
 
-impl TraceServiceGrpc {
+/// The trace, metrics and logs services.
+pub type TraceServiceGrpc = OtlpGrpc<0>;
+pub type MetricsServiceGrpc = OtlpGrpc<1>;
+pub type LogsServiceGrpc = OtlpGrpc<2>;
+
+impl<const SIGNAL: usize> OtlpGrpc<SIGNAL> {
     pub fn new(ingest: Ingest) -> Self {
-        TraceServiceGrpc { ingest }
+        OtlpGrpc { ingest }
     }
 }
 
-impl NamedService for TraceServiceGrpc {
+impl NamedService for OtlpGrpc<0> {
     const NAME: &'static str = "opentelemetry.proto.collector.trace.v1.TraceService";
 }
 
-impl tower::Service<http::Request<Body>> for TraceServiceGrpc {
+impl NamedService for OtlpGrpc<1> {
+    const NAME: &'static str = "opentelemetry.proto.collector.metrics.v1.MetricsService";
+}
+
+impl NamedService for OtlpGrpc<2> {
+    const NAME: &'static str = "opentelemetry.proto.collector.logs.v1.LogsService";
+}
+
+impl<const SIGNAL: usize> tower::Service<http::Request<Body>> for OtlpGrpc<SIGNAL> {
     type Response = http::Response<Body>;
     type Error = Infallible;
     type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
@@ -63,39 +73,40 @@ fn status_of(e: IngestError) -> Status {
     }
 }
 
+/// The signal a request's path exports.
+fn signal_of(path: &str) -> Option<Signal> {
+    let service = path.strip_prefix('/')?.strip_suffix("/Export")?;
+    Signal::ALL
+        .into_iter()
+        .find(|s| s.grpc_service() == service)
+}
+
 async fn export(ingest: Ingest, req: http::Request<Body>) -> Result<http::Response<Body>, Status> {
-    if req.uri().path() != EXPORT_PATH {
+    let Some(signal) = signal_of(req.uri().path()) else {
         return Err(Status::unimplemented(format!(
             "unknown method {}",
             req.uri().path()
         )));
-    }
-    let gzip = match req.headers().get("grpc-encoding").map(|v| v.as_bytes()) {
-        None | Some(b"identity") => false,
-        Some(b"gzip") => true,
-        Some(other) => {
-            return Err(Status::unimplemented(format!(
-                "grpc-encoding `{}` is not supported (use gzip or identity)",
-                String::from_utf8_lossy(other)
-            )));
-        }
     };
+    let compression =
+        Compression::from_header(req.headers().get("grpc-encoding").map(|v| v.as_bytes()))
+            .map_err(|e| Status::unimplemented(format!("grpc-encoding {e}")))?;
     let admitted = ingest.admit().await.map_err(status_of)?;
     let (compressed, message) = read_unary(req.into_body(), &ingest).await?;
-    let message = match (compressed, gzip) {
+    let message = match (compressed, compression) {
         (false, _) => message,
-        (true, true) => Bytes::from(ingest.gunzip(&message).map_err(status_of)?),
-        (true, false) => {
+        (true, Compression::None) => {
             return Err(Status::invalid_argument(
                 "message is flagged compressed but no grpc-encoding was given",
             ));
         }
+        (true, how) => Bytes::from(ingest.decompress(&message, how).map_err(status_of)?),
     };
-    ingest
-        .traces(&admitted, &message, Encoding::Protobuf)
+    let accepted = ingest
+        .export(&admitted, signal, &message, Encoding::Protobuf)
         .await
         .map_err(status_of)?;
-    Ok(unary_response(&ExportTraceServiceResponse::default()))
+    Ok(unary_response(signal.response(&accepted).protobuf()))
 }
 
 /// Reads one length-prefixed gRPC message, checking its declared length
@@ -140,8 +151,7 @@ async fn read_unary(mut body: Body, ingest: &Ingest) -> Result<(bool, Bytes), St
     }
 }
 
-fn unary_response(msg: &impl Message) -> http::Response<Body> {
-    let encoded = msg.encode_to_vec();
+fn unary_response(encoded: Vec<u8>) -> http::Response<Body> {
     let mut framed = BytesMut::with_capacity(5 + encoded.len());
     framed.extend_from_slice(&[0]);
     framed.extend_from_slice(&(encoded.len() as u32).to_be_bytes());
@@ -161,7 +171,7 @@ fn unary_response(msg: &impl Message) -> http::Response<Body> {
     );
     h.insert(
         "grpc-accept-encoding",
-        HeaderValue::from_static("gzip,identity"),
+        HeaderValue::from_static("gzip,zstd,identity"),
     );
     resp
 }

@@ -1,5 +1,6 @@
-//! OTLP/HTTP receiver: `POST /v1/traces` with `application/x-protobuf` or
-//! `application/json`, optionally gzip-encoded.
+//! OTLP/HTTP receiver: `POST /v1/traces`, `/v1/metrics` and `/v1/logs`
+//! with `application/x-protobuf` or `application/json`, optionally gzip-
+//! or zstd-encoded.
 
 use axum::Router;
 use axum::body::Body;
@@ -9,10 +10,9 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use bytes::{Bytes, BytesMut};
 use http_body_util::BodyExt;
-use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceResponse;
 use prost::Message;
 
-use super::{Encoding, Ingest, IngestError};
+use super::{Compression, Encoding, Ingest, IngestError, Signal};
 
 /// `google.rpc.Status`, the error body OTLP/HTTP specifies.
 #[derive(Clone, PartialEq, prost::Message)]
@@ -24,10 +24,14 @@ struct RpcStatus {
 }
 
 pub fn router(ingest: Ingest) -> Router {
-    Router::new()
-        .route("/v1/traces", post(traces))
-        .route("/ready", get(ready))
-        .with_state(ingest)
+    let mut router = Router::new();
+    for signal in Signal::ALL {
+        router = router.route(
+            signal.http_path(),
+            post(move |state, headers, body| export(state, signal, headers, body)),
+        );
+    }
+    router.route("/ready", get(ready)).with_state(ingest)
 }
 
 /// 200 while payloads are taken (naming any trouble that may soon stop
@@ -87,7 +91,12 @@ fn ingest_error(encoding: Encoding, e: IngestError) -> Response {
     }
 }
 
-async fn traces(State(ingest): State<Ingest>, headers: HeaderMap, body: Body) -> Response {
+async fn export(
+    State(ingest): State<Ingest>,
+    signal: Signal,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
     let content_type = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
@@ -106,20 +115,18 @@ async fn traces(State(ingest): State<Ingest>, headers: HeaderMap, body: Body) ->
             );
         }
     };
-    let gzip = match headers.get(header::CONTENT_ENCODING).map(|v| v.as_bytes()) {
-        None | Some(b"identity") => false,
-        Some(b"gzip") => true,
-        Some(other) => {
-            return error(
-                Some(encoding),
-                StatusCode::BAD_REQUEST,
-                format!(
-                    "unsupported Content-Encoding `{}`: send gzip or identity",
-                    String::from_utf8_lossy(other)
-                ),
-            );
-        }
-    };
+    let compression =
+        match Compression::from_header(headers.get(header::CONTENT_ENCODING).map(|v| v.as_bytes()))
+        {
+            Ok(c) => c,
+            Err(e) => {
+                return error(
+                    Some(encoding),
+                    StatusCode::BAD_REQUEST,
+                    format!("unsupported Content-Encoding: {e}"),
+                );
+            }
+        };
     let admitted = match ingest.admit().await {
         Ok(a) => a,
         Err(e) => return ingest_error(encoding, e),
@@ -144,24 +151,29 @@ async fn traces(State(ingest): State<Ingest>, headers: HeaderMap, body: Body) ->
             );
         }
     };
-    let bytes = if gzip {
-        match ingest.gunzip(&bytes) {
+    let bytes = match compression {
+        Compression::None => bytes,
+        how => match ingest.decompress(&bytes, how) {
             Ok(b) => b.into(),
             Err(e) => return ingest_error(encoding, e),
-        }
-    } else {
-        bytes
+        },
     };
-    if let Err(e) = ingest.traces(&admitted, &bytes, encoding).await {
-        return ingest_error(encoding, e);
-    }
+    let accepted = match ingest.export(&admitted, signal, &bytes, encoding).await {
+        Ok(a) => a,
+        Err(e) => return ingest_error(encoding, e),
+    };
+    let response = signal.response(&accepted);
     match encoding {
         Encoding::Protobuf => (
             [(header::CONTENT_TYPE, "application/x-protobuf")],
-            ExportTraceServiceResponse::default().encode_to_vec(),
+            response.protobuf(),
         )
             .into_response(),
-        Encoding::Json => ([(header::CONTENT_TYPE, "application/json")], "{}").into_response(),
+        Encoding::Json => (
+            [(header::CONTENT_TYPE, "application/json")],
+            response.json(),
+        )
+            .into_response(),
     }
 }
 

@@ -7,6 +7,7 @@ pub mod convert;
 pub mod flight;
 pub mod grpc;
 pub mod http;
+pub mod signals;
 
 use std::io::Read;
 use std::sync::Arc;
@@ -43,8 +44,145 @@ pub struct IngestStats {
     /// Rows stored (spans and Arrow rows alike).
     pub accepted_spans: AtomicU64,
     pub rejected_payloads: AtomicU64,
+    /// Data points and log records left out of accepted payloads.
+    pub rejected_items: AtomicU64,
     /// Retried batches recognised as stored before.
     pub duplicate_batches: AtomicU64,
+}
+
+/// The three OTLP signals and where each goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Signal {
+    Traces,
+    Metrics,
+    Logs,
+}
+
+impl Signal {
+    pub const ALL: [Signal; 3] = [Signal::Traces, Signal::Metrics, Signal::Logs];
+
+    /// The OTLP/HTTP path.
+    pub fn http_path(self) -> &'static str {
+        match self {
+            Signal::Traces => "/v1/traces",
+            Signal::Metrics => "/v1/metrics",
+            Signal::Logs => "/v1/logs",
+        }
+    }
+
+    /// The gRPC service.
+    pub fn grpc_service(self) -> &'static str {
+        match self {
+            Signal::Traces => "opentelemetry.proto.collector.trace.v1.TraceService",
+            Signal::Metrics => "opentelemetry.proto.collector.metrics.v1.MetricsService",
+            Signal::Logs => "opentelemetry.proto.collector.logs.v1.LogsService",
+        }
+    }
+
+    /// What its items are called, in messages.
+    pub fn items(self) -> &'static str {
+        match self {
+            Signal::Traces => "spans",
+            Signal::Metrics => "data points",
+            Signal::Logs => "log records",
+        }
+    }
+
+    /// The export request's message name, in messages.
+    fn request_name(self) -> &'static str {
+        match self {
+            Signal::Traces => "ExportTraceServiceRequest",
+            Signal::Metrics => "ExportMetricsServiceRequest",
+            Signal::Logs => "ExportLogsServiceRequest",
+        }
+    }
+
+    /// The export response: empty, or OTLP's partial success.
+    pub fn response(self, accepted: &Accepted) -> ExportResponse {
+        use opentelemetry_proto::tonic::collector::{logs, metrics, trace};
+        let message = accepted.message.clone().unwrap_or_default();
+        let rejected = accepted.rejected as i64;
+        let partial = accepted.rejected > 0;
+        match self {
+            Signal::Traces => ExportResponse::Traces(trace::v1::ExportTraceServiceResponse {
+                partial_success: partial.then_some(trace::v1::ExportTracePartialSuccess {
+                    rejected_spans: rejected,
+                    error_message: message,
+                }),
+            }),
+            Signal::Metrics => ExportResponse::Metrics(metrics::v1::ExportMetricsServiceResponse {
+                partial_success: partial.then_some(metrics::v1::ExportMetricsPartialSuccess {
+                    rejected_data_points: rejected,
+                    error_message: message,
+                }),
+            }),
+            Signal::Logs => ExportResponse::Logs(logs::v1::ExportLogsServiceResponse {
+                partial_success: partial.then_some(logs::v1::ExportLogsPartialSuccess {
+                    rejected_log_records: rejected,
+                    error_message: message,
+                }),
+            }),
+        }
+    }
+}
+
+/// An export response of any signal, to encode as the request was.
+#[derive(Debug)]
+pub enum ExportResponse {
+    Traces(opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceResponse),
+    Metrics(opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceResponse),
+    Logs(opentelemetry_proto::tonic::collector::logs::v1::ExportLogsServiceResponse),
+}
+
+impl ExportResponse {
+    pub fn protobuf(&self) -> Vec<u8> {
+        match self {
+            ExportResponse::Traces(r) => r.encode_to_vec(),
+            ExportResponse::Metrics(r) => r.encode_to_vec(),
+            ExportResponse::Logs(r) => r.encode_to_vec(),
+        }
+    }
+
+    pub fn json(&self) -> String {
+        let v = match self {
+            ExportResponse::Traces(r) => serde_json::to_string(r),
+            ExportResponse::Metrics(r) => serde_json::to_string(r),
+            ExportResponse::Logs(r) => serde_json::to_string(r),
+        };
+        v.unwrap_or_else(|_| "{}".into())
+    }
+}
+
+/// What an export stored, and what it left out.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Accepted {
+    pub rows: usize,
+    pub rejected: usize,
+    /// Why items were rejected (the first one's path and reason).
+    pub message: Option<String>,
+}
+
+/// How a payload is compressed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Compression {
+    None,
+    Gzip,
+    Zstd,
+}
+
+impl Compression {
+    /// From a `Content-Encoding` or `grpc-encoding` value.
+    pub fn from_header(v: Option<&[u8]>) -> Result<Self, String> {
+        match v {
+            None | Some(b"identity") => Ok(Compression::None),
+            Some(b"gzip") => Ok(Compression::Gzip),
+            Some(b"zstd") => Ok(Compression::Zstd),
+            Some(other) => Err(format!(
+                "`{}` is not supported (use gzip, zstd or identity)",
+                String::from_utf8_lossy(other)
+            )),
+        }
+    }
 }
 
 /// How an OTLP payload is encoded.
@@ -246,6 +384,89 @@ impl Ingest {
         Ok(rows)
     }
 
+    /// Decodes, validates and stores one export request of any signal.
+    /// Items that are invalid on their own are left out and counted
+    /// (partial success); a payload that cannot be decoded is rejected whole.
+    pub async fn export(
+        &self,
+        admitted: &Admission,
+        signal: Signal,
+        payload: &[u8],
+        encoding: Encoding,
+    ) -> Result<Accepted, IngestError> {
+        if signal == Signal::Traces {
+            let rows = self.traces(admitted, payload, encoding).await?;
+            return Ok(Accepted {
+                rows,
+                ..Accepted::default()
+            });
+        }
+        let _busy = self.pressure.enter();
+        let converted = {
+            let _permit = self
+                .decoding
+                .acquire()
+                .await
+                .map_err(|_| IngestError::Unavailable("collector is shutting down".into()))?;
+            let window = convert::TimeWindow::around_now();
+            let converted = match signal {
+                Signal::Metrics => {
+                    let req = self.decode(signal, payload, encoding)?;
+                    signals::convert_metrics(&req, window)
+                }
+                _ => {
+                    let req = self.decode(signal, payload, encoding)?;
+                    signals::convert_logs(&req, window)
+                }
+            };
+            converted.map_err(|e| {
+                self.rejected(IngestError::Invalid(format!("cannot build rows: {e}")))
+            })?
+        };
+        if converted.rows > 0 {
+            self.wal.append(converted.batches).await.map_err(|e| {
+                IngestError::Unavailable(format!("cannot store {}: {e}", signal.items()))
+            })?;
+        }
+        self.stats
+            .accepted_spans
+            .fetch_add(converted.rows as u64, Ordering::Relaxed);
+        if converted.rejected > 0 {
+            self.stats
+                .rejected_items
+                .fetch_add(converted.rejected as u64, Ordering::Relaxed);
+        }
+        Ok(Accepted {
+            rows: converted.rows,
+            rejected: converted.rejected,
+            message: converted.first_error.map(|e| {
+                format!(
+                    "{} of {} {} rejected; the first: {e}",
+                    converted.rejected,
+                    converted.rejected + converted.rows,
+                    signal.items()
+                )
+            }),
+        })
+    }
+
+    /// Decodes an export request of `signal` from protobuf or OTLP/JSON.
+    fn decode<M: Message + Default + serde::de::DeserializeOwned>(
+        &self,
+        signal: Signal,
+        bytes: &[u8],
+        encoding: Encoding,
+    ) -> Result<M, IngestError> {
+        let name = signal.request_name();
+        match encoding {
+            Encoding::Protobuf => M::decode(bytes)
+                .map_err(|e| format!("malformed {name} ({} bytes of protobuf): {e}", bytes.len())),
+            Encoding::Json => serde_json::from_slice(bytes)
+                .map_err(|e| format!("malformed OTLP/JSON {name}: {e}")),
+        }
+        .map_err(|m| self.rejected(IngestError::Invalid(m)))
+    }
+
     /// Stores Arrow batches of `table` sent by a producer that numbers its
     /// batches (`origin`): checked against the table's schema and time
     /// window, then appended whole. A retried batch whose first attempt was
@@ -345,14 +566,30 @@ impl Ingest {
 
     /// Inflates a gzip payload, refusing to grow it past the size limit.
     pub fn gunzip(&self, bytes: &[u8]) -> Result<Vec<u8>, IngestError> {
+        self.decompress(bytes, Compression::Gzip)
+    }
+
+    /// Inflates a compressed payload, refusing to grow it past the size
+    /// limit (a small bomb must not become gigabytes).
+    pub fn decompress(&self, bytes: &[u8], how: Compression) -> Result<Vec<u8>, IngestError> {
         let mut out = Vec::new();
         let limit = self.limits.max_request_bytes as u64;
-        flate2::read::GzDecoder::new(bytes)
-            .take(limit + 1)
-            .read_to_end(&mut out)
-            .map_err(|e| {
-                self.rejected(IngestError::Invalid(format!("invalid gzip payload: {e}")))
-            })?;
+        let read = match how {
+            Compression::None => return Ok(bytes.to_vec()),
+            Compression::Gzip => flate2::read::GzDecoder::new(bytes)
+                .take(limit + 1)
+                .read_to_end(&mut out),
+            Compression::Zstd => zstd::stream::read::Decoder::new(bytes)
+                .and_then(|d| d.take(limit + 1).read_to_end(&mut out)),
+        };
+        read.map_err(|e| {
+            let name = if how == Compression::Gzip {
+                "gzip"
+            } else {
+                "zstd"
+            };
+            self.rejected(IngestError::Invalid(format!("invalid {name} payload: {e}")))
+        })?;
         if out.len() as u64 > limit {
             return Err(self.too_large(None));
         }
