@@ -167,10 +167,40 @@ struct StoreArgs {
     /// refused as unavailable, so failing flushes cannot exhaust memory.
     #[arg(long, default_value_t = lumen_collector::DEFAULT_MAX_HOT_BYTES >> 20)]
     max_hot_mib: usize,
+    /// How long a table's rows are kept, as TABLE=DURATION (`off` keeps
+    /// them forever); repeat for several tables. Whole hour partitions
+    /// past it are deleted. Defaults: requests, spans, logs 7d; metrics
+    /// 30d; rollups 90d.
+    #[arg(long = "retention", value_name = "TABLE=DURATION", value_parser = parse_retention)]
+    retention: Vec<(String, Option<Duration>)>,
+    /// How often small Parquet files of a partition are merged into one
+    /// (0 turns compaction off).
+    #[arg(long, default_value = "5m", value_parser = parse_duration)]
+    compaction_interval: Duration,
+    /// A partition with this many small files is compacted even while its
+    /// hour is still being written.
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(2..))]
+    compaction_min_files: u32,
+}
+
+fn parse_retention(s: &str) -> Result<(String, Option<Duration>), String> {
+    let (table, keep) = s
+        .split_once('=')
+        .ok_or_else(|| format!("`{s}` is not TABLE=DURATION, like requests=7d"))?;
+    let keep = match keep {
+        "off" | "forever" => None,
+        d => Some(parse_duration(d)?),
+    };
+    // The table is checked against the store's when the config is built.
+    Ok((table.to_string(), keep))
 }
 
 impl StoreArgs {
-    fn collector_config(&self, data_dir: PathBuf, flush_interval: Duration) -> CollectorConfig {
+    fn collector_config(
+        &self,
+        data_dir: PathBuf,
+        flush_interval: Duration,
+    ) -> Result<CollectorConfig> {
         let mut c = CollectorConfig::new(data_dir);
         c.otlp_grpc = Some(self.otlp_grpc);
         c.otlp_http = Some(self.otlp_http);
@@ -181,7 +211,14 @@ impl StoreArgs {
             max_rows: self.flush_rows,
             ..FlushPolicy::default()
         };
-        c
+        c.compaction.interval = self.compaction_interval;
+        c.compaction.min_files = self.compaction_min_files as usize;
+        for (table, keep) in &self.retention {
+            c.retention
+                .set(table, *keep)
+                .map_err(|e| anyhow::anyhow!("--retention {table}=…: {e}"))?;
+        }
+        Ok(c)
     }
 
     /// Query settings: defaults, then the --query-config file, then flags.
@@ -484,7 +521,7 @@ async fn up(a: UpArgs) -> Result<()> {
     );
     let collector = Collector::open(
         a.store
-            .collector_config(a.data_dir.clone(), a.flush_interval),
+            .collector_config(a.data_dir.clone(), a.flush_interval)?,
     )
     .await
     .context("starting the collector")?;
@@ -642,7 +679,9 @@ async fn demo(a: DemoArgs) -> Result<()> {
     init_logging("warn");
     let data_dir = std::path::absolute(&a.data_dir).unwrap_or(a.data_dir.clone());
     let config = lumen_demo::DemoConfig {
-        collector: a.store.collector_config(data_dir.clone(), a.flush_interval),
+        collector: a
+            .store
+            .collector_config(data_dir.clone(), a.flush_interval)?,
         rps: a.rps,
         query: a.store.query_addr,
         pg: a.store.pg_addr,

@@ -19,10 +19,12 @@
 //! service reads consistent snapshots of it.
 
 pub mod buffer;
+pub mod compact;
 pub mod dedup;
 pub mod format;
 pub mod health;
 pub mod ingest;
+pub mod metrics;
 pub mod persist;
 #[cfg(test)]
 mod persist_tests;
@@ -85,6 +87,10 @@ pub struct CollectorConfig {
     /// briefly, then are refused as unavailable.
     pub max_inflight_payloads: usize,
     pub flush: FlushPolicy,
+    /// When small files are merged.
+    pub compaction: compact::CompactionPolicy,
+    /// How long each table's rows are kept.
+    pub retention: compact::Retention,
 }
 
 impl CollectorConfig {
@@ -97,6 +103,8 @@ impl CollectorConfig {
             max_hot_bytes: DEFAULT_MAX_HOT_BYTES,
             max_inflight_payloads: DEFAULT_MAX_INFLIGHT_PAYLOADS,
             flush: FlushPolicy::default(),
+            compaction: compact::CompactionPolicy::default(),
+            retention: compact::Retention::default(),
         }
     }
 }
@@ -107,6 +115,7 @@ pub struct Collector {
     store: Arc<Store>,
     ingest: ingest::Ingest,
     persister: persist::Persister,
+    housekeeper: compact::Housekeeper,
     wal_thread: std::thread::JoinHandle<()>,
     grpc: Option<TcpListener>,
     http: Option<TcpListener>,
@@ -196,11 +205,15 @@ impl Collector {
             store: store.clone(),
             running: Arc::default(),
         };
+        let mut housekeeper = compact::Housekeeper::new(tables_dir(&data), store.clone());
+        housekeeper.compaction = config.compaction.clone();
+        housekeeper.retention = config.retention.clone();
         Ok(Collector {
             config,
             store,
             ingest,
             persister,
+            housekeeper,
             wal_thread,
             grpc,
             http,
@@ -232,6 +245,12 @@ impl Collector {
         self.http.as_ref().and_then(|l| l.local_addr().ok())
     }
 
+    /// Compaction and retention, to run on demand (tests, admin actions)
+    /// and for their counters.
+    pub fn housekeeper(&self) -> compact::Housekeeper {
+        self.housekeeper.clone()
+    }
+
     /// A handle to flush on demand (tests, admin actions).
     pub fn persister(&self) -> persist::Persister {
         self.persister.clone()
@@ -245,6 +264,7 @@ impl Collector {
             store: _,
             ingest,
             persister,
+            housekeeper,
             wal_thread,
             grpc,
             http,
@@ -289,6 +309,7 @@ impl Collector {
         }
         let (flush_stop_tx, flush_stop_rx) = watch::channel(false);
         let flusher = tokio::spawn(persister.clone().run(config.flush.clone(), flush_stop_rx));
+        let housekeeping = tokio::spawn(housekeeper.run(stop_rx.clone()));
 
         shutdown.await;
         tracing::info!("collector shutting down: finishing requests, flushing to Parquet");
@@ -310,6 +331,9 @@ impl Collector {
         }
         // Payloads still in progress may finish; new ones are refused.
         ingest.close();
+        // A compaction in progress finishes (it is one partition); the next
+        // start removes whatever it leaves half done.
+        let _ = housekeeping.await;
         let _ = flush_stop_tx.send(true);
         let _ = flusher.await;
         // Whatever was acknowledged after the flush's rotation is in the WAL

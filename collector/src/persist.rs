@@ -36,6 +36,9 @@ const MICROS_PER_HOUR: i64 = 3_600_000_000;
 const META_SEGMENT: &str = "lumen.wal_segment";
 const META_MIN_TIME: &str = "lumen.min_time";
 const META_MAX_TIME: &str = "lumen.max_time";
+/// Names of the files a compacted file replaces, `/`-separated (a name
+/// cannot hold one).
+const META_REPLACES: &str = "lumen.replaces";
 
 #[derive(Debug, thiserror::Error)]
 pub enum PersistError {
@@ -188,12 +191,14 @@ impl Persister {
                     "flushed hot buffer to Parquet"
                 );
                 self.store.health().set_flush(None);
+                self.store.metrics().flushed(true);
                 true
             }
             Err(e) => {
                 // Rows stay hot and in the WAL; a later attempt retries.
                 tracing::error!(error = %e, "flush to Parquet failed");
                 self.store.health().set_flush(Some(e.to_string()));
+                self.store.metrics().flushed(false);
                 false
             }
         }
@@ -298,17 +303,37 @@ fn write_file(
     let dir = table_dir
         .join(format!("date={}", start.format("%Y-%m-%d")))
         .join(format!("hour={}", start.format("%H")));
-    fs::create_dir_all(&dir).map_err(|e| write_err(&dir)(e.to_string()))?;
+    write_partition_file(&dir, segment, batch, &[])
+}
+
+/// Writes one file into a partition directory: `*.tmp`, fsync, rename,
+/// fsync of the directories. `replaces` names files of the same directory
+/// the new one takes the place of (compaction).
+pub(crate) fn write_partition_file(
+    dir: &Path,
+    segment: u64,
+    batch: &RecordBatch,
+    replaces: &[String],
+) -> Result<FileMeta, PersistError> {
+    fs::create_dir_all(dir).map_err(|e| write_err(dir)(e.to_string()))?;
     let suffix: u32 = rand::rng().random();
     let path = dir.join(format!("part-{segment:020}-{suffix:08x}.parquet"));
     let tmp = path.with_extension("parquet.tmp");
     let (min_time, max_time) = time_range(batch).unwrap_or((0, 0));
     let props = writer_properties(batch.schema_ref())
-        .set_key_value_metadata(Some(vec![
-            KeyValue::new(META_SEGMENT.to_string(), segment.to_string()),
-            KeyValue::new(META_MIN_TIME.to_string(), min_time.to_string()),
-            KeyValue::new(META_MAX_TIME.to_string(), max_time.to_string()),
-        ]))
+        .set_key_value_metadata(Some(
+            [
+                KeyValue::new(META_SEGMENT.to_string(), segment.to_string()),
+                KeyValue::new(META_MIN_TIME.to_string(), min_time.to_string()),
+                KeyValue::new(META_MAX_TIME.to_string(), max_time.to_string()),
+            ]
+            .into_iter()
+            .chain(
+                (!replaces.is_empty())
+                    .then(|| KeyValue::new(META_REPLACES.to_string(), replaces.join("/"))),
+            )
+            .collect(),
+        ))
         .build();
     let err = write_err(&tmp);
     let file = File::create(&tmp).map_err(|e| err(e.to_string()))?;
@@ -322,7 +347,7 @@ fn write_file(
     fs::rename(&tmp, &path).map_err(|e| write_err(&path)(e.to_string()))?;
     // The file's entry, and the entries of `date=`/`hour=` directories that
     // may be new, must be durable before the WAL behind them is deleted.
-    wal::sync_dir(&dir)?;
+    wal::sync_dir(dir)?;
     for parent in dir.ancestors().skip(1).take(2) {
         wal::sync_dir(parent)?;
     }
@@ -337,8 +362,10 @@ fn write_file(
 }
 
 /// Finds the Parquet files of every table. Files of segments past the WAL
-/// checkpoint, and leftover `.tmp` files, are from a flush that never
-/// completed; they are deleted because the WAL still holds their rows.
+/// checkpoint, and leftover `.tmp` files, are from a flush (or compaction)
+/// that never completed; they are deleted because the WAL (or the files
+/// being compacted) still hold their rows. Files a completed compaction
+/// replaced but did not get to delete are deleted too.
 pub fn load_files(
     tables_dir: &Path,
     checkpoint: u64,
@@ -350,6 +377,7 @@ pub fn load_files(
         let mut paths = Vec::new();
         walk(&dir, &mut paths)?;
         paths.sort();
+        let mut table_files = Vec::new();
         for path in paths {
             let file_name = path
                 .file_name()
@@ -371,7 +399,27 @@ pub fn load_files(
                 fs::remove_file(&path).map_err(|e| write_err(&path)(e.to_string()))?;
                 continue;
             }
-            out.push((t, read_meta(&path, segment.unwrap_or(0))?));
+            let (meta, replaces) = read_meta(&path, segment.unwrap_or(0))?;
+            table_files.push((meta, replaces));
+        }
+        let replaced: std::collections::HashSet<PathBuf> = table_files
+            .iter()
+            .flat_map(|(meta, replaces)| {
+                let dir = meta
+                    .path
+                    .parent()
+                    .map(Path::to_path_buf)
+                    .unwrap_or_default();
+                replaces.iter().map(move |name| dir.join(name))
+            })
+            .collect();
+        for (meta, _) in table_files {
+            if replaced.contains(&meta.path) {
+                tracing::info!(file = %meta.path.display(), "removing a file a finished compaction replaced");
+                fs::remove_file(&meta.path).map_err(|e| write_err(&meta.path)(e.to_string()))?;
+                continue;
+            }
+            out.push((t, meta));
         }
     }
     Ok(out)
@@ -394,7 +442,7 @@ fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> Result<(), PersistError> {
     Ok(())
 }
 
-fn read_meta(path: &Path, segment: u64) -> Result<FileMeta, PersistError> {
+fn read_meta(path: &Path, segment: u64) -> Result<(FileMeta, Vec<String>), PersistError> {
     let read_err = |message: String| PersistError::Read {
         path: path.to_path_buf(),
         message,
@@ -412,13 +460,27 @@ fn read_meta(path: &Path, segment: u64) -> Result<FileMeta, PersistError> {
             .parse()
             .ok()
     };
+    let replaces: Vec<String> = meta
+        .key_value_metadata()
+        .and_then(|kvs| kvs.iter().find(|kv| kv.key == META_REPLACES))
+        .and_then(|kv| kv.value.as_deref())
+        .map(|v| {
+            v.split('/')
+                .filter(|n| !n.is_empty())
+                .map(str::to_owned)
+                .collect()
+        })
+        .unwrap_or_default();
     // Files without our metadata (written by another tool) are never pruned.
-    Ok(FileMeta {
-        path: path.to_path_buf(),
-        rows: meta.num_rows().max(0) as u64,
-        bytes,
-        min_time: kv(META_MIN_TIME).unwrap_or(i64::MIN),
-        max_time: kv(META_MAX_TIME).unwrap_or(i64::MAX),
-        segment,
-    })
+    Ok((
+        FileMeta {
+            path: path.to_path_buf(),
+            rows: meta.num_rows().max(0) as u64,
+            bytes,
+            min_time: kv(META_MIN_TIME).unwrap_or(i64::MIN),
+            max_time: kv(META_MAX_TIME).unwrap_or(i64::MAX),
+            segment,
+        },
+        replaces,
+    ))
 }

@@ -477,3 +477,147 @@ async fn a_failed_flush_leaves_no_files_and_keeps_the_rows_hot_and_in_the_wal() 
     assert_eq!(stats(&store, SPANS).hot_rows, 0);
     close(persister, thread);
 }
+
+/// Flushes `rounds` batches of `requests` rows in the hour H03, one file
+/// each; returns every time written.
+async fn flush_rounds(persister: &Persister, rounds: usize) -> Vec<i64> {
+    let mut all = Vec::new();
+    for round in 0..rounds {
+        // Interleaved across rounds, so the merged file must sort them.
+        let times: Vec<i64> = (0..=round as i64)
+            .map(|i| H03 + (i * rounds as i64 + round as i64) * MINUTE / 7)
+            .collect();
+        persister
+            .wal
+            .append(vec![entry(REQUESTS, &times)])
+            .await
+            .unwrap();
+        persister.flush().await.unwrap();
+        all.extend(times);
+    }
+    all.sort();
+    all
+}
+
+fn housekeeper(data: &Path, store: &Arc<Store>) -> crate::compact::Housekeeper {
+    let mut h = crate::compact::Housekeeper::new(data.join("tables"), store.clone());
+    h.compaction.min_files = 3;
+    h
+}
+
+fn requests_files(data: &Path) -> Vec<PathBuf> {
+    files_under(&data.join("tables").join(REQUESTS))
+}
+
+/// Well after the hour H03.
+fn later() -> std::time::SystemTime {
+    std::time::UNIX_EPOCH + std::time::Duration::from_micros((H03 + 3 * 3_600_000_000) as u64)
+}
+
+#[tokio::test]
+async fn compaction_merges_a_partitions_files_into_one_sorted_file_with_every_row() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path();
+    let (persister, store, thread, _) = open(data);
+    let rounds = 5;
+    let times = flush_rounds(&persister, rounds).await;
+    assert_eq!(requests_files(data).len(), rounds);
+
+    let h = housekeeper(data, &store);
+    let done = h.compact(later()).await;
+    let requests: Vec<_> = done.iter().filter(|c| c.table == REQUESTS).collect();
+    assert_eq!(requests.len(), 1, "{done:?}");
+    assert_eq!(
+        (requests[0].files, requests[0].rows),
+        (rounds, times.len() as u64)
+    );
+    let s = stats(&store, REQUESTS);
+    assert_eq!((s.files, s.file_rows), (1, times.len() as u64));
+    // No query held the replaced files: they are gone already.
+    assert_eq!(h.sweep(true), 0);
+    let left = requests_files(data);
+    assert_eq!(left.len(), 1);
+    assert_eq!(
+        times_of(&read_parquet(&left[0])),
+        times,
+        "every row, sorted"
+    );
+    close(persister, thread);
+}
+
+#[tokio::test]
+async fn a_compaction_cut_short_keeps_every_row_exactly_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path();
+    let (persister, store, thread, _) = open(data);
+    let times = flush_rounds(&persister, 4).await;
+    // A query holds the files, so compaction cannot delete them; then the
+    // process stops (as by `kill -9`), with a half-written file of a later
+    // compaction beside them.
+    let holds = crate::store::FileHolds::default();
+    holds.hold(&store.files_of(table_index(REQUESTS).unwrap()));
+    let h = housekeeper(data, &store);
+    assert!(!h.compact(later()).await.is_empty());
+    let partition = requests_files(data)[0].parent().unwrap().to_path_buf();
+    fs::write(
+        partition.join("part-00000000000000000009-deadbeef.parquet.tmp"),
+        b"half",
+    )
+    .unwrap();
+    assert_eq!(requests_files(data).len(), 4 + 1 + 1);
+    close(persister, thread);
+    drop(store);
+
+    let checkpoint = wal::read_checkpoint(&data.join("wal")).unwrap();
+    let files = load_files(&data.join("tables"), checkpoint).unwrap();
+    let requests = table_index(REQUESTS).unwrap();
+    let loaded: Vec<&FileMeta> = files
+        .iter()
+        .filter(|(t, _)| *t == requests)
+        .map(|(_, f)| f)
+        .collect();
+    assert_eq!(loaded.len(), 1, "only the compacted file: {loaded:?}");
+    assert_eq!(loaded[0].rows, times.len() as u64);
+    assert_eq!(requests_files(data), vec![loaded[0].path.clone()]);
+    assert_eq!(times_of(&read_parquet(&loaded[0].path)), times);
+}
+
+#[tokio::test]
+async fn retention_drops_only_partitions_past_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path();
+    let (persister, store, thread, _) = open(data);
+    let (h03, h05) = ([H03 + MINUTE], [H03 + 2 * 3_600_000_000 + MINUTE]);
+    persister
+        .wal
+        .append(vec![entry(REQUESTS, &h03), entry(SPANS, &h03)])
+        .await
+        .unwrap();
+    persister
+        .wal
+        .append(vec![entry(REQUESTS, &h05)])
+        .await
+        .unwrap();
+    persister.flush().await.unwrap();
+    let mut h = housekeeper(data, &store);
+    h.retention
+        .set(REQUESTS, Some(std::time::Duration::from_secs(3600)))
+        .unwrap();
+    h.retention.set(SPANS, None).unwrap();
+    h.retention.set(lumen_core::schema::ROLLUPS, None).unwrap();
+    // An hour after H05's row: H03's partition is past an hour's retention.
+    let now = std::time::UNIX_EPOCH
+        + std::time::Duration::from_micros((H03 + 3 * 3_600_000_000 + MINUTE) as u64);
+    assert_eq!(h.expire(now), 1);
+    let s = stats(&store, REQUESTS);
+    assert_eq!((s.files, s.file_rows), (1, 1));
+    assert_eq!(stats(&store, SPANS).files, 1, "spans are kept forever here");
+    assert_eq!(h.sweep(true), 1);
+    let tables = data.join("tables").join(REQUESTS);
+    assert!(
+        !tables.join("date=2026-01-02/hour=03").exists(),
+        "the partition is gone"
+    );
+    assert!(tables.join("date=2026-01-02/hour=05").exists());
+    close(persister, thread);
+}

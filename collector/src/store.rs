@@ -27,6 +27,22 @@ pub struct FileMeta {
     pub segment: u64,
 }
 
+/// The files a query planned with, held until the query ends: a file that
+/// compaction or retention took out of the catalog is deleted only once no
+/// query holds it (see [`crate::compact`]). One per query, as a DataFusion
+/// session extension.
+#[derive(Debug, Default)]
+pub struct FileHolds(Mutex<Vec<Arc<FileMeta>>>);
+
+impl FileHolds {
+    pub fn hold(&self, files: &[Arc<FileMeta>]) {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .extend(files.iter().cloned());
+    }
+}
+
 /// A consistent view of one table for one query.
 #[derive(Debug, Clone)]
 pub struct TableSnapshot {
@@ -61,6 +77,8 @@ pub struct Store {
     rollups: Mutex<Rollups>,
     /// Trouble of the writers (WAL, flush) that readers of the store report.
     health: Health,
+    /// The collector's own metrics, counted by every stage.
+    metrics: crate::metrics::CollectorMetrics,
 }
 
 impl Default for Store {
@@ -87,11 +105,21 @@ impl Store {
             tables: RwLock::new(tables),
             rollups: Mutex::default(),
             health: Health::default(),
+            metrics: crate::metrics::CollectorMetrics::new(),
         }
     }
 
     pub fn health(&self) -> &Health {
         &self.health
+    }
+
+    pub fn metrics(&self) -> &crate::metrics::CollectorMetrics {
+        &self.metrics
+    }
+
+    /// OpenMetrics text of the collector's metrics, tables' sizes included.
+    pub fn encode_metrics(&self) -> String {
+        self.metrics.encode(&self.stats())
     }
 
     /// Memory held by hot rows of all tables.
@@ -182,6 +210,36 @@ impl Store {
         for (t, f) in files {
             tables[t].files.push(Arc::new(f));
         }
+    }
+
+    /// The files of one table now.
+    pub fn files_of(&self, table: usize) -> Vec<Arc<FileMeta>> {
+        self.read()
+            .get(table)
+            .map(|t| t.files.clone())
+            .unwrap_or_default()
+    }
+
+    /// Swaps `old` files for `new` in one step, for queries; refuses (and
+    /// changes nothing) unless every old file is still in the catalog.
+    pub(crate) fn replace_files(&self, table: usize, old: &[PathBuf], new: FileMeta) -> bool {
+        let mut tables = self.write();
+        let files = &mut tables[table].files;
+        if !old.iter().all(|p| files.iter().any(|f| &f.path == p)) {
+            return false;
+        }
+        files.retain(|f| !old.contains(&f.path));
+        files.push(Arc::new(new));
+        true
+    }
+
+    /// Takes files out of the catalog; returns how many were in it.
+    pub(crate) fn remove_files(&self, table: usize, paths: &[PathBuf]) -> usize {
+        let mut tables = self.write();
+        let files = &mut tables[table].files;
+        let before = files.len();
+        files.retain(|f| !paths.contains(&f.path));
+        before - files.len()
     }
 
     /// Hot batches of segments up to `segment`, per table, for a flush.

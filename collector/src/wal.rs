@@ -536,6 +536,7 @@ impl Writer {
         let written = match &self.failed {
             Some((f, _)) => Err(WalError::Failed(f.clone())),
             None => {
+                let started = Instant::now();
                 let mut result = Ok(());
                 for (a, s) in group.iter().zip(&stored) {
                     if *s == Stored::Duplicate {
@@ -546,7 +547,9 @@ impl Writer {
                         break;
                     }
                 }
-                result.and_then(|()| self.file.sync_data().map_err(io_err(&path)))
+                let result = result.and_then(|()| self.file.sync_data().map_err(io_err(&path)));
+                self.store.metrics().fsync(started.elapsed().as_secs_f64());
+                result
             }
         };
         if written.is_ok() {

@@ -335,9 +335,18 @@ impl QueryEngine {
         self.running.in_flight()
     }
 
-    /// Prometheus text exposition of the query service's metrics.
+    /// OpenMetrics text of the query service's metrics and the
+    /// collector's (which share its process and store).
     pub fn metrics(&self) -> String {
-        self.running.encode_metrics()
+        let own = self.running.encode_metrics();
+        let collector = self.store.encode_metrics();
+        let mut out = String::with_capacity(own.len() + collector.len());
+        for part in [own, collector] {
+            out.push_str(part.trim_end().trim_end_matches("# EOF").trim_end());
+            out.push('\n');
+        }
+        out.push_str("# EOF\n");
+        out
     }
 
     /// Runs a front end's own computation (PromQL evaluation, result
@@ -582,7 +591,9 @@ fn context(
     let session = SessionConfig::new()
         .with_information_schema(true)
         .with_default_catalog_and_schema(CATALOG, "public")
-        .with_target_partitions(config.parallelism.max(1));
+        .with_target_partitions(config.parallelism.max(1))
+        // Files the query reads stay on disk until it ends.
+        .with_extension(Arc::new(lumen_collector::store::FileHolds::default()));
     let ctx = SessionContext::new_with_config_rt(session, runtime);
     ctx.add_optimizer_rule(Arc::new(crate::dict_group::DictionaryGroupKeys));
     crate::functions::register(&ctx);

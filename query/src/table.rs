@@ -272,6 +272,12 @@ impl StoreTable {
             return Ok(Arc::new(EmptyExec::new(project(&self.schema, projection)?)));
         };
         let range = TimeRange::from_filters(filters);
+        if let Some(holds) = state
+            .config()
+            .get_extension::<lumen_collector::store::FileHolds>()
+        {
+            holds.hold(&snapshot.files);
+        }
         let mut inputs: Vec<Arc<dyn ExecutionPlan>> = Vec::new();
 
         let hot: Vec<RecordBatch> = snapshot

@@ -24,6 +24,7 @@ use lumen_core::schema::{ROLLUPS, TABLES, table_schema};
 
 use crate::dedup::BatchId;
 use crate::health;
+use crate::metrics::Refusal;
 use crate::store::{Store, table_index};
 use crate::wal::{Stored, WalHandle};
 
@@ -76,6 +77,15 @@ impl Signal {
             Signal::Traces => "opentelemetry.proto.collector.trace.v1.TraceService",
             Signal::Metrics => "opentelemetry.proto.collector.metrics.v1.MetricsService",
             Signal::Logs => "opentelemetry.proto.collector.logs.v1.LogsService",
+        }
+    }
+
+    /// Its name, as in metrics' `signal` label.
+    pub fn name(self) -> &'static str {
+        match self {
+            Signal::Traces => "traces",
+            Signal::Metrics => "metrics",
+            Signal::Logs => "logs",
         }
     }
 
@@ -286,7 +296,9 @@ impl Ingest {
     pub async fn admit(&self) -> Result<Admission, IngestError> {
         // A failing WAL is not checked here: the next append is what tries
         // a fresh segment, and it answers unavailable itself while failing.
+        let metrics = self.store.metrics();
         if let Some(refusal) = self.over_hot_cap() {
+            metrics.refused(Refusal::Memory);
             return Err(IngestError::Unavailable(refusal));
         }
         match tokio::time::timeout(ADMISSION_WAIT, self.inflight.clone().acquire_owned()).await {
@@ -294,13 +306,19 @@ impl Ingest {
                 _permit: permit,
                 _receiving: ReceivingBusy::enter(&self.pressure),
             }),
-            Ok(Err(_)) => Err(IngestError::Unavailable(
-                "collector is shutting down".into(),
-            )),
-            Err(_) => Err(IngestError::Unavailable(format!(
-                "collector is busy: {} payloads in progress; retry later",
-                self.limits.max_inflight_payloads
-            ))),
+            Ok(Err(_)) => {
+                metrics.refused(Refusal::Shutdown);
+                Err(IngestError::Unavailable(
+                    "collector is shutting down".into(),
+                ))
+            }
+            Err(_) => {
+                metrics.refused(Refusal::Busy);
+                Err(IngestError::Unavailable(format!(
+                    "collector is busy: {} payloads in progress; retry later",
+                    self.limits.max_inflight_payloads
+                )))
+            }
         }
     }
 
@@ -374,10 +392,10 @@ impl Ingest {
             }
         };
         let rows: usize = batches.iter().map(|(_, b)| b.num_rows()).sum();
-        self.wal
-            .append(batches)
-            .await
-            .map_err(|e| IngestError::Unavailable(format!("cannot store spans: {e}")))?;
+        self.wal.append(batches).await.map_err(|e| {
+            self.store.metrics().refused(Refusal::Storage);
+            IngestError::Unavailable(format!("cannot store spans: {e}"))
+        })?;
         self.stats
             .accepted_spans
             .fetch_add(rows as u64, Ordering::Relaxed);
@@ -394,8 +412,11 @@ impl Ingest {
         payload: &[u8],
         encoding: Encoding,
     ) -> Result<Accepted, IngestError> {
+        let metrics = self.store.metrics();
+        metrics.received(signal.name(), payload.len());
         if signal == Signal::Traces {
             let rows = self.traces(admitted, payload, encoding).await?;
+            metrics.items(signal.name(), rows, 0);
             return Ok(Accepted {
                 rows,
                 ..Accepted::default()
@@ -425,9 +446,11 @@ impl Ingest {
         };
         if converted.rows > 0 {
             self.wal.append(converted.batches).await.map_err(|e| {
+                metrics.refused(Refusal::Storage);
                 IngestError::Unavailable(format!("cannot store {}: {e}", signal.items()))
             })?;
         }
+        metrics.items(signal.name(), converted.rows, converted.rejected);
         self.stats
             .accepted_spans
             .fetch_add(converted.rows as u64, Ordering::Relaxed);
@@ -515,12 +538,12 @@ impl Ingest {
             })?;
             entries.push((index, whole));
         }
-        let stored = self
-            .wal
-            .append_once(origin, entries)
-            .await
-            .map_err(|e| IngestError::Unavailable(format!("cannot store rows: {e}")))?;
+        let stored = self.wal.append_once(origin, entries).await.map_err(|e| {
+            self.store.metrics().refused(Refusal::Storage);
+            IngestError::Unavailable(format!("cannot store rows: {e}"))
+        })?;
         if stored == Stored::Written {
+            self.store.metrics().items("arrow", rows, 0);
             self.stats
                 .accepted_spans
                 .fetch_add(rows as u64, Ordering::Relaxed);
@@ -541,6 +564,7 @@ impl Ingest {
 
     fn rejected(&self, e: IngestError) -> IngestError {
         self.stats.rejected_payloads.fetch_add(1, Ordering::Relaxed);
+        self.store.metrics().refused(Refusal::Invalid);
         tracing::debug!(error = %e, "rejected OTLP payload");
         e
     }

@@ -1,0 +1,412 @@
+//! Housekeeping of the Parquet files: compaction and retention.
+//!
+//! **Compaction** merges the small files flushes leave in one partition
+//! (table, date, hour) into one larger file sorted by time. The new file
+//! names the files it replaces in its own metadata (`lumen.replaces`), is
+//! written as `*.tmp`, fsynced and renamed, and only then swapped into the
+//! catalog in one step, so a query sees either the old files or the new one
+//! and never both. A crash at any point leaves either no new file (the tmp
+//! is removed on start) or a complete one whose replaced files are removed
+//! on start (see [`crate::persist::load_files`]): rows are kept exactly once.
+//!
+//! **Retention** drops files whose rows are all older than their table's
+//! retention, which removes whole hour partitions.
+//!
+//! Files leaving the catalog are deleted once no query holds them
+//! ([`crate::store::FileHolds`]), so a running query can still read them.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use arrow::compute::{concat_batches, sort_to_indices, take_record_batch};
+use arrow::record_batch::RecordBatch;
+use lumen_core::schema::{LOGS, METRICS, REQUESTS, ROLLUPS, SPANS, TABLES, table_schema};
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use tokio::sync::watch;
+
+use crate::persist::{self, PersistError};
+use crate::store::{FileMeta, Store};
+
+/// When partitions are compacted.
+#[derive(Debug, Clone)]
+pub struct CompactionPolicy {
+    /// How often partitions are looked at; zero turns compaction off.
+    pub interval: Duration,
+    /// A partition with this many small files is compacted even while its
+    /// hour is still being written.
+    pub min_files: usize,
+    /// Once its hour is over by this much, a partition with two or more
+    /// small files is compacted.
+    pub settle: Duration,
+    /// Most rows one compacted file holds (and one compaction reads into
+    /// memory); files this large are left alone.
+    pub max_rows: u64,
+}
+
+impl Default for CompactionPolicy {
+    fn default() -> Self {
+        CompactionPolicy {
+            interval: Duration::from_secs(300),
+            min_files: 8,
+            settle: Duration::from_secs(600),
+            max_rows: 4_000_000,
+        }
+    }
+}
+
+/// How long each table's rows are kept; `None` keeps them forever.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Retention {
+    per_table: Vec<Option<Duration>>,
+}
+
+const DAY: Duration = Duration::from_secs(24 * 3600);
+
+impl Default for Retention {
+    fn default() -> Self {
+        let mut r = Retention {
+            per_table: vec![None; TABLES.len()],
+        };
+        for (table, days) in [
+            (REQUESTS, 7),
+            (SPANS, 7),
+            (LOGS, 7),
+            (METRICS, 30),
+            (ROLLUPS, 90),
+        ] {
+            r.set(table, Some(DAY * days)).expect("known table");
+        }
+        r
+    }
+}
+
+impl Retention {
+    /// Sets one table's retention; an unknown table is an error naming the
+    /// known ones.
+    pub fn set(&mut self, table: &str, keep: Option<Duration>) -> Result<(), String> {
+        let i = crate::store::table_index(table)
+            .ok_or_else(|| format!("unknown table `{table}`; tables are {}", TABLES.join(", ")))?;
+        self.per_table[i] = keep;
+        Ok(())
+    }
+
+    pub fn of(&self, table: usize) -> Option<Duration> {
+        self.per_table.get(table).copied().flatten()
+    }
+}
+
+/// Compaction and retention over one store.
+#[derive(Debug, Clone)]
+pub struct Housekeeper {
+    pub(crate) tables_dir: PathBuf,
+    pub(crate) store: Arc<Store>,
+    pub compaction: CompactionPolicy,
+    pub retention: Retention,
+    /// Files out of the catalog, deleted once no query holds them.
+    graveyard: Arc<std::sync::Mutex<Vec<Arc<FileMeta>>>>,
+}
+
+/// What one compaction did.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Compacted {
+    pub table: &'static str,
+    pub partition: PathBuf,
+    pub files: usize,
+    pub rows: u64,
+    pub bytes_before: u64,
+    pub bytes_after: u64,
+}
+
+impl Housekeeper {
+    pub fn new(tables_dir: PathBuf, store: Arc<Store>) -> Self {
+        Housekeeper {
+            tables_dir,
+            store,
+            compaction: CompactionPolicy::default(),
+            retention: Retention::default(),
+            graveyard: Arc::default(),
+        }
+    }
+
+    /// Compacts every partition that is due, one at a time; returns what
+    /// was done. A partition that fails is logged and left as it was.
+    pub async fn compact(&self, now: SystemTime) -> Vec<Compacted> {
+        let mut done = Vec::new();
+        for (table, group) in self.due(now) {
+            let this = self.clone();
+            let result = tokio::task::spawn_blocking(move || this.compact_group(table, &group))
+                .await
+                .map_err(|e| PersistError::Write {
+                    path: self.tables_dir.clone(),
+                    message: e.to_string(),
+                })
+                .and_then(|r| r);
+            match result {
+                Ok(Some(c)) => {
+                    tracing::info!(
+                        table = c.table,
+                        partition = %c.partition.display(),
+                        files = c.files,
+                        rows = c.rows,
+                        bytes_before = c.bytes_before,
+                        bytes_after = c.bytes_after,
+                        "compacted partition"
+                    );
+                    self.store.metrics().compacted(true, c.files);
+                    done.push(c);
+                    // Replaced files no query reads go at once, so readers
+                    // of the directory (DuckDB, Spark) see each row once.
+                    self.sweep(false);
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    self.store.metrics().compacted(false, 0);
+                    tracing::error!(error = %e, "compaction failed; the partition's files stay as they were");
+                }
+            }
+        }
+        done
+    }
+
+    /// Groups of small files to merge: per partition, oldest first, each
+    /// group within `max_rows`.
+    fn due(&self, now: SystemTime) -> Vec<(usize, Vec<Arc<FileMeta>>)> {
+        let policy = &self.compaction;
+        let now_us = micros(now);
+        let mut out = Vec::new();
+        for (t, _) in TABLES.iter().enumerate() {
+            let mut partitions: BTreeMap<PathBuf, Vec<Arc<FileMeta>>> = BTreeMap::new();
+            for f in self.store.files_of(t) {
+                if f.rows >= policy.max_rows / 2 {
+                    continue;
+                }
+                if let Some(dir) = f.path.parent() {
+                    partitions.entry(dir.to_path_buf()).or_default().push(f);
+                }
+            }
+            for (_, mut files) in partitions {
+                let hour_over = files
+                    .iter()
+                    .map(|f| f.max_time)
+                    .max()
+                    .map(|t| t.div_euclid(HOUR_US) * HOUR_US + HOUR_US)
+                    .is_some_and(|end| now_us - end >= policy.settle.as_micros() as i64);
+                let enough = files.len() >= policy.min_files || (hour_over && files.len() >= 2);
+                if !enough {
+                    continue;
+                }
+                files.sort_by_key(|f| (f.min_time, f.segment));
+                let mut group = Vec::new();
+                let mut rows = 0;
+                for f in files {
+                    if rows + f.rows > policy.max_rows && group.len() >= 2 {
+                        out.push((t, std::mem::take(&mut group)));
+                        rows = 0;
+                    }
+                    rows += f.rows;
+                    group.push(f);
+                }
+                if group.len() >= 2 {
+                    out.push((t, group));
+                }
+            }
+        }
+        out
+    }
+
+    /// Merges `group` (files of one partition) into one file and swaps it
+    /// into the catalog.
+    fn compact_group(
+        &self,
+        table: usize,
+        group: &[Arc<FileMeta>],
+    ) -> Result<Option<Compacted>, PersistError> {
+        let name = TABLES[table];
+        let schema = table_schema(name).expect("every table has a schema");
+        let Some(dir) = group
+            .first()
+            .and_then(|f| f.path.parent())
+            .map(Path::to_path_buf)
+        else {
+            return Ok(None);
+        };
+        let mut batches: Vec<RecordBatch> = Vec::new();
+        for f in group {
+            let read_err = |message: String| PersistError::Read {
+                path: f.path.clone(),
+                message,
+            };
+            let file = File::open(&f.path).map_err(|e| read_err(e.to_string()))?;
+            let reader = ParquetRecordBatchReaderBuilder::try_new(file)
+                .and_then(|b| b.with_batch_size(64 * 1024).build())
+                .map_err(|e| read_err(e.to_string()))?;
+            for b in reader {
+                let b = b.map_err(|e| read_err(e.to_string()))?;
+                // Files keep the table's schema; metadata aside, columns
+                // are taken as the table's.
+                batches.push(
+                    RecordBatch::try_new(schema.clone(), b.columns().to_vec())
+                        .map_err(|e| read_err(e.to_string()))?,
+                );
+            }
+        }
+        let write_err = |message: String| PersistError::Write {
+            path: dir.clone(),
+            message,
+        };
+        let all = concat_batches(&schema, &batches).map_err(|e| write_err(e.to_string()))?;
+        drop(batches);
+        let want: u64 = group.iter().map(|f| f.rows).sum();
+        if all.num_rows() as u64 != want {
+            return Err(write_err(format!(
+                "the files hold {} rows but their metadata says {want}; leaving them as they are",
+                all.num_rows()
+            )));
+        }
+        let order =
+            sort_to_indices(all.column(0), None, None).map_err(|e| write_err(e.to_string()))?;
+        let sorted = take_record_batch(&all, &order).map_err(|e| write_err(e.to_string()))?;
+        drop(all);
+        let segment = group.iter().map(|f| f.segment).max().unwrap_or(0);
+        let replaces: Vec<String> = group
+            .iter()
+            .filter_map(|f| f.path.file_name().map(|n| n.to_string_lossy().into_owned()))
+            .collect();
+        let merged = persist::write_partition_file(&dir, segment, &sorted, &replaces)?;
+        let bytes_after = merged.bytes;
+        let old: Vec<PathBuf> = group.iter().map(|f| f.path.clone()).collect();
+        if !self.store.replace_files(table, &old, merged.clone()) {
+            // The catalog changed under us (retention took a file): the
+            // merged file must not be loaded beside what is left.
+            let _ = std::fs::remove_file(&merged.path);
+            return Ok(None);
+        }
+        self.bury(group.to_vec());
+        Ok(Some(Compacted {
+            table: name,
+            partition: dir,
+            files: group.len(),
+            rows: want,
+            bytes_before: group.iter().map(|f| f.bytes).sum(),
+            bytes_after,
+        }))
+    }
+
+    /// Takes files older than their table's retention out of the catalog
+    /// (their deletion follows after the grace period); returns how many.
+    pub fn expire(&self, now: SystemTime) -> usize {
+        let now_us = micros(now);
+        let mut expired = 0;
+        for (t, name) in TABLES.iter().enumerate() {
+            let Some(keep) = self.retention.of(t) else {
+                continue;
+            };
+            let cutoff = now_us - keep.as_micros() as i64;
+            let old: Vec<Arc<FileMeta>> = self
+                .store
+                .files_of(t)
+                .into_iter()
+                .filter(|f| f.max_time < cutoff)
+                .collect();
+            if old.is_empty() {
+                continue;
+            }
+            let paths: Vec<PathBuf> = old.iter().map(|f| f.path.clone()).collect();
+            let removed = self.store.remove_files(t, &paths);
+            let bytes: u64 = old.iter().map(|f| f.bytes).sum();
+            tracing::info!(
+                table = name,
+                files = removed,
+                bytes,
+                retention = %humantime(keep),
+                "dropped partitions past retention"
+            );
+            self.store.metrics().expired(removed, bytes);
+            expired += removed;
+            self.bury(old);
+        }
+        expired
+    }
+
+    fn bury(&self, files: Vec<Arc<FileMeta>>) {
+        let mut graveyard = self.graveyard.lock().unwrap_or_else(|e| e.into_inner());
+        graveyard.extend(files);
+    }
+
+    /// Deletes files out of the catalog that no query holds any more (all
+    /// of them with `all`), and partition directories left empty.
+    pub fn sweep(&self, all: bool) -> usize {
+        let due: Vec<PathBuf> = {
+            let mut graveyard = self.graveyard.lock().unwrap_or_else(|e| e.into_inner());
+            let (due, keep): (Vec<_>, Vec<_>) = graveyard
+                .drain(..)
+                .partition(|f| all || Arc::strong_count(f) == 1);
+            *graveyard = keep;
+            due.into_iter().map(|f| f.path.clone()).collect()
+        };
+        for path in &due {
+            match std::fs::remove_file(path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    tracing::warn!(file = %path.display(), error = %e, "cannot delete a file out of the catalog")
+                }
+            }
+            // `hour=HH`, then `date=…`: removed once empty.
+            for dir in path.ancestors().skip(1).take(2) {
+                if dir.starts_with(&self.tables_dir) && std::fs::remove_dir(dir).is_err() {
+                    break;
+                }
+            }
+        }
+        due.len()
+    }
+
+    /// Compacts and expires every `compaction.interval` until `shutdown`.
+    pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
+        if self.compaction.interval.is_zero()
+            && self.retention.per_table.iter().all(Option::is_none)
+        {
+            return;
+        }
+        let period = if self.compaction.interval.is_zero() {
+            Duration::from_secs(300)
+        } else {
+            self.compaction.interval
+        };
+        let mut tick = tokio::time::interval(period);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = shutdown.wait_for(|s| *s) => break,
+            }
+            let now = SystemTime::now();
+            self.expire(now);
+            if !self.compaction.interval.is_zero() {
+                self.compact(now).await;
+            }
+            self.sweep(false);
+        }
+        self.sweep(false);
+    }
+}
+
+const HOUR_US: i64 = 3_600_000_000;
+
+fn micros(t: SystemTime) -> i64 {
+    t.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as i64)
+}
+
+fn humantime(d: Duration) -> String {
+    let days = d.as_secs() / 86_400;
+    if days > 0 && d.as_secs().is_multiple_of(86_400) {
+        format!("{days}d")
+    } else {
+        format!("{}s", d.as_secs())
+    }
+}
