@@ -38,10 +38,7 @@ pub struct FlightIngest {
 }
 
 fn status_of(e: IngestError) -> Status {
-    match e {
-        IngestError::Invalid(m) => Status::invalid_argument(m),
-        IngestError::Unavailable(m) => Status::unavailable(m),
-    }
+    e.to_status()
 }
 
 fn unsupported<T>(what: &str) -> Result<T, Status> {

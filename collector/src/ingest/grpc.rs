@@ -67,10 +67,7 @@ impl<const SIGNAL: usize> tower::Service<http::Request<Body>> for OtlpGrpc<SIGNA
 }
 
 fn status_of(e: IngestError) -> Status {
-    match e {
-        IngestError::Invalid(m) => Status::invalid_argument(m),
-        IngestError::Unavailable(m) => Status::unavailable(m),
-    }
+    e.to_status()
 }
 
 /// The signal a request's path exports.

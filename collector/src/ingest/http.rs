@@ -54,8 +54,12 @@ async fn ready(State(ingest): State<Ingest>) -> Response {
 }
 
 fn error(encoding: Option<Encoding>, status: StatusCode, message: String) -> Response {
-    // gRPC codes: 3 INVALID_ARGUMENT, 14 UNAVAILABLE.
-    let code = if status.is_server_error() { 14 } else { 3 };
+    // gRPC codes: 3 INVALID_ARGUMENT, 8 RESOURCE_EXHAUSTED, 14 UNAVAILABLE.
+    let code = match status {
+        StatusCode::TOO_MANY_REQUESTS => 8,
+        s if s.is_server_error() => 14,
+        _ => 3,
+    };
     match encoding {
         Some(Encoding::Protobuf) => (
             status,
@@ -86,6 +90,15 @@ fn ingest_error(encoding: Encoding, e: IngestError) -> Response {
             // OTLP/HTTP clients honour Retry-After on 503.
             resp.headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            resp
+        }
+        IngestError::Exhausted(m) => {
+            // 429 with Retry-After: OTLP/HTTP's "slow down".
+            let mut resp = error(Some(encoding), StatusCode::TOO_MANY_REQUESTS, m);
+            resp.headers_mut().insert(
+                header::RETRY_AFTER,
+                HeaderValue::from(super::RETRY_AFTER.as_secs()),
+            );
             resp
         }
     }

@@ -37,6 +37,31 @@ pub enum IngestError {
     /// The collector cannot store data right now; the client may retry.
     #[error("{0}")]
     Unavailable(String),
+    /// The collector holds as much as its memory bound allows (or as many
+    /// payloads as it takes at once); the client should retry shortly.
+    #[error("{0}")]
+    Exhausted(String),
+}
+
+/// How long an exhausted collector asks clients to wait before retrying.
+pub const RETRY_AFTER: Duration = Duration::from_secs(1);
+
+impl IngestError {
+    /// As a gRPC status: INVALID_ARGUMENT, UNAVAILABLE, or
+    /// RESOURCE_EXHAUSTED with `RetryInfo` (OTLP clients retry that only
+    /// when told when to).
+    pub fn to_status(&self) -> tonic::Status {
+        use tonic_types::{ErrorDetails, StatusExt};
+        match self {
+            IngestError::Invalid(m) => tonic::Status::invalid_argument(m),
+            IngestError::Unavailable(m) => tonic::Status::unavailable(m),
+            IngestError::Exhausted(m) => tonic::Status::with_error_details(
+                tonic::Code::ResourceExhausted,
+                m,
+                ErrorDetails::with_retry_info(Some(RETRY_AFTER)),
+            ),
+        }
+    }
 }
 
 /// Payload counters, for logs and status.
@@ -299,7 +324,7 @@ impl Ingest {
         let metrics = self.store.metrics();
         if let Some(refusal) = self.over_hot_cap() {
             metrics.refused(Refusal::Memory);
-            return Err(IngestError::Unavailable(refusal));
+            return Err(IngestError::Exhausted(refusal));
         }
         match tokio::time::timeout(ADMISSION_WAIT, self.inflight.clone().acquire_owned()).await {
             Ok(Ok(permit)) => Ok(Admission {
@@ -314,7 +339,7 @@ impl Ingest {
             }
             Err(_) => {
                 metrics.refused(Refusal::Busy);
-                Err(IngestError::Unavailable(format!(
+                Err(IngestError::Exhausted(format!(
                     "collector is busy: {} payloads in progress; retry later",
                     self.limits.max_inflight_payloads
                 )))
@@ -695,7 +720,7 @@ mod tests {
         drop(admitted);
         let refused = ingest.admit().await.unwrap_err();
         assert!(
-            matches!(&refused, IngestError::Unavailable(m) if m.contains("flushed to Parquet")),
+            matches!(&refused, IngestError::Exhausted(m) if m.contains("flushed to Parquet")),
             "{refused:?}"
         );
         assert_eq!(ingest.health().refusing.len(), 1);
@@ -726,7 +751,7 @@ mod tests {
         let first = ingest.admit().await.unwrap();
         let refused = ingest.admit().await.unwrap_err();
         assert!(
-            matches!(&refused, IngestError::Unavailable(m) if m.contains("busy")),
+            matches!(&refused, IngestError::Exhausted(m) if m.contains("busy")),
             "{refused:?}"
         );
         drop(first);
