@@ -181,6 +181,32 @@ struct StoreArgs {
     /// hour is still being written.
     #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(2..))]
     compaction_min_files: u32,
+    /// Forward what the collector stores — traces (proxies' records as
+    /// spans, and apps' spans), metrics and logs — to this OTLP/gRPC
+    /// endpoint (Jaeger, Tempo, an OpenTelemetry Collector); repeat for
+    /// several. Never slows ingest: past the queue, items are dropped and
+    /// counted in lumen_export_items_total.
+    #[arg(long = "export-otlp", value_name = "URL", value_parser = parse_export_url)]
+    export_otlp: Vec<String>,
+    /// Memory (MiB) of items queued per export endpoint.
+    #[arg(long, default_value_t = 64)]
+    export_queue_mib: usize,
+    /// How long a batch an export endpoint does not take is retried before
+    /// it is dropped.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    export_retry_for: Duration,
+}
+
+fn parse_export_url(s: &str) -> Result<String, String> {
+    let uri: http::Uri = s
+        .parse()
+        .map_err(|e| format!("`{s}` is not a URL like http://jaeger:4317: {e}"))?;
+    match (uri.scheme_str(), uri.host()) {
+        (Some("http" | "https"), Some(_)) => Ok(s.to_string()),
+        _ => Err(format!(
+            "`{s}` is not an http:// or https:// URL with a host, like http://jaeger:4317"
+        )),
+    }
 }
 
 fn parse_retention(s: &str) -> Result<(String, Option<Duration>), String> {
@@ -213,6 +239,16 @@ impl StoreArgs {
         };
         c.compaction.interval = self.compaction_interval;
         c.compaction.min_files = self.compaction_min_files as usize;
+        c.export = self
+            .export_otlp
+            .iter()
+            .map(|url| {
+                let mut t = lumen_collector::export::ExportTarget::new(url.clone());
+                t.queue_bytes = self.export_queue_mib.saturating_mul(1 << 20);
+                t.retry_for = self.export_retry_for;
+                t
+            })
+            .collect();
         for (table, keep) in &self.retention {
             c.retention
                 .set(table, *keep)

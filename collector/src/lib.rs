@@ -21,6 +21,7 @@
 pub mod buffer;
 pub mod compact;
 pub mod dedup;
+pub mod export;
 pub mod format;
 pub mod health;
 pub mod ingest;
@@ -47,6 +48,8 @@ pub use store::{FileMeta, Store, TableSnapshot, TableStats};
 pub const DEFAULT_MAX_REQUEST_BYTES: usize = 4 << 20;
 /// How long shutdown waits for OTLP clients to finish and disconnect.
 pub const DRAIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// How long shutdown waits for export endpoints to take what is queued.
+pub const EXPORT_DRAIN: std::time::Duration = std::time::Duration::from_secs(5);
 /// Default cap on hot rows' memory: four flushes' worth.
 pub const DEFAULT_MAX_HOT_BYTES: usize = 1 << 30;
 /// Default cap on payloads in progress: with 4 MiB payloads, 256 MiB raw.
@@ -91,6 +94,8 @@ pub struct CollectorConfig {
     pub compaction: compact::CompactionPolicy,
     /// How long each table's rows are kept.
     pub retention: compact::Retention,
+    /// OTLP endpoints what is stored is forwarded to.
+    pub export: Vec<export::ExportTarget>,
 }
 
 impl CollectorConfig {
@@ -105,6 +110,7 @@ impl CollectorConfig {
             flush: FlushPolicy::default(),
             compaction: compact::CompactionPolicy::default(),
             retention: compact::Retention::default(),
+            export: Vec::new(),
         }
     }
 }
@@ -116,6 +122,9 @@ pub struct Collector {
     ingest: ingest::Ingest,
     persister: persist::Persister,
     housekeeper: compact::Housekeeper,
+    /// Turns true to stop the export tasks (after ingest has stopped).
+    export_stop: watch::Sender<bool>,
+    export_tasks: Vec<tokio::task::JoinHandle<()>>,
     wal_thread: std::thread::JoinHandle<()>,
     grpc: Option<TcpListener>,
     http: Option<TcpListener>,
@@ -189,7 +198,7 @@ impl Collector {
                 data.display()
             );
         }
-        let ingest = ingest::Ingest::new(
+        let mut ingest = ingest::Ingest::new(
             wal.clone(),
             store.clone(),
             ingest::Limits {
@@ -205,6 +214,17 @@ impl Collector {
             store: store.clone(),
             running: Arc::default(),
         };
+        let (export_stop, export_stop_rx) = watch::channel(false);
+        let mut export_tasks = Vec::new();
+        if !config.export.is_empty() {
+            let (fanout, tasks) =
+                export::Fanout::start(config.export.clone(), store.clone(), export_stop_rx);
+            for t in &config.export {
+                tracing::info!(endpoint = %t.endpoint, "forwarding traces, metrics and logs over OTLP");
+            }
+            ingest.set_fanout(fanout);
+            export_tasks = tasks;
+        }
         let mut housekeeper = compact::Housekeeper::new(tables_dir(&data), store.clone());
         housekeeper.compaction = config.compaction.clone();
         housekeeper.retention = config.retention.clone();
@@ -214,6 +234,8 @@ impl Collector {
             ingest,
             persister,
             housekeeper,
+            export_stop,
+            export_tasks,
             wal_thread,
             grpc,
             http,
@@ -265,6 +287,8 @@ impl Collector {
             ingest,
             persister,
             housekeeper,
+            export_stop,
+            export_tasks,
             wal_thread,
             grpc,
             http,
@@ -336,6 +360,14 @@ impl Collector {
         let _ = housekeeping.await;
         let _ = flush_stop_tx.send(true);
         let _ = flusher.await;
+        // Exporters try once more to send what they hold, then stop.
+        let _ = export_stop.send(true);
+        let exports = futures_util::future::join_all(export_tasks);
+        if tokio::time::timeout(EXPORT_DRAIN, exports).await.is_err() {
+            tracing::warn!(
+                "export endpoints still not answering after {EXPORT_DRAIN:?}; their queued items are dropped"
+            );
+        }
         // Whatever was acknowledged after the flush's rotation is in the WAL
         // and is replayed on the next start.
         persister.wal.close().await;

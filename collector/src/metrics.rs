@@ -33,6 +33,13 @@ struct OutcomeLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ExportLabels {
+    endpoint: String,
+    signal: &'static str,
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct TableLabels {
     table: &'static str,
 }
@@ -88,6 +95,7 @@ pub struct CollectorMetrics {
     compacted_files: Counter,
     expired_files: Counter,
     expired_bytes: Counter,
+    exported: Family<ExportLabels, Counter>,
     rows: Family<TierLabels, Gauge>,
     bytes: Family<TierLabels, Gauge>,
     files: Family<TableLabels, Gauge>,
@@ -156,6 +164,12 @@ impl CollectorMetrics {
             "Bytes of Parquet files dropped for being past their table's retention",
             expired_bytes.clone(),
         );
+        let exported = Family::<ExportLabels, Counter>::default();
+        registry.register(
+            "export_items",
+            "Spans, data points and log records forwarded to OTLP endpoints, by endpoint, signal and outcome (sent, dropped_queue_full, dropped_rejected, dropped_retries_exhausted)",
+            exported.clone(),
+        );
         let rows = Family::<TierLabels, Gauge>::default();
         registry.register(
             "table_rows",
@@ -181,6 +195,7 @@ impl CollectorMetrics {
             compacted_files,
             expired_files,
             expired_bytes,
+            exported,
             rows,
             bytes,
             files,
@@ -231,6 +246,22 @@ impl CollectorMetrics {
     pub(crate) fn expired(&self, files: usize, bytes: u64) {
         self.expired_files.inc_by(files as u64);
         self.expired_bytes.inc_by(bytes);
+    }
+
+    pub(crate) fn exported(
+        &self,
+        endpoint: &str,
+        signal: &'static str,
+        outcome: &'static str,
+        n: usize,
+    ) {
+        self.exported
+            .get_or_create(&ExportLabels {
+                endpoint: endpoint.to_owned(),
+                signal,
+                outcome,
+            })
+            .inc_by(n as u64);
     }
 
     /// OpenMetrics text of these metrics, with the tables' sizes as of now.

@@ -21,6 +21,7 @@
 pub mod config;
 pub mod istio;
 pub mod load;
+pub mod otlp;
 pub mod record;
 pub mod schema;
 pub mod sketch;

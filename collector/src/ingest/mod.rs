@@ -23,6 +23,7 @@ use arrow::record_batch::RecordBatch;
 use lumen_core::schema::{ROLLUPS, TABLES, table_schema};
 
 use crate::dedup::BatchId;
+use crate::export::Item;
 use crate::health;
 use crate::metrics::Refusal;
 use crate::store::{Store, table_index};
@@ -256,6 +257,8 @@ pub struct Ingest {
     /// Marked while a payload is decoded and stored, and briefly while it
     /// arrives, so that query threads step aside while ingest has work.
     pressure: Pressure,
+    /// Where stored payloads are forwarded (none by default).
+    fanout: crate::export::Fanout,
 }
 
 /// A payload's place in ingest, held from before its body is read until it
@@ -308,7 +311,13 @@ impl Ingest {
             inflight: Arc::new(Semaphore::new(limits.max_inflight_payloads.max(1))),
             decoding: Arc::new(Semaphore::new(permits)),
             pressure: Pressure::new(),
+            fanout: Default::default(),
         }
+    }
+
+    /// Forwards what is stored from now on to `fanout`'s endpoints.
+    pub fn set_fanout(&mut self, fanout: crate::export::Fanout) {
+        self.fanout = fanout;
     }
 
     /// Active while ingest decodes or stores a payload.
@@ -410,12 +419,13 @@ impl Ingest {
                 Encoding::Json => self.decode_json(payload)?,
             };
             match convert::convert_traces(&req, convert::TimeWindow::around_now()) {
-                Ok(b) => b,
+                Ok(b) => (b, req),
                 Err(e) => {
                     return Err(self.rejected(IngestError::Invalid(format!("invalid span: {e}"))));
                 }
             }
         };
+        let (batches, req) = batches;
         let rows: usize = batches.iter().map(|(_, b)| b.num_rows()).sum();
         self.wal.append(batches).await.map_err(|e| {
             self.store.metrics().refused(Refusal::Storage);
@@ -424,6 +434,7 @@ impl Ingest {
         self.stats
             .accepted_spans
             .fetch_add(rows as u64, Ordering::Relaxed);
+        self.fanout.offer(|| Item::Traces(req));
         Ok(rows)
     }
 
@@ -455,20 +466,25 @@ impl Ingest {
                 .await
                 .map_err(|_| IngestError::Unavailable("collector is shutting down".into()))?;
             let window = convert::TimeWindow::around_now();
-            let converted = match signal {
+            let forward = !self.fanout.is_empty();
+            let (converted, item) = match signal {
                 Signal::Metrics => {
                     let req = self.decode(signal, payload, encoding)?;
-                    signals::convert_metrics(&req, window)
+                    let c = signals::convert_metrics(&req, window);
+                    (c, forward.then_some(Item::Metrics(req)))
                 }
                 _ => {
                     let req = self.decode(signal, payload, encoding)?;
-                    signals::convert_logs(&req, window)
+                    let c = signals::convert_logs(&req, window);
+                    (c, forward.then_some(Item::Logs(req)))
                 }
             };
-            converted.map_err(|e| {
+            let converted = converted.map_err(|e| {
                 self.rejected(IngestError::Invalid(format!("cannot build rows: {e}")))
-            })?
+            })?;
+            (converted, item)
         };
+        let (converted, item) = converted;
         if converted.rows > 0 {
             self.wal.append(converted.batches).await.map_err(|e| {
                 metrics.refused(Refusal::Storage);
@@ -476,6 +492,10 @@ impl Ingest {
             })?;
         }
         metrics.items(signal.name(), converted.rows, converted.rejected);
+        if let Some(item) = item {
+            // Forwarded as received; the endpoint judges bad items itself.
+            self.fanout.offer(|| item);
+        }
         self.stats
             .accepted_spans
             .fetch_add(converted.rows as u64, Ordering::Relaxed);
@@ -563,12 +583,23 @@ impl Ingest {
             })?;
             entries.push((index, whole));
         }
+        // RecordBatch clones share their buffers.
+        let for_export: Vec<RecordBatch> = if self.fanout.is_empty() {
+            Vec::new()
+        } else {
+            entries.iter().map(|(_, b)| b.clone()).collect()
+        };
         let stored = self.wal.append_once(origin, entries).await.map_err(|e| {
             self.store.metrics().refused(Refusal::Storage);
             IngestError::Unavailable(format!("cannot store rows: {e}"))
         })?;
         if stored == Stored::Written {
             self.store.metrics().items("arrow", rows, 0);
+            if table == lumen_core::schema::REQUESTS {
+                for b in for_export {
+                    self.fanout.offer(|| Item::Requests(b));
+                }
+            }
             self.stats
                 .accepted_spans
                 .fetch_add(rows as u64, Ordering::Relaxed);

@@ -6,11 +6,6 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use arrow::array::{
-    Array, AsArray, BooleanArray, DictionaryArray, FixedSizeBinaryArray, Int32Array, Int64Array,
-    StringArray,
-};
-use arrow::datatypes::{Int32Type, TimestampMicrosecondType};
 use arrow::record_batch::RecordBatch;
 use arrow_flight::encode::{DictionaryHandling, FlightDataEncoderBuilder};
 use arrow_flight::flight_service_client::FlightServiceClient;
@@ -18,13 +13,11 @@ use arrow_flight::{FlightData, FlightDescriptor};
 use bytes::{Buf, BufMut, Bytes};
 use futures_util::TryStreamExt;
 use lumen_core::Workload;
-use lumen_core::schema::{PROXY_SCOPE, REQUESTS, attr};
+use lumen_core::schema::{PROXY_SCOPE, REQUESTS};
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use opentelemetry_proto::tonic::common::v1::{AnyValue, InstrumentationScope, KeyValue, any_value};
 use opentelemetry_proto::tonic::resource::v1::Resource;
-use opentelemetry_proto::tonic::trace::v1::{
-    ResourceSpans, ScopeSpans, Span, Status, span, status,
-};
+use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans};
 use prost::Message;
 use tonic::Code;
 use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
@@ -183,8 +176,7 @@ impl OtlpSink {
 
     /// The batch's rows as OTLP spans of this proxy's resource.
     fn request(&self, batch: &RecordBatch) -> Result<ExportTraceServiceRequest, String> {
-        let c = Columns::of(batch)?;
-        let spans = (0..batch.num_rows()).map(|i| c.span(i)).collect();
+        let spans = lumen_core::otlp::request_spans(batch)?;
         Ok(ExportTraceServiceRequest {
             resource_spans: vec![ResourceSpans {
                 resource: Some((*self.resource).clone()),
@@ -221,183 +213,6 @@ fn resource(identity: &Workload) -> Resource {
             kv("lumen.workload", s(&identity.workload)),
         ],
         ..Default::default()
-    }
-}
-
-/// Typed views of a `requests` batch's columns.
-struct Columns<'a> {
-    time: &'a arrow::array::PrimitiveArray<TimestampMicrosecondType>,
-    duration_us: &'a Int64Array,
-    names: Vec<(
-        &'static str,
-        &'a DictionaryArray<Int32Type>,
-        &'a StringArray,
-    )>,
-    method: usize,
-    destination_service: usize,
-    reporter: usize,
-    status: &'a Int32Array,
-    grpc_status: &'a Int32Array,
-    ints: Vec<(&'static str, &'a dyn Array)>,
-    upstream: (&'a DictionaryArray<Int32Type>, &'a StringArray),
-    mtls: &'a BooleanArray,
-    trace_id: &'a FixedSizeBinaryArray,
-    span_id: &'a FixedSizeBinaryArray,
-    parent_span_id: &'a FixedSizeBinaryArray,
-}
-
-impl<'a> Columns<'a> {
-    fn of(b: &'a RecordBatch) -> Result<Self, String> {
-        let col = |name: &str| {
-            b.column_by_name(name)
-                .ok_or_else(|| format!("batch has no `{name}` column"))
-        };
-        let dict =
-            |name: &str| -> Result<(&'a DictionaryArray<Int32Type>, &'a StringArray), String> {
-                let d = col(name)?
-                    .as_dictionary_opt::<Int32Type>()
-                    .ok_or_else(|| format!("`{name}` is not a dictionary"))?;
-                let v = d
-                    .values()
-                    .as_string_opt::<i32>()
-                    .ok_or_else(|| format!("`{name}` values are not strings"))?;
-                Ok((d, v))
-            };
-        let names_spec: [(&'static str, &'static str); 15] = [
-            ("reporter", attr::REPORTER),
-            ("source_service", attr::SOURCE_SERVICE),
-            ("source_workload", attr::SOURCE_WORKLOAD),
-            ("source_namespace", attr::SOURCE_NAMESPACE),
-            ("source_version", attr::SOURCE_VERSION),
-            ("destination_service", attr::DESTINATION_SERVICE),
-            ("destination_workload", attr::DESTINATION_WORKLOAD),
-            ("destination_namespace", attr::DESTINATION_NAMESPACE),
-            ("destination_version", attr::DESTINATION_VERSION),
-            ("protocol", attr::PROTOCOL),
-            ("method", attr::METHOD),
-            ("authority", attr::AUTHORITY),
-            ("path", attr::PATH),
-            ("route", attr::ROUTE),
-            ("response_flags", attr::RESPONSE_FLAGS),
-        ];
-        let mut names = Vec::with_capacity(names_spec.len());
-        for (column, key) in names_spec {
-            let (d, v) = dict(column)?;
-            names.push((key, d, v));
-        }
-        let position = |key: &str| names.iter().position(|(k, ..)| *k == key).unwrap_or(0);
-        let prim = |name: &str| -> Result<&'a dyn Array, String> { Ok(col(name)?.as_ref()) };
-        let ids = |name: &str| {
-            col(name)?
-                .as_fixed_size_binary_opt()
-                .ok_or_else(|| format!("`{name}` is not fixed-size binary"))
-        };
-        Ok(Columns {
-            time: col("time")?
-                .as_primitive_opt::<TimestampMicrosecondType>()
-                .ok_or("`time` is not a timestamp")?,
-            duration_us: col("duration_us")?
-                .as_primitive_opt()
-                .ok_or("`duration_us` is not int64")?,
-            method: position(attr::METHOD),
-            destination_service: position(attr::DESTINATION_SERVICE),
-            reporter: position(attr::REPORTER),
-            names,
-            status: col("status")?
-                .as_primitive_opt()
-                .ok_or("`status` is not int32")?,
-            grpc_status: col("grpc_status")?
-                .as_primitive_opt()
-                .ok_or("`grpc_status` is not int32")?,
-            ints: vec![
-                (attr::REQUEST_BYTES, prim("request_bytes")?),
-                (attr::RESPONSE_BYTES, prim("response_bytes")?),
-                (attr::RETRIES, prim("retries")?),
-            ],
-            upstream: dict("upstream_address")?,
-            mtls: col("mtls")?
-                .as_boolean_opt()
-                .ok_or("`mtls` is not boolean")?,
-            trace_id: ids("trace_id")?,
-            span_id: ids("span_id")?,
-            parent_span_id: ids("parent_span_id")?,
-        })
-    }
-
-    fn name(&self, which: usize, row: usize) -> &'a str {
-        let (_, d, v) = &self.names[which];
-        if d.is_null(row) {
-            return "";
-        }
-        v.value(d.keys().value(row) as usize)
-    }
-
-    fn span(&self, i: usize) -> Span {
-        let s = |v: &str| any_value::Value::StringValue(v.into());
-        let mut attributes: Vec<KeyValue> = (0..self.names.len())
-            .map(|n| kv(self.names[n].0, s(self.name(n, i))))
-            .collect();
-        attributes.push(kv(
-            attr::STATUS,
-            any_value::Value::IntValue(i64::from(self.status.value(i))),
-        ));
-        for (key, column) in &self.ints {
-            let v = if let Some(a) = column.as_primitive_opt::<arrow::datatypes::Int64Type>() {
-                a.value(i)
-            } else if let Some(a) = column.as_primitive_opt::<Int32Type>() {
-                i64::from(a.value(i))
-            } else {
-                0
-            };
-            attributes.push(kv(key, any_value::Value::IntValue(v)));
-        }
-        attributes.push(kv(
-            attr::MTLS,
-            any_value::Value::BoolValue(self.mtls.value(i)),
-        ));
-        let grpc = (!self.grpc_status.is_null(i)).then(|| self.grpc_status.value(i));
-        if let Some(g) = grpc {
-            attributes.push(kv(
-                attr::GRPC_STATUS,
-                any_value::Value::IntValue(i64::from(g)),
-            ));
-        }
-        let (ud, uv) = self.upstream;
-        if !ud.is_null(i) {
-            let u = uv.value(ud.keys().value(i) as usize);
-            attributes.push(kv(attr::UPSTREAM_ADDRESS, s(u)));
-        }
-        let start = self.time.value(i).max(0) as u64 * 1000;
-        let end = start + self.duration_us.value(i).max(0) as u64 * 1000;
-        let failed = self.status.value(i) >= 500 || grpc.is_some_and(|g| g != 0);
-        let client = self.name(self.reporter, i) == "source";
-        Span {
-            trace_id: self.trace_id.value(i).to_vec(),
-            span_id: self.span_id.value(i).to_vec(),
-            parent_span_id: if self.parent_span_id.is_null(i) {
-                Vec::new()
-            } else {
-                self.parent_span_id.value(i).to_vec()
-            },
-            name: format!(
-                "{} {}",
-                self.name(self.method, i),
-                self.name(self.destination_service, i)
-            ),
-            kind: if client {
-                span::SpanKind::Client
-            } else {
-                span::SpanKind::Server
-            } as i32,
-            start_time_unix_nano: start,
-            end_time_unix_nano: end,
-            attributes,
-            status: failed.then(|| Status {
-                code: status::StatusCode::Error as i32,
-                message: String::new(),
-            }),
-            ..Default::default()
-        }
     }
 }
 
