@@ -181,6 +181,11 @@ struct StoreArgs {
     /// hour is still being written.
     #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(2..))]
     compaction_min_files: u32,
+    /// Distinct values a rollup label (service, workload, route …) keeps
+    /// per hour; requests with further values count under `other`
+    /// (lumen_rollup_folded_requests_total says how many).
+    #[arg(long, default_value_t = lumen_collector::rollup::DEFAULT_MAX_VALUES)]
+    rollup_max_values: usize,
     /// Forward what the collector stores — traces (proxies' records as
     /// spans, and apps' spans), metrics and logs — to this OTLP/gRPC
     /// endpoint (Jaeger, Tempo, an OpenTelemetry Collector); repeat for
@@ -237,6 +242,7 @@ impl StoreArgs {
             max_rows: self.flush_rows,
             ..FlushPolicy::default()
         };
+        c.rollup_max_values = self.rollup_max_values;
         c.compaction.interval = self.compaction_interval;
         c.compaction.min_files = self.compaction_min_files as usize;
         c.export = self

@@ -96,6 +96,9 @@ pub struct CollectorConfig {
     pub retention: compact::Retention,
     /// OTLP endpoints what is stored is forwarded to.
     pub export: Vec<export::ExportTarget>,
+    /// Distinct values each rollup label keeps per hour; the rest are
+    /// counted under `other`.
+    pub rollup_max_values: usize,
 }
 
 impl CollectorConfig {
@@ -111,6 +114,7 @@ impl CollectorConfig {
             compaction: compact::CompactionPolicy::default(),
             retention: compact::Retention::default(),
             export: Vec::new(),
+            rollup_max_values: rollup::DEFAULT_MAX_VALUES,
         }
     }
 }
@@ -165,6 +169,8 @@ impl Collector {
         let grpc = bind("OTLP/gRPC", config.otlp_grpc).await?;
         let http = bind("OTLP/HTTP", config.otlp_http).await?;
         let store = Arc::new(Store::new());
+        // Before the WAL replays into it, so replayed rows fold the same way.
+        store.set_rollup_max_values(config.rollup_max_values);
         let (wal, wal_thread, replayed, files) = {
             let store = store.clone();
             let dir = data.clone();

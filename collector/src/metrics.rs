@@ -40,6 +40,11 @@ struct ExportLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct LabelLabels {
+    label: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct TableLabels {
     table: &'static str,
 }
@@ -96,6 +101,7 @@ pub struct CollectorMetrics {
     expired_files: Counter,
     expired_bytes: Counter,
     exported: Family<ExportLabels, Counter>,
+    folded: Family<LabelLabels, Counter>,
     rows: Family<TierLabels, Gauge>,
     bytes: Family<TierLabels, Gauge>,
     files: Family<TableLabels, Gauge>,
@@ -170,6 +176,12 @@ impl CollectorMetrics {
             "Spans, data points and log records forwarded to OTLP endpoints, by endpoint, signal and outcome (sent, dropped_queue_full, dropped_rejected, dropped_retries_exhausted)",
             exported.clone(),
         );
+        let folded = Family::<LabelLabels, Counter>::default();
+        registry.register(
+            "rollup_folded_requests",
+            "Requests counted under `other` in rollups because their label had too many distinct values this hour, by label",
+            folded.clone(),
+        );
         let rows = Family::<TierLabels, Gauge>::default();
         registry.register(
             "table_rows",
@@ -196,6 +208,7 @@ impl CollectorMetrics {
             expired_files,
             expired_bytes,
             exported,
+            folded,
             rows,
             bytes,
             files,
@@ -246,6 +259,12 @@ impl CollectorMetrics {
     pub(crate) fn expired(&self, files: usize, bytes: u64) {
         self.expired_files.inc_by(files as u64);
         self.expired_bytes.inc_by(bytes);
+    }
+
+    pub(crate) fn folded(&self, label: &'static str, requests: u64) {
+        self.folded
+            .get_or_create(&LabelLabels { label })
+            .inc_by(requests);
     }
 
     pub(crate) fn exported(

@@ -101,6 +101,59 @@ pub struct Rollups {
     segments: BTreeMap<u64, HashMap<(i64, Key), Agg>>,
     /// Names shared by all keys, so a key costs pointers, not strings.
     names: HashSet<Arc<str>>,
+    guard: CardinalityGuard,
+}
+
+/// The value a label's excess distinct values are folded into.
+pub const OTHER: &str = "other";
+
+/// Default for [`CardinalityGuard`]: distinct values per label per hour.
+pub const DEFAULT_MAX_VALUES: usize = 10_000;
+
+/// Bounds the distinct values of each rollup label per hour: past the
+/// bound, new values count under [`OTHER`], so one label gone wild (a
+/// workload name per pod, a client's random authority) cannot make the
+/// rollups — and every dashboard reading them — as large as the rows.
+#[derive(Debug)]
+struct CardinalityGuard {
+    max_values: usize,
+    /// The hour the admitted values are of.
+    hour: i64,
+    admitted: [HashSet<Arc<str>>; KEYS],
+    /// Requests counted under `other`, per label, since the last take.
+    folded: [u64; KEYS],
+}
+
+impl Default for CardinalityGuard {
+    fn default() -> Self {
+        CardinalityGuard {
+            max_values: DEFAULT_MAX_VALUES,
+            hour: i64::MIN,
+            admitted: Default::default(),
+            folded: [0; KEYS],
+        }
+    }
+}
+
+impl CardinalityGuard {
+    /// Whether `value` of label `i` keeps its name in a window starting
+    /// at `start` (microseconds).
+    fn admit(&mut self, i: usize, value: &Arc<str>, start: i64, requests: u64) -> bool {
+        let hour = start.div_euclid(3600 * MICROS);
+        if hour > self.hour {
+            self.hour = hour;
+            for set in &mut self.admitted {
+                set.clear();
+            }
+        }
+        let set = &mut self.admitted[i];
+        if set.contains(value) || set.len() < self.max_values {
+            set.insert(value.clone());
+            return true;
+        }
+        self.folded[i] += requests;
+        false
+    }
 }
 
 impl Rollups {
@@ -111,6 +164,23 @@ impl Rollups {
     /// Aggregates held (a key in a ten-second window of a segment).
     pub fn len(&self) -> usize {
         self.segments.values().map(HashMap::len).sum()
+    }
+
+    /// Distinct values each label keeps per hour before the rest become
+    /// `other`.
+    pub fn set_max_values(&mut self, n: usize) {
+        self.guard.max_values = n.max(1);
+    }
+
+    /// Requests folded into `other` since the last call, per label.
+    pub fn take_folded(&mut self) -> Vec<(&'static str, u64)> {
+        let folded = std::mem::replace(&mut self.guard.folded, [0; KEYS]);
+        ROLLUP_KEY_NAMES
+            .iter()
+            .zip(folded)
+            .filter(|(_, n)| *n > 0)
+            .map(|(l, n)| (*l, n))
+            .collect()
     }
 
     fn intern(&mut self, s: &str) -> Arc<str> {
@@ -170,6 +240,11 @@ impl Rollups {
                 duration.value(row).max(0) as u64,
             );
         }
+        // In the batch's order of first appearance (dictionary keys are
+        // given in it), so the cardinality guard admits the same values
+        // when the WAL replays the batch.
+        let mut groups: Vec<(Local, Agg)> = groups.into_iter().collect();
+        groups.sort_unstable_by_key(|(k, _)| *k);
         let mut resolved = Vec::with_capacity(groups.len());
         for ((start, keys, s, g, m), agg) in groups {
             let mut names: [Arc<str>; KEYS] = Default::default();
@@ -179,7 +254,12 @@ impl Rollups {
                 } else {
                     d.values().as_string::<i32>().value(keys[i] as usize)
                 };
-                *name = self.intern(value);
+                let interned = self.intern(value);
+                *name = if self.guard.admit(i, &interned, start, agg.requests) {
+                    interned
+                } else {
+                    self.intern(OTHER)
+                };
             }
             let key = Key {
                 names,
@@ -370,5 +450,43 @@ mod tests {
         r.remove_through(1);
         let rest = r.batch_through(u64::MAX).unwrap().unwrap();
         assert_eq!(column_i64(&rest, "requests").iter().sum::<i64>(), 2);
+    }
+
+    #[test]
+    fn a_label_past_its_distinct_values_counts_the_rest_as_other() {
+        let mut r = Rollups::default();
+        r.set_max_values(2);
+        let records: Vec<RequestRecord> = ["a", "b", "c", "d", "a"]
+            .iter()
+            .map(|service| {
+                let mut rec = at(1, 200, 100);
+                rec.destination.service = (*service).into();
+                rec
+            })
+            .collect();
+        r.add(1, &batch(&records)).unwrap();
+        let rows = r.batch_through(u64::MAX).unwrap().unwrap();
+        let services = arrow::compute::cast(
+            rows.column_by_name("destination_service").unwrap(),
+            &arrow::datatypes::DataType::Utf8,
+        )
+        .unwrap();
+        let services = services.as_string::<i32>();
+        let windows = rows
+            .column_by_name("window_seconds")
+            .unwrap()
+            .as_primitive::<Int32Type>();
+        let requests = column_i64(&rows, "requests");
+        let mut per_service: BTreeMap<&str, i64> = BTreeMap::new();
+        for (i, n) in requests.iter().enumerate() {
+            if windows.value(i) == 10 {
+                *per_service.entry(services.value(i)).or_default() += n;
+            }
+        }
+        assert_eq!(per_service.values().sum::<i64>(), 5, "no request lost");
+        assert_eq!(per_service.len(), 3, "two names and other: {per_service:?}");
+        assert_eq!(per_service.get(OTHER), Some(&2));
+        assert_eq!(r.take_folded(), vec![("destination_service", 2)]);
+        assert!(r.take_folded().is_empty(), "taken");
     }
 }

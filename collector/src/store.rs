@@ -197,10 +197,14 @@ impl Store {
 
     pub(crate) fn insert(&self, segment: u64, table: usize, batch: RecordBatch) {
         let mut tables = self.write();
-        if TABLES[table] == REQUESTS
-            && let Err(e) = self.rollups().add(segment, &batch)
-        {
-            tracing::error!(error = %e, "cannot roll up a requests batch");
+        if TABLES[table] == REQUESTS {
+            let mut rollups = self.rollups();
+            if let Err(e) = rollups.add(segment, &batch) {
+                tracing::error!(error = %e, "cannot roll up a requests batch");
+            }
+            for (label, requests) in rollups.take_folded() {
+                self.metrics.folded(label, requests);
+            }
         }
         tables[table].buffer.insert(segment, batch);
     }
@@ -210,6 +214,12 @@ impl Store {
         for (t, f) in files {
             tables[t].files.push(Arc::new(f));
         }
+    }
+
+    /// Distinct values each rollup label keeps per hour before the rest
+    /// are folded into `other`.
+    pub fn set_rollup_max_values(&self, n: usize) {
+        self.rollups().set_max_values(n);
     }
 
     /// The files of one table now.

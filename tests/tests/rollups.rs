@@ -196,3 +196,61 @@ fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     }
     out
 }
+
+/// With `--rollup-max-values 3`, a fourth and fifth destination this hour
+/// count under `other`: every request is still in the rollups, and the
+/// folding is counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_label_with_too_many_values_folds_the_rest_into_other() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let mesh = dir.path().join("mesh.yaml");
+    write_mesh(&mesh, &[("reviews", 9080, &[])])?;
+    let ports = UpPorts::pick();
+    let args = ["--rollup-max-values", "3"];
+    let _up = start_up(dir.path(), &mesh, &dir.path().join("data"), ports, &args).await?;
+    let services = ["a", "b", "c", "d", "e"];
+    // Past the grace rollups give late records.
+    let now = SystemTime::now() - Duration::from_secs(180);
+    let records: Vec<RequestRecord> = services
+        .iter()
+        .enumerate()
+        .flat_map(|(i, s)| {
+            (0..=i).map(move |_| RequestRecord {
+                start_time: now,
+                destination: workload(s),
+                span_id: rand::random(),
+                ..RequestRecord::example()
+            })
+        })
+        .collect();
+    put(&mut client(&ports).await?, 1, &records).await?;
+    let rows = sql(
+        &ports.sql_url(),
+        "SELECT destination_service AS s, sum(requests) AS n FROM rollups \
+         WHERE window_seconds = 10 GROUP BY 1 ORDER BY 1",
+    )
+    .await?;
+    let got: BTreeMap<String, i64> = rows
+        .iter()
+        .map(|r| {
+            (
+                r["s"].as_str().unwrap_or("").to_string(),
+                r["n"].as_i64().unwrap_or(0),
+            )
+        })
+        .collect();
+    let want: BTreeMap<String, i64> = [("a", 1), ("b", 2), ("c", 3), ("other", 4 + 5)]
+        .into_iter()
+        .map(|(s, n)| (s.to_string(), n))
+        .collect();
+    assert_eq!(got, want);
+    let text = reqwest::get(format!("http://127.0.0.1:{}/metrics", ports.query))
+        .await?
+        .text()
+        .await?;
+    assert!(
+        text.contains("lumen_rollup_folded_requests_total{label=\"destination_service\"} 9"),
+        "{text}"
+    );
+    Ok(())
+}
