@@ -327,7 +327,11 @@ async fn matching_series(
     p: &Params,
 ) -> Result<Vec<Labels>, PromError> {
     let (from, to) = span(p)?;
-    let source = IstioSource::new(engine.clone(), format!("prometheus api {peer}"));
+    let origin = format!("prometheus api {peer}");
+    let source = crate::promql::otlp::Sources {
+        istio: IstioSource::new(engine.clone(), origin.clone()),
+        otlp: crate::promql::otlp::OtlpSource::new(engine.clone(), origin),
+    };
     let mut out: BTreeSet<Labels> = BTreeSet::new();
     for selector in selectors(p)? {
         out.extend(source.series(&selector, from, to).await?);

@@ -184,6 +184,48 @@ async fn metrics_and_logs_from_the_opentelemetry_python_sdk_land_in_their_tables
         );
         assert_eq!(sql_count(&url, &q).await?, n, "{transport}");
     }
+
+    // The same metrics through PromQL, by their own names (Prometheus's
+    // OTLP naming: unit and type suffixes, `job` from the resource).
+    let job = format!("shop/{service}");
+    for (expr, want) in [
+        (
+            format!("sum(orders_total{{job=\"{job}\"}})"),
+            2.0 * n as f64,
+        ),
+        (
+            format!("sum(orders{{job=\"{job}\",method=\"card\"}})"),
+            2.0 * n as f64,
+        ),
+        (
+            format!("sum(latency_milliseconds_count{{job=\"{job}\"}})"),
+            2.0 * n as f64,
+        ),
+        (
+            format!("sum(latency_bucket{{job=\"{job}\",le=\"+Inf\"}})"),
+            2.0 * n as f64,
+        ),
+        // No attributes: both transports' points are one series, the last
+        // value counts.
+        (format!("sum(queue_depth{{job=\"{job}\"}})"), n as f64),
+        (
+            format!("max(temperature{{job=\"{job}\",room=\"a\"}})"),
+            21.5,
+        ),
+    ] {
+        let q: String = form_urlencoded::Serializer::new(String::new())
+            .append_pair("query", &expr)
+            .finish();
+        let answer: serde_json::Value =
+            reqwest::get(format!("http://127.0.0.1:{}/api/v1/query?{q}", ports.query))
+                .await?
+                .json()
+                .await?;
+        let got = answer["data"]["result"][0]["value"][1]
+            .as_str()
+            .and_then(|v| v.parse::<f64>().ok());
+        assert_eq!(got, Some(want), "{expr}: {answer}");
+    }
     Ok(())
 }
 

@@ -3,14 +3,16 @@
 //! An expression is parsed by `promql-parser` and evaluated step by step
 //! ([`eval`]), as Prometheus's engine does; selectors read their samples
 //! from [`istio::IstioSource`], which turns the `rollups` table into
-//! Istio's series (`istio_requests_total`, …) with SQL run through the
-//! query engine — so every PromQL query is admitted, limited and
-//! cancellable like any other query. Evaluation itself runs on the query
+//! Istio's series (`istio_requests_total`, …), and from
+//! [`otlp::OtlpSource`], which turns apps' OTLP metrics into series by
+//! their own names — both with SQL run through the query engine, so every
+//! PromQL query is admitted, limited and cancellable like any other query. Evaluation itself runs on the query
 //! executor, not on the I/O runtime.
 
 pub mod eval;
 pub mod functions;
 pub mod istio;
+pub mod otlp;
 pub mod value;
 
 use std::time::Duration;
@@ -69,7 +71,10 @@ pub async fn evaluate(engine: &QueryEngine, query: PromQuery) -> Result<Value, P
         ));
     }
     let timeout = engine.config().timeout;
-    let source = istio::IstioSource::new(engine.clone(), query.origin.clone()).raw(query.raw);
+    let source = otlp::Sources {
+        istio: istio::IstioSource::new(engine.clone(), query.origin.clone()).raw(query.raw),
+        otlp: otlp::OtlpSource::new(engine.clone(), query.origin.clone()),
+    };
     let work = async move {
         let evaluator = Evaluator {
             source: &source,
