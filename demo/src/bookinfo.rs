@@ -2,7 +2,9 @@
 //! `details` and `reviews`; `reviews` v2 and v3 call `ratings`. Each app is a
 //! plain HTTP server that reaches other services only through its sidecar's
 //! outbound listener, forwarding the trace context it received, as the
-//! real Bookinfo apps do.
+//! real Bookinfo apps do. With [`crate::otel::AppTelemetry`], an app also
+//! sends its own spans (between its sidecars' spans in one trace),
+//! metrics and logs with the OpenTelemetry SDK.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -19,9 +21,13 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
+use opentelemetry::Context;
+use opentelemetry::logs::Severity;
 use rand::Rng;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
+
+use crate::otel::AppTelemetry;
 
 /// The port Bookinfo services are addressed on (`reviews:9080`).
 pub const PORT: u16 = 9080;
@@ -73,6 +79,14 @@ struct AppState {
     app: App,
     outbound: SocketAddr,
     client: Client<HttpConnector, Empty<Bytes>>,
+    telemetry: Option<Arc<AppTelemetry>>,
+}
+
+/// What a call made within a request carries along: the trace context to
+/// forward (the app's span, or the caller's as received).
+struct Within<'a> {
+    trace: Option<&'a header::HeaderValue>,
+    cx: &'a Context,
 }
 
 /// Serves one app on `listener` until `shutdown` turns true. Its calls to
@@ -81,6 +95,7 @@ pub async fn serve(
     app: App,
     listener: TcpListener,
     outbound: SocketAddr,
+    telemetry: Option<Arc<AppTelemetry>>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut connector = HttpConnector::new();
@@ -92,6 +107,7 @@ pub async fn serve(
         app,
         outbound,
         client,
+        telemetry,
     });
     let builder = auto::Builder::new(TokioExecutor::new());
     let graceful = GracefulShutdown::new();
@@ -146,20 +162,56 @@ async fn handle(
     if path == "/health" {
         return Ok(reply(StatusCode::OK, "text/plain", "ok\n"));
     }
+    let started = std::time::Instant::now();
+    let route = route_of(state.app, &path);
+    let cx = match &state.telemetry {
+        Some(t) => t.server_span(req.headers(), req.method().as_str(), route),
+        None => Context::new(),
+    };
+    let within = Within {
+        trace: trace.as_ref(),
+        cx: &cx,
+    };
+    let (resp, error) = answer(&state, &within, &path, req.uri().query()).await;
+    if let Some(t) = &state.telemetry {
+        let status = resp.status().as_u16();
+        t.end(&cx, status, error.as_deref());
+        t.served(route, status, started);
+    }
+    Ok(resp)
+}
+
+/// The route a path is served by, for span names and metrics.
+fn route_of(app: App, path: &str) -> &'static str {
+    match app {
+        App::ProductPage if path == "/productpage" => "/productpage",
+        App::Details if path.starts_with("/details/") => "/details/{id}",
+        App::Reviews(_) if path.starts_with("/reviews/") => "/reviews/{id}",
+        App::Ratings if path.starts_with("/ratings/") => "/ratings/{id}",
+        _ => "unknown",
+    }
+}
+
+/// The app's answer, and what went wrong serving it (for its span).
+async fn answer(
+    state: &AppState,
+    within: &Within<'_>,
+    path: &str,
+    query: Option<&str>,
+) -> (Response<Full<Bytes>>, Option<String>) {
+    let mut error = None;
     // The book id: `?id=N` on the product page, the last path segment elsewhere.
-    let id = req
-        .uri()
-        .query()
+    let id = query
         .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("id=")))
         .or_else(|| path.rsplit('/').next())
         .and_then(|s| s.parse::<u32>().ok())
         .unwrap_or(0);
-    let resp = match (state.app, path.as_str()) {
+    let resp = match (state.app, path) {
         (App::ProductPage, "/productpage") => {
             let (details_path, reviews_path) = (format!("/details/{id}"), format!("/reviews/{id}"));
             let (details, reviews) = tokio::join!(
-                call(&state, "details", &details_path, trace.as_ref()),
-                call(&state, "reviews", &reviews_path, trace.as_ref()),
+                call(state, within, "details", &details_path),
+                call(state, within, "reviews", &reviews_path),
             );
             let (status, page) = match (details, reviews) {
                 (Ok(d), Ok(r)) => (
@@ -168,14 +220,28 @@ async fn handle(
                         "<html><body><h1>The Comedy of Errors</h1><pre>{d}</pre><pre>{r}</pre></body></html>\n"
                     ),
                 ),
-                (d, r) => (
-                    StatusCode::OK,
-                    format!(
-                        "<html><body><h1>The Comedy of Errors</h1><p>details: {}</p><p>reviews: {}</p></body></html>\n",
-                        d.unwrap_or_else(|e| e),
-                        r.unwrap_or_else(|e| e)
-                    ),
-                ),
+                (d, r) => {
+                    let failed = [&d, &r]
+                        .into_iter()
+                        .filter_map(|x| x.as_ref().err().cloned())
+                        .collect::<Vec<_>>()
+                        .join("; ");
+                    log(
+                        state,
+                        within,
+                        Severity::Error,
+                        "a product page part is unavailable",
+                        failed,
+                    );
+                    (
+                        StatusCode::OK,
+                        format!(
+                            "<html><body><h1>The Comedy of Errors</h1><p>details: {}</p><p>reviews: {}</p></body></html>\n",
+                            d.unwrap_or_else(|e| e),
+                            r.unwrap_or_else(|e| e)
+                        ),
+                    )
+                }
             };
             reply(status, "text/html; charset=utf-8", page)
         }
@@ -197,19 +263,36 @@ async fn handle(
             });
             if v >= 2 {
                 let color = if v == 2 { "black" } else { "red" };
-                match call(&state, "ratings", &format!("/ratings/{id}"), trace.as_ref()).await {
+                match call(state, within, "ratings", &format!("/ratings/{id}")).await {
                     Ok(r) => {
                         reviews["ratings"] =
                             serde_json::from_str(&r).unwrap_or(serde_json::Value::Null);
                         reviews["color"] = color.into();
                     }
-                    Err(e) => reviews["ratings"] = serde_json::json!({ "error": e }),
+                    Err(e) => {
+                        log(
+                            state,
+                            within,
+                            Severity::Error,
+                            "ratings unavailable; reviews shown without stars",
+                            e.clone(),
+                        );
+                        reviews["ratings"] = serde_json::json!({ "error": e });
+                    }
                 }
             }
             json(StatusCode::OK, reviews)
         }
         (App::Ratings, p) if p.starts_with("/ratings/") => {
             if rand::rng().random_bool(RATINGS_FAILURE_RATE) {
+                error = Some("overloaded".to_string());
+                log(
+                    state,
+                    within,
+                    Severity::Warn,
+                    "ratings overloaded; request shed",
+                    format!("book {id}"),
+                );
                 json(
                     StatusCode::SERVICE_UNAVAILABLE,
                     serde_json::json!({"error": "ratings service is overloaded"}),
@@ -226,23 +309,52 @@ async fn handle(
             serde_json::json!({"error": format!("no such page: {path}")}),
         ),
     };
-    Ok(resp)
+    (resp, error)
+}
+
+fn log(
+    state: &AppState,
+    within: &Within<'_>,
+    severity: Severity,
+    text: &'static str,
+    detail: String,
+) {
+    if let Some(t) = &state.telemetry {
+        t.log(within.cx, severity, text, detail);
+    }
 }
 
 /// Calls `service` through the sidecar; `Err` holds a message for the page.
 async fn call(
     state: &AppState,
+    within: &Within<'_>,
     service: &str,
     path: &str,
-    trace: Option<&header::HeaderValue>,
 ) -> Result<String, String> {
     let mut req = Request::get(format!("http://{}{path}", state.outbound))
         .header(header::HOST, format!("{service}:{PORT}"))
         .body(Empty::new())
         .map_err(|e| e.to_string())?;
-    if let Some(t) = trace {
-        req.headers_mut().insert("traceparent", t.clone());
+    let Some(t) = &state.telemetry else {
+        if let Some(t) = within.trace {
+            req.headers_mut().insert("traceparent", t.clone());
+        }
+        return send(state, service, req).await.map(|(_, body)| body);
+    };
+    let cx = t.client_span(within.cx, service, req.headers_mut());
+    let result = send(state, service, req).await;
+    match &result {
+        Ok((status, _)) => t.end(&cx, *status, None),
+        Err(e) => t.end(&cx, 0, Some(e)),
     }
+    result.map(|(_, body)| body)
+}
+
+async fn send(
+    state: &AppState,
+    service: &str,
+    req: Request<Empty<Bytes>>,
+) -> Result<(u16, String), String> {
     let resp = tokio::time::timeout(Duration::from_secs(5), state.client.request(req))
         .await
         .map_err(|_| format!("{service} timed out"))?
@@ -256,7 +368,7 @@ async fn call(
         .to_bytes();
     let text = String::from_utf8_lossy(&body).into_owned();
     if status.is_success() {
-        Ok(text)
+        Ok((status.as_u16(), text))
     } else {
         Err(format!("{service} answered {status}"))
     }

@@ -8,6 +8,7 @@
 
 pub mod bookinfo;
 pub mod load;
+pub mod otel;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -79,6 +80,7 @@ pub struct RunningDemo {
     proxy_tasks: Vec<JoinHandle<Result<(), lumen_proxy::ProxyError>>>,
     stop_apps: watch::Sender<bool>,
     app_tasks: Vec<JoinHandle<()>>,
+    app_telemetry: Vec<Arc<otel::AppTelemetry>>,
     stop_collector: watch::Sender<bool>,
     collector_task: JoinHandle<Result<(), lumen_collector::CollectorError>>,
     stop_query: watch::Sender<bool>,
@@ -202,6 +204,8 @@ pub async fn start(config: DemoConfig) -> Result<RunningDemo, DemoError> {
     let (stop_proxies, proxies_rx) = watch::channel(false);
     let mut sidecars = Vec::new();
     let mut app_tasks = Vec::new();
+    let mut app_telemetry = Vec::new();
+    let apps_endpoint = format!("http://{otlp_grpc}");
     let mut proxy_tasks = Vec::new();
     for (app, listener, proxy) in instances {
         let outbound = proxy
@@ -210,10 +214,21 @@ pub async fn start(config: DemoConfig) -> Result<RunningDemo, DemoError> {
         if let Some(admin) = proxy.admin_addr() {
             sidecars.push((format!("{}-{}", app.service(), app.version()), admin));
         }
+        // The apps' own spans, metrics and logs, as instrumented apps send
+        // them; without them the demo still runs on the sidecars' records.
+        let telemetry = match otel::AppTelemetry::start(app, &apps_endpoint) {
+            Ok(t) => Some(Arc::new(t)),
+            Err(e) => {
+                tracing::warn!(app = app.service(), error = %e, "app telemetry off");
+                None
+            }
+        };
+        app_telemetry.extend(telemetry.clone());
         app_tasks.push(tokio::spawn(bookinfo::serve(
             app,
             listener,
             outbound,
+            telemetry,
             apps_rx.clone(),
         )));
         proxy_tasks.push(tokio::spawn(proxy.run(until(proxies_rx.clone()))));
@@ -252,6 +267,7 @@ pub async fn start(config: DemoConfig) -> Result<RunningDemo, DemoError> {
         proxy_tasks,
         stop_apps,
         app_tasks,
+        app_telemetry,
         stop_collector,
         collector_task,
         stop_query,
@@ -284,6 +300,14 @@ impl RunningDemo {
         for t in self.app_tasks {
             let _ = t.await;
         }
+        // The apps send what their SDKs still hold, while the collector runs.
+        let telemetry = self.app_telemetry;
+        let _ = tokio::task::spawn_blocking(move || {
+            for t in &telemetry {
+                t.shutdown();
+            }
+        })
+        .await;
         let _ = self.stop_collector.send(true);
         let collector = self.collector_task.await;
         let _ = self.query_task.await;

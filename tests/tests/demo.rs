@@ -259,6 +259,9 @@ async fn demo_prints_queries_that_answer_and_stops_cleanly_leaving_parquet() -> 
         );
     }
     jaeger_api(base, &sql_url).await?;
+    apps_own_telemetry(base, &sql_url)
+        .await
+        .with_context(|| demo.output())?;
     assert!(
         per_hop.iter().all(|r| r["error_rate"]
             .as_f64()
@@ -338,6 +341,51 @@ async fn demo_prints_queries_that_answer_and_stops_cleanly_leaving_parquet() -> 
     Ok(())
 }
 
+/// The apps' own spans, metrics and logs (OpenTelemetry SDK): in the same
+/// traces as the sidecars' records, between them; metrics by their own
+/// names in SQL and PromQL; logs in their trace.
+async fn apps_own_telemetry(base: &str, sql_url: &str) -> Result<()> {
+    for (what, q, at_least) in [
+        (
+            "an app's server span under its inbound sidecar's record",
+            "SELECT count(*) AS n FROM spans s JOIN requests r ON s.trace_id = r.trace_id \
+             AND s.parent_span_id = r.span_id WHERE r.reporter = 'destination' AND s.kind = 'server'",
+            1,
+        ),
+        (
+            "an outbound sidecar's record under an app's client span",
+            "SELECT count(*) AS n FROM requests r JOIN spans s ON r.trace_id = s.trace_id \
+             AND r.parent_span_id = s.span_id WHERE r.reporter = 'source' AND s.kind = 'client'",
+            1,
+        ),
+        (
+            "request metrics of every app",
+            "SELECT count(DISTINCT service_name) AS n FROM metrics \
+             WHERE name = 'http.server.request.duration' AND type = 'histogram'",
+            4,
+        ),
+        (
+            "ratings' warnings, in their traces",
+            "SELECT count(*) AS n FROM logs l JOIN spans s ON l.trace_id = s.trace_id \
+             AND l.span_id = s.span_id WHERE l.service_name = 'ratings' AND l.severity_text = 'WARN'",
+            1,
+        ),
+    ] {
+        let n = wait_for_count(sql_url, q, at_least).await?;
+        assert!(n >= at_least, "{what}: {n}");
+    }
+    let q = "sum(bookinfo_requests_total)";
+    let answer: serde_json::Value = reqwest::get(format!("{base}/api/v1/query?query={q}"))
+        .await?
+        .json()
+        .await?;
+    let total = answer["data"]["result"][0]["value"][1]
+        .as_str()
+        .and_then(|v| v.parse::<f64>().ok());
+    assert!(total.is_some_and(|t| t > 0.0), "{q}: {answer}");
+    Ok(())
+}
+
 /// The Jaeger API over the demo's traffic: the call graph, and a trace
 /// through `ratings` whose spans link to their parents as the rows do.
 async fn jaeger_api(base: &str, sql_url: &str) -> Result<()> {
@@ -385,16 +433,23 @@ async fn jaeger_api(base: &str, sql_url: &str) -> Result<()> {
         "{ops}"
     );
 
-    let rows = sql(
-        sql_url,
-        "SELECT encode(trace_id, 'hex') AS t FROM requests \
-         WHERE destination_service = 'ratings' AND reporter = 'destination' LIMIT 1",
-    )
-    .await?;
-    let id = rows[0]["t"]
-        .as_str()
-        .context("a trace through ratings")?
-        .to_string();
+    // A trace old enough that the apps' SDKs (batching for up to 5 s)
+    // have sent their spans of it.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let id = loop {
+        let rows = sql(
+            sql_url,
+            "SELECT encode(trace_id, 'hex') AS t FROM requests \
+             WHERE destination_service = 'ratings' AND reporter = 'destination' \
+             AND time < now() - INTERVAL '8 seconds' LIMIT 1",
+        )
+        .await?;
+        if let Some(t) = rows.first().and_then(|r| r["t"].as_str()) {
+            break t.to_string();
+        }
+        anyhow::ensure!(Instant::now() < deadline, "no trace through ratings");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
     let want: BTreeSet<(String, Option<String>)> = sql(
         sql_url,
         &format!(
