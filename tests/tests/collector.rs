@@ -142,12 +142,20 @@ async fn malformed_and_oversized_otlp_is_refused_and_the_collector_keeps_serving
     let err = client.export(big).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err}");
     assert!(err.message().contains("exceeds the limit"), "{err}");
-    // gRPC: a span with a 3-byte trace id → INVALID_ARGUMENT naming the field.
-    let mut bad = export("bad", 1, 0);
+    // gRPC: a span with a 3-byte trace id beside a good one → OTLP's
+    // partial success naming the field; the good span is kept.
+    let mut bad = export("bad", 2, 0);
     bad.resource_spans[0].scope_spans[0].spans[0].trace_id = vec![1, 2, 3];
-    let err = client.export(bad).await.unwrap_err();
-    assert_eq!(err.code(), tonic::Code::InvalidArgument);
-    assert!(err.message().contains("trace_id"), "{err}");
+    let answer = client.export(bad).await?.into_inner();
+    let partial = answer.partial_success.expect("partial success");
+    assert_eq!(partial.rejected_spans, 1);
+    assert!(
+        partial
+            .error_message
+            .contains("resource_spans[0].scope_spans[0].spans[0].trace_id"),
+        "{}",
+        partial.error_message
+    );
 
     // HTTP: random bytes, wrong content type, oversized, broken JSON.
     let http = reqwest::Client::new();
@@ -176,8 +184,10 @@ async fn malformed_and_oversized_otlp_is_refused_and_the_collector_keeps_serving
     assert_eq!(r.status(), 200);
     let q = "SELECT count(*) AS n FROM spans WHERE service_name = 'after'";
     assert_eq!(sql_count(&ports.sql_url(), q).await?, 7);
-    let rejected = "SELECT count(*) AS n FROM spans WHERE service_name IN ('big', 'bad', 'x')";
+    let rejected = "SELECT count(*) AS n FROM spans WHERE service_name IN ('big', 'x')";
     assert_eq!(sql_count(&ports.sql_url(), rejected).await?, 0);
+    let half = "SELECT count(*) AS n FROM spans WHERE service_name = 'bad'";
+    assert_eq!(sql_count(&ports.sql_url(), half).await?, 1);
     Ok(())
 }
 

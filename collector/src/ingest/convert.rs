@@ -1,7 +1,7 @@
 //! OTLP spans → table rows. Spans of Lumen proxies (instrumentation scope
 //! [`PROXY_SCOPE`]) become `requests` rows; every other span becomes a
-//! `spans` row. Invalid input is rejected whole, with the path of the
-//! offending field, before anything is written.
+//! `spans` row. An invalid span is left out and counted, with the path of
+//! its offending field (OTLP's partial success); the others are kept.
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -69,11 +69,23 @@ impl TimeWindow {
     }
 }
 
-/// Converts one export request into at most one batch per table.
+/// A converted export request: at most one batch per table, and the
+/// spans left out.
+#[derive(Debug)]
+pub struct ConvertedTraces {
+    pub batches: TableBatches,
+    pub rejected: usize,
+    /// The first rejected span's field and reason.
+    pub first: Option<InvalidSpan>,
+}
+
+/// Converts one export request into at most one batch per table; invalid
+/// spans are left out and counted.
 pub fn convert_traces(
     req: &ExportTraceServiceRequest,
     window: TimeWindow,
-) -> Result<TableBatches, InvalidSpan> {
+) -> Result<ConvertedTraces, InvalidSpan> {
+    let (mut rejected, mut first) = (0, None);
     let mut requests = RequestBatchBuilder::new();
     let mut spans = SpanBatchBuilder::default();
     for (r, rs) in req.resource_spans.iter().enumerate() {
@@ -90,15 +102,26 @@ pub fn convert_traces(
             let from_proxy = scope_name == Some(PROXY_SCOPE);
             for (i, span) in ss.spans.iter().enumerate() {
                 let at = format!("resource_spans[{r}].scope_spans[{s}].spans[{i}]");
-                let ids = check_ids(span, &at, window)?;
-                if from_proxy {
-                    push_request(&mut requests, span, ids, &at)?;
-                } else {
-                    let key = *resource_key.get_or_insert_with(|| {
-                        spans.add_resource(&attributes_json(resource_attrs))
-                    });
-                    spans.push(span, ids, service_name, scope_name, key);
-                }
+                let checked = check_ids(span, &at, window).and_then(|ids| {
+                    if from_proxy {
+                        // Validates every attribute before it appends the row.
+                        push_request(&mut requests, span, ids, &at).map(|()| None)
+                    } else {
+                        Ok(Some(ids))
+                    }
+                });
+                let ids = match checked {
+                    Ok(Some(ids)) => ids,
+                    Ok(None) => continue,
+                    Err(e) => {
+                        rejected += 1;
+                        first.get_or_insert(e);
+                        continue;
+                    }
+                };
+                let key = *resource_key
+                    .get_or_insert_with(|| spans.add_resource(&attributes_json(resource_attrs)));
+                spans.push(span, ids, service_name, scope_name, key);
             }
         }
     }
@@ -115,7 +138,11 @@ pub fn convert_traces(
         let t = table_index(lumen_core::schema::SPANS).expect("spans table");
         out.push((t, spans.finish().map_err(encode_err)?));
     }
-    Ok(out)
+    Ok(ConvertedTraces {
+        batches: out,
+        rejected,
+        first,
+    })
 }
 
 type Ids = ([u8; 16], [u8; 8], Option<[u8; 8]>);
@@ -577,7 +604,8 @@ mod tests {
             &request(PROXY_SCOPE, vec![span(attrs)]),
             TimeWindow::unbounded(),
         )
-        .unwrap();
+        .unwrap()
+        .batches;
         assert_eq!(out.len(), 1);
         let (table, batch) = &out[0];
         assert_eq!(lumen_core::schema::TABLES[*table], "requests");
@@ -606,7 +634,8 @@ mod tests {
             &request("my-app", vec![span(attrs)]),
             TimeWindow::unbounded(),
         )
-        .unwrap();
+        .unwrap()
+        .batches;
         let (table, batch) = &out[0];
         assert_eq!(lumen_core::schema::TABLES[*table], "spans");
         let attrs = batch
@@ -620,42 +649,43 @@ mod tests {
     }
 
     #[test]
-    fn invalid_spans_are_rejected_with_the_field_path() {
+    fn invalid_spans_are_left_out_and_named_by_their_field_path() {
+        let rejected = |req: &ExportTraceServiceRequest, window| {
+            let c = convert_traces(req, window).unwrap();
+            assert_eq!(c.rejected, 1);
+            c.first.unwrap()
+        };
         let mut bad = span(vec![]);
         bad.trace_id = vec![1, 2, 3];
-        let e = convert_traces(
-            &request("x", vec![span(vec![]), bad]),
-            TimeWindow::unbounded(),
-        )
-        .unwrap_err();
+        let req = request("x", vec![span(vec![]), bad]);
+        let kept = convert_traces(&req, TimeWindow::unbounded()).unwrap();
+        assert_eq!(kept.batches[0].1.num_rows(), 1, "the good span is kept");
+        let e = rejected(&req, TimeWindow::unbounded());
         assert_eq!(
             e.field,
             "resource_spans[0].scope_spans[0].spans[1].trace_id"
         );
 
-        let e = convert_traces(
+        let e = rejected(
             &request(
                 PROXY_SCOPE,
                 vec![span(vec![kv(attr::REPORTER, s("nobody"))])],
             ),
             TimeWindow::unbounded(),
-        )
-        .unwrap_err();
+        );
         assert!(e.field.ends_with("attributes[lumen.reporter]"), "{e}");
 
-        let e = convert_traces(
+        let e = rejected(
             &request(
                 PROXY_SCOPE,
                 vec![span(vec![kv(attr::REPORTER, s("source"))])],
             ),
             TimeWindow::unbounded(),
-        )
-        .unwrap_err();
+        );
         assert!(e.to_string().contains("http.response.status_code"), "{e}");
 
         // 2023 is long before "now" (2026+): outside the accepted window.
-        let e = convert_traces(&request("x", vec![span(vec![])]), TimeWindow::around_now())
-            .unwrap_err();
+        let e = rejected(&request("x", vec![span(vec![])]), TimeWindow::around_now());
         assert_eq!(
             e.field,
             "resource_spans[0].scope_spans[0].spans[0].start_time_unix_nano"

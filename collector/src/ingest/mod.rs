@@ -406,9 +406,9 @@ impl Ingest {
         _admitted: &Admission,
         payload: &[u8],
         encoding: Encoding,
-    ) -> Result<usize, IngestError> {
+    ) -> Result<Accepted, IngestError> {
         let _busy = self.pressure.enter();
-        let batches = {
+        let converted = {
             let _permit = self
                 .decoding
                 .acquire()
@@ -419,23 +419,40 @@ impl Ingest {
                 Encoding::Json => self.decode_json(payload)?,
             };
             match convert::convert_traces(&req, convert::TimeWindow::around_now()) {
-                Ok(b) => (b, req),
+                Ok(c) => (c, req),
                 Err(e) => {
                     return Err(self.rejected(IngestError::Invalid(format!("invalid span: {e}"))));
                 }
             }
         };
-        let (batches, req) = batches;
-        let rows: usize = batches.iter().map(|(_, b)| b.num_rows()).sum();
-        self.wal.append(batches).await.map_err(|e| {
-            self.store.metrics().refused(Refusal::Storage);
-            IngestError::Unavailable(format!("cannot store spans: {e}"))
-        })?;
+        let (converted, req) = converted;
+        let rows: usize = converted.batches.iter().map(|(_, b)| b.num_rows()).sum();
+        if rows > 0 {
+            self.wal.append(converted.batches).await.map_err(|e| {
+                self.store.metrics().refused(Refusal::Storage);
+                IngestError::Unavailable(format!("cannot store spans: {e}"))
+            })?;
+        }
         self.stats
             .accepted_spans
             .fetch_add(rows as u64, Ordering::Relaxed);
+        let rejected = converted.rejected;
+        if rejected > 0 {
+            self.stats
+                .rejected_items
+                .fetch_add(rejected as u64, Ordering::Relaxed);
+        }
         self.fanout.offer(|| Item::Traces(req));
-        Ok(rows)
+        Ok(Accepted {
+            rows,
+            rejected,
+            message: converted.first.map(|e| {
+                format!(
+                    "{rejected} of {} spans rejected; the first: {e}",
+                    rejected + rows
+                )
+            }),
+        })
     }
 
     /// Decodes, validates and stores one export request of any signal.
@@ -451,12 +468,9 @@ impl Ingest {
         let metrics = self.store.metrics();
         metrics.received(signal.name(), payload.len());
         if signal == Signal::Traces {
-            let rows = self.traces(admitted, payload, encoding).await?;
-            metrics.items(signal.name(), rows, 0);
-            return Ok(Accepted {
-                rows,
-                ..Accepted::default()
-            });
+            let accepted = self.traces(admitted, payload, encoding).await?;
+            metrics.items(signal.name(), accepted.rows, accepted.rejected);
+            return Ok(accepted);
         }
         let _busy = self.pressure.enter();
         let converted = {
@@ -745,7 +759,8 @@ mod tests {
             ingest
                 .traces(&admitted, &payload(), Encoding::Protobuf)
                 .await
-                .unwrap(),
+                .unwrap()
+                .rows,
             1
         );
         drop(admitted);
