@@ -6,6 +6,7 @@ mod grpc;
 mod http;
 mod ingest;
 mod load;
+mod otlp;
 mod paths;
 mod peers;
 mod procstat;
@@ -73,6 +74,17 @@ enum Command {
         about a minute."
     )]
     Storage(StorageArgs),
+    /// Mixed OTLP ingest (traces, metrics, logs) per core, and bytes per
+    /// item on disk after compaction.
+    #[command(
+        long_about = "Mixed OTLP ingest per core, and bytes per item on disk after compaction.\n\n\
+        One `lumen up` (release build); OTLP/gRPC senders cycle traces, metrics and logs from many \
+        resources, each export sent when the last is acknowledged. Reports items per second per \
+        core of `lumen up` beside the OpenTelemetry Collector's published sizing, then waits for \
+        flush and compaction and reports bytes per span, data point and log record. Writes \
+        bench/results/otlp.md. Defaults take about a minute."
+    )]
+    Otlp(OtlpArgs),
     /// Collector ingest of the same records by Arrow Flight and by OTLP,
     /// beside the rate of decoding those OTLP payloads alone.
     #[command(long_about = "Collector ingest by path, in one run.\n\n\
@@ -236,6 +248,7 @@ fn main() -> ExitCode {
         Command::Proxy(a) => proxy(a),
         Command::Ingest(a) => ingest_bench(a),
         Command::Storage(a) => storage_bench(a),
+        Command::Otlp(a) => otlp_bench(a),
         Command::Collector(a) => collector_bench(a),
         Command::Dashboard(a) => dashboard_bench(a),
         Command::GrpcUpstream(a) => grpc::serve(a.port),
@@ -350,6 +363,50 @@ fn proxy(mut a: ProxyArgs) -> Result<()> {
     }
 
     let text = report::render(&ctx, &runs);
+    write_report(&a.out, &text)?;
+    if a.keep_temp {
+        eprintln!("kept {}", tmp.path.display());
+    }
+    Ok(())
+}
+
+#[derive(Args)]
+struct OtlpArgs {
+    /// Seconds of load.
+    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u64).range(1..))]
+    duration: u64,
+    /// Concurrent OTLP senders.
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..))]
+    senders: u32,
+    /// Resources (service instances) per export.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..))]
+    resources: u32,
+    /// Items per resource per export.
+    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u32).range(1..))]
+    per_resource: u32,
+    /// The lumen binary [default: <workspace>/target/release/lumen].
+    #[arg(long)]
+    lumen: Option<PathBuf>,
+    /// Where the Markdown report is written.
+    #[arg(long, default_value_os_t = peers::workspace_root().join("bench/results/otlp.md"))]
+    out: PathBuf,
+    /// Keep the temporary directory (process logs, collector data).
+    #[arg(long)]
+    keep_temp: bool,
+}
+
+fn otlp_bench(a: OtlpArgs) -> Result<()> {
+    let lumen = peers::lumen_binary(a.lumen.as_deref())?;
+    let tmp = TempDir::create(a.keep_temp)?;
+    let set = otlp::Settings {
+        duration: std::time::Duration::from_secs(a.duration),
+        senders: a.senders as usize,
+        resources: a.resources as usize,
+        per_resource: a.per_resource as usize,
+    };
+    let outcome = otlp::run(&lumen, &tmp.path, &set)?;
+    let command = std::env::args().collect::<Vec<_>>().join(" ");
+    let text = otlp::render(&command, &machine(), &set, &outcome);
     write_report(&a.out, &text)?;
     if a.keep_temp {
         eprintln!("kept {}", tmp.path.display());

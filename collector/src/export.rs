@@ -347,7 +347,12 @@ async fn run(t: Arc<Target>, store: Arc<Store>, mut stop: watch::Receiver<bool>)
             }
             tokio::select! {
                 _ = t.wake.notified() => {}
-                _ = stop.changed() => {}
+                changed = stop.changed() => {
+                    // The collector is gone without a word: nothing more comes.
+                    if changed.is_err() {
+                        return;
+                    }
+                }
             }
             continue;
         }
@@ -435,7 +440,11 @@ where
                 let pause = backoff.mul_f64(rand::random_range(0.0..1.0));
                 tokio::select! {
                     _ = tokio::time::sleep(pause) => {}
-                    _ = stop.changed() => {}
+                    changed = stop.changed() => {
+                        if changed.is_err() {
+                            return Outcome::GaveUp(s);
+                        }
+                    }
                 }
                 backoff = (backoff * 2).min(Duration::from_secs(5));
             }
