@@ -385,9 +385,14 @@ struct ProxyArgs {
     /// Longest wait for an upstream's response headers.
     #[arg(long, default_value = "15s", value_parser = parse_duration)]
     upstream_timeout: Duration,
-    /// Longest wait for a client's request headers (slowloris guard).
+    /// Longest time a client's request headers may take from their first
+    /// byte (slowloris guard).
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     request_headers_timeout: Duration,
+    /// A downstream HTTP/1.1 connection waiting this long for its next
+    /// request is closed (as Envoy's idle_timeout).
+    #[arg(long, default_value = "1h", value_parser = parse_duration)]
+    idle_timeout: Duration,
     /// A request or response body that sends nothing for this long is cut
     /// (response flag SI).
     #[arg(long, default_value = "5m", value_parser = parse_duration)]
@@ -640,6 +645,7 @@ async fn proxy(a: ProxyArgs) -> Result<()> {
     config.upstream_timeout = a.upstream_timeout;
     config.limits.request_headers_timeout = a.request_headers_timeout;
     config.limits.stream_idle_timeout = a.stream_idle_timeout;
+    config.limits.idle_timeout = a.idle_timeout;
     config.limits.max_connections = a.max_connections.max(1);
     config.limits.max_request_bytes = a.max_request_bytes;
     config.limits.max_header_bytes = a.max_header_bytes;

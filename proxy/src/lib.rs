@@ -20,6 +20,7 @@ pub mod balance;
 pub mod body;
 pub mod detect;
 pub mod forward;
+pub mod idle;
 pub mod limits;
 pub mod listener;
 pub mod replay;

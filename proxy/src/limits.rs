@@ -7,9 +7,12 @@ use std::time::Duration;
 /// Limits and timeouts of the listeners; Envoy's defaults where it has one.
 #[derive(Debug, Clone)]
 pub struct Limits {
-    /// Request headers (HTTP/1.1) must arrive within this, or the
-    /// connection is closed: slowloris gets nowhere.
+    /// Request headers (HTTP/1.1) must arrive within this of their first
+    /// byte, or the connection is closed: slowloris gets nowhere.
     pub request_headers_timeout: Duration,
+    /// A downstream HTTP/1.1 connection waiting this long for its next
+    /// request is closed (Envoy's `idle_timeout`, 1 h).
+    pub idle_timeout: Duration,
     /// A request or response body that sends nothing for this long is cut
     /// (`408` and `SI` if no response started, else a reset and `SI`).
     pub stream_idle_timeout: Duration,
@@ -38,6 +41,7 @@ impl Default for Limits {
     fn default() -> Self {
         Limits {
             request_headers_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(3600),
             stream_idle_timeout: Duration::from_secs(300),
             max_connections: 16_384,
             max_headers: 100,

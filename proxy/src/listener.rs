@@ -15,6 +15,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
 use crate::detect::{self, Detected};
+use crate::idle::{CountingIo, HeaderTimer, ReadCount};
 use crate::limits::Refused;
 use crate::request::{Connection, Shared, Side, handle};
 
@@ -144,11 +145,21 @@ async fn serve_http(
 ) {
     let side = conn.side;
     let metrics = shared.telemetry.metrics().clone();
+    // The headers deadline runs from a request's first byte; before it the
+    // connection is idle, not slow.
+    let count = Arc::new(ReadCount::default());
+    let mut builder = builder.clone();
+    builder
+        .http1()
+        .timer(HeaderTimer::new(count.clone(), shared.limits.idle_timeout));
     let svc = service_fn(move |req| handle(shared.clone(), conn.clone(), req));
-    let served = builder
-        .serve_connection_with_upgrades(TokioIo::new(stream), svc)
-        .into_owned();
+    let io = TokioIo::new(CountingIo::new(stream, count.clone()));
+    let served = builder.serve_connection_with_upgrades(io, svc).into_owned();
     if let Err(e) = watcher.watch(served).await {
+        if count.idle_expired() {
+            tracing::debug!(?side, "idle connection closed");
+            return;
+        }
         if let Some(why) = refusal(e.as_ref()) {
             metrics.refused(why);
         }

@@ -265,3 +265,93 @@ async fn limits_and_timeouts_answer_count_and_leave_the_sidecar_serving() -> Res
     );
     Ok(())
 }
+
+/// Sends one request on `s` and reads its answer's status line and body
+/// (`Content-Length` framed, as the test app answers).
+async fn exchange(s: &mut TcpStream, path: &str) -> Result<String> {
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: backend\r\n\r\n").as_bytes())
+        .await?;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf)).await??;
+        anyhow::ensure!(
+            n > 0,
+            "closed mid-answer: {}",
+            String::from_utf8_lossy(&got)
+        );
+        got.extend_from_slice(&buf[..n]);
+        let text = String::from_utf8_lossy(&got).to_string();
+        if let Some((head, body)) = text.split_once("\r\n\r\n") {
+            let len = head
+                .lines()
+                .find_map(|l| {
+                    l.to_ascii_lowercase()
+                        .strip_prefix("content-length:")
+                        .map(|v| v.trim().to_string())
+                })
+                .and_then(|v| v.parse::<usize>().ok())
+                .unwrap_or(0);
+            if body.len() >= len {
+                return Ok(head.lines().next().unwrap_or("").to_string());
+            }
+        }
+    }
+}
+
+/// A keep-alive connection idle for longer than the headers timeout is
+/// still good for its next request (the timer runs from a request's first
+/// byte); past the idle timeout it is closed, and that is no refusal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_keep_alive_outlives_the_headers_timeout_until_the_idle_timeout() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let logs = dir.path();
+    let up_ports = UpPorts::pick();
+    let app = start_app("backend").await;
+    let front = SidecarPorts::pick();
+    let mesh = dir.path().join("mesh.yaml");
+    write_mesh(&mesh, &[("backend", 8080, &[(app, "v1")])])?;
+    let _up = start_up(logs, &mesh, &dir.path().join("data"), up_ports, &[]).await?;
+    let collector = up_ports.grpc_endpoint();
+    let flags = ["--request-headers-timeout", "1s", "--idle-timeout", "4s"];
+    let _front = Sidecar {
+        service: "front",
+        version: "v1",
+        mesh: &mesh,
+        ports: front,
+        app: None,
+        collector: &collector,
+        extra: &flags,
+    }
+    .start(logs)
+    .await?;
+
+    let mut s = TcpStream::connect(local(front.outbound)).await?;
+    assert!(
+        exchange(&mut s, "/status/200/first")
+            .await?
+            .contains(" 200 ")
+    );
+    // Idle for twice the headers timeout: still open, still serving.
+    tokio::time::sleep(Duration::from_millis(2200)).await;
+    assert!(
+        exchange(&mut s, "/status/200/second")
+            .await?
+            .contains(" 200 ")
+    );
+    // A request begun and stalled is still cut by the headers timeout.
+    let mut slow = TcpStream::connect(local(front.outbound)).await?;
+    assert!(
+        exchange(&mut slow, "/status/200/warm")
+            .await?
+            .contains(" 200 ")
+    );
+    slow.write_all(b"GET /status/200/slow HTTP/1.1\r\nHo")
+        .await?;
+    until_closed(&mut slow, Duration::from_secs(3)).await?;
+    // Past the idle timeout the first connection is closed, and only the
+    // stalled one counts as a refusal.
+    until_closed(&mut s, Duration::from_secs(8)).await?;
+    assert_eq!(refused(front.admin, "request_headers_timeout").await?, 1);
+    Ok(())
+}
