@@ -42,8 +42,11 @@ pub struct CompactionPolicy {
     /// small files is compacted.
     pub settle: Duration,
     /// Most rows one compacted file holds (and one compaction reads into
-    /// memory); files this large are left alone.
+    /// memory); files half this large are left alone.
     pub max_rows: u64,
+    /// Most Parquet bytes one compaction reads: decompressed, sorted and
+    /// written, a group takes several times this in memory.
+    pub max_bytes: u64,
 }
 
 impl Default for CompactionPolicy {
@@ -53,6 +56,7 @@ impl Default for CompactionPolicy {
             min_files: 8,
             settle: Duration::from_secs(600),
             max_rows: 4_000_000,
+            max_bytes: 32 << 20,
         }
     }
 }
@@ -134,8 +138,20 @@ impl Housekeeper {
     /// Compacts every partition that is due, one at a time; returns what
     /// was done. A partition that fails is logged and left as it was.
     pub async fn compact(&self, now: SystemTime) -> Vec<Compacted> {
+        self.compact_until(now, None).await
+    }
+
+    /// As [`Self::compact`], stopping between partitions once `stop` is true.
+    async fn compact_until(
+        &self,
+        now: SystemTime,
+        stop: Option<&watch::Receiver<bool>>,
+    ) -> Vec<Compacted> {
         let mut done = Vec::new();
         for (table, group) in self.due(now) {
+            if stop.is_some_and(|s| *s.borrow()) {
+                break;
+            }
             let this = self.clone();
             let result = tokio::task::spawn_blocking(move || this.compact_group(table, &group))
                 .await
@@ -176,13 +192,21 @@ impl Housekeeper {
     fn due(&self, now: SystemTime) -> Vec<(usize, Vec<Arc<FileMeta>>)> {
         let policy = &self.compaction;
         let now_us = micros(now);
+        // A file past the WAL checkpoint is not durable yet: if the process
+        // died now, a restart would delete it and replay its rows — and a
+        // merged file holding it (and older files' rows) with it.
+        let durable = self.store.checkpoint();
         let mut out = Vec::new();
         for (t, _) in TABLES.iter().enumerate() {
             let mut partitions: BTreeMap<PathBuf, Vec<Arc<FileMeta>>> = BTreeMap::new();
             for f in self.store.files_of(t) {
                 // Large files stay; so do files another tool wrote (no
                 // time range of ours): they are not ours to rewrite.
-                if f.rows >= policy.max_rows / 2 || f.min_time == i64::MIN || f.max_time == i64::MAX
+                if f.rows >= policy.max_rows / 2
+                    || f.bytes >= policy.max_bytes / 2
+                    || f.segment > durable
+                    || f.min_time == i64::MIN
+                    || f.max_time == i64::MAX
                 {
                     continue;
                 }
@@ -203,13 +227,16 @@ impl Housekeeper {
                 }
                 files.sort_by_key(|f| (f.min_time, f.segment));
                 let mut group = Vec::new();
-                let mut rows = 0;
+                let (mut rows, mut bytes) = (0, 0);
                 for f in files {
-                    if rows + f.rows > policy.max_rows && group.len() >= 2 {
+                    if (rows + f.rows > policy.max_rows || bytes + f.bytes > policy.max_bytes)
+                        && group.len() >= 2
+                    {
                         out.push((t, std::mem::take(&mut group)));
-                        rows = 0;
+                        (rows, bytes) = (0, 0);
                     }
                     rows += f.rows;
+                    bytes += f.bytes;
                     group.push(f);
                 }
                 if group.len() >= 2 {
@@ -390,7 +417,7 @@ impl Housekeeper {
             let now = SystemTime::now();
             self.expire(now);
             if !self.compaction.interval.is_zero() {
-                self.compact(now).await;
+                self.compact_until(now, Some(&shutdown)).await;
             }
             self.sweep(false);
         }

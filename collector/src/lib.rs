@@ -183,6 +183,7 @@ impl Collector {
                     message: e.to_string(),
                 })?;
                 let checkpoint = wal::read_checkpoint(&wal_dir)?;
+                store.set_checkpoint(checkpoint);
                 let files = persist::load_files(&tables_dir(&data), checkpoint)?;
                 let (wal, thread, replayed) = wal::open(&wal_dir, store)?;
                 Ok::<_, CollectorError>((wal, thread, replayed, files))

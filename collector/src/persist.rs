@@ -131,6 +131,7 @@ impl Persister {
                 path: self.wal_dir.clone(),
                 message: e.to_string(),
             })??;
+        self.store.set_checkpoint(segment);
         Ok(report)
     }
 

@@ -621,3 +621,36 @@ async fn retention_drops_only_partitions_past_it() {
     assert!(tables.join("date=2026-01-02/hour=05").exists());
     close(persister, thread);
 }
+
+#[tokio::test]
+async fn compaction_leaves_files_past_the_wal_checkpoint_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path();
+    let (persister, store, thread, _) = open(data);
+    flush_rounds(&persister, 3).await;
+    // A flush's file whose checkpoint is not written yet (the process could
+    // die now: a restart would delete it and replay its rows).
+    let requests = table_index(REQUESTS).unwrap();
+    let first = store.files_of(requests)[0].clone();
+    let pending = first
+        .path
+        .with_file_name("part-00000000000000000099-00000000.parquet");
+    fs::copy(&first.path, &pending).unwrap();
+    store.add_files(vec![(
+        requests,
+        FileMeta {
+            path: pending.clone(),
+            segment: 99,
+            ..(*first).clone()
+        },
+    )]);
+    let done = housekeeper(data, &store).compact(later()).await;
+    let merged: Vec<_> = done.iter().filter(|c| c.table == REQUESTS).collect();
+    assert_eq!(merged.len(), 1);
+    assert_eq!(merged[0].files, 3, "only the durable files: {done:?}");
+    assert!(
+        store.files_of(requests).iter().any(|f| f.path == pending),
+        "the pending file is still its own"
+    );
+    close(persister, thread);
+}

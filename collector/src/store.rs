@@ -79,6 +79,10 @@ pub struct Store {
     health: Health,
     /// The collector's own metrics, counted by every stage.
     metrics: crate::metrics::CollectorMetrics,
+    /// The last WAL segment whose rows are durably in files (the WAL
+    /// checkpoint). Files of later segments are not durable yet: a restart
+    /// deletes them and replays their rows, so compaction leaves them be.
+    checkpoint: std::sync::atomic::AtomicU64,
 }
 
 impl Default for Store {
@@ -106,6 +110,7 @@ impl Store {
             rollups: Mutex::default(),
             health: Health::default(),
             metrics: crate::metrics::CollectorMetrics::new(),
+            checkpoint: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
@@ -115,6 +120,16 @@ impl Store {
 
     pub fn metrics(&self) -> &crate::metrics::CollectorMetrics {
         &self.metrics
+    }
+
+    /// The WAL checkpoint as last written.
+    pub fn checkpoint(&self) -> u64 {
+        self.checkpoint.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    pub(crate) fn set_checkpoint(&self, segment: u64) {
+        self.checkpoint
+            .fetch_max(segment, std::sync::atomic::Ordering::AcqRel);
     }
 
     /// OpenMetrics text of the collector's metrics, tables' sizes included.
