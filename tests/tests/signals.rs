@@ -205,8 +205,12 @@ async fn metrics_and_logs_from_the_opentelemetry_python_sdk_land_in_their_tables
             format!("sum(latency_bucket{{job=\"{job}\",le=\"+Inf\"}})"),
             2.0 * n as f64,
         ),
-        // No attributes: both transports' points are one series, the last
-        // value counts.
+        // No attributes, and one process (the SDK's `service.instance.id`
+        // is per process): one series, its `instance` that id.
+        (
+            format!("count(queue_depth{{job=\"{job}\",instance!=\"\"}})"),
+            1.0,
+        ),
         (format!("sum(queue_depth{{job=\"{job}\"}})"), n as f64),
         (
             format!("max(temperature{{job=\"{job}\",room=\"a\"}})"),

@@ -36,7 +36,12 @@ struct Named {
     prom: String,
     otlp: String,
     kind: String,
+    unit: String,
+    monotonic: bool,
     part: Part,
+    /// Prometheus's own name for it (unit and type suffixes); the others
+    /// are aliases a selector must name.
+    canonical: bool,
 }
 
 /// A Prometheus metric or label name from an OTLP one.
@@ -105,13 +110,18 @@ fn names_of(otlp: &str, kind: &str, unit: &str, monotonic: bool) -> Vec<Named> {
         _ => &[],
     };
     let mut out = Vec::new();
-    for b in &bases {
-        for (suffix, part) in parts {
+    let last = bases.len() - 1;
+    for (i, b) in bases.iter().enumerate() {
+        for (j, (suffix, part)) in parts.iter().enumerate() {
             out.push(Named {
                 prom: format!("{b}{suffix}"),
                 otlp: otlp.to_string(),
                 kind: kind.to_string(),
+                unit: unit.to_string(),
+                monotonic,
                 part: *part,
+                // With its unit suffix, and for counters `_total`.
+                canonical: i == last && (kind != "sum" || !monotonic || j == 0),
             });
         }
     }
@@ -184,13 +194,19 @@ impl OtlpSource {
         from: i64,
         to: i64,
     ) -> Result<BTreeMap<Labels, Vec<(i64, f64)>>, PromError> {
+        // The instance: the SDK's `service.instance.id`, or where it runs,
+        // so replicas' counters stay apart.
         let sql = format!(
             "SELECT time, CAST(service_name AS VARCHAR), CAST(service_namespace AS VARCHAR), \
-             CAST(service_instance_id AS VARCHAR), attributes, value, count, sum, explicit_bounds, \
-             bucket_counts, quantiles, quantile_values, CAST(aggregation_temporality AS VARCHAR) \
-             FROM metrics WHERE name = {} AND type = {} AND time > {} AND time <= {} ORDER BY time",
+             CAST(COALESCE(service_instance_id, k8s_pod_name, host_name) AS VARCHAR), attributes, \
+             value, count, sum, explicit_bounds, bucket_counts, quantiles, quantile_values, \
+             CAST(aggregation_temporality AS VARCHAR) FROM metrics WHERE name = {} AND type = {} \
+             AND COALESCE(CAST(unit AS VARCHAR), '') = {} AND COALESCE(is_monotonic, false) = {} \
+             AND time > {} AND time <= {} ORDER BY time",
             quote(&named.otlp),
             quote(&named.kind),
+            quote(&named.unit),
+            named.monotonic,
             ts(from),
             ts(to)
         );
@@ -304,7 +320,12 @@ impl Source for OtlpSource {
         to: i64,
         _range: Option<i64>,
     ) -> Result<Vec<RawSeries>, PromError> {
-        let catalog = self.catalog(from, to).await?;
+        let mut catalog = self.catalog(from, to).await?;
+        // A selector that does not name its metric gets each once, by
+        // Prometheus's name, not once per alias.
+        if selector.name.is_none() {
+            catalog.retain(|n| n.canonical);
+        }
         let names: Vec<&str> = catalog.iter().map(|n| n.prom.as_str()).collect();
         let wanted: Vec<&str> = selected_names(selector, &names);
         let mut out = Vec::new();
@@ -413,5 +434,22 @@ mod tests {
             "the unit is not repeated"
         );
         assert_eq!(sanitize("9lives.count"), "_9lives_count");
+        let canonical = |otlp, kind, unit, mono| -> Vec<String> {
+            names_of(otlp, kind, unit, mono)
+                .into_iter()
+                .filter(|n| n.canonical)
+                .map(|n| n.prom)
+                .collect()
+        };
+        assert_eq!(
+            canonical("latency", "histogram", "ms", false),
+            [
+                "latency_milliseconds_bucket",
+                "latency_milliseconds_sum",
+                "latency_milliseconds_count"
+            ]
+        );
+        assert_eq!(canonical("orders", "sum", "", true), ["orders_total"]);
+        assert_eq!(canonical("queue", "sum", "", false), ["queue"]);
     }
 }
