@@ -14,20 +14,17 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use arrow::record_batch::RecordBatch;
+use bytes::Bytes;
 use lumen_core::schema::PROXY_SCOPE;
-use opentelemetry_proto::tonic::collector::logs::v1::ExportLogsServiceRequest;
-use opentelemetry_proto::tonic::collector::logs::v1::logs_service_client::LogsServiceClient;
-use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
-use opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_client::MetricsServiceClient;
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
-use opentelemetry_proto::tonic::collector::trace::v1::trace_service_client::TraceServiceClient;
 use opentelemetry_proto::tonic::common::v1::{AnyValue, InstrumentationScope, KeyValue, any_value};
 use opentelemetry_proto::tonic::resource::v1::Resource;
 use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans};
 use prost::Message;
 use tokio::sync::{Notify, watch};
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Endpoint;
 
+use crate::ingest::Signal;
 use crate::metrics::CollectorMetrics;
 use crate::store::Store;
 
@@ -58,64 +55,38 @@ impl ExportTarget {
 /// Something stored, to forward.
 #[derive(Debug, Clone)]
 pub enum Item {
-    Traces(ExportTraceServiceRequest),
+    /// An OTLP export request as protobuf (the payload as received, or
+    /// re-encoded from JSON), shared by every target.
+    Encoded {
+        signal: Signal,
+        bytes: Bytes,
+        /// Spans, data points or log records it holds.
+        items: usize,
+    },
     /// Rows of `requests` (from proxies over Arrow Flight): sent as spans.
     Requests(RecordBatch),
-    Metrics(ExportMetricsServiceRequest),
-    Logs(ExportLogsServiceRequest),
 }
 
 impl Item {
-    fn signal(&self) -> &'static str {
+    fn signal(&self) -> Signal {
         match self {
-            Item::Traces(_) | Item::Requests(_) => "traces",
-            Item::Metrics(_) => "metrics",
-            Item::Logs(_) => "logs",
+            Item::Encoded { signal, .. } => *signal,
+            Item::Requests(_) => Signal::Traces,
         }
     }
 
+    /// Memory it holds while queued.
     fn size(&self) -> usize {
         match self {
-            Item::Traces(r) => r.encoded_len(),
+            Item::Encoded { bytes, .. } => bytes.len(),
             Item::Requests(b) => b.get_array_memory_size(),
-            Item::Metrics(r) => r.encoded_len(),
-            Item::Logs(r) => r.encoded_len(),
         }
     }
 
-    /// Spans, data points or log records it holds.
     fn count(&self) -> usize {
         match self {
-            Item::Traces(r) => r
-                .resource_spans
-                .iter()
-                .flat_map(|r| &r.scope_spans)
-                .map(|s| s.spans.len())
-                .sum(),
+            Item::Encoded { items, .. } => *items,
             Item::Requests(b) => b.num_rows(),
-            Item::Metrics(r) => r
-                .resource_metrics
-                .iter()
-                .flat_map(|r| &r.scope_metrics)
-                .flat_map(|s| &s.metrics)
-                .map(|m| {
-                    use opentelemetry_proto::tonic::metrics::v1::metric::Data;
-                    match &m.data {
-                        Some(Data::Gauge(g)) => g.data_points.len(),
-                        Some(Data::Sum(x)) => x.data_points.len(),
-                        Some(Data::Histogram(h)) => h.data_points.len(),
-                        Some(Data::ExponentialHistogram(h)) => h.data_points.len(),
-                        Some(Data::Summary(x)) => x.data_points.len(),
-                        None => 0,
-                    }
-                })
-                .sum(),
-            Item::Logs(r) => r
-                .resource_logs
-                .iter()
-                .flat_map(|r| &r.scope_logs)
-                .map(|s| s.log_records.len())
-                .sum(),
         }
     }
 }
@@ -190,7 +161,7 @@ impl Fanout {
                 if let Some(store) = &self.store {
                     store.metrics().exported(
                         &t.config.endpoint,
-                        item.signal(),
+                        item.signal().name(),
                         "dropped_queue_full",
                         item.count(),
                     );
@@ -223,44 +194,81 @@ fn take(t: &Target) -> Vec<Item> {
     out
 }
 
-/// Requests merged per signal, ready to send.
-#[derive(Default)]
-struct Merged {
-    traces: Option<ExportTraceServiceRequest>,
-    metrics: Option<ExportMetricsServiceRequest>,
-    logs: Option<ExportLogsServiceRequest>,
+/// One call's worth: encoded requests of one signal, concatenated (which
+/// protobuf reads as one request with their resources together).
+struct Send {
+    signal: Signal,
+    bytes: Bytes,
+    items: usize,
 }
 
-fn merge(items: Vec<Item>) -> Merged {
-    let mut m = Merged::default();
+/// The round's items as calls of at most [`BATCH_BYTES`] each (an item
+/// larger than that goes alone); proxies' records become spans here, off
+/// the ingest path.
+fn batch(items: Vec<Item>) -> Vec<Send> {
+    let mut encoded: Vec<(Signal, Bytes, usize)> = Vec::new();
     for item in items {
         match item {
-            Item::Traces(r) => m
-                .traces
-                .get_or_insert_with(Default::default)
-                .resource_spans
-                .extend(r.resource_spans),
-            Item::Requests(b) => match requests_as_spans(&b) {
-                Ok(spans) => m
-                    .traces
-                    .get_or_insert_with(Default::default)
-                    .resource_spans
-                    .extend(spans),
+            Item::Encoded {
+                signal,
+                bytes,
+                items,
+            } => encoded.push((signal, bytes, items)),
+            Item::Requests(b) => match encode_requests(&b) {
+                Ok(chunks) => encoded.extend(
+                    chunks
+                        .into_iter()
+                        .map(|(bytes, n)| (Signal::Traces, bytes, n)),
+                ),
                 Err(e) => tracing::warn!(error = %e, "cannot turn records into spans to export"),
             },
-            Item::Metrics(r) => m
-                .metrics
-                .get_or_insert_with(Default::default)
-                .resource_metrics
-                .extend(r.resource_metrics),
-            Item::Logs(r) => m
-                .logs
-                .get_or_insert_with(Default::default)
-                .resource_logs
-                .extend(r.resource_logs),
         }
     }
-    m
+    let mut out: Vec<Send> = Vec::new();
+    for signal in Signal::ALL {
+        let mut current: Option<(bytes::BytesMut, usize)> = None;
+        for (_, bytes, n) in encoded.iter().filter(|(s, ..)| *s == signal) {
+            if let Some((buf, count)) = &mut current
+                && buf.len() + bytes.len() <= BATCH_BYTES
+            {
+                buf.extend_from_slice(bytes);
+                *count += n;
+                continue;
+            }
+            if let Some((buf, items)) = current.take() {
+                out.push(Send {
+                    signal,
+                    bytes: buf.freeze(),
+                    items,
+                });
+            }
+            current = Some((bytes::BytesMut::from(&bytes[..]), *n));
+        }
+        if let Some((buf, items)) = current {
+            out.push(Send {
+                signal,
+                bytes: buf.freeze(),
+                items,
+            });
+        }
+    }
+    out
+}
+
+/// A `requests` batch as encoded trace export requests of at most
+/// [`BATCH_BYTES`] each (halving the rows until they fit).
+fn encode_requests(b: &RecordBatch) -> Result<Vec<(Bytes, usize)>, String> {
+    let request = ExportTraceServiceRequest {
+        resource_spans: requests_as_spans(b)?,
+    };
+    let encoded = request.encode_to_vec();
+    if encoded.len() <= BATCH_BYTES || b.num_rows() <= 1 {
+        return Ok(vec![(Bytes::from(encoded), b.num_rows())]);
+    }
+    let half = b.num_rows() / 2;
+    let mut out = encode_requests(&b.slice(0, half))?;
+    out.extend(encode_requests(&b.slice(half, b.num_rows() - half))?);
+    Ok(out)
 }
 
 /// Proxies' records as spans, one resource per reporting service, as the
@@ -299,25 +307,20 @@ fn requests_as_spans(b: &RecordBatch) -> Result<Vec<ResourceSpans>, String> {
         .collect())
 }
 
-/// Whether the endpoint may take it later (OTLP's retryable codes).
-fn retryable(code: tonic::Code) -> bool {
+/// Whether the endpoint may take it later, and when (OTLP's retryable
+/// codes; RESOURCE_EXHAUSTED only with the `RetryInfo` that says when).
+fn retry_after(status: &tonic::Status) -> Option<Option<Duration>> {
     use tonic::Code::*;
-    matches!(
-        code,
-        Cancelled
-            | DeadlineExceeded
-            | ResourceExhausted
-            | Aborted
-            | OutOfRange
-            | Unavailable
-            | DataLoss
-    )
-}
-
-struct Clients {
-    traces: TraceServiceClient<Channel>,
-    metrics: MetricsServiceClient<Channel>,
-    logs: LogsServiceClient<Channel>,
+    use tonic_types::StatusExt;
+    match status.code() {
+        Cancelled | DeadlineExceeded | Aborted | OutOfRange | Unavailable | DataLoss => {
+            Some(status.get_details_retry_info().and_then(|r| r.retry_delay))
+        }
+        ResourceExhausted => status
+            .get_details_retry_info()
+            .map(|r| r.retry_delay.or(Some(Duration::from_secs(1)))),
+        _ => None,
+    }
 }
 
 async fn run(t: Arc<Target>, store: Arc<Store>, mut stop: watch::Receiver<bool>) {
@@ -333,12 +336,10 @@ async fn run(t: Arc<Target>, store: Arc<Store>, mut stop: watch::Receiver<bool>)
             return;
         }
     };
-    let mut clients = Clients {
-        traces: TraceServiceClient::new(channel.clone()),
-        metrics: MetricsServiceClient::new(channel.clone()),
-        logs: LogsServiceClient::new(channel),
-    };
     let metrics = store.metrics();
+    // Signals the endpoint said it does not take (Jaeger takes no metrics
+    // or logs): warned about once.
+    let mut unimplemented: Vec<Signal> = Vec::new();
     loop {
         let stopping = *stop.borrow();
         if t.queue.lock().unwrap_or_else(|e| e.into_inner()).is_empty() {
@@ -356,46 +357,48 @@ async fn run(t: Arc<Target>, store: Arc<Store>, mut stop: watch::Receiver<bool>)
             }
             continue;
         }
-        let items = take(&t);
-        let merged = merge(items);
         // On the way out, one quick try each and no more.
         let retry_for = if stopping {
             Duration::ZERO
         } else {
             t.config.retry_for
         };
-        if let Some(r) = merged.traces {
-            let n = Item::Traces(r.clone()).count();
+        for call in batch(take(&t)) {
+            let path = format!("/{}/Export", call.signal.grpc_service());
+            let path = match http::uri::PathAndQuery::try_from(path) {
+                Ok(p) => p,
+                Err(_) => continue,
+            };
             let outcome = send(&mut stop, retry_for, || {
-                let mut c = clients.traces.clone();
-                let r = r.clone();
-                async move { c.export(r).await.map(|_| ()) }
+                let mut grpc = tonic::client::Grpc::new(channel.clone());
+                let (path, bytes) = (path.clone(), call.bytes.clone());
+                async move {
+                    grpc.ready()
+                        .await
+                        .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+                    grpc.unary(
+                        tonic::Request::new(bytes),
+                        path,
+                        lumen_core::otlp::PassThrough,
+                    )
+                    .await
+                    .map(|_| ())
+                }
             })
             .await;
-            record(metrics, endpoint, "traces", n, outcome);
+            let signal = call.signal;
+            if let Outcome::Rejected(s) = &outcome
+                && s.code() == tonic::Code::Unimplemented
+            {
+                metrics.exported(endpoint, signal.name(), "dropped_rejected", call.items);
+                if !unimplemented.contains(&signal) {
+                    unimplemented.push(signal);
+                    tracing::warn!(endpoint, signal = signal.name(), error = %s, "export endpoint does not take this signal; its items are dropped");
+                }
+                continue;
+            }
+            record(metrics, endpoint, signal.name(), call.items, outcome);
         }
-        if let Some(r) = merged.metrics {
-            let n = Item::Metrics(r.clone()).count();
-            let outcome = send(&mut stop, retry_for, || {
-                let mut c = clients.metrics.clone();
-                let r = r.clone();
-                async move { c.export(r).await.map(|_| ()) }
-            })
-            .await;
-            record(metrics, endpoint, "metrics", n, outcome);
-        }
-        if let Some(r) = merged.logs {
-            let n = Item::Logs(r.clone()).count();
-            let outcome = send(&mut stop, retry_for, || {
-                let mut c = clients.logs.clone();
-                let r = r.clone();
-                async move { c.export(r).await.map(|_| ()) }
-            })
-            .await;
-            record(metrics, endpoint, "logs", n, outcome);
-        }
-        // Keep the clients' channel alive across rounds.
-        let _ = &mut clients;
     }
 }
 
@@ -430,14 +433,18 @@ where
     let started = Instant::now();
     let mut backoff = Duration::from_millis(100);
     loop {
-        match attempt().await {
+        let s = match attempt().await {
             Ok(()) => return Outcome::Sent,
-            Err(s) if !retryable(s.code()) => return Outcome::Rejected(s),
-            Err(s) => {
-                if started.elapsed() + backoff > retry_for || *stop.borrow() {
+            Err(s) => s,
+        };
+        match retry_after(&s) {
+            None => return Outcome::Rejected(s),
+            Some(asked) => {
+                // The endpoint's own delay when it gave one, else backoff.
+                let pause = asked.unwrap_or_else(|| backoff.mul_f64(rand::random_range(0.0..1.0)));
+                if started.elapsed() + pause > retry_for || *stop.borrow() {
                     return Outcome::GaveUp(s);
                 }
-                let pause = backoff.mul_f64(rand::random_range(0.0..1.0));
                 tokio::select! {
                     _ = tokio::time::sleep(pause) => {}
                     changed = stop.changed() => {
@@ -449,5 +456,63 @@ where
                 backoff = (backoff * 2).min(Duration::from_secs(5));
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use lumen_core::RequestRecord;
+    use lumen_core::schema::RequestBatchBuilder;
+    use opentelemetry_proto::tonic::collector::logs::v1::ExportLogsServiceRequest;
+    use opentelemetry_proto::tonic::logs::v1::ResourceLogs;
+
+    fn logs(resources: usize) -> Item {
+        let r = ExportLogsServiceRequest {
+            resource_logs: vec![ResourceLogs::default(); resources],
+        };
+        Item::Encoded {
+            signal: Signal::Logs,
+            bytes: Bytes::from(r.encode_to_vec()),
+            items: resources,
+        }
+    }
+
+    #[test]
+    fn requests_of_a_signal_go_together_as_one_request_and_records_become_spans() {
+        let mut b = RequestBatchBuilder::new();
+        for _ in 0..5 {
+            b.push(&RequestRecord::example());
+        }
+        let sends = batch(vec![logs(2), Item::Requests(b.finish().unwrap()), logs(3)]);
+        assert_eq!(sends.len(), 2);
+        let traces = sends.iter().find(|s| s.signal == Signal::Traces).unwrap();
+        let decoded = ExportTraceServiceRequest::decode(traces.bytes.clone()).unwrap();
+        let spans: usize = decoded
+            .resource_spans
+            .iter()
+            .flat_map(|r| &r.scope_spans)
+            .map(|s| s.spans.len())
+            .sum();
+        assert_eq!((spans, traces.items), (5, 5));
+        let logs = sends.iter().find(|s| s.signal == Signal::Logs).unwrap();
+        let decoded = ExportLogsServiceRequest::decode(logs.bytes.clone()).unwrap();
+        assert_eq!(decoded.resource_logs.len(), 5, "two requests read as one");
+        assert_eq!(logs.items, 5);
+    }
+
+    #[test]
+    fn resource_exhausted_is_retried_only_when_the_endpoint_says_when() {
+        use tonic_types::{ErrorDetails, StatusExt};
+        let bare = tonic::Status::resource_exhausted("full");
+        assert_eq!(retry_after(&bare), None);
+        let told = tonic::Status::with_error_details(
+            tonic::Code::ResourceExhausted,
+            "full",
+            ErrorDetails::with_retry_info(Some(Duration::from_secs(3))),
+        );
+        assert_eq!(retry_after(&told), Some(Some(Duration::from_secs(3))));
+        assert_eq!(retry_after(&tonic::Status::unavailable("down")), Some(None));
+        assert_eq!(retry_after(&tonic::Status::invalid_argument("bad")), None);
     }
 }

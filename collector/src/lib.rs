@@ -369,11 +369,15 @@ impl Collector {
         let _ = flusher.await;
         // Exporters try once more to send what they hold, then stop.
         let _ = export_stop.send(true);
+        let aborts: Vec<_> = export_tasks.iter().map(|t| t.abort_handle()).collect();
         let exports = futures_util::future::join_all(export_tasks);
         if tokio::time::timeout(EXPORT_DRAIN, exports).await.is_err() {
             tracing::warn!(
                 "export endpoints still not answering after {EXPORT_DRAIN:?}; their queued items are dropped"
             );
+            for a in aborts {
+                a.abort();
+            }
         }
         // Whatever was acknowledged after the flush's rotation is in the WAL
         // and is replayed on the next start.

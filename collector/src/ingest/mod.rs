@@ -15,6 +15,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use lumen_core::load::{Pressure, PressureGuard};
+use opentelemetry_proto::tonic::collector::logs::v1::ExportLogsServiceRequest;
+use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use prost::Message;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -419,13 +421,18 @@ impl Ingest {
                 Encoding::Json => self.decode_json(payload)?,
             };
             match convert::convert_traces(&req, convert::TimeWindow::around_now()) {
-                Ok(c) => (c, req),
+                Ok(c) => {
+                    let forward = self.forwarded(Signal::Traces, payload, encoding, &req, || {
+                        c.batches.iter().map(|(_, b)| b.num_rows()).sum::<usize>() + c.rejected
+                    });
+                    (c, forward)
+                }
                 Err(e) => {
                     return Err(self.rejected(IngestError::Invalid(format!("invalid span: {e}"))));
                 }
             }
         };
-        let (converted, req) = converted;
+        let (converted, forward) = converted;
         let rows: usize = converted.batches.iter().map(|(_, b)| b.num_rows()).sum();
         if rows > 0 {
             self.wal.append(converted.batches).await.map_err(|e| {
@@ -442,7 +449,9 @@ impl Ingest {
                 .rejected_items
                 .fetch_add(rejected as u64, Ordering::Relaxed);
         }
-        self.fanout.offer(|| Item::Traces(req));
+        if let Some(item) = forward {
+            self.fanout.offer(|| item);
+        }
         Ok(Accepted {
             rows,
             rejected,
@@ -480,17 +489,21 @@ impl Ingest {
                 .await
                 .map_err(|_| IngestError::Unavailable("collector is shutting down".into()))?;
             let window = convert::TimeWindow::around_now();
-            let forward = !self.fanout.is_empty();
             let (converted, item) = match signal {
                 Signal::Metrics => {
-                    let req = self.decode(signal, payload, encoding)?;
+                    let req: ExportMetricsServiceRequest =
+                        self.decode(signal, payload, encoding)?;
                     let c = signals::convert_metrics(&req, window);
-                    (c, forward.then_some(Item::Metrics(req)))
+                    let items = || c.as_ref().map_or(0, |c| c.rows + c.rejected);
+                    let item = self.forwarded(signal, payload, encoding, &req, items);
+                    (c, item)
                 }
                 _ => {
-                    let req = self.decode(signal, payload, encoding)?;
+                    let req: ExportLogsServiceRequest = self.decode(signal, payload, encoding)?;
                     let c = signals::convert_logs(&req, window);
-                    (c, forward.then_some(Item::Logs(req)))
+                    let items = || c.as_ref().map_or(0, |c| c.rows + c.rejected);
+                    let item = self.forwarded(signal, payload, encoding, &req, items);
+                    (c, item)
                 }
             };
             let converted = converted.map_err(|e| {
@@ -529,6 +542,30 @@ impl Ingest {
                     signal.items()
                 )
             }),
+        })
+    }
+
+    /// What goes to the export fan-out for a payload (nothing without
+    /// export targets): the protobuf as received, or JSON re-encoded.
+    fn forwarded<M: Message>(
+        &self,
+        signal: Signal,
+        payload: &[u8],
+        encoding: Encoding,
+        req: &M,
+        items: impl FnOnce() -> usize,
+    ) -> Option<Item> {
+        if self.fanout.is_empty() {
+            return None;
+        }
+        let bytes = match encoding {
+            Encoding::Protobuf => bytes::Bytes::copy_from_slice(payload),
+            Encoding::Json => bytes::Bytes::from(req.encode_to_vec()),
+        };
+        Some(Item::Encoded {
+            signal,
+            bytes,
+            items: items(),
         })
     }
 

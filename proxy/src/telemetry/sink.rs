@@ -10,7 +10,7 @@ use arrow::record_batch::RecordBatch;
 use arrow_flight::encode::{DictionaryHandling, FlightDataEncoderBuilder};
 use arrow_flight::flight_service_client::FlightServiceClient;
 use arrow_flight::{FlightData, FlightDescriptor};
-use bytes::{Buf, BufMut, Bytes};
+use bytes::Bytes;
 use futures_util::TryStreamExt;
 use lumen_core::Workload;
 use lumen_core::schema::{PROXY_SCOPE, REQUESTS};
@@ -20,7 +20,6 @@ use opentelemetry_proto::tonic::resource::v1::Resource;
 use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans};
 use prost::Message;
 use tonic::Code;
-use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 use tonic::transport::{Channel, Endpoint};
 
 use super::export::{Payload, Queued};
@@ -167,7 +166,7 @@ impl OtlpSink {
             .unary(
                 tonic::Request::new(request),
                 http::uri::PathAndQuery::from_static(EXPORT_PATH),
-                PassThrough,
+                lumen_core::otlp::PassThrough,
             )
             .await
             .map(|_| ())
@@ -213,45 +212,6 @@ fn resource(identity: &Workload) -> Resource {
             kv("lumen.workload", s(&identity.workload)),
         ],
         ..Default::default()
-    }
-}
-
-/// Sends pre-encoded protobuf bytes and ignores the (empty) answer.
-#[derive(Debug, Clone, Copy)]
-struct PassThrough;
-
-impl Codec for PassThrough {
-    type Encode = Bytes;
-    type Decode = ();
-    type Encoder = PassThrough;
-    type Decoder = PassThrough;
-
-    fn encoder(&mut self) -> Self::Encoder {
-        PassThrough
-    }
-
-    fn decoder(&mut self) -> Self::Decoder {
-        PassThrough
-    }
-}
-
-impl Encoder for PassThrough {
-    type Item = Bytes;
-    type Error = tonic::Status;
-
-    fn encode(&mut self, item: Bytes, dst: &mut EncodeBuf<'_>) -> Result<(), tonic::Status> {
-        dst.put_slice(&item);
-        Ok(())
-    }
-}
-
-impl Decoder for PassThrough {
-    type Item = ();
-    type Error = tonic::Status;
-
-    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<()>, tonic::Status> {
-        src.advance(src.remaining());
-        Ok(Some(()))
     }
 }
 
