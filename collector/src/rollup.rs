@@ -114,6 +114,8 @@ pub const DEFAULT_MAX_VALUES: usize = 10_000;
 /// bound, new values count under [`OTHER`], so one label gone wild (a
 /// workload name per pod, a client's random authority) cannot make the
 /// rollups — and every dashboard reading them — as large as the rows.
+/// The admitted values live in memory: a restart within an hour admits up
+/// to the bound again, so an hour's rollups hold at most a few times it.
 #[derive(Debug)]
 struct CardinalityGuard {
     max_values: usize,
