@@ -422,13 +422,21 @@ pub fn run(lumen: &Path, dir: &Path, set: &Settings) -> Result<Outcome> {
             })
             .unwrap_or(f64::NAN)
     };
-    up.wait_within("flushed and compacted", Duration::from_secs(120), || {
-        SIGNALS.iter().all(|(_, table)| {
+    // Done once nothing is hot and three compaction intervals pass with
+    // no compaction.
+    let compactions = "lumen_compactions_total{outcome=\"ok\"}";
+    let mut last = (f64::NAN, Instant::now());
+    up.wait_within("flushed and compacted", Duration::from_secs(180), || {
+        let hot = SIGNALS.iter().all(|(_, table)| {
             metric(&format!(
                 "lumen_table_rows{{table=\"{table}\",tier=\"hot\"}}"
             )) == 0.0
-                && metric(&format!("lumen_table_files{{table=\"{table}\"}}")) <= 2.0
-        })
+        });
+        let done = metric(compactions);
+        if done != last.0 {
+            last = (done, Instant::now());
+        }
+        hot && last.1.elapsed() > Duration::from_secs(6)
     })?;
     for (i, (_, table)) in SIGNALS.iter().enumerate() {
         signals[i].rows = metric(&format!(

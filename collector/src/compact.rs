@@ -56,7 +56,7 @@ impl Default for CompactionPolicy {
             min_files: 8,
             settle: Duration::from_secs(600),
             max_rows: 4_000_000,
-            max_bytes: 32 << 20,
+            max_bytes: 64 << 20,
         }
     }
 }
