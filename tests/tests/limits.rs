@@ -214,7 +214,13 @@ async fn limits_and_timeouts_answer_count_and_leave_the_sidecar_serving() -> Res
         .await
         .context("the connection survived 200 rapid resets")?;
     let err = ended?.expect_err("the server ends the connection");
-    assert_eq!(err.reason(), Some(h2::Reason::ENHANCE_YOUR_CALM), "{err}");
+    // GOAWAY says why; a client still writing resets can find the socket
+    // closed before it reads the GOAWAY — `http2_abuse` below counts it
+    // either way.
+    assert!(
+        err.reason() == Some(h2::Reason::ENHANCE_YOUR_CALM) || err.is_io(),
+        "{err}"
+    );
 
     // Still serving, and every refusal counted.
     let r = get("/status/200/after").send().await?;
