@@ -324,12 +324,7 @@ fn promql() -> Vec<(&'static str, &'static str)> {
 }
 
 pub fn run(lumen: &Path, dir: &Path, set: &Settings) -> Result<Measured> {
-    let ports = peers::free_ports(3)?;
-    let ports = CollectorPorts {
-        otlp_grpc: ports[0],
-        otlp_http: ports[1],
-        query: ports[2],
-    };
+    let ports = CollectorPorts::pick()?;
     let mesh = peers::write_mesh(dir, local(9), false)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -46,12 +46,7 @@ pub struct Phase {
 }
 
 pub fn run(lumen: &Path, dir: &Path, set: &Settings) -> Result<Vec<Phase>> {
-    let ports = peers::free_ports(3)?;
-    let ports = CollectorPorts {
-        otlp_grpc: ports[0],
-        otlp_http: ports[1],
-        query: ports[2],
-    };
+    let ports = CollectorPorts::pick()?;
     let mesh = peers::write_mesh(dir, local(9), false)?;
     // No flush during the run (it would land in one phase only), and a
     // runaway that outlasts it.

@@ -103,12 +103,7 @@ async fn payloads(endpoint: &str, set: &Settings) -> Result<(Vec<Vec<FlightData>
 }
 
 pub fn run(lumen: &Path, dir: &Path, set: &Settings) -> Result<Vec<Phase>> {
-    let ports = peers::free_ports(3)?;
-    let ports = CollectorPorts {
-        otlp_grpc: ports[0],
-        otlp_http: ports[1],
-        query: ports[2],
-    };
+    let ports = CollectorPorts::pick()?;
     let mesh = peers::write_mesh(dir, local(9), false)?;
     let args = [
         "--flush-interval",

@@ -355,6 +355,18 @@ pub struct CollectorPorts {
     pub query: u16,
 }
 
+impl CollectorPorts {
+    /// Free ports on loopback for one `lumen up`.
+    pub fn pick() -> Result<Self> {
+        let ports = free_ports(3)?;
+        Ok(CollectorPorts {
+            otlp_grpc: ports[0],
+            otlp_http: ports[1],
+            query: ports[2],
+        })
+    }
+}
+
 pub fn start_collector(
     lumen: &Path,
     dir: &Path,

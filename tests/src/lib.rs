@@ -418,6 +418,40 @@ pub fn peer_tool(name: &str, install: &str) -> PathBuf {
     }
 }
 
+/// One sample of a `lumen up`'s own metrics on the query port's
+/// `/metrics` (`series` is the name with its labels), or 0 if absent.
+pub async fn metric(ports: &UpPorts, series: &str) -> Result<f64> {
+    let text = reqwest::get(format!("http://127.0.0.1:{}/metrics", ports.query))
+        .await?
+        .text()
+        .await?;
+    Ok(text
+        .lines()
+        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+        .unwrap_or(0.0))
+}
+
+/// Polls [`metric`] until `done` holds (or 60 s pass); returns the last value.
+pub async fn wait_metric(ports: &UpPorts, series: &str, done: impl Fn(f64) -> bool) -> Result<f64> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let v = metric(ports, series).await?;
+        if done(v) || Instant::now() > deadline {
+            return Ok(v);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Rows DuckDB reads from the Parquet files `glob` matches.
+pub fn duckdb_count(glob: &str) -> Result<i64> {
+    let out = run_python(
+        "import sys, duckdb\nprint(duckdb.connect().execute(f\"SELECT count(*) FROM read_parquet('{sys.argv[1]}')\").fetchone()[0])",
+        &[glob],
+    )?;
+    Ok(out.trim().parse()?)
+}
+
 /// The Python interpreter used for peer clients (OpenTelemetry SDK, DuckDB).
 pub fn python() -> String {
     std::env::var("LUMEN_TEST_PYTHON").unwrap_or_else(|_| "python3".into())

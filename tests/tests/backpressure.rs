@@ -8,21 +8,10 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use lumen_tests::otlp::export;
-use lumen_tests::{UpPorts, sql_count, start_up, write_mesh};
+use lumen_tests::{UpPorts, metric, sql_count, start_up, write_mesh};
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_client::TraceServiceClient;
 use prost::Message;
 use tonic_types::StatusExt;
-
-async fn metric(ports: &UpPorts, series: &str) -> Result<f64> {
-    let text = reqwest::get(format!("http://127.0.0.1:{}/metrics", ports.query))
-        .await?
-        .text()
-        .await?;
-    Ok(text
-        .lines()
-        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
-        .unwrap_or(0.0))
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn past_the_memory_bound_ingest_says_resource_exhausted_and_does_not_grow() -> Result<()> {

@@ -6,7 +6,7 @@ use std::path::Path;
 
 use anyhow::Result;
 use lumen_tests::otlp::export;
-use lumen_tests::{UpPorts, run_python, sql_count, start_up, write_mesh};
+use lumen_tests::{UpPorts, duckdb_count, run_python, sql_count, start_up, write_mesh};
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_client::TraceServiceClient;
 use prost::Message;
 
@@ -14,14 +14,6 @@ fn mesh(dir: &Path) -> Result<std::path::PathBuf> {
     let path = dir.join("mesh.yaml");
     write_mesh(&path, &[("reviews", 9080, &[])])?;
     Ok(path)
-}
-
-fn duckdb_count(glob: &str) -> Result<i64> {
-    let out = run_python(
-        "import sys, duckdb\nprint(duckdb.connect().execute(f\"SELECT count(*) FROM read_parquet('{sys.argv[1]}')\").fetchone()[0])",
-        &[glob],
-    )?;
-    Ok(out.trim().parse()?)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

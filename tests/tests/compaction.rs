@@ -7,39 +7,8 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use lumen_tests::otlp::export;
-use lumen_tests::{UpPorts, run_python, sql_count, start_up, write_mesh};
+use lumen_tests::{UpPorts, duckdb_count, metric, sql_count, start_up, wait_metric, write_mesh};
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_client::TraceServiceClient;
-
-fn duckdb_count(glob: &str) -> Result<i64> {
-    let out = run_python(
-        "import sys, duckdb\nprint(duckdb.connect().execute(f\"SELECT count(*) FROM read_parquet('{sys.argv[1]}')\").fetchone()[0])",
-        &[glob],
-    )?;
-    Ok(out.trim().parse()?)
-}
-
-/// One sample of the collector's metrics on `/metrics`, or 0 if absent.
-async fn metric(ports: &UpPorts, series: &str) -> Result<f64> {
-    let text = reqwest::get(format!("http://127.0.0.1:{}/metrics", ports.query))
-        .await?
-        .text()
-        .await?;
-    Ok(text
-        .lines()
-        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
-        .unwrap_or(0.0))
-}
-
-async fn wait_metric(ports: &UpPorts, series: &str, done: impl Fn(f64) -> bool) -> Result<f64> {
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    loop {
-        let v = metric(ports, series).await?;
-        if done(v) || std::time::Instant::now() > deadline {
-            return Ok(v);
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
 
 const COMPACT_FAST: [&str; 6] = [
     "--flush-interval",

@@ -9,7 +9,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use lumen_tests::{lumen_bin, run_python, sql, wait_for_count};
+use lumen_tests::{lumen_bin, sql, wait_for_count};
 use tokio::sync::mpsc;
 
 /// Long enough for the checks below to run against the live demo.
@@ -333,11 +333,7 @@ async fn demo_prints_queries_that_answer_and_stops_cleanly_leaving_parquet() -> 
     assert_eq!(parquet.len(), files, "{summary}: {on_disk:?}");
     assert_eq!(parquet.len(), on_disk.len(), "only Parquet: {on_disk:?}");
     let glob = format!("{}/date=*/hour=*/*.parquet", table_dir.display());
-    let duck = run_python(
-        "import sys, duckdb\nprint(duckdb.connect().execute(f\"SELECT count(*) FROM read_parquet('{sys.argv[1]}')\").fetchone()[0])",
-        &[&glob],
-    )?;
-    assert_eq!(duck.trim().parse::<i64>()?, rows, "{summary}");
+    assert_eq!(lumen_tests::duckdb_count(&glob)?, rows, "{summary}");
     Ok(())
 }
 

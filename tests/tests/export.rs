@@ -3,30 +3,17 @@
 //! records as spans, metrics, logs — and with that endpoint down its own
 //! ingest goes on unaffected while drops are counted.
 
-use std::time::{Duration, Instant};
-
 use anyhow::Result;
 use lumen_core::RequestRecord;
 use lumen_tests::flight::{client as flight_client, put_records};
 use lumen_tests::otlp::export;
-use lumen_tests::{UpPorts, sql_count, start_up, wait_for_count, write_mesh};
+use lumen_tests::{UpPorts, metric, sql_count, start_up, wait_for_count, wait_metric, write_mesh};
 use opentelemetry_proto::tonic::collector::logs::v1::ExportLogsServiceRequest;
 use opentelemetry_proto::tonic::collector::logs::v1::logs_service_client::LogsServiceClient;
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_client::TraceServiceClient;
 use opentelemetry_proto::tonic::common::v1::{AnyValue, KeyValue, any_value};
 use opentelemetry_proto::tonic::logs::v1::{LogRecord, ResourceLogs, ScopeLogs};
 use opentelemetry_proto::tonic::resource::v1::Resource;
-
-async fn metric(ports: &UpPorts, series: &str) -> Result<f64> {
-    let text = reqwest::get(format!("http://127.0.0.1:{}/metrics", ports.query))
-        .await?
-        .text()
-        .await?;
-    Ok(text
-        .lines()
-        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
-        .unwrap_or(0.0))
-}
 
 fn logs(service: &str, n: usize) -> ExportLogsServiceRequest {
     let now = std::time::SystemTime::now()
@@ -146,10 +133,9 @@ async fn what_one_collector_stores_reaches_another_and_a_dead_endpoint_costs_ing
     let q = "SELECT count(*) AS n FROM spans WHERE service_name = 'after'";
     assert_eq!(sql_count(&front.sql_url(), q).await?, 1000);
     let dropped = format!("{sent}\",signal=\"traces\",outcome=\"dropped_retries_exhausted\"}}");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while metric(&front, &dropped).await? == 0.0 && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    assert!(metric(&front, &dropped).await? > 0.0, "drops are counted");
+    assert!(
+        wait_metric(&front, &dropped, |v| v > 0.0).await? > 0.0,
+        "drops are counted"
+    );
     Ok(())
 }

@@ -42,6 +42,29 @@ pub struct Converted {
     pub first_error: Option<String>,
 }
 
+impl Converted {
+    /// `rows` rows of `table` (built by `finish` when there are any) and
+    /// the rejections.
+    fn of(
+        table: &str,
+        rows: usize,
+        finish: impl FnOnce() -> Result<RecordBatch, ArrowError>,
+        rejected: Rejections,
+    ) -> Result<Self, ArrowError> {
+        let mut batches = Vec::new();
+        if rows > 0 {
+            let t = table_index(table).expect("a table of the store");
+            batches.push((t, finish()?));
+        }
+        Ok(Converted {
+            batches,
+            rows,
+            rejected: rejected.count,
+            first_error: rejected.first,
+        })
+    }
+}
+
 /// Data point flag: the point has no value (a staleness marker).
 const NO_RECORDED_VALUE: u32 = 1;
 
@@ -613,18 +636,7 @@ pub fn convert_metrics(
             }
         }
     }
-    let rows = cols.rows;
-    let mut batches = Vec::new();
-    if rows > 0 {
-        let t = table_index(METRICS).expect("metrics table");
-        batches.push((t, cols.finish()?));
-    }
-    Ok(Converted {
-        batches,
-        rows,
-        rejected: rejected.count,
-        first_error: rejected.first,
-    })
+    Converted::of(METRICS, cols.rows, || cols.finish(), rejected)
 }
 
 /// Where one metric's points go: its rows, or its rejections.
@@ -815,18 +827,7 @@ pub fn convert_logs(
             }
         }
     }
-    let rows = cols.rows;
-    let mut batches = Vec::new();
-    if rows > 0 {
-        let t = table_index(LOGS).expect("logs table");
-        batches.push((t, cols.finish()?));
-    }
-    Ok(Converted {
-        batches,
-        rows,
-        rejected: rejected.count,
-        first_error: rejected.first,
-    })
+    Converted::of(LOGS, cols.rows, || cols.finish(), rejected)
 }
 
 #[cfg(test)]

@@ -534,7 +534,7 @@ fn family_filter(family: Family) -> &'static str {
 }
 
 /// A SQL timestamp literal for milliseconds since the epoch.
-fn ts(ms: i64) -> String {
+pub(super) fn ts(ms: i64) -> String {
     let t = chrono::DateTime::from_timestamp_millis(ms).unwrap_or_default();
     format!(
         "TIMESTAMP '{}'",
@@ -542,7 +542,8 @@ fn ts(ms: i64) -> String {
     )
 }
 
-fn quote(s: &str) -> String {
+/// A SQL string literal.
+pub(super) fn quote(s: &str) -> String {
     format!("'{}'", s.replace('\'', "''"))
 }
 

@@ -16,7 +16,7 @@ use promql_parser::parser::VectorSelector;
 
 use super::PromError;
 use super::eval::{Source, matches, selected_names};
-use super::istio::IstioSource;
+use super::istio::{IstioSource, quote, ts};
 use super::value::{self, Labels, METRIC_NAME, RawSeries};
 use crate::engine::QueryEngine;
 
@@ -133,18 +133,6 @@ fn utf8(column: &arrow::array::ArrayRef) -> Result<arrow::array::StringArray, Pr
     let cast = arrow::compute::cast(column, &DataType::Utf8)
         .map_err(|e| PromError::Execution(e.to_string()))?;
     Ok(cast.as_string::<i32>().clone())
-}
-
-fn ts(ms: i64) -> String {
-    let t = chrono::DateTime::from_timestamp_millis(ms).unwrap_or_default();
-    format!(
-        "TIMESTAMP '{}'",
-        t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
-    )
-}
-
-fn quote(s: &str) -> String {
-    format!("'{}'", s.replace('\'', "''"))
 }
 
 /// Series from the `metrics` table.
