@@ -6,11 +6,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 python=${LUMEN_TEST_PYTHON:-python3}
-if ! "$python" -c 'import opentelemetry.sdk, opentelemetry.exporter.otlp.proto.grpc, opentelemetry.exporter.otlp.proto.http, duckdb, psycopg, adbc_driver_flightsql.dbapi' 2>/dev/null; then
-  echo "installing test peers: OpenTelemetry Python SDK + OTLP exporters, DuckDB, psycopg, ADBC Flight SQL" >&2
+if ! "$python" -c 'import opentelemetry.sdk, opentelemetry.exporter.otlp.proto.grpc, opentelemetry.exporter.otlp.proto.http, duckdb, psycopg, adbc_driver_flightsql.dbapi, pyarrow.fs, moto.server' 2>/dev/null; then
+  echo "installing test peers: OpenTelemetry Python SDK + OTLP exporters, DuckDB, psycopg, ADBC Flight SQL, pyarrow, moto's S3 server" >&2
   "$python" -m pip install --quiet --disable-pip-version-check \
     opentelemetry-sdk opentelemetry-exporter-otlp-proto-grpc opentelemetry-exporter-otlp-proto-http duckdb \
-    'psycopg[binary]' adbc-driver-flightsql adbc-driver-manager pyarrow
+    'psycopg[binary]' adbc-driver-flightsql adbc-driver-manager pyarrow 'moto[server]'
 fi
 
 apt_pkgs=()

@@ -200,6 +200,40 @@ struct StoreArgs {
     /// it is dropped.
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     export_retry_for: Duration,
+    /// Where Parquet files go, shared by several collectors: a directory or
+    /// an object store URL (s3://bucket/prefix, gs://bucket/prefix,
+    /// az://container/prefix, file:///path). Each collector writes under
+    /// <store>/<collector-id>/ and its queries read every collector's files.
+    /// Credentials and settings come from the environment (AWS_*, GOOGLE_*,
+    /// AZURE_*) and --store-option. [default: <data-dir>/tables, this
+    /// collector's alone]
+    #[arg(long, env = "LUMEN_STORE", value_name = "URL")]
+    store: Option<String>,
+    /// This collector's prefix in the --store; keep it stable across
+    /// restarts (a StatefulSet's pod name), and give each collector its own.
+    /// [default: the host name]
+    #[arg(long, env = "LUMEN_COLLECTOR_ID")]
+    collector_id: Option<String>,
+    /// A setting of the --store's client as KEY=VALUE, with object_store's
+    /// key names (aws_endpoint=http://minio:9000, aws_allow_http=true,
+    /// aws_region=eu-west-1, google_service_account=…,
+    /// azure_storage_account_name=…); repeat for several.
+    #[arg(long = "store-option", value_name = "KEY=VALUE", value_parser = parse_store_option)]
+    store_option: Vec<(String, String)>,
+    /// How often other collectors' files in the --store are listed.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    store_refresh: Duration,
+    /// How long files this collector compacted or expired stay in the
+    /// --store, so other collectors' running queries can finish reading
+    /// them.
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    store_delete_grace: Duration,
+}
+
+fn parse_store_option(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .ok_or_else(|| format!("`{s}` is not KEY=VALUE, like aws_endpoint=http://minio:9000"))
 }
 
 fn parse_export_url(s: &str) -> Result<String, String> {
@@ -245,6 +279,16 @@ impl StoreArgs {
         c.rollup_max_values = self.rollup_max_values;
         c.compaction.interval = self.compaction_interval;
         c.compaction.min_files = self.compaction_min_files as usize;
+        c.storage = lumen_collector::storage::StorageConfig {
+            url: self.store.clone(),
+            collector_id: self
+                .collector_id
+                .clone()
+                .unwrap_or_else(lumen_collector::storage::default_collector_id),
+            options: self.store_option.clone(),
+            refresh: self.store_refresh,
+            delete_grace: self.store_delete_grace,
+        };
         c.export = self
             .export_otlp
             .iter()
@@ -303,7 +347,7 @@ struct UpArgs {
     /// Mesh configuration (YAML, kind: Mesh).
     #[arg(short = 'f', long = "file")]
     file: PathBuf,
-    /// Where the WAL and Parquet files live.
+    /// Where the WAL lives, and the Parquet files unless --store says.
     #[arg(long, default_value = "lumen-data")]
     data_dir: PathBuf,
     /// Flush hot rows to Parquet at least this often.
@@ -423,7 +467,7 @@ struct DemoArgs {
     /// Stop after this many seconds [default: run until Ctrl-C].
     #[arg(long)]
     duration: Option<u64>,
-    /// Where the WAL and Parquet files live.
+    /// Where the WAL lives, and the Parquet files unless --store says.
     #[arg(long, default_value = "lumen-demo-data")]
     data_dir: PathBuf,
     /// Requests per second into productpage.

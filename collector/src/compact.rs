@@ -13,21 +13,23 @@
 //! retention, which removes whole hour partitions.
 //!
 //! Files leaving the catalog are deleted once no query holds them
-//! ([`crate::store::FileHolds`]), so a running query can still read them.
+//! ([`crate::store::FileHolds`]), so a running query can still read them; in
+//! a shared store, also not before the delete grace, which the queries of
+//! other collectors (which list this one's files now and then) need.
 
 use std::collections::BTreeMap;
-use std::fs::File;
-use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use arrow::compute::{concat_batches, sort_to_indices, take_record_batch};
 use arrow::record_batch::RecordBatch;
 use lumen_core::schema::{LOGS, METRICS, REQUESTS, ROLLUPS, SPANS, TABLES, table_schema};
+use object_store::path::Path;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use tokio::sync::watch;
 
 use crate::persist::{self, PersistError};
+use crate::storage::Storage;
 use crate::store::{FileMeta, Store};
 
 /// When partitions are compacted.
@@ -105,19 +107,23 @@ impl Retention {
 /// Compaction and retention over one store.
 #[derive(Debug, Clone)]
 pub struct Housekeeper {
-    pub(crate) tables_dir: PathBuf,
+    pub(crate) storage: Arc<Storage>,
     pub(crate) store: Arc<Store>,
     pub compaction: CompactionPolicy,
     pub retention: Retention,
-    /// Files out of the catalog, deleted once no query holds them.
-    graveyard: Arc<std::sync::Mutex<Vec<Arc<FileMeta>>>>,
+    /// Files out of the catalog since when, deleted once no query holds
+    /// them and the store's delete grace is over.
+    graveyard: Arc<std::sync::Mutex<Vec<Buried>>>,
 }
+
+/// A file out of the catalog, and since when.
+type Buried = (Arc<FileMeta>, Instant);
 
 /// What one compaction did.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Compacted {
     pub table: &'static str,
-    pub partition: PathBuf,
+    pub partition: String,
     pub files: usize,
     pub rows: u64,
     pub bytes_before: u64,
@@ -125,9 +131,9 @@ pub struct Compacted {
 }
 
 impl Housekeeper {
-    pub fn new(tables_dir: PathBuf, store: Arc<Store>) -> Self {
+    pub fn new(storage: Arc<Storage>, store: Arc<Store>) -> Self {
         Housekeeper {
-            tables_dir,
+            storage,
             store,
             compaction: CompactionPolicy::default(),
             retention: Retention::default(),
@@ -152,19 +158,14 @@ impl Housekeeper {
             if stop.is_some_and(|s| *s.borrow()) {
                 break;
             }
-            let this = self.clone();
-            let result = tokio::task::spawn_blocking(move || this.compact_group(table, &group))
-                .await
-                .map_err(|e| PersistError::Write {
-                    path: self.tables_dir.clone(),
-                    message: e.to_string(),
-                })
-                .and_then(|r| r);
+            let result = self.compact_group(table, &group).await;
+            // The group's hold on its files goes before the sweep below.
+            drop(group);
             match result {
                 Ok(Some(c)) => {
                     tracing::info!(
                         table = c.table,
-                        partition = %c.partition.display(),
+                        partition = %c.partition,
                         files = c.files,
                         rows = c.rows,
                         bytes_before = c.bytes_before,
@@ -173,9 +174,10 @@ impl Housekeeper {
                     );
                     self.store.metrics().compacted(true, c.files);
                     done.push(c);
-                    // Replaced files no query reads go at once, so readers
-                    // of the directory (DuckDB, Spark) see each row once.
-                    self.sweep(false);
+                    // Replaced files no query reads go at once (in a store
+                    // of its own), so readers of the directory (DuckDB,
+                    // Spark) see each row once.
+                    self.sweep(false).await;
                 }
                 Ok(None) => {}
                 Err(e) => {
@@ -198,7 +200,7 @@ impl Housekeeper {
         let durable = self.store.checkpoint();
         let mut out = Vec::new();
         for (t, _) in TABLES.iter().enumerate() {
-            let mut partitions: BTreeMap<PathBuf, Vec<Arc<FileMeta>>> = BTreeMap::new();
+            let mut partitions: BTreeMap<Path, Vec<Arc<FileMeta>>> = BTreeMap::new();
             for f in self.store.files_of(t) {
                 // Large files stay; so do files another tool wrote (no
                 // time range of ours): they are not ours to rewrite.
@@ -210,9 +212,10 @@ impl Housekeeper {
                 {
                     continue;
                 }
-                if let Some(dir) = f.path.parent() {
-                    partitions.entry(dir.to_path_buf()).or_default().push(f);
-                }
+                partitions
+                    .entry(persist::partition_of(&f.location))
+                    .or_default()
+                    .push(f);
             }
             for (_, mut files) in partitions {
                 let hour_over = files
@@ -249,77 +252,46 @@ impl Housekeeper {
 
     /// Merges `group` (files of one partition) into one file and swaps it
     /// into the catalog.
-    fn compact_group(
+    async fn compact_group(
         &self,
         table: usize,
         group: &[Arc<FileMeta>],
     ) -> Result<Option<Compacted>, PersistError> {
         let name = TABLES[table];
-        let schema = table_schema(name).expect("every table has a schema");
-        let Some(dir) = group
-            .first()
-            .and_then(|f| f.path.parent())
-            .map(Path::to_path_buf)
-        else {
+        let Some(partition) = group.first().map(|f| persist::partition_of(&f.location)) else {
             return Ok(None);
         };
-        let mut batches: Vec<RecordBatch> = Vec::new();
+        let mut contents = Vec::with_capacity(group.len());
         for f in group {
-            let read_err = |message: String| PersistError::Read {
-                path: f.path.clone(),
-                message,
-            };
-            let file = File::open(&f.path).map_err(|e| read_err(e.to_string()))?;
-            let reader = ParquetRecordBatchReaderBuilder::try_new(file)
-                .and_then(|b| b.with_batch_size(64 * 1024).build())
-                .map_err(|e| read_err(e.to_string()))?;
-            for b in reader {
-                let b = b.map_err(|e| read_err(e.to_string()))?;
-                // Files keep the table's schema; metadata aside, columns
-                // are taken as the table's.
-                batches.push(
-                    RecordBatch::try_new(schema.clone(), b.columns().to_vec())
-                        .map_err(|e| read_err(e.to_string()))?,
-                );
-            }
+            contents.push(self.storage.get(&f.location).await?);
         }
-        let write_err = |message: String| PersistError::Write {
-            path: dir.clone(),
-            message,
-        };
-        let all = concat_batches(&schema, &batches).map_err(|e| write_err(e.to_string()))?;
-        drop(batches);
-        let want: u64 = group.iter().map(|f| f.rows).sum();
-        if all.num_rows() as u64 != want {
-            return Err(write_err(format!(
-                "the files hold {} rows but their metadata says {want}; leaving them as they are",
-                all.num_rows()
-            )));
-        }
-        let order =
-            sort_to_indices(all.column(0), None, None).map_err(|e| write_err(e.to_string()))?;
-        let sorted = take_record_batch(&all, &order).map_err(|e| write_err(e.to_string()))?;
-        drop(all);
-        let segment = group.iter().map(|f| f.segment).max().unwrap_or(0);
-        let replaces: Vec<String> = group
-            .iter()
-            .filter_map(|f| f.path.file_name().map(|n| n.to_string_lossy().into_owned()))
-            .collect();
-        let merged = persist::write_partition_file(&dir, segment, &sorted, &replaces)?;
+        let files = group.to_vec();
+        let at = partition.clone();
+        let url = self.storage.url_of(&partition);
+        let (merged, data) =
+            tokio::task::spawn_blocking(move || merge(name, &at, &files, contents))
+                .await
+                .map_err(|e| PersistError::Write {
+                    path: url.clone(),
+                    message: e.to_string(),
+                })??;
+        self.storage.put(&merged.location, data).await?;
         let bytes_after = merged.bytes;
-        let old: Vec<PathBuf> = group.iter().map(|f| f.path.clone()).collect();
-        if !self.store.replace_files(table, &old, merged.clone()) {
+        let rows = merged.rows;
+        let location = merged.location.clone();
+        let old: Vec<Path> = group.iter().map(|f| f.location.clone()).collect();
+        if !self.store.replace_files(table, &old, merged) {
             // The catalog changed under us (retention took a file): the
             // merged file must not be loaded beside what is left.
-            let _ = std::fs::remove_file(&merged.path);
+            let _ = self.storage.delete(&location).await;
             return Ok(None);
         }
         self.bury(group.to_vec());
         Ok(Some(Compacted {
             table: name,
-            partition: dir,
+            partition: url,
             files: group.len(),
-            rows: want,
+            rows,
             bytes_before: group.iter().map(|f| f.bytes).sum(),
             bytes_after,
         }))
@@ -344,8 +316,8 @@ impl Housekeeper {
             if old.is_empty() {
                 continue;
             }
-            let paths: Vec<PathBuf> = old.iter().map(|f| f.path.clone()).collect();
-            let removed = self.store.remove_files(t, &paths);
+            let locations: Vec<Path> = old.iter().map(|f| f.location.clone()).collect();
+            let removed = self.store.remove_files(t, &locations);
             let bytes: u64 = old.iter().map(|f| f.bytes).sum();
             tracing::info!(
                 table = name,
@@ -363,33 +335,30 @@ impl Housekeeper {
 
     fn bury(&self, files: Vec<Arc<FileMeta>>) {
         let mut graveyard = self.graveyard.lock().unwrap_or_else(|e| e.into_inner());
-        graveyard.extend(files);
+        let now = Instant::now();
+        graveyard.extend(files.into_iter().map(|f| (f, now)));
     }
 
-    /// Deletes files out of the catalog that no query holds any more (all
-    /// of them with `all`), and partition directories left empty.
-    pub fn sweep(&self, all: bool) -> usize {
-        let due: Vec<PathBuf> = {
+    /// Deletes files out of the catalog that no query holds any more and
+    /// whose delete grace is over (all of them with `all`), and partition
+    /// directories left empty.
+    pub async fn sweep(&self, all: bool) -> usize {
+        let grace = self.storage.delete_grace();
+        self.sweep_where(|f, since| all || (Arc::strong_count(f) == 1 && since.elapsed() >= grace))
+            .await
+    }
+
+    async fn sweep_where(&self, due: impl Fn(&Arc<FileMeta>, Instant) -> bool) -> usize {
+        let due: Vec<Path> = {
             let mut graveyard = self.graveyard.lock().unwrap_or_else(|e| e.into_inner());
-            let (due, keep): (Vec<_>, Vec<_>) = graveyard
-                .drain(..)
-                .partition(|f| all || Arc::strong_count(f) == 1);
+            let (due, keep): (Vec<_>, Vec<_>) =
+                graveyard.drain(..).partition(|(f, since)| due(f, *since));
             *graveyard = keep;
-            due.into_iter().map(|f| f.path.clone()).collect()
+            due.into_iter().map(|(f, _)| f.location.clone()).collect()
         };
-        for path in &due {
-            match std::fs::remove_file(path) {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => {
-                    tracing::warn!(file = %path.display(), error = %e, "cannot delete a file out of the catalog")
-                }
-            }
-            // `hour=HH`, then `date=…`: removed once empty.
-            for dir in path.ancestors().skip(1).take(2) {
-                if dir.starts_with(&self.tables_dir) && std::fs::remove_dir(dir).is_err() {
-                    break;
-                }
+        for location in &due {
+            if let Err(e) = self.storage.delete(location).await {
+                tracing::warn!(error = %e, "cannot delete a file out of the catalog");
             }
         }
         due.len()
@@ -419,13 +388,69 @@ impl Housekeeper {
             if !self.compaction.interval.is_zero() {
                 self.compact_until(now, Some(&shutdown)).await;
             }
-            self.sweep(false);
+            self.sweep(false).await;
         }
-        self.sweep(false);
+        // Files out of the catalog would outlive the process in a shared
+        // store (until the next start) and be read twice by readers of the
+        // bucket; another collector's query still reading one fails, which
+        // a stop may cost.
+        self.sweep_where(|f, _| Arc::strong_count(f) == 1).await;
     }
 }
 
 const HOUR_US: i64 = 3_600_000_000;
+
+/// Reads a group's files, sorts their rows by time and encodes them as one
+/// file replacing them all.
+fn merge(
+    name: &'static str,
+    partition: &Path,
+    group: &[Arc<FileMeta>],
+    contents: Vec<bytes::Bytes>,
+) -> Result<(FileMeta, bytes::Bytes), PersistError> {
+    let schema = table_schema(name).expect("every table has a schema");
+    let mut batches: Vec<RecordBatch> = Vec::new();
+    for (f, data) in group.iter().zip(contents) {
+        let read_err = |message: String| PersistError::Read {
+            path: f.location.to_string(),
+            message,
+        };
+        let reader = ParquetRecordBatchReaderBuilder::try_new(data)
+            .and_then(|b| b.with_batch_size(64 * 1024).build())
+            .map_err(|e| read_err(e.to_string()))?;
+        for b in reader {
+            let b = b.map_err(|e| read_err(e.to_string()))?;
+            // Files keep the table's schema; metadata aside, columns are
+            // taken as the table's.
+            batches.push(
+                RecordBatch::try_new(schema.clone(), b.columns().to_vec())
+                    .map_err(|e| read_err(e.to_string()))?,
+            );
+        }
+    }
+    let write_err = |message: String| PersistError::Write {
+        path: partition.to_string(),
+        message,
+    };
+    let all = concat_batches(&schema, &batches).map_err(|e| write_err(e.to_string()))?;
+    drop(batches);
+    let want: u64 = group.iter().map(|f| f.rows).sum();
+    if all.num_rows() as u64 != want {
+        return Err(write_err(format!(
+            "the files hold {} rows but their metadata says {want}; leaving them as they are",
+            all.num_rows()
+        )));
+    }
+    let order = sort_to_indices(all.column(0), None, None).map_err(|e| write_err(e.to_string()))?;
+    let sorted = take_record_batch(&all, &order).map_err(|e| write_err(e.to_string()))?;
+    drop(all);
+    let segment = group.iter().map(|f| f.segment).max().unwrap_or(0);
+    let replaces: Vec<String> = group
+        .iter()
+        .filter_map(|f| f.location.filename().map(str::to_owned))
+        .collect();
+    persist::encode_file(partition, segment, &sorted, &replaces)
+}
 
 fn micros(t: SystemTime) -> i64 {
     t.duration_since(UNIX_EPOCH)

@@ -30,6 +30,7 @@ pub mod persist;
 #[cfg(test)]
 mod persist_tests;
 pub mod rollup;
+pub mod storage;
 pub mod store;
 pub mod wal;
 
@@ -71,6 +72,8 @@ pub enum CollectorError {
     Wal(#[from] wal::WalError),
     #[error(transparent)]
     Persist(#[from] persist::PersistError),
+    #[error(transparent)]
+    Storage(#[from] storage::StorageError),
     #[error("OTLP/gRPC server: {0}")]
     Grpc(String),
 }
@@ -99,6 +102,9 @@ pub struct CollectorConfig {
     /// Distinct values each rollup label keeps per hour; the rest are
     /// counted under `other`.
     pub rollup_max_values: usize,
+    /// Where Parquet files go: `<data>/tables`, or a store shared by
+    /// several collectors.
+    pub storage: storage::StorageConfig,
 }
 
 impl CollectorConfig {
@@ -115,6 +121,7 @@ impl CollectorConfig {
             retention: compact::Retention::default(),
             export: Vec::new(),
             rollup_max_values: rollup::DEFAULT_MAX_VALUES,
+            storage: storage::StorageConfig::default(),
         }
     }
 }
@@ -148,13 +155,9 @@ async fn bind(
     }
 }
 
-/// `<data>/wal` and `<data>/tables`.
+/// `<data>/wal`.
 pub fn wal_dir(data_dir: &Path) -> PathBuf {
     data_dir.join("wal")
-}
-
-pub fn tables_dir(data_dir: &Path) -> PathBuf {
-    data_dir.join("tables")
 }
 
 impl Collector {
@@ -166,27 +169,40 @@ impl Collector {
             path: data.clone(),
             message: e.to_string(),
         })?;
+        // A store that cannot be opened is a config error: before binding.
+        let storage = Arc::new(storage::Storage::open(&config.storage, &data)?);
         let grpc = bind("OTLP/gRPC", config.otlp_grpc).await?;
         let http = bind("OTLP/HTTP", config.otlp_http).await?;
         let store = Arc::new(Store::new());
+        store.set_storage(storage.clone());
         // Before the WAL replays into it, so replayed rows fold the same way.
         store.set_rollup_max_values(config.rollup_max_values);
-        let (wal, wal_thread, replayed, files) = {
-            let store = store.clone();
+        let checkpoint = {
             let dir = data.clone();
             tokio::task::spawn_blocking(move || {
-                let data = dir;
-                format::check(&data)?;
-                let wal_dir = wal_dir(&data);
+                format::check(&dir)?;
+                let wal_dir = wal_dir(&dir);
                 std::fs::create_dir_all(&wal_dir).map_err(|e| CollectorError::DataDir {
                     path: wal_dir.clone(),
                     message: e.to_string(),
                 })?;
-                let checkpoint = wal::read_checkpoint(&wal_dir)?;
-                store.set_checkpoint(checkpoint);
-                let files = persist::load_files(&tables_dir(&data), checkpoint)?;
-                let (wal, thread, replayed) = wal::open(&wal_dir, store)?;
-                Ok::<_, CollectorError>((wal, thread, replayed, files))
+                Ok::<_, CollectorError>(wal::read_checkpoint(&wal_dir)?)
+            })
+            .await
+            .map_err(|e| CollectorError::DataDir {
+                path: data.clone(),
+                message: e.to_string(),
+            })??
+        };
+        store.set_checkpoint(checkpoint);
+        // Files first: those of an unfinished flush go before the WAL
+        // replays their rows.
+        let files = persist::load_files(&storage, checkpoint).await?;
+        let (wal, wal_thread, replayed) = {
+            let store = store.clone();
+            let dir = data.clone();
+            tokio::task::spawn_blocking(move || {
+                Ok::<_, CollectorError>(wal::open(&wal_dir(&dir), store)?)
             })
             .await
             .map_err(|e| CollectorError::DataDir {
@@ -196,12 +212,25 @@ impl Collector {
         };
         let file_count = files.len();
         store.add_files(files);
+        if storage.is_shared() {
+            match persist::refresh_others(&storage, &store).await {
+                Ok(n) => tracing::info!(
+                    files = n,
+                    "reading other collectors' files in {}",
+                    storage.url_of(storage.root())
+                ),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot list other collectors' files yet")
+                }
+            }
+        }
         if replayed.rows > 0 || file_count > 0 {
             tracing::info!(
                 files = file_count,
                 wal_segments = replayed.segments,
                 wal_rows = replayed.rows,
-                "opened store in {}",
+                "opened store in {} (WAL in {})",
+                storage.url_of(storage.root()),
                 data.display()
             );
         }
@@ -215,7 +244,7 @@ impl Collector {
             },
         );
         let persister = persist::Persister {
-            tables_dir: tables_dir(&data),
+            storage: storage.clone(),
             wal_dir: wal_dir(&data),
             wal,
             store: store.clone(),
@@ -232,7 +261,7 @@ impl Collector {
             ingest.set_fanout(fanout);
             export_tasks = tasks;
         }
-        let mut housekeeper = compact::Housekeeper::new(tables_dir(&data), store.clone());
+        let mut housekeeper = compact::Housekeeper::new(storage.clone(), store.clone());
         housekeeper.compaction = config.compaction.clone();
         housekeeper.retention = config.retention.clone();
         Ok(Collector {
@@ -341,6 +370,14 @@ impl Collector {
         let (flush_stop_tx, flush_stop_rx) = watch::channel(false);
         let flusher = tokio::spawn(persister.clone().run(config.flush.clone(), flush_stop_rx));
         let housekeeping = tokio::spawn(housekeeper.run(stop_rx.clone()));
+        let others = persister.storage.is_shared().then(|| {
+            tokio::spawn(persist::follow_others(
+                persister.storage.clone(),
+                persister.store.clone(),
+                config.storage.refresh,
+                stop_rx.clone(),
+            ))
+        });
 
         shutdown.await;
         tracing::info!("collector shutting down: finishing requests, flushing to Parquet");
@@ -365,6 +402,9 @@ impl Collector {
         // A compaction in progress finishes (it is one partition); the next
         // start removes whatever it leaves half done.
         let _ = housekeeping.await;
+        if let Some(others) = others {
+            let _ = others.await;
+        }
         let _ = flush_stop_tx.send(true);
         let _ = flusher.await;
         // Exporters try once more to send what they hold, then stop.

@@ -1,15 +1,16 @@
 //! Persisting: hot rows become Parquet files, partitioned by table and hour.
 //!
 //! Files are laid out Hive-style so any Parquet reader can prune by path:
-//! `<data>/tables/<table>/date=YYYY-MM-DD/hour=HH/part-<segment>-<random>.parquet`.
-//! The segment in the name is the last WAL segment the file holds. A flush
-//! writes `*.parquet.tmp`, fsyncs, renames, and only then checkpoints the
-//! WAL; on start, files newer than the checkpoint belong to a flush that did
-//! not finish and are removed (their rows are still in the WAL).
+//! `<root>/<table>/date=YYYY-MM-DD/hour=HH/part-<segment>-<random>.parquet`,
+//! where the root is `<data>/tables` or this collector's prefix of a shared
+//! store ([`crate::storage`]). The segment in the name is the last WAL
+//! segment the file holds. A flush writes each file whole and durably, and
+//! only then checkpoints the WAL; on start, files newer than the checkpoint
+//! belong to a flush that did not finish and are removed (their rows are
+//! still in the WAL).
 
-use std::collections::BTreeMap;
-use std::fs::{self, File};
-use std::path::{Path, PathBuf};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -17,18 +18,24 @@ use arrow::array::{AsArray, UInt32Array};
 use arrow::compute::{concat_batches, take_record_batch};
 use arrow::datatypes::{DataType, TimestampMicrosecondType};
 use arrow::record_batch::RecordBatch;
+use bytes::Bytes;
 use chrono::{DateTime, Utc};
+use futures_util::{StreamExt, TryStreamExt};
 use lumen_core::schema::{TABLES, table_schema};
+use object_store::ObjectMeta;
+use object_store::path::Path;
 use parquet::arrow::ArrowWriter;
+use parquet::arrow::async_reader::MetadataFetch;
 use parquet::basic::{Compression, Encoding, ZstdLevel};
 use parquet::file::metadata::KeyValue;
+use parquet::file::metadata::ParquetMetaDataReader;
 use parquet::file::properties::{EnabledStatistics, WriterProperties, WriterPropertiesBuilder};
-use parquet::file::reader::{FileReader, SerializedFileReader};
 use parquet::schema::types::ColumnPath;
 use rand::Rng;
 use tokio::sync::watch;
 
 use crate::buffer::time_range;
+use crate::storage::{Storage, StorageError};
 use crate::store::{FileMeta, Store};
 use crate::wal::{self, WalError, WalHandle};
 
@@ -44,10 +51,12 @@ const META_REPLACES: &str = "lumen.replaces";
 pub enum PersistError {
     #[error(transparent)]
     Wal(#[from] WalError),
+    #[error(transparent)]
+    Storage(#[from] StorageError),
     #[error("writing {path}: {message}")]
-    Write { path: PathBuf, message: String },
+    Write { path: String, message: String },
     #[error("reading {path}: {message}")]
-    Read { path: PathBuf, message: String },
+    Read { path: String, message: String },
 }
 
 /// When the hot buffer is flushed to Parquet.
@@ -81,7 +90,7 @@ pub struct FlushReport {
 /// Moves hot rows to Parquet and checkpoints the WAL behind them.
 #[derive(Debug, Clone)]
 pub struct Persister {
-    pub(crate) tables_dir: PathBuf,
+    pub(crate) storage: Arc<Storage>,
     pub(crate) wal_dir: PathBuf,
     pub(crate) wal: WalHandle,
     pub(crate) store: Arc<Store>,
@@ -96,29 +105,39 @@ impl Persister {
         let _one_at_a_time = self.running.lock().await;
         let segment = self.wal.rotate().await?;
         let per_table = self.store.batches_through(segment);
-        let tables_dir = self.tables_dir.clone();
-        let files = tokio::task::spawn_blocking(move || {
+        let root = self.storage.root().clone();
+        let encoded = tokio::task::spawn_blocking(move || {
             let mut files = Vec::new();
             for (t, batches) in per_table.into_iter().enumerate() {
-                if batches.is_empty() {
-                    continue;
-                }
-                if let Err(e) = write_table(&tables_dir, t, &batches, segment, &mut files) {
-                    // The rows stay hot and in the WAL; files of this attempt
-                    // must not survive to be loaded beside a later flush's.
-                    for (_, f) in &files {
-                        let _ = fs::remove_file(&f.path);
-                    }
-                    return Err(e);
+                if !batches.is_empty() {
+                    encode_table(&root, t, &batches, segment, &mut files)?;
                 }
             }
             Ok::<_, PersistError>(files)
         })
         .await
         .map_err(|e| PersistError::Write {
-            path: self.tables_dir.clone(),
+            path: self.storage.url_of(self.storage.root()),
             message: e.to_string(),
         })??;
+        let written = futures_util::future::join_all(
+            encoded
+                .iter()
+                .map(|(_, meta, data)| self.storage.put(&meta.location, data.clone())),
+        )
+        .await;
+        if let Some(e) = written.iter().find_map(|r| r.as_ref().err()) {
+            // The rows stay hot and in the WAL; files of this attempt must
+            // not survive to be loaded beside a later flush's.
+            for (_, meta, _) in &encoded {
+                let _ = self.storage.delete(&meta.location).await;
+            }
+            return Err(PersistError::Write {
+                path: self.storage.url_of(self.storage.root()),
+                message: e.to_string(),
+            });
+        }
+        let files: Vec<(usize, FileMeta)> = encoded.into_iter().map(|(t, m, _)| (t, m)).collect();
         let report = FlushReport {
             segment,
             files: files.iter().map(|(_, f)| f.clone()).collect(),
@@ -128,7 +147,7 @@ impl Persister {
         tokio::task::spawn_blocking(move || wal::checkpoint(&wal_dir, segment))
             .await
             .map_err(|e| PersistError::Write {
-                path: self.wal_dir.clone(),
+                path: self.wal_dir.display().to_string(),
                 message: e.to_string(),
             })??;
         self.store.set_checkpoint(segment);
@@ -206,25 +225,21 @@ impl Persister {
     }
 }
 
-fn write_err(path: &Path) -> impl Fn(String) -> PersistError + '_ {
-    move |message| PersistError::Write {
-        path: path.to_path_buf(),
-        message,
-    }
-}
-
-/// Splits a table's hot rows by hour and writes one sorted file per hour.
-fn write_table(
-    tables_dir: &Path,
+/// Splits a table's hot rows by hour and encodes one sorted file per hour.
+fn encode_table(
+    root: &Path,
     table: usize,
     batches: &[RecordBatch],
     segment: u64,
-    out: &mut Vec<(usize, FileMeta)>,
+    out: &mut Vec<(usize, FileMeta, Bytes)>,
 ) -> Result<(), PersistError> {
     let name = TABLES[table];
     let schema = table_schema(name).expect("every table has a schema");
-    let dir = tables_dir.join(name);
-    let all = concat_batches(&schema, batches).map_err(|e| write_err(&dir)(e.to_string()))?;
+    let err = |message: String| PersistError::Write {
+        path: root.clone().join(name).to_string(),
+        message,
+    };
+    let all = concat_batches(&schema, batches).map_err(|e| err(e.to_string()))?;
     let times = all.column(0).as_primitive::<TimestampMicrosecondType>();
     let mut hours: BTreeMap<i64, Vec<(i64, u32)>> = BTreeMap::new();
     for (i, t) in times.values().iter().enumerate() {
@@ -237,10 +252,27 @@ fn write_table(
         // Sorted by time, so row-group statistics prune well.
         rows.sort_unstable();
         let indices = UInt32Array::from_iter_values(rows.iter().map(|(_, i)| *i));
-        let part = take_record_batch(&all, &indices).map_err(|e| write_err(&dir)(e.to_string()))?;
-        out.push((table, write_file(&dir, hour, segment, &part)?));
+        let part = take_record_batch(&all, &indices).map_err(|e| err(e.to_string()))?;
+        let partition = partition_of_hour(root, name, hour);
+        let (meta, data) = encode_file(&partition, segment, &part, &[])?;
+        out.push((table, meta, data));
     }
     Ok(())
+}
+
+/// `<root>/<table>/date=YYYY-MM-DD/hour=HH`.
+fn partition_of_hour(root: &Path, table: &str, hour: i64) -> Path {
+    let start = DateTime::<Utc>::from_timestamp_micros(hour * MICROS_PER_HOUR).unwrap_or_default();
+    root.clone()
+        .join(table)
+        .join(format!("date={}", start.format("%Y-%m-%d")))
+        .join(format!("hour={}", start.format("%H")))
+}
+
+/// The partition (directory) a file is in.
+pub(crate) fn partition_of(location: &Path) -> Path {
+    let parts: Vec<_> = location.parts().collect();
+    Path::from_iter(parts[..parts.len().saturating_sub(1)].iter().cloned())
 }
 
 /// How a table's columns are encoded, measured on the demo's traffic
@@ -294,32 +326,18 @@ fn writer_properties(schema: &arrow::datatypes::Schema) -> WriterPropertiesBuild
 /// Most rows in one data page (the parquet crate's default is 20k).
 const PAGE_ROWS: usize = 64 * 1024;
 
-fn write_file(
-    table_dir: &Path,
-    hour: i64,
-    segment: u64,
-    batch: &RecordBatch,
-) -> Result<FileMeta, PersistError> {
-    let start = DateTime::<Utc>::from_timestamp_micros(hour * MICROS_PER_HOUR).unwrap_or_default();
-    let dir = table_dir
-        .join(format!("date={}", start.format("%Y-%m-%d")))
-        .join(format!("hour={}", start.format("%H")));
-    write_partition_file(&dir, segment, batch, &[])
-}
-
-/// Writes one file into a partition directory: `*.tmp`, fsync, rename,
-/// fsync of the directories. `replaces` names files of the same directory
-/// the new one takes the place of (compaction).
-pub(crate) fn write_partition_file(
-    dir: &Path,
+/// Encodes one file of a partition. `replaces` names files of the same
+/// partition the new one takes the place of (compaction).
+pub(crate) fn encode_file(
+    partition: &Path,
     segment: u64,
     batch: &RecordBatch,
     replaces: &[String],
-) -> Result<FileMeta, PersistError> {
-    fs::create_dir_all(dir).map_err(|e| write_err(dir)(e.to_string()))?;
+) -> Result<(FileMeta, Bytes), PersistError> {
     let suffix: u32 = rand::rng().random();
-    let path = dir.join(format!("part-{segment:020}-{suffix:08x}.parquet"));
-    let tmp = path.with_extension("parquet.tmp");
+    let location = partition
+        .clone()
+        .join(format!("part-{segment:020}-{suffix:08x}.parquet"));
     let (min_time, max_time) = time_range(batch).unwrap_or((0, 0));
     let props = writer_properties(batch.schema_ref())
         .set_key_value_metadata(Some(
@@ -336,135 +354,230 @@ pub(crate) fn write_partition_file(
             .collect(),
         ))
         .build();
-    let err = write_err(&tmp);
-    let file = File::create(&tmp).map_err(|e| err(e.to_string()))?;
-    let mut writer =
-        ArrowWriter::try_new(file, batch.schema(), Some(props)).map_err(|e| err(e.to_string()))?;
-    writer.write(batch).map_err(|e| err(e.to_string()))?;
-    let file = writer.into_inner().map_err(|e| err(e.to_string()))?;
-    file.sync_all().map_err(|e| err(e.to_string()))?;
-    let bytes = file.metadata().map(|m| m.len()).unwrap_or(0);
-    drop(file);
-    fs::rename(&tmp, &path).map_err(|e| write_err(&path)(e.to_string()))?;
-    // The file's entry, and the entries of `date=`/`hour=` directories that
-    // may be new, must be durable before the WAL behind them is deleted.
-    wal::sync_dir(dir)?;
-    for parent in dir.ancestors().skip(1).take(2) {
-        wal::sync_dir(parent)?;
-    }
-    Ok(FileMeta {
-        path,
-        rows: batch.num_rows() as u64,
-        bytes,
-        min_time,
-        max_time,
-        segment,
-    })
+    let err = |e: parquet::errors::ParquetError| PersistError::Write {
+        path: location.to_string(),
+        message: e.to_string(),
+    };
+    let mut writer = ArrowWriter::try_new(Vec::new(), batch.schema(), Some(props)).map_err(err)?;
+    writer.write(batch).map_err(err)?;
+    let data = Bytes::from(writer.into_inner().map_err(err)?);
+    Ok((
+        FileMeta {
+            location,
+            rows: batch.num_rows() as u64,
+            bytes: data.len() as u64,
+            min_time,
+            max_time,
+            segment,
+            replaces: replaces.to_vec(),
+        },
+        data,
+    ))
 }
 
-/// Finds the Parquet files of every table. Files of segments past the WAL
-/// checkpoint, and leftover `.tmp` files, are from a flush (or compaction)
-/// that never completed; they are deleted because the WAL (or the files
-/// being compacted) still hold their rows. Files a completed compaction
-/// replaced but did not get to delete are deleted too.
-pub fn load_files(
-    tables_dir: &Path,
+/// Finds the Parquet files of every table of this collector. Files of
+/// segments past the WAL checkpoint, and leftover `.tmp` files, are from a
+/// flush (or compaction) that never completed; they are deleted because the
+/// WAL (or the files being compacted) still hold their rows. Files a
+/// completed compaction replaced but did not get to delete are deleted too.
+pub async fn load_files(
+    storage: &Storage,
     checkpoint: u64,
 ) -> Result<Vec<(usize, FileMeta)>, PersistError> {
     let mut out = Vec::new();
     for (t, name) in TABLES.iter().enumerate() {
-        let dir = tables_dir.join(name);
-        fs::create_dir_all(&dir).map_err(|e| write_err(&dir)(e.to_string()))?;
-        let mut paths = Vec::new();
-        walk(&dir, &mut paths)?;
-        paths.sort();
-        let mut table_files = Vec::new();
-        for path in paths {
-            let file_name = path
-                .file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_default();
+        let mut kept = Vec::new();
+        for object in storage.list(&storage.root().clone().join(*name)).await? {
+            let file_name = object.location.filename().unwrap_or_default();
             if file_name.ends_with(".parquet.tmp") {
-                fs::remove_file(&path).map_err(|e| write_err(&path)(e.to_string()))?;
+                storage.delete(&object.location).await?;
                 continue;
             }
-            if !file_name.ends_with(".parquet") {
+            if segment_of(file_name).is_some_and(|s| s > checkpoint) {
+                tracing::warn!(file = %storage.url_of(&object.location), "removing file of an unfinished flush; its rows are replayed from the WAL");
+                storage.delete(&object.location).await?;
                 continue;
             }
-            let segment = file_name
-                .strip_prefix("part-")
-                .and_then(|s| s.split('-').next())
-                .and_then(|s| s.parse::<u64>().ok());
-            if segment.is_some_and(|s| s > checkpoint) {
-                tracing::warn!(file = %path.display(), "removing file of an unfinished flush; its rows are replayed from the WAL");
-                fs::remove_file(&path).map_err(|e| write_err(&path)(e.to_string()))?;
-                continue;
-            }
-            let (meta, replaces) = read_meta(&path, segment.unwrap_or(0))?;
-            table_files.push((meta, replaces));
+            kept.push(object);
         }
-        let replaced: std::collections::HashSet<PathBuf> = table_files
-            .iter()
-            .flat_map(|(meta, replaces)| {
-                let dir = meta
-                    .path
-                    .parent()
-                    .map(Path::to_path_buf)
-                    .unwrap_or_default();
-                replaces.iter().map(move |name| dir.join(name))
-            })
-            .collect();
-        for (meta, _) in table_files {
-            if replaced.contains(&meta.path) {
-                tracing::info!(file = %meta.path.display(), "removing a file a finished compaction replaced");
-                fs::remove_file(&meta.path).map_err(|e| write_err(&meta.path)(e.to_string()))?;
-                continue;
-            }
-            out.push((t, meta));
+        let (files, replaced) = read_table(storage, kept, &HashMap::new()).await?;
+        for location in replaced {
+            tracing::info!(file = %storage.url_of(&location), "removing a file a finished compaction replaced");
+            storage.delete(&location).await?;
         }
+        out.extend(files.into_iter().map(|f| (t, Arc::unwrap_or_clone(f))));
     }
     Ok(out)
 }
 
-fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> Result<(), PersistError> {
-    let read_err = |e: std::io::Error| PersistError::Read {
-        path: dir.to_path_buf(),
-        message: e.to_string(),
-    };
-    for entry in fs::read_dir(dir).map_err(read_err)? {
-        let entry = entry.map_err(read_err)?;
-        let path = entry.path();
-        if entry.file_type().map_err(read_err)?.is_dir() {
-            walk(&path, out)?;
-        } else {
-            out.push(path);
+/// Other collectors' files in a shared store, per table, without the files
+/// a compaction has replaced (their collector deletes them after a grace).
+/// Footers already read (`known`) are not read again.
+pub async fn load_others(
+    storage: &Storage,
+    known: &HashMap<Path, Arc<FileMeta>>,
+) -> Result<Vec<Vec<Arc<FileMeta>>>, PersistError> {
+    let others = storage.others().await?;
+    let mut per_table = Vec::new();
+    for name in TABLES {
+        let mut objects = Vec::new();
+        for prefix in &others {
+            objects.extend(
+                storage
+                    .list(&prefix.clone().join(name))
+                    .await?
+                    .into_iter()
+                    .filter(|o| {
+                        o.location
+                            .filename()
+                            .is_some_and(|n| n.ends_with(".parquet"))
+                    }),
+            );
         }
+        let (files, _) = read_table(storage, objects, known).await?;
+        per_table.push(files);
     }
-    Ok(())
+    Ok(per_table)
 }
 
-fn read_meta(path: &Path, segment: u64) -> Result<(FileMeta, Vec<String>), PersistError> {
+/// Lists the other collectors' files of a shared store into the catalog,
+/// so queries read them; footers of files seen before are not read again.
+pub async fn refresh_others(storage: &Storage, store: &Store) -> Result<usize, PersistError> {
+    let known: HashMap<Path, Arc<FileMeta>> = (0..TABLES.len())
+        .flat_map(|t| store.others_of(t))
+        .map(|f| (f.location.clone(), f))
+        .collect();
+    let per_table = load_others(storage, &known).await?;
+    let files = per_table.iter().map(Vec::len).sum();
+    store.set_others(per_table);
+    Ok(files)
+}
+
+/// [`refresh_others`] every `every` until `shutdown`. A store that cannot
+/// be listed is warned about once; queries keep the last listing.
+pub async fn follow_others(
+    storage: Arc<Storage>,
+    store: Arc<Store>,
+    every: Duration,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut failing = false;
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = shutdown.wait_for(|s| *s) => return,
+        }
+        match refresh_others(&storage, &store).await {
+            Ok(_) if failing => {
+                tracing::info!("listing other collectors' files works again");
+                failing = false;
+            }
+            Ok(_) => {}
+            Err(e) => {
+                if !failing {
+                    tracing::warn!(error = %e, "cannot list other collectors' files; queries read the last listing");
+                }
+                failing = true;
+            }
+        }
+    }
+}
+
+/// The segment a file's name carries (`part-<segment>-<random>.parquet`).
+fn segment_of(file_name: &str) -> Option<u64> {
+    file_name
+        .strip_prefix("part-")?
+        .split('-')
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// Reads the footers of a table's Parquet files (other files are skipped);
+/// returns the files in force and the files a compacted file replaced.
+async fn read_table(
+    storage: &Storage,
+    mut objects: Vec<ObjectMeta>,
+    known: &HashMap<Path, Arc<FileMeta>>,
+) -> Result<(Vec<Arc<FileMeta>>, Vec<Path>), PersistError> {
+    objects.retain(|o| {
+        o.location
+            .filename()
+            .is_some_and(|n| n.ends_with(".parquet"))
+    });
+    objects.sort_by(|a, b| a.location.cmp(&b.location));
+    let read: Vec<Arc<FileMeta>> = futures_util::stream::iter(objects)
+        .map(|object| async move {
+            match known.get(&object.location) {
+                Some(f) if f.bytes == object.size => Ok(f.clone()),
+                _ => read_meta(storage, &object).await.map(Arc::new),
+            }
+        })
+        .buffered(16)
+        .try_collect()
+        .await?;
+    let replaced: HashSet<Path> = read
+        .iter()
+        .flat_map(|meta| {
+            let partition = partition_of(&meta.location);
+            meta.replaces
+                .iter()
+                .map(move |name| partition.clone().join(name.as_str()))
+        })
+        .filter(|p| read.iter().any(|m| &m.location == p))
+        .collect();
+    let files = read
+        .into_iter()
+        .filter(|meta| !replaced.contains(&meta.location))
+        .collect();
+    Ok((files, replaced.into_iter().collect()))
+}
+
+/// Byte ranges of one file, for the Parquet footer reader.
+struct Ranges<'a> {
+    storage: &'a Storage,
+    location: &'a Path,
+}
+
+impl MetadataFetch for Ranges<'_> {
+    fn fetch(
+        &mut self,
+        range: std::ops::Range<u64>,
+    ) -> futures_util::future::BoxFuture<'_, parquet::errors::Result<Bytes>> {
+        Box::pin(async move {
+            self.storage
+                .get_range(self.location, range)
+                .await
+                .map_err(|e| parquet::errors::ParquetError::External(Box::new(e)))
+        })
+    }
+}
+
+async fn read_meta(storage: &Storage, object: &ObjectMeta) -> Result<FileMeta, PersistError> {
     let read_err = |message: String| PersistError::Read {
-        path: path.to_path_buf(),
+        path: storage.url_of(&object.location),
         message,
     };
-    let file = File::open(path).map_err(|e| read_err(e.to_string()))?;
-    let bytes = file.metadata().map(|m| m.len()).unwrap_or(0);
-    let reader = SerializedFileReader::new(file).map_err(|e| read_err(e.to_string()))?;
-    let meta = reader.metadata().file_metadata();
-    let kv = |key: &str| -> Option<i64> {
+    let fetch = Ranges {
+        storage,
+        location: &object.location,
+    };
+    // One read of the file's tail holds the footer of most files.
+    let metadata = ParquetMetaDataReader::new()
+        .with_prefetch_hint(Some(64 << 10))
+        .load_and_finish(fetch, object.size)
+        .await
+        .map_err(|e| read_err(e.to_string()))?;
+    let meta = metadata.file_metadata();
+    let value = |key: &str| -> Option<&str> {
         meta.key_value_metadata()?
             .iter()
             .find(|kv| kv.key == key)?
             .value
-            .as_deref()?
-            .parse()
-            .ok()
+            .as_deref()
     };
-    let replaces: Vec<String> = meta
-        .key_value_metadata()
-        .and_then(|kvs| kvs.iter().find(|kv| kv.key == META_REPLACES))
-        .and_then(|kv| kv.value.as_deref())
+    let kv = |key: &str| value(key).and_then(|v| v.parse::<i64>().ok());
+    let replaces: Vec<String> = value(META_REPLACES)
         .map(|v| {
             v.split('/')
                 .filter(|n| !n.is_empty())
@@ -472,16 +585,20 @@ fn read_meta(path: &Path, segment: u64) -> Result<(FileMeta, Vec<String>), Persi
                 .collect()
         })
         .unwrap_or_default();
+    let segment = object
+        .location
+        .filename()
+        .and_then(segment_of)
+        .or_else(|| kv(META_SEGMENT).map(|s| s.max(0) as u64))
+        .unwrap_or(0);
     // Files without our metadata (written by another tool) are never pruned.
-    Ok((
-        FileMeta {
-            path: path.to_path_buf(),
-            rows: meta.num_rows().max(0) as u64,
-            bytes,
-            min_time: kv(META_MIN_TIME).unwrap_or(i64::MIN),
-            max_time: kv(META_MAX_TIME).unwrap_or(i64::MAX),
-            segment,
-        },
+    Ok(FileMeta {
+        location: object.location.clone(),
+        rows: meta.num_rows().max(0) as u64,
+        bytes: object.size,
+        min_time: kv(META_MIN_TIME).unwrap_or(i64::MIN),
+        max_time: kv(META_MAX_TIME).unwrap_or(i64::MAX),
+        segment,
         replaces,
-    ))
+    })
 }

@@ -20,9 +20,25 @@ use parquet::basic::{Compression, Encoding};
 use parquet::file::metadata::PageIndexPolicy;
 
 use crate::persist::{Persister, load_files};
+use crate::storage::Storage;
 use crate::store::{Store, TableStats, table_index};
 use crate::wal;
 use crate::{Collector, CollectorConfig, FileMeta};
+
+/// Where a file of `<data>/tables` is on disk.
+trait OnDisk {
+    fn path(&self) -> PathBuf;
+}
+
+impl OnDisk for FileMeta {
+    fn path(&self) -> PathBuf {
+        PathBuf::from(format!("/{}", self.location))
+    }
+}
+
+fn tables_of(data: &Path) -> Arc<Storage> {
+    Arc::new(Storage::local(&data.join("tables")).expect("a tables directory"))
+}
 
 /// 2026-01-02T03:00:00Z, in microseconds.
 const H03: i64 = 1_767_322_800_000_000;
@@ -81,7 +97,7 @@ fn open(data: &Path) -> (Persister, Arc<Store>, JoinHandle<()>, wal::Replayed) {
     let wal_dir = data.join("wal");
     let (wal, thread, replayed) = wal::open(&wal_dir, store.clone()).expect("WAL opens");
     let persister = Persister {
-        tables_dir: data.join("tables"),
+        storage: tables_of(data),
         wal_dir,
         wal,
         store: store.clone(),
@@ -205,7 +221,8 @@ async fn flush_writes_one_sorted_zstd_parquet_file_per_table_and_hour_with_every
         .files
         .iter()
         .map(|f| {
-            let rel = f.path.strip_prefix(&tables).expect("under <data>/tables");
+            let path = f.path();
+            let rel = path.strip_prefix(&tables).expect("under <data>/tables");
             let dir = rel.parent().unwrap().display().to_string();
             let name = rel.file_name().unwrap().to_string_lossy();
             assert!(
@@ -242,29 +259,29 @@ async fn flush_writes_one_sorted_zstd_parquet_file_per_table_and_hour_with_every
         (SPANS, &spans_03),
     ];
     for ((_, meta), (table, times)) in by_dir.iter().zip(want) {
-        let batches = read_parquet(&meta.path);
+        let batches = read_parquet(&meta.path());
         let schema = table_schema(table).unwrap();
         for b in &batches {
             assert_eq!(
                 b.schema(),
                 schema,
                 "{}: the table's schema",
-                meta.path.display()
+                meta.path().display()
             );
         }
         assert_eq!(
             times_of(&batches),
             times,
             "{}: every row of the hour, sorted by time",
-            meta.path.display()
+            meta.path().display()
         );
         assert_eq!(span_ids_of(&batches), expected_span_ids(times));
         assert_eq!(meta.rows, times.len() as u64);
         assert_eq!(meta.min_time, times[0]);
         assert_eq!(meta.max_time, *times.last().unwrap());
-        assert_eq!(meta.bytes, fs::metadata(&meta.path).unwrap().len());
+        assert_eq!(meta.bytes, fs::metadata(meta.path()).unwrap().len());
         let reader = ParquetRecordBatchReaderBuilder::try_new_with_options(
-            File::open(&meta.path).unwrap(),
+            File::open(meta.path()).unwrap(),
             ArrowReaderOptions::new().with_page_index_policy(PageIndexPolicy::Required),
         )
         .unwrap();
@@ -320,14 +337,15 @@ async fn flush_writes_one_sorted_zstd_parquet_file_per_table_and_hour_with_every
     assert!(leftovers.is_empty(), "{leftovers:?}");
 
     // What a restart finds on disk is what the flush reported.
-    let mut loaded: Vec<FileMeta> = load_files(&tables, report.segment)
+    let mut loaded: Vec<FileMeta> = load_files(&tables_of(data), report.segment)
+        .await
         .unwrap()
         .into_iter()
         .map(|(_, f)| f)
         .collect();
-    loaded.sort_by(|a, b| a.path.cmp(&b.path));
+    loaded.sort_by_key(|a| a.path());
     let mut reported = report.files.clone();
-    reported.sort_by(|a, b| a.path.cmp(&b.path));
+    reported.sort_by_key(|a| a.path());
     assert_eq!(loaded, reported);
     close(persister, thread);
 }
@@ -347,10 +365,10 @@ async fn open_deletes_files_of_an_unfinished_flush_and_stray_tmp_files() {
     let requests_files: Vec<&FileMeta> = report
         .files
         .iter()
-        .filter(|f| f.path.starts_with(data.join("tables").join(REQUESTS)))
+        .filter(|f| f.path().starts_with(data.join("tables").join(REQUESTS)))
         .collect();
     assert_eq!(requests_files.len(), 1);
-    let kept = requests_files[0].path.clone();
+    let kept = requests_files[0].path().clone();
 
     // Rows acknowledged after the flush: in the WAL only.
     let unflushed = [H03 + 10 * MINUTE, H03 + 11 * MINUTE];
@@ -433,6 +451,7 @@ async fn a_failed_flush_leaves_no_files_and_keeps_the_rows_hot_and_in_the_wal() 
     };
 
     // `<data>/tables` is a regular file: nothing can be written.
+    fs::remove_dir_all(&tables).unwrap();
     fs::write(&tables, b"not a directory").unwrap();
     let err = persister.flush().await.unwrap_err();
     assert!(err.to_string().contains("tables"), "{err}");
@@ -459,10 +478,10 @@ async fn a_failed_flush_leaves_no_files_and_keeps_the_rows_hot_and_in_the_wal() 
     let mut req_times = Vec::new();
     let mut span_times = Vec::new();
     for f in &report.files {
-        let t = times_of(&read_parquet(&f.path));
-        if f.path.starts_with(tables.join(REQUESTS)) {
+        let t = times_of(&read_parquet(&f.path()));
+        if f.path().starts_with(tables.join(REQUESTS)) {
             req_times.extend(t);
-        } else if f.path.starts_with(tables.join(SPANS)) {
+        } else if f.path().starts_with(tables.join(SPANS)) {
             span_times.extend(t);
         }
     }
@@ -500,7 +519,7 @@ async fn flush_rounds(persister: &Persister, rounds: usize) -> Vec<i64> {
 }
 
 fn housekeeper(data: &Path, store: &Arc<Store>) -> crate::compact::Housekeeper {
-    let mut h = crate::compact::Housekeeper::new(data.join("tables"), store.clone());
+    let mut h = crate::compact::Housekeeper::new(tables_of(data), store.clone());
     h.compaction.min_files = 3;
     h
 }
@@ -534,7 +553,7 @@ async fn compaction_merges_a_partitions_files_into_one_sorted_file_with_every_ro
     let s = stats(&store, REQUESTS);
     assert_eq!((s.files, s.file_rows), (1, times.len() as u64));
     // No query held the replaced files: they are gone already.
-    assert_eq!(h.sweep(true), 0);
+    assert_eq!(h.sweep(true).await, 0);
     let left = requests_files(data);
     assert_eq!(left.len(), 1);
     assert_eq!(
@@ -569,7 +588,7 @@ async fn a_compaction_cut_short_keeps_every_row_exactly_once() {
     drop(store);
 
     let checkpoint = wal::read_checkpoint(&data.join("wal")).unwrap();
-    let files = load_files(&data.join("tables"), checkpoint).unwrap();
+    let files = load_files(&tables_of(data), checkpoint).await.unwrap();
     let requests = table_index(REQUESTS).unwrap();
     let loaded: Vec<&FileMeta> = files
         .iter()
@@ -578,8 +597,8 @@ async fn a_compaction_cut_short_keeps_every_row_exactly_once() {
         .collect();
     assert_eq!(loaded.len(), 1, "only the compacted file: {loaded:?}");
     assert_eq!(loaded[0].rows, times.len() as u64);
-    assert_eq!(requests_files(data), vec![loaded[0].path.clone()]);
-    assert_eq!(times_of(&read_parquet(&loaded[0].path)), times);
+    assert_eq!(requests_files(data), vec![loaded[0].path().clone()]);
+    assert_eq!(times_of(&read_parquet(&loaded[0].path())), times);
 }
 
 #[tokio::test]
@@ -612,7 +631,7 @@ async fn retention_drops_only_partitions_past_it() {
     let s = stats(&store, REQUESTS);
     assert_eq!((s.files, s.file_rows), (1, 1));
     assert_eq!(stats(&store, SPANS).files, 1, "spans are kept forever here");
-    assert_eq!(h.sweep(true), 1);
+    assert_eq!(h.sweep(true).await, 1);
     let tables = data.join("tables").join(REQUESTS);
     assert!(
         !tables.join("date=2026-01-02/hour=03").exists(),
@@ -633,13 +652,13 @@ async fn compaction_leaves_files_past_the_wal_checkpoint_alone() {
     let requests = table_index(REQUESTS).unwrap();
     let first = store.files_of(requests)[0].clone();
     let pending = first
-        .path
+        .path()
         .with_file_name("part-00000000000000000099-00000000.parquet");
-    fs::copy(&first.path, &pending).unwrap();
+    fs::copy(first.path(), &pending).unwrap();
     store.add_files(vec![(
         requests,
         FileMeta {
-            path: pending.clone(),
+            location: object_store::path::Path::from_absolute_path(&pending).unwrap(),
             segment: 99,
             ..(*first).clone()
         },
@@ -649,7 +668,7 @@ async fn compaction_leaves_files_past_the_wal_checkpoint_alone() {
     assert_eq!(merged.len(), 1);
     assert_eq!(merged[0].files, 3, "only the durable files: {done:?}");
     assert!(
-        store.files_of(requests).iter().any(|f| f.path == pending),
+        store.files_of(requests).iter().any(|f| f.path() == pending),
         "the pending file is still its own"
     );
     close(persister, thread);

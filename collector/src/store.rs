@@ -3,8 +3,9 @@
 //! A flush moves rows from the buffer to files in one step under the lock,
 //! so a query snapshot sees each row exactly once: either hot or in a file.
 
-use std::path::PathBuf;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
+
+use object_store::path::Path;
 
 use arrow::datatypes::SchemaRef;
 use arrow::record_batch::RecordBatch;
@@ -13,11 +14,13 @@ use lumen_core::schema::{REQUESTS, ROLLUPS, TABLES, table_schema};
 use crate::buffer::{Chunk, TableBuffer};
 use crate::health::Health;
 use crate::rollup::Rollups;
+use crate::storage::Storage;
 
 /// A Parquet file the collector wrote, and what it holds.
 #[derive(Debug, Clone, PartialEq)]
 pub struct FileMeta {
-    pub path: PathBuf,
+    /// Where it is in the store ([`Store::storage`]).
+    pub location: Path,
     pub rows: u64,
     pub bytes: u64,
     /// Time range of its rows, microseconds since the epoch (UTC).
@@ -25,6 +28,9 @@ pub struct FileMeta {
     pub max_time: i64,
     /// Last WAL segment whose rows it holds.
     pub segment: u64,
+    /// Names of the files of its partition it took the place of (a
+    /// compacted file's); while they are still there, they are not read.
+    pub replaces: Vec<String>,
 }
 
 /// The files a query planned with, held until the query ends: a file that
@@ -60,12 +66,18 @@ pub struct TableStats {
     pub files: usize,
     pub file_rows: u64,
     pub file_bytes: u64,
+    /// Rows and bytes of other collectors' files in a shared store.
+    pub other_rows: u64,
+    pub other_bytes: u64,
 }
 
 #[derive(Debug)]
 struct TableState {
     buffer: TableBuffer,
+    /// This collector's files, which it compacts and expires.
     files: Vec<Arc<FileMeta>>,
+    /// Other collectors' files in a shared store, as last listed; read only.
+    others: Vec<Arc<FileMeta>>,
 }
 
 /// Catalog of every table; cheap to share (`Arc<Store>`).
@@ -83,6 +95,8 @@ pub struct Store {
     /// checkpoint). Files of later segments are not durable yet: a restart
     /// deletes them and replays their rows, so compaction leaves them be.
     checkpoint: std::sync::atomic::AtomicU64,
+    /// Where the files are; the local filesystem until set.
+    storage: OnceLock<Arc<Storage>>,
 }
 
 impl Default for Store {
@@ -103,6 +117,7 @@ impl Store {
             .map(|t| TableState {
                 buffer: TableBuffer::new(table_schema(t).expect("every table has a schema")),
                 files: Vec::new(),
+                others: Vec::new(),
             })
             .collect();
         Store {
@@ -111,11 +126,24 @@ impl Store {
             health: Health::default(),
             metrics: crate::metrics::CollectorMetrics::new(),
             checkpoint: std::sync::atomic::AtomicU64::new(0),
+            storage: OnceLock::new(),
         }
     }
 
     pub fn health(&self) -> &Health {
         &self.health
+    }
+
+    /// Where the files of the catalog are.
+    pub fn storage(&self) -> Arc<Storage> {
+        self.storage
+            .get_or_init(|| Arc::new(Storage::filesystem()))
+            .clone()
+    }
+
+    /// Sets where files are, once, before any file is added.
+    pub(crate) fn set_storage(&self, storage: Arc<Storage>) {
+        let _ = self.storage.set(storage);
     }
 
     pub fn metrics(&self) -> &crate::metrics::CollectorMetrics {
@@ -186,7 +214,7 @@ impl Store {
         Some(TableSnapshot {
             schema: table_schema(table)?,
             hot,
-            files: t.files.clone(),
+            files: t.files.iter().chain(&t.others).cloned().collect(),
         })
     }
 
@@ -206,6 +234,8 @@ impl Store {
                 files: t.files.len(),
                 file_rows: t.files.iter().map(|f| f.rows).sum(),
                 file_bytes: t.files.iter().map(|f| f.bytes).sum(),
+                other_rows: t.others.iter().map(|f| f.rows).sum(),
+                other_bytes: t.others.iter().map(|f| f.bytes).sum(),
             })
             .collect()
     }
@@ -247,24 +277,40 @@ impl Store {
 
     /// Swaps `old` files for `new` in one step, for queries; refuses (and
     /// changes nothing) unless every old file is still in the catalog.
-    pub(crate) fn replace_files(&self, table: usize, old: &[PathBuf], new: FileMeta) -> bool {
+    pub(crate) fn replace_files(&self, table: usize, old: &[Path], new: FileMeta) -> bool {
         let mut tables = self.write();
         let files = &mut tables[table].files;
-        if !old.iter().all(|p| files.iter().any(|f| &f.path == p)) {
+        if !old.iter().all(|p| files.iter().any(|f| &f.location == p)) {
             return false;
         }
-        files.retain(|f| !old.contains(&f.path));
+        files.retain(|f| !old.contains(&f.location));
         files.push(Arc::new(new));
         true
     }
 
     /// Takes files out of the catalog; returns how many were in it.
-    pub(crate) fn remove_files(&self, table: usize, paths: &[PathBuf]) -> usize {
+    pub(crate) fn remove_files(&self, table: usize, locations: &[Path]) -> usize {
         let mut tables = self.write();
         let files = &mut tables[table].files;
         let before = files.len();
-        files.retain(|f| !paths.contains(&f.path));
+        files.retain(|f| !locations.contains(&f.location));
         before - files.len()
+    }
+
+    /// Other collectors' files, per table, as just listed.
+    pub(crate) fn set_others(&self, per_table: Vec<Vec<Arc<FileMeta>>>) {
+        let mut tables = self.write();
+        for (t, others) in tables.iter_mut().zip(per_table) {
+            t.others = others;
+        }
+    }
+
+    /// Other collectors' files of one table, as last listed.
+    pub fn others_of(&self, table: usize) -> Vec<Arc<FileMeta>> {
+        self.read()
+            .get(table)
+            .map(|t| t.others.clone())
+            .unwrap_or_default()
     }
 
     /// Hot batches of segments up to `segment`, per table, for a flush.

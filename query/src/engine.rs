@@ -588,6 +588,8 @@ fn context(
         )
         .build_arc()
         .map_err(|e| QueryError::Internal(e.to_string()))?;
+    let storage = store.storage();
+    runtime.register_object_store(storage.base_url(), storage.object_store());
     let session = SessionConfig::new()
         .with_information_schema(true)
         .with_default_catalog_and_schema(CATALOG, "public")

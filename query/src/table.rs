@@ -300,11 +300,12 @@ impl StoreTable {
             )?);
         }
 
+        let storage = self.store.storage();
         let urls = snapshot
             .files
             .iter()
             .filter(|f| range.overlaps(f.min_time, f.max_time))
-            .map(|f| ListingTableUrl::parse(f.path.to_string_lossy()))
+            .map(|f| ListingTableUrl::parse(storage.url_of(&f.location)))
             .collect::<Result<Vec<_>>>()?;
         if !urls.is_empty() {
             let options = ListingOptions::new(Arc::new(ParquetFormat::default()))

@@ -14,6 +14,7 @@ pub mod flight;
 pub mod otlp;
 pub mod procfs;
 pub mod relay;
+pub mod s3;
 pub mod upstream;
 
 /// The `lumen` binary built beside this test (`target/<profile>/lumen`).

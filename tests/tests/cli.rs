@@ -95,3 +95,39 @@ fn query_settings_files_are_checked_and_a_bad_one_stops_lumen_up_with_file_field
     assert!(err.contains(&want), "{err}");
     Ok(())
 }
+
+#[test]
+fn a_bad_store_stops_lumen_up_naming_the_url_option_or_id() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let mesh = dir.path().join("mesh.yaml");
+    lumen_tests::write_mesh(&mesh, &[("reviews", 9080, &[])])?;
+    let any_port = "127.0.0.1:0";
+    let up = |store: &[&str]| -> Result<String> {
+        let out = Command::new(lumen_bin())
+            .args(["up", "-f"])
+            .arg(&mesh)
+            .arg("--data-dir")
+            .arg(dir.path().join("data"))
+            .args(["--otlp-grpc", any_port, "--otlp-http", any_port])
+            .args(["--query-addr", any_port, "--pg-addr", any_port])
+            .args(["--flight-sql-addr", any_port])
+            .args(store)
+            .output()?;
+        assert!(!out.status.success(), "lumen up {store:?} started");
+        Ok(String::from_utf8(out.stderr)?)
+    };
+    let err = up(&[
+        "--store",
+        "s3://bucket/p",
+        "--store-option",
+        "aws_endpiont=http://x",
+    ])?;
+    assert!(err.contains("store option `aws_endpiont`"), "{err}");
+    let err = up(&["--store", "https://example.com/p"])?;
+    assert!(err.contains("store URL `https://example.com/p`"), "{err}");
+    let err = up(&["--store", "s3://bucket/p", "--collector-id", "a/b"])?;
+    assert!(err.contains("collector id `a/b`"), "{err}");
+    let err = up(&["--store-option", "no-equals-sign"])?;
+    assert!(err.contains("is not KEY=VALUE"), "{err}");
+    Ok(())
+}

@@ -810,7 +810,7 @@ mod tests {
         // Once the rows are in Parquet the collector takes data again.
         let tables = dir.path().join("tables");
         let persister = crate::persist::Persister {
-            tables_dir: tables,
+            storage: Arc::new(crate::storage::Storage::local(&tables).unwrap()),
             wal_dir: dir.path().to_path_buf(),
             wal: ingest.wal.clone(),
             store: store.clone(),
