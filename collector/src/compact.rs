@@ -349,19 +349,29 @@ impl Housekeeper {
     }
 
     async fn sweep_where(&self, due: impl Fn(&Arc<FileMeta>, Instant) -> bool) -> usize {
-        let due: Vec<Path> = {
+        let due: Vec<Arc<FileMeta>> = {
             let mut graveyard = self.graveyard.lock().unwrap_or_else(|e| e.into_inner());
             let (due, keep): (Vec<_>, Vec<_>) =
                 graveyard.drain(..).partition(|(f, since)| due(f, *since));
             *graveyard = keep;
-            due.into_iter().map(|(f, _)| f.location.clone()).collect()
+            due.into_iter().map(|(f, _)| f).collect()
         };
-        for location in &due {
-            if let Err(e) = self.storage.delete(location).await {
-                tracing::warn!(error = %e, "cannot delete a file out of the catalog");
+        let mut deleted = 0;
+        for file in due {
+            match self.storage.delete(&file.location).await {
+                Ok(()) => deleted += 1,
+                Err(e) => {
+                    // Tried again at the next sweep: left in the store, its
+                    // rows would count twice for other readers.
+                    tracing::warn!(error = %e, "cannot delete a file out of the catalog");
+                    self.graveyard
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .push((file, Instant::now()));
+                }
             }
         }
-        due.len()
+        deleted
     }
 
     /// Compacts and expires every `compaction.interval` until `shutdown`.
@@ -445,10 +455,21 @@ fn merge(
     let sorted = take_record_batch(&all, &order).map_err(|e| write_err(e.to_string()))?;
     drop(all);
     let segment = group.iter().map(|f| f.segment).max().unwrap_or(0);
-    let replaces: Vec<String> = group
+    // What the group's files replaced too: one of those may still be
+    // there (a query held it, or its deletion failed) after the file that
+    // named it is gone, and must not count again beside the new file.
+    let mut replaces: Vec<String> = group
         .iter()
-        .filter_map(|f| f.location.filename().map(str::to_owned))
+        .flat_map(|f| {
+            f.location
+                .filename()
+                .map(str::to_owned)
+                .into_iter()
+                .chain(f.replaces.iter().cloned())
+        })
         .collect();
+    replaces.sort();
+    replaces.dedup();
     persist::encode_file(partition, segment, &sorted, &replaces)
 }
 

@@ -8,6 +8,7 @@ use std::sync::Mutex;
 pub struct Health {
     wal: Mutex<Option<String>>,
     flush: Mutex<Option<String>>,
+    others: Mutex<Option<String>>,
 }
 
 /// Why the collector takes no data now, or why it soon may not.
@@ -26,6 +27,16 @@ impl Health {
 
     pub(crate) fn set_flush(&self, problem: Option<String>) {
         *lock(&self.flush) = problem;
+    }
+
+    pub(crate) fn set_others(&self, problem: Option<String>) {
+        *lock(&self.others) = problem;
+    }
+
+    /// Why other collectors' files in a shared store may be missing from
+    /// queries (their listing failed for longer than the delete grace).
+    pub fn others_problem(&self) -> Option<String> {
+        lock(&self.others).clone()
     }
 
     /// The WAL's failure, if it cannot take writes now.

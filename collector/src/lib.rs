@@ -51,6 +51,8 @@ pub const DEFAULT_MAX_REQUEST_BYTES: usize = 4 << 20;
 pub const DRAIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 /// How long shutdown waits for export endpoints to take what is queued.
 pub const EXPORT_DRAIN: std::time::Duration = std::time::Duration::from_secs(5);
+/// How long a stop waits for compaction and deletions to finish.
+const HOUSEKEEPING_DRAIN: std::time::Duration = std::time::Duration::from_secs(10);
 /// Default cap on hot rows' memory: four flushes' worth.
 pub const DEFAULT_MAX_HOT_BYTES: usize = 1 << 30;
 /// Default cap on payloads in progress: with 4 MiB payloads, 256 MiB raw.
@@ -160,6 +162,26 @@ pub fn wal_dir(data_dir: &Path) -> PathBuf {
     data_dir.join("wal")
 }
 
+/// The data directory's claim on its prefix of a shared store: made once,
+/// kept with the WAL whose files the prefix holds.
+fn claim_token(data_dir: &Path) -> Result<String, CollectorError> {
+    let path = data_dir.join("store-claim");
+    let err = |e: std::io::Error| CollectorError::DataDir {
+        path: path.clone(),
+        message: e.to_string(),
+    };
+    match std::fs::read_to_string(&path) {
+        Ok(token) if !token.trim().is_empty() => return Ok(token.trim().to_string()),
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(err(e)),
+        _ => {}
+    }
+    let token = format!("{:032x}", rand::random::<u128>());
+    std::fs::write(&path, &token)
+        .and_then(|()| std::fs::File::open(&path)?.sync_all())
+        .map_err(err)?;
+    Ok(token)
+}
+
 impl Collector {
     /// Opens the store in `config.data_dir` — loading Parquet files and
     /// replaying the WAL — and binds the OTLP listeners.
@@ -195,6 +217,10 @@ impl Collector {
             })??
         };
         store.set_checkpoint(checkpoint);
+        if storage.is_shared() {
+            let token = claim_token(&data)?;
+            storage.claim(&token).await?;
+        }
         // Files first: those of an unfinished flush go before the WAL
         // replays their rows.
         let files = persist::load_files(&storage, checkpoint).await?;
@@ -214,7 +240,7 @@ impl Collector {
         store.add_files(files);
         if storage.is_shared() {
             match persist::refresh_others(&storage, &store).await {
-                Ok(n) => tracing::info!(
+                Ok((n, _)) => tracing::info!(
                     files = n,
                     "reading other collectors' files in {}",
                     storage.url_of(storage.root())
@@ -245,6 +271,7 @@ impl Collector {
         );
         let persister = persist::Persister {
             storage: storage.clone(),
+            orphans: Arc::default(),
             wal_dir: wal_dir(&data),
             wal,
             store: store.clone(),
@@ -399,11 +426,23 @@ impl Collector {
         }
         // Payloads still in progress may finish; new ones are refused.
         ingest.close();
-        // A compaction in progress finishes (it is one partition); the next
-        // start removes whatever it leaves half done.
-        let _ = housekeeping.await;
+        // Listing other collectors' files only serves queries, which stop.
         if let Some(others) = others {
-            let _ = others.await;
+            others.abort();
+        }
+        // A compaction in progress finishes (it is one partition), unless it
+        // or deletions against a store that does not answer would hold the
+        // final flush past a pod's grace; the next start finishes or undoes
+        // what is cut short.
+        let abort_housekeeping = housekeeping.abort_handle();
+        if tokio::time::timeout(HOUSEKEEPING_DRAIN, housekeeping)
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                "compaction still running after {HOUSEKEEPING_DRAIN:?}; stopping it (the next start finishes or undoes it)"
+            );
+            abort_housekeeping.abort();
         }
         let _ = flush_stop_tx.send(true);
         let _ = flusher.await;

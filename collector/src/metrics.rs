@@ -300,14 +300,12 @@ impl CollectorMetrics {
             self.bytes
                 .get_or_create(&tier("files"))
                 .set(t.file_bytes as i64);
-            if t.other_rows > 0 || t.other_bytes > 0 {
-                self.rows
-                    .get_or_create(&tier("other_collectors"))
-                    .set(t.other_rows as i64);
-                self.bytes
-                    .get_or_create(&tier("other_collectors"))
-                    .set(t.other_bytes as i64);
-            }
+            self.rows
+                .get_or_create(&tier("other_collectors"))
+                .set(t.other_rows as i64);
+            self.bytes
+                .get_or_create(&tier("other_collectors"))
+                .set(t.other_bytes as i64);
             self.files
                 .get_or_create(&TableLabels { table: t.table })
                 .set(t.files as i64);

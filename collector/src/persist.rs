@@ -20,7 +20,7 @@ use arrow::datatypes::{DataType, TimestampMicrosecondType};
 use arrow::record_batch::RecordBatch;
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
-use futures_util::{StreamExt, TryStreamExt};
+use futures_util::StreamExt;
 use lumen_core::schema::{TABLES, table_schema};
 use object_store::ObjectMeta;
 use object_store::path::Path;
@@ -91,6 +91,11 @@ pub struct FlushReport {
 #[derive(Debug, Clone)]
 pub struct Persister {
     pub(crate) storage: Arc<Storage>,
+    /// Files of a failed flush not deleted yet: an object store may have
+    /// taken a write it reported as failed. The WAL checkpoint does not
+    /// move past their rows until they are gone, so a restart deletes them
+    /// (their segment is past it) rather than keeping their rows twice.
+    pub(crate) orphans: Arc<std::sync::Mutex<Vec<Path>>>,
     pub(crate) wal_dir: PathBuf,
     pub(crate) wal: WalHandle,
     pub(crate) store: Arc<Store>,
@@ -103,6 +108,7 @@ impl Persister {
     /// Flushes every row acknowledged so far.
     pub async fn flush(&self) -> Result<FlushReport, PersistError> {
         let _one_at_a_time = self.running.lock().await;
+        self.delete_orphans().await?;
         let segment = self.wal.rotate().await?;
         let per_table = self.store.batches_through(segment);
         let root = self.storage.root().clone();
@@ -129,9 +135,11 @@ impl Persister {
         if let Some(e) = written.iter().find_map(|r| r.as_ref().err()) {
             // The rows stay hot and in the WAL; files of this attempt must
             // not survive to be loaded beside a later flush's.
-            for (_, meta, _) in &encoded {
-                let _ = self.storage.delete(&meta.location).await;
-            }
+            self.orphans
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .extend(encoded.iter().map(|(_, meta, _)| meta.location.clone()));
+            let _ = self.delete_orphans().await;
             return Err(PersistError::Write {
                 path: self.storage.url_of(self.storage.root()),
                 message: e.to_string(),
@@ -152,6 +160,30 @@ impl Persister {
             })??;
         self.store.set_checkpoint(segment);
         Ok(report)
+    }
+
+    /// Deletes the files failed flushes left; fails if one cannot be.
+    async fn delete_orphans(&self) -> Result<(), PersistError> {
+        let orphans = std::mem::take(&mut *self.orphans.lock().unwrap_or_else(|e| e.into_inner()));
+        let mut first_error = None;
+        let mut left = Vec::new();
+        for location in orphans {
+            if let Err(e) = self.storage.delete(&location).await {
+                first_error.get_or_insert(e);
+                left.push(location);
+            }
+        }
+        self.orphans
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .extend(left);
+        match first_error {
+            None => Ok(()),
+            Some(e) => Err(PersistError::Write {
+                path: self.storage.url_of(self.storage.root()),
+                message: format!("cannot delete a file a failed flush left: {e}"),
+            }),
+        }
     }
 
     /// Flushes by `policy` until `shutdown`, then once more for what is left.
@@ -400,7 +432,7 @@ pub async fn load_files(
             }
             kept.push(object);
         }
-        let (files, replaced) = read_table(storage, kept, &HashMap::new()).await?;
+        let (files, replaced, _) = read_table(storage, kept, &HashMap::new(), true).await?;
         for location in replaced {
             tracing::info!(file = %storage.url_of(&location), "removing a file a finished compaction replaced");
             storage.delete(&location).await?;
@@ -416,9 +448,10 @@ pub async fn load_files(
 pub async fn load_others(
     storage: &Storage,
     known: &HashMap<Path, Arc<FileMeta>>,
-) -> Result<Vec<Vec<Arc<FileMeta>>>, PersistError> {
+) -> Result<Others, PersistError> {
     let others = storage.others().await?;
     let mut per_table = Vec::new();
+    let mut unreadable = Vec::new();
     for name in TABLES {
         let mut objects = Vec::new();
         for prefix in &others {
@@ -434,50 +467,82 @@ pub async fn load_others(
                     }),
             );
         }
-        let (files, _) = read_table(storage, objects, known).await?;
+        let (files, _, skipped) = read_table(storage, objects, known, false).await?;
         per_table.push(files);
+        unreadable.extend(skipped);
     }
-    Ok(per_table)
+    Ok(Others {
+        per_table,
+        unreadable,
+    })
+}
+
+/// Other collectors' files, per table, and those that could not be read.
+#[derive(Debug, Default)]
+pub struct Others {
+    pub per_table: Vec<Vec<Arc<FileMeta>>>,
+    /// Files left out, and why (deleted since the listing, or not Parquet
+    /// a reader can open).
+    pub unreadable: Vec<(Path, String)>,
 }
 
 /// Lists the other collectors' files of a shared store into the catalog,
 /// so queries read them; footers of files seen before are not read again.
-pub async fn refresh_others(storage: &Storage, store: &Store) -> Result<usize, PersistError> {
+pub async fn refresh_others(
+    storage: &Storage,
+    store: &Store,
+) -> Result<(usize, Vec<(Path, String)>), PersistError> {
     let known: HashMap<Path, Arc<FileMeta>> = (0..TABLES.len())
         .flat_map(|t| store.others_of(t))
         .map(|f| (f.location.clone(), f))
         .collect();
-    let per_table = load_others(storage, &known).await?;
-    let files = per_table.iter().map(Vec::len).sum();
-    store.set_others(per_table);
-    Ok(files)
+    let others = load_others(storage, &known).await?;
+    let files = others.per_table.iter().map(Vec::len).sum();
+    store.set_others(others.per_table);
+    Ok((files, others.unreadable))
 }
 
 /// [`refresh_others`] every `every` until `shutdown`. A store that cannot
-/// be listed is warned about once; queries keep the last listing.
+/// be listed is warned about once; queries keep the last listing, and once
+/// it is older than the delete grace (other collectors may have deleted
+/// files it names) `/ready` says their rows may be missing.
 pub async fn follow_others(
     storage: Arc<Storage>,
     store: Arc<Store>,
     every: Duration,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let mut failing = false;
+    let mut failing_since: Option<Instant> = None;
+    let mut unreadable_before: HashSet<Path> = HashSet::new();
     loop {
         tokio::select! {
             _ = tokio::time::sleep(every) => {}
             _ = shutdown.wait_for(|s| *s) => return,
         }
         match refresh_others(&storage, &store).await {
-            Ok(_) if failing => {
-                tracing::info!("listing other collectors' files works again");
-                failing = false;
-            }
-            Ok(_) => {}
-            Err(e) => {
-                if !failing {
-                    tracing::warn!(error = %e, "cannot list other collectors' files; queries read the last listing");
+            Ok((_, unreadable)) => {
+                if failing_since.take().is_some() {
+                    tracing::info!("listing other collectors' files works again");
+                    store.health().set_others(None);
                 }
-                failing = true;
+                for (location, why) in &unreadable {
+                    if !unreadable_before.contains(location) {
+                        tracing::warn!(file = %storage.url_of(location), error = %why, "leaving out another collector's file that cannot be read");
+                    }
+                }
+                unreadable_before = unreadable.into_iter().map(|(l, _)| l).collect();
+            }
+            Err(e) => {
+                let since = *failing_since.get_or_insert_with(|| {
+                    tracing::warn!(error = %e, "cannot list other collectors' files; queries read the last listing");
+                    Instant::now()
+                });
+                if since.elapsed() >= storage.delete_grace() {
+                    store.health().set_others(Some(format!(
+                        "other collectors' files could not be listed for {}s; queries may miss their rows: {e}",
+                        since.elapsed().as_secs()
+                    )));
+                }
             }
         }
     }
@@ -494,28 +559,42 @@ fn segment_of(file_name: &str) -> Option<u64> {
 }
 
 /// Reads the footers of a table's Parquet files (other files are skipped);
-/// returns the files in force and the files a compacted file replaced.
+/// returns the files in force, the files a compacted file replaced, and —
+/// unless `strict`, where they are an error — the files that could not be
+/// read.
 async fn read_table(
     storage: &Storage,
     mut objects: Vec<ObjectMeta>,
     known: &HashMap<Path, Arc<FileMeta>>,
-) -> Result<(Vec<Arc<FileMeta>>, Vec<Path>), PersistError> {
+    strict: bool,
+) -> Result<(Vec<Arc<FileMeta>>, Vec<Path>, Vec<(Path, String)>), PersistError> {
     objects.retain(|o| {
         o.location
             .filename()
             .is_some_and(|n| n.ends_with(".parquet"))
     });
     objects.sort_by(|a, b| a.location.cmp(&b.location));
-    let read: Vec<Arc<FileMeta>> = futures_util::stream::iter(objects)
-        .map(|object| async move {
-            match known.get(&object.location) {
-                Some(f) if f.bytes == object.size => Ok(f.clone()),
-                _ => read_meta(storage, &object).await.map(Arc::new),
-            }
-        })
-        .buffered(16)
-        .try_collect()
-        .await?;
+    let results: Vec<(Path, Result<Arc<FileMeta>, PersistError>)> =
+        futures_util::stream::iter(objects)
+            .map(|object| async move {
+                let read = match known.get(&object.location) {
+                    Some(f) if f.bytes == object.size => Ok(f.clone()),
+                    _ => read_meta(storage, &object).await.map(Arc::new),
+                };
+                (object.location, read)
+            })
+            .buffered(16)
+            .collect()
+            .await;
+    let mut read = Vec::with_capacity(results.len());
+    let mut unreadable = Vec::new();
+    for (location, result) in results {
+        match result {
+            Ok(meta) => read.push(meta),
+            Err(e) if strict => return Err(e),
+            Err(e) => unreadable.push((location, e.to_string())),
+        }
+    }
     let replaced: HashSet<Path> = read
         .iter()
         .flat_map(|meta| {
@@ -530,7 +609,7 @@ async fn read_table(
         .into_iter()
         .filter(|meta| !replaced.contains(&meta.location))
         .collect();
-    Ok((files, replaced.into_iter().collect()))
+    Ok((files, replaced.into_iter().collect(), unreadable))
 }
 
 /// Byte ranges of one file, for the Parquet footer reader.

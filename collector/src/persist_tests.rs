@@ -98,6 +98,7 @@ fn open(data: &Path) -> (Persister, Arc<Store>, JoinHandle<()>, wal::Replayed) {
     let (wal, thread, replayed) = wal::open(&wal_dir, store.clone()).expect("WAL opens");
     let persister = Persister {
         storage: tables_of(data),
+        orphans: Arc::default(),
         wal_dir,
         wal,
         store: store.clone(),
@@ -672,4 +673,46 @@ async fn compaction_leaves_files_past_the_wal_checkpoint_alone() {
         "the pending file is still its own"
     );
     close(persister, thread);
+}
+
+#[tokio::test]
+async fn a_file_two_compactions_back_is_not_read_again_after_the_one_naming_it_is_gone() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path();
+    let (persister, store, thread, _) = open(data);
+    let requests = table_index(REQUESTS).unwrap();
+    let mut times = flush_rounds(&persister, 3).await;
+    // A query holds the first three files, so the first compaction cannot
+    // delete them…
+    let holds = crate::store::FileHolds::default();
+    holds.hold(&store.files_of(requests));
+    let h = housekeeper(data, &store);
+    let merged =
+        |done: Vec<crate::compact::Compacted>| done.iter().filter(|c| c.table == REQUESTS).count();
+    assert_eq!(merged(h.compact(later()).await), 1);
+    // … and a second one merges the first merged file with newer ones and
+    // deletes it, while the oldest files are still held.
+    times.extend(flush_rounds(&persister, 3).await);
+    times.sort();
+    assert_eq!(merged(h.compact(later()).await), 1);
+    assert_eq!(
+        requests_files(data).len(),
+        3 + 1,
+        "held files and the last merge"
+    );
+    close(persister, thread);
+    drop(store);
+
+    // On the next start the last merged file still says the held ones are
+    // replaced: every row once.
+    let checkpoint = wal::read_checkpoint(&data.join("wal")).unwrap();
+    let files = load_files(&tables_of(data), checkpoint).await.unwrap();
+    let loaded: Vec<&FileMeta> = files
+        .iter()
+        .filter(|(t, _)| *t == requests)
+        .map(|(_, f)| f)
+        .collect();
+    assert_eq!(loaded.len(), 1, "{loaded:?}");
+    assert_eq!(times_of(&read_parquet(&loaded[0].path())), times);
+    assert_eq!(requests_files(data), vec![loaded[0].path()]);
 }

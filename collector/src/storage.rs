@@ -20,19 +20,28 @@ use bytes::Bytes;
 use futures_util::TryStreamExt;
 use object_store::local::LocalFileSystem;
 use object_store::path::Path;
-use object_store::{ObjectMeta, ObjectStore, ObjectStoreExt, ObjectStoreScheme, PutPayload};
+use object_store::{
+    ObjectMeta, ObjectStore, ObjectStoreExt, ObjectStoreScheme, PutMode, PutOptions, PutPayload,
+    RetryConfig,
+};
 use url::Url;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StorageError {
     #[error("store URL `{url}`: {message}")]
     Url { url: String, message: String },
+    #[error("{0}")]
+    Config(String),
     #[error("store option `{key}`: {message}")]
     Option { key: String, message: String },
     #[error(
         "collector id `{0}`: use letters, digits, `.`, `_` and `-` only (it names the collector's prefix in the store)"
     )]
     CollectorId(String),
+    #[error(
+        "{prefix} belongs to another collector (its data directory holds another claim); give each collector its own --collector-id, or delete {prefix}{CLAIM} if that collector is gone for good"
+    )]
+    Claimed { prefix: String },
     #[error("{what} {location}: {message}")]
     Io {
         what: &'static str,
@@ -104,7 +113,7 @@ pub struct Storage {
     /// Where every collector's root is, when the store is shared.
     shared: Option<Path>,
     /// For a local filesystem: written with fsyncs, tmp files cleaned up.
-    local: bool,
+    local: Option<Arc<LocalFileSystem>>,
     /// How long taken-out files stay before deletion (shared stores only).
     delete_grace: Duration,
 }
@@ -121,6 +130,7 @@ impl Storage {
             location: dir.display().to_string(),
             message: e.to_string(),
         })?;
+        sync_parent(&dir);
         Ok(Storage {
             root: local_path(&dir)?,
             ..Storage::filesystem()
@@ -134,7 +144,7 @@ impl Storage {
             base: Url::parse("file:///").expect("valid URL"),
             root: Path::default(),
             shared: None,
-            local: true,
+            local: Some(Arc::new(LocalFileSystem::new())),
             delete_grace: Duration::ZERO,
         }
     }
@@ -149,6 +159,13 @@ impl Storage {
         };
         if !valid_id(&config.collector_id) {
             return Err(StorageError::CollectorId(config.collector_id.clone()));
+        }
+        if config.refresh >= config.delete_grace {
+            return Err(StorageError::Config(format!(
+                "--store-refresh ({}s) must be shorter than --store-delete-grace ({}s): other collectors must list a compacted file before the files it replaces are deleted",
+                config.refresh.as_secs_f64(),
+                config.delete_grace.as_secs_f64()
+            )));
         }
         let url_err = |message: String| StorageError::Url {
             url: url.clone(),
@@ -177,12 +194,19 @@ impl Storage {
         let (scheme, prefix) =
             ObjectStoreScheme::parse(&parsed).map_err(|e| url_err(e.to_string()))?;
         let options = config.options.iter().map(|(k, v)| (k.as_str(), v.as_str()));
+        // A dead endpoint holds a flush (and a stop) no longer than this;
+        // the rows wait in the WAL for the next attempt.
+        let retry = RetryConfig {
+            retry_timeout: Duration::from_secs(30),
+            ..RetryConfig::default()
+        };
         let (store, local): (Arc<dyn ObjectStore>, bool) = match scheme {
             ObjectStoreScheme::Local => {
                 let dir = parsed
                     .to_file_path()
                     .map_err(|()| url_err("not a local path".into()))?;
                 std::fs::create_dir_all(&dir).map_err(|e| url_err(e.to_string()))?;
+                sync_parent(&dir);
                 if let Some((key, _)) = config.options.first() {
                     return Err(StorageError::Option {
                         key: key.clone(),
@@ -193,7 +217,9 @@ impl Storage {
             }
             ObjectStoreScheme::AmazonS3 => {
                 use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey};
-                let mut b = AmazonS3Builder::from_env().with_url(url.as_str());
+                let mut b = AmazonS3Builder::from_env()
+                    .with_url(url.as_str())
+                    .with_retry(retry.clone());
                 for (k, v) in options {
                     b = b.with_config(parse_key::<AmazonS3ConfigKey>(k)?, v);
                 }
@@ -204,7 +230,9 @@ impl Storage {
             }
             ObjectStoreScheme::GoogleCloudStorage => {
                 use object_store::gcp::{GoogleCloudStorageBuilder, GoogleConfigKey};
-                let mut b = GoogleCloudStorageBuilder::from_env().with_url(url.as_str());
+                let mut b = GoogleCloudStorageBuilder::from_env()
+                    .with_url(url.as_str())
+                    .with_retry(retry.clone());
                 for (k, v) in options {
                     b = b.with_config(parse_key::<GoogleConfigKey>(k)?, v);
                 }
@@ -215,7 +243,9 @@ impl Storage {
             }
             ObjectStoreScheme::MicrosoftAzure => {
                 use object_store::azure::{AzureConfigKey, MicrosoftAzureBuilder};
-                let mut b = MicrosoftAzureBuilder::from_env().with_url(url.as_str());
+                let mut b = MicrosoftAzureBuilder::from_env()
+                    .with_url(url.as_str())
+                    .with_retry(retry.clone());
                 for (k, v) in options {
                     b = b.with_config(parse_key::<AzureConfigKey>(k)?, v);
                 }
@@ -233,7 +263,7 @@ impl Storage {
             base,
             root: prefix.clone().join(config.collector_id.as_str()),
             shared: Some(prefix),
-            local,
+            local: local.then(|| Arc::new(LocalFileSystem::new())),
             delete_grace: config.delete_grace,
         })
     }
@@ -247,9 +277,15 @@ impl Storage {
         &self.base
     }
 
-    /// The full URL of a file, for readers and for logs.
+    /// The full URL of a file, for readers and for logs: each part is
+    /// percent-encoded, so readers decode it back to `location` whatever
+    /// characters (`#`, `?`, `%`, spaces) a directory name holds.
     pub fn url_of(&self, location: &Path) -> String {
-        format!("{}{}", self.base, location)
+        let mut url = self.base.clone();
+        if let Ok(mut segments) = url.path_segments_mut() {
+            segments.pop_if_empty().extend(location.parts());
+        }
+        url.to_string()
     }
 
     /// This collector's prefix.
@@ -273,7 +309,49 @@ impl Storage {
 
     /// On the local filesystem, a location's path.
     pub fn local_path(&self, location: &Path) -> Option<PathBuf> {
-        self.local.then(|| PathBuf::from(format!("/{location}")))
+        self.local.as_ref()?.path_to_filesystem(location).ok()
+    }
+
+    /// Claims this collector's prefix of a shared store for the data
+    /// directory whose `token` this is, so two collectors given one id
+    /// cannot delete each other's files. The same token claims it again
+    /// after a restart.
+    pub async fn claim(&self, token: &str) -> Result<(), StorageError> {
+        if !self.is_shared() {
+            return Ok(());
+        }
+        let at = self.root.clone().join(CLAIM);
+        let create = PutOptions {
+            mode: PutMode::Create,
+            ..PutOptions::default()
+        };
+        let payload = PutPayload::from(token.to_string());
+        match self.store.put_opts(&at, payload.clone(), create).await {
+            Ok(_) => return Ok(()),
+            Err(object_store::Error::AlreadyExists { .. }) => {}
+            // Without conditional writes, check first: it catches a second
+            // collector started later, not two racing to start.
+            Err(object_store::Error::NotImplemented { .. }) => match self.get(&at).await {
+                Err(_) => {
+                    return self
+                        .store
+                        .put(&at, payload)
+                        .await
+                        .map(drop)
+                        .map_err(|e| self.io_err("writing", &at, e.to_string()));
+                }
+                Ok(_) => {}
+            },
+            Err(e) => return Err(self.io_err("writing", &at, e.to_string())),
+        }
+        let held = self.get(&at).await?;
+        if held.as_ref() == token.as_bytes() {
+            Ok(())
+        } else {
+            Err(StorageError::Claimed {
+                prefix: self.url_of(&self.root),
+            })
+        }
     }
 
     /// Writes a whole file; it appears complete or not at all, and is
@@ -367,6 +445,19 @@ impl Storage {
     }
 }
 
+/// Names the owner of a collector's prefix in a shared store.
+pub const CLAIM: &str = "_lumen_collector";
+
+/// Makes a new directory's entry durable (best effort: a store that is
+/// not a plain filesystem may not allow it).
+fn sync_parent(dir: &std::path::Path) {
+    if let Some(parent) = dir.parent()
+        && let Ok(d) = std::fs::File::open(parent)
+    {
+        let _ = d.sync_all();
+    }
+}
+
 fn parse_key<K: std::str::FromStr>(key: &str) -> Result<K, StorageError>
 where
     K::Err: std::fmt::Display,
@@ -386,9 +477,8 @@ fn local_path(dir: &std::path::Path) -> Result<Path, StorageError> {
     })
 }
 
-/// `*.tmp`, fsync, rename, fsync of the directory and the two above it
-/// (`date=`/`hour=` may be new): the file's entry must be durable before
-/// the WAL behind it is deleted.
+/// `*.tmp`, fsync, rename, fsync of the directories above it: the file's
+/// entry must be durable before the WAL behind it is deleted.
 fn write_local(path: &std::path::Path, data: &[u8]) -> std::io::Result<()> {
     use std::io::Write;
     let dir = path
@@ -403,7 +493,8 @@ fn write_local(path: &std::path::Path, data: &[u8]) -> std::io::Result<()> {
         let _ = std::fs::remove_file(&tmp);
         return Err(e);
     }
-    for d in path.ancestors().skip(1).take(3) {
+    // hour=, date=, the table and the root: any of them may be new.
+    for d in path.ancestors().skip(1).take(4) {
         std::fs::File::open(d)?.sync_all()?;
     }
     Ok(())
@@ -442,6 +533,37 @@ mod tests {
             alone.local_path(alone.root()).unwrap(),
             dir.path().join("tables")
         );
+    }
+
+    #[test]
+    fn file_urls_decode_back_to_their_location_whatever_a_directory_is_called() {
+        let dir = tempfile::tempdir().unwrap();
+        let odd = dir.path().join("lumen data #2?x=%41~[a]");
+        let s = Storage::local(&odd).unwrap();
+        let file = s.root().clone().join("requests").join("part-1.parquet");
+        let url = url::Url::parse(&s.url_of(&file)).unwrap();
+        assert_eq!(url.fragment(), None);
+        assert_eq!(url.query(), None);
+        assert_eq!(Path::from_url_path(url.path()).unwrap(), file);
+        assert_eq!(
+            s.local_path(&file).unwrap(),
+            odd.join("requests/part-1.parquet")
+        );
+    }
+
+    #[tokio::test]
+    async fn a_prefix_is_claimed_by_one_data_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = StorageConfig {
+            url: Some(dir.path().join("shared").display().to_string()),
+            collector_id: "c".into(),
+            ..StorageConfig::default()
+        };
+        let s = Storage::open(&config, dir.path()).unwrap();
+        s.claim("first").await.unwrap();
+        s.claim("first").await.unwrap();
+        let e = s.claim("second").await.unwrap_err().to_string();
+        assert!(e.contains("belongs to another collector"), "{e}");
     }
 
     #[test]

@@ -444,6 +444,18 @@ pub async fn wait_metric(ports: &UpPorts, series: &str, done: impl Fn(f64) -> bo
     }
 }
 
+/// Waits past the top of the hour if it is less than `margin` away, for
+/// tests whose files must all land in one hour partition.
+pub async fn clear_of_hour_boundary(margin: Duration) {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    let left = Duration::from_secs(3600 - now.as_secs() % 3600);
+    if left < margin {
+        tokio::time::sleep(left + Duration::from_secs(1)).await;
+    }
+}
+
 /// Rows DuckDB reads from the Parquet files `glob` matches.
 pub fn duckdb_count(glob: &str) -> Result<i64> {
     let out = run_python(

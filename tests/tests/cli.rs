@@ -103,7 +103,7 @@ fn a_bad_store_stops_lumen_up_naming_the_url_option_or_id() -> Result<()> {
     lumen_tests::write_mesh(&mesh, &[("reviews", 9080, &[])])?;
     let any_port = "127.0.0.1:0";
     let up = |store: &[&str]| -> Result<String> {
-        let out = Command::new(lumen_bin())
+        let mut child = Command::new(lumen_bin())
             .args(["up", "-f"])
             .arg(&mesh)
             .arg("--data-dir")
@@ -112,8 +112,20 @@ fn a_bad_store_stops_lumen_up_naming_the_url_option_or_id() -> Result<()> {
             .args(["--query-addr", any_port, "--pg-addr", any_port])
             .args(["--flight-sql-addr", any_port])
             .args(store)
-            .output()?;
-        assert!(!out.status.success(), "lumen up {store:?} started");
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()?;
+        // It must refuse at once; one that starts is killed and fails here.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while child.try_wait()?.is_none() {
+            if std::time::Instant::now() > deadline {
+                child.kill()?;
+                anyhow::bail!("lumen up {store:?} started instead of refusing");
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        let out = child.wait_with_output()?;
+        assert!(!out.status.success(), "lumen up {store:?} exited 0");
         Ok(String::from_utf8(out.stderr)?)
     };
     let err = up(&[
@@ -129,5 +141,10 @@ fn a_bad_store_stops_lumen_up_naming_the_url_option_or_id() -> Result<()> {
     assert!(err.contains("collector id `a/b`"), "{err}");
     let err = up(&["--store-option", "no-equals-sign"])?;
     assert!(err.contains("is not KEY=VALUE"), "{err}");
+    let err = up(&["--store", "s3://bucket/p", "--store-refresh", "2m"])?;
+    assert!(
+        err.contains("must be shorter than --store-delete-grace"),
+        "{err}"
+    );
     Ok(())
 }

@@ -11,8 +11,8 @@ use anyhow::{Context, Result};
 use lumen_tests::otlp::export;
 use lumen_tests::s3::{ACCESS_KEY, Moto, REGION, SECRET_KEY};
 use lumen_tests::{
-    LumenProcess, UpPorts, metric, run_python, sql_count, start_up, wait_for_count, wait_metric,
-    write_mesh,
+    LumenProcess, UpPorts, clear_of_hour_boundary, metric, run_python, sql_count, start_up,
+    wait_for_count, wait_metric, write_mesh,
 };
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_client::TraceServiceClient;
 
@@ -37,7 +37,7 @@ async fn start_collector(
         "--store-refresh",
         "300ms",
         "--store-delete-grace",
-        "3s",
+        "5s",
         "--flush-interval",
         "300ms",
         "--compaction-interval",
@@ -119,11 +119,28 @@ print(json.dumps({name: n for name, n in rows}))
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_collectors_share_one_bucket_and_each_reads_both() -> Result<()> {
+    // Each collector's three flushes must land in one hour partition to be
+    // compacted together.
+    clear_of_hour_boundary(Duration::from_secs(120)).await;
     let dir = tempfile::tempdir()?;
     let moto = Moto::start(BUCKET).await?;
     let (pa, pb) = (UpPorts::pick(), UpPorts::pick());
     let mut a = start_collector(dir.path(), &moto, "a", pa).await?;
     let b = start_collector(dir.path(), &moto, "b", pb).await?;
+
+    // A third collector given `a`'s id (another data directory) is refused
+    // rather than sharing, and deleting from, `a`'s prefix.
+    let elsewhere = dir.path().join("elsewhere");
+    std::fs::create_dir_all(&elsewhere)?;
+    let refused = start_collector(&elsewhere, &moto, "a", UpPorts::pick())
+        .await
+        .err()
+        .map(|e| format!("{e:#}"))
+        .unwrap_or_default();
+    assert!(
+        refused.contains("belongs to another collector"),
+        "a second collector with id a started: {refused}"
+    );
 
     // Each collector takes its own apps' spans (three flushes each, which
     // --compaction-min-files then merges)…
@@ -170,7 +187,7 @@ async fn two_collectors_share_one_bucket_and_each_reads_both() -> Result<()> {
     );
 
     // Compaction merges each collector's three files; replaced files stay
-    // for the delete grace, yet no query counts a row twice meanwhile.
+    // for the delete grace (5 s), yet no query counts a row twice meanwhile.
     for (ports, who) in [(&pa, "a"), (&pb, "b")] {
         let done = wait_metric(ports, "lumen_compactions_total{outcome=\"ok\"}", |v| {
             v >= 1.0
@@ -178,6 +195,10 @@ async fn two_collectors_share_one_bucket_and_each_reads_both() -> Result<()> {
         .await?;
         assert!(done >= 1.0, "{who} compacted");
     }
+    assert!(
+        span_files(&moto, "b").await?.len() > 1,
+        "the replaced files are still in the bucket during the grace"
+    );
     for _ in 0..12 {
         assert_eq!(sql_count(&pa.sql_url(), &count_of("beta")).await?, sent_b);
         assert_eq!(sql_count(&pb.sql_url(), &count_of("alpha")).await?, sent_a);

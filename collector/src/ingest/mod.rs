@@ -389,6 +389,9 @@ impl Ingest {
                 "flushing to Parquet fails (rows stay in the WAL): {e}"
             ));
         }
+        if let Some(e) = h.others_problem() {
+            report.degraded.push(e);
+        }
         report
     }
 
@@ -811,6 +814,7 @@ mod tests {
         let tables = dir.path().join("tables");
         let persister = crate::persist::Persister {
             storage: Arc::new(crate::storage::Storage::local(&tables).unwrap()),
+            orphans: Arc::default(),
             wal_dir: dir.path().to_path_buf(),
             wal: ingest.wal.clone(),
             store: store.clone(),
