@@ -331,8 +331,8 @@ impl Storage {
             Err(object_store::Error::AlreadyExists { .. }) => {}
             // Without conditional writes, check first: it catches a second
             // collector started later, not two racing to start.
-            Err(object_store::Error::NotImplemented { .. }) => match self.get(&at).await {
-                Err(_) => {
+            Err(object_store::Error::NotImplemented { .. }) => {
+                if self.get(&at).await.is_err() {
                     return self
                         .store
                         .put(&at, payload)
@@ -340,8 +340,7 @@ impl Storage {
                         .map(drop)
                         .map_err(|e| self.io_err("writing", &at, e.to_string()));
                 }
-                Ok(_) => {}
-            },
+            }
             Err(e) => return Err(self.io_err("writing", &at, e.to_string())),
         }
         let held = self.get(&at).await?;
