@@ -71,6 +71,10 @@ struct Cli {
 enum Command {
     /// Run the control plane, collector and query service in one process.
     Up(UpArgs),
+    /// Run the query service alone over a store shared by collectors (no
+    /// ingest): SQL, PromQL, Jaeger, Postgres wire and Flight SQL over every
+    /// collector's flushed files.
+    Query(QueryServiceArgs),
     /// Run one sidecar proxy beside an application.
     Proxy(ProxyArgs),
     /// Run the whole mesh with a Bookinfo sample and steady traffic.
@@ -94,6 +98,63 @@ struct StoreArgs {
     /// OTLP/HTTP listen address of the collector.
     #[arg(long, default_value = "127.0.0.1:4318")]
     otlp_http: SocketAddr,
+    /// Largest OTLP payload accepted, in bytes.
+    #[arg(long, default_value_t = lumen_collector::DEFAULT_MAX_REQUEST_BYTES)]
+    max_request_bytes: usize,
+    /// Rows kept in memory before a flush to Parquet.
+    #[arg(long, default_value_t = 1_000_000)]
+    flush_rows: usize,
+    /// Memory of rows not yet in Parquet (MiB) past which OTLP payloads are
+    /// refused as unavailable, so failing flushes cannot exhaust memory.
+    #[arg(long, default_value_t = lumen_collector::DEFAULT_MAX_HOT_BYTES >> 20)]
+    max_hot_mib: usize,
+    /// How long a table's rows are kept, as TABLE=DURATION (`off` keeps
+    /// them forever); repeat for several tables. Whole hour partitions
+    /// past it are deleted. Defaults: requests, spans, logs 7d; metrics
+    /// 30d; rollups 90d.
+    #[arg(long = "retention", value_name = "TABLE=DURATION", value_parser = parse_retention)]
+    retention: Vec<(String, Option<Duration>)>,
+    /// How often small Parquet files of a partition are merged into one
+    /// (0 turns compaction off).
+    #[arg(long, default_value = "5m", value_parser = parse_duration)]
+    compaction_interval: Duration,
+    /// A partition with this many small files is compacted even while its
+    /// hour is still being written.
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(2..))]
+    compaction_min_files: u32,
+    /// Distinct values a rollup label (service, workload, route …) keeps
+    /// per hour; requests with further values count under `other`
+    /// (lumen_rollup_folded_requests_total says how many).
+    #[arg(long, default_value_t = lumen_collector::rollup::DEFAULT_MAX_VALUES)]
+    rollup_max_values: usize,
+    /// Forward what the collector stores — traces (proxies' records as
+    /// spans, and apps' spans), metrics and logs — to this OTLP/gRPC
+    /// endpoint (Jaeger, Tempo, an OpenTelemetry Collector); repeat for
+    /// several. Never slows ingest: past the queue, items are dropped and
+    /// counted in lumen_export_items_total.
+    #[arg(long = "export-otlp", value_name = "URL", value_parser = parse_export_url)]
+    export_otlp: Vec<String>,
+    /// Memory (MiB) of items queued per export endpoint.
+    #[arg(long, default_value_t = 64)]
+    export_queue_mib: usize,
+    /// How long a batch an export endpoint does not take is retried before
+    /// it is dropped.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    export_retry_for: Duration,
+    /// This collector's prefix in the --store; keep it stable across
+    /// restarts (a StatefulSet's pod name), and give each collector its own.
+    /// [default: the host name]
+    #[arg(long, env = "LUMEN_COLLECTOR_ID")]
+    collector_id: Option<String>,
+    #[command(flatten)]
+    location: StoreLocationArgs,
+    #[command(flatten)]
+    query: QueryArgs,
+}
+
+/// The query service's listeners and limits.
+#[derive(Args, Clone)]
+struct QueryArgs {
     /// Query HTTP listen address (SQL API at /api/v1/sql, Prometheus API,
     /// /metrics).
     #[arg(long, default_value = "127.0.0.1:9900")]
@@ -108,9 +169,6 @@ struct StoreArgs {
     /// Required when --pg-addr is not a loopback address.
     #[arg(long, env = "LUMEN_PG_PASSWORD", hide_env_values = true)]
     pg_password: Option<String>,
-    /// Largest OTLP payload accepted, in bytes.
-    #[arg(long, default_value_t = lumen_collector::DEFAULT_MAX_REQUEST_BYTES)]
-    max_request_bytes: usize,
     /// Query service settings: a YAML file with a `kind: QueryService`
     /// resource (see README); the --query-* flags override it.
     #[arg(long = "query-config", value_name = "FILE")]
@@ -160,60 +218,21 @@ struct StoreArgs {
     /// payloads in progress; 100 never steps aside [default: 25].
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..=100))]
     query_ingest_share: Option<u32>,
-    /// Rows kept in memory before a flush to Parquet.
-    #[arg(long, default_value_t = 1_000_000)]
-    flush_rows: usize,
-    /// Memory of rows not yet in Parquet (MiB) past which OTLP payloads are
-    /// refused as unavailable, so failing flushes cannot exhaust memory.
-    #[arg(long, default_value_t = lumen_collector::DEFAULT_MAX_HOT_BYTES >> 20)]
-    max_hot_mib: usize,
-    /// How long a table's rows are kept, as TABLE=DURATION (`off` keeps
-    /// them forever); repeat for several tables. Whole hour partitions
-    /// past it are deleted. Defaults: requests, spans, logs 7d; metrics
-    /// 30d; rollups 90d.
-    #[arg(long = "retention", value_name = "TABLE=DURATION", value_parser = parse_retention)]
-    retention: Vec<(String, Option<Duration>)>,
-    /// How often small Parquet files of a partition are merged into one
-    /// (0 turns compaction off).
-    #[arg(long, default_value = "5m", value_parser = parse_duration)]
-    compaction_interval: Duration,
-    /// A partition with this many small files is compacted even while its
-    /// hour is still being written.
-    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(2..))]
-    compaction_min_files: u32,
-    /// Distinct values a rollup label (service, workload, route …) keeps
-    /// per hour; requests with further values count under `other`
-    /// (lumen_rollup_folded_requests_total says how many).
-    #[arg(long, default_value_t = lumen_collector::rollup::DEFAULT_MAX_VALUES)]
-    rollup_max_values: usize,
-    /// Forward what the collector stores — traces (proxies' records as
-    /// spans, and apps' spans), metrics and logs — to this OTLP/gRPC
-    /// endpoint (Jaeger, Tempo, an OpenTelemetry Collector); repeat for
-    /// several. Never slows ingest: past the queue, items are dropped and
-    /// counted in lumen_export_items_total.
-    #[arg(long = "export-otlp", value_name = "URL", value_parser = parse_export_url)]
-    export_otlp: Vec<String>,
-    /// Memory (MiB) of items queued per export endpoint.
-    #[arg(long, default_value_t = 64)]
-    export_queue_mib: usize,
-    /// How long a batch an export endpoint does not take is retried before
-    /// it is dropped.
-    #[arg(long, default_value = "30s", value_parser = parse_duration)]
-    export_retry_for: Duration,
+}
+
+/// Where the Parquet files are shared (for collectors and the query service).
+#[derive(Args, Clone)]
+struct StoreLocationArgs {
     /// Where Parquet files go, shared by several collectors: a directory or
     /// an object store URL (s3://bucket/prefix, gs://bucket/prefix,
     /// az://container/prefix, file:///path). Each collector writes under
     /// <store>/<collector-id>/ and its queries read every collector's files.
     /// Credentials and settings come from the environment (AWS_*, GOOGLE_*,
-    /// AZURE_*) and --store-option. [default: <data-dir>/tables, this
+    /// AZURE_*) and --store-option. Required by `lumen query`, which reads
+    /// every collector's files. [default: <data-dir>/tables, this
     /// collector's alone]
     #[arg(long, env = "LUMEN_STORE", value_name = "URL")]
     store: Option<String>,
-    /// This collector's prefix in the --store; keep it stable across
-    /// restarts (a StatefulSet's pod name), and give each collector its own.
-    /// [default: the host name]
-    #[arg(long, env = "LUMEN_COLLECTOR_ID")]
-    collector_id: Option<String>,
     /// A setting of the --store's client as KEY=VALUE, with object_store's
     /// key names (aws_endpoint=http://minio:9000, aws_allow_http=true,
     /// aws_region=eu-west-1, google_service_account=…,
@@ -223,9 +242,10 @@ struct StoreArgs {
     /// How often other collectors' files in the --store are listed.
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     store_refresh: Duration,
-    /// How long files this collector compacted or expired stay in the
+    /// How long files a collector compacted or expired stay in the
     /// --store, so other collectors' running queries can finish reading
-    /// them.
+    /// them (and how long a failing listing is borne before queries are
+    /// said to miss rows).
     #[arg(long, default_value = "60s", value_parser = parse_duration)]
     store_delete_grace: Duration,
 }
@@ -279,16 +299,11 @@ impl StoreArgs {
         c.rollup_max_values = self.rollup_max_values;
         c.compaction.interval = self.compaction_interval;
         c.compaction.min_files = self.compaction_min_files as usize;
-        c.storage = lumen_collector::storage::StorageConfig {
-            url: self.store.clone(),
-            collector_id: self
-                .collector_id
+        c.storage = self.location.storage_config(
+            self.collector_id
                 .clone()
                 .unwrap_or_else(lumen_collector::storage::default_collector_id),
-            options: self.store_option.clone(),
-            refresh: self.store_refresh,
-            delete_grace: self.store_delete_grace,
-        };
+        );
         c.export = self
             .export_otlp
             .iter()
@@ -306,9 +321,11 @@ impl StoreArgs {
         }
         Ok(c)
     }
+}
 
+impl QueryArgs {
     /// Query settings: defaults, then the --query-config file, then flags.
-    fn query_config(&self, data_dir: &std::path::Path) -> Result<QueryConfig> {
+    fn query_config(&self, data_dir: Option<&std::path::Path>) -> Result<QueryConfig> {
         let file = match &self.query_config {
             Some(path) => QuerySettings::load(path)?,
             None => QuerySettings::default(),
@@ -331,7 +348,8 @@ impl StoreArgs {
             ingest_share: self.query_ingest_share,
         };
         let defaults = QuerySettings {
-            spill_dir: Some(data_dir.join("query-spill")),
+            // Without a data directory, the system's temporary directory.
+            spill_dir: data_dir.map(|d| d.join("query-spill")),
             ..QuerySettings::default()
         };
         let settings = flags.or(file).or(defaults);
@@ -340,6 +358,26 @@ impl StoreArgs {
         }
         Ok(settings.config())
     }
+}
+
+impl StoreLocationArgs {
+    fn storage_config(&self, collector_id: String) -> lumen_collector::storage::StorageConfig {
+        lumen_collector::storage::StorageConfig {
+            url: self.store.clone(),
+            collector_id,
+            options: self.store_option.clone(),
+            refresh: self.store_refresh,
+            delete_grace: self.store_delete_grace,
+        }
+    }
+}
+
+#[derive(Args)]
+struct QueryServiceArgs {
+    #[command(flatten)]
+    location: StoreLocationArgs,
+    #[command(flatten)]
+    query: QueryArgs,
 }
 
 #[derive(Args)]
@@ -580,6 +618,7 @@ fn main() -> ExitCode {
     let result = rt.block_on(async {
         match cli.command {
             Command::Up(a) => up(a).await,
+            Command::Query(a) => query_service(a).await,
             Command::Proxy(a) => proxy(a).await,
             Command::Demo(a) => demo(a).await,
             Command::Sql(a) => sql(a).await,
@@ -602,7 +641,7 @@ async fn until(mut rx: watch::Receiver<bool>) {
 
 async fn up(a: UpArgs) -> Result<()> {
     init_logging("info");
-    let query_config = a.store.query_config(&a.data_dir)?;
+    let query_config = a.store.query.query_config(Some(&a.data_dir))?;
     let discovery = lumen_control::FileDiscovery::open(&a.file)?;
     let mesh = discovery.current();
     tracing::info!(
@@ -628,9 +667,14 @@ async fn up(a: UpArgs) -> Result<()> {
     };
     let engine =
         QueryEngine::new(collector.store(), query_config).context("starting the query executor")?;
-    let pg = PgServer::bind(a.store.pg_addr, engine.clone(), a.store.pg_password.clone()).await?;
-    let flight_sql = FlightSqlServer::bind(a.store.flight_sql_addr, engine.clone()).await?;
-    let query = QueryServer::bind(a.store.query_addr, engine).await?;
+    let pg = PgServer::bind(
+        a.store.query.pg_addr,
+        engine.clone(),
+        a.store.query.pg_password.clone(),
+    )
+    .await?;
+    let flight_sql = FlightSqlServer::bind(a.store.query.flight_sql_addr, engine.clone()).await?;
+    let query = QueryServer::bind(a.store.query.query_addr, engine).await?;
     let (stop, stop_rx) = watch::channel(false);
     tracing::info!(
         otlp_grpc = %fmt_addr(collector.otlp_grpc_addr()),
@@ -655,6 +699,45 @@ async fn up(a: UpArgs) -> Result<()> {
     let served = pg_task.await.context("postgres task")?;
     let flown = flight_sql_task.await.context("flight sql task")?;
     collected?;
+    queried?;
+    served.context("postgres wire")?;
+    flown?;
+    tracing::info!("stopped cleanly");
+    Ok(())
+}
+
+async fn query_service(a: QueryServiceArgs) -> Result<()> {
+    init_logging("info");
+    let query_config = a.query.query_config(None)?;
+    // The reader owns no prefix: the id is not used.
+    let storage = a.location.storage_config(String::new());
+    let reader = lumen_collector::StoreReader::open(&storage)
+        .await
+        .context("opening the store")?;
+    let engine =
+        QueryEngine::new(reader.store(), query_config).context("starting the query executor")?;
+    let pg = PgServer::bind(a.query.pg_addr, engine.clone(), a.query.pg_password.clone()).await?;
+    let flight_sql = FlightSqlServer::bind(a.query.flight_sql_addr, engine.clone()).await?;
+    let query = QueryServer::bind(a.query.query_addr, engine).await?;
+    let (stop, stop_rx) = watch::channel(false);
+    tracing::info!(
+        query = %fmt_addr(query.local_addr()),
+        postgres = %fmt_addr(pg.local_addr()),
+        flight_sql = %fmt_addr(flight_sql.local_addr()),
+        store = storage.url.as_deref().unwrap_or_default(),
+        "lumen query is up"
+    );
+    let reader_task = tokio::spawn(reader.run(until(stop_rx.clone())));
+    let pg_task = tokio::spawn(pg.run(until(stop_rx.clone())));
+    let flight_sql_task = tokio::spawn(flight_sql.run(until(stop_rx.clone())));
+    let query_task = tokio::spawn(query.run(until(stop_rx)));
+    shutdown_signal().await;
+    tracing::info!("shutting down");
+    let _ = stop.send(true);
+    let _ = reader_task.await;
+    let queried = query_task.await.context("query task")?;
+    let served = pg_task.await.context("postgres task")?;
+    let flown = flight_sql_task.await.context("flight sql task")?;
     queried?;
     served.context("postgres wire")?;
     flown?;
@@ -775,10 +858,10 @@ async fn demo(a: DemoArgs) -> Result<()> {
             .store
             .collector_config(data_dir.clone(), a.flush_interval)?,
         rps: a.rps,
-        query: a.store.query_addr,
-        pg: a.store.pg_addr,
-        flight_sql: a.store.flight_sql_addr,
-        query_config: a.store.query_config(&data_dir)?,
+        query: a.store.query.query_addr,
+        pg: a.store.query.pg_addr,
+        flight_sql: a.store.query.flight_sql_addr,
+        query_config: a.store.query.query_config(Some(&data_dir))?,
     };
     let running = lumen_demo::start(config)
         .await

@@ -157,6 +157,56 @@ async fn bind(
     }
 }
 
+/// A store shared by collectors as a query service alone reads it: every
+/// collector's files, listed every refresh; no ingest, no WAL, no writes.
+pub struct StoreReader {
+    store: Arc<Store>,
+    storage: Arc<storage::Storage>,
+    refresh: std::time::Duration,
+}
+
+impl StoreReader {
+    /// Opens the store and lists every collector's files once.
+    pub async fn open(config: &storage::StorageConfig) -> Result<StoreReader, CollectorError> {
+        let storage = Arc::new(storage::Storage::reader(config)?);
+        let store = Arc::new(Store::new());
+        store.set_storage(storage.clone());
+        let (files, unreadable) = persist::refresh_others(&storage, &store).await?;
+        for (location, why) in unreadable {
+            tracing::warn!(file = %storage.url_of(&location), error = %why, "leaving out a file that cannot be read");
+        }
+        tracing::info!(
+            files,
+            "reading every collector's files in {}",
+            storage.url_of(storage.root())
+        );
+        Ok(StoreReader {
+            store,
+            storage,
+            refresh: config.refresh,
+        })
+    }
+
+    /// The catalog the query service reads.
+    pub fn store(&self) -> Arc<Store> {
+        self.store.clone()
+    }
+
+    /// Lists the collectors' files every refresh until `shutdown` resolves.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) {
+        let (stop, stop_rx) = watch::channel(false);
+        let follow = tokio::spawn(persist::follow_others(
+            self.storage,
+            self.store,
+            self.refresh,
+            stop_rx,
+        ));
+        shutdown.await;
+        let _ = stop.send(true);
+        follow.abort();
+    }
+}
+
 /// `<data>/wal`.
 pub fn wal_dir(data_dir: &Path) -> PathBuf {
     data_dir.join("wal")

@@ -268,6 +268,24 @@ impl Storage {
         })
     }
 
+    /// The shared store as a query service alone reads it: it owns no
+    /// prefix (its root is the shared prefix itself, which no collector's
+    /// equals), so every collector's files are others' to it.
+    pub fn reader(config: &StorageConfig) -> Result<Storage, StorageError> {
+        if config.url.is_none() {
+            return Err(StorageError::Config(
+                "the query service alone reads a store shared by collectors: give it --store (or LUMEN_STORE), the URL the collectors write to".into(),
+            ));
+        }
+        let as_collector = StorageConfig {
+            collector_id: "reader".into(),
+            ..config.clone()
+        };
+        let mut storage = Storage::open(&as_collector, std::path::Path::new("."))?;
+        storage.root = storage.shared.clone().unwrap_or_default();
+        Ok(storage)
+    }
+
     pub fn object_store(&self) -> Arc<dyn ObjectStore> {
         self.store.clone()
     }

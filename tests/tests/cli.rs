@@ -40,7 +40,7 @@ fn check_accepts_valid_config_and_names_file_field_and_reason_otherwise() -> Res
 
 #[test]
 fn every_command_has_help() -> Result<()> {
-    for cmd in ["up", "proxy", "demo", "sql", "check"] {
+    for cmd in ["up", "query", "proxy", "demo", "sql", "check"] {
         let out = Command::new(lumen_bin()).args([cmd, "--help"]).output()?;
         assert!(out.status.success(), "{cmd}");
         assert!(
@@ -141,6 +141,15 @@ fn a_bad_store_stops_lumen_up_naming_the_url_option_or_id() -> Result<()> {
     assert!(err.contains("collector id `a/b`"), "{err}");
     let err = up(&["--store-option", "no-equals-sign"])?;
     assert!(err.contains("is not KEY=VALUE"), "{err}");
+    // The query service alone needs the shared store.
+    let out = Command::new(lumen_bin())
+        .args(["query", "--query-addr", any_port, "--pg-addr", any_port])
+        .args(["--flight-sql-addr", any_port])
+        .env_remove("LUMEN_STORE")
+        .output()?;
+    assert!(!out.status.success());
+    let err = String::from_utf8(out.stderr)?;
+    assert!(err.contains("give it --store"), "{err}");
     let err = up(&["--store", "s3://bucket/p", "--store-refresh", "2m"])?;
     assert!(
         err.contains("must be shorter than --store-delete-grace"),

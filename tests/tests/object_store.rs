@@ -215,6 +215,36 @@ async fn two_collectors_share_one_bucket_and_each_reads_both() -> Result<()> {
     let counts = duckdb_counts(&moto)?;
     assert_eq!(counts["beta"], sent_b, "{counts}");
 
+    // The query service alone (no ingest) reads both collectors' files.
+    let qp = UpPorts::pick();
+    let mut args: Vec<String> = vec![
+        "query".into(),
+        "--store".into(),
+        format!("s3://{BUCKET}/{PREFIX}"),
+        "--store-refresh".into(),
+        "300ms".into(),
+    ];
+    args.extend(moto.store_options());
+    for (flag, port) in [
+        ("--query-addr", qp.query),
+        ("--pg-addr", qp.pg),
+        ("--flight-sql-addr", qp.flight_sql),
+    ] {
+        args.extend([flag.to_string(), format!("127.0.0.1:{port}")]);
+    }
+    let mut query = LumenProcess::spawn("lumen-query", dir.path(), &args)?;
+    query
+        .wait_ready(&format!("http://127.0.0.1:{}/ready", qp.query))
+        .await?;
+    for (service, sent) in [("alpha", sent_a), ("beta", sent_b)] {
+        assert_eq!(
+            wait_for_count(&qp.sql_url(), &count_of(service), sent).await?,
+            sent,
+            "lumen query reads {service}:\n{}",
+            query.logs()
+        );
+    }
+
     // `a` killed: rows it had not flushed come back from its local WAL, and
     // it reads `b`'s files again after the restart.
     let mut client = TraceServiceClient::connect(pa.grpc_endpoint()).await?;
@@ -232,6 +262,13 @@ async fn two_collectors_share_one_bucket_and_each_reads_both() -> Result<()> {
         sent_a,
         "b reads what a wrote since its restart"
     );
+
+    assert_eq!(
+        wait_for_count(&qp.sql_url(), &count_of("alpha"), sent_a).await?,
+        sent_a,
+        "lumen query reads what a flushed since its restart"
+    );
+    assert_eq!(query.terminate()?, 0, "{}", query.logs());
 
     // Stopped cleanly, everything is in the bucket, once.
     assert_eq!(a.terminate()?, 0, "{}", a.logs());
