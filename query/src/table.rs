@@ -10,12 +10,14 @@ use async_trait::async_trait;
 use chrono::Utc;
 use datafusion::catalog::{Session, TableProvider};
 use datafusion::common::ScalarValue;
+use datafusion::datasource::file_format::FileFormat;
 use datafusion::datasource::file_format::parquet::ParquetFormat;
-use datafusion::datasource::listing::{
-    ListingOptions, ListingTable, ListingTableConfig, ListingTableUrl,
-};
+use datafusion::datasource::listing::PartitionedFile;
 use datafusion::datasource::memory::MemorySourceConfig;
+use datafusion::datasource::physical_plan::{FileGroup, FileScanConfigBuilder};
+use datafusion::datasource::table_schema::TableSchema;
 use datafusion::error::Result;
+use datafusion::execution::object_store::ObjectStoreUrl;
 use datafusion::logical_expr::{
     BinaryExpr, Expr, Operator, TableProviderFilterPushDown, TableType,
 };
@@ -26,8 +28,9 @@ use datafusion::physical_plan::empty::EmptyExec;
 use datafusion::physical_plan::filter::FilterExec;
 use datafusion::physical_plan::projection::{ProjectionExec, ProjectionExpr};
 use datafusion::physical_plan::union::UnionExec;
-use lumen_collector::Store;
+use lumen_collector::{FileMeta, Store};
 use lumen_core::schema::{ROLLUP_WINDOWS, ROLLUPS, TIME_COLUMN};
+use object_store::ObjectMeta;
 
 /// How long after a rollup window ends it stays hidden, while records of
 /// its last moments are still on their way from the proxies (which send
@@ -300,21 +303,47 @@ impl StoreTable {
             )?);
         }
 
-        let storage = self.store.storage();
-        let urls = snapshot
+        // The catalog knows every file and its size: the scan is built from
+        // it, with no listing or HEAD request per file (which an object
+        // store charges in latency on every query).
+        let mut files: Vec<&FileMeta> = snapshot
             .files
             .iter()
             .filter(|f| range.overlaps(f.min_time, f.max_time))
-            .map(|f| ListingTableUrl::parse(storage.url_of(&f.location)))
-            .collect::<Result<Vec<_>>>()?;
-        if !urls.is_empty() {
-            let options = ListingOptions::new(Arc::new(ParquetFormat::default()))
-                .with_file_extension(".parquet");
-            let config = ListingTableConfig::new_with_multi_paths(urls)
-                .with_listing_options(options)
-                .with_schema(self.schema.clone());
-            let files = ListingTable::try_new(config)?;
-            inputs.push(files.scan(state, projection, filters, limit).await?);
+            .map(|f| f.as_ref())
+            .collect();
+        if !files.is_empty() {
+            let storage = self.store.storage();
+            let store_url = ObjectStoreUrl::parse(storage.base_url().as_str())?;
+            // Largest first, each to the group holding least: groups of
+            // about equal bytes, read in parallel.
+            files.sort_by_key(|f| std::cmp::Reverse(f.bytes));
+            let n = state.config().target_partitions().clamp(1, files.len());
+            let mut groups: Vec<(u64, Vec<PartitionedFile>)> = vec![(0, Vec::new()); n];
+            for f in files {
+                let group = groups
+                    .iter_mut()
+                    .min_by_key(|(bytes, _)| *bytes)
+                    .expect("at least one group");
+                group.0 += f.bytes;
+                group.1.push(PartitionedFile::new_from_meta(ObjectMeta {
+                    location: f.location.clone(),
+                    // Files are never rewritten in place: name and size
+                    // identify one for the metadata cache.
+                    last_modified: chrono::DateTime::UNIX_EPOCH,
+                    size: f.bytes,
+                    e_tag: None,
+                    version: None,
+                }));
+            }
+            let format = ParquetFormat::default();
+            let source = format.file_source(TableSchema::from(self.schema.clone()));
+            let config = FileScanConfigBuilder::new(store_url, source)
+                .with_file_groups(groups.into_iter().map(|(_, g)| FileGroup::new(g)).collect())
+                .with_projection_indices(projection.cloned())?
+                .with_limit(limit)
+                .build();
+            inputs.push(format.create_physical_plan(state, config).await?);
         }
 
         if inputs.is_empty() {
