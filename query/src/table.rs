@@ -9,7 +9,8 @@ use arrow::record_batch::RecordBatch;
 use async_trait::async_trait;
 use chrono::Utc;
 use datafusion::catalog::{Session, TableProvider};
-use datafusion::common::ScalarValue;
+use datafusion::common::stats::Precision;
+use datafusion::common::{ScalarValue, Statistics};
 use datafusion::datasource::file_format::FileFormat;
 use datafusion::datasource::file_format::parquet::ParquetFormat;
 use datafusion::datasource::listing::PartitionedFile;
@@ -317,6 +318,12 @@ impl StoreTable {
             let store_url = ObjectStoreUrl::parse(storage.base_url().as_str())?;
             // Largest first, each to the group holding least: groups of
             // about equal bytes, read in parallel.
+            // Row counts are exact (from the footers): `count(*)` without a
+            // filter is answered from them.
+            let mut statistics = Statistics::new_unknown(&self.schema);
+            statistics.num_rows = Precision::Exact(files.iter().map(|f| f.rows as usize).sum());
+            statistics.total_byte_size =
+                Precision::Inexact(files.iter().map(|f| f.bytes as usize).sum());
             files.sort_by_key(|f| std::cmp::Reverse(f.bytes));
             let n = state.config().target_partitions().clamp(1, files.len());
             let mut groups: Vec<(u64, Vec<PartitionedFile>)> = vec![(0, Vec::new()); n];
@@ -342,6 +349,7 @@ impl StoreTable {
                 .with_file_groups(groups.into_iter().map(|(_, g)| FileGroup::new(g)).collect())
                 .with_projection_indices(projection.cloned())?
                 .with_limit(limit)
+                .with_statistics(statistics)
                 .build();
             inputs.push(format.create_physical_plan(state, config).await?);
         }
