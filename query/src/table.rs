@@ -316,14 +316,14 @@ impl StoreTable {
         if !files.is_empty() {
             let storage = self.store.storage();
             let store_url = ObjectStoreUrl::parse(storage.base_url().as_str())?;
-            // Largest first, each to the group holding least: groups of
-            // about equal bytes, read in parallel.
             // Row counts are exact (from the footers): `count(*)` without a
             // filter is answered from them.
             let mut statistics = Statistics::new_unknown(&self.schema);
             statistics.num_rows = Precision::Exact(files.iter().map(|f| f.rows as usize).sum());
             statistics.total_byte_size =
                 Precision::Inexact(files.iter().map(|f| f.bytes as usize).sum());
+            // Largest first, each to the group holding least: groups of
+            // about equal bytes, read in parallel.
             files.sort_by_key(|f| std::cmp::Reverse(f.bytes));
             let n = state.config().target_partitions().clamp(1, files.len());
             let mut groups: Vec<(u64, Vec<PartitionedFile>)> = vec![(0, Vec::new()); n];
