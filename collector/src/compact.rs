@@ -268,14 +268,30 @@ impl Housekeeper {
         let files = group.to_vec();
         let at = partition.clone();
         let url = self.storage.url_of(&partition);
-        let (merged, data) =
-            tokio::task::spawn_blocking(move || merge(name, &at, &files, contents))
-                .await
-                .map_err(|e| PersistError::Write {
-                    path: url.clone(),
-                    message: e.to_string(),
-                })??;
-        self.storage.put(&merged.location, data).await?;
+        let storage = self.storage.clone();
+        let written = tokio::task::spawn_blocking(move || {
+            let mut attempted = Vec::new();
+            merge(&storage, name, &at, &files, contents, &mut attempted).map_err(|e| (e, attempted))
+        })
+        .await
+        .map_err(|e| PersistError::Write {
+            path: url.clone(),
+            message: e.to_string(),
+        })?;
+        let merged = match written {
+            Ok(merged) => merged,
+            Err((e, attempted)) => {
+                // A store may have taken a write it reported as failed: a
+                // merged file left behind would count its rows twice beside
+                // the next merge of the same files.
+                for location in attempted {
+                    if let Err(e) = self.storage.delete(&location).await {
+                        tracing::warn!(error = %e, "cannot delete the file of a failed compaction");
+                    }
+                }
+                return Err(e);
+            }
+        };
         let bytes_after = merged.bytes;
         let rows = merged.rows;
         let location = merged.location.clone();
@@ -410,14 +426,16 @@ impl Housekeeper {
 
 const HOUR_US: i64 = 3_600_000_000;
 
-/// Reads a group's files, sorts their rows by time and encodes them as one
-/// file replacing them all.
+/// Reads a group's files, sorts their rows by time and writes them as one
+/// file replacing them all (from a blocking thread).
 fn merge(
+    storage: &Storage,
     name: &'static str,
     partition: &Path,
     group: &[Arc<FileMeta>],
     contents: Vec<bytes::Bytes>,
-) -> Result<(FileMeta, bytes::Bytes), PersistError> {
+    attempted: &mut Vec<Path>,
+) -> Result<FileMeta, PersistError> {
     let schema = table_schema(name).expect("every table has a schema");
     let mut batches: Vec<RecordBatch> = Vec::new();
     for (f, data) in group.iter().zip(contents) {
@@ -470,7 +488,7 @@ fn merge(
         .collect();
     replaces.sort();
     replaces.dedup();
-    persist::encode_file(partition, segment, &sorted, &replaces)
+    persist::write_file(storage, partition, segment, &sorted, &replaces, attempted)
 }
 
 fn micros(t: SystemTime) -> i64 {

@@ -111,41 +111,41 @@ impl Persister {
         self.delete_orphans().await?;
         let segment = self.wal.rotate().await?;
         let per_table = self.store.batches_through(segment);
-        let root = self.storage.root().clone();
-        let encoded = tokio::task::spawn_blocking(move || {
+        let storage = self.storage.clone();
+        let written = tokio::task::spawn_blocking(move || {
             let mut files = Vec::new();
+            let mut attempted = Vec::new();
             for (t, batches) in per_table.into_iter().enumerate() {
-                if !batches.is_empty() {
-                    encode_table(&root, t, &batches, segment, &mut files)?;
+                if batches.is_empty() {
+                    continue;
+                }
+                if let Err(e) =
+                    write_table(&storage, t, &batches, segment, &mut files, &mut attempted)
+                {
+                    return Err((e, attempted));
                 }
             }
-            Ok::<_, PersistError>(files)
+            Ok(files)
         })
         .await
         .map_err(|e| PersistError::Write {
             path: self.storage.url_of(self.storage.root()),
             message: e.to_string(),
-        })??;
-        let written = futures_util::future::join_all(
-            encoded
-                .iter()
-                .map(|(_, meta, data)| self.storage.put(&meta.location, data.clone())),
-        )
-        .await;
-        if let Some(e) = written.iter().find_map(|r| r.as_ref().err()) {
-            // The rows stay hot and in the WAL; files of this attempt must
-            // not survive to be loaded beside a later flush's.
-            self.orphans
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .extend(encoded.iter().map(|(_, meta, _)| meta.location.clone()));
-            let _ = self.delete_orphans().await;
-            return Err(PersistError::Write {
-                path: self.storage.url_of(self.storage.root()),
-                message: e.to_string(),
-            });
-        }
-        let files: Vec<(usize, FileMeta)> = encoded.into_iter().map(|(t, m, _)| (t, m)).collect();
+        })?;
+        let files: Vec<(usize, FileMeta)> = match written {
+            Ok(files) => files,
+            Err((e, attempted)) => {
+                // The rows stay hot and in the WAL; files of this attempt
+                // (a store may have taken a write it reported as failed)
+                // must not survive to be loaded beside a later flush's.
+                self.orphans
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .extend(attempted);
+                let _ = self.delete_orphans().await;
+                return Err(e);
+            }
+        };
         let report = FlushReport {
             segment,
             files: files.iter().map(|(_, f)| f.clone()).collect(),
@@ -257,18 +257,21 @@ impl Persister {
     }
 }
 
-/// Splits a table's hot rows by hour and encodes one sorted file per hour.
-fn encode_table(
-    root: &Path,
+/// Splits a table's hot rows by hour and writes one sorted file per hour;
+/// each file's location goes to `attempted` before it is written.
+fn write_table(
+    storage: &Storage,
     table: usize,
     batches: &[RecordBatch],
     segment: u64,
-    out: &mut Vec<(usize, FileMeta, Bytes)>,
+    out: &mut Vec<(usize, FileMeta)>,
+    attempted: &mut Vec<Path>,
 ) -> Result<(), PersistError> {
     let name = TABLES[table];
     let schema = table_schema(name).expect("every table has a schema");
+    let root = storage.root();
     let err = |message: String| PersistError::Write {
-        path: root.clone().join(name).to_string(),
+        path: storage.url_of(&root.clone().join(name)),
         message,
     };
     let all = concat_batches(&schema, batches).map_err(|e| err(e.to_string()))?;
@@ -286,8 +289,8 @@ fn encode_table(
         let indices = UInt32Array::from_iter_values(rows.iter().map(|(_, i)| *i));
         let part = take_record_batch(&all, &indices).map_err(|e| err(e.to_string()))?;
         let partition = partition_of_hour(root, name, hour);
-        let (meta, data) = encode_file(&partition, segment, &part, &[])?;
-        out.push((table, meta, data));
+        let meta = write_file(storage, &partition, segment, &part, &[], attempted)?;
+        out.push((table, meta));
     }
     Ok(())
 }
@@ -358,14 +361,17 @@ fn writer_properties(schema: &arrow::datatypes::Schema) -> WriterPropertiesBuild
 /// Most rows in one data page (the parquet crate's default is 20k).
 const PAGE_ROWS: usize = 64 * 1024;
 
-/// Encodes one file of a partition. `replaces` names files of the same
-/// partition the new one takes the place of (compaction).
-pub(crate) fn encode_file(
+/// Writes one file of a partition (from a blocking thread). `replaces`
+/// names files of the same partition the new one takes the place of
+/// (compaction); its location goes to `attempted` before it is written.
+pub(crate) fn write_file(
+    storage: &Storage,
     partition: &Path,
     segment: u64,
     batch: &RecordBatch,
     replaces: &[String],
-) -> Result<(FileMeta, Bytes), PersistError> {
+    attempted: &mut Vec<Path>,
+) -> Result<FileMeta, PersistError> {
     let suffix: u32 = rand::rng().random();
     let location = partition
         .clone()
@@ -386,25 +392,22 @@ pub(crate) fn encode_file(
             .collect(),
         ))
         .build();
-    let err = |e: parquet::errors::ParquetError| PersistError::Write {
-        path: location.to_string(),
-        message: e.to_string(),
-    };
-    let mut writer = ArrowWriter::try_new(Vec::new(), batch.schema(), Some(props)).map_err(err)?;
-    writer.write(batch).map_err(err)?;
-    let data = Bytes::from(writer.into_inner().map_err(err)?);
-    Ok((
-        FileMeta {
-            location,
-            rows: batch.num_rows() as u64,
-            bytes: data.len() as u64,
-            min_time,
-            max_time,
-            segment,
-            replaces: replaces.to_vec(),
-        },
-        data,
-    ))
+    attempted.push(location.clone());
+    let bytes = storage.write_blocking(&location, |out| {
+        let mut writer =
+            ArrowWriter::try_new(out, batch.schema(), Some(props)).map_err(|e| e.to_string())?;
+        writer.write(batch).map_err(|e| e.to_string())?;
+        writer.close().map(drop).map_err(|e| e.to_string())
+    })?;
+    Ok(FileMeta {
+        location,
+        rows: batch.num_rows() as u64,
+        bytes,
+        min_time,
+        max_time,
+        segment,
+        replaces: replaces.to_vec(),
+    })
 }
 
 /// Finds the Parquet files of every table of this collector. Files of

@@ -388,6 +388,29 @@ impl Storage {
             .map_err(|e| err(e.to_string()))
     }
 
+    /// Writes a whole file by `encode`, from a blocking thread (it blocks on
+    /// the store's PUT): on a local filesystem streamed into `*.tmp` (no
+    /// copy held in memory), fsynced and renamed; to an object store as one
+    /// PUT of what it encoded. It appears complete or not at all, and is
+    /// durable when this returns. Returns its size.
+    pub fn write_blocking(
+        &self,
+        location: &Path,
+        encode: impl FnOnce(&mut (dyn std::io::Write + Send)) -> Result<(), String>,
+    ) -> Result<u64, StorageError> {
+        let err = |e: String| self.io_err("writing", location, e);
+        if let Some(path) = self.local_path(location) {
+            return write_local_with(&path, encode).map_err(|e| err(e.to_string()));
+        }
+        let mut data = Vec::new();
+        encode(&mut data).map_err(err)?;
+        let size = data.len() as u64;
+        tokio::runtime::Handle::current()
+            .block_on(self.store.put(location, PutPayload::from(data)))
+            .map_err(|e| err(e.to_string()))?;
+        Ok(size)
+    }
+
     pub async fn get(&self, location: &Path) -> Result<Bytes, StorageError> {
         let err = |e: object_store::Error| self.io_err("reading", location, e.to_string());
         self.store
@@ -497,24 +520,36 @@ fn local_path(dir: &std::path::Path) -> Result<Path, StorageError> {
 /// `*.tmp`, fsync, rename, fsync of the directories above it: the file's
 /// entry must be durable before the WAL behind it is deleted.
 fn write_local(path: &std::path::Path, data: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
+    write_local_with(path, |w| w.write_all(data).map_err(|e| e.to_string())).map(drop)
+}
+
+fn write_local_with(
+    path: &std::path::Path,
+    encode: impl FnOnce(&mut (dyn std::io::Write + Send)) -> Result<(), String>,
+) -> std::io::Result<u64> {
     let dir = path
         .parent()
         .ok_or_else(|| std::io::Error::other("a file needs a directory"))?;
     std::fs::create_dir_all(dir)?;
     let tmp = path.with_extension("parquet.tmp");
     let mut file = std::fs::File::create(&tmp)?;
-    let written = file.write_all(data).and_then(|()| file.sync_all());
+    let written = encode(&mut file)
+        .map_err(std::io::Error::other)
+        .and_then(|()| file.sync_all())
+        .and_then(|()| file.metadata().map(|m| m.len()));
     drop(file);
-    if let Err(e) = written.and_then(|()| std::fs::rename(&tmp, path)) {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(e);
-    }
+    let size = match written.and_then(|size| std::fs::rename(&tmp, path).map(|()| size)) {
+        Ok(size) => size,
+        Err(e) => {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e);
+        }
+    };
     // hour=, date=, the table and the root: any of them may be new.
     for d in path.ancestors().skip(1).take(4) {
         std::fs::File::open(d)?.sync_all()?;
     }
-    Ok(())
+    Ok(size)
 }
 
 #[cfg(test)]
