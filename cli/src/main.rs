@@ -667,41 +667,28 @@ async fn up(a: UpArgs) -> Result<()> {
     };
     let engine =
         QueryEngine::new(collector.store(), query_config).context("starting the query executor")?;
-    let pg = PgServer::bind(
-        a.store.query.pg_addr,
-        engine.clone(),
-        a.store.query.pg_password.clone(),
-    )
-    .await?;
-    let flight_sql = FlightSqlServer::bind(a.store.query.flight_sql_addr, engine.clone()).await?;
-    let query = QueryServer::bind(a.store.query.query_addr, engine).await?;
+    let servers = QueryServers::bind(&a.store.query, engine).await?;
     let (stop, stop_rx) = watch::channel(false);
     tracing::info!(
         otlp_grpc = %fmt_addr(collector.otlp_grpc_addr()),
         otlp_http = %fmt_addr(collector.otlp_http_addr()),
-        query = %fmt_addr(query.local_addr()),
-        postgres = %fmt_addr(pg.local_addr()),
-        flight_sql = %fmt_addr(flight_sql.local_addr()),
+        query = %fmt_addr(servers.query.local_addr()),
+        postgres = %fmt_addr(servers.pg.local_addr()),
+        flight_sql = %fmt_addr(servers.flight_sql.local_addr()),
         data_dir = %a.data_dir.display(),
         "lumen is up"
     );
     let discovery_task = tokio::spawn(discovery.watch(Duration::from_secs(2), stop_rx.clone()));
     let collector_task = tokio::spawn(collector.run(until(stop_rx.clone())));
-    let pg_task = tokio::spawn(pg.run(until(stop_rx.clone())));
-    let flight_sql_task = tokio::spawn(flight_sql.run(until(stop_rx.clone())));
-    let query_task = tokio::spawn(query.run(until(stop_rx)));
+    let serving = servers.spawn(&stop_rx);
     shutdown_signal().await;
     tracing::info!("shutting down");
     let _ = stop.send(true);
     let _ = discovery_task.await;
     let collected = collector_task.await.context("collector task")?;
-    let queried = query_task.await.context("query task")?;
-    let served = pg_task.await.context("postgres task")?;
-    let flown = flight_sql_task.await.context("flight sql task")?;
+    let served = serving.join().await;
     collected?;
-    queried?;
-    served.context("postgres wire")?;
-    flown?;
+    served?;
     tracing::info!("stopped cleanly");
     Ok(())
 }
@@ -716,33 +703,70 @@ async fn query_service(a: QueryServiceArgs) -> Result<()> {
         .context("opening the store")?;
     let engine =
         QueryEngine::new(reader.store(), query_config).context("starting the query executor")?;
-    let pg = PgServer::bind(a.query.pg_addr, engine.clone(), a.query.pg_password.clone()).await?;
-    let flight_sql = FlightSqlServer::bind(a.query.flight_sql_addr, engine.clone()).await?;
-    let query = QueryServer::bind(a.query.query_addr, engine).await?;
+    let servers = QueryServers::bind(&a.query, engine).await?;
     let (stop, stop_rx) = watch::channel(false);
     tracing::info!(
-        query = %fmt_addr(query.local_addr()),
-        postgres = %fmt_addr(pg.local_addr()),
-        flight_sql = %fmt_addr(flight_sql.local_addr()),
+        query = %fmt_addr(servers.query.local_addr()),
+        postgres = %fmt_addr(servers.pg.local_addr()),
+        flight_sql = %fmt_addr(servers.flight_sql.local_addr()),
         store = storage.url.as_deref().unwrap_or_default(),
         "lumen query is up"
     );
     let reader_task = tokio::spawn(reader.run(until(stop_rx.clone())));
-    let pg_task = tokio::spawn(pg.run(until(stop_rx.clone())));
-    let flight_sql_task = tokio::spawn(flight_sql.run(until(stop_rx.clone())));
-    let query_task = tokio::spawn(query.run(until(stop_rx)));
+    let serving = servers.spawn(&stop_rx);
     shutdown_signal().await;
     tracing::info!("shutting down");
     let _ = stop.send(true);
     let _ = reader_task.await;
-    let queried = query_task.await.context("query task")?;
-    let served = pg_task.await.context("postgres task")?;
-    let flown = flight_sql_task.await.context("flight sql task")?;
-    queried?;
-    served.context("postgres wire")?;
-    flown?;
+    serving.join().await?;
     tracing::info!("stopped cleanly");
     Ok(())
+}
+
+/// The query service's listeners: SQL/Prometheus/Jaeger HTTP, Postgres
+/// wire and Flight SQL over one engine.
+struct QueryServers {
+    query: QueryServer,
+    pg: PgServer,
+    flight_sql: FlightSqlServer,
+}
+
+/// The query listeners running until their stop signal.
+struct QueryTasks {
+    query: tokio::task::JoinHandle<Result<(), lumen_query::ServeError>>,
+    pg: tokio::task::JoinHandle<std::io::Result<()>>,
+    flight_sql: tokio::task::JoinHandle<Result<(), lumen_query::flight_sql::FlightSqlError>>,
+}
+
+impl QueryServers {
+    async fn bind(a: &QueryArgs, engine: QueryEngine) -> Result<QueryServers> {
+        Ok(QueryServers {
+            pg: PgServer::bind(a.pg_addr, engine.clone(), a.pg_password.clone()).await?,
+            flight_sql: FlightSqlServer::bind(a.flight_sql_addr, engine.clone()).await?,
+            query: QueryServer::bind(a.query_addr, engine).await?,
+        })
+    }
+
+    fn spawn(self, stop: &watch::Receiver<bool>) -> QueryTasks {
+        QueryTasks {
+            query: tokio::spawn(self.query.run(until(stop.clone()))),
+            pg: tokio::spawn(self.pg.run(until(stop.clone()))),
+            flight_sql: tokio::spawn(self.flight_sql.run(until(stop.clone()))),
+        }
+    }
+}
+
+impl QueryTasks {
+    /// Waits for every listener to stop; the first failure is the answer.
+    async fn join(self) -> Result<()> {
+        let queried = self.query.await.context("query task")?;
+        let served = self.pg.await.context("postgres task")?;
+        let flown = self.flight_sql.await.context("flight sql task")?;
+        queried?;
+        served.context("postgres wire")?;
+        flown?;
+        Ok(())
+    }
 }
 
 fn fmt_addr(a: Option<SocketAddr>) -> String {

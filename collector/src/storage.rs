@@ -371,23 +371,6 @@ impl Storage {
         }
     }
 
-    /// Writes a whole file; it appears complete or not at all, and is
-    /// durable when this returns.
-    pub async fn put(&self, location: &Path, data: Bytes) -> Result<(), StorageError> {
-        let err = |e: String| self.io_err("writing", location, e);
-        if let Some(path) = self.local_path(location) {
-            return tokio::task::spawn_blocking(move || write_local(&path, &data))
-                .await
-                .map_err(|e| err(e.to_string()))?
-                .map_err(|e| err(e.to_string()));
-        }
-        self.store
-            .put(location, PutPayload::from_bytes(data))
-            .await
-            .map(drop)
-            .map_err(|e| err(e.to_string()))
-    }
-
     /// Writes a whole file by `encode`, from a blocking thread (it blocks on
     /// the store's PUT): on a local filesystem streamed into `*.tmp` (no
     /// copy held in memory), fsynced and renamed; to an object store as one
@@ -519,10 +502,6 @@ fn local_path(dir: &std::path::Path) -> Result<Path, StorageError> {
 
 /// `*.tmp`, fsync, rename, fsync of the directories above it: the file's
 /// entry must be durable before the WAL behind it is deleted.
-fn write_local(path: &std::path::Path, data: &[u8]) -> std::io::Result<()> {
-    write_local_with(path, |w| w.write_all(data).map_err(|e| e.to_string())).map(drop)
-}
-
 fn write_local_with(
     path: &std::path::Path,
     encode: impl FnOnce(&mut (dyn std::io::Write + Send)) -> Result<(), String>,
@@ -654,7 +633,10 @@ mod tests {
             .join("date=2026-12-01")
             .join("hour=14")
             .join("part-1.parquet");
-        s.put(&file, Bytes::from_static(b"PAR1")).await.unwrap();
+        let size = s
+            .write_blocking(&file, |w| w.write_all(b"PAR1").map_err(|e| e.to_string()))
+            .unwrap();
+        assert_eq!(size, 4);
         assert_eq!(s.get(&file).await.unwrap(), Bytes::from_static(b"PAR1"));
         let listed = s.list(&s.root().clone().join("spans")).await.unwrap();
         assert_eq!(listed.len(), 1);

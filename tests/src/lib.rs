@@ -444,6 +444,26 @@ pub async fn wait_metric(ports: &UpPorts, series: &str, done: impl Fn(f64) -> bo
     }
 }
 
+/// Sends `payloads` OTLP exports of `service`'s spans (1–40 each), each
+/// flushed to a Parquet file of its own before the next; returns how many
+/// spans.
+pub async fn send_flushed(ports: &UpPorts, service: &str, payloads: usize) -> Result<i64> {
+    use opentelemetry_proto::tonic::collector::trace::v1::trace_service_client::TraceServiceClient;
+    let mut client = TraceServiceClient::connect(ports.grpc_endpoint()).await?;
+    let mut sent = 0;
+    for _ in 0..payloads {
+        let n = rand::random_range(1..=40usize);
+        let flushes = metric(ports, "lumen_flushes_total{outcome=\"ok\"}").await?;
+        client.export(otlp::export(service, n, 0)).await?;
+        sent += n as i64;
+        wait_metric(ports, "lumen_flushes_total{outcome=\"ok\"}", |v| {
+            v > flushes
+        })
+        .await?;
+    }
+    Ok(sent)
+}
+
 /// Waits past the top of the hour if it is less than `margin` away, for
 /// tests whose files must all land in one hour partition.
 pub async fn clear_of_hour_boundary(margin: Duration) {

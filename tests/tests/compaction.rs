@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use lumen_tests::otlp::export;
-use lumen_tests::{UpPorts, duckdb_count, metric, sql_count, start_up, wait_metric, write_mesh};
+use lumen_tests::{
+    UpPorts, duckdb_count, metric, send_flushed, sql_count, start_up, wait_metric, write_mesh,
+};
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_client::TraceServiceClient;
 
 const COMPACT_FAST: [&str; 6] = [
@@ -18,23 +20,6 @@ const COMPACT_FAST: [&str; 6] = [
     "--compaction-min-files",
     "3",
 ];
-
-/// Sends `payloads` exports of spans, each flushed to its own file.
-async fn send_flushed(ports: &UpPorts, payloads: usize) -> Result<i64> {
-    let mut client = TraceServiceClient::connect(ports.grpc_endpoint()).await?;
-    let mut sent = 0;
-    for _ in 0..payloads {
-        let n = rand::random_range(1..=40usize);
-        let flushes = metric(ports, "lumen_flushes_total{outcome=\"ok\"}").await?;
-        client.export(export("compacted", n, 0)).await?;
-        sent += n as i64;
-        wait_metric(ports, "lumen_flushes_total{outcome=\"ok\"}", |v| {
-            v > flushes
-        })
-        .await?;
-    }
-    Ok(sent)
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn small_files_are_compacted_and_rows_survive_kill_9_at_any_moment() -> Result<()> {
@@ -48,7 +33,7 @@ async fn small_files_are_compacted_and_rows_survive_kill_9_at_any_moment() -> Re
     let count = "SELECT count(*) AS n FROM spans WHERE service_name = 'compacted'";
 
     // Three files (--compaction-min-files) of the current hour become one.
-    let mut sent = send_flushed(&ports, 3).await?;
+    let mut sent = send_flushed(&ports, "compacted", 3).await?;
     let files = wait_metric(&ports, "lumen_table_files{table=\"spans\"}", |v| v == 1.0).await?;
     assert_eq!(files, 1.0, "three small files became one:\n{}", up.logs());
     assert!(metric(&ports, "lumen_compactions_total{outcome=\"ok\"}").await? >= 1.0);
@@ -61,7 +46,7 @@ async fn small_files_are_compacted_and_rows_survive_kill_9_at_any_moment() -> Re
     // DuckDB reading the files.
     let glob = format!("{}/tables/spans/date=*/hour=*/*.parquet", data.display());
     for round in 0..3 {
-        sent += send_flushed(&ports, 3).await?;
+        sent += send_flushed(&ports, "compacted", 3).await?;
         tokio::time::sleep(Duration::from_millis(rand::random_range(0..1500))).await;
         up.kill9()?;
         up = start_up(dir.path(), &mesh, &data, ports, &COMPACT_FAST)

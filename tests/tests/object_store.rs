@@ -11,8 +11,8 @@ use anyhow::{Context, Result};
 use lumen_tests::otlp::export;
 use lumen_tests::s3::{ACCESS_KEY, Moto, REGION, SECRET_KEY};
 use lumen_tests::{
-    LumenProcess, UpPorts, clear_of_hour_boundary, metric, run_python, sql_count, start_up,
-    wait_for_count, wait_metric, write_mesh,
+    LumenProcess, UpPorts, clear_of_hour_boundary, metric, run_python, send_flushed, sql_count,
+    start_up, wait_for_count, wait_metric, write_mesh,
 };
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_client::TraceServiceClient;
 
@@ -53,24 +53,6 @@ async fn start_collector(
     start_up(dir, &mesh, &dir.join(format!("data-{id}")), ports, &args)
         .await
         .with_context(|| format!("starting collector {id}"))
-}
-
-/// Sends `payloads` exports of `service`'s spans, each flushed to its own
-/// file; returns how many spans.
-async fn send_flushed(ports: &UpPorts, service: &str, payloads: usize) -> Result<i64> {
-    let mut client = TraceServiceClient::connect(ports.grpc_endpoint()).await?;
-    let mut sent = 0;
-    for _ in 0..payloads {
-        let n = rand::random_range(1..=40usize);
-        let flushes = metric(ports, "lumen_flushes_total{outcome=\"ok\"}").await?;
-        client.export(export(service, n, 0)).await?;
-        sent += n as i64;
-        wait_metric(ports, "lumen_flushes_total{outcome=\"ok\"}", |v| {
-            v > flushes
-        })
-        .await?;
-    }
-    Ok(sent)
 }
 
 fn count_of(service: &str) -> String {
