@@ -15,11 +15,10 @@ use std::time::{Duration, Instant};
 
 use arrow::record_batch::RecordBatch;
 use bytes::Bytes;
-use lumen_core::schema::PROXY_SCOPE;
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
-use opentelemetry_proto::tonic::common::v1::{AnyValue, InstrumentationScope, KeyValue, any_value};
+use opentelemetry_proto::tonic::common::v1::{AnyValue, KeyValue, any_value};
 use opentelemetry_proto::tonic::resource::v1::Resource;
-use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans};
+use opentelemetry_proto::tonic::trace::v1::ResourceSpans;
 use prost::Message;
 use tokio::sync::{Notify, watch};
 use tonic::transport::Endpoint;
@@ -282,8 +281,8 @@ fn requests_as_spans(b: &RecordBatch) -> Result<Vec<ResourceSpans>, String> {
     }
     Ok(by_service
         .into_iter()
-        .map(|(service, spans)| ResourceSpans {
-            resource: Some(Resource {
+        .map(|(service, spans)| {
+            let resource = Resource {
                 attributes: vec![KeyValue {
                     key: "service.name".into(),
                     value: Some(AnyValue {
@@ -292,17 +291,8 @@ fn requests_as_spans(b: &RecordBatch) -> Result<Vec<ResourceSpans>, String> {
                     ..Default::default()
                 }],
                 ..Default::default()
-            }),
-            scope_spans: vec![ScopeSpans {
-                scope: Some(InstrumentationScope {
-                    name: PROXY_SCOPE.into(),
-                    version: env!("CARGO_PKG_VERSION").into(),
-                    ..Default::default()
-                }),
-                spans,
-                schema_url: String::new(),
-            }],
-            schema_url: String::new(),
+            };
+            lumen_core::otlp::proxy_resource_spans(resource, spans)
         })
         .collect())
 }

@@ -8,8 +8,11 @@ use arrow::array::{
 };
 use arrow::datatypes::{Int32Type, TimestampMicrosecondType};
 use arrow::record_batch::RecordBatch;
-use opentelemetry_proto::tonic::common::v1::{AnyValue, KeyValue, any_value};
-use opentelemetry_proto::tonic::trace::v1::{Span, Status, span, status};
+use opentelemetry_proto::tonic::common::v1::{AnyValue, InstrumentationScope, KeyValue, any_value};
+use opentelemetry_proto::tonic::resource::v1::Resource;
+use opentelemetry_proto::tonic::trace::v1::{
+    ResourceSpans, ScopeSpans, Span, Status, span, status,
+};
 
 use bytes::{Buf, BufMut, Bytes};
 use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
@@ -21,6 +24,24 @@ fn kv(key: &str, value: any_value::Value) -> KeyValue {
         key: key.into(),
         value: Some(AnyValue { value: Some(value) }),
         ..Default::default()
+    }
+}
+
+/// Proxies' records as spans of `resource`, in the scope by which the
+/// collector tells them from apps' spans ([`crate::schema::PROXY_SCOPE`]).
+pub fn proxy_resource_spans(resource: Resource, spans: Vec<Span>) -> ResourceSpans {
+    ResourceSpans {
+        resource: Some(resource),
+        scope_spans: vec![ScopeSpans {
+            scope: Some(InstrumentationScope {
+                name: crate::schema::PROXY_SCOPE.into(),
+                version: env!("CARGO_PKG_VERSION").into(),
+                ..Default::default()
+            }),
+            spans,
+            schema_url: String::new(),
+        }],
+        schema_url: String::new(),
     }
 }
 

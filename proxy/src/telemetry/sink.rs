@@ -13,11 +13,10 @@ use arrow_flight::{FlightData, FlightDescriptor};
 use bytes::Bytes;
 use futures_util::TryStreamExt;
 use lumen_core::Workload;
-use lumen_core::schema::{PROXY_SCOPE, REQUESTS};
+use lumen_core::schema::REQUESTS;
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
-use opentelemetry_proto::tonic::common::v1::{AnyValue, InstrumentationScope, KeyValue, any_value};
+use opentelemetry_proto::tonic::common::v1::{AnyValue, KeyValue, any_value};
 use opentelemetry_proto::tonic::resource::v1::Resource;
-use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans};
 use prost::Message;
 use tonic::Code;
 use tonic::transport::{Channel, Endpoint};
@@ -177,19 +176,10 @@ impl OtlpSink {
     fn request(&self, batch: &RecordBatch) -> Result<ExportTraceServiceRequest, String> {
         let spans = lumen_core::otlp::request_spans(batch)?;
         Ok(ExportTraceServiceRequest {
-            resource_spans: vec![ResourceSpans {
-                resource: Some((*self.resource).clone()),
-                scope_spans: vec![ScopeSpans {
-                    scope: Some(InstrumentationScope {
-                        name: PROXY_SCOPE.into(),
-                        version: env!("CARGO_PKG_VERSION").into(),
-                        ..Default::default()
-                    }),
-                    spans,
-                    schema_url: String::new(),
-                }],
-                schema_url: String::new(),
-            }],
+            resource_spans: vec![lumen_core::otlp::proxy_resource_spans(
+                (*self.resource).clone(),
+                spans,
+            )],
         })
     }
 }
