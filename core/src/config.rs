@@ -1,4 +1,6 @@
-//! Mesh configuration: YAML in Kubernetes resource form, validated once.
+//! Mesh configuration: the services and endpoints of Lumen's own `Mesh`
+//! kind (what Istio takes from Kubernetes) together with Istio's networking
+//! resources, validated once into one [`MeshConfig`].
 //!
 //! ```yaml
 //! apiVersion: lumen.dev/v1alpha1
@@ -25,13 +27,15 @@
 //!         - address: 127.0.0.1:15106   # the endpoint's inbound sidecar
 //!           workload: reviews-v1       # optional, default "<name>-<version>" or "<name>"
 //!           version: v1                # optional, default "unknown"
+//!           labels: { track: stable }  # optional; `app` and `version` are implied
+//!           locality: us-east/zone-a   # optional: region/zone/subzone
 //! ```
 //!
-//! A file may hold several documents; their services are merged. Every error
-//! names the file, the field (as a path such as `spec.services[1].name`) and
-//! the reason.
+//! A file may hold several documents of any of the kinds; their services
+//! are merged. Every error names the file, the resource, the field (as a
+//! path such as `spec.services[1].name`) and the reason.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -39,15 +43,17 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-/// The `apiVersion` every Lumen resource carries.
-pub const API_VERSION: &str = "lumen.dev/v1alpha1";
-/// Namespace of services that do not name one, as in Kubernetes.
-pub const DEFAULT_NAMESPACE: &str = "default";
+use crate::networking::{self, DestinationRule, Gateway, VirtualService};
+use crate::resource::{Kind, Resource, parse_resources};
+pub use crate::resource::{DEFAULT_NAMESPACE, LUMEN_API as API_VERSION};
 
 /// A configuration problem: which file, which field, and why.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub struct ConfigError {
     pub file: String,
+    /// `Kind namespace/name` of the resource at fault; empty for problems
+    /// of the file itself.
+    pub resource: String,
     /// Dotted path of the offending field; empty for whole-file problems.
     pub field: String,
     pub reason: String,
@@ -55,37 +61,15 @@ pub struct ConfigError {
 
 impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.field.is_empty() {
-            write!(f, "{}: {}", self.file, self.reason)
-        } else {
-            write!(f, "{}: {}: {}", self.file, self.field, self.reason)
+        write!(f, "{}: ", self.file)?;
+        if !self.resource.is_empty() {
+            write!(f, "{}: ", self.resource)?;
         }
+        if !self.field.is_empty() {
+            write!(f, "{}: ", self.field)?;
+        }
+        f.write_str(&self.reason)
     }
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
-struct Resource {
-    api_version: String,
-    kind: String,
-    metadata: Metadata,
-    #[serde(default)]
-    spec: serde_yaml_ng::Value,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct Metadata {
-    name: String,
-    #[serde(default)]
-    #[allow(dead_code)]
-    namespace: Option<String>,
-    #[serde(default)]
-    #[allow(dead_code)]
-    labels: Option<HashMap<String, String>>,
-    #[serde(default)]
-    #[allow(dead_code)]
-    annotations: Option<HashMap<String, String>>,
 }
 
 #[derive(Deserialize)]
@@ -339,6 +323,10 @@ struct EndpointSpec {
     workload: Option<String>,
     #[serde(default)]
     version: Option<String>,
+    #[serde(default)]
+    labels: BTreeMap<String, String>,
+    #[serde(default)]
+    locality: Option<String>,
 }
 
 /// One endpoint of a service: where its inbound sidecar listens, and who it is.
@@ -349,6 +337,40 @@ pub struct Endpoint {
     pub address_str: Arc<str>,
     pub workload: Arc<str>,
     pub version: Arc<str>,
+    /// The endpoint's labels, which DestinationRule subsets select by;
+    /// `version` is among them when known.
+    pub labels: Arc<BTreeMap<String, String>>,
+    /// `region/zone/subzone`, for locality-aware balancing.
+    pub locality: Option<Arc<str>>,
+}
+
+impl Endpoint {
+    /// An endpoint of `service` at `address`, labelled with its version.
+    pub fn new(address: SocketAddr, service: &str, version: &str) -> Self {
+        let workload = if version == "unknown" {
+            service.to_string()
+        } else {
+            format!("{service}-{version}")
+        };
+        let mut labels = BTreeMap::new();
+        labels.insert("app".to_string(), service.to_string());
+        if version != "unknown" {
+            labels.insert("version".to_string(), version.to_string());
+        }
+        Endpoint {
+            address,
+            address_str: address.to_string().into(),
+            workload: workload.into(),
+            version: version.into(),
+            labels: Arc::new(labels),
+            locality: None,
+        }
+    }
+
+    /// Whether every `key: value` of a selector is among the labels.
+    pub fn selected_by(&self, selector: &BTreeMap<String, String>) -> bool {
+        selector.iter().all(|(k, v)| self.labels.get(k) == Some(v))
+    }
 }
 
 /// A named service and the endpoints that serve it.
@@ -363,6 +385,9 @@ pub struct Service {
     pub protocol: UpstreamProtocol,
     pub retries: Arc<RetryPolicy>,
     pub endpoints: Vec<Endpoint>,
+    /// Added by a ServiceEntry: `name` is a host name (`api.example.com`)
+    /// matched whole, not a Kubernetes service name.
+    pub external_host: bool,
 }
 
 impl Service {
@@ -376,17 +401,34 @@ impl Service {
             protocol: UpstreamProtocol::default(),
             retries: Arc::new(RetryPolicy::default()),
             endpoints,
+            external_host: false,
+        }
+    }
+
+    /// The name Istio gives the service in metrics and routes:
+    /// `reviews.default.svc.cluster.local`, or a ServiceEntry's host.
+    pub fn fqdn(&self) -> String {
+        if self.external_host {
+            self.name.to_string()
+        } else {
+            format!("{}.{}.svc.cluster.local", self.name, self.namespace)
         }
     }
 }
 
-/// The validated mesh: every service, indexed by name and namespace.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+/// The validated mesh: every service, indexed by name and namespace, and
+/// Istio's networking resources over them.
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct MeshConfig {
     pub services: Vec<Service>,
+    pub virtual_services: Vec<VirtualService>,
+    pub destination_rules: Vec<DestinationRule>,
+    pub gateways: Vec<Gateway>,
     /// namespace → name → position in `services`; nested so lookups borrow
     /// `&str` and allocate nothing on the request path.
     index: HashMap<Arc<str>, HashMap<Arc<str>, usize>>,
+    /// ServiceEntry hosts → position in `services`.
+    external: HashMap<Arc<str>, usize>,
 }
 
 impl MeshConfig {
@@ -394,15 +436,21 @@ impl MeshConfig {
     /// generates its own topology. Duplicate services are an error.
     pub fn from_services(file: &str, services: Vec<Service>) -> Result<Self, ConfigError> {
         let mut index: HashMap<Arc<str>, HashMap<Arc<str>, usize>> = HashMap::new();
+        let mut external: HashMap<Arc<str>, usize> = HashMap::new();
         for (i, s) in services.iter().enumerate() {
-            if index
-                .entry(s.namespace.clone())
-                .or_default()
-                .insert(s.name.clone(), i)
-                .is_some()
-            {
+            let taken = if s.external_host {
+                external.insert(s.name.clone(), i).is_some()
+            } else {
+                index
+                    .entry(s.namespace.clone())
+                    .or_default()
+                    .insert(s.name.clone(), i)
+                    .is_some()
+            };
+            if taken {
                 return Err(ConfigError {
                     file: file.to_string(),
+                    resource: String::new(),
                     field: format!("services[{i}].name"),
                     reason: format!(
                         "service `{}` in namespace `{}` is defined twice",
@@ -411,48 +459,228 @@ impl MeshConfig {
                 });
             }
         }
-        Ok(MeshConfig { services, index })
+        Ok(MeshConfig {
+            services,
+            index,
+            external,
+            ..Default::default()
+        })
     }
 
-    /// Parses and validates a mesh file's text. `file` names it in errors.
+    /// Parses and validates a file's text (Mesh and Istio networking
+    /// resources). `file` names it in errors.
     pub fn from_yaml(file: &str, text: &str) -> Result<Self, ConfigError> {
-        let err = |field: String, reason: String| ConfigError {
-            file: file.to_string(),
-            field,
-            reason,
-        };
+        let resources = parse_resources(file, text)?;
+        if resources.is_empty() {
+            return Err(ConfigError {
+                file: file.to_string(),
+                resource: String::new(),
+                field: String::new(),
+                reason: "no resources in file".into(),
+            });
+        }
+        if let Some(r) = resources.iter().find(|r| !r.kind.is_mesh_config()) {
+            return Err(r.error(
+                "kind",
+                format!("{} is not mesh configuration; give it to --query-config", r.kind),
+            ));
+        }
+        Self::from_resources(&resources)
+    }
+
+    /// Validates a set of resources into one mesh: each on its own, then
+    /// together (every destination host and subset must exist; a host is
+    /// routed by one VirtualService and set up by one DestinationRule).
+    pub fn from_resources(resources: &[Resource]) -> Result<Self, ConfigError> {
         let mut services = Vec::new();
-        let mut seen: HashMap<(String, String), String> = HashMap::new();
-        let docs = documents(file, text)?;
-        for doc in &docs {
-            let prefix = &doc.prefix;
-            if doc.kind != "Mesh" {
-                return Err(err(
-                    format!("{prefix}kind"),
-                    format!("unknown kind `{}`, expected `Mesh`", doc.kind),
+        let mut origin_of: HashMap<(String, String), String> = HashMap::new();
+        let mut virtual_services = Vec::new();
+        let mut destination_rules = Vec::new();
+        let mut gateways = Vec::new();
+        let mut by_resource: Vec<(&Resource, usize)> = Vec::new();
+        for res in resources {
+            match res.kind {
+                Kind::Mesh => {
+                    let spec: MeshSpec = res.spec()?;
+                    for (i, s) in spec.services.into_iter().enumerate() {
+                        let at = format!("spec.services[{i}]");
+                        let service =
+                            validate_service(s, &at).map_err(|(f, r)| res.error(f, r))?;
+                        let key = (service.name.to_string(), service.namespace.to_string());
+                        let here = format!("{} {at}", res.key());
+                        if let Some(first) = origin_of.insert(key, here) {
+                            return Err(res.error(
+                                format!("{at}.name"),
+                                format!(
+                                    "service `{}` in namespace `{}` is already defined by {first}",
+                                    service.name, service.namespace
+                                ),
+                            ));
+                        }
+                        services.push(service);
+                    }
+                }
+                Kind::ServiceEntry => {
+                    for service in networking::service_entry_services(res)? {
+                        let key = (service.name.to_string(), String::new());
+                        if let Some(first) = origin_of.insert(key, res.key().to_string()) {
+                            return Err(res.error(
+                                "spec.hosts",
+                                format!("host `{}` is already defined by {first}", service.name),
+                            ));
+                        }
+                        services.push(service);
+                    }
+                }
+                Kind::VirtualService => {
+                    by_resource.push((res, virtual_services.len()));
+                    virtual_services.push(networking::virtual_service::validate(res)?);
+                }
+                Kind::DestinationRule => {
+                    destination_rules.push(networking::destination_rule::validate(res)?)
+                }
+                Kind::Gateway => gateways.push(networking::gateway::validate(res)?),
+                Kind::QueryService => {}
+            }
+        }
+        let file = resources.first().map_or("", |r| r.origin.as_str());
+        let mut mesh = Self::from_services(file, services)?;
+        mesh.virtual_services = virtual_services;
+        mesh.destination_rules = destination_rules;
+        mesh.gateways = gateways;
+        mesh.check_references(resources)?;
+        Ok(mesh)
+    }
+
+    /// Cross-resource checks, each error naming the resource that refers.
+    fn check_references(&self, resources: &[Resource]) -> Result<(), ConfigError> {
+        let res_of = |kind: Kind, ns: &str, name: &str| {
+            resources
+                .iter()
+                .find(|r| r.kind == kind && r.namespace == ns && r.name == name)
+                .expect("every validated resource comes from one of `resources`")
+        };
+        let mut rule_for: HashMap<usize, &DestinationRule> = HashMap::new();
+        for dr in &self.destination_rules {
+            let res = res_of(Kind::DestinationRule, &dr.namespace, &dr.name);
+            let Some(i) = self.resolve_host(&dr.host, &dr.namespace) else {
+                return Err(res.error(
+                    "spec.host",
+                    format!("`{}` is not a service of the mesh or a ServiceEntry host", dr.host),
+                ));
+            };
+            if let Some(other) = rule_for.insert(i, dr) {
+                return Err(res.error(
+                    "spec.host",
+                    format!(
+                        "`{}` already has DestinationRule {}/{}; Lumen takes one per host",
+                        dr.host, other.namespace, other.name
+                    ),
                 ));
             }
-            let spec: MeshSpec = doc.spec(file)?;
-            for (i, s) in spec.services.into_iter().enumerate() {
-                let at = format!("{prefix}spec.services[{i}]");
-                let service = validate_service(s, &at).map_err(|(f, r)| err(f, r))?;
-                let key = (service.name.to_string(), service.namespace.to_string());
-                if let Some(first) = seen.insert(key, at.clone()) {
-                    return Err(err(
-                        format!("{at}.name"),
-                        format!(
-                            "service `{}` in namespace `{}` is already defined at {first}",
-                            service.name, service.namespace
-                        ),
+        }
+        let mut routed: HashMap<(usize, Option<String>), &VirtualService> = HashMap::new();
+        for vs in &self.virtual_services {
+            let res = res_of(Kind::VirtualService, &vs.namespace, &vs.name);
+            for (g, gw) in vs.gateways.iter().enumerate() {
+                if gw != "mesh" && !self.gateways.iter().any(|x| x.is_named(gw, &vs.namespace)) {
+                    return Err(res.error(
+                        format!("spec.gateways[{g}]"),
+                        format!("no Gateway `{gw}` (nor `mesh`)"),
                     ));
                 }
-                services.push(service);
+            }
+            for (h, host) in vs.hosts.iter().enumerate() {
+                let service = self.resolve_host(host, &vs.namespace);
+                if vs.applies_to_mesh() {
+                    let Some(i) = service else {
+                        return Err(res.error(
+                            format!("spec.hosts[{h}]"),
+                            format!(
+                                "`{host}` is not a service of the mesh or a ServiceEntry host \
+                                 (routes for other hosts need a gateway)"
+                            ),
+                        ));
+                    };
+                    if let Some(other) = routed.insert((i, None), vs) {
+                        return Err(res.error(
+                            format!("spec.hosts[{h}]"),
+                            format!(
+                                "`{host}` is already routed by VirtualService {}/{}",
+                                other.namespace, other.name
+                            ),
+                        ));
+                    }
+                }
+            }
+            let mut destinations = Vec::new();
+            for (r, route) in vs.http.iter().enumerate() {
+                if let networking::HttpAction::Route(ds) = &route.action {
+                    for (d, wd) in ds.iter().enumerate() {
+                        destinations.push((
+                            format!("spec.http[{r}].route[{d}].destination"),
+                            &wd.destination,
+                        ));
+                    }
+                }
+                for (m, mirror) in route.mirrors.iter().enumerate() {
+                    destinations.push((format!("spec.http[{r}].mirror[{m}]"), &mirror.destination));
+                }
+            }
+            for (kind, routes) in [
+                ("tcp", vs.tcp.iter().map(|r| &r.route).collect::<Vec<_>>()),
+                ("tls", vs.tls.iter().map(|r| &r.route).collect()),
+            ] {
+                for (r, route) in routes.into_iter().enumerate() {
+                    for (d, rd) in route.iter().enumerate() {
+                        destinations.push((
+                            format!("spec.{kind}[{r}].route[{d}].destination"),
+                            &rd.destination,
+                        ));
+                    }
+                }
+            }
+            for (field, d) in destinations {
+                let Some(i) = self.resolve_host(&d.host, &vs.namespace) else {
+                    return Err(res.error(
+                        format!("{field}.host"),
+                        format!("`{}` is not a service of the mesh or a ServiceEntry host", d.host),
+                    ));
+                };
+                if let Some(subset) = &d.subset {
+                    let defined = rule_for
+                        .get(&i)
+                        .is_some_and(|dr| dr.subsets.iter().any(|s| &s.name == subset));
+                    if !defined {
+                        return Err(res.error(
+                            format!("{field}.subset"),
+                            format!(
+                                "no DestinationRule for `{}` defines subset `{subset}`",
+                                d.host
+                            ),
+                        ));
+                    }
+                }
             }
         }
-        if docs.is_empty() {
-            return Err(err(String::new(), "no Mesh resource in file".into()));
+        Ok(())
+    }
+
+    /// The DestinationRule for the service at `index`, if any.
+    pub fn destination_rule(&self, index: usize) -> Option<&DestinationRule> {
+        self.destination_rules
+            .iter()
+            .find(|dr| self.resolve_host(&dr.host, &dr.namespace) == Some(index))
+    }
+
+    /// The service a host of an Istio resource in `namespace` names: a
+    /// ServiceEntry host, a short name (read in `namespace`), or a
+    /// Kubernetes name such as `reviews.prod.svc.cluster.local`.
+    pub fn resolve_host(&self, host: &str, namespace: &str) -> Option<usize> {
+        if let Some(&i) = self.external.get(host) {
+            return Some(i);
         }
-        Self::from_services(file, services)
+        self.resolve_index(host, namespace)
     }
 
     /// The service `name` in `namespace`.
@@ -477,9 +705,9 @@ impl MeshConfig {
 
     /// Finds the service an HTTP authority names, the way Kubernetes DNS
     /// resolves it: `reviews`, `reviews:9080`, `reviews.default`,
-    /// `reviews.default.svc.cluster.local:9080`. A bare name is looked up in
-    /// the caller's namespace. A port, when given and the service declares
-    /// one, must match.
+    /// `reviews.default.svc.cluster.local:9080`, or a ServiceEntry's host.
+    /// A bare name is looked up in the caller's namespace. A port, when
+    /// given and the service declares one, must match.
     pub fn resolve(&self, authority: &str, caller_namespace: &str) -> Option<&Service> {
         self.resolve_index(authority, caller_namespace)
             .map(|i| &self.services[i])
@@ -489,99 +717,32 @@ impl MeshConfig {
     /// [`services`](Self::services), for per-service state kept beside the config.
     pub fn resolve_index(&self, authority: &str, caller_namespace: &str) -> Option<usize> {
         let (host, port) = split_authority(authority)?;
-        let mut labels = host.split('.');
-        let name = labels.next()?;
-        let namespace = match labels.next() {
-            None => caller_namespace,
-            Some(ns) => {
-                let rest: Vec<&str> = labels.collect();
-                if !(rest.is_empty() || rest == ["svc"] || rest == ["svc", "cluster", "local"]) {
-                    return None;
-                }
-                ns
+        let i = match self.external.get(host) {
+            Some(&i) => i,
+            None => {
+                let mut labels = host.split('.');
+                let name = labels.next()?;
+                let namespace = match labels.next() {
+                    None => caller_namespace,
+                    Some(ns) => {
+                        let rest: Vec<&str> = labels.collect();
+                        if !(rest.is_empty()
+                            || rest == ["svc"]
+                            || rest == ["svc", "cluster", "local"])
+                        {
+                            return None;
+                        }
+                        ns
+                    }
+                };
+                *self.index.get(namespace)?.get(name)?
             }
         };
-        let &i = self.index.get(namespace)?.get(name)?;
         match (port, self.services[i].port) {
             (Some(asked), Some(declared)) if asked != declared => None,
             _ => Some(i),
         }
     }
-}
-
-/// One resource of a YAML file: its envelope checked, its spec not yet typed.
-#[derive(Debug, Clone)]
-pub struct Document {
-    /// `document N: ` when the file holds several, so field paths say which.
-    pub prefix: String,
-    pub kind: String,
-    pub name: String,
-    spec: serde_yaml_ng::Value,
-}
-
-impl Document {
-    /// The spec as `T`; errors name the field under `spec.`.
-    pub fn spec<T: serde::de::DeserializeOwned>(&self, file: &str) -> Result<T, ConfigError> {
-        // `spec:` left empty means "all defaults", as an empty mapping would.
-        let spec = match &self.spec {
-            serde_yaml_ng::Value::Null => serde_yaml_ng::Value::Mapping(Default::default()),
-            v => v.clone(),
-        };
-        serde_path_to_error::deserialize(spec).map_err(|e| ConfigError {
-            file: file.to_string(),
-            field: format!("{}spec.{}", self.prefix, e.path()),
-            reason: e.inner().to_string(),
-        })
-    }
-}
-
-/// Splits a file into its resources (`---`-separated documents, empty ones
-/// skipped), checking each one's `apiVersion` and `metadata`. Callers match
-/// on `kind` and type the spec with [`Document::spec`].
-pub fn documents(file: &str, text: &str) -> Result<Vec<Document>, ConfigError> {
-    let err = |field: String, reason: String| ConfigError {
-        file: file.to_string(),
-        field,
-        reason,
-    };
-    let mut out = Vec::new();
-    for (d, doc) in serde_yaml_ng::Deserializer::from_str(text).enumerate() {
-        // Field paths name the document only when the file has several.
-        let prefix = if d == 0 {
-            String::new()
-        } else {
-            format!("document {}: ", d + 1)
-        };
-        let value: serde_yaml_ng::Value = serde_yaml_ng::Value::deserialize(doc)
-            .map_err(|e| err(String::new(), format!("{prefix}invalid YAML: {e}")))?;
-        if value.is_null() {
-            continue; // an empty document, e.g. a trailing `---`
-        }
-        let res: Resource = serde_path_to_error::deserialize(value)
-            .map_err(|e| err(format!("{prefix}{}", e.path()), e.inner().to_string()))?;
-        if res.api_version != API_VERSION {
-            return Err(err(
-                format!("{prefix}apiVersion"),
-                format!(
-                    "`{}` is not supported, expected `{API_VERSION}`",
-                    res.api_version
-                ),
-            ));
-        }
-        if res.metadata.name.trim().is_empty() {
-            return Err(err(
-                format!("{prefix}metadata.name"),
-                "must not be empty".into(),
-            ));
-        }
-        out.push(Document {
-            prefix,
-            kind: res.kind,
-            name: res.metadata.name,
-            spec: res.spec,
-        });
-    }
-    Ok(out)
 }
 
 /// Splits `host[:port]` (IPv6 hosts in brackets). `None` when malformed.
@@ -648,20 +809,37 @@ fn validate_service(s: ServiceSpec, at: &str) -> Result<Service, (String, String
             ));
         }
         let version = e.version.unwrap_or_else(|| "unknown".to_string());
-        let workload = match e.workload {
+        let mut endpoint = Endpoint::new(address, &s.name, &version);
+        match e.workload {
             Some(w) if w.trim().is_empty() => {
                 return Err((format!("{field}.workload"), "must not be empty".into()));
             }
-            Some(w) => w,
-            None if version == "unknown" => s.name.clone(),
-            None => format!("{}-{version}", s.name),
-        };
-        endpoints.push(Endpoint {
-            address,
-            address_str: address.to_string().into(),
-            workload: workload.into(),
-            version: version.into(),
-        });
+            Some(w) => endpoint.workload = w.into(),
+            None => {}
+        }
+        if !e.labels.is_empty() {
+            let mut labels = BTreeMap::clone(&endpoint.labels);
+            for (k, v) in e.labels {
+                if k == "version" && v != version {
+                    return Err((
+                        format!("{field}.labels.version"),
+                        format!("`{v}` differs from the endpoint's version `{version}`"),
+                    ));
+                }
+                labels.insert(k, v);
+            }
+            endpoint.labels = Arc::new(labels);
+        }
+        if let Some(l) = e.locality.filter(|l| !l.is_empty()) {
+            if l.split('/').count() > 3 || l.split('/').any(str::is_empty) {
+                return Err((
+                    format!("{field}.locality"),
+                    format!("`{l}` is not region, region/zone or region/zone/subzone"),
+                ));
+            }
+            endpoint.locality = Some(l.into());
+        }
+        endpoints.push(endpoint);
     }
     let cluster_ip = match s.cluster_ip {
         None => None,
@@ -684,6 +862,7 @@ fn validate_service(s: ServiceSpec, at: &str) -> Result<Service, (String, String
         protocol: s.protocol,
         retries: Arc::new(retries),
         endpoints,
+        external_host: false,
     })
 }
 
@@ -770,7 +949,7 @@ spec:
         assert_eq!(e.field, "spec.services[0].prot");
         assert!(e.reason.contains("prot"), "{e}");
 
-        let e = error_of(&GOOD.replace("kind: Mesh", "kind: Gateway"));
+        let e = error_of(&GOOD.replace("kind: Mesh", "kind: Sidecar"));
         assert_eq!(e.field, "kind");
 
         let e = error_of(&GOOD.replace("v1alpha1", "v9"));
@@ -780,7 +959,7 @@ spec:
         assert!(e.reason.contains("already defined"), "{e}");
 
         let e = error_of("");
-        assert!(e.reason.contains("no Mesh"), "{e}");
+        assert!(e.reason.contains("no resources"), "{e}");
 
         let e = error_of("apiVersion: [");
         assert!(e.reason.contains("invalid YAML"), "{e}");
@@ -803,5 +982,123 @@ spec:
         let dup = format!("{GOOD}\n---\n{GOOD}");
         let e = error_of(&dup);
         assert!(e.field.starts_with("document 2: spec.services[0]"), "{e}");
+    }
+}
+
+/// Istio's own Bookinfo files (`tests/data/istio/`), read over a Bookinfo
+/// registry, as Istio's task pages apply them.
+#[cfg(test)]
+mod istio_files {
+    use super::*;
+
+    const BOOKINFO: &str = r#"
+apiVersion: lumen.dev/v1alpha1
+kind: Mesh
+metadata:
+  name: bookinfo
+spec:
+  services:
+    - name: productpage
+      port: 9080
+      endpoints: [{address: 127.0.0.1:9101, version: v1}]
+    - name: details
+      port: 9080
+      endpoints: [{address: 127.0.0.1:9102, version: v1}]
+    - name: reviews
+      port: 9080
+      endpoints:
+        - {address: 127.0.0.1:9103, version: v1}
+        - {address: 127.0.0.1:9104, version: v2}
+        - {address: 127.0.0.1:9105, version: v3}
+    - name: ratings
+      port: 9080
+      endpoints: [{address: 127.0.0.1:9106, version: v1}]
+"#;
+
+    macro_rules! istio {
+        ($name:literal) => {
+            (
+                $name,
+                include_str!(concat!("../../tests/data/istio/bookinfo/networking/", $name)),
+            )
+        };
+    }
+
+    fn mesh_with(files: &[(&str, &str)]) -> Result<MeshConfig, ConfigError> {
+        let mut resources = parse_resources("mesh.yaml", BOOKINFO)?;
+        for (name, text) in files {
+            resources.extend(parse_resources(name, text)?);
+        }
+        MeshConfig::from_resources(&resources)
+    }
+
+    #[test]
+    fn istios_routing_tasks_apply_unchanged() {
+        let rules = istio!("destination-rule-all.yaml");
+        for file in [
+            istio!("virtual-service-all-v1.yaml"),
+            istio!("virtual-service-reviews-test-v2.yaml"),
+            istio!("virtual-service-reviews-80-20.yaml"),
+            istio!("virtual-service-reviews-90-10.yaml"),
+            istio!("virtual-service-reviews-50-v3.yaml"),
+            istio!("virtual-service-reviews-v3.yaml"),
+            istio!("virtual-service-reviews-v2-v3.yaml"),
+            istio!("virtual-service-reviews-jason-v2-v3.yaml"),
+            istio!("virtual-service-ratings-test-abort.yaml"),
+            istio!("virtual-service-ratings-test-delay.yaml"),
+            istio!("virtual-service-details-v2.yaml"),
+            istio!("virtual-service-ratings-db.yaml"),
+            istio!("virtual-service-ratings-mysql.yaml"),
+            istio!("virtual-service-ratings-mysql-vm.yaml"),
+            istio!("bookinfo-gateway.yaml"),
+        ] {
+            let mesh = mesh_with(&[rules, file]).unwrap_or_else(|e| panic!("{}: {e}", file.0));
+            assert!(!mesh.virtual_services.is_empty(), "{}", file.0);
+        }
+        let mesh = mesh_with(&[istio!("fault-injection-details-v1.yaml")]).unwrap();
+        assert_eq!(mesh.destination_rules.len(), 1);
+    }
+
+    #[test]
+    fn what_lumen_lacks_is_refused_by_name() {
+        let e = mesh_with(&[istio!("destination-rule-all-mtls.yaml")]).unwrap_err();
+        assert_eq!(e.file, "destination-rule-all-mtls.yaml");
+        assert_eq!(e.resource, "DestinationRule default/productpage");
+        assert_eq!(e.field, "spec.trafficPolicy.tls.mode");
+        assert!(e.reason.contains("ISTIO_MUTUAL"), "{e}");
+
+        let e = mesh_with(&[istio!("egress-rule-google-apis.yaml")]).unwrap_err();
+        assert_eq!(e.field, "spec.endpoints", "{e}");
+        assert!(e.reason.contains("DNS"), "{e}");
+
+        // A subset no DestinationRule defines.
+        let e = mesh_with(&[istio!("virtual-service-all-v1.yaml")]).unwrap_err();
+        assert_eq!(e.field, "spec.http[0].route[0].destination.subset", "{e}");
+        assert!(e.reason.contains("no DestinationRule for `productpage` defines subset `v1`"), "{e}");
+    }
+
+    #[test]
+    fn istios_match_and_weights_read_as_istio_means_them() {
+        let mesh = mesh_with(&[
+            istio!("destination-rule-all.yaml"),
+            istio!("virtual-service-reviews-test-v2.yaml"),
+        ])
+        .unwrap();
+        let vs = &mesh.virtual_services[0];
+        let m = &vs.http[0].matches[0];
+        assert_eq!(m.headers.len(), 1);
+        assert_eq!(m.headers[0].0, "end-user");
+        assert!(m.headers[0].1.as_ref().unwrap().matches("jason"));
+        let reviews = mesh.resolve_host("reviews", "default").unwrap();
+        let dr = mesh.destination_rule(reviews).unwrap();
+        assert_eq!(dr.subsets.len(), 3);
+        let v2 = &dr.subsets[1];
+        let selected: Vec<&str> = mesh.services[reviews]
+            .endpoints
+            .iter()
+            .filter(|e| e.selected_by(&v2.labels))
+            .map(|e| &*e.version)
+            .collect();
+        assert_eq!(selected, ["v2"]);
     }
 }

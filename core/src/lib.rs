@@ -4,9 +4,15 @@
 //! - [`schema`]: the Arrow schemas of the store's tables (`requests`, `spans`),
 //!   the OTLP attribute names a request record travels under, and a batch
 //!   builder that turns records into Arrow columns.
-//! - [`config`]: the mesh configuration (YAML in Kubernetes resource form),
-//!   parsed and validated once, with errors naming file, field and reason;
-//!   [`config::documents`] splits any Lumen YAML file into typed resources.
+//! - [`resource`]: resources in Kubernetes form (`apiVersion`, `kind`,
+//!   `metadata`, `spec`) as files hold them and the control plane stores
+//!   and streams them, keyed by kind, namespace and name.
+//! - [`networking`]: Istio's `VirtualService`, `DestinationRule`,
+//!   `ServiceEntry` and `Gateway`, read as Istio's users write them; fields
+//!   Lumen does not implement are refused by name.
+//! - [`config`]: the validated mesh — Lumen's `Mesh` registry and Istio's
+//!   resources over it, checked together — with errors naming file,
+//!   resource, field and reason.
 //! - [`thread`]: the one scheduling hint background threads share.
 //! - [`istio`]: Istio's standard metric labels, from a record or a rollup key.
 //! - [`sketch`]: the mergeable latency sketch (DDSketch, 1 % relative
@@ -19,10 +25,12 @@
 //! agree on names through this crate.
 
 pub mod config;
+pub mod networking;
 pub mod istio;
 pub mod load;
 pub mod otlp;
 pub mod record;
+pub mod resource;
 pub mod schema;
 pub mod sketch;
 pub mod thread;

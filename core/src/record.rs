@@ -110,8 +110,14 @@ impl ResponseFlags {
     pub const UPSTREAM_RETRY_LIMIT_EXCEEDED: ResponseFlags = ResponseFlags(1 << 6);
     /// A body (request or response) sent nothing for the stream idle timeout.
     pub const STREAM_IDLE_TIMEOUT: ResponseFlags = ResponseFlags(1 << 7);
+    /// A route's fault injection aborted the request.
+    pub const FAULT_INJECTED: ResponseFlags = ResponseFlags(1 << 8);
+    /// A route's fault injection delayed the request.
+    pub const DELAY_INJECTED: ResponseFlags = ResponseFlags(1 << 9);
+    /// The destination's connection pool (circuit breaker) was full.
+    pub const UPSTREAM_OVERFLOW: ResponseFlags = ResponseFlags(1 << 10);
 
-    const CODES: [(ResponseFlags, &'static str); 8] = [
+    const CODES: [(ResponseFlags, &'static str); 11] = [
         (Self::NO_ROUTE, "NR"),
         (Self::NO_HEALTHY_UPSTREAM, "UH"),
         (Self::UPSTREAM_CONNECTION_FAILURE, "UF"),
@@ -120,6 +126,9 @@ impl ResponseFlags {
         (Self::UPSTREAM_REQUEST_TIMEOUT, "UT"),
         (Self::UPSTREAM_RETRY_LIMIT_EXCEEDED, "URX"),
         (Self::STREAM_IDLE_TIMEOUT, "SI"),
+        (Self::FAULT_INJECTED, "FI"),
+        (Self::DELAY_INJECTED, "DI"),
+        (Self::UPSTREAM_OVERFLOW, "UO"),
     ];
 
     pub const fn empty() -> Self {

@@ -29,7 +29,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use lumen_core::ConfigError;
-use lumen_core::config::documents;
+use lumen_core::resource::{Kind, parse_resources};
 use serde::Deserialize;
 
 use crate::engine::QueryConfig;
@@ -97,32 +97,32 @@ impl QuerySettings {
     }
 
     pub fn from_yaml(file: &str, text: &str) -> Result<Self, ConfigError> {
-        let err = |field: String, reason: String| ConfigError {
-            file: file.to_string(),
-            field,
-            reason,
-        };
         let mut found: Option<QuerySettings> = None;
-        for doc in documents(file, text)? {
-            if doc.kind != KIND {
-                return Err(err(
-                    format!("{}kind", doc.prefix),
-                    format!("unknown kind `{}`, expected `{KIND}`", doc.kind),
+        for res in parse_resources(file, text)? {
+            if res.kind != Kind::QueryService {
+                return Err(res.error(
+                    "kind",
+                    format!("unexpected kind `{}`, expected `{KIND}`", res.kind),
                 ));
             }
             if found.is_some() {
-                return Err(err(
-                    format!("{}kind", doc.prefix),
+                return Err(res.error(
+                    "kind",
                     format!("only one `{KIND}` resource is allowed per file"),
                 ));
             }
-            let settings: QuerySettings = doc.spec(file)?;
+            let settings: QuerySettings = res.spec()?;
             settings
                 .validate()
-                .map_err(|(field, reason)| err(format!("{}spec.{field}", doc.prefix), reason))?;
+                .map_err(|(field, reason)| res.error(format!("spec.{field}"), reason))?;
             found = Some(settings);
         }
-        found.ok_or_else(|| err(String::new(), format!("no {KIND} resource in file")))
+        found.ok_or_else(|| ConfigError {
+            file: file.to_string(),
+            resource: String::new(),
+            field: String::new(),
+            reason: format!("no {KIND} resource in file"),
+        })
     }
 
     /// Values that parse but cannot work.
