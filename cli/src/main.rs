@@ -85,6 +85,10 @@ enum Command {
     Check(CheckArgs),
 }
 
+/// How often configuration files are checked for changes: a change
+/// reaches every proxy within a second.
+const CONFIG_POLL: Duration = Duration::from_millis(250);
+
 fn parse_duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s)
         .map_err(|e| format!("`{s}` is not a duration like 30s, 500ms or 5m: {e}"))
@@ -382,9 +386,11 @@ struct QueryServiceArgs {
 
 #[derive(Args)]
 struct UpArgs {
-    /// Mesh configuration (YAML, kind: Mesh).
-    #[arg(short = 'f', long = "file")]
-    file: PathBuf,
+    /// Mesh configuration: files or directories of YAML resources (Lumen's
+    /// Mesh, Istio's VirtualService, DestinationRule, ServiceEntry,
+    /// Gateway); repeatable; watched, changes apply within a second.
+    #[arg(short = 'f', long = "file", required = true)]
+    file: Vec<PathBuf>,
     /// Where the WAL lives, and the Parquet files unless --store says.
     #[arg(long, default_value = "lumen-data")]
     data_dir: PathBuf,
@@ -425,9 +431,11 @@ struct ProxyArgs {
     /// Workload name [default: <service>-<version>, or <service>].
     #[arg(long)]
     workload: Option<String>,
-    /// Mesh configuration that outbound requests are routed by; reloaded on change.
+    /// Mesh configuration that outbound requests are routed by: files or
+    /// directories (Mesh and Istio networking resources); repeatable;
+    /// reloaded on change.
     #[arg(short = 'f', long = "file")]
-    file: Option<PathBuf>,
+    file: Vec<PathBuf>,
     /// Outbound listener: the app sends its calls here.
     #[arg(long, default_value = "127.0.0.1:15001")]
     outbound: SocketAddr,
@@ -539,7 +547,9 @@ struct SqlArgs {
 
 #[derive(Args)]
 struct CheckArgs {
-    /// Configuration files to validate (kind: Mesh or kind: QueryService).
+    /// Configuration files or directories to validate (Mesh, Istio
+    /// networking kinds, or QueryService); the mesh's files are checked
+    /// together, as `lumen up -f` loads them.
     #[arg(short = 'f', long = "file", required = true)]
     files: Vec<PathBuf>,
 }
@@ -645,7 +655,7 @@ async fn up(a: UpArgs) -> Result<()> {
     let discovery = lumen_control::FileDiscovery::open(&a.file)?;
     let mesh = discovery.current();
     tracing::info!(
-        file = %a.file.display(),
+        files = ?a.file,
         services = mesh.services.len(),
         "mesh config loaded"
     );
@@ -678,7 +688,7 @@ async fn up(a: UpArgs) -> Result<()> {
         data_dir = %a.data_dir.display(),
         "lumen is up"
     );
-    let discovery_task = tokio::spawn(discovery.watch(Duration::from_secs(2), stop_rx.clone()));
+    let discovery_task = tokio::spawn(discovery.watch(CONFIG_POLL, stop_rx.clone()));
     let collector_task = tokio::spawn(collector.run(until(stop_rx.clone())));
     let serving = servers.spawn(&stop_rx);
     shutdown_signal().await;
@@ -817,17 +827,17 @@ async fn proxy(a: ProxyArgs) -> Result<()> {
         bail!("--app is required for the inbound listener (or pass --no-inbound)");
     }
     let (stop, stop_rx) = watch::channel(false);
-    let (mesh_rx, discovery_task) = match &a.file {
-        Some(file) => {
-            let discovery = lumen_control::FileDiscovery::open(file)?;
+    let (mesh_rx, discovery_task) = match a.file.is_empty() {
+        false => {
+            let discovery = lumen_control::FileDiscovery::open(&a.file)?;
             let rx = discovery.subscribe();
-            let task = tokio::spawn(discovery.watch(Duration::from_secs(2), stop_rx.clone()));
+            let task = tokio::spawn(discovery.watch(CONFIG_POLL, stop_rx.clone()));
             (rx, Some(task))
         }
-        None if config.outbound.is_some() => {
+        true if config.outbound.is_some() => {
             bail!("-f <mesh.yaml> is required to route outbound calls (or pass --no-outbound)")
         }
-        None => (watch::channel(Arc::default()).1, None),
+        true => (watch::channel(Arc::default()).1, None),
     };
     let proxy = Proxy::bind(config, mesh_rx).await?;
     tracing::info!(
@@ -1069,25 +1079,34 @@ async fn sql(a: SqlArgs) -> Result<()> {
 
 fn check(a: CheckArgs) -> Result<()> {
     let mut failed = 0;
-    for file in &a.files {
-        if is_query_settings(file) {
-            match QuerySettings::load(file) {
+    let mut mesh_files = Vec::new();
+    for file in lumen_control::discovery::config_files(&a.files)? {
+        if is_query_settings(&file) {
+            match QuerySettings::load(&file) {
                 Ok(_) => println!("{}: OK (QueryService settings)", file.display()),
                 Err(e) => {
                     eprintln!("{e}");
                     failed += 1;
                 }
             }
-            continue;
+        } else {
+            mesh_files.push(file);
         }
-        match lumen_control::load_file(file) {
+    }
+    if !mesh_files.is_empty() {
+        match lumen_control::load(&mesh_files) {
             Ok(mesh) => {
                 let endpoints: usize = mesh.services.iter().map(|s| s.endpoints.len()).sum();
+                let names: Vec<String> =
+                    mesh_files.iter().map(|f| f.display().to_string()).collect();
                 println!(
-                    "{}: OK ({} services, {} endpoints)",
-                    file.display(),
+                    "{}: OK ({} services, {} endpoints, {} virtual services, {} destination rules, {} gateways)",
+                    names.join(", "),
                     mesh.services.len(),
-                    endpoints
+                    endpoints,
+                    mesh.virtual_services.len(),
+                    mesh.destination_rules.len(),
+                    mesh.gateways.len()
                 );
             }
             Err(e) => {
@@ -1097,7 +1116,7 @@ fn check(a: CheckArgs) -> Result<()> {
         }
     }
     if failed > 0 {
-        bail!("{failed} of {} file(s) invalid", a.files.len());
+        bail!("{failed} check(s) failed");
     }
     Ok(())
 }

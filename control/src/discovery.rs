@@ -1,9 +1,12 @@
-//! File discovery: the mesh file, loaded, validated and watched for changes.
+//! File discovery: the mesh's configuration files — Lumen's `Mesh` and
+//! Istio's networking resources, in files or directories of them — loaded,
+//! validated together and watched for changes.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use lumen_core::resource::{Resource, parse_resources};
 use lumen_core::{ConfigError, MeshConfig};
 use tokio::sync::watch;
 
@@ -18,7 +21,69 @@ pub enum ControlError {
     Invalid(#[from] ConfigError),
 }
 
-/// Reads and validates a mesh file.
+/// The configuration files `paths` name: files as given, and the `.yaml`,
+/// `.yml` and `.json` files of directories (sorted, not recursive).
+pub fn config_files(paths: &[PathBuf]) -> Result<Vec<PathBuf>, ControlError> {
+    let mut out = Vec::new();
+    for path in paths {
+        let read = |source| ControlError::Read {
+            path: path.clone(),
+            source,
+        };
+        if path.is_dir() {
+            let mut files: Vec<PathBuf> = std::fs::read_dir(path)
+                .map_err(read)?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| {
+                    p.is_file()
+                        && p.extension()
+                            .and_then(|e| e.to_str())
+                            .is_some_and(|e| matches!(e, "yaml" | "yml" | "json"))
+                })
+                .collect();
+            files.sort();
+            out.extend(files);
+        } else {
+            out.push(path.clone());
+        }
+    }
+    Ok(out)
+}
+
+/// Every resource of the files, each once: a resource defined in two files
+/// is an error naming both.
+pub fn load_resources(paths: &[PathBuf]) -> Result<Vec<Resource>, ControlError> {
+    let mut all: Vec<Resource> = Vec::new();
+    for file in config_files(paths)? {
+        let text = std::fs::read_to_string(&file).map_err(|source| ControlError::Read {
+            path: file.clone(),
+            source,
+        })?;
+        for r in parse_resources(&file.display().to_string(), &text)? {
+            if !r.kind.is_mesh_config() {
+                continue;
+            }
+            if let Some(first) = all.iter().find(|x| x.key() == r.key()) {
+                return Err(r
+                    .error(
+                        "metadata.name",
+                        format!("{} is already defined in {}", r.key(), first.origin),
+                    )
+                    .into());
+            }
+            all.push(r);
+        }
+    }
+    Ok(all)
+}
+
+/// Reads and validates the mesh configuration of files and directories.
+pub fn load(paths: &[PathBuf]) -> Result<MeshConfig, ControlError> {
+    let resources = load_resources(paths)?;
+    Ok(MeshConfig::from_resources(&resources)?)
+}
+
+/// Reads and validates one mesh file.
 pub fn load_file(path: &Path) -> Result<MeshConfig, ControlError> {
     let text = std::fs::read_to_string(path).map_err(|source| ControlError::Read {
         path: path.to_path_buf(),
@@ -27,20 +92,20 @@ pub fn load_file(path: &Path) -> Result<MeshConfig, ControlError> {
     Ok(MeshConfig::from_yaml(&path.display().to_string(), &text)?)
 }
 
-/// A mesh file and the snapshots published from it.
+/// Configuration files and the snapshots published from them.
 pub struct FileDiscovery {
-    path: PathBuf,
+    paths: Vec<PathBuf>,
     tx: watch::Sender<Arc<MeshConfig>>,
 }
 
 impl FileDiscovery {
-    /// Loads the file; fails if it is missing or invalid, so a bad config
+    /// Loads the files; fails if one is missing or invalid, so a bad config
     /// never starts a mesh.
-    pub fn open(path: impl Into<PathBuf>) -> Result<Self, ControlError> {
-        let path = path.into();
-        let mesh = load_file(&path)?;
+    pub fn open(paths: impl IntoIterator<Item = impl Into<PathBuf>>) -> Result<Self, ControlError> {
+        let paths: Vec<PathBuf> = paths.into_iter().map(Into::into).collect();
+        let mesh = load(&paths)?;
         let (tx, _) = watch::channel(Arc::new(mesh));
-        Ok(FileDiscovery { path, tx })
+        Ok(FileDiscovery { paths, tx })
     }
 
     /// Snapshots, starting with the current one.
@@ -52,10 +117,10 @@ impl FileDiscovery {
         self.tx.borrow().clone()
     }
 
-    /// Polls the file every `interval` until `shutdown` turns true;
+    /// Polls the files every `interval` until `shutdown` turns true;
     /// publishes each valid change, keeps the last valid config otherwise.
     pub async fn watch(self, interval: Duration, mut shutdown: watch::Receiver<bool>) {
-        let mut last_seen = modified(&self.path);
+        let mut last_seen = self.signature();
         let mut tick = tokio::time::interval(interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -63,17 +128,18 @@ impl FileDiscovery {
                 _ = tick.tick() => {}
                 _ = shutdown.wait_for(|s| *s) => return,
             }
-            let now = modified(&self.path);
+            let now = self.signature();
             if now == last_seen {
                 continue;
             }
             last_seen = now;
-            match load_file(&self.path) {
+            match load(&self.paths) {
                 Ok(mesh) if *self.tx.borrow().as_ref() == mesh => {}
                 Ok(mesh) => {
                     tracing::info!(
-                        file = %self.path.display(),
                         services = mesh.services.len(),
+                        virtual_services = mesh.virtual_services.len(),
+                        destination_rules = mesh.destination_rules.len(),
                         "mesh config reloaded"
                     );
                     self.tx.send_replace(Arc::new(mesh));
@@ -85,11 +151,20 @@ impl FileDiscovery {
             }
         }
     }
-}
 
-fn modified(path: &Path) -> Option<(SystemTime, u64)> {
-    let m = std::fs::metadata(path).ok()?;
-    Some((m.modified().ok()?, m.len()))
+    /// What changes when a file is edited, added or removed.
+    fn signature(&self) -> Vec<(PathBuf, Option<(SystemTime, u64)>)> {
+        config_files(&self.paths)
+            .unwrap_or_default()
+            .into_iter()
+            .map(|p| {
+                let m = std::fs::metadata(&p)
+                    .ok()
+                    .and_then(|m| Some((m.modified().ok()?, m.len())));
+                (p, m)
+            })
+            .collect()
+    }
 }
 
 #[cfg(test)]
@@ -103,7 +178,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("mesh.yaml");
         std::fs::write(&path, MESH).unwrap();
-        let discovery = FileDiscovery::open(&path).unwrap();
+        let discovery = FileDiscovery::open([&path]).unwrap();
         let mut rx = discovery.subscribe();
         assert_eq!(rx.borrow_and_update().services.len(), 1);
         let (stop_tx, stop_rx) = watch::channel(false);
@@ -127,12 +202,17 @@ mod tests {
 
     #[test]
     fn missing_and_invalid_files_are_errors_naming_the_file() {
-        let e = FileDiscovery::open("/nonexistent/mesh.yaml").err().unwrap();
+        let e = FileDiscovery::open(["/nonexistent/mesh.yaml"])
+            .err()
+            .unwrap();
         assert!(e.to_string().contains("/nonexistent/mesh.yaml"), "{e}");
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("bad.yaml");
         std::fs::write(&path, MESH.replace("name: a", "name: A")).unwrap();
-        let e = FileDiscovery::open(&path).err().unwrap().to_string();
-        assert!(e.contains("bad.yaml: spec.services[0].name"), "{e}");
+        let e = FileDiscovery::open([&path]).err().unwrap().to_string();
+        assert!(
+            e.contains("bad.yaml: Mesh default/t: spec.services[0].name"),
+            "{e}"
+        );
     }
 }

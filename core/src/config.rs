@@ -44,8 +44,8 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::networking::{self, DestinationRule, Gateway, VirtualService};
-use crate::resource::{Kind, Resource, parse_resources};
 pub use crate::resource::{DEFAULT_NAMESPACE, LUMEN_API as API_VERSION};
+use crate::resource::{Kind, Resource, parse_resources};
 
 /// A configuration problem: which file, which field, and why.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -482,7 +482,10 @@ impl MeshConfig {
         if let Some(r) = resources.iter().find(|r| !r.kind.is_mesh_config()) {
             return Err(r.error(
                 "kind",
-                format!("{} is not mesh configuration; give it to --query-config", r.kind),
+                format!(
+                    "{} is not mesh configuration; give it to --query-config",
+                    r.kind
+                ),
             ));
         }
         Self::from_resources(&resources)
@@ -504,8 +507,7 @@ impl MeshConfig {
                     let spec: MeshSpec = res.spec()?;
                     for (i, s) in spec.services.into_iter().enumerate() {
                         let at = format!("spec.services[{i}]");
-                        let service =
-                            validate_service(s, &at).map_err(|(f, r)| res.error(f, r))?;
+                        let service = validate_service(s, &at).map_err(|(f, r)| res.error(f, r))?;
                         let key = (service.name.to_string(), service.namespace.to_string());
                         let here = format!("{} {at}", res.key());
                         if let Some(first) = origin_of.insert(key, here) {
@@ -566,7 +568,10 @@ impl MeshConfig {
             let Some(i) = self.resolve_host(&dr.host, &dr.namespace) else {
                 return Err(res.error(
                     "spec.host",
-                    format!("`{}` is not a service of the mesh or a ServiceEntry host", dr.host),
+                    format!(
+                        "`{}` is not a service of the mesh or a ServiceEntry host",
+                        dr.host
+                    ),
                 ));
             };
             if let Some(other) = rule_for.insert(i, dr) {
@@ -644,7 +649,10 @@ impl MeshConfig {
                 let Some(i) = self.resolve_host(&d.host, &vs.namespace) else {
                     return Err(res.error(
                         format!("{field}.host"),
-                        format!("`{}` is not a service of the mesh or a ServiceEntry host", d.host),
+                        format!(
+                            "`{}` is not a service of the mesh or a ServiceEntry host",
+                            d.host
+                        ),
                     ));
                 };
                 if let Some(subset) = &d.subset {
@@ -1019,7 +1027,10 @@ spec:
         ($name:literal) => {
             (
                 $name,
-                include_str!(concat!("../../tests/data/istio/bookinfo/networking/", $name)),
+                include_str!(concat!(
+                    "../../tests/data/istio/bookinfo/networking/",
+                    $name
+                )),
             )
         };
     }
@@ -1074,7 +1085,11 @@ spec:
         // A subset no DestinationRule defines.
         let e = mesh_with(&[istio!("virtual-service-all-v1.yaml")]).unwrap_err();
         assert_eq!(e.field, "spec.http[0].route[0].destination.subset", "{e}");
-        assert!(e.reason.contains("no DestinationRule for `productpage` defines subset `v1`"), "{e}");
+        assert!(
+            e.reason
+                .contains("no DestinationRule for `productpage` defines subset `v1`"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -25,9 +25,9 @@
 //! agree on names through this crate.
 
 pub mod config;
-pub mod networking;
 pub mod istio;
 pub mod load;
+pub mod networking;
 pub mod otlp;
 pub mod record;
 pub mod resource;

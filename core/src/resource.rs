@@ -152,7 +152,7 @@ impl Resource {
         // `spec:` left empty means "all defaults", as an empty mapping would.
         let spec = match &self.spec {
             serde_json::Value::Null => serde_json::Value::Object(Default::default()),
-            v => v.clone(),
+            v => without_nulls(v.clone()),
         };
         serde_path_to_error::deserialize(spec).map_err(|e| {
             let path = e.path().to_string();
@@ -163,6 +163,23 @@ impl Resource {
             };
             self.error(field, e.inner().to_string())
         })
+    }
+}
+
+/// `key:` left empty is unset, as Kubernetes reads it, not a null the
+/// field's type must take.
+fn without_nulls(v: serde_json::Value) -> serde_json::Value {
+    match v {
+        serde_json::Value::Object(map) => serde_json::Value::Object(
+            map.into_iter()
+                .filter(|(_, v)| !v.is_null())
+                .map(|(k, v)| (k, without_nulls(v)))
+                .collect(),
+        ),
+        serde_json::Value::Array(a) => {
+            serde_json::Value::Array(a.into_iter().map(without_nulls).collect())
+        }
+        v => v,
     }
 }
 
@@ -275,9 +292,9 @@ pub fn parse_resources(file: &str, text: &str) -> Result<Vec<Resource>, ConfigEr
 fn check_name(value: &str) -> Result<(), String> {
     let ok = !value.is_empty()
         && value.len() <= 253
-        && value.bytes().all(|b| {
-            b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.'
-        })
+        && value
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
         && value.starts_with(|c: char| c.is_ascii_alphanumeric())
         && value.ends_with(|c: char| c.is_ascii_alphanumeric());
     if ok {

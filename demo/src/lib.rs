@@ -182,12 +182,7 @@ pub async fn start(config: DemoConfig) -> Result<RunningDemo, DemoError> {
         let address = proxy
             .inbound_addr()
             .expect("sidecar has an inbound listener");
-        let endpoint = Endpoint {
-            address,
-            address_str: address.to_string().into(),
-            workload: format!("{}-{}", app.service(), app.version()).into(),
-            version: app.version().into(),
-        };
+        let endpoint = Endpoint::new(address, app.service(), &app.version());
         match services.iter_mut().find(|s| &*s.name == app.service()) {
             Some(s) => s.endpoints.push(endpoint),
             None => services.push(Service::new(

@@ -11,7 +11,7 @@ use axum::response::IntoResponse;
 use axum::routing::get;
 use serde_json::json;
 
-use crate::request::Shared;
+use crate::context::Shared;
 
 pub struct AdminState {
     pub shared: Arc<Shared>,
@@ -46,8 +46,8 @@ async fn stats(State(s): State<Arc<AdminState>>) -> impl IntoResponse {
 
 async fn config_dump(State(s): State<Arc<AdminState>>) -> impl IntoResponse {
     let routes = s.shared.routes.load();
-    let services: Vec<_> = routes
-        .mesh()
+    let mesh = routes.mesh();
+    let services: Vec<_> = mesh
         .services
         .iter()
         .map(|svc| {
@@ -65,10 +65,31 @@ async fn config_dump(State(s): State<Arc<AdminState>>) -> impl IntoResponse {
                     "address": &*e.address_str,
                     "workload": &*e.workload,
                     "version": &*e.version,
+                    "labels": &*e.labels,
+                    "locality": e.locality.as_deref(),
                 })).collect::<Vec<_>>(),
             })
         })
         .collect();
+    let now = crate::endpoint::now_micros();
+    let mut clusters: Vec<_> = routes
+        .clusters()
+        .map(|c| {
+            json!({
+                "name": &*c.name,
+                "loadBalancer": format!("{:?}", c.algorithm),
+                "outlierDetection": c.outlier.is_some(),
+                "endpoints": c.endpoints.iter().map(|e| json!({
+                    "address": &*e.state.address_str,
+                    "version": &*e.version,
+                    "priority": e.priority,
+                    "inFlight": e.state.in_flight(),
+                    "ejected": e.state.is_ejected(now),
+                })).collect::<Vec<_>>(),
+            })
+        })
+        .collect();
+    clusters.sort_by(|a, b| a["name"].as_str().cmp(&b["name"].as_str()));
     let id = &s.shared.identity;
     axum::Json(json!({
         "identity": {
@@ -77,9 +98,13 @@ async fn config_dump(State(s): State<Arc<AdminState>>) -> impl IntoResponse {
             "namespace": &*id.namespace,
             "version": &*id.version,
         },
+        "version": s.shared.config_version.load().as_str(),
         "app": s.shared.app.as_ref().map(|a| &*a.address_str),
         "services": services,
+        "virtualServices": mesh.virtual_services.iter().map(|v| format!("{}/{}", v.namespace, v.name)).collect::<Vec<_>>(),
+        "destinationRules": mesh.destination_rules.iter().map(|d| format!("{}/{}", d.namespace, d.name)).collect::<Vec<_>>(),
+        "clusters": clusters,
         // Pools are per resolved endpoint, never per Host the caller wrote.
-        "upstream_pools": s.shared.upstreams.endpoints(),
+        "upstream_pools": s.shared.registry.pooled(),
     }))
 }

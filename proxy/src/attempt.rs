@@ -14,14 +14,15 @@ use hyper::body::Incoming;
 use lumen_core::{ResponseFlags, RetryPolicy, UpstreamProtocol, Workload};
 
 use crate::body::{PendingRecord, RequestBody, RequestBodyState, grpc_status};
-use crate::forward::{ForwardError, Upstreams};
+use crate::endpoint::{EndpointState, Health};
+use crate::forward::{self, ForwardError};
 use crate::replay::Replay;
 use crate::retry::{self, Budget, Outcome};
 use crate::route::Routed;
 
 /// Where a request's tries go.
 pub enum Destination<'a> {
-    /// A mesh service's endpoints (outbound).
+    /// A mesh service's cluster (outbound).
     Service(Routed),
     /// The local app (inbound).
     App(&'a App),
@@ -32,6 +33,7 @@ pub struct App {
     pub address: SocketAddr,
     pub address_str: Arc<str>,
     pub identity: Workload,
+    pub endpoint: Arc<EndpointState>,
     /// Inbound requests are not retried: the caller's sidecar does that.
     pub retries: RetryPolicy,
     pub budget: Budget,
@@ -39,45 +41,98 @@ pub struct App {
 
 /// One picked endpoint.
 pub struct Endpoint {
-    pub address: SocketAddr,
-    pub address_str: Arc<str>,
+    pub state: Arc<EndpointState>,
     pub workload: Arc<str>,
     pub version: Arc<str>,
+}
+
+impl Endpoint {
+    pub fn address(&self) -> SocketAddr {
+        self.state.address
+    }
 }
 
 impl Destination<'_> {
     fn policy(&self) -> &RetryPolicy {
         match self {
-            Destination::Service(r) => &r.service().retries,
+            Destination::Service(r) => r.retries(),
             Destination::App(a) => &a.retries,
         }
     }
 
     fn budget(&self) -> &Budget {
         match self {
-            Destination::Service(r) => r.budget(),
+            Destination::Service(r) => match &r.cluster {
+                Some(c) => &c.state.budget,
+                None => &EMPTY_BUDGET,
+            },
             Destination::App(a) => &a.budget,
         }
     }
 
-    /// The next endpoint, avoiding those `tried` while others remain.
-    pub fn pick(&self, tried: &[SocketAddr]) -> Option<Endpoint> {
+    /// A retry's place: the route's budget share, under the cluster's
+    /// `maxRetries`.
+    fn retry(&self, policy: &RetryPolicy) -> Option<retry::InFlight<'_>> {
         match self {
-            Destination::Service(r) => r.pick(tried).map(|e| Endpoint {
-                address: e.address,
-                address_str: e.address_str.clone(),
-                workload: e.workload.clone(),
-                version: e.version.clone(),
-            }),
+            Destination::Service(Routed {
+                cluster: Some(c), ..
+            }) => {
+                let (pct, min) = c.retry_policy_budget(policy);
+                c.state.budget.retry(pct, min, c.state.limits().max_retries)
+            }
+            _ => self
+                .budget()
+                .retry(policy.budget_percent, policy.budget_min_concurrency, None),
+        }
+    }
+
+    /// The next endpoint, avoiding those `tried` while others remain.
+    pub fn pick(&self, tried: &[SocketAddr], hash: Option<u64>) -> Option<Endpoint> {
+        match self {
+            Destination::Service(r) => {
+                let e = r.cluster.as_ref()?.pick(tried, hash)?;
+                Some(Endpoint {
+                    state: e.state.clone(),
+                    workload: e.workload.clone(),
+                    version: e.version.clone(),
+                })
+            }
             Destination::App(a) => Some(Endpoint {
-                address: a.address,
-                address_str: a.address_str.clone(),
+                state: a.endpoint.clone(),
                 workload: a.identity.workload.clone(),
                 version: a.identity.version.clone(),
             }),
         }
     }
+
+    fn fresh_connections(&self) -> bool {
+        match self {
+            Destination::Service(r) => r.cluster.as_ref().is_some_and(|c| c.fresh_connections),
+            Destination::App(_) => false,
+        }
+    }
+
+    fn report(&self, started: crate::endpoint::Started, outcome: Outcome) {
+        let health = match outcome {
+            Outcome::Response { status, .. } => match status.as_u16() {
+                502..=504 => Health::GatewayError,
+                500..=599 => Health::ServerError,
+                _ => Health::Success,
+            },
+            Outcome::ConnectFailed | Outcome::Refused | Outcome::Reset | Outcome::TimedOut => {
+                Health::GatewayError
+            }
+            Outcome::Final => Health::Neutral,
+        };
+        let peers = match self {
+            Destination::Service(r) => r.cluster.as_ref().and_then(|c| c.outlier_peers()),
+            Destination::App(_) => None,
+        };
+        started.finish(health, peers);
+    }
 }
+
+static EMPTY_BUDGET: std::sync::LazyLock<Budget> = std::sync::LazyLock::new(Budget::default);
 
 /// The HTTP version a try speaks upstream: the destination's declared
 /// protocol, or the caller's when it declares none.
@@ -94,8 +149,11 @@ pub fn upstream_version(protocol: UpstreamProtocol, downstream: Version) -> Vers
 
 /// How the forward phase is to run.
 pub struct Forward<'a> {
-    pub upstreams: &'a Upstreams,
     pub destination: &'a Destination<'a>,
+    /// The authority the upstream sees (a route may rewrite it).
+    pub authority: &'a str,
+    /// The request's hash, for a consistent-hash balancer.
+    pub hash: Option<u64>,
     pub version: Version,
     /// Longest wait for response headers once the request body is sent,
     /// over all tries.
@@ -108,6 +166,8 @@ pub struct Forward<'a> {
     pub metrics: &'a crate::telemetry::Metrics,
     /// A gRPC caller's deadline (`grpc-timeout`), from the request's start.
     pub deadline: Option<Duration>,
+    /// Clusters that get a copy of the request (fire and forget).
+    pub mirrors: Vec<Arc<crate::cluster::Cluster>>,
 }
 
 impl Forward<'_> {
@@ -207,11 +267,35 @@ impl Forward<'_> {
         let policy = self.destination.policy();
         let budget = self.destination.budget();
         let _in_flight = budget.request();
-        let keep = if policy.attempts == 0 {
+        // The circuit breaker: a place under the cluster's pool limits.
+        let _admitted = match self.destination {
+            Destination::Service(Routed {
+                cluster: Some(c), ..
+            }) => match c.admit(self.version != Version::HTTP_2).await {
+                Ok(a) => Some(a),
+                Err(overflow) => {
+                    return Err(ForwardError {
+                        flags: ResponseFlags::UPSTREAM_OVERFLOW,
+                        status: http::StatusCode::SERVICE_UNAVAILABLE,
+                        message: format!("upstream overflow: cluster `{}`: {}", c.name, overflow.0),
+                        outcome: Outcome::Final,
+                    });
+                }
+            },
+            _ => None,
+        };
+        let keep = if policy.attempts == 0 && self.mirrors.is_empty() {
             0
         } else {
             self.replay_limit
         };
+        let mirror_parts = (!self.mirrors.is_empty()).then(|| {
+            let mut r = Request::new(());
+            *r.method_mut() = parts.method.clone();
+            *r.uri_mut() = parts.uri.clone();
+            *r.headers_mut() = parts.headers.clone();
+            r.into_parts().0
+        });
         let source = RequestBody::new(
             body,
             body_state.clone(),
@@ -220,6 +304,25 @@ impl Forward<'_> {
         );
         let replay = Replay::new(source, keep, self.replay_budget.clone());
         let result = self.loop_tries(&replay, parts, body_state, pending).await;
+        if let Some(parts) = mirror_parts {
+            match replay.complete() {
+                Some(body) => {
+                    for cluster in &self.mirrors {
+                        crate::mirror::spawn(
+                            cluster.clone(),
+                            &parts,
+                            self.version,
+                            self.authority,
+                            body.clone(),
+                            self.timeout,
+                        );
+                    }
+                }
+                None => tracing::debug!(
+                    "mirror: the request body was not kept whole (over the replay limit); no copy sent"
+                ),
+            }
+        }
         // The answer is final: keep nothing more for tries that will not come.
         replay.commit();
         result
@@ -233,18 +336,13 @@ impl Forward<'_> {
         pending: &mut PendingRecord,
     ) -> Result<Response<Incoming>, ForwardError> {
         let policy = self.destination.policy();
-        let budget = self.destination.budget();
-        let authority = pending
-            .record()
-            .map(|r| r.authority.clone())
-            .unwrap_or_default();
         let mut tried: Vec<SocketAddr> = Vec::new();
         let mut retry = 0u32;
         // The retry in flight holds its place in the budget until the
         // next decision.
         let mut _retrying = None;
         loop {
-            let Some(endpoint) = self.destination.pick(&tried) else {
+            let Some(endpoint) = self.destination.pick(&tried, self.hash) else {
                 return Err(ForwardError {
                     flags: ResponseFlags::NO_HEALTHY_UPSTREAM,
                     status: http::StatusCode::SERVICE_UNAVAILABLE,
@@ -255,26 +353,26 @@ impl Forward<'_> {
             if let Some(r) = pending.record_mut() {
                 r.destination.workload = endpoint.workload.clone();
                 r.destination.version = endpoint.version.clone();
-                r.upstream_address = Some(endpoint.address_str.clone());
+                r.upstream_address = Some(endpoint.state.address_str.clone());
                 r.retries = retry;
             }
-            tried.push(endpoint.address);
+            tried.push(endpoint.address());
 
             let mut req = Request::new(replay.try_body());
             *req.method_mut() = parts.method.clone();
             *req.uri_mut() = parts.uri.clone();
             *req.headers_mut() = parts.headers.clone();
-            let result = self
-                .upstreams
-                .send(
-                    endpoint.address,
-                    self.version,
-                    &authority,
-                    body_state,
-                    req,
-                    policy.per_try_timeout,
-                )
-                .await;
+            let started = endpoint.state.start();
+            let result = forward::send(
+                &endpoint.state,
+                self.version,
+                self.destination.fresh_connections(),
+                self.authority,
+                body_state,
+                req,
+                policy.per_try_timeout,
+            )
+            .await;
             let outcome = match &result {
                 Ok(resp) => Outcome::Response {
                     status: resp.status(),
@@ -283,6 +381,7 @@ impl Forward<'_> {
                 },
                 Err(e) => e.outcome,
             };
+            self.destination.report(started, outcome);
             if !retry::wants_retry(policy, outcome) {
                 return result;
             }
@@ -300,7 +399,7 @@ impl Forward<'_> {
             }
             // The previous retry's place goes back before this one is taken.
             _retrying = None;
-            _retrying = budget.retry(policy);
+            _retrying = self.destination.retry(policy);
             self.metrics.retry(_retrying.is_some());
             if _retrying.is_none() {
                 tracing::debug!(retry, "retry budget spent; answering the failed try");

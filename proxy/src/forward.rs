@@ -1,5 +1,6 @@
-//! Forwarding: pooled keep-alive connections to each upstream endpoint, and
-//! the header hygiene a proxy owes both sides.
+//! Forwarding: one try over an endpoint's pooled keep-alive connections
+//! (the pools live in [`crate::endpoint`]), and the header hygiene a proxy
+//! owes both sides.
 //!
 //! Each endpoint has its own pools (HTTP/1.1 and HTTP/2) whose connector
 //! always dials that endpoint. Requests keep the authority the caller used
@@ -7,24 +8,23 @@
 //! and the app see `reviews:9080`, not an IP address, while balancing still
 //! picks the connection by endpoint.
 
-use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use arc_swap::ArcSwap;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, Uri, Version};
 use hyper::body::Incoming;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
 use lumen_core::ResponseFlags;
 use tokio::net::TcpStream;
 
 use crate::body::{BodyFailure, RequestBody, RequestBodyState};
+use crate::endpoint::EndpointState;
 use crate::replay::ReplayBody;
 use crate::retry::Outcome;
 
@@ -38,11 +38,21 @@ pub struct ForwardError {
     pub outcome: Outcome,
 }
 
-/// A connector that dials one endpoint whatever the request's authority.
+/// A connector that dials one endpoint whatever the request's authority,
+/// within the connect timeout in force (a DestinationRule may change it).
 #[derive(Clone, Debug)]
 pub struct Dial {
     address: SocketAddr,
-    timeout: Duration,
+    timeout_us: Arc<AtomicU64>,
+}
+
+impl Dial {
+    pub fn new(address: SocketAddr, timeout_us: Arc<AtomicU64>) -> Self {
+        Dial {
+            address,
+            timeout_us,
+        }
+    }
 }
 
 impl tower::Service<Uri> for Dial {
@@ -55,16 +65,13 @@ impl tower::Service<Uri> for Dial {
     }
 
     fn call(&mut self, _uri: Uri) -> Self::Future {
-        let Dial { address, timeout } = self.clone();
+        let address = self.address;
+        let timeout = Duration::from_micros(self.timeout_us.load(Ordering::Relaxed));
         Box::pin(async move { dial(address, timeout).await.map(TokioIo::new) })
     }
 }
 
 pub type UpstreamBody = ReplayBody<RequestBody>;
-
-/// How long a pooled upstream connection may sit idle.
-pub const UPSTREAM_IDLE: Duration = Duration::from_secs(4);
-type Pool = Client<Dial, UpstreamBody>;
 
 /// Connects to an upstream endpoint within `timeout`, set up as every
 /// upstream connection is: no Nagle delay, TCP keepalive.
@@ -95,209 +102,129 @@ fn keepalive(stream: &TcpStream) {
     }
 }
 
-/// The HTTP/1.1 and HTTP/2 pools of one endpoint.
-#[derive(Debug)]
-struct EndpointPools {
-    http1: Pool,
-    http2: Pool,
-}
-
-/// Upstream connection pools, one set per endpoint: HTTP/1.1, and HTTP/2
-/// with prior knowledge (h2c), as the destination's protocol asks.
-#[derive(Debug)]
-pub struct Upstreams {
-    /// Copy-on-write: looked up per request without a lock, written only
-    /// when a new endpoint is first used or the mesh changes.
-    pools: ArcSwap<HashMap<SocketAddr, Arc<EndpointPools>>>,
-    connect_timeout: Duration,
-}
-
-impl Upstreams {
-    pub fn new(connect_timeout: Duration) -> Self {
-        Upstreams {
-            pools: ArcSwap::from_pointee(HashMap::new()),
-            connect_timeout,
-        }
-    }
-
-    /// The endpoints with connection pools, as `ip:port`.
-    pub fn endpoints(&self) -> Vec<String> {
-        let mut v: Vec<String> = self.pools.load().keys().map(|a| a.to_string()).collect();
-        v.sort();
-        v
-    }
-
-    /// A plain TCP connection to `address`, for tunnels and opaque TCP.
-    pub async fn connect(&self, address: SocketAddr) -> std::io::Result<TcpStream> {
-        dial(address, self.connect_timeout).await
-    }
-
-    fn pools(&self, address: SocketAddr) -> Arc<EndpointPools> {
-        if let Some(p) = self.pools.load().get(&address) {
-            return p.clone();
-        }
-        let dial = Dial {
-            address,
-            timeout: self.connect_timeout,
-        };
-        let mut builder = Client::builder(TokioExecutor::new());
-        builder
-            .timer(TokioTimer::new())
-            .pool_timer(TokioTimer::new())
-            // Shorter than apps' own keep-alive (Node's is 5 s), so the
-            // proxy closes an idle connection before the app does and a
-            // request never races the app's close.
-            .pool_idle_timeout(UPSTREAM_IDLE)
-            .pool_max_idle_per_host(256)
-            // A dead HTTP/2 connection (an upstream that stopped reading,
-            // a silently dropped peer) is found by pings, not by a hang.
-            .http2_keep_alive_interval(Some(Duration::from_secs(10)))
-            .http2_keep_alive_timeout(Duration::from_secs(5))
-            .http2_keep_alive_while_idle(true);
-        let http1 = builder.build(dial.clone());
-        builder.http2_only(true);
-        let http2 = builder.build(dial);
-        let fresh = Arc::new(EndpointPools { http1, http2 });
-        let mut chosen = fresh.clone();
-        self.pools.rcu(|map| {
-            let mut map = HashMap::clone(map);
-            // Another request may have added the endpoint meanwhile; keep its pools.
-            chosen = map.entry(address).or_insert_with(|| fresh.clone()).clone();
-            map
-        });
-        chosen
-    }
-
-    /// Drops the pools of endpoints no longer in use (after a config change).
-    pub fn retain(&self, keep: impl Fn(&SocketAddr) -> bool) {
-        self.pools.rcu(|map| {
-            map.iter()
-                .filter(|(a, _)| keep(a))
-                .map(|(a, p)| (*a, p.clone()))
-                .collect::<HashMap<_, _>>()
-        });
-    }
-
-    /// One try: sends the request to the endpoint at `address` as
-    /// `version` (HTTP/1.1 or HTTP/2), keeping its authority, path and
-    /// query, and waits for response headers up to `per_try`.
-    pub async fn send(
-        &self,
-        address: SocketAddr,
-        version: Version,
-        authority: &str,
-        body_state: &RequestBodyState,
-        mut req: Request<UpstreamBody>,
-        per_try: Option<Duration>,
-    ) -> Result<Response<Incoming>, ForwardError> {
-        let path = req
-            .uri()
-            .path_and_query()
-            .map(|p| p.as_str())
-            .unwrap_or("/");
-        // Without an authority (HTTP/1.0, no Host) name the endpoint itself.
-        let endpoint;
-        let authority = if authority.is_empty() {
-            endpoint = address.to_string();
-            &endpoint
-        } else {
-            authority
-        };
-        let uri = Uri::builder()
-            .scheme("http")
-            .authority(authority)
-            .path_and_query(path)
-            .build()
-            .map_err(|e| ForwardError {
-                flags: ResponseFlags::empty(),
-                status: http::StatusCode::BAD_REQUEST,
-                message: format!("invalid request target: {e}"),
-                outcome: Outcome::Final,
-            })?;
-        *req.uri_mut() = uri;
-        let pools = self.pools(address);
-        let pool = if version == Version::HTTP_2 {
-            // HTTP/2 carries the authority as `:authority`.
-            req.headers_mut().remove(header::HOST);
-            &pools.http2
-        } else {
-            &pools.http1
-        };
-        *req.version_mut() = version;
-        let sent = pool.request(req);
-        let result = match per_try {
-            None => sent.await,
-            // As Envoy's: the try's clock starts once the body is sent, so a
-            // slow upload is not blamed on the upstream.
-            Some(limit) => match tokio::select! {
-                r = sent => Ok(r),
-                () = async {
-                    body_state.wait_ended().await;
-                    tokio::time::sleep(limit).await;
-                } => Err(()),
-            } {
-                Ok(r) => r,
-                Err(()) => {
-                    return Err(ForwardError {
-                        flags: ResponseFlags::UPSTREAM_REQUEST_TIMEOUT,
-                        status: http::StatusCode::GATEWAY_TIMEOUT,
-                        message: format!(
-                            "upstream {address} sent no response headers within the per-try timeout of {limit:?}"
-                        ),
-                        outcome: Outcome::TimedOut,
-                    });
-                }
-            },
-        };
-        result.map_err(|e| {
-            if let Some(why) = body_state.failure() {
-                let (flags, status, message) = match why {
-                    BodyFailure::Aborted => (
-                        ResponseFlags::DOWNSTREAM_CONNECTION_TERMINATION,
-                        http::StatusCode::BAD_REQUEST,
-                        "the client broke off while sending the request body",
-                    ),
-                    BodyFailure::TooLarge => (
-                        ResponseFlags::empty(),
-                        http::StatusCode::PAYLOAD_TOO_LARGE,
-                        "the request body is larger than this proxy accepts",
-                    ),
-                    BodyFailure::Idle => (
-                        ResponseFlags::STREAM_IDLE_TIMEOUT,
-                        http::StatusCode::REQUEST_TIMEOUT,
-                        "the request body stalled: nothing arrived for the stream idle timeout",
-                    ),
-                };
-                ForwardError {
-                    flags,
-                    status,
-                    message: message.into(),
-                    outcome: Outcome::Final,
-                }
-            } else if e.is_connect() {
-                ForwardError {
-                    flags: ResponseFlags::UPSTREAM_CONNECTION_FAILURE,
-                    status: http::StatusCode::SERVICE_UNAVAILABLE,
-                    message: format!("upstream connect error to {address}: {}", source_chain(&e)),
-                    outcome: Outcome::ConnectFailed,
-                }
-            } else {
-                ForwardError {
-                    flags: ResponseFlags::UPSTREAM_CONNECTION_TERMINATION,
-                    status: http::StatusCode::SERVICE_UNAVAILABLE,
+/// One try: sends the request to `endpoint` as `version` (HTTP/1.1 or
+/// HTTP/2; `fresh`: on a connection of its own, never reused), keeping its
+/// authority, path and query, and waits for response headers up to
+/// `per_try`.
+pub async fn send(
+    endpoint: &EndpointState,
+    version: Version,
+    fresh: bool,
+    authority: &str,
+    body_state: &RequestBodyState,
+    mut req: Request<UpstreamBody>,
+    per_try: Option<Duration>,
+) -> Result<Response<Incoming>, ForwardError> {
+    let address = endpoint.address;
+    let path = req
+        .uri()
+        .path_and_query()
+        .map(|p| p.as_str())
+        .unwrap_or("/");
+    // Without an authority (HTTP/1.0, no Host) name the endpoint itself.
+    let named;
+    let authority = if authority.is_empty() {
+        named = address.to_string();
+        &named
+    } else {
+        authority
+    };
+    let uri = Uri::builder()
+        .scheme("http")
+        .authority(authority)
+        .path_and_query(path)
+        .build()
+        .map_err(|e| ForwardError {
+            flags: ResponseFlags::empty(),
+            status: http::StatusCode::BAD_REQUEST,
+            message: format!("invalid request target: {e}"),
+            outcome: Outcome::Final,
+        })?;
+    *req.uri_mut() = uri;
+    let pools = endpoint.pools();
+    let pool = if version == Version::HTTP_2 {
+        // HTTP/2 carries the authority as `:authority`.
+        req.headers_mut().remove(header::HOST);
+        &pools.http2
+    } else if fresh {
+        &pools.http1_once
+    } else {
+        &pools.http1
+    };
+    *req.version_mut() = version;
+    let sent = pool.request(req);
+    let result = match per_try {
+        None => sent.await,
+        // As Envoy's: the try's clock starts once the body is sent, so a
+        // slow upload is not blamed on the upstream.
+        Some(limit) => match tokio::select! {
+            r = sent => Ok(r),
+            () = async {
+                body_state.wait_ended().await;
+                tokio::time::sleep(limit).await;
+            } => Err(()),
+        } {
+            Ok(r) => r,
+            Err(()) => {
+                return Err(ForwardError {
+                    flags: ResponseFlags::UPSTREAM_REQUEST_TIMEOUT,
+                    status: http::StatusCode::GATEWAY_TIMEOUT,
                     message: format!(
-                        "upstream {address} reset or closed before response headers: {}",
-                        source_chain(&e)
+                        "upstream {address} sent no response headers within the per-try timeout of {limit:?}"
                     ),
-                    outcome: if refused_stream(&e) {
-                        Outcome::Refused
-                    } else {
-                        Outcome::Reset
-                    },
-                }
+                    outcome: Outcome::TimedOut,
+                });
             }
-        })
-    }
+        },
+    };
+    result.map_err(|e| {
+        if let Some(why) = body_state.failure() {
+            let (flags, status, message) = match why {
+                BodyFailure::Aborted => (
+                    ResponseFlags::DOWNSTREAM_CONNECTION_TERMINATION,
+                    http::StatusCode::BAD_REQUEST,
+                    "the client broke off while sending the request body",
+                ),
+                BodyFailure::TooLarge => (
+                    ResponseFlags::empty(),
+                    http::StatusCode::PAYLOAD_TOO_LARGE,
+                    "the request body is larger than this proxy accepts",
+                ),
+                BodyFailure::Idle => (
+                    ResponseFlags::STREAM_IDLE_TIMEOUT,
+                    http::StatusCode::REQUEST_TIMEOUT,
+                    "the request body stalled: nothing arrived for the stream idle timeout",
+                ),
+            };
+            ForwardError {
+                flags,
+                status,
+                message: message.into(),
+                outcome: Outcome::Final,
+            }
+        } else if e.is_connect() {
+            ForwardError {
+                flags: ResponseFlags::UPSTREAM_CONNECTION_FAILURE,
+                status: http::StatusCode::SERVICE_UNAVAILABLE,
+                message: format!("upstream connect error to {address}: {}", source_chain(&e)),
+                outcome: Outcome::ConnectFailed,
+            }
+        } else {
+            ForwardError {
+                flags: ResponseFlags::UPSTREAM_CONNECTION_TERMINATION,
+                status: http::StatusCode::SERVICE_UNAVAILABLE,
+                message: format!(
+                    "upstream {address} reset or closed before response headers: {}",
+                    source_chain(&e)
+                ),
+                outcome: if refused_stream(&e) {
+                    Outcome::Refused
+                } else {
+                    Outcome::Reset
+                },
+            }
+        }
+    })
 }
 
 /// Whether an HTTP/2 upstream refused the stream (REFUSED_STREAM): it

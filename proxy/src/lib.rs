@@ -1,9 +1,12 @@
 //! The Lumen sidecar proxy: the mesh's data plane.
 //!
 //! A sidecar sits beside one workload with two listeners. The **outbound**
-//! listener takes the app's calls to other services, routes them by
-//! authority over the current mesh snapshot and balances them over the
-//! service's endpoints (their inbound sidecars). The **inbound** listener
+//! listener takes the app's calls to other services and routes them by a
+//! table compiled from each mesh snapshot ([`route`]: Istio's
+//! VirtualService routes, first match wins, weighted destinations); the
+//! chosen [`cluster`] balances them over its endpoints ([`balance`]) under
+//! its DestinationRule's connection pool and outlier detection, with
+//! per-endpoint state kept across snapshots ([`endpoint`]). The **inbound** listener
 //! takes calls from other sidecars and hands them to the local app. Both
 //! speak HTTP/1.1 and HTTP/2 (h2c), stream bodies, pool upstream connections
 //! and propagate W3C trace context.
@@ -18,12 +21,19 @@ pub mod admin;
 pub mod attempt;
 pub mod balance;
 pub mod body;
+pub mod cluster;
+pub mod context;
 pub mod detect;
+pub mod edit;
+pub mod endpoint;
+pub mod fault;
 pub mod forward;
 pub mod idle;
 pub mod limits;
 pub mod listener;
+pub mod mirror;
 pub mod replay;
+pub mod reply;
 pub mod request;
 pub mod retry;
 pub mod route;
@@ -43,8 +53,9 @@ use lumen_core::{MeshConfig, Workload};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use crate::request::{Shared, Side};
-use crate::route::RoutingTable;
+use crate::context::{Shared, Side};
+use crate::endpoint::Registry;
+use crate::route::{Caller, RoutingTable};
 use crate::telemetry::{Metrics, Telemetry, TelemetryConfig};
 
 /// Errors starting or running a proxy.
@@ -87,6 +98,11 @@ pub struct ProxyConfig {
     /// Bytes all requests in flight together may keep for retries.
     pub replay_budget: usize,
     pub limits: limits::Limits,
+    /// Labels of the workload beyond `app` and `version` (route matches'
+    /// `sourceLabels` see them).
+    pub labels: std::collections::BTreeMap<String, String>,
+    /// `region/zone/subzone`, for locality-aware balancing.
+    pub locality: Option<String>,
 }
 
 impl ProxyConfig {
@@ -104,6 +120,8 @@ impl ProxyConfig {
             replay_limit: 64 * 1024,
             replay_budget: 64 << 20,
             limits: limits::Limits::default(),
+            labels: Default::default(),
+            locality: None,
         }
     }
 }
@@ -191,16 +209,21 @@ impl Proxy {
                 "workload identity contains characters not allowed in a header".into(),
             )
         })?;
+        let registry = Arc::new(Registry::new(config.connect_timeout));
+        let caller = Caller::of(&config.identity, &config.labels, config.locality.clone());
+        let first = RoutingTable::new(mesh.borrow_and_update().clone(), &caller, &registry, None);
         let shared = Arc::new(Shared {
             identity: config.identity.clone(),
             identity_header,
-            routes: ArcSwap::from_pointee(RoutingTable::new(mesh.borrow_and_update().clone())),
-            upstreams: forward::Upstreams::new(config.connect_timeout),
+            routes: ArcSwap::from_pointee(first),
+            config_version: ArcSwap::from_pointee("local-1".to_string()),
+            registry: registry.clone(),
             telemetry: Arc::new(telemetry),
             app: config.app.map(|address| attempt::App {
                 address,
                 address_str: Arc::from(address.to_string()),
                 identity: config.identity.clone(),
+                endpoint: registry.standalone(address),
                 retries: lumen_core::RetryPolicy {
                     attempts: 0,
                     ..Default::default()
@@ -221,22 +244,20 @@ impl Proxy {
         {
             let shared = shared.clone();
             let mut stop = stop_rx.clone();
+            let versions = std::sync::atomic::AtomicU64::new(1);
             tasks.spawn(async move {
                 loop {
                     tokio::select! {
                         changed = mesh.changed() => {
                             if changed.is_err() { break; }
                             let snapshot = mesh.borrow_and_update().clone();
-                            tracing::info!(services = snapshot.services.len(), "mesh config updated");
-                            let app = shared.app.as_ref().map(|a| a.address);
-                            shared.upstreams.retain(|addr| {
-                                Some(*addr) == app
-                                    || snapshot
-                                        .services
-                                        .iter()
-                                        .any(|s| s.endpoints.iter().any(|e| e.address == *addr))
-                            });
-                            shared.routes.store(Arc::new(RoutingTable::new(snapshot)));
+                            // Built beside the table in force, which keeps
+                            // serving until the swap: no request sees half.
+                            let next = RoutingTable::new(snapshot, &caller, &shared.registry, Some(&shared.routes.load()));
+                            shared.routes.store(Arc::new(next));
+                            let n = versions.fetch_add(1, Ordering::Relaxed) + 1;
+                            shared.config_version.store(Arc::new(format!("local-{n}")));
+                            tracing::info!(version = n, "mesh config updated");
                         }
                         _ = stop.wait_for(|s| *s) => break,
                     }

@@ -14,10 +14,11 @@ use lumen_core::UpstreamProtocol;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
+use crate::context::{Connection, Shared, Side};
 use crate::detect::{self, Detected};
 use crate::idle::{CountingIo, HeaderTimer, ReadCount};
 use crate::limits::Refused;
-use crate::request::{Connection, Shared, Side, handle};
+use crate::request::handle;
 
 /// How long an HTTP/2 connection may go without answering a ping.
 const PING_INTERVAL: Duration = Duration::from_secs(60);

@@ -118,6 +118,20 @@ impl<B: Body> Replay<B> {
         lock(&self.state).overflowed = true;
     }
 
+    /// The whole body, when it has ended and every byte was kept: what a
+    /// mirror sends. The tries are left alone.
+    pub fn complete(&self) -> Option<(Bytes, Option<HeaderMap>)> {
+        let s = lock(&self.state);
+        if !s.ended || s.overflowed || s.failed {
+            return None;
+        }
+        let mut all = bytes::BytesMut::with_capacity(s.frames.iter().map(Bytes::len).sum());
+        for f in &s.frames {
+            all.extend_from_slice(f);
+        }
+        Some((all.freeze(), s.trailers.clone()))
+    }
+
     /// Whether another try could send the whole body again.
     pub fn replayable(&self) -> bool {
         let s = lock(&self.state);

@@ -11,86 +11,23 @@
 //! 8. **record** — when the response body ends ([`crate::body`]).
 
 use std::convert::Infallible;
-use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::Duration;
 
-use arc_swap::ArcSwap;
 use http::header::{self, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Version};
 use hyper::body::Incoming;
-use lumen_core::{Protocol, Reporter, RequestRecord, ResponseFlags, Workload};
+use lumen_core::{Protocol, ResponseFlags, Workload};
 
-use crate::attempt::{App, Destination, Forward, upstream_version};
+use crate::attempt::{Destination, Forward, upstream_version};
 use crate::body::{BodyFailure, PendingRecord, RequestBodyState, ResponseBody, grpc_status};
-use crate::forward::{Upstreams, strip_hop_by_hop};
+use crate::context::{Connection, SOURCE_HEADER, Shared, Side, begin_record};
+use crate::forward::strip_hop_by_hop;
 use crate::limits::Refused;
-use crate::route::{NoRoute, RoutingTable};
-use crate::telemetry::Telemetry;
+use crate::reply::{self, local_reply};
+use crate::route::{Action, NoRoute, RequestView, Routed};
 use crate::trace::{TRACEPARENT, TraceContext};
-use crate::tunnel;
-
-/// Carries the caller's identity from its outbound sidecar to the callee's
-/// inbound sidecar, as `namespace/service/workload/version`, the way Istio's
-/// metadata exchange does. Until mTLS lands it is taken on trust.
-pub const SOURCE_HEADER: &str = "x-lumen-source";
-/// Names the response flags of a reply the proxy made itself.
-pub const FLAGS_HEADER: &str = "x-lumen-response-flags";
-
-/// Which listener a request arrived on.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Side {
-    /// From the local app, to another service.
-    Outbound,
-    /// From another service's sidecar, to the local app.
-    Inbound,
-}
-
-/// What every request on one downstream connection shares.
-#[derive(Debug)]
-pub struct Connection {
-    pub side: Side,
-    /// The downstream peer.
-    pub peer: SocketAddr,
-    /// The address the connection was accepted on.
-    pub local: SocketAddr,
-    /// Where the app was really going, when iptables redirected it here
-    /// (transparent capture).
-    pub original_dst: Option<SocketAddr>,
-    /// The connection's place under the listener's connection limit; a
-    /// tunnel opened on it takes it along, so tunnels count too.
-    pub permit: std::sync::Mutex<Option<tokio::sync::OwnedSemaphorePermit>>,
-}
-
-impl Connection {
-    /// Takes the connection's place under the limit (for a tunnel).
-    pub fn take_permit(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
-        self.permit.lock().unwrap_or_else(|p| p.into_inner()).take()
-    }
-}
-
-/// What every request handler shares: identity, routes, pools, telemetry.
-pub struct Shared {
-    pub identity: Workload,
-    pub identity_header: HeaderValue,
-    pub routes: ArcSwap<RoutingTable>,
-    pub upstreams: Upstreams,
-    pub telemetry: Arc<Telemetry>,
-    pub app: Option<App>,
-    pub default_route: Arc<str>,
-    /// Longest wait for response headers once the request body is sent.
-    pub timeout: Duration,
-    /// Request bodies up to this size are kept so they can be retried…
-    pub replay_limit: usize,
-    /// …out of this many bytes for every request in flight together.
-    pub replay_budget: Arc<crate::replay::Budget>,
-    /// Turns true when the proxy shuts down; tunnels then get `drain` to end.
-    pub stop: tokio::sync::watch::Receiver<bool>,
-    pub drain: Duration,
-    /// CONNECT and upgrade tunnels still open.
-    pub tunnels: Arc<tunnel::Open>,
-    pub limits: crate::limits::Limits,
-}
+use crate::{edit, fault, tunnel};
 
 /// A phase's verdict on whether the request goes on.
 #[derive(Debug)]
@@ -140,8 +77,7 @@ pub async fn handle(
         }
     }
 
-    let authority = pending.record().map_or("", |r| r.authority.as_str());
-    let destination = match route(&shared, &conn, authority) {
+    let destination = match route(&shared, &conn, &req) {
         Ok(d) => d,
         Err(refusal) => {
             if let (Some(r), Some(d)) = (pending.record_mut(), refusal.destination) {
@@ -155,10 +91,41 @@ pub async fn handle(
             ));
         }
     };
-    if let (Some(r), Destination::Service(routed)) = (pending.record_mut(), &destination) {
+    let routed = match &destination {
+        Destination::Service(routed) => Some(routed.clone()),
+        Destination::App(_) => None,
+    };
+    if let (Some(r), Some(routed)) = (pending.record_mut(), &routed) {
         let s = routed.service();
+        // Workload and version are known once an endpoint is picked.
+        r.destination = Workload::unknown();
         r.destination.service = s.name.clone();
         r.destination.namespace = s.namespace.clone();
+        r.route = routed.route.name.clone();
+    }
+    if let Some(routed) = &routed {
+        match &routed.route.action {
+            Action::Forward(_) => {}
+            Action::Redirect(r) => {
+                let authority = pending.record().map_or("", |r| r.authority.as_str());
+                let location = edit::redirect_location(r, authority, req.uri().path_and_query());
+                return Ok(reply::redirect(r.code, &location, pending));
+            }
+            Action::Direct { status, body } => {
+                return Ok(reply::direct(*status, body.clone(), pending));
+            }
+        }
+        if let Some(fault) = &routed.route.fault {
+            let injected = fault::inject(fault).await;
+            if injected.delayed
+                && let Some(r) = pending.record_mut()
+            {
+                r.response_flags.insert(ResponseFlags::DELAY_INJECTED);
+            }
+            if let Some((status, grpc)) = injected.abort {
+                return Ok(reply::fault_abort(status, grpc, pending));
+            }
+        }
     }
 
     if req.method() == Method::CONNECT {
@@ -181,16 +148,48 @@ pub async fn handle(
         tunnel::keep_upgrade_headers(&mut parts.headers, u);
         version = Version::HTTP_11;
     }
+    let mut authority = pending
+        .record()
+        .map(|r| r.authority.clone())
+        .unwrap_or_default();
+    let mut hash = None;
+    let mut set_cookie = None;
+    let mut mirrors = Vec::new();
+    if let Some(routed) = &routed {
+        edit_request(routed, &mut parts, &mut authority);
+        if let Some(key) = routed.cluster.as_ref().and_then(|c| c.hash_key.as_ref()) {
+            (hash, set_cookie) =
+                edit::request_hash(key, &parts.headers, parts.uri.path_and_query(), conn.peer);
+        }
+        mirrors = routed
+            .route
+            .mirrors
+            .iter()
+            .filter(|(_, fraction)| *fraction >= 1.0 || rand::random::<f64>() < *fraction)
+            .map(|(c, _)| c.clone())
+            .collect();
+    }
+    let timeout = routed
+        .as_ref()
+        .and_then(|r| r.route.timeout)
+        .unwrap_or(shared.timeout);
     let forward = Forward {
-        upstreams: &shared.upstreams,
         destination: &destination,
+        authority: &authority,
+        hash,
         version,
-        timeout: shared.timeout,
+        // Istio's `timeout: 0s` turns the route's timeout off.
+        timeout: if timeout.is_zero() {
+            Duration::from_secs(365 * 24 * 3600)
+        } else {
+            timeout
+        },
         replay_limit: shared.replay_limit,
         replay_budget: &shared.replay_budget,
         limits: &shared.limits,
         metrics: shared.telemetry.metrics(),
         deadline,
+        mirrors,
     };
     let sent = forward
         .run(parts, body, body_state.clone(), &mut pending)
@@ -205,9 +204,54 @@ pub async fn handle(
         (Ok(resp), Some(u), Some(down)) if resp.status() == StatusCode::SWITCHING_PROTOCOLS => {
             tunnel::upgraded(&shared, &conn, resp, u, down, pending)
         }
-        (Ok(resp), _, _) => respond(resp, pending, shared.limits.stream_idle_timeout),
+        (Ok(mut resp), _, _) => {
+            if let Some(routed) = &routed {
+                edit_response(routed, resp.headers_mut(), set_cookie);
+            }
+            respond(resp, pending, shared.limits.stream_idle_timeout)
+        }
         (Err(e), _, _) => local_reply(e.status, e.flags, e.message, pending),
     })
+}
+
+/// A route's edits to the request: header operations (the route's, then
+/// the chosen destination's), then rewrites of the path and authority.
+fn edit_request(routed: &Routed, parts: &mut http::request::Parts, authority: &mut String) {
+    edit::apply(&mut parts.headers, &routed.route.headers.request);
+    if let Some(h) = routed.destination_headers() {
+        edit::apply(&mut parts.headers, &h.request);
+    }
+    let Some(rw) = &routed.route.rewrite else {
+        return;
+    };
+    if let Some(a) = &rw.authority {
+        a.clone_into(authority);
+        if let Ok(v) = HeaderValue::from_str(a) {
+            parts.headers.insert(header::HOST, v);
+        }
+    }
+    if let Some(pq) = edit::rewrite_path(
+        parts.uri.path_and_query(),
+        rw,
+        routed.matched_prefix,
+        routed.matched_whole_uri,
+    ) {
+        let mut uri = std::mem::take(&mut parts.uri).into_parts();
+        uri.path_and_query = Some(pq);
+        parts.uri = http::Uri::from_parts(uri).unwrap_or_default();
+    }
+}
+
+/// The route's edits to the response's headers, and a hash cookie made
+/// for a client that had none.
+fn edit_response(routed: &Routed, headers: &mut http::HeaderMap, set_cookie: Option<HeaderValue>) {
+    edit::apply(headers, &routed.route.headers.response);
+    if let Some(h) = routed.destination_headers() {
+        edit::apply(headers, &h.response);
+    }
+    if let Some(c) = set_cookie {
+        headers.append(header::SET_COOKIE, c);
+    }
 }
 
 /// Accept: the request's record, with what is known before routing.
@@ -233,48 +277,6 @@ fn accept(
         r.path = recorded(req.uri().path());
     }
     pending
-}
-
-/// A record from the first moment of a request or connection, with what
-/// every kind of traffic knows then. From here on it is written exactly
-/// once, even if the client goes away before a response exists (the
-/// guard's drop writes it).
-pub(crate) fn begin_record(
-    shared: &Shared,
-    side: Side,
-    protocol: Protocol,
-    source: Workload,
-    destination: Workload,
-    trace: &TraceContext,
-    body_state: Arc<RequestBodyState>,
-) -> PendingRecord {
-    let record = RequestRecord {
-        start_time: SystemTime::now(),
-        duration: Duration::ZERO,
-        reporter: match side {
-            Side::Outbound => Reporter::Source,
-            Side::Inbound => Reporter::Destination,
-        },
-        source,
-        destination,
-        protocol,
-        method: String::new(),
-        authority: String::new(),
-        path: String::new(),
-        route: shared.default_route.clone(),
-        status: 0,
-        grpc_status: None,
-        request_bytes: 0,
-        response_bytes: 0,
-        retries: 0,
-        upstream_address: None,
-        response_flags: ResponseFlags::empty(),
-        mtls: false,
-        trace_id: trace.trace_id,
-        span_id: trace.span_id,
-        parent_span_id: trace.parent_span_id,
-    };
-    PendingRecord::new(record, Instant::now(), body_state, shared.telemetry.clone())
 }
 
 /// Within the listener's limits: method, target and declared body size.
@@ -340,16 +342,15 @@ fn rate_limit<B>(_conn: &Connection, _req: &Request<B>) -> Decision {
     Decision::Allow
 }
 
-/// Route: the service the authority names (outbound), or the local app.
-fn route<'a>(
+/// Route: the service the authority names and the route its
+/// VirtualService gives the request (outbound), or the local app.
+fn route<'a, B>(
     shared: &'a Shared,
     conn: &Connection,
-    authority: &str,
+    req: &Request<B>,
 ) -> Result<Destination<'a>, Refusal> {
     match conn.side {
-        Side::Outbound => {
-            route_outbound(shared, authority, conn.original_dst).map(Destination::Service)
-        }
+        Side::Outbound => route_outbound(shared, conn, req).map(Destination::Service),
         Side::Inbound => match &shared.app {
             Some(app) => Ok(Destination::App(app)),
             None => Err(Refusal {
@@ -366,7 +367,10 @@ fn route<'a>(
 /// local app, the one its service declares in the mesh.
 fn protocol_of(shared: &Shared, destination: &Destination<'_>) -> lumen_core::UpstreamProtocol {
     match destination {
-        Destination::Service(r) => r.service().protocol,
+        Destination::Service(r) => match &r.cluster {
+            Some(c) => c.protocol,
+            None => r.service().protocol,
+        },
         Destination::App(_) => shared
             .routes
             .load()
@@ -470,58 +474,71 @@ pub fn source_header_value(w: &Workload) -> Option<HeaderValue> {
     .ok()
 }
 
-fn route_outbound(
+fn route_outbound<B>(
     shared: &Shared,
-    authority: &str,
-    original_dst: Option<SocketAddr>,
-) -> Result<crate::route::Routed, Refusal> {
+    conn: &Connection,
+    req: &Request<B>,
+) -> Result<Routed, Refusal> {
     let table = shared.routes.load_full();
-    let mut routed = table.route(authority, &shared.identity.namespace);
-    // Captured traffic often names an address, not a service
-    // (`Host: 10.96.0.12`): the address it dialled says which service.
-    if let (Err(NoRoute::UnknownService), Some(dst)) = (&routed, original_dst) {
-        routed = table.route_address(dst);
-    }
-    match routed {
+    let authority = authority_of(req);
+    let Some(service) =
+        table.service_index(authority, &shared.identity.namespace, conn.original_dst)
+    else {
+        let host = authority.split(':').next().unwrap_or(authority);
+        let mut destination = Workload::unknown();
+        if !host.is_empty() {
+            destination.service = host.into();
+        }
+        let message = if authority.is_empty() {
+            "no route: the request has no authority (Host header)".to_string()
+        } else {
+            format!("no route to `{authority}`: no such service in the mesh")
+        };
+        return Err(Refusal {
+            status: StatusCode::NOT_FOUND,
+            flags: ResponseFlags::NO_ROUTE,
+            message,
+            destination: Some(destination),
+        });
+    };
+    let s = &table.mesh().services[service];
+    let port = authority
+        .rsplit_once(':')
+        .and_then(|(_, p)| p.parse::<u16>().ok())
+        .or(s.port)
+        .or(conn.original_dst.map(|d| d.port()));
+    let view = RequestView {
+        method: req.method().as_str(),
+        path: req.uri().path(),
+        query: req.uri().query(),
+        authority,
+        scheme: req.uri().scheme_str().unwrap_or("http"),
+        headers: req.headers(),
+        port,
+    };
+    let mut destination = Workload::unknown();
+    destination.service = s.name.clone();
+    destination.namespace = s.namespace.clone();
+    match table.route(service, &view) {
         Ok(routed) => Ok(routed),
-        Err(NoRoute::UnknownService) => {
-            let host = authority.split(':').next().unwrap_or(authority);
-            let mut destination = Workload::unknown();
-            if !host.is_empty() {
-                destination.service = host.into();
-            }
-            let message = if authority.is_empty() {
-                "no route: the request has no authority (Host header)".to_string()
-            } else {
-                format!("no route to `{authority}`: no such service in the mesh")
-            };
-            Err(Refusal {
-                status: StatusCode::NOT_FOUND,
-                flags: ResponseFlags::NO_ROUTE,
-                message,
-                destination: Some(destination),
-            })
-        }
-        Err(NoRoute::NoEndpoints) => {
-            let found = table
-                .mesh()
-                .resolve(authority, &shared.identity.namespace)
-                .or_else(|| original_dst.and_then(|d| table.mesh().by_address(d)));
-            let (service, namespace) = match found {
-                Some(s) => (s.name.clone(), s.namespace.clone()),
-                None => (authority.into(), shared.identity.namespace.clone()),
-            };
-            let message = format!("no healthy upstream: service `{service}` has no endpoints");
-            let mut destination = Workload::unknown();
-            destination.service = service;
-            destination.namespace = namespace;
-            Err(Refusal {
-                status: StatusCode::SERVICE_UNAVAILABLE,
-                flags: ResponseFlags::NO_HEALTHY_UPSTREAM,
-                message,
-                destination: Some(destination),
-            })
-        }
+        Err(NoRoute::NoMatch | NoRoute::UnknownService) => Err(Refusal {
+            status: StatusCode::NOT_FOUND,
+            flags: ResponseFlags::NO_ROUTE,
+            message: format!(
+                "no route: no route of `{}`'s VirtualService matches the request",
+                s.name
+            ),
+            destination: Some(destination),
+        }),
+        Err(NoRoute::NoEndpoints) => Err(Refusal {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            flags: ResponseFlags::NO_HEALTHY_UPSTREAM,
+            message: format!(
+                "no healthy upstream: the destination of service `{}` has no endpoints",
+                s.name
+            ),
+            destination: Some(destination),
+        }),
     }
 }
 
@@ -540,86 +557,6 @@ fn prepare_upstream_headers(
         Side::Inbound => {
             headers.remove(SOURCE_HEADER);
         }
-    }
-}
-
-/// A reply the proxy makes itself. A gRPC caller gets it the gRPC way —
-/// HTTP 200, trailers-only, the status as `grpc-status` — as Envoy does, so
-/// its client library reports a status rather than a protocol error.
-pub(crate) fn local_reply(
-    status: StatusCode,
-    flags: ResponseFlags,
-    message: String,
-    mut pending: PendingRecord,
-) -> Response<ResponseBody> {
-    let grpc = pending
-        .record()
-        .is_some_and(|r| r.protocol == Protocol::Grpc)
-        .then(|| grpc_code(status, flags));
-    if let Some(record) = pending.record_mut() {
-        record.status = status.as_u16();
-        record.response_flags.insert(flags);
-        if grpc.is_some() {
-            record.status = StatusCode::OK.as_u16();
-            record.grpc_status = grpc;
-        }
-    }
-    let flags_value =
-        HeaderValue::from_str(&flags.to_string()).unwrap_or_else(|_| HeaderValue::from_static("-"));
-    let text = format!("lumen: {message}");
-    let body = if grpc.is_some() {
-        String::new()
-    } else {
-        format!("{text}\n")
-    };
-    let mut resp = Response::new(ResponseBody::local(body, pending));
-    let h = resp.headers_mut();
-    h.insert(FLAGS_HEADER, flags_value);
-    match grpc {
-        Some(code) => {
-            h.insert(
-                header::CONTENT_TYPE,
-                HeaderValue::from_static("application/grpc"),
-            );
-            h.insert("grpc-status", HeaderValue::from(code));
-            // grpc-message is percent-encoded (gRPC over HTTP/2, "Responses").
-            let encoded: String = text
-                .bytes()
-                .map(|b| match b {
-                    b' '..=b'~' if b != b'%' => (b as char).to_string(),
-                    _ => format!("%{b:02X}"),
-                })
-                .collect();
-            if let Ok(v) = HeaderValue::from_str(&encoded) {
-                h.insert("grpc-message", v);
-            }
-        }
-        None => {
-            *resp.status_mut() = status;
-            resp.headers_mut().insert(
-                header::CONTENT_TYPE,
-                HeaderValue::from_static("text/plain; charset=utf-8"),
-            );
-        }
-    }
-    resp
-}
-
-/// The gRPC status for a reply the proxy makes (Envoy's mapping, with a
-/// timeout as DEADLINE_EXCEEDED).
-fn grpc_code(status: StatusCode, flags: ResponseFlags) -> i32 {
-    if flags.contains(ResponseFlags::UPSTREAM_REQUEST_TIMEOUT) {
-        return 4;
-    }
-    match status.as_u16() {
-        400 => 13,
-        401 => 16,
-        403 => 7,
-        404 => 12,
-        408 => 4,
-        413 | 429 => 8,
-        502..=504 => 14,
-        _ => 2,
     }
 }
 

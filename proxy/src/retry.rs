@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use http::StatusCode;
 use lumen_core::{RetryOn, RetryPolicy};
+
 use rand::Rng;
 
 /// How one try ended, as far as retrying is concerned.
@@ -105,11 +106,15 @@ impl Budget {
         }
     }
 
-    /// A retry's place in the budget, or `None` when it is spent.
-    pub fn retry(&self, policy: &RetryPolicy) -> Option<InFlight<'_>> {
+    /// A retry's place in the budget, or `None` when it is spent: retries
+    /// in flight stay within `percent` of requests in flight (at least
+    /// `min`), and under `max` (a DestinationRule's `maxRetries`).
+    pub fn retry(&self, percent: u32, min: u32, max: Option<u32>) -> Option<InFlight<'_>> {
         let requests = self.requests.load(Ordering::Relaxed);
-        let allowed = (requests * u64::from(policy.budget_percent) / 100)
-            .max(u64::from(policy.budget_min_concurrency));
+        let mut allowed = (requests * u64::from(percent) / 100).max(u64::from(min));
+        if let Some(max) = max {
+            allowed = allowed.min(u64::from(max));
+        }
         let taken = self.retries.fetch_add(1, Ordering::Relaxed);
         if taken >= allowed {
             self.retries.fetch_sub(1, Ordering::Relaxed);
@@ -190,14 +195,21 @@ mod tests {
         let p = RetryPolicy::default(); // 20 %, at least 3
         let budget = Budget::default();
         let requests: Vec<_> = (0..50).map(|_| budget.request()).collect();
-        let retries: Vec<_> = (0..20).filter_map(|_| budget.retry(&p)).collect();
+        let retry = || budget.retry(p.budget_percent, p.budget_min_concurrency, None);
+        let retries: Vec<_> = (0..20).filter_map(|_| retry()).collect();
         assert_eq!(retries.len(), 10);
         assert_eq!(budget.refused.load(Ordering::Relaxed), 10);
         drop(retries);
         drop(requests);
         // A quiet service still gets its minimum.
         let _one = budget.request();
-        let few: Vec<_> = (0..5).filter_map(|_| budget.retry(&p)).collect();
+        let few: Vec<_> = (0..5).filter_map(|_| retry()).collect();
         assert_eq!(few.len(), 3);
+        drop(few);
+        // maxRetries caps it further.
+        let capped: Vec<_> = (0..5)
+            .filter_map(|_| budget.retry(20, 3, Some(1)))
+            .collect();
+        assert_eq!(capped.len(), 1);
     }
 }

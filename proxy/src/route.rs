@@ -1,23 +1,108 @@
-//! Routing: which service a request is for, from its authority and the
-//! current mesh snapshot.
+//! Routing: which route and cluster a request takes, from a table compiled
+//! once per configuration snapshot.
+//!
+//! For every service the table holds the routes of the VirtualService for
+//! its host (first match wins) or, with none, one default route to the
+//! whole service. Matchers, weights and clusters are built when the
+//! snapshot arrives, never per request; per-endpoint state comes from the
+//! [`Registry`] and per-cluster state from the table being replaced, so a
+//! push keeps loads, ejections and circuit-breaker counts.
 
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
-use lumen_core::{Endpoint, MeshConfig, Service};
+use bytes::Bytes;
+use http::HeaderMap;
+use lumen_core::networking::virtual_service::L4Match;
+use lumen_core::networking::{
+    Fault, Headers, HttpAction, HttpMatch, Redirect, Rewrite, StringMatch,
+};
+use lumen_core::{MeshConfig, RetryPolicy, Workload};
 
-use crate::balance::RoundRobin;
-use crate::retry::Budget;
+use crate::cluster::{Cluster, ClusterEndpoint, cluster_name, locality_priority};
+use crate::endpoint::Registry;
 
-/// The route every request of a service takes until routes are configurable.
+/// The route every request of a service takes when no VirtualService routes it.
 pub const DEFAULT_ROUTE: &str = "default";
 
-/// An immutable view of the mesh plus per-service balancer state; swapped
-/// whole when the configuration changes, never mutated in place.
+/// Who this proxy is, as route matches and locality see it.
+#[derive(Debug, Clone, Default)]
+pub struct Caller {
+    pub namespace: String,
+    pub labels: BTreeMap<String, String>,
+    /// `region/zone/subzone`.
+    pub locality: Option<String>,
+}
+
+impl Caller {
+    /// A sidecar's view of itself: `app` and `version` labels from its
+    /// workload, plus any it was given.
+    pub fn of(w: &Workload, extra: &BTreeMap<String, String>, locality: Option<String>) -> Self {
+        let mut labels = BTreeMap::new();
+        labels.insert("app".to_string(), w.service.to_string());
+        if &*w.version != "unknown" {
+            labels.insert("version".to_string(), w.version.to_string());
+        }
+        labels.extend(extra.clone());
+        Caller {
+            namespace: w.namespace.to_string(),
+            labels,
+            locality,
+        }
+    }
+}
+
+/// What a matched route does.
+#[derive(Debug)]
+pub enum Action {
+    /// To one of these clusters, by weight (weights sum to 100).
+    Forward(Vec<(Arc<Cluster>, u32, Headers)>),
+    Redirect(Redirect),
+    Direct {
+        status: u16,
+        body: Bytes,
+    },
+}
+
+/// One compiled HTTP route.
+#[derive(Debug)]
+pub struct Route {
+    /// `<virtual service>/<route name or position>`, or `default`.
+    pub name: Arc<str>,
+    matches: Vec<HttpMatch>,
+    pub action: Action,
+    pub rewrite: Option<Rewrite>,
+    pub timeout: Option<Duration>,
+    pub retries: Option<Arc<RetryPolicy>>,
+    pub fault: Option<Fault>,
+    pub mirrors: Vec<(Arc<Cluster>, f64)>,
+    pub headers: Headers,
+}
+
+/// A compiled TCP route.
+#[derive(Debug)]
+struct TcpRoute {
+    name: Arc<str>,
+    matches: Vec<L4Match>,
+    destinations: Vec<(Arc<Cluster>, u32)>,
+}
+
+#[derive(Debug, Default)]
+struct Host {
+    http: Vec<Arc<Route>>,
+    tcp: Vec<TcpRoute>,
+    default: Option<Arc<Cluster>>,
+}
+
+/// An immutable routing table; swapped whole when the configuration
+/// changes, never mutated in place.
 #[derive(Debug)]
 pub struct RoutingTable {
     mesh: Arc<MeshConfig>,
-    balancers: Vec<RoundRobin>,
-    budgets: Vec<Budget>,
+    hosts: Vec<Host>,
+    clusters: HashMap<Arc<str>, Arc<Cluster>>,
 }
 
 /// Why an outbound request has nowhere to go.
@@ -25,56 +110,155 @@ pub struct RoutingTable {
 pub enum NoRoute {
     /// No service of that name (404, `NR`).
     UnknownService,
+    /// The service is routed, but no route matches the request (404, `NR`).
+    NoMatch,
     /// The service exists but has no endpoints (503, `UH`).
     NoEndpoints,
 }
 
-/// The service a request is for, in the table it was routed by (kept for
-/// the request's life, so a config change mid-request changes nothing).
-#[derive(Clone)]
+/// What routing decided for a request, in the table it was routed by
+/// (kept for the request's life, so a config change mid-request changes
+/// nothing).
+#[derive(Clone, Debug)]
 pub struct Routed {
-    table: Arc<RoutingTable>,
-    index: usize,
+    pub table: Arc<RoutingTable>,
+    pub service: usize,
+    pub route: Arc<Route>,
+    /// The cluster a forwarding route chose (by weight); `None` for a
+    /// redirect or direct response.
+    pub cluster: Option<Arc<Cluster>>,
+    /// Which of the route's destinations, for its header edits.
+    pub destination: usize,
+    /// How much of the path a `uri: {prefix}` match matched, for rewrites.
+    pub matched_prefix: Option<usize>,
+    /// An exact or regex `uri` match held: a rewrite replaces the whole path.
+    pub matched_whole_uri: bool,
 }
 
 impl Routed {
-    pub fn service(&self) -> &Service {
-        &self.table.mesh.services[self.index]
+    pub fn service(&self) -> &lumen_core::Service {
+        &self.table.mesh.services[self.service]
     }
 
-    pub fn budget(&self) -> &Budget {
-        &self.table.budgets[self.index]
-    }
-
-    /// The next endpoint by the balancer, avoiding those already tried
-    /// while others remain (as Istio's `previous_hosts` retry predicate).
-    pub fn pick(&self, tried: &[std::net::SocketAddr]) -> Option<&Endpoint> {
-        let endpoints = &self.service().endpoints;
-        let balancer = &self.table.balancers[self.index];
-        let mut first = None;
-        for _ in 0..endpoints.len() {
-            let e = balancer.pick(endpoints)?;
-            if !tried.contains(&e.address) {
-                return Some(e);
-            }
-            first.get_or_insert(e);
+    /// The route's retry policy, or the service's.
+    pub fn retries(&self) -> &RetryPolicy {
+        match (&self.route.retries, &self.cluster) {
+            (Some(r), _) => r,
+            (None, Some(c)) => &c.retries,
+            (None, None) => &self.service().retries,
         }
-        first
+    }
+
+    pub fn destination_headers(&self) -> Option<&Headers> {
+        match &self.route.action {
+            Action::Forward(ds) => ds.get(self.destination).map(|(_, _, h)| h),
+            _ => None,
+        }
     }
 }
 
+/// The parts of a request routes match on.
+pub struct RequestView<'a> {
+    pub method: &'a str,
+    pub path: &'a str,
+    pub query: Option<&'a str>,
+    pub authority: &'a str,
+    pub scheme: &'a str,
+    pub headers: &'a HeaderMap,
+    /// The port the caller addressed (in the authority, or the service's).
+    pub port: Option<u16>,
+}
+
 impl RoutingTable {
-    pub fn new(mesh: Arc<MeshConfig>) -> Self {
-        let balancers = mesh
-            .services
-            .iter()
-            .map(|_| RoundRobin::default())
+    /// Compiles `mesh` for a proxy that is `caller`. State for endpoints and
+    /// clusters is taken from `registry` and `previous`.
+    pub fn new(
+        mesh: Arc<MeshConfig>,
+        caller: &Caller,
+        registry: &Registry,
+        previous: Option<&RoutingTable>,
+    ) -> Self {
+        let mut b = Builder {
+            mesh: &mesh,
+            caller,
+            registry,
+            previous,
+            clusters: HashMap::new(),
+        };
+        let mut hosts: Vec<Host> = (0..mesh.services.len()).map(|_| Host::default()).collect();
+        for (i, host) in hosts.iter_mut().enumerate() {
+            host.default = Some(b.cluster(i, None, None));
+        }
+        for vs in mesh.virtual_services.iter().filter(|v| v.applies_to_mesh()) {
+            let Some(i) = vs
+                .hosts
+                .iter()
+                .find_map(|h| mesh.resolve_host(h, &vs.namespace))
+            else {
+                continue;
+            };
+            for route in &vs.http {
+                let matches: Vec<HttpMatch> = route
+                    .matches
+                    .iter()
+                    .filter(|m| {
+                        b.caller_matches(
+                            &m.gateways,
+                            &m.source_labels,
+                            m.source_namespace.as_deref(),
+                        )
+                    })
+                    .cloned()
+                    .collect();
+                // A route whose every match is for other callers is not
+                // this proxy's.
+                if !route.matches.is_empty() && matches.is_empty() {
+                    continue;
+                }
+                let compiled = b.route(vs, route, matches);
+                hosts[i].http.push(Arc::new(compiled));
+            }
+            for route in &vs.tcp {
+                let matches: Vec<L4Match> = route
+                    .matches
+                    .iter()
+                    .filter(|m| {
+                        b.caller_matches(
+                            &m.gateways,
+                            &m.source_labels,
+                            m.source_namespace.as_deref(),
+                        )
+                    })
+                    .cloned()
+                    .collect();
+                if !route.matches.is_empty() && matches.is_empty() {
+                    continue;
+                }
+                let destinations = route
+                    .route
+                    .iter()
+                    .filter_map(|d| {
+                        let c = b.destination(&d.destination, &vs.namespace)?;
+                        Some((c, d.weight))
+                    })
+                    .collect();
+                hosts[i].tcp.push(TcpRoute {
+                    name: format!("{}/tcp-{}", vs.name, route.name).into(),
+                    matches,
+                    destinations,
+                });
+            }
+        }
+        let clusters = b.clusters;
+        let keep: HashSet<SocketAddr> = clusters
+            .values()
+            .flat_map(|c| c.endpoints.iter().map(|e| e.state.address))
             .collect();
-        let budgets = mesh.services.iter().map(|_| Budget::default()).collect();
+        registry.retain(&keep);
         RoutingTable {
             mesh,
-            balancers,
-            budgets,
+            hosts,
+            clusters,
         }
     }
 
@@ -82,29 +266,505 @@ impl RoutingTable {
         &self.mesh
     }
 
-    /// The service a transparently captured connection dialled (by its
-    /// cluster IP), if it has somewhere to send to.
-    pub fn route_address(self: &Arc<Self>, dst: std::net::SocketAddr) -> Result<Routed, NoRoute> {
-        self.routed(self.mesh.index_by_address(dst))
+    pub fn clusters(&self) -> impl Iterator<Item = &Arc<Cluster>> {
+        self.clusters.values()
     }
 
-    /// The service `authority` names, if it has somewhere to send to.
-    pub fn route(
-        self: &Arc<Self>,
+    /// The service `authority` names (or, for captured traffic naming an
+    /// address, the one `original_dst` dialled).
+    pub fn service_index(
+        &self,
         authority: &str,
         caller_namespace: &str,
-    ) -> Result<Routed, NoRoute> {
-        self.routed(self.mesh.resolve_index(authority, caller_namespace))
+        original_dst: Option<SocketAddr>,
+    ) -> Option<usize> {
+        self.mesh
+            .resolve_index(authority, caller_namespace)
+            .or_else(|| original_dst.and_then(|d| self.mesh.index_by_address(d)))
     }
 
-    fn routed(self: &Arc<Self>, index: Option<usize>) -> Result<Routed, NoRoute> {
-        let index = index.ok_or(NoRoute::UnknownService)?;
-        if self.mesh.services[index].endpoints.is_empty() {
+    /// Routes an HTTP request for the service at `service`: the first
+    /// route whose match holds, and for a forwarding route a cluster by
+    /// weight.
+    pub fn route(
+        self: &Arc<Self>,
+        service: usize,
+        req: &RequestView<'_>,
+    ) -> Result<Routed, NoRoute> {
+        let host = &self.hosts[service];
+        let (route, uri) = if host.http.is_empty() {
+            (self.default_route(service), UriMatch::None)
+        } else {
+            host.http
+                .iter()
+                .find_map(|r| r.matched(req).map(|p| (r.clone(), p)))
+                .ok_or(NoRoute::NoMatch)?
+        };
+        let (cluster, destination) = match &route.action {
+            Action::Forward(ds) => {
+                let i = pick_weighted(ds.iter().map(|(_, w, _)| *w));
+                (Some(ds[i].0.clone()), i)
+            }
+            _ => (None, 0),
+        };
+        if let Some(c) = &cluster
+            && c.endpoints.is_empty()
+        {
             return Err(NoRoute::NoEndpoints);
         }
         Ok(Routed {
             table: self.clone(),
-            index,
+            service,
+            route,
+            cluster,
+            destination,
+            matched_prefix: match uri {
+                UriMatch::Prefix(n) => Some(n),
+                _ => None,
+            },
+            matched_whole_uri: uri == UriMatch::Whole,
         })
+    }
+
+    fn default_route(&self, service: usize) -> Arc<Route> {
+        let cluster = self.hosts[service]
+            .default
+            .clone()
+            .expect("every service has a default cluster");
+        Arc::new(Route {
+            name: DEFAULT_ROUTE.into(),
+            matches: Vec::new(),
+            action: Action::Forward(vec![(cluster, 100, Headers::default())]),
+            rewrite: None,
+            timeout: None,
+            retries: None,
+            fault: None,
+            mirrors: Vec::new(),
+            headers: Headers::default(),
+        })
+    }
+
+    /// The cluster and route name for an opaque TCP connection to the
+    /// service at `service`, dialled at `dst`.
+    pub fn route_tcp(
+        &self,
+        service: usize,
+        dst: SocketAddr,
+    ) -> Result<(Arc<Cluster>, Arc<str>), NoRoute> {
+        let host = &self.hosts[service];
+        let default = || {
+            host.default
+                .clone()
+                .map(|c| (c, Arc::<str>::from(DEFAULT_ROUTE)))
+        };
+        let chosen = if host.tcp.is_empty() {
+            default()
+        } else {
+            let r = host
+                .tcp
+                .iter()
+                .find(|r| r.matches.is_empty() || r.matches.iter().any(|m| l4_matches(m, dst)))
+                .ok_or(NoRoute::NoMatch)?;
+            if r.destinations.is_empty() {
+                return Err(NoRoute::NoEndpoints);
+            }
+            let i = pick_weighted(r.destinations.iter().map(|(_, w)| *w));
+            Some((r.destinations[i].0.clone(), r.name.clone()))
+        };
+        match chosen {
+            Some((c, _)) if c.endpoints.is_empty() => Err(NoRoute::NoEndpoints),
+            Some(x) => Ok(x),
+            None => Err(NoRoute::UnknownService),
+        }
+    }
+}
+
+fn l4_matches(m: &L4Match, dst: SocketAddr) -> bool {
+    m.port.is_none_or(|p| p == dst.port())
+        && (m.destination_subnets.is_empty()
+            || m.destination_subnets
+                .iter()
+                .any(|(net, bits)| in_subnet(dst.ip(), *net, *bits)))
+}
+
+fn in_subnet(ip: std::net::IpAddr, net: std::net::IpAddr, bits: u8) -> bool {
+    match (ip, net) {
+        (std::net::IpAddr::V4(a), std::net::IpAddr::V4(n)) => {
+            let mask = if bits == 0 {
+                0
+            } else {
+                u32::MAX << (32 - u32::from(bits))
+            };
+            u32::from(a) & mask == u32::from(n) & mask
+        }
+        (std::net::IpAddr::V6(a), std::net::IpAddr::V6(n)) => {
+            let mask = if bits == 0 {
+                0
+            } else {
+                u128::MAX << (128 - u32::from(bits))
+            };
+            u128::from(a) & mask == u128::from(n) & mask
+        }
+        _ => false,
+    }
+}
+
+/// An index by weight (weights sum to 100, or are all 0).
+fn pick_weighted(weights: impl Iterator<Item = u32> + Clone) -> usize {
+    let total: u32 = weights.clone().sum();
+    if total == 0 {
+        return 0;
+    }
+    let mut r = rand::random_range(0..total);
+    for (i, w) in weights.enumerate() {
+        if r < w {
+            return i;
+        }
+        r -= w;
+    }
+    0
+}
+
+/// What a route's `uri` condition matched.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum UriMatch {
+    None,
+    Prefix(usize),
+    Whole,
+}
+
+impl Route {
+    /// Whether any match holds (a route without matches takes every
+    /// request), and what its `uri` condition matched.
+    fn matched(&self, req: &RequestView<'_>) -> Option<UriMatch> {
+        if self.matches.is_empty() {
+            return Some(UriMatch::None);
+        }
+        self.matches.iter().find_map(|m| http_match(m, req))
+    }
+}
+
+fn string_match(m: &Option<StringMatch>, value: Option<&str>) -> bool {
+    match (m, value) {
+        // `{}`: present, whatever the value.
+        (None, v) => v.is_some(),
+        (Some(m), Some(v)) => m.matches(v),
+        (Some(_), None) => false,
+    }
+}
+
+fn query_param<'a>(query: Option<&'a str>, name: &str) -> Option<&'a str> {
+    query?.split('&').find_map(|kv| match kv.split_once('=') {
+        Some((k, v)) if k == name => Some(v),
+        None if kv == name => Some(""),
+        _ => None,
+    })
+}
+
+fn http_match(m: &HttpMatch, req: &RequestView<'_>) -> Option<UriMatch> {
+    let mut uri = UriMatch::None;
+    if let Some(u) = &m.uri {
+        let ok = if m.ignore_uri_case {
+            u.matches_ignoring_case(req.path)
+        } else {
+            u.matches(req.path)
+        };
+        if !ok {
+            return None;
+        }
+        uri = match u {
+            StringMatch::Prefix(p) => UriMatch::Prefix(p.len()),
+            _ => UriMatch::Whole,
+        };
+    }
+    let field = |sm: &Option<StringMatch>, v: &str| sm.as_ref().is_none_or(|sm| sm.matches(v));
+    if !field(&m.method, req.method)
+        || !field(&m.scheme, req.scheme)
+        || !field(&m.authority, req.authority)
+    {
+        return None;
+    }
+    if let Some(p) = m.port
+        && req.port != Some(p)
+    {
+        return None;
+    }
+    let header = |name: &str| req.headers.get(name).and_then(|v| v.to_str().ok());
+    if !m.headers.iter().all(|(k, sm)| string_match(sm, header(k))) {
+        return None;
+    }
+    if m.without_headers
+        .iter()
+        .any(|(k, sm)| string_match(sm, header(k)))
+    {
+        return None;
+    }
+    if !m
+        .query_params
+        .iter()
+        .all(|(k, sm)| string_match(sm, query_param(req.query, k)))
+    {
+        return None;
+    }
+    Some(uri)
+}
+
+struct Builder<'a> {
+    mesh: &'a MeshConfig,
+    caller: &'a Caller,
+    registry: &'a Registry,
+    previous: Option<&'a RoutingTable>,
+    clusters: HashMap<Arc<str>, Arc<Cluster>>,
+}
+
+impl Builder<'_> {
+    /// Whether a match's conditions on the caller hold for this proxy.
+    fn caller_matches(
+        &self,
+        gateways: &[String],
+        source_labels: &BTreeMap<String, String>,
+        source_namespace: Option<&str>,
+    ) -> bool {
+        (gateways.is_empty() || gateways.iter().any(|g| g == "mesh"))
+            && source_labels
+                .iter()
+                .all(|(k, v)| self.caller.labels.get(k) == Some(v))
+            && source_namespace.is_none_or(|ns| ns == self.caller.namespace)
+    }
+
+    fn destination(
+        &mut self,
+        d: &lumen_core::networking::Destination,
+        namespace: &str,
+    ) -> Option<Arc<Cluster>> {
+        let i = self.mesh.resolve_host(&d.host, namespace)?;
+        Some(self.cluster(i, d.subset.as_deref(), d.port))
+    }
+
+    fn route(
+        &mut self,
+        vs: &lumen_core::networking::VirtualService,
+        route: &lumen_core::networking::HttpRoute,
+        matches: Vec<HttpMatch>,
+    ) -> Route {
+        let action = match &route.action {
+            HttpAction::Route(ds) => Action::Forward(
+                ds.iter()
+                    .filter_map(|wd| {
+                        let c = self.destination(&wd.destination, &vs.namespace)?;
+                        Some((c, wd.weight, wd.headers.clone()))
+                    })
+                    .collect(),
+            ),
+            HttpAction::Redirect(r) => Action::Redirect(r.clone()),
+            HttpAction::DirectResponse { status, body } => Action::Direct {
+                status: *status,
+                body: Bytes::from(body.clone()),
+            },
+        };
+        let mirrors = route
+            .mirrors
+            .iter()
+            .filter_map(|m| Some((self.destination(&m.destination, &vs.namespace)?, m.fraction)))
+            .collect();
+        Route {
+            name: format!("{}/{}", vs.name, route.name).into(),
+            matches,
+            action,
+            rewrite: route.rewrite.clone(),
+            timeout: route.timeout,
+            retries: route.retries.clone().map(Arc::new),
+            fault: route.fault.clone(),
+            mirrors,
+            headers: route.headers.clone(),
+        }
+    }
+
+    /// The cluster for a service, subset and port, built once per table.
+    fn cluster(&mut self, service: usize, subset: Option<&str>, port: Option<u16>) -> Arc<Cluster> {
+        let s = &self.mesh.services[service];
+        let name: Arc<str> = cluster_name(s, subset, port).into();
+        if let Some(c) = self.clusters.get(&name) {
+            return c.clone();
+        }
+        let rule = self.mesh.destination_rule(service);
+        let policy = rule
+            .map(|r| r.policy(subset, port.or(s.port)))
+            .unwrap_or_default();
+        let selector = rule
+            .and_then(|r| subset.and_then(|n| r.subsets.iter().find(|x| x.name == n)))
+            .map(|x| &x.labels);
+        // Istio turns locality balancing on with outlier detection, unless
+        // the rule turns it off.
+        let locality = policy
+            .load_balancer
+            .as_ref()
+            .and_then(|l| l.locality.as_ref());
+        let locality_on = policy.outlier_detection.is_some() && locality.is_none_or(|l| l.enabled);
+        let failover: &[(String, String)] = locality.map_or(&[], |l| &l.failover);
+        let endpoints = s
+            .endpoints
+            .iter()
+            .filter(|e| selector.is_none_or(|sel| e.selected_by(sel)))
+            .map(|e| ClusterEndpoint {
+                state: self.registry.endpoint(e.address),
+                workload: e.workload.clone(),
+                version: e.version.clone(),
+                priority: match (&self.caller.locality, locality_on) {
+                    (Some(mine), true) => locality_priority(mine, e.locality.as_deref(), failover),
+                    _ => 0,
+                },
+            })
+            .collect();
+        let previous = self
+            .previous
+            .and_then(|t| t.clusters.get(&name))
+            .map(|c| &**c);
+        let cluster = Arc::new(Cluster::new(
+            name.clone(),
+            s,
+            subset.map(Arc::from),
+            endpoints,
+            &policy,
+            previous,
+        ));
+        self.clusters.insert(name, cluster.clone());
+        cluster
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use lumen_core::resource::parse_resources;
+
+    const MESH: &str = r#"
+apiVersion: lumen.dev/v1alpha1
+kind: Mesh
+metadata: {name: m}
+spec:
+  services:
+    - name: reviews
+      port: 9080
+      endpoints:
+        - {address: 127.0.0.1:1001, version: v1}
+        - {address: 127.0.0.1:1002, version: v2}
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: reviews}
+spec:
+  host: reviews
+  subsets:
+  - {name: v1, labels: {version: v1}}
+  - {name: v2, labels: {version: v2}}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: reviews}
+spec:
+  hosts: [reviews]
+  http:
+  - name: jason
+    match:
+    - headers: {end-user: {exact: jason}}
+    - queryParams: {user: {exact: jason}}
+    route:
+    - destination: {host: reviews, subset: v2}
+  - match:
+    - uri: {prefix: /api}
+      method: {exact: POST}
+    route:
+    - destination: {host: reviews, subset: v1}
+  - match:
+    - sourceLabels: {app: nobody}
+    route:
+    - destination: {host: reviews, subset: v2}
+"#;
+
+    fn table() -> Arc<RoutingTable> {
+        let resources = parse_resources("m.yaml", MESH).unwrap();
+        let mesh = Arc::new(MeshConfig::from_resources(&resources).unwrap());
+        let caller = Caller::of(&Workload::unknown(), &BTreeMap::new(), None);
+        Arc::new(RoutingTable::new(
+            mesh,
+            &caller,
+            &Registry::new(Duration::from_secs(1)),
+            None,
+        ))
+    }
+
+    fn route(
+        t: &Arc<RoutingTable>,
+        method: &str,
+        path: &str,
+        query: Option<&str>,
+        headers: &[(&str, &str)],
+    ) -> Result<Routed, NoRoute> {
+        let mut h = HeaderMap::new();
+        for (k, v) in headers {
+            h.insert(
+                http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                v.parse().unwrap(),
+            );
+        }
+        t.route(
+            0,
+            &RequestView {
+                method,
+                path,
+                query,
+                authority: "reviews:9080",
+                scheme: "http",
+                headers: &h,
+                port: Some(9080),
+            },
+        )
+    }
+
+    #[test]
+    fn first_matching_route_wins_and_names_itself() {
+        let t = table();
+        let r = route(&t, "GET", "/", None, &[("end-user", "jason")]).unwrap();
+        assert_eq!(&*r.route.name, "reviews/jason");
+        assert_eq!(
+            &*r.cluster.unwrap().name,
+            "outbound|9080|v2|reviews.default.svc.cluster.local"
+        );
+        let r = route(&t, "GET", "/", Some("a=1&user=jason"), &[]).unwrap();
+        assert_eq!(&*r.route.name, "reviews/jason");
+        let r = route(&t, "POST", "/api/x", None, &[]).unwrap();
+        assert_eq!(&*r.route.name, "reviews/1");
+        assert_eq!(r.matched_prefix, Some(4));
+        let c = r.cluster.unwrap();
+        assert_eq!(c.endpoints.len(), 1);
+        assert_eq!(&*c.endpoints[0].version, "v1");
+        // Neither matches, and the third is for another caller.
+        assert_eq!(
+            route(&t, "GET", "/api/x", None, &[]).unwrap_err(),
+            NoRoute::NoMatch
+        );
+    }
+
+    #[test]
+    fn a_new_table_keeps_cluster_state() {
+        let t = table();
+        let registry = Registry::new(Duration::from_secs(1));
+        let caller = Caller::default();
+        let a = RoutingTable::new(t.mesh().clone(), &caller, &registry, None);
+        let b = RoutingTable::new(t.mesh().clone(), &caller, &registry, Some(&a));
+        let name: Arc<str> = "outbound|9080|v1|reviews.default.svc.cluster.local".into();
+        assert!(Arc::ptr_eq(
+            &a.clusters[&name].state,
+            &b.clusters[&name].state
+        ));
+        assert!(Arc::ptr_eq(
+            &a.clusters[&name].balancer,
+            &b.clusters[&name].balancer
+        ));
+        assert!(Arc::ptr_eq(
+            &a.clusters[&name].endpoints[0].state,
+            &b.clusters[&name].endpoints[0].state
+        ));
     }
 }

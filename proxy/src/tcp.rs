@@ -13,7 +13,10 @@ use tokio::net::TcpStream;
 use tokio::sync::watch;
 
 use crate::body::RequestBodyState;
-use crate::request::{Connection, Shared, Side, begin_record};
+use crate::cluster::Cluster;
+use crate::context::{Connection, Shared, Side, begin_record};
+use crate::endpoint::Health;
+use crate::route::NoRoute;
 use crate::trace::TraceContext;
 
 /// Bytes each way through a tunnel, and how it ended.
@@ -102,16 +105,26 @@ where
 
 /// Where an opaque connection goes, and whom its row names.
 struct Target {
-    addresses: Vec<(SocketAddr, Arc<str>, Workload)>,
+    to: To,
     authority: String,
+    route: Option<Arc<str>>,
+}
+
+enum To {
+    /// One address: the local app, or where a connection to no mesh
+    /// service was going (Istio's passthrough).
+    Fixed(SocketAddr, Arc<str>, Workload),
+    /// A mesh service's cluster, balanced.
+    Cluster(Arc<Cluster>),
 }
 
 fn target(shared: &Shared, conn: &Connection) -> Result<Target, (ResponseFlags, String)> {
     match conn.side {
         Side::Inbound => match &shared.app {
             Some(app) => Ok(Target {
-                addresses: vec![(app.address, app.address_str.clone(), app.identity.clone())],
+                to: To::Fixed(app.address, app.address_str.clone(), app.identity.clone()),
                 authority: app.address_str.to_string(),
+                route: None,
             }),
             None => Err((
                 ResponseFlags::NO_HEALTHY_UPSTREAM,
@@ -129,33 +142,27 @@ fn target(shared: &Shared, conn: &Connection) -> Result<Target, (ResponseFlags, 
                 ));
             };
             let table = shared.routes.load();
-            match table.mesh().by_address(dst) {
-                Some(s) if s.endpoints.is_empty() => Err((
-                    ResponseFlags::NO_HEALTHY_UPSTREAM,
-                    format!("service `{}` has no endpoints", s.name),
-                )),
-                Some(s) => {
-                    // Round robin would do; a rotating start spreads connections.
-                    let start = rand::random_range(0..s.endpoints.len());
-                    let addresses = (0..s.endpoints.len())
-                        .map(|i| &s.endpoints[(start + i) % s.endpoints.len()])
-                        .map(|e| {
-                            (
-                                e.address,
-                                e.address_str.clone(),
-                                Workload {
-                                    service: s.name.clone(),
-                                    workload: e.workload.clone(),
-                                    namespace: s.namespace.clone(),
-                                    version: e.version.clone(),
-                                },
-                            )
-                        })
-                        .collect();
-                    Ok(Target {
-                        addresses,
-                        authority: format!("{}:{}", s.name, dst.port()),
-                    })
+            match table.mesh().index_by_address(dst) {
+                Some(i) => {
+                    let name = table.mesh().services[i].name.clone();
+                    match table.route_tcp(i, dst) {
+                        Ok((cluster, route)) => Ok(Target {
+                            to: To::Cluster(cluster),
+                            authority: format!("{name}:{}", dst.port()),
+                            route: Some(route),
+                        }),
+                        Err(NoRoute::NoEndpoints) => Err((
+                            ResponseFlags::NO_HEALTHY_UPSTREAM,
+                            format!("service `{name}` has no endpoints"),
+                        )),
+                        Err(_) => Err((
+                            ResponseFlags::NO_ROUTE,
+                            format!(
+                                "no tcp route of `{name}`'s VirtualService matches port {}",
+                                dst.port()
+                            ),
+                        )),
+                    }
                 }
                 // Not a mesh service: through to where it was going, as
                 // Istio's passthrough does.
@@ -165,8 +172,9 @@ fn target(shared: &Shared, conn: &Connection) -> Result<Target, (ResponseFlags, 
                     let mut w = Workload::unknown();
                     w.service = "PassthroughCluster".into();
                     Ok(Target {
-                        addresses: vec![(dst, dst.to_string().into(), w)],
+                        to: To::Fixed(dst, dst.to_string().into(), w),
                         authority: dst.to_string(),
+                        route: None,
                     })
                 }
             }
@@ -199,8 +207,7 @@ pub async fn proxy(
         &trace,
         Arc::new(RequestBodyState::default()),
     );
-    let target = target(&shared, &conn);
-    let t = match target {
+    let t = match target(&shared, &conn) {
         Err((flags, message)) => {
             tracing::debug!(peer = %conn.peer, %message, "tcp connection refused");
             pending.finish(0, flags);
@@ -210,22 +217,67 @@ pub async fn proxy(
     };
     if let Some(r) = pending.record_mut() {
         r.authority = t.authority;
-    }
-    let mut upstream = None;
-    for (i, (address, address_str, workload)) in t.addresses.into_iter().enumerate() {
-        if let Some(r) = pending.record_mut() {
-            r.destination = workload;
-            r.upstream_address = Some(address_str);
-            r.retries = i as u32;
+        if let Some(route) = t.route {
+            r.route = route;
         }
-        match shared.upstreams.connect(address).await {
-            Ok(s) => {
-                upstream = Some(s);
-                break;
+    }
+    let (upstream, _held) = match t.to {
+        To::Fixed(address, address_str, workload) => {
+            if let Some(r) = pending.record_mut() {
+                r.destination = workload;
+                r.upstream_address = Some(address_str);
             }
-            Err(e) => tracing::debug!(%address, error = %e, "tcp connect failed"),
+            match crate::forward::dial(address, shared.registry.default_connect_timeout()).await {
+                Ok(s) => (Some(s), None),
+                Err(e) => {
+                    tracing::debug!(%address, error = %e, "tcp connect failed");
+                    (None, None)
+                }
+            }
         }
-    }
+        To::Cluster(cluster) => {
+            let held = match cluster.connect_admit() {
+                Ok(h) => h,
+                Err(overflow) => {
+                    tracing::debug!(cluster = %cluster.name, reason = overflow.0, "tcp connection refused: overflow");
+                    pending.finish(0, ResponseFlags::UPSTREAM_OVERFLOW);
+                    return;
+                }
+            };
+            if let Some(r) = pending.record_mut() {
+                r.destination.service = cluster.service.clone();
+                r.destination.namespace = cluster.namespace.clone();
+            }
+            // A connect failure tries the cluster's other endpoints, each once.
+            let mut tried = Vec::new();
+            let mut upstream = None;
+            while let Some(e) = cluster.pick(&tried, None) {
+                if tried.contains(&e.state.address) {
+                    break;
+                }
+                tried.push(e.state.address);
+                if let Some(r) = pending.record_mut() {
+                    r.destination.workload = e.workload.clone();
+                    r.destination.version = e.version.clone();
+                    r.upstream_address = Some(e.state.address_str.clone());
+                    r.retries = tried.len() as u32 - 1;
+                }
+                let started = e.state.start();
+                match crate::forward::dial(e.state.address, e.state.connect_timeout()).await {
+                    Ok(s) => {
+                        drop(started);
+                        upstream = Some(s);
+                        break;
+                    }
+                    Err(err) => {
+                        tracing::debug!(address = %e.state.address, error = %err, "tcp connect failed");
+                        started.finish(Health::GatewayError, cluster.outlier_peers());
+                    }
+                }
+            }
+            (upstream, Some(held))
+        }
+    };
     match upstream {
         None => pending.finish(0, ResponseFlags::UPSTREAM_CONNECTION_FAILURE),
         Some(up) => {

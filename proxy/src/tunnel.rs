@@ -13,8 +13,9 @@ use lumen_core::{Protocol, ResponseFlags};
 
 use crate::attempt::Destination;
 use crate::body::{PendingRecord, ResponseBody};
+use crate::context::{Connection, Shared};
 use crate::forward::strip_hop_by_hop;
-use crate::request::{Connection, Shared, local_reply};
+use crate::reply::local_reply;
 use crate::tcp::splice;
 
 /// Tunnels still open, so shutdown can wait for their records before the
@@ -136,24 +137,24 @@ pub async fn connect(
     let mut tried = Vec::new();
     let mut upstream = None;
     // A connect failure tries the service's other endpoints, each once.
-    while let Some(endpoint) = destination.pick(&tried) {
-        if tried.contains(&endpoint.address) {
+    while let Some(endpoint) = destination.pick(&tried, None) {
+        if tried.contains(&endpoint.address()) {
             break;
         }
-        tried.push(endpoint.address);
+        tried.push(endpoint.address());
         if let Some(r) = pending.record_mut() {
             r.destination.workload = endpoint.workload.clone();
             r.destination.version = endpoint.version.clone();
-            r.upstream_address = Some(endpoint.address_str.clone());
+            r.upstream_address = Some(endpoint.state.address_str.clone());
             r.retries = tried.len() as u32 - 1;
         }
-        match shared.upstreams.connect(endpoint.address).await {
+        match crate::forward::dial(endpoint.address(), endpoint.state.connect_timeout()).await {
             Ok(s) => {
                 upstream = Some(s);
                 break;
             }
             Err(e) => {
-                tracing::debug!(address = %endpoint.address, error = %e, "CONNECT: connect failed")
+                tracing::debug!(address = %endpoint.address(), error = %e, "CONNECT: connect failed")
             }
         }
     }

@@ -9,7 +9,8 @@
 //! - `?stall_after=N` sends N body bytes, then nothing, never ending;
 //! - the JSON body otherwise echoes the request's `traceparent`,
 //!   `x-lumen-source` and `host` headers, the authority (`:authority` or
-//!   `Host`), the request body's length and the app's name.
+//!   `Host`), the path and query, every request header (`headers`), the
+//!   request body's length and the app's name.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -72,6 +73,12 @@ async fn handle(
         "x-lumen-source": header("x-lumen-source"),
         "host": header("host"),
         "authority": req.uri().authority().map(|a| a.to_string()).or_else(|| header("host")),
+        "query": req.uri().query(),
+        "headers": req
+            .headers()
+            .iter()
+            .filter_map(|(k, v)| Some((k.as_str().to_string(), serde_json::Value::from(v.to_str().ok()?))))
+            .collect::<serde_json::Map<_, _>>(),
     });
     // Drain the request body so its bytes are counted upstream.
     let body = req.into_body().collect().await.map(|b| b.to_bytes());

@@ -236,6 +236,12 @@ async fn http2_requests_stream_through_and_round_robin_over_endpoints() -> Resul
             &[(local(b1.inbound), "v1"), (local(b2.inbound), "v2")],
         )],
     )?;
+    // Istio's default balancer is least request; this test asks for round robin.
+    let mut text = std::fs::read_to_string(&mesh)?;
+    text.push_str(
+        "---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata:\n  name: backend\nspec:\n  host: backend\n  trafficPolicy:\n    loadBalancer: {simple: ROUND_ROBIN}\n",
+    );
+    std::fs::write(&mesh, text)?;
     let _up = start_up(logs, &mesh, &dir.path().join("data"), up_ports, &[]).await?;
     let collector = up_ports.grpc_endpoint();
     let _fe = start_sidecar(logs, "frontend", "v1", &mesh, fe, None, &collector).await?;

@@ -428,7 +428,9 @@ pub fn validate(res: &Resource) -> Result<DestinationRule, ConfigError> {
         return Err(at.at("host").err("must not be empty"));
     }
     if spec.host.contains('*') {
-        return Err(at.at("host").err("Lumen applies a DestinationRule to one host; wildcards are not supported"));
+        return Err(at
+            .at("host")
+            .err("Lumen applies a DestinationRule to one host; wildcards are not supported"));
     }
     let host_policy = match spec.traffic_policy {
         None => TrafficPolicy::default(),
@@ -439,12 +441,19 @@ pub fn validate(res: &Resource) -> Result<DestinationRule, ConfigError> {
         let at = at.at("subsets").at(format!("[{i}]"));
         let valid_name = !s.name.is_empty()
             && s.name.len() <= 63
-            && s.name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.');
+            && s.name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.');
         if !valid_name {
-            return Err(at.at("name").err(format!("`{}` is not a valid subset name", s.name)));
+            return Err(at
+                .at("name")
+                .err(format!("`{}` is not a valid subset name", s.name)));
         }
         if let Some(j) = subsets.iter().position(|x| x.name == s.name) {
-            return Err(at.at("name").err(format!("subset `{}` is already defined at subsets[{j}]", s.name)));
+            return Err(at.at("name").err(format!(
+                "subset `{}` is already defined at subsets[{j}]",
+                s.name
+            )));
         }
         subsets.push(Subset {
             labels: labels(s.labels, &at.at("labels"))?,
@@ -465,16 +474,30 @@ pub fn validate(res: &Resource) -> Result<DestinationRule, ConfigError> {
 }
 
 fn traffic_policy(p: TrafficPolicySpec, at: &At<'_>) -> Result<TrafficPolicy, ConfigError> {
-    at.unsupported(&p.tunnel, "tunnel", "Lumen does not tunnel to upstreams over CONNECT")?;
-    at.unsupported(&p.proxy_protocol, "proxyProtocol", "Lumen does not send the PROXY protocol")?;
+    at.unsupported(
+        &p.tunnel,
+        "tunnel",
+        "Lumen does not tunnel to upstreams over CONNECT",
+    )?;
+    at.unsupported(
+        &p.proxy_protocol,
+        "proxyProtocol",
+        "Lumen does not send the PROXY protocol",
+    )?;
     let retry_budget = match p.retry_budget {
         None => None,
         Some(b) => {
             let at = at.at("retryBudget");
-            at.unsupported(&b.budget_interval, "budgetInterval", "the budget counts retries in flight, not over an interval")?;
+            at.unsupported(
+                &b.budget_interval,
+                "budgetInterval",
+                "the budget counts retries in flight, not over an interval",
+            )?;
             let percent = b.percent.unwrap_or(20.0);
             if !(0.0..=100.0).contains(&percent) {
-                return Err(at.at("percent").err(format!("{percent} is not between 0 and 100")));
+                return Err(at
+                    .at("percent")
+                    .err(format!("{percent} is not between 0 and 100")));
             }
             Some((percent, b.min_retry_concurrency.unwrap_or(3)))
         }
@@ -484,14 +507,22 @@ fn traffic_policy(p: TrafficPolicySpec, at: &At<'_>) -> Result<TrafficPolicy, Co
         let at = at.at("portLevelSettings").at(format!("[{i}]"));
         let port = pl.port.port(&at.at("port"))?;
         if port_level.iter().any(|(p, _)| *p == port) {
-            return Err(at.at("port").err(format!("port {port} has settings already")));
+            return Err(at
+                .at("port")
+                .err(format!("port {port} has settings already")));
         }
         port_level.push((
             port,
             TrafficPolicy {
-                load_balancer: opt(pl.load_balancer, |x| load_balancer(x, &at.at("loadBalancer")))?,
-                connection_pool: opt(pl.connection_pool, |x| connection_pool(x, &at.at("connectionPool")))?,
-                outlier_detection: opt(pl.outlier_detection, |x| outlier(x, &at.at("outlierDetection")))?,
+                load_balancer: opt(pl.load_balancer, |x| {
+                    load_balancer(x, &at.at("loadBalancer"))
+                })?,
+                connection_pool: opt(pl.connection_pool, |x| {
+                    connection_pool(x, &at.at("connectionPool"))
+                })?,
+                outlier_detection: opt(pl.outlier_detection, |x| {
+                    outlier(x, &at.at("outlierDetection"))
+                })?,
                 tls: opt(pl.tls, |x| tls(x, &at.at("tls")))?,
                 retry_budget: None,
                 port_level: Vec::new(),
@@ -499,23 +530,44 @@ fn traffic_policy(p: TrafficPolicySpec, at: &At<'_>) -> Result<TrafficPolicy, Co
         ));
     }
     Ok(TrafficPolicy {
-        load_balancer: opt(p.load_balancer, |x| load_balancer(x, &at.at("loadBalancer")))?,
-        connection_pool: opt(p.connection_pool, |x| connection_pool(x, &at.at("connectionPool")))?,
-        outlier_detection: opt(p.outlier_detection, |x| outlier(x, &at.at("outlierDetection")))?,
+        load_balancer: opt(p.load_balancer, |x| {
+            load_balancer(x, &at.at("loadBalancer"))
+        })?,
+        connection_pool: opt(p.connection_pool, |x| {
+            connection_pool(x, &at.at("connectionPool"))
+        })?,
+        outlier_detection: opt(p.outlier_detection, |x| {
+            outlier(x, &at.at("outlierDetection"))
+        })?,
         tls: opt(p.tls, |x| tls(x, &at.at("tls")))?,
         retry_budget,
         port_level,
     })
 }
 
-fn opt<T, U>(v: Option<T>, f: impl FnOnce(T) -> Result<U, ConfigError>) -> Result<Option<U>, ConfigError> {
+fn opt<T, U>(
+    v: Option<T>,
+    f: impl FnOnce(T) -> Result<U, ConfigError>,
+) -> Result<Option<U>, ConfigError> {
     v.map(f).transpose()
 }
 
 fn load_balancer(lb: LoadBalancerSpec, at: &At<'_>) -> Result<LoadBalancer, ConfigError> {
-    at.unsupported(&lb.zone_aware_lb_setting, "zoneAwareLbSetting", "use localityLbSetting")?;
-    at.unsupported(&lb.warmup_duration_secs, "warmupDurationSecs", "new endpoints take their full share at once")?;
-    at.unsupported(&lb.warmup, "warmup", "new endpoints take their full share at once")?;
+    at.unsupported(
+        &lb.zone_aware_lb_setting,
+        "zoneAwareLbSetting",
+        "use localityLbSetting",
+    )?;
+    at.unsupported(
+        &lb.warmup_duration_secs,
+        "warmupDurationSecs",
+        "new endpoints take their full share at once",
+    )?;
+    at.unsupported(
+        &lb.warmup,
+        "warmup",
+        "new endpoints take their full share at once",
+    )?;
     let algorithm = match (lb.simple.as_deref(), lb.consistent_hash) {
         (Some(_), Some(_)) => return Err(at.err("set only one of simple and consistentHash")),
         (Some(s), None) => match s {
@@ -534,7 +586,9 @@ fn load_balancer(lb: LoadBalancerSpec, at: &At<'_>) -> Result<LoadBalancer, Conf
                 )));
             }
         },
-        (None, Some(ch)) => Algorithm::ConsistentHash(consistent_hash(ch, &at.at("consistentHash"))?),
+        (None, Some(ch)) => {
+            Algorithm::ConsistentHash(consistent_hash(ch, &at.at("consistentHash"))?)
+        }
         (None, None) => Algorithm::LeastRequest,
     };
     let locality = match lb.locality_lb_setting {
@@ -549,7 +603,10 @@ fn load_balancer(lb: LoadBalancerSpec, at: &At<'_>) -> Result<LoadBalancer, Conf
             })
         }
     };
-    Ok(LoadBalancer { algorithm, locality })
+    Ok(LoadBalancer {
+        algorithm,
+        locality,
+    })
 }
 
 fn consistent_hash(ch: ConsistentHashSpec, at: &At<'_>) -> Result<ConsistentHash, ConfigError> {
@@ -559,7 +616,11 @@ fn consistent_hash(ch: ConsistentHashSpec, at: &At<'_>) -> Result<ConsistentHash
     }
     if let Some(c) = ch.http_cookie {
         let at = at.at("httpCookie");
-        at.unsupported(&c.attributes, "attributes", "the cookie Lumen sets carries its name, path and Max-Age")?;
+        at.unsupported(
+            &c.attributes,
+            "attributes",
+            "the cookie Lumen sets carries its name, path and Max-Age",
+        )?;
         let ttl = match &c.ttl {
             None => None,
             Some(t) => Some(duration_field(t, &at.at("ttl"))?).filter(|t| !t.is_zero()),
@@ -578,7 +639,9 @@ fn consistent_hash(ch: ConsistentHashSpec, at: &At<'_>) -> Result<ConsistentHash
     }
     let key = match keys.len() {
         1 => keys.remove(0),
-        0 => return Err(at.err("needs a hash key: httpHeaderName, httpCookie, useSourceIp or httpQueryParameterName")),
+        0 => return Err(at.err(
+            "needs a hash key: httpHeaderName, httpCookie, useSourceIp or httpQueryParameterName",
+        )),
         _ => return Err(at.err("set only one hash key")),
     };
     let ring = match (ch.ring_hash, ch.maglev) {
@@ -586,12 +649,17 @@ fn consistent_hash(ch: ConsistentHashSpec, at: &At<'_>) -> Result<ConsistentHash
         (None, Some(m)) => {
             let size = m.table_size.unwrap_or(65537);
             if !is_prime(size) || size > 5_000_011 {
-                return Err(at.at("maglev.tableSize").err(format!("{size} must be a prime of at most 5000011")));
+                return Err(at
+                    .at("maglev.tableSize")
+                    .err(format!("{size} must be a prime of at most 5000011")));
             }
             HashRing::Maglev { table_size: size }
         }
         (Some(r), None) => HashRing::RingHash {
-            minimum_ring_size: ring_size(r.minimum_ring_size.or(ch.minimum_ring_size), &at.at("ringHash.minimumRingSize"))?,
+            minimum_ring_size: ring_size(
+                r.minimum_ring_size.or(ch.minimum_ring_size),
+                &at.at("ringHash.minimumRingSize"),
+            )?,
         },
         (None, None) => HashRing::RingHash {
             minimum_ring_size: ring_size(ch.minimum_ring_size, &at.at("minimumRingSize"))?,
@@ -609,7 +677,10 @@ fn ring_size(v: Option<u64>, at: &At<'_>) -> Result<u64, ConfigError> {
 }
 
 fn is_prime(n: u64) -> bool {
-    n >= 2 && (2..).take_while(|d| d * d <= n).all(|d| n % d != 0)
+    n >= 2
+        && (2..)
+            .take_while(|d| d * d <= n)
+            .all(|d| !n.is_multiple_of(d))
 }
 
 fn count(v: Option<i64>, at: &At<'_>) -> Result<Option<u32>, ConfigError> {
@@ -625,8 +696,16 @@ fn connection_pool(p: ConnectionPoolSpec, at: &At<'_>) -> Result<ConnectionPool,
     if let Some(t) = p.tcp {
         let at = at.at("tcp");
         at.unsupported(&t.tcp_keepalive, "tcpKeepalive", "Lumen keeps upstream connections alive with its own probes (30 s, every 10 s, 3 tries)")?;
-        at.unsupported(&t.max_connection_duration, "maxConnectionDuration", "connections live until idle")?;
-        at.unsupported(&t.idle_timeout, "idleTimeout", "pooled connections close after 4 s idle")?;
+        at.unsupported(
+            &t.max_connection_duration,
+            "maxConnectionDuration",
+            "connections live until idle",
+        )?;
+        at.unsupported(
+            &t.idle_timeout,
+            "idleTimeout",
+            "pooled connections close after 4 s idle",
+        )?;
         out.max_connections = count(t.max_connections, &at.at("maxConnections"))?;
         if let Some(c) = &t.connect_timeout {
             let d = duration_field(c, &at.at("connectTimeout"))?;
@@ -638,9 +717,21 @@ fn connection_pool(p: ConnectionPoolSpec, at: &At<'_>) -> Result<ConnectionPool,
     }
     if let Some(h) = p.http {
         let at = at.at("http");
-        at.unsupported(&h.idle_timeout, "idleTimeout", "pooled connections close after 4 s idle")?;
-        at.unsupported(&h.max_concurrent_streams, "maxConcurrentStreams", "use http2MaxRequests")?;
-        at.unsupported(&h.http2_keep_alive, "http2KeepAlive", "Lumen pings HTTP/2 upstreams every 10 s")?;
+        at.unsupported(
+            &h.idle_timeout,
+            "idleTimeout",
+            "pooled connections close after 4 s idle",
+        )?;
+        at.unsupported(
+            &h.max_concurrent_streams,
+            "maxConcurrentStreams",
+            "use http2MaxRequests",
+        )?;
+        at.unsupported(
+            &h.http2_keep_alive,
+            "http2KeepAlive",
+            "Lumen pings HTTP/2 upstreams every 10 s",
+        )?;
         match h.h2_upgrade_policy.as_deref() {
             None | Some("DEFAULT") | Some("DO_NOT_UPGRADE") => {}
             Some("UPGRADE") => {
@@ -649,7 +740,9 @@ fn connection_pool(p: ConnectionPoolSpec, at: &At<'_>) -> Result<ConnectionPool,
                 ));
             }
             Some(other) => {
-                return Err(at.at("h2UpgradePolicy").err(format!("`{other}` is not DEFAULT, DO_NOT_UPGRADE or UPGRADE")));
+                return Err(at.at("h2UpgradePolicy").err(format!(
+                    "`{other}` is not DEFAULT, DO_NOT_UPGRADE or UPGRADE"
+                )));
             }
         }
         if h.use_client_protocol == Some(false) {
@@ -657,9 +750,15 @@ fn connection_pool(p: ConnectionPoolSpec, at: &At<'_>) -> Result<ConnectionPool,
                 "not supported by Lumen: false; a sidecar speaks the service's declared protocol, or the caller's",
             ));
         }
-        out.http1_max_pending_requests = count(h.http1_max_pending_requests, &at.at("http1MaxPendingRequests"))?;
+        out.http1_max_pending_requests = count(
+            h.http1_max_pending_requests,
+            &at.at("http1MaxPendingRequests"),
+        )?;
         out.http2_max_requests = count(h.http2_max_requests, &at.at("http2MaxRequests"))?;
-        out.max_requests_per_connection = count(h.max_requests_per_connection, &at.at("maxRequestsPerConnection"))?;
+        out.max_requests_per_connection = count(
+            h.max_requests_per_connection,
+            &at.at("maxRequestsPerConnection"),
+        )?;
         out.max_retries = count(h.max_retries, &at.at("maxRetries"))?;
     }
     Ok(out)
@@ -671,8 +770,16 @@ fn outlier(o: OutlierDetectionSpec, at: &At<'_>) -> Result<OutlierDetection, Con
         "splitExternalLocalOriginErrors",
         "connect failures count as 5xx and gateway errors, as Envoy's default",
     )?;
-    at.unsupported(&o.consecutive_local_origin_failures, "consecutiveLocalOriginFailures", "connect failures count as 5xx and gateway errors")?;
-    at.unsupported(&o.outlier_detection_http_error_codes, "outlierDetectionHttpErrorCodes", "5xx and gateway errors are counted")?;
+    at.unsupported(
+        &o.consecutive_local_origin_failures,
+        "consecutiveLocalOriginFailures",
+        "connect failures count as 5xx and gateway errors",
+    )?;
+    at.unsupported(
+        &o.outlier_detection_http_error_codes,
+        "outlierDetectionHttpErrorCodes",
+        "5xx and gateway errors are counted",
+    )?;
     let nonneg = |v: Option<i64>, at: At<'_>| -> Result<Option<u32>, ConfigError> {
         match v {
             None => Ok(None),
@@ -681,7 +788,10 @@ fn outlier(o: OutlierDetectionSpec, at: &At<'_>) -> Result<OutlierDetection, Con
         }
     };
     let mut consecutive_5xx = nonneg(o.consecutive_5xx_errors, at.at("consecutive5xxErrors"))?;
-    let mut consecutive_gateway = nonneg(o.consecutive_gateway_errors, at.at("consecutiveGatewayErrors"))?;
+    let mut consecutive_gateway = nonneg(
+        o.consecutive_gateway_errors,
+        at.at("consecutiveGatewayErrors"),
+    )?;
     // Istio maps the deprecated `consecutiveErrors` to gateway errors.
     if let Some(n) = nonneg(o.consecutive_errors, at.at("consecutiveErrors"))?
         && consecutive_5xx.is_none()
@@ -697,18 +807,19 @@ fn outlier(o: OutlierDetectionSpec, at: &At<'_>) -> Result<OutlierDetection, Con
         n => n,
     };
     let consecutive_gateway = consecutive_gateway.filter(|n| *n > 0);
-    let dur = |v: &Option<String>, field: &str, default: Duration| -> Result<Duration, ConfigError> {
-        match v {
-            None => Ok(default),
-            Some(t) => {
-                let d = duration_field(t, &at.at(field))?;
-                if d < Duration::from_millis(1) {
-                    return Err(at.at(field).err("must be at least 1ms"));
+    let dur =
+        |v: &Option<String>, field: &str, default: Duration| -> Result<Duration, ConfigError> {
+            match v {
+                None => Ok(default),
+                Some(t) => {
+                    let d = duration_field(t, &at.at(field))?;
+                    if d < Duration::from_millis(1) {
+                        return Err(at.at(field).err("must be at least 1ms"));
+                    }
+                    Ok(d)
                 }
-                Ok(d)
             }
-        }
-    };
+        };
     let percent = |v: Option<i64>, field: &str, default: u32| -> Result<u32, ConfigError> {
         match v {
             None => Ok(default),
@@ -720,7 +831,11 @@ fn outlier(o: OutlierDetectionSpec, at: &At<'_>) -> Result<OutlierDetection, Con
         consecutive_5xx,
         consecutive_gateway,
         interval: dur(&o.interval, "interval", Duration::from_secs(10))?,
-        base_ejection_time: dur(&o.base_ejection_time, "baseEjectionTime", Duration::from_secs(30))?,
+        base_ejection_time: dur(
+            &o.base_ejection_time,
+            "baseEjectionTime",
+            Duration::from_secs(30),
+        )?,
         max_ejection_percent: percent(o.max_ejection_percent, "maxEjectionPercent", 10)?,
         min_health_percent: percent(o.min_health_percent, "minHealthPercent", 0)?,
     })
@@ -771,12 +886,16 @@ mod tests {
         assert_eq!(p.load_balancer.unwrap().algorithm, Algorithm::RoundRobin);
         let pool = p.connection_pool.unwrap();
         assert_eq!(pool.http2_max_requests, Some(5));
-        assert_eq!(pool.max_connections, None, "the subset's pool replaces the host's whole");
+        assert_eq!(
+            pool.max_connections, None,
+            "the subset's pool replaces the host's whole"
+        );
     }
 
     #[test]
     fn outlier_detection_takes_envoys_defaults() {
-        let d = dr("  trafficPolicy:\n    outlierDetection: {consecutiveGatewayErrors: 2}\n").unwrap();
+        let d =
+            dr("  trafficPolicy:\n    outlierDetection: {consecutiveGatewayErrors: 2}\n").unwrap();
         let o = d.traffic_policy.outlier_detection.unwrap();
         assert_eq!(o.consecutive_gateway, Some(2));
         assert_eq!(o.consecutive_5xx, Some(5));
@@ -790,7 +909,10 @@ mod tests {
         let e = dr("  trafficPolicy:\n    loadBalancer: {simple: PASSTHROUGH}\n").unwrap_err();
         assert_eq!(e.field, "spec.trafficPolicy.loadBalancer.simple");
         let e = dr("  trafficPolicy:\n    loadBalancer:\n      consistentHash: {httpHeaderName: x, maglev: {tableSize: 100}}\n").unwrap_err();
-        assert_eq!(e.field, "spec.trafficPolicy.loadBalancer.consistentHash.maglev.tableSize");
+        assert_eq!(
+            e.field,
+            "spec.trafficPolicy.loadBalancer.consistentHash.maglev.tableSize"
+        );
         let e = dr("  subsets:\n  - name: v1\n  - name: v1\n").unwrap_err();
         assert_eq!(e.field, "spec.subsets[1].name");
         let e = dr("  trafficPolicy:\n    tls: {mode: ISTIO_MUTUAL}\n").unwrap_err();

@@ -87,14 +87,35 @@ pub fn validate(res: &Resource) -> Result<Gateway, ConfigError> {
     let mut servers: Vec<GatewayServer> = Vec::new();
     for (i, s) in spec.servers.into_iter().enumerate() {
         let at = at.at("servers").at(format!("[{i}]"));
-        at.unsupported(&s.tls, "tls", "TLS at gateways comes with the security milestone")?;
-        at.unsupported(&s.default_endpoint, "defaultEndpoint", "a gateway routes by VirtualServices")?;
-        at.at("port").unsupported(&s.port.target_port, "targetPort", "the gateway listens on `number`")?;
+        at.unsupported(
+            &s.tls,
+            "tls",
+            "TLS at gateways comes with the security milestone",
+        )?;
+        at.unsupported(
+            &s.default_endpoint,
+            "defaultEndpoint",
+            "a gateway routes by VirtualServices",
+        )?;
+        at.at("port").unsupported(
+            &s.port.target_port,
+            "targetPort",
+            "the gateway listens on `number`",
+        )?;
         let port = u16::try_from(s.port.number)
             .ok()
             .filter(|p| *p > 0)
-            .ok_or_else(|| at.at("port.number").err(format!("{} is not a port (1-65535)", s.port.number)))?;
-        let protocol = match s.port.protocol.as_deref().map(str::to_ascii_uppercase).as_deref() {
+            .ok_or_else(|| {
+                at.at("port.number")
+                    .err(format!("{} is not a port (1-65535)", s.port.number))
+            })?;
+        let protocol = match s
+            .port
+            .protocol
+            .as_deref()
+            .map(str::to_ascii_uppercase)
+            .as_deref()
+        {
             Some("HTTP") => UpstreamProtocol::Http,
             Some("HTTP2") => UpstreamProtocol::Http2,
             Some("GRPC") => UpstreamProtocol::Grpc,
@@ -105,21 +126,32 @@ pub fn validate(res: &Resource) -> Result<Gateway, ConfigError> {
                 )));
             }
             Some(other) => {
-                return Err(at.at("port.protocol").err(format!("`{other}` is not HTTP, HTTP2, GRPC or TCP")));
+                return Err(at
+                    .at("port.protocol")
+                    .err(format!("`{other}` is not HTTP, HTTP2, GRPC or TCP")));
             }
             None => return Err(at.at("port.protocol").err("is required")),
         };
         if s.hosts.is_empty() {
-            return Err(at.at("hosts").err("at least one host is required (`*` for any)"));
+            return Err(at
+                .at("hosts")
+                .err("at least one host is required (`*` for any)"));
         }
         let bind = match &s.bind {
             None => None,
             Some(b) => Some(b.parse::<IpAddr>().map_err(|_| {
-                at.at("bind").err(format!("`{b}` is not an IP address (Unix sockets are not supported)"))
+                at.at("bind").err(format!(
+                    "`{b}` is not an IP address (Unix sockets are not supported)"
+                ))
             })?),
         };
-        if let Some(j) = servers.iter().position(|x| x.port == port && x.bind == bind) {
-            return Err(at.at("port.number").err(format!("port {port} is already served by servers[{j}]")));
+        if let Some(j) = servers
+            .iter()
+            .position(|x| x.port == port && x.bind == bind)
+        {
+            return Err(at
+                .at("port.number")
+                .err(format!("port {port} is already served by servers[{j}]")));
         }
         servers.push(GatewayServer {
             port,

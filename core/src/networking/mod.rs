@@ -65,12 +65,15 @@ impl<'a> At<'a> {
     }
 
     /// Refuses a field of Istio's schema that Lumen does not implement.
-    pub fn unsupported<T>(&self, value: &Option<T>, field: &str, why: &str) -> Result<(), ConfigError> {
+    pub fn unsupported<T>(
+        &self,
+        value: &Option<T>,
+        field: &str,
+        why: &str,
+    ) -> Result<(), ConfigError> {
         match value {
             None => Ok(()),
-            Some(_) => Err(self
-                .at(field)
-                .err(format!("not supported by Lumen: {why}"))),
+            Some(_) => Err(self.at(field).err(format!("not supported by Lumen: {why}"))),
         }
     }
 }
@@ -137,7 +140,10 @@ impl StringMatchSpec {
             (None, Some(p), None) => Ok(Some(StringMatch::Prefix(p))),
             (None, None, Some(r)) => regex::Regex::new(&format!("^(?:{r})$"))
                 .map(|re| Some(StringMatch::Regex(re)))
-                .map_err(|e| at.at("regex").err(format!("`{r}` is not a valid RE2 regex: {e}"))),
+                .map_err(|e| {
+                    at.at("regex")
+                        .err(format!("`{r}` is not a valid RE2 regex: {e}"))
+                }),
             _ => Err(at.err("set only one of exact, prefix and regex")),
         }
     }
@@ -154,9 +160,10 @@ pub(crate) struct PercentSpec {
 impl PercentSpec {
     pub fn fraction(&self, at: &At<'_>) -> Result<f64, ConfigError> {
         if !(0.0..=100.0).contains(&self.value) || self.value.is_nan() {
-            return Err(at
-                .at("value")
-                .err(format!("{} is not a percentage between 0 and 100", self.value)));
+            return Err(at.at("value").err(format!(
+                "{} is not a percentage between 0 and 100",
+                self.value
+            )));
         }
         Ok(self.value / 100.0)
     }
@@ -193,7 +200,10 @@ impl PortSelectorSpec {
         u16::try_from(self.number)
             .ok()
             .filter(|p| *p > 0)
-            .ok_or_else(|| at.at("number").err(format!("{} is not a port (1-65535)", self.number)))
+            .ok_or_else(|| {
+                at.at("number")
+                    .err(format!("{} is not a port (1-65535)", self.number))
+            })
     }
 }
 
@@ -203,7 +213,9 @@ impl DestinationSpec {
             return Err(at.at("host").err("must not be empty"));
         }
         if self.host.contains('*') {
-            return Err(at.at("host").err("a destination names one host, not a wildcard"));
+            return Err(at
+                .at("host")
+                .err("a destination names one host, not a wildcard"));
         }
         let port = match &self.port {
             None => None,
@@ -272,7 +284,9 @@ pub(crate) fn labels(
             return Err(at.at(k).err("not a label key"));
         }
         if v.len() > 63 {
-            return Err(at.at(k).err(format!("`{v}` is longer than a label value may be (63)")));
+            return Err(at
+                .at(k)
+                .err(format!("`{v}` is longer than a label value may be (63)")));
         }
     }
     Ok(map)

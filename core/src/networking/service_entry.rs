@@ -108,7 +108,9 @@ pub fn service_entry_services(res: &Resource) -> Result<Vec<Service>, ConfigErro
     match spec.location.as_deref() {
         None | Some("MESH_EXTERNAL" | "MESH_INTERNAL") => {}
         Some(other) => {
-            return Err(at.at("location").err(format!("`{other}` is not MESH_EXTERNAL or MESH_INTERNAL")));
+            return Err(at
+                .at("location")
+                .err(format!("`{other}` is not MESH_EXTERNAL or MESH_INTERNAL")));
         }
     }
     match spec.resolution.as_deref() {
@@ -120,7 +122,9 @@ pub fn service_entry_services(res: &Resource) -> Result<Vec<Service>, ConfigErro
         }
         Some("STATIC" | "DNS" | "DNS_ROUND_ROBIN") => {}
         Some("DYNAMIC_DNS") => {
-            return Err(at.at("resolution").err("not supported by Lumen: DYNAMIC_DNS"));
+            return Err(at
+                .at("resolution")
+                .err("not supported by Lumen: DYNAMIC_DNS"));
         }
         Some(other) => {
             return Err(at.at("resolution").err(format!(
@@ -135,9 +139,9 @@ pub fn service_entry_services(res: &Resource) -> Result<Vec<Service>, ConfigErro
         return Err(at.at("ports").err("at least one port is required"));
     }
     if spec.endpoints.is_empty() {
-        return Err(at.at("endpoints").err(
-            "Lumen does not resolve hosts by DNS yet: list the endpoints' addresses",
-        ));
+        return Err(at
+            .at("endpoints")
+            .err("Lumen does not resolve hosts by DNS yet: list the endpoints' addresses"));
     }
     let mut ports = Vec::new();
     for (i, p) in spec.ports.iter().enumerate() {
@@ -147,27 +151,46 @@ pub fn service_entry_services(res: &Resource) -> Result<Vec<Service>, ConfigErro
             None | Some(0) => number,
             Some(t) => port(t, &at.at("targetPort"))?,
         };
-        ports.push((number, target, p.name.clone().unwrap_or_default(), protocol(p.protocol.as_deref(), &at.at("protocol"))?));
+        ports.push((
+            number,
+            target,
+            p.name.clone().unwrap_or_default(),
+            protocol(p.protocol.as_deref(), &at.at("protocol"))?,
+        ));
     }
     let cluster_ip = match spec.addresses.first() {
         None => None,
         Some(a) => Some(a.parse::<IpAddr>().map_err(|_| {
-            at.at("addresses[0]").err(format!("`{a}` is not an IP address (CIDR blocks are not supported)"))
+            at.at("addresses[0]").err(format!(
+                "`{a}` is not an IP address (CIDR blocks are not supported)"
+            ))
         })?),
     };
     if spec.addresses.len() > 1 {
-        return Err(at.at("addresses").err("Lumen takes one address per ServiceEntry"));
+        return Err(at
+            .at("addresses")
+            .err("Lumen takes one address per ServiceEntry"));
     }
     let (number, target, port_name, proto) = ports[0].clone();
     if ports.len() > 1 {
-        return Err(at.at("ports").err("Lumen takes one port per ServiceEntry; write one entry per port"));
+        return Err(at
+            .at("ports")
+            .err("Lumen takes one port per ServiceEntry; write one entry per port"));
     }
     let mut endpoints: Vec<Endpoint> = Vec::new();
     for (j, e) in spec.endpoints.into_iter().enumerate() {
         let at = at.at("endpoints").at(format!("[{j}]"));
         at.unsupported(&e.network, "network", "the mesh is one network")?;
-        at.unsupported(&e.service_account, "serviceAccount", "identities come with the security milestone")?;
-        at.unsupported(&e.weight.filter(|w| *w != 1), "weight", "endpoints of a service share its traffic evenly")?;
+        at.unsupported(
+            &e.service_account,
+            "serviceAccount",
+            "identities come with the security milestone",
+        )?;
+        at.unsupported(
+            &e.weight.filter(|w| *w != 1),
+            "weight",
+            "endpoints of a service share its traffic evenly",
+        )?;
         let ip: IpAddr = e.address.parse().map_err(|_| {
             at.at("address").err(format!(
                 "`{}` is not an IP address (Lumen does not resolve endpoint names by DNS yet)",
@@ -183,7 +206,10 @@ pub fn service_entry_services(res: &Resource) -> Result<Vec<Service>, ConfigErro
             return Err(at.at("address").err(format!("`{address}` is listed twice")));
         }
         let lbls = labels(e.labels, &at.at("labels"))?;
-        let version = lbls.get("version").cloned().unwrap_or_else(|| "unknown".into());
+        let version = lbls
+            .get("version")
+            .cloned()
+            .unwrap_or_else(|| "unknown".into());
         let mut ep = Endpoint::new(address, &res.name, &version);
         ep.labels = Arc::new(lbls);
         ep.locality = e.locality.filter(|l| !l.is_empty()).map(Arc::from);
@@ -192,7 +218,10 @@ pub fn service_entry_services(res: &Resource) -> Result<Vec<Service>, ConfigErro
     let mut out = Vec::new();
     for (i, h) in spec.hosts.iter().enumerate() {
         if h.contains('*') || h.is_empty() {
-            return Err(at.at("hosts").at(format!("[{i}]")).err(format!("`{h}`: Lumen needs a host name without wildcards")));
+            return Err(at
+                .at("hosts")
+                .at(format!("[{i}]"))
+                .err(format!("`{h}`: Lumen needs a host name without wildcards")));
         }
         out.push(Service {
             name: h.as_str().into(),

@@ -8,8 +8,8 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use super::{
-    At, Destination, DestinationSpec, PercentSpec, StringMatch,
-    StringMatchSpec, duration_field, labels,
+    At, Destination, DestinationSpec, PercentSpec, StringMatch, StringMatchSpec, duration_field,
+    labels,
 };
 use crate::config::{ConfigError, RetryOn, RetryPolicy};
 use crate::resource::Resource;
@@ -58,7 +58,10 @@ pub enum HttpAction {
     /// Forwarded to one of these, by weight.
     Route(Vec<WeightedDestination>),
     Redirect(Redirect),
-    DirectResponse { status: u16, body: Vec<u8> },
+    DirectResponse {
+        status: u16,
+        body: Vec<u8>,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -114,7 +117,8 @@ pub struct Rewrite {
 impl PartialEq for Rewrite {
     fn eq(&self, other: &Self) -> bool {
         let regex = |r: &Option<(regex::Regex, String)>| {
-            r.as_ref().map(|(re, to)| (re.as_str().to_owned(), to.clone()))
+            r.as_ref()
+                .map(|(re, to)| (re.as_str().to_owned(), to.clone()))
         };
         self.uri == other.uri
             && self.authority == other.authority
@@ -496,10 +500,9 @@ pub fn validate(res: &Resource) -> Result<VirtualService, ConfigError> {
             return Err(at.at("hosts").at(format!("[{i}]")).err("must not be empty"));
         }
         if h.contains('*') && !(h == "*" || h.starts_with("*.") && !h[2..].contains('*')) {
-            return Err(at
-                .at("hosts")
-                .at(format!("[{i}]"))
-                .err(format!("`{h}`: a wildcard may only be `*` or lead the host (`*.example.com`)")));
+            return Err(at.at("hosts").at(format!("[{i}]")).err(format!(
+                "`{h}`: a wildcard may only be `*` or lead the host (`*.example.com`)"
+            )));
         }
     }
     if spec.http.is_empty() && spec.tcp.is_empty() && spec.tls.is_empty() {
@@ -522,7 +525,9 @@ pub fn validate(res: &Resource) -> Result<VirtualService, ConfigError> {
     for (i, r) in spec.tls.into_iter().enumerate() {
         let at = at.at("tls").at(format!("[{i}]"));
         if r.matches.is_empty() {
-            return Err(at.at("match").err("a TLS route needs a match with sniHosts"));
+            return Err(at
+                .at("match")
+                .err("a TLS route needs a match with sniHosts"));
         }
         tls.push(TlsRoute {
             name: i.to_string(),
@@ -552,7 +557,10 @@ fn http_route(r: HttpRouteSpec, index: usize, at: &At<'_>) -> Result<HttpRoute, 
         "corsPolicy",
         "CORS is left to the application",
     )?;
-    let name = r.name.filter(|n| !n.is_empty()).unwrap_or_else(|| index.to_string());
+    let name = r
+        .name
+        .filter(|n| !n.is_empty())
+        .unwrap_or_else(|| index.to_string());
     let mut matches = Vec::with_capacity(r.matches.len());
     for (i, m) in r.matches.into_iter().enumerate() {
         matches.push(http_match(m, &at.at("match").at(format!("[{i}]")))?);
@@ -564,21 +572,30 @@ fn http_route(r: HttpRouteSpec, index: usize, at: &At<'_>) -> Result<HttpRoute, 
     ];
     let action = match actions {
         [true, false, false] => HttpAction::Route(weighted(r.route, &at.at("route"))?),
-        [false, true, false] => {
-            HttpAction::Redirect(redirect(r.redirect.unwrap_or_else(|| unreachable!()), &at.at("redirect"))?)
-        }
+        [false, true, false] => HttpAction::Redirect(redirect(
+            r.redirect.unwrap_or_else(|| unreachable!()),
+            &at.at("redirect"),
+        )?),
         [false, false, true] => {
             let d = r.direct_response.unwrap_or_else(|| unreachable!());
             let at = at.at("directResponse");
             let status = u16::try_from(d.status)
                 .ok()
                 .filter(|s| (200..=599).contains(s))
-                .ok_or_else(|| at.at("status").err(format!("{} is not an HTTP status (200-599)", d.status)))?;
+                .ok_or_else(|| {
+                    at.at("status")
+                        .err(format!("{} is not an HTTP status (200-599)", d.status))
+                })?;
             let body = match d.body {
                 None => Vec::new(),
-                Some(BodySpec { string: Some(s), bytes: None }) => s.into_bytes(),
-                Some(BodySpec { string: None, bytes: Some(b) }) => base64_decode(&b)
-                    .ok_or_else(|| at.at("body.bytes").err("not base64"))?,
+                Some(BodySpec {
+                    string: Some(s),
+                    bytes: None,
+                }) => s.into_bytes(),
+                Some(BodySpec {
+                    string: None,
+                    bytes: Some(b),
+                }) => base64_decode(&b).ok_or_else(|| at.at("body.bytes").err("not base64"))?,
                 Some(_) => return Err(at.at("body").err("set one of string and bytes")),
             };
             HttpAction::DirectResponse { status, body }
@@ -662,7 +679,9 @@ fn http_route(r: HttpRouteSpec, index: usize, at: &At<'_>) -> Result<HttpRoute, 
             }
             (None, None) => 1.0,
             (Some(_), Some(_)) => {
-                return Err(at.at("mirrorPercent").err("set only one of mirrorPercent and mirrorPercentage"));
+                return Err(at
+                    .at("mirrorPercent")
+                    .err("set only one of mirrorPercent and mirrorPercentage"));
             }
         };
         mirrors.push(Mirror {
@@ -715,7 +734,9 @@ fn http_match(m: HttpMatchSpec, at: &At<'_>) -> Result<HttpMatch, ConfigError> {
     )?;
     let port = match m.port {
         None | Some(0) => None,
-        Some(p) => Some(u16::try_from(p).map_err(|_| at.at("port").err(format!("{p} is not a port")))?),
+        Some(p) => {
+            Some(u16::try_from(p).map_err(|_| at.at("port").err(format!("{p} is not a port")))?)
+        }
     };
     let named = |map: BTreeMap<String, StringMatchSpec>,
                  field: &str,
@@ -723,9 +744,16 @@ fn http_match(m: HttpMatchSpec, at: &At<'_>) -> Result<HttpMatch, ConfigError> {
      -> Result<Vec<(String, Option<StringMatch>)>, ConfigError> {
         let mut out = Vec::with_capacity(map.len());
         for (k, v) in map {
-            let key = if lower { k.to_ascii_lowercase() } else { k.clone() };
+            let key = if lower {
+                k.to_ascii_lowercase()
+            } else {
+                k.clone()
+            };
             if lower && http_header_name_invalid(&key) {
-                return Err(at.at(field).at(&k).err(format!("`{k}` is not a header name")));
+                return Err(at
+                    .at(field)
+                    .at(&k)
+                    .err(format!("`{k}` is not a header name")));
             }
             out.push((key, v.validate(&at.at(field).at(&k))?));
         }
@@ -818,7 +846,10 @@ fn route_destinations(
     for (i, (r, weight)) in route.into_iter().zip(weights).enumerate() {
         let at = at.at(format!("[{i}]"));
         let destination = r.destination.validate(&at.at("destination"))?;
-        out.push(RouteDestination { destination, weight });
+        out.push(RouteDestination {
+            destination,
+            weight,
+        });
     }
     Ok(out)
 }
@@ -833,14 +864,20 @@ fn l4_matches(ms: Vec<L4MatchSpec>, at: &At<'_>, tls: bool) -> Result<Vec<L4Matc
             "sources are matched by labels or namespace",
         )?;
         if !tls && !m.sni_hosts.is_empty() {
-            return Err(at.at("sniHosts").err("unknown field for a tcp route (TLS routes have it)"));
+            return Err(at
+                .at("sniHosts")
+                .err("unknown field for a tcp route (TLS routes have it)"));
         }
         if tls && m.sni_hosts.is_empty() {
-            return Err(at.at("sniHosts").err("a TLS route matches on at least one server name"));
+            return Err(at
+                .at("sniHosts")
+                .err("a TLS route matches on at least one server name"));
         }
         let port = match m.port {
             None | Some(0) => None,
-            Some(p) => Some(u16::try_from(p).map_err(|_| at.at("port").err(format!("{p} is not a port")))?),
+            Some(p) => Some(
+                u16::try_from(p).map_err(|_| at.at("port").err(format!("{p} is not a port")))?,
+            ),
         };
         let mut subnets = Vec::new();
         for (j, s) in m.destination_subnets.iter().enumerate() {
@@ -884,9 +921,9 @@ fn redirect(r: RedirectSpec, at: &At<'_>) -> Result<Redirect, ConfigError> {
         None | Some(0) => 301,
         Some(c @ (301 | 302 | 303 | 307 | 308)) => c as u16,
         Some(c) => {
-            return Err(at
-                .at("redirectCode")
-                .err(format!("{c} is not a redirect status (301, 302, 303, 307, 308)")));
+            return Err(at.at("redirectCode").err(format!(
+                "{c} is not a redirect status (301, 302, 303, 307, 308)"
+            )));
         }
     };
     let (port, port_from_request) = match (r.port, r.derive_port.as_deref()) {
@@ -931,14 +968,16 @@ fn retries(r: RetrySpec, at: &At<'_>) -> Result<RetryPolicy, ConfigError> {
     )?;
     // Istio's default: retries pick another host than those tried.
     if r.retry_ignore_previous_hosts == Some(false) {
-        return Err(at.at("retryIgnorePreviousHosts").err(
-            "not supported by Lumen: a retry always prefers an endpoint not tried yet",
-        ));
+        return Err(at
+            .at("retryIgnorePreviousHosts")
+            .err("not supported by Lumen: a retry always prefers an endpoint not tried yet"));
     }
     let mut p = RetryPolicy::default();
     if let Some(a) = r.attempts {
         if !(0..=10).contains(&a) {
-            return Err(at.at("attempts").err(format!("{a} is not between 0 and 10")));
+            return Err(at
+                .at("attempts")
+                .err(format!("{a} is not between 0 and 10")));
         }
         p.attempts = a as u32;
     }
@@ -1018,23 +1057,25 @@ fn fault(f: FaultSpec, at: &At<'_>) -> Result<Fault, ConfigError> {
         None => None,
         Some(a) => {
             let at = at.at("abort");
-            at.unsupported(
-                &a.http2_error,
-                "http2Error",
-                "use httpStatus or grpcStatus",
-            )?;
+            at.unsupported(&a.http2_error, "http2Error", "use httpStatus or grpcStatus")?;
             let fraction = share(&a.percentage, None, &at)?;
             match (a.http_status, &a.grpc_status) {
                 (Some(s), None) => {
                     let s = u16::try_from(s)
                         .ok()
                         .filter(|s| (200..=599).contains(s))
-                        .ok_or_else(|| at.at("httpStatus").err(format!("{s} is not an HTTP status (200-599)")))?;
+                        .ok_or_else(|| {
+                            at.at("httpStatus")
+                                .err(format!("{s} is not an HTTP status (200-599)"))
+                        })?;
                     Some((s, None, fraction))
                 }
                 (None, Some(g)) => {
-                    let code = grpc_code(g)
-                        .ok_or_else(|| at.at("grpcStatus").err(format!("`{g}` is not a gRPC status name such as UNAVAILABLE")))?;
+                    let code = grpc_code(g).ok_or_else(|| {
+                        at.at("grpcStatus").err(format!(
+                            "`{g}` is not a gRPC status name such as UNAVAILABLE"
+                        ))
+                    })?;
                     Some((200, Some(code), fraction))
                 }
                 (None, None) => return Err(at.err("needs httpStatus or grpcStatus")),
@@ -1088,10 +1129,16 @@ fn headers(h: HeadersSpec, at: &At<'_>) -> Result<Headers, ConfigError> {
             for (k, v) in map {
                 let key = k.to_ascii_lowercase();
                 if http_header_name_invalid(&key) || key.starts_with(':') {
-                    return Err(at.at(field).at(&k).err(format!("`{k}` is not a header name Lumen may set")));
+                    return Err(at
+                        .at(field)
+                        .at(&k)
+                        .err(format!("`{k}` is not a header name Lumen may set")));
                 }
                 if v.bytes().any(|b| b == b'\r' || b == b'\n' || b == 0) {
-                    return Err(at.at(field).at(&k).err("a header value may not hold line breaks"));
+                    return Err(at
+                        .at(field)
+                        .at(&k)
+                        .err("a header value may not hold line breaks"));
                 }
                 list.push((key, v));
             }
@@ -1099,7 +1146,10 @@ fn headers(h: HeadersSpec, at: &At<'_>) -> Result<Headers, ConfigError> {
         for (i, k) in o.remove.into_iter().enumerate() {
             let key = k.to_ascii_lowercase();
             if http_header_name_invalid(&key) {
-                return Err(at.at("remove").at(format!("[{i}]")).err(format!("`{k}` is not a header name")));
+                return Err(at
+                    .at("remove")
+                    .at(format!("[{i}]"))
+                    .err(format!("`{k}` is not a header name")));
             }
             out.remove.push(key);
         }
@@ -1169,7 +1219,9 @@ mod tests {
     #[test]
     fn weights_sum_to_100_or_are_refused() {
         let v = vs("  hosts: [reviews]\n  http:\n  - route:\n    - destination: {host: reviews, subset: v1}\n      weight: 80\n    - destination: {host: reviews, subset: v2}\n      weight: 20\n").unwrap();
-        let HttpAction::Route(d) = &v.http[0].action else { panic!() };
+        let HttpAction::Route(d) = &v.http[0].action else {
+            panic!()
+        };
         assert_eq!(d.iter().map(|d| d.weight).collect::<Vec<_>>(), [80, 20]);
         let e = vs("  hosts: [reviews]\n  http:\n  - route:\n    - destination: {host: reviews, subset: v1}\n      weight: 80\n    - destination: {host: reviews, subset: v2}\n      weight: 10\n").unwrap_err();
         assert_eq!(e.field, "spec.http[0].route");
@@ -1182,7 +1234,8 @@ mod tests {
         let e = vs("  hosts: [reviews]\n  http:\n  - corsPolicy: {allowOrigins: [{exact: x}]}\n    route:\n    - destination: {host: reviews}\n").unwrap_err();
         assert_eq!(e.field, "spec.http[0].corsPolicy");
         assert!(e.reason.starts_with("not supported by Lumen"), "{e}");
-        let e = vs("  hosts: [reviews]\n  http:\n  - rout:\n    - destination: {host: reviews}\n").unwrap_err();
+        let e = vs("  hosts: [reviews]\n  http:\n  - rout:\n    - destination: {host: reviews}\n")
+            .unwrap_err();
         assert_eq!(e.field, "spec.http[0].rout");
         assert!(e.reason.contains("unknown field"), "{e}");
         let e = vs("  hosts: [reviews]\n  http:\n  - match:\n    - uri: {regex: '(('}\n    route:\n    - destination: {host: reviews}\n").unwrap_err();

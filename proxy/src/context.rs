@@ -1,0 +1,128 @@
+//! What the phases of the request path share, beneath them all: the
+//! proxy's [`Shared`] state, one downstream [`Connection`], and the record
+//! every request or connection starts with. Nothing here reaches up into a
+//! phase, so `request`, `attempt`, `tunnel` and `tcp` all import one way.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use arc_swap::ArcSwap;
+use http::header::HeaderValue;
+use lumen_core::{Protocol, Reporter, RequestRecord, ResponseFlags, Workload};
+
+use crate::attempt::App;
+use crate::body::{PendingRecord, RequestBodyState};
+use crate::endpoint::Registry;
+use crate::route::RoutingTable;
+use crate::telemetry::Telemetry;
+use crate::trace::TraceContext;
+use crate::tunnel;
+
+/// Carries the caller's identity from its outbound sidecar to the callee's
+/// inbound sidecar, as `namespace/service/workload/version`, the way Istio's
+/// metadata exchange does. Until mTLS lands it is taken on trust.
+pub const SOURCE_HEADER: &str = "x-lumen-source";
+/// Names the response flags of a reply the proxy made itself.
+pub const FLAGS_HEADER: &str = "x-lumen-response-flags";
+
+/// Which listener a request arrived on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    /// From the local app, to another service.
+    Outbound,
+    /// From another service's sidecar, to the local app.
+    Inbound,
+}
+
+/// What every request on one downstream connection shares.
+#[derive(Debug)]
+pub struct Connection {
+    pub side: Side,
+    /// The downstream peer.
+    pub peer: SocketAddr,
+    /// The address the connection was accepted on.
+    pub local: SocketAddr,
+    /// Where the app was really going, when iptables redirected it here
+    /// (transparent capture).
+    pub original_dst: Option<SocketAddr>,
+    /// The connection's place under the listener's connection limit; a
+    /// tunnel opened on it takes it along, so tunnels count too.
+    pub permit: std::sync::Mutex<Option<tokio::sync::OwnedSemaphorePermit>>,
+}
+
+impl Connection {
+    /// Takes the connection's place under the limit (for a tunnel).
+    pub fn take_permit(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        self.permit.lock().unwrap_or_else(|p| p.into_inner()).take()
+    }
+}
+
+/// What every request handler shares: identity, routes, pools, telemetry.
+pub struct Shared {
+    pub identity: Workload,
+    pub identity_header: HeaderValue,
+    pub routes: ArcSwap<RoutingTable>,
+    /// The configuration version in force, as `/config_dump` shows it.
+    pub config_version: ArcSwap<String>,
+    /// Per-endpoint and per-cluster state (pools, loads, ejections) that
+    /// outlives routing tables.
+    pub registry: Arc<Registry>,
+    pub telemetry: Arc<Telemetry>,
+    pub app: Option<App>,
+    pub default_route: Arc<str>,
+    /// Longest wait for response headers once the request body is sent.
+    pub timeout: Duration,
+    /// Request bodies up to this size are kept so they can be retried…
+    pub replay_limit: usize,
+    /// …out of this many bytes for every request in flight together.
+    pub replay_budget: Arc<crate::replay::Budget>,
+    /// Turns true when the proxy shuts down; tunnels then get `drain` to end.
+    pub stop: tokio::sync::watch::Receiver<bool>,
+    pub drain: Duration,
+    /// CONNECT and upgrade tunnels still open.
+    pub tunnels: Arc<tunnel::Open>,
+    pub limits: crate::limits::Limits,
+}
+
+/// A record from the first moment of a request or connection, with what
+/// every kind of traffic knows then. From here on it is written exactly
+/// once, even if the client goes away before a response exists (the
+/// guard's drop writes it).
+pub fn begin_record(
+    shared: &Shared,
+    side: Side,
+    protocol: Protocol,
+    source: Workload,
+    destination: Workload,
+    trace: &TraceContext,
+    body_state: Arc<RequestBodyState>,
+) -> PendingRecord {
+    let record = RequestRecord {
+        start_time: SystemTime::now(),
+        duration: Duration::ZERO,
+        reporter: match side {
+            Side::Outbound => Reporter::Source,
+            Side::Inbound => Reporter::Destination,
+        },
+        source,
+        destination,
+        protocol,
+        method: String::new(),
+        authority: String::new(),
+        path: String::new(),
+        route: shared.default_route.clone(),
+        status: 0,
+        grpc_status: None,
+        request_bytes: 0,
+        response_bytes: 0,
+        retries: 0,
+        upstream_address: None,
+        response_flags: ResponseFlags::empty(),
+        mtls: false,
+        trace_id: trace.trace_id,
+        span_id: trace.span_id,
+        parent_span_id: trace.parent_span_id,
+    };
+    PendingRecord::new(record, Instant::now(), body_state, shared.telemetry.clone())
+}

@@ -1,0 +1,152 @@
+//! Replies the proxy makes itself — no route, a fault, an overflow, a
+//! redirect — in the caller's protocol, with Envoy's response flags.
+
+use http::header::{self, HeaderValue};
+use http::{Response, StatusCode};
+use lumen_core::{Protocol, ResponseFlags};
+
+use crate::body::{PendingRecord, ResponseBody};
+use crate::context::FLAGS_HEADER;
+
+/// A reply the proxy makes itself. A gRPC caller gets it the gRPC way —
+/// HTTP 200, trailers-only, the status as `grpc-status` — as Envoy does, so
+/// its client library reports a status rather than a protocol error.
+pub fn local_reply(
+    status: StatusCode,
+    flags: ResponseFlags,
+    message: String,
+    pending: PendingRecord,
+) -> Response<ResponseBody> {
+    reply_with(status, flags, message, None, pending)
+}
+
+/// A fault's abort: its HTTP status, or for a gRPC abort (and to a gRPC
+/// caller) its gRPC status, with `FI`.
+pub fn fault_abort(
+    status: u16,
+    grpc: Option<i32>,
+    pending: PendingRecord,
+) -> Response<ResponseBody> {
+    let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    reply_with(
+        status,
+        ResponseFlags::FAULT_INJECTED,
+        "fault filter abort".into(),
+        grpc,
+        pending,
+    )
+}
+
+/// A route's redirect: its status and `Location`, no body.
+pub fn redirect(code: u16, location: &str, mut pending: PendingRecord) -> Response<ResponseBody> {
+    let status = StatusCode::from_u16(code).unwrap_or(StatusCode::MOVED_PERMANENTLY);
+    if let Some(r) = pending.record_mut() {
+        r.status = status.as_u16();
+    }
+    let mut resp = Response::new(ResponseBody::local(bytes::Bytes::new(), pending));
+    *resp.status_mut() = status;
+    if let Ok(v) = HeaderValue::from_str(location) {
+        resp.headers_mut().insert(header::LOCATION, v);
+    }
+    resp
+}
+
+/// A route's direct response: its status and body.
+pub fn direct(
+    status: u16,
+    body: bytes::Bytes,
+    mut pending: PendingRecord,
+) -> Response<ResponseBody> {
+    let status = StatusCode::from_u16(status).unwrap_or(StatusCode::OK);
+    if let Some(r) = pending.record_mut() {
+        r.status = status.as_u16();
+    }
+    let mut resp = Response::new(ResponseBody::local(body, pending));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    resp
+}
+
+fn reply_with(
+    status: StatusCode,
+    flags: ResponseFlags,
+    message: String,
+    grpc_status: Option<i32>,
+    mut pending: PendingRecord,
+) -> Response<ResponseBody> {
+    let is_grpc = pending
+        .record()
+        .is_some_and(|r| r.protocol == Protocol::Grpc);
+    let grpc = match grpc_status {
+        Some(code) => Some(code),
+        None => is_grpc.then(|| grpc_code(status, flags)),
+    };
+    if let Some(record) = pending.record_mut() {
+        record.status = status.as_u16();
+        record.response_flags.insert(flags);
+        if grpc.is_some() {
+            record.status = StatusCode::OK.as_u16();
+            record.grpc_status = grpc;
+        }
+    }
+    let flags_value =
+        HeaderValue::from_str(&flags.to_string()).unwrap_or_else(|_| HeaderValue::from_static("-"));
+    let text = format!("lumen: {message}");
+    let body = if grpc.is_some() {
+        String::new()
+    } else {
+        format!("{text}\n")
+    };
+    let mut resp = Response::new(ResponseBody::local(body, pending));
+    let h = resp.headers_mut();
+    h.insert(FLAGS_HEADER, flags_value);
+    match grpc {
+        Some(code) => {
+            h.insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/grpc"),
+            );
+            h.insert("grpc-status", HeaderValue::from(code));
+            // grpc-message is percent-encoded (gRPC over HTTP/2, "Responses").
+            let encoded: String = text
+                .bytes()
+                .map(|b| match b {
+                    b' '..=b'~' if b != b'%' => (b as char).to_string(),
+                    _ => format!("%{b:02X}"),
+                })
+                .collect();
+            if let Ok(v) = HeaderValue::from_str(&encoded) {
+                h.insert("grpc-message", v);
+            }
+        }
+        None => {
+            *resp.status_mut() = status;
+            resp.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/plain; charset=utf-8"),
+            );
+        }
+    }
+    resp
+}
+
+/// The gRPC status for a reply the proxy makes (Envoy's mapping, with a
+/// timeout as DEADLINE_EXCEEDED).
+fn grpc_code(status: StatusCode, flags: ResponseFlags) -> i32 {
+    if flags.contains(ResponseFlags::UPSTREAM_REQUEST_TIMEOUT) {
+        return 4;
+    }
+    match status.as_u16() {
+        400 => 13,
+        401 => 16,
+        403 => 7,
+        404 => 12,
+        408 => 4,
+        413 | 429 => 8,
+        502..=504 => 14,
+        _ => 2,
+    }
+}
