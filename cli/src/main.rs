@@ -254,6 +254,13 @@ struct StoreLocationArgs {
     store_delete_grace: Duration,
 }
 
+fn parse_label(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
+        _ => Err(format!("`{s}` is not KEY=VALUE")),
+    }
+}
+
 fn parse_store_option(s: &str) -> Result<(String, String), String> {
     s.split_once('=')
         .map(|(k, v)| (k.to_string(), v.to_string()))
@@ -431,6 +438,14 @@ struct ProxyArgs {
     /// Workload name [default: <service>-<version>, or <service>].
     #[arg(long)]
     workload: Option<String>,
+    /// A label of the workload, KEY=VALUE (repeatable), beyond `app` and
+    /// `version`: VirtualService matches' `sourceLabels` see them.
+    #[arg(long = "label", value_parser = parse_label)]
+    labels: Vec<(String, String)>,
+    /// Where the workload runs, `region/zone/subzone`, for locality-aware
+    /// balancing (DestinationRule `localityLbSetting`).
+    #[arg(long)]
+    locality: Option<String>,
     /// Mesh configuration that outbound requests are routed by: files or
     /// directories (Mesh and Istio networking resources); repeatable;
     /// reloaded on change.
@@ -804,6 +819,8 @@ async fn proxy(a: ProxyArgs) -> Result<()> {
     config.app = a.app;
     config.admin = Some(a.admin);
     config.upstream_timeout = a.upstream_timeout;
+    config.labels = a.labels.iter().cloned().collect();
+    config.locality = a.locality.clone();
     config.limits.request_headers_timeout = a.request_headers_timeout;
     config.limits.stream_idle_timeout = a.stream_idle_timeout;
     config.limits.idle_timeout = a.idle_timeout;

@@ -11,9 +11,10 @@ use std::time::Duration;
 
 use http::{Request, Response, Version};
 use hyper::body::Incoming;
-use lumen_core::{ResponseFlags, RetryPolicy, UpstreamProtocol, Workload};
+use lumen_core::{ResponseFlags, RetryPolicy, UpstreamProtocol};
 
 use crate::body::{PendingRecord, RequestBody, RequestBodyState, grpc_status};
+pub use crate::context::App;
 use crate::endpoint::{EndpointState, Health};
 use crate::forward::{self, ForwardError};
 use crate::replay::Replay;
@@ -26,17 +27,6 @@ pub enum Destination<'a> {
     Service(Routed),
     /// The local app (inbound).
     App(&'a App),
-}
-
-/// The local app behind an inbound sidecar.
-pub struct App {
-    pub address: SocketAddr,
-    pub address_str: Arc<str>,
-    pub identity: Workload,
-    pub endpoint: Arc<EndpointState>,
-    /// Inbound requests are not retried: the caller's sidecar does that.
-    pub retries: RetryPolicy,
-    pub budget: Budget,
 }
 
 /// One picked endpoint.

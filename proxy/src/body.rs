@@ -221,6 +221,16 @@ impl Body for RequestBody {
     }
 }
 
+/// Bytes each way through a tunnel, and how it ended.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Spliced {
+    /// Downstream → upstream.
+    pub sent: u64,
+    /// Upstream → downstream.
+    pub received: u64,
+    pub flags: ResponseFlags,
+}
+
 /// A request's record from accept on. It is written when [`finish`]ed, or
 /// on drop — a handler dropped before its response existed means the client
 /// went away (`DC`, status 0, as Envoy logs it).
@@ -271,7 +281,7 @@ impl PendingRecord {
 
     /// Writes a tunnel's record: the bytes it carried each way on top of
     /// the request that opened it.
-    pub fn finish_tunnel(&mut self, spliced: crate::tcp::Spliced) {
+    pub fn finish_tunnel(&mut self, spliced: Spliced) {
         if let Some(r) = self.record.as_mut() {
             r.request_bytes = self.request_body.bytes() + spliced.sent;
         }

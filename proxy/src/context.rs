@@ -9,15 +9,14 @@ use std::time::{Duration, Instant, SystemTime};
 
 use arc_swap::ArcSwap;
 use http::header::HeaderValue;
-use lumen_core::{Protocol, Reporter, RequestRecord, ResponseFlags, Workload};
+use lumen_core::{Protocol, Reporter, RequestRecord, ResponseFlags, RetryPolicy, Workload};
 
-use crate::attempt::App;
 use crate::body::{PendingRecord, RequestBodyState};
-use crate::endpoint::Registry;
+use crate::endpoint::{EndpointState, Registry};
+use crate::retry::Budget;
 use crate::route::RoutingTable;
 use crate::telemetry::Telemetry;
 use crate::trace::TraceContext;
-use crate::tunnel;
 
 /// Carries the caller's identity from its outbound sidecar to the callee's
 /// inbound sidecar, as `namespace/service/workload/version`, the way Istio's
@@ -81,7 +80,7 @@ pub struct Shared {
     pub stop: tokio::sync::watch::Receiver<bool>,
     pub drain: Duration,
     /// CONNECT and upgrade tunnels still open.
-    pub tunnels: Arc<tunnel::Open>,
+    pub tunnels: Arc<Open>,
     pub limits: crate::limits::Limits,
 }
 
@@ -125,4 +124,59 @@ pub fn begin_record(
         parent_span_id: trace.parent_span_id,
     };
     PendingRecord::new(record, Instant::now(), body_state, shared.telemetry.clone())
+}
+
+/// The local app behind an inbound sidecar.
+pub struct App {
+    pub address: SocketAddr,
+    pub address_str: Arc<str>,
+    pub identity: Workload,
+    pub endpoint: Arc<EndpointState>,
+    /// Inbound requests are not retried: the caller's sidecar does that.
+    pub retries: RetryPolicy,
+    pub budget: Budget,
+}
+
+/// Tunnels still open, so shutdown can wait for their records before the
+/// exporter stops.
+#[derive(Debug, Default)]
+pub struct Open {
+    count: std::sync::atomic::AtomicUsize,
+    closed: tokio::sync::Notify,
+}
+
+/// One open tunnel; dropping it closes its count.
+pub struct Held(std::sync::Arc<Open>);
+
+impl Open {
+    pub fn hold(self: &std::sync::Arc<Self>) -> Held {
+        self.count.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        Held(self.clone())
+    }
+
+    /// Resolves when no tunnel is open.
+    pub async fn none(&self) {
+        loop {
+            let closed = self.closed.notified();
+            tokio::pin!(closed);
+            closed.as_mut().enable();
+            if self.count.load(std::sync::atomic::Ordering::Acquire) == 0 {
+                return;
+            }
+            closed.await;
+        }
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        if self
+            .0
+            .count
+            .fetch_sub(1, std::sync::atomic::Ordering::AcqRel)
+            == 1
+        {
+            self.0.closed.notify_waiters();
+        }
+    }
 }

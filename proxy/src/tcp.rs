@@ -12,22 +12,12 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 
-use crate::body::RequestBodyState;
+use crate::body::{RequestBodyState, Spliced};
 use crate::cluster::Cluster;
 use crate::context::{Connection, Shared, Side, begin_record};
 use crate::endpoint::Health;
 use crate::route::NoRoute;
 use crate::trace::TraceContext;
-
-/// Bytes each way through a tunnel, and how it ended.
-#[derive(Debug, Default, Clone, Copy)]
-pub struct Spliced {
-    /// Downstream → upstream.
-    pub sent: u64,
-    /// Upstream → downstream.
-    pub received: u64,
-    pub flags: ResponseFlags,
-}
 
 /// Copies `from` into `to` until end of stream, then closes `to`'s
 /// writing side so the other end sees the end too.

@@ -18,50 +18,6 @@ use crate::forward::strip_hop_by_hop;
 use crate::reply::local_reply;
 use crate::tcp::splice;
 
-/// Tunnels still open, so shutdown can wait for their records before the
-/// exporter stops.
-#[derive(Debug, Default)]
-pub struct Open {
-    count: std::sync::atomic::AtomicUsize,
-    closed: tokio::sync::Notify,
-}
-
-/// One open tunnel; dropping it closes its count.
-pub struct Held(std::sync::Arc<Open>);
-
-impl Open {
-    pub fn hold(self: &std::sync::Arc<Self>) -> Held {
-        self.count.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
-        Held(self.clone())
-    }
-
-    /// Resolves when no tunnel is open.
-    pub async fn none(&self) {
-        loop {
-            let closed = self.closed.notified();
-            tokio::pin!(closed);
-            closed.as_mut().enable();
-            if self.count.load(std::sync::atomic::Ordering::Acquire) == 0 {
-                return;
-            }
-            closed.await;
-        }
-    }
-}
-
-impl Drop for Held {
-    fn drop(&mut self) {
-        if self
-            .0
-            .count
-            .fetch_sub(1, std::sync::atomic::Ordering::AcqRel)
-            == 1
-        {
-            self.0.closed.notify_waiters();
-        }
-    }
-}
-
 /// The protocol an HTTP/1.1 request asks to upgrade to, if it does.
 pub fn upgrade_of<B>(req: &Request<B>) -> Option<HeaderValue> {
     if req.version() != http::Version::HTTP_11 {

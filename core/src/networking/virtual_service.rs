@@ -521,6 +521,13 @@ pub fn validate(res: &Resource) -> Result<VirtualService, ConfigError> {
             route: route_destinations(r.route, &at.at("route"))?,
         });
     }
+    if !spec.tls.is_empty() {
+        // Routing by SNI needs the ClientHello read before the route is
+        // chosen; until the proxy does that, refuse rather than ignore.
+        return Err(at
+            .at("tls")
+            .err("not supported by Lumen yet: TLS routes by SNI (use tcp routes by port)"));
+    }
     let mut tls = Vec::new();
     for (i, r) in spec.tls.into_iter().enumerate() {
         let at = at.at("tls").at(format!("[{i}]"));
