@@ -753,8 +753,9 @@ impl MeshConfig {
     }
 }
 
-/// Splits `host[:port]` (IPv6 hosts in brackets). `None` when malformed.
-fn split_authority(authority: &str) -> Option<(&str, Option<u16>)> {
+/// Splits `host[:port]` (IPv6 hosts in brackets, returned without them).
+/// `None` when malformed.
+pub fn split_authority(authority: &str) -> Option<(&str, Option<u16>)> {
     if authority.is_empty() {
         return None;
     }

@@ -52,17 +52,14 @@ impl Balancer {
         }
     }
 
-    pub fn needs_hash(&self) -> bool {
-        matches!(self, Balancer::RingHash(_) | Balancer::Maglev(_))
-    }
-
     pub fn pick(&self, c: &Candidates<'_>) -> Option<usize> {
-        let eligible: Vec<usize> = (0..c.len).filter(|&i| (c.eligible)(i)).collect();
-        if eligible.is_empty() {
-            return None;
-        }
-        if eligible.len() == 1 {
-            return Some(eligible[0]);
+        // Endpoints are found by rank among the eligible, so a pick
+        // allocates nothing.
+        let count = (0..c.len).filter(|&i| (c.eligible)(i)).count();
+        let nth = |k: usize| (0..c.len).filter(|&i| (c.eligible)(i)).nth(k);
+        let any = || nth(rand::random_range(0..count));
+        if count <= 1 {
+            return nth(0);
         }
         match self {
             Balancer::RoundRobin(next) => {
@@ -74,21 +71,21 @@ impl Balancer {
                         return Some(i);
                     }
                 }
-                Some(eligible[0])
+                nth(0)
             }
-            Balancer::Random => Some(eligible[rand::random_range(0..eligible.len())]),
+            Balancer::Random => any(),
             Balancer::LeastRequest | Balancer::LeastLatency => {
-                let a = rand::random_range(0..eligible.len());
-                let mut b = rand::random_range(0..eligible.len() - 1);
+                let a = rand::random_range(0..count);
+                let mut b = rand::random_range(0..count - 1);
                 if b >= a {
                     b += 1;
                 }
-                let (a, b) = (eligible[a], eligible[b]);
+                let (a, b) = (nth(a)?, nth(b)?);
                 Some(if (c.cost)(b) < (c.cost)(a) { b } else { a })
             }
             Balancer::RingHash(points) => {
                 let Some(h) = c.hash else {
-                    return Some(eligible[rand::random_range(0..eligible.len())]);
+                    return any();
                 };
                 let start = points.partition_point(|(p, _)| *p < h);
                 // The next point clockwise whose endpoint may take it: an
@@ -99,7 +96,7 @@ impl Balancer {
             }
             Balancer::Maglev(table) => {
                 let Some(h) = c.hash else {
-                    return Some(eligible[rand::random_range(0..eligible.len())]);
+                    return any();
                 };
                 let m = table.len();
                 (0..m)
@@ -112,20 +109,10 @@ impl Balancer {
     }
 }
 
-/// A stable 64-bit hash (FNV-1a, then a finalizer that spreads the bits),
-/// the same in every process so every sidecar sends a key to one endpoint.
+/// xxHash64 with seed 0, as Envoy hashes consistent-hash keys: the same
+/// in every process, so every sidecar sends a key to one endpoint.
 pub fn hash64(bytes: &[u8]) -> u64 {
-    let mut h: u64 = 0xcbf29ce484222325;
-    for b in bytes {
-        h ^= u64::from(*b);
-        h = h.wrapping_mul(0x100000001b3);
-    }
-    // splitmix64's finalizer
-    h ^= h >> 30;
-    h = h.wrapping_mul(0xbf58476d1ce4e5b9);
-    h ^= h >> 27;
-    h = h.wrapping_mul(0x94d049bb133111eb);
-    h ^ (h >> 31)
+    twox_hash::XxHash64::oneshot(0, bytes)
 }
 
 /// A ring hash of at least `minimum_size` points. Envoy gives each

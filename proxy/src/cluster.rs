@@ -226,11 +226,6 @@ impl Cluster {
         pick.map(|i| &self.endpoints[i])
     }
 
-    /// Whether any endpoint can take a request now.
-    pub fn has_healthy(&self) -> bool {
-        self.pick(&[], None).is_some()
-    }
-
     /// A request's place under the pool's limits: `http2MaxRequests`
     /// bounds requests in flight, and for HTTP/1.1 `maxConnections` bounds
     /// connections in use, with at most `http1MaxPendingRequests` waiting

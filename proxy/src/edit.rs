@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::uri::PathAndQuery;
+use lumen_core::config::split_authority;
 use lumen_core::networking::{HashKey, HeaderOps, Redirect, Rewrite};
 
 use crate::balance::hash64;
@@ -67,7 +68,14 @@ pub fn rewrite_path(
 /// Where a redirect sends the client.
 pub fn redirect_location(r: &Redirect, authority: &str, pq: Option<&PathAndQuery>) -> String {
     let scheme = r.scheme.as_deref().unwrap_or("http");
-    let (req_host, req_port) = split_host_port(authority);
+    let (req_host, req_port) = split_authority(authority).unwrap_or((authority, None));
+    let bracketed;
+    let req_host = if req_host.contains(':') {
+        bracketed = format!("[{req_host}]");
+        bracketed.as_str()
+    } else {
+        req_host
+    };
     let host = match &r.authority {
         Some(a) => a.as_str(),
         None => req_host,
@@ -100,23 +108,13 @@ pub fn redirect_location(r: &Redirect, authority: &str, pq: Option<&PathAndQuery
     format!("{scheme}://{host_port}{path}")
 }
 
-/// `host[:port]`, IPv6 hosts in brackets kept whole.
-fn split_host_port(a: &str) -> (&str, Option<u16>) {
-    if a.starts_with('[')
-        && let Some(end) = a.find(']')
-    {
-        return (
-            &a[..=end],
-            a[end + 1..].strip_prefix(':').and_then(|p| p.parse().ok()),
-        );
-    }
-    match a.rsplit_once(':') {
-        Some((h, p)) => match p.parse() {
-            Ok(p) => (h, Some(p)),
-            Err(_) => (a, None),
-        },
-        None => (a, None),
-    }
+/// A query parameter's value (`name` alone counts as empty).
+pub fn query_param<'a>(query: Option<&'a str>, name: &str) -> Option<&'a str> {
+    query?.split('&').find_map(|kv| match kv.split_once('=') {
+        Some((k, v)) if k == name => Some(v),
+        None if kv == name => Some(""),
+        _ => None,
+    })
 }
 
 /// The hash of a request's key, and the cookie to set when the key is a
@@ -134,14 +132,7 @@ pub fn request_hash(
         ),
         HashKey::SourceIp => (Some(hash64(peer.ip().to_string().as_bytes())), None),
         HashKey::QueryParameter(name) => (
-            pq.and_then(|p| p.query())
-                .and_then(|q| {
-                    q.split('&').find_map(|kv| match kv.split_once('=') {
-                        Some((k, v)) if k == name => Some(v),
-                        _ => None,
-                    })
-                })
-                .map(|v| hash64(v.as_bytes())),
+            query_param(pq.and_then(|p| p.query()), name).map(|v| hash64(v.as_bytes())),
             None,
         ),
         HashKey::Cookie { name, path, ttl } => {

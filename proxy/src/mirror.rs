@@ -27,11 +27,10 @@ pub fn spawn(
         tracing::debug!(cluster = %cluster.name, "mirror: no healthy endpoint");
         return;
     };
-    let shadow = match authority.rsplit_once(':') {
-        Some((host, port)) if port.bytes().all(|b| b.is_ascii_digit()) => {
-            format!("{host}-shadow:{port}")
-        }
-        _ => format!("{authority}-shadow"),
+    let shadow = match lumen_core::config::split_authority(authority) {
+        Some((host, Some(port))) => format!("{host}-shadow:{port}"),
+        Some((host, None)) => format!("{host}-shadow"),
+        None => return,
     };
     let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
     let Ok(uri) = Uri::builder()

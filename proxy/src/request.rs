@@ -17,6 +17,7 @@ use std::time::Duration;
 use http::header::{self, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Version};
 use hyper::body::Incoming;
+use lumen_core::config::split_authority;
 use lumen_core::{Protocol, ResponseFlags, Workload};
 
 use crate::attempt::{Destination, Forward, upstream_version};
@@ -502,9 +503,8 @@ fn route_outbound<B>(
         });
     };
     let s = &table.mesh().services[service];
-    let port = authority
-        .rsplit_once(':')
-        .and_then(|(_, p)| p.parse::<u16>().ok())
+    let port = split_authority(authority)
+        .and_then(|(_, p)| p)
         .or(s.port)
         .or(conn.original_dst.map(|d| d.port()));
     let view = RequestView {

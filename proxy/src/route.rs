@@ -22,6 +22,7 @@ use lumen_core::networking::{
 use lumen_core::{MeshConfig, RetryPolicy, Workload};
 
 use crate::cluster::{Cluster, ClusterEndpoint, cluster_name, locality_priority};
+use crate::edit::query_param;
 use crate::endpoint::Registry;
 
 /// The route every request of a service takes when no VirtualService routes it.
@@ -92,7 +93,7 @@ struct TcpRoute {
 #[derive(Debug, Default)]
 struct Host {
     http: Vec<Arc<Route>>,
-    tcp: Vec<TcpRoute>,
+    tcp: Vec<Arc<TcpRoute>>,
     default: Option<Arc<Cluster>>,
 }
 
@@ -190,51 +191,29 @@ impl RoutingTable {
             host.default = Some(b.cluster(i, None, None));
         }
         for vs in mesh.virtual_services.iter().filter(|v| v.applies_to_mesh()) {
-            let Some(i) = vs
+            let targets: Vec<usize> = vs
                 .hosts
                 .iter()
-                .find_map(|h| mesh.resolve_host(h, &vs.namespace))
-            else {
-                continue;
-            };
+                .filter_map(|h| mesh.resolve_host(h, &vs.namespace))
+                .collect();
             for route in &vs.http {
-                let matches: Vec<HttpMatch> = route
-                    .matches
-                    .iter()
-                    .filter(|m| {
-                        b.caller_matches(
-                            &m.gateways,
-                            &m.source_labels,
-                            m.source_namespace.as_deref(),
-                        )
-                    })
-                    .cloned()
-                    .collect();
-                // A route whose every match is for other callers is not
-                // this proxy's.
-                if !route.matches.is_empty() && matches.is_empty() {
+                let Some(matches) = b.own_matches(&route.matches, |m| {
+                    (&m.gateways, &m.source_labels, m.source_namespace.as_deref())
+                }) else {
                     continue;
+                };
+                let compiled = Arc::new(b.route(vs, route, matches));
+                for &i in &targets {
+                    hosts[i].http.push(compiled.clone());
                 }
-                let compiled = b.route(vs, route, matches);
-                hosts[i].http.push(Arc::new(compiled));
             }
             for route in &vs.tcp {
-                let matches: Vec<L4Match> = route
-                    .matches
-                    .iter()
-                    .filter(|m| {
-                        b.caller_matches(
-                            &m.gateways,
-                            &m.source_labels,
-                            m.source_namespace.as_deref(),
-                        )
-                    })
-                    .cloned()
-                    .collect();
-                if !route.matches.is_empty() && matches.is_empty() {
+                let Some(matches) = b.own_matches(&route.matches, |m| {
+                    (&m.gateways, &m.source_labels, m.source_namespace.as_deref())
+                }) else {
                     continue;
-                }
-                let destinations = route
+                };
+                let destinations: Vec<(Arc<Cluster>, u32)> = route
                     .route
                     .iter()
                     .filter_map(|d| {
@@ -242,11 +221,14 @@ impl RoutingTable {
                         Some((c, d.weight))
                     })
                     .collect();
-                hosts[i].tcp.push(TcpRoute {
+                let compiled = Arc::new(TcpRoute {
                     name: format!("{}/tcp-{}", vs.name, route.name).into(),
                     matches,
                     destinations,
                 });
+                for &i in &targets {
+                    hosts[i].tcp.push(compiled.clone());
+                }
             }
         }
         let clusters = b.clusters;
@@ -303,7 +285,10 @@ impl RoutingTable {
         let (cluster, destination) = match &route.action {
             Action::Forward(ds) => {
                 let i = pick_weighted(ds.iter().map(|(_, w, _)| *w));
-                (Some(ds[i].0.clone()), i)
+                // Validation resolves every destination; an empty list
+                // would still be answered, not panicked on.
+                let c = ds.get(i).ok_or(NoRoute::NoEndpoints)?;
+                (Some(c.0.clone()), i)
             }
             _ => (None, 0),
         };
@@ -453,14 +438,6 @@ fn string_match(m: &Option<StringMatch>, value: Option<&str>) -> bool {
     }
 }
 
-fn query_param<'a>(query: Option<&'a str>, name: &str) -> Option<&'a str> {
-    query?.split('&').find_map(|kv| match kv.split_once('=') {
-        Some((k, v)) if k == name => Some(v),
-        None if kv == name => Some(""),
-        _ => None,
-    })
-}
-
 fn http_match(m: &HttpMatch, req: &RequestView<'_>) -> Option<UriMatch> {
     let mut uri = UriMatch::None;
     if let Some(u) = &m.uri {
@@ -518,6 +495,25 @@ struct Builder<'a> {
 }
 
 impl Builder<'_> {
+    /// The matches that can hold for this proxy; `None` when a route has
+    /// matches and every one is for other callers (the route is not this
+    /// proxy's).
+    fn own_matches<M: Clone>(
+        &self,
+        matches: &[M],
+        caller: impl Fn(&M) -> (&[String], &BTreeMap<String, String>, Option<&str>),
+    ) -> Option<Vec<M>> {
+        let own: Vec<M> = matches
+            .iter()
+            .filter(|m| {
+                let (gateways, labels, namespace) = caller(m);
+                self.caller_matches(gateways, labels, namespace)
+            })
+            .cloned()
+            .collect();
+        (matches.is_empty() || !own.is_empty()).then_some(own)
+    }
+
     /// Whether a match's conditions on the caller hold for this proxy.
     fn caller_matches(
         &self,

@@ -602,7 +602,12 @@ fn http_route(r: HttpRouteSpec, index: usize, at: &At<'_>) -> Result<HttpRoute, 
                 Some(BodySpec {
                     string: None,
                     bytes: Some(b),
-                }) => base64_decode(&b).ok_or_else(|| at.at("body.bytes").err("not base64"))?,
+                }) => {
+                    use base64::Engine;
+                    base64::engine::general_purpose::STANDARD
+                        .decode(b.trim())
+                        .map_err(|e| at.at("body.bytes").err(format!("not base64: {e}")))?
+                }
                 Some(_) => return Err(at.at("body").err("set one of string and bytes")),
             };
             HttpAction::DirectResponse { status, body }
@@ -1189,27 +1194,6 @@ fn envoy_substitution(s: &str) -> String {
     out
 }
 
-fn base64_decode(s: &str) -> Option<Vec<u8>> {
-    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = Vec::with_capacity(s.len() * 3 / 4);
-    let mut acc = 0u32;
-    let mut bits = 0;
-    for b in s.bytes().filter(|b| !b.is_ascii_whitespace()) {
-        if b == b'=' {
-            break;
-        }
-        let v = ALPHABET.iter().position(|&a| a == b)? as u32;
-        acc = (acc << 6) | v;
-        bits += 6;
-        if bits >= 8 {
-            bits -= 8;
-            out.push((acc >> bits) as u8);
-            acc &= (1 << bits) - 1;
-        }
-    }
-    Some(out)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1269,6 +1253,5 @@ mod tests {
     #[test]
     fn envoy_group_references_become_regex_crate_ones() {
         assert_eq!(envoy_substitution(r"/v2/\1"), "/v2/${1}");
-        assert_eq!(base64_decode("aGVsbG8=").unwrap(), b"hello");
     }
 }
