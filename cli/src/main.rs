@@ -174,7 +174,7 @@ struct QueryArgs {
     #[arg(long, env = "LUMEN_PG_PASSWORD", hide_env_values = true)]
     pg_password: Option<String>,
     /// Query service settings: a YAML file with a `kind: QueryService`
-    /// resource (see README); the --query-* flags override it.
+    /// resource (see docs/query.md); the --query-* flags override it.
     #[arg(long = "query-config", value_name = "FILE")]
     query_config: Option<PathBuf>,
     /// Threads that execute queries, apart from those serving ingest; they
