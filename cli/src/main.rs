@@ -19,6 +19,8 @@ use lumen_query::pg::PgServer;
 use lumen_query::{QueryConfig, QueryEngine, QueryServer, QuerySettings};
 use tokio::sync::watch;
 
+mod configure;
+
 /// Every request allocates a handful of small objects on one thread and
 /// frees some on another (the telemetry exporter); mimalloc keeps both cheap.
 #[global_allocator]
@@ -83,6 +85,17 @@ enum Command {
     Sql(SqlArgs),
     /// Validate mesh configuration files.
     Check(CheckArgs),
+    /// Run the control plane alone: it streams configuration to proxies
+    /// started with `--control`.
+    Control(configure::ControlArgs),
+    /// Create or replace resources in the running control plane.
+    Apply(configure::ApplyArgs),
+    /// Delete resources from the running control plane.
+    Delete(configure::DeleteArgs),
+    /// List the control plane's resources.
+    Get(configure::GetArgs),
+    /// Which proxy runs which configuration version (as `istioctl proxy-status`).
+    ProxyStatus(configure::ProxyStatusArgs),
 }
 
 /// How often configuration files are checked for changes: a change
@@ -395,9 +408,12 @@ struct QueryServiceArgs {
 struct UpArgs {
     /// Mesh configuration: files or directories of YAML resources (Lumen's
     /// Mesh, Istio's VirtualService, DestinationRule, ServiceEntry,
-    /// Gateway); repeatable; watched, changes apply within a second.
-    #[arg(short = 'f', long = "file", required = true)]
+    /// Gateway); repeatable; watched, changes reach proxies within a second.
+    /// Resources can also be applied later with `lumen apply`.
+    #[arg(short = 'f', long = "file")]
     file: Vec<PathBuf>,
+    #[command(flatten)]
+    control: configure::ControlPlaneArgs,
     /// Where the WAL lives, and the Parquet files unless --store says.
     #[arg(long, default_value = "lumen-data")]
     data_dir: PathBuf,
@@ -448,9 +464,14 @@ struct ProxyArgs {
     locality: Option<String>,
     /// Mesh configuration that outbound requests are routed by: files or
     /// directories (Mesh and Istio networking resources); repeatable;
-    /// reloaded on change.
-    #[arg(short = 'f', long = "file")]
+    /// reloaded on change. For a proxy without a control plane.
+    #[arg(short = 'f', long = "file", conflicts_with = "control")]
     file: Vec<PathBuf>,
+    /// Get configuration from the control plane at this address
+    /// (`host:port`): streamed, acknowledged, the last good one kept while
+    /// it is unreachable.
+    #[arg(long)]
+    control: Option<String>,
     /// Outbound listener: the app sends its calls here.
     #[arg(long, default_value = "127.0.0.1:15001")]
     outbound: SocketAddr,
@@ -648,6 +669,11 @@ fn main() -> ExitCode {
             Command::Demo(a) => demo(a).await,
             Command::Sql(a) => sql(a).await,
             Command::Check(a) => check(a),
+            Command::Control(a) => control(a).await,
+            Command::Apply(a) => configure::apply(a).await,
+            Command::Delete(a) => configure::delete(a).await,
+            Command::Get(a) => configure::get(a).await,
+            Command::ProxyStatus(a) => configure::proxy_status(a).await,
         }
     });
     match result {
@@ -660,6 +686,14 @@ fn main() -> ExitCode {
 }
 
 /// Resolves once the flag turns true (or its sender is gone).
+/// A random id for this process's proxy node.
+fn rand_id() -> u32 {
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    t ^ std::process::id().rotate_left(16)
+}
+
 async fn until(mut rx: watch::Receiver<bool>) {
     let _ = rx.wait_for(|s| *s).await;
 }
@@ -667,13 +701,15 @@ async fn until(mut rx: watch::Receiver<bool>) {
 async fn up(a: UpArgs) -> Result<()> {
     init_logging("info");
     let query_config = a.store.query.query_config(Some(&a.data_dir))?;
-    let discovery = lumen_control::FileDiscovery::open(&a.file)?;
-    let mesh = discovery.current();
-    tracing::info!(
-        files = ?a.file,
-        services = mesh.services.len(),
-        "mesh config loaded"
-    );
+    let (stop, stop_rx) = watch::channel(false);
+    let (_, _, control_tasks) = configure::start(
+        &a.file,
+        Some(a.data_dir.join("control").join("resources.json")),
+        a.control.control_addr,
+        CONFIG_POLL,
+        &stop_rx,
+    )
+    .await?;
     let collector = Collector::open(
         a.store
             .collector_config(a.data_dir.clone(), a.flush_interval)?,
@@ -693,7 +729,6 @@ async fn up(a: UpArgs) -> Result<()> {
     let engine =
         QueryEngine::new(collector.store(), query_config).context("starting the query executor")?;
     let servers = QueryServers::bind(&a.store.query, engine).await?;
-    let (stop, stop_rx) = watch::channel(false);
     tracing::info!(
         otlp_grpc = %fmt_addr(collector.otlp_grpc_addr()),
         otlp_http = %fmt_addr(collector.otlp_http_addr()),
@@ -703,18 +738,39 @@ async fn up(a: UpArgs) -> Result<()> {
         data_dir = %a.data_dir.display(),
         "lumen is up"
     );
-    let discovery_task = tokio::spawn(discovery.watch(CONFIG_POLL, stop_rx.clone()));
     let collector_task = tokio::spawn(collector.run(until(stop_rx.clone())));
     let serving = servers.spawn(&stop_rx);
     shutdown_signal().await;
     tracing::info!("shutting down");
     let _ = stop.send(true);
-    let _ = discovery_task.await;
+    for t in control_tasks {
+        let _ = t.await;
+    }
     let collected = collector_task.await.context("collector task")?;
     let served = serving.join().await;
     collected?;
     served?;
     tracing::info!("stopped cleanly");
+    Ok(())
+}
+
+async fn control(a: configure::ControlArgs) -> Result<()> {
+    init_logging("info");
+    let (stop, stop_rx) = watch::channel(false);
+    let (_, _, tasks) = configure::start(
+        &a.file,
+        Some(a.data_dir.join("resources.json")),
+        a.listen.control_addr,
+        CONFIG_POLL,
+        &stop_rx,
+    )
+    .await?;
+    shutdown_signal().await;
+    tracing::info!("shutting down");
+    let _ = stop.send(true);
+    for t in tasks {
+        let _ = t.await;
+    }
     Ok(())
 }
 
@@ -844,17 +900,44 @@ async fn proxy(a: ProxyArgs) -> Result<()> {
         bail!("--app is required for the inbound listener (or pass --no-inbound)");
     }
     let (stop, stop_rx) = watch::channel(false);
-    let (mesh_rx, discovery_task) = match a.file.is_empty() {
-        false => {
+    let (mesh_rx, discovery_task) = match (&a.control, a.file.is_empty()) {
+        (Some(control), _) => {
+            let (tx, mut rx) = watch::channel(Arc::<lumen_core::MeshConfig>::default());
+            let node = lumen_core::control::v1::Node {
+                id: format!("{}-{:08x}", config.identity.workload, rand_id()),
+                service: config.identity.service.to_string(),
+                namespace: config.identity.namespace.to_string(),
+                workload: config.identity.workload.to_string(),
+                version: config.identity.version.to_string(),
+            };
+            let url = configure::endpoint_url(control);
+            let task = tokio::spawn(lumen_proxy::subscribe::follow(
+                url.clone(),
+                node,
+                tx,
+                stop_rx.clone(),
+            ));
+            // Like Envoy before its first config: not ready, not serving.
+            tracing::info!(control = %url, "waiting for the first configuration from the control plane");
+            tokio::select! {
+                _ = rx.changed() => {}
+                () = shutdown_signal() => return Ok(()),
+            }
+            rx.borrow_and_update();
+            (rx, Some(task))
+        }
+        (None, false) => {
             let discovery = lumen_control::FileDiscovery::open(&a.file)?;
             let rx = discovery.subscribe();
             let task = tokio::spawn(discovery.watch(CONFIG_POLL, stop_rx.clone()));
             (rx, Some(task))
         }
-        true if config.outbound.is_some() => {
-            bail!("-f <mesh.yaml> is required to route outbound calls (or pass --no-outbound)")
+        (None, true) if config.outbound.is_some() => {
+            bail!(
+                "-f <mesh.yaml> or --control <address> is required to route outbound calls (or pass --no-outbound)"
+            )
         }
-        true => (watch::channel(Arc::default()).1, None),
+        (None, true) => (watch::channel(Arc::default()).1, None),
     };
     let proxy = Proxy::bind(config, mesh_rx).await?;
     tracing::info!(

@@ -119,24 +119,13 @@ impl FileDiscovery {
 
     /// Polls the files every `interval` until `shutdown` turns true;
     /// publishes each valid change, keeps the last valid config otherwise.
-    pub async fn watch(self, interval: Duration, mut shutdown: watch::Receiver<bool>) {
-        let mut last_seen = self.signature();
-        let mut tick = tokio::time::interval(interval);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = tick.tick() => {}
-                _ = shutdown.wait_for(|s| *s) => return,
-            }
-            let now = self.signature();
-            if now == last_seen {
-                continue;
-            }
-            last_seen = now;
+    pub async fn watch(self, interval: Duration, shutdown: watch::Receiver<bool>) {
+        on_change(&self.paths, interval, shutdown, || {
             match load(&self.paths) {
                 Ok(mesh) if *self.tx.borrow().as_ref() == mesh => {}
                 Ok(mesh) => {
                     tracing::info!(
+                        version = %mesh.version,
                         services = mesh.services.len(),
                         virtual_services = mesh.virtual_services.len(),
                         destination_rules = mesh.destination_rules.len(),
@@ -149,22 +138,84 @@ impl FileDiscovery {
                     "mesh config change rejected; the last valid config stays in force"
                 ),
             }
+        })
+        .await
+    }
+}
+
+type Signature = Vec<(PathBuf, Option<(SystemTime, u64)>)>;
+
+/// What changes when a file is edited, added or removed.
+fn signature(paths: &[PathBuf]) -> Signature {
+    config_files(paths)
+        .unwrap_or_default()
+        .into_iter()
+        .map(|p| {
+            let m = std::fs::metadata(&p)
+                .ok()
+                .and_then(|m| Some((m.modified().ok()?, m.len())));
+            (p, m)
+        })
+        .collect()
+}
+
+/// Calls `changed` each time the files' signature changes (polled every
+/// `interval`), until `shutdown` turns true.
+async fn on_change(
+    paths: &[PathBuf],
+    interval: Duration,
+    mut shutdown: watch::Receiver<bool>,
+    mut changed: impl FnMut(),
+) {
+    let mut last_seen = signature(paths);
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = shutdown.wait_for(|s| *s) => return,
+        }
+        let now = signature(paths);
+        if now != last_seen {
+            last_seen = now;
+            changed();
         }
     }
+}
 
-    /// What changes when a file is edited, added or removed.
-    fn signature(&self) -> Vec<(PathBuf, Option<(SystemTime, u64)>)> {
-        config_files(&self.paths)
-            .unwrap_or_default()
-            .into_iter()
-            .map(|p| {
-                let m = std::fs::metadata(&p)
-                    .ok()
-                    .and_then(|m| Some((m.modified().ok()?, m.len())));
-                (p, m)
-            })
-            .collect()
-    }
+/// Feeds a control plane's store from files: each valid change replaces
+/// what the files held before; an invalid one is logged and left out.
+pub async fn feed_store(
+    paths: Vec<PathBuf>,
+    store: Arc<crate::store::ConfigStore>,
+    interval: Duration,
+    shutdown: watch::Receiver<bool>,
+) {
+    let mut held: Vec<lumen_core::resource::ResourceKey> = load_resources(&paths)
+        .map(|rs| rs.iter().map(Resource::key).collect())
+        .unwrap_or_default();
+    on_change(&paths, interval, shutdown, || {
+        let loaded = load_resources(&paths)
+            .map_err(|e| e.to_string())
+            .and_then(|rs| {
+                let keys: Vec<_> = rs.iter().map(Resource::key).collect();
+                store
+                    .replace_files(&held, rs)
+                    .map(|v| (keys, v))
+                    .map_err(|e| e.to_string())
+            });
+        match loaded {
+            Ok((keys, version)) => {
+                tracing::info!(%version, "configuration files reloaded");
+                held = keys;
+            }
+            Err(e) => tracing::error!(
+                error = %e,
+                "configuration change rejected; the last valid config stays in force"
+            ),
+        }
+    })
+    .await
 }
 
 #[cfg(test)]

@@ -2,12 +2,19 @@
 //! reaches proxies.
 //!
 //! [`discovery`] reads the mesh's files (YAML in Kubernetes resource form:
-//! Lumen's `Mesh` and Istio's networking kinds, in files or directories),
-//! validates them together through `lumen-core`, and publishes immutable snapshots on a
-//! `watch` channel; proxies swap their routing table when a new snapshot
-//! arrives. An invalid edit is logged with file, field and reason, and the
-//! last valid configuration stays in force.
+//! Lumen's `Mesh` and Istio's networking kinds, in files or directories)
+//! and watches them. [`store`] holds the control plane's one set of
+//! resources — from the files and from `lumen apply / delete` — valid as a
+//! whole, kept on disk, published as versioned snapshots. [`server`]
+//! streams each snapshot to every connected proxy over gRPC with xDS's
+//! acknowledgements (version, nonce, ACK / NACK) and answers `apply`,
+//! `delete`, `get` and `proxy-status`. An invalid change is refused with
+//! file, resource, field and reason; the last valid configuration stays.
 
 pub mod discovery;
+pub mod server;
+pub mod store;
 
-pub use discovery::{ControlError, FileDiscovery, load, load_file};
+pub use discovery::{ControlError, FileDiscovery, feed_store, load, load_file};
+pub use server::ControlService;
+pub use store::{ConfigStore, Published, StoreError};

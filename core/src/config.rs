@@ -420,6 +420,9 @@ impl Service {
 /// Istio's networking resources over them.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct MeshConfig {
+    /// The configuration version this mesh is (the control plane's, or one
+    /// made from the files); empty when nothing named it.
+    pub version: String,
     pub services: Vec<Service>,
     pub virtual_services: Vec<VirtualService>,
     pub destination_rules: Vec<DestinationRule>,
@@ -547,6 +550,7 @@ impl MeshConfig {
         }
         let file = resources.first().map_or("", |r| r.origin.as_str());
         let mut mesh = Self::from_services(file, services)?;
+        mesh.version = crate::resource::content_version(resources);
         mesh.virtual_services = virtual_services;
         mesh.destination_rules = destination_rules;
         mesh.gateways = gateways;

@@ -13,6 +13,8 @@
 //! - [`config`]: the validated mesh — Lumen's `Mesh` registry and Istio's
 //!   resources over it, checked together — with errors naming file,
 //!   resource, field and reason.
+//! - [`control`]: the control stream's protobuf API (snapshots with xDS's
+//!   version / nonce / ACK / NACK, apply, delete, get, proxy status).
 //! - [`thread`]: the one scheduling hint background threads share.
 //! - [`istio`]: Istio's standard metric labels, from a record or a rollup key.
 //! - [`sketch`]: the mergeable latency sketch (DDSketch, 1 % relative
@@ -25,6 +27,7 @@
 //! agree on names through this crate.
 
 pub mod config;
+pub mod control;
 pub mod istio;
 pub mod load;
 pub mod networking;

@@ -183,6 +183,27 @@ fn without_nulls(v: serde_json::Value) -> serde_json::Value {
     }
 }
 
+/// A version naming a set of resources by their content (order aside):
+/// the same resources give the same version in every process and across
+/// restarts, so a proxy that already runs them is seen to.
+pub fn content_version(resources: &[Resource]) -> String {
+    let mut keyed: Vec<(ResourceKey, String)> = resources
+        .iter()
+        .map(|r| {
+            (
+                r.key(),
+                format!("{}|{}|{:?}", r.api_version, r.spec, r.labels),
+            )
+        })
+        .collect();
+    keyed.sort();
+    let mut text = String::new();
+    for (k, v) in keyed {
+        text.push_str(&format!("{k}\n{v}\n"));
+    }
+    format!("{:016x}", twox_hash::XxHash64::oneshot(0, text.as_bytes()))
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 struct Envelope {

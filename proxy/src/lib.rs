@@ -37,6 +37,7 @@ pub mod reply;
 pub mod request;
 pub mod retry;
 pub mod route;
+pub mod subscribe;
 pub mod tcp;
 pub mod telemetry;
 pub mod trace;
@@ -45,7 +46,7 @@ pub mod tunnel;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -57,6 +58,16 @@ use crate::context::{Shared, Side};
 use crate::endpoint::Registry;
 use crate::route::{Caller, RoutingTable};
 use crate::telemetry::{Metrics, Telemetry, TelemetryConfig};
+
+/// The version to show for a snapshot: the one it carries, or a local
+/// count for snapshots built in code without one.
+fn version_of(carried: &str, local: &AtomicU64) -> String {
+    if carried.is_empty() {
+        format!("local-{}", local.fetch_add(1, Ordering::Relaxed) + 1)
+    } else {
+        carried.to_string()
+    }
+}
 
 /// Errors starting or running a proxy.
 #[derive(Debug, thiserror::Error)]
@@ -212,11 +223,12 @@ impl Proxy {
         let registry = Arc::new(Registry::new(config.connect_timeout));
         let caller = Caller::of(&config.identity, &config.labels, config.locality.clone());
         let first = RoutingTable::new(mesh.borrow_and_update().clone(), &caller, &registry, None);
+        let first_version = first.mesh().version.clone();
         let shared = Arc::new(Shared {
             identity: config.identity.clone(),
             identity_header,
             routes: ArcSwap::from_pointee(first),
-            config_version: ArcSwap::from_pointee("local-1".to_string()),
+            config_version: ArcSwap::from_pointee(version_of(&first_version, &AtomicU64::new(0))),
             registry: registry.clone(),
             telemetry: Arc::new(telemetry),
             app: config.app.map(|address| attempt::App {
@@ -244,7 +256,7 @@ impl Proxy {
         {
             let shared = shared.clone();
             let mut stop = stop_rx.clone();
-            let versions = std::sync::atomic::AtomicU64::new(1);
+            let versions = AtomicU64::new(1);
             tasks.spawn(async move {
                 loop {
                     tokio::select! {
@@ -255,9 +267,9 @@ impl Proxy {
                             // serving until the swap: no request sees half.
                             let next = RoutingTable::new(snapshot, &caller, &shared.registry, Some(&shared.routes.load()));
                             shared.routes.store(Arc::new(next));
-                            let n = versions.fetch_add(1, Ordering::Relaxed) + 1;
-                            shared.config_version.store(Arc::new(format!("local-{n}")));
-                            tracing::info!(version = n, "mesh config updated");
+                            let version = version_of(&shared.routes.load().mesh().version, &versions);
+                            tracing::info!(%version, "mesh config updated");
+                            shared.config_version.store(Arc::new(version));
                         }
                         _ = stop.wait_for(|s| *s) => break,
                     }

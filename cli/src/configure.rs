@@ -1,0 +1,313 @@
+//! The control plane's commands: `lumen control` (the control plane alone),
+//! and its clients `lumen apply`, `delete`, `get` and `proxy-status`, which
+//! find it at 127.0.0.1:15010 unless `--control` says otherwise — so they
+//! work against `lumen up` and `lumen demo` with no flags.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{Context, Result, bail};
+use clap::Args;
+use lumen_control::{ConfigStore, ControlService};
+use lumen_core::control::v1::control_plane_client::ControlPlaneClient;
+use lumen_core::control::{self, v1};
+use lumen_core::resource::{Kind, Resource, parse_resources};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+/// Where the control plane listens, for the servers that run one.
+#[derive(Args, Clone)]
+pub struct ControlPlaneArgs {
+    /// The control plane's gRPC port: proxies' config streams, `lumen apply`.
+    #[arg(long, default_value = control::DEFAULT_ADDR)]
+    pub control_addr: SocketAddr,
+}
+
+/// `lumen control`.
+#[derive(Args)]
+pub struct ControlArgs {
+    /// Configuration files or directories (Mesh, Istio networking kinds);
+    /// repeatable; watched.
+    #[arg(short = 'f', long = "file")]
+    pub file: Vec<PathBuf>,
+    #[command(flatten)]
+    pub listen: ControlPlaneArgs,
+    /// Where the configuration applied with `lumen apply` is kept across
+    /// restarts.
+    #[arg(long, default_value = "lumen-control-data")]
+    pub data_dir: PathBuf,
+}
+
+/// How a client finds the control plane.
+#[derive(Args, Clone)]
+pub struct ControlClientArgs {
+    /// The control plane (`host:port` or `http://host:port`).
+    #[arg(long, default_value = control::DEFAULT_ADDR)]
+    pub control: String,
+}
+
+impl ControlClientArgs {
+    async fn connect(&self) -> Result<ControlPlaneClient<tonic::transport::Channel>> {
+        let url = endpoint_url(&self.control);
+        ControlPlaneClient::connect(url.clone())
+            .await
+            .with_context(|| format!("cannot reach the control plane at {url} (is `lumen up`, `lumen demo` or `lumen control` running? --control to change)"))
+    }
+}
+
+/// `host:port` as the `http://` URL gRPC dials.
+pub fn endpoint_url(addr: &str) -> String {
+    if addr.contains("://") {
+        addr.to_string()
+    } else {
+        format!("http://{addr}")
+    }
+}
+
+#[derive(Args)]
+pub struct ApplyArgs {
+    /// Files or directories of resources to create or replace.
+    #[arg(short = 'f', long = "file", required = true)]
+    pub file: Vec<PathBuf>,
+    /// Validate against the running configuration without applying.
+    #[arg(long)]
+    pub dry_run: bool,
+    #[command(flatten)]
+    pub client: ControlClientArgs,
+}
+
+#[derive(Args)]
+pub struct DeleteArgs {
+    /// Files or directories naming the resources to delete.
+    #[arg(short = 'f', long = "file", conflicts_with_all = ["kind", "name"])]
+    pub file: Vec<PathBuf>,
+    /// A kind (`vs`, `virtualservice`, `dr`, …), with NAME.
+    pub kind: Option<String>,
+    pub name: Option<String>,
+    #[arg(short = 'n', long, default_value = lumen_core::config::DEFAULT_NAMESPACE)]
+    pub namespace: String,
+    #[command(flatten)]
+    pub client: ControlClientArgs,
+}
+
+#[derive(Args)]
+pub struct GetArgs {
+    /// A kind (`vs`, `dr`, `se`, `gw`, `mesh`, or `all`).
+    #[arg(default_value = "all")]
+    pub kind: String,
+    /// Only this namespace [default: all].
+    #[arg(short = 'n', long)]
+    pub namespace: Option<String>,
+    /// `table`, `yaml` or `json`.
+    #[arg(short = 'o', long, default_value = "table")]
+    pub output: String,
+    #[command(flatten)]
+    pub client: ControlClientArgs,
+}
+
+#[derive(Args)]
+pub struct ProxyStatusArgs {
+    #[command(flatten)]
+    pub client: ControlClientArgs,
+}
+
+/// A control plane serving `files` (and what was applied before, kept in
+/// `persist`) on `addr` until `stop`: the listener's address and the
+/// serving and file-watching tasks.
+pub async fn start(
+    files: &[PathBuf],
+    persist: Option<PathBuf>,
+    addr: SocketAddr,
+    poll: std::time::Duration,
+    stop: &watch::Receiver<bool>,
+) -> Result<(SocketAddr, Arc<ConfigStore>, Vec<JoinHandle<()>>)> {
+    let resources = lumen_control::discovery::load_resources(files)?;
+    if let Some(dir) = persist.as_ref().and_then(|p| p.parent()) {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let store = Arc::new(ConfigStore::open(resources, persist)?);
+    let listener = TcpListener::bind(addr).await.with_context(|| {
+        format!("cannot listen on {addr} (control plane; --control-addr to change)")
+    })?;
+    let local = listener.local_addr()?;
+    let mut tasks = Vec::new();
+    let mut s = stop.clone();
+    let service = ControlService::new(store.clone());
+    tasks.push(tokio::spawn(async move {
+        let shutdown = async move {
+            let _ = s.wait_for(|s| *s).await;
+        };
+        if let Err(e) = lumen_control::server::serve(listener, service, shutdown).await {
+            tracing::error!(error = %e, "control plane server failed");
+        }
+    }));
+    if !files.is_empty() {
+        tasks.push(tokio::spawn(lumen_control::feed_store(
+            files.to_vec(),
+            store.clone(),
+            poll,
+            stop.clone(),
+        )));
+    }
+    let current = store.current();
+    tracing::info!(
+        control = %local,
+        version = %current.version,
+        services = current.mesh.services.len(),
+        virtual_services = current.mesh.virtual_services.len(),
+        destination_rules = current.mesh.destination_rules.len(),
+        "control plane serving"
+    );
+    Ok((local, store, tasks))
+}
+
+fn read_resources(paths: &[PathBuf]) -> Result<Vec<Resource>> {
+    let mut out = Vec::new();
+    for file in lumen_control::discovery::config_files(paths)? {
+        let text = std::fs::read_to_string(&file)
+            .with_context(|| format!("cannot read {}", file.display()))?;
+        out.extend(parse_resources(&file.display().to_string(), &text)?);
+    }
+    if out.is_empty() {
+        bail!("no resources in {paths:?}");
+    }
+    Ok(out)
+}
+
+fn refused(s: tonic::Status) -> anyhow::Error {
+    anyhow::anyhow!("{}", s.message())
+}
+
+pub async fn apply(a: ApplyArgs) -> Result<()> {
+    let resources = read_resources(&a.file)?;
+    let mut client = a.client.connect().await?;
+    let reply = client
+        .apply(v1::ApplyRequest {
+            resources: resources.iter().map(v1::Resource::from).collect(),
+            dry_run: a.dry_run,
+        })
+        .await
+        .map_err(refused)?
+        .into_inner();
+    for line in reply.results {
+        println!("{line}");
+    }
+    eprintln!("configuration version {}", reply.version);
+    Ok(())
+}
+
+pub async fn delete(a: DeleteArgs) -> Result<()> {
+    let keys: Vec<v1::ResourceKey> = match (&a.kind, &a.name) {
+        (Some(kind), Some(name)) => {
+            let kind = Kind::parse(kind).with_context(|| format!("unknown kind `{kind}`"))?;
+            vec![v1::ResourceKey {
+                kind: kind.as_str().into(),
+                namespace: a.namespace.clone(),
+                name: name.clone(),
+            }]
+        }
+        (None, None) if !a.file.is_empty() => read_resources(&a.file)?
+            .iter()
+            .map(|r| v1::ResourceKey::from(&r.key()))
+            .collect(),
+        _ => bail!("name what to delete: -f FILE…, or KIND NAME"),
+    };
+    let mut client = a.client.connect().await?;
+    let reply = client
+        .delete(v1::DeleteRequest { keys })
+        .await
+        .map_err(refused)?
+        .into_inner();
+    for line in reply.results {
+        println!("{line}");
+    }
+    eprintln!("configuration version {}", reply.version);
+    Ok(())
+}
+
+pub async fn get(a: GetArgs) -> Result<()> {
+    let mut client = a.client.connect().await?;
+    let reply = client
+        .get(v1::GetRequest {
+            kind: a.kind.clone(),
+            namespace: a.namespace.clone().unwrap_or_default(),
+        })
+        .await
+        .map_err(refused)?
+        .into_inner();
+    let resources: Vec<Resource> = reply
+        .resources
+        .iter()
+        .map(Resource::try_from)
+        .collect::<Result<_, _>>()?;
+    let documents: Vec<serde_json::Value> = resources
+        .iter()
+        .map(|r| {
+            let mut metadata = serde_json::json!({"name": r.name, "namespace": r.namespace});
+            if !r.labels.is_empty() {
+                metadata["labels"] = serde_json::json!(r.labels);
+            }
+            serde_json::json!({
+                "apiVersion": r.api_version,
+                "kind": r.kind.as_str(),
+                "metadata": metadata,
+                "spec": r.spec,
+            })
+        })
+        .collect();
+    match a.output.as_str() {
+        "json" => println!("{}", serde_json::to_string_pretty(&documents)?),
+        "yaml" => {
+            for d in &documents {
+                print!("---\n{}", serde_yaml_ng::to_string(d)?);
+            }
+        }
+        "table" => {
+            println!("{:<16} {:<12} {:<28} ORIGIN", "KIND", "NAMESPACE", "NAME");
+            for r in &resources {
+                println!(
+                    "{:<16} {:<12} {:<28} {}",
+                    r.kind.as_str(),
+                    r.namespace,
+                    r.name,
+                    r.origin
+                );
+            }
+        }
+        other => bail!("unknown output `{other}`: table, yaml or json"),
+    }
+    eprintln!("configuration version {}", reply.version);
+    Ok(())
+}
+
+pub async fn proxy_status(a: ProxyStatusArgs) -> Result<()> {
+    let mut client = a.client.connect().await?;
+    let reply = client
+        .proxy_status(v1::ProxyStatusRequest {})
+        .await
+        .map_err(refused)?
+        .into_inner();
+    println!("{:<36} {:<18} {:<18} STATUS", "PROXY", "SENT", "ACKED");
+    for p in &reply.proxies {
+        let id = p.node.as_ref().map_or("", |n| n.id.as_str());
+        let status = if !p.nack_error.is_empty() {
+            format!("NACK: {}", p.nack_error)
+        } else if p.acked_version == reply.version {
+            "SYNCED".to_string()
+        } else {
+            "STALE".to_string()
+        };
+        println!(
+            "{id:<36} {:<18} {:<18} {status}",
+            p.sent_version, p.acked_version
+        );
+    }
+    eprintln!(
+        "control plane version {}, {} proxies",
+        reply.version,
+        reply.proxies.len()
+    );
+    Ok(())
+}

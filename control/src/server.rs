@@ -1,0 +1,230 @@
+//! The control plane's gRPC service: one `StreamConfig` call per proxy
+//! carrying versioned snapshots down and acknowledgements up (xDS's
+//! version / nonce / ACK / NACK), plus the calls behind `lumen apply`,
+//! `delete`, `get` and `proxy-status`.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use lumen_core::control::v1::control_plane_server::{ControlPlane, ControlPlaneServer};
+use lumen_core::control::v1::{self, ProxyMessage, Snapshot};
+use lumen_core::resource::{Kind, Resource, ResourceKey};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::store::{ConfigStore, StoreError};
+
+/// The service over a [`ConfigStore`].
+#[derive(Clone)]
+pub struct ControlService {
+    store: Arc<ConfigStore>,
+    proxies: Arc<Mutex<BTreeMap<String, v1::ProxyState>>>,
+    nonces: Arc<AtomicU64>,
+}
+
+impl ControlService {
+    pub fn new(store: Arc<ConfigStore>) -> Self {
+        ControlService {
+            store,
+            proxies: Default::default(),
+            nonces: Arc::new(AtomicU64::new(0)),
+        }
+    }
+
+    pub fn into_server(self) -> ControlPlaneServer<Self> {
+        ControlPlaneServer::new(self)
+    }
+
+    fn update(&self, id: &str, f: impl FnOnce(&mut v1::ProxyState)) {
+        let mut proxies = self.proxies.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(p) = proxies.get_mut(id) {
+            f(p);
+        }
+    }
+}
+
+fn status_of(e: StoreError) -> Status {
+    match e {
+        StoreError::Invalid(e) => Status::invalid_argument(e.to_string()),
+        StoreError::NotFound(k) => Status::not_found(format!("{k} not found")),
+        e @ StoreError::Persist { .. } => Status::internal(e.to_string()),
+    }
+}
+
+fn resources(wire: &[v1::Resource]) -> Result<Vec<Resource>, Status> {
+    wire.iter()
+        .map(|r| Resource::try_from(r).map_err(|e| Status::invalid_argument(e.to_string())))
+        .collect()
+}
+
+#[tonic::async_trait]
+impl ControlPlane for ControlService {
+    type StreamConfigStream = ReceiverStream<Result<Snapshot, Status>>;
+
+    async fn stream_config(
+        &self,
+        request: Request<Streaming<ProxyMessage>>,
+    ) -> Result<Response<Self::StreamConfigStream>, Status> {
+        let mut inbound = request.into_inner();
+        let first = inbound
+            .message()
+            .await?
+            .ok_or_else(|| Status::invalid_argument("the stream ended before naming its proxy"))?;
+        let node = first.node.ok_or_else(|| {
+            Status::invalid_argument("the first message must name the proxy (node)")
+        })?;
+        if node.id.is_empty() {
+            return Err(Status::invalid_argument("node.id must not be empty"));
+        }
+        let id = node.id.clone();
+        let connected_at_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as i64);
+        self.proxies
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(
+                id.clone(),
+                v1::ProxyState {
+                    node: Some(node),
+                    connected_at_ms,
+                    // A reconnecting proxy says what it already runs.
+                    acked_version: first.version_info.clone(),
+                    ..Default::default()
+                },
+            );
+        tracing::info!(proxy = %id, "proxy connected");
+        let (tx, rx) = mpsc::channel(2);
+        let this = self.clone();
+        tokio::spawn(async move {
+            let mut published = this.store.subscribe();
+            'send: loop {
+                let snapshot = published.borrow_and_update().clone();
+                let nonce = this.nonces.fetch_add(1, Ordering::Relaxed).to_string();
+                let message = Snapshot {
+                    version_info: snapshot.version.clone(),
+                    nonce,
+                    resources: snapshot.resources.clone(),
+                };
+                if tx.send(Ok(message)).await.is_err() {
+                    break;
+                }
+                this.update(&id, |p| p.sent_version = snapshot.version.clone());
+                loop {
+                    tokio::select! {
+                        changed = published.changed() => {
+                            if changed.is_err() { break 'send; }
+                            continue 'send;
+                        }
+                        msg = inbound.message() => match msg {
+                            Ok(Some(m)) => this.update(&id, |p| {
+                                if m.error_detail.is_empty() {
+                                    p.acked_version = m.version_info;
+                                    p.nack_error.clear();
+                                } else {
+                                    tracing::warn!(proxy = %id, error = %m.error_detail, "proxy refused a snapshot (NACK)");
+                                    p.acked_version = m.version_info;
+                                    p.nack_error = m.error_detail;
+                                }
+                            }),
+                            Ok(None) | Err(_) => break 'send,
+                        },
+                    }
+                }
+            }
+            this.proxies
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&id);
+            tracing::info!(proxy = %id, "proxy disconnected");
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    async fn apply(
+        &self,
+        request: Request<v1::ApplyRequest>,
+    ) -> Result<Response<v1::ApplyResponse>, Status> {
+        let req = request.into_inner();
+        let list = resources(&req.resources)?;
+        if let Some(r) = list.iter().find(|r| !r.kind.is_mesh_config()) {
+            return Err(Status::invalid_argument(format!(
+                "{}: {} is not mesh configuration",
+                r.origin,
+                r.key()
+            )));
+        }
+        let (results, version) = self.store.apply(list, req.dry_run).map_err(status_of)?;
+        Ok(Response::new(v1::ApplyResponse { results, version }))
+    }
+
+    async fn delete(
+        &self,
+        request: Request<v1::DeleteRequest>,
+    ) -> Result<Response<v1::DeleteResponse>, Status> {
+        let keys: Vec<ResourceKey> = request
+            .into_inner()
+            .keys
+            .iter()
+            .map(|k| ResourceKey::try_from(k).map_err(Status::invalid_argument))
+            .collect::<Result<_, _>>()?;
+        let (results, version) = self.store.delete(keys).map_err(status_of)?;
+        Ok(Response::new(v1::DeleteResponse { results, version }))
+    }
+
+    async fn get(
+        &self,
+        request: Request<v1::GetRequest>,
+    ) -> Result<Response<v1::GetResponse>, Status> {
+        let req = request.into_inner();
+        let kind = match req.kind.as_str() {
+            "" | "all" => None,
+            k => Some(Kind::parse(k).ok_or_else(|| {
+                Status::invalid_argument(format!(
+                    "unknown kind `{k}`; Lumen has mesh, virtualservices (vs), destinationrules (dr), serviceentries (se), gateways (gw)"
+                ))
+            })?),
+        };
+        let namespace = (!req.namespace.is_empty()).then_some(req.namespace.as_str());
+        let list = self.store.get(kind, namespace);
+        Ok(Response::new(v1::GetResponse {
+            resources: list.iter().map(v1::Resource::from).collect(),
+            version: self.store.current().version.clone(),
+        }))
+    }
+
+    async fn proxy_status(
+        &self,
+        _request: Request<v1::ProxyStatusRequest>,
+    ) -> Result<Response<v1::ProxyStatusResponse>, Status> {
+        let proxies = self
+            .proxies
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        Ok(Response::new(v1::ProxyStatusResponse {
+            version: self.store.current().version.clone(),
+            proxies,
+        }))
+    }
+}
+
+/// Serves the control plane on `listener` until `shutdown` resolves.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    service: ControlService,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), tonic::transport::Error> {
+    tonic::transport::Server::builder()
+        .add_service(service.into_server())
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            shutdown,
+        )
+        .await
+}
