@@ -393,6 +393,8 @@ pub fn start_collector(
             "127.0.0.1:0",
             "--flight-sql-addr",
             "127.0.0.1:0",
+            "--control-addr",
+            "127.0.0.1:0",
         ])
         .args(extra);
     let mut p = Proc::spawn("lumen up", cmd, dir.join("lumen-up.log"))?;

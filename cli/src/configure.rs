@@ -113,17 +113,17 @@ pub struct ProxyStatusArgs {
     pub client: ControlClientArgs,
 }
 
-/// A control plane serving `files` (and what was applied before, kept in
-/// `persist`) on `addr` until `stop`: the listener's address and the
+/// A control plane serving `resources`, read from `files` and watched there
+/// (and what was applied before, kept in `persist`) on `addr` until `stop`: the listener's address and the
 /// serving and file-watching tasks.
 pub async fn start(
+    resources: Vec<Resource>,
     files: &[PathBuf],
     persist: Option<PathBuf>,
     addr: SocketAddr,
     poll: std::time::Duration,
     stop: &watch::Receiver<bool>,
 ) -> Result<(SocketAddr, Arc<ConfigStore>, Vec<JoinHandle<()>>)> {
-    let resources = lumen_control::discovery::load_resources(files)?;
     if let Some(dir) = persist.as_ref().and_then(|p| p.parent()) {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }

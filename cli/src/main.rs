@@ -701,15 +701,9 @@ async fn until(mut rx: watch::Receiver<bool>) {
 async fn up(a: UpArgs) -> Result<()> {
     init_logging("info");
     let query_config = a.store.query.query_config(Some(&a.data_dir))?;
-    let (stop, stop_rx) = watch::channel(false);
-    let (_, _, control_tasks) = configure::start(
-        &a.file,
-        Some(a.data_dir.join("control").join("resources.json")),
-        a.control.control_addr,
-        CONFIG_POLL,
-        &stop_rx,
-    )
-    .await?;
+    // The configuration is read (and refused when invalid) before anything
+    // binds; the control plane serves it once the rest is up.
+    let files = lumen_control::discovery::load_resources(&a.file)?;
     let collector = Collector::open(
         a.store
             .collector_config(a.data_dir.clone(), a.flush_interval)?,
@@ -729,6 +723,16 @@ async fn up(a: UpArgs) -> Result<()> {
     let engine =
         QueryEngine::new(collector.store(), query_config).context("starting the query executor")?;
     let servers = QueryServers::bind(&a.store.query, engine).await?;
+    let (stop, stop_rx) = watch::channel(false);
+    let (_, _, control_tasks) = configure::start(
+        files,
+        &a.file,
+        Some(a.data_dir.join("control").join("resources.json")),
+        a.control.control_addr,
+        CONFIG_POLL,
+        &stop_rx,
+    )
+    .await?;
     tracing::info!(
         otlp_grpc = %fmt_addr(collector.otlp_grpc_addr()),
         otlp_http = %fmt_addr(collector.otlp_http_addr()),
@@ -757,7 +761,9 @@ async fn up(a: UpArgs) -> Result<()> {
 async fn control(a: configure::ControlArgs) -> Result<()> {
     init_logging("info");
     let (stop, stop_rx) = watch::channel(false);
+    let files = lumen_control::discovery::load_resources(&a.file)?;
     let (_, _, tasks) = configure::start(
+        files,
         &a.file,
         Some(a.data_dir.join("resources.json")),
         a.listen.control_addr,

@@ -197,6 +197,8 @@ pub struct UpPorts {
     pub query: u16,
     pub pg: u16,
     pub flight_sql: u16,
+    /// The control plane (proxies' `--control`, `lumen apply --control`).
+    pub control: u16,
 }
 
 impl UpPorts {
@@ -207,7 +209,13 @@ impl UpPorts {
             query: free_port(),
             pg: free_port(),
             flight_sql: free_port(),
+            control: free_port(),
         }
+    }
+
+    /// `--control` for proxies and `lumen apply`.
+    pub fn control_addr(&self) -> String {
+        local(self.control).to_string()
     }
 
     pub fn sql_url(&self) -> String {
@@ -243,6 +251,8 @@ pub async fn start_up(
         local(ports.pg).to_string(),
         "--flight-sql-addr".into(),
         local(ports.flight_sql).to_string(),
+        "--control-addr".into(),
+        local(ports.control).to_string(),
     ];
     args.extend(extra.iter().map(|s| s.to_string()));
     let mut p = LumenProcess::spawn("lumen-up", log_dir, &args)?;
@@ -332,6 +342,7 @@ impl SidecarPorts {
 pub struct Sidecar<'a> {
     pub service: &'a str,
     pub version: &'a str,
+    /// Its configuration files; unused when `extra` has `--control`.
     pub mesh: &'a Path,
     pub ports: SidecarPorts,
     /// The local app; `None` runs the sidecar without an inbound listener.
@@ -351,8 +362,6 @@ impl Sidecar<'_> {
             self.service.into(),
             "--version".into(),
             self.version.into(),
-            "-f".into(),
-            self.mesh.display().to_string(),
             "--outbound".into(),
             local(self.ports.outbound).to_string(),
             "--admin".into(),
@@ -360,6 +369,10 @@ impl Sidecar<'_> {
             "--collector".into(),
             self.collector.into(),
         ];
+        // A sidecar of a control plane gets its config from it, not a file.
+        if !self.extra.contains(&"--control") {
+            args.extend(["-f".into(), self.mesh.display().to_string()]);
+        }
         // One worker, as the benchmarks run Envoy, unless the test asks.
         if !self.extra.contains(&"--workers") {
             args.extend(["--workers".into(), "1".into()]);

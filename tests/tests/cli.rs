@@ -153,7 +153,7 @@ fn a_bad_store_stops_lumen_up_naming_the_url_option_or_id() -> Result<()> {
             .arg(dir.path().join("data"))
             .args(["--otlp-grpc", any_port, "--otlp-http", any_port])
             .args(["--query-addr", any_port, "--pg-addr", any_port])
-            .args(["--flight-sql-addr", any_port])
+            .args(["--flight-sql-addr", any_port, "--control-addr", any_port])
             .args(store)
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::piped())
