@@ -462,6 +462,11 @@ struct ProxyArgs {
     /// balancing (DestinationRule `localityLbSetting`).
     #[arg(long)]
     locality: Option<String>,
+    /// Run as an ingress gateway: the outbound listener serves the Istio
+    /// Gateways whose selector matches this proxy's --label's and that have
+    /// a server on its port, routed by the VirtualServices bound to them.
+    #[arg(long)]
+    gateway: bool,
     /// Mesh configuration that outbound requests are routed by: files or
     /// directories (Mesh and Istio networking resources); repeatable;
     /// reloaded on change. For a proxy without a control plane.
@@ -883,6 +888,7 @@ async fn proxy(a: ProxyArgs) -> Result<()> {
     config.upstream_timeout = a.upstream_timeout;
     config.labels = a.labels.iter().cloned().collect();
     config.locality = a.locality.clone();
+    config.gateway = a.gateway;
     config.limits.request_headers_timeout = a.request_headers_timeout;
     config.limits.stream_idle_timeout = a.stream_idle_timeout;
     config.limits.idle_timeout = a.idle_timeout;

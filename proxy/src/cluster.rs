@@ -93,6 +93,8 @@ impl Drop for Connected {
 pub struct Cluster {
     /// Istio's cluster name: `outbound|9080|v1|reviews.default.svc.cluster.local`.
     pub name: Arc<str>,
+    /// The service's position in the mesh snapshot the cluster was built from.
+    pub service_index: usize,
     pub service: Arc<str>,
     pub namespace: Arc<str>,
     pub subset: Option<Arc<str>>,
@@ -119,6 +121,7 @@ impl Cluster {
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         name: Arc<str>,
+        service_index: usize,
         service: &lumen_core::Service,
         subset: Option<Arc<str>>,
         endpoints: Vec<ClusterEndpoint>,
@@ -159,6 +162,7 @@ impl Cluster {
         };
         Cluster {
             name,
+            service_index,
             service: service.name.clone(),
             namespace: service.namespace.clone(),
             subset,

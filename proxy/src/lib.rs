@@ -114,6 +114,10 @@ pub struct ProxyConfig {
     pub labels: std::collections::BTreeMap<String, String>,
     /// `region/zone/subzone`, for locality-aware balancing.
     pub locality: Option<String>,
+    /// Run as a gateway: the outbound listener serves the Gateways that
+    /// select this proxy's labels on its port, routed by the
+    /// VirtualServices bound to them.
+    pub gateway: bool,
 }
 
 impl ProxyConfig {
@@ -133,6 +137,7 @@ impl ProxyConfig {
             limits: limits::Limits::default(),
             labels: Default::default(),
             locality: None,
+            gateway: false,
         }
     }
 }
@@ -221,7 +226,13 @@ impl Proxy {
             )
         })?;
         let registry = Arc::new(Registry::new(config.connect_timeout));
-        let caller = Caller::of(&config.identity, &config.labels, config.locality.clone());
+        let mut caller = Caller::of(&config.identity, &config.labels, config.locality.clone());
+        if config.gateway {
+            caller.gateway_port = outbound
+                .as_ref()
+                .and_then(|l| l.local_addr().ok())
+                .map(|a| a.port());
+        }
         let first = RoutingTable::new(mesh.borrow_and_update().clone(), &caller, &registry, None);
         let first_version = first.mesh().version.clone();
         let shared = Arc::new(Shared {

@@ -97,11 +97,12 @@ pub async fn handle(
         Destination::App(_) => None,
     };
     if let (Some(r), Some(routed)) = (pending.record_mut(), &routed) {
-        let s = routed.service();
         // Workload and version are known once an endpoint is picked.
         r.destination = Workload::unknown();
-        r.destination.service = s.name.clone();
-        r.destination.namespace = s.namespace.clone();
+        if let Some(s) = routed.service() {
+            r.destination.service = s.name.clone();
+            r.destination.namespace = s.namespace.clone();
+        }
         r.route = routed.route.name.clone();
     }
     if let Some(routed) = &routed {
@@ -368,9 +369,10 @@ fn route<'a, B>(
 /// local app, the one its service declares in the mesh.
 fn protocol_of(shared: &Shared, destination: &Destination<'_>) -> lumen_core::UpstreamProtocol {
     match destination {
-        Destination::Service(r) => match &r.cluster {
-            Some(c) => c.protocol,
-            None => r.service().protocol,
+        Destination::Service(r) => match (&r.cluster, r.service()) {
+            (Some(c), _) => c.protocol,
+            (None, Some(s)) => s.protocol,
+            (None, None) => Default::default(),
         },
         Destination::App(_) => shared
             .routes
@@ -482,6 +484,9 @@ fn route_outbound<B>(
 ) -> Result<Routed, Refusal> {
     let table = shared.routes.load_full();
     let authority = authority_of(req);
+    if table.is_gateway() {
+        return route_at_gateway(&table, conn, req, authority);
+    }
     let Some(service) =
         table.service_index(authority, &shared.identity.namespace, conn.original_dst)
     else {
@@ -540,6 +545,47 @@ fn route_outbound<B>(
             destination: Some(destination),
         }),
     }
+}
+
+/// A gateway routes by the VirtualServices bound to it, whatever the host.
+fn route_at_gateway<B>(
+    table: &Arc<crate::route::RoutingTable>,
+    conn: &Connection,
+    req: &Request<B>,
+    authority: &str,
+) -> Result<Routed, Refusal> {
+    let view = RequestView {
+        method: req.method().as_str(),
+        path: req.uri().path(),
+        query: req.uri().query(),
+        authority,
+        scheme: req.uri().scheme_str().unwrap_or("http"),
+        headers: req.headers(),
+        port: Some(conn.local.port()),
+    };
+    table.route_gateway(&view).map_err(|why| {
+        let (status, flags, message) = match why {
+            NoRoute::NoEndpoints => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                ResponseFlags::NO_HEALTHY_UPSTREAM,
+                "no healthy upstream".to_string(),
+            ),
+            _ => (
+                StatusCode::NOT_FOUND,
+                ResponseFlags::NO_ROUTE,
+                format!(
+                    "no route: no VirtualService bound to this gateway matches `{authority}{}`",
+                    req.uri().path()
+                ),
+            ),
+        };
+        Refusal {
+            status,
+            flags,
+            message,
+            destination: None,
+        }
+    })
 }
 
 fn prepare_upstream_headers(

@@ -35,6 +35,10 @@ pub struct Caller {
     pub labels: BTreeMap<String, String>,
     /// `region/zone/subzone`.
     pub locality: Option<String>,
+    /// A gateway proxy: the port of its listener. It routes by the
+    /// VirtualServices bound to the Gateways that select it (by labels) and
+    /// have a server on this port, not by service names.
+    pub gateway_port: Option<u16>,
 }
 
 impl Caller {
@@ -51,6 +55,7 @@ impl Caller {
             namespace: w.namespace.to_string(),
             labels,
             locality,
+            gateway_port: None,
         }
     }
 }
@@ -90,6 +95,34 @@ struct TcpRoute {
     destinations: Vec<(Arc<Cluster>, u32)>,
 }
 
+/// A gateway's routes for one VirtualService host (`*` and `*.x` too).
+#[derive(Debug)]
+struct GatewayHost {
+    host: String,
+    routes: Vec<Arc<Route>>,
+}
+
+impl GatewayHost {
+    fn matches(&self, host: &str) -> bool {
+        match self.host.strip_prefix('*') {
+            None => self.host.eq_ignore_ascii_case(host),
+            Some("") => true,
+            Some(suffix) => {
+                host.len() > suffix.len()
+                    && host[host.len() - suffix.len()..].eq_ignore_ascii_case(suffix)
+            }
+        }
+    }
+
+    /// Exact hosts before wildcards, longer wildcards before shorter.
+    fn rank(&self) -> (bool, std::cmp::Reverse<usize>) {
+        (
+            self.host.starts_with('*'),
+            std::cmp::Reverse(self.host.len()),
+        )
+    }
+}
+
 #[derive(Debug, Default)]
 struct Host {
     http: Vec<Arc<Route>>,
@@ -103,6 +136,8 @@ struct Host {
 pub struct RoutingTable {
     mesh: Arc<MeshConfig>,
     hosts: Vec<Host>,
+    /// A gateway proxy's routes, by host; `None` for a sidecar.
+    gateway: Option<Vec<GatewayHost>>,
     clusters: HashMap<Arc<str>, Arc<Cluster>>,
 }
 
@@ -123,7 +158,9 @@ pub enum NoRoute {
 #[derive(Clone, Debug)]
 pub struct Routed {
     pub table: Arc<RoutingTable>,
-    pub service: usize,
+    /// The destination service (`None` for a gateway's redirect or direct
+    /// response, which has none).
+    pub service: Option<usize>,
     pub route: Arc<Route>,
     /// The cluster a forwarding route chose (by weight); `None` for a
     /// redirect or direct response.
@@ -137,16 +174,19 @@ pub struct Routed {
 }
 
 impl Routed {
-    pub fn service(&self) -> &lumen_core::Service {
-        &self.table.mesh.services[self.service]
+    pub fn service(&self) -> Option<&lumen_core::Service> {
+        self.service.map(|i| &self.table.mesh.services[i])
     }
 
     /// The route's retry policy, or the service's.
     pub fn retries(&self) -> &RetryPolicy {
-        match (&self.route.retries, &self.cluster) {
-            (Some(r), _) => r,
-            (None, Some(c)) => &c.retries,
-            (None, None) => &self.service().retries,
+        static NONE: std::sync::LazyLock<RetryPolicy> =
+            std::sync::LazyLock::new(RetryPolicy::default);
+        match (&self.route.retries, &self.cluster, self.service()) {
+            (Some(r), _, _) => r,
+            (None, Some(c), _) => &c.retries,
+            (None, None, Some(s)) => &s.retries,
+            (None, None, None) => &NONE,
         }
     }
 
@@ -185,6 +225,7 @@ impl RoutingTable {
             registry,
             previous,
             clusters: HashMap::new(),
+            gateway: None,
         };
         let mut hosts: Vec<Host> = (0..mesh.services.len()).map(|_| Host::default()).collect();
         for (i, host) in hosts.iter_mut().enumerate() {
@@ -231,6 +272,7 @@ impl RoutingTable {
                 }
             }
         }
+        let gateway = caller.gateway_port.map(|port| b.gateway_hosts(port));
         let clusters = b.clusters;
         let keep: HashSet<SocketAddr> = clusters
             .values()
@@ -240,6 +282,7 @@ impl RoutingTable {
         RoutingTable {
             mesh,
             hosts,
+            gateway,
             clusters,
         }
     }
@@ -282,6 +325,38 @@ impl RoutingTable {
                 .find_map(|r| r.matched(req).map(|p| (r.clone(), p)))
                 .ok_or(NoRoute::NoMatch)?
         };
+        self.routed(Some(service), route, uri)
+    }
+
+    /// Whether this is a gateway proxy's table.
+    pub fn is_gateway(&self) -> bool {
+        self.gateway.is_some()
+    }
+
+    /// Routes a request at a gateway: the routes of the VirtualService
+    /// host the authority matches (exact before wildcard), first match wins.
+    pub fn route_gateway(self: &Arc<Self>, req: &RequestView<'_>) -> Result<Routed, NoRoute> {
+        let hosts = self.gateway.as_deref().unwrap_or_default();
+        let host =
+            lumen_core::config::split_authority(req.authority).map_or(req.authority, |(h, _)| h);
+        let (route, uri) = hosts
+            .iter()
+            .filter(|g| g.matches(host))
+            .find_map(|g| {
+                g.routes
+                    .iter()
+                    .find_map(|r| r.matched(req).map(|u| (r.clone(), u)))
+            })
+            .ok_or(NoRoute::NoMatch)?;
+        self.routed(None, route, uri)
+    }
+
+    fn routed(
+        self: &Arc<Self>,
+        service: Option<usize>,
+        route: Arc<Route>,
+        uri: UriMatch,
+    ) -> Result<Routed, NoRoute> {
         let (cluster, destination) = match &route.action {
             Action::Forward(ds) => {
                 let i = pick_weighted(ds.iter().map(|(_, w, _)| *w));
@@ -299,7 +374,7 @@ impl RoutingTable {
         }
         Ok(Routed {
             table: self.clone(),
-            service,
+            service: cluster.as_ref().map(|c| c.service_index).or(service),
             route,
             cluster,
             destination,
@@ -492,9 +567,65 @@ struct Builder<'a> {
     registry: &'a Registry,
     previous: Option<&'a RoutingTable>,
     clusters: HashMap<Arc<str>, Arc<Cluster>>,
+    /// While a gateway's routes are built: that gateway.
+    gateway: Option<&'a lumen_core::networking::Gateway>,
 }
 
-impl Builder<'_> {
+impl<'a> Builder<'a> {
+    /// A gateway proxy's routes: VirtualServices bound to the Gateways that
+    /// select this proxy and serve `port`, by host.
+    fn gateway_hosts(&mut self, port: u16) -> Vec<GatewayHost> {
+        let mesh = self.mesh;
+        let mut out: Vec<GatewayHost> = Vec::new();
+        let serving = mesh.gateways.iter().filter(|gw| {
+            gw.selector
+                .iter()
+                .all(|(k, v)| self.caller.labels.get(k) == Some(v))
+                && gw.servers.iter().any(|s| s.port == port)
+        });
+        for gw in serving {
+            let server_hosts: Vec<&str> = gw
+                .servers
+                .iter()
+                .filter(|s| s.port == port)
+                .flat_map(|s| s.hosts.iter().map(String::as_str))
+                .collect();
+            self.gateway = Some(gw);
+            for vs in &mesh.virtual_services {
+                if !vs.gateways.iter().any(|g| gw.is_named(g, &vs.namespace)) {
+                    continue;
+                }
+                let mut routes = Vec::new();
+                for route in &vs.http {
+                    let Some(matches) = self.own_matches(&route.matches, |m| {
+                        (&m.gateways, &m.source_labels, m.source_namespace.as_deref())
+                    }) else {
+                        continue;
+                    };
+                    routes.push(Arc::new(self.route(vs, route, matches)));
+                }
+                for host in &vs.hosts {
+                    let served = server_hosts
+                        .iter()
+                        .any(|s| *s == "*" || s.eq_ignore_ascii_case(host));
+                    if !served {
+                        continue;
+                    }
+                    match out.iter_mut().find(|g| g.host == *host) {
+                        Some(g) => g.routes.extend(routes.iter().cloned()),
+                        None => out.push(GatewayHost {
+                            host: host.clone(),
+                            routes: routes.clone(),
+                        }),
+                    }
+                }
+            }
+        }
+        self.gateway = None;
+        out.sort_by_key(GatewayHost::rank);
+        out
+    }
+
     /// The matches that can hold for this proxy; `None` when a route has
     /// matches and every one is for other callers (the route is not this
     /// proxy's).
@@ -521,7 +652,14 @@ impl Builder<'_> {
         source_labels: &BTreeMap<String, String>,
         source_namespace: Option<&str>,
     ) -> bool {
-        (gateways.is_empty() || gateways.iter().any(|g| g == "mesh"))
+        let gateway_ok = match self.gateway {
+            // At a gateway, a match naming gateways must name this one.
+            Some(gw) => {
+                gateways.is_empty() || gateways.iter().any(|g| gw.is_named(g, &gw.namespace))
+            }
+            None => gateways.is_empty() || gateways.iter().any(|g| g == "mesh"),
+        };
+        gateway_ok
             && source_labels
                 .iter()
                 .all(|(k, v)| self.caller.labels.get(k) == Some(v))
@@ -618,6 +756,7 @@ impl Builder<'_> {
             .map(|c| &**c);
         let cluster = Arc::new(Cluster::new(
             name.clone(),
+            service,
             s,
             subset.map(Arc::from),
             endpoints,

@@ -268,3 +268,84 @@ async fn istios_bookinfo_routing_tasks_work_as_written() -> Result<()> {
     assert!(has("ratings/1", "v1", "-"), "{rows:?}");
     Ok(())
 }
+
+/// Istio's Bookinfo ingress (`bookinfo-gateway.yaml`: its Gateway and the
+/// VirtualService bound to it, unchanged but for the listener's port, which
+/// a test picks) served by `lumen proxy --gateway`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn istios_bookinfo_gateway_routes_ingress_traffic() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let config = dir.path().join("config");
+    std::fs::create_dir(&config)?;
+    let up = UpPorts::pick();
+    let app = start_app("productpage-v1").await;
+    let pp = SidecarPorts::pick();
+    let gw = SidecarPorts::pick();
+    std::fs::write(
+        config.join("mesh.yaml"),
+        format!(
+            "apiVersion: lumen.dev/v1alpha1\nkind: Mesh\nmetadata:\n  name: bookinfo\nspec:\n  services:\n    - name: productpage\n      port: 9080\n      endpoints:\n        - address: {}\n          version: v1\n",
+            local(pp.inbound)
+        ),
+    )?;
+    let gateway = std::fs::read_to_string(istio_file("bookinfo-gateway.yaml"))?
+        .replace("number: 8080", &format!("number: {}", gw.outbound));
+    std::fs::write(config.join("bookinfo-gateway.yaml"), gateway)?;
+    let _up = start_up(dir.path(), &config, &dir.path().join("data"), up, &[]).await?;
+    let collector = up.grpc_endpoint();
+    let control = up.control_addr();
+    let _pp = Sidecar {
+        service: "productpage",
+        version: "v1",
+        mesh: &config,
+        ports: pp,
+        app: Some(app),
+        collector: &collector,
+        extra: &["--control", &control],
+    }
+    .start(dir.path())
+    .await?;
+    let _gw = Sidecar {
+        service: "istio-ingressgateway",
+        version: "v1",
+        mesh: &config,
+        ports: gw,
+        app: None,
+        collector: &collector,
+        extra: &[
+            "--control",
+            &control,
+            "--gateway",
+            "--label",
+            "istio=ingressgateway",
+        ],
+    }
+    .start(dir.path())
+    .await?;
+
+    let client = reqwest::Client::builder().no_proxy().build()?;
+    let base = format!("http://127.0.0.1:{}", gw.outbound);
+    for path in [
+        "/productpage",
+        "/static/app.js",
+        "/api/v1/products/1",
+        "/login",
+    ] {
+        let resp = client.get(format!("{base}{path}")).send().await?;
+        assert_eq!(resp.status(), 200, "{path}");
+        let echo: serde_json::Value = resp.json().await?;
+        assert_eq!(echo["app"], "productpage-v1", "{path}");
+        assert_eq!(echo["path"], path);
+    }
+    // Not among the gateway's routes.
+    let resp = client.get(format!("{base}/admin")).send().await?;
+    assert_eq!(resp.status(), 404);
+    assert_eq!(resp.headers()["x-lumen-response-flags"], "NR");
+
+    let url = up.sql_url();
+    let q = "SELECT count(*) AS n FROM requests WHERE reporter = 'source' \
+             AND source_workload = 'istio-ingressgateway-v1' AND route = 'bookinfo/0' \
+             AND destination_service = 'productpage' AND status = 200";
+    assert_eq!(lumen_tests::wait_for_count(&url, q, 4).await?, 4);
+    Ok(())
+}
