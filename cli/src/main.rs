@@ -563,6 +563,15 @@ struct DemoArgs {
     /// Flush hot rows to Parquet at least this often.
     #[arg(long, default_value = "15s", value_parser = parse_duration)]
     flush_interval: Duration,
+    /// Where productpage answers your own requests (an ingress gateway
+    /// routed by Istio's Bookinfo Gateway and VirtualService).
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    ingress: SocketAddr,
+    /// More resources to apply at start (Istio networking kinds), watched.
+    #[arg(short = 'f', long = "file")]
+    file: Vec<PathBuf>,
+    #[command(flatten)]
+    control: configure::ControlPlaneArgs,
     #[command(flatten)]
     store: StoreArgs,
 }
@@ -1008,6 +1017,9 @@ async fn demo(a: DemoArgs) -> Result<()> {
         pg: a.store.query.pg_addr,
         flight_sql: a.store.query.flight_sql_addr,
         query_config: a.store.query.query_config(Some(&data_dir))?,
+        control: a.control.control_addr,
+        ingress: a.ingress,
+        files: a.file.clone(),
     };
     let running = lumen_demo::start(config)
         .await
@@ -1055,6 +1067,26 @@ async fn demo(a: DemoArgs) -> Result<()> {
             running.sidecars.len()
         );
     }
+    let control = running.control_addr;
+    let control_flag = if control.to_string() == lumen_core::control::DEFAULT_ADDR {
+        String::new()
+    } else {
+        format!(" --control {control}")
+    };
+    println!(
+        "  Ingress:    curl http://{}/productpage   (as jason: curl -H 'end-user: jason' …)",
+        running.ingress_addr
+    );
+    println!(
+        "  Routing:    {} (Istio's VirtualService / DestinationRule: edit it live)",
+        running
+            .config_dir
+            .join(lumen_demo::mesh::ROUTING_FILE)
+            .display()
+    );
+    println!(
+        "              {me} get vs{control_flag}   {me} apply -f FILE{control_flag}   {me} proxy-status{control_flag}"
+    );
     println!();
     println!("Try:");
     for (title, q) in EXAMPLES {

@@ -87,6 +87,9 @@ struct AppState {
 struct Within<'a> {
     trace: Option<&'a header::HeaderValue>,
     cx: &'a Context,
+    /// Who is signed in; passed on to the services this request calls, as
+    /// Istio's productpage and reviews do, so routes can match on it.
+    end_user: Option<&'a header::HeaderValue>,
 }
 
 /// Serves one app on `listener` until `shutdown` turns true. Its calls to
@@ -159,6 +162,7 @@ async fn handle(
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     let path = req.uri().path().to_string();
     let trace = req.headers().get("traceparent").cloned();
+    let end_user = req.headers().get("end-user").cloned();
     if path == "/health" {
         return Ok(reply(StatusCode::OK, "text/plain", "ok\n"));
     }
@@ -171,6 +175,7 @@ async fn handle(
     let within = Within {
         trace: trace.as_ref(),
         cx: &cx,
+        end_user: end_user.as_ref(),
     };
     let (resp, error) = answer(&state, &within, &path, req.uri().query()).await;
     if let Some(t) = &state.telemetry {
@@ -335,6 +340,9 @@ async fn call(
         .header(header::HOST, format!("{service}:{PORT}"))
         .body(Empty::new())
         .map_err(|e| e.to_string())?;
+    if let Some(u) = within.end_user {
+        req.headers_mut().insert("end-user", u.clone());
+    }
     let Some(t) = &state.telemetry else {
         if let Some(t) = within.trace {
             req.headers_mut().insert("traceparent", t.clone());

@@ -1,13 +1,16 @@
 //! `lumen demo`: the whole mesh on one machine, with traffic.
 //!
 //! Starts the collector and query service, the Bookinfo sample
-//! ([`bookinfo`]) with one sidecar per app instance, and a load generator
-//! ([`load`]) with its own sidecar sending steady traffic to `productpage`.
-//! Everything listens on 127.0.0.1; sidecar ports are picked at run time and
-//! written into the mesh configuration the sidecars route by.
+//! ([`bookinfo`]) with one sidecar per app instance, an ingress gateway in
+//! front of `productpage`, and a load generator ([`load`]) with its own
+//! sidecar sending steady traffic to `productpage`. Everything listens on
+//! 127.0.0.1; sidecar ports are picked at run time and written, with
+//! Istio-form routing ([`mesh`]), into files in the data directory that a
+//! control plane watches and streams to every sidecar.
 
 pub mod bookinfo;
 pub mod load;
+pub mod mesh;
 pub mod otel;
 
 use std::net::SocketAddr;
@@ -17,7 +20,7 @@ use std::sync::atomic::Ordering;
 
 use lumen_collector::{Collector, CollectorConfig, Store};
 use lumen_core::config::DEFAULT_NAMESPACE;
-use lumen_core::{Endpoint, MeshConfig, Service, Workload};
+use lumen_core::{MeshConfig, Workload};
 use lumen_proxy::{Proxy, ProxyConfig};
 use lumen_query::flight_sql::FlightSqlServer;
 use lumen_query::pg::PgServer;
@@ -47,6 +50,16 @@ pub enum DemoError {
     Config(#[from] lumen_core::ConfigError),
     #[error("demo setup: {0}")]
     Setup(String),
+    #[error(transparent)]
+    Control(#[from] lumen_control::ControlError),
+    #[error(transparent)]
+    Store(#[from] lumen_control::StoreError),
+    #[error("cannot listen on {addr} ({what}): {source}")]
+    Listen {
+        what: &'static str,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -60,6 +73,12 @@ pub struct DemoConfig {
     pub pg: SocketAddr,
     pub flight_sql: SocketAddr,
     pub query_config: QueryConfig,
+    /// The control plane (`lumen apply`, `get`, `proxy-status` reach it).
+    pub control: SocketAddr,
+    /// The ingress gateway in front of productpage.
+    pub ingress: SocketAddr,
+    /// More resources to apply at start (`lumen demo -f`), watched too.
+    pub files: Vec<PathBuf>,
 }
 
 /// A running demo; [`stop`](RunningDemo::stop) shuts it down in order.
@@ -70,6 +89,10 @@ pub struct RunningDemo {
     pub otlp_grpc: SocketAddr,
     pub otlp_http: SocketAddr,
     pub data_dir: PathBuf,
+    /// The files the demo's configuration lives in (edit them live).
+    pub config_dir: PathBuf,
+    pub control_addr: SocketAddr,
+    pub ingress_addr: SocketAddr,
     /// `(workload, admin address)` of every sidecar.
     pub sidecars: Vec<(String, SocketAddr)>,
     pub load: Arc<LoadStats>,
@@ -81,6 +104,8 @@ pub struct RunningDemo {
     stop_apps: watch::Sender<bool>,
     app_tasks: Vec<JoinHandle<()>>,
     app_telemetry: Vec<Arc<otel::AppTelemetry>>,
+    stop_control: watch::Sender<bool>,
+    control_tasks: Vec<JoinHandle<()>>,
     stop_collector: watch::Sender<bool>,
     collector_task: JoinHandle<Result<(), lumen_collector::CollectorError>>,
     stop_query: watch::Sender<bool>,
@@ -151,57 +176,139 @@ pub async fn start(config: DemoConfig) -> Result<RunningDemo, DemoError> {
     let query_task = tokio::spawn(query.run(until(rx)));
 
     // One sidecar per app instance, bound before the mesh config exists:
-    // the config lists their inbound addresses.
-    let (mesh_tx, mesh_rx) = watch::channel(Arc::new(MeshConfig::default()));
+    // the config lists their inbound addresses. Each follows the control
+    // plane on a channel of its own, as a sidecar process would.
     let collector_endpoint = format!("http://{otlp_grpc}");
     let mut instances = Vec::new();
+    let mut followers = Vec::new();
+    let sidecar = |identity: Workload| {
+        let mut pc = ProxyConfig::new(identity);
+        pc.outbound = Some(SocketAddr::from(([127, 0, 0, 1], 0)));
+        pc.admin = Some(SocketAddr::from(([127, 0, 0, 1], 0)));
+        pc.telemetry.collector_endpoint = collector_endpoint.clone();
+        pc
+    };
     for app in App::all() {
         let listener = local_listener().await?;
         let app_addr = listener.local_addr().map_err(DemoError::Bind)?;
-        let identity = workload(app.service(), &app.version());
-        let mut pc = ProxyConfig::new(identity);
+        let mut pc = sidecar(workload(app.service(), &app.version()));
         pc.inbound = Some(SocketAddr::from(([127, 0, 0, 1], 0)));
-        pc.outbound = Some(SocketAddr::from(([127, 0, 0, 1], 0)));
-        pc.admin = Some(SocketAddr::from(([127, 0, 0, 1], 0)));
         pc.app = Some(app_addr);
-        pc.telemetry.collector_endpoint = collector_endpoint.clone();
-        let proxy = Proxy::bind(pc, mesh_rx.clone()).await?;
+        let (tx, rx) = watch::channel(Arc::new(MeshConfig::default()));
+        followers.push((pc.identity.clone(), tx, rx.clone()));
+        let proxy = Proxy::bind(pc, rx).await?;
         instances.push((app, listener, proxy));
     }
-    let mut loadgen_config = ProxyConfig::new(workload("loadgen", "v1"));
-    loadgen_config.outbound = Some(SocketAddr::from(([127, 0, 0, 1], 0)));
-    loadgen_config.admin = Some(SocketAddr::from(([127, 0, 0, 1], 0)));
-    loadgen_config.telemetry.collector_endpoint = collector_endpoint;
-    let loadgen_proxy = Proxy::bind(loadgen_config, mesh_rx.clone()).await?;
+    let mut loadgen_config = sidecar(workload("loadgen", "v1"));
+    loadgen_config.telemetry.collector_endpoint = collector_endpoint.clone();
+    let (tx, rx) = watch::channel(Arc::new(MeshConfig::default()));
+    followers.push((loadgen_config.identity.clone(), tx, rx.clone()));
+    let loadgen_proxy = Proxy::bind(loadgen_config, rx).await?;
     let loadgen_outbound = loadgen_proxy
         .outbound_addr()
         .expect("loadgen sidecar has an outbound listener");
+    // Istio's ingress gateway: productpage for your own requests.
+    let mut ingress_config = sidecar(workload("istio-ingressgateway", "v1"));
+    ingress_config.outbound = Some(config.ingress);
+    ingress_config.gateway = true;
+    ingress_config
+        .labels
+        .insert("istio".into(), "ingressgateway".into());
+    let (tx, rx) = watch::channel(Arc::new(MeshConfig::default()));
+    followers.push((ingress_config.identity.clone(), tx, rx.clone()));
+    let ingress_proxy = Proxy::bind(ingress_config, rx).await?;
+    let ingress_addr = ingress_proxy.outbound_addr().unwrap_or(config.ingress);
 
-    let mut services: Vec<Service> = Vec::new();
-    for (app, _, proxy) in &instances {
-        let address = proxy
-            .inbound_addr()
-            .expect("sidecar has an inbound listener");
-        let endpoint = Endpoint::new(address, app.service(), &app.version());
-        match services.iter_mut().find(|s| &*s.name == app.service()) {
-            Some(s) => s.endpoints.push(endpoint),
-            None => services.push(Service::new(
-                app.service(),
-                DEFAULT_NAMESPACE,
-                Some(bookinfo::PORT),
-                vec![endpoint],
-            )),
+    // The configuration, as files in the data directory, served by the
+    // control plane.
+    let config_dir = data_dir.join("config");
+    let endpoints: Vec<(App, SocketAddr)> = instances
+        .iter()
+        .map(|(app, _, proxy)| {
+            let inbound = proxy
+                .inbound_addr()
+                .expect("sidecar has an inbound listener");
+            (*app, inbound)
+        })
+        .collect();
+    mesh::write(&config_dir, &endpoints, ingress_addr.port())
+        .map_err(|e| DemoError::Setup(format!("cannot write {}: {e}", config_dir.display())))?;
+    let mut watched = vec![config_dir.clone()];
+    watched.extend(config.files.iter().cloned());
+    let resources = Arc::new(lumen_control::ConfigStore::open(
+        lumen_control::discovery::load_resources(&watched)?,
+        None,
+    )?);
+    let control_listener =
+        TcpListener::bind(config.control)
+            .await
+            .map_err(|source| DemoError::Listen {
+                what: "control plane",
+                addr: config.control,
+                source,
+            })?;
+    let control_addr = control_listener.local_addr().unwrap_or(config.control);
+    let (stop_control, control_rx) = watch::channel(false);
+    let control_tasks = vec![
+        tokio::spawn({
+            let service = lumen_control::ControlService::new(resources.clone());
+            let rx = control_rx.clone();
+            async move {
+                if let Err(e) =
+                    lumen_control::server::serve(control_listener, service, until(rx)).await
+                {
+                    tracing::error!(error = %e, "control plane stopped");
+                }
+            }
+        }),
+        tokio::spawn(lumen_control::feed_store(
+            watched,
+            resources.clone(),
+            std::time::Duration::from_millis(250),
+            control_rx,
+        )),
+    ];
+    let (stop_proxies, proxies_rx) = watch::channel(false);
+    let control_url = format!("http://{control_addr}");
+    let mut proxy_tasks = Vec::new();
+    let mut first_configs = Vec::new();
+    for (n, (identity, tx, rx)) in followers.into_iter().enumerate() {
+        let node = lumen_core::control::v1::Node {
+            id: format!("{}-{n}", identity.workload),
+            service: identity.service.to_string(),
+            namespace: identity.namespace.to_string(),
+            workload: identity.workload.to_string(),
+            version: identity.version.to_string(),
+        };
+        proxy_tasks.push(tokio::spawn({
+            let follow =
+                lumen_proxy::subscribe::follow(control_url.clone(), node, tx, proxies_rx.clone());
+            async move {
+                follow.await;
+                Ok(())
+            }
+        }));
+        first_configs.push(rx);
+    }
+    // Every sidecar has its routes before any traffic starts.
+    for mut rx in first_configs {
+        let waited = tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            rx.wait_for(|m| !m.version.is_empty()),
+        )
+        .await;
+        if !matches!(waited, Ok(Ok(_))) {
+            return Err(DemoError::Setup(
+                "a sidecar got no configuration from the demo's control plane within 10 s".into(),
+            ));
         }
     }
-    mesh_tx.send_replace(Arc::new(MeshConfig::from_services("demo mesh", services)?));
 
     let (stop_apps, apps_rx) = watch::channel(false);
-    let (stop_proxies, proxies_rx) = watch::channel(false);
     let mut sidecars = Vec::new();
     let mut app_tasks = Vec::new();
     let mut app_telemetry = Vec::new();
     let apps_endpoint = format!("http://{otlp_grpc}");
-    let mut proxy_tasks = Vec::new();
     for (app, listener, proxy) in instances {
         let outbound = proxy
             .outbound_addr()
@@ -231,9 +338,11 @@ pub async fn start(config: DemoConfig) -> Result<RunningDemo, DemoError> {
     if let Some(admin) = loadgen_proxy.admin_addr() {
         sidecars.push(("loadgen-v1".to_string(), admin));
     }
-    proxy_tasks.push(tokio::spawn(loadgen_proxy.run(until(proxies_rx))));
-    // The sidecars keep the mesh sender's receivers; the sender can go.
-    drop(mesh_tx);
+    proxy_tasks.push(tokio::spawn(loadgen_proxy.run(until(proxies_rx.clone()))));
+    if let Some(admin) = ingress_proxy.admin_addr() {
+        sidecars.push(("istio-ingressgateway-v1".to_string(), admin));
+    }
+    proxy_tasks.push(tokio::spawn(ingress_proxy.run(until(proxies_rx))));
 
     let load = Arc::new(LoadStats::default());
     let (stop_load, load_rx) = watch::channel(false);
@@ -253,6 +362,9 @@ pub async fn start(config: DemoConfig) -> Result<RunningDemo, DemoError> {
         otlp_grpc,
         otlp_http,
         data_dir,
+        config_dir,
+        control_addr,
+        ingress_addr,
         sidecars,
         load,
         store,
@@ -263,6 +375,8 @@ pub async fn start(config: DemoConfig) -> Result<RunningDemo, DemoError> {
         stop_apps,
         app_tasks,
         app_telemetry,
+        stop_control,
+        control_tasks,
         stop_collector,
         collector_task,
         stop_query,
@@ -290,6 +404,10 @@ impl RunningDemo {
             if let Ok(Err(e)) = t.await {
                 tracing::warn!(error = %e, "sidecar stopped with an error");
             }
+        }
+        let _ = self.stop_control.send(true);
+        for t in self.control_tasks {
+            let _ = t.await;
         }
         let _ = self.stop_apps.send(true);
         for t in self.app_tasks {

@@ -54,9 +54,13 @@ pub async fn run(
         n += 1;
         // Vary the book id so paths differ a little, as real traffic does.
         let uri = format!("http://{outbound}{path}{}", n % 5);
-        let req = Request::get(uri)
-            .header(header::HOST, authority.as_str())
-            .body(Empty::new());
+        let mut req = Request::get(uri).header(header::HOST, authority.as_str());
+        // One visitor in ten is signed in as jason, whom the demo's
+        // VirtualService sends to reviews v2 (as Istio's Bookinfo task does).
+        if n % 10 == 0 {
+            req = req.header("end-user", "jason");
+        }
+        let req = req.body(Empty::new());
         let Ok(req) = req else { continue };
         let client = client.clone();
         let stats = stats.clone();

@@ -35,6 +35,7 @@ impl Demo {
             .args(["--otlp-grpc", "127.0.0.1:0", "--otlp-http", "127.0.0.1:0"])
             .args(["--query-addr", "127.0.0.1:0", "--pg-addr", "127.0.0.1:0"])
             .args(["--flight-sql-addr", "127.0.0.1:0"])
+            .args(["--control-addr", "127.0.0.1:0", "--ingress", "127.0.0.1:0"])
             .current_dir(dir)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -150,6 +151,68 @@ fn strings(rows: &[serde_json::Value], column: &str) -> BTreeSet<String> {
         .collect()
 }
 
+/// The demo's routing leaves its marks on the rows: its routes by name,
+/// reviews split over three versions with jason's requests on v2, retries
+/// of ratings, its delay flagged `DI`, the ingress gateway's route.
+async fn traffic_management_shows(sql_url: &str) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let routes = strings(
+            &sql(
+                sql_url,
+                "SELECT DISTINCT route FROM requests WHERE reporter = 'source'",
+            )
+            .await?,
+            "route",
+        );
+        let versions = strings(
+            &sql(
+                sql_url,
+                "SELECT DISTINCT destination_version FROM requests                  WHERE reporter = 'source' AND destination_service = 'reviews'",
+            )
+            .await?,
+            "destination_version",
+        );
+        let jason = sql(
+            sql_url,
+            "SELECT DISTINCT destination_version FROM requests              WHERE reporter = 'source' AND route = 'reviews/jason'",
+        )
+        .await?;
+        let delayed = sql_count_of(
+            sql_url,
+            "response_flags LIKE '%DI%' AND route = 'ratings/ratings'",
+        )
+        .await?;
+        let want_routes = [
+            "reviews/jason",
+            "reviews/split",
+            "ratings/ratings",
+            "bookinfo/0",
+        ];
+        let done = want_routes.iter().all(|r| routes.contains(*r))
+            && ["v1", "v2", "v3"].iter().all(|v| versions.contains(*v))
+            && strings(&jason, "destination_version") == BTreeSet::from(["v2".to_string()])
+            && delayed > 0;
+        if done {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "routes {routes:?}, reviews versions {versions:?}, jason's {jason:?}, delayed {delayed}"
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+async fn sql_count_of(sql_url: &str, condition: &str) -> Result<i64> {
+    lumen_tests::sql_count(
+        sql_url,
+        &format!("SELECT count(*) AS n FROM requests WHERE reporter = 'source' AND {condition}"),
+    )
+    .await
+}
+
 fn files_under(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
     for entry in std::fs::read_dir(dir)? {
         let path = entry?.path();
@@ -170,6 +233,7 @@ async fn demo_prints_queries_that_answer_and_stops_cleanly_leaving_parquet() -> 
 
     // What it prints before running: the SQL API and commands to try.
     let (mut sql_url, mut examples, mut curl) = (None, Vec::new(), None);
+    let (mut ingress, mut config_commands) = (None, None);
     loop {
         let Some(line) = demo.next_line().await? else {
             bail!("the demo stopped before it was running:\n{}", demo.output());
@@ -181,6 +245,13 @@ async fn demo_prints_queries_that_answer_and_stops_cleanly_leaving_parquet() -> 
             examples.push(line.to_string());
         } else if line.starts_with("curl ") {
             curl = Some(line.to_string());
+        } else if let Some(rest) = line.strip_prefix("Ingress:") {
+            ingress = rest
+                .split_whitespace()
+                .find(|w| w.starts_with("http://"))
+                .map(str::to_string);
+        } else if line.contains(" get vs") {
+            config_commands = Some(line.to_string());
         } else if line.starts_with("Running for") {
             break;
         }
@@ -196,6 +267,32 @@ async fn demo_prints_queries_that_answer_and_stops_cleanly_leaving_parquet() -> 
     }
     let curl = curl.with_context(|| format!("no curl example:\n{out}"))?;
     assert!(curl.contains(&sql_url), "{curl}");
+    let ingress = ingress.with_context(|| format!("no `Ingress: curl http://…` line:\n{out}"))?;
+    let config_commands = config_commands.with_context(|| format!("no `get vs` line:\n{out}"))?;
+    let get_vs = config_commands
+        .split("   ")
+        .next()
+        .context("the get vs command")?
+        .trim()
+        .to_string();
+
+    // The user's own requests reach productpage through the ingress
+    // gateway, jason's like everyone's.
+    let client = reqwest::Client::builder().no_proxy().build()?;
+    for user in [None, Some("jason")] {
+        let mut req = client.get(&ingress);
+        if let Some(u) = user {
+            req = req.header("end-user", u);
+        }
+        let resp = req.send().await?;
+        assert_eq!(resp.status(), 200, "{ingress} as {user:?}");
+        assert!(resp.text().await?.contains("The Comedy of Errors"));
+    }
+    // The demo's Istio resources, as the printed command lists them.
+    let listed = run_in_shell(dir.path(), &get_vs).with_context(|| demo.output())?;
+    for name in ["reviews", "ratings", "bookinfo"] {
+        assert!(listed.contains(name), "{name} in {listed}");
+    }
 
     // Traffic reaches all of Bookinfo, as both sides of each hop report it.
     let services: BTreeSet<String> = ["details", "productpage", "ratings", "reviews"]
@@ -258,6 +355,9 @@ async fn demo_prints_queries_that_answer_and_stops_cleanly_leaving_parquet() -> 
             "{hop:?} in {per_hop:?}"
         );
     }
+    traffic_management_shows(&sql_url)
+        .await
+        .with_context(|| demo.output())?;
     jaeger_api(base, &sql_url).await?;
     apps_own_telemetry(base, &sql_url)
         .await

@@ -1,0 +1,205 @@
+//! The demo's configuration, written as files into its data directory in
+//! the form users edit: Lumen's `Mesh` (where each Bookinfo instance's
+//! sidecar listens, known only at run time) and Istio's own kinds, named as
+//! Istio's Bookinfo samples name them — so applying one of Istio's sample
+//! files replaces the demo's resource of that name, as `kubectl apply`
+//! would on a cluster.
+
+use std::net::SocketAddr;
+use std::path::Path;
+
+use crate::bookinfo::{App, PORT};
+
+/// The file the demo prints as the one to edit.
+pub const ROUTING_FILE: &str = "bookinfo-networking.yaml";
+
+/// Writes `mesh.yaml` and [`ROUTING_FILE`] into `dir`.
+pub fn write(
+    dir: &Path,
+    instances: &[(App, SocketAddr)],
+    ingress_port: u16,
+) -> std::io::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let mut mesh = String::from(
+        "# Where each Bookinfo instance's sidecar listens (picked at start).\n\
+         apiVersion: lumen.dev/v1alpha1\nkind: Mesh\nmetadata:\n  name: bookinfo\nspec:\n  services:\n",
+    );
+    for service in ["productpage", "details", "reviews", "ratings"] {
+        mesh.push_str(&format!(
+            "    - name: {service}\n      port: {PORT}\n      endpoints:\n"
+        ));
+        for (app, address) in instances.iter().filter(|(a, _)| a.service() == service) {
+            mesh.push_str(&format!(
+                "        - address: {address}\n          version: {}\n",
+                app.version()
+            ));
+        }
+    }
+    std::fs::write(dir.join("mesh.yaml"), mesh)?;
+    std::fs::write(
+        dir.join(ROUTING_FILE),
+        ROUTING.replace("INGRESS_PORT", &ingress_port.to_string()),
+    )
+}
+
+/// Istio-form routing for the demo: reviews split by weight with jason's
+/// requests on v2, a retry policy and a small delay on ratings, outlier
+/// detection on reviews, and Istio's Bookinfo ingress.
+const ROUTING: &str = r#"# Edit me while `lumen demo` runs: changes apply within a second.
+# Try the weights of `reviews`, then:
+#   lumen sql "SELECT destination_version, count(*) FROM requests
+#              WHERE destination_service = 'reviews' AND reporter = 'source'
+#              AND time > now() - INTERVAL '10 seconds' GROUP BY 1"
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata:
+  name: productpage
+spec:
+  host: productpage
+  subsets:
+  - name: v1
+    labels:
+      version: v1
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata:
+  name: reviews
+spec:
+  host: reviews
+  trafficPolicy:
+    outlierDetection:
+      consecutive5xxErrors: 5
+      interval: 10s
+      baseEjectionTime: 30s
+      maxEjectionPercent: 50
+  subsets:
+  - name: v1
+    labels:
+      version: v1
+  - name: v2
+    labels:
+      version: v2
+  - name: v3
+    labels:
+      version: v3
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata:
+  name: ratings
+spec:
+  host: ratings
+  subsets:
+  - name: v1
+    labels:
+      version: v1
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata:
+  name: details
+spec:
+  host: details
+  subsets:
+  - name: v1
+    labels:
+      version: v1
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata:
+  name: reviews
+spec:
+  hosts:
+  - reviews
+  http:
+  - name: jason
+    match:
+    - headers:
+        end-user:
+          exact: jason
+    route:
+    - destination:
+        host: reviews
+        subset: v2
+  - name: split
+    route:
+    - destination:
+        host: reviews
+        subset: v1
+      weight: 50
+    - destination:
+        host: reviews
+        subset: v2
+      weight: 30
+    - destination:
+        host: reviews
+        subset: v3
+      weight: 20
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata:
+  name: ratings
+spec:
+  hosts:
+  - ratings
+  http:
+  - name: ratings
+    fault:
+      delay:
+        percentage:
+          value: 2
+        fixedDelay: 50ms
+    retries:
+      attempts: 2
+      perTryTimeout: 1s
+      retryOn: 5xx
+    route:
+    - destination:
+        host: ratings
+        subset: v1
+---
+apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata:
+  name: bookinfo-gateway
+spec:
+  selector:
+    istio: ingressgateway
+  servers:
+  - port:
+      number: INGRESS_PORT
+      name: http
+      protocol: HTTP
+    hosts:
+    - "*"
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata:
+  name: bookinfo
+spec:
+  hosts:
+  - "*"
+  gateways:
+  - bookinfo-gateway
+  http:
+  - match:
+    - uri:
+        exact: /productpage
+    - uri:
+        prefix: /static
+    - uri:
+        exact: /login
+    - uri:
+        exact: /logout
+    - uri:
+        prefix: /api/v1/products
+    route:
+    - destination:
+        host: productpage
+        port:
+          number: 9080
+"#;
