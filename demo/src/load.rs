@@ -57,7 +57,7 @@ pub async fn run(
         let mut req = Request::get(uri).header(header::HOST, authority.as_str());
         // One visitor in ten is signed in as jason, whom the demo's
         // VirtualService sends to reviews v2 (as Istio's Bookinfo task does).
-        if n % 10 == 0 {
+        if n.is_multiple_of(10) {
             req = req.header("end-user", "jason");
         }
         let req = req.body(Empty::new());
