@@ -5,11 +5,13 @@ mod dashboard;
 mod grpc;
 mod http;
 mod ingest;
+mod lb;
 mod load;
 mod otlp;
 mod paths;
 mod peers;
 mod procstat;
+mod push;
 mod report;
 mod scenario;
 mod storage;
@@ -105,6 +107,77 @@ enum Command {
         Defaults take about 15 minutes and 4 GB of disk."
     )]
     Dashboard(DashboardArgs),
+    /// Balancers around a slow endpoint: Lumen's round robin, least request
+    /// and LEAST_LATENCY beside Envoy's LEAST_REQUEST, p99 at a fixed rate.
+    #[command(long_about = "Balancers around a slow endpoint, in one run.\n\n\
+        Three upstreams, one answering --slow-ms late; one proxy (one worker) in front: a Lumen \
+        sidecar with each DestinationRule balancer (ROUND_ROBIN, LEAST_REQUEST, LEAST_LATENCY) \
+        and Envoy with LEAST_REQUEST; oha at a fixed rate; p50/p99 and the slow endpoint's share. \
+        Writes bench/results/balance.md. Defaults take about 3 minutes.")]
+    Balance(BalanceArgs),
+    /// Configuration push from `lumen control` to many proxies' streams:
+    /// time until all have a change and acknowledged it, and memory.
+    #[command(long_about = "Configuration push to many proxies, in one run.\n\n\
+        `lumen control` (release build) with --services services (endpoints, DestinationRule, \
+        VirtualService each); --proxies simulated proxies open a config stream each and \
+        acknowledge every snapshot; --changes weight changes are applied. Reports the time \
+        until every proxy has each change and until all acknowledged it, and the control \
+        plane's RSS. Writes bench/results/push.md. Defaults take under a minute.")]
+    Push(PushArgs),
+    /// The slow upstream of the balance benchmark.
+    #[command(hide = true)]
+    SlowUpstream(SlowUpstreamArgs),
+}
+
+#[derive(Args)]
+struct BalanceArgs {
+    /// Requests per second (fixed rate).
+    #[arg(long, default_value_t = 300)]
+    rate: u32,
+    /// oha connections.
+    #[arg(long, default_value_t = 16)]
+    connections: u32,
+    /// Seconds per run.
+    #[arg(long, default_value_t = 10)]
+    duration: u64,
+    /// Rounds, interleaved; the report shows medians.
+    #[arg(long, default_value_t = 3)]
+    rounds: u32,
+    /// How late the slow endpoint answers.
+    #[arg(long, default_value_t = 50)]
+    slow_ms: u64,
+    /// The lumen binary [default: <workspace>/target/release/lumen].
+    #[arg(long)]
+    lumen: Option<PathBuf>,
+    #[arg(long, default_value_os_t = peers::workspace_root().join("bench/results/balance.md"))]
+    out: PathBuf,
+    #[arg(long)]
+    keep_temp: bool,
+}
+
+#[derive(Args)]
+struct PushArgs {
+    #[arg(long, default_value_t = 1000)]
+    proxies: usize,
+    #[arg(long, default_value_t = 100)]
+    services: usize,
+    #[arg(long, default_value_t = 5)]
+    changes: usize,
+    /// The lumen binary [default: <workspace>/target/release/lumen].
+    #[arg(long)]
+    lumen: Option<PathBuf>,
+    #[arg(long, default_value_os_t = peers::workspace_root().join("bench/results/push.md"))]
+    out: PathBuf,
+    #[arg(long)]
+    keep_temp: bool,
+}
+
+#[derive(Args)]
+struct SlowUpstreamArgs {
+    #[arg(long)]
+    port: u16,
+    #[arg(long, default_value_t = 0)]
+    delay_ms: u64,
 }
 
 #[derive(Args)]
@@ -252,6 +325,11 @@ fn main() -> ExitCode {
         Command::Collector(a) => collector_bench(a),
         Command::Dashboard(a) => dashboard_bench(a),
         Command::GrpcUpstream(a) => grpc::serve(a.port),
+        Command::Balance(a) => balance_bench(a),
+        Command::Push(a) => push_bench(a),
+        Command::SlowUpstream(a) => {
+            lb::serve_upstream(a.port, std::time::Duration::from_millis(a.delay_ms))
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -411,6 +489,37 @@ fn otlp_bench(a: OtlpArgs) -> Result<()> {
     if a.keep_temp {
         eprintln!("kept {}", tmp.path.display());
     }
+    Ok(())
+}
+
+fn push_bench(a: PushArgs) -> Result<()> {
+    let lumen = peers::lumen_binary(a.lumen.as_deref())?;
+    let tmp = TempDir::create(a.keep_temp)?;
+    let set = push::Settings {
+        proxies: a.proxies,
+        services: a.services,
+        changes: a.changes,
+    };
+    let outcome = push::run(&lumen, &tmp.path, &set)?;
+    let command = std::env::args().collect::<Vec<_>>().join(" ");
+    write_report(&a.out, &push::render(&command, &machine(), &set, &outcome))?;
+    Ok(())
+}
+
+fn balance_bench(a: BalanceArgs) -> Result<()> {
+    peers::check_installed(&["envoy", "oha"])?;
+    let lumen = peers::lumen_binary(a.lumen.as_deref())?;
+    let tmp = TempDir::create(a.keep_temp)?;
+    let set = lb::Settings {
+        rate: a.rate,
+        connections: a.connections,
+        secs: a.duration,
+        rounds: a.rounds,
+        slow_ms: a.slow_ms,
+    };
+    let results = lb::run(&lumen, &tmp.path, &set)?;
+    let command = std::env::args().collect::<Vec<_>>().join(" ");
+    write_report(&a.out, &lb::render(&command, &machine(), &set, &results))?;
     Ok(())
 }
 

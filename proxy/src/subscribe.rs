@@ -121,3 +121,120 @@ async fn session(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use lumen_core::control::v1::control_plane_server::{ControlPlane, ControlPlaneServer};
+    use lumen_core::control::v1::{self, Snapshot};
+    use lumen_core::resource::parse_resources;
+    use tonic::{Request, Response, Status, Streaming};
+
+    const MESH: &str = "apiVersion: lumen.dev/v1alpha1\nkind: Mesh\nmetadata: {name: m}\nspec:\n  services:\n    - name: reviews\n";
+    const BAD_VS: &str = "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: reviews}\nspec:\n  hosts: [reviews]\n  http:\n  - route: [{destination: {host: nowhere}}]\n";
+
+    /// Sends a valid snapshot, then one no proxy can take, and hands over
+    /// what the proxy answers.
+    struct Fake {
+        answers: mpsc::UnboundedSender<ProxyMessage>,
+    }
+
+    fn snapshot(version: &str, nonce: &str, yaml: &str) -> Snapshot {
+        let resources = parse_resources("f.yaml", yaml).unwrap();
+        Snapshot {
+            version_info: version.into(),
+            nonce: nonce.into(),
+            resources: resources.iter().map(v1::Resource::from).collect(),
+        }
+    }
+
+    #[tonic::async_trait]
+    impl ControlPlane for Fake {
+        type StreamConfigStream = ReceiverStream<Result<Snapshot, Status>>;
+
+        async fn stream_config(
+            &self,
+            request: Request<Streaming<ProxyMessage>>,
+        ) -> Result<Response<Self::StreamConfigStream>, Status> {
+            let mut inbound = request.into_inner();
+            let (tx, rx) = mpsc::channel(4);
+            let answers = self.answers.clone();
+            tokio::spawn(async move {
+                let _ = answers.send(inbound.message().await.unwrap().unwrap());
+                let _ = tx.send(Ok(snapshot("v1", "1", MESH))).await;
+                let _ = answers.send(inbound.message().await.unwrap().unwrap());
+                let _ = tx
+                    .send(Ok(snapshot("v2", "2", &format!("{MESH}---\n{BAD_VS}"))))
+                    .await;
+                let _ = answers.send(inbound.message().await.unwrap().unwrap());
+                // Keep the stream open until the test ends.
+                std::future::pending::<()>().await;
+            });
+            Ok(Response::new(ReceiverStream::new(rx)))
+        }
+        async fn apply(
+            &self,
+            _: Request<v1::ApplyRequest>,
+        ) -> Result<Response<v1::ApplyResponse>, Status> {
+            Err(Status::unimplemented("fake"))
+        }
+        async fn delete(
+            &self,
+            _: Request<v1::DeleteRequest>,
+        ) -> Result<Response<v1::DeleteResponse>, Status> {
+            Err(Status::unimplemented("fake"))
+        }
+        async fn get(
+            &self,
+            _: Request<v1::GetRequest>,
+        ) -> Result<Response<v1::GetResponse>, Status> {
+            Err(Status::unimplemented("fake"))
+        }
+        async fn proxy_status(
+            &self,
+            _: Request<v1::ProxyStatusRequest>,
+        ) -> Result<Response<v1::ProxyStatusResponse>, Status> {
+            Err(Status::unimplemented("fake"))
+        }
+    }
+
+    #[tokio::test]
+    async fn a_valid_snapshot_is_acked_and_a_bad_one_nacked_keeping_the_last_good() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (answers, mut got) = mpsc::unbounded_channel();
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(ControlPlaneServer::new(Fake { answers }))
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+        );
+        let (tx, mut rx) = watch::channel(Arc::new(MeshConfig::default()));
+        let (_stop_tx, stop) = watch::channel(false);
+        let node = Node {
+            id: "reviews-v1-1".into(),
+            ..Default::default()
+        };
+        tokio::spawn(follow(format!("http://{addr}"), node, tx, stop));
+
+        let hello = got.recv().await.unwrap();
+        assert_eq!(hello.node.unwrap().id, "reviews-v1-1");
+        let ack = got.recv().await.unwrap();
+        assert_eq!(
+            (ack.version_info.as_str(), ack.response_nonce.as_str()),
+            ("v1", "1")
+        );
+        assert!(ack.error_detail.is_empty());
+        rx.wait_for(|m| m.version == "v1").await.unwrap();
+        let nack = got.recv().await.unwrap();
+        assert_eq!(
+            (nack.version_info.as_str(), nack.response_nonce.as_str()),
+            ("v1", "2")
+        );
+        assert!(
+            nack.error_detail.contains("`nowhere` is not a service"),
+            "{}",
+            nack.error_detail
+        );
+        assert_eq!(rx.borrow().version, "v1", "the last good config stays");
+    }
+}

@@ -10,7 +10,10 @@
 //! - the JSON body otherwise echoes the request's `traceparent`,
 //!   `x-lumen-source` and `host` headers, the authority (`:authority` or
 //!   `Host`), the path and query, every request header (`headers`), the
-//!   request body's length and the app's name.
+//!   request body's length and the app's name;
+//! - an app whose name ends in `-failing` answers every request 503.
+//!
+//! [`requests_seen`] counts each app's requests.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -32,6 +35,18 @@ fn query_param<'a>(query: &'a str, key: &str) -> Option<&'a str> {
     query
         .split('&')
         .find_map(|kv| kv.strip_prefix(key)?.strip_prefix('='))
+}
+
+/// Requests each app (by name) has answered.
+static SEEN: LazyLock<Mutex<HashMap<&'static str, u64>>> = LazyLock::new(Default::default);
+
+/// How many requests the app named `name` has answered so far.
+pub fn requests_seen(name: &str) -> u64 {
+    SEEN.lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .get(name)
+        .copied()
+        .unwrap_or(0)
 }
 
 /// Requests seen per `/flaky/<key>`.
@@ -58,8 +73,19 @@ async fn handle(
     name: &'static str,
     req: Request<Incoming>,
 ) -> Result<Response<AppBody>, Infallible> {
+    *SEEN
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .entry(name)
+        .or_default() += 1;
     let query = req.uri().query().unwrap_or("").to_string();
     let path = req.uri().path().to_string();
+    // An app named `…-failing` answers every request with 503.
+    if name.ends_with("-failing") {
+        let mut resp = Response::new(Full::new(Bytes::from_static(b"failing")).boxed());
+        *resp.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+        return Ok(resp);
+    }
     let header = |h: &str| {
         req.headers()
             .get(h)
