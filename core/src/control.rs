@@ -9,8 +9,7 @@ pub mod v1 {
     tonic::include_proto!("lumen.control.v1");
 }
 
-use crate::config::ConfigError;
-use crate::resource::{Kind, Resource, ResourceKey};
+use crate::resource::{ConfigError, Kind, Resource, ResourceKey};
 
 /// Default address of the control plane's gRPC port.
 pub const DEFAULT_ADDR: &str = "127.0.0.1:15010";

@@ -10,6 +10,8 @@
 //! - [`networking`]: Istio's `VirtualService`, `DestinationRule`,
 //!   `ServiceEntry` and `Gateway`, read as Istio's users write them; fields
 //!   Lumen does not implement are refused by name.
+//! - [`service`]: services, their endpoints, protocols and retry policy —
+//!   what proxies route to.
 //! - [`config`]: the validated mesh — Lumen's `Mesh` registry and Istio's
 //!   resources over it, checked together — with errors naming file,
 //!   resource, field and reason.
@@ -35,6 +37,7 @@ pub mod otlp;
 pub mod record;
 pub mod resource;
 pub mod schema;
+pub mod service;
 pub mod sketch;
 pub mod thread;
 

@@ -12,7 +12,30 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::ConfigError;
+/// A configuration problem: which file, which field, and why.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct ConfigError {
+    pub file: String,
+    /// `Kind namespace/name` of the resource at fault; empty for problems
+    /// of the file itself.
+    pub resource: String,
+    /// Dotted path of the offending field; empty for whole-file problems.
+    pub field: String,
+    pub reason: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: ", self.file)?;
+        if !self.resource.is_empty() {
+            write!(f, "{}: ", self.resource)?;
+        }
+        if !self.field.is_empty() {
+            write!(f, "{}: ", self.field)?;
+        }
+        f.write_str(&self.reason)
+    }
+}
 
 /// The `apiVersion` of Lumen's own kinds.
 pub const LUMEN_API: &str = "lumen.dev/v1alpha1";

@@ -1,20 +1,91 @@
-//! Per-endpoint state that outlives configuration: connection pools,
+//! Per-endpoint state that outlives configuration: connections (dialled
+//! the same way for pools, tunnels and opaque TCP) and their pools,
 //! requests in flight, a latency average, and outlier ejection. The
 //! [`Registry`] hands out one [`EndpointState`] per address, so a new
 //! routing table built after a config push finds the pools warm, the
 //! loads counted and the ejected endpoints still ejected.
 
 use std::collections::{HashMap, HashSet};
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
+use http::Uri;
 use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use lumen_core::networking::OutlierDetection;
+use tokio::net::TcpStream;
 
-use crate::forward::{Dial, UpstreamBody};
+use crate::body::RequestBody;
+use crate::replay::ReplayBody;
+
+/// A connector that dials one endpoint whatever the request's authority,
+/// within the connect timeout in force (a DestinationRule may change it).
+#[derive(Clone, Debug)]
+pub struct Dial {
+    address: SocketAddr,
+    timeout_us: Arc<AtomicU64>,
+}
+
+impl Dial {
+    pub fn new(address: SocketAddr, timeout_us: Arc<AtomicU64>) -> Self {
+        Dial {
+            address,
+            timeout_us,
+        }
+    }
+}
+
+impl tower::Service<Uri> for Dial {
+    type Response = TokioIo<TcpStream>;
+    type Error = std::io::Error;
+    type Future = Pin<Box<dyn Future<Output = std::io::Result<Self::Response>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _uri: Uri) -> Self::Future {
+        let address = self.address;
+        let timeout = Duration::from_micros(self.timeout_us.load(Ordering::Relaxed));
+        Box::pin(async move { dial(address, timeout).await.map(TokioIo::new) })
+    }
+}
+
+pub type UpstreamBody = ReplayBody<RequestBody>;
+
+/// Connects to an upstream endpoint within `timeout`, set up as every
+/// upstream connection is: no Nagle delay, TCP keepalive.
+pub async fn dial(address: SocketAddr, timeout: Duration) -> std::io::Result<TcpStream> {
+    let stream = tokio::time::timeout(timeout, TcpStream::connect(address))
+        .await
+        .map_err(|_| {
+            std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("connect timed out after {timeout:?}"),
+            )
+        })??;
+    stream.set_nodelay(true)?;
+    keepalive(&stream);
+    Ok(stream)
+}
+
+/// TCP keepalive on an upstream connection, so a peer that vanished without
+/// a FIN (a crashed node, a dropped NAT entry) is found even on
+/// connections nothing is sent on — HTTP/1.1 pools and opaque tunnels.
+fn keepalive(stream: &TcpStream) {
+    let ka = socket2::TcpKeepalive::new()
+        .with_time(Duration::from_secs(30))
+        .with_interval(Duration::from_secs(10))
+        .with_retries(3);
+    if let Err(e) = socket2::SockRef::from(stream).set_tcp_keepalive(&ka) {
+        tracing::debug!(error = %e, "cannot set TCP keepalive");
+    }
+}
 
 /// How long a pooled upstream connection may sit idle.
 pub const UPSTREAM_IDLE: Duration = Duration::from_secs(4);

@@ -1,6 +1,6 @@
 //! Forwarding: one try over an endpoint's pooled keep-alive connections
-//! (the pools live in [`crate::endpoint`]), and the header hygiene a proxy
-//! owes both sides.
+//! (connections and pools live in [`crate::endpoint`]), and the header
+//! hygiene a proxy owes both sides.
 //!
 //! Each endpoint has its own pools (HTTP/1.1 and HTTP/2) whose connector
 //! always dials that endpoint. Requests keep the authority the caller used
@@ -8,24 +8,15 @@
 //! and the app see `reviews:9080`, not an IP address, while balancing still
 //! picks the connection by endpoint.
 
-use std::future::Future;
-use std::net::SocketAddr;
-use std::pin::Pin;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, Uri, Version};
 use hyper::body::Incoming;
-use hyper_util::rt::TokioIo;
 use lumen_core::ResponseFlags;
-use tokio::net::TcpStream;
 
-use crate::body::{BodyFailure, RequestBody, RequestBodyState};
-use crate::endpoint::EndpointState;
-use crate::replay::ReplayBody;
+use crate::body::{BodyFailure, RequestBodyState};
+use crate::endpoint::{EndpointState, UpstreamBody};
 use crate::retry::Outcome;
 
 /// Why a try failed: the flag and status the client will see, and what
@@ -36,70 +27,6 @@ pub struct ForwardError {
     pub status: http::StatusCode,
     pub message: String,
     pub outcome: Outcome,
-}
-
-/// A connector that dials one endpoint whatever the request's authority,
-/// within the connect timeout in force (a DestinationRule may change it).
-#[derive(Clone, Debug)]
-pub struct Dial {
-    address: SocketAddr,
-    timeout_us: Arc<AtomicU64>,
-}
-
-impl Dial {
-    pub fn new(address: SocketAddr, timeout_us: Arc<AtomicU64>) -> Self {
-        Dial {
-            address,
-            timeout_us,
-        }
-    }
-}
-
-impl tower::Service<Uri> for Dial {
-    type Response = TokioIo<TcpStream>;
-    type Error = std::io::Error;
-    type Future = Pin<Box<dyn Future<Output = std::io::Result<Self::Response>> + Send>>;
-
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, _uri: Uri) -> Self::Future {
-        let address = self.address;
-        let timeout = Duration::from_micros(self.timeout_us.load(Ordering::Relaxed));
-        Box::pin(async move { dial(address, timeout).await.map(TokioIo::new) })
-    }
-}
-
-pub type UpstreamBody = ReplayBody<RequestBody>;
-
-/// Connects to an upstream endpoint within `timeout`, set up as every
-/// upstream connection is: no Nagle delay, TCP keepalive.
-pub async fn dial(address: SocketAddr, timeout: Duration) -> std::io::Result<TcpStream> {
-    let stream = tokio::time::timeout(timeout, TcpStream::connect(address))
-        .await
-        .map_err(|_| {
-            std::io::Error::new(
-                std::io::ErrorKind::TimedOut,
-                format!("connect timed out after {timeout:?}"),
-            )
-        })??;
-    stream.set_nodelay(true)?;
-    keepalive(&stream);
-    Ok(stream)
-}
-
-/// TCP keepalive on an upstream connection, so a peer that vanished without
-/// a FIN (a crashed node, a dropped NAT entry) is found even on
-/// connections nothing is sent on — HTTP/1.1 pools and opaque tunnels.
-fn keepalive(stream: &TcpStream) {
-    let ka = socket2::TcpKeepalive::new()
-        .with_time(Duration::from_secs(30))
-        .with_interval(Duration::from_secs(10))
-        .with_retries(3);
-    if let Err(e) = socket2::SockRef::from(stream).set_tcp_keepalive(&ka) {
-        tracing::debug!(error = %e, "cannot set TCP keepalive");
-    }
 }
 
 /// One try: sends the request to `endpoint` as `version` (HTTP/1.1 or

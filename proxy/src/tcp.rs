@@ -217,7 +217,7 @@ pub async fn proxy(
                 r.destination = workload;
                 r.upstream_address = Some(address_str);
             }
-            match crate::forward::dial(address, shared.registry.default_connect_timeout()).await {
+            match crate::endpoint::dial(address, shared.registry.default_connect_timeout()).await {
                 Ok(s) => (Some(s), None),
                 Err(e) => {
                     tracing::debug!(%address, error = %e, "tcp connect failed");
@@ -253,7 +253,7 @@ pub async fn proxy(
                     r.retries = tried.len() as u32 - 1;
                 }
                 let started = e.state.start();
-                match crate::forward::dial(e.state.address, e.state.connect_timeout()).await {
+                match crate::endpoint::dial(e.state.address, e.state.connect_timeout()).await {
                     Ok(s) => {
                         drop(started);
                         upstream = Some(s);

@@ -104,7 +104,7 @@ pub async fn connect(
             r.upstream_address = Some(endpoint.state.address_str.clone());
             r.retries = tried.len() as u32 - 1;
         }
-        match crate::forward::dial(endpoint.address(), endpoint.state.connect_timeout()).await {
+        match crate::endpoint::dial(endpoint.address(), endpoint.state.connect_timeout()).await {
             Ok(s) => {
                 upstream = Some(s);
                 break;

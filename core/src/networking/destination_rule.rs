@@ -9,7 +9,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use super::{At, PortSelectorSpec, duration_field, labels};
-use crate::config::ConfigError;
+use crate::resource::ConfigError;
 use crate::resource::Resource;
 
 #[derive(Debug, Clone, PartialEq)]

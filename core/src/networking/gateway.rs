@@ -8,8 +8,9 @@ use std::net::IpAddr;
 use serde::Deserialize;
 
 use super::{At, labels};
-use crate::config::{ConfigError, UpstreamProtocol};
+use crate::resource::ConfigError;
 use crate::resource::Resource;
+use crate::service::UpstreamProtocol;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Gateway {

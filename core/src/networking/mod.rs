@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::config::ConfigError;
+use crate::resource::ConfigError;
 use crate::resource::Resource;
 
 pub use destination_rule::{

@@ -8,8 +8,9 @@ use std::sync::Arc;
 use serde::Deserialize;
 
 use super::{At, labels};
-use crate::config::{ConfigError, Endpoint, RetryPolicy, Service, UpstreamProtocol};
+use crate::resource::ConfigError;
 use crate::resource::Resource;
+use crate::service::{Endpoint, RetryPolicy, Service, UpstreamProtocol};
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]

@@ -11,8 +11,9 @@ use super::{
     At, Destination, DestinationSpec, PercentSpec, StringMatch, StringMatchSpec, duration_field,
     labels,
 };
-use crate::config::{ConfigError, RetryOn, RetryPolicy};
+use crate::resource::ConfigError;
 use crate::resource::Resource;
+use crate::service::{RetryOn, RetryPolicy};
 
 /// A validated VirtualService.
 #[derive(Debug, Clone, PartialEq)]
