@@ -893,3 +893,70 @@ spec:
         assert_eq!(selected, ["v2"]);
     }
 }
+
+/// Invalid and unsupported resources, each refused with where and why.
+#[cfg(test)]
+mod refusals {
+    use super::*;
+
+    const MESH: &str = "apiVersion: lumen.dev/v1alpha1\nkind: Mesh\nmetadata: {name: m}\nspec:\n  services:\n    - name: reviews\n      endpoints: [{address: 127.0.0.1:1, version: v1}]\n";
+
+    fn refusal(yaml: &str) -> ConfigError {
+        let mut resources = parse_resources("mesh.yaml", MESH).unwrap();
+        match parse_resources("r.yaml", yaml) {
+            Ok(rs) => resources.extend(rs),
+            Err(e) => return e,
+        }
+        MeshConfig::from_resources(&resources).expect_err(yaml)
+    }
+
+    #[test]
+    fn each_is_refused_naming_file_resource_field_and_reason() {
+        let vs = |http: &str| {
+            format!(
+                "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: reviews}}\nspec:\n  hosts: [reviews]\n  http:\n{http}"
+            )
+        };
+        let dr = |spec: &str| {
+            format!(
+                "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: reviews}}\nspec:\n  host: reviews\n{spec}"
+            )
+        };
+        let route = "    route: [{destination: {host: reviews}}]\n";
+        let table: Vec<(String, &str, &str)> = vec![
+            (vs(&format!("  - corsPolicy: {{allowOrigins: [{{exact: x}}]}}\n{route}")), "spec.http[0].corsPolicy", "not supported by Lumen"),
+            (vs(&format!("  - delegate: {{name: x}}\n{route}")), "spec.http[0].delegate", "not supported by Lumen"),
+            (vs(&format!("  - match: [{{uri: {{exact: /a, prefix: /b}}}}]\n{route}")), "spec.http[0].match[0].uri", "only one of exact, prefix and regex"),
+            (vs(&format!("  - match: [{{headers: {{x: {{regex: '['}}}}}}]\n{route}")), "spec.http[0].match[0].headers.x.regex", "not a valid RE2 regex"),
+            (vs("  - route: [{destination: {host: reviews}, weight: 60}, {destination: {host: reviews}, weight: 60}]\n"), "spec.http[0].route", "weights sum to 120"),
+            (vs("  - route: [{destination: {host: nowhere}}]\n"), "spec.http[0].route[0].destination.host", "`nowhere` is not a service"),
+            (vs("  - route: [{destination: {host: reviews, subset: v9}}]\n"), "spec.http[0].route[0].destination.subset", "defines subset `v9`"),
+            (vs(&format!("  - fault: {{abort: {{httpStatus: 700}}}}\n{route}")), "spec.http[0].fault.abort.httpStatus", "not an HTTP status"),
+            (vs(&format!("  - fault: {{delay: {{fixedDelay: soon}}}}\n{route}")), "spec.http[0].fault.delay.fixedDelay", "not a duration"),
+            (vs(&format!("  - retries: {{attempts: 3, retryOn: sometimes}}\n{route}")), "spec.http[0].retries.retryOn", "unknown retry condition `sometimes`"),
+            (vs("  - redirect: {uri: /x, redirectCode: 200}\n"), "spec.http[0].redirect.redirectCode", "not a redirect status"),
+            (vs(&format!("  - redirect: {{uri: /x}}\n{route}")), "spec.http[0]", "only one of route, redirect and directResponse"),
+            (vs(&format!("  - timeout: 1s\n    rout: []\n{route}")), "spec.http[0].rout", "unknown field `rout`"),
+            (vs(&format!("  - headers: {{request: {{set: {{':path': /x}}}}}}\n{route}")), "spec.http[0].headers.request.set.:path", "not a header name"),
+            (dr("  trafficPolicy: {loadBalancer: {simple: PASSTHROUGH}}\n"), "spec.trafficPolicy.loadBalancer.simple", "PASSTHROUGH"),
+            (dr("  trafficPolicy: {loadBalancer: {consistentHash: {}}}\n"), "spec.trafficPolicy.loadBalancer.consistentHash", "needs a hash key"),
+            (dr("  trafficPolicy: {tls: {mode: ISTIO_MUTUAL}}\n"), "spec.trafficPolicy.tls.mode", "ISTIO_MUTUAL"),
+            (dr("  trafficPolicy: {outlierDetection: {maxEjectionPercent: 150}}\n"), "spec.trafficPolicy.outlierDetection.maxEjectionPercent", "not between 0 and 100"),
+            (dr("  trafficPolicy: {connectionPool: {http: {h2UpgradePolicy: UPGRADE}}}\n"), "spec.trafficPolicy.connectionPool.http.h2UpgradePolicy", "UPGRADE"),
+            (dr("  workloadSelector: {matchLabels: {app: x}}\n"), "spec.workloadSelector", "not supported by Lumen"),
+            (dr("  subsets: [{name: v1}, {name: v1}]\n"), "spec.subsets[1].name", "already defined"),
+            ("apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: ext}\nspec:\n  hosts: [api.example.com]\n  ports: [{number: 443, protocol: TLS, name: tls}]\n  resolution: NONE\n".into(), "spec.resolution", "NONE"),
+            ("apiVersion: networking.istio.io/v1\nkind: Gateway\nmetadata: {name: gw}\nspec:\n  servers: [{port: {number: 443, protocol: HTTPS, name: https}, hosts: ['*']}]\n".into(), "spec.servers[0].port.protocol", "HTTPS"),
+            ("apiVersion: networking.istio.io/v1\nkind: Sidecar\nmetadata: {name: s}\nspec: {}\n".into(), "kind", "unknown kind `Sidecar`"),
+        ];
+        for (yaml, field, reason) in &table {
+            let e = refusal(yaml);
+            assert_eq!(e.file, "r.yaml", "{yaml}");
+            assert_eq!(&e.field, field, "{e}");
+            assert!(e.reason.contains(reason), "{e}");
+            if *field != "kind" {
+                assert!(!e.resource.is_empty(), "{e}");
+            }
+        }
+    }
+}
