@@ -80,7 +80,19 @@ fn check_accepts_valid_config_and_names_file_field_and_reason_otherwise() -> Res
 
 #[test]
 fn every_command_has_help() -> Result<()> {
-    for cmd in ["up", "query", "proxy", "demo", "sql", "check"] {
+    for cmd in [
+        "up",
+        "query",
+        "proxy",
+        "demo",
+        "sql",
+        "check",
+        "control",
+        "apply",
+        "delete",
+        "get",
+        "proxy-status",
+    ] {
         let out = Command::new(lumen_bin()).args([cmd, "--help"]).output()?;
         assert!(out.status.success(), "{cmd}");
         assert!(
