@@ -97,6 +97,51 @@ pub async fn detect(stream: &TcpStream, timeout: Duration) -> Detected {
     }
 }
 
+/// Largest ClientHello peeked for its server name: a TLS record's most
+/// (16 KiB) and its header. Larger hellos (post-quantum key shares can
+/// span records) route as if they named no server.
+const MAX_HELLO: usize = 16 * 1024 + 5;
+
+/// The server name (SNI) of the TLS ClientHello `stream` opens with,
+/// peeked, not read, so the bytes still go upstream untouched. `None`:
+/// the hello names no server, is not valid TLS, is larger than one
+/// record, or does not arrive within `timeout`.
+pub async fn server_name(stream: &TcpStream, timeout: Duration) -> Option<String> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut buf = vec![0u8; MAX_HELLO];
+    let mut seen = 0;
+    loop {
+        let n = tokio::time::timeout_at(deadline, stream.peek(&mut buf))
+            .await
+            .ok()?
+            .ok()?;
+        if n == 0 {
+            return None;
+        }
+        if n > seen {
+            // rustls parses the hello (and refuses a malformed one)
+            // without any handshake state or keys.
+            let mut acceptor = rustls::server::Acceptor::default();
+            let mut bytes = &buf[..n];
+            while !bytes.is_empty() {
+                match acceptor.read_tls(&mut bytes) {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => {}
+                }
+            }
+            match acceptor.accept() {
+                Ok(Some(hello)) => return hello.client_hello().server_name().map(str::to_owned),
+                Ok(None) if n < MAX_HELLO => {}
+                _ => return None,
+            }
+            seen = n;
+        }
+        tokio::time::timeout_at(deadline, tokio::time::sleep(Duration::from_millis(5)))
+            .await
+            .ok()?;
+    }
+}
+
 /// Where a connection redirected by iptables (`REDIRECT`) was going, from
 /// `SO_ORIGINAL_DST`; `None` when it was not redirected.
 #[cfg(target_os = "linux")]
@@ -177,5 +222,51 @@ mod tests {
         assert_eq!(classify(b"GE"), None);
         assert_eq!(classify(b"PRI * HTTP/2"), None);
         assert_eq!(classify(&[0x16]), None);
+    }
+
+    /// The first flight of a real TLS client (rustls) naming `name`.
+    fn client_hello(name: &str) -> Vec<u8> {
+        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+        let config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(rustls::RootCertStore::empty())
+            .with_no_client_auth();
+        let mut conn =
+            rustls::ClientConnection::new(config.into(), name.to_owned().try_into().unwrap())
+                .unwrap();
+        let mut out = Vec::new();
+        while conn.wants_write() {
+            conn.write_tls(&mut out).unwrap();
+        }
+        out
+    }
+
+    #[tokio::test]
+    async fn the_server_name_is_peeked_from_a_hello_sent_in_pieces() {
+        use tokio::io::AsyncWriteExt;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let hello = client_hello("api.example.com");
+        let mut client = TcpStream::connect(addr).await.unwrap();
+        let (server, _) = listener.accept().await.unwrap();
+        client.write_all(&hello[..7]).await.unwrap();
+        let writer = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            client.write_all(&hello[7..]).await.unwrap();
+            client
+        });
+        let name = server_name(&server, Duration::from_secs(5)).await;
+        assert_eq!(name.as_deref(), Some("api.example.com"));
+        let _client = writer.await.unwrap();
+        // Peeked, not read: every byte is still there for upstream.
+        let mut buf = vec![0u8; 7];
+        assert_eq!(server.peek(&mut buf).await.unwrap(), 7);
+        assert_eq!(buf[0], 0x16);
+
+        let mut other = TcpStream::connect(addr).await.unwrap();
+        let (server, _) = listener.accept().await.unwrap();
+        other.write_all(b"\x16\x03\x01\x00\x05hello").await.unwrap();
+        assert_eq!(server_name(&server, Duration::from_secs(5)).await, None);
     }
 }

@@ -100,7 +100,8 @@ pub async fn serve(
                     serve_http(stream, shared, conn, &builder, watcher).await
                 }
                 Detected::Tls | Detected::Tcp => {
-                    crate::tcp::proxy(shared, conn, stream, stop, drain).await;
+                    let tls = speaks == Detected::Tls;
+                    crate::tcp::proxy(shared, conn, stream, tls, stop, drain).await;
                 }
                 Detected::Closed => {}
             }
@@ -130,10 +131,12 @@ fn declared(shared: &Shared, conn: &Connection) -> Option<UpstreamProtocol> {
         Side::Inbound => mesh
             .find(&shared.identity.service, &shared.identity.namespace)
             .map(|s| s.protocol),
-        Side::Outbound => conn
-            .original_dst
-            .and_then(|dst| mesh.by_address(dst))
-            .map(|s| s.protocol),
+        // A service routed by SNI is detected even when declared TCP (as
+        // Istio's TLS and HTTPS ports are): its ClientHello picks the route.
+        Side::Outbound => {
+            let i = mesh.index_by_address(conn.original_dst?)?;
+            (!table.has_tls_routes(i)).then(|| mesh.services[i].protocol)
+        }
     }
 }
 

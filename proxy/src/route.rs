@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::HeaderMap;
-use lumen_core::networking::virtual_service::L4Match;
+use lumen_core::networking::virtual_service::{L4Match, RouteDestination};
 use lumen_core::networking::{
     Fault, Headers, HttpAction, HttpMatch, Redirect, Rewrite, StringMatch,
 };
@@ -104,14 +104,7 @@ struct GatewayHost {
 
 impl GatewayHost {
     fn matches(&self, host: &str) -> bool {
-        match self.host.strip_prefix('*') {
-            None => self.host.eq_ignore_ascii_case(host),
-            Some("") => true,
-            Some(suffix) => {
-                host.len() > suffix.len()
-                    && host[host.len() - suffix.len()..].eq_ignore_ascii_case(suffix)
-            }
-        }
+        host_matches(&self.host, host)
     }
 
     /// Exact hosts before wildcards, longer wildcards before shorter.
@@ -127,6 +120,9 @@ impl GatewayHost {
 struct Host {
     http: Vec<Arc<Route>>,
     tcp: Vec<Arc<TcpRoute>>,
+    /// Routes by the ClientHello's server name, tried before `tcp` when a
+    /// connection opens with TLS.
+    tls: Vec<Arc<TcpRoute>>,
     default: Option<Arc<Cluster>>,
 }
 
@@ -249,26 +245,17 @@ impl RoutingTable {
                 }
             }
             for route in &vs.tcp {
-                let Some(matches) = b.own_matches(&route.matches, |m| {
-                    (&m.gateways, &m.source_labels, m.source_namespace.as_deref())
-                }) else {
-                    continue;
-                };
-                let destinations: Vec<(Arc<Cluster>, u32)> = route
-                    .route
-                    .iter()
-                    .filter_map(|d| {
-                        let c = b.destination(&d.destination, &vs.namespace)?;
-                        Some((c, d.weight))
-                    })
-                    .collect();
-                let compiled = Arc::new(TcpRoute {
-                    name: format!("{}/tcp-{}", vs.name, route.name).into(),
-                    matches,
-                    destinations,
-                });
-                for &i in &targets {
-                    hosts[i].tcp.push(compiled.clone());
+                if let Some(r) = b.l4_route(vs, "tcp", &route.name, &route.matches, &route.route) {
+                    for &i in &targets {
+                        hosts[i].tcp.push(r.clone());
+                    }
+                }
+            }
+            for route in &vs.tls {
+                if let Some(r) = b.l4_route(vs, "tls", &route.name, &route.matches, &route.route) {
+                    for &i in &targets {
+                        hosts[i].tls.push(r.clone());
+                    }
                 }
             }
         }
@@ -405,36 +392,72 @@ impl RoutingTable {
     }
 
     /// The cluster and route name for an opaque TCP connection to the
-    /// service at `service`, dialled at `dst`.
+    /// service at `service`, dialled at `dst`. A connection that opened
+    /// with a TLS ClientHello naming `sni` takes the service's tls routes
+    /// first, as Istio's SNI filter chains do.
     pub fn route_tcp(
         &self,
         service: usize,
         dst: SocketAddr,
+        sni: Option<&str>,
     ) -> Result<(Arc<Cluster>, Arc<str>), NoRoute> {
         let host = &self.hosts[service];
-        let default = || {
-            host.default
-                .clone()
-                .map(|c| (c, Arc::<str>::from(DEFAULT_ROUTE)))
-        };
-        let chosen = if host.tcp.is_empty() {
-            default()
-        } else {
-            let r = host
-                .tcp
-                .iter()
-                .find(|r| r.matches.is_empty() || r.matches.iter().any(|m| l4_matches(m, dst)))
-                .ok_or(NoRoute::NoMatch)?;
-            if r.destinations.is_empty() {
-                return Err(NoRoute::NoEndpoints);
+        let chosen = match sni {
+            Some(sni) if !host.tls.is_empty() => {
+                let r = host
+                    .tls
+                    .iter()
+                    .find(|r| {
+                        r.matches.iter().any(|m| {
+                            l4_matches(m, dst) && m.sni_hosts.iter().any(|h| host_matches(h, sni))
+                        })
+                    })
+                    .ok_or(NoRoute::NoMatch)?;
+                Some(pick_l4(r)?)
             }
-            let i = pick_weighted(r.destinations.iter().map(|(_, w)| *w));
-            Some((r.destinations[i].0.clone(), r.name.clone()))
+            _ if host.tcp.is_empty() => host
+                .default
+                .clone()
+                .map(|c| (c, Arc::<str>::from(DEFAULT_ROUTE))),
+            _ => {
+                let r = host
+                    .tcp
+                    .iter()
+                    .find(|r| r.matches.is_empty() || r.matches.iter().any(|m| l4_matches(m, dst)))
+                    .ok_or(NoRoute::NoMatch)?;
+                Some(pick_l4(r)?)
+            }
         };
         match chosen {
             Some((c, _)) if c.endpoints.is_empty() => Err(NoRoute::NoEndpoints),
             Some(x) => Ok(x),
             None => Err(NoRoute::UnknownService),
+        }
+    }
+
+    /// Whether `service` routes TLS by server name.
+    pub fn has_tls_routes(&self, service: usize) -> bool {
+        !self.hosts[service].tls.is_empty()
+    }
+}
+
+fn pick_l4(r: &TcpRoute) -> Result<(Arc<Cluster>, Arc<str>), NoRoute> {
+    if r.destinations.is_empty() {
+        return Err(NoRoute::NoEndpoints);
+    }
+    let i = pick_weighted(r.destinations.iter().map(|(_, w)| *w));
+    Ok((r.destinations[i].0.clone(), r.name.clone()))
+}
+
+/// A VirtualService host or SNI pattern (`*`, `*.example.com`, or exact)
+/// against a name, ignoring case.
+fn host_matches(pattern: &str, name: &str) -> bool {
+    match pattern.strip_prefix('*') {
+        None => pattern.eq_ignore_ascii_case(name),
+        Some("") => true,
+        Some(suffix) => {
+            name.len() > suffix.len()
+                && name[name.len() - suffix.len()..].eq_ignore_ascii_case(suffix)
         }
     }
 }
@@ -629,6 +652,33 @@ impl<'a> Builder<'a> {
     /// The matches that can hold for this proxy; `None` when a route has
     /// matches and every one is for other callers (the route is not this
     /// proxy's).
+    /// A tcp or tls route compiled for this proxy; `None` when none of its
+    /// matches apply to this caller.
+    fn l4_route(
+        &mut self,
+        vs: &lumen_core::networking::VirtualService,
+        kind: &str,
+        name: &str,
+        matches: &[L4Match],
+        route: &[RouteDestination],
+    ) -> Option<Arc<TcpRoute>> {
+        let matches = self.own_matches(matches, |m| {
+            (&m.gateways, &m.source_labels, m.source_namespace.as_deref())
+        })?;
+        let destinations = route
+            .iter()
+            .filter_map(|d| {
+                let c = self.destination(&d.destination, &vs.namespace)?;
+                Some((c, d.weight))
+            })
+            .collect();
+        Some(Arc::new(TcpRoute {
+            name: format!("{}/{kind}-{name}", vs.name).into(),
+            matches,
+            destinations,
+        }))
+    }
+
     fn own_matches<M: Clone>(
         &self,
         matches: &[M],
@@ -901,5 +951,57 @@ spec:
             &a.clusters[&name].endpoints[0].state,
             &b.clusters[&name].endpoints[0].state
         ));
+    }
+
+    #[test]
+    fn tls_routes_pick_by_server_name_and_fall_back_to_tcp_without_one() {
+        let yaml = r#"
+apiVersion: lumen.dev/v1alpha1
+kind: Mesh
+metadata: {name: m}
+spec:
+  services:
+    - {name: edge, port: 443, protocol: tcp, clusterIP: 10.0.0.1, endpoints: [{address: 127.0.0.1:1001}]}
+    - {name: a, port: 443, protocol: tcp, endpoints: [{address: 127.0.0.1:1002}]}
+    - {name: b, port: 443, protocol: tcp, endpoints: [{address: 127.0.0.1:1003}]}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: edge}
+spec:
+  hosts: [edge]
+  tls:
+  - match: [{port: 443, sniHosts: [a.example.com]}]
+    route: [{destination: {host: a}}]
+  - match: [{sniHosts: ["*.example.com"]}]
+    route: [{destination: {host: b}}]
+  tcp:
+  - route: [{destination: {host: a}}]
+"#;
+        let resources = parse_resources("m.yaml", yaml).unwrap();
+        let mesh = Arc::new(MeshConfig::from_resources(&resources).unwrap());
+        let t = RoutingTable::new(
+            mesh,
+            &Caller::default(),
+            &Registry::new(Duration::from_secs(1)),
+            None,
+        );
+        let dst: SocketAddr = "10.0.0.1:443".parse().unwrap();
+        let via = |sni: Option<&str>| {
+            t.route_tcp(0, dst, sni)
+                .map(|(c, route)| (c.service.to_string(), route.to_string()))
+        };
+        assert_eq!(
+            via(Some("A.example.com")).unwrap(),
+            ("a".into(), "edge/tls-0".into())
+        );
+        assert_eq!(
+            via(Some("x.example.com")).unwrap(),
+            ("b".into(), "edge/tls-1".into())
+        );
+        assert_eq!(via(Some("example.com")).unwrap_err(), NoRoute::NoMatch);
+        assert_eq!(via(None).unwrap(), ("a".into(), "edge/tcp-0".into()));
+        assert!(t.has_tls_routes(0));
+        assert!(!t.has_tls_routes(1));
     }
 }

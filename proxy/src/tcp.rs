@@ -108,7 +108,11 @@ enum To {
     Cluster(Arc<Cluster>),
 }
 
-fn target(shared: &Shared, conn: &Connection) -> Result<Target, (ResponseFlags, String)> {
+fn target(
+    shared: &Shared,
+    conn: &Connection,
+    sni: Option<&str>,
+) -> Result<Target, (ResponseFlags, String)> {
     match conn.side {
         Side::Inbound => match &shared.app {
             Some(app) => Ok(Target {
@@ -132,18 +136,37 @@ fn target(shared: &Shared, conn: &Connection) -> Result<Target, (ResponseFlags, 
                 ));
             };
             let table = shared.routes.load();
-            match table.mesh().index_by_address(dst) {
+            let mesh = table.mesh();
+            // A TLS connection to no mesh address may still name a mesh
+            // host (a ServiceEntry's) in its ClientHello, as egress does.
+            let service = mesh.index_by_address(dst).or_else(|| {
+                let i = mesh.resolve_host(sni?, &shared.identity.namespace)?;
+                table.route_tcp(i, dst, sni).is_ok().then_some(i)
+            });
+            let authority = |name: &str| match sni {
+                Some(sni) => format!("{sni}:{}", dst.port()),
+                None => format!("{name}:{}", dst.port()),
+            };
+            match service {
                 Some(i) => {
-                    let name = table.mesh().services[i].name.clone();
-                    match table.route_tcp(i, dst) {
+                    let name = mesh.services[i].name.clone();
+                    match table.route_tcp(i, dst, sni) {
                         Ok((cluster, route)) => Ok(Target {
                             to: To::Cluster(cluster),
-                            authority: format!("{name}:{}", dst.port()),
+                            authority: authority(&name),
                             route: Some(route),
                         }),
                         Err(NoRoute::NoEndpoints) => Err((
                             ResponseFlags::NO_HEALTHY_UPSTREAM,
                             format!("service `{name}` has no endpoints"),
+                        )),
+                        Err(_) if sni.is_some() || table.has_tls_routes(i) => Err((
+                            ResponseFlags::NO_ROUTE,
+                            format!(
+                                "no tls route of `{name}`'s VirtualService matches server name {:?} on port {}",
+                                sni.unwrap_or(""),
+                                dst.port()
+                            ),
                         )),
                         Err(_) => Err((
                             ResponseFlags::NO_ROUTE,
@@ -163,7 +186,10 @@ fn target(shared: &Shared, conn: &Connection) -> Result<Target, (ResponseFlags, 
                     w.service = "PassthroughCluster".into();
                     Ok(Target {
                         to: To::Fixed(dst, dst.to_string().into(), w),
-                        authority: dst.to_string(),
+                        authority: match sni {
+                            Some(sni) => format!("{sni}:{}", dst.port()),
+                            None => dst.to_string(),
+                        },
                         route: None,
                     })
                 }
@@ -172,11 +198,17 @@ fn target(shared: &Shared, conn: &Connection) -> Result<Target, (ResponseFlags, 
     }
 }
 
-/// Serves one opaque TCP connection and writes its row.
+/// How long the rest of a ClientHello may take once its first bytes came.
+const SNI_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Serves one opaque TCP connection and writes its row. One that opens
+/// with a TLS ClientHello (`tls`) is routed by its server name too, and
+/// its row's `authority` is that name.
 pub async fn proxy(
     shared: Arc<Shared>,
     conn: Arc<Connection>,
     downstream: TcpStream,
+    tls: bool,
     stop: watch::Receiver<bool>,
     drain: Duration,
 ) {
@@ -197,9 +229,19 @@ pub async fn proxy(
         &trace,
         Arc::new(RequestBodyState::default()),
     );
-    let t = match target(&shared, &conn) {
+    let sni = match (tls, conn.side) {
+        (true, Side::Outbound) => crate::detect::server_name(&downstream, SNI_TIMEOUT).await,
+        _ => None,
+    };
+    let t = match target(&shared, &conn, sni.as_deref()) {
         Err((flags, message)) => {
             tracing::debug!(peer = %conn.peer, %message, "tcp connection refused");
+            if let (Some(r), Some(dst)) = (pending.record_mut(), conn.original_dst) {
+                r.authority = match &sni {
+                    Some(sni) => format!("{sni}:{}", dst.port()),
+                    None => dst.to_string(),
+                };
+            }
             pending.finish(0, flags);
             return;
         }

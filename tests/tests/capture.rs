@@ -126,6 +126,22 @@ async fn scenario(
             });
         }
     });
+    // Two TLS servers in name only: each answers any bytes with its name,
+    // so the test sees which one the ClientHello's server name reached.
+    let mut named = Vec::new();
+    for name in ["tls-a", "tls-b"] {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        named.push(l.local_addr()?);
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = l.accept().await {
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 4096];
+                    let _ = s.read(&mut buf).await;
+                    let _ = s.write_all(name.as_bytes()).await;
+                });
+            }
+        });
+    }
     let mesh = dir.path().join("mesh.yaml");
     std::fs::write(
         &mesh,
@@ -145,9 +161,28 @@ spec:
       port: 9000
       protocol: tcp
       endpoints: [{{address: {}}}]
+    - name: edge
+      clusterIP: 10.96.0.30
+      port: 443
+      protocol: tcp
+    - {{name: tls-a, port: 443, protocol: tcp, endpoints: [{{address: {}}}]}}
+    - {{name: tls-b, port: 443, protocol: tcp, endpoints: [{{address: {}}}]}}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: edge}}
+spec:
+  hosts: [edge]
+  tls:
+  - match: [{{port: 443, sniHosts: [a.example.com]}}]
+    route: [{{destination: {{host: tls-a}}}}]
+  - match: [{{sniHosts: [\"*.example.com\"]}}]
+    route: [{{destination: {{host: tls-b}}}}]
 ",
             local(backend.inbound),
-            local(echo.inbound)
+            local(echo.inbound),
+            named[0],
+            named[1],
         ),
     )?;
     let _up = start_up(logs, &mesh, &dir.path().join("data"), up_ports, &[]).await?;
@@ -179,6 +214,22 @@ spec:
     assert_eq!(&back, payload);
     drop(s);
 
+    // TLS by server name: the ClientHello alone picks the backend, and
+    // every byte of it reaches that backend untouched.
+    for (sni, expect) in [("a.example.com", "tls-a"), ("www.example.com", "tls-b")] {
+        let mut s = tokio::net::TcpStream::connect("10.96.0.30:443").await?;
+        s.write_all(&client_hello(sni)?).await?;
+        let mut back = Vec::new();
+        s.read_to_end(&mut back).await?;
+        assert_eq!(String::from_utf8_lossy(&back), expect, "SNI {sni}");
+    }
+    // A name no route takes: refused, not sent anywhere.
+    let mut s = tokio::net::TcpStream::connect("10.96.0.30:443").await?;
+    s.write_all(&client_hello("other.org")?).await?;
+    let mut back = Vec::new();
+    let _ = s.read_to_end(&mut back).await;
+    assert!(back.is_empty(), "{back:?}");
+
     let url = up_ports.sql_url();
     let http = "SELECT count(*) AS n FROM requests WHERE reporter = 'source' \
          AND destination_service = 'backend' AND status = 201 AND path = '/status/201/captured'";
@@ -192,5 +243,36 @@ spec:
     let got = wait_for_count(&url, &tcp, 1).await?;
     let rows = sql(&url, "SELECT reporter, protocol, destination_service, authority, request_bytes, response_bytes, response_flags FROM requests").await?;
     assert_eq!(got, 1, "{rows:?}");
+    for (authority, service, route) in [
+        ("a.example.com:443", "tls-a", "edge/tls-0"),
+        ("www.example.com:443", "tls-b", "edge/tls-1"),
+    ] {
+        let q = format!(
+            "SELECT count(*) AS n FROM requests WHERE reporter = 'source' AND protocol = 'tcp' \
+             AND authority = '{authority}' AND destination_service = '{service}' \
+             AND route = '{route}' AND response_flags = '-'"
+        );
+        assert_eq!(wait_for_count(&url, &q, 1).await?, 1, "{q}");
+    }
+    let nr = "SELECT count(*) AS n FROM requests WHERE authority = 'other.org:443' \
+              AND response_flags = 'NR'";
+    let got = wait_for_count(&url, nr, 1).await?;
+    let rows = sql(&url, "SELECT reporter, authority, destination_service, route, response_flags FROM requests WHERE protocol = 'tcp'").await?;
+    assert_eq!(got, 1, "{rows:?}");
     Ok(())
+}
+
+/// The first flight of a real TLS client (rustls) naming `name`.
+fn client_hello(name: &str) -> Result<Vec<u8>> {
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(rustls::RootCertStore::empty())
+        .with_no_client_auth();
+    let mut conn = rustls::ClientConnection::new(config.into(), name.to_owned().try_into()?)?;
+    let mut out = Vec::new();
+    while conn.wants_write() {
+        conn.write_tls(&mut out)?;
+    }
+    Ok(out)
 }

@@ -522,13 +522,6 @@ pub fn validate(res: &Resource) -> Result<VirtualService, ConfigError> {
             route: route_destinations(r.route, &at.at("route"))?,
         });
     }
-    if !spec.tls.is_empty() {
-        // Routing by SNI needs the ClientHello read before the route is
-        // chosen; until the proxy does that, refuse rather than ignore.
-        return Err(at
-            .at("tls")
-            .err("not supported by Lumen yet: TLS routes by SNI (use tcp routes by port)"));
-    }
     let mut tls = Vec::new();
     for (i, r) in spec.tls.into_iter().enumerate() {
         let at = at.at("tls").at(format!("[{i}]"));
@@ -885,6 +878,16 @@ fn l4_matches(ms: Vec<L4MatchSpec>, at: &At<'_>, tls: bool) -> Result<Vec<L4Matc
             return Err(at
                 .at("sniHosts")
                 .err("a TLS route matches on at least one server name"));
+        }
+        for (j, h) in m.sni_hosts.iter().enumerate() {
+            let bad = h.is_empty()
+                || h.contains(':')
+                || h.contains('*') && !(h == "*" || h.starts_with("*.") && !h[2..].contains('*'));
+            if bad {
+                return Err(at.at("sniHosts").at(format!("[{j}]")).err(format!(
+                    "`{h}` is not a server name (a host, `*.example.com` or `*`, no port)"
+                )));
+            }
         }
         let port = match m.port {
             None | Some(0) => None,
