@@ -243,6 +243,7 @@ pub fn run(lumen: &Path, dir: &Path, set: &Settings) -> Result<Vec<(Peer, Vec<Ru
                 host: Some("upstream:8080".into()),
                 body: None,
                 grpc: None,
+                headers: Vec::new(),
             };
             // Warm-up: pools, and the latency averages of the balancers
             // that keep them.

@@ -19,6 +19,8 @@ pub struct Target {
     /// gRPC over HTTP/2 (oha only; `body` is the framed request): the
     /// request goes to `http://<host><path>`, connected to `url`'s address.
     pub grpc: Option<&'static str>,
+    /// Extra request headers (`name: value`), oha only.
+    pub headers: Vec<String>,
 }
 
 impl Target {
@@ -40,6 +42,9 @@ impl Target {
                 }
                 cmd.arg(&self.url);
             }
+        }
+        for h in &self.headers {
+            cmd.args(["-H", h]);
         }
         if let Some(body) = &self.body {
             let content_type = if self.grpc.is_some() {

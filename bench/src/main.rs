@@ -13,6 +13,7 @@ mod peers;
 mod procstat;
 mod push;
 mod report;
+mod routes;
 mod scenario;
 mod storage;
 
@@ -124,6 +125,15 @@ enum Command {
         until every proxy has each change and until all acknowledged it, and the control \
         plane's RSS. Writes bench/results/push.md. Defaults take under a minute.")]
     Push(PushArgs),
+    /// A large route table: CPU per request with 1 and with 1,000
+    /// VirtualService routes (regex and header matches), beside Envoy.
+    #[command(long_about = "A large route table, in one run.\n\n\
+        One upstream behind one proxy (one worker) whose service has 1 route, then --routes \
+        routes (URI regexes, half with a header match), every request taking the last one; \
+        Lumen (an Istio VirtualService, every request recorded) and Envoy (the same routes); \
+        oha at a fixed rate; the proxy's CPU per request, and what the large table adds. \
+        Writes bench/results/routes.md. Defaults take about 3 minutes.")]
+    Routes(RoutesArgs),
     /// The slow upstream of the balance benchmark.
     #[command(hide = true)]
     SlowUpstream(SlowUpstreamArgs),
@@ -167,6 +177,32 @@ struct PushArgs {
     #[arg(long)]
     lumen: Option<PathBuf>,
     #[arg(long, default_value_os_t = peers::workspace_root().join("bench/results/push.md"))]
+    out: PathBuf,
+    #[arg(long)]
+    keep_temp: bool,
+}
+
+#[derive(Args)]
+struct RoutesArgs {
+    /// Requests per second (fixed rate).
+    #[arg(long, default_value_t = 2000)]
+    rate: u32,
+    /// oha connections.
+    #[arg(long, default_value_t = 16)]
+    connections: u32,
+    /// Seconds per run.
+    #[arg(long, default_value_t = 10)]
+    duration: u64,
+    /// Rounds, interleaved; the report shows medians.
+    #[arg(long, default_value_t = 3)]
+    rounds: u32,
+    /// Routes in the large table.
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(2..))]
+    routes: u64,
+    /// The lumen binary [default: <workspace>/target/release/lumen].
+    #[arg(long)]
+    lumen: Option<PathBuf>,
+    #[arg(long, default_value_os_t = peers::workspace_root().join("bench/results/routes.md"))]
     out: PathBuf,
     #[arg(long)]
     keep_temp: bool,
@@ -327,6 +363,7 @@ fn main() -> ExitCode {
         Command::GrpcUpstream(a) => grpc::serve(a.port),
         Command::Balance(a) => balance_bench(a),
         Command::Push(a) => push_bench(a),
+        Command::Routes(a) => routes_bench(a),
         Command::SlowUpstream(a) => {
             lb::serve_upstream(a.port, std::time::Duration::from_millis(a.delay_ms))
         }
@@ -503,6 +540,23 @@ fn push_bench(a: PushArgs) -> Result<()> {
     let outcome = push::run(&lumen, &tmp.path, &set)?;
     let command = std::env::args().collect::<Vec<_>>().join(" ");
     write_report(&a.out, &push::render(&command, &machine(), &set, &outcome))?;
+    Ok(())
+}
+
+fn routes_bench(a: RoutesArgs) -> Result<()> {
+    peers::check_installed(&["envoy", "oha"])?;
+    let lumen = peers::lumen_binary(a.lumen.as_deref())?;
+    let tmp = TempDir::create(a.keep_temp)?;
+    let set = routes::Settings {
+        rate: a.rate,
+        connections: a.connections,
+        secs: a.duration,
+        rounds: a.rounds,
+        routes: a.routes as usize,
+    };
+    let cases = routes::run(&lumen, &tmp.path, &set)?;
+    let command = std::env::args().collect::<Vec<_>>().join(" ");
+    write_report(&a.out, &routes::render(&command, &machine(), &set, &cases))?;
     Ok(())
 }
 

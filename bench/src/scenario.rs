@@ -280,6 +280,7 @@ fn start(s: Scenario, set: &Settings, dir: &Path) -> Result<Topology> {
             host: Some(SERVICE_HOST.into()),
             body: set.body.clone(),
             grpc,
+            headers: Vec::new(),
         },
         query: None,
         admins: vec![],
@@ -291,6 +292,7 @@ fn start(s: Scenario, set: &Settings, dir: &Path) -> Result<Topology> {
                 host: None,
                 body: set.body.clone(),
                 grpc,
+                headers: Vec::new(),
             };
         }
         Scenario::B | Scenario::C => {

@@ -99,7 +99,7 @@ struct TcpRoute {
 #[derive(Debug)]
 struct GatewayHost {
     host: String,
-    routes: Vec<Arc<Route>>,
+    routes: RouteList,
 }
 
 impl GatewayHost {
@@ -118,7 +118,7 @@ impl GatewayHost {
 
 #[derive(Debug, Default)]
 struct Host {
-    http: Vec<Arc<Route>>,
+    http: RouteList,
     tcp: Vec<Arc<TcpRoute>>,
     /// Routes by the ClientHello's server name, tried before `tcp` when a
     /// connection opens with TLS.
@@ -227,6 +227,7 @@ impl RoutingTable {
         for (i, host) in hosts.iter_mut().enumerate() {
             host.default = Some(b.cluster(i, None, None));
         }
+        let mut http: Vec<Vec<Arc<Route>>> = vec![Vec::new(); hosts.len()];
         for vs in mesh.virtual_services.iter().filter(|v| v.applies_to_mesh()) {
             let targets: Vec<usize> = vs
                 .hosts
@@ -241,7 +242,7 @@ impl RoutingTable {
                 };
                 let compiled = Arc::new(b.route(vs, route, matches));
                 for &i in &targets {
-                    hosts[i].http.push(compiled.clone());
+                    http[i].push(compiled.clone());
                 }
             }
             for route in &vs.tcp {
@@ -258,6 +259,9 @@ impl RoutingTable {
                     }
                 }
             }
+        }
+        for (host, routes) in hosts.iter_mut().zip(http) {
+            host.http = RouteList::new(routes);
         }
         let gateway = caller.gateway_port.map(|port| b.gateway_hosts(port));
         let clusters = b.clusters;
@@ -304,13 +308,10 @@ impl RoutingTable {
         req: &RequestView<'_>,
     ) -> Result<Routed, NoRoute> {
         let host = &self.hosts[service];
-        let (route, uri) = if host.http.is_empty() {
+        let (route, uri) = if host.http.routes.is_empty() {
             (self.default_route(service), UriMatch::None)
         } else {
-            host.http
-                .iter()
-                .find_map(|r| r.matched(req).map(|p| (r.clone(), p)))
-                .ok_or(NoRoute::NoMatch)?
+            host.http.find(req).ok_or(NoRoute::NoMatch)?
         };
         self.routed(Some(service), route, uri)
     }
@@ -329,11 +330,7 @@ impl RoutingTable {
         let (route, uri) = hosts
             .iter()
             .filter(|g| g.matches(host))
-            .find_map(|g| {
-                g.routes
-                    .iter()
-                    .find_map(|r| r.matched(req).map(|u| (r.clone(), u)))
-            })
+            .find_map(|g| g.routes.find(req))
             .ok_or(NoRoute::NoMatch)?;
         self.routed(None, route, uri)
     }
@@ -516,14 +513,135 @@ enum UriMatch {
     Whole,
 }
 
-impl Route {
-    /// Whether any match holds (a route without matches takes every
-    /// request), and what its `uri` condition matched.
-    fn matched(&self, req: &RequestView<'_>) -> Option<UriMatch> {
-        if self.matches.is_empty() {
-            return Some(UriMatch::None);
+/// A host's HTTP routes in order, first match wins, with what their
+/// matches need compiled once per table: the header names they read,
+/// each looked up at most once per request however many routes test it,
+/// and, with many URI regexes (a large table), one [`regex::RegexSet`]
+/// that runs them all in a single pass over the path instead of one
+/// regex per route tried.
+#[derive(Debug, Default)]
+struct RouteList {
+    routes: Vec<Arc<Route>>,
+    /// Per route, per match.
+    slots: Vec<Vec<MatchSlots>>,
+    /// The distinct header names the matches read.
+    header_names: Vec<Option<http::HeaderName>>,
+    uri_set: Option<regex::RegexSet>,
+}
+
+/// Where one match's conditions find their inputs.
+#[derive(Debug, Default)]
+struct MatchSlots {
+    /// Its `uri` regex's pattern in the list's set.
+    uri: Option<usize>,
+    /// For `headers`, then `withoutHeaders`, in order: the name's index.
+    headers: Vec<usize>,
+    without: Vec<usize>,
+}
+
+/// Fewer URI regexes than this are run one by one: a set costs a pass
+/// over the whole path, a single regex usually stops at the first byte
+/// that differs.
+const REGEX_SET_MIN: usize = 8;
+
+/// Header values fetched once per request, for this many names; names
+/// beyond are looked up each time they are tested.
+const CACHED_HEADERS: usize = 8;
+
+impl RouteList {
+    fn new(routes: Vec<Arc<Route>>) -> Self {
+        let mut patterns: Vec<&str> = Vec::new();
+        let mut names: Vec<&str> = Vec::new();
+        fn slot<'a>(names: &mut Vec<&'a str>, name: &'a str) -> usize {
+            names.iter().position(|n| *n == name).unwrap_or_else(|| {
+                names.push(name);
+                names.len() - 1
+            })
         }
-        self.matches.iter().find_map(|m| http_match(m, req))
+        let mut slots = Vec::with_capacity(routes.len());
+        for r in &routes {
+            let mut per_match = Vec::with_capacity(r.matches.len());
+            for m in &r.matches {
+                let uri = match &m.uri {
+                    Some(StringMatch::Regex(re)) if !m.ignore_uri_case => {
+                        patterns.push(re.as_str());
+                        Some(patterns.len() - 1)
+                    }
+                    _ => None,
+                };
+                per_match.push(MatchSlots {
+                    uri,
+                    headers: m.headers.iter().map(|(k, _)| slot(&mut names, k)).collect(),
+                    without: m
+                        .without_headers
+                        .iter()
+                        .map(|(k, _)| slot(&mut names, k))
+                        .collect(),
+                });
+            }
+            slots.push(per_match);
+        }
+        // A name that is not a valid header name is never present.
+        let header_names = names
+            .iter()
+            .map(|n| http::HeaderName::from_bytes(n.as_bytes()).ok())
+            .collect();
+        // Each pattern compiled alone already; a set too large to build
+        // falls back to them.
+        let uri_set = if patterns.len() >= REGEX_SET_MIN {
+            regex::RegexSet::new(&patterns).ok()
+        } else {
+            None
+        };
+        if uri_set.is_none() {
+            for s in slots.iter_mut().flatten() {
+                s.uri = None;
+            }
+        }
+        RouteList {
+            routes,
+            slots,
+            header_names,
+            uri_set,
+        }
+    }
+
+    /// The first route whose match holds (a route without matches takes
+    /// every request), and what its `uri` condition matched.
+    fn find(&self, req: &RequestView<'_>) -> Option<(Arc<Route>, UriMatch)> {
+        let mut cached: [Option<Option<&str>>; CACHED_HEADERS] = [None; CACHED_HEADERS];
+        let mut header = |i: usize| -> Option<&str> {
+            let fetch = || {
+                let name = self.header_names[i].as_ref()?;
+                req.headers.get(name).and_then(|v| v.to_str().ok())
+            };
+            match cached.get_mut(i) {
+                Some(c) => *c.get_or_insert_with(fetch),
+                None => fetch(),
+            }
+        };
+        let mut hits: Option<regex::SetMatches> = None;
+        for (r, slots) in self.routes.iter().zip(&self.slots) {
+            if r.matches.is_empty() {
+                return Some((r.clone(), UriMatch::None));
+            }
+            for (m, slot) in r.matches.iter().zip(slots) {
+                if !conditions_hold(m, slot, req, &mut header) {
+                    continue;
+                }
+                let uri = match (&self.uri_set, slot.uri) {
+                    (Some(set), Some(k)) => {
+                        let hits = hits.get_or_insert_with(|| set.matches(req.path));
+                        hits.matched(k).then_some(UriMatch::Whole)
+                    }
+                    _ => uri_match(m, req.path),
+                };
+                if let Some(uri) = uri {
+                    return Some((r.clone(), uri));
+                }
+            }
+        }
+        None
     }
 }
 
@@ -536,52 +654,54 @@ fn string_match(m: &Option<StringMatch>, value: Option<&str>) -> bool {
     }
 }
 
-fn http_match(m: &HttpMatch, req: &RequestView<'_>) -> Option<UriMatch> {
-    let mut uri = UriMatch::None;
-    if let Some(u) = &m.uri {
-        let ok = if m.ignore_uri_case {
-            u.matches_ignoring_case(req.path)
-        } else {
-            u.matches(req.path)
-        };
-        if !ok {
-            return None;
-        }
-        uri = match u {
-            StringMatch::Prefix(p) => UriMatch::Prefix(p.len()),
-            _ => UriMatch::Whole,
-        };
+/// Whether `m`'s conditions other than `uri` hold for `req` (`header`
+/// gives the value of the name at an index of `slots`); tried before the
+/// URI so a request most routes do not take runs few regexes.
+fn conditions_hold<'r>(
+    m: &HttpMatch,
+    slots: &MatchSlots,
+    req: &RequestView<'r>,
+    header: &mut impl FnMut(usize) -> Option<&'r str>,
+) -> bool {
+    if m.port.is_some_and(|p| req.port != Some(p)) {
+        return false;
     }
     let field = |sm: &Option<StringMatch>, v: &str| sm.as_ref().is_none_or(|sm| sm.matches(v));
     if !field(&m.method, req.method)
         || !field(&m.scheme, req.scheme)
         || !field(&m.authority, req.authority)
     {
-        return None;
+        return false;
     }
-    if let Some(p) = m.port
-        && req.port != Some(p)
-    {
-        return None;
-    }
-    let header = |name: &str| req.headers.get(name).and_then(|v| v.to_str().ok());
-    if !m.headers.iter().all(|(k, sm)| string_match(sm, header(k))) {
-        return None;
-    }
-    if m.without_headers
+    m.headers
         .iter()
-        .any(|(k, sm)| string_match(sm, header(k)))
-    {
-        return None;
+        .zip(&slots.headers)
+        .all(|((_, sm), &i)| string_match(sm, header(i)))
+        && !m
+            .without_headers
+            .iter()
+            .zip(&slots.without)
+            .any(|((_, sm), &i)| string_match(sm, header(i)))
+        && m.query_params
+            .iter()
+            .all(|(k, sm)| string_match(sm, query_param(req.query, k)))
+}
+
+/// `m`'s `uri` condition on `path`: `None` when it fails.
+fn uri_match(m: &HttpMatch, path: &str) -> Option<UriMatch> {
+    let Some(u) = &m.uri else {
+        return Some(UriMatch::None);
+    };
+    let ok = if m.ignore_uri_case {
+        u.matches_ignoring_case(path)
+    } else {
+        u.matches(path)
+    };
+    match u {
+        _ if !ok => None,
+        StringMatch::Prefix(p) => Some(UriMatch::Prefix(p.len())),
+        _ => Some(UriMatch::Whole),
     }
-    if !m
-        .query_params
-        .iter()
-        .all(|(k, sm)| string_match(sm, query_param(req.query, k)))
-    {
-        return None;
-    }
-    Some(uri)
 }
 
 struct Builder<'a> {
@@ -599,7 +719,7 @@ impl<'a> Builder<'a> {
     /// select this proxy and serve `port`, by host.
     fn gateway_hosts(&mut self, port: u16) -> Vec<GatewayHost> {
         let mesh = self.mesh;
-        let mut out: Vec<GatewayHost> = Vec::new();
+        let mut by_host: Vec<(String, Vec<Arc<Route>>)> = Vec::new();
         let serving = mesh.gateways.iter().filter(|gw| {
             gw.selector
                 .iter()
@@ -634,24 +754,25 @@ impl<'a> Builder<'a> {
                     if !served {
                         continue;
                     }
-                    match out.iter_mut().find(|g| g.host == *host) {
-                        Some(g) => g.routes.extend(routes.iter().cloned()),
-                        None => out.push(GatewayHost {
-                            host: host.clone(),
-                            routes: routes.clone(),
-                        }),
+                    match by_host.iter_mut().find(|(h, _)| h == host) {
+                        Some((_, r)) => r.extend(routes.iter().cloned()),
+                        None => by_host.push((host.clone(), routes.clone())),
                     }
                 }
             }
         }
         self.gateway = None;
+        let mut out: Vec<GatewayHost> = by_host
+            .into_iter()
+            .map(|(host, routes)| GatewayHost {
+                host,
+                routes: RouteList::new(routes),
+            })
+            .collect();
         out.sort_by_key(GatewayHost::rank);
         out
     }
 
-    /// The matches that can hold for this proxy; `None` when a route has
-    /// matches and every one is for other callers (the route is not this
-    /// proxy's).
     /// A tcp or tls route compiled for this proxy; `None` when none of its
     /// matches apply to this caller.
     fn l4_route(
@@ -679,6 +800,9 @@ impl<'a> Builder<'a> {
         }))
     }
 
+    /// The matches that can hold for this proxy; `None` when a route has
+    /// matches and every one is for other callers (the route is not this
+    /// proxy's).
     fn own_matches<M: Clone>(
         &self,
         matches: &[M],
@@ -1003,5 +1127,72 @@ spec:
         assert_eq!(via(None).unwrap(), ("a".into(), "edge/tcp-0".into()));
         assert!(t.has_tls_routes(0));
         assert!(!t.has_tls_routes(1));
+    }
+
+    #[test]
+    fn a_large_regex_table_answers_as_routes_tried_one_by_one() {
+        let mut yaml = String::from(
+            "apiVersion: lumen.dev/v1alpha1\nkind: Mesh\nmetadata: {name: m}\nspec:\n  services:\n    - {name: api, port: 80, endpoints: [{address: 127.0.0.1:1001}]}\n---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: api}\nspec:\n  hosts: [api]\n  http:\n",
+        );
+        for i in 0..40 {
+            let m = match i % 4 {
+                0 => format!("uri: {{regex: \"/v{i}/[0-9]+\"}}, headers: {{x-t: {{exact: t{i}}}}}"),
+                1 => format!("uri: {{regex: \"/v{i}/.*\"}}, ignoreUriCase: true"),
+                2 => format!("uri: {{prefix: /p{i}/}}"),
+                _ => format!("uri: {{regex: \"/v[0-9]*{i}/x\"}}"),
+            };
+            yaml.push_str(&format!(
+                "  - name: r{i}\n    match: [{{{m}}}]\n    route: [{{destination: {{host: api}}}}]\n"
+            ));
+        }
+        let resources = parse_resources("m.yaml", &yaml).unwrap();
+        let mesh = Arc::new(MeshConfig::from_resources(&resources).unwrap());
+        let t = Arc::new(RoutingTable::new(
+            mesh,
+            &Caller::default(),
+            &Registry::new(Duration::from_secs(1)),
+            None,
+        ));
+        let list = &t.hosts[0].http;
+        assert!(list.uri_set.is_some(), "40 routes, 20 regexes: one set");
+        assert_eq!(list.header_names.len(), 1, "x-t, read once");
+        let one_by_one = |path: &str, h: &HeaderMap| {
+            let req = RequestView {
+                method: "GET",
+                path,
+                query: None,
+                authority: "api",
+                scheme: "http",
+                headers: h,
+                port: Some(80),
+            };
+            let a = list.find(&req).map(|(r, u)| (r.name.clone(), u));
+            // Every header looked up anew, every regex run alone.
+            let mut header = |_: usize| h.get("x-t").and_then(|v| v.to_str().ok());
+            let b = list.routes.iter().zip(&list.slots).find_map(|(r, slots)| {
+                r.matches
+                    .iter()
+                    .zip(slots)
+                    .find_map(|(m, slot)| {
+                        conditions_hold(m, slot, &req, &mut header)
+                            .then(|| uri_match(m, path))
+                            .flatten()
+                    })
+                    .map(|u| (r.name.clone(), u))
+            });
+            assert_eq!(a, b, "{path}");
+            a.map(|(n, _)| n.to_string())
+        };
+        let mut h = HeaderMap::new();
+        assert_eq!(one_by_one("/v8/12", &h), None, "the header is missing");
+        h.insert("x-t", "t8".parse().unwrap());
+        assert_eq!(one_by_one("/v8/12", &h).as_deref(), Some("api/r8"));
+        // As in Envoy, ignoreUriCase does not reach a regex.
+        assert_eq!(one_by_one("/V13/ANY", &h), None);
+        assert_eq!(one_by_one("/v13/ANY", &h).as_deref(), Some("api/r13"));
+        assert_eq!(one_by_one("/p14/x", &h).as_deref(), Some("api/r14"));
+        assert_eq!(one_by_one("/v915/x", &h).as_deref(), Some("api/r15"));
+        assert_eq!(one_by_one("/v3/x", &h).as_deref(), Some("api/r3"));
+        assert_eq!(one_by_one("/nothing", &h), None);
     }
 }
