@@ -104,13 +104,19 @@ impl ControlPlane for ControlService {
             'send: loop {
                 let snapshot = published.borrow_and_update().clone();
                 let nonce = this.nonces.fetch_add(1, Ordering::Relaxed).to_string();
-                let message = Snapshot {
-                    version_info: snapshot.version.clone(),
-                    nonce,
-                    resources: snapshot.resources.clone(),
-                };
-                if tx.send(Ok(message)).await.is_err() {
-                    break;
+                // Part by part, each the shared encoded bytes: a stream
+                // holds handles, never a copy of the view.
+                let last = snapshot.parts.len() - 1;
+                for (i, part) in snapshot.parts.iter().enumerate() {
+                    let message = Snapshot {
+                        version_info: snapshot.version.clone(),
+                        nonce: nonce.clone(),
+                        resources: snapshot.resources[part.clone()].to_vec(),
+                        more: i < last,
+                    };
+                    if tx.send(Ok(message)).await.is_err() {
+                        break 'send;
+                    }
                 }
                 this.update(&id, |p| p.sent_version = snapshot.version.clone());
                 loop {

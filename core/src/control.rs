@@ -11,6 +11,43 @@ pub mod v1 {
 
 use crate::resource::{ConfigError, Kind, Resource, ResourceKey};
 
+/// Protobuf over gRPC as `tonic_prost::ProstCodec`, with smaller buffers.
+/// tonic's encoder gathers ready messages up to 32 KiB before writing and
+/// then keeps a buffer that large for the life of the stream; a control
+/// plane holds a stream per proxy, so that was 64 KiB per proxy held
+/// forever after the first large view. Here a stream writes each snapshot
+/// part (about 4 KiB) as it comes, within an 8 KiB buffer.
+#[derive(Debug)]
+pub struct ControlCodec<T, U>(std::marker::PhantomData<(T, U)>);
+
+impl<T, U> Default for ControlCodec<T, U> {
+    fn default() -> Self {
+        ControlCodec(std::marker::PhantomData)
+    }
+}
+
+const CODEC_BUFFER: usize = 8 * 1024;
+const CODEC_YIELD: usize = 4 * 1024;
+
+impl<T, U> tonic::codec::Codec for ControlCodec<T, U>
+where
+    T: prost::Message + Send + 'static,
+    U: prost::Message + Default + Send + 'static,
+{
+    type Encode = T;
+    type Decode = U;
+    type Encoder = tonic_prost::ProstEncoder<T>;
+    type Decoder = tonic_prost::ProstDecoder<U>;
+
+    fn encoder(&mut self) -> Self::Encoder {
+        tonic_prost::ProstEncoder::new(tonic::codec::BufferSettings::new(CODEC_BUFFER, CODEC_YIELD))
+    }
+
+    fn decoder(&mut self) -> Self::Decoder {
+        tonic_prost::ProstDecoder::new(tonic::codec::BufferSettings::new(CODEC_BUFFER, CODEC_YIELD))
+    }
+}
+
 /// Default address of the control plane's gRPC port.
 pub const DEFAULT_ADDR: &str = "127.0.0.1:15010";
 

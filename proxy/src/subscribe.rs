@@ -9,10 +9,10 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use lumen_core::MeshConfig;
 use lumen_core::control::v1::control_plane_client::ControlPlaneClient;
-use lumen_core::control::v1::{Node, ProxyMessage};
+use lumen_core::control::v1::{self, Node, ProxyMessage};
 use lumen_core::resource::Resource;
+use lumen_core::{ConfigError, MeshConfig};
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 
@@ -76,16 +76,39 @@ async fn session(
         .await
         .map_err(|s| s.message().to_string())?
         .into_inner();
-    while let Some(snapshot) = snapshots
+    // The parts of the view being received: (nonce, resources so far).
+    let mut partial: Option<(String, Vec<bytes::Bytes>)> = None;
+    while let Some(mut snapshot) = snapshots
         .message()
         .await
         .map_err(|s| s.message().to_string())?
     {
         *received = true;
+        if let Some((nonce, mut resources)) = partial.take()
+            && nonce == snapshot.nonce
+        {
+            resources.append(&mut snapshot.resources);
+            snapshot.resources = resources;
+        }
+        if snapshot.more {
+            partial = Some((snapshot.nonce, snapshot.resources));
+            continue;
+        }
         let built = snapshot
             .resources
             .iter()
-            .map(Resource::try_from)
+            .map(|bytes| {
+                let wire =
+                    <v1::Resource as prost::Message>::decode(bytes.as_ref()).map_err(|e| {
+                        ConfigError {
+                            file: "control plane".into(),
+                            resource: String::new(),
+                            field: "resources".into(),
+                            reason: format!("a resource that does not decode: {e}"),
+                        }
+                    })?;
+                Resource::try_from(&wire)
+            })
             .collect::<Result<Vec<_>, _>>()
             .and_then(|rs| MeshConfig::from_resources(&rs));
         let answer = match built {
@@ -131,6 +154,7 @@ mod tests {
     use tonic::{Request, Response, Status, Streaming};
 
     const MESH: &str = "apiVersion: lumen.dev/v1alpha1\nkind: Mesh\nmetadata: {name: m}\nspec:\n  services:\n    - name: reviews\n";
+    const GOOD_VS: &str = "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: reviews}\nspec:\n  hosts: [reviews]\n  http:\n  - route: [{destination: {host: reviews}}]\n";
     const BAD_VS: &str = "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: reviews}\nspec:\n  hosts: [reviews]\n  http:\n  - route: [{destination: {host: nowhere}}]\n";
 
     /// Sends a valid snapshot, then one no proxy can take, and hands over
@@ -139,12 +163,16 @@ mod tests {
         answers: mpsc::UnboundedSender<ProxyMessage>,
     }
 
-    fn snapshot(version: &str, nonce: &str, yaml: &str) -> Snapshot {
+    fn snapshot(version: &str, nonce: &str, yaml: &str, more: bool) -> Snapshot {
         let resources = parse_resources("f.yaml", yaml).unwrap();
         Snapshot {
             version_info: version.into(),
             nonce: nonce.into(),
-            resources: resources.iter().map(v1::Resource::from).collect(),
+            resources: resources
+                .iter()
+                .map(|r| prost::Message::encode_to_vec(&v1::Resource::from(r)).into())
+                .collect(),
+            more,
         }
     }
 
@@ -161,10 +189,18 @@ mod tests {
             let answers = self.answers.clone();
             tokio::spawn(async move {
                 let _ = answers.send(inbound.message().await.unwrap().unwrap());
-                let _ = tx.send(Ok(snapshot("v1", "1", MESH))).await;
+                // v1 in two parts: the route of the second needs the
+                // service of the first, so only the whole view is valid.
+                let _ = tx.send(Ok(snapshot("v1", "1", MESH, true))).await;
+                let _ = tx.send(Ok(snapshot("v1", "1", GOOD_VS, false))).await;
                 let _ = answers.send(inbound.message().await.unwrap().unwrap());
                 let _ = tx
-                    .send(Ok(snapshot("v2", "2", &format!("{MESH}---\n{BAD_VS}"))))
+                    .send(Ok(snapshot(
+                        "v2",
+                        "2",
+                        &format!("{MESH}---\n{BAD_VS}"),
+                        false,
+                    )))
                     .await;
                 let _ = answers.send(inbound.message().await.unwrap().unwrap());
                 // Keep the stream open until the test ends.
@@ -224,7 +260,12 @@ mod tests {
             ("v1", "1")
         );
         assert!(ack.error_detail.is_empty());
-        rx.wait_for(|m| m.version == "v1").await.unwrap();
+        let v1 = rx.wait_for(|m| m.version == "v1").await.unwrap().clone();
+        assert_eq!(
+            v1.virtual_services.len(),
+            1,
+            "both parts of v1 applied together"
+        );
         let nack = got.recv().await.unwrap();
         assert_eq!(
             (nack.version_info.as_str(), nack.response_nonce.as_str()),
