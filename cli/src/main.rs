@@ -422,6 +422,14 @@ struct UpArgs {
     flush_interval: Duration,
     #[command(flatten)]
     store: StoreArgs,
+    /// Prometheus rule files (alerting and recording rules, Prometheus's
+    /// format), or directories of them; repeatable. Served at
+    /// /api/v1/rules and /api/v1/alerts on the query port.
+    #[arg(long = "rules")]
+    rules: Vec<PathBuf>,
+    /// How often rule groups that name no `interval` are evaluated.
+    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    evaluation_interval: Duration,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -574,6 +582,14 @@ struct DemoArgs {
     control: configure::ControlPlaneArgs,
     #[command(flatten)]
     store: StoreArgs,
+    /// Prometheus rule files (alerting and recording rules, Prometheus's
+    /// format), or directories of them; repeatable. Served at
+    /// /api/v1/rules and /api/v1/alerts on the query port.
+    #[arg(long = "rules")]
+    rules: Vec<PathBuf>,
+    /// How often rule groups that name no `interval` are evaluated.
+    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    evaluation_interval: Duration,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -718,6 +734,10 @@ async fn up(a: UpArgs) -> Result<()> {
     // The configuration is read (and refused when invalid) before anything
     // binds; the control plane serves it once the rest is up.
     let files = lumen_control::discovery::load_resources(&a.file)?;
+    let rules = Arc::new(lumen_policy::RuleEngine::new(
+        load_rules(&a.rules)?,
+        a.evaluation_interval,
+    ));
     let collector = Collector::open(
         a.store
             .collector_config(a.data_dir.clone(), a.flush_interval)?,
@@ -736,7 +756,10 @@ async fn up(a: UpArgs) -> Result<()> {
     };
     let engine =
         QueryEngine::new(collector.store(), query_config).context("starting the query executor")?;
-    let servers = QueryServers::bind(&a.store.query, engine).await?;
+    let mut servers = QueryServers::bind(&a.store.query, engine.clone()).await?;
+    servers.query = servers
+        .query
+        .with_routes(lumen_policy::http::router(rules.clone()));
     let (stop, stop_rx) = watch::channel(false);
     let (_, _, control_tasks) = configure::start(
         files,
@@ -758,18 +781,53 @@ async fn up(a: UpArgs) -> Result<()> {
     );
     let collector_task = tokio::spawn(collector.run(until(stop_rx.clone())));
     let serving = servers.spawn(&stop_rx);
+    let rules_task = tokio::spawn(rules.run(engine, stop_rx.clone()));
     shutdown_signal().await;
     tracing::info!("shutting down");
     let _ = stop.send(true);
     for t in control_tasks {
         let _ = t.await;
     }
+    let _ = rules_task.await;
     let collected = collector_task.await.context("collector task")?;
     let served = serving.join().await;
     collected?;
     served?;
     tracing::info!("stopped cleanly");
     Ok(())
+}
+
+/// Every rule group of `paths` (files, or directories of `.yml` /
+/// `.yaml` files), refused whole if any file is invalid.
+fn load_rules(paths: &[PathBuf]) -> Result<Vec<lumen_policy::RuleGroup>> {
+    let mut files = Vec::new();
+    for p in paths {
+        if p.is_dir() {
+            let mut inside: Vec<PathBuf> = std::fs::read_dir(p)
+                .with_context(|| format!("reading rule directory {}", p.display()))?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|f| f.extension().is_some_and(|x| x == "yml" || x == "yaml"))
+                .collect();
+            inside.sort();
+            files.extend(inside);
+        } else {
+            files.push(p.clone());
+        }
+    }
+    let mut groups = Vec::new();
+    for f in &files {
+        groups.extend(lumen_policy::rules::load(f)?);
+    }
+    if !files.is_empty() {
+        let rules: usize = groups.iter().map(|g| g.rules.len()).sum();
+        tracing::info!(
+            files = files.len(),
+            groups = groups.len(),
+            rules,
+            "rules loaded"
+        );
+    }
+    Ok(groups)
 }
 
 async fn control(a: configure::ControlArgs) -> Result<()> {

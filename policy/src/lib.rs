@@ -1,6 +1,16 @@
-//! The Lumen policy engine (a later milestone): rules evaluated over live
-//! request metrics become decisions — rate limits, quotas, allow/deny — that
-//! are streamed to every proxy and enforced there.
+//! The Lumen policy engine: Prometheus alerting and recording rules
+//! evaluated over Lumen's own series, and (next) the decisions they drive —
+//! rate limits, quotas, access — streamed to every proxy.
 //!
-//! Nothing lives here yet; the proxy's request path already has the named
-//! phases (authorize, rate-limit) where these decisions will be applied.
+//! Data flows one way: rule files are read and validated ([`rules`]); the
+//! [`alerts::RuleEngine`] evaluates each group on its interval with the
+//! query crate's PromQL, moving alerts through pending → firing → resolved
+//! as Prometheus does; [`http`] serves that state in Prometheus's API
+//! shapes (`/api/v1/rules`, `/api/v1/alerts`) on the query port.
+
+pub mod alerts;
+pub mod http;
+pub mod rules;
+
+pub use alerts::RuleEngine;
+pub use rules::{RuleError, RuleGroup};

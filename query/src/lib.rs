@@ -61,6 +61,8 @@ pub enum ServeError {
 pub struct QueryServer {
     listener: TcpListener,
     engine: QueryEngine,
+    /// More of the API served on the same port (the rule engine's).
+    extra: Option<axum::Router>,
 }
 
 impl QueryServer {
@@ -68,7 +70,20 @@ impl QueryServer {
         let listener = TcpListener::bind(addr)
             .await
             .map_err(|source| ServeError::Bind { addr, source })?;
-        Ok(QueryServer { listener, engine })
+        Ok(QueryServer {
+            listener,
+            engine,
+            extra: None,
+        })
+    }
+
+    /// Serves `routes` too, beside the query API.
+    pub fn with_routes(mut self, routes: axum::Router) -> Self {
+        self.extra = Some(match self.extra.take() {
+            Some(r) => r.merge(routes),
+            None => routes,
+        });
+        self
     }
 
     pub fn local_addr(&self) -> Option<SocketAddr> {
@@ -83,7 +98,11 @@ impl QueryServer {
     ) -> Result<(), ServeError> {
         let (stopping_tx, mut stopping) = tokio::sync::watch::channel(false);
         let engine = self.engine.clone();
-        let app = http::router(self.engine).into_make_service_with_connect_info::<SocketAddr>();
+        let mut router = http::router(self.engine);
+        if let Some(extra) = self.extra {
+            router = router.merge(extra);
+        }
+        let app = router.into_make_service_with_connect_info::<SocketAddr>();
         let serve = axum::serve(self.listener, app).with_graceful_shutdown(async move {
             shutdown.await;
             engine.shutdown();

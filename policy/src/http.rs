@@ -1,0 +1,104 @@
+//! The rule engine's state in Prometheus's HTTP API shapes, on the query
+//! port beside PromQL, so Grafana's alert list and anything else that reads
+//! a Prometheus reads Lumen's rules: `GET /api/v1/rules` (`?type=alert` or
+//! `record`) and `GET /api/v1/alerts`.
+
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use axum::Router;
+use axum::extract::{RawQuery, State};
+use axum::response::Json;
+use axum::routing::get;
+use serde_json::{Value, json};
+
+use crate::alerts::{Alert, RuleEngine, RuleStatus};
+use crate::rules::RuleKind;
+
+pub fn router(engine: Arc<RuleEngine>) -> Router {
+    Router::new()
+        .route("/api/v1/rules", get(rules))
+        .route("/api/v1/alerts", get(alerts))
+        .with_state(engine)
+}
+
+fn rfc3339(t: Option<SystemTime>) -> Value {
+    match t {
+        // Prometheus's zero time for "never".
+        None => json!("0001-01-01T00:00:00Z"),
+        Some(t) => json!(humantime::format_rfc3339_nanos(t).to_string()),
+    }
+}
+
+fn alert_json(a: &Alert) -> Value {
+    json!({
+        "labels": a.labels,
+        "annotations": a.annotations,
+        "state": a.state.as_str(),
+        "activeAt": rfc3339(Some(a.active_at)),
+        "value": lumen_query::promql::value::format_number(a.value),
+    })
+}
+
+fn rule_json(r: &RuleStatus) -> Value {
+    let mut out = json!({
+        "name": r.rule.name,
+        "query": r.rule.expr,
+        "labels": r.rule.labels,
+        "health": r.health,
+        "evaluationTime": r.evaluation_time.as_secs_f64(),
+        "lastEvaluation": rfc3339(r.last_evaluation),
+    });
+    if let Some(e) = &r.last_error {
+        out["lastError"] = json!(e);
+    }
+    match &r.rule.kind {
+        RuleKind::Alert {
+            for_,
+            keep_firing_for,
+            annotations,
+        } => {
+            out["type"] = json!("alerting");
+            out["state"] = json!(r.state());
+            out["duration"] = json!(for_.as_secs_f64());
+            out["keepFiringFor"] = json!(keep_firing_for.as_secs_f64());
+            out["annotations"] = json!(annotations);
+            out["alerts"] = r.alerts.values().map(alert_json).collect();
+        }
+        RuleKind::Record => out["type"] = json!("recording"),
+    }
+    out
+}
+
+async fn rules(State(engine): State<Arc<RuleEngine>>, RawQuery(q): RawQuery) -> Json<Value> {
+    let kind = form_urlencoded::parse(q.unwrap_or_default().as_bytes())
+        .find(|(k, _)| k == "type")
+        .map(|(_, v)| v.into_owned());
+    let want = |r: &RuleStatus| {
+        !matches!(
+            (kind.as_deref(), &r.rule.kind),
+            (Some("alert"), RuleKind::Record) | (Some("record"), RuleKind::Alert { .. })
+        )
+    };
+    let groups: Vec<Value> = engine
+        .groups()
+        .iter()
+        .map(|g| {
+            json!({
+                "name": g.group.name,
+                "file": g.group.file,
+                "interval": g.interval.as_secs_f64(),
+                "limit": g.group.limit,
+                "rules": g.rules.iter().filter(|r| want(r)).map(rule_json).collect::<Vec<_>>(),
+                "evaluationTime": g.evaluation_time.as_secs_f64(),
+                "lastEvaluation": rfc3339(g.last_evaluation),
+            })
+        })
+        .collect();
+    Json(json!({"status": "success", "data": {"groups": groups}}))
+}
+
+async fn alerts(State(engine): State<Arc<RuleEngine>>) -> Json<Value> {
+    let alerts: Vec<Value> = engine.alerts().iter().map(alert_json).collect();
+    Json(json!({"status": "success", "data": {"alerts": alerts}}))
+}
