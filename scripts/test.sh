@@ -15,6 +15,7 @@ fi
 
 apt_pkgs=()
 command -v promtool >/dev/null 2>&1 || apt_pkgs+=(prometheus)
+command -v prometheus-alertmanager >/dev/null 2>&1 || apt_pkgs+=(prometheus-alertmanager)
 command -v psql >/dev/null 2>&1 || apt_pkgs+=(postgresql-client)
 # Transparent capture is tested in a network namespace of its own.
 command -v ip >/dev/null 2>&1 || apt_pkgs+=(iproute2)

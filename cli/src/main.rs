@@ -430,6 +430,10 @@ struct UpArgs {
     /// How often rule groups that name no `interval` are evaluated.
     #[arg(long, default_value = "1s", value_parser = parse_duration)]
     evaluation_interval: Duration,
+    /// An Alertmanager to send firing alerts to (its base URL, e.g.
+    /// http://127.0.0.1:9093; Alertmanager's v2 API); repeatable.
+    #[arg(long = "alertmanager")]
+    alertmanagers: Vec<String>,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -590,6 +594,10 @@ struct DemoArgs {
     /// How often rule groups that name no `interval` are evaluated.
     #[arg(long, default_value = "1s", value_parser = parse_duration)]
     evaluation_interval: Duration,
+    /// An Alertmanager to send firing alerts to (its base URL, e.g.
+    /// http://127.0.0.1:9093; Alertmanager's v2 API); repeatable.
+    #[arg(long = "alertmanager")]
+    alertmanagers: Vec<String>,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -780,7 +788,16 @@ async fn up(a: UpArgs) -> Result<()> {
         "lumen is up"
     );
     let collector_task = tokio::spawn(collector.run(until(stop_rx.clone())));
+    let servers_query_addr = servers.query.local_addr();
     let serving = servers.spawn(&stop_rx);
+    let notify_task = (!a.alertmanagers.is_empty()).then(|| {
+        let generator = format!("http://{}/api/v1/alerts", fmt_addr(servers_query_addr));
+        let notifier = Arc::new(lumen_policy::notify::Notifier::new(
+            a.alertmanagers.clone(),
+            generator,
+        ));
+        tokio::spawn(notifier.run(rules.clone(), stop_rx.clone()))
+    });
     let rules_task = tokio::spawn(rules.run(engine, stop_rx.clone()));
     shutdown_signal().await;
     tracing::info!("shutting down");
@@ -789,6 +806,9 @@ async fn up(a: UpArgs) -> Result<()> {
         let _ = t.await;
     }
     let _ = rules_task.await;
+    if let Some(t) = notify_task {
+        let _ = t.await;
+    }
     let collected = collector_task.await.context("collector task")?;
     let served = serving.join().await;
     collected?;

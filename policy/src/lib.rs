@@ -6,10 +6,12 @@
 //! [`alerts::RuleEngine`] evaluates each group on its interval with the
 //! query crate's PromQL, moving alerts through pending → firing → resolved
 //! as Prometheus does; [`http`] serves that state in Prometheus's API
-//! shapes (`/api/v1/rules`, `/api/v1/alerts`) on the query port.
+//! shapes (`/api/v1/rules`, `/api/v1/alerts`) on the query port, and
+//! [`notify`] sends firing alerts to Alertmanagers.
 
 pub mod alerts;
 pub mod http;
+pub mod notify;
 pub mod rules;
 
 pub use alerts::RuleEngine;

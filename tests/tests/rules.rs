@@ -2,8 +2,9 @@
 //! file Prometheus's own `promtool check rules` accepts is loaded as is,
 //! evaluated over Lumen's series, and served the Prometheus way at
 //! `/api/v1/rules` and `/api/v1/alerts`; failing traffic turns its alert
-//! to firing. A rule file with bad PromQL keeps `lumen up` from starting,
-//! naming the file, group, rule and reason.
+//! to firing, and a real Alertmanager (`--alertmanager`) receives it. A
+//! rule file with bad PromQL keeps `lumen up` from starting, naming the
+//! file, group, rule and reason.
 
 use std::process::Command;
 use std::time::{Duration, SystemTime};
@@ -11,7 +12,7 @@ use std::time::{Duration, SystemTime};
 use anyhow::{Context, Result, bail};
 use lumen_core::{Reporter, RequestRecord, Workload};
 use lumen_tests::flight::{self, client};
-use lumen_tests::{UpPorts, lumen_bin, peer_tool, start_up, wait_for_count, write_mesh};
+use lumen_tests::{UpPorts, free_port, lumen_bin, peer_tool, start_up, wait_for_count, write_mesh};
 use serde_json::Value;
 
 const RULES: &str = r#"groups:
@@ -45,6 +46,66 @@ fn workload(service: &str) -> Workload {
     }
 }
 
+/// A real Alertmanager on a port of its own, killed on drop.
+struct Alertmanager {
+    child: std::process::Child,
+    url: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Alertmanager {
+    async fn start() -> Result<Self> {
+        let bin = peer_tool(
+            "prometheus-alertmanager",
+            "apt-get install -y prometheus-alertmanager",
+        );
+        let dir = tempfile::tempdir()?;
+        let config = dir.path().join("alertmanager.yml");
+        std::fs::write(
+            &config,
+            "route:\n  receiver: none\n  group_wait: 0s\nreceivers:\n- name: none\n",
+        )?;
+        let port = free_port();
+        let log = std::fs::File::create(dir.path().join("alertmanager.log"))?;
+        let child = Command::new(bin)
+            .arg(format!("--config.file={}", config.display()))
+            .arg(format!(
+                "--storage.path={}",
+                dir.path().join("data").display()
+            ))
+            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+            // One instance: no gossip port to collide with anything.
+            .arg("--cluster.listen-address=")
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("starting alertmanager")?;
+        let am = Alertmanager {
+            child,
+            url: format!("http://127.0.0.1:{port}"),
+            _dir: dir,
+        };
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while reqwest::get(format!("{}/-/ready", am.url))
+            .await
+            .map_or(true, |r| !r.status().is_success())
+        {
+            if std::time::Instant::now() > deadline {
+                bail!("alertmanager did not become ready");
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        Ok(am)
+    }
+}
+
+impl Drop for Alertmanager {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 async fn get(url: &str) -> Result<Value> {
     let v: Value = reqwest::get(url).await?.error_for_status()?.json().await?;
     if v["status"] != "success" {
@@ -75,12 +136,13 @@ async fn failing_traffic_fires_the_alert_of_a_prometheus_rule_file() -> Result<(
     write_mesh(&mesh, &[("ratings", 9080, &[])])?;
     let ports = UpPorts::pick();
     let rules_arg = rules.display().to_string();
+    let alertmanager = Alertmanager::start().await?;
     let _up = start_up(
         dir.path(),
         &mesh,
         &dir.path().join("data"),
         ports,
-        &["--rules", &rules_arg],
+        &["--rules", &rules_arg, "--alertmanager", &alertmanager.url],
     )
     .await?;
     let base = format!("http://127.0.0.1:{}", ports.query);
@@ -167,6 +229,45 @@ async fn failing_traffic_fires_the_alert_of_a_prometheus_rule_file() -> Result<(
     let slow = &data["groups"][1]["rules"][0];
     assert_eq!(slow["state"], "pending", "{data}");
     assert_eq!(slow["alerts"][0]["state"], "pending");
+
+    // Alertmanager has the firing alert (and not the pending one), with
+    // Lumen's query port as its source.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let received = loop {
+        let alerts: Value = reqwest::get(format!("{}/api/v2/alerts", alertmanager.url))
+            .await?
+            .json()
+            .await?;
+        let found = alerts
+            .as_array()
+            .context("alertmanager's alerts")?
+            .iter()
+            .find(|a| a["labels"]["alertname"] == "ServiceFailing")
+            .cloned();
+        if let Some(a) = found {
+            assert!(
+                !alerts
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .any(|a| a["labels"]["alertname"] == "AlwaysPending"),
+                "{alerts}"
+            );
+            break a;
+        }
+        if std::time::Instant::now() > deadline {
+            bail!("alertmanager never got ServiceFailing: {alerts}");
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    };
+    assert_eq!(received["labels"]["destination_service_name"], "ratings");
+    assert_eq!(received["labels"]["severity"], "page");
+    assert_eq!(received["annotations"]["summary"], "ratings answered 503");
+    assert_eq!(received["status"]["state"], "active");
+    assert_eq!(
+        received["generatorURL"],
+        format!("{base}/api/v1/alerts").as_str()
+    );
     Ok(())
 }
 
