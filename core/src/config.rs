@@ -198,6 +198,7 @@ pub struct MeshConfig {
     pub virtual_services: Vec<VirtualService>,
     pub destination_rules: Vec<DestinationRule>,
     pub gateways: Vec<Gateway>,
+    pub rate_limits: Vec<crate::policy::RateLimit>,
     /// namespace → name → position in `services`; nested so lookups borrow
     /// `&str` and allocate nothing on the request path.
     index: HashMap<Arc<str>, HashMap<Arc<str>, usize>>,
@@ -274,6 +275,7 @@ impl MeshConfig {
         let mut virtual_services = Vec::new();
         let mut destination_rules = Vec::new();
         let mut gateways = Vec::new();
+        let mut rate_limits = Vec::new();
         let mut by_resource: Vec<(&Resource, usize)> = Vec::new();
         for res in resources {
             match res.kind {
@@ -316,6 +318,7 @@ impl MeshConfig {
                     destination_rules.push(networking::destination_rule::validate(res)?)
                 }
                 Kind::Gateway => gateways.push(networking::gateway::validate(res)?),
+                Kind::RateLimit => rate_limits.push(crate::policy::validate_rate_limit(res)?),
                 Kind::QueryService => {}
             }
         }
@@ -325,6 +328,7 @@ impl MeshConfig {
         mesh.virtual_services = virtual_services;
         mesh.destination_rules = destination_rules;
         mesh.gateways = gateways;
+        mesh.rate_limits = rate_limits;
         mesh.check_references(resources)?;
         Ok(mesh)
     }
@@ -444,6 +448,14 @@ impl MeshConfig {
                         ));
                     }
                 }
+            }
+        }
+        for rl in &self.rate_limits {
+            if self.resolve_host(&rl.service, &rl.namespace).is_none() {
+                return Err(res_of(Kind::RateLimit, &rl.namespace, &rl.name).error(
+                    "spec.target.service",
+                    format!("no service `{}` in the mesh", rl.service),
+                ));
             }
         }
         Ok(())

@@ -34,6 +34,7 @@ pub mod istio;
 pub mod load;
 pub mod networking;
 pub mod otlp;
+pub mod policy;
 pub mod record;
 pub mod resource;
 pub mod schema;

@@ -116,8 +116,10 @@ impl ResponseFlags {
     pub const DELAY_INJECTED: ResponseFlags = ResponseFlags(1 << 9);
     /// The destination's connection pool (circuit breaker) was full.
     pub const UPSTREAM_OVERFLOW: ResponseFlags = ResponseFlags(1 << 10);
+    /// A rate limit refused the request.
+    pub const RATE_LIMITED: ResponseFlags = ResponseFlags(1 << 11);
 
-    const CODES: [(ResponseFlags, &'static str); 11] = [
+    const CODES: [(ResponseFlags, &'static str); 12] = [
         (Self::NO_ROUTE, "NR"),
         (Self::NO_HEALTHY_UPSTREAM, "UH"),
         (Self::UPSTREAM_CONNECTION_FAILURE, "UF"),
@@ -129,6 +131,7 @@ impl ResponseFlags {
         (Self::FAULT_INJECTED, "FI"),
         (Self::DELAY_INJECTED, "DI"),
         (Self::UPSTREAM_OVERFLOW, "UO"),
+        (Self::RATE_LIMITED, "RL"),
     ];
 
     pub const fn empty() -> Self {

@@ -59,16 +59,19 @@ pub enum Kind {
     DestinationRule,
     ServiceEntry,
     Gateway,
+    /// Lumen's rate limit (`policy.lumen.dev`).
+    RateLimit,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 6] = [
+    pub const ALL: [Kind; 7] = [
         Kind::Mesh,
         Kind::QueryService,
         Kind::VirtualService,
         Kind::DestinationRule,
         Kind::ServiceEntry,
         Kind::Gateway,
+        Kind::RateLimit,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -79,6 +82,7 @@ impl Kind {
             Kind::DestinationRule => "DestinationRule",
             Kind::ServiceEntry => "ServiceEntry",
             Kind::Gateway => "Gateway",
+            Kind::RateLimit => "RateLimit",
         }
     }
 
@@ -94,6 +98,7 @@ impl Kind {
             "destinationrule" | "destinationrules" | "dr" => Kind::DestinationRule,
             "serviceentry" | "serviceentries" | "se" => Kind::ServiceEntry,
             "gateway" | "gateways" | "gw" => Kind::Gateway,
+            "ratelimit" | "ratelimits" | "rl" => Kind::RateLimit,
             _ => return None,
         })
     }
@@ -102,6 +107,7 @@ impl Kind {
     pub fn api_versions(self) -> &'static [&'static str] {
         match self {
             Kind::Mesh | Kind::QueryService => &[LUMEN_API],
+            Kind::RateLimit => &[crate::policy::POLICY_API],
             _ => &ISTIO_NETWORKING_VERSIONS,
         }
     }

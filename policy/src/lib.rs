@@ -1,6 +1,9 @@
 //! The Lumen policy engine: Prometheus alerting and recording rules
 //! evaluated over Lumen's own series, and (next) the decisions they drive —
-//! rate limits, quotas, access — streamed to every proxy.
+//! switching rate limits, quotas and access on and off at every proxy.
+//! (The `RateLimit` resource itself lives in `lumen-core::policy`, travels
+//! with the mesh configuration, and is enforced by the proxy's
+//! `ratelimit` module.)
 //!
 //! Data flows one way: rule files are read and validated ([`rules`]); the
 //! [`alerts::RuleEngine`] evaluates each group on its interval with the

@@ -32,6 +32,7 @@ pub mod idle;
 pub mod limits;
 pub mod listener;
 pub mod mirror;
+pub mod ratelimit;
 pub mod replay;
 pub mod reply;
 pub mod request;

@@ -37,6 +37,41 @@ pub fn fault_abort(
     )
 }
 
+/// A request a rate limit refused: 429 with `RL` (a gRPC caller gets
+/// `RESOURCE_EXHAUSTED`), and when to come back, in the headers
+/// Envoy's rate limiter and the IETF draft use.
+pub fn rate_limited(
+    policy: &str,
+    per_second: f64,
+    retry_after: std::time::Duration,
+    pending: PendingRecord,
+) -> Response<ResponseBody> {
+    let mut resp = reply_with(
+        StatusCode::TOO_MANY_REQUESTS,
+        ResponseFlags::RATE_LIMITED,
+        format!("rate limited by {policy}"),
+        // 429 is RESOURCE_EXHAUSTED to a gRPC caller.
+        None,
+        pending,
+    );
+    let secs = retry_after.as_secs_f64().ceil().max(1.0) as u64;
+    let h = resp.headers_mut();
+    for (name, value) in [
+        ("x-ratelimit-limit", format!("{}", per_second.ceil() as u64)),
+        ("x-ratelimit-remaining", "0".to_string()),
+        ("x-ratelimit-reset", secs.to_string()),
+        ("retry-after", secs.to_string()),
+    ] {
+        if let Ok(v) = HeaderValue::from_str(&value) {
+            h.insert(name, v);
+        }
+    }
+    if let Ok(v) = HeaderValue::from_str(policy) {
+        h.insert("x-lumen-policy", v);
+    }
+    resp
+}
+
 /// A route's redirect: its status and `Location`, no body.
 pub fn redirect(code: u16, location: &str, mut pending: PendingRecord) -> Response<ResponseBody> {
     let status = StatusCode::from_u16(code).unwrap_or(StatusCode::MOVED_PERMANENTLY);

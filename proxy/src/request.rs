@@ -25,6 +25,7 @@ use crate::body::{BodyFailure, PendingRecord, RequestBodyState, ResponseBody, gr
 use crate::context::{Connection, SOURCE_HEADER, Shared, Side, begin_record};
 use crate::forward::strip_hop_by_hop;
 use crate::limits::Refused;
+use crate::ratelimit::Verdict;
 use crate::reply::{self, local_reply};
 use crate::route::{Action, NoRoute, RequestView, Routed};
 use crate::trace::{TRACEPARENT, TraceContext};
@@ -63,11 +64,7 @@ pub async fn handle(
     if let Some(r) = pending.record_mut() {
         r.source = source;
     }
-    for decision in [
-        admit(&shared, &req),
-        authorize(&conn, &req),
-        rate_limit(&conn, &req),
-    ] {
+    for decision in [admit(&shared, &req), authorize(&conn, &req)] {
         if let Decision::Deny {
             status,
             flags,
@@ -106,6 +103,18 @@ pub async fn handle(
         r.route = routed.route.name.clone();
     }
     if let Some(routed) = &routed {
+        let source = pending
+            .record()
+            .map(|r| r.source.clone())
+            .unwrap_or_else(Workload::unknown);
+        if let Some((policy, per_second, retry_after)) = rate_limit(routed, &source, &req) {
+            return Ok(reply::rate_limited(
+                &policy,
+                per_second,
+                retry_after,
+                pending,
+            ));
+        }
         match &routed.route.action {
             Action::Forward(_) => {}
             Action::Redirect(r) => {
@@ -338,10 +347,40 @@ fn authorize<B>(_conn: &Connection, _req: &Request<B>) -> Decision {
     Decision::Allow
 }
 
-/// Rate-limit: the policy engine's limits apply here once it exists;
-/// until then no request is limited.
-fn rate_limit<B>(_conn: &Connection, _req: &Request<B>) -> Decision {
-    Decision::Allow
+/// Rate-limit: the RateLimits on the routed service, each taking a token
+/// from the bucket of this request's key. The first that has none decides;
+/// a dry run only logs.
+fn rate_limit<B>(
+    routed: &Routed,
+    source: &Workload,
+    req: &Request<B>,
+) -> Option<(Arc<str>, f64, Duration)> {
+    let service = routed.service?;
+    let limits = routed.table.limits(service);
+    if limits.is_empty() {
+        return None;
+    }
+    let now = std::time::Instant::now();
+    let path = req.uri().path();
+    let workload = format!("{}/{}", source.namespace, source.workload);
+    for l in limits {
+        if !l.applies(req.method().as_str(), path) {
+            continue;
+        }
+        let key = l.key(&workload, |h| {
+            req.headers().get(h).and_then(|v| v.to_str().ok())
+        });
+        match l.check(key, now) {
+            Verdict::Allow { .. } => {}
+            Verdict::WouldLimit => {
+                tracing::debug!(policy = %l.name, key, "would rate limit (dry run)");
+            }
+            Verdict::Limited { retry_after } => {
+                return Some((l.name.clone(), l.spec.requests_per_second, retry_after));
+            }
+        }
+    }
+    None
 }
 
 /// Route: the service the authority names and the route its

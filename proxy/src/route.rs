@@ -24,6 +24,7 @@ use lumen_core::{MeshConfig, RetryPolicy, Workload};
 use crate::cluster::{Cluster, ClusterEndpoint, cluster_name, locality_priority};
 use crate::edit::query_param;
 use crate::endpoint::Registry;
+use crate::ratelimit::Limiter;
 
 /// The route every request of a service takes when no VirtualService routes it.
 pub const DEFAULT_ROUTE: &str = "default";
@@ -124,6 +125,8 @@ struct Host {
     /// connection opens with TLS.
     tls: Vec<Arc<TcpRoute>>,
     default: Option<Arc<Cluster>>,
+    /// The RateLimits on this service, checked by its callers.
+    limits: Vec<Arc<Limiter>>,
 }
 
 /// An immutable routing table; swapped whole when the configuration
@@ -262,6 +265,18 @@ impl RoutingTable {
         }
         for (host, routes) in hosts.iter_mut().zip(http) {
             host.http = RouteList::new(routes);
+        }
+        for rl in &mesh.rate_limits {
+            let Some(i) = mesh.resolve_host(&rl.service, &rl.namespace) else {
+                continue;
+            };
+            let before = previous.and_then(|p| {
+                p.hosts
+                    .iter()
+                    .flat_map(|h| &h.limits)
+                    .find(|l| l.spec.name == rl.name && l.spec.namespace == rl.namespace)
+            });
+            hosts[i].limits.push(Limiter::carried_over(before, rl));
         }
         let gateway = caller.gateway_port.map(|port| b.gateway_hosts(port));
         let clusters = b.clusters;
@@ -430,6 +445,11 @@ impl RoutingTable {
             Some(x) => Ok(x),
             None => Err(NoRoute::UnknownService),
         }
+    }
+
+    /// The rate limits on calls to `service`.
+    pub fn limits(&self, service: usize) -> &[Arc<Limiter>] {
+        &self.hosts[service].limits
     }
 
     /// Whether `service` routes TLS by server name.

@@ -1,0 +1,177 @@
+//! Rate limits at the calling sidecar: each `RateLimit` on a service is a
+//! [`Limiter`] with a token bucket per key (all callers, the calling
+//! workload, or a header's value), refilled at the limit's rate up to its
+//! burst. Checked after routing, before any upstream work; a limited
+//! request is answered here (429, Envoy's `RL`) and costs the upstream
+//! nothing. Buckets survive configuration swaps while the limit is
+//! unchanged.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use lumen_core::policy::{LimitKey, RateLimit};
+
+/// Most keys one limit tracks; past it, idle (full) buckets are dropped,
+/// and if none are, new keys share one bucket, so memory stays bounded
+/// whatever callers send.
+const MAX_KEYS: usize = 10_000;
+
+#[derive(Debug)]
+pub struct Limiter {
+    pub spec: RateLimit,
+    /// `namespace/name`, as rows and headers name it.
+    pub name: Arc<str>,
+    buckets: Mutex<HashMap<String, Bucket>>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Bucket {
+    tokens: f64,
+    last: Instant,
+}
+
+/// What a limit says of one request.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Verdict {
+    /// Within the limit; tokens left in the bucket.
+    Allow { remaining: u32 },
+    /// Over it: answer 429, retry after this long.
+    Limited { retry_after: Duration },
+    /// Over it, but the limit is a dry run: let it through, say so.
+    WouldLimit,
+}
+
+impl Limiter {
+    pub fn new(spec: RateLimit) -> Self {
+        Limiter {
+            name: format!("{}/{}", spec.namespace, spec.name).into(),
+            spec,
+            buckets: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Whether the limit covers a request with this method and path.
+    pub fn applies(&self, method: &str, path: &str) -> bool {
+        self.spec.method.as_ref().is_none_or(|m| m.matches(method))
+            && self.spec.path.as_ref().is_none_or(|p| p.matches(path))
+    }
+
+    /// The bucket this request draws from.
+    pub fn key<'a>(
+        &self,
+        source_workload: &'a str,
+        header: impl Fn(&str) -> Option<&'a str>,
+    ) -> &'a str {
+        match &self.spec.key {
+            LimitKey::Global => "",
+            LimitKey::SourceWorkload => source_workload,
+            LimitKey::Header(h) => header(h).unwrap_or(""),
+        }
+    }
+
+    /// Takes a token for `key` at `now`.
+    pub fn check(&self, key: &str, now: Instant) -> Verdict {
+        let rate = self.spec.requests_per_second;
+        let burst = f64::from(self.spec.burst);
+        let mut buckets = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
+        if !buckets.contains_key(key) && buckets.len() >= MAX_KEYS {
+            buckets.retain(|_, b| {
+                b.tokens + now.saturating_duration_since(b.last).as_secs_f64() * rate < burst
+            });
+        }
+        let key = if !buckets.contains_key(key) && buckets.len() >= MAX_KEYS {
+            ""
+        } else {
+            key
+        };
+        let b = buckets.entry(key.to_string()).or_insert(Bucket {
+            tokens: burst,
+            last: now,
+        });
+        b.tokens =
+            (b.tokens + now.saturating_duration_since(b.last).as_secs_f64() * rate).min(burst);
+        b.last = now;
+        if b.tokens >= 1.0 {
+            b.tokens -= 1.0;
+            return Verdict::Allow {
+                remaining: b.tokens as u32,
+            };
+        }
+        if self.spec.dry_run {
+            return Verdict::WouldLimit;
+        }
+        Verdict::Limited {
+            retry_after: Duration::from_secs_f64((1.0 - b.tokens) / rate),
+        }
+    }
+
+    /// The same limit with its buckets, when `spec` is unchanged.
+    pub fn carried_over(previous: Option<&Arc<Limiter>>, spec: &RateLimit) -> Arc<Limiter> {
+        match previous {
+            Some(l) if l.spec == *spec => l.clone(),
+            _ => Arc::new(Limiter::new(spec.clone())),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limit(rps: f64, burst: u32, key: LimitKey, dry_run: bool) -> Limiter {
+        Limiter::new(RateLimit {
+            name: "l".into(),
+            namespace: "default".into(),
+            service: "ratings".into(),
+            method: None,
+            path: None,
+            key,
+            requests_per_second: rps,
+            burst,
+            dry_run,
+        })
+    }
+
+    #[test]
+    fn a_bucket_allows_its_burst_then_its_rate() {
+        let l = limit(10.0, 3, LimitKey::Global, false);
+        let t = Instant::now();
+        assert_eq!(l.check("", t), Verdict::Allow { remaining: 2 });
+        assert_eq!(l.check("", t), Verdict::Allow { remaining: 1 });
+        assert_eq!(l.check("", t), Verdict::Allow { remaining: 0 });
+        let Verdict::Limited { retry_after } = l.check("", t) else {
+            panic!("the fourth at once is over the burst");
+        };
+        assert_eq!(retry_after, Duration::from_millis(100));
+        // One token comes back every 100 ms.
+        let later = t + Duration::from_millis(100);
+        assert_eq!(l.check("", later), Verdict::Allow { remaining: 0 });
+        assert!(matches!(l.check("", later), Verdict::Limited { .. }));
+        // Never more than the burst, however long it waited.
+        let much_later = t + Duration::from_secs(60);
+        assert_eq!(l.check("", much_later), Verdict::Allow { remaining: 2 });
+    }
+
+    #[test]
+    fn keys_have_buckets_of_their_own_and_dry_runs_limit_nothing() {
+        let l = limit(1.0, 1, LimitKey::SourceWorkload, false);
+        let t = Instant::now();
+        assert!(matches!(l.check("a", t), Verdict::Allow { .. }));
+        assert!(matches!(l.check("b", t), Verdict::Allow { .. }));
+        assert!(matches!(l.check("a", t), Verdict::Limited { .. }));
+        let dry = limit(1.0, 1, LimitKey::Global, true);
+        assert!(matches!(dry.check("", t), Verdict::Allow { .. }));
+        assert_eq!(dry.check("", t), Verdict::WouldLimit);
+    }
+
+    #[test]
+    fn the_keys_tracked_are_bounded() {
+        let l = limit(1.0, 1, LimitKey::Header("x-user".into()), false);
+        let t = Instant::now();
+        for i in 0..MAX_KEYS + 50 {
+            l.check(&format!("user-{i}"), t);
+        }
+        assert!(l.buckets.lock().unwrap().len() <= MAX_KEYS + 1);
+    }
+}
