@@ -769,7 +769,7 @@ async fn up(a: UpArgs) -> Result<()> {
         .query
         .with_routes(lumen_policy::http::router(rules.clone()));
     let (stop, stop_rx) = watch::channel(false);
-    let (_, _, control_tasks) = configure::start(
+    let (_, store, control_tasks) = configure::start(
         files,
         &a.file,
         Some(a.data_dir.join("control").join("resources.json")),
@@ -798,6 +798,16 @@ async fn up(a: UpArgs) -> Result<()> {
         ));
         tokio::spawn(notifier.run(rules.clone(), stop_rx.clone()))
     });
+    // Alerts switch conditional policies on and off at every proxy.
+    let decide_task = {
+        let (limits, publish) = (store.clone(), store);
+        tokio::spawn(lumen_policy::decide::run(
+            rules.clone(),
+            move || limits.current().mesh.rate_limits.clone(),
+            move |on| publish.set_active_policies(on),
+            stop_rx.clone(),
+        ))
+    };
     let rules_task = tokio::spawn(rules.run(engine, stop_rx.clone()));
     shutdown_signal().await;
     tracing::info!("shutting down");
@@ -806,6 +816,7 @@ async fn up(a: UpArgs) -> Result<()> {
         let _ = t.await;
     }
     let _ = rules_task.await;
+    let _ = decide_task.await;
     if let Some(t) = notify_task {
         let _ = t.await;
     }

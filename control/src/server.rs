@@ -101,8 +101,10 @@ impl ControlPlane for ControlService {
         let this = self.clone();
         tokio::spawn(async move {
             let mut published = this.store.subscribe();
+            let mut decisions = this.store.active_policies();
             'send: loop {
                 let snapshot = published.borrow_and_update().clone();
+                let active: Vec<String> = decisions.borrow_and_update().iter().cloned().collect();
                 let nonce = this.nonces.fetch_add(1, Ordering::Relaxed).to_string();
                 // Part by part, each the shared encoded bytes: a stream
                 // holds handles, never a copy of the view.
@@ -113,6 +115,12 @@ impl ControlPlane for ControlService {
                         nonce: nonce.clone(),
                         resources: snapshot.resources[part.clone()].to_vec(),
                         more: i < last,
+                        active_policies: if i == last {
+                            active.clone()
+                        } else {
+                            Vec::new()
+                        },
+                        policies_only: false,
                     };
                     if tx.send(Ok(message)).await.is_err() {
                         break 'send;
@@ -124,6 +132,20 @@ impl ControlPlane for ControlService {
                         changed = published.changed() => {
                             if changed.is_err() { break 'send; }
                             continue 'send;
+                        }
+                        changed = decisions.changed() => {
+                            if changed.is_err() { break 'send; }
+                            // Only the decisions: no view, nothing to acknowledge.
+                            let message = Snapshot {
+                                version_info: snapshot.version.clone(),
+                                nonce: this.nonces.fetch_add(1, Ordering::Relaxed).to_string(),
+                                active_policies: decisions.borrow_and_update().iter().cloned().collect(),
+                                policies_only: true,
+                                ..Default::default()
+                            };
+                            if tx.send(Ok(message)).await.is_err() {
+                                break 'send;
+                            }
                         }
                         msg = inbound.message() => match msg {
                             Ok(Some(m)) => this.update(&id, |p| {

@@ -43,6 +43,8 @@ pub enum StoreError {
 pub struct ConfigStore {
     resources: Mutex<BTreeMap<ResourceKey, Resource>>,
     tx: watch::Sender<Arc<Published>>,
+    /// Conditional policies the policy engine has switched on.
+    decisions: watch::Sender<Arc<std::collections::BTreeSet<String>>>,
     /// Where the set is kept between runs.
     persist: Option<PathBuf>,
 }
@@ -116,6 +118,7 @@ impl ConfigStore {
         let (tx, _) = watch::channel(Arc::new(published));
         let store = ConfigStore {
             resources: Mutex::new(map),
+            decisions: watch::channel(Arc::default()).0,
             tx,
             persist,
         };
@@ -145,6 +148,22 @@ impl ConfigStore {
     /// Snapshots, starting with the current one.
     pub fn subscribe(&self) -> watch::Receiver<Arc<Published>> {
         self.tx.subscribe()
+    }
+
+    /// Switches conditional policies on (the ones in `active`) and off
+    /// (the rest); streams tell every proxy when the set changes.
+    pub fn set_active_policies(&self, active: std::collections::BTreeSet<String>) {
+        self.decisions.send_if_modified(|current| {
+            let changed = **current != active;
+            if changed {
+                *current = Arc::new(active);
+            }
+            changed
+        });
+    }
+
+    pub fn active_policies(&self) -> watch::Receiver<Arc<std::collections::BTreeSet<String>>> {
+        self.decisions.subscribe()
     }
 
     pub fn current(&self) -> Arc<Published> {

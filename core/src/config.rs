@@ -199,6 +199,9 @@ pub struct MeshConfig {
     pub destination_rules: Vec<DestinationRule>,
     pub gateways: Vec<Gateway>,
     pub rate_limits: Vec<crate::policy::RateLimit>,
+    /// Conditional policies (`when`) the policy engine has switched on, by
+    /// `namespace/name`; not part of the configuration's version.
+    pub active_policies: std::collections::BTreeSet<String>,
     /// namespace → name → position in `services`; nested so lookups borrow
     /// `&str` and allocate nothing on the request path.
     index: HashMap<Arc<str>, HashMap<Arc<str>, usize>>,

@@ -39,6 +39,28 @@ pub struct RateLimit {
     pub burst: u32,
     /// Count what would be limited, limit nothing.
     pub dry_run: bool,
+    /// On only while this holds; `None`: always on.
+    pub when: Option<Condition>,
+}
+
+/// When a conditional policy is on: while an alert (by name, and labels
+/// if given) fires — an alert of Lumen's rules, or one an Alertmanager
+/// posts — and for `cooldown` after it stops, so a limit does not flap.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Condition {
+    pub alert: String,
+    pub labels: std::collections::BTreeMap<String, String>,
+    pub cooldown: std::time::Duration,
+}
+
+/// How long a conditional policy stays on after its alert stops.
+pub const DEFAULT_COOLDOWN: std::time::Duration = std::time::Duration::from_secs(30);
+
+impl RateLimit {
+    /// `namespace/name`: how decisions, headers and rows name it.
+    pub fn id(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
 }
 
 #[derive(Deserialize)]
@@ -53,9 +75,20 @@ struct Spec {
     #[serde(default)]
     dry_run: bool,
     #[serde(default)]
-    when: Option<serde_json::Value>,
+    when: Option<WhenSpec>,
     #[serde(default)]
-    cooldown: Option<serde_json::Value>,
+    cooldown: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct WhenSpec {
+    #[serde(default)]
+    alert: Option<String>,
+    #[serde(default)]
+    labels: std::collections::BTreeMap<String, String>,
+    #[serde(default)]
+    expr: Option<serde_json::Value>,
 }
 
 #[derive(Deserialize)]
@@ -80,16 +113,41 @@ struct KeySpec {
 pub fn validate_rate_limit(res: &Resource) -> Result<RateLimit, ConfigError> {
     let spec: Spec = res.spec()?;
     let at = At::spec(res);
-    at.unsupported(
-        &spec.when,
-        "when",
-        "conditional limits come with the policy engine's decision stream; until then a limit is always on",
-    )?;
-    at.unsupported(
-        &spec.cooldown,
-        "cooldown",
-        "it applies to conditional limits (`when`)",
-    )?;
+    let when = match spec.when {
+        None => {
+            if spec.cooldown.is_some() {
+                return Err(at
+                    .at("cooldown")
+                    .err("applies to conditional limits only (set `when`)"));
+            }
+            None
+        }
+        Some(w) => {
+            let at = at.at("when");
+            at.unsupported(
+                &w.expr,
+                "expr",
+                "name an alert instead (write the expression as a rule in `lumen up --rules`)",
+            )?;
+            let alert = match w.alert {
+                Some(a) if !a.trim().is_empty() => a,
+                _ => {
+                    return Err(at
+                        .at("alert")
+                        .err("name the alert that switches the limit on"));
+                }
+            };
+            let cooldown = match spec.cooldown.as_deref() {
+                None => DEFAULT_COOLDOWN,
+                Some(c) => crate::networking::duration_field(c, &At::spec(res).at("cooldown"))?,
+            };
+            Some(Condition {
+                alert,
+                labels: w.labels,
+                cooldown,
+            })
+        }
+    };
     let target = at.at("target");
     target.unsupported(&spec.target.route, "route", "limit by `method` and `path`")?;
     if spec.target.service.trim().is_empty() {
@@ -157,6 +215,7 @@ pub fn validate_rate_limit(res: &Resource) -> Result<RateLimit, ConfigError> {
         requests_per_second: rps,
         burst,
         dry_run: spec.dry_run,
+        when,
     })
 }
 
@@ -219,8 +278,12 @@ mod tests {
                 "spec.key: `everyone` is not a key",
             ),
             (
-                "  target: {service: ratings}\n  requestsPerSecond: 1\n  when: {alert: X}\n",
-                "spec.when: ",
+                "  target: {service: ratings}\n  requestsPerSecond: 1\n  when: {expr: up}\n",
+                "spec.when.expr: ",
+            ),
+            (
+                "  target: {service: ratings}\n  requestsPerSecond: 1\n  cooldown: 5s\n",
+                "spec.cooldown: applies to conditional limits only",
             ),
             (
                 "  target: {service: ratings}\n  requestsPerSecond: 1\n  limit: 3\n",

@@ -47,6 +47,21 @@ pub struct Alert {
     last_seen: SystemTime,
 }
 
+impl Alert {
+    #[cfg(test)]
+    pub(crate) fn firing_for_test(labels: BTreeMap<String, String>, at: SystemTime) -> Alert {
+        Alert {
+            labels,
+            annotations: BTreeMap::new(),
+            state: AlertState::Firing,
+            active_at: at,
+            fired_at: Some(at),
+            value: 1.0,
+            last_seen: at,
+        }
+    }
+}
+
 /// A rule and what its last evaluation found.
 #[derive(Debug, Clone)]
 pub struct RuleStatus {

@@ -10,9 +10,12 @@
 //! query crate's PromQL, moving alerts through pending → firing → resolved
 //! as Prometheus does; [`http`] serves that state in Prometheus's API
 //! shapes (`/api/v1/rules`, `/api/v1/alerts`) on the query port, and
-//! [`notify`] sends firing alerts to Alertmanagers.
+//! [`notify`] sends firing alerts to Alertmanagers; [`decide`] turns
+//! firing alerts into the set of conditional policies that are on, which
+//! the control plane streams to every proxy.
 
 pub mod alerts;
+pub mod decide;
 pub mod http;
 pub mod notify;
 pub mod rules;

@@ -130,6 +130,7 @@ mod tests {
             requests_per_second: rps,
             burst,
             dry_run,
+            when: None,
         })
     }
 

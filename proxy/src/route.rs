@@ -266,7 +266,12 @@ impl RoutingTable {
         for (host, routes) in hosts.iter_mut().zip(http) {
             host.http = RouteList::new(routes);
         }
-        for rl in &mesh.rate_limits {
+        // A conditional limit is in the table only while the policy engine
+        // has it on.
+        let on = |rl: &&lumen_core::policy::RateLimit| {
+            rl.when.is_none() || mesh.active_policies.contains(&rl.id())
+        };
+        for rl in mesh.rate_limits.iter().filter(on) {
             let Some(i) = mesh.resolve_host(&rl.service, &rl.namespace) else {
                 continue;
             };

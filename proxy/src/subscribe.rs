@@ -6,6 +6,7 @@
 //! is unreachable the proxy keeps serving what it has and reconnects with
 //! backoff.
 
+use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -84,6 +85,20 @@ async fn session(
         .map_err(|s| s.message().to_string())?
     {
         *received = true;
+        if snapshot.policies_only {
+            let active: BTreeSet<String> = snapshot.active_policies.into_iter().collect();
+            tracing::info!(active = ?active, "policy decisions from the control plane");
+            tx.send_if_modified(|current| {
+                let changed = current.active_policies != active;
+                if changed {
+                    let mut mesh = (**current).clone();
+                    mesh.active_policies = active;
+                    *current = Arc::new(mesh);
+                }
+                changed
+            });
+            continue;
+        }
         if let Some((nonce, mut resources)) = partial.take()
             && nonce == snapshot.nonce
         {
@@ -114,6 +129,7 @@ async fn session(
         let answer = match built {
             Ok(mut mesh) => {
                 mesh.version = snapshot.version_info.clone();
+                mesh.active_policies = snapshot.active_policies.iter().cloned().collect();
                 tracing::info!(version = %mesh.version, "config from the control plane");
                 tx.send_if_modified(|current| {
                     let changed = **current != mesh;
@@ -173,6 +189,7 @@ mod tests {
                 .map(|r| prost::Message::encode_to_vec(&v1::Resource::from(r)).into())
                 .collect(),
             more,
+            ..Default::default()
         }
     }
 

@@ -181,3 +181,85 @@ async fn requests_over_a_rate_limit_are_answered_429_by_the_calling_sidecar() ->
     );
     Ok(())
 }
+
+/// The policy loop end to end: ratings fails (its app answers 503), the
+/// sidecar records it, a Prometheus rule over those rows fires, and the
+/// conditional limit on ratings switches on at the calling sidecar — with
+/// no change to any file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_firing_alert_switches_a_conditional_limit_on_at_the_callers() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let config = dir.path().join("config");
+    std::fs::create_dir(&config)?;
+    let ratings = start_app("ratings-failing").await;
+    std::fs::write(
+        config.join("mesh.yaml"),
+        format!(
+            "apiVersion: lumen.dev/v1alpha1\nkind: Mesh\nmetadata: {{name: m}}\nspec:\n  services:\n    - {{name: ratings, port: 8080, endpoints: [{{address: {ratings}}}]}}\n"
+        ),
+    )?;
+    std::fs::write(
+        config.join("limit.yaml"),
+        "apiVersion: policy.lumen.dev/v1alpha1\nkind: RateLimit\nmetadata: {name: shed-ratings}\nspec:\n  target: {service: ratings}\n  requestsPerSecond: 0.01\n  burst: 1\n  when: {alert: RatingsFailing, labels: {destination_service_name: ratings}}\n  cooldown: 1m\n",
+    )?;
+    let rules = dir.path().join("rules.yaml");
+    std::fs::write(
+        &rules,
+        "groups:\n- name: mesh\n  rules:\n  - alert: RatingsFailing\n    expr: sum by (destination_service_name) (increase(istio_requests_total{reporter=\"source\", response_code=\"503\"}[5m])) > 3\n",
+    )?;
+    let up = UpPorts::pick();
+    let rules_arg = rules.display().to_string();
+    let _up = start_up(
+        dir.path(),
+        &config,
+        &dir.path().join("data"),
+        up,
+        &["--rules", &rules_arg],
+    )
+    .await?;
+    let ports = SidecarPorts::pick();
+    let collector = up.grpc_endpoint();
+    let control = up.control_addr();
+    let _caller = Sidecar {
+        service: "reviews",
+        version: "v1",
+        mesh: &config,
+        ports,
+        app: None,
+        collector: &collector,
+        extra: &["--control", &control],
+    }
+    .start(dir.path())
+    .await?;
+    let client = reqwest::Client::builder().no_proxy().build()?;
+    let out = local(ports.outbound);
+
+    // Before the alert: ratings' own 503s come through, nothing is limited.
+    for _ in 0..5 {
+        assert_eq!(get(&client, out, "ratings", "/r", "u").await?.status(), 503);
+    }
+    // The rows reach the rules; the alert fires; the limit switches on.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let limited = loop {
+        let resp = get(&client, out, "ratings", "/r", "u").await?;
+        if resp.status() == 429 {
+            break resp;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the conditional limit never switched on"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    };
+    assert_eq!(limited.headers()["x-lumen-policy"], "default/shed-ratings");
+    let alerts: serde_json::Value =
+        reqwest::get(format!("http://127.0.0.1:{}/api/v1/alerts", up.query))
+            .await?
+            .json()
+            .await?;
+    assert_eq!(
+        alerts["data"]["alerts"][0]["labels"]["alertname"], "RatingsFailing",
+        "{alerts}"
+    );
+    Ok(())
+}
