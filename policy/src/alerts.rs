@@ -62,6 +62,15 @@ impl Alert {
     }
 }
 
+/// An alert an Alertmanager's webhook reported.
+#[derive(Debug, Clone)]
+pub struct Received {
+    /// `firing`, else `resolved`.
+    pub firing: bool,
+    pub labels: BTreeMap<String, String>,
+    pub annotations: BTreeMap<String, String>,
+}
+
 /// A rule and what its last evaluation found.
 #[derive(Debug, Clone)]
 pub struct RuleStatus {
@@ -104,6 +113,8 @@ pub struct GroupStatus {
 /// Every rule group, evaluated on its interval.
 pub struct RuleEngine {
     groups: Vec<Mutex<GroupStatus>>,
+    /// Firing alerts an Alertmanager posted to the webhook, by labels.
+    external: Mutex<BTreeMap<BTreeMap<String, String>, Alert>>,
     /// Bumped after every group evaluation, for those that act on alerts.
     changed: watch::Sender<u64>,
 }
@@ -138,6 +149,7 @@ impl RuleEngine {
             .collect();
         RuleEngine {
             groups,
+            external: Mutex::new(BTreeMap::new()),
             changed: watch::channel(0).0,
         }
     }
@@ -157,6 +169,48 @@ impl RuleEngine {
             .flat_map(|g| g.rules)
             .flat_map(|r| r.alerts.into_values())
             .collect()
+    }
+
+    /// Firing alerts from an Alertmanager's webhook (not Lumen's own: they
+    /// switch policies, they are not listed at `/api/v1/alerts`).
+    pub fn external_alerts(&self) -> Vec<Alert> {
+        self.external
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect()
+    }
+
+    /// Takes an Alertmanager webhook's alerts: `firing` ones are kept,
+    /// `resolved` ones dropped; decisions follow at once.
+    pub fn receive(&self, alerts: Vec<Received>) {
+        let now = SystemTime::now();
+        let mut external = self.external.lock().unwrap_or_else(|p| p.into_inner());
+        for Received {
+            firing,
+            labels,
+            annotations,
+        } in alerts
+        {
+            if firing {
+                let a = external.entry(labels.clone()).or_insert_with(|| Alert {
+                    labels,
+                    annotations: BTreeMap::new(),
+                    state: AlertState::Firing,
+                    active_at: now,
+                    fired_at: Some(now),
+                    value: 1.0,
+                    last_seen: now,
+                });
+                a.annotations = annotations;
+                a.last_seen = now;
+            } else {
+                external.remove(&labels);
+            }
+        }
+        drop(external);
+        self.changed.send_modify(|n| *n += 1);
     }
 
     /// Changes after every evaluation of any group.

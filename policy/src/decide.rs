@@ -1,5 +1,6 @@
 //! Decisions: which conditional policies (`when: {alert: …}`) are on. After
-//! every rule evaluation, a policy whose alert fires (by name, and labels
+//! every rule evaluation and every Alertmanager webhook, a policy whose
+//! alert fires (by name, and labels
 //! if it names any) is on; it stays on for its `cooldown` after the alert
 //! stops, so a limit does not flap. The set goes to the control plane,
 //! which streams it to every proxy at once.
@@ -60,7 +61,9 @@ pub async fn run(
             changed = evaluated.changed() => if changed.is_err() { return },
             () = crate::alerts::stopped(&mut stop) => return,
         }
-        let now_on = active(&limits(), &engine.alerts(), &mut last_seen, Instant::now());
+        let mut firing = engine.alerts();
+        firing.extend(engine.external_alerts());
+        let now_on = active(&limits(), &firing, &mut last_seen, Instant::now());
         for id in now_on.difference(&was) {
             tracing::info!(policy = %id, "policy on: its alert fires");
         }

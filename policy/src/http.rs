@@ -1,7 +1,9 @@
 //! The rule engine's state in Prometheus's HTTP API shapes, on the query
 //! port beside PromQL, so Grafana's alert list and anything else that reads
 //! a Prometheus reads Lumen's rules: `GET /api/v1/rules` (`?type=alert` or
-//! `record`) and `GET /api/v1/alerts`.
+//! `record`) and `GET /api/v1/alerts`; and `POST /api/v1/alerts/webhook`,
+//! an Alertmanager webhook receiver, so alerts of an existing Prometheus
+//! switch Lumen's policies too.
 
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -19,6 +21,7 @@ pub fn router(engine: Arc<RuleEngine>) -> Router {
     Router::new()
         .route("/api/v1/rules", get(rules))
         .route("/api/v1/alerts", get(alerts))
+        .route("/api/v1/alerts/webhook", axum::routing::post(webhook))
         .with_state(engine)
 }
 
@@ -101,4 +104,61 @@ async fn rules(State(engine): State<Arc<RuleEngine>>, RawQuery(q): RawQuery) -> 
 async fn alerts(State(engine): State<Arc<RuleEngine>>) -> Json<Value> {
     let alerts: Vec<Value> = engine.alerts().iter().map(alert_json).collect();
     Json(json!({"status": "success", "data": {"alerts": alerts}}))
+}
+
+/// Alertmanager's webhook payload (version 4), the parts Lumen reads.
+#[derive(serde::Deserialize)]
+struct Webhook {
+    alerts: Vec<WebhookAlert>,
+}
+
+#[derive(serde::Deserialize)]
+struct WebhookAlert {
+    status: String,
+    labels: std::collections::BTreeMap<String, String>,
+    #[serde(default)]
+    annotations: std::collections::BTreeMap<String, String>,
+}
+
+async fn webhook(
+    State(engine): State<Arc<RuleEngine>>,
+    body: axum::body::Bytes,
+) -> (axum::http::StatusCode, Json<Value>) {
+    let bad = |reason: String| {
+        (
+            axum::http::StatusCode::BAD_REQUEST,
+            Json(json!({"status": "error", "errorType": "bad_data", "error": reason})),
+        )
+    };
+    let hook: Webhook = match serde_json::from_slice(&body) {
+        Ok(h) => h,
+        Err(e) => return bad(format!("not an Alertmanager webhook payload: {e}")),
+    };
+    let mut alerts = Vec::with_capacity(hook.alerts.len());
+    for (i, a) in hook.alerts.into_iter().enumerate() {
+        let firing = match a.status.as_str() {
+            "firing" => true,
+            "resolved" => false,
+            other => {
+                return bad(format!(
+                    "alerts[{i}].status: `{other}` is neither firing nor resolved"
+                ));
+            }
+        };
+        if !a.labels.contains_key("alertname") {
+            return bad(format!("alerts[{i}].labels: no alertname"));
+        }
+        alerts.push(crate::alerts::Received {
+            firing,
+            labels: a.labels,
+            annotations: a.annotations,
+        });
+    }
+    let n = alerts.len();
+    engine.receive(alerts);
+    tracing::info!(alerts = n, "alerts from an Alertmanager webhook");
+    (
+        axum::http::StatusCode::OK,
+        Json(json!({"status": "success"})),
+    )
 }

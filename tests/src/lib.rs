@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
+pub mod alertmanager;
 pub mod flight;
 pub mod otlp;
 pub mod procfs;

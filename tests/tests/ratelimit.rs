@@ -9,6 +9,7 @@ use std::net::SocketAddr;
 use std::process::Command;
 
 use anyhow::Result;
+use lumen_tests::alertmanager::Alertmanager;
 use lumen_tests::upstream::{requests_seen, start_app};
 use lumen_tests::{
     Sidecar, SidecarPorts, UpPorts, local, lumen_bin, sql, start_up, wait_for_count,
@@ -260,6 +261,112 @@ async fn a_firing_alert_switches_a_conditional_limit_on_at_the_callers() -> Resu
     assert_eq!(
         alerts["data"]["alerts"][0]["labels"]["alertname"], "RatingsFailing",
         "{alerts}"
+    );
+    Ok(())
+}
+
+/// Alerts of an existing Prometheus switch Lumen's policies too: a real
+/// Alertmanager posts to Lumen's webhook receiver; firing turns the
+/// conditional limit on at the caller, resolved turns it off.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_alertmanager_webhook_switches_a_limit_on_and_off() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let config = dir.path().join("config");
+    std::fs::create_dir(&config)?;
+    let ratings = start_app("ratings-hook").await;
+    std::fs::write(
+        config.join("mesh.yaml"),
+        format!(
+            "apiVersion: lumen.dev/v1alpha1\nkind: Mesh\nmetadata: {{name: m}}\nspec:\n  services:\n    - {{name: ratings, port: 8080, endpoints: [{{address: {ratings}}}]}}\n"
+        ),
+    )?;
+    std::fs::write(
+        config.join("limit.yaml"),
+        "apiVersion: policy.lumen.dev/v1alpha1\nkind: RateLimit\nmetadata: {name: incident}\nspec:\n  target: {service: ratings}\n  requestsPerSecond: 0.01\n  burst: 1\n  when: {alert: UpstreamIncident}\n  cooldown: 0s\n",
+    )?;
+    let up = UpPorts::pick();
+    let _up = start_up(dir.path(), &config, &dir.path().join("data"), up, &[]).await?;
+    let webhook = format!("http://127.0.0.1:{}/api/v1/alerts/webhook", up.query);
+    let am = Alertmanager::start(Some(&webhook)).await?;
+    let ports = SidecarPorts::pick();
+    let collector = up.grpc_endpoint();
+    let control = up.control_addr();
+    let _caller = Sidecar {
+        service: "reviews",
+        version: "v1",
+        mesh: &config,
+        ports,
+        app: None,
+        collector: &collector,
+        extra: &["--control", &control],
+    }
+    .start(dir.path())
+    .await?;
+    let client = reqwest::Client::builder().no_proxy().build()?;
+    let out = local(ports.outbound);
+    for _ in 0..3 {
+        assert_eq!(get(&client, out, "ratings", "/r", "u").await?.status(), 200);
+    }
+
+    // Another Prometheus's alert reaches Alertmanager…
+    let alert = |ends: Option<String>| {
+        let mut a =
+            serde_json::json!({"labels": {"alertname": "UpstreamIncident", "service": "ratings"}});
+        if let Some(e) = ends {
+            a["endsAt"] = e.into();
+        }
+        serde_json::json!([a])
+    };
+    client
+        .post(format!("{}/api/v2/alerts", am.url))
+        .json(&alert(None))
+        .send()
+        .await?
+        .error_for_status()?;
+    // …which calls Lumen, which switches the limit on at the caller.
+    let wait_for = |want: u16, what: &'static str| {
+        let client = client.clone();
+        async move {
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+            loop {
+                let s = get(&client, out, "ratings", "/r", "u")
+                    .await?
+                    .status()
+                    .as_u16();
+                if s == want {
+                    return Ok::<_, anyhow::Error>(());
+                }
+                anyhow::ensure!(std::time::Instant::now() < deadline, "{what}");
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            }
+        }
+    };
+    wait_for(
+        429,
+        "the webhook's firing alert never switched the limit on",
+    )
+    .await?;
+
+    // Resolved: off again.
+    let now = humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string();
+    client
+        .post(format!("{}/api/v2/alerts", am.url))
+        .json(&alert(Some(now)))
+        .send()
+        .await?
+        .error_for_status()?;
+    wait_for(200, "the resolved alert never switched the limit off").await?;
+
+    // Not an Alertmanager payload: 400, saying why.
+    let resp = client.post(&webhook).body("{\"alerts\": 3}").send().await?;
+    assert_eq!(resp.status(), 400);
+    let body: serde_json::Value = resp.json().await?;
+    assert!(
+        body["error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("not an Alertmanager webhook payload"),
+        "{body}"
     );
     Ok(())
 }

@@ -11,8 +11,9 @@ use std::time::{Duration, SystemTime};
 
 use anyhow::{Context, Result, bail};
 use lumen_core::{Reporter, RequestRecord, Workload};
+use lumen_tests::alertmanager::Alertmanager;
 use lumen_tests::flight::{self, client};
-use lumen_tests::{UpPorts, free_port, lumen_bin, peer_tool, start_up, wait_for_count, write_mesh};
+use lumen_tests::{UpPorts, lumen_bin, peer_tool, start_up, wait_for_count, write_mesh};
 use serde_json::Value;
 
 const RULES: &str = r#"groups:
@@ -46,66 +47,6 @@ fn workload(service: &str) -> Workload {
     }
 }
 
-/// A real Alertmanager on a port of its own, killed on drop.
-struct Alertmanager {
-    child: std::process::Child,
-    url: String,
-    _dir: tempfile::TempDir,
-}
-
-impl Alertmanager {
-    async fn start() -> Result<Self> {
-        let bin = peer_tool(
-            "prometheus-alertmanager",
-            "apt-get install -y prometheus-alertmanager",
-        );
-        let dir = tempfile::tempdir()?;
-        let config = dir.path().join("alertmanager.yml");
-        std::fs::write(
-            &config,
-            "route:\n  receiver: none\n  group_wait: 0s\nreceivers:\n- name: none\n",
-        )?;
-        let port = free_port();
-        let log = std::fs::File::create(dir.path().join("alertmanager.log"))?;
-        let child = Command::new(bin)
-            .arg(format!("--config.file={}", config.display()))
-            .arg(format!(
-                "--storage.path={}",
-                dir.path().join("data").display()
-            ))
-            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
-            // One instance: no gossip port to collide with anything.
-            .arg("--cluster.listen-address=")
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()
-            .context("starting alertmanager")?;
-        let am = Alertmanager {
-            child,
-            url: format!("http://127.0.0.1:{port}"),
-            _dir: dir,
-        };
-        let deadline = std::time::Instant::now() + Duration::from_secs(30);
-        while reqwest::get(format!("{}/-/ready", am.url))
-            .await
-            .map_or(true, |r| !r.status().is_success())
-        {
-            if std::time::Instant::now() > deadline {
-                bail!("alertmanager did not become ready");
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-        Ok(am)
-    }
-}
-
-impl Drop for Alertmanager {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 async fn get(url: &str) -> Result<Value> {
     let v: Value = reqwest::get(url).await?.error_for_status()?.json().await?;
     if v["status"] != "success" {
@@ -136,7 +77,7 @@ async fn failing_traffic_fires_the_alert_of_a_prometheus_rule_file() -> Result<(
     write_mesh(&mesh, &[("ratings", 9080, &[])])?;
     let ports = UpPorts::pick();
     let rules_arg = rules.display().to_string();
-    let alertmanager = Alertmanager::start().await?;
+    let alertmanager = Alertmanager::start(None).await?;
     let _up = start_up(
         dir.path(),
         &mesh,
