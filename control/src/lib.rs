@@ -2,12 +2,15 @@
 //! reaches proxies.
 //!
 //! [`discovery`] reads the mesh's files (YAML in Kubernetes resource form:
-//! Lumen's `Mesh` and Istio's networking kinds, in files or directories)
+//! Lumen's `Mesh` and `RateLimit` and Istio's networking kinds, in files
+//! or directories)
 //! and watches them. [`store`] holds the control plane's one set of
 //! resources — from the files and from `lumen apply / delete` — valid as a
 //! whole, kept on disk, published as versioned snapshots. [`server`]
 //! streams each snapshot to every connected proxy over gRPC with xDS's
-//! acknowledgements (version, nonce, ACK / NACK) and answers `apply`,
+//! acknowledgements (version, nonce, ACK / NACK) — encoded once, in parts
+//! every stream shares — and, apart from versions, the policy engine's
+//! decisions (which conditional policies are on); it answers `apply`,
 //! `delete`, `get` and `proxy-status`. An invalid change is refused with
 //! file, resource, field and reason; the last valid configuration stays.
 

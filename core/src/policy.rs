@@ -11,8 +11,7 @@ use serde::Deserialize;
 use crate::networking::{At, StringMatch, StringMatchSpec};
 use crate::resource::{ConfigError, Resource};
 
-/// The API group and version of Lumen's policy kinds.
-pub const POLICY_API: &str = "policy.lumen.dev/v1alpha1";
+pub use crate::resource::POLICY_API;
 
 /// Whose requests share a bucket.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]

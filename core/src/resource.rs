@@ -39,6 +39,8 @@ impl fmt::Display for ConfigError {
 
 /// The `apiVersion` of Lumen's own kinds.
 pub const LUMEN_API: &str = "lumen.dev/v1alpha1";
+/// The `apiVersion` of Lumen's policy kinds (`RateLimit`).
+pub const POLICY_API: &str = "policy.lumen.dev/v1alpha1";
 /// Istio's networking group; `v1`, `v1beta1` and `v1alpha3` share one schema.
 pub const ISTIO_NETWORKING_VERSIONS: [&str; 3] = [
     "networking.istio.io/v1",
@@ -107,7 +109,7 @@ impl Kind {
     pub fn api_versions(self) -> &'static [&'static str] {
         match self {
             Kind::Mesh | Kind::QueryService => &[LUMEN_API],
-            Kind::RateLimit => &[crate::policy::POLICY_API],
+            Kind::RateLimit => &[POLICY_API],
             _ => &ISTIO_NETWORKING_VERSIONS,
         }
     }

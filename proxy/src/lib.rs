@@ -6,7 +6,9 @@
 //! VirtualService routes, first match wins, weighted destinations); the
 //! chosen [`cluster`] balances them over its endpoints ([`balance`]) under
 //! its DestinationRule's connection pool and outlier detection, with
-//! per-endpoint state kept across snapshots ([`endpoint`]). The **inbound** listener
+//! per-endpoint state kept across snapshots ([`endpoint`]); the service's
+//! RateLimits (those always on, and the conditional ones the policy engine
+//! has switched on) are checked first ([`ratelimit`]). The **inbound** listener
 //! takes calls from other sidecars and hands them to the local app. Both
 //! speak HTTP/1.1 and HTTP/2 (h2c), stream bodies, pool upstream connections
 //! and propagate W3C trace context.
