@@ -275,6 +275,10 @@ impl RuleEngine {
                     status.last_error = None;
                     update(status, samples, now);
                 }
+                // Shutting down: the query engine stopped first; nothing to say.
+                Err(promql::PromError::Query(lumen_query::QueryError::Stopped(
+                    lumen_query::guard::StopReason::Shutdown,
+                ))) => continue,
                 Ok(Err(e)) | Err(e) => {
                     tracing::warn!(group = %name, rule = %status.rule.name, error = %e, "rule evaluation failed");
                     status.health = "err";

@@ -235,3 +235,30 @@ fn a_rule_with_bad_promql_keeps_lumen_up_from_starting() -> Result<()> {
     assert!(stderr.contains(&want), "{stderr}");
     Ok(())
 }
+
+/// The rules Lumen ships pass Prometheus's checker and Prometheus's own
+/// unit tests of their expressions, and Lumen reads them as they are.
+#[test]
+fn the_shipped_rules_pass_promtool_and_load() -> Result<()> {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../policy/rules");
+    let promtool = peer_tool("promtool", "apt-get install -y prometheus");
+    for args in [
+        vec!["check".into(), "rules".into(), root.join("mesh.rules.yaml")],
+        vec![
+            "test".into(),
+            "rules".into(),
+            root.join("tests/mesh.rules.test.yaml"),
+        ],
+    ] {
+        let out = Command::new(&promtool).args(&args).output()?;
+        assert!(
+            out.status.success(),
+            "promtool {args:?}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let groups = lumen_policy::rules::load(&root.join("mesh.rules.yaml"))?;
+    assert_eq!(groups[0].rules.len(), 3);
+    Ok(())
+}
