@@ -83,6 +83,9 @@ enum Command {
     Demo(DemoArgs),
     /// Run a SQL query against the query service.
     Sql(SqlArgs),
+    /// The policy engine: what is on and why.
+    #[command(subcommand)]
+    Policy(PolicyCommand),
     /// Validate mesh configuration files.
     Check(CheckArgs),
     /// Run the control plane alone: it streams configuration to proxies
@@ -619,6 +622,17 @@ struct SqlArgs {
     format: OutputFormat,
 }
 
+#[derive(Subcommand)]
+enum PolicyCommand {
+    /// Every policy (RateLimit), whether proxies enforce it now, and why:
+    /// always on, its alert fires, cooling down, or its alert is quiet.
+    Status {
+        /// Query service base URL (where `lumen up` serves its API).
+        #[arg(long, default_value = "http://127.0.0.1:9900")]
+        url: String,
+    },
+}
+
 #[derive(Args)]
 struct CheckArgs {
     /// Configuration files or directories to validate (Mesh, Istio
@@ -706,6 +720,7 @@ fn main() -> ExitCode {
             Command::Proxy(a) => proxy(a).await,
             Command::Demo(a) => demo(a).await,
             Command::Sql(a) => sql(a).await,
+            Command::Policy(PolicyCommand::Status { url }) => policy_status(&url).await,
             Command::Check(a) => check(a),
             Command::Control(a) => control(a).await,
             Command::Apply(a) => configure::apply(a).await,
@@ -765,9 +780,10 @@ async fn up(a: UpArgs) -> Result<()> {
     let engine =
         QueryEngine::new(collector.store(), query_config).context("starting the query executor")?;
     let mut servers = QueryServers::bind(&a.store.query, engine.clone()).await?;
+    let board = Arc::new(lumen_policy::decide::Board::default());
     servers.query = servers
         .query
-        .with_routes(lumen_policy::http::router(rules.clone()));
+        .with_routes(lumen_policy::http::router(rules.clone(), board.clone()));
     let (stop, stop_rx) = watch::channel(false);
     let (_, store, control_tasks) = configure::start(
         files,
@@ -803,6 +819,7 @@ async fn up(a: UpArgs) -> Result<()> {
         let (limits, publish) = (store.clone(), store);
         tokio::spawn(lumen_policy::decide::run(
             rules.clone(),
+            board,
             move || limits.current().mesh.rate_limits.clone(),
             move |on| publish.set_active_policies(on),
             stop_rx.clone(),
@@ -1252,6 +1269,70 @@ fn invocation() -> String {
         Some(rel) => format!("./{}", rel.display()),
         None => exe.display().to_string(),
     }
+}
+
+async fn policy_status(base: &str) -> Result<()> {
+    init_logging("warn");
+    let url = format!("{}/api/v1/policies", base.trim_end_matches('/'));
+    let resp = reqwest::get(&url)
+        .await
+        .with_context(|| format!("cannot reach lumen up's API at {url} (--url to change)"))?;
+    let status = resp.status();
+    if !status.is_success() {
+        bail!(
+            "{url} answered {status}: {}",
+            resp.text().await.unwrap_or_default()
+        );
+    }
+    let body: serde_json::Value = resp.json().await.context("reading the policies")?;
+    let policies = body["data"]["policies"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    if policies.is_empty() {
+        println!("no policies");
+        return Ok(());
+    }
+    let rows: Vec<[String; 5]> = policies
+        .iter()
+        .map(|p| {
+            let text = |k: &str| p[k].as_str().unwrap_or("").to_string();
+            let state = match (p["on"].as_bool(), p["dry_run"].as_bool()) {
+                (Some(true), Some(true)) => "ON (dry run)",
+                (Some(true), _) => "ON",
+                _ => "off",
+            };
+            [
+                text("policy"),
+                text("kind"),
+                text("target"),
+                state.into(),
+                text("why"),
+            ]
+        })
+        .collect();
+    let header = ["POLICY", "KIND", "TARGET", "STATE", "WHY"];
+    let width = |i: usize| {
+        rows.iter()
+            .map(|r| r[i].len())
+            .chain([header[i].len()])
+            .max()
+            .unwrap_or(0)
+    };
+    let widths: Vec<usize> = (0..4).map(width).collect();
+    let line = |cells: [&str; 5]| {
+        let mut out = String::new();
+        for (i, c) in cells.iter().enumerate().take(4) {
+            out.push_str(&format!("{c:<w$}  ", w = widths[i]));
+        }
+        out.push_str(cells[4]);
+        out
+    };
+    println!("{}", line(header));
+    for r in &rows {
+        println!("{}", line([&r[0], &r[1], &r[2], &r[3], &r[4]]));
+    }
+    Ok(())
 }
 
 async fn sql(a: SqlArgs) -> Result<()> {

@@ -45,10 +45,80 @@ pub fn active(
     on
 }
 
-/// Decides after every evaluation of `engine` until `stop`: `limits` gives
-/// the RateLimits in force, `publish` takes the set that is on.
+/// One policy as `lumen policy status` shows it.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct PolicyState {
+    /// `namespace/name`.
+    pub policy: String,
+    pub kind: &'static str,
+    pub target: String,
+    /// Whether proxies enforce it now.
+    pub on: bool,
+    pub dry_run: bool,
+    /// Why it is on or off.
+    pub why: String,
+}
+
+/// What every policy is doing, as of the last decision.
+#[derive(Debug, Default)]
+pub struct Board(std::sync::Mutex<Vec<PolicyState>>);
+
+impl Board {
+    pub fn get(&self) -> Vec<PolicyState> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn set(&self, states: Vec<PolicyState>) {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = states;
+    }
+}
+
+fn states(
+    limits: &[RateLimit],
+    on: &BTreeSet<String>,
+    last_seen: &HashMap<String, Instant>,
+    now: Instant,
+) -> Vec<PolicyState> {
+    limits
+        .iter()
+        .map(|rl| {
+            let id = rl.id();
+            let (is_on, why) = match &rl.when {
+                None => (true, "always on".to_string()),
+                Some(c) => {
+                    let on = on.contains(&id);
+                    let why = match last_seen.get(&id) {
+                        Some(t) if *t == now => format!("alert {} fires", c.alert),
+                        Some(t) if on => format!(
+                            "alert {} stopped; cooldown ends in {}s",
+                            c.alert,
+                            c.cooldown
+                                .saturating_sub(now.saturating_duration_since(*t))
+                                .as_secs()
+                        ),
+                        _ => format!("alert {} is not firing", c.alert),
+                    };
+                    (on, why)
+                }
+            };
+            PolicyState {
+                policy: id,
+                kind: "RateLimit",
+                target: rl.service.clone(),
+                on: is_on,
+                dry_run: rl.dry_run,
+                why,
+            }
+        })
+        .collect()
+}
+
+/// Decides after every evaluation of `engine` (and every second, so new
+/// policies show) until `stop`: `limits` gives the RateLimits in force,
+/// `publish` takes the set that is on, `board` shows every policy's state.
 pub async fn run(
     engine: Arc<RuleEngine>,
+    board: Arc<Board>,
     limits: impl Fn() -> Vec<RateLimit> + Send + 'static,
     publish: impl Fn(BTreeSet<String>) + Send + 'static,
     mut stop: watch::Receiver<bool>,
@@ -56,14 +126,19 @@ pub async fn run(
     let mut evaluated = engine.subscribe();
     let mut last_seen = HashMap::new();
     let mut was = BTreeSet::new();
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
     loop {
         tokio::select! {
             changed = evaluated.changed() => if changed.is_err() { return },
+            _ = tick.tick() => {}
             () = crate::alerts::stopped(&mut stop) => return,
         }
         let mut firing = engine.alerts();
         firing.extend(engine.external_alerts());
-        let now_on = active(&limits(), &firing, &mut last_seen, Instant::now());
+        let limits = limits();
+        let now = Instant::now();
+        let now_on = active(&limits, &firing, &mut last_seen, now);
+        board.set(states(&limits, &now_on, &last_seen, now));
         for id in now_on.difference(&was) {
             tracing::info!(policy = %id, "policy on: its alert fires");
         }

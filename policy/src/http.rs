@@ -3,7 +3,8 @@
 //! a Prometheus reads Lumen's rules: `GET /api/v1/rules` (`?type=alert` or
 //! `record`) and `GET /api/v1/alerts`; and `POST /api/v1/alerts/webhook`,
 //! an Alertmanager webhook receiver, so alerts of an existing Prometheus
-//! switch Lumen's policies too.
+//! switch Lumen's policies too; `GET /api/v1/policies`, every policy and
+//! why it is on or off.
 
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -17,12 +18,22 @@ use serde_json::{Value, json};
 use crate::alerts::{Alert, RuleEngine, RuleStatus};
 use crate::rules::RuleKind;
 
-pub fn router(engine: Arc<RuleEngine>) -> Router {
+pub fn router(engine: Arc<RuleEngine>, board: Arc<crate::decide::Board>) -> Router {
     Router::new()
         .route("/api/v1/rules", get(rules))
         .route("/api/v1/alerts", get(alerts))
         .route("/api/v1/alerts/webhook", axum::routing::post(webhook))
         .with_state(engine)
+        .merge(
+            Router::new()
+                .route("/api/v1/policies", get(policies))
+                .with_state(board),
+        )
+}
+
+/// Every policy, whether it is on and why (`lumen policy status`).
+async fn policies(State(board): State<Arc<crate::decide::Board>>) -> Json<Value> {
+    Json(json!({"status": "success", "data": {"policies": board.get()}}))
 }
 
 fn rfc3339(t: Option<SystemTime>) -> Value {

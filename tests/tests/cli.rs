@@ -92,8 +92,12 @@ fn every_command_has_help() -> Result<()> {
         "delete",
         "get",
         "proxy-status",
+        "policy status",
     ] {
-        let out = Command::new(lumen_bin()).args([cmd, "--help"]).output()?;
+        let out = Command::new(lumen_bin())
+            .args(cmd.split(' '))
+            .arg("--help")
+            .output()?;
         assert!(out.status.success(), "{cmd}");
         assert!(
             String::from_utf8(out.stdout)?.contains("Usage: lumen"),

@@ -262,6 +262,26 @@ async fn a_firing_alert_switches_a_conditional_limit_on_at_the_callers() -> Resu
         alerts["data"]["alerts"][0]["labels"]["alertname"], "RatingsFailing",
         "{alerts}"
     );
+    // `lumen policy status` says it is on, and why.
+    let status = Command::new(lumen_bin())
+        .args(["policy", "status", "--url"])
+        .arg(format!("http://127.0.0.1:{}", up.query))
+        .output()?;
+    assert!(
+        status.status.success(),
+        "{}",
+        String::from_utf8_lossy(&status.stderr)
+    );
+    let text = String::from_utf8_lossy(&status.stdout);
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("default/shed-ratings"))
+        .unwrap_or_else(|| panic!("no line for the policy in:\n{text}"));
+    assert!(
+        line.contains("RateLimit") && line.contains("ratings") && line.contains("ON"),
+        "{line}"
+    );
+    assert!(line.contains("alert RatingsFailing fires"), "{line}");
     Ok(())
 }
 
