@@ -85,10 +85,19 @@ impl Limiter {
         } else {
             key
         };
-        let b = buckets.entry(key.to_string()).or_insert(Bucket {
-            tokens: burst,
-            last: now,
-        });
+        // A key seen before costs no allocation.
+        if !buckets.contains_key(key) {
+            buckets.insert(
+                key.to_string(),
+                Bucket {
+                    tokens: burst,
+                    last: now,
+                },
+            );
+        }
+        let Some(b) = buckets.get_mut(key) else {
+            return Verdict::Allow { remaining: 0 };
+        };
         b.tokens =
             (b.tokens + now.saturating_duration_since(b.last).as_secs_f64() * rate).min(burst);
         b.last = now;
