@@ -18,7 +18,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 
 use crate::load::{Target, run_oha};
-use crate::peers::{self, CollectorPorts, Proc, local};
+use crate::peers::{self, CollectorPorts, Listener, Proc, SidecarOpts, local};
 use crate::report::median;
 
 pub struct Settings {
@@ -115,55 +115,6 @@ fn count(port: u16) -> Result<u64> {
         .with_context(|| format!("upstream count in {text:?}"))
 }
 
-fn envoy_config(listen: u16, admin: u16, upstreams: &[u16]) -> String {
-    let endpoints: String = upstreams
-        .iter()
-        .map(|p| {
-            format!(
-                "        - endpoint:\n            address:\n              socket_address: {{ address: 127.0.0.1, port_value: {p} }}\n"
-            )
-        })
-        .collect();
-    format!(
-        r#"admin:
-  address:
-    socket_address: {{ address: 127.0.0.1, port_value: {admin} }}
-static_resources:
-  listeners:
-  - name: main
-    address:
-      socket_address: {{ address: 127.0.0.1, port_value: {listen} }}
-    filter_chains:
-    - filters:
-      - name: envoy.filters.network.http_connection_manager
-        typed_config:
-          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
-          stat_prefix: bench
-          route_config:
-            name: local
-            virtual_hosts:
-            - name: upstream
-              domains: ["*"]
-              routes:
-              - match: {{ prefix: "/" }}
-                route: {{ cluster: upstream }}
-          http_filters:
-          - name: envoy.filters.http.router
-            typed_config:
-              "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
-  clusters:
-  - name: upstream
-    type: STATIC
-    connect_timeout: 1s
-    lb_policy: LEAST_REQUEST
-    load_assignment:
-      cluster_name: upstream
-      endpoints:
-      - lb_endpoints:
-{endpoints}"#
-    )
-}
-
 fn write_config(dir: &Path, upstreams: &[u16], lb: &str) -> Result<std::path::PathBuf> {
     let cfg = dir.join(format!("lb-{lb}"));
     std::fs::create_dir_all(&cfg)?;
@@ -215,26 +166,27 @@ pub fn run(lumen: &Path, dir: &Path, set: &Settings) -> Result<Vec<(Peer, Vec<Ru
             eprintln!("{} (round {round} of {})", peer.label(), set.rounds);
             let listen = peers::free_ports(2)?;
             let _proxy = match *peer {
-                Peer::Lumen(lb) => {
-                    let cfg = write_config(dir, &ports, lb)?;
-                    let mut cmd = std::process::Command::new(lumen);
-                    cmd.args(["proxy", "--service", "loadgen", "--version", "v1", "-f"])
-                        .arg(&cfg)
-                        .args(["--outbound", &local(listen[0]).to_string(), "--no-inbound"])
-                        .args(["--admin", &local(listen[1]).to_string()])
-                        .args([
-                            "--collector",
-                            &format!("http://{}", local(collector_ports.otlp_grpc)),
-                        ])
-                        .args(["--workers", "1"]);
-                    let mut p = Proc::spawn("lumen proxy", cmd, dir.join("lumen-proxy.log"))?;
-                    p.wait_http_ok(local(listen[1]), "/ready")?;
-                    p
-                }
+                Peer::Lumen(lb) => peers::start_lumen_proxy(SidecarOpts {
+                    lumen,
+                    dir,
+                    mesh: &write_config(dir, &ports, lb)?,
+                    service: "loadgen",
+                    listener: Listener::Outbound(listen[0]),
+                    admin: listen[1],
+                    collector_otlp_grpc: collector_ports.otlp_grpc,
+                    telemetry: true,
+                })?,
                 Peer::EnvoyLeastRequest => peers::start_envoy(
                     "envoy-lb",
                     dir,
-                    &envoy_config(listen[0], listen[1], &ports),
+                    &peers::envoy_bootstrap(
+                        listen[0],
+                        listen[1],
+                        &["*"],
+                        peers::ENVOY_ROUTE_ALL,
+                        &ports,
+                        "    lb_policy: LEAST_REQUEST\n",
+                    ),
                     listen[1],
                 )?,
             };

@@ -451,27 +451,37 @@ pub fn start_lumen_proxy(o: SidecarOpts) -> Result<Proc> {
     Ok(p)
 }
 
-/// A minimal Envoy bootstrap: one HTTP listener whose router sends every
-/// request matching `domains` to one STATIC endpoint. No access log, so the
-/// comparison with Lumen's telemetry-off run is like for like.
-/// An Envoy bootstrap proxying `listen` to `upstream`; `h2` speaks HTTP/2
-/// upstream (gRPC), as Envoy needs told.
-pub fn envoy_config(listen: u16, admin: u16, upstream: u16, domains: &[&str], h2: bool) -> String {
-    let h2 = if h2 {
-        r#"    typed_extension_protocol_options:
-      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
-        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
-        explicit_http_config:
-          http2_protocol_options: {}
-"#
-    } else {
-        ""
-    };
+/// The one route of a plain proxy: everything to the `upstream` cluster.
+pub const ENVOY_ROUTE_ALL: &str =
+    "              - match: { prefix: \"/\" }\n                route: { cluster: upstream }\n";
+
+/// An Envoy bootstrap: one HTTP listener on `listen` whose virtual host
+/// (`domains`) has `routes` (route entries of the virtual host's list, as
+/// [`ENVOY_ROUTE_ALL`] is written), and one STATIC cluster `upstream` over
+/// `endpoints`, with `cluster_options` (lines of the cluster: an
+/// `lb_policy`, protocol options) in it. No access log, so comparisons
+/// with Lumen's telemetry-off runs are like for like.
+pub fn envoy_bootstrap(
+    listen: u16,
+    admin: u16,
+    domains: &[&str],
+    routes: &str,
+    endpoints: &[u16],
+    cluster_options: &str,
+) -> String {
     let domains = domains
         .iter()
         .map(|d| format!("\"{d}\""))
         .collect::<Vec<_>>()
         .join(", ");
+    let endpoints: String = endpoints
+        .iter()
+        .map(|p| {
+            format!(
+                "        - endpoint:\n            address:\n              socket_address: {{ address: 127.0.0.1, port_value: {p} }}\n"
+            )
+        })
+        .collect();
     format!(
         r#"admin:
   address:
@@ -494,9 +504,7 @@ static_resources:
             - name: upstream
               domains: [{domains}]
               routes:
-              - match: {{ prefix: "/" }}
-                route: {{ cluster: upstream }}
-          http_filters:
+{routes}          http_filters:
           - name: envoy.filters.http.router
             typed_config:
               "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
@@ -504,15 +512,28 @@ static_resources:
   - name: upstream
     type: STATIC
     connect_timeout: 1s
-{h2}    load_assignment:
+{cluster_options}    load_assignment:
       cluster_name: upstream
       endpoints:
       - lb_endpoints:
-        - endpoint:
-            address:
-              socket_address: {{ address: 127.0.0.1, port_value: {upstream} }}
-"#
+{endpoints}"#
     )
+}
+
+/// A plain Envoy proxy: every request matching `domains` to one STATIC
+/// endpoint; `h2` speaks HTTP/2 upstream (gRPC), as Envoy needs told.
+pub fn envoy_config(listen: u16, admin: u16, upstream: u16, domains: &[&str], h2: bool) -> String {
+    let h2 = if h2 {
+        r#"    typed_extension_protocol_options:
+      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
+        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
+        explicit_http_config:
+          http2_protocol_options: {}
+"#
+    } else {
+        ""
+    };
+    envoy_bootstrap(listen, admin, domains, ENVOY_ROUTE_ALL, &[upstream], h2)
 }
 
 pub fn validate_envoy(config: &Path) -> Result<()> {

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Result, bail};
 
 use crate::load::{Target, oha_once, run_oha};
-use crate::peers::{self, CollectorPorts, Proc, local};
+use crate::peers::{self, CollectorPorts, Listener, Proc, SidecarOpts, local};
 use crate::procstat::{clock_ticks_per_sec, cpu_ticks};
 use crate::report::median;
 
@@ -92,7 +92,8 @@ fn lumen_config(dir: &Path, upstream: u16, n: usize) -> Result<PathBuf> {
     Ok(cfg)
 }
 
-fn envoy_config(listen: u16, admin: u16, upstream: u16, n: usize) -> String {
+/// The same table as Envoy routes (`safe_regex` + `headers`).
+fn envoy_routes(n: usize) -> String {
     let mut routes = String::new();
     for i in 0..n {
         let (regex, header) = route(i, n);
@@ -108,44 +109,7 @@ fn envoy_config(listen: u16, admin: u16, upstream: u16, n: usize) -> String {
         }
         let _ = writeln!(routes, "                route: {{ cluster: upstream }}");
     }
-    format!(
-        r#"admin:
-  address:
-    socket_address: {{ address: 127.0.0.1, port_value: {admin} }}
-static_resources:
-  listeners:
-  - name: main
-    address:
-      socket_address: {{ address: 127.0.0.1, port_value: {listen} }}
-    filter_chains:
-    - filters:
-      - name: envoy.filters.network.http_connection_manager
-        typed_config:
-          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
-          stat_prefix: bench
-          route_config:
-            name: local
-            virtual_hosts:
-            - name: upstream
-              domains: ["*"]
-              routes:
-{routes}          http_filters:
-          - name: envoy.filters.http.router
-            typed_config:
-              "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
-  clusters:
-  - name: upstream
-    type: STATIC
-    connect_timeout: 1s
-    load_assignment:
-      cluster_name: upstream
-      endpoints:
-      - lb_endpoints:
-        - endpoint:
-            address:
-              socket_address: {{ address: 127.0.0.1, port_value: {upstream} }}
-"#
-    )
+    routes
 }
 
 /// Every peer with the small and the large table, `rounds` times,
@@ -180,26 +144,27 @@ pub fn run(lumen: &Path, dir: &Path, set: &Settings) -> Result<Vec<Case>> {
             );
             let listen = peers::free_ports(2)?;
             let proxy = match peer {
-                Peer::Lumen => {
-                    let cfg = lumen_config(dir, upstream_port, n)?;
-                    let mut cmd = std::process::Command::new(lumen);
-                    cmd.args(["proxy", "--service", "loadgen", "--version", "v1", "-f"])
-                        .arg(&cfg)
-                        .args(["--outbound", &local(listen[0]).to_string(), "--no-inbound"])
-                        .args(["--admin", &local(listen[1]).to_string()])
-                        .args([
-                            "--collector",
-                            &format!("http://{}", local(collector_ports.otlp_grpc)),
-                        ])
-                        .args(["--workers", "1"]);
-                    let mut p = Proc::spawn("lumen proxy", cmd, dir.join("lumen-proxy.log"))?;
-                    p.wait_http_ok(local(listen[1]), "/ready")?;
-                    p
-                }
+                Peer::Lumen => peers::start_lumen_proxy(SidecarOpts {
+                    lumen,
+                    dir,
+                    mesh: &lumen_config(dir, upstream_port, n)?,
+                    service: "loadgen",
+                    listener: Listener::Outbound(listen[0]),
+                    admin: listen[1],
+                    collector_otlp_grpc: collector_ports.otlp_grpc,
+                    telemetry: true,
+                })?,
                 Peer::Envoy => peers::start_envoy(
                     "envoy-routes",
                     dir,
-                    &envoy_config(listen[0], listen[1], upstream_port, n),
+                    &peers::envoy_bootstrap(
+                        listen[0],
+                        listen[1],
+                        &["*"],
+                        &envoy_routes(n),
+                        &[upstream_port],
+                        "",
+                    ),
                     listen[1],
                 )?,
             };
@@ -322,7 +287,7 @@ mod tests {
             "uri: {regex: \"/api/v3/items/[0-9]+\"}\n      headers: {x-tenant: {exact: tenant-3}}"
         ));
         assert!(!vs.contains("tenant-1"));
-        let envoy = envoy_config(1, 2, 9, 4);
+        let envoy = envoy_routes(4);
         assert_eq!(envoy.matches("safe_regex").count(), 4);
         assert!(envoy.contains("exact: tenant-3"));
         assert!(!envoy.contains("tenant-1"));

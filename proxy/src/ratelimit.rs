@@ -6,10 +6,12 @@
 //! nothing. Buckets survive configuration swaps while the limit is
 //! unchanged.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use lumen_core::Workload;
 use lumen_core::policy::{LimitKey, RateLimit};
 
 /// Most keys one limit tracks; past it, idle (full) buckets are dropped,
@@ -57,16 +59,19 @@ impl Limiter {
             && self.spec.path.as_ref().is_none_or(|p| p.matches(path))
     }
 
-    /// The bucket this request draws from.
+    /// The bucket this request draws from: a workload key is formatted
+    /// only for limits keyed by workload.
     pub fn key<'a>(
         &self,
-        source_workload: &'a str,
+        source: Option<&Workload>,
         header: impl Fn(&str) -> Option<&'a str>,
-    ) -> &'a str {
+    ) -> Cow<'a, str> {
         match &self.spec.key {
-            LimitKey::Global => "",
-            LimitKey::SourceWorkload => source_workload,
-            LimitKey::Header(h) => header(h).unwrap_or(""),
+            LimitKey::Global => Cow::Borrowed(""),
+            LimitKey::SourceWorkload => source.map_or(Cow::Borrowed(""), |w| {
+                Cow::Owned(format!("{}/{}", w.namespace, w.workload))
+            }),
+            LimitKey::Header(h) => Cow::Borrowed(header(h).unwrap_or("")),
         }
     }
 

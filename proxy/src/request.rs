@@ -103,11 +103,8 @@ pub async fn handle(
         r.route = routed.route.name.clone();
     }
     if let Some(routed) = &routed {
-        let source = pending
-            .record()
-            .map(|r| r.source.clone())
-            .unwrap_or_else(Workload::unknown);
-        if let Some((policy, per_second, retry_after)) = rate_limit(routed, &source, &req) {
+        let source = pending.record().map(|r| &r.source);
+        if let Some((policy, per_second, retry_after)) = rate_limit(routed, source, &req) {
             return Ok(reply::rate_limited(
                 &policy,
                 per_second,
@@ -352,7 +349,7 @@ fn authorize<B>(_conn: &Connection, _req: &Request<B>) -> Decision {
 /// a dry run only logs.
 fn rate_limit<B>(
     routed: &Routed,
-    source: &Workload,
+    source: Option<&Workload>,
     req: &Request<B>,
 ) -> Option<(Arc<str>, f64, Duration)> {
     let service = routed.service?;
@@ -362,18 +359,17 @@ fn rate_limit<B>(
     }
     let now = std::time::Instant::now();
     let path = req.uri().path();
-    let workload = format!("{}/{}", source.namespace, source.workload);
     for l in limits {
         if !l.applies(req.method().as_str(), path) {
             continue;
         }
-        let key = l.key(&workload, |h| {
+        let key = l.key(source, |h| {
             req.headers().get(h).and_then(|v| v.to_str().ok())
         });
-        match l.check(key, now) {
+        match l.check(&key, now) {
             Verdict::Allow { .. } => {}
             Verdict::WouldLimit => {
-                tracing::debug!(policy = %l.name, key, "would rate limit (dry run)");
+                tracing::debug!(policy = %l.name, key = %key, "would rate limit (dry run)");
             }
             Verdict::Limited { retry_after } => {
                 return Some((l.name.clone(), l.spec.requests_per_second, retry_after));

@@ -12,7 +12,7 @@ use anyhow::Result;
 use lumen_tests::alertmanager::Alertmanager;
 use lumen_tests::upstream::{requests_seen, start_app};
 use lumen_tests::{
-    Sidecar, SidecarPorts, UpPorts, local, lumen_bin, sql, start_up, wait_for_count,
+    LumenProcess, Sidecar, SidecarPorts, UpPorts, local, lumen_bin, sql, start_up, wait_for_count,
 };
 
 const LIMITS: &str = r#"
@@ -50,45 +50,103 @@ async fn get(
         .await?)
 }
 
+/// `lumen up` over `services` (name → app address) and the `limits` YAML,
+/// with `rules` (a Prometheus rule file) if given, and one calling sidecar
+/// (`caller`) that follows its control plane.
+struct Mesh {
+    dir: tempfile::TempDir,
+    up: UpPorts,
+    control: String,
+    /// The caller's outbound listener.
+    out: SocketAddr,
+    client: reqwest::Client,
+    _up: LumenProcess,
+    _caller: LumenProcess,
+}
+
+impl Mesh {
+    async fn start(
+        caller: &str,
+        services: &[(&str, SocketAddr)],
+        limits: &str,
+        rules: Option<&str>,
+    ) -> Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let config = dir.path().join("config");
+        std::fs::create_dir(&config)?;
+        let mut mesh = String::from(
+            "apiVersion: lumen.dev/v1alpha1\nkind: Mesh\nmetadata: {name: m}\nspec:\n  services:\n",
+        );
+        for (name, app) in services {
+            mesh.push_str(&format!(
+                "    - {{name: {name}, port: 8080, endpoints: [{{address: {app}}}]}}\n"
+            ));
+        }
+        std::fs::write(config.join("mesh.yaml"), mesh)?;
+        std::fs::write(config.join("limits.yaml"), limits)?;
+        let mut up_args = Vec::new();
+        if let Some(text) = rules {
+            let file = dir.path().join("rules.yaml");
+            std::fs::write(&file, text)?;
+            up_args = vec!["--rules".to_string(), file.display().to_string()];
+        }
+        let up_args: Vec<&str> = up_args.iter().map(String::as_str).collect();
+        let up = UpPorts::pick();
+        let up_process =
+            start_up(dir.path(), &config, &dir.path().join("data"), up, &up_args).await?;
+        let ports = SidecarPorts::pick();
+        let collector = up.grpc_endpoint();
+        let control = up.control_addr();
+        let caller_process = Sidecar {
+            service: caller,
+            version: "v1",
+            mesh: &config,
+            ports,
+            app: None,
+            collector: &collector,
+            extra: &["--control", &control],
+        }
+        .start(dir.path())
+        .await?;
+        Ok(Mesh {
+            dir,
+            up,
+            control,
+            out: local(ports.outbound),
+            client: reqwest::Client::builder().no_proxy().build()?,
+            _up: up_process,
+            _caller: caller_process,
+        })
+    }
+
+    async fn get(&self, host: &str, path: &str, user: &str) -> Result<reqwest::Response> {
+        get(&self.client, self.out, host, path, user).await
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_over_a_rate_limit_are_answered_429_by_the_calling_sidecar() -> Result<()> {
-    let dir = tempfile::tempdir()?;
-    let config = dir.path().join("config");
-    std::fs::create_dir(&config)?;
     let ratings = start_app("ratings-rl").await;
     let details = start_app("details-rl").await;
     let reviews = start_app("reviews-rl").await;
-    std::fs::write(
-        config.join("mesh.yaml"),
-        format!(
-            "apiVersion: lumen.dev/v1alpha1\nkind: Mesh\nmetadata: {{name: m}}\nspec:\n  services:\n    - {{name: ratings, port: 8080, endpoints: [{{address: {ratings}}}]}}\n    - {{name: details, port: 8080, endpoints: [{{address: {details}}}]}}\n    - {{name: reviews, port: 8080, endpoints: [{{address: {reviews}}}]}}\n"
-        ),
-    )?;
-    std::fs::write(config.join("limits.yaml"), LIMITS)?;
-    let up = UpPorts::pick();
-    let _up = start_up(dir.path(), &config, &dir.path().join("data"), up, &[]).await?;
-    let ports = SidecarPorts::pick();
-    let collector = up.grpc_endpoint();
-    let control = up.control_addr();
-    let _caller = Sidecar {
-        service: "productpage",
-        version: "v1",
-        mesh: &config,
-        ports,
-        app: None,
-        collector: &collector,
-        extra: &["--control", &control],
-    }
-    .start(dir.path())
+    let m = Mesh::start(
+        "productpage",
+        &[
+            ("ratings", ratings),
+            ("details", details),
+            ("reviews", reviews),
+        ],
+        LIMITS,
+        None,
+    )
     .await?;
-    let client = reqwest::Client::builder().no_proxy().build()?;
-    let out = local(ports.outbound);
+    let (dir, control, up) = (&m.dir, &m.control, m.up);
 
     // jason has a burst of 3, then 429s from the sidecar; the app sees 3.
     let seen_before = requests_seen("ratings-rl");
     let mut statuses = Vec::new();
     for _ in 0..6 {
-        let resp = get(&client, out, "ratings", "/ratings/1", "jason").await?;
+        let resp = m.get("ratings", "/ratings/1", "jason").await?;
         if resp.status() == 429 {
             assert_eq!(resp.headers()["x-lumen-policy"], "default/ratings-per-user");
             assert_eq!(resp.headers()["x-ratelimit-remaining"], "0");
@@ -101,24 +159,11 @@ async fn requests_over_a_rate_limit_are_answered_429_by_the_calling_sidecar() ->
     assert_eq!(requests_seen("ratings-rl") - seen_before, 3);
     // Another user has a bucket of their own; a path the limit does not
     // cover is not limited.
-    assert_eq!(
-        get(&client, out, "ratings", "/ratings/1", "alice")
-            .await?
-            .status(),
-        200
-    );
-    assert_eq!(
-        get(&client, out, "ratings", "/health", "jason")
-            .await?
-            .status(),
-        200
-    );
+    assert_eq!(m.get("ratings", "/ratings/1", "alice").await?.status(), 200);
+    assert_eq!(m.get("ratings", "/health", "jason").await?.status(), 200);
     // A dry run limits nothing.
     for _ in 0..4 {
-        assert_eq!(
-            get(&client, out, "details", "/d", "jason").await?.status(),
-            200
-        );
+        assert_eq!(m.get("details", "/d", "jason").await?.status(), 200);
     }
 
     // A limit applied to the running mesh takes effect without a restart.
@@ -128,7 +173,7 @@ async fn requests_over_a_rate_limit_are_answered_429_by_the_calling_sidecar() ->
         "apiVersion: policy.lumen.dev/v1alpha1\nkind: RateLimit\nmetadata: {name: reviews-global}\nspec:\n  target: {service: reviews}\n  requestsPerSecond: 0.1\n  burst: 2\n",
     )?;
     let applied = Command::new(lumen_bin())
-        .args(["apply", "--control", &control, "-f"])
+        .args(["apply", "--control", control, "-f"])
         .arg(&reviews_limit)
         .output()?;
     assert!(
@@ -138,7 +183,7 @@ async fn requests_over_a_rate_limit_are_answered_429_by_the_calling_sidecar() ->
     );
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     loop {
-        let s = get(&client, out, "reviews", "/r", "anyone").await?.status();
+        let s = m.get("reviews", "/r", "anyone").await?.status();
         if s == 429 {
             break;
         }
@@ -171,7 +216,7 @@ async fn requests_over_a_rate_limit_are_answered_429_by_the_calling_sidecar() ->
         "apiVersion: policy.lumen.dev/v1alpha1\nkind: RateLimit\nmetadata: {name: bad}\nspec:\n  target: {service: ratings}\n  requestsPerSecond: 0\n",
     )?;
     let refused = Command::new(lumen_bin())
-        .args(["apply", "--control", &control, "-f"])
+        .args(["apply", "--control", control, "-f"])
         .arg(&bad)
         .output()?;
     assert!(!refused.status.success());
@@ -189,60 +234,24 @@ async fn requests_over_a_rate_limit_are_answered_429_by_the_calling_sidecar() ->
 /// no change to any file.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_firing_alert_switches_a_conditional_limit_on_at_the_callers() -> Result<()> {
-    let dir = tempfile::tempdir()?;
-    let config = dir.path().join("config");
-    std::fs::create_dir(&config)?;
     let ratings = start_app("ratings-failing").await;
-    std::fs::write(
-        config.join("mesh.yaml"),
-        format!(
-            "apiVersion: lumen.dev/v1alpha1\nkind: Mesh\nmetadata: {{name: m}}\nspec:\n  services:\n    - {{name: ratings, port: 8080, endpoints: [{{address: {ratings}}}]}}\n"
-        ),
-    )?;
-    std::fs::write(
-        config.join("limit.yaml"),
+    let m = Mesh::start(
+        "reviews",
+        &[("ratings", ratings)],
         "apiVersion: policy.lumen.dev/v1alpha1\nkind: RateLimit\nmetadata: {name: shed-ratings}\nspec:\n  target: {service: ratings}\n  requestsPerSecond: 0.01\n  burst: 1\n  when: {alert: RatingsFailing, labels: {destination_service_name: ratings}}\n  cooldown: 1m\n",
-    )?;
-    let rules = dir.path().join("rules.yaml");
-    std::fs::write(
-        &rules,
-        "groups:\n- name: mesh\n  rules:\n  - alert: RatingsFailing\n    expr: sum by (destination_service_name) (increase(istio_requests_total{reporter=\"source\", response_code=\"503\"}[5m])) > 3\n",
-    )?;
-    let up = UpPorts::pick();
-    let rules_arg = rules.display().to_string();
-    let _up = start_up(
-        dir.path(),
-        &config,
-        &dir.path().join("data"),
-        up,
-        &["--rules", &rules_arg],
+        Some("groups:\n- name: mesh\n  rules:\n  - alert: RatingsFailing\n    expr: sum by (destination_service_name) (increase(istio_requests_total{reporter=\"source\", response_code=\"503\"}[5m])) > 3\n"),
     )
     .await?;
-    let ports = SidecarPorts::pick();
-    let collector = up.grpc_endpoint();
-    let control = up.control_addr();
-    let _caller = Sidecar {
-        service: "reviews",
-        version: "v1",
-        mesh: &config,
-        ports,
-        app: None,
-        collector: &collector,
-        extra: &["--control", &control],
-    }
-    .start(dir.path())
-    .await?;
-    let client = reqwest::Client::builder().no_proxy().build()?;
-    let out = local(ports.outbound);
+    let up = m.up;
 
     // Before the alert: ratings' own 503s come through, nothing is limited.
     for _ in 0..5 {
-        assert_eq!(get(&client, out, "ratings", "/r", "u").await?.status(), 503);
+        assert_eq!(m.get("ratings", "/r", "u").await?.status(), 503);
     }
     // The rows reach the rules; the alert fires; the limit switches on.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
     let limited = loop {
-        let resp = get(&client, out, "ratings", "/r", "u").await?;
+        let resp = m.get("ratings", "/r", "u").await?;
         if resp.status() == 429 {
             break resp;
         }
@@ -290,42 +299,19 @@ async fn a_firing_alert_switches_a_conditional_limit_on_at_the_callers() -> Resu
 /// conditional limit on at the caller, resolved turns it off.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_alertmanager_webhook_switches_a_limit_on_and_off() -> Result<()> {
-    let dir = tempfile::tempdir()?;
-    let config = dir.path().join("config");
-    std::fs::create_dir(&config)?;
     let ratings = start_app("ratings-hook").await;
-    std::fs::write(
-        config.join("mesh.yaml"),
-        format!(
-            "apiVersion: lumen.dev/v1alpha1\nkind: Mesh\nmetadata: {{name: m}}\nspec:\n  services:\n    - {{name: ratings, port: 8080, endpoints: [{{address: {ratings}}}]}}\n"
-        ),
-    )?;
-    std::fs::write(
-        config.join("limit.yaml"),
+    let m = Mesh::start(
+        "reviews",
+        &[("ratings", ratings)],
         "apiVersion: policy.lumen.dev/v1alpha1\nkind: RateLimit\nmetadata: {name: incident}\nspec:\n  target: {service: ratings}\n  requestsPerSecond: 0.01\n  burst: 1\n  when: {alert: UpstreamIncident}\n  cooldown: 0s\n",
-    )?;
-    let up = UpPorts::pick();
-    let _up = start_up(dir.path(), &config, &dir.path().join("data"), up, &[]).await?;
-    let webhook = format!("http://127.0.0.1:{}/api/v1/alerts/webhook", up.query);
-    let am = Alertmanager::start(Some(&webhook)).await?;
-    let ports = SidecarPorts::pick();
-    let collector = up.grpc_endpoint();
-    let control = up.control_addr();
-    let _caller = Sidecar {
-        service: "reviews",
-        version: "v1",
-        mesh: &config,
-        ports,
-        app: None,
-        collector: &collector,
-        extra: &["--control", &control],
-    }
-    .start(dir.path())
+        None,
+    )
     .await?;
-    let client = reqwest::Client::builder().no_proxy().build()?;
-    let out = local(ports.outbound);
+    let webhook = format!("http://127.0.0.1:{}/api/v1/alerts/webhook", m.up.query);
+    let am = Alertmanager::start(Some(&webhook)).await?;
+    let client = m.client.clone();
     for _ in 0..3 {
-        assert_eq!(get(&client, out, "ratings", "/r", "u").await?.status(), 200);
+        assert_eq!(m.get("ratings", "/r", "u").await?.status(), 200);
     }
 
     // Another Prometheus's alert reaches Alertmanager…
@@ -345,14 +331,11 @@ async fn an_alertmanager_webhook_switches_a_limit_on_and_off() -> Result<()> {
         .error_for_status()?;
     // …which calls Lumen, which switches the limit on at the caller.
     let wait_for = |want: u16, what: &'static str| {
-        let client = client.clone();
+        let m = &m;
         async move {
             let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
             loop {
-                let s = get(&client, out, "ratings", "/r", "u")
-                    .await?
-                    .status()
-                    .as_u16();
+                let s = m.get("ratings", "/r", "u").await?.status().as_u16();
                 if s == want {
                     return Ok::<_, anyhow::Error>(());
                 }
