@@ -25,6 +25,7 @@ pub mod export;
 pub mod format;
 pub mod health;
 pub mod ingest;
+pub mod live;
 pub mod metrics;
 pub mod persist;
 #[cfg(test)]
@@ -287,6 +288,11 @@ impl Collector {
             })??
         };
         let file_count = files.len();
+        if storage.is_shared() {
+            store.live_whole_from(i64::MAX);
+        } else if file_count > 0 {
+            store.live_whole_from(chrono::Utc::now().timestamp() + 1);
+        }
         store.add_files(files);
         if storage.is_shared() {
             match persist::refresh_others(&storage, &store).await {

@@ -27,17 +27,19 @@ use arrow::record_batch::RecordBatch;
 use lumen_core::schema::{DURATION_BUCKETS_MS, ROLLUP_KEY_NAMES, ROLLUP_WINDOWS, rollups_schema};
 use lumen_core::sketch::Sketch;
 
+use crate::live::{Counts, Live};
+
 const KEYS: usize = ROLLUP_KEY_NAMES.len();
 const BUCKETS: usize = DURATION_BUCKETS_MS.len() + 1;
 const MICROS: i64 = 1_000_000;
 
 /// What a rollup row is keyed by, besides its window.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-struct Key {
-    names: [Arc<str>; KEYS],
-    status: i32,
-    grpc_status: Option<i32>,
-    mtls: bool,
+pub(crate) struct Key {
+    pub(crate) names: [Arc<str>; KEYS],
+    pub(crate) status: i32,
+    pub(crate) grpc_status: Option<i32>,
+    pub(crate) mtls: bool,
 }
 
 /// The aggregates of one key in one window.
@@ -75,6 +77,19 @@ impl Agg {
         self.sketch.add(duration_us);
     }
 
+    /// What the live tier keeps of it.
+    fn counts(&self) -> Counts {
+        let mut c = [0; 4 + BUCKETS];
+        c[..4].copy_from_slice(&[
+            self.requests,
+            self.request_bytes,
+            self.response_bytes,
+            self.duration_sum_us,
+        ]);
+        c[4..].copy_from_slice(&self.buckets);
+        c
+    }
+
     fn merge(&mut self, o: &Agg) {
         self.requests += o.requests;
         self.errors += o.errors;
@@ -102,6 +117,8 @@ pub struct Rollups {
     /// Names shared by all keys, so a key costs pointers, not strings.
     names: HashSet<Arc<str>>,
     guard: CardinalityGuard,
+    /// The same rows per second, for the last minutes.
+    live: Live,
 }
 
 /// The value a label's excess distinct values are folded into.
@@ -168,6 +185,15 @@ impl Rollups {
         self.segments.values().map(HashMap::len).sum()
     }
 
+    /// The per-second tier of the last minutes.
+    pub fn live(&self) -> &Live {
+        &self.live
+    }
+
+    pub(crate) fn live_mut(&mut self) -> &mut Live {
+        &mut self.live
+    }
+
     /// Distinct values each label keeps per hour before the rest become
     /// `other`.
     pub fn set_max_values(&mut self, n: usize) {
@@ -215,6 +241,8 @@ impl Rollups {
         let duration = col("duration_us")?.as_primitive::<Int64Type>();
 
         type Local = (i64, [i32; KEYS], i32, Option<i32>, bool);
+        // Grouped per second, for the live tier; the rollups' windows
+        // merge the seconds.
         let mut groups: HashMap<Local, Agg> = HashMap::new();
         let window = ROLLUP_WINDOWS[0] * MICROS;
         for row in 0..batch.num_rows() {
@@ -229,7 +257,7 @@ impl Rollups {
             let g = (!grpc.is_null(row)).then(|| grpc.value(row));
             let s = status.value(row);
             let local = (
-                time.value(row).div_euclid(window) * window,
+                time.value(row).div_euclid(MICROS),
                 keys,
                 s,
                 g,
@@ -248,7 +276,8 @@ impl Rollups {
         let mut groups: Vec<(Local, Agg)> = groups.into_iter().collect();
         groups.sort_unstable_by_key(|(k, _)| *k);
         let mut resolved = Vec::with_capacity(groups.len());
-        for ((start, keys, s, g, m), agg) in groups {
+        for ((second, keys, s, g, m), agg) in groups {
+            let start = (second * MICROS).div_euclid(window) * window;
             let mut names: [Arc<str>; KEYS] = Default::default();
             for (i, (name, d)) in names.iter_mut().zip(&dicts).enumerate() {
                 let value = if keys[i] < 0 {
@@ -269,6 +298,7 @@ impl Rollups {
                 grpc_status: g,
                 mtls: m,
             };
+            self.live.add(second, &key, &agg.counts());
             resolved.push(((start, key), agg));
         }
         let aggs = self.segments.entry(segment).or_default();

@@ -261,6 +261,32 @@ impl Store {
         }
     }
 
+    /// Reads the live tier: calls `f` for every key's counts in each second
+    /// from `from` (Unix seconds) on. Returns the first second from which
+    /// the tier holds every committed row; earlier ones are for the
+    /// rollups to answer.
+    pub fn live_visit(
+        &self,
+        from: i64,
+        f: impl FnMut(i64, crate::live::LiveKey<'_>, &crate::live::Counts),
+    ) -> i64 {
+        let rollups = self.rollups();
+        let live = rollups.live();
+        live.visit(from, f);
+        live.complete_from()
+    }
+
+    /// Rows before `second` may be only in files: the live tier does not
+    /// answer for them.
+    pub(crate) fn live_whole_from(&self, second: i64) {
+        self.rollups().live_mut().whole_from(second);
+    }
+
+    /// First second from which the live tier is whole.
+    pub fn live_complete_from(&self) -> i64 {
+        self.rollups().live().complete_from()
+    }
+
     /// Distinct values each rollup label keeps per hour before the rest
     /// are folded into `other`.
     pub fn set_rollup_max_values(&self, n: usize) {

@@ -314,6 +314,11 @@ impl QueryEngine {
         &self.config
     }
 
+    /// The store queries read (for the live tier, read in place).
+    pub fn store(&self) -> &Arc<Store> {
+        &self.store
+    }
+
     /// Queries in flight, oldest first.
     pub fn queries(&self) -> Vec<QueryInfo> {
         self.running.list()

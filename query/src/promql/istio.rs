@@ -775,7 +775,269 @@ impl Source for IstioSource {
 /// Each Istio label set's cumulative aggregates at its sample times.
 type Cumulative = Vec<(Labels, Vec<(i64, Aggs)>)>;
 
+/// Longest range the live tier answers (it keeps 15 minutes; the rest is
+/// room for the base it is joined to).
+const LIVE_SPAN_MS: i64 = 14 * 60_000;
+/// How far behind now the rollups give the base the live tier adds to:
+/// their windows up to then have closed.
+const LIVE_CUT_MS: i64 = 12_000;
+
+/// Where a fetch's samples fall: window `k` starts at `first + k * w` and
+/// its sample is at its end, except a last partial window (the current
+/// second, from the live tier) whose sample is at `partial`.
+struct Grid {
+    w: i64,
+    first: i64,
+    full: usize,
+    partial: Option<i64>,
+}
+
+impl Grid {
+    fn points(&self) -> usize {
+        self.full + usize::from(self.partial.is_some())
+    }
+
+    fn sample_at(&self, k: usize) -> i64 {
+        match self.partial {
+            Some(t) if k == self.full => t,
+            _ => self.first + (k as i64 + 1) * self.w,
+        }
+    }
+
+    /// The window a time (ms) falls in, if in the grid.
+    fn window(&self, ms: i64) -> Option<usize> {
+        let k = usize::try_from((ms - self.first).div_euclid(self.w)).ok()?;
+        (k < self.points()).then_some(k)
+    }
+}
+
+/// Each key's aggregates before the grid (`bases`) and in each of its
+/// windows, gathered from SQL answers or the live tier.
+struct Gathered<'s> {
+    selector: &'s VectorSelector,
+    index: LabelIndex,
+    bases: Vec<Option<Aggs>>,
+    windows: Vec<Vec<Aggs>>,
+    born: Vec<usize>,
+    points: usize,
+    used: usize,
+    limit: usize,
+}
+
+const ZERO: Aggs = [0.0; 4 + BUCKETS];
+
+impl<'s> Gathered<'s> {
+    fn new(selector: &'s VectorSelector, family: Family, points: usize, limit: usize) -> Self {
+        Gathered {
+            selector,
+            index: LabelIndex::new(Some(family)),
+            bases: Vec::new(),
+            windows: Vec::new(),
+            born: Vec::new(),
+            points,
+            used: 0,
+            limit,
+        }
+    }
+
+    fn add_base(&mut self, key: &KeyRef<'_>, aggs: &Aggs) {
+        let i = self.index.index(key);
+        if i >= self.bases.len() {
+            self.bases.resize(i + 1, None);
+        }
+        add(self.bases[i].get_or_insert(ZERO), aggs);
+    }
+
+    /// Each series' windows are dense once it has one, and bounded by the
+    /// query's memory limit as they are allocated.
+    fn add_window(&mut self, key: &KeyRef<'_>, k: usize, aggs: &Aggs) -> Result<(), PromError> {
+        let i = self.index.index(key);
+        if i >= self.windows.len() {
+            self.windows.resize_with(i + 1, Vec::new);
+            self.born.resize(i + 1, usize::MAX);
+        }
+        if self.windows[i].is_empty() {
+            let dense = self.points.saturating_mul(std::mem::size_of::<Aggs>());
+            self.used = self.used.saturating_add(dense);
+            if self.used > self.limit {
+                return Err(PromError::Execution(format!(
+                    "{} over this range needs more than the query memory limit of {} MiB of samples; narrow the selector or the range",
+                    self.selector,
+                    self.limit >> 20
+                )));
+            }
+            self.windows[i] = vec![ZERO; self.points];
+        }
+        add(&mut self.windows[i][k], aggs);
+        self.born[i] = self.born[i].min(k);
+        Ok(())
+    }
+
+    fn add_batches(
+        &mut self,
+        base: &[RecordBatch],
+        range: &[RecordBatch],
+        buckets: bool,
+        grid: &Grid,
+    ) -> Result<(), PromError> {
+        for batch in base {
+            let keys = KeyColumns::new(batch)?;
+            let aggs = AggColumns::new(batch, buckets)?;
+            for row in 0..batch.num_rows() {
+                self.add_base(&keys.key(row), &aggs.read(row));
+            }
+        }
+        for batch in range {
+            // Window starts, in µs whatever unit the scan gave them.
+            let times = cast(
+                column(batch, "time")?,
+                &DataType::Timestamp(arrow::datatypes::TimeUnit::Microsecond, Some("UTC".into())),
+            )
+            .map_err(|e| PromError::Execution(format!("reading window starts: {e}")))?;
+            let times = times
+                .as_primitive_opt::<TimestampMicrosecondType>()
+                .ok_or_else(|| {
+                    PromError::Execution("window starts have an unexpected type".into())
+                })?;
+            let keys = KeyColumns::new(batch)?;
+            let aggs = AggColumns::new(batch, buckets)?;
+            for row in 0..batch.num_rows() {
+                if let Some(k) = grid.window(times.value(row) / 1000) {
+                    self.add_window(&keys.key(row), k, &aggs.read(row))?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Adds the live tier's seconds from `cut` (ms) on: before the grid to
+    /// the bases, in it to its windows. Keys of the other family, and keys
+    /// whose labels the selector cannot match, are passed over before any
+    /// window is allocated for them.
+    fn add_live(
+        &mut self,
+        store: &lumen_collector::Store,
+        family: Family,
+        cut: i64,
+        grid: &Grid,
+    ) -> Result<(), PromError> {
+        let tcp = protocol_index();
+        let mut failed = None;
+        let mut wanted: HashMap<usize, bool> = HashMap::new();
+        store.live_visit(cut / 1000, |second, key, counts| {
+            if failed.is_some() || (key.names[tcp] == "tcp") != (family == Family::Tcp) {
+                return;
+            }
+            let key = KeyRef {
+                keys: key.names,
+                status: Some(key.status),
+                grpc: key.grpc_status,
+                mtls: key.mtls,
+            };
+            let i = self.index.index(&key);
+            let selector = self.selector;
+            let sets = &self.index.sets;
+            if !*wanted
+                .entry(i)
+                .or_insert_with(|| may_match(selector, &sets[i].1))
+            {
+                return;
+            }
+            let mut aggs = ZERO;
+            for (a, c) in aggs.iter_mut().zip(&counts[..4]) {
+                *a = *c as f64;
+            }
+            // Cumulative, as rollups keep buckets.
+            let mut total = 0;
+            for (a, c) in aggs[4..].iter_mut().zip(&counts[4..]) {
+                total += c;
+                *a = total as f64;
+            }
+            let ms = second * 1000;
+            if ms < grid.first {
+                self.add_base(&key, &aggs);
+            } else if let Some(k) = grid.window(ms)
+                && let Err(e) = self.add_window(&key, k, &aggs)
+            {
+                failed = Some(e);
+            }
+        });
+        failed.map_or(Ok(()), Err)
+    }
+
+    /// Each label set's cumulative aggregates at the grid's sample times.
+    fn samples(mut self, grid: &Grid, from: i64) -> Cumulative {
+        let mut order: Vec<usize> = (0..self.index.len()).collect();
+        order.sort_unstable_by(|a, b| self.index.sets[*a].1.cmp(&self.index.sets[*b].1));
+        let mut out = Vec::with_capacity(order.len());
+        for i in order {
+            let ws = self.windows.get(i).filter(|w| !w.is_empty());
+            let born = self.born.get(i).copied().unwrap_or(usize::MAX);
+            let mut samples = Vec::new();
+            let mut cumulative = self.bases.get(i).copied().flatten();
+            for k in 0..self.points {
+                let t = grid.sample_at(k);
+                let window_start = grid.first + k as i64 * grid.w;
+                if cumulative.is_none() {
+                    if k != born {
+                        continue;
+                    }
+                    // A series born in this window: 0 at its start.
+                    if window_start > from {
+                        samples.push((window_start, ZERO));
+                    }
+                    cumulative = Some(ZERO);
+                }
+                let c = cumulative.get_or_insert(ZERO);
+                if let Some(ws) = ws {
+                    add(c, &ws[k]);
+                }
+                samples.push((t, *c));
+            }
+            if !samples.is_empty() {
+                out.push((std::mem::take(&mut self.index.sets[i].1), samples));
+            }
+        }
+        out
+    }
+}
+
+/// Whether a series with these labels (whatever its name and `le`) can
+/// match the selector.
+fn may_match(selector: &VectorSelector, labels: &Labels) -> bool {
+    if !selector.matchers.or_matchers.is_empty() {
+        return true;
+    }
+    selector
+        .matchers
+        .matchers
+        .iter()
+        .filter(|m| m.name != METRIC_NAME && m.name != "le")
+        .all(|m| m.is_match(value::get(labels, &m.name).unwrap_or("")))
+}
+
 impl IstioSource {
+    /// One-second windows for a range of the last minutes (the live
+    /// tier's, and raw rows' for the same range), the current second's
+    /// sample at the range's end.
+    fn second_grid(&self, from: i64, to: i64) -> Option<Grid> {
+        if self.now_ms - from > LIVE_SPAN_MS || to <= from {
+            return None;
+        }
+        let w = 1000;
+        let first = from.div_euclid(w) * w;
+        let end = to.min(self.now_ms);
+        let full = usize::try_from((end - first).div_euclid(w)).ok()?;
+        let closed = first + full as i64 * w;
+        let partial = (end > closed).then_some(end);
+        Some(Grid {
+            w,
+            first,
+            full,
+            partial,
+        })
+    }
+
     async fn fetch(
         &self,
         selector: &VectorSelector,
@@ -785,24 +1047,49 @@ impl IstioSource {
         to: i64,
         range: Option<i64>,
     ) -> Result<Cumulative, PromError> {
-        // Ten-second windows unless the range is long: then minutes keep
-        // the samples (and the scan) small — if a range function still
-        // gets four samples per window.
-        let w: i64 = if to - from > 6 * 3_600_000 && range.is_none_or(|r| r >= 240_000) {
-            60_000
-        } else {
-            10_000
-        };
-        let first = from.div_euclid(w) * w;
-        let end = to.min(self.now_ms.div_euclid(w) * w);
-        if end < first + w {
-            return Ok(Vec::new());
+        // The last minutes at one-second resolution: the rollups' closed
+        // windows before them, the live tier's seconds since — if the tier
+        // holds every row since then.
+        let seconds = self.second_grid(from, to);
+        if let Some(grid) = seconds.as_ref().filter(|_| !self.raw) {
+            let cut = grid.first.min(self.now_ms - LIVE_CUT_MS).div_euclid(10_000) * 10_000;
+            if cut / 1000 >= self.engine.store().live_complete_from() {
+                return self
+                    .fetch_live(selector, family, buckets, from, grid, cut)
+                    .await;
+            }
         }
-        let minute = first.div_euclid(60_000) * 60_000;
+        let grid = match seconds.filter(|_| self.raw) {
+            Some(grid) => grid,
+            None => {
+                // Ten-second windows unless the range is long: then minutes
+                // keep the samples (and the scan) small — if a range
+                // function still gets four samples per window.
+                let w: i64 = if to - from > 6 * 3_600_000 && range.is_none_or(|r| r >= 240_000) {
+                    60_000
+                } else {
+                    10_000
+                };
+                let first = from.div_euclid(w) * w;
+                let end = to.min(self.now_ms.div_euclid(w) * w);
+                if end < first + w {
+                    return Ok(Vec::new());
+                }
+                Grid {
+                    w,
+                    first,
+                    full: ((end - first) / w) as usize,
+                    partial: None,
+                }
+            }
+        };
+        let (w, first) = (grid.w, grid.first);
+        let end = grid.partial.unwrap_or(first + grid.full as i64 * w);
         let values = value_list(self.raw, buckets);
         let filter = format!("{}{}", family_filter(family), pushdown(selector));
         let keys = key_select(self.raw);
         let groups = key_positions();
+        let minute = first.div_euclid(60_000) * 60_000;
         let (base_sql, range_sql) = if self.raw {
             (
                 format!(
@@ -840,115 +1127,65 @@ impl IstioSource {
         };
         let (base, range) =
             futures_util::future::try_join(self.sql(&base_sql), self.sql(&range_sql)).await?;
-
-        let zero: Aggs = [0.0; 4 + BUCKETS];
-        let mut index = LabelIndex::new(Some(family));
-        let mut bases: Vec<Option<Aggs>> = Vec::new();
-        for batch in &base {
-            let keys = KeyColumns::new(batch)?;
-            let aggs = AggColumns::new(batch, buckets)?;
-            for row in 0..batch.num_rows() {
-                let i = index.index(&keys.key(row));
-                if i >= bases.len() {
-                    bases.resize(i + 1, None);
-                }
-                add(bases[i].get_or_insert(zero), &aggs.read(row));
-            }
-        }
-
-        // Each series' windows, dense once it has one; bounded by the
-        // query's memory limit as they are allocated.
-        let points = ((end - first) / w) as usize;
-        let dense_bytes = points.saturating_mul(std::mem::size_of::<Aggs>());
         let limit = self.engine.config().memory_bytes;
-        let mut used = 0usize;
-        let mut windows: Vec<Vec<Aggs>> = Vec::new();
-        let mut born: Vec<usize> = Vec::new();
-        for batch in &range {
-            // Window starts, in µs whatever unit the scan gave them.
-            let times = cast(
-                column(batch, "time")?,
-                &DataType::Timestamp(arrow::datatypes::TimeUnit::Microsecond, Some("UTC".into())),
-            )
-            .map_err(|e| PromError::Execution(format!("reading window starts: {e}")))?;
-            let times = times
-                .as_primitive_opt::<TimestampMicrosecondType>()
-                .ok_or_else(|| {
-                    PromError::Execution("window starts have an unexpected type".into())
-                })?;
-            let keys = KeyColumns::new(batch)?;
-            let aggs = AggColumns::new(batch, buckets)?;
-            for row in 0..batch.num_rows() {
-                let start = times.value(row) / 1000;
-                let Ok(k) = usize::try_from((start - first).div_euclid(w)) else {
-                    continue;
-                };
-                if k >= points {
-                    continue;
-                }
-                let i = index.index(&keys.key(row));
-                if i >= windows.len() {
-                    windows.resize_with(i + 1, Vec::new);
-                    born.resize(i + 1, usize::MAX);
-                }
-                if windows[i].is_empty() {
-                    used = used.saturating_add(dense_bytes);
-                    if used > limit {
-                        return Err(PromError::Execution(format!(
-                            "{selector} over this range needs more than the query memory limit of {} MiB of samples; narrow the selector or the range",
-                            limit >> 20
-                        )));
-                    }
-                    windows[i] = vec![zero; points];
-                }
-                add(&mut windows[i][k], &aggs.read(row));
-                born[i] = born[i].min(k);
-            }
-        }
-
-        // Each metric read expands a key's samples into its own series
-        // (the duration histogram into fifteen).
-        let expansion = if buckets { BUCKETS + 2 } else { 3 };
-        let total = index.len().saturating_mul(points).saturating_mul(expansion);
-        if total > super::eval::MAX_SAMPLES {
-            return Err(PromError::Execution(format!(
-                "query processing would load too many samples into memory ({total} for {}); narrow the selector or the range",
-                selector
-            )));
-        }
-        let mut order: Vec<usize> = (0..index.len()).collect();
-        order.sort_unstable_by(|a, b| index.sets[*a].1.cmp(&index.sets[*b].1));
-        let mut out = Vec::with_capacity(order.len());
-        for i in order {
-            let ws = windows.get(i).filter(|w| !w.is_empty());
-            let born = born.get(i).copied().unwrap_or(usize::MAX);
-            let mut samples = Vec::new();
-            let mut cumulative = bases.get(i).copied().flatten();
-            for k in 0..points {
-                let t = first + (k as i64 + 1) * w;
-                let window_start = t - w;
-                if cumulative.is_none() {
-                    if k != born {
-                        continue;
-                    }
-                    // A series born in this window: 0 at its start.
-                    if window_start > from {
-                        samples.push((window_start, zero));
-                    }
-                    cumulative = Some(zero);
-                }
-                let c = cumulative.get_or_insert(zero);
-                if let Some(ws) = ws {
-                    add(c, &ws[k]);
-                }
-                samples.push((t, *c));
-            }
-            if !samples.is_empty() {
-                out.push((std::mem::take(&mut index.sets[i].1), samples));
-            }
-        }
-        Ok(out)
+        let mut gathered = Gathered::new(selector, family, grid.points(), limit);
+        gathered.add_batches(&base, &range, buckets, &grid)?;
+        check_samples(&gathered, buckets, selector)?;
+        Ok(gathered.samples(&grid, from))
     }
+
+    /// The rollups' closed windows before `cut` as the base, the live
+    /// tier's seconds since.
+    async fn fetch_live(
+        &self,
+        selector: &VectorSelector,
+        family: Family,
+        buckets: bool,
+        from: i64,
+        grid: &Grid,
+        cut: i64,
+    ) -> Result<Cumulative, PromError> {
+        let minute = cut.div_euclid(60_000) * 60_000;
+        let base_sql = format!(
+            "SELECT {keys}, {values} FROM rollups WHERE ((window_seconds = 60 AND time < {m}) \
+             OR (window_seconds = 10 AND time >= {m} AND time < {c})) AND {filter}{pushdown} GROUP BY {groups}",
+            keys = key_select(false),
+            values = value_list(false, buckets),
+            filter = family_filter(family),
+            pushdown = pushdown(selector),
+            groups = key_positions(),
+            m = ts(minute),
+            c = ts(cut),
+        );
+        let base = self.sql(&base_sql).await?;
+        let limit = self.engine.config().memory_bytes;
+        let mut gathered = Gathered::new(selector, family, grid.points(), limit);
+        gathered.add_batches(&base, &[], buckets, grid)?;
+        gathered.add_live(self.engine.store(), family, cut, grid)?;
+        check_samples(&gathered, buckets, selector)?;
+        Ok(gathered.samples(grid, from))
+    }
+}
+
+/// Each metric read expands a key's samples into its own series (the
+/// duration histogram into fifteen): refuses what would be too many.
+fn check_samples(
+    g: &Gathered<'_>,
+    buckets: bool,
+    selector: &VectorSelector,
+) -> Result<(), PromError> {
+    let expansion = if buckets { BUCKETS + 2 } else { 3 };
+    let total = g
+        .index
+        .len()
+        .saturating_mul(g.points)
+        .saturating_mul(expansion);
+    if total > super::eval::MAX_SAMPLES {
+        return Err(PromError::Execution(format!(
+            "query processing would load too many samples into memory ({total} for {selector}); narrow the selector or the range"
+        )));
+    }
+    Ok(())
 }
 
 /// Turns each label set's aggregates into the selected metrics' series.
