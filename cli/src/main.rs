@@ -492,6 +492,11 @@ struct ProxyArgs {
     /// it is unreachable.
     #[arg(long)]
     control: Option<String>,
+    /// Cut off from the control plane this long, the proxy stops trusting
+    /// the policy engine's last decisions: each conditional policy turns
+    /// on or off as its `failMode` says, until the stream is back.
+    #[arg(long, default_value = "30s", value_parser = parse_duration, requires = "control")]
+    policy_staleness: Duration,
     /// Outbound listener: the app sends its calls here.
     #[arg(long, default_value = "127.0.0.1:15001")]
     outbound: SocketAddr,
@@ -803,6 +808,7 @@ async fn up(a: UpArgs) -> Result<()> {
         data_dir = %a.data_dir.display(),
         "lumen is up"
     );
+    let writer = collector.writer();
     let collector_task = tokio::spawn(collector.run(until(stop_rx.clone())));
     let servers_query_addr = servers.query.local_addr();
     let serving = servers.spawn(&stop_rx);
@@ -814,14 +820,23 @@ async fn up(a: UpArgs) -> Result<()> {
         ));
         tokio::spawn(notifier.run(rules.clone(), stop_rx.clone()))
     });
-    // Alerts switch conditional policies on and off at every proxy.
+    // Alerts switch conditional policies on and off at every proxy; every
+    // change is a `policy_events` row, logged like ingested rows.
     let decide_task = {
-        let (limits, publish) = (store.clone(), store);
+        let (config, publish) = (store.clone(), store);
+        let events = PolicyEventWriter::new(writer);
         tokio::spawn(lumen_policy::decide::run(
             rules.clone(),
             board,
-            move || limits.current().mesh.rate_limits.clone(),
+            move || {
+                let mesh = &config.current().mesh;
+                lumen_policy::decide::Policies {
+                    rate_limits: mesh.rate_limits.clone(),
+                    access: mesh.access_policies.clone(),
+                }
+            },
             move |on| publish.set_active_policies(on),
+            move |rows| events.write(rows),
             stop_rx.clone(),
         ))
     };
@@ -843,6 +858,38 @@ async fn up(a: UpArgs) -> Result<()> {
     served?;
     tracing::info!("stopped cleanly");
     Ok(())
+}
+
+/// Writes the policy engine's events to `policy_events` through the WAL,
+/// off the decision loop; a write that fails is logged, never retried
+/// into an unbounded queue.
+struct PolicyEventWriter {
+    wal: lumen_collector::wal::WalHandle,
+    table: usize,
+}
+
+impl PolicyEventWriter {
+    fn new(wal: lumen_collector::wal::WalHandle) -> Self {
+        let table = lumen_collector::store::table_index(lumen_core::schema::POLICY_EVENTS)
+            .expect("policy_events is a table");
+        PolicyEventWriter { wal, table }
+    }
+
+    fn write(&self, rows: Vec<lumen_core::schema::PolicyEvent>) {
+        let batch = match lumen_core::schema::policy_events_batch(&rows) {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot build policy_events rows");
+                return;
+            }
+        };
+        let (wal, table) = (self.wal.clone(), self.table);
+        tokio::spawn(async move {
+            if let Err(e) = wal.append(vec![(table, batch)]).await {
+                tracing::warn!(error = %e, rows = rows.len(), "policy events not stored");
+            }
+        });
+    }
 }
 
 /// Every rule group of `paths` (files, or directories of `.yml` /
@@ -1042,6 +1089,7 @@ async fn proxy(a: ProxyArgs) -> Result<()> {
                 url.clone(),
                 node,
                 tx,
+                a.policy_staleness,
                 stop_rx.clone(),
             ));
             // Like Envoy before its first config: not ready, not serving.

@@ -23,7 +23,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use arrow::compute::{concat_batches, sort_to_indices, take_record_batch};
 use arrow::record_batch::RecordBatch;
-use lumen_core::schema::{LOGS, METRICS, REQUESTS, ROLLUPS, SPANS, TABLES, table_schema};
+use lumen_core::schema::{
+    LOGS, METRICS, POLICY_EVENTS, REQUESTS, ROLLUPS, SPANS, TABLES, table_schema,
+};
 use object_store::path::Path;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use tokio::sync::watch;
@@ -82,6 +84,7 @@ impl Default for Retention {
             (LOGS, 7),
             (METRICS, 30),
             (ROLLUPS, 90),
+            (POLICY_EVENTS, 90),
         ] {
             r.set(table, Some(DAY * days)).expect("known table");
         }

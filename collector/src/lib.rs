@@ -374,6 +374,11 @@ impl Collector {
     }
 
     /// Rows recovered from the WAL when the collector opened.
+    /// Appends batches made in this process, durably, as ingest does.
+    pub fn writer(&self) -> wal::WalHandle {
+        self.ingest.wal()
+    }
+
     pub fn replayed_rows(&self) -> usize {
         self.replayed.rows
     }

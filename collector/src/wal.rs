@@ -239,6 +239,18 @@ pub(crate) fn sync_dir(dir: &Path) -> Result<(), WalError> {
 }
 
 /// Last segment whose rows are safely in Parquet (0: none yet).
+/// A batch logged by an earlier Lumen in the table's current columns: a
+/// column added since (nullable, at the end) reads as null.
+fn current_layout(table: usize, batch: RecordBatch) -> Result<RecordBatch, String> {
+    let Some(schema) = lumen_core::schema::table_schema(lumen_core::schema::TABLES[table]) else {
+        return Ok(batch);
+    };
+    if batch.schema().fields() == schema.fields() {
+        return Ok(batch);
+    }
+    crate::ingest::conform::conform(&schema, &batch)
+}
+
 pub fn read_checkpoint(dir: &Path) -> Result<u64, WalError> {
     let path = dir.join(CHECKPOINT);
     match fs::read_to_string(&path) {
@@ -433,6 +445,10 @@ pub fn open(
                 current = None;
             }
             replayed.rows += batch.num_rows();
+            let batch = current_layout(table, batch).map_err(|message| WalError::Io {
+                path: segment_path(dir, seq),
+                message,
+            })?;
             store.insert(seq, table, batch);
         }
         replayed.segments += 1;

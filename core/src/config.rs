@@ -199,9 +199,13 @@ pub struct MeshConfig {
     pub destination_rules: Vec<DestinationRule>,
     pub gateways: Vec<Gateway>,
     pub rate_limits: Vec<crate::policy::RateLimit>,
+    pub access_policies: Vec<crate::policy::AccessPolicy>,
     /// Conditional policies (`when`) the policy engine has switched on, by
     /// `namespace/name`; not part of the configuration's version.
     pub active_policies: std::collections::BTreeSet<String>,
+    /// The proxy has heard nothing from the policy engine for longer than
+    /// its staleness: conditional policies follow their `failMode`.
+    pub policies_stale: bool,
     /// namespace → name → position in `services`; nested so lookups borrow
     /// `&str` and allocate nothing on the request path.
     index: HashMap<Arc<str>, HashMap<Arc<str>, usize>>,
@@ -279,6 +283,7 @@ impl MeshConfig {
         let mut destination_rules = Vec::new();
         let mut gateways = Vec::new();
         let mut rate_limits = Vec::new();
+        let mut access_policies = Vec::new();
         let mut by_resource: Vec<(&Resource, usize)> = Vec::new();
         for res in resources {
             match res.kind {
@@ -322,6 +327,9 @@ impl MeshConfig {
                 }
                 Kind::Gateway => gateways.push(networking::gateway::validate(res)?),
                 Kind::RateLimit => rate_limits.push(crate::policy::validate_rate_limit(res)?),
+                Kind::AccessPolicy => {
+                    access_policies.push(crate::policy::validate_access_policy(res)?)
+                }
                 Kind::QueryService => {}
             }
         }
@@ -332,6 +340,7 @@ impl MeshConfig {
         mesh.destination_rules = destination_rules;
         mesh.gateways = gateways;
         mesh.rate_limits = rate_limits;
+        mesh.access_policies = access_policies;
         mesh.check_references(resources)?;
         Ok(mesh)
     }
@@ -458,6 +467,14 @@ impl MeshConfig {
                 return Err(res_of(Kind::RateLimit, &rl.namespace, &rl.name).error(
                     "spec.target.service",
                     format!("no service `{}` in the mesh", rl.service),
+                ));
+            }
+        }
+        for ap in &self.access_policies {
+            if self.resolve_host(&ap.service, &ap.namespace).is_none() {
+                return Err(res_of(Kind::AccessPolicy, &ap.namespace, &ap.name).error(
+                    "spec.target.service",
+                    format!("no service `{}` in the mesh", ap.service),
                 ));
             }
         }

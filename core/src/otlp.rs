@@ -86,6 +86,8 @@ struct Columns<'a> {
     grpc_status: &'a Int32Array,
     ints: Vec<(&'static str, &'a dyn Array)>,
     upstream: (&'a DictionaryArray<Int32Type>, &'a StringArray),
+    /// Absent in batches from before the column.
+    policy: Option<(&'a DictionaryArray<Int32Type>, &'a StringArray)>,
     mtls: &'a BooleanArray,
     trace_id: &'a FixedSizeBinaryArray,
     span_id: &'a FixedSizeBinaryArray,
@@ -161,6 +163,7 @@ impl<'a> Columns<'a> {
                 (attr::RETRIES, prim("retries")?),
             ],
             upstream: dict("upstream_address")?,
+            policy: dict("policy").ok(),
             mtls: col("mtls")?
                 .as_boolean_opt()
                 .ok_or("`mtls` is not boolean")?,
@@ -216,6 +219,12 @@ impl<'a> Columns<'a> {
         if !ud.is_null(i) {
             let u = uv.value(ud.keys().value(i) as usize);
             attributes.push(kv(attr::UPSTREAM_ADDRESS, s(u)));
+        }
+        if let Some((pd, pv)) = self.policy
+            && !pd.is_null(i)
+        {
+            let p = pv.value(pd.keys().value(i) as usize);
+            attributes.push(kv(attr::POLICY, s(p)));
         }
         let start = self.time.value(i).max(0) as u64 * 1000;
         let end = start + self.duration_us.value(i).max(0) as u64 * 1000;

@@ -5,6 +5,16 @@
 //! (optionally one method or path), per key — the caller's workload, a
 //! header's value, or all callers together — enforced by every calling
 //! sidecar with token buckets, no network hop per request.
+//!
+//! `AccessPolicy`: deny the sources it lists (or allow only them) to call
+//! a service; conditional ones deny while an alert fires, and may take
+//! the sources to deny from the alert's labels (`source_workload`,
+//! `source_workload_namespace`) — blocking a caller whose error or request
+//! rate crossed a line, for at most a TTL.
+//!
+//! A conditional policy says what proxies do once they have heard nothing
+//! from the policy engine for a while (`failMode`): open (off) or closed
+//! (on).
 
 use serde::Deserialize;
 
@@ -40,6 +50,82 @@ pub struct RateLimit {
     pub dry_run: bool,
     /// On only while this holds; `None`: always on.
     pub when: Option<Condition>,
+    pub fail_mode: FailMode,
+}
+
+/// What a conditional policy does when the policy engine's decisions are
+/// stale (the control plane unreachable for longer than the proxy's
+/// `--policy-staleness`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum FailMode {
+    /// Off: traffic flows as if the condition did not hold.
+    #[default]
+    Open,
+    /// On, as if the condition held (an AccessPolicy taking its sources
+    /// from alerts keeps denying the last ones it was told).
+    Closed,
+}
+
+impl FailMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FailMode::Open => "open",
+            FailMode::Closed => "closed",
+        }
+    }
+}
+
+/// Whether an AccessPolicy denies its sources or allows only them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AccessAction {
+    Deny,
+    AllowOnly,
+}
+
+/// A calling workload, by namespace and/or workload name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SourceMatch {
+    pub namespace: Option<String>,
+    pub workload: Option<String>,
+}
+
+impl SourceMatch {
+    pub fn matches(&self, namespace: &str, workload: &str) -> bool {
+        self.namespace.as_deref().is_none_or(|n| n == namespace)
+            && self.workload.as_deref().is_none_or(|w| w == workload)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct AccessPolicy {
+    pub name: String,
+    pub namespace: String,
+    pub service: String,
+    pub action: AccessAction,
+    /// Listed sources; empty: the sources the firing alert names.
+    pub sources: Vec<SourceMatch>,
+    pub when: Option<Condition>,
+    /// Longest one episode holds, even if its alert keeps firing; it
+    /// comes back only once the alert has stopped and fires again.
+    pub ttl: Option<std::time::Duration>,
+    pub fail_mode: FailMode,
+}
+
+impl AccessPolicy {
+    pub fn id(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+
+    /// Whether the sources come from the alert rather than a list.
+    pub fn sources_from_alert(&self) -> bool {
+        self.sources.is_empty()
+    }
+}
+
+/// How a decision names an AccessPolicy switched on for one source the
+/// alert named: `namespace/name#source-namespace/source-workload`.
+pub fn source_decision(policy: &str, namespace: &str, workload: &str) -> String {
+    format!("{policy}#{namespace}/{workload}")
 }
 
 /// When a conditional policy is on: while an alert (by name, and labels
@@ -64,6 +150,35 @@ impl RateLimit {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct AccessSpec {
+    target: TargetSpec,
+    #[serde(default)]
+    action: Option<String>,
+    #[serde(default)]
+    sources: Vec<SourceSpec>,
+    #[serde(default)]
+    when: Option<WhenSpec>,
+    #[serde(default)]
+    cooldown: Option<String>,
+    #[serde(default)]
+    ttl: Option<String>,
+    #[serde(default)]
+    fail_mode: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct SourceSpec {
+    #[serde(default)]
+    namespace: Option<String>,
+    #[serde(default)]
+    workload: Option<String>,
+    #[serde(default)]
+    principal: Option<serde_json::Value>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
 struct Spec {
     target: TargetSpec,
     #[serde(default)]
@@ -77,6 +192,8 @@ struct Spec {
     when: Option<WhenSpec>,
     #[serde(default)]
     cooldown: Option<String>,
+    #[serde(default)]
+    fail_mode: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -109,44 +226,146 @@ struct KeySpec {
     header: Option<String>,
 }
 
+/// `when` and `cooldown` of a policy: the condition, if any.
+fn condition(
+    res: &Resource,
+    when: Option<WhenSpec>,
+    cooldown: Option<&str>,
+) -> Result<Option<Condition>, ConfigError> {
+    let at = At::spec(res);
+    let Some(w) = when else {
+        if cooldown.is_some() {
+            return Err(at
+                .at("cooldown")
+                .err("applies to conditional policies only (set `when`)"));
+        }
+        return Ok(None);
+    };
+    let at = at.at("when");
+    at.unsupported(
+        &w.expr,
+        "expr",
+        "name an alert instead (write the expression as a rule in `lumen up --rules`)",
+    )?;
+    let alert = match w.alert {
+        Some(a) if !a.trim().is_empty() => a,
+        _ => {
+            return Err(at
+                .at("alert")
+                .err("name the alert that switches the policy on"));
+        }
+    };
+    let cooldown = match cooldown {
+        None => DEFAULT_COOLDOWN,
+        Some(c) => crate::networking::duration_field(c, &At::spec(res).at("cooldown"))?,
+    };
+    Ok(Some(Condition {
+        alert,
+        labels: w.labels,
+        cooldown,
+    }))
+}
+
+fn fail_mode(
+    res: &Resource,
+    mode: Option<&str>,
+    when: &Option<Condition>,
+) -> Result<FailMode, ConfigError> {
+    let at = At::spec(res).at("failMode");
+    let mode = match mode {
+        None => return Ok(FailMode::Open),
+        Some("open") => FailMode::Open,
+        Some("closed") => FailMode::Closed,
+        Some(other) => {
+            return Err(at.err(format!("`{other}` is not a fail mode; open or closed")));
+        }
+    };
+    if when.is_none() {
+        return Err(at.err("applies to conditional policies only (set `when`)"));
+    }
+    Ok(mode)
+}
+
+pub fn validate_access_policy(res: &Resource) -> Result<AccessPolicy, ConfigError> {
+    let spec: AccessSpec = res.spec()?;
+    let at = At::spec(res);
+    let when = condition(res, spec.when, spec.cooldown.as_deref())?;
+    let fail_mode = fail_mode(res, spec.fail_mode.as_deref(), &when)?;
+    let target = at.at("target");
+    target.unsupported(&spec.target.route, "route", "target the service")?;
+    if spec.target.method.is_some() || spec.target.path.is_some() {
+        return Err(
+            target.err("an AccessPolicy applies to every call of the service; name only `service`")
+        );
+    }
+    if spec.target.service.trim().is_empty() {
+        return Err(target.at("service").err("must name a service"));
+    }
+    let action = match spec.action.as_deref() {
+        None | Some("DENY") => AccessAction::Deny,
+        Some("ALLOW") => AccessAction::AllowOnly,
+        Some(other) => {
+            return Err(at.at("action").err(format!(
+                "`{other}` is not an action; DENY or ALLOW (allow only the sources)"
+            )));
+        }
+    };
+    let mut sources = Vec::new();
+    for (i, s) in spec.sources.into_iter().enumerate() {
+        let at = at.at(format_args!("sources[{i}]"));
+        at.unsupported(
+            &s.principal,
+            "principal",
+            "name the source by `namespace` and `workload` (principals need mesh mTLS identities)",
+        )?;
+        let clean = |v: Option<String>| v.filter(|v| !v.trim().is_empty());
+        let m = SourceMatch {
+            namespace: clean(s.namespace),
+            workload: clean(s.workload),
+        };
+        if m.namespace.is_none() && m.workload.is_none() {
+            return Err(at.err("name a `namespace`, a `workload` or both"));
+        }
+        sources.push(m);
+    }
+    if sources.is_empty() {
+        if action == AccessAction::AllowOnly {
+            return Err(at.at("sources").err("ALLOW needs the sources it allows"));
+        }
+        if when.is_none() {
+            return Err(at.at("sources").err(
+                "list the sources to deny, or set `when` to deny the sources its alert names (labels source_workload and source_workload_namespace)",
+            ));
+        }
+    }
+    let ttl = match spec.ttl.as_deref() {
+        None => None,
+        Some(t) => {
+            if when.is_none() {
+                return Err(at
+                    .at("ttl")
+                    .err("applies to conditional policies only (set `when`)"));
+            }
+            Some(crate::networking::duration_field(t, &at.at("ttl"))?)
+        }
+    };
+    Ok(AccessPolicy {
+        name: res.name.clone(),
+        namespace: res.namespace.clone(),
+        service: spec.target.service,
+        action,
+        sources,
+        when,
+        ttl,
+        fail_mode,
+    })
+}
+
 pub fn validate_rate_limit(res: &Resource) -> Result<RateLimit, ConfigError> {
     let spec: Spec = res.spec()?;
     let at = At::spec(res);
-    let when = match spec.when {
-        None => {
-            if spec.cooldown.is_some() {
-                return Err(at
-                    .at("cooldown")
-                    .err("applies to conditional limits only (set `when`)"));
-            }
-            None
-        }
-        Some(w) => {
-            let at = at.at("when");
-            at.unsupported(
-                &w.expr,
-                "expr",
-                "name an alert instead (write the expression as a rule in `lumen up --rules`)",
-            )?;
-            let alert = match w.alert {
-                Some(a) if !a.trim().is_empty() => a,
-                _ => {
-                    return Err(at
-                        .at("alert")
-                        .err("name the alert that switches the limit on"));
-                }
-            };
-            let cooldown = match spec.cooldown.as_deref() {
-                None => DEFAULT_COOLDOWN,
-                Some(c) => crate::networking::duration_field(c, &At::spec(res).at("cooldown"))?,
-            };
-            Some(Condition {
-                alert,
-                labels: w.labels,
-                cooldown,
-            })
-        }
-    };
+    let when = condition(res, spec.when, spec.cooldown.as_deref())?;
+    let fail_mode = fail_mode(res, spec.fail_mode.as_deref(), &when)?;
     let target = at.at("target");
     target.unsupported(&spec.target.route, "route", "limit by `method` and `path`")?;
     if spec.target.service.trim().is_empty() {
@@ -215,6 +434,7 @@ pub fn validate_rate_limit(res: &Resource) -> Result<RateLimit, ConfigError> {
         burst,
         dry_run: spec.dry_run,
         when,
+        fail_mode,
     })
 }
 
@@ -257,6 +477,72 @@ mod tests {
         );
     }
 
+    fn access(spec: &str) -> Result<MeshConfig, String> {
+        let text = format!(
+            "{MESH}apiVersion: policy.lumen.dev/v1alpha1\nkind: AccessPolicy\nmetadata: {{name: ap}}\nspec:\n{spec}"
+        );
+        let resources = parse_resources("a.yaml", &text).map_err(|e| e.to_string())?;
+        MeshConfig::from_resources(&resources).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn access_policies_validate_and_are_refused_by_field() {
+        let mesh = access(
+            "  target: {service: ratings}\n  when: {alert: Noisy}\n  ttl: 5m\n  failMode: closed\n",
+        )
+        .unwrap();
+        let ap = &mesh.access_policies[0];
+        assert!(ap.sources_from_alert());
+        assert_eq!(ap.action, super::AccessAction::Deny);
+        assert_eq!(ap.fail_mode, super::FailMode::Closed);
+        assert_eq!(ap.ttl, Some(std::time::Duration::from_secs(300)));
+        let mesh = access(
+            "  target: {service: ratings}\n  action: ALLOW\n  sources: [{namespace: default, workload: reviews-v1}]\n",
+        )
+        .unwrap();
+        assert!(
+            mesh.access_policies[0].sources[0].matches("default", "reviews-v1")
+                && !mesh.access_policies[0].sources[0].matches("default", "reviews-v2")
+        );
+        let cases = [
+            (
+                "  target: {service: ratings}\n",
+                "spec.sources: list the sources to deny, or set `when`",
+            ),
+            (
+                "  target: {service: ratings}\n  action: ALLOW\n  when: {alert: A}\n",
+                "spec.sources: ALLOW needs the sources it allows",
+            ),
+            (
+                "  target: {service: ratings}\n  action: AUDIT\n  sources: [{workload: w}]\n",
+                "spec.action: `AUDIT` is not an action",
+            ),
+            (
+                "  target: {service: ratings}\n  sources: [{}]\n",
+                "spec.sources[0]: name a `namespace`, a `workload` or both",
+            ),
+            (
+                "  target: {service: ratings}\n  sources: [{workload: w}]\n  ttl: 1m\n",
+                "spec.ttl: applies to conditional policies only",
+            ),
+            (
+                "  target: {service: ratings}\n  when: {alert: A}\n  failMode: maybe\n",
+                "spec.failMode: `maybe` is not a fail mode",
+            ),
+            (
+                "  target: {service: nowhere}\n  sources: [{workload: w}]\n",
+                "spec.target.service: no service `nowhere` in the mesh",
+            ),
+        ];
+        for (spec, want) in cases {
+            let e = access(spec).unwrap_err();
+            assert!(
+                e.contains("AccessPolicy default/ap") && e.contains(want),
+                "{spec}\n got: {e}\nwant: {want}"
+            );
+        }
+    }
+
     #[test]
     fn invalid_rate_limits_are_refused_by_field() {
         let cases = [
@@ -282,7 +568,7 @@ mod tests {
             ),
             (
                 "  target: {service: ratings}\n  requestsPerSecond: 1\n  cooldown: 5s\n",
-                "spec.cooldown: applies to conditional limits only",
+                "spec.cooldown: applies to conditional policies only",
             ),
             (
                 "  target: {service: ratings}\n  requestsPerSecond: 1\n  limit: 3\n",

@@ -118,8 +118,10 @@ impl ResponseFlags {
     pub const UPSTREAM_OVERFLOW: ResponseFlags = ResponseFlags(1 << 10);
     /// A rate limit refused the request.
     pub const RATE_LIMITED: ResponseFlags = ResponseFlags(1 << 11);
+    /// An access policy (or external authorization) denied the request.
+    pub const UNAUTHORIZED_EXTERNAL_SERVICE: ResponseFlags = ResponseFlags(1 << 12);
 
-    const CODES: [(ResponseFlags, &'static str); 12] = [
+    const CODES: [(ResponseFlags, &'static str); 13] = [
         (Self::NO_ROUTE, "NR"),
         (Self::NO_HEALTHY_UPSTREAM, "UH"),
         (Self::UPSTREAM_CONNECTION_FAILURE, "UF"),
@@ -132,6 +134,7 @@ impl ResponseFlags {
         (Self::DELAY_INJECTED, "DI"),
         (Self::UPSTREAM_OVERFLOW, "UO"),
         (Self::RATE_LIMITED, "RL"),
+        (Self::UNAUTHORIZED_EXTERNAL_SERVICE, "UAEX"),
     ];
 
     pub const fn empty() -> Self {
@@ -212,6 +215,9 @@ pub struct RequestRecord {
     pub span_id: [u8; 8],
     /// The caller's span id, when the request carried one.
     pub parent_span_id: Option<[u8; 8]>,
+    /// The policy (`namespace/name`) that limited or denied the request,
+    /// or would have in dry run.
+    pub policy: Option<Arc<str>>,
 }
 
 impl RequestRecord {
@@ -241,6 +247,7 @@ impl RequestRecord {
             trace_id: [1; 16],
             span_id: [2; 8],
             parent_span_id: None,
+            policy: None,
         }
     }
 }

@@ -63,10 +63,12 @@ pub enum Kind {
     Gateway,
     /// Lumen's rate limit (`policy.lumen.dev`).
     RateLimit,
+    /// Lumen's conditional deny / allow-only of sources (`policy.lumen.dev`).
+    AccessPolicy,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 7] = [
+    pub const ALL: [Kind; 8] = [
         Kind::Mesh,
         Kind::QueryService,
         Kind::VirtualService,
@@ -74,6 +76,7 @@ impl Kind {
         Kind::ServiceEntry,
         Kind::Gateway,
         Kind::RateLimit,
+        Kind::AccessPolicy,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -85,6 +88,7 @@ impl Kind {
             Kind::ServiceEntry => "ServiceEntry",
             Kind::Gateway => "Gateway",
             Kind::RateLimit => "RateLimit",
+            Kind::AccessPolicy => "AccessPolicy",
         }
     }
 
@@ -101,6 +105,7 @@ impl Kind {
             "serviceentry" | "serviceentries" | "se" => Kind::ServiceEntry,
             "gateway" | "gateways" | "gw" => Kind::Gateway,
             "ratelimit" | "ratelimits" | "rl" => Kind::RateLimit,
+            "accesspolicy" | "accesspolicies" | "ap" => Kind::AccessPolicy,
             _ => return None,
         })
     }
@@ -109,7 +114,7 @@ impl Kind {
     pub fn api_versions(self) -> &'static [&'static str] {
         match self {
             Kind::Mesh | Kind::QueryService => &[LUMEN_API],
-            Kind::RateLimit => &[POLICY_API],
+            Kind::RateLimit | Kind::AccessPolicy => &[POLICY_API],
             _ => &ISTIO_NETWORKING_VERSIONS,
         }
     }

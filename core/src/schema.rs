@@ -2,7 +2,7 @@
 //! travel under between proxy and collector.
 
 use std::sync::{Arc, LazyLock};
-use std::time::UNIX_EPOCH;
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use arrow::array::{
     ArrayBuilder, ArrayRef, BooleanBuilder, FixedSizeBinaryBuilder, Int32Builder, Int64Builder,
@@ -24,9 +24,12 @@ pub const ROLLUPS: &str = "rollups";
 pub const METRICS: &str = "metrics";
 /// Table of applications' OTLP log records.
 pub const LOGS: &str = "logs";
+/// Table of the policy engine's changes: alerts and policies turning on
+/// and off, and why.
+pub const POLICY_EVENTS: &str = "policy_events";
 /// Every table the store keeps, in a stable order (the WAL names tables by
 /// position: new tables go at the end).
-pub const TABLES: [&str; 5] = [REQUESTS, SPANS, ROLLUPS, METRICS, LOGS];
+pub const TABLES: [&str; 6] = [REQUESTS, SPANS, ROLLUPS, METRICS, LOGS, POLICY_EVENTS];
 
 /// Resource attributes of the OpenTelemetry semantic conventions that
 /// `metrics` and `logs` keep as columns of their own (column, attribute);
@@ -88,6 +91,7 @@ pub mod attr {
     pub const UPSTREAM_ADDRESS: &str = "lumen.upstream_address";
     pub const RESPONSE_FLAGS: &str = "lumen.response_flags";
     pub const MTLS: &str = "lumen.mtls";
+    pub const POLICY: &str = "lumen.policy";
 }
 
 fn dict() -> DataType {
@@ -132,6 +136,8 @@ static REQUESTS_SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
         Field::new("trace_id", TRACE_ID, false),
         Field::new("span_id", SPAN_ID, false),
         Field::new("parent_span_id", SPAN_ID, true),
+        // Last, so that files and batches from before it read as null.
+        Field::new("policy", dict(), true),
     ]))
 });
 
@@ -329,8 +335,72 @@ pub fn table_schema(table: &str) -> Option<SchemaRef> {
         ROLLUPS => Some(rollups_schema()),
         METRICS => Some(metrics_schema()),
         LOGS => Some(logs_schema()),
+        POLICY_EVENTS => Some(policy_events_schema()),
         _ => None,
     }
+}
+
+static POLICY_EVENTS_SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
+    Arc::new(Schema::new(vec![
+        Field::new("time", timestamp(), false),
+        // `alert` or the policy's kind (`RateLimit`, `AccessPolicy`, …)
+        Field::new("kind", dict(), false),
+        // The alert's name, or the policy's `namespace/name`.
+        Field::new("name", dict(), false),
+        // The alert's labels (`{service="ratings"}`), or the policy's target.
+        Field::new("target", dict(), false),
+        Field::new("old_state", dict(), false),
+        Field::new("new_state", dict(), false),
+        // The alert expression's value when it changed.
+        Field::new("value", DataType::Float64, true),
+        Field::new("reason", DataType::Utf8, false),
+    ]))
+});
+
+pub fn policy_events_schema() -> SchemaRef {
+    POLICY_EVENTS_SCHEMA.clone()
+}
+
+/// One `policy_events` row.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PolicyEvent {
+    pub time: SystemTime,
+    pub kind: String,
+    pub name: String,
+    pub target: String,
+    pub old_state: String,
+    pub new_state: String,
+    pub value: Option<f64>,
+    pub reason: String,
+}
+
+/// The rows of `events` as a `policy_events` batch.
+pub fn policy_events_batch(events: &[PolicyEvent]) -> Result<RecordBatch, ArrowError> {
+    let mut time = TimestampMicrosecondBuilder::with_capacity(events.len()).with_timezone("UTC");
+    let mut dicts: Vec<DictBuilder> = (0..5).map(|_| DictBuilder::new()).collect();
+    let mut value = arrow::array::Float64Builder::with_capacity(events.len());
+    let mut reason = arrow::array::StringBuilder::new();
+    for e in events {
+        let micros = e
+            .time
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_micros() as i64);
+        time.append_value(micros);
+        for (b, v) in
+            dicts
+                .iter_mut()
+                .zip([&e.kind, &e.name, &e.target, &e.old_state, &e.new_state])
+        {
+            b.append_value(v);
+        }
+        value.append_option(e.value.filter(|v| v.is_finite()));
+        reason.append_value(&e.reason);
+    }
+    let mut columns: Vec<ArrayRef> = vec![Arc::new(time.finish())];
+    columns.extend(dicts.iter_mut().map(|b| Arc::new(b.finish()) as ArrayRef));
+    columns.push(Arc::new(value.finish()));
+    columns.push(Arc::new(reason.finish()));
+    RecordBatch::try_new(policy_events_schema(), columns)
 }
 
 /// Lower-case hex of trace and span ids, as W3C `traceparent` and Jaeger show them.
@@ -384,6 +454,9 @@ pub struct RequestRow<'a> {
     pub trace_id: &'a [u8; 16],
     pub span_id: &'a [u8; 8],
     pub parent_span_id: Option<&'a [u8; 8]>,
+    /// The policy that limited or denied the request (or would have, in
+    /// dry run), `namespace/name`.
+    pub policy: Option<&'a str>,
 }
 
 /// Column builders for the `requests` table: push records, take a batch.
@@ -415,6 +488,7 @@ pub struct RequestBatchBuilder {
     trace_id: FixedSizeBinaryBuilder,
     span_id: FixedSizeBinaryBuilder,
     parent_span_id: FixedSizeBinaryBuilder,
+    policy: DictBuilder,
 }
 
 impl Default for RequestBatchBuilder {
@@ -461,6 +535,7 @@ impl RequestBatchBuilder {
             trace_id: FixedSizeBinaryBuilder::with_capacity(rows, 16),
             span_id: FixedSizeBinaryBuilder::with_capacity(rows, 8),
             parent_span_id: FixedSizeBinaryBuilder::with_capacity(rows, 8),
+            policy: dict(),
         }
     }
 
@@ -519,6 +594,7 @@ impl RequestBatchBuilder {
             trace_id: &r.trace_id,
             span_id: &r.span_id,
             parent_span_id: r.parent_span_id.as_ref(),
+            policy: r.policy.as_deref(),
         });
     }
 
@@ -554,6 +630,7 @@ impl RequestBatchBuilder {
         append_id(&mut self.trace_id, Some(r.trace_id));
         append_id(&mut self.span_id, Some(r.span_id));
         append_id(&mut self.parent_span_id, r.parent_span_id);
+        self.policy.append_option(r.policy);
     }
 
     /// Takes the rows pushed so far as one batch and starts over.
@@ -586,6 +663,7 @@ impl RequestBatchBuilder {
             Arc::new(self.trace_id.finish()),
             Arc::new(self.span_id.finish()),
             Arc::new(self.parent_span_id.finish()),
+            Arc::new(self.policy.finish()),
         ];
         RecordBatch::try_new(requests_schema(), columns)
     }

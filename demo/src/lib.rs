@@ -281,8 +281,13 @@ pub async fn start(config: DemoConfig) -> Result<RunningDemo, DemoError> {
             version: identity.version.to_string(),
         };
         proxy_tasks.push(tokio::spawn({
-            let follow =
-                lumen_proxy::subscribe::follow(control_url.clone(), node, tx, proxies_rx.clone());
+            let follow = lumen_proxy::subscribe::follow(
+                control_url.clone(),
+                node,
+                tx,
+                lumen_proxy::subscribe::DEFAULT_POLICY_STALENESS,
+                proxies_rx.clone(),
+            );
             async move {
                 follow.await;
                 Ok(())

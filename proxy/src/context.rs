@@ -122,6 +122,7 @@ pub fn begin_record(
         trace_id: trace.trace_id,
         span_id: trace.span_id,
         parent_span_id: trace.parent_span_id,
+        policy: None,
     };
     PendingRecord::new(record, Instant::now(), body_state, shared.telemetry.clone())
 }

@@ -145,6 +145,7 @@ mod tests {
             burst,
             dry_run,
             when: None,
+            fail_mode: Default::default(),
         })
     }
 

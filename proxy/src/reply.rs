@@ -4,6 +4,7 @@
 use http::header::{self, HeaderValue};
 use http::{Response, StatusCode};
 use lumen_core::{Protocol, ResponseFlags};
+use std::sync::Arc;
 
 use crate::body::{PendingRecord, ResponseBody};
 use crate::context::FLAGS_HEADER;
@@ -41,11 +42,14 @@ pub fn fault_abort(
 /// `RESOURCE_EXHAUSTED`), and when to come back, in the headers
 /// Envoy's rate limiter and the IETF draft use.
 pub fn rate_limited(
-    policy: &str,
+    policy: Arc<str>,
     per_second: f64,
     retry_after: std::time::Duration,
-    pending: PendingRecord,
+    mut pending: PendingRecord,
 ) -> Response<ResponseBody> {
+    if let Some(r) = pending.record_mut() {
+        r.policy = Some(policy.clone());
+    }
     let mut resp = reply_with(
         StatusCode::TOO_MANY_REQUESTS,
         ResponseFlags::RATE_LIMITED,
@@ -66,8 +70,27 @@ pub fn rate_limited(
             h.insert(name, v);
         }
     }
-    if let Ok(v) = HeaderValue::from_str(policy) {
+    if let Ok(v) = HeaderValue::from_str(&policy) {
         h.insert("x-lumen-policy", v);
+    }
+    resp
+}
+
+/// A request an access policy denied: 403 with `UAEX` (a gRPC caller gets
+/// `PERMISSION_DENIED`), the policy named in the row and a header.
+pub fn denied(policy: Arc<str>, mut pending: PendingRecord) -> Response<ResponseBody> {
+    if let Some(r) = pending.record_mut() {
+        r.policy = Some(policy.clone());
+    }
+    let mut resp = reply_with(
+        StatusCode::FORBIDDEN,
+        ResponseFlags::UNAUTHORIZED_EXTERNAL_SERVICE,
+        format!("denied by {policy}"),
+        None,
+        pending,
+    );
+    if let Ok(v) = HeaderValue::from_str(&policy) {
+        resp.headers_mut().insert("x-lumen-policy", v);
     }
     resp
 }

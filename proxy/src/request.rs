@@ -104,13 +104,28 @@ pub async fn handle(
     }
     if let Some(routed) = &routed {
         let source = pending.record().map(|r| &r.source);
-        if let Some((policy, per_second, retry_after)) = rate_limit(routed, source, &req) {
-            return Ok(reply::rate_limited(
-                &policy,
+        if let Some(policy) = access_denied(routed, source) {
+            return Ok(reply::denied(policy, pending));
+        }
+        match rate_limit(routed, source, &req) {
+            RateVerdict::Pass => {}
+            RateVerdict::WouldLimit(policy) => {
+                if let Some(r) = pending.record_mut() {
+                    r.policy = Some(policy);
+                }
+            }
+            RateVerdict::Limited {
+                policy,
                 per_second,
                 retry_after,
-                pending,
-            ));
+            } => {
+                return Ok(reply::rate_limited(
+                    policy,
+                    per_second,
+                    retry_after,
+                    pending,
+                ));
+            }
         }
         match &routed.route.action {
             Action::Forward(_) => {}
@@ -344,19 +359,43 @@ fn authorize<B>(_conn: &Connection, _req: &Request<B>) -> Decision {
     Decision::Allow
 }
 
-/// Rate-limit: the RateLimits on the routed service, each taking a token
-/// from the bucket of this request's key. The first that has none decides;
-/// a dry run only logs.
-fn rate_limit<B>(
-    routed: &Routed,
-    source: Option<&Workload>,
-    req: &Request<B>,
-) -> Option<(Arc<str>, f64, Duration)> {
-    let service = routed.service?;
-    let limits = routed.table.limits(service);
-    if limits.is_empty() {
+/// Access: the first AccessPolicy on the routed service that refuses this
+/// caller.
+fn access_denied(routed: &Routed, source: Option<&Workload>) -> Option<Arc<str>> {
+    let rules = routed.table.access(routed.service?);
+    if rules.is_empty() {
         return None;
     }
+    let (namespace, workload) = source.map_or(("", ""), |s| (&*s.namespace, &*s.workload));
+    rules
+        .iter()
+        .find(|r| r.denies(namespace, workload))
+        .map(|r| r.id.clone())
+}
+
+enum RateVerdict {
+    Pass,
+    /// A dry-run limit would have refused it: the row names the policy.
+    WouldLimit(Arc<str>),
+    Limited {
+        policy: Arc<str>,
+        per_second: f64,
+        retry_after: Duration,
+    },
+}
+
+/// Rate-limit: the RateLimits on the routed service, each taking a token
+/// from the bucket of this request's key. The first that has none decides;
+/// a dry run only records which policy would have.
+fn rate_limit<B>(routed: &Routed, source: Option<&Workload>, req: &Request<B>) -> RateVerdict {
+    let Some(service) = routed.service else {
+        return RateVerdict::Pass;
+    };
+    let limits = routed.table.limits(service);
+    if limits.is_empty() {
+        return RateVerdict::Pass;
+    }
+    let mut would = None;
     let now = std::time::Instant::now();
     let path = req.uri().path();
     for l in limits {
@@ -370,13 +409,18 @@ fn rate_limit<B>(
             Verdict::Allow { .. } => {}
             Verdict::WouldLimit => {
                 tracing::debug!(policy = %l.name, key = %key, "would rate limit (dry run)");
+                would.get_or_insert_with(|| l.name.clone());
             }
             Verdict::Limited { retry_after } => {
-                return Some((l.name.clone(), l.spec.requests_per_second, retry_after));
+                return RateVerdict::Limited {
+                    policy: l.name.clone(),
+                    per_second: l.spec.requests_per_second,
+                    retry_after,
+                };
             }
         }
     }
-    None
+    would.map_or(RateVerdict::Pass, RateVerdict::WouldLimit)
 }
 
 /// Route: the service the authority names and the route its

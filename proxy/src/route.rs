@@ -127,6 +127,8 @@ struct Host {
     default: Option<Arc<Cluster>>,
     /// The RateLimits on this service, checked by its callers.
     limits: Vec<Arc<Limiter>>,
+    /// The AccessPolicies on it that are on.
+    access: Vec<Arc<crate::access::AccessRule>>,
 }
 
 /// An immutable routing table; swapped whole when the configuration
@@ -267,9 +269,11 @@ impl RoutingTable {
             host.http = RouteList::new(routes);
         }
         // A conditional limit is in the table only while the policy engine
-        // has it on.
-        let on = |rl: &&lumen_core::policy::RateLimit| {
-            rl.when.is_none() || mesh.active_policies.contains(&rl.id())
+        // has it on — or, once its decisions are stale, if it fails closed.
+        let on = |rl: &&lumen_core::policy::RateLimit| match &rl.when {
+            None => true,
+            Some(_) if mesh.policies_stale => rl.fail_mode == lumen_core::policy::FailMode::Closed,
+            Some(_) => mesh.active_policies.contains(&rl.id()),
         };
         for rl in mesh.rate_limits.iter().filter(on) {
             let Some(i) = mesh.resolve_host(&rl.service, &rl.namespace) else {
@@ -282,6 +286,14 @@ impl RoutingTable {
                     .find(|l| l.spec.name == rl.name && l.spec.namespace == rl.namespace)
             });
             hosts[i].limits.push(Limiter::carried_over(before, rl));
+        }
+        for ap in &mesh.access_policies {
+            let Some(i) = mesh.resolve_host(&ap.service, &ap.namespace) else {
+                continue;
+            };
+            if let Some(rule) = crate::access::AccessRule::compile(ap, &mesh) {
+                hosts[i].access.push(Arc::new(rule));
+            }
         }
         let gateway = caller.gateway_port.map(|port| b.gateway_hosts(port));
         let clusters = b.clusters;
@@ -455,6 +467,11 @@ impl RoutingTable {
     /// The rate limits on calls to `service`.
     pub fn limits(&self, service: usize) -> &[Arc<Limiter>] {
         &self.hosts[service].limits
+    }
+
+    /// The AccessPolicies on `service` in force now.
+    pub fn access(&self, service: usize) -> &[Arc<crate::access::AccessRule>] {
+        &self.hosts[service].access
     }
 
     /// Whether `service` routes TLS by server name.

@@ -4,11 +4,15 @@
 //! acknowledged with its version; when not, refused (NACK) with the reason,
 //! the last good configuration staying in force. While the control plane
 //! is unreachable the proxy keeps serving what it has and reconnects with
-//! backoff.
+//! backoff; the policy engine's decisions are kept too, until the proxy
+//! has been cut off for its staleness: then each conditional policy
+//! follows its `failMode` until a stream is back.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
+
+use tokio::time::Instant;
 
 use lumen_core::control::v1::control_plane_client::ControlPlaneClient;
 use lumen_core::control::v1::{self, Node, ProxyMessage};
@@ -17,27 +21,47 @@ use lumen_core::{ConfigError, MeshConfig};
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 
+/// How long a proxy cut off from the control plane keeps the policy
+/// engine's last decisions before conditional policies follow their
+/// `failMode`.
+pub const DEFAULT_POLICY_STALENESS: Duration = Duration::from_secs(30);
+
 /// Follows the control plane at `endpoint` (`http://host:port`) until
-/// `stop` turns true, publishing each accepted snapshot on `tx`.
+/// `stop` turns true, publishing each accepted snapshot on `tx`; cut off
+/// for `staleness`, marks the decisions stale.
 pub async fn follow(
     endpoint: String,
     node: Node,
     tx: watch::Sender<Arc<MeshConfig>>,
+    staleness: Duration,
     mut stop: watch::Receiver<bool>,
 ) {
+    // Since when no stream has been up (`None`: one is).
+    let (down, down_rx) = watch::channel(Some(Instant::now()));
+    tokio::spawn(mark_stale(down_rx, tx.clone(), staleness, stop.clone()));
     let mut backoff = Duration::from_millis(100);
     let mut failing = false;
     loop {
         let mut received = false;
-        tokio::select! {
-            ended = session(&endpoint, &node, &tx, &mut received) => {
-                match ended {
-                    Ok(()) => tracing::warn!(%endpoint, "the control plane ended the config stream; reconnecting"),
-                    Err(e) if !failing => tracing::warn!(%endpoint, error = %e, "control plane unreachable; serving the last good config and retrying"),
-                    Err(e) => tracing::debug!(%endpoint, error = %e, "control plane still unreachable"),
-                }
-            }
+        let ended = tokio::select! {
+            ended = session(&endpoint, &node, &tx, &down, &mut received) => ended,
             _ = stop.wait_for(|s| *s) => return,
+        };
+        down.send_if_modified(|d| {
+            let was_up = d.is_none();
+            if was_up {
+                *d = Some(Instant::now());
+            }
+            was_up
+        });
+        match ended {
+            Ok(()) => {
+                tracing::warn!(%endpoint, "the control plane ended the config stream; reconnecting")
+            }
+            Err(e) if !failing => {
+                tracing::warn!(%endpoint, error = %e, "control plane unreachable; serving the last good config and retrying")
+            }
+            Err(e) => tracing::debug!(%endpoint, error = %e, "control plane still unreachable"),
         }
         if received {
             backoff = Duration::from_millis(100);
@@ -54,15 +78,69 @@ pub async fn follow(
     }
 }
 
+/// Marks the decisions stale once no stream has been up for `staleness`.
+async fn mark_stale(
+    mut down: watch::Receiver<Option<Instant>>,
+    tx: watch::Sender<Arc<MeshConfig>>,
+    staleness: Duration,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        let deadline = down.borrow_and_update().map(|t| t + staleness);
+        let due = async move {
+            match deadline {
+                Some(d) => tokio::time::sleep_until(d).await,
+                None => std::future::pending().await,
+            }
+        };
+        let fired = tokio::select! {
+            () = due => true,
+            r = down.changed() => if r.is_err() { return } else { false },
+            _ = stop.wait_for(|s| *s) => return,
+        };
+        if !fired {
+            continue;
+        }
+        let marked = tx.send_if_modified(|current| {
+            if current.policies_stale {
+                return false;
+            }
+            let mut mesh = (**current).clone();
+            mesh.policies_stale = true;
+            *current = Arc::new(mesh);
+            true
+        });
+        if marked {
+            tracing::warn!(
+                staleness = %humantime::format_duration(staleness),
+                "no word from the policy engine: conditional policies follow their failMode"
+            );
+        }
+        tokio::select! {
+            r = down.changed() => if r.is_err() { return },
+            _ = stop.wait_for(|s| *s) => return,
+        }
+    }
+}
+
 async fn session(
     endpoint: &str,
     node: &Node,
     tx: &watch::Sender<Arc<MeshConfig>>,
+    down: &watch::Sender<Option<Instant>>,
     received: &mut bool,
 ) -> Result<(), String> {
-    let mut client = ControlPlaneClient::connect(endpoint.to_string())
+    // Keepalive pings: a control plane that vanished without closing the
+    // connection is noticed within seconds, so staleness starts counting.
+    let channel = tonic::transport::Endpoint::from_shared(endpoint.to_string())
+        .map_err(|e| e.to_string())?
+        .http2_keep_alive_interval(Duration::from_secs(5))
+        .keep_alive_timeout(Duration::from_secs(5))
+        .keep_alive_while_idle(true)
+        .connect()
         .await
         .map_err(|e| e.to_string())?;
+    let mut client = ControlPlaneClient::new(channel);
     let (out, out_rx) = mpsc::channel(4);
     let running = tx.borrow().version.clone();
     let _ = out
@@ -85,14 +163,16 @@ async fn session(
         .map_err(|s| s.message().to_string())?
     {
         *received = true;
+        down.send_if_modified(|d| d.take().is_some());
         if snapshot.policies_only {
             let active: BTreeSet<String> = snapshot.active_policies.into_iter().collect();
             tracing::info!(active = ?active, "policy decisions from the control plane");
             tx.send_if_modified(|current| {
-                let changed = current.active_policies != active;
+                let changed = current.active_policies != active || current.policies_stale;
                 if changed {
                     let mut mesh = (**current).clone();
                     mesh.active_policies = active;
+                    mesh.policies_stale = false;
                     *current = Arc::new(mesh);
                 }
                 changed
@@ -267,7 +347,13 @@ mod tests {
             id: "reviews-v1-1".into(),
             ..Default::default()
         };
-        tokio::spawn(follow(format!("http://{addr}"), node, tx, stop));
+        tokio::spawn(follow(
+            format!("http://{addr}"),
+            node,
+            tx,
+            DEFAULT_POLICY_STALENESS,
+            stop,
+        ));
 
         let hello = got.recv().await.unwrap();
         assert_eq!(hello.node.unwrap().id, "reviews-v1-1");

@@ -3,7 +3,11 @@
 //! `RL`, `retry-after` and `x-ratelimit-*`; limits keyed by a header keep
 //! callers apart; a dry run limits nothing; a limit applied later through
 //! the control plane takes effect without a restart; an invalid limit is
-//! refused naming its field.
+//! refused naming its field. Conditional policies follow alerts over the
+//! last seconds of traffic — on and off again, each change a
+//! `policy_events` row — an `AccessPolicy` denies the caller an alert
+//! names, and with the policy engine `kill -9`ed the calling sidecar keeps
+//! its last decisions, then follows each policy's `failMode`.
 
 use std::net::SocketAddr;
 use std::process::Command;
@@ -60,7 +64,7 @@ struct Mesh {
     /// The caller's outbound listener.
     out: SocketAddr,
     client: reqwest::Client,
-    _up: LumenProcess,
+    up_process: LumenProcess,
     _caller: LumenProcess,
 }
 
@@ -70,6 +74,7 @@ impl Mesh {
         services: &[(&str, SocketAddr)],
         limits: &str,
         rules: Option<&str>,
+        caller_args: &[&str],
     ) -> Result<Self> {
         let dir = tempfile::tempdir()?;
         let config = dir.path().join("config");
@@ -97,6 +102,8 @@ impl Mesh {
         let ports = SidecarPorts::pick();
         let collector = up.grpc_endpoint();
         let control = up.control_addr();
+        let mut extra = vec!["--control", &control];
+        extra.extend_from_slice(caller_args);
         let caller_process = Sidecar {
             service: caller,
             version: "v1",
@@ -104,7 +111,7 @@ impl Mesh {
             ports,
             app: None,
             collector: &collector,
-            extra: &["--control", &control],
+            extra: &extra,
         }
         .start(dir.path())
         .await?;
@@ -114,7 +121,7 @@ impl Mesh {
             control,
             out: local(ports.outbound),
             client: reqwest::Client::builder().no_proxy().build()?,
-            _up: up_process,
+            up_process,
             _caller: caller_process,
         })
     }
@@ -138,6 +145,7 @@ async fn requests_over_a_rate_limit_are_answered_429_by_the_calling_sidecar() ->
         ],
         LIMITS,
         None,
+        &[],
     )
     .await?;
     let (dir, control, up) = (&m.dir, &m.control, m.up);
@@ -229,29 +237,32 @@ async fn requests_over_a_rate_limit_are_answered_429_by_the_calling_sidecar() ->
 }
 
 /// The policy loop end to end: ratings fails (its app answers 503), the
-/// sidecar records it, a Prometheus rule over those rows fires, and the
-/// conditional limit on ratings switches on at the calling sidecar — with
-/// no change to any file.
+/// sidecar records it, a Prometheus rule over the last seconds of those
+/// rows fires, and the conditional limit on ratings switches on at the
+/// calling sidecar — with no change to any file; once the failures stop
+/// showing and the cooldown passes, it lifts. `policy_events` says why
+/// for both, and the limited rows name the policy.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_firing_alert_switches_a_conditional_limit_on_at_the_callers() -> Result<()> {
-    let ratings = start_app("ratings-failing").await;
+    let ratings = start_app("ratings-policy").await;
     let m = Mesh::start(
         "reviews",
         &[("ratings", ratings)],
-        "apiVersion: policy.lumen.dev/v1alpha1\nkind: RateLimit\nmetadata: {name: shed-ratings}\nspec:\n  target: {service: ratings}\n  requestsPerSecond: 0.01\n  burst: 1\n  when: {alert: RatingsFailing, labels: {destination_service_name: ratings}}\n  cooldown: 1m\n",
-        Some("groups:\n- name: mesh\n  rules:\n  - alert: RatingsFailing\n    expr: sum by (destination_service_name) (increase(istio_requests_total{reporter=\"source\", response_code=\"503\"}[5m])) > 3\n"),
+        "apiVersion: policy.lumen.dev/v1alpha1\nkind: RateLimit\nmetadata: {name: shed-ratings}\nspec:\n  target: {service: ratings}\n  requestsPerSecond: 0.01\n  burst: 1\n  when: {alert: RatingsFailing, labels: {destination_service_name: ratings}}\n  cooldown: 2s\n",
+        Some("groups:\n- name: mesh\n  rules:\n  - alert: RatingsFailing\n    expr: sum by (destination_service_name) (rate(istio_requests_total{reporter=\"source\", response_code=\"503\"}[5s])) > 0.5\n    annotations: {summary: ratings answers 503}\n"),
+        &[],
     )
     .await?;
     let up = m.up;
 
     // Before the alert: ratings' own 503s come through, nothing is limited.
     for _ in 0..5 {
-        assert_eq!(m.get("ratings", "/r", "u").await?.status(), 503);
+        assert_eq!(m.get("ratings", "/status/503", "u").await?.status(), 503);
     }
     // The rows reach the rules; the alert fires; the limit switches on.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
     let limited = loop {
-        let resp = m.get("ratings", "/r", "u").await?;
+        let resp = m.get("ratings", "/status/503", "u").await?;
         if resp.status() == 429 {
             break resp;
         }
@@ -290,7 +301,143 @@ async fn a_firing_alert_switches_a_conditional_limit_on_at_the_callers() -> Resu
         line.contains("RateLimit") && line.contains("ratings") && line.contains("ON"),
         "{line}"
     );
-    assert!(line.contains("alert RatingsFailing fires"), "{line}");
+    assert!(line.contains("alert RatingsFailing"), "{line}");
+
+    // Limited calls never reach ratings, so no 503 shows in the last
+    // seconds: the alert resolves, the cooldown passes, the limit lifts.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let s = m.get("ratings", "/ok", "u").await?.status();
+        if s == 200 {
+            break;
+        }
+        assert_eq!(s, 429);
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the limit never lifted after the failures stopped"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+    }
+
+    // Why, in `policy_events`; and which policy, in the limited rows.
+    let url = up.sql_url();
+    let on = "SELECT count(*) AS n FROM policy_events WHERE kind = 'RateLimit' \
+              AND name = 'default/shed-ratings' AND old_state = 'off' AND new_state = 'on' \
+              AND target = 'ratings' AND reason LIKE 'alert RatingsFailing{%} fires' AND value > 0.5";
+    assert!(wait_for_count(&url, on, 1).await? >= 1);
+    let off = "SELECT count(*) AS n FROM policy_events WHERE name = 'default/shed-ratings' \
+               AND new_state = 'off' AND reason = 'alert RatingsFailing stopped; cooldown 2s passed'";
+    assert!(wait_for_count(&url, off, 1).await? >= 1);
+    let alert = sql(
+        &url,
+        "SELECT old_state, new_state, reason FROM policy_events WHERE kind = 'alert' \
+         AND name = 'RatingsFailing' ORDER BY time",
+    )
+    .await?;
+    assert_eq!(alert[0]["old_state"], "inactive", "{alert:?}");
+    assert_eq!(alert[0]["new_state"], "firing", "{alert:?}");
+    assert_eq!(alert[0]["reason"], "ratings answers 503", "{alert:?}");
+    assert!(
+        alert.iter().any(|e| e["new_state"] == "inactive"),
+        "resolved: {alert:?}"
+    );
+    let rows = "SELECT count(*) AS n FROM requests WHERE status = 429 \
+                AND response_flags = 'RL' AND policy = 'default/shed-ratings'";
+    assert!(wait_for_count(&url, rows, 1).await? >= 1);
+    Ok(())
+}
+
+/// An `AccessPolicy` with its sources from the alert: the caller whose
+/// request rate crossed the rule's line is denied (403, `UAEX`, the
+/// policy in the row). Then the policy engine is `kill -9`ed: the sidecar
+/// keeps the last decisions; once they are stale, a limit failing closed
+/// turns on, and the access policy failing closed keeps denying.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_access_policy_denies_the_caller_an_alert_names_and_stale_decisions_fail_as_told()
+-> Result<()> {
+    let ratings = start_app("ratings-access").await;
+    let details = start_app("details-access").await;
+    let policies = r#"
+apiVersion: policy.lumen.dev/v1alpha1
+kind: AccessPolicy
+metadata: {name: block-noisy}
+spec:
+  target: {service: ratings}
+  action: DENY
+  when: {alert: NoisyCaller}
+  ttl: 10m
+  failMode: closed
+---
+apiVersion: policy.lumen.dev/v1alpha1
+kind: RateLimit
+metadata: {name: details-guard}
+spec:
+  target: {service: details}
+  requestsPerSecond: 0.01
+  burst: 1
+  when: {alert: DetailsOverloaded}
+  failMode: closed
+"#;
+    let mut m = Mesh::start(
+        "reviews",
+        &[("ratings", ratings), ("details", details)],
+        policies,
+        Some("groups:\n- name: callers\n  rules:\n  - alert: NoisyCaller\n    expr: sum by (source_workload, source_workload_namespace) (rate(istio_requests_total{reporter=\"source\", destination_service_name=\"ratings\"}[5s])) > 2\n"),
+        &["--policy-staleness", "2s"],
+    )
+    .await?;
+    let url = m.up.sql_url();
+    for _ in 0..3 {
+        assert_eq!(m.get("details", "/d", "u").await?.status(), 200);
+    }
+
+    // reviews-v1 calls ratings fast: the alert names it, and it is denied.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let denied = loop {
+        let resp = m.get("ratings", "/r", "u").await?;
+        if resp.status() == 403 {
+            break resp;
+        }
+        assert_eq!(resp.status(), 200);
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the noisy caller was never denied"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    assert_eq!(denied.headers()["x-lumen-policy"], "default/block-noisy");
+    assert_eq!(denied.headers()["x-lumen-response-flags"], "UAEX");
+    let rows = "SELECT count(*) AS n FROM requests WHERE status = 403 AND response_flags = 'UAEX' \
+                AND policy = 'default/block-noisy' AND source_workload = 'reviews-v1'";
+    assert!(wait_for_count(&url, rows, 1).await? >= 1);
+    let event = "SELECT count(*) AS n FROM policy_events WHERE kind = 'AccessPolicy' \
+                 AND name = 'default/block-noisy' AND new_state = 'on' \
+                 AND target = 'ratings from default/reviews-v1'";
+    assert!(wait_for_count(&url, event, 1).await? >= 1);
+
+    // The engine dies without a word.
+    m.up_process.kill9()?;
+    assert_eq!(
+        m.get("ratings", "/r", "u").await?.status(),
+        403,
+        "last decision kept"
+    );
+    // Stale after 2 s: the details limit fails closed and turns on; the
+    // access policy fails closed and keeps denying the same caller.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let s = m.get("details", "/d", "u").await?.status();
+        if s == 429 {
+            break;
+        }
+        assert_eq!(s, 200);
+        assert!(
+            std::time::Instant::now() < deadline,
+            "stale decisions never turned the fail-closed limit on"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    assert_eq!(m.get("ratings", "/r", "u").await?.status(), 403);
     Ok(())
 }
 
@@ -305,6 +452,7 @@ async fn an_alertmanager_webhook_switches_a_limit_on_and_off() -> Result<()> {
         &[("ratings", ratings)],
         "apiVersion: policy.lumen.dev/v1alpha1\nkind: RateLimit\nmetadata: {name: incident}\nspec:\n  target: {service: ratings}\n  requestsPerSecond: 0.01\n  burst: 1\n  when: {alert: UpstreamIncident}\n  cooldown: 0s\n",
         None,
+        &[],
     )
     .await?;
     let webhook = format!("http://127.0.0.1:{}/api/v1/alerts/webhook", m.up.query);

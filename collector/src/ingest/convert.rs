@@ -254,6 +254,7 @@ fn push_request(
     let mut grpc_status = None;
     let (mut request_bytes, mut response_bytes, mut retries) = (0i64, 0i64, 0i32);
     let mut upstream_address = None;
+    let mut policy = None;
     let mut flags_text = None;
     let mut mtls = false;
     let count = |key: &str, v: &Option<AnyValue>| -> Result<i64, InvalidSpan> {
@@ -315,6 +316,7 @@ fn push_request(
                     .map_err(|_| bad(attr::RETRIES, "is out of range"))?
             }
             attr::UPSTREAM_ADDRESS => upstream_address = as_str(v),
+            attr::POLICY => policy = as_str(v),
             attr::RESPONSE_FLAGS => {
                 let flags = as_str(v)
                     .and_then(ResponseFlags::parse)
@@ -354,6 +356,7 @@ fn push_request(
         trace_id: &trace_id,
         span_id: &span_id,
         parent_span_id: parent.as_ref(),
+        policy,
     });
     Ok(())
 }

@@ -317,6 +317,12 @@ impl Ingest {
         }
     }
 
+    /// Logs and stores batches made in this process (the policy engine's
+    /// events).
+    pub fn wal(&self) -> WalHandle {
+        self.wal.clone()
+    }
+
     /// Forwards what is stored from now on to `fanout`'s endpoints.
     pub fn set_fanout(&mut self, fanout: crate::export::Fanout) {
         self.fanout = fanout;
