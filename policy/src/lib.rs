@@ -1,9 +1,9 @@
 //! The Lumen policy engine: Prometheus alerting and recording rules
-//! evaluated over Lumen's own series, and (next) the decisions they drive —
-//! switching rate limits, quotas and access on and off at every proxy.
-//! (The `RateLimit` resource itself lives in `lumen-core::policy`, travels
-//! with the mesh configuration, and is enforced by the proxy's
-//! `ratelimit` module.)
+//! evaluated over Lumen's own series, and the decisions they drive —
+//! switching rate limits and access policies on and off at every proxy.
+//! (The `RateLimit` and `AccessPolicy` resources live in
+//! `lumen-core::policy`, travel with the mesh configuration, and are
+//! enforced by the proxy's `ratelimit` and `access` modules.)
 //!
 //! Data flows one way: rule files are read and validated ([`rules`]); the
 //! [`alerts::RuleEngine`] evaluates each group on its interval with the
@@ -12,7 +12,8 @@
 //! shapes (`/api/v1/rules`, `/api/v1/alerts`) on the query port, and
 //! [`notify`] sends firing alerts to Alertmanagers; [`decide`] turns
 //! firing alerts into the set of conditional policies that are on, which
-//! the control plane streams to every proxy.
+//! the control plane streams to every proxy, and every change into a
+//! `policy_events` row.
 
 pub mod alerts;
 pub mod decide;

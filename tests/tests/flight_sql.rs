@@ -99,7 +99,14 @@ async fn adbc_reads_the_same_rows_as_http_sql() -> Result<()> {
     assert_eq!(got["after_error"], 2);
     assert_eq!(
         got["tables"],
-        serde_json::json!(["logs", "metrics", "requests", "rollups", "spans"])
+        serde_json::json!([
+            "logs",
+            "metrics",
+            "policy_events",
+            "requests",
+            "rollups",
+            "spans"
+        ])
     );
     assert_eq!(got["table_types"], serde_json::json!(["TABLE"]));
     let columns = got["requests_columns"]
