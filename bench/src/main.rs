@@ -12,6 +12,7 @@ mod paths;
 mod peers;
 mod procstat;
 mod push;
+mod reaction;
 mod report;
 mod routes;
 mod scenario;
@@ -137,6 +138,34 @@ enum Command {
     /// The slow upstream of the balance benchmark.
     #[command(hide = true)]
     SlowUpstream(SlowUpstreamArgs),
+    /// The policy loop's reaction time: breach in traffic → first 429.
+    #[command(long_about = "Policy reaction time, in one run.\n\n\
+        `lumen up` (release build) with a rule over the last 5 s of Istio's series and a \
+        conditional RateLimit; one calling sidecar following its control plane; nginx behind. \
+        A steady load; each trial makes half the calls fail until the first 429, then stops. \
+        Reports p50 / p99 of first 503 → first 429 over --trials, beside Prometheus + \
+        Alertmanager's default intervals (computed). Writes bench/results/reaction.md. \
+        Defaults take about 5 minutes.")]
+    Reaction(ReactionArgs),
+}
+
+#[derive(Args)]
+struct ReactionArgs {
+    #[arg(long, default_value_t = 20)]
+    trials: usize,
+    /// Calls per second of the steady load.
+    #[arg(long, default_value_t = 100)]
+    rate: u32,
+    /// `lumen up --evaluation-interval`.
+    #[arg(long, default_value = "1s")]
+    evaluation_interval: String,
+    /// The lumen binary [default: <workspace>/target/release/lumen].
+    #[arg(long)]
+    lumen: Option<PathBuf>,
+    #[arg(long, default_value_os_t = peers::workspace_root().join("bench/results/reaction.md"))]
+    out: PathBuf,
+    #[arg(long)]
+    keep_temp: bool,
 }
 
 #[derive(Args)]
@@ -364,6 +393,7 @@ fn main() -> ExitCode {
         Command::Balance(a) => balance_bench(a),
         Command::Push(a) => push_bench(a),
         Command::Routes(a) => routes_bench(a),
+        Command::Reaction(a) => reaction_bench(a),
         Command::SlowUpstream(a) => {
             lb::serve_upstream(a.port, std::time::Duration::from_millis(a.delay_ms))
         }
@@ -540,6 +570,23 @@ fn push_bench(a: PushArgs) -> Result<()> {
     let outcome = push::run(&lumen, &tmp.path, &set)?;
     let command = std::env::args().collect::<Vec<_>>().join(" ");
     write_report(&a.out, &push::render(&command, &machine(), &set, &outcome))?;
+    Ok(())
+}
+
+fn reaction_bench(a: ReactionArgs) -> Result<()> {
+    let lumen = peers::lumen_binary(a.lumen.as_deref())?;
+    let tmp = TempDir::create(a.keep_temp)?;
+    let set = reaction::Settings {
+        trials: a.trials,
+        rate: a.rate,
+        evaluation_interval: a.evaluation_interval,
+    };
+    let outcome = reaction::run(&lumen, &tmp.path, &set)?;
+    let command = std::env::args().collect::<Vec<_>>().join(" ");
+    write_report(
+        &a.out,
+        &reaction::render(&command, &machine(), &set, &outcome),
+    )?;
     Ok(())
 }
 
