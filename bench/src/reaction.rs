@@ -123,7 +123,7 @@ async fn trials(outbound: u16, s: &Settings) -> Result<Outcome> {
             loop {
                 tick.tick().await;
                 n += 1;
-                let fail = failing.load(Ordering::Relaxed) && n % 2 == 0;
+                let fail = failing.load(Ordering::Relaxed) && n.is_multiple_of(2);
                 let req = client
                     .get(&url)
                     .header("host", "upstream:8080")
@@ -207,7 +207,9 @@ async fn trials(outbound: u16, s: &Settings) -> Result<Outcome> {
             lifts.last().map_or(0.0, Duration::as_secs_f64)
         );
         // The 5 s window clears of this trial's failures before the next.
-        tokio::time::sleep(Duration::from_secs(6)).await;
+        // A random phase, so trials do not lock onto the evaluation ticks.
+        let phase = Duration::from_millis(rand::random_range(0..1000));
+        tokio::time::sleep(Duration::from_secs(6) + phase).await;
     }
     load.abort();
     Ok(Outcome {

@@ -1090,6 +1090,7 @@ async fn proxy(a: ProxyArgs) -> Result<()> {
                 node,
                 tx,
                 a.policy_staleness,
+                config.quotas.clone(),
                 stop_rx.clone(),
             ));
             // Like Envoy before its first config: not ready, not serving.

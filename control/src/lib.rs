@@ -15,6 +15,7 @@
 //! file, resource, field and reason; the last valid configuration stays.
 
 pub mod discovery;
+pub mod quota;
 pub mod server;
 pub mod store;
 

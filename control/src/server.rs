@@ -23,6 +23,7 @@ pub struct ControlService {
     store: Arc<ConfigStore>,
     proxies: Arc<Mutex<BTreeMap<String, v1::ProxyState>>>,
     nonces: Arc<AtomicU64>,
+    quotas: Arc<crate::quota::QuotaBook>,
 }
 
 impl ControlService {
@@ -31,7 +32,44 @@ impl ControlService {
             store,
             proxies: Default::default(),
             nonces: Arc::new(AtomicU64::new(0)),
+            quotas: Default::default(),
         }
+    }
+
+    fn connected(&self) -> u32 {
+        self.proxies.lock().unwrap_or_else(|p| p.into_inner()).len() as u32
+    }
+
+    /// This proxy's quota allocations now, if it has any to be told (or
+    /// the number of proxies changed since `told`).
+    fn quota_message(&self, id: &str, told: &mut u32) -> Option<Snapshot> {
+        let config = self.store.current();
+        if config.mesh.quotas.is_empty() {
+            return None;
+        }
+        let limits: std::collections::HashMap<String, (u64, i64)> = config
+            .mesh
+            .quotas
+            .iter()
+            .map(|q| (q.id(), (q.limit, q.per.secs())))
+            .collect();
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as i64);
+        let allocations = self.quotas.allocations(id, now, |q| limits.get(q).copied());
+        let proxies = self.connected();
+        if allocations.is_empty() && proxies == *told {
+            return None;
+        }
+        *told = proxies;
+        Some(Snapshot {
+            version_info: config.version.clone(),
+            nonce: self.nonces.fetch_add(1, Ordering::Relaxed).to_string(),
+            allocations,
+            proxies,
+            quota_only: true,
+            ..Default::default()
+        })
     }
 
     pub fn into_server(self) -> ControlPlaneServer<Self> {
@@ -102,6 +140,10 @@ impl ControlPlane for ControlService {
         tokio::spawn(async move {
             let mut published = this.store.subscribe();
             let mut decisions = this.store.active_policies();
+            // Quota allocations every second, as proxies report.
+            let mut quota_tick = tokio::time::interval(std::time::Duration::from_secs(1));
+            quota_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut told_proxies = 0;
             'send: loop {
                 let snapshot = published.borrow_and_update().clone();
                 let active: Vec<String> = decisions.borrow_and_update().iter().cloned().collect();
@@ -120,7 +162,7 @@ impl ControlPlane for ControlService {
                         } else {
                             Vec::new()
                         },
-                        policies_only: false,
+                        ..Default::default()
                     };
                     if tx.send(Ok(message)).await.is_err() {
                         break 'send;
@@ -147,7 +189,18 @@ impl ControlPlane for ControlService {
                                 break 'send;
                             }
                         }
+                        _ = quota_tick.tick() => {
+                            if let Some(message) = this.quota_message(&id, &mut told_proxies)
+                                && tx.send(Ok(message)).await.is_err()
+                            {
+                                break 'send;
+                            }
+                        }
                         msg = inbound.message() => match msg {
+                            // A usage report, not an answer to a snapshot.
+                            Ok(Some(m)) if m.response_nonce.is_empty() && !m.quota_usage.is_empty() => {
+                                this.quotas.report(&id, &m.quota_usage);
+                            }
                             Ok(Some(m)) => this.update(&id, |p| {
                                 if m.error_detail.is_empty() {
                                     p.acked_version = m.version_info;
@@ -167,6 +220,7 @@ impl ControlPlane for ControlService {
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .remove(&id);
+            this.quotas.idle(&id);
             tracing::info!(proxy = %id, "proxy disconnected");
         });
         Ok(Response::new(ReceiverStream::new(rx)))

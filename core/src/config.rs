@@ -200,6 +200,7 @@ pub struct MeshConfig {
     pub gateways: Vec<Gateway>,
     pub rate_limits: Vec<crate::policy::RateLimit>,
     pub access_policies: Vec<crate::policy::AccessPolicy>,
+    pub quotas: Vec<crate::policy::Quota>,
     /// Conditional policies (`when`) the policy engine has switched on, by
     /// `namespace/name`; not part of the configuration's version.
     pub active_policies: std::collections::BTreeSet<String>,
@@ -284,6 +285,7 @@ impl MeshConfig {
         let mut gateways = Vec::new();
         let mut rate_limits = Vec::new();
         let mut access_policies = Vec::new();
+        let mut quotas = Vec::new();
         let mut by_resource: Vec<(&Resource, usize)> = Vec::new();
         for res in resources {
             match res.kind {
@@ -330,6 +332,7 @@ impl MeshConfig {
                 Kind::AccessPolicy => {
                     access_policies.push(crate::policy::validate_access_policy(res)?)
                 }
+                Kind::Quota => quotas.push(crate::policy::validate_quota(res)?),
                 Kind::QueryService => {}
             }
         }
@@ -341,6 +344,7 @@ impl MeshConfig {
         mesh.gateways = gateways;
         mesh.rate_limits = rate_limits;
         mesh.access_policies = access_policies;
+        mesh.quotas = quotas;
         mesh.check_references(resources)?;
         Ok(mesh)
     }
@@ -467,6 +471,14 @@ impl MeshConfig {
                 return Err(res_of(Kind::RateLimit, &rl.namespace, &rl.name).error(
                     "spec.target.service",
                     format!("no service `{}` in the mesh", rl.service),
+                ));
+            }
+        }
+        for q in &self.quotas {
+            if self.resolve_host(&q.service, &q.namespace).is_none() {
+                return Err(res_of(Kind::Quota, &q.namespace, &q.name).error(
+                    "spec.target.service",
+                    format!("no service `{}` in the mesh", q.service),
                 ));
             }
         }

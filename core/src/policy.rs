@@ -75,6 +75,59 @@ impl FailMode {
     }
 }
 
+/// The window a `Quota` counts in: fixed, aligned to UTC (as Envoy's
+/// rate-limit service counts).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QuotaPeriod {
+    Minute,
+    Hour,
+    Day,
+}
+
+impl QuotaPeriod {
+    pub fn secs(self) -> i64 {
+        match self {
+            QuotaPeriod::Minute => 60,
+            QuotaPeriod::Hour => 3600,
+            QuotaPeriod::Day => 86_400,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            QuotaPeriod::Minute => "minute",
+            QuotaPeriod::Hour => "hour",
+            QuotaPeriod::Day => "day",
+        }
+    }
+}
+
+/// N requests per minute / hour / day per key, across every calling
+/// proxy: each admits against the allowance the control plane gives it
+/// from everyone's reported usage.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Quota {
+    pub name: String,
+    pub namespace: String,
+    pub service: String,
+    pub method: Option<StringMatch>,
+    pub path: Option<StringMatch>,
+    pub key: LimitKey,
+    pub limit: u64,
+    pub per: QuotaPeriod,
+}
+
+impl Quota {
+    pub fn id(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+
+    /// Start (Unix seconds) of the window `now` falls in.
+    pub fn window_start(&self, now: i64) -> i64 {
+        now.div_euclid(self.per.secs()) * self.per.secs()
+    }
+}
+
 /// Whether an AccessPolicy denies its sources or allows only them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AccessAction {
@@ -175,6 +228,16 @@ struct SourceSpec {
     workload: Option<String>,
     #[serde(default)]
     principal: Option<serde_json::Value>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct QuotaSpec {
+    target: TargetSpec,
+    #[serde(default)]
+    key: Option<serde_json::Value>,
+    limit: u64,
+    per: String,
 }
 
 #[derive(Deserialize)]
@@ -371,7 +434,43 @@ pub fn validate_rate_limit(res: &Resource) -> Result<RateLimit, ConfigError> {
     if spec.target.service.trim().is_empty() {
         return Err(target.at("service").err("must name a service"));
     }
-    let key = match &spec.key {
+    let key = limit_key(&spec.key, &at)?;
+    let rps = spec.requests_per_second;
+    if !(rps.is_finite() && rps > 0.0) {
+        return Err(at
+            .at("requestsPerSecond")
+            .err(format!("{rps} is not a rate; more than 0")));
+    }
+    // Istio-like default: a burst of one second's worth, at least one.
+    let burst = spec.burst.unwrap_or(rps.ceil() as u32).max(1);
+    Ok(RateLimit {
+        name: res.name.clone(),
+        namespace: res.namespace.clone(),
+        service: spec.target.service,
+        method: spec
+            .target
+            .method
+            .map(|m| m.validate(&target.at("method")))
+            .transpose()?
+            .flatten(),
+        path: spec
+            .target
+            .path
+            .map(|m| m.validate(&target.at("path")))
+            .transpose()?
+            .flatten(),
+        key,
+        requests_per_second: rps,
+        burst,
+        dry_run: spec.dry_run,
+        when,
+        fail_mode,
+    })
+}
+
+/// `key:` of a RateLimit or Quota.
+fn limit_key(key: &Option<serde_json::Value>, at: &At<'_>) -> Result<LimitKey, ConfigError> {
+    Ok(match key {
         None => LimitKey::Global,
         Some(serde_json::Value::String(s)) => match s.as_str() {
             "global" => LimitKey::Global,
@@ -404,16 +503,32 @@ pub fn validate_rate_limit(res: &Resource) -> Result<RateLimit, ConfigError> {
                 }
             }
         }
-    };
-    let rps = spec.requests_per_second;
-    if !(rps.is_finite() && rps > 0.0) {
-        return Err(at
-            .at("requestsPerSecond")
-            .err(format!("{rps} is not a rate; more than 0")));
+    })
+}
+
+pub fn validate_quota(res: &Resource) -> Result<Quota, ConfigError> {
+    let spec: QuotaSpec = res.spec()?;
+    let at = At::spec(res);
+    let target = at.at("target");
+    target.unsupported(&spec.target.route, "route", "limit by `method` and `path`")?;
+    if spec.target.service.trim().is_empty() {
+        return Err(target.at("service").err("must name a service"));
     }
-    // Istio-like default: a burst of one second's worth, at least one.
-    let burst = spec.burst.unwrap_or(rps.ceil() as u32).max(1);
-    Ok(RateLimit {
+    let key = limit_key(&spec.key, &at)?;
+    if spec.limit == 0 {
+        return Err(at.at("limit").err("0 allows nothing; at least 1"));
+    }
+    let per = match spec.per.as_str() {
+        "minute" => QuotaPeriod::Minute,
+        "hour" => QuotaPeriod::Hour,
+        "day" => QuotaPeriod::Day,
+        other => {
+            return Err(at
+                .at("per")
+                .err(format!("`{other}` is not a period; minute, hour or day")));
+        }
+    };
+    Ok(Quota {
         name: res.name.clone(),
         namespace: res.namespace.clone(),
         service: spec.target.service,
@@ -430,11 +545,8 @@ pub fn validate_rate_limit(res: &Resource) -> Result<RateLimit, ConfigError> {
             .transpose()?
             .flatten(),
         key,
-        requests_per_second: rps,
-        burst,
-        dry_run: spec.dry_run,
-        when,
-        fail_mode,
+        limit: spec.limit,
+        per,
     })
 }
 
@@ -539,6 +651,44 @@ mod tests {
             assert!(
                 e.contains("AccessPolicy default/ap") && e.contains(want),
                 "{spec}\n got: {e}\nwant: {want}"
+            );
+        }
+    }
+
+    #[test]
+    fn quotas_validate_and_are_refused_by_field() {
+        let quota = |spec: &str| {
+            let text = format!(
+                "{MESH}apiVersion: policy.lumen.dev/v1alpha1\nkind: Quota\nmetadata: {{name: q}}\nspec:\n{spec}"
+            );
+            let resources = parse_resources("q.yaml", &text).map_err(|e| e.to_string())?;
+            MeshConfig::from_resources(&resources).map_err(|e| e.to_string())
+        };
+        let mesh = quota(
+            "  target: {service: ratings}\n  key: sourceWorkload\n  limit: 1000\n  per: minute\n",
+        )
+        .unwrap();
+        let q = &mesh.quotas[0];
+        assert_eq!((q.limit, q.per.secs()), (1000, 60));
+        assert_eq!(q.window_start(1_800_000_059), 1_800_000_000);
+        for (spec, want) in [
+            (
+                "  target: {service: ratings}\n  limit: 0\n  per: hour\n",
+                "spec.limit: 0 allows nothing",
+            ),
+            (
+                "  target: {service: ratings}\n  limit: 5\n  per: week\n",
+                "spec.per: `week` is not a period",
+            ),
+            (
+                "  target: {service: nowhere}\n  limit: 5\n  per: day\n",
+                "spec.target.service: no service `nowhere`",
+            ),
+        ] {
+            let e = quota(spec).unwrap_err();
+            assert!(
+                e.contains("Quota default/q") && e.contains(want),
+                "{spec}\n got: {e}"
             );
         }
     }

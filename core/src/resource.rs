@@ -65,10 +65,12 @@ pub enum Kind {
     RateLimit,
     /// Lumen's conditional deny / allow-only of sources (`policy.lumen.dev`).
     AccessPolicy,
+    /// Lumen's mesh-wide request quota (`policy.lumen.dev`).
+    Quota,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 8] = [
+    pub const ALL: [Kind; 9] = [
         Kind::Mesh,
         Kind::QueryService,
         Kind::VirtualService,
@@ -77,6 +79,7 @@ impl Kind {
         Kind::Gateway,
         Kind::RateLimit,
         Kind::AccessPolicy,
+        Kind::Quota,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -89,6 +92,7 @@ impl Kind {
             Kind::Gateway => "Gateway",
             Kind::RateLimit => "RateLimit",
             Kind::AccessPolicy => "AccessPolicy",
+            Kind::Quota => "Quota",
         }
     }
 
@@ -106,6 +110,7 @@ impl Kind {
             "gateway" | "gateways" | "gw" => Kind::Gateway,
             "ratelimit" | "ratelimits" | "rl" => Kind::RateLimit,
             "accesspolicy" | "accesspolicies" | "ap" => Kind::AccessPolicy,
+            "quota" | "quotas" => Kind::Quota,
             _ => return None,
         })
     }
@@ -114,7 +119,7 @@ impl Kind {
     pub fn api_versions(self) -> &'static [&'static str] {
         match self {
             Kind::Mesh | Kind::QueryService => &[LUMEN_API],
-            Kind::RateLimit | Kind::AccessPolicy => &[POLICY_API],
+            Kind::RateLimit | Kind::AccessPolicy | Kind::Quota => &[POLICY_API],
             _ => &ISTIO_NETWORKING_VERSIONS,
         }
     }

@@ -195,14 +195,19 @@ pub async fn start(config: DemoConfig) -> Result<RunningDemo, DemoError> {
         pc.inbound = Some(SocketAddr::from(([127, 0, 0, 1], 0)));
         pc.app = Some(app_addr);
         let (tx, rx) = watch::channel(Arc::new(MeshConfig::default()));
-        followers.push((pc.identity.clone(), tx, rx.clone()));
+        followers.push((pc.identity.clone(), pc.quotas.clone(), tx, rx.clone()));
         let proxy = Proxy::bind(pc, rx).await?;
         instances.push((app, listener, proxy));
     }
     let mut loadgen_config = sidecar(workload("loadgen", "v1"));
     loadgen_config.telemetry.collector_endpoint = collector_endpoint.clone();
     let (tx, rx) = watch::channel(Arc::new(MeshConfig::default()));
-    followers.push((loadgen_config.identity.clone(), tx, rx.clone()));
+    followers.push((
+        loadgen_config.identity.clone(),
+        loadgen_config.quotas.clone(),
+        tx,
+        rx.clone(),
+    ));
     let loadgen_proxy = Proxy::bind(loadgen_config, rx).await?;
     let loadgen_outbound = loadgen_proxy
         .outbound_addr()
@@ -215,7 +220,12 @@ pub async fn start(config: DemoConfig) -> Result<RunningDemo, DemoError> {
         .labels
         .insert("istio".into(), "ingressgateway".into());
     let (tx, rx) = watch::channel(Arc::new(MeshConfig::default()));
-    followers.push((ingress_config.identity.clone(), tx, rx.clone()));
+    followers.push((
+        ingress_config.identity.clone(),
+        ingress_config.quotas.clone(),
+        tx,
+        rx.clone(),
+    ));
     let ingress_proxy = Proxy::bind(ingress_config, rx).await?;
     let ingress_addr = ingress_proxy.outbound_addr().unwrap_or(config.ingress);
 
@@ -272,7 +282,7 @@ pub async fn start(config: DemoConfig) -> Result<RunningDemo, DemoError> {
     let control_url = format!("http://{control_addr}");
     let mut proxy_tasks = Vec::new();
     let mut first_configs = Vec::new();
-    for (n, (identity, tx, rx)) in followers.into_iter().enumerate() {
+    for (n, (identity, quotas, tx, rx)) in followers.into_iter().enumerate() {
         let node = lumen_core::control::v1::Node {
             id: format!("{}-{n}", identity.workload),
             service: identity.service.to_string(),
@@ -286,6 +296,7 @@ pub async fn start(config: DemoConfig) -> Result<RunningDemo, DemoError> {
                 node,
                 tx,
                 lumen_proxy::subscribe::DEFAULT_POLICY_STALENESS,
+                quotas,
                 proxies_rx.clone(),
             );
             async move {

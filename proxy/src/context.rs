@@ -82,6 +82,7 @@ pub struct Shared {
     /// CONNECT and upgrade tunnels still open.
     pub tunnels: Arc<Open>,
     pub limits: crate::limits::Limits,
+    pub quotas: Arc<crate::quota::QuotaLedger>,
 }
 
 /// A record from the first moment of a request or connection, with what

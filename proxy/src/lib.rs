@@ -35,6 +35,7 @@ pub mod idle;
 pub mod limits;
 pub mod listener;
 pub mod mirror;
+pub mod quota;
 pub mod ratelimit;
 pub mod replay;
 pub mod reply;
@@ -122,6 +123,9 @@ pub struct ProxyConfig {
     /// select this proxy's labels on its port, routed by the
     /// VirtualServices bound to them.
     pub gateway: bool,
+    /// Counts under Quotas, shared with the control stream that reports
+    /// them and brings allocations.
+    pub quotas: Arc<quota::QuotaLedger>,
 }
 
 impl ProxyConfig {
@@ -142,6 +146,7 @@ impl ProxyConfig {
             labels: Default::default(),
             locality: None,
             gateway: false,
+            quotas: Default::default(),
         }
     }
 }
@@ -265,6 +270,7 @@ impl Proxy {
             drain: config.drain_timeout,
             tunnels: Default::default(),
             limits: config.limits.clone(),
+            quotas: config.quotas.clone(),
         });
 
         let mut tasks = tokio::task::JoinSet::new();

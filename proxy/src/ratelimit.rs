@@ -14,6 +14,21 @@ use std::time::{Duration, Instant};
 use lumen_core::Workload;
 use lumen_core::policy::{LimitKey, RateLimit};
 
+/// The key a request counts under, for a RateLimit or a Quota.
+pub fn key_of<'a>(
+    key: &LimitKey,
+    source: Option<&Workload>,
+    header: impl Fn(&str) -> Option<&'a str>,
+) -> Cow<'a, str> {
+    match key {
+        LimitKey::Global => Cow::Borrowed(""),
+        LimitKey::SourceWorkload => source.map_or(Cow::Borrowed(""), |w| {
+            Cow::Owned(format!("{}/{}", w.namespace, w.workload))
+        }),
+        LimitKey::Header(h) => Cow::Borrowed(header(h).unwrap_or("")),
+    }
+}
+
 /// Most keys one limit tracks; past it, idle (full) buckets are dropped,
 /// and if none are, new keys share one bucket, so memory stays bounded
 /// whatever callers send.
@@ -66,13 +81,7 @@ impl Limiter {
         source: Option<&Workload>,
         header: impl Fn(&str) -> Option<&'a str>,
     ) -> Cow<'a, str> {
-        match &self.spec.key {
-            LimitKey::Global => Cow::Borrowed(""),
-            LimitKey::SourceWorkload => source.map_or(Cow::Borrowed(""), |w| {
-                Cow::Owned(format!("{}/{}", w.namespace, w.workload))
-            }),
-            LimitKey::Header(h) => Cow::Borrowed(header(h).unwrap_or("")),
-        }
+        key_of(&self.spec.key, source, header)
     }
 
     /// Takes a token for `key` at `now`.

@@ -38,12 +38,12 @@ pub fn fault_abort(
     )
 }
 
-/// A request a rate limit refused: 429 with `RL` (a gRPC caller gets
+/// A request a rate limit or quota refused: 429 with `RL` (a gRPC caller gets
 /// `RESOURCE_EXHAUSTED`), and when to come back, in the headers
 /// Envoy's rate limiter and the IETF draft use.
 pub fn rate_limited(
     policy: Arc<str>,
-    per_second: f64,
+    limit: u64,
     retry_after: std::time::Duration,
     mut pending: PendingRecord,
 ) -> Response<ResponseBody> {
@@ -61,7 +61,7 @@ pub fn rate_limited(
     let secs = retry_after.as_secs_f64().ceil().max(1.0) as u64;
     let h = resp.headers_mut();
     for (name, value) in [
-        ("x-ratelimit-limit", format!("{}", per_second.ceil() as u64)),
+        ("x-ratelimit-limit", limit.to_string()),
         ("x-ratelimit-remaining", "0".to_string()),
         ("x-ratelimit-reset", secs.to_string()),
         ("retry-after", secs.to_string()),

@@ -107,7 +107,13 @@ pub async fn handle(
         if let Some(policy) = access_denied(routed, source) {
             return Ok(reply::denied(policy, pending));
         }
-        match rate_limit(routed, source, &req) {
+        let verdict = rate_limit(routed, source, &req);
+        // A request a limit refuses takes nothing from a quota.
+        let exhausted = match verdict {
+            RateVerdict::Limited { .. } => None,
+            _ => quota_exhausted(routed, &shared.quotas, source, &req),
+        };
+        match verdict {
             RateVerdict::Pass => {}
             RateVerdict::WouldLimit(policy) => {
                 if let Some(r) = pending.record_mut() {
@@ -121,11 +127,14 @@ pub async fn handle(
             } => {
                 return Ok(reply::rate_limited(
                     policy,
-                    per_second,
+                    per_second.ceil() as u64,
                     retry_after,
                     pending,
                 ));
             }
+        }
+        if let Some((policy, limit, reset)) = exhausted {
+            return Ok(reply::rate_limited(policy, limit, reset, pending));
         }
         match &routed.route.action {
             Action::Forward(_) => {}
@@ -371,6 +380,38 @@ fn access_denied(routed: &Routed, source: Option<&Workload>) -> Option<Arc<str>>
         .iter()
         .find(|r| r.denies(namespace, workload))
         .map(|r| r.id.clone())
+}
+
+/// Quotas: the first Quota on the routed service whose allowance at this
+/// proxy is used up for this request's key.
+fn quota_exhausted<B>(
+    routed: &Routed,
+    ledger: &crate::quota::QuotaLedger,
+    source: Option<&Workload>,
+    req: &Request<B>,
+) -> Option<(Arc<str>, u64, Duration)> {
+    let quotas = routed.table.quotas(routed.service?);
+    if quotas.is_empty() {
+        return None;
+    }
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64);
+    let path = req.uri().path();
+    for q in quotas {
+        if !q.applies(req.method().as_str(), path) {
+            continue;
+        }
+        let key = crate::ratelimit::key_of(&q.spec.key, source, |h| {
+            req.headers().get(h).and_then(|v| v.to_str().ok())
+        });
+        if let crate::quota::Admit::Exhausted { reset_secs } =
+            ledger.admit(&q.spec, &q.id, &key, now)
+        {
+            return Some((q.id.clone(), q.spec.limit, Duration::from_secs(reset_secs)));
+        }
+    }
+    None
 }
 
 enum RateVerdict {

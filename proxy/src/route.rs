@@ -129,6 +129,8 @@ struct Host {
     limits: Vec<Arc<Limiter>>,
     /// The AccessPolicies on it that are on.
     access: Vec<Arc<crate::access::AccessRule>>,
+    /// The Quotas on it.
+    quotas: Vec<Arc<crate::quota::QuotaRule>>,
 }
 
 /// An immutable routing table; swapped whole when the configuration
@@ -286,6 +288,13 @@ impl RoutingTable {
                     .find(|l| l.spec.name == rl.name && l.spec.namespace == rl.namespace)
             });
             hosts[i].limits.push(Limiter::carried_over(before, rl));
+        }
+        for q in &mesh.quotas {
+            if let Some(i) = mesh.resolve_host(&q.service, &q.namespace) {
+                hosts[i]
+                    .quotas
+                    .push(Arc::new(crate::quota::QuotaRule::new(q)));
+            }
         }
         for ap in &mesh.access_policies {
             let Some(i) = mesh.resolve_host(&ap.service, &ap.namespace) else {
@@ -467,6 +476,11 @@ impl RoutingTable {
     /// The rate limits on calls to `service`.
     pub fn limits(&self, service: usize) -> &[Arc<Limiter>] {
         &self.hosts[service].limits
+    }
+
+    /// The Quotas on `service`.
+    pub fn quotas(&self, service: usize) -> &[Arc<crate::quota::QuotaRule>] {
+        &self.hosts[service].quotas
     }
 
     /// The AccessPolicies on `service` in force now.

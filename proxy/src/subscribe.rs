@@ -21,6 +21,18 @@ use lumen_core::{ConfigError, MeshConfig};
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 
+/// How often a proxy reports its quota usage.
+pub const QUOTA_REPORT: Duration = Duration::from_secs(1);
+
+/// Aborts a task when dropped (a session's helpers end with it).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// How long a proxy cut off from the control plane keeps the policy
 /// engine's last decisions before conditional policies follow their
 /// `failMode`.
@@ -34,6 +46,7 @@ pub async fn follow(
     node: Node,
     tx: watch::Sender<Arc<MeshConfig>>,
     staleness: Duration,
+    quotas: Arc<crate::quota::QuotaLedger>,
     mut stop: watch::Receiver<bool>,
 ) {
     // Since when no stream has been up (`None`: one is).
@@ -44,7 +57,7 @@ pub async fn follow(
     loop {
         let mut received = false;
         let ended = tokio::select! {
-            ended = session(&endpoint, &node, &tx, &down, &mut received) => ended,
+            ended = session(&endpoint, &node, &tx, &down, &quotas, &mut received) => ended,
             _ = stop.wait_for(|s| *s) => return,
         };
         down.send_if_modified(|d| {
@@ -128,6 +141,7 @@ async fn session(
     node: &Node,
     tx: &watch::Sender<Arc<MeshConfig>>,
     down: &watch::Sender<Option<Instant>>,
+    quotas: &Arc<crate::quota::QuotaLedger>,
     received: &mut bool,
 ) -> Result<(), String> {
     // Keepalive pings: a control plane that vanished without closing the
@@ -155,6 +169,32 @@ async fn session(
         .await
         .map_err(|s| s.message().to_string())?
         .into_inner();
+    // Quota usage goes up every second while the stream lives, all of it
+    // first (the control plane may have restarted).
+    quotas.report_all();
+    let _reporter = {
+        let (out, quotas) = (out.clone(), quotas.clone());
+        AbortOnDrop(tokio::spawn(async move {
+            let mut tick = tokio::time::interval(QUOTA_REPORT);
+            loop {
+                tick.tick().await;
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs() as i64);
+                let usage = quotas.take_usage(now);
+                if usage.is_empty() {
+                    continue;
+                }
+                let report = ProxyMessage {
+                    quota_usage: usage,
+                    ..Default::default()
+                };
+                if out.send(report).await.is_err() {
+                    return;
+                }
+            }
+        }))
+    };
     // The parts of the view being received: (nonce, resources so far).
     let mut partial: Option<(String, Vec<bytes::Bytes>)> = None;
     while let Some(mut snapshot) = snapshots
@@ -164,6 +204,10 @@ async fn session(
     {
         *received = true;
         down.send_if_modified(|d| d.take().is_some());
+        if snapshot.quota_only {
+            quotas.apply(&snapshot.allocations, snapshot.proxies);
+            continue;
+        }
         if snapshot.policies_only {
             let active: BTreeSet<String> = snapshot.active_policies.into_iter().collect();
             tracing::info!(active = ?active, "policy decisions from the control plane");
@@ -208,6 +252,7 @@ async fn session(
             .and_then(|rs| MeshConfig::from_resources(&rs));
         let answer = match built {
             Ok(mut mesh) => {
+                quotas.retain(&mesh.quotas.iter().map(|q| q.id()).collect::<Vec<_>>());
                 mesh.version = snapshot.version_info.clone();
                 mesh.active_policies = snapshot.active_policies.iter().cloned().collect();
                 tracing::info!(version = %mesh.version, "config from the control plane");
@@ -352,6 +397,7 @@ mod tests {
             node,
             tx,
             DEFAULT_POLICY_STALENESS,
+            Default::default(),
             stop,
         ));
 

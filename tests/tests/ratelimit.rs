@@ -521,3 +521,116 @@ async fn an_alertmanager_webhook_switches_a_limit_on_and_off() -> Result<()> {
     );
     Ok(())
 }
+
+/// A `Quota` of 1,000 a minute on ratings, across three calling sidecars
+/// under load from each: together they admit no more than the limit plus
+/// what they admit in one reporting interval (the bound docs/policy.md
+/// states), and not much less; the refused calls are 429 naming the quota.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quota_holds_across_three_calling_proxies_within_its_bound() -> Result<()> {
+    const LIMIT: usize = 1000;
+    const PER_PROXY_RPS: u64 = 50;
+    const SECONDS: u64 = 12;
+    let ratings = start_app("ratings-quota").await;
+    let dir = tempfile::tempdir()?;
+    let config = dir.path().join("config");
+    std::fs::create_dir(&config)?;
+    std::fs::write(
+        config.join("mesh.yaml"),
+        format!(
+            "apiVersion: lumen.dev/v1alpha1\nkind: Mesh\nmetadata: {{name: m}}\nspec:\n  services:\n    - {{name: ratings, port: 8080, endpoints: [{{address: {ratings}}}]}}\n\
+             ---\napiVersion: policy.lumen.dev/v1alpha1\nkind: Quota\nmetadata: {{name: ratings-minute}}\nspec:\n  target: {{service: ratings}}\n  limit: {LIMIT}\n  per: minute\n"
+        ),
+    )?;
+    let up = UpPorts::pick();
+    let _up = start_up(dir.path(), &config, &dir.path().join("data"), up, &[]).await?;
+    let collector = up.grpc_endpoint();
+    let control = up.control_addr();
+    let mut callers = Vec::new();
+    for version in ["v1", "v2", "v3"] {
+        let ports = SidecarPorts::pick();
+        let process = Sidecar {
+            service: "reviews",
+            version,
+            mesh: &config,
+            ports,
+            app: None,
+            collector: &collector,
+            extra: &["--control", &control],
+        }
+        .start(dir.path())
+        .await?;
+        callers.push((local(ports.outbound), process));
+    }
+    // Every proxy hears how many share the quota before traffic starts;
+    // and the run stays inside one minute's window.
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    let into_minute = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs()
+        % 60;
+    if into_minute > 60 - SECONDS - 5 {
+        tokio::time::sleep(std::time::Duration::from_secs(61 - into_minute)).await;
+    }
+
+    let client = reqwest::Client::builder().no_proxy().build()?;
+    let mut load = Vec::new();
+    for (out, _) in &callers {
+        let (client, out) = (client.clone(), *out);
+        load.push(tokio::spawn(async move {
+            let mut tick =
+                tokio::time::interval(std::time::Duration::from_millis(1000 / PER_PROXY_RPS));
+            let (mut allowed, mut refused) = (0usize, 0usize);
+            for _ in 0..PER_PROXY_RPS * SECONDS {
+                tick.tick().await;
+                let resp = get(&client, out, "ratings", "/r", "u").await?;
+                match resp.status().as_u16() {
+                    200 => allowed += 1,
+                    429 => {
+                        anyhow::ensure!(
+                            resp.headers()["x-lumen-policy"] == "default/ratings-minute"
+                                && resp.headers()["x-ratelimit-limit"] == "1000",
+                            "{:?}",
+                            resp.headers()
+                        );
+                        refused += 1;
+                    }
+                    s => anyhow::bail!("unexpected status {s}"),
+                }
+            }
+            Ok::<_, anyhow::Error>((allowed, refused))
+        }));
+    }
+    let mut allowed = 0;
+    let mut per_proxy = Vec::new();
+    for l in load {
+        let (a, r) = l.await??;
+        allowed += a;
+        per_proxy.push((a, r));
+    }
+    // One reporting interval (1 s) of the offered load, all proxies together.
+    let bound = LIMIT + (3 * PER_PROXY_RPS) as usize;
+    eprintln!(
+        "{allowed} admitted of {LIMIT} (bound {bound}); per proxy (admitted, refused): {per_proxy:?}"
+    );
+    assert!(
+        allowed <= bound,
+        "{allowed} admitted, more than {LIMIT} + one interval: {per_proxy:?}"
+    );
+    assert!(
+        allowed >= LIMIT * 9 / 10,
+        "{allowed} admitted of {LIMIT}: {per_proxy:?}"
+    );
+    assert!(
+        per_proxy.iter().all(|(a, r)| *a > 0 && *r > 0),
+        "each proxy admitted some and was refused some: {per_proxy:?}"
+    );
+    let rows = "SELECT count(*) AS n FROM requests WHERE reporter = 'source' AND status = 429 \
+                AND policy = 'default/ratings-minute'";
+    let refused: usize = per_proxy.iter().map(|(_, r)| r).sum();
+    assert_eq!(
+        wait_for_count(&up.sql_url(), rows, refused as i64).await?,
+        refused as i64
+    );
+    Ok(())
+}
