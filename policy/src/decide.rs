@@ -485,6 +485,7 @@ mod tests {
             dry_run: false,
             when: when(alert, labels),
             fail_mode: FailMode::Open,
+            envoy: None,
         }
     }
 

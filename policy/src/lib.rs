@@ -17,6 +17,7 @@
 
 pub mod alerts;
 pub mod decide;
+pub mod envoy;
 pub mod http;
 pub mod notify;
 pub mod rules;

@@ -19,7 +19,6 @@
 //! spans to the collector through a bounded queue that never blocks a
 //! request.
 
-pub mod access;
 pub mod admin;
 pub mod attempt;
 pub mod balance;

@@ -188,6 +188,7 @@ mod tests {
             key: LimitKey::Global,
             limit,
             per: QuotaPeriod::Minute,
+            envoy: None,
         }
     }
 

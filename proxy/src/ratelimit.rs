@@ -155,6 +155,7 @@ mod tests {
             dry_run,
             when: None,
             fail_mode: Default::default(),
+            envoy: None,
         })
     }
 

@@ -128,7 +128,7 @@ struct Host {
     /// The RateLimits on this service, checked by its callers.
     limits: Vec<Arc<Limiter>>,
     /// The AccessPolicies on it that are on.
-    access: Vec<Arc<crate::access::AccessRule>>,
+    access: Vec<Arc<lumen_core::access::AccessRule>>,
     /// The Quotas on it.
     quotas: Vec<Arc<crate::quota::QuotaRule>>,
 }
@@ -300,7 +300,11 @@ impl RoutingTable {
             let Some(i) = mesh.resolve_host(&ap.service, &ap.namespace) else {
                 continue;
             };
-            if let Some(rule) = crate::access::AccessRule::compile(ap, &mesh) {
+            if let Some(rule) = lumen_core::access::AccessRule::compile(
+                ap,
+                &mesh.active_policies,
+                mesh.policies_stale,
+            ) {
                 hosts[i].access.push(Arc::new(rule));
             }
         }
@@ -484,7 +488,7 @@ impl RoutingTable {
     }
 
     /// The AccessPolicies on `service` in force now.
-    pub fn access(&self, service: usize) -> &[Arc<crate::access::AccessRule>] {
+    pub fn access(&self, service: usize) -> &[Arc<lumen_core::access::AccessRule>] {
         &self.hosts[service].access
     }
 

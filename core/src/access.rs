@@ -1,14 +1,13 @@
-//! Access policies at the calling sidecar: an `AccessPolicy` on a service
-//! denies the sources it lists (or every source but them), or — switched
-//! on by an alert — the sources the alert named. Compiled into the routing
-//! table with the decisions in force, so a request checks a short list of
-//! names and allocates nothing.
+//! An `AccessPolicy` as the decisions in force make it: it denies the
+//! sources it lists (or every source but them), or — switched on by an
+//! alert — the sources the alert named. Calling sidecars compile it into
+//! their routing table (a request checks a short list of names and
+//! allocates nothing); Lumen's ext_authz service compiles it per check.
 
-use std::collections::HashSet;
+use std::collections::{BTreeSet, HashSet};
 use std::sync::Arc;
 
-use lumen_core::MeshConfig;
-use lumen_core::policy::{AccessAction, AccessPolicy, FailMode, SourceMatch};
+use crate::policy::{AccessAction, AccessPolicy, FailMode, SourceMatch};
 
 #[derive(Debug)]
 pub struct AccessRule {
@@ -21,25 +20,30 @@ pub struct AccessRule {
 }
 
 impl AccessRule {
-    /// The rule for `ap` as the decisions in `mesh` have it, if it is on.
-    pub fn compile(ap: &AccessPolicy, mesh: &MeshConfig) -> Option<AccessRule> {
+    /// The rule for `ap` as the decisions in force (`active`, and whether
+    /// they are `stale`) have it, if it is on.
+    pub fn compile(
+        ap: &AccessPolicy,
+        active: &BTreeSet<String>,
+        stale: bool,
+    ) -> Option<AccessRule> {
         let id = ap.id();
         let decided = |entry: &str| {
-            if mesh.policies_stale {
+            if stale {
                 ap.fail_mode == FailMode::Closed
             } else {
-                mesh.active_policies.contains(entry)
+                active.contains(entry)
             }
         };
         let mut named = HashSet::new();
         if ap.when.is_some() {
             if ap.sources_from_alert() {
                 // Stale and failing closed: the sources last named stay denied.
-                if mesh.policies_stale && ap.fail_mode == FailMode::Open {
+                if stale && ap.fail_mode == FailMode::Open {
                     return None;
                 }
                 let prefix = format!("{id}#");
-                for entry in mesh.active_policies.range(prefix.clone()..) {
+                for entry in active.range(prefix.clone()..) {
                     let Some(source) = entry.strip_prefix(&prefix) else {
                         break;
                     };
@@ -79,7 +83,7 @@ impl AccessRule {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use lumen_core::policy::Condition;
+    use crate::policy::Condition;
     use std::time::Duration;
 
     fn policy(action: AccessAction, sources: &[(&str, &str)], when: bool) -> AccessPolicy {
@@ -107,17 +111,19 @@ mod tests {
 
     #[test]
     fn listed_denied_allow_only_and_alert_named_sources() {
-        let mesh = MeshConfig::default();
+        let none = BTreeSet::new();
         let deny = AccessRule::compile(
             &policy(AccessAction::Deny, &[("default", "reviews-v2")], false),
-            &mesh,
+            &none,
+            false,
         )
         .unwrap();
         assert!(deny.denies("default", "reviews-v2"));
         assert!(!deny.denies("default", "reviews-v1"));
         let allow = AccessRule::compile(
             &policy(AccessAction::AllowOnly, &[("default", "reviews-v1")], false),
-            &mesh,
+            &none,
+            false,
         )
         .unwrap();
         assert!(allow.denies("default", "reviews-v2"));
@@ -125,23 +131,19 @@ mod tests {
 
         let from_alert = policy(AccessAction::Deny, &[], true);
         assert!(
-            AccessRule::compile(&from_alert, &mesh).is_none(),
+            AccessRule::compile(&from_alert, &none, false).is_none(),
             "no decision: off"
         );
-        let mut decided = MeshConfig::default();
-        decided
-            .active_policies
-            .insert("default/ap#default/reviews-v2".into());
-        let rule = AccessRule::compile(&from_alert, &decided).unwrap();
+        let decided = BTreeSet::from(["default/ap#default/reviews-v2".to_string()]);
+        let rule = AccessRule::compile(&from_alert, &decided, false).unwrap();
         assert!(rule.denies("default", "reviews-v2"));
         assert!(!rule.denies("default", "productpage-v1"));
         // Stale: failing closed keeps the last sources; open lifts them.
-        decided.policies_stale = true;
-        assert!(AccessRule::compile(&from_alert, &decided).is_some());
+        assert!(AccessRule::compile(&from_alert, &decided, true).is_some());
         let open = AccessPolicy {
             fail_mode: FailMode::Open,
             ..from_alert
         };
-        assert!(AccessRule::compile(&open, &decided).is_none());
+        assert!(AccessRule::compile(&open, &decided, true).is_none());
     }
 }
