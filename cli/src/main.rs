@@ -612,6 +612,14 @@ struct DemoArgs {
     /// http://127.0.0.1:9093; Alertmanager's v2 API); repeatable.
     #[arg(long = "alertmanager")]
     alertmanagers: Vec<String>,
+    /// Start a ratings incident (20 s of 503s) right away, rather than
+    /// after the first --incident-every.
+    #[arg(long)]
+    incident: bool,
+    /// How often ratings has an incident: its error-rate alert fires and
+    /// the demo's conditional RateLimit switches on, then off.
+    #[arg(long, default_value = "3m", value_parser = parse_duration)]
+    incident_every: Duration,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -838,7 +846,7 @@ async fn up(a: UpArgs) -> Result<()> {
     // change is a `policy_events` row, logged like ingested rows.
     let decide_task = {
         let (config, publish) = (store.clone(), store);
-        let events = PolicyEventWriter::new(writer);
+        let events = lumen_collector::events::PolicyEventWriter::new(writer);
         tokio::spawn(lumen_policy::decide::run(
             rules.clone(),
             board,
@@ -905,38 +913,6 @@ async fn serve_envoy(
             tracing::error!(error = %e, "Envoy's rate-limit / ext_authz service failed");
         }
     }))
-}
-
-/// Writes the policy engine's events to `policy_events` through the WAL,
-/// off the decision loop; a write that fails is logged, never retried
-/// into an unbounded queue.
-struct PolicyEventWriter {
-    wal: lumen_collector::wal::WalHandle,
-    table: usize,
-}
-
-impl PolicyEventWriter {
-    fn new(wal: lumen_collector::wal::WalHandle) -> Self {
-        let table = lumen_collector::store::table_index(lumen_core::schema::POLICY_EVENTS)
-            .expect("policy_events is a table");
-        PolicyEventWriter { wal, table }
-    }
-
-    fn write(&self, rows: Vec<lumen_core::schema::PolicyEvent>) {
-        let batch = match lumen_core::schema::policy_events_batch(&rows) {
-            Ok(b) => b,
-            Err(e) => {
-                tracing::error!(error = %e, "cannot build policy_events rows");
-                return;
-            }
-        };
-        let (wal, table) = (self.wal.clone(), self.table);
-        tokio::spawn(async move {
-            if let Err(e) = wal.append(vec![(table, batch)]).await {
-                tracing::warn!(error = %e, rows = rows.len(), "policy events not stored");
-            }
-        });
-    }
 }
 
 /// Every rule group of `paths` (files, or directories of `.yml` /
@@ -1222,6 +1198,22 @@ async fn demo(a: DemoArgs) -> Result<()> {
         control: a.control.control_addr,
         ingress: a.ingress,
         files: a.file.clone(),
+        rules: {
+            let mut groups = lumen_policy::rules::parse(
+                "mesh.rules.yaml (shipped)",
+                lumen_policy::rules::SHIPPED,
+            )?;
+            groups.extend(load_rules(&a.rules)?);
+            groups
+        },
+        evaluation_interval: a.evaluation_interval,
+        alertmanagers: a.alertmanagers.clone(),
+        incident_first: if a.incident {
+            Duration::from_secs(2)
+        } else {
+            a.incident_every
+        },
+        incident_every: a.incident_every,
     };
     let running = lumen_demo::start(config)
         .await
@@ -1288,6 +1280,22 @@ async fn demo(a: DemoArgs) -> Result<()> {
     );
     println!(
         "              {me} get vs{control_flag}   {me} apply -f FILE{control_flag}   {me} proxy-status{control_flag}"
+    );
+    println!(
+        "  Policy:     {} (a RateLimit on ratings while its error-rate alert fires); ratings fails for 20 s {}",
+        running
+            .config_dir
+            .join(lumen_demo::mesh::POLICY_FILE)
+            .display(),
+        if a.incident {
+            "now, then every ".to_string()
+                + &humantime::format_duration(a.incident_every).to_string()
+        } else {
+            "every ".to_string() + &humantime::format_duration(a.incident_every).to_string()
+        }
+    );
+    println!(
+        "              {me} policy status --url {base}   {base}/api/v1/alerts   SELECT * FROM policy_events"
     );
     println!();
     println!("Try:");

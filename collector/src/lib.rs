@@ -21,6 +21,7 @@
 pub mod buffer;
 pub mod compact;
 pub mod dedup;
+pub mod events;
 pub mod export;
 pub mod format;
 pub mod health;

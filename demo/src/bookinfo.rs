@@ -75,8 +75,12 @@ impl App {
 /// something to find.
 pub const RATINGS_FAILURE_RATE: f64 = 0.02;
 
+/// Whether ratings is in an incident (answers every request 503).
+pub type Incident = Arc<std::sync::atomic::AtomicBool>;
+
 struct AppState {
     app: App,
+    incident: Incident,
     outbound: SocketAddr,
     client: Client<HttpConnector, Empty<Bytes>>,
     telemetry: Option<Arc<AppTelemetry>>,
@@ -99,6 +103,7 @@ pub async fn serve(
     listener: TcpListener,
     outbound: SocketAddr,
     telemetry: Option<Arc<AppTelemetry>>,
+    incident: Incident,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut connector = HttpConnector::new();
@@ -108,6 +113,7 @@ pub async fn serve(
         .build(connector);
     let state = Arc::new(AppState {
         app,
+        incident,
         outbound,
         client,
         telemetry,
@@ -289,7 +295,9 @@ async fn answer(
             json(StatusCode::OK, reviews)
         }
         (App::Ratings, p) if p.starts_with("/ratings/") => {
-            if rand::rng().random_bool(RATINGS_FAILURE_RATE) {
+            if state.incident.load(std::sync::atomic::Ordering::Relaxed)
+                || rand::rng().random_bool(RATINGS_FAILURE_RATE)
+            {
                 error = Some("overloaded".to_string());
                 log(
                     state,

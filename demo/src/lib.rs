@@ -79,6 +79,48 @@ pub struct DemoConfig {
     pub ingress: SocketAddr,
     /// More resources to apply at start (`lumen demo -f`), watched too.
     pub files: Vec<PathBuf>,
+    /// Prometheus rule groups the policy engine evaluates (Lumen's
+    /// shipped rules, and the user's).
+    pub rules: Vec<lumen_policy::RuleGroup>,
+    pub evaluation_interval: std::time::Duration,
+    /// Alertmanagers to send firing alerts to.
+    pub alertmanagers: Vec<String>,
+    /// When ratings fails for [`INCIDENT`]: first after `incident_first`,
+    /// then every `incident_every`.
+    pub incident_first: std::time::Duration,
+    pub incident_every: std::time::Duration,
+}
+
+/// How long one ratings incident lasts.
+pub const INCIDENT: std::time::Duration = std::time::Duration::from_secs(20);
+
+/// Makes ratings fail for [`INCIDENT`] after `first`, then every `every`,
+/// until `stop`.
+async fn incidents(
+    incident: bookinfo::Incident,
+    first: std::time::Duration,
+    every: std::time::Duration,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut wait = first;
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(wait) => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+        tracing::warn!(
+            "incident: ratings answers 503 for {}s — watch `lumen policy status` and policy_events",
+            INCIDENT.as_secs()
+        );
+        incident.store(true, Ordering::Relaxed);
+        tokio::select! {
+            () = tokio::time::sleep(INCIDENT) => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+        incident.store(false, Ordering::Relaxed);
+        tracing::warn!("incident over: ratings recovered");
+        wait = every;
+    }
 }
 
 /// A running demo; [`stop`](RunningDemo::stop) shuts it down in order.
@@ -166,8 +208,16 @@ pub async fn start(config: DemoConfig) -> Result<RunningDemo, DemoError> {
     let pg_addr = pg.local_addr().unwrap_or(config.pg);
     let flight_sql = FlightSqlServer::bind(config.flight_sql, engine.clone()).await?;
     let flight_sql_addr = flight_sql.local_addr().unwrap_or(config.flight_sql);
-    let query = QueryServer::bind(config.query, engine).await?;
+    let rules = Arc::new(lumen_policy::RuleEngine::new(
+        config.rules.clone(),
+        config.evaluation_interval,
+    ));
+    let board = Arc::new(lumen_policy::decide::Board::default());
+    let query = QueryServer::bind(config.query, engine.clone())
+        .await?
+        .with_routes(lumen_policy::http::router(rules.clone(), board.clone()));
     let query_addr = query.local_addr().unwrap_or(config.query);
+    let events = lumen_collector::events::PolicyEventWriter::new(collector.writer());
     let (stop_collector, rx) = watch::channel(false);
     let collector_task = tokio::spawn(collector.run(until(rx)));
     let (stop_query, rx) = watch::channel(false);
@@ -275,9 +325,37 @@ pub async fn start(config: DemoConfig) -> Result<RunningDemo, DemoError> {
             watched,
             resources.clone(),
             std::time::Duration::from_millis(250),
-            control_rx,
+            control_rx.clone(),
         )),
     ];
+    // The policy engine, as in `lumen up`: rules over the live series,
+    // decisions streamed to every sidecar, changes into `policy_events`.
+    let mut control_tasks = control_tasks;
+    control_tasks.push(tokio::spawn(rules.clone().run(engine, control_rx.clone())));
+    control_tasks.push(tokio::spawn({
+        let (config_of, publish) = (resources.clone(), resources.clone());
+        lumen_policy::decide::run(
+            rules.clone(),
+            board,
+            move || {
+                let mesh = &config_of.current().mesh;
+                lumen_policy::decide::Policies {
+                    rate_limits: mesh.rate_limits.clone(),
+                    access: mesh.access_policies.clone(),
+                }
+            },
+            move |on| publish.set_active_policies(on),
+            move |rows| events.write(rows),
+            control_rx.clone(),
+        )
+    }));
+    if !config.alertmanagers.is_empty() {
+        let notifier = Arc::new(lumen_policy::notify::Notifier::new(
+            config.alertmanagers.clone(),
+            format!("http://{query_addr}/api/v1/alerts"),
+        ));
+        control_tasks.push(tokio::spawn(notifier.run(rules.clone(), control_rx)));
+    }
     let (stop_proxies, proxies_rx) = watch::channel(false);
     let control_url = format!("http://{control_addr}");
     let mut proxy_tasks = Vec::new();
@@ -321,6 +399,7 @@ pub async fn start(config: DemoConfig) -> Result<RunningDemo, DemoError> {
     }
 
     let (stop_apps, apps_rx) = watch::channel(false);
+    let incident = bookinfo::Incident::default();
     let mut sidecars = Vec::new();
     let mut app_tasks = Vec::new();
     let mut app_telemetry = Vec::new();
@@ -347,6 +426,7 @@ pub async fn start(config: DemoConfig) -> Result<RunningDemo, DemoError> {
             listener,
             outbound,
             telemetry,
+            incident.clone(),
             apps_rx.clone(),
         )));
         proxy_tasks.push(tokio::spawn(proxy.run(until(proxies_rx.clone()))));
@@ -360,6 +440,12 @@ pub async fn start(config: DemoConfig) -> Result<RunningDemo, DemoError> {
     }
     proxy_tasks.push(tokio::spawn(ingress_proxy.run(until(proxies_rx))));
 
+    app_tasks.push(tokio::spawn(incidents(
+        incident,
+        config.incident_first,
+        config.incident_every,
+        apps_rx.clone(),
+    )));
     let load = Arc::new(LoadStats::default());
     let (stop_load, load_rx) = watch::channel(false);
     let load_task = tokio::spawn(load::run(

@@ -13,7 +13,10 @@ use crate::bookinfo::{App, PORT};
 /// The file the demo prints as the one to edit.
 pub const ROUTING_FILE: &str = "bookinfo-networking.yaml";
 
-/// Writes `mesh.yaml` and [`ROUTING_FILE`] into `dir`.
+/// The demo's policy: a limit on ratings while its error rate alert fires.
+pub const POLICY_FILE: &str = "bookinfo-policy.yaml";
+
+/// Writes `mesh.yaml`, [`ROUTING_FILE`] and [`POLICY_FILE`] into `dir`.
 pub fn write(
     dir: &Path,
     instances: &[(App, SocketAddr)],
@@ -36,11 +39,32 @@ pub fn write(
         }
     }
     std::fs::write(dir.join("mesh.yaml"), mesh)?;
+    std::fs::write(dir.join(POLICY_FILE), POLICY)?;
     std::fs::write(
         dir.join(ROUTING_FILE),
         ROUTING.replace("INGRESS_PORT", &ingress_port.to_string()),
     )
 }
+
+const POLICY: &str = r#"# Shed load on ratings while it fails: on when Lumen's shipped rule
+# ServiceHighErrorRate fires for ratings, off 30 s after it stops.
+#   lumen policy status
+#   lumen sql "SELECT time, kind, name, old_state, new_state, reason FROM policy_events ORDER BY time"
+apiVersion: policy.lumen.dev/v1alpha1
+kind: RateLimit
+metadata:
+  name: shed-ratings
+spec:
+  target:
+    service: ratings
+  requestsPerSecond: 5
+  burst: 5
+  when:
+    alert: ServiceHighErrorRate
+    labels:
+      destination_service_name: ratings
+  cooldown: 30s
+"#;
 
 /// Istio-form routing for the demo: reviews split by weight with jason's
 /// requests on v2, a retry policy and a small delay on ratings, outlier

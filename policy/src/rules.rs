@@ -113,6 +113,10 @@ fn is_label_name(s: &str) -> bool {
 }
 
 /// Reads and validates one rule file.
+/// The rules Lumen ships (`policy/rules/mesh.rules.yaml`): error rate,
+/// p99 and request rate per service over Istio's metrics.
+pub const SHIPPED: &str = include_str!("../rules/mesh.rules.yaml");
+
 pub fn load(path: &Path) -> Result<Vec<RuleGroup>, RuleError> {
     let file = path.display().to_string();
     let text = std::fs::read_to_string(path).map_err(|e| RuleError {

@@ -29,6 +29,8 @@ impl Demo {
         let stderr = dir.join("demo.stderr");
         let mut child = Command::new(lumen_bin())
             .args(["demo", "--duration", &DURATION_SECS.to_string()])
+            // A ratings incident at once: its alert shows within the run.
+            .arg("--incident")
             .arg("--data-dir")
             .arg(data)
             // Port 0 everywhere: the demo must print where it really listens.
@@ -233,7 +235,7 @@ async fn demo_prints_queries_that_answer_and_stops_cleanly_leaving_parquet() -> 
 
     // What it prints before running: the SQL API and commands to try.
     let (mut sql_url, mut examples, mut curl) = (None, Vec::new(), None);
-    let (mut ingress, mut config_commands) = (None, None);
+    let (mut ingress, mut config_commands, mut policy) = (None, None, None);
     loop {
         let Some(line) = demo.next_line().await? else {
             bail!("the demo stopped before it was running:\n{}", demo.output());
@@ -252,6 +254,8 @@ async fn demo_prints_queries_that_answer_and_stops_cleanly_leaving_parquet() -> 
                 .map(str::to_string);
         } else if line.contains(" get vs") {
             config_commands = Some(line.to_string());
+        } else if line.starts_with("Policy:") {
+            policy = Some(line.to_string());
         } else if line.starts_with("Running for") {
             break;
         }
@@ -358,6 +362,22 @@ async fn demo_prints_queries_that_answer_and_stops_cleanly_leaving_parquet() -> 
     traffic_management_shows(&sql_url)
         .await
         .with_context(|| demo.output())?;
+    let policy = policy.with_context(|| format!("no `Policy:` line:\n{}", demo.output()))?;
+    assert!(
+        policy.contains("bookinfo-policy.yaml") && policy.contains("ratings fails for 20 s now"),
+        "{policy}"
+    );
+    // The incident: ratings fails, the shipped error-rate rule sees it in
+    // the last seconds, and policy_events says so.
+    let alerted = "SELECT count(*) AS n FROM policy_events WHERE kind = 'alert' \
+                   AND name = 'ServiceHighErrorRate' AND target LIKE '%ratings%' \
+                   AND new_state IN ('pending', 'firing')";
+    assert!(
+        wait_for_count(&sql_url, alerted, 1)
+            .await
+            .with_context(|| demo.output())?
+            >= 1
+    );
     jaeger_api(base, &sql_url).await?;
     apps_own_telemetry(base, &sql_url)
         .await
