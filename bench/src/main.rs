@@ -6,6 +6,7 @@ mod grpc;
 mod http;
 mod ingest;
 mod lb;
+mod limits;
 mod load;
 mod otlp;
 mod paths;
@@ -147,6 +148,40 @@ enum Command {
         Alertmanager's default intervals (computed). Writes bench/results/reaction.md. \
         Defaults take about 5 minutes.")]
     Reaction(ReactionArgs),
+    /// The cost of enforcing RateLimits at the sidecar: CPU per request
+    /// with none, and with 100 (one applying, and all applying).
+    #[command(long_about = "The cost of enforcement at the sidecar, in one run.\n\n\
+        One upstream behind one Lumen sidecar (one worker, telemetry on): no RateLimit, then \
+        --limits RateLimits each on a path of its own (one applies to a request), then \
+        --limits all applying. Limits far above the load; oha at a fixed rate; CPU per request \
+        and latency. Writes bench/results/limits.md. Defaults take about 2 minutes.")]
+    Limits(LimitsArgs),
+}
+
+#[derive(Args)]
+struct LimitsArgs {
+    /// Requests per second (fixed rate).
+    #[arg(long, default_value_t = 2000)]
+    rate: u32,
+    /// oha connections.
+    #[arg(long, default_value_t = 16)]
+    connections: u32,
+    /// Seconds per run.
+    #[arg(long, default_value_t = 10)]
+    duration: u64,
+    /// Rounds, interleaved; the report shows medians.
+    #[arg(long, default_value_t = 3)]
+    rounds: u32,
+    /// RateLimits on the service.
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..))]
+    limits: u64,
+    /// The lumen binary [default: <workspace>/target/release/lumen].
+    #[arg(long)]
+    lumen: Option<PathBuf>,
+    #[arg(long, default_value_os_t = peers::workspace_root().join("bench/results/limits.md"))]
+    out: PathBuf,
+    #[arg(long)]
+    keep_temp: bool,
 }
 
 #[derive(Args)]
@@ -394,6 +429,7 @@ fn main() -> ExitCode {
         Command::Push(a) => push_bench(a),
         Command::Routes(a) => routes_bench(a),
         Command::Reaction(a) => reaction_bench(a),
+        Command::Limits(a) => limits_bench(a),
         Command::SlowUpstream(a) => {
             lb::serve_upstream(a.port, std::time::Duration::from_millis(a.delay_ms))
         }
@@ -570,6 +606,23 @@ fn push_bench(a: PushArgs) -> Result<()> {
     let outcome = push::run(&lumen, &tmp.path, &set)?;
     let command = std::env::args().collect::<Vec<_>>().join(" ");
     write_report(&a.out, &push::render(&command, &machine(), &set, &outcome))?;
+    Ok(())
+}
+
+fn limits_bench(a: LimitsArgs) -> Result<()> {
+    peers::check_installed(&["oha"])?;
+    let lumen = peers::lumen_binary(a.lumen.as_deref())?;
+    let tmp = TempDir::create(a.keep_temp)?;
+    let set = limits::Settings {
+        rate: a.rate,
+        connections: a.connections,
+        secs: a.duration,
+        rounds: a.rounds,
+        limits: a.limits as usize,
+    };
+    let cases = limits::run(&lumen, &tmp.path, &set)?;
+    let command = std::env::args().collect::<Vec<_>>().join(" ");
+    write_report(&a.out, &limits::render(&command, &machine(), &set, &cases))?;
     Ok(())
 }
 
