@@ -16,6 +16,7 @@ mod push;
 mod reaction;
 mod report;
 mod routes;
+mod rules;
 mod scenario;
 mod storage;
 
@@ -156,6 +157,33 @@ enum Command {
         --limits all applying. Limits far above the load; oha at a fixed rate; CPU per request \
         and latency. Writes bench/results/limits.md. Defaults take about 2 minutes.")]
     Limits(LimitsArgs),
+    /// Rule evaluation: `lumen demo`'s CPU with its shipped rules and with
+    /// 1,000 more alerting rules at a 1 s interval.
+    #[command(long_about = "Rule evaluation cost, in one run.\n\n\
+        `lumen demo` (release build) with Lumen's shipped rules, then with --rules more alerting \
+        rules over the demo's series, every group each second; the process's CPU over a window, \
+        and the groups' evaluation times. Writes bench/results/rules.md. Defaults take about \
+        2 minutes.")]
+    Rules(RulesArgs),
+}
+
+#[derive(Args)]
+struct RulesArgs {
+    #[arg(long, default_value_t = 1000)]
+    rules: usize,
+    /// Seconds of traffic before measuring.
+    #[arg(long, default_value_t = 20)]
+    warmup: u64,
+    /// Seconds measured.
+    #[arg(long, default_value_t = 30)]
+    measure: u64,
+    /// The lumen binary [default: <workspace>/target/release/lumen].
+    #[arg(long)]
+    lumen: Option<PathBuf>,
+    #[arg(long, default_value_os_t = peers::workspace_root().join("bench/results/rules.md"))]
+    out: PathBuf,
+    #[arg(long)]
+    keep_temp: bool,
 }
 
 #[derive(Args)]
@@ -430,6 +458,7 @@ fn main() -> ExitCode {
         Command::Routes(a) => routes_bench(a),
         Command::Reaction(a) => reaction_bench(a),
         Command::Limits(a) => limits_bench(a),
+        Command::Rules(a) => rules_bench(a),
         Command::SlowUpstream(a) => {
             lb::serve_upstream(a.port, std::time::Duration::from_millis(a.delay_ms))
         }
@@ -606,6 +635,20 @@ fn push_bench(a: PushArgs) -> Result<()> {
     let outcome = push::run(&lumen, &tmp.path, &set)?;
     let command = std::env::args().collect::<Vec<_>>().join(" ");
     write_report(&a.out, &push::render(&command, &machine(), &set, &outcome))?;
+    Ok(())
+}
+
+fn rules_bench(a: RulesArgs) -> Result<()> {
+    let lumen = peers::lumen_binary(a.lumen.as_deref())?;
+    let tmp = TempDir::create(a.keep_temp)?;
+    let set = rules::Settings {
+        rules: a.rules,
+        warmup: std::time::Duration::from_secs(a.warmup),
+        measure: std::time::Duration::from_secs(a.measure),
+    };
+    let runs = rules::run(&lumen, &tmp.path, &set)?;
+    let command = std::env::args().collect::<Vec<_>>().join(" ");
+    write_report(&a.out, &rules::render(&command, &machine(), &set, &runs))?;
     Ok(())
 }
 

@@ -14,6 +14,47 @@ use std::time::{Duration, Instant};
 use lumen_core::Workload;
 use lumen_core::policy::{LimitKey, RateLimit};
 
+/// The keys of one request, worked out once however many limits ask: a
+/// header is looked up once per name in a row, the workload formatted
+/// once.
+pub struct RequestKeys<'a, F> {
+    source: Option<&'a Workload>,
+    header: F,
+    workload: Option<String>,
+    last_header: Option<(&'a str, &'a str)>,
+}
+
+impl<'a, F: Fn(&str) -> Option<&'a str>> RequestKeys<'a, F> {
+    pub fn new(source: Option<&'a Workload>, header: F) -> Self {
+        RequestKeys {
+            source,
+            header,
+            workload: None,
+            last_header: None,
+        }
+    }
+
+    pub fn of(&mut self, key: &'a LimitKey) -> &str {
+        match key {
+            LimitKey::Global => "",
+            LimitKey::SourceWorkload => {
+                let source = self.source;
+                self.workload.get_or_insert_with(|| {
+                    source.map_or(String::new(), |w| format!("{}/{}", w.namespace, w.workload))
+                })
+            }
+            LimitKey::Header(h) => match self.last_header {
+                Some((name, value)) if name == h => value,
+                _ => {
+                    let value = (self.header)(h).unwrap_or("");
+                    self.last_header = Some((h, value));
+                    value
+                }
+            },
+        }
+    }
+}
+
 /// The key a request counts under, for a RateLimit or a Quota.
 pub fn key_of<'a>(
     key: &LimitKey,
@@ -39,7 +80,7 @@ pub struct Limiter {
     pub spec: RateLimit,
     /// `namespace/name`, as rows and headers name it.
     pub name: Arc<str>,
-    buckets: Mutex<HashMap<String, Bucket>>,
+    buckets: Mutex<HashMap<String, Bucket, foldhash::fast::RandomState>>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -64,7 +105,7 @@ impl Limiter {
         Limiter {
             name: format!("{}/{}", spec.namespace, spec.name).into(),
             spec,
-            buckets: Mutex::new(HashMap::new()),
+            buckets: Mutex::new(HashMap::default()),
         }
     }
 
@@ -72,16 +113,6 @@ impl Limiter {
     pub fn applies(&self, method: &str, path: &str) -> bool {
         self.spec.method.as_ref().is_none_or(|m| m.matches(method))
             && self.spec.path.as_ref().is_none_or(|p| p.matches(path))
-    }
-
-    /// The bucket this request draws from: a workload key is formatted
-    /// only for limits keyed by workload.
-    pub fn key<'a>(
-        &self,
-        source: Option<&Workload>,
-        header: impl Fn(&str) -> Option<&'a str>,
-    ) -> Cow<'a, str> {
-        key_of(&self.spec.key, source, header)
     }
 
     /// Takes a token for `key` at `now`.

@@ -439,14 +439,15 @@ fn rate_limit<B>(routed: &Routed, source: Option<&Workload>, req: &Request<B>) -
     let mut would = None;
     let now = std::time::Instant::now();
     let path = req.uri().path();
+    let mut keys = crate::ratelimit::RequestKeys::new(source, |h| {
+        req.headers().get(h).and_then(|v| v.to_str().ok())
+    });
     for l in limits {
         if !l.applies(req.method().as_str(), path) {
             continue;
         }
-        let key = l.key(source, |h| {
-            req.headers().get(h).and_then(|v| v.to_str().ok())
-        });
-        match l.check(&key, now) {
+        let key = keys.of(&l.spec.key);
+        match l.check(key, now) {
             Verdict::Allow { .. } => {}
             Verdict::WouldLimit => {
                 tracing::debug!(policy = %l.name, key = %key, "would rate limit (dry run)");
