@@ -253,6 +253,9 @@ impl RuleEngine {
         let started = Instant::now();
         let now = SystemTime::now();
         let mut results = Vec::with_capacity(rules.len());
+        // The group's rules run at one instant: a selector several of them
+        // read is read once.
+        let cache = Arc::new(promql::SelectCache::default());
         for rule in &rules {
             let t0 = Instant::now();
             let query = PromQuery {
@@ -261,6 +264,7 @@ impl RuleEngine {
                 lookback: promql::eval::DEFAULT_LOOKBACK,
                 origin: format!("rule {name}/{}", rule.name),
                 raw: false,
+                cache: Some(cache.clone()),
             };
             let got = promql::evaluate(engine, query).await;
             results.push((got, t0.elapsed()));

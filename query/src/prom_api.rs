@@ -183,6 +183,7 @@ async fn query(
                 lookback: lookback(&p)?,
                 origin: format!("promql {peer}"),
                 raw: raw_source(&p)?,
+                cache: None,
             },
         )
         .await?;
@@ -259,6 +260,7 @@ async fn query_range(
                 lookback: lookback(&p)?,
                 origin: format!("promql {peer}"),
                 raw: raw_source(&p)?,
+                cache: None,
             },
         )
         .await?;

@@ -15,6 +15,8 @@ pub mod istio;
 pub mod otlp;
 pub mod value;
 
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::engine::{QueryEngine, QueryError};
@@ -47,6 +49,47 @@ pub struct PromQuery {
     pub origin: String,
     /// Read raw `requests` rows instead of rollups.
     pub raw: bool,
+    /// Shared by queries evaluated at the same instant (a rule group's
+    /// rules): a selector read by one is not read again by the next.
+    pub cache: Option<Arc<SelectCache>>,
+}
+
+type SelectKey = (String, i64, i64, Option<i64>);
+
+/// Selections already read, by selector, time range and range window.
+#[derive(Debug, Default)]
+pub struct SelectCache(Mutex<HashMap<SelectKey, Vec<value::RawSeries>>>);
+
+/// A source that asks `inner` once per distinct selection of `cache`.
+struct Cached<'a> {
+    inner: &'a otlp::Sources,
+    cache: Option<Arc<SelectCache>>,
+}
+
+#[async_trait::async_trait]
+impl eval::Source for Cached<'_> {
+    async fn select(
+        &self,
+        selector: &promql_parser::parser::VectorSelector,
+        from: i64,
+        to: i64,
+        range: Option<i64>,
+    ) -> Result<Vec<value::RawSeries>, PromError> {
+        let Some(cache) = &self.cache else {
+            return self.inner.select(selector, from, to, range).await;
+        };
+        let key = (selector.to_string(), from, to, range);
+        if let Some(hit) = cache.0.lock().unwrap_or_else(|p| p.into_inner()).get(&key) {
+            return Ok(hit.clone());
+        }
+        let got = self.inner.select(selector, from, to, range).await?;
+        cache
+            .0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(key, got.clone());
+        Ok(got)
+    }
 }
 
 /// Parses PromQL. The parser panics on some out-of-range numbers (`x[1e30]`);
@@ -75,7 +118,12 @@ pub async fn evaluate(engine: &QueryEngine, query: PromQuery) -> Result<Value, P
         istio: istio::IstioSource::new(engine.clone(), query.origin.clone()).raw(query.raw),
         otlp: otlp::OtlpSource::new(engine.clone(), query.origin.clone()),
     };
+    let cache = query.cache.clone();
     let work = async move {
+        let source = Cached {
+            inner: &source,
+            cache,
+        };
         let evaluator = Evaluator {
             source: &source,
             query: query.steps,
