@@ -13,10 +13,9 @@
 //! collectors it is never whole (others' rows are not here).
 
 use std::collections::{BTreeMap, HashMap};
+use std::hash::Hash;
 
 use lumen_core::schema::DURATION_BUCKETS_MS;
-
-use crate::rollup::Key;
 
 /// How far back the tier keeps seconds.
 pub const RETENTION_SECS: i64 = 15 * 60;
@@ -41,14 +40,15 @@ pub struct LiveKey<'a> {
     pub mtls: bool,
 }
 
+/// The tier, over keys `K` (the rollups' key).
 #[derive(Debug)]
-pub struct Live {
-    seconds: BTreeMap<i64, HashMap<Key, Counts>>,
+pub struct Live<K> {
+    seconds: BTreeMap<i64, HashMap<K, Counts>>,
     entries: usize,
     complete_from: i64,
 }
 
-impl Default for Live {
+impl<K> Default for Live<K> {
     /// Whole from the start: until files are found, every row there is
     /// comes through here.
     fn default() -> Self {
@@ -60,7 +60,7 @@ fn now_secs() -> i64 {
     chrono::Utc::now().timestamp()
 }
 
-impl Live {
+impl<K> Live<K> {
     /// A tier whole from second `complete_from` (the first second no row
     /// of which can be in a file already).
     pub fn new(complete_from: i64) -> Self {
@@ -83,8 +83,29 @@ impl Live {
         self.complete_from.max(now_secs() - RETENTION_SECS + 1)
     }
 
+    /// Entries held, for the collector's metrics.
+    pub fn len(&self) -> usize {
+        self.entries
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries == 0
+    }
+
+    /// Visits every key's counts in each second from `from` on, oldest
+    /// second first.
+    pub fn visit(&self, from: i64, mut f: impl FnMut(i64, &K, &Counts)) {
+        for (second, per_key) in self.seconds.range(from..) {
+            for (key, counts) in per_key {
+                f(*second, key, counts);
+            }
+        }
+    }
+}
+
+impl<K: Eq + Hash + Clone> Live<K> {
     /// Counts one group of rows of a key in second `second`.
-    pub(crate) fn add(&mut self, second: i64, key: &Key, counts: &Counts) {
+    pub(crate) fn add(&mut self, second: i64, key: &K, counts: &Counts) {
         let now = now_secs();
         if second <= now - RETENTION_SECS {
             return;
@@ -119,47 +140,14 @@ impl Live {
             }
         }
     }
-
-    /// Entries held, for the collector's metrics.
-    pub fn len(&self) -> usize {
-        self.entries
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.entries == 0
-    }
-
-    /// Visits every key's counts in each second from `from` on, oldest
-    /// second first.
-    pub fn visit(&self, from: i64, mut f: impl FnMut(i64, LiveKey<'_>, &Counts)) {
-        for (second, per_key) in self.seconds.range(from..) {
-            for (key, counts) in per_key {
-                let view = LiveKey {
-                    names: std::array::from_fn(|i| &*key.names[i]),
-                    status: key.status,
-                    grpc_status: key.grpc_status,
-                    mtls: key.mtls,
-                };
-                f(*second, view, counts);
-            }
-        }
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::Arc;
 
-    fn key(service: &str) -> Key {
-        let mut names: [Arc<str>; 12] = Default::default();
-        names[5] = Arc::from(service);
-        Key {
-            names,
-            status: 200,
-            grpc_status: None,
-            mtls: false,
-        }
+    fn key(service: &str) -> String {
+        service.to_string()
     }
 
     fn one() -> Counts {
@@ -178,9 +166,7 @@ mod tests {
         live.add(now - RETENTION_SECS - 5, &key("a"), &one());
         assert_eq!(live.len(), 2);
         let mut seen = Vec::new();
-        live.visit(now - 10, |s, k, c| {
-            seen.push((s, k.names[5].to_string(), c[0]))
-        });
+        live.visit(now - 10, |s, k, c| seen.push((s, k.clone(), c[0])));
         assert_eq!(
             seen,
             vec![(now - 2, "a".to_string(), 2), (now - 1, "b".to_string(), 1)]

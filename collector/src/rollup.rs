@@ -27,7 +27,7 @@ use arrow::record_batch::RecordBatch;
 use lumen_core::schema::{DURATION_BUCKETS_MS, ROLLUP_KEY_NAMES, ROLLUP_WINDOWS, rollups_schema};
 use lumen_core::sketch::Sketch;
 
-use crate::live::{Counts, Live};
+use crate::live::{Counts, Live, LiveKey};
 
 const KEYS: usize = ROLLUP_KEY_NAMES.len();
 const BUCKETS: usize = DURATION_BUCKETS_MS.len() + 1;
@@ -118,7 +118,7 @@ pub struct Rollups {
     names: HashSet<Arc<str>>,
     guard: CardinalityGuard,
     /// The same rows per second, for the last minutes.
-    live: Live,
+    live: Live<Key>,
 }
 
 /// The value a label's excess distinct values are folded into.
@@ -186,12 +186,26 @@ impl Rollups {
     }
 
     /// The per-second tier of the last minutes.
-    pub fn live(&self) -> &Live {
+    pub(crate) fn live(&self) -> &Live<Key> {
         &self.live
     }
 
-    pub(crate) fn live_mut(&mut self) -> &mut Live {
+    pub(crate) fn live_mut(&mut self) -> &mut Live<Key> {
         &mut self.live
+    }
+
+    /// Visits the live tier's counts from second `from` on, each key as
+    /// its names.
+    pub fn live_visit(&self, from: i64, mut f: impl FnMut(i64, LiveKey<'_>, &Counts)) {
+        self.live.visit(from, |second, key, counts| {
+            let view = LiveKey {
+                names: std::array::from_fn(|i| &*key.names[i]),
+                status: key.status,
+                grpc_status: key.grpc_status,
+                mtls: key.mtls,
+            };
+            f(second, view, counts);
+        });
     }
 
     /// Distinct values each label keeps per hour before the rest become

@@ -271,9 +271,8 @@ impl Store {
         f: impl FnMut(i64, crate::live::LiveKey<'_>, &crate::live::Counts),
     ) -> i64 {
         let rollups = self.rollups();
-        let live = rollups.live();
-        live.visit(from, f);
-        live.complete_from()
+        rollups.live_visit(from, f);
+        rollups.live().complete_from()
     }
 
     /// Rows before `second` may be only in files: the live tier does not
