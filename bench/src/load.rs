@@ -187,6 +187,27 @@ fn oha(target: &Target, args: &[&str]) -> Result<String> {
     Ok(stdout)
 }
 
+/// A proxy's CPU time (all threads) per request answered, µs, at a fixed
+/// rate for `secs` after 2 s of warm-up, and what oha saw meanwhile.
+pub fn cpu_per_request(
+    pid: u32,
+    target: &Target,
+    rate: u32,
+    connections: u32,
+    secs: u64,
+) -> Result<(f64, OhaResult)> {
+    use crate::procstat::{clock_ticks_per_sec, cpu_ticks};
+    run_oha(target, rate, connections, 2)?;
+    let before = cpu_ticks(pid)?;
+    let oha = run_oha(target, rate, connections, secs)?;
+    let ticks = cpu_ticks(pid)? - before;
+    let answered = (oha.ok as f64).max(1.0);
+    Ok((
+        ticks as f64 / clock_ticks_per_sec() as f64 * 1e6 / answered,
+        oha,
+    ))
+}
+
 pub fn run_oha(target: &Target, rate: u32, connections: u32, secs: u64) -> Result<OhaResult> {
     let stdout = oha(
         target,

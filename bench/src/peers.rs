@@ -294,6 +294,22 @@ pub fn start_grpc_upstream(dir: &Path, port: u16) -> Result<Proc> {
     Ok(p)
 }
 
+/// `lumen-bench slow-upstream` answering at once, on a free port.
+pub fn start_fast_upstream(dir: &Path) -> Result<(Proc, u16)> {
+    let port = free_ports(1)?[0];
+    let mut cmd = Command::new(std::env::current_exe()?);
+    cmd.args([
+        "slow-upstream",
+        "--port",
+        &port.to_string(),
+        "--delay-ms",
+        "0",
+    ]);
+    let mut p = Proc::spawn("upstream", cmd, dir.join("upstream.log"))?;
+    p.wait_listening(local(port))?;
+    Ok((p, port))
+}
+
 pub fn start_nginx(dir: &Path, port: u16) -> Result<Proc> {
     let d = dir.display();
     // `user root;` because workers would otherwise switch to `nobody` when we

@@ -11,9 +11,8 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Result, bail};
 
-use crate::load::{Target, oha_once, run_oha};
-use crate::peers::{self, CollectorPorts, Listener, Proc, SidecarOpts, local};
-use crate::procstat::{clock_ticks_per_sec, cpu_ticks};
+use crate::load::{Target, cpu_per_request, oha_once};
+use crate::peers::{self, CollectorPorts, Listener, SidecarOpts, local};
 use crate::report::median;
 
 pub struct Settings {
@@ -115,12 +114,7 @@ fn envoy_routes(n: usize) -> String {
 /// Every peer with the small and the large table, `rounds` times,
 /// interleaved.
 pub fn run(lumen: &Path, dir: &Path, set: &Settings) -> Result<Vec<Case>> {
-    let upstream_port = peers::free_ports(1)?[0];
-    let mut cmd = std::process::Command::new(std::env::current_exe()?);
-    cmd.args(["slow-upstream", "--port", &upstream_port.to_string()]);
-    cmd.args(["--delay-ms", "0"]);
-    let mut upstream = Proc::spawn("upstream", cmd, dir.join("upstream.log"))?;
-    upstream.wait_listening(local(upstream_port))?;
+    let (_upstream, upstream_port) = peers::start_fast_upstream(dir)?;
     let collector_ports = CollectorPorts::pick()?;
     let first = lumen_config(dir, upstream_port, 1)?;
     let _collector = peers::start_collector(lumen, dir, &first, &collector_ports, &[])?;
@@ -184,13 +178,10 @@ pub fn run(lumen: &Path, dir: &Path, set: &Settings) -> Result<Vec<Case>> {
                     peer.label()
                 );
             }
-            run_oha(&target, set.rate, set.connections, 2)?;
-            let before = cpu_ticks(proxy.pid())?;
-            let oha = run_oha(&target, set.rate, set.connections, set.secs)?;
-            let ticks = cpu_ticks(proxy.pid())? - before;
-            let answered = (oha.ok as f64).max(1.0);
+            let (cpu_us, oha) =
+                cpu_per_request(proxy.pid(), &target, set.rate, set.connections, set.secs)?;
             case.runs.push(Run {
-                cpu_us: ticks as f64 / clock_ticks_per_sec() as f64 * 1e6 / answered,
+                cpu_us,
                 p50_ms: oha.p50_ms,
                 p99_ms: oha.p99_ms,
                 success: oha.success_rate,

@@ -407,6 +407,23 @@ struct QueryServiceArgs {
     query: QueryArgs,
 }
 
+/// The policy engine's flags, as `lumen up` and `lumen demo` take them.
+#[derive(Args)]
+struct PolicyArgs {
+    /// Prometheus rule files (alerting and recording rules, Prometheus's
+    /// format), or directories of them; repeatable. Served at
+    /// /api/v1/rules and /api/v1/alerts on the query port.
+    #[arg(long = "rules")]
+    rules: Vec<PathBuf>,
+    /// How often rule groups that name no `interval` are evaluated.
+    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    evaluation_interval: Duration,
+    /// An Alertmanager to send firing alerts to (its base URL, e.g.
+    /// http://127.0.0.1:9093; Alertmanager's v2 API); repeatable.
+    #[arg(long = "alertmanager")]
+    alertmanagers: Vec<String>,
+}
+
 #[derive(Args)]
 struct UpArgs {
     /// Mesh configuration: files or directories of YAML resources (Lumen's
@@ -425,18 +442,8 @@ struct UpArgs {
     flush_interval: Duration,
     #[command(flatten)]
     store: StoreArgs,
-    /// Prometheus rule files (alerting and recording rules, Prometheus's
-    /// format), or directories of them; repeatable. Served at
-    /// /api/v1/rules and /api/v1/alerts on the query port.
-    #[arg(long = "rules")]
-    rules: Vec<PathBuf>,
-    /// How often rule groups that name no `interval` are evaluated.
-    #[arg(long, default_value = "1s", value_parser = parse_duration)]
-    evaluation_interval: Duration,
-    /// An Alertmanager to send firing alerts to (its base URL, e.g.
-    /// http://127.0.0.1:9093; Alertmanager's v2 API); repeatable.
-    #[arg(long = "alertmanager")]
-    alertmanagers: Vec<String>,
+    #[command(flatten)]
+    policy: PolicyArgs,
     /// Serve Envoy's global rate-limit service and ext_authz here (gRPC),
     /// backed by the RateLimits, Quotas (with an `envoy:` descriptor) and
     /// AccessPolicies, for a fleet of plain Envoys (e.g. 127.0.0.1:8081,
@@ -600,18 +607,8 @@ struct DemoArgs {
     control: configure::ControlPlaneArgs,
     #[command(flatten)]
     store: StoreArgs,
-    /// Prometheus rule files (alerting and recording rules, Prometheus's
-    /// format), or directories of them; repeatable. Served at
-    /// /api/v1/rules and /api/v1/alerts on the query port.
-    #[arg(long = "rules")]
-    rules: Vec<PathBuf>,
-    /// How often rule groups that name no `interval` are evaluated.
-    #[arg(long, default_value = "1s", value_parser = parse_duration)]
-    evaluation_interval: Duration,
-    /// An Alertmanager to send firing alerts to (its base URL, e.g.
-    /// http://127.0.0.1:9093; Alertmanager's v2 API); repeatable.
-    #[arg(long = "alertmanager")]
-    alertmanagers: Vec<String>,
+    #[command(flatten)]
+    policy: PolicyArgs,
     /// Start a ratings incident (20 s of 503s) right away, rather than
     /// after the first --incident-every.
     #[arg(long)]
@@ -777,8 +774,8 @@ async fn up(a: UpArgs) -> Result<()> {
     // binds; the control plane serves it once the rest is up.
     let files = lumen_control::discovery::load_resources(&a.file)?;
     let rules = Arc::new(lumen_policy::RuleEngine::new(
-        load_rules(&a.rules)?,
-        a.evaluation_interval,
+        load_rules(&a.policy.rules)?,
+        a.policy.evaluation_interval,
     ));
     let collector = Collector::open(
         a.store
@@ -826,10 +823,10 @@ async fn up(a: UpArgs) -> Result<()> {
     let collector_task = tokio::spawn(collector.run(until(stop_rx.clone())));
     let servers_query_addr = servers.query.local_addr();
     let serving = servers.spawn(&stop_rx);
-    let notify_task = (!a.alertmanagers.is_empty()).then(|| {
+    let notify_task = (!a.policy.alertmanagers.is_empty()).then(|| {
         let generator = format!("http://{}/api/v1/alerts", fmt_addr(servers_query_addr));
         let notifier = Arc::new(lumen_policy::notify::Notifier::new(
-            a.alertmanagers.clone(),
+            a.policy.alertmanagers.clone(),
             generator,
         ));
         tokio::spawn(notifier.run(rules.clone(), stop_rx.clone()))
@@ -850,13 +847,7 @@ async fn up(a: UpArgs) -> Result<()> {
         tokio::spawn(lumen_policy::decide::run(
             rules.clone(),
             board,
-            move || {
-                let mesh = &config.current().mesh;
-                lumen_policy::decide::Policies {
-                    rate_limits: mesh.rate_limits.clone(),
-                    access: mesh.access_policies.clone(),
-                }
-            },
+            move || lumen_policy::decide::Policies::of(&config.current().mesh),
             move |on| publish.set_active_policies(on),
             move |rows| events.write(rows),
             stop_rx.clone(),
@@ -1203,11 +1194,11 @@ async fn demo(a: DemoArgs) -> Result<()> {
                 "mesh.rules.yaml (shipped)",
                 lumen_policy::rules::SHIPPED,
             )?;
-            groups.extend(load_rules(&a.rules)?);
+            groups.extend(load_rules(&a.policy.rules)?);
             groups
         },
-        evaluation_interval: a.evaluation_interval,
-        alertmanagers: a.alertmanagers.clone(),
+        evaluation_interval: a.policy.evaluation_interval,
+        alertmanagers: a.policy.alertmanagers.clone(),
         incident_first: if a.incident {
             Duration::from_secs(2)
         } else {

@@ -507,11 +507,7 @@ pub fn validate_rate_limit(res: &Resource) -> Result<RateLimit, ConfigError> {
     let at = At::spec(res);
     let when = condition(res, spec.when, spec.cooldown.as_deref())?;
     let fail_mode = fail_mode(res, spec.fail_mode.as_deref(), &when)?;
-    let target = at.at("target");
-    target.unsupported(&spec.target.route, "route", "limit by `method` and `path`")?;
-    if spec.target.service.trim().is_empty() {
-        return Err(target.at("service").err("must name a service"));
-    }
+    let (service, method, path) = limited_target(spec.target, &at)?;
     let key = limit_key(&spec.key, &at)?;
     let rps = spec.requests_per_second;
     if !(rps.is_finite() && rps > 0.0) {
@@ -524,19 +520,9 @@ pub fn validate_rate_limit(res: &Resource) -> Result<RateLimit, ConfigError> {
     Ok(RateLimit {
         name: res.name.clone(),
         namespace: res.namespace.clone(),
-        service: spec.target.service,
-        method: spec
-            .target
-            .method
-            .map(|m| m.validate(&target.at("method")))
-            .transpose()?
-            .flatten(),
-        path: spec
-            .target
-            .path
-            .map(|m| m.validate(&target.at("path")))
-            .transpose()?
-            .flatten(),
+        service,
+        method,
+        path,
         key,
         requests_per_second: rps,
         burst,
@@ -545,6 +531,30 @@ pub fn validate_rate_limit(res: &Resource) -> Result<RateLimit, ConfigError> {
         fail_mode,
         envoy: envoy_descriptor(spec.envoy, &at)?,
     })
+}
+
+/// `target:` of a RateLimit or Quota: the service, and optionally the
+/// method and path it limits.
+fn limited_target(
+    spec: TargetSpec,
+    at: &At<'_>,
+) -> Result<(String, Option<StringMatch>, Option<StringMatch>), ConfigError> {
+    let target = at.at("target");
+    target.unsupported(&spec.route, "route", "limit by `method` and `path`")?;
+    if spec.service.trim().is_empty() {
+        return Err(target.at("service").err("must name a service"));
+    }
+    let method = spec
+        .method
+        .map(|m| m.validate(&target.at("method")))
+        .transpose()?
+        .flatten();
+    let path = spec
+        .path
+        .map(|m| m.validate(&target.at("path")))
+        .transpose()?
+        .flatten();
+    Ok((spec.service, method, path))
 }
 
 /// `key:` of a RateLimit or Quota.
@@ -588,11 +598,7 @@ fn limit_key(key: &Option<serde_json::Value>, at: &At<'_>) -> Result<LimitKey, C
 pub fn validate_quota(res: &Resource) -> Result<Quota, ConfigError> {
     let spec: QuotaSpec = res.spec()?;
     let at = At::spec(res);
-    let target = at.at("target");
-    target.unsupported(&spec.target.route, "route", "limit by `method` and `path`")?;
-    if spec.target.service.trim().is_empty() {
-        return Err(target.at("service").err("must name a service"));
-    }
+    let (service, method, path) = limited_target(spec.target, &at)?;
     let key = limit_key(&spec.key, &at)?;
     if spec.limit == 0 {
         return Err(at.at("limit").err("0 allows nothing; at least 1"));
@@ -610,19 +616,9 @@ pub fn validate_quota(res: &Resource) -> Result<Quota, ConfigError> {
     Ok(Quota {
         name: res.name.clone(),
         namespace: res.namespace.clone(),
-        service: spec.target.service,
-        method: spec
-            .target
-            .method
-            .map(|m| m.validate(&target.at("method")))
-            .transpose()?
-            .flatten(),
-        path: spec
-            .target
-            .path
-            .map(|m| m.validate(&target.at("path")))
-            .transpose()?
-            .flatten(),
+        service,
+        method,
+        path,
         key,
         limit: spec.limit,
         per,

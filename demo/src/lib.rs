@@ -337,13 +337,7 @@ pub async fn start(config: DemoConfig) -> Result<RunningDemo, DemoError> {
         lumen_policy::decide::run(
             rules.clone(),
             board,
-            move || {
-                let mesh = &config_of.current().mesh;
-                lumen_policy::decide::Policies {
-                    rate_limits: mesh.rate_limits.clone(),
-                    access: mesh.access_policies.clone(),
-                }
-            },
+            move || lumen_policy::decide::Policies::of(&config_of.current().mesh),
             move |on| publish.set_active_policies(on),
             move |rows| events.write(rows),
             control_rx.clone(),

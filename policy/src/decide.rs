@@ -37,6 +37,14 @@ struct Conditional<'a> {
 }
 
 impl Policies {
+    /// The policies of a mesh configuration.
+    pub fn of(mesh: &lumen_core::MeshConfig) -> Self {
+        Policies {
+            rate_limits: mesh.rate_limits.clone(),
+            access: mesh.access_policies.clone(),
+        }
+    }
+
     fn conditional(&self) -> Vec<Conditional<'_>> {
         let limits = self.rate_limits.iter().filter_map(|rl| {
             Some(Conditional {
