@@ -773,10 +773,7 @@ async fn up(a: UpArgs) -> Result<()> {
     // The configuration is read (and refused when invalid) before anything
     // binds; the control plane serves it once the rest is up.
     let files = lumen_control::discovery::load_resources(&a.file)?;
-    let rules = Arc::new(lumen_policy::RuleEngine::new(
-        load_rules(&a.policy.rules)?,
-        a.policy.evaluation_interval,
-    ));
+    let rule_groups = load_rules(&a.policy.rules)?;
     let collector = Collector::open(
         a.store
             .collector_config(a.data_dir.clone(), a.flush_interval)?,
@@ -789,6 +786,11 @@ async fn up(a: UpArgs) -> Result<()> {
             "recovered acknowledged rows from the WAL"
         );
     }
+    let rules = Arc::new(
+        lumen_policy::RuleEngine::new(rule_groups, a.policy.evaluation_interval).recording_to(
+            lumen_collector::events::RecordingWriter::new(collector.writer()),
+        ),
+    );
     let query_config = QueryConfig {
         ingest: collector.ingest_pressure(),
         ..query_config

@@ -1,5 +1,6 @@
-//! The policy engine's events (`policy_events` rows), made in this
-//! process and stored like ingested rows: through the WAL, durably.
+//! Rows the policy engine makes in this process — its events
+//! (`policy_events`) and recording rules' results (`metrics`) — stored
+//! like ingested rows: through the WAL, durably.
 
 /// Writes the policy engine's events to `policy_events` through the WAL,
 /// off the decision loop; a write that fails is logged, never retried
@@ -30,5 +31,120 @@ impl PolicyEventWriter {
                 tracing::warn!(error = %e, rows = rows.len(), "policy events not stored");
             }
         });
+    }
+}
+
+/// One series a recording rule produced at one evaluation.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RecordedSample {
+    /// The rule's `record` name.
+    pub name: String,
+    /// The series' labels, without `__name__`.
+    pub labels: Vec<(String, String)>,
+    pub value: f64,
+}
+
+/// Writes recording rules' results to `metrics` as gauges of scope
+/// [`RECORDING_SCOPE`](lumen_core::schema::RECORDING_SCOPE), through the
+/// WAL, so PromQL reads them by their recorded names like any stored
+/// series, and they survive a restart. Built the way ingested OTLP
+/// metrics are, so the rows are exactly what the OTLP path would store.
+#[derive(Clone)]
+pub struct RecordingWriter {
+    wal: crate::wal::WalHandle,
+}
+
+impl RecordingWriter {
+    pub fn new(wal: crate::wal::WalHandle) -> Self {
+        RecordingWriter { wal }
+    }
+
+    /// Stores `samples`, all taken at `at`; returns once they are durable
+    /// (and readable), so a later rule of the same group reads them.
+    pub async fn write(
+        &self,
+        at: std::time::SystemTime,
+        samples: Vec<RecordedSample>,
+    ) -> Result<(), String> {
+        if samples.is_empty() {
+            return Ok(());
+        }
+        let req = recorded_request(at, samples);
+        let converted = crate::ingest::signals::convert_metrics(
+            &req,
+            crate::ingest::convert::TimeWindow::unbounded(),
+        )
+        .map_err(|e| format!("cannot build metrics rows: {e}"))?;
+        if let Some(e) = converted.first_error {
+            return Err(format!("a recorded sample was refused: {e}"));
+        }
+        self.wal
+            .append(converted.batches)
+            .await
+            .map_err(|e| format!("not stored: {e}"))
+    }
+}
+
+/// Recorded samples as the OTLP export a Prometheus-named gauge would come
+/// in: one metric per recorded name.
+fn recorded_request(
+    at: std::time::SystemTime,
+    samples: Vec<RecordedSample>,
+) -> opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest {
+    use opentelemetry_proto::tonic::common::v1::{
+        AnyValue, InstrumentationScope, KeyValue, any_value,
+    };
+    use opentelemetry_proto::tonic::metrics::v1::{
+        Gauge, Metric, NumberDataPoint, ResourceMetrics, ScopeMetrics, metric, number_data_point,
+    };
+    use opentelemetry_proto::tonic::resource::v1::Resource;
+    let text = |k: &str, v: String| KeyValue {
+        key: k.to_string(),
+        value: Some(AnyValue {
+            value: Some(any_value::Value::StringValue(v)),
+        }),
+        ..Default::default()
+    };
+    let nanos = at
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    let mut metrics: Vec<Metric> = Vec::new();
+    for s in samples {
+        let point = NumberDataPoint {
+            attributes: s.labels.into_iter().map(|(k, v)| text(&k, v)).collect(),
+            time_unix_nano: nanos,
+            value: Some(number_data_point::Value::AsDouble(s.value)),
+            ..Default::default()
+        };
+        match metrics.iter_mut().find(|m| m.name == s.name) {
+            Some(Metric {
+                data: Some(metric::Data::Gauge(g)),
+                ..
+            }) => g.data_points.push(point),
+            _ => metrics.push(Metric {
+                name: s.name,
+                data: Some(metric::Data::Gauge(Gauge {
+                    data_points: vec![point],
+                })),
+                ..Default::default()
+            }),
+        }
+    }
+    opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest {
+        resource_metrics: vec![ResourceMetrics {
+            resource: Some(Resource {
+                attributes: vec![text("service.name", "lumen".into())],
+                ..Default::default()
+            }),
+            scope_metrics: vec![ScopeMetrics {
+                scope: Some(InstrumentationScope {
+                    name: lumen_core::schema::RECORDING_SCOPE.into(),
+                    ..Default::default()
+                }),
+                metrics,
+                ..Default::default()
+            }],
+            ..Default::default()
+        }],
     }
 }

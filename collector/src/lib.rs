@@ -374,12 +374,12 @@ impl Collector {
         self.store.clone()
     }
 
-    /// Rows recovered from the WAL when the collector opened.
     /// Appends batches made in this process, durably, as ingest does.
     pub fn writer(&self) -> wal::WalHandle {
         self.ingest.wal()
     }
 
+    /// Rows recovered from the WAL when the collector opened.
     pub fn replayed_rows(&self) -> usize {
         self.replayed.rows
     }

@@ -62,6 +62,11 @@ pub const DURATION_BUCKETS_MS: [f64; 14] = [
 /// routes spans of this scope into `requests`, everything else into `spans`.
 pub const PROXY_SCOPE: &str = "lumen-proxy";
 
+/// Instrumentation scope of the `metrics` rows recording rules write: their
+/// series carry exactly the labels the rule gave them (no `job` or
+/// `instance` from the resource), as Prometheus's recorded series.
+pub const RECORDING_SCOPE: &str = "lumen-rules";
+
 /// Name of the timestamp column every table is partitioned and pruned by.
 pub const TIME_COLUMN: &str = "time";
 

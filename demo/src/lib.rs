@@ -208,10 +208,12 @@ pub async fn start(config: DemoConfig) -> Result<RunningDemo, DemoError> {
     let pg_addr = pg.local_addr().unwrap_or(config.pg);
     let flight_sql = FlightSqlServer::bind(config.flight_sql, engine.clone()).await?;
     let flight_sql_addr = flight_sql.local_addr().unwrap_or(config.flight_sql);
-    let rules = Arc::new(lumen_policy::RuleEngine::new(
-        config.rules.clone(),
-        config.evaluation_interval,
-    ));
+    let rules = Arc::new(
+        lumen_policy::RuleEngine::new(config.rules.clone(), config.evaluation_interval)
+            .recording_to(lumen_collector::events::RecordingWriter::new(
+                collector.writer(),
+            )),
+    );
     let board = Arc::new(lumen_policy::decide::Board::default());
     let query = QueryServer::bind(config.query, engine.clone())
         .await?

@@ -2,13 +2,16 @@
 //! runs its rules' PromQL at "now" over Lumen's own series; an alerting
 //! rule's result series become alerts, pending until they have held for
 //! `for`, then firing until they stop holding (and `keep_firing_for` has
-//! passed); a recording rule's result is kept as its last value. The state
-//! is what `/api/v1/rules` and `/api/v1/alerts` serve.
+//! passed); a recording rule's result is stored as series of its recorded
+//! name (through the collector's WAL into `metrics`), which later rules and
+//! every PromQL query read like any other. The state is what
+//! `/api/v1/rules` and `/api/v1/alerts` serve.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
+use lumen_collector::events::{RecordedSample, RecordingWriter};
 use lumen_query::QueryEngine;
 use lumen_query::promql::value::{Labels, METRIC_NAME, Steps, Value};
 use lumen_query::promql::{self, PromQuery};
@@ -117,6 +120,9 @@ pub struct RuleEngine {
     external: Mutex<BTreeMap<BTreeMap<String, String>, Alert>>,
     /// Bumped after every group evaluation, for those that act on alerts.
     changed: watch::Sender<u64>,
+    /// Where recording rules' results are stored; without it they are only
+    /// counted.
+    recorder: Option<RecordingWriter>,
 }
 
 impl RuleEngine {
@@ -151,7 +157,15 @@ impl RuleEngine {
             groups,
             external: Mutex::new(BTreeMap::new()),
             changed: watch::channel(0).0,
+            recorder: None,
         }
+    }
+
+    /// Stores recording rules' results with `writer`, so PromQL reads them
+    /// by name.
+    pub fn recording_to(mut self, writer: RecordingWriter) -> Self {
+        self.recorder = Some(writer);
+        self
     }
 
     /// A copy of every group's state.
@@ -266,15 +280,22 @@ impl RuleEngine {
                 raw: false,
                 cache: Some(cache.clone()),
             };
-            let got = promql::evaluate(engine, query).await;
+            let mut got = promql::evaluate(engine, query).await.and_then(samples);
+            if let (Ok(samples), RuleKind::Record) = (&got, &rule.kind) {
+                // Stored before the next rule runs: it may read this one.
+                if let Err(e) = self.record(rule, now, samples).await {
+                    got = Err(promql::PromError::Execution(e));
+                }
+                cache.forget(&rule.name);
+            }
             results.push((got, t0.elapsed()));
         }
         let mut g = self.groups[i].lock().unwrap_or_else(|p| p.into_inner());
         for (status, (got, took)) in g.rules.iter_mut().zip(results) {
             status.last_evaluation = Some(now);
             status.evaluation_time = took;
-            match got.map(samples) {
-                Ok(Ok(samples)) => {
+            match got {
+                Ok(samples) => {
                     status.health = "ok";
                     status.last_error = None;
                     update(status, samples, now);
@@ -283,7 +304,7 @@ impl RuleEngine {
                 Err(promql::PromError::Query(lumen_query::QueryError::Stopped(
                     lumen_query::guard::StopReason::Shutdown,
                 ))) => continue,
-                Ok(Err(e)) | Err(e) => {
+                Err(e) => {
                     tracing::warn!(group = %name, rule = %status.rule.name, error = %e, "rule evaluation failed");
                     status.health = "err";
                     status.last_error = Some(e.to_string());
@@ -294,6 +315,50 @@ impl RuleEngine {
         g.evaluation_time = started.elapsed();
         drop(g);
         self.changed.send_modify(|n| *n += 1);
+    }
+}
+
+impl RuleEngine {
+    /// Stores a recording rule's samples as Prometheus does: each series'
+    /// labels without `__name__`, the rule's labels over them, named
+    /// `record`; two series left with one label set is an error.
+    async fn record(
+        &self,
+        rule: &Rule,
+        now: SystemTime,
+        samples: &[(Labels, f64)],
+    ) -> Result<(), String> {
+        let Some(writer) = &self.recorder else {
+            return Ok(());
+        };
+        let mut out = Vec::with_capacity(samples.len());
+        let mut seen = std::collections::HashSet::with_capacity(samples.len());
+        for (series, value) in samples {
+            let mut labels: BTreeMap<String, String> = series
+                .iter()
+                .filter(|(k, _)| k != METRIC_NAME)
+                .cloned()
+                .collect();
+            for (k, v) in &rule.labels {
+                labels.insert(k.clone(), v.clone());
+            }
+            let labels: Vec<(String, String)> = labels.into_iter().collect();
+            if !seen.insert(labels.clone()) {
+                return Err(
+                    "vector contains metrics with the same labelset after applying rule labels"
+                        .into(),
+                );
+            }
+            out.push(RecordedSample {
+                name: rule.name.clone(),
+                labels,
+                value: *value,
+            });
+        }
+        writer
+            .write(now, out)
+            .await
+            .map_err(|e| format!("storing the recorded series: {e}"))
     }
 }
 

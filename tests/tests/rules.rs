@@ -4,7 +4,8 @@
 //! `/api/v1/rules` and `/api/v1/alerts`; failing traffic turns its alert
 //! to firing, and a real Alertmanager (`--alertmanager`) receives it. A
 //! rule file with bad PromQL keeps `lumen up` from starting, naming the
-//! file, group, rule and reason.
+//! file, group, rule and reason. A recording rule's result is a series of
+//! its own name that later rules and queries read, kept through a crash.
 
 use std::process::Command;
 use std::time::{Duration, SystemTime};
@@ -30,6 +31,10 @@ const RULES: &str = r#"groups:
     for: 1m
   - record: service:istio_requests:increase5m
     expr: sum by (destination_service_name) (increase(istio_requests_total[5m]))
+    labels:
+      team: mesh
+  - alert: RecordedTraffic
+    expr: service:istio_requests:increase5m{team="mesh"} > 0
 - name: slow
   interval: 5s
   rules:
@@ -78,14 +83,8 @@ async fn failing_traffic_fires_the_alert_of_a_prometheus_rule_file() -> Result<(
     let ports = UpPorts::pick();
     let rules_arg = rules.display().to_string();
     let alertmanager = Alertmanager::start(None).await?;
-    let _up = start_up(
-        dir.path(),
-        &mesh,
-        &dir.path().join("data"),
-        ports,
-        &["--rules", &rules_arg, "--alertmanager", &alertmanager.url],
-    )
-    .await?;
+    let up_args = ["--rules", &rules_arg, "--alertmanager", &alertmanager.url];
+    let mut up = start_up(dir.path(), &mesh, &dir.path().join("data"), ports, &up_args).await?;
     let base = format!("http://127.0.0.1:{}", ports.query);
 
     // The groups and rules, as Prometheus lists them.
@@ -105,11 +104,11 @@ async fn failing_traffic_fires_the_alert_of_a_prometheus_rule_file() -> Result<(
         .iter()
         .filter_map(|r| r["type"].as_str())
         .collect();
-    assert_eq!(kinds, ["alerting", "alerting", "recording"]);
+    assert_eq!(kinds, ["alerting", "alerting", "recording", "alerting"]);
     let only_alerts = get(&format!("{base}/api/v1/rules?type=alert")).await?;
     assert_eq!(
         only_alerts["groups"][0]["rules"].as_array().map(Vec::len),
-        Some(2)
+        Some(3)
     );
 
     // Ratings fails: 40 requests answered 503.
@@ -209,6 +208,52 @@ async fn failing_traffic_fires_the_alert_of_a_prometheus_rule_file() -> Result<(
         received["generatorURL"],
         format!("{base}/api/v1/alerts").as_str()
     );
+
+    // The recording rule's result is a series of its own name, with the
+    // expression's labels and the rule's, and nothing else; the alerting
+    // rule after it in the group reads it.
+    let recorded = |at: Option<f64>| {
+        let base = base.clone();
+        async move {
+            let mut url = format!("{base}/api/v1/query?query=service:istio_requests:increase5m");
+            if let Some(t) = at {
+                url.push_str(&format!("&time={t}"));
+            }
+            let data = get(&url).await?;
+            let result = data["result"].as_array().context("result")?.clone();
+            anyhow::Ok(result)
+        }
+    };
+    let result = recorded(None).await?;
+    assert_eq!(result.len(), 1, "{result:?}");
+    assert_eq!(
+        result[0]["metric"],
+        serde_json::json!({
+            "__name__": "service:istio_requests:increase5m",
+            "destination_service_name": "ratings",
+            "team": "mesh",
+        })
+    );
+    let value: f64 = result[0]["value"][1].as_str().context("value")?.parse()?;
+    assert!(value > 0.0, "{result:?}");
+    let at = result[0]["value"][0].as_f64().context("time")?;
+    let data = get(&format!("{base}/api/v1/rules")).await?;
+    let reader = &data["groups"][0]["rules"][3];
+    assert_eq!(reader["health"], "ok", "{data}");
+    assert_eq!(reader["state"], "firing", "{data}");
+    assert_eq!(
+        reader["alerts"][0]["labels"]["destination_service_name"],
+        "ratings"
+    );
+
+    // Stored like ingested rows: a crash keeps what was recorded.
+    up.kill9()?;
+    let _up = start_up(dir.path(), &mesh, &dir.path().join("data"), ports, &up_args).await?;
+    let before = recorded(Some(at)).await?;
+    assert_eq!(before.len(), 1, "{before:?}");
+    assert_eq!(before[0]["metric"]["team"], "mesh");
+    let again: f64 = before[0]["value"][1].as_str().context("value")?.parse()?;
+    assert!(again > 0.0, "{before:?}");
     Ok(())
 }
 

@@ -54,11 +54,23 @@ pub struct PromQuery {
     pub cache: Option<Arc<SelectCache>>,
 }
 
-type SelectKey = (String, i64, i64, Option<i64>);
+/// Selector (and the metric name it names), time range, range window.
+type SelectKey = (String, Option<String>, i64, i64, Option<i64>);
 
 /// Selections already read, by selector, time range and range window.
 #[derive(Debug, Default)]
 pub struct SelectCache(Mutex<HashMap<SelectKey, Vec<value::RawSeries>>>);
+
+impl SelectCache {
+    /// Drops what was read of `metric` (and by selectors naming no metric):
+    /// it has just been written.
+    pub fn forget(&self, metric: &str) {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|(_, name, ..), _| name.as_deref().is_some_and(|n| n != metric));
+    }
+}
 
 /// A source that asks `inner` once per distinct selection of `cache`.
 struct Cached<'a> {
@@ -78,7 +90,7 @@ impl eval::Source for Cached<'_> {
         let Some(cache) = &self.cache else {
             return self.inner.select(selector, from, to, range).await;
         };
-        let key = (selector.to_string(), from, to, range);
+        let key = (selector.to_string(), selector.name.clone(), from, to, range);
         if let Some(hit) = cache.0.lock().unwrap_or_else(|p| p.into_inner()).get(&key) {
             return Ok(hit.clone());
         }

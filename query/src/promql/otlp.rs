@@ -6,12 +6,14 @@
 //! name without its unit suffix is accepted too. Each series is labelled
 //! with its point's attributes and `job` (`service.namespace/service.name`)
 //! and `instance` (`service.instance.id`). Delta temporality is summed into
-//! the cumulative series PromQL's `rate` expects.
+//! the cumulative series PromQL's `rate` expects. Recording rules' results
+//! are stored here too, and read back with only the labels the rule gave.
 
 use std::collections::BTreeMap;
 
 use arrow::array::{Array, AsArray, RecordBatch};
 use arrow::datatypes::{DataType, Float64Type, Int64Type, TimestampMicrosecondType};
+use lumen_core::schema::RECORDING_SCOPE;
 use promql_parser::parser::VectorSelector;
 
 use super::PromError;
@@ -188,7 +190,8 @@ impl OtlpSource {
             "SELECT time, CAST(service_name AS VARCHAR), CAST(service_namespace AS VARCHAR), \
              CAST(COALESCE(service_instance_id, k8s_pod_name, host_name) AS VARCHAR), attributes, \
              value, count, sum, explicit_bounds, bucket_counts, quantiles, quantile_values, \
-             CAST(aggregation_temporality AS VARCHAR) FROM metrics WHERE name = {} AND type = {} \
+             CAST(aggregation_temporality AS VARCHAR), CAST(scope_name AS VARCHAR) \
+             FROM metrics WHERE name = {} AND type = {} \
              AND COALESCE(CAST(unit AS VARCHAR), '') = {} AND COALESCE(is_monotonic, false) = {} \
              AND time > {} AND time <= {} ORDER BY time",
             quote(&named.otlp),
@@ -214,16 +217,21 @@ impl OtlpSource {
             let quantiles = b.column(10).as_list::<i32>();
             let quantile_values = b.column(11).as_list::<i32>();
             let temporality = strings(12)?;
+            let scope = strings(13)?;
             for row in 0..b.num_rows() {
                 let ms = time.value(row) / 1000;
                 let mut labels: Labels = Vec::new();
-                let job = match (namespace.is_null(row), service.value(row)) {
-                    (false, s) => format!("{}/{s}", namespace.value(row)),
-                    (true, s) => s.to_string(),
-                };
-                value::set(&mut labels, "job", &job);
-                if !instance.is_null(row) {
-                    value::set(&mut labels, "instance", instance.value(row));
+                // A recording rule's series has only the labels the rule gave it.
+                let recorded = !scope.is_null(row) && scope.value(row) == RECORDING_SCOPE;
+                if !recorded {
+                    let job = match (namespace.is_null(row), service.value(row)) {
+                        (false, s) => format!("{}/{s}", namespace.value(row)),
+                        (true, s) => s.to_string(),
+                    };
+                    value::set(&mut labels, "job", &job);
+                    if !instance.is_null(row) {
+                        value::set(&mut labels, "instance", instance.value(row));
+                    }
                 }
                 if !attributes.is_null(row) {
                     let entries = attributes.value(row);
