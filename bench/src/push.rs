@@ -93,6 +93,7 @@ async fn proxy(addr: String, n: usize, got: watch::Sender<String>) -> Result<()>
             namespace: "default".into(),
             workload: format!("sim-{n}"),
             version: "v1".into(),
+            ..Default::default()
         }),
         ..Default::default()
     })

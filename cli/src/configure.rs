@@ -17,12 +17,73 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-/// Where the control plane listens, for the servers that run one.
+/// Where the control plane listens, and its mesh CA, for the servers that
+/// run one.
 #[derive(Args, Clone)]
 pub struct ControlPlaneArgs {
-    /// The control plane's gRPC port: proxies' config streams, `lumen apply`.
+    /// The control plane's gRPC port: proxies' config streams, `lumen apply`,
+    /// certificates.
     #[arg(long, default_value = control::DEFAULT_ADDR)]
     pub control_addr: SocketAddr,
+    /// The mesh's trust domain: workload identities are
+    /// `spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>`.
+    #[arg(long, default_value = lumen_core::identity::DEFAULT_TRUST_DOMAIN)]
+    pub trust_domain: String,
+    /// The mesh CA's certificate (PEM, followed by its chain up to the
+    /// root) [default: a self-signed root made on first start and kept in
+    /// the data directory].
+    #[arg(long, requires = "ca_key")]
+    pub ca_cert: Option<PathBuf>,
+    /// The private key of --ca-cert (PEM).
+    #[arg(long, requires = "ca_cert")]
+    pub ca_key: Option<PathBuf>,
+    /// How long workload certificates last; proxies renew at half.
+    #[arg(long, default_value = "24h", value_parser = crate::parse_duration)]
+    pub workload_cert_ttl: std::time::Duration,
+    /// The token local proxies prove themselves with to get a certificate
+    /// (`lumen proxy --join-token-file`) [default: made on first start,
+    /// kept as `join-token` in the data directory's CA folder].
+    #[arg(long)]
+    pub join_token_file: Option<PathBuf>,
+}
+
+impl ControlPlaneArgs {
+    /// The mesh CA, its files under `dir` (made there on first start).
+    pub fn security(&self, dir: &std::path::Path) -> Result<lumen_control::server::Security> {
+        use lumen_control::ca::{CaSource, MeshCa};
+        if !lumen_core::identity::valid_segment(&self.trust_domain) {
+            bail!(
+                "--trust-domain {:?} is not a valid trust domain (lowercase letters, digits, '-', '.')",
+                self.trust_domain
+            );
+        }
+        let source = match (&self.ca_cert, &self.ca_key) {
+            (Some(cert), Some(key)) => CaSource::Files {
+                cert: cert.clone(),
+                key: key.clone(),
+                dir: dir.to_path_buf(),
+            },
+            _ => CaSource::Generated(dir.to_path_buf()),
+        };
+        let ca = MeshCa::open(&source, &self.trust_domain)
+            .context("starting the mesh CA")?
+            .with_lifetime(self.workload_cert_ttl);
+        let token_file = self
+            .join_token_file
+            .clone()
+            .unwrap_or_else(|| dir.join("join-token"));
+        let token = lumen_control::ca::join_token(&token_file)
+            .with_context(|| format!("reading the join token {}", token_file.display()))?;
+        tracing::info!(
+            trust_domain = %self.trust_domain,
+            join_token = %token_file.display(),
+            "mesh CA ready"
+        );
+        Ok(lumen_control::server::Security {
+            ca,
+            join_tokens: vec![token],
+        })
+    }
 }
 
 /// `lumen control`.
@@ -122,6 +183,7 @@ pub async fn start(
     persist: Option<PathBuf>,
     addr: SocketAddr,
     poll: std::time::Duration,
+    security: lumen_control::server::Security,
     stop: &watch::Receiver<bool>,
 ) -> Result<(SocketAddr, Arc<ConfigStore>, Vec<JoinHandle<()>>)> {
     if let Some(dir) = persist.as_ref().and_then(|p| p.parent()) {
@@ -134,7 +196,7 @@ pub async fn start(
     let local = listener.local_addr()?;
     let mut tasks = Vec::new();
     let mut s = stop.clone();
-    let service = ControlService::new(store.clone());
+    let service = ControlService::new(store.clone()).with_security(security);
     tasks.push(tokio::spawn(async move {
         let shutdown = async move {
             let _ = s.wait_for(|s| *s).await;

@@ -105,7 +105,7 @@ enum Command {
 /// reaches every proxy within a second.
 const CONFIG_POLL: Duration = Duration::from_millis(250);
 
-fn parse_duration(s: &str) -> Result<Duration, String> {
+pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s)
         .map_err(|e| format!("`{s}` is not a duration like 30s, 500ms or 5m: {e}"))
 }
@@ -510,6 +510,16 @@ struct ProxyArgs {
     /// on or off as its `failMode` says, until the stream is back.
     #[arg(long, default_value = "30s", value_parser = parse_duration, requires = "control")]
     policy_staleness: Duration,
+    /// The workload's Kubernetes service account: its identity is
+    /// `spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>`.
+    #[arg(long, default_value = lumen_core::identity::DEFAULT_SERVICE_ACCOUNT)]
+    service_account: String,
+    /// A file holding the control plane's join token (`lumen up` keeps it
+    /// at <data-dir>/control/ca/join-token): with it the proxy gets a
+    /// workload certificate from the mesh CA and speaks mTLS with other
+    /// sidecars. Without it (or LUMEN_JOIN_TOKEN) hops stay plaintext.
+    #[arg(long, requires = "control")]
+    join_token_file: Option<PathBuf>,
     /// Outbound listener: the app sends its calls here.
     #[arg(long, default_value = "127.0.0.1:15001")]
     outbound: SocketAddr,
@@ -809,6 +819,7 @@ async fn up(a: UpArgs) -> Result<()> {
         Some(a.data_dir.join("control").join("resources.json")),
         a.control.control_addr,
         CONFIG_POLL,
+        a.control.security(&a.data_dir.join("control").join("ca"))?,
         &stop_rx,
     )
     .await?;
@@ -951,6 +962,7 @@ async fn control(a: configure::ControlArgs) -> Result<()> {
         Some(a.data_dir.join("resources.json")),
         a.listen.control_addr,
         CONFIG_POLL,
+        a.listen.security(&a.data_dir.join("ca"))?,
         &stop_rx,
     )
     .await?;
@@ -1039,6 +1051,21 @@ impl QueryTasks {
     }
 }
 
+/// The join token from `file`, else from `LUMEN_JOIN_TOKEN`.
+fn join_token(file: Option<&std::path::Path>) -> Result<Option<String>> {
+    let token = match file {
+        Some(f) => Some(
+            std::fs::read_to_string(f)
+                .with_context(|| format!("reading the join token {}", f.display()))?,
+        ),
+        None => std::env::var("LUMEN_JOIN_TOKEN").ok(),
+    };
+    match token.map(|t| t.trim().to_string()) {
+        Some(t) if t.is_empty() => bail!("the join token is empty"),
+        t => Ok(t),
+    }
+}
+
 fn fmt_addr(a: Option<SocketAddr>) -> String {
     a.map_or_else(|| "-".to_string(), |a| a.to_string())
 }
@@ -1093,20 +1120,48 @@ async fn proxy(a: ProxyArgs) -> Result<()> {
     let (mesh_rx, discovery_task) = match (&a.control, a.file.is_empty()) {
         (Some(control), _) => {
             let (tx, mut rx) = watch::channel(Arc::<lumen_core::MeshConfig>::default());
+            // Others reach this sidecar at its inbound address, when it
+            // names one they can dial.
+            let inbound_address = config
+                .inbound
+                .filter(|a| !a.ip().is_unspecified() && a.port() != 0)
+                .map(|a| a.to_string())
+                .unwrap_or_default();
             let node = lumen_core::control::v1::Node {
                 id: format!("{}-{:08x}", config.identity.workload, rand_id()),
                 service: config.identity.service.to_string(),
                 namespace: config.identity.namespace.to_string(),
                 workload: config.identity.workload.to_string(),
                 version: config.identity.version.to_string(),
+                inbound_address,
+                spiffe_id: String::new(),
             };
             let url = configure::endpoint_url(control);
+            if let Some(join_token) = join_token(a.join_token_file.as_deref())? {
+                let certifier = lumen_proxy::mtls::Certifier {
+                    endpoint: url.clone(),
+                    join_token,
+                    namespace: config.identity.namespace.to_string(),
+                    service_account: a.service_account.clone(),
+                    lifetime: None,
+                };
+                tokio::spawn(lumen_proxy::mtls::keep_certified(
+                    config.tls.clone(),
+                    certifier,
+                    stop_rx.clone(),
+                ));
+            } else {
+                tracing::warn!(
+                    "no join token (--join-token-file or LUMEN_JOIN_TOKEN): no workload certificate, hops from and to this sidecar stay plaintext"
+                );
+            }
             let task = tokio::spawn(lumen_proxy::subscribe::follow(
                 url.clone(),
                 node,
                 tx,
                 a.policy_staleness,
                 config.quotas.clone(),
+                config.tls.clone(),
                 stop_rx.clone(),
             ));
             // Like Envoy before its first config: not ready, not serving.

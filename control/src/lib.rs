@@ -11,9 +11,12 @@
 //! acknowledgements (version, nonce, ACK / NACK) — encoded once, in parts
 //! every stream shares — and, apart from versions, the policy engine's
 //! decisions (which conditional policies are on); it answers `apply`,
-//! `delete`, `get` and `proxy-status`. An invalid change is refused with
+//! `delete`, `get` and `proxy-status`. [`ca`] is the mesh CA: it signs
+//! proxies' CSRs for SPIFFE identities, and the streams carry its trust
+//! bundle and which sidecars hold certificates. An invalid change is refused with
 //! file, resource, field and reason; the last valid configuration stays.
 
+pub mod ca;
 pub mod discovery;
 pub mod quota;
 pub mod server;

@@ -1,7 +1,8 @@
 //! The control plane's gRPC service: one `StreamConfig` call per proxy
 //! carrying versioned snapshots down and acknowledgements up (xDS's
 //! version / nonce / ACK / NACK), plus the calls behind `lumen apply`,
-//! `delete`, `get` and `proxy-status`.
+//! `delete`, `get` and `proxy-status`, and the mesh CA's
+//! `CreateCertificate`.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -11,11 +12,32 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use lumen_core::control::v1::control_plane_server::{ControlPlane, ControlPlaneServer};
 use lumen_core::control::v1::{self, ProxyMessage, Snapshot};
 use lumen_core::resource::{Kind, Resource, ResourceKey};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::ca::MeshCa;
 use crate::store::{ConfigStore, StoreError};
+
+/// The mesh CA and who may ask it for certificates.
+pub struct Security {
+    pub ca: MeshCa,
+    /// Join tokens a local proxy proves itself with.
+    pub join_tokens: Vec<String>,
+}
+
+impl Security {
+    /// Whether `presented` is one of the join tokens, compared in constant
+    /// time.
+    fn admits(&self, presented: &[u8]) -> bool {
+        self.join_tokens.iter().fold(false, |ok, t| {
+            let t = t.as_bytes();
+            let same = t.len() == presented.len()
+                && t.iter().zip(presented).fold(0u8, |d, (a, b)| d | (a ^ b)) == 0;
+            ok | same
+        })
+    }
+}
 
 /// The service over a [`ConfigStore`].
 #[derive(Clone)]
@@ -24,6 +46,9 @@ pub struct ControlService {
     proxies: Arc<Mutex<BTreeMap<String, v1::ProxyState>>>,
     nonces: Arc<AtomicU64>,
     quotas: Arc<crate::quota::QuotaBook>,
+    security: Option<Arc<Security>>,
+    /// Bumped when a proxy with a certificate comes or goes.
+    peers_changed: watch::Sender<u64>,
 }
 
 impl ControlService {
@@ -33,7 +58,41 @@ impl ControlService {
             proxies: Default::default(),
             nonces: Arc::new(AtomicU64::new(0)),
             quotas: Default::default(),
+            security: None,
+            peers_changed: watch::channel(0).0,
         }
+    }
+
+    /// Runs the mesh CA: proxies with a join token get certificates.
+    pub fn with_security(mut self, security: Security) -> Self {
+        self.security = Some(Arc::new(security));
+        self
+    }
+
+    fn trust_bundle(&self) -> Vec<String> {
+        self.security
+            .as_ref()
+            .map(|s| s.ca.trust_bundle().to_vec())
+            .unwrap_or_default()
+    }
+
+    /// The connected sidecars that have certificates.
+    fn peers(&self) -> Vec<v1::MeshPeer> {
+        let mut peers: Vec<v1::MeshPeer> = self
+            .proxies
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .filter_map(|p| p.node.as_ref())
+            .filter(|n| !n.spiffe_id.is_empty() && !n.inbound_address.is_empty())
+            .map(|n| v1::MeshPeer {
+                address: n.inbound_address.clone(),
+                spiffe_id: n.spiffe_id.clone(),
+            })
+            .collect();
+        peers.sort_by(|a, b| a.address.cmp(&b.address));
+        peers.dedup_by(|a, b| a.address == b.address);
+        peers
     }
 
     fn connected(&self) -> u32 {
@@ -135,11 +194,13 @@ impl ControlPlane for ControlService {
                 },
             );
         tracing::info!(proxy = %id, "proxy connected");
+        self.peers_changed.send_modify(|n| *n += 1);
         let (tx, rx) = mpsc::channel(2);
         let this = self.clone();
         tokio::spawn(async move {
             let mut published = this.store.subscribe();
             let mut decisions = this.store.active_policies();
+            let mut peers_changed = this.peers_changed.subscribe();
             // Quota allocations every second, as proxies report.
             let mut quota_tick = tokio::time::interval(std::time::Duration::from_secs(1));
             quota_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -147,6 +208,8 @@ impl ControlPlane for ControlService {
             'send: loop {
                 let snapshot = published.borrow_and_update().clone();
                 let active: Vec<String> = decisions.borrow_and_update().iter().cloned().collect();
+                peers_changed.borrow_and_update();
+                let (bundle, peers) = (this.trust_bundle(), this.peers());
                 let nonce = this.nonces.fetch_add(1, Ordering::Relaxed).to_string();
                 // Part by part, each the shared encoded bytes: a stream
                 // holds handles, never a copy of the view.
@@ -162,6 +225,12 @@ impl ControlPlane for ControlService {
                         } else {
                             Vec::new()
                         },
+                        trust_bundle: if i == last {
+                            bundle.clone()
+                        } else {
+                            Vec::new()
+                        },
+                        peers: if i == last { peers.clone() } else { Vec::new() },
                         ..Default::default()
                     };
                     if tx.send(Ok(message)).await.is_err() {
@@ -189,6 +258,20 @@ impl ControlPlane for ControlService {
                                 break 'send;
                             }
                         }
+                        changed = peers_changed.changed() => {
+                            if changed.is_err() { break 'send; }
+                            let message = Snapshot {
+                                version_info: snapshot.version.clone(),
+                                nonce: this.nonces.fetch_add(1, Ordering::Relaxed).to_string(),
+                                trust_bundle: this.trust_bundle(),
+                                peers: this.peers(),
+                                peers_only: true,
+                                ..Default::default()
+                            };
+                            if tx.send(Ok(message)).await.is_err() {
+                                break 'send;
+                            }
+                        }
                         _ = quota_tick.tick() => {
                             if let Some(message) = this.quota_message(&id, &mut told_proxies)
                                 && tx.send(Ok(message)).await.is_err()
@@ -197,6 +280,11 @@ impl ControlPlane for ControlService {
                             }
                         }
                         msg = inbound.message() => match msg {
+                            // Who the proxy is changed (its certificate came).
+                            Ok(Some(m)) if m.response_nonce.is_empty() && m.node.is_some() => {
+                                this.update(&id, |p| p.node = m.node);
+                                this.peers_changed.send_modify(|n| *n += 1);
+                            }
                             // A usage report, not an answer to a snapshot.
                             Ok(Some(m)) if m.response_nonce.is_empty() && !m.quota_usage.is_empty() => {
                                 this.quotas.report(&id, &m.quota_usage);
@@ -221,6 +309,7 @@ impl ControlPlane for ControlService {
                 .unwrap_or_else(|p| p.into_inner())
                 .remove(&id);
             this.quotas.idle(&id);
+            this.peers_changed.send_modify(|n| *n += 1);
             tracing::info!(proxy = %id, "proxy disconnected");
         });
         Ok(Response::new(ReceiverStream::new(rx)))
@@ -278,6 +367,13 @@ impl ControlPlane for ControlService {
         }))
     }
 
+    async fn create_certificate(
+        &self,
+        request: Request<v1::CertificateRequest>,
+    ) -> Result<Response<v1::CertificateResponse>, Status> {
+        self.create_certificate_now(request).map(Response::new)
+    }
+
     async fn proxy_status(
         &self,
         _request: Request<v1::ProxyStatusRequest>,
@@ -293,6 +389,58 @@ impl ControlPlane for ControlService {
             version: self.store.current().version.clone(),
             proxies,
         }))
+    }
+}
+
+impl ControlService {
+    fn create_certificate_now(
+        &self,
+        request: Request<v1::CertificateRequest>,
+    ) -> Result<v1::CertificateResponse, Status> {
+        let Some(security) = &self.security else {
+            return Err(Status::failed_precondition(
+                "this control plane runs no mesh CA",
+            ));
+        };
+        let token = request
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "))
+            .ok_or_else(|| {
+                Status::unauthenticated("a certificate needs `authorization: Bearer <join token>`")
+            })?;
+        if !security.admits(token) {
+            return Err(Status::unauthenticated("the join token is not valid"));
+        }
+        let req = request.into_inner();
+        for (field, value) in [
+            ("namespace", &req.namespace),
+            ("service_account", &req.service_account),
+        ] {
+            if !lumen_core::identity::valid_segment(value) {
+                return Err(Status::invalid_argument(format!(
+                    "{field} {value:?} is not a valid Kubernetes name"
+                )));
+            }
+        }
+        let id = lumen_core::identity::SpiffeId::new(
+            security.ca.trust_domain(),
+            &req.namespace,
+            &req.service_account,
+        );
+        let lifetime = u64::try_from(req.validity_duration)
+            .ok()
+            .filter(|s| *s > 0)
+            .map(std::time::Duration::from_secs);
+        let issued = security
+            .ca
+            .sign(&req.csr, &id, lifetime)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        tracing::info!(identity = %id, serial = %issued.serial, not_after = %humantime::format_rfc3339_seconds(issued.not_after), "issued a workload certificate");
+        Ok(v1::CertificateResponse {
+            cert_chain: issued.chain,
+            trust_bundle: security.ca.trust_bundle().to_vec(),
+        })
     }
 }
 

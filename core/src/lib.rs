@@ -26,6 +26,8 @@
 //! - [`policy`]: Lumen's policy resources (`RateLimit`, `Quota`,
 //!   `AccessPolicy`), validated like Istio's; [`access`]: an AccessPolicy
 //!   as the decisions in force make it, for sidecars and ext_authz alike.
+//! - [`identity`]: workload identities as SPIFFE ids and Istio principals;
+//!   [`security`]: Istio's `PeerAuthentication`.
 //!
 //! Proxies produce records, the collector turns their OTLP spans back into
 //! rows of the same schema, and the query service reads those rows; all three
@@ -34,6 +36,7 @@
 pub mod access;
 pub mod config;
 pub mod control;
+pub mod identity;
 pub mod istio;
 pub mod load;
 pub mod networking;
@@ -42,6 +45,7 @@ pub mod policy;
 pub mod record;
 pub mod resource;
 pub mod schema;
+pub mod security;
 pub mod service;
 pub mod sketch;
 pub mod thread;

@@ -47,6 +47,9 @@ pub const ISTIO_NETWORKING_VERSIONS: [&str; 3] = [
     "networking.istio.io/v1beta1",
     "networking.istio.io/v1alpha3",
 ];
+/// Istio's security group.
+pub const ISTIO_SECURITY_VERSIONS: [&str; 2] =
+    ["security.istio.io/v1", "security.istio.io/v1beta1"];
 /// Namespace of resources and services that do not name one, as in Kubernetes.
 pub const DEFAULT_NAMESPACE: &str = "default";
 
@@ -67,10 +70,12 @@ pub enum Kind {
     AccessPolicy,
     /// Lumen's mesh-wide request quota (`policy.lumen.dev`).
     Quota,
+    /// Istio's inbound mTLS mode (`security.istio.io`).
+    PeerAuthentication,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 9] = [
+    pub const ALL: [Kind; 10] = [
         Kind::Mesh,
         Kind::QueryService,
         Kind::VirtualService,
@@ -80,6 +85,7 @@ impl Kind {
         Kind::RateLimit,
         Kind::AccessPolicy,
         Kind::Quota,
+        Kind::PeerAuthentication,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -93,6 +99,7 @@ impl Kind {
             Kind::RateLimit => "RateLimit",
             Kind::AccessPolicy => "AccessPolicy",
             Kind::Quota => "Quota",
+            Kind::PeerAuthentication => "PeerAuthentication",
         }
     }
 
@@ -111,6 +118,7 @@ impl Kind {
             "ratelimit" | "ratelimits" | "rl" => Kind::RateLimit,
             "accesspolicy" | "accesspolicies" | "ap" => Kind::AccessPolicy,
             "quota" | "quotas" => Kind::Quota,
+            "peerauthentication" | "peerauthentications" | "pa" => Kind::PeerAuthentication,
             _ => return None,
         })
     }
@@ -120,6 +128,7 @@ impl Kind {
         match self {
             Kind::Mesh | Kind::QueryService => &[LUMEN_API],
             Kind::RateLimit | Kind::AccessPolicy | Kind::Quota => &[POLICY_API],
+            Kind::PeerAuthentication => &ISTIO_SECURITY_VERSIONS,
             _ => &ISTIO_NETWORKING_VERSIONS,
         }
     }

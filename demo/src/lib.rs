@@ -363,6 +363,7 @@ pub async fn start(config: DemoConfig) -> Result<RunningDemo, DemoError> {
             namespace: identity.namespace.to_string(),
             workload: identity.workload.to_string(),
             version: identity.version.to_string(),
+            ..Default::default()
         };
         proxy_tasks.push(tokio::spawn({
             let follow = lumen_proxy::subscribe::follow(
@@ -371,6 +372,7 @@ pub async fn start(config: DemoConfig) -> Result<RunningDemo, DemoError> {
                 tx,
                 lumen_proxy::subscribe::DEFAULT_POLICY_STALENESS,
                 quotas,
+                Default::default(),
                 proxies_rx.clone(),
             );
             async move {

@@ -104,6 +104,11 @@ async fn config_dump(State(s): State<Arc<AdminState>>) -> impl IntoResponse {
         "virtualServices": mesh.virtual_services.iter().map(|v| format!("{}/{}", v.namespace, v.name)).collect::<Vec<_>>(),
         "destinationRules": mesh.destination_rules.iter().map(|d| format!("{}/{}", d.namespace, d.name)).collect::<Vec<_>>(),
         "clusters": clusters,
+        // The certificate's serial, SPIFFE id and validity; never its bytes
+        // or the key.
+        "certificate": s.shared.registry.tls().info(),
+        "inboundMtls": routes.inbound_mtls().as_str(),
+        "peerAuthentications": mesh.peer_authentications.iter().map(|p| format!("{}/{}", p.namespace, p.name)).collect::<Vec<_>>(),
         // Pools are per resolved endpoint, never per Host the caller wrote.
         "upstream_pools": s.shared.registry.pooled(),
     }))

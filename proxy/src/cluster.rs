@@ -156,6 +156,16 @@ impl Cluster {
                 e.state.set_connect_timeout(t);
             }
         }
+        let tls = match policy.tls {
+            None => crate::endpoint::TlsMode::Auto,
+            Some(lumen_core::networking::TlsMode::IstioMutual) => {
+                crate::endpoint::TlsMode::IstioMutual
+            }
+            Some(lumen_core::networking::TlsMode::Disable) => crate::endpoint::TlsMode::Disable,
+        };
+        for e in &endpoints {
+            e.state.set_tls_mode(tls);
+        }
         let hash_key = match &algorithm {
             Algorithm::ConsistentHash(ch) => Some(ch.key.clone()),
             _ => None,

@@ -48,6 +48,9 @@ pub struct Connection {
     /// The connection's place under the listener's connection limit; a
     /// tunnel opened on it takes it along, so tunnels count too.
     pub permit: std::sync::Mutex<Option<tokio::sync::OwnedSemaphorePermit>>,
+    /// Inbound over mesh mTLS: the calling sidecar's SPIFFE id, checked
+    /// against the mesh's roots.
+    pub peer_identity: Option<Arc<str>>,
 }
 
 impl Connection {

@@ -9,7 +9,7 @@ use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -21,14 +21,21 @@ use lumen_core::networking::OutlierDetection;
 use tokio::net::TcpStream;
 
 use crate::body::RequestBody;
+use crate::mtls::{MeshStream, MeshTls};
 use crate::replay::ReplayBody;
 
 /// A connector that dials one endpoint whatever the request's authority,
-/// within the connect timeout in force (a DestinationRule may change it).
+/// within the connect timeout in force (a DestinationRule may change it),
+/// originating mesh mTLS when the endpoint is a sidecar holding a
+/// certificate (or a DestinationRule says `ISTIO_MUTUAL`).
 #[derive(Clone, Debug)]
 pub struct Dial {
     address: SocketAddr,
     timeout_us: Arc<AtomicU64>,
+    /// `None` for the local app: never TLS there.
+    tls: Option<Arc<MeshTls>>,
+    tls_mode: Arc<AtomicU8>,
+    alpn: &'static [u8],
 }
 
 impl Dial {
@@ -36,12 +43,28 @@ impl Dial {
         Dial {
             address,
             timeout_us,
+            tls: None,
+            tls_mode: Arc::new(AtomicU8::new(TlsMode::Auto as u8)),
+            alpn: b"http/1.1",
         }
     }
 }
 
+/// How a DestinationRule's `trafficPolicy.tls.mode` has a cluster's
+/// connections made.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum TlsMode {
+    /// Mesh mTLS to sidecars the control plane lists (Istio's auto mTLS).
+    Auto = 0,
+    /// `ISTIO_MUTUAL`: mesh mTLS to every endpoint.
+    IstioMutual = 1,
+    /// `DISABLE`: plaintext.
+    Disable = 2,
+}
+
 impl tower::Service<Uri> for Dial {
-    type Response = TokioIo<TcpStream>;
+    type Response = TokioIo<MeshStream>;
     type Error = std::io::Error;
     type Future = Pin<Box<dyn Future<Output = std::io::Result<Self::Response>> + Send>>;
 
@@ -49,10 +72,57 @@ impl tower::Service<Uri> for Dial {
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, _uri: Uri) -> Self::Future {
+    fn call(&mut self, uri: Uri) -> Self::Future {
         let address = self.address;
         let timeout = Duration::from_micros(self.timeout_us.load(Ordering::Relaxed));
-        Box::pin(async move { dial(address, timeout).await.map(TokioIo::new) })
+        let tls = self.tls.clone();
+        let mode = self.tls_mode.load(Ordering::Relaxed);
+        let alpn = self.alpn;
+        Box::pin(async move {
+            let tcp = dial(address, timeout).await?;
+            let stream = match tls {
+                Some(tls) => {
+                    originate(
+                        &tls,
+                        mode,
+                        address,
+                        tcp,
+                        uri.authority().map_or("", |a| a.as_str()),
+                        alpn,
+                    )
+                    .await?
+                }
+                None => MeshStream::Plain(tcp),
+            };
+            Ok(TokioIo::new(stream))
+        })
+    }
+}
+
+/// mTLS on `tcp` when the mode and what the control plane says of
+/// `address` call for it, else the plain connection.
+pub async fn originate(
+    tls: &MeshTls,
+    mode: u8,
+    address: SocketAddr,
+    tcp: TcpStream,
+    authority: &str,
+    alpn: &'static [u8],
+) -> std::io::Result<MeshStream> {
+    let peer = tls.peer(address);
+    let wanted = match mode {
+        m if m == TlsMode::Disable as u8 => false,
+        m if m == TlsMode::IstioMutual as u8 => true,
+        _ => peer.is_some(),
+    };
+    if !wanted {
+        return Ok(MeshStream::Plain(tcp));
+    }
+    match crate::mtls::connect(tls, tcp, authority, peer.as_deref(), alpn) {
+        Some(handshake) => handshake.await,
+        None => Err(std::io::Error::other(
+            "mTLS is required to this endpoint but this proxy has no workload certificate yet",
+        )),
     }
 }
 
@@ -119,6 +189,8 @@ pub struct EndpointState {
     pub address: SocketAddr,
     pub address_str: Arc<str>,
     connect_timeout: Arc<AtomicU64>,
+    tls: Option<Arc<MeshTls>>,
+    tls_mode: Arc<AtomicU8>,
     pools: OnceLock<Pools>,
     /// Requests sent and not yet answered (response headers).
     in_flight: AtomicU32,
@@ -150,11 +222,13 @@ pub enum Health {
 }
 
 impl EndpointState {
-    fn new(address: SocketAddr, connect_timeout: Duration) -> Self {
+    fn new(address: SocketAddr, connect_timeout: Duration, tls: Option<Arc<MeshTls>>) -> Self {
         EndpointState {
             address,
             address_str: address.to_string().into(),
             connect_timeout: Arc::new(AtomicU64::new(connect_timeout.as_micros() as u64)),
+            tls,
+            tls_mode: Arc::new(AtomicU8::new(TlsMode::Auto as u8)),
             pools: OnceLock::new(),
             in_flight: AtomicU32::new(0),
             ewma_us: AtomicU64::new(0),
@@ -176,9 +250,44 @@ impl EndpointState {
             .store(t.as_micros() as u64, Ordering::Relaxed);
     }
 
+    /// A DestinationRule's `tls.mode` for new connections.
+    pub fn set_tls_mode(&self, mode: TlsMode) {
+        self.tls_mode.store(mode as u8, Ordering::Relaxed);
+    }
+
+    /// Opens a connection of this endpoint's kind (plain or mesh mTLS) for
+    /// opaque TCP.
+    pub async fn connect(&self, authority: &str) -> std::io::Result<MeshStream> {
+        let tcp = dial(self.address, self.connect_timeout()).await?;
+        match &self.tls {
+            Some(tls) => {
+                originate(
+                    tls,
+                    self.tls_mode.load(Ordering::Relaxed),
+                    self.address,
+                    tcp,
+                    authority,
+                    crate::mtls::TCP_ALPN,
+                )
+                .await
+            }
+            None => Ok(MeshStream::Plain(tcp)),
+        }
+    }
+
     pub fn pools(&self) -> &Pools {
         self.pools.get_or_init(|| {
-            let dial = Dial::new(self.address, self.connect_timeout.clone());
+            let dial = Dial {
+                address: self.address,
+                timeout_us: self.connect_timeout.clone(),
+                tls: self.tls.clone(),
+                tls_mode: self.tls_mode.clone(),
+                alpn: b"http/1.1",
+            };
+            let dial_h2 = Dial {
+                alpn: b"h2",
+                ..dial.clone()
+            };
             let mut builder = Client::builder(TokioExecutor::new());
             builder
                 .timer(TokioTimer::new())
@@ -201,8 +310,8 @@ impl EndpointState {
             };
             let mirror_http1 = builder.build(dial.clone());
             builder.http2_only(true);
-            let http2 = builder.build(dial.clone());
-            let mirror_http2 = builder.build(dial);
+            let http2 = builder.build(dial_h2.clone());
+            let mirror_http2 = builder.build(dial_h2);
             Pools {
                 http1,
                 http2,
@@ -359,6 +468,7 @@ impl Drop for Started {
 pub struct Registry {
     endpoints: Mutex<HashMap<SocketAddr, Arc<EndpointState>>>,
     connect_timeout: Duration,
+    tls: Arc<MeshTls>,
 }
 
 impl Registry {
@@ -366,7 +476,18 @@ impl Registry {
         Registry {
             endpoints: Mutex::new(HashMap::new()),
             connect_timeout,
+            tls: Default::default(),
         }
+    }
+
+    /// Connections to sidecars take mesh mTLS with this identity.
+    pub fn with_tls(mut self, tls: Arc<MeshTls>) -> Self {
+        self.tls = tls;
+        self
+    }
+
+    pub fn tls(&self) -> &Arc<MeshTls> {
+        &self.tls
     }
 
     /// The state of the endpoint at `address`, made on first use. Called
@@ -374,7 +495,13 @@ impl Registry {
     pub fn endpoint(&self, address: SocketAddr) -> Arc<EndpointState> {
         let mut map = self.endpoints.lock().unwrap_or_else(|p| p.into_inner());
         map.entry(address)
-            .or_insert_with(|| Arc::new(EndpointState::new(address, self.connect_timeout)))
+            .or_insert_with(|| {
+                Arc::new(EndpointState::new(
+                    address,
+                    self.connect_timeout,
+                    Some(self.tls.clone()),
+                ))
+            })
             .clone()
     }
 
@@ -400,7 +527,7 @@ impl Registry {
     /// An endpoint kept apart from the registry (the inbound side's local
     /// app), never forgotten by [`retain`](Self::retain).
     pub fn standalone(&self, address: SocketAddr) -> Arc<EndpointState> {
-        Arc::new(EndpointState::new(address, self.connect_timeout))
+        Arc::new(EndpointState::new(address, self.connect_timeout, None))
     }
 
     pub fn default_connect_timeout(&self) -> Duration {

@@ -34,6 +34,7 @@ pub mod idle;
 pub mod limits;
 pub mod listener;
 pub mod mirror;
+pub mod mtls;
 pub mod quota;
 pub mod ratelimit;
 pub mod replay;
@@ -125,6 +126,9 @@ pub struct ProxyConfig {
     /// Counts under Quotas, shared with the control stream that reports
     /// them and brings allocations.
     pub quotas: Arc<quota::QuotaLedger>,
+    /// The workload certificate and mesh mTLS, shared with the control
+    /// stream (trust bundle, peers) and the certificate's renewal.
+    pub tls: Arc<mtls::MeshTls>,
 }
 
 impl ProxyConfig {
@@ -146,6 +150,7 @@ impl ProxyConfig {
             locality: None,
             gateway: false,
             quotas: Default::default(),
+            tls: Default::default(),
         }
     }
 }
@@ -233,8 +238,9 @@ impl Proxy {
                 "workload identity contains characters not allowed in a header".into(),
             )
         })?;
-        let registry = Arc::new(Registry::new(config.connect_timeout));
+        let registry = Arc::new(Registry::new(config.connect_timeout).with_tls(config.tls.clone()));
         let mut caller = Caller::of(&config.identity, &config.labels, config.locality.clone());
+        caller.app_port = config.app.map(|a| a.port());
         if config.gateway {
             caller.gateway_port = outbound
                 .as_ref()

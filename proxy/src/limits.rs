@@ -68,10 +68,15 @@ pub enum Refused {
     ResponseBodyIdle,
     /// An HTTP/2 connection closed for abuse (rapid resets, protocol errors).
     Http2Abuse,
+    /// Plaintext (or an app's own TLS) where PeerAuthentication says STRICT.
+    MtlsRequired,
+    /// A mesh mTLS handshake that failed: a client certificate missing,
+    /// expired or from another CA.
+    MtlsHandshake,
 }
 
 impl Refused {
-    pub const ALL: [Refused; 9] = [
+    pub const ALL: [Refused; 11] = [
         Refused::ConnectionLimit,
         Refused::HeadersTimeout,
         Refused::HeadersTooLarge,
@@ -81,6 +86,8 @@ impl Refused {
         Refused::RequestBodyIdle,
         Refused::ResponseBodyIdle,
         Refused::Http2Abuse,
+        Refused::MtlsRequired,
+        Refused::MtlsHandshake,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -94,6 +101,8 @@ impl Refused {
             Refused::RequestBodyIdle => "request_body_idle",
             Refused::ResponseBodyIdle => "response_body_idle",
             Refused::Http2Abuse => "http2_abuse",
+            Refused::MtlsRequired => "mtls_required",
+            Refused::MtlsHandshake => "mtls_handshake",
         }
     }
 }

@@ -19,6 +19,7 @@ use crate::detect::{self, Detected};
 use crate::idle::{CountingIo, HeaderTimer, ReadCount};
 use crate::limits::Refused;
 use crate::request::handle;
+use lumen_core::security::MtlsMode;
 
 /// How long an HTTP/2 connection may go without answering a ping.
 const PING_INTERVAL: Duration = Duration::from_secs(60);
@@ -79,29 +80,61 @@ pub async fn serve(
             continue;
         };
         let _ = stream.set_nodelay(true);
-        let conn = Arc::new(Connection {
+        let conn = Connection {
             side,
             peer,
             local: stream.local_addr().unwrap_or(peer),
             original_dst: detect::original_dst(&stream),
             permit: std::sync::Mutex::new(Some(permit)),
-        });
+            peer_identity: None,
+        };
         let shared = shared.clone();
         let builder = builder.clone();
         let watcher = graceful.watcher();
         let stop = shutdown.clone();
         tcp.spawn(async move {
             let speaks = match declared(&shared, &conn) {
-                Some(UpstreamProtocol::Tcp) => Detected::Tcp,
+                // Inbound with a certificate, a sidecar's mTLS comes first
+                // whatever the app speaks (a server-first app included).
+                Some(UpstreamProtocol::Tcp)
+                    if side == Side::Outbound || !shared.registry.tls().ready() =>
+                {
+                    Detected::Tcp
+                }
                 _ => detect::detect(&stream, DETECT_TIMEOUT).await,
             };
+            if side == Side::Inbound {
+                let sni = match speaks {
+                    Detected::Tls => detect::server_name(&stream, DETECT_TIMEOUT).await,
+                    _ => None,
+                };
+                let mesh = sni
+                    .as_deref()
+                    .is_some_and(|n| n.starts_with(crate::mtls::MESH_SNI_PREFIX));
+                // DISABLE: mesh TLS is not terminated here (it fails, as in Istio).
+                if mesh && shared.routes.load().inbound_mtls() != MtlsMode::Disable {
+                    return serve_mtls(stream, shared, conn, &builder, watcher, stop, drain).await;
+                }
+                if shared.routes.load().inbound_mtls() == MtlsMode::Strict {
+                    // Istio's STRICT: nothing but mesh mTLS.
+                    shared.telemetry.metrics().refused(Refused::MtlsRequired);
+                    tracing::debug!(peer = %conn.peer, "plaintext refused: PeerAuthentication is STRICT");
+                    return;
+                }
+            }
+            let conn = Arc::new(conn);
             match speaks {
                 Detected::Http1 | Detected::Http2 => {
                     serve_http(stream, shared, conn, &builder, watcher).await
                 }
                 Detected::Tls | Detected::Tcp => {
-                    let tls = speaks == Detected::Tls;
-                    crate::tcp::proxy(shared, conn, stream, tls, stop, drain).await;
+                    let sni = match (speaks, side) {
+                        (Detected::Tls, Side::Outbound) => {
+                            detect::server_name(&stream, DETECT_TIMEOUT).await
+                        }
+                        _ => None,
+                    };
+                    crate::tcp::proxy(shared, conn, stream, speaks == Detected::Tls, sni, stop, drain).await;
                 }
                 Detected::Closed => {}
             }
@@ -140,13 +173,65 @@ fn declared(shared: &Shared, conn: &Connection) -> Option<UpstreamProtocol> {
     }
 }
 
-async fn serve_http(
+/// Terminates a sidecar's mesh mTLS: the client's chain must lead to the
+/// mesh's roots; its SPIFFE id is the connection's source identity. Then
+/// HTTP or, for `lumen-tcp`, opaque TCP to the app.
+async fn serve_mtls(
     stream: TcpStream,
+    shared: Arc<Shared>,
+    mut conn: Connection,
+    builder: &auto::Builder<TokioExecutor>,
+    watcher: hyper_util::server::graceful::Watcher,
+    stop: watch::Receiver<bool>,
+    drain: Duration,
+) {
+    let tls = shared.registry.tls().clone();
+    let Some(config) = tls.server_config() else {
+        shared.telemetry.metrics().refused(Refused::MtlsHandshake);
+        tracing::debug!(peer = %conn.peer, "mesh mTLS refused: this proxy has no workload certificate yet");
+        return;
+    };
+    let accepted = tokio::time::timeout(
+        DETECT_TIMEOUT,
+        tokio_rustls::TlsAcceptor::from(config).accept(stream),
+    )
+    .await;
+    let stream = match accepted {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            shared.telemetry.metrics().refused(Refused::MtlsHandshake);
+            tracing::debug!(peer = %conn.peer, error = %e, "mesh mTLS handshake failed");
+            return;
+        }
+        Err(_) => {
+            shared.telemetry.metrics().refused(Refused::MtlsHandshake);
+            return;
+        }
+    };
+    let session = stream.get_ref().1;
+    conn.peer_identity = session
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .and_then(|c| crate::mtls::spiffe_of(c))
+        .map(|id| Arc::from(id.to_string()));
+    let tcp = session.alpn_protocol() == Some(crate::mtls::TCP_ALPN);
+    let conn = Arc::new(conn);
+    if tcp {
+        crate::tcp::proxy(shared, conn, stream, false, None, stop, drain).await;
+    } else {
+        serve_http(stream, shared, conn, builder, watcher).await;
+    }
+}
+
+async fn serve_http<S>(
+    stream: S,
     shared: Arc<Shared>,
     conn: Arc<Connection>,
     builder: &auto::Builder<TokioExecutor>,
     watcher: hyper_util::server::graceful::Watcher,
-) {
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let side = conn.side;
     let metrics = shared.telemetry.metrics().clone();
     // The headers deadline runs from a request's first byte; before it the

@@ -40,6 +40,9 @@ pub struct Caller {
     /// VirtualServices bound to the Gateways that select it (by labels) and
     /// have a server on this port, not by service names.
     pub gateway_port: Option<u16>,
+    /// The local app's port, which PeerAuthentication's `portLevelMtls`
+    /// names.
+    pub app_port: Option<u16>,
 }
 
 impl Caller {
@@ -57,6 +60,7 @@ impl Caller {
             labels,
             locality,
             gateway_port: None,
+            app_port: None,
         }
     }
 }
@@ -142,6 +146,7 @@ pub struct RoutingTable {
     /// A gateway proxy's routes, by host; `None` for a sidecar.
     gateway: Option<Vec<GatewayHost>>,
     clusters: HashMap<Arc<str>, Arc<Cluster>>,
+    inbound_mtls: lumen_core::security::MtlsMode,
 }
 
 /// Why an outbound request has nowhere to go.
@@ -315,12 +320,24 @@ impl RoutingTable {
             .flat_map(|c| c.endpoints.iter().map(|e| e.state.address))
             .collect();
         registry.retain(&keep);
+        let inbound_mtls = lumen_core::security::mtls_mode(
+            &mesh.peer_authentications,
+            &caller.namespace,
+            &caller.labels,
+            caller.app_port,
+        );
         RoutingTable {
             mesh,
             hosts,
             gateway,
             clusters,
+            inbound_mtls,
         }
+    }
+
+    /// What the inbound side accepts, by the PeerAuthentications in force.
+    pub fn inbound_mtls(&self) -> lumen_core::security::MtlsMode {
+        self.inbound_mtls
     }
 
     pub fn mesh(&self) -> &Arc<MeshConfig> {

@@ -6,7 +6,10 @@
 //! is unreachable the proxy keeps serving what it has and reconnects with
 //! backoff; the policy engine's decisions are kept too, until the proxy
 //! has been cut off for its staleness: then each conditional policy
-//! follows its `failMode` until a stream is back.
+//! follows its `failMode` until a stream is back. The stream also brings
+//! the mesh's trust bundle and which sidecars hold certificates
+//! ([`crate::mtls`]), and tells the control plane this proxy's own SPIFFE
+//! id whenever it changes.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -47,6 +50,7 @@ pub async fn follow(
     tx: watch::Sender<Arc<MeshConfig>>,
     staleness: Duration,
     quotas: Arc<crate::quota::QuotaLedger>,
+    tls: Arc<crate::mtls::MeshTls>,
     mut stop: watch::Receiver<bool>,
 ) {
     // Since when no stream has been up (`None`: one is).
@@ -57,7 +61,7 @@ pub async fn follow(
     loop {
         let mut received = false;
         let ended = tokio::select! {
-            ended = session(&endpoint, &node, &tx, &down, &quotas, &mut received) => ended,
+            ended = session(&endpoint, &node, &tx, &down, &quotas, &tls, &mut received) => ended,
             _ = stop.wait_for(|s| *s) => return,
         };
         down.send_if_modified(|d| {
@@ -142,6 +146,7 @@ async fn session(
     tx: &watch::Sender<Arc<MeshConfig>>,
     down: &watch::Sender<Option<Instant>>,
     quotas: &Arc<crate::quota::QuotaLedger>,
+    tls: &Arc<crate::mtls::MeshTls>,
     received: &mut bool,
 ) -> Result<(), String> {
     // Keepalive pings: a control plane that vanished without closing the
@@ -157,6 +162,9 @@ async fn session(
     let mut client = ControlPlaneClient::new(channel);
     let (out, out_rx) = mpsc::channel(4);
     let running = tx.borrow().version.clone();
+    let mut ids = tls.watch_id();
+    let mut node = node.clone();
+    node.spiffe_id = ids.borrow_and_update().clone().unwrap_or_default();
     let _ = out
         .send(ProxyMessage {
             node: Some(node.clone()),
@@ -195,6 +203,23 @@ async fn session(
             }
         }))
     };
+    // A certificate that comes (or changes identity) while the stream is
+    // up is announced, so other sidecars start mTLS to this one.
+    let _announcer = {
+        let out = out.clone();
+        AbortOnDrop(tokio::spawn(async move {
+            while ids.changed().await.is_ok() {
+                node.spiffe_id = ids.borrow_and_update().clone().unwrap_or_default();
+                let update = ProxyMessage {
+                    node: Some(node.clone()),
+                    ..Default::default()
+                };
+                if out.send(update).await.is_err() {
+                    return;
+                }
+            }
+        }))
+    };
     // The parts of the view being received: (nonce, resources so far).
     let mut partial: Option<(String, Vec<bytes::Bytes>)> = None;
     while let Some(mut snapshot) = snapshots
@@ -206,6 +231,10 @@ async fn session(
         down.send_if_modified(|d| d.take().is_some());
         if snapshot.quota_only {
             quotas.apply(&snapshot.allocations, snapshot.proxies);
+            continue;
+        }
+        if snapshot.peers_only {
+            take_peers(tls, &snapshot);
             continue;
         }
         if snapshot.policies_only {
@@ -233,6 +262,7 @@ async fn session(
             partial = Some((snapshot.nonce, snapshot.resources));
             continue;
         }
+        take_peers(tls, &snapshot);
         let built = snapshot
             .resources
             .iter()
@@ -284,6 +314,20 @@ async fn session(
         }
     }
     Ok(())
+}
+
+/// The trust bundle and the sidecars with certificates, as a snapshot
+/// tells them.
+fn take_peers(tls: &crate::mtls::MeshTls, snapshot: &v1::Snapshot) {
+    if !snapshot.trust_bundle.is_empty() {
+        tls.take_bundle(&snapshot.trust_bundle);
+    }
+    let peers = snapshot
+        .peers
+        .iter()
+        .filter_map(|p| Some((p.address.parse().ok()?, Arc::from(p.spiffe_id.as_str()))))
+        .collect();
+    tls.set_peers(peers);
 }
 
 #[cfg(test)]
@@ -374,6 +418,12 @@ mod tests {
         ) -> Result<Response<v1::ProxyStatusResponse>, Status> {
             Err(Status::unimplemented("fake"))
         }
+        async fn create_certificate(
+            &self,
+            _: Request<v1::CertificateRequest>,
+        ) -> Result<Response<v1::CertificateResponse>, Status> {
+            Err(Status::unimplemented("fake"))
+        }
     }
 
     #[tokio::test]
@@ -397,6 +447,7 @@ mod tests {
             node,
             tx,
             DEFAULT_POLICY_STALENESS,
+            Default::default(),
             Default::default(),
             stop,
         ));

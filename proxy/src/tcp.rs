@@ -9,7 +9,6 @@ use std::time::Duration;
 
 use lumen_core::{Protocol, ResponseFlags, Workload};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio::sync::watch;
 
 use crate::body::{RequestBodyState, Spliced};
@@ -198,20 +197,21 @@ fn target(
     }
 }
 
-/// How long the rest of a ClientHello may take once its first bytes came.
-const SNI_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
-
 /// Serves one opaque TCP connection and writes its row. One that opens
 /// with a TLS ClientHello (`tls`) is routed by its server name too, and
 /// its row's `authority` is that name.
-pub async fn proxy(
+/// `sni` is the ClientHello's server name, read by the caller (outbound).
+pub async fn proxy<D>(
     shared: Arc<Shared>,
     conn: Arc<Connection>,
-    downstream: TcpStream,
+    downstream: D,
     tls: bool,
+    sni: Option<String>,
     stop: watch::Receiver<bool>,
     drain: Duration,
-) {
+) where
+    D: AsyncRead + AsyncWrite + Unpin + Send,
+{
     let trace = TraceContext::continue_from(None);
     let source = match conn.side {
         Side::Outbound => shared.identity.clone(),
@@ -229,10 +229,7 @@ pub async fn proxy(
         &trace,
         Arc::new(RequestBodyState::default()),
     );
-    let sni = match (tls, conn.side) {
-        (true, Side::Outbound) => crate::detect::server_name(&downstream, SNI_TIMEOUT).await,
-        _ => None,
-    };
+    let sni = if tls { sni } else { None };
     let t = match target(&shared, &conn, sni.as_deref()) {
         Err((flags, message)) => {
             tracing::debug!(peer = %conn.peer, %message, "tcp connection refused");
@@ -260,7 +257,7 @@ pub async fn proxy(
                 r.upstream_address = Some(address_str);
             }
             match crate::endpoint::dial(address, shared.registry.default_connect_timeout()).await {
-                Ok(s) => (Some(s), None),
+                Ok(s) => (Some(crate::mtls::MeshStream::Plain(s)), None),
                 Err(e) => {
                     tracing::debug!(%address, error = %e, "tcp connect failed");
                     (None, None)
@@ -295,7 +292,8 @@ pub async fn proxy(
                     r.retries = tried.len() as u32 - 1;
                 }
                 let started = e.state.start();
-                match crate::endpoint::dial(e.state.address, e.state.connect_timeout()).await {
+                let host = format!("{}.{}", cluster.service, cluster.namespace);
+                match e.state.connect(&host).await {
                     Ok(s) => {
                         drop(started);
                         upstream = Some(s);

@@ -92,6 +92,11 @@ pub async fn connect(
     }
     let mut tried = Vec::new();
     let mut upstream = None;
+    let authority = req
+        .uri()
+        .authority()
+        .map(|a| a.to_string())
+        .unwrap_or_default();
     // A connect failure tries the service's other endpoints, each once.
     while let Some(endpoint) = destination.pick(&tried, None) {
         if tried.contains(&endpoint.address()) {
@@ -104,7 +109,7 @@ pub async fn connect(
             r.upstream_address = Some(endpoint.state.address_str.clone());
             r.retries = tried.len() as u32 - 1;
         }
-        match crate::endpoint::dial(endpoint.address(), endpoint.state.connect_timeout()).await {
+        match endpoint.state.connect(&authority).await {
             Ok(s) => {
                 upstream = Some(s);
                 break;

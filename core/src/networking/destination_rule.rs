@@ -158,6 +158,8 @@ pub struct OutlierDetection {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TlsMode {
     Disable,
+    /// Mesh mTLS with the mesh CA's certificates.
+    IstioMutual,
 }
 
 // ---- Istio's schema ----
@@ -852,12 +854,17 @@ fn tls(t: TlsSpec, at: &At<'_>) -> Result<TlsMode, ConfigError> {
         ("insecureSkipVerify", &t.insecure_skip_verify),
         ("caCrl", &t.ca_crl),
     ] {
-        at.unsupported(v, field, "TLS to upstreams is not implemented yet")?;
+        at.unsupported(
+            v,
+            field,
+            "TLS to upstreams outside the mesh is not implemented yet",
+        )?;
     }
     match t.mode.as_deref() {
         None | Some("DISABLE") => Ok(TlsMode::Disable),
-        Some(m @ ("SIMPLE" | "MUTUAL" | "ISTIO_MUTUAL")) => Err(at.at("mode").err(format!(
-            "not supported by Lumen yet: {m}; hops between sidecars are plaintext until the mesh CA lands"
+        Some("ISTIO_MUTUAL") => Ok(TlsMode::IstioMutual),
+        Some(m @ ("SIMPLE" | "MUTUAL")) => Err(at.at("mode").err(format!(
+            "not supported by Lumen yet: {m} (TLS to upstreams outside the mesh); ISTIO_MUTUAL and DISABLE are"
         ))),
         Some(other) => Err(at.at("mode").err(format!(
             "`{other}` is not DISABLE, SIMPLE, MUTUAL or ISTIO_MUTUAL"
@@ -915,7 +922,7 @@ mod tests {
         );
         let e = dr("  subsets:\n  - name: v1\n  - name: v1\n").unwrap_err();
         assert_eq!(e.field, "spec.subsets[1].name");
-        let e = dr("  trafficPolicy:\n    tls: {mode: ISTIO_MUTUAL}\n").unwrap_err();
+        let e = dr("  trafficPolicy:\n    tls: {mode: SIMPLE}\n").unwrap_err();
         assert_eq!(e.field, "spec.trafficPolicy.tls.mode");
     }
 }

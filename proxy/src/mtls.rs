@@ -1,0 +1,713 @@
+//! The sidecar's workload identity and the mutual TLS it speaks with other
+//! sidecars.
+//!
+//! The proxy makes its own key (it never leaves the process), asks the
+//! control plane's mesh CA to sign a CSR for it, and renews at half the
+//! certificate's lifetime; every handshake reads the certificate in force,
+//! so a renewal changes nothing for open connections and no listener
+//! restarts. The trust bundle (the mesh's roots) and the list of sidecars
+//! holding certificates come over the control stream.
+//!
+//! Outbound, a connection to a sidecar the control plane lists originates
+//! mTLS, offering this proxy's certificate and accepting only the SPIFFE id
+//! that sidecar holds; its SNI is Istio's `outbound_.<port>_._.<host>`, so
+//! the inbound side tells mesh TLS from an app's own TLS. Inbound, such a
+//! connection is terminated here, the client's chain checked against the
+//! roots, and its SPIFFE id becomes the request's source principal.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, SystemTime};
+
+use arc_swap::{ArcSwap, ArcSwapOption};
+use lumen_core::identity::SpiffeId;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::server::WebPkiClientVerifier;
+use rustls::sign::CertifiedKey;
+use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig, SignatureScheme};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+
+/// SNI prefix of mesh mTLS, as Istio's (`outbound_.9080_._.reviews.default.svc.cluster.local`).
+pub const MESH_SNI_PREFIX: &str = "outbound_.";
+/// ALPN of opaque TCP over mesh mTLS (HTTP says `h2` or `http/1.1`).
+pub const TCP_ALPN: &[u8] = b"lumen-tcp";
+
+/// Where mTLS stands for this proxy, as `/config_dump` shows it — never a
+/// key or a certificate's bytes.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct CertificateInfo {
+    pub spiffe_id: String,
+    pub serial: String,
+    pub not_before: String,
+    pub not_after: String,
+    pub roots: usize,
+}
+
+/// One certificate in force.
+struct Certified {
+    key: Arc<CertifiedKey>,
+    id: SpiffeId,
+    serial: String,
+    not_before: SystemTime,
+    not_after: SystemTime,
+}
+
+/// The proxy's identity and TLS configurations.
+pub struct MeshTls {
+    provider: Arc<CryptoProvider>,
+    /// Shared with the resolvers every handshake asks.
+    current: Arc<ArcSwapOption<Certified>>,
+    roots: ArcSwap<Vec<CertificateDer<'static>>>,
+    /// Built from the roots; the certificate is read at each handshake.
+    server: ArcSwapOption<ServerConfig>,
+    /// Client configurations by the identity they accept (`None`: any in
+    /// the trust domain), built from the roots.
+    clients: Mutex<HashMap<Option<String>, Arc<ClientConfig>>>,
+    /// Sidecars that hold certificates, by inbound address.
+    peers: ArcSwap<HashMap<SocketAddr, Arc<str>>>,
+    /// The SPIFFE id in force, for those that announce it.
+    id_tx: watch::Sender<Option<String>>,
+    /// The root the certificate in force was issued under.
+    issued_under: ArcSwapOption<CertificateDer<'static>>,
+    renew: tokio::sync::Notify,
+}
+
+impl std::fmt::Debug for MeshTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MeshTls")
+            .field("certificate", &self.info())
+            .finish()
+    }
+}
+
+impl Default for MeshTls {
+    fn default() -> Self {
+        MeshTls {
+            provider: Arc::new(rustls::crypto::ring::default_provider()),
+            current: Arc::new(ArcSwapOption::empty()),
+            roots: ArcSwap::from_pointee(Vec::new()),
+            server: ArcSwapOption::empty(),
+            clients: Mutex::new(HashMap::new()),
+            peers: ArcSwap::from_pointee(HashMap::new()),
+            id_tx: watch::channel(None).0,
+            issued_under: ArcSwapOption::empty(),
+            renew: tokio::sync::Notify::new(),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("the certificate chain is not usable: {0}")]
+    BadChain(String),
+    #[error("the trust bundle is not usable: {0}")]
+    BadRoots(String),
+    #[error("cannot make a key or CSR: {0}")]
+    Key(String),
+}
+
+/// The URI SANs of a certificate.
+pub fn uri_sans(der: &[u8]) -> Vec<String> {
+    let Ok((_, cert)) = x509_parser::parse_x509_certificate(der) else {
+        return Vec::new();
+    };
+    let Ok(Some(san)) = cert.subject_alternative_name() else {
+        return Vec::new();
+    };
+    san.value
+        .general_names
+        .iter()
+        .filter_map(|n| match n {
+            x509_parser::extensions::GeneralName::URI(u) => Some(u.to_string()),
+            _ => None,
+        })
+        .collect()
+}
+
+/// The SPIFFE id a certificate carries, if any.
+pub fn spiffe_of(der: &[u8]) -> Option<SpiffeId> {
+    uri_sans(der).iter().find_map(|u| SpiffeId::parse(u).ok())
+}
+
+fn validity(der: &[u8]) -> Option<(SystemTime, SystemTime, String)> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+    let at = |t: i64| Some(SystemTime::UNIX_EPOCH + Duration::from_secs(u64::try_from(t).ok()?));
+    let serial = cert
+        .raw_serial()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let v = cert.validity();
+    Some((
+        at(v.not_before.timestamp())?,
+        at(v.not_after.timestamp())?,
+        serial,
+    ))
+}
+
+fn parse_pems(pems: &[String]) -> Result<Vec<CertificateDer<'static>>, String> {
+    let mut out = Vec::new();
+    for p in pems {
+        for c in CertificateDer::pem_slice_iter(p.as_bytes()) {
+            out.push(c.map_err(|e| e.to_string())?);
+        }
+    }
+    Ok(out)
+}
+
+/// A new key and a CSR for it (PEM), and the key as PKCS#8 DER.
+pub fn key_and_csr(id_hint: &str) -> Result<(String, Vec<u8>), TlsError> {
+    let key = rcgen::KeyPair::generate().map_err(|e| TlsError::Key(e.to_string()))?;
+    let mut params = rcgen::CertificateParams::default();
+    // What the proxy would like; the CA decides.
+    if let Ok(uri) = id_hint.to_string().try_into() {
+        params.subject_alt_names = vec![rcgen::SanType::URI(uri)];
+    }
+    let csr = params
+        .serialize_request(&key)
+        .and_then(|c| c.pem())
+        .map_err(|e| TlsError::Key(e.to_string()))?;
+    Ok((csr, key.serialize_der()))
+}
+
+impl MeshTls {
+    /// Puts a new certificate (chain PEM, leaf first) and its key in force.
+    pub fn install(&self, chain: &[String], key_der: Vec<u8>) -> Result<(), TlsError> {
+        let certs = parse_pems(chain).map_err(TlsError::BadChain)?;
+        let leaf = certs
+            .first()
+            .ok_or_else(|| TlsError::BadChain("no certificate".into()))?;
+        let id = spiffe_of(leaf)
+            .ok_or_else(|| TlsError::BadChain("the certificate carries no SPIFFE id".into()))?;
+        let (not_before, not_after, serial) = validity(leaf)
+            .ok_or_else(|| TlsError::BadChain("cannot read the certificate's validity".into()))?;
+        let key = self
+            .provider
+            .key_provider
+            .load_private_key(PrivateKeyDer::Pkcs8(key_der.into()))
+            .map_err(|e| TlsError::Key(e.to_string()))?;
+        let certified = CertifiedKey::new(certs, key);
+        certified
+            .keys_match()
+            .map_err(|e| TlsError::BadChain(e.to_string()))?;
+        let changed = self.current.load().as_ref().map(|c| &c.id) != Some(&id);
+        tracing::info!(identity = %id, serial = %serial, not_after = %humantime::format_rfc3339_seconds(not_after), "workload certificate in force");
+        self.current.store(Some(Arc::new(Certified {
+            key: Arc::new(certified),
+            id: id.clone(),
+            serial,
+            not_before,
+            not_after,
+        })));
+        if changed {
+            self.id_tx.send_replace(Some(id.to_string()));
+        }
+        Ok(())
+    }
+
+    /// Takes the mesh's roots (PEM); unchanged roots change nothing.
+    /// Returns whether they changed.
+    pub fn set_roots(&self, pems: &[String]) -> Result<bool, TlsError> {
+        let roots = parse_pems(pems).map_err(TlsError::BadRoots)?;
+        if roots.is_empty() || **self.roots.load() == roots {
+            return Ok(false);
+        }
+        let mut store = RootCertStore::empty();
+        for r in &roots {
+            store
+                .add(r.clone())
+                .map_err(|e| TlsError::BadRoots(e.to_string()))?;
+        }
+        let store = Arc::new(store);
+        let verifier =
+            WebPkiClientVerifier::builder_with_provider(store.clone(), self.provider.clone())
+                .build()
+                .map_err(|e| TlsError::BadRoots(e.to_string()))?;
+        let mut server = ServerConfig::builder_with_provider(self.provider.clone())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(|e| TlsError::BadRoots(e.to_string()))?
+            .with_client_cert_verifier(verifier)
+            .with_cert_resolver(Arc::new(Resolver(self.current.clone())));
+        server.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec(), TCP_ALPN.to_vec()];
+        self.roots.store(Arc::new(roots));
+        self.server.store(Some(Arc::new(server)));
+        self.clients
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
+        Ok(true)
+    }
+
+    /// Whether this proxy can speak mesh mTLS now.
+    pub fn ready(&self) -> bool {
+        self.current.load().is_some() && self.server.load().is_some()
+    }
+
+    pub fn id(&self) -> Option<SpiffeId> {
+        self.current.load().as_ref().map(|c| c.id.clone())
+    }
+
+    /// The SPIFFE id in force, as it changes.
+    pub fn watch_id(&self) -> watch::Receiver<Option<String>> {
+        self.id_tx.subscribe()
+    }
+
+    /// When the certificate in force should be renewed: half way through
+    /// its life.
+    pub fn renew_at(&self) -> Option<SystemTime> {
+        self.current.load().as_ref().map(|c| {
+            c.not_before + c.not_after.duration_since(c.not_before).unwrap_or_default() / 2
+        })
+    }
+
+    pub fn info(&self) -> Option<CertificateInfo> {
+        let c = self.current.load_full()?;
+        Some(CertificateInfo {
+            spiffe_id: c.id.to_string(),
+            serial: c.serial.clone(),
+            not_before: humantime::format_rfc3339_seconds(c.not_before).to_string(),
+            not_after: humantime::format_rfc3339_seconds(c.not_after).to_string(),
+            roots: self.roots.load().len(),
+        })
+    }
+
+    /// The sidecars holding certificates (from the control plane).
+    pub fn set_peers(&self, peers: HashMap<SocketAddr, Arc<str>>) {
+        self.peers.store(Arc::new(peers));
+    }
+
+    /// The identity the sidecar at `address` holds, if it is one.
+    pub fn peer(&self, address: SocketAddr) -> Option<Arc<str>> {
+        self.peers.load().get(&address).cloned()
+    }
+
+    pub fn server_config(&self) -> Option<Arc<ServerConfig>> {
+        if self.current.load().is_none() {
+            return None;
+        }
+        self.server.load_full()
+    }
+
+    /// A client configuration accepting `expected` (or any identity of the
+    /// trust domain), offering `alpn`.
+    pub fn client_config(&self, expected: Option<&str>, alpn: &[u8]) -> Option<Arc<ClientConfig>> {
+        let current = self.current.load_full()?;
+        let key = expected.map(|e| format!("{e}\u{0}{}", String::from_utf8_lossy(alpn)));
+        let key = Some(key.unwrap_or_else(|| format!("\u{0}{}", String::from_utf8_lossy(alpn))));
+        let mut clients = self.clients.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(c) = clients.get(&key) {
+            return Some(c.clone());
+        }
+        let roots = self.roots.load_full();
+        if roots.is_empty() {
+            return None;
+        }
+        let verifier = Arc::new(SpiffeVerifier {
+            provider: self.provider.clone(),
+            roots,
+            expected: expected.map(str::to_string),
+            trust_domain: current.id.trust_domain.clone(),
+        });
+        let mut config = ClientConfig::builder_with_provider(self.provider.clone())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .ok()?
+            .dangerous()
+            .with_custom_certificate_verifier(verifier)
+            .with_client_cert_resolver(Arc::new(Resolver(self.current.clone())));
+        config.alpn_protocols = vec![alpn.to_vec()];
+        let config = Arc::new(config);
+        clients.insert(key, config.clone());
+        Some(config)
+    }
+}
+
+/// Hands every handshake the certificate in force.
+struct Resolver(Arc<ArcSwapOption<Certified>>);
+
+impl std::fmt::Debug for Resolver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Resolver")
+    }
+}
+
+impl Resolver {
+    fn key(&self) -> Option<Arc<CertifiedKey>> {
+        self.0.load().as_ref().map(|c| c.key.clone())
+    }
+}
+
+impl rustls::server::ResolvesServerCert for Resolver {
+    fn resolve(&self, _hello: rustls::server::ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        self.key()
+    }
+}
+
+impl rustls::client::ResolvesClientCert for Resolver {
+    fn resolve(
+        &self,
+        _root_hint_subjects: &[&[u8]],
+        _sigschemes: &[SignatureScheme],
+    ) -> Option<Arc<CertifiedKey>> {
+        self.key()
+    }
+
+    fn has_certs(&self) -> bool {
+        true
+    }
+}
+
+/// Checks a server's chain to the mesh's roots and its SPIFFE id: the one
+/// expected for the destination, or any of the trust domain.
+#[derive(Debug)]
+struct SpiffeVerifier {
+    provider: Arc<CryptoProvider>,
+    roots: Arc<Vec<CertificateDer<'static>>>,
+    expected: Option<String>,
+    trust_domain: String,
+}
+
+impl ServerCertVerifier for SpiffeVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let anchors: Vec<_> = self
+            .roots
+            .iter()
+            .filter_map(|r| webpki::anchor_from_trusted_cert(r).ok())
+            .collect();
+        let cert = webpki::EndEntityCert::try_from(end_entity).map_err(|e| {
+            rustls::Error::InvalidCertificate(rustls::CertificateError::Other(rustls::OtherError(
+                Arc::new(e),
+            )))
+        })?;
+        cert.verify_for_usage(
+            self.provider.signature_verification_algorithms.all,
+            &anchors,
+            intermediates,
+            now,
+            webpki::KeyUsage::server_auth(),
+            None,
+            None,
+        )
+        .map_err(webpki_error)?;
+        let id = spiffe_of(end_entity).ok_or(rustls::Error::InvalidCertificate(
+            rustls::CertificateError::NotValidForName,
+        ))?;
+        let ok = match &self.expected {
+            Some(e) => id.to_string() == *e,
+            None => id.trust_domain == self.trust_domain,
+        };
+        if !ok {
+            return Err(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::NotValidForNameContext {
+                    expected: ServerName::try_from("spiffe.invalid")
+                        .map(|n| n.to_owned())
+                        .map_err(|_| rustls::Error::General("name".into()))?,
+                    presented: vec![id.to_string()],
+                },
+            ));
+        }
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+fn webpki_error(e: webpki::Error) -> rustls::Error {
+    use rustls::CertificateError as C;
+    rustls::Error::InvalidCertificate(match e {
+        webpki::Error::CertExpired { .. } => C::Expired,
+        webpki::Error::CertNotValidYet { .. } => C::NotValidYet,
+        webpki::Error::UnknownIssuer => C::UnknownIssuer,
+        webpki::Error::InvalidSignatureForPublicKey => C::BadSignature,
+        other => C::Other(rustls::OtherError(Arc::new(other))),
+    })
+}
+
+/// An upstream connection: plain TCP, or mesh mTLS over it.
+pub enum MeshStream {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+impl MeshStream {
+    pub fn is_tls(&self) -> bool {
+        matches!(self, MeshStream::Tls(_))
+    }
+}
+
+impl AsyncRead for MeshStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            MeshStream::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            MeshStream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for MeshStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            MeshStream::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            MeshStream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            MeshStream::Plain(s) => Pin::new(s).poll_flush(cx),
+            MeshStream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            MeshStream::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            MeshStream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            MeshStream::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            MeshStream::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            MeshStream::Plain(s) => s.is_write_vectored(),
+            MeshStream::Tls(s) => s.is_write_vectored(),
+        }
+    }
+}
+
+impl hyper_util::client::legacy::connect::Connection for MeshStream {
+    fn connected(&self) -> hyper_util::client::legacy::connect::Connected {
+        let c = hyper_util::client::legacy::connect::Connected::new();
+        match self {
+            MeshStream::Tls(s) if s.get_ref().1.alpn_protocol() == Some(b"h2") => c.negotiated_h2(),
+            _ => c,
+        }
+    }
+}
+
+/// Originates mesh mTLS on `tcp` to the sidecar at `address` holding
+/// `expected` (or, when unknown, any identity of the trust domain).
+pub fn connect(
+    tls: &MeshTls,
+    tcp: TcpStream,
+    authority: &str,
+    expected: Option<&str>,
+    alpn: &'static [u8],
+) -> Option<impl Future<Output = std::io::Result<MeshStream>> + use<>> {
+    let config = tls.client_config(expected, alpn)?;
+    let sni = mesh_sni(authority);
+    let name = ServerName::try_from(sni).ok()?;
+    let connector = tokio_rustls::TlsConnector::from(config);
+    Some(async move {
+        let s = connector.connect(name, tcp).await?;
+        Ok(MeshStream::Tls(Box::new(s)))
+    })
+}
+
+/// Istio's SNI for mesh mTLS to `host:port`.
+pub fn mesh_sni(authority: &str) -> String {
+    let (host, port) = match authority.rsplit_once(':') {
+        Some((h, p)) if p.bytes().all(|b| b.is_ascii_digit()) => (h, p),
+        _ => (authority, "80"),
+    };
+    let host: String = host
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '.' || c == '-' {
+                c.to_ascii_lowercase()
+            } else {
+                '-'
+            }
+        })
+        .collect();
+    let host = host.trim_matches(|c| c == '.' || c == '-');
+    let host = if host.is_empty() { "mesh" } else { host };
+    format!("{MESH_SNI_PREFIX}{port}_._.{host}")
+}
+
+/// How a proxy gets its certificate: from the control plane's mesh CA,
+/// proving itself with a join token.
+#[derive(Debug, Clone)]
+pub struct Certifier {
+    /// The control plane, `http://host:port`.
+    pub endpoint: String,
+    pub join_token: String,
+    pub namespace: String,
+    pub service_account: String,
+    /// Asked-for lifetime (`None`: the CA's default).
+    pub lifetime: Option<Duration>,
+}
+
+impl std::fmt::Display for Certifier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the token.
+        write!(
+            f,
+            "{} for ns/{}/sa/{}",
+            self.endpoint, self.namespace, self.service_account
+        )
+    }
+}
+
+impl MeshTls {
+    /// Asks for a renewal now (the mesh's root changed).
+    pub fn renew_now(&self) {
+        self.renew.notify_one();
+    }
+
+    /// Takes the trust bundle a snapshot carries; a new issuing root means
+    /// the certificate in force must be replaced by one it issued.
+    pub fn take_bundle(&self, pems: &[String]) {
+        match self.set_roots(pems) {
+            // Before the first certificate, the certificate's own request
+            // brings it.
+            Ok(true) if self.current.load().is_some() => {
+                let issuing = parse_pems(&pems[..1]).ok();
+                let under = self.issued_under.load_full();
+                if issuing.as_deref() != under.as_deref().map(std::slice::from_ref) {
+                    tracing::info!("the mesh's root changed: renewing the workload certificate");
+                    self.renew_now();
+                }
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "trust bundle from the control plane refused"),
+        }
+    }
+
+    async fn certify_once(&self, c: &Certifier) -> Result<(), String> {
+        use lumen_core::control::v1;
+        let hint = format!(
+            "spiffe://unknown/ns/{}/sa/{}",
+            c.namespace, c.service_account
+        );
+        let (csr, key) = key_and_csr(&hint).map_err(|e| e.to_string())?;
+        let mut client = v1::control_plane_client::ControlPlaneClient::connect(c.endpoint.clone())
+            .await
+            .map_err(|e| format!("cannot reach the control plane: {e}"))?;
+        let mut req = tonic::Request::new(v1::CertificateRequest {
+            csr,
+            validity_duration: c.lifetime.map_or(0, |d| d.as_secs() as i64),
+            namespace: c.namespace.clone(),
+            service_account: c.service_account.clone(),
+        });
+        let bearer = format!("Bearer {}", c.join_token)
+            .parse()
+            .map_err(|_| "the join token has characters a header cannot carry".to_string())?;
+        req.metadata_mut().insert("authorization", bearer);
+        let resp = client
+            .create_certificate(req)
+            .await
+            .map_err(|s| format!("{:?}: {}", s.code(), s.message()))?
+            .into_inner();
+        self.set_roots(&resp.trust_bundle)
+            .map_err(|e| e.to_string())?;
+        self.install(&resp.cert_chain, key)
+            .map_err(|e| e.to_string())?;
+        let issuing = parse_pems(resp.trust_bundle.get(..1).unwrap_or_default())
+            .ok()
+            .and_then(|v| v.into_iter().next());
+        self.issued_under.store(issuing.map(Arc::new));
+        Ok(())
+    }
+}
+
+/// Keeps this proxy certified until `stop`: a certificate at once, a new
+/// one at half the current one's life (or when the root changes), retries
+/// with backoff while the CA cannot be reached — the certificate in force
+/// serves until it expires.
+pub async fn keep_certified(tls: Arc<MeshTls>, c: Certifier, mut stop: watch::Receiver<bool>) {
+    let mut backoff = Duration::from_millis(200);
+    let mut failing = false;
+    loop {
+        let wait = match tls.certify_once(&c).await {
+            Ok(()) => {
+                backoff = Duration::from_millis(200);
+                failing = false;
+                tls.renew_at()
+                    .and_then(|at| at.duration_since(SystemTime::now()).ok())
+                    .unwrap_or(Duration::from_secs(1))
+            }
+            Err(e) => {
+                if failing {
+                    tracing::debug!(ca = %c, error = %e, "still no workload certificate");
+                } else {
+                    tracing::warn!(ca = %c, error = %e, "cannot get a workload certificate; retrying");
+                }
+                failing = true;
+                let w = backoff;
+                backoff = (backoff * 2).min(Duration::from_secs(10));
+                w
+            }
+        };
+        tokio::select! {
+            () = tokio::time::sleep(wait) => {}
+            () = tls.renew.notified() => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+    }
+}
