@@ -451,12 +451,9 @@ fn merge(
             .map_err(|e| read_err(e.to_string()))?;
         for b in reader {
             let b = b.map_err(|e| read_err(e.to_string()))?;
-            // Files keep the table's schema; metadata aside, columns are
-            // taken as the table's.
-            batches.push(
-                RecordBatch::try_new(schema.clone(), b.columns().to_vec())
-                    .map_err(|e| read_err(e.to_string()))?,
-            );
+            // Files keep the table's schema of their day; columns added
+            // since read as null.
+            batches.push(crate::ingest::conform::conform(&schema, &b).map_err(read_err)?);
         }
     }
     let write_err = |message: String| PersistError::Write {

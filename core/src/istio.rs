@@ -20,6 +20,14 @@ pub struct IstioKey<'a> {
     pub status: Option<i32>,
     pub grpc_status: Option<i32>,
     pub mtls: bool,
+    /// SPIFFE ids mesh mTLS proved; empty without.
+    pub source_principal: &'a str,
+    pub destination_principal: &'a str,
+}
+
+/// A value, or Istio's `unknown` for none.
+fn known(v: &str) -> String {
+    if v.is_empty() { "unknown" } else { v }.to_string()
 }
 
 impl IstioKey<'_> {
@@ -55,8 +63,7 @@ impl IstioKey<'_> {
         let mut labels = vec![
             ("connection_security_policy", policy.to_string()),
             ("destination_app", self.destination_service.to_string()),
-            // Peer identities arrive with mTLS; until then Istio says "unknown".
-            ("destination_principal", "unknown".to_string()),
+            ("destination_principal", known(self.destination_principal)),
             ("destination_service", fqdn),
             (
                 "destination_service_name",
@@ -79,7 +86,7 @@ impl IstioKey<'_> {
             ("request_protocol", request_protocol.to_string()),
             ("response_flags", self.response_flags.to_string()),
             ("source_app", self.source_service.to_string()),
-            ("source_principal", "unknown".to_string()),
+            ("source_principal", known(self.source_principal)),
             ("source_version", self.source_version.to_string()),
             ("source_workload", self.source_workload.to_string()),
             (
@@ -128,6 +135,8 @@ mod tests {
             status: Some(200),
             grpc_status: None,
             mtls: false,
+            source_principal: "",
+            destination_principal: "",
         }
     }
 

@@ -88,6 +88,7 @@ struct Columns<'a> {
     upstream: (&'a DictionaryArray<Int32Type>, &'a StringArray),
     /// Absent in batches from before the column.
     policy: Option<(&'a DictionaryArray<Int32Type>, &'a StringArray)>,
+    principals: [Option<(&'a DictionaryArray<Int32Type>, &'a StringArray)>; 2],
     mtls: &'a BooleanArray,
     trace_id: &'a FixedSizeBinaryArray,
     span_id: &'a FixedSizeBinaryArray,
@@ -164,6 +165,10 @@ impl<'a> Columns<'a> {
             ],
             upstream: dict("upstream_address")?,
             policy: dict("policy").ok(),
+            principals: [
+                dict("source_principal").ok(),
+                dict("destination_principal").ok(),
+            ],
             mtls: col("mtls")?
                 .as_boolean_opt()
                 .ok_or("`mtls` is not boolean")?,
@@ -225,6 +230,17 @@ impl<'a> Columns<'a> {
         {
             let p = pv.value(pd.keys().value(i) as usize);
             attributes.push(kv(attr::POLICY, s(p)));
+        }
+        for (name, column) in [attr::SOURCE_PRINCIPAL, attr::DESTINATION_PRINCIPAL]
+            .into_iter()
+            .zip(self.principals)
+        {
+            if let Some((pd, pv)) = column
+                && !pd.is_null(i)
+            {
+                let p = pv.value(pd.keys().value(i) as usize);
+                attributes.push(kv(name, s(p)));
+            }
         }
         let start = self.time.value(i).max(0) as u64 * 1000;
         let end = start + self.duration_us.value(i).max(0) as u64 * 1000;

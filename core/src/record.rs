@@ -218,6 +218,10 @@ pub struct RequestRecord {
     /// The policy (`namespace/name`) that limited or denied the request,
     /// or would have in dry run.
     pub policy: Option<Arc<str>>,
+    /// The SPIFFE ids of both sides, as mesh mTLS proved them (`None`
+    /// without mTLS).
+    pub source_principal: Option<Arc<str>>,
+    pub destination_principal: Option<Arc<str>>,
 }
 
 impl RequestRecord {
@@ -248,6 +252,8 @@ impl RequestRecord {
             span_id: [2; 8],
             parent_span_id: None,
             policy: None,
+            source_principal: None,
+            destination_principal: None,
         }
     }
 }

@@ -97,6 +97,8 @@ pub mod attr {
     pub const RESPONSE_FLAGS: &str = "lumen.response_flags";
     pub const MTLS: &str = "lumen.mtls";
     pub const POLICY: &str = "lumen.policy";
+    pub const SOURCE_PRINCIPAL: &str = "lumen.source_principal";
+    pub const DESTINATION_PRINCIPAL: &str = "lumen.destination_principal";
 }
 
 fn dict() -> DataType {
@@ -141,8 +143,11 @@ static REQUESTS_SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
         Field::new("trace_id", TRACE_ID, false),
         Field::new("span_id", SPAN_ID, false),
         Field::new("parent_span_id", SPAN_ID, true),
-        // Last, so that files and batches from before it read as null.
+        // Last, so that files and batches from before them read as null.
         Field::new("policy", dict(), true),
+        // The SPIFFE ids mesh mTLS proved, null without it.
+        Field::new("source_principal", dict(), true),
+        Field::new("destination_principal", dict(), true),
     ]))
 });
 
@@ -268,7 +273,9 @@ static ROLLUPS_SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
         Field::new("window_seconds", DataType::Int32, false),
     ];
     for name in ROLLUP_KEY_NAMES {
-        fields.push(Field::new(name, dict(), false));
+        // Files from before the principals read them as null (unknown).
+        let nullable = name.ends_with("_principal");
+        fields.push(Field::new(name, dict(), nullable));
     }
     fields.extend([
         Field::new("status", DataType::Int32, false),
@@ -292,7 +299,7 @@ static ROLLUPS_SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
 
 /// The string columns a rollup is keyed by (with `status`, `grpc_status`
 /// and `mtls`), named as in `requests`.
-pub const ROLLUP_KEY_NAMES: [&str; 12] = [
+pub const ROLLUP_KEY_NAMES: [&str; 14] = [
     "reporter",
     "source_service",
     "source_workload",
@@ -305,6 +312,8 @@ pub const ROLLUP_KEY_NAMES: [&str; 12] = [
     "route",
     "protocol",
     "response_flags",
+    "source_principal",
+    "destination_principal",
 ];
 
 /// Schema of the `rollups` table.
@@ -462,6 +471,8 @@ pub struct RequestRow<'a> {
     /// The policy that limited or denied the request (or would have, in
     /// dry run), `namespace/name`.
     pub policy: Option<&'a str>,
+    pub source_principal: Option<&'a str>,
+    pub destination_principal: Option<&'a str>,
 }
 
 /// Column builders for the `requests` table: push records, take a batch.
@@ -494,6 +505,8 @@ pub struct RequestBatchBuilder {
     span_id: FixedSizeBinaryBuilder,
     parent_span_id: FixedSizeBinaryBuilder,
     policy: DictBuilder,
+    source_principal: DictBuilder,
+    destination_principal: DictBuilder,
 }
 
 impl Default for RequestBatchBuilder {
@@ -541,6 +554,8 @@ impl RequestBatchBuilder {
             span_id: FixedSizeBinaryBuilder::with_capacity(rows, 8),
             parent_span_id: FixedSizeBinaryBuilder::with_capacity(rows, 8),
             policy: dict(),
+            source_principal: dict(),
+            destination_principal: dict(),
         }
     }
 
@@ -600,6 +615,8 @@ impl RequestBatchBuilder {
             span_id: &r.span_id,
             parent_span_id: r.parent_span_id.as_ref(),
             policy: r.policy.as_deref(),
+            source_principal: r.source_principal.as_deref(),
+            destination_principal: r.destination_principal.as_deref(),
         });
     }
 
@@ -636,6 +653,9 @@ impl RequestBatchBuilder {
         append_id(&mut self.span_id, Some(r.span_id));
         append_id(&mut self.parent_span_id, r.parent_span_id);
         self.policy.append_option(r.policy);
+        self.source_principal.append_option(r.source_principal);
+        self.destination_principal
+            .append_option(r.destination_principal);
     }
 
     /// Takes the rows pushed so far as one batch and starts over.
@@ -669,6 +689,8 @@ impl RequestBatchBuilder {
             Arc::new(self.span_id.finish()),
             Arc::new(self.parent_span_id.finish()),
             Arc::new(self.policy.finish()),
+            Arc::new(self.source_principal.finish()),
+            Arc::new(self.destination_principal.finish()),
         ];
         RecordBatch::try_new(requests_schema(), columns)
     }

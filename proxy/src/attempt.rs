@@ -158,6 +158,9 @@ pub struct Forward<'a> {
     pub deadline: Option<Duration>,
     /// Clusters that get a copy of the request (fire and forget).
     pub mirrors: Vec<Arc<crate::cluster::Cluster>>,
+    /// Outbound: this proxy's identity, for records of tries over mesh
+    /// mTLS (inbound, the downstream connection says).
+    pub tls: Option<&'a crate::mtls::MeshTls>,
 }
 
 impl Forward<'_> {
@@ -363,6 +366,13 @@ impl Forward<'_> {
                 policy.per_try_timeout,
             )
             .await;
+            if let (Ok(resp), Some(tls), Some(r)) = (&result, self.tls, pending.record_mut()) {
+                // Over mesh mTLS: the identities both sides proved.
+                let peer = resp.extensions().get::<crate::mtls::UpstreamPeer>();
+                r.mtls = peer.is_some();
+                r.destination_principal = peer.map(|p| p.0.clone());
+                r.source_principal = peer.and_then(|_| tls.principal());
+            }
             let outcome = match &result {
                 Ok(resp) => Outcome::Response {
                     status: resp.status(),

@@ -94,13 +94,20 @@ pub struct Shared {
 /// guard's drop writes it).
 pub fn begin_record(
     shared: &Shared,
-    side: Side,
+    conn: &Connection,
     protocol: Protocol,
     source: Workload,
     destination: Workload,
     trace: &TraceContext,
     body_state: Arc<RequestBodyState>,
 ) -> PendingRecord {
+    let side = conn.side;
+    // Inbound over mesh mTLS, both sides are proven now; outbound, the
+    // upstream's identity comes with its connection.
+    let (mtls, source_principal, destination_principal) = match &conn.peer_identity {
+        Some(peer) => (true, Some(peer.clone()), shared.registry.tls().principal()),
+        None => (false, None, None),
+    };
     let record = RequestRecord {
         start_time: SystemTime::now(),
         duration: Duration::ZERO,
@@ -122,11 +129,13 @@ pub fn begin_record(
         retries: 0,
         upstream_address: None,
         response_flags: ResponseFlags::empty(),
-        mtls: false,
+        mtls,
         trace_id: trace.trace_id,
         span_id: trace.span_id,
         parent_span_id: trace.parent_span_id,
         policy: None,
+        source_principal,
+        destination_principal,
     };
     PendingRecord::new(record, Instant::now(), body_state, shared.telemetry.clone())
 }

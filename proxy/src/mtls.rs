@@ -56,6 +56,8 @@ pub struct CertificateInfo {
 struct Certified {
     key: Arc<CertifiedKey>,
     id: SpiffeId,
+    /// `id` as text, shared by every record that names it.
+    principal: Arc<str>,
     serial: String,
     not_before: SystemTime,
     not_after: SystemTime,
@@ -203,6 +205,7 @@ impl MeshTls {
         tracing::info!(identity = %id, serial = %serial, not_after = %humantime::format_rfc3339_seconds(not_after), "workload certificate in force");
         self.current.store(Some(Arc::new(Certified {
             key: Arc::new(certified),
+            principal: Arc::from(id.to_string()),
             id: id.clone(),
             serial,
             not_before,
@@ -250,6 +253,11 @@ impl MeshTls {
     /// Whether this proxy can speak mesh mTLS now.
     pub fn ready(&self) -> bool {
         self.current.load().is_some() && self.server.load().is_some()
+    }
+
+    /// This proxy's SPIFFE id, as records carry it.
+    pub fn principal(&self) -> Option<Arc<str>> {
+        self.current.load().as_ref().map(|c| c.principal.clone())
     }
 
     pub fn id(&self) -> Option<SpiffeId> {
@@ -540,9 +548,28 @@ impl AsyncWrite for MeshStream {
     }
 }
 
+/// The SPIFFE id an upstream sidecar proved on the connection a response
+/// came over (in the response's extensions).
+#[derive(Debug, Clone)]
+pub struct UpstreamPeer(pub Arc<str>);
+
+impl MeshStream {
+    /// The SPIFFE id the upstream proved, over mesh mTLS.
+    pub fn peer(&self) -> Option<UpstreamPeer> {
+        let MeshStream::Tls(s) = self else {
+            return None;
+        };
+        let cert = s.get_ref().1.peer_certificates()?.first()?;
+        Some(UpstreamPeer(Arc::from(spiffe_of(cert)?.to_string())))
+    }
+}
+
 impl hyper_util::client::legacy::connect::Connection for MeshStream {
     fn connected(&self) -> hyper_util::client::legacy::connect::Connected {
-        let c = hyper_util::client::legacy::connect::Connected::new();
+        let mut c = hyper_util::client::legacy::connect::Connected::new();
+        if let Some(peer) = self.peer() {
+            c = c.extra(peer);
+        }
         match self {
             MeshStream::Tls(s) if s.get_ref().1.alpn_protocol() == Some(b"h2") => c.negotiated_h2(),
             _ => c,

@@ -222,6 +222,7 @@ pub async fn handle(
         metrics: shared.telemetry.metrics(),
         deadline,
         mirrors,
+        tls: (conn.side == Side::Outbound).then(|| &**shared.registry.tls()),
     };
     let sent = forward
         .run(parts, body, body_state.clone(), &mut pending)
@@ -296,7 +297,7 @@ fn accept(
 ) -> PendingRecord {
     let mut pending = begin_record(
         shared,
-        conn.side,
+        conn,
         detect_protocol(req),
         Workload::unknown(),
         shared.identity.clone(),

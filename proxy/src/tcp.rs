@@ -222,7 +222,7 @@ pub async fn proxy<D>(
     // with `DC`).
     let mut pending = begin_record(
         &shared,
-        conn.side,
+        &conn,
         Protocol::Tcp,
         source,
         Workload::unknown(),
@@ -296,6 +296,11 @@ pub async fn proxy<D>(
                 match e.state.connect(&host).await {
                     Ok(s) => {
                         drop(started);
+                        if let (Some(peer), Some(r)) = (s.peer(), pending.record_mut()) {
+                            r.mtls = true;
+                            r.destination_principal = Some(peer.0);
+                            r.source_principal = shared.registry.tls().principal();
+                        }
                         upstream = Some(s);
                         break;
                     }

@@ -111,6 +111,11 @@ pub async fn connect(
         }
         match endpoint.state.connect(&authority).await {
             Ok(s) => {
+                if let (Some(peer), Some(r)) = (s.peer(), pending.record_mut()) {
+                    r.mtls = true;
+                    r.destination_principal = Some(peer.0);
+                    r.source_principal = shared.registry.tls().principal();
+                }
                 upstream = Some(s);
                 break;
             }

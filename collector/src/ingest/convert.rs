@@ -255,6 +255,7 @@ fn push_request(
     let (mut request_bytes, mut response_bytes, mut retries) = (0i64, 0i64, 0i32);
     let mut upstream_address = None;
     let mut policy = None;
+    let (mut source_principal, mut destination_principal) = (None, None);
     let mut flags_text = None;
     let mut mtls = false;
     let count = |key: &str, v: &Option<AnyValue>| -> Result<i64, InvalidSpan> {
@@ -317,6 +318,8 @@ fn push_request(
             }
             attr::UPSTREAM_ADDRESS => upstream_address = as_str(v),
             attr::POLICY => policy = as_str(v),
+            attr::SOURCE_PRINCIPAL => source_principal = as_str(v),
+            attr::DESTINATION_PRINCIPAL => destination_principal = as_str(v),
             attr::RESPONSE_FLAGS => {
                 let flags = as_str(v)
                     .and_then(ResponseFlags::parse)
@@ -357,6 +360,8 @@ fn push_request(
         span_id: &span_id,
         parent_span_id: parent.as_ref(),
         policy,
+        source_principal,
+        destination_principal,
     });
     Ok(())
 }

@@ -56,6 +56,9 @@ struct SeriesKey {
     status: u16,
     grpc: Option<i32>,
     mtls: bool,
+    /// Source, destination: from verified certificates only, so they
+    /// cannot mint series.
+    principals: [Option<Arc<str>>; 2],
 }
 
 /// One series' metrics, found once per key.
@@ -252,6 +255,7 @@ impl Metrics {
                 .grpc_status
                 .map(|g| if (0..=16).contains(&g) { g } else { 2 }),
             mtls: r.mtls,
+            principals: [r.source_principal.clone(), r.destination_principal.clone()],
         };
         let found = self
             .series
@@ -314,6 +318,8 @@ impl Metrics {
             status: Some(i32::from(k.status)),
             grpc_status: k.grpc,
             mtls: k.mtls,
+            source_principal: k.principals[0].as_deref().unwrap_or(""),
+            destination_principal: k.principals[1].as_deref().unwrap_or(""),
         }
         .labels();
         if k.protocol == Protocol::Tcp {

@@ -268,6 +268,8 @@ fn istio_labels(key: &KeyRef<'_>, family: Family) -> Labels {
         status: key.status,
         grpc_status: key.grpc,
         mtls: key.mtls,
+        source_principal: k("source_principal"),
+        destination_principal: k("destination_principal"),
     };
     let mut labels: Labels = istio
         .labels()
@@ -505,12 +507,12 @@ fn field_value(field: Field, a: &Aggs) -> f64 {
 fn key_select(raw: bool) -> String {
     let mut cols: Vec<String> = ROLLUP_KEY_NAMES
         .iter()
-        .map(|n| {
-            if raw {
-                n.to_string()
-            } else {
-                format!("arrow_cast({n}, 'Utf8') AS {n}")
-            }
+        .map(|n| match (raw, n.ends_with("_principal")) {
+            // Null (no mTLS, or a file from before the column) is "".
+            (true, true) => format!("COALESCE(arrow_cast({n}, 'Utf8'), '') AS {n}"),
+            (true, false) => n.to_string(),
+            (false, true) => format!("COALESCE(arrow_cast({n}, 'Utf8'), '') AS {n}"),
+            (false, false) => format!("arrow_cast({n}, 'Utf8') AS {n}"),
         })
         .collect();
     cols.extend(["status", "grpc_status", "mtls"].map(String::from));
@@ -586,7 +588,7 @@ fn pushdown(selector: &VectorSelector) -> String {
 
 /// One rollup key, borrowed from an answer batch.
 struct KeyRef<'a> {
-    keys: [&'a str; 12],
+    keys: [&'a str; ROLLUP_KEY_NAMES.len()],
     status: Option<i32>,
     grpc: Option<i32>,
     mtls: bool,
