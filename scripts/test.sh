@@ -26,6 +26,9 @@ command -v psql >/dev/null 2>&1 || apt_pkgs+=(postgresql-client)
 # Transparent capture is tested in a network namespace of its own.
 command -v ip >/dev/null 2>&1 || apt_pkgs+=(iproute2)
 command -v iptables >/dev/null 2>&1 || apt_pkgs+=(iptables)
+# The mTLS tests' foreign TLS clients.
+command -v openssl >/dev/null 2>&1 || apt_pkgs+=(openssl)
+command -v curl >/dev/null 2>&1 || apt_pkgs+=(curl ca-certificates)
 if ((${#apt_pkgs[@]})); then
   echo "installing test peers: ${apt_pkgs[*]} (Debian packages)" >&2
   apt-get update -qq

@@ -29,6 +29,7 @@
 //!           version: v1                # optional, default "unknown"
 //!           labels: { track: stable }  # optional; `app` and `version` are implied
 //!           locality: us-east/zone-a   # optional: region/zone/subzone
+//!           serviceAccount: bookinfo-reviews  # optional: the identity mTLS expects
 //! ```
 //!
 //! A file may hold several documents of any of the kinds; their services
@@ -174,7 +175,7 @@ fn validate_retries(r: RetrySpec, at: &str) -> Result<RetryPolicy, (String, Stri
 }
 
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
 struct EndpointSpec {
     address: String,
     #[serde(default)]
@@ -185,6 +186,8 @@ struct EndpointSpec {
     labels: BTreeMap<String, String>,
     #[serde(default)]
     locality: Option<String>,
+    #[serde(default)]
+    service_account: Option<String>,
 }
 
 /// The validated mesh: every service, indexed by name and namespace, and
@@ -672,6 +675,15 @@ fn validate_service(s: ServiceSpec, at: &str) -> Result<Service, (String, String
                 ));
             }
             endpoint.locality = Some(l.into());
+        }
+        if let Some(sa) = e.service_account {
+            if !crate::identity::valid_segment(&sa) {
+                return Err((
+                    format!("{field}.serviceAccount"),
+                    format!("`{sa}` is not a Kubernetes name"),
+                ));
+            }
+            endpoint.service_account = Some(sa.into());
         }
         endpoints.push(endpoint);
     }

@@ -140,6 +140,10 @@ pub struct Endpoint {
     pub labels: Arc<BTreeMap<String, String>>,
     /// `region/zone/subzone`, for locality-aware balancing.
     pub locality: Option<Arc<str>>,
+    /// The Kubernetes service account the endpoint runs as, when the
+    /// configuration says (Istio's WorkloadEntry `serviceAccount`): mesh
+    /// mTLS to it accepts only that identity.
+    pub service_account: Option<Arc<str>>,
 }
 
 impl Endpoint {
@@ -162,6 +166,7 @@ impl Endpoint {
             version: version.into(),
             labels: Arc::new(labels),
             locality: None,
+            service_account: None,
         }
     }
 

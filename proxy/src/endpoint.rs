@@ -14,6 +14,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
+use arc_swap::ArcSwapOption;
 use http::Uri;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -35,6 +36,7 @@ pub struct Dial {
     /// `None` for the local app: never TLS there.
     tls: Option<Arc<MeshTls>>,
     tls_mode: Arc<AtomicU8>,
+    account: Arc<ArcSwapOption<String>>,
     alpn: &'static [u8],
 }
 
@@ -45,6 +47,7 @@ impl Dial {
             timeout_us,
             tls: None,
             tls_mode: Arc::new(AtomicU8::new(TlsMode::Auto as u8)),
+            account: Default::default(),
             alpn: b"http/1.1",
         }
     }
@@ -77,20 +80,18 @@ impl tower::Service<Uri> for Dial {
         let timeout = Duration::from_micros(self.timeout_us.load(Ordering::Relaxed));
         let tls = self.tls.clone();
         let mode = self.tls_mode.load(Ordering::Relaxed);
+        let account = self.account.load_full();
         let alpn = self.alpn;
         Box::pin(async move {
             let tcp = dial(address, timeout).await?;
             let stream = match tls {
                 Some(tls) => {
-                    originate(
-                        &tls,
-                        mode,
+                    let to = Upstream {
                         address,
-                        tcp,
-                        uri.authority().map_or("", |a| a.as_str()),
-                        alpn,
-                    )
-                    .await?
+                        account: account.as_deref().map(String::as_str),
+                        authority: uri.authority().map_or("", |a| a.as_str()),
+                    };
+                    originate(&tls, mode, to, tcp, alpn).await?
                 }
                 None => MeshStream::Plain(tcp),
             };
@@ -99,17 +100,29 @@ impl tower::Service<Uri> for Dial {
     }
 }
 
-/// mTLS on `tcp` when the mode and what the control plane says of
-/// `address` call for it, else the plain connection.
+/// Where a connection goes, as mesh mTLS needs to know it.
+pub struct Upstream<'a> {
+    pub address: SocketAddr,
+    /// `ns/<namespace>/sa/<account>` when the configuration names the
+    /// endpoint's service account.
+    pub account: Option<&'a str>,
+    /// For the SNI.
+    pub authority: &'a str,
+}
+
+/// mTLS on `tcp` when the mode and what the control plane says of the
+/// upstream call for it, else the plain connection. The identity accepted
+/// is the endpoint's configured service account's, else the one the
+/// sidecar there registered, else (ISTIO_MUTUAL to an unknown endpoint)
+/// any of the trust domain.
 pub async fn originate(
     tls: &MeshTls,
     mode: u8,
-    address: SocketAddr,
+    to: Upstream<'_>,
     tcp: TcpStream,
-    authority: &str,
     alpn: &'static [u8],
 ) -> std::io::Result<MeshStream> {
-    let peer = tls.peer(address);
+    let peer = tls.peer(to.address);
     let wanted = match mode {
         m if m == TlsMode::Disable as u8 => false,
         m if m == TlsMode::IstioMutual as u8 => true,
@@ -118,7 +131,12 @@ pub async fn originate(
     if !wanted {
         return Ok(MeshStream::Plain(tcp));
     }
-    match crate::mtls::connect(tls, tcp, authority, peer.as_deref(), alpn) {
+    let configured = to
+        .account
+        .zip(tls.id())
+        .map(|(account, me)| format!("spiffe://{}/{account}", me.trust_domain));
+    let expected = configured.as_deref().or(peer.as_deref());
+    match crate::mtls::connect(tls, tcp, to.authority, expected, alpn) {
         Some(handshake) => handshake.await,
         None => Err(std::io::Error::other(
             "mTLS is required to this endpoint but this proxy has no workload certificate yet",
@@ -191,6 +209,7 @@ pub struct EndpointState {
     connect_timeout: Arc<AtomicU64>,
     tls: Option<Arc<MeshTls>>,
     tls_mode: Arc<AtomicU8>,
+    account: Arc<ArcSwapOption<String>>,
     pools: OnceLock<Pools>,
     /// Requests sent and not yet answered (response headers).
     in_flight: AtomicU32,
@@ -229,6 +248,7 @@ impl EndpointState {
             connect_timeout: Arc::new(AtomicU64::new(connect_timeout.as_micros() as u64)),
             tls,
             tls_mode: Arc::new(AtomicU8::new(TlsMode::Auto as u8)),
+            account: Default::default(),
             pools: OnceLock::new(),
             in_flight: AtomicU32::new(0),
             ewma_us: AtomicU64::new(0),
@@ -255,21 +275,28 @@ impl EndpointState {
         self.tls_mode.store(mode as u8, Ordering::Relaxed);
     }
 
+    /// The service account the configuration gives the endpoint, if any.
+    pub fn set_service_account(&self, account: Option<&str>, namespace: &str) {
+        let want = account.map(|a| format!("ns/{namespace}/sa/{a}"));
+        if self.account.load().as_deref() != want.as_ref() {
+            self.account.store(want.map(Arc::new));
+        }
+    }
+
     /// Opens a connection of this endpoint's kind (plain or mesh mTLS) for
     /// opaque TCP.
     pub async fn connect(&self, authority: &str) -> std::io::Result<MeshStream> {
         let tcp = dial(self.address, self.connect_timeout()).await?;
         match &self.tls {
             Some(tls) => {
-                originate(
-                    tls,
-                    self.tls_mode.load(Ordering::Relaxed),
-                    self.address,
-                    tcp,
+                let account = self.account.load_full();
+                let to = Upstream {
+                    address: self.address,
+                    account: account.as_deref().map(String::as_str),
                     authority,
-                    crate::mtls::TCP_ALPN,
-                )
-                .await
+                };
+                let mode = self.tls_mode.load(Ordering::Relaxed);
+                originate(tls, mode, to, tcp, crate::mtls::TCP_ALPN).await
             }
             None => Ok(MeshStream::Plain(tcp)),
         }
@@ -282,6 +309,7 @@ impl EndpointState {
                 timeout_us: self.connect_timeout.clone(),
                 tls: self.tls.clone(),
                 tls_mode: self.tls_mode.clone(),
+                account: self.account.clone(),
                 alpn: b"http/1.1",
             };
             let dial_h2 = Dial {

@@ -61,6 +61,7 @@ struct Certified {
     serial: String,
     not_before: SystemTime,
     not_after: SystemTime,
+    received: SystemTime,
 }
 
 /// The proxy's identity and TLS configurations.
@@ -210,6 +211,7 @@ impl MeshTls {
             serial,
             not_before,
             not_after,
+            received: SystemTime::now(),
         })));
         if changed {
             self.id_tx.send_replace(Some(id.to_string()));
@@ -272,9 +274,11 @@ impl MeshTls {
     /// When the certificate in force should be renewed: half way through
     /// its life.
     pub fn renew_at(&self) -> Option<SystemTime> {
-        self.current.load().as_ref().map(|c| {
-            c.not_before + c.not_after.duration_since(c.not_before).unwrap_or_default() / 2
-        })
+        // From when it came: its `not_before` is backdated for clock skew.
+        self.current
+            .load()
+            .as_ref()
+            .map(|c| c.received + c.not_after.duration_since(c.received).unwrap_or_default() / 2)
     }
 
     pub fn info(&self) -> Option<CertificateInfo> {

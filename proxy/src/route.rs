@@ -992,7 +992,11 @@ impl<'a> Builder<'a> {
             .iter()
             .filter(|e| selector.is_none_or(|sel| e.selected_by(sel)))
             .map(|e| ClusterEndpoint {
-                state: self.registry.endpoint(e.address),
+                state: {
+                    let state = self.registry.endpoint(e.address);
+                    state.set_service_account(e.service_account.as_deref(), &s.namespace);
+                    state
+                },
                 workload: e.workload.clone(),
                 version: e.version.clone(),
                 priority: match (&self.caller.locality, locality_on) {

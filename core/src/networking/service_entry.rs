@@ -183,11 +183,6 @@ pub fn service_entry_services(res: &Resource) -> Result<Vec<Service>, ConfigErro
         let at = at.at("endpoints").at(format!("[{j}]"));
         at.unsupported(&e.network, "network", "the mesh is one network")?;
         at.unsupported(
-            &e.service_account,
-            "serviceAccount",
-            "identities come with the security milestone",
-        )?;
-        at.unsupported(
             &e.weight.filter(|w| *w != 1),
             "weight",
             "endpoints of a service share its traffic evenly",
@@ -214,6 +209,14 @@ pub fn service_entry_services(res: &Resource) -> Result<Vec<Service>, ConfigErro
         let mut ep = Endpoint::new(address, &res.name, &version);
         ep.labels = Arc::new(lbls);
         ep.locality = e.locality.filter(|l| !l.is_empty()).map(Arc::from);
+        if let Some(sa) = e.service_account {
+            if !crate::identity::valid_segment(&sa) {
+                return Err(at
+                    .at("serviceAccount")
+                    .err(format!("`{sa}` is not a Kubernetes name")));
+            }
+            ep.service_account = Some(sa.into());
+        }
         endpoints.push(ep);
     }
     let mut out = Vec::new();
