@@ -355,7 +355,7 @@ impl ControlPlane for ControlService {
             "" | "all" => None,
             k => Some(Kind::parse(k).ok_or_else(|| {
                 Status::invalid_argument(format!(
-                    "unknown kind `{k}`; Lumen has mesh, virtualservices (vs), destinationrules (dr), serviceentries (se), gateways (gw), ratelimits (rl)"
+                    "unknown kind `{k}`; Lumen has mesh, virtualservices (vs), destinationrules (dr), serviceentries (se), gateways (gw), ratelimits (rl), accesspolicies (acp), quotas, peerauthentications (pa), authorizationpolicies (ap), requestauthentications (ra)"
                 ))
             })?),
         };

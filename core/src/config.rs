@@ -205,6 +205,7 @@ pub struct MeshConfig {
     pub access_policies: Vec<crate::policy::AccessPolicy>,
     pub quotas: Vec<crate::policy::Quota>,
     pub peer_authentications: Vec<crate::security::PeerAuthentication>,
+    pub authorization_policies: Vec<crate::authz::AuthorizationPolicy>,
     /// Conditional policies (`when`) the policy engine has switched on, by
     /// `namespace/name`; not part of the configuration's version.
     pub active_policies: std::collections::BTreeSet<String>,
@@ -291,6 +292,7 @@ impl MeshConfig {
         let mut access_policies = Vec::new();
         let mut quotas = Vec::new();
         let mut peer_authentications = Vec::new();
+        let mut authorization_policies = Vec::new();
         let mut by_resource: Vec<(&Resource, usize)> = Vec::new();
         for res in resources {
             match res.kind {
@@ -341,6 +343,9 @@ impl MeshConfig {
                 Kind::PeerAuthentication => {
                     peer_authentications.push(crate::security::validate_peer_authentication(res)?)
                 }
+                Kind::AuthorizationPolicy => {
+                    authorization_policies.push(crate::authz::validate_authorization_policy(res)?)
+                }
                 Kind::QueryService => {}
             }
         }
@@ -354,6 +359,7 @@ impl MeshConfig {
         mesh.access_policies = access_policies;
         mesh.quotas = quotas;
         mesh.peer_authentications = peer_authentications;
+        mesh.authorization_policies = authorization_policies;
         mesh.check_references(resources)?;
         Ok(mesh)
     }

@@ -27,13 +27,15 @@
 //!   `AccessPolicy`), validated like Istio's; [`access`]: an AccessPolicy
 //!   as the decisions in force make it, for sidecars and ext_authz alike.
 //! - [`identity`]: workload identities as SPIFFE ids and Istio principals;
-//!   [`security`]: Istio's `PeerAuthentication`.
+//!   [`security`]: Istio's `PeerAuthentication`; [`authz`]: Istio's
+//!   `AuthorizationPolicy`, and how it decides a request.
 //!
 //! Proxies produce records, the collector turns their OTLP spans back into
 //! rows of the same schema, and the query service reads those rows; all three
 //! agree on names through this crate.
 
 pub mod access;
+pub mod authz;
 pub mod config;
 pub mod control;
 pub mod identity;

@@ -72,10 +72,12 @@ pub enum Kind {
     Quota,
     /// Istio's inbound mTLS mode (`security.istio.io`).
     PeerAuthentication,
+    /// Istio's access control (`security.istio.io`).
+    AuthorizationPolicy,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 10] = [
+    pub const ALL: [Kind; 11] = [
         Kind::Mesh,
         Kind::QueryService,
         Kind::VirtualService,
@@ -86,6 +88,7 @@ impl Kind {
         Kind::AccessPolicy,
         Kind::Quota,
         Kind::PeerAuthentication,
+        Kind::AuthorizationPolicy,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -100,6 +103,7 @@ impl Kind {
             Kind::AccessPolicy => "AccessPolicy",
             Kind::Quota => "Quota",
             Kind::PeerAuthentication => "PeerAuthentication",
+            Kind::AuthorizationPolicy => "AuthorizationPolicy",
         }
     }
 
@@ -116,9 +120,11 @@ impl Kind {
             "serviceentry" | "serviceentries" | "se" => Kind::ServiceEntry,
             "gateway" | "gateways" | "gw" => Kind::Gateway,
             "ratelimit" | "ratelimits" | "rl" => Kind::RateLimit,
-            "accesspolicy" | "accesspolicies" | "ap" => Kind::AccessPolicy,
+            "accesspolicy" | "accesspolicies" | "acp" => Kind::AccessPolicy,
             "quota" | "quotas" => Kind::Quota,
+            // Istio's short names.
             "peerauthentication" | "peerauthentications" | "pa" => Kind::PeerAuthentication,
+            "authorizationpolicy" | "authorizationpolicies" | "ap" => Kind::AuthorizationPolicy,
             _ => return None,
         })
     }
@@ -128,7 +134,7 @@ impl Kind {
         match self {
             Kind::Mesh | Kind::QueryService => &[LUMEN_API],
             Kind::RateLimit | Kind::AccessPolicy | Kind::Quota => &[POLICY_API],
-            Kind::PeerAuthentication => &ISTIO_SECURITY_VERSIONS,
+            Kind::PeerAuthentication | Kind::AuthorizationPolicy => &ISTIO_SECURITY_VERSIONS,
             _ => &ISTIO_NETWORKING_VERSIONS,
         }
     }
