@@ -579,10 +579,10 @@ fn key(k: &str, at: &At<'_>) -> Result<Key, ConfigError> {
         }
         (rest.is_empty() && !names.is_empty()).then_some(names)
     };
-    if let Some(h) = bracket("request.headers") {
-        if h.len() == 1 {
-            return Ok(Key::Header(h[0].to_ascii_lowercase()));
-        }
+    if let Some(h) = bracket("request.headers")
+        && h.len() == 1
+    {
+        return Ok(Key::Header(h[0].to_ascii_lowercase()));
     }
     if let Some(path) = bracket("request.auth.claims") {
         return Ok(Key::Claim(path));

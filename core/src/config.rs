@@ -206,6 +206,7 @@ pub struct MeshConfig {
     pub quotas: Vec<crate::policy::Quota>,
     pub peer_authentications: Vec<crate::security::PeerAuthentication>,
     pub authorization_policies: Vec<crate::authz::AuthorizationPolicy>,
+    pub request_authentications: Vec<crate::security::RequestAuthentication>,
     /// Conditional policies (`when`) the policy engine has switched on, by
     /// `namespace/name`; not part of the configuration's version.
     pub active_policies: std::collections::BTreeSet<String>,
@@ -293,6 +294,7 @@ impl MeshConfig {
         let mut quotas = Vec::new();
         let mut peer_authentications = Vec::new();
         let mut authorization_policies = Vec::new();
+        let mut request_authentications = Vec::new();
         let mut by_resource: Vec<(&Resource, usize)> = Vec::new();
         for res in resources {
             match res.kind {
@@ -346,6 +348,8 @@ impl MeshConfig {
                 Kind::AuthorizationPolicy => {
                     authorization_policies.push(crate::authz::validate_authorization_policy(res)?)
                 }
+                Kind::RequestAuthentication => request_authentications
+                    .push(crate::security::validate_request_authentication(res)?),
                 Kind::QueryService => {}
             }
         }
@@ -360,6 +364,7 @@ impl MeshConfig {
         mesh.quotas = quotas;
         mesh.peer_authentications = peer_authentications;
         mesh.authorization_policies = authorization_policies;
+        mesh.request_authentications = request_authentications;
         mesh.check_references(resources)?;
         Ok(mesh)
     }

@@ -74,10 +74,12 @@ pub enum Kind {
     PeerAuthentication,
     /// Istio's access control (`security.istio.io`).
     AuthorizationPolicy,
+    /// Istio's JWT validation (`security.istio.io`).
+    RequestAuthentication,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 11] = [
+    pub const ALL: [Kind; 12] = [
         Kind::Mesh,
         Kind::QueryService,
         Kind::VirtualService,
@@ -89,6 +91,7 @@ impl Kind {
         Kind::Quota,
         Kind::PeerAuthentication,
         Kind::AuthorizationPolicy,
+        Kind::RequestAuthentication,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -104,6 +107,7 @@ impl Kind {
             Kind::Quota => "Quota",
             Kind::PeerAuthentication => "PeerAuthentication",
             Kind::AuthorizationPolicy => "AuthorizationPolicy",
+            Kind::RequestAuthentication => "RequestAuthentication",
         }
     }
 
@@ -125,6 +129,9 @@ impl Kind {
             // Istio's short names.
             "peerauthentication" | "peerauthentications" | "pa" => Kind::PeerAuthentication,
             "authorizationpolicy" | "authorizationpolicies" | "ap" => Kind::AuthorizationPolicy,
+            "requestauthentication" | "requestauthentications" | "ra" => {
+                Kind::RequestAuthentication
+            }
             _ => return None,
         })
     }
@@ -134,7 +141,9 @@ impl Kind {
         match self {
             Kind::Mesh | Kind::QueryService => &[LUMEN_API],
             Kind::RateLimit | Kind::AccessPolicy | Kind::Quota => &[POLICY_API],
-            Kind::PeerAuthentication | Kind::AuthorizationPolicy => &ISTIO_SECURITY_VERSIONS,
+            Kind::PeerAuthentication | Kind::AuthorizationPolicy | Kind::RequestAuthentication => {
+                &ISTIO_SECURITY_VERSIONS
+            }
             _ => &ISTIO_NETWORKING_VERSIONS,
         }
     }

@@ -1,7 +1,8 @@
 //! Istio's security API (`security.istio.io/v1`, also `v1beta1`):
 //! `PeerAuthentication` — whether a workload's inbound side takes mesh
 //! mTLS only (`STRICT`), mTLS and plaintext (`PERMISSIVE`) or plaintext
-//! only (`DISABLE`) — read as Istio's users write it.
+//! only (`DISABLE`) — and `RequestAuthentication` — which JWTs it accepts
+//! — read as Istio's users write them.
 //!
 //! Scope and precedence are Istio's: a policy in the root namespace
 //! (`istio-system`) without a selector is mesh-wide, one without a selector
@@ -256,4 +257,247 @@ spec:
         let err = pa("apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: a}\nspec: {mtls: {mode: STRICT, extra: 1}}\n").unwrap_err();
         assert!(err.contains("extra"), "{err}");
     }
+}
+
+/// One validated RequestAuthentication: the JWTs a workload accepts.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RequestAuthentication {
+    pub name: String,
+    pub namespace: String,
+    pub selector: Option<BTreeMap<String, String>>,
+    pub rules: Vec<JwtRule>,
+}
+
+impl RequestAuthentication {
+    pub fn id(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+
+    /// Whether it applies to a workload in `namespace` with `labels`
+    /// (mesh-wide from the root namespace, namespace-wide, or selected).
+    pub fn applies(&self, namespace: &str, labels: &BTreeMap<String, String>) -> bool {
+        (self.namespace == ROOT_NAMESPACE || self.namespace == namespace)
+            && self
+                .selector
+                .as_ref()
+                .is_none_or(|s| s.iter().all(|(k, v)| labels.get(k) == Some(v)))
+    }
+}
+
+/// Where a token is looked for.
+#[derive(Debug, Clone, PartialEq)]
+pub enum TokenLocation {
+    /// A header, its value after `prefix` (`Authorization: Bearer …`).
+    Header {
+        name: String,
+        prefix: String,
+    },
+    /// A query parameter.
+    Param(String),
+    Cookie(String),
+}
+
+/// Istio's `JWTRule`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct JwtRule {
+    pub issuer: String,
+    pub audiences: Vec<String>,
+    pub jwks_uri: Option<String>,
+    /// An inline JSON Web Key Set.
+    pub jwks: Option<String>,
+    /// Istio's defaults (`Authorization: Bearer`, `access_token`) when the
+    /// rule names none.
+    pub locations: Vec<TokenLocation>,
+    pub output_payload_to_header: Option<String>,
+    pub forward_original_token: bool,
+    /// (header, claim).
+    pub output_claim_to_headers: Vec<(String, String)>,
+    /// For fetching `jwks_uri`.
+    pub timeout: std::time::Duration,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RequestAuthenticationSpec {
+    #[serde(default)]
+    selector: Option<SelectorSpec>,
+    #[serde(default)]
+    target_ref: Option<serde_json::Value>,
+    #[serde(default)]
+    target_refs: Option<serde_json::Value>,
+    #[serde(default)]
+    jwt_rules: Vec<JwtRuleSpec>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct JwtRuleSpec {
+    issuer: String,
+    #[serde(default)]
+    audiences: Vec<String>,
+    #[serde(default)]
+    jwks_uri: Option<String>,
+    #[serde(default)]
+    jwks: Option<String>,
+    #[serde(default)]
+    from_headers: Vec<HeaderSpec>,
+    #[serde(default)]
+    from_params: Vec<String>,
+    #[serde(default)]
+    from_cookies: Vec<String>,
+    #[serde(default)]
+    output_payload_to_header: Option<String>,
+    #[serde(default)]
+    forward_original_token: bool,
+    #[serde(default)]
+    output_claim_to_headers: Vec<ClaimHeaderSpec>,
+    #[serde(default)]
+    timeout: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HeaderSpec {
+    name: String,
+    #[serde(default)]
+    prefix: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ClaimHeaderSpec {
+    header: String,
+    claim: String,
+}
+
+/// Istio's default for fetching a key set.
+const JWKS_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+fn header_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+}
+
+pub fn validate_request_authentication(
+    res: &Resource,
+) -> Result<RequestAuthentication, ConfigError> {
+    let spec: RequestAuthenticationSpec = res.spec()?;
+    let at = At::spec(res);
+    at.unsupported(
+        &spec.target_ref,
+        "targetRef",
+        "Gateway API targets; use selector",
+    )?;
+    at.unsupported(
+        &spec.target_refs,
+        "targetRefs",
+        "Gateway API targets; use selector",
+    )?;
+    let mut rules = Vec::new();
+    for (i, r) in spec.jwt_rules.into_iter().enumerate() {
+        let at = at.at("jwtRules").at(format!("[{i}]"));
+        if r.issuer.is_empty() {
+            return Err(at.at("issuer").err("an issuer is required"));
+        }
+        if rules.iter().any(|x: &JwtRule| x.issuer == r.issuer) {
+            return Err(at
+                .at("issuer")
+                .err(format!("`{}` has a rule already", r.issuer)));
+        }
+        match (&r.jwks_uri, &r.jwks) {
+            (Some(_), Some(_)) => {
+                return Err(at.err("jwksUri and jwks are exclusive; give one"));
+            }
+            (None, None) => {
+                return Err(
+                    at.err("needs jwksUri or jwks (Lumen does not discover keys from the issuer)")
+                );
+            }
+            (Some(u), None) if !(u.starts_with("http://") || u.starts_with("https://")) => {
+                return Err(at
+                    .at("jwksUri")
+                    .err(format!("`{u}` is not an http:// or https:// URL")));
+            }
+            (None, Some(j)) => {
+                let keys = serde_json::from_str::<serde_json::Value>(j)
+                    .ok()
+                    .and_then(|v| v.get("keys").and_then(|k| k.as_array()).map(Vec::len));
+                if keys.is_none() {
+                    return Err(at
+                        .at("jwks")
+                        .err("not a JSON Web Key Set (a JSON object with `keys`)"));
+                }
+            }
+            _ => {}
+        }
+        let mut locations = Vec::new();
+        for (j, h) in r.from_headers.into_iter().enumerate() {
+            if !header_name(&h.name) {
+                return Err(at
+                    .at("fromHeaders")
+                    .at(format!("[{j}]"))
+                    .at("name")
+                    .err(format!("`{}` is not a header name", h.name)));
+            }
+            locations.push(TokenLocation::Header {
+                name: h.name.to_ascii_lowercase(),
+                prefix: h.prefix,
+            });
+        }
+        locations.extend(r.from_params.into_iter().map(TokenLocation::Param));
+        locations.extend(r.from_cookies.into_iter().map(TokenLocation::Cookie));
+        if locations.is_empty() {
+            locations = vec![
+                TokenLocation::Header {
+                    name: "authorization".into(),
+                    prefix: "Bearer ".into(),
+                },
+                TokenLocation::Param("access_token".into()),
+            ];
+        }
+        for (field, h) in r
+            .output_payload_to_header
+            .iter()
+            .map(|h| ("outputPayloadToHeader".to_string(), h))
+            .chain(
+                r.output_claim_to_headers
+                    .iter()
+                    .enumerate()
+                    .map(|(j, c)| (format!("outputClaimToHeaders[{j}].header"), &c.header)),
+            )
+        {
+            if !header_name(h) {
+                return Err(at.at(field).err(format!("`{h}` is not a header name")));
+            }
+        }
+        let timeout = match r.timeout {
+            None => JWKS_TIMEOUT,
+            Some(t) => humantime::parse_duration(&t).map_err(|e| {
+                at.at("timeout")
+                    .err(format!("`{t}` is not a duration: {e}"))
+            })?,
+        };
+        rules.push(JwtRule {
+            issuer: r.issuer,
+            audiences: r.audiences,
+            jwks_uri: r.jwks_uri,
+            jwks: r.jwks,
+            locations,
+            output_payload_to_header: r.output_payload_to_header,
+            forward_original_token: r.forward_original_token,
+            output_claim_to_headers: r
+                .output_claim_to_headers
+                .into_iter()
+                .map(|c| (c.header.to_ascii_lowercase(), c.claim))
+                .collect(),
+            timeout,
+        });
+    }
+    Ok(RequestAuthentication {
+        name: res.name.clone(),
+        namespace: res.namespace.clone(),
+        selector: spec.selector.map(|s| s.match_labels),
+        rules,
+    })
 }

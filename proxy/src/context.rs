@@ -86,6 +86,8 @@ pub struct Shared {
     pub tunnels: Arc<Open>,
     pub limits: crate::limits::Limits,
     pub quotas: Arc<crate::quota::QuotaLedger>,
+    /// Key sets RequestAuthentications' `jwksUri`s gave.
+    pub jwks: crate::jwt::KeySets,
 }
 
 /// A record from the first moment of a request or connection, with what

@@ -126,7 +126,9 @@ pub async fn originate(
     let wanted = match mode {
         m if m == TlsMode::Disable as u8 => false,
         m if m == TlsMode::IstioMutual as u8 => true,
-        _ => peer.is_some(),
+        // Auto mTLS needs a certificate of this proxy's own; without one
+        // (no join token) it speaks plaintext, which PERMISSIVE takes.
+        _ => peer.is_some() && tls.ready(),
     };
     if !wanted {
         return Ok(MeshStream::Plain(tcp));

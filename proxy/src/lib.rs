@@ -21,6 +21,7 @@
 
 pub mod admin;
 pub mod attempt;
+pub mod authz;
 pub mod balance;
 pub mod body;
 pub mod cluster;
@@ -31,6 +32,7 @@ pub mod endpoint;
 pub mod fault;
 pub mod forward;
 pub mod idle;
+pub mod jwt;
 pub mod limits;
 pub mod listener;
 pub mod mirror;
@@ -276,6 +278,7 @@ impl Proxy {
             tunnels: Default::default(),
             limits: config.limits.clone(),
             quotas: config.quotas.clone(),
+            jwks: Default::default(),
         });
 
         let mut tasks = tokio::task::JoinSet::new();

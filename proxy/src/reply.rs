@@ -95,6 +95,57 @@ pub fn denied(policy: Arc<str>, mut pending: PendingRecord) -> Response<Response
     resp
 }
 
+/// A request Istio's AuthorizationPolicy refused: 403 `RBAC: access
+/// denied` (a gRPC caller gets `PERMISSION_DENIED`), the policy in the row
+/// (`none` when no ALLOW policy allowed it); a CUSTOM policy's refusal is
+/// the external authorizer's, flagged `UAEX`.
+pub fn rbac_denied(
+    refusal: crate::authz::Refusal,
+    mut pending: PendingRecord,
+) -> Response<ResponseBody> {
+    if let Some(r) = pending.record_mut() {
+        r.policy = Some(refusal.policy.clone());
+    }
+    let flags = if refusal.external {
+        ResponseFlags::UNAUTHORIZED_EXTERNAL_SERVICE
+    } else {
+        ResponseFlags::empty()
+    };
+    let mut resp = envoy_reply(
+        StatusCode::FORBIDDEN,
+        flags,
+        crate::authz::RBAC_DENIED.into(),
+        pending,
+    );
+    if let Ok(v) = HeaderValue::from_str(&refusal.policy) {
+        resp.headers_mut().insert("x-lumen-policy", v);
+    }
+    resp
+}
+
+/// A request whose JWT a RequestAuthentication refused: 401 with Envoy's
+/// reason and `WWW-Authenticate` (a gRPC caller gets `UNAUTHENTICATED`).
+pub fn unauthenticated(
+    rejected: crate::jwt::Rejected,
+    realm: &str,
+    mut pending: PendingRecord,
+) -> Response<ResponseBody> {
+    if let Some(r) = pending.record_mut() {
+        r.policy = Some(rejected.policy.clone());
+    }
+    let mut resp = envoy_reply(
+        StatusCode::UNAUTHORIZED,
+        ResponseFlags::empty(),
+        rejected.reason,
+        pending,
+    );
+    let challenge = format!("Bearer realm=\"{realm}\", error=\"invalid_token\"");
+    if let Ok(v) = HeaderValue::from_str(&challenge) {
+        resp.headers_mut().insert(header::WWW_AUTHENTICATE, v);
+    }
+    resp
+}
+
 /// A route's redirect: its status and `Location`, no body.
 pub fn redirect(code: u16, location: &str, mut pending: PendingRecord) -> Response<ResponseBody> {
     let status = StatusCode::from_u16(code).unwrap_or(StatusCode::MOVED_PERMANENTLY);
@@ -133,6 +184,30 @@ fn reply_with(
     flags: ResponseFlags,
     message: String,
     grpc_status: Option<i32>,
+    pending: PendingRecord,
+) -> Response<ResponseBody> {
+    let text = format!("lumen: {message}");
+    let body = format!("{text}\n");
+    reply_text(status, flags, text, body, grpc_status, pending)
+}
+
+/// A reply whose body is Envoy's own words, as clients of Envoy match
+/// them (`RBAC: access denied`, `Jwt is expired`).
+fn envoy_reply(
+    status: StatusCode,
+    flags: ResponseFlags,
+    text: String,
+    pending: PendingRecord,
+) -> Response<ResponseBody> {
+    reply_text(status, flags, text.clone(), text, None, pending)
+}
+
+fn reply_text(
+    status: StatusCode,
+    flags: ResponseFlags,
+    text: String,
+    plain_body: String,
+    grpc_status: Option<i32>,
     mut pending: PendingRecord,
 ) -> Response<ResponseBody> {
     let is_grpc = pending
@@ -152,11 +227,10 @@ fn reply_with(
     }
     let flags_value =
         HeaderValue::from_str(&flags.to_string()).unwrap_or_else(|_| HeaderValue::from_static("-"));
-    let text = format!("lumen: {message}");
     let body = if grpc.is_some() {
         String::new()
     } else {
-        format!("{text}\n")
+        plain_body
     };
     let mut resp = Response::new(ResponseBody::local(body, pending));
     let h = resp.headers_mut();

@@ -64,14 +64,48 @@ pub async fn handle(
     if let Some(r) = pending.record_mut() {
         r.source = source;
     }
-    for decision in [admit(&shared, &req), authorize(&conn, &req)] {
-        if let Decision::Deny {
-            status,
-            flags,
-            message,
-        } = decision
-        {
-            return Ok(local_reply(status, flags, message, pending));
+    if let Decision::Deny {
+        status,
+        flags,
+        message,
+    } = admit(&shared, &req)
+    {
+        return Ok(local_reply(status, flags, message, pending));
+    }
+    if conn.side == Side::Inbound {
+        // Istio's order at a workload: JWT authentication, then
+        // authorization.
+        let jwt = {
+            let table = shared.routes.load();
+            let rules = table.inbound_jwt();
+            if rules.is_empty() {
+                None
+            } else {
+                let uri = req.uri().clone();
+                match crate::jwt::authenticate(&shared.jwks, rules, req.headers_mut(), &uri).await {
+                    Ok(a) => a,
+                    Err(rejected) => {
+                        let realm = format!("http://{}{}", authority_of(&req), uri.path());
+                        return Ok(reply::unauthenticated(rejected, &realm, pending));
+                    }
+                }
+            }
+        };
+        let attributes = crate::authz::RequestAttributes {
+            conn: &conn,
+            app_port: shared.app.as_ref().map(|a| a.address.port()),
+            method: req.method().as_str(),
+            path: req.uri().path(),
+            host: Some(authority_of(&req)).filter(|h| !h.is_empty()),
+            headers: Some(req.headers()),
+            jwt: jwt.as_ref(),
+        };
+        let source = pending
+            .record()
+            .map(|r| r.source.clone())
+            .unwrap_or_else(Workload::unknown);
+        if let Some(refusal) = crate::authz::check(&shared, &attributes, &source) {
+            return Ok(reply::rbac_denied(refusal, pending));
         }
     }
 
@@ -360,12 +394,6 @@ fn admit<B>(shared: &Shared, req: &Request<B>) -> Decision {
             format!("the request body is {len} bytes, more than {max}"),
         );
     }
-    Decision::Allow
-}
-
-/// Authorize: who may call what. The policy engine decides here once it
-/// exists; until then every request is allowed.
-fn authorize<B>(_conn: &Connection, _req: &Request<B>) -> Decision {
     Decision::Allow
 }
 

@@ -147,6 +147,8 @@ pub struct RoutingTable {
     gateway: Option<Vec<GatewayHost>>,
     clusters: HashMap<Arc<str>, Arc<Cluster>>,
     inbound_mtls: lumen_core::security::MtlsMode,
+    inbound_authz: lumen_core::authz::WorkloadPolicies,
+    inbound_jwt: Vec<lumen_core::security::RequestAuthentication>,
 }
 
 /// Why an outbound request has nowhere to go.
@@ -326,13 +328,36 @@ impl RoutingTable {
             &caller.labels,
             caller.app_port,
         );
+        let inbound_authz = lumen_core::authz::WorkloadPolicies::of(
+            &mesh.authorization_policies,
+            &caller.namespace,
+            &caller.labels,
+        );
+        let inbound_jwt = mesh
+            .request_authentications
+            .iter()
+            .filter(|r| r.applies(&caller.namespace, &caller.labels))
+            .cloned()
+            .collect();
         RoutingTable {
             mesh,
             hosts,
             gateway,
             clusters,
             inbound_mtls,
+            inbound_authz,
+            inbound_jwt,
         }
+    }
+
+    /// The AuthorizationPolicies that apply to this workload.
+    pub fn inbound_authz(&self) -> &lumen_core::authz::WorkloadPolicies {
+        &self.inbound_authz
+    }
+
+    /// The RequestAuthentications that apply to this workload.
+    pub fn inbound_jwt(&self) -> &[lumen_core::security::RequestAuthentication] {
+        &self.inbound_jwt
     }
 
     /// What the inbound side accepts, by the PeerAuthentications in force.

@@ -230,6 +230,26 @@ pub async fn proxy<D>(
         Arc::new(RequestBodyState::default()),
     );
     let sni = if tls { sni } else { None };
+    if conn.side == Side::Inbound {
+        // AuthorizationPolicy over TCP: what a connection shows.
+        let attributes = crate::authz::RequestAttributes {
+            conn: &conn,
+            app_port: shared.app.as_ref().map(|a| a.address.port()),
+            method: "",
+            path: "",
+            host: None,
+            headers: None,
+            jwt: None,
+        };
+        if let Some(refusal) = crate::authz::check(&shared, &attributes, &Workload::unknown()) {
+            tracing::debug!(peer = %conn.peer, policy = %refusal.policy, "tcp connection denied by an AuthorizationPolicy");
+            if let Some(r) = pending.record_mut() {
+                r.policy = Some(refusal.policy);
+            }
+            pending.finish(0, ResponseFlags::empty());
+            return;
+        }
+    }
     let t = match target(&shared, &conn, sni.as_deref()) {
         Err((flags, message)) => {
             tracing::debug!(peer = %conn.peer, %message, "tcp connection refused");
