@@ -1330,6 +1330,13 @@ async fn demo(a: DemoArgs) -> Result<()> {
         "              {me} get vs{control_flag}   {me} apply -f FILE{control_flag}   {me} proxy-status{control_flag}"
     );
     println!(
+        "  Security:   {} (STRICT mTLS from the demo's mesh CA; only productpage calls details and reviews, only reviews ratings)",
+        running
+            .config_dir
+            .join(lumen_demo::mesh::SECURITY_FILE)
+            .display()
+    );
+    println!(
         "  Policy:     {} (a RateLimit on ratings while its error-rate alert fires); ratings fails for 20 s {}",
         running
             .config_dir

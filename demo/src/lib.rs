@@ -140,7 +140,7 @@ pub struct RunningDemo {
     pub load: Arc<LoadStats>,
     store: Arc<Store>,
     stop_load: watch::Sender<bool>,
-    load_task: JoinHandle<()>,
+    load_tasks: Vec<JoinHandle<()>>,
     stop_proxies: watch::Sender<bool>,
     proxy_tasks: Vec<JoinHandle<Result<(), lumen_proxy::ProxyError>>>,
     stop_apps: watch::Sender<bool>,
@@ -182,6 +182,35 @@ fn workload(service: &str, version: &str) -> Workload {
         workload: format!("{service}-{version}").into(),
         namespace: DEFAULT_NAMESPACE.into(),
         version: version.into(),
+    }
+}
+
+/// A sidecar before it follows the control plane: who it is, what it
+/// shares with its stream, and where other sidecars reach it.
+struct Follower {
+    identity: Workload,
+    quotas: Arc<lumen_proxy::quota::QuotaLedger>,
+    tls: Arc<lumen_proxy::mtls::MeshTls>,
+    service_account: String,
+    inbound: Option<SocketAddr>,
+    tx: watch::Sender<Arc<MeshConfig>>,
+}
+
+impl Follower {
+    fn of(pc: &ProxyConfig, service_account: String, tx: watch::Sender<Arc<MeshConfig>>) -> Self {
+        Follower {
+            identity: pc.identity.clone(),
+            quotas: pc.quotas.clone(),
+            tls: pc.tls.clone(),
+            service_account,
+            inbound: None,
+            tx,
+        }
+    }
+
+    fn at(mut self, inbound: Option<SocketAddr>) -> Self {
+        self.inbound = inbound;
+        self
     }
 }
 
@@ -247,19 +276,15 @@ pub async fn start(config: DemoConfig) -> Result<RunningDemo, DemoError> {
         pc.inbound = Some(SocketAddr::from(([127, 0, 0, 1], 0)));
         pc.app = Some(app_addr);
         let (tx, rx) = watch::channel(Arc::new(MeshConfig::default()));
-        followers.push((pc.identity.clone(), pc.quotas.clone(), tx, rx.clone()));
+        let follower = Follower::of(&pc, format!("bookinfo-{}", app.service()), tx);
         let proxy = Proxy::bind(pc, rx).await?;
+        followers.push(follower.at(proxy.inbound_addr()));
         instances.push((app, listener, proxy));
     }
     let mut loadgen_config = sidecar(workload("loadgen", "v1"));
     loadgen_config.telemetry.collector_endpoint = collector_endpoint.clone();
     let (tx, rx) = watch::channel(Arc::new(MeshConfig::default()));
-    followers.push((
-        loadgen_config.identity.clone(),
-        loadgen_config.quotas.clone(),
-        tx,
-        rx.clone(),
-    ));
+    followers.push(Follower::of(&loadgen_config, "loadgen".into(), tx));
     let loadgen_proxy = Proxy::bind(loadgen_config, rx).await?;
     let loadgen_outbound = loadgen_proxy
         .outbound_addr()
@@ -272,11 +297,10 @@ pub async fn start(config: DemoConfig) -> Result<RunningDemo, DemoError> {
         .labels
         .insert("istio".into(), "ingressgateway".into());
     let (tx, rx) = watch::channel(Arc::new(MeshConfig::default()));
-    followers.push((
-        ingress_config.identity.clone(),
-        ingress_config.quotas.clone(),
+    followers.push(Follower::of(
+        &ingress_config,
+        "istio-ingressgateway-service-account".into(),
         tx,
-        rx.clone(),
     ));
     let ingress_proxy = Proxy::bind(ingress_config, rx).await?;
     let ingress_addr = ingress_proxy.outbound_addr().unwrap_or(config.ingress);
@@ -310,10 +334,24 @@ pub async fn start(config: DemoConfig) -> Result<RunningDemo, DemoError> {
                 source,
             })?;
     let control_addr = control_listener.local_addr().unwrap_or(config.control);
+    // The mesh CA, its root kept in the data directory.
+    let ca_dir = data_dir.join("ca");
+    let ca = lumen_control::ca::MeshCa::open(
+        &lumen_control::ca::CaSource::Generated(ca_dir.clone()),
+        lumen_core::identity::DEFAULT_TRUST_DOMAIN,
+    )
+    .map_err(|e| DemoError::Setup(e.to_string()))?;
+    let join_token = lumen_control::ca::join_token(&ca_dir.join("join-token"))
+        .map_err(|e| DemoError::Setup(e.to_string()))?;
+    let security = lumen_control::server::Security {
+        ca,
+        join_tokens: vec![join_token.clone()],
+    };
     let (stop_control, control_rx) = watch::channel(false);
     let control_tasks = vec![
         tokio::spawn({
-            let service = lumen_control::ControlService::new(resources.clone());
+            let service =
+                lumen_control::ControlService::new(resources.clone()).with_security(security);
             let rx = control_rx.clone();
             async move {
                 if let Err(e) =
@@ -356,15 +394,44 @@ pub async fn start(config: DemoConfig) -> Result<RunningDemo, DemoError> {
     let control_url = format!("http://{control_addr}");
     let mut proxy_tasks = Vec::new();
     let mut first_configs = Vec::new();
-    for (n, (identity, quotas, tx, rx)) in followers.into_iter().enumerate() {
+    let mut identities = Vec::new();
+    for (n, f) in followers.into_iter().enumerate() {
+        let Follower {
+            identity,
+            quotas,
+            tls,
+            service_account,
+            inbound,
+            tx,
+        } = f;
+        let rx = tx.subscribe();
         let node = lumen_core::control::v1::Node {
             id: format!("{}-{n}", identity.workload),
             service: identity.service.to_string(),
             namespace: identity.namespace.to_string(),
             workload: identity.workload.to_string(),
             version: identity.version.to_string(),
-            ..Default::default()
+            inbound_address: inbound.map(|a| a.to_string()).unwrap_or_default(),
+            spiffe_id: String::new(),
         };
+        // Every sidecar certified by the demo's mesh CA, as with a join
+        // token in `lumen proxy`.
+        let certifier = lumen_proxy::mtls::Certifier {
+            endpoint: control_url.clone(),
+            join_token: join_token.clone(),
+            namespace: identity.namespace.to_string(),
+            service_account,
+            lifetime: None,
+        };
+        proxy_tasks.push(tokio::spawn({
+            let certified =
+                lumen_proxy::mtls::keep_certified(tls.clone(), certifier, proxies_rx.clone());
+            async move {
+                certified.await;
+                Ok(())
+            }
+        }));
+        identities.push(tls.clone());
         proxy_tasks.push(tokio::spawn({
             let follow = lumen_proxy::subscribe::follow(
                 control_url.clone(),
@@ -372,7 +439,7 @@ pub async fn start(config: DemoConfig) -> Result<RunningDemo, DemoError> {
                 tx,
                 lumen_proxy::subscribe::DEFAULT_POLICY_STALENESS,
                 quotas,
-                Default::default(),
+                tls,
                 proxies_rx.clone(),
             );
             async move {
@@ -394,6 +461,30 @@ pub async fn start(config: DemoConfig) -> Result<RunningDemo, DemoError> {
                 "a sidecar got no configuration from the demo's control plane within 10 s".into(),
             ));
         }
+    }
+    // …and its certificate, and knows every app's sidecar takes mTLS: the
+    // mesh is STRICT.
+    let certified = async {
+        loop {
+            let ready = identities.iter().all(|t| {
+                t.ready()
+                    && endpoints
+                        .iter()
+                        .all(|(_, address)| t.peer(*address).is_some())
+            });
+            if ready {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    };
+    if tokio::time::timeout(std::time::Duration::from_secs(10), certified)
+        .await
+        .is_err()
+    {
+        return Err(DemoError::Setup(
+            "the sidecars got no certificates from the demo's mesh CA within 10 s".into(),
+        ));
     }
 
     let (stop_apps, apps_rx) = watch::channel(false);
@@ -452,6 +543,16 @@ pub async fn start(config: DemoConfig) -> Result<RunningDemo, DemoError> {
         "/productpage?id=".to_string(),
         config.rps,
         load.clone(),
+        load_rx.clone(),
+    ));
+    // Once a second the load generator tries ratings directly, which only
+    // reviews may call: denied rows to find.
+    let probe_task = tokio::spawn(load::run(
+        loadgen_outbound,
+        format!("ratings:{}", bookinfo::PORT),
+        "/ratings/".to_string(),
+        1.0,
+        Arc::new(LoadStats::default()),
         load_rx,
     ));
 
@@ -469,7 +570,7 @@ pub async fn start(config: DemoConfig) -> Result<RunningDemo, DemoError> {
         load,
         store,
         stop_load,
-        load_task,
+        load_tasks: vec![load_task, probe_task],
         stop_proxies,
         proxy_tasks,
         stop_apps,
@@ -498,7 +599,9 @@ impl RunningDemo {
     pub async fn stop(self) -> Result<DemoReport, DemoError> {
         let _ = self.stop_query.send(true);
         let _ = self.stop_load.send(true);
-        let _ = self.load_task.await;
+        for t in self.load_tasks {
+            let _ = t.await;
+        }
         let _ = self.stop_proxies.send(true);
         for t in self.proxy_tasks {
             if let Ok(Err(e)) = t.await {

@@ -16,7 +16,11 @@ pub const ROUTING_FILE: &str = "bookinfo-networking.yaml";
 /// The demo's policy: a limit on ratings while its error rate alert fires.
 pub const POLICY_FILE: &str = "bookinfo-policy.yaml";
 
-/// Writes `mesh.yaml`, [`ROUTING_FILE`] and [`POLICY_FILE`] into `dir`.
+/// The demo's security: STRICT mTLS and who may call whom.
+pub const SECURITY_FILE: &str = "bookinfo-security.yaml";
+
+/// Writes `mesh.yaml`, [`ROUTING_FILE`], [`POLICY_FILE`] and
+/// [`SECURITY_FILE`] into `dir`.
 pub fn write(
     dir: &Path,
     instances: &[(App, SocketAddr)],
@@ -40,11 +44,83 @@ pub fn write(
     }
     std::fs::write(dir.join("mesh.yaml"), mesh)?;
     std::fs::write(dir.join(POLICY_FILE), POLICY)?;
+    std::fs::write(dir.join(SECURITY_FILE), SECURITY)?;
     std::fs::write(
         dir.join(ROUTING_FILE),
         ROUTING.replace("INGRESS_PORT", &ingress_port.to_string()),
     )
 }
+
+/// Mesh-wide STRICT mTLS, and Istio's Bookinfo authorization task: only
+/// productpage may call details and reviews, only reviews ratings.
+const SECURITY: &str = r#"# Every hop is mutual TLS with certificates from the demo's mesh CA:
+#   lumen sql "SELECT source_principal, destination_principal, mtls, count(*)
+#              FROM requests WHERE reporter = 'destination' GROUP BY 1, 2, 3"
+# and who may call whom, by SPIFFE identity (the load generator's direct
+# calls to ratings are denied: status 403, policy 'none').
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata:
+  name: default
+  namespace: istio-system
+spec:
+  mtls:
+    mode: STRICT
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata:
+  name: details-viewer
+  namespace: default
+spec:
+  selector:
+    matchLabels:
+      app: details
+  action: ALLOW
+  rules:
+  - from:
+    - source:
+        principals: ["cluster.local/ns/default/sa/bookinfo-productpage"]
+    to:
+    - operation:
+        methods: ["GET"]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata:
+  name: reviews-viewer
+  namespace: default
+spec:
+  selector:
+    matchLabels:
+      app: reviews
+  action: ALLOW
+  rules:
+  - from:
+    - source:
+        principals: ["cluster.local/ns/default/sa/bookinfo-productpage"]
+    to:
+    - operation:
+        methods: ["GET"]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata:
+  name: ratings-viewer
+  namespace: default
+spec:
+  selector:
+    matchLabels:
+      app: ratings
+  action: ALLOW
+  rules:
+  - from:
+    - source:
+        principals: ["cluster.local/ns/default/sa/bookinfo-reviews"]
+    to:
+    - operation:
+        methods: ["GET"]
+"#;
 
 const POLICY: &str = r#"# Shed load on ratings while it fails: on when Lumen's shipped rule
 # ServiceHighErrorRate fires for ratings, off 30 s after it stops.

@@ -591,9 +591,8 @@ pub fn connect(
     alpn: &'static [u8],
 ) -> Option<impl Future<Output = std::io::Result<MeshStream>> + use<>> {
     let config = tls.client_config(expected, alpn)?;
-    let sni = mesh_sni(authority);
-    let name = ServerName::try_from(sni).ok()?;
     let connector = tokio_rustls::TlsConnector::from(config);
+    let name = ServerName::try_from(mesh_sni(authority)).ok()?;
     Some(async move {
         let s = connector.connect(name, tcp).await?;
         Ok(MeshStream::Tls(Box::new(s)))
@@ -617,7 +616,18 @@ pub fn mesh_sni(authority: &str) -> String {
         })
         .collect();
     let host = host.trim_matches(|c| c == '.' || c == '-');
-    let host = if host.is_empty() { "mesh" } else { host };
+    // An address (`127.0.0.1:8080`) is no DNS name: its dots become dashes.
+    let host = if host.is_empty() {
+        "mesh".to_string()
+    } else if host
+        .rsplit('.')
+        .next()
+        .is_some_and(|l| l.bytes().all(|b| b.is_ascii_digit()))
+    {
+        host.replace('.', "-")
+    } else {
+        host.to_string()
+    };
     format!("{MESH_SNI_PREFIX}{port}_._.{host}")
 }
 
@@ -739,6 +749,28 @@ pub async fn keep_certified(tls: Arc<MeshTls>, c: Certifier, mut stop: watch::Re
             () = tokio::time::sleep(wait) => {}
             () = tls.renew.notified() => {}
             _ = stop.wait_for(|s| *s) => return,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mesh_sni_is_istios_and_always_a_dns_name() {
+        for (authority, sni) in [
+            (
+                "reviews.default.svc.cluster.local:9080",
+                "outbound_.9080_._.reviews.default.svc.cluster.local",
+            ),
+            ("reviews:9080", "outbound_.9080_._.reviews"),
+            ("127.0.0.1:8080", "outbound_.8080_._.127-0-0-1"),
+            ("Bad_Host", "outbound_.80_._.bad-host"),
+            ("", "outbound_.80_._.mesh"),
+        ] {
+            assert_eq!(mesh_sni(authority), sni);
+            assert!(ServerName::try_from(mesh_sni(authority)).is_ok(), "{sni}");
         }
     }
 }

@@ -207,6 +207,27 @@ async fn traffic_management_shows(sql_url: &str) -> Result<()> {
     }
 }
 
+/// STRICT mTLS everywhere (no destination row without it, SPIFFE ids on
+/// both sides), and the load generator's direct calls to ratings denied by
+/// Istio's ratings-viewer policy.
+async fn security_shows(sql_url: &str) -> Result<()> {
+    let mutual = "SELECT count(*) AS n FROM requests WHERE reporter = 'destination' AND mtls \
+                  AND source_principal = 'spiffe://cluster.local/ns/default/sa/bookinfo-productpage' \
+                  AND destination_principal = 'spiffe://cluster.local/ns/default/sa/bookinfo-reviews'";
+    wait_for_count(sql_url, mutual, 1).await?;
+    let denied = "SELECT count(*) AS n FROM requests WHERE reporter = 'destination' \
+                  AND destination_service = 'ratings' AND status = 403 AND policy = 'none' \
+                  AND source_principal = 'spiffe://cluster.local/ns/default/sa/loadgen'";
+    wait_for_count(sql_url, denied, 1).await?;
+    let plaintext = lumen_tests::sql_count(
+        sql_url,
+        "SELECT count(*) AS n FROM requests WHERE reporter = 'destination' AND NOT mtls",
+    )
+    .await?;
+    assert_eq!(plaintext, 0, "a destination row without mTLS under STRICT");
+    Ok(())
+}
+
 async fn sql_count_of(sql_url: &str, condition: &str) -> Result<i64> {
     lumen_tests::sql_count(
         sql_url,
@@ -360,6 +381,9 @@ async fn demo_prints_queries_that_answer_and_stops_cleanly_leaving_parquet() -> 
         );
     }
     traffic_management_shows(&sql_url)
+        .await
+        .with_context(|| demo.output())?;
+    security_shows(&sql_url)
         .await
         .with_context(|| demo.output())?;
     let policy = policy.with_context(|| format!("no `Policy:` line:\n{}", demo.output()))?;
@@ -557,7 +581,7 @@ async fn jaeger_api(base: &str, sql_url: &str) -> Result<()> {
             sql_url,
             "SELECT encode(trace_id, 'hex') AS t FROM requests \
              WHERE destination_service = 'ratings' AND reporter = 'destination' \
-             AND time < now() - INTERVAL '8 seconds' LIMIT 1",
+             AND source_service = 'reviews' AND time < now() - INTERVAL '8 seconds' LIMIT 1",
         )
         .await?;
         if let Some(t) = rows.first().and_then(|r| r["t"].as_str()) {
