@@ -175,6 +175,7 @@ pub fn run(lumen: &Path, dir: &Path, set: &Settings) -> Result<Vec<(Peer, Vec<Ru
                     admin: listen[1],
                     collector_otlp_grpc: collector_ports.otlp_grpc,
                     telemetry: true,
+                    mtls: None,
                 })?,
                 Peer::EnvoyLeastRequest => peers::start_envoy(
                     "envoy-lb",

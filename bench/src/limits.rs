@@ -102,6 +102,7 @@ pub fn run(lumen: &Path, dir: &Path, set: &Settings) -> Result<Vec<Case>> {
                 admin: listen[1],
                 collector_otlp_grpc: collector_ports.otlp_grpc,
                 telemetry: true,
+                mtls: None,
             })?;
             let last = set.limits.saturating_sub(1);
             let target = Target {

@@ -53,6 +53,8 @@ enum Command {
         \n  b  load → Lumen client sidecar → Lumen server sidecar → nginx, telemetry on (with `lumen up` as collector)\
         \n  c  as b, --telemetry off on both sidecars\
         \n  d  load → Envoy client → Envoy server → nginx (--concurrency 1, no access log)\
+        \n  e  as b, the hop between the sidecars mutual TLS (mesh CA, STRICT)\
+        \n  f  as d, the hop between the Envoys mutual TLS (TLS 1.3, client certificates)\
         \n\nEach scenario: warm-up, then wrk for max throughput, then oha at a fixed rate for \
         p50/p99 latency while the proxies' CPU time is read from /proc. Prints a Markdown table \
         and writes it to bench/results/latest.md. Defaults take about 6 minutes."
@@ -476,7 +478,10 @@ fn proxy(mut a: ProxyArgs) -> Result<()> {
     a.scenario.sort();
     a.scenario.dedup();
     let mut needed = vec!["nginx", "wrk", "oha"];
-    if a.scenario.contains(&Scenario::D) {
+    if a.scenario
+        .iter()
+        .any(|s| matches!(s, Scenario::D | Scenario::F))
+    {
         needed.push("envoy");
     }
     peers::check_installed(&needed)?;
@@ -484,7 +489,7 @@ fn proxy(mut a: ProxyArgs) -> Result<()> {
     let lumen = if a
         .scenario
         .iter()
-        .any(|s| matches!(s, Scenario::B | Scenario::C))
+        .any(|s| matches!(s, Scenario::B | Scenario::C | Scenario::E))
     {
         Some(peers::lumen_binary(a.lumen.as_deref())?)
     } else {

@@ -365,6 +365,141 @@ pub fn write_mesh(dir: &Path, endpoint: SocketAddr, grpc: bool) -> Result<PathBu
     Ok(path)
 }
 
+/// Makes the mesh in `mesh` STRICT: sidecars take nothing but mTLS.
+pub fn append_strict_mtls(mesh: &Path) -> Result<()> {
+    let mut yaml = fs::read_to_string(mesh)?;
+    yaml.push_str(
+        "---\napiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: default, namespace: istio-system}\nspec:\n  mtls: {mode: STRICT}\n",
+    );
+    fs::write(mesh, yaml)?;
+    Ok(())
+}
+
+/// Waits until the sidecar with admin port `admin` holds a certificate.
+pub fn wait_certified(admin: u16) -> Result<()> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let dump = http::get(local(admin), "/config_dump", None)
+            .map(|r| r.body)
+            .unwrap_or_default();
+        let v: serde_json::Value = serde_json::from_str(&dump).unwrap_or_default();
+        if v["certificate"]["spiffe_id"].is_string() {
+            return Ok(());
+        }
+        if std::time::Instant::now() > deadline {
+            bail!("the sidecar on admin port {admin} got no certificate: {dump}");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
+/// A root and two leaf certificates (SPIFFE ids, as the mesh's) for the
+/// Envoy mTLS scenario, written as PEM files.
+pub struct EnvoyCerts {
+    pub root: PathBuf,
+    pub server: (PathBuf, PathBuf),
+    pub client: (PathBuf, PathBuf),
+}
+
+pub const ENVOY_SERVER_ID: &str = "spiffe://cluster.local/ns/default/sa/upstream";
+
+impl EnvoyCerts {
+    pub fn make(dir: &Path) -> Result<Self> {
+        let ca_key = rcgen::KeyPair::generate()?;
+        let mut ca = rcgen::CertificateParams::default();
+        ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Constrained(0));
+        ca.key_usages = vec![
+            rcgen::KeyUsagePurpose::KeyCertSign,
+            rcgen::KeyUsagePurpose::DigitalSignature,
+        ];
+        let ca_cert = ca.self_signed(&ca_key)?;
+        let issuer = rcgen::Issuer::new(ca, ca_key);
+        let root = dir.join("envoy-root.pem");
+        fs::write(&root, ca_cert.pem())?;
+        let leaf = |name: &str, id: &str| -> Result<(PathBuf, PathBuf)> {
+            let key = rcgen::KeyPair::generate()?;
+            let mut p = rcgen::CertificateParams::default();
+            p.distinguished_name = rcgen::DistinguishedName::new();
+            p.distinguished_name.push(rcgen::DnType::CommonName, name);
+            p.key_usages = vec![
+                rcgen::KeyUsagePurpose::DigitalSignature,
+                rcgen::KeyUsagePurpose::KeyEncipherment,
+            ];
+            p.subject_alt_names = vec![rcgen::SanType::URI(id.to_string().try_into()?)];
+            p.extended_key_usages = vec![
+                rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+                rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+            ];
+            let cert = p.signed_by(&key, &issuer)?;
+            let (c, k) = (
+                dir.join(format!("envoy-{name}.pem")),
+                dir.join(format!("envoy-{name}-key.pem")),
+            );
+            fs::write(&c, cert.pem())?;
+            fs::write(&k, key.serialize_pem())?;
+            Ok((c, k))
+        };
+        Ok(EnvoyCerts {
+            server: leaf("server", ENVOY_SERVER_ID)?,
+            client: leaf("client", "spiffe://cluster.local/ns/default/sa/client")?,
+            root,
+        })
+    }
+}
+
+fn tls_certificate(cert: &(PathBuf, PathBuf), indent: &str) -> String {
+    format!(
+        "{indent}tls_certificates:\n{indent}- certificate_chain: {{ filename: {} }}\n{indent}  private_key: {{ filename: {} }}\n",
+        cert.0.display(),
+        cert.1.display()
+    )
+}
+
+/// The server Envoy of the mTLS scenario: as [`envoy_config`], its
+/// listener terminating TLS 1.3 and requiring a client certificate of the
+/// root, as an Istio inbound sidecar under STRICT.
+pub fn envoy_mtls_server(
+    listen: u16,
+    admin: u16,
+    upstream: u16,
+    certs: &EnvoyCerts,
+    h2: bool,
+) -> String {
+    let plain = envoy_config(listen, admin, upstream, &["*"], h2);
+    let tls = format!(
+        "      transport_socket:\n        name: envoy.transport_sockets.tls\n        typed_config:\n          \"@type\": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext\n          require_client_certificate: true\n          common_tls_context:\n            tls_params: {{ tls_minimum_protocol_version: TLSv1_3, tls_maximum_protocol_version: TLSv1_3 }}\n            alpn_protocols: [\"h2\", \"http/1.1\"]\n{}            validation_context:\n              trusted_ca: {{ filename: {} }}\n",
+        tls_certificate(&certs.server, "            "),
+        certs.root.display()
+    );
+    // The transport socket belongs to the listener's one filter chain,
+    // which ends where the clusters begin.
+    plain.replacen("  clusters:\n", &format!("{tls}  clusters:\n"), 1)
+}
+
+/// The client Envoy of the mTLS scenario: as [`envoy_config`], its
+/// upstream cluster originating TLS 1.3 with a client certificate and
+/// accepting only the server's SPIFFE id, as an Istio outbound sidecar.
+pub fn envoy_mtls_client(
+    listen: u16,
+    admin: u16,
+    upstream: u16,
+    domains: &[&str],
+    certs: &EnvoyCerts,
+    h2: bool,
+) -> String {
+    let plain = envoy_config(listen, admin, upstream, domains, h2);
+    let tls = format!(
+        "    transport_socket:\n      name: envoy.transport_sockets.tls\n      typed_config:\n        \"@type\": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext\n        sni: outbound_.8080_._.upstream.default.svc.cluster.local\n        common_tls_context:\n          tls_params: {{ tls_minimum_protocol_version: TLSv1_3, tls_maximum_protocol_version: TLSv1_3 }}\n{}          validation_context:\n            trusted_ca: {{ filename: {} }}\n            match_typed_subject_alt_names:\n            - san_type: URI\n              matcher: {{ exact: \"{ENVOY_SERVER_ID}\" }}\n",
+        tls_certificate(&certs.client, "          "),
+        certs.root.display()
+    );
+    plain.replacen(
+        "    load_assignment:\n",
+        &format!("{tls}    load_assignment:\n"),
+        1,
+    )
+}
+
 pub struct CollectorPorts {
     pub otlp_grpc: u16,
     pub otlp_http: u16,
@@ -409,10 +544,11 @@ pub fn start_collector(
             "127.0.0.1:0",
             "--flight-sql-addr",
             "127.0.0.1:0",
-            "--control-addr",
-            "127.0.0.1:0",
-        ])
-        .args(extra);
+        ]);
+    if !extra.contains(&"--control-addr") {
+        cmd.args(["--control-addr", "127.0.0.1:0"]);
+    }
+    cmd.args(extra);
     let mut p = Proc::spawn("lumen up", cmd, dir.join("lumen-up.log"))?;
     p.wait_http_ok(local(ports.query), "/ready")?;
     Ok(p)
@@ -434,14 +570,27 @@ pub struct SidecarOpts<'a> {
     pub admin: u16,
     pub collector_otlp_grpc: u16,
     pub telemetry: bool,
+    /// Follow the control plane on this port and get a certificate with
+    /// this join token (else: the mesh file, plaintext).
+    pub mtls: Option<(u16, PathBuf)>,
 }
 
 pub fn start_lumen_proxy(o: SidecarOpts) -> Result<Proc> {
     let mut cmd = Command::new(o.lumen);
     cmd.arg("proxy")
-        .args(["--service", o.service, "--version", "v1", "-f"])
-        .arg(o.mesh)
-        .args(["--admin", &local(o.admin).to_string()])
+        .args(["--service", o.service, "--version", "v1"]);
+    match &o.mtls {
+        Some((control, token)) => {
+            cmd.args(["--control", &local(*control).to_string()])
+                .arg("--join-token-file")
+                .arg(token)
+                .args(["--service-account", o.service]);
+        }
+        None => {
+            cmd.arg("-f").arg(o.mesh);
+        }
+    }
+    cmd.args(["--admin", &local(o.admin).to_string()])
         .args([
             "--collector",
             &format!("http://{}", local(o.collector_otlp_grpc)),

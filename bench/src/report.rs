@@ -167,6 +167,29 @@ pub fn render(ctx: &Context, runs: &[Vec<Measured>]) -> String {
             ),
         ));
     }
+    if let (Some(e), Some(f)) = (get(Scenario::E), get(Scenario::F)) {
+        comparisons.push(format!(
+            "- Lumen with mTLS / Envoy with mTLS: throughput {}, p99 {}, CPU per request {}",
+            ratio(e.rps, f.rps),
+            ratio(e.p99_ms, f.p99_ms),
+            both(e.cpu_s_per_1000, f.cpu_s_per_1000, ratio),
+        ));
+    }
+    for (plain, tls, who) in [
+        (Scenario::B, Scenario::E, "Lumen, (e) vs (b)"),
+        (Scenario::D, Scenario::F, "Envoy, (f) vs (d)"),
+    ] {
+        if let (Some(p), Some(t)) = (get(plain), get(tls)) {
+            comparisons.push(format!(
+                "- cost of mTLS in {who}: throughput {}, p99 {}, CPU per request {} at {} rps, {} saturated",
+                percent(t.rps, p.rps),
+                percent(t.p99_ms, p.p99_ms),
+                both(t.cpu_s_per_1000, p.cpu_s_per_1000, percent),
+                ctx.rate,
+                both(t.saturated_cpu_s_per_1000, p.saturated_cpu_s_per_1000, percent),
+            ));
+        }
+    }
     if !comparisons.is_empty() {
         let _ = writeln!(w, "\n{}", comparisons.join("\n"));
     }

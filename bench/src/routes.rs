@@ -147,6 +147,7 @@ pub fn run(lumen: &Path, dir: &Path, set: &Settings) -> Result<Vec<Case>> {
                     admin: listen[1],
                     collector_otlp_grpc: collector_ports.otlp_grpc,
                     telemetry: true,
+                    mtls: None,
                 })?,
                 Peer::Envoy => peers::start_envoy(
                     "envoy-routes",

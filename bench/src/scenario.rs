@@ -28,6 +28,12 @@ pub enum Scenario {
     C,
     /// load → Envoy client → Envoy server → nginx
     D,
+    /// as b, the hop between the sidecars mutual TLS (certificates from
+    /// `lumen up`'s mesh CA, PeerAuthentication STRICT)
+    E,
+    /// as d, the hop between the Envoys mutual TLS (TLS 1.3, client
+    /// certificates required, the server's SPIFFE id checked)
+    F,
 }
 
 impl Scenario {
@@ -37,6 +43,8 @@ impl Scenario {
             Scenario::B => "(b) Lumen, telemetry on",
             Scenario::C => "(c) Lumen, telemetry off",
             Scenario::D => "(d) Envoy",
+            Scenario::E => "(e) Lumen, mTLS, telemetry on",
+            Scenario::F => "(f) Envoy, mTLS",
         }
     }
 }
@@ -295,8 +303,13 @@ fn start(s: Scenario, set: &Settings, dir: &Path) -> Result<Topology> {
                 headers: Vec::new(),
             };
         }
-        Scenario::B | Scenario::C => {
+        Scenario::B | Scenario::C | Scenario::E => {
+            let mtls = s == Scenario::E;
             let mesh = peers::write_mesh(dir, local(back), set.grpc)?;
+            if mtls {
+                peers::append_strict_mtls(&mesh)?;
+            }
+            let control = peers::free_ports(1)?[0];
             // The collector runs in (c) too, idle, so that (b) − (c) is the
             // cost of telemetry alone and not of one extra process.
             let cports = CollectorPorts {
@@ -304,13 +317,15 @@ fn start(s: Scenario, set: &Settings, dir: &Path) -> Result<Topology> {
                 otlp_http,
                 query,
             };
+            let control_addr = local(control).to_string();
             topo.procs.push(peers::start_collector(
                 &set.lumen,
                 dir,
                 &mesh,
                 &cports,
-                &[],
+                &["--control-addr", &control_addr],
             )?);
+            let token = dir.join("lumen-data/control/ca/join-token");
             topo.query = Some(query);
             topo.collector = Some(topo.procs.len() - 1);
             let sidecar = |service, listener, admin| SidecarOpts {
@@ -321,7 +336,8 @@ fn start(s: Scenario, set: &Settings, dir: &Path) -> Result<Topology> {
                 listener,
                 admin,
                 collector_otlp_grpc: otlp_grpc,
-                telemetry: s == Scenario::B,
+                telemetry: s != Scenario::C,
+                mtls: mtls.then(|| (control, token.clone())),
             };
             let app = Listener::Inbound {
                 port: back,
@@ -334,6 +350,30 @@ fn start(s: Scenario, set: &Settings, dir: &Path) -> Result<Topology> {
                 .push(peers::start_lumen_proxy(sidecar("client", client, admin1))?);
             topo.proxies = vec![2, 3];
             topo.admins = vec![admin1, admin2];
+            if mtls {
+                // Both certified, and the client knows the server takes mTLS
+                // (STRICT refuses anything else, so the probe proves it).
+                for admin in [admin1, admin2] {
+                    peers::wait_certified(admin)?;
+                }
+            }
+        }
+        Scenario::F => {
+            let certs = peers::EnvoyCerts::make(dir)?;
+            let server = peers::envoy_mtls_server(back, admin2, nginx, &certs, set.grpc);
+            topo.procs
+                .push(peers::start_envoy("envoy-server", dir, &server, admin2)?);
+            let client = peers::envoy_mtls_client(
+                front,
+                admin1,
+                back,
+                &[SERVICE_HOST, "upstream"],
+                &certs,
+                set.grpc,
+            );
+            topo.procs
+                .push(peers::start_envoy("envoy-client", dir, &client, admin1)?);
+            topo.proxies = vec![1, 2];
         }
         Scenario::D => {
             let server = peers::envoy_config(back, admin2, nginx, &["*"], set.grpc);
