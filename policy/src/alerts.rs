@@ -355,8 +355,12 @@ impl RuleEngine {
                 value: *value,
             });
         }
+        // At the evaluation's millisecond, as PromQL reads time: a later
+        // rule of the group, evaluated "at now", then includes it.
+        let at = std::time::UNIX_EPOCH
+            + Duration::from_millis(promql::eval::system_millis(&now).max(0) as u64);
         writer
-            .write(now, out)
+            .write(at, out)
             .await
             .map_err(|e| format!("storing the recorded series: {e}"))
     }
