@@ -9,9 +9,13 @@
 //! per-endpoint state kept across snapshots ([`endpoint`]); the service's
 //! RateLimits (those always on, and the conditional ones the policy engine
 //! has switched on) are checked first ([`ratelimit`]). The **inbound** listener
-//! takes calls from other sidecars and hands them to the local app. Both
-//! speak HTTP/1.1 and HTTP/2 (h2c), stream bodies, pool upstream connections
-//! and propagate W3C trace context.
+//! takes calls from other sidecars and hands them to the local app, after
+//! Istio's RequestAuthentication ([`jwt`]) and AuthorizationPolicy
+//! ([`authz`]) have had their say. Both speak HTTP/1.1 and HTTP/2 (h2c),
+//! stream bodies, pool upstream connections and propagate W3C trace
+//! context. Between sidecars the hop is mutual TLS when both hold a
+//! certificate from the mesh CA ([`mtls`]: SPIFFE identities, renewed at
+//! half life; PeerAuthentication decides what the inbound side accepts).
 //!
 //! Every request becomes one [`lumen_core::RequestRecord`] (see
 //! [`request`] for the phases and [`telemetry`] for where records go):
