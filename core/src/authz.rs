@@ -25,7 +25,7 @@ use serde::Deserialize;
 
 use crate::networking::At;
 use crate::resource::{ConfigError, Resource};
-use crate::security::{ROOT_NAMESPACE, SelectorSpec};
+use crate::security::SelectorSpec;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Action {
@@ -251,13 +251,7 @@ impl AuthorizationPolicy {
     /// Whether this policy applies to a workload in `namespace` with
     /// `labels`.
     pub fn applies(&self, namespace: &str, labels: &BTreeMap<String, String>) -> bool {
-        match &self.selector {
-            None => self.namespace == ROOT_NAMESPACE || self.namespace == namespace,
-            Some(sel) => {
-                (self.namespace == namespace || self.namespace == ROOT_NAMESPACE)
-                    && sel.iter().all(|(k, v)| labels.get(k) == Some(v))
-            }
-        }
+        crate::security::in_scope(&self.namespace, self.selector.as_ref(), namespace, labels)
     }
 
     /// Whether any rule matches the request.
@@ -609,16 +603,7 @@ fn key(k: &str, at: &At<'_>) -> Result<Key, ConfigError> {
 pub fn validate_authorization_policy(res: &Resource) -> Result<AuthorizationPolicy, ConfigError> {
     let spec: Spec = res.spec()?;
     let at = At::spec(res);
-    at.unsupported(
-        &spec.target_ref,
-        "targetRef",
-        "Gateway API targets; use selector",
-    )?;
-    at.unsupported(
-        &spec.target_refs,
-        "targetRefs",
-        "Gateway API targets; use selector",
-    )?;
+    crate::security::no_target_refs(&at, &spec.target_ref, &spec.target_refs)?;
     let action = match spec.action.as_deref() {
         None | Some("ALLOW") => Action::Allow,
         Some("DENY") => Action::Deny,

@@ -626,7 +626,8 @@ pub fn validate_quota(res: &Resource) -> Result<Quota, ConfigError> {
     })
 }
 
-fn http_header_name(s: &str) -> bool {
+/// Whether `s` is an HTTP header name (RFC 9110 `token`).
+pub(crate) fn http_header_name(s: &str) -> bool {
     !s.is_empty()
         && s.bytes()
             .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))

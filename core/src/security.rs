@@ -22,6 +22,31 @@ use crate::resource::{ConfigError, Resource};
 /// Istio's root namespace: its selector-less policies are mesh-wide.
 pub const ROOT_NAMESPACE: &str = "istio-system";
 
+/// Whether a policy in `policy_namespace` with `selector` applies to a
+/// workload in `namespace` with `labels`, as Istio scopes its security
+/// policies: from the root namespace mesh-wide, else in its own namespace;
+/// a selector narrows it to the workloads whose labels it matches.
+pub fn in_scope(
+    policy_namespace: &str,
+    selector: Option<&BTreeMap<String, String>>,
+    namespace: &str,
+    labels: &BTreeMap<String, String>,
+) -> bool {
+    (policy_namespace == ROOT_NAMESPACE || policy_namespace == namespace)
+        && selector.is_none_or(|s| s.iter().all(|(k, v)| labels.get(k) == Some(v)))
+}
+
+/// Refuses Gateway API targets, which Lumen's policies do not take.
+pub(crate) fn no_target_refs(
+    at: &At<'_>,
+    target_ref: &Option<serde_json::Value>,
+    target_refs: &Option<serde_json::Value>,
+) -> Result<(), ConfigError> {
+    let why = "Gateway API targets; use selector";
+    at.unsupported(target_ref, "targetRef", why)?;
+    at.unsupported(target_refs, "targetRefs", why)
+}
+
 /// What a workload's inbound side accepts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum MtlsMode {
@@ -276,11 +301,7 @@ impl RequestAuthentication {
     /// Whether it applies to a workload in `namespace` with `labels`
     /// (mesh-wide from the root namespace, namespace-wide, or selected).
     pub fn applies(&self, namespace: &str, labels: &BTreeMap<String, String>) -> bool {
-        (self.namespace == ROOT_NAMESPACE || self.namespace == namespace)
-            && self
-                .selector
-                .as_ref()
-                .is_none_or(|s| s.iter().all(|(k, v)| labels.get(k) == Some(v)))
+        in_scope(&self.namespace, self.selector.as_ref(), namespace, labels)
     }
 }
 
@@ -373,27 +394,12 @@ struct ClaimHeaderSpec {
 /// Istio's default for fetching a key set.
 const JWKS_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
-fn header_name(s: &str) -> bool {
-    !s.is_empty()
-        && s.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
-}
-
 pub fn validate_request_authentication(
     res: &Resource,
 ) -> Result<RequestAuthentication, ConfigError> {
     let spec: RequestAuthenticationSpec = res.spec()?;
     let at = At::spec(res);
-    at.unsupported(
-        &spec.target_ref,
-        "targetRef",
-        "Gateway API targets; use selector",
-    )?;
-    at.unsupported(
-        &spec.target_refs,
-        "targetRefs",
-        "Gateway API targets; use selector",
-    )?;
+    no_target_refs(&at, &spec.target_ref, &spec.target_refs)?;
     let mut rules = Vec::new();
     for (i, r) in spec.jwt_rules.into_iter().enumerate() {
         let at = at.at("jwtRules").at(format!("[{i}]"));
@@ -433,7 +439,7 @@ pub fn validate_request_authentication(
         }
         let mut locations = Vec::new();
         for (j, h) in r.from_headers.into_iter().enumerate() {
-            if !header_name(&h.name) {
+            if !crate::policy::http_header_name(&h.name) {
                 return Err(at
                     .at("fromHeaders")
                     .at(format!("[{j}]"))
@@ -467,7 +473,7 @@ pub fn validate_request_authentication(
                     .map(|(j, c)| (format!("outputClaimToHeaders[{j}].header"), &c.header)),
             )
         {
-            if !header_name(h) {
+            if !crate::policy::http_header_name(h) {
                 return Err(at.at(field).err(format!("`{h}` is not a header name")));
             }
         }
