@@ -490,11 +490,19 @@ struct ProxyArgs {
     /// balancing (DestinationRule `localityLbSetting`).
     #[arg(long)]
     locality: Option<String>,
-    /// Run as an ingress gateway: the outbound listener serves the Istio
-    /// Gateways whose selector matches this proxy's --label's and that have
-    /// a server on its port, routed by the VirtualServices bound to them.
+    /// Run as an ingress gateway: listen on the ports of the Istio Gateway
+    /// servers whose selector matches this proxy's --label's (on
+    /// --outbound's address; its own port among them), routed by the
+    /// VirtualServices bound to them. HTTPS and TLS servers are terminated
+    /// with their credentials (chosen by SNI) or passed through.
     #[arg(long)]
     gateway: bool,
+    /// Where a gateway reads Gateway servers' `credentialName`s: secret
+    /// `x` is the directory <DIR>/x holding tls.crt, tls.key and, for
+    /// MUTUAL, ca.crt (a Kubernetes TLS secret as mounted). Files are
+    /// re-read within a second of changing.
+    #[arg(long, requires = "gateway")]
+    credentials: Option<PathBuf>,
     /// Mesh configuration that outbound requests are routed by: files or
     /// directories (Mesh and Istio networking resources); repeatable;
     /// reloaded on change. For a proxy without a control plane.
@@ -1094,6 +1102,7 @@ async fn proxy(a: ProxyArgs) -> Result<()> {
     config.labels = a.labels.iter().cloned().collect();
     config.locality = a.locality.clone();
     config.gateway = a.gateway;
+    config.credentials = a.credentials.clone();
     config.limits.request_headers_timeout = a.request_headers_timeout;
     config.limits.stream_idle_timeout = a.stream_idle_timeout;
     config.limits.idle_timeout = a.idle_timeout;

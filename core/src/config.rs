@@ -50,9 +50,14 @@ pub use crate::service::{Endpoint, RetryOn, RetryPolicy, Service, UpstreamProtoc
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 struct MeshSpec {
     #[serde(default)]
     services: Vec<ServiceSpec>,
+    /// Istio's `meshConfig.outboundTrafficPolicy`: the mesh-wide default a
+    /// `Sidecar` can override.
+    #[serde(default)]
+    outbound_traffic_policy: Option<networking::sidecar::PolicySpec>,
 }
 
 #[derive(Deserialize)]
@@ -207,6 +212,10 @@ pub struct MeshConfig {
     pub peer_authentications: Vec<crate::security::PeerAuthentication>,
     pub authorization_policies: Vec<crate::authz::AuthorizationPolicy>,
     pub request_authentications: Vec<crate::security::RequestAuthentication>,
+    pub sidecars: Vec<networking::Sidecar>,
+    /// Calls to hosts outside the registry, mesh-wide (a Mesh's
+    /// `outboundTrafficPolicy`; Istio's default ALLOW_ANY).
+    pub outbound_traffic_policy: networking::OutboundMode,
     /// Conditional policies (`when`) the policy engine has switched on, by
     /// `namespace/name`; not part of the configuration's version.
     pub active_policies: std::collections::BTreeSet<String>,
@@ -295,11 +304,17 @@ impl MeshConfig {
         let mut peer_authentications = Vec::new();
         let mut authorization_policies = Vec::new();
         let mut request_authentications = Vec::new();
+        let mut sidecars = Vec::new();
+        let mut outbound_traffic_policy = networking::OutboundMode::default();
         let mut by_resource: Vec<(&Resource, usize)> = Vec::new();
         for res in resources {
             match res.kind {
                 Kind::Mesh => {
                     let spec: MeshSpec = res.spec()?;
+                    if let Some(p) = spec.outbound_traffic_policy {
+                        let at = networking::At::spec(res).at("outboundTrafficPolicy");
+                        outbound_traffic_policy = p.validate(&at)?;
+                    }
                     for (i, s) in spec.services.into_iter().enumerate() {
                         let at = format!("spec.services[{i}]");
                         let service = validate_service(s, &at).map_err(|(f, r)| res.error(f, r))?;
@@ -337,6 +352,7 @@ impl MeshConfig {
                     destination_rules.push(networking::destination_rule::validate(res)?)
                 }
                 Kind::Gateway => gateways.push(networking::gateway::validate(res)?),
+                Kind::Sidecar => sidecars.push(networking::sidecar::validate(res)?),
                 Kind::RateLimit => rate_limits.push(crate::policy::validate_rate_limit(res)?),
                 Kind::AccessPolicy => {
                     access_policies.push(crate::policy::validate_access_policy(res)?)
@@ -365,6 +381,8 @@ impl MeshConfig {
         mesh.peer_authentications = peer_authentications;
         mesh.authorization_policies = authorization_policies;
         mesh.request_authentications = request_authentications;
+        mesh.sidecars = sidecars;
+        mesh.outbound_traffic_policy = outbound_traffic_policy;
         mesh.check_references(resources)?;
         Ok(mesh)
     }

@@ -64,6 +64,8 @@ pub enum Kind {
     DestinationRule,
     ServiceEntry,
     Gateway,
+    /// Istio's per-workload proxy settings (`outboundTrafficPolicy`).
+    Sidecar,
     /// Lumen's rate limit (`policy.lumen.dev`).
     RateLimit,
     /// Lumen's conditional deny / allow-only of sources (`policy.lumen.dev`).
@@ -79,13 +81,14 @@ pub enum Kind {
 }
 
 impl Kind {
-    pub const ALL: [Kind; 12] = [
+    pub const ALL: [Kind; 13] = [
         Kind::Mesh,
         Kind::QueryService,
         Kind::VirtualService,
         Kind::DestinationRule,
         Kind::ServiceEntry,
         Kind::Gateway,
+        Kind::Sidecar,
         Kind::RateLimit,
         Kind::AccessPolicy,
         Kind::Quota,
@@ -102,6 +105,7 @@ impl Kind {
             Kind::DestinationRule => "DestinationRule",
             Kind::ServiceEntry => "ServiceEntry",
             Kind::Gateway => "Gateway",
+            Kind::Sidecar => "Sidecar",
             Kind::RateLimit => "RateLimit",
             Kind::AccessPolicy => "AccessPolicy",
             Kind::Quota => "Quota",
@@ -123,6 +127,7 @@ impl Kind {
             "destinationrule" | "destinationrules" | "dr" => Kind::DestinationRule,
             "serviceentry" | "serviceentries" | "se" => Kind::ServiceEntry,
             "gateway" | "gateways" | "gw" => Kind::Gateway,
+            "sidecar" | "sidecars" => Kind::Sidecar,
             "ratelimit" | "ratelimits" | "rl" => Kind::RateLimit,
             "accesspolicy" | "accesspolicies" | "acp" => Kind::AccessPolicy,
             "quota" | "quotas" => Kind::Quota,

@@ -109,6 +109,24 @@ async fn config_dump(State(s): State<Arc<AdminState>>) -> impl IntoResponse {
         "certificate": s.shared.registry.tls().info(),
         "inboundMtls": routes.inbound_mtls().as_str(),
         "peerAuthentications": mesh.peer_authentications.iter().map(|p| format!("{}/{}", p.namespace, p.name)).collect::<Vec<_>>(),
+        "outboundTrafficPolicy": routes.outbound_mode().as_str(),
+        "gatewayPorts": routes.gateway_ports().iter().map(|p| json!({
+            "port": p.port,
+            "servers": p.servers.iter().map(|server| json!({
+                "name": server.name,
+                "hosts": server.hosts,
+                "tls": server.tls.as_ref().map(|t| t.mode.as_str()),
+                "httpsRedirect": server.https_redirect,
+                // Whether its certificate could be read; never its bytes.
+                "credential": match (&server.tls, &s.shared.gateway) {
+                    (Some(t), Some(creds)) if t.credential.is_some() => Some(match creds.server_config(server) {
+                        Ok(_) => "loaded".to_string(),
+                        Err(e) => e,
+                    }),
+                    _ => None,
+                },
+            })).collect::<Vec<_>>(),
+        })).collect::<Vec<_>>(),
         // Pools are per resolved endpoint, never per Host the caller wrote.
         "upstream_pools": s.shared.registry.pooled(),
     }))

@@ -51,6 +51,9 @@ pub struct Connection {
     /// Inbound over mesh mTLS: the calling sidecar's SPIFFE id, checked
     /// against the mesh's roots.
     pub peer_identity: Option<Arc<str>>,
+    /// At a gateway, TLS it terminated: the hosts of the Gateway server
+    /// the ClientHello's SNI chose (requests must name one of them).
+    pub server_hosts: Option<Arc<[String]>>,
 }
 
 impl Connection {
@@ -88,6 +91,8 @@ pub struct Shared {
     pub quotas: Arc<crate::quota::QuotaLedger>,
     /// Key sets RequestAuthentications' `jwksUri`s gave.
     pub jwks: crate::jwt::KeySets,
+    /// A gateway proxy's server credentials; `None` for a sidecar.
+    pub gateway: Option<Arc<crate::gateway::Credentials>>,
 }
 
 /// A record from the first moment of a request or connection, with what

@@ -35,6 +35,7 @@ pub mod edit;
 pub mod endpoint;
 pub mod fault;
 pub mod forward;
+pub mod gateway;
 pub mod idle;
 pub mod jwt;
 pub mod limits;
@@ -78,6 +79,17 @@ fn version_of(carried: &str, local: &AtomicU64) -> String {
     } else {
         carried.to_string()
     }
+}
+
+/// The ports a gateway's table has servers on (none for a sidecar).
+fn gateway_ports(shared: &Shared) -> Vec<u16> {
+    shared
+        .routes
+        .load()
+        .gateway_ports()
+        .iter()
+        .map(|p| p.port)
+        .collect()
 }
 
 /// Errors starting or running a proxy.
@@ -125,10 +137,14 @@ pub struct ProxyConfig {
     pub labels: std::collections::BTreeMap<String, String>,
     /// `region/zone/subzone`, for locality-aware balancing.
     pub locality: Option<String>,
-    /// Run as a gateway: the outbound listener serves the Gateways that
-    /// select this proxy's labels on its port, routed by the
+    /// Run as a gateway: listen on the ports of the Gateway servers that
+    /// select this proxy's labels (the outbound listener serves its own
+    /// port, others open beside it on its address), routed by the
     /// VirtualServices bound to them.
     pub gateway: bool,
+    /// A gateway's credentials directory: `credentialName: x` is read
+    /// from `<dir>/x/` (tls.crt, tls.key, ca.crt).
+    pub credentials: Option<std::path::PathBuf>,
     /// Counts under Quotas, shared with the control stream that reports
     /// them and brings allocations.
     pub quotas: Arc<quota::QuotaLedger>,
@@ -155,6 +171,7 @@ impl ProxyConfig {
             labels: Default::default(),
             locality: None,
             gateway: false,
+            credentials: None,
             quotas: Default::default(),
             tls: Default::default(),
         }
@@ -247,12 +264,7 @@ impl Proxy {
         let registry = Arc::new(Registry::new(config.connect_timeout).with_tls(config.tls.clone()));
         let mut caller = Caller::of(&config.identity, &config.labels, config.locality.clone());
         caller.app_port = config.app.map(|a| a.port());
-        if config.gateway {
-            caller.gateway_port = outbound
-                .as_ref()
-                .and_then(|l| l.local_addr().ok())
-                .map(|a| a.port());
-        }
+        caller.gateway = config.gateway;
         let first = RoutingTable::new(mesh.borrow_and_update().clone(), &caller, &registry, None);
         let first_version = first.mesh().version.clone();
         let shared = Arc::new(Shared {
@@ -283,7 +295,12 @@ impl Proxy {
             limits: config.limits.clone(),
             quotas: config.quotas.clone(),
             jwks: Default::default(),
+            gateway: config
+                .gateway
+                .then(|| Arc::new(gateway::Credentials::new(config.credentials.clone()))),
         });
+        // A gateway's ports follow its Gateways' servers.
+        let (gateway_ports_tx, ports_rx) = watch::channel(gateway_ports(&shared));
 
         let mut tasks = tokio::task::JoinSet::new();
         {
@@ -303,11 +320,30 @@ impl Proxy {
                             let version = version_of(&shared.routes.load().mesh().version, &versions);
                             tracing::info!(%version, "mesh config updated");
                             shared.config_version.store(Arc::new(version));
+                            gateway_ports_tx.send_if_modified(|ports| {
+                                let now = gateway_ports(&shared);
+                                let changed = *ports != now;
+                                *ports = now;
+                                changed
+                            });
                         }
                         _ = stop.wait_for(|s| *s) => break,
                     }
                 }
             });
+        }
+        if config.gateway {
+            let fixed = outbound.as_ref().and_then(|l| l.local_addr().ok());
+            let ip = fixed.map_or(std::net::IpAddr::from([0, 0, 0, 0]), |a| a.ip());
+            let shared = shared.clone();
+            let drain = config.drain_timeout;
+            tasks.spawn(gateway::keep_listeners(
+                ip,
+                fixed.map(|a| a.port()),
+                ports_rx,
+                stop_rx.clone(),
+                move |l, stop| listener::serve(l, shared.clone(), Side::Outbound, stop, drain),
+            ));
         }
         for (listener, side) in [(outbound, Side::Outbound), (inbound, Side::Inbound)] {
             if let Some(l) = listener {

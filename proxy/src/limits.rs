@@ -73,10 +73,17 @@ pub enum Refused {
     /// A mesh mTLS handshake that failed: a client certificate missing,
     /// expired or from another CA.
     MtlsHandshake,
+    /// A TLS connection a gateway could not terminate: no server for its
+    /// server name, the server's credential unreadable, or the handshake
+    /// failed (a MUTUAL client without a good certificate).
+    GatewayTls,
+    /// A call to a host outside the service registry where
+    /// `outboundTrafficPolicy` is REGISTRY_ONLY.
+    RegistryOnly,
 }
 
 impl Refused {
-    pub const ALL: [Refused; 11] = [
+    pub const ALL: [Refused; 13] = [
         Refused::ConnectionLimit,
         Refused::HeadersTimeout,
         Refused::HeadersTooLarge,
@@ -88,6 +95,8 @@ impl Refused {
         Refused::Http2Abuse,
         Refused::MtlsRequired,
         Refused::MtlsHandshake,
+        Refused::GatewayTls,
+        Refused::RegistryOnly,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -103,6 +112,8 @@ impl Refused {
             Refused::Http2Abuse => "http2_abuse",
             Refused::MtlsRequired => "mtls_required",
             Refused::MtlsHandshake => "mtls_handshake",
+            Refused::GatewayTls => "gateway_tls",
+            Refused::RegistryOnly => "registry_only",
         }
     }
 }

@@ -87,12 +87,16 @@ pub async fn serve(
             original_dst: detect::original_dst(&stream),
             permit: std::sync::Mutex::new(Some(permit)),
             peer_identity: None,
+            server_hosts: None,
         };
         let shared = shared.clone();
         let builder = builder.clone();
         let watcher = graceful.watcher();
         let stop = shutdown.clone();
         tcp.spawn(async move {
+            if side == Side::Outbound && shared.gateway.is_some() {
+                return serve_gateway(stream, shared, conn, &builder, watcher, stop, drain).await;
+            }
             let speaks = match declared(&shared, &conn) {
                 // Inbound with a certificate, a sidecar's mTLS comes first
                 // whatever the app speaks (a server-first app included).
@@ -169,6 +173,80 @@ fn declared(shared: &Shared, conn: &Connection) -> Option<UpstreamProtocol> {
         Side::Outbound => {
             let i = mesh.index_by_address(conn.original_dst?)?;
             (!table.has_tls_routes(i)).then(|| mesh.services[i].protocol)
+        }
+    }
+}
+
+/// A connection to one of a gateway's ports: plaintext HTTP or TCP as the
+/// port's servers declare, or TLS — terminated with the certificate of the
+/// server its SNI picks, or passed through by SNI.
+async fn serve_gateway(
+    stream: TcpStream,
+    shared: Arc<Shared>,
+    mut conn: Connection,
+    builder: &auto::Builder<TokioExecutor>,
+    watcher: hyper_util::server::graceful::Watcher,
+    stop: watch::Receiver<bool>,
+    drain: Duration,
+) {
+    let port = conn.local.port();
+    let table = shared.routes.load_full();
+    let Some(credentials) = shared.gateway.clone() else {
+        return;
+    };
+    if !crate::gateway::is_tls_port(&table, port) {
+        let tcp_only = table.gateway_port(port).is_some_and(|p| {
+            p.servers
+                .iter()
+                .all(|s| s.protocol == UpstreamProtocol::Tcp)
+        });
+        let conn = Arc::new(conn);
+        if tcp_only {
+            crate::tcp::proxy(shared, conn, stream, false, None, stop, drain).await;
+        } else {
+            match detect::detect(&stream, DETECT_TIMEOUT).await {
+                Detected::Closed => {}
+                Detected::Tls | Detected::Tcp => {
+                    crate::tcp::proxy(shared, conn, stream, false, None, stop, drain).await
+                }
+                _ => serve_http(stream, shared, conn, builder, watcher).await,
+            }
+        }
+        return;
+    }
+    let refuse = |why: &str| {
+        shared.telemetry.metrics().refused(Refused::GatewayTls);
+        tracing::debug!(peer = %conn.peer, port, reason = why, "gateway TLS refused");
+    };
+    match detect::detect(&stream, DETECT_TIMEOUT).await {
+        Detected::Tls => {}
+        Detected::Closed => return,
+        _ => return refuse("plaintext on a TLS port"),
+    }
+    let sni = detect::server_name(&stream, DETECT_TIMEOUT).await;
+    let plan = crate::gateway::plan(&table, &credentials, port, sni.as_deref());
+    drop(table);
+    match plan {
+        Err(why) => refuse(&why),
+        Ok(crate::gateway::Plan::Passthrough) => {
+            crate::tcp::proxy(shared, Arc::new(conn), stream, true, sni, stop, drain).await
+        }
+        Ok(crate::gateway::Plan::Terminate { config, server }) => {
+            let tls = match crate::gateway::accept(config, stream, DETECT_TIMEOUT).await {
+                Ok(t) => t,
+                Err(why) => return refuse(&why),
+            };
+            let leaf = tls.get_ref().1.peer_certificates().and_then(|c| c.first());
+            if !crate::gateway::client_san_allowed(&server, leaf) {
+                return refuse("the client certificate has none of the server's subjectAltNames");
+            }
+            conn.server_hosts = Some(server.hosts.clone().into());
+            let conn = Arc::new(conn);
+            if server.protocol == UpstreamProtocol::Tcp {
+                crate::tcp::proxy(shared, conn, tls, false, None, stop, drain).await;
+            } else {
+                serve_http(tls, shared, conn, builder, watcher).await;
+            }
         }
     }
 }

@@ -645,6 +645,24 @@ fn route_outbound<B>(
         if !host.is_empty() {
             destination.service = host.into();
         }
+        if table.outbound_mode() == lumen_core::networking::OutboundMode::RegistryOnly
+            && !authority.is_empty()
+        {
+            // Istio answers 502 from its BlackHoleCluster.
+            shared
+                .telemetry
+                .metrics()
+                .refused(crate::limits::Refused::RegistryOnly);
+            destination.service = crate::tcp::BLACK_HOLE.into();
+            return Err(Refusal {
+                status: StatusCode::BAD_GATEWAY,
+                flags: ResponseFlags::NO_ROUTE,
+                message: format!(
+                    "`{authority}` is not in the service registry and outboundTrafficPolicy is REGISTRY_ONLY (add a ServiceEntry for it)"
+                ),
+                destination: Some(destination),
+            });
+        }
         let message = if authority.is_empty() {
             "no route: the request has no authority (Host header)".to_string()
         } else {
@@ -713,29 +731,32 @@ fn route_at_gateway<B>(
         headers: req.headers(),
         port: Some(conn.local.port()),
     };
-    table.route_gateway(&view).map_err(|why| {
-        let (status, flags, message) = match why {
-            NoRoute::NoEndpoints => (
-                StatusCode::SERVICE_UNAVAILABLE,
-                ResponseFlags::NO_HEALTHY_UPSTREAM,
-                "no healthy upstream".to_string(),
-            ),
-            _ => (
-                StatusCode::NOT_FOUND,
-                ResponseFlags::NO_ROUTE,
-                format!(
-                    "no route: no VirtualService bound to this gateway matches `{authority}{}`",
-                    req.uri().path()
+    let port = conn.local.port();
+    table
+        .route_gateway(port, conn.server_hosts.as_deref(), &view)
+        .map_err(|why| {
+            let (status, flags, message) = match why {
+                NoRoute::NoEndpoints => (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    ResponseFlags::NO_HEALTHY_UPSTREAM,
+                    "no healthy upstream".to_string(),
                 ),
-            ),
-        };
-        Refusal {
-            status,
-            flags,
-            message,
-            destination: None,
-        }
-    })
+                _ => (
+                    StatusCode::NOT_FOUND,
+                    ResponseFlags::NO_ROUTE,
+                    format!(
+                        "no route: no VirtualService bound to this gateway matches `{authority}{}`",
+                        req.uri().path()
+                    ),
+                ),
+            };
+            Refusal {
+                status,
+                flags,
+                message,
+                destination: None,
+            }
+        })
 }
 
 fn prepare_upstream_headers(

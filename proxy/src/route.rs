@@ -36,10 +36,10 @@ pub struct Caller {
     pub labels: BTreeMap<String, String>,
     /// `region/zone/subzone`.
     pub locality: Option<String>,
-    /// A gateway proxy: the port of its listener. It routes by the
-    /// VirtualServices bound to the Gateways that select it (by labels) and
-    /// have a server on this port, not by service names.
-    pub gateway_port: Option<u16>,
+    /// A gateway proxy: it listens on the ports of the Gateways' servers
+    /// that select it (by labels) and routes by the VirtualServices bound
+    /// to them, not by service names.
+    pub gateway: bool,
     /// The local app's port, which PeerAuthentication's `portLevelMtls`
     /// names.
     pub app_port: Option<u16>,
@@ -59,7 +59,7 @@ impl Caller {
             namespace: w.namespace.to_string(),
             labels,
             locality,
-            gateway_port: None,
+            gateway: false,
             app_port: None,
         }
     }
@@ -121,6 +121,43 @@ impl GatewayHost {
     }
 }
 
+/// A gateway proxy's port: the Gateway servers on it that select this
+/// proxy, and the routes of the VirtualServices bound to them.
+#[derive(Debug)]
+pub struct GatewayPort {
+    pub port: u16,
+    pub servers: Vec<lumen_core::networking::GatewayServer>,
+    http: Vec<GatewayHost>,
+    /// `tls` routes, by SNI (PASSTHROUGH servers).
+    tls: Vec<Arc<TcpRoute>>,
+    /// `tcp` routes (TCP servers, and TLS servers once terminated).
+    tcp: Vec<Arc<TcpRoute>>,
+}
+
+impl GatewayPort {
+    /// The server a TLS connection's ClientHello picks: the one serving
+    /// its server name, exact hosts before wildcards; without a name, one
+    /// serving `*`.
+    pub fn server_for_sni(
+        &self,
+        sni: Option<&str>,
+    ) -> Option<&lumen_core::networking::GatewayServer> {
+        let tls = self.servers.iter().filter(|s| s.is_tls());
+        match sni {
+            Some(name) => tls
+                .clone()
+                .find(|s| s.hosts.iter().any(|h| h.eq_ignore_ascii_case(name)))
+                .or_else(|| tls.clone().find(|s| s.serves(name))),
+            None => tls.clone().find(|s| s.hosts.iter().any(|h| h == "*")),
+        }
+    }
+
+    /// Whether connections here open with TLS.
+    pub fn is_tls(&self) -> bool {
+        self.servers.iter().any(|s| s.is_tls())
+    }
+}
+
 #[derive(Debug, Default)]
 struct Host {
     http: RouteList,
@@ -143,12 +180,13 @@ struct Host {
 pub struct RoutingTable {
     mesh: Arc<MeshConfig>,
     hosts: Vec<Host>,
-    /// A gateway proxy's routes, by host; `None` for a sidecar.
-    gateway: Option<Vec<GatewayHost>>,
+    /// A gateway proxy's ports and their routes; `None` for a sidecar.
+    gateway: Option<Vec<GatewayPort>>,
     clusters: HashMap<Arc<str>, Arc<Cluster>>,
     inbound_mtls: lumen_core::security::MtlsMode,
     inbound_authz: lumen_core::authz::WorkloadPolicies,
     inbound_jwt: Vec<lumen_core::security::RequestAuthentication>,
+    outbound_mode: lumen_core::networking::OutboundMode,
 }
 
 /// Why an outbound request has nowhere to go.
@@ -315,7 +353,7 @@ impl RoutingTable {
                 hosts[i].access.push(Arc::new(rule));
             }
         }
-        let gateway = caller.gateway_port.map(|port| b.gateway_hosts(port));
+        let gateway = caller.gateway.then(|| b.gateway_ports());
         let clusters = b.clusters;
         let keep: HashSet<SocketAddr> = clusters
             .values()
@@ -339,6 +377,12 @@ impl RoutingTable {
             .filter(|r| r.applies(&caller.namespace, &caller.labels))
             .cloned()
             .collect();
+        let outbound_mode = lumen_core::networking::sidecar::outbound_mode(
+            &mesh.sidecars,
+            mesh.outbound_traffic_policy,
+            &caller.namespace,
+            &caller.labels,
+        );
         RoutingTable {
             mesh,
             hosts,
@@ -347,6 +391,7 @@ impl RoutingTable {
             inbound_mtls,
             inbound_authz,
             inbound_jwt,
+            outbound_mode,
         }
     }
 
@@ -358,6 +403,12 @@ impl RoutingTable {
     /// The RequestAuthentications that apply to this workload.
     pub fn inbound_jwt(&self) -> &[lumen_core::security::RequestAuthentication] {
         &self.inbound_jwt
+    }
+
+    /// Whether this workload may call hosts outside the registry (its
+    /// Sidecar's `outboundTrafficPolicy`, else the mesh's).
+    pub fn outbound_mode(&self) -> lumen_core::networking::OutboundMode {
+        self.outbound_mode
     }
 
     /// What the inbound side accepts, by the PeerAuthentications in force.
@@ -408,18 +459,84 @@ impl RoutingTable {
         self.gateway.is_some()
     }
 
-    /// Routes a request at a gateway: the routes of the VirtualService
-    /// host the authority matches (exact before wildcard), first match wins.
-    pub fn route_gateway(self: &Arc<Self>, req: &RequestView<'_>) -> Result<Routed, NoRoute> {
-        let hosts = self.gateway.as_deref().unwrap_or_default();
+    /// A gateway proxy's ports (empty for a sidecar).
+    pub fn gateway_ports(&self) -> &[GatewayPort] {
+        self.gateway.as_deref().unwrap_or_default()
+    }
+
+    /// The gateway's routes on `port`, if a server there selects it.
+    pub fn gateway_port(&self, port: u16) -> Option<&GatewayPort> {
+        self.gateway_ports().iter().find(|p| p.port == port)
+    }
+
+    /// Routes a request at a gateway's `port`: the routes of the
+    /// VirtualService host the authority matches (exact before wildcard),
+    /// first match wins. `server_hosts` are the hosts of the server a TLS
+    /// connection's SNI chose: the Host must be one of them, as Istio
+    /// scopes each HTTPS server's routes. A plaintext server with
+    /// `httpsRedirect` answers with a 301 to https.
+    pub fn route_gateway(
+        self: &Arc<Self>,
+        port: u16,
+        server_hosts: Option<&[String]>,
+        req: &RequestView<'_>,
+    ) -> Result<Routed, NoRoute> {
+        let Some(gw) = self.gateway_port(port) else {
+            return Err(NoRoute::NoMatch);
+        };
         let host =
             lumen_core::config::split_authority(req.authority).map_or(req.authority, |(h, _)| h);
-        let (route, uri) = hosts
+        if let Some(hosts) = server_hosts
+            && !hosts
+                .iter()
+                .any(|h| lumen_core::networking::gateway::host_pattern_matches(h, host))
+        {
+            return Err(NoRoute::NoMatch);
+        }
+        if server_hosts.is_none()
+            && gw
+                .servers
+                .iter()
+                .any(|s| s.https_redirect && !s.is_tls() && s.serves(host))
+        {
+            return self.routed(None, https_redirect(), UriMatch::None);
+        }
+        let (route, uri) = gw
+            .http
             .iter()
             .filter(|g| g.matches(host))
             .find_map(|g| g.routes.find(req))
             .ok_or(NoRoute::NoMatch)?;
         self.routed(None, route, uri)
+    }
+
+    /// The cluster and route for a TCP connection at a gateway's port: by
+    /// SNI among `tls` routes for a PASSTHROUGH server (`sni` given), else
+    /// the first `tcp` route for the port.
+    pub fn route_gateway_tcp(
+        &self,
+        port: u16,
+        local: SocketAddr,
+        sni: Option<&str>,
+    ) -> Result<(Arc<Cluster>, Arc<str>), NoRoute> {
+        let gw = self.gateway_port(port).ok_or(NoRoute::NoMatch)?;
+        let route = match sni {
+            Some(sni) => gw.tls.iter().find(|r| {
+                r.matches.iter().any(|m| {
+                    l4_matches(m, local) && m.sni_hosts.iter().any(|h| host_matches(h, sni))
+                })
+            }),
+            None => gw
+                .tcp
+                .iter()
+                .find(|r| r.matches.is_empty() || r.matches.iter().any(|m| l4_matches(m, local))),
+        }
+        .ok_or(NoRoute::NoMatch)?;
+        let (c, name) = pick_l4(route)?;
+        if c.endpoints.is_empty() {
+            return Err(NoRoute::NoEndpoints);
+        }
+        Ok((c, name))
     }
 
     fn routed(
@@ -538,6 +655,31 @@ impl RoutingTable {
     pub fn has_tls_routes(&self, service: usize) -> bool {
         !self.hosts[service].tls.is_empty()
     }
+}
+
+/// Envoy's `https_redirect`: same host and path, scheme https, port 443.
+fn https_redirect() -> Arc<Route> {
+    static ROUTE: std::sync::LazyLock<Arc<Route>> = std::sync::LazyLock::new(|| {
+        Arc::new(Route {
+            name: "https-redirect".into(),
+            matches: Vec::new(),
+            action: Action::Redirect(Redirect {
+                uri: None,
+                authority: None,
+                port: None,
+                port_from_request: false,
+                scheme: Some("https".into()),
+                code: 301,
+            }),
+            rewrite: None,
+            timeout: None,
+            retries: None,
+            fault: None,
+            mirrors: Vec::new(),
+            headers: Headers::default(),
+        })
+    });
+    ROUTE.clone()
 }
 
 fn pick_l4(r: &TcpRoute) -> Result<(Arc<Cluster>, Arc<str>), NoRoute> {
@@ -817,27 +959,63 @@ struct Builder<'a> {
 }
 
 impl<'a> Builder<'a> {
-    /// A gateway proxy's routes: VirtualServices bound to the Gateways that
-    /// select this proxy and serve `port`, by host.
-    fn gateway_hosts(&mut self, port: u16) -> Vec<GatewayHost> {
+    /// A gateway proxy's ports: those of the Gateway servers that select
+    /// this proxy, each with the routes of the VirtualServices bound to
+    /// the Gateways serving it.
+    fn gateway_ports(&mut self) -> Vec<GatewayPort> {
         let mesh = self.mesh;
+        let selecting: Vec<&lumen_core::networking::Gateway> = mesh
+            .gateways
+            .iter()
+            .filter(|gw| {
+                gw.selector
+                    .iter()
+                    .all(|(k, v)| self.caller.labels.get(k) == Some(v))
+            })
+            .collect();
+        let mut ports: Vec<u16> = selecting
+            .iter()
+            .flat_map(|gw| gw.servers.iter().map(|s| s.port))
+            .collect();
+        ports.sort_unstable();
+        ports.dedup();
+        ports
+            .into_iter()
+            .map(|port| self.gateway_port(&selecting, port))
+            .collect()
+    }
+
+    fn gateway_port(
+        &mut self,
+        selecting: &[&'a lumen_core::networking::Gateway],
+        port: u16,
+    ) -> GatewayPort {
+        let mesh = self.mesh;
+        let mut servers = Vec::new();
         let mut by_host: Vec<(String, Vec<Arc<Route>>)> = Vec::new();
-        let serving = mesh.gateways.iter().filter(|gw| {
-            gw.selector
+        let (mut tls, mut tcp) = (Vec::new(), Vec::new());
+        for &gw in selecting {
+            let on_port: Vec<_> = gw.servers.iter().filter(|s| s.port == port).collect();
+            if on_port.is_empty() {
+                continue;
+            }
+            let server_hosts: Vec<&str> = on_port
                 .iter()
-                .all(|(k, v)| self.caller.labels.get(k) == Some(v))
-                && gw.servers.iter().any(|s| s.port == port)
-        });
-        for gw in serving {
-            let server_hosts: Vec<&str> = gw
-                .servers
-                .iter()
-                .filter(|s| s.port == port)
                 .flat_map(|s| s.hosts.iter().map(String::as_str))
                 .collect();
+            servers.extend(on_port.iter().map(|s| (*s).clone()));
             self.gateway = Some(gw);
             for vs in &mesh.virtual_services {
                 if !vs.gateways.iter().any(|g| gw.is_named(g, &vs.namespace)) {
+                    continue;
+                }
+                let bound = vs.hosts.iter().any(|host| {
+                    server_hosts.iter().any(|s| {
+                        lumen_core::networking::gateway::host_pattern_matches(s, host)
+                            || lumen_core::networking::gateway::host_pattern_matches(host, s)
+                    })
+                });
+                if !bound {
                     continue;
                 }
                 let mut routes = Vec::new();
@@ -849,10 +1027,20 @@ impl<'a> Builder<'a> {
                     };
                     routes.push(Arc::new(self.route(vs, route, matches)));
                 }
+                for r in &vs.tls {
+                    if let Some(r) = self.l4_route(vs, "tls", &r.name, &r.matches, &r.route) {
+                        tls.push(r);
+                    }
+                }
+                for r in &vs.tcp {
+                    if let Some(r) = self.l4_route(vs, "tcp", &r.name, &r.matches, &r.route) {
+                        tcp.push(r);
+                    }
+                }
                 for host in &vs.hosts {
                     let served = server_hosts
                         .iter()
-                        .any(|s| *s == "*" || s.eq_ignore_ascii_case(host));
+                        .any(|s| lumen_core::networking::gateway::host_pattern_matches(s, host));
                     if !served {
                         continue;
                     }
@@ -864,15 +1052,21 @@ impl<'a> Builder<'a> {
             }
         }
         self.gateway = None;
-        let mut out: Vec<GatewayHost> = by_host
+        let mut http: Vec<GatewayHost> = by_host
             .into_iter()
             .map(|(host, routes)| GatewayHost {
                 host,
                 routes: RouteList::new(routes),
             })
             .collect();
-        out.sort_by_key(GatewayHost::rank);
-        out
+        http.sort_by_key(GatewayHost::rank);
+        GatewayPort {
+            port,
+            servers,
+            http,
+            tls,
+            tcp,
+        }
     }
 
     /// A tcp or tls route compiled for this proxy; `None` when none of its

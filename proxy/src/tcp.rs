@@ -7,6 +7,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use lumen_core::networking::OutboundMode;
 use lumen_core::{Protocol, ResponseFlags, Workload};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::watch;
@@ -99,12 +100,18 @@ struct Target {
     route: Option<Arc<str>>,
 }
 
+/// Istio's name for the destination of calls refused under REGISTRY_ONLY.
+pub const BLACK_HOLE: &str = "BlackHoleCluster";
+
 enum To {
     /// One address: the local app, or where a connection to no mesh
     /// service was going (Istio's passthrough).
     Fixed(SocketAddr, Arc<str>, Workload),
     /// A mesh service's cluster, balanced.
     Cluster(Arc<Cluster>),
+    /// Nowhere: a host outside the registry under REGISTRY_ONLY (Istio's
+    /// `BlackHoleCluster`).
+    BlackHole,
 }
 
 fn target(
@@ -124,6 +131,36 @@ fn target(
                 "no local application for inbound traffic".into(),
             )),
         },
+        Side::Outbound if shared.gateway.is_some() => {
+            let table = shared.routes.load();
+            let port = conn.local.port();
+            match table.route_gateway_tcp(port, conn.local, sni) {
+                Ok((cluster, route)) => Ok(Target {
+                    authority: match sni {
+                        Some(sni) => format!("{sni}:{port}"),
+                        None => format!(
+                            "{}:{port}",
+                            table.mesh().services[cluster.service_index].name
+                        ),
+                    },
+                    to: To::Cluster(cluster),
+                    route: Some(route),
+                }),
+                Err(NoRoute::NoEndpoints) => Err((
+                    ResponseFlags::NO_HEALTHY_UPSTREAM,
+                    format!("the gateway's route on port {port} leads to no endpoints"),
+                )),
+                Err(_) => Err((
+                    ResponseFlags::NO_ROUTE,
+                    match sni {
+                        Some(sni) => format!(
+                            "no tls route bound to this gateway matches server name `{sni}` on port {port}"
+                        ),
+                        None => format!("no tcp route bound to this gateway matches port {port}"),
+                    },
+                )),
+            }
+        }
         Side::Outbound => {
             let Some(dst) = conn.original_dst else {
                 // Explicit mode names destinations in HTTP; bytes name none.
@@ -176,6 +213,14 @@ fn target(
                         )),
                     }
                 }
+                None if table.outbound_mode() == OutboundMode::RegistryOnly => Ok(Target {
+                    to: To::BlackHole,
+                    authority: match sni {
+                        Some(sni) => format!("{sni}:{}", dst.port()),
+                        None => dst.to_string(),
+                    },
+                    route: None,
+                }),
                 // Not a mesh service: through to where it was going, as
                 // Istio's passthrough does.
                 None => {
@@ -271,6 +316,18 @@ pub async fn proxy<D>(
         }
     }
     let (upstream, _held) = match t.to {
+        To::BlackHole => {
+            tracing::debug!(peer = %conn.peer, "tcp connection refused: outside the registry under REGISTRY_ONLY");
+            shared
+                .telemetry
+                .metrics()
+                .refused(crate::limits::Refused::RegistryOnly);
+            if let Some(r) = pending.record_mut() {
+                r.destination.service = BLACK_HOLE.into();
+            }
+            pending.finish(0, ResponseFlags::NO_ROUTE);
+            return;
+        }
         To::Fixed(address, address_str, workload) => {
             if let Some(r) = pending.record_mut() {
                 r.destination = workload;

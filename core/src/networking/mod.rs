@@ -1,6 +1,6 @@
 //! Istio's networking API (`networking.istio.io/v1`, also `v1beta1` and
 //! `v1alpha3`): `VirtualService`, `DestinationRule`, `ServiceEntry` and
-//! `Gateway`, read as Istio's users write them and validated into the typed
+//! `Gateway` and `Sidecar` (its `outboundTrafficPolicy`), read as Istio's users write them and validated into the typed
 //! model the proxy compiles its routing table from.
 //!
 //! Every field of Istio's schema is known here. A field Lumen does not
@@ -10,6 +10,7 @@
 pub mod destination_rule;
 pub mod gateway;
 pub mod service_entry;
+pub mod sidecar;
 pub mod virtual_service;
 
 use std::collections::BTreeMap;
@@ -26,6 +27,7 @@ pub use destination_rule::{
 };
 pub use gateway::{Gateway, GatewayServer};
 pub use service_entry::service_entry_services;
+pub use sidecar::{OutboundMode, Sidecar};
 pub use virtual_service::{
     Fault, HeaderOps, Headers, HttpAction, HttpMatch, HttpRoute, L4Match, Mirror, Redirect,
     Rewrite, RouteDestination, TcpRoute, TlsRoute, VirtualService, WeightedDestination,
