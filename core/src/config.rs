@@ -824,7 +824,7 @@ spec:
         assert_eq!(e.field, "spec.services[0].prot");
         assert!(e.reason.contains("prot"), "{e}");
 
-        let e = error_of(&GOOD.replace("kind: Mesh", "kind: Sidecar"));
+        let e = error_of(&GOOD.replace("kind: Mesh", "kind: EnvoyFilter"));
         assert_eq!(e.field, "kind");
 
         let e = error_of(&GOOD.replace("v1alpha1", "v9"));
@@ -1042,8 +1042,9 @@ mod refusals {
             (dr("  workloadSelector: {matchLabels: {app: x}}\n"), "spec.workloadSelector", "not supported by Lumen"),
             (dr("  subsets: [{name: v1}, {name: v1}]\n"), "spec.subsets[1].name", "already defined"),
             ("apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: ext}\nspec:\n  hosts: [api.example.com]\n  ports: [{number: 443, protocol: TLS, name: tls}]\n  resolution: NONE\n".into(), "spec.resolution", "NONE"),
-            ("apiVersion: networking.istio.io/v1\nkind: Gateway\nmetadata: {name: gw}\nspec:\n  servers: [{port: {number: 443, protocol: HTTPS, name: https}, hosts: ['*']}]\n".into(), "spec.servers[0].port.protocol", "HTTPS"),
-            ("apiVersion: networking.istio.io/v1\nkind: Sidecar\nmetadata: {name: s}\nspec: {}\n".into(), "kind", "unknown kind `Sidecar`"),
+            ("apiVersion: networking.istio.io/v1\nkind: Gateway\nmetadata: {name: gw}\nspec:\n  servers: [{port: {number: 443, protocol: HTTPS, name: https}, hosts: ['*']}]\n".into(), "spec.servers[0].tls", "needs tls"),
+            ("apiVersion: networking.istio.io/v1\nkind: Sidecar\nmetadata: {name: s}\nspec: {egress: [{hosts: ['./*']}]}\n".into(), "spec.egress", "not supported by Lumen"),
+            ("apiVersion: networking.istio.io/v1\nkind: EnvoyFilter\nmetadata: {name: s}\nspec: {}\n".into(), "kind", "unknown kind `EnvoyFilter`"),
         ];
         for (yaml, field, reason) in &table {
             let e = refusal(yaml);

@@ -422,11 +422,11 @@ mod tests {
 
         let e = parse_resources(
             "f.yaml",
-            "apiVersion: networking.istio.io/v1\nkind: Sidecar\nmetadata:\n  name: a\n",
+            "apiVersion: networking.istio.io/v1\nkind: EnvoyFilter\nmetadata:\n  name: a\n",
         )
         .unwrap_err();
         assert_eq!(e.field, "kind");
-        assert!(e.reason.contains("`Sidecar`"), "{e}");
+        assert!(e.reason.contains("`EnvoyFilter`"), "{e}");
 
         let e = parse_resources(
             "f.yaml",

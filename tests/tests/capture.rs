@@ -1,7 +1,8 @@
 //! Transparent outbound capture: inside a network namespace of its own,
 //! iptables redirects the app's connections to service addresses
 //! (cluster IPs) to the sidecar's outbound listener, which finds where
-//! each was going from `SO_ORIGINAL_DST` — HTTP and opaque TCP alike.
+//! each was going from `SO_ORIGINAL_DST` — HTTP and opaque TCP alike;
+//! under REGISTRY_ONLY only the registry's hosts are reachable.
 //!
 //! Needs root, `ip` (iproute2) and `iptables`, as CI has.
 
@@ -27,9 +28,9 @@ fn run(cmd: &mut Command) -> Result<()> {
 }
 
 impl Netns {
-    fn create() -> Result<Self> {
+    fn create(what: &str) -> Result<Self> {
         let ip = peer_tool("ip", "apt-get install iproute2");
-        let name = format!("lumen-capture-{}", std::process::id());
+        let name = format!("lumen-{what}-{}", std::process::id());
         run(Command::new(&ip).args(["netns", "add", &name]))?;
         let ns = Netns(name);
         ns.exec(&["ip", "link", "set", "lo", "up"])?;
@@ -74,7 +75,7 @@ impl Drop for Netns {
 #[test]
 fn captured_http_and_tcp_reach_their_services_through_the_sidecar() -> Result<()> {
     peer_tool("iptables", "apt-get install iptables");
-    let ns = Netns::create()?;
+    let ns = Netns::create("capture")?;
     let ports = ns.within(|| {
         (
             UpPorts::pick(),
@@ -259,6 +260,152 @@ spec:
     let got = wait_for_count(&url, nr, 1).await?;
     let rows = sql(&url, "SELECT reporter, authority, destination_service, route, response_flags FROM requests WHERE protocol = 'tcp'").await?;
     assert_eq!(got, 1, "{rows:?}");
+    Ok(())
+}
+
+/// Istio's egress control: under `outboundTrafficPolicy: REGISTRY_ONLY`
+/// (here a `Sidecar` in the root namespace, as `istioctl install --set
+/// meshConfig.outboundTrafficPolicy.mode=REGISTRY_ONLY` would be
+/// mesh-wide) a captured app reaches the ServiceEntry's host and nothing
+/// else: other TLS names, bare addresses and unknown HTTP hosts are
+/// refused, rowed as `BlackHoleCluster` and counted.
+#[test]
+fn registry_only_lets_apps_reach_only_what_the_registry_names() -> Result<()> {
+    peer_tool("iptables", "apt-get install iptables");
+    let ns = Netns::create("egress")?;
+    let (up_ports, caller) = ns.within(|| (UpPorts::pick(), SidecarPorts::pick()))?;
+    ns.exec(&[
+        "iptables",
+        "-t",
+        "nat",
+        "-A",
+        "OUTPUT",
+        "-p",
+        "tcp",
+        "-d",
+        "10.96.0.0/16",
+        "-j",
+        "REDIRECT",
+        "--to-ports",
+        &caller.outbound.to_string(),
+    ])?;
+    ns.within(move || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
+            .block_on(egress(up_ports, caller))
+    })?
+}
+
+async fn egress(up_ports: UpPorts, caller: SidecarPorts) -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let logs = dir.path();
+    // The external API, in name only: it answers any bytes with its name.
+    let api = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let api_port = api.local_addr()?.port();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = api.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                let _ = s.read(&mut buf).await;
+                let _ = s.write_all(b"api.example.com").await;
+            });
+        }
+    });
+    let httpbin = start_app("httpbin-ext").await;
+    let mesh = dir.path().join("mesh.yaml");
+    std::fs::write(
+        &mesh,
+        format!(
+            "apiVersion: networking.istio.io/v1
+kind: Sidecar
+metadata: {{name: default, namespace: istio-system}}
+spec:
+  outboundTrafficPolicy: {{mode: REGISTRY_ONLY}}
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: api}}
+spec:
+  hosts: [api.example.com]
+  ports: [{{number: 443, name: tls, protocol: TLS}}]
+  location: MESH_EXTERNAL
+  resolution: STATIC
+  endpoints: [{{address: 127.0.0.1, ports: {{tls: {api_port}}}}}]
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: httpbin-ext}}
+spec:
+  hosts: [httpbin.example.org]
+  addresses: [10.96.7.7]
+  ports: [{{number: 80, name: http, protocol: HTTP}}]
+  location: MESH_EXTERNAL
+  resolution: STATIC
+  endpoints: [{{address: 127.0.0.1, ports: {{http: {}}}}}]
+",
+            httpbin.port()
+        ),
+    )?;
+    let _up = start_up(logs, &mesh, &dir.path().join("data"), up_ports, &[]).await?;
+    let collector = up_ports.grpc_endpoint();
+    let _caller = start_sidecar(logs, "crawler", "v1", &mesh, caller, None, &collector).await?;
+
+    // In the registry: the ServiceEntry's TLS host (by SNI, at any address)…
+    let mut s = tokio::net::TcpStream::connect("10.96.9.9:443").await?;
+    s.write_all(&client_hello("api.example.com")?).await?;
+    let mut back = Vec::new();
+    s.read_to_end(&mut back).await?;
+    assert_eq!(String::from_utf8_lossy(&back), "api.example.com");
+    // Its row is written when both sides have closed.
+    drop(s);
+    // …and its HTTP host at its address.
+    let client = reqwest::Client::builder().no_proxy().build()?;
+    let resp = client.get("http://10.96.7.7/get").send().await?;
+    assert_eq!(resp.status(), 200);
+    // Not in it: another TLS name, a bare address, an unknown HTTP host.
+    let mut s = tokio::net::TcpStream::connect("10.96.9.9:443").await?;
+    s.write_all(&client_hello("evil.example.net")?).await?;
+    let mut back = Vec::new();
+    let _ = s.read_to_end(&mut back).await;
+    assert!(back.is_empty(), "{back:?}");
+    let mut s = tokio::net::TcpStream::connect("10.96.9.10:9999").await?;
+    s.write_all(b"hello?").await?;
+    let mut back = Vec::new();
+    let _ = s.read_to_end(&mut back).await;
+    assert!(back.is_empty(), "{back:?}");
+    let resp = client
+        .get("http://10.96.9.11/")
+        .header("host", "example.net")
+        .send()
+        .await?;
+    assert_eq!(resp.status(), 502);
+    assert_eq!(resp.headers()["x-lumen-response-flags"], "NR");
+
+    let url = up_ports.sql_url();
+    let allowed = "SELECT count(*) AS n FROM requests WHERE reporter = 'source' AND response_flags = '-'                    AND destination_service IN ('api.example.com', 'httpbin.example.org')";
+    let got = wait_for_count(&url, allowed, 2).await?;
+    let rows = sql(&url, "SELECT reporter, protocol, authority, destination_service, status, response_flags FROM requests").await?;
+    assert_eq!(got, 2, "{rows:?}");
+    let refused = "SELECT count(*) AS n FROM requests WHERE destination_service = 'BlackHoleCluster'                    AND response_flags = 'NR'";
+    let got = wait_for_count(&url, refused, 3).await?;
+    let rows = sql(
+        &url,
+        "SELECT protocol, authority, destination_service, status, response_flags FROM requests",
+    )
+    .await?;
+    assert_eq!(got, 3, "{rows:?}");
+    let stats = reqwest::get(format!(
+        "http://127.0.0.1:{}/stats/prometheus",
+        caller.admin
+    ))
+    .await?
+    .text()
+    .await?;
+    assert!(
+        stats.contains("lumen_downstream_refused_total{reason=\"registry_only\"} 3"),
+        "{stats}"
+    );
     Ok(())
 }
 
