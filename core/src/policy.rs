@@ -30,6 +30,9 @@ pub enum LimitKey {
     Global,
     /// Each calling workload (`namespace/workload`).
     SourceWorkload,
+    /// Each caller's mTLS identity (its SPIFFE id; callers without a
+    /// certificate share one bucket).
+    SourcePrincipal,
     /// Each value of this request header (lower case); requests without
     /// it share one bucket.
     Header(String),
@@ -564,14 +567,10 @@ fn limit_key(key: &Option<serde_json::Value>, at: &At<'_>) -> Result<LimitKey, C
         Some(serde_json::Value::String(s)) => match s.as_str() {
             "global" => LimitKey::Global,
             "sourceWorkload" => LimitKey::SourceWorkload,
-            "sourcePrincipal" => {
-                return Err(at.at("key").err(
-                    "not supported by Lumen yet: sourcePrincipal needs mesh mTLS identities (use sourceWorkload)",
-                ));
-            }
+            "sourcePrincipal" => LimitKey::SourcePrincipal,
             other => {
                 return Err(at.at("key").err(format!(
-                    "`{other}` is not a key; one of global, sourceWorkload, or {{header: NAME}}"
+                    "`{other}` is not a key; one of global, sourceWorkload, sourcePrincipal, or {{header: NAME}}"
                 )));
             }
         },
@@ -780,10 +779,6 @@ mod tests {
             (
                 "  target: {service: ratings}\n  requestsPerSecond: -1\n",
                 "spec.requestsPerSecond: -1 is not a rate",
-            ),
-            (
-                "  target: {service: ratings}\n  requestsPerSecond: 1\n  key: sourcePrincipal\n",
-                "spec.key: not supported by Lumen yet: sourcePrincipal",
             ),
             (
                 "  target: {service: ratings}\n  requestsPerSecond: 1\n  key: everyone\n",

@@ -19,15 +19,17 @@ use lumen_core::policy::{LimitKey, RateLimit};
 /// once.
 pub struct RequestKeys<'a, F> {
     source: Option<&'a Workload>,
+    principal: Option<&'a str>,
     header: F,
     workload: Option<String>,
     last_header: Option<(&'a str, &'a str)>,
 }
 
 impl<'a, F: Fn(&str) -> Option<&'a str>> RequestKeys<'a, F> {
-    pub fn new(source: Option<&'a Workload>, header: F) -> Self {
+    pub fn new(source: Option<&'a Workload>, principal: Option<&'a str>, header: F) -> Self {
         RequestKeys {
             source,
+            principal,
             header,
             workload: None,
             last_header: None,
@@ -43,6 +45,7 @@ impl<'a, F: Fn(&str) -> Option<&'a str>> RequestKeys<'a, F> {
                     source.map_or(String::new(), |w| format!("{}/{}", w.namespace, w.workload))
                 })
             }
+            LimitKey::SourcePrincipal => self.principal.unwrap_or(""),
             LimitKey::Header(h) => match self.last_header {
                 Some((name, value)) if name == h => value,
                 _ => {
@@ -59,10 +62,12 @@ impl<'a, F: Fn(&str) -> Option<&'a str>> RequestKeys<'a, F> {
 pub fn key_of<'a>(
     key: &LimitKey,
     source: Option<&Workload>,
+    principal: Option<&'a str>,
     header: impl Fn(&str) -> Option<&'a str>,
 ) -> Cow<'a, str> {
     match key {
         LimitKey::Global => Cow::Borrowed(""),
+        LimitKey::SourcePrincipal => Cow::Borrowed(principal.unwrap_or("")),
         LimitKey::SourceWorkload => source.map_or(Cow::Borrowed(""), |w| {
             Cow::Owned(format!("{}/{}", w.namespace, w.workload))
         }),
@@ -220,6 +225,27 @@ mod tests {
         let dry = limit(1.0, 1, LimitKey::Global, true);
         assert!(matches!(dry.check("", t), Verdict::Allow { .. }));
         assert_eq!(dry.check("", t), Verdict::WouldLimit);
+    }
+
+    #[test]
+    fn a_request_counts_under_the_key_its_limit_names() {
+        let w = Workload {
+            service: "reviews".into(),
+            workload: "reviews-v2".into(),
+            namespace: "default".into(),
+            version: "v2".into(),
+        };
+        let id = "spiffe://cluster.local/ns/default/sa/bookinfo-reviews";
+        let header = |h: &str| (h == "x-user").then_some("jason");
+        let by_user = LimitKey::Header("x-user".into());
+        let mut keys = RequestKeys::new(Some(&w), Some(id), header);
+        assert_eq!(keys.of(&LimitKey::SourcePrincipal), id);
+        assert_eq!(keys.of(&LimitKey::SourceWorkload), "default/reviews-v2");
+        assert_eq!(keys.of(&by_user), "jason");
+        assert_eq!(keys.of(&LimitKey::Global), "");
+        assert_eq!(key_of(&LimitKey::SourcePrincipal, Some(&w), Some(id), header), id);
+        // Without a certificate, callers share one bucket.
+        assert_eq!(key_of(&LimitKey::SourcePrincipal, Some(&w), None, header), "");
     }
 
     #[test]

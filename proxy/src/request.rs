@@ -141,11 +141,12 @@ pub async fn handle(
         if let Some(policy) = access_denied(routed, source) {
             return Ok(reply::denied(policy, pending));
         }
-        let verdict = rate_limit(routed, source, &req);
+        let tls = shared.registry.tls();
+        let verdict = rate_limit(routed, source, tls, &req);
         // A request a limit refuses takes nothing from a quota.
         let exhausted = match verdict {
             RateVerdict::Limited { .. } => None,
-            _ => quota_exhausted(routed, &shared.quotas, source, &req),
+            _ => quota_exhausted(routed, &shared.quotas, source, tls, &req),
         };
         match verdict {
             RateVerdict::Pass => {}
@@ -417,12 +418,15 @@ fn quota_exhausted<B>(
     routed: &Routed,
     ledger: &crate::quota::QuotaLedger,
     source: Option<&Workload>,
+    tls: &crate::mtls::MeshTls,
     req: &Request<B>,
 ) -> Option<(Arc<str>, u64, Duration)> {
     let quotas = routed.table.quotas(routed.service?);
     if quotas.is_empty() {
         return None;
     }
+    // Limits are kept by callers: the principal is this sidecar's own.
+    let principal = tls.principal();
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs() as i64);
@@ -431,7 +435,7 @@ fn quota_exhausted<B>(
         if !q.applies(req.method().as_str(), path) {
             continue;
         }
-        let key = crate::ratelimit::key_of(&q.spec.key, source, |h| {
+        let key = crate::ratelimit::key_of(&q.spec.key, source, principal.as_deref(), |h| {
             req.headers().get(h).and_then(|v| v.to_str().ok())
         });
         if let crate::quota::Admit::Exhausted { reset_secs } =
@@ -457,7 +461,12 @@ enum RateVerdict {
 /// Rate-limit: the RateLimits on the routed service, each taking a token
 /// from the bucket of this request's key. The first that has none decides;
 /// a dry run only records which policy would have.
-fn rate_limit<B>(routed: &Routed, source: Option<&Workload>, req: &Request<B>) -> RateVerdict {
+fn rate_limit<B>(
+    routed: &Routed,
+    source: Option<&Workload>,
+    tls: &crate::mtls::MeshTls,
+    req: &Request<B>,
+) -> RateVerdict {
     let Some(service) = routed.service else {
         return RateVerdict::Pass;
     };
@@ -468,7 +477,8 @@ fn rate_limit<B>(routed: &Routed, source: Option<&Workload>, req: &Request<B>) -
     let mut would = None;
     let now = std::time::Instant::now();
     let path = req.uri().path();
-    let mut keys = crate::ratelimit::RequestKeys::new(source, |h| {
+    let principal = tls.principal();
+    let mut keys = crate::ratelimit::RequestKeys::new(source, principal.as_deref(), |h| {
         req.headers().get(h).and_then(|v| v.to_str().ok())
     });
     for l in limits {
