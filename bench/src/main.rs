@@ -437,6 +437,12 @@ struct ProxyArgs {
     /// to nginx; oha measures throughput too (wrk has no HTTP/2).
     #[arg(long)]
     grpc: bool,
+    /// Every request between the two sidecars on a connection of its own
+    /// (Lumen: DestinationRule `maxRequestsPerConnection: 1`; Envoy:
+    /// `max_requests_per_connection: 1`): with (e) and (f), throughput is
+    /// new mTLS handshakes per second and CPU per request is per handshake.
+    #[arg(long, conflicts_with = "grpc")]
+    fresh_connections: bool,
 }
 
 #[derive(Args)]
@@ -520,6 +526,7 @@ fn proxy(mut a: ProxyArgs) -> Result<()> {
             (None, false) => None,
         },
         grpc: a.grpc,
+        fresh_connections: a.fresh_connections,
     };
     let ctx = report::Context {
         command: std::env::args().collect::<Vec<_>>().join(" "),
@@ -534,6 +541,7 @@ fn proxy(mut a: ProxyArgs) -> Result<()> {
         rounds: a.rounds,
         body_bytes: a.body_bytes,
         grpc: a.grpc,
+        fresh_connections: a.fresh_connections,
     };
 
     let mut runs: Vec<Vec<_>> = a.scenario.iter().map(|_| Vec::new()).collect();

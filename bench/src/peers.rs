@@ -365,14 +365,30 @@ pub fn write_mesh(dir: &Path, endpoint: SocketAddr, grpc: bool) -> Result<PathBu
     Ok(path)
 }
 
-/// Makes the mesh in `mesh` STRICT: sidecars take nothing but mTLS.
-pub fn append_strict_mtls(mesh: &Path) -> Result<()> {
+/// Adds one YAML document to the mesh file.
+fn append_document(mesh: &Path, document: &str) -> Result<()> {
     let mut yaml = fs::read_to_string(mesh)?;
-    yaml.push_str(
-        "---\napiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: default, namespace: istio-system}\nspec:\n  mtls: {mode: STRICT}\n",
-    );
+    yaml.push_str("---\n");
+    yaml.push_str(document);
     fs::write(mesh, yaml)?;
     Ok(())
+}
+
+/// Makes the mesh in `mesh` STRICT: sidecars take nothing but mTLS.
+pub fn append_strict_mtls(mesh: &Path) -> Result<()> {
+    append_document(
+        mesh,
+        "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: default, namespace: istio-system}\nspec:\n  mtls: {mode: STRICT}\n",
+    )
+}
+
+/// No connection to `upstream` carries a second request (Istio's
+/// `maxRequestsPerConnection: 1`).
+pub fn append_fresh_connections(mesh: &Path) -> Result<()> {
+    append_document(
+        mesh,
+        "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: upstream}\nspec:\n  host: upstream\n  trafficPolicy:\n    connectionPool:\n      http: {maxRequestsPerConnection: 1}\n",
+    )
 }
 
 /// Waits until the sidecar with admin port `admin` holds a certificate.

@@ -20,6 +20,7 @@ pub struct Context {
     pub body_bytes: Option<usize>,
     /// gRPC unary calls over HTTP/2 to a gRPC app.
     pub grpc: bool,
+    pub fresh_connections: bool,
 }
 
 /// One scenario's rounds reduced to medians: a single run on a shared
@@ -97,6 +98,15 @@ pub fn render(ctx: &Context, runs: &[Vec<Measured>]) -> String {
          oha -q {} -c{} --latency-correction for {} s for latency and CPU",
         ctx.wrk_connections, ctx.duration, ctx.warmup, ctx.rate, ctx.oha_connections, ctx.duration
     );
+    if ctx.fresh_connections {
+        let _ = writeln!(
+            w,
+            "- connections: every request between the two proxies on a new connection \
+             (Lumen: DestinationRule `maxRequestsPerConnection: 1`; Envoy: \
+             `max_requests_per_connection: 1`); with mTLS, requests per second are new TLS \
+             handshakes per second and CPU per request is CPU per handshake"
+        );
+    }
     if ctx.grpc {
         let _ = writeln!(
             w,
@@ -346,6 +356,7 @@ mod tests {
             oha_connections: 16,
             body_bytes: None,
             grpc: false,
+            fresh_connections: false,
             rounds: 3,
         };
         let rows = [

@@ -63,6 +63,8 @@ pub struct Settings {
     /// gRPC unary calls over HTTP/2 to a gRPC app instead of HTTP/1.1 to
     /// nginx (`body` is then the framed request).
     pub grpc: bool,
+    /// No connection between the two proxies carries a second request.
+    pub fresh_connections: bool,
 }
 
 pub struct Measured {
@@ -309,6 +311,9 @@ fn start(s: Scenario, set: &Settings, dir: &Path) -> Result<Topology> {
             if mtls {
                 peers::append_strict_mtls(&mesh)?;
             }
+            if set.fresh_connections {
+                peers::append_fresh_connections(&mesh)?;
+            }
             let control = peers::free_ports(1)?[0];
             // The collector runs in (c) too, idle, so that (b) − (c) is the
             // cost of telemetry alone and not of one extra process.
@@ -371,6 +376,7 @@ fn start(s: Scenario, set: &Settings, dir: &Path) -> Result<Topology> {
                 &certs,
                 set.grpc,
             );
+            let client = fresh(client, set);
             topo.procs
                 .push(peers::start_envoy("envoy-client", dir, &client, admin1)?);
             topo.proxies = vec![1, 2];
@@ -383,12 +389,26 @@ fn start(s: Scenario, set: &Settings, dir: &Path) -> Result<Topology> {
             // listener does.
             let client =
                 peers::envoy_config(front, admin1, back, &[SERVICE_HOST, "upstream"], set.grpc);
+            let client = fresh(client, set);
             topo.procs
                 .push(peers::start_envoy("envoy-client", dir, &client, admin1)?);
             topo.proxies = vec![1, 2];
         }
     }
     Ok(topo)
+}
+
+/// The client Envoy's cluster with one request per upstream connection,
+/// when the settings ask for it.
+fn fresh(config: String, set: &Settings) -> String {
+    if !set.fresh_connections {
+        return config;
+    }
+    config.replacen(
+        "    load_assignment:\n",
+        "    typed_extension_protocol_options:\n      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:\n        \"@type\": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions\n        common_http_protocol_options: { max_requests_per_connection: 1 }\n        explicit_http_config:\n          http_protocol_options: {}\n    load_assignment:\n",
+        1,
+    )
 }
 
 /// One request through the whole path before any load, so a broken topology

@@ -243,9 +243,15 @@ mod tests {
         assert_eq!(keys.of(&LimitKey::SourceWorkload), "default/reviews-v2");
         assert_eq!(keys.of(&by_user), "jason");
         assert_eq!(keys.of(&LimitKey::Global), "");
-        assert_eq!(key_of(&LimitKey::SourcePrincipal, Some(&w), Some(id), header), id);
+        assert_eq!(
+            key_of(&LimitKey::SourcePrincipal, Some(&w), Some(id), header),
+            id
+        );
         // Without a certificate, callers share one bucket.
-        assert_eq!(key_of(&LimitKey::SourcePrincipal, Some(&w), None, header), "");
+        assert_eq!(
+            key_of(&LimitKey::SourcePrincipal, Some(&w), None, header),
+            ""
+        );
     }
 
     #[test]
