@@ -8,7 +8,7 @@
 //!   `metadata`, `spec`) as files hold them and the control plane stores
 //!   and streams them, keyed by kind, namespace and name.
 //! - [`networking`]: Istio's `VirtualService`, `DestinationRule`,
-//!   `ServiceEntry` and `Gateway`, read as Istio's users write them; fields
+//!   `ServiceEntry`, `Gateway` and `Sidecar`, read as Istio's users write them; fields
 //!   Lumen does not implement are refused by name.
 //! - [`service`]: services, their endpoints, protocols and retry policy —
 //!   what proxies route to.

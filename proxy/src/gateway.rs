@@ -44,7 +44,7 @@ pub struct Credentials {
 #[derive(Debug)]
 struct Loaded {
     checked: Instant,
-    stamps: Vec<Option<SystemTime>>,
+    stamps: Vec<Stamp>,
     config: Result<Arc<ServerConfig>, String>,
 }
 
@@ -76,10 +76,6 @@ impl Credentials {
             provider: Arc::new(rustls::crypto::ring::default_provider()),
             loaded: Mutex::default(),
         }
-    }
-
-    pub fn dir(&self) -> Option<&Path> {
-        self.dir.as_deref()
     }
 
     fn files(&self, credential: &Credential) -> Result<Files, String> {
@@ -405,11 +401,20 @@ impl ClientCertVerifier for ClientVerifier {
     }
 }
 
-fn stamps(files: &Files) -> Vec<Option<SystemTime>> {
+/// What tells a credential file changed: where its links lead (a mounted
+/// secret's update swaps a symlink) and when it was written.
+type Stamp = (Option<PathBuf>, Option<SystemTime>);
+
+fn stamps(files: &Files) -> Vec<Stamp> {
     [Some(&files.cert), Some(&files.key), files.ca.as_ref()]
         .into_iter()
         .flatten()
-        .map(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok())
+        .map(|p| {
+            (
+                std::fs::canonicalize(p).ok(),
+                std::fs::metadata(p).and_then(|m| m.modified()).ok(),
+            )
+        })
         .collect()
 }
 

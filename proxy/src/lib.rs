@@ -16,6 +16,10 @@
 //! context. Between sidecars the hop is mutual TLS when both hold a
 //! certificate from the mesh CA ([`mtls`]: SPIFFE identities, renewed at
 //! half life; PeerAuthentication decides what the inbound side accepts).
+//! Under REGISTRY_ONLY (Istio's `outboundTrafficPolicy`) the outbound side
+//! refuses hosts outside the registry. Run as a gateway ([`gateway`]), the
+//! proxy listens on the ports of the Istio Gateways that select it instead,
+//! terminating TLS with the certificate SNI picks, or passing it through.
 //!
 //! Every request becomes one [`lumen_core::RequestRecord`] (see
 //! [`request`] for the phases and [`telemetry`] for where records go):
