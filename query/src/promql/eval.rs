@@ -37,6 +37,14 @@ pub trait Source: Send + Sync {
     ) -> Result<Vec<RawSeries>, PromError>;
 }
 
+/// Prometheus's staleness marker: the NaN a series gets when it stops
+/// (a target gone, a rule that no longer yields it).
+pub const STALE_NAN: u64 = 0x7ff0_0000_0000_0002;
+
+pub fn is_stale(v: f64) -> bool {
+    v.to_bits() == STALE_NAN
+}
+
 /// Prometheus's default lookback (staleness) window.
 pub const DEFAULT_LOOKBACK: Duration = Duration::from_secs(300);
 /// Resolution of a subquery without one: Prometheus's default evaluation interval.
@@ -116,6 +124,7 @@ impl Evaluator<'_> {
                                 *v = -*v;
                             }
                         }
+                        functions::unique_labelsets(&series)?;
                         Ok(Value::Vector(series))
                     }
                     other => Err(PromError::BadData(format!(
@@ -155,6 +164,19 @@ impl Evaluator<'_> {
 
     /// An instant vector selector: at each step, the latest sample within the lookback.
     async fn selector(&self, vs: &VectorSelector, steps: Steps) -> Result<Vec<Series>, PromError> {
+        self.selected(vs, steps, false).await
+    }
+
+    /// An instant selector's series, with each step's sample value, or
+    /// (`times`) the sample's timestamp in seconds, as `timestamp()` reads
+    /// it. A series whose latest sample is Prometheus's staleness marker
+    /// has no value there.
+    pub async fn selected(
+        &self,
+        vs: &VectorSelector,
+        steps: Steps,
+        times_of: bool,
+    ) -> Result<Vec<Series>, PromError> {
         let times: Vec<i64> = steps
             .times()
             .map(|t| self.at(t, &vs.at, &vs.offset))
@@ -169,8 +191,9 @@ impl Evaluator<'_> {
                     .iter()
                     .map(|&t| {
                         let i = s.samples.partition_point(|p| p.0 <= t);
-                        (i > 0 && s.samples[i - 1].0 > t - self.lookback)
-                            .then(|| s.samples[i - 1].1)
+                        let (at, v) = *s.samples.get(i.checked_sub(1)?)?;
+                        (at > t - self.lookback && !is_stale(v))
+                            .then(|| if times_of { at as f64 / 1000.0 } else { v })
                     })
                     .collect();
                 values.iter().any(Option::is_some).then_some(Series {
@@ -198,10 +221,14 @@ impl Evaluator<'_> {
                         .collect();
                     let lo = ends.iter().copied().min().unwrap_or(steps.start);
                     let hi = ends.iter().copied().max().unwrap_or(steps.end);
-                    let series = self
+                    let mut series = self
                         .source
                         .select(&ms.vs, lo - range, hi, Some(range))
                         .await?;
+                    // Range functions never see staleness markers.
+                    for s in &mut series {
+                        s.samples.retain(|p| !is_stale(p.1));
+                    }
                     Ok(RangeArg {
                         series,
                         windows: ends.into_iter().map(|e| (e - range, e)).collect(),
@@ -286,7 +313,11 @@ impl Evaluator<'_> {
     }
 
     async fn call(&self, call: &Call, steps: Steps) -> Result<Value, PromError> {
-        functions::call(self, call, steps).await
+        let v = functions::call(self, call, steps).await?;
+        if let Value::Vector(series) = &v {
+            functions::unique_labelsets(series)?;
+        }
+        Ok(v)
     }
 
     async fn aggregate(&self, agg: &AggregateExpr, steps: Steps) -> Result<Value, PromError> {

@@ -136,6 +136,32 @@ pub async fn call(ev: &Evaluator<'_>, call: &Call, steps: Steps) -> Result<Value
                 .collect();
             Ok(Value::Vector(merge_same_labels(out)?))
         }
+        "sort_by_label" | "sort_by_label_desc" => {
+            let mut v = vector(ev, arg(0)?, steps, name).await?;
+            let by: Vec<String> = args
+                .iter()
+                .skip(1)
+                .map(|a| string(a, name).map(str::to_string))
+                .collect::<Result<_, _>>()?;
+            v.sort_by(|a, b| {
+                let ord = by
+                    .iter()
+                    .map(|l| {
+                        natural_cmp(
+                            value::get(&a.labels, l).unwrap_or(""),
+                            value::get(&b.labels, l).unwrap_or(""),
+                        )
+                    })
+                    .find(|o| o.is_ne())
+                    .unwrap_or_else(|| a.labels.cmp(&b.labels));
+                if name == "sort_by_label" {
+                    ord
+                } else {
+                    ord.reverse()
+                }
+            });
+            Ok(Value::Vector(v))
+        }
         "sort" | "sort_desc" => {
             let mut v = vector(ev, arg(0)?, steps, name).await?;
             let key = |s: &Series| s.values.first().copied().flatten().unwrap_or(f64::NAN);
@@ -178,6 +204,29 @@ pub async fn call(ev: &Evaluator<'_>, call: &Call, steps: Steps) -> Result<Value
                     Some((x * inv + 0.5).floor() / inv)
                 }
             })))
+        }
+        "timestamp" => {
+            // Of a selector: each sample's own time; of anything else, the
+            // time of the step that computed it.
+            let mut a = arg(0)?;
+            while let Expr::Paren(p) = a {
+                a = &p.expr;
+            }
+            let v = match a {
+                Expr::VectorSelector(vs) => ev.selected(vs, steps, true).await?,
+                other => {
+                    let v = vector(ev, other, steps, name).await?;
+                    map_values(v, |i, _| Some(steps.time(i) as f64 / 1000.0))
+                }
+            };
+            Ok(Value::Vector(
+                v.into_iter()
+                    .map(|mut s| {
+                        value::remove(&mut s.labels, METRIC_NAME);
+                        s
+                    })
+                    .collect(),
+            ))
         }
         "day_of_month" | "day_of_week" | "day_of_year" | "days_in_month" | "hour" | "minute"
         | "month" | "year" => {
@@ -293,6 +342,58 @@ fn merge_same_labels(series: Vec<Series>) -> Result<Vec<Series>, PromError> {
 
 /// What `absent()` returns: 1 where nothing was present, labelled with the
 /// selector's equality matchers.
+/// Natural order: runs of digits compare as numbers (`a2 < a10`).
+fn natural_cmp(a: &str, b: &str) -> std::cmp::Ordering {
+    let (mut x, mut y) = (a, b);
+    loop {
+        match (x.chars().next(), y.chars().next()) {
+            (None, None) => return std::cmp::Ordering::Equal,
+            (None, _) => return std::cmp::Ordering::Less,
+            (_, None) => return std::cmp::Ordering::Greater,
+            (Some(c), Some(d)) if c.is_ascii_digit() && d.is_ascii_digit() => {
+                let xe = x.find(|c: char| !c.is_ascii_digit()).unwrap_or(x.len());
+                let ye = y.find(|c: char| !c.is_ascii_digit()).unwrap_or(y.len());
+                let (xn, yn) = (
+                    x[..xe].trim_start_matches('0'),
+                    y[..ye].trim_start_matches('0'),
+                );
+                let o = xn.len().cmp(&yn.len()).then_with(|| xn.cmp(yn));
+                if o.is_ne() {
+                    return o;
+                }
+                (x, y) = (&x[xe..], &y[ye..]);
+            }
+            (Some(c), Some(d)) => {
+                if c != d {
+                    return c.cmp(&d);
+                }
+                (x, y) = (&x[c.len_utf8()..], &y[d.len_utf8()..]);
+            }
+        }
+    }
+}
+
+/// Prometheus's rule for a function's answer: two series with the same
+/// labels at one step (names dropped from both) are an error.
+pub fn unique_labelsets(v: &[Series]) -> Result<(), PromError> {
+    let mut seen: HashMap<&Labels, usize> = HashMap::new();
+    for (i, s) in v.iter().enumerate() {
+        if let Some(&j) = seen.get(&s.labels)
+            && v[j]
+                .values
+                .iter()
+                .zip(&s.values)
+                .any(|(a, b)| a.is_some() && b.is_some())
+        {
+            return Err(PromError::Execution(
+                "vector cannot contain metrics with the same labelset".into(),
+            ));
+        }
+        seen.insert(&s.labels, i);
+    }
+    Ok(())
+}
+
 fn absent_result(arg: &Expr, absent: Vec<bool>) -> Value {
     let mut labels: Labels = Vec::new();
     let selector = match arg {
@@ -301,10 +402,19 @@ fn absent_result(arg: &Expr, absent: Vec<bool>) -> Value {
         _ => None,
     };
     if let Some(vs) = selector {
+        // A label with one equality matcher is kept; a second matcher of
+        // any kind on it drops it, as in Prometheus.
+        let mut seen: Vec<&str> = Vec::new();
         for m in &vs.matchers.matchers {
-            if matches!(m.op, MatchOp::Equal) && m.name != METRIC_NAME {
-                value::set(&mut labels, &m.name, &m.value);
+            if m.name == METRIC_NAME {
+                continue;
             }
+            if matches!(m.op, MatchOp::Equal) && !seen.contains(&m.name.as_str()) {
+                value::set(&mut labels, &m.name, &m.value);
+            } else {
+                value::remove(&mut labels, &m.name);
+            }
+            seen.push(&m.name);
         }
     }
     if !absent.iter().any(|a| *a) {
@@ -325,17 +435,50 @@ fn range_function(name: &str) -> Option<RangeFn> {
         "delta" => |s, a, b, _| extrapolated(s, a, b, false, false),
         "irate" => |s, _, _, _| instant_delta(s, true),
         "idelta" => |s, _, _, _| instant_delta(s, false),
-        "avg_over_time" => |s, _, _, _| (!s.is_empty()).then(|| sum(s) / s.len() as f64),
+        "avg_over_time" => {
+            |s, _, _, _| (!s.is_empty()).then(|| mean(&s.iter().map(|p| p.1).collect::<Vec<_>>()))
+        }
         "sum_over_time" => |s, _, _, _| (!s.is_empty()).then(|| sum(s)),
         "count_over_time" => |s, _, _, _| (!s.is_empty()).then_some(s.len() as f64),
         "min_over_time" => |s, _, _, _| s.iter().map(|p| p.1).reduce(nan_min),
         "max_over_time" => |s, _, _, _| s.iter().map(|p| p.1).reduce(nan_max),
         "last_over_time" => |s, _, _, _| s.last().map(|p| p.1),
+        "ts_of_last_over_time" => |s, _, _, _| s.last().map(|p| p.0 as f64 / 1000.0),
+        // The latest of equal extremes, as Prometheus picks.
+        "ts_of_min_over_time" => |s, _, _, _| {
+            s.iter()
+                .fold(None::<(i64, f64)>, |best, &p| match best {
+                    Some(b) if !(p.1 <= b.1 || b.1.is_nan()) => Some(b),
+                    _ => Some(p),
+                })
+                .map(|p| p.0 as f64 / 1000.0)
+        },
+        "ts_of_max_over_time" => |s, _, _, _| {
+            s.iter()
+                .fold(None::<(i64, f64)>, |best, &p| match best {
+                    Some(b) if !(p.1 >= b.1 || b.1.is_nan()) => Some(b),
+                    _ => Some(p),
+                })
+                .map(|p| p.0 as f64 / 1000.0)
+        },
+        // Median absolute deviation.
+        "mad_over_time" => |s, _, _, _| {
+            (!s.is_empty()).then(|| {
+                let vals: Vec<f64> = s.iter().map(|p| p.1).collect();
+                let median = quantile(0.5, vals.clone());
+                quantile(0.5, vals.iter().map(|v| (v - median).abs()).collect())
+            })
+        },
         "present_over_time" => |s, _, _, _| (!s.is_empty()).then_some(1.0),
         "stddev_over_time" => |s, _, _, _| variance(s).map(f64::sqrt),
         "stdvar_over_time" => |s, _, _, _| variance(s),
+        // NaN after NaN is no change, as in Prometheus.
         "changes" => |s, _, _, _| {
-            (!s.is_empty()).then(|| s.windows(2).filter(|w| w[0].1 != w[1].1).count() as f64)
+            (!s.is_empty()).then(|| {
+                s.windows(2)
+                    .filter(|w| !(w[0].1 == w[1].1 || w[0].1.is_nan() && w[1].1.is_nan()))
+                    .count() as f64
+            })
         },
         "resets" => |s, _, _, _| {
             (!s.is_empty()).then(|| s.windows(2).filter(|w| w[1].1 < w[0].1).count() as f64)
@@ -368,7 +511,14 @@ fn apply_range(
                 .enumerate()
                 .map(|(i, &(a, b))| {
                     let p = param.map_or(0.0, |p| p[i]);
-                    f(window(&s.samples, a, b), a, b, p)
+                    // A regression is anchored at the step's own time,
+                    // whatever `@` or `offset` moved the window to.
+                    let at = if name == "predict_linear" {
+                        steps.time(i)
+                    } else {
+                        b
+                    };
+                    f(window(&s.samples, a, b), a, at, p)
                 })
                 .collect();
             if values.iter().all(Option::is_none) {
@@ -385,7 +535,7 @@ fn apply_range(
 }
 
 fn sum(s: &[(i64, f64)]) -> f64 {
-    s.iter().map(|p| p.1).sum()
+    kahan_sum(&s.iter().map(|p| p.1).collect::<Vec<_>>())
 }
 
 fn nan_min(a: f64, b: f64) -> f64 {
@@ -397,11 +547,7 @@ fn nan_max(a: f64, b: f64) -> f64 {
 }
 
 fn variance(s: &[(i64, f64)]) -> Option<f64> {
-    if s.is_empty() {
-        return None;
-    }
-    let mean = sum(s) / s.len() as f64;
-    Some(s.iter().map(|p| (p.1 - mean).powi(2)).sum::<f64>() / s.len() as f64)
+    (!s.is_empty()).then(|| welford_variance(&s.iter().map(|p| p.1).collect::<Vec<_>>()))
 }
 
 /// Least-squares slope (per second) and the value at `at`.
@@ -662,6 +808,73 @@ fn date_part(name: &str, seconds: f64) -> Option<f64> {
 }
 
 /// `sum`, `avg`, `topk`, … `by` / `without` labels, per step.
+/// Where a series falls in `[0, 1)`, by a hash of its labels: the same
+/// series always falls at the same place, so `limit_ratio(r)` and
+/// `limit_ratio(r - 1)` split any set of series between them.
+fn ratio_position(labels: &Labels) -> f64 {
+    use std::hash::{Hash, Hasher};
+    // FNV-1a over the labels: stable across processes and versions.
+    struct Fnv(u64);
+    impl Hasher for Fnv {
+        fn finish(&self) -> u64 {
+            self.0
+        }
+        fn write(&mut self, bytes: &[u8]) {
+            for b in bytes {
+                self.0 = (self.0 ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3);
+            }
+        }
+    }
+    let mut h = Fnv(0xcbf2_9ce4_8422_2325);
+    labels.hash(&mut h);
+    h.finish() as f64 / u64::MAX as f64
+}
+
+/// Neumaier's compensated sum, as Prometheus sums (so `1e100 + 1 - 1e100`
+/// is 1).
+fn kahan_sum(vals: &[f64]) -> f64 {
+    let (mut sum, mut c) = (0.0f64, 0.0f64);
+    for &v in vals {
+        let t = sum + v;
+        if t.is_infinite() {
+            c = 0.0;
+        } else if sum.abs() >= v.abs() {
+            c += (sum - t) + v;
+        } else {
+            c += (v - t) + sum;
+        }
+        sum = t;
+    }
+    sum + c
+}
+
+/// The mean, compensated; by increments when the sum would overflow, as
+/// Prometheus does for values near the float limit.
+fn mean(vals: &[f64]) -> f64 {
+    let sum = kahan_sum(vals);
+    if sum.is_finite() || vals.iter().any(|v| v.is_infinite()) {
+        return sum / vals.len() as f64;
+    }
+    let mut m = 0.0f64;
+    for (i, &v) in vals.iter().enumerate() {
+        m += v / (i + 1) as f64 - m / (i + 1) as f64;
+    }
+    m
+}
+
+/// Population variance by Welford's method, as Prometheus computes it:
+/// equal values give exactly 0.
+fn welford_variance(vals: &[f64]) -> f64 {
+    let (mut count, mut m, mut m2) = (0.0f64, 0.0f64, 0.0f64);
+    for &v in vals {
+        count += 1.0;
+        let delta = v - m;
+        m += delta / count;
+        m2 += delta * (v - m);
+    }
+    m2 / count
+}
+
 pub fn aggregate(
     op: &str,
     param: Option<Value>,
@@ -705,42 +918,67 @@ pub fn aggregate(
     }
 
     match op {
-        "topk" | "bottomk" => {
-            let k = scalar_param("k")?;
+        "topk" | "bottomk" | "limitk" | "limit_ratio" => {
+            let k = scalar_param(if op == "limit_ratio" { "ratio" } else { "k" })?;
             let mut keep = vec![vec![false; n]; series.len()];
+            // An instant query's answer lists each group's series in the
+            // order chosen (topk largest first), as Prometheus does.
+            let mut order = Vec::new();
             for (_, members) in &groups {
                 for i in 0..n {
                     let kk = k[i];
-                    if kk.is_nan() || kk < 1.0 {
-                        continue;
-                    }
                     let mut present: Vec<(usize, f64)> = members
                         .iter()
                         .filter_map(|&m| series[m].values[i].map(|v| (m, v)))
                         .collect();
-                    // NaN is never preferred: last for topk and for bottomk.
-                    present.sort_by(|a, b| match (a.1.is_nan(), b.1.is_nan()) {
-                        (true, true) => std::cmp::Ordering::Equal,
-                        (true, false) => std::cmp::Ordering::Greater,
-                        (false, true) => std::cmp::Ordering::Less,
-                        _ if op == "topk" => b.1.total_cmp(&a.1),
-                        _ => a.1.total_cmp(&b.1),
-                    });
-                    for (m, _) in present.into_iter().take(kk as usize) {
+                    let chosen: Vec<usize> = match op {
+                        "limit_ratio" => {
+                            if kk.is_nan() {
+                                return Err(PromError::BadData("Ratio value is NaN".into()));
+                            }
+                            let r = kk.clamp(-1.0, 1.0);
+                            present
+                                .iter()
+                                .filter(|(m, _)| {
+                                    let at = ratio_position(&series[*m].labels);
+                                    (r >= 0.0 && at < r) || (r < 0.0 && at >= 1.0 + r)
+                                })
+                                .map(|(m, _)| *m)
+                                .collect()
+                        }
+                        _ if kk.is_nan() || kk < 1.0 => Vec::new(),
+                        "limitk" => present.iter().take(kk as usize).map(|(m, _)| *m).collect(),
+                        _ => {
+                            // NaN is never preferred: last for topk and for bottomk.
+                            present.sort_by(|a, b| match (a.1.is_nan(), b.1.is_nan()) {
+                                (true, true) => std::cmp::Ordering::Equal,
+                                (true, false) => std::cmp::Ordering::Greater,
+                                (false, true) => std::cmp::Ordering::Less,
+                                _ if op == "topk" => b.1.total_cmp(&a.1),
+                                _ => a.1.total_cmp(&b.1),
+                            });
+                            present.iter().take(kk as usize).map(|(m, _)| *m).collect()
+                        }
+                    };
+                    for m in chosen {
+                        if !keep[m].iter().any(|k| *k) {
+                            order.push(m);
+                        }
                         keep[m][i] = true;
                     }
                 }
             }
-            let out = series
+            let mut series: Vec<Option<Series>> = series.into_iter().map(Some).collect();
+            let out = order
                 .into_iter()
-                .zip(keep)
-                .filter_map(|(mut s, keep)| {
-                    for (v, k) in s.values.iter_mut().zip(keep) {
+                .filter_map(|m| {
+                    let mut s = series[m].take()?;
+                    for (v, k) in s.values.iter_mut().zip(&keep[m]) {
                         if !k {
                             *v = None;
                         }
                     }
-                    s.values.iter().any(Option::is_some).then_some(s)
+                    Some(s)
                 })
                 .collect();
             Ok(Value::Vector(out))
@@ -796,16 +1034,15 @@ pub fn aggregate(
                             return Ok(None);
                         }
                         let c = vals.len() as f64;
-                        let mean = vals.iter().sum::<f64>() / c;
                         Ok(Some(match op {
-                            "sum" => vals.iter().sum(),
-                            "avg" => mean,
+                            "sum" => kahan_sum(&vals),
+                            "avg" => mean(&vals),
                             "min" => vals.iter().copied().reduce(nan_min).unwrap_or(f64::NAN),
                             "max" => vals.iter().copied().reduce(nan_max).unwrap_or(f64::NAN),
                             "count" => c,
                             "group" => 1.0,
                             "stddev" | "stdvar" => {
-                                let var = vals.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / c;
+                                let var = welford_variance(&vals);
                                 if op == "stddev" { var.sqrt() } else { var }
                             }
                             "quantile" => quantile(q.as_ref().map_or(f64::NAN, |q| q[i]), vals),
