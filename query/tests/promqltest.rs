@@ -1,11 +1,13 @@
 //! Prometheus's own PromQL engine tests (`promql/promqltest/testdata/*.test`
 //! of Prometheus v3.5.0, in `tests/data/prometheus/promqltest/`) run
-//! through Lumen's PromQL evaluator: every `load` block becomes series with
-//! samples at the script's exact timestamps, every `eval` is evaluated as an
-//! instant or range query, and the result is compared as Prometheus's
-//! `promqltest` compares it (same series by labels, values within a relative
-//! 1e-6, NaN equal to NaN, order for `eval_ordered`, failure for
-//! `eval_fail` / `expect fail`).
+//! through Lumen's PromQL engine twice: once with every `load` block's
+//! series handed to the evaluator, and once through the store as real data
+//! arrives (each sample an OTLP gauge point through the WAL into
+//! `metrics`, at the script's exact timestamp, queried with SQL as the HTTP
+//! API does). Every `eval` is evaluated as an instant or range query and
+//! the result compared as Prometheus's `promqltest` compares it (same
+//! series by labels, values within a relative 1e-6, NaN equal to NaN,
+//! order for `eval_ordered`, failure for `eval_fail` / `expect fail`).
 //!
 //! Cases Lumen cannot run are skipped with the reason (native histograms,
 //! expressions the parser does not take). The report prints a table per
@@ -230,9 +232,145 @@ fn labels_of(metric: &str) -> Option<Labels> {
     Some(labels)
 }
 
+/// Where loaded series live and evals run: in memory straight into the
+/// evaluator, or in Lumen's store as real data arrives.
+trait Backend {
+    fn clear(&mut self);
+    fn load(&mut self, series: Vec<RawSeries>);
+    fn eval(&mut self, ev: &Eval) -> Result<Value, PromError>;
+}
+
 /// The loaded series, as the evaluator's source.
 #[derive(Default)]
 struct Store(Vec<RawSeries>);
+
+struct InMemory<'r> {
+    store: Store,
+    rt: &'r tokio::runtime::Runtime,
+}
+
+impl Backend for InMemory<'_> {
+    fn clear(&mut self) {
+        self.store = Store::default();
+    }
+
+    fn load(&mut self, series: Vec<RawSeries>) {
+        for s in series {
+            self.store.0.retain(|x| x.labels != s.labels);
+            self.store.0.push(s);
+        }
+    }
+
+    fn eval(&mut self, ev: &Eval) -> Result<Value, PromError> {
+        let expr = lumen_query::promql::parse(&ev.expr)?;
+        let evaluator = Evaluator {
+            source: &self.store,
+            query: ev.steps,
+            lookback: 300_000,
+        };
+        self.rt.block_on(evaluator.eval(&expr, ev.steps))
+    }
+}
+
+/// A collector's store in a temporary directory: each loaded sample goes
+/// in as an OTLP gauge point through the WAL (as recording rules' results
+/// do, with only the series' own labels), and evals go through
+/// `promql::evaluate` — SQL over the `metrics` table — as the HTTP API's.
+struct InStore<'r> {
+    rt: &'r tokio::runtime::Runtime,
+    dir: tempfile::TempDir,
+    opened: Option<(lumen_collector::Collector, lumen_query::engine::QueryEngine)>,
+    generation: u32,
+}
+
+impl<'r> InStore<'r> {
+    fn new(rt: &'r tokio::runtime::Runtime) -> Self {
+        InStore {
+            rt,
+            dir: tempfile::tempdir().expect("temporary directory"),
+            opened: None,
+            generation: 0,
+        }
+    }
+
+    fn open(&mut self) -> &(lumen_collector::Collector, lumen_query::engine::QueryEngine) {
+        if self.opened.is_none() {
+            self.generation += 1;
+            let mut config = lumen_collector::CollectorConfig::new(
+                self.dir.path().join(self.generation.to_string()),
+            );
+            config.otlp_grpc = None;
+            config.otlp_http = None;
+            let collector = self
+                .rt
+                .block_on(lumen_collector::Collector::open(config))
+                .expect("collector");
+            let engine = lumen_query::engine::QueryEngine::new(
+                collector.store(),
+                lumen_query::engine::QueryConfig::default(),
+            )
+            .expect("query engine");
+            self.opened = Some((collector, engine));
+        }
+        self.opened.as_ref().expect("opened")
+    }
+}
+
+impl Backend for InStore<'_> {
+    fn clear(&mut self) {
+        self.opened = None;
+    }
+
+    fn load(&mut self, series: Vec<RawSeries>) {
+        use lumen_collector::events::{RecordedSample, RecordingWriter};
+        let mut at: BTreeMap<i64, Vec<RecordedSample>> = BTreeMap::new();
+        for s in series {
+            let Some(name) = s
+                .labels
+                .iter()
+                .find(|(k, _)| k == "__name__")
+                .map(|(_, v)| v.clone())
+            else {
+                continue;
+            };
+            let labels: Vec<(String, String)> = s
+                .labels
+                .iter()
+                .filter(|(k, _)| k != "__name__")
+                .cloned()
+                .collect();
+            for (t, v) in s.samples {
+                at.entry(t).or_default().push(RecordedSample {
+                    name: name.clone(),
+                    labels: labels.clone(),
+                    value: v,
+                });
+            }
+        }
+        let rt = self.rt;
+        let writer = RecordingWriter::new(self.open().0.writer());
+        for (t, samples) in at {
+            let when = std::time::UNIX_EPOCH + std::time::Duration::from_millis(t.max(0) as u64);
+            rt.block_on(writer.write(when, samples)).expect("stored");
+        }
+    }
+
+    fn eval(&mut self, ev: &Eval) -> Result<Value, PromError> {
+        let rt = self.rt;
+        let engine = self.open().1.clone();
+        rt.block_on(lumen_query::promql::evaluate(
+            &engine,
+            lumen_query::promql::PromQuery {
+                expr: ev.expr.clone(),
+                steps: ev.steps,
+                lookback: std::time::Duration::from_secs(300),
+                origin: "promqltest".into(),
+                raw: false,
+                cache: None,
+            },
+        ))
+    }
+}
 
 #[async_trait::async_trait]
 impl Source for Store {
@@ -312,24 +450,17 @@ struct Tally {
     skipped: BTreeMap<String, usize>,
 }
 
-fn run_eval(store: &Store, ev: &Eval, rt: &tokio::runtime::Runtime) -> Outcome {
+fn run_eval(backend: &mut dyn Backend, ev: &Eval) -> Outcome {
     if let Some(why) = &ev.skip {
         return Outcome::Skip(why.clone());
     }
-    let expr = match lumen_query::promql::parse(&ev.expr) {
-        Ok(e) => e,
-        Err(e) if ev.fail => {
-            let _ = e;
-            return Outcome::Pass;
-        }
-        Err(e) => return Outcome::Skip(format!("the parser does not take it: {e}")),
-    };
-    let evaluator = Evaluator {
-        source: store,
-        query: ev.steps,
-        lookback: 300_000,
-    };
-    let result = rt.block_on(evaluator.eval(&expr, ev.steps));
+    if let Err(e) = lumen_query::promql::parse(&ev.expr) {
+        return match ev.fail {
+            true => Outcome::Pass,
+            false => Outcome::Skip(format!("the parser does not take it: {e}")),
+        };
+    }
+    let result = backend.eval(ev);
     match (result, ev.fail) {
         (Err(_), true) => Outcome::Pass,
         (Ok(v), true) => Outcome::Fail(format!("expected an error, got a {}", v.kind())),
@@ -412,7 +543,7 @@ fn compare_series(
 }
 
 /// Reads a script and runs it: loads accumulate until `clear`.
-fn run_file(name: &str, text: &str, rt: &tokio::runtime::Runtime) -> Tally {
+fn run_file(name: &str, text: &str, backend: &mut dyn Backend) -> Tally {
     let lines: Vec<&str> = text
         .lines()
         .map(|l| {
@@ -420,7 +551,6 @@ fn run_file(name: &str, text: &str, rt: &tokio::runtime::Runtime) -> Tally {
             if l.starts_with('#') { "" } else { l }
         })
         .collect();
-    let mut store = Store::default();
     let mut tally = Tally::default();
     let mut native = false;
     // Names `load_with_nhcb` gave a native (custom-bucket) histogram.
@@ -436,7 +566,7 @@ fn run_file(name: &str, text: &str, rt: &tokio::runtime::Runtime) -> Tally {
             continue;
         }
         if line == "clear" {
-            store = Store::default();
+            backend.clear();
             native = false;
             nhcb.clear();
             native_names.clear();
@@ -449,6 +579,7 @@ fn run_file(name: &str, text: &str, rt: &tokio::runtime::Runtime) -> Tally {
             // `load_with_nhcb` also stores each classic histogram as a native one
             // (with custom buckets); its classic series are loaded here.
             let gap = duration_ms(rest.trim()).unwrap_or(60_000);
+            let mut loaded = Vec::new();
             while i < lines.len() && !lines[i].is_empty() {
                 let def = lines[i];
                 i += 1;
@@ -474,9 +605,9 @@ fn run_file(name: &str, text: &str, rt: &tokio::runtime::Runtime) -> Tally {
                     .enumerate()
                     .filter_map(|(k, v)| v.map(|v| (k as i64 * gap, v)))
                     .collect();
-                store.0.retain(|s| s.labels != labels);
-                store.0.push(RawSeries { labels, samples });
+                loaded.push(RawSeries { labels, samples });
             }
+            backend.load(loaded);
             continue;
         }
         if line.starts_with("eval") {
@@ -497,7 +628,7 @@ fn run_file(name: &str, text: &str, rt: &tokio::runtime::Runtime) -> Tally {
             // different one is put down to the missing histograms.
             let reads_native = native_names.iter().any(|n| names_whole(&ev.expr, n));
             tally.run += 1;
-            let outcome = match run_eval(&store, &ev, rt) {
+            let outcome = match run_eval(backend, &ev) {
                 Outcome::Fail(_) if reads_native => Outcome::Skip("native histograms".into()),
                 other => other,
             };
@@ -622,22 +753,20 @@ fn parse_eval(line: &str, body: &[&str], at_line: usize, native: bool) -> Eval {
     }
 }
 
-#[test]
-fn prometheus_promql_test_scripts() {
+/// Runs every file on `backend`; fails when a file passes fewer than its
+/// floor.
+fn run_all(what: &str, floors: &[(&str, usize)], mut backend: impl Backend) {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/data/prometheus/promqltest");
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
     let mut report =
-        String::from("| file | run | passed | failed | skipped |\n|---|---:|---:|---:|---:|\n");
+        format!("{what}\n| file | run | passed | failed | skipped |\n|---|---:|---:|---:|---:|\n");
     let mut regressions = Vec::new();
     let mut failures = String::new();
-    for (name, floor) in FLOORS {
+    for (name, floor) in floors {
         let path = dir.join(format!("{name}.test"));
         let text =
             std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-        let t = run_file(name, &text, &rt);
+        backend.clear();
+        let t = run_file(name, &text, &mut backend);
         let skipped: usize = t.skipped.values().sum();
         report.push_str(&format!(
             "| {name} | {} | {} | {} | {skipped} |\n",
@@ -659,5 +788,36 @@ fn prometheus_promql_test_scripts() {
     assert!(
         regressions.is_empty(),
         "fewer cases pass than before: {regressions:?}\n{report}"
+    );
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
+#[test]
+fn prometheus_promql_test_scripts() {
+    let rt = runtime();
+    run_all(
+        "Lumen's evaluator over the scripts' series",
+        FLOORS,
+        InMemory {
+            store: Store::default(),
+            rt: &rt,
+        },
+    );
+}
+
+#[test]
+fn prometheus_promql_test_scripts_through_the_store() {
+    let rt = runtime();
+    run_all(
+        "through the store (OTLP gauges, WAL, SQL over `metrics`)",
+        FLOORS,
+        InStore::new(&rt),
     );
 }
