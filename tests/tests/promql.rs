@@ -655,3 +655,81 @@ async fn prometheus_scrapes_istio_metrics_from_lumen() -> Result<()> {
     up.terminate()?;
     Ok(())
 }
+
+/// A series that stops reporting goes stale after Prometheus's 5 minute
+/// lookback: Istio's counters from rollups answer while their key has
+/// requests, and stop 5 minutes after the last one, as a scrape target
+/// that went away.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quiet_istio_series_go_stale_after_the_lookback() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let mesh = dir.path().join("mesh.yaml");
+    write_mesh(&mesh, &[("reviews", 9080, &[])])?;
+    let ports = UpPorts::pick();
+    let _up = start_up(dir.path(), &mesh, &dir.path().join("data"), ports, &[]).await?;
+    let url = ports.sql_url();
+    let now = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs();
+    // Ten requests in one second, 30 minutes ago.
+    let t0 = now / 60 * 60 - 1800;
+    let records: Vec<RequestRecord> = (0..10)
+        .map(|i| RequestRecord {
+            start_time: UNIX_EPOCH + Duration::from_secs(t0) + Duration::from_millis(i * 50),
+            duration: Duration::from_millis(3),
+            reporter: Reporter::Source,
+            source: workload("productpage"),
+            destination: workload("reviews"),
+            status: 200,
+            span_id: rand::random(),
+            ..RequestRecord::example()
+        })
+        .collect();
+    let mut flight = client(&ports).await?;
+    put(&mut flight, 0, &records).await?;
+    wait_for_count(&url, "SELECT count(*) AS n FROM requests", 10).await?;
+
+    let server = format!("http://127.0.0.1:{}", ports.query);
+    let at = |secs: u64| -> Result<Vec<Value>> {
+        let v = promtool(&[
+            "query",
+            "instant",
+            "-o",
+            "json",
+            "--time",
+            &secs.to_string(),
+            &server,
+            "istio_requests_total{destination_app=\"reviews\"}",
+        ])?;
+        Ok(v.as_array().cloned().unwrap_or_default())
+    };
+    // A minute and four minutes later: there, with its ten requests.
+    for later in [60, 240] {
+        let v = at(t0 + later)?;
+        assert_eq!(v.len(), 1, "{later} s after: {v:?}");
+        assert_eq!(number(&v[0]["value"][1]), 10.0);
+    }
+    // Seven and twenty minutes later: stale, gone. (Rollups' minute
+    // windows put a key's last request anywhere in its minute, so a series
+    // goes stale 5 to 6 minutes after it.)
+    for later in [420, 1200] {
+        let v = at(t0 + later)?;
+        assert!(v.is_empty(), "{later} s after the last request: {v:?}");
+    }
+    // Its requests still count over a range that holds them.
+    let v = promtool(&[
+        "query",
+        "instant",
+        "-o",
+        "json",
+        "--time",
+        &(t0 + 1200).to_string(),
+        &server,
+        "sum(increase(istio_requests_total{destination_app=\"reviews\"}[30m]))",
+    ])?;
+    let total = v
+        .as_array()
+        .and_then(|a| a.first())
+        .map(|s| number(&s["value"][1]))
+        .unwrap_or_default();
+    assert!((total - 10.0).abs() < 3.0, "increase over 30 min: {v}");
+    Ok(())
+}

@@ -5,8 +5,10 @@
 //! cumulative counters and histograms, so a series' sample at the end of a
 //! window is everything its key did up to then: the sum of the windows
 //! before the queried range (the "base"), plus each window in it. Samples
-//! fall on every window end while the series exists, as a scrape every
-//! window would see them; a series that begins inside the range starts
+//! fall on every window end while the series reports, as a scrape every
+//! window would see them; a key quiet for Prometheus's 5 minute lookback
+//! gets a staleness marker, as a target that went away, until its next
+//! request; a series that begins inside the range starts
 //! with a 0 at the start of its first window (as Prometheus's created
 //! timestamps give), so `increase()` over its whole life counts every
 //! request.
@@ -819,6 +821,9 @@ struct Gathered<'s> {
     selector: &'s VectorSelector,
     index: LabelIndex,
     bases: Vec<Option<Aggs>>,
+    /// When each label set's base was last added to (ms): a series quiet
+    /// for longer than the lookback is stale, as a scrape that stopped.
+    last_seen: Vec<i64>,
     windows: Vec<Vec<Aggs>>,
     born: Vec<usize>,
     points: usize,
@@ -826,7 +831,13 @@ struct Gathered<'s> {
     limit: usize,
 }
 
+/// How long a series with no new requests keeps answering: Prometheus's
+/// lookback, after which a series that stopped reporting is stale.
+const STALE_AFTER_MS: i64 = 5 * 60_000;
+
 const ZERO: Aggs = [0.0; 4 + BUCKETS];
+/// Every field a staleness marker.
+const STALE: Aggs = [f64::from_bits(super::eval::STALE_NAN); 4 + BUCKETS];
 
 impl<'s> Gathered<'s> {
     fn new(selector: &'s VectorSelector, family: Family, points: usize, limit: usize) -> Self {
@@ -834,6 +845,7 @@ impl<'s> Gathered<'s> {
             selector,
             index: LabelIndex::new(Some(family)),
             bases: Vec::new(),
+            last_seen: Vec::new(),
             windows: Vec::new(),
             born: Vec::new(),
             points,
@@ -842,12 +854,14 @@ impl<'s> Gathered<'s> {
         }
     }
 
-    fn add_base(&mut self, key: &KeyRef<'_>, aggs: &Aggs) {
+    fn add_base(&mut self, key: &KeyRef<'_>, aggs: &Aggs, seen_ms: i64) {
         let i = self.index.index(key);
         if i >= self.bases.len() {
             self.bases.resize(i + 1, None);
+            self.last_seen.resize(i + 1, i64::MIN);
         }
         add(self.bases[i].get_or_insert(ZERO), aggs);
+        self.last_seen[i] = self.last_seen[i].max(seen_ms);
     }
 
     /// Each series' windows are dense once it has one, and bounded by the
@@ -885,8 +899,16 @@ impl<'s> Gathered<'s> {
         for batch in base {
             let keys = KeyColumns::new(batch)?;
             let aggs = AggColumns::new(batch, buckets)?;
+            let seen = cast(column(batch, "last_seen")?, &DataType::Int64)
+                .map_err(|e| PromError::Execution(format!("reading last_seen: {e}")))?;
+            let seen = seen.as_primitive::<Int64Type>();
             for row in 0..batch.num_rows() {
-                self.add_base(&keys.key(row), &aggs.read(row));
+                let ms = if seen.is_null(row) {
+                    i64::MIN
+                } else {
+                    seen.value(row).saturating_mul(1000)
+                };
+                self.add_base(&keys.key(row), &aggs.read(row), ms);
             }
         }
         for batch in range {
@@ -957,7 +979,7 @@ impl<'s> Gathered<'s> {
             }
             let ms = second * 1000;
             if ms < grid.first {
-                self.add_base(&key, &aggs);
+                self.add_base(&key, &aggs, ms + 1000);
             } else if let Some(k) = grid.window(ms)
                 && let Err(e) = self.add_window(&key, k, &aggs)
             {
@@ -977,6 +999,8 @@ impl<'s> Gathered<'s> {
             let born = self.born.get(i).copied().unwrap_or(usize::MAX);
             let mut samples = Vec::new();
             let mut cumulative = self.bases.get(i).copied().flatten();
+            let mut seen = self.last_seen.get(i).copied().unwrap_or(i64::MIN);
+            let mut marked = false;
             for k in 0..self.points {
                 let t = grid.sample_at(k);
                 let window_start = grid.first + k as i64 * grid.w;
@@ -991,10 +1015,21 @@ impl<'s> Gathered<'s> {
                     cumulative = Some(ZERO);
                 }
                 let c = cumulative.get_or_insert(ZERO);
-                if let Some(ws) = ws {
+                if let Some(ws) = ws
+                    && ws[k] != ZERO
+                {
                     add(c, &ws[k]);
+                    seen = t;
                 }
-                samples.push((t, *c));
+                // Quiet for the lookback: a staleness marker, as when a
+                // scrape target goes away; new requests bring it back.
+                if t.saturating_sub(seen) <= STALE_AFTER_MS {
+                    samples.push((t, *c));
+                    marked = false;
+                } else if !marked {
+                    samples.push((t, STALE));
+                    marked = true;
+                }
             }
             if !samples.is_empty() {
                 out.push((std::mem::take(&mut self.index.sets[i].1), samples));
@@ -1095,7 +1130,7 @@ impl IstioSource {
         let (base_sql, range_sql) = if self.raw {
             (
                 format!(
-                    "SELECT {keys}, {values} FROM requests WHERE time < {f} AND {filter} GROUP BY {groups}",
+                    "SELECT {keys}, {values}, MAX(to_unixtime(time)) AS last_seen FROM requests WHERE time < {f} AND {filter} GROUP BY {groups}",
                     f = ts(first),
                 ),
                 format!(
@@ -1113,7 +1148,8 @@ impl IstioSource {
                 // Everything before the range, from minute windows where
                 // whole minutes allow.
                 format!(
-                    "SELECT {keys}, {values} FROM rollups WHERE ((window_seconds = 60 AND time < {m}) \
+                    "SELECT {keys}, {values}, MAX(to_unixtime(time) + window_seconds) AS last_seen \
+                     FROM rollups WHERE ((window_seconds = 60 AND time < {m}) \
                      OR (window_seconds = 10 AND time >= {m} AND time < {f})) AND {filter} GROUP BY {groups}",
                     m = ts(minute),
                     f = ts(first),
@@ -1149,7 +1185,8 @@ impl IstioSource {
     ) -> Result<Cumulative, PromError> {
         let minute = cut.div_euclid(60_000) * 60_000;
         let base_sql = format!(
-            "SELECT {keys}, {values} FROM rollups WHERE ((window_seconds = 60 AND time < {m}) \
+            "SELECT {keys}, {values}, MAX(to_unixtime(time) + window_seconds) AS last_seen \
+             FROM rollups WHERE ((window_seconds = 60 AND time < {m}) \
              OR (window_seconds = 10 AND time >= {m} AND time < {c})) AND {filter}{pushdown} GROUP BY {groups}",
             keys = key_select(false),
             values = value_list(false, buckets),
@@ -1191,6 +1228,12 @@ fn check_samples(
 }
 
 /// Turns each label set's aggregates into the selected metrics' series.
+/// A marker sample: its fields go out as the marker, untouched by
+/// arithmetic.
+fn is_stale(a: &Aggs) -> bool {
+    super::eval::is_stale(a[0])
+}
+
 fn expand(
     per_key: Cumulative,
     metrics: &[&'static Metric],
@@ -1209,14 +1252,26 @@ fn expand(
                     if !matches(&selector.matchers, &l) {
                         continue;
                     }
-                    let samples = samples.iter().map(|(t, a)| (*t, a[4 + b])).collect();
+                    let samples = samples
+                        .iter()
+                        .map(|(t, a)| (*t, if is_stale(a) { a[0] } else { a[4 + b] }))
+                        .collect();
                     out.push(RawSeries { labels: l, samples });
                 }
             } else if matches(&selector.matchers, &named) {
                 out.push(RawSeries {
                     samples: samples
                         .iter()
-                        .map(|(t, a)| (*t, field_value(m.field, a)))
+                        .map(|(t, a)| {
+                            (
+                                *t,
+                                if is_stale(a) {
+                                    a[0]
+                                } else {
+                                    field_value(m.field, a)
+                                },
+                            )
+                        })
                         .collect(),
                     labels: named,
                 });
