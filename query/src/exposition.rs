@@ -83,7 +83,8 @@ fn write_istio(out: &mut String, samples: &[Exposed], format: Exposition) {
     }
 }
 
-fn write_labels(out: &mut String, labels: &Labels) {
+/// `{k="v",…}` in Prometheus's text format, values escaped.
+pub fn write_labels(out: &mut String, labels: &Labels) {
     if labels.is_empty() {
         return;
     }

@@ -2,7 +2,7 @@
 //! GET or form POST as Grafana sends them:
 //! `/api/v1/query`, `/api/v1/query_range`, `/api/v1/series`,
 //! `/api/v1/labels`, `/api/v1/label/{name}/values`, `/api/v1/metadata`,
-//! `/api/v1/status/buildinfo`.
+//! `/api/v1/status/buildinfo`; and `/federate` for another Prometheus.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
@@ -32,6 +32,71 @@ pub fn router() -> Router<QueryEngine> {
         .route("/api/v1/label/{name}/values", get(label_values))
         .route("/api/v1/metadata", get(metadata))
         .route("/api/v1/status/buildinfo", get(buildinfo))
+        .route("/federate", get(federate))
+}
+
+/// `/federate?match[]=…`: the latest sample of every series the selectors
+/// match (within the 5 minute lookback), with its timestamp, in
+/// Prometheus's text format — what another Prometheus scrapes with
+/// `honor_labels: true` to federate Lumen's series.
+async fn federate(
+    State(engine): State<QueryEngine>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+) -> Response {
+    let params = Params::new(query, &headers, &[]);
+    if params.all("match[]").is_empty() {
+        return failure(PromError::BadData("no match[] parameter provided".into()));
+    }
+    let parsed = match selectors(&params) {
+        Ok(p) => p,
+        Err(e) => return failure(e),
+    };
+    let sources = promql::otlp::Sources {
+        istio: IstioSource::new(engine.clone(), "federate".into()),
+        otlp: promql::otlp::OtlpSource::new(engine.clone(), "federate".into()),
+    };
+    let now = now_ms();
+    let ev = crate::promql::eval::Evaluator {
+        source: &sources,
+        query: Steps::instant(now),
+        lookback: millis(&DEFAULT_LOOKBACK),
+    };
+    // Each series once, whichever selectors match it.
+    let mut series: BTreeMap<String, BTreeMap<Labels, (f64, i64)>> = BTreeMap::new();
+    for vs in &parsed {
+        match ev.latest(vs, now).await {
+            Ok(got) => {
+                for (labels, v, t) in got {
+                    let name = value::get(&labels, value::METRIC_NAME)
+                        .unwrap_or("")
+                        .to_string();
+                    series.entry(name).or_default().insert(labels, (v, t));
+                }
+            }
+            Err(e) => return failure(e),
+        }
+    }
+    let mut out = String::new();
+    for (name, members) in series {
+        if !name.is_empty() {
+            out.push_str(&format!("# TYPE {name} untyped\n"));
+        }
+        for (mut labels, (v, t)) in members {
+            value::remove(&mut labels, value::METRIC_NAME);
+            out.push_str(&name);
+            crate::exposition::write_labels(&mut out, &labels);
+            out.push_str(&format!(" {} {t}\n", format_number(v)));
+        }
+    }
+    (
+        [(
+            header::CONTENT_TYPE,
+            crate::exposition::Exposition::Text.content_type(),
+        )],
+        out,
+    )
+        .into_response()
 }
 
 /// Parameters from the query string and, for a form POST, the body.

@@ -2,7 +2,8 @@
 //! it: `promtool query instant|range` against Lumen's query port returns,
 //! for each expression, the values the equivalent SQL over the raw
 //! `requests` rows gives on the same data; the metadata endpoints answer
-//! what Grafana's query builder asks.
+//! what Grafana's query builder asks; a real Prometheus scrapes `/metrics`
+//! and federates `/federate`; quiet series go stale.
 
 use std::collections::BTreeMap;
 use std::process::Command;
@@ -608,8 +609,9 @@ async fn prometheus_scrapes_istio_metrics_from_lumen() -> Result<()> {
     std::fs::write(
         &config,
         format!(
-            "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: lumen\n    static_configs:\n      - targets: ['127.0.0.1:{}']\n",
-            ports.query
+            "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: lumen\n    static_configs:\n      - targets: ['127.0.0.1:{p}']\n  \
+             - job_name: federate\n    honor_labels: true\n    metrics_path: /federate\n    params:\n      'match[]': ['{{__name__=~\"istio_requests_total\"}}']\n    static_configs:\n      - targets: ['127.0.0.1:{p}']\n",
+            p = ports.query
         ),
     )?;
     let mut server = Command::new(prometheus)
@@ -625,33 +627,60 @@ async fn prometheus_scrapes_istio_metrics_from_lumen() -> Result<()> {
     let prom = format!("http://127.0.0.1:{prom_port}");
     let recorded = lumen_tests::sql_count(&url, "SELECT count(*) AS n FROM requests").await? as f64;
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    let seen = loop {
-        let got = promtool(&[
-            "query",
-            "instant",
-            "-o",
-            "json",
-            &prom,
-            "sum(istio_requests_total)",
-        ])
-        .ok();
-        let value = got
-            .as_ref()
-            .and_then(|g| g.get(0))
-            .map(|s| number(&s["value"][1]));
-        if value == Some(recorded) || std::time::Instant::now() > deadline {
-            break value;
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    };
+    // Scraped from /metrics, and federated from /federate (with the
+    // series' own labels, job and instance added by the federating side).
+    let mut seen = Vec::new();
+    for job in ["lumen", "federate"] {
+        let expr = format!("sum(istio_requests_total{{job=\"{job}\"}})");
+        let value = loop {
+            let got = promtool(&["query", "instant", "-o", "json", &prom, &expr]).ok();
+            let value = got
+                .as_ref()
+                .and_then(|g| g.get(0))
+                .map(|s| number(&s["value"][1]));
+            if value == Some(recorded) || std::time::Instant::now() > deadline {
+                break value;
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        };
+        seen.push((job, value));
+    }
     let _ = server.kill();
     let _ = server.wait();
     assert_eq!(
         seen,
-        Some(recorded),
-        "Prometheus's sum(istio_requests_total) vs Lumen's count; prometheus log:\n{}",
+        vec![("lumen", Some(recorded)), ("federate", Some(recorded))],
+        "Prometheus's sum(istio_requests_total) per job vs Lumen's count; prometheus log:\n{}",
         std::fs::read_to_string(dir.path().join("prometheus.err")).unwrap_or_default()
     );
+    // Federation answers in the text format, one sample per series with
+    // its timestamp, and refuses what is not a series selector.
+    let federate = format!("http://127.0.0.1:{}/federate", ports.query);
+    let text = reqwest::Client::new()
+        .get(&federate)
+        .query(&[("match[]", "istio_requests_total{reporter=\"source\"}")])
+        .send()
+        .await?
+        .text()
+        .await?;
+    assert!(
+        text.starts_with("# TYPE istio_requests_total untyped\n"),
+        "{text}"
+    );
+    assert!(
+        text.lines()
+            .skip(1)
+            .all(|l| l.starts_with("istio_requests_total{")
+                && l.contains("reporter=\"source\"")
+                && l.split(' ').count() == 3),
+        "{text}"
+    );
+    let refused = reqwest::Client::new()
+        .get(&federate)
+        .query(&[("match[]", "rate(istio_requests_total[1m])")])
+        .send()
+        .await?;
+    assert_eq!(refused.status(), 400);
     up.terminate()?;
     Ok(())
 }

@@ -204,6 +204,25 @@ impl Evaluator<'_> {
             .collect())
     }
 
+    /// Each series `vs` selects with its latest sample at `t` (within the
+    /// lookback, not a staleness marker): labels, value, time in ms — what
+    /// Prometheus's `/federate` serves.
+    pub async fn latest(
+        &self,
+        vs: &VectorSelector,
+        t: i64,
+    ) -> Result<Vec<(value::Labels, f64, i64)>, PromError> {
+        let at = self.at(t, &vs.at, &vs.offset);
+        let raw = self.source.select(vs, at - self.lookback, at, None).await?;
+        Ok(raw
+            .into_iter()
+            .filter_map(|s| {
+                let &(time, v) = s.samples.iter().rev().find(|p| p.0 <= at)?;
+                (time > at - self.lookback && !is_stale(v)).then_some((s.labels, v, time))
+            })
+            .collect())
+    }
+
     /// A range vector (selector or subquery) and the window each step reads.
     pub fn range_arg<'e>(
         &'e self,
