@@ -819,7 +819,11 @@ async fn up(a: UpArgs) -> Result<()> {
     let board = Arc::new(lumen_policy::decide::Board::default());
     servers.query = servers
         .query
-        .with_routes(lumen_policy::http::router(rules.clone(), board.clone()));
+        .with_routes(lumen_policy::http::router(rules.clone(), board.clone()))
+        // Prometheus's remote write, where Prometheus's API is.
+        .with_routes(lumen_collector::ingest::remote_write::router(
+            collector.writer(),
+        ));
     let (stop, stop_rx) = watch::channel(false);
     let (_, store, control_tasks) = configure::start(
         files,

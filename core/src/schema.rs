@@ -67,6 +67,11 @@ pub const PROXY_SCOPE: &str = "lumen-proxy";
 /// `instance` from the resource), as Prometheus's recorded series.
 pub const RECORDING_SCOPE: &str = "lumen-rules";
 
+/// Instrumentation scope of the `metrics` rows a Prometheus remote-wrote:
+/// like recorded series, they carry exactly their own labels (`job` and
+/// `instance` included, as the sending Prometheus gave them).
+pub const REMOTE_WRITE_SCOPE: &str = "prometheus-remote-write";
+
 /// Name of the timestamp column every table is partitioned and pruned by.
 pub const TIME_COLUMN: &str = "time";
 

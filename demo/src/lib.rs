@@ -246,7 +246,10 @@ pub async fn start(config: DemoConfig) -> Result<RunningDemo, DemoError> {
     let board = Arc::new(lumen_policy::decide::Board::default());
     let query = QueryServer::bind(config.query, engine.clone())
         .await?
-        .with_routes(lumen_policy::http::router(rules.clone(), board.clone()));
+        .with_routes(lumen_policy::http::router(rules.clone(), board.clone()))
+        .with_routes(lumen_collector::ingest::remote_write::router(
+            collector.writer(),
+        ));
     let query_addr = query.local_addr().unwrap_or(config.query);
     let events = lumen_collector::events::PolicyEventWriter::new(collector.writer());
     let (stop_collector, rx) = watch::channel(false);

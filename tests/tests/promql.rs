@@ -762,3 +762,101 @@ async fn quiet_istio_series_go_stale_after_the_lookback() -> Result<()> {
     assert!((total - 10.0).abs() < 3.0, "increase over 30 min: {v}");
     Ok(())
 }
+
+/// A real Prometheus remote-writes what it scrapes (itself) to Lumen's
+/// `/api/v1/write`: `promtool query instant` against Lumen returns its
+/// series with their own labels; a body that is not snappy, or not a
+/// WriteRequest, is refused with 4xx (the sender drops, not retries).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prometheus_remote_writes_into_lumen() -> Result<()> {
+    let prometheus = peer_tool("prometheus", INSTALL);
+    let dir = tempfile::tempdir()?;
+    let mesh = dir.path().join("mesh.yaml");
+    write_mesh(&mesh, &[("reviews", 9080, &[])])?;
+    let ports = UpPorts::pick();
+    let _up = start_up(dir.path(), &mesh, &dir.path().join("data"), ports, &[]).await?;
+    let lumen = format!("http://127.0.0.1:{}", ports.query);
+
+    let write = format!("{lumen}/api/v1/write");
+    let http = reqwest::Client::new();
+    let plain = http.post(&write).body("not snappy").send().await?;
+    assert_eq!(plain.status(), 415);
+    let garbage = http
+        .post(&write)
+        .header("content-encoding", "snappy")
+        .header("content-type", "application/x-protobuf")
+        .body(vec![0xff_u8; 16])
+        .send()
+        .await?;
+    assert_eq!(garbage.status(), 400);
+
+    let prom_port = lumen_tests::free_port();
+    let config = dir.path().join("prometheus.yml");
+    std::fs::write(
+        &config,
+        format!(
+            "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: prometheus\n    static_configs:\n      - targets: ['127.0.0.1:{prom_port}']\n\
+             remote_write:\n  - url: {write}\n    queue_config:\n      batch_send_deadline: 1s\n"
+        ),
+    )?;
+    let mut server = Command::new(prometheus)
+        .arg(format!("--config.file={}", config.display()))
+        .arg(format!(
+            "--storage.tsdb.path={}",
+            dir.path().join("tsdb").display()
+        ))
+        .arg(format!("--web.listen-address=127.0.0.1:{prom_port}"))
+        .stdout(std::fs::File::create(dir.path().join("prometheus.log"))?)
+        .stderr(std::fs::File::create(dir.path().join("prometheus.err"))?)
+        .spawn()?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let got = loop {
+        let got = promtool(&[
+            "query",
+            "instant",
+            "-o",
+            "json",
+            &lumen,
+            "up{job=\"prometheus\"}",
+        ])
+        .ok()
+        .and_then(|v| v.as_array().cloned())
+        .unwrap_or_default();
+        if !got.is_empty() || std::time::Instant::now() > deadline {
+            break got;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    let build = promtool(&[
+        "query",
+        "instant",
+        "-o",
+        "json",
+        &lumen,
+        "prometheus_build_info",
+    ])?;
+    let _ = server.kill();
+    let _ = server.wait();
+    let log = std::fs::read_to_string(dir.path().join("prometheus.err")).unwrap_or_default();
+    assert_eq!(
+        got.len(),
+        1,
+        "up from the remote-writing Prometheus: {got:?}\n{log}"
+    );
+    assert_eq!(
+        got[0]["metric"]["instance"],
+        format!("127.0.0.1:{prom_port}")
+    );
+    assert_eq!(number(&got[0]["value"][1]), 1.0);
+    let build = build.as_array().cloned().unwrap_or_default();
+    assert_eq!(build.len(), 1, "{build:?}");
+    assert_eq!(build[0]["metric"]["version"], "2.42.0+ds", "{build:?}");
+    // The same samples in SQL, from the `metrics` table.
+    let n = lumen_tests::sql_count(
+        &ports.sql_url(),
+        "SELECT count(*) AS n FROM metrics WHERE name = 'up' AND scope_name = 'prometheus-remote-write'",
+    )
+    .await?;
+    assert!(n >= 1, "{n}");
+    Ok(())
+}

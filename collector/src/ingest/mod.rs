@@ -7,6 +7,7 @@ pub mod convert;
 pub mod flight;
 pub mod grpc;
 pub mod http;
+pub mod remote_write;
 pub mod signals;
 
 use std::io::Read;

@@ -13,7 +13,7 @@ use std::collections::BTreeMap;
 
 use arrow::array::{Array, AsArray, RecordBatch};
 use arrow::datatypes::{DataType, Float64Type, Int64Type, TimestampMicrosecondType};
-use lumen_core::schema::RECORDING_SCOPE;
+use lumen_core::schema::{RECORDING_SCOPE, REMOTE_WRITE_SCOPE};
 use promql_parser::parser::VectorSelector;
 
 use super::PromError;
@@ -221,8 +221,10 @@ impl OtlpSource {
             for row in 0..b.num_rows() {
                 let ms = time.value(row) / 1000;
                 let mut labels: Labels = Vec::new();
-                // A recording rule's series has only the labels the rule gave it.
-                let recorded = !scope.is_null(row) && scope.value(row) == RECORDING_SCOPE;
+                // A recording rule's series has only the labels the rule gave
+                // it; a remote-written one those its Prometheus gave it.
+                let recorded = !scope.is_null(row)
+                    && matches!(scope.value(row), RECORDING_SCOPE | REMOTE_WRITE_SCOPE);
                 if !recorded {
                     let job = match (namespace.is_null(row), service.value(row)) {
                         (false, s) => format!("{}/{s}", namespace.value(row)),

@@ -1,0 +1,253 @@
+//! Prometheus remote write 1.0 receiver: `POST /api/v1/write` with a
+//! snappy-compressed protobuf `WriteRequest`, as Prometheus, Grafana Agent
+//! and others send it. Each sample becomes a `metrics` row — a gauge point
+//! named by its `__name__`, its other labels as attributes, at its own
+//! timestamp — through the same conversion and WAL as OTLP metrics, so it
+//! is durable when acknowledged and PromQL reads it back by the same name
+//! and labels. Bad payloads get 400 (the sender drops them); a store that
+//! cannot take them gets 500 (the sender retries), as the protocol says.
+
+use std::collections::HashMap;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
+use opentelemetry_proto::tonic::common::v1::{AnyValue, InstrumentationScope, KeyValue, any_value};
+use opentelemetry_proto::tonic::metrics::v1::{
+    Gauge, Metric, NumberDataPoint, ResourceMetrics, ScopeMetrics, metric, number_data_point,
+};
+use opentelemetry_proto::tonic::resource::v1::Resource;
+use prost::Message;
+
+use crate::wal::WalHandle;
+
+/// Largest compressed body taken (Prometheus sends a few MiB at most).
+const MAX_BODY: usize = 32 << 20;
+/// Largest body once decompressed.
+const MAX_DECODED: usize = 256 << 20;
+
+/// `prometheus.WriteRequest` (remote write 1.0): the fields Lumen reads;
+/// exemplars and native histograms are skipped as unknown fields.
+#[derive(Clone, PartialEq, Message)]
+pub struct WriteRequest {
+    #[prost(message, repeated, tag = "1")]
+    pub timeseries: Vec<TimeSeries>,
+}
+
+#[derive(Clone, PartialEq, Message)]
+pub struct TimeSeries {
+    #[prost(message, repeated, tag = "1")]
+    pub labels: Vec<Label>,
+    #[prost(message, repeated, tag = "2")]
+    pub samples: Vec<Sample>,
+}
+
+#[derive(Clone, PartialEq, Message)]
+pub struct Label {
+    #[prost(string, tag = "1")]
+    pub name: String,
+    #[prost(string, tag = "2")]
+    pub value: String,
+}
+
+#[derive(Clone, PartialEq, Message)]
+pub struct Sample {
+    #[prost(double, tag = "1")]
+    pub value: f64,
+    /// Milliseconds since the epoch.
+    #[prost(int64, tag = "2")]
+    pub timestamp: i64,
+}
+
+/// The receiver's routes, for the query port (where Prometheus's API is).
+pub fn router(wal: WalHandle) -> Router {
+    Router::new()
+        .route("/api/v1/write", post(write))
+        .layer(DefaultBodyLimit::max(MAX_BODY))
+        .with_state(wal)
+}
+
+fn refuse(status: StatusCode, message: String) -> Response {
+    tracing::debug!(%status, %message, "remote write refused");
+    (status, message).into_response()
+}
+
+async fn write(State(wal): State<WalHandle>, headers: HeaderMap, body: Bytes) -> Response {
+    let encoding = headers
+        .get(header::CONTENT_ENCODING)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    if !encoding.eq_ignore_ascii_case("snappy") {
+        return refuse(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            format!("Content-Encoding {encoding:?}: remote write bodies are snappy-compressed"),
+        );
+    }
+    let decoded = match snap::raw::decompress_len(&body) {
+        Ok(n) if n > MAX_DECODED => {
+            return refuse(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("the body decompresses to {n} bytes, over {MAX_DECODED}"),
+            );
+        }
+        Ok(_) => snap::raw::Decoder::new().decompress_vec(&body),
+        Err(e) => Err(e),
+    };
+    let decoded = match decoded {
+        Ok(d) => d,
+        Err(e) => return refuse(StatusCode::BAD_REQUEST, format!("snappy: {e}")),
+    };
+    let req = match WriteRequest::decode(decoded.as_slice()) {
+        Ok(r) => r,
+        Err(e) => {
+            return refuse(
+                StatusCode::BAD_REQUEST,
+                format!("not a remote write WriteRequest: {e}"),
+            );
+        }
+    };
+    let export = match to_otlp(req) {
+        Ok(e) => e,
+        Err(m) => return refuse(StatusCode::BAD_REQUEST, m),
+    };
+    let converted =
+        match super::signals::convert_metrics(&export, super::convert::TimeWindow::unbounded()) {
+            Ok(c) => c,
+            Err(e) => return refuse(StatusCode::BAD_REQUEST, e.to_string()),
+        };
+    if let Some(e) = converted.first_error {
+        return refuse(StatusCode::BAD_REQUEST, e.to_string());
+    }
+    match wal.append(converted.batches).await {
+        Ok(()) => StatusCode::NO_CONTENT.into_response(),
+        // Retried by the sender.
+        Err(e) => refuse(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("not stored: {e}"),
+        ),
+    }
+}
+
+fn text(key: &str, value: String) -> KeyValue {
+    KeyValue {
+        key: key.to_string(),
+        value: Some(AnyValue {
+            value: Some(any_value::Value::StringValue(value)),
+        }),
+        ..Default::default()
+    }
+}
+
+/// The samples as OTLP gauges, one metric per name.
+fn to_otlp(req: WriteRequest) -> Result<ExportMetricsServiceRequest, String> {
+    let mut metrics: Vec<Metric> = Vec::new();
+    let mut by_name: HashMap<String, usize> = HashMap::new();
+    for (i, ts) in req.timeseries.into_iter().enumerate() {
+        let mut name = None;
+        let mut attributes = Vec::with_capacity(ts.labels.len());
+        for l in ts.labels {
+            if l.name == "__name__" {
+                name = Some(l.value);
+            } else if !l.value.is_empty() {
+                attributes.push(text(&l.name, l.value));
+            }
+        }
+        let Some(name) = name.filter(|n| !n.is_empty()) else {
+            return Err(format!("timeseries[{i}] has no __name__ label"));
+        };
+        let points = ts.samples.into_iter().map(|s| {
+            Ok(NumberDataPoint {
+                attributes: attributes.clone(),
+                time_unix_nano: u64::try_from(s.timestamp)
+                    .ok()
+                    .and_then(|ms| ms.checked_mul(1_000_000))
+                    .ok_or_else(|| {
+                        format!(
+                            "timeseries[{i}] has a sample at {} ms, before 1970",
+                            s.timestamp
+                        )
+                    })?,
+                value: Some(number_data_point::Value::AsDouble(s.value)),
+                ..Default::default()
+            })
+        });
+        let points = points.collect::<Result<Vec<_>, String>>()?;
+        let at = *by_name.entry(name.clone()).or_insert_with(|| {
+            metrics.push(Metric {
+                name,
+                data: Some(metric::Data::Gauge(Gauge {
+                    data_points: Vec::new(),
+                })),
+                ..Default::default()
+            });
+            metrics.len() - 1
+        });
+        if let Some(metric::Data::Gauge(g)) = &mut metrics[at].data {
+            g.data_points.extend(points);
+        }
+    }
+    Ok(ExportMetricsServiceRequest {
+        resource_metrics: vec![ResourceMetrics {
+            resource: Some(Resource {
+                attributes: vec![text("service.name", "prometheus".into())],
+                ..Default::default()
+            }),
+            scope_metrics: vec![ScopeMetrics {
+                scope: Some(InstrumentationScope {
+                    name: lumen_core::schema::REMOTE_WRITE_SCOPE.into(),
+                    ..Default::default()
+                }),
+                metrics,
+                ..Default::default()
+            }],
+            ..Default::default()
+        }],
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn samples_become_gauges_named_by_their_name_label() {
+        let req = WriteRequest {
+            timeseries: vec![TimeSeries {
+                labels: vec![
+                    Label {
+                        name: "__name__".into(),
+                        value: "up".into(),
+                    },
+                    Label {
+                        name: "job".into(),
+                        value: "prometheus".into(),
+                    },
+                ],
+                samples: vec![Sample {
+                    value: 1.0,
+                    timestamp: 1_700_000_000_000,
+                }],
+            }],
+        };
+        let export = to_otlp(req).unwrap();
+        let m = &export.resource_metrics[0].scope_metrics[0].metrics[0];
+        assert_eq!(m.name, "up");
+        let Some(metric::Data::Gauge(g)) = &m.data else {
+            panic!("a gauge")
+        };
+        assert_eq!(g.data_points[0].time_unix_nano, 1_700_000_000_000_000_000);
+        assert_eq!(g.data_points[0].attributes[0].key, "job");
+
+        let nameless = WriteRequest {
+            timeseries: vec![TimeSeries {
+                labels: vec![],
+                samples: vec![],
+            }],
+        };
+        assert!(to_otlp(nameless).unwrap_err().contains("__name__"));
+    }
+}
