@@ -21,6 +21,38 @@ pub async fn call(ev: &Evaluator<'_>, call: &Call, steps: Steps) -> Result<Value
             .map(|a| a.as_ref())
             .ok_or_else(|| PromError::BadData(format!("{name}() is missing argument {}", i + 1)))
     };
+    if name == "double_exponential_smoothing" {
+        let range = ev.range_arg(arg(0)?, steps).await?;
+        let sf = scalar(ev, arg(1)?, steps, name).await?;
+        let tf = scalar(ev, arg(2)?, steps, name).await?;
+        for (what, v) in [("smoothing", &sf), ("trend", &tf)] {
+            if let Some(bad) = v.iter().find(|x| !(**x > 0.0 && **x < 1.0)) {
+                return Err(PromError::Execution(format!(
+                    "invalid {what} factor. Expected: 0 < {} < 1, got: {bad}",
+                    if what == "smoothing" { "sf" } else { "tf" }
+                )));
+            }
+        }
+        let out = range
+            .series
+            .iter()
+            .filter_map(|s| {
+                let values: Vec<Option<f64>> = range
+                    .windows
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &(a, b))| smooth(window(&s.samples, a, b), sf[i], tf[i]))
+                    .collect();
+                let mut labels = s.labels.clone();
+                value::remove(&mut labels, METRIC_NAME);
+                values
+                    .iter()
+                    .any(Option::is_some)
+                    .then_some(Series { labels, values })
+            })
+            .collect();
+        return Ok(Value::Vector(out));
+    }
     if let Some(f) = range_function(name) {
         // Functions whose first argument is a parameter, then the range.
         let (param, range_expr) = match name {
@@ -78,6 +110,14 @@ pub async fn call(ev: &Evaluator<'_>, call: &Call, steps: Steps) -> Result<Value
                 .map(|i| v.iter().all(|s| s.values[i].is_none()))
                 .collect();
             Ok(absent_result(arg(0)?, absent))
+        }
+        "histogram_fraction" => {
+            let lower = scalar(ev, arg(0)?, steps, name).await?;
+            let upper = scalar(ev, arg(1)?, steps, name).await?;
+            let v = vector(ev, arg(2)?, steps, name).await?;
+            Ok(Value::Vector(per_histogram(v, n, |i, b| {
+                bucket_fraction(lower[i], upper[i], b)
+            })))
         }
         "histogram_quantile" => {
             let q = scalar(ev, arg(0)?, steps, name).await?;
@@ -342,6 +382,26 @@ fn merge_same_labels(series: Vec<Series>) -> Result<Vec<Series>, PromError> {
 
 /// What `absent()` returns: 1 where nothing was present, labelled with the
 /// selector's equality matchers.
+/// Double exponential smoothing (Holt's linear method) of a window's
+/// values, as Prometheus computes it; `None` for fewer than two samples.
+fn smooth(s: &[(i64, f64)], sf: f64, tf: f64) -> Option<f64> {
+    if s.len() < 2 {
+        return None;
+    }
+    let (mut s0, mut s1) = (0.0, s[0].1);
+    let mut b = s[1].1 - s[0].1;
+    for (i, &(_, v)) in s.iter().enumerate().skip(1) {
+        let x = sf * v;
+        // The trend: the first step keeps the initial slope.
+        if i > 1 {
+            b = tf * (s1 - s0) + (1.0 - tf) * b;
+        }
+        let y = (1.0 - sf) * (s1 + b);
+        (s0, s1) = (s1, x + y);
+    }
+    Some(s1)
+}
+
 /// Natural order: runs of digits compare as numbers (`a2 < a10`).
 fn natural_cmp(a: &str, b: &str) -> std::cmp::Ordering {
     let (mut x, mut y) = (a, b);
@@ -655,6 +715,16 @@ fn quantile(q: f64, mut values: Vec<f64>) -> f64 {
 /// `histogram_quantile`: per group of `_bucket` series (all labels but
 /// `le`), linear interpolation within the bucket the rank falls in.
 fn histogram_quantile(q: &[f64], series: Vec<Series>, n: usize) -> Vec<Series> {
+    per_histogram(series, n, |i, b| bucket_quantile(q[i], b))
+}
+
+/// Classic histograms: each label set's `le` buckets at each step, given
+/// to `f` as `(bound, count)` pairs; the result one series per histogram.
+fn per_histogram(
+    series: Vec<Series>,
+    n: usize,
+    f: impl Fn(usize, &mut Vec<(f64, f64)>) -> f64,
+) -> Vec<Series> {
     let mut groups: HashMap<Labels, Vec<(f64, &Series)>> = HashMap::new();
     let mut order: Vec<Labels> = Vec::new();
     for s in &series {
@@ -682,7 +752,7 @@ fn histogram_quantile(q: &[f64], series: Vec<Series>, n: usize) -> Vec<Series> {
                         .iter()
                         .filter_map(|(le, s)| s.values[i].map(|v| (*le, v)))
                         .collect();
-                    (!b.is_empty()).then(|| bucket_quantile(q[i], &mut b))
+                    (!b.is_empty()).then(|| f(i, &mut b))
                 })
                 .collect();
             values
@@ -691,6 +761,71 @@ fn histogram_quantile(q: &[f64], series: Vec<Series>, n: usize) -> Vec<Series> {
                 .then_some(Series { labels, values })
         })
         .collect()
+}
+
+/// The share of observations between `lower` and `upper`, interpolated
+/// within buckets, as Prometheus's `BucketFraction`.
+fn bucket_fraction(lower: f64, upper: f64, buckets: &mut Vec<(f64, f64)>) -> f64 {
+    buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
+    if buckets.last().is_none_or(|b| b.0 != f64::INFINITY) {
+        return f64::NAN;
+    }
+    buckets.dedup_by(|b, a| {
+        if a.0 == b.0 {
+            a.1 += b.1;
+            true
+        } else {
+            false
+        }
+    });
+    let count = buckets.last().map_or(0.0, |b| b.1);
+    if count == 0.0 || lower.is_nan() || upper.is_nan() {
+        return f64::NAN;
+    }
+    if lower >= upper {
+        return 0.0;
+    }
+    let (mut rank, mut lower_rank, mut upper_rank) = (0.0, 0.0, 0.0);
+    let (mut lower_set, mut upper_set) = (false, false);
+    for (i, &(upper_bound, c)) in buckets.iter().enumerate() {
+        let lower_bound = if i > 0 {
+            buckets[i - 1].0
+        } else {
+            f64::NEG_INFINITY
+        };
+        let interpolate =
+            |v: f64| rank + (c - rank) * (v - lower_bound) / (upper_bound - lower_bound);
+        if !lower_set && lower_bound >= lower {
+            lower_rank = rank;
+            lower_set = true;
+        }
+        if !upper_set && lower_bound >= upper {
+            upper_rank = rank;
+            upper_set = true;
+        }
+        if lower_set && upper_set {
+            break;
+        }
+        if !lower_set && lower_bound < lower && upper_bound > lower {
+            lower_rank = interpolate(lower);
+            lower_set = true;
+        }
+        if !upper_set && lower_bound < upper && upper_bound > upper {
+            upper_rank = interpolate(upper);
+            upper_set = true;
+        }
+        if lower_set && upper_set {
+            break;
+        }
+        rank = c;
+    }
+    if !lower_set || lower_rank > count {
+        lower_rank = count;
+    }
+    if !upper_set || upper_rank > count {
+        upper_rank = count;
+    }
+    (upper_rank - lower_rank) / count
 }
 
 fn parse_le(s: &str) -> Option<f64> {
