@@ -112,7 +112,8 @@ async fn config_dump(State(s): State<Arc<AdminState>>) -> impl IntoResponse {
         "outboundTrafficPolicy": routes.outbound_mode().as_str(),
         "gatewayPorts": routes.gateway_ports().iter().map(|p| json!({
             "port": p.port,
-            "servers": p.servers.iter().map(|server| json!({
+            "servers": p.servers.iter().map(|ps| (&ps.gateway, &ps.server)).map(|(gateway, server)| json!({
+                "gateway": gateway.as_ref(),
                 "name": server.name,
                 "hosts": server.hosts,
                 "tls": server.tls.as_ref().map(|t| t.mode.as_str()),

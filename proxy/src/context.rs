@@ -51,9 +51,10 @@ pub struct Connection {
     /// Inbound over mesh mTLS: the calling sidecar's SPIFFE id, checked
     /// against the mesh's roots.
     pub peer_identity: Option<Arc<str>>,
-    /// At a gateway, TLS it terminated: the hosts of the Gateway server
-    /// the ClientHello's SNI chose (requests must name one of them).
-    pub server_hosts: Option<Arc<[String]>>,
+    /// At a gateway, a TLS connection: the Gateway server its
+    /// ClientHello's SNI chose (requests must name one of its hosts, and
+    /// only its Gateway's routes apply).
+    pub gateway_server: Option<Arc<crate::route::PortServer>>,
 }
 
 impl Connection {

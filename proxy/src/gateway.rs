@@ -131,6 +131,8 @@ impl Credentials {
             }
         }
         let files = self.files(credential)?;
+        // Stamped before reading: a file written meanwhile is read again.
+        let stamped = stamps(&files);
         let config = self.build(server, &files).map(Arc::new);
         match &config {
             Ok(_) => {
@@ -144,7 +146,7 @@ impl Credentials {
             key,
             Loaded {
                 checked: Instant::now(),
-                stamps: stamps(&files),
+                stamps: stamped,
                 config: config.clone(),
             },
         );
@@ -511,10 +513,10 @@ pub enum Plan {
     /// server), the Host checked against the server's hosts.
     Terminate {
         config: Arc<ServerConfig>,
-        server: GatewayServer,
+        server: crate::route::PortServer,
     },
-    /// Through as it is, routed by SNI.
-    Passthrough,
+    /// Through as it is, routed by SNI among this server's Gateway's routes.
+    Passthrough(crate::route::PortServer),
 }
 
 /// Picks the server for a ClientHello naming `sni` on `port`, and how to
@@ -534,10 +536,10 @@ pub fn plan(
             format!("a ClientHello without a server name on port {port}, and no server for `*`")
         }
     })?;
-    match server.tls.as_ref().map(|t| t.mode) {
-        Some(ServerTlsMode::Passthrough) => Ok(Plan::Passthrough),
+    match server.server.tls.as_ref().map(|t| t.mode) {
+        Some(ServerTlsMode::Passthrough) => Ok(Plan::Passthrough(server.clone())),
         _ => Ok(Plan::Terminate {
-            config: credentials.server_config(server)?,
+            config: credentials.server_config(&server.server)?,
             server: server.clone(),
         }),
     }

@@ -87,7 +87,7 @@ pub async fn serve(
             original_dst: detect::original_dst(&stream),
             permit: std::sync::Mutex::new(Some(permit)),
             peer_identity: None,
-            server_hosts: None,
+            gateway_server: None,
         };
         let shared = shared.clone();
         let builder = builder.clone();
@@ -198,7 +198,7 @@ async fn serve_gateway(
         let tcp_only = table.gateway_port(port).is_some_and(|p| {
             p.servers
                 .iter()
-                .all(|s| s.protocol == UpstreamProtocol::Tcp)
+                .all(|s| s.server.protocol == UpstreamProtocol::Tcp)
         });
         let conn = Arc::new(conn);
         if tcp_only {
@@ -228,7 +228,8 @@ async fn serve_gateway(
     drop(table);
     match plan {
         Err(why) => refuse(&why),
-        Ok(crate::gateway::Plan::Passthrough) => {
+        Ok(crate::gateway::Plan::Passthrough(server)) => {
+            conn.gateway_server = Some(Arc::new(server));
             crate::tcp::proxy(shared, Arc::new(conn), stream, true, sni, stop, drain).await
         }
         Ok(crate::gateway::Plan::Terminate { config, server }) => {
@@ -237,12 +238,13 @@ async fn serve_gateway(
                 Err(why) => return refuse(&why),
             };
             let leaf = tls.get_ref().1.peer_certificates().and_then(|c| c.first());
-            if !crate::gateway::client_san_allowed(&server, leaf) {
+            if !crate::gateway::client_san_allowed(&server.server, leaf) {
                 return refuse("the client certificate has none of the server's subjectAltNames");
             }
-            conn.server_hosts = Some(server.hosts.clone().into());
+            let tcp = server.server.protocol == UpstreamProtocol::Tcp;
+            conn.gateway_server = Some(Arc::new(server));
             let conn = Arc::new(conn);
-            if server.protocol == UpstreamProtocol::Tcp {
+            if tcp {
                 crate::tcp::proxy(shared, conn, tls, false, None, stop, drain).await;
             } else {
                 serve_http(tls, shared, conn, builder, watcher).await;

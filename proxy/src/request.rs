@@ -743,7 +743,7 @@ fn route_at_gateway<B>(
     };
     let port = conn.local.port();
     table
-        .route_gateway(port, conn.server_hosts.as_deref(), &view)
+        .route_gateway(port, conn.gateway_server.as_deref(), &view)
         .map_err(|why| {
             let (status, flags, message) = match why {
                 NoRoute::NoEndpoints => (

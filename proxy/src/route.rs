@@ -103,6 +103,8 @@ struct TcpRoute {
 /// A gateway's routes for one VirtualService host (`*` and `*.x` too).
 #[derive(Debug)]
 struct GatewayHost {
+    /// The Gateway (`namespace/name`) whose VirtualServices these are.
+    gateway: Arc<str>,
     host: String,
     routes: RouteList,
 }
@@ -121,41 +123,91 @@ impl GatewayHost {
     }
 }
 
+/// A Gateway server on a gateway proxy's port, with the Gateway
+/// (`namespace/name`) it belongs to: its routes are that Gateway's.
+#[derive(Debug, Clone)]
+pub struct PortServer {
+    pub gateway: Arc<str>,
+    pub server: lumen_core::networking::GatewayServer,
+}
+
+/// A `tls` or `tcp` route at a gateway, with the Gateway and the
+/// VirtualService hosts it was bound through.
+#[derive(Debug)]
+struct GatewayL4 {
+    gateway: Arc<str>,
+    hosts: Vec<String>,
+    route: Arc<TcpRoute>,
+}
+
 /// A gateway proxy's port: the Gateway servers on it that select this
 /// proxy, and the routes of the VirtualServices bound to them.
 #[derive(Debug)]
 pub struct GatewayPort {
     pub port: u16,
-    pub servers: Vec<lumen_core::networking::GatewayServer>,
+    pub servers: Vec<PortServer>,
     http: Vec<GatewayHost>,
     /// `tls` routes, by SNI (PASSTHROUGH servers).
-    tls: Vec<Arc<TcpRoute>>,
+    tls: Vec<GatewayL4>,
     /// `tcp` routes (TCP servers, and TLS servers once terminated).
-    tcp: Vec<Arc<TcpRoute>>,
+    tcp: Vec<GatewayL4>,
 }
 
 impl GatewayPort {
     /// The server a TLS connection's ClientHello picks: the one serving
-    /// its server name, exact hosts before wildcards; without a name, one
-    /// serving `*`.
-    pub fn server_for_sni(
-        &self,
-        sni: Option<&str>,
-    ) -> Option<&lumen_core::networking::GatewayServer> {
-        let tls = self.servers.iter().filter(|s| s.is_tls());
+    /// its server name exactly, else the one with the longest wildcard
+    /// that matches (`*` last), as Envoy's SNI matching; without a name,
+    /// one serving `*`.
+    pub fn server_for_sni(&self, sni: Option<&str>) -> Option<&PortServer> {
+        let tls = self.servers.iter().filter(|s| s.server.is_tls());
         match sni {
             Some(name) => tls
                 .clone()
-                .find(|s| s.hosts.iter().any(|h| h.eq_ignore_ascii_case(name)))
-                .or_else(|| tls.clone().find(|s| s.serves(name))),
-            None => tls.clone().find(|s| s.hosts.iter().any(|h| h == "*")),
+                .find(|s| s.server.hosts.iter().any(|h| h.eq_ignore_ascii_case(name)))
+                .or_else(|| {
+                    tls.filter_map(|s| {
+                        let longest = s
+                            .server
+                            .hosts
+                            .iter()
+                            .filter(|h| {
+                                h.starts_with('*')
+                                    && lumen_core::networking::gateway::host_pattern_matches(
+                                        h, name,
+                                    )
+                            })
+                            .map(String::len)
+                            .max()?;
+                        Some((longest, s))
+                    })
+                    // The first server of the longest wildcard.
+                    .fold(None::<(usize, &PortServer)>, |best, (n, s)| match best {
+                        Some((b, _)) if b >= n => best,
+                        _ => Some((n, s)),
+                    })
+                    .map(|(_, s)| s)
+                }),
+            None => tls
+                .clone()
+                .find(|s| s.server.hosts.iter().any(|h| h == "*")),
         }
     }
 
     /// Whether connections here open with TLS.
     pub fn is_tls(&self) -> bool {
-        self.servers.iter().any(|s| s.is_tls())
+        self.servers.iter().any(|s| s.server.is_tls())
     }
+}
+
+/// Whether a route bound through VirtualService `hosts` belongs to a
+/// server with `server_hosts`.
+fn hosts_meet(hosts: &[String], server_hosts: &[String]) -> bool {
+    use lumen_core::networking::gateway::host_pattern_matches;
+    hosts.iter().any(|h| {
+        server_hosts
+            .iter()
+            .any(|s| host_pattern_matches(s, h) || host_pattern_matches(h, s))
+    })
 }
 
 #[derive(Debug, Default)]
@@ -471,14 +523,14 @@ impl RoutingTable {
 
     /// Routes a request at a gateway's `port`: the routes of the
     /// VirtualService host the authority matches (exact before wildcard),
-    /// first match wins. `server_hosts` are the hosts of the server a TLS
-    /// connection's SNI chose: the Host must be one of them, as Istio
-    /// scopes each HTTPS server's routes. A plaintext server with
-    /// `httpsRedirect` answers with a 301 to https.
+    /// first match wins. `chosen` is the server a TLS connection's SNI
+    /// picked: the Host must be one of its hosts and only its Gateway's
+    /// routes apply, as Istio scopes each HTTPS server's routes. A
+    /// plaintext server with `httpsRedirect` answers with a 301 to https.
     pub fn route_gateway(
         self: &Arc<Self>,
         port: u16,
-        server_hosts: Option<&[String]>,
+        chosen: Option<&PortServer>,
         req: &RequestView<'_>,
     ) -> Result<Routed, NoRoute> {
         let Some(gw) = self.gateway_port(port) else {
@@ -486,25 +538,23 @@ impl RoutingTable {
         };
         let host =
             lumen_core::config::split_authority(req.authority).map_or(req.authority, |(h, _)| h);
-        if let Some(hosts) = server_hosts
-            && !hosts
-                .iter()
-                .any(|h| lumen_core::networking::gateway::host_pattern_matches(h, host))
+        if let Some(c) = chosen
+            && !c.server.serves(host)
         {
             return Err(NoRoute::NoMatch);
         }
-        if server_hosts.is_none()
+        if chosen.is_none()
             && gw
                 .servers
                 .iter()
-                .any(|s| s.https_redirect && !s.is_tls() && s.serves(host))
+                .any(|s| s.server.https_redirect && !s.server.is_tls() && s.server.serves(host))
         {
             return self.routed(None, https_redirect(), UriMatch::None);
         }
         let (route, uri) = gw
             .http
             .iter()
-            .filter(|g| g.matches(host))
+            .filter(|g| chosen.is_none_or(|c| c.gateway == g.gateway) && g.matches(host))
             .find_map(|g| g.routes.find(req))
             .ok_or(NoRoute::NoMatch)?;
         self.routed(None, route, uri)
@@ -512,27 +562,31 @@ impl RoutingTable {
 
     /// The cluster and route for a TCP connection at a gateway's port: by
     /// SNI among `tls` routes for a PASSTHROUGH server (`sni` given), else
-    /// the first `tcp` route for the port.
+    /// the first `tcp` route for the port — of the chosen server's Gateway
+    /// and hosts, when SNI chose one.
     pub fn route_gateway_tcp(
         &self,
         port: u16,
         local: SocketAddr,
         sni: Option<&str>,
+        chosen: Option<&PortServer>,
     ) -> Result<(Arc<Cluster>, Arc<str>), NoRoute> {
         let gw = self.gateway_port(port).ok_or(NoRoute::NoMatch)?;
+        let own = |r: &&GatewayL4| {
+            chosen.is_none_or(|c| c.gateway == r.gateway && hosts_meet(&r.hosts, &c.server.hosts))
+        };
         let route = match sni {
-            Some(sni) => gw.tls.iter().find(|r| {
-                r.matches.iter().any(|m| {
+            Some(sni) => gw.tls.iter().filter(own).find(|r| {
+                r.route.matches.iter().any(|m| {
                     l4_matches(m, local) && m.sni_hosts.iter().any(|h| host_matches(h, sni))
                 })
             }),
-            None => gw
-                .tcp
-                .iter()
-                .find(|r| r.matches.is_empty() || r.matches.iter().any(|m| l4_matches(m, local))),
+            None => gw.tcp.iter().filter(own).find(|r| {
+                r.route.matches.is_empty() || r.route.matches.iter().any(|m| l4_matches(m, local))
+            }),
         }
         .ok_or(NoRoute::NoMatch)?;
-        let (c, name) = pick_l4(route)?;
+        let (c, name) = pick_l4(&route.route)?;
         if c.endpoints.is_empty() {
             return Err(NoRoute::NoEndpoints);
         }
@@ -990,32 +1044,28 @@ impl<'a> Builder<'a> {
         selecting: &[&'a lumen_core::networking::Gateway],
         port: u16,
     ) -> GatewayPort {
+        use lumen_core::networking::gateway::host_pattern_matches;
         let mesh = self.mesh;
         let mut servers = Vec::new();
-        let mut by_host: Vec<(String, Vec<Arc<Route>>)> = Vec::new();
+        let mut http: Vec<GatewayHost> = Vec::new();
         let (mut tls, mut tcp) = (Vec::new(), Vec::new());
         for &gw in selecting {
             let on_port: Vec<_> = gw.servers.iter().filter(|s| s.port == port).collect();
             if on_port.is_empty() {
                 continue;
             }
-            let server_hosts: Vec<&str> = on_port
-                .iter()
-                .flat_map(|s| s.hosts.iter().map(String::as_str))
-                .collect();
-            servers.extend(on_port.iter().map(|s| (*s).clone()));
+            let key: Arc<str> = format!("{}/{}", gw.namespace, gw.name).into();
+            let server_hosts: Vec<String> = on_port.iter().flat_map(|s| s.hosts.clone()).collect();
+            servers.extend(on_port.iter().map(|s| PortServer {
+                gateway: key.clone(),
+                server: (*s).clone(),
+            }));
             self.gateway = Some(gw);
             for vs in &mesh.virtual_services {
                 if !vs.gateways.iter().any(|g| gw.is_named(g, &vs.namespace)) {
                     continue;
                 }
-                let bound = vs.hosts.iter().any(|host| {
-                    server_hosts.iter().any(|s| {
-                        lumen_core::networking::gateway::host_pattern_matches(s, host)
-                            || lumen_core::networking::gateway::host_pattern_matches(host, s)
-                    })
-                });
-                if !bound {
+                if !hosts_meet(&vs.hosts, &server_hosts) {
                     continue;
                 }
                 let mut routes = Vec::new();
@@ -1027,38 +1077,44 @@ impl<'a> Builder<'a> {
                     };
                     routes.push(Arc::new(self.route(vs, route, matches)));
                 }
+                let l4 = |route: Arc<TcpRoute>| GatewayL4 {
+                    gateway: key.clone(),
+                    hosts: vs.hosts.clone(),
+                    route,
+                };
                 for r in &vs.tls {
                     if let Some(r) = self.l4_route(vs, "tls", &r.name, &r.matches, &r.route) {
-                        tls.push(r);
+                        tls.push(l4(r));
                     }
                 }
                 for r in &vs.tcp {
                     if let Some(r) = self.l4_route(vs, "tcp", &r.name, &r.matches, &r.route) {
-                        tcp.push(r);
+                        tcp.push(l4(r));
                     }
                 }
                 for host in &vs.hosts {
-                    let served = server_hosts
-                        .iter()
-                        .any(|s| lumen_core::networking::gateway::host_pattern_matches(s, host));
-                    if !served {
+                    if !server_hosts.iter().any(|s| host_pattern_matches(s, host)) {
                         continue;
                     }
-                    match by_host.iter_mut().find(|(h, _)| h == host) {
-                        Some((_, r)) => r.extend(routes.iter().cloned()),
-                        None => by_host.push((host.clone(), routes.clone())),
+                    match http
+                        .iter_mut()
+                        .find(|h| h.gateway == key && &h.host == host)
+                    {
+                        Some(h) => {
+                            let mut all = h.routes.routes.clone();
+                            all.extend(routes.iter().cloned());
+                            h.routes = RouteList::new(all);
+                        }
+                        None => http.push(GatewayHost {
+                            gateway: key.clone(),
+                            host: host.clone(),
+                            routes: RouteList::new(routes.clone()),
+                        }),
                     }
                 }
             }
         }
         self.gateway = None;
-        let mut http: Vec<GatewayHost> = by_host
-            .into_iter()
-            .map(|(host, routes)| GatewayHost {
-                host,
-                routes: RouteList::new(routes),
-            })
-            .collect();
         http.sort_by_key(GatewayHost::rank);
         GatewayPort {
             port,
@@ -1353,6 +1409,113 @@ spec:
             route(&t, "GET", "/api/x", None, &[]).unwrap_err(),
             NoRoute::NoMatch
         );
+    }
+
+    /// Two Gateways on one port: a MUTUAL one for `a.example.com`, a
+    /// SIMPLE wildcard one. SNI picks the most specific server, and a
+    /// request on the wildcard server's connection never reaches routes
+    /// bound only to the MUTUAL Gateway, whatever Host it names.
+    #[test]
+    fn each_gateway_server_reaches_only_its_own_gateways_routes() {
+        let gateways = r#"
+apiVersion: lumen.dev/v1alpha1
+kind: Mesh
+metadata: {name: m}
+spec:
+  services:
+    - {name: secret, port: 80, endpoints: [{address: 127.0.0.1:1001}]}
+    - {name: public, port: 80, endpoints: [{address: 127.0.0.1:1002}]}
+---
+apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {name: strict}
+spec:
+  selector: {istio: ingressgateway}
+  servers:
+  - port: {number: 443, name: https, protocol: HTTPS}
+    hosts: [a.example.com]
+    tls: {mode: MUTUAL, serverCertificate: /c, privateKey: /k, caCertificates: /ca}
+---
+apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {name: open}
+spec:
+  selector: {istio: ingressgateway}
+  servers:
+  - port: {number: 443, name: https-any, protocol: HTTPS}
+    hosts: ["*"]
+    tls: {mode: SIMPLE, serverCertificate: /c, privateKey: /k}
+  - port: {number: 443, name: https-example, protocol: HTTPS}
+    hosts: ["*.example.com"]
+    tls: {mode: SIMPLE, serverCertificate: /c, privateKey: /k}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: secret}
+spec:
+  hosts: [a.example.com]
+  gateways: [strict]
+  http: [{route: [{destination: {host: secret}}]}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: public}
+spec:
+  hosts: ["*.example.com"]
+  gateways: [open]
+  http: [{route: [{destination: {host: public}}]}]
+"#;
+        let resources = parse_resources("g.yaml", gateways).unwrap();
+        let mesh = Arc::new(MeshConfig::from_resources(&resources).unwrap());
+        let mut labels = BTreeMap::new();
+        labels.insert("istio".to_string(), "ingressgateway".to_string());
+        let mut caller = Caller::of(&Workload::unknown(), &labels, None);
+        caller.gateway = true;
+        let t = Arc::new(RoutingTable::new(
+            mesh,
+            &caller,
+            &Registry::new(Duration::from_secs(1)),
+            None,
+        ));
+        let port = t.gateway_port(443).unwrap();
+        let pick = |sni| {
+            port.server_for_sni(Some(sni))
+                .map(|s| s.server.name.clone())
+        };
+        assert_eq!(pick("a.example.com").as_deref(), Some("https"));
+        // The longer wildcard before `*`, whatever their order.
+        assert_eq!(pick("b.example.com").as_deref(), Some("https-example"));
+        assert_eq!(pick("b.example.org").as_deref(), Some("https-any"));
+        let h = HeaderMap::new();
+        let view = |authority| RequestView {
+            method: "GET",
+            path: "/",
+            query: None,
+            authority,
+            scheme: "https",
+            headers: &h,
+            port: Some(443),
+        };
+        let strict = port.server_for_sni(Some("a.example.com")).unwrap();
+        let open = port.server_for_sni(Some("b.example.com")).unwrap();
+        let routed = t
+            .route_gateway(443, Some(strict), &view("a.example.com"))
+            .unwrap();
+        assert_eq!(&*routed.route.name, "secret/0");
+        // A client without a certificate, on the SIMPLE wildcard server,
+        // naming the MUTUAL host: its own Gateway's wildcard route, never
+        // the MUTUAL Gateway's.
+        let routed = t
+            .route_gateway(443, Some(open), &view("a.example.com"))
+            .unwrap();
+        assert_eq!(&*routed.route.name, "public/0");
+        // Plaintext (no server chosen) sees every Gateway's routes.
+        let any = t.route_gateway(443, None, &view("a.example.com")).unwrap();
+        assert_eq!(&*any.route.name, "secret/0");
+        let routed = t
+            .route_gateway(443, Some(open), &view("b.example.com"))
+            .unwrap();
+        assert_eq!(&*routed.route.name, "public/0");
     }
 
     #[test]

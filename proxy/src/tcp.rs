@@ -134,7 +134,7 @@ fn target(
         Side::Outbound if shared.gateway.is_some() => {
             let table = shared.routes.load();
             let port = conn.local.port();
-            match table.route_gateway_tcp(port, conn.local, sni) {
+            match table.route_gateway_tcp(port, conn.local, sni, conn.gateway_server.as_deref()) {
                 Ok((cluster, route)) => Ok(Target {
                     authority: match sni {
                         Some(sni) => format!("{sni}:{port}"),

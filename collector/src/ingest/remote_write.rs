@@ -25,10 +25,19 @@ use prost::Message;
 
 use crate::wal::WalHandle;
 
-/// Largest compressed body taken (Prometheus sends a few MiB at most).
-const MAX_BODY: usize = 32 << 20;
+/// Largest compressed body taken (Prometheus sends batches of a few
+/// thousand samples, well under a MiB).
+const MAX_BODY: usize = 8 << 20;
 /// Largest body once decompressed.
-const MAX_DECODED: usize = 256 << 20;
+const MAX_DECODED: usize = 32 << 20;
+/// Most samples, and most label copies (each sample carries its series'
+/// labels into its row), one request may hold.
+const MAX_SAMPLES: usize = 1_000_000;
+const MAX_LABEL_COPIES: usize = 10_000_000;
+/// Most labels one series may have.
+const MAX_LABELS: usize = 128;
+/// Requests decoded and stored at once; more are told to retry (429).
+const MAX_INFLIGHT: usize = 4;
 
 /// `prometheus.WriteRequest` (remote write 1.0): the fields Lumen reads;
 /// exemplars and native histograms are skipped as unknown fields.
@@ -65,10 +74,11 @@ pub struct Sample {
 
 /// The receiver's routes, for the query port (where Prometheus's API is).
 pub fn router(wal: WalHandle) -> Router {
+    let inflight = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_INFLIGHT));
     Router::new()
         .route("/api/v1/write", post(write))
         .layer(DefaultBodyLimit::max(MAX_BODY))
-        .with_state(wal)
+        .with_state((wal, inflight))
 }
 
 fn refuse(status: StatusCode, message: String) -> Response {
@@ -76,7 +86,16 @@ fn refuse(status: StatusCode, message: String) -> Response {
     (status, message).into_response()
 }
 
-async fn write(State(wal): State<WalHandle>, headers: HeaderMap, body: Bytes) -> Response {
+type Shared = (WalHandle, std::sync::Arc<tokio::sync::Semaphore>);
+
+async fn write(State((wal, inflight)): State<Shared>, headers: HeaderMap, body: Bytes) -> Response {
+    // Bounded work at once: a sender told 429 backs off and retries.
+    let Ok(_permit) = inflight.try_acquire() else {
+        return refuse(
+            StatusCode::TOO_MANY_REQUESTS,
+            "too many remote write requests at once; retry".into(),
+        );
+    };
     let encoding = headers
         .get(header::CONTENT_ENCODING)
         .and_then(|v| v.to_str().ok())
@@ -115,7 +134,7 @@ async fn write(State(wal): State<WalHandle>, headers: HeaderMap, body: Bytes) ->
         Err(m) => return refuse(StatusCode::BAD_REQUEST, m),
     };
     let converted =
-        match super::signals::convert_metrics(&export, super::convert::TimeWindow::unbounded()) {
+        match super::signals::convert_metrics(&export, super::convert::TimeWindow::around_now()) {
             Ok(c) => c,
             Err(e) => return refuse(StatusCode::BAD_REQUEST, e.to_string()),
         };
@@ -142,8 +161,39 @@ fn text(key: &str, value: String) -> KeyValue {
     }
 }
 
+/// `[a-zA-Z_][a-zA-Z0-9_]*`, Prometheus's label names.
+fn valid_label_name(name: &str) -> bool {
+    let mut bytes = name.bytes();
+    bytes
+        .next()
+        .is_some_and(|b| b.is_ascii_alphabetic() || b == b'_')
+        && bytes.all(|b| b.is_ascii_alphanumeric() || b == b'_')
+}
+
 /// The samples as OTLP gauges, one metric per name.
 fn to_otlp(req: WriteRequest) -> Result<ExportMetricsServiceRequest, String> {
+    let (mut samples, mut copies) = (0usize, 0usize);
+    for (i, ts) in req.timeseries.iter().enumerate() {
+        if ts.labels.len() > MAX_LABELS {
+            return Err(format!(
+                "timeseries[{i}] has {} labels, over {MAX_LABELS}",
+                ts.labels.len()
+            ));
+        }
+        if let Some(l) = ts.labels.iter().find(|l| !valid_label_name(&l.name)) {
+            return Err(format!(
+                "timeseries[{i}] has a label named {:?}, not a Prometheus label name",
+                l.name
+            ));
+        }
+        samples += ts.samples.len();
+        copies = copies.saturating_add(ts.samples.len().saturating_mul(ts.labels.len()));
+    }
+    if samples > MAX_SAMPLES || copies > MAX_LABEL_COPIES {
+        return Err(format!(
+            "{samples} samples ({copies} label copies) in one request; send at most {MAX_SAMPLES} samples"
+        ));
+    }
     let mut metrics: Vec<Metric> = Vec::new();
     let mut by_name: HashMap<String, usize> = HashMap::new();
     for (i, ts) in req.timeseries.into_iter().enumerate() {
@@ -249,5 +299,34 @@ mod tests {
             }],
         };
         assert!(to_otlp(nameless).unwrap_err().contains("__name__"));
+        let bad_name = WriteRequest {
+            timeseries: vec![TimeSeries {
+                labels: vec![Label {
+                    name: "".into(),
+                    value: "x".into(),
+                }],
+                samples: vec![],
+            }],
+        };
+        assert!(to_otlp(bad_name).unwrap_err().contains("label named"));
+        // Many labels on many samples: refused before anything is built.
+        let wide = WriteRequest {
+            timeseries: vec![TimeSeries {
+                labels: (0..100)
+                    .map(|i| Label {
+                        name: format!("l{i}"),
+                        value: "v".into(),
+                    })
+                    .collect(),
+                samples: vec![
+                    Sample {
+                        value: 1.0,
+                        timestamp: 1
+                    };
+                    200_000
+                ],
+            }],
+        };
+        assert!(to_otlp(wide).unwrap_err().contains("at most"));
     }
 }

@@ -290,14 +290,22 @@ impl TlsSpec {
         ) {
             _ if mode == ServerTlsMode::Passthrough => None,
             (Some(name), None, None) => {
-                if name.is_empty() || name.contains('/') && !name.starts_with("kubernetes://") {
-                    return Err(at
-                        .at("credentialName")
-                        .err(format!("`{name}` is not a secret name")));
+                // `kubernetes://name` is Istio's longer spelling. A secret's
+                // name is a DNS subdomain: it never leaves the directory.
+                let bare = name.strip_prefix("kubernetes://").unwrap_or(&name);
+                let valid = !bare.is_empty()
+                    && bare.len() <= 253
+                    && bare.bytes().all(|b| {
+                        b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.'
+                    })
+                    && !bare.starts_with('.')
+                    && !bare.contains("..");
+                if !valid {
+                    return Err(at.at("credentialName").err(format!(
+                        "`{name}` is not a secret name (lower-case letters, digits, `-` and `.`)"
+                    )));
                 }
-                // `kubernetes://name` is Istio's longer spelling.
-                let name = name.strip_prefix("kubernetes://").unwrap_or(&name);
-                Some(Credential::Secret(name.to_string()))
+                Some(Credential::Secret(bare.to_string()))
             }
             (None, Some(cert), Some(key)) => Some(Credential::Files {
                 cert: cert.into(),
@@ -561,6 +569,13 @@ mod tests {
                 "  - port: {{number: 443, name: https, protocol: HTTPS}}\n    hosts: [a.example.com]\n    tls: {tls}\n"
             )
         };
+        let e = yaml(&server("{mode: SIMPLE, credentialName: ../../etc}")).unwrap_err();
+        assert_eq!(e.field, "spec.servers[0].tls.credentialName", "{e}");
+        let e = yaml(&server(
+            "{mode: SIMPLE, credentialName: \"kubernetes:///etc/x\"}",
+        ))
+        .unwrap_err();
+        assert_eq!(e.field, "spec.servers[0].tls.credentialName", "{e}");
         let e = yaml(&server("{mode: ISTIO_MUTUAL}")).unwrap_err();
         assert_eq!(e.field, "spec.servers[0].tls.mode", "{e}");
         let e = yaml(&server("{mode: SIMPLE}")).unwrap_err();

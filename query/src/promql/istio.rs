@@ -1018,6 +1018,15 @@ impl<'s> Gathered<'s> {
                 if let Some(ws) = ws
                     && ws[k] != ZERO
                 {
+                    if marked {
+                        // Back after going stale: first the total it had,
+                        // at this window's start, so the window's requests
+                        // count as an increase.
+                        if samples.last().is_some_and(|(at, _)| *at == window_start) {
+                            samples.pop();
+                        }
+                        samples.push((window_start, *c));
+                    }
                     add(c, &ws[k]);
                     seen = t;
                 }
