@@ -7,7 +7,8 @@
 //!    payloads are decoded, validated and turned into Arrow batches (Lumen
 //!    proxy spans → `requests`, other spans → `spans`, metric data points →
 //!    `metrics`, log records → `logs`; Arrow Flight from proxies →
-//!    `requests`).
+//!    `requests`; Prometheus remote write, mounted on the query port, →
+//!    `metrics` through the same conversion).
 //! 2. [`wal`] — batches are appended to the write-ahead log and fsynced
 //!    (group commit) before the client is acknowledged.
 //! 3. [`buffer`] — acknowledged rows sit in the hot buffer, queryable at once.

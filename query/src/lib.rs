@@ -12,7 +12,9 @@
 //! same check paces query threads so they leave ingest its cores
 //! ([`throttle`]). The first front end is
 //! [`http`] on port 9900: `POST /api/v1/sql` (JSON, CSV or Arrow IPC),
-//! `GET /api/v1/queries`, `DELETE /api/v1/queries/{id}`, `/metrics`.
+//! `GET /api/v1/queries`, `DELETE /api/v1/queries/{id}`, `/metrics`; with
+//! Prometheus's HTTP API, `/federate` and PromQL ([`promql`], checked
+//! against Prometheus's own engine tests in `tests/promqltest.rs`).
 
 pub mod dict_group;
 pub mod engine;
