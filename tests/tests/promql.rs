@@ -743,6 +743,38 @@ async fn quiet_istio_series_go_stale_after_the_lookback() -> Result<()> {
         let v = at(t0 + later)?;
         assert!(v.is_empty(), "{later} s after the last request: {v:?}");
     }
+    // Five more requests 25 minutes on: the series is back with its total,
+    // and those five count as an increase over the minute they came in.
+    let again: Vec<RequestRecord> = records
+        .iter()
+        .take(5)
+        .map(|r| RequestRecord {
+            start_time: r.start_time + Duration::from_secs(1500),
+            span_id: rand::random(),
+            ..r.clone()
+        })
+        .collect();
+    put(&mut flight, 1, &again).await?;
+    wait_for_count(&url, "SELECT count(*) AS n FROM requests", 15).await?;
+    let v = at(t0 + 1530)?;
+    assert_eq!(v.len(), 1, "back after its new requests: {v:?}");
+    assert_eq!(number(&v[0]["value"][1]), 15.0);
+    let v = promtool(&[
+        "query",
+        "instant",
+        "-o",
+        "json",
+        "--time",
+        &(t0 + 1530).to_string(),
+        &server,
+        "sum(increase(istio_requests_total{destination_app=\"reviews\"}[1m]))",
+    ])?;
+    let back = v
+        .as_array()
+        .and_then(|a| a.first())
+        .map(|s| number(&s["value"][1]))
+        .unwrap_or_default();
+    assert!(back >= 4.0, "the new requests as an increase: {v}");
     // Its requests still count over a range that holds them.
     let v = promtool(&[
         "query",
