@@ -18,7 +18,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use lumen_query::promql::PromError;
-use lumen_query::promql::eval::{Evaluator, Source, matches, selected_names};
+use lumen_query::promql::eval::{Evaluator, Source, select_fixed};
 use lumen_query::promql::value::{Labels, RawSeries, Steps, Value};
 use promql_parser::parser::VectorSelector;
 
@@ -381,41 +381,7 @@ impl Source for Store {
         to: i64,
         _range: Option<i64>,
     ) -> Result<Vec<RawSeries>, PromError> {
-        let names: Vec<String> = self
-            .0
-            .iter()
-            .filter_map(|s| {
-                s.labels
-                    .iter()
-                    .find(|(k, _)| k == "__name__")
-                    .map(|(_, v)| v.clone())
-            })
-            .collect();
-        let names: Vec<&str> = names.iter().map(String::as_str).collect();
-        let wanted = selected_names(selector, &names);
-        Ok(self
-            .0
-            .iter()
-            .filter(|s| {
-                let n = s
-                    .labels
-                    .iter()
-                    .find(|(k, _)| k == "__name__")
-                    .map_or("", |(_, v)| v.as_str());
-                (selector.name.is_none() && n.is_empty() || wanted.contains(&n))
-                    && matches(&selector.matchers, &s.labels)
-            })
-            .map(|s| RawSeries {
-                labels: s.labels.clone(),
-                samples: s
-                    .samples
-                    .iter()
-                    .copied()
-                    .filter(|p| p.0 > from && p.0 <= to)
-                    .collect(),
-            })
-            .filter(|s| !s.samples.is_empty())
-            .collect())
+        Ok(select_fixed(&self.0, selector, from, to))
     }
 }
 

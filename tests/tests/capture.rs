@@ -46,6 +46,26 @@ impl Netns {
             .args(args))
     }
 
+    /// Redirects the app's connections to service addresses (10.96/16)
+    /// to a sidecar's outbound port, as Istio's init container does.
+    fn capture_to(&self, port: u16) -> Result<()> {
+        self.exec(&[
+            "iptables",
+            "-t",
+            "nat",
+            "-A",
+            "OUTPUT",
+            "-p",
+            "tcp",
+            "-d",
+            "10.96.0.0/16",
+            "-j",
+            "REDIRECT",
+            "--to-ports",
+            &port.to_string(),
+        ])
+    }
+
     /// Runs `f` on a thread inside the namespace; threads and processes it
     /// starts are inside too.
     fn within<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> Result<T> {
@@ -85,21 +105,7 @@ fn captured_http_and_tcp_reach_their_services_through_the_sidecar() -> Result<()
         )
     })?;
     let (up_ports, caller, backend, echo) = ports;
-    ns.exec(&[
-        "iptables",
-        "-t",
-        "nat",
-        "-A",
-        "OUTPUT",
-        "-p",
-        "tcp",
-        "-d",
-        "10.96.0.0/16",
-        "-j",
-        "REDIRECT",
-        "--to-ports",
-        &caller.outbound.to_string(),
-    ])?;
+    ns.capture_to(caller.outbound)?;
     ns.within(move || {
         tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -274,21 +280,7 @@ fn registry_only_lets_apps_reach_only_what_the_registry_names() -> Result<()> {
     peer_tool("iptables", "apt-get install iptables");
     let ns = Netns::create("egress")?;
     let (up_ports, caller) = ns.within(|| (UpPorts::pick(), SidecarPorts::pick()))?;
-    ns.exec(&[
-        "iptables",
-        "-t",
-        "nat",
-        "-A",
-        "OUTPUT",
-        "-p",
-        "tcp",
-        "-d",
-        "10.96.0.0/16",
-        "-j",
-        "REDIRECT",
-        "--to-ports",
-        &caller.outbound.to_string(),
-    ])?;
+    ns.capture_to(caller.outbound)?;
     ns.within(move || {
         tokio::runtime::Builder::new_current_thread()
             .enable_all()

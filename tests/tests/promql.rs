@@ -265,6 +265,18 @@ fn promtool(args: &[&str]) -> Result<Value> {
         .with_context(|| format!("promtool printed {}", String::from_utf8_lossy(&out.stdout)))
 }
 
+/// `promtool query instant` of `expr` against `server` (at `time`, in
+/// seconds, or now): the vector's samples.
+fn instant(server: &str, time: Option<u64>, expr: &str) -> Result<Vec<Value>> {
+    let time = time.map(|t| t.to_string());
+    let mut args = vec!["query", "instant", "-o", "json"];
+    if let Some(t) = &time {
+        args.extend(["--time", t.as_str()]);
+    }
+    args.extend([server, expr]);
+    Ok(promtool(&args)?.as_array().cloned().unwrap_or_default())
+}
+
 async fn expected(url: &str, query: &str) -> Result<BTreeMap<String, f64>> {
     Ok(sql(url, query)
         .await?
@@ -717,18 +729,13 @@ async fn quiet_istio_series_go_stale_after_the_lookback() -> Result<()> {
     wait_for_count(&url, "SELECT count(*) AS n FROM requests", 10).await?;
 
     let server = format!("http://127.0.0.1:{}", ports.query);
-    let at = |secs: u64| -> Result<Vec<Value>> {
-        let v = promtool(&[
-            "query",
-            "instant",
-            "-o",
-            "json",
-            "--time",
-            &secs.to_string(),
-            &server,
-            "istio_requests_total{destination_app=\"reviews\"}",
-        ])?;
-        Ok(v.as_array().cloned().unwrap_or_default())
+    let requests = "istio_requests_total{destination_app=\"reviews\"}";
+    let at = |secs: u64| instant(&server, Some(secs), requests);
+    let sum_of = |secs: u64, expr: &str| -> Result<f64> {
+        let v = instant(&server, Some(secs), expr)?;
+        Ok(v.first()
+            .map(|s| number(&s["value"][1]))
+            .unwrap_or_default())
     };
     // A minute and four minutes later: there, with its ten requests.
     for later in [60, 240] {
@@ -759,39 +766,17 @@ async fn quiet_istio_series_go_stale_after_the_lookback() -> Result<()> {
     let v = at(t0 + 1530)?;
     assert_eq!(v.len(), 1, "back after its new requests: {v:?}");
     assert_eq!(number(&v[0]["value"][1]), 15.0);
-    let v = promtool(&[
-        "query",
-        "instant",
-        "-o",
-        "json",
-        "--time",
-        &(t0 + 1530).to_string(),
-        &server,
+    let back = sum_of(
+        t0 + 1530,
         "sum(increase(istio_requests_total{destination_app=\"reviews\"}[1m]))",
-    ])?;
-    let back = v
-        .as_array()
-        .and_then(|a| a.first())
-        .map(|s| number(&s["value"][1]))
-        .unwrap_or_default();
-    assert!(back >= 4.0, "the new requests as an increase: {v}");
+    )?;
+    assert!(back >= 4.0, "the new requests as an increase: {back}");
     // Its requests still count over a range that holds them.
-    let v = promtool(&[
-        "query",
-        "instant",
-        "-o",
-        "json",
-        "--time",
-        &(t0 + 1200).to_string(),
-        &server,
+    let total = sum_of(
+        t0 + 1200,
         "sum(increase(istio_requests_total{destination_app=\"reviews\"}[30m]))",
-    ])?;
-    let total = v
-        .as_array()
-        .and_then(|a| a.first())
-        .map(|s| number(&s["value"][1]))
-        .unwrap_or_default();
-    assert!((total - 10.0).abs() < 3.0, "increase over 30 min: {v}");
+    )?;
+    assert!((total - 10.0).abs() < 3.0, "increase over 30 min: {total}");
     Ok(())
 }
 
@@ -843,30 +828,13 @@ async fn prometheus_remote_writes_into_lumen() -> Result<()> {
         .spawn()?;
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     let got = loop {
-        let got = promtool(&[
-            "query",
-            "instant",
-            "-o",
-            "json",
-            &lumen,
-            "up{job=\"prometheus\"}",
-        ])
-        .ok()
-        .and_then(|v| v.as_array().cloned())
-        .unwrap_or_default();
+        let got = instant(&lumen, None, "up{job=\"prometheus\"}").unwrap_or_default();
         if !got.is_empty() || std::time::Instant::now() > deadline {
             break got;
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     };
-    let build = promtool(&[
-        "query",
-        "instant",
-        "-o",
-        "json",
-        &lumen,
-        "prometheus_build_info",
-    ])?;
+    let build = instant(&lumen, None, "prometheus_build_info")?;
     let _ = server.kill();
     let _ = server.wait();
     let log = std::fs::read_to_string(dir.path().join("prometheus.err")).unwrap_or_default();
@@ -880,7 +848,6 @@ async fn prometheus_remote_writes_into_lumen() -> Result<()> {
         format!("127.0.0.1:{prom_port}")
     );
     assert_eq!(number(&got[0]["value"][1]), 1.0);
-    let build = build.as_array().cloned().unwrap_or_default();
     assert_eq!(build.len(), 1, "{build:?}");
     assert_eq!(build[0]["metric"]["version"], "2.42.0+ds", "{build:?}");
     // The same samples in SQL, from the `metrics` table.

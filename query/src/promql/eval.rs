@@ -686,6 +686,38 @@ fn vector_vector(
         .collect())
 }
 
+/// What `selector` selects among fixed series (a test's, a script's):
+/// each matching series' samples in `(from, to]`, those with none left out.
+pub fn select_fixed(
+    series: &[RawSeries],
+    selector: &VectorSelector,
+    from: i64,
+    to: i64,
+) -> Vec<RawSeries> {
+    fn name_of(s: &RawSeries) -> &str {
+        value::get(&s.labels, METRIC_NAME).unwrap_or("")
+    }
+    let names: Vec<&str> = series
+        .iter()
+        .map(name_of)
+        .filter(|n| !n.is_empty())
+        .collect();
+    let wanted = selected_names(selector, &names);
+    series
+        .iter()
+        .filter(|s| {
+            let n = name_of(s);
+            (selector.name.is_none() && n.is_empty() || wanted.contains(&n))
+                && matches(&selector.matchers, &s.labels)
+        })
+        .map(|s| RawSeries {
+            labels: s.labels.clone(),
+            samples: window(&s.samples, from, to).to_vec(),
+        })
+        .filter(|s| !s.samples.is_empty())
+        .collect()
+}
+
 /// Whether `labels` satisfy every matcher (and, with `or`, any group).
 pub fn matches(matchers: &Matchers, labels: &Labels) -> bool {
     let all = |ms: &[promql_parser::label::Matcher]| {

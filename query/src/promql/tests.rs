@@ -3,7 +3,7 @@
 use promql_parser::parser::VectorSelector;
 
 use super::PromError;
-use super::eval::{Evaluator, Source, matches, selected_names};
+use super::eval::{Evaluator, Source, select_fixed};
 use super::value::{Labels, RawSeries, Series, Steps, Value, normalize};
 
 struct Fixed(Vec<RawSeries>);
@@ -17,30 +17,7 @@ impl Source for Fixed {
         to: i64,
         _range: Option<i64>,
     ) -> Result<Vec<RawSeries>, PromError> {
-        let names: Vec<String> = self
-            .0
-            .iter()
-            .filter_map(|s| super::value::get(&s.labels, "__name__").map(String::from))
-            .collect();
-        let names: Vec<&str> = names.iter().map(String::as_str).collect();
-        let wanted = selected_names(selector, &names);
-        Ok(self
-            .0
-            .iter()
-            .filter(|s| {
-                let n = super::value::get(&s.labels, "__name__").unwrap_or("");
-                wanted.contains(&n) && matches(&selector.matchers, &s.labels)
-            })
-            .map(|s| RawSeries {
-                labels: s.labels.clone(),
-                samples: s
-                    .samples
-                    .iter()
-                    .copied()
-                    .filter(|p| p.0 > from && p.0 <= to)
-                    .collect(),
-            })
-            .collect())
+        Ok(select_fixed(&self.0, selector, from, to))
     }
 }
 
