@@ -6,8 +6,18 @@
 //! is durable when acknowledged and PromQL reads it back by the same name
 //! and labels. Bad payloads get 400 (the sender drops them); a store that
 //! cannot take them gets 500 (the sender retries), as the protocol says.
+//!
+//! Samples follow Prometheus's TSDB rules per series: one older than the
+//! series' latest is out of order, and one at the latest's timestamp with
+//! another value is a duplicate — either refuses the whole request with
+//! 400, nothing of it stored, as Prometheus does; the latest sample again
+//! (a sender retrying a request whose answer it lost) is taken and not
+//! stored twice. The latest sample of each series is remembered from what this
+//! process received, for up to [`MAX_TRACKED`] series.
 
 use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
+use std::sync::{Arc, Mutex};
 
 use axum::Router;
 use axum::body::Bytes;
@@ -38,6 +48,9 @@ const MAX_LABEL_COPIES: usize = 10_000_000;
 const MAX_LABELS: usize = 128;
 /// Requests decoded and stored at once; more are told to retry (429).
 const MAX_INFLIGHT: usize = 4;
+/// Series whose latest sample is remembered for the ordering rules
+/// (about 40 bytes each); past this, what is remembered starts over.
+pub const MAX_TRACKED: usize = 1_000_000;
 
 /// `prometheus.WriteRequest` (remote write 1.0): the fields Lumen reads;
 /// exemplars and native histograms are skipped as unknown fields.
@@ -74,11 +87,118 @@ pub struct Sample {
 
 /// The receiver's routes, for the query port (where Prometheus's API is).
 pub fn router(wal: WalHandle) -> Router {
-    let inflight = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_INFLIGHT));
+    let receiver = Arc::new(Receiver {
+        wal,
+        inflight: tokio::sync::Semaphore::new(MAX_INFLIGHT),
+        latest: Latest::default(),
+    });
     Router::new()
         .route("/api/v1/write", post(write))
         .layer(DefaultBodyLimit::max(MAX_BODY))
-        .with_state((wal, inflight))
+        .with_state(receiver)
+}
+
+struct Receiver {
+    wal: WalHandle,
+    inflight: tokio::sync::Semaphore,
+    latest: Latest,
+}
+
+/// Each series' latest sample (time, value bits), by a hash of its labels.
+#[derive(Default)]
+struct Latest(Mutex<HashMap<u64, (i64, u64)>>);
+
+/// A series' identity: its labels in name order, as Prometheus sorts them.
+fn series_key(labels: &[Label]) -> u64 {
+    let mut sorted: Vec<&Label> = labels.iter().collect();
+    sorted.sort_unstable_by(|a, b| a.name.cmp(&b.name));
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    for l in sorted {
+        l.name.hash(&mut h);
+        l.value.hash(&mut h);
+    }
+    h.finish()
+}
+
+/// Renders a series' labels for an error message.
+fn describe(labels: &[Label]) -> String {
+    let mut sorted: Vec<&Label> = labels.iter().collect();
+    sorted.sort_unstable_by(|a, b| a.name.cmp(&b.name));
+    let parts: Vec<String> = sorted
+        .iter()
+        .map(|l| format!("{}={:?}", l.name, l.value))
+        .collect();
+    format!("{{{}}}", parts.join(", "))
+}
+
+impl Latest {
+    /// Checks `req` against each series' latest sample and Prometheus's
+    /// rules; drops samples the store already has, and remembers the new
+    /// latest ones. On error nothing is remembered: the request is refused
+    /// whole. Returns the keys it advanced, to [`Latest::forget`] should
+    /// the samples not be stored after all.
+    fn admit(&self, req: &mut WriteRequest) -> Result<Vec<u64>, String> {
+        let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let mut advanced: HashMap<u64, (i64, u64)> = HashMap::new();
+        for (i, ts) in req.timeseries.iter_mut().enumerate() {
+            let key = series_key(&ts.labels);
+            let mut last = advanced.get(&key).or_else(|| map.get(&key)).copied();
+            let mut error = None;
+            ts.samples.retain(|s| {
+                if error.is_some() {
+                    return false;
+                }
+                let bits = s.value.to_bits();
+                match last {
+                    Some((t, _)) if s.timestamp < t => {
+                        error = Some(format!(
+                            "out of order sample: timeseries[{i}] {} has a sample at {} ms, older than its latest at {t} ms",
+                            describe(&ts.labels),
+                            s.timestamp
+                        ));
+                        false
+                    }
+                    Some((t, v)) if s.timestamp == t && v == bits => false,
+                    Some((t, _)) if s.timestamp == t => {
+                        error = Some(format!(
+                            "duplicate sample for timestamp: timeseries[{i}] {} has another value at {t} ms",
+                            describe(&ts.labels)
+                        ));
+                        false
+                    }
+                    _ => {
+                        last = Some((s.timestamp, bits));
+                        true
+                    }
+                }
+            });
+            if let Some(e) = error {
+                return Err(e);
+            }
+            if let Some(l) = last {
+                advanced.insert(key, l);
+            }
+        }
+        if map.len() + advanced.len() > MAX_TRACKED {
+            tracing::warn!(
+                tracked = map.len(),
+                "remote write: more series than are tracked for ordering; starting over"
+            );
+            map.clear();
+        }
+        let keys = advanced.keys().copied().collect();
+        map.extend(advanced);
+        Ok(keys)
+    }
+
+    /// Forgets series whose samples were admitted but not stored, so a
+    /// retry of them is not taken for a duplicate.
+    fn forget(&self, keys: &[u64]) {
+        let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        for k in keys {
+            map.remove(k);
+        }
+    }
 }
 
 fn refuse(status: StatusCode, message: String) -> Response {
@@ -86,11 +206,9 @@ fn refuse(status: StatusCode, message: String) -> Response {
     (status, message).into_response()
 }
 
-type Shared = (WalHandle, std::sync::Arc<tokio::sync::Semaphore>);
-
-async fn write(State((wal, inflight)): State<Shared>, headers: HeaderMap, body: Bytes) -> Response {
+async fn write(State(receiver): State<Arc<Receiver>>, headers: HeaderMap, body: Bytes) -> Response {
     // Bounded work at once: a sender told 429 backs off and retries.
-    let Ok(_permit) = inflight.try_acquire() else {
+    let Ok(_permit) = receiver.inflight.try_acquire() else {
         return refuse(
             StatusCode::TOO_MANY_REQUESTS,
             "too many remote write requests at once; retry".into(),
@@ -120,7 +238,7 @@ async fn write(State((wal, inflight)): State<Shared>, headers: HeaderMap, body: 
         Ok(d) => d,
         Err(e) => return refuse(StatusCode::BAD_REQUEST, format!("snappy: {e}")),
     };
-    let req = match WriteRequest::decode(decoded.as_slice()) {
+    let mut req = match WriteRequest::decode(decoded.as_slice()) {
         Ok(r) => r,
         Err(e) => {
             return refuse(
@@ -129,6 +247,25 @@ async fn write(State((wal, inflight)): State<Shared>, headers: HeaderMap, body: 
             );
         }
     };
+    if let Err(m) = check(&req) {
+        return refuse(StatusCode::BAD_REQUEST, m);
+    }
+    let admitted = match receiver.latest.admit(&mut req) {
+        Ok(keys) => keys,
+        Err(m) => return refuse(StatusCode::BAD_REQUEST, m),
+    };
+    let stored = store(&receiver.wal, req).await;
+    if stored.status() != StatusCode::NO_CONTENT {
+        receiver.latest.forget(&admitted);
+    }
+    stored
+}
+
+/// Converts and appends admitted samples: 204 once durable.
+async fn store(wal: &WalHandle, req: WriteRequest) -> Response {
+    if req.timeseries.iter().all(|ts| ts.samples.is_empty()) {
+        return StatusCode::NO_CONTENT.into_response();
+    }
     let export = match to_otlp(req) {
         Ok(e) => e,
         Err(m) => return refuse(StatusCode::BAD_REQUEST, m),
@@ -170,8 +307,8 @@ fn valid_label_name(name: &str) -> bool {
         && bytes.all(|b| b.is_ascii_alphanumeric() || b == b'_')
 }
 
-/// The samples as OTLP gauges, one metric per name.
-fn to_otlp(req: WriteRequest) -> Result<ExportMetricsServiceRequest, String> {
+/// Limits and label names, before anything is remembered or built.
+fn check(req: &WriteRequest) -> Result<(), String> {
     let (mut samples, mut copies) = (0usize, 0usize);
     for (i, ts) in req.timeseries.iter().enumerate() {
         if ts.labels.len() > MAX_LABELS {
@@ -186,6 +323,19 @@ fn to_otlp(req: WriteRequest) -> Result<ExportMetricsServiceRequest, String> {
                 l.name
             ));
         }
+        if !ts
+            .labels
+            .iter()
+            .any(|l| l.name == "__name__" && !l.value.is_empty())
+        {
+            return Err(format!("timeseries[{i}] has no __name__ label"));
+        }
+        if let Some(s) = ts.samples.iter().find(|s| s.timestamp < 0) {
+            return Err(format!(
+                "timeseries[{i}] has a sample at {} ms, before 1970",
+                s.timestamp
+            ));
+        }
         samples += ts.samples.len();
         copies = copies.saturating_add(ts.samples.len().saturating_mul(ts.labels.len()));
     }
@@ -194,6 +344,11 @@ fn to_otlp(req: WriteRequest) -> Result<ExportMetricsServiceRequest, String> {
             "{samples} samples ({copies} label copies) in one request; send at most {MAX_SAMPLES} samples"
         ));
     }
+    Ok(())
+}
+
+/// The samples as OTLP gauges, one metric per name.
+fn to_otlp(req: WriteRequest) -> Result<ExportMetricsServiceRequest, String> {
     let mut metrics: Vec<Metric> = Vec::new();
     let mut by_name: HashMap<String, usize> = HashMap::new();
     for (i, ts) in req.timeseries.into_iter().enumerate() {
@@ -226,6 +381,10 @@ fn to_otlp(req: WriteRequest) -> Result<ExportMetricsServiceRequest, String> {
             })
         });
         let points = points.collect::<Result<Vec<_>, String>>()?;
+        // Every sample already stored (a retried request).
+        if points.is_empty() {
+            continue;
+        }
         let at = *by_name.entry(name.clone()).or_insert_with(|| {
             metrics.push(Metric {
                 name,
@@ -298,7 +457,7 @@ mod tests {
                 samples: vec![],
             }],
         };
-        assert!(to_otlp(nameless).unwrap_err().contains("__name__"));
+        assert!(check(&nameless).unwrap_err().contains("__name__"));
         let bad_name = WriteRequest {
             timeseries: vec![TimeSeries {
                 labels: vec![Label {
@@ -308,13 +467,17 @@ mod tests {
                 samples: vec![],
             }],
         };
-        assert!(to_otlp(bad_name).unwrap_err().contains("label named"));
+        assert!(check(&bad_name).unwrap_err().contains("label named"));
         // Many labels on many samples: refused before anything is built.
         let wide = WriteRequest {
             timeseries: vec![TimeSeries {
                 labels: (0..100)
                     .map(|i| Label {
-                        name: format!("l{i}"),
+                        name: if i == 0 {
+                            "__name__".into()
+                        } else {
+                            format!("l{i}")
+                        },
                         value: "v".into(),
                     })
                     .collect(),
@@ -327,6 +490,98 @@ mod tests {
                 ],
             }],
         };
-        assert!(to_otlp(wide).unwrap_err().contains("at most"));
+        assert!(check(&wide).unwrap_err().contains("at most"));
+    }
+
+    fn one(name: &str, samples: &[(i64, f64)]) -> TimeSeries {
+        TimeSeries {
+            labels: vec![
+                Label {
+                    name: "job".into(),
+                    value: "node".into(),
+                },
+                Label {
+                    name: "__name__".into(),
+                    value: name.into(),
+                },
+            ],
+            samples: samples
+                .iter()
+                .map(|&(timestamp, value)| Sample { value, timestamp })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn samples_follow_prometheus_ordering_rules_per_series() {
+        let latest = Latest::default();
+        let mut first = WriteRequest {
+            timeseries: vec![
+                one("up", &[(1000, 1.0), (2000, 1.0)]),
+                one("x", &[(5000, 3.0)]),
+            ],
+        };
+        latest.admit(&mut first).unwrap();
+        assert_eq!(first.timeseries[0].samples.len(), 2);
+
+        // The latest samples again (a retry): taken, nothing new to store.
+        let mut retry = WriteRequest {
+            timeseries: vec![one("up", &[(2000, 1.0)]), one("x", &[(5000, 3.0)])],
+        };
+        latest.admit(&mut retry).unwrap();
+        assert!(retry.timeseries.iter().all(|t| t.samples.is_empty()));
+        // A retry holding older samples too is out of order, as in
+        // Prometheus: refused, and its samples are stored already.
+        let mut whole = first.clone();
+        assert!(latest.admit(&mut whole).is_err());
+
+        // Older than the latest: the whole request is refused and nothing
+        // of it remembered (x at 6000 stays new).
+        let mut late = WriteRequest {
+            timeseries: vec![one("x", &[(6000, 4.0)]), one("up", &[(1500, 1.0)])],
+        };
+        let e = latest.admit(&mut late).unwrap_err();
+        assert!(e.starts_with("out of order sample"), "{e}");
+        assert!(e.contains("__name__=\"up\""), "{e}");
+        let mut again = WriteRequest {
+            timeseries: vec![one("x", &[(6000, 4.0)])],
+        };
+        latest.admit(&mut again).unwrap();
+        assert_eq!(again.timeseries[0].samples.len(), 1);
+
+        // Another value at the latest timestamp.
+        let mut dup = WriteRequest {
+            timeseries: vec![one("up", &[(2000, 0.0)])],
+        };
+        let e = latest.admit(&mut dup).unwrap_err();
+        assert!(e.starts_with("duplicate sample for timestamp"), "{e}");
+
+        // Within one request, out of order too; labels in any order are
+        // one series.
+        let mut within = WriteRequest {
+            timeseries: vec![one("y", &[(3000, 1.0), (2500, 1.0)])],
+        };
+        assert!(latest.admit(&mut within).is_err());
+        let mut swapped = one("up", &[(1000, 1.0)]);
+        swapped.labels.reverse();
+        let mut req = WriteRequest {
+            timeseries: vec![swapped],
+        };
+        assert!(
+            latest
+                .admit(&mut req)
+                .unwrap_err()
+                .starts_with("out of order")
+        );
+
+        // Not stored after all: forgotten, so its retry is new.
+        let mut lost = WriteRequest {
+            timeseries: vec![one("z", &[(1000, 1.0)])],
+        };
+        let keys = latest.admit(&mut lost).unwrap();
+        latest.forget(&keys);
+        let mut lost_again = lost.clone();
+        latest.admit(&mut lost_again).unwrap();
+        assert_eq!(lost_again.timeseries[0].samples.len(), 1);
     }
 }
