@@ -408,6 +408,77 @@ struct QueryServiceArgs {
 }
 
 /// The policy engine's flags, as `lumen up` and `lumen demo` take them.
+/// Prometheus remote write: where Lumen sends its series.
+#[derive(Args, Clone)]
+struct RemoteWriteArgs {
+    /// Send Istio's series (every 10 s, from rollups) and the apps' OTLP
+    /// metrics (by their Prometheus names) to this remote-write receiver:
+    /// Prometheus (--web.enable-remote-write-receiver, its /api/v1/write),
+    /// Mimir, Thanos, VictoriaMetrics. Repeatable. `user:password@` in the
+    /// URL is basic auth for it.
+    #[arg(long = "remote-write", value_name = "URL")]
+    urls: Vec<String>,
+    /// Basic auth user for every --remote-write URL.
+    #[arg(long = "remote-write-username", value_name = "USER")]
+    username: Option<String>,
+    /// The basic auth password, read from this file at each send.
+    #[arg(long = "remote-write-password-file", value_name = "FILE")]
+    password_file: Option<PathBuf>,
+    /// A bearer token, read from this file at each send (so rotation
+    /// needs no restart).
+    #[arg(long = "remote-write-bearer-token-file", value_name = "FILE")]
+    bearer_token_file: Option<PathBuf>,
+    /// PEM certificates to trust for https receivers, instead of the
+    /// system's.
+    #[arg(long = "remote-write-ca-file", value_name = "FILE")]
+    ca_file: Option<PathBuf>,
+    /// A client certificate (PEM) for receivers that ask for one, with
+    /// --remote-write-key-file.
+    #[arg(long = "remote-write-cert-file", value_name = "FILE")]
+    cert_file: Option<PathBuf>,
+    #[arg(long = "remote-write-key-file", value_name = "FILE")]
+    key_file: Option<PathBuf>,
+    /// Do not check the receiver's certificate (tests only).
+    #[arg(long = "remote-write-insecure-skip-verify")]
+    insecure_skip_verify: bool,
+    /// Samples each receiver's queue holds; more are dropped (counted in
+    /// lumen_remote_write_samples_dropped_total{reason="queue_full"}).
+    #[arg(long = "remote-write-queue-capacity", default_value_t = lumen_query::remote_write::DEFAULT_CAPACITY)]
+    capacity: usize,
+}
+
+impl RemoteWriteArgs {
+    /// The sender, when any URL is given; its progress is kept in `data_dir`.
+    fn writer(
+        &self,
+        engine: &QueryEngine,
+        data_dir: &std::path::Path,
+    ) -> Result<Option<lumen_query::remote_write::RemoteWriter>> {
+        if self.urls.is_empty() {
+            return Ok(None);
+        }
+        let writer = lumen_query::remote_write::RemoteWriter::new(
+            engine.clone(),
+            lumen_query::remote_write::RemoteWriteConfig {
+                urls: self.urls.clone(),
+                credentials: lumen_query::remote_write::Credentials {
+                    username: self.username.clone(),
+                    password_file: self.password_file.clone(),
+                    bearer_token_file: self.bearer_token_file.clone(),
+                    ca_file: self.ca_file.clone(),
+                    cert_file: self.cert_file.clone(),
+                    key_file: self.key_file.clone(),
+                    insecure_skip_verify: self.insecure_skip_verify,
+                },
+                capacity: self.capacity,
+                state_dir: Some(data_dir.join("remote-write")),
+            },
+        )?;
+        engine.add_metrics(std::sync::Arc::new(writer.metrics_text()));
+        Ok(Some(writer))
+    }
+}
+
 #[derive(Args)]
 struct PolicyArgs {
     /// Prometheus rule files (alerting and recording rules, Prometheus's
@@ -444,6 +515,8 @@ struct UpArgs {
     store: StoreArgs,
     #[command(flatten)]
     policy: PolicyArgs,
+    #[command(flatten)]
+    remote_write: RemoteWriteArgs,
     /// Serve Envoy's global rate-limit service and ext_authz here (gRPC),
     /// backed by the RateLimits, Quotas (with an `envoy:` descriptor) and
     /// AccessPolicies, for a fleet of plain Envoys (e.g. 127.0.0.1:8081,
@@ -815,6 +888,7 @@ async fn up(a: UpArgs) -> Result<()> {
     };
     let engine =
         QueryEngine::new(collector.store(), query_config).context("starting the query executor")?;
+    let remote_writer = a.remote_write.writer(&engine, &a.data_dir)?;
     let mut servers = QueryServers::bind(&a.store.query, engine.clone()).await?;
     let board = Arc::new(lumen_policy::decide::Board::default());
     servers.query = servers
@@ -882,6 +956,7 @@ async fn up(a: UpArgs) -> Result<()> {
         Some(addr) => Some(serve_envoy(addr, envoy_policies, stop_rx.clone()).await?),
         None => None,
     };
+    let remote_write_task = remote_writer.map(|w| tokio::spawn(w.run(stop_rx.clone())));
     let rules_task = tokio::spawn(rules.run(engine, stop_rx.clone()));
     shutdown_signal().await;
     tracing::info!("shutting down");
@@ -895,6 +970,9 @@ async fn up(a: UpArgs) -> Result<()> {
         let _ = t.await;
     }
     if let Some(t) = notify_task {
+        let _ = t.await;
+    }
+    if let Some(t) = remote_write_task {
         let _ = t.await;
     }
     let collected = collector_task.await.context("collector task")?;

@@ -235,6 +235,20 @@ pub struct QueryEngine {
     /// `pg_catalog`, made once: its OIDs must stay the same from one query
     /// to the next (`\d` looks a table up, then asks for its columns by OID).
     pg_catalog: Arc<std::sync::OnceLock<Arc<dyn SchemaProvider>>>,
+    /// Metrics of parts sharing the process (remote write), for `/metrics`.
+    extra_metrics: Arc<ExtraMetrics>,
+}
+
+/// Renders some part's metrics as OpenMetrics text.
+pub type MetricsText = Arc<dyn Fn() -> String + Send + Sync>;
+
+#[derive(Default)]
+struct ExtraMetrics(std::sync::Mutex<Vec<MetricsText>>);
+
+impl std::fmt::Debug for ExtraMetrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ExtraMetrics")
+    }
 }
 
 impl QueryEngine {
@@ -279,6 +293,7 @@ impl QueryEngine {
             running,
             throttle,
             pg_catalog: Arc::default(),
+            extra_metrics: Arc::default(),
         })
     }
 
@@ -343,15 +358,30 @@ impl QueryEngine {
     /// OpenMetrics text of the query service's metrics and the
     /// collector's (which share its process and store).
     pub fn metrics(&self) -> String {
-        let own = self.running.encode_metrics();
-        let collector = self.store.encode_metrics();
-        let mut out = String::with_capacity(own.len() + collector.len());
-        for part in [own, collector] {
+        let mut parts = vec![self.running.encode_metrics(), self.store.encode_metrics()];
+        let extra: Vec<MetricsText> = self
+            .extra_metrics
+            .0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        parts.extend(extra.iter().map(|f| f()));
+        let mut out = String::with_capacity(parts.iter().map(String::len).sum());
+        for part in parts {
             out.push_str(part.trim_end().trim_end_matches("# EOF").trim_end());
             out.push('\n');
         }
         out.push_str("# EOF\n");
         out
+    }
+
+    /// Adds a part's metrics to what `/metrics` serves.
+    pub fn add_metrics(&self, text: MetricsText) {
+        self.extra_metrics
+            .0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(text);
     }
 
     /// Runs a front end's own computation (PromQL evaluation, result

@@ -31,6 +31,7 @@ pub mod metrics;
 pub mod pg;
 pub mod prom_api;
 pub mod promql;
+pub mod remote_write;
 pub mod running;
 pub mod settings;
 pub mod table;

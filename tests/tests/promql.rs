@@ -859,3 +859,288 @@ async fn prometheus_remote_writes_into_lumen() -> Result<()> {
     assert!(n >= 1, "{n}");
     Ok(())
 }
+
+/// What the stand-in receivers saw: each request's path and
+/// `Authorization`, and whether it was remote write's encoding.
+#[derive(Default)]
+struct Seen {
+    requests: Vec<(String, Option<String>, bool)>,
+}
+
+/// Stand-in remote-write receivers: `/flaky` answers 429 (Retry-After: 1),
+/// then 503, then 204 from then on; `/refuse` always 400.
+async fn stand_in_receiver() -> Result<(u16, std::sync::Arc<std::sync::Mutex<Seen>>)> {
+    use http_body_util::Full;
+    use hyper::service::service_fn;
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let port = listener.local_addr()?.port();
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Seen::default()));
+    let shared = seen.clone();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let seen = shared.clone();
+            tokio::spawn(async move {
+                let service = service_fn(move |r: http::Request<hyper::body::Incoming>| {
+                    let seen = seen.clone();
+                    async move {
+                        let header = |n: &str| {
+                            r.headers()
+                                .get(n)
+                                .and_then(|v| v.to_str().ok())
+                                .map(str::to_string)
+                        };
+                        let encoded = header("content-encoding").as_deref() == Some("snappy")
+                            && header("x-prometheus-remote-write-version").as_deref()
+                                == Some("0.1.0");
+                        let path = r.uri().path().to_string();
+                        let flaky_before = {
+                            let mut s = seen.lock().unwrap_or_else(|p| p.into_inner());
+                            let before = s.requests.iter().filter(|x| x.0 == "/flaky").count();
+                            s.requests
+                                .push((path.clone(), header("authorization"), encoded));
+                            before
+                        };
+                        let mut resp = http::Response::new(Full::new(bytes::Bytes::new()));
+                        *resp.status_mut() = match (path.as_str(), flaky_before) {
+                            ("/flaky", 0) => {
+                                resp.headers_mut()
+                                    .insert("retry-after", http::HeaderValue::from_static("1"));
+                                http::StatusCode::TOO_MANY_REQUESTS
+                            }
+                            ("/flaky", 1) => http::StatusCode::SERVICE_UNAVAILABLE,
+                            ("/flaky", _) => http::StatusCode::NO_CONTENT,
+                            _ => http::StatusCode::BAD_REQUEST,
+                        };
+                        Ok::<_, std::convert::Infallible>(resp)
+                    }
+                });
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    Ok((port, seen))
+}
+
+/// A sample of Lumen's own `/metrics` (0 when absent).
+fn metric(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// `lumen up --remote-write` sends Istio's series to a real Prometheus
+/// (`--web.enable-remote-write-receiver`): the request rate, error ratio
+/// and p99 `promtool` gets from that Prometheus equal Lumen's own answers.
+/// Beside it, a receiver that first answers 429 and 503 gets the batch
+/// once it takes it (retries counted; basic auth from the URL), and one
+/// that answers 400 has its samples dropped and counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lumen_remote_writes_istio_series_to_prometheus() -> Result<()> {
+    let prometheus = peer_tool("prometheus", INSTALL);
+    let dir = tempfile::tempdir()?;
+    let prom_port = lumen_tests::free_port();
+    let config = dir.path().join("prometheus.yml");
+    std::fs::write(&config, "global:\n  scrape_interval: 1m\n")?;
+    let mut server = Command::new(prometheus)
+        .arg(format!("--config.file={}", config.display()))
+        .arg(format!(
+            "--storage.tsdb.path={}",
+            dir.path().join("tsdb").display()
+        ))
+        .arg(format!("--web.listen-address=127.0.0.1:{prom_port}"))
+        .arg("--web.enable-remote-write-receiver")
+        .stdout(std::fs::File::create(dir.path().join("prometheus.log"))?)
+        .stderr(std::fs::File::create(dir.path().join("prometheus.err"))?)
+        .spawn()?;
+    let (stand_in, seen) = stand_in_receiver().await?;
+
+    let mesh = dir.path().join("mesh.yaml");
+    write_mesh(&mesh, &[("reviews", 9080, &[])])?;
+    let ports = UpPorts::pick();
+    let prom_write = format!("http://127.0.0.1:{prom_port}/api/v1/write");
+    let flaky = format!("http://u:p%40ss@127.0.0.1:{stand_in}/flaky");
+    let refuse = format!("http://127.0.0.1:{stand_in}/refuse");
+    let _up = start_up(
+        dir.path(),
+        &mesh,
+        &dir.path().join("data"),
+        ports,
+        &[
+            "--remote-write",
+            &prom_write,
+            "--remote-write",
+            &flaky,
+            "--remote-write",
+            &refuse,
+        ],
+    )
+    .await?;
+
+    // 20 s of requests as they happen, so each window is read after its
+    // rows are in, as in a running mesh.
+    let mut flight = client(&ports).await?;
+    let started = std::time::Instant::now();
+    let (mut seq, mut orders) = (0, 0.0);
+    while started.elapsed() < Duration::from_secs(20) {
+        let now = SystemTime::now().duration_since(UNIX_EPOCH)?;
+        let mut batch = traffic(40, 0);
+        for r in &mut batch {
+            r.start_time = UNIX_EPOCH + now - Duration::from_millis(rand::random_range(0..200));
+        }
+        put(&mut flight, seq, &batch).await?;
+        // And an app's own counter, as OTLP delta points of 2.
+        if seq % 4 == 0 {
+            let nanos = now.as_nanos().to_string();
+            let point = serde_json::json!({"resourceMetrics": [{
+                "resource": {"attributes": [
+                    {"key": "service.name", "value": {"stringValue": "checkout"}}]},
+                "scopeMetrics": [{"metrics": [{"name": "orders", "sum": {
+                    "aggregationTemporality": 1, "isMonotonic": true,
+                    "dataPoints": [{"asInt": "2", "timeUnixNano": nanos,
+                        "startTimeUnixNano": nanos}]}}]}]}]});
+            let resp = reqwest::Client::new()
+                .post(format!("http://127.0.0.1:{}/v1/metrics", ports.otlp_http))
+                .json(&point)
+                .send()
+                .await?;
+            assert_eq!(resp.status(), 200);
+            orders += 2.0;
+        }
+        seq += 1;
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let end = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs();
+    // The window after the last request's, once Prometheus has it.
+    let t = (end / 10 + 2) * 10;
+    let prom = format!("http://127.0.0.1:{prom_port}");
+    let lumen = format!("http://127.0.0.1:{}", ports.query);
+    let deadline = std::time::Instant::now() + Duration::from_secs(90);
+    loop {
+        let newest = instant(&prom, None, "max(timestamp(istio_requests_total))")
+            .ok()
+            .and_then(|v| v.first().map(|s| number(&s["value"][1])))
+            .unwrap_or(0.0);
+        if newest >= t as f64 {
+            break;
+        }
+        if std::time::Instant::now() > deadline {
+            let log =
+                std::fs::read_to_string(dir.path().join("prometheus.err")).unwrap_or_default();
+            bail!("Prometheus has Istio's series only through {newest}, not {t}\n{log}");
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+
+    // Over 15 minutes Lumen answers from the same ten-second samples it sent.
+    let questions = [
+        "sum(rate(istio_requests_total[15m]))",
+        "sum by (destination_service, response_code) (rate(istio_requests_total[15m]))",
+        "sum(rate(istio_requests_total{response_code=~\"5..\"}[15m])) / sum(rate(istio_requests_total[15m]))",
+        "histogram_quantile(0.99, sum by (le) (rate(istio_request_duration_milliseconds_bucket[15m])))",
+        "histogram_quantile(0.99, sum by (destination_app, le) (rate(istio_request_duration_milliseconds_bucket[15m])))",
+    ];
+    for q in questions {
+        let answers = |server: &str| -> Result<BTreeMap<String, f64>> {
+            Ok(instant(server, Some(t), q)?
+                .iter()
+                .map(|s| (s["metric"].to_string(), number(&s["value"][1])))
+                .collect())
+        };
+        let (from_prometheus, from_lumen) = (answers(&prom)?, answers(&lumen)?);
+        assert!(!from_lumen.is_empty(), "{q}: Lumen has no answer");
+        assert_eq!(
+            from_prometheus.keys().collect::<Vec<_>>(),
+            from_lumen.keys().collect::<Vec<_>>(),
+            "{q}"
+        );
+        for (k, v) in &from_lumen {
+            assert!(
+                same(*v, from_prometheus[k]),
+                "{q} {k}: Lumen {v}, Prometheus {}",
+                from_prometheus[k]
+            );
+        }
+    }
+    // The app's delta counter arrives as the cumulative `_total` PromQL
+    // expects, by its Prometheus name.
+    let total = instant(&prom, Some(t), "orders_total{job=\"checkout\"}")?;
+    assert_eq!(total.len(), 1, "{total:?}");
+    assert_eq!(number(&total[0]["value"][1]), orders, "{total:?}");
+    let _ = server.kill();
+    let _ = server.wait();
+
+    // The stand-ins: retried into acceptance, refused and counted.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let text = loop {
+        let text = reqwest::get(format!("{lumen}/metrics"))
+            .await?
+            .text()
+            .await?;
+        let sent = metric(
+            &text,
+            &format!(
+                "lumen_remote_write_samples_sent_total{{remote=\"http://127.0.0.1:{stand_in}/flaky\"}}"
+            ),
+        );
+        let refused = metric(
+            &text,
+            &format!(
+                "lumen_remote_write_samples_dropped_total{{remote=\"http://127.0.0.1:{stand_in}/refuse\",reason=\"rejected\"}}"
+            ),
+        );
+        if (sent > 0.0 && refused > 0.0) || std::time::Instant::now() > deadline {
+            break text;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    let of = |remote: &str, name: &str, extra: &str| {
+        metric(
+            &text,
+            &format!("lumen_remote_write_{name}{{remote=\"{remote}\"{extra}}}"),
+        )
+    };
+    let flaky_name = format!("http://127.0.0.1:{stand_in}/flaky");
+    let refuse_name = format!("http://127.0.0.1:{stand_in}/refuse");
+    assert!(of(&flaky_name, "samples_sent_total", "") > 0.0, "{text}");
+    assert!(of(&flaky_name, "retries_total", "") >= 2.0, "{text}");
+    assert!(
+        of(
+            &refuse_name,
+            "samples_dropped_total",
+            ",reason=\"rejected\""
+        ) > 0.0,
+        "{text}"
+    );
+    assert_eq!(of(&refuse_name, "samples_sent_total", ""), 0.0, "{text}");
+    for reason in ["queue_full", "rejected", "shutdown"] {
+        assert_eq!(
+            of(
+                &prom_write,
+                "samples_dropped_total",
+                &format!(",reason=\"{reason}\"")
+            ),
+            0.0,
+            "{text}"
+        );
+    }
+    assert!(of(&prom_write, "samples_sent_total", "") > 0.0, "{text}");
+    let seen = seen.lock().unwrap_or_else(|p| p.into_inner());
+    let flaky_auth: Vec<_> = seen
+        .requests
+        .iter()
+        .filter(|r| r.0 == "/flaky")
+        .map(|r| (r.1.clone(), r.2))
+        .collect();
+    assert!(flaky_auth.len() >= 3, "{flaky_auth:?}");
+    // "u:p@ss", from the URL's user info.
+    assert!(
+        flaky_auth
+            .iter()
+            .all(|(auth, encoded)| auth.as_deref() == Some("Basic dTpwQHNz") && *encoded),
+        "{flaky_auth:?}"
+    );
+    Ok(())
+}

@@ -293,6 +293,8 @@ pub struct IstioSource {
     /// Read raw `requests` rows instead of rollups: the same series, the
     /// way to check rollups and to measure what they save.
     raw: bool,
+    /// See [`IstioSource::exporting`].
+    export: bool,
 }
 
 /// The aggregate columns `r, qb, pb, d` and `b0…` (cumulative duration
@@ -332,7 +334,17 @@ impl IstioSource {
             origin,
             now_ms,
             raw: false,
+            export: false,
         }
+    }
+
+    /// Samples as a remote-write receiver should get them: every ten
+    /// seconds (the rollups' windows, never the live tier's seconds), and
+    /// a series born in the window starting at `from` gets its 0 there,
+    /// so the receiver counts its first window's requests.
+    pub fn exporting(mut self) -> Self {
+        self.export = true;
+        self
     }
 
     /// Series from raw `requests` rows rather than rollups.
@@ -1096,7 +1108,11 @@ impl IstioSource {
         // The last minutes at one-second resolution: the rollups' closed
         // windows before them, the live tier's seconds since — if the tier
         // holds every row since then.
-        let seconds = self.second_grid(from, to);
+        let seconds = if self.export {
+            None
+        } else {
+            self.second_grid(from, to)
+        };
         if let Some(grid) = seconds.as_ref().filter(|_| !self.raw) {
             let cut = grid.first.min(self.now_ms - LIVE_CUT_MS).div_euclid(10_000) * 10_000;
             if cut / 1000 >= self.engine.store().live_complete_from() {
@@ -1111,11 +1127,8 @@ impl IstioSource {
                 // Ten-second windows unless the range is long: then minutes
                 // keep the samples (and the scan) small — if a range
                 // function still gets four samples per window.
-                let w: i64 = if to - from > 6 * 3_600_000 && range.is_none_or(|r| r >= 240_000) {
-                    60_000
-                } else {
-                    10_000
-                };
+                let long = to - from > 6 * 3_600_000 && range.is_none_or(|r| r >= 240_000);
+                let w: i64 = if long && !self.export { 60_000 } else { 10_000 };
                 let first = from.div_euclid(w) * w;
                 let end = to.min(self.now_ms.div_euclid(w) * w);
                 if end < first + w {
@@ -1178,7 +1191,8 @@ impl IstioSource {
         let mut gathered = Gathered::new(selector, family, grid.points(), limit);
         gathered.add_batches(&base, &range, buckets, &grid)?;
         check_samples(&gathered, buckets, selector)?;
-        Ok(gathered.samples(&grid, from))
+        let born_after = if self.export { from - 1 } else { from };
+        Ok(gathered.samples(&grid, born_after))
     }
 
     /// The rollups' closed windows before `cut` as the base, the live

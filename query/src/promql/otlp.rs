@@ -152,14 +152,15 @@ impl OtlpSource {
         Ok(self.engine.execute(sql, &self.origin).await?.batches)
     }
 
-    /// The stored metrics with points in `(from, to]`, under every name.
-    async fn catalog(&self, from: i64, to: i64) -> Result<Vec<Named>, PromError> {
+    /// The stored metrics with points in `(from, to]` (of `scopes`), under every name.
+    async fn catalog(&self, from: i64, to: i64, scopes: Scopes) -> Result<Vec<Named>, PromError> {
         let sql = format!(
             "SELECT DISTINCT CAST(name AS VARCHAR) AS name, CAST(type AS VARCHAR) AS type, \
              COALESCE(CAST(unit AS VARCHAR), '') AS unit, COALESCE(is_monotonic, false) AS mono \
-             FROM metrics WHERE time > {} AND time <= {}",
+             FROM metrics WHERE time > {} AND time <= {}{}",
             ts(from),
-            ts(to)
+            ts(to),
+            scopes.filter(),
         );
         let mut out = Vec::new();
         for b in self.sql(&sql).await? {
@@ -177,12 +178,15 @@ impl OtlpSource {
         Ok(out)
     }
 
-    /// Samples of one metric's part, per label set.
+    /// Samples of one metric's part, per label set. Delta points are
+    /// added to `totals` (each series' running total before `from`).
     async fn fetch(
         &self,
         named: &Named,
         from: i64,
         to: i64,
+        scopes: Scopes,
+        totals: &mut BTreeMap<Labels, f64>,
     ) -> Result<BTreeMap<Labels, Vec<(i64, f64)>>, PromError> {
         // The instance: the SDK's `service.instance.id`, or where it runs,
         // so replicas' counters stay apart.
@@ -193,17 +197,16 @@ impl OtlpSource {
              CAST(aggregation_temporality AS VARCHAR), CAST(scope_name AS VARCHAR) \
              FROM metrics WHERE name = {} AND type = {} \
              AND COALESCE(CAST(unit AS VARCHAR), '') = {} AND COALESCE(is_monotonic, false) = {} \
-             AND time > {} AND time <= {} ORDER BY time",
+             AND time > {} AND time <= {}{} ORDER BY time",
             quote(&named.otlp),
             quote(&named.kind),
             quote(&named.unit),
             named.monotonic,
             ts(from),
-            ts(to)
+            ts(to),
+            scopes.filter(),
         );
         let mut series: BTreeMap<Labels, Vec<(i64, f64)>> = BTreeMap::new();
-        // Running totals of delta series, per label set.
-        let mut totals: BTreeMap<Labels, f64> = BTreeMap::new();
         for b in self.sql(&sql).await? {
             let time = b.column(0).as_primitive::<TimestampMicrosecondType>();
             let strings = |i: usize| utf8(b.column(i));
@@ -301,6 +304,26 @@ impl OtlpSource {
     }
 }
 
+/// Which instrumentation scopes' metrics a read takes.
+#[derive(Debug, Clone, Copy)]
+enum Scopes {
+    All,
+    /// Not what a Prometheus remote-wrote to Lumen.
+    Own,
+}
+
+impl Scopes {
+    fn filter(self) -> String {
+        match self {
+            Scopes::All => String::new(),
+            Scopes::Own => format!(
+                " AND (scope_name IS NULL OR CAST(scope_name AS VARCHAR) <> {})",
+                quote(REMOTE_WRITE_SCOPE)
+            ),
+        }
+    }
+}
+
 /// A bucket bound or quantile as Prometheus prints it (`0.5`, `10`, `+Inf`).
 fn format_bound(v: f64) -> String {
     if v.is_infinite() {
@@ -318,7 +341,7 @@ impl Source for OtlpSource {
         to: i64,
         _range: Option<i64>,
     ) -> Result<Vec<RawSeries>, PromError> {
-        let mut catalog = self.catalog(from, to).await?;
+        let mut catalog = self.catalog(from, to, Scopes::All).await?;
         // A selector that does not name its metric gets each once, by
         // Prometheus's name, not once per alias.
         if selector.name.is_none() {
@@ -328,7 +351,11 @@ impl Source for OtlpSource {
         let wanted: Vec<&str> = selected_names(selector, &names);
         let mut out = Vec::new();
         for named in catalog.iter().filter(|n| wanted.contains(&n.prom.as_str())) {
-            for (labels, samples) in self.fetch(named, from, to).await? {
+            let mut totals = BTreeMap::new();
+            for (labels, samples) in self
+                .fetch(named, from, to, Scopes::All, &mut totals)
+                .await?
+            {
                 if matches(&selector.matchers, &labels) {
                     out.push(RawSeries { labels, samples });
                 }
@@ -339,6 +366,29 @@ impl Source for OtlpSource {
 }
 
 impl OtlpSource {
+    /// Every series' samples in `(from, to]` by Prometheus's names, apps'
+    /// and recording rules' (not those a Prometheus remote-wrote, which
+    /// would go back where they came from): what remote write sends.
+    /// `totals` carries delta series' running totals from one call to the
+    /// next, so they stay the cumulative counters a receiver expects.
+    pub async fn export(
+        &self,
+        from: i64,
+        to: i64,
+        totals: &mut BTreeMap<Labels, f64>,
+    ) -> Result<Vec<RawSeries>, PromError> {
+        let mut out = Vec::new();
+        for named in self.catalog(from, to, Scopes::Own).await? {
+            if !named.canonical {
+                continue;
+            }
+            for (labels, samples) in self.fetch(&named, from, to, Scopes::Own, totals).await? {
+                out.push(RawSeries { labels, samples });
+            }
+        }
+        Ok(out)
+    }
+
     /// The label sets of the series `selector` selects in `(from, to]`.
     pub async fn series(
         &self,
