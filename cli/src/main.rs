@@ -436,6 +436,7 @@ struct RemoteWriteArgs {
     /// --remote-write-key-file.
     #[arg(long = "remote-write-cert-file", value_name = "FILE")]
     cert_file: Option<PathBuf>,
+    /// The client certificate's private key (PEM).
     #[arg(long = "remote-write-key-file", value_name = "FILE")]
     key_file: Option<PathBuf>,
     /// Do not check the receiver's certificate (tests only).
@@ -448,34 +449,26 @@ struct RemoteWriteArgs {
 }
 
 impl RemoteWriteArgs {
-    /// The sender, when any URL is given; its progress is kept in `data_dir`.
-    fn writer(
+    /// The sender's configuration, when any URL is given; its progress is
+    /// kept in `data_dir`.
+    fn config(
         &self,
-        engine: &QueryEngine,
         data_dir: &std::path::Path,
-    ) -> Result<Option<lumen_query::remote_write::RemoteWriter>> {
-        if self.urls.is_empty() {
-            return Ok(None);
-        }
-        let writer = lumen_query::remote_write::RemoteWriter::new(
-            engine.clone(),
-            lumen_query::remote_write::RemoteWriteConfig {
-                urls: self.urls.clone(),
-                credentials: lumen_query::remote_write::Credentials {
-                    username: self.username.clone(),
-                    password_file: self.password_file.clone(),
-                    bearer_token_file: self.bearer_token_file.clone(),
-                    ca_file: self.ca_file.clone(),
-                    cert_file: self.cert_file.clone(),
-                    key_file: self.key_file.clone(),
-                    insecure_skip_verify: self.insecure_skip_verify,
-                },
-                capacity: self.capacity,
-                state_dir: Some(data_dir.join("remote-write")),
+    ) -> Option<lumen_query::remote_write::RemoteWriteConfig> {
+        (!self.urls.is_empty()).then(|| lumen_query::remote_write::RemoteWriteConfig {
+            urls: self.urls.clone(),
+            credentials: lumen_query::remote_write::Credentials {
+                username: self.username.clone(),
+                password_file: self.password_file.clone(),
+                bearer_token_file: self.bearer_token_file.clone(),
+                ca_file: self.ca_file.clone(),
+                cert_file: self.cert_file.clone(),
+                key_file: self.key_file.clone(),
+                insecure_skip_verify: self.insecure_skip_verify,
             },
-        )?;
-        engine.add_metrics(std::sync::Arc::new(writer.metrics_text()));
-        Ok(Some(writer))
+            capacity: self.capacity,
+            state_dir: Some(data_dir.join("remote-write")),
+        })
     }
 }
 
@@ -700,6 +693,8 @@ struct DemoArgs {
     store: StoreArgs,
     #[command(flatten)]
     policy: PolicyArgs,
+    #[command(flatten)]
+    remote_write: RemoteWriteArgs,
     /// Start a ratings incident (20 s of 503s) right away, rather than
     /// after the first --incident-every.
     #[arg(long)]
@@ -888,7 +883,11 @@ async fn up(a: UpArgs) -> Result<()> {
     };
     let engine =
         QueryEngine::new(collector.store(), query_config).context("starting the query executor")?;
-    let remote_writer = a.remote_write.writer(&engine, &a.data_dir)?;
+    let remote_writer = a
+        .remote_write
+        .config(&a.data_dir)
+        .map(|c| lumen_query::remote_write::RemoteWriter::new(engine.clone(), c))
+        .transpose()?;
     let mut servers = QueryServers::bind(&a.store.query, engine.clone()).await?;
     let board = Arc::new(lumen_policy::decide::Board::default());
     servers.query = servers
@@ -1347,6 +1346,7 @@ async fn demo(a: DemoArgs) -> Result<()> {
         },
         evaluation_interval: a.policy.evaluation_interval,
         alertmanagers: a.policy.alertmanagers.clone(),
+        remote_write: a.remote_write.config(&data_dir),
         incident_first: if a.incident {
             Duration::from_secs(2)
         } else {

@@ -85,6 +85,8 @@ pub struct DemoConfig {
     pub evaluation_interval: std::time::Duration,
     /// Alertmanagers to send firing alerts to.
     pub alertmanagers: Vec<String>,
+    /// Remote-write receivers to send the mesh's series to.
+    pub remote_write: Option<lumen_query::remote_write::RemoteWriteConfig>,
     /// When ratings fails for [`INCIDENT`]: first after `incident_first`,
     /// then every `incident_every`.
     pub incident_first: std::time::Duration,
@@ -233,6 +235,12 @@ pub async fn start(config: DemoConfig) -> Result<RunningDemo, DemoError> {
     };
     let engine = QueryEngine::new(store.clone(), query_config)
         .map_err(|e| DemoError::Setup(format!("cannot start the query executor: {e}")))?;
+    let remote_writer = config
+        .remote_write
+        .clone()
+        .map(|c| lumen_query::remote_write::RemoteWriter::new(engine.clone(), c))
+        .transpose()
+        .map_err(|e| DemoError::Setup(e.to_string()))?;
     let pg = PgServer::bind(config.pg, engine.clone(), None).await?;
     let pg_addr = pg.local_addr().unwrap_or(config.pg);
     let flight_sql = FlightSqlServer::bind(config.flight_sql, engine.clone()).await?;
@@ -374,6 +382,9 @@ pub async fn start(config: DemoConfig) -> Result<RunningDemo, DemoError> {
     // The policy engine, as in `lumen up`: rules over the live series,
     // decisions streamed to every sidecar, changes into `policy_events`.
     let mut control_tasks = control_tasks;
+    if let Some(w) = remote_writer {
+        control_tasks.push(tokio::spawn(w.run(control_rx.clone())));
+    }
     control_tasks.push(tokio::spawn(rules.clone().run(engine, control_rx.clone())));
     control_tasks.push(tokio::spawn({
         let (config_of, publish) = (resources.clone(), resources.clone());

@@ -15,6 +15,8 @@
 //! `GET /api/v1/queries`, `DELETE /api/v1/queries/{id}`, `/metrics`; with
 //! Prometheus's HTTP API, `/federate` and PromQL ([`promql`], checked
 //! against Prometheus's own engine tests in `tests/promqltest.rs`).
+//! [`remote_write`] sends the same series out to Prometheus remote-write
+//! receivers, reading them through the PromQL sources every ten seconds.
 
 pub mod dict_group;
 pub mod engine;

@@ -73,11 +73,11 @@ const DRAIN: Duration = Duration::from_secs(5);
 pub enum RemoteWriteError {
     #[error("--remote-write {url}: {reason}")]
     Url { url: String, reason: String },
-    #[error("{what} {path}: {source}")]
+    #[error("{what} {path}: {error}")]
     File {
         what: &'static str,
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("remote write TLS: {0}")]
     Tls(String),
@@ -171,14 +171,13 @@ pub struct RemoteWriter {
     capacity: usize,
     state_dir: Option<PathBuf>,
     metrics: Arc<Metrics>,
-    registry: Arc<Registry>,
 }
 
 fn read_file(what: &'static str, path: &Path) -> Result<Vec<u8>, RemoteWriteError> {
-    std::fs::read(path).map_err(|source| RemoteWriteError::File {
+    std::fs::read(path).map_err(|error| RemoteWriteError::File {
         what,
         path: path.to_path_buf(),
-        source,
+        error,
     })
 }
 
@@ -259,7 +258,8 @@ fn parse_url(raw: &str) -> Result<(reqwest::Url, UserInfo), RemoteWriteError> {
 }
 
 impl RemoteWriter {
-    /// Checks every URL and credential file; nothing is sent until [`run`](Self::run).
+    /// Checks every URL and credential file, and adds the sender's metrics
+    /// to the engine's `/metrics`; nothing is sent until [`run`](Self::run).
     pub fn new(engine: QueryEngine, config: RemoteWriteConfig) -> Result<Self, RemoteWriteError> {
         let c = &config.credentials;
         if c.bearer_token_file.is_some() && (c.username.is_some() || c.password_file.is_some()) {
@@ -343,6 +343,14 @@ impl RemoteWriter {
                 });
             }
         }
+        let registry = Arc::new(registry);
+        // On the query port's `/metrics`, beside the rest of the process's.
+        let text = registry.clone();
+        engine.add_metrics(Arc::new(move || {
+            let mut out = String::new();
+            let _ = prometheus_client::encoding::text::encode(&mut out, &text);
+            out
+        }));
         Ok(RemoteWriter {
             engine,
             destinations,
@@ -351,18 +359,7 @@ impl RemoteWriter {
             capacity: config.capacity.max(MAX_SAMPLES_PER_SEND),
             state_dir: config.state_dir,
             metrics,
-            registry: Arc::new(registry),
         })
-    }
-
-    /// The sender's metrics, in OpenMetrics text.
-    pub fn metrics_text(&self) -> impl Fn() -> String + Send + Sync + 'static {
-        let registry = self.registry.clone();
-        move || {
-            let mut out = String::new();
-            let _ = prometheus_client::encoding::text::encode(&mut out, &registry);
-            out
-        }
     }
 
     fn state_file(&self, d: &Destination) -> Option<PathBuf> {
