@@ -442,7 +442,8 @@ struct RemoteWriteArgs {
     /// Do not check the receiver's certificate (tests only).
     #[arg(long = "remote-write-insecure-skip-verify")]
     insecure_skip_verify: bool,
-    /// Samples each receiver's queue holds; more are dropped (counted in
+    /// Samples each receiver's queue holds (at least 2000); more are
+    /// dropped (counted in
     /// lumen_remote_write_samples_dropped_total{reason="queue_full"}).
     #[arg(long = "remote-write-queue-capacity", default_value_t = lumen_query::remote_write::DEFAULT_CAPACITY)]
     capacity: usize,

@@ -4,11 +4,13 @@
 //!
 //! A reader follows the store every ten seconds, the rollups' resolution:
 //! once a window has closed (and [`SETTLE`] more for late rows), it reads
-//! Istio's series at that window's end — cumulative, as a scrape every ten
-//! seconds would see them, staleness markers included — and the apps'
-//! OTLP metrics by their Prometheus names ([`crate::promql`]'s sources in
-//! export mode), and puts them on each destination's queue. The queue is
-//! bounded in samples; what does not fit is dropped and counted. Each
+//! Istio's series at that window's end ([`IstioExport`]: cumulative, as a
+//! scrape every ten seconds would see them, staleness markers included)
+//! and the apps' OTLP metrics by their Prometheus names
+//! ([`OtlpSource::export`]), merges them so each series' samples are in
+//! order, one per timestamp and never one already read, and puts them on
+//! each destination's queue. The queue is bounded in samples; a read waits
+//! a while for room, and what still does not fit is dropped and counted. Each
 //! destination's sender takes batches of up to [`MAX_SAMPLES_PER_SEND`]
 //! samples in order, one request at a time (so a series' samples arrive in
 //! order), as the protocol asks: snappy-compressed protobuf, retried with
@@ -20,7 +22,7 @@
 //! Nothing here is on the request path: a slow or dead receiver only fills
 //! its own queue.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -37,10 +39,9 @@ use tokio::sync::{Notify, watch};
 
 use crate::engine::QueryEngine;
 use crate::promql::PromError;
-use crate::promql::eval::Source;
-use crate::promql::istio::IstioSource;
+use crate::promql::istio::{IstioExport, IstioSource};
 use crate::promql::otlp::OtlpSource;
-use crate::promql::value::Labels;
+use crate::promql::value::{Labels, RawSeries};
 
 /// The rollups' window: one sample per series per window.
 pub const INTERVAL: Duration = Duration::from_secs(10);
@@ -68,6 +69,8 @@ const MAX_SPAN_MS: i64 = 5 * 60_000;
 const MAX_CARRIED: usize = 1_000_000;
 /// How long shutdown keeps sending what is queued.
 const DRAIN: Duration = Duration::from_secs(5);
+/// Longest a read waits for a receiver's queue to have room.
+const ROOM_WAIT: Duration = Duration::from_secs(30);
 
 #[derive(Debug, thiserror::Error)]
 pub enum RemoteWriteError {
@@ -135,15 +138,19 @@ struct Metrics {
 /// One `--remote-write` destination.
 struct Destination {
     url: reqwest::Url,
-    /// The URL without credentials: for logs, metrics and the state file.
+    /// The URL without credentials or query values: for logs, metrics
+    /// and the progress file.
     name: String,
     basic: UserInfo,
     queue: Queue,
-    /// Samples through this time (ms) are sent (or dropped for good).
+    /// Reads through this time (ms) have gone out (or been dropped for
+    /// good): a restart resumes after it.
     sent_through: AtomicI64,
+    /// Newest sample time a receiver accepted (ms).
+    highest_sent: AtomicI64,
 }
 
-/// Samples waiting for a destination, with the tick ends they complete.
+/// Samples waiting for a destination, oldest read first.
 #[derive(Default)]
 struct Queue {
     inner: Mutex<QueueInner>,
@@ -156,10 +163,10 @@ struct QueueInner {
     samples: usize,
 }
 
-enum Item {
-    Series(TimeSeries),
-    /// Everything read through this time (ms) is before it in the queue.
-    Through(i64),
+/// A series' samples from the read that ended at `tick` (ms).
+struct Item {
+    series: TimeSeries,
+    tick: i64,
 }
 
 /// Sends Lumen's series to every configured destination.
@@ -227,10 +234,24 @@ fn client(c: &Credentials) -> Result<reqwest::Client, RemoteWriteError> {
 /// A URL's `user:password@`.
 type UserInfo = Option<(String, Option<String>)>;
 
-/// A URL with its credentials taken out.
-fn parse_url(raw: &str) -> Result<(reqwest::Url, UserInfo), RemoteWriteError> {
+/// A URL as given, with any `user:password@` hidden: for error messages.
+fn redacted(raw: &str) -> String {
+    if let Some(at) = raw.find("://") {
+        let rest = &raw[at + 3..];
+        let authority = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+        if let Some(creds) = rest[..authority].rfind('@') {
+            return format!("{}://<credentials>@{}", &raw[..at], &rest[creds + 1..]);
+        }
+    }
+    raw.to_string()
+}
+
+/// A URL with its credentials taken out, and its name for logs, metrics
+/// and the progress file: without credentials, and query values (an API
+/// key, often) hidden.
+fn parse_url(raw: &str) -> Result<(reqwest::Url, UserInfo, String), RemoteWriteError> {
     let bad = |reason: String| RemoteWriteError::Url {
-        url: raw.to_string(),
+        url: redacted(raw),
         reason,
     };
     let mut url = reqwest::Url::parse(raw).map_err(|e| bad(e.to_string()))?;
@@ -254,7 +275,15 @@ fn parse_url(raw: &str) -> Result<(reqwest::Url, UserInfo), RemoteWriteError> {
     // Cannot fail on an http(s) URL with a host.
     let _ = url.set_username("");
     let _ = url.set_password(None);
-    Ok((url, basic))
+    let mut named = url.clone();
+    if url.query().is_some() {
+        let hidden: Vec<(String, &str)> = url
+            .query_pairs()
+            .map(|(k, _)| (k.into_owned(), "hidden"))
+            .collect();
+        named.query_pairs_mut().clear().extend_pairs(hidden);
+    }
+    Ok((url, basic, named.to_string()))
 }
 
 impl RemoteWriter {
@@ -278,15 +307,14 @@ impl RemoteWriter {
         let client = client(c)?;
         let mut destinations = Vec::new();
         for raw in &config.urls {
-            let (url, basic) = parse_url(raw)?;
-            let name = url.to_string();
+            let (url, basic, name) = parse_url(raw)?;
             if destinations
                 .iter()
                 .any(|d: &Arc<Destination>| d.name == name)
             {
                 return Err(RemoteWriteError::Url {
-                    url: raw.clone(),
-                    reason: "given twice".into(),
+                    url: redacted(raw),
+                    reason: "given twice (or differs from another only in its credentials or query values)".into(),
                 });
             }
             destinations.push(Arc::new(Destination {
@@ -295,6 +323,7 @@ impl RemoteWriter {
                 basic,
                 queue: Queue::default(),
                 sent_through: AtomicI64::new(i64::MIN),
+                highest_sent: AtomicI64::new(i64::MIN),
             }));
         }
         let metrics = Arc::new(Metrics::default());
@@ -367,9 +396,15 @@ impl RemoteWriter {
             .name
             .chars()
             .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
-            .take(120)
+            .take(100)
             .collect();
-        Some(self.state_dir.as_ref()?.join(format!("{safe}.json")))
+        // Two URLs alike once made safe still get files of their own.
+        let hash = twox_hash::XxHash64::oneshot(0, d.url.as_str().as_bytes());
+        Some(
+            self.state_dir
+                .as_ref()?
+                .join(format!("{safe}-{hash:016x}.json")),
+        )
     }
 
     /// Reads the store and sends until `stop` turns true; then sends what
@@ -381,13 +416,15 @@ impl RemoteWriter {
         }
         let now = chrono::Utc::now().timestamp_millis();
         let start = closed_through(now);
+        let oldest = start.saturating_sub(MAX_RESUME.as_millis() as i64);
         for d in &this.destinations {
             let resumed = this
                 .state_file(d)
                 .and_then(|f| std::fs::read_to_string(f).ok())
                 .and_then(|s| serde_json::from_str::<serde_json::Value>(&s).ok())
+                .filter(|v| v["url"].as_str() == Some(d.name.as_str()))
                 .and_then(|v| v["sent_through_ms"].as_i64())
-                .filter(|t| *t <= start && start - t <= MAX_RESUME.as_millis() as i64);
+                .filter(|t| (oldest..=start).contains(t));
             if let Some(t) = resumed {
                 tracing::info!(remote = %d.name, from = t, "remote write resumes where it stopped");
             }
@@ -406,6 +443,26 @@ impl RemoteWriter {
         }
     }
 
+    /// Whether every queue has room for a read's samples; waits up to
+    /// [`ROOM_WAIT`] for it (a receiver that is down must not hold the
+    /// others back for longer).
+    async fn room(&self, stop: &mut watch::Receiver<bool>) -> bool {
+        let deadline = tokio::time::Instant::now() + ROOM_WAIT;
+        loop {
+            let full = self.destinations.iter().any(|d| {
+                let q = d.queue.inner.lock().unwrap_or_else(|p| p.into_inner());
+                q.samples > self.capacity / 2
+            });
+            if !full || tokio::time::Instant::now() >= deadline {
+                return true;
+            }
+            tokio::select! {
+                () = tokio::time::sleep(Duration::from_millis(200)) => {}
+                _ = stop.wait_for(|s| *s) => return false,
+            }
+        }
+    }
+
     async fn read_loop(&self, mut stop: watch::Receiver<bool>) {
         let mut cursor = self
             .destinations
@@ -413,21 +470,26 @@ impl RemoteWriter {
             .map(|d| d.sent_through.load(Ordering::Relaxed))
             .min()
             .unwrap_or(0);
-        let mut carry: BTreeMap<Labels, f64> = BTreeMap::new();
+        let mut state = ReadState::default();
+        let step = INTERVAL.as_millis() as i64;
+        let mut span = MAX_SPAN_MS;
         loop {
             let now = chrono::Utc::now().timestamp_millis();
             let through = closed_through(now);
             if through <= cursor {
-                let next = cursor + INTERVAL.as_millis() as i64 + SETTLE.as_millis() as i64;
+                let next = cursor + step + SETTLE.as_millis() as i64;
                 let wait = Duration::from_millis((next - now).clamp(100, 60_000) as u64);
                 tokio::select! {
                     () = tokio::time::sleep(wait) => continue,
                     _ = stop.wait_for(|s| *s) => return,
                 }
             }
-            let to = through.min(cursor + MAX_SPAN_MS);
+            if !self.room(&mut stop).await {
+                return;
+            }
+            let to = through.min(cursor + span);
             let read = tokio::select! {
-                r = read(&self.engine, cursor, to, &mut carry) => r,
+                r = state.read(&self.engine, cursor, to) => r,
                 _ = stop.wait_for(|s| *s) => return,
             };
             match read {
@@ -436,10 +498,13 @@ impl RemoteWriter {
                         self.enqueue(d, &series, cursor, to);
                     }
                     cursor = to;
+                    span = MAX_SPAN_MS;
                 }
                 Err(e) => {
                     self.metrics.read_failures.inc();
-                    tracing::warn!(error = %e, "remote write: cannot read the store; trying again at the next window");
+                    // A read too big for the query limits is tried smaller.
+                    span = (span / 2).max(step);
+                    tracing::warn!(error = %e, "remote write: cannot read the store; trying again");
                     tokio::select! {
                         () = tokio::time::sleep(INTERVAL) => {}
                         _ = stop.wait_for(|s| *s) => return,
@@ -472,9 +537,11 @@ impl RemoteWriter {
                 continue;
             }
             q.samples += n;
-            q.items.push_back(Item::Series(ts));
+            q.items.push_back(Item {
+                series: ts,
+                tick: to,
+            });
         }
-        q.items.push_back(Item::Through(to));
         self.metrics
             .queued
             .get_or_create(&remote(d))
@@ -488,6 +555,9 @@ impl RemoteWriter {
     }
 
     fn drop_samples(&self, d: &Destination, reason: &'static str, n: u64) {
+        if n == 0 {
+            return;
+        }
         self.metrics
             .dropped
             .get_or_create(&DropLabels {
@@ -497,30 +567,29 @@ impl RemoteWriter {
             .inc_by(n);
     }
 
-    /// Takes up to a request's worth of samples, and the newest tick end
-    /// everything taken completes.
+    /// Takes up to a request's worth of samples, and the newest read they
+    /// come from.
     fn take(&self, d: &Destination) -> (Vec<TimeSeries>, Option<i64>) {
         let mut q = d.queue.inner.lock().unwrap_or_else(|p| p.into_inner());
-        let (mut batch, mut through, mut n) = (Vec::new(), None, 0usize);
-        while let Some(item) = q.items.pop_front() {
-            match item {
-                Item::Through(t) => through = Some(t),
-                Item::Series(mut ts) => {
-                    let room = MAX_SAMPLES_PER_SEND - n;
-                    if ts.samples.len() > room {
-                        // The rest of the series stays first in line.
-                        let rest = ts.samples.split_off(room);
-                        q.items.push_front(Item::Series(TimeSeries {
-                            labels: ts.labels.clone(),
-                            samples: rest,
-                        }));
-                    }
-                    n += ts.samples.len();
-                    batch.push(ts);
-                    if n == MAX_SAMPLES_PER_SEND {
-                        break;
-                    }
-                }
+        let (mut batch, mut tick, mut n) = (Vec::new(), None, 0usize);
+        while let Some(mut item) = q.items.pop_front() {
+            let room = MAX_SAMPLES_PER_SEND - n;
+            if item.series.samples.len() > room {
+                // The rest of the series stays first in line.
+                let rest = item.series.samples.split_off(room);
+                q.items.push_front(Item {
+                    series: TimeSeries {
+                        labels: item.series.labels.clone(),
+                        samples: rest,
+                    },
+                    tick: item.tick,
+                });
+            }
+            n += item.series.samples.len();
+            tick = tick.max(Some(item.tick));
+            batch.push(item.series);
+            if n == MAX_SAMPLES_PER_SEND {
+                break;
             }
         }
         q.samples -= n;
@@ -528,14 +597,31 @@ impl RemoteWriter {
             .queued
             .get_or_create(&remote(d))
             .set(q.samples as i64);
-        (batch, through)
+        (batch, tick)
+    }
+
+    /// Counts everything still queued for `d` as dropped at shutdown.
+    fn abandon_queue(&self, d: &Destination) {
+        let mut q = d.queue.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let n = std::mem::take(&mut q.samples);
+        q.items.clear();
+        drop(q);
+        self.metrics.queued.get_or_create(&remote(d)).set(0);
+        if n > 0 {
+            self.drop_samples(d, "shutdown", n as u64);
+            tracing::warn!(remote = %d.name, samples = n, "shutting down: queued remote write samples not sent (a restart reads them again)");
+        }
     }
 
     async fn send_loop(self: Arc<Self>, d: Arc<Destination>, mut stop: watch::Receiver<bool>) {
         let mut deadline: Option<tokio::time::Instant> = None;
         loop {
-            let (batch, through) = self.take(&d);
-            if batch.is_empty() && through.is_none() {
+            if deadline.is_some_and(|dl| tokio::time::Instant::now() >= dl) {
+                self.abandon_queue(&d);
+                return;
+            }
+            let (batch, tick) = self.take(&d);
+            if batch.is_empty() {
                 if deadline.is_some() {
                     return;
                 }
@@ -547,15 +633,18 @@ impl RemoteWriter {
                 }
                 continue;
             }
-            if !batch.is_empty() {
-                if deadline.is_none() && *stop.borrow() {
-                    deadline = Some(tokio::time::Instant::now() + DRAIN);
-                }
-                self.send(&d, batch, deadline, &mut stop).await;
-            }
-            if let Some(t) = through {
+            // A read whose samples have started going out is never read
+            // again: after a crash its rest is skipped (one sample of some
+            // series) rather than sent twice (refused as out of order).
+            if let Some(t) = tick
+                && t > d.sent_through.load(Ordering::Relaxed)
+            {
                 d.sent_through.store(t, Ordering::Relaxed);
                 self.save(&d, t);
+            }
+            if self.send(&d, batch, &mut deadline, &mut stop).await == Sent::Abandoned {
+                self.abandon_queue(&d);
+                return;
             }
         }
     }
@@ -576,15 +665,15 @@ impl RemoteWriter {
         }
     }
 
-    /// One request's samples, retried until accepted, refused for good, or
-    /// (shutting down) past `deadline`.
+    /// One request's samples, retried until accepted or refused for good
+    /// — or, once shutting down, until `deadline`.
     async fn send(
         &self,
         d: &Destination,
         batch: Vec<TimeSeries>,
-        mut deadline: Option<tokio::time::Instant>,
+        deadline: &mut Option<tokio::time::Instant>,
         stop: &mut watch::Receiver<bool>,
-    ) {
+    ) -> Sent {
         let samples: usize = batch.iter().map(|t| t.samples.len()).sum();
         let newest = batch
             .iter()
@@ -597,52 +686,71 @@ impl RemoteWriter {
             Err(e) => {
                 tracing::warn!(remote = %d.name, error = %e, "remote write: cannot compress a batch");
                 self.drop_samples(d, "rejected", samples as u64);
-                return;
+                return Sent::Done;
             }
         };
         let mut backoff = MIN_BACKOFF;
         loop {
-            let wait = match self.post(d, body.clone()).await {
+            let post = self.post(d, body.clone());
+            tokio::pin!(post);
+            let answer = loop {
+                match *deadline {
+                    Some(dl) => match tokio::time::timeout_at(dl, &mut post).await {
+                        Ok(answer) => break answer,
+                        Err(_) => {
+                            self.drop_samples(d, "shutdown", samples as u64);
+                            return Sent::Abandoned;
+                        }
+                    },
+                    None => tokio::select! {
+                        answer = &mut post => break answer,
+                        _ = stop.wait_for(|s| *s) => {
+                            *deadline = Some(tokio::time::Instant::now() + DRAIN);
+                        }
+                    },
+                }
+            };
+            let wait = match answer {
                 Ok(()) => {
                     self.metrics
                         .sent
                         .get_or_create(&remote(d))
                         .inc_by(samples as u64);
                     if let Some(t) = newest {
+                        let highest = d.highest_sent.fetch_max(t, Ordering::Relaxed).max(t);
                         self.metrics
                             .highest_sent
                             .get_or_create(&remote(d))
-                            .set(t / 1000);
+                            .set(highest / 1000);
                     }
-                    return;
+                    return Sent::Done;
                 }
                 Err(Failure::Fatal(message)) => {
                     tracing::warn!(remote = %d.name, samples, %message, "remote write refused a batch; dropped");
                     self.drop_samples(d, "rejected", samples as u64);
-                    return;
+                    return Sent::Done;
                 }
                 Err(Failure::Retry(message, after)) => {
                     tracing::debug!(remote = %d.name, %message, "remote write failed; retrying");
-                    after.unwrap_or(backoff)
+                    // A `Retry-After: 0` is no reason to hammer the receiver.
+                    after
+                        .filter(|a| !a.is_zero())
+                        .map_or(backoff, |a| a.max(backoff))
                 }
             };
             self.metrics.retries.get_or_create(&remote(d)).inc();
             backoff = (backoff * 2).min(MAX_BACKOFF);
-            if deadline.is_none() && *stop.borrow() {
-                deadline = Some(tokio::time::Instant::now() + DRAIN);
-            }
             let until = tokio::time::Instant::now() + wait;
-            if let Some(dl) = deadline
-                && until > dl
-            {
-                self.drop_samples(d, "shutdown", samples as u64);
-                tracing::warn!(remote = %d.name, samples, "shutting down: remote write batch not sent");
-                return;
-            }
-            tokio::select! {
-                () = tokio::time::sleep_until(until) => {}
-                _ = stop.wait_for(|s| *s), if deadline.is_none() => {
-                    deadline = Some(tokio::time::Instant::now() + DRAIN);
+            loop {
+                if deadline.is_some_and(|dl| until > dl) {
+                    self.drop_samples(d, "shutdown", samples as u64);
+                    return Sent::Abandoned;
+                }
+                tokio::select! {
+                    () = tokio::time::sleep_until(until) => break,
+                    _ = stop.wait_for(|s| *s), if deadline.is_none() => {
+                        *deadline = Some(tokio::time::Instant::now() + DRAIN);
+                    }
                 }
             }
         }
@@ -700,6 +808,15 @@ impl RemoteWriter {
     }
 }
 
+/// How a batch's sending ended.
+#[derive(Debug, PartialEq, Eq)]
+enum Sent {
+    /// Accepted, or refused for good (counted).
+    Done,
+    /// Shutting down: not sent (counted), nor anything queued after it.
+    Abandoned,
+}
+
 enum Failure {
     /// Worth trying again, after the receiver's `Retry-After` if it gave one.
     Retry(String, Option<Duration>),
@@ -718,50 +835,99 @@ fn closed_through(now_ms: i64) -> i64 {
     (now_ms - SETTLE.as_millis() as i64).div_euclid(w) * w
 }
 
-/// Every series Lumen sends, with its samples in `(from, to]` (and a
-/// series born at `from` its 0 there).
-async fn read(
-    engine: &QueryEngine,
-    from: i64,
-    to: i64,
-    carry: &mut BTreeMap<Labels, f64>,
-) -> Result<Vec<TimeSeries>, PromError> {
-    let origin = "remote write".to_string();
-    let every = match crate::promql::parse("{__name__=~\".+\"}")? {
-        promql_parser::parser::Expr::VectorSelector(vs) => vs,
-        other => {
-            return Err(PromError::Execution(format!(
-                "every series' selector parsed as {other}"
-            )));
+/// What the reader carries from one read to the next.
+#[derive(Default)]
+struct ReadState {
+    istio: IstioExport,
+    /// Delta OTLP series' running totals.
+    carry: BTreeMap<Labels, f64>,
+    /// Each series' newest sample read: nothing at or before it is sent
+    /// again (a receiver refuses a batch holding one).
+    newest: HashMap<Labels, i64>,
+}
+
+impl ReadState {
+    /// Every series Lumen sends, with its samples in `(from, to]` (and a
+    /// series born at `from` its 0 there). What is carried changes only
+    /// when the whole read succeeds, so a failed one can be tried again.
+    async fn read(
+        &mut self,
+        engine: &QueryEngine,
+        from: i64,
+        to: i64,
+    ) -> Result<Vec<TimeSeries>, PromError> {
+        let origin = "remote write".to_string();
+        let mut istio = self.istio.clone();
+        let mut raw = istio
+            .read(&IstioSource::new(engine.clone(), origin.clone()), from, to)
+            .await?;
+        let mut carry = if self.carry.len() > MAX_CARRIED {
+            BTreeMap::new()
+        } else {
+            self.carry.clone()
+        };
+        raw.extend(
+            OtlpSource::new(engine.clone(), origin)
+                .export(from, to, &mut carry)
+                .await?,
+        );
+        self.istio = istio;
+        self.carry = carry;
+        if self.newest.len() > MAX_CARRIED {
+            self.newest.clear();
         }
-    };
-    let istio = IstioSource::new(engine.clone(), origin.clone()).exporting();
-    let mut raw = istio.select(&every, from, to, None).await?;
-    if carry.len() > MAX_CARRIED {
-        carry.clear();
+        Ok(merge(raw, &mut self.newest))
     }
-    raw.extend(
-        OtlpSource::new(engine.clone(), origin)
-            .export(from, to, carry)
-            .await?,
-    );
-    Ok(raw
-        .into_iter()
-        .filter(|s| !s.samples.is_empty())
-        .map(|s| TimeSeries {
-            labels: s
-                .labels
-                .into_iter()
-                .filter(|(_, v)| !v.is_empty())
-                .map(|(name, value)| Label { name, value })
-                .collect(),
-            samples: s
-                .samples
+}
+
+/// One entry per label set (two stored metrics may share a Prometheus
+/// name), samples in time order, one per timestamp (the last), none at or
+/// before what was read before; labels as the protocol wants them.
+fn merge(raw: Vec<RawSeries>, newest: &mut HashMap<Labels, i64>) -> Vec<TimeSeries> {
+    let mut merged: BTreeMap<Labels, Vec<(i64, f64)>> = BTreeMap::new();
+    for s in raw {
+        merged.entry(s.labels).or_default().extend(s.samples);
+    }
+    let mut out = Vec::with_capacity(merged.len());
+    for (labels, mut samples) in merged {
+        // Stable: of samples at one time, the last read stays last.
+        samples.sort_by_key(|p| p.0);
+        let mut unique: Vec<(i64, f64)> = Vec::with_capacity(samples.len());
+        for p in samples {
+            match unique.last_mut() {
+                Some(last) if last.0 == p.0 => *last = p,
+                _ => unique.push(p),
+            }
+        }
+        let after = newest.get(&labels).copied().unwrap_or(i64::MIN);
+        unique.retain(|p| p.0 > after);
+        let Some(&(last, _)) = unique.last() else {
+            continue;
+        };
+        newest.insert(labels.clone(), last);
+        let mut labels: Vec<Label> = labels
+            .into_iter()
+            .filter(|(_, v)| !v.is_empty())
+            .map(|(name, value)| Label {
+                // `:` is for metric names only.
+                name: if name == "__name__" {
+                    name
+                } else {
+                    name.replace(':', "_")
+                },
+                value,
+            })
+            .collect();
+        labels.sort_by(|a, b| a.name.cmp(&b.name));
+        out.push(TimeSeries {
+            labels,
+            samples: unique
                 .into_iter()
                 .map(|(timestamp, value)| Sample { value, timestamp })
                 .collect(),
-        })
-        .collect())
+        });
+    }
+    out
 }
 
 #[cfg(test)]
@@ -770,15 +936,28 @@ mod tests {
 
     #[test]
     fn credentials_come_out_of_the_url() {
-        let (url, basic) = parse_url("https://team:p%40ss@mimir.example:8080/api/v1/push").unwrap();
-        assert_eq!(url.as_str(), "https://mimir.example:8080/api/v1/push");
+        let (url, basic, name) =
+            parse_url("https://team:p%40ss@mimir.example:8080/api/v1/push?api_key=s3cret").unwrap();
+        assert_eq!(
+            url.as_str(),
+            "https://mimir.example:8080/api/v1/push?api_key=s3cret"
+        );
         assert_eq!(basic, Some(("team".into(), Some("p@ss".into()))));
-        let (url, basic) = parse_url("http://127.0.0.1:9090/api/v1/write").unwrap();
+        assert_eq!(
+            name,
+            "https://mimir.example:8080/api/v1/push?api_key=hidden"
+        );
+        let (url, basic, name) = parse_url("http://127.0.0.1:9090/api/v1/write").unwrap();
         assert_eq!(url.as_str(), "http://127.0.0.1:9090/api/v1/write");
+        assert_eq!(name, url.as_str());
         assert_eq!(basic, None);
-        let e = parse_url("ftp://x/").unwrap_err().to_string();
-        assert!(e.contains("http or https"), "{e}");
-        assert!(parse_url("not a url").is_err());
+        let e = parse_url("ftp://u:pw@x/").unwrap_err().to_string();
+        assert!(e.contains("http or https") && !e.contains("pw"), "{e}");
+        let e = parse_url("http://u:pw@ho st/").unwrap_err().to_string();
+        assert!(
+            e.contains("<credentials>@ho st") && !e.contains("pw"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -786,5 +965,45 @@ mod tests {
         // 12 s after a window ends it is read.
         assert_eq!(closed_through(1_000_022_000), 1_000_010_000);
         assert_eq!(closed_through(1_000_021_999), 1_000_000_000);
+    }
+
+    #[test]
+    fn merged_series_have_one_sample_per_time_in_order_and_none_twice() {
+        let l = |n: &str| -> Labels {
+            vec![
+                ("__name__".into(), n.into()),
+                ("a:b".into(), "x".into()),
+                ("empty".into(), String::new()),
+            ]
+        };
+        let mut newest = HashMap::new();
+        let raw = vec![
+            RawSeries {
+                labels: l("up"),
+                samples: vec![(20, 1.0), (10, 1.0)],
+            },
+            RawSeries {
+                labels: l("up"),
+                samples: vec![(20, 2.0), (30, 3.0)],
+            },
+        ];
+        let got = merge(raw, &mut newest);
+        assert_eq!(got.len(), 1);
+        let times: Vec<(i64, f64)> = got[0]
+            .samples
+            .iter()
+            .map(|s| (s.timestamp, s.value))
+            .collect();
+        assert_eq!(times, [(10, 1.0), (20, 2.0), (30, 3.0)]);
+        let names: Vec<&str> = got[0].labels.iter().map(|l| l.name.as_str()).collect();
+        assert_eq!(names, ["__name__", "a_b"]);
+        // Read again: only what is newer.
+        let again = vec![RawSeries {
+            labels: l("up"),
+            samples: vec![(30, 9.0), (40, 4.0)],
+        }];
+        let got = merge(again, &mut newest);
+        assert_eq!(got[0].samples.len(), 1);
+        assert_eq!(got[0].samples[0].timestamp, 40);
     }
 }

@@ -69,6 +69,17 @@ pub fn local(port: u16) -> SocketAddr {
 }
 
 /// A running `lumen` process; killed when dropped.
+/// A peer process (Prometheus, …) killed when the test ends, however it
+/// ends.
+pub struct KillOnDrop(pub Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 pub struct LumenProcess {
     child: Option<Child>,
     name: String,

@@ -891,6 +891,7 @@ async fn stand_in_receiver() -> Result<(u16, std::sync::Arc<std::sync::Mutex<See
                                 .map(str::to_string)
                         };
                         let encoded = header("content-encoding").as_deref() == Some("snappy")
+                            && header("content-type").as_deref() == Some("application/x-protobuf")
                             && header("x-prometheus-remote-write-version").as_deref()
                                 == Some("0.1.0");
                         let path = r.uri().path().to_string();
@@ -924,11 +925,11 @@ async fn stand_in_receiver() -> Result<(u16, std::sync::Arc<std::sync::Mutex<See
     Ok((port, seen))
 }
 
-/// A sample of Lumen's own `/metrics` (0 when absent).
+/// A sample of Lumen's own `/metrics`; a series that is not there fails.
 fn metric(text: &str, series: &str) -> f64 {
     text.lines()
         .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
-        .unwrap_or(0.0)
+        .unwrap_or_else(|| panic!("no {series} in /metrics:\n{text}"))
 }
 
 /// `lumen up --remote-write` sends Istio's series to a real Prometheus
@@ -944,17 +945,19 @@ async fn lumen_remote_writes_istio_series_to_prometheus() -> Result<()> {
     let prom_port = lumen_tests::free_port();
     let config = dir.path().join("prometheus.yml");
     std::fs::write(&config, "global:\n  scrape_interval: 1m\n")?;
-    let mut server = Command::new(prometheus)
-        .arg(format!("--config.file={}", config.display()))
-        .arg(format!(
-            "--storage.tsdb.path={}",
-            dir.path().join("tsdb").display()
-        ))
-        .arg(format!("--web.listen-address=127.0.0.1:{prom_port}"))
-        .arg("--web.enable-remote-write-receiver")
-        .stdout(std::fs::File::create(dir.path().join("prometheus.log"))?)
-        .stderr(std::fs::File::create(dir.path().join("prometheus.err"))?)
-        .spawn()?;
+    let server = lumen_tests::KillOnDrop(
+        Command::new(prometheus)
+            .arg(format!("--config.file={}", config.display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.path().join("tsdb").display()
+            ))
+            .arg(format!("--web.listen-address=127.0.0.1:{prom_port}"))
+            .arg("--web.enable-remote-write-receiver")
+            .stdout(std::fs::File::create(dir.path().join("prometheus.log"))?)
+            .stderr(std::fs::File::create(dir.path().join("prometheus.err"))?)
+            .spawn()?,
+    );
     let (stand_in, seen) = stand_in_receiver().await?;
 
     let mesh = dir.path().join("mesh.yaml");
@@ -1019,10 +1022,16 @@ async fn lumen_remote_writes_istio_series_to_prometheus() -> Result<()> {
     let lumen = format!("http://127.0.0.1:{}", ports.query);
     let deadline = std::time::Instant::now() + Duration::from_secs(90);
     loop {
-        let newest = instant(&prom, None, "max(timestamp(istio_requests_total))")
-            .ok()
-            .and_then(|v| v.first().map(|s| number(&s["value"][1])))
-            .unwrap_or(0.0);
+        // Every series of the last window, buckets too (they may come in a
+        // later request than the counters).
+        let newest = instant(
+            &prom,
+            None,
+            "min(max(timestamp(istio_requests_total)) or max(timestamp(istio_request_duration_milliseconds_bucket)))",
+        )
+        .ok()
+        .and_then(|v| v.first().map(|s| number(&s["value"][1])))
+        .unwrap_or(0.0);
         if newest >= t as f64 {
             break;
         }
@@ -1069,8 +1078,7 @@ async fn lumen_remote_writes_istio_series_to_prometheus() -> Result<()> {
     let total = instant(&prom, Some(t), "orders_total{job=\"checkout\"}")?;
     assert_eq!(total.len(), 1, "{total:?}");
     assert_eq!(number(&total[0]["value"][1]), orders, "{total:?}");
-    let _ = server.kill();
-    let _ = server.wait();
+    drop(server);
 
     // The stand-ins: retried into acceptance, refused and counted.
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
@@ -1135,6 +1143,26 @@ async fn lumen_remote_writes_istio_series_to_prometheus() -> Result<()> {
         .map(|r| (r.1.clone(), r.2))
         .collect();
     assert!(flaky_auth.len() >= 3, "{flaky_auth:?}");
+    // Progress is kept for a restart, under each URL's name.
+    let mut progress: Vec<serde_json::Value> = Vec::new();
+    for entry in std::fs::read_dir(dir.path().join("data").join("remote-write"))? {
+        let path = entry?.path();
+        if path.extension().is_some_and(|e| e == "json") {
+            progress.push(serde_json::from_slice(&std::fs::read(path)?)?);
+        }
+    }
+    assert_eq!(progress.len(), 3, "{progress:?}");
+    let through = |url: &str| {
+        progress
+            .iter()
+            .find(|p| p["url"] == url)
+            .and_then(|p| p["sent_through_ms"].as_i64())
+    };
+    assert!(
+        through(&prom_write) >= Some(t as i64 * 1000),
+        "{progress:?}"
+    );
+    assert!(through(&flaky_name).is_some(), "{progress:?}");
     // "u:p@ss", from the URL's user info.
     assert!(
         flaky_auth

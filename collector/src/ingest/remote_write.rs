@@ -131,19 +131,33 @@ fn describe(labels: &[Label]) -> String {
     format!("{{{}}}", parts.join(", "))
 }
 
+/// A series' latest sample: time (ms) and value bits.
+type Last = (i64, u64);
+
+/// What admitting a request changed for one series: its latest sample
+/// before (if any) and after.
+type Advance = (u64, Option<Last>, Last);
+
 impl Latest {
     /// Checks `req` against each series' latest sample and Prometheus's
     /// rules; drops samples the store already has, and remembers the new
     /// latest ones. On error nothing is remembered: the request is refused
-    /// whole. Returns the keys it advanced, to [`Latest::forget`] should
-    /// the samples not be stored after all.
-    fn admit(&self, req: &mut WriteRequest) -> Result<Vec<u64>, String> {
+    /// whole. Returns what it advanced, to [`Latest::undo`] should the
+    /// samples not be stored after all.
+    fn admit(&self, req: &mut WriteRequest) -> Result<Vec<Advance>, String> {
+        // Hashing is the costly part: outside the lock.
+        let keys: Vec<u64> = req
+            .timeseries
+            .iter()
+            .map(|t| series_key(&t.labels))
+            .collect();
         let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        let mut advanced: HashMap<u64, (i64, u64)> = HashMap::new();
-        for (i, ts) in req.timeseries.iter_mut().enumerate() {
-            let key = series_key(&ts.labels);
-            let mut last = advanced.get(&key).or_else(|| map.get(&key)).copied();
+        let mut advanced: HashMap<u64, (Option<Last>, Last)> = HashMap::new();
+        for (i, (ts, key)) in req.timeseries.iter_mut().zip(keys).enumerate() {
+            let before = map.get(&key).copied();
+            let mut last = advanced.get(&key).map(|a| a.1).or(before);
             let mut error = None;
+            let mut moved = false;
             ts.samples.retain(|s| {
                 if error.is_some() {
                     return false;
@@ -168,6 +182,7 @@ impl Latest {
                     }
                     _ => {
                         last = Some((s.timestamp, bits));
+                        moved = true;
                         true
                     }
                 }
@@ -175,28 +190,38 @@ impl Latest {
             if let Some(e) = error {
                 return Err(e);
             }
-            if let Some(l) = last {
-                advanced.insert(key, l);
+            if let (true, Some(l)) = (moved, last) {
+                advanced.entry(key).or_insert((before, l)).1 = l;
             }
         }
-        if map.len() + advanced.len() > MAX_TRACKED {
+        let new = advanced.values().filter(|a| a.0.is_none()).count();
+        if map.len() + new > MAX_TRACKED {
             tracing::warn!(
                 tracked = map.len(),
                 "remote write: more series than are tracked for ordering; starting over"
             );
             map.clear();
         }
-        let keys = advanced.keys().copied().collect();
-        map.extend(advanced);
-        Ok(keys)
+        let mut out = Vec::with_capacity(advanced.len());
+        for (key, (before, after)) in advanced {
+            map.insert(key, after);
+            out.push((key, before, after));
+        }
+        Ok(out)
     }
 
-    /// Forgets series whose samples were admitted but not stored, so a
-    /// retry of them is not taken for a duplicate.
-    fn forget(&self, keys: &[u64]) {
+    /// Puts back what [`Latest::admit`] advanced for samples that were not
+    /// stored after all — where no other request has moved it since — so
+    /// a retry of them is neither a duplicate nor out of order.
+    fn undo(&self, advanced: &[Advance]) {
         let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        for k in keys {
-            map.remove(k);
+        for (key, before, after) in advanced {
+            if map.get(key) == Some(after) {
+                match before {
+                    Some(b) => map.insert(*key, *b),
+                    None => map.remove(key),
+                };
+            }
         }
     }
 }
@@ -256,7 +281,7 @@ async fn write(State(receiver): State<Arc<Receiver>>, headers: HeaderMap, body: 
     };
     let stored = store(&receiver.wal, req).await;
     if stored.status() != StatusCode::NO_CONTENT {
-        receiver.latest.forget(&admitted);
+        receiver.latest.undo(&admitted);
     }
     stored
 }
@@ -578,10 +603,27 @@ mod tests {
         let mut lost = WriteRequest {
             timeseries: vec![one("z", &[(1000, 1.0)])],
         };
-        let keys = latest.admit(&mut lost).unwrap();
-        latest.forget(&keys);
+        let advanced = latest.admit(&mut lost).unwrap();
+        latest.undo(&advanced);
         let mut lost_again = lost.clone();
         latest.admit(&mut lost_again).unwrap();
         assert_eq!(lost_again.timeseries[0].samples.len(), 1);
+
+        // Two requests at once: undoing the first leaves what the second
+        // advanced, and a series the first only repeated is untouched.
+        let mut a = WriteRequest {
+            timeseries: vec![one("s", &[(100, 1.0)]), one("x", &[(6000, 4.0)])],
+        };
+        let mut b = WriteRequest {
+            timeseries: vec![one("s", &[(110, 1.0)])],
+        };
+        let advanced_a = latest.admit(&mut a).unwrap();
+        assert_eq!(advanced_a.len(), 1, "x at its latest is not an advance");
+        latest.admit(&mut b).unwrap();
+        latest.undo(&advanced_a);
+        let mut older = WriteRequest {
+            timeseries: vec![one("s", &[(105, 1.0)])],
+        };
+        assert!(latest.admit(&mut older).is_err(), "s is still at 110");
     }
 }

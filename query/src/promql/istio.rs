@@ -293,8 +293,6 @@ pub struct IstioSource {
     /// Read raw `requests` rows instead of rollups: the same series, the
     /// way to check rollups and to measure what they save.
     raw: bool,
-    /// See [`IstioSource::exporting`].
-    export: bool,
 }
 
 /// The aggregate columns `r, qb, pb, d` and `b0…` (cumulative duration
@@ -334,17 +332,7 @@ impl IstioSource {
             origin,
             now_ms,
             raw: false,
-            export: false,
         }
-    }
-
-    /// Samples as a remote-write receiver should get them: every ten
-    /// seconds (the rollups' windows, never the live tier's seconds), and
-    /// a series born in the window starting at `from` gets its 0 there,
-    /// so the receiver counts its first window's requests.
-    pub fn exporting(mut self) -> Self {
-        self.export = true;
-        self
     }
 
     /// Series from raw `requests` rows rather than rollups.
@@ -1108,11 +1096,7 @@ impl IstioSource {
         // The last minutes at one-second resolution: the rollups' closed
         // windows before them, the live tier's seconds since — if the tier
         // holds every row since then.
-        let seconds = if self.export {
-            None
-        } else {
-            self.second_grid(from, to)
-        };
+        let seconds = self.second_grid(from, to);
         if let Some(grid) = seconds.as_ref().filter(|_| !self.raw) {
             let cut = grid.first.min(self.now_ms - LIVE_CUT_MS).div_euclid(10_000) * 10_000;
             if cut / 1000 >= self.engine.store().live_complete_from() {
@@ -1127,8 +1111,11 @@ impl IstioSource {
                 // Ten-second windows unless the range is long: then minutes
                 // keep the samples (and the scan) small — if a range
                 // function still gets four samples per window.
-                let long = to - from > 6 * 3_600_000 && range.is_none_or(|r| r >= 240_000);
-                let w: i64 = if long && !self.export { 60_000 } else { 10_000 };
+                let w: i64 = if to - from > 6 * 3_600_000 && range.is_none_or(|r| r >= 240_000) {
+                    60_000
+                } else {
+                    10_000
+                };
                 let first = from.div_euclid(w) * w;
                 let end = to.min(self.now_ms.div_euclid(w) * w);
                 if end < first + w {
@@ -1191,8 +1178,7 @@ impl IstioSource {
         let mut gathered = Gathered::new(selector, family, grid.points(), limit);
         gathered.add_batches(&base, &range, buckets, &grid)?;
         check_samples(&gathered, buckets, selector)?;
-        let born_after = if self.export { from - 1 } else { from };
-        Ok(gathered.samples(&grid, born_after))
+        Ok(gathered.samples(&grid, from))
     }
 
     /// The rollups' closed windows before `cut` as the base, the live
@@ -1300,5 +1286,290 @@ fn expand(
                 });
             }
         }
+    }
+}
+
+/// How often the totals [`IstioExport`] carries are checked against all of
+/// `rollups`: rows that arrived after their window was read count then.
+const RECONCILE_MS: i64 = 10 * 60_000;
+
+/// One Istio label set as [`IstioExport`] follows it.
+#[derive(Debug, Clone, PartialEq)]
+struct Tracked {
+    total: Aggs,
+    /// End of the last window it had requests in (ms).
+    seen: i64,
+    /// When its staleness marker went out, while it stays quiet.
+    marked: Option<i64>,
+}
+
+/// Istio's series for remote write, followed window by window as a
+/// scraper every ten seconds would see them: each label set's cumulative
+/// totals at every window's end while it has had requests in the last 5
+/// minutes, then one staleness marker, then nothing until it has requests
+/// again (when its total comes back at that window's start, so the
+/// window's requests count as an increase); a label set seen for the
+/// first time starts with a 0 at its first window's start. Each read
+/// scans only its own windows; the totals it carries start from, and are
+/// now and then checked against, everything `rollups` holds.
+#[derive(Debug, Default, Clone)]
+pub struct IstioExport {
+    series: HashMap<(Family, Labels), Tracked>,
+    reconciled: Option<i64>,
+}
+
+impl IstioExport {
+    /// Samples of every Istio series in the ten-second windows of
+    /// `[from, to)` (multiples of 10 s), each at its window's end.
+    pub async fn read(
+        &mut self,
+        source: &IstioSource,
+        from: i64,
+        to: i64,
+    ) -> Result<Vec<RawSeries>, PromError> {
+        const W: i64 = 10_000;
+        let (from, to) = (from.div_euclid(W) * W, to.div_euclid(W) * W);
+        if to <= from {
+            return Ok(Vec::new());
+        }
+        if self.reconciled.is_none_or(|r| from - r >= RECONCILE_MS) {
+            self.reconcile(source, from).await?;
+        }
+        let sql = format!(
+            "SELECT {keys}, time, {values} FROM rollups WHERE window_seconds = 10 \
+             AND time >= {f} AND time < {t} GROUP BY {groups}, time",
+            keys = key_select(false),
+            values = value_list(false, true),
+            groups = key_positions(),
+            f = ts(from),
+            t = ts(to),
+        );
+        let batches = source.sql(&sql).await?;
+        let n = ((to - from) / W) as usize;
+        let mut index = LabelIndex::new(None);
+        let mut windows: Vec<BTreeMap<usize, Aggs>> = vec![BTreeMap::new(); n];
+        for batch in &batches {
+            let times = window_starts(batch)?;
+            let keys = KeyColumns::new(batch)?;
+            let aggs = AggColumns::new(batch, true)?;
+            for row in 0..batch.num_rows() {
+                let k = (times.value(row) / 1000 - from).div_euclid(W);
+                if let Some(window) = usize::try_from(k).ok().and_then(|k| windows.get_mut(k)) {
+                    let i = index.index(&keys.key(row));
+                    add(window.entry(i).or_insert(ZERO), &aggs.read(row));
+                }
+            }
+        }
+        let mut out: HashMap<(Family, Labels), Vec<(i64, Aggs)>> = HashMap::new();
+        for (k, window) in windows.into_iter().enumerate() {
+            let start = from + k as i64 * W;
+            let data = window
+                .into_iter()
+                .map(|(i, a)| (index.sets[i].clone(), a))
+                .collect();
+            self.step(start, start + W, data, &mut out);
+        }
+        let every = VectorSelector::default();
+        let mut raw = Vec::new();
+        for family in [Family::Http, Family::Tcp] {
+            let metrics: Vec<&'static Metric> =
+                METRICS.iter().filter(|m| m.family == family).collect();
+            let per_key: Cumulative = out
+                .iter()
+                .filter(|((f, _), _)| *f == family)
+                .map(|((_, labels), samples)| (labels.clone(), samples.clone()))
+                .collect();
+            expand(per_key, &metrics, &every, &mut raw);
+        }
+        Ok(raw)
+    }
+
+    /// One window: `data` is what each label set did in it.
+    fn step(
+        &mut self,
+        start: i64,
+        end: i64,
+        data: Vec<((Family, Labels), Aggs)>,
+        out: &mut HashMap<(Family, Labels), Vec<(i64, Aggs)>>,
+    ) {
+        for (key, a) in data {
+            let samples = out.entry(key.clone()).or_default();
+            match self.series.get_mut(&key) {
+                None => {
+                    samples.push((start, ZERO));
+                    self.series.insert(
+                        key,
+                        Tracked {
+                            total: a,
+                            seen: end,
+                            marked: None,
+                        },
+                    );
+                }
+                Some(t) => {
+                    // Back after its marker: first the total it had.
+                    if t.marked.is_some_and(|at| at < start) {
+                        samples.push((start, t.total));
+                    }
+                    add(&mut t.total, &a);
+                    t.seen = end;
+                    t.marked = None;
+                }
+            }
+        }
+        for (key, t) in &mut self.series {
+            if t.marked.is_some() {
+                continue;
+            }
+            let sample = if end - t.seen <= STALE_AFTER_MS {
+                t.total
+            } else {
+                t.marked = Some(end);
+                STALE
+            };
+            out.entry(key.clone()).or_default().push((end, sample));
+        }
+    }
+
+    /// Brings the carried totals up to everything stored before `from`:
+    /// the first time, all of them; later, rows that came after their
+    /// window was read. Counters only grow, so each field takes the larger.
+    async fn reconcile(&mut self, source: &IstioSource, from: i64) -> Result<(), PromError> {
+        let minute = from.div_euclid(60_000) * 60_000;
+        let sql = format!(
+            "SELECT {keys}, {values}, MAX(to_unixtime(time) + window_seconds) AS last_seen \
+             FROM rollups WHERE (window_seconds = 60 AND time < {m}) \
+             OR (window_seconds = 10 AND time >= {m} AND time < {f}) GROUP BY {groups}",
+            keys = key_select(false),
+            values = value_list(false, true),
+            groups = key_positions(),
+            m = ts(minute),
+            f = ts(from),
+        );
+        let batches = source.sql(&sql).await?;
+        let mut index = LabelIndex::new(None);
+        let mut truth: Vec<(Aggs, i64)> = Vec::new();
+        for batch in &batches {
+            let keys = KeyColumns::new(batch)?;
+            let aggs = AggColumns::new(batch, true)?;
+            let seen = cast(column(batch, "last_seen")?, &DataType::Int64)
+                .map_err(|e| PromError::Execution(format!("reading last_seen: {e}")))?;
+            let seen = seen.as_primitive::<Int64Type>();
+            for row in 0..batch.num_rows() {
+                let i = index.index(&keys.key(row));
+                if i == truth.len() {
+                    truth.push((ZERO, i64::MIN));
+                }
+                add(&mut truth[i].0, &aggs.read(row));
+                if seen.is_valid(row) {
+                    truth[i].1 = truth[i].1.max(seen.value(row).saturating_mul(1000));
+                }
+            }
+        }
+        for (key, (total, seen)) in index.sets.into_iter().zip(truth) {
+            match self.series.get_mut(&key) {
+                Some(t) => {
+                    for (a, b) in t.total.iter_mut().zip(&total) {
+                        *a = a.max(*b);
+                    }
+                }
+                // Quiet for longer than the lookback already: no marker
+                // to send, nothing until it has requests again.
+                None => {
+                    let quiet = from - seen > STALE_AFTER_MS;
+                    self.series.insert(
+                        key,
+                        Tracked {
+                            total,
+                            seen,
+                            marked: quiet.then_some(i64::MIN),
+                        },
+                    );
+                }
+            }
+        }
+        self.reconciled = Some(from);
+        Ok(())
+    }
+}
+
+/// A batch's window starts, in µs whatever unit the scan gave them.
+fn window_starts(
+    batch: &RecordBatch,
+) -> Result<arrow::array::PrimitiveArray<TimestampMicrosecondType>, PromError> {
+    let times = cast(
+        column(batch, "time")?,
+        &DataType::Timestamp(arrow::datatypes::TimeUnit::Microsecond, Some("UTC".into())),
+    )
+    .map_err(|e| PromError::Execution(format!("reading window starts: {e}")))?;
+    times
+        .as_primitive_opt::<TimestampMicrosecondType>()
+        .cloned()
+        .ok_or_else(|| PromError::Execution("window starts have an unexpected type".into()))
+}
+
+#[cfg(test)]
+mod export_tests {
+    use super::*;
+
+    fn key(route: &str) -> (Family, Labels) {
+        (Family::Http, vec![("route".into(), route.into())])
+    }
+
+    fn requests(n: f64) -> Aggs {
+        let mut a = ZERO;
+        a[0] = n;
+        a
+    }
+
+    /// Runs windows `[start, start + 10 s)` with `data`, returning each
+    /// label set's (time, requests) samples.
+    fn run(
+        e: &mut IstioExport,
+        start: i64,
+        data: Vec<((Family, Labels), Aggs)>,
+    ) -> BTreeMap<String, Vec<(i64, f64)>> {
+        let mut out = HashMap::new();
+        e.step(start, start + 10_000, data, &mut out);
+        out.into_iter()
+            .map(|((_, l), s)| {
+                (
+                    l[0].1.clone(),
+                    s.into_iter().map(|(t, a)| (t, a[0])).collect(),
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn series_are_born_at_zero_go_stale_once_and_come_back_with_their_total() {
+        let mut e = IstioExport::default();
+        // Born: a 0 at the window's start, then its total at the end.
+        let got = run(&mut e, 0, vec![(key("a"), requests(3.0))]);
+        assert_eq!(got["a"], [(0, 0.0), (10_000, 3.0)]);
+        // Quiet: the same total every window for 5 minutes…
+        for k in 1..=30 {
+            let got = run(&mut e, k * 10_000, vec![]);
+            assert_eq!(got["a"], [((k + 1) * 10_000, 3.0)], "window {k}");
+        }
+        // …then one marker, then nothing.
+        let got = run(&mut e, 310_000, vec![]);
+        assert_eq!(got["a"].len(), 1);
+        assert!(super::super::eval::is_stale(got["a"][0].1));
+        for k in 32..40 {
+            assert!(run(&mut e, k * 10_000, vec![]).is_empty(), "window {k}");
+        }
+        // Back: its old total at the window's start, then the new one.
+        let got = run(&mut e, 400_000, vec![(key("a"), requests(2.0))]);
+        assert_eq!(got["a"], [(400_000, 3.0), (410_000, 5.0)]);
+        // Requests in the window right after its marker: no sample at the
+        // marker's own time (that would be a duplicate timestamp).
+        let mut e = IstioExport::default();
+        run(&mut e, 0, vec![(key("b"), requests(1.0))]);
+        for k in 1..=31 {
+            run(&mut e, k * 10_000, vec![]);
+        }
+        let got = run(&mut e, 320_000, vec![(key("b"), requests(1.0))]);
+        assert_eq!(got["b"], [(330_000, 2.0)]);
     }
 }
