@@ -25,6 +25,11 @@ pub struct IstioKey<'a> {
     pub destination_principal: &'a str,
 }
 
+/// The cluster every series names as its `source_cluster` and
+/// `destination_cluster`: Istio's default cluster id, for a single
+/// cluster (its dashboards filter by it).
+pub const CLUSTER: &str = "Kubernetes";
+
 /// A value, or Istio's `unknown` for none.
 fn known(v: &str) -> String {
     if v.is_empty() { "unknown" } else { v }.to_string()
@@ -60,9 +65,20 @@ impl IstioKey<'_> {
             "grpc" => "grpc",
             _ => "http",
         };
+        // Istio's canonical revision is the version label, or `latest`.
+        let revision = |v: &str| if v.is_empty() { "latest" } else { v }.to_string();
         let mut labels = vec![
             ("connection_security_policy", policy.to_string()),
             ("destination_app", self.destination_service.to_string()),
+            (
+                "destination_canonical_revision",
+                revision(self.destination_version),
+            ),
+            (
+                "destination_canonical_service",
+                self.destination_service.to_string(),
+            ),
+            ("destination_cluster", CLUSTER.to_string()),
             ("destination_principal", known(self.destination_principal)),
             ("destination_service", fqdn),
             (
@@ -86,6 +102,9 @@ impl IstioKey<'_> {
             ("request_protocol", request_protocol.to_string()),
             ("response_flags", self.response_flags.to_string()),
             ("source_app", self.source_service.to_string()),
+            ("source_canonical_revision", revision(self.source_version)),
+            ("source_canonical_service", self.source_service.to_string()),
+            ("source_cluster", CLUSTER.to_string()),
             ("source_principal", known(self.source_principal)),
             ("source_version", self.source_version.to_string()),
             ("source_workload", self.source_workload.to_string()),
@@ -158,6 +177,9 @@ mod tests {
         assert_eq!(get("response_code"), Some("200"));
         assert_eq!(get("request_protocol"), Some("http"));
         assert_eq!(get("connection_security_policy"), Some("none"));
+        assert_eq!(get("source_cluster"), Some("Kubernetes"));
+        assert_eq!(get("destination_canonical_service"), Some("reviews"));
+        assert_eq!(get("destination_canonical_revision"), Some("v2"));
         let mut sorted = labels.clone();
         sorted.sort();
         assert_eq!(labels, sorted);

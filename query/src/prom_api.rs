@@ -464,8 +464,11 @@ async fn metadata(RawQuery(q): RawQuery) -> Response {
     let p = Params::new(q, &HeaderMap::new(), &[]);
     let wanted = p.get("metric");
     let mut out: BTreeMap<&str, Json> = BTreeMap::new();
-    for m in &istio::METRICS {
-        let (family, kind, help) = m.meta;
+    let metas = istio::METRICS
+        .iter()
+        .map(|m| m.meta)
+        .chain(std::iter::once(istio::BUILD_META));
+    for (family, kind, help) in metas {
         if wanted.is_some_and(|w| w != family) {
             continue;
         }

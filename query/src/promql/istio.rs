@@ -175,8 +175,22 @@ pub const METRICS: [Metric; 12] = [
     },
 ];
 
+/// Istio's build gauge: one series per proxy (its workload, as it
+/// reported in rollups), 1 while it reports, labelled `component="proxy"`
+/// and `tag` with the Lumen version, as each Istio proxy exposes it.
+pub const BUILD: &str = "istio_build";
+pub const BUILD_META: (&str, &str, &str) = (
+    BUILD,
+    "gauge",
+    "Version of the proxy (component, tag): one series per reporting workload.",
+);
+
 pub fn metric_names() -> Vec<&'static str> {
-    METRICS.iter().map(|m| m.name).collect()
+    METRICS
+        .iter()
+        .map(|m| m.name)
+        .chain(std::iter::once(BUILD))
+        .collect()
 }
 
 fn metric(name: &str) -> Option<&'static Metric> {
@@ -184,9 +198,12 @@ fn metric(name: &str) -> Option<&'static Metric> {
 }
 
 /// Labels of a series, besides `__name__`, `le`.
-pub const HTTP_LABELS: [&str; 20] = [
+pub const HTTP_LABELS: [&str; 26] = [
     "connection_security_policy",
     "destination_app",
+    "destination_canonical_revision",
+    "destination_canonical_service",
+    "destination_cluster",
     "destination_principal",
     "destination_service",
     "destination_service_name",
@@ -201,6 +218,9 @@ pub const HTTP_LABELS: [&str; 20] = [
     "response_flags",
     "route",
     "source_app",
+    "source_canonical_revision",
+    "source_canonical_service",
+    "source_cluster",
     "source_principal",
     "source_version",
     "source_workload",
@@ -213,9 +233,11 @@ fn column_of(label: &str) -> Option<&'static str> {
         "reporter" => "reporter",
         "source_workload" => "source_workload",
         "source_workload_namespace" => "source_namespace",
-        "source_app" => "source_service",
+        "source_app" | "source_canonical_service" => "source_service",
         "source_version" => "source_version",
-        "destination_service_name" | "destination_app" => "destination_service",
+        "destination_service_name" | "destination_app" | "destination_canonical_service" => {
+            "destination_service"
+        }
         "destination_service_namespace" | "destination_workload_namespace" => {
             "destination_namespace"
         }
@@ -381,6 +403,14 @@ impl IstioSource {
         let sets = self.label_sets(from, to).await?;
         let bounds = bucket_bounds();
         let mut out = Vec::new();
+        if names.contains(&BUILD) {
+            out.extend(
+                self.builds(selector, from, to)
+                    .await?
+                    .into_iter()
+                    .map(|s| s.labels),
+            );
+        }
         for name in names {
             let Some(m) = metric(name) else { continue };
             for (family, labels) in &sets {
@@ -759,7 +789,7 @@ impl Source for IstioSource {
     ) -> Result<Vec<RawSeries>, PromError> {
         let names = selected_names(selector, &metric_names());
         let mut families: BTreeMap<Family, Vec<&'static Metric>> = BTreeMap::new();
-        for name in names {
+        for &name in &names {
             if let Some(m) = metric(name) {
                 families.entry(m.family).or_default().push(m);
             }
@@ -772,7 +802,85 @@ impl Source for IstioSource {
                 .await?;
             expand(per_key, &metrics, selector, &mut out);
         }
+        if names.contains(&BUILD) {
+            out.extend(self.builds(selector, from, to).await?);
+        }
         Ok(out)
+    }
+}
+
+impl IstioSource {
+    /// `istio_build`: each workload that reported (as either side's
+    /// proxy) in a window has a 1 at that window's end.
+    async fn builds(
+        &self,
+        selector: &VectorSelector,
+        from: i64,
+        to: i64,
+    ) -> Result<Vec<RawSeries>, PromError> {
+        let w: i64 = if to - from > 6 * 3_600_000 {
+            60_000
+        } else {
+            10_000
+        };
+        let first = from.div_euclid(w) * w;
+        let sql = format!(
+            "SELECT DISTINCT CASE WHEN reporter = 'source' THEN arrow_cast(source_workload, 'Utf8') \
+             ELSE arrow_cast(destination_workload, 'Utf8') END AS workload, \
+             CASE WHEN reporter = 'source' THEN arrow_cast(source_namespace, 'Utf8') \
+             ELSE arrow_cast(destination_namespace, 'Utf8') END AS namespace, time \
+             FROM rollups WHERE window_seconds = {ws} AND time >= {f} AND time <= {t}",
+            ws = w / 1000,
+            f = ts(first),
+            t = ts(to - w),
+        );
+        let mut series: BTreeMap<Labels, Vec<(i64, f64)>> = BTreeMap::new();
+        for batch in self.sql(&sql).await? {
+            let times = window_starts(&batch)?;
+            let strings = |name: &str| {
+                cast(column(&batch, name)?, &DataType::Utf8)
+                    .map_err(|e| PromError::Execution(format!("reading rollups: {e}")))
+            };
+            let (workloads, namespaces) = (strings("workload")?, strings("namespace")?);
+            let (workloads, namespaces) =
+                (workloads.as_string::<i32>(), namespaces.as_string::<i32>());
+            for row in 0..batch.num_rows() {
+                let end = times.value(row) / 1000 + w;
+                if end <= from
+                    || end > to
+                    || workloads.is_null(row)
+                    || workloads.value(row).is_empty()
+                {
+                    continue;
+                }
+                let labels = value::normalize(vec![
+                    (METRIC_NAME.to_string(), BUILD.to_string()),
+                    ("component".into(), "proxy".into()),
+                    ("tag".into(), env!("CARGO_PKG_VERSION").into()),
+                    ("workload".into(), workloads.value(row).into()),
+                    (
+                        "namespace".into(),
+                        if namespaces.is_null(row) {
+                            ""
+                        } else {
+                            namespaces.value(row)
+                        }
+                        .into(),
+                    ),
+                ]);
+                if matches(&selector.matchers, &labels) {
+                    series.entry(labels).or_default().push((end, 1.0));
+                }
+            }
+        }
+        Ok(series
+            .into_iter()
+            .map(|(labels, mut samples)| {
+                samples.sort_unstable_by_key(|p| p.0);
+                samples.dedup_by_key(|p| p.0);
+                RawSeries { labels, samples }
+            })
+            .collect())
     }
 }
 

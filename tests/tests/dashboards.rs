@@ -1,0 +1,419 @@
+//! Istio's Grafana dashboards, unchanged (`dashboards/istio/`), against
+//! `lumen demo` as Grafana runs them: each template variable is filled as
+//! Grafana fills it (`query_result(…)` as an instant query, the
+//! variable's regex over each result line, multi-value and "All"
+//! selections as escaped regex alternations), then every panel target is
+//! asked as Grafana asks it — a range query over the demo's run with
+//! `$__rate_interval` and `$__interval` filled in, or an instant query for
+//! instant targets — for every value of the dashboard's main variable
+//! (service, workload) and both reporters. Every target must answer without
+//! error, and every one must return data for some choice of the variables
+//! — except exactly those [`why_empty`] gives a reason for (also in
+//! `docs/dashboards.md`).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, Result, bail};
+use lumen_tests::{LumenProcess, free_port};
+use serde_json::Value;
+
+/// How long the demo runs before the dashboards are read.
+const TRAFFIC: Duration = Duration::from_secs(45);
+/// Grafana's Prometheus data source default scrape interval, and the step
+/// it picks for a short range.
+const SCRAPE: u64 = 15;
+
+/// Why a target can have no data from the demo, if it cannot: the test
+/// requires exactly these to be empty (`docs/dashboards.md` lists them).
+fn why_empty(expr: &str) -> Option<&'static str> {
+    let inbound = expr.contains("reporter=\"destination\"");
+    let outbound = expr.contains("reporter=\"source\"");
+    if inbound && expr.contains("connection_security_policy!=\"mutual_tls\"") {
+        return Some("plaintext requests into the mesh: the demo's mesh is STRICT mTLS");
+    }
+    if expr.contains("destination_principal!~\"spiffe.*\"") {
+        return Some("calls to destinations without mTLS: the demo's mesh is STRICT mTLS");
+    }
+    if outbound && expr.contains("connection_security_policy=\"mutual_tls\"") {
+        return Some(
+            "a client sidecar reports connection_security_policy=\"unknown\", as Istio's do: empty on Istio too",
+        );
+    }
+    if expr.contains("_bytes_bucket") {
+        return Some("request and response size buckets: not kept by rollups yet");
+    }
+    if expr.contains("istio_tcp_") {
+        return Some("TCP: the demo carries no TCP traffic yet");
+    }
+    None
+}
+
+fn dashboards() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .join("dashboards")
+        .join("istio")
+}
+
+/// A panel target: where it is, its expression, and how Grafana asks it.
+struct Target {
+    panel: String,
+    expr: String,
+    instant: bool,
+}
+
+fn targets(dashboard: &Value) -> Vec<Target> {
+    fn walk(panels: &[Value], out: &mut Vec<Target>) {
+        for p in panels {
+            for t in p["targets"].as_array().into_iter().flatten() {
+                if let Some(expr) = t["expr"].as_str().filter(|e| !e.trim().is_empty()) {
+                    out.push(Target {
+                        panel: p["title"].as_str().unwrap_or("").to_string(),
+                        expr: expr.to_string(),
+                        instant: t["instant"].as_bool().unwrap_or(false),
+                    });
+                }
+            }
+            walk(p["panels"].as_array().map_or(&[], |v| v), out);
+        }
+    }
+    let mut out = Vec::new();
+    walk(dashboard["panels"].as_array().map_or(&[], |v| v), &mut out);
+    out
+}
+
+/// A template variable as Grafana holds it.
+#[derive(Debug, Clone)]
+struct Var {
+    name: String,
+    kind: String,
+    query: String,
+    regex: String,
+    multi: bool,
+    include_all: bool,
+}
+
+fn variables(dashboard: &Value) -> Vec<Var> {
+    dashboard["templating"]["list"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|v| {
+            let query = match &v["query"] {
+                Value::String(s) => s.clone(),
+                q => q["query"].as_str().unwrap_or("").to_string(),
+            };
+            Var {
+                name: v["name"].as_str().unwrap_or("").to_string(),
+                kind: v["type"].as_str().unwrap_or("").to_string(),
+                query,
+                regex: v["regex"].as_str().unwrap_or("").to_string(),
+                multi: v["multi"].as_bool().unwrap_or(false),
+                include_all: v["includeAll"].as_bool().unwrap_or(false),
+            }
+        })
+        .collect()
+}
+
+/// Grafana's Prometheus escaping of a regex value.
+fn regex_escape(v: &str) -> String {
+    let mut out = String::new();
+    for c in v.chars() {
+        if "$^*{}[]'+?.()|\\".contains(c) {
+            out.push_str("\\\\");
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// A variable's value as Grafana writes it into a Prometheus query.
+fn format(var: &Var, values: &[String]) -> String {
+    if !var.multi && !var.include_all {
+        return values.first().cloned().unwrap_or_default();
+    }
+    let escaped: Vec<String> = values.iter().map(|v| regex_escape(v)).collect();
+    match escaped.len() {
+        1 => escaped[0].clone(),
+        _ => format!("({})", escaped.join("|")),
+    }
+}
+
+fn interpolate(expr: &str, values: &BTreeMap<String, String>) -> String {
+    let mut out = expr.to_string();
+    // Longest names first: `$dstwl` before `$dst…`.
+    let mut names: Vec<&String> = values.keys().collect();
+    names.sort_by_key(|n| std::cmp::Reverse(n.len()));
+    for name in names {
+        out = out.replace(&format!("${{{name}}}"), &values[name]);
+        out = out.replace(&format!("${name}"), &values[name]);
+    }
+    out
+}
+
+struct Prom {
+    base: String,
+    http: reqwest::Client,
+    start: u64,
+    end: u64,
+}
+
+impl Prom {
+    async fn get(&self, path: &str, params: &[(&str, String)]) -> Result<Value> {
+        let resp = self
+            .http
+            .get(format!("{}{path}", self.base))
+            .query(params)
+            .send()
+            .await?;
+        let status = resp.status();
+        let body: Value = resp.json().await.context("a JSON answer")?;
+        if !status.is_success() || body["status"] != "success" {
+            bail!("{status}: {body}");
+        }
+        Ok(body["data"].clone())
+    }
+
+    /// `query_result(expr)`: the instant vector as Grafana's text lines.
+    async fn query_result(&self, expr: &str) -> Result<Vec<String>> {
+        let data = self
+            .get(
+                "/api/v1/query",
+                &[("query", expr.to_string()), ("time", self.end.to_string())],
+            )
+            .await?;
+        Ok(data["result"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|s| {
+                let mut text = s["metric"]["__name__"].as_str().unwrap_or("").to_string();
+                let labels: Vec<String> = s["metric"]
+                    .as_object()
+                    .into_iter()
+                    .flatten()
+                    .filter(|(k, _)| *k != "__name__")
+                    .map(|(k, v)| format!("{k}=\"{}\"", v.as_str().unwrap_or("")))
+                    .collect();
+                text.push_str(&format!("{{{}}}", labels.join(",")));
+                text.push_str(&format!(
+                    " {} {}",
+                    s["value"][1].as_str().unwrap_or(""),
+                    self.end * 1000
+                ));
+                text
+            })
+            .collect())
+    }
+
+    /// A target as a panel asks it: whether it returned any series.
+    async fn target(&self, expr: &str, instant: bool) -> Result<bool> {
+        let rate_interval = format!("{}s", (SCRAPE + SCRAPE).max(4 * SCRAPE));
+        let expr = expr
+            .replace("$__rate_interval", &rate_interval)
+            .replace("$__interval", &format!("{SCRAPE}s"))
+            .replace("$interval", &format!("{SCRAPE}s"))
+            .replace("$__range", &format!("{}s", self.end - self.start));
+        let data = if instant {
+            self.get(
+                "/api/v1/query",
+                &[("query", expr), ("time", self.end.to_string())],
+            )
+            .await?
+        } else {
+            self.get(
+                "/api/v1/query_range",
+                &[
+                    ("query", expr),
+                    ("start", self.start.to_string()),
+                    ("end", self.end.to_string()),
+                    ("step", SCRAPE.to_string()),
+                ],
+            )
+            .await?
+        };
+        Ok(data["result"].as_array().is_some_and(|r| !r.is_empty()))
+    }
+}
+
+/// The options a query variable offers: its regex's first group over
+/// each result line, once each.
+fn options(var: &Var, lines: &[String]) -> Result<Vec<String>> {
+    let pattern = var.regex.trim_start_matches('/').trim_end_matches('/');
+    let re =
+        regex::Regex::new(pattern).with_context(|| format!("${} regex {pattern}", var.name))?;
+    let mut out = BTreeSet::new();
+    for l in lines {
+        if pattern.is_empty() {
+            out.insert(l.clone());
+        } else if let Some(c) = re.captures(l).and_then(|c| c.get(1)) {
+            out.insert(c.as_str().to_string());
+        }
+    }
+    Ok(out.into_iter().collect())
+}
+
+/// Every choice of the dashboard's single-valued query variables (the one
+/// a user picks: service, namespace, workload) and of `qrep`; the others
+/// as saved ("All" for the filters).
+async fn fill(
+    prom: &Prom,
+    vars: &[Var],
+    i: usize,
+    values: BTreeMap<String, String>,
+    out: &mut Vec<BTreeMap<String, String>>,
+) -> Result<()> {
+    let Some(var) = vars.get(i) else {
+        out.push(values);
+        return Ok(());
+    };
+    let choices: Vec<Vec<String>> = match var.kind.as_str() {
+        "datasource" => return Box::pin(fill(prom, vars, i + 1, values, out)).await,
+        "custom" => {
+            let all: Vec<String> = var.query.split(',').map(|s| s.trim().to_string()).collect();
+            all.into_iter().map(|v| vec![v]).collect()
+        }
+        "query" => {
+            let expr = interpolate(&var.query, &values);
+            let inner = expr
+                .trim()
+                .strip_prefix("query_result(")
+                .and_then(|e| e.strip_suffix(')'))
+                .with_context(|| format!("${} is not query_result(…): {expr}", var.name))?;
+            let lines = prom
+                .query_result(inner)
+                .await
+                .with_context(|| format!("variable ${}: {inner}", var.name))?;
+            let opts = options(var, &lines)?;
+            if var.include_all {
+                vec![opts]
+            } else {
+                opts.into_iter().map(|v| vec![v]).collect()
+            }
+        }
+        other => bail!("variable ${} of type {other}", var.name),
+    };
+    for chosen in choices {
+        let mut next = values.clone();
+        next.insert(var.name.clone(), format(var, &chosen));
+        Box::pin(fill(prom, vars, i + 1, next, out)).await?;
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn istios_dashboards_answer_every_panel_from_the_demo() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let query = free_port();
+    let port = |p: u16| format!("127.0.0.1:{p}");
+    let args: Vec<String> = [
+        "demo",
+        "--duration",
+        "600",
+        "--data-dir",
+        &dir.path().join("data").display().to_string(),
+        "--otlp-grpc",
+        &port(free_port()),
+        "--otlp-http",
+        &port(free_port()),
+        "--query-addr",
+        &port(query),
+        "--pg-addr",
+        &port(free_port()),
+        "--flight-sql-addr",
+        &port(free_port()),
+        "--control-addr",
+        &port(free_port()),
+        "--ingress",
+        &port(free_port()),
+    ]
+    .map(String::from)
+    .to_vec();
+    let mut demo = LumenProcess::spawn("lumen-demo", dir.path(), &args)?;
+    let base = format!("http://127.0.0.1:{query}");
+    demo.wait_ready(&format!("{base}/ready")).await?;
+    let start = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs();
+    tokio::time::sleep(TRAFFIC).await;
+    let end = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs();
+    let prom = Prom {
+        base,
+        http: reqwest::Client::new(),
+        start,
+        end,
+    };
+
+    let mut errors = Vec::new();
+    // (dashboard, panel #target) → why it is empty, if it should be.
+    let mut empty: BTreeMap<(String, String), Option<&str>> = BTreeMap::new();
+    let mut should_be_empty: BTreeMap<(String, String), &str> = BTreeMap::new();
+    let (mut asked, mut targets_seen) = (0, 0);
+    for file in [
+        "istio-mesh-dashboard.gen.json",
+        "istio-service-dashboard.json",
+        "istio-workload-dashboard.json",
+    ] {
+        let dashboard: Value = serde_json::from_slice(&std::fs::read(dashboards().join(file))?)?;
+        let vars = variables(&dashboard);
+        let mut choices = Vec::new();
+        fill(&prom, &vars, 0, BTreeMap::new(), &mut choices).await?;
+        assert!(!choices.is_empty(), "{file}: no variable values");
+        let targets = targets(&dashboard);
+        targets_seen += targets.len();
+        for (i, t) in targets.iter().enumerate() {
+            let mut filled = false;
+            for values in &choices {
+                let expr = interpolate(&t.expr, values);
+                asked += 1;
+                match prom.target(&expr, t.instant).await {
+                    Ok(data) => filled |= data,
+                    Err(e) => errors.push(format!("{file} «{}» {expr}: {e}", t.panel)),
+                }
+                if filled {
+                    break;
+                }
+            }
+            let at = (file.to_string(), format!("{} #{i}", t.panel));
+            if let Some(why) = why_empty(&t.expr) {
+                should_be_empty.insert(at.clone(), why);
+            }
+            if !filled {
+                empty.insert(at, why_empty(&t.expr));
+            }
+        }
+    }
+    assert!(
+        errors.is_empty(),
+        "{} targets failed:\n{}",
+        errors.len(),
+        errors.join("\n")
+    );
+    let unexplained: Vec<String> = empty
+        .iter()
+        .filter(|(_, why)| why.is_none())
+        .map(|((f, p), _)| format!("  {f}: {p}"))
+        .collect();
+    let filled: Vec<String> = should_be_empty
+        .keys()
+        .filter(|k| !empty.contains_key(*k))
+        .map(|(f, p)| format!("  {f}: {p}"))
+        .collect();
+    assert!(
+        unexplained.is_empty() && filled.is_empty(),
+        "of {asked} queries, targets without data and no reason in why_empty:\n{}\n\
+         targets why_empty explains, with data now:\n{}",
+        unexplained.join("\n"),
+        filled.join("\n")
+    );
+    let mut reasons: BTreeMap<&str, usize> = BTreeMap::new();
+    for why in empty.values().flatten() {
+        *reasons.entry(why).or_default() += 1;
+    }
+    let total: usize = targets_seen;
+    println!(
+        "{total} targets, {} with data; empty: {reasons:?}",
+        total - empty.len()
+    );
+    Ok(())
+}
