@@ -1,7 +1,8 @@
 //! Rollups kept at ingest: per 10-second window and per key (reporter ×
 //! source × destination service / workload / version × route × status ×
 //! protocol × flags …), the request and error counts, bytes, a latency
-//! sketch and Istio's duration buckets — what dashboards, PromQL and the
+//! sketch, Istio's duration buckets and request / response size buckets
+//! (Envoy's default bounds) — what dashboards, PromQL and the
 //! policy engine read instead of scanning rows. One-minute windows are
 //! merged from the ten-second ones when rows are produced.
 //!
@@ -24,13 +25,16 @@ use arrow::array::{
 use arrow::datatypes::{Int32Type, Int64Type, TimestampMicrosecondType};
 use arrow::error::ArrowError;
 use arrow::record_batch::RecordBatch;
-use lumen_core::schema::{DURATION_BUCKETS_MS, ROLLUP_KEY_NAMES, ROLLUP_WINDOWS, rollups_schema};
+use lumen_core::schema::{
+    DURATION_BUCKETS_MS, ROLLUP_KEY_NAMES, ROLLUP_WINDOWS, SIZE_BUCKETS, rollups_schema,
+};
 use lumen_core::sketch::Sketch;
 
 use crate::live::{Counts, Live, LiveKey};
 
 const KEYS: usize = ROLLUP_KEY_NAMES.len();
 const BUCKETS: usize = DURATION_BUCKETS_MS.len() + 1;
+const SIZES: usize = SIZE_BUCKETS.len() + 1;
 const MICROS: i64 = 1_000_000;
 
 /// What a rollup row is keyed by, besides its window.
@@ -43,7 +47,7 @@ pub(crate) struct Key {
 }
 
 /// The aggregates of one key in one window.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 struct Agg {
     requests: u64,
     errors: u64,
@@ -53,7 +57,35 @@ struct Agg {
     duration_max_us: u64,
     /// Requests per bucket (not cumulative), the last one `+Inf`.
     buckets: [u64; BUCKETS],
+    /// Requests per request and response size bucket (not cumulative).
+    request_sizes: [u64; SIZES],
+    response_sizes: [u64; SIZES],
     sketch: Sketch,
+}
+
+impl Default for Agg {
+    fn default() -> Self {
+        Agg {
+            requests: 0,
+            errors: 0,
+            request_bytes: 0,
+            response_bytes: 0,
+            duration_sum_us: 0,
+            duration_max_us: 0,
+            buckets: [0; BUCKETS],
+            request_sizes: [0; SIZES],
+            response_sizes: [0; SIZES],
+            sketch: Sketch::default(),
+        }
+    }
+}
+
+/// Size bucket of a body: the first boundary (bytes) it does not exceed.
+fn size_bucket(bytes: u64) -> usize {
+    SIZE_BUCKETS
+        .iter()
+        .position(|b| bytes as f64 <= *b)
+        .unwrap_or(SIZES - 1)
 }
 
 /// Bucket of a duration: the first boundary (ms) it does not exceed.
@@ -74,6 +106,8 @@ impl Agg {
         self.duration_sum_us += duration_us;
         self.duration_max_us = self.duration_max_us.max(duration_us);
         self.buckets[bucket(duration_us)] += 1;
+        self.request_sizes[size_bucket(request_bytes)] += 1;
+        self.response_sizes[size_bucket(response_bytes)] += 1;
         self.sketch.add(duration_us);
     }
 
@@ -98,6 +132,12 @@ impl Agg {
         self.duration_sum_us += o.duration_sum_us;
         self.duration_max_us = self.duration_max_us.max(o.duration_max_us);
         for (a, b) in self.buckets.iter_mut().zip(o.buckets) {
+            *a += b;
+        }
+        for (a, b) in self.request_sizes.iter_mut().zip(o.request_sizes) {
+            *a += b;
+        }
+        for (a, b) in self.response_sizes.iter_mut().zip(o.response_sizes) {
             *a += b;
         }
         self.sketch.merge(&o.sketch);
@@ -364,9 +404,12 @@ fn build<'a>(
     let mut mtls = BooleanBuilder::new();
     let mut ints: [Int64Builder; 6] = Default::default();
     let mut sketch = BinaryBuilder::new();
-    let mut buckets = ListBuilder::new(Int64Builder::new()).with_field(Arc::new(
-        arrow::datatypes::Field::new_list_field(arrow::datatypes::DataType::Int64, false),
-    ));
+    let list = || {
+        ListBuilder::new(Int64Builder::new()).with_field(Arc::new(
+            arrow::datatypes::Field::new_list_field(arrow::datatypes::DataType::Int64, false),
+        ))
+    };
+    let (mut buckets, mut request_sizes, mut response_sizes) = (list(), list(), list());
     let mut encoded = Vec::new();
     for (start, w, key, a) in rows {
         time.append_value(start);
@@ -392,12 +435,18 @@ fn build<'a>(
         a.sketch.encode(&mut encoded);
         sketch.append_value(&encoded);
         // Cumulative, as Prometheus histograms are.
-        let mut total = 0u64;
-        for n in a.buckets {
-            total += n;
-            buckets.values().append_value(total as i64);
+        for (list, counts) in [
+            (&mut buckets, &a.buckets[..]),
+            (&mut request_sizes, &a.request_sizes[..]),
+            (&mut response_sizes, &a.response_sizes[..]),
+        ] {
+            let mut total = 0u64;
+            for n in counts {
+                total += n;
+                list.values().append_value(total as i64);
+            }
+            list.append(true);
         }
-        buckets.append(true);
     }
     let mut columns: Vec<ArrayRef> = vec![Arc::new(time.finish()), Arc::new(window.finish())];
     columns.extend(names.iter_mut().map(|b| Arc::new(b.finish()) as ArrayRef));
@@ -407,6 +456,8 @@ fn build<'a>(
     columns.extend(ints.iter_mut().map(|b| Arc::new(b.finish()) as ArrayRef));
     columns.push(Arc::new(sketch.finish()));
     columns.push(Arc::new(buckets.finish()));
+    columns.push(Arc::new(request_sizes.finish()));
+    columns.push(Arc::new(response_sizes.finish()));
     RecordBatch::try_new(rollups_schema(), columns)
 }
 
@@ -489,6 +540,20 @@ mod tests {
             (le.value(0), le.value(8), le.value(9), le.value(BUCKETS - 1)),
             (1, 1, 2, 2)
         );
+        // Size buckets too: empty requests ≤ 0.5 bytes, 10-byte responses
+        // ≤ 10 bytes.
+        let sizes = |name: &str| -> Vec<i64> {
+            let l = b.column_by_name(name).unwrap().as_list::<i32>();
+            l.value(minute_200)
+                .as_primitive::<Int64Type>()
+                .values()
+                .to_vec()
+        };
+        let request = sizes("request_bytes_bucket");
+        assert_eq!(request.len(), SIZES);
+        assert!(request.iter().all(|&n| n == 2), "{request:?}");
+        let response = sizes("response_bytes_bucket");
+        assert_eq!((response[2], response[3], response[SIZES - 1]), (0, 2, 2));
 
         // A flush of segment 1 takes its rows only; the rest stays.
         let flushed = r.batch_through(1).unwrap().unwrap();

@@ -58,6 +58,15 @@ pub const DURATION_BUCKETS_MS: [f64; 14] = [
     0.5, 1.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0, 30000.0,
 ];
 
+/// Buckets (bytes) for `istio_request_bytes` and `istio_response_bytes`:
+/// Envoy's default histogram buckets, which Istio's size histograms use
+/// unless a pod's `sidecar.istio.io/statsHistogramBuckets` says otherwise.
+/// `+Inf` follows.
+pub const SIZE_BUCKETS: [f64; 19] = [
+    0.5, 1.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0, 30000.0,
+    60000.0, 300000.0, 600000.0, 1800000.0, 3600000.0,
+];
+
 /// Instrumentation scope of the spans Lumen proxies export; the collector
 /// routes spans of this scope into `requests`, everything else into `spans`.
 pub const PROXY_SCOPE: &str = "lumen-proxy";
@@ -297,6 +306,18 @@ static ROLLUPS_SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
             "duration_bucket",
             DataType::List(Arc::new(Field::new_list_field(DataType::Int64, false))),
             false,
+        ),
+        // Cumulative counts per [`SIZE_BUCKETS`] bound; files from before
+        // them read them as null (no size histogram for those windows).
+        Field::new(
+            "request_bytes_bucket",
+            DataType::List(Arc::new(Field::new_list_field(DataType::Int64, false))),
+            true,
+        ),
+        Field::new(
+            "response_bytes_bucket",
+            DataType::List(Arc::new(Field::new_list_field(DataType::Int64, false))),
+            true,
         ),
     ]);
     Arc::new(Schema::new(fields))

@@ -68,6 +68,12 @@ const BUCKETS: &str = "(VALUES ('0.5', 500), ('1', 1000), ('5', 5000), ('10', 10
      ('2500', 2500000), ('5000', 5000000), ('10000', 10000000), ('30000', 30000000), \
      ('+Inf', 9223372036854775807)) AS b(k, us)";
 
+/// Envoy's default buckets, Istio's size buckets, as (le label, bytes).
+const SIZE_BUCKETS: &str = "(VALUES ('0.5', 0.5), ('1', 1), ('5', 5), ('10', 10), ('25', 25), ('50', 50), \
+     ('100', 100), ('250', 250), ('500', 500), ('1000', 1000), ('2500', 2500), ('5000', 5000), \
+     ('10000', 10000), ('30000', 30000), ('60000', 60000), ('300000', 300000), ('600000', 600000), \
+     ('1800000', 1800000), ('3600000', 3600000), ('+Inf', 1e300)) AS b(k, bytes)";
+
 /// Prometheus's `histogram_quantile` over Istio's buckets, in SQL on raw rows.
 fn quantile_sql(q: f64, filter: &str) -> String {
     format!(
@@ -149,6 +155,20 @@ fn cases(t: u64) -> Vec<(String, Vec<&'static str>, String)> {
             "histogram_quantile(0.9, sum by (le) (rate(istio_request_duration_milliseconds_bucket[10m])))".into(),
             vec![],
             quantile_sql(0.9, "true"),
+        ),
+        // Size histograms, with Envoy's default buckets (bytes).
+        (
+            "sum by (le) (istio_response_bytes_bucket{destination_service_name=\"reviews\"})".into(),
+            vec!["le"],
+            format!(
+                "SELECT b.k, sum(CASE WHEN r.response_bytes <= b.bytes THEN 1 ELSE 0 END) AS v \
+                 FROM requests r CROSS JOIN {SIZE_BUCKETS} WHERE r.destination_service = 'reviews' GROUP BY b.k"
+            ),
+        ),
+        c(
+            "sum(istio_request_bytes_count) - sum(istio_request_bytes_bucket{le=\"+Inf\"})",
+            &[],
+            "SELECT '' AS k, 0 AS v",
         ),
         c(
             "sum(istio_request_bytes_sum)",

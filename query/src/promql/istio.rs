@@ -16,8 +16,11 @@
 //! Istio's labels are computed from the key columns
 //! (`destination_service` is `<service>.<namespace>.svc.cluster.local`,
 //! `connection_security_policy` from `mtls`, …); Lumen adds `route`.
-//! Request-size and response-size histograms have `_sum` and `_count`
-//! only: rollups keep no size buckets.
+//! Request-size and response-size histograms have Envoy's default
+//! buckets (as Istio's), from the rollups' size buckets: ten-second
+//! windows, since the live tier keeps none. `istio_build` has one series
+//! per reporting proxy. [`IstioExport`] follows the same series window by
+//! window for remote write.
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -32,7 +35,7 @@ use super::PromError;
 use super::eval::{Source, matches, selected_names};
 use super::value::{self, Labels, METRIC_NAME, RawSeries};
 use crate::engine::QueryEngine;
-use lumen_core::schema::{DURATION_BUCKETS_MS, ROLLUP_KEY_NAMES};
+use lumen_core::schema::{DURATION_BUCKETS_MS, ROLLUP_KEY_NAMES, SIZE_BUCKETS};
 
 /// Which rows of `rollups` a metric reads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -51,6 +54,47 @@ enum Field {
     DurationMs,
     /// Istio's duration buckets, one series per `le`.
     DurationBuckets,
+    /// Request and response body size buckets, one series per `le`.
+    RequestSizeBuckets,
+    ResponseSizeBuckets,
+}
+
+impl Field {
+    /// A histogram's buckets: their `le` bounds and where in [`Aggs`] they are.
+    fn buckets(self) -> Option<(Vec<String>, usize)> {
+        match self {
+            Field::DurationBuckets => Some((bounds(&DURATION_BUCKETS_MS), DUR0)),
+            Field::RequestSizeBuckets => Some((bounds(&SIZE_BUCKETS), REQ0)),
+            Field::ResponseSizeBuckets => Some((bounds(&SIZE_BUCKETS), RESP0)),
+            _ => None,
+        }
+    }
+}
+
+/// Which histograms a read needs (each costs a column of buckets).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Hist {
+    durations: bool,
+    sizes: bool,
+}
+
+impl Hist {
+    const ALL: Hist = Hist {
+        durations: true,
+        sizes: true,
+    };
+
+    fn of(metrics: &[&Metric]) -> Hist {
+        Hist {
+            durations: metrics.iter().any(|m| m.field == Field::DurationBuckets),
+            sizes: metrics.iter().any(|m| {
+                matches!(
+                    m.field,
+                    Field::RequestSizeBuckets | Field::ResponseSizeBuckets
+                )
+            }),
+        }
+    }
 }
 
 pub struct Metric {
@@ -66,21 +110,19 @@ const DURATION: (&str, &str, &str) = (
     "histogram",
     "Duration of requests, in milliseconds, as the reporting sidecar saw them.",
 );
-// Istio makes these histograms; rollups keep no size buckets, so Lumen
-// offers their sum and count, which is what a summary without quantiles is.
 const REQUEST_SIZE: (&str, &str, &str) = (
     "istio_request_bytes",
-    "summary",
+    "histogram",
     "Sizes of request bodies, in bytes.",
 );
 const RESPONSE_SIZE: (&str, &str, &str) = (
     "istio_response_bytes",
-    "summary",
+    "histogram",
     "Sizes of response bodies, in bytes.",
 );
 
 /// Every series name Lumen answers, with Istio's meaning.
-pub const METRICS: [Metric; 12] = [
+pub const METRICS: [Metric; 14] = [
     Metric {
         name: "istio_requests_total",
         family: Family::Http,
@@ -110,6 +152,12 @@ pub const METRICS: [Metric; 12] = [
         meta: DURATION,
     },
     Metric {
+        name: "istio_request_bytes_bucket",
+        family: Family::Http,
+        field: Field::RequestSizeBuckets,
+        meta: REQUEST_SIZE,
+    },
+    Metric {
         name: "istio_request_bytes_sum",
         family: Family::Http,
         field: Field::RequestBytes,
@@ -120,6 +168,12 @@ pub const METRICS: [Metric; 12] = [
         family: Family::Http,
         field: Field::Requests,
         meta: REQUEST_SIZE,
+    },
+    Metric {
+        name: "istio_response_bytes_bucket",
+        family: Family::Http,
+        field: Field::ResponseSizeBuckets,
+        meta: RESPONSE_SIZE,
     },
     Metric {
         name: "istio_response_bytes_sum",
@@ -249,20 +303,26 @@ fn column_of(label: &str) -> Option<&'static str> {
     })
 }
 
-/// The `le` label of each duration bucket, as Prometheus formats bounds.
-fn bucket_bounds() -> Vec<String> {
-    DURATION_BUCKETS_MS
-        .iter()
+/// The `le` label of each bucket, as Prometheus formats bounds.
+fn bounds(of: &[f64]) -> Vec<String> {
+    of.iter()
         .map(|b| value::format_number(*b))
         .chain(std::iter::once("+Inf".to_string()))
         .collect()
 }
 
 const BUCKETS: usize = DURATION_BUCKETS_MS.len() + 1;
+const SIZES: usize = SIZE_BUCKETS.len() + 1;
+/// Where each histogram's cumulative buckets start in [`Aggs`].
+const DUR0: usize = 4;
+const REQ0: usize = DUR0 + BUCKETS;
+const RESP0: usize = REQ0 + SIZES;
+const WIDTH: usize = RESP0 + SIZES;
 
 /// A key's aggregates: requests, request bytes, response bytes, duration
-/// sum (µs), then the cumulative bucket counts (as `rollups` stores them).
-type Aggs = [f64; 4 + BUCKETS];
+/// sum (µs), then the cumulative bucket counts (as `rollups` stores them)
+/// of durations, request sizes and response sizes.
+type Aggs = [f64; WIDTH];
 
 /// One key of `rollups` as read back: its Istio labels.
 fn istio_labels(key: &KeyRef<'_>, family: Family) -> Labels {
@@ -317,9 +377,11 @@ pub struct IstioSource {
     raw: bool,
 }
 
-/// The aggregate columns `r, qb, pb, d` and `b0…` (cumulative duration
-/// buckets) over `rollups`, or the same computed from `requests` rows.
-fn value_list(raw: bool, buckets: bool) -> String {
+/// The aggregate columns `r, qb, pb, d`, and for the histograms `hist`
+/// asks for their cumulative buckets (`b0…` durations, `q0…` request
+/// sizes, `p0…` response sizes), over `rollups`, or the same computed from
+/// `requests` rows.
+fn value_list(raw: bool, hist: Hist) -> String {
     let mut values = if raw {
         "count(*) AS r, sum(request_bytes) AS qb, sum(response_bytes) AS pb, sum(duration_us) AS d"
             .to_string()
@@ -327,19 +389,29 @@ fn value_list(raw: bool, buckets: bool) -> String {
         "sum(requests) AS r, sum(request_bytes) AS qb, sum(response_bytes) AS pb, sum(duration_sum_us) AS d"
             .to_string()
     };
-    if buckets {
-        for b in 0..BUCKETS {
+    // (alias prefix, rollups column, row column, bounds in the row's unit)
+    let mut histograms: Vec<(&str, &str, &str, Vec<f64>)> = Vec::new();
+    if hist.durations {
+        // The rollups' rule: a value counts in the first bucket whose
+        // bound it does not exceed (durations' bounds are ms, rows' µs).
+        let us = DURATION_BUCKETS_MS.iter().map(|b| b * 1000.0).collect();
+        histograms.push(("b", "duration_bucket", "duration_us", us));
+    }
+    if hist.sizes {
+        let sizes = SIZE_BUCKETS.to_vec();
+        histograms.push(("q", "request_bytes_bucket", "request_bytes", sizes.clone()));
+        histograms.push(("p", "response_bytes_bucket", "response_bytes", sizes));
+    }
+    for (alias, list, row, bounds) in histograms {
+        for b in 0..=bounds.len() {
             if !raw {
-                values.push_str(&format!(", sum(duration_bucket[{}]) AS b{b}", b + 1));
-            } else if let Some(bound) = DURATION_BUCKETS_MS.get(b) {
-                // The rollups' rule: a duration counts in the first bucket
-                // whose bound (ms) it does not exceed.
-                let us = (bound * 1000.0) as i64;
+                values.push_str(&format!(", sum({list}[{}]) AS {alias}{b}", b + 1));
+            } else if let Some(bound) = bounds.get(b) {
                 values.push_str(&format!(
-                    ", CAST(sum(CASE WHEN duration_us <= {us} THEN 1 ELSE 0 END) AS BIGINT) AS b{b}"
+                    ", CAST(sum(CASE WHEN {row} <= {bound} THEN 1 ELSE 0 END) AS BIGINT) AS {alias}{b}"
                 ));
             } else {
-                values.push_str(&format!(", count(*) AS b{b}"));
+                values.push_str(&format!(", count(*) AS {alias}{b}"));
             }
         }
     }
@@ -401,7 +473,6 @@ impl IstioSource {
     ) -> Result<Vec<Labels>, PromError> {
         let names = selected_names(selector, &metric_names());
         let sets = self.label_sets(from, to).await?;
-        let bounds = bucket_bounds();
         let mut out = Vec::new();
         if names.contains(&BUILD) {
             out.extend(
@@ -419,7 +490,7 @@ impl IstioSource {
                 }
                 let mut base = labels.clone();
                 value::set(&mut base, METRIC_NAME, name);
-                let variants: Vec<Labels> = if m.field == Field::DurationBuckets {
+                let variants: Vec<Labels> = if let Some((bounds, _)) = m.field.buckets() {
                     bounds
                         .iter()
                         .map(|le| {
@@ -447,7 +518,7 @@ impl IstioSource {
     /// hold everything stored, the open minute included, so a scraper
     /// sees counters that only grow.
     pub async fn totals(&self) -> Result<Vec<Exposed>, PromError> {
-        let values = value_list(false, true);
+        let values = value_list(false, Hist::ALL);
         // Windows are shown once they end: closed minutes, then the ten
         // seconds windows of the minute in progress.
         let minute = self.now_ms.div_euclid(60_000) * 60_000;
@@ -462,18 +533,17 @@ impl IstioSource {
         let mut totals: Vec<Aggs> = Vec::new();
         for batch in self.sql(&sql).await? {
             let keys = KeyColumns::new(&batch)?;
-            let aggs = AggColumns::new(&batch, true)?;
+            let aggs = AggColumns::new(&batch, Hist::ALL)?;
             for row in 0..batch.num_rows() {
                 let i = index.index(&keys.key(row));
                 if i == totals.len() {
-                    totals.push([0.0; 4 + BUCKETS]);
+                    totals.push(ZERO);
                 }
                 add(&mut totals[i], &aggs.read(row));
             }
         }
         let mut out: Vec<(&(Family, Labels), &Aggs)> = index.sets.iter().zip(&totals).collect();
         out.sort_unstable_by(|a, b| a.0.cmp(b.0));
-        let bounds = bucket_bounds();
         let mut exposed = Vec::new();
         // Family by family, and within one, a label set's samples together
         // (buckets, sum, count), as OpenMetrics wants them.
@@ -484,14 +554,14 @@ impl IstioSource {
                 METRICS.iter().filter(|m| m.meta.0 == family_name).collect();
             for &((family, labels), a) in &out {
                 for m in members.iter().filter(|m| m.family == *family) {
-                    if m.field == Field::DurationBuckets {
+                    if let Some((bounds, at)) = m.field.buckets() {
                         for (b, le) in bounds.iter().enumerate() {
                             let mut l = labels.clone();
                             value::set(&mut l, "le", le);
                             exposed.push(Exposed {
                                 metric: m,
                                 labels: l,
-                                value: a[4 + b],
+                                value: a[at + b],
                             });
                         }
                     } else {
@@ -528,7 +598,9 @@ fn field_value(field: Field, a: &Aggs) -> f64 {
         Field::RequestBytes => a[1],
         Field::ResponseBytes => a[2],
         Field::DurationMs => a[3] / 1000.0,
-        Field::DurationBuckets => a[4 + BUCKETS - 1],
+        Field::DurationBuckets => a[REQ0 - 1],
+        Field::RequestSizeBuckets => a[RESP0 - 1],
+        Field::ResponseSizeBuckets => a[WIDTH - 1],
     }
 }
 
@@ -732,33 +804,45 @@ impl LabelIndex {
 
 /// An answer batch's aggregate columns `r, qb, pb, d` (and `b0…`).
 struct AggColumns<'b> {
-    columns: Vec<&'b Int64Array>,
+    /// Each column and where in [`Aggs`] it goes.
+    columns: Vec<(usize, &'b Int64Array)>,
 }
 
 impl<'b> AggColumns<'b> {
-    fn new(batch: &'b RecordBatch, buckets: bool) -> Result<Self, PromError> {
-        let mut names: Vec<String> = ["r", "qb", "pb", "d"].map(String::from).to_vec();
-        if buckets {
-            names.extend((0..BUCKETS).map(|b| format!("b{b}")));
+    fn new(batch: &'b RecordBatch, hist: Hist) -> Result<Self, PromError> {
+        let mut names: Vec<(usize, String)> = ["r", "qb", "pb", "d"]
+            .iter()
+            .enumerate()
+            .map(|(i, n)| (i, n.to_string()))
+            .collect();
+        if hist.durations {
+            names.extend((0..BUCKETS).map(|b| (DUR0 + b, format!("b{b}"))));
+        }
+        if hist.sizes {
+            names.extend((0..SIZES).map(|b| (REQ0 + b, format!("q{b}"))));
+            names.extend((0..SIZES).map(|b| (RESP0 + b, format!("p{b}"))));
         }
         let columns = names
             .iter()
-            .map(|n| {
-                column(batch, n)?
+            .map(|(at, n)| {
+                let c = column(batch, n)?
                     .as_primitive_opt::<Int64Type>()
                     .ok_or_else(|| {
                         PromError::Execution(format!("rollups column {n} is not BIGINT"))
-                    })
+                    })?;
+                Ok((*at, c))
             })
-            .collect::<Result<_, _>>()?;
+            .collect::<Result<_, PromError>>()?;
         Ok(AggColumns { columns })
     }
 
+    /// A row's aggregates; a window from before size buckets were kept
+    /// (null) counts none.
     fn read(&self, row: usize) -> Aggs {
-        let mut a: Aggs = [0.0; 4 + BUCKETS];
-        for (v, c) in a.iter_mut().zip(&self.columns) {
+        let mut a: Aggs = ZERO;
+        for (at, c) in &self.columns {
             if c.is_valid(row) {
-                *v = c.value(row) as f64;
+                a[*at] = c.value(row) as f64;
             }
         }
         a
@@ -796,10 +880,8 @@ impl Source for IstioSource {
         }
         let mut out = Vec::new();
         for (family, metrics) in families {
-            let buckets = metrics.iter().any(|m| m.field == Field::DurationBuckets);
-            let per_key = self
-                .fetch(selector, family, buckets, from, to, range)
-                .await?;
+            let hist = Hist::of(&metrics);
+            let per_key = self.fetch(selector, family, hist, from, to, range).await?;
             expand(per_key, &metrics, selector, &mut out);
         }
         if names.contains(&BUILD) {
@@ -943,9 +1025,9 @@ struct Gathered<'s> {
 /// lookback, after which a series that stopped reporting is stale.
 const STALE_AFTER_MS: i64 = 5 * 60_000;
 
-const ZERO: Aggs = [0.0; 4 + BUCKETS];
+const ZERO: Aggs = [0.0; WIDTH];
 /// Every field a staleness marker.
-const STALE: Aggs = [f64::from_bits(super::eval::STALE_NAN); 4 + BUCKETS];
+const STALE: Aggs = [f64::from_bits(super::eval::STALE_NAN); WIDTH];
 
 impl<'s> Gathered<'s> {
     fn new(selector: &'s VectorSelector, family: Family, points: usize, limit: usize) -> Self {
@@ -1001,12 +1083,12 @@ impl<'s> Gathered<'s> {
         &mut self,
         base: &[RecordBatch],
         range: &[RecordBatch],
-        buckets: bool,
+        hist: Hist,
         grid: &Grid,
     ) -> Result<(), PromError> {
         for batch in base {
             let keys = KeyColumns::new(batch)?;
-            let aggs = AggColumns::new(batch, buckets)?;
+            let aggs = AggColumns::new(batch, hist)?;
             let seen = cast(column(batch, "last_seen")?, &DataType::Int64)
                 .map_err(|e| PromError::Execution(format!("reading last_seen: {e}")))?;
             let seen = seen.as_primitive::<Int64Type>();
@@ -1032,7 +1114,7 @@ impl<'s> Gathered<'s> {
                     PromError::Execution("window starts have an unexpected type".into())
                 })?;
             let keys = KeyColumns::new(batch)?;
-            let aggs = AggColumns::new(batch, buckets)?;
+            let aggs = AggColumns::new(batch, hist)?;
             for row in 0..batch.num_rows() {
                 if let Some(k) = grid.window(times.value(row) / 1000) {
                     self.add_window(&keys.key(row), k, &aggs.read(row))?;
@@ -1196,20 +1278,21 @@ impl IstioSource {
         &self,
         selector: &VectorSelector,
         family: Family,
-        buckets: bool,
+        hist: Hist,
         from: i64,
         to: i64,
         range: Option<i64>,
     ) -> Result<Cumulative, PromError> {
         // The last minutes at one-second resolution: the rollups' closed
         // windows before them, the live tier's seconds since — if the tier
-        // holds every row since then.
+        // holds every row since then. The tier keeps no size buckets (they
+        // would double its memory): size histograms read ten-second windows.
         let seconds = self.second_grid(from, to);
-        if let Some(grid) = seconds.as_ref().filter(|_| !self.raw) {
+        if let Some(grid) = seconds.as_ref().filter(|_| !self.raw && !hist.sizes) {
             let cut = grid.first.min(self.now_ms - LIVE_CUT_MS).div_euclid(10_000) * 10_000;
             if cut / 1000 >= self.engine.store().live_complete_from() {
                 return self
-                    .fetch_live(selector, family, buckets, from, grid, cut)
+                    .fetch_live(selector, family, hist, from, grid, cut)
                     .await;
             }
         }
@@ -1239,7 +1322,7 @@ impl IstioSource {
         };
         let (w, first) = (grid.w, grid.first);
         let end = grid.partial.unwrap_or(first + grid.full as i64 * w);
-        let values = value_list(self.raw, buckets);
+        let values = value_list(self.raw, hist);
         let filter = format!("{}{}", family_filter(family), pushdown(selector));
         let keys = key_select(self.raw);
         let groups = key_positions();
@@ -1284,8 +1367,8 @@ impl IstioSource {
             futures_util::future::try_join(self.sql(&base_sql), self.sql(&range_sql)).await?;
         let limit = self.engine.config().memory_bytes;
         let mut gathered = Gathered::new(selector, family, grid.points(), limit);
-        gathered.add_batches(&base, &range, buckets, &grid)?;
-        check_samples(&gathered, buckets, selector)?;
+        gathered.add_batches(&base, &range, hist, &grid)?;
+        check_samples(&gathered, hist, selector)?;
         Ok(gathered.samples(&grid, from))
     }
 
@@ -1295,7 +1378,7 @@ impl IstioSource {
         &self,
         selector: &VectorSelector,
         family: Family,
-        buckets: bool,
+        hist: Hist,
         from: i64,
         grid: &Grid,
         cut: i64,
@@ -1306,7 +1389,7 @@ impl IstioSource {
              FROM rollups WHERE ((window_seconds = 60 AND time < {m}) \
              OR (window_seconds = 10 AND time >= {m} AND time < {c})) AND {filter}{pushdown} GROUP BY {groups}",
             keys = key_select(false),
-            values = value_list(false, buckets),
+            values = value_list(false, hist),
             filter = family_filter(family),
             pushdown = pushdown(selector),
             groups = key_positions(),
@@ -1316,21 +1399,23 @@ impl IstioSource {
         let base = self.sql(&base_sql).await?;
         let limit = self.engine.config().memory_bytes;
         let mut gathered = Gathered::new(selector, family, grid.points(), limit);
-        gathered.add_batches(&base, &[], buckets, grid)?;
+        gathered.add_batches(&base, &[], hist, grid)?;
         gathered.add_live(self.engine.store(), family, cut, grid)?;
-        check_samples(&gathered, buckets, selector)?;
+        check_samples(&gathered, hist, selector)?;
         Ok(gathered.samples(grid, from))
     }
 }
 
 /// Each metric read expands a key's samples into its own series (the
 /// duration histogram into fifteen): refuses what would be too many.
-fn check_samples(
-    g: &Gathered<'_>,
-    buckets: bool,
-    selector: &VectorSelector,
-) -> Result<(), PromError> {
-    let expansion = if buckets { BUCKETS + 2 } else { 3 };
+fn check_samples(g: &Gathered<'_>, hist: Hist, selector: &VectorSelector) -> Result<(), PromError> {
+    let mut expansion = 3;
+    if hist.durations {
+        expansion += BUCKETS;
+    }
+    if hist.sizes {
+        expansion += 2 * SIZES;
+    }
     let total = g
         .index
         .len()
@@ -1357,12 +1442,13 @@ fn expand(
     selector: &VectorSelector,
     out: &mut Vec<RawSeries>,
 ) {
-    let bounds = bucket_bounds();
+    let histograms: Vec<Option<(Vec<String>, usize)>> =
+        metrics.iter().map(|m| m.field.buckets()).collect();
     for (labels, samples) in per_key {
-        for m in metrics {
+        for (m, histogram) in metrics.iter().zip(&histograms) {
             let mut named = labels.clone();
             value::set(&mut named, METRIC_NAME, m.name);
-            if m.field == Field::DurationBuckets {
+            if let Some((bounds, at)) = histogram {
                 for (b, le) in bounds.iter().enumerate() {
                     let mut l = named.clone();
                     value::set(&mut l, "le", le);
@@ -1371,7 +1457,7 @@ fn expand(
                     }
                     let samples = samples
                         .iter()
-                        .map(|(t, a)| (*t, if is_stale(a) { a[0] } else { a[4 + b] }))
+                        .map(|(t, a)| (*t, if is_stale(a) { a[0] } else { a[at + b] }))
                         .collect();
                     out.push(RawSeries { labels: l, samples });
                 }
@@ -1447,7 +1533,7 @@ impl IstioExport {
             "SELECT {keys}, time, {values} FROM rollups WHERE window_seconds = 10 \
              AND time >= {f} AND time < {t} GROUP BY {groups}, time",
             keys = key_select(false),
-            values = value_list(false, true),
+            values = value_list(false, Hist::ALL),
             groups = key_positions(),
             f = ts(from),
             t = ts(to),
@@ -1459,7 +1545,7 @@ impl IstioExport {
         for batch in &batches {
             let times = window_starts(batch)?;
             let keys = KeyColumns::new(batch)?;
-            let aggs = AggColumns::new(batch, true)?;
+            let aggs = AggColumns::new(batch, Hist::ALL)?;
             for row in 0..batch.num_rows() {
                 let k = (times.value(row) / 1000 - from).div_euclid(W);
                 if let Some(window) = usize::try_from(k).ok().and_then(|k| windows.get_mut(k)) {
@@ -1549,7 +1635,7 @@ impl IstioExport {
              FROM rollups WHERE (window_seconds = 60 AND time < {m}) \
              OR (window_seconds = 10 AND time >= {m} AND time < {f}) GROUP BY {groups}",
             keys = key_select(false),
-            values = value_list(false, true),
+            values = value_list(false, Hist::ALL),
             groups = key_positions(),
             m = ts(minute),
             f = ts(from),
@@ -1559,7 +1645,7 @@ impl IstioExport {
         let mut truth: Vec<(Aggs, i64)> = Vec::new();
         for batch in &batches {
             let keys = KeyColumns::new(batch)?;
-            let aggs = AggColumns::new(batch, true)?;
+            let aggs = AggColumns::new(batch, Hist::ALL)?;
             let seen = cast(column(batch, "last_seen")?, &DataType::Int64)
                 .map_err(|e| PromError::Execution(format!("reading last_seen: {e}")))?;
             let seen = seen.as_primitive::<Int64Type>();
