@@ -1,8 +1,9 @@
 //! A small Bookinfo, modelled on Istio's sample: `productpage` calls
-//! `details` and `reviews`; `reviews` v2 and v3 call `ratings`. Each app is a
-//! plain HTTP server that reaches other services only through its sidecar's
-//! outbound listener, forwarding the trace context it received, as the
-//! real Bookinfo apps do. With [`crate::otel::AppTelemetry`], an app also
+//! `details` and `reviews`; `reviews` v2 and v3 call `ratings`; `ratings`
+//! v2 reads its stars from `mongodb` over TCP. Each app is a plain HTTP
+//! server (`mongodb` a line-oriented TCP one) that reaches other services
+//! only through its sidecar's outbound listener — TCP by `CONNECT` —
+//! forwarding the trace context it received, as the real Bookinfo apps do. With [`crate::otel::AppTelemetry`], an app also
 //! sends its own spans (between its sidecars' spans in one trace),
 //! metrics and logs with the OpenTelemetry SDK.
 
@@ -31,6 +32,8 @@ use crate::otel::AppTelemetry;
 
 /// The port Bookinfo services are addressed on (`reviews:9080`).
 pub const PORT: u16 = 9080;
+/// The port of Bookinfo's ratings database (`mongodb:27017`).
+pub const DB_PORT: u16 = 27017;
 
 /// Which Bookinfo app, and which version of it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -38,7 +41,9 @@ pub enum App {
     ProductPage,
     Details,
     Reviews(u8),
-    Ratings,
+    Ratings(u8),
+    /// Ratings v2's database: TCP, not HTTP.
+    MongoDb,
 }
 
 impl App {
@@ -47,26 +52,29 @@ impl App {
             App::ProductPage => "productpage",
             App::Details => "details",
             App::Reviews(_) => "reviews",
-            App::Ratings => "ratings",
+            App::Ratings(_) => "ratings",
+            App::MongoDb => "mongodb",
         }
     }
 
     pub fn version(self) -> String {
         match self {
-            App::Reviews(v) => format!("v{v}"),
+            App::Reviews(v) | App::Ratings(v) => format!("v{v}"),
             _ => "v1".to_string(),
         }
     }
 
     /// Every app instance of the sample, in start order.
-    pub fn all() -> [App; 6] {
+    pub fn all() -> [App; 8] {
         [
             App::ProductPage,
             App::Details,
             App::Reviews(1),
             App::Reviews(2),
             App::Reviews(3),
-            App::Ratings,
+            App::Ratings(1),
+            App::Ratings(2),
+            App::MongoDb,
         ]
     }
 }
@@ -106,6 +114,9 @@ pub async fn serve(
     incident: Incident,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    if app == App::MongoDb {
+        return serve_db(listener, shutdown).await;
+    }
     let mut connector = HttpConnector::new();
     connector.set_nodelay(true);
     let client = Client::builder(TokioExecutor::new())
@@ -142,6 +153,73 @@ pub async fn serve(
         });
     }
     let _ = tokio::time::timeout(Duration::from_secs(3), graceful.shutdown()).await;
+}
+
+/// The ratings database: each line asked is answered with one line of
+/// JSON, until the caller closes.
+async fn serve_db(listener: TcpListener, mut shutdown: watch::Receiver<bool>) {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    loop {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            _ = shutdown.wait_for(|s| *s) => return,
+        };
+        let Ok((stream, _)) = accepted else {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            continue;
+        };
+        tokio::spawn(async move {
+            let (read, mut write) = stream.into_split();
+            let mut lines = BufReader::new(read).lines();
+            while let Ok(Some(_query)) = lines.next_line().await {
+                let doc = "{\"rating\":[{\"reviewer\":\"Reviewer1\",\"rating\":5},{\"reviewer\":\"Reviewer2\",\"rating\":4}]}\n";
+                if write.write_all(doc.as_bytes()).await.is_err() {
+                    return;
+                }
+            }
+        });
+    }
+}
+
+/// Ratings v2's read of book `id` from `mongodb`: a `CONNECT` tunnel
+/// through the sidecar (mutual TLS and a TCP row on each side), one
+/// query line, one answer line.
+async fn read_db(outbound: SocketAddr, id: u32) -> Result<serde_json::Value, String> {
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+    let talk = async {
+        let mut s = tokio::net::TcpStream::connect(outbound)
+            .await
+            .map_err(|e| format!("mongodb unreachable: {e}"))?;
+        let authority = format!("mongodb:{DB_PORT}");
+        s.write_all(
+            format!("CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n\r\n").as_bytes(),
+        )
+        .await
+        .map_err(|e| format!("mongodb: {e}"))?;
+        // The proxy's answer head, byte by byte: the tunnel follows it.
+        let mut head = Vec::new();
+        while !head.ends_with(b"\r\n\r\n") && head.len() < 4096 {
+            let b = s.read_u8().await.map_err(|e| format!("mongodb: {e}"))?;
+            head.push(b);
+        }
+        if !head.starts_with(b"HTTP/1.1 200") {
+            let line = String::from_utf8_lossy(&head);
+            return Err(format!("mongodb: {}", line.lines().next().unwrap_or("")));
+        }
+        s.write_all(format!("{{\"find\":\"ratings\",\"id\":{id}}}\n").as_bytes())
+            .await
+            .map_err(|e| format!("mongodb: {e}"))?;
+        let mut answer = String::new();
+        BufReader::new(&mut s)
+            .read_line(&mut answer)
+            .await
+            .map_err(|e| format!("mongodb: {e}"))?;
+        let _ = s.shutdown().await;
+        serde_json::from_str(&answer).map_err(|e| format!("mongodb answered {answer:?}: {e}"))
+    };
+    tokio::time::timeout(Duration::from_secs(2), talk)
+        .await
+        .map_err(|_| "mongodb timed out".to_string())?
 }
 
 fn reply(
@@ -198,7 +276,7 @@ fn route_of(app: App, path: &str) -> &'static str {
         App::ProductPage if path == "/productpage" => "/productpage",
         App::Details if path.starts_with("/details/") => "/details/{id}",
         App::Reviews(_) if path.starts_with("/reviews/") => "/reviews/{id}",
-        App::Ratings if path.starts_with("/ratings/") => "/ratings/{id}",
+        App::Ratings(_) if path.starts_with("/ratings/") => "/ratings/{id}",
         _ => "unknown",
     }
 }
@@ -294,7 +372,7 @@ async fn answer(
             }
             json(StatusCode::OK, reviews)
         }
-        (App::Ratings, p) if p.starts_with("/ratings/") => {
+        (App::Ratings(v), p) if p.starts_with("/ratings/") => {
             if state.incident.load(std::sync::atomic::Ordering::Relaxed)
                 || rand::rng().random_bool(RATINGS_FAILURE_RATE)
             {
@@ -310,6 +388,36 @@ async fn answer(
                     StatusCode::SERVICE_UNAVAILABLE,
                     serde_json::json!({"error": "ratings service is overloaded"}),
                 )
+            } else if v == 2 {
+                // v2 keeps its stars in the database.
+                match read_db(state.outbound, id).await {
+                    Ok(doc) => {
+                        let mut ratings = serde_json::Map::new();
+                        for r in doc["rating"].as_array().into_iter().flatten() {
+                            if let Some(who) = r["reviewer"].as_str() {
+                                ratings.insert(who.to_string(), r["rating"].clone());
+                            }
+                        }
+                        json(
+                            StatusCode::OK,
+                            serde_json::json!({"id": id, "ratings": ratings}),
+                        )
+                    }
+                    Err(e) => {
+                        error = Some(e.clone());
+                        log(
+                            state,
+                            within,
+                            Severity::Error,
+                            "ratings database unavailable",
+                            e,
+                        );
+                        json(
+                            StatusCode::INTERNAL_SERVER_ERROR,
+                            serde_json::json!({"error": "could not connect to ratings database"}),
+                        )
+                    }
+                }
             } else {
                 json(
                     StatusCode::OK,

@@ -516,11 +516,16 @@ pub async fn start(config: DemoConfig) -> Result<RunningDemo, DemoError> {
         }
         // The apps' own spans, metrics and logs, as instrumented apps send
         // them; without them the demo still runs on the sidecars' records.
-        let telemetry = match otel::AppTelemetry::start(app, &apps_endpoint) {
-            Ok(t) => Some(Arc::new(t)),
-            Err(e) => {
-                tracing::warn!(app = app.service(), error = %e, "app telemetry off");
-                None
+        // The database is not instrumented, as Bookinfo's MongoDB is not.
+        let telemetry = if app == bookinfo::App::MongoDb {
+            None
+        } else {
+            match otel::AppTelemetry::start(app, &apps_endpoint) {
+                Ok(t) => Some(Arc::new(t)),
+                Err(e) => {
+                    tracing::warn!(app = app.service(), error = %e, "app telemetry off");
+                    None
+                }
             }
         };
         app_telemetry.extend(telemetry.clone());

@@ -8,7 +8,7 @@
 use std::net::SocketAddr;
 use std::path::Path;
 
-use crate::bookinfo::{App, PORT};
+use crate::bookinfo::{App, DB_PORT, PORT};
 
 /// The file the demo prints as the one to edit.
 pub const ROUTING_FILE: &str = "bookinfo-networking.yaml";
@@ -31,9 +31,14 @@ pub fn write(
         "# Where each Bookinfo instance's sidecar listens (picked at start).\n\
          apiVersion: lumen.dev/v1alpha1\nkind: Mesh\nmetadata:\n  name: bookinfo\nspec:\n  services:\n",
     );
-    for service in ["productpage", "details", "reviews", "ratings"] {
+    for service in ["productpage", "details", "reviews", "ratings", "mongodb"] {
+        // Ratings v2's database speaks TCP, as Bookinfo's MongoDB does.
+        let (port, protocol) = match service {
+            "mongodb" => (DB_PORT, "\n      protocol: tcp"),
+            _ => (PORT, ""),
+        };
         mesh.push_str(&format!(
-            "    - name: {service}\n      port: {PORT}\n      endpoints:\n"
+            "    - name: {service}\n      port: {port}{protocol}\n      endpoints:\n"
         ));
         for (app, address) in instances.iter().filter(|(a, _)| a.service() == service) {
             mesh.push_str(&format!(
@@ -194,6 +199,9 @@ spec:
   - name: v1
     labels:
       version: v1
+  - name: v2
+    labels:
+      version: v2
 ---
 apiVersion: networking.istio.io/v1
 kind: DestinationRule
@@ -260,6 +268,11 @@ spec:
     - destination:
         host: ratings
         subset: v1
+      weight: 50
+    - destination:
+        host: ratings
+        subset: v2
+      weight: 50
 ---
 apiVersion: networking.istio.io/v1
 kind: Gateway

@@ -44,14 +44,6 @@ fn why_empty(expr: &str) -> Option<&'static str> {
     None
 }
 
-/// Targets that may or may not have data, by chance of the run.
-fn maybe_empty(expr: &str) -> Option<&'static str> {
-    // The demo's only TCP rows are the load generator's refused direct
-    // connections to ratings, which come and go.
-    expr.contains("istio_tcp_")
-        .then_some("TCP: the demo carries no TCP traffic of its own yet")
-}
-
 fn dashboards() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("..")
@@ -350,7 +342,6 @@ async fn istios_dashboards_answer_every_panel_from_the_demo() -> Result<()> {
     // (dashboard, panel #target) → why it is empty, if it should be.
     let mut empty: BTreeMap<(String, String), Option<&str>> = BTreeMap::new();
     let mut should_be_empty: BTreeMap<(String, String), &str> = BTreeMap::new();
-    let mut maybe: BTreeMap<(String, String), &str> = BTreeMap::new();
     let (mut asked, mut targets_seen) = (0, 0);
     for file in [
         "istio-mesh-dashboard.gen.json",
@@ -381,9 +372,6 @@ async fn istios_dashboards_answer_every_panel_from_the_demo() -> Result<()> {
             if let Some(why) = why_empty(&t.expr) {
                 should_be_empty.insert(at.clone(), why);
             }
-            if let Some(why) = maybe_empty(&t.expr) {
-                maybe.insert(at.clone(), why);
-            }
             if !filled {
                 empty.insert(at, why_empty(&t.expr));
             }
@@ -397,7 +385,7 @@ async fn istios_dashboards_answer_every_panel_from_the_demo() -> Result<()> {
     );
     let unexplained: Vec<String> = empty
         .iter()
-        .filter(|((f, p), why)| why.is_none() && !maybe.contains_key(&(f.clone(), p.clone())))
+        .filter(|(_, why)| why.is_none())
         .map(|((f, p), _)| format!("  {f}: {p}"))
         .collect();
     let filled: Vec<String> = should_be_empty
@@ -413,10 +401,8 @@ async fn istios_dashboards_answer_every_panel_from_the_demo() -> Result<()> {
         filled.join("\n")
     );
     let mut reasons: BTreeMap<&str, usize> = BTreeMap::new();
-    for (at, why) in &empty {
-        if let Some(why) = why.or_else(|| maybe.get(at).copied()) {
-            *reasons.entry(why).or_default() += 1;
-        }
+    for why in empty.values().flatten() {
+        *reasons.entry(why).or_default() += 1;
     }
     let total: usize = targets_seen;
     println!(

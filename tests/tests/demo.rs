@@ -320,17 +320,17 @@ async fn demo_prints_queries_that_answer_and_stops_cleanly_leaving_parquet() -> 
     }
 
     // Traffic reaches all of Bookinfo, as both sides of each hop report it.
-    let services: BTreeSet<String> = ["details", "productpage", "ratings", "reviews"]
+    let services: BTreeSet<String> = ["details", "mongodb", "productpage", "ratings", "reviews"]
         .map(String::from)
         .into();
     for reporter in ["source", "destination"] {
         let q = format!(
             "SELECT count(DISTINCT destination_service) AS n FROM requests WHERE reporter = '{reporter}'"
         );
-        let n = wait_for_count(&sql_url, &q, 4)
+        let n = wait_for_count(&sql_url, &q, 5)
             .await
             .with_context(|| demo.output())?;
-        assert_eq!(n, 4, "{reporter}: {}", demo.output());
+        assert_eq!(n, 5, "{reporter}: {}", demo.output());
     }
 
     // Each printed command, pasted into a shell, prints a table with rows
