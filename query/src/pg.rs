@@ -499,14 +499,14 @@ impl Session {
                     .map_err(query_error)?;
                 let options = Arc::new(FormatOptions::from_client_metadata(client.metadata()));
                 let fields = Arc::new(arrow_schema_to_pg_fields(
-                    &maps_as_text_schema(&result.schema),
+                    &text_columns_schema(&result.schema),
                     format,
                     Some(options),
                 )?);
                 let batches = result
                     .batches
                     .iter()
-                    .map(maps_as_text)
+                    .map(text_columns)
                     .collect::<PgWireResult<Vec<_>>>()?;
                 let rows: Vec<PgWireResult<_>> = batches
                     .into_iter()
@@ -643,7 +643,7 @@ impl QueryParser for Parser {
         let format = column_format.unwrap_or(&Format::UnifiedText);
         match &stmt.kind {
             Kind::Query(d) => {
-                arrow_schema_to_pg_fields(&maps_as_text_schema(&d.schema), format, None)
+                arrow_schema_to_pg_fields(&text_columns_schema(&d.schema), format, None)
             }
             Kind::Show(name) => Ok(vec![show_field(name, format)]),
             _ => Ok(Vec::new()),
@@ -651,22 +651,28 @@ impl QueryParser for Parser {
     }
 }
 
-/// Postgres has no map type (and arrow-pg no encoding for one): map
-/// columns (`attributes`) go to Postgres clients as JSON object text, as
-/// `jsonb` would print.
-fn maps_as_text_schema(schema: &arrow::datatypes::Schema) -> arrow::datatypes::Schema {
+/// Columns Postgres clients get as text: maps (`attributes`; Postgres has
+/// no map type, arrow-pg no encoding for one) as JSON object text, as
+/// `jsonb` would print; fixed-size binary ids (`trace_id`, `span_id`,
+/// which arrow-pg cannot encode) as lowercase hex, as the HTTP API and
+/// Jaeger show them.
+fn as_text(t: &DataType) -> bool {
+    matches!(t, DataType::Map(..) | DataType::FixedSizeBinary(_))
+}
+
+fn text_columns_schema(schema: &arrow::datatypes::Schema) -> arrow::datatypes::Schema {
     let fields: Vec<arrow::datatypes::Field> = schema
         .fields()
         .iter()
         .map(|f| match f.data_type() {
-            DataType::Map(..) => f.as_ref().clone().with_data_type(DataType::Utf8),
+            t if as_text(t) => f.as_ref().clone().with_data_type(DataType::Utf8),
             _ => f.as_ref().clone(),
         })
         .collect();
     arrow::datatypes::Schema::new_with_metadata(fields, schema.metadata().clone())
 }
 
-fn maps_as_text(
+fn text_columns(
     batch: &arrow::record_batch::RecordBatch,
 ) -> PgWireResult<arrow::record_batch::RecordBatch> {
     use arrow::array::{Array, ArrayRef, AsArray, StringBuilder};
@@ -674,7 +680,7 @@ fn maps_as_text(
         .schema()
         .fields()
         .iter()
-        .any(|f| matches!(f.data_type(), DataType::Map(..)))
+        .any(|f| as_text(f.data_type()))
     {
         return Ok(batch.clone());
     }
@@ -689,6 +695,22 @@ fn maps_as_text(
         .columns()
         .iter()
         .map(|c| -> PgWireResult<ArrayRef> {
+            if let Some(ids) = c.as_fixed_size_binary_opt() {
+                let mut out = StringBuilder::new();
+                for row in 0..ids.len() {
+                    if ids.is_null(row) {
+                        out.append_null();
+                    } else {
+                        use std::fmt::Write as _;
+                        let mut hex = String::with_capacity(ids.value_length() as usize * 2);
+                        for b in ids.value(row) {
+                            let _ = write!(hex, "{b:02x}");
+                        }
+                        out.append_value(hex);
+                    }
+                }
+                return Ok(Arc::new(out.finish()));
+            }
             let Some(map) = c.as_map_opt() else {
                 return Ok(c.clone());
             };
@@ -719,7 +741,7 @@ fn maps_as_text(
         })
         .collect::<PgWireResult<Vec<_>>>()?;
     arrow::record_batch::RecordBatch::try_new(
-        Arc::new(maps_as_text_schema(&batch.schema())),
+        Arc::new(text_columns_schema(&batch.schema())),
         columns,
     )
     .map_err(internal)

@@ -177,6 +177,10 @@ with psycopg.connect(host="127.0.0.1", port=int(sys.argv[1]), user="grafana", db
     conn.rollback()
     cur.execute("SELECT %s::bigint * 2 AS doubled", (21,))
     print("doubled", cur.fetchone()[0])
+    # Trace and span ids (fixed-size binary) come as hex text, as the HTTP
+    # API shows them: Grafana's trace links use them.
+    cur.execute("SELECT trace_id, span_id FROM requests WHERE trace_id IS NOT NULL LIMIT 1")
+    print("ids", *cur.fetchone())
 "#;
     let printed = run_python(script, &[&pg.to_string()])?;
     let ratings_ok = records(300)
@@ -189,6 +193,18 @@ with psycopg.connect(host="127.0.0.1", port=int(sys.argv[1]), user="grafana", db
     );
     assert!(printed.contains("error 42P01\n"), "{printed}");
     assert!(printed.contains("doubled 42\n"), "{printed}");
+    let ids: Vec<&str> = printed
+        .lines()
+        .find_map(|l| l.strip_prefix("ids "))
+        .map(|l| l.split(' ').collect())
+        .unwrap_or_default();
+    assert!(
+        ids.len() == 2
+            && ids[0].len() == 32
+            && ids[1].len() == 16
+            && ids.iter().all(|i| i.chars().all(|c| c.is_ascii_hexdigit())),
+        "{printed}"
+    );
     up.terminate()?;
     Ok(())
 }
