@@ -1375,6 +1375,19 @@ async fn demo(a: DemoArgs) -> Result<()> {
     println!(
         "  PromQL:     {base}/api/v1/query (Prometheus API, Istio's metric names; Grafana: a Prometheus data source at {base})"
     );
+    // Grafana on the provisioning files: Istio's dashboards and Lumen's,
+    // with their data sources (which name the default ports).
+    let dashboards = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(|repo| repo.join("dashboards"))
+        .filter(|d| d.join("provisioning").is_dir())
+        .map_or_else(
+            || "<lumen>/dashboards".to_string(),
+            |d| d.display().to_string(),
+        );
+    println!(
+        "  Grafana:    LUMEN_DASHBOARDS={dashboards} grafana-server --homepath /usr/share/grafana cfg:default.paths.provisioning={dashboards}/provisioning"
+    );
     println!(
         "  Postgres:   psql -h {} -p {} -U lumen lumen",
         running.pg_addr.ip(),

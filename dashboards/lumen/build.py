@@ -1,0 +1,180 @@
+#!/usr/bin/env python3
+"""Writes Lumen's own Grafana dashboards (dashboards/lumen/*.json).
+
+The JSON files are committed; run this after changing a panel here so the
+files and this script agree: `python3 dashboards/lumen/build.py`. The
+panels read Lumen through the data sources `dashboards/provisioning/`
+defines: its Prometheus API (uid `lumen-prometheus`), its Postgres wire
+(uid `lumen-sql`) and its Jaeger API (uid `lumen-jaeger`).
+"""
+
+import json
+import pathlib
+
+PROM = {"type": "prometheus", "uid": "lumen-prometheus"}
+SQL = {"type": "grafana-postgresql-datasource", "uid": "lumen-sql"}
+JAEGER = {"type": "jaeger", "uid": "lumen-jaeger"}
+
+# Opens a trace in the Jaeger data source (Explore) from a row's trace_id.
+TRACE_LINK = {
+    "title": "Open the trace",
+    "url": "",
+    "internal": {
+        "datasourceUid": "lumen-jaeger",
+        "datasourceName": "Lumen traces",
+        "query": {"query": "${__value.raw}", "queryType": "traceql"},
+    },
+}
+
+
+class Board:
+    def __init__(self, uid, title, description):
+        self.uid, self.title, self.description = uid, title, description
+        self.panels, self.variables, self.y, self.x, self.row_h = [], [], 0, 0, 0
+
+    def var_sql(self, name, label, sql, multi=True):
+        self.variables.append({
+            "name": name, "label": label, "type": "query", "datasource": SQL,
+            "query": sql, "definition": sql, "refresh": 2, "sort": 1,
+            "multi": multi, "includeAll": multi,
+            "current": {"selected": True, "text": "All", "value": "$__all"} if multi else {},
+        })
+
+    def panel(self, kind, title, description, targets, w=12, h=8, **extra):
+        if self.x + w > 24:
+            self.x, self.y = 0, self.y + self.row_h
+            self.row_h = 0
+        p = {
+            "id": len(self.panels) + 1, "type": kind, "title": title,
+            "description": description,
+            "gridPos": {"h": h, "w": w, "x": self.x, "y": self.y},
+            "datasource": targets[0]["datasource"], "targets": targets,
+        }
+        p.update(extra)
+        self.panels.append(p)
+        self.x += w
+        self.row_h = max(self.row_h, h)
+
+    def json(self):
+        return {
+            "uid": self.uid, "title": self.title, "description": self.description,
+            "tags": ["lumen"], "timezone": "browser", "schemaVersion": 39, "version": 1,
+            "editable": True, "graphTooltip": 1, "refresh": "10s",
+            "time": {"from": "now-15m", "to": "now"},
+            "templating": {"list": self.variables}, "panels": self.panels,
+            "links": [{"title": "Lumen dashboards", "type": "dashboards", "tags": ["lumen"],
+                       "asDropdown": True}],
+        }
+
+
+def sql(ref, text, fmt="table"):
+    return {"refId": ref, "datasource": SQL, "rawSql": " ".join(text.split()),
+            "format": fmt, "rawQuery": True, "editorMode": "code"}
+
+
+def prom(ref, expr, legend):
+    return {"refId": ref, "datasource": PROM, "expr": expr, "legendFormat": legend,
+            "range": True}
+
+
+SERVICE = "destination_service IN (${service:sqlstring})"
+NS = "destination_namespace IN (${namespace:sqlstring})"
+
+
+def traffic():
+    b = Board("lumen-traffic", "Lumen / Traffic explorer",
+              "Every request the sidecars recorded, in SQL over the requests table.")
+    b.var_sql("namespace", "Namespace",
+              "SELECT DISTINCT destination_namespace FROM rollups WHERE $__timeFilter(time)")
+    b.var_sql("service", "Service",
+              "SELECT DISTINCT destination_service FROM rollups WHERE $__timeFilter(time) "
+              "AND destination_namespace IN (${namespace:sqlstring})")
+    b.var_sql("workload", "Workload",
+              "SELECT DISTINCT destination_workload FROM rollups WHERE $__timeFilter(time) "
+              "AND destination_service IN (${service:sqlstring})")
+    filt = f"$__timeFilter(time) AND reporter = 'destination' AND {NS} AND {SERVICE} " \
+           "AND destination_workload IN (${workload:sqlstring})"
+    b.panel("timeseries", "Requests per second by service",
+            "As the destination sidecars saw them, from the 10 s rollups.",
+            [sql("A", f"""SELECT $__timeGroupAlias(time, 10s), destination_service AS metric,
+                 sum(requests) / 10.0 AS rps FROM rollups WHERE window_seconds = 10 AND {filt}
+                 GROUP BY 1, 2 ORDER BY 1""", "time_series")],
+            fieldConfig={"defaults": {"unit": "reqps"}, "overrides": []})
+    b.panel("timeseries", "p99 latency by service",
+            "Istio's duration histogram; click a point to find its traces.",
+            [prom("A", 'histogram_quantile(0.99, sum by (destination_service, le) '
+                       '(rate(istio_request_duration_milliseconds_bucket{reporter="destination", '
+                       'destination_service_name=~"${service:regex}"}[$__rate_interval])))',
+                  "{{destination_service}}")],
+            fieldConfig={"defaults": {"unit": "ms", "links": [{
+                "title": "Traces of ${__field.labels.destination_service}",
+                "url": "", "internal": {"datasourceUid": "lumen-jaeger",
+                                        "datasourceName": "Lumen traces",
+                                        "query": {"queryType": "search",
+                                                  "service": "${__field.labels.destination_service}"}}}]},
+                "overrides": []})
+    links = {"defaults": {}, "overrides": [{
+        "matcher": {"id": "byName", "options": "trace_id"},
+        "properties": [{"id": "links", "value": [TRACE_LINK]}]}]}
+    b.panel("table", "Slowest requests",
+            "The 50 slowest in the range; trace_id opens the trace.",
+            [sql("A", f"""SELECT time, source_workload, destination_workload, method, path, status,
+                 duration_us / 1000.0 AS ms, trace_id FROM requests WHERE {filt}
+                 ORDER BY duration_us DESC LIMIT 50""")],
+            w=24, h=9, fieldConfig=links)
+    b.panel("table", "Errors",
+            "5xx, gRPC failures and requests that got no answer, newest first; trace_id opens the trace.",
+            [sql("A", f"""SELECT time, source_workload, destination_workload, path, status, grpc_status,
+                 response_flags, trace_id FROM requests WHERE {filt}
+                 AND (status >= 500 OR status = 0 OR grpc_status > 0) ORDER BY time DESC LIMIT 100""")],
+            w=24, h=9, fieldConfig=links)
+    b.panel("table", "Top paths per service",
+            "Requests, errors and p99 by service and path.",
+            [sql("A", f"""SELECT destination_service, path, count(*) AS requests,
+                 sum(CASE WHEN status >= 500 OR status = 0 THEN 1 ELSE 0 END) AS errors,
+                 approx_percentile_cont(0.99) WITHIN GROUP (ORDER BY duration_us) / 1000.0 AS p99_ms FROM requests
+                 WHERE {filt} GROUP BY 1, 2 ORDER BY requests DESC LIMIT 50""")],
+            w=24, h=9)
+    return b
+
+
+def policy():
+    b = Board("lumen-policy", "Lumen / Policy",
+              "What the policy engine decided, and what the sidecars refused because of it.")
+    b.panel("table", "Policies and alerts now",
+            "Each alert's and policy's latest state, from policy_events.",
+            [sql("A", """SELECT kind, name, last_value(target ORDER BY time) AS target,
+                 last_value(new_state ORDER BY time) AS state, max(time) AS since,
+                 last_value(reason ORDER BY time) AS reason FROM policy_events GROUP BY kind, name
+                 ORDER BY since DESC""")], w=24, h=8)
+    b.panel("timeseries", "Limited (429) and denied (403) requests per second",
+            "By destination service, as the sidecars answered them.",
+            [prom("A", 'sum by (destination_service) (rate(istio_requests_total{reporter="source", '
+                       'response_code="429"}[$__rate_interval]))', "429 {{destination_service}}"),
+             prom("B", 'sum by (destination_service) (rate(istio_requests_total{reporter="destination", '
+                       'response_code="403"}[$__rate_interval]))', "403 {{destination_service}}")],
+            fieldConfig={"defaults": {"unit": "reqps"}, "overrides": []})
+    b.panel("timeseries", "Error ratio by service",
+            "What the shipped ServiceHighErrorRate alert watches.",
+            [prom("A", 'sum by (destination_service) (rate(istio_requests_total{reporter="destination", '
+                       'response_code=~"5.."}[$__rate_interval])) / sum by (destination_service) '
+                       '(rate(istio_requests_total{reporter="destination"}[$__rate_interval]))',
+                  "{{destination_service}}")],
+            fieldConfig={"defaults": {"unit": "percentunit"}, "overrides": []})
+    b.panel("table", "Policy changes",
+            "Every change of an alert or policy in the range, newest first.",
+            [sql("A", """SELECT time, kind, name, target, old_state, new_state, value, reason
+                 FROM policy_events WHERE $__timeFilter(time) ORDER BY time DESC LIMIT 200""")],
+            w=24, h=10)
+    return b
+
+
+def main():
+    here = pathlib.Path(__file__).resolve().parent
+    for board in (traffic(), policy()):
+        name = board.uid.removeprefix("lumen-")
+        (here / f"{name}.json").write_text(json.dumps(board.json(), indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
