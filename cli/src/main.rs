@@ -919,6 +919,7 @@ async fn up(a: UpArgs) -> Result<()> {
         "lumen is up"
     );
     let writer = collector.writer();
+    let self_writer = collector.writer();
     let collector_task = tokio::spawn(collector.run(until(stop_rx.clone())));
     let servers_query_addr = servers.query.local_addr();
     let serving = servers.spawn(&stop_rx);
@@ -957,6 +958,12 @@ async fn up(a: UpArgs) -> Result<()> {
         None => None,
     };
     let remote_write_task = remote_writer.map(|w| tokio::spawn(w.run(stop_rx.clone())));
+    let self_metrics_task = tokio::spawn(lumen_query::self_metrics::record(
+        engine.clone(),
+        lumen_collector::events::RecordingWriter::new(self_writer),
+        fmt_addr(servers_query_addr),
+        stop_rx.clone(),
+    ));
     let rules_task = tokio::spawn(rules.run(engine, stop_rx.clone()));
     shutdown_signal().await;
     tracing::info!("shutting down");
@@ -975,6 +982,7 @@ async fn up(a: UpArgs) -> Result<()> {
     if let Some(t) = remote_write_task {
         let _ = t.await;
     }
+    let _ = self_metrics_task.await;
     let collected = collector_task.await.context("collector task")?;
     let served = serving.join().await;
     collected?;

@@ -169,9 +169,51 @@ def policy():
     return b
 
 
+def collector():
+    b = Board("lumen-collector", "Lumen / Collector health",
+              "The collector and query service, from Lumen's own metrics (recorded every 15 s "
+              "as job=\"lumen\").")
+    rate = "[$__rate_interval]"
+    b.panel("timeseries", "Items ingested per second",
+            "Spans, records, data points and log records, by signal and outcome.",
+            [prom("A", f'sum by (signal, outcome) (rate(lumen_ingest_items_total{{job="lumen"}}{rate}))',
+                  "{{signal}} {{outcome}}")],
+            fieldConfig={"defaults": {"unit": "ops"}, "overrides": []})
+    b.panel("timeseries", "Payloads refused per second",
+            "By reason (invalid, busy, memory, storage, shutdown); 0 when none.",
+            [prom("A", f'sum by (reason) (rate(lumen_ingest_refused_total{{job="lumen"}}{rate})) '
+                       f'or on () vector(0)', "{{reason}}")],
+            fieldConfig={"defaults": {"unit": "ops"}, "overrides": []})
+    b.panel("timeseries", "WAL fsync p99",
+            "How long making ingested data durable takes.",
+            [prom("A", f'histogram_quantile(0.99, sum by (le) '
+                       f'(rate(lumen_wal_fsync_seconds_bucket{{job="lumen"}}{rate})))', "p99")],
+            fieldConfig={"defaults": {"unit": "s"}, "overrides": []})
+    b.panel("timeseries", "Flushes and compactions",
+            "Hot rows written to Parquet, and small files merged, per 5 minutes.",
+            [prom("A", 'sum by (outcome) (increase(lumen_flushes_total{job="lumen"}[5m])) '
+                       'or on () vector(0)', "flushes {{outcome}}"),
+             prom("B", 'sum(increase(lumen_compactions_total{job="lumen"}[5m])) or on () vector(0)',
+                  "compactions")])
+    b.panel("timeseries", "Rows per table",
+            "In memory and in Parquet files.",
+            [prom("A", 'sum by (table) (lumen_table_rows{job="lumen"})', "{{table}}")],
+            fieldConfig={"defaults": {"unit": "short"}, "overrides": []})
+    b.panel("timeseries", "Bytes per table",
+            "Parquet files and hot rows.",
+            [prom("A", 'sum by (table) (lumen_table_bytes{job="lumen"})', "{{table}}")],
+            fieldConfig={"defaults": {"unit": "bytes"}, "overrides": []})
+    b.panel("timeseries", "Queries per second by outcome",
+            "SQL, PromQL, Postgres wire and Flight SQL queries, as they ended.",
+            [prom("A", f'sum by (outcome) (rate(lumen_queries_total{{job="lumen"}}{rate}))',
+                  "{{outcome}}")],
+            w=24, fieldConfig={"defaults": {"unit": "ops"}, "overrides": []})
+    return b
+
+
 def main():
     here = pathlib.Path(__file__).resolve().parent
-    for board in (traffic(), policy()):
+    for board in (traffic(), policy(), collector()):
         name = board.uid.removeprefix("lumen-")
         (here / f"{name}.json").write_text(json.dumps(board.json(), indent=2) + "\n")
 

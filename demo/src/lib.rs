@@ -260,6 +260,7 @@ pub async fn start(config: DemoConfig) -> Result<RunningDemo, DemoError> {
         ));
     let query_addr = query.local_addr().unwrap_or(config.query);
     let events = lumen_collector::events::PolicyEventWriter::new(collector.writer());
+    let self_writer = collector.writer();
     let (stop_collector, rx) = watch::channel(false);
     let collector_task = tokio::spawn(collector.run(until(rx)));
     let (stop_query, rx) = watch::channel(false);
@@ -385,6 +386,12 @@ pub async fn start(config: DemoConfig) -> Result<RunningDemo, DemoError> {
     if let Some(w) = remote_writer {
         control_tasks.push(tokio::spawn(w.run(control_rx.clone())));
     }
+    control_tasks.push(tokio::spawn(lumen_query::self_metrics::record(
+        engine.clone(),
+        lumen_collector::events::RecordingWriter::new(self_writer),
+        query_addr.to_string(),
+        control_rx.clone(),
+    )));
     control_tasks.push(tokio::spawn(rules.clone().run(engine, control_rx.clone())));
     control_tasks.push(tokio::spawn({
         let (config_of, publish) = (resources.clone(), resources.clone());

@@ -35,6 +35,7 @@ pub mod prom_api;
 pub mod promql;
 pub mod remote_write;
 pub mod running;
+pub mod self_metrics;
 pub mod settings;
 pub mod table;
 pub mod throttle;
