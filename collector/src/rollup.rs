@@ -145,9 +145,26 @@ impl Agg {
 }
 
 /// A request is an error when it failed on the server side: an HTTP 5xx,
-/// a non-OK gRPC status, or no response at all (status 0).
-fn is_error(status: i32, grpc_status: Option<i32>) -> bool {
-    status >= 500 || status == 0 || grpc_status.is_some_and(|g| g != 0)
+/// a non-OK gRPC status, or no response at all (status 0). A TCP
+/// connection has no status: it is an error when the proxy flagged it
+/// (no route, upstream failure, …).
+fn is_error(status: i32, grpc_status: Option<i32>, tcp: Option<&str>) -> bool {
+    match tcp {
+        Some(flags) => !flags.is_empty() && flags != "-",
+        None => status >= 500 || status == 0 || grpc_status.is_some_and(|g| g != 0),
+    }
+}
+
+/// The value of key `i` of `row`, from its dictionary.
+fn key_value<'a>(
+    dicts: &[&'a arrow::array::DictionaryArray<Int32Type>],
+    keys: &[i32; KEYS],
+    i: usize,
+) -> &'a str {
+    if keys[i] < 0 {
+        return "";
+    }
+    dicts[i].values().as_string::<i32>().value(keys[i] as usize)
 }
 
 /// Rollups of the rows not yet flushed, per WAL segment.
@@ -299,6 +316,8 @@ impl Rollups {
         // merge the seconds.
         let mut groups: HashMap<Local, Agg> = HashMap::new();
         let window = ROLLUP_WINDOWS[0] * MICROS;
+        let position = |name: &str| ROLLUP_KEY_NAMES.iter().position(|n| *n == name);
+        let (protocol, flags) = (position("protocol"), position("response_flags"));
         for row in 0..batch.num_rows() {
             let mut keys = [0i32; KEYS];
             for (k, d) in keys.iter_mut().zip(&dicts) {
@@ -317,8 +336,14 @@ impl Rollups {
                 g,
                 mtls.value(row),
             );
+            let tcp = match (protocol, flags) {
+                (Some(p), Some(f)) if key_value(&dicts, &keys, p) == "tcp" => {
+                    Some(key_value(&dicts, &keys, f))
+                }
+                _ => None,
+            };
             groups.entry(local).or_default().add(
-                is_error(s, g),
+                is_error(s, g, tcp),
                 req_bytes.value(row).max(0) as u64,
                 resp_bytes.value(row).max(0) as u64,
                 duration.value(row).max(0) as u64,
@@ -492,6 +517,14 @@ mod tests {
             .as_primitive::<Int64Type>()
             .values()
             .to_vec()
+    }
+
+    #[test]
+    fn tcp_connections_are_errors_only_when_flagged() {
+        assert!(!is_error(0, None, Some("-")));
+        assert!(is_error(0, None, Some("UF")));
+        assert!(is_error(0, None, None), "an HTTP request with no answer");
+        assert!(is_error(503, None, None) && !is_error(404, None, None));
     }
 
     #[test]

@@ -22,7 +22,7 @@ TRACE_LINK = {
     "internal": {
         "datasourceUid": "lumen-jaeger",
         "datasourceName": "Lumen traces",
-        "query": {"query": "${__value.raw}", "queryType": "traceql"},
+        "query": {"query": "${__value.raw}"},
     },
 }
 
@@ -78,6 +78,10 @@ def prom(ref, expr, legend):
 
 
 SERVICE = "destination_service IN (${service:sqlstring})"
+# What the rollups count as an error: 5xx, gRPC failures, HTTP requests
+# with no answer; TCP connections only when the proxy flagged them.
+FAILED = ("(status >= 500 OR grpc_status > 0 OR (protocol <> 'tcp' AND status = 0) "
+          "OR (protocol = 'tcp' AND response_flags <> '-'))")
 NS = "destination_namespace IN (${namespace:sqlstring})"
 
 
@@ -102,16 +106,16 @@ def traffic():
             fieldConfig={"defaults": {"unit": "reqps"}, "overrides": []})
     b.panel("timeseries", "p99 latency by service",
             "Istio's duration histogram; click a point to find its traces.",
-            [prom("A", 'histogram_quantile(0.99, sum by (destination_service, le) '
+            [prom("A", 'histogram_quantile(0.99, sum by (destination_service_name, le) '
                        '(rate(istio_request_duration_milliseconds_bucket{reporter="destination", '
                        'destination_service_name=~"${service:regex}"}[$__rate_interval])))',
-                  "{{destination_service}}")],
+                  "{{destination_service_name}}")],
             fieldConfig={"defaults": {"unit": "ms", "links": [{
-                "title": "Traces of ${__field.labels.destination_service}",
+                "title": "Traces of ${__field.labels.destination_service_name}",
                 "url": "", "internal": {"datasourceUid": "lumen-jaeger",
                                         "datasourceName": "Lumen traces",
                                         "query": {"queryType": "search",
-                                                  "service": "${__field.labels.destination_service}"}}}]},
+                                                  "service": "${__field.labels.destination_service_name}"}}}]},
                 "overrides": []})
     links = {"defaults": {}, "overrides": [{
         "matcher": {"id": "byName", "options": "trace_id"},
@@ -123,15 +127,16 @@ def traffic():
                  ORDER BY duration_us DESC LIMIT 50""")],
             w=24, h=9, fieldConfig=links)
     b.panel("table", "Errors",
-            "5xx, gRPC failures and requests that got no answer, newest first; trace_id opens the trace.",
+            "5xx, gRPC failures, requests that got no answer and flagged TCP connections, newest "
+            "first; trace_id opens the trace.",
             [sql("A", f"""SELECT time, source_workload, destination_workload, path, status, grpc_status,
                  response_flags, trace_id FROM requests WHERE {filt}
-                 AND (status >= 500 OR status = 0 OR grpc_status > 0) ORDER BY time DESC LIMIT 100""")],
+                 AND {FAILED} ORDER BY time DESC LIMIT 100""")],
             w=24, h=9, fieldConfig=links)
     b.panel("table", "Top paths per service",
             "Requests, errors and p99 by service and path.",
             [sql("A", f"""SELECT destination_service, path, count(*) AS requests,
-                 sum(CASE WHEN status >= 500 OR status = 0 THEN 1 ELSE 0 END) AS errors,
+                 sum(CASE WHEN {FAILED} THEN 1 ELSE 0 END) AS errors,
                  approx_percentile_cont(0.99) WITHIN GROUP (ORDER BY duration_us) / 1000.0 AS p99_ms FROM requests
                  WHERE {filt} GROUP BY 1, 2 ORDER BY requests DESC LIMIT 50""")],
             w=24, h=9)

@@ -508,10 +508,19 @@ impl Session {
                     .iter()
                     .map(text_columns)
                     .collect::<PgWireResult<Vec<_>>>()?;
-                let rows: Vec<PgWireResult<_>> = batches
-                    .into_iter()
-                    .flat_map(|b| encode_recordbatch(fields.clone(), b))
-                    .collect();
+                // arrow-pg's row encoder repeats an encoding error forever
+                // (it does not move past the failing row): the first error
+                // ends the answer, as an error to the client.
+                let mut rows: Vec<PgWireResult<_>> = Vec::new();
+                'batches: for b in batches {
+                    for row in encode_recordbatch(fields.clone(), b) {
+                        let failed = row.is_err();
+                        rows.push(row);
+                        if failed {
+                            break 'batches;
+                        }
+                    }
+                }
                 Ok(Response::Query(QueryResponse::new(
                     fields,
                     stream::iter(rows),
@@ -688,7 +697,7 @@ fn text_columns(
         PgWireError::UserError(Box::new(ErrorInfo::new(
             "ERROR".into(),
             "XX000".into(),
-            format!("cannot show a map column as text: {e}"),
+            format!("cannot show a column as text: {e}"),
         )))
     };
     let columns = batch

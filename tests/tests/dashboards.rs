@@ -134,6 +134,14 @@ print(json.dumps(out))
         .collect())
 }
 
+fn form(params: &[(&str, String)]) -> String {
+    let mut f = form_urlencoded::Serializer::new(String::new());
+    for (k, v) in params {
+        f.append_pair(k, v);
+    }
+    f.finish()
+}
+
 /// A panel target: where it is, its expression, and how Grafana asks it.
 struct Target {
     panel: String,
@@ -238,11 +246,14 @@ struct Prom {
 }
 
 impl Prom {
+    /// A Prometheus API call as the provisioned data source makes it
+    /// (`httpMethod: POST`, a form body).
     async fn get(&self, path: &str, params: &[(&str, String)]) -> Result<Value> {
         let resp = self
             .http
-            .get(format!("{}{path}", self.base))
-            .query(params)
+            .post(format!("{}{path}", self.base))
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(form(params))
             .send()
             .await?;
         let status = resp.status();
@@ -311,7 +322,16 @@ impl Prom {
             )
             .await?
         };
-        Ok(data["result"].as_array().is_some_and(|r| !r.is_empty()))
+        // Data a panel draws: at least one finite value (an all-NaN
+        // quantile is an empty graph).
+        let finite = |v: &Value| {
+            v[1].as_str()
+                .and_then(|x| x.parse::<f64>().ok())
+                .is_some_and(f64::is_finite)
+        };
+        Ok(data["result"].as_array().into_iter().flatten().any(|s| {
+            s["values"].as_array().into_iter().flatten().any(finite) || finite(&s["value"])
+        }))
     }
 }
 
@@ -415,6 +435,22 @@ async fn istios_dashboards_answer_every_panel_from_the_demo() -> Result<()> {
     demo.wait_ready(&format!("{base}/ready")).await?;
     let start = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs();
     tokio::time::sleep(TRAFFIC).await;
+    // What some panels need has happened: the incident's limit answered
+    // 429, and ratings v2 has read from mongodb over TCP since.
+    let sql_url = format!("{base}/api/v1/sql");
+    for (what, condition) in [
+        ("a 429 from the incident's limit", "status = 429"),
+        (
+            "TCP to mongodb",
+            "protocol = 'tcp' AND destination_service = 'mongodb'",
+        ),
+    ] {
+        let q = format!("SELECT count(*) AS n FROM requests WHERE {condition}");
+        let n = lumen_tests::wait_for_count(&sql_url, &q, 1).await?;
+        assert!(n >= 1, "{what}: {}", demo.logs());
+    }
+    // And the last of it is in a closed window.
+    tokio::time::sleep(Duration::from_secs(15)).await;
     let end = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs();
     let prom = Prom {
         base,

@@ -181,6 +181,17 @@ with psycopg.connect(host="127.0.0.1", port=int(sys.argv[1]), user="grafana", db
     # API shows them: Grafana's trace links use them.
     cur.execute("SELECT trace_id, span_id FROM requests WHERE trace_id IS NOT NULL LIMIT 1")
     print("ids", *cur.fetchone())
+    # A type the wire cannot encode (ids nested in a list) is an error for
+    # this query, and the session and server go on.
+    try:
+        cur.execute("SELECT array_agg(trace_id) FROM requests")
+        cur.fetchall()
+        print("nested answered")
+    except psycopg.Error as e:
+        print("nested error")
+    conn.rollback()
+    cur.execute("SELECT 1 + 1")
+    print("after", cur.fetchone()[0])
 "#;
     let printed = run_python(script, &[&pg.to_string()])?;
     let ratings_ok = records(300)
@@ -193,6 +204,11 @@ with psycopg.connect(host="127.0.0.1", port=int(sys.argv[1]), user="grafana", db
     );
     assert!(printed.contains("error 42P01\n"), "{printed}");
     assert!(printed.contains("doubled 42\n"), "{printed}");
+    assert!(
+        printed.contains("nested error\n") || printed.contains("nested answered\n"),
+        "{printed}"
+    );
+    assert!(printed.contains("after 2\n"), "{printed}");
     let ids: Vec<&str> = printed
         .lines()
         .find_map(|l| l.strip_prefix("ids "))
