@@ -929,6 +929,8 @@ async fn up(a: UpArgs) -> Result<()> {
             a.policy.alertmanagers.clone(),
             generator,
         ));
+        let counted = notifier.clone();
+        engine.add_metrics(Arc::new(move || counted.metrics_text()));
         tokio::spawn(notifier.run(rules.clone(), stop_rx.clone()))
     });
     let envoy_policies: lumen_policy::envoy::Policies = {

@@ -392,7 +392,9 @@ pub async fn start(config: DemoConfig) -> Result<RunningDemo, DemoError> {
         query_addr.to_string(),
         control_rx.clone(),
     )));
-    control_tasks.push(tokio::spawn(rules.clone().run(engine, control_rx.clone())));
+    control_tasks.push(tokio::spawn(
+        rules.clone().run(engine.clone(), control_rx.clone()),
+    ));
     control_tasks.push(tokio::spawn({
         let (config_of, publish) = (resources.clone(), resources.clone());
         lumen_policy::decide::run(
@@ -409,6 +411,8 @@ pub async fn start(config: DemoConfig) -> Result<RunningDemo, DemoError> {
             config.alertmanagers.clone(),
             format!("http://{query_addr}/api/v1/alerts"),
         ));
+        let counted = notifier.clone();
+        engine.add_metrics(Arc::new(move || counted.metrics_text()));
         control_tasks.push(tokio::spawn(notifier.run(rules.clone(), control_rx)));
     }
     let (stop_proxies, proxies_rx) = watch::channel(false);

@@ -49,6 +49,18 @@ impl Notifier {
         }
     }
 
+    /// Its counters in OpenMetrics text, for the query port's `/metrics`.
+    pub fn metrics_text(&self) -> String {
+        format!(
+            "# HELP lumen_alertmanager_notifications Alert batches sent to Alertmanagers, by outcome.\n\
+             # TYPE lumen_alertmanager_notifications counter\n\
+             lumen_alertmanager_notifications_total{{outcome=\"sent\"}} {}\n\
+             lumen_alertmanager_notifications_total{{outcome=\"failed\"}} {}\n",
+            self.sent.load(Ordering::Relaxed),
+            self.failed.load(Ordering::Relaxed)
+        )
+    }
+
     /// Follows `engine`'s evaluations until `stop` turns true.
     pub async fn run(self: Arc<Self>, engine: Arc<RuleEngine>, mut stop: watch::Receiver<bool>) {
         let mut evaluated = engine.subscribe();

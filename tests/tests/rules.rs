@@ -200,6 +200,17 @@ async fn failing_traffic_fires_the_alert_of_a_prometheus_rule_file() -> Result<(
         }
         tokio::time::sleep(Duration::from_millis(300)).await;
     };
+    // Counted on /metrics.
+    let text = reqwest::get(format!("{base}/metrics"))
+        .await?
+        .text()
+        .await?;
+    let sent: f64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("lumen_alertmanager_notifications_total{outcome=\"sent\"} "))
+        .and_then(|v| v.trim().parse().ok())
+        .with_context(|| format!("no notifications counter in {text}"))?;
+    assert!(sent >= 1.0, "{text}");
     assert_eq!(received["labels"]["destination_service_name"], "ratings");
     assert_eq!(received["labels"]["severity"], "page");
     assert_eq!(received["annotations"]["summary"], "ratings answered 503");
