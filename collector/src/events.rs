@@ -91,54 +91,79 @@ fn recorded_request(
     at: std::time::SystemTime,
     samples: Vec<RecordedSample>,
 ) -> opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest {
-    use opentelemetry_proto::tonic::common::v1::{
-        AnyValue, InstrumentationScope, KeyValue, any_value,
-    };
-    use opentelemetry_proto::tonic::metrics::v1::{
-        Gauge, Metric, NumberDataPoint, ResourceMetrics, ScopeMetrics, metric, number_data_point,
-    };
-    use opentelemetry_proto::tonic::resource::v1::Resource;
-    let text = |k: &str, v: String| KeyValue {
-        key: k.to_string(),
-        value: Some(AnyValue {
-            value: Some(any_value::Value::StringValue(v)),
-        }),
-        ..Default::default()
-    };
+    use opentelemetry_proto::tonic::metrics::v1::{NumberDataPoint, number_data_point};
     let nanos = at
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos() as u64);
-    let mut metrics: Vec<Metric> = Vec::new();
-    for s in samples {
+    let points = samples.into_iter().map(|s| {
         let point = NumberDataPoint {
             attributes: s.labels.into_iter().map(|(k, v)| text(&k, v)).collect(),
             time_unix_nano: nanos,
             value: Some(number_data_point::Value::AsDouble(s.value)),
             ..Default::default()
         };
-        match metrics.iter_mut().find(|m| m.name == s.name) {
-            Some(Metric {
-                data: Some(metric::Data::Gauge(g)),
-                ..
-            }) => g.data_points.push(point),
-            _ => metrics.push(Metric {
-                name: s.name,
+        (s.name, vec![point])
+    });
+    gauge_export("lumen", lumen_core::schema::RECORDING_SCOPE, points)
+}
+
+/// A string attribute.
+pub(crate) fn text(key: &str, value: String) -> opentelemetry_proto::tonic::common::v1::KeyValue {
+    use opentelemetry_proto::tonic::common::v1::{AnyValue, KeyValue, any_value};
+    KeyValue {
+        key: key.to_string(),
+        value: Some(AnyValue {
+            value: Some(any_value::Value::StringValue(value)),
+        }),
+        ..Default::default()
+    }
+}
+
+/// Gauge points as the OTLP export that would carry them from `service`'s
+/// instrumentation `scope`: one metric per name, points in the order given
+/// — how series Lumen makes itself (recorded rules, a Prometheus's remote
+/// write) enter through the same conversion as ingested OTLP.
+pub(crate) fn gauge_export(
+    service: &str,
+    scope: &str,
+    points: impl IntoIterator<
+        Item = (
+            String,
+            Vec<opentelemetry_proto::tonic::metrics::v1::NumberDataPoint>,
+        ),
+    >,
+) -> opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest {
+    use opentelemetry_proto::tonic::common::v1::InstrumentationScope;
+    use opentelemetry_proto::tonic::metrics::v1::{
+        Gauge, Metric, ResourceMetrics, ScopeMetrics, metric,
+    };
+    use opentelemetry_proto::tonic::resource::v1::Resource;
+    let mut metrics: Vec<Metric> = Vec::new();
+    let mut by_name: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
+    for (name, mut data_points) in points {
+        let at = *by_name.entry(name.clone()).or_insert_with(|| {
+            metrics.push(Metric {
+                name,
                 data: Some(metric::Data::Gauge(Gauge {
-                    data_points: vec![point],
+                    data_points: Vec::new(),
                 })),
                 ..Default::default()
-            }),
+            });
+            metrics.len() - 1
+        });
+        if let Some(metric::Data::Gauge(g)) = &mut metrics[at].data {
+            g.data_points.append(&mut data_points);
         }
     }
     opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest {
         resource_metrics: vec![ResourceMetrics {
             resource: Some(Resource {
-                attributes: vec![text("service.name", "lumen".into())],
+                attributes: vec![text("service.name", service.into())],
                 ..Default::default()
             }),
             scope_metrics: vec![ScopeMetrics {
                 scope: Some(InstrumentationScope {
-                    name: lumen_core::schema::RECORDING_SCOPE.into(),
+                    name: scope.into(),
                     ..Default::default()
                 }),
                 metrics,

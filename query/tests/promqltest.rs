@@ -18,9 +18,8 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use lumen_query::promql::PromError;
-use lumen_query::promql::eval::{Evaluator, Source, select_fixed};
+use lumen_query::promql::eval::{Evaluator, FixedSeries};
 use lumen_query::promql::value::{Labels, RawSeries, Steps, Value};
-use promql_parser::parser::VectorSelector;
 
 /// Cases each file must pass at least (today's count): fewer is a regression.
 const FLOORS: &[(&str, usize)] = &[
@@ -240,18 +239,14 @@ trait Backend {
     fn eval(&mut self, ev: &Eval) -> Result<Value, PromError>;
 }
 
-/// The loaded series, as the evaluator's source.
-#[derive(Default)]
-struct Store(Vec<RawSeries>);
-
 struct InMemory<'r> {
-    store: Store,
+    store: FixedSeries,
     rt: &'r tokio::runtime::Runtime,
 }
 
 impl Backend for InMemory<'_> {
     fn clear(&mut self) {
-        self.store = Store::default();
+        self.store = FixedSeries::default();
     }
 
     fn load(&mut self, series: Vec<RawSeries>) {
@@ -369,19 +364,6 @@ impl Backend for InStore<'_> {
                 cache: None,
             },
         ))
-    }
-}
-
-#[async_trait::async_trait]
-impl Source for Store {
-    async fn select(
-        &self,
-        selector: &VectorSelector,
-        from: i64,
-        to: i64,
-        _range: Option<i64>,
-    ) -> Result<Vec<RawSeries>, PromError> {
-        Ok(select_fixed(&self.0, selector, from, to))
     }
 }
 
@@ -772,7 +754,7 @@ fn prometheus_promql_test_scripts() {
         "Lumen's evaluator over the scripts' series",
         FLOORS,
         InMemory {
-            store: Store::default(),
+            store: FixedSeries::default(),
             rt: &rt,
         },
     );

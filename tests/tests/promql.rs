@@ -297,6 +297,31 @@ fn instant(server: &str, time: Option<u64>, expr: &str) -> Result<Vec<Value>> {
     Ok(promtool(&args)?.as_array().cloned().unwrap_or_default())
 }
 
+/// A real Prometheus on 127.0.0.1:`port` with `config` (YAML), its TSDB
+/// and logs in `dir`; killed when dropped.
+fn start_prometheus(
+    dir: &std::path::Path,
+    config: &str,
+    port: u16,
+    extra: &[&str],
+) -> Result<lumen_tests::KillOnDrop> {
+    let file = dir.join("prometheus.yml");
+    std::fs::write(&file, config)?;
+    Ok(lumen_tests::KillOnDrop(
+        Command::new(peer_tool("prometheus", INSTALL))
+            .arg(format!("--config.file={}", file.display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.join("tsdb").display()
+            ))
+            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+            .args(extra)
+            .stdout(std::fs::File::create(dir.join("prometheus.log"))?)
+            .stderr(std::fs::File::create(dir.join("prometheus.err"))?)
+            .spawn()?,
+    ))
+}
+
 async fn expected(url: &str, query: &str) -> Result<BTreeMap<String, f64>> {
     Ok(sql(url, query)
         .await?
@@ -564,7 +589,6 @@ fn form(pairs: &[(&str, &str)]) -> String {
 /// scraping it sees as many requests as Lumen recorded.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn prometheus_scrapes_istio_metrics_from_lumen() -> Result<()> {
-    let prometheus = peer_tool("prometheus", INSTALL);
     let dir = tempfile::tempdir()?;
     let mesh = dir.path().join("mesh.yaml");
     write_mesh(&mesh, &[("reviews", 9080, &[])])?;
@@ -637,25 +661,16 @@ async fn prometheus_scrapes_istio_metrics_from_lumen() -> Result<()> {
 
     // A real Prometheus, scraping every second.
     let prom_port = lumen_tests::free_port();
-    let config = dir.path().join("prometheus.yml");
-    std::fs::write(
-        &config,
-        format!(
+    let server = start_prometheus(
+        dir.path(),
+        &format!(
             "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: lumen\n    static_configs:\n      - targets: ['127.0.0.1:{p}']\n  \
              - job_name: federate\n    honor_labels: true\n    metrics_path: /federate\n    params:\n      'match[]': ['{{__name__=~\"istio_requests_total\"}}']\n    static_configs:\n      - targets: ['127.0.0.1:{p}']\n",
             p = ports.query
         ),
+        prom_port,
+        &[],
     )?;
-    let mut server = Command::new(prometheus)
-        .arg(format!("--config.file={}", config.display()))
-        .arg(format!(
-            "--storage.tsdb.path={}",
-            dir.path().join("tsdb").display()
-        ))
-        .arg(format!("--web.listen-address=127.0.0.1:{prom_port}"))
-        .stdout(std::fs::File::create(dir.path().join("prometheus.log"))?)
-        .stderr(std::fs::File::create(dir.path().join("prometheus.err"))?)
-        .spawn()?;
     let prom = format!("http://127.0.0.1:{prom_port}");
     let recorded = lumen_tests::sql_count(&url, "SELECT count(*) AS n FROM requests").await? as f64;
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
@@ -677,8 +692,7 @@ async fn prometheus_scrapes_istio_metrics_from_lumen() -> Result<()> {
         };
         seen.push((job, value));
     }
-    let _ = server.kill();
-    let _ = server.wait();
+    drop(server);
     assert_eq!(
         seen,
         vec![("lumen", Some(recorded)), ("federate", Some(recorded))],
@@ -806,7 +820,6 @@ async fn quiet_istio_series_go_stale_after_the_lookback() -> Result<()> {
 /// WriteRequest, is refused with 4xx (the sender drops, not retries).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn prometheus_remote_writes_into_lumen() -> Result<()> {
-    let prometheus = peer_tool("prometheus", INSTALL);
     let dir = tempfile::tempdir()?;
     let mesh = dir.path().join("mesh.yaml");
     write_mesh(&mesh, &[("reviews", 9080, &[])])?;
@@ -828,24 +841,15 @@ async fn prometheus_remote_writes_into_lumen() -> Result<()> {
     assert_eq!(garbage.status(), 400);
 
     let prom_port = lumen_tests::free_port();
-    let config = dir.path().join("prometheus.yml");
-    std::fs::write(
-        &config,
-        format!(
+    let server = start_prometheus(
+        dir.path(),
+        &format!(
             "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: prometheus\n    static_configs:\n      - targets: ['127.0.0.1:{prom_port}']\n\
              remote_write:\n  - url: {write}\n    queue_config:\n      batch_send_deadline: 1s\n"
         ),
+        prom_port,
+        &[],
     )?;
-    let mut server = Command::new(prometheus)
-        .arg(format!("--config.file={}", config.display()))
-        .arg(format!(
-            "--storage.tsdb.path={}",
-            dir.path().join("tsdb").display()
-        ))
-        .arg(format!("--web.listen-address=127.0.0.1:{prom_port}"))
-        .stdout(std::fs::File::create(dir.path().join("prometheus.log"))?)
-        .stderr(std::fs::File::create(dir.path().join("prometheus.err"))?)
-        .spawn()?;
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     let got = loop {
         let got = instant(&lumen, None, "up{job=\"prometheus\"}").unwrap_or_default();
@@ -855,8 +859,7 @@ async fn prometheus_remote_writes_into_lumen() -> Result<()> {
         tokio::time::sleep(Duration::from_millis(500)).await;
     };
     let build = instant(&lumen, None, "prometheus_build_info")?;
-    let _ = server.kill();
-    let _ = server.wait();
+    drop(server);
     let log = std::fs::read_to_string(dir.path().join("prometheus.err")).unwrap_or_default();
     assert_eq!(
         got.len(),
@@ -960,24 +963,14 @@ fn metric(text: &str, series: &str) -> f64 {
 /// that answers 400 has its samples dropped and counted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lumen_remote_writes_istio_series_to_prometheus() -> Result<()> {
-    let prometheus = peer_tool("prometheus", INSTALL);
     let dir = tempfile::tempdir()?;
     let prom_port = lumen_tests::free_port();
-    let config = dir.path().join("prometheus.yml");
-    std::fs::write(&config, "global:\n  scrape_interval: 1m\n")?;
-    let server = lumen_tests::KillOnDrop(
-        Command::new(prometheus)
-            .arg(format!("--config.file={}", config.display()))
-            .arg(format!(
-                "--storage.tsdb.path={}",
-                dir.path().join("tsdb").display()
-            ))
-            .arg(format!("--web.listen-address=127.0.0.1:{prom_port}"))
-            .arg("--web.enable-remote-write-receiver")
-            .stdout(std::fs::File::create(dir.path().join("prometheus.log"))?)
-            .stderr(std::fs::File::create(dir.path().join("prometheus.err"))?)
-            .spawn()?,
-    );
+    let server = start_prometheus(
+        dir.path(),
+        "global:\n  scrape_interval: 1m\n",
+        prom_port,
+        &["--web.enable-remote-write-receiver"],
+    )?;
     let (stand_in, seen) = stand_in_receiver().await?;
 
     let mesh = dir.path().join("mesh.yaml");

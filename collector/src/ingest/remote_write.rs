@@ -26,13 +26,10 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
-use opentelemetry_proto::tonic::common::v1::{AnyValue, InstrumentationScope, KeyValue, any_value};
-use opentelemetry_proto::tonic::metrics::v1::{
-    Gauge, Metric, NumberDataPoint, ResourceMetrics, ScopeMetrics, metric, number_data_point,
-};
-use opentelemetry_proto::tonic::resource::v1::Resource;
+use opentelemetry_proto::tonic::metrics::v1::{NumberDataPoint, number_data_point};
 use prost::Message;
 
+use crate::events::{gauge_export, text};
 use crate::wal::WalHandle;
 
 /// Largest compressed body taken (Prometheus sends batches of a few
@@ -313,16 +310,6 @@ async fn store(wal: &WalHandle, req: WriteRequest) -> Response {
     }
 }
 
-fn text(key: &str, value: String) -> KeyValue {
-    KeyValue {
-        key: key.to_string(),
-        value: Some(AnyValue {
-            value: Some(any_value::Value::StringValue(value)),
-        }),
-        ..Default::default()
-    }
-}
-
 /// `[a-zA-Z_][a-zA-Z0-9_]*`, Prometheus's label names.
 fn valid_label_name(name: &str) -> bool {
     let mut bytes = name.bytes();
@@ -374,8 +361,7 @@ fn check(req: &WriteRequest) -> Result<(), String> {
 
 /// The samples as OTLP gauges, one metric per name.
 fn to_otlp(req: WriteRequest) -> Result<ExportMetricsServiceRequest, String> {
-    let mut metrics: Vec<Metric> = Vec::new();
-    let mut by_name: HashMap<String, usize> = HashMap::new();
+    let mut series = Vec::with_capacity(req.timeseries.len());
     for (i, ts) in req.timeseries.into_iter().enumerate() {
         let mut name = None;
         let mut attributes = Vec::with_capacity(ts.labels.len());
@@ -407,45 +393,21 @@ fn to_otlp(req: WriteRequest) -> Result<ExportMetricsServiceRequest, String> {
         });
         let points = points.collect::<Result<Vec<_>, String>>()?;
         // Every sample already stored (a retried request).
-        if points.is_empty() {
-            continue;
-        }
-        let at = *by_name.entry(name.clone()).or_insert_with(|| {
-            metrics.push(Metric {
-                name,
-                data: Some(metric::Data::Gauge(Gauge {
-                    data_points: Vec::new(),
-                })),
-                ..Default::default()
-            });
-            metrics.len() - 1
-        });
-        if let Some(metric::Data::Gauge(g)) = &mut metrics[at].data {
-            g.data_points.extend(points);
+        if !points.is_empty() {
+            series.push((name, points));
         }
     }
-    Ok(ExportMetricsServiceRequest {
-        resource_metrics: vec![ResourceMetrics {
-            resource: Some(Resource {
-                attributes: vec![text("service.name", "prometheus".into())],
-                ..Default::default()
-            }),
-            scope_metrics: vec![ScopeMetrics {
-                scope: Some(InstrumentationScope {
-                    name: lumen_core::schema::REMOTE_WRITE_SCOPE.into(),
-                    ..Default::default()
-                }),
-                metrics,
-                ..Default::default()
-            }],
-            ..Default::default()
-        }],
-    })
+    Ok(gauge_export(
+        "prometheus",
+        lumen_core::schema::REMOTE_WRITE_SCOPE,
+        series,
+    ))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use opentelemetry_proto::tonic::metrics::v1::metric;
 
     #[test]
     fn samples_become_gauges_named_by_their_name_label() {

@@ -686,9 +686,25 @@ fn vector_vector(
         .collect())
 }
 
-/// What `selector` selects among fixed series (a test's, a script's):
-/// each matching series' samples in `(from, to]`, those with none left out.
-pub fn select_fixed(
+/// Fixed series (a test's, a script's) as a source: a selector gets each
+/// matching series' samples in `(from, to]`, those with none left out.
+#[derive(Debug, Default)]
+pub struct FixedSeries(pub Vec<RawSeries>);
+
+#[async_trait::async_trait]
+impl Source for FixedSeries {
+    async fn select(
+        &self,
+        selector: &VectorSelector,
+        from: i64,
+        to: i64,
+        _range: Option<i64>,
+    ) -> Result<Vec<RawSeries>, PromError> {
+        Ok(select_fixed(&self.0, selector, from, to))
+    }
+}
+
+fn select_fixed(
     series: &[RawSeries],
     selector: &VectorSelector,
     from: i64,

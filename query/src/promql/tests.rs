@@ -1,25 +1,8 @@
 //! The evaluator over fixed series: PromQL's semantics, without the store.
 
-use promql_parser::parser::VectorSelector;
-
 use super::PromError;
-use super::eval::{Evaluator, Source, select_fixed};
+use super::eval::{Evaluator, FixedSeries};
 use super::value::{Labels, RawSeries, Series, Steps, Value, normalize};
-
-struct Fixed(Vec<RawSeries>);
-
-#[async_trait::async_trait]
-impl Source for Fixed {
-    async fn select(
-        &self,
-        selector: &VectorSelector,
-        from: i64,
-        to: i64,
-        _range: Option<i64>,
-    ) -> Result<Vec<RawSeries>, PromError> {
-        Ok(select_fixed(&self.0, selector, from, to))
-    }
-}
 
 fn labels(pairs: &[(&str, &str)]) -> Labels {
     normalize(
@@ -40,7 +23,7 @@ fn counter(pairs: &[(&str, &str)], per_step: f64) -> RawSeries {
     }
 }
 
-fn data() -> Fixed {
+fn data() -> FixedSeries {
     let mut series = vec![
         counter(
             &[("__name__", "req_total"), ("svc", "a"), ("code", "200")],
@@ -66,7 +49,7 @@ fn data() -> Fixed {
             per,
         ));
     }
-    Fixed(series)
+    FixedSeries(series)
 }
 
 async fn eval_at(expr: &str, t_secs: i64) -> Result<Value, PromError> {
