@@ -256,13 +256,24 @@ async fn strict_mtls_carries_spiffe_identities_and_refuses_everything_else() -> 
          AND destination_principal = '{REVIEWS}' AND destination_service = 'reviews'"
     );
     wait_for_count(&mesh.sql_url(), &both, 42).await?;
+    // Every answered call went over mTLS on both sides. A call made while
+    // productpage's sidecar was still starting (before `wait_routed` saw a
+    // 200) may be recorded by the source without mTLS, but never answered.
     let rows = sql(
         &mesh.sql_url(),
-        "SELECT DISTINCT reporter, mtls FROM requests WHERE destination_service = 'reviews' ORDER BY reporter",
+        "SELECT DISTINCT reporter, mtls FROM requests WHERE destination_service = 'reviews' \
+         AND status = 200 ORDER BY reporter",
     )
     .await?;
     assert_eq!(rows.len(), 2, "{rows:?}");
     assert!(rows.iter().all(|r| r["mtls"] == true), "{rows:?}");
+    let plaintext = sql(
+        &mesh.sql_url(),
+        "SELECT reporter, status, response_flags FROM requests \
+         WHERE destination_service = 'reviews' AND NOT mtls AND status BETWEEN 100 AND 499",
+    )
+    .await?;
+    assert!(plaintext.is_empty(), "answered without mTLS: {plaintext:?}");
 
     // Istio's labels on Istio's metric.
     let query = format!(

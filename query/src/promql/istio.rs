@@ -60,12 +60,11 @@ enum Field {
 }
 
 impl Field {
-    /// A histogram's buckets: their `le` bounds and where in [`Aggs`] they are.
-    fn buckets(self) -> Option<(Vec<String>, usize)> {
+    /// A histogram's buckets: their `le` bounds.
+    fn buckets(self) -> Option<Vec<String>> {
         match self {
-            Field::DurationBuckets => Some((bounds(&DURATION_BUCKETS_MS), DUR0)),
-            Field::RequestSizeBuckets => Some((bounds(&SIZE_BUCKETS), REQ0)),
-            Field::ResponseSizeBuckets => Some((bounds(&SIZE_BUCKETS), RESP0)),
+            Field::DurationBuckets => Some(bounds(&DURATION_BUCKETS_MS)),
+            Field::RequestSizeBuckets | Field::ResponseSizeBuckets => Some(bounds(&SIZE_BUCKETS)),
             _ => None,
         }
     }
@@ -313,16 +312,60 @@ fn bounds(of: &[f64]) -> Vec<String> {
 
 const BUCKETS: usize = DURATION_BUCKETS_MS.len() + 1;
 const SIZES: usize = SIZE_BUCKETS.len() + 1;
-/// Where each histogram's cumulative buckets start in [`Aggs`].
-const DUR0: usize = 4;
-const REQ0: usize = DUR0 + BUCKETS;
-const RESP0: usize = REQ0 + SIZES;
-const WIDTH: usize = RESP0 + SIZES;
+/// Every aggregate a key has: [`Layout`] of [`Hist::ALL`].
+const WIDTH: usize = 4 + BUCKETS + 2 * SIZES;
 
-/// A key's aggregates: requests, request bytes, response bytes, duration
-/// sum (µs), then the cumulative bucket counts (as `rollups` stores them)
-/// of durations, request sizes and response sizes.
+/// A key's every aggregate, for what follows all of them (`/metrics`,
+/// remote write): requests, request bytes, response bytes, duration sum
+/// (µs), then the cumulative bucket counts (as `rollups` stores them) of
+/// durations, request sizes and response sizes.
 type Aggs = [f64; WIDTH];
+
+/// Where a read's aggregates sit in its flat rows: the four sums, then the
+/// cumulative buckets of only the histograms the read asks for, so a
+/// request-rate query keeps 4 numbers a window rather than 59.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Layout {
+    width: usize,
+    durations: Option<usize>,
+    request_sizes: Option<usize>,
+    response_sizes: Option<usize>,
+}
+
+impl Layout {
+    fn of(hist: Hist) -> Layout {
+        let mut width = 4;
+        let mut take = |on: bool, n: usize| {
+            on.then(|| {
+                width += n;
+                width - n
+            })
+        };
+        let durations = take(hist.durations, BUCKETS);
+        let request_sizes = take(hist.sizes, SIZES);
+        let response_sizes = take(hist.sizes, SIZES);
+        Layout {
+            width,
+            durations,
+            request_sizes,
+            response_sizes,
+        }
+    }
+
+    /// Where a field's value, or a histogram's first bucket, is; none for
+    /// a histogram the layout leaves out.
+    fn at(&self, field: Field) -> Option<usize> {
+        match field {
+            Field::Requests => Some(0),
+            Field::RequestBytes => Some(1),
+            Field::ResponseBytes => Some(2),
+            Field::DurationMs => Some(3),
+            Field::DurationBuckets => self.durations,
+            Field::RequestSizeBuckets => self.request_sizes,
+            Field::ResponseSizeBuckets => self.response_sizes,
+        }
+    }
+}
 
 /// One key of `rollups` as read back: its Istio labels.
 fn istio_labels(key: &KeyRef<'_>, family: Family) -> Labels {
@@ -490,7 +533,7 @@ impl IstioSource {
                 }
                 let mut base = labels.clone();
                 value::set(&mut base, METRIC_NAME, name);
-                let variants: Vec<Labels> = if let Some((bounds, _)) = m.field.buckets() {
+                let variants: Vec<Labels> = if let Some(bounds) = m.field.buckets() {
                     bounds
                         .iter()
                         .map(|le| {
@@ -544,6 +587,7 @@ impl IstioSource {
         }
         let mut out: Vec<(&(Family, Labels), &Aggs)> = index.sets.iter().zip(&totals).collect();
         out.sort_unstable_by(|a, b| a.0.cmp(b.0));
+        let all = Layout::of(Hist::ALL);
         let mut exposed = Vec::new();
         // Family by family, and within one, a label set's samples together
         // (buckets, sum, count), as OpenMetrics wants them.
@@ -554,7 +598,7 @@ impl IstioSource {
                 METRICS.iter().filter(|m| m.meta.0 == family_name).collect();
             for &((family, labels), a) in &out {
                 for m in members.iter().filter(|m| m.family == *family) {
-                    if let Some((bounds, at)) = m.field.buckets() {
+                    if let (Some(bounds), Some(at)) = (m.field.buckets(), all.at(m.field)) {
                         for (b, le) in bounds.iter().enumerate() {
                             let mut l = labels.clone();
                             value::set(&mut l, "le", le);
@@ -568,7 +612,7 @@ impl IstioSource {
                         exposed.push(Exposed {
                             metric: m,
                             labels: labels.clone(),
-                            value: field_value(m.field, a),
+                            value: field_value(m.field, a, &all),
                         });
                     }
                 }
@@ -592,15 +636,16 @@ fn protocol_index() -> usize {
         .unwrap_or(0)
 }
 
-fn field_value(field: Field, a: &Aggs) -> f64 {
-    match field {
-        Field::Requests => a[0],
-        Field::RequestBytes => a[1],
-        Field::ResponseBytes => a[2],
-        Field::DurationMs => a[3] / 1000.0,
-        Field::DurationBuckets => a[REQ0 - 1],
-        Field::RequestSizeBuckets => a[RESP0 - 1],
-        Field::ResponseSizeBuckets => a[WIDTH - 1],
+/// A field's value in a row of `layout`; a histogram's is its `+Inf`
+/// bucket (its count).
+fn field_value(field: Field, a: &[f64], layout: &Layout) -> f64 {
+    let Some(at) = layout.at(field) else {
+        return 0.0;
+    };
+    match (field, field.buckets()) {
+        (Field::DurationMs, _) => a[at] / 1000.0,
+        (_, Some(bounds)) => a[at + bounds.len() - 1],
+        _ => a[at],
     }
 }
 
@@ -809,18 +854,23 @@ struct AggColumns<'b> {
 }
 
 impl<'b> AggColumns<'b> {
+    /// The columns `hist` asks for, placed as [`Layout::of`] it.
     fn new(batch: &'b RecordBatch, hist: Hist) -> Result<Self, PromError> {
+        let layout = Layout::of(hist);
         let mut names: Vec<(usize, String)> = ["r", "qb", "pb", "d"]
             .iter()
             .enumerate()
             .map(|(i, n)| (i, n.to_string()))
             .collect();
-        if hist.durations {
-            names.extend((0..BUCKETS).map(|b| (DUR0 + b, format!("b{b}"))));
-        }
-        if hist.sizes {
-            names.extend((0..SIZES).map(|b| (REQ0 + b, format!("q{b}"))));
-            names.extend((0..SIZES).map(|b| (RESP0 + b, format!("p{b}"))));
+        let histograms = [
+            (layout.durations, BUCKETS, "b"),
+            (layout.request_sizes, SIZES, "q"),
+            (layout.response_sizes, SIZES, "p"),
+        ];
+        for (at, n, alias) in histograms {
+            if let Some(at) = at {
+                names.extend((0..n).map(|b| (at + b, format!("{alias}{b}"))));
+            }
         }
         let columns = names
             .iter()
@@ -836,15 +886,22 @@ impl<'b> AggColumns<'b> {
         Ok(AggColumns { columns })
     }
 
-    /// A row's aggregates; a window from before size buckets were kept
-    /// (null) counts none.
+    /// A row's aggregates into `a` (its layout's width); a window from
+    /// before size buckets were kept (null) counts none.
+    fn read_into(&self, row: usize, a: &mut [f64]) {
+        for (at, c) in &self.columns {
+            a[*at] = if c.is_valid(row) {
+                c.value(row) as f64
+            } else {
+                0.0
+            };
+        }
+    }
+
+    /// A row's every aggregate, from columns of [`Hist::ALL`].
     fn read(&self, row: usize) -> Aggs {
         let mut a: Aggs = ZERO;
-        for (at, c) in &self.columns {
-            if c.is_valid(row) {
-                a[*at] = c.value(row) as f64;
-            }
-        }
+        self.read_into(row, &mut a);
         a
     }
 }
@@ -856,7 +913,7 @@ fn column<'b>(batch: &'b RecordBatch, name: &str) -> Result<&'b dyn Array, PromE
         .ok_or_else(|| PromError::Execution(format!("rollups answer lacks column {name}")))
 }
 
-fn add(into: &mut Aggs, from: &Aggs) {
+fn add(into: &mut [f64], from: &[f64]) {
     for (a, b) in into.iter_mut().zip(from) {
         *a += b;
     }
@@ -966,8 +1023,32 @@ impl IstioSource {
     }
 }
 
-/// Each Istio label set's cumulative aggregates at its sample times.
-type Cumulative = Vec<(Labels, Vec<(i64, Aggs)>)>;
+/// Each Istio label set's cumulative aggregates at its sample times, as
+/// rows of one layout.
+struct Cumulative {
+    layout: Layout,
+    series: Vec<Samples>,
+}
+
+/// One label set's samples: row `j` of `values` is the sample at `times[j]`.
+#[derive(Default)]
+struct Samples {
+    labels: Labels,
+    times: Vec<i64>,
+    values: Vec<f64>,
+}
+
+impl Samples {
+    fn push(&mut self, t: i64, a: &[f64]) {
+        self.times.push(t);
+        self.values.extend_from_slice(a);
+    }
+
+    fn pop(&mut self, width: usize) {
+        self.times.pop();
+        self.values.truncate(self.values.len() - width);
+    }
+}
 
 /// Longest range the live tier answers (it keeps 15 minutes; the rest is
 /// room for the base it is joined to).
@@ -1009,12 +1090,14 @@ impl Grid {
 /// windows, gathered from SQL answers or the live tier.
 struct Gathered<'s> {
     selector: &'s VectorSelector,
+    layout: Layout,
     index: LabelIndex,
-    bases: Vec<Option<Aggs>>,
+    bases: Vec<Option<Vec<f64>>>,
     /// When each label set's base was last added to (ms): a series quiet
     /// for longer than the lookback is stale, as a scrape that stopped.
     last_seen: Vec<i64>,
-    windows: Vec<Vec<Aggs>>,
+    /// Each label set's windows, `layout.width` numbers apiece.
+    windows: Vec<Vec<f64>>,
     born: Vec<usize>,
     points: usize,
     used: usize,
@@ -1030,9 +1113,16 @@ const ZERO: Aggs = [0.0; WIDTH];
 const STALE: Aggs = [f64::from_bits(super::eval::STALE_NAN); WIDTH];
 
 impl<'s> Gathered<'s> {
-    fn new(selector: &'s VectorSelector, family: Family, points: usize, limit: usize) -> Self {
+    fn new(
+        selector: &'s VectorSelector,
+        family: Family,
+        hist: Hist,
+        points: usize,
+        limit: usize,
+    ) -> Self {
         Gathered {
             selector,
+            layout: Layout::of(hist),
             index: LabelIndex::new(Some(family)),
             bases: Vec::new(),
             last_seen: Vec::new(),
@@ -1044,26 +1134,29 @@ impl<'s> Gathered<'s> {
         }
     }
 
-    fn add_base(&mut self, key: &KeyRef<'_>, aggs: &Aggs, seen_ms: i64) {
+    fn add_base(&mut self, key: &KeyRef<'_>, aggs: &[f64], seen_ms: i64) {
         let i = self.index.index(key);
         if i >= self.bases.len() {
             self.bases.resize(i + 1, None);
             self.last_seen.resize(i + 1, i64::MIN);
         }
-        add(self.bases[i].get_or_insert(ZERO), aggs);
+        let width = self.layout.width;
+        add(self.bases[i].get_or_insert_with(|| vec![0.0; width]), aggs);
         self.last_seen[i] = self.last_seen[i].max(seen_ms);
     }
 
     /// Each series' windows are dense once it has one, and bounded by the
     /// query's memory limit as they are allocated.
-    fn add_window(&mut self, key: &KeyRef<'_>, k: usize, aggs: &Aggs) -> Result<(), PromError> {
+    fn add_window(&mut self, key: &KeyRef<'_>, k: usize, aggs: &[f64]) -> Result<(), PromError> {
         let i = self.index.index(key);
         if i >= self.windows.len() {
             self.windows.resize_with(i + 1, Vec::new);
             self.born.resize(i + 1, usize::MAX);
         }
         if self.windows[i].is_empty() {
-            let dense = self.points.saturating_mul(std::mem::size_of::<Aggs>());
+            let dense = (self.points)
+                .saturating_mul(self.layout.width)
+                .saturating_mul(std::mem::size_of::<f64>());
             self.used = self.used.saturating_add(dense);
             if self.used > self.limit {
                 return Err(PromError::Execution(format!(
@@ -1072,9 +1165,10 @@ impl<'s> Gathered<'s> {
                     self.limit >> 20
                 )));
             }
-            self.windows[i] = vec![ZERO; self.points];
+            self.windows[i] = vec![0.0; self.points * self.layout.width];
         }
-        add(&mut self.windows[i][k], aggs);
+        let width = self.layout.width;
+        add(&mut self.windows[i][k * width..(k + 1) * width], aggs);
         self.born[i] = self.born[i].min(k);
         Ok(())
     }
@@ -1086,6 +1180,7 @@ impl<'s> Gathered<'s> {
         hist: Hist,
         grid: &Grid,
     ) -> Result<(), PromError> {
+        let mut scratch = vec![0.0; self.layout.width];
         for batch in base {
             let keys = KeyColumns::new(batch)?;
             let aggs = AggColumns::new(batch, hist)?;
@@ -1098,7 +1193,8 @@ impl<'s> Gathered<'s> {
                 } else {
                     seen.value(row).saturating_mul(1000)
                 };
-                self.add_base(&keys.key(row), &aggs.read(row), ms);
+                aggs.read_into(row, &mut scratch);
+                self.add_base(&keys.key(row), &scratch, ms);
             }
         }
         for batch in range {
@@ -1117,7 +1213,8 @@ impl<'s> Gathered<'s> {
             let aggs = AggColumns::new(batch, hist)?;
             for row in 0..batch.num_rows() {
                 if let Some(k) = grid.window(times.value(row) / 1000) {
-                    self.add_window(&keys.key(row), k, &aggs.read(row))?;
+                    aggs.read_into(row, &mut scratch);
+                    self.add_window(&keys.key(row), k, &scratch)?;
                 }
             }
         }
@@ -1138,6 +1235,8 @@ impl<'s> Gathered<'s> {
         let tcp = protocol_index();
         let mut failed = None;
         let mut wanted: HashMap<usize, bool> = HashMap::new();
+        let mut aggs = vec![0.0; self.layout.width];
+        let durations = self.layout.durations;
         store.live_visit(cut / 1000, |second, key, counts| {
             if failed.is_some() || (key.names[tcp] == "tcp") != (family == Family::Tcp) {
                 return;
@@ -1157,15 +1256,16 @@ impl<'s> Gathered<'s> {
             {
                 return;
             }
-            let mut aggs = ZERO;
             for (a, c) in aggs.iter_mut().zip(&counts[..4]) {
                 *a = *c as f64;
             }
             // Cumulative, as rollups keep buckets.
-            let mut total = 0;
-            for (a, c) in aggs[4..].iter_mut().zip(&counts[4..]) {
-                total += c;
-                *a = total as f64;
+            if let Some(at) = durations {
+                let mut total = 0;
+                for (a, c) in aggs[at..at + BUCKETS].iter_mut().zip(&counts[4..]) {
+                    total += c;
+                    *a = total as f64;
+                }
             }
             let ms = second * 1000;
             if ms < grid.first {
@@ -1181,14 +1281,17 @@ impl<'s> Gathered<'s> {
 
     /// Each label set's cumulative aggregates at the grid's sample times.
     fn samples(mut self, grid: &Grid, from: i64) -> Cumulative {
+        let width = self.layout.width;
+        let zero = vec![0.0; width];
+        let stale = vec![f64::from_bits(super::eval::STALE_NAN); width];
         let mut order: Vec<usize> = (0..self.index.len()).collect();
         order.sort_unstable_by(|a, b| self.index.sets[*a].1.cmp(&self.index.sets[*b].1));
         let mut out = Vec::with_capacity(order.len());
         for i in order {
             let ws = self.windows.get(i).filter(|w| !w.is_empty());
             let born = self.born.get(i).copied().unwrap_or(usize::MAX);
-            let mut samples = Vec::new();
-            let mut cumulative = self.bases.get(i).copied().flatten();
+            let mut s = Samples::default();
+            let mut cumulative = self.bases.get_mut(i).and_then(Option::take);
             let mut seen = self.last_seen.get(i).copied().unwrap_or(i64::MIN);
             let mut marked = false;
             for k in 0..self.points {
@@ -1200,41 +1303,44 @@ impl<'s> Gathered<'s> {
                     }
                     // A series born in this window: 0 at its start.
                     if window_start > from {
-                        samples.push((window_start, ZERO));
+                        s.push(window_start, &zero);
                     }
-                    cumulative = Some(ZERO);
                 }
-                let c = cumulative.get_or_insert(ZERO);
-                if let Some(ws) = ws
-                    && ws[k] != ZERO
+                let c = cumulative.get_or_insert_with(|| zero.clone());
+                if let Some(window) = ws.map(|ws| &ws[k * width..(k + 1) * width])
+                    && window.iter().any(|v| *v != 0.0)
                 {
                     if marked {
                         // Back after going stale: first the total it had,
                         // at this window's start, so the window's requests
                         // count as an increase.
-                        if samples.last().is_some_and(|(at, _)| *at == window_start) {
-                            samples.pop();
+                        if s.times.last() == Some(&window_start) {
+                            s.pop(width);
                         }
-                        samples.push((window_start, *c));
+                        s.push(window_start, c);
                     }
-                    add(c, &ws[k]);
+                    add(c, window);
                     seen = t;
                 }
                 // Quiet for the lookback: a staleness marker, as when a
                 // scrape target goes away; new requests bring it back.
                 if t.saturating_sub(seen) <= STALE_AFTER_MS {
-                    samples.push((t, *c));
+                    s.push(t, c);
                     marked = false;
                 } else if !marked {
-                    samples.push((t, STALE));
+                    s.push(t, &stale);
                     marked = true;
                 }
             }
-            if !samples.is_empty() {
-                out.push((std::mem::take(&mut self.index.sets[i].1), samples));
+            if !s.times.is_empty() {
+                s.labels = std::mem::take(&mut self.index.sets[i].1);
+                out.push(s);
             }
         }
-        out
+        Cumulative {
+            layout: self.layout,
+            series: out,
+        }
     }
 }
 
@@ -1310,7 +1416,10 @@ impl IstioSource {
                 let first = from.div_euclid(w) * w;
                 let end = to.min(self.now_ms.div_euclid(w) * w);
                 if end < first + w {
-                    return Ok(Vec::new());
+                    return Ok(Cumulative {
+                        layout: Layout::of(hist),
+                        series: Vec::new(),
+                    });
                 }
                 Grid {
                     w,
@@ -1366,7 +1475,7 @@ impl IstioSource {
         let (base, range) =
             futures_util::future::try_join(self.sql(&base_sql), self.sql(&range_sql)).await?;
         let limit = self.engine.config().memory_bytes;
-        let mut gathered = Gathered::new(selector, family, grid.points(), limit);
+        let mut gathered = Gathered::new(selector, family, hist, grid.points(), limit);
         gathered.add_batches(&base, &range, hist, &grid)?;
         check_samples(&gathered, hist, selector)?;
         Ok(gathered.samples(&grid, from))
@@ -1398,7 +1507,7 @@ impl IstioSource {
         );
         let base = self.sql(&base_sql).await?;
         let limit = self.engine.config().memory_bytes;
-        let mut gathered = Gathered::new(selector, family, grid.points(), limit);
+        let mut gathered = Gathered::new(selector, family, hist, grid.points(), limit);
         gathered.add_batches(&base, &[], hist, grid)?;
         gathered.add_live(self.engine.store(), family, cut, grid)?;
         check_samples(&gathered, hist, selector)?;
@@ -1432,7 +1541,7 @@ fn check_samples(g: &Gathered<'_>, hist: Hist, selector: &VectorSelector) -> Res
 /// Turns each label set's aggregates into the selected metrics' series.
 /// A marker sample: its fields go out as the marker, untouched by
 /// arithmetic.
-fn is_stale(a: &Aggs) -> bool {
+fn is_stale(a: &[f64]) -> bool {
     super::eval::is_stale(a[0])
 }
 
@@ -1442,38 +1551,39 @@ fn expand(
     selector: &VectorSelector,
     out: &mut Vec<RawSeries>,
 ) {
-    let histograms: Vec<Option<(Vec<String>, usize)>> =
-        metrics.iter().map(|m| m.field.buckets()).collect();
-    for (labels, samples) in per_key {
-        for (m, histogram) in metrics.iter().zip(&histograms) {
-            let mut named = labels.clone();
+    let layout = per_key.layout;
+    let width = layout.width;
+    for series in per_key.series {
+        let rows = || series.times.iter().zip(series.values.chunks_exact(width));
+        for m in metrics {
+            let mut named = series.labels.clone();
             value::set(&mut named, METRIC_NAME, m.name);
-            if let Some((bounds, at)) = histogram {
+            if let Some(bounds) = m.field.buckets() {
+                // A histogram the read left out has no series here.
+                let Some(at) = layout.at(m.field) else {
+                    continue;
+                };
                 for (b, le) in bounds.iter().enumerate() {
                     let mut l = named.clone();
                     value::set(&mut l, "le", le);
                     if !matches(&selector.matchers, &l) {
                         continue;
                     }
-                    let samples = samples
-                        .iter()
+                    let samples = rows()
                         .map(|(t, a)| (*t, if is_stale(a) { a[0] } else { a[at + b] }))
                         .collect();
                     out.push(RawSeries { labels: l, samples });
                 }
             } else if matches(&selector.matchers, &named) {
                 out.push(RawSeries {
-                    samples: samples
-                        .iter()
+                    samples: rows()
                         .map(|(t, a)| {
-                            (
-                                *t,
-                                if is_stale(a) {
-                                    a[0]
-                                } else {
-                                    field_value(m.field, a)
-                                },
-                            )
+                            let v = if is_stale(a) {
+                                a[0]
+                            } else {
+                                field_value(m.field, a, &layout)
+                            };
+                            (*t, v)
                         })
                         .collect(),
                     labels: named,
@@ -1568,11 +1678,19 @@ impl IstioExport {
         for family in [Family::Http, Family::Tcp] {
             let metrics: Vec<&'static Metric> =
                 METRICS.iter().filter(|m| m.family == family).collect();
-            let per_key: Cumulative = out
+            let series = out
                 .iter()
                 .filter(|((f, _), _)| *f == family)
-                .map(|((_, labels), samples)| (labels.clone(), samples.clone()))
+                .map(|((_, labels), samples)| Samples {
+                    labels: labels.clone(),
+                    times: samples.iter().map(|(t, _)| *t).collect(),
+                    values: samples.iter().flat_map(|(_, a)| *a).collect(),
+                })
                 .collect();
+            let per_key = Cumulative {
+                layout: Layout::of(Hist::ALL),
+                series,
+            };
             expand(per_key, &metrics, &every, &mut raw);
         }
         Ok(raw)
@@ -1733,6 +1851,28 @@ mod export_tests {
                 )
             })
             .collect()
+    }
+
+    #[test]
+    fn a_read_keeps_only_the_histograms_it_asks_for() {
+        let all = Layout::of(Hist::ALL);
+        assert_eq!(all.width, WIDTH);
+        assert_eq!(all.durations, Some(4));
+        assert_eq!(all.request_sizes, Some(4 + BUCKETS));
+        assert_eq!(all.response_sizes, Some(4 + BUCKETS + SIZES));
+        let rates = Layout::of(Hist::default());
+        assert_eq!(rates.width, 4);
+        assert_eq!(rates.at(Field::DurationBuckets), None);
+        let sizes = Layout::of(Hist {
+            durations: false,
+            sizes: true,
+        });
+        assert_eq!(sizes.request_sizes, Some(4));
+        assert_eq!(sizes.width, 4 + 2 * SIZES);
+        // A histogram's count is its +Inf bucket, wherever it sits.
+        let mut row = vec![0.0; sizes.width];
+        row[4 + 2 * SIZES - 1] = 7.0;
+        assert_eq!(field_value(Field::ResponseSizeBuckets, &row, &sizes), 7.0);
     }
 
     #[test]
