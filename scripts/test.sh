@@ -6,11 +6,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 python=${LUMEN_TEST_PYTHON:-python3}
-if ! "$python" -c 'import opentelemetry.sdk, opentelemetry.exporter.otlp.proto.grpc, opentelemetry.exporter.otlp.proto.http, duckdb, psycopg, adbc_driver_flightsql.dbapi, pyarrow.fs, moto.server' 2>/dev/null; then
-  echo "installing test peers: OpenTelemetry Python SDK + OTLP exporters, DuckDB, psycopg, ADBC Flight SQL, pyarrow, moto's S3 server" >&2
+if ! "$python" -c 'import opentelemetry.sdk, opentelemetry.exporter.otlp.proto.grpc, opentelemetry.exporter.otlp.proto.http, duckdb, psycopg, adbc_driver_flightsql.dbapi, pyarrow.fs, moto.server, playwright.sync_api' 2>/dev/null; then
+  echo "installing test peers: OpenTelemetry Python SDK + OTLP exporters, DuckDB, psycopg, ADBC Flight SQL, pyarrow, moto's S3 server, Playwright" >&2
   "$python" -m pip install --quiet --disable-pip-version-check \
     opentelemetry-sdk opentelemetry-exporter-otlp-proto-grpc opentelemetry-exporter-otlp-proto-http duckdb \
-    'psycopg[binary]' adbc-driver-flightsql adbc-driver-manager pyarrow 'moto[server]'
+    'psycopg[binary]' adbc-driver-flightsql adbc-driver-manager pyarrow 'moto[server]' playwright
 fi
 
 # Envoy: the real client of Lumen's rate-limit and ext_authz services.
@@ -29,6 +29,8 @@ command -v iptables >/dev/null 2>&1 || apt_pkgs+=(iptables)
 # The mTLS tests' foreign TLS clients.
 command -v openssl >/dev/null 2>&1 || apt_pkgs+=(openssl)
 command -v curl >/dev/null 2>&1 || apt_pkgs+=(curl ca-certificates)
+# The web UI is tested in real Chromium (Playwright drives Debian's build).
+command -v chromium >/dev/null 2>&1 || apt_pkgs+=(chromium)
 if ((${#apt_pkgs[@]})); then
   echo "installing test peers: ${apt_pkgs[*]} (Debian packages)" >&2
   apt-get update -qq

@@ -1381,6 +1381,7 @@ async fn demo(a: DemoArgs) -> Result<()> {
         a.rps
     );
     println!();
+    println!("  Web UI:     {base}/   (service graph, services, live tail, traces, SQL, policy)");
     println!("  SQL API:    POST {}", running.query_url);
     println!(
         "  PromQL:     {base}/api/v1/query (Prometheus API, Istio's metric names; Grafana: a Prometheus data source at {base})"

@@ -3,6 +3,7 @@
 //! - `POST /api/v1/sql`: SQL in the body, the answer in the format `Accept` asks for.
 //! - `GET /api/v1/queries`: queries in flight; `DELETE /api/v1/queries/{id}` cancels one.
 //! - `GET /metrics`: Istio's metrics and the query service's own; `GET /ready`.
+//! - `GET /`: the web UI ([`crate::ui`]).
 //! - Prometheus's HTTP API ([`crate::prom_api`]) and Jaeger's ([`crate::jaeger`]).
 //!
 //! Errors are JSON in Prometheus's shape (`status`, `errorType`, `error`)
@@ -33,6 +34,7 @@ pub fn router(engine: QueryEngine) -> Router {
         .route("/ready", get(|| async { "ready\n" }))
         .merge(crate::prom_api::router())
         .merge(crate::jaeger::router())
+        .merge(crate::ui::router())
         .with_state(engine)
 }
 
@@ -105,9 +107,14 @@ async fn sql(
     }
     let format = Format::from_accept(headers.get(header::ACCEPT).and_then(|v| v.to_str().ok()));
     let started = Instant::now();
+    let origin = match query_label(&headers) {
+        Ok(Some(label)) => format!("http {peer} {label}"),
+        Ok(None) => format!("http {peer}"),
+        Err(e) => return error(StatusCode::BAD_REQUEST, "bad_data", e),
+    };
     // If the client disconnects, axum drops this future, and with it the
     // query's: that stops the query.
-    let result = match engine.execute(query, &format!("http {peer}")).await {
+    let result = match engine.execute(query, &origin).await {
         Ok(r) => r,
         Err(e) => {
             tracing::debug!(error = %e, "query failed");
@@ -148,6 +155,26 @@ async fn sql(
             "internal",
             format!("cannot encode result: {e}"),
         ),
+    }
+}
+
+/// `X-Lumen-Query-Label`: a client's name for its query, shown in the
+/// running queries' `origin`, so the client can find and cancel it there
+/// (the web UI's SQL console does).
+fn query_label(headers: &HeaderMap) -> Result<Option<&str>, String> {
+    let Some(v) = headers.get("x-lumen-query-label") else {
+        return Ok(None);
+    };
+    match v.to_str() {
+        Ok(s)
+            if !s.is_empty()
+                && s.len() <= 64
+                && s.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') =>
+        {
+            Ok(Some(s))
+        }
+        _ => Err("X-Lumen-Query-Label: 1 to 64 of A-Z, a-z, 0-9, '-' and '_'".into()),
     }
 }
 

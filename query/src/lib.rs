@@ -17,6 +17,7 @@
 //! against Prometheus's own engine tests in `tests/promqltest.rs`).
 //! [`remote_write`] sends the same series out to Prometheus remote-write
 //! receivers, reading them through the PromQL sources every ten seconds.
+//! [`ui`] serves the web UI at `/`, which reads these same APIs.
 
 pub mod dict_group;
 pub mod engine;
@@ -39,6 +40,7 @@ pub mod self_metrics;
 pub mod settings;
 pub mod table;
 pub mod throttle;
+pub mod ui;
 
 use std::future::Future;
 use std::net::SocketAddr;
