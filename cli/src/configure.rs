@@ -176,7 +176,7 @@ pub struct ProxyStatusArgs {
 
 /// A control plane serving `resources`, read from `files` and watched there
 /// (and what was applied before, kept in `persist`) on `addr` until `stop`: the listener's address and the
-/// serving and file-watching tasks.
+/// serving and file-watching tasks, and the service (for its metrics).
 pub async fn start(
     resources: Vec<Resource>,
     files: &[PathBuf],
@@ -185,7 +185,12 @@ pub async fn start(
     poll: std::time::Duration,
     security: lumen_control::server::Security,
     stop: &watch::Receiver<bool>,
-) -> Result<(SocketAddr, Arc<ConfigStore>, Vec<JoinHandle<()>>)> {
+) -> Result<(
+    SocketAddr,
+    Arc<ConfigStore>,
+    ControlService,
+    Vec<JoinHandle<()>>,
+)> {
     if let Some(dir) = persist.as_ref().and_then(|p| p.parent()) {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
@@ -197,6 +202,7 @@ pub async fn start(
     let mut tasks = Vec::new();
     let mut s = stop.clone();
     let service = ControlService::new(store.clone()).with_security(security);
+    let handle = service.clone();
     tasks.push(tokio::spawn(async move {
         let shutdown = async move {
             let _ = s.wait_for(|s| *s).await;
@@ -222,7 +228,7 @@ pub async fn start(
         destination_rules = current.mesh.destination_rules.len(),
         "control plane serving"
     );
-    Ok((local, store, tasks))
+    Ok((local, store, handle, tasks))
 }
 
 fn read_resources(paths: &[PathBuf]) -> Result<Vec<Resource>> {

@@ -631,6 +631,11 @@ struct ProxyArgs {
     /// dropped (and counted).
     #[arg(long, default_value_t = 65536)]
     telemetry_queue: usize,
+    /// How often the sidecar pushes its own stats (config version, cluster
+    /// requests in flight, ejections, retries, drops) to the collector as
+    /// OTLP metrics, as Envoy's OpenTelemetry stats sink does; 0s: never.
+    #[arg(long, default_value = "15s", value_parser = parse_duration)]
+    stats_interval: Duration,
     /// Longest wait for an upstream's response headers.
     #[arg(long, default_value = "15s", value_parser = parse_duration)]
     upstream_timeout: Duration,
@@ -899,7 +904,7 @@ async fn up(a: UpArgs) -> Result<()> {
             collector.writer(),
         ));
     let (stop, stop_rx) = watch::channel(false);
-    let (_, store, control_tasks) = configure::start(
+    let (_, store, control_service, control_tasks) = configure::start(
         files,
         &a.file,
         Some(a.data_dir.join("control").join("resources.json")),
@@ -918,6 +923,8 @@ async fn up(a: UpArgs) -> Result<()> {
         data_dir = %a.data_dir.display(),
         "lumen is up"
     );
+    // Which proxies run which config, on /metrics (and so recorded).
+    engine.add_metrics(Arc::new(move || control_service.metrics_text()));
     let writer = collector.writer();
     let self_writer = collector.writer();
     let collector_task = tokio::spawn(collector.run(until(stop_rx.clone())));
@@ -1056,7 +1063,7 @@ async fn control(a: configure::ControlArgs) -> Result<()> {
     init_logging("info");
     let (stop, stop_rx) = watch::channel(false);
     let files = lumen_control::discovery::load_resources(&a.file)?;
-    let (_, _, tasks) = configure::start(
+    let (_, _, _, tasks) = configure::start(
         files,
         &a.file,
         Some(a.data_dir.join("resources.json")),
@@ -1207,6 +1214,10 @@ async fn proxy(a: ProxyArgs) -> Result<()> {
     config.telemetry.collector_endpoint = a.collector.clone();
     config.telemetry.queue_capacity = a.telemetry_queue;
     config.telemetry.flush_interval = a.telemetry_flush;
+    config.telemetry.stats_interval = a.stats_interval;
+    // How the control plane and the pushed stats both name this sidecar.
+    let node_id = format!("{}-{:08x}", config.identity.workload, rand_id());
+    config.telemetry.instance = Some(node_id.clone());
     if let Some(w) = a.workers {
         config.telemetry.recording_threads = usize::from(w);
     }
@@ -1229,7 +1240,7 @@ async fn proxy(a: ProxyArgs) -> Result<()> {
                 .map(|a| a.to_string())
                 .unwrap_or_default();
             let node = lumen_core::control::v1::Node {
-                id: format!("{}-{:08x}", config.identity.workload, rand_id()),
+                id: node_id,
                 service: config.identity.service.to_string(),
                 namespace: config.identity.namespace.to_string(),
                 workload: config.identity.workload.to_string(),

@@ -49,6 +49,8 @@ pub struct ControlService {
     security: Option<Arc<Security>>,
     /// Bumped when a proxy with a certificate comes or goes.
     peers_changed: watch::Sender<u64>,
+    /// Snapshots proxies refused (NACK) since start.
+    rejects: Arc<AtomicU64>,
 }
 
 impl ControlService {
@@ -60,7 +62,60 @@ impl ControlService {
             quotas: Default::default(),
             security: None,
             peers_changed: watch::channel(0).0,
+            rejects: Arc::new(AtomicU64::new(0)),
         }
+    }
+
+    /// The control plane's view of its proxies as Prometheus text —
+    /// `istioctl proxy-status` as series: Istio's `pilot_xds` (proxies
+    /// connected) and `pilot_total_xds_rejects` (snapshots refused), the
+    /// config version served, and per proxy the version it acknowledged
+    /// and whether that is the one served (`synced`), an older one
+    /// (`stale`), or a refusal (`rejected`).
+    pub fn metrics_text(&self) -> String {
+        use std::fmt::Write;
+        let current = self.store.current().version.clone();
+        let proxies: Vec<(String, v1::ProxyState)> = self
+            .proxies
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|(id, p)| (id.clone(), p.clone()))
+            .collect();
+        let mut out = String::new();
+        let _ = write!(
+            out,
+            "# HELP pilot_xds Proxies connected to this control plane.\n# TYPE pilot_xds gauge\n\
+             pilot_xds {}\n\
+             # HELP pilot_total_xds_rejects Config snapshots proxies refused (NACK).\n# TYPE pilot_total_xds_rejects counter\n\
+             pilot_total_xds_rejects {}\n\
+             # HELP lumen_control_config_info The mesh config version the control plane serves.\n# TYPE lumen_control_config_info gauge\n\
+             lumen_control_config_info{{version=\"{}\"}} 1\n\
+             # HELP lumen_control_proxy_config_info Each connected proxy's acknowledged config version and its state: synced, stale or rejected.\n\
+             # TYPE lumen_control_proxy_config_info gauge\n",
+            proxies.len(),
+            self.rejects.load(Ordering::Relaxed),
+            escape(&current),
+        );
+        for (id, p) in &proxies {
+            let node = p.node.clone().unwrap_or_default();
+            let state = if !p.nack_error.is_empty() {
+                "rejected"
+            } else if p.acked_version == current {
+                "synced"
+            } else {
+                "stale"
+            };
+            let _ = writeln!(
+                out,
+                "lumen_control_proxy_config_info{{proxy=\"{}\",workload=\"{}\",namespace=\"{}\",version=\"{}\",state=\"{state}\"}} 1",
+                escape(id),
+                escape(&node.workload),
+                escape(&node.namespace),
+                escape(&p.acked_version),
+            );
+        }
+        out
     }
 
     /// Runs the mesh CA: proxies with a join token get certificates.
@@ -295,6 +350,7 @@ impl ControlPlane for ControlService {
                                     p.nack_error.clear();
                                 } else {
                                     tracing::warn!(proxy = %id, error = %m.error_detail, "proxy refused a snapshot (NACK)");
+                                    this.rejects.fetch_add(1, Ordering::Relaxed);
                                     p.acked_version = m.version_info;
                                     p.nack_error = m.error_detail;
                                 }
@@ -457,4 +513,11 @@ pub async fn serve(
             shutdown,
         )
         .await
+}
+
+/// A label value in Prometheus's text format.
+fn escape(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
 }

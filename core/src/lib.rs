@@ -38,6 +38,7 @@ pub mod access;
 pub mod authz;
 pub mod config;
 pub mod control;
+pub mod exposition;
 pub mod identity;
 pub mod istio;
 pub mod load;

@@ -216,9 +216,73 @@ def collector():
     return b
 
 
+def proxy():
+    b = Board("lumen-proxy", "Lumen / Proxy fleet",
+              "Every sidecar and gateway: which config it runs, retries, outlier ejections, "
+              "connection pools and its telemetry — from the stats each proxy pushes every 15 s "
+              "(job=\"<namespace>/<service>\", instance = the proxy) and the control plane's "
+              "view of them (job=\"lumen\").")
+    rate = "[$__rate_interval]"
+    b.panel("table", "Config version per proxy",
+            "The version each connected proxy acknowledged and whether it is the one served "
+            "(synced), an older one (stale) or refused (rejected): istioctl proxy-status.",
+            [dict(prom("A", 'max by (proxy, workload, namespace, version, state) '
+                            '(lumen_control_proxy_config_info{job="lumen"})', ""),
+                  format="table", instant=True, range=False)],
+            w=16, h=9, transformations=[{"id": "organize", "options": {
+                "excludeByName": {"Time": True, "Value": True}}}])
+    b.panel("stat", "Proxies not in sync",
+            "Connected proxies whose config is stale or refused; 0 when all run the served one.",
+            [prom("A", 'count(lumen_control_proxy_config_info{job="lumen",state!="synced"}) '
+                       'or on () vector(0)', "not synced"),
+             prom("B", 'sum(pilot_xds{job="lumen"})', "connected")],
+            w=8, h=9)
+    b.panel("timeseries", "Config refusals (NACK)",
+            "Snapshots proxies refused, per 5 minutes (their last good config stays).",
+            [prom("A", 'sum(increase(pilot_total_xds_rejects{job="lumen"}[5m])) or on () vector(0)',
+                  "refused")])
+    b.panel("timeseries", "Retries per second by proxy",
+            "Retries sent upstream, and retries the retry budget held back.",
+            [prom("A", f'sum by (instance) (rate(lumen_upstream_retries_total{rate}))', "{{instance}}"),
+             prom("B", f'sum(rate(lumen_upstream_retries_budget_exhausted_total{rate})) '
+                       f'or on () vector(0)', "held back by the budget")],
+            fieldConfig={"defaults": {"unit": "ops"}, "overrides": []})
+    b.panel("table", "Retried requests by service",
+            "From the callers' records: requests that needed a retry, and retries sent.",
+            [sql("A", """SELECT destination_service AS service,
+                 sum(CASE WHEN retries > 0 THEN 1 ELSE 0 END) AS retried_requests,
+                 sum(retries) AS retries, count(*) AS requests
+                 FROM requests WHERE $__timeFilter(time) AND reporter = 'source'
+                 GROUP BY 1 ORDER BY 3 DESC, 1""")])
+    b.panel("timeseries", "Endpoints ejected by outlier detection",
+            "Per cluster, across the proxies that call it.",
+            [prom("A", 'sum by (cluster_name) (envoy_cluster_outlier_detection_ejections_active)',
+                  "{{cluster_name}}")])
+    b.panel("timeseries", "Requests in flight per cluster",
+            "Sent and not yet answered, summed over the proxies: the connection pools' load.",
+            [prom("A", 'sum by (cluster_name) (envoy_cluster_upstream_rq_active)', "{{cluster_name}}"),
+             prom("B", 'sum(envoy_cluster_upstream_rq_pending_active) or on () vector(0)',
+                  "waiting for a connection (maxConnections)")])
+    b.panel("timeseries", "TCP connections open per cluster",
+            "TCP-proxied connections (and tunnels) open now, summed over the proxies.",
+            [prom("A", 'sum by (cluster_name) (envoy_cluster_upstream_cx_active)', "{{cluster_name}}")])
+    b.panel("timeseries", "Request records exported and dropped",
+            "Records the collector acknowledged, and records dropped by reason; drops never "
+            "fail a request.",
+            [prom("A", f'sum(rate(lumen_telemetry_records_exported_total{rate}))', "exported"),
+             prom("B", f'sum by (reason) (rate(lumen_telemetry_records_dropped_total{rate}))',
+                  "dropped {{reason}}")],
+            fieldConfig={"defaults": {"unit": "ops"}, "overrides": []})
+    b.panel("timeseries", "Downstream refusals by reason",
+            "Connections and requests the proxies' limits and timeouts refused.",
+            [prom("A", f'sum by (reason) (rate(lumen_downstream_refused_total{rate}))', "{{reason}}")],
+            fieldConfig={"defaults": {"unit": "ops"}, "overrides": []})
+    return b
+
+
 def main():
     here = pathlib.Path(__file__).resolve().parent
-    for board in (traffic(), policy(), collector()):
+    for board in (traffic(), policy(), collector(), proxy()):
         name = board.uid.removeprefix("lumen-")
         (here / f"{name}.json").write_text(json.dumps(board.json(), indent=2) + "\n")
 

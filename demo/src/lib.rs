@@ -285,6 +285,8 @@ pub async fn start(config: DemoConfig) -> Result<RunningDemo, DemoError> {
         let listener = local_listener().await?;
         let app_addr = listener.local_addr().map_err(DemoError::Bind)?;
         let mut pc = sidecar(workload(app.service(), &app.version()));
+        // The name the control plane knows it by (see the nodes below).
+        pc.telemetry.instance = Some(format!("{}-{}", pc.identity.workload, followers.len()));
         pc.inbound = Some(SocketAddr::from(([127, 0, 0, 1], 0)));
         pc.app = Some(app_addr);
         let (tx, rx) = watch::channel(Arc::new(MeshConfig::default()));
@@ -295,6 +297,11 @@ pub async fn start(config: DemoConfig) -> Result<RunningDemo, DemoError> {
     }
     let mut loadgen_config = sidecar(workload("loadgen", "v1"));
     loadgen_config.telemetry.collector_endpoint = collector_endpoint.clone();
+    loadgen_config.telemetry.instance = Some(format!(
+        "{}-{}",
+        loadgen_config.identity.workload,
+        followers.len()
+    ));
     let (tx, rx) = watch::channel(Arc::new(MeshConfig::default()));
     followers.push(Follower::of(&loadgen_config, "loadgen".into(), tx));
     let loadgen_proxy = Proxy::bind(loadgen_config, rx).await?;
@@ -360,10 +367,16 @@ pub async fn start(config: DemoConfig) -> Result<RunningDemo, DemoError> {
         join_tokens: vec![join_token.clone()],
     };
     let (stop_control, control_rx) = watch::channel(false);
+    let control_service =
+        lumen_control::ControlService::new(resources.clone()).with_security(security);
+    {
+        // Which proxies run which config, on /metrics (and so recorded).
+        let service = control_service.clone();
+        engine.add_metrics(Arc::new(move || service.metrics_text()));
+    }
     let control_tasks = vec![
         tokio::spawn({
-            let service =
-                lumen_control::ControlService::new(resources.clone()).with_security(security);
+            let service = control_service.clone();
             let rx = control_rx.clone();
             async move {
                 if let Err(e) =

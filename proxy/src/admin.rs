@@ -40,7 +40,7 @@ async fn stats(State(s): State<Arc<AdminState>>) -> impl IntoResponse {
             header::CONTENT_TYPE,
             "text/plain; version=0.0.4; charset=utf-8",
         )],
-        s.shared.telemetry.metrics().encode(),
+        crate::stats::exposition(&s.shared),
     )
 }
 

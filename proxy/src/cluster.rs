@@ -60,6 +60,17 @@ impl ClusterState {
     pub fn limits(&self) -> &ConnectionPool {
         &self.limits
     }
+
+    /// Requests admitted and not yet finished, requests waiting for a
+    /// connection, and TCP connections open: Envoy's `upstream_rq_active`,
+    /// `upstream_rq_pending_active` and (for TCP) `upstream_cx_active`.
+    pub fn active(&self) -> (u32, u32, u32) {
+        (
+            self.requests.load(Ordering::Relaxed),
+            self.pending.load(Ordering::Relaxed),
+            self.connections.load(Ordering::Relaxed),
+        )
+    }
 }
 
 /// The pool was full: answered 503 with `UO`.

@@ -25,7 +25,9 @@
 //! [`request`] for the phases and [`telemetry`] for where records go):
 //! counted in `/stats/prometheus` on the admin port and exported as OTLP
 //! spans to the collector through a bounded queue that never blocks a
-//! request.
+//! request. The proxy's stats — those counters, its config version and its
+//! clusters' state under Envoy's names ([`stats`]) — are pushed to the
+//! collector as OTLP metrics every 15 s, so the fleet is in the store too.
 
 pub mod admin;
 pub mod attempt;
@@ -53,6 +55,7 @@ pub mod reply;
 pub mod request;
 pub mod retry;
 pub mod route;
+pub mod stats;
 pub mod subscribe;
 pub mod tcp;
 pub mod telemetry;
@@ -307,6 +310,19 @@ impl Proxy {
         let (gateway_ports_tx, ports_rx) = watch::channel(gateway_ports(&shared));
 
         let mut tasks = tokio::task::JoinSet::new();
+        if config.telemetry.export && !config.telemetry.stats_interval.is_zero() {
+            let push = stats::PushConfig {
+                endpoint: config.telemetry.collector_endpoint.clone(),
+                interval: config.telemetry.stats_interval,
+                timeout: config.telemetry.export_timeout,
+                instance: config
+                    .telemetry
+                    .instance
+                    .clone()
+                    .unwrap_or_else(|| config.identity.workload.to_string()),
+            };
+            tasks.spawn(stats::push(shared.clone(), push, stop_rx.clone()));
+        }
         {
             let shared = shared.clone();
             let mut stop = stop_rx.clone();

@@ -570,8 +570,11 @@ impl Drop for Finish<'_> {
         // The first reason stays: a query cut off by shutdown's drain
         // timeout was stopped by shutdown, not by its client.
         self.entry.stop.stop(StopReason::ClientGone);
+        // A query cancelled through the API whose client then left (as
+        // the UI's console does) was cancelled.
         let outcome = match self.entry.stop.reason() {
             Some(StopReason::Shutdown) => Outcome::Shutdown,
+            Some(StopReason::Cancelled) => Outcome::Cancelled,
             _ => Outcome::ClientGone,
         };
         if let Some(a) = &self.abort {

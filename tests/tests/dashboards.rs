@@ -99,9 +99,12 @@ fn expand_sql(sql: &str, vars: &BTreeMap<String, Vec<String>>, start: u64, end: 
     out
 }
 
-/// Runs SQL over the Postgres wire with psycopg (as Grafana's PostgreSQL
-/// data source connects): each statement's rows (first column as text),
-/// or its error.
+/// Runs SQL over the Postgres wire with psycopg, both ways Grafana's
+/// PostgreSQL data source may send it (its driver decides): the simple
+/// query protocol (psycopg's way for a query without parameters, lib/pq's
+/// too) and the extended one (a prepared statement, pgx's way). Each
+/// statement's rows (first column as text), or its error; the two ways
+/// must agree on whether there are any.
 fn psql_rows(port: u16, statements: &[String]) -> Result<Vec<Result<Vec<String>, String>>> {
     let script = r#"
 import sys, json, psycopg
@@ -110,7 +113,12 @@ with psycopg.connect(host="127.0.0.1", port=int(sys.argv[1]), user="grafana", db
     for sql in json.loads(sys.argv[2]):
         try:
             rows = conn.execute(sql).fetchall()
-            out.append({"rows": [str(r[0]) for r in rows]})
+            prepared = conn.execute(sql, prepare=True).fetchall()
+            # (The data moves between the two: rows, not their count.)
+            if bool(prepared) != bool(rows):
+                out.append({"error": f"simple protocol: {len(rows)} rows, extended: {len(prepared)}"})
+            else:
+                out.append({"rows": [str(r[0]) for r in rows]})
         except psycopg.Error as e:
             out.append({"error": str(e)})
 print(json.dumps(out))
@@ -612,8 +620,9 @@ fn lumens_dashboards_answer(prom: &Prom, pg: u16) -> Result<()> {
                             &format!("({})", escaped.join("|")),
                         );
                     }
+                    let instant = t["instant"].as_bool().unwrap_or(false);
                     let got = tokio::task::block_in_place(|| {
-                        tokio::runtime::Handle::current().block_on(prom.target(&expr, false))
+                        tokio::runtime::Handle::current().block_on(prom.target(&expr, instant))
                     });
                     match got {
                         Ok(true) => {}

@@ -24,6 +24,11 @@ struct ProtocolLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabels {
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct DropLabels {
     reason: &'static str,
 }
@@ -97,6 +102,7 @@ pub struct Metrics {
     refused: Family<ReasonLabels, Counter>,
     retries: Counter,
     retries_refused: Counter,
+    stats_pushes: Family<OutcomeLabels, Counter>,
     unknown: Arc<str>,
     other: Workload,
     /// Source identities seen as labels so far (see [`MAX_SOURCE_LABELS`]).
@@ -198,6 +204,12 @@ impl Metrics {
             "Retries not sent because the retry budget was spent",
             retries_refused.clone(),
         );
+        let stats_pushes = Family::<OutcomeLabels, Counter>::default();
+        registry.register(
+            "lumen_proxy_stats_pushes",
+            "Pushes of these stats to the collector (OTLP metrics), by outcome: ok, failed",
+            stats_pushes.clone(),
+        );
         // Register the drop reasons up front so a scrape shows them at zero.
         for reason in [DROP_QUEUE_FULL, DROP_EXPORT_FAILED, DROP_REJECTED] {
             let _ = records_dropped.get_or_create(&DropLabels { reason });
@@ -219,6 +231,7 @@ impl Metrics {
             refused,
             retries,
             retries_refused,
+            stats_pushes,
             unknown: Arc::from("unknown"),
             other: Workload {
                 service: other.clone(),
@@ -388,6 +401,19 @@ impl Metrics {
         self.records_exported
             .get_or_create(&ProtocolLabels { protocol })
             .inc_by(n);
+    }
+
+    /// A push of the stats to the collector ended.
+    pub fn stats_pushed(&self, ok: bool) {
+        let outcome = if ok { "ok" } else { "failed" };
+        self.stats_pushes
+            .get_or_create(&OutcomeLabels { outcome })
+            .inc();
+    }
+
+    /// The counters' registry (the admin port adds the clusters' state).
+    pub fn registry(&self) -> &Registry {
+        &self.registry
     }
 
     /// Prometheus text exposition of every metric.

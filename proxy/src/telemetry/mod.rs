@@ -71,6 +71,12 @@ pub struct TelemetryConfig {
     pub export_timeout: Duration,
     /// Threads that record (the proxy's workers); builders are kept per thread.
     pub recording_threads: usize,
+    /// How often the proxy pushes its stats to the collector as OTLP
+    /// metrics ([`crate::stats`]); zero: never.
+    pub stats_interval: Duration,
+    /// Which proxy this is among its workload's (`service.instance.id` of
+    /// the pushed stats); the workload's name when unset.
+    pub instance: Option<String>,
 }
 
 impl Default for TelemetryConfig {
@@ -85,6 +91,8 @@ impl Default for TelemetryConfig {
             flush_interval: Duration::from_millis(200),
             export_timeout: Duration::from_secs(5),
             recording_threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            stats_interval: Duration::from_secs(15),
+            instance: None,
         }
     }
 }

@@ -1553,12 +1553,13 @@ fn expand(
 ) {
     let layout = per_key.layout;
     let width = layout.width;
+    let histograms: Vec<Option<Vec<String>>> = metrics.iter().map(|m| m.field.buckets()).collect();
     for series in per_key.series {
         let rows = || series.times.iter().zip(series.values.chunks_exact(width));
-        for m in metrics {
+        for (m, histogram) in metrics.iter().zip(&histograms) {
             let mut named = series.labels.clone();
             value::set(&mut named, METRIC_NAME, m.name);
-            if let Some(bounds) = m.field.buckets() {
+            if let Some(bounds) = histogram {
                 // A histogram the read left out has no series here.
                 let Some(at) = layout.at(m.field) else {
                     continue;

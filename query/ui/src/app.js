@@ -38,7 +38,12 @@ let stop = null;
 function route() {
   const [, name = "graph", ...rest] = (location.hash || "#/graph").split("/");
   const page = PAGES[name] ? name : "graph";
-  const arg = rest.map(decodeURIComponent).join("/");
+  let arg = "";
+  try {
+    arg = rest.map(decodeURIComponent).join("/");
+  } catch {
+    arg = rest.join("/"); // a malformed escape: the text as it is
+  }
   for (const a of document.querySelectorAll("#nav a")) {
     a.classList.toggle("active", a.dataset.page === page || (page === "service" && a.dataset.page === "services"));
   }

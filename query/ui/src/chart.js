@@ -7,10 +7,13 @@ const PALETTE = ["#1f6feb", "#d97706", "#16a34a", "#dc2626", "#7c3aed", "#0891b2
 
 /**
  * A line chart. `xs`: seconds since the epoch; `series`: [{label, values}]
- * aligned with xs (null for a gap); `unit` formats the y axis.
+ * aligned with xs (null for a gap); `fmt` formats values. The element's
+ * `dispose()` frees the chart (uPlot keeps every chart until destroyed):
+ * call it before drawing a new one in its place.
  */
 export function lineChart({ title, xs, series, fmt = (v) => String(v), height = 220 }) {
   const box = h("div", { class: "chart", "data-title": title });
+  box.dispose = () => {};
   if (!xs.length) {
     box.append(h("p", { class: "muted" }, "No data in this range."));
     return box;
@@ -40,9 +43,19 @@ export function lineChart({ title, xs, series, fmt = (v) => String(v), height = 
     const w = box.clientWidth;
     if (w > 0) plot.setSize({ width: w, height });
   };
-  new ResizeObserver(fit).observe(box);
+  const observer = new ResizeObserver(fit);
+  observer.observe(box);
   requestAnimationFrame(fit);
+  box.dispose = () => {
+    observer.disconnect();
+    plot.destroy();
+  };
   return box;
+}
+
+/** Frees the charts under `el` (see [`lineChart`]). */
+export function disposeCharts(el) {
+  for (const c of el.querySelectorAll(".chart")) if (c.dispose) c.dispose();
 }
 
 /**

@@ -5,7 +5,7 @@
 
 import { DataType } from "apache-arrow";
 import { cancelQuery, runningQueries, sqlArrow } from "./api.js";
-import { lineChart, pivot } from "./chart.js";
+import { disposeCharts, lineChart, pivot } from "./chart.js";
 import { h, errorBox, fmtCount, panel } from "./util.js";
 
 const HISTORY_KEY = "lumen.sql.history";
@@ -198,6 +198,7 @@ export function consolePage(root) {
     const distinct = new Set();
     for (let r = 0; timeColumn && r < table.numRows && distinct.size < 2; r++) distinct.add(Number(timeColumn.get(r)));
     // A chart needs at least two points in time.
+    disposeCharts(chartBox);
     if (!plan || distinct.size < 2) {
       chartBox.replaceChildren();
       return;
@@ -249,5 +250,8 @@ export function consolePage(root) {
       panel("History", historyBox),
     ),
   );
-  return () => running && running.controller.abort();
+  return () => {
+    if (running) running.controller.abort();
+    disposeCharts(chartBox);
+  };
 }

@@ -45,6 +45,7 @@ export function mergeEdges(rows, range) {
     toLabel: known(r.dst) ? r.dst : r.service,
     fromLabel: known(r.src) ? r.src : "unknown",
     service: r.service,
+    namespace: r.dst_ns,
     tcp: !!r.tcp,
     rps: num(r.requests) / span,
     errors: num(r.requests) ? num(r.errors) / num(r.requests) : 0,
@@ -201,14 +202,15 @@ function draw(canvas, edges) {
     const worst = n.in.reduce((w, e) => Math.max(w, e.requests ? e.errors : 0), 0);
     const traffic = n.in.reduce((s, e) => s + e.requests, 0);
     const cls = n.in.length ? health(worst, traffic) : "idle";
-    const service = n.in.find((e) => e.service)?.service;
+    const into = n.in.find((e) => e.service);
+    const service = into && into.service;
     const g = svg(
       "g",
       {
         class: `node ${cls}${service ? " link" : ""}`,
         "data-node": n.label,
         transform: `translate(${n.x} ${n.y})`,
-        onclick: service ? () => (location.hash = `#/service/${encodeURIComponent(service)}`) : undefined,
+        onclick: service ? () => (location.hash = `#/service/${encodeURIComponent(into.namespace)}/${encodeURIComponent(service)}`) : undefined,
       },
       svg("title", {}, service ? `${n.label}: open service ${service}` : n.label),
       svg("circle", { r: 30 }),

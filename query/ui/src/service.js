@@ -3,7 +3,7 @@
 // slowest recent requests with their traces.
 
 import { sql } from "./api.js";
-import { lineChart, pivot } from "./chart.js";
+import { disposeCharts, lineChart, pivot } from "./chart.js";
 import { h, every, errorBox, fmtCount, fmtPct, fmtRate, fmtTime, fmtUs, lit, num, panel, table, toDate } from "./util.js";
 
 /** Bucket width for about 120 points over the range, a multiple of 10 s. */
@@ -11,18 +11,20 @@ export function step(range) {
   return Math.max(10, Math.ceil(range / 120 / 10) * 10);
 }
 
-function where(service, range) {
-  return `window_seconds = 10 AND reporter = 'destination' AND destination_service = ${lit(service)}
+function where(service, namespace, range) {
+  const ns = namespace ? ` AND destination_namespace = ${lit(namespace)}` : "";
+  return `window_seconds = 10 AND reporter = 'destination' AND destination_service = ${lit(service)}${ns}
   AND time >= now() - INTERVAL '${range} seconds'`;
 }
 
-export function queries(service, range) {
-  const w = where(service, range);
+export function queries(service, namespace, range) {
+  const w = where(service, namespace, range);
   const p = (q) => `sketch_quantile(sketch_merge(duration_sketch), ${q})`;
   return {
     overTime: `SELECT date_bin(INTERVAL '${step(range)} seconds', time, TIMESTAMP '1970-01-01T00:00:00Z') AS t,
   destination_version AS version, sum(requests) AS requests, sum(errors) AS errors,
-  ${p(0.5)} AS p50_us, ${p(0.9)} AS p90_us, ${p(0.99)} AS p99_us
+  ${p(0.5)} AS p50_us, ${p(0.9)} AS p90_us, ${p(0.99)} AS p99_us,
+  to_unixtime(min(time)) AS first_s, to_unixtime(max(time)) + 10 AS last_s
 FROM rollups WHERE ${w} GROUP BY 1, 2 ORDER BY 1`,
     statuses: `SELECT status, sum(requests) AS requests FROM rollups WHERE ${w} GROUP BY 1 ORDER BY 2 DESC`,
     routes: `SELECT route, sum(requests) AS requests, sum(errors) AS errors, ${p(0.99)} AS p99_us
@@ -31,7 +33,7 @@ FROM rollups WHERE ${w} GROUP BY 1 ORDER BY 2 DESC LIMIT 10`,
   sum(errors) AS errors, ${p(0.99)} AS p99_us
 FROM rollups WHERE ${w} GROUP BY 1, 2 ORDER BY 3 DESC LIMIT 10`,
     slowest: `SELECT time, method, path, status, duration_us, source_workload, trace_id FROM requests
-WHERE reporter = 'destination' AND destination_service = ${lit(service)}
+WHERE reporter = 'destination' AND destination_service = ${lit(service)}${namespace ? ` AND destination_namespace = ${lit(namespace)}` : ""}
   AND time >= now() - INTERVAL '${Math.min(range, 900)} seconds'
 ORDER BY duration_us DESC LIMIT 10`,
   };
@@ -39,7 +41,9 @@ ORDER BY duration_us DESC LIMIT 10`,
 
 const seconds = (t) => Math.floor(toDate(t).getTime() / 1000);
 
-export function servicePage(root, service, ctx) {
+/** `#/service/NAMESPACE/NAME` (or `#/service/NAME`, any namespace). */
+export function servicePage(root, arg, ctx) {
+  const [namespace, service] = arg.includes("/") ? arg.split("/", 2) : ["", arg];
   if (!service) {
     location.hash = "#/services";
     return null;
@@ -49,16 +53,16 @@ export function servicePage(root, service, ctx) {
   const tables = h("div", { class: "grid2" });
   const slow = h("div");
   root.append(
-    h("h1", {}, h("a", { href: "#/services", class: "muted" }, "Services"), " / ", service),
+    h("h1", {}, h("a", { href: "#/services", class: "muted" }, "Services"), " / ", namespace ? `${namespace} / ` : "", service),
     status,
     charts,
     tables,
     panel("Slowest requests (last 15 minutes at most): click for the trace", slow),
   );
   const s = step(ctx.range);
-  return every(10_000, async () => {
+  const stop = every(10_000, async () => {
     try {
-      const q = queries(service, ctx.range);
+      const q = queries(service, namespace, ctx.range);
       const [overTime, statuses, routes, callers, slowest] = await Promise.all([
         sql(q.overTime),
         sql(q.statuses),
@@ -67,6 +71,16 @@ export function servicePage(root, service, ctx) {
         sql(q.slowest),
       ]);
       const ms = (v) => v / 1000;
+      // A bucket's rate is over the seconds of it the range has closed
+      // windows for: the first is cut by the range's start, the newest
+      // is still filling.
+      const first = Math.min(...overTime.map((r) => num(r.first_s)));
+      const last = Math.max(...overTime.map((r) => num(r.last_s)));
+      const perSecond = (v, r) => {
+        const t = seconds(r.t);
+        const covered = Math.min(t + s, last) - Math.max(t, first);
+        return covered > 0 ? v / covered : null;
+      };
       const latency = pivot(overTime, {
         time: "t",
         group: "version",
@@ -80,15 +94,16 @@ export function servicePage(root, service, ctx) {
         time: "t",
         group: "version",
         toSeconds: seconds,
-        values: [{ key: "requests", label: "rps", map: (v) => v / s }],
+        values: [{ key: "requests", label: "rps", map: perSecond }],
       });
       const errors = pivot(overTime, {
         time: "t",
         group: "version",
         toSeconds: seconds,
-        values: [{ key: "errors", label: "errors/s", map: (v) => v / s, dash: true }],
+        values: [{ key: "errors", label: "errors/s", map: perSecond, dash: true }],
       });
       rate.series.push(...errors.series);
+      disposeCharts(charts);
       charts.replaceChildren(
         panel("Latency by version", lineChart({ title: "p50 / p99 (ms)", ...latency, fmt: (v) => `${+v.toFixed(2)} ms` })),
         panel("Rate by version", lineChart({ title: "requests and errors per second", ...rate, fmt: (v) => fmtRate(v) })),
@@ -159,4 +174,8 @@ export function servicePage(root, service, ctx) {
       status.replaceChildren(errorBox(e));
     }
   });
+  return () => {
+    stop();
+    disposeCharts(charts);
+  };
 }

@@ -55,7 +55,7 @@ export function servicesPage(root, _arg, ctx) {
           desc,
           id: "red-table",
           empty: "No requests in this range yet.",
-          onRow: (r) => (location.hash = `#/service/${encodeURIComponent(r.service)}`),
+          onRow: (r) => (location.hash = `#/service/${encodeURIComponent(r.namespace)}/${encodeURIComponent(r.service)}`),
         },
       );
       // Keep the user's sort across refreshes.

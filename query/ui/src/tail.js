@@ -40,6 +40,8 @@ export function tailPage(root, _arg) {
   let rows = [];
   let seen = new Set();
   let paused = false;
+  // Bumped when the filters change: an answer to older filters is dropped.
+  let generation = 0;
   const services = h("select", { id: "tail-service", "aria-label": "Service" }, h("option", { value: "" }, "all services"));
   const status = h(
     "select",
@@ -65,6 +67,8 @@ export function tailPage(root, _arg) {
     sessionStorage.setItem("lumen.tail", JSON.stringify(f));
     rows = [];
     seen = new Set();
+    generation++;
+    render();
     poll();
   };
   for (const el of [services, status, reporter]) el.addEventListener("change", apply);
@@ -102,11 +106,20 @@ export function tailPage(root, _arg) {
     );
   };
   let busy = false;
+  let again = false;
   const poll = async () => {
-    if (paused || busy) return;
+    if (paused) return;
+    if (busy) {
+      // Filters changed mid-poll: poll again once this one ends.
+      again = true;
+      return;
+    }
     busy = true;
+    const asked = generation;
     try {
-      const fresh = (await sql(tailQuery(f, OVERLAP_S))).filter((r) => {
+      const answer = await sql(tailQuery(f, OVERLAP_S));
+      if (asked !== generation) return;
+      const fresh = answer.filter((r) => {
         const key = `${r.trace_id}/${r.span_id}/${r.reporter}`;
         if (seen.has(key)) return false;
         seen.add(key);
@@ -114,8 +127,9 @@ export function tailPage(root, _arg) {
       });
       if (fresh.length) {
         rows = [...fresh, ...rows].sort((a, b) => toDate(b.time) - toDate(a.time)).slice(0, KEEP);
-        // Forget keys older than the window: they cannot come back.
-        const horizon = Date.now() - 2 * OVERLAP_S * 1000;
+        // Forget keys older than the window: they cannot come back. (The
+        // server's clock, by its newest row, not the browser's.)
+        const horizon = toDate(rows[0].time).getTime() - 2 * OVERLAP_S * 1000;
         seen = new Set(
           rows.filter((r) => toDate(r.time).getTime() >= horizon).map((r) => `${r.trace_id}/${r.span_id}/${r.reporter}`),
         );
@@ -128,6 +142,10 @@ export function tailPage(root, _arg) {
       note.replaceChildren(errorBox(e));
     } finally {
       busy = false;
+      if (again) {
+        again = false;
+        poll();
+      }
     }
   };
   return every(1000, poll);
