@@ -119,13 +119,7 @@ impl ControlClientArgs {
 }
 
 /// `host:port` as the `http://` URL gRPC dials.
-pub fn endpoint_url(addr: &str) -> String {
-    if addr.contains("://") {
-        addr.to_string()
-    } else {
-        format!("http://{addr}")
-    }
-}
+pub use lumen_sidecar::endpoint_url;
 
 #[derive(Args)]
 pub struct ApplyArgs {

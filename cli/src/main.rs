@@ -10,13 +10,12 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use lumen_collector::{Collector, CollectorConfig, FlushPolicy};
-use lumen_core::Workload;
-use lumen_core::config::DEFAULT_NAMESPACE;
-use lumen_proxy::telemetry::ExportProtocol;
-use lumen_proxy::{Proxy, ProxyConfig};
 use lumen_query::flight_sql::FlightSqlServer;
 use lumen_query::pg::PgServer;
 use lumen_query::{QueryConfig, QueryEngine, QueryServer, QuerySettings};
+use lumen_sidecar::{
+    CONFIG_POLL, ProxyArgs, fmt_addr, init_logging, parse_duration, shutdown_signal, until,
+};
 use tokio::sync::watch;
 
 mod configure;
@@ -25,34 +24,6 @@ mod configure;
 /// frees some on another (the telemetry exporter); mimalloc keeps both cheap.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
-/// `mi_option_purge_delay` in mimalloc.h (the same in mimalloc v2 and v3).
-const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
-
-/// The collector's hot rows grow until a flush and are then freed at once.
-/// mimalloc hands freed memory back to the OS within about 100 ms, so each
-/// flush cycle page-faults the whole buffer back in — a quarter of the
-/// collector's CPU at 700k rows/s. Keeping freed memory for 10 s instead
-/// costs nothing the hot-row limit does not already bound.
-fn keep_freed_memory() {
-    // SAFETY: sets a plain integer option; mimalloc reads it when it next
-    // considers returning memory, and any value is valid.
-    unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, 10_000) };
-}
-
-/// mimalloc asks for transparent huge pages on its arenas, and the kernel
-/// zeroes a whole 2 MiB page on the first touch of each: with memory
-/// turning over at ingest rates that zeroing was half of the
-/// collector's WAL thread and held Arrow ingest near 0.9M records/s (1.15M
-/// without). Small pages also keep a sidecar's RSS a quarter smaller.
-fn no_huge_pages() {
-    #[cfg(target_os = "linux")]
-    // SAFETY: PR_SET_THP_DISABLE takes integer arguments only and affects
-    // this process's later page faults; failure leaves THP as it was.
-    unsafe {
-        libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0);
-    }
-}
 
 #[derive(Parser)]
 #[command(
@@ -99,15 +70,6 @@ enum Command {
     Get(configure::GetArgs),
     /// Which proxy runs which configuration version (as `istioctl proxy-status`).
     ProxyStatus(configure::ProxyStatusArgs),
-}
-
-/// How often configuration files are checked for changes: a change
-/// reaches every proxy within a second.
-const CONFIG_POLL: Duration = Duration::from_millis(250);
-
-pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
-    humantime::parse_duration(s)
-        .map_err(|e| format!("`{s}` is not a duration like 30s, 500ms or 5m: {e}"))
 }
 
 #[derive(Args, Clone)]
@@ -268,13 +230,6 @@ struct StoreLocationArgs {
     /// said to miss rows).
     #[arg(long, default_value = "60s", value_parser = parse_duration)]
     store_delete_grace: Duration,
-}
-
-fn parse_label(s: &str) -> Result<(String, String), String> {
-    match s.split_once('=') {
-        Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
-        _ => Err(format!("`{s}` is not KEY=VALUE")),
-    }
 }
 
 fn parse_store_option(s: &str) -> Result<(String, String), String> {
@@ -519,159 +474,6 @@ struct UpArgs {
     envoy_addr: Option<SocketAddr>,
 }
 
-#[derive(Clone, Copy, ValueEnum)]
-enum OnOff {
-    On,
-    Off,
-}
-
-/// How a sidecar's records leave it.
-#[derive(Clone, Copy, ValueEnum)]
-enum TelemetryProtocol {
-    /// Arrow record batches over Arrow Flight, to Lumen's collector
-    /// (columnar end to end, stored exactly once).
-    Arrow,
-    /// OTLP/gRPC spans, to any OpenTelemetry collector or Jaeger.
-    Otlp,
-}
-
-#[derive(Args)]
-struct ProxyArgs {
-    /// Service this sidecar's workload belongs to.
-    #[arg(long)]
-    service: String,
-    /// Namespace of the service.
-    #[arg(long, default_value = DEFAULT_NAMESPACE)]
-    namespace: String,
-    /// Version of the workload (e.g. v1).
-    #[arg(long, default_value = "unknown")]
-    version: String,
-    /// Workload name [default: <service>-<version>, or <service>].
-    #[arg(long)]
-    workload: Option<String>,
-    /// A label of the workload, KEY=VALUE (repeatable), beyond `app` and
-    /// `version`: VirtualService matches' `sourceLabels` see them.
-    #[arg(long = "label", value_parser = parse_label)]
-    labels: Vec<(String, String)>,
-    /// Where the workload runs, `region/zone/subzone`, for locality-aware
-    /// balancing (DestinationRule `localityLbSetting`).
-    #[arg(long)]
-    locality: Option<String>,
-    /// Run as an ingress gateway: listen on the ports of the Istio Gateway
-    /// servers whose selector matches this proxy's --label's (on
-    /// --outbound's address; its own port among them), routed by the
-    /// VirtualServices bound to them. HTTPS and TLS servers are terminated
-    /// with their credentials (chosen by SNI) or passed through.
-    #[arg(long)]
-    gateway: bool,
-    /// Where a gateway reads Gateway servers' `credentialName`s: secret
-    /// `x` is the directory <DIR>/x holding tls.crt, tls.key and, for
-    /// MUTUAL, ca.crt (a Kubernetes TLS secret as mounted). Files are
-    /// re-read within a second of changing.
-    #[arg(long, requires = "gateway")]
-    credentials: Option<PathBuf>,
-    /// Mesh configuration that outbound requests are routed by: files or
-    /// directories (Mesh and Istio networking resources); repeatable;
-    /// reloaded on change. For a proxy without a control plane.
-    #[arg(short = 'f', long = "file", conflicts_with = "control")]
-    file: Vec<PathBuf>,
-    /// Get configuration from the control plane at this address
-    /// (`host:port`): streamed, acknowledged, the last good one kept while
-    /// it is unreachable.
-    #[arg(long)]
-    control: Option<String>,
-    /// Cut off from the control plane this long, the proxy stops trusting
-    /// the policy engine's last decisions: each conditional policy turns
-    /// on or off as its `failMode` says, until the stream is back.
-    #[arg(long, default_value = "30s", value_parser = parse_duration, requires = "control")]
-    policy_staleness: Duration,
-    /// The workload's Kubernetes service account: its identity is
-    /// `spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>`.
-    #[arg(long, default_value = lumen_core::identity::DEFAULT_SERVICE_ACCOUNT)]
-    service_account: String,
-    /// A file holding the control plane's join token (`lumen up` keeps it
-    /// at <data-dir>/control/ca/join-token): with it the proxy gets a
-    /// workload certificate from the mesh CA and speaks mTLS with other
-    /// sidecars. Without it (or LUMEN_JOIN_TOKEN) hops stay plaintext.
-    #[arg(long, requires = "control")]
-    join_token_file: Option<PathBuf>,
-    /// Outbound listener: the app sends its calls here.
-    #[arg(long, default_value = "127.0.0.1:15001")]
-    outbound: SocketAddr,
-    /// Do not listen for outbound calls.
-    #[arg(long)]
-    no_outbound: bool,
-    /// Inbound listener: other sidecars send calls for this workload here.
-    #[arg(long, default_value = "127.0.0.1:15006")]
-    inbound: SocketAddr,
-    /// Do not listen for inbound calls.
-    #[arg(long)]
-    no_inbound: bool,
-    /// The local application inbound calls are handed to.
-    #[arg(long)]
-    app: Option<SocketAddr>,
-    /// Admin endpoint: /ready, /stats/prometheus, /config_dump.
-    #[arg(long, default_value = "127.0.0.1:15000")]
-    admin: SocketAddr,
-    /// gRPC endpoint request records are exported to (Lumen's collector
-    /// takes Arrow Flight and OTLP there).
-    #[arg(long, default_value = "http://127.0.0.1:4317")]
-    collector: String,
-    /// Wire protocol of the export.
-    #[arg(long, value_enum, default_value = "arrow")]
-    telemetry_protocol: TelemetryProtocol,
-    /// How often records leave for the collector: the longest a record
-    /// waits before it is sent (a full batch leaves at once).
-    #[arg(long, default_value = "200ms", value_parser = parse_duration)]
-    telemetry_flush: Duration,
-    /// Export a record of every request to the collector.
-    #[arg(long, value_enum, default_value = "on")]
-    telemetry: OnOff,
-    /// Records not yet acknowledged by the collector before new ones are
-    /// dropped (and counted).
-    #[arg(long, default_value_t = 65536)]
-    telemetry_queue: usize,
-    /// How often the sidecar pushes its own stats (config version, cluster
-    /// requests in flight, ejections, retries, drops) to the collector as
-    /// OTLP metrics, as Envoy's OpenTelemetry stats sink does; 0s: never.
-    #[arg(long, default_value = "15s", value_parser = parse_duration)]
-    stats_interval: Duration,
-    /// Longest wait for an upstream's response headers.
-    #[arg(long, default_value = "15s", value_parser = parse_duration)]
-    upstream_timeout: Duration,
-    /// Longest time a client's request headers may take from their first
-    /// byte (slowloris guard).
-    #[arg(long, default_value = "10s", value_parser = parse_duration)]
-    request_headers_timeout: Duration,
-    /// A downstream HTTP/1.1 connection waiting this long for its next
-    /// request is closed (as Envoy's idle_timeout).
-    #[arg(long, default_value = "1h", value_parser = parse_duration)]
-    idle_timeout: Duration,
-    /// A request or response body that sends nothing for this long is cut
-    /// (response flag SI).
-    #[arg(long, default_value = "5m", value_parser = parse_duration)]
-    stream_idle_timeout: Duration,
-    /// Open downstream connections per listener; more are closed at once.
-    #[arg(long, default_value_t = 16384)]
-    max_connections: usize,
-    /// Largest request body accepted, in bytes (413 beyond) [default: no limit].
-    #[arg(long)]
-    max_request_bytes: Option<u64>,
-    /// Largest request headers accepted, in bytes (431 beyond).
-    #[arg(long, default_value_t = 60 * 1024)]
-    max_header_bytes: usize,
-    /// Most header fields in one request (431 beyond).
-    #[arg(long, default_value_t = 100)]
-    max_headers: usize,
-    /// Most HTTP/2 streams open at once on one downstream connection.
-    #[arg(long, default_value_t = 100)]
-    max_concurrent_streams: u32,
-    /// Worker threads [default: one per core]. With 1, the proxy runs on a
-    /// single thread, as Envoy does with --concurrency 1.
-    #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
-    workers: Option<u16>,
-}
-
 #[derive(Args)]
 struct DemoArgs {
     /// Stop after this many seconds [default: run until Ctrl-C].
@@ -750,71 +552,15 @@ struct CheckArgs {
     files: Vec<PathBuf>,
 }
 
-fn init_logging(default: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    use std::io::IsTerminal;
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
-}
-
-/// Resolves on the first Ctrl-C or SIGTERM. A second one ends the process
-/// at once, for when a graceful shutdown takes longer than its operator
-/// will wait (acknowledged data is in the WAL either way).
-async fn shutdown_signal() {
-    signal().await;
-    tokio::spawn(async {
-        signal().await;
-        eprintln!("second signal: exiting without finishing the shutdown");
-        std::process::exit(130);
-    });
-}
-
-async fn signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(s) => s,
-                Err(_) => {
-                    let _ = ctrl_c.await;
-                    return;
-                }
-            };
-        tokio::select! {
-            _ = ctrl_c => {}
-            _ = term.recv() => {}
-        }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = ctrl_c.await;
-    }
-}
-
 fn main() -> ExitCode {
-    no_huge_pages();
-    keep_freed_memory();
+    lumen_sidecar::no_huge_pages();
+    lumen_sidecar::keep_freed_memory();
     let cli = Cli::parse();
     let workers = match &cli.command {
-        Command::Proxy(p) => p.workers,
+        Command::Proxy(p) => p.workers(),
         _ => None,
     };
-    // One worker runs on the calling thread: no cross-thread wake-ups, which
-    // at sidecar request rates cost more CPU than the proxying itself.
-    let mut rt = match workers {
-        Some(1) => tokio::runtime::Builder::new_current_thread(),
-        _ => tokio::runtime::Builder::new_multi_thread(),
-    };
-    rt.enable_all();
-    if let Some(w) = workers.filter(|w| *w > 1) {
-        rt.worker_threads(usize::from(w));
-    }
-    let rt = match rt.build() {
+    let rt = match lumen_sidecar::runtime(workers) {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
@@ -825,7 +571,7 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Up(a) => up(a).await,
             Command::Query(a) => query_service(a).await,
-            Command::Proxy(a) => proxy(a).await,
+            Command::Proxy(a) => lumen_sidecar::run(a).await,
             Command::Demo(a) => demo(a).await,
             Command::Sql(a) => sql(a).await,
             Command::Policy(PolicyCommand::Status { url }) => policy_status(&url).await,
@@ -847,18 +593,6 @@ fn main() -> ExitCode {
 }
 
 /// Resolves once the flag turns true (or its sender is gone).
-/// A random id for this process's proxy node.
-fn rand_id() -> u32 {
-    let t = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.subsec_nanos());
-    t ^ std::process::id().rotate_left(16)
-}
-
-async fn until(mut rx: watch::Receiver<bool>) {
-    let _ = rx.wait_for(|s| *s).await;
-}
-
 async fn up(a: UpArgs) -> Result<()> {
     init_logging("info");
     let query_config = a.store.query.query_config(Some(&a.data_dir))?;
@@ -1156,165 +890,6 @@ impl QueryTasks {
         flown?;
         Ok(())
     }
-}
-
-/// The join token from `file`, else from `LUMEN_JOIN_TOKEN`.
-fn join_token(file: Option<&std::path::Path>) -> Result<Option<String>> {
-    let token = match file {
-        Some(f) => Some(
-            std::fs::read_to_string(f)
-                .with_context(|| format!("reading the join token {}", f.display()))?,
-        ),
-        None => std::env::var("LUMEN_JOIN_TOKEN").ok(),
-    };
-    match token.map(|t| t.trim().to_string()) {
-        Some(t) if t.is_empty() => bail!("the join token is empty"),
-        t => Ok(t),
-    }
-}
-
-fn fmt_addr(a: Option<SocketAddr>) -> String {
-    a.map_or_else(|| "-".to_string(), |a| a.to_string())
-}
-
-async fn proxy(a: ProxyArgs) -> Result<()> {
-    init_logging("info");
-    let workload = a.workload.clone().unwrap_or_else(|| {
-        if a.version == "unknown" {
-            a.service.clone()
-        } else {
-            format!("{}-{}", a.service, a.version)
-        }
-    });
-    let identity = Workload {
-        service: a.service.as_str().into(),
-        workload: workload.into(),
-        namespace: a.namespace.as_str().into(),
-        version: a.version.as_str().into(),
-    };
-    let mut config = ProxyConfig::new(identity);
-    config.outbound = (!a.no_outbound).then_some(a.outbound);
-    config.inbound = (!a.no_inbound).then_some(a.inbound);
-    config.app = a.app;
-    config.admin = Some(a.admin);
-    config.upstream_timeout = a.upstream_timeout;
-    config.labels = a.labels.iter().cloned().collect();
-    config.locality = a.locality.clone();
-    config.gateway = a.gateway;
-    config.credentials = a.credentials.clone();
-    config.limits.request_headers_timeout = a.request_headers_timeout;
-    config.limits.stream_idle_timeout = a.stream_idle_timeout;
-    config.limits.idle_timeout = a.idle_timeout;
-    config.limits.max_connections = a.max_connections.max(1);
-    config.limits.max_request_bytes = a.max_request_bytes;
-    config.limits.max_header_bytes = a.max_header_bytes;
-    config.limits.max_headers = a.max_headers;
-    config.limits.max_concurrent_streams = a.max_concurrent_streams.max(1);
-    config.telemetry.export = matches!(a.telemetry, OnOff::On);
-    config.telemetry.collector_endpoint = a.collector.clone();
-    config.telemetry.queue_capacity = a.telemetry_queue;
-    config.telemetry.flush_interval = a.telemetry_flush;
-    config.telemetry.stats_interval = a.stats_interval;
-    // How the control plane and the pushed stats both name this sidecar.
-    let node_id = format!("{}-{:08x}", config.identity.workload, rand_id());
-    config.telemetry.instance = Some(node_id.clone());
-    if let Some(w) = a.workers {
-        config.telemetry.recording_threads = usize::from(w);
-    }
-    config.telemetry.protocol = match a.telemetry_protocol {
-        TelemetryProtocol::Arrow => ExportProtocol::Arrow,
-        TelemetryProtocol::Otlp => ExportProtocol::Otlp,
-    };
-    if config.inbound.is_some() && config.app.is_none() {
-        bail!("--app is required for the inbound listener (or pass --no-inbound)");
-    }
-    let (stop, stop_rx) = watch::channel(false);
-    let (mesh_rx, discovery_task) = match (&a.control, a.file.is_empty()) {
-        (Some(control), _) => {
-            let (tx, mut rx) = watch::channel(Arc::<lumen_core::MeshConfig>::default());
-            // Others reach this sidecar at its inbound address, when it
-            // names one they can dial.
-            let inbound_address = config
-                .inbound
-                .filter(|a| !a.ip().is_unspecified() && a.port() != 0)
-                .map(|a| a.to_string())
-                .unwrap_or_default();
-            let node = lumen_core::control::v1::Node {
-                id: node_id,
-                service: config.identity.service.to_string(),
-                namespace: config.identity.namespace.to_string(),
-                workload: config.identity.workload.to_string(),
-                version: config.identity.version.to_string(),
-                inbound_address,
-                spiffe_id: String::new(),
-            };
-            let url = configure::endpoint_url(control);
-            if let Some(join_token) = join_token(a.join_token_file.as_deref())? {
-                let certifier = lumen_proxy::mtls::Certifier {
-                    endpoint: url.clone(),
-                    join_token,
-                    namespace: config.identity.namespace.to_string(),
-                    service_account: a.service_account.clone(),
-                    lifetime: None,
-                };
-                tokio::spawn(lumen_proxy::mtls::keep_certified(
-                    config.tls.clone(),
-                    certifier,
-                    stop_rx.clone(),
-                ));
-            } else {
-                tracing::warn!(
-                    "no join token (--join-token-file or LUMEN_JOIN_TOKEN): no workload certificate, hops from and to this sidecar stay plaintext"
-                );
-            }
-            let task = tokio::spawn(lumen_proxy::subscribe::follow(
-                url.clone(),
-                node,
-                tx,
-                a.policy_staleness,
-                config.quotas.clone(),
-                config.tls.clone(),
-                stop_rx.clone(),
-            ));
-            // Like Envoy before its first config: not ready, not serving.
-            tracing::info!(control = %url, "waiting for the first configuration from the control plane");
-            tokio::select! {
-                _ = rx.changed() => {}
-                () = shutdown_signal() => return Ok(()),
-            }
-            rx.borrow_and_update();
-            (rx, Some(task))
-        }
-        (None, false) => {
-            let discovery = lumen_control::FileDiscovery::open(&a.file)?;
-            let rx = discovery.subscribe();
-            let task = tokio::spawn(discovery.watch(CONFIG_POLL, stop_rx.clone()));
-            (rx, Some(task))
-        }
-        (None, true) if config.outbound.is_some() => {
-            bail!(
-                "-f <mesh.yaml> or --control <address> is required to route outbound calls (or pass --no-outbound)"
-            )
-        }
-        (None, true) => (watch::channel(Arc::default()).1, None),
-    };
-    let proxy = Proxy::bind(config, mesh_rx).await?;
-    tracing::info!(
-        outbound = %fmt_addr(proxy.outbound_addr()),
-        inbound = %fmt_addr(proxy.inbound_addr()),
-        admin = %fmt_addr(proxy.admin_addr()),
-        telemetry = if matches!(a.telemetry, OnOff::On) { a.collector.as_str() } else { "off" },
-        "sidecar ready"
-    );
-    let task = tokio::spawn(proxy.run(until(stop_rx)));
-    shutdown_signal().await;
-    let _ = stop.send(true);
-    if let Some(t) = discovery_task {
-        let _ = t.await;
-    }
-    task.await.context("proxy task")??;
-    tracing::info!("sidecar stopped cleanly");
-    Ok(())
 }
 
 const EXAMPLES: [(&str, &str); 4] = [

@@ -87,7 +87,8 @@ impl ControlService {
             out,
             "# HELP pilot_xds Proxies connected to this control plane.\n# TYPE pilot_xds gauge\n\
              pilot_xds {}\n\
-             # HELP pilot_total_xds_rejects Config snapshots proxies refused (NACK).\n# TYPE pilot_total_xds_rejects counter\n\
+             # HELP pilot_total_xds_rejects Config snapshots proxies refused (NACK) since start (Istio's name; a gauge, as a counter's sample would need `_total`).\n\
+             # TYPE pilot_total_xds_rejects gauge\n\
              pilot_total_xds_rejects {}\n\
              # HELP lumen_control_config_info The mesh config version the control plane serves.\n# TYPE lumen_control_config_info gauge\n\
              lumen_control_config_info{{version=\"{}\"}} 1\n\

@@ -23,13 +23,26 @@ pub fn lumen_bin() -> PathBuf {
     if let Ok(p) = std::env::var("LUMEN_BIN") {
         return PathBuf::from(p);
     }
+    built_bin("lumen")
+}
+
+/// The sidecar's own binary, `lumen-proxy`, built beside this test: what
+/// [`Sidecar`] starts, as the injector runs it beside every pod.
+pub fn lumen_proxy_bin() -> PathBuf {
+    if let Ok(p) = std::env::var("LUMEN_PROXY_BIN") {
+        return PathBuf::from(p);
+    }
+    built_bin("lumen-proxy")
+}
+
+fn built_bin(name: &str) -> PathBuf {
     // Test binaries live in target/<profile>/deps/.
     let exe = std::env::current_exe().expect("test binary path");
     let profile_dir = exe
         .parent()
         .and_then(Path::parent)
         .expect("test binary is in target/<profile>/deps");
-    let bin = profile_dir.join("lumen");
+    let bin = profile_dir.join(name);
     assert!(
         bin.exists(),
         "{} not found: build it first with `cargo build --workspace --all-targets`",
@@ -89,20 +102,25 @@ pub struct LumenProcess {
 impl LumenProcess {
     /// Starts `lumen <args>`, logging to `<log_dir>/<name>.log`.
     pub fn spawn(name: &str, log_dir: &Path, args: &[String]) -> Result<Self> {
+        Self::spawn_bin(&lumen_bin(), name, log_dir, args)
+    }
+
+    /// Starts `bin` (`lumen` or `lumen-proxy`) with `args`.
+    pub fn spawn_bin(bin: &Path, name: &str, log_dir: &Path, args: &[String]) -> Result<Self> {
         let log = log_dir.join(format!("{name}.log"));
         let out = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(&log)
             .with_context(|| format!("creating {}", log.display()))?;
-        let child = Command::new(lumen_bin())
+        let child = Command::new(bin)
             .args(args)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(out.try_clone()?)
             .stderr(out)
             .spawn()
-            .with_context(|| format!("starting lumen {}", args.join(" ")))?;
+            .with_context(|| format!("starting {} {}", bin.display(), args.join(" ")))?;
         Ok(LumenProcess {
             child: Some(child),
             name: name.to_string(),
@@ -350,7 +368,8 @@ impl SidecarPorts {
     }
 }
 
-/// One `lumen proxy` to start: who it stands beside and where it listens.
+/// One sidecar (`lumen-proxy`, the flags of `lumen proxy`) to start: who
+/// it stands beside and where it listens.
 pub struct Sidecar<'a> {
     pub service: &'a str,
     pub version: &'a str,
@@ -369,7 +388,6 @@ impl Sidecar<'_> {
     /// Starts it and waits for its admin `/ready`.
     pub async fn start(&self, log_dir: &Path) -> Result<LumenProcess> {
         let mut args: Vec<String> = vec![
-            "proxy".into(),
             "--service".into(),
             self.service.into(),
             "--version".into(),
@@ -400,7 +418,7 @@ impl Sidecar<'_> {
         }
         args.extend(self.extra.iter().map(|s| s.to_string()));
         let name = format!("sidecar-{}-{}", self.service, self.version);
-        let mut p = LumenProcess::spawn(&name, log_dir, &args)?;
+        let mut p = LumenProcess::spawn_bin(&lumen_proxy_bin(), &name, log_dir, &args)?;
         p.wait_ready(&format!("http://127.0.0.1:{}/ready", self.ports.admin))
             .await?;
         Ok(p)

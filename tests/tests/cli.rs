@@ -230,3 +230,38 @@ fn a_bad_store_stops_lumen_up_naming_the_url_option_or_id() -> Result<()> {
     );
     Ok(())
 }
+
+/// The sidecar's own binary takes exactly the flags of `lumen proxy`: the
+/// injector's manifests and a hand-run sidecar say the same thing.
+#[test]
+fn lumen_proxy_takes_the_flags_of_lumen_proxy() -> Result<()> {
+    let flags = |out: std::process::Output| -> Result<Vec<String>> {
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let mut flags: Vec<String> = String::from_utf8(out.stdout)?
+            .split_whitespace()
+            .filter(|w| w.starts_with("--"))
+            .map(|w| w.trim_end_matches([',', '.']).to_string())
+            .collect();
+        flags.sort();
+        flags.dedup();
+        Ok(flags)
+    };
+    let sub = flags(
+        Command::new(lumen_bin())
+            .args(["proxy", "--help"])
+            .output()?,
+    )?;
+    let own = flags(
+        Command::new(lumen_tests::lumen_proxy_bin())
+            .arg("--help")
+            .output()?,
+    )?;
+    assert!(sub.contains(&"--control".to_string()), "{sub:?}");
+    assert!(sub.contains(&"--stats-interval".to_string()), "{sub:?}");
+    assert_eq!(sub, own);
+    Ok(())
+}

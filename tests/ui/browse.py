@@ -153,6 +153,10 @@ def check_tail_and_trace(page):
     expect(waterfall).to_contain_text("productpage")
     rows = page.locator("#waterfall .wf-row.link")
     assert rows.count() >= 2, rows.count()
+    # Both sidecars' records of each hop, and the apps' own spans (which
+    # may arrive a few seconds after the records: the page fills in).
+    expect(page.locator('#waterfall .wf-row[data-source="app"]').first).to_be_visible()
+    assert page.locator('#waterfall .wf-row[data-source="proxy"]').count() >= 2
     rows.first.click()
     expect(page.locator(".span-details table")).to_be_visible()
     shot(page, "5-trace")
@@ -177,6 +181,15 @@ def check_console(page):
     expect(page.locator("#sql-chart canvas")).to_have_count(1)
     expect(page.locator("#sql-chart .u-legend")).to_contain_text("reviews")
     shot(page, "6-sql-console")
+    # Thousands of rows: all counted, only those in view drawn, the last
+    # reached by scrolling.
+    editor.fill("SELECT value FROM generate_series(1, 20000) ORDER BY value")
+    editor.press("Control+Enter")
+    expect(page.locator("#sql-status")).to_contain_text("20,000 rows")
+    drawn = page.locator("#sql-table tbody tr td:not(.spacer)").count()
+    assert 0 < drawn < 1000, drawn
+    page.locator("#sql-scroll").evaluate("el => el.scrollTop = el.scrollHeight")
+    expect(page.locator("#sql-table tbody")).to_contain_text("20000")
     # Bad SQL: the server's message, and the console still works.
     editor.fill("SELECT nope FROM requests")
     page.click("#sql-run")

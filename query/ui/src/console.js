@@ -9,7 +9,9 @@ import { disposeCharts, lineChart, pivot } from "./chart.js";
 import { h, errorBox, fmtCount, panel } from "./util.js";
 
 const HISTORY_KEY = "lumen.sql.history";
-const SHOWN = 1000;
+/** Rows drawn at once; the rest are drawn as they scroll into view. */
+const WINDOW = 120;
+const ROW_PX = 29;
 
 const EXAMPLES = [
   [
@@ -50,6 +52,43 @@ export function cell(value, type) {
   if (typeof value === "number") return Number.isInteger(value) ? String(value) : String(+value.toPrecision(10));
   if (typeof value === "object") return JSON.stringify(value.toJSON ? value.toJSON() : value, (_k, v) => (typeof v === "bigint" ? v.toString() : v));
   return String(value);
+}
+
+/**
+ * A table of `n` rows that draws only the rows in view (and a margin):
+ * an answer of a million rows scrolls like one of ten. `row(i)` gives row
+ * i's cells as text; rows are drawn at a fixed height, spacer rows stand in
+ * for the rest.
+ */
+export function virtualTable(n, fields, row) {
+  const cls = (i) => (isNumeric(fields[i].type) ? "num" : "");
+  const body = h("tbody");
+  const box = h(
+    "div",
+    { class: "vtable", id: "sql-scroll" },
+    h(
+      "table",
+      { class: "data", id: "sql-table", "data-rows": n },
+      h("thead", {}, h("tr", {}, fields.map((f, i) => h("th", { title: String(f.type), class: cls(i) }, f.name)))),
+      body,
+    ),
+  );
+  const spacer = (rows) => h("tr", {}, h("td", { class: "spacer", colspan: fields.length, style: { height: `${rows * ROW_PX}px` } }));
+  let drawn = -1;
+  const paint = () => {
+    const first = Math.max(0, Math.floor(box.scrollTop / ROW_PX) - WINDOW / 4);
+    if (first === drawn) return;
+    drawn = first;
+    const last = Math.min(n, first + WINDOW);
+    const rows = [];
+    for (let r = first; r < last; r++) {
+      rows.push(h("tr", { style: { height: `${ROW_PX}px` } }, row(r).map((v, i) => h("td", { class: cls(i) }, v))));
+    }
+    body.replaceChildren(...[first > 0 ? spacer(first) : null, ...rows, last < n ? spacer(n - last) : null].filter(Boolean));
+  };
+  box.addEventListener("scroll", () => requestAnimationFrame(paint), { passive: true });
+  paint();
+  return box;
 }
 
 /** An Arrow timestamp or date value as a Date (Arrow JS gives ms). */
@@ -138,7 +177,7 @@ export function consolePage(root) {
       remember(query);
       drawHistory();
       draw(table);
-      status.textContent = `${fmtCount(table.numRows)} rows in ${ms.toFixed(0)} ms${table.numRows > SHOWN ? ` (first ${SHOWN} shown)` : ""}.`;
+      status.textContent = `${fmtCount(table.numRows)} rows in ${ms.toFixed(0)} ms.`;
     } catch (e) {
       chartBox.replaceChildren();
       if (e.name === "AbortError" || e.status === 499) {
@@ -173,26 +212,8 @@ export function consolePage(root) {
 
   const draw = (table) => {
     const fields = table.schema.fields;
-    const n = Math.min(table.numRows, SHOWN);
     const columns = fields.map((f, i) => ({ f, col: table.getChildAt(i) }));
-    const rows = [];
-    for (let r = 0; r < n; r++) rows.push(columns.map(({ f, col }) => cell(col.get(r), f.type)));
-    result.replaceChildren(
-      h(
-        "div",
-        { class: "table-wrap" },
-        h(
-          "table",
-          { class: "data", id: "sql-table" },
-          h("thead", {}, h("tr", {}, fields.map((f) => h("th", { title: String(f.type), class: isNumeric(f.type) ? "num" : "" }, f.name)))),
-          h(
-            "tbody",
-            {},
-            rows.map((r) => h("tr", {}, r.map((v, i) => h("td", { class: isNumeric(fields[i].type) ? "num" : "" }, v)))),
-          ),
-        ),
-      ),
-    );
+    result.replaceChildren(virtualTable(table.numRows, fields, (r) => columns.map(({ f, col }) => cell(col.get(r), f.type))));
     const plan = chartPlan(fields);
     const timeColumn = plan && table.getChild(plan.time);
     const distinct = new Set();

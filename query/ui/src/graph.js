@@ -134,6 +134,29 @@ export function graphPage(root, _arg, ctx) {
   });
 }
 
+/**
+ * Moves edge labels that would overlap apart, top to bottom: a label that
+ * collides with one already placed goes below it.
+ */
+function separate(labels) {
+  const LINE = 13;
+  const placed = [];
+  for (const l of labels.sort((a, b) => a.y - b.y || a.x - b.x)) {
+    let moved = true;
+    for (let tries = 0; moved && tries < 20; tries++) {
+      moved = false;
+      for (const p of placed) {
+        if (Math.abs(p.x - l.x) < (p.w + l.w) / 2 + 4 && Math.abs(p.y - l.y) < LINE) {
+          l.y = p.y + LINE;
+          moved = true;
+        }
+      }
+    }
+    l.text.setAttribute("y", l.y);
+    placed.push(l);
+  }
+}
+
 /** The point at `t` of a cubic Bézier curve. */
 function bezier([p0, p1, p2, p3], t) {
   const u = 1 - t;
@@ -161,6 +184,7 @@ function draw(canvas, edges) {
     );
   }
   root.append(defs);
+  const labels = [];
   for (const e of edges) {
     const a = byId.get(e.from);
     const b = byId.get(e.to);
@@ -188,16 +212,19 @@ function draw(canvas, edges) {
     // Labels nearer the callee than the middle, where a caller's edges
     // fan out and would overlap.
     const [mx, my] = bezier(pts, back ? 0.5 : 0.72);
+    const text = svg("text", { x: mx, y: my - 4, "text-anchor": "middle" }, label);
+    labels.push({ x: mx, y: my - 4, w: label.length * 6.3, text });
     root.append(
       svg(
         "g",
         { class: `edge ${cls}`, "data-from": a.label, "data-to": b.label },
         svg("title", {}, `${a.label} → ${b.label} (${e.service}): ${label}`),
         svg("path", { d, "marker-end": `url(#arrow-${cls})` }),
-        svg("text", { x: mx, y: my - 4, "text-anchor": "middle" }, label),
+        text,
       ),
     );
   }
+  separate(labels);
   for (const n of nodes) {
     const worst = n.in.reduce((w, e) => Math.max(w, e.requests ? e.errors : 0), 0);
     const traffic = n.in.reduce((s, e) => s + e.requests, 0);

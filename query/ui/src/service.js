@@ -50,7 +50,7 @@ export function servicePage(root, arg, ctx) {
   }
   const status = h("p", { class: "muted" }, "Loading…");
   const charts = h("div", { class: "grid2" });
-  const tables = h("div", { class: "grid2" });
+  const tables = h("div", { class: "grid2 wide" });
   const slow = h("div");
   root.append(
     h("h1", {}, h("a", { href: "#/services", class: "muted" }, "Services"), " / ", namespace ? `${namespace} / ` : "", service),

@@ -41,17 +41,39 @@ export function tracePage(root, id) {
     body.replaceChildren(errorBox("No trace id: open a trace from the live tail or a service page."));
     return null;
   }
-  getTrace(id)
-    .then((t) => {
+  // A trace opened as it happens fills in as its records and the apps'
+  // spans arrive (each sender sends in batches): look again every few
+  // seconds while it is recent, redrawing when it has grown.
+  let shown = 0;
+  let attempts = 0;
+  let timer = null;
+  const load = async () => {
+    let recent = false;
+    attempts++;
+    try {
+      const t = await getTrace(id);
       if (!t || !t.spans || !t.spans.length) {
         body.replaceChildren(errorBox(`Trace ${id} was not found (its records may not have arrived yet, or are past retention).`));
-        return;
+        recent = shown === 0 && attempts < 10;
+      } else {
+        if (t.spans.length !== shown) {
+          shown = t.spans.length;
+          draw(body, t);
+        }
+        const end = Math.max(...t.spans.map((s) => s.startTime + s.duration)) / 1000;
+        recent = Date.now() - end < RECENT_MS;
       }
-      draw(body, t);
-    })
-    .catch((e) => body.replaceChildren(errorBox(e)));
-  return null;
+    } catch (e) {
+      body.replaceChildren(errorBox(e));
+    }
+    if (recent) timer = setTimeout(load, 3000);
+  };
+  load();
+  return () => clearTimeout(timer);
 }
+
+/** How long after its last span a trace may still be growing. */
+const RECENT_MS = 30_000;
 
 function draw(body, t) {
   const rows = order(t.spans);
@@ -70,6 +92,8 @@ function draw(body, t) {
       const kind = tag(span, "span.kind") || "";
       const code = tag(span, "http.status_code");
       const failed = tag(span, "error") === true || Number(code) >= 500;
+      // A sidecar's record, or the app's own span.
+      const source = tag(span, "component") === "lumen-proxy" ? "proxy" : "app";
       const left = ((span.startTime - start) / total) * 100;
       const width = Math.max(0.3, (span.duration / total) * 100);
       return h(
@@ -77,7 +101,10 @@ function draw(body, t) {
         {
           class: `wf-row link${failed ? " failed" : ""}`,
           "data-span": span.spanID,
+          "data-source": source,
+          tabindex: 0,
           onclick: () => show(details, span, service, span.startTime - start),
+          onkeydown: (e) => e.key === "Enter" && show(details, span, service, span.startTime - start),
         },
         h(
           "div",
@@ -86,6 +113,7 @@ function draw(body, t) {
           " ",
           span.operationName,
           kind ? h("span", { class: "tag" }, kind) : null,
+          source === "proxy" ? h("span", { class: "tag" }, "sidecar") : null,
         ),
         h(
           "div",

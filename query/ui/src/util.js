@@ -162,7 +162,13 @@ export function table(columns, rows, { sort, desc = true, onRow, empty = "No row
     const body = sorted.map((r) =>
       h(
         "tr",
-        { class: onRow ? "link" : "", onclick: onRow ? () => onRow(r) : undefined },
+        {
+          class: onRow ? "link" : "",
+          // Rows that open something are reachable with Tab and Enter.
+          tabindex: onRow ? 0 : undefined,
+          onclick: onRow ? () => onRow(r) : undefined,
+          onkeydown: onRow ? (e) => e.key === "Enter" && onRow(r) : undefined,
+        },
         columns.map((c) => {
           const v = c.fmt ? c.fmt(r[c.key], r) : r[c.key];
           return h("td", { class: c.num ? "num" : c.cls ? c.cls(r) : "" }, v instanceof Node ? v : String(v ?? ""));

@@ -1,0 +1,48 @@
+//! `lumen-proxy`: one sidecar proxy beside an application — what `lumen
+//! proxy` runs, in a binary without the collector and query engine.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use lumen_sidecar::ProxyArgs;
+
+/// Every request allocates a handful of small objects on one thread and
+/// frees some on another (the telemetry exporter); mimalloc keeps both cheap.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+#[derive(Parser)]
+#[command(
+    name = "lumen-proxy",
+    version,
+    // `--version` is the workload's version, as in `lumen proxy`.
+    disable_version_flag = true,
+    about = "Lumen's sidecar proxy: routes, secures and records every request of one workload",
+    long_about = "Lumen's sidecar proxy: routes, secures and records every request of one \
+        workload. The same proxy as `lumen proxy`, in a small binary for the image injected \
+        beside every pod."
+)]
+struct Cli {
+    #[command(flatten)]
+    proxy: ProxyArgs,
+}
+
+fn main() -> ExitCode {
+    lumen_sidecar::no_huge_pages();
+    lumen_sidecar::keep_freed_memory();
+    let cli = Cli::parse();
+    let rt = match lumen_sidecar::runtime(cli.proxy.workers()) {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(lumen_sidecar::run(cli.proxy)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
