@@ -3,6 +3,9 @@
 //! client, without the collector or the query engine, so the image is
 //! small. `lumen proxy` runs the same [`run`] with the same [`ProxyArgs`].
 //!
+//! `lumen-init`, the pod's init container, installs the traffic capture
+//! that sends the app's connections through it ([`capture`]).
+//!
 //! Also what every Lumen binary's process shares: duration and label flag
 //! parsing, logging, signals, the allocator's settings.
 
@@ -18,6 +21,8 @@ use lumen_core::config::DEFAULT_NAMESPACE;
 use lumen_proxy::telemetry::ExportProtocol;
 use lumen_proxy::{Proxy, ProxyConfig};
 use tokio::sync::watch;
+
+pub mod capture;
 
 /// How often configuration files are checked for changes: a change
 /// reaches every proxy within a second.

@@ -47,23 +47,32 @@ impl Netns {
     }
 
     /// Redirects the app's connections to service addresses (10.96/16)
-    /// to a sidecar's outbound port, as Istio's init container does.
+    /// to a sidecar's outbound port with `lumen-init`, the injected pod's
+    /// init container — twice, as a restarted init container would: the
+    /// second run replaces the rules.
     fn capture_to(&self, port: u16) -> Result<()> {
-        self.exec(&[
-            "iptables",
-            "-t",
-            "nat",
-            "-A",
-            "OUTPUT",
-            "-p",
-            "tcp",
-            "-d",
+        let init = lumen_tests::lumen_proxy_bin().with_file_name("lumen-init");
+        let port = port.to_string();
+        let args = [
+            init.to_str().context("lumen-init path")?,
+            "--outbound-port",
+            &port,
+            "--include-outbound-cidr",
             "10.96.0.0/16",
-            "-j",
-            "REDIRECT",
-            "--to-ports",
-            &port.to_string(),
-        ])
+            "--no-inbound",
+        ];
+        self.exec(&args)?;
+        self.exec(&args)?;
+        let out = Command::new("ip")
+            .args(["netns", "exec", &self.0, "iptables", "-t", "nat", "-S"])
+            .output()?;
+        let rules = String::from_utf8_lossy(&out.stdout);
+        let jumps = rules
+            .lines()
+            .filter(|l| *l == "-A OUTPUT -p tcp -j LUMEN_OUTPUT")
+            .count();
+        assert_eq!(jumps, 1, "{rules}");
+        Ok(())
     }
 
     /// Runs `f` on a thread inside the namespace; threads and processes it

@@ -118,5 +118,13 @@ fn the_dockerfile_builds_both_binaries_and_runs_them_as_non_root() -> Result<()>
     // The sidecar image can install the capture in its init container.
     let proxy = &stages["lumen-proxy"];
     assert!(proxy.all("RUN").any(|r| r.contains("iptables")));
+    let sidecar = std::fs::read_to_string(repo().join("sidecar/Cargo.toml"))?;
+    assert!(sidecar.contains("name = \"lumen-init\""));
+    assert!(run.contains("target/release/lumen-init"), "{run}");
+    assert!(
+        proxy
+            .all("COPY")
+            .any(|c| c.starts_with("--from=build") && c.ends_with("/usr/local/bin/lumen-init"))
+    );
     Ok(())
 }
