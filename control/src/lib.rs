@@ -15,9 +15,14 @@
 //! proxies' CSRs for SPIFFE identities, and the streams carry its trust
 //! bundle and which sidecars hold certificates. An invalid change is refused with
 //! file, resource, field and reason; the last valid configuration stays.
+//! On Kubernetes (feature `kubernetes`), [`inject`] answers the mutating
+//! admission webhook: pods of labelled namespaces get the capture's init
+//! container and the `lumen-proxy` sidecar.
 
 pub mod ca;
 pub mod discovery;
+#[cfg(feature = "kubernetes")]
+pub mod inject;
 pub mod quota;
 pub mod server;
 pub mod store;

@@ -1,0 +1,293 @@
+//! The sidecar injector with the `AdmissionReview` the API server sends
+//! when Bookinfo's reviews-v1 ReplicaSet creates a pod
+//! (`tests/data/k8s/`): the answer's JSON patch, applied to that pod,
+//! gives a pod with the capture's init container, the sidecar (who it is,
+//! where the control plane and collector are, its token, resources) and
+//! the app's HTTP probes pointed at the sidecar; an opted-out pod is
+//! allowed unchanged; a malformed review gets an error answer.
+
+use anyhow::{Context, Result};
+use base64::Engine;
+use k8s_openapi::api::core::v1::Pod;
+use lumen_control::inject::{ADMIN_PORT, Injector, review};
+use serde_json::{Value, json};
+
+fn reviews_v1() -> Result<Value> {
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/data/k8s/admission-review-reviews-v1.json"
+    );
+    Ok(serde_json::from_str(&std::fs::read_to_string(path)?)?)
+}
+
+/// The webhook's answer to `body`, as JSON.
+fn answer(body: &Value, injector: &Injector) -> Result<Value> {
+    let out = review(&serde_json::to_vec(body)?, injector);
+    Ok(serde_json::to_value(out)?)
+}
+
+/// The pod with the answer's patch applied, as the API server would.
+fn patched(request: &Value, response: &Value) -> Result<Pod> {
+    assert_eq!(response["patchType"], "JSONPatch", "{response}");
+    // Go's []byte: a base64 string, or (as kube writes it, and Go's JSON
+    // decoder takes too) an array of byte values.
+    let bytes: Vec<u8> = match &response["patch"] {
+        Value::String(b64) => base64::engine::general_purpose::STANDARD.decode(b64)?,
+        Value::Array(values) => values
+            .iter()
+            .map(|v| {
+                v.as_u64()
+                    .and_then(|b| u8::try_from(b).ok())
+                    .context("a byte")
+            })
+            .collect::<Result<_>>()?,
+        other => anyhow::bail!("no patch: {other}"),
+    };
+    let patch: json_patch::Patch = serde_json::from_slice(&bytes)?;
+    let mut pod = request["request"]["object"].clone();
+    json_patch::patch(&mut pod, &patch)?;
+    Ok(serde_json::from_value(pod)?)
+}
+
+fn args(c: &k8s_openapi::api::core::v1::Container) -> Vec<String> {
+    c.args.clone().unwrap_or_default()
+}
+
+fn flag(args: &[String], name: &str) -> Option<String> {
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1).cloned())
+}
+
+#[test]
+fn a_labelled_namespaces_pod_gets_the_capture_the_sidecar_and_probes_through_it() -> Result<()> {
+    let request = reviews_v1()?;
+    let injector = Injector {
+        image: "registry.example/lumen-proxy:1.0".into(),
+        ..Injector::default()
+    };
+    let out = answer(&request, &injector)?;
+    assert_eq!(out["apiVersion"], "admission.k8s.io/v1");
+    assert_eq!(out["kind"], "AdmissionReview");
+    let response = &out["response"];
+    // The answer is to this request.
+    assert_eq!(response["uid"], request["request"]["uid"]);
+    assert_eq!(response["allowed"], true);
+    let pod = patched(&request, response)?;
+    let spec = pod.spec.as_ref().context("spec")?;
+
+    // The capture first, with what it needs and no more.
+    let init = &spec.init_containers.as_ref().context("init containers")?[0];
+    assert_eq!(init.name, "lumen-init");
+    assert_eq!(
+        init.image.as_deref(),
+        Some("registry.example/lumen-proxy:1.0")
+    );
+    assert_eq!(
+        init.command.as_deref(),
+        Some(&["lumen-init".to_string()][..])
+    );
+    let caps = init
+        .security_context
+        .as_ref()
+        .and_then(|s| s.capabilities.as_ref())
+        .context("capabilities")?;
+    assert_eq!(
+        caps.add.as_deref(),
+        Some(&["NET_ADMIN".to_string(), "NET_RAW".to_string()][..])
+    );
+    let capture = args(init);
+    assert_eq!(flag(&capture, "--proxy-uid").as_deref(), Some("1337"));
+    assert!(!capture.contains(&"--no-inbound".to_string()));
+
+    // The app's container is still first; the sidecar after it, knowing
+    // who it stands beside.
+    let names: Vec<&str> = spec.containers.iter().map(|c| c.name.as_str()).collect();
+    assert_eq!(names, ["reviews", "lumen-proxy"]);
+    let sidecar = &spec.containers[1];
+    let a = args(sidecar);
+    for (name, value) in [
+        ("--service", "reviews"),
+        ("--version", "v1"),
+        ("--workload", "reviews-v1"),
+        ("--namespace", "bookinfo"),
+        ("--service-account", "bookinfo-reviews"),
+        ("--control", "lumen-control.lumen-system.svc:15010"),
+        (
+            "--collector",
+            "http://lumen-collector.lumen-system.svc:4317",
+        ),
+        ("--app", "127.0.0.1:9080"),
+        ("--inbound", "0.0.0.0:15006"),
+        ("--join-token-file", "/var/run/secrets/lumen/token"),
+    ] {
+        assert_eq!(flag(&a, name).as_deref(), Some(value), "{name} in {a:?}");
+    }
+    let security = sidecar
+        .security_context
+        .as_ref()
+        .context("sidecar security")?;
+    assert_eq!(security.run_as_user, Some(1337));
+    assert_eq!(security.run_as_non_root, Some(true));
+    assert_eq!(security.read_only_root_filesystem, Some(true));
+    let resources = sidecar.resources.as_ref().context("resources")?;
+    assert!(
+        resources
+            .requests
+            .as_ref()
+            .is_some_and(|r| r.contains_key("cpu"))
+    );
+
+    // Its identity: a projected token for the mesh CA, beside the volumes
+    // the pod had.
+    let volumes = spec.volumes.as_ref().context("volumes")?;
+    assert_eq!(volumes.len(), 4);
+    let token = volumes
+        .iter()
+        .find(|v| v.name == "lumen-token")
+        .context("token volume")?;
+    let source = &token
+        .projected
+        .as_ref()
+        .context("projected")?
+        .sources
+        .as_ref()
+        .context("sources")?[0];
+    let sat = source
+        .service_account_token
+        .as_ref()
+        .context("serviceAccountToken")?;
+    assert_eq!(sat.audience.as_deref(), Some("lumen"));
+
+    // The kubelet's probes go to the sidecar's admin port, which asks the
+    // app's originals (a named port resolved, headers kept).
+    let app = &spec.containers[0];
+    for (probe, kind) in [
+        (&app.readiness_probe, "readyz"),
+        (&app.liveness_probe, "livez"),
+    ] {
+        let get = probe
+            .as_ref()
+            .and_then(|p| p.http_get.as_ref())
+            .context("httpGet")?;
+        assert_eq!(
+            get.path.as_deref(),
+            Some(format!("/app-health/reviews/{kind}").as_str())
+        );
+        assert_eq!(
+            get.port,
+            k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(i32::from(ADMIN_PORT))
+        );
+    }
+    // Thresholds and periods stay the app's.
+    assert_eq!(
+        app.readiness_probe.as_ref().and_then(|p| p.period_seconds),
+        Some(5)
+    );
+    let env = sidecar.env.as_ref().context("env")?;
+    let probes: Value = serde_json::from_str(
+        env.iter()
+            .find(|e| e.name == "LUMEN_APP_PROBES")
+            .and_then(|e| e.value.as_deref())
+            .context("LUMEN_APP_PROBES")?,
+    )?;
+    assert_eq!(
+        probes["/app-health/reviews/readyz"],
+        json!({"port": 9080, "path": "/health", "scheme": "HTTP", "headers": []})
+    );
+    assert_eq!(
+        probes["/app-health/reviews/livez"]["headers"],
+        json!([{"name": "X-Probe", "value": "kubelet"}])
+    );
+    let annotations = pod.metadata.annotations.as_ref().context("annotations")?;
+    assert_eq!(annotations["lumen.dev/status"], "injected");
+    assert_eq!(annotations["prometheus.io/port"], ADMIN_PORT.to_string());
+
+    // Injecting the injected pod again changes nothing.
+    let mut again = request.clone();
+    again["request"]["object"] = serde_json::to_value(&pod)?;
+    let second = answer(&again, &injector)?;
+    assert_eq!(second["response"]["allowed"], true);
+    assert!(second["response"]["patch"].is_null(), "{second}");
+    Ok(())
+}
+
+#[test]
+fn istios_annotations_narrow_the_capture_and_size_the_sidecar() -> Result<()> {
+    let mut request = reviews_v1()?;
+    request["request"]["object"]["metadata"]["annotations"] = json!({
+        "traffic.sidecar.istio.io/excludeOutboundPorts": "5432, 6379",
+        "traffic.sidecar.istio.io/includeOutboundIPRanges": "10.96.0.0/12",
+        "sidecar.istio.io/proxyCPU": "250m",
+        "sidecar.istio.io/proxyMemoryLimit": "1Gi",
+    });
+    let out = answer(&request, &Injector::default())?;
+    let pod = patched(&request, &out["response"])?;
+    let spec = pod.spec.as_ref().context("spec")?;
+    let capture = args(&spec.init_containers.as_ref().context("init")?[0]);
+    let joined = capture.join(" ");
+    assert!(
+        joined.contains("--exclude-outbound-port 5432 --exclude-outbound-port 6379"),
+        "{joined}"
+    );
+    assert!(
+        joined.contains("--include-outbound-cidr 10.96.0.0/12"),
+        "{joined}"
+    );
+    let resources = spec.containers[1].resources.as_ref().context("resources")?;
+    assert_eq!(
+        resources.requests.as_ref().context("requests")?["cpu"].0,
+        "250m"
+    );
+    assert_eq!(
+        resources.limits.as_ref().context("limits")?["memory"].0,
+        "1Gi"
+    );
+    // The pod's own annotations stay.
+    let annotations = pod.metadata.annotations.as_ref().context("annotations")?;
+    assert_eq!(annotations["sidecar.istio.io/proxyCPU"], "250m");
+    Ok(())
+}
+
+#[test]
+fn an_opted_out_pod_is_allowed_unchanged() -> Result<()> {
+    for (place, key) in [
+        ("annotations", "sidecar.istio.io/inject"),
+        ("labels", "sidecar.istio.io/inject"),
+        ("annotations", "lumen.dev/inject"),
+    ] {
+        let mut request = reviews_v1()?;
+        request["request"]["object"]["metadata"][place][key] = json!("false");
+        let out = answer(&request, &Injector::default())?;
+        assert_eq!(out["response"]["allowed"], true, "{place} {key}");
+        assert!(out["response"]["patch"].is_null(), "{place} {key}: {out}");
+    }
+    Ok(())
+}
+
+#[test]
+fn a_malformed_review_gets_an_error_answer_never_a_crash() -> Result<()> {
+    for body in [
+        b"not json".to_vec(),
+        b"{}".to_vec(),
+        br#"{"apiVersion":"admission.k8s.io/v1","kind":"AdmissionReview"}"#.to_vec(),
+        br#"{"apiVersion":"admission.k8s.io/v1","kind":"AdmissionReview","request":{"uid":"x"}}"#
+            .to_vec(),
+    ] {
+        let out = serde_json::to_value(review(&body, &Injector::default()))?;
+        let response = &out["response"];
+        assert_eq!(response["allowed"], false, "{out}");
+        assert!(
+            response["status"]["message"]
+                .as_str()
+                .is_some_and(|m| !m.is_empty()),
+            "{out}"
+        );
+    }
+    // A request for something that is not a pod.
+    let mut request = reviews_v1()?;
+    request["request"]["object"] = json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "x"}, "data": {"a": 1}});
+    let out = answer(&request, &Injector::default())?;
+    assert_eq!(out["response"]["allowed"], false, "{out}");
+    Ok(())
+}
