@@ -1,8 +1,14 @@
 //! Admin endpoint: `/ready`, `/stats/prometheus`, `/config_dump`, as on
-//! Envoy's admin port, so the same probes and scrapers work.
+//! Envoy's admin port, so the same probes and scrapers work; and, for an
+//! injected pod, `/app-health/<container>/<livez|readyz|startupz>`: the
+//! kubelet's probes of the app, rewritten by the injector to come here,
+//! asked of the app from inside the pod (as Istio's agent does) — under
+//! STRICT mTLS a plaintext probe from the kubelet could not reach it.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use axum::Router;
 use axum::extract::State;
@@ -16,14 +22,107 @@ use crate::context::Shared;
 pub struct AdminState {
     pub shared: Arc<Shared>,
     pub ready: AtomicBool,
+    /// The app's probes by the path the kubelet now asks here.
+    pub app_probes: BTreeMap<String, AppProbe>,
 }
+
+/// One of the app's HTTP probes, as the injector found it in the pod spec.
+#[derive(Debug, Clone, PartialEq, serde::Deserialize)]
+pub struct AppProbe {
+    pub port: u16,
+    #[serde(default = "root")]
+    pub path: String,
+    /// `HTTP` or `HTTPS`.
+    #[serde(default = "http")]
+    pub scheme: String,
+    #[serde(default)]
+    pub headers: Vec<ProbeHeader>,
+}
+
+#[derive(Debug, Clone, PartialEq, serde::Deserialize)]
+pub struct ProbeHeader {
+    pub name: String,
+    pub value: String,
+}
+
+fn root() -> String {
+    "/".into()
+}
+
+fn http() -> String {
+    "HTTP".into()
+}
+
+/// The injector's `LUMEN_APP_PROBES`: `{"/app-health/c/readyz": {port, path, scheme, headers}}`.
+pub fn parse_app_probes(json: &str) -> Result<BTreeMap<String, AppProbe>, String> {
+    let probes: BTreeMap<String, AppProbe> =
+        serde_json::from_str(json).map_err(|e| format!("app probes: {e}"))?;
+    match probes.keys().find(|k| !k.starts_with("/app-health/")) {
+        Some(k) => Err(format!("app probes: `{k}` is not an /app-health/ path")),
+        None => Ok(probes),
+    }
+}
+
+/// How long an app probe may take: the kubelet's own timeout bounds it
+/// anyway.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub fn router(state: Arc<AdminState>) -> Router {
     Router::new()
         .route("/ready", get(ready))
         .route("/stats/prometheus", get(stats))
         .route("/config_dump", get(config_dump))
+        .route("/app-health/{container}/{kind}", get(app_health))
         .with_state(state)
+}
+
+/// Asks the app its probe: its status (2xx/3xx pass, as for the kubelet),
+/// or 503 when it cannot be reached in time. An HTTPS probe is checked as
+/// the kubelet checks a TCP one (the app accepts a connection): the
+/// kubelet does not verify the app's certificate either.
+async fn app_health(
+    State(s): State<Arc<AdminState>>,
+    uri: axum::http::Uri,
+) -> axum::response::Response {
+    let Some(probe) = s.app_probes.get(uri.path()) else {
+        return (StatusCode::NOT_FOUND, "no such app probe\n").into_response();
+    };
+    let target = std::net::SocketAddr::from(([127, 0, 0, 1], probe.port));
+    let asked = async {
+        let stream = tokio::net::TcpStream::connect(target).await?;
+        if probe.scheme.eq_ignore_ascii_case("HTTPS") {
+            return Ok::<u16, Box<dyn std::error::Error + Send + Sync>>(200);
+        }
+        let (mut sender, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
+        tokio::spawn(conn);
+        let mut request = http::Request::get(probe.path.as_str())
+            .header(header::HOST, format!("127.0.0.1:{}", probe.port))
+            .header(header::USER_AGENT, "kube-probe/lumen");
+        for h in &probe.headers {
+            request = request.header(h.name.as_str(), h.value.as_str());
+        }
+        let response = sender
+            .send_request(request.body(http_body_util::Empty::<bytes::Bytes>::new())?)
+            .await?;
+        Ok(response.status().as_u16())
+    };
+    match tokio::time::timeout(PROBE_TIMEOUT, asked).await {
+        Ok(Ok(code)) => {
+            let status = StatusCode::from_u16(code).unwrap_or(StatusCode::BAD_GATEWAY);
+            (status, format!("app answered {code}\n")).into_response()
+        }
+        Ok(Err(e)) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("app probe failed: {e}\n"),
+        )
+            .into_response(),
+        Err(_) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "app probe timed out\n".to_string(),
+        )
+            .into_response(),
+    }
 }
 
 async fn ready(State(s): State<Arc<AdminState>>) -> impl IntoResponse {

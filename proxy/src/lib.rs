@@ -152,6 +152,9 @@ pub struct ProxyConfig {
     /// A gateway's credentials directory: `credentialName: x` is read
     /// from `<dir>/x/` (tls.crt, tls.key, ca.crt).
     pub credentials: Option<std::path::PathBuf>,
+    /// The app's HTTP probes the kubelet asks through the admin port
+    /// (an injected pod's `LUMEN_APP_PROBES`).
+    pub app_probes: std::collections::BTreeMap<String, admin::AppProbe>,
     /// Counts under Quotas, shared with the control stream that reports
     /// them and brings allocations.
     pub quotas: Arc<quota::QuotaLedger>,
@@ -179,6 +182,7 @@ impl ProxyConfig {
             locality: None,
             gateway: false,
             credentials: None,
+            app_probes: Default::default(),
             quotas: Default::default(),
             tls: Default::default(),
         }
@@ -379,6 +383,7 @@ impl Proxy {
         let admin_state = Arc::new(admin::AdminState {
             shared: shared.clone(),
             ready: AtomicBool::new(true),
+            app_probes: config.app_probes.clone(),
         });
         if let Some(l) = admin {
             let mut stop = stop_rx.clone();

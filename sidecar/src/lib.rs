@@ -224,6 +224,12 @@ pub struct ProxyArgs {
     /// Most HTTP/2 streams open at once on one downstream connection.
     #[arg(long, default_value_t = 100)]
     max_concurrent_streams: u32,
+    /// The app's HTTP probes, asked through the admin port at
+    /// `/app-health/<container>/<livez|readyz|startupz>` (set by the
+    /// sidecar injector, which points the kubelet's probes there):
+    /// `{"/app-health/c/readyz": {"port": 8080, "path": "/health"}}`.
+    #[arg(long, env = "LUMEN_APP_PROBES", value_parser = lumen_proxy::admin::parse_app_probes)]
+    app_probes: Option<std::collections::BTreeMap<String, lumen_proxy::admin::AppProbe>>,
     /// Worker threads [default: one per core]. With 1, the proxy runs on a
     /// single thread, as Envoy does with --concurrency 1.
     #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
@@ -334,6 +340,7 @@ pub async fn run(a: ProxyArgs) -> Result<()> {
     config.locality = a.locality.clone();
     config.gateway = a.gateway;
     config.credentials = a.credentials.clone();
+    config.app_probes = a.app_probes.clone().unwrap_or_default();
     config.limits.request_headers_timeout = a.request_headers_timeout;
     config.limits.stream_idle_timeout = a.stream_idle_timeout;
     config.limits.idle_timeout = a.idle_timeout;

@@ -291,3 +291,61 @@ fn a_malformed_review_gets_an_error_answer_never_a_crash() -> Result<()> {
     assert_eq!(out["response"]["allowed"], false, "{out}");
     Ok(())
 }
+
+/// The other half of the probe rewrite: the sidecar asks the app the
+/// probes the injector moved to its admin port.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sidecar_asks_the_app_the_probes_the_kubelet_sends_it() -> Result<()> {
+    use lumen_tests::{Sidecar, SidecarPorts, free_port, upstream::start_app, write_mesh};
+    let dir = tempfile::tempdir()?;
+    let mesh = dir.path().join("mesh.yaml");
+    write_mesh(&mesh, &[("web", 8080, &[])])?;
+    let healthy = start_app("web").await;
+    let failing = start_app("web-failing").await;
+    let closed = free_port();
+    let probes = json!({
+        "/app-health/web/readyz": {"port": healthy.port(), "path": "/health", "scheme": "HTTP",
+            "headers": [{"name": "X-Probe", "value": "kubelet"}]},
+        "/app-health/web/livez": {"port": failing.port(), "path": "/"},
+        "/app-health/gone/readyz": {"port": closed, "path": "/"},
+    })
+    .to_string();
+    let ports = SidecarPorts::pick();
+    let _sidecar = Sidecar {
+        service: "web",
+        version: "v1",
+        mesh: &mesh,
+        ports,
+        app: None,
+        collector: "http://127.0.0.1:9",
+        extra: &["--app-probes", &probes, "--telemetry", "off"],
+    }
+    .start(dir.path())
+    .await?;
+    let get = |path: &str| {
+        let url = format!("http://127.0.0.1:{}{path}", ports.admin);
+        async move { Ok::<_, anyhow::Error>(reqwest::get(url).await?.status().as_u16()) }
+    };
+    assert_eq!(get("/app-health/web/readyz").await?, 200);
+    // The app's own answer is the probe's: 503 fails it.
+    assert_eq!(get("/app-health/web/livez").await?, 503);
+    // An app not listening fails the probe; a probe never configured is 404.
+    assert_eq!(get("/app-health/gone/readyz").await?, 503);
+    assert_eq!(get("/app-health/web/startupz").await?, 404);
+
+    // A probe list that is not one stops the sidecar at start, saying so.
+    let out = std::process::Command::new(lumen_tests::lumen_proxy_bin())
+        .args([
+            "--service",
+            "web",
+            "--no-outbound",
+            "--no-inbound",
+            "--app-probes",
+            "{\"/health\": 1}",
+        ])
+        .output()?;
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("app probes"), "{stderr}");
+    Ok(())
+}
