@@ -49,7 +49,7 @@ pub struct ControlPlaneArgs {
 
 impl ControlPlaneArgs {
     /// The mesh CA, its files under `dir` (made there on first start).
-    pub fn security(&self, dir: &std::path::Path) -> Result<lumen_control::server::Security> {
+    pub fn ca(&self, dir: &std::path::Path) -> Result<lumen_control::ca::MeshCa> {
         use lumen_control::ca::{CaSource, MeshCa};
         if !lumen_core::identity::valid_segment(&self.trust_domain) {
             bail!(
@@ -65,9 +65,14 @@ impl ControlPlaneArgs {
             },
             _ => CaSource::Generated(dir.to_path_buf()),
         };
-        let ca = MeshCa::open(&source, &self.trust_domain)
+        Ok(MeshCa::open(&source, &self.trust_domain)
             .context("starting the mesh CA")?
-            .with_lifetime(self.workload_cert_ttl);
+            .with_lifetime(self.workload_cert_ttl))
+    }
+
+    /// The mesh CA and the join tokens it takes, files under `dir`.
+    pub fn security(&self, dir: &std::path::Path) -> Result<lumen_control::server::Security> {
+        let ca = self.ca(dir)?;
         let token_file = self
             .join_token_file
             .clone()
@@ -99,6 +104,43 @@ pub struct ControlArgs {
     /// restarts.
     #[arg(long, default_value = "lumen-control-data")]
     pub data_dir: PathBuf,
+    #[command(flatten)]
+    pub inject: InjectArgs,
+}
+
+/// The sidecar injector (a mutating admission webhook), when the control
+/// plane serves one.
+#[derive(Args, Clone)]
+pub struct InjectArgs {
+    /// Serve the sidecar injector's webhook here over HTTPS (`POST
+    /// /inject`), with a certificate from the mesh CA for --webhook-dns.
+    #[arg(long)]
+    pub webhook_addr: Option<SocketAddr>,
+    /// DNS names of the webhook's certificate: its Service's, as the API
+    /// server calls it (repeatable).
+    #[arg(long = "webhook-dns", default_value = "lumen-control.lumen-system.svc")]
+    pub webhook_dns: Vec<String>,
+    /// The sidecar image injected pods run (it holds lumen-proxy and
+    /// lumen-init).
+    #[arg(long, default_value = "ghcr.io/lumen-mesh/lumen-proxy:latest")]
+    pub proxy_image: String,
+    /// The control plane's address as injected sidecars reach it.
+    #[arg(long, default_value = "lumen-control.lumen-system.svc:15010")]
+    pub injected_control: String,
+    /// The collector's OTLP gRPC endpoint as injected sidecars reach it.
+    #[arg(long, default_value = "http://lumen-collector.lumen-system.svc:4317")]
+    pub injected_collector: String,
+}
+
+impl InjectArgs {
+    pub fn injector(&self) -> lumen_control::inject::Injector {
+        lumen_control::inject::Injector {
+            image: self.proxy_image.clone(),
+            control: self.injected_control.clone(),
+            collector: self.injected_collector.clone(),
+            ..Default::default()
+        }
+    }
 }
 
 /// How a client finds the control plane.

@@ -797,16 +797,38 @@ async fn control(a: configure::ControlArgs) -> Result<()> {
     init_logging("info");
     let (stop, stop_rx) = watch::channel(false);
     let files = lumen_control::discovery::load_resources(&a.file)?;
-    let (_, _, _, tasks) = configure::start(
+    let ca_dir = a.data_dir.join("ca");
+    let webhook = match a.inject.webhook_addr {
+        Some(addr) => {
+            let ca = std::sync::Arc::new(a.listen.ca(&ca_dir)?);
+            let hook = lumen_control::webhook::Webhook::bind(
+                addr,
+                ca,
+                a.inject.webhook_dns.clone(),
+                a.inject.injector(),
+            )
+            .await?;
+            tracing::info!(
+                webhook = %fmt_addr(hook.local_addr()),
+                dns = ?a.inject.webhook_dns,
+                ca_bundle = %ca_dir.join("trust-bundle.pem").display(),
+                "sidecar injector serving"
+            );
+            Some(tokio::spawn(hook.run(stop_rx.clone())))
+        }
+        None => None,
+    };
+    let (_, _, _, mut tasks) = configure::start(
         files,
         &a.file,
         Some(a.data_dir.join("resources.json")),
         a.listen.control_addr,
         CONFIG_POLL,
-        a.listen.security(&a.data_dir.join("ca"))?,
+        a.listen.security(&ca_dir)?,
         &stop_rx,
     )
     .await?;
+    tasks.extend(webhook);
     shutdown_signal().await;
     tracing::info!("shutting down");
     let _ = stop.send(true);

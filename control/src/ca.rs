@@ -258,6 +258,55 @@ impl MeshCa {
     }
 }
 
+/// A TLS server certificate the CA made, with its key.
+pub struct Serving {
+    /// The certificate first, then the CA's chain (PEM).
+    pub chain: Vec<String>,
+    /// Its private key (PKCS#8 PEM); never logged or written out.
+    pub key: String,
+    pub not_after: SystemTime,
+}
+
+impl MeshCa {
+    /// A server certificate for `dns_names` on a fresh key, lasting as
+    /// long as workload certificates: what the sidecar injector's webhook
+    /// serves, so the API server (given the trust bundle as `caBundle`)
+    /// can check it.
+    pub fn serving(&self, dns_names: &[String]) -> Result<Serving, CaError> {
+        let key = KeyPair::generate().map_err(|e| CaError::Sign(e.to_string()))?;
+        let now = SystemTime::now();
+        let end = (now + self.lifetime).min(self.issuer_not_after);
+        let mut params = CertificateParams::new(dns_names.to_vec())
+            .map_err(|e| CaError::Sign(format!("{dns_names:?}: {e}")))?;
+        params.distinguished_name = DistinguishedName::new();
+        if let Some(name) = dns_names.first() {
+            params
+                .distinguished_name
+                .push(DnType::CommonName, name.clone());
+        }
+        params.not_before = (now - BACKDATE).into();
+        params.not_after = end.into();
+        params.serial_number = Some(SerialNumber::from_slice(&rand_serial()));
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![
+            KeyUsagePurpose::DigitalSignature,
+            KeyUsagePurpose::KeyEncipherment,
+        ];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        params.use_authority_key_identifier_extension = true;
+        let cert = params
+            .signed_by(&key, &self.issuer)
+            .map_err(|e| CaError::Sign(e.to_string()))?;
+        let mut chain = vec![cert.pem()];
+        chain.extend(self.chain.iter().cloned());
+        Ok(Serving {
+            chain,
+            key: key.serialize_pem(),
+            not_after: end,
+        })
+    }
+}
+
 /// The join token kept at `path`, made there (256 random bits, readable by
 /// its owner only) when there is none. Local proxies present it for
 /// their certificates.

@@ -16,8 +16,9 @@
 //! bundle and which sidecars hold certificates. An invalid change is refused with
 //! file, resource, field and reason; the last valid configuration stays.
 //! On Kubernetes (feature `kubernetes`), [`inject`] answers the mutating
-//! admission webhook: pods of labelled namespaces get the capture's init
-//! container and the `lumen-proxy` sidecar.
+//! admission webhook — pods of labelled namespaces get the capture's init
+//! container and the `lumen-proxy` sidecar — served over TLS with a
+//! certificate from the mesh CA by [`webhook`].
 
 pub mod ca;
 pub mod discovery;
@@ -26,6 +27,8 @@ pub mod inject;
 pub mod quota;
 pub mod server;
 pub mod store;
+#[cfg(feature = "kubernetes")]
+pub mod webhook;
 
 pub use discovery::{ControlError, FileDiscovery, feed_store, load, load_file};
 pub use server::ControlService;

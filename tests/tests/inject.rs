@@ -349,3 +349,100 @@ async fn the_sidecar_asks_the_app_the_probes_the_kubelet_sends_it() -> Result<()
     assert!(stderr.contains("app probes"), "{stderr}");
     Ok(())
 }
+
+/// `lumen control --webhook-addr` serves the injector over HTTPS with a
+/// certificate from the mesh CA for the webhook Service's name: the API
+/// server, given the CA's trust bundle as `caBundle`, accepts it and gets
+/// the patch; a client expecting another name refuses it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_control_plane_serves_the_injector_over_tls_the_ca_bundle_verifies() -> Result<()> {
+    use lumen_tests::{LumenProcess, free_port};
+    use std::time::{Duration, Instant};
+    let dir = tempfile::tempdir()?;
+    let (control, webhook) = (free_port(), free_port());
+    let data = dir.path().join("control");
+    let args: Vec<String> = [
+        "control",
+        "--data-dir",
+        &data.display().to_string(),
+        "--control-addr",
+        &format!("127.0.0.1:{control}"),
+        "--webhook-addr",
+        &format!("127.0.0.1:{webhook}"),
+        "--proxy-image",
+        "registry.example/lumen-proxy:2.0",
+    ]
+    .map(String::from)
+    .to_vec();
+    let mut process = LumenProcess::spawn("lumen-control", dir.path(), &args)?;
+    let name = "lumen-control.lumen-system.svc";
+    let bundle = data.join("ca/trust-bundle.pem");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !bundle.exists() {
+        if Instant::now() > deadline {
+            anyhow::bail!("no trust bundle:\n{}", process.logs());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let ca = reqwest::Certificate::from_pem(&std::fs::read(&bundle)?)?;
+    let client = |host: &str| {
+        reqwest::Client::builder()
+            .tls_built_in_root_certs(false)
+            .add_root_certificate(ca.clone())
+            .resolve(host, std::net::SocketAddr::from(([127, 0, 0, 1], webhook)))
+            .timeout(Duration::from_secs(5))
+            .build()
+    };
+    let api_server = client(name)?;
+    let url = format!("https://{name}:{webhook}/inject");
+    let body = serde_json::to_vec(&reviews_v1()?)?;
+    let answer = loop {
+        match api_server.post(&url).body(body.clone()).send().await {
+            Ok(r) => break r,
+            Err(e) if Instant::now() < deadline && e.is_connect() => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => anyhow::bail!("{e:?}\n{}", process.logs()),
+        }
+    };
+    assert_eq!(answer.status(), 200);
+    let out: Value = answer.json().await?;
+    assert_eq!(
+        out["response"]["uid"],
+        "705ab4f5-6393-11e8-b7cc-42010a800002"
+    );
+    let pod = patched(&reviews_v1()?, &out["response"])?;
+    let sidecar = &pod.spec.as_ref().context("spec")?.containers[1];
+    assert_eq!(
+        sidecar.image.as_deref(),
+        Some("registry.example/lumen-proxy:2.0")
+    );
+
+    // The certificate names the Service, nothing else.
+    let other = client("lumen-control.other.svc")?;
+    let refused = other
+        .post(format!("https://lumen-control.other.svc:{webhook}/inject"))
+        .body(body)
+        .send()
+        .await;
+    assert!(
+        refused.is_err(),
+        "a certificate for another name was accepted"
+    );
+    // Garbage gets an answer, and the server goes on.
+    let junk = api_server.post(&url).body("{").send().await?;
+    assert_eq!(junk.status(), 200);
+    let junk: Value = junk.json().await?;
+    assert_eq!(junk["response"]["allowed"], false);
+    assert_eq!(
+        api_server
+            .get(format!("https://{name}:{webhook}/ready"))
+            .send()
+            .await?
+            .status(),
+        200
+    );
+    // SIGTERM: a clean stop.
+    assert_eq!(process.terminate()?, 0, "{}", process.logs());
+    Ok(())
+}
