@@ -87,6 +87,7 @@ impl ControlPlaneArgs {
         Ok(lumen_control::server::Security {
             ca,
             join_tokens: vec![token],
+            reviewer: None,
         })
     }
 }
@@ -130,6 +131,11 @@ pub struct InjectArgs {
     /// The collector's OTLP gRPC endpoint as injected sidecars reach it.
     #[arg(long, default_value = "http://lumen-collector.lumen-system.svc:4317")]
     pub injected_collector: String,
+    /// Take a pod's projected service-account token (audience `lumen`) as
+    /// a sidecar's proof of identity, checked with a TokenReview against
+    /// the Kubernetes API (in-cluster, or KUBECONFIG).
+    #[arg(long)]
+    pub token_review: bool,
 }
 
 impl InjectArgs {

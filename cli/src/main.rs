@@ -818,13 +818,25 @@ async fn control(a: configure::ControlArgs) -> Result<()> {
         }
         None => None,
     };
+    let mut security = a.listen.security(&ca_dir)?;
+    if a.inject.token_review {
+        let client = kube::Client::try_default().await.context(
+            "--token-review needs the Kubernetes API (an in-cluster service account, or KUBECONFIG)",
+        )?;
+        security.reviewer = Some(std::sync::Arc::new(
+            lumen_control::tokenreview::KubeTokenReviewer::new(
+                client,
+                lumen_control::inject::TOKEN_AUDIENCE,
+            ),
+        ));
+    }
     let (_, _, _, mut tasks) = configure::start(
         files,
         &a.file,
         Some(a.data_dir.join("resources.json")),
         a.listen.control_addr,
         CONFIG_POLL,
-        a.listen.security(&ca_dir)?,
+        security,
         &stop_rx,
     )
     .await?;

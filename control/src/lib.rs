@@ -18,7 +18,8 @@
 //! On Kubernetes (feature `kubernetes`), [`inject`] answers the mutating
 //! admission webhook — pods of labelled namespaces get the capture's init
 //! container and the `lumen-proxy` sidecar — served over TLS with a
-//! certificate from the mesh CA by [`webhook`].
+//! certificate from the mesh CA by [`webhook`]; [`tokenreview`] lets the
+//! CA take a pod's projected service-account token as proof of identity.
 
 pub mod ca;
 pub mod discovery;
@@ -27,6 +28,8 @@ pub mod inject;
 pub mod quota;
 pub mod server;
 pub mod store;
+#[cfg(feature = "kubernetes")]
+pub mod tokenreview;
 #[cfg(feature = "kubernetes")]
 pub mod webhook;
 

@@ -24,6 +24,19 @@ pub struct Security {
     pub ca: MeshCa,
     /// Join tokens a local proxy proves itself with.
     pub join_tokens: Vec<String>,
+    /// On Kubernetes: who a pod's projected service-account token says
+    /// the caller is (a TokenReview).
+    pub reviewer: Option<Arc<dyn TokenReviewer>>,
+}
+
+/// A review's answer to come: the `(namespace, service account)` a token
+/// proves, or why it proves nothing.
+pub type Reviewed =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<(String, String), String>> + Send>>;
+
+/// Checks a bearer token that is not a join token.
+pub trait TokenReviewer: Send + Sync {
+    fn review(&self, token: String) -> Reviewed;
 }
 
 impl Security {
@@ -428,7 +441,9 @@ impl ControlPlane for ControlService {
         &self,
         request: Request<v1::CertificateRequest>,
     ) -> Result<Response<v1::CertificateResponse>, Status> {
-        self.create_certificate_now(request).map(Response::new)
+        self.create_certificate_now(request)
+            .await
+            .map(Response::new)
     }
 
     async fn proxy_status(
@@ -450,7 +465,7 @@ impl ControlPlane for ControlService {
 }
 
 impl ControlService {
-    fn create_certificate_now(
+    async fn create_certificate_now(
         &self,
         request: Request<v1::CertificateRequest>,
     ) -> Result<v1::CertificateResponse, Status> {
@@ -466,10 +481,35 @@ impl ControlService {
             .ok_or_else(|| {
                 Status::unauthenticated("a certificate needs `authorization: Bearer <join token>`")
             })?;
-        if !security.admits(token) {
+        // A join token lets a local proxy name its identity; a pod's
+        // service-account token is the identity, which the request must
+        // then name.
+        let proven = if security.admits(token) {
+            None
+        } else if let Some(reviewer) = &security.reviewer {
+            let token = String::from_utf8(token.to_vec())
+                .map_err(|_| Status::unauthenticated("the token is not text"))?;
+            match reviewer.review(token).await {
+                Ok(identity) => Some(identity),
+                Err(why) => {
+                    tracing::warn!(%why, "a certificate request's token was refused");
+                    return Err(Status::unauthenticated(format!(
+                        "the token is neither the join token nor a valid service-account token: {why}"
+                    )));
+                }
+            }
+        } else {
             return Err(Status::unauthenticated("the join token is not valid"));
-        }
+        };
         let req = request.into_inner();
+        if let Some((namespace, account)) = &proven
+            && (namespace != &req.namespace || account != &req.service_account)
+        {
+            return Err(Status::permission_denied(format!(
+                "the token is service account {namespace}/{account}, not {}/{}",
+                req.namespace, req.service_account
+            )));
+        }
         for (field, value) in [
             ("namespace", &req.namespace),
             ("service_account", &req.service_account),

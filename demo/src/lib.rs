@@ -365,6 +365,7 @@ pub async fn start(config: DemoConfig) -> Result<RunningDemo, DemoError> {
     let security = lumen_control::server::Security {
         ca,
         join_tokens: vec![join_token.clone()],
+        reviewer: None,
     };
     let (stop_control, control_rx) = watch::channel(false);
     let control_service =
@@ -457,6 +458,7 @@ pub async fn start(config: DemoConfig) -> Result<RunningDemo, DemoError> {
         let certifier = lumen_proxy::mtls::Certifier {
             endpoint: control_url.clone(),
             join_token: join_token.clone(),
+            token_file: None,
             namespace: identity.namespace.to_string(),
             service_account,
             lifetime: None,

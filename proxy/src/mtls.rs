@@ -638,6 +638,9 @@ pub struct Certifier {
     /// The control plane, `http://host:port`.
     pub endpoint: String,
     pub join_token: String,
+    /// Where the token is read again for every request, when it rotates
+    /// (a pod's projected service-account token, renewed by the kubelet).
+    pub token_file: Option<std::path::PathBuf>,
     pub namespace: String,
     pub service_account: String,
     /// Asked-for lifetime (`None`: the CA's default).
@@ -696,7 +699,13 @@ impl MeshTls {
             namespace: c.namespace.clone(),
             service_account: c.service_account.clone(),
         });
-        let bearer = format!("Bearer {}", c.join_token)
+        let token = match &c.token_file {
+            Some(path) => std::fs::read_to_string(path)
+                .map(|t| t.trim().to_string())
+                .map_err(|e| format!("reading the token {}: {e}", path.display()))?,
+            None => c.join_token.clone(),
+        };
+        let bearer = format!("Bearer {token}")
             .parse()
             .map_err(|_| "the join token has characters a header cannot carry".to_string())?;
         req.metadata_mut().insert("authorization", bearer);

@@ -392,6 +392,9 @@ pub async fn run(a: ProxyArgs) -> Result<()> {
                 let certifier = lumen_proxy::mtls::Certifier {
                     endpoint: url.clone(),
                     join_token,
+                    // A projected service-account token rotates: read it
+                    // again for each certificate.
+                    token_file: a.join_token_file.clone(),
                     namespace: config.identity.namespace.to_string(),
                     service_account: a.service_account.clone(),
                     lifetime: None,
