@@ -93,7 +93,8 @@ pub fn review(body: &[u8], injector: &Injector) -> AdmissionReview<DynamicObject
     let pod: Pod = match object.try_parse() {
         Ok(p) => p,
         Err(e) => {
-            return AdmissionResponse::invalid(format!("the object is not a Pod: {e}"))
+            return allowed
+                .deny(format!("the object is not a Pod: {e}"))
                 .into_review();
         }
     };
@@ -102,8 +103,12 @@ pub fn review(body: &[u8], injector: &Injector) -> AdmissionReview<DynamicObject
         .clone()
         .or_else(|| pod.metadata.namespace.clone())
         .unwrap_or_else(|| "default".into());
-    let Some(ops) = patch(&pod, &namespace, injector) else {
-        return allowed.into_review();
+    let ops = match patch(&pod, &namespace, injector) {
+        Ok(Some(ops)) => ops,
+        Ok(None) => return allowed.into_review(),
+        // A pod whose annotations cannot be carried out is refused with
+        // the reason, rather than left stuck in its init container.
+        Err(why) => return allowed.deny(why).into_review(),
     };
     let patch: json_patch::Patch = match serde_json::from_value(Value::Array(ops)) {
         Ok(p) => p,
@@ -200,13 +205,26 @@ fn token(s: &str) -> String {
     s.replace('~', "~0").replace('/', "~1")
 }
 
-/// The JSON patch that injects `pod`, or `None` to leave it as it is.
-pub fn patch(pod: &Pod, namespace: &str, injector: &Injector) -> Option<Vec<Value>> {
+/// An IPv4 CIDR, as the capture takes it.
+fn valid_cidr(c: &str) -> bool {
+    let (ip, bits) = c.split_once('/').unwrap_or((c, "32"));
+    ip.parse::<std::net::Ipv4Addr>().is_ok() && bits.parse::<u8>().is_ok_and(|b| b <= 32)
+}
+
+/// The JSON patch that injects `pod`, `None` to leave it as it is, or why
+/// its annotations cannot be carried out.
+pub fn patch(
+    pod: &Pod,
+    namespace: &str,
+    injector: &Injector,
+) -> Result<Option<Vec<Value>>, String> {
     if let Some(why) = skip(pod) {
         tracing::debug!(pod = ?pod.metadata.name, why, "not injected");
-        return None;
+        return Ok(None);
     }
-    let spec = pod.spec.as_ref()?;
+    let Some(spec) = pod.spec.as_ref() else {
+        return Ok(None);
+    };
     let mut ops = Vec::new();
 
     // The app's probes, asked by the sidecar from inside the pod.
@@ -274,25 +292,46 @@ pub fn patch(pod: &Pod, namespace: &str, injector: &Injector) -> Option<Vec<Valu
         })
         .unwrap_or_default()
     };
-    for (annotation, flag) in [
+    // Istio's meaning: an empty include list captures no outbound traffic.
+    if ann(&["traffic.sidecar.istio.io/includeOutboundIPRanges"])
+        .is_some_and(|v| v.trim().is_empty())
+    {
+        capture.push("--no-outbound".into());
+    }
+    for (annotation, flag, cidr) in [
         (
             "traffic.sidecar.istio.io/includeOutboundIPRanges",
             "--include-outbound-cidr",
+            true,
         ),
         (
             "traffic.sidecar.istio.io/excludeOutboundIPRanges",
             "--exclude-outbound-cidr",
+            true,
         ),
         (
             "traffic.sidecar.istio.io/excludeOutboundPorts",
             "--exclude-outbound-port",
+            false,
         ),
         (
             "traffic.sidecar.istio.io/excludeInboundPorts",
             "--exclude-inbound-port",
+            false,
         ),
     ] {
         for v in list(ann(&[annotation])) {
+            let ok = if cidr {
+                (v == "*" && flag == "--include-outbound-cidr") || valid_cidr(&v)
+            } else {
+                v.parse::<u16>().is_ok()
+            };
+            if !ok {
+                return Err(format!(
+                    "annotation {annotation}: `{v}` is not {} (IPv6 ranges are not captured yet)",
+                    if cidr { "an IPv4 CIDR" } else { "a port" }
+                ));
+            }
             capture.extend([flag.to_string(), v]);
         }
     }
@@ -469,5 +508,5 @@ pub fn patch(pod: &Pod, namespace: &str, injector: &Injector) -> Option<Vec<Valu
             "value": v,
         }));
     }
-    Some(ops)
+    Ok(Some(ops))
 }

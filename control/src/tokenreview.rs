@@ -9,6 +9,9 @@ use kube::api::{Api, PostParams};
 
 use crate::server::{Reviewed, TokenReviewer};
 
+/// Longest wait for the API server's answer.
+const REVIEW_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Asks the API server about tokens.
 pub struct KubeTokenReviewer {
     client: kube::Client,
@@ -36,10 +39,13 @@ impl TokenReviewer for KubeTokenReviewer {
                 },
                 ..Default::default()
             };
-            let answer = api
-                .create(&PostParams::default(), &review)
-                .await
-                .map_err(|e| format!("TokenReview failed: {e}"))?;
+            // A certificate request waits for it: bounded, so a slow API
+            // server slows renewals rather than holding them forever.
+            let answer =
+                tokio::time::timeout(REVIEW_TIMEOUT, api.create(&PostParams::default(), &review))
+                    .await
+                    .map_err(|_| format!("TokenReview took longer than {REVIEW_TIMEOUT:?}"))?
+                    .map_err(|e| format!("TokenReview failed: {e}"))?;
             let status = answer.status.unwrap_or_default();
             if status.authenticated != Some(true) {
                 return Err(status
@@ -47,9 +53,12 @@ impl TokenReviewer for KubeTokenReviewer {
                     .unwrap_or_else(|| "the API server did not authenticate it".into()));
             }
             // The audiences it is valid for, of those asked: ours, or it
-            // was meant for something else.
-            if let Some(audiences) = &status.audiences
-                && !audiences.contains(&audience)
+            // was meant for something else (an API server that names none
+            // has not said the token is for us).
+            if !status
+                .audiences
+                .as_ref()
+                .is_some_and(|a| a.contains(&audience))
             {
                 return Err(format!("the token is not for audience {audience:?}"));
             }
@@ -131,6 +140,16 @@ mod tests {
         assert_eq!(
             person,
             Err("jane@example.com is not a service account".into())
+        );
+        // An API server that does not say the token is for us.
+        let unsaid = reviewed(json!({
+            "authenticated": true,
+            "user": {"username": "system:serviceaccount:a:b"},
+        }))
+        .await;
+        assert_eq!(
+            unsaid,
+            Err("the token is not for audience \"lumen\"".into())
         );
     }
 }

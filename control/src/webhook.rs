@@ -28,6 +28,10 @@ use crate::inject::Injector;
 /// Largest `AdmissionReview` read: a pod is a few KiB; the API server's
 /// own request limit is 3 MiB.
 const MAX_BODY: usize = 3 << 20;
+/// Connections served at once.
+const MAX_CONNECTIONS: usize = 256;
+/// Longest a connection is kept, whatever it does.
+const CONNECTION_DEADLINE: Duration = Duration::from_secs(60);
 
 #[derive(Debug, thiserror::Error)]
 pub enum WebhookError {
@@ -172,6 +176,17 @@ impl Webhook {
                 }
             })
         };
+        // Slow or idle clients cannot hold the server: headers within
+        // 10 s, a connection at most a minute, at most 256 at once (more
+        // are closed at once; the API server retries).
+        let mut builder =
+            hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
+        builder
+            .http1()
+            .timer(hyper_util::rt::TokioTimer::new())
+            .header_read_timeout(Duration::from_secs(10));
+        builder.http2().timer(hyper_util::rt::TokioTimer::new());
+        let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
         let mut connections = tokio::task::JoinSet::new();
         loop {
             let (tcp, peer) = tokio::select! {
@@ -185,26 +200,33 @@ impl Webhook {
                 },
                 () = stopped(&mut stop) => break,
             };
-            let (acceptor, service) = (acceptor.clone(), service.clone());
+            let Ok(slot) = slots.clone().try_acquire_owned() else {
+                tracing::warn!(%peer, "webhook at its connection limit: connection closed");
+                continue;
+            };
+            let (acceptor, service, builder) = (acceptor.clone(), service.clone(), builder.clone());
             connections.spawn(async move {
-                let tls = match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp))
-                    .await
-                {
-                    Ok(Ok(tls)) => tls,
-                    Ok(Err(e)) => {
-                        tracing::debug!(%peer, error = %e, "webhook TLS handshake failed");
-                        return;
+                let _slot = slot;
+                let serve = async {
+                    let tls =
+                        match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp))
+                            .await
+                        {
+                            Ok(Ok(tls)) => tls,
+                            Ok(Err(e)) => {
+                                tracing::debug!(%peer, error = %e, "webhook TLS handshake failed");
+                                return;
+                            }
+                            Err(_) => return,
+                        };
+                    let served = builder
+                        .serve_connection(hyper_util::rt::TokioIo::new(tls), service)
+                        .await;
+                    if let Err(e) = served {
+                        tracing::debug!(%peer, error = %e, "webhook connection ended");
                     }
-                    Err(_) => return,
                 };
-                let served = hyper_util::server::conn::auto::Builder::new(
-                    hyper_util::rt::TokioExecutor::new(),
-                )
-                .serve_connection(hyper_util::rt::TokioIo::new(tls), service)
-                .await;
-                if let Err(e) = served {
-                    tracing::debug!(%peer, error = %e, "webhook connection ended");
-                }
+                let _ = tokio::time::timeout(CONNECTION_DEADLINE, serve).await;
             });
             // Reap finished connections so the set stays small.
             while connections.try_join_next().is_some() {}

@@ -96,15 +96,18 @@ async fn app_health(
         let (mut sender, conn) =
             hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
         tokio::spawn(conn);
-        let mut request = http::Request::get(probe.path.as_str())
+        let request = http::Request::get(probe.path.as_str())
             .header(header::HOST, format!("127.0.0.1:{}", probe.port))
             .header(header::USER_AGENT, "kube-probe/lumen");
+        let mut request = request.body(http_body_util::Empty::<bytes::Bytes>::new())?;
+        // The probe's headers win over the defaults (a `Host` replaces ours).
         for h in &probe.headers {
-            request = request.header(h.name.as_str(), h.value.as_str());
+            let name = http::HeaderName::from_bytes(h.name.as_bytes())?;
+            request
+                .headers_mut()
+                .insert(name, http::HeaderValue::from_str(&h.value)?);
         }
-        let response = sender
-            .send_request(request.body(http_body_util::Empty::<bytes::Bytes>::new())?)
-            .await?;
+        let response = sender.send_request(request).await?;
         Ok(response.status().as_u16())
     };
     match tokio::time::timeout(PROBE_TIMEOUT, asked).await {
@@ -143,7 +146,24 @@ async fn stats(State(s): State<Arc<AdminState>>) -> impl IntoResponse {
     )
 }
 
-async fn config_dump(State(s): State<Arc<AdminState>>) -> impl IntoResponse {
+/// The mesh as this proxy sees it — for whoever is on the proxy's own
+/// machine (or pod): an injected sidecar's admin port is open to the
+/// cluster for probes and stats, not for its configuration.
+async fn config_dump(
+    State(s): State<Arc<AdminState>>,
+    axum::extract::ConnectInfo(peer): axum::extract::ConnectInfo<std::net::SocketAddr>,
+) -> axum::response::Response {
+    if !peer.ip().is_loopback() {
+        return (
+            StatusCode::FORBIDDEN,
+            "config_dump is served to loopback clients only\n",
+        )
+            .into_response();
+    }
+    config_dump_json(&s).into_response()
+}
+
+fn config_dump_json(s: &AdminState) -> impl IntoResponse + use<> {
     let routes = s.shared.routes.load();
     let mesh = routes.mesh();
     let services: Vec<_> = mesh

@@ -389,11 +389,14 @@ impl Proxy {
             let mut stop = stop_rx.clone();
             let router = admin::router(admin_state.clone());
             tasks.spawn(async move {
-                let served = axum::serve(l, router)
-                    .with_graceful_shutdown(async move {
-                        let _ = stop.wait_for(|s| *s).await;
-                    })
-                    .await;
+                let served = axum::serve(
+                    l,
+                    router.into_make_service_with_connect_info::<std::net::SocketAddr>(),
+                )
+                .with_graceful_shutdown(async move {
+                    let _ = stop.wait_for(|s| *s).await;
+                })
+                .await;
                 if let Err(e) = served {
                     tracing::warn!(error = %e, "admin server failed");
                 }

@@ -43,6 +43,10 @@ pub struct CaptureArgs {
     /// Leave inbound traffic alone.
     #[arg(long)]
     pub no_inbound: bool,
+    /// Leave outbound traffic alone (Istio's empty
+    /// `includeOutboundIPRanges`).
+    #[arg(long)]
+    pub no_outbound: bool,
     /// Print the rules instead of installing them.
     #[arg(long)]
     pub dry_run: bool,
@@ -112,6 +116,10 @@ pub fn rules(a: &CaptureArgs) -> Result<String, CaptureError> {
             ));
         }
         r.push_str("-A LUMEN_INBOUND -p tcp -j LUMEN_IN_REDIRECT\n");
+    }
+    if a.no_outbound {
+        r.push_str("COMMIT\n");
+        return Ok(r);
     }
     r.push_str("-A OUTPUT -p tcp -j LUMEN_OUTPUT\n");
     // The sidecar's own connections (to upstreams, the control plane, the
@@ -240,6 +248,9 @@ mod tests {
         assert!(!r.contains("-A LUMEN_OUTPUT -j LUMEN_REDIRECT\n"));
         assert!(r.contains("--dport 5432 -j RETURN"));
         assert!(!r.contains("PREROUTING"));
+        let none = rules(&args(&["--no-outbound"])).unwrap();
+        assert!(!none.contains("-A OUTPUT"), "{none}");
+        assert!(none.contains("-A PREROUTING -p tcp -j LUMEN_INBOUND"));
         let e = rules(&args(&["--include-outbound-cidr", "10.96.0.0/99"])).unwrap_err();
         assert_eq!(
             e.to_string(),

@@ -199,6 +199,37 @@ fn a_labelled_namespaces_pod_gets_the_capture_the_sidecar_and_probes_through_it(
         probes["/app-health/reviews/livez"]["headers"],
         json!([{"name": "X-Probe", "value": "kubelet"}])
     );
+    // Every flag injected is one the real binaries take: a wrong one
+    // would crash-loop every injected pod.
+    #[derive(clap::Parser)]
+    struct Proxy {
+        #[command(flatten)]
+        args: lumen_sidecar::ProxyArgs,
+    }
+    #[derive(clap::Parser)]
+    struct Init {
+        #[command(flatten)]
+        args: lumen_sidecar::capture::CaptureArgs,
+    }
+    use clap::Parser;
+    let mut argv = vec!["lumen-proxy".to_string()];
+    argv.extend(args(sidecar));
+    if let Err(e) = Proxy::try_parse_from(&argv) {
+        anyhow::bail!("lumen-proxy refuses the injected flags: {e}");
+    }
+    let mut argv = vec!["lumen-init".to_string()];
+    argv.extend(capture.clone());
+    let init_args = match Init::try_parse_from(&argv) {
+        Ok(i) => i.args,
+        Err(e) => anyhow::bail!("lumen-init refuses the injected flags: {e}"),
+    };
+    lumen_sidecar::capture::rules(&init_args)?;
+    let probes_env = env
+        .iter()
+        .find(|e| e.name == "LUMEN_APP_PROBES")
+        .and_then(|e| e.value.clone())
+        .context("LUMEN_APP_PROBES")?;
+    lumen_proxy::admin::parse_app_probes(&probes_env).map_err(anyhow::Error::msg)?;
     let annotations = pod.metadata.annotations.as_ref().context("annotations")?;
     assert_eq!(annotations["lumen.dev/status"], "injected");
     assert_eq!(annotations["prometheus.io/port"], ADMIN_PORT.to_string());
@@ -246,6 +277,54 @@ fn istios_annotations_narrow_the_capture_and_size_the_sidecar() -> Result<()> {
     // The pod's own annotations stay.
     let annotations = pod.metadata.annotations.as_ref().context("annotations")?;
     assert_eq!(annotations["sidecar.istio.io/proxyCPU"], "250m");
+    Ok(())
+}
+
+#[test]
+fn annotations_that_cannot_be_carried_out_deny_the_pod_saying_why() -> Result<()> {
+    for (annotation, value, reason) in [
+        (
+            "traffic.sidecar.istio.io/includeOutboundIPRanges",
+            "fd00::/8",
+            "`fd00::/8` is not an IPv4 CIDR",
+        ),
+        (
+            "traffic.sidecar.istio.io/excludeOutboundPorts",
+            "5432,http",
+            "`http` is not a port",
+        ),
+    ] {
+        let mut request = reviews_v1()?;
+        request["request"]["object"]["metadata"]["annotations"] = json!({ annotation: value });
+        let out = answer(&request, &Injector::default())?;
+        let response = &out["response"];
+        // Denied, answering this request (its uid), with the reason.
+        assert_eq!(response["allowed"], false, "{out}");
+        assert_eq!(response["uid"], request["request"]["uid"]);
+        let message = response["status"]["message"].as_str().unwrap_or("");
+        assert!(
+            message.contains(annotation) && message.contains(reason),
+            "{message}"
+        );
+    }
+    // Istio's empty include list: no outbound capture at all.
+    let mut request = reviews_v1()?;
+    request["request"]["object"]["metadata"]["annotations"] =
+        json!({"traffic.sidecar.istio.io/includeOutboundIPRanges": ""});
+    let out = answer(&request, &Injector::default())?;
+    let pod = patched(&request, &out["response"])?;
+    let capture = args(
+        &pod.spec
+            .as_ref()
+            .context("spec")?
+            .init_containers
+            .as_ref()
+            .context("init")?[0],
+    );
+    assert!(
+        capture.contains(&"--no-outbound".to_string()),
+        "{capture:?}"
+    );
     Ok(())
 }
 
