@@ -726,6 +726,9 @@ impl MeshTls {
     }
 }
 
+/// Longest one certificate request may take.
+const CERTIFY_DEADLINE: Duration = Duration::from_secs(30);
+
 /// Keeps this proxy certified until `stop`: a certificate at once, a new
 /// one at half the current one's life (or when the root changes), retries
 /// with backoff while the CA cannot be reached — the certificate in force
@@ -734,7 +737,12 @@ pub async fn keep_certified(tls: Arc<MeshTls>, c: Certifier, mut stop: watch::Re
     let mut backoff = Duration::from_millis(200);
     let mut failing = false;
     loop {
-        let wait = match tls.certify_once(&c).await {
+        // A CA that accepts the call and never answers must not stop
+        // renewals: each attempt has a deadline, then it is retried.
+        let attempt = tokio::time::timeout(CERTIFY_DEADLINE, tls.certify_once(&c))
+            .await
+            .unwrap_or_else(|_| Err(format!("no answer within {CERTIFY_DEADLINE:?}")));
+        let wait = match attempt {
             Ok(()) => {
                 backoff = Duration::from_millis(200);
                 failing = false;
