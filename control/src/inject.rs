@@ -207,8 +207,7 @@ fn token(s: &str) -> String {
 
 /// An IPv4 CIDR, as the capture takes it.
 fn valid_cidr(c: &str) -> bool {
-    let (ip, bits) = c.split_once('/').unwrap_or((c, "32"));
-    ip.parse::<std::net::Ipv4Addr>().is_ok() && bits.parse::<u8>().is_ok_and(|b| b <= 32)
+    lumen_core::networking::virtual_service::parse_subnet(c).is_some_and(|(ip, _)| ip.is_ipv4())
 }
 
 /// The JSON patch that injects `pod`, `None` to leave it as it is, or why

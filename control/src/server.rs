@@ -95,6 +95,7 @@ impl ControlService {
             .iter()
             .map(|(id, p)| (id.clone(), p.clone()))
             .collect();
+        use lumen_core::exposition::write_labels;
         let mut out = String::new();
         let _ = write!(
             out,
@@ -104,12 +105,14 @@ impl ControlService {
              # TYPE pilot_total_xds_rejects gauge\n\
              pilot_total_xds_rejects {}\n\
              # HELP lumen_control_config_info The mesh config version the control plane serves.\n# TYPE lumen_control_config_info gauge\n\
-             lumen_control_config_info{{version=\"{}\"}} 1\n\
-             # HELP lumen_control_proxy_config_info Each connected proxy's acknowledged config version and its state: synced, stale or rejected.\n\
-             # TYPE lumen_control_proxy_config_info gauge\n",
+             lumen_control_config_info",
             proxies.len(),
             self.rejects.load(Ordering::Relaxed),
-            escape(&current),
+        );
+        write_labels(&mut out, [("version", current.as_str())]);
+        out.push_str(
+            " 1\n# HELP lumen_control_proxy_config_info Each connected proxy's acknowledged config version and its state: synced, stale or rejected.\n\
+             # TYPE lumen_control_proxy_config_info gauge\n",
         );
         for (id, p) in &proxies {
             let node = p.node.clone().unwrap_or_default();
@@ -120,14 +123,18 @@ impl ControlService {
             } else {
                 "stale"
             };
-            let _ = writeln!(
-                out,
-                "lumen_control_proxy_config_info{{proxy=\"{}\",workload=\"{}\",namespace=\"{}\",version=\"{}\",state=\"{state}\"}} 1",
-                escape(id),
-                escape(&node.workload),
-                escape(&node.namespace),
-                escape(&p.acked_version),
+            out.push_str("lumen_control_proxy_config_info");
+            write_labels(
+                &mut out,
+                [
+                    ("proxy", id.as_str()),
+                    ("workload", &node.workload),
+                    ("namespace", &node.namespace),
+                    ("version", &p.acked_version),
+                    ("state", state),
+                ],
             );
+            out.push_str(" 1\n");
         }
         out
     }
@@ -554,11 +561,4 @@ pub async fn serve(
             shutdown,
         )
         .await
-}
-
-/// A label value in Prometheus's text format.
-fn escape(v: &str) -> String {
-    v.replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
 }

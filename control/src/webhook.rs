@@ -112,23 +112,21 @@ impl Webhook {
 
     /// Serves until `stop` turns true; requests in flight finish.
     pub async fn run(self, mut stop: watch::Receiver<bool>) {
-        let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        let builder = rustls::ServerConfig::builder_with_provider(Arc::new(
             rustls::crypto::ring::default_provider(),
         ))
-        .with_safe_default_protocol_versions()
-        .map(|b| b.with_no_client_auth())
-        .map(|b| b.with_cert_resolver(self.current.clone()));
-        let config = match config.as_mut() {
-            Ok(c) => {
-                c.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-                Arc::new(c.clone())
-            }
+        .with_safe_default_protocol_versions();
+        let mut config = match builder {
+            Ok(b) => b
+                .with_no_client_auth()
+                .with_cert_resolver(self.current.clone()),
             Err(e) => {
                 tracing::error!(error = %e, "webhook TLS configuration");
                 return;
             }
         };
-        let acceptor = tokio_rustls::TlsAcceptor::from(config);
+        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
         let injector = self.injector.clone();
         let app = Router::new()
             .route("/ready", get(|| async { "ready\n" }))

@@ -43,6 +43,32 @@ pub fn parse(text: &str) -> Vec<Sample> {
     out
 }
 
+/// `{k="v",…}` in the text format, values escaped (nothing for no labels).
+pub fn write_labels<K: AsRef<str>, V: AsRef<str>>(
+    out: &mut String,
+    labels: impl IntoIterator<Item = (K, V)>,
+) {
+    let mut first = true;
+    for (k, v) in labels {
+        out.push(if first { '{' } else { ',' });
+        first = false;
+        out.push_str(k.as_ref());
+        out.push_str("=\"");
+        for c in v.as_ref().chars() {
+            match c {
+                '\\' => out.push_str("\\\\"),
+                '"' => out.push_str("\\\""),
+                '\n' => out.push_str("\\n"),
+                c => out.push(c),
+            }
+        }
+        out.push('"');
+    }
+    if !first {
+        out.push('}');
+    }
+}
+
 /// `a="x",b="y \"quoted\""` as pairs, with the text format's escapes.
 fn labels_of(text: &str) -> Vec<(String, String)> {
     let mut out = Vec::new();

@@ -85,27 +85,7 @@ fn write_istio(out: &mut String, samples: &[Exposed], format: Exposition) {
 
 /// `{k="v",…}` in Prometheus's text format, values escaped.
 pub fn write_labels(out: &mut String, labels: &Labels) {
-    if labels.is_empty() {
-        return;
-    }
-    out.push('{');
-    for (i, (k, v)) in labels.iter().enumerate() {
-        if i > 0 {
-            out.push(',');
-        }
-        out.push_str(k);
-        out.push_str("=\"");
-        for c in v.chars() {
-            match c {
-                '\\' => out.push_str("\\\\"),
-                '"' => out.push_str("\\\""),
-                '\n' => out.push_str("\\n"),
-                c => out.push(c),
-            }
-        }
-        out.push('"');
-    }
-    out.push('}');
+    lumen_core::exposition::write_labels(out, labels.iter().map(|(k, v)| (k, v)));
 }
 
 /// `prometheus-client` writes OpenMetrics; the text format names a

@@ -64,14 +64,10 @@ pub enum CaptureError {
     Refused { status: String, stderr: String },
 }
 
+/// An IPv4 range (or lone address), as the mesh's subnets are read.
 fn check_cidr(c: &str) -> Result<(), CaptureError> {
-    let (ip, bits) = c.split_once('/').unwrap_or((c, "32"));
-    let ok = match ip.parse::<std::net::IpAddr>() {
-        Ok(std::net::IpAddr::V4(_)) => bits.parse::<u8>().is_ok_and(|b| b <= 32),
-        Ok(std::net::IpAddr::V6(_)) => false,
-        Err(_) => false,
-    };
-    if ok {
+    if lumen_core::networking::virtual_service::parse_subnet(c).is_some_and(|(ip, _)| ip.is_ipv4())
+    {
         Ok(())
     } else {
         Err(CaptureError::Cidr(c.to_string()))

@@ -255,6 +255,22 @@ impl UpPorts {
     pub fn grpc_endpoint(&self) -> String {
         format!("http://127.0.0.1:{}", self.otlp_grpc)
     }
+
+    /// The data directory and listen flags `lumen up` and `lumen demo` take.
+    fn flags(&self, data_dir: &Path) -> Vec<String> {
+        let mut out = vec!["--data-dir".to_string(), data_dir.display().to_string()];
+        for (flag, port) in [
+            ("--otlp-grpc", self.otlp_grpc),
+            ("--otlp-http", self.otlp_http),
+            ("--query-addr", self.query),
+            ("--pg-addr", self.pg),
+            ("--flight-sql-addr", self.flight_sql),
+            ("--control-addr", self.control),
+        ] {
+            out.extend([flag.to_string(), local(port).to_string()]);
+        }
+        out
+    }
 }
 
 /// Starts `lumen up` (collector + query) and waits until it is ready.
@@ -265,27 +281,28 @@ pub async fn start_up(
     ports: UpPorts,
     extra: &[&str],
 ) -> Result<LumenProcess> {
-    let mut args: Vec<String> = vec![
-        "up".into(),
-        "-f".into(),
-        mesh.display().to_string(),
-        "--data-dir".into(),
-        data_dir.display().to_string(),
-        "--otlp-grpc".into(),
-        local(ports.otlp_grpc).to_string(),
-        "--otlp-http".into(),
-        local(ports.otlp_http).to_string(),
-        "--query-addr".into(),
-        local(ports.query).to_string(),
-        "--pg-addr".into(),
-        local(ports.pg).to_string(),
-        "--flight-sql-addr".into(),
-        local(ports.flight_sql).to_string(),
-        "--control-addr".into(),
-        local(ports.control).to_string(),
-    ];
+    let mut args: Vec<String> = vec!["up".into(), "-f".into(), mesh.display().to_string()];
+    args.extend(ports.flags(data_dir));
     args.extend(extra.iter().map(|s| s.to_string()));
     let mut p = LumenProcess::spawn("lumen-up", log_dir, &args)?;
+    p.wait_ready(&format!("http://127.0.0.1:{}/ready", ports.query))
+        .await?;
+    Ok(p)
+}
+
+/// Starts `lumen demo` for ten minutes on `ports` (its ingress on a port of
+/// its own) and waits until its query service is ready.
+pub async fn start_demo(
+    log_dir: &Path,
+    data_dir: &Path,
+    ports: UpPorts,
+    extra: &[&str],
+) -> Result<LumenProcess> {
+    let mut args: Vec<String> = vec!["demo".into(), "--duration".into(), "600".into()];
+    args.extend(ports.flags(data_dir));
+    args.extend(["--ingress".into(), local(free_port()).to_string()]);
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let mut p = LumenProcess::spawn("lumen-demo", log_dir, &args)?;
     p.wait_ready(&format!("http://127.0.0.1:{}/ready", ports.query))
         .await?;
     Ok(p)

@@ -23,7 +23,7 @@ use std::path::PathBuf;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, bail};
-use lumen_tests::{LumenProcess, free_port};
+use lumen_tests::{UpPorts, start_demo};
 use serde_json::Value;
 
 /// How long the demo runs before the dashboards are read.
@@ -411,36 +411,11 @@ async fn fill(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn istios_dashboards_answer_every_panel_from_the_demo() -> Result<()> {
     let dir = tempfile::tempdir()?;
-    let (query, pg) = (free_port(), free_port());
-    let port = |p: u16| format!("127.0.0.1:{p}");
-    let args: Vec<String> = [
-        "demo",
-        "--duration",
-        "600",
-        // A ratings incident at once: its alert, limit and 429s show.
-        "--incident",
-        "--data-dir",
-        &dir.path().join("data").display().to_string(),
-        "--otlp-grpc",
-        &port(free_port()),
-        "--otlp-http",
-        &port(free_port()),
-        "--query-addr",
-        &port(query),
-        "--pg-addr",
-        &port(pg),
-        "--flight-sql-addr",
-        &port(free_port()),
-        "--control-addr",
-        &port(free_port()),
-        "--ingress",
-        &port(free_port()),
-    ]
-    .map(String::from)
-    .to_vec();
-    let mut demo = LumenProcess::spawn("lumen-demo", dir.path(), &args)?;
+    let ports = UpPorts::pick();
+    let (query, pg) = (ports.query, ports.pg);
+    // A ratings incident at once: its alert, limit and 429s show.
+    let demo = start_demo(dir.path(), &dir.path().join("data"), ports, &["--incident"]).await?;
     let base = format!("http://127.0.0.1:{query}");
-    demo.wait_ready(&format!("{base}/ready")).await?;
     let start = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs();
     tokio::time::sleep(TRAFFIC).await;
     // What some panels need has happened: the incident's limit answered

@@ -10,7 +10,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{Result, bail};
-use lumen_tests::{LumenProcess, free_port, python};
+use lumen_tests::{UpPorts, python, start_demo};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_web_ui_shows_the_demo_mesh_in_a_real_browser() -> Result<()> {
@@ -22,34 +22,10 @@ async fn the_web_ui_shows_the_demo_mesh_in_a_real_browser() -> Result<()> {
         );
     }
     let dir = tempfile::tempdir()?;
-    let query = free_port();
-    let port = |p: u16| format!("127.0.0.1:{p}");
-    let args: Vec<String> = [
-        "demo",
-        "--duration",
-        "600",
-        "--data-dir",
-        &dir.path().join("data").display().to_string(),
-        "--otlp-grpc",
-        &port(free_port()),
-        "--otlp-http",
-        &port(free_port()),
-        "--query-addr",
-        &port(query),
-        "--pg-addr",
-        &port(free_port()),
-        "--flight-sql-addr",
-        &port(free_port()),
-        "--control-addr",
-        &port(free_port()),
-        "--ingress",
-        &port(free_port()),
-    ]
-    .map(String::from)
-    .to_vec();
-    let mut demo = LumenProcess::spawn("lumen-demo", dir.path(), &args)?;
+    let ports = UpPorts::pick();
+    let query = ports.query;
+    let demo = start_demo(dir.path(), &dir.path().join("data"), ports, &[]).await?;
     let base = format!("http://127.0.0.1:{query}");
-    demo.wait_ready(&format!("{base}/ready")).await?;
 
     // The page and its assets, as a browser fetches them: gzipped, and a
     // 304 for a copy it already has.
