@@ -107,6 +107,38 @@ pub struct ControlArgs {
     pub data_dir: PathBuf,
     #[command(flatten)]
     pub inject: InjectArgs,
+    #[command(flatten)]
+    pub kube: KubernetesArgs,
+}
+
+/// The cluster as a source of configuration.
+#[derive(Args, Clone)]
+pub struct KubernetesArgs {
+    /// Watch the Kubernetes API (in-cluster, or KUBECONFIG): Services,
+    /// EndpointSlices, Pods, Nodes and Namespaces make the mesh's services;
+    /// Istio's networking and security resources and Lumen's policy
+    /// resources are read from the cluster and each gets a status.
+    #[arg(long)]
+    pub kubernetes: bool,
+    /// Only namespaces with these labels are in the mesh, as Istio's
+    /// discoverySelectors (`key=value[,key=value]`; repeatable: any
+    /// selector matching is enough) [default: every namespace].
+    #[arg(long = "discovery-selector", value_parser = lumen_control::controller::parse_selector)]
+    pub discovery_selectors: Vec<std::collections::BTreeMap<String, String>>,
+    /// The namespace of the leader-election Lease (only the leader writes
+    /// statuses and the webhook's caBundle; every replica serves proxies).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "lumen-system")]
+    pub lease_namespace: String,
+    /// The leader-election Lease's name.
+    #[arg(long, default_value = "lumen-control")]
+    pub lease_name: String,
+    /// This replica's identity in the Lease [default: the host name].
+    #[arg(long, env = "POD_NAME")]
+    pub pod_name: Option<String>,
+    /// The MutatingWebhookConfiguration given the mesh CA's bundle (with
+    /// --webhook-addr and --kubernetes).
+    #[arg(long, default_value = "lumen-sidecar-injector")]
+    pub webhook_configuration: String,
 }
 
 /// The sidecar injector (a mutating admission webhook), when the control

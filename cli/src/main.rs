@@ -819,10 +819,16 @@ async fn control(a: configure::ControlArgs) -> Result<()> {
         None => None,
     };
     let mut security = a.listen.security(&ca_dir)?;
-    if a.inject.token_review {
-        let client = kube::Client::try_default().await.context(
-            "--token-review needs the Kubernetes API (an in-cluster service account, or KUBECONFIG)",
-        )?;
+    let kube_client = if a.inject.token_review || a.kube.kubernetes {
+        Some(kube::Client::try_default().await.context(
+            "--kubernetes and --token-review need the Kubernetes API (an in-cluster service account, or KUBECONFIG)",
+        )?)
+    } else {
+        None
+    };
+    if a.inject.token_review
+        && let Some(client) = kube_client.clone()
+    {
         security.reviewer = Some(std::sync::Arc::new(
             lumen_control::tokenreview::KubeTokenReviewer::new(
                 client,
@@ -830,7 +836,7 @@ async fn control(a: configure::ControlArgs) -> Result<()> {
             ),
         ));
     }
-    let (_, _, _, mut tasks) = configure::start(
+    let (_, store, _, mut tasks) = configure::start(
         files,
         &a.file,
         Some(a.data_dir.join("resources.json")),
@@ -841,6 +847,11 @@ async fn control(a: configure::ControlArgs) -> Result<()> {
     )
     .await?;
     tasks.extend(webhook);
+    if a.kube.kubernetes
+        && let Some(client) = kube_client
+    {
+        tasks.extend(start_controller(&a, client, &ca_dir, store, &stop_rx).await?);
+    }
     shutdown_signal().await;
     tracing::info!("shutting down");
     let _ = stop.send(true);
@@ -848,6 +859,56 @@ async fn control(a: configure::ControlArgs) -> Result<()> {
         let _ = t.await;
     }
     Ok(())
+}
+
+/// The Kubernetes controller feeding `store`, and its leader election.
+async fn start_controller(
+    a: &configure::ControlArgs,
+    client: kube::Client,
+    ca_dir: &std::path::Path,
+    store: std::sync::Arc<lumen_control::ConfigStore>,
+    stop: &watch::Receiver<bool>,
+) -> Result<Vec<tokio::task::JoinHandle<()>>> {
+    use lumen_control::controller::{Controller, Options};
+    let bundle_path = ca_dir.join("trust-bundle.pem");
+    let ca_bundle = std::fs::read_to_string(&bundle_path)
+        .with_context(|| format!("reading the trust bundle {}", bundle_path.display()))?;
+    let options = Options {
+        discovery_selectors: a.kube.discovery_selectors.clone(),
+        webhook_configuration: a
+            .inject
+            .webhook_addr
+            .map(|_| a.kube.webhook_configuration.clone()),
+        ca_bundle,
+        ..Default::default()
+    };
+    let controller = Controller::start(client.clone(), options);
+    tracing::info!("listing the cluster's objects");
+    controller
+        .wait_ready(std::time::Duration::from_secs(10))
+        .await
+        .context("watching the cluster")?;
+    let identity = a.kube.pod_name.clone().unwrap_or_else(|| {
+        std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_string())
+            .unwrap_or_else(|_| format!("lumen-control-{}", std::process::id()))
+    });
+    let lease = lumen_control::lease::LeaseConfig::new(
+        &a.kube.lease_namespace,
+        &a.kube.lease_name,
+        &identity,
+    );
+    tracing::info!(
+        lease = %format!("{}/{}", lease.namespace, lease.name),
+        %identity,
+        "controller running; campaigning for leadership"
+    );
+    let (leading_tx, leading) = watch::channel(false);
+    let elector = lumen_control::lease::Elector::new(client, lease);
+    Ok(vec![
+        tokio::spawn(elector.run(leading_tx, stop.clone())),
+        tokio::spawn(controller.run(store, leading, stop.clone())),
+    ])
 }
 
 async fn query_service(a: QueryServiceArgs) -> Result<()> {

@@ -22,9 +22,15 @@
 //! CA take a pod's projected service-account token as proof of identity.
 
 pub mod ca;
+#[cfg(feature = "kubernetes")]
+pub mod controller;
+#[cfg(feature = "kubernetes")]
+pub mod crd;
 pub mod discovery;
 #[cfg(feature = "kubernetes")]
 pub mod inject;
+#[cfg(feature = "kubernetes")]
+pub mod lease;
 pub mod quota;
 pub mod server;
 pub mod store;

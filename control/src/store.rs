@@ -248,6 +248,48 @@ impl ConfigStore {
         .map(|((), v)| v)
     }
 
+    /// A source of resources (the cluster) changed: `before` are the keys
+    /// it held, `now` what it holds. Unlike files, one object that does not
+    /// validate does not hold back the rest: it is left out and returned
+    /// with its error. The change is refused only for an error no resource
+    /// of `now` is at fault for.
+    pub fn replace_source(
+        &self,
+        before: &[ResourceKey],
+        now: Vec<Resource>,
+    ) -> Result<(String, Vec<(ResourceKey, ConfigError)>), StoreError> {
+        let mut map = self.lock();
+        let mut next = map.clone();
+        for k in before {
+            next.remove(k);
+        }
+        let mut ours: std::collections::BTreeSet<ResourceKey> =
+            now.iter().map(Resource::key).collect();
+        next.extend(now.into_iter().map(|r| (r.key(), r)));
+        let mut refused = Vec::new();
+        let published = loop {
+            match publish(&next) {
+                Ok(p) => break p,
+                Err(e) => {
+                    let Some(key) = ours.iter().find(|k| k.to_string() == e.resource).cloned()
+                    else {
+                        return Err(e.into());
+                    };
+                    ours.remove(&key);
+                    next.remove(&key);
+                    refused.push((key, e));
+                }
+            }
+        };
+        let version = published.version.clone();
+        if version != self.tx.borrow().version {
+            self.save(&next)?;
+            *map = next;
+            self.tx.send_replace(Arc::new(published));
+        }
+        Ok((version, refused))
+    }
+
     /// Resources of a kind (all with `None`) in a namespace (all with `None`).
     pub fn get(
         &self,
