@@ -127,6 +127,7 @@ pub fn run(lumen: &Path, dir: &Path, set: &Settings) -> Result<Outcome> {
         .arg("-f")
         .arg(&config)
         .args(["--control-addr", &local(port).to_string()])
+        .args(["--monitoring-addr", "127.0.0.1:0"])
         .arg("--data-dir")
         .arg(dir.join("control-data"));
     let mut control = Proc::spawn("lumen control", cmd, dir.join("control.log"))?;

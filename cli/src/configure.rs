@@ -109,6 +109,9 @@ pub struct ControlArgs {
     pub inject: InjectArgs,
     #[command(flatten)]
     pub kube: KubernetesArgs,
+    /// Serve `/ready`, `/healthz` and `/metrics` (Prometheus text) here.
+    #[arg(long, default_value = "127.0.0.1:15014")]
+    pub monitoring_addr: SocketAddr,
 }
 
 /// The cluster as a source of configuration.
@@ -135,6 +138,12 @@ pub struct KubernetesArgs {
     /// This replica's identity in the Lease [default: the host name].
     #[arg(long, env = "POD_NAME")]
     pub pod_name: Option<String>,
+    /// Keep the mesh CA in this Secret (in --lease-namespace), shared by
+    /// every replica: the first one makes the root, the others and every
+    /// restart take it from there. A Secret you made (`ca-cert.pem` with
+    /// its chain, `ca-key.pem`) is used as it is.
+    #[arg(long, requires = "kubernetes", conflicts_with = "ca_cert")]
+    pub ca_secret: Option<String>,
     /// The MutatingWebhookConfiguration given the mesh CA's bundle (with
     /// --webhook-addr and --kubernetes).
     #[arg(long, default_value = "lumen-sidecar-injector")]

@@ -798,6 +798,24 @@ async fn control(a: configure::ControlArgs) -> Result<()> {
     let (stop, stop_rx) = watch::channel(false);
     let files = lumen_control::discovery::load_resources(&a.file)?;
     let ca_dir = a.data_dir.join("ca");
+    let kube_client = if a.inject.token_review || a.kube.kubernetes {
+        Some(kube::Client::try_default().await.context(
+            "--kubernetes and --token-review need the Kubernetes API (an in-cluster service account, or KUBECONFIG)",
+        )?)
+    } else {
+        None
+    };
+    if let (Some(name), Some(client)) = (&a.kube.ca_secret, &kube_client) {
+        lumen_control::casecret::sync(
+            client.clone(),
+            &a.kube.lease_namespace,
+            name,
+            &ca_dir,
+            &a.listen.trust_domain,
+        )
+        .await
+        .context("sharing the mesh CA through its Secret")?;
+    }
     let webhook = match a.inject.webhook_addr {
         Some(addr) => {
             let ca = std::sync::Arc::new(a.listen.ca(&ca_dir)?);
@@ -819,13 +837,6 @@ async fn control(a: configure::ControlArgs) -> Result<()> {
         None => None,
     };
     let mut security = a.listen.security(&ca_dir)?;
-    let kube_client = if a.inject.token_review || a.kube.kubernetes {
-        Some(kube::Client::try_default().await.context(
-            "--kubernetes and --token-review need the Kubernetes API (an in-cluster service account, or KUBECONFIG)",
-        )?)
-    } else {
-        None
-    };
     if a.inject.token_review
         && let Some(client) = kube_client.clone()
     {
@@ -836,7 +847,7 @@ async fn control(a: configure::ControlArgs) -> Result<()> {
             ),
         ));
     }
-    let (_, store, _, mut tasks) = configure::start(
+    let (_, store, service, mut tasks) = configure::start(
         files,
         &a.file,
         Some(a.data_dir.join("resources.json")),
@@ -847,10 +858,27 @@ async fn control(a: configure::ControlArgs) -> Result<()> {
     )
     .await?;
     tasks.extend(webhook);
+    let ready = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(!a.kube.kubernetes));
+    let monitoring = tokio::net::TcpListener::bind(a.monitoring_addr)
+        .await
+        .with_context(|| {
+            format!(
+                "cannot listen on {} (monitoring; --monitoring-addr to change)",
+                a.monitoring_addr
+            )
+        })?;
+    tracing::info!(monitoring = %fmt_addr(monitoring.local_addr().ok()), "serving /ready, /healthz and /metrics");
+    tasks.push(tokio::spawn(serve_monitoring(
+        monitoring,
+        service,
+        ready.clone(),
+        stop_rx.clone(),
+    )));
     if a.kube.kubernetes
         && let Some(client) = kube_client
     {
         tasks.extend(start_controller(&a, client, &ca_dir, store, &stop_rx).await?);
+        ready.store(true, std::sync::atomic::Ordering::Relaxed);
     }
     shutdown_signal().await;
     tracing::info!("shutting down");
@@ -859,6 +887,57 @@ async fn control(a: configure::ControlArgs) -> Result<()> {
         let _ = t.await;
     }
     Ok(())
+}
+
+/// `lumen control`'s monitoring port: readiness (serving, and the cluster
+/// listed when it watches one), liveness, and its metrics.
+async fn serve_monitoring(
+    listener: tokio::net::TcpListener,
+    service: lumen_control::ControlService,
+    ready: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    mut stop: watch::Receiver<bool>,
+) {
+    use axum::http::StatusCode;
+    use axum::routing::get;
+    let app = axum::Router::new()
+        .route(
+            "/ready",
+            get(move || {
+                let ready = ready.load(std::sync::atomic::Ordering::Relaxed);
+                async move {
+                    if ready {
+                        (StatusCode::OK, "ready\n")
+                    } else {
+                        (StatusCode::SERVICE_UNAVAILABLE, "listing the cluster\n")
+                    }
+                }
+            }),
+        )
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route(
+            "/metrics",
+            get(move || {
+                let text = service.metrics_text();
+                async move {
+                    (
+                        [(
+                            axum::http::header::CONTENT_TYPE,
+                            "text/plain; version=0.0.4",
+                        )],
+                        text,
+                    )
+                }
+            }),
+        );
+    let shutdown = async move {
+        let _ = stop.wait_for(|s| *s).await;
+    };
+    if let Err(e) = axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await
+    {
+        tracing::error!(error = %e, "monitoring server failed");
+    }
 }
 
 /// The Kubernetes controller feeding `store`, and its leader election.

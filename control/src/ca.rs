@@ -99,7 +99,7 @@ fn read(path: &Path) -> Result<String, CaError> {
 }
 
 /// Writes a file only its owner may read.
-fn write_private(path: &Path, text: &str) -> Result<(), CaError> {
+pub(crate) fn write_private(path: &Path, text: &str) -> Result<(), CaError> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     let tmp = path.with_extension("tmp");
@@ -337,7 +337,7 @@ pub fn hex(bytes: &[u8]) -> String {
 }
 
 /// A self-signed root for `trust_domain`: (certificate, key), PEM.
-fn generate_root(trust_domain: &str) -> Result<(String, String), CaError> {
+pub(crate) fn generate_root(trust_domain: &str) -> Result<(String, String), CaError> {
     let key = KeyPair::generate().map_err(|e| CaError::Generate(e.to_string()))?;
     let mut params = CertificateParams::default();
     let mut dn = DistinguishedName::new();

@@ -23,6 +23,8 @@
 
 pub mod ca;
 #[cfg(feature = "kubernetes")]
+pub mod casecret;
+#[cfg(feature = "kubernetes")]
 pub mod controller;
 #[cfg(feature = "kubernetes")]
 pub mod crd;

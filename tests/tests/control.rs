@@ -307,6 +307,7 @@ async fn proxies_outlive_a_killed_control_plane_and_resync_when_it_returns() -> 
         ports[2].inbound,
     )?;
     let control = local(free_port()).to_string();
+    let monitoring = local(free_port()).to_string();
     let start_control = || -> Result<LumenProcess> {
         let args: Vec<String> = [
             "control",
@@ -316,6 +317,8 @@ async fn proxies_outlive_a_killed_control_plane_and_resync_when_it_returns() -> 
             &control,
             "--data-dir",
             dir.path().join("control").to_str().unwrap(),
+            "--monitoring-addr",
+            &monitoring,
         ]
         .iter()
         .map(|s| s.to_string())

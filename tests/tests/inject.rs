@@ -438,7 +438,7 @@ async fn the_control_plane_serves_the_injector_over_tls_the_ca_bundle_verifies()
     use lumen_tests::{LumenProcess, free_port};
     use std::time::{Duration, Instant};
     let dir = tempfile::tempdir()?;
-    let (control, webhook) = (free_port(), free_port());
+    let (control, webhook, monitoring) = (free_port(), free_port(), free_port());
     let data = dir.path().join("control");
     let args: Vec<String> = [
         "control",
@@ -450,6 +450,8 @@ async fn the_control_plane_serves_the_injector_over_tls_the_ca_bundle_verifies()
         &format!("127.0.0.1:{webhook}"),
         "--proxy-image",
         "registry.example/lumen-proxy:2.0",
+        "--monitoring-addr",
+        &format!("127.0.0.1:{monitoring}"),
     ]
     .map(String::from)
     .to_vec();
@@ -522,6 +524,20 @@ async fn the_control_plane_serves_the_injector_over_tls_the_ca_bundle_verifies()
         200
     );
     // SIGTERM: a clean stop.
+    // The monitoring port: ready (no cluster to list), and the control plane's series.
+    let plain = reqwest::Client::new();
+    let ready = plain
+        .get(format!("http://127.0.0.1:{monitoring}/ready"))
+        .send()
+        .await?;
+    assert_eq!(ready.status(), 200);
+    let metrics = plain
+        .get(format!("http://127.0.0.1:{monitoring}/metrics"))
+        .send()
+        .await?
+        .text()
+        .await?;
+    assert!(metrics.contains("pilot_xds"), "{metrics}");
     assert_eq!(process.terminate()?, 0, "{}", process.logs());
     Ok(())
 }
