@@ -29,6 +29,8 @@ command -v iptables >/dev/null 2>&1 || apt_pkgs+=(iptables)
 # The mTLS tests' foreign TLS clients.
 command -v openssl >/dev/null 2>&1 || apt_pkgs+=(openssl)
 command -v curl >/dev/null 2>&1 || apt_pkgs+=(curl ca-certificates)
+# deploy/'s overlays are rendered by the real kustomize (kubectl's).
+command -v kubectl >/dev/null 2>&1 || apt_pkgs+=(kubernetes-client)
 # The web UI is tested in real Chromium (Playwright drives Debian's build).
 command -v chromium >/dev/null 2>&1 || apt_pkgs+=(chromium)
 if ((${#apt_pkgs[@]})); then

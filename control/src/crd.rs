@@ -8,8 +8,8 @@
 //! `CustomResourceDefinition`s `deploy/` installs, from the same types.
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::{
-    CustomResourceDefinition, CustomResourceDefinitionVersion, CustomResourceValidation,
-    JSONSchemaProps,
+    CustomResourceColumnDefinition, CustomResourceDefinition, CustomResourceDefinitionVersion,
+    CustomResourceValidation, JSONSchemaProps,
 };
 use kube::core::{CustomResourceExt, ResourceExt};
 use lumen_core::resource::{Kind, Resource};
@@ -155,6 +155,21 @@ fn definition(mut crd: CustomResourceDefinition) -> CustomResourceDefinition {
         return crd;
     };
     v1.schema = Some(schema);
+    // `kubectl get` says whether each object is in force.
+    v1.additional_printer_columns = Some(vec![
+        CustomResourceColumnDefinition {
+            name: "Accepted".into(),
+            type_: "string".into(),
+            json_path: r#".status.conditions[?(@.type=="Accepted")].status"#.into(),
+            ..Default::default()
+        },
+        CustomResourceColumnDefinition {
+            name: "Age".into(),
+            type_: "date".into(),
+            json_path: ".metadata.creationTimestamp".into(),
+            ..Default::default()
+        },
+    ]);
     let older: Vec<CustomResourceDefinitionVersion> = if is_istio(&crd) {
         let names: &[&str] = if crd.spec.group == "networking.istio.io" {
             &["v1beta1", "v1alpha3"]
