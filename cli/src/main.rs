@@ -19,6 +19,7 @@ use lumen_sidecar::{
 use tokio::sync::watch;
 
 mod configure;
+mod install;
 
 /// Every request allocates a handful of small objects on one thread and
 /// frees some on another (the telemetry exporter); mimalloc keeps both cheap.
@@ -70,6 +71,9 @@ enum Command {
     Get(configure::GetArgs),
     /// Which proxy runs which configuration version (as `istioctl proxy-status`).
     ProxyStatus(configure::ProxyStatusArgs),
+    /// Install Lumen on the Kubernetes cluster of KUBECONFIG
+    /// (deploy/overlays/default, applied server-side), or print it.
+    Install(install::InstallArgs),
 }
 
 #[derive(Args, Clone)]
@@ -581,6 +585,7 @@ fn main() -> ExitCode {
             Command::Delete(a) => configure::delete(a).await,
             Command::Get(a) => configure::get(a).await,
             Command::ProxyStatus(a) => configure::proxy_status(a).await,
+            Command::Install(a) => install::install(a).await,
         }
     });
     match result {

@@ -107,6 +107,7 @@ fn every_command_has_help() -> Result<()> {
         "get",
         "proxy-status",
         "policy status",
+        "install",
     ] {
         let out = Command::new(lumen_bin())
             .args(cmd.split(' '))

@@ -412,3 +412,93 @@ fn grafana_gets_istios_dashboards_unchanged_and_lumens_own() -> Result<()> {
     );
     Ok(())
 }
+
+fn parse_docs(text: &str) -> Result<Vec<Value>> {
+    let mut docs = Vec::new();
+    for doc in serde_yaml_ng::Deserializer::from_str(text) {
+        let v: Value = serde::Deserialize::deserialize(doc)?;
+        if !v.is_null() {
+            docs.push(v);
+        }
+    }
+    Ok(docs)
+}
+
+/// Objects by kind and name; kustomize v2's namespace on cluster-scoped
+/// objects dropped.
+fn by_name(docs: Vec<Value>) -> BTreeMap<(String, String), Value> {
+    const CLUSTER: [&str; 5] = [
+        "Namespace",
+        "CustomResourceDefinition",
+        "ClusterRole",
+        "ClusterRoleBinding",
+        "MutatingWebhookConfiguration",
+    ];
+    docs.into_iter()
+        .map(|mut d| {
+            let kind = d["kind"].as_str().unwrap_or_default().to_string();
+            if CLUSTER.contains(&kind.as_str())
+                && let Some(m) = d["metadata"].as_object_mut()
+            {
+                m.remove("namespace");
+            }
+            let name = d["metadata"]["name"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string();
+            ((kind, name), d)
+        })
+        .collect()
+}
+
+#[test]
+fn lumen_yaml_is_the_default_overlay_and_lumen_install_prints_it() -> Result<()> {
+    let path = repo().join("deploy/lumen.yaml");
+    let rendered = render("default")?;
+    if std::env::var_os("LUMEN_BLESS").is_some() {
+        let mut text = String::from(
+            "# Generated: deploy/overlays/default as kubectl kustomize renders it; what\n# lumen install applies. Do not edit; after changing deploy/, write it again with\n#   LUMEN_BLESS=1 cargo test -p lumen-tests --test manifests\n",
+        );
+        for d in &rendered {
+            text.push_str("---\n");
+            text.push_str(&serde_yaml_ng::to_string(d)?);
+        }
+        std::fs::write(&path, text)?;
+    }
+    let committed = parse_docs(&std::fs::read_to_string(&path)?)?;
+    assert!(
+        by_name(committed) == by_name(rendered.clone()),
+        "deploy/lumen.yaml is not deploy/overlays/default any more; write it again with LUMEN_BLESS=1 cargo test -p lumen-tests --test manifests"
+    );
+    for (flags, overlay) in [
+        (&[][..], "default"),
+        (&["--skip-istio-crds"][..], "with-istio"),
+    ] {
+        let out = Command::new(lumen_bin())
+            .args(["install", "--dry-run"])
+            .args(flags)
+            .output()?;
+        ensure!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let printed = parse_docs(&String::from_utf8(out.stdout)?)?;
+        // The namespace and the definitions come first.
+        assert_eq!(printed[0]["kind"], "Namespace");
+        let first_other = printed
+            .iter()
+            .position(|d| d["kind"] != "Namespace" && d["kind"] != "CustomResourceDefinition")
+            .unwrap();
+        assert!(
+            printed[first_other..]
+                .iter()
+                .all(|d| d["kind"] != "CustomResourceDefinition")
+        );
+        assert!(
+            by_name(printed) == by_name(render(overlay)?),
+            "lumen install --dry-run {flags:?} is not {overlay}"
+        );
+    }
+    Ok(())
+}

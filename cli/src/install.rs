@@ -1,0 +1,190 @@
+//! `lumen install`: `deploy/overlays/default` (rendered into
+//! `deploy/lumen.yaml`, kept equal by a test) applied to the cluster with
+//! server-side apply, or printed with `--dry-run`.
+
+use std::collections::BTreeMap;
+
+use anyhow::{Context, Result, bail};
+use clap::Args;
+use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{Api, ApiResource, DynamicObject, Patch, PatchParams, PostParams};
+use kube::core::GroupVersionKind;
+
+/// The objects of `deploy/overlays/default`, as `kubectl kustomize` renders them.
+pub const MANIFEST: &str = include_str!("../../deploy/lumen.yaml");
+
+const MANAGER: &str = "lumen-install";
+const NAMESPACE: &str = "lumen-system";
+
+#[derive(Args)]
+pub struct InstallArgs {
+    /// Print the manifests instead of applying them (`kubectl apply -f -`
+    /// takes them as they are).
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Leave Istio's CustomResourceDefinitions out [default: left out when
+    /// the cluster already has Istio's].
+    #[arg(long)]
+    pub skip_istio_crds: bool,
+}
+
+/// The objects, in the order they are applied: the namespace and the
+/// definitions before what uses them.
+pub fn objects(skip_istio_crds: bool) -> Result<Vec<serde_json::Value>> {
+    let mut out = Vec::new();
+    for doc in serde_yaml_ng::Deserializer::from_str(MANIFEST) {
+        let v: serde_json::Value =
+            serde::Deserialize::deserialize(doc).context("deploy/lumen.yaml")?;
+        if v.is_null() {
+            continue;
+        }
+        let istio_crd = v["kind"] == "CustomResourceDefinition"
+            && v["spec"]["group"]
+                .as_str()
+                .is_some_and(|g| g.ends_with(".istio.io"));
+        if skip_istio_crds && istio_crd {
+            continue;
+        }
+        out.push(v);
+    }
+    let rank = |v: &serde_json::Value| match v["kind"].as_str() {
+        Some("Namespace") => 0,
+        Some("CustomResourceDefinition") => 1,
+        _ => 2,
+    };
+    out.sort_by_key(rank);
+    Ok(out)
+}
+
+/// Where each kind of the manifest lives in the API: plural and scope.
+fn resource(gvk: &GroupVersionKind) -> Result<(ApiResource, bool)> {
+    let (plural, namespaced) = match gvk.kind.as_str() {
+        "Namespace" => ("namespaces", false),
+        "CustomResourceDefinition" => ("customresourcedefinitions", false),
+        "ClusterRole" => ("clusterroles", false),
+        "ClusterRoleBinding" => ("clusterrolebindings", false),
+        "MutatingWebhookConfiguration" => ("mutatingwebhookconfigurations", false),
+        "ServiceAccount" => ("serviceaccounts", true),
+        "Role" => ("roles", true),
+        "RoleBinding" => ("rolebindings", true),
+        "ConfigMap" => ("configmaps", true),
+        "Secret" => ("secrets", true),
+        "Service" => ("services", true),
+        "Deployment" => ("deployments", true),
+        "StatefulSet" => ("statefulsets", true),
+        "PodDisruptionBudget" => ("poddisruptionbudgets", true),
+        other => bail!("lumen install does not know where a {other} goes"),
+    };
+    Ok((ApiResource::from_gvk_with_plural(gvk, plural), namespaced))
+}
+
+fn gvk_of(v: &serde_json::Value) -> Result<GroupVersionKind> {
+    let api_version = v["apiVersion"].as_str().context("apiVersion")?;
+    let kind = v["kind"].as_str().context("kind")?;
+    let (group, version) = api_version.split_once('/').unwrap_or(("", api_version));
+    Ok(GroupVersionKind::gvk(group, version, kind))
+}
+
+fn to_yaml(objects: &[serde_json::Value]) -> Result<String> {
+    let mut out = String::new();
+    for o in objects {
+        out.push_str("---\n");
+        out.push_str(&serde_yaml_ng::to_string(o)?);
+    }
+    Ok(out)
+}
+
+pub async fn install(a: InstallArgs) -> Result<()> {
+    if a.dry_run {
+        print!("{}", to_yaml(&objects(a.skip_istio_crds)?)?);
+        eprintln!(
+            "# also needed: Secret {NAMESPACE}/lumen-query with `pg-password` (lumen install makes one)"
+        );
+        return Ok(());
+    }
+    let client = kube::Client::try_default()
+        .await
+        .context("lumen install needs the Kubernetes API (KUBECONFIG or in-cluster)")?;
+    let mut skip_istio = a.skip_istio_crds;
+    if !skip_istio {
+        let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+        if let Some(vs) = crds
+            .get_opt("virtualservices.networking.istio.io")
+            .await
+            .context("looking for Istio's CustomResourceDefinitions")?
+        {
+            let ours = vs
+                .metadata
+                .labels
+                .as_ref()
+                .and_then(|l| l.get("app.kubernetes.io/part-of"))
+                == Some(&"lumen".to_string());
+            if !ours {
+                println!("Istio's CustomResourceDefinitions are installed: keeping them");
+                skip_istio = true;
+            }
+        }
+    }
+    let params = PatchParams::apply(MANAGER).force();
+    for o in objects(skip_istio)? {
+        let gvk = gvk_of(&o)?;
+        let (ar, namespaced) = resource(&gvk)?;
+        let name = o["metadata"]["name"]
+            .as_str()
+            .context("metadata.name")?
+            .to_string();
+        let api: Api<DynamicObject> = if namespaced {
+            let ns = o["metadata"]["namespace"].as_str().unwrap_or(NAMESPACE);
+            Api::namespaced_with(client.clone(), ns, &ar)
+        } else {
+            Api::all_with(client.clone(), &ar)
+        };
+        api.patch(&name, &params, &Patch::Apply(&o))
+            .await
+            .with_context(|| format!("applying {} {name}", gvk.kind))?;
+        println!("{}/{name} serverside-applied", ar.plural);
+    }
+    ensure_pg_password(&client).await?;
+    println!(
+        "\nLumen is installed in {NAMESPACE}. Mesh a namespace with\n  kubectl label namespace <namespace> lumen-injection=enabled\nand restart its pods; then\n  kubectl -n {NAMESPACE} port-forward svc/lumen-query 9900\nand open http://127.0.0.1:9900/ (see docs/kubernetes.md)."
+    );
+    Ok(())
+}
+
+/// The Postgres password the query service asks for, made once.
+async fn ensure_pg_password(client: &kube::Client) -> Result<()> {
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), NAMESPACE);
+    if secrets.get_opt("lumen-query").await?.is_some() {
+        return Ok(());
+    }
+    use rand::Rng as _;
+    let password: String = rand::rng()
+        .sample_iter(rand::distr::Alphanumeric)
+        .take(24)
+        .map(char::from)
+        .collect();
+    let secret = Secret {
+        metadata: kube::api::ObjectMeta {
+            name: Some("lumen-query".into()),
+            namespace: Some(NAMESPACE.into()),
+            labels: Some(BTreeMap::from([(
+                "app.kubernetes.io/part-of".to_string(),
+                "lumen".to_string(),
+            )])),
+            ..Default::default()
+        },
+        string_data: Some(BTreeMap::from([("pg-password".to_string(), password)])),
+        ..Default::default()
+    };
+    match secrets.create(&PostParams::default(), &secret).await {
+        Ok(_) => {
+            println!(
+                "secrets/lumen-query created (the Postgres password; read it with kubectl -n {NAMESPACE} get secret lumen-query -o jsonpath='{{.data.pg-password}}' | base64 -d)"
+            );
+            Ok(())
+        }
+        Err(kube::Error::Api(s)) if s.is_already_exists() => Ok(()),
+        Err(e) => Err(e).context("creating Secret lumen-system/lumen-query"),
+    }
+}
