@@ -263,7 +263,7 @@ pub fn patch(
         }
     }
 
-    // The app's first port takes the sidecar's inbound calls.
+    // The app's first declared port.
     let app_port = spec
         .containers
         .iter()
@@ -334,9 +334,6 @@ pub fn patch(
             capture.extend([flag.to_string(), v]);
         }
     }
-    if app_port.is_none() {
-        capture.push("--no-inbound".into());
-    }
     let init = json!({
         "name": INIT,
         "image": injector.image,
@@ -393,15 +390,16 @@ pub fn patch(
         "--admin".into(),
         format!("0.0.0.0:{ADMIN_PORT}"),
     ];
-    match app_port {
-        Some(p) => args.extend([
-            "--inbound".into(),
-            format!("0.0.0.0:{INBOUND_PORT}"),
-            "--app".into(),
-            format!("127.0.0.1:{p}"),
-        ]),
-        None => args.push("--no-inbound".into()),
-    }
+    // Every inbound port is captured (Istio's `*`) and each connection
+    // reaches the app on the port it was sent to; the first declared port
+    // also takes calls made to the sidecar's inbound port itself, and a pod
+    // that declares none takes only what the capture brings (port 0).
+    args.extend([
+        "--inbound".into(),
+        format!("0.0.0.0:{INBOUND_PORT}"),
+        "--app".into(),
+        format!("127.0.0.1:{}", app_port.unwrap_or(0)),
+    ]);
     if let Some(locality) = ann(&["lumen.dev/locality"]) {
         args.extend(["--locality".into(), locality]);
     }

@@ -76,6 +76,8 @@ pub struct Shared {
     pub registry: Arc<Registry>,
     pub telemetry: Arc<Telemetry>,
     pub app: Option<App>,
+    /// The app on the other ports inbound connections were sent to.
+    pub app_ports: AppPorts,
     pub default_route: Arc<str>,
     /// Longest wait for response headers once the request body is sent.
     pub timeout: Duration,
@@ -146,6 +148,62 @@ pub fn begin_record(
         destination_principal,
     };
     PendingRecord::new(record, Instant::now(), body_state, shared.telemetry.clone())
+}
+
+impl Shared {
+    /// The local app an inbound connection is for: on the port it was
+    /// sent to when the capture redirected it (as Istio forwards to the
+    /// original port, so an app listening on several ports gets each
+    /// connection on its own), else `--app` (none when its port is 0).
+    pub fn inbound_app(&self, conn: &Connection) -> Option<&App> {
+        let app = self.app.as_ref()?;
+        match conn.original_dst {
+            Some(dst) if dst.port() != app.address.port() => {
+                Some(self.app_ports.get(app, dst.port(), &self.registry))
+            }
+            // `--app host:0`: only the port each connection was sent to.
+            _ if app.address.port() == 0 => None,
+            _ => Some(app),
+        }
+    }
+}
+
+/// Apps by port, made the first time a port is seen. Each lives as long as
+/// the process (the table never shrinks, so a `&App` stays good); at most
+/// [`AppPorts::MAX`] ports, as a pod listens on few — more go to `--app`.
+#[derive(Default)]
+pub struct AppPorts {
+    by_port: std::sync::RwLock<std::collections::HashMap<u16, &'static App>>,
+}
+
+impl AppPorts {
+    pub const MAX: usize = 256;
+
+    fn get<'a>(&self, default: &'a App, port: u16, registry: &Registry) -> &'a App {
+        let read = self.by_port.read().unwrap_or_else(|p| p.into_inner());
+        if let Some(app) = read.get(&port) {
+            return app;
+        }
+        drop(read);
+        let mut write = self.by_port.write().unwrap_or_else(|p| p.into_inner());
+        if let Some(app) = write.get(&port) {
+            return app;
+        }
+        if write.len() >= Self::MAX {
+            return default;
+        }
+        let address = SocketAddr::new(default.address.ip(), port);
+        let app: &'static App = Box::leak(Box::new(App {
+            address,
+            address_str: Arc::from(address.to_string()),
+            identity: default.identity.clone(),
+            endpoint: registry.standalone(address),
+            retries: default.retries.clone(),
+            budget: Default::default(),
+        }));
+        write.insert(port, app);
+        app
+    }
 }
 
 /// The local app behind an inbound sidecar.

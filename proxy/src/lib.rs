@@ -296,6 +296,7 @@ impl Proxy {
                 },
                 budget: Default::default(),
             }),
+            app_ports: Default::default(),
             default_route: Arc::from(route::DEFAULT_ROUTE),
             timeout: config.upstream_timeout,
             replay_limit: config.replay_limit,

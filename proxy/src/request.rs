@@ -93,7 +93,7 @@ pub async fn handle(
         };
         let attributes = crate::authz::RequestAttributes {
             conn: &conn,
-            app_port: shared.app.as_ref().map(|a| a.address.port()),
+            app_port: shared.inbound_app(&conn).map(|a| a.address.port()),
             method: req.method().as_str(),
             path: req.uri().path(),
             host: Some(authority_of(&req)).filter(|h| !h.is_empty()),
@@ -513,7 +513,7 @@ fn route<'a, B>(
 ) -> Result<Destination<'a>, Refusal> {
     match conn.side {
         Side::Outbound => route_outbound(shared, conn, req).map(Destination::Service),
-        Side::Inbound => match &shared.app {
+        Side::Inbound => match shared.inbound_app(conn) {
             Some(app) => Ok(Destination::App(app)),
             None => Err(Refusal {
                 status: StatusCode::SERVICE_UNAVAILABLE,

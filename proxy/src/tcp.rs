@@ -120,7 +120,7 @@ fn target(
     sni: Option<&str>,
 ) -> Result<Target, (ResponseFlags, String)> {
     match conn.side {
-        Side::Inbound => match &shared.app {
+        Side::Inbound => match shared.inbound_app(conn) {
             Some(app) => Ok(Target {
                 to: To::Fixed(app.address, app.address_str.clone(), app.identity.clone()),
                 authority: app.address_str.to_string(),
@@ -279,7 +279,7 @@ pub async fn proxy<D>(
         // AuthorizationPolicy over TCP: what a connection shows.
         let attributes = crate::authz::RequestAttributes {
             conn: &conn,
-            app_port: shared.app.as_ref().map(|a| a.address.port()),
+            app_port: shared.inbound_app(&conn).map(|a| a.address.port()),
             method: "",
             path: "",
             host: None,

@@ -424,3 +424,191 @@ fn client_hello(name: &str) -> Result<Vec<u8>> {
     }
     Ok(out)
 }
+
+/// An HTTP/1.1 app on 127.0.0.1:`port` that answers every request with
+/// `port <port>`.
+async fn port_app(port: u16) -> Result<()> {
+    let l = tokio::net::TcpListener::bind(("127.0.0.1", port)).await?;
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 1024];
+                while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                }
+                let body = format!("port {port}");
+                let _ = s
+                    .write_all(
+                        format!(
+                            "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                            body.len()
+                        )
+                        .as_bytes(),
+                    )
+                    .await;
+            });
+        }
+    });
+    Ok(())
+}
+
+/// Inbound capture, as in a pod: a client in another namespace calls the
+/// pod's address on each port its app listens on; `lumen-init` redirects
+/// every connection to the sidecar's inbound listener, which hands each to
+/// the app on the port it was sent to — not all to `--app`'s.
+#[test]
+fn captured_inbound_reaches_the_app_on_the_port_it_was_sent_to() -> Result<()> {
+    peer_tool("iptables", "apt-get install iptables");
+    let pod = Netns::create("pod")?;
+    let client = Netns::create("client")?;
+    let id = std::process::id() % 100_000;
+    let (pod_end, client_end) = (format!("lp{id}"), format!("lc{id}"));
+    let ip = peer_tool("ip", "apt-get install iproute2");
+    run(Command::new(&ip).args([
+        "link",
+        "add",
+        &pod_end,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        &client_end,
+    ]))?;
+    run(Command::new(&ip).args(["link", "set", &pod_end, "netns", &pod.0]))?;
+    run(Command::new(&ip).args(["link", "set", &client_end, "netns", &client.0]))?;
+    pod.exec(&["ip", "addr", "add", "10.201.0.2/24", "dev", &pod_end])?;
+    pod.exec(&["ip", "link", "set", &pod_end, "up"])?;
+    client.exec(&["ip", "addr", "add", "10.201.0.1/24", "dev", &client_end])?;
+    client.exec(&["ip", "link", "set", &client_end, "up"])?;
+
+    let (sidecar, app_a, app_b) = pod.within(|| {
+        (
+            SidecarPorts::pick(),
+            lumen_tests::free_port(),
+            lumen_tests::free_port(),
+        )
+    })?;
+    let init = lumen_tests::lumen_proxy_bin().with_file_name("lumen-init");
+    pod.exec(&[
+        init.to_str().context("lumen-init path")?,
+        "--inbound-port",
+        &sidecar.inbound.to_string(),
+        "--admin-port",
+        &sidecar.admin.to_string(),
+        "--no-outbound",
+    ])?;
+    let dir = tempfile::tempdir()?;
+    let logs = dir.path().to_path_buf();
+    let mesh = logs.join("mesh.yaml");
+    std::fs::write(
+        &mesh,
+        "apiVersion: lumen.dev/v1alpha1\nkind: Mesh\nmetadata: {name: pod}\nspec:\n  services:\n    - name: reviews\n",
+    )?;
+    // The pod: its app on two ports, its sidecar (started inside, so its
+    // listeners are the pod's).
+    let (tx, rx) = std::sync::mpsc::channel::<Result<()>>();
+    let (stop_tx, stop_rx) = std::sync::mpsc::channel::<()>();
+    let pod_logs = logs.clone();
+    let pod_thread = std::thread::spawn({
+        let file = std::fs::File::open(format!("/var/run/netns/{}", pod.0))?;
+        move || {
+            // SAFETY: a valid namespace fd, for this thread only.
+            if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                let _ = tx.send(Err(anyhow::anyhow!(
+                    "setns: {}",
+                    std::io::Error::last_os_error()
+                )));
+                return;
+            }
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .enable_all()
+                .build()
+                .unwrap();
+            let started: Result<lumen_tests::LumenProcess> = rt.block_on(async {
+                port_app(app_a).await?;
+                port_app(app_b).await?;
+                let args: Vec<String> = [
+                    "--service",
+                    "reviews",
+                    "--version",
+                    "v1",
+                    "-f",
+                    mesh.to_str().unwrap(),
+                    "--inbound",
+                    &format!("0.0.0.0:{}", sidecar.inbound),
+                    "--app",
+                    &format!("127.0.0.1:{app_a}"),
+                    "--admin",
+                    &format!("127.0.0.1:{}", sidecar.admin),
+                    "--no-outbound",
+                    "--collector",
+                    "http://127.0.0.1:1",
+                    "--workers",
+                    "1",
+                ]
+                .map(String::from)
+                .to_vec();
+                let mut p = lumen_tests::LumenProcess::spawn_bin(
+                    &lumen_tests::lumen_proxy_bin(),
+                    "sidecar-pod",
+                    &pod_logs,
+                    &args,
+                )?;
+                p.wait_ready(&format!("http://127.0.0.1:{}/ready", sidecar.admin))
+                    .await?;
+                Ok(p)
+            });
+            match started {
+                Ok(p) => {
+                    let _ = tx.send(Ok(()));
+                    let _ = stop_rx.recv();
+                    drop(p);
+                }
+                Err(e) => {
+                    let _ = tx.send(Err(e));
+                }
+            }
+            drop(rt);
+        }
+    });
+    rx.recv()??;
+    let answers = client.within(move || -> Result<Vec<String>> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        rt.block_on(async {
+            let http = reqwest::Client::builder()
+                .no_proxy()
+                .timeout(std::time::Duration::from_secs(10))
+                .build()?;
+            let mut out = Vec::new();
+            for port in [app_b, app_a, app_b] {
+                let r = http
+                    .get(format!("http://10.201.0.2:{port}/"))
+                    .send()
+                    .await?;
+                anyhow::ensure!(r.status() == 200, "port {port}: {}", r.status());
+                out.push(r.text().await?);
+            }
+            Ok(out)
+        })
+    })?;
+    let _ = stop_tx.send(());
+    let _ = pod_thread.join();
+    assert_eq!(
+        answers?,
+        [
+            format!("port {app_b}"),
+            format!("port {app_a}"),
+            format!("port {app_b}")
+        ],
+        "{}",
+        std::fs::read_to_string(logs.join("sidecar-pod.log")).unwrap_or_default()
+    );
+    Ok(())
+}

@@ -541,3 +541,36 @@ async fn the_control_plane_serves_the_injector_over_tls_the_ca_bundle_verifies()
     assert_eq!(process.terminate()?, 0, "{}", process.logs());
     Ok(())
 }
+
+#[test]
+fn a_pod_that_declares_no_ports_is_still_captured_inbound() -> Result<()> {
+    let mut request = reviews_v1()?;
+    for c in request["request"]["object"]["spec"]["containers"]
+        .as_array_mut()
+        .context("containers")?
+    {
+        c.as_object_mut().context("container")?.remove("ports");
+        // Probes by number: with no named port left.
+        for probe in ["readinessProbe", "livenessProbe"] {
+            c[probe]["httpGet"]["port"] = 9080.into();
+        }
+    }
+    let out = answer(&request, &Injector::default())?;
+    assert_eq!(out["response"]["allowed"], true, "{out}");
+    let pod = patched(&request, &out["response"])?;
+    let spec = pod.spec.as_ref().context("spec")?;
+    let capture = args(&spec.init_containers.as_ref().context("init")?[0]);
+    assert!(
+        !capture.contains(&"--no-inbound".to_string()),
+        "{capture:?}"
+    );
+    let sidecar = args(&spec.containers[1]);
+    // Only what the capture brings, each connection on the port it was sent to.
+    assert_eq!(flag(&sidecar, "--app").as_deref(), Some("127.0.0.1:0"));
+    assert_eq!(
+        flag(&sidecar, "--inbound").as_deref(),
+        Some("0.0.0.0:15006")
+    );
+    assert!(!sidecar.contains(&"--no-inbound".to_string()));
+    Ok(())
+}
