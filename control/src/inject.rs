@@ -443,7 +443,12 @@ pub fn patch(
             map.insert(name.into(), Value::String(v));
         }
     }
-    let mut env = vec![json!({"name": "RUST_LOG", "value": "info"})];
+    let mut env = vec![
+        json!({"name": "RUST_LOG", "value": "info"}),
+        // Callers' sidecars know this pod by its address: every port of it
+        // reaches this sidecar, so they originate mTLS to any of them.
+        json!({"name": "LUMEN_POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}),
+    ];
     if !probes.is_empty() {
         env.push(json!({
             "name": "LUMEN_APP_PROBES",

@@ -297,9 +297,15 @@ impl MeshTls {
         self.peers.store(Arc::new(peers));
     }
 
-    /// The identity the sidecar at `address` holds, if it is one.
+    /// The identity the sidecar at `address` holds, if it is one: the one
+    /// listening there, or the one capturing every port of its pod's
+    /// address (advertised with port 0).
     pub fn peer(&self, address: SocketAddr) -> Option<Arc<str>> {
-        self.peers.load().get(&address).cloned()
+        let peers = self.peers.load();
+        peers
+            .get(&address)
+            .or_else(|| peers.get(&SocketAddr::new(address.ip(), 0)))
+            .cloned()
     }
 
     pub fn server_config(&self) -> Option<Arc<ServerConfig>> {
@@ -789,5 +795,33 @@ mod tests {
             assert_eq!(mesh_sni(authority), sni);
             assert!(ServerName::try_from(mesh_sni(authority)).is_ok(), "{sni}");
         }
+    }
+
+    #[test]
+    fn a_pod_advertised_with_port_0_is_a_peer_on_every_port_of_its_address() {
+        let tls = MeshTls::default();
+        let pod: SocketAddr = "10.244.0.12:0".parse().unwrap();
+        let listener: SocketAddr = "127.0.0.1:15006".parse().unwrap();
+        tls.set_peers(HashMap::from([
+            (
+                pod,
+                Arc::from("spiffe://cluster.local/ns/bookinfo/sa/bookinfo-reviews"),
+            ),
+            (
+                listener,
+                Arc::from("spiffe://cluster.local/ns/default/sa/local"),
+            ),
+        ]));
+        for port in [9080, 8443] {
+            let at = SocketAddr::new(pod.ip(), port);
+            assert_eq!(
+                tls.peer(at).as_deref(),
+                Some("spiffe://cluster.local/ns/bookinfo/sa/bookinfo-reviews")
+            );
+        }
+        assert!(tls.peer(listener).is_some());
+        // Another port of a sidecar that listens on one is not it.
+        assert!(tls.peer("127.0.0.1:9080".parse().unwrap()).is_none());
+        assert!(tls.peer("10.244.0.13:9080".parse().unwrap()).is_none());
     }
 }

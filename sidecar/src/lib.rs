@@ -168,6 +168,11 @@ pub struct ProxyArgs {
     /// The local application inbound calls are handed to.
     #[arg(long)]
     app: Option<SocketAddr>,
+    /// The pod's address, when its inbound traffic is captured (lumen-init):
+    /// other sidecars calling any port of it originate mTLS to this one
+    /// (the injector sets it from the downward API).
+    #[arg(long, env = "LUMEN_POD_IP")]
+    pod_ip: Option<std::net::IpAddr>,
     /// Admin endpoint: /ready, /stats/prometheus, /config_dump.
     #[arg(long, default_value = "127.0.0.1:15000")]
     admin: SocketAddr,
@@ -372,12 +377,15 @@ pub async fn run(a: ProxyArgs) -> Result<()> {
         (Some(control), _) => {
             let (tx, mut rx) = watch::channel(Arc::<lumen_core::MeshConfig>::default());
             // Others reach this sidecar at its inbound address, when it
-            // names one they can dial.
-            let inbound_address = config
-                .inbound
-                .filter(|a| !a.ip().is_unspecified() && a.port() != 0)
-                .map(|a| a.to_string())
-                .unwrap_or_default();
+            // names one they can dial — or, in a pod whose inbound traffic
+            // is captured, at every port of the pod's address (port 0).
+            let inbound_address = match (config.inbound, a.pod_ip) {
+                (Some(_), Some(ip)) => std::net::SocketAddr::new(ip, 0).to_string(),
+                (inbound, _) => inbound
+                    .filter(|a| !a.ip().is_unspecified() && a.port() != 0)
+                    .map(|a| a.to_string())
+                    .unwrap_or_default(),
+            };
             let node = lumen_core::control::v1::Node {
                 id: node_id,
                 service: config.identity.service.to_string(),

@@ -185,6 +185,16 @@ fn a_labelled_namespaces_pod_gets_the_capture_the_sidecar_and_probes_through_it(
         Some(5)
     );
     let env = sidecar.env.as_ref().context("env")?;
+    // The pod's address, from the downward API: callers originate mTLS to it.
+    let pod_ip = env.iter().find(|e| e.name == "LUMEN_POD_IP").context("LUMEN_POD_IP")?;
+    assert_eq!(
+        pod_ip
+            .value_from
+            .as_ref()
+            .and_then(|v| v.field_ref.as_ref())
+            .map(|f| f.field_path.as_str()),
+        Some("status.podIP")
+    );
     let probes: Value = serde_json::from_str(
         env.iter()
             .find(|e| e.name == "LUMEN_APP_PROBES")
