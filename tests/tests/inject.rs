@@ -186,7 +186,10 @@ fn a_labelled_namespaces_pod_gets_the_capture_the_sidecar_and_probes_through_it(
     );
     let env = sidecar.env.as_ref().context("env")?;
     // The pod's address, from the downward API: callers originate mTLS to it.
-    let pod_ip = env.iter().find(|e| e.name == "LUMEN_POD_IP").context("LUMEN_POD_IP")?;
+    let pod_ip = env
+        .iter()
+        .find(|e| e.name == "LUMEN_POD_IP")
+        .context("LUMEN_POD_IP")?;
     assert_eq!(
         pod_ip
             .value_from
