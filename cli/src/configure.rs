@@ -109,6 +109,18 @@ pub struct ControlArgs {
     pub inject: InjectArgs,
     #[command(flatten)]
     pub kube: KubernetesArgs,
+    /// Also serve the control plane over TLS here (Istio's 15012), with a
+    /// certificate from the mesh CA for --control-tls-dns: sidecars given
+    /// `--control https://…` and the trust bundle check it, and their
+    /// tokens travel encrypted.
+    #[arg(long)]
+    pub control_tls_addr: Option<SocketAddr>,
+    /// DNS names of the TLS port's certificate (repeatable).
+    #[arg(
+        long = "control-tls-dns",
+        default_value = "lumen-control.lumen-system.svc"
+    )]
+    pub control_tls_dns: Vec<String>,
     /// Serve `/ready`, `/healthz` and `/metrics` (Prometheus text) here.
     #[arg(long, default_value = "127.0.0.1:15014")]
     pub monitoring_addr: SocketAddr,
@@ -166,8 +178,10 @@ pub struct InjectArgs {
     /// lumen-init).
     #[arg(long, default_value = "ghcr.io/lumen-mesh/lumen-proxy:latest")]
     pub proxy_image: String,
-    /// The control plane's address as injected sidecars reach it.
-    #[arg(long, default_value = "lumen-control.lumen-system.svc:15010")]
+    /// The control plane as injected sidecars reach it: its TLS port
+    /// (checked against the mesh root each meshed namespace gets in the
+    /// lumen-ca-root-cert ConfigMap), or `host:port` for plaintext.
+    #[arg(long, default_value = "https://lumen-control.lumen-system.svc:15012")]
     pub injected_control: String,
     /// The collector's OTLP gRPC endpoint as injected sidecars reach it.
     #[arg(long, default_value = "http://lumen-collector.lumen-system.svc:4317")]

@@ -863,6 +863,30 @@ async fn control(a: configure::ControlArgs) -> Result<()> {
     )
     .await?;
     tasks.extend(webhook);
+    if let Some(addr) = a.control_tls_addr {
+        let ca = std::sync::Arc::new(a.listen.ca(&ca_dir)?);
+        let cert = lumen_control::serving::ServingCert::issue(ca, a.control_tls_dns.clone())?;
+        let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| {
+            format!("cannot listen on {addr} (TLS control plane; --control-tls-addr to change)")
+        })?;
+        tracing::info!(
+            control_tls = %fmt_addr(listener.local_addr().ok()),
+            dns = ?a.control_tls_dns,
+            "control plane serving over TLS"
+        );
+        tasks.push(cert.renew("control plane (TLS)", stop_rx.clone()));
+        let (service, mut stop) = (service.clone(), stop_rx.clone());
+        let shutdown = async move {
+            let _ = stop.wait_for(|s| *s).await;
+        };
+        tasks.push(tokio::spawn(async move {
+            if let Err(e) =
+                lumen_control::server::serve_tls(listener, service, &cert, shutdown).await
+            {
+                tracing::error!(error = %e, "TLS control plane failed");
+            }
+        }));
+    }
     let ready = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(!a.kube.kubernetes));
     let monitoring = tokio::net::TcpListener::bind(a.monitoring_addr)
         .await

@@ -454,6 +454,39 @@ pub async fn patch_ca_bundle(client: &Client, name: &str, pem: &str) -> Result<b
     Ok(true)
 }
 
+/// The ConfigMap each meshed namespace gets with the trust bundle, as
+/// istiod writes `istio-ca-root-cert`: injected sidecars mount it to check
+/// the control plane's TLS port.
+pub use crate::inject::{ROOT_CONFIGMAP, ROOT_KEY};
+
+/// Keeps [`ROOT_CONFIGMAP`] equal to `pem` in `namespace` (server-side
+/// apply: created when missing, left alone when equal).
+pub async fn apply_root_configmap(
+    client: &Client,
+    namespace: &str,
+    pem: &str,
+) -> Result<(), kube::Error> {
+    let api: Api<k8s_openapi::api::core::v1::ConfigMap> =
+        Api::namespaced(client.clone(), namespace);
+    let cm = serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {
+            "name": ROOT_CONFIGMAP,
+            "namespace": namespace,
+            "labels": {"app.kubernetes.io/part-of": "lumen"},
+        },
+        "data": { ROOT_KEY: pem },
+    });
+    api.patch(
+        ROOT_CONFIGMAP,
+        &PatchParams::apply(MANAGER).force(),
+        &Patch::Apply(&cm),
+    )
+    .await
+    .map(drop)
+}
+
 /// A reflector of one custom resource kind, seen without its type.
 trait CustomStore: Send + Sync {
     fn found(&self) -> Vec<Found>;
@@ -645,12 +678,13 @@ impl Controller {
         let mut resync = tokio::time::interval(RESYNC);
         resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut bundle_given = false;
+        let mut roots_given: BTreeSet<String> = BTreeSet::new();
         loop {
             let retry_at = writer.next_retry();
             tokio::select! {
                 _ = self.changed.notified() => {}
-                _ = resync.tick() => { writer.written.clear(); bundle_given = false; }
-                _ = changed_or_never(&mut leading) => { writer.written.clear(); bundle_given = false; }
+                _ = resync.tick() => { writer.written.clear(); bundle_given = false; roots_given.clear(); }
+                _ = changed_or_never(&mut leading) => { writer.written.clear(); bundle_given = false; roots_given.clear(); }
                 _ = sleep_until(retry_at) => {}
                 _ = shutdown.wait_for(|s| *s) => break,
             }
@@ -686,6 +720,25 @@ impl Controller {
                     Ok(_) => bundle_given = true,
                     Err(e) => {
                         tracing::warn!(error = %e, "cannot give the webhook the CA bundle; retried at the next resync")
+                    }
+                }
+            }
+            if !self.options.ca_bundle.is_empty() {
+                let in_mesh = objects.in_mesh(&self.options.discovery_selectors);
+                for ns in &objects.namespaces {
+                    let name = ns.name_any();
+                    let active =
+                        ns.status.as_ref().and_then(|s| s.phase.as_deref()) != Some("Terminating");
+                    if !active || !in_mesh(&name) || roots_given.contains(&name) {
+                        continue;
+                    }
+                    match apply_root_configmap(&self.client, &name, &self.options.ca_bundle).await {
+                        Ok(()) => {
+                            roots_given.insert(name);
+                        }
+                        Err(e) => {
+                            tracing::warn!(namespace = %name, error = %e, "cannot write the mesh root ConfigMap; retried at the next resync")
+                        }
                     }
                 }
             }

@@ -39,6 +39,9 @@ pub const INBOUND_PORT: u16 = 15006;
 pub const PROXY_UID: i64 = 1337;
 /// Where the projected service-account token is mounted, and its audience.
 pub const TOKEN_DIR: &str = "/var/run/secrets/lumen";
+/// The ConfigMap holding the mesh root in each meshed namespace, and its key.
+pub const ROOT_CONFIGMAP: &str = "lumen-ca-root-cert";
+pub const ROOT_KEY: &str = "root-cert.pem";
 pub const TOKEN_AUDIENCE: &str = "lumen";
 
 /// What every injected pod is told.
@@ -46,7 +49,8 @@ pub const TOKEN_AUDIENCE: &str = "lumen";
 pub struct Injector {
     /// The `lumen-proxy` image (it also holds `lumen-init`).
     pub image: String,
-    /// The control plane's address, `host:port`.
+    /// The control plane as sidecars reach it: `host:port`, or
+    /// `https://host:port` for its TLS port (checked against the mesh root).
     pub control: String,
     /// The collector's OTLP gRPC endpoint, `http://host:port`.
     pub collector: String,
@@ -60,7 +64,7 @@ impl Default for Injector {
     fn default() -> Self {
         Injector {
             image: "ghcr.io/lumen-mesh/lumen-proxy:latest".into(),
-            control: "lumen-control.lumen-system.svc:15010".into(),
+            control: "https://lumen-control.lumen-system.svc:15012".into(),
             collector: "http://lumen-collector.lumen-system.svc:4317".into(),
             requests_cpu: "100m".into(),
             requests_memory: "64Mi".into(),
@@ -390,6 +394,12 @@ pub fn patch(
         "--admin".into(),
         format!("0.0.0.0:{ADMIN_PORT}"),
     ];
+    // Over the TLS port, the control plane is checked against the mesh
+    // root mounted beside the token.
+    let tls_control = injector.control.starts_with("https://");
+    if tls_control {
+        args.extend(["--control-ca".into(), format!("{TOKEN_DIR}/{ROOT_KEY}")]);
+    }
     // Every inbound port is captured (Istio's `*`) and each connection
     // reaches the app on the port it was sent to; the first declared port
     // also takes calls made to the sidecar's inbound port itself, and a pod
@@ -479,12 +489,17 @@ pub fn patch(
     });
     ops.push(json!({"op": "add", "path": "/spec/containers/-", "value": sidecar}));
 
-    let volume = json!({
-        "name": "lumen-token",
-        "projected": {"sources": [{"serviceAccountToken": {
-            "audience": TOKEN_AUDIENCE, "expirationSeconds": 43200, "path": "token",
-        }}]},
-    });
+    let mut sources = vec![json!({"serviceAccountToken": {
+        "audience": TOKEN_AUDIENCE, "expirationSeconds": 43200, "path": "token",
+    }})];
+    if tls_control {
+        // The mesh root the controller keeps in every meshed namespace.
+        sources.push(json!({"configMap": {
+            "name": ROOT_CONFIGMAP,
+            "items": [{"key": ROOT_KEY, "path": ROOT_KEY}],
+        }}));
+    }
+    let volume = json!({"name": "lumen-token", "projected": {"sources": sources}});
     if spec.volumes.as_ref().is_none_or(Vec::is_empty) {
         ops.push(json!({"op": "add", "path": "/spec/volumes", "value": [volume]}));
     } else {

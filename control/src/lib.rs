@@ -35,6 +35,7 @@ pub mod inject;
 pub mod lease;
 pub mod quota;
 pub mod server;
+pub mod serving;
 pub mod store;
 #[cfg(feature = "kubernetes")]
 pub mod tokenreview;

@@ -562,3 +562,65 @@ pub async fn serve(
         )
         .await
 }
+
+/// Serves `service` over TLS with `cert` (Istio's 15012: sidecars check
+/// the control plane against the mesh root they have mounted, and their
+/// tokens travel encrypted). Handshakes run beside the accept loop, each
+/// within 10 s, at most 256 at once.
+pub async fn serve_tls(
+    listener: tokio::net::TcpListener,
+    service: ControlService,
+    cert: &crate::serving::ServingCert,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), ServeTlsError> {
+    let config = cert.server_config(&[b"h2"]).map_err(ServeTlsError::Tls)?;
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<_>>(64);
+    let handshakes = Arc::new(tokio::sync::Semaphore::new(256));
+    let accept = tokio::spawn(async move {
+        loop {
+            let (tcp, peer) = match listener.accept().await {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(error = %e, "control plane accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let Ok(slot) = handshakes.clone().try_acquire_owned() else {
+                tracing::warn!(%peer, "too many TLS handshakes at once: connection closed");
+                continue;
+            };
+            let (acceptor, tx) = (acceptor.clone(), tx.clone());
+            tokio::spawn(async move {
+                let _slot = slot;
+                let _ = tcp.set_nodelay(true);
+                match tokio::time::timeout(std::time::Duration::from_secs(10), acceptor.accept(tcp))
+                    .await
+                {
+                    Ok(Ok(tls)) => {
+                        let _ = tx.send(Ok(tls)).await;
+                    }
+                    Ok(Err(e)) => {
+                        tracing::debug!(%peer, error = %e, "control plane TLS handshake failed")
+                    }
+                    Err(_) => tracing::debug!(%peer, "control plane TLS handshake timed out"),
+                }
+            });
+        }
+    });
+    let served = tonic::transport::Server::builder()
+        .add_service(service.into_server())
+        .serve_with_incoming_shutdown(tokio_stream::wrappers::ReceiverStream::new(rx), shutdown)
+        .await;
+    accept.abort();
+    served.map_err(ServeTlsError::Serve)
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeTlsError {
+    #[error("TLS configuration: {0}")]
+    Tls(rustls::Error),
+    #[error(transparent)]
+    Serve(tonic::transport::Error),
+}

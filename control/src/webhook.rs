@@ -7,23 +7,19 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
-use arc_swap::ArcSwap;
 use axum::Router;
 use axum::body::Bytes;
 use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::{get, post};
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use rustls::server::{ClientHello, ResolvesServerCert};
-use rustls::sign::CertifiedKey;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::ca::{CaError, MeshCa};
 use crate::inject::Injector;
+use crate::serving::ServingCert;
 
 /// Largest `AdmissionReview` read: a pod is a few KiB; the API server's
 /// own request limit is 3 MiB.
@@ -50,39 +46,11 @@ impl From<CaError> for WebhookError {
     }
 }
 
-/// The certificate in use, swapped when renewed.
-#[derive(Debug)]
-struct Renewing(ArcSwap<CertifiedKey>);
-
-impl ResolvesServerCert for Renewing {
-    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        Some(self.0.load_full())
-    }
-}
-
-fn certified(ca: &MeshCa, dns: &[String]) -> Result<(CertifiedKey, SystemTime), WebhookError> {
-    let serving = ca.serving(dns)?;
-    let chain: Vec<CertificateDer<'static>> = serving
-        .chain
-        .iter()
-        .map(|pem| CertificateDer::from_pem_slice(pem.as_bytes()))
-        .collect::<Result<_, _>>()
-        .map_err(|e| WebhookError::Certificate(e.to_string()))?;
-    let key = PrivateKeyDer::from_pem_slice(serving.key.as_bytes())
-        .map_err(|e| WebhookError::Certificate(e.to_string()))?;
-    let signing = rustls::crypto::ring::sign::any_supported_type(&key)
-        .map_err(|e| WebhookError::Certificate(e.to_string()))?;
-    Ok((CertifiedKey::new(chain, signing), serving.not_after))
-}
-
 /// The injector's server, bound and with its first certificate.
 pub struct Webhook {
     listener: TcpListener,
-    ca: Arc<MeshCa>,
-    dns: Vec<String>,
     injector: Arc<Injector>,
-    current: Arc<Renewing>,
-    not_after: SystemTime,
+    cert: ServingCert,
 }
 
 impl Webhook {
@@ -92,17 +60,15 @@ impl Webhook {
         dns: Vec<String>,
         injector: Injector,
     ) -> Result<Self, WebhookError> {
-        let (key, not_after) = certified(&ca, &dns)?;
+        let cert =
+            ServingCert::issue(ca, dns).map_err(|e| WebhookError::Certificate(e.to_string()))?;
         let listener = TcpListener::bind(addr)
             .await
             .map_err(|source| WebhookError::Bind { addr, source })?;
         Ok(Webhook {
             listener,
-            ca,
-            dns,
             injector: Arc::new(injector),
-            current: Arc::new(Renewing(ArcSwap::from_pointee(key))),
-            not_after,
+            cert,
         })
     }
 
@@ -112,20 +78,13 @@ impl Webhook {
 
     /// Serves until `stop` turns true; requests in flight finish.
     pub async fn run(self, mut stop: watch::Receiver<bool>) {
-        let builder = rustls::ServerConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions();
-        let mut config = match builder {
-            Ok(b) => b
-                .with_no_client_auth()
-                .with_cert_resolver(self.current.clone()),
+        let config = match self.cert.server_config(&[b"h2", b"http/1.1"]) {
+            Ok(c) => c,
             Err(e) => {
                 tracing::error!(error = %e, "webhook TLS configuration");
                 return;
             }
         };
-        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
         let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
         let injector = self.injector.clone();
         let app = Router::new()
@@ -146,34 +105,7 @@ impl Webhook {
             .fallback(|| async { (StatusCode::NOT_FOUND, "POST /inject\n").into_response() })
             .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY));
         let service = hyper_util::service::TowerToHyperService::new(app);
-        // Re-issue at half life.
-        let renew = {
-            let (ca, dns, current) = (self.ca.clone(), self.dns.clone(), self.current.clone());
-            let mut not_after = self.not_after;
-            let mut stop = stop.clone();
-            tokio::spawn(async move {
-                loop {
-                    let left = not_after
-                        .duration_since(SystemTime::now())
-                        .unwrap_or_default();
-                    let wait = (left / 2).max(Duration::from_secs(60));
-                    tokio::select! {
-                        _ = tokio::time::sleep(wait) => {}
-                        () = stopped(&mut stop) => return,
-                    }
-                    match certified(&ca, &dns) {
-                        Ok((key, end)) => {
-                            current.0.store(Arc::new(key));
-                            not_after = end;
-                            tracing::info!("webhook certificate renewed");
-                        }
-                        Err(e) => {
-                            tracing::error!(error = %e, "cannot renew the webhook certificate")
-                        }
-                    }
-                }
-            })
-        };
+        let renew = self.cert.renew("webhook", stop.clone());
         // Slow or idle clients cannot hold the server: headers within
         // 10 s, a connection at most a minute, at most 256 at once (more
         // are closed at once; the API server retries).

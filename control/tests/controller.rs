@@ -143,6 +143,10 @@ impl FakeApi {
         let method = req.method().clone();
         let path = req.uri().path().to_string();
         let query = req.uri().query().unwrap_or_default().to_string();
+        let apply = req
+            .headers()
+            .get(http::header::CONTENT_TYPE)
+            .is_some_and(|v| v == "application/apply-patch+yaml");
         let body = req.into_body().collect_bytes().await.unwrap();
         let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
         let mut s = self.0.lock().unwrap();
@@ -220,6 +224,14 @@ impl FakeApi {
                 }
                 None => status(404, "NotFound"),
             },
+            // Server-side apply: the object as sent, created when missing.
+            Method::PATCH if apply => {
+                let mut o = body.clone();
+                s.version += 1;
+                o["metadata"]["resourceVersion"] = s.version.to_string().into();
+                s.objects.insert(path, o.clone());
+                ok(&o)
+            }
             Method::PATCH => {
                 let target = path.strip_suffix("/status").unwrap_or(&path).to_string();
                 match s.objects.get(&target).cloned() {
@@ -433,6 +445,18 @@ async fn a_cluster_running_bookinfo_gives_the_snapshot_its_files_would() {
         )
         .unwrap();
     assert_eq!(bundle, BUNDLE.as_bytes());
+
+    // Every meshed namespace gets the trust bundle its sidecars check the
+    // control plane's TLS port with.
+    for ns in ["bookinfo", "kube-system"] {
+        let cm = until("the root ConfigMap", || {
+            api.get(&format!(
+                "/api/v1/namespaces/{ns}/configmaps/lumen-ca-root-cert"
+            ))
+        })
+        .await;
+        assert_eq!(cm["data"]["root-cert.pem"], BUNDLE, "{ns}");
+    }
 
     // Fixing the typo: the object's status follows, the route comes in.
     let fixed = json!({

@@ -641,8 +641,8 @@ pub fn mesh_sni(authority: &str) -> String {
 /// proving itself with a join token.
 #[derive(Debug, Clone)]
 pub struct Certifier {
-    /// The control plane, `http://host:port`.
-    pub endpoint: String,
+    /// The control plane.
+    pub endpoint: crate::subscribe::ControlEndpoint,
     pub join_token: String,
     /// Where the token is read again for every request, when it rotates
     /// (a pod's projected service-account token, renewed by the kubelet).
@@ -696,9 +696,13 @@ impl MeshTls {
             c.namespace, c.service_account
         );
         let (csr, key) = key_and_csr(&hint).map_err(|e| e.to_string())?;
-        let mut client = v1::control_plane_client::ControlPlaneClient::connect(c.endpoint.clone())
+        let channel = c
+            .endpoint
+            .endpoint()?
+            .connect()
             .await
             .map_err(|e| format!("cannot reach the control plane: {e}"))?;
+        let mut client = v1::control_plane_client::ControlPlaneClient::new(channel);
         let mut req = tonic::Request::new(v1::CertificateRequest {
             csr,
             validity_duration: c.lifetime.map_or(0, |d| d.as_secs() as i64),

@@ -41,11 +41,50 @@ impl Drop for AbortOnDrop {
 /// `failMode`.
 pub const DEFAULT_POLICY_STALENESS: Duration = Duration::from_secs(30);
 
+/// Where the control plane is, and — for `https://` — the roots its
+/// certificate is checked against (the mesh's, mounted in the pod).
+#[derive(Clone, Debug)]
+pub struct ControlEndpoint {
+    pub url: String,
+    pub ca: Option<tonic::transport::Certificate>,
+}
+
+impl ControlEndpoint {
+    pub fn plain(url: impl Into<String>) -> Self {
+        ControlEndpoint {
+            url: url.into(),
+            ca: None,
+        }
+    }
+
+    /// A channel endpoint: TLS checked against `ca` for `https://` URLs.
+    pub fn endpoint(&self) -> Result<tonic::transport::Endpoint, String> {
+        let endpoint = tonic::transport::Endpoint::from_shared(self.url.clone())
+            .map_err(|e| format!("{}: {e}", self.url))?;
+        if !self.url.starts_with("https://") {
+            return Ok(endpoint);
+        }
+        let mut tls = tonic::transport::ClientTlsConfig::new();
+        if let Some(ca) = &self.ca {
+            tls = tls.ca_certificate(ca.clone());
+        }
+        endpoint
+            .tls_config(tls)
+            .map_err(|e| format!("{}: TLS: {e}", self.url))
+    }
+}
+
+impl std::fmt::Display for ControlEndpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.url)
+    }
+}
+
 /// Follows the control plane at `endpoint` (`http://host:port`) until
 /// `stop` turns true, publishing each accepted snapshot on `tx`; cut off
 /// for `staleness`, marks the decisions stale.
 pub async fn follow(
-    endpoint: String,
+    endpoint: ControlEndpoint,
     node: Node,
     tx: watch::Sender<Arc<MeshConfig>>,
     staleness: Duration,
@@ -141,7 +180,7 @@ async fn mark_stale(
 }
 
 async fn session(
-    endpoint: &str,
+    endpoint: &ControlEndpoint,
     node: &Node,
     tx: &watch::Sender<Arc<MeshConfig>>,
     down: &watch::Sender<Option<Instant>>,
@@ -151,8 +190,8 @@ async fn session(
 ) -> Result<(), String> {
     // Keepalive pings: a control plane that vanished without closing the
     // connection is noticed within seconds, so staleness starts counting.
-    let channel = tonic::transport::Endpoint::from_shared(endpoint.to_string())
-        .map_err(|e| e.to_string())?
+    let channel = endpoint
+        .endpoint()?
         .http2_keep_alive_interval(Duration::from_secs(5))
         .keep_alive_timeout(Duration::from_secs(5))
         .keep_alive_while_idle(true)
@@ -443,7 +482,7 @@ mod tests {
             ..Default::default()
         };
         tokio::spawn(follow(
-            format!("http://{addr}"),
+            ControlEndpoint::plain(format!("http://{addr}")),
             node,
             tx,
             DEFAULT_POLICY_STALENESS,

@@ -134,10 +134,15 @@ pub struct ProxyArgs {
     #[arg(short = 'f', long = "file", conflicts_with = "control")]
     file: Vec<PathBuf>,
     /// Get configuration from the control plane at this address
-    /// (`host:port`): streamed, acknowledged, the last good one kept while
-    /// it is unreachable.
+    /// (`host:port`, or `https://host:port` for its TLS port): streamed,
+    /// acknowledged, the last good one kept while it is unreachable.
     #[arg(long)]
     control: Option<String>,
+    /// The roots an `https://` --control's certificate is checked against
+    /// (PEM: the mesh's trust bundle, mounted in injected pods); needed
+    /// with `https://`.
+    #[arg(long, requires = "control")]
+    control_ca: Option<PathBuf>,
     /// Cut off from the control plane this long, the proxy stops trusting
     /// the policy engine's last decisions: each conditional policy turns
     /// on or off as its `failMode` says, until the stream is back.
@@ -395,7 +400,22 @@ pub async fn run(a: ProxyArgs) -> Result<()> {
                 inbound_address,
                 spiffe_id: String::new(),
             };
-            let url = endpoint_url(control);
+            if control.starts_with("https://") && a.control_ca.is_none() {
+                bail!(
+                    "--control-ca is needed to check an https:// control plane (the mesh's trust bundle)"
+                );
+            }
+            let url = lumen_proxy::subscribe::ControlEndpoint {
+                url: endpoint_url(control),
+                ca: match &a.control_ca {
+                    Some(path) => Some(tonic::transport::Certificate::from_pem(
+                        std::fs::read(path).with_context(|| {
+                            format!("reading the control plane's CA {}", path.display())
+                        })?,
+                    )),
+                    None => None,
+                },
+            };
             if let Some(join_token) = join_token(a.join_token_file.as_deref())? {
                 let certifier = lumen_proxy::mtls::Certifier {
                     endpoint: url.clone(),

@@ -359,3 +359,122 @@ async fn proxies_outlive_a_killed_control_plane_and_resync_when_it_returns() -> 
     );
     Ok(())
 }
+
+/// The TLS control port: a sidecar given the mesh's trust bundle gets its
+/// configuration over TLS; one trusting another root gets nothing (and
+/// says why); `https://` without a root to check it is refused at start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sidecars_follow_the_control_plane_over_tls_checked_against_the_mesh_root() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let config = dir.path().join("config");
+    let ports = SidecarPorts::pick();
+    write_config(&config, free_port(), free_port(), ports.inbound)?;
+    let (plain, tls, monitoring) = (free_port(), free_port(), free_port());
+    let data = dir.path().join("control");
+    let args: Vec<String> = [
+        "control",
+        "-f",
+        config.to_str().unwrap(),
+        "--control-addr",
+        &local(plain).to_string(),
+        "--control-tls-addr",
+        &local(tls).to_string(),
+        "--control-tls-dns",
+        "localhost",
+        "--monitoring-addr",
+        &local(monitoring).to_string(),
+        "--data-dir",
+        data.to_str().unwrap(),
+    ]
+    .map(String::from)
+    .to_vec();
+    let mut cp = LumenProcess::spawn("lumen-control", dir.path(), &args)?;
+    cp.wait_ready(&format!("http://127.0.0.1:{monitoring}/ready"))
+        .await?;
+    let bundle = data.join("ca/trust-bundle.pem");
+    let url = format!("https://localhost:{tls}");
+    let mesh = config.join("mesh.yaml");
+    let collector = format!("http://127.0.0.1:{}", free_port());
+    let sidecar = Sidecar {
+        service: "productpage",
+        version: "v1",
+        mesh: &mesh,
+        ports,
+        app: None,
+        collector: &collector,
+        extra: &["--control", &url, "--control-ca", bundle.to_str().unwrap()],
+    };
+    // Ready only once its first configuration came: over TLS.
+    let _follower = sidecar.start(dir.path()).await?;
+    let status = lumen(&local(plain).to_string(), &["proxy-status"])?;
+    assert!(
+        status.contains("productpage") && status.contains("SYNCED"),
+        "{status}"
+    );
+
+    // Another root: the handshake fails, no configuration, never ready.
+    let other = dir.path().join("other-root.pem");
+    let key = rcgen::KeyPair::generate()?;
+    let mut params = rcgen::CertificateParams::new(vec!["localhost".to_string()])?;
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    std::fs::write(&other, params.self_signed(&key)?.pem())?;
+    let stranger_ports = SidecarPorts::pick();
+    let args: Vec<String> = [
+        "--service",
+        "ratings",
+        "--version",
+        "v1",
+        "--no-inbound",
+        "--outbound",
+        &local(stranger_ports.outbound).to_string(),
+        "--admin",
+        &local(stranger_ports.admin).to_string(),
+        "--collector",
+        &collector,
+        "--control",
+        &url,
+        "--control-ca",
+        other.to_str().unwrap(),
+    ]
+    .map(String::from)
+    .to_vec();
+    let stranger = LumenProcess::spawn_bin(
+        &lumen_tests::lumen_proxy_bin(),
+        "stranger",
+        dir.path(),
+        &args,
+    )?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let logs = stranger.logs();
+        if logs.contains("certificate") || logs.contains("UnknownIssuer") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no TLS failure said:\n{logs}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let ready = reqwest::get(format!("http://127.0.0.1:{}/ready", stranger_ports.admin)).await;
+    assert!(
+        ready.map(|r| r.status() != 200).unwrap_or(true),
+        "a sidecar trusting another root got ready"
+    );
+
+    // https:// with no root to check it: refused at start, saying so.
+    let out = Command::new(lumen_tests::lumen_proxy_bin())
+        .args([
+            "--service",
+            "x",
+            "--no-inbound",
+            "--no-outbound",
+            "--control",
+            &url,
+        ])
+        .output()?;
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("--control-ca"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}

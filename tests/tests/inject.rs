@@ -112,7 +112,8 @@ fn a_labelled_namespaces_pod_gets_the_capture_the_sidecar_and_probes_through_it(
         ("--workload", "reviews-v1"),
         ("--namespace", "bookinfo"),
         ("--service-account", "bookinfo-reviews"),
-        ("--control", "lumen-control.lumen-system.svc:15010"),
+        ("--control", "https://lumen-control.lumen-system.svc:15012"),
+        ("--control-ca", "/var/run/secrets/lumen/root-cert.pem"),
         (
             "--collector",
             "http://lumen-collector.lumen-system.svc:4317",
@@ -146,18 +147,26 @@ fn a_labelled_namespaces_pod_gets_the_capture_the_sidecar_and_probes_through_it(
         .iter()
         .find(|v| v.name == "lumen-token")
         .context("token volume")?;
-    let source = &token
+    let sources = token
         .projected
         .as_ref()
         .context("projected")?
         .sources
         .as_ref()
-        .context("sources")?[0];
-    let sat = source
+        .context("sources")?;
+    let sat = sources[0]
         .service_account_token
         .as_ref()
         .context("serviceAccountToken")?;
     assert_eq!(sat.audience.as_deref(), Some("lumen"));
+    // Beside it, the mesh root the TLS control port is checked against.
+    let root = sources[1].config_map.as_ref().context("configMap")?;
+    assert_eq!(root.name, "lumen-ca-root-cert");
+    let items = root.items.as_ref().context("items")?;
+    assert_eq!(
+        (items[0].key.as_str(), items[0].path.as_str()),
+        ("root-cert.pem", "root-cert.pem")
+    );
 
     // The kubelet's probes go to the sidecar's admin port, which asks the
     // app's originals (a named port resolved, headers kept).
