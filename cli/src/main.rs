@@ -20,6 +20,7 @@ use tokio::sync::watch;
 
 mod configure;
 mod install;
+mod mesh_control;
 
 /// Every request allocates a handful of small objects on one thread and
 /// frees some on another (the telemetry exporter); mimalloc keeps both cheap.
@@ -476,6 +477,16 @@ struct UpArgs {
     /// envoyproxy/ratelimit's port). Off unless given.
     #[arg(long)]
     envoy_addr: Option<SocketAddr>,
+    /// The mesh's control plane, when it runs apart (on Kubernetes,
+    /// lumen-control): the policy engine takes the RateLimits and
+    /// AccessPolicies from it and sends it its decisions, which reach every
+    /// sidecar following it (`host:port`, or `https://` with
+    /// --mesh-control-ca).
+    #[arg(long)]
+    mesh_control: Option<String>,
+    /// The roots an `https://` --mesh-control is checked against (PEM).
+    #[arg(long, requires = "mesh_control")]
+    mesh_control_ca: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -688,18 +699,52 @@ async fn up(a: UpArgs) -> Result<()> {
         })
     };
     // Alerts switch conditional policies on and off at every proxy; every
-    // change is a `policy_events` row, logged like ingested rows.
-    let decide_task = {
-        let (config, publish) = (store.clone(), store);
-        let events = lumen_collector::events::PolicyEventWriter::new(writer);
-        tokio::spawn(lumen_policy::decide::run(
-            rules.clone(),
-            board,
-            move || lumen_policy::decide::Policies::of(&config.current().mesh),
-            move |on| publish.set_active_policies(on),
-            move |rows| events.write(rows),
-            stop_rx.clone(),
-        ))
+    // change is a `policy_events` row, logged like ingested rows. The
+    // policies and the proxies are this process's control plane's, or the
+    // mesh's when it runs apart.
+    let events = lumen_collector::events::PolicyEventWriter::new(writer);
+    let mut mesh_control_tasks = Vec::new();
+    let decide_task = match &a.mesh_control {
+        Some(control) => {
+            let endpoint = lumen_proxy::subscribe::ControlEndpoint {
+                url: lumen_sidecar::endpoint_url(control),
+                ca: match &a.mesh_control_ca {
+                    Some(path) => Some(tonic::transport::Certificate::from_pem(
+                        std::fs::read(path)
+                            .with_context(|| format!("reading {}", path.display()))?,
+                    )),
+                    None => None,
+                },
+            };
+            if endpoint.url.starts_with("https://") && endpoint.ca.is_none() {
+                bail!("--mesh-control-ca is needed to check an https:// --mesh-control");
+            }
+            tracing::info!(control = %endpoint, "policy decisions go to the mesh's control plane");
+            let remote = mesh_control::start(endpoint, stop_rx.clone());
+            mesh_control_tasks = remote.tasks;
+            let (mesh, publish) = (remote.mesh, remote.decisions);
+            tokio::spawn(lumen_policy::decide::run(
+                rules.clone(),
+                board,
+                move || lumen_policy::decide::Policies::of(&mesh.borrow()),
+                move |on| {
+                    publish.send_replace(on);
+                },
+                move |rows| events.write(rows),
+                stop_rx.clone(),
+            ))
+        }
+        None => {
+            let (config, publish) = (store.clone(), store);
+            tokio::spawn(lumen_policy::decide::run(
+                rules.clone(),
+                board,
+                move || lumen_policy::decide::Policies::of(&config.current().mesh),
+                move |on| publish.set_active_policies(on),
+                move |rows| events.write(rows),
+                stop_rx.clone(),
+            ))
+        }
     };
     let envoy_task = match a.envoy_addr {
         Some(addr) => Some(serve_envoy(addr, envoy_policies, stop_rx.clone()).await?),
@@ -716,6 +761,9 @@ async fn up(a: UpArgs) -> Result<()> {
     shutdown_signal().await;
     tracing::info!("shutting down");
     let _ = stop.send(true);
+    for t in mesh_control_tasks {
+        let _ = t.await;
+    }
     for t in control_tasks {
         let _ = t.await;
     }

@@ -1,25 +1,28 @@
 //! The Lumen control plane: where mesh configuration comes from and how it
 //! reaches proxies.
 //!
-//! [`discovery`] reads the mesh's files (YAML in Kubernetes resource form:
-//! Lumen's `Mesh` and `RateLimit` and Istio's networking kinds, in files
-//! or directories)
-//! and watches them. [`store`] holds the control plane's one set of
-//! resources — from the files and from `lumen apply / delete` — valid as a
-//! whole, kept on disk, published as versioned snapshots. [`server`]
-//! streams each snapshot to every connected proxy over gRPC with xDS's
-//! acknowledgements (version, nonce, ACK / NACK) — encoded once, in parts
-//! every stream shares — and, apart from versions, the policy engine's
+//! Configuration comes from files — [`discovery`] reads the mesh's files
+//! (YAML in Kubernetes resource form: Lumen's `Mesh` and policy kinds and
+//! Istio's networking and security kinds) and watches them — from `lumen
+//! apply / delete`, and on Kubernetes (feature `kubernetes`) from the
+//! cluster: the [`controller`] turns Services, EndpointSlices, Pods and
+//! Nodes into `Mesh` resources and reads the custom resources of [`crd`],
+//! writing each one's status (only the holder of the [`lease`] writes).
+//! [`store`] holds the one set of resources, valid as a whole (from a
+//! cluster, an invalid object is left out alone), kept on disk, published
+//! as versioned snapshots. [`server`] streams each snapshot to every
+//! connected proxy over gRPC — plaintext, or TLS with a [`serving`]
+//! certificate — with xDS's acknowledgements (version, nonce, ACK / NACK),
+//! encoded once in parts every stream shares, and the policy engine's
 //! decisions (which conditional policies are on); it answers `apply`,
 //! `delete`, `get` and `proxy-status`. [`ca`] is the mesh CA: it signs
-//! proxies' CSRs for SPIFFE identities, and the streams carry its trust
-//! bundle and which sidecars hold certificates. An invalid change is refused with
-//! file, resource, field and reason; the last valid configuration stays.
-//! On Kubernetes (feature `kubernetes`), [`inject`] answers the mutating
+//! proxies' CSRs for SPIFFE identities (proved by a join token or, with
+//! [`tokenreview`], a pod's service-account token), shared by replicas
+//! through a Secret ([`casecret`]); the streams carry its trust bundle and
+//! which sidecars hold certificates. [`inject`] answers the mutating
 //! admission webhook — pods of labelled namespaces get the capture's init
-//! container and the `lumen-proxy` sidecar — served over TLS with a
-//! certificate from the mesh CA by [`webhook`]; [`tokenreview`] lets the
-//! CA take a pod's projected service-account token as proof of identity.
+//! container and the `lumen-proxy` sidecar — served over TLS by
+//! [`webhook`].
 
 pub mod ca;
 #[cfg(feature = "kubernetes")]

@@ -392,6 +392,22 @@ impl ControlPlane for ControlService {
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 
+    async fn set_active_policies(
+        &self,
+        request: Request<v1::ActivePolicies>,
+    ) -> Result<Response<v1::ActivePoliciesResponse>, Status> {
+        let active: std::collections::BTreeSet<String> =
+            request.into_inner().active.into_iter().collect();
+        if let Some(bad) = active.iter().find(|a| a.split('/').count() != 2) {
+            return Err(Status::invalid_argument(format!(
+                "`{bad}` is not namespace/name"
+            )));
+        }
+        tracing::debug!(?active, "policy decisions received");
+        self.store.set_active_policies(active);
+        Ok(Response::new(v1::ActivePoliciesResponse {}))
+    }
+
     async fn apply(
         &self,
         request: Request<v1::ApplyRequest>,

@@ -433,6 +433,12 @@ mod tests {
             });
             Ok(Response::new(ReceiverStream::new(rx)))
         }
+        async fn set_active_policies(
+            &self,
+            _: Request<v1::ActivePolicies>,
+        ) -> Result<Response<v1::ActivePoliciesResponse>, Status> {
+            Err(Status::unimplemented("fake"))
+        }
         async fn apply(
             &self,
             _: Request<v1::ApplyRequest>,

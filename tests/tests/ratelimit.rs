@@ -66,6 +66,7 @@ struct Mesh {
     client: reqwest::Client,
     up_process: LumenProcess,
     _caller: LumenProcess,
+    _control: Option<LumenProcess>,
 }
 
 impl Mesh {
@@ -75,6 +76,20 @@ impl Mesh {
         limits: &str,
         rules: Option<&str>,
         caller_args: &[&str],
+    ) -> Result<Self> {
+        Self::start_with(caller, services, limits, rules, caller_args, false).await
+    }
+
+    /// With `apart`, the mesh's control plane is a `lumen control` of its
+    /// own (as on Kubernetes) that the caller follows, and `lumen up`'s
+    /// policy engine sends its decisions there (`--mesh-control`).
+    async fn start_with(
+        caller: &str,
+        services: &[(&str, SocketAddr)],
+        limits: &str,
+        rules: Option<&str>,
+        caller_args: &[&str],
+        apart: bool,
     ) -> Result<Self> {
         let dir = tempfile::tempdir()?;
         let config = dir.path().join("config");
@@ -95,13 +110,35 @@ impl Mesh {
             std::fs::write(&file, text)?;
             up_args = vec!["--rules".to_string(), file.display().to_string()];
         }
-        let up_args: Vec<&str> = up_args.iter().map(String::as_str).collect();
         let up = UpPorts::pick();
+        let mut control = up.control_addr();
+        let mut control_process = None;
+        if apart {
+            control = local(lumen_tests::free_port()).to_string();
+            let monitoring = local(lumen_tests::free_port()).to_string();
+            let args: Vec<String> = [
+                "control",
+                "-f",
+                config.to_str().unwrap_or_default(),
+                "--control-addr",
+                &control,
+                "--monitoring-addr",
+                &monitoring,
+                "--data-dir",
+                dir.path().join("control").to_str().unwrap_or_default(),
+            ]
+            .map(String::from)
+            .to_vec();
+            let mut p = LumenProcess::spawn("lumen-control", dir.path(), &args)?;
+            p.wait_ready(&format!("http://{monitoring}/ready")).await?;
+            control_process = Some(p);
+            up_args.extend(["--mesh-control".to_string(), control.clone()]);
+        }
+        let up_args: Vec<&str> = up_args.iter().map(String::as_str).collect();
         let up_process =
             start_up(dir.path(), &config, &dir.path().join("data"), up, &up_args).await?;
         let ports = SidecarPorts::pick();
         let collector = up.grpc_endpoint();
-        let control = up.control_addr();
         let mut extra = vec!["--control", &control];
         extra.extend_from_slice(caller_args);
         let caller_process = Sidecar {
@@ -123,6 +160,7 @@ impl Mesh {
             client: reqwest::Client::builder().no_proxy().build()?,
             up_process,
             _caller: caller_process,
+            _control: control_process,
         })
     }
 
@@ -632,5 +670,55 @@ async fn a_quota_holds_across_three_calling_proxies_within_its_bound() -> Result
         wait_for_count(&up.sql_url(), rows, refused as i64).await?,
         refused as i64
     );
+    Ok(())
+}
+
+/// The same loop with the mesh's control plane apart, as on Kubernetes:
+/// the caller follows `lumen control`; `lumen up --mesh-control` records,
+/// evaluates the rule and sends its decision there, and the limit switches
+/// on at the caller — then off once the failures stop.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_control_plane_apart_a_firing_alert_still_switches_the_limit() -> Result<()> {
+    let ratings = start_app("ratings-apart").await;
+    let m = Mesh::start_with(
+        "reviews",
+        &[("ratings", ratings)],
+        "apiVersion: policy.lumen.dev/v1alpha1\nkind: RateLimit\nmetadata: {name: shed-ratings}\nspec:\n  target: {service: ratings}\n  requestsPerSecond: 0.01\n  burst: 1\n  when: {alert: RatingsFailing, labels: {destination_service_name: ratings}}\n  cooldown: 2s\n",
+        Some("groups:\n- name: mesh\n  rules:\n  - alert: RatingsFailing\n    expr: sum by (destination_service_name) (rate(istio_requests_total{reporter=\"source\", response_code=\"503\"}[5s])) > 0.5\n"),
+        &[],
+        true,
+    )
+    .await?;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let limited = loop {
+        let resp = m.get("ratings", "/status/503", "u").await?;
+        if resp.status() == 429 {
+            break resp;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the conditional limit never switched on through the control plane apart"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    };
+    assert_eq!(limited.headers()["x-lumen-policy"], "default/shed-ratings");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let s = m.get("ratings", "/ok", "u").await?.status();
+        if s == 200 {
+            break;
+        }
+        assert_eq!(s, 429);
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the limit never lifted"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+    }
+    // The policy engine follows the control plane like a proxy does.
+    let status = Command::new(lumen_bin())
+        .args(["proxy-status", "--control", &m.control])
+        .output()?;
+    assert!(String::from_utf8_lossy(&status.stdout).contains("lumen-policy"));
     Ok(())
 }
