@@ -27,11 +27,48 @@ pub struct InstallArgs {
     /// the cluster already has Istio's].
     #[arg(long)]
     pub skip_istio_crds: bool,
+    /// The `lumen` image the control plane and collector run.
+    #[arg(long, default_value = LUMEN_IMAGE)]
+    pub image: String,
+    /// The sidecar image the injector gives pods (`lumen-proxy`, `lumen-init`).
+    #[arg(long, default_value = PROXY_IMAGE)]
+    pub proxy_image: String,
+}
+
+const LUMEN_IMAGE: &str = "ghcr.io/lumen-mesh/lumen:latest";
+const PROXY_IMAGE: &str = "ghcr.io/lumen-mesh/lumen-proxy:latest";
+
+/// Every string of `v` equal to `from` (or a flag `--x=from`) made `to`.
+fn replace_strings(v: &mut serde_json::Value, from: &str, to: &str) {
+    match v {
+        serde_json::Value::String(s) => {
+            if s == from {
+                *s = to.to_string();
+            } else if let Some((flag, value)) = s.split_once('=')
+                && value == from
+                && flag.starts_with("--")
+            {
+                *s = format!("{flag}={to}");
+            }
+        }
+        serde_json::Value::Array(a) => a.iter_mut().for_each(|x| replace_strings(x, from, to)),
+        serde_json::Value::Object(m) => m.values_mut().for_each(|x| replace_strings(x, from, to)),
+        _ => {}
+    }
 }
 
 /// The objects, in the order they are applied: the namespace and the
 /// definitions before what uses them.
-pub fn objects(skip_istio_crds: bool) -> Result<Vec<serde_json::Value>> {
+pub fn objects(a: &InstallArgs) -> Result<Vec<serde_json::Value>> {
+    let mut out = manifest_objects(a.skip_istio_crds)?;
+    for o in &mut out {
+        replace_strings(o, LUMEN_IMAGE, &a.image);
+        replace_strings(o, PROXY_IMAGE, &a.proxy_image);
+    }
+    Ok(out)
+}
+
+fn manifest_objects(skip_istio_crds: bool) -> Result<Vec<serde_json::Value>> {
     let mut out = Vec::new();
     for doc in serde_yaml_ng::Deserializer::from_str(MANIFEST) {
         let v: serde_json::Value =
@@ -97,7 +134,7 @@ fn to_yaml(objects: &[serde_json::Value]) -> Result<String> {
 
 pub async fn install(a: InstallArgs) -> Result<()> {
     if a.dry_run {
-        print!("{}", to_yaml(&objects(a.skip_istio_crds)?)?);
+        print!("{}", to_yaml(&objects(&a)?)?);
         eprintln!(
             "# also needed: Secret {NAMESPACE}/lumen-query with `pg-password` (lumen install makes one)"
         );
@@ -106,8 +143,8 @@ pub async fn install(a: InstallArgs) -> Result<()> {
     let client = kube::Client::try_default()
         .await
         .context("lumen install needs the Kubernetes API (KUBECONFIG or in-cluster)")?;
-    let mut skip_istio = a.skip_istio_crds;
-    if !skip_istio {
+    let mut a = a;
+    if !a.skip_istio_crds {
         let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
         if let Some(vs) = crds
             .get_opt("virtualservices.networking.istio.io")
@@ -122,12 +159,12 @@ pub async fn install(a: InstallArgs) -> Result<()> {
                 == Some(&"lumen".to_string());
             if !ours {
                 println!("Istio's CustomResourceDefinitions are installed: keeping them");
-                skip_istio = true;
+                a.skip_istio_crds = true;
             }
         }
     }
     let params = PatchParams::apply(MANAGER).force();
-    for o in objects(skip_istio)? {
+    for o in objects(&a)? {
         let gvk = gvk_of(&o)?;
         let (ar, namespaced) = resource(&gvk)?;
         let name = o["metadata"]["name"]

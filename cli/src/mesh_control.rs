@@ -3,7 +3,8 @@
 //! follows that control plane's configuration as a proxy does and sends it
 //! its decisions, which it streams on to every sidecar.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -50,42 +51,82 @@ pub fn start(endpoint: ControlEndpoint, stop: watch::Receiver<bool>) -> MeshCont
     }
 }
 
+/// Sends the decisions to every address the control plane's name has —
+/// each replica behind a headless Service keeps its own streams, so each
+/// must hear them — again on every change and every [`RESEND`], looking
+/// the name up each time (replicas come and go).
 async fn send_decisions(
     endpoint: ControlEndpoint,
     mut decisions: watch::Receiver<BTreeSet<String>>,
     mut stop: watch::Receiver<bool>,
 ) {
-    let channel = match endpoint.endpoint() {
-        Ok(e) => e.connect_timeout(Duration::from_secs(5)).connect_lazy(),
-        Err(e) => {
-            tracing::error!(error = %e, "the mesh's control plane: policy decisions cannot be sent");
-            return;
-        }
+    let Some((host, port)) = endpoint.host_port() else {
+        tracing::error!(control = %endpoint, "the mesh's control plane has no host: policy decisions cannot be sent");
+        return;
     };
-    let mut client = v1::control_plane_client::ControlPlaneClient::new(channel);
-    let mut failing = false;
+    type Client = v1::control_plane_client::ControlPlaneClient<tonic::transport::Channel>;
+    let mut clients: BTreeMap<SocketAddr, Client> = BTreeMap::new();
+    let mut failing: BTreeSet<SocketAddr> = BTreeSet::new();
     loop {
         let active: Vec<String> = decisions.borrow_and_update().iter().cloned().collect();
-        let sent = client
-            .set_active_policies(v1::ActivePolicies {
-                active: active.clone(),
-            })
-            .await;
-        let wait = match sent {
-            Ok(_) => {
-                if failing {
-                    tracing::info!(control = %endpoint, "policy decisions reach the control plane again");
-                }
-                failing = false;
-                RESEND
-            }
+        let addresses: BTreeSet<SocketAddr> = match tokio::net::lookup_host((host.as_str(), port))
+            .await
+        {
+            Ok(found) => found.collect(),
             Err(e) => {
-                if !failing {
-                    tracing::warn!(control = %endpoint, error = %e.message(), "cannot send policy decisions; retrying");
-                }
-                failing = true;
-                Duration::from_secs(1)
+                tracing::warn!(control = %endpoint, error = %e, "cannot look the control plane up; retrying");
+                BTreeSet::new()
             }
+        };
+        clients.retain(|a, _| addresses.contains(a));
+        let mut all_sent = !addresses.is_empty();
+        for address in &addresses {
+            if !clients.contains_key(address) {
+                match endpoint.at(*address) {
+                    Ok(e) => {
+                        let channel = e.connect_timeout(Duration::from_secs(5)).connect_lazy();
+                        clients.insert(*address, Client::new(channel));
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "policy decisions cannot be sent");
+                        return;
+                    }
+                }
+            }
+            let Some(client) = clients.get_mut(address) else {
+                continue;
+            };
+            let sent = tokio::time::timeout(
+                Duration::from_secs(5),
+                client.set_active_policies(v1::ActivePolicies {
+                    active: active.clone(),
+                }),
+            )
+            .await;
+            match sent {
+                Ok(Ok(_)) => {
+                    if failing.remove(address) {
+                        tracing::info!(%address, "policy decisions reach this control plane replica again");
+                    }
+                }
+                Ok(Err(e)) => {
+                    all_sent = false;
+                    if failing.insert(*address) {
+                        tracing::warn!(%address, error = %e.message(), "cannot send policy decisions; retrying");
+                    }
+                }
+                Err(_) => {
+                    all_sent = false;
+                    if failing.insert(*address) {
+                        tracing::warn!(%address, "policy decisions not answered within 5 s; retrying");
+                    }
+                }
+            }
+        }
+        let wait = if all_sent {
+            RESEND
+        } else {
+            Duration::from_secs(1)
         };
         tokio::select! {
             _ = decisions.changed() => {}

@@ -130,6 +130,15 @@ pub fn cluster_resources(c: &ClusterObjects, options: &Options) -> Vec<Resource>
         .collect();
     let nodes: HashMap<String, &Node> =
         c.nodes.iter().map(|n| (n.name_any(), n.as_ref())).collect();
+    let mut slices: HashMap<(String, String), Vec<&EndpointSlice>> = HashMap::new();
+    for slice in &c.slices {
+        if let (Some(ns), Some(svc)) = (
+            slice.namespace(),
+            slice.labels().get("kubernetes.io/service-name"),
+        ) {
+            slices.entry((ns, svc.clone())).or_default().push(slice);
+        }
+    }
     let mut by_namespace: BTreeMap<String, Vec<serde_json::Value>> = BTreeMap::new();
     let mut services: Vec<&Service> = c.services.iter().map(Arc::as_ref).collect();
     services.sort_by_key(|s| (s.namespace(), s.name_any()));
@@ -138,7 +147,7 @@ pub fn cluster_resources(c: &ClusterObjects, options: &Options) -> Vec<Resource>
         if !in_mesh(&ns) {
             continue;
         }
-        if let Some(spec) = service_spec(svc, &c.slices, &pods, &nodes) {
+        if let Some(spec) = service_spec(svc, &slices, &pods, &nodes) {
             by_namespace.entry(ns).or_default().push(spec);
         }
     }
@@ -220,7 +229,7 @@ fn locality(node: &Node) -> Option<String> {
 /// port; `None` for ExternalName Services and Services without TCP ports.
 fn service_spec(
     svc: &Service,
-    slices: &[Arc<EndpointSlice>],
+    slices: &HashMap<(String, String), Vec<&EndpointSlice>>,
     pods: &HashMap<(String, String), &Pod>,
     nodes: &HashMap<String, &Node>,
 ) -> Option<serde_json::Value> {
@@ -237,10 +246,10 @@ fn service_spec(
     let name = svc.name_any();
     let mut endpoints: Vec<serde_json::Value> = Vec::new();
     let mut seen = BTreeSet::new();
-    let ours = slices.iter().filter(|s| {
-        s.namespace().as_deref() == Some(ns.as_str())
-            && s.labels().get("kubernetes.io/service-name") == Some(&name)
-    });
+    let ours = slices
+        .get(&(ns.clone(), name.clone()))
+        .map(Vec::as_slice)
+        .unwrap_or_default();
     for slice in ours {
         let Some(target) = slice.ports.iter().flatten().find(|p| {
             p.name.as_deref().unwrap_or_default() == port.name.as_deref().unwrap_or_default()
@@ -331,7 +340,7 @@ pub fn desired_condition(refused: Option<&lumen_core::ConfigError>) -> Condition
             status: "True".into(),
             reason: "Accepted".into(),
             message: "in force at every proxy of the mesh".into(),
-            last_transition_time: None,
+            ..Default::default()
         },
         Some(e) => Condition {
             type_: "Accepted".into(),
@@ -342,7 +351,7 @@ pub fn desired_condition(refused: Option<&lumen_core::ConfigError>) -> Condition
             } else {
                 format!("{}: {}", e.field, e.reason)
             },
-            last_transition_time: None,
+            ..Default::default()
         },
     }
 }
@@ -391,7 +400,7 @@ pub fn error_policy(error: &kube::Error, attempt: u32) -> Option<Duration> {
     {
         return None;
     }
-    Some(Duration::from_secs(1 << attempt.min(8)).min(Duration::from_secs(300)))
+    Some(Duration::from_secs(1 << attempt.min(9)).min(Duration::from_secs(300)))
 }
 
 async fn write_status(client: &Client, found: &Found, status: &Status) -> Result<(), kube::Error> {
@@ -528,6 +537,7 @@ fn reflect<K>(
     what: &'static str,
     changed: Arc<Notify>,
     tasks: &mut Vec<tokio::task::JoinHandle<()>>,
+    trim: fn(&mut K),
 ) -> Store<K>
 where
     K: kube::Resource<DynamicType = ()>
@@ -541,7 +551,10 @@ where
     let (reader, writer) = reflector::store();
     let stream = watcher(api, watcher::Config::default())
         .default_backoff()
-        .modify(|o| o.managed_fields_mut().clear())
+        .modify(move |o| {
+            o.managed_fields_mut().clear();
+            trim(o);
+        })
         .reflect(writer);
     tasks.push(tokio::spawn(async move {
         let mut stream = std::pin::pin!(stream);
@@ -588,17 +601,46 @@ impl Controller {
         let mut tasks = Vec::new();
         let c = &client;
         let n = &changed;
-        let services = reflect(Api::all(c.clone()), "Service", n.clone(), &mut tasks);
-        let slices = reflect(Api::all(c.clone()), "EndpointSlice", n.clone(), &mut tasks);
-        let pods = reflect(Api::all(c.clone()), "Pod", n.clone(), &mut tasks);
-        let nodes = reflect(Api::all(c.clone()), "Node", n.clone(), &mut tasks);
-        let namespaces = reflect(Api::all(c.clone()), "Namespace", n.clone(), &mut tasks);
+        let t = &mut tasks;
+        let services = reflect(Api::all(c.clone()), "Service", n.clone(), t, |_| {});
+        let slices = reflect(Api::all(c.clone()), "EndpointSlice", n.clone(), t, |_| {});
+        // Of a pod, only what an endpoint takes (labels, owner, service
+        // account, node) stays in memory; of a node, its labels.
+        let pods = reflect(Api::all(c.clone()), "Pod", n.clone(), t, |p: &mut Pod| {
+            p.status = None;
+            if let Some(spec) = p.spec.as_mut() {
+                *spec = k8s_openapi::api::core::v1::PodSpec {
+                    service_account_name: spec.service_account_name.take(),
+                    node_name: spec.node_name.take(),
+                    ..Default::default()
+                };
+            }
+            p.metadata.annotations = None;
+        });
+        let nodes = reflect(
+            Api::all(c.clone()),
+            "Node",
+            n.clone(),
+            t,
+            |node: &mut Node| {
+                node.spec = None;
+                node.status = None;
+                node.metadata.annotations = None;
+            },
+        );
+        let namespaces = reflect(Api::all(c.clone()), "Namespace", n.clone(), t, |_| {});
         fn custom<K: MeshResource>(
             c: &Client,
             n: &Arc<Notify>,
             tasks: &mut Vec<tokio::task::JoinHandle<()>>,
         ) -> Box<dyn CustomStore> {
-            let store = reflect(Api::<K>::all(c.clone()), K::KIND.as_str(), n.clone(), tasks);
+            let store = reflect(
+                Api::<K>::all(c.clone()),
+                K::KIND.as_str(),
+                n.clone(),
+                tasks,
+                |_| {},
+            );
             Box::new(Custom { store })
         }
         let custom = vec![
@@ -666,26 +708,30 @@ impl Controller {
     }
 
     /// Publishes the cluster's resources into `store` until `shutdown`;
-    /// writes statuses and the CA bundle while `leading` says so.
+    /// a task of its own writes statuses, the CA bundle and the root
+    /// ConfigMaps while `leading` says so, so a slow API server never
+    /// holds back the next snapshot.
     pub async fn run(
         self,
         store: Arc<ConfigStore>,
-        mut leading: watch::Receiver<bool>,
+        leading: watch::Receiver<bool>,
         mut shutdown: watch::Receiver<bool>,
     ) {
+        let (writes_tx, writes) = watch::channel(Arc::new(Writes::default()));
+        let writer = tokio::spawn(write_back(
+            self.client.clone(),
+            self.options.clone(),
+            writes,
+            leading,
+            shutdown.clone(),
+        ));
         let mut held: Vec<ResourceKey> = Vec::new();
-        let mut writer = StatusWriter::default();
         let mut resync = tokio::time::interval(RESYNC);
         resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut bundle_given = false;
-        let mut roots_given: BTreeSet<String> = BTreeSet::new();
         loop {
-            let retry_at = writer.next_retry();
             tokio::select! {
                 _ = self.changed.notified() => {}
-                _ = resync.tick() => { writer.written.clear(); bundle_given = false; roots_given.clear(); }
-                _ = changed_or_never(&mut leading) => { writer.written.clear(); bundle_given = false; roots_given.clear(); }
-                _ = sleep_until(retry_at) => {}
+                _ = resync.tick() => {}
                 _ = shutdown.wait_for(|s| *s) => break,
             }
             tokio::select! {
@@ -712,43 +758,108 @@ impl Controller {
                     continue;
                 }
             };
-            if !*leading.borrow() {
-                continue;
-            }
-            if !bundle_given && let Some(name) = &self.options.webhook_configuration {
-                match patch_ca_bundle(&self.client, name, &self.options.ca_bundle).await {
-                    Ok(_) => bundle_given = true,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "cannot give the webhook the CA bundle; retried at the next resync")
-                    }
-                }
-            }
-            if !self.options.ca_bundle.is_empty() {
-                let in_mesh = objects.in_mesh(&self.options.discovery_selectors);
-                for ns in &objects.namespaces {
-                    let name = ns.name_any();
-                    let active =
-                        ns.status.as_ref().and_then(|s| s.phase.as_deref()) != Some("Terminating");
-                    if !active || !in_mesh(&name) || roots_given.contains(&name) {
-                        continue;
-                    }
-                    match apply_root_configmap(&self.client, &name, &self.options.ca_bundle).await {
-                        Ok(()) => {
-                            roots_given.insert(name);
-                        }
-                        Err(e) => {
-                            tracing::warn!(namespace = %name, error = %e, "cannot write the mesh root ConfigMap; retried at the next resync")
-                        }
-                    }
-                }
-            }
-            let refused: HashMap<ResourceKey, lumen_core::ConfigError> =
-                refused.into_iter().collect();
-            writer.write(&self.client, &objects.custom, &refused).await;
+            writes_tx.send_replace(Arc::new(Writes {
+                roots: root_namespaces(&objects, &self.options),
+                refused: refused.into_iter().collect(),
+                custom: objects.custom,
+            }));
         }
+        drop(writes_tx);
+        let _ = writer.await;
         for t in &self.tasks {
             t.abort();
         }
+    }
+}
+
+/// What the cluster should be told after a snapshot.
+#[derive(Default)]
+struct Writes {
+    custom: Vec<Found>,
+    refused: HashMap<ResourceKey, lumen_core::ConfigError>,
+    /// Namespaces that need the root ConfigMap.
+    roots: BTreeSet<String>,
+}
+
+/// Namespaces whose sidecars mount the mesh root: those in the mesh and
+/// those labelled for injection (a pod injected there must start even
+/// when --discovery-selector leaves its namespace out), not terminating.
+fn root_namespaces(objects: &ClusterObjects, options: &Options) -> BTreeSet<String> {
+    let in_mesh = objects.in_mesh(&options.discovery_selectors);
+    objects
+        .namespaces
+        .iter()
+        .filter(|ns| ns.status.as_ref().and_then(|s| s.phase.as_deref()) != Some("Terminating"))
+        .filter(|ns| {
+            let labels = ns.labels();
+            in_mesh(&ns.name_any())
+                || labels.get("lumen-injection").map(String::as_str) == Some("enabled")
+                || labels.get("istio-injection").map(String::as_str) == Some("enabled")
+        })
+        .map(|ns| ns.name_any())
+        .collect()
+}
+
+/// Writes to the cluster while this replica leads: after each snapshot,
+/// when failed writes are due again, and at every resync.
+async fn write_back(
+    client: Client,
+    options: Options,
+    mut writes: watch::Receiver<Arc<Writes>>,
+    mut leading: watch::Receiver<bool>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut statuses = StatusWriter::default();
+    let mut bundle_given = false;
+    let mut roots_given: BTreeSet<String> = BTreeSet::new();
+    let mut resync = tokio::time::interval(RESYNC);
+    resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let lead = *leading.borrow_and_update();
+        if !lead {
+            // A follower remembers nothing of what it wrote or failed to.
+            statuses = StatusWriter::default();
+            bundle_given = false;
+            roots_given.clear();
+        }
+        tokio::select! {
+            changed = writes.changed() => if changed.is_err() { return },
+            _ = changed_or_never(&mut leading) => {}
+            _ = sleep_until(statuses.next_retry().filter(|_| lead)) => {}
+            _ = resync.tick() => {
+                statuses.written.clear();
+                bundle_given = false;
+                roots_given.clear();
+            }
+            _ = shutdown.wait_for(|s| *s) => return,
+        }
+        if !*leading.borrow() {
+            continue;
+        }
+        let current = writes.borrow_and_update().clone();
+        if !bundle_given && let Some(name) = &options.webhook_configuration {
+            match patch_ca_bundle(&client, name, &options.ca_bundle).await {
+                Ok(_) => bundle_given = true,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot give the webhook the CA bundle; retried at the next resync")
+                }
+            }
+        }
+        if !options.ca_bundle.is_empty() {
+            for ns in current.roots.difference(&roots_given.clone()) {
+                match apply_root_configmap(&client, ns, &options.ca_bundle).await {
+                    Ok(()) => {
+                        roots_given.insert(ns.clone());
+                    }
+                    Err(e) => {
+                        tracing::warn!(namespace = %ns, error = %e, "cannot write the mesh root ConfigMap; retried at the next resync")
+                    }
+                }
+            }
+        }
+        statuses
+            .write(&client, &current.custom, &current.refused)
+            .await;
     }
 }
 
@@ -776,6 +887,7 @@ struct StatusWriter {
 }
 
 impl StatusWriter {
+    /// When the earliest failed write is due again.
     fn next_retry(&self) -> Option<Instant> {
         self.failing.values().map(|(_, at)| *at).min()
     }
@@ -807,6 +919,8 @@ impl StatusWriter {
                 continue;
             }
             let Some(status) = status_update(f, &want, &now) else {
+                // It says so already (someone wrote it): nothing is due.
+                self.failing.remove(&key);
                 continue;
             };
             match write_status(client, f, &status).await {
@@ -967,7 +1081,7 @@ mod tests {
         );
         assert_eq!(
             error_policy(&api(500, "InternalError"), 30),
-            Some(Duration::from_secs(256))
+            Some(Duration::from_secs(300))
         );
     }
 

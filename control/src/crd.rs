@@ -22,7 +22,12 @@ use serde::{Deserialize, Serialize};
 pub struct Status {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// A number; istiod writes it as a string, which is read too.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "number_or_string"
+    )]
     pub observed_generation: Option<i64>,
     /// Whatever else another controller (Istio's) keeps here.
     #[serde(flatten)]
@@ -42,6 +47,23 @@ pub struct Condition {
     pub message: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_transition_time: Option<String>,
+    /// Fields of another controller's conditions (`lastProbeTime`), kept.
+    #[serde(flatten)]
+    pub other: serde_json::Map<String, serde_json::Value>,
+}
+
+fn number_or_string<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<i64>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Generation {
+        Number(i64),
+        Text(String),
+    }
+    Ok(match Option::<Generation>::deserialize(d)? {
+        None => None,
+        Some(Generation::Number(n)) => Some(n),
+        Some(Generation::Text(t)) => t.trim().parse().ok(),
+    })
 }
 
 macro_rules! kinds {
@@ -273,5 +295,20 @@ mod tests {
         // Another controller's status fields survive a round trip.
         let back = serde_json::to_value(&vs).unwrap();
         assert!(back["status"]["validationMessages"].is_array());
+        // istiod writes observedGeneration as a string, with lastProbeTime.
+        let istio: Status = serde_json::from_value(serde_json::json!({
+            "conditions": [{"type": "Reconciled", "status": "True", "lastProbeTime": null,
+                            "lastTransitionTime": "2026-12-06T10:00:00Z"}],
+            "observedGeneration": "68",
+        }))
+        .unwrap();
+        assert_eq!(istio.observed_generation, Some(68));
+        let back = serde_json::to_value(&istio).unwrap();
+        assert!(
+            back["conditions"][0]
+                .as_object()
+                .unwrap()
+                .contains_key("lastProbeTime")
+        );
     }
 }

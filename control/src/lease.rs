@@ -166,12 +166,19 @@ impl Elector {
     pub async fn run(mut self, leading: watch::Sender<bool>, mut shutdown: watch::Receiver<bool>) {
         let mut last_renewed: Option<Instant> = None;
         loop {
-            match self.try_acquire_or_renew().await {
-                Ok(true) => last_renewed = Some(Instant::now()),
-                Ok(false) => last_renewed = None,
-                Err(e) => {
+            // A call that hangs must not keep this replica leading past
+            // the renew deadline, when another may take the lease.
+            let deadline = self.config.renew_deadline;
+            match tokio::time::timeout(deadline, self.try_acquire_or_renew()).await {
+                Ok(Ok(true)) => last_renewed = Some(Instant::now()),
+                Ok(Ok(false)) => last_renewed = None,
+                Ok(Err(e)) => {
                     tracing::warn!(lease = %self.config.name, error = %e, "cannot reach the leader lease")
                 }
+                Err(_) => tracing::warn!(
+                    lease = %self.config.name,
+                    "the leader lease did not answer within the renew deadline"
+                ),
             }
             let lead = last_renewed.is_some_and(|t| t.elapsed() < self.config.renew_deadline);
             leading.send_if_modified(|was| {

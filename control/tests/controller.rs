@@ -566,41 +566,32 @@ async fn a_replica_without_the_lease_serves_but_never_writes() {
         lease("lumen-control-7f9c-a"),
         webhook_configuration(),
     ]));
+    // This replica campaigns for real; its controller writes only while
+    // the election says it leads.
     let (lead_tx, leading) = watch::channel(false);
-    let r = run(client.clone(), leading).await;
-    // Another replica holds the lease and renews it: this one never leads.
-    let mut elector = Elector::new(client.clone(), lease_config("lumen-control-7f9c-b"));
-    for _ in 0..3 {
-        assert!(!elector.try_acquire_or_renew().await.unwrap());
+    let (stop_election, election_stop) = watch::channel(false);
+    let election = tokio::spawn(
+        Elector::new(client.clone(), lease_config("lumen-control-7f9c-b"))
+            .run(lead_tx, election_stop),
+    );
+    let r = run(client.clone(), leading.clone()).await;
+    // Another replica holds the lease and renews it: this one never leads…
+    for _ in 0..8 {
         api.modify(renewed_lease("lumen-control-7f9c-a"));
-        tokio::time::sleep(Duration::from_millis(400)).await;
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        assert!(!*leading.borrow());
     }
-    // It serves the cluster's configuration all the same…
+    // …serves the cluster's configuration all the same…
     until("the cluster's services", || {
         (r.store.current().mesh.services.len() == 5).then_some(())
     })
     .await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    // …and wrote nothing: no status, no CA bundle, no lease.
+    // …and wrote nothing: no status, no CA bundle, no ConfigMap, no lease.
     let writes = api.writes();
     assert!(writes.is_empty(), "{writes:?}");
 
-    // The holder stops renewing: after the lease's duration this replica takes it…
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while !elector.try_acquire_or_renew().await.unwrap() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the lease never expired"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let held = api
-        .get("/apis/coordination.k8s.io/v1/namespaces/lumen-system/leases/lumen-control")
-        .unwrap();
-    assert_eq!(held["spec"]["holderIdentity"], "lumen-control-7f9c-b");
-    assert_eq!(held["spec"]["leaseTransitions"], 5);
-    // …and, leading, writes the statuses.
-    lead_tx.send(true).unwrap();
+    // The holder stops renewing: after the lease's duration this replica
+    // takes it, and, leading, writes the statuses.
     until("statuses written by the new leader", || {
         let n = api
             .writes()
@@ -610,12 +601,20 @@ async fn a_replica_without_the_lease_serves_but_never_writes() {
         (n == 5).then_some(())
     })
     .await;
-    // A release hands it over at once.
-    elector.release().await.unwrap();
+    let held = api
+        .get("/apis/coordination.k8s.io/v1/namespaces/lumen-system/leases/lumen-control")
+        .unwrap();
+    assert_eq!(held["spec"]["holderIdentity"], "lumen-control-7f9c-b");
+    assert_eq!(held["spec"]["leaseTransitions"], 5);
+    assert!(*leading.borrow());
+    // Stopping hands the lease over at once.
+    stop_election.send(true).unwrap();
+    election.await.unwrap();
     let released = api
         .get("/apis/coordination.k8s.io/v1/namespaces/lumen-system/leases/lumen-control")
         .unwrap();
     assert!(released["spec"]["holderIdentity"].is_null());
+    assert!(!*leading.borrow());
 
     r.stop.send(true).unwrap();
     r.task.await.unwrap();

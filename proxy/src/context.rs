@@ -151,48 +151,47 @@ pub fn begin_record(
 }
 
 impl Shared {
-    /// The local app an inbound connection is for: on the port it was
-    /// sent to when the capture redirected it (as Istio forwards to the
-    /// original port, so an app listening on several ports gets each
-    /// connection on its own), else `--app` (none when its port is 0).
+    /// The local app an inbound connection is for: where it was sent when
+    /// the capture redirected it — the pod's address and port, as Istio
+    /// forwards since 1.10, so an app listening on several ports gets each
+    /// connection on its own and what it binds on loopback only stays
+    /// private — else `--app` (none when its port is 0).
     pub fn inbound_app(&self, conn: &Connection) -> Option<&App> {
         let app = self.app.as_ref()?;
         match conn.original_dst {
-            Some(dst) if dst.port() != app.address.port() => {
-                Some(self.app_ports.get(app, dst.port(), &self.registry))
-            }
-            // `--app host:0`: only the port each connection was sent to.
+            Some(dst) if dst != app.address => self.app_ports.get(app, dst, &self.registry),
             _ if app.address.port() == 0 => None,
             _ => Some(app),
         }
     }
 }
 
-/// Apps by port, made the first time a port is seen. Each lives as long as
-/// the process (the table never shrinks, so a `&App` stays good); at most
-/// [`AppPorts::MAX`] ports, as a pod listens on few — more go to `--app`.
+/// Apps by the address connections were sent to, made the first time one
+/// is seen. Each lives as long as the process (the table never shrinks, so
+/// a `&App` stays good); at most [`AppPorts::MAX`], as a pod listens on few
+/// ports — connections to more are refused rather than sent elsewhere.
 #[derive(Default)]
 pub struct AppPorts {
-    by_port: std::sync::RwLock<std::collections::HashMap<u16, &'static App>>,
+    by_address: std::sync::RwLock<std::collections::HashMap<SocketAddr, &'static App>>,
 }
 
 impl AppPorts {
     pub const MAX: usize = 256;
 
-    fn get<'a>(&self, default: &'a App, port: u16, registry: &Registry) -> &'a App {
-        let read = self.by_port.read().unwrap_or_else(|p| p.into_inner());
-        if let Some(app) = read.get(&port) {
-            return app;
+    fn get(&self, default: &App, address: SocketAddr, registry: &Registry) -> Option<&'static App> {
+        let read = self.by_address.read().unwrap_or_else(|p| p.into_inner());
+        if let Some(app) = read.get(&address) {
+            return Some(app);
         }
         drop(read);
-        let mut write = self.by_port.write().unwrap_or_else(|p| p.into_inner());
-        if let Some(app) = write.get(&port) {
-            return app;
+        let mut write = self.by_address.write().unwrap_or_else(|p| p.into_inner());
+        if let Some(app) = write.get(&address) {
+            return Some(app);
         }
         if write.len() >= Self::MAX {
-            return default;
+            tracing::warn!(%address, "inbound connections to more than {} addresses: refused", Self::MAX);
+            return None;
         }
-        let address = SocketAddr::new(default.address.ip(), port);
         let app: &'static App = Box::leak(Box::new(App {
             address,
             address_str: Arc::from(address.to_string()),
@@ -201,8 +200,8 @@ impl AppPorts {
             retries: default.retries.clone(),
             budget: Default::default(),
         }));
-        write.insert(port, app);
-        app
+        write.insert(address, app);
+        Some(app)
     }
 }
 

@@ -696,12 +696,12 @@ impl MeshTls {
             c.namespace, c.service_account
         );
         let (csr, key) = key_and_csr(&hint).map_err(|e| e.to_string())?;
-        let channel = c
-            .endpoint
-            .endpoint()?
-            .connect()
-            .await
-            .map_err(|e| format!("cannot reach the control plane: {e}"))?;
+        let channel = c.endpoint.endpoint()?.connect().await.map_err(|e| {
+            format!(
+                "cannot reach the control plane: {}",
+                crate::subscribe::error_chain(&e)
+            )
+        })?;
         let mut client = v1::control_plane_client::ControlPlaneClient::new(channel);
         let mut req = tonic::Request::new(v1::CertificateRequest {
             csr,

@@ -41,6 +41,21 @@ impl Drop for AbortOnDrop {
 /// `failMode`.
 pub const DEFAULT_POLICY_STALENESS: Duration = Duration::from_secs(30);
 
+/// An error with its causes (`transport error: … invalid peer
+/// certificate: UnknownIssuer`), which tonic's own text leaves out.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        let more = cause.to_string();
+        if !text.contains(&more) {
+            text = format!("{text}: {more}");
+        }
+        source = cause.source();
+    }
+    text
+}
+
 /// Where the control plane is, and — for `https://` — the roots its
 /// certificate is checked against (the mesh's, mounted in the pod).
 #[derive(Clone, Debug)]
@@ -55,6 +70,39 @@ impl ControlEndpoint {
             url: url.into(),
             ca: None,
         }
+    }
+
+    /// The URL's host and port (`None` when it has neither).
+    pub fn host_port(&self) -> Option<(String, u16)> {
+        let uri: http::Uri = self.url.parse().ok()?;
+        let default = if uri.scheme_str() == Some("https") {
+            443
+        } else {
+            80
+        };
+        Some((uri.host()?.to_string(), uri.port_u16().unwrap_or(default)))
+    }
+
+    /// The same control plane at one of its addresses (one replica behind
+    /// a headless Service): TLS still checks the URL's host name.
+    pub fn at(&self, address: std::net::SocketAddr) -> Result<tonic::transport::Endpoint, String> {
+        let https = self.url.starts_with("https://");
+        let scheme = if https { "https" } else { "http" };
+        let endpoint = tonic::transport::Endpoint::from_shared(format!("{scheme}://{address}"))
+            .map_err(|e| format!("{address}: {e}"))?;
+        if !https {
+            return Ok(endpoint);
+        }
+        let mut tls = tonic::transport::ClientTlsConfig::new();
+        if let Some((host, _)) = self.host_port() {
+            tls = tls.domain_name(host);
+        }
+        if let Some(ca) = &self.ca {
+            tls = tls.ca_certificate(ca.clone());
+        }
+        endpoint
+            .tls_config(tls)
+            .map_err(|e| format!("{}: TLS: {e}", self.url))
     }
 
     /// A channel endpoint: TLS checked against `ca` for `https://` URLs.
@@ -158,7 +206,9 @@ async fn mark_stale(
             continue;
         }
         let marked = tx.send_if_modified(|current| {
-            if current.policies_stale {
+            // Nothing received yet: there are no decisions to distrust, and
+            // a changed value would pass for a first configuration.
+            if current.policies_stale || current.version.is_empty() {
                 return false;
             }
             let mut mesh = (**current).clone();
@@ -197,7 +247,7 @@ async fn session(
         .keep_alive_while_idle(true)
         .connect()
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| error_chain(&e))?;
     let mut client = ControlPlaneClient::new(channel);
     let (out, out_rx) = mpsc::channel(4);
     let running = tx.borrow().version.clone();

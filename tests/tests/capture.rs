@@ -425,10 +425,10 @@ fn client_hello(name: &str) -> Result<Vec<u8>> {
     Ok(out)
 }
 
-/// An HTTP/1.1 app on 127.0.0.1:`port` that answers every request with
+/// An HTTP/1.1 app on `host`:`port` that answers every request with
 /// `port <port>`.
-async fn port_app(port: u16) -> Result<()> {
-    let l = tokio::net::TcpListener::bind(("127.0.0.1", port)).await?;
+async fn port_app(host: &str, port: u16) -> Result<()> {
+    let l = tokio::net::TcpListener::bind((host, port)).await?;
     tokio::spawn(async move {
         while let Ok((mut s, _)) = l.accept().await {
             tokio::spawn(async move {
@@ -459,7 +459,8 @@ async fn port_app(port: u16) -> Result<()> {
 /// Inbound capture, as in a pod: a client in another namespace calls the
 /// pod's address on each port its app listens on; `lumen-init` redirects
 /// every connection to the sidecar's inbound listener, which hands each to
-/// the app on the port it was sent to — not all to `--app`'s.
+/// the app where it was sent (the pod's address and that port) — not all
+/// to `--app`'s; a port the app binds on loopback only stays private.
 #[test]
 fn captured_inbound_reaches_the_app_on_the_port_it_was_sent_to() -> Result<()> {
     peer_tool("iptables", "apt-get install iptables");
@@ -485,9 +486,10 @@ fn captured_inbound_reaches_the_app_on_the_port_it_was_sent_to() -> Result<()> {
     client.exec(&["ip", "addr", "add", "10.201.0.1/24", "dev", &client_end])?;
     client.exec(&["ip", "link", "set", &client_end, "up"])?;
 
-    let (sidecar, app_a, app_b) = pod.within(|| {
+    let (sidecar, app_a, app_b, app_c) = pod.within(|| {
         (
             SidecarPorts::pick(),
+            lumen_tests::free_port(),
             lumen_tests::free_port(),
             lumen_tests::free_port(),
         )
@@ -530,8 +532,10 @@ fn captured_inbound_reaches_the_app_on_the_port_it_was_sent_to() -> Result<()> {
                 .build()
                 .unwrap();
             let started: Result<lumen_tests::LumenProcess> = rt.block_on(async {
-                port_app(app_a).await?;
-                port_app(app_b).await?;
+                port_app("0.0.0.0", app_a).await?;
+                port_app("0.0.0.0", app_b).await?;
+                // Bound on loopback only: private to the pod.
+                port_app("127.0.0.1", app_c).await?;
                 let args: Vec<String> = [
                     "--service",
                     "reviews",
@@ -595,6 +599,17 @@ fn captured_inbound_reaches_the_app_on_the_port_it_was_sent_to() -> Result<()> {
                 anyhow::ensure!(r.status() == 200, "port {port}: {}", r.status());
                 out.push(r.text().await?);
             }
+            // What the app binds on loopback only is not reachable from
+            // outside the pod, through the sidecar or not.
+            let private = http
+                .get(format!("http://10.201.0.2:{app_c}/"))
+                .send()
+                .await?;
+            anyhow::ensure!(
+                private.status() == 503,
+                "a loopback-only port answered {}",
+                private.status()
+            );
             Ok(out)
         })
     })?;

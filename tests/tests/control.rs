@@ -435,6 +435,9 @@ async fn sidecars_follow_the_control_plane_over_tls_checked_against_the_mesh_roo
         &url,
         "--control-ca",
         other.to_str().unwrap(),
+        // Cut off past this, it must still not pass for configured.
+        "--policy-staleness",
+        "1s",
     ]
     .map(String::from)
     .to_vec();
@@ -447,12 +450,13 @@ async fn sidecars_follow_the_control_plane_over_tls_checked_against_the_mesh_roo
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let logs = stranger.logs();
-        if logs.contains("certificate") || logs.contains("UnknownIssuer") {
+        if logs.contains("UnknownIssuer") || logs.contains("invalid peer certificate") {
             break;
         }
         assert!(Instant::now() < deadline, "no TLS failure said:\n{logs}");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    tokio::time::sleep(Duration::from_secs(2)).await;
     let ready = reqwest::get(format!("http://127.0.0.1:{}/ready", stranger_ports.admin)).await;
     assert!(
         ready.map(|r| r.status() != 200).unwrap_or(true),

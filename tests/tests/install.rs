@@ -224,3 +224,33 @@ async fn a_cluster_with_istio_keeps_istios_definitions() -> Result<()> {
     );
     Ok(())
 }
+
+#[test]
+fn images_of_your_own_registry_replace_the_defaults_everywhere() -> Result<()> {
+    let docs = dry_run(&[
+        "--image",
+        "registry.example/lumen:1.2",
+        "--proxy-image",
+        "registry.example/lumen-proxy:1.2",
+    ])?;
+    let text = serde_json::to_string(&docs)?;
+    assert!(
+        !text.contains("ghcr.io/lumen-mesh"),
+        "a default image is left"
+    );
+    let control = docs
+        .iter()
+        .find(|d| d["kind"] == "Deployment" && d["metadata"]["name"] == "lumen-control")
+        .expect("lumen-control");
+    let container = &control["spec"]["template"]["spec"]["containers"][0];
+    assert_eq!(container["image"], "registry.example/lumen:1.2");
+    assert!(
+        container["args"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|a| a == "--proxy-image=registry.example/lumen-proxy:1.2"),
+        "{container}"
+    );
+    Ok(())
+}

@@ -338,6 +338,38 @@ fn the_definitions_are_the_controllers_types_and_rbac_lets_it_read_and_report_th
             granted.get(&("authentication.k8s.io".into(), "tokenreviews".into())),
             Some(&verbs(&["create"]))
         );
+        assert_eq!(
+            granted.get(&("discovery.k8s.io".into(), "endpointslices".into())),
+            Some(&verbs(&["list", "watch"]))
+        );
+        assert_eq!(
+            granted.get(&(String::new(), "configmaps".into())),
+            Some(&verbs(&["create", "patch"]))
+        );
+        // What can be limited to one object, is.
+        let named = |group: &str, resource: &str, verb: &str| -> Vec<String> {
+            role.rules
+                .iter()
+                .flatten()
+                .filter(|r| {
+                    r.api_groups.iter().flatten().any(|g| g == group)
+                        && r.resources.iter().flatten().any(|x| x == resource)
+                        && r.verbs.iter().any(|v| v == verb)
+                })
+                .flat_map(|r| r.resource_names.clone().unwrap_or_default())
+                .collect()
+        };
+        assert_eq!(named("", "configmaps", "patch"), ["lumen-ca-root-cert"]);
+        for verb in ["get", "patch"] {
+            assert_eq!(
+                named(
+                    "admissionregistration.k8s.io",
+                    "mutatingwebhookconfigurations",
+                    verb
+                ),
+                ["lumen-sidecar-injector"]
+            );
+        }
         assert!(
             role.rules
                 .iter()
@@ -358,6 +390,26 @@ fn the_definitions_are_the_controllers_types_and_rbac_lets_it_read_and_report_th
             .flat_map(|r| r.verbs.clone())
             .collect::<BTreeSet<_>>();
         assert_eq!(leases, verbs(&["get", "update", "create"]), "{overlay}");
+        let secrets = local
+            .rules
+            .iter()
+            .flatten()
+            .filter(|r| r.resources.iter().flatten().any(|x| x == "secrets"))
+            .map(|r| {
+                (
+                    r.verbs.clone(),
+                    r.resource_names.clone().unwrap_or_default(),
+                )
+            })
+            .collect::<Vec<_>>();
+        assert_eq!(
+            secrets,
+            [
+                (vec!["get".to_string()], vec!["lumen-ca".to_string()]),
+                (vec!["create".to_string()], vec![])
+            ],
+            "{overlay}: the CA Secret only"
+        );
     }
     Ok(())
 }
