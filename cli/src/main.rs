@@ -706,7 +706,7 @@ async fn up(a: UpArgs) -> Result<()> {
     let mut mesh_control_tasks = Vec::new();
     let decide_task = match &a.mesh_control {
         Some(control) => {
-            let endpoint = lumen_proxy::subscribe::ControlEndpoint {
+            let endpoint = lumen_proxy::controlplane::ControlEndpoint {
                 url: lumen_sidecar::endpoint_url(control),
                 ca: match &a.mesh_control_ca {
                     Some(path) => Some(tonic::transport::Certificate::from_pem(

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use lumen_core::MeshConfig;
 use lumen_core::control::v1;
-use lumen_proxy::subscribe::ControlEndpoint;
+use lumen_proxy::controlplane::ControlEndpoint;
 use tokio::sync::watch;
 
 /// Decisions are sent again this often, so a restarted control plane has

@@ -456,7 +456,7 @@ pub async fn start(config: DemoConfig) -> Result<RunningDemo, DemoError> {
         // Every sidecar certified by the demo's mesh CA, as with a join
         // token in `lumen proxy`.
         let certifier = lumen_proxy::mtls::Certifier {
-            endpoint: lumen_proxy::subscribe::ControlEndpoint::plain(control_url.clone()),
+            endpoint: lumen_proxy::controlplane::ControlEndpoint::plain(control_url.clone()),
             join_token: join_token.clone(),
             token_file: None,
             namespace: identity.namespace.to_string(),
@@ -474,7 +474,7 @@ pub async fn start(config: DemoConfig) -> Result<RunningDemo, DemoError> {
         identities.push(tls.clone());
         proxy_tasks.push(tokio::spawn({
             let follow = lumen_proxy::subscribe::follow(
-                lumen_proxy::subscribe::ControlEndpoint::plain(control_url.clone()),
+                lumen_proxy::controlplane::ControlEndpoint::plain(control_url.clone()),
                 node,
                 tx,
                 lumen_proxy::subscribe::DEFAULT_POLICY_STALENESS,

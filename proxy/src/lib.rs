@@ -36,6 +36,7 @@ pub mod balance;
 pub mod body;
 pub mod cluster;
 pub mod context;
+pub mod controlplane;
 pub mod detect;
 pub mod edit;
 pub mod endpoint;

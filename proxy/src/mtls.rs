@@ -642,7 +642,7 @@ pub fn mesh_sni(authority: &str) -> String {
 #[derive(Debug, Clone)]
 pub struct Certifier {
     /// The control plane.
-    pub endpoint: crate::subscribe::ControlEndpoint,
+    pub endpoint: crate::controlplane::ControlEndpoint,
     pub join_token: String,
     /// Where the token is read again for every request, when it rotates
     /// (a pod's projected service-account token, renewed by the kubelet).
@@ -699,7 +699,7 @@ impl MeshTls {
         let channel = c.endpoint.endpoint()?.connect().await.map_err(|e| {
             format!(
                 "cannot reach the control plane: {}",
-                crate::subscribe::error_chain(&e)
+                crate::controlplane::error_chain(&e)
             )
         })?;
         let mut client = v1::control_plane_client::ControlPlaneClient::new(channel);

@@ -24,6 +24,8 @@ use lumen_core::{ConfigError, MeshConfig};
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 
+use crate::controlplane::{ControlEndpoint, error_chain};
+
 /// How often a proxy reports its quota usage.
 pub const QUOTA_REPORT: Duration = Duration::from_secs(1);
 
@@ -40,93 +42,6 @@ impl Drop for AbortOnDrop {
 /// engine's last decisions before conditional policies follow their
 /// `failMode`.
 pub const DEFAULT_POLICY_STALENESS: Duration = Duration::from_secs(30);
-
-/// An error with its causes (`transport error: … invalid peer
-/// certificate: UnknownIssuer`), which tonic's own text leaves out.
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(cause) = source {
-        let more = cause.to_string();
-        if !text.contains(&more) {
-            text = format!("{text}: {more}");
-        }
-        source = cause.source();
-    }
-    text
-}
-
-/// Where the control plane is, and — for `https://` — the roots its
-/// certificate is checked against (the mesh's, mounted in the pod).
-#[derive(Clone, Debug)]
-pub struct ControlEndpoint {
-    pub url: String,
-    pub ca: Option<tonic::transport::Certificate>,
-}
-
-impl ControlEndpoint {
-    pub fn plain(url: impl Into<String>) -> Self {
-        ControlEndpoint {
-            url: url.into(),
-            ca: None,
-        }
-    }
-
-    /// The URL's host and port (`None` when it has neither).
-    pub fn host_port(&self) -> Option<(String, u16)> {
-        let uri: http::Uri = self.url.parse().ok()?;
-        let default = if uri.scheme_str() == Some("https") {
-            443
-        } else {
-            80
-        };
-        Some((uri.host()?.to_string(), uri.port_u16().unwrap_or(default)))
-    }
-
-    /// The same control plane at one of its addresses (one replica behind
-    /// a headless Service): TLS still checks the URL's host name.
-    pub fn at(&self, address: std::net::SocketAddr) -> Result<tonic::transport::Endpoint, String> {
-        let https = self.url.starts_with("https://");
-        let scheme = if https { "https" } else { "http" };
-        let endpoint = tonic::transport::Endpoint::from_shared(format!("{scheme}://{address}"))
-            .map_err(|e| format!("{address}: {e}"))?;
-        if !https {
-            return Ok(endpoint);
-        }
-        let mut tls = tonic::transport::ClientTlsConfig::new();
-        if let Some((host, _)) = self.host_port() {
-            tls = tls.domain_name(host);
-        }
-        if let Some(ca) = &self.ca {
-            tls = tls.ca_certificate(ca.clone());
-        }
-        endpoint
-            .tls_config(tls)
-            .map_err(|e| format!("{}: TLS: {e}", self.url))
-    }
-
-    /// A channel endpoint: TLS checked against `ca` for `https://` URLs.
-    pub fn endpoint(&self) -> Result<tonic::transport::Endpoint, String> {
-        let endpoint = tonic::transport::Endpoint::from_shared(self.url.clone())
-            .map_err(|e| format!("{}: {e}", self.url))?;
-        if !self.url.starts_with("https://") {
-            return Ok(endpoint);
-        }
-        let mut tls = tonic::transport::ClientTlsConfig::new();
-        if let Some(ca) = &self.ca {
-            tls = tls.ca_certificate(ca.clone());
-        }
-        endpoint
-            .tls_config(tls)
-            .map_err(|e| format!("{}: TLS: {e}", self.url))
-    }
-}
-
-impl std::fmt::Display for ControlEndpoint {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.url)
-    }
-}
 
 /// Follows the control plane at `endpoint` (`http://host:port`) until
 /// `stop` turns true, publishing each accepted snapshot on `tx`; cut off

@@ -405,7 +405,7 @@ pub async fn run(a: ProxyArgs) -> Result<()> {
                     "--control-ca is needed to check an https:// control plane (the mesh's trust bundle)"
                 );
             }
-            let url = lumen_proxy::subscribe::ControlEndpoint {
+            let url = lumen_proxy::controlplane::ControlEndpoint {
                 url: endpoint_url(control),
                 ca: match &a.control_ca {
                     Some(path) => Some(tonic::transport::Certificate::from_pem(
