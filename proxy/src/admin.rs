@@ -84,7 +84,37 @@ async fn app_health(
     State(s): State<Arc<AdminState>>,
     uri: axum::http::Uri,
 ) -> axum::response::Response {
-    let Some(probe) = s.app_probes.get(uri.path()) else {
+    ask_app(&s.app_probes, &uri).await
+}
+
+/// The admin port before the first configuration: not ready (no traffic
+/// is served yet), but the app's probes answer — the kubelet's liveness
+/// probe must not restart a healthy app because the control plane is away.
+pub fn waiting_router(app_probes: Arc<BTreeMap<String, AppProbe>>) -> Router {
+    Router::new()
+        .route(
+            "/ready",
+            get(|| async {
+                (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "waiting for the first configuration\n",
+                )
+            }),
+        )
+        .route(
+            "/app-health/{container}/{kind}",
+            get(move |uri: axum::http::Uri| {
+                let probes = app_probes.clone();
+                async move { ask_app(&probes, &uri).await }
+            }),
+        )
+}
+
+async fn ask_app(
+    app_probes: &BTreeMap<String, AppProbe>,
+    uri: &axum::http::Uri,
+) -> axum::response::Response {
+    let Some(probe) = app_probes.get(uri.path()) else {
         return (StatusCode::NOT_FOUND, "no such app probe\n").into_response();
     };
     let target = std::net::SocketAddr::from(([127, 0, 0, 1], probe.port));

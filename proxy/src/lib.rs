@@ -220,6 +220,16 @@ impl Proxy {
         config: ProxyConfig,
         mesh: watch::Receiver<Arc<MeshConfig>>,
     ) -> Result<Proxy, ProxyError> {
+        Self::bind_with_admin(config, mesh, None).await
+    }
+
+    /// As [`Proxy::bind`], with the admin listener already bound (it served
+    /// the app's probes while the first configuration was awaited).
+    pub async fn bind_with_admin(
+        config: ProxyConfig,
+        mesh: watch::Receiver<Arc<MeshConfig>>,
+        admin: Option<TcpListener>,
+    ) -> Result<Proxy, ProxyError> {
         if config.inbound.is_some() && config.app.is_none() {
             return Err(ProxyError::Config(
                 "an inbound listener needs the local app's address".into(),
@@ -233,7 +243,10 @@ impl Proxy {
         Ok(Proxy {
             outbound: bind("outbound", config.outbound).await?,
             inbound: bind("inbound", config.inbound).await?,
-            admin: bind("admin", config.admin).await?,
+            admin: match admin {
+                Some(l) => Some(l),
+                None => bind("admin", config.admin).await?,
+            },
             config,
             mesh,
         })

@@ -378,6 +378,7 @@ pub async fn run(a: ProxyArgs) -> Result<()> {
         bail!("--app is required for the inbound listener (or pass --no-inbound)");
     }
     let (stop, stop_rx) = watch::channel(false);
+    let mut admin_listener = None;
     let (mesh_rx, discovery_task) = match (&a.control, a.file.is_empty()) {
         (Some(control), _) => {
             let (tx, mut rx) = watch::channel(Arc::<lumen_core::MeshConfig>::default());
@@ -446,13 +447,16 @@ pub async fn run(a: ProxyArgs) -> Result<()> {
                 config.tls.clone(),
                 stop_rx.clone(),
             ));
-            // Like Envoy before its first config: not ready, not serving.
+            // Like Envoy before its first config: not ready, not serving —
+            // but the admin port answers the app's probes meanwhile.
+            let waiting = WaitingAdmin::start(a.admin, &config.app_probes).await?;
             tracing::info!(control = %url, "waiting for the first configuration from the control plane");
             tokio::select! {
                 _ = rx.changed() => {}
                 () = shutdown_signal() => return Ok(()),
             }
             rx.borrow_and_update();
+            admin_listener = Some(waiting.finish().await?);
             (rx, Some(task))
         }
         (None, false) => {
@@ -468,7 +472,7 @@ pub async fn run(a: ProxyArgs) -> Result<()> {
         }
         (None, true) => (watch::channel(Arc::default()).1, None),
     };
-    let proxy = Proxy::bind(config, mesh_rx).await?;
+    let proxy = Proxy::bind_with_admin(config, mesh_rx, admin_listener).await?;
     tracing::info!(
         outbound = %fmt_addr(proxy.outbound_addr()),
         inbound = %fmt_addr(proxy.inbound_addr()),
@@ -507,4 +511,57 @@ pub fn runtime(workers: Option<u16>) -> std::io::Result<tokio::runtime::Runtime>
         rt.worker_threads(usize::from(w));
     }
     rt.build()
+}
+
+/// The admin port while the first configuration is awaited
+/// ([`lumen_proxy::admin::waiting_router`]); handed to the proxy after.
+struct WaitingAdmin {
+    listener: std::net::TcpListener,
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl WaitingAdmin {
+    async fn start(
+        addr: SocketAddr,
+        probes: &std::collections::BTreeMap<String, lumen_proxy::admin::AppProbe>,
+    ) -> Result<Self> {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("cannot listen on {addr} (admin; --admin to change)"))?
+            .into_std()?;
+        // The same socket, served now and by the proxy later.
+        let serving = tokio::net::TcpListener::from_std(listener.try_clone()?)?;
+        let router = lumen_proxy::admin::waiting_router(Arc::new(probes.clone()));
+        let (stop, stopped) = tokio::sync::oneshot::channel();
+        let task = tokio::spawn(async move {
+            let served = axum::serve(serving, router)
+                .with_graceful_shutdown(async move {
+                    let _ = stopped.await;
+                })
+                .await;
+            if let Err(e) = served {
+                tracing::warn!(error = %e, "admin server failed");
+            }
+        });
+        Ok(WaitingAdmin {
+            listener,
+            stop,
+            task,
+        })
+    }
+
+    /// Stops serving (a probe in flight gets 2 s to finish) and gives the
+    /// listener back.
+    async fn finish(self) -> Result<tokio::net::TcpListener> {
+        let _ = self.stop.send(());
+        let mut task = self.task;
+        if tokio::time::timeout(Duration::from_secs(2), &mut task)
+            .await
+            .is_err()
+        {
+            task.abort();
+        }
+        Ok(tokio::net::TcpListener::from_std(self.listener)?)
+    }
 }

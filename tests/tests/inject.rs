@@ -434,6 +434,52 @@ async fn the_sidecar_asks_the_app_the_probes_the_kubelet_sends_it() -> Result<()
     assert_eq!(get("/app-health/gone/readyz").await?, 503);
     assert_eq!(get("/app-health/web/startupz").await?, 404);
 
+    // Before its first configuration (its control plane away), a sidecar is
+    // not ready, but the kubelet's probes still reach the app: a healthy
+    // app is not restarted for the control plane's absence.
+    let waiting_ports = SidecarPorts::pick();
+    let args: Vec<String> = [
+        "--service".to_string(),
+        "web".into(),
+        "--no-inbound".into(),
+        "--outbound".into(),
+        format!("127.0.0.1:{}", waiting_ports.outbound),
+        "--admin".into(),
+        format!("127.0.0.1:{}", waiting_ports.admin),
+        "--control".into(),
+        format!("127.0.0.1:{}", free_port()),
+        "--collector".into(),
+        "http://127.0.0.1:9".into(),
+        "--app-probes".into(),
+        probes.clone(),
+    ]
+    .to_vec();
+    let _waiting = lumen_tests::LumenProcess::spawn_bin(
+        &lumen_tests::lumen_proxy_bin(),
+        "sidecar-waiting",
+        dir.path(),
+        &args,
+    )?;
+    let admin = |path: &str| {
+        let url = format!("http://127.0.0.1:{}{path}", waiting_ports.admin);
+        async move { Ok::<_, anyhow::Error>(reqwest::get(url).await?.status().as_u16()) }
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        match admin("/ready").await {
+            Ok(code) => {
+                assert_eq!(code, 503, "ready without a configuration");
+                break;
+            }
+            Err(_) if std::time::Instant::now() < deadline => {
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    assert_eq!(admin("/app-health/web/readyz").await?, 200);
+    assert_eq!(admin("/app-health/web/livez").await?, 503);
+
     // A probe list that is not one stops the sidecar at start, saying so.
     let out = std::process::Command::new(lumen_tests::lumen_proxy_bin())
         .args([
