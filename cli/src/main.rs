@@ -706,19 +706,12 @@ async fn up(a: UpArgs) -> Result<()> {
     let mut mesh_control_tasks = Vec::new();
     let decide_task = match &a.mesh_control {
         Some(control) => {
-            let endpoint = lumen_proxy::controlplane::ControlEndpoint {
-                url: lumen_sidecar::endpoint_url(control),
-                ca: match &a.mesh_control_ca {
-                    Some(path) => Some(tonic::transport::Certificate::from_pem(
-                        std::fs::read(path)
-                            .with_context(|| format!("reading {}", path.display()))?,
-                    )),
-                    None => None,
-                },
-            };
-            if endpoint.url.starts_with("https://") && endpoint.ca.is_none() {
-                bail!("--mesh-control-ca is needed to check an https:// --mesh-control");
-            }
+            let endpoint = lumen_proxy::controlplane::ControlEndpoint::open(
+                lumen_sidecar::endpoint_url(control),
+                a.mesh_control_ca.as_deref(),
+                "--mesh-control-ca",
+            )
+            .map_err(anyhow::Error::msg)?;
             tracing::info!(control = %endpoint, "policy decisions go to the mesh's control plane");
             let remote = mesh_control::start(endpoint, stop_rx.clone());
             mesh_control_tasks = remote.tasks;

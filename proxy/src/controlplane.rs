@@ -33,6 +33,26 @@ impl ControlEndpoint {
         }
     }
 
+    /// The control plane at `url`, checked against the roots in the PEM
+    /// file `ca` when `https://`; `ca_flag` names the flag that gives them,
+    /// for the error when there are none.
+    pub fn open(url: String, ca: Option<&std::path::Path>, ca_flag: &str) -> Result<Self, String> {
+        let ca = match ca {
+            Some(path) => Some(tonic::transport::Certificate::from_pem(
+                std::fs::read(path).map_err(|e| {
+                    format!("reading the control plane's CA {}: {e}", path.display())
+                })?,
+            )),
+            None => None,
+        };
+        if url.starts_with("https://") && ca.is_none() {
+            return Err(format!(
+                "{ca_flag} is needed to check an https:// control plane (the mesh's trust bundle)"
+            ));
+        }
+        Ok(ControlEndpoint { url, ca })
+    }
+
     /// The URL's host and port (`None` when it has neither).
     pub fn host_port(&self) -> Option<(String, u16)> {
         let uri: http::Uri = self.url.parse().ok()?;

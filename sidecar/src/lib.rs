@@ -401,22 +401,12 @@ pub async fn run(a: ProxyArgs) -> Result<()> {
                 inbound_address,
                 spiffe_id: String::new(),
             };
-            if control.starts_with("https://") && a.control_ca.is_none() {
-                bail!(
-                    "--control-ca is needed to check an https:// control plane (the mesh's trust bundle)"
-                );
-            }
-            let url = lumen_proxy::controlplane::ControlEndpoint {
-                url: endpoint_url(control),
-                ca: match &a.control_ca {
-                    Some(path) => Some(tonic::transport::Certificate::from_pem(
-                        std::fs::read(path).with_context(|| {
-                            format!("reading the control plane's CA {}", path.display())
-                        })?,
-                    )),
-                    None => None,
-                },
-            };
+            let url = lumen_proxy::controlplane::ControlEndpoint::open(
+                endpoint_url(control),
+                a.control_ca.as_deref(),
+                "--control-ca",
+            )
+            .map_err(anyhow::Error::msg)?;
             if let Some(join_token) = join_token(a.join_token_file.as_deref())? {
                 let certifier = lumen_proxy::mtls::Certifier {
                     endpoint: url.clone(),

@@ -167,6 +167,33 @@ impl Mesh {
     async fn get(&self, host: &str, path: &str, user: &str) -> Result<reqwest::Response> {
         get(&self.client, self.out, host, path, user).await
     }
+
+    /// Calls ratings (answering 503) until the caller's sidecar limits it.
+    async fn until_limited(&self, what: &str) -> Result<reqwest::Response> {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        loop {
+            let resp = self.get("ratings", "/status/503", "u").await?;
+            if resp.status() == 429 {
+                return Ok(resp);
+            }
+            assert!(std::time::Instant::now() < deadline, "{what}");
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        }
+    }
+
+    /// Calls ratings (answering 200) until the limit lifts; only 429s before.
+    async fn until_lifted(&self, what: &str) -> Result<()> {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        loop {
+            let s = self.get("ratings", "/ok", "u").await?.status();
+            if s == 200 {
+                return Ok(());
+            }
+            assert_eq!(s, 429);
+            assert!(std::time::Instant::now() < deadline, "{what}");
+            tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -298,18 +325,9 @@ async fn a_firing_alert_switches_a_conditional_limit_on_at_the_callers() -> Resu
         assert_eq!(m.get("ratings", "/status/503", "u").await?.status(), 503);
     }
     // The rows reach the rules; the alert fires; the limit switches on.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    let limited = loop {
-        let resp = m.get("ratings", "/status/503", "u").await?;
-        if resp.status() == 429 {
-            break resp;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the conditional limit never switched on"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-    };
+    let limited = m
+        .until_limited("the conditional limit never switched on")
+        .await?;
     assert_eq!(limited.headers()["x-lumen-policy"], "default/shed-ratings");
     let alerts: serde_json::Value =
         reqwest::get(format!("http://127.0.0.1:{}/api/v1/alerts", up.query))
@@ -343,19 +361,8 @@ async fn a_firing_alert_switches_a_conditional_limit_on_at_the_callers() -> Resu
 
     // Limited calls never reach ratings, so no 503 shows in the last
     // seconds: the alert resolves, the cooldown passes, the limit lifts.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    loop {
-        let s = m.get("ratings", "/ok", "u").await?.status();
-        if s == 200 {
-            break;
-        }
-        assert_eq!(s, 429);
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the limit never lifted after the failures stopped"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
-    }
+    m.until_lifted("the limit never lifted after the failures stopped")
+        .await?;
 
     // Why, in `policy_events`; and which policy, in the limited rows.
     let url = up.sql_url();
@@ -689,32 +696,11 @@ async fn with_the_control_plane_apart_a_firing_alert_still_switches_the_limit() 
         true,
     )
     .await?;
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    let limited = loop {
-        let resp = m.get("ratings", "/status/503", "u").await?;
-        if resp.status() == 429 {
-            break resp;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the conditional limit never switched on through the control plane apart"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-    };
+    let limited = m
+        .until_limited("the conditional limit never switched on through the control plane apart")
+        .await?;
     assert_eq!(limited.headers()["x-lumen-policy"], "default/shed-ratings");
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    loop {
-        let s = m.get("ratings", "/ok", "u").await?.status();
-        if s == 200 {
-            break;
-        }
-        assert_eq!(s, 429);
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the limit never lifted"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
-    }
+    m.until_lifted("the limit never lifted").await?;
     // The policy engine follows the control plane like a proxy does.
     let status = Command::new(lumen_bin())
         .args(["proxy-status", "--control", &m.control])
