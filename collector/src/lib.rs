@@ -170,7 +170,13 @@ pub struct StoreReader {
 
 impl StoreReader {
     /// Opens the store and lists every collector's files once.
-    pub async fn open(config: &storage::StorageConfig) -> Result<StoreReader, CollectorError> {
+    pub fn open(
+        config: &storage::StorageConfig,
+    ) -> lumen_core::BoxFuture<'_, Result<StoreReader, CollectorError>> {
+        Box::pin(Self::open_inner(config))
+    }
+
+    async fn open_inner(config: &storage::StorageConfig) -> Result<StoreReader, CollectorError> {
         let storage = Arc::new(storage::Storage::reader(config)?);
         let store = Arc::new(Store::new());
         store.set_storage(storage.clone());
@@ -196,7 +202,21 @@ impl StoreReader {
     }
 
     /// Lists the collectors' files every refresh until `shutdown` resolves.
-    pub async fn run(self, shutdown: impl Future<Output = ()>) {
+    pub fn run(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> lumen_core::BoxFuture<'static, ()> {
+        self.run_until(Box::pin(shutdown))
+    }
+
+    fn run_until(
+        self,
+        shutdown: lumen_core::BoxFuture<'static, ()>,
+    ) -> lumen_core::BoxFuture<'static, ()> {
+        Box::pin(self.follow(shutdown))
+    }
+
+    async fn follow(self, shutdown: lumen_core::BoxFuture<'static, ()>) {
         let (stop, stop_rx) = watch::channel(false);
         let follow = tokio::spawn(persist::follow_others(
             self.storage,
@@ -238,7 +258,13 @@ fn claim_token(data_dir: &Path) -> Result<String, CollectorError> {
 impl Collector {
     /// Opens the store in `config.data_dir` — loading Parquet files and
     /// replaying the WAL — and binds the OTLP listeners.
-    pub async fn open(config: CollectorConfig) -> Result<Collector, CollectorError> {
+    pub fn open(
+        config: CollectorConfig,
+    ) -> lumen_core::BoxFuture<'static, Result<Collector, CollectorError>> {
+        Box::pin(Self::open_inner(config))
+    }
+
+    async fn open_inner(config: CollectorConfig) -> Result<Collector, CollectorError> {
         let data = config.data_dir.clone();
         std::fs::create_dir_all(&data).map_err(|e| CollectorError::DataDir {
             path: data.clone(),
@@ -406,7 +432,24 @@ impl Collector {
 
     /// Serves OTLP until `shutdown` resolves; then stops accepting, flushes
     /// the hot buffer to Parquet and closes the WAL.
-    pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), CollectorError> {
+    pub fn run(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> lumen_core::BoxFuture<'static, Result<(), CollectorError>> {
+        self.run_until(Box::pin(shutdown))
+    }
+
+    fn run_until(
+        self,
+        shutdown: lumen_core::BoxFuture<'static, ()>,
+    ) -> lumen_core::BoxFuture<'static, Result<(), CollectorError>> {
+        Box::pin(self.serve(shutdown))
+    }
+
+    async fn serve(
+        self,
+        shutdown: lumen_core::BoxFuture<'static, ()>,
+    ) -> Result<(), CollectorError> {
         let Collector {
             config,
             store: _,

@@ -39,7 +39,17 @@ pub enum CaSecretError {
 /// Makes `dir`'s `ca-cert.pem` and `ca-key.pem` those of the Secret,
 /// creating the Secret (from the files already in `dir`, or a new root)
 /// when there is none. `Ok(true)`: this replica created it.
-pub async fn sync(
+pub fn sync<'a>(
+    client: kube::Client,
+    namespace: &'a str,
+    name: &'a str,
+    dir: &'a Path,
+    trust_domain: &'a str,
+) -> lumen_core::BoxFuture<'a, Result<bool, CaSecretError>> {
+    Box::pin(sync_inner(client, namespace, name, dir, trust_domain))
+}
+
+async fn sync_inner(
     client: kube::Client,
     namespace: &str,
     name: &str,

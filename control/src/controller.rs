@@ -673,7 +673,14 @@ impl Controller {
     /// Waits for the first full list of the built-in kinds, and of custom
     /// kinds for at most `custom_wait` (a kind whose definition is not
     /// installed is taken once it is).
-    pub async fn wait_ready(
+    pub fn wait_ready(
+        &self,
+        custom_wait: Duration,
+    ) -> lumen_core::BoxFuture<'_, Result<(), reflector::store::WriterDropped>> {
+        Box::pin(self.wait_ready_inner(custom_wait))
+    }
+
+    async fn wait_ready_inner(
         &self,
         custom_wait: Duration,
     ) -> Result<(), reflector::store::WriterDropped> {
@@ -711,7 +718,16 @@ impl Controller {
     /// a task of its own writes statuses, the CA bundle and the root
     /// ConfigMaps while `leading` says so, so a slow API server never
     /// holds back the next snapshot.
-    pub async fn run(
+    pub fn run(
+        self,
+        store: Arc<ConfigStore>,
+        leading: watch::Receiver<bool>,
+        shutdown: watch::Receiver<bool>,
+    ) -> lumen_core::BoxFuture<'static, ()> {
+        Box::pin(self.publish_until(store, leading, shutdown))
+    }
+
+    async fn publish_until(
         self,
         store: Arc<ConfigStore>,
         leading: watch::Receiver<bool>,

@@ -185,7 +185,16 @@ async fn on_change(
 
 /// Feeds a control plane's store from files: each valid change replaces
 /// what the files held before; an invalid one is logged and left out.
-pub async fn feed_store(
+pub fn feed_store(
+    paths: Vec<PathBuf>,
+    store: Arc<crate::store::ConfigStore>,
+    interval: Duration,
+    shutdown: watch::Receiver<bool>,
+) -> lumen_core::BoxFuture<'static, ()> {
+    Box::pin(feed_store_until(paths, store, interval, shutdown))
+}
+
+async fn feed_store_until(
     paths: Vec<PathBuf>,
     store: Arc<crate::store::ConfigStore>,
     interval: Duration,

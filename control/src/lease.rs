@@ -163,7 +163,15 @@ impl Elector {
 
     /// Campaigns until `shutdown`, telling `leading` whether this replica
     /// leads; releases the lease on the way out.
-    pub async fn run(mut self, leading: watch::Sender<bool>, mut shutdown: watch::Receiver<bool>) {
+    pub fn run(
+        self,
+        leading: watch::Sender<bool>,
+        shutdown: watch::Receiver<bool>,
+    ) -> lumen_core::BoxFuture<'static, ()> {
+        Box::pin(self.campaign(leading, shutdown))
+    }
+
+    async fn campaign(mut self, leading: watch::Sender<bool>, mut shutdown: watch::Receiver<bool>) {
         let mut last_renewed: Option<Instant> = None;
         loop {
             // A call that hangs must not keep this replica leading past

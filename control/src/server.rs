@@ -565,10 +565,26 @@ impl ControlService {
 }
 
 /// Serves the control plane on `listener` until `shutdown` resolves.
-pub async fn serve(
+pub fn serve(
     listener: tokio::net::TcpListener,
     service: ControlService,
-    shutdown: impl std::future::Future<Output = ()>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> lumen_core::BoxFuture<'static, Result<(), tonic::transport::Error>> {
+    serve_boxed(listener, service, Box::pin(shutdown))
+}
+
+fn serve_boxed(
+    listener: tokio::net::TcpListener,
+    service: ControlService,
+    shutdown: lumen_core::BoxFuture<'static, ()>,
+) -> lumen_core::BoxFuture<'static, Result<(), tonic::transport::Error>> {
+    Box::pin(serve_until(listener, service, shutdown))
+}
+
+async fn serve_until(
+    listener: tokio::net::TcpListener,
+    service: ControlService,
+    shutdown: lumen_core::BoxFuture<'static, ()>,
 ) -> Result<(), tonic::transport::Error> {
     tonic::transport::Server::builder()
         .add_service(service.into_server())
@@ -583,11 +599,29 @@ pub async fn serve(
 /// the control plane against the mesh root they have mounted, and their
 /// tokens travel encrypted). Handshakes run beside the accept loop, each
 /// within 10 s, at most 256 at once.
-pub async fn serve_tls(
+pub fn serve_tls<'a>(
+    listener: tokio::net::TcpListener,
+    service: ControlService,
+    cert: &'a crate::serving::ServingCert,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> lumen_core::BoxFuture<'a, Result<(), ServeTlsError>> {
+    serve_tls_boxed(listener, service, cert, Box::pin(shutdown))
+}
+
+fn serve_tls_boxed<'a>(
+    listener: tokio::net::TcpListener,
+    service: ControlService,
+    cert: &'a crate::serving::ServingCert,
+    shutdown: lumen_core::BoxFuture<'static, ()>,
+) -> lumen_core::BoxFuture<'a, Result<(), ServeTlsError>> {
+    Box::pin(serve_tls_until(listener, service, cert, shutdown))
+}
+
+async fn serve_tls_until(
     listener: tokio::net::TcpListener,
     service: ControlService,
     cert: &crate::serving::ServingCert,
-    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    shutdown: lumen_core::BoxFuture<'static, ()>,
 ) -> Result<(), ServeTlsError> {
     let config = cert.server_config(&[b"h2"]).map_err(ServeTlsError::Tls)?;
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));

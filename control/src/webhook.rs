@@ -77,7 +77,11 @@ impl Webhook {
     }
 
     /// Serves until `stop` turns true; requests in flight finish.
-    pub async fn run(self, mut stop: watch::Receiver<bool>) {
+    pub fn run(self, stop: watch::Receiver<bool>) -> lumen_core::BoxFuture<'static, ()> {
+        Box::pin(self.serve_until(stop))
+    }
+
+    async fn serve_until(self, mut stop: watch::Receiver<bool>) {
         let config = match self.cert.server_config(&[b"h2", b"http/1.1"]) {
             Ok(c) => c,
             Err(e) => {

@@ -57,3 +57,13 @@ pub use config::{
     ConfigError, Endpoint, MeshConfig, RetryOn, RetryPolicy, Service, UpstreamProtocol,
 };
 pub use record::{Protocol, Reporter, RequestRecord, ResponseFlags, Workload};
+
+/// A boxed future, as the long-running entry points of Lumen's crates
+/// (servers, the collector, the controller, query execution) return.
+///
+/// An `async fn`'s state machine is compiled again in every crate that
+/// polls it, with everything it awaits: without the box, the `lumen` binary
+/// crate recompiled the proxy, the collector and DataFusion's SQL planner
+/// behind each command. Boxed in the crate that defines it, it is compiled
+/// once; callers see one `poll` through a vtable.
+pub type BoxFuture<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;

@@ -217,7 +217,11 @@ impl Follower {
 }
 
 /// Starts everything; returns once traffic is flowing.
-pub async fn start(config: DemoConfig) -> Result<RunningDemo, DemoError> {
+pub fn start(config: DemoConfig) -> lumen_core::BoxFuture<'static, Result<RunningDemo, DemoError>> {
+    Box::pin(start_inner(config))
+}
+
+async fn start_inner(config: DemoConfig) -> Result<RunningDemo, DemoError> {
     // Storage and query first, so the first request is recorded.
     let data_dir = config.collector.data_dir.clone();
     let collector = Collector::open(config.collector).await?;
@@ -641,7 +645,11 @@ impl RunningDemo {
     /// Stops queries (reads: nothing is lost, and a runaway must not slow
     /// the rest), traffic, then sidecars (which export what they hold), then
     /// the apps, then the collector (which flushes to Parquet).
-    pub async fn stop(self) -> Result<DemoReport, DemoError> {
+    pub fn stop(self) -> lumen_core::BoxFuture<'static, Result<DemoReport, DemoError>> {
+        Box::pin(self.stop_inner())
+    }
+
+    async fn stop_inner(self) -> Result<DemoReport, DemoError> {
         let _ = self.stop_query.send(true);
         let _ = self.stop_load.send(true);
         for t in self.load_tasks {

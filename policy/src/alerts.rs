@@ -233,7 +233,15 @@ impl RuleEngine {
     }
 
     /// Evaluates every group on its interval until `stop` turns true.
-    pub async fn run(self: Arc<Self>, engine: QueryEngine, stop: watch::Receiver<bool>) {
+    pub fn run(
+        self: Arc<Self>,
+        engine: QueryEngine,
+        stop: watch::Receiver<bool>,
+    ) -> lumen_core::BoxFuture<'static, ()> {
+        Box::pin(self.evaluate_until(engine, stop))
+    }
+
+    async fn evaluate_until(self: Arc<Self>, engine: QueryEngine, stop: watch::Receiver<bool>) {
         let mut tasks = tokio::task::JoinSet::new();
         for i in 0..self.groups.len() {
             let (this, engine, mut stop) = (self.clone(), engine.clone(), stop.clone());

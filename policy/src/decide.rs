@@ -432,12 +432,44 @@ impl Board {
 /// policies show and cooldowns end on time) until `stop`: `policies` gives
 /// the policies in force, `publish` takes the set that is on, `record`
 /// the events of each decision, `board` shows every policy's state.
-pub async fn run(
+pub fn run(
     engine: Arc<RuleEngine>,
     board: Arc<Board>,
     policies: impl Fn() -> Policies + Send + 'static,
     publish: impl Fn(BTreeSet<String>) + Send + 'static,
     record: impl Fn(Vec<PolicyEvent>) + Send + 'static,
+    stop: watch::Receiver<bool>,
+) -> lumen_core::BoxFuture<'static, ()> {
+    run_boxed(
+        engine,
+        board,
+        Box::new(policies),
+        Box::new(publish),
+        Box::new(record),
+        stop,
+    )
+}
+
+/// A callback of `decide::run`, boxed so its loop is compiled once, here.
+type Hook<A> = Box<dyn Fn(A) + Send>;
+
+fn run_boxed(
+    engine: Arc<RuleEngine>,
+    board: Arc<Board>,
+    policies: Box<dyn Fn() -> Policies + Send>,
+    publish: Hook<BTreeSet<String>>,
+    record: Hook<Vec<PolicyEvent>>,
+    stop: watch::Receiver<bool>,
+) -> lumen_core::BoxFuture<'static, ()> {
+    Box::pin(decide_until(engine, board, policies, publish, record, stop))
+}
+
+async fn decide_until(
+    engine: Arc<RuleEngine>,
+    board: Arc<Board>,
+    policies: Box<dyn Fn() -> Policies + Send>,
+    publish: Hook<BTreeSet<String>>,
+    record: Hook<Vec<PolicyEvent>>,
     mut stop: watch::Receiver<bool>,
 ) {
     let mut evaluated = engine.subscribe();

@@ -62,7 +62,19 @@ impl Notifier {
     }
 
     /// Follows `engine`'s evaluations until `stop` turns true.
-    pub async fn run(self: Arc<Self>, engine: Arc<RuleEngine>, mut stop: watch::Receiver<bool>) {
+    pub fn run(
+        self: Arc<Self>,
+        engine: Arc<RuleEngine>,
+        stop: watch::Receiver<bool>,
+    ) -> lumen_core::BoxFuture<'static, ()> {
+        Box::pin(self.notify_until(engine, stop))
+    }
+
+    async fn notify_until(
+        self: Arc<Self>,
+        engine: Arc<RuleEngine>,
+        mut stop: watch::Receiver<bool>,
+    ) {
         let mut evaluated = engine.subscribe();
         let mut firing: BTreeMap<Key, Alert> = BTreeMap::new();
         let mut last_send: Option<Instant> = None;

@@ -266,7 +266,21 @@ impl Proxy {
 
     /// Serves until `shutdown` resolves, then drains connections and
     /// exports the records still queued.
-    pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), ProxyError> {
+    pub fn run(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> lumen_core::BoxFuture<'static, Result<(), ProxyError>> {
+        self.run_until(Box::pin(shutdown))
+    }
+
+    fn run_until(
+        self,
+        shutdown: lumen_core::BoxFuture<'static, ()>,
+    ) -> lumen_core::BoxFuture<'static, Result<(), ProxyError>> {
+        Box::pin(self.serve(shutdown))
+    }
+
+    async fn serve(self, shutdown: lumen_core::BoxFuture<'static, ()>) -> Result<(), ProxyError> {
         let Proxy {
             config,
             mut mesh,

@@ -46,7 +46,21 @@ pub const DEFAULT_POLICY_STALENESS: Duration = Duration::from_secs(30);
 /// Follows the control plane at `endpoint` (`http://host:port`) until
 /// `stop` turns true, publishing each accepted snapshot on `tx`; cut off
 /// for `staleness`, marks the decisions stale.
-pub async fn follow(
+pub fn follow(
+    endpoint: ControlEndpoint,
+    node: Node,
+    tx: watch::Sender<Arc<MeshConfig>>,
+    staleness: Duration,
+    quotas: Arc<crate::quota::QuotaLedger>,
+    tls: Arc<crate::mtls::MeshTls>,
+    stop: watch::Receiver<bool>,
+) -> lumen_core::BoxFuture<'static, ()> {
+    Box::pin(follow_until(
+        endpoint, node, tx, staleness, quotas, tls, stop,
+    ))
+}
+
+async fn follow_until(
     endpoint: ControlEndpoint,
     node: Node,
     tx: watch::Sender<Arc<MeshConfig>>,

@@ -28,6 +28,7 @@ use datafusion::physical_plan::execute_stream;
 use datafusion::prelude::{SessionConfig, SessionContext};
 use futures_util::StreamExt;
 use lumen_collector::Store;
+use lumen_core::BoxFuture;
 use lumen_core::load::Pressure;
 use lumen_core::schema::table_schema;
 
@@ -397,13 +398,25 @@ impl QueryEngine {
     /// Runs `sql`; `origin` says who asked, for the running-query list and logs.
     ///
     /// Dropping the returned future (the client went away) stops the query.
-    pub async fn execute(&self, sql: &str, origin: &str) -> Result<QueryResult, QueryError> {
-        self.execute_request(Request::sql(sql), origin).await
+    pub fn execute<'a>(
+        &'a self,
+        sql: &'a str,
+        origin: &'a str,
+    ) -> BoxFuture<'a, Result<QueryResult, QueryError>> {
+        self.execute_request(Request::sql(sql), origin)
     }
 
     /// Plans `sql` without running it: its result schema and parameter
     /// types, for a prepared statement's description.
-    pub async fn describe(&self, sql: &str, postgres: bool) -> Result<Described, QueryError> {
+    pub fn describe<'a>(
+        &'a self,
+        sql: &'a str,
+        postgres: bool,
+    ) -> BoxFuture<'a, Result<Described, QueryError>> {
+        Box::pin(self.describe_inner(sql, postgres))
+    }
+
+    async fn describe_inner(&self, sql: &str, postgres: bool) -> Result<Described, QueryError> {
         let store = self.store.clone();
         let config = self.config.clone();
         let pool = Arc::new(QueryPool::new(
@@ -449,7 +462,15 @@ impl QueryEngine {
     }
 
     /// Runs a front end's request; `origin` says who asked.
-    pub async fn execute_request(
+    pub fn execute_request<'a>(
+        &'a self,
+        request: Request,
+        origin: &'a str,
+    ) -> BoxFuture<'a, Result<QueryResult, QueryError>> {
+        Box::pin(self.execute_request_inner(request, origin))
+    }
+
+    async fn execute_request_inner(
         &self,
         request: Request,
         origin: &str,

@@ -35,7 +35,14 @@ impl Exposition {
 
 /// Renders every metric; `own` is the query service's registry, in the
 /// OpenMetrics text `prometheus-client` writes.
-pub async fn render(engine: &QueryEngine, format: Exposition) -> Result<String, PromError> {
+pub fn render(
+    engine: &QueryEngine,
+    format: Exposition,
+) -> lumen_core::BoxFuture<'_, Result<String, PromError>> {
+    Box::pin(render_inner(engine, format))
+}
+
+async fn render_inner(engine: &QueryEngine, format: Exposition) -> Result<String, PromError> {
     let source = IstioSource::new(engine.clone(), "metrics scrape".into());
     let samples = source.totals().await?;
     let mut out = String::with_capacity(samples.len() * 200);

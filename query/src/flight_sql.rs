@@ -83,9 +83,23 @@ impl FlightSqlServer {
 
     /// Serves until `shutdown` resolves; running queries are stopped by
     /// the engine's shutdown.
-    pub async fn run(
+    pub fn run(
         self,
-        shutdown: impl Future<Output = ()> + Send,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> lumen_core::BoxFuture<'static, Result<(), FlightSqlError>> {
+        self.run_until(Box::pin(shutdown))
+    }
+
+    fn run_until(
+        self,
+        shutdown: lumen_core::BoxFuture<'static, ()>,
+    ) -> lumen_core::BoxFuture<'static, Result<(), FlightSqlError>> {
+        Box::pin(self.serve(shutdown))
+    }
+
+    async fn serve(
+        self,
+        shutdown: lumen_core::BoxFuture<'static, ()>,
     ) -> Result<(), FlightSqlError> {
         tonic::transport::Server::builder()
             .add_service(FlightServiceServer::new(self.service))

@@ -100,10 +100,21 @@ impl QueryServer {
 
     /// Serves until `shutdown` resolves; then stops every running query
     /// (they are reads: nothing is lost) and closes connections.
-    pub async fn run(
+    pub fn run(
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
-    ) -> Result<(), ServeError> {
+    ) -> lumen_core::BoxFuture<'static, Result<(), ServeError>> {
+        self.run_until(Box::pin(shutdown))
+    }
+
+    fn run_until(
+        self,
+        shutdown: lumen_core::BoxFuture<'static, ()>,
+    ) -> lumen_core::BoxFuture<'static, Result<(), ServeError>> {
+        Box::pin(self.serve(shutdown))
+    }
+
+    async fn serve(self, shutdown: lumen_core::BoxFuture<'static, ()>) -> Result<(), ServeError> {
         let (stopping_tx, mut stopping) = tokio::sync::watch::channel(false);
         let engine = self.engine.clone();
         let mut router = http::router(self.engine);

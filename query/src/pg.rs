@@ -104,7 +104,21 @@ impl PgServer {
     /// Serves until `shutdown` resolves, then gives open sessions
     /// [`crate::DRAIN_TIMEOUT`] to end (their queries are stopped by the
     /// engine's shutdown) and closes the rest.
-    pub async fn run(self, shutdown: impl Future<Output = ()> + Send) -> std::io::Result<()> {
+    pub fn run(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> lumen_core::BoxFuture<'static, std::io::Result<()>> {
+        self.run_until(Box::pin(shutdown))
+    }
+
+    fn run_until(
+        self,
+        shutdown: lumen_core::BoxFuture<'static, ()>,
+    ) -> lumen_core::BoxFuture<'static, std::io::Result<()>> {
+        Box::pin(self.serve(shutdown))
+    }
+
+    async fn serve(self, shutdown: lumen_core::BoxFuture<'static, ()>) -> std::io::Result<()> {
         let mut sessions = JoinSet::new();
         tokio::pin!(shutdown);
         loop {

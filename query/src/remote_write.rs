@@ -409,7 +409,11 @@ impl RemoteWriter {
 
     /// Reads the store and sends until `stop` turns true; then sends what
     /// is queued for a few more seconds.
-    pub async fn run(self, stop: watch::Receiver<bool>) {
+    pub fn run(self, stop: watch::Receiver<bool>) -> lumen_core::BoxFuture<'static, ()> {
+        Box::pin(self.send_until(stop))
+    }
+
+    async fn send_until(self, stop: watch::Receiver<bool>) {
         let this = Arc::new(self);
         if this.destinations.is_empty() {
             return;

@@ -17,7 +17,16 @@ pub const INTERVAL: Duration = Duration::from_secs(15);
 
 /// Records `engine`'s metrics every [`INTERVAL`] (the first at once) until
 /// `stop` turns true.
-pub async fn record(
+pub fn record(
+    engine: QueryEngine,
+    writer: RecordingWriter,
+    instance: String,
+    stop: watch::Receiver<bool>,
+) -> lumen_core::BoxFuture<'static, ()> {
+    Box::pin(record_until(engine, writer, instance, stop))
+}
+
+async fn record_until(
     engine: QueryEngine,
     writer: RecordingWriter,
     instance: String,

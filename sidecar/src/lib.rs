@@ -325,7 +325,11 @@ pub fn fmt_addr(a: Option<SocketAddr>) -> String {
 }
 
 /// Runs one sidecar until Ctrl-C or SIGTERM, then drains it.
-pub async fn run(a: ProxyArgs) -> Result<()> {
+pub fn run(a: ProxyArgs) -> lumen_core::BoxFuture<'static, Result<()>> {
+    Box::pin(run_inner(a))
+}
+
+async fn run_inner(a: ProxyArgs) -> Result<()> {
     init_logging("info");
     let workload = a.workload.clone().unwrap_or_else(|| {
         if a.version == "unknown" {

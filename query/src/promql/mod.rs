@@ -117,7 +117,14 @@ pub fn parse(expr: &str) -> Result<promql_parser::parser::Expr, PromError> {
 }
 
 /// Parses and evaluates `query` over the store.
-pub async fn evaluate(engine: &QueryEngine, query: PromQuery) -> Result<Value, PromError> {
+pub fn evaluate(
+    engine: &QueryEngine,
+    query: PromQuery,
+) -> lumen_core::BoxFuture<'_, Result<Value, PromError>> {
+    Box::pin(evaluate_inner(engine, query))
+}
+
+async fn evaluate_inner(engine: &QueryEngine, query: PromQuery) -> Result<Value, PromError> {
     let expr = parse(&query.expr)
         .map_err(|e| PromError::BadData(format!("invalid parameter \"query\": {e}")))?;
     if query.steps.len() > MAX_STEPS {
