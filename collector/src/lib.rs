@@ -209,6 +209,8 @@ impl StoreReader {
         self.run_until(Box::pin(shutdown))
     }
 
+    // Not generic, so the state machine it boxes is compiled here, once
+    // (see `lumen_core::BoxFuture`).
     fn run_until(
         self,
         shutdown: lumen_core::BoxFuture<'static, ()>,
@@ -439,6 +441,8 @@ impl Collector {
         self.run_until(Box::pin(shutdown))
     }
 
+    // Not generic, so the state machine it boxes is compiled here, once
+    // (see `lumen_core::BoxFuture`).
     fn run_until(
         self,
         shutdown: lumen_core::BoxFuture<'static, ()>,

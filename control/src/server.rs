@@ -573,6 +573,8 @@ pub fn serve(
     serve_boxed(listener, service, Box::pin(shutdown))
 }
 
+// Not generic, so the state machine it boxes is compiled here, once
+// (see `lumen_core::BoxFuture`).
 fn serve_boxed(
     listener: tokio::net::TcpListener,
     service: ControlService,
@@ -608,6 +610,8 @@ pub fn serve_tls<'a>(
     serve_tls_boxed(listener, service, cert, Box::pin(shutdown))
 }
 
+// Not generic, so the state machine it boxes is compiled here, once
+// (see `lumen_core::BoxFuture`).
 fn serve_tls_boxed<'a>(
     listener: tokio::net::TcpListener,
     service: ControlService,

@@ -453,6 +453,8 @@ pub fn run(
 /// A callback of `decide::run`, boxed so its loop is compiled once, here.
 type Hook<A> = Box<dyn Fn(A) + Send>;
 
+// Not generic, so the state machine it boxes is compiled here, once
+// (see `lumen_core::BoxFuture`).
 fn run_boxed(
     engine: Arc<RuleEngine>,
     board: Arc<Board>,

@@ -111,6 +111,8 @@ impl PgServer {
         self.run_until(Box::pin(shutdown))
     }
 
+    // Not generic, so the state machine it boxes is compiled here, once
+    // (see `lumen_core::BoxFuture`).
     fn run_until(
         self,
         shutdown: lumen_core::BoxFuture<'static, ()>,
