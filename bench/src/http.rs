@@ -85,6 +85,19 @@ fn dechunk(mut s: &str) -> Result<String> {
     }
 }
 
+/// The value of one series on a Lumen process's `/metrics` (NaN when the
+/// page or the series is missing, so a caller waiting on it just waits).
+pub fn metric(addr: SocketAddr, series: &str) -> f64 {
+    get(addr, "/metrics", None)
+        .ok()
+        .and_then(|r| {
+            r.body
+                .lines()
+                .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+        })
+        .unwrap_or(f64::NAN)
+}
+
 pub fn truncate(s: &str, max: usize) -> &str {
     match s.char_indices().nth(max) {
         Some((i, _)) => &s[..i],

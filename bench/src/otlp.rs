@@ -407,16 +407,7 @@ pub fn run(lumen: &Path, dir: &Path, set: &Settings) -> Result<Outcome> {
     // Everything to Parquet, then compacted: the bytes an item costs.
     eprintln!("  waiting for flush and compaction");
     let query = local(ports.query);
-    let metric = |series: &str| -> f64 {
-        crate::http::get(query, "/metrics", None)
-            .ok()
-            .and_then(|r| {
-                r.body
-                    .lines()
-                    .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
-            })
-            .unwrap_or(f64::NAN)
-    };
+    let metric = |series: &str| crate::http::metric(query, series);
     // Done once nothing is hot and three compaction intervals pass with
     // no compaction.
     let compactions = "lumen_compactions_total{outcome=\"ok\"}";
