@@ -143,7 +143,14 @@ mod tests {
     fn the_committed_bundle_is_built_from_the_committed_sources() {
         // build.sh records a hash of every source it bundled; a change to
         // the sources without a rebuild would ship a stale UI.
-        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("ui");
+        // The checkout `cargo test` runs in, not the one that compiled this
+        // test into a shared target directory.
+        let dir = std::env::var_os("CARGO_MANIFEST_DIR")
+            .map_or_else(
+                || env!("CARGO_MANIFEST_DIR").into(),
+                std::path::PathBuf::from,
+            )
+            .join("ui");
         let recorded = std::fs::read_to_string(dir.join("dist/SOURCES"))
             .expect("ui/dist/SOURCES: run query/ui/build.sh");
         let mut files: Vec<String> = std::fs::read_dir(dir.join("src"))

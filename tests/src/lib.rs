@@ -18,6 +18,23 @@ pub mod relay;
 pub mod s3;
 pub mod upstream;
 
+/// This crate's directory (`tests/`), where its fixtures live.
+///
+/// Read at run time: `cargo test` sets `CARGO_MANIFEST_DIR` for the checkout
+/// it runs in, while `env!` would keep the path of whichever checkout first
+/// compiled the test into a shared `CARGO_TARGET_DIR`.
+pub fn crate_dir() -> PathBuf {
+    manifest_dir(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// `CARGO_MANIFEST_DIR` of the running `cargo test`, or `built_in` (the
+/// compile-time value) when the test binary runs on its own.
+pub fn manifest_dir(built_in: &str) -> PathBuf {
+    std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(built_in))
+}
+
 /// The `lumen` binary built beside this test (`target/<profile>/lumen`).
 pub fn lumen_bin() -> PathBuf {
     if let Ok(p) = std::env::var("LUMEN_BIN") {

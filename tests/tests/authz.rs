@@ -5,7 +5,6 @@
 //! headers and JWT claims — 403 `RBAC: access denied` with the policy in
 //! the row, 401 for a bad token — as they do in Istio.
 
-use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -16,7 +15,7 @@ use lumen_tests::{
 };
 
 fn istio(path: &str) -> String {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
+    lumen_tests::crate_dir()
         .join("data/istio")
         .join(path)
         .display()

@@ -24,8 +24,7 @@ fn check_accepts_valid_config_and_names_file_field_and_reason_otherwise() -> Res
 
     // Istio's own files are checked with the mesh they route; what Lumen
     // does not implement is refused naming file, resource and field.
-    let istio =
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("data/istio/bookinfo/networking");
+    let istio = lumen_tests::crate_dir().join("data/istio/bookinfo/networking");
     let vs = dir.path().join("vs.yaml");
     std::fs::write(
         &vs,

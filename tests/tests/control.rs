@@ -19,7 +19,7 @@ use lumen_tests::{LumenProcess, Sidecar, SidecarPorts, free_port, local, lumen_b
 const V2_ONLY: &str = "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata:\n  name: reviews\nspec:\n  hosts: [reviews]\n  http:\n  - route:\n    - destination: {host: reviews, subset: v2}\n";
 
 fn istio_file(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
+    lumen_tests::crate_dir()
         .join("data/istio/bookinfo/networking")
         .join(name)
 }

@@ -49,9 +49,7 @@ fn why_empty(expr: &str) -> Option<&'static str> {
 }
 
 fn dashboards() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("..")
-        .join("dashboards")
+    lumen_tests::crate_dir().join("..").join("dashboards")
 }
 
 /// An RFC 3339 time, as Grafana's PostgreSQL macros write them.

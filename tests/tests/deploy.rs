@@ -4,12 +4,12 @@
 //! runtime stages, runs their entrypoints as a non-root user.
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 
-fn repo() -> &'static Path {
-    Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
+fn repo() -> PathBuf {
+    lumen_tests::crate_dir().join("..")
 }
 
 /// One stage of a Dockerfile: its instructions, continuation lines joined.

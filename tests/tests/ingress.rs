@@ -18,7 +18,7 @@ use lumen_tests::upstream::start_app;
 use lumen_tests::{Sidecar, SidecarPorts, UpPorts, free_port, peer_tool, start_up, wait_for_count};
 
 fn istio_file(path: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
+    lumen_tests::crate_dir()
         .join("data/istio/security")
         .join(path)
 }

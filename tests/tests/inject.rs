@@ -13,10 +13,7 @@ use lumen_control::inject::{ADMIN_PORT, Injector, review};
 use serde_json::{Value, json};
 
 fn reviews_v1() -> Result<Value> {
-    let path = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/data/k8s/admission-review-reviews-v1.json"
-    );
+    let path = lumen_tests::crate_dir().join("data/k8s/admission-review-reviews-v1.json");
     Ok(serde_json::from_str(&std::fs::read_to_string(path)?)?)
 }
 

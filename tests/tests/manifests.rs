@@ -5,7 +5,7 @@
 //! the binaries they run.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::Path;
+use std::path::PathBuf;
 use std::process::Command;
 
 use anyhow::{Context, Result, bail, ensure};
@@ -20,8 +20,8 @@ use serde_json::Value;
 
 const OVERLAYS: [&str; 3] = ["default", "with-istio", "object-storage"];
 
-fn repo() -> &'static Path {
-    Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
+fn repo() -> PathBuf {
+    lumen_tests::crate_dir().join("..")
 }
 
 fn render(overlay: &str) -> Result<Vec<Value>> {

@@ -296,7 +296,7 @@ fn a_rule_with_bad_promql_keeps_lumen_up_from_starting() -> Result<()> {
 /// unit tests of their expressions, and Lumen reads them as they are.
 #[test]
 fn the_shipped_rules_pass_promtool_and_load() -> Result<()> {
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../policy/rules");
+    let root = lumen_tests::crate_dir().join("../policy/rules");
     let promtool = peer_tool("promtool", "apt-get install -y prometheus");
     for args in [
         vec!["check".into(), "rules".into(), root.join("mesh.rules.yaml")],

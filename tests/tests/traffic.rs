@@ -5,7 +5,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{Result, bail};
@@ -13,7 +13,7 @@ use lumen_tests::upstream::start_app;
 use lumen_tests::{LumenProcess, Sidecar, SidecarPorts, UpPorts, local, sql, start_up};
 
 fn istio_file(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
+    lumen_tests::crate_dir()
         .join("data/istio/bookinfo/networking")
         .join(name)
 }

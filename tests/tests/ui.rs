@@ -68,7 +68,7 @@ async fn the_web_ui_shows_the_demo_mesh_in_a_real_browser() -> Result<()> {
     tokio::time::sleep(Duration::from_secs(20)).await;
 
     let shots = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("ui-screenshots");
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/ui/browse.py");
+    let script = lumen_tests::crate_dir().join("ui/browse.py");
     let out = tokio::task::spawn_blocking({
         let base = base.clone();
         let shots = shots.clone();
