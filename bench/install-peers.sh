@@ -8,13 +8,15 @@ have() { command -v "$1" >/dev/null 2>&1; }
 apt_pkgs=()
 have nginx || apt_pkgs+=(nginx-light)
 have wrk || apt_pkgs+=(wrk)
+# System calls and context switches per request (perf stat).
+have perf || apt_pkgs+=(linux-perf)
 
 if ((${#apt_pkgs[@]})); then
     echo "install-peers: apt-get install ${apt_pkgs[*]}"
     apt-get update
     DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "${apt_pkgs[@]}"
 else
-    echo "install-peers: nginx and wrk already installed"
+    echo "install-peers: nginx, wrk and perf already installed"
 fi
 
 if have envoy; then
@@ -36,6 +38,6 @@ else
 fi
 
 echo "install-peers: done"
-for tool in nginx envoy wrk oha; do
+for tool in nginx envoy wrk oha perf; do
     printf '  %-6s %s\n' "$tool" "$(command -v "$tool")"
 done

@@ -1,8 +1,16 @@
-//! The gRPC case of the proxy benchmark: a minimal gRPC app as the
-//! upstream (OTLP's trace service, answering each export at once), and the
-//! one framed request every load request sends.
+//! The gRPC cases of the proxy benchmark: a minimal gRPC app as the
+//! upstream, and the one framed request every load request sends. Unary
+//! calls go to OTLP's trace service, answered at once; server-streaming
+//! calls go to Arrow Flight's `DoGet`, answered with a fixed stream of
+//! messages.
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
+use arrow_flight::flight_service_server::{FlightService, FlightServiceServer};
+use arrow_flight::{
+    Action, ActionType, Criteria, Empty, FlightData, FlightDescriptor, FlightInfo,
+    HandshakeRequest, HandshakeResponse, PollInfo, PutResult, SchemaResult, Ticket,
+};
+use futures_util::StreamExt;
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
     TraceService, TraceServiceServer,
 };
@@ -11,8 +19,17 @@ use opentelemetry_proto::tonic::collector::trace::v1::{
 };
 use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans, Span};
 
-/// The method every load request calls.
+/// The method every unary load request calls.
 pub const PATH: &str = "/opentelemetry.proto.collector.trace.v1.TraceService/Export";
+
+/// The method every server-streaming load request calls.
+pub const STREAM_PATH: &str = "/arrow.flight.protocol.FlightService/DoGet";
+
+/// Messages in each streamed answer, and the bytes of each one's body:
+/// a 16 KiB answer in 16 messages, as a paged listing or a query result
+/// arrives.
+pub const STREAM_MESSAGES: usize = 16;
+pub const STREAM_MESSAGE_BYTES: usize = 1024;
 
 struct Sink;
 
@@ -23,6 +40,101 @@ impl TraceService for Sink {
         _req: tonic::Request<ExportTraceServiceRequest>,
     ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
         Ok(tonic::Response::new(ExportTraceServiceResponse::default()))
+    }
+}
+
+/// Flight's `DoGet` and nothing else: every ticket gets the same stream.
+struct Batches;
+
+type Stream<T> =
+    std::pin::Pin<Box<dyn futures_util::Stream<Item = Result<T, tonic::Status>> + Send + 'static>>;
+
+fn unimplemented<T>() -> Result<tonic::Response<T>, tonic::Status> {
+    Err(tonic::Status::unimplemented(
+        "the bench's Flight app answers DoGet only",
+    ))
+}
+
+#[tonic::async_trait]
+impl FlightService for Batches {
+    type HandshakeStream = Stream<HandshakeResponse>;
+    type ListFlightsStream = Stream<FlightInfo>;
+    type DoGetStream = Stream<FlightData>;
+    type DoPutStream = Stream<PutResult>;
+    type DoExchangeStream = Stream<FlightData>;
+    type DoActionStream = Stream<arrow_flight::Result>;
+    type ListActionsStream = Stream<ActionType>;
+
+    async fn do_get(
+        &self,
+        _req: tonic::Request<Ticket>,
+    ) -> Result<tonic::Response<Self::DoGetStream>, tonic::Status> {
+        let body = bytes::Bytes::from(vec![7u8; STREAM_MESSAGE_BYTES]);
+        let messages = (0..STREAM_MESSAGES).map(move |i| {
+            Ok(FlightData {
+                app_metadata: (i as u32).to_be_bytes().to_vec().into(),
+                data_body: body.clone(),
+                ..Default::default()
+            })
+        });
+        Ok(tonic::Response::new(Box::pin(futures_util::stream::iter(
+            messages,
+        ))))
+    }
+
+    async fn handshake(
+        &self,
+        _req: tonic::Request<tonic::Streaming<HandshakeRequest>>,
+    ) -> Result<tonic::Response<Self::HandshakeStream>, tonic::Status> {
+        unimplemented()
+    }
+    async fn list_flights(
+        &self,
+        _req: tonic::Request<Criteria>,
+    ) -> Result<tonic::Response<Self::ListFlightsStream>, tonic::Status> {
+        unimplemented()
+    }
+    async fn get_flight_info(
+        &self,
+        _req: tonic::Request<FlightDescriptor>,
+    ) -> Result<tonic::Response<FlightInfo>, tonic::Status> {
+        unimplemented()
+    }
+    async fn poll_flight_info(
+        &self,
+        _req: tonic::Request<FlightDescriptor>,
+    ) -> Result<tonic::Response<PollInfo>, tonic::Status> {
+        unimplemented()
+    }
+    async fn get_schema(
+        &self,
+        _req: tonic::Request<FlightDescriptor>,
+    ) -> Result<tonic::Response<SchemaResult>, tonic::Status> {
+        unimplemented()
+    }
+    async fn do_put(
+        &self,
+        _req: tonic::Request<tonic::Streaming<FlightData>>,
+    ) -> Result<tonic::Response<Self::DoPutStream>, tonic::Status> {
+        unimplemented()
+    }
+    async fn do_exchange(
+        &self,
+        _req: tonic::Request<tonic::Streaming<FlightData>>,
+    ) -> Result<tonic::Response<Self::DoExchangeStream>, tonic::Status> {
+        unimplemented()
+    }
+    async fn do_action(
+        &self,
+        _req: tonic::Request<Action>,
+    ) -> Result<tonic::Response<Self::DoActionStream>, tonic::Status> {
+        unimplemented()
+    }
+    async fn list_actions(
+        &self,
+        _req: tonic::Request<Empty>,
+    ) -> Result<tonic::Response<Self::ListActionsStream>, tonic::Status> {
+        unimplemented()
     }
 }
 
@@ -38,7 +150,13 @@ pub fn serve(port: u16) -> Result<()> {
             .with_context(|| format!("binding 127.0.0.1:{port}"))?;
         tonic::transport::Server::builder()
             .add_service(TraceServiceServer::new(Sink))
-            .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener))
+            .add_service(FlightServiceServer::new(Batches))
+            // As gRPC servers do (grpc-go, grpc-java): without it, Nagle
+            // holds a streamed answer's later messages for the client's
+            // delayed ACK, 40 ms each.
+            .serve_with_incoming(
+                tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+            )
             .await
             .context("gRPC server")
     })
@@ -70,6 +188,58 @@ pub fn request_body() -> Vec<u8> {
     framed.extend_from_slice(&(message.len() as u32).to_be_bytes());
     framed.extend_from_slice(&message);
     framed
+}
+
+/// The framed `Ticket` every streaming load request sends.
+pub fn stream_request_body() -> Vec<u8> {
+    let message = prost::Message::encode_to_vec(&Ticket {
+        ticket: bytes::Bytes::from_static(b"bench"),
+    });
+    let mut framed = vec![0u8];
+    framed.extend_from_slice(&(message.len() as u32).to_be_bytes());
+    framed.extend_from_slice(&message);
+    framed
+}
+
+/// One `DoGet` through `url` (h2c), its `:authority` `host` when given,
+/// with a real Flight client: every message arrived, in order, and the call
+/// ended with status OK. The load generator sees only HTTP statuses; this
+/// is what proves the stream is relayed whole.
+pub fn check_stream(url: &str, host: Option<&str>) -> Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let mut endpoint = tonic::transport::Endpoint::from_shared(url.to_string())?;
+        if let Some(host) = host {
+            endpoint = endpoint.origin(format!("http://{host}").parse()?);
+        }
+        let channel = endpoint
+            .connect()
+            .await
+            .with_context(|| format!("connecting to {url}"))?;
+        let mut client = arrow_flight::flight_service_client::FlightServiceClient::new(channel);
+        let mut stream = client
+            .do_get(Ticket {
+                ticket: bytes::Bytes::from_static(b"bench"),
+            })
+            .await?
+            .into_inner();
+        let mut n = 0usize;
+        while let Some(m) = stream.next().await {
+            let m = m.context("DoGet stream")?;
+            if m.app_metadata.as_ref() != (n as u32).to_be_bytes()
+                || m.data_body.len() != STREAM_MESSAGE_BYTES
+            {
+                bail!("message {n} of the stream arrived altered");
+            }
+            n += 1;
+        }
+        if n != STREAM_MESSAGES {
+            bail!("the stream ended after {n} of {STREAM_MESSAGES} messages");
+        }
+        Ok(())
+    })
 }
 
 #[cfg(test)]

@@ -176,6 +176,7 @@ pub fn run(lumen: &Path, dir: &Path, set: &Settings) -> Result<Vec<(Peer, Vec<Ru
                     collector_otlp_grpc: collector_ports.otlp_grpc,
                     telemetry: true,
                     mtls: None,
+                    workers: 1,
                 })?,
                 Peer::EnvoyLeastRequest => peers::start_envoy(
                     "envoy-lb",
@@ -189,6 +190,7 @@ pub fn run(lumen: &Path, dir: &Path, set: &Settings) -> Result<Vec<(Peer, Vec<Ru
                         "    lb_policy: LEAST_REQUEST\n",
                     ),
                     listen[1],
+                    1,
                 )?,
             };
             let target = Target {

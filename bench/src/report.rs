@@ -3,7 +3,8 @@
 
 use std::fmt::Write;
 
-use crate::scenario::{Measured, Scenario};
+use crate::procstat::KernelCounts;
+use crate::scenario::{Measured, Scenario, Stress};
 
 pub struct Context {
     pub command: String,
@@ -18,8 +19,9 @@ pub struct Context {
     pub rounds: u32,
     /// Requests POSTed a body this large (GET without).
     pub body_bytes: Option<usize>,
-    /// gRPC unary calls over HTTP/2 to a gRPC app.
-    pub grpc: bool,
+    /// gRPC calls over HTTP/2 to a gRPC app, to this method.
+    pub grpc: Option<&'static str>,
+    pub workers: u16,
     pub fresh_connections: bool,
 }
 
@@ -27,12 +29,15 @@ pub struct Context {
 /// 2-core machine swings by ±10 %, more than the differences measured.
 pub struct Summary {
     pub scenario: Scenario,
+    pub stress: Stress,
     pub rps: f64,
     pub p50_ms: f64,
     pub p99_ms: f64,
     pub cpu_s_per_1000: Option<f64>,
     pub saturated_cpu_s_per_1000: Option<f64>,
     pub rss_mib: Option<f64>,
+    pub idle_rss_mib: Option<f64>,
+    pub kernel: Option<KernelCounts>,
 }
 
 impl Summary {
@@ -45,12 +50,23 @@ impl Summary {
         let all = |f: fn(&Measured) -> f64| median(&rounds.iter().map(f).collect::<Vec<_>>());
         Summary {
             scenario: rounds[0].scenario,
+            stress: rounds[0].stress,
             rps: all(|m| m.wrk.rps),
             p50_ms: all(|m| m.oha.p50_ms),
             p99_ms: all(|m| m.oha.p99_ms),
             cpu_s_per_1000: opt_median(|m| m.cpu_s_per_1000),
             saturated_cpu_s_per_1000: opt_median(|m| m.saturated_cpu_s_per_1000),
             rss_mib: rounds.iter().filter_map(|m| m.rss_mib).reduce(f64::max),
+            idle_rss_mib: rounds
+                .iter()
+                .filter_map(|m| m.idle_rss_mib)
+                .reduce(f64::max),
+            kernel: opt_median(|m| m.kernel.map(|k| k.syscalls))
+                .zip(opt_median(|m| m.kernel.map(|k| k.context_switches)))
+                .map(|(syscalls, context_switches)| KernelCounts {
+                    syscalls,
+                    context_switches,
+                }),
         }
     }
 }
@@ -107,14 +123,34 @@ pub fn render(ctx: &Context, runs: &[Vec<Measured>]) -> String {
              handshakes per second and CPU per request is CPU per handshake"
         );
     }
-    if ctx.grpc {
-        let _ = writeln!(
-            w,
-            "- requests: gRPC unary calls (OTLP trace Export, ~400 bytes) over HTTP/2 (h2c) to a tonic app; \
-             throughput by closed-loop `oha --http2 -c{}` instead of wrk; (a) is oha → the gRPC app",
-            ctx.wrk_connections
-        );
+    match ctx.grpc {
+        Some(crate::grpc::STREAM_PATH) => {
+            let _ = writeln!(
+                w,
+                "- requests: gRPC server-streaming calls (Arrow Flight DoGet, answered with {} messages \
+                 of {} bytes; one call through each topology checked message by message with a Flight \
+                 client) over HTTP/2 (h2c) to a tonic app; throughput by closed-loop `oha --http2 -c{}` \
+                 instead of wrk; (a) is oha → the gRPC app",
+                crate::grpc::STREAM_MESSAGES,
+                crate::grpc::STREAM_MESSAGE_BYTES,
+                ctx.wrk_connections
+            );
+        }
+        Some(_) => {
+            let _ = writeln!(
+                w,
+                "- requests: gRPC unary calls (OTLP trace Export, ~400 bytes) over HTTP/2 (h2c) to a tonic app; \
+                 throughput by closed-loop `oha --http2 -c{}` instead of wrk; (a) is oha → the gRPC app",
+                ctx.wrk_connections
+            );
+        }
+        None => {}
     }
+    let _ = writeln!(
+        w,
+        "- workers: {} per proxy (Lumen `--workers {0}`, Envoy `--concurrency {0}`)",
+        ctx.workers
+    );
     if let Some(n) = ctx.body_bytes {
         let _ = writeln!(
             w,
@@ -134,23 +170,30 @@ pub fn render(ctx: &Context, runs: &[Vec<Measured>]) -> String {
         .collect();
     let _ = writeln!(
         w,
-        "| scenario | throughput rps | p50 ms | p99 ms @{}rps | CPU s/1000 req/hop | RSS MiB |",
+        "| scenario | throughput rps | p50 ms | p99 ms @{}rps | CPU s/1000 req/hop | syscalls /req/hop | context switches /req/hop | RSS MiB | idle RSS MiB |",
         ctx.rate
     );
-    let _ = writeln!(w, "|---|---:|---:|---:|---:|---:|");
+    let _ = writeln!(w, "|---|---:|---:|---:|---:|---:|---:|---:|---:|");
     for m in &rows {
         let _ = writeln!(
             w,
-            "| {} | {:.0} | {:.2} | {:.2} | {} | {} |",
+            "| {}{} | {:.0} | {:.2} | {:.2} | {} | {} | {} | {} | {} |",
             m.scenario.label(),
+            m.stress.label(),
             m.rps,
             m.p50_ms,
             m.p99_ms,
             opt(m.cpu_s_per_1000.map(|c| c / 2.0), 4),
+            opt(m.kernel.map(|k| k.syscalls), 1),
+            opt(m.kernel.map(|k| k.context_switches), 1),
             opt(m.rss_mib, 1),
+            opt(m.idle_rss_mib, 1),
         );
     }
-    let get = |s: Scenario| rows.iter().find(|m| m.scenario == s);
+    let get = |s: Scenario| {
+        rows.iter()
+            .find(|m| m.scenario == s && m.stress == Stress::None)
+    };
     let both = |x: Option<f64>, y: Option<f64>, f: fn(f64, f64) -> String| match (x, y) {
         (Some(x), Some(y)) => f(x, y),
         _ => "-".into(),
@@ -185,6 +228,29 @@ pub fn render(ctx: &Context, runs: &[Vec<Measured>]) -> String {
             both(e.cpu_s_per_1000, f.cpu_s_per_1000, ratio),
         ));
     }
+    if let (Some(g), Some(i)) = (get(Scenario::G), get(Scenario::I)) {
+        let kernel = |f: fn(KernelCounts) -> f64| both(g.kernel.map(f), i.kernel.map(f), ratio);
+        comparisons.push(format!(
+            "- Lumen / Envoy, every feature on ((g) / (i)): throughput {}, p99 {}, CPU per request {}, \
+             syscalls {}, context switches {}, RSS {}, idle RSS {}",
+            ratio(g.rps, i.rps),
+            ratio(g.p99_ms, i.p99_ms),
+            both(g.cpu_s_per_1000, i.cpu_s_per_1000, ratio),
+            kernel(|k| k.syscalls),
+            kernel(|k| k.context_switches),
+            both(g.rss_mib, i.rss_mib, ratio),
+            both(g.idle_rss_mib, i.idle_rss_mib, ratio),
+        ));
+    }
+    if let (Some(g), Some(h)) = (get(Scenario::G), get(Scenario::H)) {
+        comparisons.push(format!(
+            "- telemetry on / off with every feature ((g) / (h)): throughput {}, CPU per request {} saturated, {} at {} rps",
+            ratio(g.rps, h.rps),
+            both(g.saturated_cpu_s_per_1000, h.saturated_cpu_s_per_1000, ratio),
+            both(g.cpu_s_per_1000, h.cpu_s_per_1000, ratio),
+            ctx.rate,
+        ));
+    }
     for (plain, tls, who) in [
         (Scenario::B, Scenario::E, "Lumen, (e) vs (b)"),
         (Scenario::D, Scenario::F, "Envoy, (f) vs (d)"),
@@ -200,12 +266,29 @@ pub fn render(ctx: &Context, runs: &[Vec<Measured>]) -> String {
             ));
         }
     }
+    for stressed in rows.iter().filter(|m| m.stress != Stress::None) {
+        if let Some(calm) = get(stressed.scenario) {
+            comparisons.push(format!(
+                "- {}{} / without: p99 {}, p50 {}, CPU per request {}",
+                stressed.scenario.label(),
+                stressed.stress.label(),
+                ratio(stressed.p99_ms, calm.p99_ms),
+                ratio(stressed.p50_ms, calm.p50_ms),
+                both(stressed.cpu_s_per_1000, calm.cpu_s_per_1000, ratio),
+            ));
+        }
+    }
     if !comparisons.is_empty() {
         let _ = writeln!(w, "\n{}", comparisons.join("\n"));
     }
     let _ = writeln!(w, "\n## Details\n");
     for rounds in runs.iter().filter(|r| !r.is_empty()) {
-        let _ = writeln!(w, "- {}:", rounds[0].scenario.label());
+        let _ = writeln!(
+            w,
+            "- {}{}:",
+            rounds[0].scenario.label(),
+            rounds[0].stress.label()
+        );
         for (i, m) in rounds.iter().enumerate() {
             details(w, i + 1, m);
         }
@@ -213,10 +296,13 @@ pub fn render(ctx: &Context, runs: &[Vec<Measured>]) -> String {
     let _ = writeln!(
         w,
         "\nCPU is utime+stime of the proxy processes (all threads) from /proc, \
-         per hop = both proxies / 2. RSS is the larger VmRSS of the two proxies after the runs. \
+         per hop = both proxies / 2. System calls (the raw_syscalls:sys_enter tracepoint) and \
+         context switches are `perf stat`'s counts over both proxies' threads during the oha run, \
+         per request and per hop. RSS is the larger VmRSS of the two proxies after the runs; idle \
+         RSS the larger once started and one request served. \
          Load generator, proxies and nginx share the machine's cores."
     );
-    if ctx.grpc {
+    if ctx.grpc.is_some() {
         // The gRPC case swaps nginx for a gRPC app and wrk for closed-loop
         // oha; the shared wording says so.
         for (from, to) in [
@@ -256,6 +342,13 @@ fn details(w: &mut String, round: usize, m: &Measured) {
             w,
             "    - CPU of both proxies per 1000 requests: {c:.4} s during the oha run, \
              {s:.4} s during the wrk run (saturated)"
+        );
+    }
+    if let Some(k) = m.kernel {
+        let _ = writeln!(
+            w,
+            "    - per request per hop during the oha run: {:.1} system calls, {:.1} context switches",
+            k.syscalls, k.context_switches
         );
     }
     if let Some(c) = m.collector_cores {
@@ -318,6 +411,7 @@ mod tests {
     fn row(scenario: Scenario, rps: f64, p99_ms: f64, cpu: Option<f64>) -> Measured {
         Measured {
             scenario,
+            stress: Stress::None,
             wrk: WrkResult {
                 requests: 1000,
                 rps,
@@ -336,6 +430,11 @@ mod tests {
             cpu_s_per_1000: cpu,
             saturated_cpu_s_per_1000: cpu,
             rss_mib: cpu.map(|_| 12.0),
+            idle_rss_mib: cpu.map(|_| 8.0),
+            kernel: cpu.map(|c| KernelCounts {
+                syscalls: c * 100.0,
+                context_switches: c * 10.0,
+            }),
             telemetry: None,
             background: Default::default(),
             collector_cores: None,
@@ -355,7 +454,8 @@ mod tests {
             wrk_connections: 32,
             oha_connections: 16,
             body_bytes: None,
-            grpc: false,
+            grpc: None,
+            workers: 1,
             fresh_connections: false,
             rounds: 3,
         };
@@ -376,7 +476,9 @@ mod tests {
             "{text}"
         );
         assert!(
-            text.contains("| (b) Lumen, telemetry on | 9000 | 0.50 | 3.00 | 0.1000 | 12.0 |"),
+            text.contains(
+                "| (b) Lumen, telemetry on | 9000 | 0.50 | 3.00 | 0.1000 | 20.0 | 2.0 | 12.0 | 8.0 |"
+            ),
             "{text}"
         );
         assert!(
@@ -387,6 +489,56 @@ mod tests {
             text.contains("(b) vs (c): throughput -10.0%, CPU per request +100.0% at 1000 rps"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn every_feature_and_stress_comparisons() {
+        let ctx = Context {
+            command: "lumen-bench proxy --scenario g,h,i".into(),
+            date: "today".into(),
+            machine: "test".into(),
+            versions: vec![],
+            duration: 10,
+            warmup: 2,
+            rate: 1000,
+            wrk_connections: 32,
+            oha_connections: 16,
+            body_bytes: None,
+            grpc: Some(crate::grpc::STREAM_PATH),
+            workers: 2,
+            fresh_connections: false,
+            rounds: 1,
+        };
+        let mut stopped = row(Scenario::G, 9000.0, 2.2, Some(0.2));
+        stopped.stress = Stress::CollectorStopped;
+        let rows = [
+            vec![row(Scenario::G, 9000.0, 2.0, Some(0.2))],
+            vec![stopped],
+            vec![row(Scenario::H, 10000.0, 2.0, Some(0.1))],
+            vec![row(Scenario::I, 6000.0, 4.0, Some(0.4))],
+        ];
+        let text = render(&ctx, &rows);
+        assert!(
+            text.contains(
+                "((g) / (i)): throughput 1.50×, p99 0.50×, CPU per request 0.50×, syscalls 0.50×, \
+                 context switches 0.50×, RSS 1.00×, idle RSS 1.00×"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("((g) / (h)): throughput 0.90×, CPU per request 2.00× saturated"),
+            "{text}"
+        );
+        assert!(
+            text.contains("| (g) Lumen, every feature, telemetry on [collector stopped] | 9000 |"),
+            "{text}"
+        );
+        assert!(
+            text.contains("[collector stopped] / without: p99 1.10×"),
+            "{text}"
+        );
+        assert!(text.contains("Arrow Flight DoGet"), "{text}");
+        assert!(text.contains("- workers: 2 per proxy"), "{text}");
     }
 
     #[test]

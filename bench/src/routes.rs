@@ -148,6 +148,7 @@ pub fn run(lumen: &Path, dir: &Path, set: &Settings) -> Result<Vec<Case>> {
                     collector_otlp_grpc: collector_ports.otlp_grpc,
                     telemetry: true,
                     mtls: None,
+                    workers: 1,
                 })?,
                 Peer::Envoy => peers::start_envoy(
                     "envoy-routes",
@@ -161,6 +162,7 @@ pub fn run(lumen: &Path, dir: &Path, set: &Settings) -> Result<Vec<Case>> {
                         "",
                     ),
                     listen[1],
+                    1,
                 )?,
             };
             let last = n - 1;

@@ -34,6 +34,15 @@ pub enum Scenario {
     /// as d, the hop between the Envoys mutual TLS (TLS 1.3, client
     /// certificates required, the server's SPIFFE id checked)
     F,
+    /// as e, with every feature a mesh runs on the path: a VirtualService
+    /// route with retries and a timeout, a RateLimit far above the load
+    G,
+    /// as g, telemetry off
+    H,
+    /// as f, with the same features: a route with a retry policy and a
+    /// timeout, a local rate limit far above the load, and Istio's JSON
+    /// access log written by both Envoys
+    I,
 }
 
 impl Scenario {
@@ -45,9 +54,67 @@ impl Scenario {
             Scenario::D => "(d) Envoy",
             Scenario::E => "(e) Lumen, mTLS, telemetry on",
             Scenario::F => "(f) Envoy, mTLS",
+            Scenario::G => "(g) Lumen, every feature, telemetry on",
+            Scenario::H => "(h) Lumen, every feature, telemetry off",
+            Scenario::I => "(i) Envoy, every feature",
+        }
+    }
+
+    /// Lumen's sidecars carry this scenario.
+    pub fn is_lumen(self) -> bool {
+        matches!(
+            self,
+            Scenario::B | Scenario::C | Scenario::E | Scenario::G | Scenario::H
+        )
+    }
+
+    pub fn is_envoy(self) -> bool {
+        matches!(self, Scenario::D | Scenario::F | Scenario::I)
+    }
+
+    /// Lumen's sidecars record every request and export it.
+    pub fn records(self) -> bool {
+        matches!(self, Scenario::B | Scenario::E | Scenario::G)
+    }
+
+    fn mtls(self) -> bool {
+        matches!(
+            self,
+            Scenario::E | Scenario::F | Scenario::G | Scenario::H | Scenario::I
+        )
+    }
+
+    fn every_feature(self) -> bool {
+        matches!(self, Scenario::G | Scenario::H | Scenario::I)
+    }
+}
+
+/// What else happens on the machine while the fixed-rate (latency) run
+/// measures: telemetry must drop and count, never make a request wait.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, ValueEnum)]
+pub enum Stress {
+    /// Nothing.
+    None,
+    /// The collector (`lumen up`) stopped with SIGSTOP: exports hang.
+    CollectorStopped,
+    /// SQL queries that run for minutes sent to the collector in a loop.
+    RunawayQuery,
+}
+
+impl Stress {
+    pub fn label(self) -> &'static str {
+        match self {
+            Stress::None => "",
+            Stress::CollectorStopped => " [collector stopped]",
+            Stress::RunawayQuery => " [runaway query]",
         }
     }
 }
+
+/// A self-join of every record with every other: minutes of CPU on a
+/// collector holding this bench's hundreds of thousands of records.
+const RUNAWAY_SQL: &str = "SELECT count(*) AS n FROM requests a, requests b \
+     WHERE a.duration_us + b.duration_us > 7 AND a.path <> b.method";
 
 pub struct Settings {
     pub lumen: PathBuf,
@@ -60,15 +127,18 @@ pub struct Settings {
     pub clk_tck: u64,
     /// Requests POST this file as their body (GET without).
     pub body: Option<PathBuf>,
-    /// gRPC unary calls over HTTP/2 to a gRPC app instead of HTTP/1.1 to
-    /// nginx (`body` is then the framed request).
-    pub grpc: bool,
+    /// gRPC calls over HTTP/2 to a gRPC app instead of HTTP/1.1 to
+    /// nginx (`body` is then the framed request): this method.
+    pub grpc: Option<&'static str>,
+    /// Worker threads of each proxy (Lumen `--workers`, Envoy `--concurrency`).
+    pub workers: u16,
     /// No connection between the two proxies carries a second request.
     pub fresh_connections: bool,
 }
 
 pub struct Measured {
     pub scenario: Scenario,
+    pub stress: Stress,
     pub wrk: WrkResult,
     pub oha: OhaResult,
     /// CPU seconds of both proxies together per 1000 requests of the
@@ -78,6 +148,11 @@ pub struct Measured {
     pub saturated_cpu_s_per_1000: Option<f64>,
     /// Largest VmRSS of the proxies after the runs.
     pub rss_mib: Option<f64>,
+    /// Largest VmRSS of the proxies started and idle (one request served).
+    pub idle_rss_mib: Option<f64>,
+    /// System calls and context switches of both proxies per request of
+    /// the fixed-rate run (perf's count, all threads).
+    pub kernel: Option<procstat::KernelCounts>,
     pub telemetry: Option<TelemetryCheck>,
     /// CPU used outside the benchmark during the wrk and the oha run.
     pub background: [Background; 2],
@@ -148,13 +223,17 @@ impl Topology {
     }
 }
 
-pub fn run(s: Scenario, round: u32, set: &Settings) -> Result<Measured> {
+pub fn run(s: Scenario, stress: Stress, round: u32, set: &Settings) -> Result<Measured> {
     // A fresh directory per round: the collector's data must hold this
     // round's records only.
-    let dir = set.tmp.join(format!("{s:?}-{round}").to_lowercase());
+    let dir = set
+        .tmp
+        .join(format!("{s:?}-{stress:?}-{round}").to_lowercase());
     fs::create_dir_all(&dir)?;
     let mut topo = start(s, set, &dir)?;
     probe(&mut topo)?;
+    let pids = topo.proxy_pids();
+    let idle_rss_mib = max_rss_mib(&pids)?;
 
     eprintln!("  warm-up: wrk {} s", set.warmup);
     let warm = load::run_wrk(&topo.target, set.wrk_connections, set.warmup)?;
@@ -164,7 +243,6 @@ pub fn run(s: Scenario, round: u32, set: &Settings) -> Result<Measured> {
     );
     let collector_pid = topo.collector.map(|i| topo.procs[i].pid());
     let collector_before = total_ticks(collector_pid.as_slice())?;
-    let pids = topo.proxy_pids();
     let window = procstat::Window::start()?;
     let saturated_before = total_ticks(&pids)?;
     let wrk = load::run_wrk(&topo.target, set.wrk_connections, set.duration)?;
@@ -188,9 +266,16 @@ pub fn run(s: Scenario, round: u32, set: &Settings) -> Result<Measured> {
         set.rate, set.oha_connections, set.duration
     );
     let window = procstat::Window::start()?;
+    let counting = (!pids.is_empty())
+        .then(|| procstat::KernelCounter::start(&pids, &dir))
+        .transpose()?;
+    let stressing = Stressing::start(stress, &topo, set.duration)?;
     let cpu_before = total_ticks(&pids)?;
-    let oha = load::run_oha(&topo.target, set.rate, set.oha_connections, set.duration)?;
+    let oha = load::run_oha(&topo.target, set.rate, set.oha_connections, set.duration);
     let cpu_after = total_ticks(&pids)?;
+    stressing.finish()?;
+    let oha = oha?;
+    let kernel = counting.map(|c| c.finish(oha.responses)).transpose()?;
     let oha_background = window.finish()?;
     topo.check_alive()?;
 
@@ -198,30 +283,22 @@ pub fn run(s: Scenario, round: u32, set: &Settings) -> Result<Measured> {
         let secs = (cpu_after - cpu_before) as f64 / set.clk_tck as f64;
         secs / (oha.responses as f64 / 1000.0)
     });
-    let rss_mib = if pids.is_empty() {
-        None
-    } else {
-        let mut max = 0;
-        for &pid in &pids {
-            max = max.max(procstat::rss_kib(pid)?);
-        }
-        Some(max as f64 / 1024.0)
-    };
-    let telemetry = match s {
-        // The probe request counts too.
-        Scenario::B => Some(check_telemetry(
-            &topo,
-            1 + warm.requests + wrk.requests + oha.responses,
-        )?),
-        _ => None,
-    };
+    let rss_mib = max_rss_mib(&pids)?;
+    // The probe request counts too.
+    let telemetry = s
+        .records()
+        .then(|| check_telemetry(&topo, 1 + warm.requests + wrk.requests + oha.responses))
+        .transpose()?;
     Ok(Measured {
         scenario: s,
+        stress,
         wrk,
         oha,
         cpu_s_per_1000,
         saturated_cpu_s_per_1000,
         rss_mib,
+        idle_rss_mib,
+        kernel,
         telemetry,
         background: [wrk_background, oha_background],
         collector_cores,
@@ -256,6 +333,89 @@ impl TelemetryCheck {
     }
 }
 
+/// A stress running beside the latency run, until [`Stressing::finish`].
+enum Stressing {
+    None,
+    Stopped(u32),
+    Querying {
+        stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+        thread: std::thread::JoinHandle<u32>,
+    },
+}
+
+impl Stressing {
+    fn start(stress: Stress, topo: &Topology, secs: u64) -> Result<Self> {
+        let collector = || {
+            topo.collector
+                .map(|i| topo.procs[i].pid())
+                .context("this scenario runs no collector to stress")
+        };
+        Ok(match stress {
+            Stress::None => Stressing::None,
+            Stress::CollectorStopped => {
+                let pid = collector()?;
+                signal("-STOP", pid)?;
+                Stressing::Stopped(pid)
+            }
+            Stress::RunawayQuery => {
+                let query = topo.query.context("no collector in this topology")?;
+                let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+                let flag = stop.clone();
+                let deadline = Instant::now() + Duration::from_secs(secs + 5);
+                let thread = std::thread::spawn(move || {
+                    // Each query outlives the client's 5 s timeout; the next
+                    // one starts at once, so the collector always has one.
+                    let mut sent = 0;
+                    while !flag.load(std::sync::atomic::Ordering::Relaxed)
+                        && Instant::now() < deadline
+                    {
+                        let _ = http::post(local(query), "/api/v1/sql", RUNAWAY_SQL);
+                        sent += 1;
+                    }
+                    sent
+                });
+                Stressing::Querying { stop, thread }
+            }
+        })
+    }
+
+    fn finish(self) -> Result<()> {
+        match self {
+            Stressing::None => Ok(()),
+            Stressing::Stopped(pid) => signal("-CONT", pid),
+            Stressing::Querying { stop, thread } => {
+                stop.store(true, std::sync::atomic::Ordering::Relaxed);
+                let sent = thread
+                    .join()
+                    .map_err(|_| anyhow::anyhow!("the runaway-query thread panicked"))?;
+                eprintln!("  stress: {sent} runaway queries sent to the collector");
+                Ok(())
+            }
+        }
+    }
+}
+
+fn signal(sig: &str, pid: u32) -> Result<()> {
+    let status = std::process::Command::new("kill")
+        .args([sig, &pid.to_string()])
+        .status()
+        .context("running kill")?;
+    if !status.success() {
+        bail!("kill {sig} {pid} failed: {status}");
+    }
+    Ok(())
+}
+
+/// The largest VmRSS of `pids`, None without proxies.
+fn max_rss_mib(pids: &[u32]) -> Result<Option<f64>> {
+    let mut max = None;
+    for &pid in pids {
+        let kib = procstat::rss_kib(pid)?;
+        max = Some(max.unwrap_or(0).max(kib));
+    }
+    Ok(max.map(|kib| kib as f64 / 1024.0))
+}
+
 fn total_ticks(pids: &[u32]) -> Result<u64> {
     pids.iter().map(|&p| procstat::cpu_ticks(p)).sum()
 }
@@ -275,8 +435,8 @@ fn start(s: Scenario, set: &Settings, dir: &Path) -> Result<Topology> {
     else {
         unreachable!("asked for 8 ports")
     };
-    let grpc = set.grpc.then_some(crate::grpc::PATH);
-    let upstream = if set.grpc {
+    let grpc = set.grpc;
+    let upstream = if grpc.is_some() {
         peers::start_grpc_upstream(dir, nginx)?
     } else {
         peers::start_nginx(dir, nginx)?
@@ -305,11 +465,14 @@ fn start(s: Scenario, set: &Settings, dir: &Path) -> Result<Topology> {
                 headers: Vec::new(),
             };
         }
-        Scenario::B | Scenario::C | Scenario::E => {
-            let mtls = s == Scenario::E;
-            let mesh = peers::write_mesh(dir, local(back), set.grpc)?;
+        Scenario::B | Scenario::C | Scenario::E | Scenario::G | Scenario::H => {
+            let mtls = s.mtls();
+            let mesh = peers::write_mesh(dir, local(back), grpc.is_some())?;
             if mtls {
                 peers::append_strict_mtls(&mesh)?;
+            }
+            if s.every_feature() {
+                peers::append_every_feature(&mesh)?;
             }
             if set.fresh_connections {
                 peers::append_fresh_connections(&mesh)?;
@@ -341,8 +504,9 @@ fn start(s: Scenario, set: &Settings, dir: &Path) -> Result<Topology> {
                 listener,
                 admin,
                 collector_otlp_grpc: otlp_grpc,
-                telemetry: s != Scenario::C,
+                telemetry: s.records(),
                 mtls: mtls.then(|| (control, token.clone())),
+                workers: set.workers,
             };
             let app = Listener::Inbound {
                 port: back,
@@ -363,35 +527,47 @@ fn start(s: Scenario, set: &Settings, dir: &Path) -> Result<Topology> {
                 }
             }
         }
-        Scenario::F => {
-            let certs = peers::EnvoyCerts::make(dir)?;
-            let server = peers::envoy_mtls_server(back, admin2, nginx, &certs, set.grpc);
-            topo.procs
-                .push(peers::start_envoy("envoy-server", dir, &server, admin2)?);
-            let client = peers::envoy_mtls_client(
-                front,
-                admin1,
-                back,
-                &[SERVICE_HOST, "upstream"],
-                &certs,
-                set.grpc,
-            );
-            let client = fresh(client, set);
-            topo.procs
-                .push(peers::start_envoy("envoy-client", dir, &client, admin1)?);
-            topo.proxies = vec![1, 2];
-        }
-        Scenario::D => {
-            let server = peers::envoy_config(back, admin2, nginx, &["*"], set.grpc);
-            topo.procs
-                .push(peers::start_envoy("envoy-server", dir, &server, admin2)?);
+        Scenario::D | Scenario::F | Scenario::I => {
+            let h2 = grpc.is_some();
             // The client routes only the service's name, as Lumen's outbound
             // listener does.
-            let client =
-                peers::envoy_config(front, admin1, back, &[SERVICE_HOST, "upstream"], set.grpc);
+            let domains = [SERVICE_HOST, "upstream"];
+            let (mut server, mut client) = if s.mtls() {
+                let certs = peers::EnvoyCerts::make(dir)?;
+                (
+                    peers::envoy_mtls_server(back, admin2, nginx, &certs, h2),
+                    peers::envoy_mtls_client(front, admin1, back, &domains, &certs, h2),
+                )
+            } else {
+                (
+                    peers::envoy_config(back, admin2, nginx, &["*"], h2),
+                    peers::envoy_config(front, admin1, back, &domains, h2),
+                )
+            };
+            if s.every_feature() {
+                server = peers::envoy_every_feature(
+                    &server,
+                    &dir.join("envoy-server-access.log"),
+                    false,
+                );
+                client =
+                    peers::envoy_every_feature(&client, &dir.join("envoy-client-access.log"), true);
+            }
+            topo.procs.push(peers::start_envoy(
+                "envoy-server",
+                dir,
+                &server,
+                admin2,
+                set.workers,
+            )?);
             let client = fresh(client, set);
-            topo.procs
-                .push(peers::start_envoy("envoy-client", dir, &client, admin1)?);
+            topo.procs.push(peers::start_envoy(
+                "envoy-client",
+                dir,
+                &client,
+                admin1,
+                set.workers,
+            )?);
             topo.proxies = vec![1, 2];
         }
     }
@@ -419,6 +595,11 @@ fn probe(topo: &mut Topology) -> Result<()> {
         loop {
             topo.check_alive()?;
             let last = match load::oha_once(&topo.target) {
+                Ok(200) if topo.target.grpc == Some(crate::grpc::STREAM_PATH) => {
+                    let url = topo.target.url.trim_end_matches('/');
+                    return crate::grpc::check_stream(url, topo.target.host.as_deref())
+                        .with_context(|| format!("a DoGet stream through {url}"));
+                }
                 Ok(200) => return Ok(()),
                 Ok(s) => format!("status {s}"),
                 Err(e) => format!("{e:#}"),
