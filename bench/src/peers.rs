@@ -84,16 +84,17 @@ pub fn lumen_binary(over: Option<&Path>) -> Result<PathBuf> {
     let bin = target.join("release/lumen");
     if !bin.is_file() {
         eprintln!(
-            "{} not found; running `cargo build --release -p lumen` (several minutes on 2 cores)",
+            "{} not found; running `cargo build --release -p lumen -p lumen-sidecar` \
+             (several minutes on 2 cores)",
             bin.display()
         );
         let status = Command::new("cargo")
-            .args(["build", "--release", "-p", "lumen"])
+            .args(["build", "--release", "-p", "lumen", "-p", "lumen-sidecar"])
             .current_dir(&root)
             .status()
-            .context("running cargo build --release -p lumen")?;
+            .context("running cargo build --release -p lumen -p lumen-sidecar")?;
         if !status.success() || !bin.is_file() {
-            bail!("`cargo build --release -p lumen` failed ({status})");
+            bail!("`cargo build --release -p lumen -p lumen-sidecar` failed ({status})");
         }
     }
     if let Some(src) = newest_source(&root)
@@ -671,6 +672,7 @@ pub enum Listener {
 }
 
 pub struct SidecarOpts<'a> {
+    /// The `lumen` binary; the sidecar runs `lumen-proxy` from beside it.
     pub lumen: &'a Path,
     pub dir: &'a Path,
     pub mesh: &'a Path,
@@ -686,10 +688,24 @@ pub struct SidecarOpts<'a> {
     pub workers: u16,
 }
 
+/// The sidecar binary, `lumen-proxy`, built beside `lumen`: what Kubernetes
+/// runs beside every pod, so its memory is what a user sees per proxy.
+pub fn sidecar_binary(lumen: &Path) -> Result<PathBuf> {
+    let bin = lumen.with_file_name("lumen-proxy");
+    if !bin.is_file() {
+        bail!(
+            "{} not found: the benches run the sidecar binary built beside {}; build it with \
+             `cargo build --release -p lumen-sidecar`",
+            bin.display(),
+            lumen.display()
+        );
+    }
+    Ok(bin)
+}
+
 pub fn start_lumen_proxy(o: SidecarOpts) -> Result<Proc> {
-    let mut cmd = Command::new(o.lumen);
-    cmd.arg("proxy")
-        .args(["--service", o.service, "--version", "v1"]);
+    let mut cmd = Command::new(sidecar_binary(o.lumen)?);
+    cmd.args(["--service", o.service, "--version", "v1"]);
     match &o.mtls {
         Some((control, token)) => {
             cmd.args(["--control", &local(*control).to_string()])

@@ -71,10 +71,42 @@ pub fn cpu_ticks(pid: u32) -> Result<u64> {
     parse_cpu_ticks(&text).with_context(|| format!("parsing {path}"))
 }
 
-pub fn rss_kib(pid: u32) -> Result<u64> {
-    let path = format!("/proc/{pid}/status");
-    let text = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
-    parse_vmrss_kib(&text).with_context(|| format!("parsing {path}"))
+/// Resident memory of a process in MiB: all of it (VmRSS), and the part
+/// that is its own (RssAnon: heap, stacks) rather than pages of files it
+/// maps, such as its binary's code, which every process running the same
+/// binary shares.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Memory {
+    pub rss_mib: f64,
+    pub anon_mib: f64,
+}
+
+impl Memory {
+    pub fn of(pid: u32) -> Result<Memory> {
+        let path = format!("/proc/{pid}/status");
+        let text = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+        Memory::parse(&text).with_context(|| format!("parsing {path}"))
+    }
+
+    pub fn parse(status: &str) -> Result<Memory> {
+        let anon = status
+            .lines()
+            .find_map(|l| l.strip_prefix("RssAnon:"))
+            .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+            .context("no RssAnon line")?;
+        Ok(Memory {
+            rss_mib: parse_vmrss_kib(status)? as f64 / 1024.0,
+            anon_mib: anon as f64 / 1024.0,
+        })
+    }
+
+    /// The larger of each figure.
+    pub fn max(self, other: Memory) -> Memory {
+        Memory {
+            rss_mib: self.rss_mib.max(other.rss_mib),
+            anon_mib: self.anon_mib.max(other.anon_mib),
+        }
+    }
 }
 
 /// Machine-wide CPU time from the `cpu` line of `/proc/stat`, in ticks
@@ -351,6 +383,14 @@ mod tests {
             VmPeak:\t 2257412 kB\nVmSize:\t 2191876 kB\nVmHWM:\t   48120 kB\n\
             VmRSS:\t   45312 kB\nRssAnon:\t   20220 kB\nThreads:\t15\n";
         assert_eq!(parse_vmrss_kib(status).unwrap(), 45312);
+    }
+
+    #[test]
+    fn memory_in_mib_with_the_private_part() {
+        let status = "Name:\tlumen-proxy\nVmRSS:\t   16460 kB\nRssAnon:\t    5232 kB\nRssFile:\t   11228 kB\n";
+        let m = Memory::parse(status).unwrap();
+        assert!((m.rss_mib - 16.07).abs() < 0.01, "{m:?}");
+        assert!((m.anon_mib - 5.11).abs() < 0.01, "{m:?}");
     }
 
     #[test]

@@ -3,7 +3,7 @@
 
 use std::fmt::Write;
 
-use crate::procstat::KernelCounts;
+use crate::procstat::{KernelCounts, Memory};
 use crate::scenario::{Measured, Scenario, Stress};
 
 pub struct Context {
@@ -35,8 +35,8 @@ pub struct Summary {
     pub p99_ms: f64,
     pub cpu_s_per_1000: Option<f64>,
     pub saturated_cpu_s_per_1000: Option<f64>,
-    pub rss_mib: Option<f64>,
-    pub idle_rss_mib: Option<f64>,
+    pub memory: Option<Memory>,
+    pub idle_memory: Option<Memory>,
     pub kernel: Option<KernelCounts>,
 }
 
@@ -56,11 +56,11 @@ impl Summary {
             p99_ms: all(|m| m.oha.p99_ms),
             cpu_s_per_1000: opt_median(|m| m.cpu_s_per_1000),
             saturated_cpu_s_per_1000: opt_median(|m| m.saturated_cpu_s_per_1000),
-            rss_mib: rounds.iter().filter_map(|m| m.rss_mib).reduce(f64::max),
-            idle_rss_mib: rounds
+            memory: rounds.iter().filter_map(|m| m.memory).reduce(Memory::max),
+            idle_memory: rounds
                 .iter()
-                .filter_map(|m| m.idle_rss_mib)
-                .reduce(f64::max),
+                .filter_map(|m| m.idle_memory)
+                .reduce(Memory::max),
             kernel: opt_median(|m| m.kernel.map(|k| k.syscalls))
                 .zip(opt_median(|m| m.kernel.map(|k| k.context_switches)))
                 .map(|(syscalls, context_switches)| KernelCounts {
@@ -170,7 +170,7 @@ pub fn render(ctx: &Context, runs: &[Vec<Measured>]) -> String {
         .collect();
     let _ = writeln!(
         w,
-        "| scenario | throughput rps | p50 ms | p99 ms @{}rps | CPU s/1000 req/hop | syscalls /req/hop | context switches /req/hop | RSS MiB | idle RSS MiB |",
+        "| scenario | throughput rps | p50 ms | p99 ms @{}rps | CPU s/1000 req/hop | syscalls /req/hop | context switches /req/hop | RSS (private) MiB | idle RSS (private) MiB |",
         ctx.rate
     );
     let _ = writeln!(w, "|---|---:|---:|---:|---:|---:|---:|---:|---:|");
@@ -186,8 +186,8 @@ pub fn render(ctx: &Context, runs: &[Vec<Measured>]) -> String {
             opt(m.cpu_s_per_1000.map(|c| c / 2.0), 4),
             opt(m.kernel.map(|k| k.syscalls), 1),
             opt(m.kernel.map(|k| k.context_switches), 1),
-            opt(m.rss_mib, 1),
-            opt(m.idle_rss_mib, 1),
+            memory(m.memory),
+            memory(m.idle_memory),
         );
     }
     let get = |s: Scenario| {
@@ -238,8 +238,8 @@ pub fn render(ctx: &Context, runs: &[Vec<Measured>]) -> String {
             both(g.cpu_s_per_1000, i.cpu_s_per_1000, ratio),
             kernel(|k| k.syscalls),
             kernel(|k| k.context_switches),
-            both(g.rss_mib, i.rss_mib, ratio),
-            both(g.idle_rss_mib, i.idle_rss_mib, ratio),
+            both(rss(g.memory), rss(i.memory), ratio),
+            both(rss(g.idle_memory), rss(i.idle_memory), ratio),
         ));
     }
     if let (Some(g), Some(h)) = (get(Scenario::G), get(Scenario::H)) {
@@ -298,8 +298,10 @@ pub fn render(ctx: &Context, runs: &[Vec<Measured>]) -> String {
         "\nCPU is utime+stime of the proxy processes (all threads) from /proc, \
          per hop = both proxies / 2. System calls (the raw_syscalls:sys_enter tracepoint) and \
          context switches are `perf stat`'s counts over both proxies' threads during the oha run, \
-         per request and per hop. RSS is the larger VmRSS of the two proxies after the runs; idle \
-         RSS the larger once started and one request served. \
+         per request and per hop. RSS is the larger VmRSS of the two proxies after the runs, \
+         private its RssAnon (heap and stacks; the rest is mapped files, mostly the binary's code, \
+         which every proxy running that binary shares); idle RSS the same once started and one \
+         request served. Lumen's proxies are the sidecar binary `lumen-proxy`. \
          Load generator, proxies and nginx share the machine's cores."
     );
     if ctx.grpc.is_some() {
@@ -377,6 +379,18 @@ fn details(w: &mut String, round: usize, m: &Measured) {
     }
 }
 
+fn rss(m: Option<Memory>) -> Option<f64> {
+    m.map(|m| m.rss_mib)
+}
+
+/// "RSS (private)", as the table shows memory.
+fn memory(m: Option<Memory>) -> String {
+    m.map_or_else(
+        || "-".into(),
+        |m| format!("{:.1} ({:.1})", m.rss_mib, m.anon_mib),
+    )
+}
+
 fn opt(v: Option<f64>, decimals: usize) -> String {
     v.map_or_else(|| "-".into(), |v| format!("{v:.decimals$}"))
 }
@@ -429,8 +443,14 @@ mod tests {
             },
             cpu_s_per_1000: cpu,
             saturated_cpu_s_per_1000: cpu,
-            rss_mib: cpu.map(|_| 12.0),
-            idle_rss_mib: cpu.map(|_| 8.0),
+            memory: cpu.map(|_| Memory {
+                rss_mib: 12.0,
+                anon_mib: 4.0,
+            }),
+            idle_memory: cpu.map(|_| Memory {
+                rss_mib: 8.0,
+                anon_mib: 3.0,
+            }),
             kernel: cpu.map(|c| KernelCounts {
                 syscalls: c * 100.0,
                 context_switches: c * 10.0,
@@ -477,7 +497,7 @@ mod tests {
         );
         assert!(
             text.contains(
-                "| (b) Lumen, telemetry on | 9000 | 0.50 | 3.00 | 0.1000 | 20.0 | 2.0 | 12.0 | 8.0 |"
+                "| (b) Lumen, telemetry on | 9000 | 0.50 | 3.00 | 0.1000 | 20.0 | 2.0 | 12.0 (4.0) | 8.0 (3.0) |"
             ),
             "{text}"
         );

@@ -13,7 +13,7 @@ use serde_json::Value;
 use crate::http;
 use crate::load::{self, OhaResult, Target, WrkResult};
 use crate::peers::{self, CollectorPorts, Listener, Proc, SidecarOpts, local};
-use crate::procstat::{self, Background};
+use crate::procstat::{self, Background, Memory};
 
 /// Host the meshes route on; the name and port of the service in mesh.yaml.
 const SERVICE_HOST: &str = "upstream:8080";
@@ -146,10 +146,10 @@ pub struct Measured {
     pub cpu_s_per_1000: Option<f64>,
     /// The same during the wrk run, where the proxies are saturated.
     pub saturated_cpu_s_per_1000: Option<f64>,
-    /// Largest VmRSS of the proxies after the runs.
-    pub rss_mib: Option<f64>,
-    /// Largest VmRSS of the proxies started and idle (one request served).
-    pub idle_rss_mib: Option<f64>,
+    /// Largest memory of the proxies after the runs.
+    pub memory: Option<Memory>,
+    /// Largest memory of the proxies started and idle (one request served).
+    pub idle_memory: Option<Memory>,
     /// System calls and context switches of both proxies per request of
     /// the fixed-rate run (perf's count, all threads).
     pub kernel: Option<procstat::KernelCounts>,
@@ -233,7 +233,7 @@ pub fn run(s: Scenario, stress: Stress, round: u32, set: &Settings) -> Result<Me
     let mut topo = start(s, set, &dir)?;
     probe(&mut topo)?;
     let pids = topo.proxy_pids();
-    let idle_rss_mib = max_rss_mib(&pids)?;
+    let idle_memory = max_memory(&pids)?;
 
     eprintln!("  warm-up: wrk {} s", set.warmup);
     let warm = load::run_wrk(&topo.target, set.wrk_connections, set.warmup)?;
@@ -283,7 +283,7 @@ pub fn run(s: Scenario, stress: Stress, round: u32, set: &Settings) -> Result<Me
         let secs = (cpu_after - cpu_before) as f64 / set.clk_tck as f64;
         secs / (oha.responses as f64 / 1000.0)
     });
-    let rss_mib = max_rss_mib(&pids)?;
+    let memory = max_memory(&pids)?;
     // The probe request counts too.
     let telemetry = s
         .records()
@@ -296,8 +296,8 @@ pub fn run(s: Scenario, stress: Stress, round: u32, set: &Settings) -> Result<Me
         oha,
         cpu_s_per_1000,
         saturated_cpu_s_per_1000,
-        rss_mib,
-        idle_rss_mib,
+        memory,
+        idle_memory,
         kernel,
         telemetry,
         background: [wrk_background, oha_background],
@@ -406,14 +406,14 @@ fn signal(sig: &str, pid: u32) -> Result<()> {
     Ok(())
 }
 
-/// The largest VmRSS of `pids`, None without proxies.
-fn max_rss_mib(pids: &[u32]) -> Result<Option<f64>> {
-    let mut max = None;
+/// The largest memory figures of `pids`, None without proxies.
+fn max_memory(pids: &[u32]) -> Result<Option<Memory>> {
+    let mut max: Option<Memory> = None;
     for &pid in pids {
-        let kib = procstat::rss_kib(pid)?;
-        max = Some(max.unwrap_or(0).max(kib));
+        let m = Memory::of(pid)?;
+        max = Some(max.map_or(m, |x| x.max(m)));
     }
-    Ok(max.map(|kib| kib as f64 / 1024.0))
+    Ok(max)
 }
 
 fn total_ticks(pids: &[u32]) -> Result<u64> {
