@@ -22,6 +22,7 @@ use lumen_core::networking::OutlierDetection;
 use tokio::net::TcpStream;
 
 use crate::body::RequestBody;
+use crate::coalesce::Coalesce;
 use crate::mtls::{MeshStream, MeshTls};
 use crate::replay::ReplayBody;
 
@@ -67,7 +68,7 @@ pub enum TlsMode {
 }
 
 impl tower::Service<Uri> for Dial {
-    type Response = TokioIo<MeshStream>;
+    type Response = TokioIo<Coalesce<MeshStream>>;
     type Error = std::io::Error;
     type Future = Pin<Box<dyn Future<Output = std::io::Result<Self::Response>> + Send>>;
 
@@ -95,7 +96,9 @@ impl tower::Service<Uri> for Dial {
                 }
                 None => MeshStream::Plain(tcp),
             };
-            Ok(TokioIo::new(stream))
+            // HTTP/2 connections carry many small frames per request;
+            // HTTP/1.1's codec already writes a request in one go.
+            Ok(TokioIo::new(Coalesce::new(stream, alpn == b"h2")))
         })
     }
 }

@@ -35,6 +35,7 @@ pub mod authz;
 pub mod balance;
 pub mod body;
 pub mod cluster;
+pub mod coalesce;
 pub mod context;
 pub mod controlplane;
 pub mod detect;
