@@ -12,10 +12,12 @@
 //! takes calls from other sidecars and hands them to the local app, after
 //! Istio's RequestAuthentication ([`jwt`]) and AuthorizationPolicy
 //! ([`authz`]) have had their say. Both speak HTTP/1.1 and HTTP/2 (h2c),
-//! stream bodies, pool upstream connections and propagate W3C trace
-//! context. Between sidecars the hop is mutual TLS when both hold a
-//! certificate from the mesh CA ([`mtls`]: SPIFFE identities, renewed at
-//! half life; PeerAuthentication decides what the inbound side accepts).
+//! stream bodies, pool upstream connections (an HTTP/2 connection's
+//! writes gathered per scheduler tick, so a call's HEADERS and DATA leave
+//! together: [`coalesce`]) and propagate W3C trace context. Between
+//! sidecars the hop is mutual TLS when both hold a certificate from the
+//! mesh CA ([`mtls`]: SPIFFE identities, renewed at half life;
+//! PeerAuthentication decides what the inbound side accepts).
 //! Under REGISTRY_ONLY (Istio's `outboundTrafficPolicy`) the outbound side
 //! refuses hosts outside the registry. Run as a gateway ([`gateway`]), the
 //! proxy listens on the ports of the Istio Gateways that select it instead,
