@@ -1,4 +1,4 @@
-//! Write coalescing for upstream HTTP/2 connections.
+//! Write coalescing for HTTP/2 connections, upstream and downstream.
 //!
 //! hyper's HTTP/2 client opens a stream and writes its HEADERS in one turn
 //! of the connection task; the request body's task can only queue its DATA
@@ -13,9 +13,12 @@
 //! behind the tasks already queued, on both of tokio's schedulers, so the
 //! put-off costs one trip through the run queue, never a timer.
 //!
+//! Downstream, a response's last DATA frame and its trailers (a gRPC
+//! status) are flushed apart the same way, and are joined the same way.
+//!
 //! Small writes are gathered in a buffer; anything that would make it
 //! larger than [`GATHER`] bytes first drains it and then goes through as
-//! it came, so large bodies are not copied.
+//! it came, so large bodies are not copied twice.
 
 use std::io::IoSlice;
 use std::pin::Pin;
@@ -23,9 +26,13 @@ use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-/// The most bytes gathered before writing: a gRPC call's HEADERS and a
-/// few KiB of DATA fit; larger payloads are written as they come.
-pub const GATHER: usize = 16 * 1024;
+/// The most bytes gathered before writing: a full 16 KiB DATA frame and
+/// what comes with it fit; larger payloads are written as they come.
+pub const GATHER: usize = 64 * 1024;
+
+/// Buffer capacity kept between bursts; a larger one, grown by a big
+/// burst, is given back, so idle connections hold little.
+const KEEP: usize = 16 * 1024;
 
 #[derive(Debug)]
 pub struct Coalesce<T> {
@@ -61,6 +68,9 @@ impl<T: AsyncWrite + Unpin> Coalesce<T> {
                 return Poll::Ready(Err(std::io::ErrorKind::WriteZero.into()));
             }
             self.pending.drain(..n);
+        }
+        if self.pending.capacity() > KEEP {
+            self.pending = Vec::new();
         }
         self.yielded = false;
         Poll::Ready(Ok(()))

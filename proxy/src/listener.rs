@@ -14,6 +14,7 @@ use lumen_core::UpstreamProtocol;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
+use crate::coalesce::Coalesce;
 use crate::context::{Connection, Shared, Side};
 use crate::detect::{self, Detected};
 use crate::idle::{CountingIo, HeaderTimer, ReadCount};
@@ -129,7 +130,8 @@ pub async fn serve(
             let conn = Arc::new(conn);
             match speaks {
                 Detected::Http1 | Detected::Http2 => {
-                    serve_http(stream, shared, conn, &builder, watcher).await
+                    let h2 = speaks == Detected::Http2;
+                    serve_http(stream, h2, shared, conn, &builder, watcher).await
                 }
                 Detected::Tls | Detected::Tcp => {
                     let sni = match (speaks, side) {
@@ -209,7 +211,10 @@ async fn serve_gateway(
                 Detected::Tls | Detected::Tcp => {
                     crate::tcp::proxy(shared, conn, stream, false, None, stop, drain).await
                 }
-                _ => serve_http(stream, shared, conn, builder, watcher).await,
+                speaks => {
+                    let h2 = speaks == Detected::Http2;
+                    serve_http(stream, h2, shared, conn, builder, watcher).await
+                }
             }
         }
         return;
@@ -247,7 +252,8 @@ async fn serve_gateway(
             if tcp {
                 crate::tcp::proxy(shared, conn, tls, false, None, stop, drain).await;
             } else {
-                serve_http(tls, shared, conn, builder, watcher).await;
+                let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
+                serve_http(tls, h2, shared, conn, builder, watcher).await;
             }
         }
     }
@@ -299,12 +305,16 @@ async fn serve_mtls(
     if tcp {
         crate::tcp::proxy(shared, conn, stream, false, None, stop, drain).await;
     } else {
-        serve_http(stream, shared, conn, builder, watcher).await;
+        let h2 = session.alpn_protocol() == Some(b"h2");
+        serve_http(stream, h2, shared, conn, builder, watcher).await;
     }
 }
 
+/// Serves HTTP on `stream`; `h2` when the client is known to speak HTTP/2,
+/// whose responses' frames are then written together ([`Coalesce`]).
 async fn serve_http<S>(
     stream: S,
+    h2: bool,
     shared: Arc<Shared>,
     conn: Arc<Connection>,
     builder: &auto::Builder<TokioExecutor>,
@@ -322,7 +332,7 @@ async fn serve_http<S>(
         .http1()
         .timer(HeaderTimer::new(count.clone(), shared.limits.idle_timeout));
     let svc = service_fn(move |req| handle(shared.clone(), conn.clone(), req));
-    let io = TokioIo::new(CountingIo::new(stream, count.clone()));
+    let io = TokioIo::new(CountingIo::new(Coalesce::new(stream, h2), count.clone()));
     let served = builder.serve_connection_with_upgrades(io, svc).into_owned();
     if let Err(e) = watcher.watch(served).await {
         if count.idle_expired() {
