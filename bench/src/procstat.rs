@@ -288,6 +288,17 @@ impl KernelCounter {
     }
 }
 
+impl Drop for KernelCounter {
+    /// A run that failed before [`KernelCounter::finish`] leaves no perf
+    /// behind; after it, perf has exited and this does nothing.
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
 /// The value of `event` in `perf stat -x,` output (`value,unit,event,…`).
 pub fn parse_perf_count(text: &str, event: &str) -> Option<f64> {
     text.lines().find_map(|l| {
