@@ -175,7 +175,7 @@ pub fn request_body() -> Vec<u8> {
             ..Default::default()
         })
         .collect();
-    let message = prost::Message::encode_to_vec(&ExportTraceServiceRequest {
+    frame(&ExportTraceServiceRequest {
         resource_spans: vec![ResourceSpans {
             scope_spans: vec![ScopeSpans {
                 spans,
@@ -183,18 +183,25 @@ pub fn request_body() -> Vec<u8> {
             }],
             ..Default::default()
         }],
-    });
-    let mut framed = vec![0u8];
-    framed.extend_from_slice(&(message.len() as u32).to_be_bytes());
-    framed.extend_from_slice(&message);
-    framed
+    })
 }
 
 /// The framed `Ticket` every streaming load request sends.
 pub fn stream_request_body() -> Vec<u8> {
-    let message = prost::Message::encode_to_vec(&Ticket {
+    frame(&ticket())
+}
+
+/// The ticket every `DoGet` carries; the app answers any ticket alike.
+fn ticket() -> Ticket {
+    Ticket {
         ticket: bytes::Bytes::from_static(b"bench"),
-    });
+    }
+}
+
+/// `message` as it travels: gRPC's 5-byte header (uncompressed, length),
+/// then the message.
+fn frame(message: &impl prost::Message) -> Vec<u8> {
+    let message = message.encode_to_vec();
     let mut framed = vec![0u8];
     framed.extend_from_slice(&(message.len() as u32).to_be_bytes());
     framed.extend_from_slice(&message);
@@ -219,12 +226,7 @@ pub fn check_stream(url: &str, host: Option<&str>) -> Result<()> {
             .await
             .with_context(|| format!("connecting to {url}"))?;
         let mut client = arrow_flight::flight_service_client::FlightServiceClient::new(channel);
-        let mut stream = client
-            .do_get(Ticket {
-                ticket: bytes::Bytes::from_static(b"bench"),
-            })
-            .await?
-            .into_inner();
+        let mut stream = client.do_get(ticket()).await?.into_inner();
         let mut n = 0usize;
         while let Some(m) = stream.next().await {
             let m = m.context("DoGet stream")?;

@@ -268,10 +268,7 @@ impl KernelCounter {
     /// Stops counting; the counts per request per hop over `requests`.
     pub fn finish(mut self, requests: u64) -> Result<KernelCounts> {
         // SIGINT makes perf print its counts and exit.
-        Command::new("kill")
-            .args(["-INT", &self.child.id().to_string()])
-            .status()
-            .context("signalling perf")?;
+        signal("-INT", self.child.id()).context("signalling perf")?;
         let status = self.child.wait()?;
         let text = std::fs::read_to_string(&self.out)
             .with_context(|| format!("reading {}", self.out.display()))?;
@@ -297,6 +294,18 @@ impl Drop for KernelCounter {
             let _ = self.child.wait();
         }
     }
+}
+
+/// Sends `sig` (`-STOP`, `-CONT`, `-INT`: std only offers SIGKILL) to `pid`.
+pub fn signal(sig: &str, pid: u32) -> Result<()> {
+    let status = Command::new("kill")
+        .args([sig, &pid.to_string()])
+        .status()
+        .context("running kill")?;
+    if !status.success() {
+        bail!("kill {sig} {pid} failed: {status}");
+    }
+    Ok(())
 }
 
 /// The value of `event` in `perf stat -x,` output (`value,unit,event,…`).

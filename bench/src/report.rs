@@ -461,9 +461,8 @@ mod tests {
         }
     }
 
-    #[test]
-    fn table_and_comparisons() {
-        let ctx = Context {
+    fn context(grpc: Option<&'static str>, workers: u16, rounds: u32) -> Context {
+        Context {
             command: "lumen-bench proxy".into(),
             date: "today".into(),
             machine: "test".into(),
@@ -474,11 +473,16 @@ mod tests {
             wrk_connections: 32,
             oha_connections: 16,
             body_bytes: None,
-            grpc: None,
-            workers: 1,
+            grpc,
+            workers,
             fresh_connections: false,
-            rounds: 3,
-        };
+            rounds,
+        }
+    }
+
+    #[test]
+    fn table_and_comparisons() {
+        let ctx = context(None, 1, 3);
         let rows = [
             vec![row(Scenario::A, 20000.0, 1.0, None)],
             // The median of each figure, not one round's.
@@ -513,22 +517,7 @@ mod tests {
 
     #[test]
     fn every_feature_and_stress_comparisons() {
-        let ctx = Context {
-            command: "lumen-bench proxy --scenario g,h,i".into(),
-            date: "today".into(),
-            machine: "test".into(),
-            versions: vec![],
-            duration: 10,
-            warmup: 2,
-            rate: 1000,
-            wrk_connections: 32,
-            oha_connections: 16,
-            body_bytes: None,
-            grpc: Some(crate::grpc::STREAM_PATH),
-            workers: 2,
-            fresh_connections: false,
-            rounds: 1,
-        };
+        let ctx = context(Some(crate::grpc::STREAM_PATH), 2, 1);
         let mut stopped = row(Scenario::G, 9000.0, 2.2, Some(0.2));
         stopped.stress = Stress::CollectorStopped;
         let rows = [

@@ -354,7 +354,7 @@ impl Stressing {
             Stress::None => Stressing::None,
             Stress::CollectorStopped => {
                 let pid = collector()?;
-                signal("-STOP", pid)?;
+                procstat::signal("-STOP", pid)?;
                 Stressing::Stopped(pid)
             }
             Stress::RunawayQuery => {
@@ -382,7 +382,7 @@ impl Stressing {
     fn finish(self) -> Result<()> {
         match self {
             Stressing::None => Ok(()),
-            Stressing::Stopped(pid) => signal("-CONT", pid),
+            Stressing::Stopped(pid) => procstat::signal("-CONT", pid),
             Stressing::Querying { stop, thread } => {
                 stop.store(true, std::sync::atomic::Ordering::Relaxed);
                 let sent = thread
@@ -393,17 +393,6 @@ impl Stressing {
             }
         }
     }
-}
-
-fn signal(sig: &str, pid: u32) -> Result<()> {
-    let status = std::process::Command::new("kill")
-        .args([sig, &pid.to_string()])
-        .status()
-        .context("running kill")?;
-    if !status.success() {
-        bail!("kill {sig} {pid} failed: {status}");
-    }
-    Ok(())
 }
 
 /// The largest memory figures of `pids`, None without proxies.
