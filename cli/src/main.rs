@@ -571,11 +571,16 @@ fn main() -> ExitCode {
     lumen_sidecar::no_huge_pages();
     lumen_sidecar::keep_freed_memory();
     let cli = Cli::parse();
-    let workers = match &cli.command {
-        Command::Proxy(p) => p.workers(),
-        _ => None,
+    // A proxy starts its own workers (thread per core); everything else
+    // runs on tokio's work-stealing pool.
+    let rt = if matches!(cli.command, Command::Proxy(_)) {
+        lumen_sidecar::runtime()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
     };
-    let rt = match lumen_sidecar::runtime(workers) {
+    let rt = match rt {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");

@@ -215,7 +215,9 @@ pub struct EndpointState {
     tls: Option<Arc<MeshTls>>,
     tls_mode: Arc<AtomicU8>,
     account: Arc<ArcSwapOption<String>>,
-    pools: OnceLock<Pools>,
+    /// One set per worker ([`crate::workers`]): a connection is driven by
+    /// the runtime that opened it, so a worker uses only its own.
+    pools: Box<[OnceLock<Pools>]>,
     /// Requests sent and not yet answered (response headers).
     in_flight: AtomicU32,
     /// Peak-sensitive moving average of response latency, in microseconds.
@@ -246,7 +248,12 @@ pub enum Health {
 }
 
 impl EndpointState {
-    fn new(address: SocketAddr, connect_timeout: Duration, tls: Option<Arc<MeshTls>>) -> Self {
+    fn new(
+        address: SocketAddr,
+        connect_timeout: Duration,
+        tls: Option<Arc<MeshTls>>,
+        workers: usize,
+    ) -> Self {
         EndpointState {
             address,
             address_str: address.to_string().into(),
@@ -254,7 +261,7 @@ impl EndpointState {
             tls,
             tls_mode: Arc::new(AtomicU8::new(TlsMode::Auto as u8)),
             account: Default::default(),
-            pools: OnceLock::new(),
+            pools: (0..workers.max(1)).map(|_| OnceLock::new()).collect(),
             in_flight: AtomicU32::new(0),
             ewma_us: AtomicU64::new(0),
             ewma_at: AtomicU64::new(0),
@@ -307,8 +314,10 @@ impl EndpointState {
         }
     }
 
+    /// The calling worker's pools, opened on first use.
     pub fn pools(&self) -> &Pools {
-        self.pools.get_or_init(|| {
+        let own = &self.pools[crate::workers::index() % self.pools.len()];
+        own.get_or_init(|| {
             let dial = Dial {
                 address: self.address,
                 timeout_us: self.connect_timeout.clone(),
@@ -356,7 +365,7 @@ impl EndpointState {
     }
 
     pub fn has_pools(&self) -> bool {
-        self.pools.get().is_some()
+        self.pools.iter().any(|p| p.get().is_some())
     }
 
     pub fn in_flight(&self) -> u32 {
@@ -502,6 +511,7 @@ pub struct Registry {
     endpoints: Mutex<HashMap<SocketAddr, Arc<EndpointState>>>,
     connect_timeout: Duration,
     tls: Arc<MeshTls>,
+    workers: usize,
 }
 
 impl Registry {
@@ -510,7 +520,14 @@ impl Registry {
             endpoints: Mutex::new(HashMap::new()),
             connect_timeout,
             tls: Default::default(),
+            workers: 1,
         }
+    }
+
+    /// Endpoints keep a set of pools for each of the proxy's workers.
+    pub fn with_workers(mut self, workers: usize) -> Self {
+        self.workers = workers.max(1);
+        self
     }
 
     /// Connections to sidecars take mesh mTLS with this identity.
@@ -533,6 +550,7 @@ impl Registry {
                     address,
                     self.connect_timeout,
                     Some(self.tls.clone()),
+                    self.workers,
                 ))
             })
             .clone()
@@ -560,7 +578,12 @@ impl Registry {
     /// An endpoint kept apart from the registry (the inbound side's local
     /// app), never forgotten by [`retain`](Self::retain).
     pub fn standalone(&self, address: SocketAddr) -> Arc<EndpointState> {
-        Arc::new(EndpointState::new(address, self.connect_timeout, None))
+        Arc::new(EndpointState::new(
+            address,
+            self.connect_timeout,
+            None,
+            self.workers,
+        ))
     }
 
     pub fn default_connect_timeout(&self) -> Duration {

@@ -65,6 +65,7 @@ pub mod tcp;
 pub mod telemetry;
 pub mod trace;
 pub mod tunnel;
+pub mod workers;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -75,7 +76,7 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use lumen_core::{MeshConfig, Workload};
 use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::sync::{Semaphore, watch};
 
 use crate::context::{Shared, Side};
 use crate::endpoint::Registry;
@@ -116,6 +117,11 @@ pub enum ProxyError {
     Config(String),
     #[error("telemetry exporter: {0}")]
     Telemetry(String),
+    #[error("cannot start worker {index}: {source}")]
+    Worker {
+        index: usize,
+        source: std::io::Error,
+    },
 }
 
 /// Everything one sidecar needs to know about itself.
@@ -165,6 +171,10 @@ pub struct ProxyConfig {
     /// The workload certificate and mesh mTLS, shared with the control
     /// stream (trust bundle, peers) and the certificate's renewal.
     pub tls: Arc<mtls::MeshTls>,
+    /// Threads serving the listeners, each with its own sockets and
+    /// upstream connections ([`workers`]); the thread `run` is called on
+    /// is the first.
+    pub workers: usize,
 }
 
 impl ProxyConfig {
@@ -189,6 +199,7 @@ impl ProxyConfig {
             app_probes: Default::default(),
             quotas: Default::default(),
             tls: Default::default(),
+            workers: 1,
         }
     }
 }
@@ -200,19 +211,29 @@ pub struct Proxy {
     outbound: Option<TcpListener>,
     inbound: Option<TcpListener>,
     admin: Option<TcpListener>,
+    /// Workers 1.. each get a socket of their own on the outbound and
+    /// inbound addresses, in that order.
+    siblings: Vec<Vec<(std::net::TcpListener, Side)>>,
 }
 
+/// Binds `addr`; with more than one worker, as a socket the workers' own
+/// sockets share the address with.
 async fn bind(
     what: &'static str,
     addr: Option<SocketAddr>,
+    workers: usize,
 ) -> Result<Option<TcpListener>, ProxyError> {
-    match addr {
-        None => Ok(None),
-        Some(addr) => TcpListener::bind(addr)
-            .await
-            .map(Some)
-            .map_err(|source| ProxyError::Bind { what, addr, source }),
-    }
+    let Some(addr) = addr else {
+        return Ok(None);
+    };
+    let bound = if workers > 1 {
+        workers::bind_shared(addr)
+    } else {
+        TcpListener::bind(addr).await
+    };
+    bound
+        .map(Some)
+        .map_err(|source| ProxyError::Bind { what, addr, source })
 }
 
 impl Proxy {
@@ -243,13 +264,37 @@ impl Proxy {
                 "neither an outbound nor an inbound listener is configured".into(),
             ));
         }
+        let workers = config.workers.max(1);
+        let outbound = bind("outbound", config.outbound, workers).await?;
+        let inbound = bind("inbound", config.inbound, workers).await?;
+        let mut siblings = Vec::new();
+        for _ in 1..workers {
+            let mut own = Vec::new();
+            for (first, side, what) in [
+                (&outbound, Side::Outbound, "outbound"),
+                (&inbound, Side::Inbound, "inbound"),
+            ] {
+                if let Some(first) = first {
+                    let socket = workers::sibling(first).map_err(|source| ProxyError::Bind {
+                        what,
+                        addr: first
+                            .local_addr()
+                            .unwrap_or(SocketAddr::from(([0, 0, 0, 0], 0))),
+                        source,
+                    })?;
+                    own.push((socket, side));
+                }
+            }
+            siblings.push(own);
+        }
         Ok(Proxy {
-            outbound: bind("outbound", config.outbound).await?,
-            inbound: bind("inbound", config.inbound).await?,
+            outbound,
+            inbound,
             admin: match admin {
                 Some(l) => Some(l),
-                None => bind("admin", config.admin).await?,
+                None => bind("admin", config.admin, 1).await?,
             },
+            siblings,
             config,
             mesh,
         })
@@ -292,6 +337,7 @@ impl Proxy {
             outbound,
             inbound,
             admin,
+            siblings,
         } = self;
         let (stop_tx, stop_rx) = watch::channel(false);
         // The exporter stops only after the listeners have drained, so
@@ -305,7 +351,11 @@ impl Proxy {
                 "workload identity contains characters not allowed in a header".into(),
             )
         })?;
-        let registry = Arc::new(Registry::new(config.connect_timeout).with_tls(config.tls.clone()));
+        let registry = Arc::new(
+            Registry::new(config.connect_timeout)
+                .with_tls(config.tls.clone())
+                .with_workers(config.workers),
+        );
         let mut caller = Caller::of(&config.identity, &config.labels, config.locality.clone());
         caller.app_port = config.app.map(|a| a.port());
         caller.gateway = config.gateway;
@@ -400,19 +450,52 @@ impl Proxy {
                 fixed.map(|a| a.port()),
                 ports_rx,
                 stop_rx.clone(),
-                move |l, stop| listener::serve(l, shared.clone(), Side::Outbound, stop, drain),
+                move |l, stop| {
+                    let open = Arc::new(Semaphore::new(shared.limits.max_connections));
+                    listener::serve(l, shared.clone(), Side::Outbound, open, stop, drain)
+                },
             ));
         }
+        // Each listener's connection limit holds across its workers' sockets.
+        let open_outbound = Arc::new(Semaphore::new(config.limits.max_connections));
+        let open_inbound = Arc::new(Semaphore::new(config.limits.max_connections));
+        let open = |side| match side {
+            Side::Outbound => open_outbound.clone(),
+            Side::Inbound => open_inbound.clone(),
+        };
         for (listener, side) in [(outbound, Side::Outbound), (inbound, Side::Inbound)] {
             if let Some(l) = listener {
                 tasks.spawn(listener::serve(
                     l,
                     shared.clone(),
                     side,
+                    open(side),
                     stop_rx.clone(),
                     config.drain_timeout,
                 ));
             }
+        }
+        for (i, own) in siblings.into_iter().enumerate() {
+            let work = workers::Assignment {
+                listeners: own
+                    .into_iter()
+                    .map(|(socket, side)| (socket, side, open(side)))
+                    .collect(),
+            };
+            let done = workers::start(
+                i + 1,
+                work,
+                shared.clone(),
+                stop_rx.clone(),
+                config.drain_timeout,
+            )
+            .map_err(|source| ProxyError::Worker {
+                index: i + 1,
+                source,
+            })?;
+            tasks.spawn(async move {
+                let _ = done.await;
+            });
         }
         let admin_state = Arc::new(admin::AdminState {
             shared: shared.clone(),

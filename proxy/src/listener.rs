@@ -30,11 +30,14 @@ const PING_INTERVAL: Duration = Duration::from_secs(60);
 const DETECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Serves one listener until `shutdown` turns true, then lets open
-/// connections finish their requests for up to `drain`.
+/// connections finish their requests for up to `drain`. A connection is
+/// refused at once when `open` (the listener's limit, shared by its
+/// workers' sockets) has no permit left.
 pub async fn serve(
     listener: TcpListener,
     shared: Arc<Shared>,
     side: Side,
+    open: Arc<tokio::sync::Semaphore>,
     mut shutdown: watch::Receiver<bool>,
     drain: Duration,
 ) {
@@ -57,9 +60,14 @@ pub async fn serve(
         .max_pending_accept_reset_streams(limits.max_pending_resets)
         .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX));
     let builder = Arc::new(builder);
-    let open = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
     let graceful = GracefulShutdown::new();
     let mut tcp = tokio::task::JoinSet::new();
+    let accepted_here = listener.local_addr().ok().map(|a| {
+        shared
+            .telemetry
+            .metrics()
+            .accepted_by(a, crate::workers::index())
+    });
     loop {
         let accepted = tokio::select! {
             a = listener.accept() => a,
@@ -74,6 +82,9 @@ pub async fn serve(
                 continue;
             }
         };
+        if let Some(c) = &accepted_here {
+            c.inc();
+        }
         let Ok(permit) = open.clone().try_acquire_owned() else {
             // Over the limit: closed at once, before it costs anything more.
             shared.telemetry.metrics().refused(Refused::ConnectionLimit);

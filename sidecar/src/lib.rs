@@ -240,8 +240,10 @@ pub struct ProxyArgs {
     /// `{"/app-health/c/readyz": {"port": 8080, "path": "/health"}}`.
     #[arg(long, env = "LUMEN_APP_PROBES", value_parser = lumen_proxy::admin::parse_app_probes)]
     app_probes: Option<std::collections::BTreeMap<String, lumen_proxy::admin::AppProbe>>,
-    /// Worker threads [default: one per core]. With 1, the proxy runs on a
-    /// single thread, as Envoy does with --concurrency 1.
+    /// Worker threads [default: one per core], as Envoy's --concurrency.
+    /// Each has its own event loop, its own socket on each listener's port
+    /// and its own upstream connections; a request stays on the worker
+    /// that accepted its connection.
     #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
     workers: Option<u16>,
 }
@@ -371,9 +373,11 @@ async fn run_inner(a: ProxyArgs) -> Result<()> {
     // How the control plane and the pushed stats both name this sidecar.
     let node_id = format!("{}-{:08x}", config.identity.workload, rand_id());
     config.telemetry.instance = Some(node_id.clone());
-    if let Some(w) = a.workers {
-        config.telemetry.recording_threads = usize::from(w);
-    }
+    config.workers = a.workers.map_or_else(
+        || std::thread::available_parallelism().map_or(1, |n| n.get()),
+        usize::from,
+    );
+    config.telemetry.recording_threads = config.workers;
     config.telemetry.protocol = match a.telemetry_protocol {
         TelemetryProtocol::Arrow => ExportProtocol::Arrow,
         TelemetryProtocol::Otlp => ExportProtocol::Otlp,
@@ -485,26 +489,13 @@ async fn run_inner(a: ProxyArgs) -> Result<()> {
     Ok(())
 }
 
-impl ProxyArgs {
-    /// Worker threads asked for (`--workers`).
-    pub fn workers(&self) -> Option<u16> {
-        self.workers
-    }
-}
-
-/// A runtime for `workers` threads: one runs on the calling thread (no
-/// cross-thread wake-ups, which at sidecar request rates cost more CPU
-/// than the proxying itself); none given, one per core.
-pub fn runtime(workers: Option<u16>) -> std::io::Result<tokio::runtime::Runtime> {
-    let mut rt = match workers {
-        Some(1) => tokio::runtime::Builder::new_current_thread(),
-        _ => tokio::runtime::Builder::new_multi_thread(),
-    };
-    rt.enable_all();
-    if let Some(w) = workers.filter(|w| *w > 1) {
-        rt.worker_threads(usize::from(w));
-    }
-    rt.build()
+/// The runtime `run` is called on: one thread, the proxy's first worker.
+/// The proxy starts its other workers itself, a runtime each
+/// ([`lumen_proxy::workers`]).
+pub fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
 }
 
 /// The admin port while the first configuration is awaited

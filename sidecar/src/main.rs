@@ -31,7 +31,7 @@ fn main() -> ExitCode {
     lumen_sidecar::no_huge_pages();
     lumen_sidecar::keep_freed_memory();
     let cli = Cli::parse();
-    let rt = match lumen_sidecar::runtime(cli.proxy.workers()) {
+    let rt = match lumen_sidecar::runtime() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");

@@ -373,8 +373,9 @@ async fn telemetry_trouble_never_fails_requests_and_config_reloads_live() -> Res
 
 /// Two worker threads, many clients at once, the service named every way
 /// Kubernetes DNS allows (and made-up names too): every request answered and
-/// recorded once per side, and one connection pool per endpoint, not per
-/// name a caller wrote.
+/// recorded once per side, connections taken by both workers (Envoy's
+/// per-worker listener stat says so), and pools per endpoint, not per name
+/// a caller wrote.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_multi_threaded_sidecar_serves_concurrent_clients_with_one_pool_per_endpoint()
 -> Result<()> {
@@ -439,6 +440,26 @@ async fn a_multi_threaded_sidecar_serves_concurrent_clients_with_one_pool_per_en
             ok += 1;
         }
     }
+
+    let stats = reqwest::get(format!("http://127.0.0.1:{}/stats/prometheus", fe.admin))
+        .await?
+        .text()
+        .await?;
+    let listener = format!("envoy_listener_address=\"127.0.0.1_{}\"", fe.outbound);
+    let accepted_by = |worker: &str| -> u64 {
+        stats
+            .lines()
+            .filter(|l| l.starts_with("envoy_listener_worker_downstream_cx_total{"))
+            .filter(|l| l.contains(&listener))
+            .filter(|l| l.contains(&format!("envoy_worker_id=\"{worker}\"")))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum()
+    };
+    let (first, second) = (accepted_by("0"), accepted_by("1"));
+    assert!(
+        first > 0 && second > 0,
+        "both workers accept: {first}, {second}\n{stats}"
+    );
 
     let dump: serde_json::Value =
         reqwest::get(format!("http://127.0.0.1:{}/config_dump", fe.admin))

@@ -38,6 +38,13 @@ struct ReasonLabels {
     reason: &'static str,
 }
 
+/// Envoy's tags for a listener's per-worker stats.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ListenerWorkerLabels {
+    envoy_listener_address: String,
+    envoy_worker_id: String,
+}
+
 fn duration_histogram() -> Histogram {
     Histogram::new(DURATION_BUCKETS_MS)
 }
@@ -103,6 +110,7 @@ pub struct Metrics {
     retries: Counter,
     retries_refused: Counter,
     stats_pushes: Family<OutcomeLabels, Counter>,
+    accepted: Family<ListenerWorkerLabels, Counter>,
     unknown: Arc<str>,
     other: Workload,
     /// Source identities seen as labels so far (see [`MAX_SOURCE_LABELS`]).
@@ -210,6 +218,12 @@ impl Metrics {
             "Pushes of these stats to the collector (OTLP metrics), by outcome: ok, failed",
             stats_pushes.clone(),
         );
+        let accepted = Family::<ListenerWorkerLabels, Counter>::default();
+        registry.register(
+            "envoy_listener_worker_downstream_cx",
+            "Connections accepted, by listener and by the worker that took them",
+            accepted.clone(),
+        );
         // Register the drop reasons up front so a scrape shows them at zero.
         for reason in [DROP_QUEUE_FULL, DROP_EXPORT_FAILED, DROP_REJECTED] {
             let _ = records_dropped.get_or_create(&DropLabels { reason });
@@ -232,6 +246,7 @@ impl Metrics {
             retries,
             retries_refused,
             stats_pushes,
+            accepted,
             unknown: Arc::from("unknown"),
             other: Workload {
                 service: other.clone(),
@@ -409,6 +424,22 @@ impl Metrics {
         self.stats_pushes
             .get_or_create(&OutcomeLabels { outcome })
             .inc();
+    }
+
+    /// The counter of connections `worker` accepts on the listener at
+    /// `listener` (named as Envoy names it: `0.0.0.0_15001`), shown at
+    /// zero from now on.
+    pub fn accepted_by(&self, listener: std::net::SocketAddr, worker: usize) -> Counter {
+        let address = match listener {
+            std::net::SocketAddr::V4(a) => format!("{}_{}", a.ip(), a.port()),
+            std::net::SocketAddr::V6(a) => format!("[{}]_{}", a.ip(), a.port()),
+        };
+        self.accepted
+            .get_or_create(&ListenerWorkerLabels {
+                envoy_listener_address: address,
+                envoy_worker_id: worker.to_string(),
+            })
+            .clone()
     }
 
     /// The counters' registry (the admin port adds the clusters' state).
