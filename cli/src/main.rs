@@ -569,8 +569,11 @@ struct CheckArgs {
 
 fn main() -> ExitCode {
     lumen_sidecar::no_huge_pages();
-    lumen_sidecar::keep_freed_memory();
     let cli = Cli::parse();
+    // Not for a proxy, as in `lumen-proxy` (sidecar/src/main.rs says why).
+    if !matches!(cli.command, Command::Proxy(_)) {
+        lumen_sidecar::keep_freed_memory();
+    }
     // A proxy starts its own workers (thread per core); everything else
     // runs on tokio's work-stealing pool.
     let rt = if matches!(cli.command, Command::Proxy(_)) {

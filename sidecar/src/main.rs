@@ -29,7 +29,10 @@ struct Cli {
 
 fn main() -> ExitCode {
     lumen_sidecar::no_huge_pages();
-    lumen_sidecar::keep_freed_memory();
+    // No `keep_freed_memory`: that is for the collector's hot rows. A
+    // proxy's buffers are small and short-lived; given back at mimalloc's
+    // own pace they keep its memory under load a third smaller (64 KiB
+    // POSTs: 20.2 -> 14.1 MB private) at no measurable CPU.
     let cli = Cli::parse();
     let rt = match lumen_sidecar::runtime() {
         Ok(rt) => rt,
