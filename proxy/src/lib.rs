@@ -22,6 +22,9 @@
 //! refuses hosts outside the registry. Run as a gateway ([`gateway`]), the
 //! proxy listens on the ports of the Istio Gateways that select it instead,
 //! terminating TLS with the certificate SNI picks, or passing it through.
+//! With several workers ([`workers`]) each thread accepts on its own socket
+//! of each listener and keeps its own upstream connections, so a request
+//! stays on the thread that accepted it.
 //!
 //! Every request becomes one [`lumen_core::RequestRecord`] (see
 //! [`request`] for the phases and [`telemetry`] for where records go):
