@@ -479,23 +479,31 @@ impl Proxy {
             }
         }
         for (i, own) in siblings.into_iter().enumerate() {
-            let work = workers::Assignment {
-                listeners: own
-                    .into_iter()
-                    .map(|(socket, side)| (socket, side, open(side)))
-                    .collect(),
+            let index = i + 1;
+            let sockets: Vec<_> = own
+                .into_iter()
+                .map(|(socket, side)| (socket, side, open(side)))
+                .collect();
+            let (shared, stop, drain) = (shared.clone(), stop_rx.clone(), config.drain_timeout);
+            let work = move || async move {
+                let mut serving = tokio::task::JoinSet::new();
+                for (socket, side, open) in sockets {
+                    // Registered with this worker's runtime, not the first's.
+                    match TcpListener::from_std(socket) {
+                        Ok(l) => {
+                            let serve =
+                                listener::serve(l, shared.clone(), side, open, stop.clone(), drain);
+                            serving.spawn(serve);
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, worker = index, ?side, "worker cannot serve its socket")
+                        }
+                    }
+                }
+                while serving.join_next().await.is_some() {}
             };
-            let done = workers::start(
-                i + 1,
-                work,
-                shared.clone(),
-                stop_rx.clone(),
-                config.drain_timeout,
-            )
-            .map_err(|source| ProxyError::Worker {
-                index: i + 1,
-                source,
-            })?;
+            let done = workers::start(index, work)
+                .map_err(|source| ProxyError::Worker { index, source })?;
             tasks.spawn(async move {
                 let _ = done.await;
             });

@@ -12,14 +12,12 @@
 //! are built the same way (`--concurrency`, `reuse_port`).
 
 use std::cell::Cell;
+use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpSocket};
-use tokio::sync::{Semaphore, oneshot, watch};
-
-use crate::context::{Shared, Side};
+use tokio::sync::oneshot;
 
 thread_local! {
     static INDEX: Cell<usize> = const { Cell::new(0) };
@@ -53,21 +51,15 @@ pub(crate) fn sibling(first: &TcpListener) -> std::io::Result<std::net::TcpListe
     bind_shared(first.local_addr()?)?.into_std()
 }
 
-/// What a worker serves: its socket on each listener, with the side it
-/// serves and the connection limit all of that listener's sockets share.
-pub(crate) struct Assignment {
-    pub listeners: Vec<(std::net::TcpListener, Side, Arc<Semaphore>)>,
-}
-
-/// Starts worker `index` on a thread of its own. It serves until `stop`
-/// turns true and its connections have drained; `done` resolves then.
-pub(crate) fn start(
-    index: usize,
-    work: Assignment,
-    shared: Arc<Shared>,
-    stop: watch::Receiver<bool>,
-    drain: Duration,
-) -> std::io::Result<oneshot::Receiver<()>> {
+/// Starts worker `index` on a thread of its own, with a single-threaded
+/// runtime in which `work` makes the future it runs (its listeners'
+/// sockets are registered there). `done` resolves once that future has
+/// finished: the worker has stopped serving and its connections drained.
+pub(crate) fn start<F, Fut>(index: usize, work: F) -> std::io::Result<oneshot::Receiver<()>>
+where
+    F: FnOnce() -> Fut + Send + 'static,
+    Fut: Future<Output = ()>,
+{
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -76,28 +68,8 @@ pub(crate) fn start(
         .name(format!("lumen-worker-{index}"))
         .spawn(move || {
             INDEX.with(|i| i.set(index));
-            runtime.block_on(async move {
-                let mut serving = tokio::task::JoinSet::new();
-                for (listener, side, open) in work.listeners {
-                    match TcpListener::from_std(listener) {
-                        Ok(l) => {
-                            serving.spawn(crate::listener::serve(
-                                l,
-                                shared.clone(),
-                                side,
-                                open,
-                                stop.clone(),
-                                drain,
-                            ));
-                        }
-                        Err(e) => {
-                            tracing::warn!(error = %e, worker = index, ?side, "worker cannot serve its socket")
-                        }
-                    }
-                }
-                while serving.join_next().await.is_some() {}
-            });
-            // Connections past the drain were given up on above; what is
+            runtime.block_on(async move { work().await });
+            // Connections past the drain were given up on already; what is
             // left (idle pooled connections, timers) goes now.
             runtime.shutdown_timeout(Duration::from_millis(100));
             let _ = done_tx.send(());
