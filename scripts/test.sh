@@ -39,5 +39,13 @@ if ((${#apt_pkgs[@]})); then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${apt_pkgs[@]}" >/dev/null
 fi
 
+# Licences, banned crates and sources of everything linked (deny.toml).
+command -v cargo-deny >/dev/null 2>&1 || {
+  echo "installing cargo-deny (crates.io)" >&2
+  cargo install --locked --quiet cargo-deny --version 0.20.2
+}
+
 cargo build --workspace --all-targets
+# Offline: the build has fetched every crate it names.
+cargo deny --offline check licenses bans sources
 cargo test --workspace --all-targets "$@"

@@ -1,6 +1,8 @@
 //! `lumen-bench`: side-by-side benchmarks of Lumen against the peers its
 //! users would otherwise run. See bench/README.md.
 
+#![forbid(unsafe_code)]
+
 mod dashboard;
 mod grpc;
 mod http;

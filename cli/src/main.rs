@@ -1,6 +1,8 @@
 //! `lumen`: one binary for the whole mesh. Parses flags, wires the
 //! component crates together, waits for Ctrl-C or SIGTERM.
 
+#![forbid(unsafe_code)]
+
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;

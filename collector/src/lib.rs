@@ -19,6 +19,8 @@
 //! [`store::Store`] is the catalog of both hot rows and files; the query
 //! service reads consistent snapshots of it.
 
+#![forbid(unsafe_code)]
+
 pub mod buffer;
 pub mod compact;
 pub mod dedup;

@@ -24,6 +24,8 @@
 //! container and the `lumen-proxy` sidecar — served over TLS by
 //! [`webhook`].
 
+#![forbid(unsafe_code)]
+
 pub mod ca;
 #[cfg(feature = "kubernetes")]
 pub mod casecret;

@@ -34,6 +34,8 @@
 //! rows of the same schema, and the query service reads those rows; all three
 //! agree on names through this crate.
 
+#![deny(unsafe_code)]
+
 pub mod access;
 pub mod authz;
 pub mod config;

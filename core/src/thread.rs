@@ -12,6 +12,7 @@
 /// `SCHED_IDLE`, the thread still gets its share on a saturated machine,
 /// so records keep leaving. Failing leaves the thread as it was, which
 /// only costs latency, so errors are ignored.
+#[allow(unsafe_code)] // libc calls: sched_setscheduler, setpriority
 pub fn lower_priority() {
     #[cfg(target_os = "linux")]
     {

@@ -8,6 +8,8 @@
 //! Istio-form routing ([`mesh`]), into files in the data directory that a
 //! control plane watches and streams to every sidecar.
 
+#![forbid(unsafe_code)]
+
 pub mod bookinfo;
 pub mod load;
 pub mod mesh;

@@ -15,6 +15,8 @@
 //! the control plane streams to every proxy, and every change into a
 //! `policy_events` row.
 
+#![forbid(unsafe_code)]
+
 pub mod alerts;
 pub mod decide;
 pub mod envoy;

@@ -146,47 +146,14 @@ pub async fn server_name(stream: &TcpStream, timeout: Duration) -> Option<String
 /// `SO_ORIGINAL_DST`; `None` when it was not redirected.
 #[cfg(target_os = "linux")]
 pub fn original_dst(stream: &TcpStream) -> Option<SocketAddr> {
-    use std::os::fd::AsRawFd;
     let local = stream.local_addr().ok()?;
-    let fd = stream.as_raw_fd();
-    // SAFETY: `getsockopt` writes at most `len` bytes into a zeroed
-    // sockaddr_storage we own, on a socket fd that outlives the call.
-    let dst = unsafe {
-        let mut addr: libc::sockaddr_storage = std::mem::zeroed();
-        let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
-        let (level, name) = if local.is_ipv4() {
-            (libc::SOL_IP, libc::SO_ORIGINAL_DST)
-        } else {
-            (libc::SOL_IPV6, libc::IP6T_SO_ORIGINAL_DST)
-        };
-        let rc = libc::getsockopt(
-            fd,
-            level,
-            name,
-            (&mut addr as *mut libc::sockaddr_storage).cast(),
-            &mut len,
-        );
-        if rc != 0 {
-            return None;
-        }
-        match addr.ss_family as libc::c_int {
-            libc::AF_INET => {
-                let a = &*(&addr as *const libc::sockaddr_storage).cast::<libc::sockaddr_in>();
-                SocketAddr::from((
-                    std::net::Ipv4Addr::from(u32::from_be(a.sin_addr.s_addr)),
-                    u16::from_be(a.sin_port),
-                ))
-            }
-            libc::AF_INET6 => {
-                let a = &*(&addr as *const libc::sockaddr_storage).cast::<libc::sockaddr_in6>();
-                SocketAddr::from((
-                    std::net::Ipv6Addr::from(a.sin6_addr.s6_addr),
-                    u16::from_be(a.sin6_port),
-                ))
-            }
-            _ => return None,
-        }
+    let socket = socket2::SockRef::from(stream);
+    let dst = if local.is_ipv4() {
+        socket.original_dst_v4()
+    } else {
+        socket.original_dst_v6()
     };
+    let dst = dst.ok()?.as_socket()?;
     // Without a REDIRECT the "original" destination is the listener itself.
     (dst != local).then_some(dst)
 }

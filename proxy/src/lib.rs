@@ -34,6 +34,8 @@
 //! clusters' state under Envoy's names ([`stats`]) — are pushed to the
 //! collector as OTLP metrics every 15 s, so the fleet is in the store too.
 
+#![forbid(unsafe_code)]
+
 pub mod admin;
 pub mod attempt;
 pub mod authz;

@@ -19,6 +19,8 @@
 //! receivers, reading them through the PromQL sources every ten seconds.
 //! [`ui`] serves the web UI at `/`, which reads these same APIs.
 
+#![forbid(unsafe_code)]
+
 pub mod dict_group;
 pub mod engine;
 pub mod executor;

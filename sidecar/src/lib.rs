@@ -9,6 +9,8 @@
 //! Also what every Lumen binary's process shares: duration and label flag
 //! parsing, logging, signals, the allocator's settings.
 
+#![deny(unsafe_code)]
+
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -45,6 +47,7 @@ const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 /// flush cycle page-faults the whole buffer back in — a quarter of the
 /// collector's CPU at 700k rows/s. Keeping freed memory for 10 s instead
 /// costs nothing the hot-row limit does not already bound.
+#[allow(unsafe_code)] // mimalloc's C option setter
 pub fn keep_freed_memory() {
     // SAFETY: sets a plain integer option; mimalloc reads it when it next
     // considers returning memory, and any value is valid.
@@ -56,6 +59,7 @@ pub fn keep_freed_memory() {
 /// turning over at ingest rates that zeroing was half of the
 /// collector's WAL thread and held Arrow ingest near 0.9M records/s (1.15M
 /// without). Small pages also keep a sidecar's RSS a quarter smaller.
+#[allow(unsafe_code)] // prctl
 pub fn no_huge_pages() {
     #[cfg(target_os = "linux")]
     // SAFETY: PR_SET_THP_DISABLE takes integer arguments only and affects

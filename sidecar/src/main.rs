@@ -1,6 +1,8 @@
 //! `lumen-proxy`: one sidecar proxy beside an application — what `lumen
 //! proxy` runs, in a binary without the collector and query engine.
 
+#![forbid(unsafe_code)]
+
 use std::process::ExitCode;
 
 use clap::Parser;

@@ -3,6 +3,8 @@
 //! it as users and peers do, and stop it (SIGTERM, or SIGKILL to simulate a
 //! crash). Test upstream apps run in-process.
 
+#![forbid(unsafe_code)]
+
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};

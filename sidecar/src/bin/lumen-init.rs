@@ -2,6 +2,8 @@
 //! as the pod's init container (with NET_ADMIN), before the app and its
 //! sidecar start. See [`lumen_sidecar::capture`].
 
+#![forbid(unsafe_code)]
+
 use std::process::ExitCode;
 
 use clap::Parser;
