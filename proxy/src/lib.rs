@@ -122,11 +122,6 @@ pub enum ProxyError {
     Config(String),
     #[error("telemetry exporter: {0}")]
     Telemetry(String),
-    #[error("cannot start worker {index}: {source}")]
-    Worker {
-        index: usize,
-        source: std::io::Error,
-    },
 }
 
 /// Everything one sidecar needs to know about itself.
@@ -503,12 +498,25 @@ impl Proxy {
                     }
                 }
                 while serving.join_next().await.is_some() {}
+                // Tunnels are tasks of their own, beyond the listeners'
+                // drain; they get the same time here as on the first worker
+                // before this runtime, and they with it, goes away.
+                let _ = tokio::time::timeout(drain + Duration::from_secs(1), shared.tunnels.none())
+                    .await;
             };
-            let done = workers::start(index, work)
-                .map_err(|source| ProxyError::Worker { index, source })?;
-            tasks.spawn(async move {
-                let _ = done.await;
-            });
+            // A worker that cannot start leaves its sockets closed (the
+            // kernel sends their share of connections to the others); the
+            // proxy serves on with the workers it has.
+            match workers::start(index, work) {
+                Ok(done) => {
+                    tasks.spawn(async move {
+                        let _ = done.await;
+                    });
+                }
+                Err(e) => {
+                    tracing::error!(worker = index, error = %e, "cannot start worker; serving with fewer")
+                }
+            }
         }
         let admin_state = Arc::new(admin::AdminState {
             shared: shared.clone(),

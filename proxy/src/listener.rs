@@ -82,15 +82,15 @@ pub async fn serve(
                 continue;
             }
         };
-        if let Some(c) = &accepted_here {
-            c.inc();
-        }
         let Ok(permit) = open.clone().try_acquire_owned() else {
             // Over the limit: closed at once, before it costs anything more.
             shared.telemetry.metrics().refused(Refused::ConnectionLimit);
             drop(stream);
             continue;
         };
+        if let Some(c) = &accepted_here {
+            c.inc();
+        }
         let _ = stream.set_nodelay(true);
         let conn = Connection {
             side,

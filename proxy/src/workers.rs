@@ -1,7 +1,7 @@
 //! Thread per core. With N workers a proxy runs N threads, each with a
 //! single-threaded runtime of its own: the thread `run` was called on is
-//! worker 0 (it also keeps the config, the admin port and the exporter's
-//! feed), and workers 1..N are started here. Every worker accepts on its
+//! worker 0 (it also follows the config, serves the admin port and pushes
+//! the stats), and workers 1..N are started here. Every worker accepts on its
 //! own socket bound to each listener's address with `SO_REUSEPORT`, so the
 //! kernel spreads new connections over them, and keeps its own upstream
 //! connections ([`crate::endpoint::EndpointState::pools`] holds one set of

@@ -244,10 +244,11 @@ pub struct ProxyArgs {
     /// `{"/app-health/c/readyz": {"port": 8080, "path": "/health"}}`.
     #[arg(long, env = "LUMEN_APP_PROBES", value_parser = lumen_proxy::admin::parse_app_probes)]
     app_probes: Option<std::collections::BTreeMap<String, lumen_proxy::admin::AppProbe>>,
-    /// Worker threads [default: one per core], as Envoy's --concurrency.
-    /// Each has its own event loop, its own socket on each listener's port
-    /// and its own upstream connections; a request stays on the worker
-    /// that accepted its connection.
+    /// Worker threads, as Envoy's --concurrency [default: 2 for a sidecar,
+    /// as Istio's; one per core for a gateway; never more than the cores
+    /// the process may use]. Each has its own event loop, its own socket
+    /// on each listener's port and its own upstream connections; a request
+    /// stays on the worker that accepted its connection.
     #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
     workers: Option<u16>,
 }
@@ -377,10 +378,9 @@ async fn run_inner(a: ProxyArgs) -> Result<()> {
     // How the control plane and the pushed stats both name this sidecar.
     let node_id = format!("{}-{:08x}", config.identity.workload, rand_id());
     config.telemetry.instance = Some(node_id.clone());
-    config.workers = a.workers.map_or_else(
-        || std::thread::available_parallelism().map_or(1, |n| n.get()),
-        usize::from,
-    );
+    config.workers = a
+        .workers
+        .map_or_else(|| default_workers(a.gateway), usize::from);
     config.telemetry.recording_threads = config.workers;
     config.telemetry.protocol = match a.telemetry_protocol {
         TelemetryProtocol::Arrow => ExportProtocol::Arrow,
@@ -491,6 +491,14 @@ async fn run_inner(a: ProxyArgs) -> Result<()> {
     task.await.context("proxy task")??;
     tracing::info!("sidecar stopped cleanly");
     Ok(())
+}
+
+/// Istio's defaults: a sidecar gets 2 workers (each keeps its own upstream
+/// connections, and a sidecar's app rarely needs more), a gateway one per
+/// core; both within the cores the process may use (its cgroup's quota).
+fn default_workers(gateway: bool) -> usize {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if gateway { cores } else { cores.min(2) }
 }
 
 /// The runtime `run` is called on: one thread, the proxy's first worker.

@@ -3,6 +3,7 @@
 //! upstream protocol chosen per service rather than copied from the caller.
 
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use anyhow::{Context, Result};
 use bytes::Bytes;
@@ -11,7 +12,8 @@ use http_body_util::{BodyExt, Full};
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use lumen_tests::{
-    SidecarPorts, UpPorts, h2_client_via, local, sql, start_sidecar, start_up, wait_for_count,
+    Sidecar, SidecarPorts, UpPorts, h2_client_via, local, sql, start_sidecar, start_up,
+    wait_for_count,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -312,5 +314,91 @@ spec:
         ],
         "{rows:?}"
     );
+    Ok(())
+}
+
+/// A tunnel outlives the HTTP connection it was opened on, so the drain
+/// must wait for it on every worker, not only on the first: with two
+/// workers, all of 16 `CONNECT` tunnels still carry bytes after SIGTERM,
+/// and the sidecar exits cleanly once they close.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tunnels_on_every_worker_keep_flowing_through_the_shutdown_drain() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let echo = echo_app().await?;
+    let ports = SidecarPorts::pick();
+    let mesh = dir.path().join("mesh.yaml");
+    std::fs::write(
+        &mesh,
+        format!(
+            "apiVersion: lumen.dev/v1alpha1
+kind: Mesh
+metadata:
+  name: drain
+spec:
+  services:
+    - name: echo
+      port: 7000
+      protocol: tcp
+      endpoints: [{{address: {echo}}}]
+"
+        ),
+    )?;
+    let mut sidecar = Sidecar {
+        service: "caller",
+        version: "v1",
+        mesh: &mesh,
+        ports,
+        app: None,
+        // Nothing listens there: records are dropped and counted.
+        collector: "http://127.0.0.1:1",
+        extra: &["--workers", "2"],
+    }
+    .start(dir.path())
+    .await?;
+
+    let mut tunnels = Vec::new();
+    for _ in 0..16 {
+        let mut s = TcpStream::connect(local(ports.outbound)).await?;
+        s.write_all(b"CONNECT echo:7000 HTTP/1.1\r\nHost: echo:7000\r\n\r\n")
+            .await?;
+        let head = read_head(&mut s).await?;
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+        tunnels.push(s);
+    }
+    // The second worker holds some of them, or this would test nothing new.
+    let stats = reqwest::get(format!("http://127.0.0.1:{}/stats/prometheus", ports.admin))
+        .await?
+        .text()
+        .await?;
+    for worker in ["0", "1"] {
+        let took = stats.lines().any(|l| {
+            l.starts_with("envoy_listener_worker_downstream_cx_total{")
+                && l.contains(&format!("envoy_worker_id=\"{worker}\""))
+                && !l.ends_with(" 0")
+        });
+        assert!(took, "worker {worker} took no connection:\n{stats}");
+    }
+
+    let stopping = tokio::task::spawn_blocking(move || {
+        let stopped = sidecar.stop_with("TERM", Duration::from_secs(30));
+        (stopped, sidecar.logs())
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for (i, s) in tunnels.iter_mut().enumerate() {
+        let payload = format!("still flowing {i}");
+        s.write_all(payload.as_bytes()).await?;
+        let mut back = vec![0u8; payload.len()];
+        tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut back))
+            .await
+            .context("no echo within 5 s of the drain")?
+            .with_context(|| format!("tunnel {i} was cut in the drain"))?;
+        assert_eq!(back, payload.as_bytes());
+    }
+    for mut s in tunnels {
+        s.shutdown().await?;
+    }
+    let (stopped, logs) = stopping.await?;
+    let (code, _) = stopped?;
+    assert_eq!(code, 0, "{logs}");
     Ok(())
 }

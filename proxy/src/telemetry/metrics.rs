@@ -221,7 +221,7 @@ impl Metrics {
         let accepted = Family::<ListenerWorkerLabels, Counter>::default();
         registry.register(
             "envoy_listener_worker_downstream_cx",
-            "Connections accepted, by listener and by the worker that took them",
+            "Connections accepted (within the connection limit), by listener and by the worker that took them",
             accepted.clone(),
         );
         // Register the drop reasons up front so a scrape shows them at zero.
