@@ -42,6 +42,7 @@ pub mod config;
 pub mod control;
 pub mod exposition;
 pub mod identity;
+pub mod ipc;
 pub mod istio;
 pub mod load;
 pub mod networking;

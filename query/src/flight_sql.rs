@@ -34,11 +34,14 @@ use arrow_flight::{
     Ticket,
 };
 use datafusion::common::{ParamValues, ScalarValue};
-use futures_util::{Stream, TryStreamExt};
+use futures_util::{Stream, StreamExt, TryStreamExt};
 use lumen_core::schema::{TABLES, table_schema};
 use prost::Message;
 use tokio::net::TcpListener;
 use tonic::{Request, Response, Status};
+
+/// Most bytes a prepared statement's parameters may take once decoded.
+const MAX_PARAMETER_BYTES: u64 = 16 << 20;
 
 use crate::engine::{CATALOG, QueryEngine, QueryError, Request as QueryRequest};
 
@@ -390,7 +393,22 @@ impl FlightSqlService for FlightSql {
         request: Request<PeekableFlightDataStream>,
     ) -> Result<DoPutPreparedStatementResult, Status> {
         let (id, _) = self.prepared(&query.prepared_statement_handle)?;
-        let stream = request.into_inner().map_err(FlightError::from);
+        // Compressed buffers are allocated at the size they declare before
+        // they are read: a few bytes could ask for a terabyte.
+        let mut declared = 0u64;
+        let stream = request.into_inner().map_err(FlightError::from).map(move |m| {
+            let m = m?;
+            declared = declared.saturating_add(lumen_core::ipc::declared_decompressed_size(
+                &m.data_header,
+                &m.data_body,
+            ));
+            if declared > MAX_PARAMETER_BYTES {
+                return Err(FlightError::ProtocolError(format!(
+                    "parameters declare {declared} bytes once decompressed, over the limit of {MAX_PARAMETER_BYTES}"
+                )));
+            }
+            Ok(m)
+        });
         let batches: Vec<_> = FlightRecordBatchStream::new_from_flight_data(stream)
             .try_collect()
             .await

@@ -67,6 +67,24 @@ impl FlightIngest {
     }
 }
 
+/// Compressed Arrow IPC buffers declare their decompressed size, which the
+/// decoder allocates at once; the total is held to the same limit as a gzip
+/// or zstd OTLP payload once inflated ([`lumen_core::ipc`]).
+fn check_declared_sizes(messages: &[FlightData], limit: usize) -> Result<(), Status> {
+    let declared = messages.iter().fold(0u64, |n, m| {
+        n.saturating_add(lumen_core::ipc::declared_decompressed_size(
+            &m.data_header,
+            &m.data_body,
+        ))
+    });
+    if declared > limit as u64 {
+        return Err(Status::invalid_argument(format!(
+            "compressed Arrow IPC buffers declare {declared} bytes once decompressed, over the limit of {limit}"
+        )));
+    }
+    Ok(())
+}
+
 /// The table a descriptor names: a path of one element.
 fn table_of(descriptor: Option<&FlightDescriptor>) -> Result<String, Status> {
     let path = descriptor.map(|d| d.path.as_slice()).unwrap_or_default();
@@ -111,6 +129,7 @@ impl FlightService for FlightIngest {
                 ))
             })?)
         };
+        check_declared_sizes(&messages, self.ingest.max_request_bytes())?;
         let batches: Vec<_> = FlightRecordBatchStream::new_from_flight_data(
             futures_util::stream::iter(messages.into_iter().map(Ok::<_, FlightError>)),
         )
@@ -188,5 +207,64 @@ impl FlightService for FlightIngest {
         _request: Request<Empty>,
     ) -> Result<Response<Self::ListActionsStream>, Status> {
         unsupported("ListActions")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use arrow::array::Int64Array;
+    use arrow::ipc::CompressionType;
+    use arrow::ipc::writer::IpcWriteOptions;
+    use arrow::record_batch::RecordBatch;
+    use arrow_flight::encode::FlightDataEncoderBuilder;
+    use std::sync::Arc;
+
+    /// 4096 rows of one zstd-compressed Int64 column, as Flight messages.
+    async fn compressed() -> Vec<FlightData> {
+        let batch = RecordBatch::try_from_iter([(
+            "n",
+            Arc::new(Int64Array::from(vec![7i64; 4096])) as arrow::array::ArrayRef,
+        )])
+        .unwrap();
+        let options = IpcWriteOptions::default()
+            .try_with_compression(Some(CompressionType::ZSTD))
+            .unwrap();
+        FlightDataEncoderBuilder::new()
+            .with_options(options)
+            .build(futures_util::stream::iter([Ok(batch)]))
+            .try_collect()
+            .await
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_compressed_batch_declaring_a_terabyte_is_refused_before_decoding() {
+        let messages = compressed().await;
+        // The real batch: 32 KiB once decompressed, within a 1 MiB limit.
+        check_declared_sizes(&messages, 1 << 20).unwrap();
+        let decoded: Vec<_> = FlightRecordBatchStream::new_from_flight_data(
+            futures_util::stream::iter(messages.clone().into_iter().map(Ok::<_, FlightError>)),
+        )
+        .try_collect()
+        .await
+        .unwrap();
+        assert_eq!(decoded[0].num_rows(), 4096);
+        // Within 16 KiB it is refused: the limit counts decompressed bytes.
+        let err = check_declared_sizes(&messages, 16 << 10).unwrap_err();
+        assert!(err.message().contains("over the limit of 16384"), "{err}");
+
+        // The same bytes with the value buffer's length prefix set to 1 TiB.
+        let mut bomb = messages;
+        let m = bomb.iter_mut().find(|m| !m.data_body.is_empty()).unwrap();
+        let message = arrow::ipc::root_as_message(&m.data_header).unwrap();
+        let buffers = message.header_as_record_batch().unwrap().buffers().unwrap();
+        let values = buffers.iter().find(|b| b.length() >= 8).unwrap();
+        let at = values.offset() as usize;
+        let mut body = m.data_body.to_vec();
+        body[at..at + 8].copy_from_slice(&(1i64 << 40).to_le_bytes());
+        m.data_body = body.into();
+        let err = check_declared_sizes(&bomb, 1 << 20).unwrap_err();
+        assert!(err.message().contains("1099511627776 bytes"), "{err}");
     }
 }

@@ -791,6 +791,55 @@ mod tests {
         max_inflight_payloads: 4,
     };
 
+    /// 64 MiB of zeros, compressed as `how`: a few kilobytes on the wire.
+    fn bomb(how: Compression) -> Vec<u8> {
+        use std::io::Write;
+        let zeros = vec![0u8; 64 << 20];
+        match how {
+            Compression::Gzip => {
+                let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+                e.write_all(&zeros).unwrap();
+                e.finish().unwrap()
+            }
+            Compression::Zstd => zstd::stream::encode_all(&zeros[..], 19).unwrap(),
+            Compression::None => zeros,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_compression_bomb_is_refused_at_the_limit_and_a_real_payload_inflates() {
+        let dir = tempfile::tempdir().unwrap();
+        let (ingest, _) = ingest(dir.path(), LIMITS);
+        for how in [Compression::Gzip, Compression::Zstd] {
+            let small = bomb(how);
+            assert!(
+                small.len() < 256 << 10,
+                "{how:?}: {} bytes on the wire",
+                small.len()
+            );
+            let err = ingest.decompress(&small, how).unwrap_err();
+            assert!(
+                err.to_string()
+                    .contains("exceeds the limit of 1048576 bytes"),
+                "{how:?}: {err}"
+            );
+        }
+        let real = payload();
+        let gz = {
+            use std::io::Write;
+            let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+            e.write_all(&real).unwrap();
+            e.finish().unwrap()
+        };
+        assert_eq!(ingest.decompress(&gz, Compression::Gzip).unwrap(), real);
+        let zs = zstd::stream::encode_all(&real[..], 3).unwrap();
+        assert_eq!(ingest.decompress(&zs, Compression::Zstd).unwrap(), real);
+        let err = ingest
+            .decompress(b"not gzip at all", Compression::Gzip)
+            .unwrap_err();
+        assert!(err.to_string().contains("invalid gzip payload"), "{err}");
+    }
+
     #[tokio::test]
     async fn past_the_hot_cap_payloads_are_refused_as_retryable_until_rows_are_flushed() {
         let dir = tempfile::tempdir().unwrap();

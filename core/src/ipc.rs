@@ -1,0 +1,45 @@
+//! Arrow IPC that arrives from outside the process (Flight `DoPut` to the
+//! collector, Flight SQL parameters to the query service).
+
+/// How many bytes the compressed buffers of one IPC message say they hold
+/// once decompressed; 0 for an uncompressed message, and for a header that
+/// does not parse (the decoder refuses that itself).
+///
+/// Arrow IPC may compress each buffer of a batch (LZ4, zstd); each then
+/// starts with its decompressed length, and arrow's decoder allocates that
+/// much before it decompresses anything. A few bytes declaring a terabyte
+/// abort the process ("memory allocation of 1099511627776 bytes failed"),
+/// so a server adds these up over a request and holds them to a limit
+/// before decoding.
+pub fn declared_decompressed_size(header: &[u8], body: &[u8]) -> u64 {
+    let Ok(message) = arrow::ipc::root_as_message(header) else {
+        return 0;
+    };
+    let batch = message
+        .header_as_record_batch()
+        .or_else(|| message.header_as_dictionary_batch().and_then(|d| d.data()));
+    let Some(batch) = batch.filter(|b| b.compression().is_some()) else {
+        return 0;
+    };
+    let mut declared: u64 = 0;
+    for buffer in batch.buffers().into_iter().flatten() {
+        // An empty buffer (no nulls, say) has no prefix: the bytes at its
+        // offset are the next buffer's.
+        if buffer.length() < 8 {
+            continue;
+        }
+        let start = usize::try_from(buffer.offset()).unwrap_or(usize::MAX);
+        let prefix = start
+            .checked_add(8)
+            .and_then(|end| body.get(start..end))
+            .and_then(|p| <[u8; 8]>::try_from(p).ok())
+            .map(i64::from_le_bytes);
+        // -1: stored uncompressed, as long as the buffer itself.
+        let length = match prefix {
+            Some(-1) | None => buffer.length(),
+            Some(n) => n,
+        };
+        declared = declared.saturating_add(length.max(0) as u64);
+    }
+    declared
+}
