@@ -18,6 +18,8 @@
 //! - [`control`]: the control stream's protobuf API (snapshots with xDS's
 //!   version / nonce / ACK / NACK, apply, delete, get, proxy status).
 //! - [`thread`]: the one scheduling hint background threads share.
+//! - [`ipc`]: what compressed Arrow IPC from outside says it will take
+//!   once decompressed, checked before decoding it.
 //! - [`istio`]: Istio's standard metric labels, from a record or a rollup key.
 //! - [`sketch`]: the mergeable latency sketch (DDSketch, 1 % relative
 //!   accuracy) rollups keep per key and window.
