@@ -498,6 +498,38 @@ pub fn peer_tool(name: &str, install: &str) -> PathBuf {
     }
 }
 
+/// Connections each worker of a sidecar accepted on its listener at
+/// `127.0.0.1:listener`, by worker id, from Envoy's per-worker stat on the
+/// admin port; with the whole exposition, for assertion messages.
+pub async fn accepted_by_worker(admin: u16, listener: u16) -> Result<(Vec<u64>, String)> {
+    let stats = reqwest::get(format!("http://127.0.0.1:{admin}/stats/prometheus"))
+        .await?
+        .text()
+        .await?;
+    let address = format!("envoy_listener_address=\"127.0.0.1_{listener}\"");
+    let mut by_worker = Vec::new();
+    for l in stats.lines() {
+        let Some(labels) = l.strip_prefix("envoy_listener_worker_downstream_cx_total{") else {
+            continue;
+        };
+        if !labels.contains(&address) {
+            continue;
+        }
+        let worker = labels
+            .split("envoy_worker_id=\"")
+            .nth(1)
+            .and_then(|rest| rest.split('"').next()?.parse::<usize>().ok());
+        let count = l.rsplit(' ').next().and_then(|n| n.parse::<u64>().ok());
+        if let (Some(w), Some(n)) = (worker, count) {
+            if by_worker.len() <= w {
+                by_worker.resize(w + 1, 0);
+            }
+            by_worker[w] += n;
+        }
+    }
+    Ok((by_worker, stats))
+}
+
 /// One sample of a `lumen up`'s own metrics on the query port's
 /// `/metrics` (`series` is the name with its labels), or 0 if absent.
 pub async fn metric(ports: &UpPorts, series: &str) -> Result<f64> {

@@ -441,21 +441,9 @@ async fn a_multi_threaded_sidecar_serves_concurrent_clients_with_one_pool_per_en
         }
     }
 
-    let stats = reqwest::get(format!("http://127.0.0.1:{}/stats/prometheus", fe.admin))
-        .await?
-        .text()
-        .await?;
-    let listener = format!("envoy_listener_address=\"127.0.0.1_{}\"", fe.outbound);
-    let accepted_by = |worker: &str| -> u64 {
-        stats
-            .lines()
-            .filter(|l| l.starts_with("envoy_listener_worker_downstream_cx_total{"))
-            .filter(|l| l.contains(&listener))
-            .filter(|l| l.contains(&format!("envoy_worker_id=\"{worker}\"")))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
-            .sum()
-    };
-    let (first, second) = (accepted_by("0"), accepted_by("1"));
+    let (accepted, stats) = lumen_tests::accepted_by_worker(fe.admin, fe.outbound).await?;
+    let first = accepted.first().copied().unwrap_or(0);
+    let second = accepted.get(1).copied().unwrap_or(0);
     assert!(
         first > 0 && second > 0,
         "both workers accept: {first}, {second}\n{stats}"

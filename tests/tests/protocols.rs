@@ -366,17 +366,10 @@ spec:
         tunnels.push(s);
     }
     // The second worker holds some of them, or this would test nothing new.
-    let stats = reqwest::get(format!("http://127.0.0.1:{}/stats/prometheus", ports.admin))
-        .await?
-        .text()
-        .await?;
-    for worker in ["0", "1"] {
-        let took = stats.lines().any(|l| {
-            l.starts_with("envoy_listener_worker_downstream_cx_total{")
-                && l.contains(&format!("envoy_worker_id=\"{worker}\""))
-                && !l.ends_with(" 0")
-        });
-        assert!(took, "worker {worker} took no connection:\n{stats}");
+    let (accepted, stats) = lumen_tests::accepted_by_worker(ports.admin, ports.outbound).await?;
+    for worker in 0..2 {
+        let took = accepted.get(worker).copied().unwrap_or(0);
+        assert!(took > 0, "worker {worker} took no connection:\n{stats}");
     }
 
     let stopping = tokio::task::spawn_blocking(move || {
