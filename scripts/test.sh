@@ -33,6 +33,10 @@ command -v curl >/dev/null 2>&1 || apt_pkgs+=(curl ca-certificates)
 command -v kubectl >/dev/null 2>&1 || apt_pkgs+=(kubernetes-client)
 # The web UI is tested in real Chromium (Playwright drives Debian's build).
 command -v chromium >/dev/null 2>&1 || apt_pkgs+=(chromium)
+# The chaos test steps one sidecar's clock (libfaketime) and builds an
+# fsync-delaying LD_PRELOAD shim (a C compiler).
+command -v faketime >/dev/null 2>&1 || apt_pkgs+=(faketime)
+command -v cc >/dev/null 2>&1 || apt_pkgs+=(gcc libc6-dev)
 if ((${#apt_pkgs[@]})); then
   echo "installing test peers: ${apt_pkgs[*]} (Debian packages)" >&2
   apt-get update -qq
@@ -51,3 +55,10 @@ cargo build --workspace --all-targets
 cargo fetch --locked
 cargo deny --offline check licenses bans sources
 cargo test --workspace --all-targets "$@"
+
+# Every parser of outside input under libFuzzer, 30 s a target (fuzz/);
+# a crash fails the run with the input saved in fuzz/artifacts/. Skipped
+# when the run was narrowed to some tests.
+if (($# == 0)); then
+  ./scripts/fuzz.sh "${LUMEN_FUZZ_SECONDS:-30}"
+fi

@@ -1,5 +1,36 @@
 //! Arrow IPC that arrives from outside the process (Flight `DoPut` to the
-//! collector, Flight SQL parameters to the query service).
+//! collector, Flight SQL parameters to the query service): what arrow's
+//! decoder trusts and a server must check first.
+
+/// Checks that every buffer of one IPC message lies inside its body.
+///
+/// Arrow's decoder slices each buffer out of the body at the offset and
+/// length the header gives, and panics when they run past its end (found
+/// by fuzzing the collector's `DoPut`); a server checks first and answers
+/// with the protocol's error. A header that does not parse, or is not a
+/// batch, is left to the decoder, which refuses it with an error.
+pub fn check_buffers(header: &[u8], body: &[u8]) -> Result<(), String> {
+    let Ok(message) = arrow::ipc::root_as_message(header) else {
+        return Ok(());
+    };
+    let batch = message
+        .header_as_record_batch()
+        .or_else(|| message.header_as_dictionary_batch().and_then(|d| d.data()));
+    let Some(batch) = batch else {
+        return Ok(());
+    };
+    for (i, buffer) in batch.buffers().into_iter().flatten().enumerate() {
+        let (offset, length) = (buffer.offset(), buffer.length());
+        let end = offset.checked_add(length);
+        if offset < 0 || length < 0 || end.is_none_or(|end| end as u64 > body.len() as u64) {
+            return Err(format!(
+                "buffer {i} (offset {offset}, length {length}) lies outside the message body of {} bytes",
+                body.len()
+            ));
+        }
+    }
+    Ok(())
+}
 
 /// How many bytes the compressed buffers of one IPC message say they hold
 /// once decompressed; 0 for an uncompressed message, and for a header that

@@ -398,6 +398,8 @@ impl FlightSqlService for FlightSql {
         let mut declared = 0u64;
         let stream = request.into_inner().map_err(FlightError::from).map(move |m| {
             let m = m?;
+            lumen_core::ipc::check_buffers(&m.data_header, &m.data_body)
+                .map_err(|e| FlightError::ProtocolError(format!("parameters: {e}")))?;
             declared = declared.saturating_add(lumen_core::ipc::declared_decompressed_size(
                 &m.data_header,
                 &m.data_body,

@@ -23,13 +23,13 @@ use futures_util::stream::BoxStream;
 use futures_util::{StreamExt, TryStreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
-use super::{Ingest, IngestError};
+use super::{Admission, Ingest, IngestError};
 use crate::dedup::BatchId;
 
 /// The Flight service, ready to add to a `tonic` server.
 pub fn service(ingest: Ingest) -> FlightServiceServer<FlightIngest> {
     let limit = ingest.max_request_bytes();
-    FlightServiceServer::new(FlightIngest { ingest }).max_decoding_message_size(limit)
+    FlightServiceServer::new(FlightIngest::new(ingest)).max_decoding_message_size(limit)
 }
 
 #[derive(Debug, Clone)]
@@ -49,6 +49,48 @@ fn unsupported<T>(what: &str) -> Result<T, Status> {
 }
 
 impl FlightIngest {
+    pub fn new(ingest: Ingest) -> Self {
+        FlightIngest { ingest }
+    }
+
+    /// Stores the messages of one whole `DoPut` stream (the table and batch
+    /// id in the first); the answer echoes the id once the rows are in the
+    /// WAL.
+    pub async fn put(
+        &self,
+        admitted: &Admission,
+        messages: Vec<FlightData>,
+    ) -> Result<PutResult, Status> {
+        let Some(first) = messages.first() else {
+            return Err(Status::invalid_argument("empty DoPut stream"));
+        };
+        let table = table_of(first.flight_descriptor.as_ref())?;
+        let id = first.app_metadata.clone();
+        let origin = if id.is_empty() {
+            None
+        } else {
+            Some(BatchId::decode(&id).ok_or_else(|| {
+                Status::invalid_argument(format!(
+                    "app_metadata of the first message must be a {}-byte batch id, got {} bytes",
+                    BatchId::ENCODED_LEN,
+                    id.len()
+                ))
+            })?)
+        };
+        check_declared_sizes(&messages, self.ingest.max_request_bytes())?;
+        let batches: Vec<_> = FlightRecordBatchStream::new_from_flight_data(
+            futures_util::stream::iter(messages.into_iter().map(Ok::<_, FlightError>)),
+        )
+        .try_collect()
+        .await
+        .map_err(|e| Status::invalid_argument(format!("malformed Arrow IPC in DoPut: {e}")))?;
+        self.ingest
+            .arrow(admitted, &table, origin, batches)
+            .await
+            .map_err(status_of)?;
+        Ok(PutResult { app_metadata: id })
+    }
+
     /// Reads a whole `DoPut` stream, bounded by the request size limit.
     async fn read(&self, mut stream: Streaming<FlightData>) -> Result<Vec<FlightData>, Status> {
         let limit = self.ingest.max_request_bytes();
@@ -67,10 +109,16 @@ impl FlightIngest {
     }
 }
 
-/// Compressed Arrow IPC buffers declare their decompressed size, which the
-/// decoder allocates at once; the total is held to the same limit as a gzip
-/// or zstd OTLP payload once inflated ([`lumen_core::ipc`]).
+/// Every buffer must lie inside its message ([`lumen_core::ipc`]), and
+/// compressed buffers declare their decompressed size, which the decoder
+/// allocates at once; the total is held to the same limit as a gzip or
+/// zstd OTLP payload once inflated.
 fn check_declared_sizes(messages: &[FlightData], limit: usize) -> Result<(), Status> {
+    for (i, m) in messages.iter().enumerate() {
+        lumen_core::ipc::check_buffers(&m.data_header, &m.data_body).map_err(|e| {
+            Status::invalid_argument(format!("malformed Arrow IPC in DoPut message {i}: {e}"))
+        })?;
+    }
     let declared = messages.iter().fold(0u64, |n, m| {
         n.saturating_add(lumen_core::ipc::declared_decompressed_size(
             &m.data_header,
@@ -113,34 +161,7 @@ impl FlightService for FlightIngest {
     ) -> Result<Response<Self::DoPutStream>, Status> {
         let admitted = self.ingest.admit().await.map_err(status_of)?;
         let messages = self.read(request.into_inner()).await?;
-        let Some(first) = messages.first() else {
-            return Err(Status::invalid_argument("empty DoPut stream"));
-        };
-        let table = table_of(first.flight_descriptor.as_ref())?;
-        let id = first.app_metadata.clone();
-        let origin = if id.is_empty() {
-            None
-        } else {
-            Some(BatchId::decode(&id).ok_or_else(|| {
-                Status::invalid_argument(format!(
-                    "app_metadata of the first message must be a {}-byte batch id, got {} bytes",
-                    BatchId::ENCODED_LEN,
-                    id.len()
-                ))
-            })?)
-        };
-        check_declared_sizes(&messages, self.ingest.max_request_bytes())?;
-        let batches: Vec<_> = FlightRecordBatchStream::new_from_flight_data(
-            futures_util::stream::iter(messages.into_iter().map(Ok::<_, FlightError>)),
-        )
-        .try_collect()
-        .await
-        .map_err(|e| Status::invalid_argument(format!("malformed Arrow IPC in DoPut: {e}")))?;
-        self.ingest
-            .arrow(&admitted, &table, origin, batches)
-            .await
-            .map_err(status_of)?;
-        let ack = PutResult { app_metadata: id };
+        let ack = self.put(&admitted, messages).await?;
         Ok(Response::new(
             futures_util::stream::once(async move { Ok(ack) }).boxed(),
         ))
@@ -266,5 +287,24 @@ mod tests {
         m.data_body = body.into();
         let err = check_declared_sizes(&bomb, 1 << 20).unwrap_err();
         assert!(err.message().contains("1099511627776 bytes"), "{err}");
+    }
+
+    /// Found by fuzzing: a header whose buffers run past the body made
+    /// arrow's decoder panic ("the offset of the new Buffer cannot exceed
+    /// the existing length"); the DoPut is refused instead.
+    #[tokio::test]
+    async fn a_batch_whose_buffers_run_past_its_body_is_refused_not_decoded() {
+        let mut messages = compressed().await;
+        let m = messages
+            .iter_mut()
+            .find(|m| !m.data_body.is_empty())
+            .unwrap();
+        m.data_body = m.data_body.slice(..m.data_body.len() / 2);
+        let err = check_declared_sizes(&messages, 1 << 20).unwrap_err();
+        assert_eq!(err.code(), tonic::Code::InvalidArgument);
+        assert!(
+            err.message().contains("lies outside the message body"),
+            "{err}"
+        );
     }
 }

@@ -1,0 +1,1 @@
+SELECT date_trunc('minute', time) AS m, sum(CASE WHEN status >= 500 THEN 1 ELSE 0 END)::double / count(*) FROM requests GROUP BY m ORDER BY m

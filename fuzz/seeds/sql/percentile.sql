@@ -1,0 +1,1 @@
+SELECT destination_service, count(*), approx_percentile_cont(duration_ms, 0.99) FROM requests WHERE time > now() - INTERVAL '5 minutes' GROUP BY 1 ORDER BY 2 DESC LIMIT 10
