@@ -55,7 +55,8 @@ fuzz_one() {
   # Seeds and regression inputs are read; new inputs go to the first dir.
   local dirs=("fuzz/corpus/$t" "fuzz/seeds/$t")
   [[ -d "fuzz/regressions/$t" ]] && dirs+=("fuzz/regressions/$t")
-  local log="fuzz/artifacts/$t/last-run.log"
+  mkdir -p fuzz/logs
+  local log="fuzz/logs/$t.log"
   if ! "${fuzz[@]}" run "${opts[@]}" "$t" "${dirs[@]}" -- \
     -max_total_time="$seconds" -timeout=30 -rss_limit_mb=2048 -print_final_stats=1 \
     -artifact_prefix="fuzz/artifacts/$t/" > "$log" 2>&1; then

@@ -74,3 +74,32 @@ pub fn declared_decompressed_size(header: &[u8], body: &[u8]) -> u64 {
     }
     declared
 }
+
+thread_local! {
+    static DECODING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `decode` (arrow's IPC decoder over bytes from outside), turning a
+/// panic into an error. The decoder trusts the header: a null bitmap
+/// shorter than the array it declares, say, makes it panic rather than
+/// fail (found by fuzzing the collector's `DoPut`). It works on owned
+/// bytes and shares no state, so nothing is left half-changed.
+pub fn guarded<T>(decode: impl FnOnce() -> T) -> Result<T, String> {
+    DECODING.with(|d| d.set(true));
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(decode));
+    DECODING.with(|d| d.set(false));
+    result.map_err(|panic| {
+        let what = panic
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| panic.downcast_ref::<&str>().copied())
+            .unwrap_or("the decoder gave up");
+        format!("inconsistent Arrow IPC: {what}")
+    })
+}
+
+/// Whether this thread is inside [`guarded`], where a panic is caught (for
+/// a panic hook that would otherwise treat it as a crash).
+pub fn decoding() -> bool {
+    DECODING.with(|d| d.get())
+}

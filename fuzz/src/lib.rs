@@ -39,16 +39,18 @@ static PANICKED: AtomicBool = AtomicBool::new(false);
 
 /// Marks any panic, on any thread, so a target can fail on one a task
 /// swallowed (libFuzzer's own hook aborts first when it runs the target).
-/// The PromQL parser panics on some out-of-range numbers; Lumen catches
-/// that (`lumen_query::promql::parse`), so those panics are let through.
+/// Two kinds Lumen catches itself are let through: the PromQL parser's on
+/// out-of-range numbers (`lumen_query::promql::parse`) and arrow's IPC
+/// decoder's on inconsistent batches (`lumen_core::ipc::guarded`).
 fn init() {
     static ONCE: Once = Once::new();
     ONCE.call_once(|| {
         let previous = std::panic::take_hook();
         std::panic::set_hook(Box::new(move |info| {
-            let caught = info
-                .location()
-                .is_some_and(|l| l.file().contains("promql-parser"));
+            let caught = lumen_core::ipc::decoding()
+                || info
+                    .location()
+                    .is_some_and(|l| l.file().contains("promql-parser"));
             if !caught {
                 PANICKED.store(true, Ordering::SeqCst);
                 previous(info);

@@ -34,7 +34,7 @@ use arrow_flight::{
     Ticket,
 };
 use datafusion::common::{ParamValues, ScalarValue};
-use futures_util::{Stream, StreamExt, TryStreamExt};
+use futures_util::{FutureExt, Stream, StreamExt, TryStreamExt};
 use lumen_core::schema::{TABLES, table_schema};
 use prost::Message;
 use tokio::net::TcpListener;
@@ -393,28 +393,47 @@ impl FlightSqlService for FlightSql {
         request: Request<PeekableFlightDataStream>,
     ) -> Result<DoPutPreparedStatementResult, Status> {
         let (id, _) = self.prepared(&query.prepared_statement_handle)?;
-        // Compressed buffers are allocated at the size they declare before
-        // they are read: a few bytes could ask for a terabyte.
-        let mut declared = 0u64;
-        let stream = request.into_inner().map_err(FlightError::from).map(move |m| {
+        // The messages are read whole first, held to a size both as sent
+        // and as their compressed buffers declare once decompressed (those
+        // are allocated before they are read: a few bytes could ask for a
+        // terabyte); then decoded guarded, as arrow's decoder panics on
+        // some inconsistent batches.
+        let mut stream = request.into_inner();
+        let (mut sent, mut declared) = (0u64, 0u64);
+        let mut messages = Vec::new();
+        while let Some(m) = stream.next().await {
             let m = m?;
             lumen_core::ipc::check_buffers(&m.data_header, &m.data_body)
-                .map_err(|e| FlightError::ProtocolError(format!("parameters: {e}")))?;
+                .map_err(|e| Status::invalid_argument(format!("parameters: {e}")))?;
+            sent = sent.saturating_add((m.data_header.len() + m.data_body.len()) as u64);
             declared = declared.saturating_add(lumen_core::ipc::declared_decompressed_size(
                 &m.data_header,
                 &m.data_body,
             ));
-            if declared > MAX_PARAMETER_BYTES {
-                return Err(FlightError::ProtocolError(format!(
-                    "parameters declare {declared} bytes once decompressed, over the limit of {MAX_PARAMETER_BYTES}"
+            if sent.max(declared) > MAX_PARAMETER_BYTES {
+                return Err(Status::invalid_argument(format!(
+                    "parameters of more than {MAX_PARAMETER_BYTES} bytes (sent {sent}, {declared} once decompressed)"
                 )));
             }
-            Ok(m)
+            messages.push(m);
+        }
+        let decoded = lumen_core::ipc::guarded(|| {
+            FlightRecordBatchStream::new_from_flight_data(futures_util::stream::iter(
+                messages.into_iter().map(Ok::<_, FlightError>),
+            ))
+            .try_collect::<Vec<_>>()
+            .now_or_never()
         });
-        let batches: Vec<_> = FlightRecordBatchStream::new_from_flight_data(stream)
-            .try_collect()
-            .await
-            .map_err(|e| Status::invalid_argument(format!("cannot read the parameters: {e}")))?;
+        let batches = match decoded {
+            Ok(Some(Ok(batches))) => batches,
+            Ok(Some(Err(e))) => {
+                return Err(Status::invalid_argument(format!(
+                    "cannot read the parameters: {e}"
+                )));
+            }
+            Ok(None) => return Err(Status::internal("parameter decoding did not complete")),
+            Err(e) => return Err(Status::invalid_argument(format!("parameters: {e}"))),
+        };
         // One row of values: the parameters of the next execution.
         let row = batches.iter().find(|b| b.num_rows() > 0);
         let values = match row {

@@ -20,7 +20,7 @@ use arrow_flight::{
     HandshakeRequest, HandshakeResponse, PollInfo, PutResult, SchemaResult, Ticket,
 };
 use futures_util::stream::BoxStream;
-use futures_util::{StreamExt, TryStreamExt};
+use futures_util::{FutureExt, StreamExt, TryStreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
 use super::{Admission, Ingest, IngestError};
@@ -78,12 +78,25 @@ impl FlightIngest {
             })?)
         };
         check_declared_sizes(&messages, self.ingest.max_request_bytes())?;
-        let batches: Vec<_> = FlightRecordBatchStream::new_from_flight_data(
-            futures_util::stream::iter(messages.into_iter().map(Ok::<_, FlightError>)),
-        )
-        .try_collect()
-        .await
-        .map_err(|e| Status::invalid_argument(format!("malformed Arrow IPC in DoPut: {e}")))?;
+        // Every message is in hand, so decoding finishes in one poll; it
+        // runs guarded, as arrow's decoder panics on some inconsistencies.
+        let decoded = lumen_core::ipc::guarded(|| {
+            FlightRecordBatchStream::new_from_flight_data(futures_util::stream::iter(
+                messages.into_iter().map(Ok::<_, FlightError>),
+            ))
+            .try_collect::<Vec<_>>()
+            .now_or_never()
+        });
+        let batches = match decoded {
+            Ok(Some(Ok(batches))) => batches,
+            Ok(Some(Err(e))) => {
+                return Err(Status::invalid_argument(format!(
+                    "malformed Arrow IPC in DoPut: {e}"
+                )));
+            }
+            Ok(None) => return Err(Status::internal("DoPut decoding did not complete")),
+            Err(e) => return Err(Status::invalid_argument(format!("DoPut: {e}"))),
+        };
         self.ingest
             .arrow(admitted, &table, origin, batches)
             .await
