@@ -84,7 +84,14 @@ async fn send_decisions(
             if !clients.contains_key(address) {
                 match endpoint.at(*address) {
                     Ok(e) => {
-                        let channel = e.connect_timeout(Duration::from_secs(5)).connect_lazy();
+                        // Keepalive: a connection a partition cut is
+                        // replaced within seconds of the network healing.
+                        let channel = e
+                            .connect_timeout(Duration::from_secs(5))
+                            .http2_keep_alive_interval(Duration::from_secs(5))
+                            .keep_alive_timeout(Duration::from_secs(5))
+                            .keep_alive_while_idle(true)
+                            .connect_lazy();
                         clients.insert(*address, Client::new(channel));
                     }
                     Err(e) => {

@@ -58,6 +58,10 @@ pub struct ControlService {
     store: Arc<ConfigStore>,
     proxies: Arc<Mutex<BTreeMap<String, v1::ProxyState>>>,
     nonces: Arc<AtomicU64>,
+    /// Each proxy's current stream, by serial. A proxy that reconnects
+    /// after a partition has a new stream before the control plane sees
+    /// the old one end; only the end of its current stream removes it.
+    streams: Arc<Mutex<BTreeMap<String, u64>>>,
     quotas: Arc<crate::quota::QuotaBook>,
     security: Option<Arc<Security>>,
     /// Bumped when a proxy with a certificate comes or goes.
@@ -72,6 +76,7 @@ impl ControlService {
             store,
             proxies: Default::default(),
             nonces: Arc::new(AtomicU64::new(0)),
+            streams: Default::default(),
             quotas: Default::default(),
             security: None,
             peers_changed: watch::channel(0).0,
@@ -256,6 +261,10 @@ impl ControlPlane for ControlService {
         let connected_at_ms = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as i64);
+        let serial = self.nonces.fetch_add(1, Ordering::Relaxed);
+        // Lock order, here and where the stream ends: streams, then proxies.
+        let mut streams = self.streams.lock().unwrap_or_else(|p| p.into_inner());
+        streams.insert(id.clone(), serial);
         self.proxies
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -269,6 +278,7 @@ impl ControlPlane for ControlService {
                     ..Default::default()
                 },
             );
+        drop(streams);
         tracing::info!(proxy = %id, "proxy connected");
         self.peers_changed.send_modify(|n| *n += 1);
         let (tx, rx) = mpsc::channel(2);
@@ -381,10 +391,18 @@ impl ControlPlane for ControlService {
                     }
                 }
             }
-            this.proxies
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .remove(&id);
+            {
+                let mut streams = this.streams.lock().unwrap_or_else(|p| p.into_inner());
+                if streams.get(&id) != Some(&serial) {
+                    tracing::info!(proxy = %id, "an earlier stream of the proxy ended; it follows on a newer one");
+                    return;
+                }
+                streams.remove(&id);
+                this.proxies
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&id);
+            }
             this.quotas.idle(&id);
             this.peers_changed.send_modify(|n| *n += 1);
             tracing::info!(proxy = %id, "proxy disconnected");
@@ -564,6 +582,15 @@ impl ControlService {
     }
 }
 
+/// The gRPC server of both control ports. Its keepalive pings find a
+/// proxy cut off by a partition within seconds, so it is marked gone (and
+/// its quota share freed) while it is away, not when TCP gives up on it.
+fn keepalive_server() -> tonic::transport::Server {
+    tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(std::time::Duration::from_secs(5)))
+        .http2_keepalive_timeout(Some(std::time::Duration::from_secs(5)))
+}
+
 /// Serves the control plane on `listener` until `shutdown` resolves.
 pub fn serve(
     listener: tokio::net::TcpListener,
@@ -588,7 +615,7 @@ async fn serve_until(
     service: ControlService,
     shutdown: lumen_core::BoxFuture<'static, ()>,
 ) -> Result<(), tonic::transport::Error> {
-    tonic::transport::Server::builder()
+    keepalive_server()
         .add_service(service.into_server())
         .serve_with_incoming_shutdown(
             tokio_stream::wrappers::TcpListenerStream::new(listener),
@@ -663,7 +690,7 @@ async fn serve_tls_until(
             });
         }
     });
-    let served = tonic::transport::Server::builder()
+    let served = keepalive_server()
         .add_service(service.into_server())
         .serve_with_incoming_shutdown(tokio_stream::wrappers::ReceiverStream::new(rx), shutdown)
         .await;

@@ -76,12 +76,32 @@ pub struct MeshTls {
     /// the trust domain), built from the roots.
     clients: Mutex<HashMap<Option<String>, Arc<ClientConfig>>>,
     /// Sidecars that hold certificates, by inbound address.
-    peers: ArcSwap<HashMap<SocketAddr, Arc<str>>>,
+    peers: ArcSwap<HashMap<SocketAddr, Peer>>,
     /// The SPIFFE id in force, for those that announce it.
     id_tx: watch::Sender<Option<String>>,
     /// The root the certificate in force was issued under.
     issued_under: ArcSwapOption<CertificateDer<'static>>,
     renew: tokio::sync::Notify,
+}
+
+/// How long a sidecar the control plane stops listing is still taken to
+/// hold its certificate. A control plane that restarts lists only the
+/// sidecars that have reconnected so far; forgetting the others at once
+/// would send plaintext to them, which STRICT refuses.
+pub const PEER_GRACE: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// A sidecar known to hold a certificate.
+#[derive(Debug, Clone)]
+struct Peer {
+    id: Arc<str>,
+    /// When the control plane stopped listing it (`None`: listed now).
+    unlisted: Option<std::time::Instant>,
+}
+
+impl Peer {
+    fn current(&self) -> bool {
+        self.unlisted.is_none_or(|t| t.elapsed() < PEER_GRACE)
+    }
 }
 
 impl std::fmt::Debug for MeshTls {
@@ -292,8 +312,30 @@ impl MeshTls {
         })
     }
 
-    /// The sidecars holding certificates (from the control plane).
-    pub fn set_peers(&self, peers: HashMap<SocketAddr, Arc<str>>) {
+    /// The sidecars holding certificates (from the control plane). One no
+    /// longer listed stays a peer for [`PEER_GRACE`].
+    pub fn set_peers(&self, listed: HashMap<SocketAddr, Arc<str>>) {
+        let now = std::time::Instant::now();
+        let old = self.peers.load();
+        let mut peers: HashMap<SocketAddr, Peer> = old
+            .iter()
+            .filter(|(address, p)| !listed.contains_key(address) && p.current())
+            .map(|(address, p)| {
+                let unlisted = Some(p.unlisted.unwrap_or(now));
+                (
+                    *address,
+                    Peer {
+                        id: p.id.clone(),
+                        unlisted,
+                    },
+                )
+            })
+            .collect();
+        peers.extend(
+            listed
+                .into_iter()
+                .map(|(address, id)| (address, Peer { id, unlisted: None })),
+        );
         self.peers.store(Arc::new(peers));
     }
 
@@ -305,7 +347,8 @@ impl MeshTls {
         peers
             .get(&address)
             .or_else(|| peers.get(&SocketAddr::new(address.ip(), 0)))
-            .cloned()
+            .filter(|p| p.current())
+            .map(|p| p.id.clone())
     }
 
     pub fn server_config(&self) -> Option<Arc<ServerConfig>> {
@@ -799,6 +842,32 @@ mod tests {
             assert_eq!(mesh_sni(authority), sni);
             assert!(ServerName::try_from(mesh_sni(authority)).is_ok(), "{sni}");
         }
+    }
+
+    /// A restarted control plane lists only the sidecars that have
+    /// reconnected; the others keep being reached over mTLS meanwhile.
+    #[test]
+    fn a_peer_the_control_plane_stops_listing_stays_one_for_a_grace_period() {
+        let tls = MeshTls::default();
+        let (a, b): (SocketAddr, SocketAddr) = (
+            "127.0.0.1:15006".parse().unwrap(),
+            "127.0.0.1:15007".parse().unwrap(),
+        );
+        let id = |n: &str| Arc::<str>::from(format!("spiffe://cluster.local/ns/default/sa/{n}"));
+        tls.set_peers(HashMap::from([(a, id("a")), (b, id("b"))]));
+        tls.set_peers(HashMap::from([(a, id("a"))]));
+        assert_eq!(tls.peer(b).as_deref(), Some(&*id("b")));
+        // Listed again: a peer for good, with the id it comes back with.
+        tls.set_peers(HashMap::from([(a, id("a")), (b, id("b2"))]));
+        assert_eq!(tls.peer(b).as_deref(), Some(&*id("b2")));
+        // Past the grace period, an unlisted peer is forgotten.
+        let mut peers = (**tls.peers.load()).clone();
+        peers.get_mut(&b).unwrap().unlisted =
+            Some(std::time::Instant::now() - PEER_GRACE - std::time::Duration::from_secs(1));
+        tls.peers.store(Arc::new(peers));
+        assert!(tls.peer(b).is_none());
+        tls.set_peers(HashMap::from([(a, id("a"))]));
+        assert!(!tls.peers.load().contains_key(&b));
     }
 
     #[test]

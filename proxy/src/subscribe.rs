@@ -87,6 +87,12 @@ async fn follow_until(
             }
             was_up
         });
+        // A stream that delivered something was a recovery: its end is a
+        // new outage, worth a warning.
+        if received {
+            backoff = Duration::from_millis(100);
+            failing = false;
+        }
         match ended {
             Ok(()) => {
                 tracing::warn!(%endpoint, "the control plane ended the config stream; reconnecting")
@@ -96,12 +102,7 @@ async fn follow_until(
             }
             Err(e) => tracing::debug!(%endpoint, error = %e, "control plane still unreachable"),
         }
-        if received {
-            backoff = Duration::from_millis(100);
-            failing = false;
-        } else {
-            failing = true;
-        }
+        failing = !received;
         let wait = backoff.mul_f64(0.5 + rand::random::<f64>() / 2.0);
         tokio::select! {
             () = tokio::time::sleep(wait) => {}
@@ -169,8 +170,12 @@ async fn session(
 ) -> Result<(), String> {
     // Keepalive pings: a control plane that vanished without closing the
     // connection is noticed within seconds, so staleness starts counting.
+    // A connect that gets no answer (a partition drops the SYN) is given
+    // up soon, so the next attempt after the network heals is not left
+    // waiting out TCP's own backoff.
     let channel = endpoint
         .endpoint()?
+        .connect_timeout(Duration::from_secs(2))
         .http2_keep_alive_interval(Duration::from_secs(5))
         .keep_alive_timeout(Duration::from_secs(5))
         .keep_alive_while_idle(true)

@@ -126,6 +126,18 @@ impl LumenProcess {
 
     /// Starts `bin` (`lumen` or `lumen-proxy`) with `args`.
     pub fn spawn_bin(bin: &Path, name: &str, log_dir: &Path, args: &[String]) -> Result<Self> {
+        Self::spawn_bin_env(bin, name, log_dir, args, &[])
+    }
+
+    /// As [`spawn_bin`](Self::spawn_bin), with more environment variables
+    /// (an `LD_PRELOAD` shim, …).
+    pub fn spawn_bin_env(
+        bin: &Path,
+        name: &str,
+        log_dir: &Path,
+        args: &[String],
+        env: &[(String, String)],
+    ) -> Result<Self> {
         let log = log_dir.join(format!("{name}.log"));
         let out = std::fs::OpenOptions::new()
             .create(true)
@@ -135,6 +147,7 @@ impl LumenProcess {
         let child = Command::new(bin)
             .args(args)
             .env("RUST_LOG", "info")
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(out.try_clone()?)
             .stderr(out)
@@ -423,6 +436,15 @@ pub struct Sidecar<'a> {
 impl Sidecar<'_> {
     /// Starts it and waits for its admin `/ready`.
     pub async fn start(&self, log_dir: &Path) -> Result<LumenProcess> {
+        self.start_env(log_dir, &[]).await
+    }
+
+    /// As [`start`](Self::start), with more environment variables.
+    pub async fn start_env(
+        &self,
+        log_dir: &Path,
+        env: &[(String, String)],
+    ) -> Result<LumenProcess> {
         let mut args: Vec<String> = vec![
             "--service".into(),
             self.service.into(),
@@ -454,7 +476,7 @@ impl Sidecar<'_> {
         }
         args.extend(self.extra.iter().map(|s| s.to_string()));
         let name = format!("sidecar-{}-{}", self.service, self.version);
-        let mut p = LumenProcess::spawn_bin(&lumen_proxy_bin(), &name, log_dir, &args)?;
+        let mut p = LumenProcess::spawn_bin_env(&lumen_proxy_bin(), &name, log_dir, &args, env)?;
         p.wait_ready(&format!("http://127.0.0.1:{}/ready", self.ports.admin))
             .await?;
         Ok(p)

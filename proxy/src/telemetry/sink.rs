@@ -56,10 +56,16 @@ pub enum Sink {
 
 fn channel(endpoint: &str, timeout: Duration) -> Result<Channel, String> {
     // Lazy: the collector may start after the proxy, or restart under it.
+    // Keepalive pings: a connection a partition cut is dropped within
+    // seconds and the next export dials afresh, instead of waiting on
+    // TCP's retransmissions (tens of seconds after the network heals).
     Ok(Endpoint::from_shared(endpoint.to_string())
         .map_err(|e| format!("collector endpoint `{endpoint}`: {e}"))?
         .connect_timeout(timeout)
         .tcp_nodelay(true)
+        .http2_keep_alive_interval(Duration::from_secs(5))
+        .keep_alive_timeout(Duration::from_secs(5))
+        .keep_alive_while_idle(true)
         .connect_lazy())
 }
 
