@@ -322,15 +322,19 @@ pub async fn start_up(
     Ok(p)
 }
 
-/// Starts `lumen demo` for ten minutes on `ports` (its ingress on a port of
-/// its own) and waits until its query service is ready.
+/// Starts `lumen demo` on `ports` (its ingress on a port of its own), for
+/// ten minutes unless `extra` says `--duration`, and waits until its query
+/// service is ready.
 pub async fn start_demo(
     log_dir: &Path,
     data_dir: &Path,
     ports: UpPorts,
     extra: &[&str],
 ) -> Result<LumenProcess> {
-    let mut args: Vec<String> = vec!["demo".into(), "--duration".into(), "600".into()];
+    let mut args: Vec<String> = vec!["demo".into()];
+    if !extra.contains(&"--duration") {
+        args.extend(["--duration".into(), "600".into()]);
+    }
     args.extend(ports.flags(data_dir));
     args.extend(["--ingress".into(), local(free_port()).to_string()]);
     args.extend(extra.iter().map(|s| s.to_string()));
