@@ -41,7 +41,7 @@ profile=${LUMEN_FUZZ_PROFILE:---dev}
 # nothing with the workspace's stable build.
 target_dir=${LUMEN_FUZZ_TARGET_DIR:-${CARGO_TARGET_DIR:-target}-fuzz}
 fuzz=(cargo +nightly fuzz)
-opts=("$profile" --sanitizer none --target-dir "$target_dir")
+opts=("$profile" --sanitizer none --features libfuzzer --target-dir "$target_dir")
 
 echo "fuzz: building ${#targets[@]} targets" >&2
 "${fuzz[@]}" build "${opts[@]}"
