@@ -569,8 +569,23 @@ struct CheckArgs {
     files: Vec<PathBuf>,
 }
 
+/// A panic inside [`lumen_core::ipc::guarded`] (arrow's IPC decoder on a
+/// malformed batch from a client) is answered as a bad request; it is
+/// logged as one, not printed to stderr as a crash would be.
+fn quiet_guarded_panics() {
+    let report = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        if lumen_core::ipc::decoding() {
+            tracing::debug!(panic = %info, "malformed Arrow IPC refused");
+        } else {
+            report(info);
+        }
+    }));
+}
+
 fn main() -> ExitCode {
     lumen_sidecar::no_huge_pages();
+    quiet_guarded_panics();
     let cli = Cli::parse();
     // Not for a proxy, as in `lumen-proxy` (sidecar/src/main.rs says why).
     if !matches!(cli.command, Command::Proxy(_)) {

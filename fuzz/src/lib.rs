@@ -449,7 +449,7 @@ pub fn proxy_answer(data: &[u8]) -> Vec<u8> {
             wait = Duration::from_millis(20);
         }
         let _ = conn.shutdown().await;
-        let _ = tokio::time::timeout(Duration::from_secs(5), conn.read_to_end(&mut answer)).await;
+        let _ = tokio::time::timeout(Duration::from_secs(1), conn.read_to_end(&mut answer)).await;
         answer
     })
 }

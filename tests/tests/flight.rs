@@ -110,3 +110,70 @@ async fn numbered_batches_are_stored_once_across_retries_and_kill_9() -> Result<
     up.terminate()?;
     Ok(())
 }
+
+/// The inputs fuzzing found to crash arrow's IPC decoder, sent to the real
+/// collector: each `DoPut` is refused with INVALID_ARGUMENT, nothing is
+/// printed as a crash, and the collector goes on storing good batches.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_arrow_ipc_from_the_fuzzer_is_refused_and_the_collector_goes_on() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let mesh = dir.path().join("mesh.yaml");
+    write_mesh(&mesh, &[("reviews", 9080, &[])])?;
+    let ports = UpPorts::pick();
+    let up = start_up(dir.path(), &mesh, &dir.path().join("data"), ports, &[]).await?;
+    let regressions = lumen_tests::crate_dir().join("../fuzz/regressions/flight_do_put");
+    let mut inputs: Vec<_> = std::fs::read_dir(&regressions)?
+        .map(|e| e.map(|e| e.path()))
+        .collect::<Result<_, _>>()?;
+    inputs.sort();
+    assert!(inputs.len() >= 2, "{inputs:?}");
+    for path in inputs {
+        // As the fuzz target reads them: FlightData messages, each after a
+        // 2-byte little-endian length.
+        let mut data = std::fs::read(&path)?;
+        let mut messages = Vec::new();
+        while data.len() >= 2 {
+            let len = usize::from(u16::from_le_bytes([data[0], data[1]]));
+            let end = (2 + len).min(data.len());
+            if let Ok(m) = <arrow_flight::FlightData as prost::Message>::decode(&data[2..end]) {
+                messages.push(Ok(m));
+            }
+            data.drain(..end);
+        }
+        let mut c = client(&ports).await?;
+        let err = match c.do_put(futures_util::stream::iter(messages)).await {
+            Ok(stream) => {
+                let answer: Result<Vec<PutResult>, FlightError> =
+                    futures_util::TryStreamExt::try_collect(stream).await;
+                answer.expect_err("a malformed DoPut is refused")
+            }
+            Err(e) => e,
+        };
+        let FlightError::Tonic(status) = &err else {
+            panic!("{}: {err}", path.display());
+        };
+        assert_eq!(
+            status.code(),
+            tonic::Code::InvalidArgument,
+            "{}: {status}",
+            path.display()
+        );
+    }
+    let mut c = client(&ports).await?;
+    flight::put(
+        &mut c,
+        "requests",
+        id([9; 16], 1),
+        records(3, "after-fuzz"),
+        DictionaryHandling::Resend,
+    )
+    .await?;
+    let stored = "SELECT count(*) AS n FROM requests WHERE path LIKE '/after-fuzz/%'";
+    assert_eq!(sql_count(&ports.sql_url(), stored).await?, 3);
+    assert!(
+        !up.logs().contains("panicked"),
+        "a malformed batch was printed as a crash:\n{}",
+        up.logs()
+    );
+    Ok(())
+}
