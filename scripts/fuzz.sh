@@ -86,4 +86,7 @@ while ((running > 0)); do
   wait -n || failed=1
   running=$((running - 1))
 done
+# Each target process keeps its scratch files (a WAL, tables) until it
+# exits, and libFuzzer exits without running destructors.
+rm -rf /dev/shm/lumen-fuzz-* "${TMPDIR:-/tmp}"/lumen-fuzz-*
 exit "$failed"

@@ -344,16 +344,18 @@ fn read_segment(path: &Path) -> Result<Vec<Entry>, WalError> {
         } else {
             (None, &payload[1..])
         };
-        let reader =
-            StreamReader::try_new(Cursor::new(ipc), None).map_err(|e| bad(e.to_string()))?;
-        for batch in reader {
-            let batch = batch.map_err(|e| bad(e.to_string()))?;
-            out.push(Entry::Rows {
-                table,
-                origin,
-                batch,
-            });
-        }
+        // Guarded: an entry whose checksum holds but whose Arrow IPC does
+        // not (found by fuzzing the replay) made arrow's decoder panic.
+        let batches = lumen_core::ipc::guarded(|| {
+            StreamReader::try_new(Cursor::new(ipc), None)?.collect::<Result<Vec<_>, _>>()
+        })
+        .map_err(bad)?
+        .map_err(|e| bad(e.to_string()))?;
+        out.extend(batches.into_iter().map(|batch| Entry::Rows {
+            table,
+            origin,
+            batch,
+        }));
         pos = start + len;
     }
     Ok(out)

@@ -705,3 +705,85 @@ pub enum ServeTlsError {
     #[error(transparent)]
     Serve(tonic::transport::Error),
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use lumen_core::control::v1::control_plane_client::ControlPlaneClient;
+    use std::time::Duration;
+
+    const MESH: &str = "apiVersion: lumen.dev/v1alpha1\nkind: Mesh\nmetadata: {name: m}\nspec:\n  services:\n    - name: reviews\n";
+
+    /// Opens a config stream as proxy `id`; the stream lives while the
+    /// returned sender does.
+    async fn stream(addr: std::net::SocketAddr, id: &str) -> mpsc::Sender<ProxyMessage> {
+        let mut client = ControlPlaneClient::connect(format!("http://{addr}"))
+            .await
+            .unwrap();
+        let (tx, rx) = mpsc::channel(4);
+        tx.send(ProxyMessage {
+            node: Some(v1::Node {
+                id: id.into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        let mut snapshots = client
+            .stream_config(ReceiverStream::new(rx))
+            .await
+            .unwrap()
+            .into_inner();
+        snapshots
+            .message()
+            .await
+            .unwrap()
+            .expect("a first snapshot");
+        tokio::spawn(async move { while let Ok(Some(_)) = snapshots.message().await {} });
+        tx
+    }
+
+    fn listed(service: &ControlService, id: &str) -> bool {
+        service.proxies.lock().unwrap().contains_key(id)
+    }
+
+    async fn eventually(what: &str, f: impl Fn() -> bool) {
+        for _ in 0..200 {
+            if f() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        panic!("not within 5 s: {what}");
+    }
+
+    /// A proxy cut off by a partition reconnects on a new stream before
+    /// the control plane sees its old one end; the old one's end must not
+    /// remove it (found by the chaos test: proxies vanished from
+    /// `proxy-status` and their quota share was freed while connected).
+    #[tokio::test]
+    async fn the_end_of_a_proxys_old_stream_leaves_its_new_one_listed() {
+        let resources = lumen_core::resource::parse_resources("m.yaml", MESH).unwrap();
+        let store = Arc::new(ConfigStore::open(resources, None).unwrap());
+        let service = ControlService::new(store);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(serve(listener, service.clone(), std::future::pending()));
+
+        let old = stream(addr, "reviews-v1-1").await;
+        let new = stream(addr, "reviews-v1-1").await;
+        drop(old);
+        // The old stream's task ends (and logs so) without removing it.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(
+            listed(&service, "reviews-v1-1"),
+            "the reconnected proxy was removed"
+        );
+        drop(new);
+        eventually("the proxy is removed once its current stream ends", || {
+            !listed(&service, "reviews-v1-1")
+        })
+        .await;
+    }
+}

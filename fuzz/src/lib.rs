@@ -4,7 +4,8 @@
 //!
 //! Each target drives the code a peer's bytes reach in the real binary: a
 //! YAML file through the mesh and rule loaders, an OTLP payload or a Flight
-//! `DoPut` through the collector's ingest into its WAL, WAL segments and
+//! `DoPut` through the collector's ingest (into its WAL when the rows are
+//! current), WAL segments and
 //! Parquet files through startup's replay and catalog load, SQL and PromQL
 //! through the query engine over stored rows, the Prometheus, Alertmanager
 //! and admission endpoints through their HTTP routers, and raw bytes into a
@@ -255,7 +256,8 @@ pub fn alertmanager_webhook(data: &[u8]) {
 }
 
 /// One OTLP export of any signal, protobuf or JSON (the first byte picks),
-/// through decoding and conversion into the WAL. A payload is stored or
+/// through decoding, conversion and the time window (rows inside it go on
+/// into the WAL). A payload is stored or
 /// refused as invalid; the collector never fails it for its own reasons.
 pub fn otlp(data: &[u8]) {
     init();
@@ -270,9 +272,9 @@ pub fn otlp(data: &[u8]) {
     };
     let c = collector();
     runtime().block_on(async {
-        let Ok(admitted) = c.ingest.admit().await else {
-            return; // full: refused as a full collector refuses
-        };
+        let admitted = c.ingest.admit().await.unwrap_or_else(|e| {
+            panic!("the fuzz collector refuses payloads ({e}); rerun: this target tests no ingest while full")
+        });
         match c.ingest.export(&admitted, signal, payload, encoding).await {
             Ok(_) | Err(IngestError::Invalid(_)) => {}
             Err(e) => panic!("payload failed for the collector's reasons: {e}"),
@@ -292,9 +294,9 @@ pub fn flight_do_put(data: &[u8]) {
     let c = collector();
     let flight = FlightIngest::new(c.ingest.clone());
     runtime().block_on(async {
-        let Ok(admitted) = c.ingest.admit().await else {
-            return;
-        };
+        let admitted = c.ingest.admit().await.unwrap_or_else(|e| {
+            panic!("the fuzz collector refuses payloads ({e}); rerun: this target tests no ingest while full")
+        });
         if let Err(status) = flight.put(&admitted, messages).await {
             assert_eq!(
                 status.code(),
@@ -426,12 +428,13 @@ fn prometheus(uri: &str) {
 /// answers or closes, and goes on serving the next connection.
 pub fn proxy_connection(data: &[u8]) {
     init();
-    proxy_answer(data);
+    proxy_answer(data, Duration::from_millis(100));
     check_no_panic("sidecar connection");
 }
 
-/// What the sidecar answers to `data` sent on one connection.
-pub fn proxy_answer(data: &[u8]) -> Vec<u8> {
+/// What the sidecar answers to `data` sent on one connection, waiting up
+/// to `first` for the answer to begin.
+pub fn proxy_answer(data: &[u8], first: Duration) -> Vec<u8> {
     let outbound = sidecar();
     runtime().block_on(async {
         let Ok(mut conn) = tokio::net::TcpStream::connect(outbound).await else {
@@ -443,7 +446,7 @@ pub fn proxy_answer(data: &[u8]) -> Vec<u8> {
         // as the client leaving, so ending it first would cancel requests.
         let mut answer = Vec::new();
         let mut buf = [0u8; 16 * 1024];
-        let mut wait = Duration::from_millis(100);
+        let mut wait = first;
         while let Ok(Ok(n @ 1..)) = tokio::time::timeout(wait, conn.read(&mut buf)).await {
             answer.extend_from_slice(&buf[..n]);
             wait = Duration::from_millis(20);

@@ -172,12 +172,18 @@ fn binary_seeds_decode_into_rows() {
 fn the_sidecar_target_routes_its_seeds() {
     let seed =
         |name: &str| std::fs::read(dir("seeds", "proxy_connection").join(name)).expect("seed");
-    let answer =
-        String::from_utf8_lossy(&lumen_fuzz::proxy_answer(&seed("get-jason"))).into_owned();
+    let answer = String::from_utf8_lossy(&lumen_fuzz::proxy_answer(
+        &seed("get-jason"),
+        std::time::Duration::from_secs(10),
+    ))
+    .into_owned();
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     assert!(answer.contains("\r\n\r\nok"), "{answer}");
-    let answer =
-        String::from_utf8_lossy(&lumen_fuzz::proxy_answer(&seed("unknown-host"))).into_owned();
+    let answer = String::from_utf8_lossy(&lumen_fuzz::proxy_answer(
+        &seed("unknown-host"),
+        std::time::Duration::from_secs(10),
+    ))
+    .into_owned();
     assert!(answer.starts_with("HTTP/1.1 "), "{answer}");
     assert!(!answer.contains("\r\n\r\nok"), "{answer}");
 }

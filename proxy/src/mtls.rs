@@ -346,8 +346,12 @@ impl MeshTls {
         let peers = self.peers.load();
         peers
             .get(&address)
-            .or_else(|| peers.get(&SocketAddr::new(address.ip(), 0)))
             .filter(|p| p.current())
+            .or_else(|| {
+                peers
+                    .get(&SocketAddr::new(address.ip(), 0))
+                    .filter(|p| p.current())
+            })
             .map(|p| p.id.clone())
     }
 
@@ -857,6 +861,10 @@ mod tests {
         tls.set_peers(HashMap::from([(a, id("a")), (b, id("b"))]));
         tls.set_peers(HashMap::from([(a, id("a"))]));
         assert_eq!(tls.peer(b).as_deref(), Some(&*id("b")));
+        // Another list without it keeps the time it was first unlisted.
+        let first = tls.peers.load()[&b].unlisted;
+        tls.set_peers(HashMap::from([(a, id("a"))]));
+        assert_eq!(tls.peers.load()[&b].unlisted, first);
         // Listed again: a peer for good, with the id it comes back with.
         tls.set_peers(HashMap::from([(a, id("a")), (b, id("b2"))]));
         assert_eq!(tls.peer(b).as_deref(), Some(&*id("b2")));

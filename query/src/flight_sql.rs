@@ -42,6 +42,9 @@ use tonic::{Request, Response, Status};
 
 /// Most bytes a prepared statement's parameters may take once decoded.
 const MAX_PARAMETER_BYTES: u64 = 16 << 20;
+/// Most messages one parameter `DoPut` may hold (a schema, dictionaries,
+/// a batch: a handful in practice).
+const MAX_PARAMETER_MESSAGES: usize = 1024;
 
 use crate::engine::{CATALOG, QueryEngine, QueryError, Request as QueryRequest};
 
@@ -405,14 +408,16 @@ impl FlightSqlService for FlightSql {
             let m = m?;
             lumen_core::ipc::check_buffers(&m.data_header, &m.data_body)
                 .map_err(|e| Status::invalid_argument(format!("parameters: {e}")))?;
-            sent = sent.saturating_add((m.data_header.len() + m.data_body.len()) as u64);
+            sent = sent.saturating_add(prost::Message::encoded_len(&m) as u64);
             declared = declared.saturating_add(lumen_core::ipc::declared_decompressed_size(
                 &m.data_header,
                 &m.data_body,
             ));
-            if sent.max(declared) > MAX_PARAMETER_BYTES {
+            if sent.max(declared) > MAX_PARAMETER_BYTES || messages.len() >= MAX_PARAMETER_MESSAGES
+            {
                 return Err(Status::invalid_argument(format!(
-                    "parameters of more than {MAX_PARAMETER_BYTES} bytes (sent {sent}, {declared} once decompressed)"
+                    "parameters over the limit of {MAX_PARAMETER_BYTES} bytes and {MAX_PARAMETER_MESSAGES} messages (sent {sent} bytes, {declared} once decompressed, {} messages)",
+                    messages.len() + 1
                 )));
             }
             messages.push(m);
