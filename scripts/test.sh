@@ -37,6 +37,9 @@ command -v chromium >/dev/null 2>&1 || apt_pkgs+=(chromium)
 # fsync-delaying LD_PRELOAD shim (a C compiler).
 command -v faketime >/dev/null 2>&1 || apt_pkgs+=(faketime)
 command -v cc >/dev/null 2>&1 || apt_pkgs+=(gcc libc6-dev)
+# It runs in namespaces of its own (unshare) with a tmpfs (mount).
+command -v unshare >/dev/null 2>&1 || apt_pkgs+=(util-linux)
+command -v mount >/dev/null 2>&1 || apt_pkgs+=(mount)
 if ((${#apt_pkgs[@]})); then
   echo "installing test peers: ${apt_pkgs[*]} (Debian packages)" >&2
   apt-get update -qq

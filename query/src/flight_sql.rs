@@ -16,7 +16,6 @@ use std::sync::{Arc, Mutex};
 
 use arrow::datatypes::{Field, Schema, SchemaRef};
 use arrow::ipc::writer::IpcWriteOptions;
-use arrow_flight::decode::FlightRecordBatchStream;
 use arrow_flight::encode::FlightDataEncoderBuilder;
 use arrow_flight::error::FlightError;
 use arrow_flight::flight_service_server::FlightServiceServer;
@@ -34,7 +33,7 @@ use arrow_flight::{
     Ticket,
 };
 use datafusion::common::{ParamValues, ScalarValue};
-use futures_util::{FutureExt, Stream, StreamExt, TryStreamExt};
+use futures_util::{Stream, StreamExt, TryStreamExt};
 use lumen_core::schema::{TABLES, table_schema};
 use prost::Message;
 use tokio::net::TcpListener;
@@ -399,8 +398,7 @@ impl FlightSqlService for FlightSql {
         // The messages are read whole first, held to a size both as sent
         // and as their compressed buffers declare once decompressed (those
         // are allocated before they are read: a few bytes could ask for a
-        // terabyte); then decoded guarded, as arrow's decoder panics on
-        // some inconsistent batches.
+        // terabyte); then decoded as the collector decodes a DoPut.
         let mut stream = request.into_inner();
         let (mut sent, mut declared) = (0u64, 0u64);
         let mut messages = Vec::new();
@@ -422,23 +420,7 @@ impl FlightSqlService for FlightSql {
             }
             messages.push(m);
         }
-        let decoded = lumen_core::ipc::guarded(|| {
-            FlightRecordBatchStream::new_from_flight_data(futures_util::stream::iter(
-                messages.into_iter().map(Ok::<_, FlightError>),
-            ))
-            .try_collect::<Vec<_>>()
-            .now_or_never()
-        });
-        let batches = match decoded {
-            Ok(Some(Ok(batches))) => batches,
-            Ok(Some(Err(e))) => {
-                return Err(Status::invalid_argument(format!(
-                    "cannot read the parameters: {e}"
-                )));
-            }
-            Ok(None) => return Err(Status::internal("parameter decoding did not complete")),
-            Err(e) => return Err(Status::invalid_argument(format!("parameters: {e}"))),
-        };
+        let batches = lumen_collector::ingest::flight::decode(messages, "the parameters")?;
         // One row of values: the parameters of the next execution.
         let row = batches.iter().find(|b| b.num_rows() > 0);
         let values = match row {

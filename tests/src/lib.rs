@@ -685,3 +685,27 @@ pub fn h2_client_via(
         .http2_only(true)
         .build(DialSidecar(sidecar))
 }
+
+/// Sum of a counter's series in a Prometheus exposition (a sidecar's
+/// `/stats/prometheus`, say).
+pub fn counter_sum(exposition: &str, name: &str) -> f64 {
+    exposition
+        .lines()
+        .filter(|l| l.starts_with(name) && !l.starts_with('#'))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// Runs a command to completion; its stdout, or an error with both
+/// outputs when it fails.
+pub fn run(cmd: &mut Command) -> Result<String> {
+    let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
+    if !out.status.success() {
+        bail!(
+            "{cmd:?} failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}

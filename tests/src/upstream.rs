@@ -153,3 +153,19 @@ pub async fn start_app(name: &'static str) -> SocketAddr {
     });
     addr
 }
+
+/// Starts a TCP app that echoes what it reads (a raw TCP service behind a
+/// sidecar); it serves until the test's runtime ends.
+pub async fn start_echo() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind echo");
+    let addr = listener.local_addr().expect("echo address");
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    });
+    addr
+}

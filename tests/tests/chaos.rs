@@ -30,8 +30,8 @@ use std::time::{Duration, Instant, SystemTime};
 use anyhow::{Context, Result, bail};
 use lumen_tests::upstream::start_app;
 use lumen_tests::{
-    DialSidecar, LumenProcess, Sidecar, SidecarPorts, UpPorts, free_port, h2_client_via, local,
-    lumen_bin, peer_tool, sql, sql_count,
+    DialSidecar, LumenProcess, Sidecar, SidecarPorts, UpPorts, counter_sum, free_port,
+    h2_client_via, local, lumen_bin, peer_tool, run, sql, sql_count,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -69,29 +69,8 @@ fn the_mesh_rides_out_one_fault_at_a_time() -> Result<()> {
     Ok(())
 }
 
-fn run(cmd: &mut Command) -> Result<String> {
-    let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
-    if !out.status.success() {
-        bail!(
-            "{cmd:?} failed: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
 fn args(list: &[&str]) -> Vec<String> {
     list.iter().map(|s| s.to_string()).collect()
-}
-
-/// Sum of a counter's series in a Prometheus exposition.
-fn counter(stats: &str, name: &str) -> f64 {
-    stats
-        .lines()
-        .filter(|l| l.starts_with(name) && !l.starts_with('#'))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
 }
 
 async fn get(url: &str) -> Result<String> {
@@ -224,21 +203,6 @@ async fn grpc_app() -> Result<SocketAddr> {
             .add_service(service)
             .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
     );
-    Ok(addr)
-}
-
-/// A TCP app that echoes what it reads.
-async fn echo_app() -> Result<SocketAddr> {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let addr = listener.local_addr()?;
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let (mut r, mut w) = s.split();
-                let _ = tokio::io::copy(&mut r, &mut w).await;
-            });
-        }
-    });
     Ok(addr)
 }
 
@@ -419,10 +383,10 @@ impl Sidecars {
 async fn records_of(admin: u16) -> Result<Records> {
     let s = get(&format!("http://127.0.0.1:{admin}/stats/prometheus")).await?;
     Ok(Records {
-        made: counter(&s, "istio_requests_total")
-            + counter(&s, "istio_tcp_connections_closed_total"),
-        exported: counter(&s, "lumen_telemetry_records_exported_total"),
-        dropped: counter(&s, "lumen_telemetry_records_dropped_total"),
+        made: counter_sum(&s, "istio_requests_total")
+            + counter_sum(&s, "istio_tcp_connections_closed_total"),
+        exported: counter_sum(&s, "lumen_telemetry_records_exported_total"),
+        dropped: counter_sum(&s, "lumen_telemetry_records_dropped_total"),
     })
 }
 
@@ -765,7 +729,7 @@ spec:
         ("reviews-v1", Some(start_app("reviews-v1").await)),
         ("reviews-v2", Some(start_app("reviews-v2").await)),
         ("grpc-v1", Some(grpc_app().await?)),
-        ("echo-v1", Some(echo_app().await?)),
+        ("echo-v1", Some(lumen_tests::upstream::start_echo().await)),
     ]
     .into_iter()
     .collect();

@@ -7,16 +7,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Result, bail};
 use lumen_tests::upstream::start_app;
-use lumen_tests::{Sidecar, SidecarPorts, UpPorts, local, sql, sql_count, start_up, write_mesh};
-
-/// Sum of a counter's series in a Prometheus exposition.
-fn counter(stats: &str, name: &str) -> f64 {
-    stats
-        .lines()
-        .filter(|l| l.starts_with(name) && !l.starts_with('#'))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
+use lumen_tests::{
+    Sidecar, SidecarPorts, UpPorts, counter_sum, local, sql, sql_count, start_up, write_mesh,
+};
 
 async fn stats(admin: u16) -> Result<String> {
     Ok(
@@ -88,9 +81,9 @@ async fn every_request_is_stored_once_per_side_across_collector_crashes() -> Res
     for admin in [caller.admin, backend.admin] {
         loop {
             let s = stats(admin).await?;
-            let made = counter(&s, "istio_requests_total");
-            let exported = counter(&s, "lumen_telemetry_records_exported_total");
-            let dropped = counter(&s, "lumen_telemetry_records_dropped_total");
+            let made = counter_sum(&s, "istio_requests_total");
+            let exported = counter_sum(&s, "lumen_telemetry_records_exported_total");
+            let dropped = counter_sum(&s, "lumen_telemetry_records_dropped_total");
             assert_eq!(dropped, 0.0, "no record was given up:\n{s}");
             if made == n as f64 && exported == made {
                 break;
@@ -202,7 +195,7 @@ async fn a_batch_whose_acknowledgement_was_lost_is_retried_and_stored_once() -> 
     );
     let s = stats(caller.admin).await?;
     assert_eq!(
-        counter(&s, "lumen_telemetry_records_exported_total"),
+        counter_sum(&s, "lumen_telemetry_records_exported_total"),
         0.0,
         "{s}"
     );
@@ -210,7 +203,7 @@ async fn a_batch_whose_acknowledgement_was_lost_is_retried_and_stored_once() -> 
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let s = stats(caller.admin).await?;
-        if counter(&s, "lumen_telemetry_records_exported_total") == n as f64 {
+        if counter_sum(&s, "lumen_telemetry_records_exported_total") == n as f64 {
             break;
         }
         if Instant::now() > deadline {

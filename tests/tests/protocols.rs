@@ -19,21 +19,6 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_tungstenite::tungstenite::Message;
 
-/// A TCP echo server.
-async fn echo_app() -> Result<SocketAddr> {
-    let listener = TcpListener::bind("127.0.0.1:0").await?;
-    let addr = listener.local_addr()?;
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let (mut r, mut w) = s.split();
-                let _ = tokio::io::copy(&mut r, &mut w).await;
-            });
-        }
-    });
-    Ok(addr)
-}
-
 /// A WebSocket server echoing each message back.
 async fn websocket_app() -> Result<SocketAddr> {
     let listener = TcpListener::bind("127.0.0.1:0").await?;
@@ -108,8 +93,8 @@ async fn tcp_connect_websocket_and_per_service_protocols_pass_through_and_are_re
     let logs = dir.path();
     let up_ports = UpPorts::pick();
     let (echo, raw, ws, h1, h2) = (
-        echo_app().await?,
-        echo_app().await?,
+        lumen_tests::upstream::start_echo().await,
+        lumen_tests::upstream::start_echo().await,
         websocket_app().await?,
         single_protocol_app(false).await?,
         single_protocol_app(true).await?,
@@ -324,7 +309,7 @@ spec:
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tunnels_on_every_worker_keep_flowing_through_the_shutdown_drain() -> Result<()> {
     let dir = tempfile::tempdir()?;
-    let echo = echo_app().await?;
+    let echo = lumen_tests::upstream::start_echo().await;
     let ports = SidecarPorts::pick();
     let mesh = dir.path().join("mesh.yaml");
     std::fs::write(

@@ -12,6 +12,7 @@
 //! retry), `UNAVAILABLE` while the collector is busy or cannot write (retry
 //! with backoff).
 
+use arrow::record_batch::RecordBatch;
 use arrow_flight::decode::FlightRecordBatchStream;
 use arrow_flight::error::FlightError;
 use arrow_flight::flight_service_server::{FlightService, FlightServiceServer};
@@ -78,25 +79,7 @@ impl FlightIngest {
             })?)
         };
         check_declared_sizes(&messages, self.ingest.max_request_bytes())?;
-        // Every message is in hand, so decoding finishes in one poll; it
-        // runs guarded, as arrow's decoder panics on some inconsistencies.
-        let decoded = lumen_core::ipc::guarded(|| {
-            FlightRecordBatchStream::new_from_flight_data(futures_util::stream::iter(
-                messages.into_iter().map(Ok::<_, FlightError>),
-            ))
-            .try_collect::<Vec<_>>()
-            .now_or_never()
-        });
-        let batches = match decoded {
-            Ok(Some(Ok(batches))) => batches,
-            Ok(Some(Err(e))) => {
-                return Err(Status::invalid_argument(format!(
-                    "malformed Arrow IPC in DoPut: {e}"
-                )));
-            }
-            Ok(None) => return Err(Status::internal("DoPut decoding did not complete")),
-            Err(e) => return Err(Status::invalid_argument(format!("DoPut: {e}"))),
-        };
+        let batches = decode(messages, "DoPut")?;
         self.ingest
             .arrow(admitted, &table, origin, batches)
             .await
@@ -144,6 +127,30 @@ fn check_declared_sizes(messages: &[FlightData], limit: usize) -> Result<(), Sta
         )));
     }
     Ok(())
+}
+
+/// Decodes the whole messages of one `DoPut` (`what`, for errors) into
+/// record batches. Every message is in hand, so decoding finishes in one
+/// poll; it runs guarded ([`lumen_core::ipc::guarded`]), as arrow's decoder
+/// panics on some inconsistent batches. Also the Flight SQL parameters'.
+pub fn decode(messages: Vec<FlightData>, what: &str) -> Result<Vec<RecordBatch>, Status> {
+    let decoded = lumen_core::ipc::guarded(|| {
+        FlightRecordBatchStream::new_from_flight_data(futures_util::stream::iter(
+            messages.into_iter().map(Ok::<_, FlightError>),
+        ))
+        .try_collect::<Vec<_>>()
+        .now_or_never()
+    });
+    match decoded {
+        Ok(Some(Ok(batches))) => Ok(batches),
+        Ok(Some(Err(e))) => Err(Status::invalid_argument(format!(
+            "malformed Arrow IPC in {what}: {e}"
+        ))),
+        Ok(None) => Err(Status::internal(format!(
+            "{what}: decoding did not complete"
+        ))),
+        Err(e) => Err(Status::invalid_argument(format!("{what}: {e}"))),
+    }
 }
 
 /// The table a descriptor names: a path of one element.
