@@ -124,6 +124,12 @@ pub struct ControlArgs {
     /// Serve `/ready`, `/healthz` and `/metrics` (Prometheus text) here.
     #[arg(long, default_value = "127.0.0.1:15014")]
     pub monitoring_addr: SocketAddr,
+    /// Operators' bearer tokens (kube-apiserver's --token-auth-file form:
+    /// `token,user[,uid[,"groups"]]` per line): once given, apply, delete,
+    /// get, proxy-status and policy decisions need one (`lumen apply
+    /// --token`, LUMEN_TOKEN). Needed to listen beyond loopback.
+    #[arg(long, value_name = "FILE")]
+    pub token_file: Option<PathBuf>,
 }
 
 /// The cluster as a source of configuration.
@@ -210,14 +216,54 @@ pub struct ControlClientArgs {
     /// The control plane (`host:port` or `http://host:port`).
     #[arg(long, default_value = control::DEFAULT_ADDR)]
     pub control: String,
+    /// Your token, when the control plane was started with --token-file.
+    #[arg(long, env = "LUMEN_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
 }
 
+/// Sends a bearer token with every call.
+#[derive(Clone)]
+pub struct Bearer(Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>);
+
+impl Bearer {
+    pub fn new(token: Option<&str>) -> Result<Bearer> {
+        token
+            .map(|t| {
+                format!("Bearer {}", t.trim())
+                    .parse()
+                    .context("the token is not printable ASCII")
+            })
+            .transpose()
+            .map(Bearer)
+    }
+}
+
+impl tonic::service::Interceptor for Bearer {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(v) = &self.0 {
+            request.metadata_mut().insert("authorization", v.clone());
+        }
+        Ok(request)
+    }
+}
+
+pub type Client = ControlPlaneClient<
+    tonic::service::interceptor::InterceptedService<tonic::transport::Channel, Bearer>,
+>;
+
 impl ControlClientArgs {
-    async fn connect(&self) -> Result<ControlPlaneClient<tonic::transport::Channel>> {
+    async fn connect(&self) -> Result<Client> {
         let url = endpoint_url(&self.control);
-        ControlPlaneClient::connect(url.clone())
+        let bearer = Bearer::new(self.token.as_deref())?;
+        let channel = tonic::transport::Endpoint::from_shared(url.clone())
+            .with_context(|| format!("--control {url} is not a URL"))?
+            .connect()
             .await
-            .with_context(|| format!("cannot reach the control plane at {url} (is `lumen up`, `lumen demo` or `lumen control` running? --control to change)"))
+            .with_context(|| format!("cannot reach the control plane at {url} (is `lumen up`, `lumen demo` or `lumen control` running? --control to change)"))?;
+        Ok(ControlPlaneClient::with_interceptor(channel, bearer))
     }
 }
 
@@ -271,16 +317,25 @@ pub struct ProxyStatusArgs {
     pub client: ControlClientArgs,
 }
 
+/// Where a control plane listens and whom it trusts.
+pub struct Serving {
+    pub addr: SocketAddr,
+    /// The mesh CA and the join tokens certificates are issued against.
+    pub security: lumen_control::server::Security,
+    /// Operators' tokens: changes and reads of the configuration.
+    pub operators: Arc<lumen_listen::Access>,
+}
+
 /// A control plane serving `resources`, read from `files` and watched there
-/// (and what was applied before, kept in `persist`) on `addr` until `stop`: the listener's address and the
-/// serving and file-watching tasks, and the service (for its metrics).
+/// (and what was applied before, kept in `persist`) as `serving` says until
+/// `stop`: the listener's address and the serving and file-watching tasks,
+/// and the service (for its metrics).
 pub async fn start(
     resources: Vec<Resource>,
     files: &[PathBuf],
     persist: Option<PathBuf>,
-    addr: SocketAddr,
+    serving: Serving,
     poll: std::time::Duration,
-    security: lumen_control::server::Security,
     stop: &watch::Receiver<bool>,
 ) -> Result<(
     SocketAddr,
@@ -288,8 +343,22 @@ pub async fn start(
     ControlService,
     Vec<JoinHandle<()>>,
 )> {
+    let Serving {
+        addr,
+        security,
+        operators,
+    } = serving;
     if let Some(dir) = persist.as_ref().and_then(|p| p.parent()) {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    // Istio's 15010: config streams in cleartext (the TLS port is
+    // --control-tls-addr), but changes need an operator's token.
+    if !addr.ip().is_loopback() && !operators.requires_credentials() {
+        bail!(
+            "the control plane on {addr} would let anyone who reaches it change the mesh: \
+             give --token-file (operators' tokens for apply, delete, get, proxy-status and \
+             policy decisions), or listen on 127.0.0.1"
+        );
     }
     let store = Arc::new(ConfigStore::open(resources, persist)?);
     let listener = TcpListener::bind(addr).await.with_context(|| {
@@ -298,7 +367,9 @@ pub async fn start(
     let local = listener.local_addr()?;
     let mut tasks = Vec::new();
     let mut s = stop.clone();
-    let service = ControlService::new(store.clone()).with_security(security);
+    let service = ControlService::new(store.clone())
+        .with_security(security)
+        .with_operators(operators);
     let handle = service.clone();
     tasks.push(tokio::spawn(async move {
         let shutdown = async move {

@@ -154,8 +154,8 @@ struct QueryArgs {
     /// Arrow Flight SQL listen address, for ADBC / JDBC Flight SQL drivers.
     #[arg(long, default_value = "127.0.0.1:8815")]
     flight_sql_addr: SocketAddr,
-    /// Password Postgres clients must give (cleartext; any user name).
-    /// Required when --pg-addr is not a loopback address.
+    /// A password Postgres clients may give under any user name (checked
+    /// with SCRAM-SHA-256); users of --token-file give their token.
     #[arg(long, env = "LUMEN_PG_PASSWORD", hide_env_values = true)]
     pg_password: Option<String>,
     /// Query service settings: a YAML file with a `kind: QueryService`
@@ -207,6 +207,44 @@ struct QueryArgs {
     /// payloads in progress; 100 never steps aside [default: 25].
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..=100))]
     query_ingest_share: Option<u32>,
+}
+
+/// Who may use the listeners that take data or config: TLS on all of
+/// them, and the credentials each request must bring (docs/security.md).
+#[derive(Args, Clone, Default)]
+struct AccessArgs {
+    /// Serve every data and config listener over TLS with this
+    /// certificate chain (PEM; re-read when it changes), with
+    /// --tls-key-file. Needed to listen beyond loopback.
+    #[arg(long, value_name = "FILE", requires = "tls_key_file")]
+    tls_cert_file: Option<PathBuf>,
+    /// The private key of --tls-cert-file (PEM).
+    #[arg(long, value_name = "FILE", requires = "tls_cert_file")]
+    tls_key_file: Option<PathBuf>,
+    /// Accept client certificates issued under these roots (PEM: the
+    /// mesh's trust bundle) as workload credentials: proxies and
+    /// collectors may then send telemetry with their own certificate.
+    #[arg(long, value_name = "FILE", requires = "tls_cert_file")]
+    tls_client_ca_file: Option<PathBuf>,
+    /// Bearer tokens of people and tools, in kube-apiserver's
+    /// --token-auth-file form: `token,user[,uid[,"groups"]]` per line
+    /// (re-read when it changes). Once given, every request on every
+    /// listener must bring one: `Authorization: Bearer <token>`, Basic
+    /// with the token as password (Grafana, Prometheus), or the token as
+    /// the Postgres / Flight SQL password.
+    #[arg(long, value_name = "FILE")]
+    token_file: Option<PathBuf>,
+}
+
+impl AccessArgs {
+    fn load(&self) -> Result<Arc<lumen_listen::Access>> {
+        Ok(lumen_listen::Access::load(&lumen_listen::AccessFiles {
+            cert_file: self.tls_cert_file.clone(),
+            key_file: self.tls_key_file.clone(),
+            client_ca_file: self.tls_client_ca_file.clone(),
+            token_file: self.token_file.clone(),
+        })?)
+    }
 }
 
 /// Where the Parquet files are shared (for collectors and the query service).
@@ -367,6 +405,8 @@ struct QueryServiceArgs {
     location: StoreLocationArgs,
     #[command(flatten)]
     query: QueryArgs,
+    #[command(flatten)]
+    access: AccessArgs,
 }
 
 /// The policy engine's flags, as `lumen up` and `lumen demo` take them.
@@ -470,6 +510,8 @@ struct UpArgs {
     #[command(flatten)]
     store: StoreArgs,
     #[command(flatten)]
+    access: AccessArgs,
+    #[command(flatten)]
     policy: PolicyArgs,
     #[command(flatten)]
     remote_write: RemoteWriteArgs,
@@ -489,6 +531,10 @@ struct UpArgs {
     /// The roots an `https://` --mesh-control is checked against (PEM).
     #[arg(long, requires = "mesh_control")]
     mesh_control_ca: Option<PathBuf>,
+    /// A file holding the token the policy engine's decisions carry to
+    /// --mesh-control (one of its --token-file's tokens).
+    #[arg(long, value_name = "FILE", requires = "mesh_control")]
+    mesh_control_token_file: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -641,12 +687,14 @@ async fn up(a: UpArgs) -> Result<()> {
     // binds; the control plane serves it once the rest is up.
     let files = lumen_control::discovery::load_resources(&a.file)?;
     let rule_groups = load_rules(&a.policy.rules)?;
-    let collector = Collector::open(
-        a.store
-            .collector_config(a.data_dir.clone(), a.flush_interval)?,
-    )
-    .await
-    .context("starting the collector")?;
+    let access = a.access.load()?;
+    let mut collector_config = a
+        .store
+        .collector_config(a.data_dir.clone(), a.flush_interval)?;
+    collector_config.access = access.clone();
+    let collector = Collector::open(collector_config)
+        .await
+        .context("starting the collector")?;
     if collector.replayed_rows() > 0 {
         tracing::info!(
             rows = collector.replayed_rows(),
@@ -669,7 +717,7 @@ async fn up(a: UpArgs) -> Result<()> {
         .config(&a.data_dir)
         .map(|c| lumen_query::remote_write::RemoteWriter::new(engine.clone(), c))
         .transpose()?;
-    let mut servers = QueryServers::bind(&a.store.query, engine.clone()).await?;
+    let mut servers = QueryServers::bind(&a.store.query, engine.clone(), &access).await?;
     let board = Arc::new(lumen_policy::decide::Board::default());
     servers.query = servers
         .query
@@ -683,9 +731,12 @@ async fn up(a: UpArgs) -> Result<()> {
         files,
         &a.file,
         Some(a.data_dir.join("control").join("resources.json")),
-        a.control.control_addr,
+        configure::Serving {
+            addr: a.control.control_addr,
+            security: a.control.security(&a.data_dir.join("control").join("ca"))?,
+            operators: access.clone(),
+        },
         CONFIG_POLL,
-        a.control.security(&a.data_dir.join("control").join("ca"))?,
         &stop_rx,
     )
     .await?;
@@ -738,7 +789,18 @@ async fn up(a: UpArgs) -> Result<()> {
             )
             .map_err(anyhow::Error::msg)?;
             tracing::info!(control = %endpoint, "policy decisions go to the mesh's control plane");
-            let remote = mesh_control::start(endpoint, stop_rx.clone());
+            let token = a
+                .mesh_control_token_file
+                .as_ref()
+                .map(|f| {
+                    std::fs::read_to_string(f)
+                        .map(|t| t.trim().to_string())
+                        .with_context(|| {
+                            format!("reading --mesh-control-token-file {}", f.display())
+                        })
+                })
+                .transpose()?;
+            let remote = mesh_control::start(endpoint, token, stop_rx.clone());
             mesh_control_tasks = remote.tasks;
             let (mesh, publish) = (remote.mesh, remote.decisions);
             tokio::spawn(lumen_policy::decide::run(
@@ -765,7 +827,7 @@ async fn up(a: UpArgs) -> Result<()> {
         }
     };
     let envoy_task = match a.envoy_addr {
-        Some(addr) => Some(serve_envoy(addr, envoy_policies, stop_rx.clone()).await?),
+        Some(addr) => Some(serve_envoy(addr, envoy_policies, &access, stop_rx.clone()).await?),
         None => None,
     };
     let remote_write_task = remote_writer.map(|w| tokio::spawn(w.run(stop_rx.clone())));
@@ -809,21 +871,29 @@ async fn up(a: UpArgs) -> Result<()> {
 async fn serve_envoy(
     addr: SocketAddr,
     policies: lumen_policy::envoy::Policies,
+    access: &Arc<lumen_listen::Access>,
     stop: watch::Receiver<bool>,
 ) -> Result<tokio::task::JoinHandle<()>> {
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("binding Envoy's rate-limit / ext_authz service to {addr}"))?;
-    let bound = listener.local_addr()?;
-    tracing::info!(addr = %bound, "serving Envoy's rate-limit and ext_authz services");
+    let listener = access
+        .bind(
+            "Envoy's rate-limit / ext_authz service",
+            addr,
+            lumen_listen::ALPN_GRPC,
+        )
+        .await?;
+    tracing::info!(addr = %listener.local_addr(), "serving Envoy's rate-limit and ext_authz services");
     let services = lumen_policy::envoy::EnvoyServices::new(policies);
+    // Envoys are workloads: their mesh certificate or a token.
     let server = tonic::transport::Server::builder()
+        .layer(lumen_listen::GrpcGuard::new(
+            access.clone(),
+            lumen_listen::Grant::Ingest,
+        ))
         .add_service(services.rate_limit_server())
         .add_service(services.authorization_server());
     Ok(tokio::spawn(async move {
-        let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
         if let Err(e) = server
-            .serve_with_incoming_shutdown(incoming, until(stop))
+            .serve_with_incoming_shutdown(listener.incoming(), until(stop))
             .await
         {
             tracing::error!(error = %e, "Envoy's rate-limit / ext_authz service failed");
@@ -922,9 +992,15 @@ async fn control(a: configure::ControlArgs) -> Result<()> {
         files,
         &a.file,
         Some(a.data_dir.join("resources.json")),
-        a.listen.control_addr,
+        configure::Serving {
+            addr: a.listen.control_addr,
+            security,
+            operators: lumen_listen::Access::load(&lumen_listen::AccessFiles {
+                token_file: a.token_file.clone(),
+                ..Default::default()
+            })?,
+        },
         CONFIG_POLL,
-        security,
         &stop_rx,
     )
     .await?;
@@ -1095,7 +1171,7 @@ async fn query_service(a: QueryServiceArgs) -> Result<()> {
         .context("opening the store")?;
     let engine =
         QueryEngine::new(reader.store(), query_config).context("starting the query executor")?;
-    let servers = QueryServers::bind(&a.query, engine).await?;
+    let servers = QueryServers::bind(&a.query, engine, &a.access.load()?).await?;
     let (stop, stop_rx) = watch::channel(false);
     tracing::info!(
         query = %fmt_addr(servers.query.local_addr()),
@@ -1131,11 +1207,15 @@ struct QueryTasks {
 }
 
 impl QueryServers {
-    async fn bind(a: &QueryArgs, engine: QueryEngine) -> Result<QueryServers> {
+    async fn bind(
+        a: &QueryArgs,
+        engine: QueryEngine,
+        access: &Arc<lumen_listen::Access>,
+    ) -> Result<QueryServers> {
         Ok(QueryServers {
-            pg: PgServer::bind(a.pg_addr, engine.clone(), a.pg_password.clone()).await?,
-            flight_sql: FlightSqlServer::bind(a.flight_sql_addr, engine.clone()).await?,
-            query: QueryServer::bind(a.query_addr, engine).await?,
+            pg: PgServer::bind(a.pg_addr, engine.clone(), a.pg_password.clone(), access).await?,
+            flight_sql: FlightSqlServer::bind(a.flight_sql_addr, engine.clone(), access).await?,
+            query: QueryServer::bind(a.query_addr, engine, access).await?,
         })
     }
 

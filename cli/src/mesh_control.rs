@@ -23,7 +23,13 @@ pub struct MeshControl {
     pub tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
-pub fn start(endpoint: ControlEndpoint, stop: watch::Receiver<bool>) -> MeshControl {
+/// `token` goes with every decision sent (the control plane's operators'
+/// tokens guard them).
+pub fn start(
+    endpoint: ControlEndpoint,
+    token: Option<String>,
+    stop: watch::Receiver<bool>,
+) -> MeshControl {
     let (tx, mesh) = watch::channel(Arc::<MeshConfig>::default());
     let node = v1::Node {
         id: format!("lumen-policy-{}", std::process::id()),
@@ -43,7 +49,7 @@ pub fn start(endpoint: ControlEndpoint, stop: watch::Receiver<bool>) -> MeshCont
         stop.clone(),
     ));
     let (decisions, rx) = watch::channel(BTreeSet::new());
-    let send = tokio::spawn(send_decisions(endpoint, rx, stop));
+    let send = tokio::spawn(send_decisions(endpoint, token, rx, stop));
     MeshControl {
         mesh,
         decisions,
@@ -57,6 +63,7 @@ pub fn start(endpoint: ControlEndpoint, stop: watch::Receiver<bool>) -> MeshCont
 /// the name up each time (replicas come and go).
 async fn send_decisions(
     endpoint: ControlEndpoint,
+    token: Option<String>,
     mut decisions: watch::Receiver<BTreeSet<String>>,
     mut stop: watch::Receiver<bool>,
 ) {
@@ -103,13 +110,18 @@ async fn send_decisions(
             let Some(client) = clients.get_mut(address) else {
                 continue;
             };
-            let sent = tokio::time::timeout(
-                Duration::from_secs(5),
-                client.set_active_policies(v1::ActivePolicies {
-                    active: active.clone(),
-                }),
-            )
-            .await;
+            let mut request = tonic::Request::new(v1::ActivePolicies {
+                active: active.clone(),
+            });
+            if let Some(value) = token
+                .as_ref()
+                .and_then(|t| format!("Bearer {t}").parse().ok())
+            {
+                request.metadata_mut().insert("authorization", value);
+            }
+            let sent =
+                tokio::time::timeout(Duration::from_secs(5), client.set_active_policies(request))
+                    .await;
             match sent {
                 Ok(Ok(_)) => {
                     if failing.remove(address) {

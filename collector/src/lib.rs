@@ -44,7 +44,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use tokio::net::TcpListener;
+use lumen_listen::{Grant, GrpcGuard, SecureListener};
 use tokio::sync::watch;
 
 pub use persist::FlushPolicy;
@@ -65,12 +65,8 @@ pub const DEFAULT_MAX_INFLIGHT_PAYLOADS: usize = 64;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CollectorError {
-    #[error("cannot listen on {addr} ({what}): {source}")]
-    Bind {
-        what: &'static str,
-        addr: SocketAddr,
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Listen(#[from] lumen_listen::AccessError),
     #[error("data directory {path}: {message}")]
     DataDir { path: PathBuf, message: String },
     #[error(transparent)]
@@ -112,6 +108,9 @@ pub struct CollectorConfig {
     /// Where Parquet files go: `<data>/tables`, or a store shared by
     /// several collectors.
     pub storage: storage::StorageConfig,
+    /// Who may send telemetry: TLS and the credentials both OTLP
+    /// listeners require (none: loopback only).
+    pub access: Arc<lumen_listen::Access>,
 }
 
 impl CollectorConfig {
@@ -129,6 +128,7 @@ impl CollectorConfig {
             export: Vec::new(),
             rollup_max_values: rollup::DEFAULT_MAX_VALUES,
             storage: storage::StorageConfig::default(),
+            access: lumen_listen::Access::open(),
         }
     }
 }
@@ -144,21 +144,20 @@ pub struct Collector {
     export_stop: watch::Sender<bool>,
     export_tasks: Vec<tokio::task::JoinHandle<()>>,
     wal_thread: std::thread::JoinHandle<()>,
-    grpc: Option<TcpListener>,
-    http: Option<TcpListener>,
+    grpc: Option<SecureListener>,
+    http: Option<SecureListener>,
     replayed: wal::Replayed,
 }
 
 async fn bind(
+    access: &Arc<lumen_listen::Access>,
     what: &'static str,
     addr: Option<SocketAddr>,
-) -> Result<Option<TcpListener>, CollectorError> {
+    alpn: &[&[u8]],
+) -> Result<Option<SecureListener>, CollectorError> {
     match addr {
         None => Ok(None),
-        Some(addr) => TcpListener::bind(addr)
-            .await
-            .map(Some)
-            .map_err(|source| CollectorError::Bind { what, addr, source }),
+        Some(addr) => Ok(Some(access.bind(what, addr, alpn).await?)),
     }
 }
 
@@ -276,8 +275,20 @@ impl Collector {
         })?;
         // A store that cannot be opened is a config error: before binding.
         let storage = Arc::new(storage::Storage::open(&config.storage, &data)?);
-        let grpc = bind("OTLP/gRPC", config.otlp_grpc).await?;
-        let http = bind("OTLP/HTTP", config.otlp_http).await?;
+        let grpc = bind(
+            &config.access,
+            "OTLP/gRPC",
+            config.otlp_grpc,
+            lumen_listen::ALPN_GRPC,
+        )
+        .await?;
+        let http = bind(
+            &config.access,
+            "OTLP/HTTP",
+            config.otlp_http,
+            lumen_listen::ALPN_HTTP,
+        )
+        .await?;
         let store = Arc::new(Store::new());
         store.set_storage(storage.clone());
         // Before the WAL replays into it, so replayed rows fold the same way.
@@ -416,11 +427,11 @@ impl Collector {
     }
 
     pub fn otlp_grpc_addr(&self) -> Option<SocketAddr> {
-        self.grpc.as_ref().and_then(|l| l.local_addr().ok())
+        self.grpc.as_ref().map(|l| l.local_addr())
     }
 
     pub fn otlp_http_addr(&self) -> Option<SocketAddr> {
-        self.http.as_ref().and_then(|l| l.local_addr().ok())
+        self.http.as_ref().map(|l| l.local_addr())
     }
 
     /// Compaction and retention, to run on demand (tests, admin actions)
@@ -477,26 +488,27 @@ impl Collector {
             let metrics = ingest::grpc::MetricsServiceGrpc::new(ingest.clone());
             let logs = ingest::grpc::LogsServiceGrpc::new(ingest.clone());
             let flight = ingest::flight::service(ingest.clone());
+            let guard = GrpcGuard::new(config.access.clone(), Grant::Ingest);
             servers.spawn(async move {
                 tonic::transport::Server::builder()
+                    .layer(guard)
                     .add_service(traces)
                     .add_service(metrics)
                     .add_service(logs)
                     .add_service(flight)
-                    .serve_with_incoming_shutdown(
-                        tonic::transport::server::TcpIncoming::from(listener)
-                            .with_nodelay(Some(true)),
-                        async move {
-                            let _ = stop.wait_for(|s| *s).await;
-                        },
-                    )
+                    .serve_with_incoming_shutdown(listener.incoming(), async move {
+                        let _ = stop.wait_for(|s| *s).await;
+                    })
                     .await
                     .map_err(|e| CollectorError::Grpc(e.to_string()))
             });
         }
         if let Some(listener) = http {
             let mut stop = stop_rx.clone();
-            let router = ingest::http::router(ingest.clone());
+            let router = config
+                .access
+                .guard_http(ingest::http::router(ingest.clone()), Grant::Ingest)
+                .into_make_service_with_connect_info::<lumen_listen::Peer>();
             servers.spawn(async move {
                 axum::serve(listener, router)
                     .with_graceful_shutdown(async move {

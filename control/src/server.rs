@@ -64,6 +64,9 @@ pub struct ControlService {
     streams: Arc<Mutex<BTreeMap<String, u64>>>,
     quotas: Arc<crate::quota::QuotaBook>,
     security: Option<Arc<Security>>,
+    /// Whose token may change or read the configuration (apply, delete,
+    /// get, proxy status, policy decisions); open without credentials.
+    operators: Arc<lumen_listen::Access>,
     /// Bumped when a proxy with a certificate comes or goes.
     peers_changed: watch::Sender<u64>,
     /// Snapshots proxies refused (NACK) since start.
@@ -79,6 +82,7 @@ impl ControlService {
             streams: Default::default(),
             quotas: Default::default(),
             security: None,
+            operators: lumen_listen::Access::open(),
             peers_changed: watch::channel(0).0,
             rejects: Arc::new(AtomicU64::new(0)),
         }
@@ -148,6 +152,33 @@ impl ControlService {
     pub fn with_security(mut self, security: Security) -> Self {
         self.security = Some(Arc::new(security));
         self
+    }
+
+    /// Requires a token of `operators` (once it has any) on the calls
+    /// that change or read the configuration.
+    pub fn with_operators(mut self, operators: Arc<lumen_listen::Access>) -> Self {
+        self.operators = operators;
+        self
+    }
+
+    fn authorize<T>(&self, request: &Request<T>, call: &str) -> Result<(), Status> {
+        let headers = request.metadata().clone().into_headers();
+        match self
+            .operators
+            .authenticate(None, &headers, lumen_listen::Grant::Operate)
+        {
+            Ok(lumen_listen::Principal::User(user)) => {
+                tracing::info!(%user, call, "operator call");
+                Ok(())
+            }
+            Ok(_) => Ok(()),
+            Err(denied) => {
+                tracing::warn!(peer = ?request.remote_addr(), call, %denied, "control call refused");
+                Err(Status::unauthenticated(format!(
+                    "{call}: {denied} (lumen's commands send the one --token or LUMEN_TOKEN gives)"
+                )))
+            }
+        }
     }
 
     fn trust_bundle(&self) -> Vec<String> {
@@ -414,6 +445,7 @@ impl ControlPlane for ControlService {
         &self,
         request: Request<v1::ActivePolicies>,
     ) -> Result<Response<v1::ActivePoliciesResponse>, Status> {
+        self.authorize(&request, "SetActivePolicies")?;
         let active: std::collections::BTreeSet<String> =
             request.into_inner().active.into_iter().collect();
         if let Some(bad) = active.iter().find(|a| a.split('/').count() != 2) {
@@ -430,6 +462,7 @@ impl ControlPlane for ControlService {
         &self,
         request: Request<v1::ApplyRequest>,
     ) -> Result<Response<v1::ApplyResponse>, Status> {
+        self.authorize(&request, "Apply")?;
         let req = request.into_inner();
         let list = resources(&req.resources)?;
         if let Some(r) = list.iter().find(|r| !r.kind.is_mesh_config()) {
@@ -447,6 +480,7 @@ impl ControlPlane for ControlService {
         &self,
         request: Request<v1::DeleteRequest>,
     ) -> Result<Response<v1::DeleteResponse>, Status> {
+        self.authorize(&request, "Delete")?;
         let keys: Vec<ResourceKey> = request
             .into_inner()
             .keys
@@ -461,6 +495,7 @@ impl ControlPlane for ControlService {
         &self,
         request: Request<v1::GetRequest>,
     ) -> Result<Response<v1::GetResponse>, Status> {
+        self.authorize(&request, "Get")?;
         let req = request.into_inner();
         let kind = match req.kind.as_str() {
             "" | "all" => None,
@@ -489,8 +524,9 @@ impl ControlPlane for ControlService {
 
     async fn proxy_status(
         &self,
-        _request: Request<v1::ProxyStatusRequest>,
+        request: Request<v1::ProxyStatusRequest>,
     ) -> Result<Response<v1::ProxyStatusResponse>, Status> {
+        self.authorize(&request, "ProxyStatus")?;
         let proxies = self
             .proxies
             .lock()

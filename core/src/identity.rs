@@ -84,6 +84,29 @@ pub fn valid_segment(s: &str) -> bool {
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
 }
 
+/// The URI SANs of a DER certificate (none when it does not parse).
+pub fn uri_sans(der: &[u8]) -> Vec<String> {
+    let Ok((_, cert)) = x509_parser::parse_x509_certificate(der) else {
+        return Vec::new();
+    };
+    let Ok(Some(san)) = cert.subject_alternative_name() else {
+        return Vec::new();
+    };
+    san.value
+        .general_names
+        .iter()
+        .filter_map(|n| match n {
+            x509_parser::extensions::GeneralName::URI(u) => Some(u.to_string()),
+            _ => None,
+        })
+        .collect()
+}
+
+/// The SPIFFE id a DER certificate carries, if any.
+pub fn spiffe_of(der: &[u8]) -> Option<SpiffeId> {
+    uri_sans(der).iter().find_map(|u| SpiffeId::parse(u).ok())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

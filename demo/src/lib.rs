@@ -247,9 +247,12 @@ async fn start_inner(config: DemoConfig) -> Result<RunningDemo, DemoError> {
         .map(|c| lumen_query::remote_write::RemoteWriter::new(engine.clone(), c))
         .transpose()
         .map_err(|e| DemoError::Setup(e.to_string()))?;
-    let pg = PgServer::bind(config.pg, engine.clone(), None).await?;
+    // The demo's listeners are for this machine only (loopback, no
+    // credentials); `lumen up` takes TLS and tokens.
+    let open = lumen_listen::Access::open();
+    let pg = PgServer::bind(config.pg, engine.clone(), None, &open).await?;
     let pg_addr = pg.local_addr().unwrap_or(config.pg);
-    let flight_sql = FlightSqlServer::bind(config.flight_sql, engine.clone()).await?;
+    let flight_sql = FlightSqlServer::bind(config.flight_sql, engine.clone(), &open).await?;
     let flight_sql_addr = flight_sql.local_addr().unwrap_or(config.flight_sql);
     let rules = Arc::new(
         lumen_policy::RuleEngine::new(config.rules.clone(), config.evaluation_interval)
@@ -258,7 +261,7 @@ async fn start_inner(config: DemoConfig) -> Result<RunningDemo, DemoError> {
             )),
     );
     let board = Arc::new(lumen_policy::decide::Board::default());
-    let query = QueryServer::bind(config.query, engine.clone())
+    let query = QueryServer::bind(config.query, engine.clone(), &open)
         .await?
         .with_routes(lumen_policy::http::router(rules.clone(), board.clone()))
         .with_routes(lumen_collector::ingest::remote_write::router(

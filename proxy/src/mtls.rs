@@ -138,28 +138,7 @@ pub enum TlsError {
     Key(String),
 }
 
-/// The URI SANs of a certificate.
-pub fn uri_sans(der: &[u8]) -> Vec<String> {
-    let Ok((_, cert)) = x509_parser::parse_x509_certificate(der) else {
-        return Vec::new();
-    };
-    let Ok(Some(san)) = cert.subject_alternative_name() else {
-        return Vec::new();
-    };
-    san.value
-        .general_names
-        .iter()
-        .filter_map(|n| match n {
-            x509_parser::extensions::GeneralName::URI(u) => Some(u.to_string()),
-            _ => None,
-        })
-        .collect()
-}
-
-/// The SPIFFE id a certificate carries, if any.
-pub fn spiffe_of(der: &[u8]) -> Option<SpiffeId> {
-    uri_sans(der).iter().find_map(|u| SpiffeId::parse(u).ok())
-}
+pub use lumen_core::identity::{spiffe_of, uri_sans};
 
 fn validity(der: &[u8]) -> Option<(SystemTime, SystemTime, String)> {
     let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;

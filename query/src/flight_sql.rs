@@ -29,14 +29,13 @@ use arrow_flight::sql::{
     TicketStatementQuery,
 };
 use arrow_flight::{
-    Action, FlightData, FlightDescriptor, FlightEndpoint, FlightInfo, IpcMessage, SchemaAsIpc,
-    Ticket,
+    Action, FlightData, FlightDescriptor, FlightEndpoint, FlightInfo, HandshakeRequest,
+    HandshakeResponse, IpcMessage, SchemaAsIpc, Ticket,
 };
 use datafusion::common::{ParamValues, ScalarValue};
 use futures_util::{Stream, StreamExt, TryStreamExt};
 use lumen_core::schema::{TABLES, table_schema};
 use prost::Message;
-use tokio::net::TcpListener;
 use tonic::{Request, Response, Status};
 
 /// Most bytes a prepared statement's parameters may take once decoded.
@@ -52,29 +51,33 @@ const MAX_PREPARED: usize = 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum FlightSqlError {
-    #[error("cannot listen on {addr} (Flight SQL): {source}")]
-    Bind {
-        addr: SocketAddr,
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Listen(#[from] lumen_listen::AccessError),
     #[error("Flight SQL server: {0}")]
     Serve(String),
 }
 
 /// The Flight SQL server, bound and ready to run.
 pub struct FlightSqlServer {
-    listener: TcpListener,
+    listener: lumen_listen::SecureListener,
     service: FlightSql,
 }
 
 impl FlightSqlServer {
-    pub async fn bind(addr: SocketAddr, engine: QueryEngine) -> Result<Self, FlightSqlError> {
-        let listener = TcpListener::bind(addr)
-            .await
-            .map_err(|source| FlightSqlError::Bind { addr, source })?;
+    /// Binds `addr`; every call must then satisfy `access` (a token as
+    /// bearer, or as the password of the Basic handshake).
+    pub async fn bind(
+        addr: SocketAddr,
+        engine: QueryEngine,
+        access: &Arc<lumen_listen::Access>,
+    ) -> Result<Self, FlightSqlError> {
+        let listener = access
+            .bind("Flight SQL", addr, lumen_listen::ALPN_GRPC)
+            .await?;
         Ok(FlightSqlServer {
             listener,
             service: FlightSql {
+                access: access.clone(),
                 engine,
                 prepared: Arc::default(),
                 info: Arc::new(sql_info()),
@@ -83,7 +86,7 @@ impl FlightSqlServer {
     }
 
     pub fn local_addr(&self) -> Option<SocketAddr> {
-        self.listener.local_addr().ok()
+        Some(self.listener.local_addr())
     }
 
     /// Serves until `shutdown` resolves; running queries are stopped by
@@ -108,15 +111,32 @@ impl FlightSqlServer {
         self,
         shutdown: lumen_core::BoxFuture<'static, ()>,
     ) -> Result<(), FlightSqlError> {
+        let guard =
+            lumen_listen::GrpcGuard::new(self.service.access.clone(), lumen_listen::Grant::Operate);
         tonic::transport::Server::builder()
+            .layer(guard)
             .add_service(FlightServiceServer::new(self.service))
-            .serve_with_incoming_shutdown(
-                tonic::transport::server::TcpIncoming::from(self.listener).with_nodelay(Some(true)),
-                shutdown,
-            )
+            .serve_with_incoming_shutdown(self.listener.incoming(), shutdown)
             .await
             .map_err(|e| FlightSqlError::Serve(e.to_string()))
     }
+}
+
+/// The token of an `Authorization` value: a bearer's, or Basic's password.
+fn bearer_of(value: &str) -> Option<String> {
+    use base64::Engine;
+    let (scheme, rest) = value.split_once(' ')?;
+    if scheme.eq_ignore_ascii_case("bearer") {
+        return Some(rest.trim().to_string());
+    }
+    if !scheme.eq_ignore_ascii_case("basic") {
+        return None;
+    }
+    let decoded = base64::engine::general_purpose::STANDARD
+        .decode(rest.trim())
+        .ok()?;
+    let (_, password) = std::str::from_utf8(&decoded).ok()?.split_once(':')?;
+    Some(password.to_string())
 }
 
 fn sql_info() -> SqlInfoData {
@@ -194,6 +214,7 @@ struct PreparedTable {
 
 #[derive(Clone)]
 pub struct FlightSql {
+    access: Arc<lumen_listen::Access>,
     engine: QueryEngine,
     prepared: Arc<Mutex<PreparedTable>>,
     info: Arc<SqlInfoData>,
@@ -311,6 +332,37 @@ impl FlightSql {
 #[tonic::async_trait]
 impl FlightSqlService for FlightSql {
     type FlightService = FlightSql;
+
+    /// Flight's Basic handshake (ADBC's `username` / `password`): the
+    /// guard has checked the credentials before this runs; the answer
+    /// carries the token as the bearer the client sends from then on.
+    async fn do_handshake(
+        &self,
+        request: Request<tonic::Streaming<HandshakeRequest>>,
+    ) -> Result<
+        Response<Pin<Box<dyn Stream<Item = Result<HandshakeResponse, Status>> + Send>>>,
+        Status,
+    > {
+        let token = request
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(bearer_of);
+        let answer = HandshakeResponse {
+            protocol_version: 0,
+            payload: Default::default(),
+        };
+        let mut response: Response<
+            Pin<Box<dyn Stream<Item = Result<HandshakeResponse, Status>> + Send>>,
+        > = Response::new(Box::pin(futures_util::stream::iter([Ok(answer)])));
+        if let Some(token) = token
+            && self.access.user_of(&token).is_some()
+            && let Ok(value) = format!("Bearer {token}").parse()
+        {
+            response.metadata_mut().insert("authorization", value);
+        }
+        Ok(response)
+    }
 
     async fn get_flight_info_statement(
         &self,

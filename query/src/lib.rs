@@ -46,8 +46,7 @@ pub mod ui;
 
 use std::future::Future;
 use std::net::SocketAddr;
-
-use tokio::net::TcpListener;
+use std::sync::Arc;
 
 pub use engine::{QueryConfig, QueryEngine, QueryError, QueryResult};
 pub use settings::QuerySettings;
@@ -58,30 +57,35 @@ pub const DRAIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5)
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
-    #[error("cannot listen on {addr} (query HTTP): {source}")]
-    Bind {
-        addr: SocketAddr,
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Listen(#[from] lumen_listen::AccessError),
     #[error("query HTTP server: {0}")]
     Serve(std::io::Error),
 }
 
 /// The query HTTP server, bound and ready to run.
 pub struct QueryServer {
-    listener: TcpListener,
+    listener: lumen_listen::SecureListener,
+    access: Arc<lumen_listen::Access>,
     engine: QueryEngine,
     /// More of the API served on the same port (the rule engine's).
     extra: Option<axum::Router>,
 }
 
 impl QueryServer {
-    pub async fn bind(addr: SocketAddr, engine: QueryEngine) -> Result<Self, ServeError> {
-        let listener = TcpListener::bind(addr)
-            .await
-            .map_err(|source| ServeError::Bind { addr, source })?;
+    /// Binds `addr`; every request must then satisfy `access` (people's
+    /// tokens once credentials are configured).
+    pub async fn bind(
+        addr: SocketAddr,
+        engine: QueryEngine,
+        access: &Arc<lumen_listen::Access>,
+    ) -> Result<Self, ServeError> {
+        let listener = access
+            .bind("query HTTP", addr, lumen_listen::ALPN_HTTP)
+            .await?;
         Ok(QueryServer {
             listener,
+            access: access.clone(),
             engine,
             extra: None,
         })
@@ -97,7 +101,7 @@ impl QueryServer {
     }
 
     pub fn local_addr(&self) -> Option<SocketAddr> {
-        self.listener.local_addr().ok()
+        Some(self.listener.local_addr())
     }
 
     /// Serves until `shutdown` resolves; then stops every running query
@@ -125,7 +129,10 @@ impl QueryServer {
         if let Some(extra) = self.extra {
             router = router.merge(extra);
         }
-        let app = router.into_make_service_with_connect_info::<SocketAddr>();
+        let app = self
+            .access
+            .guard_http(router, lumen_listen::Grant::Operate)
+            .into_make_service_with_connect_info::<lumen_listen::Peer>();
         let serve = axum::serve(self.listener, app).with_graceful_shutdown(async move {
             shutdown.await;
             engine.shutdown();

@@ -21,9 +21,11 @@ use async_trait::async_trait;
 use datafusion_pg_catalog::sql::PostgresCompatibilityParser;
 use futures::Sink;
 use futures::stream;
+use pgwire::api::auth::sasl::SASLAuthStartupHandler;
+use pgwire::api::auth::sasl::scram::{ScramAuth, gen_salted_password, random_nonce};
 use pgwire::api::auth::{
-    ServerParameterProvider, StartupHandler, finish_authentication, protocol_negotiation,
-    save_startup_parameters_to_metadata,
+    AuthSource, LoginInfo, Password, ServerParameterProvider, StartupHandler,
+    finish_authentication, protocol_negotiation, save_startup_parameters_to_metadata,
 };
 use pgwire::api::portal::{Format, Portal};
 use pgwire::api::query::{ExtendedQueryHandler, SimpleQueryHandler};
@@ -31,11 +33,10 @@ use pgwire::api::results::{DataRowEncoder, FieldInfo, QueryResponse, Response, T
 use pgwire::api::stmt::QueryParser;
 use pgwire::api::store::PortalStore;
 use pgwire::api::{
-    ClientInfo, ClientPortalStore, PgWireConnectionState, PgWireServerHandlers,
-    PidSecretKeyGenerator, RandomPidSecretKeyGenerator, Type,
+    ClientInfo, ClientPortalStore, PgWireServerHandlers, PidSecretKeyGenerator,
+    RandomPidSecretKeyGenerator, Type,
 };
 use pgwire::error::{ErrorInfo, PgWireError, PgWireResult};
-use pgwire::messages::startup::Authentication;
 use pgwire::messages::{PgWireBackendMessage, PgWireFrontendMessage};
 use pgwire::types::format::FormatOptions;
 use tokio::net::TcpListener;
@@ -52,29 +53,48 @@ pub enum PgError {
         source: std::io::Error,
     },
     #[error(
-        "Postgres wire on {0} would be reachable from other machines without a password: \
-         set one with --pg-password (or LUMEN_PG_PASSWORD), or listen on 127.0.0.1"
+        "Postgres wire on {addr} would be reachable from other machines {missing}: give \
+         --tls-cert-file and --tls-key-file, and --token-file or --pg-password (or \
+         LUMEN_PG_PASSWORD), or listen on 127.0.0.1"
     )]
-    NoPassword(SocketAddr),
+    Exposed {
+        addr: SocketAddr,
+        missing: &'static str,
+    },
 }
 
 /// The Postgres wire server, bound and ready to run.
 pub struct PgServer {
     listener: TcpListener,
+    /// Offered to clients that ask (`sslmode=require`); once set, clients
+    /// that do not are refused.
+    tls: Option<pgwire::tokio::TlsAcceptor>,
     handlers: Arc<Handlers>,
 }
 
 impl PgServer {
-    /// Binds `addr`. Without a password only loopback addresses are
-    /// allowed: anyone who can connect can read every request.
+    /// Binds `addr`. Passwords are checked with SCRAM-SHA-256: a user of
+    /// `access`'s token file gives their token, anyone else `password`.
+    /// Beyond loopback a password or token file and TLS are required:
+    /// anyone who can connect could otherwise read every request.
     pub async fn bind(
         addr: SocketAddr,
         engine: QueryEngine,
         password: Option<String>,
+        access: &Arc<lumen_listen::Access>,
     ) -> Result<Self, PgError> {
         let password = password.filter(|p| !p.is_empty());
-        if password.is_none() && !addr.ip().is_loopback() {
-            return Err(PgError::NoPassword(addr));
+        let credentials = password.is_some() || access.requires_credentials();
+        if !addr.ip().is_loopback() {
+            let missing = match (access.tls(), credentials) {
+                (true, true) => None,
+                (false, false) => Some("in cleartext and without a password"),
+                (false, true) => Some("in cleartext"),
+                (true, false) => Some("without a password"),
+            };
+            if let Some(missing) = missing {
+                return Err(PgError::Exposed { addr, missing });
+            }
         }
         let listener = TcpListener::bind(addr)
             .await
@@ -86,14 +106,16 @@ impl PgServer {
             }),
             engine,
         });
+        let secrets = credentials.then(|| {
+            Arc::new(Secrets {
+                password: password.map(Arc::from),
+                access: access.clone(),
+            })
+        });
         Ok(PgServer {
             listener,
-            handlers: Arc::new(Handlers {
-                session,
-                startup: Arc::new(Startup {
-                    password: password.map(Arc::from),
-                }),
-            }),
+            tls: access.acceptor(&[b"postgresql"]),
+            handlers: Arc::new(Handlers { session, secrets }),
         })
     }
 
@@ -130,8 +152,9 @@ impl PgServer {
                     Ok((socket, peer)) => {
                         let _ = socket.set_nodelay(true);
                         let handlers = self.handlers.clone();
+                        let tls = self.tls.clone();
                         sessions.spawn(async move {
-                            if let Err(e) = pgwire::tokio::process_socket(socket, None, handlers).await {
+                            if let Err(e) = pgwire::tokio::process_socket(socket, tls, handlers).await {
                                 tracing::debug!(%peer, error = %e, "postgres session ended with an error");
                             }
                         });
@@ -162,7 +185,8 @@ impl PgServer {
 
 struct Handlers {
     session: Arc<Session>,
-    startup: Arc<Startup>,
+    /// Where passwords come from; none: anyone on loopback.
+    secrets: Option<Arc<Secrets>>,
 }
 
 impl PgWireServerHandlers for Handlers {
@@ -174,8 +198,17 @@ impl PgWireServerHandlers for Handlers {
         self.session.clone()
     }
 
+    // Called once per connection: the SCRAM exchange keeps its state in
+    // the handler.
     fn startup_handler(&self) -> Arc<impl StartupHandler> {
-        self.startup.clone()
+        Arc::new(Startup {
+            tls_required: self.secrets.as_ref().is_some_and(|s| s.access.tls()),
+            scram: self.secrets.clone().map(|secrets| {
+                let mut scram = ScramAuth::new(secrets);
+                scram.set_iterations(SCRAM_ITERATIONS);
+                SASLAuthStartupHandler::new(Arc::new(Parameters)).with_scram(scram)
+            }),
+        })
     }
 }
 
@@ -251,10 +284,37 @@ impl ServerParameterProvider for Parameters {
     }
 }
 
-/// No authentication on loopback without a password; a cleartext password
-/// otherwise (put TLS or a tunnel in front beyond a trusted network).
-struct Startup {
+/// SCRAM's PBKDF2 rounds: the RFC's minimum, as Postgres uses.
+const SCRAM_ITERATIONS: usize = 4096;
+
+/// Passwords for SCRAM: a token file user's token, or the one password
+/// for any other name.
+#[derive(Debug)]
+struct Secrets {
     password: Option<Arc<str>>,
+    access: Arc<lumen_listen::Access>,
+}
+
+#[async_trait]
+impl AuthSource for Secrets {
+    async fn get_password(&self, login: &LoginInfo) -> PgWireResult<Password> {
+        let user = login.user().unwrap_or_default();
+        let secret = self
+            .access
+            .token_of(user)
+            .or_else(|| self.password.as_deref().map(str::to_string))
+            .ok_or_else(|| PgWireError::InvalidPassword(user.to_string()))?;
+        let salt = random_nonce().into_bytes();
+        let salted = gen_salted_password(&secret, &salt, SCRAM_ITERATIONS);
+        Ok(Password::new(Some(salt), salted))
+    }
+}
+
+/// No authentication on loopback without credentials; SCRAM-SHA-256
+/// otherwise, over TLS once TLS is configured.
+struct Startup {
+    tls_required: bool,
+    scram: Option<SASLAuthStartupHandler<Parameters>>,
 }
 
 #[async_trait]
@@ -265,50 +325,32 @@ impl StartupHandler for Startup {
         message: PgWireFrontendMessage,
     ) -> PgWireResult<()>
     where
-        C: ClientInfo + Sink<PgWireBackendMessage> + Unpin + Send,
+        C: ClientInfo + Sink<PgWireBackendMessage> + Unpin + Send + Sync,
         C::Error: Debug,
         PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
     {
-        use futures::SinkExt;
-        match message {
-            PgWireFrontendMessage::Startup(ref startup) => {
-                protocol_negotiation(client, startup).await?;
-                save_startup_parameters_to_metadata(client, startup);
-                let (pid, key) = RandomPidSecretKeyGenerator::default().generate(client);
-                client.set_pid_and_secret_key(pid, key);
-                if self.password.is_some() {
-                    client.set_state(PgWireConnectionState::AuthenticationInProgress);
-                    client
-                        .send(PgWireBackendMessage::Authentication(
-                            Authentication::CleartextPassword,
-                        ))
-                        .await?;
-                } else {
-                    finish_authentication(client, &Parameters).await?;
-                }
-            }
-            PgWireFrontendMessage::PasswordMessageFamily(pwd) => {
-                let given = pwd.into_password()?;
-                let ok = self
-                    .password
-                    .as_deref()
-                    .is_some_and(|p| same_secret(p.as_bytes(), given.password.as_bytes()));
-                if !ok {
-                    let user = client.metadata().get("user").cloned().unwrap_or_default();
-                    return Err(PgWireError::InvalidPassword(user));
-                }
-                finish_authentication(client, &Parameters).await?;
-            }
-            _ => {}
+        if matches!(message, PgWireFrontendMessage::Startup(_))
+            && self.tls_required
+            && !client.is_secure()
+        {
+            return Err(PgWireError::UserError(Box::new(ErrorInfo::new(
+                "FATAL".to_string(),
+                "28000".to_string(),
+                "this server requires TLS: connect with sslmode=require".to_string(),
+            ))));
+        }
+        if let Some(scram) = &self.scram {
+            return scram.on_startup(client, message).await;
+        }
+        if let PgWireFrontendMessage::Startup(ref startup) = message {
+            protocol_negotiation(client, startup).await?;
+            save_startup_parameters_to_metadata(client, startup);
+            let (pid, key) = RandomPidSecretKeyGenerator::default().generate(client);
+            client.set_pid_and_secret_key(pid, key);
+            finish_authentication(client, &Parameters).await?;
         }
         Ok(())
     }
-}
-
-/// Compares without stopping at the first difference, so timing does not
-/// tell how much of a guess was right.
-fn same_secret(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 /// What a statement is, for how it is answered.
@@ -845,12 +887,5 @@ mod tests {
             Some(Kind::Show(n)) if n == "search_path"
         ));
         assert!(session_kind("SELECT 1").unwrap().is_none());
-    }
-
-    #[test]
-    fn secrets_compare_whole() {
-        assert!(same_secret(b"abc", b"abc"));
-        assert!(!same_secret(b"abc", b"abd"));
-        assert!(!same_secret(b"abc", b"ab"));
     }
 }

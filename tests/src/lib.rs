@@ -171,7 +171,12 @@ impl LumenProcess {
 
     /// Polls `url` until it answers 200; fails early if the process exits.
     pub async fn wait_ready(&mut self, url: &str) -> Result<()> {
-        let client = reqwest::Client::new();
+        self.wait_ready_with(&reqwest::Client::new(), url).await
+    }
+
+    /// As [`wait_ready`](Self::wait_ready), through `client` (one that
+    /// trusts a test CA, for an `https://` URL).
+    pub async fn wait_ready_with(&mut self, client: &reqwest::Client, url: &str) -> Result<()> {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             if let Some(child) = self.child.as_mut()

@@ -1,0 +1,458 @@
+//! Every listener that takes data or config, locked down: `lumen up` with
+//! a server certificate, a token file and the mesh's root as client CA.
+//! Each port is tried as a stranger would (no credentials, a wrong
+//! token, a certificate from another CA, cleartext) and as its users do
+//! (a token as bearer, as Basic, as the Postgres / Flight SQL password; a
+//! workload certificate for telemetry). Beyond loopback, a listener
+//! without TLS and credentials refuses to start.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{Context, Result, bail, ensure};
+use base64::Engine;
+use lumen_tests::{LumenProcess, UpPorts, free_port, local, lumen_bin, peer_tool, write_mesh};
+use opentelemetry_proto::tonic::collector::trace::v1::trace_service_client::TraceServiceClient;
+use prost::Message;
+
+const TOKEN: &str = "4f1c2d9e8b7a6f5e4d3c2b1a";
+const WRONG: &str = "4f1c2d9e8b7a6f5e4d3c2b1b";
+const PSQL_INSTALL: &str = "apt-get install -y postgresql-client";
+
+/// The test's PKI: the mesh root, the server's certificate under it, a
+/// workload's (reviews) under it, and one from a CA nobody trusts.
+struct Pki {
+    root: PathBuf,
+    server: (PathBuf, PathBuf),
+    workload: (PathBuf, PathBuf),
+    stranger: (PathBuf, PathBuf),
+}
+
+fn pki(dir: &Path) -> Result<Pki> {
+    let ca = |name: &str| -> Result<(rcgen::Issuer<'static, rcgen::KeyPair>, String)> {
+        let key = rcgen::KeyPair::generate()?;
+        let mut params = rcgen::CertificateParams::default();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, name);
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params.key_usages = vec![
+            rcgen::KeyUsagePurpose::KeyCertSign,
+            rcgen::KeyUsagePurpose::DigitalSignature,
+        ];
+        let pem = params.self_signed(&key)?.pem();
+        Ok((rcgen::Issuer::new(params, key), pem))
+    };
+    let leaf = |issuer: &rcgen::Issuer<'static, rcgen::KeyPair>,
+                name: &str,
+                sans: Vec<rcgen::SanType>|
+     -> Result<(PathBuf, PathBuf)> {
+        let key = rcgen::KeyPair::generate()?;
+        let mut params = rcgen::CertificateParams::default();
+        params.subject_alt_names = sans;
+        params.extended_key_usages = vec![
+            rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+            rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+        ];
+        let cert = params.signed_by(&key, issuer)?;
+        let (c, k) = (
+            dir.join(format!("{name}.crt")),
+            dir.join(format!("{name}.key")),
+        );
+        std::fs::write(&c, cert.pem())?;
+        std::fs::write(&k, key.serialize_pem())?;
+        Ok((c, k))
+    };
+    let (mesh, root_pem) = ca("mesh root")?;
+    let (other, _) = ca("someone else's root")?;
+    let root = dir.join("root.crt");
+    std::fs::write(&root, &root_pem)?;
+    let spiffe = |id: &str| -> Result<rcgen::SanType> {
+        Ok(rcgen::SanType::URI(id.to_string().try_into()?))
+    };
+    Ok(Pki {
+        server: leaf(
+            &mesh,
+            "server",
+            vec![
+                rcgen::SanType::DnsName("localhost".try_into()?),
+                rcgen::SanType::IpAddress([127, 0, 0, 1].into()),
+            ],
+        )?,
+        workload: leaf(
+            &mesh,
+            "reviews",
+            vec![spiffe("spiffe://cluster.local/ns/default/sa/reviews")?],
+        )?,
+        stranger: leaf(
+            &other,
+            "stranger",
+            vec![spiffe("spiffe://cluster.local/ns/default/sa/reviews")?],
+        )?,
+        root,
+    })
+}
+
+/// An HTTPS client trusting the test root, presenting `identity` if given.
+fn https(pki: &Pki, identity: Option<&(PathBuf, PathBuf)>) -> Result<reqwest::Client> {
+    let mut b = reqwest::Client::builder()
+        .tls_built_in_root_certs(false)
+        .add_root_certificate(reqwest::Certificate::from_pem(&std::fs::read(&pki.root)?)?);
+    if let Some((cert, key)) = identity {
+        let mut pem = std::fs::read(cert)?;
+        pem.extend(std::fs::read(key)?);
+        b = b.identity(reqwest::Identity::from_pem(&pem)?);
+    }
+    Ok(b.build()?)
+}
+
+/// A gRPC channel over TLS to `port`, presenting `identity` if given.
+async fn grpc(
+    pki: &Pki,
+    port: u16,
+    identity: Option<&(PathBuf, PathBuf)>,
+) -> Result<tonic::transport::Channel> {
+    let mut tls = tonic::transport::ClientTlsConfig::new()
+        .ca_certificate(tonic::transport::Certificate::from_pem(std::fs::read(
+            &pki.root,
+        )?))
+        .domain_name("localhost");
+    if let Some((cert, key)) = identity {
+        tls = tls.identity(tonic::transport::Identity::from_pem(
+            std::fs::read(cert)?,
+            std::fs::read(key)?,
+        ));
+    }
+    Ok(
+        tonic::transport::Endpoint::from_shared(format!("https://localhost:{port}"))?
+            .tls_config(tls)?
+            .connect()
+            .await?,
+    )
+}
+
+fn bearer<T>(mut request: tonic::Request<T>, token: &str) -> tonic::Request<T> {
+    if let Ok(v) = format!("Bearer {token}").parse() {
+        request.metadata_mut().insert("authorization", v);
+    }
+    request
+}
+
+fn basic(user: &str, password: &str) -> String {
+    format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"))
+    )
+}
+
+async fn status_of(request: reqwest::RequestBuilder) -> Result<u16> {
+    Ok(request.send().await?.status().as_u16())
+}
+
+fn psql(port: u16, sslmode: &str, password: &str, user: &str) -> Result<(bool, String)> {
+    let out = Command::new(peer_tool("psql", PSQL_INSTALL))
+        .args(["-X", "-A", "-t", "-h", "127.0.0.1", "-U", user, "-d", "lumen"])
+        .args(["-p", &port.to_string(), "-c", "SELECT 41 + 1"])
+        .env("PGPASSWORD", password)
+        .env("PGSSLMODE", sslmode)
+        .env("PGCONNECT_TIMEOUT", "10")
+        .output()?;
+    Ok((
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    ))
+}
+
+fn lumen(args: &[&str], token: Option<&str>) -> Result<(bool, String)> {
+    let mut cmd = Command::new(lumen_bin());
+    cmd.args(args).env_remove("LUMEN_TOKEN");
+    if let Some(t) = token {
+        cmd.env("LUMEN_TOKEN", t);
+    }
+    let out = cmd.output()?;
+    Ok((
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    ))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_data_and_config_port_refuses_strangers_and_serves_its_users() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let pki = pki(dir.path())?;
+    let tokens = dir.path().join("tokens.csv");
+    std::fs::write(&tokens, format!("# people and tools\n{TOKEN},alice,1000\n"))?;
+    let mesh = dir.path().join("mesh.yaml");
+    write_mesh(&mesh, &[("reviews", 9080, &[])])?;
+    let ports = UpPorts::pick();
+    let mut args: Vec<String> = vec!["up".into(), "-f".into(), mesh.display().to_string()];
+    args.extend(["--data-dir".into(), dir.path().join("data").display().to_string()]);
+    for (flag, port) in [
+        ("--otlp-grpc", ports.otlp_grpc),
+        ("--otlp-http", ports.otlp_http),
+        ("--query-addr", ports.query),
+        ("--pg-addr", ports.pg),
+        ("--flight-sql-addr", ports.flight_sql),
+        ("--control-addr", ports.control),
+    ] {
+        args.extend([flag.to_string(), local(port).to_string()]);
+    }
+    for (flag, file) in [
+        ("--tls-cert-file", &pki.server.0),
+        ("--tls-key-file", &pki.server.1),
+        ("--tls-client-ca-file", &pki.root),
+        ("--token-file", &tokens),
+    ] {
+        args.extend([flag.to_string(), file.display().to_string()]);
+    }
+    let mut up = LumenProcess::spawn("lumen-up", dir.path(), &args)?;
+    let client = https(&pki, None)?;
+    let query = format!("https://localhost:{}", ports.query);
+    // Readiness stays open to probes.
+    up.wait_ready_with(&client, &format!("{query}/ready"))
+        .await?;
+
+    // Query HTTP (SQL, Prometheus, Jaeger, UI): tokens only.
+    let sql = format!("{query}/api/v1/sql");
+    let body = "SELECT 41 + 1 AS answer";
+    let post = |c: &reqwest::Client| c.post(&sql).body(body);
+    assert_eq!(status_of(post(&client)).await?, 401, "no credentials");
+    let refused = post(&client).send().await?;
+    ensure!(
+        refused
+            .headers()
+            .get("www-authenticate")
+            .is_some_and(|v| v.to_str().unwrap_or_default().contains("Bearer")),
+        "a 401 says how to authenticate"
+    );
+    let said = refused.text().await?;
+    ensure!(said.contains("credentials required"), "{said}");
+    assert_eq!(status_of(post(&client).bearer_auth(WRONG)).await?, 401);
+    assert_eq!(status_of(post(&client).bearer_auth(TOKEN)).await?, 200);
+    assert_eq!(
+        status_of(post(&client).header("authorization", basic("alice", TOKEN))).await?,
+        200,
+        "Basic with the token as password (Grafana, Prometheus)"
+    );
+    assert_eq!(
+        status_of(post(&client).header("authorization", basic("mallory", TOKEN))).await?,
+        401,
+        "someone else's token under another name"
+    );
+    let promql = format!("{query}/api/v1/query?query=up");
+    assert_eq!(status_of(client.get(&promql)).await?, 401);
+    assert_eq!(status_of(client.get(&promql).bearer_auth(TOKEN)).await?, 200);
+    // A workload's certificate sends telemetry; it does not read it.
+    let workload = https(&pki, Some(&pki.workload))?;
+    assert_eq!(status_of(post(&workload)).await?, 403);
+    // Cleartext to a TLS port gets nothing.
+    let plain = reqwest::Client::new()
+        .post(format!("http://127.0.0.1:{}/api/v1/sql", ports.query))
+        .body(body)
+        .send()
+        .await;
+    ensure!(
+        !plain.as_ref().is_ok_and(|r| r.status().is_success()),
+        "cleartext HTTP to the TLS query port answered {plain:?}"
+    );
+    // A certificate from another CA fails the handshake.
+    let stranger = https(&pki, Some(&pki.stranger))?;
+    ensure!(
+        post(&stranger).send().await.is_err(),
+        "a certificate from another CA was accepted"
+    );
+
+    // OTLP/HTTP: tokens and workload certificates.
+    let traces = format!("https://localhost:{}/v1/traces", ports.otlp_http);
+    let payload = lumen_tests::otlp::export("reviews", 1, 0).encode_to_vec();
+    let send = |c: &reqwest::Client| {
+        c.post(&traces)
+            .header("content-type", "application/x-protobuf")
+            .body(payload.clone())
+    };
+    assert_eq!(status_of(send(&client)).await?, 401);
+    assert_eq!(status_of(send(&client).bearer_auth(WRONG)).await?, 401);
+    assert_eq!(status_of(send(&client).bearer_auth(TOKEN)).await?, 200);
+    assert_eq!(status_of(send(&workload)).await?, 200);
+
+    // OTLP/gRPC (and Flight DoPut on the same port).
+    let export = || lumen_tests::otlp::export("reviews", 1, 0);
+    let mut anonymous = TraceServiceClient::new(grpc(&pki, ports.otlp_grpc, None).await?);
+    let code = anonymous
+        .export(export())
+        .await
+        .err()
+        .map(|s| s.code());
+    assert_eq!(code, Some(tonic::Code::Unauthenticated));
+    let code = anonymous
+        .export(bearer(tonic::Request::new(export()), WRONG))
+        .await
+        .err()
+        .map(|s| s.code());
+    assert_eq!(code, Some(tonic::Code::Unauthenticated));
+    anonymous
+        .export(bearer(tonic::Request::new(export()), TOKEN))
+        .await
+        .context("OTLP/gRPC with a token")?;
+    TraceServiceClient::new(grpc(&pki, ports.otlp_grpc, Some(&pki.workload)).await?)
+        .export(export())
+        .await
+        .context("OTLP/gRPC with a workload certificate")?;
+    ensure!(
+        grpc(&pki, ports.otlp_grpc, Some(&pki.stranger))
+            .await
+            .is_err()
+            || TraceServiceClient::new(grpc(&pki, ports.otlp_grpc, Some(&pki.stranger)).await?)
+                .export(export())
+                .await
+                .is_err(),
+        "OTLP/gRPC took a certificate from another CA"
+    );
+
+    // Flight SQL: Flight's Basic handshake hands back the bearer token.
+    let channel = grpc(&pki, ports.flight_sql, None).await?;
+    let mut flight = arrow_flight::sql::client::FlightSqlServiceClient::new(channel.clone());
+    match flight.execute("SELECT 1".into(), None).await {
+        Err(e) if e.to_string().contains("credentials required") => {}
+        other => bail!("Flight SQL without credentials: {other:?}"),
+    }
+    ensure!(
+        flight.handshake("alice", WRONG).await.is_err(),
+        "a wrong password passed the handshake"
+    );
+    let mut flight = arrow_flight::sql::client::FlightSqlServiceClient::new(channel);
+    flight.handshake("alice", TOKEN).await?;
+    ensure!(
+        flight.token() == Some(&TOKEN.to_string()),
+        "the handshake hands back the token: {:?}",
+        flight.token()
+    );
+    flight
+        .execute("SELECT 41 + 1 AS answer".into(), None)
+        .await
+        .context("Flight SQL after the handshake")?;
+
+    // Postgres wire: SCRAM-SHA-256 over TLS, the token as password.
+    let (ok, said) = psql(ports.pg, "require", TOKEN, "alice")?;
+    ensure!(ok && said.contains("42"), "{said}");
+    let (ok, said) = psql(ports.pg, "require", WRONG, "alice")?;
+    ensure!(
+        !ok && said.to_lowercase().contains("password authentication failed"),
+        "{said}"
+    );
+    let (ok, said) = psql(ports.pg, "require", TOKEN, "mallory")?;
+    ensure!(!ok, "another user's token: {said}");
+    let (ok, said) = psql(ports.pg, "disable", TOKEN, "alice")?;
+    ensure!(!ok && said.contains("requires TLS"), "{said}");
+
+    // The control plane: changes and reads need an operator's token.
+    let control = ports.control_addr();
+    let vs = dir.path().join("vs.yaml");
+    std::fs::write(
+        &vs,
+        "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: reviews, namespace: default}\n\
+         spec:\n  hosts: [reviews]\n  http:\n    - route:\n        - destination: {host: reviews}\n",
+    )?;
+    let apply = ["apply", "--control", &control, "-f", vs.to_str().unwrap_or_default()];
+    let (ok, said) = lumen(&apply, None)?;
+    ensure!(!ok && said.contains("credentials required"), "{said}");
+    let (ok, said) = lumen(&apply, Some(WRONG))?;
+    ensure!(!ok && said.contains("not valid"), "{said}");
+    let (ok, said) = lumen(&apply, Some(TOKEN))?;
+    ensure!(ok, "{said}");
+    let get = ["get", "virtualservices", "--control", &control];
+    let (ok, said) = lumen(&get, None)?;
+    ensure!(!ok, "{said}");
+    let (ok, said) = lumen(&get, Some(TOKEN))?;
+    ensure!(ok && said.contains("reviews"), "{said}");
+
+    let logs = up.logs();
+    ensure!(
+        logs.contains("operator call") && logs.contains("alice"),
+        "operator calls are logged by user:\n{logs}"
+    );
+    up.terminate()?;
+    Ok(())
+}
+
+#[test]
+fn beyond_loopback_a_listener_without_tls_and_credentials_refuses_to_start() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let mesh = dir.path().join("mesh.yaml");
+    write_mesh(&mesh, &[("reviews", 9080, &[])])?;
+    let tokens = dir.path().join("tokens.csv");
+    std::fs::write(&tokens, format!("{TOKEN},alice\n"))?;
+    let ports = UpPorts::pick();
+    let up = |exposed: &str, extra: &[&str]| -> Result<(bool, String)> {
+        let mut args: Vec<String> = vec!["up".into(), "-f".into(), mesh.display().to_string()];
+        args.extend(["--data-dir".into(), dir.path().join("data").display().to_string()]);
+        for (flag, port) in [
+            ("--otlp-grpc", ports.otlp_grpc),
+            ("--otlp-http", ports.otlp_http),
+            ("--query-addr", ports.query),
+            ("--pg-addr", ports.pg),
+            ("--flight-sql-addr", ports.flight_sql),
+            ("--control-addr", ports.control),
+        ] {
+            let addr = if flag == exposed {
+                format!("0.0.0.0:{}", free_port())
+            } else {
+                local(port).to_string()
+            };
+            args.extend([flag.to_string(), addr]);
+        }
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        lumen(&args, None)
+    };
+    for (flag, what) in [
+        ("--otlp-grpc", "OTLP/gRPC"),
+        ("--otlp-http", "OTLP/HTTP"),
+        ("--query-addr", "query HTTP"),
+        ("--flight-sql-addr", "Flight SQL"),
+        ("--pg-addr", "Postgres wire"),
+    ] {
+        let (ok, said) = up(flag, &[])?;
+        ensure!(
+            !ok && said.contains(&format!("{what} on 0.0.0.0:"))
+                && said.contains("cleartext and without")
+                && said.contains("listen on 127.0.0.1"),
+            "{flag}: {said}"
+        );
+        // A token alone would travel in cleartext.
+        let (ok, said) = up(flag, &["--token-file", tokens.to_str().unwrap_or_default()])?;
+        ensure!(
+            !ok && said.contains("reachable from other machines in cleartext"),
+            "{flag} with tokens only: {said}"
+        );
+    }
+    // The control plane's changes need operators' tokens beyond loopback.
+    let (ok, said) = lumen(
+        &[
+            "control",
+            "--data-dir",
+            dir.path().join("control").to_str().unwrap_or_default(),
+            "--control-addr",
+            &format!("0.0.0.0:{}", free_port()),
+            "--monitoring-addr",
+            &local(free_port()).to_string(),
+        ],
+        None,
+    )?;
+    ensure!(
+        !ok && said.contains("would let anyone who reaches it change the mesh"),
+        "{said}"
+    );
+    // Half the TLS flags is a usage error.
+    let (ok, said) = up("", &["--tls-cert-file", "server.crt"])?;
+    ensure!(!ok && said.contains("--tls-key-file"), "{said}");
+    Ok(())
+}
