@@ -126,8 +126,8 @@ async fn load(endpoint: &str, rows: u64, end: SystemTime) -> Result<()> {
     for sender in 0..2u64 {
         let endpoint = endpoint.to_string();
         tasks.push(tokio::spawn(async move {
-            let sink =
-                Sink::flight(&endpoint, Duration::from_secs(30)).map_err(anyhow::Error::msg)?;
+            let sink = Sink::flight(&endpoint, Duration::from_secs(30), &Default::default())
+                .map_err(anyhow::Error::msg)?;
             let channel = tonic::transport::Endpoint::from_shared(endpoint.clone())?
                 .connect()
                 .await?;

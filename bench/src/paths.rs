@@ -75,9 +75,15 @@ fn records(n: usize, offset: usize) -> Vec<RequestRecord> {
 /// The same records, encoded once by each of the proxy's exporters.
 async fn payloads(endpoint: &str, set: &Settings) -> Result<(Vec<Vec<FlightData>>, Vec<Bytes>)> {
     let timeout = Duration::from_secs(5);
-    let flight = Sink::flight(endpoint, timeout).map_err(anyhow::Error::msg)?;
-    let otlp = Sink::otlp(endpoint, timeout, &workload("productpage", "v1"))
-        .map_err(anyhow::Error::msg)?;
+    let flight =
+        Sink::flight(endpoint, timeout, &Default::default()).map_err(anyhow::Error::msg)?;
+    let otlp = Sink::otlp(
+        endpoint,
+        timeout,
+        &Default::default(),
+        &workload("productpage", "v1"),
+    )
+    .map_err(anyhow::Error::msg)?;
     let (mut arrow, mut spans) = (Vec::new(), Vec::new());
     for k in 0..8 {
         let mut b = RequestBatchBuilder::with_capacity(set.batch);

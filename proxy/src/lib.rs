@@ -344,8 +344,17 @@ impl Proxy {
         // requests finishing during the drain are still exported.
         let (export_stop_tx, export_stop_rx) = watch::channel(false);
         let metrics = Arc::new(Metrics::new());
-        let (telemetry, exporter) =
-            Telemetry::start(&config.telemetry, &config.identity, metrics, export_stop_rx)?;
+        let collector_tls = telemetry::channel::CollectorTls {
+            mesh: config.tls.clone(),
+            extra_roots: Arc::new(config.telemetry.collector_ca.clone()),
+        };
+        let (telemetry, exporter) = Telemetry::start(
+            &config.telemetry,
+            &config.identity,
+            &collector_tls,
+            metrics,
+            export_stop_rx,
+        )?;
         let identity_header = request::source_header_value(&config.identity).ok_or_else(|| {
             ProxyError::Config(
                 "workload identity contains characters not allowed in a header".into(),
@@ -401,6 +410,7 @@ impl Proxy {
         if config.telemetry.export && !config.telemetry.stats_interval.is_zero() {
             let push = stats::PushConfig {
                 endpoint: config.telemetry.collector_endpoint.clone(),
+                tls: collector_tls.clone(),
                 interval: config.telemetry.stats_interval,
                 timeout: config.telemetry.export_timeout,
                 instance: config

@@ -166,6 +166,17 @@ fn parse_pems(pems: &[String]) -> Result<Vec<CertificateDer<'static>>, String> {
     Ok(out)
 }
 
+/// The certificates of a PEM file (roots to trust), refused when it has
+/// none.
+pub fn read_roots(path: &std::path::Path) -> Result<Vec<CertificateDer<'static>>, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let roots = parse_pems(&[text]).map_err(|e| format!("{}: {e}", path.display()))?;
+    if roots.is_empty() {
+        return Err(format!("{}: holds no PEM certificate", path.display()));
+    }
+    Ok(roots)
+}
+
 /// A new key and a CSR for it (PEM), and the key as PKCS#8 DER.
 pub fn key_and_csr(id_hint: &str) -> Result<(String, Vec<u8>), TlsError> {
     let key = rcgen::KeyPair::generate().map_err(|e| TlsError::Key(e.to_string()))?;
@@ -371,6 +382,42 @@ impl MeshTls {
         let config = Arc::new(config);
         clients.insert(key, config.clone());
         Some(config)
+    }
+}
+
+impl MeshTls {
+    /// A client configuration for the collector's `https://` endpoint: its
+    /// server certificate checked by host name against the mesh's roots
+    /// and `extra_roots`, this proxy's certificate (when it has one) as
+    /// its credential; HTTP/2.
+    pub fn collector_config(
+        &self,
+        extra_roots: &[CertificateDer<'static>],
+    ) -> Result<Arc<ClientConfig>, TlsError> {
+        let mut store = RootCertStore::empty();
+        for r in self.roots.load().iter().chain(extra_roots) {
+            store
+                .add(r.clone())
+                .map_err(|e| TlsError::BadRoots(e.to_string()))?;
+        }
+        if store.is_empty() {
+            return Err(TlsError::BadRoots(
+                "no roots to check the collector against yet: the mesh's trust bundle comes \
+                 with the proxy's certificate (--control), or give --collector-ca"
+                    .into(),
+            ));
+        }
+        let builder = ClientConfig::builder_with_provider(self.provider.clone())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| TlsError::BadRoots(e.to_string()))?
+            .with_root_certificates(store);
+        let mut config = if self.current.load().is_some() {
+            builder.with_client_cert_resolver(Arc::new(Resolver(self.current.clone())))
+        } else {
+            builder.with_no_client_auth()
+        };
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        Ok(Arc::new(config))
     }
 }
 

@@ -126,6 +126,7 @@ fn now(shared: &Shared) -> Registry {
 pub struct PushConfig {
     /// The collector's OTLP gRPC endpoint (`http://host:4317`).
     pub endpoint: String,
+    pub tls: crate::telemetry::channel::CollectorTls,
     pub interval: Duration,
     pub timeout: Duration,
     /// Names this proxy among its workload's (`service.instance.id`).
@@ -138,8 +139,12 @@ const EXPORT_PATH: &str = "/opentelemetry.proto.collector.metrics.v1.MetricsServ
 /// fails is logged and counted, never retried: the next one carries the
 /// counters' new totals.
 pub async fn push(shared: Arc<Shared>, config: PushConfig, mut stop: watch::Receiver<bool>) {
-    let channel = match tonic::transport::Endpoint::from_shared(config.endpoint.clone()) {
-        Ok(e) => e.connect_timeout(config.timeout).connect_lazy(),
+    let channel = match crate::telemetry::channel::channel(
+        &config.endpoint,
+        config.timeout,
+        &config.tls,
+    ) {
+        Ok(c) => c,
         Err(e) => {
             tracing::warn!(endpoint = %config.endpoint, error = %e, "stats are not pushed: bad collector endpoint");
             return;

@@ -186,9 +186,15 @@ pub struct ProxyArgs {
     #[arg(long, default_value = "127.0.0.1:15000")]
     admin: SocketAddr,
     /// gRPC endpoint request records are exported to (Lumen's collector
-    /// takes Arrow Flight and OTLP there).
+    /// takes Arrow Flight and OTLP there). `https://`: mutual TLS, the
+    /// collector checked against the mesh's roots (and --collector-ca),
+    /// this sidecar's mesh certificate as its credential.
     #[arg(long, default_value = "http://127.0.0.1:4317")]
     collector: String,
+    /// More roots (PEM) an `https://` --collector is checked against,
+    /// besides the mesh's trust bundle.
+    #[arg(long, value_name = "FILE")]
+    collector_ca: Option<PathBuf>,
     /// Wire protocol of the export.
     #[arg(long, value_enum, default_value = "arrow")]
     telemetry_protocol: TelemetryProtocol,
@@ -372,6 +378,10 @@ async fn run_inner(a: ProxyArgs) -> Result<()> {
     config.limits.max_concurrent_streams = a.max_concurrent_streams.max(1);
     config.telemetry.export = matches!(a.telemetry, OnOff::On);
     config.telemetry.collector_endpoint = a.collector.clone();
+    if let Some(path) = &a.collector_ca {
+        config.telemetry.collector_ca =
+            lumen_proxy::mtls::read_roots(path).map_err(anyhow::Error::msg)?;
+    }
     config.telemetry.queue_capacity = a.telemetry_queue;
     config.telemetry.flush_interval = a.telemetry_flush;
     config.telemetry.stats_interval = a.stats_interval;

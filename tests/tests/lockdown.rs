@@ -11,7 +11,10 @@ use std::process::Command;
 
 use anyhow::{Context, Result, bail, ensure};
 use base64::Engine;
-use lumen_tests::{LumenProcess, UpPorts, free_port, local, lumen_bin, peer_tool, write_mesh};
+use lumen_tests::{
+    LumenProcess, Sidecar, SidecarPorts, UpPorts, free_port, local, lumen_bin, peer_tool,
+    write_mesh,
+};
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_client::TraceServiceClient;
 use prost::Message;
 
@@ -23,14 +26,16 @@ const PSQL_INSTALL: &str = "apt-get install -y postgresql-client";
 /// workload's (reviews) under it, and one from a CA nobody trusts.
 struct Pki {
     root: PathBuf,
+    root_key: PathBuf,
     server: (PathBuf, PathBuf),
     workload: (PathBuf, PathBuf),
     stranger: (PathBuf, PathBuf),
 }
 
 fn pki(dir: &Path) -> Result<Pki> {
-    let ca = |name: &str| -> Result<(rcgen::Issuer<'static, rcgen::KeyPair>, String)> {
+    let ca = |name: &str| -> Result<(rcgen::Issuer<'static, rcgen::KeyPair>, String, String)> {
         let key = rcgen::KeyPair::generate()?;
+        let key_pem = key.serialize_pem();
         let mut params = rcgen::CertificateParams::default();
         params
             .distinguished_name
@@ -41,7 +46,7 @@ fn pki(dir: &Path) -> Result<Pki> {
             rcgen::KeyUsagePurpose::DigitalSignature,
         ];
         let pem = params.self_signed(&key)?.pem();
-        Ok((rcgen::Issuer::new(params, key), pem))
+        Ok((rcgen::Issuer::new(params, key), pem, key_pem))
     };
     let leaf = |issuer: &rcgen::Issuer<'static, rcgen::KeyPair>,
                 name: &str,
@@ -63,10 +68,11 @@ fn pki(dir: &Path) -> Result<Pki> {
         std::fs::write(&k, key.serialize_pem())?;
         Ok((c, k))
     };
-    let (mesh, root_pem) = ca("mesh root")?;
-    let (other, _) = ca("someone else's root")?;
-    let root = dir.join("root.crt");
+    let (mesh, root_pem, root_key_pem) = ca("mesh root")?;
+    let (other, _, _) = ca("someone else's root")?;
+    let (root, root_key) = (dir.join("root.crt"), dir.join("root.key"));
     std::fs::write(&root, &root_pem)?;
+    std::fs::write(&root_key, &root_key_pem)?;
     let spiffe = |id: &str| -> Result<rcgen::SanType> {
         Ok(rcgen::SanType::URI(id.to_string().try_into()?))
     };
@@ -90,6 +96,7 @@ fn pki(dir: &Path) -> Result<Pki> {
             vec![spiffe("spiffe://cluster.local/ns/default/sa/reviews")?],
         )?,
         root,
+        root_key,
     })
 }
 
@@ -151,7 +158,17 @@ async fn status_of(request: reqwest::RequestBuilder) -> Result<u16> {
 
 fn psql(port: u16, sslmode: &str, password: &str, user: &str) -> Result<(bool, String)> {
     let out = Command::new(peer_tool("psql", PSQL_INSTALL))
-        .args(["-X", "-A", "-t", "-h", "127.0.0.1", "-U", user, "-d", "lumen"])
+        .args([
+            "-X",
+            "-A",
+            "-t",
+            "-h",
+            "127.0.0.1",
+            "-U",
+            user,
+            "-d",
+            "lumen",
+        ])
         .args(["-p", &port.to_string(), "-c", "SELECT 41 + 1"])
         .env("PGPASSWORD", password)
         .env("PGSSLMODE", sslmode)
@@ -188,37 +205,12 @@ fn lumen(args: &[&str], token: Option<&str>) -> Result<(bool, String)> {
 async fn every_data_and_config_port_refuses_strangers_and_serves_its_users() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let pki = pki(dir.path())?;
-    let tokens = dir.path().join("tokens.csv");
-    std::fs::write(&tokens, format!("# people and tools\n{TOKEN},alice,1000\n"))?;
     let mesh = dir.path().join("mesh.yaml");
     write_mesh(&mesh, &[("reviews", 9080, &[])])?;
     let ports = UpPorts::pick();
-    let mut args: Vec<String> = vec!["up".into(), "-f".into(), mesh.display().to_string()];
-    args.extend(["--data-dir".into(), dir.path().join("data").display().to_string()]);
-    for (flag, port) in [
-        ("--otlp-grpc", ports.otlp_grpc),
-        ("--otlp-http", ports.otlp_http),
-        ("--query-addr", ports.query),
-        ("--pg-addr", ports.pg),
-        ("--flight-sql-addr", ports.flight_sql),
-        ("--control-addr", ports.control),
-    ] {
-        args.extend([flag.to_string(), local(port).to_string()]);
-    }
-    for (flag, file) in [
-        ("--tls-cert-file", &pki.server.0),
-        ("--tls-key-file", &pki.server.1),
-        ("--tls-client-ca-file", &pki.root),
-        ("--token-file", &tokens),
-    ] {
-        args.extend([flag.to_string(), file.display().to_string()]);
-    }
-    let mut up = LumenProcess::spawn("lumen-up", dir.path(), &args)?;
+    let mut up = locked_up(dir.path(), &pki, ports, &mesh, &[]).await?;
     let client = https(&pki, None)?;
     let query = format!("https://localhost:{}", ports.query);
-    // Readiness stays open to probes.
-    up.wait_ready_with(&client, &format!("{query}/ready"))
-        .await?;
 
     // Query HTTP (SQL, Prometheus, Jaeger, UI): tokens only.
     let sql = format!("{query}/api/v1/sql");
@@ -249,7 +241,10 @@ async fn every_data_and_config_port_refuses_strangers_and_serves_its_users() -> 
     );
     let promql = format!("{query}/api/v1/query?query=up");
     assert_eq!(status_of(client.get(&promql)).await?, 401);
-    assert_eq!(status_of(client.get(&promql).bearer_auth(TOKEN)).await?, 200);
+    assert_eq!(
+        status_of(client.get(&promql).bearer_auth(TOKEN)).await?,
+        200
+    );
     // A workload's certificate sends telemetry; it does not read it.
     let workload = https(&pki, Some(&pki.workload))?;
     assert_eq!(status_of(post(&workload)).await?, 403);
@@ -286,11 +281,7 @@ async fn every_data_and_config_port_refuses_strangers_and_serves_its_users() -> 
     // OTLP/gRPC (and Flight DoPut on the same port).
     let export = || lumen_tests::otlp::export("reviews", 1, 0);
     let mut anonymous = TraceServiceClient::new(grpc(&pki, ports.otlp_grpc, None).await?);
-    let code = anonymous
-        .export(export())
-        .await
-        .err()
-        .map(|s| s.code());
+    let code = anonymous.export(export()).await.err().map(|s| s.code());
     assert_eq!(code, Some(tonic::Code::Unauthenticated));
     let code = anonymous
         .export(bearer(tonic::Request::new(export()), WRONG))
@@ -345,7 +336,9 @@ async fn every_data_and_config_port_refuses_strangers_and_serves_its_users() -> 
     ensure!(ok && said.contains("42"), "{said}");
     let (ok, said) = psql(ports.pg, "require", WRONG, "alice")?;
     ensure!(
-        !ok && said.to_lowercase().contains("password authentication failed"),
+        !ok && said
+            .to_lowercase()
+            .contains("password authentication failed"),
         "{said}"
     );
     let (ok, said) = psql(ports.pg, "require", TOKEN, "mallory")?;
@@ -361,7 +354,13 @@ async fn every_data_and_config_port_refuses_strangers_and_serves_its_users() -> 
         "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: reviews, namespace: default}\n\
          spec:\n  hosts: [reviews]\n  http:\n    - route:\n        - destination: {host: reviews}\n",
     )?;
-    let apply = ["apply", "--control", &control, "-f", vs.to_str().unwrap_or_default()];
+    let apply = [
+        "apply",
+        "--control",
+        &control,
+        "-f",
+        vs.to_str().unwrap_or_default(),
+    ];
     let (ok, said) = lumen(&apply, None)?;
     ensure!(!ok && said.contains("credentials required"), "{said}");
     let (ok, said) = lumen(&apply, Some(WRONG))?;
@@ -383,6 +382,171 @@ async fn every_data_and_config_port_refuses_strangers_and_serves_its_users() -> 
     Ok(())
 }
 
+/// `lumen up` with every listener locked (TLS, the mesh root as client
+/// CA, a token file) and `extra` flags, ready.
+async fn locked_up(
+    dir: &Path,
+    pki: &Pki,
+    ports: UpPorts,
+    mesh: &Path,
+    extra: &[&str],
+) -> Result<LumenProcess> {
+    let tokens = dir.join("tokens.csv");
+    std::fs::write(&tokens, format!("# people and tools\n{TOKEN},alice,1000\n"))?;
+    let mut args: Vec<String> = vec!["up".into(), "-f".into(), mesh.display().to_string()];
+    args.extend(["--data-dir".into(), dir.join("data").display().to_string()]);
+    for (flag, port) in [
+        ("--otlp-grpc", ports.otlp_grpc),
+        ("--otlp-http", ports.otlp_http),
+        ("--query-addr", ports.query),
+        ("--pg-addr", ports.pg),
+        ("--flight-sql-addr", ports.flight_sql),
+        ("--control-addr", ports.control),
+    ] {
+        args.extend([flag.to_string(), local(port).to_string()]);
+    }
+    for (flag, file) in [
+        ("--tls-cert-file", &pki.server.0),
+        ("--tls-key-file", &pki.server.1),
+        ("--tls-client-ca-file", &pki.root),
+        ("--token-file", &tokens),
+    ] {
+        args.extend([flag.to_string(), file.display().to_string()]);
+    }
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let mut up = LumenProcess::spawn("lumen-up", dir, &args)?;
+    // Readiness stays open to probes.
+    up.wait_ready_with(
+        &https(pki, None)?,
+        &format!("https://localhost:{}/ready", ports.query),
+    )
+    .await?;
+    Ok(up)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sidecars_export_to_a_locked_collector_with_their_mesh_certificates() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let pki = pki(dir.path())?;
+    let (reviews, productpage) = (SidecarPorts::pick(), SidecarPorts::pick());
+    let mesh = dir.path().join("mesh.yaml");
+    write_mesh(
+        &mesh,
+        &[("reviews", 9080, &[(local(reviews.inbound), "v1")])],
+    )?;
+    let ports = UpPorts::pick();
+    // The mesh CA is the test's root: the collector's server certificate
+    // and the sidecars' workload certificates share it.
+    let (root, root_key) = (
+        pki.root.display().to_string(),
+        pki.root_key.display().to_string(),
+    );
+    let mut up = locked_up(
+        dir.path(),
+        &pki,
+        ports,
+        &mesh,
+        &["--ca-cert", &root, "--ca-key", &root_key],
+    )
+    .await?;
+    let control = ports.control_addr();
+    let join = dir
+        .path()
+        .join("data/control/ca/join-token")
+        .display()
+        .to_string();
+    let collector = format!("https://localhost:{}", ports.otlp_grpc);
+    let app = lumen_tests::upstream::start_app("reviews").await;
+    let mut sidecars = Vec::new();
+    for (service, sa, sp, app) in [
+        ("reviews", "bookinfo-reviews", reviews, Some(app)),
+        ("productpage", "bookinfo-productpage", productpage, None),
+    ] {
+        let extra = [
+            "--control",
+            &control,
+            "--join-token-file",
+            &join,
+            "--service-account",
+            sa,
+        ];
+        sidecars.push(
+            Sidecar {
+                service,
+                version: "v1",
+                mesh: &mesh,
+                ports: sp,
+                app,
+                collector: &collector,
+                extra: &extra,
+            }
+            .start(dir.path())
+            .await?,
+        );
+    }
+    let client = reqwest::Client::new();
+    // Until productpage has its certificate and the control plane has
+    // told it reviews takes mTLS.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let r = client
+            .get(format!("http://127.0.0.1:{}/", productpage.outbound))
+            .header("host", "reviews")
+            .send()
+            .await?;
+        if r.status().is_success() {
+            break;
+        }
+        ensure!(
+            std::time::Instant::now() < deadline,
+            "reviews not reached through the mesh: {}",
+            r.status()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let calls = 20;
+    for _ in 0..calls {
+        let r = client
+            .get(format!("http://127.0.0.1:{}/", productpage.outbound))
+            .header("host", "reviews")
+            .send()
+            .await?;
+        ensure!(r.status().is_success(), "through the mesh: {}", r.status());
+    }
+    // Both sides' records arrive over mutual TLS; SQL needs the token.
+    let query = https(&pki, None)?;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let count = "SELECT count(*) AS n FROM requests WHERE destination_service = 'reviews'";
+    loop {
+        let rows: Vec<serde_json::Value> = query
+            .post(format!("https://localhost:{}/api/v1/sql", ports.query))
+            .bearer_auth(TOKEN)
+            .body(count)
+            .send()
+            .await?
+            .json()
+            .await?;
+        let n = rows.first().and_then(|r| r["n"].as_i64()).unwrap_or(0);
+        if n >= 2 * calls {
+            break;
+        }
+        if std::time::Instant::now() > deadline {
+            bail!(
+                "{n} of {} records stored:\n{}\n{}",
+                2 * calls,
+                up.logs(),
+                sidecars.iter().map(LumenProcess::logs).collect::<String>()
+            );
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    for mut s in sidecars {
+        s.terminate()?;
+    }
+    up.terminate()?;
+    Ok(())
+}
+
 #[test]
 fn beyond_loopback_a_listener_without_tls_and_credentials_refuses_to_start() -> Result<()> {
     let dir = tempfile::tempdir()?;
@@ -393,7 +557,10 @@ fn beyond_loopback_a_listener_without_tls_and_credentials_refuses_to_start() -> 
     let ports = UpPorts::pick();
     let up = |exposed: &str, extra: &[&str]| -> Result<(bool, String)> {
         let mut args: Vec<String> = vec!["up".into(), "-f".into(), mesh.display().to_string()];
-        args.extend(["--data-dir".into(), dir.path().join("data").display().to_string()]);
+        args.extend([
+            "--data-dir".into(),
+            dir.path().join("data").display().to_string(),
+        ]);
         for (flag, port) in [
             ("--otlp-grpc", ports.otlp_grpc),
             ("--otlp-http", ports.otlp_http),

@@ -7,6 +7,7 @@
 //! the request path never waits for telemetry.
 
 pub mod batcher;
+pub mod channel;
 pub mod export;
 pub mod metrics;
 pub mod sink;
@@ -52,8 +53,12 @@ pub struct TelemetryConfig {
     /// Export records at all; metrics are kept either way.
     pub export: bool,
     pub protocol: ExportProtocol,
-    /// gRPC endpoint of the collector, e.g. `http://127.0.0.1:4317`.
+    /// gRPC endpoint of the collector, e.g. `http://127.0.0.1:4317`, or
+    /// `https://…` (mutual TLS with the proxy's mesh certificate).
     pub collector_endpoint: String,
+    /// Roots an `https://` collector is checked against, besides the
+    /// mesh's.
+    pub collector_ca: Vec<rustls::pki_types::CertificateDer<'static>>,
     /// Records recorded and not yet acknowledged by the collector; beyond
     /// this (collector down or slow, exporter stalled) new ones are dropped
     /// and counted.
@@ -85,6 +90,7 @@ impl Default for TelemetryConfig {
             export: true,
             protocol: ExportProtocol::Arrow,
             collector_endpoint: "http://127.0.0.1:4317".to_string(),
+            collector_ca: Vec::new(),
             queue_capacity: 65536,
             queue_bytes: 16 << 20,
             batch_size: 1024,
@@ -114,6 +120,7 @@ impl Telemetry {
     pub fn start(
         config: &TelemetryConfig,
         identity: &Workload,
+        tls: &channel::CollectorTls,
         metrics: Arc<Metrics>,
         shutdown: watch::Receiver<bool>,
     ) -> Result<(Telemetry, Option<std::thread::JoinHandle<()>>), crate::ProxyError> {
@@ -140,11 +147,14 @@ impl Telemetry {
             let _in_runtime = runtime.enter();
             match config.protocol {
                 ExportProtocol::Arrow => {
-                    Sink::flight(&config.collector_endpoint, config.export_timeout)
+                    Sink::flight(&config.collector_endpoint, config.export_timeout, tls)
                 }
-                ExportProtocol::Otlp => {
-                    Sink::otlp(&config.collector_endpoint, config.export_timeout, identity)
-                }
+                ExportProtocol::Otlp => Sink::otlp(
+                    &config.collector_endpoint,
+                    config.export_timeout,
+                    tls,
+                    identity,
+                ),
             }
             .map_err(crate::ProxyError::Telemetry)?
         };

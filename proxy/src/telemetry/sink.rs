@@ -19,7 +19,9 @@ use opentelemetry_proto::tonic::common::v1::{AnyValue, KeyValue, any_value};
 use opentelemetry_proto::tonic::resource::v1::Resource;
 use prost::Message;
 use tonic::Code;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
+
+use super::channel::{CollectorTls, channel};
 
 use super::export::{Payload, Queued};
 
@@ -54,31 +56,21 @@ pub enum Sink {
     Otlp(OtlpSink),
 }
 
-fn channel(endpoint: &str, timeout: Duration) -> Result<Channel, String> {
-    // Lazy: the collector may start after the proxy, or restart under it.
-    // Keepalive pings: a connection a partition cut is dropped within
-    // seconds and the next export dials afresh, instead of waiting on
-    // TCP's retransmissions (tens of seconds after the network heals).
-    Ok(Endpoint::from_shared(endpoint.to_string())
-        .map_err(|e| format!("collector endpoint `{endpoint}`: {e}"))?
-        .connect_timeout(timeout)
-        .tcp_nodelay(true)
-        .http2_keep_alive_interval(Duration::from_secs(5))
-        .keep_alive_timeout(Duration::from_secs(5))
-        .keep_alive_while_idle(true)
-        .connect_lazy())
-}
-
 impl Sink {
-    pub fn flight(endpoint: &str, timeout: Duration) -> Result<Sink, String> {
+    pub fn flight(endpoint: &str, timeout: Duration, tls: &CollectorTls) -> Result<Sink, String> {
         Ok(Sink::Flight(FlightSink {
-            client: FlightServiceClient::new(channel(endpoint, timeout)?),
+            client: FlightServiceClient::new(channel(endpoint, timeout, tls)?),
         }))
     }
 
-    pub fn otlp(endpoint: &str, timeout: Duration, identity: &Workload) -> Result<Sink, String> {
+    pub fn otlp(
+        endpoint: &str,
+        timeout: Duration,
+        tls: &CollectorTls,
+        identity: &Workload,
+    ) -> Result<Sink, String> {
         Ok(Sink::Otlp(OtlpSink {
-            grpc: tonic::client::Grpc::new(channel(endpoint, timeout)?),
+            grpc: tonic::client::Grpc::new(channel(endpoint, timeout, tls)?),
             resource: Arc::new(resource(identity)),
         }))
     }
@@ -229,7 +221,12 @@ mod tests {
         }
         let batch = b.finish().unwrap();
         let part = batch.slice(3, 4);
-        let sink = Sink::flight("http://127.0.0.1:9", Duration::from_secs(1)).unwrap();
+        let sink = Sink::flight(
+            "http://127.0.0.1:9",
+            Duration::from_secs(1),
+            &CollectorTls::default(),
+        )
+        .unwrap();
         let Payload::Flight(frames) = sink
             .encode(&Bytes::from_static(b"id"), part.clone())
             .await
