@@ -136,7 +136,11 @@ pub async fn install(a: InstallArgs) -> Result<()> {
     if a.dry_run {
         print!("{}", to_yaml(&objects(&a)?)?);
         eprintln!(
-            "# also needed: Secret {NAMESPACE}/lumen-query with `pg-password` (lumen install makes one)"
+            "# also needed (lumen install makes them): Secrets {NAMESPACE}/lumen-query \
+             (`pg-password`), {NAMESPACE}/lumen-ca (the mesh CA: `ca-cert.pem`, `ca-key.pem`), \
+             {NAMESPACE}/lumen-collector-tls (`tls.crt`, `tls.key`, `ca.crt`: the collector's \
+             certificate for {COLLECTOR_DNS:?}; cert-manager's form) and {NAMESPACE}/lumen-tokens \
+             (`tokens.csv`, `policy-token`)"
         );
         return Ok(());
     }
@@ -183,10 +187,180 @@ pub async fn install(a: InstallArgs) -> Result<()> {
         println!("{}/{name} serverside-applied", ar.plural);
     }
     ensure_pg_password(&client).await?;
+    ensure_collector_tls(&client).await?;
+    ensure_tokens(&client).await?;
     println!(
-        "\nLumen is installed in {NAMESPACE}. Mesh a namespace with\n  kubectl label namespace <namespace> lumen-injection=enabled\nand restart its pods; then\n  kubectl -n {NAMESPACE} port-forward svc/lumen-query 9900\nand open http://127.0.0.1:9900/ (see docs/kubernetes.md)."
+        "\nLumen is installed in {NAMESPACE}. Mesh a namespace with\n  kubectl label namespace <namespace> lumen-injection=enabled\nand restart its pods; then\n  kubectl -n {NAMESPACE} port-forward svc/lumen-query 9900\nand open https://127.0.0.1:9900/ as user admin with admin's token of
+  kubectl -n {NAMESPACE} get secret lumen-tokens -o jsonpath='{{.data.tokens\\.csv}}' | base64 -d
+(the certificate is the mesh CA's, for lumen-query.{NAMESPACE}.svc; see docs/kubernetes.md)."
     );
     Ok(())
+}
+
+/// The DNS names the collector's certificate is for: its Services.
+const COLLECTOR_DNS: [&str; 4] = [
+    "lumen-collector.lumen-system.svc",
+    "lumen-collector.lumen-system.svc.cluster.local",
+    "lumen-query.lumen-system.svc",
+    "lumen-query.lumen-system.svc.cluster.local",
+];
+/// A collector certificate is issued for a year and renewed by `lumen
+/// install` once it has less than this left.
+const RENEW_WITHIN: std::time::Duration = std::time::Duration::from_secs(30 * 24 * 3600);
+
+fn labels() -> Option<BTreeMap<String, String>> {
+    Some(BTreeMap::from([(
+        "app.kubernetes.io/part-of".to_string(),
+        "lumen".to_string(),
+    )]))
+}
+
+/// Creates `secret`, or replaces it (`replace`), saying so.
+async fn put_secret(
+    secrets: &Api<Secret>,
+    secret: Secret,
+    replace: bool,
+    what: &str,
+) -> Result<()> {
+    let name = secret.metadata.name.clone().unwrap_or_default();
+    let done = if replace {
+        secrets
+            .replace(&name, &PostParams::default(), &secret)
+            .await
+            .map(|_| "replaced")
+    } else {
+        secrets
+            .create(&PostParams::default(), &secret)
+            .await
+            .map(|_| "created")
+    };
+    match done {
+        Ok(how) => {
+            println!("secrets/{name} {how} ({what})");
+            Ok(())
+        }
+        Err(kube::Error::Api(s)) if s.is_already_exists() => Ok(()),
+        Err(e) => Err(e).with_context(|| format!("writing Secret {NAMESPACE}/{name}")),
+    }
+}
+
+/// The collector's TLS certificate, from the mesh CA (made in its Secret
+/// `lumen-ca` now if lumen-control has not yet): sidecars check it against
+/// the mesh's trust bundle they already hold, and the collector takes
+/// their workload certificates against the same root (`ca.crt`). Kept in
+/// cert-manager's form, so a Certificate may own it instead.
+async fn ensure_collector_tls(client: &kube::Client) -> Result<()> {
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), NAMESPACE);
+    let existing = secrets.get_opt("lumen-collector-tls").await?;
+    if let Some(s) = &existing {
+        let left = s
+            .data
+            .as_ref()
+            .and_then(|d| d.get("tls.crt"))
+            .and_then(|c| {
+                use rustls::pki_types::pem::PemObject;
+                rustls::pki_types::CertificateDer::from_pem_slice(&c.0).ok()
+            })
+            .and_then(|der| lumen_control::ca::not_after(&der))
+            .and_then(|end| end.duration_since(std::time::SystemTime::now()).ok());
+        if left.is_some_and(|l| l > RENEW_WITHIN) {
+            return Ok(());
+        }
+    }
+    let dir = tempfile::tempdir().context("a scratch directory for the mesh CA")?;
+    let trust_domain = lumen_core::identity::DEFAULT_TRUST_DOMAIN;
+    lumen_control::casecret::sync(
+        client.clone(),
+        NAMESPACE,
+        "lumen-ca",
+        dir.path(),
+        trust_domain,
+    )
+    .await
+    .context("the mesh CA (Secret lumen-system/lumen-ca)")?;
+    let source = lumen_control::ca::CaSource::Files {
+        cert: dir.path().join(lumen_control::casecret::CERT_KEY),
+        key: dir.path().join(lumen_control::casecret::KEY_KEY),
+        dir: dir.path().join("bundle"),
+    };
+    let ca = lumen_control::ca::MeshCa::open(&source, trust_domain)
+        .context("opening the mesh CA")?
+        .with_lifetime(std::time::Duration::from_secs(365 * 24 * 3600));
+    let names: Vec<String> = COLLECTOR_DNS.iter().map(|n| n.to_string()).collect();
+    let serving = ca
+        .serving(&names)
+        .context("issuing the collector's certificate")?;
+    let secret = Secret {
+        metadata: kube::api::ObjectMeta {
+            name: Some("lumen-collector-tls".into()),
+            namespace: Some(NAMESPACE.into()),
+            labels: labels(),
+            resource_version: existing.and_then(|e| e.metadata.resource_version),
+            ..Default::default()
+        },
+        type_: Some("kubernetes.io/tls".into()),
+        string_data: Some(BTreeMap::from([
+            ("tls.crt".to_string(), serving.chain.concat()),
+            ("tls.key".to_string(), serving.key),
+            ("ca.crt".to_string(), ca.trust_bundle().concat()),
+        ])),
+        ..Default::default()
+    };
+    let replace = secret.metadata.resource_version.is_some();
+    put_secret(
+        &secrets,
+        secret,
+        replace,
+        "the collector's TLS certificate, from the mesh CA",
+    )
+    .await
+}
+
+fn random_token() -> String {
+    use rand::Rng as _;
+    rand::rng()
+        .sample_iter(rand::distr::Alphanumeric)
+        .take(40)
+        .map(char::from)
+        .collect()
+}
+
+/// The token file the collector and the control plane share: `admin` for
+/// people (SQL, Grafana, `lumen apply --token`), `lumen-policy` for the
+/// policy engine's decisions to lumen-control.
+async fn ensure_tokens(client: &kube::Client) -> Result<()> {
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), NAMESPACE);
+    if secrets.get_opt("lumen-tokens").await?.is_some() {
+        return Ok(());
+    }
+    let (admin, policy) = (random_token(), random_token());
+    let secret = Secret {
+        metadata: kube::api::ObjectMeta {
+            name: Some("lumen-tokens".into()),
+            namespace: Some(NAMESPACE.into()),
+            labels: labels(),
+            ..Default::default()
+        },
+        string_data: Some(BTreeMap::from([
+            (
+                "tokens.csv".to_string(),
+                format!(
+                    "# token,user — kube-apiserver's --token-auth-file form\n{admin},admin\n{policy},lumen-policy\n"
+                ),
+            ),
+            ("policy-token".to_string(), policy),
+        ])),
+        ..Default::default()
+    };
+    put_secret(
+        &secrets,
+        secret,
+        false,
+        &format!(
+            "bearer tokens; yours is admin's: kubectl -n {NAMESPACE} get secret lumen-tokens -o jsonpath='{{.data.tokens\\.csv}}' | base64 -d"
+        ),
+    )
+    .await
 }
 
 /// The Postgres password the query service asks for, made once.
@@ -205,10 +379,7 @@ async fn ensure_pg_password(client: &kube::Client) -> Result<()> {
         metadata: kube::api::ObjectMeta {
             name: Some("lumen-query".into()),
             namespace: Some(NAMESPACE.into()),
-            labels: Some(BTreeMap::from([(
-                "app.kubernetes.io/part-of".to_string(),
-                "lumen".to_string(),
-            )])),
+            labels: labels(),
             ..Default::default()
         },
         string_data: Some(BTreeMap::from([("pg-password".to_string(), password)])),

@@ -9,6 +9,7 @@ use std::process::Command;
 use std::sync::{Arc, Mutex};
 
 use anyhow::{Result, ensure};
+use base64::Engine;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::service::service_fn;
@@ -197,6 +198,67 @@ async fn lumen_install_applies_every_object_server_side_in_a_working_order() -> 
             .len(),
         24
     );
+    // The mesh CA (as lumen-control keeps it), the collector's
+    // certificate from it, and the tokens the collector and control plane
+    // share.
+    let posted = |name: &str| {
+        calls.iter().find(|c| {
+            c.method == "POST"
+                && c.uri.starts_with("/api/v1/namespaces/lumen-system/secrets")
+                && c.body["metadata"]["name"] == name
+        })
+    };
+    let ca = posted("lumen-ca").expect("the lumen-ca Secret");
+    let ca_pem = base64::engine::general_purpose::STANDARD
+        .decode(ca.body["data"]["ca-cert.pem"].as_str().unwrap_or_default())?;
+    let tls = posted("lumen-collector-tls").expect("the lumen-collector-tls Secret");
+    assert_eq!(tls.body["type"], "kubernetes.io/tls");
+    let data = &tls.body["stringData"];
+    let cert = data["tls.crt"].as_str().unwrap_or_default();
+    assert!(
+        data["tls.key"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("PRIVATE KEY")
+    );
+    assert_eq!(
+        data["ca.crt"].as_str().unwrap_or_default().trim(),
+        String::from_utf8(ca_pem)?.trim(),
+        "ca.crt is the mesh root"
+    );
+    // A certificate for the collector's Services, chaining to the root.
+    let der = rustls::pki_types::pem::PemObject::from_pem_slice(cert.as_bytes())
+        .map(|d: rustls::pki_types::CertificateDer<'static>| d.to_vec())?;
+    let (_, parsed) = x509_parser::parse_x509_certificate(&der)?;
+    let names: Vec<String> = parsed
+        .subject_alternative_name()?
+        .map(|san| {
+            san.value
+                .general_names
+                .iter()
+                .map(|n| n.to_string())
+                .collect()
+        })
+        .unwrap_or_default();
+    for want in [
+        "lumen-collector.lumen-system.svc",
+        "lumen-query.lumen-system.svc",
+    ] {
+        assert!(
+            names.iter().any(|n| n.contains(want)),
+            "{want} not in {names:?}"
+        );
+    }
+    let tokens = posted("lumen-tokens").expect("the lumen-tokens Secret");
+    let csv = tokens.body["stringData"]["tokens.csv"]
+        .as_str()
+        .unwrap_or_default();
+    let policy = tokens.body["stringData"]["policy-token"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(policy.len() >= 32, "{policy}");
+    assert!(csv.contains(&format!("{policy},lumen-policy")), "{csv}");
+    assert!(csv.lines().any(|l| l.ends_with(",admin")), "{csv}");
     assert!(
         stdout.contains("kubectl label namespace <namespace> lumen-injection=enabled"),
         "{stdout}"

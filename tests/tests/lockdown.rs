@@ -208,7 +208,16 @@ async fn every_data_and_config_port_refuses_strangers_and_serves_its_users() -> 
     let mesh = dir.path().join("mesh.yaml");
     write_mesh(&mesh, &[("reviews", 9080, &[])])?;
     let ports = UpPorts::pick();
-    let mut up = locked_up(dir.path(), &pki, ports, &mesh, &[]).await?;
+    let envoy = free_port();
+    let envoy_addr = local(envoy).to_string();
+    let mut up = locked_up(
+        dir.path(),
+        &pki,
+        ports,
+        &mesh,
+        &["--envoy-addr", &envoy_addr],
+    )
+    .await?;
     let client = https(&pki, None)?;
     let query = format!("https://localhost:{}", ports.query);
 
@@ -330,6 +339,31 @@ async fn every_data_and_config_port_refuses_strangers_and_serves_its_users() -> 
         .execute("SELECT 41 + 1 AS answer".into(), None)
         .await
         .context("Flight SQL after the handshake")?;
+
+    // Envoy's rate-limit service: Envoys are workloads.
+    let should_rate_limit = |channel: tonic::transport::Channel| async move {
+        let mut grpc = tonic::client::Grpc::new(channel);
+        grpc.ready().await?;
+        let answer = grpc
+            .unary(
+                tonic::Request::new(bytes::Bytes::new()),
+                http::uri::PathAndQuery::from_static(
+                    "/envoy.service.ratelimit.v3.RateLimitService/ShouldRateLimit",
+                ),
+                lumen_core::otlp::PassThrough,
+            )
+            .await;
+        anyhow::Ok(answer.err().map(|s| s.code()))
+    };
+    assert_eq!(
+        should_rate_limit(grpc(&pki, envoy, None).await?).await?,
+        Some(tonic::Code::Unauthenticated)
+    );
+    let answered = should_rate_limit(grpc(&pki, envoy, Some(&pki.workload)).await?).await?;
+    ensure!(
+        answered.is_none_or(|c| c != tonic::Code::Unauthenticated),
+        "an Envoy with a workload certificate: {answered:?}"
+    );
 
     // Postgres wire: SCRAM-SHA-256 over TLS, the token as password.
     let (ok, said) = psql(ports.pg, "require", TOKEN, "alice")?;

@@ -459,7 +459,8 @@ fn grafana_gets_istios_dashboards_unchanged_and_lumens_own() -> Result<()> {
         .get("lumen-datasources.yaml")
         .context("datasources file")?;
     assert!(
-        text.contains("http://lumen-query.lumen-system.svc:9900"),
+        text.contains("https://lumen-query.lumen-system.svc:9900")
+            && text.contains("basicAuthPassword: $LUMEN_TOKEN"),
         "{text}"
     );
     Ok(())
