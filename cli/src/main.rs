@@ -90,6 +90,17 @@ struct StoreArgs {
     /// Largest OTLP payload accepted, in bytes.
     #[arg(long, default_value_t = lumen_collector::DEFAULT_MAX_REQUEST_BYTES)]
     max_request_bytes: usize,
+    /// Spans, data points, log records or Arrow rows one payload may hold;
+    /// more are refused whole (INVALID_ARGUMENT, HTTP 400).
+    #[arg(long, default_value_t = lumen_collector::ingest::shape::DEFAULT_MAX_ITEMS)]
+    max_items_per_request: usize,
+    /// Attributes one resource, scope, span, event, link, data point or
+    /// log record may have (remote write: labels per series, 128).
+    #[arg(long, default_value_t = lumen_collector::ingest::shape::DEFAULT_MAX_ATTRIBUTES)]
+    max_attributes: usize,
+    /// Encoded bytes of one attribute value (keys: 1024 bytes).
+    #[arg(long, default_value_t = lumen_collector::ingest::shape::DEFAULT_MAX_VALUE_BYTES)]
+    max_attribute_bytes: usize,
     /// Rows kept in memory before a flush to Parquet.
     #[arg(long, default_value_t = 1_000_000)]
     flush_rows: usize,
@@ -317,6 +328,12 @@ impl StoreArgs {
         c.otlp_grpc = Some(self.otlp_grpc);
         c.otlp_http = Some(self.otlp_http);
         c.max_request_bytes = self.max_request_bytes;
+        c.shape = lumen_collector::ingest::shape::Shape {
+            max_items: self.max_items_per_request,
+            max_attributes: self.max_attributes,
+            max_value_bytes: self.max_attribute_bytes,
+            ..Default::default()
+        };
         c.max_hot_bytes = self.max_hot_mib.saturating_mul(1 << 20);
         c.flush = FlushPolicy {
             interval: flush_interval,

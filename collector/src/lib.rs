@@ -108,6 +108,8 @@ pub struct CollectorConfig {
     /// Where Parquet files go: `<data>/tables`, or a store shared by
     /// several collectors.
     pub storage: storage::StorageConfig,
+    /// Items per payload, attributes per item and their sizes.
+    pub shape: ingest::shape::Shape,
     /// Who may send telemetry: TLS and the credentials both OTLP
     /// listeners require (none: loopback only).
     pub access: Arc<lumen_listen::Access>,
@@ -128,6 +130,7 @@ impl CollectorConfig {
             export: Vec::new(),
             rollup_max_values: rollup::DEFAULT_MAX_VALUES,
             storage: storage::StorageConfig::default(),
+            shape: ingest::shape::Shape::default(),
             access: lumen_listen::Access::open(),
         }
     }
@@ -366,6 +369,7 @@ impl Collector {
                 max_request_bytes: config.max_request_bytes,
                 max_hot_bytes: config.max_hot_bytes,
                 max_inflight_payloads: config.max_inflight_payloads,
+                shape: config.shape,
             },
         );
         let persister = persist::Persister {

@@ -121,6 +121,7 @@ fn collector() -> &'static Collector {
             max_request_bytes: 4 << 20,
             max_hot_bytes: 64 << 20,
             max_inflight_payloads: 64,
+            shape: Default::default(),
         };
         let ingest = Ingest::new(wal, store.clone(), limits);
         // Rows for SQL and PromQL to find: requests of the last minutes.

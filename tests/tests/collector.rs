@@ -183,6 +183,114 @@ async fn malformed_and_oversized_otlp_is_refused_and_the_collector_keeps_serving
     Ok(())
 }
 
+/// A string attribute.
+fn attr(key: &str, value: &str) -> opentelemetry_proto::tonic::common::v1::KeyValue {
+    lumen_tests::otlp::kv(key, lumen_tests::otlp::s(value))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn items_and_attributes_past_their_limits_are_refused_with_the_protocols_error() -> Result<()>
+{
+    let dir = tempfile::tempdir()?;
+    let mesh = mesh(dir.path())?;
+    let ports = UpPorts::pick();
+    let _up = start_up(
+        dir.path(),
+        &mesh,
+        &dir.path().join("data"),
+        ports,
+        &[
+            "--max-items-per-request",
+            "100",
+            "--max-attributes",
+            "8",
+            "--max-attribute-bytes",
+            "1024",
+        ],
+    )
+    .await?;
+    // OTLP/gRPC: 101 spans in one request → INVALID_ARGUMENT, nothing kept.
+    let mut client = TraceServiceClient::connect(ports.grpc_endpoint()).await?;
+    let err = client.export(export("many", 101, 0)).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err}");
+    assert!(
+        err.message()
+            .contains("101 spans in one request; at most 100 are taken (--max-items-per-request)"),
+        "{err}"
+    );
+    // OTLP/HTTP: a span with 9 attributes → 400 with a google.rpc.Status
+    // naming the span.
+    let mut wide = export("wide", 1, 0);
+    wide.resource_spans[0].scope_spans[0].spans[0].attributes =
+        (0..9).map(|i| attr(&format!("k{i}"), "v")).collect();
+    let http = reqwest::Client::new();
+    let r = http
+        .post(format!("http://127.0.0.1:{}/v1/traces", ports.otlp_http))
+        .header("content-type", "application/x-protobuf")
+        .body(wide.encode_to_vec())
+        .send()
+        .await?;
+    assert_eq!(r.status(), 400);
+    let said = String::from_utf8_lossy(&r.bytes().await?).to_string();
+    assert!(
+        said.contains("resource_spans[0].scope_spans[0].spans[0] has 9 attributes; at most 8"),
+        "{said}"
+    );
+    // OTLP/HTTP logs: a 2 KB attribute value → 400.
+    use opentelemetry_proto::tonic::collector::logs::v1::ExportLogsServiceRequest;
+    use opentelemetry_proto::tonic::logs::v1::{LogRecord, ResourceLogs, ScopeLogs};
+    let logs = ExportLogsServiceRequest {
+        resource_logs: vec![ResourceLogs {
+            scope_logs: vec![ScopeLogs {
+                log_records: vec![LogRecord {
+                    time_unix_nano: std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)?
+                        .as_nanos() as u64,
+                    attributes: vec![attr("stack", &"x".repeat(2000))],
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }],
+            ..Default::default()
+        }],
+    };
+    let r = http
+        .post(format!("http://127.0.0.1:{}/v1/logs", ports.otlp_http))
+        .header("content-type", "application/x-protobuf")
+        .body(logs.encode_to_vec())
+        .send()
+        .await?;
+    assert_eq!(r.status(), 400);
+    let said = String::from_utf8_lossy(&r.bytes().await?).to_string();
+    assert!(
+        said.contains("attribute \"stack\" has a value of"),
+        "{said}"
+    );
+    // Flight DoPut: 101 rows in one batch → INVALID_ARGUMENT.
+    let mut flight = lumen_tests::flight::client(&ports).await?;
+    let records: Vec<lumen_core::RequestRecord> = (0..101)
+        .map(|i| lumen_core::RequestRecord {
+            start_time: std::time::SystemTime::now(),
+            path: format!("/many/{i}"),
+            span_id: rand::random(),
+            ..lumen_core::RequestRecord::example()
+        })
+        .collect();
+    let err = lumen_tests::flight::put_records(&mut flight, rand::random(), 1, &records)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("101 `requests` rows in one request"), "{err}");
+    // Within the limits, all of it is stored.
+    client.export(export("fits", 100, 0)).await?;
+    lumen_tests::flight::put_records(&mut flight, rand::random(), 1, &records[..100]).await?;
+    let q = "SELECT count(*) AS n FROM spans WHERE service_name IN ('fits', 'many', 'wide')";
+    assert_eq!(sql_count(&ports.sql_url(), q).await?, 100);
+    let q = "SELECT count(*) AS n FROM requests WHERE path LIKE '/many/%'";
+    assert_eq!(sql_count(&ports.sql_url(), q).await?, 100);
+    Ok(())
+}
+
 const PYTHON_SDK: &str = r#"
 import sys
 from opentelemetry import trace

@@ -8,6 +8,7 @@ pub mod flight;
 pub mod grpc;
 pub mod http;
 pub mod remote_write;
+pub mod shape;
 pub mod signals;
 
 use std::io::Read;
@@ -237,6 +238,8 @@ pub struct Limits {
     pub max_request_bytes: usize,
     pub max_hot_bytes: usize,
     pub max_inflight_payloads: usize,
+    /// Items per payload, attributes per item and their sizes.
+    pub shape: shape::Shape,
 }
 
 /// How long a payload waits for a free slot before it is refused.
@@ -430,6 +433,10 @@ impl Ingest {
                 Encoding::Protobuf => self.decode_protobuf(payload)?,
                 Encoding::Json => self.decode_json(payload)?,
             };
+            self.limits
+                .shape
+                .traces(&req)
+                .map_err(|m| self.rejected(IngestError::Invalid(m)))?;
             match convert::convert_traces(&req, convert::TimeWindow::around_now()) {
                 Ok(c) => {
                     let forward = self.forwarded(Signal::Traces, payload, encoding, &req, || {
@@ -503,6 +510,10 @@ impl Ingest {
                 Signal::Metrics => {
                     let req: ExportMetricsServiceRequest =
                         self.decode(signal, payload, encoding)?;
+                    self.limits
+                        .shape
+                        .metrics(&req)
+                        .map_err(|m| self.rejected(IngestError::Invalid(m)))?;
                     let c = signals::convert_metrics(&req, window);
                     let items = || c.as_ref().map_or(0, |c| c.rows + c.rejected);
                     let item = self.forwarded(signal, payload, encoding, &req, items);
@@ -510,6 +521,10 @@ impl Ingest {
                 }
                 _ => {
                     let req: ExportLogsServiceRequest = self.decode(signal, payload, encoding)?;
+                    self.limits
+                        .shape
+                        .logs(&req)
+                        .map_err(|m| self.rejected(IngestError::Invalid(m)))?;
                     let c = signals::convert_logs(&req, window);
                     let items = || c.as_ref().map_or(0, |c| c.rows + c.rejected);
                     let item = self.forwarded(signal, payload, encoding, &req, items);
@@ -620,6 +635,11 @@ impl Ingest {
                 TABLES.join(", ")
             ))));
         };
+        let sent: usize = batches.iter().map(RecordBatch::num_rows).sum();
+        self.limits
+            .shape
+            .rows(sent, table)
+            .map_err(|m| self.rejected(IngestError::Invalid(m)))?;
         let window = convert::TimeWindow::around_now();
         let mut entries = Vec::with_capacity(batches.len());
         for (i, batch) in batches.iter().enumerate() {
@@ -789,6 +809,12 @@ mod tests {
         max_request_bytes: 1 << 20,
         max_hot_bytes: 1 << 30,
         max_inflight_payloads: 4,
+        shape: shape::Shape {
+            max_items: shape::DEFAULT_MAX_ITEMS,
+            max_attributes: shape::DEFAULT_MAX_ATTRIBUTES,
+            max_key_bytes: shape::DEFAULT_MAX_KEY_BYTES,
+            max_value_bytes: shape::DEFAULT_MAX_VALUE_BYTES,
+        },
     };
 
     /// 64 MiB of zeros, compressed as `how`: a few kilobytes on the wire.

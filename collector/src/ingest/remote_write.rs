@@ -329,6 +329,19 @@ fn check(req: &WriteRequest) -> Result<(), String> {
                 ts.labels.len()
             ));
         }
+        if let Some(l) = ts.labels.iter().find(|l| {
+            l.name.len() > super::shape::DEFAULT_MAX_KEY_BYTES
+                || l.value.len() > super::shape::DEFAULT_MAX_VALUE_BYTES
+        }) {
+            return Err(format!(
+                "timeseries[{i}] has a label of {} + {} bytes ({:.40}…): names take at most {} bytes, values {}",
+                l.name.len(),
+                l.value.len(),
+                l.name,
+                super::shape::DEFAULT_MAX_KEY_BYTES,
+                super::shape::DEFAULT_MAX_VALUE_BYTES
+            ));
+        }
         if let Some(l) = ts.labels.iter().find(|l| !valid_label_name(&l.name)) {
             return Err(format!(
                 "timeseries[{i}] has a label named {:?}, not a Prometheus label name",
@@ -478,6 +491,20 @@ mod tests {
             }],
         };
         assert!(check(&wide).unwrap_err().contains("at most"));
+        // A label value past 64 KiB.
+        let mut long = one("up", &[(1, 1.0)]);
+        long.labels.push(Label {
+            name: "blob".into(),
+            value: "x".repeat(super::super::shape::DEFAULT_MAX_VALUE_BYTES + 1),
+        });
+        let err = check(&WriteRequest {
+            timeseries: vec![long],
+        })
+        .unwrap_err();
+        assert!(
+            err.contains("timeseries[0] has a label of 4 + 65537 bytes (blob"),
+            "{err}"
+        );
     }
 
     fn one(name: &str, samples: &[(i64, f64)]) -> TimeSeries {
