@@ -213,9 +213,14 @@ impl InjectArgs {
 /// How a client finds the control plane.
 #[derive(Args, Clone)]
 pub struct ControlClientArgs {
-    /// The control plane (`host:port` or `http://host:port`).
+    /// The control plane (`host:port`, `http://host:port`, or
+    /// `https://host:port` with --control-ca).
     #[arg(long, default_value = control::DEFAULT_ADDR)]
     pub control: String,
+    /// The roots (PEM: the mesh's trust bundle) an `https://` --control
+    /// is checked against.
+    #[arg(long, value_name = "FILE")]
+    pub control_ca: Option<PathBuf>,
     /// Your token, when the control plane was started with --token-file.
     #[arg(long, env = "LUMEN_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
@@ -258,9 +263,14 @@ impl ControlClientArgs {
     async fn connect(&self) -> Result<Client> {
         let url = endpoint_url(&self.control);
         let bearer = Bearer::new(self.token.as_deref())?;
-        let channel = tonic::transport::Endpoint::from_shared(url.clone())
-            .with_context(|| format!("--control {url} is not a URL"))?
-            .connect()
+        let channel = lumen_proxy::controlplane::ControlEndpoint::open(
+            url.clone(),
+            self.control_ca.as_deref(),
+            "--control-ca",
+        )
+        .and_then(|e| e.endpoint())
+        .map_err(anyhow::Error::msg)?
+        .connect()
             .await
             .with_context(|| format!("cannot reach the control plane at {url} (is `lumen up`, `lumen demo` or `lumen control` running? --control to change)"))?;
         Ok(ControlPlaneClient::with_interceptor(channel, bearer))

@@ -600,13 +600,52 @@ enum OutputFormat {
     Json,
 }
 
+/// How a client reaches the query service.
+#[derive(Args)]
+struct QueryClientArgs {
+    /// Query service base URL (`https://` when it serves TLS).
+    #[arg(long, default_value = "http://127.0.0.1:9900")]
+    url: String,
+    /// Your token, when the query service was started with --token-file.
+    #[arg(long, env = "LUMEN_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// Roots (PEM) an `https://` --url is checked against, besides the
+    /// system's (the mesh's trust bundle, or your own CA).
+    #[arg(long, value_name = "FILE")]
+    cacert: Option<PathBuf>,
+}
+
+impl QueryClientArgs {
+    /// A request to `path` under --url, with the token.
+    fn request(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+    ) -> Result<(String, reqwest::RequestBuilder)> {
+        let mut builder = reqwest::Client::builder();
+        if let Some(file) = &self.cacert {
+            let pem = std::fs::read(file)
+                .with_context(|| format!("reading --cacert {}", file.display()))?;
+            builder =
+                builder.add_root_certificate(reqwest::Certificate::from_pem(&pem).with_context(
+                    || format!("--cacert {}: not a PEM certificate", file.display()),
+                )?);
+        }
+        let url = format!("{}{path}", self.url.trim_end_matches('/'));
+        let mut request = builder.build()?.request(method, &url);
+        if let Some(token) = &self.token {
+            request = request.bearer_auth(token.trim());
+        }
+        Ok((url, request))
+    }
+}
+
 #[derive(Args)]
 struct SqlArgs {
     /// The SQL to run; `-` reads it from standard input.
     query: String,
-    /// Query service base URL.
-    #[arg(long, default_value = "http://127.0.0.1:9900")]
-    url: String,
+    #[command(flatten)]
+    client: QueryClientArgs,
     /// Output format.
     #[arg(long, value_enum, default_value = "table")]
     format: OutputFormat,
@@ -617,9 +656,9 @@ enum PolicyCommand {
     /// Every policy (RateLimit), whether proxies enforce it now, and why:
     /// always on, its alert fires, cooling down, or its alert is quiet.
     Status {
-        /// Query service base URL (where `lumen up` serves its API).
-        #[arg(long, default_value = "http://127.0.0.1:9900")]
-        url: String,
+        /// Where `lumen up` serves its API.
+        #[command(flatten)]
+        client: QueryClientArgs,
     },
 }
 
@@ -677,7 +716,7 @@ fn main() -> ExitCode {
             Command::Proxy(a) => lumen_sidecar::run(a).await,
             Command::Demo(a) => demo(a).await,
             Command::Sql(a) => sql(a).await,
-            Command::Policy(PolicyCommand::Status { url }) => policy_status(&url).await,
+            Command::Policy(PolicyCommand::Status { client }) => policy_status(&client).await,
             Command::Check(a) => check(a),
             Command::Control(a) => control(a).await,
             Command::Apply(a) => configure::apply(a).await,
@@ -1498,10 +1537,11 @@ fn invocation() -> String {
     }
 }
 
-async fn policy_status(base: &str) -> Result<()> {
+async fn policy_status(client: &QueryClientArgs) -> Result<()> {
     init_logging("warn");
-    let url = format!("{}/api/v1/policies", base.trim_end_matches('/'));
-    let resp = reqwest::get(&url)
+    let (url, request) = client.request(reqwest::Method::GET, "/api/v1/policies")?;
+    let resp = request
+        .send()
         .await
         .with_context(|| format!("cannot reach lumen up's API at {url} (--url to change)"))?;
     let status = resp.status();
@@ -1577,9 +1617,8 @@ async fn sql(a: SqlArgs) -> Result<()> {
         OutputFormat::Csv => "text/csv",
         OutputFormat::Json => "application/json",
     };
-    let url = format!("{}/api/v1/sql", a.url.trim_end_matches('/'));
-    let resp = reqwest::Client::new()
-        .post(&url)
+    let (url, request) = a.client.request(reqwest::Method::POST, "/api/v1/sql")?;
+    let resp = request
         .header("accept", accept)
         .body(query)
         .send()

@@ -353,6 +353,14 @@ async fn start_inner(config: DemoConfig) -> Result<RunningDemo, DemoError> {
         lumen_control::discovery::load_resources(&watched)?,
         None,
     )?);
+    // Changes to the demo's mesh need no credentials: this machine only.
+    if !config.control.ip().is_loopback() {
+        return Err(DemoError::Setup(format!(
+            "the demo's control plane on {} would let anyone who reaches it change the mesh: \
+             listen on 127.0.0.1 (lumen up takes --token-file)",
+            config.control
+        )));
+    }
     let control_listener =
         TcpListener::bind(config.control)
             .await

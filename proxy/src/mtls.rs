@@ -394,6 +394,14 @@ impl MeshTls {
         &self,
         extra_roots: &[CertificateDer<'static>],
     ) -> Result<Arc<ClientConfig>, TlsError> {
+        // The bundle can come (with the config) before the certificate:
+        // a connection made then would carry no credential, be refused,
+        // and stay open refusing every export. It waits instead.
+        if !self.roots.load().is_empty() && self.current.load().is_none() {
+            return Err(TlsError::BadChain(
+                "no certificate from the mesh CA yet to present to the collector".into(),
+            ));
+        }
         let mut store = RootCertStore::empty();
         for r in self.roots.load().iter().chain(extra_roots) {
             store

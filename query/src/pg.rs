@@ -299,11 +299,13 @@ struct Secrets {
 impl AuthSource for Secrets {
     async fn get_password(&self, login: &LoginInfo) -> PgWireResult<Password> {
         let user = login.user().unwrap_or_default();
+        // A name nobody has still gets a challenge (for a secret no one
+        // knows): failing earlier would tell which names exist.
         let secret = self
             .access
             .token_of(user)
             .or_else(|| self.password.as_deref().map(str::to_string))
-            .ok_or_else(|| PgWireError::InvalidPassword(user.to_string()))?;
+            .unwrap_or_else(random_nonce);
         let salt = random_nonce().into_bytes();
         let salted = gen_salted_password(&secret, &salt, SCRAM_ITERATIONS);
         Ok(Password::new(Some(salt), salted))

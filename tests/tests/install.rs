@@ -230,6 +230,14 @@ async fn lumen_install_applies_every_object_server_side_in_a_working_order() -> 
     let der = rustls::pki_types::pem::PemObject::from_pem_slice(cert.as_bytes())
         .map(|d: rustls::pki_types::CertificateDer<'static>| d.to_vec())?;
     let (_, parsed) = x509_parser::parse_x509_certificate(&der)?;
+    let root_der = rustls::pki_types::pem::PemObject::from_pem_slice(
+        data["ca.crt"].as_str().unwrap_or_default().as_bytes(),
+    )
+    .map(|d: rustls::pki_types::CertificateDer<'static>| d.to_vec())?;
+    let (_, root) = x509_parser::parse_x509_certificate(&root_der)?;
+    parsed
+        .verify_signature(Some(root.public_key()))
+        .map_err(|e| anyhow::anyhow!("the collector's certificate is not signed by ca.crt: {e}"))?;
     let names: Vec<String> = parsed
         .subject_alternative_name()?
         .map(|san| {

@@ -20,6 +20,7 @@ use prost::Message;
 
 const TOKEN: &str = "4f1c2d9e8b7a6f5e4d3c2b1a";
 const WRONG: &str = "4f1c2d9e8b7a6f5e4d3c2b1b";
+const BOB_TOKEN: &str = "b0b0b0b0b0b0b0b0b0b0b0b0";
 const PSQL_INSTALL: &str = "apt-get install -y postgresql-client";
 
 /// The test's PKI: the mesh root, the server's certificate under it, a
@@ -341,12 +342,16 @@ async fn every_data_and_config_port_refuses_strangers_and_serves_its_users() -> 
         .context("Flight SQL after the handshake")?;
 
     // Envoy's rate-limit service: Envoys are workloads.
-    let should_rate_limit = |channel: tonic::transport::Channel| async move {
+    let should_rate_limit = |channel: tonic::transport::Channel, token: Option<&'static str>| async move {
         let mut grpc = tonic::client::Grpc::new(channel);
         grpc.ready().await?;
+        let mut request = tonic::Request::new(bytes::Bytes::new());
+        if let Some(t) = token {
+            request = bearer(request, t);
+        }
         let answer = grpc
             .unary(
-                tonic::Request::new(bytes::Bytes::new()),
+                request,
                 http::uri::PathAndQuery::from_static(
                     "/envoy.service.ratelimit.v3.RateLimitService/ShouldRateLimit",
                 ),
@@ -356,13 +361,23 @@ async fn every_data_and_config_port_refuses_strangers_and_serves_its_users() -> 
         anyhow::Ok(answer.err().map(|s| s.code()))
     };
     assert_eq!(
-        should_rate_limit(grpc(&pki, envoy, None).await?).await?,
+        should_rate_limit(grpc(&pki, envoy, None).await?, None).await?,
         Some(tonic::Code::Unauthenticated)
     );
-    let answered = should_rate_limit(grpc(&pki, envoy, Some(&pki.workload)).await?).await?;
-    ensure!(
-        answered.is_none_or(|c| c != tonic::Code::Unauthenticated),
-        "an Envoy with a workload certificate: {answered:?}"
+    assert_eq!(
+        should_rate_limit(grpc(&pki, envoy, None).await?, Some(WRONG)).await?,
+        Some(tonic::Code::Unauthenticated)
+    );
+    // Past the guard, the service itself answers the empty request.
+    assert_eq!(
+        should_rate_limit(grpc(&pki, envoy, None).await?, Some(TOKEN)).await?,
+        Some(tonic::Code::InvalidArgument),
+        "an Envoy with a token reaches the service"
+    );
+    assert_eq!(
+        should_rate_limit(grpc(&pki, envoy, Some(&pki.workload)).await?, None).await?,
+        Some(tonic::Code::InvalidArgument),
+        "an Envoy with a workload certificate reaches the service"
     );
 
     // Postgres wire: SCRAM-SHA-256 over TLS, the token as password.
@@ -375,8 +390,22 @@ async fn every_data_and_config_port_refuses_strangers_and_serves_its_users() -> 
             .contains("password authentication failed"),
         "{said}"
     );
+    let (ok, said) = psql(ports.pg, "require", TOKEN, "bob")?;
+    ensure!(
+        !ok && said
+            .to_lowercase()
+            .contains("password authentication failed"),
+        "alice's token as bob: {said}"
+    );
+    let (ok, said) = psql(ports.pg, "require", BOB_TOKEN, "bob")?;
+    ensure!(ok && said.contains("42"), "{said}");
     let (ok, said) = psql(ports.pg, "require", TOKEN, "mallory")?;
-    ensure!(!ok, "another user's token: {said}");
+    ensure!(
+        !ok && said
+            .to_lowercase()
+            .contains("password authentication failed"),
+        "a user nobody has fails as a wrong password does: {said}"
+    );
     let (ok, said) = psql(ports.pg, "disable", TOKEN, "alice")?;
     ensure!(!ok && said.contains("requires TLS"), "{said}");
 
@@ -403,9 +432,29 @@ async fn every_data_and_config_port_refuses_strangers_and_serves_its_users() -> 
     ensure!(ok, "{said}");
     let get = ["get", "virtualservices", "--control", &control];
     let (ok, said) = lumen(&get, None)?;
-    ensure!(!ok, "{said}");
+    ensure!(!ok && said.contains("credentials required"), "{said}");
     let (ok, said) = lumen(&get, Some(TOKEN))?;
     ensure!(ok && said.contains("reviews"), "{said}");
+
+    // lumen sql and lumen policy status: the token and the CA.
+    let root = pki.root.display().to_string();
+    let sql_args = [
+        "sql",
+        "SELECT 41 + 1 AS answer",
+        "--url",
+        &query,
+        "--cacert",
+        &root,
+    ];
+    let (ok, said) = lumen(&sql_args, None)?;
+    ensure!(!ok && said.contains("401"), "{said}");
+    let (ok, said) = lumen(&sql_args, Some(TOKEN))?;
+    ensure!(ok && said.contains("42"), "{said}");
+    let (ok, said) = lumen(
+        &["policy", "status", "--url", &query, "--cacert", &root],
+        Some(TOKEN),
+    )?;
+    ensure!(ok, "{said}");
 
     let logs = up.logs();
     ensure!(
@@ -426,7 +475,10 @@ async fn locked_up(
     extra: &[&str],
 ) -> Result<LumenProcess> {
     let tokens = dir.join("tokens.csv");
-    std::fs::write(&tokens, format!("# people and tools\n{TOKEN},alice,1000\n"))?;
+    std::fs::write(
+        &tokens,
+        format!("# people and tools\n{TOKEN},alice,1000\n{BOB_TOKEN},bob\n"),
+    )?;
     let mut args: Vec<String> = vec!["up".into(), "-f".into(), mesh.display().to_string()];
     args.extend(["--data-dir".into(), dir.join("data").display().to_string()]);
     for (flag, port) in [
