@@ -52,6 +52,9 @@ command -v cargo-deny >/dev/null 2>&1 || {
   cargo install --locked --quiet cargo-deny --version 0.20.2
 }
 
+# A build from scratch gains nothing from incremental compilation, whose
+# caches take more disk than the build itself (12 GB here).
+export CARGO_INCREMENTAL=${CARGO_INCREMENTAL:-0}
 cargo build --workspace --all-targets
 # cargo deny reads the metadata of every platform's crates; the build
 # fetched only this one's.

@@ -207,6 +207,74 @@ pub fn mesh_yaml(data: &[u8]) {
     check_no_panic("mesh YAML");
 }
 
+/// The one token the `authorization` target's listener takes, and whose.
+pub const FUZZ_TOKEN: &str = "fuzz-token-0123456789abcdef";
+
+/// Every locked listener's `Authorization` header (first byte even) and
+/// the token file (odd): no panic; only the token itself, as a bearer or
+/// as Basic's password under its user's name or none, authenticates; a
+/// token file is loaded or refused naming the file.
+pub fn authorization(data: &[u8]) {
+    init();
+    static ACCESS: LazyLock<Arc<lumen_listen::Access>> = LazyLock::new(|| {
+        let file = fresh_dir("tokens").join("tokens.csv");
+        std::fs::write(&file, format!("{FUZZ_TOKEN},alice\n")).expect("a token file");
+        lumen_listen::Access::load(&lumen_listen::AccessFiles {
+            token_file: Some(file),
+            ..Default::default()
+        })
+        .expect("the fuzz token file loads")
+    });
+    let Some((mode, rest)) = data.split_first() else {
+        return;
+    };
+    if mode % 2 == 0 {
+        let Ok(value) = http::HeaderValue::from_bytes(rest) else {
+            return;
+        };
+        let mut headers = http::HeaderMap::new();
+        headers.insert(http::header::AUTHORIZATION, value);
+        for grant in [lumen_listen::Grant::Ingest, lumen_listen::Grant::Operate] {
+            if let Ok(who) = ACCESS.authenticate(None, &headers, grant) {
+                assert_eq!(who, lumen_listen::Principal::User("alice".into()));
+                let text = String::from_utf8_lossy(rest);
+                let (scheme, credentials) = text.split_once(' ').expect("a scheme");
+                let secret = if scheme.eq_ignore_ascii_case("basic") {
+                    use base64::Engine;
+                    let decoded = base64::engine::general_purpose::STANDARD
+                        .decode(credentials.trim())
+                        .expect("Basic credentials that authenticated decode");
+                    String::from_utf8(decoded).expect("UTF-8")
+                } else {
+                    credentials.trim().to_string()
+                };
+                assert!(
+                    secret == FUZZ_TOKEN
+                        || secret == format!(":{FUZZ_TOKEN}")
+                        || secret == format!("alice:{FUZZ_TOKEN}"),
+                    "authenticated with {text:?}"
+                );
+            }
+        }
+    } else {
+        // One file, rewritten each run: libFuzzer runs one input at a time.
+        static FILE: LazyLock<PathBuf> =
+            LazyLock::new(|| fresh_dir("token-file").join("tokens.csv"));
+        let file = FILE.clone();
+        std::fs::write(&file, rest).expect("writing the token file");
+        if let Err(e) = lumen_listen::Access::load(&lumen_listen::AccessFiles {
+            token_file: Some(file),
+            ..Default::default()
+        }) {
+            assert!(
+                e.to_string().contains("tokens.csv"),
+                "error names no file: {e}"
+            );
+        }
+    }
+    check_no_panic("Authorization header / token file");
+}
+
 /// Prometheus rule files, as the policy engine loads them.
 pub fn prometheus_rules(data: &[u8]) {
     init();

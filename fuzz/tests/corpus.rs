@@ -53,6 +53,7 @@ macro_rules! replays {
 }
 
 replays!(
+    authorization,
     mesh_yaml,
     prometheus_rules,
     admission_review,
