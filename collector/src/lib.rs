@@ -3,8 +3,11 @@
 //!
 //! Data flows through one module per stage:
 //!
-//! 1. [`ingest`] — OTLP over gRPC (4317) and HTTP (4318) in, every signal;
-//!    payloads are decoded, validated and turned into Arrow batches (Lumen
+//! 1. [`ingest`] — OTLP over gRPC (4317) and HTTP (4318) in, every signal,
+//!    on listeners `lumen_listen` secures (TLS, tokens, workload
+//!    certificates); payloads are decoded, held to their shape
+//!    ([`ingest::shape`]: items, attributes, sizes), validated and turned
+//!    into Arrow batches (Lumen
 //!    proxy spans → `requests`, other spans → `spans`, metric data points →
 //!    `metrics`, log records → `logs`; Arrow Flight from proxies →
 //!    `requests`; Prometheus remote write, mounted on the query port, →

@@ -15,7 +15,8 @@
 //! certificate — with xDS's acknowledgements (version, nonce, ACK / NACK),
 //! encoded once in parts every stream shares, and the policy engine's
 //! decisions (which conditional policies are on); it answers `apply`,
-//! `delete`, `get` and `proxy-status`. [`ca`] is the mesh CA: it signs
+//! `delete`, `get` and `proxy-status` (and takes decisions) from holders
+//! of an operator's token once a token file is given. [`ca`] is the mesh CA: it signs
 //! proxies' CSRs for SPIFFE identities (proved by a join token or, with
 //! [`tokenreview`], a pod's service-account token), shared by replicas
 //! through a Secret ([`casecret`]); the streams carry its trust bundle and

@@ -17,7 +17,10 @@
 //! against Prometheus's own engine tests in `tests/promqltest.rs`).
 //! [`remote_write`] sends the same series out to Prometheus remote-write
 //! receivers, reading them through the PromQL sources every ten seconds.
-//! [`ui`] serves the web UI at `/`, which reads these same APIs.
+//! [`ui`] serves the web UI at `/`, which reads these same APIs. [`pg`]
+//! (Postgres wire, SCRAM-SHA-256) and [`flight_sql`] are the other front
+//! ends; every listener is bound and guarded by `lumen_listen` (TLS and
+//! people's tokens once configured).
 
 #![forbid(unsafe_code)]
 
