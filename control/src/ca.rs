@@ -397,20 +397,7 @@ mod tests {
 
     fn sans(pem_text: &str) -> Vec<String> {
         let der = certificates(pem_text, Path::new("x")).unwrap();
-        let (_, cert) = x509_parser::parse_x509_certificate(&der[0]).unwrap();
-        cert.subject_alternative_name()
-            .unwrap()
-            .map(|s| {
-                s.value
-                    .general_names
-                    .iter()
-                    .filter_map(|n| match n {
-                        x509_parser::extensions::GeneralName::URI(u) => Some(u.to_string()),
-                        _ => None,
-                    })
-                    .collect()
-            })
-            .unwrap_or_default()
+        lumen_core::identity::uri_sans(&der[0])
     }
 
     #[test]

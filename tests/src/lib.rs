@@ -294,7 +294,7 @@ impl UpPorts {
     }
 
     /// The data directory and listen flags `lumen up` and `lumen demo` take.
-    fn flags(&self, data_dir: &Path) -> Vec<String> {
+    pub fn flags(&self, data_dir: &Path) -> Vec<String> {
         let mut out = vec!["--data-dir".to_string(), data_dir.display().to_string()];
         for (flag, port) in [
             ("--otlp-grpc", self.otlp_grpc),

@@ -480,17 +480,7 @@ async fn locked_up(
         format!("# people and tools\n{TOKEN},alice,1000\n{BOB_TOKEN},bob\n"),
     )?;
     let mut args: Vec<String> = vec!["up".into(), "-f".into(), mesh.display().to_string()];
-    args.extend(["--data-dir".into(), dir.join("data").display().to_string()]);
-    for (flag, port) in [
-        ("--otlp-grpc", ports.otlp_grpc),
-        ("--otlp-http", ports.otlp_http),
-        ("--query-addr", ports.query),
-        ("--pg-addr", ports.pg),
-        ("--flight-sql-addr", ports.flight_sql),
-        ("--control-addr", ports.control),
-    ] {
-        args.extend([flag.to_string(), local(port).to_string()]);
-    }
+    args.extend(ports.flags(&dir.join("data")));
     for (flag, file) in [
         ("--tls-cert-file", &pki.server.0),
         ("--tls-key-file", &pki.server.1),
