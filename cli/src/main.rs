@@ -26,6 +26,7 @@ mod mesh_control;
 
 /// Every request allocates a handful of small objects on one thread and
 /// frees some on another (the telemetry exporter); mimalloc keeps both cheap.
+#[cfg(feature = "mimalloc")]
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
@@ -114,12 +115,13 @@ struct StoreArgs {
     /// 30d; rollups 90d.
     #[arg(long = "retention", value_name = "TABLE=DURATION", value_parser = parse_retention)]
     retention: Vec<(String, Option<Duration>)>,
-    /// How often small Parquet files of a partition are merged into one
-    /// (0 turns compaction off).
+    /// How often small Parquet files of a partition are merged (0 turns
+    /// compaction off); once its hour is over, a partition's become one.
     #[arg(long, default_value = "5m", value_parser = parse_duration)]
     compaction_interval: Duration,
-    /// A partition with this many small files is compacted even while its
-    /// hour is still being written.
+    /// While its hour is still being written, this many files of a
+    /// partition of about one size are merged into one (flushes' files
+    /// with each other, merged files with merged files of their size).
     #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(2..))]
     compaction_min_files: u32,
     /// Distinct values a rollup label (service, workload, route …) keeps

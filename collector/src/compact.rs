@@ -39,8 +39,9 @@ use crate::store::{FileMeta, Store};
 pub struct CompactionPolicy {
     /// How often partitions are looked at; zero turns compaction off.
     pub interval: Duration,
-    /// A partition with this many small files is compacted even while its
-    /// hour is still being written.
+    /// While its hour is still being written, this many files of a
+    /// partition of about one size are merged into one (flushes' files
+    /// with each other, merged files with merged files of their size).
     pub min_files: usize,
     /// Once its hour is over by this much, a partition with two or more
     /// small files is compacted.
@@ -193,7 +194,9 @@ impl Housekeeper {
     }
 
     /// Groups of small files to merge: per partition, oldest first, each
-    /// group within `max_rows`.
+    /// group within `max_rows`. While its hour is written, a partition's
+    /// files of about one size are merged once `min_files` of them are
+    /// there; once the hour is over, all of them.
     fn due(&self, now: SystemTime) -> Vec<(usize, Vec<Arc<FileMeta>>)> {
         let policy = &self.compaction;
         let now_us = micros(now);
@@ -220,33 +223,39 @@ impl Housekeeper {
                     .or_default()
                     .push(f);
             }
-            for (_, mut files) in partitions {
+            for (_, files) in partitions {
                 let hour_over = files
                     .iter()
                     .map(|f| f.max_time)
                     .max()
                     .map(|t| t.div_euclid(HOUR_US) * HOUR_US + HOUR_US)
                     .is_some_and(|end| now_us - end >= policy.settle.as_micros() as i64);
-                let enough = files.len() >= policy.min_files || (hour_over && files.len() >= 2);
-                if !enough {
-                    continue;
-                }
-                files.sort_by_key(|f| (f.min_time, f.segment));
-                let mut group = Vec::new();
-                let (mut rows, mut bytes) = (0, 0);
-                for f in files {
-                    if (rows + f.rows > policy.max_rows || bytes + f.bytes > policy.max_bytes)
-                        && group.len() >= 2
-                    {
-                        out.push((t, std::mem::take(&mut group)));
-                        (rows, bytes) = (0, 0);
+                let tiers = if hour_over {
+                    vec![files]
+                } else {
+                    similar_in_size(files, policy)
+                };
+                for mut files in tiers {
+                    if files.len() < 2 {
+                        continue;
                     }
-                    rows += f.rows;
-                    bytes += f.bytes;
-                    group.push(f);
-                }
-                if group.len() >= 2 {
-                    out.push((t, group));
+                    files.sort_by_key(|f| (f.min_time, f.segment));
+                    let mut group = Vec::new();
+                    let (mut rows, mut bytes) = (0, 0);
+                    for f in files {
+                        if (rows + f.rows > policy.max_rows || bytes + f.bytes > policy.max_bytes)
+                            && group.len() >= 2
+                        {
+                            out.push((t, std::mem::take(&mut group)));
+                            (rows, bytes) = (0, 0);
+                        }
+                        rows += f.rows;
+                        bytes += f.bytes;
+                        group.push(f);
+                    }
+                    if group.len() >= 2 {
+                        out.push((t, group));
+                    }
                 }
             }
         }
@@ -429,6 +438,38 @@ impl Housekeeper {
 
 const HOUR_US: i64 = 3_600_000_000;
 
+/// The files of a partition whose hour is still written, in tiers of about
+/// one size — within twice the tier's smallest, and every file under
+/// `max_rows / 256` in the first — keeping tiers of `min_files` or more.
+///
+/// Flushes' files are merged with each other and merged files with merged
+/// files of their size, so a row is rewritten about
+/// log_min_files(rows an hour / rows a flush) times while its hour lasts,
+/// and once more when it is over. Merging each flush's files into the
+/// hour's one large file instead read the whole hour at every compaction:
+/// the work and the memory of each grew with the hour's age (a soak's
+/// resident memory climbed with it, every hour).
+fn similar_in_size(
+    mut files: Vec<Arc<FileMeta>>,
+    policy: &CompactionPolicy,
+) -> Vec<Vec<Arc<FileMeta>>> {
+    let small = policy.max_rows / 256;
+    files.sort_by_key(|f| f.rows);
+    let mut tiers: Vec<Vec<Arc<FileMeta>>> = Vec::new();
+    let mut smallest: u64 = 0;
+    for f in files {
+        match tiers.last_mut() {
+            Some(tier) if f.rows <= small.max(smallest.saturating_mul(2)) => tier.push(f),
+            _ => {
+                smallest = f.rows;
+                tiers.push(vec![f]);
+            }
+        }
+    }
+    tiers.retain(|t| t.len() >= policy.min_files.max(2));
+    tiers
+}
+
 /// Reads a group's files, sorts their rows by time and writes them as one
 /// file replacing them all (from a blocking thread).
 fn merge(
@@ -502,5 +543,79 @@ fn humantime(d: Duration) -> String {
         format!("{days}d")
     } else {
         format!("{}s", d.as_secs())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn file(n: usize, rows: u64) -> Arc<FileMeta> {
+        Arc::new(FileMeta {
+            location: Path::from(format!("requests/date=2026-12-07/hour=14/part-{n}.parquet")),
+            rows,
+            bytes: rows * 20,
+            min_time: n as i64,
+            max_time: n as i64,
+            segment: n as u64,
+            replaces: Vec::new(),
+        })
+    }
+
+    #[test]
+    fn tiers_hold_files_of_about_one_size() {
+        let policy = CompactionPolicy {
+            min_files: 3,
+            ..CompactionPolicy::default()
+        };
+        // Small files (under max_rows / 256) share the first tier whatever
+        // their sizes; larger ones group within twice the smallest.
+        let files = vec![
+            file(1, 100),
+            file(2, 9_000),
+            file(3, 3_000),
+            file(4, 40_000),
+            file(5, 70_000),
+            file(6, 50_000),
+            file(7, 200_000),
+            file(8, 300_000),
+        ];
+        let tiers = similar_in_size(files, &policy);
+        let rows: Vec<Vec<u64>> = tiers
+            .iter()
+            .map(|t| t.iter().map(|f| f.rows).collect())
+            .collect();
+        assert_eq!(
+            rows,
+            vec![vec![100, 3_000, 9_000], vec![40_000, 50_000, 70_000]]
+        );
+    }
+
+    /// An hour of flushes: each row is rewritten a few times, no merge
+    /// reads more than a fraction of the hour, and the files stay few.
+    #[test]
+    fn an_hours_compactions_rewrite_each_row_a_few_times() {
+        let policy = CompactionPolicy::default();
+        let (flushes, per_flush) = (360, 3_700);
+        let mut files: Vec<Arc<FileMeta>> = Vec::new();
+        let (mut rewritten, mut largest, mut most_files) = (0, 0, 0);
+        for n in 0..flushes {
+            files.push(file(n, per_flush + (n as u64 * 7919) % 1_000));
+            for group in similar_in_size(files.clone(), &policy) {
+                let rows: u64 = group.iter().map(|f| f.rows).sum();
+                rewritten += rows;
+                largest = largest.max(rows);
+                files.retain(|f| !group.iter().any(|g| Arc::ptr_eq(f, g)));
+                files.push(file(n, rows));
+            }
+            most_files = most_files.max(files.len());
+        }
+        let total: u64 = files.iter().map(|f| f.rows).sum();
+        assert!(
+            rewritten <= 3 * total,
+            "{rewritten} rows rewritten for {total}"
+        );
+        assert!(largest <= total / 4, "a merge of {largest} rows of {total}");
+        assert!(most_files <= 3 * policy.min_files, "{most_files} files");
     }
 }
