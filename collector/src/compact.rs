@@ -447,8 +447,8 @@ const HOUR_US: i64 = 3_600_000_000;
 /// log_min_files(rows an hour / rows a flush) times while its hour lasts,
 /// and once more when it is over. Merging each flush's files into the
 /// hour's one large file instead read the whole hour at every compaction:
-/// the work and the memory of each grew with the hour's age (a soak's
-/// resident memory climbed with it, every hour).
+/// the work and the memory of each grew with the hour's age (the soak's
+/// memory peaks grew with it).
 fn similar_in_size(
     mut files: Vec<Arc<FileMeta>>,
     policy: &CompactionPolicy,
