@@ -1,4 +1,5 @@
-//! What a process costs, read from /proc: CPU time and resident memory.
+//! What a process costs, read from /proc: CPU time, resident memory,
+//! threads and open files.
 
 use anyhow::{Context, Result};
 
@@ -24,15 +25,32 @@ pub fn cpu_seconds(pid: u32) -> Result<f64> {
 
 /// Resident set size in bytes.
 pub fn rss_bytes(pid: u32) -> Result<u64> {
+    Ok(status_field(pid, "VmRSS:")? * 1024)
+}
+
+/// Threads the process has now.
+pub fn threads(pid: u32) -> Result<u64> {
+    status_field(pid, "Threads:")
+}
+
+/// File descriptors the process holds open (files, sockets, pipes).
+pub fn open_files(pid: u32) -> Result<usize> {
+    Ok(std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .with_context(|| format!("listing /proc/{pid}/fd"))?
+        .count())
+}
+
+/// The number that starts the value of `field` in /proc/PID/status (kB
+/// for memory fields).
+fn status_field(pid: u32, field: &str) -> Result<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
         .with_context(|| format!("reading /proc/{pid}/status"))?;
-    let kib = status
+    Ok(status
         .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .find_map(|l| l.strip_prefix(field))
         .and_then(|v| v.split_whitespace().next())
-        .context("no VmRSS in /proc/PID/status")?
-        .parse::<u64>()?;
-    Ok(kib * 1024)
+        .with_context(|| format!("no {field} in /proc/PID/status"))?
+        .parse::<u64>()?)
 }
 
 fn clock_ticks_per_sec() -> u64 {

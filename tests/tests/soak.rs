@@ -15,22 +15,20 @@
 //! and the hour's files fill), then slowly (+2.4 and +3.7 MiB a minute over
 //! minutes 10 to 30 of the two runs in RELIABILITY.md, the second over the
 //! bound: what the allocator holds grows; the live heap only while the
-//! live tier fills). A run of
-//! 20 minutes or more fits it after a
-//! 10-minute warm-up,
-//! against 3 MiB a minute (a leak of about 1 KiB per request at the demo's
-//! 50 requests/s); the 3-minute run of the test command fits after one
-//! minute, so its memory bound, 40 MiB a minute, catches only a gross leak
-//! (about 14 KiB a request). Open files — nearly all sockets — swing by
-//! tens with the load's connections (two 3-minute runs of one build:
-//! +8.5 and -5.0 a minute), so the short run allows 20 a minute (one
-//! leaked every 3 s), the long one 1; threads, hot rows and the WAL settle within
-//! the minute and are held to the same bounds in both.
+//! live tier fills). A run of 20 minutes or more fits it after a 10-minute
+//! warm-up, against 3 MiB a minute (a leak of about 1 KiB per request at
+//! the demo's 50 requests/s); the 3-minute run of the test command fits
+//! after one minute, so its memory bound, 40 MiB a minute, catches only a
+//! gross leak (about 14 KiB a request). Open files — nearly all sockets —
+//! swing by tens with the load's connections (two 3-minute runs of one
+//! build: +8.5 and -5.0 a minute), so the short run allows 20 a minute
+//! (one leaked every 3 s), the long one 1; threads, hot rows and the WAL
+//! settle within the minute and are held to the same bounds in both.
 
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, ensure};
-use lumen_tests::procfs::rss_bytes;
+use anyhow::{Result, ensure};
+use lumen_tests::procfs::{open_files, rss_bytes, threads};
 use lumen_tests::{UpPorts, start_demo};
 
 /// The median of the slopes between every two points: a line a
@@ -50,21 +48,6 @@ fn theil_sen(xs: &[f64], ys: &[f64]) -> f64 {
     }
     slopes.sort_by(f64::total_cmp);
     slopes[slopes.len() / 2]
-}
-
-fn open_files(pid: u32) -> Result<f64> {
-    Ok(std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .with_context(|| format!("listing /proc/{pid}/fd"))?
-        .count() as f64)
-}
-
-fn threads(pid: u32) -> Result<f64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("Threads:"))
-        .and_then(|v| v.trim().parse().ok())
-        .context("no Threads in /proc/PID/status")
 }
 
 /// Bytes of the files under `dir`, recursively.
@@ -155,8 +138,8 @@ async fn the_demo_at_steady_load_does_not_grow() -> Result<()> {
     while start.elapsed() < Duration::from_secs(seconds) {
         let now = [
             mib(rss_bytes(pid)? as f64),
-            open_files(pid)?,
-            threads(pid)?,
+            open_files(pid)? as f64,
+            threads(pid)? as f64,
             mib(hot_bytes(&ports).await?),
             mib(dir_bytes(&data.join("wal"))),
         ];
