@@ -43,12 +43,16 @@ pub fn endpoint_url(addr: &str) -> String {
 const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 
 /// The collector's hot rows grow until a flush and are then freed at once.
-/// mimalloc hands freed memory back to the OS within about 100 ms, so each
-/// flush cycle page-faults the whole buffer back in — a quarter of the
+/// mimalloc hands freed memory back to the OS within about a second, so
+/// each flush cycle page-faults the whole buffer back in — a quarter of the
 /// collector's CPU at 700k rows/s. Keeping freed memory for 10 s instead
-/// costs nothing the hot-row limit does not already bound.
+/// costs nothing the hot-row limit does not already bound. An operator's
+/// own `MIMALLOC_PURGE_DELAY` (mimalloc's environment option) wins.
 #[allow(unsafe_code)] // mimalloc's C option setter
 pub fn keep_freed_memory() {
+    if std::env::var_os("MIMALLOC_PURGE_DELAY").is_some() {
+        return;
+    }
     // SAFETY: sets a plain integer option; mimalloc reads it when it next
     // considers returning memory, and any value is valid.
     unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, 10_000) };
