@@ -479,15 +479,15 @@ async fn istios_dashboards_answer_every_panel_from_the_demo() -> Result<()> {
                 let key = (expr.clone(), t.instant);
                 if let Some(data) = answered.get(&key) {
                     filled |= *data;
-                    continue;
-                }
-                asked += 1;
-                match prom.target(&expr, t.instant).await {
-                    Ok(data) => {
-                        answered.insert(key, data);
-                        filled |= data;
+                } else {
+                    asked += 1;
+                    match prom.target(&expr, t.instant).await {
+                        Ok(data) => {
+                            answered.insert(key, data);
+                            filled |= data;
+                        }
+                        Err(e) => errors.push(format!("{file} «{}» {expr}: {e}", t.panel)),
                     }
-                    Err(e) => errors.push(format!("{file} «{}» {expr}: {e}", t.panel)),
                 }
                 if filled {
                     break;
