@@ -12,6 +12,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use lumen_collector::{Collector, CollectorConfig, FlushPolicy};
+use lumen_core::process::Counted;
 use lumen_query::flight_sql::FlightSqlServer;
 use lumen_query::pg::PgServer;
 use lumen_query::{QueryConfig, QueryEngine, QueryServer, QuerySettings};
@@ -26,9 +27,16 @@ mod mesh_control;
 
 /// Every request allocates a handful of small objects on one thread and
 /// frees some on another (the telemetry exporter); mimalloc keeps both cheap.
+/// Counted, so `/metrics` can tell the live heap from what the allocator
+/// keeps (`lumen_memory_allocated_bytes`).
 #[cfg(feature = "mimalloc")]
 #[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOCATOR: Counted<mimalloc::MiMalloc> = Counted(mimalloc::MiMalloc);
+
+/// The system allocator, which heap profilers follow, counted the same way.
+#[cfg(not(feature = "mimalloc"))]
+#[global_allocator]
+static ALLOCATOR: Counted<std::alloc::System> = Counted(std::alloc::System);
 
 #[derive(Parser)]
 #[command(

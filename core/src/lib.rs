@@ -1,4 +1,4 @@
-//! Lumen's shared vocabulary, with no I/O.
+//! Lumen's shared vocabulary, with no network or disk I/O.
 //!
 //! - [`record`]: the [`RequestRecord`] a proxy fills for every request it sees.
 //! - [`schema`]: the Arrow schemas of the store's tables (`requests`, `spans`, …),
@@ -17,7 +17,9 @@
 //!   resource, field and reason.
 //! - [`control`]: the control stream's protobuf API (snapshots with xDS's
 //!   version / nonce / ACK / NACK, apply, delete, get, proxy status).
-//! - [`thread`]: the one scheduling hint background threads share.
+//! - [`thread`]: the one scheduling hint background threads share;
+//!   [`process`]: the live heap (a counting global allocator) and the
+//!   `process_*` figures every server's `/metrics` appends, read from /proc.
 //! - [`ipc`]: what compressed Arrow IPC from outside says it will take
 //!   once decompressed, checked before decoding it.
 //! - [`istio`]: Istio's standard metric labels, from a record or a rollup key.
@@ -50,6 +52,7 @@ pub mod load;
 pub mod networking;
 pub mod otlp;
 pub mod policy;
+pub mod process;
 pub mod record;
 pub mod resource;
 pub mod schema;

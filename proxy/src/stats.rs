@@ -50,6 +50,9 @@ pub fn exposition(shared: &Shared) -> String {
         shared.telemetry.metrics().registry(),
     );
     let _ = prometheus_client::encoding::text::encode_registry(&mut out, &now(shared));
+    // The process's figures, as Envoy's `server.*` stats beside its clusters'.
+    let process = lumen_core::process::exposition();
+    out.push_str(process.trim_end().trim_end_matches("# EOF"));
     let _ = prometheus_client::encoding::text::encode_eof(&mut out);
     out
 }

@@ -359,7 +359,11 @@ impl QueryEngine {
     /// OpenMetrics text of the query service's metrics and the
     /// collector's (which share its process and store).
     pub fn metrics(&self) -> String {
-        let mut parts = vec![self.running.encode_metrics(), self.store.encode_metrics()];
+        let mut parts = vec![
+            self.running.encode_metrics(),
+            self.store.encode_metrics(),
+            lumen_core::process::exposition(),
+        ];
         let extra: Vec<MetricsText> = self
             .extra_metrics
             .0

@@ -10,8 +10,11 @@ use lumen_sidecar::ProxyArgs;
 
 /// Every request allocates a handful of small objects on one thread and
 /// frees some on another (the telemetry exporter); mimalloc keeps both cheap.
+/// Counted, so the admin port's stats can tell the live heap from what the
+/// allocator keeps (`lumen_memory_allocated_bytes`).
 #[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOCATOR: lumen_core::process::Counted<mimalloc::MiMalloc> =
+    lumen_core::process::Counted(mimalloc::MiMalloc);
 
 #[derive(Parser)]
 #[command(
