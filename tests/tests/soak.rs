@@ -16,10 +16,11 @@
 //!
 //! Resident memory climbs fast for the first minutes after a start (about
 //! 240 to 340 MiB in the unoptimised build, as the live tier's 15 minutes
-//! and the hour's files fill), then slowly (+2.4 and +3.7 MiB a minute over
-//! minutes 10 to 30 of the two runs in RELIABILITY.md, the second over the
-//! bound: what the allocator holds grows; the live heap only while the
-//! live tier fills). A run of 20 minutes or more fits it after a 10-minute
+//! and the hour's files fill), then slowly (+1.6 to +3.7 MiB a minute over
+//! minutes 10 to 30 or 70 of the runs in RELIABILITY.md: what the
+//! allocator keeps grows; the live heap, `lumen_memory_allocated_bytes`,
+//! only while the live tier fills — +0.11 a minute after, held to 1 in a
+//! long run and 20 in the short one). A run of 20 minutes or more fits it after a 10-minute
 //! warm-up, against 3 MiB a minute (a leak of about 1 KiB per request at
 //! the demo's 50 requests/s); the 3-minute run of the test command fits
 //! after one minute, so its memory bound, 40 MiB a minute, catches only a
