@@ -356,8 +356,8 @@ impl QueryEngine {
         self.running.in_flight()
     }
 
-    /// OpenMetrics text of the query service's metrics and the
-    /// collector's (which share its process and store).
+    /// OpenMetrics text of the query service's metrics, the collector's
+    /// (which share its process and store) and the process's own.
     pub fn metrics(&self) -> String {
         let mut parts = vec![
             self.running.encode_metrics(),
