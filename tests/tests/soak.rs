@@ -98,20 +98,22 @@ async fn hot_and_live_bytes(ports: &UpPorts) -> Result<(f64, f64)> {
         .await?
         .text()
         .await?;
-    let value = |l: &str| l.rsplit(' ').next()?.parse::<f64>().ok();
-    let hot: Vec<f64> = text
-        .lines()
-        .filter(|l| !l.starts_with('#') && l.contains("table_bytes") && l.contains("tier=\"hot\""))
-        .filter_map(value)
+    let samples = lumen_core::exposition::parse(&text);
+    let hot: Vec<f64> = samples
+        .iter()
+        .filter(|s| {
+            s.name == "lumen_table_bytes" && s.labels.iter().any(|(k, v)| k == "tier" && v == "hot")
+        })
+        .map(|s| s.value)
         .collect();
     ensure!(
         !hot.is_empty(),
-        "no table_bytes{{tier=\"hot\"}} in /metrics"
+        "no lumen_table_bytes{{tier=\"hot\"}} in /metrics"
     );
-    let live = text
-        .lines()
-        .find(|l| l.starts_with("lumen_memory_allocated_bytes "))
-        .and_then(value)
+    let live = samples
+        .iter()
+        .find(|s| s.name == "lumen_memory_allocated_bytes")
+        .map(|s| s.value)
         .context("no lumen_memory_allocated_bytes in /metrics")?;
     Ok((hot.iter().sum(), live))
 }
