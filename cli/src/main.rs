@@ -702,6 +702,8 @@ fn main() -> ExitCode {
     // Not for a proxy, as in `lumen-proxy` (sidecar/src/main.rs says why).
     if !matches!(cli.command, Command::Proxy(_)) {
         lumen_sidecar::keep_freed_memory();
+        #[cfg(feature = "mimalloc")]
+        lumen_core::process::set_release(lumen_sidecar::release_free_memory);
     }
     // A proxy starts its own workers (thread per core); everything else
     // runs on tokio's work-stealing pool.

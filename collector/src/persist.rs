@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use arrow::array::{AsArray, UInt32Array};
 use arrow::compute::{concat_batches, take_record_batch};
-use arrow::datatypes::{DataType, TimestampMicrosecondType};
+use arrow::datatypes::{DataType, SchemaRef, TimestampMicrosecondType};
 use arrow::record_batch::RecordBatch;
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
@@ -372,36 +372,74 @@ pub(crate) fn write_file(
     replaces: &[String],
     attempted: &mut Vec<Path>,
 ) -> Result<FileMeta, PersistError> {
+    let mut next = Some(batch.clone());
+    let batches = || Ok(next.take());
+    write_batches(
+        storage,
+        partition,
+        segment,
+        batch.schema(),
+        replaces,
+        attempted,
+        batches,
+    )
+}
+
+/// Writes one file of a partition from what `batches` yields until it
+/// yields `None`, so the rows need not all be in memory at once; an error
+/// it returns leaves no file. As [`write_file`] otherwise.
+pub(crate) fn write_batches(
+    storage: &Storage,
+    partition: &Path,
+    segment: u64,
+    schema: SchemaRef,
+    replaces: &[String],
+    attempted: &mut Vec<Path>,
+    mut batches: impl FnMut() -> Result<Option<RecordBatch>, String>,
+) -> Result<FileMeta, PersistError> {
     let suffix: u32 = rand::rng().random();
     let location = partition
         .clone()
         .join(format!("part-{segment:020}-{suffix:08x}.parquet"));
-    let (min_time, max_time) = time_range(batch).unwrap_or((0, 0));
-    let props = writer_properties(batch.schema_ref())
+    let props = writer_properties(&schema)
         .set_key_value_metadata(Some(
-            [
-                KeyValue::new(META_SEGMENT.to_string(), segment.to_string()),
-                KeyValue::new(META_MIN_TIME.to_string(), min_time.to_string()),
-                KeyValue::new(META_MAX_TIME.to_string(), max_time.to_string()),
-            ]
-            .into_iter()
-            .chain(
-                (!replaces.is_empty())
-                    .then(|| KeyValue::new(META_REPLACES.to_string(), replaces.join("/"))),
-            )
-            .collect(),
+            std::iter::once(KeyValue::new(META_SEGMENT.to_string(), segment.to_string()))
+                .chain(
+                    (!replaces.is_empty())
+                        .then(|| KeyValue::new(META_REPLACES.to_string(), replaces.join("/"))),
+                )
+                .collect(),
         ))
         .build();
     attempted.push(location.clone());
+    let mut rows = 0;
+    let mut range: Option<(i64, i64)> = None;
     let bytes = storage.write_blocking(&location, |out| {
         let mut writer =
-            ArrowWriter::try_new(out, batch.schema(), Some(props)).map_err(|e| e.to_string())?;
-        writer.write(batch).map_err(|e| e.to_string())?;
+            ArrowWriter::try_new(out, schema, Some(props)).map_err(|e| e.to_string())?;
+        while let Some(batch) = batches()? {
+            if let Some((lo, hi)) = time_range(&batch) {
+                range = Some(range.map_or((lo, hi), |(a, b)| (a.min(lo), b.max(hi))));
+            }
+            rows += batch.num_rows() as u64;
+            writer.write(&batch).map_err(|e| e.to_string())?;
+        }
+        // The time range goes in the footer, known once every row is.
+        let (min_time, max_time) = range.unwrap_or((0, 0));
+        writer.append_key_value_metadata(KeyValue::new(
+            META_MIN_TIME.to_string(),
+            min_time.to_string(),
+        ));
+        writer.append_key_value_metadata(KeyValue::new(
+            META_MAX_TIME.to_string(),
+            max_time.to_string(),
+        ));
         writer.close().map(drop).map_err(|e| e.to_string())
     })?;
+    let (min_time, max_time) = range.unwrap_or((0, 0));
     Ok(FileMeta {
         location,
-        rows: batch.num_rows() as u64,
+        rows,
         bytes,
         min_time,
         max_time,

@@ -565,6 +565,51 @@ async fn compaction_merges_a_partitions_files_into_one_sorted_file_with_every_ro
     close(persister, thread);
 }
 
+/// Another writer's file, not sorted by time, cannot be merged as it is
+/// read: its group is sorted in memory instead, and comes out whole.
+#[tokio::test]
+async fn a_file_out_of_time_order_is_compacted_sorted_with_every_row() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path();
+    let (persister, store, thread, _) = open(data);
+    let mut times = flush_rounds(&persister, 3).await;
+    let backwards: Vec<i64> = (0..50).rev().map(|i| H03 + i * MINUTE / 3 + 1).collect();
+    let storage = tables_of(data);
+    let table = table_index(REQUESTS).unwrap();
+    let partition = crate::persist::partition_of(&store.files_of(table)[0].location);
+    let meta = crate::persist::write_file(
+        &storage,
+        &partition,
+        1,
+        &batch(REQUESTS, &backwards),
+        &[],
+        &mut Vec::new(),
+    )
+    .unwrap();
+    store.add_files(vec![(table, meta)]);
+    times.extend(&backwards);
+    times.sort();
+
+    let h = housekeeper(data, &store);
+    let done = h.compact(later()).await;
+    let requests: Vec<_> = done.iter().filter(|c| c.table == REQUESTS).collect();
+    assert_eq!(
+        requests
+            .iter()
+            .map(|c| (c.files, c.rows))
+            .collect::<Vec<_>>(),
+        vec![(4, times.len() as u64)]
+    );
+    let left = requests_files(data);
+    assert_eq!(left.len(), 1);
+    assert_eq!(
+        times_of(&read_parquet(&left[0])),
+        times,
+        "every row, sorted"
+    );
+    close(persister, thread);
+}
+
 #[tokio::test]
 async fn a_compaction_cut_short_keeps_every_row_exactly_once() {
     let dir = tempfile::tempdir().unwrap();

@@ -11,6 +11,7 @@
 
 use std::alloc::{GlobalAlloc, Layout};
 use std::cell::Cell;
+use std::sync::OnceLock;
 use std::sync::atomic::{AtomicIsize, AtomicUsize, Ordering::Relaxed};
 
 use prometheus_client::metrics::counter::Counter;
@@ -70,6 +71,26 @@ pub fn allocated_bytes() -> u64 {
     // Shards are read one after another while other threads move memory
     // between them, so a sum taken mid-move can dip for a moment.
     live.max(0) as u64
+}
+
+/// How this binary's allocator hands the memory it keeps free back to the
+/// OS: only the binary knows which allocator it links.
+static RELEASE: OnceLock<fn()> = OnceLock::new();
+
+/// Says how [`release_free_memory`] reaches this binary's allocator; the
+/// first call wins.
+pub fn set_release(release: fn()) {
+    let _ = RELEASE.set(release);
+}
+
+/// Asks the allocator to hand back to the OS the memory it keeps free for
+/// reuse — the calling thread's and what its arenas hold — after work that
+/// freed far more than it keeps (a compaction). Nothing unless the binary
+/// said how ([`set_release`]).
+pub fn release_free_memory() {
+    if let Some(release) = RELEASE.get() {
+        release();
+    }
 }
 
 // SAFETY: every call goes to `A` unchanged, with the caller's pointer,

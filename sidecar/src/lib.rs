@@ -58,6 +58,22 @@ pub fn keep_freed_memory() {
     unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, 10_000) };
 }
 
+/// Hands back to the OS what the allocators keep free: mimalloc's pages
+/// on the calling thread's heap and its arenas' pages waiting out
+/// [`keep_freed_memory`]'s delay, and glibc malloc's free memory, which
+/// the C libraries (zstd's contexts, one per Parquet column read or
+/// written) allocate from. For [`lumen_core::process::set_release`].
+#[allow(unsafe_code)] // mimalloc's and glibc's C calls
+pub fn release_free_memory() {
+    // SAFETY: neither takes a pointer; each returns to the OS only memory
+    // no allocation holds, under its allocator's own locks.
+    unsafe {
+        libmimalloc_sys::mi_collect(true);
+        #[cfg(all(target_os = "linux", target_env = "gnu"))]
+        libc::malloc_trim(0);
+    }
+}
+
 /// mimalloc asks for transparent huge pages on its arenas, and the kernel
 /// zeroes a whole 2 MiB page on the first touch of each: with memory
 /// turning over at ingest rates that zeroing was half of the
