@@ -150,7 +150,7 @@ pub fn exposition() -> String {
         "Bytes the process has allocated and not freed (its live heap); resident memory beyond it is the allocator's free pages kept for reuse, and code",
         gauge(allocated_bytes() as f64),
     );
-    if let Some(p) = ProcSelf::read() {
+    if let Some(p) = Figures::of_self() {
         let cpu = Counter::<f64, std::sync::atomic::AtomicU64>::default();
         cpu.inc_by(p.cpu_seconds);
         registry.register(
@@ -196,9 +196,11 @@ pub fn exposition() -> String {
     out
 }
 
-/// The figures of `/proc/self`; `None` where there is no procfs.
+/// A process's figures from /proc: this one's for `/metrics`, another's
+/// for a test or benchmark watching it; `None` where there is no procfs
+/// or no such process.
 #[derive(Debug, Clone, PartialEq)]
-pub struct ProcSelf {
+pub struct Figures {
     pub cpu_seconds: f64,
     pub resident_bytes: f64,
     pub virtual_bytes: f64,
@@ -212,26 +214,38 @@ pub struct ProcSelf {
 /// in the kernel's ABI on every architecture Lumen builds for.
 const TICKS_PER_SECOND: f64 = 100.0;
 
-impl ProcSelf {
-    pub fn read() -> Option<ProcSelf> {
-        let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
-        let status = std::fs::read_to_string("/proc/self/status").ok()?;
-        let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
-        let boot = std::fs::read_to_string("/proc/stat").ok()?;
-        let open_fds = std::fs::read_dir("/proc/self/fd").ok()?.count();
-        Self::parse(&stat, &status, &limits, &boot, open_fds)
+impl Figures {
+    pub fn of_self() -> Option<Figures> {
+        Self::read("/proc/self")
     }
 
-    /// From the texts of `/proc/self/stat`, `/proc/self/status`,
-    /// `/proc/self/limits` and `/proc/stat`, and the entries of
-    /// `/proc/self/fd`.
+    pub fn of(pid: u32) -> Option<Figures> {
+        Self::read(&format!("/proc/{pid}"))
+    }
+
+    fn read(dir: &str) -> Option<Figures> {
+        let text = |file: &str| std::fs::read_to_string(format!("{dir}/{file}")).ok();
+        let open_fds = std::fs::read_dir(format!("{dir}/fd")).ok()?.count();
+        let boot = std::fs::read_to_string("/proc/stat").ok()?;
+        Self::parse(
+            &text("stat")?,
+            &text("status")?,
+            &text("limits")?,
+            &boot,
+            open_fds,
+        )
+    }
+
+    /// From the texts of `/proc/PID/stat`, `/proc/PID/status`,
+    /// `/proc/PID/limits` and `/proc/stat`, and the entries of
+    /// `/proc/PID/fd`.
     pub fn parse(
         stat: &str,
         status: &str,
         limits: &str,
         proc_stat: &str,
         open_fds: usize,
-    ) -> Option<ProcSelf> {
+    ) -> Option<Figures> {
         // The command name (field 2) is in parentheses and may hold
         // spaces or parentheses; the fields after the last `)` are plain.
         let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
@@ -254,7 +268,7 @@ impl ProcSelf {
             .find_map(|l| l.strip_prefix("Max open files"))?
             .split_whitespace()
             .next()?;
-        Some(ProcSelf {
+        Some(Figures {
             cpu_seconds,
             resident_bytes: kib("VmRSS:")? * 1024.0,
             virtual_bytes: kib("VmSize:")? * 1024.0,
@@ -272,14 +286,14 @@ mod tests {
     use super::*;
 
     #[test]
-    fn proc_self_reads_the_kernels_texts() {
+    fn figures_are_read_from_the_kernels_texts() {
         let stat = "4242 (lumen (demo) x) S 1 4242 4242 0 -1 4194560 9000 0 0 0 \
                     1234 566 0 0 20 0 42 0 98765 1000000000 70000 18446744073709551615";
         let status = "Name:\tlumen\nVmSize:\t  976564 kB\nVmRSS:\t  286720 kB\nThreads:\t42\n";
         let limits = "Limit                     Soft Limit           Hard Limit           Units     \n\
                       Max open files            1048576              1048576              files     \n";
         let proc_stat = "cpu  1 2 3\nbtime 1796000000\nprocesses 9\n";
-        let p = ProcSelf::parse(stat, status, limits, proc_stat, 301).expect("parses");
+        let p = Figures::parse(stat, status, limits, proc_stat, 301).expect("parses");
         assert_eq!(p.cpu_seconds, 18.0);
         assert_eq!(p.resident_bytes, 286_720.0 * 1024.0);
         assert_eq!(p.virtual_bytes, 976_564.0 * 1024.0);
@@ -288,7 +302,7 @@ mod tests {
         assert_eq!(p.max_fds, 1_048_576.0);
         assert_eq!(p.start_time_seconds, 1_796_000_000.0 + 987.65);
         assert_eq!(
-            ProcSelf::parse("garbage", status, limits, proc_stat, 1),
+            Figures::parse("garbage", status, limits, proc_stat, 1),
             None
         );
     }
@@ -309,8 +323,11 @@ mod tests {
                 "{family} missing from\n{text}"
             );
         }
-        let p = ProcSelf::read().expect("/proc/self");
+        let p = Figures::of_self().expect("/proc/self");
         assert!(p.resident_bytes > 0.0 && p.threads >= 1.0 && p.open_fds >= 3.0);
+        let by_pid = Figures::of(std::process::id()).expect("/proc/PID");
+        assert_eq!(by_pid.start_time_seconds, p.start_time_seconds);
+        assert_eq!(Figures::of(u32::MAX), None, "no such process");
     }
 
     #[test]

@@ -15,10 +15,15 @@ use anyhow::{Context, Result, bail};
 pub mod alertmanager;
 pub mod flight;
 pub mod otlp;
-pub mod procfs;
 pub mod relay;
 pub mod s3;
 pub mod upstream;
+
+/// What a process costs now — CPU time, resident memory, threads, open
+/// files — read from /proc as its own `/metrics` reads them.
+pub fn figures_of(pid: u32) -> Result<lumen_core::process::Figures> {
+    lumen_core::process::Figures::of(pid).with_context(|| format!("reading /proc/{pid}"))
+}
 
 /// This crate's directory (`tests/`), where its fixtures live.
 ///

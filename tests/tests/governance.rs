@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use lumen_tests::otlp::{proxy_span, request};
-use lumen_tests::{LumenProcess, UpPorts, procfs, sql_count, start_up, write_mesh};
+use lumen_tests::{LumenProcess, UpPorts, figures_of, sql_count, start_up, write_mesh};
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_client::TraceServiceClient;
 use serde_json::Value;
 use tokio::sync::watch;
@@ -254,9 +254,9 @@ async fn a_runaway_query_times_out_and_stops_burning_cpu_while_ingest_and_health
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let before = procfs::cpu_seconds(lumen.pid())?;
+    let before = figures_of(lumen.pid())?.cpu_seconds;
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let used = procfs::cpu_seconds(lumen.pid())? - before;
+    let used = figures_of(lumen.pid())?.cpu_seconds - before;
     // A query still running would use about 3 s of a query thread here.
     assert!(used < 1.0, "{used:.2} s of CPU in 3 s after the timeout");
     Ok(())
@@ -283,7 +283,7 @@ async fn memory_hungry_queries_spill_then_hit_their_limits_and_memory_stays_boun
     )
     .await?;
     seed(ports, 1500).await?;
-    let baseline = procfs::rss_bytes(lumen.pid())?;
+    let baseline = figures_of(lumen.pid())?.resident_bytes as u64;
     let pid = lumen.pid();
     let peak = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let (stop_sampling, stopped) = watch::channel(false);
@@ -291,7 +291,7 @@ async fn memory_hungry_queries_spill_then_hit_their_limits_and_memory_stays_boun
         let peak = peak.clone();
         async move {
             while !*stopped.borrow() {
-                peak.fetch_max(procfs::rss_bytes(pid)?, Ordering::Relaxed);
+                peak.fetch_max(figures_of(pid)?.resident_bytes as u64, Ordering::Relaxed);
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
             anyhow::Ok(())

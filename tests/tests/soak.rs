@@ -33,8 +33,7 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
-use lumen_tests::procfs::{open_files, rss_bytes, threads};
-use lumen_tests::{UpPorts, start_demo};
+use lumen_tests::{UpPorts, figures_of, start_demo};
 
 /// The median of the slopes between every two points: a line a
 /// saw-tooth or a few outliers cannot tilt.
@@ -177,11 +176,12 @@ async fn the_demo_at_steady_load_does_not_grow() -> Result<()> {
     let mut minutes = Vec::new();
     while start.elapsed() < Duration::from_secs(seconds) {
         let (hot, live) = hot_and_live_bytes(&ports).await?;
+        let process = figures_of(pid)?;
         let now = [
-            mib(rss_bytes(pid)? as f64),
+            mib(process.resident_bytes),
             mib(live),
-            open_files(pid)? as f64,
-            threads(pid)? as f64,
+            process.open_fds,
+            process.threads,
             mib(hot),
             mib(dir_bytes(&data.join("wal"))),
         ];
