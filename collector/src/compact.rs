@@ -565,9 +565,9 @@ fn merge(
 /// Rows in each batch a merge writes, and most it reads from one file.
 const MERGE_BATCH_ROWS: usize = 8 * 1024;
 
-/// Rows a merge holds read from all its files together: an hour's final
-/// merge can take hundreds of flushes' files, and one batch of each would
-/// be all of them (decoded, a row of `requests` takes ~350 bytes).
+/// Rows a merge holds read from its files together, a batch of each (a
+/// row of `requests` takes ~350 bytes decoded): with flushes' small files,
+/// a batch of `MERGE_BATCH_ROWS` would be each file whole.
 const MERGE_HELD_ROWS: usize = 64 * 1024;
 
 /// Files each sorted by time, merged into batches sorted by time.
