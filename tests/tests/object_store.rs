@@ -37,7 +37,11 @@ async fn start_collector(
         "--store-refresh",
         "300ms",
         "--store-delete-grace",
-        "5s",
+        // Longer than the waits below between `b`'s compaction (soon
+        // after its third flush) and the check that its replaced files
+        // are still there: under the whole test run's load those waits
+        // took over 5 s.
+        "15s",
         "--flush-interval",
         "300ms",
         "--compaction-interval",
@@ -169,7 +173,7 @@ async fn two_collectors_share_one_bucket_and_each_reads_both() -> Result<()> {
     );
 
     // Compaction merges each collector's three files; replaced files stay
-    // for the delete grace (5 s), yet no query counts a row twice meanwhile.
+    // for the delete grace (15 s), yet no query counts a row twice meanwhile.
     for (ports, who) in [(&pa, "a"), (&pb, "b")] {
         let done = wait_metric(ports, "lumen_compactions_total{outcome=\"ok\"}", |v| {
             v >= 1.0
