@@ -3,7 +3,10 @@
 //! back, as Envoy's `server.memory_allocated` — and, read from /proc at
 //! the moment they are asked for, the `process_*` figures Prometheus's
 //! client libraries export (CPU, resident and virtual memory, open and
-//! allowed file descriptors, threads, start time).
+//! allowed file descriptors, threads, start time). Tests read another
+//! process's figures the same way ([`Figures::of`]). After
+//! work that frees far more than it keeps, [`release_free_memory`] asks
+//! the binary's allocator to give what it keeps free back to the OS.
 //!
 //! Resident memory alone cannot tell a leak from an allocator keeping
 //! freed pages for reuse; beside the live heap it can: a leak raises both,
