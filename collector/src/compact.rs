@@ -610,20 +610,7 @@ impl SortedMerge {
             unsorted: false,
         };
         for (f, data) in group.iter().zip(contents) {
-            let reader = ParquetRecordBatchReaderBuilder::try_new(data)
-                .and_then(|b| b.with_batch_size(read_rows).build())
-                .map_err(|e| PersistError::Read {
-                    path: f.location.to_string(),
-                    message: e.to_string(),
-                })?;
-            let empty = RecordBatch::new_empty(schema.clone());
-            let mut input = Input {
-                location: f.location.clone(),
-                reader,
-                times: ScalarBuffer::from(Vec::new()),
-                batch: empty,
-                row: 0,
-            };
+            let mut input = Input::open(f, data, read_rows, schema)?;
             let i = merge.inputs.len();
             if input
                 .advance(schema)
@@ -682,6 +669,29 @@ impl SortedMerge {
 }
 
 impl Input {
+    /// A reader of `f` (its bytes `data`) in batches of `rows`; nothing read
+    /// yet.
+    fn open(
+        f: &FileMeta,
+        data: bytes::Bytes,
+        rows: usize,
+        schema: &SchemaRef,
+    ) -> Result<Input, PersistError> {
+        let reader = ParquetRecordBatchReaderBuilder::try_new(data)
+            .and_then(|b| b.with_batch_size(rows).build())
+            .map_err(|e| PersistError::Read {
+                path: f.location.to_string(),
+                message: e.to_string(),
+            })?;
+        Ok(Input {
+            location: f.location.clone(),
+            reader,
+            batch: RecordBatch::new_empty(schema.clone()),
+            times: ScalarBuffer::from(Vec::new()),
+            row: 0,
+        })
+    }
+
     /// Reads the next batch that has rows; false once there is none.
     fn advance(&mut self, schema: &SchemaRef) -> Result<bool, String> {
         for batch in self.reader.by_ref() {
@@ -716,12 +726,12 @@ fn sort_in_memory(
 ) -> Result<RecordBatch, String> {
     let mut batches: Vec<RecordBatch> = Vec::new();
     for (f, data) in group.iter().zip(contents) {
-        let reader = ParquetRecordBatchReaderBuilder::try_new(data)
-            .and_then(|b| b.with_batch_size(64 * 1024).build())
-            .map_err(|e| format!("reading {}: {e}", f.location))?;
-        for b in reader {
-            let b = b.map_err(|e| format!("reading {}: {e}", f.location))?;
-            batches.push(crate::ingest::conform::conform(schema, &b)?);
+        let mut input = Input::open(f, data, 64 * 1024, schema).map_err(|e| e.to_string())?;
+        while input
+            .advance(schema)
+            .map_err(|e| format!("reading {}: {e}", f.location))?
+        {
+            batches.push(input.batch.clone());
         }
     }
     let all = concat_batches(schema, &batches).map_err(|e| e.to_string())?;

@@ -534,6 +534,17 @@ fn later() -> std::time::SystemTime {
     std::time::UNIX_EPOCH + std::time::Duration::from_micros((H03 + 3 * 3_600_000_000) as u64)
 }
 
+/// `requests` is one file holding `times`, in order.
+fn assert_one_sorted_file_of(data: &Path, times: &[i64]) {
+    let left = requests_files(data);
+    assert_eq!(left.len(), 1, "{left:?}");
+    assert_eq!(
+        times_of(&read_parquet(&left[0])),
+        times,
+        "every row, sorted"
+    );
+}
+
 #[tokio::test]
 async fn compaction_merges_a_partitions_files_into_one_sorted_file_with_every_row() {
     let dir = tempfile::tempdir().unwrap();
@@ -555,13 +566,7 @@ async fn compaction_merges_a_partitions_files_into_one_sorted_file_with_every_ro
     assert_eq!((s.files, s.file_rows), (1, times.len() as u64));
     // No query held the replaced files: they are gone already.
     assert_eq!(h.sweep(true).await, 0);
-    let left = requests_files(data);
-    assert_eq!(left.len(), 1);
-    assert_eq!(
-        times_of(&read_parquet(&left[0])),
-        times,
-        "every row, sorted"
-    );
+    assert_one_sorted_file_of(data, &times);
     close(persister, thread);
 }
 
@@ -600,13 +605,7 @@ async fn a_file_out_of_time_order_is_compacted_sorted_with_every_row() {
             .collect::<Vec<_>>(),
         vec![(4, times.len() as u64)]
     );
-    let left = requests_files(data);
-    assert_eq!(left.len(), 1);
-    assert_eq!(
-        times_of(&read_parquet(&left[0])),
-        times,
-        "every row, sorted"
-    );
+    assert_one_sorted_file_of(data, &times);
     close(persister, thread);
 }
 
